@@ -1,0 +1,461 @@
+//! TOML run configuration → typed, validated settings.
+//!
+//! A config file fully describes a run: the model, every task with its data files, and the training
+//! recipe. Unknown keys are rejected (with the list of valid ones), and `--set a.b=c` overrides are applied
+//! before validation so that an override is checked exactly like the file. Depends only on `mtl-core`.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use mtl_core::{TaskId, TaskKind};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("invalid config {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("invalid override `{set}`: {message}")]
+    Override { set: String, message: String },
+    #[error("invalid config {path}: field `{field}`: {message}")]
+    Invalid { path: PathBuf, field: String, message: String },
+}
+
+/// A whole run.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub model: ModelConfig,
+    pub training: TrainingConfig,
+    pub tasks: BTreeMap<TaskId, TaskConfig>,
+    /// Groups of tasks whose predictions are scored together on shared examples.
+    #[serde(default)]
+    pub joint: JointConfig,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    /// A Hugging Face model directory: `config.json`, `model.safetensors`, `tokenizer.json`.
+    pub path: PathBuf,
+    /// Sequences are truncated to this many tokens, special tokens included.
+    #[serde(default = "default_max_len")]
+    pub max_len: usize,
+}
+
+fn default_max_len() -> usize {
+    128
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TrainingConfig {
+    pub epochs: usize,
+    #[serde(default = "default_batch_size")]
+    pub batch_size: usize,
+    #[serde(default = "default_eval_batch_size")]
+    pub eval_batch_size: usize,
+    /// Peak learning rate of the backbone.
+    pub lr: f64,
+    /// Peak learning rate of the task heads; `lr` when absent.
+    #[serde(default)]
+    pub head_lr: Option<f64>,
+    /// Decoupled weight decay (AdamW); never applied to biases and LayerNorm parameters.
+    #[serde(default = "default_weight_decay")]
+    pub weight_decay: f64,
+    /// Fraction of all steps spent warming the learning rate up linearly from 0; it then decays linearly to 0.
+    #[serde(default = "default_warmup_ratio")]
+    pub warmup_ratio: f64,
+    /// Dropout probability of the backbone and the heads in training.
+    #[serde(default = "default_dropout")]
+    pub dropout: f64,
+    /// Global gradient-norm clipping; none when absent.
+    #[serde(default = "default_grad_clip")]
+    pub grad_clip: Option<f64>,
+    #[serde(default = "default_seed")]
+    pub seed: u64,
+    /// The dev metric that picks the best epoch, as `TASK.METRIC` or `joint.frame_accuracy`. When absent,
+    /// the mean of every task's main metric (accuracy, or entity F1 for tagging) is used.
+    #[serde(default)]
+    pub select_metric: Option<String>,
+}
+
+fn default_batch_size() -> usize {
+    32
+}
+fn default_eval_batch_size() -> usize {
+    64
+}
+fn default_weight_decay() -> f64 {
+    0.01
+}
+fn default_warmup_ratio() -> f64 {
+    0.1
+}
+fn default_dropout() -> f64 {
+    0.1
+}
+fn default_grad_clip() -> Option<f64> {
+    Some(1.0)
+}
+fn default_seed() -> u64 {
+    42
+}
+
+/// How a data file is laid out.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[serde(rename_all = "snake_case")]
+pub enum DataFormat {
+    /// One JSON object per line.
+    Jsonl,
+    /// One token per line, whitespace-separated columns (word first, tag last), blank lines between sentences.
+    Conll,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TaskConfig {
+    pub kind: TaskKind,
+    pub data: DataFiles,
+    #[serde(default = "default_format")]
+    pub format: DataFormat,
+    /// JSONL field with the raw text (classification only).
+    #[serde(default = "default_text_field")]
+    pub text_field: String,
+    /// JSONL field with the pre-split words; when present in a line it is used instead of `text_field`.
+    #[serde(default = "default_words_field")]
+    pub words_field: String,
+    /// JSONL field with the label (a string) or the tags (a list of strings, one per word).
+    #[serde(default = "default_label_field")]
+    pub label_field: String,
+    /// The label set, in order. When absent it is collected from the training file (sorted).
+    #[serde(default)]
+    pub labels: Option<Vec<String>>,
+    /// A file with the label set, one label per line; an alternative to `labels`.
+    #[serde(default)]
+    pub labels_file: Option<PathBuf>,
+}
+
+fn default_format() -> DataFormat {
+    DataFormat::Jsonl
+}
+fn default_text_field() -> String {
+    "text".into()
+}
+fn default_words_field() -> String {
+    "words".into()
+}
+fn default_label_field() -> String {
+    "label".into()
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct DataFiles {
+    pub train: PathBuf,
+    #[serde(default)]
+    pub dev: Option<PathBuf>,
+    #[serde(default)]
+    pub test: Option<PathBuf>,
+}
+
+impl DataFiles {
+    pub fn get(&self, split: Split) -> Option<&Path> {
+        match split {
+            Split::Train => Some(&self.train),
+            Split::Dev => self.dev.as_deref(),
+            Split::Test => self.test.as_deref(),
+        }
+    }
+}
+
+/// A data split.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Split {
+    Train,
+    Dev,
+    Test,
+}
+
+impl Split {
+    pub fn name(self) -> &'static str {
+        match self {
+            Split::Train => "train",
+            Split::Dev => "dev",
+            Split::Test => "test",
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct JointConfig {
+    /// Tasks scored together: an example's frame is right when every listed task is right on it
+    /// (a label equal, or every tag of the sentence equal). Reported as `joint.frame_accuracy`.
+    #[serde(default)]
+    pub frame: Vec<TaskId>,
+}
+
+impl Config {
+    /// Reads `path`, applies `overrides` (`a.b=value`, the value parsed as TOML or else taken as a string),
+    /// and validates the result.
+    pub fn load(path: &Path, overrides: &[String]) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        Self::parse(&text, path, overrides)
+    }
+
+    /// Parses TOML text; `path` is only used in error messages.
+    pub fn parse(text: &str, path: &Path, overrides: &[String]) -> Result<Self, ConfigError> {
+        let parse_err = |e: toml::de::Error| ConfigError::Parse {
+            path: path.to_owned(),
+            message: e.to_string().trim_end().to_string(),
+        };
+        // Parse the file as written first, so that its errors carry line and column.
+        let mut config: Config = toml::from_str(text).map_err(parse_err)?;
+        if !overrides.is_empty() {
+            let mut value: toml::Value = toml::from_str(text).map_err(parse_err)?;
+            for set in overrides {
+                apply_override(&mut value, set)?;
+            }
+            config = value.try_into().map_err(|e: toml::de::Error| ConfigError::Override {
+                set: overrides.join(" "),
+                message: e.message().to_string(),
+            })?;
+        }
+        config.validate(path)?;
+        Ok(config)
+    }
+
+    /// The config as TOML, as it will be resolved and stored next to a checkpoint.
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).expect("a validated config always serializes; this is a bug")
+    }
+
+    /// The learning rate of the heads.
+    pub fn head_lr(&self) -> f64 {
+        self.training.head_lr.unwrap_or(self.training.lr)
+    }
+
+    fn validate(&self, path: &Path) -> Result<(), ConfigError> {
+        let invalid = |field: &str, message: String| ConfigError::Invalid {
+            path: path.to_owned(),
+            field: field.to_string(),
+            message,
+        };
+        let t = &self.training;
+        if self.tasks.is_empty() {
+            return Err(invalid("tasks", "at least one task is needed".into()));
+        }
+        if self.model.max_len < 3 {
+            return Err(invalid("model.max_len", "must be at least 3".into()));
+        }
+        if t.epochs == 0 {
+            return Err(invalid("training.epochs", "must be at least 1".into()));
+        }
+        if t.batch_size == 0 || t.eval_batch_size == 0 {
+            return Err(invalid("training.batch_size", "batch sizes must be at least 1".into()));
+        }
+        for (field, lr) in [("training.lr", Some(t.lr)), ("training.head_lr", t.head_lr)] {
+            if let Some(lr) = lr {
+                if !(lr.is_finite() && lr > 0.0) {
+                    return Err(invalid(field, format!("must be a positive number, got {lr}")));
+                }
+            }
+        }
+        if !(t.weight_decay.is_finite() && t.weight_decay >= 0.0) {
+            return Err(invalid("training.weight_decay", "must be >= 0".into()));
+        }
+        if !(0.0..=1.0).contains(&t.warmup_ratio) {
+            return Err(invalid("training.warmup_ratio", "must be in [0, 1]".into()));
+        }
+        if !(0.0..1.0).contains(&t.dropout) {
+            return Err(invalid("training.dropout", "must be in [0, 1)".into()));
+        }
+        if let Some(c) = t.grad_clip {
+            if !(c.is_finite() && c > 0.0) {
+                return Err(invalid("training.grad_clip", "must be a positive number".into()));
+            }
+        }
+        for (name, task) in &self.tasks {
+            if task.format == DataFormat::Conll && task.kind != TaskKind::TokenClassification {
+                return Err(invalid(
+                    &format!("tasks.{name}.format"),
+                    "the conll format holds tags, so it only suits token_classification tasks".into(),
+                ));
+            }
+            if task.labels.is_some() && task.labels_file.is_some() {
+                return Err(invalid(&format!("tasks.{name}.labels_file"), "give `labels` or `labels_file`, not both".into()));
+            }
+            if let Some(labels) = &task.labels {
+                let mut seen = std::collections::BTreeSet::new();
+                if let Some(dup) = labels.iter().find(|l| !seen.insert(*l)) {
+                    return Err(invalid(&format!("tasks.{name}.labels"), format!("label {dup:?} is listed twice")));
+                }
+                if labels.is_empty() {
+                    return Err(invalid(&format!("tasks.{name}.labels"), "must not be empty".into()));
+                }
+            }
+        }
+        // Tasks that read the same file share its examples, so they must read the input the same way.
+        for (a_name, a) in &self.tasks {
+            for (b_name, b) in self.tasks.range(a_name..).skip(1) {
+                let shares_file = [Split::Train, Split::Dev, Split::Test]
+                    .iter()
+                    .any(|&s| a.data.get(s).is_some() && a.data.get(s) == b.data.get(s));
+                if shares_file && (a.format != b.format || a.text_field != b.text_field || a.words_field != b.words_field) {
+                    return Err(invalid(
+                        &format!("tasks.{b_name}"),
+                        format!("it reads the same file as task `{a_name}`, so format, text_field and words_field must match"),
+                    ));
+                }
+            }
+        }
+        for name in &self.joint.frame {
+            if !self.tasks.contains_key(name) {
+                return Err(invalid("joint.frame", format!("unknown task `{name}`; tasks are: {}", self.task_list())));
+            }
+        }
+        if let Some(metric) = &t.select_metric {
+            let valid = self.metric_names();
+            if !valid.contains(metric) {
+                return Err(invalid(
+                    "training.select_metric",
+                    format!("unknown metric `{metric}`; valid choices: {}", valid.join(", ")),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn task_list(&self) -> String {
+        self.tasks.keys().map(|k| k.as_str()).collect::<Vec<_>>().join(", ")
+    }
+
+    /// Every metric name this config reports on dev and test, as `TASK.METRIC`.
+    pub fn metric_names(&self) -> Vec<String> {
+        let mut names = Vec::new();
+        for (name, task) in &self.tasks {
+            let metrics: &[&str] = match task.kind {
+                TaskKind::Classification => &["accuracy", "macro_f1"],
+                TaskKind::TokenClassification => &["precision", "recall", "f1", "accuracy"],
+            };
+            names.extend(metrics.iter().map(|m| format!("{name}.{m}")));
+        }
+        if !self.joint.frame.is_empty() {
+            names.push("joint.frame_accuracy".into());
+        }
+        names
+    }
+}
+
+fn apply_override(root: &mut toml::Value, set: &str) -> Result<(), ConfigError> {
+    let err = |message: &str| ConfigError::Override { set: set.to_string(), message: message.to_string() };
+    let (key, raw) = set.split_once('=').ok_or_else(|| err("expected KEY=VALUE, e.g. training.lr=3e-5"))?;
+    let keys: Vec<&str> = key.trim().split('.').collect();
+    if keys.iter().any(|k| k.is_empty()) {
+        return Err(err("the key has an empty part"));
+    }
+    let raw = raw.trim();
+    let value = toml::from_str::<toml::Table>(&format!("v = {raw}"))
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(raw.to_string()));
+    let (last, parents) = keys.split_last().expect("split yields at least one part; this is a bug");
+    let mut table = root;
+    for part in parents {
+        let t = table.as_table_mut().ok_or_else(|| err("the key goes through a value that is not a table"))?;
+        table = t.entry(part.to_string()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
+    }
+    table
+        .as_table_mut()
+        .ok_or_else(|| err("the key goes through a value that is not a table"))?
+        .insert(last.to_string(), value);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+[model]
+path = "assets/model"
+
+[training]
+epochs = 3
+lr = 1e-4
+
+[tasks.intent]
+kind = "classification"
+label_field = "intent"
+data = { train = "train.jsonl", dev = "dev.jsonl" }
+
+[tasks.slots]
+kind = "token_classification"
+label_field = "slots"
+data = { train = "train.jsonl", dev = "dev.jsonl" }
+
+[joint]
+frame = ["intent", "slots"]
+"#;
+
+    fn parse(text: &str, overrides: &[&str]) -> Result<Config, ConfigError> {
+        let overrides: Vec<String> = overrides.iter().map(|s| s.to_string()).collect();
+        Config::parse(text, Path::new("run.toml"), &overrides)
+    }
+
+    #[test]
+    fn defaults_are_filled_in() -> Result<(), ConfigError> {
+        let c = parse(MINIMAL, &[])?;
+        assert_eq!(c.model.max_len, 128);
+        assert_eq!(c.training.batch_size, 32);
+        assert_eq!(c.training.grad_clip, Some(1.0));
+        assert_eq!(c.tasks.len(), 2);
+        assert_eq!(c.head_lr(), 1e-4);
+        Ok(())
+    }
+
+    #[test]
+    fn overrides_are_typed_and_validated() -> Result<(), ConfigError> {
+        let c = parse(MINIMAL, &["training.lr=3e-5", "model.path=other dir", "training.select_metric=slots.f1"])?;
+        assert_eq!(c.training.lr, 3e-5);
+        assert_eq!(c.model.path, PathBuf::from("other dir"));
+        let e = parse(MINIMAL, &["training.lr=abc"]).expect_err("a string lr must fail");
+        assert!(e.to_string().contains("training.lr=abc"), "{e}");
+        let e = parse(MINIMAL, &["training.nope=1"]).expect_err("unknown key must fail");
+        assert!(e.to_string().contains("unknown field `nope`"), "{e}");
+        Ok(())
+    }
+
+    #[test]
+    fn unknown_keys_name_line_and_choices() {
+        let text = MINIMAL.replace("epochs = 3", "epochs = 3\nepoch = 4");
+        let e = parse(&text, &[]).expect_err("unknown key must fail").to_string();
+        assert!(e.contains("run.toml"), "{e}");
+        assert!(e.contains("line 7"), "{e}");
+        assert!(e.contains("unknown field `epoch`"), "{e}");
+        assert!(e.contains("epochs"), "the valid choices are listed: {e}");
+    }
+
+    #[test]
+    fn semantic_errors_name_the_field() {
+        let e = parse(MINIMAL, &["training.select_metric=slots.f2"]).expect_err("bad metric").to_string();
+        assert!(e.contains("training.select_metric") && e.contains("slots.f1"), "{e}");
+        let e = parse(MINIMAL, &["training.dropout=1.5"]).expect_err("bad dropout").to_string();
+        assert!(e.contains("training.dropout"), "{e}");
+        let e = parse(MINIMAL, &["joint.frame=[\"intent\", \"nope\"]"]).expect_err("bad joint").to_string();
+        assert!(e.contains("unknown task `nope`"), "{e}");
+        let e = parse(MINIMAL, &["tasks.slots.text_field=sentence"]).expect_err("shared file").to_string();
+        assert!(e.contains("tasks.slots") && e.contains("intent"), "{e}");
+    }
+
+    #[test]
+    fn resolved_config_round_trips() -> Result<(), ConfigError> {
+        let c = parse(MINIMAL, &["training.head_lr=1e-3"])?;
+        let back = parse(&c.to_toml(), &[])?;
+        assert_eq!(back, c);
+        Ok(())
+    }
+}

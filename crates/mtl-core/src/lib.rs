@@ -1,0 +1,143 @@
+//! Names and plain host data shared by every other crate: task names, task kinds, and the train/eval mode.
+//!
+//! This crate depends on nothing of ours. It holds no tensors: everything here is plain host data.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+/// Errors raised when validating core names.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum CoreError {
+    #[error(
+        "invalid task name {0:?}: use 1-64 characters of ASCII letters, digits, '_' or '-', starting with a letter"
+    )]
+    InvalidTaskName(String),
+}
+
+/// A validated task name (`intent`, `slots`, ...). It is used as a map key, a tensor-name prefix and a
+/// JSON key, so it is restricted to characters that are safe in all three.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct TaskId(String);
+
+impl TaskId {
+    pub fn new(name: impl Into<String>) -> Result<Self, CoreError> {
+        let name = name.into();
+        let ok = !name.is_empty()
+            && name.len() <= 64
+            && name.starts_with(|c: char| c.is_ascii_alphabetic())
+            && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+        if ok {
+            Ok(Self(name))
+        } else {
+            Err(CoreError::InvalidTaskName(name))
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl TryFrom<String> for TaskId {
+    type Error = CoreError;
+    fn try_from(value: String) -> Result<Self, Self::Error> {
+        Self::new(value)
+    }
+}
+
+impl From<TaskId> for String {
+    fn from(value: TaskId) -> Self {
+        value.0
+    }
+}
+
+impl fmt::Display for TaskId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// What kind of task a head solves. The kind decides the default head, loss and metrics.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TaskKind {
+    /// One label per example, predicted from the [CLS] state.
+    Classification,
+    /// One BIO (or plain) tag per word, predicted from each word's first sub-token.
+    TokenClassification,
+}
+
+impl TaskKind {
+    pub const ALL: [TaskKind; 2] = [TaskKind::Classification, TaskKind::TokenClassification];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            TaskKind::Classification => "classification",
+            TaskKind::TokenClassification => "token_classification",
+        }
+    }
+}
+
+/// Whether a forward pass trains (dropout active) or evaluates (dropout off).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    Train,
+    Eval,
+}
+
+/// The label index that contributes no loss: padding, non-first sub-tokens, and examples without a label for
+/// a task (PyTorch's `ignore_index`).
+pub const IGNORE_INDEX: i64 = -100;
+
+/// One batch as plain host vectors, padded to its longest sequence. Row-major `batch × seq` everywhere, so
+/// queues, collators and servers never see a tensor.
+#[derive(Clone, Debug, PartialEq)]
+pub struct HostBatch {
+    pub batch: usize,
+    pub seq: usize,
+    pub input_ids: Vec<u32>,
+    pub token_type_ids: Vec<u32>,
+    /// 1 for real tokens, 0 for padding.
+    pub attention_mask: Vec<u32>,
+    /// For each example, the token position of each word's first sub-token (`None`: truncated away).
+    pub word_starts: Vec<Vec<Option<usize>>>,
+    /// Training or evaluation targets of every task that has labels in this batch.
+    pub targets: BTreeMap<TaskId, Targets>,
+}
+
+/// Gold label indices of one task for one batch, [`IGNORE_INDEX`] where there is none.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Targets {
+    /// One per example.
+    Class(Vec<i64>),
+    /// One per token, `batch × seq`, set at each word's first sub-token.
+    Tokens(Vec<i64>),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn task_names_are_validated() {
+        assert!(TaskId::new("intent").is_ok());
+        assert!(TaskId::new("ner-wnut_16").is_ok());
+        for bad in ["", "1abc", "a b", "a.b", "ü", &"x".repeat(65)] {
+            assert!(TaskId::new(bad).is_err(), "{bad:?} should be rejected");
+        }
+    }
+
+    #[test]
+    fn task_id_round_trips_through_serde() -> Result<(), serde_json::Error> {
+        let id = TaskId::new("slots").expect("valid");
+        let json = serde_json::to_string(&id)?;
+        assert_eq!(json, "\"slots\"");
+        let back: TaskId = serde_json::from_str(&json)?;
+        assert_eq!(back, id);
+        assert!(serde_json::from_str::<TaskId>("\"bad name\"").is_err());
+        Ok(())
+    }
+}

@@ -1,0 +1,46 @@
+//! Host-only metrics: plain slices of labels in, numbers out. No tensors, no device.
+//!
+//! Every score is a fraction in [0, 1] and higher is better. Each metric family lives in its own file and
+//! names the reference implementation it is verified against. Depends on nothing of ours.
+
+mod classification;
+mod seqeval;
+
+pub use classification::{accuracy, frame_accuracy, macro_f1};
+pub use seqeval::{entities, entity_scores, token_accuracy, Entity, EntityScores};
+
+/// Whether a larger value of a metric is better. Every metric this crate reports is a score in [0, 1]
+/// where larger is better; losses are the exception and are minimised.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Direction {
+    HigherIsBetter,
+    LowerIsBetter,
+}
+
+impl Direction {
+    /// Whether `candidate` improves on `best`.
+    pub fn improves(self, candidate: f64, best: f64) -> bool {
+        match self {
+            Direction::HigherIsBetter => candidate > best,
+            Direction::LowerIsBetter => candidate < best,
+        }
+    }
+}
+
+/// `num / den`, or 0 when `den` is 0 (sklearn's and seqeval's `zero_division=0`).
+pub(crate) fn ratio(num: usize, den: usize) -> f64 {
+    if den == 0 {
+        0.0
+    } else {
+        num as f64 / den as f64
+    }
+}
+
+/// The harmonic mean of precision and recall, 0 when both are 0.
+pub(crate) fn f1(precision: f64, recall: f64) -> f64 {
+    if precision + recall == 0.0 {
+        0.0
+    } else {
+        2.0 * precision * recall / (precision + recall)
+    }
+}

@@ -1,0 +1,116 @@
+//! Entity-level precision, recall and F1 for BIO/IOBES tags, computed as `seqeval` 1.2.2 does in its default
+//! (conlleval-compatible, non-strict) mode. Verified against seqeval on the committed fixture
+//! `tests/fixtures/seqeval.json` (made by `scripts/make_fixtures.py`).
+//!
+//! Reference: <https://github.com/chakki-works/seqeval/blob/master/seqeval/metrics/sequence_labeling.py>.
+
+use std::collections::BTreeSet;
+
+use crate::{f1, ratio};
+
+/// A chunk: its type and the first and last position (inclusive) in the flattened tag sequence.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Entity {
+    pub kind: String,
+    pub start: usize,
+    pub end: usize,
+}
+
+/// Micro-averaged entity scores.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct EntityScores {
+    pub precision: f64,
+    pub recall: f64,
+    pub f1: f64,
+    /// Number of gold entities.
+    pub support: usize,
+}
+
+fn split_tag(tag: &str) -> (char, &str) {
+    let prefix = tag.chars().next().unwrap_or('O');
+    let rest = &tag[prefix.len_utf8().min(tag.len())..];
+    // seqeval: `chunk[1:].split('-', maxsplit=1)[-1] or '_'`
+    let kind = rest.split_once('-').map_or(rest, |(_, k)| k);
+    (prefix, if kind.is_empty() { "_" } else { kind })
+}
+
+fn end_of_chunk(prev_tag: char, tag: char, prev_kind: &str, kind: &str) -> bool {
+    matches!(prev_tag, 'E' | 'S')
+        || (matches!(prev_tag, 'B' | 'I') && matches!(tag, 'B' | 'S' | 'O'))
+        || (prev_tag != 'O' && prev_tag != '.' && prev_kind != kind)
+}
+
+fn start_of_chunk(prev_tag: char, tag: char, prev_kind: &str, kind: &str) -> bool {
+    matches!(tag, 'B' | 'S')
+        || (matches!(prev_tag, 'E' | 'S' | 'O') && matches!(tag, 'E' | 'I'))
+        || (tag != 'O' && tag != '.' && prev_kind != kind)
+}
+
+/// The entities of several sentences, which are flattened with an `O` between them as seqeval does.
+pub fn entities<S: AsRef<str>>(sentences: &[Vec<S>]) -> Vec<Entity> {
+    let flat = sentences.iter().flat_map(|s| s.iter().map(|t| t.as_ref()).chain(std::iter::once("O")));
+    let mut chunks = Vec::new();
+    let (mut prev_tag, mut prev_kind, mut begin) = ('O', "", 0);
+    for (i, t) in flat.chain(std::iter::once("O")).enumerate() {
+        let (tag, kind) = split_tag(t);
+        if end_of_chunk(prev_tag, tag, prev_kind, kind) {
+            chunks.push(Entity { kind: prev_kind.to_string(), start: begin, end: i - 1 });
+        }
+        if start_of_chunk(prev_tag, tag, prev_kind, kind) {
+            begin = i;
+        }
+        (prev_tag, prev_kind) = (tag, kind);
+    }
+    chunks
+}
+
+/// Micro precision, recall and F1 over entities (seqeval's `precision_score`, `recall_score`, `f1_score`).
+pub fn entity_scores<S: AsRef<str>>(gold: &[Vec<S>], pred: &[Vec<S>]) -> EntityScores {
+    assert_eq!(gold.len(), pred.len(), "entity_scores: sentence counts differ; this is a bug");
+    for (g, p) in gold.iter().zip(pred) {
+        assert_eq!(g.len(), p.len(), "entity_scores: a sentence's tag counts differ; this is a bug");
+    }
+    let gold: BTreeSet<Entity> = entities(gold).into_iter().collect();
+    let pred: BTreeSet<Entity> = entities(pred).into_iter().collect();
+    let correct = gold.intersection(&pred).count();
+    let precision = ratio(correct, pred.len());
+    let recall = ratio(correct, gold.len());
+    EntityScores { precision, recall, f1: f1(precision, recall), support: gold.len() }
+}
+
+/// The fraction of tags predicted exactly (seqeval's `accuracy_score`).
+pub fn token_accuracy<S: AsRef<str>>(gold: &[Vec<S>], pred: &[Vec<S>]) -> f64 {
+    let pairs = gold.iter().zip(pred).flat_map(|(g, p)| g.iter().zip(p));
+    let (mut right, mut total) = (0, 0);
+    for (g, p) in pairs {
+        total += 1;
+        right += usize::from(g.as_ref() == p.as_ref());
+    }
+    ratio(right, total)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tags(s: &str) -> Vec<String> {
+        s.split_whitespace().map(String::from).collect()
+    }
+
+    #[test]
+    fn seqeval_readme_example() {
+        // From seqeval's README: f1_score = 0.5, precision = 0.5, recall = 0.5.
+        let gold = vec![tags("O O O B-MISC I-MISC I-MISC O"), tags("B-PER I-PER O")];
+        let pred = vec![tags("O O B-MISC I-MISC I-MISC I-MISC O"), tags("B-PER I-PER O")];
+        let s = entity_scores(&gold, &pred);
+        assert_eq!((s.precision, s.recall, s.f1, s.support), (0.5, 0.5, 0.5, 2));
+    }
+
+    #[test]
+    fn lenient_chunks_like_conlleval() {
+        // An I- after O starts a chunk; a change of type ends one.
+        let e = entities(&[tags("I-A I-A B-B I-C O")]);
+        let kinds: Vec<_> = e.iter().map(|e| (e.kind.as_str(), e.start, e.end)).collect();
+        assert_eq!(kinds, vec![("A", 0, 1), ("B", 2, 2), ("C", 3, 3)]);
+    }
+}

@@ -1,0 +1,204 @@
+//! A BERT encoder for training and inference, mirroring Hugging Face `transformers`' `BertModel`
+//! (<https://github.com/huggingface/transformers/blob/main/src/transformers/models/bert/modeling_bert.py>)
+//! with absolute position embeddings and post-LayerNorm blocks. Tensor names match `BertModel`'s state
+//! dict, so a Hugging Face `model.safetensors` loads as is. The pooler is not part of the model: the
+//! heads read the [CLS] state directly.
+
+use std::path::Path;
+
+use candle_core::{DType, Tensor};
+use mtl_core::Mode;
+use serde::{Deserialize, Serialize};
+
+use crate::layers::{softmax_last, DropoutRng, LayerNorm, Linear};
+use crate::params::{Init, ParamBuilder};
+use crate::{NnError, Result};
+
+/// The fields of a Hugging Face BERT `config.json` that the encoder uses; other keys are ignored.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct BertConfig {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub intermediate_size: usize,
+    #[serde(default = "default_act")]
+    pub hidden_act: Activation,
+    pub max_position_embeddings: usize,
+    #[serde(default = "default_type_vocab")]
+    pub type_vocab_size: usize,
+    #[serde(default = "default_eps")]
+    pub layer_norm_eps: f64,
+    #[serde(default)]
+    pub position_embedding_type: Option<String>,
+}
+
+fn default_act() -> Activation {
+    Activation::Gelu
+}
+fn default_type_vocab() -> usize {
+    2
+}
+fn default_eps() -> f64 {
+    1e-12
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Activation {
+    /// The exact, erf-based GELU (`"gelu"` in transformers).
+    Gelu,
+    /// The tanh approximation (`"gelu_new"`, `"gelu_pytorch_tanh"`).
+    #[serde(alias = "gelu_pytorch_tanh")]
+    GeluNew,
+    Relu,
+}
+
+impl BertConfig {
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|source| NnError::Io { path: path.to_owned(), source })?;
+        let config: Self = serde_json::from_str(&text)
+            .map_err(|e| NnError::File { path: path.to_owned(), message: format!("not a BERT config: {e}") })?;
+        if let Some(kind) = &config.position_embedding_type {
+            if kind != "absolute" {
+                return Err(NnError::File {
+                    path: path.to_owned(),
+                    message: format!("position_embedding_type {kind:?} is not supported; only \"absolute\" is"),
+                });
+            }
+        }
+        if config.num_attention_heads == 0 || config.hidden_size % config.num_attention_heads != 0 {
+            return Err(NnError::File {
+                path: path.to_owned(),
+                message: "hidden_size must be a multiple of num_attention_heads".into(),
+            });
+        }
+        Ok(config)
+    }
+}
+
+#[derive(Clone, Debug)]
+struct Embeddings {
+    word: Tensor,
+    position: Tensor,
+    token_type: Tensor,
+    norm: LayerNorm,
+}
+
+#[derive(Clone, Debug)]
+struct Layer {
+    query: Linear,
+    key: Linear,
+    value: Linear,
+    attn_out: Linear,
+    attn_norm: LayerNorm,
+    intermediate: Linear,
+    output: Linear,
+    out_norm: LayerNorm,
+}
+
+/// The encoder: embeddings and `num_hidden_layers` transformer blocks.
+#[derive(Clone, Debug)]
+pub struct Bert {
+    config: BertConfig,
+    embeddings: Embeddings,
+    layers: Vec<Layer>,
+}
+
+/// Token ids of a batch as tensors: `input_ids`, `token_type_ids` and `attention_mask`, each `[batch, seq]`.
+#[derive(Clone, Debug)]
+pub struct BertInput {
+    pub input_ids: Tensor,
+    pub token_type_ids: Tensor,
+    pub attention_mask: Tensor,
+}
+
+impl Bert {
+    pub fn new(pb: &ParamBuilder, config: &BertConfig) -> Result<Self> {
+        let h = config.hidden_size;
+        let eps = config.layer_norm_eps;
+        let e = pb.pp("embeddings");
+        let embeddings = Embeddings {
+            word: e.pp("word_embeddings").get((config.vocab_size, h), "weight", Init::Normal { std: 0.02 })?,
+            position: e.pp("position_embeddings").get((config.max_position_embeddings, h), "weight", Init::Normal { std: 0.02 })?,
+            token_type: e.pp("token_type_embeddings").get((config.type_vocab_size, h), "weight", Init::Normal { std: 0.02 })?,
+            norm: LayerNorm::new(&e.pp("LayerNorm"), h, eps)?,
+        };
+        let layers = (0..config.num_hidden_layers)
+            .map(|i| {
+                let l = pb.pp(&format!("encoder.layer.{i}"));
+                let a = l.pp("attention");
+                Ok(Layer {
+                    query: Linear::new(&a.pp("self.query"), h, h)?,
+                    key: Linear::new(&a.pp("self.key"), h, h)?,
+                    value: Linear::new(&a.pp("self.value"), h, h)?,
+                    attn_out: Linear::new(&a.pp("output.dense"), h, h)?,
+                    attn_norm: LayerNorm::new(&a.pp("output.LayerNorm"), h, eps)?,
+                    intermediate: Linear::new(&l.pp("intermediate.dense"), h, config.intermediate_size)?,
+                    output: Linear::new(&l.pp("output.dense"), config.intermediate_size, h)?,
+                    out_norm: LayerNorm::new(&l.pp("output.LayerNorm"), h, eps)?,
+                })
+            })
+            .collect::<Result<_>>()?;
+        Ok(Self { config: config.clone(), embeddings, layers })
+    }
+
+    pub fn config(&self) -> &BertConfig {
+        &self.config
+    }
+
+    pub fn hidden_size(&self) -> usize {
+        self.config.hidden_size
+    }
+
+    /// The hidden states of the last layer, flattened to `[batch * seq, hidden]`.
+    pub fn forward(&self, input: &BertInput, dropout: &DropoutRng, mode: Mode) -> Result<Tensor> {
+        let (b, s) = input.input_ids.dims2()?;
+        let h = self.config.hidden_size;
+        if s > self.config.max_position_embeddings {
+            let max = self.config.max_position_embeddings;
+            return Err(candle_core::Error::Msg(format!("sequence of {s} tokens exceeds max_position_embeddings {max}")).into());
+        }
+        let ids = input.input_ids.flatten_all()?;
+        let types = input.token_type_ids.flatten_all()?;
+        let positions = Tensor::arange(0u32, s as u32, ids.device())?;
+        let pos = self.embeddings.position.index_select(&positions, 0)?; // [s, h]
+        let x = self.embeddings.word.index_select(&ids, 0)?.reshape((b, s, h))?;
+        let x = x.broadcast_add(&pos)?;
+        let x = (x + self.embeddings.token_type.index_select(&types, 0)?.reshape((b, s, h))?)?;
+        let x = self.embeddings.norm.forward(&x.reshape((b * s, h))?)?;
+        let mut x = dropout.apply(&x, mode)?;
+
+        // Additive mask: 0 where attended, the most negative float where padded (as transformers does).
+        let keep = input.attention_mask.to_dtype(DType::F32)?;
+        let mask = ((keep - 1.0)? * f64::from(f32::MAX))?.reshape((b, 1, 1, s))?;
+        for layer in &self.layers {
+            x = self.layer_forward(layer, &x, &mask, b, s, dropout, mode)?;
+        }
+        Ok(x)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn layer_forward(&self, l: &Layer, x: &Tensor, mask: &Tensor, b: usize, s: usize, dropout: &DropoutRng, mode: Mode) -> Result<Tensor> {
+        let h = self.config.hidden_size;
+        let nh = self.config.num_attention_heads;
+        let dh = h / nh;
+        let heads = |t: Tensor| -> Result<Tensor> { Ok(t.reshape((b, s, nh, dh))?.transpose(1, 2)?.contiguous()?) };
+        let q = heads(l.query.forward(x)?)?;
+        let k = heads(l.key.forward(x)?)?;
+        let v = heads(l.value.forward(x)?)?;
+        let scores = (q.matmul(&k.t()?)? * (1.0 / (dh as f64).sqrt()))?.broadcast_add(mask)?;
+        let probs = dropout.apply(&softmax_last(&scores)?, mode)?;
+        let ctx = probs.matmul(&v)?.transpose(1, 2)?.reshape((b * s, h))?;
+        let attn = dropout.apply(&l.attn_out.forward(&ctx)?, mode)?;
+        let x = l.attn_norm.forward(&(attn + x)?)?;
+        let inter = l.intermediate.forward(&x)?;
+        let inter = match self.config.hidden_act {
+            Activation::Gelu => inter.gelu_erf()?,
+            Activation::GeluNew => inter.gelu()?,
+            Activation::Relu => inter.relu()?,
+        };
+        let out = dropout.apply(&l.output.forward(&inter)?, mode)?;
+        l.out_norm.forward(&(out + x)?)
+    }
+}

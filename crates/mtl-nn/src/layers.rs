@@ -1,0 +1,114 @@
+//! Differentiable building blocks. Each one is composed of candle ops that all have a backward pass.
+
+use std::sync::Mutex;
+
+use candle_core::{DType, Tensor, D};
+use mtl_core::Mode;
+use rand::{RngCore, SeedableRng};
+
+use crate::params::{Init, ParamBuilder};
+use crate::Result;
+
+/// `y = x Wᵀ + b` over the last dimension, with `W` stored as `[out, in]` (PyTorch's layout).
+#[derive(Clone, Debug)]
+pub struct Linear {
+    weight: Tensor,
+    bias: Tensor,
+}
+
+impl Linear {
+    pub fn new(pb: &ParamBuilder, in_dim: usize, out_dim: usize) -> Result<Self> {
+        let weight = pb.get((out_dim, in_dim), "weight", Init::Normal { std: 0.02 })?;
+        let bias = pb.get(out_dim, "bias", Init::Zeros)?;
+        Ok(Self { weight, bias })
+    }
+
+    /// `x` is `[n, in]`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(x.matmul(&self.weight.t()?)?.broadcast_add(&self.bias)?)
+    }
+}
+
+/// LayerNorm over the last dimension, written out so that it has a backward pass (candle-nn's fast path
+/// has none).
+#[derive(Clone, Debug)]
+pub struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+    eps: f64,
+}
+
+impl LayerNorm {
+    pub fn new(pb: &ParamBuilder, dim: usize, eps: f64) -> Result<Self> {
+        let weight = pb.get(dim, "weight", Init::Ones)?;
+        let bias = pb.get(dim, "bias", Init::Zeros)?;
+        Ok(Self { weight, bias, eps })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let mean = x.mean_keepdim(D::Minus1)?;
+        let centred = x.broadcast_sub(&mean)?;
+        let var = centred.sqr()?.mean_keepdim(D::Minus1)?;
+        let normed = centred.broadcast_div(&(var + self.eps)?.sqrt()?)?;
+        Ok(normed.broadcast_mul(&self.weight)?.broadcast_add(&self.bias)?)
+    }
+}
+
+/// Softmax over the last dimension. The row maximum is subtracted for stability and detached: it cancels
+/// out of the result, so its gradient is zero anyway.
+pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
+    let max = x.max_keepdim(D::Minus1)?.detach();
+    let e = x.broadcast_sub(&max)?.exp()?;
+    Ok(e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?)
+}
+
+/// Log-softmax over the last dimension.
+pub fn log_softmax_last(x: &Tensor) -> Result<Tensor> {
+    let max = x.max_keepdim(D::Minus1)?.detach();
+    let shifted = x.broadcast_sub(&max)?;
+    let lse = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
+    Ok(shifted.broadcast_sub(&lse)?)
+}
+
+/// The random source of every dropout mask of a model. It is seeded, so a run is reproducible (candle's CPU
+/// device cannot be seeded).
+#[derive(Debug)]
+pub struct DropoutRng {
+    p: f32,
+    rng: Mutex<rand_chacha::ChaCha8Rng>,
+}
+
+impl DropoutRng {
+    pub fn new(p: f32, seed: u64) -> Self {
+        Self { p, rng: Mutex::new(rand_chacha::ChaCha8Rng::seed_from_u64(seed)) }
+    }
+
+    pub fn p(&self) -> f32 {
+        self.p
+    }
+
+    /// Zeroes each element with probability `p` and scales the rest by `1 / (1 - p)` in training; the
+    /// identity in evaluation.
+    pub fn apply(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
+        if mode == Mode::Eval || self.p == 0.0 {
+            return Ok(x.clone());
+        }
+        let n = x.elem_count();
+        let threshold = (f64::from(self.p) * f64::from(u32::MAX)) as u32;
+        let scale = 1.0 / (1.0 - self.p);
+        let mut mask = Vec::with_capacity(n);
+        {
+            let mut rng = self.rng.lock().expect("dropout rng lock poisoned; this is a bug");
+            mask.extend((0..n).map(|_| if rng.next_u32() > threshold { scale } else { 0.0 }));
+        }
+        let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
+        Ok((x * mask)?)
+    }
+}
+
+/// Cross-entropy averaged over rows: `logits` is `[n, classes]`, `targets` holds `n` class indices.
+pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    let logp = log_softmax_last(logits)?;
+    let picked = logp.gather(&targets.to_dtype(DType::U32)?.unsqueeze(1)?, 1)?;
+    Ok(picked.mean_all()?.neg()?)
+}

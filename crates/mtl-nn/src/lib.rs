@@ -1,0 +1,37 @@
+//! Neural-network code: our own trainable BERT encoder, task heads, the multi-task model, and weight I/O.
+//!
+//! Everything here is built from differentiable candle ops: we do not train through candle-transformers'
+//! BERT, whose LayerNorm fast path has no backward and whose Dropout does nothing. A test asserts that every
+//! parameter receives a non-zero gradient. Depends on `mtl-core` and `mtl-data`.
+
+mod bert;
+mod heads;
+mod layers;
+mod model;
+mod params;
+
+pub use bert::{Bert, BertConfig};
+pub use heads::{Head, HeadOutput};
+pub use layers::{DropoutRng, LayerNorm, Linear};
+pub use bert::BertInput;
+pub use model::{ModelSpec, MultiTaskModel, TaskLoss, TaskPrediction};
+pub use params::{ParamBuilder, ParamStore};
+
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum NnError {
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+    #[error("cannot read {path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("{path}: {message}")]
+    File { path: PathBuf, message: String },
+    #[error("{path}: missing tensors: {names}")]
+    MissingTensors { path: PathBuf, names: String },
+}
+
+pub type Result<T, E = NnError> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests;

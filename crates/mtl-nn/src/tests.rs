@@ -1,0 +1,161 @@
+//! Tests of the encoder against transformers, on the tiny random model of `tests/fixtures/tiny-bert`
+//! (made by `scripts/make_fixtures.py`).
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+
+use candle_core::{Device, Tensor};
+use mtl_core::{HostBatch, Mode, TaskId, TaskKind, Targets, IGNORE_INDEX};
+use serde_json::Value;
+
+use crate::{BertConfig, ModelSpec, MultiTaskModel, NnError};
+
+type TestResult = Result<(), Box<dyn std::error::Error>>;
+
+fn fixture_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/tiny-bert")
+}
+
+fn reference() -> Result<Value, Box<dyn std::error::Error>> {
+    Ok(serde_json::from_str(&std::fs::read_to_string(fixture_dir().join("reference.json"))?)?)
+}
+
+fn rows_u32(v: &Value) -> Vec<Vec<u32>> {
+    v.as_array()
+        .expect("fixture rows")
+        .iter()
+        .map(|r| r.as_array().expect("fixture row").iter().map(|x| x.as_u64().expect("int") as u32).collect())
+        .collect()
+}
+
+fn batch_from(reference: &Value) -> HostBatch {
+    let ids = rows_u32(&reference["input_ids"]);
+    let mask = rows_u32(&reference["attention_mask"]);
+    let (batch, seq) = (ids.len(), ids[0].len());
+    HostBatch {
+        batch,
+        seq,
+        input_ids: ids.concat(),
+        token_type_ids: vec![0; batch * seq],
+        attention_mask: mask.concat(),
+        word_starts: vec![vec![]; batch],
+        targets: BTreeMap::new(),
+    }
+}
+
+fn tiny_model(tasks: &[(&str, TaskKind, usize)], dropout: f32) -> Result<MultiTaskModel, NnError> {
+    let config = BertConfig::from_file(&fixture_dir().join("config.json"))?;
+    let tasks: BTreeMap<TaskId, (TaskKind, usize)> =
+        tasks.iter().map(|(n, k, c)| (TaskId::new(*n).expect("valid name"), (*k, *c))).collect();
+    let spec = ModelSpec { bert: &config, tasks: &tasks, dropout, seed: 1 };
+    MultiTaskModel::load(&spec, &fixture_dir().join("model.safetensors"), false, &Device::Cpu)
+}
+
+#[test]
+fn hidden_states_match_transformers() -> TestResult {
+    let reference = reference()?;
+    let model = tiny_model(&[], 0.1)?;
+    let batch = batch_from(&reference);
+    let hidden = model.encode(&batch, Mode::Eval)?.to_vec2::<f32>()?;
+    let expected: Vec<Vec<Vec<f64>>> = serde_json::from_value(reference["last_hidden_state"].clone())?;
+    let mut max_diff = 0f64;
+    for (row, want) in hidden.iter().zip(expected.iter().flatten()) {
+        for (a, b) in row.iter().zip(want) {
+            max_diff = max_diff.max((f64::from(*a) - b).abs());
+        }
+    }
+    assert!(max_diff < 1e-4, "max abs difference {max_diff}");
+    Ok(())
+}
+
+#[test]
+fn loss_and_gradients_match_pytorch() -> TestResult {
+    let reference = reference()?;
+    let config = BertConfig::from_file(&fixture_dir().join("config.json"))?;
+    let mut weights: HashMap<String, Tensor> = candle_core::safetensors::load(fixture_dir().join("model.safetensors"), &Device::Cpu)?;
+    let head = &reference["head"];
+    let w: Vec<Vec<f32>> = serde_json::from_value(head["weight"].clone())?;
+    let b: Vec<f32> = serde_json::from_value(head["bias"].clone())?;
+    weights.insert("heads.cls.weight".into(), Tensor::new(w, &Device::Cpu)?);
+    weights.insert("heads.cls.bias".into(), Tensor::new(b, &Device::Cpu)?);
+    let task = TaskId::new("cls")?;
+    let tasks = BTreeMap::from([(task.clone(), (TaskKind::Classification, 3))]);
+    let model = MultiTaskModel::build(&ModelSpec { bert: &config, tasks: &tasks, dropout: 0.0, seed: 0 }, weights, &Device::Cpu)?;
+    let mut batch = batch_from(&reference);
+    let labels: Vec<i64> = serde_json::from_value(head["labels"].clone())?;
+    batch.targets.insert(task, Targets::Class(labels));
+    let losses = model.losses(&batch, Mode::Train)?;
+    let loss = &losses[0].loss;
+    let want = head["loss"].as_f64().expect("loss");
+    assert!((f64::from(loss.to_scalar::<f32>()?) - want).abs() < 1e-5);
+    let grads = loss.backward()?;
+    let norms = reference["grad_norms"].as_object().expect("grad norms");
+    assert_eq!(norms.len(), model.params().vars().len() - 2, "every backbone parameter is compared");
+    for (name, want) in norms {
+        let var = &model.params().vars()[name];
+        let got = grads.get(var.as_tensor()).map(|g| g.sqr()?.sum_all()?.sqrt()?.to_scalar::<f32>()).transpose()?;
+        let got = f64::from(got.unwrap_or(0.0));
+        let want = want.as_f64().expect("norm");
+        assert!((got - want).abs() <= 1e-4 + 1e-3 * want, "{name}: gradient norm {got}, PyTorch {want}");
+    }
+    Ok(())
+}
+
+#[test]
+fn every_parameter_gets_a_gradient_in_training() -> TestResult {
+    let reference = reference()?;
+    let model = tiny_model(&[("intent", TaskKind::Classification, 3), ("slots", TaskKind::TokenClassification, 5)], 0.1)?;
+    let mut batch = batch_from(&reference);
+    batch.targets.insert(TaskId::new("intent")?, Targets::Class(vec![1, 2]));
+    let mut tags = vec![IGNORE_INDEX; batch.batch * batch.seq];
+    for (i, t) in [(1, 1), (2, 3), (8, 4), (9, 0)] {
+        tags[i] = t;
+    }
+    batch.targets.insert(TaskId::new("slots")?, Targets::Tokens(tags));
+    let losses = model.losses(&batch, Mode::Train)?;
+    assert_eq!(losses.len(), 2);
+    let total = losses.iter().map(|l| l.loss.clone()).reduce(|a, b| (a + b).expect("add")).expect("two losses");
+    let grads = total.backward()?;
+    for (name, var) in model.params().vars() {
+        let g = grads.get(var.as_tensor()).ok_or_else(|| format!("{name}: no gradient"))?;
+        let norm = g.abs()?.sum_all()?.to_scalar::<f32>()?;
+        assert!(norm > 0.0, "{name}: zero gradient");
+    }
+    Ok(())
+}
+
+#[test]
+fn dropout_is_active_in_training_only_and_seeded() -> TestResult {
+    let reference = reference()?;
+    let batch = batch_from(&reference);
+    let model = tiny_model(&[], 0.1)?;
+    let eval_a = model.encode(&batch, Mode::Eval)?.to_vec2::<f32>()?;
+    let eval_b = model.encode(&batch, Mode::Eval)?.to_vec2::<f32>()?;
+    assert_eq!(eval_a, eval_b, "evaluation is deterministic");
+    let train_a = model.encode(&batch, Mode::Train)?.to_vec2::<f32>()?;
+    assert_ne!(train_a, eval_a, "dropout changes the training forward pass");
+    let train_b = model.encode(&batch, Mode::Train)?.to_vec2::<f32>()?;
+    assert_ne!(train_a, train_b, "each training pass draws a new mask");
+    let again = tiny_model(&[], 0.1)?;
+    assert_eq!(again.encode(&batch, Mode::Train)?.to_vec2::<f32>()?, train_a, "the same seed gives the same masks");
+    Ok(())
+}
+
+#[test]
+fn missing_backbone_tensors_are_reported() -> TestResult {
+    let config = BertConfig::from_file(&fixture_dir().join("config.json"))?;
+    let tasks = BTreeMap::new();
+    let spec = ModelSpec { bert: &config, tasks: &tasks, dropout: 0.1, seed: 0 };
+    let dir = std::env::temp_dir().join(format!("mtl-nn-missing-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let path = dir.join("model.safetensors");
+    let mut weights = candle_core::safetensors::load(fixture_dir().join("model.safetensors"), &Device::Cpu)?;
+    weights.remove("encoder.layer.1.output.dense.weight");
+    candle_core::safetensors::save(&weights, &path)?;
+    let err = MultiTaskModel::load(&spec, &path, false, &Device::Cpu).err().ok_or("load must fail")?;
+    assert!(err.to_string().contains("encoder.layer.1.output.dense.weight"), "{err}");
+    let err = MultiTaskModel::load(&spec, &dir.join("nope.safetensors"), false, &Device::Cpu).err().ok_or("must fail")?;
+    assert!(err.to_string().contains("nope.safetensors"), "{err}");
+    std::fs::remove_dir_all(&dir)?;
+    Ok(())
+}
