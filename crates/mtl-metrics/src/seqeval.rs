@@ -114,3 +114,28 @@ mod tests {
         assert_eq!(kinds, vec![("A", 0, 1), ("B", 2, 2), ("C", 3, 3)]);
     }
 }
+
+#[cfg(test)]
+mod fixture_tests {
+    use super::*;
+
+    /// Cases made by `scripts/make_fixtures.py` with seqeval 1.2.2 (default mode).
+    #[test]
+    fn matches_seqeval_on_fixture() -> Result<(), Box<dyn std::error::Error>> {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures/seqeval.json");
+        let cases: Vec<serde_json::Value> = serde_json::from_str(&std::fs::read_to_string(path)?)?;
+        assert!(cases.len() >= 30);
+        for (i, case) in cases.iter().enumerate() {
+            let gold: Vec<Vec<String>> = serde_json::from_value(case["gold"].clone())?;
+            let pred: Vec<Vec<String>> = serde_json::from_value(case["pred"].clone())?;
+            let s = entity_scores(&gold, &pred);
+            for (name, got) in [("precision", s.precision), ("recall", s.recall), ("f1", s.f1)] {
+                let want = case[name].as_f64().ok_or("number")?;
+                assert!((got - want).abs() < 1e-12, "case {i} {name}: {got} vs seqeval {want}");
+            }
+            let want = case["accuracy"].as_f64().ok_or("number")?;
+            assert!((token_accuracy(&gold, &pred) - want).abs() < 1e-12, "case {i} accuracy");
+        }
+        Ok(())
+    }
+}

@@ -1,1 +1,38 @@
-//! placeholder
+//! Training: the AdamW optimiser and schedules, the training loop with its callbacks, evaluation with each
+//! task's standard metrics, and checkpoints. Depends on `mtl-core`, `mtl-config`, `mtl-metrics`,
+//! `mtl-data` and `mtl-nn`.
+
+pub mod checkpoint;
+mod evaluate;
+mod optim;
+mod progress;
+mod schedule;
+mod trainer;
+
+use std::path::PathBuf;
+
+pub use evaluate::{main_metric, predict_examples, score, selection_score, Prediction, Scores};
+pub use optim::{AdamW, AdamWConfig, ParamGroup, StepInfo};
+pub use progress::ProgressCallback;
+pub use schedule::linear_warmup_decay;
+pub use trainer::{Callback, Control, EvalReport, Outcome, Splits, StepReport, Trainer};
+
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+    #[error(transparent)]
+    Nn(#[from] mtl_nn::NnError),
+    #[error(transparent)]
+    Config(#[from] mtl_config::ConfigError),
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("{0}: the output directory already exists; choose another or remove it")]
+    OutputExists(PathBuf),
+    #[error("{0}: not a checkpoint (no mtl.toml); train one with `mtl train CONFIG --out DIR`")]
+    NotACheckpoint(PathBuf),
+    #[error("{path}: {message}")]
+    Invalid { path: PathBuf, message: String },
+}
+
+pub type Result<T, E = TrainError> = std::result::Result<T, E>;

@@ -1,0 +1,49 @@
+//! Command-line arguments.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(name = "mtl", version, about = "Fine-tune one pretrained transformer on many NLP tasks at once, and use it")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Train a multi-task model and write its checkpoint and metrics to --out.
+    Train {
+        /// The run config (TOML).
+        config: PathBuf,
+        /// Output directory; it must not exist yet.
+        #[arg(long)]
+        out: PathBuf,
+        /// Override a config value, e.g. --set training.lr=3e-5 (repeatable).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        overrides: Vec<String>,
+    },
+    /// Score a trained model on the dev and test files of a config; prints {"dev": …, "test": …} as JSON.
+    Eval {
+        /// A checkpoint directory written by `mtl train`.
+        #[arg(long)]
+        model: PathBuf,
+        /// The config whose data files to score.
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        overrides: Vec<String>,
+    },
+    /// Predict every task for each input line: JSON objects with "text" (or "words"), or plain text.
+    Predict {
+        /// A checkpoint directory written by `mtl train`.
+        #[arg(long)]
+        model: PathBuf,
+        /// Read inputs from this file instead of standard input.
+        #[arg(long)]
+        input: Option<PathBuf>,
+        #[arg(long, default_value_t = 64)]
+        batch_size: usize,
+    },
+}

@@ -1,0 +1,82 @@
+//! Checkpoints: a directory in Hugging Face layout plus the run's own files, written to a temporary
+//! directory beside the target and renamed into place, so that a failed run leaves nothing half-written.
+//!
+//! Layout: `model.safetensors` (backbone under `BertModel` names, heads under `heads.TASK.*`), `config.json`
+//! and `tokenizer.json` (copied from the base model), `mtl.toml` (the resolved run config), `labels.json`
+//! (each task's label list) and `metrics.json`.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use mtl_config::Config;
+use mtl_core::TaskId;
+use mtl_data::LabelMap;
+use mtl_nn::MultiTaskModel;
+
+use crate::{Result, TrainError};
+
+pub const WEIGHTS: &str = "model.safetensors";
+pub const MODEL_CONFIG: &str = "config.json";
+pub const TOKENIZER: &str = "tokenizer.json";
+pub const RUN_CONFIG: &str = "mtl.toml";
+pub const LABELS: &str = "labels.json";
+pub const METRICS: &str = "metrics.json";
+
+/// Everything a checkpoint holds besides the weights.
+pub struct CheckpointFiles<'a> {
+    pub config: &'a Config,
+    pub labels: &'a BTreeMap<TaskId, LabelMap>,
+    pub metrics: &'a serde_json::Value,
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> TrainError + '_ {
+    move |source| TrainError::Io { path: path.to_owned(), source }
+}
+
+/// Writes the checkpoint to `dir`, which must not exist yet.
+pub fn save(dir: &Path, model: &MultiTaskModel, files: &CheckpointFiles) -> Result<()> {
+    if dir.exists() {
+        return Err(TrainError::OutputExists(dir.to_owned()));
+    }
+    let parent = match dir.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
+        _ => PathBuf::from("."),
+    };
+    std::fs::create_dir_all(&parent).map_err(io_err(&parent))?;
+    let tmp = tempfile::Builder::new().prefix(".mtl-checkpoint-").tempdir_in(&parent).map_err(io_err(&parent))?;
+    let base = &files.config.model.path;
+    model.params().save(&tmp.path().join(WEIGHTS))?;
+    for name in [MODEL_CONFIG, TOKENIZER] {
+        std::fs::copy(base.join(name), tmp.path().join(name)).map_err(io_err(&base.join(name)))?;
+    }
+    let write = |name: &str, text: String| std::fs::write(tmp.path().join(name), text).map_err(io_err(&tmp.path().join(name)));
+    write(RUN_CONFIG, files.config.to_toml())?;
+    write(LABELS, serde_json::to_string_pretty(files.labels).expect("label maps serialize; this is a bug"))?;
+    write(METRICS, serde_json::to_string_pretty(files.metrics).expect("metrics serialize; this is a bug"))?;
+    let tmp = tmp.keep();
+    std::fs::rename(&tmp, dir).map_err(|source| {
+        let _ = std::fs::remove_dir_all(&tmp);
+        TrainError::Io { path: dir.to_owned(), source }
+    })?;
+    Ok(())
+}
+
+/// The run config and label maps stored in a checkpoint. The config's model path is set to `dir`.
+pub fn read_meta(dir: &Path) -> Result<(Config, BTreeMap<TaskId, LabelMap>)> {
+    let config_path = dir.join(RUN_CONFIG);
+    if !config_path.exists() {
+        return Err(TrainError::NotACheckpoint(dir.to_owned()));
+    }
+    let mut config = Config::load(&config_path, &[])?;
+    config.model.path = dir.to_owned();
+    let labels_path = dir.join(LABELS);
+    let text = std::fs::read_to_string(&labels_path).map_err(io_err(&labels_path))?;
+    let labels: BTreeMap<TaskId, LabelMap> = serde_json::from_str(&text)
+        .map_err(|e| TrainError::Invalid { path: labels_path.clone(), message: e.to_string() })?;
+    for task in config.tasks.keys() {
+        if !labels.contains_key(task) {
+            return Err(TrainError::Invalid { path: labels_path, message: format!("no labels for task `{task}`") });
+        }
+    }
+    Ok((config, labels))
+}

@@ -1,0 +1,69 @@
+//! A progress bar with per-task losses and ETA, and a one-line log of every evaluation.
+
+use std::collections::BTreeMap;
+
+use indicatif::{ProgressBar, ProgressStyle};
+use mtl_core::TaskId;
+
+use crate::trainer::{Callback, Control, EvalReport, StepReport};
+
+/// Draws a progress bar on stderr (when it is a terminal) and logs each dev evaluation with `tracing`.
+#[derive(Default)]
+pub struct ProgressCallback {
+    bar: Option<ProgressBar>,
+    /// Exponential moving average of each task's loss.
+    smoothed: BTreeMap<TaskId, f32>,
+}
+
+impl Callback for ProgressCallback {
+    fn on_train_start(&mut self, total_steps: usize, _steps_per_epoch: usize) {
+        let bar = ProgressBar::new(total_steps as u64);
+        bar.set_style(
+            ProgressStyle::with_template("{spinner} epoch {prefix} [{bar:30}] {pos}/{len} {msg} (eta {eta})")
+                .expect("the progress template is valid; this is a bug")
+                .progress_chars("=> "),
+        );
+        self.bar = Some(bar);
+    }
+
+    fn on_step(&mut self, r: &StepReport) {
+        for (task, &loss) in &r.losses {
+            let s = self.smoothed.entry(task.clone()).or_insert(loss);
+            *s = 0.9 * *s + 0.1 * loss;
+        }
+        if let Some(bar) = &self.bar {
+            let losses: Vec<String> = self.smoothed.iter().map(|(t, l)| format!("{t} {l:.4}")).collect();
+            bar.set_prefix(r.epoch.to_string());
+            bar.set_message(format!("loss: {}", losses.join(", ")));
+            bar.set_position(r.step as u64);
+        }
+        if r.step % 50 == 0 || r.step == r.total_steps {
+            tracing::debug!(step = r.step, lr = r.lr, grad_norm = r.grad_norm, losses = ?r.losses, "step");
+        }
+    }
+
+    fn on_eval(&mut self, r: &EvalReport) -> Control {
+        let parts: Vec<String> = r
+            .scores
+            .iter()
+            .flat_map(|(group, m)| m.iter().map(move |(k, v)| format!("{group}.{k}={v:.4}")))
+            .collect();
+        let line = format!(
+            "epoch {} dev: {}{}",
+            r.epoch,
+            parts.join(" "),
+            if r.is_best { " (best so far)" } else { "" }
+        );
+        match &self.bar {
+            Some(bar) if !bar.is_hidden() => bar.println(line),
+            _ => tracing::info!("{line}"),
+        }
+        Control::Continue
+    }
+
+    fn on_train_end(&mut self) {
+        if let Some(bar) = self.bar.take() {
+            bar.finish_and_clear();
+        }
+    }
+}

@@ -1,0 +1,185 @@
+//! The training loop. It reports events to callbacks and leaves logging, progress and stopping to them.
+
+use std::collections::BTreeMap;
+
+use candle_core::Tensor;
+use mtl_config::Config;
+use mtl_core::{Mode, TaskId, TaskKind};
+use mtl_data::{collate, epoch_order, Dataset, Example, LabelMap};
+use mtl_metrics::Direction;
+use mtl_nn::MultiTaskModel;
+
+use crate::evaluate::{predict_examples, score, selection_score, Scores};
+use crate::optim::{AdamW, AdamWConfig, ParamGroup};
+use crate::schedule::linear_warmup_decay;
+use crate::Result;
+
+/// The datasets of a run.
+#[derive(Debug, Default)]
+pub struct Splits {
+    pub train: Dataset,
+    pub dev: Option<Dataset>,
+    pub test: Option<Dataset>,
+}
+
+/// Sent after every optimiser step.
+#[derive(Clone, Debug)]
+pub struct StepReport {
+    pub epoch: usize,
+    /// Optimiser steps done so far, from 1.
+    pub step: usize,
+    pub total_steps: usize,
+    /// Each task's mean loss on this batch.
+    pub losses: BTreeMap<TaskId, f32>,
+    pub lr: f64,
+    pub grad_norm: f64,
+}
+
+/// Sent after each epoch's dev evaluation.
+#[derive(Clone, Debug)]
+pub struct EvalReport<'a> {
+    pub epoch: usize,
+    pub scores: &'a Scores,
+    /// The selection score of this epoch and whether it is the best so far.
+    pub selection: Option<f64>,
+    pub is_best: bool,
+}
+
+/// Whether training goes on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Control {
+    Continue,
+    Stop,
+}
+
+/// Receives training events. Every method has a default that does nothing.
+pub trait Callback {
+    fn on_train_start(&mut self, _total_steps: usize, _steps_per_epoch: usize) {}
+    fn on_step(&mut self, _report: &StepReport) {}
+    fn on_eval(&mut self, _report: &EvalReport) -> Control {
+        Control::Continue
+    }
+    fn on_train_end(&mut self) {}
+}
+
+/// The result of a run, with the best epoch's weights loaded into the model.
+#[derive(Clone, Debug)]
+pub struct Outcome {
+    /// 1-based epoch whose weights were kept.
+    pub best_epoch: usize,
+    pub dev: Option<Scores>,
+    pub test: Option<Scores>,
+}
+
+/// Parameters of the heads get `head_lr`; biases and LayerNorm parameters get no weight decay.
+fn param_group(name: &str, config: &Config) -> ParamGroup {
+    let no_decay = name.ends_with(".bias") || name.contains("LayerNorm");
+    let lr = if name.starts_with("heads.") { config.head_lr() } else { config.training.lr };
+    ParamGroup { lr, weight_decay: if no_decay { 0.0 } else { config.training.weight_decay } }
+}
+
+pub struct Trainer<'a> {
+    pub config: &'a Config,
+    pub model: &'a MultiTaskModel,
+    pub labels: &'a BTreeMap<TaskId, LabelMap>,
+}
+
+impl Trainer<'_> {
+    fn task_kinds(&self) -> BTreeMap<TaskId, TaskKind> {
+        self.model.heads().iter().map(|(t, h)| (t.clone(), h.kind())).collect()
+    }
+
+    /// Evaluates the model on `data`.
+    pub fn evaluate(&self, data: &Dataset) -> Result<Scores> {
+        let examples: Vec<&Example> = data.examples.iter().collect();
+        let predictions = predict_examples(self.model, &examples, &self.task_kinds(), self.config.training.eval_batch_size)?;
+        Ok(score(data, &predictions, self.labels, &self.config.joint.frame))
+    }
+
+    /// Trains for the configured epochs, keeps the weights of the best dev epoch, and scores dev and test.
+    pub fn train(&self, splits: &Splits, callbacks: &mut [&mut dyn Callback]) -> Result<Outcome> {
+        let t = &self.config.training;
+        let kinds = self.task_kinds();
+        let n = splits.train.len();
+        let steps_per_epoch = n.div_ceil(t.batch_size);
+        let total_steps = steps_per_epoch * t.epochs;
+        let warmup = (t.warmup_ratio * total_steps as f64).ceil() as usize;
+        let params = self.model.params().vars().iter().map(|(name, var)| (name.clone(), var.clone(), param_group(name, self.config)));
+        let mut optimizer = AdamW::new(params, AdamWConfig::default());
+        for cb in callbacks.iter_mut() {
+            cb.on_train_start(total_steps, steps_per_epoch);
+        }
+
+        let direction = Direction::HigherIsBetter;
+        let mut best: Option<(usize, f64, Scores, BTreeMap<String, Tensor>)> = None;
+        let mut step = 0;
+        'epochs: for epoch in 1..=t.epochs {
+            let order = epoch_order(n, t.seed, epoch);
+            for chunk in order.chunks(t.batch_size) {
+                let examples: Vec<&Example> = chunk.iter().map(|&i| &splits.train.examples[i]).collect();
+                let batch = collate(&examples, &kinds);
+                let losses = self.model.losses(&batch, Mode::Train)?;
+                let Some(total) = losses.iter().map(|l| l.loss.clone()).reduce(|a, b| (a + b).expect("scalar losses add; this is a bug"))
+                else {
+                    continue;
+                };
+                let grads = total.backward()?;
+                let lr_scale = linear_warmup_decay(step, warmup, total_steps);
+                let info = optimizer.step(&grads, lr_scale, t.grad_clip)?;
+                step += 1;
+                let report = StepReport {
+                    epoch,
+                    step,
+                    total_steps,
+                    losses: losses.iter().map(|l| Ok((l.task.clone(), l.loss.to_scalar::<f32>()?))).collect::<Result<_>>()?,
+                    lr: t.lr * lr_scale,
+                    grad_norm: info.grad_norm,
+                };
+                for cb in callbacks.iter_mut() {
+                    cb.on_step(&report);
+                }
+            }
+            let Some(dev) = &splits.dev else { continue };
+            let scores = self.evaluate(dev)?;
+            let selection = selection_score(&scores, t.select_metric.as_deref(), &kinds);
+            let is_best = match (&best, selection) {
+                (None, _) => true,
+                (Some((_, b, _, _)), Some(s)) => direction.improves(s, *b),
+                (Some(_), None) => false,
+            };
+            let mut stop = false;
+            for cb in callbacks.iter_mut() {
+                stop |= cb.on_eval(&EvalReport { epoch, scores: &scores, selection, is_best }) == Control::Stop;
+            }
+            if is_best {
+                best = Some((epoch, selection.unwrap_or(f64::NEG_INFINITY), scores, self.snapshot()?));
+            }
+            if stop {
+                break 'epochs;
+            }
+        }
+        for cb in callbacks.iter_mut() {
+            cb.on_train_end();
+        }
+        let (best_epoch, dev) = match best {
+            Some((epoch, _, scores, weights)) => {
+                self.restore(&weights)?;
+                (epoch, Some(scores))
+            }
+            None => (t.epochs, None),
+        };
+        let test = splits.test.as_ref().map(|d| self.evaluate(d)).transpose()?;
+        Ok(Outcome { best_epoch, dev, test })
+    }
+
+    fn snapshot(&self) -> Result<BTreeMap<String, Tensor>> {
+        self.model.params().vars().iter().map(|(k, v)| Ok((k.clone(), v.as_tensor().copy()?))).collect()
+    }
+
+    fn restore(&self, weights: &BTreeMap<String, Tensor>) -> Result<()> {
+        for (name, var) in self.model.params().vars() {
+            var.set(&weights[name])?;
+        }
+        Ok(())
+    }
+}
