@@ -75,6 +75,10 @@ pub struct TrainingConfig {
     pub grad_clip: Option<f64>,
     #[serde(default = "default_seed")]
     pub seed: u64,
+    /// Batch examples of similar length together (shuffled pools of 50 batches, sorted by length), so that
+    /// dynamic padding pads little; the batch order is still shuffled every epoch.
+    #[serde(default = "default_true")]
+    pub group_by_length: bool,
     /// The dev metric that picks the best epoch, as `TASK.METRIC` or `joint.frame_accuracy`. When absent,
     /// the mean of every task's main metric (accuracy, or entity F1 for tagging) is used.
     #[serde(default)]
@@ -98,6 +102,9 @@ fn default_dropout() -> f64 {
 }
 fn default_grad_clip() -> Option<f64> {
     Some(1.0)
+}
+fn default_true() -> bool {
+    true
 }
 fn default_seed() -> u64 {
     42

@@ -17,6 +17,29 @@ pub fn epoch_order(n: usize, seed: u64, epoch: usize) -> Vec<usize> {
     order
 }
 
+/// The batches of one epoch, as lists of example indices.
+///
+/// Without grouping, a seeded shuffle cut into batches. With `group_by_length`, batches are made of examples
+/// of similar length so that dynamic padding pads little: the shuffled examples are cut into pools of 50
+/// batches, each pool is sorted by length and cut into batches, and all batches are shuffled (the scheme of
+/// transformers' `LengthGroupedSampler`, with the batch order randomised too).
+pub fn epoch_batches(lengths: &[usize], batch_size: usize, group_by_length: bool, seed: u64, epoch: usize) -> Vec<Vec<usize>> {
+    let batch_size = batch_size.max(1);
+    let order = epoch_order(lengths.len(), seed, epoch);
+    if !group_by_length {
+        return order.chunks(batch_size).map(<[usize]>::to_vec).collect();
+    }
+    let mut batches: Vec<Vec<usize>> = Vec::new();
+    for pool in order.chunks(batch_size * 50) {
+        let mut pool = pool.to_vec();
+        pool.sort_by_key(|&i| std::cmp::Reverse(lengths[i]));
+        batches.extend(pool.chunks(batch_size).map(<[usize]>::to_vec));
+    }
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed.wrapping_add(1) ^ (epoch as u64).wrapping_mul(0xA24B_AED4_963E_E407));
+    batches.shuffle(&mut rng);
+    batches
+}
+
 /// Pads `examples` into one batch. `tasks` lists every task of the model with its kind; a task without a
 /// label on an example gets [`IGNORE_INDEX`] there, and a task with no label in the whole batch gets no
 /// targets at all.
@@ -72,5 +95,30 @@ pub fn collate(examples: &[&Example], tasks: &BTreeMap<TaskId, TaskKind>) -> Hos
         attention_mask,
         word_starts: examples.iter().map(|e| e.encoded.word_starts.clone()).collect(),
         targets,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batches_cover_every_example_once_and_group_lengths() {
+        let lengths: Vec<usize> = (0..1000).map(|i| (i * 37) % 61 + 3).collect();
+        for group in [false, true] {
+            let batches = epoch_batches(&lengths, 16, group, 7, 1);
+            let mut seen: Vec<usize> = batches.concat();
+            seen.sort_unstable();
+            assert_eq!(seen, (0..1000).collect::<Vec<_>>());
+            assert_eq!(batches, epoch_batches(&lengths, 16, group, 7, 1), "seeded");
+            assert_ne!(batches, epoch_batches(&lengths, 16, group, 7, 2), "each epoch differs");
+            let padded: usize = batches.iter().map(|b| b.len() * b.iter().map(|&i| lengths[i]).max().unwrap_or(0)).sum();
+            let real: usize = lengths.iter().sum();
+            if group {
+                assert!((padded as f64) < 1.1 * real as f64, "grouped batches pad little: {padded} vs {real}");
+            } else {
+                assert!((padded as f64) > 1.3 * real as f64, "random batches pad a lot: {padded} vs {real}");
+            }
+        }
     }
 }

@@ -5,12 +5,14 @@
 //! heads read the [CLS] state directly.
 
 use std::path::Path;
+use std::sync::Arc;
 
-use candle_core::{DType, Tensor};
+use candle_core::Tensor;
 use mtl_core::Mode;
 use serde::{Deserialize, Serialize};
 
-use crate::layers::{softmax_last, DropoutRng, LayerNorm, Linear};
+use crate::attention::{self, AttentionSpec};
+use crate::layers::{DropoutRng, LayerNorm, Linear};
 use crate::params::{Init, ParamBuilder};
 use crate::{NnError, Result};
 
@@ -169,31 +171,29 @@ impl Bert {
         let x = self.embeddings.norm.forward(&x.reshape((b * s, h))?)?;
         let mut x = dropout.apply(&x, mode)?;
 
-        // Additive mask: 0 where attended, the most negative float where padded (as transformers does).
-        let keep = input.attention_mask.to_dtype(DType::F32)?;
-        let mask = ((keep - 1.0)? * f64::from(f32::MAX))?.reshape((b, 1, 1, s))?;
+        let key_mask = Arc::new(input.attention_mask.flatten_all()?.to_vec1::<u32>()?);
         for layer in &self.layers {
-            x = self.layer_forward(layer, &x, &mask, b, s, dropout, mode)?;
+            x = self.layer_forward(layer, &x, &key_mask, b, s, dropout, mode)?;
         }
         Ok(x)
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn layer_forward(&self, l: &Layer, x: &Tensor, mask: &Tensor, b: usize, s: usize, dropout: &DropoutRng, mode: Mode) -> Result<Tensor> {
-        let h = self.config.hidden_size;
+    fn layer_forward(&self, l: &Layer, x: &Tensor, key_mask: &Arc<Vec<u32>>, b: usize, s: usize, dropout: &DropoutRng, mode: Mode) -> Result<Tensor> {
         let nh = self.config.num_attention_heads;
-        let dh = h / nh;
-        let heads = |t: Tensor| -> Result<Tensor> { Ok(t.reshape((b, s, nh, dh))?.transpose(1, 2)?.contiguous()?) };
-        let q = heads(l.query.forward(x)?)?;
-        let k = heads(l.key.forward(x)?)?;
-        let v = heads(l.value.forward(x)?)?;
-        let scores = (q.matmul(&k.t()?)? * (1.0 / (dh as f64).sqrt()))?.broadcast_add(mask)?;
-        let probs = dropout.apply(&softmax_last(&scores)?, mode)?;
-        let ctx = probs.matmul(&v)?.transpose(1, 2)?.reshape((b * s, h))?;
+        let head_dim = self.config.hidden_size / nh;
+        let qkv = Linear::stacked(&[&l.query, &l.key, &l.value])?.forward(x)?;
+        let attn_dropout = match mode {
+            Mode::Train => dropout.mask(b * nh * s * s).map(Arc::new),
+            Mode::Eval => None,
+        };
+        let spec = AttentionSpec { batch: b, seq: s, heads: nh, head_dim, key_mask: key_mask.clone(), dropout: attn_dropout };
+        let ctx = if x.device().is_cpu() { attention::fused(&qkv, spec)? } else { attention::composed(&qkv, &spec)? };
         let attn = dropout.apply(&l.attn_out.forward(&ctx)?, mode)?;
         let x = l.attn_norm.forward(&(attn + x)?)?;
         let inter = l.intermediate.forward(&x)?;
         let inter = match self.config.hidden_act {
+            Activation::Gelu if inter.device().is_cpu() => crate::fused::gelu_erf(&inter)?,
             Activation::Gelu => inter.gelu_erf()?,
             Activation::GeluNew => inter.gelu()?,
             Activation::Relu => inter.relu()?,

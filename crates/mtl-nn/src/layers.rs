@@ -23,6 +23,13 @@ impl Linear {
         Ok(Self { weight, bias })
     }
 
+    /// One layer computing several layers of the same input at once: their outputs side by side.
+    pub fn stacked(layers: &[&Linear]) -> Result<Self> {
+        let weights: Vec<&Tensor> = layers.iter().map(|l| &l.weight).collect();
+        let biases: Vec<&Tensor> = layers.iter().map(|l| &l.bias).collect();
+        Ok(Self { weight: Tensor::cat(&weights, 0)?, bias: Tensor::cat(&biases, 0)? })
+    }
+
     /// `x` is `[n, in]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         Ok(x.matmul(&self.weight.t()?)?.broadcast_add(&self.bias)?)
@@ -45,13 +52,23 @@ impl LayerNorm {
         Ok(Self { weight, bias, eps })
     }
 
+    /// The fused kernel on the CPU; composed candle ops elsewhere.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let mean = x.mean_keepdim(D::Minus1)?;
-        let centred = x.broadcast_sub(&mean)?;
-        let var = centred.sqr()?.mean_keepdim(D::Minus1)?;
-        let normed = centred.broadcast_div(&(var + self.eps)?.sqrt()?)?;
-        Ok(normed.broadcast_mul(&self.weight)?.broadcast_add(&self.bias)?)
+        if x.device().is_cpu() {
+            crate::fused::layer_norm(x, &self.weight, &self.bias, self.eps)
+        } else {
+            layer_norm_composed(x, &self.weight, &self.bias, self.eps)
+        }
     }
+}
+
+/// LayerNorm from composed, differentiable candle ops (the reference of the fused kernel).
+pub fn layer_norm_composed(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
+    let mean = x.mean_keepdim(D::Minus1)?;
+    let centred = x.broadcast_sub(&mean)?;
+    let var = centred.sqr()?.mean_keepdim(D::Minus1)?;
+    let normed = centred.broadcast_div(&(var + eps)?.sqrt()?)?;
+    Ok(normed.broadcast_mul(weight)?.broadcast_add(bias)?)
 }
 
 /// Softmax over the last dimension. The row maximum is subtracted for stability and detached: it cancels
@@ -87,20 +104,24 @@ impl DropoutRng {
         self.p
     }
 
+    /// A mask of `n` multipliers: 0 with probability `p`, `1 / (1 - p)` otherwise. `None` when `p` is 0.
+    pub fn mask(&self, n: usize) -> Option<Vec<f32>> {
+        if self.p == 0.0 {
+            return None;
+        }
+        let threshold = (f64::from(self.p) * f64::from(u32::MAX)) as u32;
+        let scale = 1.0 / (1.0 - self.p);
+        let mut rng = self.rng.lock().expect("dropout rng lock poisoned; this is a bug");
+        Some((0..n).map(|_| if rng.next_u32() > threshold { scale } else { 0.0 }).collect())
+    }
+
     /// Zeroes each element with probability `p` and scales the rest by `1 / (1 - p)` in training; the
     /// identity in evaluation.
     pub fn apply(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
         if mode == Mode::Eval || self.p == 0.0 {
             return Ok(x.clone());
         }
-        let n = x.elem_count();
-        let threshold = (f64::from(self.p) * f64::from(u32::MAX)) as u32;
-        let scale = 1.0 / (1.0 - self.p);
-        let mut mask = Vec::with_capacity(n);
-        {
-            let mut rng = self.rng.lock().expect("dropout rng lock poisoned; this is a bug");
-            mask.extend((0..n).map(|_| if rng.next_u32() > threshold { scale } else { 0.0 }));
-        }
+        let Some(mask) = self.mask(x.elem_count()) else { return Ok(x.clone()) };
         let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
         Ok((x * mask)?)
     }

@@ -4,7 +4,9 @@
 //! BERT, whose LayerNorm fast path has no backward and whose Dropout does nothing. A test asserts that every
 //! parameter receives a non-zero gradient. Depends on `mtl-core` and `mtl-data`.
 
+pub mod attention;
 mod bert;
+pub mod fused;
 mod heads;
 mod layers;
 mod model;

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use candle_core::Tensor;
 use mtl_config::Config;
 use mtl_core::{Mode, TaskId, TaskKind};
-use mtl_data::{collate, epoch_order, Dataset, Example, LabelMap};
+use mtl_data::{collate, epoch_batches, Dataset, Example, LabelMap};
 use mtl_metrics::Direction;
 use mtl_nn::MultiTaskModel;
 
@@ -101,6 +101,7 @@ impl Trainer<'_> {
         let t = &self.config.training;
         let kinds = self.task_kinds();
         let n = splits.train.len();
+        let lengths: Vec<usize> = splits.train.examples.iter().map(|e| e.encoded.ids.len()).collect();
         let steps_per_epoch = n.div_ceil(t.batch_size);
         let total_steps = steps_per_epoch * t.epochs;
         let warmup = (t.warmup_ratio * total_steps as f64).ceil() as usize;
@@ -114,8 +115,7 @@ impl Trainer<'_> {
         let mut best: Option<(usize, f64, Scores, BTreeMap<String, Tensor>)> = None;
         let mut step = 0;
         'epochs: for epoch in 1..=t.epochs {
-            let order = epoch_order(n, t.seed, epoch);
-            for chunk in order.chunks(t.batch_size) {
+            for chunk in epoch_batches(&lengths, t.batch_size, t.group_by_length, t.seed, epoch) {
                 let examples: Vec<&Example> = chunk.iter().map(|&i| &splits.train.examples[i]).collect();
                 let batch = collate(&examples, &kinds);
                 let losses = self.model.losses(&batch, Mode::Train)?;

@@ -1,0 +1,113 @@
+//! Side-by-side workloads for `bench/vs-pytorch`: W1, one training step (forward, the sum of a [CLS]
+//! cross-entropy and a token cross-entropy, backward, AdamW over every parameter); W2, one inference forward
+//! pass. Prints one JSON line with the median and every step time, and the phase split of the training step.
+
+// Large tensors are allocated and freed at every op; mimalloc keeps the pages instead of returning them to
+// the kernel and faulting them in again (measured: a large share of a training step with glibc malloc).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::Result;
+use candle_core::Device;
+use clap::Parser;
+use mtl_core::{HostBatch, Mode, TaskId, TaskKind, Targets};
+use mtl_nn::{BertConfig, ModelSpec, MultiTaskModel};
+use mtl_train::{AdamW, AdamWConfig, ParamGroup};
+
+#[derive(Parser)]
+struct Args {
+    /// `train` (W1) or `infer` (W2).
+    workload: String,
+    #[arg(long, default_value = "assets/models/all-MiniLM-L6-v2")]
+    model: PathBuf,
+    #[arg(long, default_value_t = 16)]
+    batch: usize,
+    #[arg(long, default_value_t = 128)]
+    seq: usize,
+    #[arg(long, default_value_t = 2)]
+    warmup: usize,
+    #[arg(long, default_value_t = 5)]
+    steps: usize,
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    s[s.len() / 2]
+}
+
+/// A deterministic batch: token ids from a fixed sequence, every position real, labels on every token.
+fn batch(b: usize, s: usize, vocab: usize) -> HostBatch {
+    let ids: Vec<u32> = (0..b * s).map(|i| if i % s == 0 { 101 } else { (1000 + (i * 7919) % (vocab - 1000)) as u32 }).collect();
+    let mut targets = BTreeMap::new();
+    targets.insert(TaskId::new("cls").expect("valid"), Targets::Class((0..b).map(|i| (i % 5) as i64).collect()));
+    targets.insert(TaskId::new("tok").expect("valid"), Targets::Tokens((0..b * s).map(|i| (i % 9) as i64).collect()));
+    HostBatch {
+        batch: b,
+        seq: s,
+        input_ids: ids,
+        token_type_ids: vec![0; b * s],
+        attention_mask: vec![1; b * s],
+        word_starts: vec![(0..s).map(Some).collect(); b],
+        targets,
+    }
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    let bert = BertConfig::from_file(&args.model.join("config.json"))?;
+    let tasks = BTreeMap::from([
+        (TaskId::new("cls")?, (TaskKind::Classification, 5)),
+        (TaskId::new("tok")?, (TaskKind::TokenClassification, 9)),
+    ]);
+    let spec = ModelSpec { bert: &bert, tasks: &tasks, dropout: 0.1, seed: 0 };
+    let model = MultiTaskModel::load(&spec, &args.model.join("model.safetensors"), false, &Device::Cpu)?;
+    let hb = batch(args.batch, args.seq, bert.vocab_size);
+    let mut times = Vec::new();
+    let mut phases: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
+    match args.workload.as_str() {
+        "train" => {
+            let params = model.params().vars().iter().map(|(n, v)| {
+                let wd = if n.ends_with(".bias") || n.contains("LayerNorm") { 0.0 } else { 0.01 };
+                (n.clone(), v.clone(), ParamGroup { lr: 1e-5, weight_decay: wd })
+            });
+            let mut opt = AdamW::new(params, AdamWConfig::default());
+            for i in 0..args.warmup + args.steps {
+                let t0 = Instant::now();
+                let losses = model.losses(&hb, Mode::Train)?;
+                let total = (&losses[0].loss + &losses[1].loss)?;
+                let _ = total.to_scalar::<f32>()?;
+                let t1 = Instant::now();
+                let grads = total.backward()?;
+                let t2 = Instant::now();
+                opt.step(&grads, 1.0, Some(1.0))?;
+                drop(grads);
+                let t3 = Instant::now();
+                if i >= args.warmup {
+                    times.push((t3 - t0).as_secs_f64() * 1e3);
+                    phases.entry("forward").or_default().push((t1 - t0).as_secs_f64() * 1e3);
+                    phases.entry("backward").or_default().push((t2 - t1).as_secs_f64() * 1e3);
+                    phases.entry("optimizer").or_default().push((t3 - t2).as_secs_f64() * 1e3);
+                }
+            }
+        }
+        "infer" => {
+            for i in 0..args.warmup + args.steps {
+                let t0 = Instant::now();
+                let out = model.predict(&hb)?;
+                std::hint::black_box(out);
+                if i >= args.warmup {
+                    times.push(t0.elapsed().as_secs_f64() * 1e3);
+                }
+            }
+        }
+        other => anyhow::bail!("unknown workload {other:?}; valid choices: train, infer"),
+    }
+    let phases: BTreeMap<&str, f64> = phases.iter().map(|(k, v)| (*k, median(v))).collect();
+    println!("{}", serde_json::json!({"engine": "mtl", "workload": args.workload, "median_ms": median(&times), "times_ms": times, "phases_ms": phases}));
+    Ok(())
+}

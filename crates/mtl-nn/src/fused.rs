@@ -1,0 +1,247 @@
+//! Fused CPU kernels with their backward passes: LayerNorm and the exact (erf) GELU.
+//!
+//! Composed from candle ops, LayerNorm takes nine tensor ops forward and about twenty backward, each
+//! allocating a full tensor; the fused version makes one pass over the rows each way, in parallel over row
+//! chunks. Both are tested against the composed forms in [`crate::layers`], values and gradients.
+
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Shape, Tensor};
+use rayon::prelude::*;
+
+use crate::Result;
+
+const ROWS_PER_TASK: usize = 64;
+
+fn contiguous<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
+    let CpuStorage::F32(data) = s else { candle_core::bail!("{what}: f32 only") };
+    let Some((a, b)) = l.contiguous_offsets() else { candle_core::bail!("{what}: input must be contiguous") };
+    Ok(&data[a..b])
+}
+
+/// LayerNorm over the last dimension of `x` (`[rows, dim]`), with `weight` and `bias` of `[dim]`.
+pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
+    Ok(x.contiguous()?.apply_op3(weight, bias, LayerNormOp { eps: eps as f32 })?)
+}
+
+struct LayerNormOp {
+    eps: f32,
+}
+
+fn row_stats(x: &[f32], eps: f32) -> (f32, f32) {
+    let n = x.len() as f32;
+    let mean = x.iter().sum::<f32>() / n;
+    let var = x.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / n;
+    (mean, 1.0 / (var + eps).sqrt())
+}
+
+impl CustomOp3 for LayerNormOp {
+    fn name(&self) -> &'static str {
+        "fused-layer-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (x, w, b) = (contiguous(s1, l1, self.name())?, contiguous(s2, l2, self.name())?, contiguous(s3, l3, self.name())?);
+        let d = w.len();
+        if d == 0 || x.len() % d != 0 || b.len() != d {
+            candle_core::bail!("fused-layer-norm: shapes do not match")
+        }
+        let mut y = vec![0f32; x.len()];
+        y.par_chunks_mut(d * ROWS_PER_TASK).zip(x.par_chunks(d * ROWS_PER_TASK)).for_each(|(y, x)| {
+            for (y, x) in y.chunks_exact_mut(d).zip(x.chunks_exact(d)) {
+                let (mean, rstd) = row_stats(x, self.eps);
+                for i in 0..d {
+                    y[i] = (x[i] - mean) * rstd * w[i] + b[i];
+                }
+            }
+        });
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, w: &Tensor, _b: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let rows = x.elem_count() / w.elem_count();
+        let packed = x.apply_op3_no_bwd(w, &grad.contiguous()?, &LayerNormBackward { eps: self.eps })?;
+        let dx = packed.narrow(0, 0, rows)?.reshape(x.shape())?;
+        let dw = packed.narrow(0, rows, 1)?.reshape(w.shape())?;
+        let db = packed.narrow(0, rows + 1, 1)?.reshape(w.shape())?;
+        Ok((Some(dx), Some(dw), Some(db)))
+    }
+}
+
+/// Returns `[rows + 2, dim]`: dx, then dweight, then dbias.
+struct LayerNormBackward {
+    eps: f32,
+}
+
+impl CustomOp3 for LayerNormBackward {
+    fn name(&self) -> &'static str {
+        "fused-layer-norm-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (x, w, dy) = (contiguous(s1, l1, self.name())?, contiguous(s2, l2, self.name())?, contiguous(s3, l3, self.name())?);
+        let d = w.len();
+        let rows = x.len() / d;
+        let mut out = vec![0f32; (rows + 2) * d];
+        let (dx, _) = out.split_at_mut(rows * d);
+        // Each task returns its partial dweight and dbias; they are added in task order (deterministic).
+        let partials: Vec<(Vec<f32>, Vec<f32>)> = dx
+            .par_chunks_mut(d * ROWS_PER_TASK)
+            .zip(x.par_chunks(d * ROWS_PER_TASK).zip(dy.par_chunks(d * ROWS_PER_TASK)))
+            .map(|(dx, (x, dy))| {
+                let mut dw = vec![0f32; d];
+                let mut db = vec![0f32; d];
+                let mut xhat = vec![0f32; d];
+                for ((dx, x), dy) in dx.chunks_exact_mut(d).zip(x.chunks_exact(d)).zip(dy.chunks_exact(d)) {
+                    let (mean, rstd) = row_stats(x, self.eps);
+                    let (mut sum_g, mut sum_gx) = (0f32, 0f32);
+                    for i in 0..d {
+                        xhat[i] = (x[i] - mean) * rstd;
+                        let g = dy[i] * w[i];
+                        sum_g += g;
+                        sum_gx += g * xhat[i];
+                        dw[i] += dy[i] * xhat[i];
+                        db[i] += dy[i];
+                    }
+                    let (mg, mgx) = (sum_g / d as f32, sum_gx / d as f32);
+                    for i in 0..d {
+                        dx[i] = rstd * (dy[i] * w[i] - mg - xhat[i] * mgx);
+                    }
+                }
+                (dw, db)
+            })
+            .collect();
+        let (dw, db) = out[rows * d..].split_at_mut(d);
+        for (pw, pb) in &partials {
+            dw.iter_mut().zip(pw).for_each(|(a, b)| *a += b);
+            db.iter_mut().zip(pb).for_each(|(a, b)| *a += b);
+        }
+        Ok((CpuStorage::F32(out), Shape::from((rows + 2, d))))
+    }
+}
+
+/// The exact GELU, `x Φ(x) = x (1 + erf(x / √2)) / 2`, as transformers' `"gelu"`.
+pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
+    Ok(x.contiguous()?.apply_op1(Gelu)?)
+}
+
+/// erf with a maximum absolute error of 1.2e-7 (Numerical Recipes' `erfc` Chebyshev fit).
+#[inline]
+fn erf(x: f32) -> f32 {
+    let z = f64::from(x.abs());
+    let t = 1.0 / (1.0 + 0.5 * z);
+    let poly = -z * z - 1.265_512_23
+        + t * (1.000_023_68
+            + t * (0.374_091_96
+                + t * (0.096_784_18
+                    + t * (-0.186_288_06 + t * (0.278_868_07 + t * (-1.135_203_98 + t * (1.488_515_87 + t * (-0.822_152_23 + t * 0.170_872_77))))))));
+    let r = (1.0 - t * poly.exp()) as f32;
+    if x >= 0.0 { r } else { -r }
+}
+
+const FRAC_1_SQRT_2: f32 = std::f32::consts::FRAC_1_SQRT_2;
+const FRAC_1_SQRT_2PI: f32 = 0.398_942_3;
+
+struct Gelu;
+
+impl CustomOp1 for Gelu {
+    fn name(&self) -> &'static str {
+        "fused-gelu"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = contiguous(s, l, self.name())?;
+        let mut y = vec![0f32; x.len()];
+        y.par_chunks_mut(1 << 14).zip(x.par_chunks(1 << 14)).for_each(|(y, x)| {
+            for (y, &x) in y.iter_mut().zip(x) {
+                *y = 0.5 * x * (1.0 + erf(x * FRAC_1_SQRT_2));
+            }
+        });
+        Ok((CpuStorage::F32(y), l.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(x.apply_op2_no_bwd(&grad.contiguous()?, &GeluBackward)?))
+    }
+}
+
+struct GeluBackward;
+
+impl CustomOp2 for GeluBackward {
+    fn name(&self) -> &'static str {
+        "fused-gelu-backward"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (x, dy) = (contiguous(s1, l1, self.name())?, contiguous(s2, l2, self.name())?);
+        let mut dx = vec![0f32; x.len()];
+        dx.par_chunks_mut(1 << 14).zip(x.par_chunks(1 << 14).zip(dy.par_chunks(1 << 14))).for_each(|(dx, (x, dy))| {
+            for ((dx, &x), &dy) in dx.iter_mut().zip(x).zip(dy) {
+                let cdf = 0.5 * (1.0 + erf(x * FRAC_1_SQRT_2));
+                *dx = dy * (cdf + x * FRAC_1_SQRT_2PI * (-0.5 * x * x).exp());
+            }
+        });
+        Ok((CpuStorage::F32(dx), l1.shape().clone()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+    use rand::{Rng, SeedableRng};
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b).and_then(|d| d.abs()?.max_all()?.to_scalar::<f32>()).expect("same shapes")
+    }
+
+    #[test]
+    fn layer_norm_matches_composed() -> Result<()> {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
+        for (rows, dim) in [(1, 1), (3, 7), (130, 33), (200, 384)] {
+            let mut r = |n: usize, scale: f32| -> Vec<f32> { (0..n).map(|_| rng.gen_range(-scale..scale)).collect() };
+            let x = Var::from_vec(r(rows * dim, 3.0), (rows, dim), &Device::Cpu)?;
+            let w = Var::from_vec(r(dim, 1.5), dim, &Device::Cpu)?;
+            let b = Var::from_vec(r(dim, 0.5), dim, &Device::Cpu)?;
+            let probe = Tensor::from_vec(r(rows * dim, 1.0), (rows, dim), &Device::Cpu)?;
+            let fused = layer_norm(x.as_tensor(), w.as_tensor(), b.as_tensor(), 1e-12)?;
+            let composed = crate::layers::layer_norm_composed(x.as_tensor(), w.as_tensor(), b.as_tensor(), 1e-12)?;
+            assert!(max_diff(&fused, &composed) < 1e-5, "values {rows}x{dim}: {}", max_diff(&fused, &composed));
+            let gf = (fused * &probe)?.sum_all()?.backward()?;
+            let gc = (composed * &probe)?.sum_all()?.backward()?;
+            for v in [&x, &w, &b] {
+                let (a, c) = (gf.get(v.as_tensor()).expect("grad"), gc.get(v.as_tensor()).expect("grad"));
+                assert!(max_diff(a, c) < 2e-4, "gradients {rows}x{dim}: {}", max_diff(a, c));
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn gelu_matches_candle() -> Result<()> {
+        let data: Vec<f32> = (0..2001).map(|i| (i as f32 - 1000.0) / 100.0).collect();
+        let x = Var::from_vec(data, 2001, &Device::Cpu)?;
+        let fused = gelu_erf(x.as_tensor())?;
+        let reference = x.as_tensor().gelu_erf()?;
+        assert!(max_diff(&fused, &reference) < 1e-5);
+        let gf = fused.sum_all()?.backward()?;
+        let gr = reference.sum_all()?.backward()?;
+        let (a, b) = (gf.get(x.as_tensor()).expect("grad"), gr.get(x.as_tensor()).expect("grad"));
+        assert!(max_diff(a, b) < 1e-4, "{}", max_diff(a, b));
+        Ok(())
+    }
+}
