@@ -6,7 +6,8 @@ seqeval 1.2.2), after scripts/fetch.sh:
     .venv/bin/python scripts/make_fixtures.py
 
 It writes:
-  tiny-bert/            a tiny random BertModel (seed 0): config.json, model.safetensors, and reference.json with
+  tiny-bert/            a tiny random BertModel (seed 0): config.json, model.safetensors, a 50-token WordPiece
+                        tokenizer.json (fixed padding/truncation at 16, like the default model's), and reference.json with
                         input ids, attention mask, transformers' last_hidden_state, and, for a [CLS] linear
                         head with cross-entropy (dropout off), the loss and each parameter's gradient L2 norm
   minilm-reference.json transformers' tokenization and last_hidden_state of all-MiniLM-L6-v2 on three
@@ -65,6 +66,30 @@ def tiny_bert():
         "grad_norms": grads,
     }
     (d / "reference.json").write_text(json.dumps(ref))
+    tiny_tokenizer(d / "tokenizer.json")
+
+
+TINY_VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "a", "to", "from", "flight", "flights", "show",
+              "me", "fly", "want", "i", "boston", "denver", "dallas", "new", "york", "what", "is", "fare", "cheapest",
+              "on", "monday", "morning", "paris", "john", "lives", "in", "london", "met", "mary", "at", "good", "bad",
+              "movie", "great", "awful", "##s", "##ing", "##ed", ".", ",", "?", "!", "and", "of"]
+
+
+def tiny_tokenizer(path):
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+
+    assert len(TINY_VOCAB) == 50
+    vocab = {t: i for i, t in enumerate(TINY_VOCAB)}
+    tok = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]", max_input_chars_per_word=100))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])])
+    # Fixed padding and truncation, as all-MiniLM-L6-v2's tokenizer.json has: mtl must override both.
+    tok.enable_padding(length=16, pad_id=0, pad_token="[PAD]")
+    tok.enable_truncation(max_length=16)
+    tok.save(str(path))
 
 
 def minilm():

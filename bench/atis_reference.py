@@ -1,0 +1,158 @@
+"""PyTorch/transformers reference for examples/atis/config.toml: the same data, split, labels, model, heads and
+hyper-parameters, so that mtl's scores can be compared with it (BENCHMARKS.md). Not part of the tests.
+
+    scripts/fetch.sh && scripts/bench-env.sh
+    .venv/bin/python bench/atis_reference.py [--epochs 15 --lr 2e-4 --head-lr 2e-4]
+
+Recipe (as mtl's trainer): all-MiniLM-L6-v2 BertModel (eager attention); a [CLS] intent head and a
+first-sub-token slot head (dropout 0.1 + linear each); loss = intent CE + slot CE; AdamW (betas 0.9/0.999,
+eps 1e-8, weight decay 0.01, none on biases and LayerNorm); linear warmup over 10% of steps then linear decay;
+global gradient clipping at 1.0; batch 32; max_len 64; batches of similar length (shuffled pools of 50 batches
+sorted by length, batch order shuffled); the epoch with the best dev frame accuracy is kept and scored on test.
+Metrics: intent accuracy, seqeval entity F1 (default mode), frame accuracy. Prints a JSON summary.
+"""
+import argparse
+import json
+import random
+import time
+from pathlib import Path
+
+import torch
+from seqeval.metrics import f1_score
+from transformers import AutoTokenizer, BertModel, get_linear_schedule_with_warmup
+
+DATA = Path("assets/data/atis")
+MODEL = Path("assets/models/all-MiniLM-L6-v2")
+
+
+def load(split, tok, intents, slots, max_len):
+    rows = [json.loads(l) for l in (DATA / f"{split}.jsonl").read_text().splitlines() if l.strip()]
+    out = []
+    for r in rows:
+        enc = tok(r["words"], is_split_into_words=True, truncation=True, max_length=max_len)
+        word_ids = enc.word_ids()
+        starts, seen = [], set()
+        for pos, w in enumerate(word_ids):
+            if w is not None and w not in seen:
+                seen.add(w)
+                starts.append((w, pos))
+        out.append({"ids": enc["input_ids"], "intent": intents.index(r["intent"]),
+                    "slots": [slots.index(t) for t in r["slots"]], "starts": dict(starts), "n": len(r["words"])})
+    return out
+
+
+def collate(examples):
+    s = max(len(e["ids"]) for e in examples)
+    ids = torch.zeros(len(examples), s, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    tags = torch.full_like(ids, -100)
+    for b, e in enumerate(examples):
+        ids[b, :len(e["ids"])] = torch.tensor(e["ids"])
+        mask[b, :len(e["ids"])] = 1
+        for w, pos in e["starts"].items():
+            tags[b, pos] = e["slots"][w]
+    return ids, mask, torch.tensor([e["intent"] for e in examples]), tags
+
+
+def batches(data, bs, rng):
+    order = list(range(len(data)))
+    rng.shuffle(order)
+    out = []
+    for i in range(0, len(order), bs * 50):
+        pool = sorted(order[i:i + bs * 50], key=lambda j: -len(data[j]["ids"]))
+        out += [pool[k:k + bs] for k in range(0, len(pool), bs)]
+    rng.shuffle(out)
+    return out
+
+
+class Joint(torch.nn.Module):
+    def __init__(self, n_intents, n_slots, dropout):
+        super().__init__()
+        self.bert = BertModel.from_pretrained(MODEL, add_pooling_layer=False, attn_implementation="eager",
+                                              hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
+        h = self.bert.config.hidden_size
+        self.drop = torch.nn.Dropout(dropout)
+        self.intent = torch.nn.Linear(h, n_intents)
+        self.slots = torch.nn.Linear(h, n_slots)
+        for lin in (self.intent, self.slots):
+            torch.nn.init.normal_(lin.weight, std=0.02)
+            torch.nn.init.zeros_(lin.bias)
+
+    def forward(self, ids, mask):
+        hidden = self.bert(input_ids=ids, attention_mask=mask).last_hidden_state
+        return self.intent(self.drop(hidden[:, 0])), self.slots(self.drop(hidden))
+
+
+@torch.no_grad()
+def evaluate(model, data, intents, slots):
+    model.eval()
+    gold_i, pred_i, gold_s, pred_s, frames = [], [], [], [], 0
+    order = sorted(range(len(data)), key=lambda j: len(data[j]["ids"]))
+    for k in range(0, len(order), 64):
+        exs = [data[j] for j in order[k:k + 64]]
+        ids, mask, _, _ = collate(exs)
+        li, ls = model(ids, mask)
+        pi, ps = li.argmax(-1).tolist(), ls.argmax(-1).tolist()
+        for b, e in enumerate(exs):
+            tags = [slots[ps[b][e["starts"][w]]] if w in e["starts"] else "O" for w in range(e["n"])]
+            gold = [slots[t] for t in e["slots"]]
+            gold_i.append(e["intent"]); pred_i.append(pi[b]); gold_s.append(gold); pred_s.append(tags)
+            frames += int(pi[b] == e["intent"] and tags == gold)
+    n = len(data)
+    return {"intent_accuracy": sum(g == p for g, p in zip(gold_i, pred_i)) / n,
+            "slot_f1": f1_score(gold_s, pred_s), "frame_accuracy": frames / n}
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--epochs", type=int, default=15)
+    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--head-lr", type=float, default=None)
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--threads", type=int, default=2)
+    a = p.parse_args()
+    torch.set_num_threads(a.threads)
+    torch.manual_seed(a.seed)
+    rng = random.Random(a.seed)
+    tok = AutoTokenizer.from_pretrained(MODEL)
+    intents = (DATA / "intent_labels.txt").read_text().split()
+    slots = (DATA / "slot_labels.txt").read_text().split()
+    train, dev, test = (load(s, tok, intents, slots, 64) for s in ("train", "dev", "test"))
+    model = Joint(len(intents), len(slots), 0.1)
+    head_lr = a.head_lr or a.lr
+    groups = {}
+    for n, prm in model.named_parameters():
+        decay = not (n.endswith("bias") or "LayerNorm" in n)
+        lr = a.lr if n.startswith("bert.") else head_lr
+        groups.setdefault((decay, lr), []).append(prm)
+    opt = torch.optim.AdamW([{"params": ps, "weight_decay": 0.01 if d else 0.0, "lr": lr} for (d, lr), ps in groups.items()],
+                            betas=(0.9, 0.999), eps=1e-8)
+    steps = a.epochs * ((len(train) + 31) // 32)
+    sched = get_linear_schedule_with_warmup(opt, int(0.1 * steps + 0.999999), steps)
+    best, history, started = None, [], time.time()
+    for epoch in range(1, a.epochs + 1):
+        model.train()
+        t0 = time.time()
+        for batch in batches(train, 32, rng):
+            ids, mask, yi, ys = collate([train[j] for j in batch])
+            li, ls = model(ids, mask)
+            loss = torch.nn.functional.cross_entropy(li, yi) + \
+                torch.nn.functional.cross_entropy(ls.reshape(-1, len(slots)), ys.reshape(-1), ignore_index=-100)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+        train_s = time.time() - t0
+        d = evaluate(model, dev, intents, slots)
+        t = evaluate(model, test, intents, slots)
+        history.append({"epoch": epoch, "train_seconds": round(train_s, 1), "dev": d, "test": t})
+        print(json.dumps(history[-1]), flush=True)
+        if best is None or d["frame_accuracy"] > best["dev"]["frame_accuracy"]:
+            best = history[-1]
+    print(json.dumps({"best_epoch": best["epoch"], "dev": best["dev"], "test": best["test"],
+                      "total_seconds": round(time.time() - started, 1)}))
+
+
+if __name__ == "__main__":
+    main()

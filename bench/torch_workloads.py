@@ -1,0 +1,76 @@
+"""The PyTorch side of bench/vs-pytorch: the same workloads as `mtl-bench`, with transformers' BertModel.
+
+W1 (train): one training step on a batch of B x S tokens: forward with dropout 0.1, the sum of a [CLS]
+cross-entropy (5 classes) and a token cross-entropy (9 classes), backward, gradient clipping at 1.0, and
+AdamW (weight decay 0.01, none on biases and LayerNorm) over every parameter.
+W2 (infer): one forward pass in eval mode under no_grad, with both heads' argmax.
+Eager attention, 2 threads. Prints one JSON line: the median and every step time in milliseconds.
+"""
+import argparse
+import json
+import statistics
+import time
+
+import torch
+from transformers import BertModel
+
+
+def batch(b, s, vocab):
+    ids = torch.tensor([[101 if (i * s + j) % s == 0 else 1000 + ((i * s + j) * 7919) % (vocab - 1000)
+                         for j in range(s)] for i in range(b)])
+    return ids, torch.ones_like(ids)
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("workload", choices=["train", "infer"])
+    p.add_argument("--model", default="assets/models/all-MiniLM-L6-v2")
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--threads", type=int, default=2)
+    a = p.parse_args()
+    torch.set_num_threads(a.threads)
+    torch.manual_seed(0)
+    model = BertModel.from_pretrained(a.model, add_pooling_layer=False, attn_implementation="eager")
+    h = model.config.hidden_size
+    cls_head, tok_head = torch.nn.Linear(h, 5), torch.nn.Linear(h, 9)
+    drop = torch.nn.Dropout(0.1)
+    ids, mask = batch(a.batch, a.seq, model.config.vocab_size)
+    times = []
+    if a.workload == "train":
+        params = list(model.named_parameters()) + [("cls." + n, p) for n, p in cls_head.named_parameters()] + \
+            [("tok." + n, p) for n, p in tok_head.named_parameters()]
+        decay = [p for n, p in params if not (n.endswith("bias") or "LayerNorm" in n)]
+        no_decay = [p for n, p in params if n.endswith("bias") or "LayerNorm" in n]
+        opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}], lr=1e-5)
+        y_cls = torch.arange(a.batch) % 5
+        y_tok = (torch.arange(a.batch * a.seq) % 9).reshape(a.batch, a.seq)
+        model.train()
+        for i in range(a.warmup + a.steps):
+            t0 = time.perf_counter()
+            hidden = model(input_ids=ids, attention_mask=mask).last_hidden_state
+            loss = torch.nn.functional.cross_entropy(cls_head(drop(hidden[:, 0])), y_cls) + \
+                torch.nn.functional.cross_entropy(tok_head(drop(hidden)).reshape(-1, 9), y_tok.reshape(-1))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_([p for _, p in params], 1.0)
+            opt.step()
+            if i >= a.warmup:
+                times.append((time.perf_counter() - t0) * 1e3)
+    else:
+        model.eval()
+        with torch.no_grad():
+            for i in range(a.warmup + a.steps):
+                t0 = time.perf_counter()
+                hidden = model(input_ids=ids, attention_mask=mask).last_hidden_state
+                cls_head(hidden[:, 0]).argmax(-1)
+                tok_head(hidden).argmax(-1)
+                if i >= a.warmup:
+                    times.append((time.perf_counter() - t0) * 1e3)
+    print(json.dumps({"engine": "pytorch", "workload": a.workload, "median_ms": statistics.median(times), "times_ms": times}))
+
+
+if __name__ == "__main__":
+    main()

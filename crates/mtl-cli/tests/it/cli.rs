@@ -1,0 +1,287 @@
+//! `mtl train`, `eval` and `predict` end to end on the tiny model, and their errors on bad input.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use serde_json::Value;
+
+use crate::repo_root;
+
+type TestResult = Result<(), Box<dyn std::error::Error>>;
+
+const TRAIN: &[(&str, &str, &str)] = &[
+    ("show me flights from boston to denver", "flight", "O O O O B-from O B-to"),
+    ("i want to fly from dallas to boston", "flight", "O O O O O B-from O B-to"),
+    ("what is the cheapest fare from denver", "fare", "O O O O O O B-from"),
+    ("show me the fare from new york", "fare", "O O O O O B-from I-from"),
+    ("flights from paris to london on monday", "flight", "O O B-from O B-to O B-day"),
+    ("what is the fare to boston", "fare", "O O O O O B-to"),
+    ("i want a flight to dallas monday morning", "flight", "O O O O O B-to B-day O"),
+    ("cheapest fare from london to new york", "fare", "O O O B-from O B-to I-to"),
+];
+
+const DEV: &[(&str, &str, &str)] = &[
+    ("show me flights from denver to boston", "flight", "O O O O B-from O B-to"),
+    ("what is the cheapest fare to paris", "fare", "O O O O O O B-to"),
+];
+
+fn jsonl(rows: &[(&str, &str, &str)]) -> String {
+    rows.iter()
+        .map(|(text, intent, slots)| {
+            let words: Vec<&str> = text.split(' ').collect();
+            let tags: Vec<&str> = slots.split(' ').collect();
+            serde_json::json!({"text": text, "words": words, "intent": intent, "slots": tags}).to_string() + "\n"
+        })
+        .collect()
+}
+
+/// A temporary project: tiny model, data files and a config whose paths are absolute.
+struct Project {
+    dir: tempfile::TempDir,
+}
+
+impl Project {
+    fn new() -> Result<Self, Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        std::fs::write(dir.path().join("train.jsonl"), jsonl(TRAIN))?;
+        std::fs::write(dir.path().join("dev.jsonl"), jsonl(DEV))?;
+        std::fs::write(dir.path().join("test.jsonl"), jsonl(DEV))?;
+        let p = Self { dir };
+        p.write_config("")?;
+        Ok(p)
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn write_config(&self, extra_training: &str) -> std::io::Result<()> {
+        let model = repo_root().join("tests/fixtures/tiny-bert");
+        let d = |s: &str| self.path(s).display().to_string();
+        let config = format!(
+            r#"[model]
+path = "{model}"
+max_len = 12
+
+[training]
+epochs = 3
+batch_size = 4
+lr = 5e-3
+seed = 7
+{extra_training}
+
+[tasks.intent]
+kind = "classification"
+label_field = "intent"
+data = {{ train = "{train}", dev = "{dev}", test = "{test}" }}
+
+[tasks.slots]
+kind = "token_classification"
+label_field = "slots"
+data = {{ train = "{train}", dev = "{dev}", test = "{test}" }}
+
+[joint]
+frame = ["intent", "slots"]
+"#,
+            model = model.display(),
+            train = d("train.jsonl"),
+            dev = d("dev.jsonl"),
+            test = d("test.jsonl"),
+        );
+        std::fs::write(self.path("config.toml"), config)
+    }
+
+    fn mtl(&self, args: &[&str]) -> std::io::Result<Output> {
+        mtl(self.dir.path(), args, None)
+    }
+}
+
+fn mtl(cwd: &Path, args: &[&str], stdin: Option<&str>) -> std::io::Result<Output> {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_mtl"));
+    cmd.args(args).current_dir(cwd).env("MTL_LOG", "warn");
+    let Some(input) = stdin else { return cmd.output() };
+    use std::io::Write;
+    let mut child = cmd.stdin(std::process::Stdio::piped()).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn()?;
+    child.stdin.take().expect("piped stdin").write_all(input.as_bytes())?;
+    child.wait_with_output()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn assert_fraction_tree(v: &Value) {
+    match v {
+        Value::Object(m) => m.values().for_each(assert_fraction_tree),
+        Value::Number(n) => {
+            let x = n.as_f64().expect("number");
+            assert!((0.0..=1.0).contains(&x), "{x} is not a fraction");
+        }
+        other => panic!("unexpected value {other}"),
+    }
+}
+
+#[test]
+fn train_eval_predict_end_to_end() -> TestResult {
+    let p = Project::new()?;
+    let out = p.mtl(&["train", "config.toml", "--out", "run"])?;
+    assert!(out.status.success(), "{}", stderr(&out));
+    for file in ["model.safetensors", "config.json", "tokenizer.json", "mtl.toml", "labels.json", "metrics.json"] {
+        assert!(p.path("run").join(file).is_file(), "{file} missing");
+    }
+    let metrics: Value = serde_json::from_str(&std::fs::read_to_string(p.path("run/metrics.json"))?)?;
+    for split in ["dev", "test"] {
+        let s = &metrics[split];
+        assert_fraction_tree(s);
+        for (task, metric) in [("intent", "accuracy"), ("slots", "f1"), ("slots", "precision"), ("joint", "frame_accuracy")] {
+            assert!(s[task][metric].is_number(), "{split}.{task}.{metric} missing in {s}");
+        }
+    }
+    let report = String::from_utf8(out.stdout)?;
+    assert!(report.contains("test   intent  accuracy"), "{report}");
+
+    // eval prints the same shape and the same numbers for the kept epoch.
+    let out = p.mtl(&["eval", "--model", "run", "--config", "config.toml"])?;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let eval: Value = serde_json::from_slice(&out.stdout)?;
+    assert_eq!(eval["dev"], metrics["dev"]);
+    assert_eq!(eval["test"], metrics["test"]);
+
+    // predict: JSONL and plain lines, every task per input.
+    let out = mtl(p.dir.path(), &["predict", "--model", "run"], Some("{\"text\": \"show me flights to boston\"}\nwhat is the fare\n"))?;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let lines: Vec<Value> = String::from_utf8(out.stdout)?.lines().map(serde_json::from_str).collect::<Result<_, _>>()?;
+    assert_eq!(lines.len(), 2);
+    assert_eq!(lines[0]["text"], "show me flights to boston");
+    assert!(["flight", "fare"].contains(&lines[0]["predictions"]["intent"]["label"].as_str().ok_or("label")?));
+    assert_eq!(lines[1]["predictions"]["slots"]["tags"].as_array().ok_or("tags")?.len(), 4);
+    assert_eq!(lines[1]["predictions"]["slots"]["words"][3], "fare");
+    Ok(())
+}
+
+#[test]
+fn same_seed_same_result() -> TestResult {
+    let p = Project::new()?;
+    for out in ["a", "b"] {
+        let o = p.mtl(&["train", "config.toml", "--out", out, "--set", "training.epochs=2"])?;
+        assert!(o.status.success(), "{}", stderr(&o));
+    }
+    assert_eq!(std::fs::read(p.path("a/model.safetensors"))?, std::fs::read(p.path("b/model.safetensors"))?);
+    let c = p.mtl(&["train", "config.toml", "--out", "c", "--set", "training.epochs=2", "--set", "training.seed=8"])?;
+    assert!(c.status.success(), "{}", stderr(&c));
+    assert_ne!(std::fs::read(p.path("a/model.safetensors"))?, std::fs::read(p.path("c/model.safetensors"))?);
+    Ok(())
+}
+
+/// Runs `mtl train` expecting failure; checks the message and that no output directory was left.
+fn expect_train_error(p: &Project, needles: &[&str]) -> TestResult {
+    let out = p.mtl(&["train", "config.toml", "--out", "run"])?;
+    assert!(!out.status.success(), "training should fail");
+    let err = stderr(&out);
+    for n in needles {
+        assert!(err.contains(n), "{n:?} not in error: {err}");
+    }
+    assert!(!p.path("run").exists(), "no partial output directory");
+    let leftovers: Vec<_> = std::fs::read_dir(p.dir.path())?.filter_map(|e| e.ok()).filter(|e| e.file_name().to_string_lossy().starts_with(".mtl")).collect();
+    assert!(leftovers.is_empty(), "temporary directories left behind");
+    Ok(())
+}
+
+#[test]
+fn malformed_jsonl_names_file_and_line() -> TestResult {
+    let p = Project::new()?;
+    let mut text = jsonl(TRAIN);
+    text.push_str("{\"text\": \"broken\", \n");
+    std::fs::write(p.path("train.jsonl"), text)?;
+    expect_train_error(&p, &["train.jsonl:9", "invalid JSON"])
+}
+
+#[test]
+fn unknown_dev_label_names_file_line_and_task() -> TestResult {
+    let p = Project::new()?;
+    let mut dev = DEV.to_vec();
+    dev.push(("show me the fare", "airline", "O O O O"));
+    std::fs::write(p.path("dev.jsonl"), jsonl(&dev))?;
+    expect_train_error(&p, &["dev.jsonl:3", "task `intent`", "unknown label \"airline\""])
+}
+
+#[test]
+fn tag_count_mismatch_is_reported() -> TestResult {
+    let p = Project::new()?;
+    let mut test = DEV.to_vec();
+    test[1] = ("what is the cheapest fare to paris", "fare", "O O O");
+    std::fs::write(p.path("test.jsonl"), jsonl(&test))?;
+    expect_train_error(&p, &["test.jsonl:2", "3 tags for 7 words"])
+}
+
+#[test]
+fn empty_data_file_is_reported() -> TestResult {
+    let p = Project::new()?;
+    std::fs::write(p.path("dev.jsonl"), "\n")?;
+    expect_train_error(&p, &["dev.jsonl", "no examples"])
+}
+
+#[test]
+fn missing_model_file_is_reported() -> TestResult {
+    let p = Project::new()?;
+    let text = std::fs::read_to_string(p.path("config.toml"))?;
+    let model_dir = p.path("model");
+    std::fs::create_dir(&model_dir)?;
+    for f in ["config.json", "tokenizer.json"] {
+        std::fs::copy(repo_root().join("tests/fixtures/tiny-bert").join(f), model_dir.join(f))?;
+    }
+    let original = repo_root().join("tests/fixtures/tiny-bert").display().to_string();
+    std::fs::write(p.path("config.toml"), text.replace(&original, &model_dir.display().to_string()))?;
+    expect_train_error(&p, &["model.safetensors", "not found"])
+}
+
+#[test]
+fn config_errors_name_the_line_and_choices() -> TestResult {
+    let p = Project::new()?;
+    p.write_config("warmup = 0.2")?;
+    expect_train_error(&p, &["config.toml", "line 10", "unknown field `warmup`", "warmup_ratio"])?;
+    p.write_config("")?;
+    let out = p.mtl(&["train", "config.toml", "--out", "run", "--set", "training.select_metric=slots.f2"])?;
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("valid choices"), "{}", stderr(&out));
+    Ok(())
+}
+
+#[test]
+fn existing_output_directory_is_not_overwritten() -> TestResult {
+    let p = Project::new()?;
+    std::fs::create_dir(p.path("run"))?;
+    std::fs::write(p.path("run/keep.txt"), "mine")?;
+    let out = p.mtl(&["train", "config.toml", "--out", "run"])?;
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("already exists"), "{}", stderr(&out));
+    assert_eq!(std::fs::read_to_string(p.path("run/keep.txt"))?, "mine");
+    Ok(())
+}
+
+#[test]
+fn conll_files_train_a_token_task() -> TestResult {
+    let p = Project::new()?;
+    let conll: String = TRAIN
+        .iter()
+        .map(|(text, _, slots)| text.split(' ').zip(slots.split(' ')).map(|(w, t)| format!("{w}\t{t}\n")).collect::<String>() + "\n")
+        .collect();
+    std::fs::write(p.path("train.conll"), format!("-DOCSTART- O\n\n{conll}"))?;
+    let model = repo_root().join("tests/fixtures/tiny-bert");
+    std::fs::write(
+        p.path("conll.toml"),
+        format!(
+            "[model]\npath = \"{}\"\n[training]\nepochs = 1\nbatch_size = 4\nlr = 1e-3\n[tasks.ner]\nkind = \"token_classification\"\nformat = \"conll\"\ndata = {{ train = \"{}\", dev = \"{}\" }}\n",
+            model.display(),
+            p.path("train.conll").display(),
+            p.path("train.conll").display()
+        ),
+    )?;
+    let out = p.mtl(&["train", "conll.toml", "--out", "run"])?;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let metrics: Value = serde_json::from_str(&std::fs::read_to_string(p.path("run/metrics.json"))?)?;
+    assert!(metrics["dev"]["ner"]["f1"].is_number(), "{metrics}");
+    let labels: Value = serde_json::from_str(&std::fs::read_to_string(p.path("run/labels.json"))?)?;
+    assert_eq!(labels["ner"], serde_json::json!(["B-day", "B-from", "B-to", "I-from", "I-to", "O"]));
+    Ok(())
+}

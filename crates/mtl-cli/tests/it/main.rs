@@ -1,0 +1,12 @@
+//! The integration tests: one binary. `cli` drives the `mtl` binary on the tiny random model of
+//! tests/fixtures/tiny-bert (no download); `real_model` checks all-MiniLM-L6-v2 against transformers and
+//! needs `scripts/fetch.sh` first (the README's test command runs it).
+
+mod cli;
+mod real_model;
+
+use std::path::PathBuf;
+
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().expect("repository root exists")
+}
