@@ -71,8 +71,6 @@ pub enum TaskKind {
 }
 
 impl TaskKind {
-    pub const ALL: [TaskKind; 2] = [TaskKind::Classification, TaskKind::TokenClassification];
-
     pub fn name(self) -> &'static str {
         match self {
             TaskKind::Classification => "classification",
