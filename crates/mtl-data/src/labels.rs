@@ -91,13 +91,17 @@ fn configured_labels(task: &TaskConfig) -> Result<Option<Vec<String>>> {
     }
     let Some(path) = &task.labels_file else { return Ok(None) };
     let text = std::fs::read_to_string(path).map_err(|source| DataError::Io { path: path.clone(), source })?;
-    let labels: Vec<String> = text.lines().map(str::trim).filter(|l| !l.is_empty()).map(String::from).collect();
+    let mut labels = Vec::new();
     let mut seen = BTreeSet::new();
     for (i, l) in text.lines().enumerate() {
         let l = l.trim();
-        if !l.is_empty() && !seen.insert(l) {
+        if l.is_empty() {
+            continue;
+        }
+        if !seen.insert(l) {
             return Err(DataError::Line { path: path.clone(), line: i + 1, message: format!("label {l:?} is listed twice") });
         }
+        labels.push(l.to_string());
     }
     if labels.is_empty() {
         return Err(DataError::Empty { path: path.clone() });

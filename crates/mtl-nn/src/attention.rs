@@ -103,7 +103,7 @@ fn probs_row(spec: &AttentionSpec, qkv: &[f32], b: usize, n: usize, i: usize, p:
     }
 }
 
-fn dropout_row<'a>(spec: &'a AttentionSpec, b: usize, n: usize, i: usize) -> Option<&'a [f32]> {
+fn dropout_row(spec: &AttentionSpec, b: usize, n: usize, i: usize) -> Option<&[f32]> {
     let s = spec.seq;
     spec.dropout.as_ref().map(|m| {
         let start = ((b * spec.heads + n) * s + i) * s;

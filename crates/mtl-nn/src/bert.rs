@@ -69,7 +69,7 @@ impl BertConfig {
                 });
             }
         }
-        if config.num_attention_heads == 0 || config.hidden_size % config.num_attention_heads != 0 {
+        if config.num_attention_heads == 0 || !config.hidden_size.is_multiple_of(config.num_attention_heads) {
             return Err(NnError::File {
                 path: path.to_owned(),
                 message: "hidden_size must be a multiple of num_attention_heads".into(),
@@ -107,12 +107,13 @@ pub struct Bert {
     layers: Vec<Layer>,
 }
 
-/// Token ids of a batch as tensors: `input_ids`, `token_type_ids` and `attention_mask`, each `[batch, seq]`.
+/// A batch: token ids and token types as `[batch, seq]` tensors; the attention mask (1 real, 0 padding) stays
+/// on the host, row-major `batch × seq`, since the attention kernel reads it there.
 #[derive(Clone, Debug)]
 pub struct BertInput {
     pub input_ids: Tensor,
     pub token_type_ids: Tensor,
-    pub attention_mask: Tensor,
+    pub attention_mask: Arc<Vec<u32>>,
 }
 
 impl Bert {
@@ -171,9 +172,8 @@ impl Bert {
         let x = self.embeddings.norm.forward(&x.reshape((b * s, h))?)?;
         let mut x = dropout.apply(&x, mode)?;
 
-        let key_mask = Arc::new(input.attention_mask.flatten_all()?.to_vec1::<u32>()?);
         for layer in &self.layers {
-            x = self.layer_forward(layer, &x, &key_mask, b, s, dropout, mode)?;
+            x = self.layer_forward(layer, &x, &input.attention_mask, b, s, dropout, mode)?;
         }
         Ok(x)
     }

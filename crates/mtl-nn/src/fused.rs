@@ -17,6 +17,16 @@ fn contiguous<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Res
     Ok(&data[a..b])
 }
 
+/// The row width of `[rows, dim]` data `x` normalised with `[dim]` parameters, checking that `other` (a
+/// bias or an output gradient) has the length it must have.
+fn row_width(x: &[f32], w: &[f32], other: usize, expected: usize, what: &str) -> candle_core::Result<usize> {
+    let d = w.len();
+    if d == 0 || !x.len().is_multiple_of(d) || other != expected {
+        candle_core::bail!("{what}: shapes do not match")
+    }
+    Ok(d)
+}
+
 /// LayerNorm over the last dimension of `x` (`[rows, dim]`), with `weight` and `bias` of `[dim]`.
 pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
     Ok(x.contiguous()?.apply_op3(weight, bias, LayerNormOp { eps: eps as f32 })?)
@@ -48,10 +58,7 @@ impl CustomOp3 for LayerNormOp {
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (x, w, b) = (contiguous(s1, l1, self.name())?, contiguous(s2, l2, self.name())?, contiguous(s3, l3, self.name())?);
-        let d = w.len();
-        if d == 0 || x.len() % d != 0 || b.len() != d {
-            candle_core::bail!("fused-layer-norm: shapes do not match")
-        }
+        let d = row_width(x, w, b.len(), w.len(), self.name())?;
         let mut y = vec![0f32; x.len()];
         y.par_chunks_mut(d * ROWS_PER_TASK).zip(x.par_chunks(d * ROWS_PER_TASK)).for_each(|(y, x)| {
             for (y, x) in y.chunks_exact_mut(d).zip(x.chunks_exact(d)) {
@@ -94,7 +101,7 @@ impl CustomOp3 for LayerNormBackward {
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (x, w, dy) = (contiguous(s1, l1, self.name())?, contiguous(s2, l2, self.name())?, contiguous(s3, l3, self.name())?);
-        let d = w.len();
+        let d = row_width(x, w, dy.len(), x.len(), self.name())?;
         let rows = x.len() / d;
         let mut out = vec![0f32; (rows + 2) * d];
         let (dx, _) = out.split_at_mut(rows * d);

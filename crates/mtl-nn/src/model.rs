@@ -108,7 +108,7 @@ impl MultiTaskModel {
         Ok(BertInput {
             input_ids: t(&batch.input_ids)?,
             token_type_ids: t(&batch.token_type_ids)?,
-            attention_mask: t(&batch.attention_mask)?,
+            attention_mask: std::sync::Arc::new(batch.attention_mask.clone()),
         })
     }
 

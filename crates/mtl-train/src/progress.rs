@@ -37,7 +37,7 @@ impl Callback for ProgressCallback {
             bar.set_message(format!("loss: {}", losses.join(", ")));
             bar.set_position(r.step as u64);
         }
-        if r.step % 50 == 0 || r.step == r.total_steps {
+        if r.step.is_multiple_of(50) || r.step == r.total_steps {
             tracing::debug!(step = r.step, lr = r.lr, grad_norm = r.grad_norm, losses = ?r.losses, "step");
         }
     }
