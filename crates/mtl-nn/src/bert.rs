@@ -5,13 +5,14 @@
 //! heads read the [CLS] state directly.
 
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use candle_core::Tensor;
 use mtl_core::Mode;
 use serde::{Deserialize, Serialize};
 
 use crate::attention::{self, AttentionSpec};
+use crate::cpu::encoder::{Dims, FusedEncoder, GradSink, LayerDropout, LayerParams};
 use crate::layers::{DropoutRng, LayerNorm, Linear};
 use crate::params::{Init, ParamBuilder};
 use crate::{NnError, Result};
@@ -99,12 +100,27 @@ struct Layer {
     out_norm: LayerNorm,
 }
 
+/// Which implementation runs the transformer layers.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Kernels {
+    /// On the CPU, the whole layer stack as one fused op with a hand-written backward pass
+    /// ([`crate::cpu::encoder`]); elsewhere, as [`Kernels::Composed`].
+    #[default]
+    Fused,
+    /// One candle op per step, differentiated by candle's autograd (per-op fused kernels on the CPU,
+    /// composed candle ops elsewhere): the reference the fused encoder is tested against.
+    Composed,
+}
+
 /// The encoder: embeddings and `num_hidden_layers` transformer blocks.
 #[derive(Clone, Debug)]
 pub struct Bert {
     config: BertConfig,
     embeddings: Embeddings,
     layers: Vec<Layer>,
+    kernels: Kernels,
+    /// Layer-parameter gradients from the fused encoder's backward passes, not yet collected.
+    grads: GradSink,
 }
 
 /// A batch: token ids and token types as `[batch, seq]` tensors; the attention mask (1 real, 0 padding) stays
@@ -143,7 +159,23 @@ impl Bert {
                 })
             })
             .collect::<Result<_>>()?;
-        Ok(Self { config: config.clone(), embeddings, layers })
+        Ok(Self { config: config.clone(), embeddings, layers, kernels: Kernels::default(), grads: Arc::new(Mutex::new(Vec::new())) })
+    }
+
+    pub fn set_kernels(&mut self, kernels: Kernels) {
+        self.kernels = kernels;
+    }
+
+    pub fn kernels(&self) -> Kernels {
+        self.kernels
+    }
+
+    /// Takes the (parameter, gradient) pairs that fused backward passes produced since the last call.
+    pub(crate) fn take_grads(&self) -> Vec<(Tensor, Tensor)> {
+        match self.grads.lock() {
+            Ok(mut g) => std::mem::take(&mut *g),
+            Err(poisoned) => std::mem::take(&mut *poisoned.into_inner()),
+        }
     }
 
     pub fn config(&self) -> &BertConfig {
@@ -171,11 +203,67 @@ impl Bert {
         let x = (x + self.embeddings.token_type.index_select(&types, 0)?.reshape((b, s, h))?)?;
         let x = self.embeddings.norm.forward(&x.reshape((b * s, h))?)?;
         let mut x = dropout.apply(&x, mode)?;
-
+        if x.device().is_cpu() && self.kernels == Kernels::Fused {
+            return self.fused_layers(&x, input, b, s, dropout, mode);
+        }
         for layer in &self.layers {
             x = self.layer_forward(layer, &x, &input.attention_mask, b, s, dropout, mode)?;
         }
         Ok(x)
+    }
+
+    /// All layers as one [`FusedEncoder`] op. Dropout masks are drawn in the same order as the composed path
+    /// draws them, so both give the same result from the same seed.
+    fn fused_layers(&self, x: &Tensor, input: &BertInput, b: usize, s: usize, dropout: &DropoutRng, mode: Mode) -> Result<Tensor> {
+        let c = &self.config;
+        let dims = Dims {
+            batch: b,
+            seq: s,
+            hidden: c.hidden_size,
+            heads: c.num_attention_heads,
+            intermediate: c.intermediate_size,
+            eps: c.layer_norm_eps as f32,
+        };
+        if c.hidden_act != Activation::Gelu {
+            return Err(candle_core::Error::Msg(format!("the fused encoder implements the erf GELU only, not {:?}", c.hidden_act)).into());
+        }
+        let layers: Vec<LayerParams> = self
+            .layers
+            .iter()
+            .map(|l| {
+                [
+                    l.query.weight.clone(),
+                    l.query.bias.clone(),
+                    l.key.weight.clone(),
+                    l.key.bias.clone(),
+                    l.value.weight.clone(),
+                    l.value.bias.clone(),
+                    l.attn_out.weight.clone(),
+                    l.attn_out.bias.clone(),
+                    l.attn_norm.weight.clone(),
+                    l.attn_norm.bias.clone(),
+                    l.intermediate.weight.clone(),
+                    l.intermediate.bias.clone(),
+                    l.output.weight.clone(),
+                    l.output.bias.clone(),
+                    l.out_norm.weight.clone(),
+                    l.out_norm.bias.clone(),
+                ]
+            })
+            .collect();
+        let (n, h) = (b * s, c.hidden_size);
+        let masks = (mode == Mode::Train && dropout.p() > 0.0).then(|| {
+            self.layers
+                .iter()
+                .map(|_| LayerDropout {
+                    attention: dropout.mask(b * c.num_attention_heads * s * s).unwrap_or_default(),
+                    attention_output: dropout.mask(n * h).unwrap_or_default(),
+                    output: dropout.mask(n * h).unwrap_or_default(),
+                })
+                .collect()
+        });
+        let op = FusedEncoder::new(dims, layers, input.attention_mask.clone(), masks, mode == Mode::Train, self.grads.clone());
+        Ok(x.contiguous()?.apply_op1(op)?)
     }
 
     #[allow(clippy::too_many_arguments)]

@@ -12,8 +12,8 @@ use crate::Result;
 /// `y = x Wᵀ + b` over the last dimension, with `W` stored as `[out, in]` (PyTorch's layout).
 #[derive(Clone, Debug)]
 pub struct Linear {
-    weight: Tensor,
-    bias: Tensor,
+    pub(crate) weight: Tensor,
+    pub(crate) bias: Tensor,
 }
 
 impl Linear {
@@ -40,9 +40,9 @@ impl Linear {
 /// has none).
 #[derive(Clone, Debug)]
 pub struct LayerNorm {
-    weight: Tensor,
-    bias: Tensor,
-    eps: f64,
+    pub(crate) weight: Tensor,
+    pub(crate) bias: Tensor,
+    pub(crate) eps: f64,
 }
 
 impl LayerNorm {

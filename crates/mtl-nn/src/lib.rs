@@ -6,13 +6,14 @@
 
 pub mod attention;
 mod bert;
+pub mod cpu;
 pub mod fused;
 mod heads;
 mod layers;
 mod model;
 mod params;
 
-pub use bert::{Bert, BertConfig};
+pub use bert::{Bert, BertConfig, Kernels};
 pub use heads::{Head, HeadOutput};
 pub use layers::{DropoutRng, LayerNorm, Linear};
 pub use bert::BertInput;

@@ -3,10 +3,11 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
+use candle_core::backprop::GradStore;
 use candle_core::{Device, Tensor};
 use mtl_core::{HostBatch, Mode, TaskId, TaskKind, Targets, IGNORE_INDEX};
 
-use crate::bert::{Bert, BertConfig, BertInput};
+use crate::bert::{Bert, BertConfig, BertInput, Kernels};
 use crate::heads::Head;
 use crate::layers::{cross_entropy, DropoutRng};
 use crate::params::{ParamBuilder, ParamStore};
@@ -92,6 +93,26 @@ impl MultiTaskModel {
 
     pub fn bert(&self) -> &Bert {
         &self.bert
+    }
+
+    /// Chooses the encoder implementation (the fused one by default).
+    pub fn set_kernels(&mut self, kernels: Kernels) {
+        self.bert.set_kernels(kernels);
+    }
+
+    /// The gradient of `loss` with respect to every parameter. Use this, not `loss.backward()`: on the CPU the
+    /// fused encoder computes its parameters' gradients itself and hands them over here.
+    pub fn backward(&self, loss: &Tensor) -> Result<GradStore> {
+        self.bert.take_grads(); // leftovers of a backward pass whose gradients were never collected
+        let mut grads = loss.backward()?;
+        for (param, grad) in self.bert.take_grads() {
+            let grad = match grads.remove(&param) {
+                Some(previous) => (previous + grad)?,
+                None => grad,
+            };
+            grads.insert(&param, grad);
+        }
+        Ok(grads)
     }
 
     pub fn heads(&self) -> &BTreeMap<TaskId, Head> {

@@ -8,7 +8,7 @@ use candle_core::{Device, Tensor};
 use mtl_core::{HostBatch, Mode, TaskId, TaskKind, Targets, IGNORE_INDEX};
 use serde_json::Value;
 
-use crate::{BertConfig, ModelSpec, MultiTaskModel, NnError};
+use crate::{BertConfig, Kernels, ModelSpec, MultiTaskModel, NnError};
 
 type TestResult = Result<(), Box<dyn std::error::Error>>;
 
@@ -88,7 +88,7 @@ fn loss_and_gradients_match_pytorch() -> TestResult {
     let loss = &losses[0].loss;
     let want = head["loss"].as_f64().expect("loss");
     assert!((f64::from(loss.to_scalar::<f32>()?) - want).abs() < 1e-5);
-    let grads = loss.backward()?;
+    let grads = model.backward(loss)?;
     let norms = reference["grad_norms"].as_object().expect("grad norms");
     assert_eq!(norms.len(), model.params().vars().len() - 2, "every backbone parameter is compared");
     for (name, want) in norms {
@@ -115,7 +115,7 @@ fn every_parameter_gets_a_gradient_in_training() -> TestResult {
     let losses = model.losses(&batch, Mode::Train)?;
     assert_eq!(losses.len(), 2);
     let total = losses.iter().map(|l| l.loss.clone()).reduce(|a, b| (a + b).expect("add")).expect("two losses");
-    let grads = total.backward()?;
+    let grads = model.backward(&total)?;
     for (name, var) in model.params().vars() {
         let g = grads.get(var.as_tensor()).ok_or_else(|| format!("{name}: no gradient"))?;
         let norm = g.abs()?.sum_all()?.to_scalar::<f32>()?;
@@ -157,5 +157,49 @@ fn missing_backbone_tensors_are_reported() -> TestResult {
     let err = MultiTaskModel::load(&spec, &dir.join("nope.safetensors"), false, &Device::Cpu).err().ok_or("must fail")?;
     assert!(err.to_string().contains("nope.safetensors"), "{err}");
     std::fs::remove_dir_all(&dir)?;
+    Ok(())
+}
+
+/// The fused encoder and the composed path (candle autograd) agree on hidden states, losses and every
+/// parameter's gradient: in training with dropout (the two draw the same masks from the same seed), with
+/// padding and with a fully padded example, and in evaluation.
+#[test]
+fn fused_encoder_matches_composed_path() -> TestResult {
+    let reference = reference()?;
+    let mut batch = batch_from(&reference);
+    // Add a fully padded third example, and labels for both heads.
+    let seq = batch.seq;
+    batch.input_ids.extend(std::iter::repeat_n(0, seq));
+    batch.token_type_ids.extend(std::iter::repeat_n(0, seq));
+    batch.attention_mask.extend(std::iter::repeat_n(0, seq));
+    batch.word_starts.push(vec![]);
+    batch.batch += 1;
+    batch.targets.insert(TaskId::new("intent")?, Targets::Class(vec![1, 2, 0]));
+    let tags: Vec<i64> = (0..batch.batch * seq).map(|i| if i % 3 == 0 { IGNORE_INDEX } else { (i % 5) as i64 }).collect();
+    batch.targets.insert(TaskId::new("slots")?, Targets::Tokens(tags));
+    let tasks = [("intent", TaskKind::Classification, 3), ("slots", TaskKind::TokenClassification, 5)];
+    let diff = |a: &Tensor, b: &Tensor| -> Result<f32, candle_core::Error> { (a - b)?.abs()?.max_all()?.to_scalar::<f32>() };
+    for dropout in [0.0, 0.1] {
+        let fused = tiny_model(&tasks, dropout)?;
+        let mut composed = tiny_model(&tasks, dropout)?;
+        composed.set_kernels(Kernels::Composed);
+        for mode in [Mode::Eval, Mode::Train] {
+            let (a, b) = (fused.encode(&batch, mode)?, composed.encode(&batch, mode)?);
+            assert!(diff(&a, &b)? < 1e-5, "hidden states differ by {} (dropout {dropout}, {mode:?})", diff(&a, &b)?);
+        }
+        let total = |m: &MultiTaskModel| -> Result<Tensor, NnError> {
+            let losses = m.losses(&batch, Mode::Train)?;
+            Ok((&losses[0].loss + &losses[1].loss)?)
+        };
+        let (la, lb) = (total(&fused)?, total(&composed)?);
+        assert!(diff(&la, &lb)? < 1e-5, "losses differ");
+        let (ga, gb) = (fused.backward(&la)?, composed.backward(&lb)?);
+        for (name, var) in fused.params().vars() {
+            let other = &composed.params().vars()[name];
+            let (a, b) = (ga.get(var.as_tensor()).ok_or(format!("{name}: no fused gradient"))?, gb.get(other.as_tensor()).ok_or(format!("{name}: no gradient"))?);
+            let scale = b.abs()?.max_all()?.to_scalar::<f32>()?.max(1e-3);
+            assert!(diff(a, b)? <= 1e-4 * scale.max(1.0), "{name}: gradients differ by {} (scale {scale}, dropout {dropout})", diff(a, b)?);
+        }
+    }
     Ok(())
 }

@@ -123,7 +123,7 @@ impl Trainer<'_> {
                 else {
                     continue;
                 };
-                let grads = total.backward()?;
+                let grads = self.model.backward(&total)?;
                 let lr_scale = linear_warmup_decay(step, warmup, total_steps);
                 let info = optimizer.step(&grads, lr_scale, t.grad_clip)?;
                 step += 1;

@@ -1,0 +1,529 @@
+//! The whole stack of transformer layers as one candle op on the CPU, with a hand-written backward pass.
+//!
+//! candle's autograd allocates a zero-filled gradient buffer and adds into it for every op of the graph, and
+//! every op allocates a fresh output: at 16 × 128 tokens that generic work cost more than the matrix products
+//! themselves. Here a layer is four projections (through the same `gemm` candle uses, on strided views, so no
+//! transpose or head split is ever copied), attention per (example, head), and fused passes for bias, dropout,
+//! residual and LayerNorm. The forward pass in training keeps what the backward pass needs (a "tape": the
+//! q|k|v projections, the attention probabilities, LayerNorm's normalised inputs, the intermediate
+//! activations); the backward pass walks it back, returns the gradient of the encoder input to candle's graph,
+//! and hands the gradient of every layer parameter to a [`GradSink`], which the model merges into candle's
+//! gradient store.
+//!
+//! The composed path in `bert.rs` (candle ops, per-op fused kernels) is the reference: tests compare values
+//! and every parameter's gradient, with padding, fully padded rows and dropout.
+
+use std::sync::{Arc, Mutex};
+
+use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Storage, Tensor};
+use rayon::prelude::*;
+
+use super::gemm::{matmul, Threads, View, ViewMut};
+use super::math::{self, simd};
+
+/// Rows per rayon task in the row-wise passes.
+const ROWS_PER_TASK: usize = 32;
+
+/// Parameter gradients produced by a backward pass, waiting to be merged into candle's gradient store.
+pub type GradSink = Arc<Mutex<Vec<(Tensor, Tensor)>>>;
+
+/// The sizes of one encoder call.
+#[derive(Clone, Copy, Debug)]
+pub struct Dims {
+    pub batch: usize,
+    pub seq: usize,
+    pub hidden: usize,
+    pub heads: usize,
+    pub intermediate: usize,
+    pub eps: f32,
+}
+
+impl Dims {
+    fn tokens(&self) -> usize {
+        self.batch * self.seq
+    }
+
+    fn head_dim(&self) -> usize {
+        self.hidden / self.heads
+    }
+}
+
+// The order of a layer's parameters in `LayerParams`.
+const QW: usize = 0;
+const QB: usize = 1;
+const OW: usize = 6;
+const OB: usize = 7;
+const N1W: usize = 8;
+const N1B: usize = 9;
+const IW: usize = 10;
+const IB: usize = 11;
+const FW: usize = 12;
+const FB: usize = 13;
+const N2W: usize = 14;
+const N2B: usize = 15;
+
+/// A layer's parameters: query, key, value (weight, bias each), attention output dense, its LayerNorm,
+/// intermediate dense, output dense, its LayerNorm. Weights are `[out, in]` as in PyTorch.
+pub type LayerParams = [Tensor; 16];
+
+/// Dropout multipliers of one layer (0 or `1 / (1 - p)`): on the attention probabilities
+/// (`batch × heads × seq × seq`) and on the two sublayer outputs before their residual adds (`tokens × hidden`).
+#[derive(Debug)]
+pub struct LayerDropout {
+    pub attention: Vec<f32>,
+    pub attention_output: Vec<f32>,
+    pub output: Vec<f32>,
+}
+
+/// What the backward pass of one layer needs from its forward pass.
+struct Tape {
+    qkv: Vec<f32>,
+    probs: Vec<f32>,
+    ctx: Vec<f32>,
+    xhat1: Vec<f32>,
+    rstd1: Vec<f32>,
+    y1: Vec<f32>,
+    u: Vec<f32>,
+    g: Vec<f32>,
+    xhat2: Vec<f32>,
+    rstd2: Vec<f32>,
+    /// The layer's output, which is the next layer's input (absent for the last layer).
+    out: Option<Vec<f32>>,
+}
+
+/// The encoder op; see the module docs.
+pub struct FusedEncoder {
+    pub dims: Dims,
+    pub layers: Vec<LayerParams>,
+    /// `batch × seq`, 1 for real tokens, 0 for padding.
+    pub key_mask: Arc<Vec<u32>>,
+    /// One entry per layer in training with dropout; `None` otherwise.
+    pub dropout: Option<Vec<LayerDropout>>,
+    /// Keep the tape (training): only then can the op run backward.
+    pub train: bool,
+    pub sink: GradSink,
+    tape: Mutex<Option<Vec<Tape>>>,
+}
+
+impl FusedEncoder {
+    pub fn new(dims: Dims, layers: Vec<LayerParams>, key_mask: Arc<Vec<u32>>, dropout: Option<Vec<LayerDropout>>, train: bool, sink: GradSink) -> Self {
+        Self { dims, layers, key_mask, dropout, train, sink, tape: Mutex::new(None) }
+    }
+
+    fn layer_dropout(&self, l: usize) -> Option<&LayerDropout> {
+        self.dropout.as_ref().map(|d| &d[l])
+    }
+}
+
+/// Read access to the f32 data of contiguous CPU tensors.
+struct Slices<'a> {
+    guards: Vec<(candle_core::StorageRef<'a>, &'a Layout)>,
+}
+
+impl<'a> Slices<'a> {
+    fn new(tensors: &'a [Tensor]) -> Self {
+        Self { guards: tensors.iter().map(|t| t.storage_and_layout()).collect() }
+    }
+
+    fn get(&self, i: usize) -> candle_core::Result<&[f32]> {
+        let (storage, layout) = &self.guards[i];
+        let Storage::Cpu(cpu) = &**storage else { candle_core::bail!("fused encoder: parameters must be on the CPU") };
+        f32_slice(cpu, layout)
+    }
+
+    fn all(&self) -> candle_core::Result<Vec<&[f32]>> {
+        (0..self.guards.len()).map(|i| self.get(i)).collect()
+    }
+}
+
+fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
+    let CpuStorage::F32(data) = s else { candle_core::bail!("fused encoder: f32 only") };
+    let Some((a, b)) = l.contiguous_offsets() else { candle_core::bail!("fused encoder: tensors must be contiguous") };
+    Ok(&data[a..b])
+}
+
+fn check_params(d: &Dims, w: &[&[f32]]) -> candle_core::Result<()> {
+    let (h, i) = (d.hidden, d.intermediate);
+    let want = [h * h, h, h * h, h, h * h, h, h * h, h, h, h, i * h, i, h * i, h, h, h];
+    if w.len() != want.len() || w.iter().zip(want).any(|(w, n)| w.len() != n) {
+        candle_core::bail!("fused encoder: parameter shapes do not match hidden {h}, intermediate {i}")
+    }
+    Ok(())
+}
+
+impl CustomOp1 for FusedEncoder {
+    fn name(&self) -> &'static str {
+        "fused-encoder"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let d = &self.dims;
+        let x0 = f32_slice(storage, layout)?;
+        if x0.len() != d.tokens() * d.hidden || self.key_mask.len() != d.tokens() || d.heads == 0 || d.hidden % d.heads != 0 {
+            candle_core::bail!("fused encoder: input does not match {d:?}")
+        }
+        let lost = || candle_core::Error::Msg("fused encoder: a layer output went missing".into());
+        let mut tapes: Vec<Tape> = Vec::new();
+        let mut carry: Option<Vec<f32>> = None;
+        let mut output = if self.layers.is_empty() { x0.to_vec() } else { Vec::new() };
+        for (l, params) in self.layers.iter().enumerate() {
+            let slices = Slices::new(params);
+            let w = slices.all()?;
+            check_params(d, &w)?;
+            let last = l + 1 == self.layers.len();
+            let input: &[f32] = match l {
+                0 => x0,
+                _ if self.train => tapes.last().and_then(|t| t.out.as_deref()).ok_or_else(lost)?,
+                _ => carry.as_deref().ok_or_else(lost)?,
+            };
+            let (y, tape) = layer_forward(d, &w, input, &self.key_mask, self.layer_dropout(l), self.train);
+            match tape {
+                Some(mut tape) => {
+                    if last {
+                        output = y;
+                    } else {
+                        tape.out = Some(y);
+                    }
+                    tapes.push(tape);
+                }
+                None if last => output = y,
+                None => carry = Some(y),
+            }
+        }
+        if self.train {
+            *self.tape.lock().map_err(|_| candle_core::Error::Msg("fused encoder: tape lock poisoned".into()))? = Some(tapes);
+        }
+        Ok((CpuStorage::F32(output), layout.shape().clone()))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let d = &self.dims;
+        let mut tapes = self
+            .tape
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("fused encoder: tape lock poisoned".into()))?
+            .take()
+            .ok_or_else(|| candle_core::Error::Msg("fused encoder: backward needs a forward pass in training mode, once".into()))?;
+        let arg = arg.contiguous()?;
+        let grad = grad_res.contiguous()?;
+        let (x0_guard, x0_layout) = arg.storage_and_layout();
+        let Storage::Cpu(x0_cpu) = &*x0_guard else { candle_core::bail!("fused encoder: input must be on the CPU") };
+        let x0 = f32_slice(x0_cpu, x0_layout)?;
+        let mut dy = grad.flatten_all()?.to_vec1::<f32>()?;
+        let mut grads = Vec::new();
+        while let Some(tape) = tapes.pop() {
+            let l = tapes.len();
+            let slices = Slices::new(&self.layers[l]);
+            let w = slices.all()?;
+            let x = match tapes.last() {
+                Some(prev) => prev.out.as_deref().ok_or_else(|| candle_core::Error::Msg("fused encoder: tape lost a layer output".into()))?,
+                None => x0,
+            };
+            let mut g: Vec<Vec<f32>> = w.iter().map(|w| vec![0f32; w.len()]).collect();
+            dy = layer_backward(d, &w, x, &tape, self.layer_dropout(l), &dy, &mut g);
+            drop(tape);
+            for (param, g) in self.layers[l].iter().zip(g) {
+                grads.push((param.clone(), Tensor::from_vec(g, param.shape(), param.device())?));
+            }
+        }
+        self.sink.lock().map_err(|_| candle_core::Error::Msg("fused encoder: gradient sink poisoned".into()))?.extend(grads);
+        Ok(Some(Tensor::from_vec(dy, arg.shape(), arg.device())?))
+    }
+}
+
+/// Writes `x Wᵀ + b` into `out` (`rows × out_dim`, row stride `stride`), `w` being `[out_dim, in_dim]`.
+fn linear(x: &[f32], w: &[f32], b: &[f32], out: &mut [f32], rows: usize, in_dim: usize, stride: usize) {
+    let out_dim = b.len();
+    out.par_chunks_mut(stride * ROWS_PER_TASK).for_each(|chunk| {
+        simd(#[inline(always)] || {
+            for row in chunk.chunks_mut(stride) {
+                row[..out_dim].copy_from_slice(b);
+            }
+        })
+    });
+    matmul(ViewMut::strided(out, rows, out_dim, stride), View::new(x, rows, in_dim), View::new(w, out_dim, in_dim).t(), 1.0, true, Threads::All);
+}
+
+/// `dst[j] += Σ_rows m[row, offset + j]` over rows of `stride` elements.
+fn col_sums(m: &[f32], stride: usize, offset: usize, dst: &mut [f32]) {
+    let n = dst.len();
+    simd(#[inline(always)] || {
+        for row in m.chunks_exact(stride) {
+            for (d, v) in dst.iter_mut().zip(&row[offset..offset + n]) {
+                *d += v;
+            }
+        }
+    })
+}
+
+/// `y = LayerNorm(branch ∘ mask + residual)`, keeping the normalised input and 1/σ of each row.
+#[allow(clippy::too_many_arguments)]
+fn add_norm(branch: &[f32], mask: Option<&[f32]>, residual: &[f32], gamma: &[f32], beta: &[f32], eps: f32, y: &mut [f32], xhat: &mut [f32], rstd: &mut [f32]) {
+    let h = gamma.len();
+    let chunk = h * ROWS_PER_TASK;
+    y.par_chunks_mut(chunk).zip(xhat.par_chunks_mut(chunk)).zip(rstd.par_chunks_mut(ROWS_PER_TASK)).enumerate().for_each(|(c, ((y, xhat), rstd))| {
+        simd(#[inline(always)] || {
+            let start = c * chunk;
+            for (r, (y, xh)) in y.chunks_exact_mut(h).zip(xhat.chunks_exact_mut(h)).enumerate() {
+                let at = start + r * h;
+                let (br, res) = (&branch[at..at + h], &residual[at..at + h]);
+                match mask {
+                    Some(m) => {
+                        for i in 0..h {
+                            xh[i] = br[i] * m[at + i] + res[i];
+                        }
+                    }
+                    None => {
+                        for i in 0..h {
+                            xh[i] = br[i] + res[i];
+                        }
+                    }
+                }
+                let mean = xh.iter().sum::<f32>() / h as f32;
+                let var = xh.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / h as f32;
+                let rs = 1.0 / (var + eps).sqrt();
+                rstd[r] = rs;
+                for i in 0..h {
+                    xh[i] = (xh[i] - mean) * rs;
+                    y[i] = xh[i] * gamma[i] + beta[i];
+                }
+            }
+        })
+    });
+}
+
+/// LayerNorm backward: returns the gradient of the normalised input and adds to `dgamma` and `dbeta`.
+/// Partial sums are added in chunk order, so the result does not depend on scheduling.
+fn norm_backward(dy: &[f32], xhat: &[f32], rstd: &[f32], gamma: &[f32], dgamma: &mut [f32], dbeta: &mut [f32]) -> Vec<f32> {
+    let h = gamma.len();
+    let chunk = h * ROWS_PER_TASK;
+    let mut dx = vec![0f32; dy.len()];
+    let partials: Vec<(Vec<f32>, Vec<f32>)> = dx
+        .par_chunks_mut(chunk)
+        .enumerate()
+        .map(|(c, dx)| {
+            simd(#[inline(always)] || {
+                let (mut dg, mut db) = (vec![0f32; h], vec![0f32; h]);
+                for (r, dx) in dx.chunks_exact_mut(h).enumerate() {
+                    let at = c * chunk + r * h;
+                    let (dy, xh) = (&dy[at..at + h], &xhat[at..at + h]);
+                    let (mut sum_g, mut sum_gx) = (0f32, 0f32);
+                    for i in 0..h {
+                        let g = dy[i] * gamma[i];
+                        sum_g += g;
+                        sum_gx += g * xh[i];
+                        dg[i] += dy[i] * xh[i];
+                        db[i] += dy[i];
+                    }
+                    let (mg, mgx, rs) = (sum_g / h as f32, sum_gx / h as f32, rstd[c * ROWS_PER_TASK + r]);
+                    for i in 0..h {
+                        dx[i] = rs * (dy[i] * gamma[i] - mg - xh[i] * mgx);
+                    }
+                }
+                (dg, db)
+            })
+        })
+        .collect();
+    for (pg, pb) in partials {
+        dgamma.iter_mut().zip(pg).for_each(|(a, b)| *a += b);
+        dbeta.iter_mut().zip(pb).for_each(|(a, b)| *a += b);
+    }
+    dx
+}
+
+fn elementwise(a: &mut [f32], f: impl Fn(&mut [f32], usize) + Sync) {
+    a.par_chunks_mut(1 << 14).enumerate().for_each(|(c, chunk)| simd(#[inline(always)] || f(chunk, c << 14)));
+}
+
+fn layer_forward(d: &Dims, w: &[&[f32]], x: &[f32], key_mask: &[u32], dropout: Option<&LayerDropout>, train: bool) -> (Vec<f32>, Option<Tape>) {
+    let (n, h, inter) = (d.tokens(), d.hidden, d.intermediate);
+    let mut qkv = vec![0f32; n * 3 * h];
+    let bias: Vec<f32> = [w[QB], w[QB + 2], w[QB + 4]].concat();
+    qkv.par_chunks_mut(3 * h * ROWS_PER_TASK).for_each(|chunk| simd(#[inline(always)] || chunk.chunks_mut(3 * h).for_each(|row| row.copy_from_slice(&bias))));
+    for p in 0..3 {
+        let dst = ViewMut::strided(&mut qkv[p * h..], n, h, 3 * h);
+        matmul(dst, View::new(x, n, h), View::new(w[QW + 2 * p], h, h).t(), 1.0, true, Threads::All);
+    }
+    let mut probs = if train { vec![0f32; d.batch * d.heads * d.seq * d.seq] } else { Vec::new() };
+    let ctx = attention_forward(d, &qkv, key_mask, dropout.map(|d| &d.attention[..]), train.then_some(&mut probs[..]));
+    let mut a = vec![0f32; n * h];
+    linear(&ctx, w[OW], w[OB], &mut a, n, h, h);
+    let (mut y1, mut xhat1, mut rstd1) = (vec![0f32; n * h], vec![0f32; n * h], vec![0f32; n]);
+    add_norm(&a, dropout.map(|d| &d.attention_output[..]), x, w[N1W], w[N1B], d.eps, &mut y1, &mut xhat1, &mut rstd1);
+    drop(a);
+    let mut u = vec![0f32; n * inter];
+    linear(&y1, w[IW], w[IB], &mut u, n, h, inter);
+    let mut g = u.clone();
+    elementwise(&mut g, #[inline(always)] |c, _| c.iter_mut().for_each(|v| *v = math::gelu(*v)));
+    let mut o = vec![0f32; n * h];
+    linear(&g, w[FW], w[FB], &mut o, n, inter, h);
+    let (mut y2, mut xhat2, mut rstd2) = (vec![0f32; n * h], vec![0f32; n * h], vec![0f32; n]);
+    add_norm(&o, dropout.map(|d| &d.output[..]), &y1, w[N2W], w[N2B], d.eps, &mut y2, &mut xhat2, &mut rstd2);
+    let tape = train.then(|| Tape { qkv, probs, ctx, xhat1, rstd1, y1, u, g, xhat2, rstd2, out: None });
+    (y2, tape)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn layer_backward(d: &Dims, w: &[&[f32]], x: &[f32], t: &Tape, dropout: Option<&LayerDropout>, dy: &[f32], g: &mut [Vec<f32>]) -> Vec<f32> {
+    let (n, h, inter) = (d.tokens(), d.hidden, d.intermediate);
+    let [gq, gqb, gk, gkb, gv, gvb, go, gob, gn1, gn1b, gi, gib, gf, gfb, gn2, gn2b] = g else { unreachable!("16 parameters per layer") };
+    // Output LayerNorm, then the dropout on the feed-forward output.
+    let dr2 = norm_backward(dy, &t.xhat2, &t.rstd2, w[N2W], gn2, gn2b);
+    let dout = masked(&dr2, dropout.map(|d| &d.output[..]));
+    col_sums(&dout, h, 0, gfb);
+    matmul(ViewMut::new(gf, h, inter), View::new(&dout, n, h).t(), View::new(&t.g, n, inter), 1.0, false, Threads::All);
+    let mut du = vec![0f32; n * inter];
+    matmul(ViewMut::new(&mut du, n, inter), View::new(&dout, n, h), View::new(w[FW], h, inter), 1.0, false, Threads::All);
+    drop(dout);
+    elementwise(&mut du, #[inline(always)] |c, start| c.iter_mut().zip(&t.u[start..]).for_each(|(g, &u)| *g *= math::gelu_grad(u)));
+    col_sums(&du, inter, 0, gib);
+    matmul(ViewMut::new(gi, inter, h), View::new(&du, n, inter).t(), View::new(&t.y1, n, h), 1.0, false, Threads::All);
+    let mut dy1 = dr2;
+    matmul(ViewMut::new(&mut dy1, n, h), View::new(&du, n, inter), View::new(w[IW], inter, h), 1.0, true, Threads::All);
+    drop(du);
+    // Attention LayerNorm, dropout, output projection.
+    let dr1 = norm_backward(&dy1, &t.xhat1, &t.rstd1, w[N1W], gn1, gn1b);
+    drop(dy1);
+    let da = masked(&dr1, dropout.map(|d| &d.attention_output[..]));
+    col_sums(&da, h, 0, gob);
+    matmul(ViewMut::new(go, h, h), View::new(&da, n, h).t(), View::new(&t.ctx, n, h), 1.0, false, Threads::All);
+    let mut dctx = vec![0f32; n * h];
+    matmul(ViewMut::new(&mut dctx, n, h), View::new(&da, n, h), View::new(w[OW], h, h), 1.0, false, Threads::All);
+    drop(da);
+    let dqkv = attention_backward(d, &t.qkv, &t.probs, dropout.map(|d| &d.attention[..]), &dctx);
+    drop(dctx);
+    // The q, k, v projections.
+    let mut dx = dr1;
+    for (p, (gw, gb)) in [(gq, gqb), (gk, gkb), (gv, gvb)].into_iter().enumerate() {
+        col_sums(&dqkv, 3 * h, p * h, gb);
+        let dp = View::strided(&dqkv[p * h..], n, h, 3 * h);
+        matmul(ViewMut::new(gw, h, h), dp.t(), View::new(x, n, h), 1.0, false, Threads::All);
+        matmul(ViewMut::new(&mut dx, n, h), dp, View::new(w[QW + 2 * p], h, h), 1.0, true, Threads::All);
+    }
+    dx
+}
+
+fn masked(x: &[f32], mask: Option<&[f32]>) -> Vec<f32> {
+    let mut out = x.to_vec();
+    if let Some(m) = mask {
+        elementwise(&mut out, #[inline(always)] |c, start| c.iter_mut().zip(&m[start..]).for_each(|(v, m)| *v *= m));
+    }
+    out
+}
+
+/// Softmax of one row of scaled scores in place, keys at padding set to the most negative float first (as
+/// transformers does, so a fully padded row comes out uniform).
+#[inline(always)]
+fn softmax_row(row: &mut [f32], key_mask: &[u32]) {
+    for (x, &m) in row.iter_mut().zip(key_mask) {
+        if m == 0 {
+            *x += f32::MIN;
+        }
+    }
+    let max = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+    let mut sum = 0f32;
+    for x in row.iter_mut() {
+        *x = math::exp(*x - max);
+        sum += *x;
+    }
+    let inv = 1.0 / sum;
+    row.iter_mut().for_each(|x| *x *= inv);
+}
+
+/// Views of one head's q, k and v rows for one example.
+fn head_views<'a>(d: &Dims, qkv: &'a [f32], bn: usize) -> [View<'a>; 3] {
+    let (s, hd, h) = (d.seq, d.head_dim(), d.hidden);
+    let (b, head) = (bn / d.heads, bn % d.heads);
+    let base = b * s * 3 * h + head * hd;
+    [0, 1, 2].map(|p| View::strided(&qkv[base + p * h..], s, hd, 3 * h))
+}
+
+/// Copies per-(example, head) blocks of `seq × head_dim` into their columns of a `tokens × width` matrix.
+fn scatter_heads<'a>(d: &Dims, block: impl Fn(usize) -> &'a [f32] + Sync, width: usize, offset: usize, dst: &mut [f32]) {
+    let (s, hd) = (d.seq, d.head_dim());
+    dst.par_chunks_mut(s * width).enumerate().for_each(|(b, rows)| {
+        for head in 0..d.heads {
+            let block = block(b * d.heads + head);
+            for i in 0..s {
+                let at = i * width + offset + head * hd;
+                rows[at..at + hd].copy_from_slice(&block[i * hd..(i + 1) * hd]);
+            }
+        }
+    });
+}
+
+fn attention_forward(d: &Dims, qkv: &[f32], key_mask: &[u32], dropout: Option<&[f32]>, probs: Option<&mut [f32]>) -> Vec<f32> {
+    let (s, hd) = (d.seq, d.head_dim());
+    let scale = 1.0 / (hd as f32).sqrt();
+    let head = |bn: usize, p: &mut [f32]| -> Vec<f32> {
+        let [q, k, v] = head_views(d, qkv, bn);
+        matmul(ViewMut::new(p, s, s), q, k.t(), scale, false, Threads::One);
+        let km = &key_mask[(bn / d.heads) * s..(bn / d.heads + 1) * s];
+        let mut out = vec![0f32; s * hd];
+        simd(#[inline(always)] || p.chunks_exact_mut(s).for_each(|row| softmax_row(row, km)));
+        match dropout {
+            Some(m) => {
+                let m = &m[bn * s * s..(bn + 1) * s * s];
+                let kept: Vec<f32> = simd(#[inline(always)] || p.iter().zip(m).map(|(p, m)| p * m).collect());
+                matmul(ViewMut::new(&mut out, s, hd), View::new(&kept, s, s), v, 1.0, false, Threads::One);
+            }
+            None => matmul(ViewMut::new(&mut out, s, hd), View::new(p, s, s), v, 1.0, false, Threads::One),
+        }
+        out
+    };
+    let blocks: Vec<Vec<f32>> = match probs {
+        Some(probs) => probs.par_chunks_mut(s * s).enumerate().map(|(bn, p)| head(bn, p)).collect(),
+        None => (0..d.batch * d.heads).into_par_iter().map(|bn| head(bn, &mut vec![0f32; s * s])).collect(),
+    };
+    let mut ctx = vec![0f32; d.tokens() * d.hidden];
+    scatter_heads(d, |bn| &blocks[bn][..], d.hidden, 0, &mut ctx);
+    ctx
+}
+
+fn attention_backward(d: &Dims, qkv: &[f32], probs: &[f32], dropout: Option<&[f32]>, dctx: &[f32]) -> Vec<f32> {
+    let (s, hd, h) = (d.seq, d.head_dim(), d.hidden);
+    let scale = 1.0 / (hd as f32).sqrt();
+    let blocks: Vec<[Vec<f32>; 3]> = (0..d.batch * d.heads)
+        .into_par_iter()
+        .map(|bn| {
+            let [q, k, v] = head_views(d, qkv, bn);
+            let (b, head) = (bn / d.heads, bn % d.heads);
+            let p = &probs[bn * s * s..(bn + 1) * s * s];
+            let m = dropout.map(|m| &m[bn * s * s..(bn + 1) * s * s]);
+            let dout = View::strided(&dctx[b * s * h + head * hd..], s, hd, h);
+            // dV = P'ᵀ dO with P' the probabilities after dropout.
+            let mut dv = vec![0f32; s * hd];
+            match m {
+                Some(m) => {
+                    let kept: Vec<f32> = simd(#[inline(always)] || p.iter().zip(m).map(|(p, m)| p * m).collect());
+                    matmul(ViewMut::new(&mut dv, s, hd), View::new(&kept, s, s).t(), dout, 1.0, false, Threads::One);
+                }
+                None => matmul(ViewMut::new(&mut dv, s, hd), View::new(p, s, s).t(), dout, 1.0, false, Threads::One),
+            }
+            // dP = (dO Vᵀ) ∘ mask, then the softmax backward dS = P ∘ (dP − rowsum(P ∘ dP)).
+            let mut ds = vec![0f32; s * s];
+            matmul(ViewMut::new(&mut ds, s, s), dout, v.t(), 1.0, false, Threads::One);
+            simd(#[inline(always)] || {
+                for (i, row) in ds.chunks_exact_mut(s).enumerate() {
+                    let pr = &p[i * s..(i + 1) * s];
+                    if let Some(m) = m {
+                        row.iter_mut().zip(&m[i * s..(i + 1) * s]).for_each(|(x, m)| *x *= m);
+                    }
+                    let inner: f32 = row.iter().zip(pr).map(|(a, b)| a * b).sum();
+                    row.iter_mut().zip(pr).for_each(|(x, p)| *x = p * (*x - inner));
+                }
+            });
+            // S = scale · Q Kᵀ, so dQ = scale · dS K and dK = scale · dSᵀ Q.
+            let mut dq = vec![0f32; s * hd];
+            matmul(ViewMut::new(&mut dq, s, hd), View::new(&ds, s, s), k, scale, false, Threads::One);
+            let mut dk = vec![0f32; s * hd];
+            matmul(ViewMut::new(&mut dk, s, hd), View::new(&ds, s, s).t(), q, scale, false, Threads::One);
+            [dq, dk, dv]
+        })
+        .collect();
+    let mut dqkv = vec![0f32; d.tokens() * 3 * h];
+    for p in 0..3 {
+        scatter_heads(d, |bn| &blocks[bn][p][..], 3 * h, p * h, &mut dqkv);
+    }
+    dqkv
+}
