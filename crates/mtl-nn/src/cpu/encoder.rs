@@ -159,7 +159,7 @@ impl CustomOp1 for FusedEncoder {
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let d = &self.dims;
         let x0 = f32_slice(storage, layout)?;
-        if x0.len() != d.tokens() * d.hidden || self.key_mask.len() != d.tokens() || d.heads == 0 || d.hidden % d.heads != 0 {
+        if x0.len() != d.tokens() * d.hidden || self.key_mask.len() != d.tokens() || d.heads == 0 || !d.hidden.is_multiple_of(d.heads) {
             candle_core::bail!("fused encoder: input does not match {d:?}")
         }
         let lost = || candle_core::Error::Msg("fused encoder: a layer output went missing".into());
@@ -359,7 +359,7 @@ fn layer_forward(d: &Dims, w: &[&[f32]], x: &[f32], key_mask: &[u32], dropout: O
     linear(&g, w[FW], w[FB], &mut o, n, inter, h);
     let (mut y2, mut xhat2, mut rstd2) = (vec![0f32; n * h], vec![0f32; n * h], vec![0f32; n]);
     add_norm(&o, dropout.map(|d| &d.output[..]), &y1, w[N2W], w[N2B], d.eps, &mut y2, &mut xhat2, &mut rstd2);
-    let tape = train.then(|| Tape { qkv, probs, ctx, xhat1, rstd1, y1, u, g, xhat2, rstd2, out: None });
+    let tape = train.then_some(Tape { qkv, probs, ctx, xhat1, rstd1, y1, u, g, xhat2, rstd2, out: None });
     (y2, tape)
 }
 
@@ -522,8 +522,8 @@ fn attention_backward(d: &Dims, qkv: &[f32], probs: &[f32], dropout: Option<&[f3
         })
         .collect();
     let mut dqkv = vec![0f32; d.tokens() * 3 * h];
-    for p in 0..3 {
-        scatter_heads(d, |bn| &blocks[bn][p][..], 3 * h, p * h, &mut dqkv);
+    for (p, offset) in [0, h, 2 * h].into_iter().enumerate() {
+        scatter_heads(d, |bn| &blocks[bn][p][..], 3 * h, offset, &mut dqkv);
     }
     dqkv
 }
