@@ -279,8 +279,8 @@ fn add_norm(branch: &[f32], mask: Option<&[f32]>, residual: &[f32], gamma: &[f32
                         }
                     }
                 }
-                let mean = xh.iter().sum::<f32>() / h as f32;
-                let var = xh.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / h as f32;
+                let mean = math::sum(xh) / h as f32;
+                let var = math::sum_sq_dev(xh, mean) / h as f32;
                 let rs = 1.0 / (var + eps).sqrt();
                 rstd[r] = rs;
                 for i in 0..h {
@@ -307,11 +307,8 @@ fn norm_backward(dy: &[f32], xhat: &[f32], rstd: &[f32], gamma: &[f32], dgamma: 
                 for (r, dx) in dx.chunks_exact_mut(h).enumerate() {
                     let at = c * chunk + r * h;
                     let (dy, xh) = (&dy[at..at + h], &xhat[at..at + h]);
-                    let (mut sum_g, mut sum_gx) = (0f32, 0f32);
+                    let (sum_g, sum_gx) = (math::dot(dy, gamma), math::dot3(dy, gamma, xh));
                     for i in 0..h {
-                        let g = dy[i] * gamma[i];
-                        sum_g += g;
-                        sum_gx += g * xh[i];
                         dg[i] += dy[i] * xh[i];
                         db[i] += dy[i];
                     }
@@ -339,7 +336,11 @@ fn layer_forward(d: &Dims, w: &[&[f32]], x: &[f32], key_mask: &[u32], dropout: O
     let (n, h, inter) = (d.tokens(), d.hidden, d.intermediate);
     let mut qkv = vec![0f32; n * 3 * h];
     let bias: Vec<f32> = [w[QB], w[QB + 2], w[QB + 4]].concat();
-    qkv.par_chunks_mut(3 * h * ROWS_PER_TASK).for_each(|chunk| simd(#[inline(always)] || chunk.chunks_mut(3 * h).for_each(|row| row.copy_from_slice(&bias))));
+    qkv.par_chunks_mut(3 * h * ROWS_PER_TASK).for_each(|chunk| simd(#[inline(always)] || {
+        for row in chunk.chunks_mut(3 * h) {
+            row.copy_from_slice(&bias);
+        }
+    }));
     for p in 0..3 {
         let dst = ViewMut::strided(&mut qkv[p * h..], n, h, 3 * h);
         matmul(dst, View::new(x, n, h), View::new(w[QW + 2 * p], h, h).t(), 1.0, true, Threads::All);
@@ -354,7 +355,11 @@ fn layer_forward(d: &Dims, w: &[&[f32]], x: &[f32], key_mask: &[u32], dropout: O
     let mut u = vec![0f32; n * inter];
     linear(&y1, w[IW], w[IB], &mut u, n, h, inter);
     let mut g = u.clone();
-    elementwise(&mut g, #[inline(always)] |c, _| c.iter_mut().for_each(|v| *v = math::gelu(*v)));
+    elementwise(&mut g, #[inline(always)] |c, _| {
+        for v in c {
+            *v = math::gelu(*v);
+        }
+    });
     let mut o = vec![0f32; n * h];
     linear(&g, w[FW], w[FB], &mut o, n, inter, h);
     let (mut y2, mut xhat2, mut rstd2) = (vec![0f32; n * h], vec![0f32; n * h], vec![0f32; n]);
@@ -375,7 +380,11 @@ fn layer_backward(d: &Dims, w: &[&[f32]], x: &[f32], t: &Tape, dropout: Option<&
     let mut du = vec![0f32; n * inter];
     matmul(ViewMut::new(&mut du, n, inter), View::new(&dout, n, h), View::new(w[FW], h, inter), 1.0, false, Threads::All);
     drop(dout);
-    elementwise(&mut du, #[inline(always)] |c, start| c.iter_mut().zip(&t.u[start..]).for_each(|(g, &u)| *g *= math::gelu_grad(u)));
+    elementwise(&mut du, #[inline(always)] |c, start| {
+        for (g, &u) in c.iter_mut().zip(&t.u[start..]) {
+            *g *= math::gelu_grad(u);
+        }
+    });
     col_sums(&du, inter, 0, gib);
     matmul(ViewMut::new(gi, inter, h), View::new(&du, n, inter).t(), View::new(&t.y1, n, h), 1.0, false, Threads::All);
     let mut dy1 = dr2;
@@ -406,8 +415,23 @@ fn layer_backward(d: &Dims, w: &[&[f32]], x: &[f32], t: &Tape, dropout: Option<&
 fn masked(x: &[f32], mask: Option<&[f32]>) -> Vec<f32> {
     let mut out = x.to_vec();
     if let Some(m) = mask {
-        elementwise(&mut out, #[inline(always)] |c, start| c.iter_mut().zip(&m[start..]).for_each(|(v, m)| *v *= m));
+        elementwise(&mut out, #[inline(always)] |c, start| {
+            for (v, m) in c.iter_mut().zip(&m[start..]) {
+                *v *= m;
+            }
+        });
     }
+    out
+}
+
+/// `a ∘ b`, vectorised.
+fn product(a: &[f32], b: &[f32]) -> Vec<f32> {
+    let mut out = vec![0f32; a.len().min(b.len())];
+    simd(#[inline(always)] || {
+        for ((o, a), b) in out.iter_mut().zip(a).zip(b) {
+            *o = a * b;
+        }
+    });
     out
 }
 
@@ -420,14 +444,14 @@ fn softmax_row(row: &mut [f32], key_mask: &[u32]) {
             *x += f32::MIN;
         }
     }
-    let max = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-    let mut sum = 0f32;
+    let max = math::max(row);
     for x in row.iter_mut() {
         *x = math::exp(*x - max);
-        sum += *x;
     }
-    let inv = 1.0 / sum;
-    row.iter_mut().for_each(|x| *x *= inv);
+    let inv = 1.0 / math::sum(row);
+    for x in row.iter_mut() {
+        *x *= inv;
+    }
 }
 
 /// Views of one head's q, k and v rows for one example.
@@ -460,11 +484,15 @@ fn attention_forward(d: &Dims, qkv: &[f32], key_mask: &[u32], dropout: Option<&[
         matmul(ViewMut::new(p, s, s), q, k.t(), scale, false, Threads::One);
         let km = &key_mask[(bn / d.heads) * s..(bn / d.heads + 1) * s];
         let mut out = vec![0f32; s * hd];
-        simd(#[inline(always)] || p.chunks_exact_mut(s).for_each(|row| softmax_row(row, km)));
+        simd(#[inline(always)] || {
+            for row in p.chunks_exact_mut(s) {
+                softmax_row(row, km);
+            }
+        });
         match dropout {
             Some(m) => {
                 let m = &m[bn * s * s..(bn + 1) * s * s];
-                let kept: Vec<f32> = simd(#[inline(always)] || p.iter().zip(m).map(|(p, m)| p * m).collect());
+                let kept = product(p, m);
                 matmul(ViewMut::new(&mut out, s, hd), View::new(&kept, s, s), v, 1.0, false, Threads::One);
             }
             None => matmul(ViewMut::new(&mut out, s, hd), View::new(p, s, s), v, 1.0, false, Threads::One),
@@ -495,7 +523,7 @@ fn attention_backward(d: &Dims, qkv: &[f32], probs: &[f32], dropout: Option<&[f3
             let mut dv = vec![0f32; s * hd];
             match m {
                 Some(m) => {
-                    let kept: Vec<f32> = simd(#[inline(always)] || p.iter().zip(m).map(|(p, m)| p * m).collect());
+                    let kept = product(p, m);
                     matmul(ViewMut::new(&mut dv, s, hd), View::new(&kept, s, s).t(), dout, 1.0, false, Threads::One);
                 }
                 None => matmul(ViewMut::new(&mut dv, s, hd), View::new(p, s, s).t(), dout, 1.0, false, Threads::One),
@@ -507,10 +535,14 @@ fn attention_backward(d: &Dims, qkv: &[f32], probs: &[f32], dropout: Option<&[f3
                 for (i, row) in ds.chunks_exact_mut(s).enumerate() {
                     let pr = &p[i * s..(i + 1) * s];
                     if let Some(m) = m {
-                        row.iter_mut().zip(&m[i * s..(i + 1) * s]).for_each(|(x, m)| *x *= m);
+                        for (x, m) in row.iter_mut().zip(&m[i * s..(i + 1) * s]) {
+                            *x *= m;
+                        }
                     }
-                    let inner: f32 = row.iter().zip(pr).map(|(a, b)| a * b).sum();
-                    row.iter_mut().zip(pr).for_each(|(x, p)| *x = p * (*x - inner));
+                    let inner = math::dot(row, pr);
+                    for (x, p) in row.iter_mut().zip(pr) {
+                        *x = p * (*x - inner);
+                    }
                 }
             });
             // S = scale · Q Kᵀ, so dQ = scale · dS K and dK = scale · dSᵀ Q.

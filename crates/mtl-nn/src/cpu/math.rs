@@ -42,6 +42,63 @@ pub fn erf(x: f32) -> f32 {
     }
 }
 
+// Reductions with 16 independent partial sums: a single running sum is a sequential chain the compiler must
+// not reorder, so it would stay scalar (and keep the whole loop around it scalar). The lanes are added in a fixed
+// order, so results do not depend on scheduling.
+const LANES: usize = 16;
+
+#[inline(always)]
+fn reduce(n: usize, init: f32, term: impl Fn(usize) -> f32, combine: impl Fn(f32, f32) -> f32) -> f32 {
+    let mut acc = [init; LANES];
+    let full = n - n % LANES;
+    let mut i = 0;
+    while i < full {
+        for (l, a) in acc.iter_mut().enumerate() {
+            *a = combine(*a, term(i + l));
+        }
+        i += LANES;
+    }
+    let mut tail = init;
+    for j in full..n {
+        tail = combine(tail, term(j));
+    }
+    acc.iter().fold(tail, |a, &b| combine(a, b))
+}
+
+/// `Σ x`.
+#[inline(always)]
+pub fn sum(x: &[f32]) -> f32 {
+    reduce(x.len(), 0.0, #[inline(always)] |i| x[i], #[inline(always)] |a, b| a + b)
+}
+
+/// `Σ (x - c)²`.
+#[inline(always)]
+pub fn sum_sq_dev(x: &[f32], c: f32) -> f32 {
+    reduce(x.len(), 0.0, #[inline(always)] |i| (x[i] - c) * (x[i] - c), #[inline(always)] |a, b| a + b)
+}
+
+/// `Σ a b` over the shorter length.
+#[inline(always)]
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let n = a.len().min(b.len());
+    let (a, b) = (&a[..n], &b[..n]);
+    reduce(n, 0.0, #[inline(always)] |i| a[i] * b[i], #[inline(always)] |x, y| x + y)
+}
+
+/// `Σ a b c` over the shortest length.
+#[inline(always)]
+pub fn dot3(a: &[f32], b: &[f32], c: &[f32]) -> f32 {
+    let n = a.len().min(b.len()).min(c.len());
+    let (a, b, c) = (&a[..n], &b[..n], &c[..n]);
+    reduce(n, 0.0, #[inline(always)] |i| a[i] * b[i] * c[i], #[inline(always)] |x, y| x + y)
+}
+
+/// The largest element (`-∞` for an empty slice).
+#[inline(always)]
+pub fn max(x: &[f32]) -> f32 {
+    reduce(x.len(), f32::NEG_INFINITY, #[inline(always)] |i| x[i], #[inline(always)] |a, b| if b > a { b } else { a })
+}
+
 const FRAC_1_SQRT_2: f32 = std::f32::consts::FRAC_1_SQRT_2;
 const FRAC_1_SQRT_2PI: f32 = 0.398_942_3;
 
@@ -60,6 +117,23 @@ pub fn gelu_grad(x: f32) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reductions_match_plain_loops() {
+        for n in [0, 1, 15, 16, 17, 100, 384] {
+            let a: Vec<f32> = (0..n).map(|i| ((i * 37 % 11) as f32 - 5.0) / 4.0).collect();
+            let b: Vec<f32> = (0..n).map(|i| ((i * 13 % 7) as f32 - 3.0) / 2.0).collect();
+            let c: Vec<f32> = (0..n).map(|i| (i % 5) as f32).collect();
+            let close = |x: f32, y: f64| (f64::from(x) - y).abs() < 1e-4 * (1.0 + y.abs());
+            let f = |v: &[f32]| v.iter().map(|&x| f64::from(x)).collect::<Vec<_>>();
+            let (a64, b64, c64) = (f(&a), f(&b), f(&c));
+            assert!(close(sum(&a), a64.iter().sum()));
+            assert!(close(sum_sq_dev(&a, 0.5), a64.iter().map(|x| (x - 0.5) * (x - 0.5)).sum()));
+            assert!(close(dot(&a, &b), a64.iter().zip(&b64).map(|(x, y)| x * y).sum()));
+            assert!(close(dot3(&a, &b, &c), (0..n).map(|i| a64[i] * b64[i] * c64[i]).sum()));
+            assert_eq!(max(&a), a.iter().copied().fold(f32::NEG_INFINITY, f32::max));
+        }
+    }
 
     #[test]
     fn exp_is_accurate_over_the_range_softmax_uses() {
