@@ -1,6 +1,8 @@
 //! Side-by-side workloads for `bench/vs-pytorch`: W1, one training step (forward, the sum of a [CLS]
 //! cross-entropy and a token cross-entropy, backward, AdamW over every parameter); W2, one inference forward
 //! pass. Prints one JSON line with the median and every step time, and the phase split of the training step.
+//! A third workload, `data`, times the input pipeline of a config (reading, tokenising, collating one epoch of
+//! training batches), to compare with the model's own speed.
 
 // Large tensors are allocated and freed at every op; mimalloc keeps the pages instead of returning them to
 // the kernel and faulting them in again (measured: a large share of a training step with glibc malloc).
@@ -43,6 +45,9 @@ struct Args {
     warmup: usize,
     #[arg(long, default_value_t = 5)]
     steps: usize,
+    /// The config whose training data the `data` workload reads.
+    #[arg(long, default_value = "examples/atis/config.toml")]
+    config: PathBuf,
 }
 
 fn median(v: &[f64]) -> f64 {
@@ -66,6 +71,43 @@ fn batch(b: usize, s: usize, vocab: usize) -> HostBatch {
         word_starts: vec![(0..s).map(Some).collect(); b],
         targets,
     }
+}
+
+/// Times reading, tokenising (with label mapping) and collating one epoch of the training split of `--config`.
+fn data(args: &Args) -> Result<()> {
+    use mtl_data::{collate, epoch_batches, Batching, Dataset, Example, LabelMap, TextEncoder};
+    let config = mtl_config::Config::load(&args.config, &[])?;
+    let bert = BertConfig::from_file(&config.model.path.join("config.json"))?;
+    let encoder = TextEncoder::from_file(&config.model.path.join("tokenizer.json"), config.model.max_len.min(bert.max_position_embeddings))?;
+    let kinds: BTreeMap<TaskId, TaskKind> = config.tasks.iter().map(|(n, t)| (n.clone(), t.kind)).collect();
+    let t = &config.training;
+    let batching = Batching { batch_size: t.batch_size, group_by_length: t.group_by_length, max_tokens: t.max_tokens };
+    let mut phases: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
+    let mut examples = 0;
+    for i in 0..args.warmup + args.steps {
+        let t0 = Instant::now();
+        let raw = mtl_data::read_split(&config, mtl_config::Split::Train)?;
+        let t1 = Instant::now();
+        let labels = LabelMap::for_tasks(&config, &raw)?;
+        let data = Dataset::encode(raw, &encoder, &labels)?;
+        let t2 = Instant::now();
+        let lengths: Vec<usize> = data.examples.iter().map(|e| e.encoded.ids.len()).collect();
+        for chunk in epoch_batches(&lengths, &batching, t.seed, 1) {
+            let batch: Vec<&Example> = chunk.iter().map(|&i| &data.examples[i]).collect();
+            std::hint::black_box(collate(&batch, &kinds));
+        }
+        let t3 = Instant::now();
+        examples = data.len();
+        if i >= args.warmup {
+            phases.entry("read").or_default().push((t1 - t0).as_secs_f64() * 1e3);
+            phases.entry("tokenize").or_default().push((t2 - t1).as_secs_f64() * 1e3);
+            phases.entry("collate_epoch").or_default().push((t3 - t2).as_secs_f64() * 1e3);
+        }
+    }
+    let phases: BTreeMap<&str, f64> = phases.iter().map(|(k, v)| (*k, median(v))).collect();
+    let per_example_us: BTreeMap<&str, f64> = phases.iter().map(|(k, v)| (*k, v * 1e3 / examples as f64)).collect();
+    println!("{}", serde_json::json!({"engine": "mtl", "workload": "data", "examples": examples, "phases_ms": phases, "per_example_us": per_example_us}));
+    Ok(())
 }
 
 fn main() -> Result<()> {
@@ -117,7 +159,8 @@ fn main() -> Result<()> {
                 }
             }
         }
-        other => anyhow::bail!("unknown workload {other:?}; valid choices: train, infer"),
+        "data" => return data(&args),
+        other => anyhow::bail!("unknown workload {other:?}; valid choices: train, infer, data"),
     }
     let phases: BTreeMap<&str, f64> = phases.iter().map(|(k, v)| (*k, median(v))).collect();
     println!("{}", serde_json::json!({"engine": "mtl", "workload": args.workload, "median_ms": median(&times), "times_ms": times, "phases_ms": phases}));

@@ -79,6 +79,11 @@ pub struct TrainingConfig {
     /// dynamic padding pads little; the batch order is still shuffled every epoch.
     #[serde(default = "default_true")]
     pub group_by_length: bool,
+    /// A token budget per training batch: a batch closes before its padded size (examples × longest
+    /// sequence) would exceed it, so batches of short inputs hold more examples (never more than
+    /// `batch_size`). None by default.
+    #[serde(default)]
+    pub max_tokens: Option<usize>,
     /// The dev metric that picks the best epoch, as `TASK.METRIC` or `joint.frame_accuracy`. When absent,
     /// the mean of every task's main metric (accuracy, or entity F1 for tagging) is used.
     #[serde(default)]
@@ -263,6 +268,9 @@ impl Config {
         }
         if t.batch_size == 0 || t.eval_batch_size == 0 {
             return Err(invalid("training.batch_size", "batch sizes must be at least 1".into()));
+        }
+        if t.max_tokens == Some(0) {
+            return Err(invalid("training.max_tokens", "must be at least 1".into()));
         }
         for (field, lr) in [("training.lr", Some(t.lr)), ("training.head_lr", t.head_lr)] {
             if let Some(lr) = lr {

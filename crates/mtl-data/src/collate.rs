@@ -17,26 +17,61 @@ pub fn epoch_order(n: usize, seed: u64, epoch: usize) -> Vec<usize> {
     order
 }
 
+/// How training examples are cut into batches.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Batching {
+    /// The most examples in a batch.
+    pub batch_size: usize,
+    /// Batch examples of similar length together.
+    pub group_by_length: bool,
+    /// Close a batch before its padded size (examples × longest) would exceed this many tokens.
+    pub max_tokens: Option<usize>,
+}
+
 /// The batches of one epoch, as lists of example indices.
 ///
 /// Without grouping, a seeded shuffle cut into batches. With `group_by_length`, batches are made of examples
 /// of similar length so that dynamic padding pads little: the shuffled examples are cut into pools of 50
 /// batches, each pool is sorted by length and cut into batches, and all batches are shuffled (the scheme of
-/// transformers' `LengthGroupedSampler`, with the batch order randomised too).
-pub fn epoch_batches(lengths: &[usize], batch_size: usize, group_by_length: bool, seed: u64, epoch: usize) -> Vec<Vec<usize>> {
-    let batch_size = batch_size.max(1);
+/// transformers' `LengthGroupedSampler`, with the batch order randomised too). With a token budget, a batch
+/// also closes before its padded size would exceed `max_tokens` (an example longer than the budget forms a
+/// batch of its own).
+pub fn epoch_batches(lengths: &[usize], batching: &Batching, seed: u64, epoch: usize) -> Vec<Vec<usize>> {
+    let batch_size = batching.batch_size.max(1);
     let order = epoch_order(lengths.len(), seed, epoch);
-    if !group_by_length {
-        return order.chunks(batch_size).map(<[usize]>::to_vec).collect();
+    if !batching.group_by_length {
+        return cut(&order, lengths, batch_size, batching.max_tokens);
     }
     let mut batches: Vec<Vec<usize>> = Vec::new();
     for pool in order.chunks(batch_size * 50) {
         let mut pool = pool.to_vec();
         pool.sort_by_key(|&i| std::cmp::Reverse(lengths[i]));
-        batches.extend(pool.chunks(batch_size).map(<[usize]>::to_vec));
+        batches.extend(cut(&pool, lengths, batch_size, batching.max_tokens));
     }
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed.wrapping_add(1) ^ (epoch as u64).wrapping_mul(0xA24B_AED4_963E_E407));
     batches.shuffle(&mut rng);
+    batches
+}
+
+/// Cuts `order` into consecutive batches of at most `batch_size` examples and, with a budget, at most
+/// `max_tokens` padded tokens.
+fn cut(order: &[usize], lengths: &[usize], batch_size: usize, max_tokens: Option<usize>) -> Vec<Vec<usize>> {
+    let Some(budget) = max_tokens else { return order.chunks(batch_size).map(<[usize]>::to_vec).collect() };
+    let mut batches = Vec::new();
+    let mut current: Vec<usize> = Vec::new();
+    let mut longest = 0;
+    for &i in order {
+        let longer = longest.max(lengths[i]);
+        if !current.is_empty() && (current.len() == batch_size || longer * (current.len() + 1) > budget) {
+            batches.push(std::mem::take(&mut current));
+            longest = 0;
+        }
+        longest = longest.max(lengths[i]);
+        current.push(i);
+    }
+    if !current.is_empty() {
+        batches.push(current);
+    }
     batches
 }
 
@@ -106,18 +141,41 @@ mod tests {
     fn batches_cover_every_example_once_and_group_lengths() {
         let lengths: Vec<usize> = (0..1000).map(|i| (i * 37) % 61 + 3).collect();
         for group in [false, true] {
-            let batches = epoch_batches(&lengths, 16, group, 7, 1);
+            let batching = Batching { batch_size: 16, group_by_length: group, max_tokens: None };
+            let batches = epoch_batches(&lengths, &batching, 7, 1);
             let mut seen: Vec<usize> = batches.concat();
             seen.sort_unstable();
             assert_eq!(seen, (0..1000).collect::<Vec<_>>());
-            assert_eq!(batches, epoch_batches(&lengths, 16, group, 7, 1), "seeded");
-            assert_ne!(batches, epoch_batches(&lengths, 16, group, 7, 2), "each epoch differs");
+            assert_eq!(batches, epoch_batches(&lengths, &batching, 7, 1), "seeded");
+            assert_ne!(batches, epoch_batches(&lengths, &batching, 7, 2), "each epoch differs");
             let padded: usize = batches.iter().map(|b| b.len() * b.iter().map(|&i| lengths[i]).max().unwrap_or(0)).sum();
             let real: usize = lengths.iter().sum();
             if group {
                 assert!((padded as f64) < 1.1 * real as f64, "grouped batches pad little: {padded} vs {real}");
             } else {
                 assert!((padded as f64) > 1.3 * real as f64, "random batches pad a lot: {padded} vs {real}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_token_budget_caps_padded_batch_size() {
+        let lengths: Vec<usize> = (0..500).map(|i| (i * 37) % 61 + 3).chain([600]).collect();
+        for group in [false, true] {
+            let batching = Batching { batch_size: 64, group_by_length: group, max_tokens: Some(512) };
+            let batches = epoch_batches(&lengths, &batching, 3, 1);
+            let mut seen: Vec<usize> = batches.concat();
+            seen.sort_unstable();
+            assert_eq!(seen, (0..lengths.len()).collect::<Vec<_>>(), "every example once");
+            for b in &batches {
+                let padded = b.len() * b.iter().map(|&i| lengths[i]).max().unwrap_or(0);
+                assert!(b.len() <= 64);
+                assert!(padded <= 512 || b.len() == 1, "batch of {} examples pads to {padded} tokens", b.len());
+            }
+            assert!(batches.iter().any(|b| b == &vec![500]), "the over-long example is alone");
+            if group {
+                // Short examples fill up to the example cap, long ones make small batches.
+                assert!(batches.iter().any(|b| b.len() > 16) && batches.iter().any(|b| b.len() < 10));
             }
         }
     }

@@ -3,6 +3,7 @@
 use std::collections::BTreeMap;
 
 use mtl_core::TaskId;
+use rayon::prelude::*;
 
 use crate::{DataError, Encoded, Input, LabelMap, Location, RawExample, RawLabel, Result, TextEncoder};
 
@@ -28,36 +29,11 @@ pub struct Dataset {
 }
 
 impl Dataset {
-    /// Encodes raw examples. A label missing from its task's map is an error naming file and line.
+    /// Encodes raw examples, in parallel over examples. A label missing from its task's map is an error naming
+    /// file and line (the first such line, whatever the thread scheduling).
     pub fn encode(raw: Vec<RawExample>, encoder: &TextEncoder, labels: &BTreeMap<TaskId, LabelMap>) -> Result<Self> {
-        let mut examples = Vec::with_capacity(raw.len());
-        for ex in raw {
-            let encoded = encoder.encode(&ex.input).map_err(|m| DataError::at(&ex.location, m))?;
-            let mut mapped = BTreeMap::new();
-            for (task, label) in &ex.labels {
-                let map = &labels[task];
-                let lookup = |l: &str| {
-                    map.id(l).ok_or_else(|| {
-                        DataError::at(
-                            &ex.location,
-                            format!(
-                                "task `{task}`: unknown label {l:?}; it is not in the training data or the configured \
-                                 label list ({} labels: {})",
-                                map.len(),
-                                preview(map.labels())
-                            ),
-                        )
-                    })
-                };
-                let label = match label {
-                    RawLabel::Class(l) => Label::Class(lookup(l)?),
-                    RawLabel::Tags(tags) => Label::Tags(tags.iter().map(|t| lookup(t)).collect::<Result<_>>()?),
-                };
-                mapped.insert(task.clone(), label);
-            }
-            examples.push(Example { location: ex.location, input: ex.input, encoded, labels: mapped });
-        }
-        Ok(Self { examples })
+        let encoded: Vec<Result<Example>> = raw.into_par_iter().map(|ex| encode_one(ex, encoder, labels)).collect();
+        Ok(Self { examples: encoded.into_iter().collect::<Result<_>>()? })
     }
 
     pub fn len(&self) -> usize {
@@ -67,6 +43,33 @@ impl Dataset {
     pub fn is_empty(&self) -> bool {
         self.examples.is_empty()
     }
+}
+
+fn encode_one(ex: RawExample, encoder: &TextEncoder, labels: &BTreeMap<TaskId, LabelMap>) -> Result<Example> {
+    let encoded = encoder.encode(&ex.input).map_err(|m| DataError::at(&ex.location, m))?;
+    let mut mapped = BTreeMap::new();
+    for (task, label) in &ex.labels {
+        let map = &labels[task];
+        let lookup = |l: &str| {
+            map.id(l).ok_or_else(|| {
+                DataError::at(
+                    &ex.location,
+                    format!(
+                        "task `{task}`: unknown label {l:?}; it is not in the training data or the configured label list \
+                         ({} labels: {})",
+                        map.len(),
+                        preview(map.labels())
+                    ),
+                )
+            })
+        };
+        let label = match label {
+            RawLabel::Class(l) => Label::Class(lookup(l)?),
+            RawLabel::Tags(tags) => Label::Tags(tags.iter().map(|t| lookup(t)).collect::<Result<_>>()?),
+        };
+        mapped.insert(task.clone(), label);
+    }
+    Ok(Example { location: ex.location, input: ex.input, encoded, labels: mapped })
 }
 
 fn preview(labels: &[String]) -> String {

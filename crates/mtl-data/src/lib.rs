@@ -13,7 +13,7 @@ mod read;
 
 use std::path::PathBuf;
 
-pub use collate::{collate, epoch_batches, epoch_order};
+pub use collate::{collate, epoch_batches, epoch_order, Batching};
 pub use dataset::{Dataset, Example, Label};
 pub use encode::{Encoded, TextEncoder};
 pub use labels::LabelMap;

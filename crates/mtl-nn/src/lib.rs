@@ -13,7 +13,7 @@ mod layers;
 mod model;
 mod params;
 
-pub use bert::{Bert, BertConfig, Kernels};
+pub use bert::{Activation, Bert, BertConfig, Kernels};
 pub use heads::{Head, HeadOutput};
 pub use layers::{DropoutRng, LayerNorm, Linear};
 pub use bert::BertInput;

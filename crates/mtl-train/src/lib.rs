@@ -12,7 +12,7 @@ mod trainer;
 use std::path::PathBuf;
 
 pub use evaluate::{main_metric, predict_examples, score, selection_score, Prediction, Scores};
-pub use optim::{AdamW, AdamWConfig, ParamGroup, StepInfo};
+pub use optim::{AdamW, AdamWConfig, AdamWState, ParamGroup, StepInfo};
 pub use progress::ProgressCallback;
 pub use schedule::linear_warmup_decay;
 pub use trainer::{Callback, Control, EvalReport, Outcome, Splits, StepReport, Trainer};

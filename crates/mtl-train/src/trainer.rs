@@ -5,7 +5,8 @@ use std::collections::BTreeMap;
 use candle_core::Tensor;
 use mtl_config::Config;
 use mtl_core::{Mode, TaskId, TaskKind};
-use mtl_data::{collate, epoch_batches, Dataset, Example, LabelMap};
+use mtl_core::HostBatch;
+use mtl_data::{collate, epoch_batches, Batching, Dataset, Example, LabelMap};
 use mtl_metrics::Direction;
 use mtl_nn::MultiTaskModel;
 
@@ -71,6 +72,9 @@ pub struct Outcome {
     pub test: Option<Scores>,
 }
 
+/// How many collated batches the worker thread may hold ready.
+const PREFETCH_BATCHES: usize = 4;
+
 /// Parameters of the heads get `head_lr`; biases and LayerNorm parameters get no weight decay.
 fn param_group(name: &str, config: &Config) -> ParamGroup {
     let no_decay = name.ends_with(".bias") || name.contains("LayerNorm");
@@ -100,10 +104,13 @@ impl Trainer<'_> {
     pub fn train(&self, splits: &Splits, callbacks: &mut [&mut dyn Callback]) -> Result<Outcome> {
         let t = &self.config.training;
         let kinds = self.task_kinds();
-        let n = splits.train.len();
         let lengths: Vec<usize> = splits.train.examples.iter().map(|e| e.encoded.ids.len()).collect();
-        let steps_per_epoch = n.div_ceil(t.batch_size);
-        let total_steps = steps_per_epoch * t.epochs;
+        let batching = Batching { batch_size: t.batch_size, group_by_length: t.group_by_length, max_tokens: t.max_tokens };
+        // Every epoch's batches, up front: with a token budget their number varies a little between epochs,
+        // and the learning-rate schedule needs the exact total.
+        let epochs: Vec<Vec<Vec<usize>>> = (1..=t.epochs).map(|e| epoch_batches(&lengths, &batching, t.seed, e)).collect();
+        let total_steps: usize = epochs.iter().map(Vec::len).sum();
+        let steps_per_epoch = epochs.first().map_or(0, Vec::len);
         let warmup = (t.warmup_ratio * total_steps as f64).ceil() as usize;
         let params = self.model.params().vars().iter().map(|(name, var)| (name.clone(), var.clone(), param_group(name, self.config)));
         let mut optimizer = AdamW::new(params, AdamWConfig::default());
@@ -114,31 +121,43 @@ impl Trainer<'_> {
         let direction = Direction::HigherIsBetter;
         let mut best: Option<(usize, f64, Scores, BTreeMap<String, Tensor>)> = None;
         let mut step = 0;
-        'epochs: for epoch in 1..=t.epochs {
-            for chunk in epoch_batches(&lengths, t.batch_size, t.group_by_length, t.seed, epoch) {
-                let examples: Vec<&Example> = chunk.iter().map(|&i| &splits.train.examples[i]).collect();
-                let batch = collate(&examples, &kinds);
-                let losses = self.model.losses(&batch, Mode::Train)?;
-                let Some(total) = losses.iter().map(|l| l.loss.clone()).reduce(|a, b| (a + b).expect("scalar losses add; this is a bug"))
-                else {
-                    continue;
-                };
-                let grads = self.model.backward(&total)?;
-                let lr_scale = linear_warmup_decay(step, warmup, total_steps);
-                let info = optimizer.step(&grads, lr_scale, t.grad_clip)?;
-                step += 1;
-                let report = StepReport {
-                    epoch,
-                    step,
-                    total_steps,
-                    losses: losses.iter().map(|l| Ok((l.task.clone(), l.loss.to_scalar::<f32>()?))).collect::<Result<_>>()?,
-                    lr: t.lr * lr_scale,
-                    grad_norm: info.grad_norm,
-                };
-                for cb in callbacks.iter_mut() {
-                    cb.on_step(&report);
+        'epochs: for (epoch, batches) in (1..=t.epochs).zip(epochs) {
+            // Collation runs on a worker thread, a few batches ahead of the model.
+            std::thread::scope(|scope| -> Result<()> {
+                let (sender, receiver) = std::sync::mpsc::sync_channel::<HostBatch>(PREFETCH_BATCHES);
+                let (train, kinds) = (&splits.train, &kinds);
+                scope.spawn(move || {
+                    for chunk in batches {
+                        let examples: Vec<&Example> = chunk.iter().map(|&i| &train.examples[i]).collect();
+                        if sender.send(collate(&examples, kinds)).is_err() {
+                            break; // the training loop stopped early
+                        }
+                    }
+                });
+                for batch in receiver {
+                    let losses = self.model.losses(&batch, Mode::Train)?;
+                    let Some(total) = losses.iter().map(|l| l.loss.clone()).reduce(|a, b| (a + b).expect("scalar losses add; this is a bug"))
+                    else {
+                        continue;
+                    };
+                    let grads = self.model.backward(&total)?;
+                    let lr_scale = linear_warmup_decay(step, warmup, total_steps);
+                    let info = optimizer.step(&grads, lr_scale, t.grad_clip)?;
+                    step += 1;
+                    let report = StepReport {
+                        epoch,
+                        step,
+                        total_steps,
+                        losses: losses.iter().map(|l| Ok((l.task.clone(), l.loss.to_scalar::<f32>()?))).collect::<Result<_>>()?,
+                        lr: t.lr * lr_scale,
+                        grad_norm: info.grad_norm,
+                    };
+                    for cb in callbacks.iter_mut() {
+                        cb.on_step(&report);
+                    }
                 }
-            }
+                Ok(())
+            })?;
             let Some(dev) = &splits.dev else { continue };
             let scores = self.evaluate(dev)?;
             let selection = selection_score(&scores, t.select_metric.as_deref(), &kinds);

@@ -244,6 +244,12 @@ fn linear(x: &[f32], w: &[f32], b: &[f32], out: &mut [f32], rows: usize, in_dim:
     matmul(ViewMut::strided(out, rows, out_dim, stride), View::new(x, rows, in_dim), View::new(w, out_dim, in_dim).t(), 1.0, true, Threads::All);
 }
 
+/// The query, key and value parameters starting at `first` (`QW` for weights, `QB` for biases), one after the
+/// other: the weights stack into `[3h × h]`, the biases into `[3h]`.
+fn stacked(w: &[&[f32]], first: usize) -> Vec<f32> {
+    [w[first], w[first + 2], w[first + 4]].concat()
+}
+
 /// `dst[j] += Σ_rows m[row, offset + j]` over rows of `stride` elements.
 fn col_sums(m: &[f32], stride: usize, offset: usize, dst: &mut [f32]) {
     let n = dst.len();
@@ -258,7 +264,8 @@ fn col_sums(m: &[f32], stride: usize, offset: usize, dst: &mut [f32]) {
 
 /// `y = LayerNorm(branch ∘ mask + residual)`, keeping the normalised input and 1/σ of each row.
 #[allow(clippy::too_many_arguments)]
-fn add_norm(branch: &[f32], mask: Option<&[f32]>, residual: &[f32], gamma: &[f32], beta: &[f32], eps: f32, y: &mut [f32], xhat: &mut [f32], rstd: &mut [f32]) {
+#[doc(hidden)] // public for the kernel benchmarks
+pub fn add_norm(branch: &[f32], mask: Option<&[f32]>, residual: &[f32], gamma: &[f32], beta: &[f32], eps: f32, y: &mut [f32], xhat: &mut [f32], rstd: &mut [f32]) {
     let h = gamma.len();
     let chunk = h * ROWS_PER_TASK;
     y.par_chunks_mut(chunk).zip(xhat.par_chunks_mut(chunk)).zip(rstd.par_chunks_mut(ROWS_PER_TASK)).enumerate().for_each(|(c, ((y, xhat), rstd))| {
@@ -294,7 +301,8 @@ fn add_norm(branch: &[f32], mask: Option<&[f32]>, residual: &[f32], gamma: &[f32
 
 /// LayerNorm backward: returns the gradient of the normalised input and adds to `dgamma` and `dbeta`.
 /// Partial sums are added in chunk order, so the result does not depend on scheduling.
-fn norm_backward(dy: &[f32], xhat: &[f32], rstd: &[f32], gamma: &[f32], dgamma: &mut [f32], dbeta: &mut [f32]) -> Vec<f32> {
+#[doc(hidden)] // public for the kernel benchmarks
+pub fn norm_backward(dy: &[f32], xhat: &[f32], rstd: &[f32], gamma: &[f32], dgamma: &mut [f32], dbeta: &mut [f32]) -> Vec<f32> {
     let h = gamma.len();
     let chunk = h * ROWS_PER_TASK;
     let mut dx = vec![0f32; dy.len()];
@@ -334,17 +342,9 @@ fn elementwise(a: &mut [f32], f: impl Fn(&mut [f32], usize) + Sync) {
 
 fn layer_forward(d: &Dims, w: &[&[f32]], x: &[f32], key_mask: &[u32], dropout: Option<&LayerDropout>, train: bool) -> (Vec<f32>, Option<Tape>) {
     let (n, h, inter) = (d.tokens(), d.hidden, d.intermediate);
+    // q, k and v in one product against the stacked [3h × h] weight.
     let mut qkv = vec![0f32; n * 3 * h];
-    let bias: Vec<f32> = [w[QB], w[QB + 2], w[QB + 4]].concat();
-    qkv.par_chunks_mut(3 * h * ROWS_PER_TASK).for_each(|chunk| simd(#[inline(always)] || {
-        for row in chunk.chunks_mut(3 * h) {
-            row.copy_from_slice(&bias);
-        }
-    }));
-    for p in 0..3 {
-        let dst = ViewMut::strided(&mut qkv[p * h..], n, h, 3 * h);
-        matmul(dst, View::new(x, n, h), View::new(w[QW + 2 * p], h, h).t(), 1.0, true, Threads::All);
-    }
+    linear(x, &stacked(w, QW), &stacked(w, QB), &mut qkv, n, h, 3 * h);
     let mut probs = if train { vec![0f32; d.batch * d.heads * d.seq * d.seq] } else { Vec::new() };
     let ctx = attention_forward(d, &qkv, key_mask, dropout.map(|d| &d.attention[..]), train.then_some(&mut probs[..]));
     let mut a = vec![0f32; n * h];
@@ -401,13 +401,15 @@ fn layer_backward(d: &Dims, w: &[&[f32]], x: &[f32], t: &Tape, dropout: Option<&
     drop(da);
     let dqkv = attention_backward(d, &t.qkv, &t.probs, dropout.map(|d| &d.attention[..]), &dctx);
     drop(dctx);
-    // The q, k, v projections.
+    // The q, k, v projections, as one product against the stacked weight.
     let mut dx = dr1;
-    for (p, (gw, gb)) in [(gq, gqb), (gk, gkb), (gv, gvb)].into_iter().enumerate() {
-        col_sums(&dqkv, 3 * h, p * h, gb);
-        let dp = View::strided(&dqkv[p * h..], n, h, 3 * h);
-        matmul(ViewMut::new(gw, h, h), dp.t(), View::new(x, n, h), 1.0, false, Threads::All);
-        matmul(ViewMut::new(&mut dx, n, h), dp, View::new(w[QW + 2 * p], h, h), 1.0, true, Threads::All);
+    let (mut gw, mut gb) = (vec![0f32; 3 * h * h], vec![0f32; 3 * h]);
+    col_sums(&dqkv, 3 * h, 0, &mut gb);
+    matmul(ViewMut::new(&mut gw, 3 * h, h), View::new(&dqkv, n, 3 * h).t(), View::new(x, n, h), 1.0, false, Threads::All);
+    matmul(ViewMut::new(&mut dx, n, h), View::new(&dqkv, n, 3 * h), View::new(&stacked(w, QW), 3 * h, h), 1.0, true, Threads::All);
+    for (p, (gw_p, gb_p)) in [(gq, gqb), (gk, gkb), (gv, gvb)].into_iter().enumerate() {
+        gw_p.copy_from_slice(&gw[p * h * h..(p + 1) * h * h]);
+        gb_p.copy_from_slice(&gb[p * h..(p + 1) * h]);
     }
     dx
 }
@@ -476,7 +478,8 @@ fn scatter_heads<'a>(d: &Dims, block: impl Fn(usize) -> &'a [f32] + Sync, width:
     });
 }
 
-fn attention_forward(d: &Dims, qkv: &[f32], key_mask: &[u32], dropout: Option<&[f32]>, probs: Option<&mut [f32]>) -> Vec<f32> {
+#[doc(hidden)] // public for the kernel benchmarks
+pub fn attention_forward(d: &Dims, qkv: &[f32], key_mask: &[u32], dropout: Option<&[f32]>, probs: Option<&mut [f32]>) -> Vec<f32> {
     let (s, hd) = (d.seq, d.head_dim());
     let scale = 1.0 / (hd as f32).sqrt();
     let head = |bn: usize, p: &mut [f32]| -> Vec<f32> {
@@ -508,7 +511,8 @@ fn attention_forward(d: &Dims, qkv: &[f32], key_mask: &[u32], dropout: Option<&[
     ctx
 }
 
-fn attention_backward(d: &Dims, qkv: &[f32], probs: &[f32], dropout: Option<&[f32]>, dctx: &[f32]) -> Vec<f32> {
+#[doc(hidden)] // public for the kernel benchmarks
+pub fn attention_backward(d: &Dims, qkv: &[f32], probs: &[f32], dropout: Option<&[f32]>, dctx: &[f32]) -> Vec<f32> {
     let (s, hd, h) = (d.seq, d.head_dim(), d.hidden);
     let scale = 1.0 / (hd as f32).sqrt();
     let blocks: Vec<[Vec<f32>; 3]> = (0..d.batch * d.heads)
