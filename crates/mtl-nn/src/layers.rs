@@ -4,7 +4,8 @@ use std::sync::Mutex;
 
 use candle_core::{DType, Tensor, D};
 use mtl_core::Mode;
-use rand::{RngCore, SeedableRng};
+use rand::{Rng, RngCore, SeedableRng};
+use rayon::prelude::*;
 
 use crate::params::{Init, ParamBuilder};
 use crate::Result;
@@ -105,14 +106,28 @@ impl DropoutRng {
     }
 
     /// A mask of `n` multipliers: 0 with probability `p`, `1 / (1 - p)` otherwise. `None` when `p` is 0.
+    ///
+    /// One draw from the model's generator seeds the mask; chunks of it come from separate ChaCha streams of
+    /// that seed, filled in parallel, so the mask does not depend on the number of threads.
     pub fn mask(&self, n: usize) -> Option<Vec<f32>> {
         if self.p == 0.0 {
             return None;
         }
+        const CHUNK: usize = 1 << 16;
         let threshold = (f64::from(self.p) * f64::from(u32::MAX)) as u32;
         let scale = 1.0 / (1.0 - self.p);
-        let mut rng = self.rng.lock().expect("dropout rng lock poisoned; this is a bug");
-        Some((0..n).map(|_| if rng.next_u32() > threshold { scale } else { 0.0 }).collect())
+        let seed = self.rng.lock().expect("dropout rng lock poisoned; this is a bug").next_u64();
+        let mut mask = vec![0f32; n];
+        mask.par_chunks_mut(CHUNK).enumerate().for_each(|(i, chunk)| {
+            let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+            rng.set_stream(i as u64);
+            let mut bits = vec![0u32; chunk.len()];
+            rng.fill(&mut bits[..]);
+            for (m, &r) in chunk.iter_mut().zip(&bits) {
+                *m = if r > threshold { scale } else { 0.0 };
+            }
+        });
+        Some(mask)
     }
 
     /// Zeroes each element with probability `p` and scales the rest by `1 / (1 - p)` in training; the
