@@ -73,6 +73,33 @@ fn batch(b: usize, s: usize, vocab: usize) -> HostBatch {
     }
 }
 
+/// GFLOP/s of `m×k · k×n` products at the encoder's shapes, for each storage order of the operands (`N`:
+/// row-major as used, `T`: stored transposed), as the fused encoder calls them.
+fn gemm_layouts(args: &Args) -> Result<()> {
+    use mtl_nn::cpu::gemm::{matmul, Threads, View, ViewMut};
+    let n = args.batch * args.seq;
+    for (m, k, p) in [(n, 384, 1536), (n, 1536, 384), (1536, n, 384), (384, n, 1536), (1152, n, 384), (n, 384, 1152)] {
+        let a = vec![0.5f32; m * k];
+        let b = vec![0.25f32; k * p];
+        let mut c = vec![0f32; m * p];
+        let mut line = format!("{m:5}x{k:5}x{p:5}");
+        for (at, bt) in [(false, false), (false, true), (true, false), (true, true)] {
+            let mut times = Vec::new();
+            for _ in 0..args.warmup + args.steps {
+                let t0 = Instant::now();
+                let av = if at { View::new(&a, k, m).t() } else { View::new(&a, m, k) };
+                let bv = if bt { View::new(&b, p, k).t() } else { View::new(&b, k, p) };
+                matmul(ViewMut::new(&mut c, m, p), av, bv, 1.0, false, Threads::All);
+                times.push(t0.elapsed().as_secs_f64());
+            }
+            let t = median(&times[args.warmup..]);
+            line += &format!("  {}{} {:6.1}", if at { "T" } else { "N" }, if bt { "T" } else { "N" }, 2.0 * (m * k * p) as f64 / t / 1e9);
+        }
+        println!("{line}  GFLOP/s");
+    }
+    Ok(())
+}
+
 /// Times reading, tokenising (with label mapping) and collating one epoch of the training split of `--config`.
 fn data(args: &Args) -> Result<()> {
     use mtl_data::{collate, epoch_batches, Batching, Dataset, Example, LabelMap, TextEncoder};
@@ -160,6 +187,7 @@ fn main() -> Result<()> {
             }
         }
         "data" => return data(&args),
+        "gemm" => return gemm_layouts(&args),
         other => anyhow::bail!("unknown workload {other:?}; valid choices: train, infer, data"),
     }
     let phases: BTreeMap<&str, f64> = phases.iter().map(|(k, v)| (*k, median(v))).collect();

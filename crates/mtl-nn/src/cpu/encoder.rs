@@ -83,7 +83,9 @@ struct Tape {
     xhat1: Vec<f32>,
     rstd1: Vec<f32>,
     y1: Vec<f32>,
-    u: Vec<f32>,
+    /// GELU's derivative at the intermediate pre-activations.
+    dgelu: Vec<f32>,
+    /// GELU's output.
     g: Vec<f32>,
     xhat2: Vec<f32>,
     rstd2: Vec<f32>,
@@ -354,17 +356,21 @@ fn layer_forward(d: &Dims, w: &[&[f32]], x: &[f32], key_mask: &[u32], dropout: O
     drop(a);
     let mut u = vec![0f32; n * inter];
     linear(&y1, w[IW], w[IB], &mut u, n, h, inter);
-    let mut g = u.clone();
-    elementwise(&mut g, #[inline(always)] |c, _| {
-        for v in c {
-            *v = math::gelu(*v);
-        }
+    // g = gelu(u) for the next product; u itself is overwritten by gelu'(u), all the backward pass needs.
+    let mut g = vec![0f32; n * inter];
+    g.par_chunks_mut(1 << 14).zip(u.par_chunks_mut(1 << 14)).for_each(|(g, u)| {
+        simd(#[inline(always)] || {
+            for (g, u) in g.iter_mut().zip(u.iter_mut()) {
+                (*g, *u) = math::gelu_and_grad(*u);
+            }
+        })
     });
+    let dgelu = u;
     let mut o = vec![0f32; n * h];
     linear(&g, w[FW], w[FB], &mut o, n, inter, h);
     let (mut y2, mut xhat2, mut rstd2) = (vec![0f32; n * h], vec![0f32; n * h], vec![0f32; n]);
     add_norm(&o, dropout.map(|d| &d.output[..]), &y1, w[N2W], w[N2B], d.eps, &mut y2, &mut xhat2, &mut rstd2);
-    let tape = train.then_some(Tape { qkv, probs, ctx, xhat1, rstd1, y1, u, g, xhat2, rstd2, out: None });
+    let tape = train.then_some(Tape { qkv, probs, ctx, xhat1, rstd1, y1, dgelu, g, xhat2, rstd2, out: None });
     (y2, tape)
 }
 
@@ -381,8 +387,8 @@ fn layer_backward(d: &Dims, w: &[&[f32]], x: &[f32], t: &Tape, dropout: Option<&
     matmul(ViewMut::new(&mut du, n, inter), View::new(&dout, n, h), View::new(w[FW], h, inter), 1.0, false, Threads::All);
     drop(dout);
     elementwise(&mut du, #[inline(always)] |c, start| {
-        for (g, &u) in c.iter_mut().zip(&t.u[start..]) {
-            *g *= math::gelu_grad(u);
+        for (g, &d) in c.iter_mut().zip(&t.dgelu[start..]) {
+            *g *= d;
         }
     });
     col_sums(&du, inter, 0, gib);

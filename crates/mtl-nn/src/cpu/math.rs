@@ -31,15 +31,18 @@ pub fn exp(x: f32) -> f32 {
 /// The error function, absolute error below 5e-7 (Abramowitz & Stegun 7.1.26, 1.5e-7, evaluated in f32).
 #[inline(always)]
 pub fn erf(x: f32) -> f32 {
+    erf_and_gauss(x).0
+}
+
+/// `(erf(x), e^(-x²))`: the second is computed on the way.
+#[inline(always)]
+fn erf_and_gauss(x: f32) -> (f32, f32) {
     let a = x.abs();
     let t = 1.0 / (1.0 + 0.327_591_1 * a);
     let poly = t * (0.254_829_6 + t * (-0.284_496_74 + t * (1.421_413_7 + t * (-1.453_152 + t * 1.061_405_4))));
-    let y = 1.0 - poly * exp(-a * a);
-    if x < 0.0 {
-        -y
-    } else {
-        y
-    }
+    let gauss = exp(-a * a);
+    let y = 1.0 - poly * gauss;
+    (if x < 0.0 { -y } else { y }, gauss)
 }
 
 // Reductions with 16 independent partial sums: a single running sum is a sequential chain the compiler must
@@ -106,6 +109,14 @@ const FRAC_1_SQRT_2PI: f32 = 0.398_942_3;
 #[inline(always)]
 pub fn gelu(x: f32) -> f32 {
     0.5 * x * (1.0 + erf(x * FRAC_1_SQRT_2))
+}
+
+/// `(gelu(x), gelu'(x))` for the price of one: erf(x/√2) already computes e^(-x²/2), which φ(x) needs.
+#[inline(always)]
+pub fn gelu_and_grad(x: f32) -> (f32, f32) {
+    let (erf, gauss) = erf_and_gauss(x * FRAC_1_SQRT_2);
+    let cdf = 0.5 * (1.0 + erf);
+    (x * cdf, cdf + x * FRAC_1_SQRT_2PI * gauss)
 }
 
 /// `d gelu(x) / dx = Φ(x) + x φ(x)`.
@@ -182,6 +193,8 @@ mod tests {
             let g64 = |x: f64| 0.5 * x * (1.0 + erf64(x / std::f64::consts::SQRT_2));
             let d = (g64(f64::from(x) + h) - g64(f64::from(x) - h)) / (2.0 * h);
             assert!((f64::from(gelu_grad(x)) - d).abs() < 1e-5, "gelu'({x})");
+            let (g, dg) = gelu_and_grad(x);
+            assert!((g - gelu(x)).abs() <= 1e-6 * (1.0 + g.abs()) && (dg - gelu_grad(x)).abs() <= 1e-6, "gelu_and_grad({x})");
         }
         assert!(worst < 5e-7, "erf: absolute error {worst}");
     }
