@@ -8,9 +8,10 @@ hyper-parameters, so that mtl's scores can be compared with it (BENCHMARKS.md). 
 Recipes, for the end-to-end time comparison (all with the same model, heads, loss, optimiser and schedule):
 - `loop` (default): the recipe below, a plain loop with dynamic padding and length-grouped batches.
 - `tutorial`: the common tutorial recipe: every input padded to max_length 128, batch 16, shuffled batches.
-- `trainer`: transformers' `Trainer` with dynamic padding and `group_by_length`, batch 32.
+- `trainer`: transformers' `Trainer` with dynamic padding and length-grouped sampling, batch 32.
 With --target-dev-frame, training stops after the first epoch whose dev frame accuracy reaches the target, and
-the summary reports `time_to_target` (seconds from the start of training, evaluation included).
+the summary reports `time_to_target` (seconds from the start of training, dev evaluation included; the test
+scores printed after each epoch are computed off the clock).
 
 Recipe (as mtl's trainer): all-MiniLM-L6-v2 BertModel (eager attention); a [CLS] intent head and a
 first-sub-token slot head (dropout 0.1 + linear each); loss = intent CE + slot CE; AdamW (betas 0.9/0.999,
@@ -143,12 +144,16 @@ def main():
     sched = get_linear_schedule_with_warmup(opt, int(0.1 * steps + 0.999999), steps)
     best, history, started = None, [], time.time()
     reached = None
+    test_seconds = 0.0  # scoring test after every epoch is for the report only: kept off the clock
 
     def end_of_epoch(epoch, train_s):
-        nonlocal best, reached
+        nonlocal best, reached, test_seconds
         d = evaluate(model, dev, intents, slots)
+        elapsed = time.time() - started - test_seconds
+        t0 = time.time()
         t = evaluate(model, test, intents, slots)
-        history.append({"epoch": epoch, "train_seconds": round(train_s, 1), "elapsed": round(time.time() - started, 1),
+        test_seconds += time.time() - t0
+        history.append({"epoch": epoch, "train_seconds": round(train_s, 1), "elapsed": round(elapsed, 1),
                         "dev": d, "test": t})
         print(json.dumps(history[-1]), flush=True)
         if best is None or d["frame_accuracy"] > best["dev"]["frame_accuracy"]:
@@ -230,7 +235,7 @@ def run_trainer(a, model, opt, sched, train, loss_of, end_of_epoch):
             return control
 
     args = TrainingArguments(output_dir="runs/atis-trainer", per_device_train_batch_size=32, num_train_epochs=a.epochs,
-                             max_grad_norm=1.0, group_by_length=True, eval_strategy="no", save_strategy="no",
+                             max_grad_norm=1.0, train_sampling_strategy="group_by_length", eval_strategy="no", save_strategy="no",
                              logging_strategy="no", report_to="none", use_cpu=True, seed=a.seed,
                              dataloader_num_workers=0, remove_unused_columns=False, disable_tqdm=True)
     Trainer(model=Wrapped(model), args=args, train_dataset=Items(), data_collator=collator,

@@ -164,6 +164,13 @@ impl CustomOp1 for FusedEncoder {
         if x0.len() != d.tokens() * d.hidden || self.key_mask.len() != d.tokens() || d.heads == 0 || !d.hidden.is_multiple_of(d.heads) {
             candle_core::bail!("fused encoder: input does not match {d:?}")
         }
+        if let Some(masks) = &self.dropout {
+            let (attention, hidden) = (d.batch * d.heads * d.seq * d.seq, d.tokens() * d.hidden);
+            let fits = |m: &LayerDropout| m.attention.len() == attention && m.attention_output.len() == hidden && m.output.len() == hidden;
+            if masks.len() != self.layers.len() || !masks.iter().all(fits) {
+                candle_core::bail!("fused encoder: dropout masks do not match {d:?}")
+            }
+        }
         let lost = || candle_core::Error::Msg("fused encoder: a layer output went missing".into());
         let mut tapes: Vec<Tape> = Vec::new();
         let mut carry: Option<Vec<f32>> = None;
@@ -212,6 +219,9 @@ impl CustomOp1 for FusedEncoder {
         let Storage::Cpu(x0_cpu) = &*x0_guard else { candle_core::bail!("fused encoder: input must be on the CPU") };
         let x0 = f32_slice(x0_cpu, x0_layout)?;
         let mut dy = grad.flatten_all()?.to_vec1::<f32>()?;
+        if dy.len() != x0.len() || tapes.len() != self.layers.len() {
+            candle_core::bail!("fused encoder: the output gradient or the tape does not match the forward pass")
+        }
         let mut grads = Vec::new();
         while let Some(tape) = tapes.pop() {
             let l = tapes.len();
