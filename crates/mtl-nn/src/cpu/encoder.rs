@@ -262,16 +262,20 @@ fn stacked(w: &[&[f32]], first: usize) -> Vec<f32> {
     [w[first], w[first + 2], w[first + 4]].concat()
 }
 
-/// `dst[j] += Σ_rows m[row, offset + j]` over rows of `stride` elements.
+/// `dst[j] += Σ_rows m[row, offset + j]` over rows of `stride` elements, in parallel over blocks of columns
+/// (each column's sum is still taken in row order, so the result does not depend on the threads).
 fn col_sums(m: &[f32], stride: usize, offset: usize, dst: &mut [f32]) {
-    let n = dst.len();
-    simd(#[inline(always)] || {
-        for row in m.chunks_exact(stride) {
-            for (d, v) in dst.iter_mut().zip(&row[offset..offset + n]) {
-                *d += v;
+    const COLUMNS: usize = 64;
+    dst.par_chunks_mut(COLUMNS).enumerate().for_each(|(c, d)| {
+        let (start, width) = (offset + c * COLUMNS, d.len());
+        simd(#[inline(always)] || {
+            for row in m.chunks_exact(stride) {
+                for (d, v) in d.iter_mut().zip(&row[start..start + width]) {
+                    *d += v;
+                }
             }
-        }
-    })
+        })
+    });
 }
 
 /// `y = LayerNorm(branch ∘ mask + residual)`, keeping the normalised input and 1/σ of each row.
