@@ -9,17 +9,6 @@
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-/// Tells mimalloc never to return freed pages to the kernel. By default it does so after a delay, and a training
-/// step frees and reallocates hundreds of megabytes: each time the kernel zeroed the pages again on the next
-/// fault (measured: 48,000 page faults and about 10% of a step at 16 × 128; 800 with this).
-#[allow(unsafe_code)]
-fn keep_freed_pages() {
-    // `mi_option_purge_delay` comes right before `mi_option_use_numa_nodes` in mimalloc.h; the bindings lack it.
-    let purge_delay = libmimalloc_sys::mi_option_use_numa_nodes - 1;
-    // SAFETY: sets an integer option; mimalloc reads options atomically and allows changing them at any time.
-    unsafe { libmimalloc_sys::mi_option_set(purge_delay, -1) };
-}
-
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Instant;
@@ -138,7 +127,7 @@ fn data(args: &Args) -> Result<()> {
 }
 
 fn main() -> Result<()> {
-    keep_freed_pages();
+    mtl_train::alloc::keep_freed_pages();
     let args = Args::parse();
     let bert = BertConfig::from_file(&args.model.join("config.json"))?;
     let tasks = BTreeMap::from([

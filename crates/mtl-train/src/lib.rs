@@ -2,6 +2,7 @@
 //! task's standard metrics, and checkpoints. Depends on `mtl-core`, `mtl-config`, `mtl-metrics`,
 //! `mtl-data` and `mtl-nn`.
 
+pub mod alloc;
 pub mod checkpoint;
 mod evaluate;
 mod optim;
