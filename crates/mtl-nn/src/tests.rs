@@ -204,6 +204,23 @@ fn fused_encoder_matches_composed_path() -> TestResult {
     Ok(())
 }
 
+/// Activations the fused encoder does not implement (it has the erf GELU) take the composed path on the CPU.
+#[test]
+fn other_activations_fall_back_to_the_composed_path() -> TestResult {
+    let reference = reference()?;
+    let batch = batch_from(&reference);
+    let mut config = BertConfig::from_file(&fixture_dir().join("config.json"))?;
+    config.hidden_act = crate::bert::Activation::GeluNew;
+    let weights: HashMap<String, Tensor> = candle_core::safetensors::load(fixture_dir().join("model.safetensors"), &Device::Cpu)?;
+    let tasks = BTreeMap::new();
+    let spec = ModelSpec { bert: &config, tasks: &tasks, dropout: 0.0, seed: 0 };
+    let fused = MultiTaskModel::build(&spec, weights.clone(), &Device::Cpu)?;
+    let mut composed = MultiTaskModel::build(&spec, weights, &Device::Cpu)?;
+    composed.set_kernels(Kernels::Composed);
+    assert_eq!(fused.encode(&batch, Mode::Eval)?.to_vec2::<f32>()?, composed.encode(&batch, Mode::Eval)?.to_vec2::<f32>()?);
+    Ok(())
+}
+
 mod fused_encoder_properties {
     use super::*;
     use proptest::prelude::*;

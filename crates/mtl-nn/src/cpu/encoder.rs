@@ -434,16 +434,16 @@ fn layer_backward(d: &Dims, w: &[&[f32]], x: &[f32], t: &Tape, dropout: Option<&
     dx
 }
 
-fn masked(x: &[f32], mask: Option<&[f32]>) -> Vec<f32> {
+/// `x ∘ mask`, or `x` itself (no copy) without dropout.
+fn masked<'a>(x: &'a [f32], mask: Option<&[f32]>) -> std::borrow::Cow<'a, [f32]> {
+    let Some(m) = mask else { return std::borrow::Cow::Borrowed(x) };
     let mut out = x.to_vec();
-    if let Some(m) = mask {
-        elementwise(&mut out, #[inline(always)] |c, start| {
-            for (v, m) in c.iter_mut().zip(&m[start..]) {
-                *v *= m;
-            }
-        });
-    }
-    out
+    elementwise(&mut out, #[inline(always)] |c, start| {
+        for (v, m) in c.iter_mut().zip(&m[start..]) {
+            *v *= m;
+        }
+    });
+    std::borrow::Cow::Owned(out)
 }
 
 /// `a ∘ b`, vectorised.
