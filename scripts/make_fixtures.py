@@ -13,7 +13,17 @@ It writes:
   minilm-reference.json transformers' tokenization and last_hidden_state of all-MiniLM-L6-v2 on three
                         sentences (pretokenized words, as the token tasks feed them)
   seqeval.json          random BIO tag sequences with seqeval's precision/recall/f1/accuracy (default mode)
-The tests themselves need none of these packages.
+  seqeval-report.json   random BIO and BIOES sequences with seqeval's classification_report (per type, averages)
+  classification.json   random single-label predictions with scikit-learn's precision_recall_fscore_support
+                        (per class, macro, micro, weighted; zero_division=0), accuracy_score, matthews_corrcoef
+  multilabel.json       random label sets with scikit-learn's f1/precision/recall (micro, macro, weighted,
+                        samples; zero_division=0) on indicator matrices, and accuracy_score (subset accuracy)
+  regression.json       random values (with ties) with scipy.stats pearsonr / spearmanr and scikit-learn's
+                        mean_squared_error / mean_absolute_error
+  squad.json            answer pairs with the SQuAD 2.0 scores of the official script's functions, as shipped in
+                        transformers 4.46.3 (transformers/data/metrics/squad_metrics.py; fetched with pip download)
+The tests themselves need none of these packages. `python scripts/make_fixtures.py metrics` writes only the
+metric fixtures (no torch needed for them, only scikit-learn, scipy and seqeval).
 """
 import json
 import random
@@ -135,9 +145,164 @@ def seqeval_fixture():
     (OUT / "seqeval.json").write_text(json.dumps(cases))
 
 
-if __name__ == "__main__":
-    OUT.mkdir(parents=True, exist_ok=True)
-    tiny_bert()
-    minilm()
+def seqeval_report_fixture():
+    from seqeval.metrics import classification_report
+    from seqeval.scheme import IOBES  # noqa: F401  (the default mode ignores the scheme; imported to pin seqeval)
+
+    rng = random.Random(11)
+    cases = []
+    for scheme_prefixes in ["BI", "BIES"]:
+        kinds = ["PER", "LOC", "ORG", "geo-loc"]
+        tags = ["O"] + [f"{p}-{k}" for p in scheme_prefixes for k in kinds]
+        for _ in range(20):
+            gold, pred = [], []
+            for _ in range(rng.randint(1, 8)):
+                n = rng.randint(1, 15)
+                g = [rng.choice(tags) for _ in range(n)]
+                p = [t if rng.random() < 0.6 else rng.choice(tags) for t in g]
+                gold.append(g)
+                pred.append(p)
+            report = classification_report(gold, pred, output_dict=True, zero_division=0)
+            report = {k: {m: float(v) for m, v in r.items()} for k, r in report.items()}
+            cases.append({"gold": gold, "pred": pred, "report": report})
+    (OUT / "seqeval-report.json").write_text(json.dumps(cases))
+
+
+def classification_fixture():
+    from sklearn.metrics import accuracy_score, matthews_corrcoef, precision_recall_fscore_support
+
+    rng = random.Random(3)
+    cases = []
+    for k in range(40):
+        classes = [f"c{i}" for i in range(rng.randint(2, 7))]
+        n = rng.randint(1, 60)
+        gold = [rng.choice(classes) for _ in range(n)]
+        noise = rng.random()
+        pred = [g if rng.random() > noise else rng.choice(classes) for g in gold]
+        if k == 0:
+            pred = ["only"] * n  # a predicted class never seen in gold
+        labels = sorted(set(gold) | set(pred))
+        p, r, f, s = precision_recall_fscore_support(gold, pred, labels=labels, zero_division=0)
+        case = {"gold": gold, "pred": pred, "labels": labels,
+                "per_class": [{"precision": a, "recall": b, "f1": c, "support": int(d)} for a, b, c, d in zip(p, r, f, s)],
+                "accuracy": accuracy_score(gold, pred), "mcc": matthews_corrcoef(gold, pred)}
+        for avg in ["macro", "micro", "weighted"]:
+            p, r, f, _ = precision_recall_fscore_support(gold, pred, average=avg, zero_division=0)
+            case[avg] = {"precision": p, "recall": r, "f1": f}
+        cases.append(case)
+    (OUT / "classification.json").write_text(json.dumps(cases))
+
+
+def multilabel_fixture():
+    import numpy as np
+    from sklearn.metrics import accuracy_score, f1_score, precision_score, recall_score
+
+    rng = random.Random(5)
+    cases = []
+    for _ in range(30):
+        L = rng.randint(2, 6)
+        n = rng.randint(1, 40)
+        gold = [sorted(rng.sample(range(L), rng.randint(0, L))) for _ in range(n)]
+        pred = [sorted({l for l in g if rng.random() < 0.7} | {l for l in range(L) if rng.random() < 0.15}) for g in gold]
+        G = np.zeros((n, L), dtype=int)
+        P = np.zeros((n, L), dtype=int)
+        for i, (g, p) in enumerate(zip(gold, pred)):
+            G[i, g] = 1
+            P[i, p] = 1
+        case = {"gold": gold, "pred": pred, "num_labels": L, "subset_accuracy": accuracy_score(G, P)}
+        for avg in ["micro", "macro", "weighted", "samples"]:
+            case[avg] = {"precision": precision_score(G, P, average=avg, zero_division=0),
+                         "recall": recall_score(G, P, average=avg, zero_division=0),
+                         "f1": f1_score(G, P, average=avg, zero_division=0)}
+        per = f1_score(G, P, average=None, zero_division=0)
+        case["per_label_f1"] = [float(x) for x in per]
+        cases.append(case)
+    (OUT / "multilabel.json").write_text(json.dumps(cases))
+
+
+def regression_fixture():
+    from scipy.stats import pearsonr, spearmanr
+    from sklearn.metrics import mean_absolute_error, mean_squared_error
+
+    rng = random.Random(9)
+    cases = []
+    for k in range(30):
+        n = rng.randint(3, 80)
+        gold = [rng.gauss(0, 2) for _ in range(n)]
+        if k % 3 == 0:  # ties: ratings on a coarse scale
+            gold = [round(g * 2) / 2 for g in gold]
+        pred = [g * rng.uniform(-1, 1.5) + rng.gauss(0, 1) for g in gold]
+        if k % 5 == 0:
+            pred = [round(p) for p in pred]
+        cases.append({"gold": gold, "pred": pred, "pearson": float(pearsonr(gold, pred)[0]),
+                      "spearman": float(spearmanr(gold, pred)[0]), "mse": mean_squared_error(gold, pred),
+                      "mae": mean_absolute_error(gold, pred)})
+    (OUT / "regression.json").write_text(json.dumps(cases))
+
+
+def squad_functions():
+    """normalize_answer, compute_exact and compute_f1 from transformers 4.46.3's squad_metrics.py (the official
+    SQuAD 2.0 evaluation functions), loaded from the wheel without importing the rest of transformers."""
+    import glob
+    import subprocess
+    import sys
+    import tempfile
+    import zipfile
+
+    d = tempfile.mkdtemp()
+    subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "-d", d, "transformers==4.46.3"], check=True)
+    src = zipfile.ZipFile(glob.glob(f"{d}/transformers-*.whl")[0]).read("transformers/data/metrics/squad_metrics.py").decode()
+    # Keep the standard-library imports and the three functions.
+    ns = {}
+    exec("import collections, re, string\n", ns)
+    for name in ["normalize_answer", "get_tokens", "compute_exact", "compute_f1"]:
+        start = src.index(f"def {name}(")
+        end = src.index("\ndef ", start + 1)
+        exec(src[start:end], ns)
+    return ns
+
+
+def squad_fixture():
+    ns = squad_functions()
+    normalize_answer, compute_exact, compute_f1 = ns["normalize_answer"], ns["compute_exact"], ns["compute_f1"]
+    pairs = [
+        (["Denver Broncos"], "Denver Broncos"), (["Denver Broncos"], "the Denver Broncos!"),
+        (["Santa Clara, California", "Levi's Stadium"], "Levi's Stadium in Santa Clara"),
+        (["an apple a day"], "apple"), ([], ""), ([], "something"), (["The"], ""), (["1,000"], "1000"),
+        (["Saint-Étienne"], "saint étienne"), (["the the cat"], "cat the"), (["über—the end"], "über end"),
+        (["a b c d e"], "c d e f g h"), (["Paris", "paris France"], "France"), (["x"], "y"),
+        (["Nikola Tesla"], "Tesla, Nikola"), (["  spaced   out "], "spaced out"), (["A"], "an"),
+        (["theatre"], "the atre"), (["1990s"], "the 1990s."), (["北京"], "北京"),
+    ]
+    rng = random.Random(13)
+    words = ["the", "a", "cat", "sat", "on", "mat", "Denver", "1,000", "(1995)", "an", "Ünïcode", "state's"]
+    for _ in range(40):
+        gold = [" ".join(rng.choice(words) for _ in range(rng.randint(1, 6))) for _ in range(rng.randint(0, 3))]
+        pred = " ".join(rng.choice(words) for _ in range(rng.randint(0, 6)))
+        pairs.append((gold, pred))
+    cases = []
+    for gold, pred in pairs:
+        golds = [a for a in gold if normalize_answer(a)] or [""]
+        cases.append({"gold": gold, "pred": pred, "exact": max(compute_exact(a, pred) for a in golds),
+                      "f1": max(compute_f1(a, pred) for a in golds)})
+    (OUT / "squad.json").write_text(json.dumps(cases, ensure_ascii=False))
+
+
+def metric_fixtures():
     seqeval_fixture()
+    seqeval_report_fixture()
+    classification_fixture()
+    multilabel_fixture()
+    regression_fixture()
+    squad_fixture()
+
+
+if __name__ == "__main__":
+    import sys
+
+    OUT.mkdir(parents=True, exist_ok=True)
+    if sys.argv[1:] != ["metrics"]:
+        tiny_bert()
+        minilm()
+    metric_fixtures()
     print("fixtures written to", OUT)

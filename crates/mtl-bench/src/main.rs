@@ -95,7 +95,6 @@ fn data(args: &Args) -> Result<()> {
     let config = mtl_config::Config::load(&args.config, &[])?;
     let bert = BertConfig::from_file(&config.model.path.join("config.json"))?;
     let encoder = TextEncoder::from_file(&config.model.path.join("tokenizer.json"), config.model.max_len.min(bert.max_position_embeddings))?;
-    let kinds: BTreeMap<TaskId, TaskKind> = config.tasks.iter().map(|(n, t)| (n.clone(), t.kind)).collect();
     let t = &config.training;
     let batching = Batching { batch_size: t.batch_size, group_by_length: t.group_by_length, max_tokens: t.max_tokens };
     let mut phases: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
@@ -105,7 +104,9 @@ fn data(args: &Args) -> Result<()> {
         let raw = mtl_data::read_split(&config, mtl_config::Split::Train)?;
         let t1 = Instant::now();
         let labels = LabelMap::for_tasks(&config, &raw)?;
-        let data = Dataset::encode(raw, &encoder, &labels)?;
+        let data = Dataset::encode(raw, &encoder, &labels, &config)?;
+        let kinds: BTreeMap<TaskId, (TaskKind, usize)> =
+            config.tasks.iter().map(|(n, t)| (n.clone(), (t.kind, labels[n].len()))).collect();
         let t2 = Instant::now();
         let lengths: Vec<usize> = data.examples.iter().map(|e| e.encoded.ids.len()).collect();
         for chunk in epoch_batches(&lengths, &batching, t.seed, 1) {
@@ -131,8 +132,8 @@ fn main() -> Result<()> {
     let args = Args::parse();
     let bert = BertConfig::from_file(&args.model.join("config.json"))?;
     let tasks = BTreeMap::from([
-        (TaskId::new("cls")?, (TaskKind::Classification, 5)),
-        (TaskId::new("tok")?, (TaskKind::TokenClassification, 9)),
+        (TaskId::new("cls")?, mtl_nn::HeadSpec::new(TaskKind::Classification, 5)),
+        (TaskId::new("tok")?, mtl_nn::HeadSpec::new(TaskKind::TokenClassification, 9)),
     ]);
     let spec = ModelSpec { bert: &bert, tasks: &tasks, dropout: 0.1, seed: 0 };
     let model = MultiTaskModel::load(&spec, &args.model.join("model.safetensors"), false, &Device::Cpu)?;

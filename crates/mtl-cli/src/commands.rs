@@ -9,9 +9,10 @@ use candle_core::Device;
 use mtl_config::{Config, Split};
 use mtl_core::{TaskId, TaskKind};
 use mtl_data::{Dataset, Example, Input, LabelMap, Location, TextEncoder};
-use mtl_nn::{BertConfig, ModelSpec, MultiTaskModel};
+use mtl_nn::{BertConfig, HeadSpec, ModelSpec, MultiTaskModel};
 use mtl_train::checkpoint::{self, CheckpointFiles};
-use mtl_train::{predict_examples, Prediction, ProgressCallback, Scores, Splits, Trainer};
+use mtl_train::heads::head_specs;
+use mtl_train::{predict_examples, Evaluation, Prediction, ProgressCallback, Scores, Splits, TaskInfo, Trainer};
 use serde_json::{json, Value};
 
 use crate::args::{Cli, Command};
@@ -25,16 +26,8 @@ pub fn run(cli: Cli) -> Result<()> {
     }
 }
 
-fn task_kinds(config: &Config) -> BTreeMap<TaskId, TaskKind> {
-    config.tasks.iter().map(|(t, c)| (t.clone(), c.kind)).collect()
-}
-
-fn model_spec<'a>(config: &Config, bert: &'a BertConfig, tasks: &'a BTreeMap<TaskId, (TaskKind, usize)>) -> ModelSpec<'a> {
+fn model_spec<'a>(config: &Config, bert: &'a BertConfig, tasks: &'a BTreeMap<TaskId, HeadSpec>) -> ModelSpec<'a> {
     ModelSpec { bert, tasks, dropout: config.training.dropout as f32, seed: config.training.seed }
-}
-
-fn head_sizes(config: &Config, labels: &BTreeMap<TaskId, LabelMap>) -> BTreeMap<TaskId, (TaskKind, usize)> {
-    config.tasks.iter().map(|(t, c)| (t.clone(), (c.kind, labels[t].len()))).collect()
 }
 
 fn require_file(path: &Path, what: &str) -> Result<()> {
@@ -44,12 +37,31 @@ fn require_file(path: &Path, what: &str) -> Result<()> {
     Ok(())
 }
 
-fn load_split(config: &Config, split: Split, encoder: &TextEncoder, labels: &BTreeMap<TaskId, LabelMap>) -> Result<Option<Dataset>> {
+fn load_split(
+    config: &Config,
+    split: Split,
+    encoder: &TextEncoder,
+    labels: &BTreeMap<TaskId, LabelMap>,
+) -> Result<Option<Dataset>> {
     if config.tasks.values().all(|t| t.data.get(split).is_none()) {
         return Ok(None);
     }
     let raw = mtl_data::read_split(config, split)?;
-    Ok(Some(Dataset::encode(raw, encoder, labels)?))
+    let data = Dataset::encode(raw, encoder, labels, config)?;
+    log_truncation(split, &data, encoder);
+    Ok(Some(data))
+}
+
+fn log_truncation(split: Split, data: &Dataset, encoder: &TextEncoder) {
+    if data.truncated > 0 {
+        tracing::warn!(
+            "{}: {} of {} inputs were longer than {} tokens and were truncated (raise model.max_len to keep more)",
+            split.name(),
+            data.truncated,
+            data.len(),
+            encoder.max_len()
+        );
+    }
 }
 
 fn train(config_path: &Path, out: &Path, overrides: &[String]) -> Result<()> {
@@ -58,22 +70,32 @@ fn train(config_path: &Path, out: &Path, overrides: &[String]) -> Result<()> {
         bail!("{}: the output directory already exists; choose another or remove it", out.display());
     }
     let base = &config.model.path;
-    for (name, what) in [("config.json", "model config"), ("model.safetensors", "model weights"), ("tokenizer.json", "tokenizer")] {
+    for (name, what) in
+        [("config.json", "model config"), ("model.safetensors", "model weights"), ("tokenizer.json", "tokenizer")]
+    {
         require_file(&base.join(name), what)?;
     }
     let bert = BertConfig::from_file(&base.join("config.json"))?;
-    let encoder = TextEncoder::from_file(&base.join("tokenizer.json"), config.model.max_len.min(bert.max_position_embeddings))?;
+    let encoder =
+        TextEncoder::from_file(&base.join("tokenizer.json"), config.model.max_len.min(bert.max_position_embeddings))?;
 
     // Read and check all data before training, so that bad input fails fast and writes nothing.
     let raw_train = mtl_data::read_split(&config, Split::Train)?;
     let labels = LabelMap::for_tasks(&config, &raw_train)?;
+    let train = Dataset::encode(raw_train, &encoder, &labels, &config)?;
+    log_truncation(Split::Train, &train, &encoder);
     let splits = Splits {
-        train: Dataset::encode(raw_train, &encoder, &labels)?,
+        train,
         dev: load_split(&config, Split::Dev, &encoder, &labels)?,
         test: load_split(&config, Split::Test, &encoder, &labels)?,
     };
-    let sizes = head_sizes(&config, &labels);
-    let model = MultiTaskModel::load(&model_spec(&config, &bert, &sizes), &base.join("model.safetensors"), false, &Device::Cpu)?;
+    let sizes = head_specs(&config, &labels);
+    let model = MultiTaskModel::load(
+        &model_spec(&config, &bert, &sizes),
+        &base.join("model.safetensors"),
+        false,
+        &Device::Cpu,
+    )?;
     tracing::info!(
         params = model.params().num_params(),
         train = splits.train.len(),
@@ -90,31 +112,42 @@ fn train(config_path: &Path, out: &Path, overrides: &[String]) -> Result<()> {
     let outcome = trainer.train(&splits, &mut [&mut progress])?;
     let seconds = started.elapsed().as_secs_f64();
 
-    let metrics = metrics_json(outcome.dev.as_ref(), outcome.test.as_ref());
-    let mut with_run = metrics.clone();
+    let mut with_run = metrics_json(outcome.dev.as_ref(), outcome.test.as_ref());
     with_run["best_epoch"] = json!(outcome.best_epoch);
     with_run["train_seconds"] = json!((seconds * 10.0).round() / 10.0);
-    checkpoint::save(out, &model, &CheckpointFiles { config: &config, labels: &labels, metrics: &with_run })?;
+    if let Some(test) = &outcome.test {
+        with_run["test_reports"] = json!(test.reports);
+    }
+    checkpoint::save(out, &model, &CheckpointFiles { config: &config, labels: &outcome.labels, metrics: &with_run })?;
 
     let mut shown: Vec<(&str, &Scores)> = Vec::new();
     if let Some(d) = &outcome.dev {
-        shown.push(("dev", d));
+        shown.push(("dev", &d.scores));
     }
     if let Some(t) = &outcome.test {
-        shown.push(("test", t));
+        shown.push(("test", &t.scores));
+        for (task, r) in &t.reports {
+            println!("test: {task}\n{}", mtl_metrics::format_report(r));
+        }
     }
     print!("{}", report::table(&shown));
-    println!("best epoch {} of {}; trained in {:.0} s; checkpoint and metrics.json in {}", outcome.best_epoch, config.training.epochs, seconds, out.display());
+    println!(
+        "best epoch {} of {}; trained in {:.0} s; checkpoint and metrics.json in {}",
+        outcome.best_epoch,
+        config.training.epochs,
+        seconds,
+        out.display()
+    );
     Ok(())
 }
 
-fn metrics_json(dev: Option<&Scores>, test: Option<&Scores>) -> Value {
+fn metrics_json(dev: Option<&Evaluation>, test: Option<&Evaluation>) -> Value {
     let mut v = json!({});
     if let Some(d) = dev {
-        v["dev"] = json!(d);
+        v["dev"] = json!(d.scores);
     }
     if let Some(t) = test {
-        v["test"] = json!(t);
+        v["test"] = json!(t.scores);
     }
     v
 }
@@ -133,9 +166,13 @@ fn load_checkpoint(dir: &Path) -> Result<Loaded> {
         require_file(&dir.join(name), "checkpoint file")?;
     }
     let bert = BertConfig::from_file(&dir.join(checkpoint::MODEL_CONFIG))?;
-    let encoder = TextEncoder::from_file(&dir.join(checkpoint::TOKENIZER), config.model.max_len.min(bert.max_position_embeddings))?;
-    let sizes = head_sizes(&config, &labels);
-    let model = MultiTaskModel::load(&model_spec(&config, &bert, &sizes), &dir.join(checkpoint::WEIGHTS), true, &Device::Cpu)?;
+    let encoder = TextEncoder::from_file(
+        &dir.join(checkpoint::TOKENIZER),
+        config.model.max_len.min(bert.max_position_embeddings),
+    )?;
+    let sizes = head_specs(&config, &labels);
+    let model =
+        MultiTaskModel::load(&model_spec(&config, &bert, &sizes), &dir.join(checkpoint::WEIGHTS), true, &Device::Cpu)?;
     Ok(Loaded { config, labels, encoder, model })
 }
 
@@ -164,7 +201,7 @@ fn eval(model_dir: &Path, config_path: &Path, overrides: &[String]) -> Result<()
     let mut scores: BTreeMap<&str, Scores> = BTreeMap::new();
     for split in [Split::Dev, Split::Test] {
         if let Some(data) = load_split(&config, split, &loaded.encoder, &loaded.labels)? {
-            scores.insert(split.name(), trainer.evaluate(&data)?);
+            scores.insert(split.name(), trainer.evaluate(&data)?.scores);
         }
     }
     if scores.is_empty() {
@@ -174,13 +211,28 @@ fn eval(model_dir: &Path, config_path: &Path, overrides: &[String]) -> Result<()
     Ok(())
 }
 
-fn parse_input(line: &str, location: &Location) -> Result<Input> {
+fn parse_input(line: &str, location: &Location, config: &Config) -> Result<Input> {
     let trimmed = line.trim_start();
     if !trimmed.starts_with('{') {
         return Ok(Input::Text(line.to_string()));
     }
     let at = || format!("{}:{}", location.path.display(), location.line);
     let value: Value = serde_json::from_str(line).with_context(|| format!("{}: invalid JSON", at()))?;
+    let string = |field: &str| -> Result<Option<String>> {
+        match value.get(field) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::String(t)) if t.trim().is_empty() => {
+                bail!("{}: field `{field}` is empty", at())
+            }
+            Some(Value::String(t)) => Ok(Some(t.clone())),
+            Some(_) => bail!("{}: field `{field}` must be a string", at()),
+        }
+    };
+    if let Some(qa) = config.tasks.values().find(|t| t.kind == TaskKind::QuestionAnswering) {
+        if let (Some(question), Some(context)) = (string(&qa.question_field)?, string(&qa.context_field)?) {
+            return Ok(Input::Question { question, context });
+        }
+    }
     if let Some(words) = value.get("words") {
         let words = words
             .as_array()
@@ -188,29 +240,41 @@ fn parse_input(line: &str, location: &Location) -> Result<Input> {
             .with_context(|| format!("{}: field `words` must be a list of strings", at()))?;
         return Ok(Input::Words(words));
     }
-    match value.get("text") {
-        Some(Value::String(t)) => Ok(Input::Text(t.clone())),
-        Some(_) => bail!("{}: field `text` must be a string", at()),
-        None => bail!("{}: expected a `text` or `words` field", at()),
+    let pair_field = config.tasks.values().find_map(|t| t.pair_field.clone());
+    match (string("text")?, pair_field.map(|f| string(&f)).transpose()?.flatten()) {
+        (Some(a), Some(b)) => Ok(Input::Pair(a, b)),
+        (Some(t), None) => Ok(Input::Text(t)),
+        (None, _) => bail!("{}: expected a `text` or `words` field", at()),
     }
 }
 
 fn predict(model_dir: &Path, input: Option<&Path>, batch_size: usize) -> Result<()> {
     let loaded = load_checkpoint(model_dir)?;
-    let kinds = task_kinds(&loaded.config);
-    let has_token_task = kinds.values().any(|k| *k == TaskKind::TokenClassification);
+    let info = TaskInfo { config: &loaded.config, labels: &loaded.labels };
+    let has_token_task = loaded.config.tasks.values().any(|t| t.kind == TaskKind::TokenClassification);
+    let qa = loaded.config.tasks.values().find(|t| t.kind == TaskKind::QuestionAnswering);
     let reader: Box<dyn BufRead> = match input {
-        Some(p) => Box::new(std::io::BufReader::new(std::fs::File::open(p).with_context(|| format!("{}: cannot open", p.display()))?)),
+        Some(p) => Box::new(std::io::BufReader::new(
+            std::fs::File::open(p).with_context(|| format!("{}: cannot open", p.display()))?,
+        )),
         None => Box::new(std::io::stdin().lock()),
     };
     let source = input.map_or_else(|| "<stdin>".into(), Path::to_path_buf);
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());
     let mut pending: Vec<Example> = Vec::new();
+    let mut group = 0;
     let flush = |pending: &mut Vec<Example>, out: &mut dyn Write| -> Result<()> {
         let refs: Vec<&Example> = pending.iter().collect();
-        let predictions = predict_examples(&loaded.model, &refs, &kinds, batch_size)?;
+        let predictions = predict_examples(&loaded.model, &refs, &info, batch_size)?;
+        let mut last_group = None;
         for (ex, preds) in pending.iter().zip(predictions) {
+            // The windows of one question share their answer: print it once.
+            let g = ex.qa.as_ref().map(|q| q.question.group);
+            if g.is_some() && g == last_group {
+                continue;
+            }
+            last_group = g;
             writeln!(out, "{}", prediction_json(ex, &preds, &loaded.labels))?;
         }
         pending.clear();
@@ -222,18 +286,39 @@ fn predict(model_dir: &Path, input: Option<&Path>, batch_size: usize) -> Result<
         if line.trim().is_empty() {
             continue;
         }
-        let mut input = parse_input(&line, &location)?;
+        let mut input = parse_input(&line, &location, &loaded.config)?;
         // Token tasks tag words: raw text is split on whitespace, as the training files split it.
         if has_token_task {
             if let Input::Text(t) = &input {
                 input = Input::Words(t.split_whitespace().map(String::from).collect());
             }
         }
-        let encoded = loaded
-            .encoder
-            .encode(&input)
-            .map_err(|m| anyhow::anyhow!("{}:{}: {m}", source.display(), location.line))?;
-        pending.push(Example { location, input, encoded, labels: BTreeMap::new() });
+        let at = |m: String| anyhow::anyhow!("{}:{}: {m}", source.display(), location.line);
+        match (&input, qa) {
+            (Input::Question { question, context }, Some(task)) => {
+                let windows = loaded
+                    .encoder
+                    .question_windows(question, context, task.max_query_len, task.doc_stride)
+                    .map_err(at)?;
+                let shared =
+                    std::sync::Arc::new(mtl_data::Question { group, context: context.clone(), answers: Vec::new() });
+                group += 1;
+                for w in windows {
+                    let qa = Some(mtl_data::QaFeature { question: shared.clone(), offsets: w.offsets });
+                    pending.push(Example {
+                        location: location.clone(),
+                        input: input.clone(),
+                        encoded: w.encoded,
+                        labels: BTreeMap::new(),
+                        qa,
+                    });
+                }
+            }
+            _ => {
+                let encoded = loaded.encoder.encode(&input).map_err(at)?;
+                pending.push(Example { location, input, encoded, labels: BTreeMap::new(), qa: None });
+            }
+        }
         if pending.len() >= batch_size.max(1) * 4 {
             flush(&mut pending, &mut out)?;
         }
@@ -243,23 +328,50 @@ fn predict(model_dir: &Path, input: Option<&Path>, batch_size: usize) -> Result<
     Ok(())
 }
 
+fn round4(x: f64) -> f64 {
+    (x * 1e4).round() / 1e4
+}
+
 fn prediction_json(ex: &Example, preds: &BTreeMap<TaskId, Prediction>, labels: &BTreeMap<TaskId, LabelMap>) -> Value {
     let words = ex.input.words();
     let mut tasks = serde_json::Map::new();
     for (task, p) in preds {
         let map = &labels[task];
         let v = match p {
-            Prediction::Class { id, score } => json!({"label": map.label(*id), "score": (f64::from(*score) * 1e4).round() / 1e4}),
+            Prediction::Class { id, score } => {
+                json!({"label": map.label(*id), "score": round4(f64::from(*score))})
+            }
+            Prediction::Labels { ids, probs } => {
+                let scores: serde_json::Map<String, Value> =
+                    map.labels().iter().zip(probs).map(|(l, p)| (l.clone(), json!(round4(f64::from(*p))))).collect();
+                json!({"labels": ids.iter().map(|&i| map.label(i)).collect::<Vec<_>>(), "scores": scores})
+            }
+            Prediction::Values(v) => {
+                if v.len() == 1 {
+                    json!({"value": v[0]})
+                } else {
+                    json!({"values": map.labels().iter().cloned().zip(v.iter().copied()).collect::<BTreeMap<String, f64>>()})
+                }
+            }
             Prediction::Tags(tags) => {
                 let tags: Vec<&str> = tags.iter().map(|t| t.map_or("O", |t| map.label(t))).collect();
                 json!({"words": words, "tags": tags})
             }
+            Prediction::Answer { text, span, score } => {
+                json!({"answer": text, "start": span.map(|s| s.0), "end": span.map(|s| s.1), "score": round4(f64::from(*score))})
+            }
         };
         tasks.insert(task.to_string(), v);
     }
-    let text = match &ex.input {
-        Input::Text(t) => t.clone(),
-        Input::Words(w) => w.join(" "),
-    };
-    json!({"text": text, "predictions": tasks})
+    let mut out = json!({"predictions": tasks});
+    match &ex.input {
+        Input::Text(t) => out["text"] = json!(t),
+        Input::Words(w) => out["text"] = json!(w.join(" ")),
+        Input::Pair(a, b) => {
+            out["text"] = json!(a);
+            out["text_pair"] = json!(b);
+        }
+        Input::Question { question, .. } => out["question"] = json!(question),
+    }
+    out
 }

@@ -121,8 +121,58 @@ fn default_seed() -> u64 {
 pub enum DataFormat {
     /// One JSON object per line.
     Jsonl,
-    /// One token per line, whitespace-separated columns (word first, tag last), blank lines between sentences.
+    /// Comma-separated values with a header row (RFC 4180 quoting).
+    Csv,
+    /// Tab-separated values with a header row (double quotes quote a field).
+    Tsv,
+    /// One token per line, whitespace-separated columns (word first, tag last by default), a blank line
+    /// between sentences; `-DOCSTART-` lines and `# ` comments are skipped.
     Conll,
+    /// CoNLL-U (Universal Dependencies): ten tab-separated columns; multiword-token and empty-node lines are
+    /// skipped; the tag comes from `conllu_column`.
+    Conllu,
+}
+
+impl DataFormat {
+    fn is_tabular(self) -> bool {
+        matches!(self, DataFormat::Csv | DataFormat::Tsv)
+    }
+
+    fn is_conll(self) -> bool {
+        matches!(self, DataFormat::Conll | DataFormat::Conllu)
+    }
+}
+
+/// How the tags of a token task mark entities.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum TagScheme {
+    /// `B-X` begins an entity, `I-X` continues it, `O` is outside (also called IOB2).
+    #[serde(alias = "iob2")]
+    Bio,
+    /// BIO plus `E-X` (last token) and `S-X` (a one-token entity); `L-`/`U-` (BILOU) are read as `E-`/`S-`.
+    #[serde(alias = "bilou")]
+    Bioes,
+    /// Plain tags (part of speech, ...): no entities; scored by token accuracy and a per-tag report.
+    None,
+}
+
+/// The loss of a regression head.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum RegressionLoss {
+    Mse,
+    /// Smooth L1 with `huber_delta` (PyTorch's `HuberLoss`).
+    Huber,
+}
+
+/// How regression targets are scaled for training (predictions are scaled back).
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum TargetScaling {
+    None,
+    /// Subtract the training mean and divide by the training standard deviation, per output.
+    Standardize,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -132,21 +182,112 @@ pub struct TaskConfig {
     pub data: DataFiles,
     #[serde(default = "default_format")]
     pub format: DataFormat,
-    /// JSONL field with the raw text (classification only).
+    /// Field (JSONL key, CSV/TSV column) with the raw text.
     #[serde(default = "default_text_field")]
     pub text_field: String,
+    /// Field with the second text of a sentence pair (entailment, paraphrase, similarity); the two texts
+    /// are encoded together as `[CLS] a [SEP] b [SEP]` with token types 0 and 1.
+    #[serde(default)]
+    pub pair_field: Option<String>,
     /// JSONL field with the pre-split words; when present in a line it is used instead of `text_field`.
     #[serde(default = "default_words_field")]
     pub words_field: String,
-    /// JSONL field with the label (a string) or the tags (a list of strings, one per word).
+    /// Field with the label: a string (classification), a list of strings or a separated string
+    /// (multi-label), a number or a list of numbers (regression), a list of tags (token tasks, JSONL).
     #[serde(default = "default_label_field")]
     pub label_field: String,
+    /// Regression with several outputs read from several fields (CSV columns); `label_field` otherwise.
+    #[serde(default)]
+    pub label_fields: Option<Vec<String>>,
     /// The label set, in order. When absent it is collected from the training file (sorted).
     #[serde(default)]
     pub labels: Option<Vec<String>>,
     /// A file with the label set, one label per line; an alternative to `labels`.
     #[serde(default)]
     pub labels_file: Option<PathBuf>,
+    /// A label of the set that stands in for labels outside it in dev and test files (which are errors
+    /// otherwise), e.g. `"O"` for unseen tags.
+    #[serde(default)]
+    pub unknown_label: Option<String>,
+    /// Multi-label in CSV/TSV: the separator between the labels of one cell.
+    #[serde(default = "default_label_separator")]
+    pub label_separator: String,
+    /// Multi-label: a label is predicted when its probability reaches this threshold.
+    #[serde(default = "default_threshold")]
+    pub threshold: f64,
+    /// Multi-label: after training, choose each label's threshold to maximise its F1 on dev (stored with
+    /// the model and used for test and predictions).
+    #[serde(default)]
+    pub tune_thresholds: bool,
+    /// Regression loss.
+    #[serde(default = "default_regression_loss")]
+    pub loss: RegressionLoss,
+    #[serde(default = "default_huber_delta")]
+    pub huber_delta: f64,
+    #[serde(default = "default_scaling")]
+    pub scale_targets: TargetScaling,
+    /// Token tasks: the tag scheme.
+    #[serde(default = "default_scheme")]
+    pub scheme: TagScheme,
+    /// Token tasks: a linear-chain CRF over the tags (trained by likelihood, decoded by Viterbi with the
+    /// scheme's forbidden transitions, such as `O` → `I-X`, removed).
+    #[serde(default)]
+    pub crf: bool,
+    /// CoNLL: the 0-based column of the word.
+    #[serde(default)]
+    pub word_column: usize,
+    /// CoNLL: the 0-based column of the tag; the last column when absent.
+    #[serde(default)]
+    pub tag_column: Option<usize>,
+    /// CoNLL-U: the column that holds the tag, by its CoNLL-U name.
+    #[serde(default = "default_conllu_column")]
+    pub conllu_column: ConlluColumn,
+    /// Question answering: the fields of the question, the context, and the answers (SQuAD layout:
+    /// `{"text": [...], "answer_start": [...]}`, character offsets; empty lists for unanswerable questions).
+    #[serde(default = "default_question_field")]
+    pub question_field: String,
+    #[serde(default = "default_context_field")]
+    pub context_field: String,
+    #[serde(default = "default_answers_field")]
+    pub answers_field: String,
+    /// Question answering: tokens shared by consecutive windows of a long context.
+    #[serde(default = "default_doc_stride")]
+    pub doc_stride: usize,
+    /// Question answering: questions are truncated to this many tokens.
+    #[serde(default = "default_max_query_len")]
+    pub max_query_len: usize,
+    /// Question answering: the longest answer, in tokens.
+    #[serde(default = "default_max_answer_len")]
+    pub max_answer_len: usize,
+    /// Question answering: the model may answer "no answer" (SQuAD 2.0).
+    #[serde(default = "default_true")]
+    pub allow_unanswerable: bool,
+}
+
+/// A CoNLL-U column that can hold a tag.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum ConlluColumn {
+    Lemma,
+    Upos,
+    Xpos,
+    Feats,
+    Deprel,
+    Misc,
+}
+
+impl ConlluColumn {
+    /// The 0-based column index in a CoNLL-U line.
+    pub fn index(self) -> usize {
+        match self {
+            ConlluColumn::Lemma => 2,
+            ConlluColumn::Upos => 3,
+            ConlluColumn::Xpos => 4,
+            ConlluColumn::Feats => 5,
+            ConlluColumn::Deprel => 7,
+            ConlluColumn::Misc => 9,
+        }
+    }
 }
 
 fn default_format() -> DataFormat {
@@ -160,6 +301,52 @@ fn default_words_field() -> String {
 }
 fn default_label_field() -> String {
     "label".into()
+}
+fn default_label_separator() -> String {
+    ",".into()
+}
+fn default_threshold() -> f64 {
+    0.5
+}
+fn default_regression_loss() -> RegressionLoss {
+    RegressionLoss::Mse
+}
+fn default_huber_delta() -> f64 {
+    1.0
+}
+fn default_scaling() -> TargetScaling {
+    TargetScaling::None
+}
+fn default_scheme() -> TagScheme {
+    TagScheme::Bio
+}
+fn default_conllu_column() -> ConlluColumn {
+    ConlluColumn::Upos
+}
+fn default_question_field() -> String {
+    "question".into()
+}
+fn default_context_field() -> String {
+    "context".into()
+}
+fn default_answers_field() -> String {
+    "answers".into()
+}
+fn default_doc_stride() -> usize {
+    128
+}
+fn default_max_query_len() -> usize {
+    64
+}
+fn default_max_answer_len() -> usize {
+    30
+}
+
+impl TaskConfig {
+    /// The output names of a regression head (its "labels").
+    pub fn regression_outputs(&self) -> Vec<String> {
+        self.label_fields.clone().unwrap_or_else(|| vec![self.label_field.clone()])
+    }
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -213,8 +400,8 @@ impl Config {
     /// Reads `path`, applies `overrides` (`a.b=value`, the value parsed as TOML or else taken as a string),
     /// and validates the result.
     pub fn load(path: &Path, overrides: &[String]) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        let text =
+            std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
         Self::parse(&text, path, overrides)
     }
 
@@ -294,14 +481,89 @@ impl Config {
             }
         }
         for (name, task) in &self.tasks {
-            if task.format == DataFormat::Conll && task.kind != TaskKind::TokenClassification {
+            let field = |f: &str| format!("tasks.{name}.{f}");
+            if task.format.is_conll() && task.kind != TaskKind::TokenClassification {
                 return Err(invalid(
-                    &format!("tasks.{name}.format"),
-                    "the conll format holds tags, so it only suits token_classification tasks".into(),
+                    &field("format"),
+                    "the conll and conllu formats hold tags, so they only suit token_classification tasks".into(),
                 ));
             }
+            if task.kind == TaskKind::TokenClassification && task.format.is_tabular() {
+                return Err(invalid(&field("format"), "token tasks read jsonl, conll or conllu files".into()));
+            }
+            if task.kind == TaskKind::QuestionAnswering && task.format != DataFormat::Jsonl {
+                return Err(invalid(
+                    &field("format"),
+                    "question answering reads jsonl files (SQuAD-style lines)".into(),
+                ));
+            }
+            if task.pair_field.is_some() && !task.kind.is_sequence_level() {
+                return Err(invalid(
+                    &field("pair_field"),
+                    "sentence pairs suit classification, multi_label and regression tasks".into(),
+                ));
+            }
+            if task.crf && task.kind != TaskKind::TokenClassification {
+                return Err(invalid(&field("crf"), "a CRF is a layer of token_classification tasks".into()));
+            }
+            if task.label_fields.is_some() && task.kind != TaskKind::Regression {
+                return Err(invalid(
+                    &field("label_fields"),
+                    "several label fields are for regression with several outputs".into(),
+                ));
+            }
+            if let Some(fields) = &task.label_fields {
+                if fields.is_empty() {
+                    return Err(invalid(&field("label_fields"), "must not be empty".into()));
+                }
+            }
+            if task.kind == TaskKind::Regression || task.kind == TaskKind::QuestionAnswering {
+                for (what, set) in [
+                    ("labels", task.labels.is_some()),
+                    ("labels_file", task.labels_file.is_some()),
+                    ("unknown_label", task.unknown_label.is_some()),
+                ] {
+                    if set {
+                        return Err(invalid(&field(what), format!("{} tasks have no label set", task.kind.name())));
+                    }
+                }
+            }
+            if !(task.threshold > 0.0 && task.threshold < 1.0) {
+                return Err(invalid(&field("threshold"), "must be in (0, 1)".into()));
+            }
+            if !(task.huber_delta.is_finite() && task.huber_delta > 0.0) {
+                return Err(invalid(&field("huber_delta"), "must be a positive number".into()));
+            }
+            if task.label_separator.is_empty() {
+                return Err(invalid(&field("label_separator"), "must not be empty".into()));
+            }
+            if task.kind == TaskKind::QuestionAnswering {
+                if task.max_query_len + 4 >= self.model.max_len {
+                    return Err(invalid(
+                        &field("max_query_len"),
+                        format!("must leave room for the context within model.max_len = {}", self.model.max_len),
+                    ));
+                }
+                if task.doc_stride >= self.model.max_len - task.max_query_len - 3 {
+                    return Err(invalid(
+                        &field("doc_stride"),
+                        "must be smaller than the context window (model.max_len - max_query_len - 3)".into(),
+                    ));
+                }
+                if task.max_answer_len == 0 {
+                    return Err(invalid(&field("max_answer_len"), "must be at least 1".into()));
+                }
+            }
+            if let (Some(fallback), Some(labels)) = (&task.unknown_label, &task.labels) {
+                if !labels.contains(fallback) {
+                    return Err(invalid(&field("unknown_label"), format!("{fallback:?} is not in `labels`")));
+                }
+            }
             if task.labels.is_some() && task.labels_file.is_some() {
-                return Err(invalid(&format!("tasks.{name}.labels_file"), "give `labels` or `labels_file`, not both".into()));
+                return Err(invalid(
+                    &format!("tasks.{name}.labels_file"),
+                    "give `labels` or `labels_file`, not both".into(),
+                ));
             }
             if let Some(labels) = &task.labels {
                 let mut seen = std::collections::BTreeSet::new();
@@ -319,10 +581,24 @@ impl Config {
                 let shares_file = [Split::Train, Split::Dev, Split::Test]
                     .iter()
                     .any(|&s| a.data.get(s).is_some() && a.data.get(s) == b.data.get(s));
-                if shares_file && (a.format != b.format || a.text_field != b.text_field || a.words_field != b.words_field) {
+                if !shares_file {
+                    continue;
+                }
+                if a.kind == TaskKind::QuestionAnswering || b.kind == TaskKind::QuestionAnswering {
                     return Err(invalid(
                         &format!("tasks.{b_name}"),
-                        format!("it reads the same file as task `{a_name}`, so format, text_field and words_field must match"),
+                        format!("it reads the same file as task `{a_name}`; a question answering task needs files of its own"),
+                    ));
+                }
+                let same_input = a.format == b.format
+                    && a.text_field == b.text_field
+                    && a.pair_field == b.pair_field
+                    && a.words_field == b.words_field
+                    && a.word_column == b.word_column;
+                if !same_input {
+                    return Err(invalid(
+                        &format!("tasks.{b_name}"),
+                        format!("it reads the same file as task `{a_name}`, so format, text_field, pair_field, words_field and word_column must match"),
                     ));
                 }
             }
@@ -352,9 +628,13 @@ impl Config {
     pub fn metric_names(&self) -> Vec<String> {
         let mut names = Vec::new();
         for (name, task) in &self.tasks {
-            let metrics: &[&str] = match task.kind {
-                TaskKind::Classification => &["accuracy", "macro_f1"],
-                TaskKind::TokenClassification => &["precision", "recall", "f1", "accuracy"],
+            let metrics: &[&str] = match (task.kind, task.scheme) {
+                (TaskKind::Classification, _) => &["accuracy", "macro_f1", "micro_f1", "weighted_f1", "mcc"],
+                (TaskKind::MultiLabel, _) => &["micro_f1", "macro_f1", "weighted_f1", "samples_f1", "subset_accuracy"],
+                (TaskKind::Regression, _) => &["pearson", "spearman", "mse", "mae"],
+                (TaskKind::TokenClassification, TagScheme::None) => &["accuracy", "macro_f1"],
+                (TaskKind::TokenClassification, _) => &["precision", "recall", "f1", "accuracy"],
+                (TaskKind::QuestionAnswering, _) => &["exact_match", "f1"],
             };
             names.extend(metrics.iter().map(|m| format!("{name}.{m}")));
         }

@@ -60,22 +60,36 @@ impl fmt::Display for TaskId {
     }
 }
 
-/// What kind of task a head solves. The kind decides the default head, loss and metrics.
+/// What kind of task a head solves. The kind decides the head, loss, decoding and metrics.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum TaskKind {
-    /// One label per example, predicted from the [CLS] state.
+    /// One label per example (or sentence pair), predicted from the [CLS] state; softmax and cross-entropy.
     Classification,
-    /// One BIO (or plain) tag per word, predicted from each word's first sub-token.
+    /// Any number of labels per example from the [CLS] state; a sigmoid per label and binary cross-entropy.
+    MultiLabel,
+    /// One or more real values per example from the [CLS] state; MSE or Huber loss.
+    Regression,
+    /// One BIO / BIOES (or plain) tag per word, predicted from each word's first sub-token.
     TokenClassification,
+    /// Span-extraction question answering: start and end logits over the context's tokens.
+    QuestionAnswering,
 }
 
 impl TaskKind {
     pub fn name(self) -> &'static str {
         match self {
             TaskKind::Classification => "classification",
+            TaskKind::MultiLabel => "multi_label",
+            TaskKind::Regression => "regression",
             TaskKind::TokenClassification => "token_classification",
+            TaskKind::QuestionAnswering => "question_answering",
         }
+    }
+
+    /// Whether the head reads the [CLS] state only.
+    pub fn is_sequence_level(self) -> bool {
+        matches!(self, TaskKind::Classification | TaskKind::MultiLabel | TaskKind::Regression)
     }
 }
 
@@ -106,13 +120,19 @@ pub struct HostBatch {
     pub targets: BTreeMap<TaskId, Targets>,
 }
 
-/// Gold label indices of one task for one batch, [`IGNORE_INDEX`] where there is none.
+/// Gold targets of one task for one batch, [`IGNORE_INDEX`] (or `present == false`) where there is none.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Targets {
-    /// One per example.
+    /// One class index per example.
     Class(Vec<i64>),
     /// One per token, `batch × seq`, set at each word's first sub-token.
     Tokens(Vec<i64>),
+    /// A row of `width` values per example (`batch × width`): 0/1 per label for multi-label tasks, the
+    /// (scaled) targets for regression. `present[b]` says whether example `b` has a target.
+    Dense { width: usize, values: Vec<f32>, present: Vec<bool> },
+    /// The start and end token of the answer span of each example (both 0, the [CLS] token, when the answer
+    /// is not in this window or there is none).
+    Span { start: Vec<i64>, end: Vec<i64> },
 }
 
 #[cfg(test)]

@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 
-use mtl_core::{HostBatch, TaskId, TaskKind, Targets, IGNORE_INDEX};
+use mtl_core::{HostBatch, Targets, TaskId, TaskKind, IGNORE_INDEX};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 
@@ -48,7 +48,9 @@ pub fn epoch_batches(lengths: &[usize], batching: &Batching, seed: u64, epoch: u
         pool.sort_by_key(|&i| std::cmp::Reverse(lengths[i]));
         batches.extend(cut(&pool, lengths, batch_size, batching.max_tokens));
     }
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed.wrapping_add(1) ^ (epoch as u64).wrapping_mul(0xA24B_AED4_963E_E407));
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(
+        seed.wrapping_add(1) ^ (epoch as u64).wrapping_mul(0xA24B_AED4_963E_E407),
+    );
     batches.shuffle(&mut rng);
     batches
 }
@@ -56,7 +58,9 @@ pub fn epoch_batches(lengths: &[usize], batching: &Batching, seed: u64, epoch: u
 /// Cuts `order` into consecutive batches of at most `batch_size` examples and, with a budget, at most
 /// `max_tokens` padded tokens.
 fn cut(order: &[usize], lengths: &[usize], batch_size: usize, max_tokens: Option<usize>) -> Vec<Vec<usize>> {
-    let Some(budget) = max_tokens else { return order.chunks(batch_size).map(<[usize]>::to_vec).collect() };
+    let Some(budget) = max_tokens else {
+        return order.chunks(batch_size).map(<[usize]>::to_vec).collect();
+    };
     let mut batches = Vec::new();
     let mut current: Vec<usize> = Vec::new();
     let mut longest = 0;
@@ -75,10 +79,10 @@ fn cut(order: &[usize], lengths: &[usize], batch_size: usize, max_tokens: Option
     batches
 }
 
-/// Pads `examples` into one batch. `tasks` lists every task of the model with its kind; a task without a
-/// label on an example gets [`IGNORE_INDEX`] there, and a task with no label in the whole batch gets no
-/// targets at all.
-pub fn collate(examples: &[&Example], tasks: &BTreeMap<TaskId, TaskKind>) -> HostBatch {
+/// Pads `examples` into one batch. `tasks` lists every task of the model with its kind and number of
+/// outputs; a task without a label on an example gets [`IGNORE_INDEX`] there, and a task with no label in
+/// the whole batch gets no targets at all.
+pub fn collate(examples: &[&Example], tasks: &BTreeMap<TaskId, (TaskKind, usize)>) -> HostBatch {
     let batch = examples.len();
     let seq = examples.iter().map(|e| e.encoded.ids.len()).max().unwrap_or(0);
     let mut input_ids = vec![0u32; batch * seq];
@@ -92,11 +96,42 @@ pub fn collate(examples: &[&Example], tasks: &BTreeMap<TaskId, TaskKind>) -> Hos
         attention_mask[row..row + n].fill(1);
     }
     let mut targets = BTreeMap::new();
-    for (task, kind) in tasks {
+    for (task, &(kind, width)) in tasks {
         if !examples.iter().any(|e| e.labels.contains_key(task)) {
             continue;
         }
         let t = match kind {
+            TaskKind::MultiLabel | TaskKind::Regression => {
+                let mut values = vec![0f32; batch * width];
+                let mut present = vec![false; batch];
+                for (b, ex) in examples.iter().enumerate() {
+                    let row = &mut values[b * width..(b + 1) * width];
+                    match ex.labels.get(task) {
+                        Some(Label::Multi(ids)) => {
+                            for &i in ids {
+                                row[i as usize] = 1.0;
+                            }
+                            present[b] = true;
+                        }
+                        Some(Label::Real { scaled, .. }) => {
+                            row.copy_from_slice(scaled);
+                            present[b] = true;
+                        }
+                        _ => {}
+                    }
+                }
+                Targets::Dense { width, values, present }
+            }
+            TaskKind::QuestionAnswering => {
+                let (start, end) = examples
+                    .iter()
+                    .map(|e| match e.labels.get(task) {
+                        Some(Label::Span { start, end }) => (*start as i64, *end as i64),
+                        _ => (IGNORE_INDEX, IGNORE_INDEX),
+                    })
+                    .unzip();
+                Targets::Span { start, end }
+            }
             TaskKind::Classification => Targets::Class(
                 examples
                     .iter()
@@ -148,7 +183,8 @@ mod tests {
             assert_eq!(seen, (0..1000).collect::<Vec<_>>());
             assert_eq!(batches, epoch_batches(&lengths, &batching, 7, 1), "seeded");
             assert_ne!(batches, epoch_batches(&lengths, &batching, 7, 2), "each epoch differs");
-            let padded: usize = batches.iter().map(|b| b.len() * b.iter().map(|&i| lengths[i]).max().unwrap_or(0)).sum();
+            let padded: usize =
+                batches.iter().map(|b| b.len() * b.iter().map(|&i| lengths[i]).max().unwrap_or(0)).sum();
             let real: usize = lengths.iter().sum();
             if group {
                 assert!((padded as f64) < 1.1 * real as f64, "grouped batches pad little: {padded} vs {real}");

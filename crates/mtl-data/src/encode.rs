@@ -2,7 +2,7 @@
 
 use std::path::Path;
 
-use tokenizers::{Tokenizer, TruncationParams};
+use tokenizers::{Encoding, PostProcessor, Tokenizer, TruncationDirection, TruncationParams};
 
 use crate::{DataError, Input, Result};
 
@@ -14,12 +14,25 @@ pub struct Encoded {
     /// Token position of each word's first sub-token; `None` when truncation removed the word (or it
     /// produced no token). Empty for raw-text inputs.
     pub word_starts: Vec<Option<usize>>,
+    /// Whether truncation cut tokens off.
+    pub truncated: bool,
+}
+
+/// One window of a question and its context, `[CLS] question [SEP] context[i..j] [SEP]`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct QaWindow {
+    pub encoded: Encoded,
+    /// For each token, its character span in the context; `None` outside the context.
+    pub offsets: Vec<Option<(usize, usize)>>,
 }
 
 /// The model's tokenizer, with its fixed padding removed (batches are padded to their longest sequence)
 /// and truncation set to `max_len` tokens, special tokens included.
 pub struct TextEncoder {
     tokenizer: Tokenizer,
+    /// The same tokenizer without truncation, for inputs cut into windows.
+    whole: Tokenizer,
+    max_len: usize,
 }
 
 impl TextEncoder {
@@ -27,20 +40,29 @@ impl TextEncoder {
         let err = |message: String| DataError::Tokenizer { path: path.to_owned(), message };
         let mut tokenizer = Tokenizer::from_file(path).map_err(|e| err(e.to_string()))?;
         tokenizer.with_padding(None);
+        let mut whole = tokenizer.clone();
+        whole.with_truncation(None).map_err(|e| err(e.to_string()))?;
         tokenizer
             .with_truncation(Some(TruncationParams { max_length: max_len, ..Default::default() }))
             .map_err(|e| err(e.to_string()))?;
-        Ok(Self { tokenizer })
+        Ok(Self { tokenizer, whole, max_len })
     }
 
     pub fn tokenizer(&self) -> &Tokenizer {
         &self.tokenizer
     }
 
-    /// Encodes one input with the special tokens ([CLS] … [SEP] for BERT).
+    pub fn max_len(&self) -> usize {
+        self.max_len
+    }
+
+    /// Encodes one input with the special tokens ([CLS] … [SEP] for BERT). A question is encoded as one
+    /// truncated pair; use [`TextEncoder::question_windows`] to cover a long context.
     pub fn encode(&self, input: &Input) -> Result<Encoded, String> {
         let encoding = match input {
             Input::Text(t) => self.tokenizer.encode(t.as_str(), true),
+            Input::Pair(a, b) => self.tokenizer.encode((a.as_str(), b.as_str()), true),
+            Input::Question { question, context } => self.tokenizer.encode((question.as_str(), context.as_str()), true),
             Input::Words(w) => {
                 let words: Vec<&str> = w.iter().map(String::as_str).collect();
                 self.tokenizer.encode(words.as_slice(), true)
@@ -48,7 +70,6 @@ impl TextEncoder {
         }
         .map_err(|e| format!("cannot tokenize: {e}"))?;
         let word_starts = match input {
-            Input::Text(_) => Vec::new(),
             Input::Words(w) => {
                 let mut starts = vec![None; w.len()];
                 for (pos, word) in encoding.get_word_ids().iter().enumerate() {
@@ -61,7 +82,68 @@ impl TextEncoder {
                 }
                 starts
             }
+            _ => Vec::new(),
         };
-        Ok(Encoded { ids: encoding.get_ids().to_vec(), type_ids: encoding.get_type_ids().to_vec(), word_starts })
+        Ok(Encoded {
+            ids: encoding.get_ids().to_vec(),
+            type_ids: encoding.get_type_ids().to_vec(),
+            word_starts,
+            truncated: !encoding.get_overflowing().is_empty(),
+        })
     }
+
+    /// Cuts a question and a long context into windows of at most `max_len` tokens: the question (cut to
+    /// `max_query_len` tokens) with consecutive pieces of the context that share `stride` tokens, as
+    /// transformers' QA preprocessing (`return_overflowing_tokens`, `stride`) does. Offsets are in characters.
+    pub fn question_windows(
+        &self,
+        question: &str,
+        context: &str,
+        max_query_len: usize,
+        stride: usize,
+    ) -> Result<Vec<QaWindow>, String> {
+        let err = |e: tokenizers::Error| format!("cannot tokenize: {e}");
+        let mut q = self.whole.encode_char_offsets(question, false).map_err(err)?;
+        if q.len() > max_query_len {
+            q.truncate(max_query_len, 0, TruncationDirection::Right);
+        }
+        let q_plain = plain(&q);
+        let specials = self.whole.get_post_processor().map_or(0, |p| p.added_tokens(true));
+        let budget = self.max_len.checked_sub(q_plain.len() + specials).filter(|b| *b > stride).ok_or_else(|| {
+            format!("the question leaves no room for the context in {} tokens (stride {stride})", self.max_len)
+        })?;
+        let mut c = self.whole.encode_char_offsets(context, false).map_err(err)?;
+        if c.is_empty() {
+            return Err("the context has no tokens".into());
+        }
+        c.truncate(budget, stride, TruncationDirection::Right);
+        let mut pieces = vec![plain(&c)];
+        pieces.extend(c.get_overflowing().iter().map(plain));
+        pieces
+            .into_iter()
+            .map(|piece| {
+                let full = self.whole.post_process(q_plain.clone(), Some(piece), true).map_err(err)?;
+                let offsets = full
+                    .get_sequence_ids()
+                    .iter()
+                    .zip(full.get_offsets())
+                    .map(|(seq, &o)| (*seq == Some(1)).then_some(o))
+                    .collect();
+                let encoded = Encoded {
+                    ids: full.get_ids().to_vec(),
+                    type_ids: full.get_type_ids().to_vec(),
+                    word_starts: Vec::new(),
+                    truncated: false,
+                };
+                Ok(QaWindow { encoded, offsets })
+            })
+            .collect()
+    }
+}
+
+/// An encoding without its overflowing windows.
+fn plain(e: &Encoding) -> Encoding {
+    let mut e = e.clone();
+    e.set_overflowing(Vec::new());
+    e
 }

@@ -1,4 +1,4 @@
-//! Data: readers for the general file formats (JSONL, CoNLL), label maps, tokenization with word
+//! Data: readers for the general file formats (JSONL, CSV/TSV, CoNLL, CoNLL-U), label maps, tokenization with word
 //! alignment, and collation into [`mtl_core::HostBatch`].
 //!
 //! Tasks that read the same file share its examples, so one example can carry labels for several heads;
@@ -14,10 +14,10 @@ mod read;
 use std::path::PathBuf;
 
 pub use collate::{collate, epoch_batches, epoch_order, Batching};
-pub use dataset::{Dataset, Example, Label};
-pub use encode::{Encoded, TextEncoder};
-pub use labels::LabelMap;
-pub use read::{read_split, Input, Location, RawExample, RawLabel};
+pub use dataset::{Dataset, Example, Label, QaFeature, Question};
+pub use encode::{Encoded, QaWindow, TextEncoder};
+pub use labels::{LabelMap, Scale};
+pub use read::{read_split, Answer, Input, Location, RawExample, RawLabel};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DataError {

@@ -1,12 +1,12 @@
 //! Readers of the general formats. Each split is read once per file, whatever the number of tasks that
-//! read it.
+//! read it. Every error names the file and line, and the field when there is one.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use mtl_config::{Config, DataFormat, Split, TaskConfig};
 use mtl_core::{TaskId, TaskKind};
-use serde_json::Value;
+use serde_json::{Map, Value};
 
 use crate::{DataError, Result};
 
@@ -24,6 +24,10 @@ pub enum Input {
     Text(String),
     /// Pre-split words; token tasks predict one tag per word.
     Words(Vec<String>),
+    /// Two texts encoded together (`[CLS] a [SEP] b [SEP]`).
+    Pair(String, String),
+    /// A question about a context (span-extraction QA).
+    Question { question: String, context: String },
 }
 
 impl Input {
@@ -32,15 +36,30 @@ impl Input {
         match self {
             Input::Text(t) => t.split_whitespace().map(String::from).collect(),
             Input::Words(w) => w.clone(),
+            Input::Pair(a, b) => a.split_whitespace().chain(b.split_whitespace()).map(String::from).collect(),
+            Input::Question { context, .. } => context.split_whitespace().map(String::from).collect(),
         }
     }
+}
+
+/// A gold answer of a QA example: its text and its first character in the context.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Answer {
+    pub text: String,
+    pub start: usize,
 }
 
 /// A label as written in the file.
 #[derive(Clone, Debug, PartialEq)]
 pub enum RawLabel {
     Class(String),
+    /// The labels of a multi-label example (possibly none).
+    Multi(Vec<String>),
+    /// Regression targets, one per output.
+    Real(Vec<f64>),
     Tags(Vec<String>),
+    /// The gold answers of a question (none: unanswerable).
+    Answers(Vec<Answer>),
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -70,7 +89,10 @@ pub fn read_split(config: &Config, split: Split) -> Result<Vec<RawExample>> {
         let before = examples.len();
         match tasks[0].1.format {
             DataFormat::Jsonl => read_jsonl(&text, path, tasks, &mut examples)?,
+            DataFormat::Csv => read_table(&text, b',', path, tasks, &mut examples)?,
+            DataFormat::Tsv => read_table(&text, b'\t', path, tasks, &mut examples)?,
             DataFormat::Conll => read_conll(&text, path, tasks, &mut examples)?,
+            DataFormat::Conllu => read_conllu(&text, path, tasks, &mut examples)?,
         }
         if examples.len() == before {
             return Err(DataError::Empty { path: path.to_owned() });
@@ -80,7 +102,6 @@ pub fn read_split(config: &Config, split: Split) -> Result<Vec<RawExample>> {
 }
 
 fn read_jsonl(text: &str, path: &Path, tasks: &[(&TaskId, &TaskConfig)], out: &mut Vec<RawExample>) -> Result<()> {
-    let first = tasks[0].1;
     for (i, line) in text.lines().enumerate() {
         if line.trim().is_empty() {
             continue;
@@ -91,106 +112,363 @@ fn read_jsonl(text: &str, path: &Path, tasks: &[(&TaskId, &TaskConfig)], out: &m
         let Value::Object(obj) = value else {
             return Err(DataError::at(&location, "expected a JSON object"));
         };
-        let input = match (obj.get(&first.words_field), obj.get(&first.text_field)) {
-            (Some(words), _) => Input::Words(string_list(words).ok_or_else(|| {
-                DataError::at(&location, format!("field `{}` must be a list of strings", first.words_field))
-            })?),
-            (None, Some(Value::String(t))) => Input::Text(t.clone()),
-            (None, Some(_)) => {
-                return Err(DataError::at(&location, format!("field `{}` must be a string", first.text_field)))
-            }
-            (None, None) => {
-                return Err(DataError::at(
-                    &location,
-                    format!("missing input: neither `{}` nor `{}` is present", first.words_field, first.text_field),
-                ))
-            }
-        };
-        let mut labels = BTreeMap::new();
-        for &(name, task) in tasks {
-            let field = &task.label_field;
-            let label = match (task.kind, obj.get(field)) {
-                (_, None | Some(Value::Null)) => continue,
-                (TaskKind::Classification, Some(Value::String(s))) => RawLabel::Class(s.clone()),
-                (TaskKind::Classification, Some(v @ (Value::Number(_) | Value::Bool(_)))) => {
-                    RawLabel::Class(v.to_string())
-                }
-                (TaskKind::Classification, Some(_)) => {
-                    return Err(DataError::at(
-                        &location,
-                        format!("task `{name}`: field `{field}` must be a string label"),
-                    ))
-                }
-                (TaskKind::TokenClassification, Some(v)) => {
-                    let tags = string_list(v).ok_or_else(|| {
-                        DataError::at(&location, format!("task `{name}`: field `{field}` must be a list of tag strings"))
-                    })?;
-                    let Input::Words(words) = &input else {
-                        return Err(DataError::at(
-                            &location,
-                            format!("task `{name}`: a token task needs pre-split words in field `{}`", task.words_field),
-                        ));
-                    };
-                    if tags.len() != words.len() {
-                        return Err(DataError::at(
-                            &location,
-                            format!(
-                                "task `{name}`: field `{field}` has {} tags for {} words",
-                                tags.len(),
-                                words.len()
-                            ),
-                        ));
-                    }
-                    RawLabel::Tags(tags)
-                }
-            };
-            labels.insert(name.clone(), label);
-        }
-        out.push(RawExample { location, input, labels });
+        out.push(record(&obj, location, tasks, false)?);
     }
     Ok(())
+}
+
+/// CSV or TSV with a header row. Each row becomes a record of string fields, read like a JSONL object.
+fn read_table(
+    text: &str,
+    delimiter: u8,
+    path: &Path,
+    tasks: &[(&TaskId, &TaskConfig)],
+    out: &mut Vec<RawExample>,
+) -> Result<()> {
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
+    let mut reader =
+        csv::ReaderBuilder::new().delimiter(delimiter).has_headers(true).flexible(false).from_reader(text.as_bytes());
+    let header_err = |m: String| DataError::Line { path: path.to_owned(), line: 1, message: m };
+    let headers: Vec<String> = reader
+        .headers()
+        .map_err(|e| header_err(format!("cannot read the header row: {e}")))?
+        .iter()
+        .map(String::from)
+        .collect();
+    for (_, task) in tasks {
+        let mut needed = vec![task.text_field.clone()];
+        needed.extend(task.pair_field.clone());
+        if task.kind == TaskKind::Regression {
+            needed.extend(task.regression_outputs());
+        } else {
+            needed.push(task.label_field.clone());
+        }
+        if let Some(missing) = needed.iter().find(|f| !headers.contains(f)) {
+            return Err(header_err(format!("no column `{missing}` in the header (columns: {})", headers.join(", "))));
+        }
+    }
+    for row in reader.records() {
+        let row = row.map_err(|e| {
+            let line = e.position().map_or(0, |p| p.line() as usize);
+            DataError::Line { path: path.to_owned(), line, message: format!("invalid row: {e}") }
+        })?;
+        let line = row.position().map_or(0, |p| p.line() as usize);
+        let location = Location { path: path.to_owned(), line };
+        if row.iter().all(|f| f.trim().is_empty()) {
+            continue;
+        }
+        let obj: Map<String, Value> =
+            headers.iter().cloned().zip(row.iter().map(|f| Value::String(f.to_string()))).collect();
+        out.push(record(&obj, location, tasks, true)?);
+    }
+    Ok(())
+}
+
+/// Reads one record (a JSON object, or a CSV/TSV row as string fields) for every task of its file.
+fn record(
+    obj: &Map<String, Value>,
+    location: Location,
+    tasks: &[(&TaskId, &TaskConfig)],
+    tabular: bool,
+) -> Result<RawExample> {
+    let at = |m: String| DataError::at(&location, m);
+    let first = tasks[0].1;
+    let text_field = |field: &str| -> Result<String> {
+        match obj.get(field) {
+            Some(Value::String(t)) if t.trim().is_empty() => Err(at(format!("field `{field}` is empty"))),
+            Some(Value::String(t)) => Ok(t.clone()),
+            Some(_) => Err(at(format!("field `{field}` must be a string"))),
+            None => Err(at(format!("missing field `{field}`"))),
+        }
+    };
+    let input = if first.kind == TaskKind::QuestionAnswering {
+        Input::Question { question: text_field(&first.question_field)?, context: text_field(&first.context_field)? }
+    } else if let (Some(words), false) = (obj.get(&first.words_field), tabular) {
+        let words =
+            string_list(words).ok_or_else(|| at(format!("field `{}` must be a list of strings", first.words_field)))?;
+        if words.is_empty() {
+            return Err(at(format!("field `{}` is empty", first.words_field)));
+        }
+        if let Some(w) = words.iter().find(|w| w.trim().is_empty() || w.chars().any(char::is_whitespace)) {
+            return Err(at(format!("field `{}`: word {w:?} is empty or holds whitespace", first.words_field)));
+        }
+        Input::Words(words)
+    } else if !obj.contains_key(&first.text_field) && !tabular {
+        return Err(at(format!(
+            "missing input: neither `{}` nor `{}` is present",
+            first.words_field, first.text_field
+        )));
+    } else {
+        let a = text_field(&first.text_field)?;
+        match &first.pair_field {
+            Some(pair) => Input::Pair(a, text_field(pair)?),
+            None => Input::Text(a),
+        }
+    };
+    let mut labels = BTreeMap::new();
+    for &(name, task) in tasks {
+        if let Some(label) = read_label(obj, name, task, &input, &at)? {
+            labels.insert(name.clone(), label);
+        }
+    }
+    Ok(RawExample { location, input, labels })
+}
+
+/// The label of one task in one record; `None` when the record has none for it (a missing or null field,
+/// or an empty cell).
+fn read_label(
+    obj: &Map<String, Value>,
+    name: &TaskId,
+    task: &TaskConfig,
+    input: &Input,
+    at: &dyn Fn(String) -> DataError,
+) -> Result<Option<RawLabel>> {
+    let field = &task.label_field;
+    let absent = |v: Option<&Value>| {
+        matches!(v, None | Some(Value::Null)) || v.and_then(Value::as_str).is_some_and(|s| s.trim().is_empty())
+    };
+    let label = match task.kind {
+        TaskKind::Classification => match obj.get(field) {
+            v if absent(v) => return Ok(None),
+            Some(Value::String(s)) => RawLabel::Class(s.trim().to_string()),
+            Some(v @ (Value::Number(_) | Value::Bool(_))) => RawLabel::Class(v.to_string()),
+            Some(_) => return Err(at(format!("task `{name}`: field `{field}` must be a string label"))),
+            None => return Ok(None),
+        },
+        TaskKind::MultiLabel => match obj.get(field) {
+            None | Some(Value::Null) => return Ok(None),
+            Some(Value::String(s)) => RawLabel::Multi(
+                s.split(task.label_separator.as_str())
+                    .map(str::trim)
+                    .filter(|l| !l.is_empty())
+                    .map(String::from)
+                    .collect(),
+            ),
+            Some(v) => RawLabel::Multi(
+                string_list(v)
+                    .ok_or_else(|| at(format!("task `{name}`: field `{field}` must be a list of label strings")))?,
+            ),
+        },
+        TaskKind::Regression => {
+            let fields = task.regression_outputs();
+            let mut values = Vec::new();
+            for f in &fields {
+                match obj.get(f) {
+                    v if absent(v) => return Ok(None),
+                    Some(Value::Array(items)) if fields.len() == 1 => {
+                        for x in items {
+                            values.push(
+                                x.as_f64().ok_or_else(|| {
+                                    at(format!("task `{name}`: field `{f}` must be a list of numbers"))
+                                })?,
+                            );
+                        }
+                    }
+                    Some(v) => values.push(
+                        number(v).ok_or_else(|| at(format!("task `{name}`: field `{f}` must be a number, got {v}")))?,
+                    ),
+                    None => return Ok(None),
+                }
+            }
+            if let Some(bad) = values.iter().find(|v| !v.is_finite()) {
+                return Err(at(format!("task `{name}`: target {bad} is not a finite number")));
+            }
+            RawLabel::Real(values)
+        }
+        TaskKind::TokenClassification => match obj.get(field) {
+            None | Some(Value::Null) => return Ok(None),
+            Some(v) => {
+                let tags = string_list(v)
+                    .ok_or_else(|| at(format!("task `{name}`: field `{field}` must be a list of tag strings")))?;
+                let Input::Words(words) = input else {
+                    return Err(at(format!(
+                        "task `{name}`: a token task needs pre-split words in field `{}`",
+                        task.words_field
+                    )));
+                };
+                if tags.len() != words.len() {
+                    return Err(at(format!(
+                        "task `{name}`: field `{field}` has {} tags for {} words",
+                        tags.len(),
+                        words.len()
+                    )));
+                }
+                RawLabel::Tags(tags)
+            }
+        },
+        TaskKind::QuestionAnswering => {
+            let f = &task.answers_field;
+            let Some(v) = obj.get(f) else { return Ok(None) };
+            let Input::Question { context, .. } = input else { unreachable!("QA records are read as questions") };
+            RawLabel::Answers(answers(v, context).map_err(|m| at(format!("task `{name}`: field `{f}`: {m}")))?)
+        }
+    };
+    Ok(Some(label))
+}
+
+/// SQuAD answers: `{"text": [...], "answer_start": [...]}` (or a list of `{"text", "answer_start"}`), each
+/// checked against the context.
+fn answers(v: &Value, context: &str) -> Result<Vec<Answer>, String> {
+    let pairs: Vec<(Value, Value)> = match v {
+        Value::Object(o) => {
+            let texts = o.get("text").and_then(Value::as_array).ok_or("expected a `text` list")?;
+            let starts = o.get("answer_start").and_then(Value::as_array).ok_or("expected an `answer_start` list")?;
+            if texts.len() != starts.len() {
+                return Err(format!("{} texts but {} answer_start values", texts.len(), starts.len()));
+            }
+            texts.iter().cloned().zip(starts.iter().cloned()).collect()
+        }
+        Value::Array(items) => items
+            .iter()
+            .map(|a| {
+                Ok((
+                    a.get("text").cloned().ok_or("an answer has no `text`")?,
+                    a.get("answer_start").cloned().ok_or("an answer has no `answer_start`")?,
+                ))
+            })
+            .collect::<Result<_, String>>()?,
+        _ => return Err("expected SQuAD answers: {\"text\": [...], \"answer_start\": [...]}".into()),
+    };
+    let chars: Vec<char> = context.chars().collect();
+    pairs
+        .into_iter()
+        .map(|(t, s)| {
+            let text = t.as_str().ok_or("answer texts must be strings")?.to_string();
+            let start = s.as_u64().ok_or("answer_start values must be non-negative integers")? as usize;
+            let n = text.chars().count();
+            let found: String = chars.get(start..start + n).map(|c| c.iter().collect()).unwrap_or_default();
+            if text.is_empty() || found != text {
+                return Err(format!("answer {text:?} is not at character {start} of the context (found {found:?})"));
+            }
+            Ok(Answer { text, start })
+        })
+        .collect()
+}
+
+fn number(v: &Value) -> Option<f64> {
+    match v {
+        Value::Number(n) => n.as_f64(),
+        Value::String(s) => s.trim().parse().ok(),
+        _ => None,
+    }
 }
 
 fn string_list(v: &Value) -> Option<Vec<String>> {
     v.as_array()?.iter().map(|x| x.as_str().map(String::from)).collect()
 }
 
-fn read_conll(text: &str, path: &Path, tasks: &[(&TaskId, &TaskConfig)], out: &mut Vec<RawExample>) -> Result<()> {
-    let mut words = Vec::new();
-    let mut tags = Vec::new();
-    let mut start = 0;
-    let mut flush = |words: &mut Vec<String>, tags: &mut Vec<String>, start: usize| {
-        if words.is_empty() {
+/// A sentence being read from a column format.
+struct Sentence {
+    start: usize,
+    words: Vec<String>,
+    /// One tag list per task.
+    tags: Vec<Vec<String>>,
+}
+
+fn read_columns(
+    text: &str,
+    path: &Path,
+    tasks: &[(&TaskId, &TaskConfig)],
+    out: &mut Vec<RawExample>,
+    parse: &dyn Fn(&str) -> Option<Result<(String, Vec<String>), String>>,
+) -> Result<()> {
+    let mut current = Sentence { start: 0, words: Vec::new(), tags: vec![Vec::new(); tasks.len()] };
+    let mut flush = |s: &mut Sentence| {
+        if s.words.is_empty() {
             return;
         }
-        let labels = tasks.iter().map(|(name, _)| ((*name).clone(), RawLabel::Tags(tags.clone()))).collect();
+        let labels = tasks
+            .iter()
+            .zip(&mut s.tags)
+            .map(|((name, _), tags)| ((*name).clone(), RawLabel::Tags(std::mem::take(tags))))
+            .collect();
         out.push(RawExample {
-            location: Location { path: path.to_owned(), line: start },
-            input: Input::Words(std::mem::take(words)),
+            location: Location { path: path.to_owned(), line: s.start },
+            input: Input::Words(std::mem::take(&mut s.words)),
             labels,
         });
-        tags.clear();
     };
     for (i, line) in text.lines().enumerate() {
-        let line = line.trim();
-        if line.is_empty() || line.starts_with("-DOCSTART-") {
-            flush(&mut words, &mut tags, start);
+        let trimmed = line.trim();
+        if trimmed.is_empty() {
+            flush(&mut current);
             continue;
         }
-        if line.starts_with("# ") || line == "#" {
-            continue;
+        match parse(line) {
+            None => {}
+            Some(Err(message)) => return Err(DataError::Line { path: path.to_owned(), line: i + 1, message }),
+            Some(Ok((word, tags))) => {
+                if current.words.is_empty() {
+                    current.start = i + 1;
+                }
+                current.words.push(word);
+                for (list, tag) in current.tags.iter_mut().zip(tags) {
+                    list.push(tag);
+                }
+            }
         }
-        let cols: Vec<&str> = line.split_whitespace().collect();
-        if cols.len() < 2 {
-            let location = Location { path: path.to_owned(), line: i + 1 };
-            return Err(DataError::at(&location, "expected a word and a tag separated by whitespace"));
-        }
-        if words.is_empty() {
-            start = i + 1;
-        }
-        words.push(cols[0].to_string());
-        tags.push(cols[cols.len() - 1].to_string());
     }
-    flush(&mut words, &mut tags, start);
+    flush(&mut current);
     Ok(())
+}
+
+/// CoNLL: whitespace-separated columns, the word in `word_column`, each task's tag in its `tag_column`
+/// (the last column by default).
+fn read_conll(text: &str, path: &Path, tasks: &[(&TaskId, &TaskConfig)], out: &mut Vec<RawExample>) -> Result<()> {
+    let word_column = tasks[0].1.word_column;
+    let parse = |line: &str| {
+        let trimmed = line.trim();
+        if trimmed.starts_with("-DOCSTART-") || trimmed.starts_with("# ") || trimmed == "#" {
+            return None;
+        }
+        let cols: Vec<&str> = trimmed.split_whitespace().collect();
+        let mut tags = Vec::new();
+        for (name, task) in tasks {
+            let column = task.tag_column.unwrap_or(cols.len().saturating_sub(1));
+            if cols.len() < 2 || column >= cols.len() || word_column >= cols.len() || column == word_column {
+                return Some(Err(format!(
+                    "task `{name}`: expected the word in column {word_column} and the tag in column {} (0-based), found {} column(s)",
+                    task.tag_column.map_or_else(|| "last".to_string(), |c| c.to_string()),
+                    cols.len()
+                )));
+            }
+            tags.push(cols[column].to_string());
+        }
+        Some(Ok((cols[word_column].to_string(), tags)))
+    };
+    read_columns(text, path, tasks, out, &parse)
+}
+
+/// CoNLL-U: ten tab-separated columns; comments, multiword-token lines (`1-2`) and empty nodes (`1.1`)
+/// are skipped; each task's tag comes from its `conllu_column`.
+fn read_conllu(text: &str, path: &Path, tasks: &[(&TaskId, &TaskConfig)], out: &mut Vec<RawExample>) -> Result<()> {
+    let parse = |line: &str| {
+        if line.starts_with('#') {
+            return None;
+        }
+        let cols: Vec<&str> = line.split('\t').collect();
+        if cols.len() != 10 {
+            return Some(Err(format!("expected 10 tab-separated CoNLL-U columns, found {}", cols.len())));
+        }
+        if cols[0].contains('-') || cols[0].contains('.') {
+            return None;
+        }
+        if cols[0].parse::<usize>().is_err() {
+            return Some(Err(format!("column ID: {:?} is not a word index", cols[0])));
+        }
+        let mut tags = Vec::new();
+        for (name, task) in tasks {
+            let tag = cols[task.conllu_column.index()];
+            if tag.is_empty() || tag == "_" {
+                return Some(Err(format!(
+                    "task `{name}`: column {:?} is empty for word {:?}",
+                    format!("{:?}", task.conllu_column).to_uppercase(),
+                    cols[1]
+                )));
+            }
+            tags.push(tag.to_string());
+        }
+        Some(Ok((cols[1].to_string(), tags)))
+    };
+    read_columns(text, path, tasks, out, &parse)
 }

@@ -4,13 +4,20 @@
 //! names the reference implementation it is verified against. Depends on nothing of ours.
 
 mod classification;
+mod multilabel;
+mod regression;
 mod seqeval;
+mod squad;
 
-pub use classification::{accuracy, frame_accuracy, macro_f1};
-pub use seqeval::{entities, entity_scores, token_accuracy, Entity, EntityScores};
+pub use classification::{
+    accuracy, classification_report, format_report, frame_accuracy, macro_f1, mcc, ClassificationReport, Prf,
+};
+pub use multilabel::{multilabel_scores, MultiLabelScores};
+pub use regression::{average_ranks, mae, mse, pearson, spearman};
+pub use seqeval::{entities, entity_report, entity_scores, token_accuracy, Entity, EntityScores};
+pub use squad::{answer_f1, exact_match, normalize_answer, squad_scores};
 
-/// Whether a larger value of a metric is better. Every metric this crate reports is a score in [0, 1]
-/// where larger is better; losses are the exception and are minimised.
+/// Whether a larger value of a metric is better: true of every score here except the errors (MSE, MAE).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Direction {
     HigherIsBetter,
@@ -18,6 +25,15 @@ pub enum Direction {
 }
 
 impl Direction {
+    /// The direction of a metric by name: errors (`mse`, `mae`, `loss`) are minimised.
+    pub fn of(metric: &str) -> Self {
+        if matches!(metric, "mse" | "mae" | "loss") {
+            Direction::LowerIsBetter
+        } else {
+            Direction::HigherIsBetter
+        }
+    }
+
     /// Whether `candidate` improves on `best`.
     pub fn improves(self, candidate: f64, best: f64) -> bool {
         match self {
@@ -44,3 +60,6 @@ pub(crate) fn f1(precision: f64, recall: f64) -> f64 {
         2.0 * precision * recall / (precision + recall)
     }
 }
+
+#[cfg(test)]
+mod fixture_tests;

@@ -6,7 +6,7 @@
 
 use std::collections::BTreeSet;
 
-use crate::{f1, ratio};
+use crate::{f1, ratio, Prf};
 
 /// A chunk: its type and the first and last position (inclusive) in the flattened tag sequence.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -76,6 +76,35 @@ pub fn entity_scores<S: AsRef<str>>(gold: &[Vec<S>], pred: &[Vec<S>]) -> EntityS
     let precision = ratio(correct, pred.len());
     let recall = ratio(correct, gold.len());
     EntityScores { precision, recall, f1: f1(precision, recall), support: gold.len() }
+}
+
+/// Entity scores per type with micro, macro and weighted averages (seqeval's `classification_report`,
+/// default mode).
+pub fn entity_report<S: AsRef<str>>(gold: &[Vec<S>], pred: &[Vec<S>]) -> crate::ClassificationReport<String> {
+    let micro = entity_scores(gold, pred);
+    let gold: BTreeSet<Entity> = entities(gold).into_iter().collect();
+    let pred: BTreeSet<Entity> = entities(pred).into_iter().collect();
+    let kinds: BTreeSet<&str> = gold.iter().chain(&pred).map(|e| e.kind.as_str()).collect();
+    let classes: Vec<(String, Prf)> = kinds
+        .into_iter()
+        .map(|k| {
+            let g = gold.iter().filter(|e| e.kind == k).count();
+            let p = pred.iter().filter(|e| e.kind == k).count();
+            let tp = gold.iter().filter(|e| e.kind == k && pred.contains(e)).count();
+            // seqeval reports the harmonic mean of precision and recall.
+            let (precision, recall) = (ratio(tp, p), ratio(tp, g));
+            (k.to_string(), Prf { precision, recall, f1: f1(precision, recall), support: g })
+        })
+        .collect();
+    let scores: Vec<Prf> = classes.iter().map(|(_, p)| *p).collect();
+    let (macro_avg, weighted_avg) = crate::classification::averages(&scores);
+    crate::ClassificationReport {
+        classes,
+        accuracy: 0.0,
+        macro_avg,
+        micro_avg: Prf { precision: micro.precision, recall: micro.recall, f1: micro.f1, support: micro.support },
+        weighted_avg,
+    }
 }
 
 /// The fraction of tags predicted exactly (seqeval's `accuracy_score`).

@@ -103,7 +103,7 @@ fn encoder_stack(c: &mut Criterion) {
         layer_norm_eps: 1e-12,
         position_embedding_type: None,
     };
-    let tasks = BTreeMap::from([(TaskId::new("tags").expect("valid"), (TaskKind::TokenClassification, 9))]);
+    let tasks = BTreeMap::from([(TaskId::new("tags").expect("valid"), mtl_nn::HeadSpec::new(TaskKind::TokenClassification, 9))]);
     let n = BATCH * SEQ;
     let batch = HostBatch {
         batch: BATCH,

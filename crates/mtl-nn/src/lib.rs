@@ -7,6 +7,7 @@
 pub mod attention;
 mod bert;
 pub mod cpu;
+mod crf;
 pub mod fused;
 mod heads;
 mod layers;
@@ -14,7 +15,8 @@ mod model;
 mod params;
 
 pub use bert::{Activation, Bert, BertConfig, Kernels};
-pub use heads::{Head, HeadOutput};
+pub use crf::{viterbi, Crf, Transitions};
+pub use heads::{binary_cross_entropy_with_logits, Head, HeadOutput, HeadSpec, RegressionLoss};
 pub use layers::{DropoutRng, LayerNorm, Linear};
 pub use bert::BertInput;
 pub use model::{ModelSpec, MultiTaskModel, TaskLoss, TaskPrediction};

@@ -5,10 +5,11 @@ use std::path::Path;
 
 use candle_core::backprop::GradStore;
 use candle_core::{Device, Tensor};
-use mtl_core::{HostBatch, Mode, TaskId, TaskKind, Targets, IGNORE_INDEX};
+use mtl_core::{HostBatch, Mode, Targets, TaskId, TaskKind, IGNORE_INDEX};
 
 use crate::bert::{Bert, BertConfig, BertInput, Kernels};
-use crate::heads::Head;
+use crate::crf::Crf;
+use crate::heads::{binary_cross_entropy_with_logits, Head, HeadSpec};
 use crate::layers::{cross_entropy, DropoutRng};
 use crate::params::{ParamBuilder, ParamStore};
 use crate::{NnError, Result};
@@ -28,8 +29,14 @@ pub struct TaskLoss {
 pub enum TaskPrediction {
     /// One label id per example, with its probability.
     Class { ids: Vec<u32>, scores: Vec<f32> },
+    /// Each label's probability, per example (multi-label).
+    Probs(Vec<Vec<f32>>),
+    /// The outputs of each example, in the scaled space the head was trained in (regression).
+    Values(Vec<Vec<f32>>),
     /// One tag id per word of each example (`None` for words truncated away).
     Tags(Vec<Vec<Option<u32>>>),
+    /// Start and end logits of every token of each example (QA); padding is cut off.
+    Spans { start: Vec<Vec<f32>>, end: Vec<Vec<f32>> },
 }
 
 /// A shared BERT encoder with one head per task.
@@ -45,8 +52,8 @@ pub struct MultiTaskModel {
 #[derive(Clone, Debug)]
 pub struct ModelSpec<'a> {
     pub bert: &'a BertConfig,
-    /// Each task's kind and number of labels.
-    pub tasks: &'a BTreeMap<TaskId, (TaskKind, usize)>,
+    /// Each task's head.
+    pub tasks: &'a BTreeMap<TaskId, HeadSpec>,
     pub dropout: f32,
     /// Seeds head initialisation and dropout masks.
     pub seed: u64,
@@ -82,9 +89,17 @@ impl MultiTaskModel {
         let heads = spec
             .tasks
             .iter()
-            .map(|(name, &(kind, n))| Ok((name.clone(), Head::new(&pb.pp("heads").pp(name.as_str()), kind, bert.hidden_size(), n)?)))
+            .map(|(name, spec)| {
+                Ok((name.clone(), Head::new(&pb.pp("heads").pp(name.as_str()), spec, bert.hidden_size())?))
+            })
             .collect::<Result<_>>()?;
-        Ok(Self { bert, heads, dropout: DropoutRng::new(spec.dropout, spec.seed ^ 0xD20F), params: pb.finish(), device })
+        Ok(Self {
+            bert,
+            heads,
+            dropout: DropoutRng::new(spec.dropout, spec.seed ^ 0xD20F),
+            params: pb.finish(),
+            device,
+        })
     }
 
     pub fn params(&self) -> &ParamStore {
@@ -143,62 +158,221 @@ impl MultiTaskModel {
         let hidden = self.encode(batch, mode)?;
         let mut out = Vec::new();
         for (task, targets) in &batch.targets {
-            let Some(head) = self.heads.get(task) else { continue };
-            let (rows, labels): (Vec<u32>, Vec<u32>) = match targets {
-                Targets::Class(t) => t
+            let Some(head) = self.heads.get(task) else {
+                continue;
+            };
+            if let Some(loss) = self.task_loss(head, &hidden, batch, targets, mode)? {
+                out.push(TaskLoss { task: task.clone(), loss: loss.0, count: loss.1 });
+            }
+        }
+        Ok(out)
+    }
+
+    /// One head's loss and the number of labelled rows, `None` when nothing in the batch is labelled.
+    fn task_loss(
+        &self,
+        head: &Head,
+        hidden: &Tensor,
+        batch: &HostBatch,
+        targets: &Targets,
+        mode: Mode,
+    ) -> Result<Option<(Tensor, usize)>> {
+        let seq = batch.seq;
+        let device = &self.device;
+        Ok(match targets {
+            Targets::Class(t) => {
+                let (rows, labels): (Vec<u32>, Vec<u32>) = t
                     .iter()
                     .enumerate()
                     .filter(|(_, &l)| l != IGNORE_INDEX)
-                    .map(|(b, &l)| ((b * batch.seq) as u32, l as u32))
-                    .unzip(),
-                Targets::Tokens(t) => {
-                    t.iter().enumerate().filter(|(_, &l)| l != IGNORE_INDEX).map(|(i, &l)| (i as u32, l as u32)).unzip()
+                    .map(|(b, &l)| ((b * seq) as u32, l as u32))
+                    .unzip();
+                if rows.is_empty() {
+                    return Ok(None);
                 }
-            };
-            if rows.is_empty() {
+                let logits = head.forward(hidden, &rows, &self.dropout, mode)?.logits;
+                let targets = Tensor::from_slice(&labels, labels.len(), device)?;
+                Some((cross_entropy(&logits, &targets)?, rows.len()))
+            }
+            Targets::Tokens(t) => {
+                if let Some(crf) = head.crf() {
+                    return self.crf_loss(head, crf, hidden, batch, t, mode);
+                }
+                let (rows, labels): (Vec<u32>, Vec<u32>) = t
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, &l)| l != IGNORE_INDEX)
+                    .map(|(i, &l)| (i as u32, l as u32))
+                    .unzip();
+                if rows.is_empty() {
+                    return Ok(None);
+                }
+                let logits = head.forward(hidden, &rows, &self.dropout, mode)?.logits;
+                let targets = Tensor::from_slice(&labels, labels.len(), device)?;
+                Some((cross_entropy(&logits, &targets)?, rows.len()))
+            }
+            Targets::Dense { width, values, present } => {
+                let kept: Vec<usize> = (0..batch.batch).filter(|&b| present[b]).collect();
+                if kept.is_empty() {
+                    return Ok(None);
+                }
+                let rows: Vec<u32> = kept.iter().map(|&b| (b * seq) as u32).collect();
+                let target: Vec<f32> =
+                    kept.iter().flat_map(|&b| values[b * width..(b + 1) * width].iter().copied()).collect();
+                let target = Tensor::from_vec(target, (kept.len(), *width), device)?;
+                let logits = head.forward(hidden, &rows, &self.dropout, mode)?.logits;
+                let loss = match head.kind() {
+                    TaskKind::MultiLabel => binary_cross_entropy_with_logits(&logits, &target)?,
+                    _ => head.regression_loss(&logits, &target)?,
+                };
+                Some((loss, kept.len()))
+            }
+            Targets::Span { start, end } => {
+                let kept: Vec<usize> = (0..batch.batch).filter(|&b| start[b] != IGNORE_INDEX).collect();
+                if kept.is_empty() {
+                    return Ok(None);
+                }
+                let rows: Vec<u32> = kept.iter().flat_map(|&b| (b * seq..(b + 1) * seq).map(|r| r as u32)).collect();
+                let logits = head.forward(hidden, &rows, &self.dropout, mode)?.logits.reshape((kept.len(), seq, 2))?;
+                // Padding can never be an answer.
+                let pad: Vec<f32> = kept
+                    .iter()
+                    .flat_map(|&b| {
+                        batch.attention_mask[b * seq..(b + 1) * seq].iter().map(|&m| if m == 0 { -1e4 } else { 0.0 })
+                    })
+                    .collect();
+                let pad = Tensor::from_vec(pad, (kept.len(), seq), device)?;
+                let mut loss = None;
+                for (k, gold) in [start, end].into_iter().enumerate() {
+                    let l = logits.narrow(2, k, 1)?.squeeze(2)?.add(&pad)?;
+                    let g: Vec<u32> = kept.iter().map(|&b| gold[b] as u32).collect();
+                    let ce = cross_entropy(&l, &Tensor::from_slice(&g, g.len(), device)?)?;
+                    loss = Some(match loss {
+                        None => ce,
+                        Some(prev) => ((prev + ce)? * 0.5)?,
+                    });
+                }
+                loss.map(|l| (l, kept.len()))
+            }
+        })
+    }
+
+    fn crf_loss(
+        &self,
+        head: &Head,
+        crf: &Crf,
+        hidden: &Tensor,
+        batch: &HostBatch,
+        t: &[i64],
+        mode: Mode,
+    ) -> Result<Option<(Tensor, usize)>> {
+        // Each labelled sentence's words in order; a sentence without labels is skipped.
+        let mut rows = Vec::new();
+        let mut lengths = Vec::new();
+        let mut tags = Vec::new();
+        for b in 0..batch.batch {
+            let labelled: Vec<(u32, u32)> = (0..batch.seq)
+                .filter_map(|p| {
+                    let l = t[b * batch.seq + p];
+                    (l != IGNORE_INDEX).then_some(((b * batch.seq + p) as u32, l as u32))
+                })
+                .collect();
+            if labelled.is_empty() {
                 continue;
             }
-            let logits = head.forward(&hidden, &rows, &self.dropout, mode)?.logits;
-            let targets = Tensor::from_slice(&labels, labels.len(), &self.device)?;
-            out.push(TaskLoss { task: task.clone(), loss: cross_entropy(&logits, &targets)?, count: rows.len() });
+            lengths.push(labelled.len());
+            rows.extend(labelled.iter().map(|x| x.0));
+            tags.push(labelled.iter().map(|x| x.1).collect::<Vec<_>>());
         }
-        Ok(out)
+        if rows.is_empty() {
+            return Ok(None);
+        }
+        let logits = head.forward(hidden, &rows, &self.dropout, mode)?.logits;
+        let emissions = Crf::pad(&logits, &lengths)?;
+        let width = lengths.iter().copied().max().unwrap_or(0);
+        let padded: Vec<u32> =
+            tags.iter().flat_map(|r| r.iter().copied().chain(std::iter::repeat_n(0, width - r.len()))).collect();
+        Ok(Some((crf.nll(&emissions, &lengths, &padded)?, rows.len())))
     }
 
     /// Every head's predictions on `batch`, in evaluation mode.
     pub fn predict(&self, batch: &HostBatch) -> Result<BTreeMap<TaskId, TaskPrediction>> {
         let hidden = self.encode(batch, Mode::Eval)?;
         let mut out = BTreeMap::new();
+        let cls_rows: Vec<u32> = (0..batch.batch).map(|b| (b * batch.seq) as u32).collect();
         for (task, head) in &self.heads {
             let prediction = match head.kind() {
                 TaskKind::Classification => {
-                    let rows: Vec<u32> = (0..batch.batch).map(|b| (b * batch.seq) as u32).collect();
-                    let (ids, scores) = head.forward(&hidden, &rows, &self.dropout, Mode::Eval)?.argmax()?;
+                    let (ids, scores) = head.forward(&hidden, &cls_rows, &self.dropout, Mode::Eval)?.argmax()?;
                     TaskPrediction::Class { ids, scores }
                 }
-                TaskKind::TokenClassification => {
-                    let rows: Vec<u32> = batch
-                        .word_starts
-                        .iter()
-                        .enumerate()
-                        .flat_map(|(b, starts)| starts.iter().flatten().map(move |&p| (b * batch.seq + p) as u32))
-                        .collect();
-                    let ids = if rows.is_empty() {
-                        Vec::new()
-                    } else {
-                        head.forward(&hidden, &rows, &self.dropout, Mode::Eval)?.argmax()?.0
-                    };
-                    let mut ids = ids.into_iter();
-                    let tags = batch
-                        .word_starts
-                        .iter()
-                        .map(|starts| starts.iter().map(|s| s.and_then(|_| ids.next())).collect())
-                        .collect();
-                    TaskPrediction::Tags(tags)
+                TaskKind::MultiLabel => {
+                    let logits = head.forward(&hidden, &cls_rows, &self.dropout, Mode::Eval)?.logits;
+                    let probs = (logits.neg()?.exp()? + 1.0)?.recip()?;
+                    TaskPrediction::Probs(probs.to_vec2::<f32>()?)
+                }
+                TaskKind::Regression => TaskPrediction::Values(
+                    head.forward(&hidden, &cls_rows, &self.dropout, Mode::Eval)?.logits.to_vec2::<f32>()?,
+                ),
+                TaskKind::TokenClassification => self.predict_tags(head, &hidden, batch)?,
+                TaskKind::QuestionAnswering => {
+                    let rows: Vec<u32> = (0..(batch.batch * batch.seq) as u32).collect();
+                    let logits = head.forward(&hidden, &rows, &self.dropout, Mode::Eval)?.logits.to_vec2::<f32>()?;
+                    let mut start = Vec::new();
+                    let mut end = Vec::new();
+                    for b in 0..batch.batch {
+                        let len = batch.attention_mask[b * batch.seq..(b + 1) * batch.seq]
+                            .iter()
+                            .filter(|&&m| m != 0)
+                            .count();
+                        let rows = &logits[b * batch.seq..b * batch.seq + len];
+                        start.push(rows.iter().map(|r| r[0]).collect());
+                        end.push(rows.iter().map(|r| r[1]).collect());
+                    }
+                    TaskPrediction::Spans { start, end }
                 }
             };
             out.insert(task.clone(), prediction);
         }
         Ok(out)
+    }
+
+    fn predict_tags(&self, head: &Head, hidden: &Tensor, batch: &HostBatch) -> Result<TaskPrediction> {
+        let rows: Vec<u32> = batch
+            .word_starts
+            .iter()
+            .enumerate()
+            .flat_map(|(b, starts)| starts.iter().flatten().map(move |&p| (b * batch.seq + p) as u32))
+            .collect();
+        let ids: Vec<u32> = if rows.is_empty() {
+            Vec::new()
+        } else {
+            let logits = head.forward(hidden, &rows, &self.dropout, Mode::Eval)?.logits;
+            match head.crf() {
+                None => HeadOutputExt::argmax_ids(&logits)?,
+                Some(crf) => {
+                    let lengths: Vec<usize> = batch.word_starts.iter().map(|s| s.iter().flatten().count()).collect();
+                    let nonempty: Vec<usize> = lengths.iter().copied().filter(|&l| l > 0).collect();
+                    let emissions = Crf::pad(&logits, &nonempty)?;
+                    crf.decode(&emissions, &nonempty)?.concat()
+                }
+            }
+        };
+        let mut ids = ids.into_iter();
+        let tags = batch
+            .word_starts
+            .iter()
+            .map(|starts| starts.iter().map(|s| s.and_then(|_| ids.next())).collect())
+            .collect();
+        Ok(TaskPrediction::Tags(tags))
+    }
+}
+
+/// Argmax of logits rows.
+struct HeadOutputExt;
+
+impl HeadOutputExt {
+    fn argmax_ids(logits: &Tensor) -> Result<Vec<u32>> {
+        Ok(logits.argmax(candle_core::D::Minus1)?.to_vec1::<u32>()?)
     }
 }

@@ -8,7 +8,7 @@ use candle_core::{Device, Tensor};
 use mtl_core::{HostBatch, Mode, TaskId, TaskKind, Targets, IGNORE_INDEX};
 use serde_json::Value;
 
-use crate::{BertConfig, Kernels, ModelSpec, MultiTaskModel, NnError};
+use crate::{BertConfig, HeadSpec, Kernels, ModelSpec, MultiTaskModel, NnError};
 
 type TestResult = Result<(), Box<dyn std::error::Error>>;
 
@@ -45,8 +45,8 @@ fn batch_from(reference: &Value) -> HostBatch {
 
 fn tiny_model(tasks: &[(&str, TaskKind, usize)], dropout: f32) -> Result<MultiTaskModel, NnError> {
     let config = BertConfig::from_file(&fixture_dir().join("config.json"))?;
-    let tasks: BTreeMap<TaskId, (TaskKind, usize)> =
-        tasks.iter().map(|(n, k, c)| (TaskId::new(*n).expect("valid name"), (*k, *c))).collect();
+    let tasks: BTreeMap<TaskId, HeadSpec> =
+        tasks.iter().map(|(n, k, c)| (TaskId::new(*n).expect("valid name"), HeadSpec::new(*k, *c))).collect();
     let spec = ModelSpec { bert: &config, tasks: &tasks, dropout, seed: 1 };
     MultiTaskModel::load(&spec, &fixture_dir().join("model.safetensors"), false, &Device::Cpu)
 }
@@ -79,7 +79,7 @@ fn loss_and_gradients_match_pytorch() -> TestResult {
     weights.insert("heads.cls.weight".into(), Tensor::new(w, &Device::Cpu)?);
     weights.insert("heads.cls.bias".into(), Tensor::new(b, &Device::Cpu)?);
     let task = TaskId::new("cls")?;
-    let tasks = BTreeMap::from([(task.clone(), (TaskKind::Classification, 3))]);
+    let tasks = BTreeMap::from([(task.clone(), HeadSpec::new(TaskKind::Classification, 3))]);
     let model = MultiTaskModel::build(&ModelSpec { bert: &config, tasks: &tasks, dropout: 0.0, seed: 0 }, weights, &Device::Cpu)?;
     let mut batch = batch_from(&reference);
     let labels: Vec<i64> = serde_json::from_value(head["labels"].clone())?;
@@ -242,7 +242,7 @@ mod fused_encoder_properties {
             layer_norm_eps: 1e-5,
             position_embedding_type: None,
         };
-        let tasks = BTreeMap::from([(TaskId::new("tags").expect("valid"), (TaskKind::TokenClassification, 3))]);
+        let tasks = BTreeMap::from([(TaskId::new("tags").expect("valid"), HeadSpec::new(TaskKind::TokenClassification, 3))]);
         let model = MultiTaskModel::build(&ModelSpec { bert: &config, tasks: &tasks, dropout, seed }, HashMap::new(), &Device::Cpu)?;
         // BERT's initialisation (std 0.02) leaves attention almost uniform, where the key gradient nearly
         // vanishes and an error in it would go unseen: use weights large enough for peaked attention.

@@ -2,36 +2,84 @@
 
 use std::collections::BTreeMap;
 
+use mtl_config::{Config, TagScheme, TaskConfig};
 use mtl_core::{TaskId, TaskKind};
 use mtl_data::{collate, Dataset, Example, Label, LabelMap};
+use mtl_metrics::{ClassificationReport, Direction};
 use mtl_nn::{MultiTaskModel, TaskPrediction};
 
 use crate::Result;
 
-/// Scores by group (a task name, or `joint`) and metric name; every value is a fraction in [0, 1].
+/// Scores by group (a task name, or `joint`) and metric name.
 pub type Scores = BTreeMap<String, BTreeMap<String, f64>>;
+
+/// Scores, and per-class reports of the tasks that have classes (by task name).
+#[derive(Clone, Debug, Default)]
+pub struct Evaluation {
+    pub scores: Scores,
+    pub reports: BTreeMap<String, ClassificationReport<String>>,
+}
 
 /// One task's prediction for one example.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Prediction {
-    Class { id: u32, score: f32 },
+    Class {
+        id: u32,
+        score: f32,
+    },
+    /// The predicted labels of a multi-label task, and every label's probability.
+    Labels {
+        ids: Vec<u32>,
+        probs: Vec<f32>,
+    },
+    /// Regression outputs, in the units of the data.
+    Values(Vec<f64>),
     /// One tag per word; `None` where truncation removed the word.
     Tags(Vec<Option<u32>>),
+    /// The answer to a question (the same on every window of it): its text and character span in the
+    /// context, or no answer.
+    Answer {
+        text: String,
+        span: Option<(usize, usize)>,
+        score: f32,
+    },
+}
+
+/// What prediction needs to know of each task besides the model.
+pub struct TaskInfo<'a> {
+    pub config: &'a Config,
+    pub labels: &'a BTreeMap<TaskId, LabelMap>,
+}
+
+impl TaskInfo<'_> {
+    pub fn shapes(&self) -> BTreeMap<TaskId, (TaskKind, usize)> {
+        self.config.tasks.iter().map(|(t, c)| (t.clone(), (c.kind, self.labels[t].len()))).collect()
+    }
+
+    /// The decision threshold of each label of a multi-label task.
+    fn thresholds(&self, task: &TaskId) -> Vec<f64> {
+        let map = &self.labels[task];
+        map.thresholds.clone().unwrap_or_else(|| vec![self.config.tasks[task].threshold; map.len()])
+    }
 }
 
 /// Predicts every task on every example, in batches of similar length (to pad little), in dataset order.
+/// The windows of a question get that question's answer, chosen over all its windows.
 pub fn predict_examples(
     model: &MultiTaskModel,
     examples: &[&Example],
-    tasks: &BTreeMap<TaskId, TaskKind>,
+    info: &TaskInfo,
     batch_size: usize,
 ) -> Result<Vec<BTreeMap<TaskId, Prediction>>> {
+    let shapes = info.shapes();
     let mut order: Vec<usize> = (0..examples.len()).collect();
     order.sort_by_key(|&i| examples[i].encoded.ids.len());
     let mut out: Vec<BTreeMap<TaskId, Prediction>> = vec![BTreeMap::new(); examples.len()];
+    // QA logits per window, resolved into answers once every window has been seen.
+    let mut windows: BTreeMap<TaskId, Vec<(usize, Vec<f32>, Vec<f32>)>> = BTreeMap::new();
     for chunk in order.chunks(batch_size.max(1)) {
         let batch_examples: Vec<&Example> = chunk.iter().map(|&i| examples[i]).collect();
-        let batch = collate(&batch_examples, tasks);
+        let batch = collate(&batch_examples, &shapes);
         for (task, prediction) in model.predict(&batch)? {
             match prediction {
                 TaskPrediction::Class { ids, scores } => {
@@ -39,60 +87,237 @@ pub fn predict_examples(
                         out[i].insert(task.clone(), Prediction::Class { id, score });
                     }
                 }
+                TaskPrediction::Probs(rows) => {
+                    let thresholds = info.thresholds(&task);
+                    for (&i, probs) in chunk.iter().zip(rows) {
+                        let ids = (0..probs.len() as u32)
+                            .filter(|&l| f64::from(probs[l as usize]) >= thresholds[l as usize])
+                            .collect();
+                        out[i].insert(task.clone(), Prediction::Labels { ids, probs });
+                    }
+                }
+                TaskPrediction::Values(rows) => {
+                    let map = &info.labels[&task];
+                    for (&i, v) in chunk.iter().zip(rows) {
+                        let values = match &map.scale {
+                            Some(s) => s.invert(&v),
+                            None => v.iter().map(|&x| f64::from(x)).collect(),
+                        };
+                        out[i].insert(task.clone(), Prediction::Values(values));
+                    }
+                }
                 TaskPrediction::Tags(tags) => {
                     for (&i, tags) in chunk.iter().zip(tags) {
                         out[i].insert(task.clone(), Prediction::Tags(tags));
                     }
                 }
+                TaskPrediction::Spans { start, end } => {
+                    let w = windows.entry(task.clone()).or_default();
+                    for ((&i, s), e) in chunk.iter().zip(start).zip(end) {
+                        if examples[i].qa.is_some() {
+                            w.push((i, s, e));
+                        }
+                    }
+                }
+            }
+        }
+    }
+    for (task, windows) in windows {
+        let t = &info.config.tasks[&task];
+        let mut by_question: BTreeMap<usize, Vec<(usize, Vec<f32>, Vec<f32>)>> = BTreeMap::new();
+        for w in windows {
+            let group = examples[w.0].qa.as_ref().map_or(0, |q| q.question.group);
+            by_question.entry(group).or_default().push(w);
+        }
+        for ws in by_question.into_values() {
+            let answer = best_answer(examples, &ws, t);
+            for (i, _, _) in &ws {
+                out[*i].insert(task.clone(), answer.clone());
             }
         }
     }
     Ok(out)
 }
 
-/// Scores predictions against the labels of `data`. Each task is scored on the examples that carry its
-/// label; `frame` tasks are also scored together, on the examples that carry all their labels.
-pub fn score(
-    data: &Dataset,
-    predictions: &[BTreeMap<TaskId, Prediction>],
-    labels: &BTreeMap<TaskId, LabelMap>,
-    frame: &[TaskId],
-) -> Scores {
-    let mut scores = Scores::new();
-    for (task, map) in labels {
-        let mut gold_ids = Vec::new();
-        let mut pred_ids = Vec::new();
-        let mut gold_tags: Vec<Vec<&str>> = Vec::new();
-        let mut pred_tags: Vec<Vec<&str>> = Vec::new();
-        for (ex, pred) in data.examples.iter().zip(predictions) {
-            match (ex.labels.get(task), pred.get(task)) {
-                (Some(Label::Class(g)), Some(Prediction::Class { id, .. })) => {
-                    gold_ids.push(*g);
-                    pred_ids.push(*id);
+/// The best answer over the windows of one question, as transformers' `postprocess_qa_predictions` picks it:
+/// the 20 best start and end tokens of each window, spans inside the context of at most `max_answer_len`
+/// tokens, scored by start + end logit; no answer when allowed and the [CLS] score (the lowest over
+/// windows) beats the best span.
+fn best_answer(examples: &[&Example], windows: &[(usize, Vec<f32>, Vec<f32>)], task: &TaskConfig) -> Prediction {
+    const TOP: usize = 20;
+    let mut null_score = f32::INFINITY;
+    let mut best: Option<(f32, usize, usize)> = None;
+    let mut context = "";
+    for (i, start, end) in windows {
+        let Some(qa) = &examples[*i].qa else { continue };
+        context = &qa.question.context;
+        null_score = null_score.min(start[0] + end[0]);
+        let top = |logits: &[f32]| {
+            let mut idx: Vec<usize> =
+                (0..logits.len()).filter(|&k| qa.offsets.get(k).is_some_and(Option::is_some)).collect();
+            idx.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
+            idx.truncate(TOP);
+            idx
+        };
+        for &s in &top(start) {
+            for &e in &top(end) {
+                if e < s || e - s + 1 > task.max_answer_len {
+                    continue;
                 }
-                (Some(Label::Tags(g)), Some(Prediction::Tags(p))) => {
-                    gold_tags.push(g.iter().map(|&t| map.label(t)).collect());
-                    pred_tags.push(tags_or_outside(p, map));
+                let score = start[s] + end[e];
+                let (Some(cs), Some(ce)) = (qa.offsets[s], qa.offsets[e]) else {
+                    continue;
+                };
+                if best.is_none_or(|b| score > b.0) {
+                    best = Some((score, cs.0, ce.1));
                 }
-                _ => {}
             }
         }
-        let mut m = BTreeMap::new();
-        if !gold_ids.is_empty() {
-            m.insert("accuracy".to_string(), mtl_metrics::accuracy(&gold_ids, &pred_ids));
-            m.insert("macro_f1".to_string(), mtl_metrics::macro_f1(&gold_ids, &pred_ids));
-        }
-        if !gold_tags.is_empty() {
-            let e = mtl_metrics::entity_scores(&gold_tags, &pred_tags);
-            m.insert("precision".to_string(), e.precision);
-            m.insert("recall".to_string(), e.recall);
-            m.insert("f1".to_string(), e.f1);
-            m.insert("accuracy".to_string(), mtl_metrics::token_accuracy(&gold_tags, &pred_tags));
-        }
-        if !m.is_empty() {
-            scores.insert(task.to_string(), m);
-        }
     }
+    match best {
+        Some((score, s, e)) if !(task.allow_unanswerable && null_score > score) => {
+            let text: String = context.chars().skip(s).take(e - s).collect();
+            Prediction::Answer { text, span: Some((s, e)), score }
+        }
+        _ => Prediction::Answer { text: String::new(), span: None, score: null_score },
+    }
+}
+
+/// Scores predictions against the labels of `data`. Each task is scored on the examples that carry its
+/// label; `frame` tasks are also scored together, on the examples that carry all their labels.
+pub fn score(data: &Dataset, predictions: &[BTreeMap<TaskId, Prediction>], info: &TaskInfo) -> Evaluation {
+    let mut eval = Evaluation::default();
+    for (task, map) in info.labels {
+        let Some(tc) = info.config.tasks.get(task) else {
+            continue;
+        };
+        let mut m = BTreeMap::new();
+        let pairs = || {
+            data.examples.iter().zip(predictions).filter_map(|(ex, p)| Some((ex, ex.labels.get(task)?, p.get(task)?)))
+        };
+        match tc.kind {
+            TaskKind::Classification => {
+                let (gold, pred): (Vec<&str>, Vec<&str>) = pairs()
+                    .filter_map(|(_, g, p)| match (g, p) {
+                        (Label::Class(g), Prediction::Class { id, .. }) => Some((map.label(*g), map.label(*id))),
+                        _ => None,
+                    })
+                    .unzip();
+                if gold.is_empty() {
+                    continue;
+                }
+                let report = mtl_metrics::classification_report(&gold, &pred);
+                m.insert("accuracy".to_string(), report.accuracy);
+                m.insert("macro_f1".to_string(), report.macro_avg.f1);
+                m.insert("micro_f1".to_string(), report.micro_avg.f1);
+                m.insert("weighted_f1".to_string(), report.weighted_avg.f1);
+                m.insert("mcc".to_string(), mtl_metrics::mcc(&gold, &pred));
+                eval.reports.insert(task.to_string(), owned(report));
+            }
+            TaskKind::MultiLabel => {
+                let (gold, pred): (Vec<Vec<u32>>, Vec<Vec<u32>>) = pairs()
+                    .filter_map(|(_, g, p)| match (g, p) {
+                        (Label::Multi(g), Prediction::Labels { ids, .. }) => Some((g.clone(), ids.clone())),
+                        _ => None,
+                    })
+                    .unzip();
+                if gold.is_empty() {
+                    continue;
+                }
+                let s = mtl_metrics::multilabel_scores(&gold, &pred, map.len());
+                m.insert("micro_f1".to_string(), s.micro.f1);
+                m.insert("macro_f1".to_string(), s.macro_avg.f1);
+                m.insert("weighted_f1".to_string(), s.weighted.f1);
+                m.insert("samples_f1".to_string(), s.samples_f1);
+                m.insert("subset_accuracy".to_string(), s.subset_accuracy);
+                let classes = map.labels().iter().cloned().zip(s.labels.iter().copied()).collect();
+                eval.reports.insert(
+                    task.to_string(),
+                    ClassificationReport {
+                        classes,
+                        accuracy: s.subset_accuracy,
+                        macro_avg: s.macro_avg,
+                        micro_avg: s.micro,
+                        weighted_avg: s.weighted,
+                    },
+                );
+            }
+            TaskKind::Regression => {
+                let rows: Vec<(&Vec<f64>, &Vec<f64>)> = pairs()
+                    .filter_map(|(_, g, p)| match (g, p) {
+                        (Label::Real { raw, .. }, Prediction::Values(v)) => Some((raw, v)),
+                        _ => None,
+                    })
+                    .collect();
+                if rows.is_empty() {
+                    continue;
+                }
+                // Averaged over outputs (one output: the plain scores).
+                let outputs = map.len();
+                let mut sums = [0.0; 4];
+                for j in 0..outputs {
+                    let g: Vec<f64> = rows.iter().map(|r| r.0[j]).collect();
+                    let p: Vec<f64> = rows.iter().map(|r| r.1[j]).collect();
+                    sums[0] += mtl_metrics::pearson(&g, &p);
+                    sums[1] += mtl_metrics::spearman(&g, &p);
+                    sums[2] += mtl_metrics::mse(&g, &p);
+                    sums[3] += mtl_metrics::mae(&g, &p);
+                }
+                for (name, v) in ["pearson", "spearman", "mse", "mae"].iter().zip(sums) {
+                    m.insert(name.to_string(), v / outputs as f64);
+                }
+            }
+            TaskKind::TokenClassification => {
+                let (gold, pred): (Vec<Vec<&str>>, Vec<Vec<&str>>) = pairs()
+                    .filter_map(|(_, g, p)| match (g, p) {
+                        (Label::Tags(g), Prediction::Tags(p)) => {
+                            Some((g.iter().map(|&t| map.label(t)).collect(), tags_or_outside(p, map, tc.scheme)))
+                        }
+                        _ => None,
+                    })
+                    .unzip();
+                if gold.is_empty() {
+                    continue;
+                }
+                m.insert("accuracy".to_string(), mtl_metrics::token_accuracy(&gold, &pred));
+                if tc.scheme == TagScheme::None {
+                    let flat_gold: Vec<&str> = gold.concat();
+                    let flat_pred: Vec<&str> = pred.concat();
+                    let report = mtl_metrics::classification_report(&flat_gold, &flat_pred);
+                    m.insert("macro_f1".to_string(), report.macro_avg.f1);
+                    eval.reports.insert(task.to_string(), owned(report));
+                } else {
+                    let report = mtl_metrics::entity_report(&gold, &pred);
+                    m.insert("precision".to_string(), report.micro_avg.precision);
+                    m.insert("recall".to_string(), report.micro_avg.recall);
+                    m.insert("f1".to_string(), report.micro_avg.f1);
+                    eval.reports.insert(task.to_string(), report);
+                }
+            }
+            TaskKind::QuestionAnswering => {
+                let mut seen = std::collections::BTreeSet::new();
+                let mut gold: Vec<Vec<&str>> = Vec::new();
+                let mut pred: Vec<&str> = Vec::new();
+                for (ex, _, p) in pairs() {
+                    let (Some(qa), Prediction::Answer { text, .. }) = (&ex.qa, p) else {
+                        continue;
+                    };
+                    if seen.insert(qa.question.group) {
+                        gold.push(qa.question.answers.iter().map(|a| a.text.as_str()).collect());
+                        pred.push(text);
+                    }
+                }
+                if gold.is_empty() {
+                    continue;
+                }
+                let (em, f1) = mtl_metrics::squad_scores(&gold, &pred);
+                m.insert("exact_match".to_string(), em);
+                m.insert("f1".to_string(), f1);
+            }
+        }
+        eval.scores.insert(task.to_string(), m);
+    }
+    let frame = &info.config.joint.frame;
     if !frame.is_empty() {
         let mut correct: Vec<Vec<bool>> = vec![Vec::new(); frame.len()];
         for (ex, pred) in data.examples.iter().zip(predictions) {
@@ -103,46 +328,109 @@ pub fn score(
                 correct[t].push(is_correct(&ex.labels[task], pred.get(task)));
             }
         }
-        if correct[0].is_empty() {
-            return scores;
+        if !correct[0].is_empty() {
+            eval.scores.insert(
+                "joint".into(),
+                BTreeMap::from([("frame_accuracy".to_string(), mtl_metrics::frame_accuracy(&correct))]),
+            );
         }
-        scores.insert("joint".into(), BTreeMap::from([("frame_accuracy".to_string(), mtl_metrics::frame_accuracy(&correct))]));
     }
-    scores
+    eval
 }
 
-/// Predicted tags as strings; words without a prediction (truncated away) count as `O`.
-fn tags_or_outside<'a>(pred: &[Option<u32>], map: &'a LabelMap) -> Vec<&'a str> {
-    pred.iter().map(|p| p.map_or("O", |t| map.label(t))).collect()
+fn owned(r: ClassificationReport<&str>) -> ClassificationReport<String> {
+    ClassificationReport {
+        classes: r.classes.into_iter().map(|(c, p)| (c.to_string(), p)).collect(),
+        accuracy: r.accuracy,
+        macro_avg: r.macro_avg,
+        micro_avg: r.micro_avg,
+        weighted_avg: r.weighted_avg,
+    }
+}
+
+/// Predicted tags as strings; words without a prediction (truncated away) count as `O` (or, for plain
+/// tags, as a miss).
+fn tags_or_outside<'a>(pred: &[Option<u32>], map: &'a LabelMap, scheme: TagScheme) -> Vec<&'a str> {
+    let missing = if scheme == TagScheme::None { "<truncated>" } else { "O" };
+    pred.iter().map(|p| p.map_or(missing, |t| map.label(t))).collect()
 }
 
 fn is_correct(gold: &Label, pred: Option<&Prediction>) -> bool {
     match (gold, pred) {
         (Label::Class(g), Some(Prediction::Class { id, .. })) => g == id,
-        (Label::Tags(g), Some(Prediction::Tags(p))) => g.len() == p.len() && g.iter().zip(p).all(|(g, p)| Some(*g) == *p),
+        (Label::Multi(g), Some(Prediction::Labels { ids, .. })) => g == ids,
+        (Label::Tags(g), Some(Prediction::Tags(p))) => {
+            g.len() == p.len() && g.iter().zip(p).all(|(g, p)| Some(*g) == *p)
+        }
         _ => false,
     }
 }
 
-/// The main metric of a task kind: accuracy for classification, entity F1 for tagging.
-pub fn main_metric(kind: TaskKind) -> &'static str {
-    match kind {
-        TaskKind::Classification => "accuracy",
-        TaskKind::TokenClassification => "f1",
+/// The main metric of a task: accuracy for classification and plain tags, micro F1 for multi-label, Pearson's r
+/// for regression, entity F1 for BIO/BIOES tags, F1 for QA.
+pub fn main_metric(task: &TaskConfig) -> &'static str {
+    match (task.kind, task.scheme) {
+        (TaskKind::Classification, _) | (TaskKind::TokenClassification, TagScheme::None) => "accuracy",
+        (TaskKind::MultiLabel, _) => "micro_f1",
+        (TaskKind::Regression, _) => "pearson",
+        (TaskKind::TokenClassification, _) | (TaskKind::QuestionAnswering, _) => "f1",
     }
 }
 
-/// The score that selects the best epoch: `TASK.METRIC` when given, else the mean of each task's main metric.
-pub fn selection_score(scores: &Scores, select: Option<&str>, tasks: &BTreeMap<TaskId, TaskKind>) -> Option<f64> {
+/// The score that selects the best epoch (higher is better): `TASK.METRIC` when given (negated for errors
+/// such as MSE), else the mean of each task's main metric.
+pub fn selection_score(scores: &Scores, select: Option<&str>, config: &Config) -> Option<f64> {
     match select {
         Some(name) => {
             let (group, metric) = name.split_once('.')?;
-            scores.get(group)?.get(metric).copied()
+            let v = scores.get(group)?.get(metric).copied()?;
+            Some(if Direction::of(metric) == Direction::LowerIsBetter { -v } else { v })
         }
         None => {
             let values: Vec<f64> =
-                tasks.iter().filter_map(|(t, k)| scores.get(t.as_str())?.get(main_metric(*k)).copied()).collect();
+                config.tasks.iter().filter_map(|(t, c)| scores.get(t.as_str())?.get(main_metric(c)).copied()).collect();
             (!values.is_empty()).then(|| values.iter().sum::<f64>() / values.len() as f64)
         }
     }
+}
+
+/// Each label's threshold that maximises its F1 on `data` (candidates 0.05, 0.10, …, 0.95; ties go to the
+/// threshold closest to 0.5).
+pub fn tune_thresholds(
+    data: &Dataset,
+    predictions: &[BTreeMap<TaskId, Prediction>],
+    task: &TaskId,
+    num_labels: usize,
+) -> Vec<f64> {
+    let rows: Vec<(&Vec<u32>, &Vec<f32>)> = data
+        .examples
+        .iter()
+        .zip(predictions)
+        .filter_map(|(ex, p)| match (ex.labels.get(task), p.get(task)) {
+            (Some(Label::Multi(g)), Some(Prediction::Labels { probs, .. })) => Some((g, probs)),
+            _ => None,
+        })
+        .collect();
+    let mut candidates: Vec<f64> = (1..20).map(|k| f64::from(k) * 0.05).collect();
+    candidates.sort_by(|a, b| (a - 0.5).abs().total_cmp(&(b - 0.5).abs()));
+    (0..num_labels as u32)
+        .map(|l| {
+            let mut best = (f64::NEG_INFINITY, 0.5);
+            for &th in &candidates {
+                let (mut tp, mut np, mut ng) = (0, 0, 0);
+                for (g, p) in &rows {
+                    let predicted = f64::from(p[l as usize]) >= th;
+                    let gold = g.contains(&l);
+                    tp += usize::from(predicted && gold);
+                    np += usize::from(predicted);
+                    ng += usize::from(gold);
+                }
+                let f1 = if np + ng == 0 { 0.0 } else { 2.0 * tp as f64 / (np + ng) as f64 };
+                if f1 > best.0 + 1e-12 {
+                    best = (f1, th);
+                }
+            }
+            best.1
+        })
+        .collect()
 }

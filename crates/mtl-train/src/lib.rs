@@ -5,6 +5,7 @@
 pub mod alloc;
 pub mod checkpoint;
 mod evaluate;
+pub mod heads;
 mod optim;
 mod progress;
 mod schedule;
@@ -12,7 +13,9 @@ mod trainer;
 
 use std::path::PathBuf;
 
-pub use evaluate::{main_metric, predict_examples, score, selection_score, Prediction, Scores};
+pub use evaluate::{
+    main_metric, predict_examples, score, selection_score, tune_thresholds, Evaluation, Prediction, Scores, TaskInfo,
+};
 pub use optim::{AdamW, AdamWConfig, AdamWState, ParamGroup, StepInfo};
 pub use progress::ProgressCallback;
 pub use schedule::linear_warmup_decay;

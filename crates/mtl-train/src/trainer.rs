@@ -4,13 +4,15 @@ use std::collections::BTreeMap;
 
 use candle_core::Tensor;
 use mtl_config::Config;
-use mtl_core::{Mode, TaskId, TaskKind};
-use mtl_core::HostBatch;
+use mtl_core::Mode;
+use mtl_core::{HostBatch, TaskId, TaskKind};
 use mtl_data::{collate, epoch_batches, Batching, Dataset, Example, LabelMap};
 use mtl_metrics::Direction;
 use mtl_nn::MultiTaskModel;
 
-use crate::evaluate::{predict_examples, score, selection_score, Scores};
+use crate::evaluate::{
+    predict_examples, score, selection_score, tune_thresholds, Evaluation, Prediction, Scores, TaskInfo,
+};
 use crate::optim::{AdamW, AdamWConfig, ParamGroup};
 use crate::schedule::linear_warmup_decay;
 use crate::Result;
@@ -68,8 +70,11 @@ pub trait Callback {
 pub struct Outcome {
     /// 1-based epoch whose weights were kept.
     pub best_epoch: usize,
-    pub dev: Option<Scores>,
-    pub test: Option<Scores>,
+    pub dev: Option<Evaluation>,
+    pub test: Option<Evaluation>,
+    /// The label maps to store with the model: the given ones, with multi-label thresholds tuned on dev
+    /// where asked.
+    pub labels: BTreeMap<TaskId, LabelMap>,
 }
 
 /// How many collated batches the worker thread may hold ready.
@@ -89,37 +94,56 @@ pub struct Trainer<'a> {
 }
 
 impl Trainer<'_> {
-    fn task_kinds(&self) -> BTreeMap<TaskId, TaskKind> {
-        self.model.heads().iter().map(|(t, h)| (t.clone(), h.kind())).collect()
+    fn info<'b>(&'b self, labels: &'b BTreeMap<TaskId, LabelMap>) -> TaskInfo<'b> {
+        TaskInfo { config: self.config, labels }
+    }
+
+    fn predict(
+        &self,
+        data: &Dataset,
+        labels: &BTreeMap<TaskId, LabelMap>,
+    ) -> Result<Vec<BTreeMap<TaskId, Prediction>>> {
+        let examples: Vec<&Example> = data.examples.iter().collect();
+        predict_examples(self.model, &examples, &self.info(labels), self.config.training.eval_batch_size)
     }
 
     /// Evaluates the model on `data`.
-    pub fn evaluate(&self, data: &Dataset) -> Result<Scores> {
-        let examples: Vec<&Example> = data.examples.iter().collect();
-        let predictions = predict_examples(self.model, &examples, &self.task_kinds(), self.config.training.eval_batch_size)?;
-        Ok(score(data, &predictions, self.labels, &self.config.joint.frame))
+    pub fn evaluate(&self, data: &Dataset) -> Result<Evaluation> {
+        self.evaluate_with(data, self.labels)
+    }
+
+    fn evaluate_with(&self, data: &Dataset, labels: &BTreeMap<TaskId, LabelMap>) -> Result<Evaluation> {
+        let predictions = self.predict(data, labels)?;
+        Ok(score(data, &predictions, &self.info(labels)))
     }
 
     /// Trains for the configured epochs, keeps the weights of the best dev epoch, and scores dev and test.
     pub fn train(&self, splits: &Splits, callbacks: &mut [&mut dyn Callback]) -> Result<Outcome> {
         let t = &self.config.training;
-        let kinds = self.task_kinds();
+        let kinds: BTreeMap<TaskId, (TaskKind, usize)> = self.info(self.labels).shapes();
         let lengths: Vec<usize> = splits.train.examples.iter().map(|e| e.encoded.ids.len()).collect();
-        let batching = Batching { batch_size: t.batch_size, group_by_length: t.group_by_length, max_tokens: t.max_tokens };
+        let batching =
+            Batching { batch_size: t.batch_size, group_by_length: t.group_by_length, max_tokens: t.max_tokens };
         // Every epoch's batches, up front: with a token budget their number varies a little between epochs,
         // and the learning-rate schedule needs the exact total.
-        let epochs: Vec<Vec<Vec<usize>>> = (1..=t.epochs).map(|e| epoch_batches(&lengths, &batching, t.seed, e)).collect();
+        let epochs: Vec<Vec<Vec<usize>>> =
+            (1..=t.epochs).map(|e| epoch_batches(&lengths, &batching, t.seed, e)).collect();
         let total_steps: usize = epochs.iter().map(Vec::len).sum();
         let steps_per_epoch = epochs.first().map_or(0, Vec::len);
         let warmup = (t.warmup_ratio * total_steps as f64).ceil() as usize;
-        let params = self.model.params().vars().iter().map(|(name, var)| (name.clone(), var.clone(), param_group(name, self.config)));
+        let params = self
+            .model
+            .params()
+            .vars()
+            .iter()
+            .map(|(name, var)| (name.clone(), var.clone(), param_group(name, self.config)));
         let mut optimizer = AdamW::new(params, AdamWConfig::default());
         for cb in callbacks.iter_mut() {
             cb.on_train_start(total_steps, steps_per_epoch);
         }
 
         let direction = Direction::HigherIsBetter;
-        let mut best: Option<(usize, f64, Scores, BTreeMap<String, Tensor>)> = None;
+        let mut best: Option<(usize, f64, Evaluation, BTreeMap<String, Tensor>)> = None;
         let mut step = 0;
         'epochs: for (epoch, batches) in (1..=t.epochs).zip(epochs) {
             // Collation runs on a worker thread, a few batches ahead of the model.
@@ -136,7 +160,10 @@ impl Trainer<'_> {
                 });
                 for batch in receiver {
                     let losses = self.model.losses(&batch, Mode::Train)?;
-                    let Some(total) = losses.iter().map(|l| l.loss.clone()).reduce(|a, b| (a + b).expect("scalar losses add; this is a bug"))
+                    let Some(total) = losses
+                        .iter()
+                        .map(|l| l.loss.clone())
+                        .reduce(|a, b| (a + b).expect("scalar losses add; this is a bug"))
                     else {
                         continue;
                     };
@@ -148,7 +175,10 @@ impl Trainer<'_> {
                         epoch,
                         step,
                         total_steps,
-                        losses: losses.iter().map(|l| Ok((l.task.clone(), l.loss.to_scalar::<f32>()?))).collect::<Result<_>>()?,
+                        losses: losses
+                            .iter()
+                            .map(|l| Ok((l.task.clone(), l.loss.to_scalar::<f32>()?)))
+                            .collect::<Result<_>>()?,
                         lr: t.lr * lr_scale,
                         grad_norm: info.grad_norm,
                     };
@@ -159,8 +189,9 @@ impl Trainer<'_> {
                 Ok(())
             })?;
             let Some(dev) = &splits.dev else { continue };
-            let scores = self.evaluate(dev)?;
-            let selection = selection_score(&scores, t.select_metric.as_deref(), &kinds);
+            let eval = self.evaluate(dev)?;
+            let scores: &Scores = &eval.scores;
+            let selection = selection_score(scores, t.select_metric.as_deref(), self.config);
             let is_best = match (&best, selection) {
                 (None, _) => true,
                 (Some((_, b, _, _)), Some(s)) => direction.improves(s, *b),
@@ -168,10 +199,10 @@ impl Trainer<'_> {
             };
             let mut stop = false;
             for cb in callbacks.iter_mut() {
-                stop |= cb.on_eval(&EvalReport { epoch, scores: &scores, selection, is_best }) == Control::Stop;
+                stop |= cb.on_eval(&EvalReport { epoch, scores, selection, is_best }) == Control::Stop;
             }
             if is_best {
-                best = Some((epoch, selection.unwrap_or(f64::NEG_INFINITY), scores, self.snapshot()?));
+                best = Some((epoch, selection.unwrap_or(f64::NEG_INFINITY), eval, self.snapshot()?));
             }
             if stop {
                 break 'epochs;
@@ -180,15 +211,33 @@ impl Trainer<'_> {
         for cb in callbacks.iter_mut() {
             cb.on_train_end();
         }
-        let (best_epoch, dev) = match best {
-            Some((epoch, _, scores, weights)) => {
+        let (best_epoch, mut dev) = match best {
+            Some((epoch, _, eval, weights)) => {
                 self.restore(&weights)?;
-                (epoch, Some(scores))
+                (epoch, Some(eval))
             }
             None => (t.epochs, None),
         };
-        let test = splits.test.as_ref().map(|d| self.evaluate(d)).transpose()?;
-        Ok(Outcome { best_epoch, dev, test })
+        let mut labels = self.labels.clone();
+        let tuned: Vec<&TaskId> = self
+            .config
+            .tasks
+            .iter()
+            .filter(|(_, c)| c.kind == TaskKind::MultiLabel && c.tune_thresholds)
+            .map(|(t, _)| t)
+            .collect();
+        if let (Some(data), false) = (&splits.dev, tuned.is_empty()) {
+            let predictions = self.predict(data, &labels)?;
+            for task in tuned {
+                let n = labels[task].len();
+                let thresholds = tune_thresholds(data, &predictions, task, n);
+                tracing::info!(task = %task, ?thresholds, "multi-label thresholds tuned on dev");
+                labels.get_mut(task).expect("every task has labels").thresholds = Some(thresholds);
+            }
+            dev = Some(self.evaluate_with(data, &labels)?);
+        }
+        let test = splits.test.as_ref().map(|d| self.evaluate_with(d, &labels)).transpose()?;
+        Ok(Outcome { best_epoch, dev, test, labels })
     }
 
     fn snapshot(&self) -> Result<BTreeMap<String, Tensor>> {
