@@ -23,6 +23,9 @@ pub enum Command {
         /// Override a config value, e.g. --set training.lr=3e-5 (repeatable).
         #[arg(long = "set", value_name = "KEY=VALUE")]
         overrides: Vec<String>,
+        /// Train only these tasks of the config (comma-separated), e.g. a single-task baseline.
+        #[arg(long, value_delimiter = ',', value_name = "TASK,...")]
+        tasks: Vec<String>,
     },
     /// Score a trained model on the dev and test files of a config; prints {"dev": …, "test": …} as JSON.
     Eval {

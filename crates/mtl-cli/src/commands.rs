@@ -20,7 +20,7 @@ use crate::report;
 
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Train { config, out, overrides } => train(&config, &out, &overrides),
+        Command::Train { config, out, overrides, tasks } => train(&config, &out, &overrides, &tasks),
         Command::Eval { model, config, overrides } => eval(&model, &config, &overrides),
         Command::Predict { model, input, batch_size } => predict(&model, input.as_deref(), batch_size),
     }
@@ -64,8 +64,11 @@ fn log_truncation(split: Split, data: &Dataset, encoder: &TextEncoder) {
     }
 }
 
-fn train(config_path: &Path, out: &Path, overrides: &[String]) -> Result<()> {
-    let config = Config::load(config_path, overrides)?;
+fn train(config_path: &Path, out: &Path, overrides: &[String], only: &[String]) -> Result<()> {
+    let mut config = Config::load(config_path, overrides)?;
+    if !only.is_empty() {
+        config.retain_tasks(only, config_path)?;
+    }
     if out.exists() {
         bail!("{}: the output directory already exists; choose another or remove it", out.display());
     }
@@ -298,7 +301,7 @@ fn predict(model_dir: &Path, input: Option<&Path>, batch_size: usize) -> Result<
             (Input::Question { question, context }, Some(task)) => {
                 let windows = loaded
                     .encoder
-                    .question_windows(question, context, task.max_query_len, task.doc_stride)
+                    .question_windows(question, context, task.max_query_len, task.doc_stride(loaded.encoder.max_len()))
                     .map_err(at)?;
                 let shared =
                     std::sync::Arc::new(mtl_data::Question { group, context: context.clone(), answers: Vec::new() });

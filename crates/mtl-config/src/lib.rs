@@ -250,9 +250,10 @@ pub struct TaskConfig {
     pub context_field: String,
     #[serde(default = "default_answers_field")]
     pub answers_field: String,
-    /// Question answering: tokens shared by consecutive windows of a long context.
-    #[serde(default = "default_doc_stride")]
-    pub doc_stride: usize,
+    /// Question answering: tokens shared by consecutive windows of a long context; a third of the context
+    /// window (`model.max_len - max_query_len - 3`) when absent (transformers' 128 of 384).
+    #[serde(default)]
+    pub doc_stride: Option<usize>,
     /// Question answering: questions are truncated to this many tokens.
     #[serde(default = "default_max_query_len")]
     pub max_query_len: usize,
@@ -332,9 +333,6 @@ fn default_context_field() -> String {
 fn default_answers_field() -> String {
     "answers".into()
 }
-fn default_doc_stride() -> usize {
-    128
-}
 fn default_max_query_len() -> usize {
     64
 }
@@ -343,6 +341,11 @@ fn default_max_answer_len() -> usize {
 }
 
 impl TaskConfig {
+    /// The QA window stride for a model that reads `max_len` tokens.
+    pub fn doc_stride(&self, max_len: usize) -> usize {
+        self.doc_stride.unwrap_or_else(|| max_len.saturating_sub(self.max_query_len + 3) / 3)
+    }
+
     /// The output names of a regression head (its "labels").
     pub fn regression_outputs(&self) -> Vec<String> {
         self.label_fields.clone().unwrap_or_else(|| vec![self.label_field.clone()])
@@ -430,6 +433,29 @@ impl Config {
     /// The config as TOML, as it will be resolved and stored next to a checkpoint.
     pub fn to_toml(&self) -> String {
         toml::to_string_pretty(self).expect("a validated config always serializes; this is a bug")
+    }
+
+    /// Keeps only the named tasks (for single-task baselines): the joint frame loses the others, and a
+    /// selection metric of a removed task falls back to the default (the mean of the main metrics).
+    pub fn retain_tasks(&mut self, names: &[String], path: &Path) -> Result<(), ConfigError> {
+        for name in names {
+            if !self.tasks.keys().any(|t| t.as_str() == name) {
+                return Err(ConfigError::Invalid {
+                    path: path.to_owned(),
+                    field: "tasks".into(),
+                    message: format!("unknown task `{name}`; tasks are: {}", self.task_list()),
+                });
+            }
+        }
+        self.tasks.retain(|t, _| names.iter().any(|n| n == t.as_str()));
+        self.joint.frame.retain(|t| self.tasks.contains_key(t));
+        if self.joint.frame.len() < 2 {
+            self.joint.frame.clear();
+        }
+        if self.training.select_metric.as_ref().is_some_and(|m| !self.metric_names().contains(m)) {
+            self.training.select_metric = None;
+        }
+        Ok(())
     }
 
     /// The learning rate of the heads.
@@ -544,7 +570,7 @@ impl Config {
                         format!("must leave room for the context within model.max_len = {}", self.model.max_len),
                     ));
                 }
-                if task.doc_stride >= self.model.max_len - task.max_query_len - 3 {
+                if task.doc_stride(self.model.max_len) >= self.model.max_len - task.max_query_len - 3 {
                     return Err(invalid(
                         &field("doc_stride"),
                         "must be smaller than the context window (model.max_len - max_query_len - 3)".into(),

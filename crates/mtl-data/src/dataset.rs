@@ -154,7 +154,7 @@ fn encode_one(
             .or_else(|| config.tasks.iter().find(|(_, t)| t.kind == TaskKind::QuestionAnswering));
         let Some((name, t)) = task else { unreachable!("questions are only read for QA tasks") };
         let windows = encoder
-            .question_windows(question, context, t.max_query_len, t.doc_stride)
+            .question_windows(question, context, t.max_query_len, t.doc_stride(encoder.max_len()))
             .map_err(|m| DataError::at(&ex.location, m))?;
         let gold = answers.map(|(_, a)| a);
         let shared =

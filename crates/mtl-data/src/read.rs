@@ -357,6 +357,9 @@ fn string_list(v: &Value) -> Option<Vec<String>> {
     v.as_array()?.iter().map(|x| x.as_str().map(String::from)).collect()
 }
 
+/// Reads one line of a column format: `None` to skip it, else the word and each task's tag, or an error.
+type ParseLine<'a> = dyn Fn(&str) -> Option<Result<(String, Vec<String>), String>> + 'a;
+
 /// A sentence being read from a column format.
 struct Sentence {
     start: usize,
@@ -370,7 +373,7 @@ fn read_columns(
     path: &Path,
     tasks: &[(&TaskId, &TaskConfig)],
     out: &mut Vec<RawExample>,
-    parse: &dyn Fn(&str) -> Option<Result<(String, Vec<String>), String>>,
+    parse: &ParseLine,
 ) -> Result<()> {
     let mut current = Sentence { start: 0, words: Vec::new(), tags: vec![Vec::new(); tasks.len()] };
     let mut flush = |s: &mut Sentence| {
@@ -471,4 +474,147 @@ fn read_conllu(text: &str, path: &Path, tasks: &[(&TaskId, &TaskConfig)], out: &
         Some(Ok((cols[1].to_string(), tags)))
     };
     read_columns(text, path, tasks, out, &parse)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A config whose tasks all read `file` (train split) in `format`, with `extra` TOML per task.
+    fn config(format: &str, tasks: &[(&str, &str, &str)], file: &Path) -> Config {
+        let mut text = String::from("[model]\npath = \"m\"\n[training]\nepochs = 1\nlr = 1e-3\n");
+        for (name, kind, extra) in tasks {
+            text.push_str(&format!(
+                "[tasks.{name}]\nkind = \"{kind}\"\nformat = \"{format}\"\ndata = {{ train = \"{}\" }}\n{extra}\n",
+                file.display()
+            ));
+        }
+        Config::parse(&text, Path::new("test.toml"), &[]).expect("valid test config")
+    }
+
+    fn read(format: &str, tasks: &[(&str, &str, &str)], content: &str) -> (tempfile::TempDir, Result<Vec<RawExample>>) {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let file = dir.path().join(format!("data.{format}"));
+        std::fs::write(&file, content).expect("write");
+        let c = config(format, tasks, &file);
+        let r = read_split(&c, Split::Train);
+        (dir, r)
+    }
+
+    fn id(s: &str) -> TaskId {
+        TaskId::new(s).expect("valid")
+    }
+
+    fn err(r: Result<Vec<RawExample>>) -> String {
+        r.expect_err("reading should fail").to_string()
+    }
+
+    #[test]
+    fn csv_with_quotes_pairs_and_several_tasks() {
+        let csv = "premise,hypothesis,label,score\n\"A man, with a hat\",\"He wears \"\"a hat\"\"\",entailment,4.5\nA cat,A dog,contradiction,\n";
+        let tasks = [
+            ("nli", "classification", "text_field = \"premise\"\npair_field = \"hypothesis\""),
+            ("sts", "regression", "text_field = \"premise\"\npair_field = \"hypothesis\"\nlabel_field = \"score\""),
+        ];
+        let (_d, r) = read("csv", &tasks, csv);
+        let ex = r.expect("valid CSV");
+        assert_eq!(ex.len(), 2);
+        assert_eq!(ex[0].input, Input::Pair("A man, with a hat".into(), "He wears \"a hat\"".into()));
+        assert_eq!(ex[0].labels[&id("nli")], RawLabel::Class("entailment".into()));
+        assert_eq!(ex[0].labels[&id("sts")], RawLabel::Real(vec![4.5]));
+        assert!(!ex[1].labels.contains_key(&id("sts")), "an empty cell is no label");
+        assert_eq!(ex[1].location.line, 3);
+    }
+
+    #[test]
+    fn tsv_multi_label_and_multi_output_regression() {
+        let tsv = "text\ttopics\tv\ta\nsome text\tsport, politics\t0.5\t-1\n";
+        let tasks = [
+            ("topics", "multi_label", "label_field = \"topics\""),
+            ("va", "regression", "label_fields = [\"v\", \"a\"]"),
+        ];
+        let (_d, r) = read("tsv", &tasks, tsv);
+        let ex = r.expect("valid TSV");
+        assert_eq!(ex[0].labels[&id("topics")], RawLabel::Multi(vec!["sport".into(), "politics".into()]));
+        assert_eq!(ex[0].labels[&id("va")], RawLabel::Real(vec![0.5, -1.0]));
+    }
+
+    #[test]
+    fn table_errors_name_file_line_and_field() {
+        let tasks = [("c", "classification", "")];
+        let e = err(read("csv", &tasks, "sentence,label\nhello,a\n").1);
+        assert!(e.contains("data.csv:1") && e.contains("no column `text`"), "{e}");
+        let e = err(read("csv", &tasks, "text,label\nhello,a\nbad,row,extra\n").1);
+        assert!(e.contains("data.csv:3") && e.contains("invalid row"), "{e}");
+        let e = err(read("csv", &tasks, "text,label\nhello,a\n\"  \",b\n").1);
+        assert!(e.contains("data.csv:3") && e.contains("field `text` is empty"), "{e}");
+        let reg = [("r", "regression", "")];
+        let e = err(read("tsv", &reg, "text\tlabel\nfine\t1.5\nodd\tlots\n").1);
+        assert!(e.contains("data.tsv:3") && e.contains("field `label` must be a number"), "{e}");
+        let e = err(read("tsv", &reg, "text\tlabel\nodd\tNaN\n").1);
+        assert!(e.contains("data.tsv:2") && e.contains("not a finite number"), "{e}");
+    }
+
+    #[test]
+    fn conll_tag_columns_and_docstart() {
+        let text = "-DOCSTART- -X- O O\n\nEU NNP B-NP B-ORG\nrejects VBZ B-VP O\n\nPeter NNP B-NP B-PER\n";
+        let tasks = [("ner", "token_classification", ""), ("pos", "token_classification", "tag_column = 1\nscheme = \"none\"")];
+        let (_d, r) = read("conll", &tasks, text);
+        let ex = r.expect("valid CoNLL");
+        assert_eq!(ex.len(), 2);
+        assert_eq!(ex[0].input, Input::Words(vec!["EU".into(), "rejects".into()]));
+        assert_eq!(ex[0].labels[&id("ner")], RawLabel::Tags(vec!["B-ORG".into(), "O".into()]));
+        assert_eq!(ex[0].labels[&id("pos")], RawLabel::Tags(vec!["NNP".into(), "VBZ".into()]));
+        assert_eq!(ex[1].location.line, 6);
+        let e = err(read("conll", &tasks[..1], "EU B-ORG\nrejects\n").1);
+        assert!(e.contains("data.conll:2") && e.contains("found 1 column"), "{e}");
+        let bad = [("pos", "token_classification", "tag_column = 5")];
+        let e = err(read("conll", &bad, "EU NNP B-ORG\n").1);
+        assert!(e.contains("data.conll:1") && e.contains("column 5"), "{e}");
+    }
+
+    #[test]
+    fn conllu_skips_ranges_and_empty_nodes() {
+        let text = "# sent_id = 1\n# text = Don't go\n1-2\tDon't\t_\t_\t_\t_\t_\t_\t_\t_\n1\tDo\tdo\tAUX\tVBP\t_\t3\taux\t_\t_\n2\tn't\tnot\tPART\tRB\t_\t3\tadvmod\t_\t_\n2.1\tx\t_\t_\t_\t_\t_\t_\t_\t_\n3\tgo\tgo\tVERB\tVB\t_\t0\troot\t_\t_\n\n";
+        let tasks = [("upos", "token_classification", "scheme = \"none\""), ("xpos", "token_classification", "scheme = \"none\"\nconllu_column = \"xpos\"")];
+        let (_d, r) = read("conllu", &tasks, text);
+        let ex = r.expect("valid CoNLL-U");
+        assert_eq!(ex.len(), 1);
+        assert_eq!(ex[0].input, Input::Words(vec!["Do".into(), "n't".into(), "go".into()]));
+        assert_eq!(ex[0].labels[&id("upos")], RawLabel::Tags(vec!["AUX".into(), "PART".into(), "VERB".into()]));
+        assert_eq!(ex[0].labels[&id("xpos")], RawLabel::Tags(vec!["VBP".into(), "RB".into(), "VB".into()]));
+        let e = err(read("conllu", &tasks[..1], "1\tDo\tdo\tAUX\n").1);
+        assert!(e.contains("data.conllu:1") && e.contains("10 tab-separated"), "{e}");
+        let e = err(read("conllu", &tasks[1..], "1\tDo\tdo\tAUX\t_\t_\t0\troot\t_\t_\n").1);
+        assert!(e.contains("data.conllu:1") && e.contains("XPOS") && e.contains("empty"), "{e}");
+    }
+
+    #[test]
+    fn squad_answers_are_checked_against_the_context() {
+        let tasks = [("qa", "question_answering", "")];
+        let good = r#"{"question": "Who?", "context": "Ada wrote it.", "answers": {"text": ["Ada"], "answer_start": [0]}}
+{"question": "When?", "context": "Ada wrote it.", "answers": {"text": [], "answer_start": []}}
+"#;
+        let (_d, r) = read("jsonl", &tasks, good);
+        let ex = r.expect("valid SQuAD lines");
+        assert_eq!(ex[0].labels[&id("qa")], RawLabel::Answers(vec![Answer { text: "Ada".into(), start: 0 }]));
+        assert_eq!(ex[1].labels[&id("qa")], RawLabel::Answers(vec![]));
+        let bad = r#"{"question": "Who?", "context": "Ada wrote it.", "answers": {"text": ["Ada"], "answer_start": [4]}}"#;
+        let e = err(read("jsonl", &tasks, bad).1);
+        assert!(e.contains("data.jsonl:1") && e.contains("field `answers`") && e.contains("not at character 4"), "{e}");
+        let e = err(read("jsonl", &tasks, r#"{"question": "Who?", "answers": []}"#).1);
+        assert!(e.contains("missing field `context`"), "{e}");
+    }
+
+    #[test]
+    fn jsonl_errors_name_the_field() {
+        let tasks = [("m", "multi_label", "")];
+        let e = err(read("jsonl", &tasks, "{\"text\": \"x\", \"label\": [1, 2]}\n").1);
+        assert!(e.contains("data.jsonl:1") && e.contains("list of label strings"), "{e}");
+        let e = err(read("jsonl", &tasks, "{\"text\": \"\", \"label\": []}\n").1);
+        assert!(e.contains("field `text` is empty"), "{e}");
+        let tok = [("t", "token_classification", "")];
+        let e = err(read("jsonl", &tok, "{\"words\": [\"a\", \"b c\"], \"label\": [\"O\", \"O\"]}\n").1);
+        assert!(e.contains("holds whitespace"), "{e}");
+    }
 }

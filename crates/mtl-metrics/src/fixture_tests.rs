@@ -90,7 +90,7 @@ fn squad_matches_the_official_functions() -> TestResult {
     for (i, c) in cases.iter().enumerate() {
         let gold: Vec<String> = serde_json::from_value(c["gold"].clone())?;
         let pred = c["pred"].as_str().ok_or("pred")?.to_string();
-        let (em, f1) = squad_scores(&[gold.clone()], std::slice::from_ref(&pred));
+        let (em, f1) = squad_scores(std::slice::from_ref(&gold), std::slice::from_ref(&pred));
         close(em, &c["exact"], &format!("case {i} exact {gold:?} / {pred:?}"));
         close(f1, &c["f1"], &format!("case {i} f1 {gold:?} / {pred:?}"));
     }

@@ -124,6 +124,132 @@ fn every_parameter_gets_a_gradient_in_training() -> TestResult {
     Ok(())
 }
 
+/// A model with a head of every kind (a CRF on the tagger, Huber loss on the regression) and a batch with
+/// targets for all of them.
+fn all_heads(dropout: f32) -> Result<(MultiTaskModel, HostBatch), Box<dyn std::error::Error>> {
+    let reference = reference()?;
+    let config = BertConfig::from_file(&fixture_dir().join("config.json"))?;
+    let mut reg = HeadSpec::new(TaskKind::Regression, 2);
+    reg.regression_loss = crate::RegressionLoss::Huber(0.5);
+    let mut tok = HeadSpec::new(TaskKind::TokenClassification, 3);
+    let mut constraints = crate::Transitions::all(3);
+    constraints.allowed[2] = false; // tag 2 may not follow tag 0 (O → I-X)
+    tok.crf = Some(constraints);
+    let tasks = BTreeMap::from([
+        (TaskId::new("cls")?, HeadSpec::new(TaskKind::Classification, 3)),
+        (TaskId::new("ml")?, HeadSpec::new(TaskKind::MultiLabel, 4)),
+        (TaskId::new("reg")?, reg),
+        (TaskId::new("tok")?, tok),
+        (TaskId::new("qa")?, HeadSpec::new(TaskKind::QuestionAnswering, 0)),
+    ]);
+    let spec = ModelSpec { bert: &config, tasks: &tasks, dropout, seed: 3 };
+    let model = MultiTaskModel::load(&spec, &fixture_dir().join("model.safetensors"), false, &Device::Cpu)?;
+    let mut batch = batch_from(&reference);
+    let seq = batch.seq;
+    batch.targets.insert(TaskId::new("cls")?, Targets::Class(vec![1, IGNORE_INDEX]));
+    batch.targets.insert(
+        TaskId::new("ml")?,
+        Targets::Dense { width: 4, values: vec![1.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0], present: vec![true, true] },
+    );
+    batch.targets.insert(
+        TaskId::new("reg")?,
+        Targets::Dense { width: 2, values: vec![0.3, -2.0, 1.5, 0.1], present: vec![true, true] },
+    );
+    let mut tags = vec![IGNORE_INDEX; 2 * seq];
+    for (i, t) in [(1, 1), (2, 2), (3, 0), (seq + 1, 0), (seq + 2, 1), (seq + 4, 2), (seq + 5, 0)] {
+        tags[i] = t;
+    }
+    batch.targets.insert(TaskId::new("tok")?, Targets::Tokens(tags));
+    batch.targets.insert(TaskId::new("qa")?, Targets::Span { start: vec![2, 0], end: vec![3, 0] });
+    batch.word_starts = vec![vec![Some(1), Some(2), Some(3)], vec![Some(1), Some(2), Some(4), Some(5)]];
+    Ok((model, batch))
+}
+
+#[test]
+fn every_head_kind_trains_every_parameter() -> TestResult {
+    let (model, batch) = all_heads(0.1)?;
+    let losses = model.losses(&batch, Mode::Train)?;
+    assert_eq!(losses.len(), 5);
+    let total = losses.iter().map(|l| l.loss.clone()).reduce(|a, b| (a + b).expect("add")).expect("losses");
+    let grads = model.backward(&total)?;
+    for (name, var) in model.params().vars() {
+        let g = grads.get(var.as_tensor()).ok_or_else(|| format!("{name}: no gradient"))?;
+        let norm = g.abs()?.sum_all()?.to_scalar::<f32>()?;
+        assert!(norm > 0.0, "{name}: zero gradient");
+    }
+    assert!(model.params().vars().contains_key("heads.tok.crf.transitions"));
+    Ok(())
+}
+
+#[test]
+fn head_losses_match_their_definitions() -> TestResult {
+    let (model, batch) = all_heads(0.0)?;
+    let losses: BTreeMap<String, f64> = model
+        .losses(&batch, Mode::Eval)?
+        .iter()
+        .map(|l| Ok((l.task.to_string(), f64::from(l.loss.to_scalar::<f32>()?))))
+        .collect::<Result<_, NnError>>()?;
+    let hidden = model.encode(&batch, Mode::Eval)?;
+    let seq = batch.seq;
+    let logits = |task: &str, rows: &[u32]| -> Result<Vec<Vec<f64>>, NnError> {
+        let head = &model.heads()[&TaskId::new(task).expect("valid")];
+        let l = head.forward(&hidden, rows, &crate::DropoutRng::new(0.0, 0), Mode::Eval)?.logits.to_vec2::<f32>()?;
+        Ok(l.into_iter().map(|r| r.into_iter().map(f64::from).collect()).collect())
+    };
+    let cls = [0u32, seq as u32];
+    // BCEWithLogitsLoss (mean over all elements).
+    let y = [[1.0, 0.0, 1.0, 0.0], [0.0, 0.0, 0.0, 1.0]];
+    let x = logits("ml", &cls)?;
+    let mut bce = 0.0;
+    for (xr, yr) in x.iter().zip(y) {
+        for (x, y) in xr.iter().zip(yr) {
+            let p = 1.0 / (1.0 + (-x).exp());
+            bce -= y * p.ln() + (1.0 - y) * (1.0 - p).ln();
+        }
+    }
+    assert!((losses["ml"] - bce / 8.0).abs() < 1e-5, "bce {} vs {}", losses["ml"], bce / 8.0);
+    // HuberLoss(delta = 0.5), mean.
+    let y = [[0.3, -2.0], [1.5, 0.1]];
+    let x = logits("reg", &cls)?;
+    let mut huber = 0.0;
+    for (xr, yr) in x.iter().zip(y) {
+        for (x, y) in xr.iter().zip(yr) {
+            let d = (x - y).abs();
+            huber += if d <= 0.5 { 0.5 * d * d } else { 0.5 * (d - 0.25) };
+        }
+    }
+    assert!((losses["reg"] - huber / 4.0).abs() < 1e-5, "huber {} vs {}", losses["reg"], huber / 4.0);
+    // QA: mean of start and end cross-entropy over each example's real tokens.
+    let rows: Vec<u32> = (0..2 * seq as u32).collect();
+    let x = logits("qa", &rows)?;
+    let mut qa = 0.0;
+    for (b, (s, e)) in [(2usize, 3usize), (0, 0)].into_iter().enumerate() {
+        let len = batch.attention_mask[b * seq..(b + 1) * seq].iter().filter(|&&m| m == 1).count();
+        for (k, gold) in [(0, s), (1, e)] {
+            let col: Vec<f64> = (0..len).map(|p| x[b * seq + p][k]).collect();
+            let lse = col.iter().map(|v| v.exp()).sum::<f64>().ln();
+            qa += (lse - col[gold]) / 4.0;
+        }
+    }
+    assert!((losses["qa"] - qa).abs() < 1e-4, "qa {} vs {}", losses["qa"], qa);
+    Ok(())
+}
+
+#[test]
+fn crf_decoding_respects_constraints() -> TestResult {
+    let (model, batch) = all_heads(0.0)?;
+    let predictions = model.predict(&batch)?;
+    let crate::TaskPrediction::Tags(tags) = &predictions[&TaskId::new("tok")?] else { panic!("tags expected") };
+    assert_eq!(tags.iter().map(Vec::len).collect::<Vec<_>>(), vec![3, 4]);
+    for row in tags {
+        let row: Vec<u32> = row.iter().map(|t| t.expect("no truncation")).collect();
+        assert!(row.windows(2).all(|w| !(w[0] == 0 && w[1] == 2)), "forbidden transition in {row:?}");
+    }
+    let crate::TaskPrediction::Spans { start, .. } = &predictions[&TaskId::new("qa")?] else { panic!("spans expected") };
+    assert_eq!(start[0].len(), 5, "padding is cut off");
+    Ok(())
+}
+
 #[test]
 fn dropout_is_active_in_training_only_and_seeded() -> TestResult {
     let reference = reference()?;

@@ -45,6 +45,9 @@ pub enum Prediction {
     },
 }
 
+/// The start and end logits of one QA window, with the index of its example.
+type Window = (usize, Vec<f32>, Vec<f32>);
+
 /// What prediction needs to know of each task besides the model.
 pub struct TaskInfo<'a> {
     pub config: &'a Config,
@@ -76,7 +79,7 @@ pub fn predict_examples(
     order.sort_by_key(|&i| examples[i].encoded.ids.len());
     let mut out: Vec<BTreeMap<TaskId, Prediction>> = vec![BTreeMap::new(); examples.len()];
     // QA logits per window, resolved into answers once every window has been seen.
-    let mut windows: BTreeMap<TaskId, Vec<(usize, Vec<f32>, Vec<f32>)>> = BTreeMap::new();
+    let mut windows: BTreeMap<TaskId, Vec<Window>> = BTreeMap::new();
     for chunk in order.chunks(batch_size.max(1)) {
         let batch_examples: Vec<&Example> = chunk.iter().map(|&i| examples[i]).collect();
         let batch = collate(&batch_examples, &shapes);
@@ -124,7 +127,7 @@ pub fn predict_examples(
     }
     for (task, windows) in windows {
         let t = &info.config.tasks[&task];
-        let mut by_question: BTreeMap<usize, Vec<(usize, Vec<f32>, Vec<f32>)>> = BTreeMap::new();
+        let mut by_question: BTreeMap<usize, Vec<Window>> = BTreeMap::new();
         for w in windows {
             let group = examples[w.0].qa.as_ref().map_or(0, |q| q.question.group);
             by_question.entry(group).or_default().push(w);
@@ -143,7 +146,7 @@ pub fn predict_examples(
 /// the 20 best start and end tokens of each window, spans inside the context of at most `max_answer_len`
 /// tokens, scored by start + end logit; no answer when allowed and the [CLS] score (the lowest over
 /// windows) beats the best span.
-fn best_answer(examples: &[&Example], windows: &[(usize, Vec<f32>, Vec<f32>)], task: &TaskConfig) -> Prediction {
+fn best_answer(examples: &[&Example], windows: &[Window], task: &TaskConfig) -> Prediction {
     const TOP: usize = 20;
     let mut null_score = f32::INFINITY;
     let mut best: Option<(f32, usize, usize)> = None;

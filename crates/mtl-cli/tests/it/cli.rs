@@ -96,7 +96,7 @@ frame = ["intent", "slots"]
     }
 }
 
-fn mtl(cwd: &Path, args: &[&str], stdin: Option<&str>) -> std::io::Result<Output> {
+pub(crate) fn mtl(cwd: &Path, args: &[&str], stdin: Option<&str>) -> std::io::Result<Output> {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_mtl"));
     cmd.args(args).current_dir(cwd).env("MTL_LOG", "warn");
     let Some(input) = stdin else { return cmd.output() };
@@ -106,13 +106,21 @@ fn mtl(cwd: &Path, args: &[&str], stdin: Option<&str>) -> std::io::Result<Output
     child.wait_with_output()
 }
 
-fn stderr(o: &Output) -> String {
+pub(crate) fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
+/// Every score is a fraction, except the correlations (MCC) which lie in [-1, 1].
 fn assert_fraction_tree(v: &Value) {
     match v {
-        Value::Object(m) => m.values().for_each(assert_fraction_tree),
+        Value::Object(m) => {
+            for (k, v) in m {
+                match (k.as_str(), v.as_f64()) {
+                    ("mcc", Some(x)) => assert!((-1.0..=1.0).contains(&x), "mcc {x}"),
+                    _ => assert_fraction_tree(v),
+                }
+            }
+        }
         Value::Number(n) => {
             let x = n.as_f64().expect("number");
             assert!((0.0..=1.0).contains(&x), "{x} is not a fraction");

@@ -4,6 +4,7 @@
 
 mod cli;
 mod real_model;
+mod tasks;
 
 use std::path::PathBuf;
 
