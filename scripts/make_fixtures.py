@@ -20,6 +20,8 @@ It writes:
                         samples; zero_division=0) on indicator matrices, and accuracy_score (subset accuracy)
   regression.json       random values (with ties) with scipy.stats pearsonr / spearmanr and scikit-learn's
                         mean_squared_error / mean_absolute_error
+  qa-windows.json       transformers' QA preprocessing (fast tokenizer of all-MiniLM-L6-v2, truncation="only_second",
+                        return_overflowing_tokens, stride, return_offsets_mapping) of two questions over long contexts
   squad.json            answer pairs with the SQuAD 2.0 scores of the official script's functions, as shipped in
                         transformers 4.46.3 (transformers/data/metrics/squad_metrics.py; fetched with pip download)
 The tests themselves need none of these packages. `python scripts/make_fixtures.py metrics` writes only the
@@ -288,6 +290,33 @@ def squad_fixture():
     (OUT / "squad.json").write_text(json.dumps(cases, ensure_ascii=False))
 
 
+def qa_windows_fixture():
+    tok = AutoTokenizer.from_pretrained(ROOT / "assets" / "models" / "all-MiniLM-L6-v2")
+    context = (
+        "Super Bowl 50 was an American football game to determine the champion of the National Football League "
+        "(NFL) for the 2015 season. The American Football Conference (AFC) champion Denver Broncos defeated the "
+        "National Football Conference (NFC) champion Carolina Panthers 24–10 to earn their third Super Bowl title. "
+        "The game was played on February 7, 2016, at Levi's Stadium in the San Francisco Bay Area at Santa Clara, "
+        "California. As this was the 50th Super Bowl, the league emphasized the \"golden anniversary\" with various "
+        "gold-themed initiatives, as well as temporarily suspending the tradition of naming each Super Bowl game "
+        "with Roman numerals (under which the game would have been known as \"Super Bowl L\"), so that the logo "
+        "could prominently feature the Arabic numerals 50. Zürich's naïve café didn't host it.")
+    cases = []
+    for question, max_length, stride in [("Which NFL team represented the AFC at Super Bowl 50?", 64, 16),
+                                         ("Where was the game played?", 48, 8)]:
+        enc = tok(question, context, truncation="only_second", max_length=max_length, stride=stride,
+                  return_overflowing_tokens=True, return_offsets_mapping=True)
+        windows = []
+        for i in range(len(enc["input_ids"])):
+            seq_ids = enc.sequence_ids(i)
+            offsets = [list(o) if s == 1 else None for o, s in zip(enc["offset_mapping"][i], seq_ids)]
+            windows.append({"input_ids": enc["input_ids"][i], "token_type_ids": enc["token_type_ids"][i],
+                            "offsets": offsets})
+        cases.append({"question": question, "context": context, "max_length": max_length, "stride": stride,
+                      "windows": windows})
+    (OUT / "qa-windows.json").write_text(json.dumps(cases, ensure_ascii=False))
+
+
 def metric_fixtures():
     seqeval_fixture()
     seqeval_report_fixture()
@@ -304,5 +333,6 @@ if __name__ == "__main__":
     if sys.argv[1:] != ["metrics"]:
         tiny_bert()
         minilm()
+        qa_windows_fixture()
     metric_fixtures()
     print("fixtures written to", OUT)

@@ -773,6 +773,42 @@ frame = ["intent", "slots"]
     }
 
     #[test]
+    fn task_options_are_checked_against_the_kind() {
+        let e = parse(MINIMAL, &["tasks.intent.crf=true"]).expect_err("crf on a classifier").to_string();
+        assert!(e.contains("tasks.intent.crf"), "{e}");
+        let e = parse(MINIMAL, &["tasks.slots.format=\"csv\""]).expect_err("token task from CSV").to_string();
+        assert!(e.contains("tasks.slots.format"), "{e}");
+        let e = parse(MINIMAL, &["tasks.intent.format=\"conllu\""]).expect_err("tags for a classifier").to_string();
+        assert!(e.contains("tasks.intent.format"), "{e}");
+        let e = parse(MINIMAL, &["tasks.slots.kind=\"question_answering\""]).expect_err("QA shares a file").to_string();
+        assert!(e.contains("question answering task needs files of its own"), "{e}");
+        let e = parse(MINIMAL, &["tasks.intent.unknown_label=\"x\"", "tasks.intent.labels=[\"a\", \"b\"]"])
+            .expect_err("fallback outside the set")
+            .to_string();
+        assert!(e.contains("tasks.intent.unknown_label"), "{e}");
+        let e = parse(MINIMAL, &["tasks.intent.kind=\"regression\"", "tasks.intent.labels=[\"a\"]"])
+            .expect_err("labels for regression")
+            .to_string();
+        assert!(e.contains("regression tasks have no label set"), "{e}");
+        let e = parse(MINIMAL, &["tasks.intent.threshold=1.5"]).expect_err("threshold").to_string();
+        assert!(e.contains("tasks.intent.threshold"), "{e}");
+        let e = parse(MINIMAL, &["tasks.intent.scheme=\"iob1\""]).expect_err("unknown scheme").to_string();
+        assert!(e.contains("unknown variant `iob1`"), "{e}");
+    }
+
+    #[test]
+    fn retain_tasks_keeps_a_consistent_config() -> Result<(), ConfigError> {
+        let mut c = parse(MINIMAL, &["training.select_metric=joint.frame_accuracy"])?;
+        c.retain_tasks(&["slots".to_string()], Path::new("run.toml"))?;
+        assert_eq!(c.tasks.keys().map(TaskId::as_str).collect::<Vec<_>>(), vec!["slots"]);
+        assert!(c.joint.frame.is_empty(), "a frame of one task is no frame");
+        assert_eq!(c.training.select_metric, None);
+        let e = c.retain_tasks(&["nope".to_string()], Path::new("run.toml")).expect_err("unknown task").to_string();
+        assert!(e.contains("unknown task `nope`"), "{e}");
+        Ok(())
+    }
+
+    #[test]
     fn resolved_config_round_trips() -> Result<(), ConfigError> {
         let c = parse(MINIMAL, &["training.head_lr=1e-3"])?;
         let back = parse(&c.to_toml(), &[])?;

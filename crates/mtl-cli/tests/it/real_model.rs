@@ -66,3 +66,30 @@ fn minilm_matches_transformers() -> Result<(), Box<dyn std::error::Error>> {
     assert!(max_diff < 1e-4, "max abs difference to transformers: {max_diff}");
     Ok(())
 }
+
+/// QA windows against transformers' preprocessing (`truncation="only_second"`, `return_overflowing_tokens`,
+/// `stride`, `return_offsets_mapping`), from tests/fixtures/qa-windows.json.
+#[test]
+fn qa_windows_match_transformers() -> Result<(), Box<dyn std::error::Error>> {
+    let dir = repo_root().join("assets/models/all-MiniLM-L6-v2");
+    assert!(dir.join("tokenizer.json").is_file(), "{}: missing; run scripts/fetch.sh first", dir.display());
+    let cases: Vec<Value> = serde_json::from_str(&std::fs::read_to_string(repo_root().join("tests/fixtures/qa-windows.json"))?)?;
+    for case in &cases {
+        let max_length = case["max_length"].as_u64().ok_or("max_length")? as usize;
+        let stride = case["stride"].as_u64().ok_or("stride")? as usize;
+        let (question, context) = (case["question"].as_str().ok_or("q")?, case["context"].as_str().ok_or("c")?);
+        let encoder = TextEncoder::from_file(&dir.join("tokenizer.json"), max_length)?;
+        let windows = encoder.question_windows(question, context, 64, stride)?;
+        let want = case["windows"].as_array().ok_or("windows")?;
+        assert_eq!(windows.len(), want.len(), "number of windows for {question:?}");
+        for (i, (got, want)) in windows.iter().zip(want).enumerate() {
+            let ids: Vec<u32> = serde_json::from_value(want["input_ids"].clone())?;
+            let types: Vec<u32> = serde_json::from_value(want["token_type_ids"].clone())?;
+            let offsets: Vec<Option<(usize, usize)>> = serde_json::from_value(want["offsets"].clone())?;
+            assert_eq!(got.encoded.ids, ids, "window {i} ids");
+            assert_eq!(got.encoded.type_ids, types, "window {i} token types");
+            assert_eq!(got.offsets, offsets, "window {i} character offsets");
+        }
+    }
+    Ok(())
+}

@@ -302,3 +302,24 @@ fn unknown_labels_map_to_a_configured_fallback() -> TestResult {
     assert_eq!(labels["ner"]["unknown_label"], "O", "{labels}");
     Ok(())
 }
+
+#[test]
+fn predict_reports_bad_lines_with_their_number() -> TestResult {
+    let f = setup()?;
+    let out = run(f.dir.path(), &["train", "config.toml", "--out", "run", "--tasks", "nli,topics", "--set", "training.epochs=1"], None)?;
+    assert!(out.status.success(), "{}", stderr(&out));
+    for (input, needles) in [
+        ("a fine line\n{\"text\": \"broken\"\n", &["<stdin>:2", "invalid JSON"][..]),
+        ("{\"text\": 3}\n", &["<stdin>:1", "field `text` must be a string"][..]),
+        ("{\"text\": \"  \"}\n", &["<stdin>:1", "field `text` is empty"][..]),
+        ("{\"sentence\": \"x\"}\n", &["<stdin>:1", "expected a `text` or `words` field"][..]),
+    ] {
+        let out = run(f.dir.path(), &["predict", "--model", "run"], Some(input))?;
+        assert!(!out.status.success(), "{input:?} should fail");
+        let err = stderr(&out);
+        for n in needles {
+            assert!(err.contains(n), "{n:?} not in: {err}");
+        }
+    }
+    Ok(())
+}
