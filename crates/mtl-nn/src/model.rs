@@ -180,33 +180,21 @@ impl MultiTaskModel {
         let seq = batch.seq;
         let device = &self.device;
         Ok(match targets {
-            Targets::Class(t) => {
-                let (rows, labels): (Vec<u32>, Vec<u32>) = t
-                    .iter()
-                    .enumerate()
-                    .filter(|(_, &l)| l != IGNORE_INDEX)
-                    .map(|(b, &l)| ((b * seq) as u32, l as u32))
-                    .unzip();
-                if rows.is_empty() {
-                    return Ok(None);
-                }
-                let logits = head.forward(hidden, &rows, &self.dropout, mode)?.logits;
-                let targets = Tensor::from_slice(&labels, labels.len(), device)?;
-                Some((cross_entropy(&logits, &targets)?, rows.len()))
+            Targets::Tokens(t) if head.crf().is_some() => {
+                let crf = head.crf().expect("matched a CRF head");
+                return self.crf_loss(head, crf, hidden, batch, t, mode);
             }
-            Targets::Tokens(t) => {
-                if let Some(crf) = head.crf() {
-                    return self.crf_loss(head, crf, hidden, batch, t, mode);
-                }
-                let (rows, labels): (Vec<u32>, Vec<u32>) = t
-                    .iter()
-                    .enumerate()
-                    .filter(|(_, &l)| l != IGNORE_INDEX)
-                    .map(|(i, &l)| (i as u32, l as u32))
-                    .unzip();
-                if rows.is_empty() {
+            Targets::Class(_) | Targets::Tokens(_) => {
+                // Class targets sit on each example's [CLS] row, token targets on their own rows.
+                let labelled: Vec<(u32, u32)> = match targets {
+                    Targets::Class(t) => labelled_rows(t).map(|(b, l)| ((b * seq) as u32, l)).collect(),
+                    Targets::Tokens(t) => labelled_rows(t).map(|(i, l)| (i as u32, l)).collect(),
+                    _ => unreachable!("matched class or token targets"),
+                };
+                if labelled.is_empty() {
                     return Ok(None);
                 }
+                let (rows, labels): (Vec<u32>, Vec<u32>) = labelled.into_iter().unzip();
                 let logits = head.forward(hidden, &rows, &self.dropout, mode)?.logits;
                 let targets = Tensor::from_slice(&labels, labels.len(), device)?;
                 Some((cross_entropy(&logits, &targets)?, rows.len()))
@@ -349,7 +337,7 @@ impl MultiTaskModel {
         } else {
             let logits = head.forward(hidden, &rows, &self.dropout, Mode::Eval)?.logits;
             match head.crf() {
-                None => HeadOutputExt::argmax_ids(&logits)?,
+                None => argmax_ids(&logits)?,
                 Some(crf) => {
                     let lengths: Vec<usize> = batch.word_starts.iter().map(|s| s.iter().flatten().count()).collect();
                     let nonempty: Vec<usize> = lengths.iter().copied().filter(|&l| l > 0).collect();
@@ -368,11 +356,12 @@ impl MultiTaskModel {
     }
 }
 
-/// Argmax of logits rows.
-struct HeadOutputExt;
+/// The positions and labels of the labelled entries of `targets`.
+fn labelled_rows(targets: &[i64]) -> impl Iterator<Item = (usize, u32)> + '_ {
+    targets.iter().enumerate().filter(|(_, &l)| l != IGNORE_INDEX).map(|(i, &l)| (i, l as u32))
+}
 
-impl HeadOutputExt {
-    fn argmax_ids(logits: &Tensor) -> Result<Vec<u32>> {
-        Ok(logits.argmax(candle_core::D::Minus1)?.to_vec1::<u32>()?)
-    }
+/// The index of the largest logit of each row.
+fn argmax_ids(logits: &Tensor) -> Result<Vec<u32>> {
+    Ok(logits.argmax(candle_core::D::Minus1)?.to_vec1::<u32>()?)
 }
