@@ -88,6 +88,74 @@ pub struct TrainingConfig {
     /// the mean of every task's main metric (accuracy, or entity F1 for tagging) is used.
     #[serde(default)]
     pub select_metric: Option<String>,
+    /// How steps draw on the tasks.
+    #[serde(default)]
+    pub sampling: SamplingConfig,
+}
+
+/// What one optimiser step trains on.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum StepPlan {
+    /// Batches drawn from all training examples together: every task with an example in the batch.
+    #[default]
+    Mixed,
+    /// One task per step, chosen by the sampler (as MT-DNN); its batch holds that task's examples only.
+    Sampled,
+}
+
+/// Which task a `sampled` step trains.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum SamplerKind {
+    /// Every task equally often.
+    Uniform,
+    /// In proportion to the task's number of training examples.
+    #[default]
+    Proportional,
+    /// In proportion to `min(n, cap) ^ (1 / temperature)`.
+    Temperature,
+    /// In proportion to `n ^ alpha`, alpha going from 1 (proportional) to 0.2 over the epochs (Stickland &
+    /// Murray 2019, "BERT and PALs").
+    Annealed,
+    /// Tasks in turn.
+    RoundRobin,
+    /// In proportion to the configured `weights`.
+    Fixed,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SamplingConfig {
+    #[serde(default)]
+    pub plan: StepPlan,
+    #[serde(default)]
+    pub sampler: SamplerKind,
+    /// `temperature` sampler: T (1 is proportional, large T tends to uniform).
+    #[serde(default = "default_temperature")]
+    pub temperature: f64,
+    /// `temperature` sampler: a task counts at most this many examples.
+    #[serde(default)]
+    pub cap: Option<usize>,
+    /// `fixed` sampler: a weight per task.
+    #[serde(default)]
+    pub weights: BTreeMap<TaskId, f64>,
+}
+
+fn default_temperature() -> f64 {
+    2.0
+}
+
+impl Default for SamplingConfig {
+    fn default() -> Self {
+        Self {
+            plan: StepPlan::Mixed,
+            sampler: SamplerKind::Proportional,
+            temperature: default_temperature(),
+            cap: None,
+            weights: BTreeMap::new(),
+        }
+    }
 }
 
 fn default_batch_size() -> usize {
@@ -449,6 +517,7 @@ impl Config {
         }
         self.tasks.retain(|t, _| names.iter().any(|n| n == t.as_str()));
         self.joint.frame.retain(|t| self.tasks.contains_key(t));
+        self.training.sampling.weights.retain(|t, _| names.iter().any(|n| n == t.as_str()));
         if self.joint.frame.len() < 2 {
             self.joint.frame.clear();
         }
@@ -481,6 +550,28 @@ impl Config {
         }
         if t.batch_size == 0 || t.eval_batch_size == 0 {
             return Err(invalid("training.batch_size", "batch sizes must be at least 1".into()));
+        }
+        let s = &t.sampling;
+        if !(s.temperature.is_finite() && s.temperature > 0.0) {
+            return Err(invalid("training.sampling.temperature", "must be a positive number".into()));
+        }
+        if s.cap == Some(0) {
+            return Err(invalid("training.sampling.cap", "must be at least 1".into()));
+        }
+        if s.sampler == SamplerKind::Fixed {
+            for name in self.tasks.keys() {
+                match s.weights.get(name) {
+                    Some(w) if w.is_finite() && *w >= 0.0 => {}
+                    Some(w) => return Err(invalid("training.sampling.weights", format!("task `{name}`: weight {w} must be >= 0"))),
+                    None => return Err(invalid("training.sampling.weights", format!("the fixed sampler needs a weight for task `{name}`"))),
+                }
+            }
+            if s.weights.values().sum::<f64>() <= 0.0 {
+                return Err(invalid("training.sampling.weights", "at least one weight must be positive".into()));
+            }
+        }
+        if let Some(name) = s.weights.keys().find(|n| !self.tasks.contains_key(*n)) {
+            return Err(invalid("training.sampling.weights", format!("unknown task `{name}`; tasks are: {}", self.task_list())));
         }
         if t.max_tokens == Some(0) {
             return Err(invalid("training.max_tokens", "must be at least 1".into()));

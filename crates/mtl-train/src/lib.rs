@@ -8,6 +8,7 @@ mod evaluate;
 pub mod heads;
 mod optim;
 mod progress;
+pub mod sampling;
 mod schedule;
 mod trainer;
 

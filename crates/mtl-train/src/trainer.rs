@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 
 use candle_core::Tensor;
-use mtl_config::Config;
+use mtl_config::{Config, StepPlan};
 use mtl_core::Mode;
 use mtl_core::{HostBatch, TaskId, TaskKind};
 use mtl_data::{collate, epoch_batches, Batching, Dataset, Example, LabelMap};
@@ -14,6 +14,7 @@ use crate::evaluate::{
     predict_examples, score, selection_score, tune_thresholds, Evaluation, Prediction, Scores, TaskInfo,
 };
 use crate::optim::{AdamW, AdamWConfig, ParamGroup};
+use crate::sampling;
 use crate::schedule::linear_warmup_decay;
 use crate::Result;
 
@@ -77,6 +78,55 @@ pub struct Outcome {
     pub labels: BTreeMap<TaskId, LabelMap>,
 }
 
+/// The example indices of one training step, and its task under the `sampled` plan.
+type Batch = (Vec<usize>, Option<TaskId>);
+
+/// Every epoch's steps under the `sampled` plan: each task's examples are batched on their own (as in
+/// single-task training), and each step trains the task the sampler draws, taking that task's next batch (a
+/// task whose batches run out starts a new seeded pass over its examples). An epoch has as many steps as all
+/// tasks' batches together, the budget of the `mixed` plan.
+fn sampled_epochs(train: &Dataset, lengths: &[usize], batching: &Batching, config: &Config) -> Vec<Vec<Batch>> {
+    let t = &config.training;
+    let tasks: Vec<&TaskId> = config.tasks.keys().collect();
+    let members: Vec<Vec<usize>> = tasks
+        .iter()
+        .map(|task| (0..train.examples.len()).filter(|&i| train.examples[i].labels.contains_key(*task)).collect())
+        .collect();
+    let sizes: Vec<usize> = members.iter().map(Vec::len).collect();
+    let weights: Vec<f64> = tasks.iter().map(|task| t.sampling.weights.get(*task).copied().unwrap_or(0.0)).collect();
+    let sampler = sampling::sampler(&t.sampling, &sizes, weights);
+    // One seeded pass over a task's examples, cut into batches.
+    let pass = |k: usize, epoch: usize, round: usize| -> Vec<Vec<usize>> {
+        let own: Vec<usize> = members[k].iter().map(|&i| lengths[i]).collect();
+        let seed = t.seed ^ ((k as u64 + 1) << 40) ^ ((round as u64) << 20);
+        epoch_batches(&own, batching, seed, epoch).into_iter().map(|b| b.iter().map(|&j| members[k][j]).collect()).collect()
+    };
+    let mut step = 0;
+    (1..=t.epochs)
+        .map(|epoch| {
+            let mut queues: Vec<std::collections::VecDeque<Vec<usize>>> =
+                (0..tasks.len()).map(|k| pass(k, epoch, 0).into()).collect();
+            let mut rounds = vec![0; tasks.len()];
+            let steps: usize = queues.iter().map(|q| q.len()).sum();
+            let progress = if t.epochs > 1 { (epoch - 1) as f64 / (t.epochs - 1) as f64 } else { 0.0 };
+            let seed = t.seed ^ 0x5A3D_0000_0000 ^ epoch as u64;
+            let order = sampling::draw_tasks(sampler.as_ref(), progress, step, steps, seed);
+            step += steps;
+            order
+                .into_iter()
+                .filter(|&k| sizes[k] > 0)
+                .map(|k| {
+                    if queues[k].is_empty() {
+                        rounds[k] += 1;
+                        queues[k] = pass(k, epoch, rounds[k]).into();
+                    }
+                    (queues[k].pop_front().expect("a pass over a non-empty task has batches"), Some(tasks[k].clone()))
+                })
+                .collect()
+        })
+        .collect()
+}
+
 /// How many collated batches the worker thread may hold ready.
 const PREFETCH_BATCHES: usize = 4;
 
@@ -126,8 +176,12 @@ impl Trainer<'_> {
             Batching { batch_size: t.batch_size, group_by_length: t.group_by_length, max_tokens: t.max_tokens };
         // Every epoch's batches, up front: with a token budget their number varies a little between epochs,
         // and the learning-rate schedule needs the exact total.
-        let epochs: Vec<Vec<Vec<usize>>> =
-            (1..=t.epochs).map(|e| epoch_batches(&lengths, &batching, t.seed, e)).collect();
+        let epochs: Vec<Vec<Batch>> = match t.sampling.plan {
+            StepPlan::Mixed => (1..=t.epochs)
+                .map(|e| epoch_batches(&lengths, &batching, t.seed, e).into_iter().map(|b| (b, None)).collect())
+                .collect(),
+            StepPlan::Sampled => sampled_epochs(&splits.train, &lengths, &batching, self.config),
+        };
         let total_steps: usize = epochs.iter().map(Vec::len).sum();
         let steps_per_epoch = epochs.first().map_or(0, Vec::len);
         let warmup = (t.warmup_ratio * total_steps as f64).ceil() as usize;
@@ -151,9 +205,18 @@ impl Trainer<'_> {
                 let (sender, receiver) = std::sync::mpsc::sync_channel::<HostBatch>(PREFETCH_BATCHES);
                 let (train, kinds) = (&splits.train, &kinds);
                 scope.spawn(move || {
-                    for chunk in batches {
+                    for (chunk, task) in batches {
                         let examples: Vec<&Example> = chunk.iter().map(|&i| &train.examples[i]).collect();
-                        if sender.send(collate(&examples, kinds)).is_err() {
+                        // A sampled step trains its task only, even on examples that carry other labels.
+                        let batch = match &task {
+                            Some(task) => {
+                                let only: BTreeMap<TaskId, (TaskKind, usize)> =
+                                    kinds.get_key_value(task).map(|(k, v)| (k.clone(), *v)).into_iter().collect();
+                                collate(&examples, &only)
+                            }
+                            None => collate(&examples, kinds),
+                        };
+                        if sender.send(batch).is_err() {
                             break; // the training loop stopped early
                         }
                     }
@@ -248,6 +311,63 @@ impl Trainer<'_> {
         for (name, var) in self.model.params().vars() {
             var.set(&weights[name])?;
         }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use mtl_data::{Encoded, Input, Label, Location};
+
+    use super::*;
+
+    fn example(i: usize, tasks: &[&str]) -> Example {
+        Example {
+            location: Location { path: "x".into(), line: i + 1 },
+            input: Input::Text(String::new()),
+            encoded: Encoded { ids: vec![1; 3 + i % 7], type_ids: vec![0; 3 + i % 7], word_starts: Vec::new(), truncated: false },
+            labels: tasks.iter().map(|t| (TaskId::new(*t).expect("valid"), Label::Class(0))).collect(),
+            qa: None,
+        }
+    }
+
+    #[test]
+    fn sampled_steps_hold_their_task_only_and_keep_the_budget() -> Result<()> {
+        let text = r#"
+[model]
+path = "m"
+[training]
+epochs = 3
+batch_size = 4
+lr = 1e-3
+sampling = { plan = "sampled", sampler = "annealed" }
+[tasks.a]
+kind = "classification"
+data = { train = "a.jsonl" }
+[tasks.b]
+kind = "classification"
+data = { train = "b.jsonl" }
+"#;
+        let config = Config::parse(text, Path::new("t.toml"), &[])?;
+        // 40 examples of a, 8 of b, 4 of both.
+        let mut examples: Vec<Example> = (0..40).map(|i| example(i, &["a"])).collect();
+        examples.extend((40..48).map(|i| example(i, &["b"])));
+        examples.extend((48..52).map(|i| example(i, &["a", "b"])));
+        let train = Dataset { examples, truncated: 0 };
+        let lengths: Vec<usize> = train.examples.iter().map(|e| e.encoded.ids.len()).collect();
+        let batching = Batching { batch_size: 4, group_by_length: true, max_tokens: None };
+        let epochs = sampled_epochs(&train, &lengths, &batching, &config);
+        assert_eq!(epochs.len(), 3);
+        for steps in &epochs {
+            assert_eq!(steps.len(), 11 + 3, "a: 44 examples in 11 batches, b: 12 in 3");
+            for (batch, task) in steps {
+                let task = task.as_ref().expect("sampled steps name their task");
+                assert!(batch.iter().all(|&i| train.examples[i].labels.contains_key(task)));
+            }
+        }
+        assert_eq!(epochs, sampled_epochs(&train, &lengths, &batching, &config), "seeded");
         Ok(())
     }
 }

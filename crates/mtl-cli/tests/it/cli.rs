@@ -293,3 +293,27 @@ fn conll_files_train_a_token_task() -> TestResult {
     assert_eq!(labels["ner"], serde_json::json!(["B-day", "B-from", "B-to", "I-from", "I-to", "O"]));
     Ok(())
 }
+
+#[test]
+fn sampled_steps_train_one_task_each_reproducibly() -> TestResult {
+    let p = Project::new()?;
+    let sets = ["--set", "training.sampling.plan=\"sampled\"", "--set", "training.sampling.sampler=\"temperature\"", "--set", "training.epochs=2"];
+    for out in ["a", "b"] {
+        let mut args = vec!["train", "config.toml", "--out", out];
+        args.extend(sets);
+        let o = p.mtl(&args)?;
+        assert!(o.status.success(), "{}", stderr(&o));
+    }
+    assert_eq!(std::fs::read(p.path("a/model.safetensors"))?, std::fs::read(p.path("b/model.safetensors"))?, "seeded");
+    let mixed = p.mtl(&["train", "config.toml", "--out", "m", "--set", "training.epochs=2"])?;
+    assert!(mixed.status.success(), "{}", stderr(&mixed));
+    assert_ne!(std::fs::read(p.path("a/model.safetensors"))?, std::fs::read(p.path("m/model.safetensors"))?);
+    let metrics: Value = serde_json::from_str(&std::fs::read_to_string(p.path("a/metrics.json"))?)?;
+    assert!(metrics["test"]["slots"]["f1"].is_number() && metrics["test"]["intent"]["accuracy"].is_number());
+    let bad = p.mtl(&["train", "config.toml", "--out", "x", "--set", "training.sampling.sampler=\"fixed\""])?;
+    assert!(!bad.status.success());
+    assert!(stderr(&bad).contains("the fixed sampler needs a weight for task `intent`"), "{}", stderr(&bad));
+    let bad = p.mtl(&["train", "config.toml", "--out", "x", "--set", "training.sampling.sampler=\"softmax\""])?;
+    assert!(stderr(&bad).contains("annealed") && stderr(&bad).contains("round_robin"), "choices listed: {}", stderr(&bad));
+    Ok(())
+}
