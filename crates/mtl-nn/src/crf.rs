@@ -113,7 +113,10 @@ impl Crf {
         let start = self.start.to_dtype(DType::F32)?.to_vec1::<f32>()?;
         let end = self.end.to_dtype(DType::F32)?.to_vec1::<f32>()?;
         Ok((0..b)
-            .map(|i| viterbi(&e[i * t * n..(i + 1) * t * n], lengths[i], n, &trans, &start, &end, &self.constraints))
+            .map(|i| {
+                let scores = ChainScores { trans: &trans, start: &start, end: &end };
+                viterbi(&e[i * t * n..(i + 1) * t * n], lengths[i], &scores, &self.constraints)
+            })
             .collect())
     }
 
@@ -139,19 +142,21 @@ impl Crf {
     }
 }
 
+/// A CRF's scores as host slices: transitions `n × n` (row-major, from → to), start and end scores.
+#[derive(Clone, Copy, Debug)]
+pub struct ChainScores<'a> {
+    pub trans: &'a [f32],
+    pub start: &'a [f32],
+    pub end: &'a [f32],
+}
+
 /// Viterbi over one sequence's emissions (`len × n`, row-major) with forbidden transitions removed.
-pub fn viterbi(
-    e: &[f32],
-    len: usize,
-    n: usize,
-    trans: &[f32],
-    start: &[f32],
-    end: &[f32],
-    c: &Transitions,
-) -> Vec<u32> {
+pub fn viterbi(e: &[f32], len: usize, scores: &ChainScores, c: &Transitions) -> Vec<u32> {
     if len == 0 {
         return Vec::new();
     }
+    let ChainScores { trans, start, end } = *scores;
+    let n = start.len();
     const NEG: f32 = f32::NEG_INFINITY;
     let mut score: Vec<f32> = (0..n).map(|j| if c.start[j] { start[j] + e[j] } else { NEG }).collect();
     let mut back = vec![0u32; len * n];
@@ -195,15 +200,9 @@ mod tests {
     use candle_core::{Device, Var};
 
     /// log Z and the best path by brute force over every tag sequence.
-    fn brute(
-        e: &[f32],
-        len: usize,
-        n: usize,
-        trans: &[f32],
-        start: &[f32],
-        end: &[f32],
-        c: &Transitions,
-    ) -> (f64, Vec<u32>) {
+    fn brute(e: &[f32], len: usize, scores: &ChainScores, c: &Transitions) -> (f64, Vec<u32>) {
+        let ChainScores { trans, start, end } = *scores;
+        let n = start.len();
         let mut log_z_terms = Vec::new();
         let mut best = (f64::NEG_INFINITY, Vec::new());
         let total = n.pow(len as u32);
@@ -251,7 +250,8 @@ mod tests {
         let mut want = 0.0;
         for (i, &len) in lengths.iter().enumerate() {
             let ei = &e[i * t * n..i * t * n + len * n];
-            let (log_z, best) = brute(ei, len, n, &trans, &start, &end, &c);
+            let scores = ChainScores { trans: &trans, start: &start, end: &end };
+            let (log_z, best) = brute(ei, len, &scores, &c);
             let row = &tags[i * t..i * t + len];
             let mut s = f64::from(start[row[0] as usize] + ei[row[0] as usize]);
             for k in 1..len {
@@ -259,7 +259,7 @@ mod tests {
             }
             s += f64::from(end[row[len - 1] as usize]);
             want += log_z - s;
-            assert_eq!(viterbi(ei, len, n, &trans, &start, &end, &c), best, "sequence {i}");
+            assert_eq!(viterbi(ei, len, &scores, &c), best, "sequence {i}");
         }
         want /= 6.0;
         assert!((f64::from(nll) - want).abs() < 1e-4, "nll {nll} vs brute force {want}");

@@ -15,7 +15,7 @@ mod model;
 mod params;
 
 pub use bert::{Activation, Bert, BertConfig, Kernels};
-pub use crf::{viterbi, Crf, Transitions};
+pub use crf::{viterbi, ChainScores, Crf, Transitions};
 pub use heads::{binary_cross_entropy_with_logits, Head, HeadOutput, HeadSpec, RegressionLoss};
 pub use layers::{DropoutRng, LayerNorm, Linear};
 pub use bert::BertInput;
