@@ -24,8 +24,16 @@ It writes:
                         return_overflowing_tokens, stride, return_offsets_mapping) of two questions over long contexts
   squad.json            answer pairs with the SQuAD 2.0 scores of the official script's functions, as shipped in
                         transformers 4.46.3 (transformers/data/metrics/squad_metrics.py; fetched with pip download)
+  gradnorm.json         three GradNorm updates (Chen et al. 2018) computed with torch autograd on a toy shared layer:
+                        each step's losses, weighted gradient norms, and the weights after torch.optim.Adam and
+                        renormalisation
+  pcgrad.json           random task gradients (some conflicting), a fixed projection order, and PCGrad's summed
+                        result (Yu et al. 2020, as the authors' projection loop computes it)
+  cagrad.json           random task gradients with CAGrad's update (Liu et al. 2021), the weights found by
+                        scipy.optimize.minimize (SLSQP) exactly as the authors' code finds them, rescale = 1
 The tests themselves need none of these packages. `python scripts/make_fixtures.py metrics` writes only the
-metric fixtures (no torch needed for them, only scikit-learn, scipy and seqeval).
+metric fixtures (no torch needed for them, only scikit-learn, scipy and seqeval); `... weighting` writes only
+the last three.
 """
 import json
 import random
@@ -317,6 +325,97 @@ def qa_windows_fixture():
     (OUT / "qa-windows.json").write_text(json.dumps(cases, ensure_ascii=False))
 
 
+def gradnorm_fixture():
+    torch.manual_seed(0)
+    k, alpha, lr = 3, 1.5, 0.025
+    shared = torch.randn(6, 4, dtype=torch.float64, requires_grad=True)
+    heads = [torch.randn(4, 2, dtype=torch.float64) for _ in range(k)]
+    x = torch.randn(10, 6, dtype=torch.float64)
+    ys = [torch.randint(0, 2, (10,)) for _ in range(k)]
+    scales = [1.0, 3.0, 0.3]
+    w = torch.nn.Parameter(torch.ones(k, dtype=torch.float64))
+    opt = torch.optim.Adam([w], lr=lr)
+    initial = None
+    steps = []
+    for step in range(3):
+        h = torch.tanh(x @ shared) * (1 + step)
+        losses = torch.stack([torch.nn.functional.cross_entropy(h @ heads[i], ys[i]) * scales[i] for i in range(k)])
+        if initial is None:
+            initial = losses.detach()
+        norms = torch.stack([torch.autograd.grad(w[i] * losses[i], shared, retain_graph=True, create_graph=True)[0].norm()
+                             for i in range(k)])
+        rates = losses.detach() / initial
+        target = (norms.mean() * (rates / rates.mean()) ** alpha).detach()
+        objective = (norms - target).abs().sum()
+        opt.zero_grad()
+        w.grad = torch.autograd.grad(objective, w)[0]
+        opt.step()
+        with torch.no_grad():
+            w.clamp_(min=1e-3)
+            w.mul_(k / w.sum())
+        steps.append({"losses": losses.tolist(), "weighted_norms": norms.tolist(), "weights_after": w.tolist()})
+    (OUT / "gradnorm.json").write_text(json.dumps({"alpha": alpha, "lr": lr, "steps": steps}))
+
+
+def pcgrad_fixture():
+    rng = random.Random(11)
+    cases = []
+    for _ in range(20):
+        k, n = rng.randint(2, 5), rng.randint(3, 12)
+        grads = torch.tensor([[rng.gauss(0, 1) for _ in range(n)] for _ in range(k)], dtype=torch.float64)
+        orders = []
+        projected = []
+        for i in range(k):
+            order = [j for j in range(k) if j != i]
+            rng.shuffle(order)
+            orders.append(order)
+            g = grads[i].clone()
+            for j in order:
+                dot = g @ grads[j]
+                if dot < 0:
+                    g -= dot * grads[j] / (grads[j] @ grads[j])
+            projected.append(g)
+        cases.append({"grads": grads.tolist(), "orders": orders, "result": torch.stack(projected).sum(0).tolist()})
+    (OUT / "pcgrad.json").write_text(json.dumps(cases))
+
+
+def cagrad_fixture():
+    import numpy as np
+    from scipy.optimize import minimize
+
+    rng = np.random.default_rng(5)
+    cases = []
+    for _ in range(20):
+        k, n, c = int(rng.integers(2, 6)), int(rng.integers(4, 20)), 0.4
+        grads = rng.normal(size=(n, k)) + rng.normal(size=(n, 1)) * rng.uniform(0, 1)
+        # The authors' cagrad(grads, alpha=c, rescale=1), grads as columns.
+        gg = grads.T @ grads
+        g0_norm = np.sqrt(gg.mean() + 1e-8)
+        x_start = np.ones(k) / k
+        bounds = tuple((0, 1) for _ in x_start)
+        constraints = {"type": "eq", "fun": lambda x: 1 - sum(x)}
+        b = x_start.copy()
+        cc = c * g0_norm + 1e-8
+
+        def objective(x):
+            return (x.reshape(1, -1).dot(gg).dot(b.reshape(-1, 1))
+                    + cc * np.sqrt(x.reshape(1, -1).dot(gg).dot(x.reshape(-1, 1)) + 1e-8)).sum()
+
+        res = minimize(objective, x_start, bounds=bounds, constraints=constraints)
+        gw = grads @ res.x
+        g = grads.mean(1) + cc / (np.linalg.norm(gw) + 1e-8) * gw
+        g = g / (1 + c ** 2)
+        cases.append({"grads": grads.T.tolist(), "c": c, "weights": res.x.tolist(), "objective": float(res.fun),
+                      "result": g.tolist()})
+    (OUT / "cagrad.json").write_text(json.dumps(cases))
+
+
+def weighting_fixtures():
+    gradnorm_fixture()
+    pcgrad_fixture()
+    cagrad_fixture()
+
+
 def metric_fixtures():
     seqeval_fixture()
     seqeval_report_fixture()
@@ -330,9 +429,14 @@ if __name__ == "__main__":
     import sys
 
     OUT.mkdir(parents=True, exist_ok=True)
-    if sys.argv[1:] != ["metrics"]:
+    if sys.argv[1:] == ["weighting"]:
+        weighting_fixtures()
+    elif sys.argv[1:] == ["metrics"]:
+        metric_fixtures()
+    else:
         tiny_bert()
         minilm()
         qa_windows_fixture()
-    metric_fixtures()
+        metric_fixtures()
+        weighting_fixtures()
     print("fixtures written to", OUT)

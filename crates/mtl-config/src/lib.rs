@@ -10,6 +10,13 @@ use std::path::{Path, PathBuf};
 use mtl_core::{TaskId, TaskKind};
 use serde::{Deserialize, Serialize};
 
+mod recipe;
+
+pub use recipe::{
+    FreezeConfig, ReportOnly, Schedule, ScoreWeight, ScoreWeights, SurgeryConfig, SurgeryMethod, WeightingConfig,
+    WeightingMethod,
+};
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config {path}: {source}")]
@@ -64,9 +71,37 @@ pub struct TrainingConfig {
     /// Decoupled weight decay (AdamW); never applied to biases and LayerNorm parameters.
     #[serde(default = "default_weight_decay")]
     pub weight_decay: f64,
-    /// Fraction of all steps spent warming the learning rate up linearly from 0; it then decays linearly to 0.
+    /// Fraction of all steps spent warming the learning rate up linearly from 0; `schedule` follows.
     #[serde(default = "default_warmup_ratio")]
     pub warmup_ratio: f64,
+    #[serde(default)]
+    pub schedule: Schedule,
+    /// Batches whose gradients are averaged into one optimiser step.
+    #[serde(default = "default_one")]
+    pub grad_accumulation: usize,
+    /// Steps whose loss or gradient is NaN or infinite are skipped; past this many the run stops.
+    #[serde(default = "default_max_skipped_steps")]
+    pub max_skipped_steps: usize,
+    /// Layer-wise learning-rate decay: the top encoder layer trains at `lr`, each layer below at `decay`
+    /// times the one above, and the embeddings at `decay` times the bottom layer. 1 turns it off.
+    #[serde(default = "default_one_f64")]
+    pub layer_lr_decay: f64,
+    #[serde(default)]
+    pub freeze: FreezeConfig,
+    #[serde(default)]
+    pub weighting: WeightingConfig,
+    #[serde(default)]
+    pub surgery: SurgeryConfig,
+    /// Stop after this many evaluations in a row without a better selection score.
+    #[serde(default)]
+    pub patience: Option<usize>,
+    /// Evaluate on dev every this many optimiser steps as well as at the end of every epoch.
+    #[serde(default)]
+    pub eval_every: Option<usize>,
+    /// The selection score as a weighted mean of dev metrics, per task and metric (lower-is-better metrics
+    /// count negated). A metric left out, or weighted `"null"`, is reported only.
+    #[serde(default)]
+    pub score_weights: Option<ScoreWeights>,
     /// Dropout probability of the backbone and the heads in training.
     #[serde(default = "default_dropout")]
     pub dropout: f64,
@@ -175,6 +210,15 @@ fn default_dropout() -> f64 {
 }
 fn default_grad_clip() -> Option<f64> {
     Some(1.0)
+}
+fn default_one() -> usize {
+    1
+}
+fn default_one_f64() -> f64 {
+    1.0
+}
+fn default_max_skipped_steps() -> usize {
+    10
 }
 fn default_true() -> bool {
     true
@@ -518,6 +562,14 @@ impl Config {
         self.tasks.retain(|t, _| names.iter().any(|n| n == t.as_str()));
         self.joint.frame.retain(|t| self.tasks.contains_key(t));
         self.training.sampling.weights.retain(|t, _| names.iter().any(|n| n == t.as_str()));
+        self.training.weighting.weights.retain(|t, _| names.iter().any(|n| n == t.as_str()));
+        if let Some(weights) = &mut self.training.score_weights {
+            weights.retain(|t, _| names.iter().any(|n| n == t.as_str()));
+            let positive = weights.values().flat_map(|m| m.values()).any(|w| w.weight().is_some_and(|w| w > 0.0));
+            if !positive {
+                self.training.score_weights = None;
+            }
+        }
         if self.joint.frame.len() < 2 {
             self.joint.frame.clear();
         }
@@ -725,6 +777,7 @@ impl Config {
                 return Err(invalid("joint.frame", format!("unknown task `{name}`; tasks are: {}", self.task_list())));
             }
         }
+        recipe::validate(self, path)?;
         if let Some(metric) = &t.select_metric {
             let valid = self.metric_names();
             if !valid.contains(metric) {

@@ -10,7 +10,9 @@ mod optim;
 mod progress;
 pub mod sampling;
 mod schedule;
+pub mod surgery;
 mod trainer;
+pub mod weighting;
 
 use std::path::PathBuf;
 
@@ -19,7 +21,7 @@ pub use evaluate::{
 };
 pub use optim::{AdamW, AdamWConfig, AdamWState, ParamGroup, StepInfo};
 pub use progress::ProgressCallback;
-pub use schedule::linear_warmup_decay;
+pub use schedule::{linear_warmup_decay, lr_scale};
 pub use trainer::{Callback, Control, EvalReport, Outcome, Splits, StepReport, Trainer};
 
 #[derive(Debug, thiserror::Error)]

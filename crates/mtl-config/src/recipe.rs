@@ -1,0 +1,256 @@
+//! The multi-task parts of the training recipe: loss weighting, gradient surgery, freezing, the learning-rate
+//! schedule, and what selects and stops a run.
+
+use std::collections::BTreeMap;
+
+use mtl_core::TaskId;
+use serde::{Deserialize, Serialize};
+
+/// How the tasks' losses are weighted into one objective.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum WeightingMethod {
+    /// Fixed weights (`weights`, 1 for every task not listed).
+    #[default]
+    Static,
+    /// Learned homoscedastic uncertainty (Kendall, Gal & Cipolla 2018).
+    Uncertainty,
+    /// Dynamic Weight Average (Liu, Johns & Davison 2019).
+    Dwa,
+    /// GradNorm (Chen et al. 2018); needs each task's gradient, so a backward pass per task.
+    GradNorm,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct WeightingConfig {
+    #[serde(default)]
+    pub method: WeightingMethod,
+    /// `static`: a weight per task; tasks not listed weigh 1.
+    #[serde(default)]
+    pub weights: BTreeMap<TaskId, f64>,
+    /// `dwa`: the softmax temperature T (the paper's 2).
+    #[serde(default = "default_dwa_temperature")]
+    pub temperature: f64,
+    /// `dwa`: the optimiser steps over which losses are averaged before weights are recomputed; an epoch
+    /// when absent (the paper's choice).
+    #[serde(default)]
+    pub period: Option<usize>,
+    /// `grad_norm`: the asymmetry alpha (the paper's 1.5 for its regression-heavy benchmarks).
+    #[serde(default = "default_gradnorm_alpha")]
+    pub alpha: f64,
+    /// Learning rate of the weighting's own parameters: GradNorm's weights (default 0.025) or the
+    /// uncertainty log-variances (default `head_lr`).
+    #[serde(default)]
+    pub lr: Option<f64>,
+}
+
+fn default_dwa_temperature() -> f64 {
+    2.0
+}
+fn default_gradnorm_alpha() -> f64 {
+    1.5
+}
+
+impl Default for WeightingConfig {
+    fn default() -> Self {
+        Self {
+            method: WeightingMethod::Static,
+            weights: BTreeMap::new(),
+            temperature: default_dwa_temperature(),
+            period: None,
+            alpha: default_gradnorm_alpha(),
+            lr: None,
+        }
+    }
+}
+
+/// Gradient surgery on the shared parameters; each needs a backward pass per task.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum SurgeryMethod {
+    #[default]
+    None,
+    /// Projecting conflicting gradients (Yu et al. 2020).
+    Pcgrad,
+    /// Conflict-averse gradient descent (Liu et al. 2021).
+    Cagrad,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SurgeryConfig {
+    #[serde(default)]
+    pub method: SurgeryMethod,
+    /// `cagrad`: the radius c of the ball around the average gradient (the paper's 0.4).
+    #[serde(default = "default_cagrad_c")]
+    pub c: f64,
+}
+
+fn default_cagrad_c() -> f64 {
+    0.4
+}
+
+impl Default for SurgeryConfig {
+    fn default() -> Self {
+        Self { method: SurgeryMethod::None, c: default_cagrad_c() }
+    }
+}
+
+/// Which backbone parameters stay fixed.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct FreezeConfig {
+    /// The embedding tables and their LayerNorm.
+    #[serde(default)]
+    pub embeddings: bool,
+    /// The bottom N encoder layers.
+    #[serde(default)]
+    pub layers: usize,
+    /// The whole backbone: only the heads train.
+    #[serde(default)]
+    pub backbone: bool,
+    /// Gradual unfreezing (Howard & Ruder 2018): training starts with the backbone frozen, and every this many
+    /// optimiser steps the next layer from the top is unfrozen, the embeddings last. The other freeze
+    /// settings still hold.
+    #[serde(default)]
+    pub unfreeze_every: Option<usize>,
+}
+
+/// The learning rate after warmup.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Schedule {
+    /// Linear decay to 0 at the last step.
+    #[default]
+    Linear,
+    /// Half a cosine down to 0 at the last step.
+    Cosine,
+    /// Constant at the peak.
+    Constant,
+}
+
+/// A metric's weight in the selection score; TOML has no null, so "report only" is written `"null"`.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(untagged)]
+pub enum ScoreWeight {
+    Weight(f64),
+    ReportOnly(ReportOnly),
+}
+
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub enum ReportOnly {
+    #[serde(rename = "null")]
+    Null,
+}
+
+impl ScoreWeight {
+    /// The weight, `None` for a metric that is reported only.
+    pub fn weight(self) -> Option<f64> {
+        match self {
+            Self::Weight(w) => Some(w),
+            Self::ReportOnly(_) => None,
+        }
+    }
+}
+
+/// Per task, per metric weights of the selection score.
+pub type ScoreWeights = BTreeMap<TaskId, BTreeMap<String, ScoreWeight>>;
+
+/// Checks the recipe's settings against each other and the tasks.
+pub(crate) fn validate(config: &crate::Config, path: &std::path::Path) -> Result<(), crate::ConfigError> {
+    let invalid = |field: &str, message: String| crate::ConfigError::Invalid {
+        path: path.to_owned(),
+        field: field.to_string(),
+        message,
+    };
+    let t = &config.training;
+    let unknown_task = |field: &str, name: &TaskId| {
+        let tasks: Vec<&str> = config.tasks.keys().map(TaskId::as_str).collect();
+        invalid(field, format!("unknown task `{name}`; tasks are: {}", tasks.join(", ")))
+    };
+    let positive = |field: &str, v: f64| {
+        if v.is_finite() && v > 0.0 {
+            Ok(())
+        } else {
+            Err(invalid(field, format!("must be a positive number, got {v}")))
+        }
+    };
+    if t.grad_accumulation == 0 {
+        return Err(invalid("training.grad_accumulation", "must be at least 1".into()));
+    }
+    if !(t.layer_lr_decay > 0.0 && t.layer_lr_decay <= 1.0) {
+        return Err(invalid("training.layer_lr_decay", format!("must be in (0, 1], got {}", t.layer_lr_decay)));
+    }
+    if t.patience == Some(0) {
+        return Err(invalid("training.patience", "must be at least 1".into()));
+    }
+    if t.eval_every == Some(0) {
+        return Err(invalid("training.eval_every", "must be at least 1".into()));
+    }
+    if t.freeze.unfreeze_every == Some(0) {
+        return Err(invalid("training.freeze.unfreeze_every", "must be at least 1".into()));
+    }
+    let w = &t.weighting;
+    for (name, weight) in &w.weights {
+        if !config.tasks.contains_key(name) {
+            return Err(unknown_task("training.weighting.weights", name));
+        }
+        if !(weight.is_finite() && *weight >= 0.0) {
+            return Err(invalid("training.weighting.weights", format!("task `{name}`: weight {weight} must be >= 0")));
+        }
+    }
+    if !w.weights.is_empty() && w.method != WeightingMethod::Static {
+        return Err(invalid("training.weighting.weights", "fixed weights belong to the `static` method".into()));
+    }
+    positive("training.weighting.temperature", w.temperature)?;
+    positive("training.weighting.alpha", w.alpha)?;
+    if let Some(lr) = w.lr {
+        positive("training.weighting.lr", lr)?;
+    }
+    if w.period == Some(0) {
+        return Err(invalid("training.weighting.period", "must be at least 1".into()));
+    }
+    positive("training.surgery.c", t.surgery.c)?;
+    let per_task_gradients = w.method == WeightingMethod::GradNorm || t.surgery.method != SurgeryMethod::None;
+    if per_task_gradients && t.sampling.plan == crate::StepPlan::Sampled {
+        let field = if w.method == WeightingMethod::GradNorm { "training.weighting.method" } else { "training.surgery.method" };
+        return Err(invalid(field, "compares the tasks' gradients within a step, so it needs `sampling.plan = \"mixed\"` (a sampled step trains one task)".into()));
+    }
+    if t.surgery.method != SurgeryMethod::None && t.freeze.backbone && t.freeze.unfreeze_every.is_none() {
+        return Err(invalid("training.surgery.method", "works on the shared parameters, and the backbone is frozen".into()));
+    }
+    if let Some(weights) = &t.score_weights {
+        if t.select_metric.is_some() {
+            return Err(invalid("training.score_weights", "give `select_metric` or `score_weights`, not both".into()));
+        }
+        let valid = config.metric_names();
+        let mut total = 0.0;
+        for (task, metrics) in weights {
+            if !config.tasks.contains_key(task) {
+                return Err(unknown_task("training.score_weights", task));
+            }
+            for (metric, weight) in metrics {
+                let name = format!("{task}.{metric}");
+                if !valid.contains(&name) {
+                    let own: Vec<&str> =
+                        valid.iter().filter_map(|v| v.strip_prefix(&format!("{task}."))).collect();
+                    return Err(invalid(
+                        "training.score_weights",
+                        format!("task `{task}` has no metric `{metric}`; valid choices: {}", own.join(", ")),
+                    ));
+                }
+                if let Some(w) = weight.weight() {
+                    if !(w.is_finite() && w >= 0.0) {
+                        return Err(invalid("training.score_weights", format!("`{name}`: weight {w} must be >= 0 (or \"null\")")));
+                    }
+                    total += w;
+                }
+            }
+        }
+        if total <= 0.0 {
+            return Err(invalid("training.score_weights", "at least one metric needs a positive weight".into()));
+        }
+    }
+    Ok(())
+}

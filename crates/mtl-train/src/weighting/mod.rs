@@ -1,0 +1,90 @@
+//! Loss weighting: how the losses of a step's tasks become one objective, one file per method.
+//!
+//! A weighting turns each task's loss into a term of the objective (the objective is their sum), reports
+//! each task's current weight, and learns from every step: from the losses (DWA), from the tasks' gradient
+//! norms (GradNorm), or through parameters of its own that the optimiser trains with the model
+//! (uncertainty). Its state is exported for an exact resume.
+
+mod dwa;
+mod gradnorm;
+mod static_weights;
+mod uncertainty;
+
+use std::collections::BTreeMap;
+
+use candle_core::{Device, Tensor, Var};
+use mtl_config::{Config, WeightingMethod};
+use mtl_core::TaskId;
+
+pub use dwa::Dwa;
+pub use gradnorm::GradNorm;
+pub use static_weights::StaticWeights;
+pub use uncertainty::Uncertainty;
+
+use crate::Result;
+
+/// What a step tells the weighting once its gradients are known.
+#[derive(Clone, Debug, Default)]
+pub struct StepLosses {
+    /// Each trained task's loss on the step's batch.
+    pub losses: BTreeMap<TaskId, f64>,
+    /// Each task's gradient norm (of its weighted term) on the last shared layer, when the step computed
+    /// the tasks' gradients separately.
+    pub grad_norms: Option<BTreeMap<TaskId, f64>>,
+}
+
+pub trait LossWeighting: Send {
+    /// Each task's term of the objective, in the order of `losses` (scalar tensors carrying the graph).
+    fn terms(&self, losses: &[(TaskId, Tensor)]) -> Result<Vec<Tensor>>;
+
+    /// Each task's current weight, for the logs.
+    fn weights(&self) -> BTreeMap<TaskId, f64>;
+
+    /// Parameters of the weighting that the optimiser trains with the model, by name.
+    fn vars(&self) -> Vec<(String, Var)> {
+        Vec::new()
+    }
+
+    /// Whether it needs each task's gradient norm (a backward pass per task).
+    fn needs_grad_norms(&self) -> bool {
+        false
+    }
+
+    /// Called after every optimiser step.
+    fn observe(&mut self, _step: &StepLosses) {}
+
+    /// The state to store in a checkpoint.
+    fn state(&self) -> serde_json::Value;
+
+    /// Restores a state from [`LossWeighting::state`].
+    fn load_state(&mut self, state: &serde_json::Value) -> Result<()>;
+}
+
+/// The weighting a config asks for, over its tasks; `steps_per_epoch` is DWA's default period.
+pub fn weighting(config: &Config, steps_per_epoch: usize, device: &Device) -> Result<Box<dyn LossWeighting>> {
+    let w = &config.training.weighting;
+    let tasks: Vec<TaskId> = config.tasks.keys().cloned().collect();
+    Ok(match w.method {
+        WeightingMethod::Static => Box::new(StaticWeights::new(
+            tasks.iter().map(|t| (t.clone(), w.weights.get(t).copied().unwrap_or(1.0))).collect(),
+        )),
+        WeightingMethod::Uncertainty => Box::new(Uncertainty::new(&tasks, device)?),
+        WeightingMethod::Dwa => Box::new(Dwa::new(tasks, w.temperature, w.period.unwrap_or(steps_per_epoch).max(1))),
+        WeightingMethod::GradNorm => Box::new(GradNorm::new(tasks, w.alpha, w.lr.unwrap_or(0.025))),
+    })
+}
+
+/// `weight · loss` for each loss, looked up by task.
+pub(crate) fn scaled(losses: &[(TaskId, Tensor)], weights: &BTreeMap<TaskId, f64>) -> Result<Vec<Tensor>> {
+    losses.iter().map(|(task, loss)| Ok(loss.affine(weights.get(task).copied().unwrap_or(1.0), 0.0)?)).collect()
+}
+
+pub(crate) fn invalid_state(message: impl Into<String>) -> crate::TrainError {
+    crate::TrainError::Invalid { path: "weighting state".into(), message: message.into() }
+}
+
+/// Reads `state[key]` as `T`.
+pub(crate) fn field<T: serde::de::DeserializeOwned>(state: &serde_json::Value, key: &str) -> Result<T> {
+    let value = state.get(key).ok_or_else(|| invalid_state(format!("missing `{key}`")))?;
+    serde_json::from_value(value.clone()).map_err(|e| invalid_state(format!("`{key}`: {e}")))
+}
