@@ -153,7 +153,7 @@ fn main() -> Result<()> {
                 let total = (&losses[0].loss + &losses[1].loss)?;
                 let _ = total.to_scalar::<f32>()?;
                 let t1 = Instant::now();
-                let grads = model.backward(&total)?;
+                let grads = mtl_train::named_grads(&model.backward(&total)?, model.params().vars());
                 let t2 = Instant::now();
                 opt.step(&grads, 1.0, Some(1.0))?;
                 drop(grads);

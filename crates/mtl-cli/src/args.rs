@@ -11,6 +11,13 @@ pub struct Cli {
     pub command: Command,
 }
 
+/// Which checkpoints a run keeps.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Select {
+    Joint,
+    PerTask,
+}
+
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Train a multi-task model and write its checkpoint and metrics to --out.
@@ -26,6 +33,11 @@ pub enum Command {
         /// Train only these tasks of the config (comma-separated), e.g. a single-task baseline.
         #[arg(long, value_delimiter = ',', value_name = "TASK,...")]
         tasks: Vec<String>,
+        /// `joint`: keep the weights of the best weighted score (each task's best head is saved under
+        /// heads/ as well). `per-task`: also write a whole checkpoint per task, at that task's best
+        /// evaluation, under per-task/TASK/.
+        #[arg(long, value_enum, default_value = "joint")]
+        select: Select,
     },
     /// Score a trained model on the dev and test files of a config; prints {"dev": …, "test": …} as JSON.
     Eval {

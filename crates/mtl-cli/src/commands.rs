@@ -15,12 +15,12 @@ use mtl_train::heads::head_specs;
 use mtl_train::{predict_examples, Evaluation, Prediction, ProgressCallback, Scores, Splits, TaskInfo, Trainer};
 use serde_json::{json, Value};
 
-use crate::args::{Cli, Command};
+use crate::args::{Cli, Command, Select};
 use crate::report;
 
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Train { config, out, overrides, tasks } => train(&config, &out, &overrides, &tasks),
+        Command::Train { config, out, overrides, tasks, select } => train(&config, &out, &overrides, &tasks, select),
         Command::Eval { model, config, overrides } => eval(&model, &config, &overrides),
         Command::Predict { model, input, batch_size } => predict(&model, input.as_deref(), batch_size),
     }
@@ -64,7 +64,7 @@ fn log_truncation(split: Split, data: &Dataset, encoder: &TextEncoder) {
     }
 }
 
-fn train(config_path: &Path, out: &Path, overrides: &[String], only: &[String]) -> Result<()> {
+fn train(config_path: &Path, out: &Path, overrides: &[String], only: &[String], select: Select) -> Result<()> {
     let mut config = Config::load(config_path, overrides)?;
     if !only.is_empty() {
         config.retain_tasks(only, config_path)?;
@@ -110,18 +110,50 @@ fn train(config_path: &Path, out: &Path, overrides: &[String], only: &[String]) 
     );
 
     let started = std::time::Instant::now();
-    let trainer = Trainer { config: &config, model: &model, labels: &labels };
+    let trainer = Trainer { config: &config, model: &model, labels: &labels, keep_per_task_models: select == Select::PerTask };
     let mut progress = ProgressCallback::default();
     let outcome = trainer.train(&splits, &mut [&mut progress])?;
     let seconds = started.elapsed().as_secs_f64();
 
     let mut with_run = metrics_json(outcome.dev.as_ref(), outcome.test.as_ref());
     with_run["best_epoch"] = json!(outcome.best_epoch);
+    with_run["best_step"] = json!(outcome.best_step);
+    with_run["steps"] = json!(outcome.steps);
+    with_run["stopped_early"] = json!(outcome.stopped_early);
+    with_run["skipped_steps"] = json!(outcome.skipped_steps);
+    with_run["task_weights"] = json!(outcome.task_weights);
+    with_run["per_task_best"] = outcome
+        .per_task
+        .iter()
+        .map(|(task, b)| (task.to_string(), json!({"epoch": b.epoch, "step": b.step, "score": b.score})))
+        .collect::<serde_json::Map<_, _>>()
+        .into();
     with_run["train_seconds"] = json!((seconds * 10.0).round() / 10.0);
     if let Some(test) = &outcome.test {
         with_run["test_reports"] = json!(test.reports);
     }
-    checkpoint::save(out, &model, &CheckpointFiles { config: &config, labels: &outcome.labels, metrics: &with_run })?;
+    let heads: BTreeMap<String, BTreeMap<String, candle_core::Tensor>> =
+        outcome.per_task.iter().map(|(task, b)| (task.to_string(), b.head.clone())).collect();
+    let files = CheckpointFiles { config: &config, labels: &outcome.labels, metrics: &with_run, heads: &heads };
+    checkpoint::save(out, &model, &files)?;
+    if select == Select::PerTask {
+        // Each task's checkpoint holds the weights of its own best evaluation; the run's metrics.json
+        // records which one that was.
+        let kept: BTreeMap<String, candle_core::Tensor> =
+            model.params().vars().iter().map(|(n, v)| Ok((n.clone(), v.as_tensor().copy()?))).collect::<Result<_>>()?;
+        for (task, best) in &outcome.per_task {
+            let weights = best.model.as_ref().context("per-task weights were kept; this is a bug")?;
+            for (name, var) in model.params().vars() {
+                var.set(&weights[name])?;
+            }
+            let none = BTreeMap::new();
+            let files = CheckpointFiles { config: &config, labels: &outcome.labels, metrics: &with_run, heads: &none };
+            checkpoint::save(&out.join("per-task").join(task.as_str()), &model, &files)?;
+        }
+        for (name, var) in model.params().vars() {
+            var.set(&kept[name])?;
+        }
+    }
 
     let mut shown: Vec<(&str, &Scores)> = Vec::new();
     if let Some(d) = &outcome.dev {
@@ -135,12 +167,18 @@ fn train(config_path: &Path, out: &Path, overrides: &[String], only: &[String]) 
     }
     print!("{}", report::table(&shown));
     println!(
-        "best epoch {} of {}; trained in {:.0} s; checkpoint and metrics.json in {}",
+        "best epoch {} of {} (step {} of {}{}); trained in {:.0} s; checkpoint and metrics.json in {}",
         outcome.best_epoch,
         config.training.epochs,
+        outcome.best_step,
+        outcome.steps,
+        if outcome.stopped_early { ", stopped early" } else { "" },
         seconds,
         out.display()
     );
+    if outcome.skipped_steps > 0 {
+        tracing::warn!("{} steps were skipped for NaN or infinite losses or gradients", outcome.skipped_steps);
+    }
     Ok(())
 }
 
@@ -200,7 +238,7 @@ fn eval(model_dir: &Path, config_path: &Path, overrides: &[String]) -> Result<()
         }
     }
     config.model = loaded.config.model.clone();
-    let trainer = Trainer { config: &config, model: &loaded.model, labels: &loaded.labels };
+    let trainer = Trainer { config: &config, model: &loaded.model, labels: &loaded.labels, keep_per_task_models: false };
     let mut scores: BTreeMap<&str, Scores> = BTreeMap::new();
     for split in [Split::Dev, Split::Test] {
         if let Some(data) = load_split(&config, split, &loaded.encoder, &loaded.labels)? {

@@ -95,6 +95,10 @@ pub struct TrainingConfig {
     /// Stop after this many evaluations in a row without a better selection score.
     #[serde(default)]
     pub patience: Option<usize>,
+    /// Every this many optimiser steps, the cosine similarity of the tasks' gradients on the shared
+    /// parameters is computed (a backward pass per task on that step) and reported.
+    #[serde(default)]
+    pub diagnostics_every: Option<usize>,
     /// Evaluate on dev every this many optimiser steps as well as at the end of every epoch.
     #[serde(default)]
     pub eval_every: Option<usize>,
@@ -938,6 +942,70 @@ frame = ["intent", "slots"]
         assert!(e.contains("tasks.intent.threshold"), "{e}");
         let e = parse(MINIMAL, &["tasks.intent.scheme=\"iob1\""]).expect_err("unknown scheme").to_string();
         assert!(e.contains("unknown variant `iob1`"), "{e}");
+    }
+
+    /// The whole message of each recipe error, as a user sees it.
+    #[test]
+    fn recipe_errors_snapshot() {
+        let cases: &[(&[&str], &str)] = &[
+            (
+                &["training.weighting.method=\"gradnorm\""],
+                "invalid override `training.weighting.method=\"gradnorm\"`: unknown variant `gradnorm`, expected one of `static`, `uncertainty`, `dwa`, `grad_norm`",
+            ),
+            (
+                &["training.surgery.method=\"mgda\""],
+                "invalid override `training.surgery.method=\"mgda\"`: unknown variant `mgda`, expected one of `none`, `pcgrad`, `cagrad`",
+            ),
+            (
+                &["training.schedule=\"step\""],
+                "invalid override `training.schedule=\"step\"`: unknown variant `step`, expected one of `linear`, `cosine`, `constant`",
+            ),
+            (
+                &["training.weighting.method=\"grad_norm\"", "training.sampling.plan=\"sampled\""],
+                "invalid config run.toml: field `training.weighting.method`: compares the tasks' gradients within a step, so it needs `sampling.plan = \"mixed\"` (a sampled step trains one task)",
+            ),
+            (
+                &["training.surgery.method=\"pcgrad\"", "training.freeze.backbone=true"],
+                "invalid config run.toml: field `training.surgery.method`: works on the shared parameters, and the backbone is frozen",
+            ),
+            (
+                &["training.score_weights.slots.f2=1.0"],
+                "invalid config run.toml: field `training.score_weights`: task `slots` has no metric `f2`; valid choices: precision, recall, f1, accuracy",
+            ),
+            (
+                &["training.score_weights.nope.f1=1.0"],
+                "invalid config run.toml: field `training.score_weights`: unknown task `nope`; tasks are: intent, slots",
+            ),
+            (
+                &["training.score_weights.slots.f1=\"null\""],
+                "invalid config run.toml: field `training.score_weights`: at least one metric needs a positive weight",
+            ),
+            (
+                &["training.score_weights.slots.f1=1.0", "training.select_metric=slots.f1"],
+                "invalid config run.toml: field `training.score_weights`: give `select_metric` or `score_weights`, not both",
+            ),
+            (
+                &["training.weighting.weights.intent=2.0", "training.weighting.method=\"dwa\""],
+                "invalid config run.toml: field `training.weighting.weights`: fixed weights belong to the `static` method",
+            ),
+            (&["training.layer_lr_decay=1.5"], "invalid config run.toml: field `training.layer_lr_decay`: must be in (0, 1], got 1.5"),
+            (&["training.grad_accumulation=0"], "invalid config run.toml: field `training.grad_accumulation`: must be at least 1"),
+            (&["training.patience=0"], "invalid config run.toml: field `training.patience`: must be at least 1"),
+            (&["training.freeze.unfreeze_every=0"], "invalid config run.toml: field `training.freeze.unfreeze_every`: must be at least 1"),
+            (
+                &["training.weighting.alpha=-1"],
+                "invalid config run.toml: field `training.weighting.alpha`: must be a positive number, got -1",
+            ),
+        ];
+        for (overrides, want) in cases {
+            let got = parse(MINIMAL, overrides).expect_err("invalid").to_string();
+            assert_eq!(&got, want, "for {overrides:?}");
+        }
+        let c = parse(MINIMAL, &["training.score_weights.slots.f1=2.0", "training.score_weights.slots.precision=\"null\""])
+            .expect("null marks a metric as reported only");
+        let w = &c.training.score_weights.as_ref().expect("set")[&TaskId::new("slots").expect("valid")];
+        assert_eq!(w["f1"].weight(), Some(2.0));
+        assert_eq!(w["precision"].weight(), None);
     }
 
     #[test]

@@ -185,6 +185,9 @@ pub(crate) fn validate(config: &crate::Config, path: &std::path::Path) -> Result
     if t.patience == Some(0) {
         return Err(invalid("training.patience", "must be at least 1".into()));
     }
+    if t.diagnostics_every == Some(0) {
+        return Err(invalid("training.diagnostics_every", "must be at least 1".into()));
+    }
     if t.eval_every == Some(0) {
         return Err(invalid("training.eval_every", "must be at least 1".into()));
     }

@@ -121,6 +121,8 @@ pub struct Bert {
     kernels: Kernels,
     /// Layer-parameter gradients from the fused encoder's backward passes, not yet collected.
     grads: GradSink,
+    /// Whether forward passes from now on keep what backward needs through several backward passes.
+    retain_graph: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// A batch: token ids and token types as `[batch, seq]` tensors; the attention mask (1 real, 0 padding) stays
@@ -159,7 +161,7 @@ impl Bert {
                 })
             })
             .collect::<Result<_>>()?;
-        Ok(Self { config: config.clone(), embeddings, layers, kernels: Kernels::default(), grads: Arc::new(Mutex::new(Vec::new())) })
+        Ok(Self { config: config.clone(), embeddings, layers, kernels: Kernels::default(), grads: Arc::new(Mutex::new(Vec::new())), retain_graph: Arc::new(false.into()) })
     }
 
     pub fn set_kernels(&mut self, kernels: Kernels) {
@@ -168,6 +170,12 @@ impl Bert {
 
     pub fn kernels(&self) -> Kernels {
         self.kernels
+    }
+
+    /// Makes the next forward passes support several backward passes (one per task's loss), at the cost of
+    /// copying the fused encoder's saved activations for each.
+    pub fn set_retain_graph(&self, retain: bool) {
+        self.retain_graph.store(retain, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Takes the (parameter, gradient) pairs that fused backward passes produced since the last call.
@@ -260,7 +268,8 @@ impl Bert {
                 })
                 .collect()
         });
-        let op = FusedEncoder::new(dims, layers, input.attention_mask.clone(), masks, mode == Mode::Train, self.grads.clone());
+        let mut op = FusedEncoder::new(dims, layers, input.attention_mask.clone(), masks, mode == Mode::Train, self.grads.clone());
+        op.retain = self.retain_graph.load(std::sync::atomic::Ordering::Relaxed);
         Ok(x.contiguous()?.apply_op1(op)?)
     }
 

@@ -115,6 +115,12 @@ impl MultiTaskModel {
         self.bert.set_kernels(kernels);
     }
 
+    /// Lets each forward pass from now on run several backward passes (per-task gradients); see
+    /// [`Bert::set_retain_graph`].
+    pub fn set_retain_graph(&self, retain: bool) {
+        self.bert.set_retain_graph(retain);
+    }
+
     /// The gradient of `loss` with respect to every parameter. Use this, not `loss.backward()`: on the CPU the
     /// fused encoder computes its parameters' gradients itself and hands them over here.
     pub fn backward(&self, loss: &Tensor) -> Result<GradStore> {

@@ -181,6 +181,32 @@ fn every_head_kind_trains_every_parameter() -> TestResult {
     Ok(())
 }
 
+/// With the graph retained, each task's loss runs its own backward pass, and the per-task gradients add up
+/// to the gradient of the summed loss.
+#[test]
+fn per_task_backward_passes_add_up_to_the_joint_one() -> TestResult {
+    let (model, batch) = all_heads(0.1)?;
+    model.set_retain_graph(true);
+    let losses = model.losses(&batch, Mode::Train)?;
+    let per_task: Vec<_> = losses.iter().map(|l| model.backward(&l.loss)).collect::<Result<_, _>>()?;
+    let total = losses.iter().map(|l| l.loss.clone()).reduce(|a, b| (a + b).expect("add")).expect("losses");
+    let joint = model.backward(&total)?;
+    model.set_retain_graph(false);
+    for (name, var) in model.params().vars() {
+        let want = joint.get(var.as_tensor()).ok_or_else(|| format!("{name}: no joint gradient"))?;
+        let mut sum = want.zeros_like()?;
+        for grads in &per_task {
+            if let Some(g) = grads.get(var.as_tensor()) {
+                sum = (sum + g)?;
+            }
+        }
+        let err = (sum - want)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        let scale = want.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(err <= 1e-5 * (1.0 + scale), "{name}: per-task sum off by {err}");
+    }
+    Ok(())
+}
+
 #[test]
 fn head_losses_match_their_definitions() -> TestResult {
     let (model, batch) = all_heads(0.0)?;

@@ -3,11 +3,13 @@
 //!
 //! Layout: `model.safetensors` (backbone under `BertModel` names, heads under `heads.TASK.*`), `config.json`
 //! and `tokenizer.json` (copied from the base model), `mtl.toml` (the resolved run config), `labels.json`
-//! (each task's label list) and `metrics.json`.
+//! (each task's label list), `metrics.json`, and `heads/TASK.safetensors` (each task's head at its own best
+//! evaluation).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use candle_core::Tensor;
 use mtl_config::Config;
 use mtl_core::TaskId;
 use mtl_data::LabelMap;
@@ -21,12 +23,15 @@ pub const TOKENIZER: &str = "tokenizer.json";
 pub const RUN_CONFIG: &str = "mtl.toml";
 pub const LABELS: &str = "labels.json";
 pub const METRICS: &str = "metrics.json";
+pub const HEADS: &str = "heads";
 
 /// Everything a checkpoint holds besides the weights.
 pub struct CheckpointFiles<'a> {
     pub config: &'a Config,
     pub labels: &'a BTreeMap<TaskId, LabelMap>,
     pub metrics: &'a serde_json::Value,
+    /// Extra weight files written as `heads/NAME.safetensors` (each task's head at its best evaluation).
+    pub heads: &'a BTreeMap<String, BTreeMap<String, Tensor>>,
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> TrainError + '_ {
@@ -53,6 +58,14 @@ pub fn save(dir: &Path, model: &MultiTaskModel, files: &CheckpointFiles) -> Resu
     write(RUN_CONFIG, files.config.to_toml())?;
     write(LABELS, serde_json::to_string_pretty(files.labels).expect("label maps serialize; this is a bug"))?;
     write(METRICS, serde_json::to_string_pretty(files.metrics).expect("metrics serialize; this is a bug"))?;
+    if !files.heads.is_empty() {
+        let dir = tmp.path().join(HEADS);
+        std::fs::create_dir(&dir).map_err(io_err(&dir))?;
+        for (name, tensors) in files.heads {
+            let tensors: std::collections::HashMap<&str, Tensor> = tensors.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
+            candle_core::safetensors::save(&tensors, dir.join(format!("{name}.safetensors")))?;
+        }
+    }
     let tmp = tmp.keep();
     std::fs::rename(&tmp, dir).map_err(|source| {
         let _ = std::fs::remove_dir_all(&tmp);

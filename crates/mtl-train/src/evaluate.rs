@@ -380,14 +380,29 @@ pub fn main_metric(task: &TaskConfig) -> &'static str {
     }
 }
 
-/// The score that selects the best epoch (higher is better): `TASK.METRIC` when given (negated for errors
-/// such as MSE), else the mean of each task's main metric.
+/// The score that selects the best evaluation (higher is better): with `score_weights`, the weighted mean of
+/// the weighted metrics; else `TASK.METRIC` when given; else the mean of each task's main metric. Metrics
+/// where lower is better (MSE, MAE) count negated.
 pub fn selection_score(scores: &Scores, select: Option<&str>, config: &Config) -> Option<f64> {
+    let signed = |metric: &str, v: f64| if Direction::of(metric) == Direction::LowerIsBetter { -v } else { v };
+    if let Some(weights) = &config.training.score_weights {
+        let (mut sum, mut total) = (0.0, 0.0);
+        for (task, metrics) in weights {
+            for (metric, weight) in metrics {
+                let (Some(w), Some(v)) = (weight.weight(), scores.get(task.as_str()).and_then(|m| m.get(metric))) else {
+                    continue;
+                };
+                sum += w * signed(metric, *v);
+                total += w;
+            }
+        }
+        return (total > 0.0).then(|| sum / total);
+    }
     match select {
         Some(name) => {
             let (group, metric) = name.split_once('.')?;
             let v = scores.get(group)?.get(metric).copied()?;
-            Some(if Direction::of(metric) == Direction::LowerIsBetter { -v } else { v })
+            Some(signed(metric, v))
         }
         None => {
             let values: Vec<f64> =
@@ -395,6 +410,25 @@ pub fn selection_score(scores: &Scores, select: Option<&str>, config: &Config) -
             (!values.is_empty()).then(|| values.iter().sum::<f64>() / values.len() as f64)
         }
     }
+}
+
+/// One task's own score, which picks its best evaluation (higher is better): the weighted mean of its
+/// weighted metrics in `score_weights` when it has any, else its main metric.
+pub fn task_score(scores: &Scores, task: &TaskId, config: &Config) -> Option<f64> {
+    let own = scores.get(task.as_str())?;
+    let signed = |metric: &str, v: f64| if Direction::of(metric) == Direction::LowerIsBetter { -v } else { v };
+    if let Some(metrics) = config.training.score_weights.as_ref().and_then(|w| w.get(task)) {
+        let weighted: Vec<(f64, f64)> = metrics
+            .iter()
+            .filter_map(|(m, w)| Some((w.weight().filter(|w| *w > 0.0)?, signed(m, *own.get(m)?))))
+            .collect();
+        let total: f64 = weighted.iter().map(|(w, _)| w).sum();
+        if total > 0.0 {
+            return Some(weighted.iter().map(|(w, v)| w * v).sum::<f64>() / total);
+        }
+    }
+    let metric = main_metric(config.tasks.get(task)?);
+    own.get(metric).map(|v| signed(metric, *v))
 }
 
 /// Each label's threshold that maximises its F1 on `data` (candidates 0.05, 0.10, …, 0.95; ties go to the

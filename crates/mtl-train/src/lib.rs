@@ -5,11 +5,13 @@
 pub mod alloc;
 pub mod checkpoint;
 mod evaluate;
+pub mod groups;
 pub mod heads;
 mod optim;
 mod progress;
 pub mod sampling;
 mod schedule;
+mod step;
 pub mod surgery;
 mod trainer;
 pub mod weighting;
@@ -17,12 +19,13 @@ pub mod weighting;
 use std::path::PathBuf;
 
 pub use evaluate::{
-    main_metric, predict_examples, score, selection_score, tune_thresholds, Evaluation, Prediction, Scores, TaskInfo,
+    main_metric, predict_examples, score, selection_score, task_score, tune_thresholds, Evaluation, Prediction, Scores, TaskInfo,
 };
 pub use optim::{AdamW, AdamWConfig, AdamWState, ParamGroup, StepInfo};
 pub use progress::ProgressCallback;
 pub use schedule::{linear_warmup_decay, lr_scale};
-pub use trainer::{Callback, Control, EvalReport, Outcome, Splits, StepReport, Trainer};
+pub use step::{named as named_grads, Grads};
+pub use trainer::{Callback, Control, EvalReport, Outcome, Splits, StepReport, TaskBest, Trainer};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TrainError {
@@ -40,6 +43,8 @@ pub enum TrainError {
     NotACheckpoint(PathBuf),
     #[error("{path}: {message}")]
     Invalid { path: PathBuf, message: String },
+    #[error("training stopped at step {step}: {skipped} steps had NaN or infinite losses or gradients, more than training.max_skipped_steps allows; lower the learning rate or check the data")]
+    NonFinite { skipped: usize, step: usize },
 }
 
 pub type Result<T, E = TrainError> = std::result::Result<T, E>;

@@ -7,7 +7,6 @@
 
 use std::collections::BTreeMap;
 
-use candle_core::backprop::GradStore;
 use candle_core::{CpuStorage, InplaceOp2, Layout, Storage, Tensor, Var};
 use rayon::prelude::*;
 
@@ -61,6 +60,8 @@ pub struct AdamWState {
 pub struct StepInfo {
     /// The global L2 norm of the gradients before clipping.
     pub grad_norm: f64,
+    /// False when the norm was NaN or infinite: then nothing was updated, not even the step count.
+    pub applied: bool,
 }
 
 impl AdamW {
@@ -111,19 +112,20 @@ impl AdamW {
         Ok(())
     }
 
-    /// Applies one update. `lr_scale` multiplies every group's learning rate (the schedule);
-    /// gradients are scaled down so that their global norm is at most `max_norm`, when given.
-    pub fn step(&mut self, grads: &GradStore, lr_scale: f64, max_norm: Option<f64>) -> Result<StepInfo> {
-        let present: Vec<(String, Tensor)> = self
-            .slots
-            .iter()
-            .filter_map(|(name, s)| grads.get(s.var.as_tensor()).map(|g| (name.clone(), g.clone())))
-            .collect();
+    /// Applies one update from gradients by parameter name; parameters without one (frozen) are left
+    /// alone. `lr_scale` multiplies every group's learning rate (the schedule); gradients are scaled down so
+    /// that their global norm is at most `max_norm`, when given. A NaN or infinite norm skips the update.
+    pub fn step(&mut self, grads: &BTreeMap<String, Tensor>, lr_scale: f64, max_norm: Option<f64>) -> Result<StepInfo> {
+        let present: Vec<(String, Tensor)> =
+            self.slots.keys().filter_map(|name| grads.get(name).map(|g| (name.clone(), g.clone()))).collect();
         let mut sq = 0f64;
         for (_, g) in &present {
             sq += sum_of_squares(g)?;
         }
         let grad_norm = sq.sqrt();
+        if !grad_norm.is_finite() {
+            return Ok(StepInfo { grad_norm, applied: false });
+        }
         let clip = match max_norm {
             // torch.nn.utils.clip_grad_norm_: coefficient max_norm / (norm + 1e-6), clamped to 1.
             Some(max) => (max / (grad_norm + 1e-6)).min(1.0),
@@ -154,11 +156,11 @@ impl AdamW {
             slot.m = update.m.into_inner().expect("adamw moment lock poisoned; this is a bug");
             slot.v = update.v.into_inner().expect("adamw moment lock poisoned; this is a bug");
         }
-        Ok(StepInfo { grad_norm })
+        Ok(StepInfo { grad_norm, applied: true })
     }
 }
 
-fn sum_of_squares(t: &Tensor) -> Result<f64> {
+pub(crate) fn sum_of_squares(t: &Tensor) -> Result<f64> {
     let (storage, layout) = t.storage_and_layout();
     if let (Storage::Cpu(CpuStorage::F32(data)), Some((start, end))) = (&*storage, layout.contiguous_offsets()) {
         // Per-chunk sums are collected in order and added sequentially, so the result does not depend on
@@ -224,6 +226,12 @@ mod tests {
     use super::*;
     use candle_core::Device;
 
+    /// The gradient of `loss` for the single parameter `p`, by name.
+    fn grad_of(loss: &Tensor, p: &Var) -> Result<BTreeMap<String, Tensor>> {
+        let store = loss.backward()?;
+        Ok(store.get(p.as_tensor()).map(|g| ("p".to_string(), g.clone())).into_iter().collect())
+    }
+
     /// Two steps of torch.optim.AdamW(lr=0.1, weight_decay=0.01) from p = [1, -2, 3] with gradients
     /// g1 = [0.5, -1, 2] and g2 = [0.1, 0.2, -0.3]; torch 2.13 gives [0.8177969455718994, -1.8449994325637817, 2.8388831615448].
     #[test]
@@ -234,7 +242,7 @@ mod tests {
         for g in [[0.5f32, -1.0, 2.0], [0.1, 0.2, -0.3]] {
             let gt = Tensor::new(&g, &Device::Cpu)?;
             let loss = (p.as_tensor() * gt)?.sum_all()?;
-            opt.step(&loss.backward()?, 1.0, None)?;
+            opt.step(&grad_of(&loss, &p)?, 1.0, None)?;
         }
         let got = p.as_tensor().to_vec1::<f32>()?;
         let want = [0.817_796_95f32, -1.844_999_4, 2.838_883_2];
@@ -252,7 +260,7 @@ mod tests {
         let group = ParamGroup { lr: 0.1, weight_decay: 0.01 };
         let step = |opt: &mut AdamW, p: &Var, g: &[f32; 3]| -> Result<()> {
             let loss = (p.as_tensor() * Tensor::new(g, &Device::Cpu)?)?.sum_all()?;
-            opt.step(&loss.backward()?, 1.0, Some(1.0)).map(|_| ())
+            opt.step(&grad_of(&loss, p)?, 1.0, Some(1.0)).map(|_| ())
         };
         let straight = Var::new(&[1f32, -2.0, 3.0], &Device::Cpu)?;
         let mut opt = AdamW::new([("p".to_string(), straight.clone(), group)], AdamWConfig::default());
@@ -280,8 +288,14 @@ mod tests {
         let p = Var::new(&[0f32, 0.0], &Device::Cpu)?;
         let mut opt = AdamW::new([("p".to_string(), p.clone(), ParamGroup { lr: 0.1, weight_decay: 0.0 })], AdamWConfig::default());
         let loss = (p.as_tensor() * Tensor::new(&[3f32, 4.0], &Device::Cpu)?)?.sum_all()?;
-        let info = opt.step(&loss.backward()?, 1.0, Some(1.0))?;
-        assert!((info.grad_norm - 5.0).abs() < 1e-6);
+        let info = opt.step(&grad_of(&loss, &p)?, 1.0, Some(1.0))?;
+        assert!((info.grad_norm - 5.0).abs() < 1e-6 && info.applied);
+        let nan = BTreeMap::from([("p".to_string(), Tensor::new(&[f32::NAN, 1.0], &Device::Cpu)?)]);
+        let before = p.as_tensor().to_vec1::<f32>()?;
+        let info = opt.step(&nan, 1.0, Some(1.0))?;
+        assert!(!info.applied && info.grad_norm.is_nan());
+        assert_eq!(p.as_tensor().to_vec1::<f32>()?, before, "a NaN gradient changes nothing");
+        assert_eq!(opt.steps(), 1);
         Ok(())
     }
 }

@@ -4,19 +4,19 @@ use std::collections::BTreeMap;
 
 use candle_core::Tensor;
 use mtl_config::{Config, StepPlan};
-use mtl_core::Mode;
 use mtl_core::{HostBatch, TaskId, TaskKind};
 use mtl_data::{collate, epoch_batches, Batching, Dataset, Example, LabelMap};
-use mtl_metrics::Direction;
 use mtl_nn::MultiTaskModel;
 
 use crate::evaluate::{
-    predict_examples, score, selection_score, tune_thresholds, Evaluation, Prediction, Scores, TaskInfo,
+    predict_examples, score, selection_score, task_score, tune_thresholds, Evaluation, Prediction, Scores, TaskInfo,
 };
-use crate::optim::{AdamW, AdamWConfig, ParamGroup};
-use crate::sampling;
-use crate::schedule::linear_warmup_decay;
-use crate::Result;
+use crate::groups::{is_frozen, param_group, Part};
+use crate::optim::{AdamW, AdamWConfig};
+use crate::schedule::lr_scale;
+use crate::step::{accumulate, batch_grads, BatchOutcome, GradientPlan, Grads};
+use crate::weighting::StepLosses;
+use crate::{sampling, surgery, weighting, Result, TrainError};
 
 /// The datasets of a run.
 #[derive(Debug, Default)]
@@ -33,16 +33,25 @@ pub struct StepReport {
     /// Optimiser steps done so far, from 1.
     pub step: usize,
     pub total_steps: usize,
-    /// Each task's mean loss on this batch.
+    /// Each task's mean loss on this step's batches.
     pub losses: BTreeMap<TaskId, f32>,
+    /// Each task's loss weight during the step.
+    pub weights: BTreeMap<TaskId, f64>,
+    /// The backbone's peak learning rate times the schedule.
     pub lr: f64,
     pub grad_norm: f64,
+    /// Steps skipped so far for NaN or infinite losses or gradients.
+    pub skipped: usize,
+    /// On diagnostic steps, the cosine similarity of each pair of tasks' gradients on the shared parameters.
+    pub grad_cosines: Option<Vec<(TaskId, TaskId, f64)>>,
 }
 
 /// Sent after each epoch's dev evaluation.
 #[derive(Clone, Debug)]
 pub struct EvalReport<'a> {
     pub epoch: usize,
+    /// Optimiser steps done.
+    pub step: usize,
     pub scores: &'a Scores,
     /// The selection score of this epoch and whether it is the best so far.
     pub selection: Option<f64>,
@@ -66,11 +75,35 @@ pub trait Callback {
     fn on_train_end(&mut self) {}
 }
 
-/// The result of a run, with the best epoch's weights loaded into the model.
+/// A task's best evaluation.
+#[derive(Clone, Debug)]
+pub struct TaskBest {
+    pub epoch: usize,
+    pub step: usize,
+    /// The task's own score ([`task_score`]).
+    pub score: f64,
+    /// Its head's weights then, by parameter name.
+    pub head: BTreeMap<String, Tensor>,
+    /// All weights then, when per-task models are kept.
+    pub model: Option<BTreeMap<String, Tensor>>,
+}
+
+/// The result of a run, with the best evaluation's weights loaded into the model.
 #[derive(Clone, Debug)]
 pub struct Outcome {
     /// 1-based epoch whose weights were kept.
     pub best_epoch: usize,
+    /// Optimiser steps done when they were evaluated.
+    pub best_step: usize,
+    /// Steps done in all, and whether patience ended the run before the last epoch.
+    pub steps: usize,
+    pub stopped_early: bool,
+    /// Steps skipped for NaN or infinite losses or gradients.
+    pub skipped_steps: usize,
+    /// Each task's best evaluation on dev.
+    pub per_task: BTreeMap<TaskId, TaskBest>,
+    /// Each task's loss weight at the end of training.
+    pub task_weights: BTreeMap<TaskId, f64>,
     pub dev: Option<Evaluation>,
     pub test: Option<Evaluation>,
     /// The label maps to store with the model: the given ones, with multi-label thresholds tuned on dev
@@ -130,17 +163,92 @@ fn sampled_epochs(train: &Dataset, lengths: &[usize], batching: &Batching, confi
 /// How many collated batches the worker thread may hold ready.
 const PREFETCH_BATCHES: usize = 4;
 
-/// Parameters of the heads get `head_lr`; biases and LayerNorm parameters get no weight decay.
-fn param_group(name: &str, config: &Config) -> ParamGroup {
-    let no_decay = name.ends_with(".bias") || name.contains("LayerNorm");
-    let lr = if name.starts_with("heads.") { config.head_lr() } else { config.training.lr };
-    ParamGroup { lr, weight_decay: if no_decay { 0.0 } else { config.training.weight_decay } }
+/// The gradients of the batches of the step under way.
+#[derive(Default)]
+struct Pending {
+    grads: Grads,
+    batches: usize,
+    losses: BTreeMap<TaskId, (f64, usize)>,
+    norms: Option<BTreeMap<TaskId, (f64, usize)>>,
+    cosines: Option<Vec<(TaskId, TaskId, f64)>>,
+}
+
+/// A step's averaged gradients, mean losses, mean gradient norms and cosines.
+type Finished = (Grads, BTreeMap<TaskId, f64>, Option<BTreeMap<TaskId, f64>>, Option<Vec<(TaskId, TaskId, f64)>>);
+
+impl Pending {
+    fn add(&mut self, g: crate::step::BatchGrads) -> Result<()> {
+        accumulate(&mut self.grads, g.grads)?;
+        self.batches += 1;
+        for (task, loss) in g.losses {
+            let e = self.losses.entry(task).or_default();
+            e.0 += loss;
+            e.1 += 1;
+        }
+        if let Some(norms) = g.top_layer_norms {
+            let sums = self.norms.get_or_insert_with(BTreeMap::new);
+            for (task, n) in norms {
+                let e = sums.entry(task).or_default();
+                e.0 += n;
+                e.1 += 1;
+            }
+        }
+        if self.cosines.is_none() {
+            self.cosines = g.cosines;
+        }
+        Ok(())
+    }
+
+    /// The averages, or `None` when no batch gave gradients.
+    fn finish(self) -> Result<Option<Finished>> {
+        if self.batches == 0 {
+            return Ok(None);
+        }
+        let mut grads = self.grads;
+        if self.batches > 1 {
+            let scale = 1.0 / self.batches as f64;
+            for g in grads.values_mut() {
+                *g = g.affine(scale, 0.0)?;
+            }
+        }
+        let mean = |m: BTreeMap<TaskId, (f64, usize)>| m.into_iter().map(|(t, (s, n))| (t, s / n as f64)).collect();
+        Ok(Some((grads, mean(self.losses), self.norms.map(mean), self.cosines)))
+    }
+}
+
+/// Fails once more steps than allowed were skipped.
+fn check_skipped(skipped: usize, limit: usize, step: usize) -> Result<()> {
+    if skipped > limit {
+        return Err(TrainError::NonFinite { skipped, step });
+    }
+    Ok(())
 }
 
 pub struct Trainer<'a> {
     pub config: &'a Config,
     pub model: &'a MultiTaskModel,
     pub labels: &'a BTreeMap<TaskId, LabelMap>,
+    /// Keep all weights at each task's best evaluation (`--select per-task`), not only its head's.
+    pub keep_per_task_models: bool,
+}
+
+/// The best evaluation so far: epoch, step, selection score, scores and weights.
+struct Best {
+    epoch: usize,
+    step: usize,
+    score: f64,
+    eval: Evaluation,
+    weights: BTreeMap<String, Tensor>,
+}
+
+/// The best evaluation so far, each task's, and the count of evaluations since the best.
+#[derive(Default)]
+struct Selection {
+    best: Option<Best>,
+    since_best: usize,
+    per_task: BTreeMap<TaskId, TaskBest>,
+    /// The step of the latest evaluation.
+    last_step: Option<usize>,
 }
 
 impl Trainer<'_> {
@@ -167,7 +275,8 @@ impl Trainer<'_> {
         Ok(score(data, &predictions, &self.info(labels)))
     }
 
-    /// Trains for the configured epochs, keeps the weights of the best dev epoch, and scores dev and test.
+    /// Trains for the configured epochs (or until patience runs out), keeps the weights of the best dev
+    /// evaluation, and scores dev and test.
     pub fn train(&self, splits: &Splits, callbacks: &mut [&mut dyn Callback]) -> Result<Outcome> {
         let t = &self.config.training;
         let kinds: BTreeMap<TaskId, (TaskKind, usize)> = self.info(self.labels).shapes();
@@ -182,26 +291,34 @@ impl Trainer<'_> {
                 .collect(),
             StepPlan::Sampled => sampled_epochs(&splits.train, &lengths, &batching, self.config),
         };
-        let total_steps: usize = epochs.iter().map(Vec::len).sum();
-        let steps_per_epoch = epochs.first().map_or(0, Vec::len);
+        let accumulation = t.grad_accumulation;
+        let total_steps: usize = epochs.iter().map(|e| e.len().div_ceil(accumulation)).sum();
+        let steps_per_epoch = epochs.first().map_or(0, |e| e.len().div_ceil(accumulation));
         let warmup = (t.warmup_ratio * total_steps as f64).ceil() as usize;
-        let params = self
-            .model
-            .params()
-            .vars()
-            .iter()
-            .map(|(name, var)| (name.clone(), var.clone(), param_group(name, self.config)));
-        let mut optimizer = AdamW::new(params, AdamWConfig::default());
+        let num_layers = self.model.bert().config().num_hidden_layers;
+        let mut weighting = weighting::weighting(self.config, steps_per_epoch, self.model.device())?;
+        let surgery = surgery::surgery(&t.surgery, t.seed);
+        let vars = self.model.params().vars();
+        let trained = vars.iter().map(|(n, v)| (n.clone(), v.clone())).chain(weighting.vars());
+        let mut optimizer = AdamW::new(
+            trained.map(|(name, var)| {
+                let group = param_group(&name, self.config, num_layers);
+                (name, var, group)
+            }),
+            AdamWConfig::default(),
+        );
         for cb in callbacks.iter_mut() {
             cb.on_train_start(total_steps, steps_per_epoch);
         }
 
-        let direction = Direction::HigherIsBetter;
-        let mut best: Option<(usize, f64, Evaluation, BTreeMap<String, Tensor>)> = None;
+        let mut selection = Selection::default();
         let mut step = 0;
-        'epochs: for (epoch, batches) in (1..=t.epochs).zip(epochs) {
+        let mut skipped = 0;
+        let mut stopped_early = false;
+        for (epoch, batches) in (1..=t.epochs).zip(epochs) {
+            let batches_in_epoch = batches.len();
             // Collation runs on a worker thread, a few batches ahead of the model.
-            std::thread::scope(|scope| -> Result<()> {
+            let stop = std::thread::scope(|scope| -> Result<bool> {
                 let (sender, receiver) = std::sync::mpsc::sync_channel::<HostBatch>(PREFETCH_BATCHES);
                 let (train, kinds) = (&splits.train, &kinds);
                 scope.spawn(move || {
@@ -221,65 +338,89 @@ impl Trainer<'_> {
                         }
                     }
                 });
-                for batch in receiver {
-                    let losses = self.model.losses(&batch, Mode::Train)?;
-                    let Some(total) = losses
-                        .iter()
-                        .map(|l| l.loss.clone())
-                        .reduce(|a, b| (a + b).expect("scalar losses add; this is a bug"))
-                    else {
-                        continue;
+                let mut pending = Pending::default();
+                for (i, batch) in receiver.into_iter().enumerate() {
+                    let shared: Vec<String> = vars
+                        .keys()
+                        .filter(|n| Part::of(n).is_shared() && !is_frozen(n, self.config, num_layers, step))
+                        .cloned()
+                        .collect();
+                    let diagnose = pending.batches == 0 && t.diagnostics_every.is_some_and(|e| (step + 1) % e == 0);
+                    let plan = GradientPlan {
+                        vars,
+                        weighting: weighting.as_ref(),
+                        surgery: surgery.as_deref(),
+                        shared: &shared,
+                        num_layers,
+                        diagnose,
+                        step,
                     };
-                    let grads = self.model.backward(&total)?;
-                    let lr_scale = linear_warmup_decay(step, warmup, total_steps);
-                    let info = optimizer.step(&grads, lr_scale, t.grad_clip)?;
+                    match batch_grads(self.model, &batch, &plan)? {
+                        BatchOutcome::Empty => {}
+                        BatchOutcome::NonFinite => {
+                            skipped += 1;
+                            check_skipped(skipped, t.max_skipped_steps, step)?;
+                        }
+                        BatchOutcome::Grads(g) => pending.add(g)?,
+                    }
+                    if (i + 1) % accumulation != 0 && i + 1 != batches_in_epoch {
+                        continue;
+                    }
+                    let weights = weighting.weights();
+                    let taken = std::mem::take(&mut pending);
                     step += 1;
+                    let Some((mut grads, losses, norms, cosines)) = taken.finish()? else { continue };
+                    grads.retain(|name, _| !is_frozen(name, self.config, num_layers, step - 1));
+                    let scale = lr_scale(t.schedule, step - 1, warmup, total_steps);
+                    let info = optimizer.step(&grads, scale, t.grad_clip)?;
+                    if !info.applied {
+                        skipped += 1;
+                        check_skipped(skipped, t.max_skipped_steps, step)?;
+                    } else {
+                        weighting.observe(&StepLosses { losses: losses.clone(), grad_norms: norms });
+                    }
                     let report = StepReport {
                         epoch,
                         step,
                         total_steps,
-                        losses: losses
-                            .iter()
-                            .map(|l| Ok((l.task.clone(), l.loss.to_scalar::<f32>()?)))
-                            .collect::<Result<_>>()?,
-                        lr: t.lr * lr_scale,
+                        losses: losses.iter().map(|(k, v)| (k.clone(), *v as f32)).collect(),
+                        weights,
+                        lr: t.lr * scale,
                         grad_norm: info.grad_norm,
+                        skipped,
+                        grad_cosines: cosines,
                     };
                     for cb in callbacks.iter_mut() {
                         cb.on_step(&report);
                     }
+                    if let (Some(every), Some(dev)) = (t.eval_every, &splits.dev) {
+                        if step % every == 0 && self.record(dev, epoch, step, &mut selection, callbacks)? {
+                            return Ok(true);
+                        }
+                    }
                 }
-                Ok(())
+                Ok(false)
             })?;
-            let Some(dev) = &splits.dev else { continue };
-            let eval = self.evaluate(dev)?;
-            let scores: &Scores = &eval.scores;
-            let selection = selection_score(scores, t.select_metric.as_deref(), self.config);
-            let is_best = match (&best, selection) {
-                (None, _) => true,
-                (Some((_, b, _, _)), Some(s)) => direction.improves(s, *b),
-                (Some(_), None) => false,
-            };
-            let mut stop = false;
-            for cb in callbacks.iter_mut() {
-                stop |= cb.on_eval(&EvalReport { epoch, scores, selection, is_best }) == Control::Stop;
-            }
-            if is_best {
-                best = Some((epoch, selection.unwrap_or(f64::NEG_INFINITY), eval, self.snapshot()?));
-            }
             if stop {
-                break 'epochs;
+                stopped_early = true;
+                break;
+            }
+            if let Some(dev) = &splits.dev {
+                if selection.last_step != Some(step) && self.record(dev, epoch, step, &mut selection, callbacks)? {
+                    stopped_early = epoch < t.epochs;
+                    break;
+                }
             }
         }
         for cb in callbacks.iter_mut() {
             cb.on_train_end();
         }
-        let (best_epoch, mut dev) = match best {
-            Some((epoch, _, eval, weights)) => {
+        let (best_epoch, best_step, mut dev) = match selection.best {
+            Some(Best { epoch, step: best_step, eval, weights, .. }) => {
                 self.restore(&weights)?;
-                (epoch, Some(eval))
+                (epoch, best_step, Some(eval))
             }
-            None => (t.epochs, None),
+            None => (t.epochs, step, None),
         };
         let mut labels = self.labels.clone();
         let tuned: Vec<&TaskId> = self
@@ -300,7 +441,75 @@ impl Trainer<'_> {
             dev = Some(self.evaluate_with(data, &labels)?);
         }
         let test = splits.test.as_ref().map(|d| self.evaluate_with(d, &labels)).transpose()?;
-        Ok(Outcome { best_epoch, dev, test, labels })
+        Ok(Outcome {
+            best_epoch,
+            best_step,
+            steps: step,
+            stopped_early,
+            skipped_steps: skipped,
+            per_task: selection.per_task,
+            task_weights: weighting.weights(),
+            dev,
+            test,
+            labels,
+        })
+    }
+
+    /// Evaluates on dev, tells the callbacks, and updates the selection; true when training should stop.
+    fn record(
+        &self,
+        dev: &Dataset,
+        epoch: usize,
+        step: usize,
+        selection: &mut Selection,
+        callbacks: &mut [&mut dyn Callback],
+    ) -> Result<bool> {
+        let t = &self.config.training;
+        let eval = self.evaluate(dev)?;
+        selection.last_step = Some(step);
+        let scores: &Scores = &eval.scores;
+        let score = selection_score(scores, t.select_metric.as_deref(), self.config);
+        let is_best = match (&selection.best, score) {
+            (None, _) => true,
+            (Some(best), Some(s)) => s > best.score,
+            (Some(_), None) => false,
+        };
+        let mut stop = false;
+        for cb in callbacks.iter_mut() {
+            stop |= cb.on_eval(&EvalReport { epoch, step, scores, selection: score, is_best }) == Control::Stop;
+        }
+        for task in self.config.tasks.keys() {
+            let Some(s) = task_score(scores, task, self.config) else { continue };
+            if selection.per_task.get(task).is_some_and(|b| s <= b.score) {
+                continue;
+            }
+            let prefix = format!("heads.{task}.");
+            let head = self
+                .model
+                .params()
+                .vars()
+                .iter()
+                .filter(|(n, _)| n.starts_with(&prefix))
+                .map(|(n, v)| Ok((n.clone(), v.as_tensor().copy()?)))
+                .collect::<Result<_>>()?;
+            let model = if self.keep_per_task_models { Some(self.snapshot()?) } else { None };
+            selection.per_task.insert(task.clone(), TaskBest { epoch, step, score: s, head, model });
+        }
+        if is_best {
+            selection.since_best = 0;
+            let score = score.unwrap_or(f64::NEG_INFINITY);
+            selection.best = Some(Best { epoch, step, score, eval, weights: self.snapshot()? });
+        } else {
+            selection.since_best += 1;
+        }
+        if t.patience.is_some_and(|p| selection.since_best >= p) {
+            tracing::info!(
+                evaluations = selection.since_best,
+                "stopping early: no better selection score for `training.patience` evaluations"
+            );
+            stop = true;
+        }
+        Ok(stop)
     }
 
     fn snapshot(&self) -> Result<BTreeMap<String, Tensor>> {

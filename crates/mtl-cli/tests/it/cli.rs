@@ -7,7 +7,7 @@ use serde_json::Value;
 
 use crate::repo_root;
 
-type TestResult = Result<(), Box<dyn std::error::Error>>;
+pub(crate) type TestResult = Result<(), Box<dyn std::error::Error>>;
 
 const TRAIN: &[(&str, &str, &str)] = &[
     ("show me flights from boston to denver", "flight", "O O O O B-from O B-to"),
@@ -36,12 +36,12 @@ fn jsonl(rows: &[(&str, &str, &str)]) -> String {
 }
 
 /// A temporary project: tiny model, data files and a config whose paths are absolute.
-struct Project {
-    dir: tempfile::TempDir,
+pub(crate) struct Project {
+    pub(crate) dir: tempfile::TempDir,
 }
 
 impl Project {
-    fn new() -> Result<Self, Box<dyn std::error::Error>> {
+    pub(crate) fn new() -> Result<Self, Box<dyn std::error::Error>> {
         let dir = tempfile::tempdir()?;
         std::fs::write(dir.path().join("train.jsonl"), jsonl(TRAIN))?;
         std::fs::write(dir.path().join("dev.jsonl"), jsonl(DEV))?;
@@ -51,11 +51,11 @@ impl Project {
         Ok(p)
     }
 
-    fn path(&self, name: &str) -> PathBuf {
+    pub(crate) fn path(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
     }
 
-    fn write_config(&self, extra_training: &str) -> std::io::Result<()> {
+    pub(crate) fn write_config(&self, extra_training: &str) -> std::io::Result<()> {
         let model = repo_root().join("tests/fixtures/tiny-bert");
         let d = |s: &str| self.path(s).display().to_string();
         let config = format!(
@@ -91,7 +91,7 @@ frame = ["intent", "slots"]
         std::fs::write(self.path("config.toml"), config)
     }
 
-    fn mtl(&self, args: &[&str]) -> std::io::Result<Output> {
+    pub(crate) fn mtl(&self, args: &[&str]) -> std::io::Result<Output> {
         mtl(self.dir.path(), args, None)
     }
 }
@@ -182,7 +182,7 @@ fn same_seed_same_result() -> TestResult {
 }
 
 /// Runs `mtl train` expecting failure; checks the message and that no output directory was left.
-fn expect_train_error(p: &Project, needles: &[&str]) -> TestResult {
+pub(crate) fn expect_train_error(p: &Project, needles: &[&str]) -> TestResult {
     let out = p.mtl(&["train", "config.toml", "--out", "run"])?;
     assert!(!out.status.success(), "training should fail");
     let err = stderr(&out);

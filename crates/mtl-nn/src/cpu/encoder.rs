@@ -76,6 +76,7 @@ pub struct LayerDropout {
 }
 
 /// What the backward pass of one layer needs from its forward pass.
+#[derive(Clone)]
 struct Tape {
     qkv: Vec<f32>,
     probs: Vec<f32>,
@@ -103,13 +104,15 @@ pub struct FusedEncoder {
     pub dropout: Option<Vec<LayerDropout>>,
     /// Keep the tape (training): only then can the op run backward.
     pub train: bool,
+    /// Keep the tape through backward passes, so that several losses can each run one (per-task gradients).
+    pub retain: bool,
     pub sink: GradSink,
     tape: Mutex<Option<Vec<Tape>>>,
 }
 
 impl FusedEncoder {
     pub fn new(dims: Dims, layers: Vec<LayerParams>, key_mask: Arc<Vec<u32>>, dropout: Option<Vec<LayerDropout>>, train: bool, sink: GradSink) -> Self {
-        Self { dims, layers, key_mask, dropout, train, sink, tape: Mutex::new(None) }
+        Self { dims, layers, key_mask, dropout, train, retain: false, sink, tape: Mutex::new(None) }
     }
 
     fn layer_dropout(&self, l: usize) -> Option<&LayerDropout> {
@@ -207,12 +210,10 @@ impl CustomOp1 for FusedEncoder {
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> candle_core::Result<Option<Tensor>> {
         let d = &self.dims;
-        let mut tapes = self
-            .tape
-            .lock()
-            .map_err(|_| candle_core::Error::Msg("fused encoder: tape lock poisoned".into()))?
-            .take()
+        let mut tape = self.tape.lock().map_err(|_| candle_core::Error::Msg("fused encoder: tape lock poisoned".into()))?;
+        let mut tapes = if self.retain { tape.clone() } else { tape.take() }
             .ok_or_else(|| candle_core::Error::Msg("fused encoder: backward needs a forward pass in training mode, once".into()))?;
+        drop(tape);
         let arg = arg.contiguous()?;
         let grad = grad_res.contiguous()?;
         let (x0_guard, x0_layout) = arg.storage_and_layout();

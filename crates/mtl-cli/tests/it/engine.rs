@@ -1,0 +1,146 @@
+//! The multi-task engine end to end on the tiny model: every loss weighting and gradient surgery trains,
+//! freezing keeps weights fixed, patience stops a run, per-task best heads and checkpoints are written, and a
+//! diverging run stops with a clear message.
+
+use std::collections::HashMap;
+
+use candle_core::{Device, Tensor};
+use serde_json::Value;
+
+use crate::cli::{expect_train_error, stderr, Project, TestResult};
+use crate::repo_root;
+
+fn weights(path: &std::path::Path) -> Result<HashMap<String, Tensor>, Box<dyn std::error::Error>> {
+    Ok(candle_core::safetensors::load(path, &Device::Cpu)?)
+}
+
+fn same(a: &Tensor, b: &Tensor) -> Result<bool, Box<dyn std::error::Error>> {
+    Ok(a.flatten_all()?.to_vec1::<f32>()? == b.flatten_all()?.to_vec1::<f32>()?)
+}
+
+fn metrics(p: &Project, run: &str) -> Result<Value, Box<dyn std::error::Error>> {
+    Ok(serde_json::from_str(&std::fs::read_to_string(p.path(run).join("metrics.json"))?)?)
+}
+
+fn train(p: &Project, out: &str, sets: &[&str]) -> TestResult {
+    let mut args = vec!["train", "config.toml", "--out", out, "--set", "training.epochs=2"];
+    for s in sets {
+        args.extend(["--set", s]);
+    }
+    let o = p.mtl(&args)?;
+    assert!(o.status.success(), "{sets:?}: {}", stderr(&o));
+    Ok(())
+}
+
+#[test]
+fn every_weighting_and_surgery_trains() -> TestResult {
+    let p = Project::new()?;
+    let runs: &[(&str, &[&str])] = &[
+        ("static", &[]),
+        ("uncertainty", &["training.weighting.method=\"uncertainty\""]),
+        ("dwa", &["training.weighting.method=\"dwa\"", "training.weighting.period=1"]),
+        ("gradnorm", &["training.weighting.method=\"grad_norm\""]),
+        ("pcgrad", &["training.surgery.method=\"pcgrad\""]),
+        ("cagrad", &["training.surgery.method=\"cagrad\""]),
+        (
+            "recipe",
+            &[
+                "training.diagnostics_every=1",
+                "training.grad_accumulation=2",
+                "training.schedule=\"cosine\"",
+                "training.layer_lr_decay=0.8",
+                "training.weighting.weights.intent=2.0",
+            ],
+        ),
+    ];
+    for (name, sets) in runs {
+        train(&p, name, sets)?;
+        let m = metrics(&p, name)?;
+        for (task, metric) in [("intent", "accuracy"), ("slots", "f1")] {
+            let v = m["test"][task][metric].as_f64().ok_or_else(|| format!("{name}: no {task}.{metric} in {m}"))?;
+            assert!(v.is_finite() && (0.0..=1.0).contains(&v), "{name}: {task}.{metric} = {v}");
+        }
+        assert_eq!(m["skipped_steps"], 0, "{name}");
+    }
+    // Each method changes the training: its task weights move, or its weights differ from plain equal
+    // weighting's (DWA only moves from the third step, after the best epoch here).
+    for name in ["uncertainty", "dwa", "gradnorm"] {
+        let w = &metrics(&p, name)?["task_weights"];
+        assert!(w["intent"] != w["slots"], "{name}: the task weights never moved: {w}");
+    }
+    assert_eq!(metrics(&p, "recipe")?["task_weights"]["intent"], 2.0);
+    let base = weights(&p.path("static/model.safetensors"))?;
+    for name in ["uncertainty", "gradnorm", "pcgrad", "cagrad", "recipe"] {
+        let other = weights(&p.path(name).join("model.safetensors"))?;
+        let name_of = "encoder.layer.0.attention.self.query.weight";
+        assert!(!same(&base[name_of], &other[name_of])?, "{name} trained exactly like static weighting");
+    }
+    // 2 epochs of 2 batches, accumulated in pairs: one optimiser step per epoch.
+    assert_eq!(metrics(&p, "recipe")?["steps"], 2);
+    assert_eq!(metrics(&p, "static")?["steps"], 4);
+    Ok(())
+}
+
+#[test]
+fn frozen_parameters_keep_their_weights() -> TestResult {
+    let p = Project::new()?;
+    let base = weights(&repo_root().join("tests/fixtures/tiny-bert/model.safetensors"))?;
+    train(&p, "heads-only", &["training.freeze.backbone=true"])?;
+    train(&p, "bottom", &["training.freeze.embeddings=true", "training.freeze.layers=1"])?;
+    let heads_only = weights(&p.path("heads-only/model.safetensors"))?;
+    let bottom = weights(&p.path("bottom/model.safetensors"))?;
+    let mut layers = 0;
+    for (name, w) in &base {
+        assert!(same(w, &heads_only[name])?, "{name} changed with the backbone frozen");
+        let below = name.starts_with("embeddings.") || name.starts_with("encoder.layer.0.");
+        assert_eq!(same(w, &bottom[name])?, below, "{name}: frozen iff embeddings or layer 0");
+        layers += usize::from(name.starts_with("encoder.layer.1."));
+    }
+    assert!(layers > 0, "the tiny model has a second layer");
+    let head = "heads.intent.weight";
+    assert!(heads_only.contains_key(head), "{:?}", heads_only.keys().filter(|k| k.starts_with("heads.")).collect::<Vec<_>>());
+    Ok(())
+}
+
+#[test]
+fn patience_stops_and_per_task_bests_are_kept() -> TestResult {
+    let p = Project::new()?;
+    // A learning rate too small to change any prediction: the second evaluation is no better.
+    let sets = ["--set", "training.lr=1e-12", "--set", "training.head_lr=1e-12", "--set", "training.eval_every=1", "--set", "training.patience=1"];
+    let mut args = vec!["train", "config.toml", "--out", "run", "--select", "per-task"];
+    args.extend(sets);
+    let o = p.mtl(&args)?;
+    assert!(o.status.success(), "{}", stderr(&o));
+    let m = metrics(&p, "run")?;
+    assert_eq!(m["stopped_early"], true, "{m}");
+    assert_eq!(m["steps"], 2);
+    assert_eq!(m["best_step"], 1);
+    for task in ["intent", "slots"] {
+        assert_eq!(m["per_task_best"][task]["step"], 1, "{m}");
+        assert!(p.path("run/heads").join(format!("{task}.safetensors")).is_file());
+        let per_task = p.path("run/per-task").join(task);
+        assert!(per_task.join("model.safetensors").is_file() && per_task.join("mtl.toml").is_file());
+        let o = p.mtl(&["eval", "--model", &per_task.display().to_string(), "--config", "config.toml"])?;
+        assert!(o.status.success(), "{}", stderr(&o));
+    }
+    Ok(())
+}
+
+#[test]
+fn score_weights_select_the_best_evaluation() -> TestResult {
+    let p = Project::new()?;
+    train(&p, "run", &["training.score_weights.slots.f1=1.0", "training.score_weights.intent.accuracy=\"null\"", "training.eval_every=1"])?;
+    let m = metrics(&p, "run")?;
+    let best = m["best_step"].as_u64().ok_or("best_step")?;
+    assert_eq!(m["per_task_best"]["slots"]["step"].as_u64(), Some(best), "the selection follows slots.f1 alone: {m}");
+    Ok(())
+}
+
+#[test]
+fn diverging_training_stops_with_a_clear_message() -> TestResult {
+    let p = Project::new()?;
+    p.write_config("lr = 1e30\nhead_lr = 1e30\nmax_skipped_steps = 0\ngrad_clip = 1.0")?;
+    let text = std::fs::read_to_string(p.path("config.toml"))?.replacen("lr = 5e-3\n", "", 1);
+    std::fs::write(p.path("config.toml"), text)?;
+    expect_train_error(&p, &["NaN or infinite", "training.max_skipped_steps"])
+}

@@ -1,0 +1,135 @@
+//! Which part of the model a parameter belongs to, and what follows from it: its learning rate and weight
+//! decay (heads, layer-wise decay), and whether it is frozen at a given step.
+
+use mtl_config::Config;
+
+/// Where a parameter sits, from its name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Part {
+    Embeddings,
+    /// Encoder layer `i`, from 0 at the bottom.
+    Layer(usize),
+    Head,
+    /// Parameters of the loss weighting (uncertainty's log-variances).
+    Weighting,
+}
+
+impl Part {
+    pub fn of(name: &str) -> Self {
+        if name.starts_with("heads.") {
+            return Self::Head;
+        }
+        if name.starts_with("weighting.") {
+            return Self::Weighting;
+        }
+        if let Some(rest) = name.strip_prefix("encoder.layer.") {
+            if let Some(i) = rest.split('.').next().and_then(|i| i.parse().ok()) {
+                return Self::Layer(i);
+            }
+        }
+        Self::Embeddings
+    }
+
+    /// Whether every task shares it.
+    pub fn is_shared(self) -> bool {
+        matches!(self, Self::Embeddings | Self::Layer(_))
+    }
+}
+
+/// Learning rate and weight decay: heads at `head_lr`; the backbone at `lr`, times `layer_lr_decay` per layer
+/// below the top (the embeddings one step below the bottom layer); the weighting's parameters at
+/// `weighting.lr` or else `head_lr`. Biases, LayerNorm and weighting parameters get no weight decay.
+pub fn param_group(name: &str, config: &Config, num_layers: usize) -> crate::ParamGroup {
+    let t = &config.training;
+    let no_decay = name.ends_with(".bias") || name.contains("LayerNorm");
+    let depth_below_top = |part: Part| match part {
+        Part::Layer(i) => num_layers.saturating_sub(i + 1),
+        _ => num_layers,
+    };
+    let part = Part::of(name);
+    let lr = match part {
+        Part::Head => config.head_lr(),
+        Part::Weighting => t.weighting.lr.unwrap_or_else(|| config.head_lr()),
+        Part::Embeddings | Part::Layer(_) => t.lr * t.layer_lr_decay.powi(depth_below_top(part) as i32),
+    };
+    let weight_decay = if no_decay || part == Part::Weighting { 0.0 } else { t.weight_decay };
+    crate::ParamGroup { lr, weight_decay }
+}
+
+/// Whether the parameter `name` is frozen at optimiser step `step` (from 0).
+pub fn is_frozen(name: &str, config: &Config, num_layers: usize, step: usize) -> bool {
+    let f = &config.training.freeze;
+    let part = Part::of(name);
+    if !part.is_shared() {
+        return false;
+    }
+    let fixed = f.backbone
+        || match part {
+            Part::Embeddings => f.embeddings,
+            Part::Layer(i) => i < f.layers,
+            _ => false,
+        };
+    if fixed {
+        return true;
+    }
+    match f.unfreeze_every {
+        // Units unfreeze from the top: layer L-1 after the first period, …, layer 0, then the embeddings.
+        Some(every) => {
+            let unfrozen = step / every;
+            let rank = match part {
+                Part::Layer(i) => num_layers - 1 - i.min(num_layers - 1),
+                _ => num_layers,
+            };
+            rank >= unfrozen
+        }
+        None => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+
+    fn config(training: &str) -> Config {
+        let text = format!(
+            "[model]\npath = \"m\"\n[training]\nepochs = 1\nlr = 1e-4\nhead_lr = 1e-3\n{training}\n[tasks.a]\nkind = \"classification\"\ndata = {{ train = \"a.jsonl\" }}\n"
+        );
+        Config::parse(&text, Path::new("t.toml"), &[]).expect("valid config")
+    }
+
+    #[test]
+    fn layer_wise_decay_counts_down_from_the_top() {
+        let c = config("layer_lr_decay = 0.5");
+        let lr = |name: &str| param_group(name, &c, 3).lr;
+        assert_eq!(lr("encoder.layer.2.output.dense.weight"), 1e-4);
+        assert_eq!(lr("encoder.layer.1.output.dense.weight"), 0.5e-4);
+        assert_eq!(lr("encoder.layer.0.attention.self.query.weight"), 0.25e-4);
+        assert_eq!(lr("embeddings.word_embeddings.weight"), 0.125e-4);
+        assert_eq!(lr("heads.a.weight"), 1e-3);
+        assert_eq!(param_group("embeddings.LayerNorm.weight", &c, 3).weight_decay, 0.0);
+        assert_eq!(param_group("weighting.log_var.a", &c, 3), crate::ParamGroup { lr: 1e-3, weight_decay: 0.0 });
+    }
+
+    #[test]
+    fn freezing_by_part_and_gradually() {
+        let c = config("freeze = { embeddings = true, layers = 1 }");
+        assert!(is_frozen("embeddings.word_embeddings.weight", &c, 3, 0));
+        assert!(is_frozen("encoder.layer.0.output.dense.bias", &c, 3, 0));
+        assert!(!is_frozen("encoder.layer.1.output.dense.bias", &c, 3, 0));
+        assert!(!is_frozen("heads.a.weight", &c, 3, 0));
+        let c = config("freeze = { backbone = true }");
+        assert!(is_frozen("encoder.layer.2.output.dense.bias", &c, 3, 1000));
+        assert!(!is_frozen("heads.a.weight", &c, 3, 0));
+        // Every 10 steps one more unit from the top: layer 2 at step 10, layer 1 at 20, layer 0 at 30,
+        // the embeddings at 40.
+        let c = config("freeze = { unfreeze_every = 10 }");
+        let thawed = |name: &str| (0..60).find(|&s| !is_frozen(name, &c, 3, s));
+        assert_eq!(thawed("encoder.layer.2.attention.self.key.weight"), Some(10));
+        assert_eq!(thawed("encoder.layer.1.attention.self.key.weight"), Some(20));
+        assert_eq!(thawed("encoder.layer.0.attention.self.key.weight"), Some(30));
+        assert_eq!(thawed("embeddings.position_embeddings.weight"), Some(40));
+        assert_eq!(thawed("heads.a.weight"), Some(0));
+    }
+}
