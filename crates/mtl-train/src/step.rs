@@ -91,39 +91,77 @@ pub fn batch_grads(model: &MultiTaskModel, batch: &HostBatch, plan: &GradientPla
     }
     let task_grads: Vec<Grads> = terms.iter().map(|t| Ok(named(&model.backward(t)?, &vars))).collect::<Result<_>>()?;
     let tasks: Vec<TaskId> = named_losses.into_iter().map(|(t, _)| t).collect();
+    combine_tasks(model, plan, tasks, task_grads, values).map(BatchOutcome::Grads)
+}
+
+/// The gradients of a batch split by task: each sub-batch holds one task's examples and targets, and runs its
+/// own forward and backward pass. Examples do not interact within a batch, so a task's gradient is the same
+/// as from the whole batch (up to dropout masks), at the cost of one pass over the batch rather than one per
+/// task.
+pub fn split_batch_grads(model: &MultiTaskModel, batches: &[HostBatch], plan: &GradientPlan) -> Result<BatchOutcome> {
+    let mut vars = plan.vars.clone();
+    vars.extend(plan.weighting.vars());
+    let (mut tasks, mut task_grads, mut values) = (Vec::new(), Vec::new(), BTreeMap::new());
+    for batch in batches {
+        for loss in model.losses(batch, Mode::Train)? {
+            let value = f64::from(loss.loss.to_scalar::<f32>()?);
+            if !value.is_finite() {
+                return Ok(BatchOutcome::NonFinite);
+            }
+            let term = plan.weighting.terms(&[(loss.task.clone(), loss.loss)])?.remove(0);
+            task_grads.push(named(&model.backward(&term)?, &vars));
+            values.insert(loss.task.clone(), value);
+            tasks.push(loss.task);
+        }
+    }
+    if tasks.is_empty() {
+        return Ok(BatchOutcome::Empty);
+    }
+    combine_tasks(model, plan, tasks, task_grads, values).map(BatchOutcome::Grads)
+}
+
+/// Combines each task's gradients: surgery (or a plain sum) on the shared parameters, a sum elsewhere.
+fn combine_tasks(
+    model: &MultiTaskModel,
+    plan: &GradientPlan,
+    tasks: Vec<TaskId>,
+    task_grads: Vec<Grads>,
+    values: BTreeMap<TaskId, f64>,
+) -> Result<BatchGrads> {
     let norms: BTreeMap<TaskId, f64> =
         tasks.iter().zip(&task_grads).map(|(t, g)| (t.clone(), top_layer_norm(g, plan.num_layers))).collect();
-    // Every task's shared gradient as one flat vector (zeros where a task left a parameter untouched).
-    let sizes: Vec<(String, candle_core::Shape)> =
-        plan.shared.iter().map(|n| (n.clone(), plan.vars[n].as_tensor().shape().clone())).collect();
-    let flat: Vec<Vec<f32>> = task_grads
+    let device = model.device();
+    // Each task's shared gradients, contiguous, zeros where a task left a parameter untouched; read in place.
+    let shapes: Vec<&candle_core::Shape> = plan.shared.iter().map(|n| plan.vars[n].as_tensor().shape()).collect();
+    let tensors: Vec<Vec<Tensor>> = task_grads
         .iter()
         .map(|g| {
-            let mut v = Vec::with_capacity(sizes.iter().map(|(_, s)| s.elem_count()).sum());
-            for (name, shape) in &sizes {
-                match g.get(name) {
-                    Some(t) => v.extend(t.flatten_all()?.to_vec1::<f32>()?),
-                    None => v.extend(std::iter::repeat_n(0f32, shape.elem_count())),
-                }
-            }
-            Ok(v)
+            plan.shared
+                .iter()
+                .zip(&shapes)
+                .map(|(name, shape)| match g.get(name) {
+                    Some(t) => Ok(t.contiguous()?),
+                    None => Ok(Tensor::zeros(*shape, candle_core::DType::F32, device)?),
+                })
+                .collect::<Result<_>>()
         })
         .collect::<Result<_>>()?;
-    let cosines = plan.diagnose.then(|| {
-        cosine_similarities(&flat).into_iter().map(|(i, j, c)| (tasks[i].clone(), tasks[j].clone(), c)).collect()
+    let hosts: Vec<Vec<HostSlice>> =
+        tensors.iter().map(|ts| ts.iter().map(HostSlice::new).collect::<Result<_>>()).collect::<Result<_>>()?;
+    let slices: Vec<Vec<&[f32]>> = hosts.iter().map(|h| h.iter().map(HostSlice::get).collect()).collect();
+    let segments: Vec<&[&[f32]]> = slices.iter().map(Vec::as_slice).collect();
+    let gram = (plan.surgery.is_some() || plan.diagnose).then(|| crate::surgery::gram(&segments));
+    let cosines = gram.as_ref().filter(|_| plan.diagnose).map(|g| {
+        cosine_similarities(g).into_iter().map(|(i, j, c)| (tasks[i].clone(), tasks[j].clone(), c)).collect()
     });
-    let combined: Vec<f32> = match plan.surgery {
-        Some(surgery) => surgery.combine(&flat, plan.step),
-        None => crate::surgery::combination(&flat, &vec![1.0; flat.len()]),
+    let coefficients = match (plan.surgery, &gram) {
+        (Some(surgery), Some(gram)) if tasks.len() > 1 => surgery.coefficients(gram, plan.step),
+        _ => vec![1.0; tasks.len()],
     };
-    drop(flat);
+    let combined = crate::surgery::combination(&segments, &coefficients);
     let mut grads = Grads::new();
-    let device = model.device();
-    let mut offset = 0;
-    for (name, shape) in &sizes {
-        let n = shape.elem_count();
-        grads.insert(name.clone(), Tensor::from_slice(&combined[offset..offset + n], shape, device)?);
-        offset += n;
+    for ((name, shape), values) in plan.shared.iter().zip(shapes).zip(combined) {
+        grads.insert(name.clone(), Tensor::from_vec(values, shape, device)?);
     }
     // Heads and the weighting's parameters: the sum of the tasks' gradients (each head has its own task's).
     for g in task_grads {
@@ -138,7 +176,36 @@ pub fn batch_grads(model: &MultiTaskModel, batch: &HostBatch, plan: &GradientPla
             grads.insert(name, t);
         }
     }
-    Ok(BatchOutcome::Grads(BatchGrads { grads, losses: values, top_layer_norms: Some(norms), cosines }))
+    Ok(BatchGrads { grads, losses: values, top_layer_norms: Some(norms), cosines })
+}
+
+/// A tensor's values on the host: borrowed from a contiguous CPU buffer, or copied.
+enum HostSlice<'a> {
+    Borrowed(candle_core::StorageRef<'a>, usize, usize),
+    Owned(Vec<f32>),
+}
+
+impl<'a> HostSlice<'a> {
+    fn new(t: &'a Tensor) -> Result<Self> {
+        let (storage, layout) = t.storage_and_layout();
+        if let (candle_core::Storage::Cpu(candle_core::CpuStorage::F32(_)), Some((a, b))) =
+            (&*storage, layout.contiguous_offsets())
+        {
+            return Ok(Self::Borrowed(storage, a, b));
+        }
+        drop(storage);
+        Ok(Self::Owned(t.flatten_all()?.to_vec1::<f32>()?))
+    }
+
+    fn get(&self) -> &[f32] {
+        match self {
+            Self::Borrowed(storage, a, b) => match &**storage {
+                candle_core::Storage::Cpu(candle_core::CpuStorage::F32(data)) => &data[*a..*b],
+                _ => unreachable!("checked to be f32 on the CPU"),
+            },
+            Self::Owned(v) => v,
+        }
+    }
 }
 
 /// The L2 norm of the top encoder layer's gradients.

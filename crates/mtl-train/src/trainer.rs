@@ -14,7 +14,7 @@ use crate::evaluate::{
 use crate::groups::{is_frozen, param_group, Part};
 use crate::optim::{AdamW, AdamWConfig};
 use crate::schedule::lr_scale;
-use crate::step::{accumulate, batch_grads, BatchOutcome, GradientPlan, Grads};
+use crate::step::{accumulate, batch_grads, split_batch_grads, BatchOutcome, GradientPlan, Grads};
 use crate::weighting::StepLosses;
 use crate::{sampling, surgery, weighting, Result, TrainError};
 
@@ -163,6 +163,12 @@ fn sampled_epochs(train: &Dataset, lengths: &[usize], batching: &Batching, confi
 /// How many collated batches the worker thread may hold ready.
 const PREFETCH_BATCHES: usize = 4;
 
+/// A collated batch, or, when every step needs each task's gradient, one sub-batch per task.
+enum Work {
+    Whole(HostBatch),
+    PerTask(Vec<HostBatch>),
+}
+
 /// The gradients of the batches of the step under way.
 #[derive(Default)]
 struct Pending {
@@ -298,6 +304,7 @@ impl Trainer<'_> {
         let num_layers = self.model.bert().config().num_hidden_layers;
         let mut weighting = weighting::weighting(self.config, steps_per_epoch, self.model.device())?;
         let surgery = surgery::surgery(&t.surgery, t.seed);
+        let split_by_task = weighting.needs_grad_norms() || surgery.is_some();
         let vars = self.model.params().vars();
         let trained = vars.iter().map(|(n, v)| (n.clone(), v.clone())).chain(weighting.vars());
         let mut optimizer = AdamW::new(
@@ -319,27 +326,36 @@ impl Trainer<'_> {
             let batches_in_epoch = batches.len();
             // Collation runs on a worker thread, a few batches ahead of the model.
             let stop = std::thread::scope(|scope| -> Result<bool> {
-                let (sender, receiver) = std::sync::mpsc::sync_channel::<HostBatch>(PREFETCH_BATCHES);
+                let (sender, receiver) = std::sync::mpsc::sync_channel::<Work>(PREFETCH_BATCHES);
                 let (train, kinds) = (&splits.train, &kinds);
                 scope.spawn(move || {
+                    let only = |task: &TaskId| -> BTreeMap<TaskId, (TaskKind, usize)> {
+                        kinds.get_key_value(task).map(|(k, v)| (k.clone(), *v)).into_iter().collect()
+                    };
                     for (chunk, task) in batches {
                         let examples: Vec<&Example> = chunk.iter().map(|&i| &train.examples[i]).collect();
-                        // A sampled step trains its task only, even on examples that carry other labels.
-                        let batch = match &task {
-                            Some(task) => {
-                                let only: BTreeMap<TaskId, (TaskKind, usize)> =
-                                    kinds.get_key_value(task).map(|(k, v)| (k.clone(), *v)).into_iter().collect();
-                                collate(&examples, &only)
-                            }
-                            None => collate(&examples, kinds),
+                        let work = match &task {
+                            // A sampled step trains its task only, even on examples that carry other labels.
+                            Some(task) => Work::Whole(collate(&examples, &only(task))),
+                            None if split_by_task => Work::PerTask(
+                                kinds
+                                    .keys()
+                                    .filter_map(|task| {
+                                        let own: Vec<&Example> =
+                                            examples.iter().copied().filter(|e| e.labels.contains_key(task)).collect();
+                                        (!own.is_empty()).then(|| collate(&own, &only(task)))
+                                    })
+                                    .collect(),
+                            ),
+                            None => Work::Whole(collate(&examples, kinds)),
                         };
-                        if sender.send(batch).is_err() {
+                        if sender.send(work).is_err() {
                             break; // the training loop stopped early
                         }
                     }
                 });
                 let mut pending = Pending::default();
-                for (i, batch) in receiver.into_iter().enumerate() {
+                for (i, work) in receiver.into_iter().enumerate() {
                     let shared: Vec<String> = vars
                         .keys()
                         .filter(|n| Part::of(n).is_shared() && !is_frozen(n, self.config, num_layers, step))
@@ -355,7 +371,11 @@ impl Trainer<'_> {
                         diagnose,
                         step,
                     };
-                    match batch_grads(self.model, &batch, &plan)? {
+                    let outcome = match &work {
+                        Work::Whole(batch) => batch_grads(self.model, batch, &plan)?,
+                        Work::PerTask(batches) => split_batch_grads(self.model, batches, &plan)?,
+                    };
+                    match outcome {
                         BatchOutcome::Empty => {}
                         BatchOutcome::NonFinite => {
                             skipped += 1;

@@ -8,7 +8,7 @@
 //! the tests compare with it). The update is multiplied by the number of tasks, so that it has the scale of
 //! the static weighting's `Σ_k L_k` rather than of their mean.
 
-use super::{combination, gram, GradientSurgery};
+use super::GradientSurgery;
 
 pub struct Cagrad {
     /// The radius of the ball around `g0` (the paper's c).
@@ -16,10 +16,9 @@ pub struct Cagrad {
 }
 
 impl GradientSurgery for Cagrad {
-    fn combine(&self, grads: &[Vec<f32>], _step: usize) -> Vec<f32> {
-        let k = grads.len() as f64;
-        let coefficients: Vec<f64> = cagrad(&gram(grads), self.c).into_iter().map(|a| a * k).collect();
-        combination(grads, &coefficients)
+    fn coefficients(&self, gram: &[Vec<f64>], _step: usize) -> Vec<f64> {
+        let k = gram.len() as f64;
+        cagrad(gram, self.c).into_iter().map(|a| a * k).collect()
     }
 }
 
@@ -110,6 +109,7 @@ fn project_to_simplex(v: &[f64]) -> Vec<f64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::surgery::{combination, gram};
 
     #[derive(serde::Deserialize)]
     struct Case {
@@ -126,14 +126,16 @@ mod tests {
         let cases: Vec<Case> =
             serde_json::from_str(include_str!("../../../../tests/fixtures/cagrad.json")).expect("fixture parses");
         for case in cases {
-            let g = gram(&case.grads);
+            let segments: Vec<[&[f32]; 1]> = case.grads.iter().map(|g| [g.as_slice()]).collect();
+            let refs: Vec<&[&[f32]]> = segments.iter().map(|s| s.as_slice()).collect();
+            let g = gram(&refs);
             let n = g.len() as f64;
             let mean: f64 = g.iter().flatten().sum::<f64>() / (n * n);
             let radius = case.c * (mean + 1e-8).sqrt() + 1e-8;
             let w = minimise_on_simplex(&g, radius);
             let f = objective(&g, radius, &w);
             assert!(f <= case.objective + 1e-6 * case.objective.abs().max(1.0), "F {f} vs SLSQP {}", case.objective);
-            let got = combination(&case.grads, &cagrad(&g, case.c));
+            let got = combination(&refs, &cagrad(&g, case.c)).remove(0);
             let norm = case.result.iter().map(|x| x * x).sum::<f64>().sqrt();
             for (a, b) in got.iter().zip(&case.result) {
                 assert!((f64::from(*a) - b).abs() < 1e-3 * norm, "{got:?} vs {:?}", case.result);

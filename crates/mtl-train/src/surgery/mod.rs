@@ -13,8 +13,10 @@ pub use cagrad::{cagrad, Cagrad};
 pub use pcgrad::{pcgrad, Pcgrad};
 
 pub trait GradientSurgery: Send {
-    /// The combined gradient of `grads` (one vector per task, all the same length) at optimiser step `step`.
-    fn combine(&self, grads: &[Vec<f32>], step: usize) -> Vec<f32>;
+    /// The coefficients `a_k` of the update `Σ_k a_k g_k` that replaces the plain sum, from the Gram matrix
+    /// of the tasks' gradients, at optimiser step `step`. Both methods give combinations of the original
+    /// gradients, so only their dot products are needed.
+    fn coefficients(&self, gram: &[Vec<f64>], step: usize) -> Vec<f64>;
 }
 
 /// The surgery a config asks for, if any; `seed` seeds PCGrad's projection orders.
@@ -28,53 +30,74 @@ pub fn surgery(config: &SurgeryConfig, seed: u64) -> Option<Box<dyn GradientSurg
 
 const CHUNK: usize = 1 << 15;
 
-/// The dot product in f64. Chunk sums are added in order, so the result does not depend on the threads.
-pub fn dot(a: &[f32], b: &[f32]) -> f64 {
-    let partial: Vec<f64> = a
-        .par_chunks(CHUNK)
-        .zip(b.par_chunks(CHUNK))
-        .map(|(a, b)| a.iter().zip(b).map(|(&x, &y)| f64::from(x) * f64::from(y)).sum())
-        .collect();
-    partial.iter().sum()
+/// A task's gradient on the shared parameters, as one slice per parameter; every task's is cut the same way.
+pub type Segments<'a> = [&'a [f32]];
+
+/// Every (segment, range) piece of work, chunked so that threads share big parameters.
+fn pieces(lengths: &[usize]) -> Vec<(usize, std::ops::Range<usize>)> {
+    lengths
+        .iter()
+        .enumerate()
+        .flat_map(|(s, &n)| (0..n.div_ceil(CHUNK)).map(move |c| (s, c * CHUNK..((c + 1) * CHUNK).min(n))))
+        .collect()
 }
 
-/// The Gram matrix of the gradients: `gram[i][j] = g_i · g_j`.
-pub fn gram(grads: &[Vec<f32>]) -> Vec<Vec<f64>> {
+/// The Gram matrix of the gradients, `gram[i][j] = g_i · g_j`, in one pass over them (every pair's partial
+/// product while a chunk is in cache). Partial sums are added in order, so the result does not depend on the
+/// threads.
+pub fn gram(grads: &[&Segments]) -> Vec<Vec<f64>> {
     let k = grads.len();
-    let mut g = vec![vec![0.0; k]; k];
-    for i in 0..k {
-        for j in i..k {
-            let d = dot(&grads[i], &grads[j]);
-            g[i][j] = d;
-            g[j][i] = d;
+    let lengths: Vec<usize> = grads.first().map_or(Vec::new(), |g| g.iter().map(|s| s.len()).collect());
+    let partial: Vec<Vec<f64>> = pieces(&lengths)
+        .into_par_iter()
+        .map(|(s, range)| {
+            let mut p = vec![0f64; k * k];
+            for i in 0..k {
+                for j in i..k {
+                    p[i * k + j] = grads[i][s][range.clone()]
+                        .iter()
+                        .zip(&grads[j][s][range.clone()])
+                        .map(|(&x, &y)| f64::from(x) * f64::from(y))
+                        .sum();
+                }
+            }
+            p
+        })
+        .collect();
+    let mut upper = vec![0f64; k * k];
+    for p in partial {
+        for (u, v) in upper.iter_mut().zip(p) {
+            *u += v;
         }
     }
-    g
+    (0..k).map(|i| (0..k).map(|j| upper[i.min(j) * k + i.max(j)]).collect()).collect()
 }
 
-/// Cosine similarity of every pair of gradients, `(i, j, cos)` with `i < j`; 0 where a gradient is zero.
-pub fn cosine_similarities(grads: &[Vec<f32>]) -> Vec<(usize, usize, f64)> {
-    let g = gram(grads);
+/// Cosine similarity of every pair of gradients from their Gram matrix, `(i, j, cos)` with `i < j`; 0 where a
+/// gradient is zero.
+pub fn cosine_similarities(gram: &[Vec<f64>]) -> Vec<(usize, usize, f64)> {
     let mut out = Vec::new();
-    for i in 0..grads.len() {
-        for j in i + 1..grads.len() {
-            let norm = (g[i][i] * g[j][j]).sqrt();
-            out.push((i, j, if norm > 0.0 { g[i][j] / norm } else { 0.0 }));
+    for i in 0..gram.len() {
+        for j in i + 1..gram.len() {
+            let norm = (gram[i][i] * gram[j][j]).sqrt();
+            out.push((i, j, if norm > 0.0 { gram[i][j] / norm } else { 0.0 }));
         }
     }
     out
 }
 
-/// `Σ_k c_k · g_k`, elementwise in f64.
-pub(crate) fn combination(grads: &[Vec<f32>], coefficients: &[f64]) -> Vec<f32> {
-    let n = grads.first().map_or(0, Vec::len);
-    let mut out = vec![0f32; n];
-    out.par_chunks_mut(CHUNK).enumerate().for_each(|(c, chunk)| {
-        let start = c * CHUNK;
-        for (i, o) in chunk.iter_mut().enumerate() {
-            let v: f64 = grads.iter().zip(coefficients).map(|(g, &w)| w * f64::from(g[start + i])).sum();
-            *o = v as f32;
-        }
-    });
+/// `Σ_k c_k · g_k` per segment, elementwise in f64.
+pub fn combination(grads: &[&Segments], coefficients: &[f64]) -> Vec<Vec<f32>> {
+    let lengths: Vec<usize> = grads.first().map_or(Vec::new(), |g| g.iter().map(|s| s.len()).collect());
+    let mut out: Vec<Vec<f32>> = lengths.iter().map(|&n| vec![0f32; n]).collect();
+    for (s, segment) in out.iter_mut().enumerate() {
+        segment.par_chunks_mut(CHUNK).enumerate().for_each(|(c, chunk)| {
+            let start = c * CHUNK;
+            for (i, o) in chunk.iter_mut().enumerate() {
+                let v: f64 = grads.iter().zip(coefficients).map(|(g, &w)| w * f64::from(g[s][start + i])).sum();
+                *o = v as f32;
+            }
+        });
+    }
     out
 }

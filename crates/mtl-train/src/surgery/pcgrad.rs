@@ -10,33 +10,34 @@
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 
-use super::{combination, GradientSurgery};
+use super::GradientSurgery;
 
 pub struct Pcgrad {
     pub seed: u64,
 }
 
 impl GradientSurgery for Pcgrad {
-    fn combine(&self, grads: &[Vec<f32>], step: usize) -> Vec<f32> {
+    fn coefficients(&self, gram: &[Vec<f64>], step: usize) -> Vec<f64> {
+        let k = gram.len();
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(self.seed ^ 0x9C_6EAD ^ ((step as u64) << 24));
-        let orders: Vec<Vec<usize>> = (0..grads.len())
+        let orders: Vec<Vec<usize>> = (0..k)
             .map(|i| {
-                let mut order: Vec<usize> = (0..grads.len()).filter(|&j| j != i).collect();
+                let mut order: Vec<usize> = (0..k).filter(|&j| j != i).collect();
                 order.shuffle(&mut rng);
                 order
             })
             .collect();
-        pcgrad(grads, &orders)
+        pcgrad(gram, &orders)
     }
 }
 
-/// PCGrad with given projection orders: `orders[i]` lists the tasks `g_i` is projected against, in turn.
+/// The coefficients of PCGrad's update with given projection orders (`orders[i]` lists the tasks `g_i` is
+/// projected against, in turn), from the Gram matrix of the gradients.
 ///
-/// Each projected gradient stays a combination of the originals, `g_i' = Σ_j a_ij g_j`, so the work is done
-/// on the coefficients with the Gram matrix and the vectors are combined once at the end.
-pub fn pcgrad(grads: &[Vec<f32>], orders: &[Vec<usize>]) -> Vec<f32> {
-    let k = grads.len();
-    let gram = super::gram(grads);
+/// Each projected gradient stays a combination of the originals, `g_i' = Σ_j a_ij g_j`, so the projections
+/// are done on the coefficients and the vectors are combined once at the end.
+pub fn pcgrad(gram: &[Vec<f64>], orders: &[Vec<usize>]) -> Vec<f64> {
+    let k = gram.len();
     let mut total = vec![0f64; k];
     for (i, order) in orders.iter().enumerate() {
         let mut a = vec![0f64; k];
@@ -52,12 +53,26 @@ pub fn pcgrad(grads: &[Vec<f32>], orders: &[Vec<usize>]) -> Vec<f32> {
             total[m] += a[m];
         }
     }
-    combination(grads, &total)
+    total
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::surgery::{combination, gram};
+
+    /// The combined update of flat gradients.
+    fn update(grads: &[Vec<f32>], coefficients: &[f64]) -> Vec<f32> {
+        let segments: Vec<[&[f32]; 1]> = grads.iter().map(|g| [g.as_slice()]).collect();
+        let refs: Vec<&[&[f32]]> = segments.iter().map(|s| s.as_slice()).collect();
+        combination(&refs, coefficients).remove(0)
+    }
+
+    fn gram_of(grads: &[Vec<f32>]) -> Vec<Vec<f64>> {
+        let segments: Vec<[&[f32]; 1]> = grads.iter().map(|g| [g.as_slice()]).collect();
+        let refs: Vec<&[&[f32]]> = segments.iter().map(|s| s.as_slice()).collect();
+        gram(&refs)
+    }
 
     #[derive(serde::Deserialize)]
     struct Case {
@@ -72,7 +87,7 @@ mod tests {
         let cases: Vec<Case> =
             serde_json::from_str(include_str!("../../../../tests/fixtures/pcgrad.json")).expect("fixture parses");
         for case in cases {
-            let got = pcgrad(&case.grads, &case.orders);
+            let got = update(&case.grads, &pcgrad(&gram_of(&case.grads), &case.orders));
             for (g, w) in got.iter().zip(&case.result) {
                 assert!((f64::from(*g) - w).abs() < 1e-4 * (1.0 + w.abs()), "{got:?} vs {:?}", case.result);
             }
@@ -83,9 +98,9 @@ mod tests {
     /// (0.5, 0.5) and g2' = g2 + g1 = (0, 1); the sum is (0.5, 1.5). Gradients that agree pass unchanged.
     #[test]
     fn projects_conflicts_only() {
-        let got = pcgrad(&[vec![1.0, 0.0], vec![-1.0, 1.0]], &[vec![1], vec![0]]);
-        assert_eq!(got, vec![0.5, 1.5]);
-        let agree = Pcgrad { seed: 1 }.combine(&[vec![1.0, 2.0], vec![0.5, 1.0]], 7);
-        assert_eq!(agree, vec![1.5, 3.0]);
+        let grads = [vec![1.0, 0.0], vec![-1.0, 1.0]];
+        assert_eq!(update(&grads, &pcgrad(&gram_of(&grads), &[vec![1], vec![0]])), vec![0.5, 1.5]);
+        let agree = [vec![1.0, 2.0], vec![0.5, 1.0]];
+        assert_eq!(update(&agree, &Pcgrad { seed: 1 }.coefficients(&gram_of(&agree), 7)), vec![1.5, 3.0]);
     }
 }

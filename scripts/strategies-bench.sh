@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# The loss-weighting and sampling comparison of BENCHMARKS.md on examples/five-task: each strategy trains the
+# five tasks jointly with the example's recipe, one run after the other on this machine, and the table puts
+# their test scores, mean, wall time (and the ratio to the first run's) beside the single-task baselines of
+# scripts/five-task-bench.sh (read from runs/five-task-bench when there).
+# Usage: scripts/strategies-bench.sh [OUT_DIR] [NAME ...]   (default runs/strategies, every strategy; runs
+# that finished are kept, so an interrupted comparison resumes where it stopped)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${1:-runs/strategies}
+shift || true
+CONFIG=examples/five-task/config.toml
+# name | --set overrides (space-separated)
+STRATEGIES='
+equal-mixed|training.sampling.plan="mixed"
+uncertainty|training.sampling.plan="mixed" training.weighting.method="uncertainty"
+dwa|training.sampling.plan="mixed" training.weighting.method="dwa" training.weighting.period=100
+gradnorm|training.sampling.plan="mixed" training.weighting.method="grad_norm"
+pcgrad|training.sampling.plan="mixed" training.surgery.method="pcgrad"
+cagrad|training.sampling.plan="mixed" training.surgery.method="cagrad"
+proportional|training.sampling.plan="sampled" training.sampling.sampler="proportional"
+temperature-2|training.sampling.plan="sampled" training.sampling.sampler="temperature" training.sampling.temperature=2.0
+temperature-5|training.sampling.plan="sampled" training.sampling.sampler="temperature" training.sampling.temperature=5.0
+annealed|training.sampling.plan="sampled" training.sampling.sampler="annealed"
+'
+bash scripts/fetch.sh
+cargo build --release --quiet -p mtl-cli
+mkdir -p "$OUT"
+# A copy of the binary, so that rebuilding while the comparison runs cannot change it halfway.
+cp target/release/mtl "$OUT/mtl"
+MTL=$OUT/mtl
+NAMES=()
+while IFS='|' read -r name sets; do
+  [ -z "$name" ] && continue
+  NAMES+=("$name")
+  if [ $# -gt 0 ] && [[ ! " $* " == *" $name "* ]]; then continue; fi
+  if [ -f "$OUT/$name/metrics.json" ]; then continue; fi
+  rm -rf "$OUT/$name"
+  args=()
+  for s in $sets; do args+=(--set "$s"); done
+  echo "== $name ($(date -u +%H:%M:%S))" >&2
+  MTL_LOG=info "$MTL" train "$CONFIG" --out "$OUT/$name" "${args[@]}" > "$OUT/$name.log" 2>&1
+done <<< "$STRATEGIES"
+python3 - "$OUT" "${NAMES[@]}" <<'PY'
+import json, sys, pathlib
+out, names = pathlib.Path(sys.argv[1]), sys.argv[2:]
+tasks = ["polarity", "trec", "wnut", "pos", "intensity"]
+main = {"polarity": "accuracy", "trec": "accuracy", "wnut": "f1", "pos": "accuracy", "intensity": "pearson"}
+singles = pathlib.Path("runs/five-task-bench")
+single = {}
+for t in tasks:
+    f = singles / t / "metrics.json"
+    if f.exists():
+        single[t] = json.loads(f.read_text())["test"][t][main[t]]
+rows = ["| strategy | " + " | ".join(f"{t} ({main[t]})" for t in tasks) + " | mean | worst Δ vs single | wall time | × first |",
+        "|---" * (len(tasks) + 5) + "|"]
+if len(single) == len(tasks):
+    mean = sum(single.values()) / len(tasks)
+    rows.append("| single-task (scripts/five-task-bench.sh) | " + " | ".join(f"{single[t]:.4f}" for t in tasks) + f" | {mean:.4f} | | | |")
+first = None
+for name in names:
+    f = out / name / "metrics.json"
+    if not f.exists():
+        continue
+    m = json.loads(f.read_text())
+    scores = [m["test"][t][main[t]] for t in tasks]
+    secs = m["train_seconds"]
+    first = first or secs
+    worst = min(s - single[t] for s, t in zip(scores, tasks)) if len(single) == len(tasks) else float("nan")
+    rows.append(f"| {name} | " + " | ".join(f"{s:.4f}" for s in scores)
+                + f" | {sum(scores) / len(scores):.4f} | {worst:+.4f} | {secs:.0f} s | ×{secs / first:.2f} |")
+table = "\n".join(rows) + "\n"
+(out / "table.md").write_text(table)
+print(table)
+PY
