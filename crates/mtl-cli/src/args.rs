@@ -38,6 +38,10 @@ pub enum Command {
         /// evaluation, under per-task/TASK/.
         #[arg(long, value_enum, default_value = "joint")]
         select: Select,
+        /// Continue the run in --out from its newest training checkpoint (`checkpoint-STEP/`), exactly as
+        /// if it had never stopped; give the same config and --set overrides.
+        #[arg(long)]
+        resume: bool,
     },
     /// Score a trained model on the dev and test files of a config; prints {"dev": …, "test": …} as JSON.
     Eval {

@@ -11,6 +11,7 @@ use mtl_core::{TaskId, TaskKind};
 use mtl_data::{Dataset, Example, Input, LabelMap, Location, TextEncoder};
 use mtl_nn::{BertConfig, HeadSpec, ModelSpec, MultiTaskModel};
 use mtl_train::checkpoint::{self, CheckpointFiles};
+use mtl_train::resume;
 use mtl_train::heads::head_specs;
 use mtl_train::{predict_examples, Evaluation, Prediction, ProgressCallback, Scores, Splits, TaskInfo, Trainer};
 use serde_json::{json, Value};
@@ -20,7 +21,9 @@ use crate::report;
 
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Train { config, out, overrides, tasks, select } => train(&config, &out, &overrides, &tasks, select),
+        Command::Train { config, out, overrides, tasks, select, resume } => {
+            train(&config, &out, &overrides, &tasks, select, resume)
+        }
         Command::Eval { model, config, overrides } => eval(&model, &config, &overrides),
         Command::Predict { model, input, batch_size } => predict(&model, input.as_deref(), batch_size),
     }
@@ -64,13 +67,21 @@ fn log_truncation(split: Split, data: &Dataset, encoder: &TextEncoder) {
     }
 }
 
-fn train(config_path: &Path, out: &Path, overrides: &[String], only: &[String], select: Select) -> Result<()> {
+fn train(config_path: &Path, out: &Path, overrides: &[String], only: &[String], select: Select, resume: bool) -> Result<()> {
     let mut config = Config::load(config_path, overrides)?;
     if !only.is_empty() {
         config.retain_tasks(only, config_path)?;
     }
-    if out.exists() {
-        bail!("{}: the output directory already exists; choose another or remove it", out.display());
+    if resume {
+        if out.join(checkpoint::METRICS).exists() {
+            bail!("{}: this run has finished (metrics.json is there); there is nothing to resume", out.display());
+        }
+        if resume::checkpoints(out).is_empty() {
+            bail!("{}: nothing to resume: no training checkpoint (checkpoint-STEP/) there", out.display());
+        }
+        resume::remove_partial(out)?;
+    } else if out.exists() {
+        bail!("{}: the output directory already exists; choose another, remove it, or continue it with --resume", out.display());
     }
     let base = &config.model.path;
     for (name, what) in
@@ -110,7 +121,14 @@ fn train(config_path: &Path, out: &Path, overrides: &[String], only: &[String], 
     );
 
     let started = std::time::Instant::now();
-    let trainer = Trainer { config: &config, model: &model, labels: &labels, keep_per_task_models: select == Select::PerTask };
+    let trainer = Trainer {
+        config: &config,
+        model: &model,
+        labels: &labels,
+        keep_per_task_models: select == Select::PerTask,
+        checkpoints: Some(out),
+        resume,
+    };
     let mut progress = ProgressCallback::default();
     let outcome = trainer.train(&splits, &mut [&mut progress])?;
     let seconds = started.elapsed().as_secs_f64();
@@ -135,7 +153,12 @@ fn train(config_path: &Path, out: &Path, overrides: &[String], only: &[String], 
     let heads: BTreeMap<String, BTreeMap<String, candle_core::Tensor>> =
         outcome.per_task.iter().map(|(task, b)| (task.to_string(), b.head.clone())).collect();
     let files = CheckpointFiles { config: &config, labels: &outcome.labels, metrics: &with_run, heads: &heads };
-    checkpoint::save(out, &model, &files)?;
+    if out.exists() {
+        checkpoint::save_into(out, &model, &files)?;
+        resume::remove_all(out)?;
+    } else {
+        checkpoint::save(out, &model, &files)?;
+    }
     if select == Select::PerTask {
         // Each task's checkpoint holds the weights of its own best evaluation; the run's metrics.json
         // records which one that was.
@@ -238,7 +261,14 @@ fn eval(model_dir: &Path, config_path: &Path, overrides: &[String]) -> Result<()
         }
     }
     config.model = loaded.config.model.clone();
-    let trainer = Trainer { config: &config, model: &loaded.model, labels: &loaded.labels, keep_per_task_models: false };
+    let trainer = Trainer {
+        config: &config,
+        model: &loaded.model,
+        labels: &loaded.labels,
+        keep_per_task_models: false,
+        checkpoints: None,
+        resume: false,
+    };
     let mut scores: BTreeMap<&str, Scores> = BTreeMap::new();
     for split in [Split::Dev, Split::Test] {
         if let Some(data) = load_split(&config, split, &loaded.encoder, &loaded.labels)? {

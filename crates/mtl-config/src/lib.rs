@@ -99,6 +99,13 @@ pub struct TrainingConfig {
     /// parameters is computed (a backward pass per task on that step) and reported.
     #[serde(default)]
     pub diagnostics_every: Option<usize>,
+    /// Write a resumable training checkpoint (`OUT/checkpoint-STEP/`) every this many optimiser steps, as well
+    /// as at the end of every epoch.
+    #[serde(default)]
+    pub checkpoint_every: Option<usize>,
+    /// How many training checkpoints to keep, the newest; all are removed once the final model is written.
+    #[serde(default = "default_keep_checkpoints")]
+    pub keep_checkpoints: usize,
     /// Evaluate on dev every this many optimiser steps as well as at the end of every epoch.
     #[serde(default)]
     pub eval_every: Option<usize>,
@@ -220,6 +227,9 @@ fn default_one() -> usize {
 }
 fn default_one_f64() -> f64 {
     1.0
+}
+fn default_keep_checkpoints() -> usize {
+    2
 }
 fn default_max_skipped_steps() -> usize {
     10

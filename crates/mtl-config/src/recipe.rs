@@ -185,6 +185,12 @@ pub(crate) fn validate(config: &crate::Config, path: &std::path::Path) -> Result
     if t.patience == Some(0) {
         return Err(invalid("training.patience", "must be at least 1".into()));
     }
+    if t.checkpoint_every == Some(0) {
+        return Err(invalid("training.checkpoint_every", "must be at least 1".into()));
+    }
+    if t.keep_checkpoints == 0 {
+        return Err(invalid("training.keep_checkpoints", "must be at least 1 (the newest is the one to resume from)".into()));
+    }
     if t.diagnostics_every == Some(0) {
         return Err(invalid("training.diagnostics_every", "must be at least 1".into()));
     }

@@ -6,7 +6,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::ratio;
 
@@ -17,7 +17,7 @@ pub fn accuracy<T: PartialEq>(gold: &[T], pred: &[T]) -> f64 {
 }
 
 /// Precision, recall, F1 and support (the number of gold examples) of one class or one average.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Prf {
     pub precision: f64,
     pub recall: f64,
@@ -39,7 +39,7 @@ impl Prf {
 }
 
 /// Per-class scores and their averages over the classes seen in gold or predictions.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ClassificationReport<T> {
     /// Every class seen in gold or predictions, in order.
     pub classes: Vec<(T, Prf)>,

@@ -105,6 +105,17 @@ impl DropoutRng {
         self.p
     }
 
+    /// How far the generator has advanced, for a checkpoint (ChaCha's word position).
+    pub fn position(&self) -> u128 {
+        self.rng.lock().expect("dropout rng lock poisoned; this is a bug").get_word_pos()
+    }
+
+    /// Moves the generator to a position from [`DropoutRng::position`]: the masks drawn next are those an
+    /// uninterrupted run would draw.
+    pub fn set_position(&self, position: u128) {
+        self.rng.lock().expect("dropout rng lock poisoned; this is a bug").set_word_pos(position);
+    }
+
     /// A mask of `n` multipliers: 0 with probability `p`, `1 / (1 - p)` otherwise. `None` when `p` is 0.
     ///
     /// One draw from the model's generator seeds the mask; chunks of it come from separate ChaCha streams of

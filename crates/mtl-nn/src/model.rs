@@ -115,6 +115,11 @@ impl MultiTaskModel {
         self.bert.set_kernels(kernels);
     }
 
+    /// The dropout generator, whose position a checkpoint stores.
+    pub fn dropout(&self) -> &DropoutRng {
+        &self.dropout
+    }
+
     /// Lets each forward pass from now on run several backward passes (per-task gradients); see
     /// [`Bert::set_retain_graph`].
     pub fn set_retain_graph(&self, retain: bool) {

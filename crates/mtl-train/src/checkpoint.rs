@@ -49,28 +49,59 @@ pub fn save(dir: &Path, model: &MultiTaskModel, files: &CheckpointFiles) -> Resu
     };
     std::fs::create_dir_all(&parent).map_err(io_err(&parent))?;
     let tmp = tempfile::Builder::new().prefix(".mtl-checkpoint-").tempdir_in(&parent).map_err(io_err(&parent))?;
-    let base = &files.config.model.path;
-    model.params().save(&tmp.path().join(WEIGHTS))?;
-    for name in [MODEL_CONFIG, TOKENIZER] {
-        std::fs::copy(base.join(name), tmp.path().join(name)).map_err(io_err(&base.join(name)))?;
-    }
-    let write = |name: &str, text: String| std::fs::write(tmp.path().join(name), text).map_err(io_err(&tmp.path().join(name)));
-    write(RUN_CONFIG, files.config.to_toml())?;
-    write(LABELS, serde_json::to_string_pretty(files.labels).expect("label maps serialize; this is a bug"))?;
-    write(METRICS, serde_json::to_string_pretty(files.metrics).expect("metrics serialize; this is a bug"))?;
-    if !files.heads.is_empty() {
-        let dir = tmp.path().join(HEADS);
-        std::fs::create_dir(&dir).map_err(io_err(&dir))?;
-        for (name, tensors) in files.heads {
-            let tensors: std::collections::HashMap<&str, Tensor> = tensors.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
-            candle_core::safetensors::save(&tensors, dir.join(format!("{name}.safetensors")))?;
-        }
-    }
+    write_files(tmp.path(), model, files)?;
     let tmp = tmp.keep();
     std::fs::rename(&tmp, dir).map_err(|source| {
         let _ = std::fs::remove_dir_all(&tmp);
         TrainError::Io { path: dir.to_owned(), source }
     })?;
+    Ok(())
+}
+
+/// Writes the checkpoint into `dir`, which exists already (it held the run's training checkpoints): the
+/// files are written to a temporary directory inside it and renamed into place one by one, `metrics.json`
+/// last, so a `metrics.json` there means the whole model is.
+pub fn save_into(dir: &Path, model: &MultiTaskModel, files: &CheckpointFiles) -> Result<()> {
+    if dir.join(METRICS).exists() {
+        return Err(TrainError::OutputExists(dir.to_owned()));
+    }
+    let tmp = tempfile::Builder::new().prefix(".mtl-final-").tempdir_in(dir).map_err(io_err(dir))?;
+    write_files(tmp.path(), model, files)?;
+    let mut names: Vec<std::ffi::OsString> = std::fs::read_dir(tmp.path())
+        .map_err(io_err(tmp.path()))?
+        .filter_map(|e| e.ok().map(|e| e.file_name()))
+        .filter(|n| n != METRICS)
+        .collect();
+    names.sort();
+    names.push(METRICS.into());
+    for name in names {
+        let target = dir.join(&name);
+        if target.is_dir() {
+            std::fs::remove_dir_all(&target).map_err(io_err(&target))?;
+        }
+        std::fs::rename(tmp.path().join(&name), &target).map_err(io_err(&target))?;
+    }
+    Ok(())
+}
+
+fn write_files(dir: &Path, model: &MultiTaskModel, files: &CheckpointFiles) -> Result<()> {
+    let base = &files.config.model.path;
+    model.params().save(&dir.join(WEIGHTS))?;
+    for name in [MODEL_CONFIG, TOKENIZER] {
+        std::fs::copy(base.join(name), dir.join(name)).map_err(io_err(&base.join(name)))?;
+    }
+    let write = |name: &str, text: String| std::fs::write(dir.join(name), text).map_err(io_err(&dir.join(name)));
+    write(RUN_CONFIG, files.config.to_toml())?;
+    write(LABELS, serde_json::to_string_pretty(files.labels).expect("label maps serialize; this is a bug"))?;
+    write(METRICS, serde_json::to_string_pretty(files.metrics).expect("metrics serialize; this is a bug"))?;
+    if !files.heads.is_empty() {
+        let heads = dir.join(HEADS);
+        std::fs::create_dir(&heads).map_err(io_err(&heads))?;
+        for (name, tensors) in files.heads {
+            let tensors: std::collections::HashMap<&str, Tensor> = tensors.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
+            candle_core::safetensors::save(&tensors, heads.join(format!("{name}.safetensors")))?;
+        }
+    }
     Ok(())
 }
 

@@ -9,6 +9,7 @@ pub mod groups;
 pub mod heads;
 mod optim;
 mod progress;
+pub mod resume;
 pub mod sampling;
 mod schedule;
 mod step;

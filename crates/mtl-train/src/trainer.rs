@@ -16,7 +16,7 @@ use crate::optim::{AdamW, AdamWConfig};
 use crate::schedule::lr_scale;
 use crate::step::{accumulate, batch_grads, split_batch_grads, BatchOutcome, GradientPlan, Grads};
 use crate::weighting::StepLosses;
-use crate::{sampling, surgery, weighting, Result, TrainError};
+use crate::{resume, sampling, surgery, weighting, Result, TrainError};
 
 /// The datasets of a run.
 #[derive(Debug, Default)]
@@ -236,6 +236,10 @@ pub struct Trainer<'a> {
     pub labels: &'a BTreeMap<TaskId, LabelMap>,
     /// Keep all weights at each task's best evaluation (`--select per-task`), not only its head's.
     pub keep_per_task_models: bool,
+    /// Where training checkpoints go (`checkpoint-STEP/` directories); none are written without it.
+    pub checkpoints: Option<&'a std::path::Path>,
+    /// Continue from the newest checkpoint there.
+    pub resume: bool,
 }
 
 /// The best evaluation so far: epoch, step, selection score, scores and weights.
@@ -245,6 +249,36 @@ struct Best {
     score: f64,
     eval: Evaluation,
     weights: BTreeMap<String, Tensor>,
+}
+
+impl Selection {
+    /// The selection state of a checkpoint.
+    fn restore(state: &resume::TrainState, mut tensors: resume::TrainTensors) -> Result<Self> {
+        let best = match &state.best {
+            Some(b) => Some(Best {
+                epoch: b.epoch,
+                step: b.step,
+                score: b.score,
+                eval: b.evaluation(),
+                weights: tensors.best.take().ok_or_else(|| TrainError::Invalid {
+                    path: "checkpoint".into(),
+                    message: "best.safetensors is missing".into(),
+                })?,
+            }),
+            None => None,
+        };
+        let per_task = state
+            .per_task
+            .iter()
+            .map(|(task, b)| {
+                let prefix = format!("heads.{task}.");
+                let head = tensors.heads.iter().filter(|(n, _)| n.starts_with(&prefix)).map(|(n, t)| (n.clone(), t.clone())).collect();
+                let model = tensors.per_task.remove(task);
+                (task.clone(), TaskBest { epoch: b.epoch, step: b.step, score: b.score, head, model })
+            })
+            .collect();
+        Ok(Self { best, since_best: state.since_best, per_task, last_step: state.last_eval_step })
+    }
 }
 
 /// The best evaluation so far, each task's, and the count of evaluations since the best.
@@ -322,8 +356,70 @@ impl Trainer<'_> {
         let mut step = 0;
         let mut skipped = 0;
         let mut stopped_early = false;
+        let (mut start_epoch, mut resume_batch) = (1, 0);
+        if let (true, Some(out)) = (self.resume, self.checkpoints) {
+            let (state, mut tensors) = resume::load_latest(out)?;
+            if state.config != self.config.to_toml() {
+                return Err(TrainError::Invalid {
+                    path: out.to_owned(),
+                    message: "the config differs from the one its checkpoints were trained with; resume with the same config and --set overrides".into(),
+                });
+            }
+            self.restore(&tensors.model)?;
+            optimizer.load_state(crate::AdamWState { step: state.optimizer_steps, moments: std::mem::take(&mut tensors.moments) })?;
+            weighting.load_state(&state.weighting)?;
+            let position = state.dropout_position.parse::<u128>().map_err(|e| TrainError::Invalid {
+                path: out.to_owned(),
+                message: format!("dropout_position: {e}"),
+            })?;
+            self.model.dropout().set_position(position);
+            selection = Selection::restore(&state, tensors)?;
+            (step, skipped, start_epoch, resume_batch) = (state.step, state.skipped, state.epoch, state.next_batch);
+            tracing::info!(step, epoch = start_epoch, batch = resume_batch, "resuming from {}", out.display());
+        }
+        let save = |step: usize, epoch: usize, next_batch: usize, skipped: usize, optimizer: &AdamW, weighting: &dyn weighting::LossWeighting, selection: &Selection| -> Result<()> {
+            let Some(out) = self.checkpoints else { return Ok(()) };
+            let moments = optimizer.state();
+            let state = resume::TrainState {
+                step,
+                epoch,
+                next_batch,
+                skipped,
+                optimizer_steps: moments.step,
+                dropout_position: self.model.dropout().position().to_string(),
+                weighting: weighting.state(),
+                best: selection.best.as_ref().map(|b| resume::BestState {
+                    epoch: b.epoch,
+                    step: b.step,
+                    score: b.score,
+                    scores: resume::BestState::scores_of(&b.eval),
+                    reports: b.eval.reports.clone(),
+                }),
+                since_best: selection.since_best,
+                last_eval_step: selection.last_step,
+                per_task: selection
+                    .per_task
+                    .iter()
+                    .map(|(t, b)| (t.clone(), resume::TaskBestState { epoch: b.epoch, step: b.step, score: b.score }))
+                    .collect(),
+                config: self.config.to_toml(),
+            };
+            let tensors = resume::TrainTensors {
+                model: self.snapshot()?,
+                moments: moments.moments,
+                best: selection.best.as_ref().map(|b| b.weights.clone()),
+                heads: selection.per_task.values().flat_map(|b| b.head.clone()).collect(),
+                per_task: selection.per_task.iter().filter_map(|(t, b)| Some((t.clone(), b.model.clone()?))).collect(),
+            };
+            resume::save(out, &state, &tensors, t.keep_checkpoints)
+        };
         for (epoch, batches) in (1..=t.epochs).zip(epochs) {
+            if epoch < start_epoch {
+                continue;
+            }
             let batches_in_epoch = batches.len();
+            // A resumed run picks up the epoch where its checkpoint left it.
+            let done = if epoch == start_epoch { resume_batch } else { 0 };
             // Collation runs on a worker thread, a few batches ahead of the model.
             let stop = std::thread::scope(|scope| -> Result<bool> {
                 let (sender, receiver) = std::sync::mpsc::sync_channel::<Work>(PREFETCH_BATCHES);
@@ -332,7 +428,7 @@ impl Trainer<'_> {
                     let only = |task: &TaskId| -> BTreeMap<TaskId, (TaskKind, usize)> {
                         kinds.get_key_value(task).map(|(k, v)| (k.clone(), *v)).into_iter().collect()
                     };
-                    for (chunk, task) in batches {
+                    for (chunk, task) in batches.into_iter().skip(done) {
                         let examples: Vec<&Example> = chunk.iter().map(|&i| &train.examples[i]).collect();
                         let work = match &task {
                             // A sampled step trains its task only, even on examples that carry other labels.
@@ -355,7 +451,7 @@ impl Trainer<'_> {
                     }
                 });
                 let mut pending = Pending::default();
-                for (i, work) in receiver.into_iter().enumerate() {
+                for (i, work) in (done..).zip(receiver) {
                     let shared: Vec<String> = vars
                         .keys()
                         .filter(|n| Part::of(n).is_shared() && !is_frozen(n, self.config, num_layers, step))
@@ -418,6 +514,9 @@ impl Trainer<'_> {
                             return Ok(true);
                         }
                     }
+                    if t.checkpoint_every.is_some_and(|every| step % every == 0) {
+                        save(step, epoch, i + 1, skipped, &optimizer, weighting.as_ref(), &selection)?;
+                    }
                 }
                 Ok(false)
             })?;
@@ -430,6 +529,9 @@ impl Trainer<'_> {
                     stopped_early = epoch < t.epochs;
                     break;
                 }
+            }
+            if epoch < t.epochs {
+                save(step, epoch + 1, 0, skipped, &optimizer, weighting.as_ref(), &selection)?;
             }
         }
         for cb in callbacks.iter_mut() {

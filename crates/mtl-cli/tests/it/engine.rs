@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use candle_core::{Device, Tensor};
 use serde_json::Value;
 
-use crate::cli::{expect_train_error, stderr, Project, TestResult};
+use crate::cli::{stderr, Project, TestResult};
 use crate::repo_root;
 
 fn weights(path: &std::path::Path) -> Result<HashMap<String, Tensor>, Box<dyn std::error::Error>> {
@@ -142,5 +142,86 @@ fn diverging_training_stops_with_a_clear_message() -> TestResult {
     p.write_config("lr = 1e30\nhead_lr = 1e30\nmax_skipped_steps = 0\ngrad_clip = 1.0")?;
     let text = std::fs::read_to_string(p.path("config.toml"))?.replacen("lr = 5e-3\n", "", 1);
     std::fs::write(p.path("config.toml"), text)?;
-    expect_train_error(&p, &["NaN or infinite", "training.max_skipped_steps"])
+    let out = p.mtl(&["train", "config.toml", "--out", "run"])?;
+    assert!(!out.status.success(), "training should fail");
+    let err = stderr(&out);
+    assert!(err.contains("NaN or infinite") && err.contains("training.max_skipped_steps"), "{err}");
+    // Only the training checkpoints of completed epochs may be there, no model.
+    assert!(!p.path("run/metrics.json").exists() && !p.path("run/model.safetensors").exists());
+    Ok(())
+}
+
+/// metrics.json without its wall time, the one field that may differ between runs.
+fn metrics_without_time(p: &Project, run: &str) -> Result<Value, Box<dyn std::error::Error>> {
+    let mut m = metrics(p, run)?;
+    m.as_object_mut().ok_or("metrics.json holds an object")?.remove("train_seconds");
+    Ok(m)
+}
+
+/// A run killed with SIGKILL at a random moment after its first checkpoint, then continued with `--resume`,
+/// ends with the metrics and weights of a run that was never interrupted.
+#[test]
+fn killed_run_resumes_exactly() -> TestResult {
+    let p = Project::new()?;
+    let sets = [
+        "training.epochs=12",
+        "training.checkpoint_every=1",
+        "training.eval_every=3",
+        "training.weighting.method=\"uncertainty\"",
+        "training.grad_accumulation=1",
+    ];
+    let args = |out: &str| -> Vec<String> {
+        let mut a: Vec<String> = ["train", "config.toml", "--out", out].iter().map(|s| s.to_string()).collect();
+        for s in sets {
+            a.extend(["--set".to_string(), s.to_string()]);
+        }
+        a
+    };
+    let run = |out: &str, extra: &[&str]| -> Result<std::process::Output, Box<dyn std::error::Error>> {
+        let mut a = args(out);
+        a.extend(extra.iter().map(|s| s.to_string()));
+        let a: Vec<&str> = a.iter().map(String::as_str).collect();
+        Ok(p.mtl(&a)?)
+    };
+    let o = run("straight", &[])?;
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(!p.path("straight/checkpoint-00000001").exists(), "training checkpoints are removed at the end");
+
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.subsec_nanos();
+    let mut killed_after = None;
+    for attempt in 0..20u32 {
+        let out = format!("killed{attempt}");
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_mtl"));
+        cmd.args(args(&out)).current_dir(p.dir.path()).env("MTL_LOG", "warn");
+        cmd.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null());
+        let mut child = cmd.spawn()?;
+        let first = p.path(&out).join("checkpoint-00000001/state.json");
+        while !first.exists() {
+            if child.try_wait()?.is_some() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_micros(200));
+        }
+        let delay = u64::from((nanos / 7 + attempt * 1_337) % 4_000);
+        std::thread::sleep(std::time::Duration::from_micros(delay));
+        child.kill()?; // SIGKILL
+        child.wait()?;
+        if p.path(&out).join("metrics.json").exists() {
+            continue; // it finished before the kill; try again with another delay
+        }
+        let o = run(&out, &["--resume"])?;
+        assert!(o.status.success(), "resume after {delay} µs: {}", stderr(&o));
+        assert_eq!(metrics_without_time(&p, &out)?, metrics_without_time(&p, "straight")?, "killed {delay} µs after the first checkpoint");
+        assert_eq!(std::fs::read(p.path(&out).join("model.safetensors"))?, std::fs::read(p.path("straight/model.safetensors"))?);
+        killed_after = Some(delay);
+        break;
+    }
+    assert!(killed_after.is_some(), "every run finished before it could be killed");
+
+    // Resuming needs a checkpoint, and a finished run cannot be resumed.
+    let o = run("straight", &["--resume"])?;
+    assert!(!o.status.success() && stderr(&o).contains("this run has finished"), "{}", stderr(&o));
+    let o = run("nothing", &["--resume"])?;
+    assert!(!o.status.success() && stderr(&o).contains("nothing to resume"), "{}", stderr(&o));
+    Ok(())
 }

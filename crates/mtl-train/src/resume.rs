@@ -1,0 +1,249 @@
+//! Training checkpoints for an exact resume: `OUT/checkpoint-STEP/`, each written to a temporary directory
+//! and renamed into place, holding everything the rest of the run depends on.
+//!
+//! - `model.safetensors`: every parameter.
+//! - `optimizer.safetensors`: AdamW's moments by parameter name (`m.NAME`, `v.NAME`).
+//! - `best.safetensors`: the weights of the best evaluation so far; `heads.safetensors`: each task's head at
+//!   its own best; `per-task/TASK.safetensors`: all weights at each task's best, when kept.
+//! - `state.json`: the position in the data (epoch and batch; the data order itself follows from the seed),
+//!   the optimiser's step count, the dropout generator's position, the loss weighting's state, the
+//!   selection state with the best evaluation's scores and reports, and the resolved config.
+//!
+//! The task sampler's draws and PCGrad's projection orders are seeded by the run's seed and the epoch or
+//! step, so they need no state of their own.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+use candle_core::{Device, Tensor};
+use mtl_core::TaskId;
+use serde::{Deserialize, Serialize};
+
+use crate::evaluate::{Evaluation, Scores};
+use crate::{Result, TrainError};
+
+pub const PREFIX: &str = "checkpoint-";
+const STATE: &str = "state.json";
+const MODEL: &str = "model.safetensors";
+const OPTIMIZER: &str = "optimizer.safetensors";
+const BEST: &str = "best.safetensors";
+const HEADS: &str = "heads.safetensors";
+const PER_TASK: &str = "per-task";
+
+/// A task's best evaluation, without its weights.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TaskBestState {
+    pub epoch: usize,
+    pub step: usize,
+    pub score: f64,
+}
+
+/// The best evaluation so far, without its weights.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct BestState {
+    pub epoch: usize,
+    pub step: usize,
+    pub score: f64,
+    /// Scores with NaN (undefined metrics) written as null.
+    pub scores: BTreeMap<String, BTreeMap<String, Option<f64>>>,
+    pub reports: BTreeMap<String, mtl_metrics::ClassificationReport<String>>,
+}
+
+impl BestState {
+    pub fn evaluation(&self) -> Evaluation {
+        let scores: Scores = self
+            .scores
+            .iter()
+            .map(|(g, m)| (g.clone(), m.iter().map(|(k, v)| (k.clone(), v.unwrap_or(f64::NAN))).collect()))
+            .collect();
+        Evaluation { scores, reports: self.reports.clone() }
+    }
+
+    pub fn scores_of(eval: &Evaluation) -> BTreeMap<String, BTreeMap<String, Option<f64>>> {
+        eval.scores
+            .iter()
+            .map(|(g, m)| (g.clone(), m.iter().map(|(k, v)| (k.clone(), v.is_finite().then_some(*v))).collect()))
+            .collect()
+    }
+}
+
+/// Everything of a run's state that is not a tensor.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TrainState {
+    /// Optimiser steps done.
+    pub step: usize,
+    /// The epoch under way (from 1), and how many of its batches are done.
+    pub epoch: usize,
+    pub next_batch: usize,
+    pub skipped: usize,
+    pub optimizer_steps: u64,
+    /// The dropout generator's word position, in decimal (JSON numbers cannot hold a u128).
+    pub dropout_position: String,
+    pub weighting: serde_json::Value,
+    pub best: Option<BestState>,
+    pub since_best: usize,
+    pub last_eval_step: Option<usize>,
+    pub per_task: BTreeMap<TaskId, TaskBestState>,
+    /// The resolved config of the run, which a resume must match.
+    pub config: String,
+}
+
+/// The tensors of a checkpoint.
+#[derive(Default)]
+pub struct TrainTensors {
+    pub model: BTreeMap<String, Tensor>,
+    pub moments: BTreeMap<String, (Vec<f32>, Vec<f32>)>,
+    pub best: Option<BTreeMap<String, Tensor>>,
+    pub heads: BTreeMap<String, Tensor>,
+    pub per_task: BTreeMap<TaskId, BTreeMap<String, Tensor>>,
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> TrainError + '_ {
+    move |source| TrainError::Io { path: path.to_owned(), source }
+}
+
+fn invalid(path: &Path, message: impl Into<String>) -> TrainError {
+    TrainError::Invalid { path: path.to_owned(), message: message.into() }
+}
+
+fn save_tensors(path: &Path, tensors: &BTreeMap<String, Tensor>) -> Result<()> {
+    let map: HashMap<&str, Tensor> = tensors.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
+    candle_core::safetensors::save(&map, path)?;
+    Ok(())
+}
+
+fn load_tensors(path: &Path) -> Result<BTreeMap<String, Tensor>> {
+    if !path.is_file() {
+        return Err(invalid(path, "missing from the checkpoint"));
+    }
+    Ok(candle_core::safetensors::load(path, &Device::Cpu)?.into_iter().collect())
+}
+
+/// The directory of the checkpoint after `step` steps.
+pub fn checkpoint_dir(out: &Path, step: usize) -> PathBuf {
+    out.join(format!("{PREFIX}{step:08}"))
+}
+
+/// The steps of the complete checkpoints in `out`, in increasing order.
+pub fn checkpoints(out: &Path) -> Vec<usize> {
+    let Ok(entries) = std::fs::read_dir(out) else { return Vec::new() };
+    let mut steps: Vec<usize> = entries
+        .filter_map(|e| e.ok())
+        .filter_map(|e| e.file_name().to_str()?.strip_prefix(PREFIX)?.parse().ok())
+        .filter(|step| checkpoint_dir(out, *step).join(STATE).is_file())
+        .collect();
+    steps.sort_unstable();
+    steps
+}
+
+/// Which checkpoints to remove so that the newest `keep` remain.
+pub fn to_remove(steps: &[usize], keep: usize) -> Vec<usize> {
+    let mut sorted = steps.to_vec();
+    sorted.sort_unstable();
+    sorted.truncate(sorted.len().saturating_sub(keep));
+    sorted
+}
+
+/// Writes a checkpoint of `state` and `tensors` under `out` (created if needed), then removes all but the
+/// newest `keep`.
+pub fn save(out: &Path, state: &TrainState, tensors: &TrainTensors, keep: usize) -> Result<()> {
+    std::fs::create_dir_all(out).map_err(io_err(out))?;
+    let tmp = tempfile::Builder::new().prefix(".mtl-checkpoint-").tempdir_in(out).map_err(io_err(out))?;
+    let dir = tmp.path();
+    save_tensors(&dir.join(MODEL), &tensors.model)?;
+    let mut moments = BTreeMap::new();
+    for (name, (m, v)) in &tensors.moments {
+        moments.insert(format!("m.{name}"), Tensor::from_slice(m, m.len(), &Device::Cpu)?);
+        moments.insert(format!("v.{name}"), Tensor::from_slice(v, v.len(), &Device::Cpu)?);
+    }
+    save_tensors(&dir.join(OPTIMIZER), &moments)?;
+    if let Some(best) = &tensors.best {
+        save_tensors(&dir.join(BEST), best)?;
+    }
+    save_tensors(&dir.join(HEADS), &tensors.heads)?;
+    if !tensors.per_task.is_empty() {
+        std::fs::create_dir(dir.join(PER_TASK)).map_err(io_err(dir))?;
+        for (task, weights) in &tensors.per_task {
+            save_tensors(&dir.join(PER_TASK).join(format!("{task}.safetensors")), weights)?;
+        }
+    }
+    let text = serde_json::to_string_pretty(state).expect("the training state serializes; this is a bug");
+    std::fs::write(dir.join(STATE), text).map_err(io_err(&dir.join(STATE)))?;
+    let target = checkpoint_dir(out, state.step);
+    if target.exists() {
+        std::fs::remove_dir_all(&target).map_err(io_err(&target))?;
+    }
+    let kept = tmp.keep();
+    std::fs::rename(&kept, &target).map_err(|source| {
+        let _ = std::fs::remove_dir_all(&kept);
+        TrainError::Io { path: target.clone(), source }
+    })?;
+    for step in to_remove(&checkpoints(out), keep) {
+        let old = checkpoint_dir(out, step);
+        std::fs::remove_dir_all(&old).map_err(io_err(&old))?;
+    }
+    Ok(())
+}
+
+/// Reads the newest checkpoint in `out`.
+pub fn load_latest(out: &Path) -> Result<(TrainState, TrainTensors)> {
+    let Some(&step) = checkpoints(out).last() else {
+        return Err(invalid(out, format!("nothing to resume: no complete {PREFIX}* directory")));
+    };
+    let dir = checkpoint_dir(out, step);
+    let state_path = dir.join(STATE);
+    let text = std::fs::read_to_string(&state_path).map_err(io_err(&state_path))?;
+    let state: TrainState = serde_json::from_str(&text).map_err(|e| invalid(&state_path, e.to_string()))?;
+    let mut tensors = TrainTensors { model: load_tensors(&dir.join(MODEL))?, ..TrainTensors::default() };
+    let mut moments = load_tensors(&dir.join(OPTIMIZER))?;
+    let names: Vec<String> = moments.keys().filter_map(|k| k.strip_prefix("m.").map(str::to_string)).collect();
+    for name in names {
+        let m = moments.remove(&format!("m.{name}")).expect("listed above");
+        let v = moments.remove(&format!("v.{name}")).ok_or_else(|| invalid(&dir.join(OPTIMIZER), format!("no v.{name}")))?;
+        tensors.moments.insert(name, (m.to_vec1::<f32>()?, v.to_vec1::<f32>()?));
+    }
+    if dir.join(BEST).is_file() {
+        tensors.best = Some(load_tensors(&dir.join(BEST))?);
+    }
+    tensors.heads = load_tensors(&dir.join(HEADS))?;
+    if dir.join(PER_TASK).is_dir() {
+        for task in state.per_task.keys() {
+            tensors.per_task.insert(task.clone(), load_tensors(&dir.join(PER_TASK).join(format!("{task}.safetensors")))?);
+        }
+    }
+    Ok((state, tensors))
+}
+
+/// Removes what a killed run left half-written in `out`: temporary checkpoint and final-model directories.
+pub fn remove_partial(out: &Path) -> Result<()> {
+    let Ok(entries) = std::fs::read_dir(out) else { return Ok(()) };
+    for entry in entries.filter_map(|e| e.ok()) {
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with(".mtl-checkpoint-") || name.starts_with(".mtl-final-") {
+            std::fs::remove_dir_all(entry.path()).map_err(io_err(&entry.path()))?;
+        }
+    }
+    Ok(())
+}
+
+/// Removes every training checkpoint in `out` (once the final model is written).
+pub fn remove_all(out: &Path) -> Result<()> {
+    for step in checkpoints(out) {
+        let dir = checkpoint_dir(out, step);
+        std::fs::remove_dir_all(&dir).map_err(io_err(&dir))?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keeps_the_newest() {
+        assert_eq!(to_remove(&[30, 10, 20], 2), vec![10]);
+        assert_eq!(to_remove(&[10], 2), Vec::<usize>::new());
+        assert_eq!(to_remove(&[5, 1, 9, 3], 1), vec![1, 3, 5]);
+    }
+}
