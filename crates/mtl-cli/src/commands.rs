@@ -11,7 +11,7 @@ use mtl_core::{TaskId, TaskKind};
 use mtl_data::{Dataset, Example, Input, LabelMap, Location, TextEncoder};
 use mtl_nn::{BertConfig, HeadSpec, ModelSpec, MultiTaskModel};
 use mtl_train::checkpoint::{self, CheckpointFiles};
-use mtl_train::resume;
+use mtl_train::{resume, tracking};
 use mtl_train::heads::head_specs;
 use mtl_train::{predict_examples, Evaluation, Prediction, ProgressCallback, Scores, Splits, TaskInfo, Trainer};
 use serde_json::{json, Value};
@@ -130,7 +130,8 @@ fn train(config_path: &Path, out: &Path, overrides: &[String], only: &[String], 
         resume,
     };
     let mut progress = ProgressCallback::default();
-    let outcome = trainer.train(&splits, &mut [&mut progress])?;
+    let mut tracker = tracking::Tracker::new(out);
+    let outcome = trainer.train(&splits, &mut [&mut progress, &mut tracker])?;
     let seconds = started.elapsed().as_secs_f64();
 
     let mut with_run = metrics_json(outcome.dev.as_ref(), outcome.test.as_ref());
@@ -153,12 +154,9 @@ fn train(config_path: &Path, out: &Path, overrides: &[String], only: &[String], 
     let heads: BTreeMap<String, BTreeMap<String, candle_core::Tensor>> =
         outcome.per_task.iter().map(|(task, b)| (task.to_string(), b.head.clone())).collect();
     let files = CheckpointFiles { config: &config, labels: &outcome.labels, metrics: &with_run, heads: &heads };
-    if out.exists() {
-        checkpoint::save_into(out, &model, &files)?;
-        resume::remove_all(out)?;
-    } else {
-        checkpoint::save(out, &model, &files)?;
-    }
+    checkpoint::save_into(out, &model, &files)?;
+    resume::remove_all(out)?;
+    write_report(out, &config, &outcome, seconds)?;
     if select == Select::PerTask {
         // Each task's checkpoint holds the weights of its own best evaluation; the run's metrics.json
         // records which one that was.
@@ -203,6 +201,31 @@ fn train(config_path: &Path, out: &Path, overrides: &[String], only: &[String], 
         tracing::warn!("{} steps were skipped for NaN or infinite losses or gradients", outcome.skipped_steps);
     }
     Ok(())
+}
+
+/// `report.html` from the run's log and its final evaluation.
+fn write_report(out: &Path, config: &Config, outcome: &mtl_train::Outcome, seconds: f64) -> Result<()> {
+    let log = tracking::read_log(&out.join(tracking::LOG));
+    let main_metrics = config.tasks.iter().map(|(t, c)| (t.to_string(), mtl_train::main_metric(c).to_string())).collect();
+    let final_eval = match (&outcome.test, &outcome.dev) {
+        (Some(t), _) => Some(("test", t)),
+        (None, Some(d)) => Some(("dev", d)),
+        _ => None,
+    };
+    let t = &config.training;
+    let summary = vec![
+        ("tasks".to_string(), config.tasks.keys().map(TaskId::as_str).collect::<Vec<_>>().join(", ")),
+        ("step plan / sampler".to_string(), format!("{:?} / {:?}", t.sampling.plan, t.sampling.sampler).to_lowercase()),
+        ("loss weighting / surgery".to_string(), format!("{:?} / {:?}", t.weighting.method, t.surgery.method).to_lowercase()),
+        ("steps".to_string(), format!("{}{}", outcome.steps, if outcome.stopped_early { " (stopped early)" } else { "" })),
+        ("best".to_string(), format!("epoch {}, step {}", outcome.best_epoch, outcome.best_step)),
+        ("skipped steps".to_string(), outcome.skipped_steps.to_string()),
+        ("training wall time".to_string(), format!("{seconds:.0} s")),
+    ];
+    let title = format!("mtl training report: {}", out.display());
+    let input = tracking::ReportInput { title: &title, summary, log: &log, main_metrics, final_eval };
+    let path = out.join("report.html");
+    tracking::write_report(&path, &input).with_context(|| format!("{}: cannot write the report", path.display()))
 }
 
 fn metrics_json(dev: Option<&Evaluation>, test: Option<&Evaluation>) -> Value {

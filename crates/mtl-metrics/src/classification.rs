@@ -70,6 +70,18 @@ pub(crate) fn averages(per_class: &[Prf]) -> (Prf, Prf) {
     (macro_avg, weighted_avg)
 }
 
+/// The confusion matrix over the classes seen in gold or predictions (sorted): `counts[g][p]` examples of
+/// gold class `g` predicted as `p` (scikit-learn's `confusion_matrix` with those labels).
+pub fn confusion_matrix<T: Ord + Clone>(gold: &[T], pred: &[T]) -> (Vec<T>, Vec<Vec<usize>>) {
+    let classes: Vec<T> = gold.iter().chain(pred).collect::<BTreeSet<&T>>().into_iter().cloned().collect();
+    let index = |c: &T| classes.binary_search(c).expect("every class is listed");
+    let mut counts = vec![vec![0; classes.len()]; classes.len()];
+    for (g, p) in gold.iter().zip(pred) {
+        counts[index(g)][index(p)] += 1;
+    }
+    (classes, counts)
+}
+
 /// scikit-learn's `classification_report` as numbers: per class, macro, micro and weighted averages.
 pub fn classification_report<T: Ord + Clone>(gold: &[T], pred: &[T]) -> ClassificationReport<T> {
     assert_eq!(gold.len(), pred.len(), "classification_report: gold and predictions differ in length; this is a bug");
@@ -164,6 +176,14 @@ pub fn format_report<T: std::fmt::Display>(report: &ClassificationReport<T>) -> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn confusion_matrix_counts_gold_by_prediction() {
+        // sklearn.metrics.confusion_matrix(["a","b","a","c"], ["a","a","b","c"], labels=["a","b","c"])
+        let (labels, m) = confusion_matrix(&["a", "b", "a", "c"], &["a", "a", "b", "c"]);
+        assert_eq!(labels, vec!["a", "b", "c"]);
+        assert_eq!(m, vec![vec![1, 1, 0], vec![1, 0, 0], vec![0, 0, 1]]);
+    }
 
     #[test]
     fn accuracy_and_macro_f1_match_sklearn() {

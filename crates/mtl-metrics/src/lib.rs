@@ -10,7 +10,7 @@ mod seqeval;
 mod squad;
 
 pub use classification::{
-    accuracy, classification_report, format_report, frame_accuracy, macro_f1, mcc, ClassificationReport, Prf,
+    accuracy, classification_report, confusion_matrix, format_report, frame_accuracy, macro_f1, mcc, ClassificationReport, Prf,
 };
 pub use multilabel::{multilabel_scores, MultiLabelScores};
 pub use regression::{average_ranks, mae, mse, pearson, spearman};

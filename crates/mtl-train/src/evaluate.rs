@@ -13,11 +13,14 @@ use crate::Result;
 /// Scores by group (a task name, or `joint`) and metric name.
 pub type Scores = BTreeMap<String, BTreeMap<String, f64>>;
 
-/// Scores, and per-class reports of the tasks that have classes (by task name).
+/// Scores, per-class reports of the tasks that have classes, and confusion matrices of the single-label
+/// classification tasks (by task name).
 #[derive(Clone, Debug, Default)]
 pub struct Evaluation {
     pub scores: Scores,
     pub reports: BTreeMap<String, ClassificationReport<String>>,
+    /// Class names and `counts[gold][predicted]`.
+    pub confusions: BTreeMap<String, (Vec<String>, Vec<Vec<usize>>)>,
 }
 
 /// One task's prediction for one example.
@@ -216,6 +219,8 @@ pub fn score(data: &Dataset, predictions: &[BTreeMap<TaskId, Prediction>], info:
                 m.insert("weighted_f1".to_string(), report.weighted_avg.f1);
                 m.insert("mcc".to_string(), mtl_metrics::mcc(&gold, &pred));
                 eval.reports.insert(task.to_string(), owned(report));
+                let (classes, counts) = mtl_metrics::confusion_matrix(&gold, &pred);
+                eval.confusions.insert(task.to_string(), (classes.into_iter().map(str::to_string).collect(), counts));
             }
             TaskKind::MultiLabel => {
                 let (gold, pred): (Vec<Vec<u32>>, Vec<Vec<u32>>) = pairs()

@@ -14,6 +14,7 @@ pub mod sampling;
 mod schedule;
 mod step;
 pub mod surgery;
+pub mod tracking;
 mod trainer;
 pub mod weighting;
 

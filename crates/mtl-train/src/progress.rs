@@ -16,7 +16,7 @@ pub struct ProgressCallback {
 }
 
 impl Callback for ProgressCallback {
-    fn on_train_start(&mut self, total_steps: usize, _steps_per_epoch: usize) {
+    fn on_train_start(&mut self, total_steps: usize, _steps_per_epoch: usize, _resumed: Option<usize>) {
         let bar = ProgressBar::new(total_steps as u64);
         bar.set_style(
             ProgressStyle::with_template("{spinner} epoch {prefix} [{bar:30}] {pos}/{len} {msg} (eta {eta})")

@@ -56,7 +56,7 @@ impl BestState {
             .iter()
             .map(|(g, m)| (g.clone(), m.iter().map(|(k, v)| (k.clone(), v.unwrap_or(f64::NAN))).collect()))
             .collect();
-        Evaluation { scores, reports: self.reports.clone() }
+        Evaluation { scores, reports: self.reports.clone(), confusions: BTreeMap::new() }
     }
 
     pub fn scores_of(eval: &Evaluation) -> BTreeMap<String, BTreeMap<String, Option<f64>>> {
@@ -86,6 +86,8 @@ pub struct TrainState {
     pub per_task: BTreeMap<TaskId, TaskBestState>,
     /// The resolved config of the run, which a resume must match.
     pub config: String,
+    /// Step and evaluation reports sent to the callbacks so far.
+    pub reports: usize,
 }
 
 /// The tensors of a checkpoint.

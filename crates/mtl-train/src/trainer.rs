@@ -67,7 +67,9 @@ pub enum Control {
 
 /// Receives training events. Every method has a default that does nothing.
 pub trait Callback {
-    fn on_train_start(&mut self, _total_steps: usize, _steps_per_epoch: usize) {}
+    /// `resumed` is the number of step and evaluation reports the run had sent before the checkpoint it
+    /// resumes from (none for a fresh run): a log can keep exactly those.
+    fn on_train_start(&mut self, _total_steps: usize, _steps_per_epoch: usize, _resumed: Option<usize>) {}
     fn on_step(&mut self, _report: &StepReport) {}
     fn on_eval(&mut self, _report: &EvalReport) -> Control {
         Control::Continue
@@ -348,15 +350,14 @@ impl Trainer<'_> {
             }),
             AdamWConfig::default(),
         );
-        for cb in callbacks.iter_mut() {
-            cb.on_train_start(total_steps, steps_per_epoch);
-        }
-
         let mut selection = Selection::default();
         let mut step = 0;
         let mut skipped = 0;
         let mut stopped_early = false;
         let (mut start_epoch, mut resume_batch) = (1, 0);
+        // Step and evaluation reports sent so far (kept in checkpoints, so that logs resume exactly).
+        let mut reports = 0;
+        let mut resumed = None;
         if let (true, Some(out)) = (self.resume, self.checkpoints) {
             let (state, mut tensors) = resume::load_latest(out)?;
             if state.config != self.config.to_toml() {
@@ -375,9 +376,14 @@ impl Trainer<'_> {
             self.model.dropout().set_position(position);
             selection = Selection::restore(&state, tensors)?;
             (step, skipped, start_epoch, resume_batch) = (state.step, state.skipped, state.epoch, state.next_batch);
+            reports = state.reports;
+            resumed = Some(reports);
             tracing::info!(step, epoch = start_epoch, batch = resume_batch, "resuming from {}", out.display());
         }
-        let save = |step: usize, epoch: usize, next_batch: usize, skipped: usize, optimizer: &AdamW, weighting: &dyn weighting::LossWeighting, selection: &Selection| -> Result<()> {
+        for cb in callbacks.iter_mut() {
+            cb.on_train_start(total_steps, steps_per_epoch, resumed);
+        }
+        let save = |step: usize, epoch: usize, next_batch: usize, skipped: usize, reports: usize, optimizer: &AdamW, weighting: &dyn weighting::LossWeighting, selection: &Selection| -> Result<()> {
             let Some(out) = self.checkpoints else { return Ok(()) };
             let moments = optimizer.state();
             let state = resume::TrainState {
@@ -403,6 +409,7 @@ impl Trainer<'_> {
                     .map(|(t, b)| (t.clone(), resume::TaskBestState { epoch: b.epoch, step: b.step, score: b.score }))
                     .collect(),
                 config: self.config.to_toml(),
+                reports,
             };
             let tensors = resume::TrainTensors {
                 model: self.snapshot()?,
@@ -509,13 +516,14 @@ impl Trainer<'_> {
                     for cb in callbacks.iter_mut() {
                         cb.on_step(&report);
                     }
+                    reports += 1;
                     if let (Some(every), Some(dev)) = (t.eval_every, &splits.dev) {
-                        if step % every == 0 && self.record(dev, epoch, step, &mut selection, callbacks)? {
+                        if step % every == 0 && self.record(dev, epoch, step, &mut selection, &mut reports, callbacks)? {
                             return Ok(true);
                         }
                     }
                     if t.checkpoint_every.is_some_and(|every| step % every == 0) {
-                        save(step, epoch, i + 1, skipped, &optimizer, weighting.as_ref(), &selection)?;
+                        save(step, epoch, i + 1, skipped, reports, &optimizer, weighting.as_ref(), &selection)?;
                     }
                 }
                 Ok(false)
@@ -525,13 +533,13 @@ impl Trainer<'_> {
                 break;
             }
             if let Some(dev) = &splits.dev {
-                if selection.last_step != Some(step) && self.record(dev, epoch, step, &mut selection, callbacks)? {
+                if selection.last_step != Some(step) && self.record(dev, epoch, step, &mut selection, &mut reports, callbacks)? {
                     stopped_early = epoch < t.epochs;
                     break;
                 }
             }
             if epoch < t.epochs {
-                save(step, epoch + 1, 0, skipped, &optimizer, weighting.as_ref(), &selection)?;
+                save(step, epoch + 1, 0, skipped, reports, &optimizer, weighting.as_ref(), &selection)?;
             }
         }
         for cb in callbacks.iter_mut() {
@@ -584,6 +592,7 @@ impl Trainer<'_> {
         epoch: usize,
         step: usize,
         selection: &mut Selection,
+        reports: &mut usize,
         callbacks: &mut [&mut dyn Callback],
     ) -> Result<bool> {
         let t = &self.config.training;
@@ -600,6 +609,7 @@ impl Trainer<'_> {
         for cb in callbacks.iter_mut() {
             stop |= cb.on_eval(&EvalReport { epoch, step, scores, selection: score, is_best }) == Control::Stop;
         }
+        *reports += 1;
         for task in self.config.tasks.keys() {
             let Some(s) = task_score(scores, task, self.config) else { continue };
             if selection.per_task.get(task).is_some_and(|b| s <= b.score) {

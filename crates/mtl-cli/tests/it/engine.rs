@@ -158,6 +158,18 @@ fn metrics_without_time(p: &Project, run: &str) -> Result<Value, Box<dyn std::er
     Ok(m)
 }
 
+/// log.jsonl without wall-clock times.
+fn log_without_time(p: &Project, run: &str) -> Result<Vec<Value>, Box<dyn std::error::Error>> {
+    let text = std::fs::read_to_string(p.path(run).join("log.jsonl"))?;
+    text.lines()
+        .map(|l| {
+            let mut v: Value = serde_json::from_str(l)?;
+            v.as_object_mut().ok_or("a log record is an object")?.remove("time");
+            Ok(v)
+        })
+        .collect()
+}
+
 /// A run killed with SIGKILL at a random moment after its first checkpoint, then continued with `--resume`,
 /// ends with the metrics and weights of a run that was never interrupted.
 #[test]
@@ -213,6 +225,7 @@ fn killed_run_resumes_exactly() -> TestResult {
         assert!(o.status.success(), "resume after {delay} µs: {}", stderr(&o));
         assert_eq!(metrics_without_time(&p, &out)?, metrics_without_time(&p, "straight")?, "killed {delay} µs after the first checkpoint");
         assert_eq!(std::fs::read(p.path(&out).join("model.safetensors"))?, std::fs::read(p.path("straight/model.safetensors"))?);
+        assert_eq!(log_without_time(&p, &out)?, log_without_time(&p, "straight")?, "the log reads as one run");
         killed_after = Some(delay);
         break;
     }
