@@ -42,6 +42,10 @@ pub enum Command {
         /// if it had never stopped; give the same config and --set overrides.
         #[arg(long)]
         resume: bool,
+        /// Also train each task alone with the same recipe (under --out/baselines/TASK/) and write
+        /// baselines.json with the negative-transfer table: per task, joint minus alone.
+        #[arg(long)]
+        baselines: bool,
     },
     /// Score a trained model on the dev and test files of a config; prints {"dev": …, "test": …} as JSON.
     Eval {

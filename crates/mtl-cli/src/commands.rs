@@ -21,9 +21,15 @@ use crate::report;
 
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Train { config, out, overrides, tasks, select, resume } => {
-            train(&config, &out, &overrides, &tasks, select, resume)
-        }
+        Command::Train { config, out, overrides, tasks, select, resume, baselines } => train(&TrainArgs {
+            config: &config,
+            out: &out,
+            overrides: &overrides,
+            only: &tasks,
+            select,
+            resume,
+            baselines,
+        }),
         Command::Eval { model, config, overrides } => eval(&model, &config, &overrides),
         Command::Predict { model, input, batch_size } => predict(&model, input.as_deref(), batch_size),
     }
@@ -67,11 +73,77 @@ fn log_truncation(split: Split, data: &Dataset, encoder: &TextEncoder) {
     }
 }
 
-fn train(config_path: &Path, out: &Path, overrides: &[String], only: &[String], select: Select, resume: bool) -> Result<()> {
-    let mut config = Config::load(config_path, overrides)?;
-    if !only.is_empty() {
-        config.retain_tasks(only, config_path)?;
+pub struct TrainArgs<'a> {
+    pub config: &'a Path,
+    pub out: &'a Path,
+    pub overrides: &'a [String],
+    pub only: &'a [String],
+    pub select: Select,
+    pub resume: bool,
+    pub baselines: bool,
+}
+
+fn train(args: &TrainArgs) -> Result<()> {
+    let mut config = Config::load(args.config, args.overrides)?;
+    if !args.only.is_empty() {
+        config.retain_tasks(args.only, args.config)?;
     }
+    let has_final = args.out.join(checkpoint::METRICS).exists();
+    // A finished joint run whose baselines were interrupted goes on with the baselines.
+    if !(args.resume && args.baselines && has_final) {
+        train_one(&config, args.out, args.select, args.resume)?;
+    }
+    if args.baselines {
+        baselines(&config, args.config, args.out)?;
+    }
+    Ok(())
+}
+
+/// Trains each task of `config` alone with the same recipe (static weights and no surgery, which need
+/// several tasks) into `out/baselines/TASK/`, and writes `out/baselines.json` with each task's main test
+/// metric jointly and alone, and their difference (negative where the task lost to sharing).
+fn baselines(config: &Config, config_path: &Path, out: &Path) -> Result<()> {
+    let joint: Value = serde_json::from_str(&std::fs::read_to_string(out.join(checkpoint::METRICS))?)?;
+    let split = if joint.get("test").is_some() { "test" } else { "dev" };
+    let mut rows = serde_json::Map::new();
+    for (task, task_config) in &config.tasks {
+        let dir = out.join("baselines").join(task.as_str());
+        if !dir.join(checkpoint::METRICS).exists() {
+            let resume = !resume::checkpoints(&dir).is_empty();
+            if dir.exists() && !resume {
+                std::fs::remove_dir_all(&dir).with_context(|| format!("{}: cannot clear", dir.display()))?;
+            }
+            let mut alone = config.clone();
+            alone.retain_tasks(&[task.to_string()], config_path)?;
+            alone.training.weighting = Default::default();
+            alone.training.surgery = Default::default();
+            tracing::info!("baseline: {task} alone");
+            train_one(&alone, &dir, Select::Joint, resume)?;
+        }
+        let single: Value = serde_json::from_str(&std::fs::read_to_string(dir.join(checkpoint::METRICS))?)?;
+        let metric = mtl_train::main_metric(task_config);
+        let (Some(j), Some(a)) = (joint[split][task.as_str()][metric].as_f64(), single[split][task.as_str()][metric].as_f64()) else {
+            bail!("{}: no {split} {task}.{metric} to compare", dir.display());
+        };
+        rows.insert(task.to_string(), json!({"metric": metric, "joint": j, "alone": a, "delta": j - a}));
+    }
+    let mean = |key: &str| rows.values().filter_map(|r| r[key].as_f64()).sum::<f64>() / rows.len().max(1) as f64;
+    let summary = json!({"split": split, "tasks": rows, "mean": {"joint": mean("joint"), "alone": mean("alone"), "delta": mean("delta")}});
+    std::fs::write(out.join("baselines.json"), serde_json::to_string_pretty(&summary)?)?;
+    println!("negative transfer ({split}; joint − alone, per task's main metric):");
+    println!("{:<16} {:<12} {:>8} {:>8} {:>8}", "task", "metric", "joint", "alone", "Δ");
+    for (task, r) in summary["tasks"].as_object().expect("built above") {
+        let f = |k: &str| r[k].as_f64().unwrap_or(f64::NAN);
+        println!("{task:<16} {:<12} {:>8.4} {:>8.4} {:>+8.4}", r["metric"].as_str().unwrap_or(""), f("joint"), f("alone"), f("delta"));
+    }
+    let m = &summary["mean"];
+    println!("{:<16} {:<12} {:>8.4} {:>8.4} {:>+8.4}", "mean", "", m["joint"].as_f64().unwrap_or(f64::NAN), m["alone"].as_f64().unwrap_or(f64::NAN), m["delta"].as_f64().unwrap_or(f64::NAN));
+    Ok(())
+}
+
+/// One training run of `config` into `out`.
+fn train_one(config: &Config, out: &Path, select: Select, resume: bool) -> Result<()> {
+    let config = config.clone();
     if resume {
         if out.join(checkpoint::METRICS).exists() {
             bail!("{}: this run has finished (metrics.json is there); there is nothing to resume", out.display());

@@ -238,3 +238,26 @@ fn killed_run_resumes_exactly() -> TestResult {
     assert!(!o.status.success() && stderr(&o).contains("nothing to resume"), "{}", stderr(&o));
     Ok(())
 }
+
+#[test]
+fn baselines_give_the_negative_transfer_table() -> TestResult {
+    let p = Project::new()?;
+    let o = p.mtl(&["train", "config.toml", "--out", "run", "--baselines", "--set", "training.epochs=2"])?;
+    assert!(o.status.success(), "{}", stderr(&o));
+    let b: Value = serde_json::from_str(&std::fs::read_to_string(p.path("run/baselines.json"))?)?;
+    assert_eq!(b["split"], "test");
+    for (task, metric) in [("intent", "accuracy"), ("slots", "f1")] {
+        let row = &b["tasks"][task];
+        assert_eq!(row["metric"], metric);
+        let alone: Value = serde_json::from_str(&std::fs::read_to_string(p.path("run/baselines").join(task).join("metrics.json"))?)?;
+        assert_eq!(row["alone"], alone["test"][task][metric], "{b}");
+        assert_eq!(row["joint"], metrics(&p, "run")?["test"][task][metric]);
+        let delta = row["delta"].as_f64().ok_or("delta")?;
+        assert!((delta - (row["joint"].as_f64().ok_or("joint")? - row["alone"].as_f64().ok_or("alone")?)).abs() < 1e-12);
+        let tasks: Value = serde_json::from_str(&std::fs::read_to_string(p.path("run/baselines").join(task).join("labels.json"))?)?;
+        assert_eq!(tasks.as_object().ok_or("labels")?.len(), 1, "a baseline trains its task alone");
+    }
+    let stdout = String::from_utf8(o.stdout)?;
+    assert!(stdout.contains("negative transfer") && stdout.contains("mean"), "{stdout}");
+    Ok(())
+}
