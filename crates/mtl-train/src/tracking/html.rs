@@ -30,8 +30,13 @@ fn escape(s: &str) -> String {
     s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
 }
 
-/// A line chart of `series` (name, points) as inline SVG.
+/// A line chart of `series` (name, points) as inline SVG, the y axis fitted to the points.
 fn line_chart(title: &str, y_label: &str, series: &[(String, Vec<(f64, f64)>)]) -> String {
+    chart(title, y_label, series, None)
+}
+
+/// A line chart with the y axis over `y_range` when given.
+fn chart(title: &str, y_label: &str, series: &[(String, Vec<(f64, f64)>)], y_range: Option<(f64, f64)>) -> String {
     let points: Vec<(f64, f64)> = series.iter().flat_map(|(_, p)| p.iter().copied()).filter(|(x, y)| x.is_finite() && y.is_finite()).collect();
     if points.is_empty() {
         return String::new();
@@ -48,7 +53,7 @@ fn line_chart(title: &str, y_label: &str, series: &[(String, Vec<(f64, f64)>)]) 
         y1 += 0.5;
     }
     let pad = (y1 - y0) * 0.05;
-    let (y0, y1) = (y0 - pad, y1 + pad);
+    let (y0, y1) = y_range.unwrap_or((y0 - pad, y1 + pad));
     let px = |x: f64| left + (x - x0) / (x1 - x0) * (w - left - right);
     let py = |y: f64| top + (1.0 - (y - y0) / (y1 - y0)) * (h - top - bottom);
     let mut svg = format!(r#"<svg viewBox="0 0 {w} {h}" width="{w}" height="{h}" role="img"><title>{}</title>"#, escape(title));
@@ -202,7 +207,7 @@ pub fn write_report(path: &Path, input: &ReportInput) -> std::io::Result<()> {
         }
     }
     body.push_str("<h2>Task mix</h2><p>Share of the steps in each window that trained each task: the sampling probabilities as drawn (under the <code>mixed</code> plan, the share of batches holding the task).</p>");
-    body.push_str(&line_chart("share of steps per task", "share", &mix.into_iter().collect::<Vec<_>>()));
+    body.push_str(&chart("share of steps per task", "share", &mix.into_iter().collect::<Vec<_>>(), Some((0.0, 1.05))));
 
     let mut cosines: BTreeMap<String, Vec<(f64, f64)>> = BTreeMap::new();
     for r in &steps {
@@ -216,7 +221,8 @@ pub fn write_report(path: &Path, input: &ReportInput) -> std::io::Result<()> {
     }
     if !cosines.is_empty() {
         body.push_str("<h2>Gradient cosine similarity</h2><p>Between each pair of tasks' gradients on the shared parameters, every <code>diagnostics_every</code> steps; below 0 the tasks pull the backbone in conflicting directions.</p>");
-        body.push_str(&line_chart("cosine similarity of task gradients", "cosine", &cosines.into_iter().collect::<Vec<_>>()));
+        let cosines: Vec<(String, Vec<(f64, f64)>)> = cosines.into_iter().map(|(k, p)| (k, windowed(&p, 200))).collect();
+        body.push_str(&line_chart("cosine similarity of task gradients", "cosine", &cosines));
     }
 
     if let Some((split, eval)) = input.final_eval {
