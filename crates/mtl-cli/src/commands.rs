@@ -235,7 +235,12 @@ fn train_one(config: &Config, out: &Path, select: Select, resume: bool) -> Resul
         let kept: BTreeMap<String, candle_core::Tensor> =
             model.params().vars().iter().map(|(n, v)| Ok((n.clone(), v.as_tensor().copy()?))).collect::<Result<_>>()?;
         for (task, best) in &outcome.per_task {
-            let weights = best.model.as_ref().context("per-task weights were kept; this is a bug")?;
+            let Some(weights) = best.model.as_ref() else {
+                bail!(
+                    "{}: no weights were kept at task `{task}`'s best evaluation; a resumed run needs --select per-task from its start",
+                    out.display()
+                );
+            };
             for (name, var) in model.params().vars() {
                 var.set(&weights[name])?;
             }

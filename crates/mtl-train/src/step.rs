@@ -230,3 +230,92 @@ pub fn accumulate(sum: &mut Grads, grads: Grads) -> Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    use candle_core::Device;
+    use mtl_core::{Targets, IGNORE_INDEX};
+    use mtl_nn::{BertConfig, HeadSpec, ModelSpec};
+
+    use super::*;
+    use crate::weighting::StaticWeights;
+
+    fn tiny_model() -> Result<MultiTaskModel> {
+        let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/tiny-bert");
+        let config = BertConfig::from_file(&dir.join("config.json"))?;
+        let tasks = BTreeMap::from([
+            (TaskId::new("a").expect("valid"), HeadSpec::new(mtl_core::TaskKind::Classification, 3)),
+            (TaskId::new("b").expect("valid"), HeadSpec::new(mtl_core::TaskKind::Classification, 2)),
+        ]);
+        let spec = ModelSpec { bert: &config, tasks: &tasks, dropout: 0.0, seed: 1 };
+        Ok(MultiTaskModel::load(&spec, &dir.join("model.safetensors"), false, &Device::Cpu)?)
+    }
+
+    /// A batch of `rows` sequences of length 5 (the last `pad` padded), with the given class targets.
+    fn batch(rows: usize, targets: Vec<(&str, Vec<i64>)>) -> HostBatch {
+        let seq = 5;
+        HostBatch {
+            batch: rows,
+            seq,
+            input_ids: (0..rows * seq).map(|i| (i * 7 % 40 + 2) as u32).collect(),
+            token_type_ids: vec![0; rows * seq],
+            attention_mask: (0..rows * seq).map(|i| u32::from(i % seq < 3 + i / seq % 3)).collect(),
+            word_starts: vec![vec![]; rows],
+            targets: targets.into_iter().map(|(t, v)| (TaskId::new(t).expect("valid"), Targets::Class(v))).collect(),
+        }
+    }
+
+    /// Without dropout, the per-task sub-batches give the gradient of the whole batch: examples do not
+    /// interact, and a task's loss is its mean over its own examples either way.
+    #[test]
+    fn sub_batches_give_the_whole_batch_gradient() -> Result<()> {
+        let model = tiny_model()?;
+        let n = IGNORE_INDEX;
+        let whole = batch(4, vec![("a", vec![0, 2, n, n]), ("b", vec![n, n, 1, 0])]);
+        // The same rows, split by task (rows 0-1 for a, 2-3 for b).
+        let split = |rows: std::ops::Range<usize>, task: &str, labels: Vec<i64>| {
+            let mut b = batch(4, vec![]);
+            let seq = b.seq;
+            b.batch = rows.len();
+            b.input_ids = b.input_ids[rows.start * seq..rows.end * seq].to_vec();
+            b.token_type_ids = b.token_type_ids[rows.start * seq..rows.end * seq].to_vec();
+            b.attention_mask = b.attention_mask[rows.start * seq..rows.end * seq].to_vec();
+            b.word_starts = vec![vec![]; rows.len()];
+            b.targets = BTreeMap::from([(TaskId::new(task).expect("valid"), Targets::Class(labels))]);
+            b
+        };
+        let parts = [split(0..2, "a", vec![0, 2]), split(2..4, "b", vec![1, 0])];
+        let weighting = StaticWeights::new(BTreeMap::new());
+        let names: Vec<String> = model.params().vars().keys().filter(|n| Part::of(n).is_shared()).cloned().collect();
+        let plan = GradientPlan {
+            vars: model.params().vars(),
+            weighting: &weighting,
+            surgery: None,
+            shared: &names,
+            num_layers: model.bert().config().num_hidden_layers,
+            diagnose: true,
+            step: 0,
+        };
+        let (BatchOutcome::Grads(joint), BatchOutcome::Grads(per_task)) =
+            (batch_grads(&model, &whole, &plan)?, split_batch_grads(&model, &parts, &plan)?)
+        else {
+            panic!("both batches have labels");
+        };
+        assert_eq!(joint.losses.len(), 2);
+        for (task, loss) in &joint.losses {
+            assert!((loss - per_task.losses[task]).abs() < 1e-5, "{task}: {loss} vs {}", per_task.losses[task]);
+        }
+        for (name, g) in &joint.grads {
+            let other = per_task.grads.get(name).unwrap_or_else(|| panic!("{name} missing"));
+            let err = (g - other)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            let scale = g.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(err <= 1e-4 * (1.0 + scale), "{name}: off by {err}");
+        }
+        let cos = per_task.cosines.expect("diagnosed");
+        assert_eq!(cos.len(), 1);
+        assert!((-1.0..=1.0).contains(&cos[0].2));
+        Ok(())
+    }
+}
