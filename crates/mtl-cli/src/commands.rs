@@ -123,11 +123,14 @@ fn baselines(config: &Config, config_path: &Path, out: &Path) -> Result<()> {
         let single: Value = serde_json::from_str(&std::fs::read_to_string(dir.join(checkpoint::METRICS))?)?;
         let metric = mtl_train::main_metric(task_config);
         let (Some(j), Some(a)) = (joint[split][task.as_str()][metric].as_f64(), single[split][task.as_str()][metric].as_f64()) else {
-            bail!("{}: no {split} {task}.{metric} to compare", dir.display());
+            tracing::warn!("baseline: task `{task}` has no {split} {metric} in both runs; left out of the table");
+            rows.insert(task.to_string(), json!({"metric": metric, "joint": null, "alone": null, "delta": null}));
+            continue;
         };
         rows.insert(task.to_string(), json!({"metric": metric, "joint": j, "alone": a, "delta": j - a}));
     }
-    let mean = |key: &str| rows.values().filter_map(|r| r[key].as_f64()).sum::<f64>() / rows.len().max(1) as f64;
+    let compared = rows.values().filter(|r| r["delta"].is_number()).count().max(1) as f64;
+    let mean = |key: &str| rows.values().filter_map(|r| r[key].as_f64()).sum::<f64>() / compared;
     let summary = json!({"split": split, "tasks": rows, "mean": {"joint": mean("joint"), "alone": mean("alone"), "delta": mean("delta")}});
     std::fs::write(out.join("baselines.json"), serde_json::to_string_pretty(&summary)?)?;
     println!("negative transfer ({split}; joint − alone, per task's main metric):");
@@ -149,7 +152,10 @@ fn train_one(config: &Config, out: &Path, select: Select, resume: bool) -> Resul
             bail!("{}: this run has finished (metrics.json is there); there is nothing to resume", out.display());
         }
         if resume::checkpoints(out).is_empty() {
-            bail!("{}: nothing to resume: no training checkpoint (checkpoint-STEP/) there", out.display());
+            bail!(
+                "{}: nothing to resume: no training checkpoint (checkpoint-STEP/) there (the run stopped before its first one); remove the directory and train again",
+                out.display()
+            );
         }
         resume::remove_partial(out)?;
     } else if out.exists() {
@@ -225,33 +231,34 @@ fn train_one(config: &Config, out: &Path, select: Select, resume: bool) -> Resul
     }
     let heads: BTreeMap<String, BTreeMap<String, candle_core::Tensor>> =
         outcome.per_task.iter().map(|(task, b)| (task.to_string(), b.head.clone())).collect();
-    let files = CheckpointFiles { config: &config, labels: &outcome.labels, metrics: &with_run, heads: &heads };
-    checkpoint::save_into(out, &model, &files)?;
-    resume::remove_all(out)?;
-    write_report(out, &config, &outcome, seconds)?;
     if select == Select::PerTask {
-        // Each task's checkpoint holds the weights of its own best evaluation; the run's metrics.json
-        // records which one that was.
+        // Each task's checkpoint holds the weights of its own best evaluation; the run's metrics.json records
+        // which one that was. They are written before the run's own model, whose metrics.json marks the end.
         let kept: BTreeMap<String, candle_core::Tensor> =
             model.params().vars().iter().map(|(n, v)| Ok((n.clone(), v.as_tensor().copy()?))).collect::<Result<_>>()?;
         for (task, best) in &outcome.per_task {
             let Some(weights) = best.model.as_ref() else {
-                bail!(
-                    "{}: no weights were kept at task `{task}`'s best evaluation; a resumed run needs --select per-task from its start",
-                    out.display()
-                );
+                bail!("{}: no weights were kept at task `{task}`'s best evaluation; this is a bug", out.display());
             };
             for (name, var) in model.params().vars() {
                 var.set(&weights[name])?;
             }
             let none = BTreeMap::new();
             let files = CheckpointFiles { config: &config, labels: &outcome.labels, metrics: &with_run, heads: &none };
-            checkpoint::save(&out.join("per-task").join(task.as_str()), &model, &files)?;
+            let dir = out.join("per-task").join(task.as_str());
+            if dir.exists() {
+                std::fs::remove_dir_all(&dir).with_context(|| format!("{}: cannot replace", dir.display()))?;
+            }
+            checkpoint::save(&dir, &model, &files)?;
         }
         for (name, var) in model.params().vars() {
             var.set(&kept[name])?;
         }
     }
+    let files = CheckpointFiles { config: &config, labels: &outcome.labels, metrics: &with_run, heads: &heads };
+    checkpoint::save_into(out, &model, &files)?;
+    resume::remove_all(out)?;
+    write_report(out, &config, &outcome, seconds)?;
 
     let mut shown: Vec<(&str, &Scores)> = Vec::new();
     if let Some(d) = &outcome.dev {

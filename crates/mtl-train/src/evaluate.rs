@@ -397,6 +397,9 @@ pub fn selection_score(scores: &Scores, select: Option<&str>, config: &Config) -
                 let (Some(w), Some(v)) = (weight.weight(), scores.get(task.as_str()).and_then(|m| m.get(metric))) else {
                     continue;
                 };
+                if !v.is_finite() {
+                    continue;
+                }
                 sum += w * signed(metric, *v);
                 total += w;
             }
@@ -410,8 +413,13 @@ pub fn selection_score(scores: &Scores, select: Option<&str>, config: &Config) -
             Some(signed(metric, v))
         }
         None => {
-            let values: Vec<f64> =
-                config.tasks.iter().filter_map(|(t, c)| scores.get(t.as_str())?.get(main_metric(c)).copied()).collect();
+            // A metric that is undefined (NaN, as Pearson's r of constant predictions) is left out.
+            let values: Vec<f64> = config
+                .tasks
+                .iter()
+                .filter_map(|(t, c)| scores.get(t.as_str())?.get(main_metric(c)).copied())
+                .filter(|v| v.is_finite())
+                .collect();
             (!values.is_empty()).then(|| values.iter().sum::<f64>() / values.len() as f64)
         }
     }

@@ -38,6 +38,10 @@ struct Slot {
     group: ParamGroup,
     m: Vec<f32>,
     v: Vec<f32>,
+    /// Updates this parameter received: its bias corrections count these, as torch counts `state["step"]`
+    /// per parameter, so a parameter that trains only on some steps (a frozen layer thawing, the head of a
+    /// task absent from a batch) is corrected for its own history.
+    steps: u64,
 }
 
 pub struct AdamW {
@@ -46,13 +50,14 @@ pub struct AdamW {
     step: u64,
 }
 
-/// The whole state of an [`AdamW`]: the step count and each parameter's first and second moments, by
-/// parameter name. Restoring it into an optimiser over the same parameters continues exactly where the
-/// exported one stood.
+/// The whole state of an [`AdamW`]: the step count, and each parameter's first and second moments and
+/// update count, by parameter name. Restoring it into an optimiser over the same parameters continues exactly
+/// where the exported one stood.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct AdamWState {
     pub step: u64,
     pub moments: BTreeMap<String, (Vec<f32>, Vec<f32>)>,
+    pub param_steps: BTreeMap<String, u64>,
 }
 
 /// What one optimiser step did.
@@ -71,7 +76,7 @@ impl AdamW {
             .into_iter()
             .map(|(name, var, group)| {
                 let n = var.elem_count();
-                (name, Slot { var, group, m: vec![0.0; n], v: vec![0.0; n] })
+                (name, Slot { var, group, m: vec![0.0; n], v: vec![0.0; n], steps: 0 })
             })
             .collect();
         Self { config, slots, step: 0 }
@@ -83,7 +88,11 @@ impl AdamW {
 
     /// A copy of the optimiser state, for a checkpoint.
     pub fn state(&self) -> AdamWState {
-        AdamWState { step: self.step, moments: self.slots.iter().map(|(n, s)| (n.clone(), (s.m.clone(), s.v.clone()))).collect() }
+        AdamWState {
+            step: self.step,
+            moments: self.slots.iter().map(|(n, s)| (n.clone(), (s.m.clone(), s.v.clone()))).collect(),
+            param_steps: self.slots.iter().map(|(n, s)| (n.clone(), s.steps)).collect(),
+        }
     }
 
     /// Restores a state exported by [`AdamW::state`]. Every parameter must be present with moments of its
@@ -102,11 +111,15 @@ impl AdamW {
         if let Some(extra) = state.moments.keys().find(|n| !self.slots.contains_key(*n)) {
             return Err(invalid(format!("moments for unknown parameter `{extra}`")));
         }
+        if let Some(name) = self.slots.keys().find(|n| !state.param_steps.contains_key(*n)) {
+            return Err(invalid(format!("no update count for parameter `{name}`")));
+        }
         let mut moments = state.moments;
         for (name, slot) in &mut self.slots {
             let (m, v) = moments.remove(name).expect("checked above");
             slot.m = m;
             slot.v = v;
+            slot.steps = state.param_steps[name];
         }
         self.step = state.step;
         Ok(())
@@ -132,12 +145,13 @@ impl AdamW {
             None => 1.0,
         };
         self.step += 1;
-        let t = self.step as i32;
         let c = self.config;
-        let bias1 = 1.0 - c.beta1.powi(t);
-        let bias2 = 1.0 - c.beta2.powi(t);
         for (name, grad) in present {
             let slot = self.slots.get_mut(&name).expect("name comes from the slots; this is a bug");
+            slot.steps += 1;
+            let t = slot.steps as i32;
+            let bias1 = 1.0 - c.beta1.powi(t);
+            let bias2 = 1.0 - c.beta2.powi(t);
             let lr = slot.group.lr * lr_scale;
             let update = FusedAdamW {
                 decay: (1.0 - lr * slot.group.weight_decay) as f32,
@@ -280,6 +294,24 @@ mod tests {
         step(&mut second, &resumed, &grads[2])?;
         assert_eq!(resumed.as_tensor().to_vec1::<f32>()?, straight.as_tensor().to_vec1::<f32>()?);
         assert_eq!(second.steps(), 3);
+        Ok(())
+    }
+
+    /// torch.optim.AdamW(lr=0.1, weight_decay=0) over parameters p = [1] and q = [2], where q has no gradient at
+    /// the first step (torch skips it, its step count stays 0): gradients p: 0.5, 0.3; q: -, 0.4. torch 2.13
+    /// gives p = 0.8042510151863098 and q = 1.899999976158142 (q's first update is a full lr step).
+    #[test]
+    fn each_parameter_counts_its_own_updates() -> Result<()> {
+        let p = Var::new(&[1f32], &Device::Cpu)?;
+        let q = Var::new(&[2f32], &Device::Cpu)?;
+        let group = ParamGroup { lr: 0.1, weight_decay: 0.0 };
+        let mut opt = AdamW::new([("p".to_string(), p.clone(), group), ("q".to_string(), q.clone(), group)], AdamWConfig::default());
+        let g = |v: f32| Tensor::new(&[v], &Device::Cpu);
+        opt.step(&BTreeMap::from([("p".to_string(), g(0.5)?)]), 1.0, None)?;
+        opt.step(&BTreeMap::from([("p".to_string(), g(0.3)?), ("q".to_string(), g(0.4)?)]), 1.0, None)?;
+        assert!((p.as_tensor().to_vec1::<f32>()?[0] - 0.804_251).abs() < 1e-5, "{:?}", p.as_tensor().to_vec1::<f32>()?);
+        assert!((q.as_tensor().to_vec1::<f32>()?[0] - 1.9).abs() < 1e-6, "{:?}", q.as_tensor().to_vec1::<f32>()?);
+        assert_eq!(opt.state().param_steps, BTreeMap::from([("p".to_string(), 2), ("q".to_string(), 1)]));
         Ok(())
     }
 

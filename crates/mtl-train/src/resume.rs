@@ -35,7 +35,8 @@ const PER_TASK: &str = "per-task";
 pub struct TaskBestState {
     pub epoch: usize,
     pub step: usize,
-    pub score: f64,
+    /// `None` for a score that is not a finite number (JSON has no such numbers).
+    pub score: Option<f64>,
 }
 
 /// The best evaluation so far, without its weights.
@@ -43,10 +44,12 @@ pub struct TaskBestState {
 pub struct BestState {
     pub epoch: usize,
     pub step: usize,
-    pub score: f64,
+    /// `None` when the evaluation had no finite selection score.
+    pub score: Option<f64>,
     /// Scores with NaN (undefined metrics) written as null.
     pub scores: BTreeMap<String, BTreeMap<String, Option<f64>>>,
     pub reports: BTreeMap<String, mtl_metrics::ClassificationReport<String>>,
+    pub confusions: BTreeMap<String, (Vec<String>, Vec<Vec<usize>>)>,
 }
 
 impl BestState {
@@ -56,7 +59,7 @@ impl BestState {
             .iter()
             .map(|(g, m)| (g.clone(), m.iter().map(|(k, v)| (k.clone(), v.unwrap_or(f64::NAN))).collect()))
             .collect();
-        Evaluation { scores, reports: self.reports.clone(), confusions: BTreeMap::new() }
+        Evaluation { scores, reports: self.reports.clone(), confusions: self.confusions.clone() }
     }
 
     pub fn scores_of(eval: &Evaluation) -> BTreeMap<String, BTreeMap<String, Option<f64>>> {
@@ -77,6 +80,10 @@ pub struct TrainState {
     pub next_batch: usize,
     pub skipped: usize,
     pub optimizer_steps: u64,
+    /// Each parameter's AdamW update count.
+    pub param_steps: BTreeMap<String, u64>,
+    /// Whether all weights are kept at each task's best (`--select per-task`); a resume must agree.
+    pub keep_per_task_models: bool,
     /// The dropout generator's word position, in decimal (JSON numbers cannot hold a u128).
     pub dropout_position: String,
     pub weighting: serde_json::Value,

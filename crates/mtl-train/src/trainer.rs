@@ -260,7 +260,7 @@ impl Selection {
             Some(b) => Some(Best {
                 epoch: b.epoch,
                 step: b.step,
-                score: b.score,
+                score: b.score.unwrap_or(f64::NEG_INFINITY),
                 eval: b.evaluation(),
                 weights: tensors.best.take().ok_or_else(|| TrainError::Invalid {
                     path: "checkpoint".into(),
@@ -276,7 +276,8 @@ impl Selection {
                 let prefix = format!("heads.{task}.");
                 let head = tensors.heads.iter().filter(|(n, _)| n.starts_with(&prefix)).map(|(n, t)| (n.clone(), t.clone())).collect();
                 let model = tensors.per_task.remove(task);
-                (task.clone(), TaskBest { epoch: b.epoch, step: b.step, score: b.score, head, model })
+                let score = b.score.unwrap_or(f64::NEG_INFINITY);
+                (task.clone(), TaskBest { epoch: b.epoch, step: b.step, score, head, model })
             })
             .collect();
         Ok(Self { best, since_best: state.since_best, per_task, last_step: state.last_eval_step })
@@ -367,7 +368,17 @@ impl Trainer<'_> {
                 });
             }
             self.restore(&tensors.model)?;
-            optimizer.load_state(crate::AdamWState { step: state.optimizer_steps, moments: std::mem::take(&mut tensors.moments) })?;
+            if state.keep_per_task_models != self.keep_per_task_models {
+                return Err(TrainError::Invalid {
+                    path: out.to_owned(),
+                    message: "the run was started with a different --select; resume with the same one".into(),
+                });
+            }
+            optimizer.load_state(crate::AdamWState {
+                step: state.optimizer_steps,
+                moments: std::mem::take(&mut tensors.moments),
+                param_steps: state.param_steps.clone(),
+            })?;
             weighting.load_state(&state.weighting)?;
             let position = state.dropout_position.parse::<u128>().map_err(|e| TrainError::Invalid {
                 path: out.to_owned(),
@@ -392,21 +403,26 @@ impl Trainer<'_> {
                 next_batch,
                 skipped,
                 optimizer_steps: moments.step,
+                param_steps: moments.param_steps,
+                keep_per_task_models: self.keep_per_task_models,
                 dropout_position: self.model.dropout().position().to_string(),
                 weighting: weighting.state(),
                 best: selection.best.as_ref().map(|b| resume::BestState {
                     epoch: b.epoch,
                     step: b.step,
-                    score: b.score,
+                    score: b.score.is_finite().then_some(b.score),
                     scores: resume::BestState::scores_of(&b.eval),
                     reports: b.eval.reports.clone(),
+                    confusions: b.eval.confusions.clone(),
                 }),
                 since_best: selection.since_best,
                 last_eval_step: selection.last_step,
                 per_task: selection
                     .per_task
                     .iter()
-                    .map(|(t, b)| (t.clone(), resume::TaskBestState { epoch: b.epoch, step: b.step, score: b.score }))
+                    .map(|(t, b)| {
+                        (t.clone(), resume::TaskBestState { epoch: b.epoch, step: b.step, score: b.score.is_finite().then_some(b.score) })
+                    })
                     .collect(),
                 config: self.config.to_toml(),
                 reports,
@@ -492,16 +508,23 @@ impl Trainer<'_> {
                     let weights = weighting.weights();
                     let taken = std::mem::take(&mut pending);
                     step += 1;
-                    let Some((mut grads, losses, norms, cosines)) = taken.finish()? else { continue };
-                    grads.retain(|name, _| !is_frozen(name, self.config, num_layers, step - 1));
                     let scale = lr_scale(t.schedule, step - 1, warmup, total_steps);
-                    let info = optimizer.step(&grads, scale, t.grad_clip)?;
-                    if !info.applied {
-                        skipped += 1;
-                        check_skipped(skipped, t.max_skipped_steps, step)?;
-                    } else {
-                        weighting.observe(&StepLosses { losses: losses.clone(), grad_norms: norms });
-                    }
+                    // A step whose batches all had no label or a non-finite loss updates nothing, but is still
+                    // reported, evaluated and checkpointed like any other.
+                    let (losses, grad_norm, cosines) = match taken.finish()? {
+                        Some((mut grads, losses, norms, cosines)) => {
+                            grads.retain(|name, _| !is_frozen(name, self.config, num_layers, step - 1));
+                            let info = optimizer.step(&grads, scale, t.grad_clip)?;
+                            if !info.applied {
+                                skipped += 1;
+                                check_skipped(skipped, t.max_skipped_steps, step)?;
+                            } else {
+                                weighting.observe(&StepLosses { losses: losses.clone(), grad_norms: norms });
+                            }
+                            (losses, info.grad_norm, cosines)
+                        }
+                        None => (BTreeMap::new(), 0.0, None),
+                    };
                     let report = StepReport {
                         epoch,
                         step,
@@ -509,7 +532,7 @@ impl Trainer<'_> {
                         losses: losses.iter().map(|(k, v)| (k.clone(), *v as f32)).collect(),
                         weights,
                         lr: t.lr * scale,
-                        grad_norm: info.grad_norm,
+                        grad_norm,
                         skipped,
                         grad_cosines: cosines,
                     };
@@ -522,7 +545,9 @@ impl Trainer<'_> {
                             return Ok(true);
                         }
                     }
-                    if t.checkpoint_every.is_some_and(|every| step % every == 0) {
+                    // At an epoch's last batch the end-of-epoch checkpoint follows, after its evaluation.
+                    let last = i + 1 == batches_in_epoch && epoch < t.epochs;
+                    if !last && t.checkpoint_every.is_some_and(|every| step % every == 0) {
                         save(step, epoch, i + 1, skipped, reports, &optimizer, weighting.as_ref(), &selection)?;
                     }
                 }
@@ -599,7 +624,7 @@ impl Trainer<'_> {
         let eval = self.evaluate(dev)?;
         selection.last_step = Some(step);
         let scores: &Scores = &eval.scores;
-        let score = selection_score(scores, t.select_metric.as_deref(), self.config);
+        let score = selection_score(scores, t.select_metric.as_deref(), self.config).filter(|s| s.is_finite());
         let is_best = match (&selection.best, score) {
             (None, _) => true,
             (Some(best), Some(s)) => s > best.score,
@@ -611,7 +636,7 @@ impl Trainer<'_> {
         }
         *reports += 1;
         for task in self.config.tasks.keys() {
-            let Some(s) = task_score(scores, task, self.config) else { continue };
+            let Some(s) = task_score(scores, task, self.config).filter(|s| s.is_finite()) else { continue };
             if selection.per_task.get(task).is_some_and(|b| s <= b.score) {
                 continue;
             }

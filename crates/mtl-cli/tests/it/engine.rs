@@ -170,18 +170,9 @@ fn log_without_time(p: &Project, run: &str) -> Result<Vec<Value>, Box<dyn std::e
         .collect()
 }
 
-/// A run killed with SIGKILL at a random moment after its first checkpoint, then continued with `--resume`,
-/// ends with the metrics and weights of a run that was never interrupted.
-#[test]
-fn killed_run_resumes_exactly() -> TestResult {
-    let p = Project::new()?;
-    let sets = [
-        "training.epochs=12",
-        "training.checkpoint_every=1",
-        "training.eval_every=3",
-        "training.weighting.method=\"uncertainty\"",
-        "training.grad_accumulation=1",
-    ];
+/// Trains `name` straight, then again killed with SIGKILL at a random moment after its first checkpoint and
+/// continued with `--resume`: both must end with the same metrics, weights and log.
+fn kill_and_resume(p: &Project, name: &str, sets: &[&str]) -> TestResult {
     let args = |out: &str| -> Vec<String> {
         let mut a: Vec<String> = ["train", "config.toml", "--out", out].iter().map(|s| s.to_string()).collect();
         for s in sets {
@@ -195,14 +186,14 @@ fn killed_run_resumes_exactly() -> TestResult {
         let a: Vec<&str> = a.iter().map(String::as_str).collect();
         Ok(p.mtl(&a)?)
     };
-    let o = run("straight", &[])?;
+    let straight = format!("{name}-straight");
+    let o = run(&straight, &[])?;
     assert!(o.status.success(), "{}", stderr(&o));
-    assert!(!p.path("straight/checkpoint-00000001").exists(), "training checkpoints are removed at the end");
+    assert!(!p.path(&straight).join("checkpoint-00000001").exists(), "training checkpoints are removed at the end");
 
     let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.subsec_nanos();
-    let mut killed_after = None;
     for attempt in 0..20u32 {
-        let out = format!("killed{attempt}");
+        let out = format!("{name}-killed{attempt}");
         let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_mtl"));
         cmd.args(args(&out)).current_dir(p.dir.path()).env("MTL_LOG", "warn");
         cmd.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null());
@@ -222,19 +213,35 @@ fn killed_run_resumes_exactly() -> TestResult {
             continue; // it finished before the kill; try again with another delay
         }
         let o = run(&out, &["--resume"])?;
-        assert!(o.status.success(), "resume after {delay} µs: {}", stderr(&o));
-        assert_eq!(metrics_without_time(&p, &out)?, metrics_without_time(&p, "straight")?, "killed {delay} µs after the first checkpoint");
-        assert_eq!(std::fs::read(p.path(&out).join("model.safetensors"))?, std::fs::read(p.path("straight/model.safetensors"))?);
-        assert_eq!(log_without_time(&p, &out)?, log_without_time(&p, "straight")?, "the log reads as one run");
-        killed_after = Some(delay);
-        break;
+        assert!(o.status.success(), "{name}: resume after {delay} µs: {}", stderr(&o));
+        let context = format!("{name}: killed {delay} µs after the first checkpoint");
+        assert_eq!(metrics_without_time(p, &out)?, metrics_without_time(p, &straight)?, "{context}");
+        assert_eq!(std::fs::read(p.path(&out).join("model.safetensors"))?, std::fs::read(p.path(&straight).join("model.safetensors"))?, "{context}");
+        assert_eq!(log_without_time(p, &out)?, log_without_time(p, &straight)?, "{context}: the log reads as one run");
+        return Ok(());
     }
-    assert!(killed_after.is_some(), "every run finished before it could be killed");
+    panic!("{name}: every run finished before it could be killed");
+}
 
-    // Resuming needs a checkpoint, and a finished run cannot be resumed.
-    let o = run("straight", &["--resume"])?;
+/// Killed runs resume exactly, whatever state their weighting, surgery or sampler keeps.
+#[test]
+fn killed_runs_resume_exactly() -> TestResult {
+    let p = Project::new()?;
+    let common = ["training.epochs=12", "training.checkpoint_every=1", "training.eval_every=3"];
+    let runs: &[(&str, &[&str])] = &[
+        ("uncertainty", &["training.weighting.method=\"uncertainty\""]),
+        ("dwa-pcgrad", &["training.weighting.method=\"dwa\"", "training.weighting.period=2", "training.surgery.method=\"pcgrad\""]),
+        ("gradnorm-accumulated", &["training.weighting.method=\"grad_norm\"", "training.grad_accumulation=2", "training.diagnostics_every=1"]),
+        ("sampled", &["training.sampling.plan=\"sampled\"", "training.sampling.sampler=\"annealed\"", "training.freeze.unfreeze_every=3"]),
+    ];
+    for (name, sets) in runs {
+        let all: Vec<&str> = common.iter().chain(sets.iter()).copied().collect();
+        kill_and_resume(&p, name, &all)?;
+    }
+    // Resuming needs a checkpoint, a finished run cannot be resumed, and --select must not change.
+    let o = p.mtl(&["train", "config.toml", "--out", "uncertainty-straight", "--resume"])?;
     assert!(!o.status.success() && stderr(&o).contains("this run has finished"), "{}", stderr(&o));
-    let o = run("nothing", &["--resume"])?;
+    let o = p.mtl(&["train", "config.toml", "--out", "nothing", "--resume"])?;
     assert!(!o.status.success() && stderr(&o).contains("nothing to resume"), "{}", stderr(&o));
     Ok(())
 }

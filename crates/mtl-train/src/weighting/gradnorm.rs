@@ -6,7 +6,8 @@
 //! `r_k = L̃_k / mean(L̃)` the relative inverse training rate with `L̃_k = L_k / L_k(0)`, the weights take an
 //! Adam step (`weighting.lr`, 0.025 by default) on `Σ_k |G_k − Ḡ · r_k^α|`, the target held constant. They
 //! are then clamped to at least 0.001 and renormalised to sum to the number of tasks. `L_k(0)` is the task's
-//! loss at the first step that trains it. A step updates the weights of the tasks it trained only.
+//! loss at the first step that trains it. A step updates the weights of the tasks it trained only, and only
+//! when it trained two or more.
 
 use std::collections::BTreeMap;
 
@@ -68,6 +69,9 @@ impl LossWeighting for GradNorm {
             let slot = self.slots.get_mut(*task).expect("filtered on the slots");
             slot.initial_loss.get_or_insert(step.losses[*task]);
         }
+        if tasks.len() < 2 {
+            return; // one task has nothing to be balanced against
+        }
         let inverse_rates: Vec<f64> = tasks
             .iter()
             .map(|t| {
@@ -82,7 +86,9 @@ impl LossWeighting for GradNorm {
             let slot = self.slots.get_mut(*task).expect("filtered on the slots");
             let g = norms[*task];
             // d|G_k − target| / dw_k, with G_k = w_k · ‖∇L_k‖.
-            let grad = (g - target).signum() * if slot.weight > 0.0 { g / slot.weight } else { 0.0 };
+            let diff = g - target;
+            let sign = if diff > 0.0 { 1.0 } else if diff < 0.0 { -1.0 } else { 0.0 };
+            let grad = sign * if slot.weight > 0.0 { g / slot.weight } else { 0.0 };
             slot.steps += 1;
             slot.m = BETA1 * slot.m + (1.0 - BETA1) * grad;
             slot.v = BETA2 * slot.v + (1.0 - BETA2) * grad * grad;
