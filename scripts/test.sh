@@ -22,6 +22,9 @@ if [ ! -x .venv-test/bin/python ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" 
 fi
 run=$(mktemp -d)
 trap 'rm -rf "$run"' EXIT
-target/release/mtl train tests/python/tiny-run.toml --out "$run/run" \
+target/release/mtl train tests/python/tiny-run.toml --out "$run/mixed" \
   --set training.diagnostics_every=2 > /dev/null 2>&1 || { echo "the tiny training run failed"; exit 1; }
-.venv-test/bin/python tests/python/check_tensorboard.py "$run/run"
+.venv-test/bin/python tests/python/check_tensorboard.py "$run/mixed"
+target/release/mtl train tests/python/tiny-run.toml --out "$run/sampled" --set 'training.sampling.plan="sampled"' \
+  --set 'training.sampling.sampler="annealed"' > /dev/null 2>&1 || { echo "the tiny training run failed"; exit 1; }
+.venv-test/bin/python tests/python/check_tensorboard.py "$run/sampled"

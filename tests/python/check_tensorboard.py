@@ -26,8 +26,8 @@ def expected(log):
     for r in log:
         step = r["step"]
         if r["type"] == "step":
-            for group, key in (("loss", "losses"), ("weight", "weights")):
-                for task, v in r[key].items():
+            for group, key in (("loss", "losses"), ("weight", "weights"), ("sampling", "sampling")):
+                for task, v in r.get(key, {}).items():
                     add(f"{group}/{task}", step, v)
             for a, b, v in r.get("grad_cosines", []):
                 add(f"grad_cosine/{a}-{b}", step, v)

@@ -44,6 +44,8 @@ pub struct StepReport {
     pub skipped: usize,
     /// On diagnostic steps, the cosine similarity of each pair of tasks' gradients on the shared parameters.
     pub grad_cosines: Option<Vec<(TaskId, TaskId, f64)>>,
+    /// Under the `sampled` plan, each task's probability of being drawn in this epoch.
+    pub sampling: Option<BTreeMap<TaskId, f64>>,
 }
 
 /// Sent after each epoch's dev evaluation.
@@ -116,6 +118,32 @@ pub struct Outcome {
 /// The example indices of one training step, and its task under the `sampled` plan.
 type Batch = (Vec<usize>, Option<TaskId>);
 
+/// The progress of training at `epoch` (from 1) as the samplers see it: 0 at the first epoch, 1 at the last.
+fn progress(epoch: usize, epochs: usize) -> f64 {
+    if epochs > 1 { (epoch - 1) as f64 / (epochs - 1) as f64 } else { 0.0 }
+}
+
+/// The task sampler of a config over the training examples of each task.
+fn task_sampler(train: &Dataset, config: &Config) -> Box<dyn sampling::TaskSampler> {
+    let t = &config.training;
+    let sizes: Vec<usize> =
+        config.tasks.keys().map(|task| train.examples.iter().filter(|e| e.labels.contains_key(task)).count()).collect();
+    let weights: Vec<f64> = config.tasks.keys().map(|task| t.sampling.weights.get(task).copied().unwrap_or(0.0)).collect();
+    sampling::sampler(&t.sampling, &sizes, weights)
+}
+
+/// Each epoch's sampling probabilities under the `sampled` plan (none under `mixed`), for the logs.
+fn sampling_probabilities(train: &Dataset, config: &Config) -> Vec<Option<BTreeMap<TaskId, f64>>> {
+    let t = &config.training;
+    if t.sampling.plan != StepPlan::Sampled {
+        return vec![None; t.epochs];
+    }
+    let sampler = task_sampler(train, config);
+    (1..=t.epochs)
+        .map(|epoch| Some(config.tasks.keys().cloned().zip(sampler.probabilities(progress(epoch, t.epochs))).collect()))
+        .collect()
+}
+
 /// Every epoch's steps under the `sampled` plan: each task's examples are batched on their own (as in
 /// single-task training), and each step trains the task the sampler draws, taking that task's next batch (a
 /// task whose batches run out starts a new seeded pass over its examples). An epoch has as many steps as all
@@ -128,8 +156,7 @@ fn sampled_epochs(train: &Dataset, lengths: &[usize], batching: &Batching, confi
         .map(|task| (0..train.examples.len()).filter(|&i| train.examples[i].labels.contains_key(*task)).collect())
         .collect();
     let sizes: Vec<usize> = members.iter().map(Vec::len).collect();
-    let weights: Vec<f64> = tasks.iter().map(|task| t.sampling.weights.get(*task).copied().unwrap_or(0.0)).collect();
-    let sampler = sampling::sampler(&t.sampling, &sizes, weights);
+    let sampler = task_sampler(train, config);
     // One seeded pass over a task's examples, cut into batches.
     let pass = |k: usize, epoch: usize, round: usize| -> Vec<Vec<usize>> {
         let own: Vec<usize> = members[k].iter().map(|&i| lengths[i]).collect();
@@ -143,9 +170,8 @@ fn sampled_epochs(train: &Dataset, lengths: &[usize], batching: &Batching, confi
                 (0..tasks.len()).map(|k| pass(k, epoch, 0).into()).collect();
             let mut rounds = vec![0; tasks.len()];
             let steps: usize = queues.iter().map(|q| q.len()).sum();
-            let progress = if t.epochs > 1 { (epoch - 1) as f64 / (t.epochs - 1) as f64 } else { 0.0 };
             let seed = t.seed ^ 0x5A3D_0000_0000 ^ epoch as u64;
-            let order = sampling::draw_tasks(sampler.as_ref(), progress, step, steps, seed);
+            let order = sampling::draw_tasks(sampler.as_ref(), progress(epoch, t.epochs), step, steps, seed);
             step += steps;
             order
                 .into_iter()
@@ -334,6 +360,7 @@ impl Trainer<'_> {
                 .collect(),
             StepPlan::Sampled => sampled_epochs(&splits.train, &lengths, &batching, self.config),
         };
+        let probabilities = sampling_probabilities(&splits.train, self.config);
         let accumulation = t.grad_accumulation;
         let total_steps: usize = epochs.iter().map(|e| e.len().div_ceil(accumulation)).sum();
         let steps_per_epoch = epochs.first().map_or(0, |e| e.len().div_ceil(accumulation));
@@ -535,6 +562,7 @@ impl Trainer<'_> {
                         grad_norm,
                         skipped,
                         grad_cosines: cosines,
+                        sampling: probabilities[epoch - 1].clone(),
                     };
                     for cb in callbacks.iter_mut() {
                         cb.on_step(&report);

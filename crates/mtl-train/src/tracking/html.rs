@@ -206,7 +206,12 @@ pub fn write_report(path: &Path, input: &ReportInput) -> std::io::Result<()> {
             mix.entry(t.clone()).or_default().push((x, n as f64 / chunk.len() as f64));
         }
     }
-    body.push_str("<h2>Task mix</h2><p>Share of the steps in each window that trained each task: the sampling probabilities as drawn (under the <code>mixed</code> plan, the share of batches holding the task).</p>");
+    let probabilities: Vec<(String, Vec<(f64, f64)>)> = step_series(log, "sampling").into_iter().collect();
+    if !probabilities.is_empty() {
+        body.push_str("<h2>Sampling probabilities</h2><p>Each task's probability of being drawn for a step (the <code>sampled</code> plan), per epoch.</p>");
+        body.push_str(&chart("sampling probability per task", "probability", &probabilities, Some((0.0, 1.05))));
+    }
+    body.push_str("<h2>Task mix</h2><p>Share of the steps in each window that trained each task: the draws of the sampler (under the <code>mixed</code> plan, the share of batches holding the task).</p>");
     body.push_str(&chart("share of steps per task", "share", &mix.into_iter().collect::<Vec<_>>(), Some((0.0, 1.05))));
 
     let mut cosines: BTreeMap<String, Vec<(f64, f64)>> = BTreeMap::new();

@@ -100,6 +100,7 @@ fn scalars(r: &Value) -> Vec<(String, f32)> {
         Some("step") => {
             each("loss", &r["losses"]);
             each("weight", &r["weights"]);
+            each("sampling", &r["sampling"]);
             if let Some(cos) = r["grad_cosines"].as_array() {
                 for c in cos {
                     if let (Some(a), Some(b), Some(v)) = (c[0].as_str(), c[1].as_str(), c[2].as_f64()) {
@@ -151,6 +152,9 @@ impl Callback for Tracker {
         });
         if let Some(c) = cosines {
             record["grad_cosines"] = json!(c);
+        }
+        if let Some(p) = &r.sampling {
+            record["sampling"] = json!(p);
         }
         self.write(record);
     }
