@@ -5,7 +5,8 @@
 # their test scores, mean, wall time (and the ratio to the first run's) beside the single-task baselines of
 # scripts/five-task-bench.sh (read from runs/five-task-bench when there).
 # Usage: scripts/strategies-bench.sh [OUT_DIR] [NAME ...]   (default runs/strategies, every strategy; runs
-# that finished are kept, so an interrupted comparison resumes where it stopped)
+# that finished are kept, so an interrupted comparison resumes where it stopped; TABLE_ONLY=1 prints the
+# table of the finished runs and trains nothing)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-runs/strategies}
@@ -24,16 +25,19 @@ temperature-2|training.sampling.plan="sampled" training.sampling.sampler="temper
 temperature-5|training.sampling.plan="sampled" training.sampling.sampler="temperature" training.sampling.temperature=5.0
 annealed|training.sampling.plan="sampled" training.sampling.sampler="annealed"
 '
+if [ -z "${TABLE_ONLY:-}" ]; then
 bash scripts/fetch.sh
 cargo build --release --quiet -p mtl-cli
+fi
 mkdir -p "$OUT"
 # A copy of the binary, so that rebuilding while the comparison runs cannot change it halfway.
-cp target/release/mtl "$OUT/mtl"
+[ -n "${TABLE_ONLY:-}" ] || cp target/release/mtl "$OUT/mtl"
 MTL=$OUT/mtl
 NAMES=()
 while IFS='|' read -r name sets; do
   [ -z "$name" ] && continue
   NAMES+=("$name")
+  if [ -n "${TABLE_ONLY:-}" ]; then continue; fi
   if [ $# -gt 0 ] && [[ ! " $* " == *" $name "* ]]; then continue; fi
   if [ -f "$OUT/$name/metrics.json" ]; then continue; fi
   rm -rf "$OUT/$name"
