@@ -37,6 +37,7 @@ pub struct BatchGrads {
 
 /// What a batch's gradient needs beyond the model.
 pub struct GradientPlan<'a> {
+    /// Every trained variable by name: the model's and the weighting's own.
     pub vars: &'a BTreeMap<String, Var>,
     pub weighting: &'a dyn LossWeighting,
     pub surgery: Option<&'a dyn GradientSurgery>,
@@ -77,19 +78,18 @@ pub fn batch_grads(model: &MultiTaskModel, batch: &HostBatch, plan: &GradientPla
         return Ok(BatchOutcome::NonFinite);
     }
     let named_losses: Vec<(TaskId, Tensor)> = losses.iter().map(|l| (l.task.clone(), l.loss.clone())).collect();
-    let mut vars = plan.vars.clone();
-    vars.extend(plan.weighting.vars());
+    let vars = plan.vars;
     let terms = plan.weighting.terms(&named_losses)?;
     if !per_task || terms.len() < 2 {
         let total = terms.into_iter().reduce(|a, b| (a + b).expect("scalar terms add; this is a bug")).expect("non-empty");
-        let grads = named(&model.backward(&total)?, &vars);
+        let grads = named(&model.backward(&total)?, vars);
         let norms = per_task.then(|| {
             let n = top_layer_norm(&grads, plan.num_layers);
             values.keys().map(|t| (t.clone(), n)).collect()
         });
         return Ok(BatchOutcome::Grads(BatchGrads { grads, losses: values, top_layer_norms: norms, cosines: None }));
     }
-    let task_grads: Vec<Grads> = terms.iter().map(|t| Ok(named(&model.backward(t)?, &vars))).collect::<Result<_>>()?;
+    let task_grads: Vec<Grads> = terms.iter().map(|t| Ok(named(&model.backward(t)?, vars))).collect::<Result<_>>()?;
     let tasks: Vec<TaskId> = named_losses.into_iter().map(|(t, _)| t).collect();
     combine_tasks(model, plan, tasks, task_grads, values).map(BatchOutcome::Grads)
 }
@@ -99,8 +99,7 @@ pub fn batch_grads(model: &MultiTaskModel, batch: &HostBatch, plan: &GradientPla
 /// as from the whole batch (up to dropout masks), at the cost of one pass over the batch rather than one per
 /// task.
 pub fn split_batch_grads(model: &MultiTaskModel, batches: &[HostBatch], plan: &GradientPlan) -> Result<BatchOutcome> {
-    let mut vars = plan.vars.clone();
-    vars.extend(plan.weighting.vars());
+    let vars = plan.vars;
     let (mut tasks, mut task_grads, mut values) = (Vec::new(), Vec::new(), BTreeMap::new());
     for batch in batches {
         for loss in model.losses(batch, Mode::Train)? {
@@ -109,7 +108,7 @@ pub fn split_batch_grads(model: &MultiTaskModel, batches: &[HostBatch], plan: &G
                 return Ok(BatchOutcome::NonFinite);
             }
             let term = plan.weighting.terms(&[(loss.task.clone(), loss.loss)])?.remove(0);
-            task_grads.push(named(&model.backward(&term)?, &vars));
+            task_grads.push(named(&model.backward(&term)?, vars));
             values.insert(loss.task.clone(), value);
             tasks.push(loss.task);
         }

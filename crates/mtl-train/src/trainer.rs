@@ -369,8 +369,11 @@ impl Trainer<'_> {
         let mut weighting = weighting::weighting(self.config, steps_per_epoch, self.model.device())?;
         let surgery = surgery::surgery(&t.surgery, t.seed);
         let split_by_task = weighting.needs_grad_norms() || surgery.is_some();
-        let vars = self.model.params().vars();
-        let trained = vars.iter().map(|(n, v)| (n.clone(), v.clone())).chain(weighting.vars());
+        // Every trained variable: the model's and the weighting's own (uncertainty's log-variances).
+        let all_vars: BTreeMap<String, candle_core::Var> =
+            self.model.params().vars().iter().map(|(n, v)| (n.clone(), v.clone())).chain(weighting.vars()).collect();
+        let vars = &all_vars;
+        let trained = all_vars.iter().map(|(n, v)| (n.clone(), v.clone()));
         let mut optimizer = AdamW::new(
             trained.map(|(name, var)| {
                 let group = param_group(&name, self.config, num_layers);
