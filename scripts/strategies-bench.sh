@@ -20,6 +20,7 @@ dwa|training.sampling.plan="mixed" training.weighting.method="dwa" training.weig
 gradnorm|training.sampling.plan="mixed" training.weighting.method="grad_norm" training.diagnostics_every=200
 pcgrad|training.sampling.plan="mixed" training.surgery.method="pcgrad" training.diagnostics_every=200
 cagrad|training.sampling.plan="mixed" training.surgery.method="cagrad" training.diagnostics_every=200
+intensity-x2|training.sampling.plan="mixed" training.weighting.weights.intensity=2.0 training.diagnostics_every=200
 proportional|training.sampling.plan="sampled" training.sampling.sampler="proportional"
 temperature-2|training.sampling.plan="sampled" training.sampling.sampler="temperature" training.sampling.temperature=2.0
 temperature-5|training.sampling.plan="sampled" training.sampling.sampler="temperature" training.sampling.temperature=5.0
