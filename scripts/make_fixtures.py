@@ -10,6 +10,10 @@ It writes:
                         tokenizer.json (fixed padding/truncation at 16, like the default model's), and reference.json with
                         input ids, attention mask, transformers' last_hidden_state, and, for a [CLS] linear
                         head with cross-entropy (dropout off), the loss and each parameter's gradient L2 norm
+  tiny-bert/lora.*      two LoRA adapters made with peft 0.21.0 (r 4, alpha 8, on all six linear layers of
+                        both blocks, random weights) in lora.safetensors, and in lora.json each adapter's
+                        last_hidden_state, a mixed batch's (PEFT's adapter_names, one adapter per row), and a
+                        [CLS] head's loss with the gradient norm of each LoRA parameter of adapter "intent"
   minilm-reference.json transformers' tokenization and last_hidden_state of all-MiniLM-L6-v2 on three
                         sentences (pretokenized words, as the token tasks feed them)
   seqeval.json          random BIO tag sequences with seqeval's precision/recall/f1/accuracy (default mode)
@@ -33,7 +37,7 @@ It writes:
                         scipy.optimize.minimize (SLSQP) exactly as the authors' code finds them, rescale = 1
 The tests themselves need none of these packages. `python scripts/make_fixtures.py metrics` writes only the
 metric fixtures (no torch needed for them, only scikit-learn, scipy and seqeval); `... weighting` writes only
-the last three.
+the last three, and `... lora` only tiny-bert/lora.*.
 """
 import json
 import random
@@ -410,6 +414,62 @@ def cagrad_fixture():
     (OUT / "cagrad.json").write_text(json.dumps(cases))
 
 
+def lora_fixture():
+    """Two LoRA adapters (PEFT), `intent` and `slots`, on tiny-bert, on every linear layer of both blocks, with random weights."""
+    from peft import LoraConfig, get_peft_model
+
+    d = OUT / "tiny-bert"
+    base = BertModel.from_pretrained(d, add_pooling_layer=False).eval()
+    # "dense" matches attention.output.dense, intermediate.dense and output.dense (PEFT matches name suffixes).
+    config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["query", "key", "value", "dense"])
+    model = get_peft_model(base, config, adapter_name="intent")
+    model.add_adapter("slots", config)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(0.2 * torch.randn_like(p))
+    state = {k.removeprefix("base_model.model."): v.detach().contiguous()
+             for k, v in model.state_dict().items() if "lora_" in k}
+    save_file(state, d / "lora.safetensors")
+
+    ids = torch.tensor([[2, 7, 9, 11, 3, 0, 0], [2, 5, 6, 7, 8, 9, 3], [2, 15, 14, 9, 3, 0, 0]])
+    mask = (ids != 0).long()
+    model.eval()
+    hidden = {}
+    for adapter in ["intent", "slots"]:
+        model.set_adapter(adapter)
+        with torch.no_grad():
+            hidden[adapter] = model(input_ids=ids, attention_mask=mask).last_hidden_state.tolist()
+    with torch.no_grad():
+        mixed = model(input_ids=ids, attention_mask=mask, adapter_names=["intent", "slots", "intent"]).last_hidden_state
+
+    # A [CLS] head on adapter "intent": the loss and the gradient norm of each of its LoRA parameters.
+    model.set_adapter("intent")
+    head = torch.nn.Linear(32, 3)
+    with torch.no_grad():
+        head.weight.copy_(torch.linspace(-0.5, 0.5, 96).reshape(3, 32))
+        head.bias.copy_(torch.tensor([0.1, -0.2, 0.3]))
+    labels = torch.tensor([2, 0, 1])
+    out = model(input_ids=ids, attention_mask=mask).last_hidden_state
+    loss = torch.nn.functional.cross_entropy(head(out[:, 0]), labels)
+    loss.backward()
+    grads = {k.removeprefix("base_model.model."): p.grad.norm().item()
+             for k, p in model.named_parameters() if "lora_" in k and ".intent." in k}
+    ref = {
+        "input_ids": ids.tolist(),
+        "attention_mask": mask.tolist(),
+        "r": 4, "alpha": 8,
+        "hidden": hidden,
+        "mixed_adapters": ["intent", "slots", "intent"],
+        "mixed": mixed.tolist(),
+        "head": {"weight": head.weight.detach().tolist(), "bias": head.bias.detach().tolist(),
+                 "labels": labels.tolist(), "loss": loss.item()},
+        "grad_norms": grads,
+    }
+    (d / "lora.json").write_text(json.dumps(ref))
+
+
 def weighting_fixtures():
     gradnorm_fixture()
     pcgrad_fixture()
@@ -431,10 +491,13 @@ if __name__ == "__main__":
     OUT.mkdir(parents=True, exist_ok=True)
     if sys.argv[1:] == ["weighting"]:
         weighting_fixtures()
+    elif sys.argv[1:] == ["lora"]:
+        lora_fixture()
     elif sys.argv[1:] == ["metrics"]:
         metric_fixtures()
     else:
         tiny_bert()
+        lora_fixture()
         minilm()
         qa_windows_fixture()
         metric_fixtures()

@@ -6,10 +6,10 @@ use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
-use mtl_config::{Config, Split};
+use mtl_config::{Config, PeftMethod, Split};
 use mtl_core::{TaskId, TaskKind};
 use mtl_data::{Dataset, Example, Input, LabelMap, Location, TextEncoder};
-use mtl_nn::{BertConfig, HeadSpec, ModelSpec, MultiTaskModel};
+use mtl_nn::{BertConfig, HeadSpec, LoraSpec, ModelSpec, MultiTaskModel, SHARED_ADAPTER};
 use mtl_train::checkpoint::{self, CheckpointFiles};
 use mtl_train::{resume, tracking};
 use mtl_train::heads::head_specs;
@@ -35,8 +35,28 @@ pub fn run(cli: Cli) -> Result<()> {
     }
 }
 
-fn model_spec<'a>(config: &Config, bert: &'a BertConfig, tasks: &'a BTreeMap<TaskId, HeadSpec>) -> ModelSpec<'a> {
-    ModelSpec { bert, tasks, dropout: config.training.dropout as f32, seed: config.training.seed }
+fn model_spec<'a>(
+    config: &Config,
+    bert: &'a BertConfig,
+    tasks: &'a BTreeMap<TaskId, HeadSpec>,
+    lora: Option<&'a LoraSpec>,
+) -> ModelSpec<'a> {
+    ModelSpec { bert, tasks, dropout: config.training.dropout as f32, seed: config.training.seed, lora }
+}
+
+/// LoRA as `[peft]` asks for it: one adapter shared by every task, or one per task.
+fn lora_spec(config: &Config) -> Option<LoraSpec> {
+    let p = &config.peft;
+    (p.method == PeftMethod::Lora).then(|| LoraSpec {
+        r: p.r,
+        alpha: p.alpha,
+        dropout: p.dropout as f32,
+        targets: p.target_modules.clone(),
+        adapters: match p.per_task {
+            true => config.tasks.keys().map(|t| t.to_string()).collect(),
+            false => vec![SHARED_ADAPTER.to_string()],
+        },
+    })
 }
 
 fn require_file(path: &Path, what: &str) -> Result<()> {
@@ -182,14 +202,23 @@ fn train_one(config: &Config, out: &Path, select: Select, resume: bool) -> Resul
         test: load_split(&config, Split::Test, &encoder, &labels)?,
     };
     let sizes = head_specs(&config, &labels);
+    let lora = lora_spec(&config);
     let model = MultiTaskModel::load(
-        &model_spec(&config, &bert, &sizes),
+        &model_spec(&config, &bert, &sizes, lora.as_ref()),
         &base.join("model.safetensors"),
         false,
         &Device::Cpu,
     )?;
+    let trained: usize = model
+        .params()
+        .vars()
+        .iter()
+        .filter(|(n, _)| !mtl_train::groups::is_frozen(n, &config, bert.num_hidden_layers, usize::MAX))
+        .map(|(_, v)| v.elem_count())
+        .sum();
     tracing::info!(
         params = model.params().num_params(),
+        trained,
         train = splits.train.len(),
         dev = splits.dev.as_ref().map_or(0, Dataset::len),
         test = splits.test.as_ref().map_or(0, Dataset::len),
@@ -333,7 +362,9 @@ struct Loaded {
 
 fn load_checkpoint(dir: &Path) -> Result<Loaded> {
     let (config, labels) = checkpoint::read_meta(dir)?;
-    for name in [checkpoint::MODEL_CONFIG, checkpoint::WEIGHTS, checkpoint::TOKENIZER] {
+    let base = checkpoint::base_weights(dir)?;
+    let weights = if base.is_some() { checkpoint::ADAPTERS } else { checkpoint::WEIGHTS };
+    for name in [checkpoint::MODEL_CONFIG, weights, checkpoint::TOKENIZER] {
         require_file(&dir.join(name), "checkpoint file")?;
     }
     let bert = BertConfig::from_file(&dir.join(checkpoint::MODEL_CONFIG))?;
@@ -342,8 +373,19 @@ fn load_checkpoint(dir: &Path) -> Result<Loaded> {
         config.model.max_len.min(bert.max_position_embeddings),
     )?;
     let sizes = head_specs(&config, &labels);
-    let model =
-        MultiTaskModel::load(&model_spec(&config, &bert, &sizes), &dir.join(checkpoint::WEIGHTS), true, &Device::Cpu)?;
+    let lora = lora_spec(&config);
+    let spec = model_spec(&config, &bert, &sizes, lora.as_ref());
+    let model = match base {
+        Some(base) => {
+            let mut model = MultiTaskModel::load_with_adapters(&spec, &base, &dir.join(checkpoint::ADAPTERS), &Device::Cpu)?;
+            // One shared adapter merges into the weights: the plain encoder's speed.
+            if lora.as_ref().is_some_and(|l| !l.per_task()) {
+                model.merge_lora(0)?;
+            }
+            model
+        }
+        None => MultiTaskModel::load(&spec, &dir.join(checkpoint::WEIGHTS), true, &Device::Cpu)?,
+    };
     Ok(Loaded { config, labels, encoder, model })
 }
 

@@ -10,8 +10,10 @@ use std::path::{Path, PathBuf};
 use mtl_core::{TaskId, TaskKind};
 use serde::{Deserialize, Serialize};
 
+mod peft;
 mod recipe;
 
+pub use peft::{PeftConfig, PeftMethod};
 pub use recipe::{
     FreezeConfig, ReportOnly, Schedule, ScoreWeight, ScoreWeights, SurgeryConfig, SurgeryMethod, WeightingConfig,
     WeightingMethod,
@@ -39,6 +41,9 @@ pub struct Config {
     /// Groups of tasks whose predictions are scored together on shared examples.
     #[serde(default)]
     pub joint: JointConfig,
+    /// Parameter-efficient tuning (LoRA), off by default.
+    #[serde(default)]
+    pub peft: PeftConfig,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -792,6 +797,7 @@ impl Config {
             }
         }
         recipe::validate(self, path)?;
+        peft::validate(self, path)?;
         if let Some(metric) = &t.select_metric {
             let valid = self.metric_names();
             if !valid.contains(metric) {
@@ -1016,6 +1022,42 @@ frame = ["intent", "slots"]
         let w = &c.training.score_weights.as_ref().expect("set")[&TaskId::new("slots").expect("valid")];
         assert_eq!(w["f1"].weight(), Some(2.0));
         assert_eq!(w["precision"].weight(), None);
+    }
+
+    #[test]
+    fn peft_errors_snapshot() {
+        let lora = "peft.method=\"lora\"";
+        let cases: &[(&[&str], &str)] = &[
+            (
+                &["peft.method=\"ia3\""],
+                "invalid override `peft.method=\"ia3\"`: unknown variant `ia3`, expected `none` or `lora`",
+            ),
+            (
+                &[lora, "peft.target_modules=[\"query\", \"dense\"]"],
+                "invalid override `peft.method=\"lora\" peft.target_modules=[\"query\", \"dense\"]`: unknown variant `dense`, expected one of `query`, `key`, `value`, `attention_output`, `intermediate`, `output`",
+            ),
+            (&["peft.per_task=true"], "invalid config run.toml: field `peft.per_task`: needs a method (`peft.method = \"lora\"`)"),
+            (&[lora, "peft.r=0"], "invalid config run.toml: field `peft.r`: must be at least 1"),
+            (&[lora, "peft.dropout=1.0"], "invalid config run.toml: field `peft.dropout`: must be in [0, 1), got 1"),
+            (&[lora, "peft.target_modules=[]"], "invalid config run.toml: field `peft.target_modules`: name at least one of query, key, value, attention_output, intermediate, output"),
+            (&[lora, "peft.target_modules=[\"key\", \"key\"]"], "invalid config run.toml: field `peft.target_modules`: lists a module twice"),
+            (
+                &[lora, "training.freeze.layers=2"],
+                "invalid config run.toml: field `training.freeze`: with `[peft]` the pretrained backbone is frozen already; remove `training.freeze`",
+            ),
+            (
+                &[lora, "peft.per_task=true", "training.surgery.method=\"pcgrad\""],
+                "invalid config run.toml: field `training.surgery.method`: compares the tasks' gradients on shared parameters, and with per-task adapters no trained parameter is shared",
+            ),
+        ];
+        for (overrides, want) in cases {
+            let got = parse(MINIMAL, overrides).expect_err("invalid").to_string();
+            assert_eq!(&got, want, "for {overrides:?}");
+        }
+        let c = parse(MINIMAL, &[lora, "peft.per_task=true", "peft.target_modules=[\"query\", \"output\"]"]).expect("valid");
+        assert!(c.peft.enabled() && c.peft.per_task);
+        assert_eq!(c.peft.target_modules, vec![mtl_core::LinearModule::Query, mtl_core::LinearModule::Output]);
+        assert_eq!((c.peft.r, c.peft.alpha, c.peft.dropout), (8, 16.0, 0.1), "PEFT-like defaults");
     }
 
     #[test]

@@ -93,6 +93,38 @@ impl TaskKind {
     }
 }
 
+/// The linear layers of a transformer block that parameter-efficient methods attach to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LinearModule {
+    Query,
+    Key,
+    Value,
+    /// The attention block's output projection.
+    AttentionOutput,
+    /// The feed-forward block's first layer (hidden → intermediate).
+    Intermediate,
+    /// The feed-forward block's second layer (intermediate → hidden).
+    Output,
+}
+
+impl LinearModule {
+    pub const ALL: [Self; 6] =
+        [Self::Query, Self::Key, Self::Value, Self::AttentionOutput, Self::Intermediate, Self::Output];
+
+    /// Its path inside a BERT layer, as in `transformers`' state dict (`encoder.layer.N.` + this).
+    pub fn bert_path(self) -> &'static str {
+        match self {
+            Self::Query => "attention.self.query",
+            Self::Key => "attention.self.key",
+            Self::Value => "attention.self.value",
+            Self::AttentionOutput => "attention.output.dense",
+            Self::Intermediate => "intermediate.dense",
+            Self::Output => "output.dense",
+        }
+    }
+}
+
 /// Whether a forward pass trains (dropout active) or evaluates (dropout off).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Mode {

@@ -4,17 +4,19 @@
 //! dict, so a Hugging Face `model.safetensors` loads as is. The pooler is not part of the model: the
 //! heads read the [CLS] state directly.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use candle_core::Tensor;
-use mtl_core::Mode;
+use mtl_core::{LinearModule, Mode};
 use serde::{Deserialize, Serialize};
 
 use crate::attention::{self, AttentionSpec};
 use crate::cpu::encoder::{Dims, FusedEncoder, GradSink, LayerDropout, LayerParams};
 use crate::layers::{DropoutRng, LayerNorm, Linear};
 use crate::params::{Init, ParamBuilder};
+use crate::peft::{self, LoraLayer, LoraPass, LoraSpec, Route};
 use crate::{NnError, Result};
 
 /// The fields of a Hugging Face BERT `config.json` that the encoder uses; other keys are ignored.
@@ -98,6 +100,27 @@ struct Layer {
     intermediate: Linear,
     output: Linear,
     out_norm: LayerNorm,
+    /// LoRA beside some of the linear layers.
+    lora: BTreeMap<LinearModule, LoraLayer>,
+}
+
+impl Layer {
+    /// The same layer whose pretrained parameters are constants for autograd (a frozen base).
+    fn detached(&self) -> Self {
+        let lin = |l: &Linear| Linear { weight: l.weight.detach(), bias: l.bias.detach() };
+        let norm = |n: &LayerNorm| LayerNorm { weight: n.weight.detach(), bias: n.bias.detach(), eps: n.eps };
+        Self {
+            query: lin(&self.query),
+            key: lin(&self.key),
+            value: lin(&self.value),
+            attn_out: lin(&self.attn_out),
+            attn_norm: norm(&self.attn_norm),
+            intermediate: lin(&self.intermediate),
+            output: lin(&self.output),
+            out_norm: norm(&self.out_norm),
+            lora: self.lora.clone(),
+        }
+    }
 }
 
 /// Which implementation runs the transformer layers.
@@ -123,6 +146,10 @@ pub struct Bert {
     grads: GradSink,
     /// Whether forward passes from now on keep what backward needs through several backward passes.
     retain_graph: Arc<std::sync::atomic::AtomicBool>,
+    /// LoRA, when the model has it; its pretrained parameters are then frozen.
+    lora: Option<LoraSpec>,
+    /// The adapter whose update is merged into the base weights, if one is.
+    merged: Option<usize>,
 }
 
 /// A batch: token ids and token types as `[batch, seq]` tensors; the attention mask (1 real, 0 padding) stays
@@ -132,10 +159,13 @@ pub struct BertInput {
     pub input_ids: Tensor,
     pub token_type_ids: Tensor,
     pub attention_mask: Arc<Vec<u32>>,
+    /// Which LoRA adapter each example goes through; `None`: all through the only one.
+    pub routes: Option<Vec<Route>>,
 }
 
 impl Bert {
-    pub fn new(pb: &ParamBuilder, config: &BertConfig) -> Result<Self> {
+    /// The encoder under `pb`, with LoRA when `lora` is given (and then its pretrained parameters frozen).
+    pub fn new(pb: &ParamBuilder, config: &BertConfig, lora: Option<&LoraSpec>) -> Result<Self> {
         let h = config.hidden_size;
         let eps = config.layer_norm_eps;
         let e = pb.pp("embeddings");
@@ -149,6 +179,17 @@ impl Bert {
             .map(|i| {
                 let l = pb.pp(&format!("encoder.layer.{i}"));
                 let a = l.pp("attention");
+                let mut adapted = BTreeMap::new();
+                if let Some(spec) = lora {
+                    for &m in &spec.targets {
+                        let (inp, out) = match m {
+                            LinearModule::Intermediate => (h, config.intermediate_size),
+                            LinearModule::Output => (config.intermediate_size, h),
+                            _ => (h, h),
+                        };
+                        adapted.insert(m, LoraLayer::new(&l.pp(m.bert_path()), spec, inp, out)?);
+                    }
+                }
                 Ok(Layer {
                     query: Linear::new(&a.pp("self.query"), h, h)?,
                     key: Linear::new(&a.pp("self.key"), h, h)?,
@@ -158,10 +199,55 @@ impl Bert {
                     intermediate: Linear::new(&l.pp("intermediate.dense"), h, config.intermediate_size)?,
                     output: Linear::new(&l.pp("output.dense"), config.intermediate_size, h)?,
                     out_norm: LayerNorm::new(&l.pp("output.LayerNorm"), h, eps)?,
+                    lora: adapted,
                 })
             })
-            .collect::<Result<_>>()?;
-        Ok(Self { config: config.clone(), embeddings, layers, kernels: Kernels::default(), grads: Arc::new(Mutex::new(Vec::new())), retain_graph: Arc::new(false.into()) })
+            .collect::<Result<Vec<Layer>>>()?;
+        let (embeddings, layers) = match lora {
+            // PEFT's rule: with LoRA, only LoRA (and the heads) train.
+            Some(_) => {
+                let e = &embeddings;
+                let norm = LayerNorm { weight: e.norm.weight.detach(), bias: e.norm.bias.detach(), eps: e.norm.eps };
+                let frozen = Embeddings { word: e.word.detach(), position: e.position.detach(), token_type: e.token_type.detach(), norm };
+                (frozen, layers.iter().map(Layer::detached).collect())
+            }
+            None => (embeddings, layers),
+        };
+        Ok(Self {
+            config: config.clone(),
+            embeddings,
+            layers,
+            kernels: Kernels::default(),
+            grads: Arc::new(Mutex::new(Vec::new())),
+            retain_graph: Arc::new(false.into()),
+            lora: lora.cloned(),
+            merged: None,
+        })
+    }
+
+    pub fn lora(&self) -> Option<&LoraSpec> {
+        self.lora.as_ref()
+    }
+
+    /// The adapter merged into the base weights, if one is.
+    pub fn merged(&self) -> Option<usize> {
+        self.merged
+    }
+
+    /// For each adapted linear layer: the name of its base weight and `scale · B A` of `adapter`.
+    pub(crate) fn lora_deltas(&self, adapter: usize) -> Result<Vec<(String, Tensor)>> {
+        let Some(spec) = &self.lora else { return Ok(Vec::new()) };
+        let mut out = Vec::new();
+        for (i, layer) in self.layers.iter().enumerate() {
+            for (m, lora) in &layer.lora {
+                out.push((format!("encoder.layer.{i}.{}.weight", m.bert_path()), lora.merged_delta(adapter, spec.scale())?));
+            }
+        }
+        Ok(out)
+    }
+
+    pub(crate) fn set_merged(&mut self, adapter: Option<usize>) {
+        self.merged = adapter;
     }
 
     pub fn set_kernels(&mut self, kernels: Kernels) {
@@ -211,12 +297,35 @@ impl Bert {
         let x = (x + self.embeddings.token_type.index_select(&types, 0)?.reshape((b, s, h))?)?;
         let x = self.embeddings.norm.forward(&x.reshape((b * s, h))?)?;
         let mut x = dropout.apply(&x, mode)?;
+        // LoRA's updates, unless merged into the weights, run through the composed path.
+        let lora = match (&self.lora, self.merged) {
+            (Some(spec), None) => {
+                let routes = match &input.routes {
+                    Some(r) => r.clone(),
+                    None if spec.adapters.len() == 1 => vec![Route { adapter: 0, examples: 0..b }],
+                    None => {
+                        return Err(candle_core::Error::Msg("a model with per-task LoRA needs each example's task (routes)".into()).into())
+                    }
+                };
+                peft::check_routes(&routes, b, spec.adapters.len())?;
+                Some((spec, routes))
+            }
+            _ => None,
+        };
         // The fused encoder implements the erf GELU (BERT's); other activations take the composed path.
-        if x.device().is_cpu() && self.kernels == Kernels::Fused && self.config.hidden_act == Activation::Gelu {
+        if lora.is_none() && x.device().is_cpu() && self.kernels == Kernels::Fused && self.config.hidden_act == Activation::Gelu {
             return self.fused_layers(&x, input, b, s, dropout, mode);
         }
+        let pass = lora.as_ref().map(|(spec, routes)| LoraPass {
+            routes,
+            seq: s,
+            scale: spec.scale(),
+            dropout_p: spec.dropout,
+            dropout,
+            mode,
+        });
         for layer in &self.layers {
-            x = self.layer_forward(layer, &x, &input.attention_mask, b, s, dropout, mode)?;
+            x = self.layer_forward(layer, &x, &input.attention_mask, b, s, dropout, mode, pass.as_ref())?;
         }
         Ok(x)
     }
@@ -274,26 +383,56 @@ impl Bert {
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn layer_forward(&self, l: &Layer, x: &Tensor, key_mask: &Arc<Vec<u32>>, b: usize, s: usize, dropout: &DropoutRng, mode: Mode) -> Result<Tensor> {
+    fn layer_forward(
+        &self,
+        l: &Layer,
+        x: &Tensor,
+        key_mask: &Arc<Vec<u32>>,
+        b: usize,
+        s: usize,
+        dropout: &DropoutRng,
+        mode: Mode,
+        lora: Option<&LoraPass>,
+    ) -> Result<Tensor> {
         let nh = self.config.num_attention_heads;
         let head_dim = self.config.hidden_size / nh;
-        let qkv = Linear::stacked(&[&l.query, &l.key, &l.value])?.forward(x)?;
+        // `y` plus the LoRA update of `module` on its input `x`, when it has one.
+        let adapt = |module: LinearModule, x: &Tensor, y: Tensor| -> Result<Tensor> {
+            match (lora, l.lora.get(&module)) {
+                (Some(pass), Some(adapter)) => Ok((y + adapter.delta(x, pass)?)?),
+                _ => Ok(y),
+            }
+        };
+        let mut qkv = Linear::stacked(&[&l.query, &l.key, &l.value])?.forward(x)?;
+        let qkv_modules = [LinearModule::Query, LinearModule::Key, LinearModule::Value];
+        if let Some(pass) = lora.filter(|_| qkv_modules.iter().any(|m| l.lora.contains_key(m))) {
+            let parts = qkv_modules
+                .iter()
+                .map(|m| match l.lora.get(m) {
+                    Some(adapter) => adapter.delta(x, pass),
+                    None => Ok(Tensor::zeros((b * s, self.config.hidden_size), x.dtype(), x.device())?),
+                })
+                .collect::<Result<Vec<_>>>()?;
+            qkv = (qkv + Tensor::cat(&parts, 1)?)?;
+        }
         let attn_dropout = match mode {
             Mode::Train => dropout.mask(b * nh * s * s).map(Arc::new),
             Mode::Eval => None,
         };
         let spec = AttentionSpec { batch: b, seq: s, heads: nh, head_dim, key_mask: key_mask.clone(), dropout: attn_dropout };
         let ctx = if x.device().is_cpu() { attention::fused(&qkv, spec)? } else { attention::composed(&qkv, &spec)? };
-        let attn = dropout.apply(&l.attn_out.forward(&ctx)?, mode)?;
+        let attn = adapt(LinearModule::AttentionOutput, &ctx, l.attn_out.forward(&ctx)?)?;
+        let attn = dropout.apply(&attn, mode)?;
         let x = l.attn_norm.forward(&(attn + x)?)?;
-        let inter = l.intermediate.forward(&x)?;
+        let inter = adapt(LinearModule::Intermediate, &x, l.intermediate.forward(&x)?)?;
         let inter = match self.config.hidden_act {
             Activation::Gelu if inter.device().is_cpu() => crate::fused::gelu_erf(&inter)?,
             Activation::Gelu => inter.gelu_erf()?,
             Activation::GeluNew => inter.gelu()?,
             Activation::Relu => inter.relu()?,
         };
-        let out = dropout.apply(&l.output.forward(&inter)?, mode)?;
+        let out = adapt(LinearModule::Output, &inter, l.output.forward(&inter)?)?;
+        let out = dropout.apply(&out, mode)?;
         l.out_norm.forward(&(out + x)?)
     }
 }

@@ -121,12 +121,18 @@ impl DropoutRng {
     /// One draw from the model's generator seeds the mask; chunks of it come from separate ChaCha streams of
     /// that seed, filled in parallel, so the mask does not depend on the number of threads.
     pub fn mask(&self, n: usize) -> Option<Vec<f32>> {
-        if self.p == 0.0 {
+        self.mask_with(n, self.p)
+    }
+
+    /// A mask as [`DropoutRng::mask`] draws it, with rate `p` instead of the model's (LoRA's own dropout),
+    /// from the same generator.
+    pub fn mask_with(&self, n: usize, p: f32) -> Option<Vec<f32>> {
+        if p == 0.0 {
             return None;
         }
         const CHUNK: usize = 1 << 16;
-        let threshold = (f64::from(self.p) * f64::from(u32::MAX)) as u32;
-        let scale = 1.0 / (1.0 - self.p);
+        let threshold = (f64::from(p) * f64::from(u32::MAX)) as u32;
+        let scale = 1.0 / (1.0 - p);
         let seed = self.rng.lock().expect("dropout rng lock poisoned; this is a bug").next_u64();
         let mut mask = vec![0f32; n];
         mask.par_chunks_mut(CHUNK).enumerate().for_each(|(i, chunk)| {
@@ -144,10 +150,15 @@ impl DropoutRng {
     /// Zeroes each element with probability `p` and scales the rest by `1 / (1 - p)` in training; the
     /// identity in evaluation.
     pub fn apply(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
-        if mode == Mode::Eval || self.p == 0.0 {
+        self.apply_with(x, self.p, mode)
+    }
+
+    /// [`DropoutRng::apply`] with rate `p` instead of the model's.
+    pub fn apply_with(&self, x: &Tensor, p: f32, mode: Mode) -> Result<Tensor> {
+        if mode == Mode::Eval || p == 0.0 {
             return Ok(x.clone());
         }
-        let Some(mask) = self.mask(x.elem_count()) else { return Ok(x.clone()) };
+        let Some(mask) = self.mask_with(x.elem_count(), p) else { return Ok(x.clone()) };
         let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
         Ok((x * mask)?)
     }

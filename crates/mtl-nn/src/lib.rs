@@ -13,6 +13,7 @@ mod heads;
 mod layers;
 mod model;
 mod params;
+pub mod peft;
 
 pub use bert::{Activation, Bert, BertConfig, Kernels};
 pub use crf::{viterbi, ChainScores, Crf, Transitions};
@@ -21,6 +22,7 @@ pub use layers::{DropoutRng, LayerNorm, Linear};
 pub use bert::BertInput;
 pub use model::{ModelSpec, MultiTaskModel, TaskLoss, TaskPrediction};
 pub use params::{ParamBuilder, ParamStore};
+pub use peft::{is_lora_param, lora_adapter, LoraSpec, Route, SHARED_ADAPTER};
 
 use std::path::PathBuf;
 
@@ -40,3 +42,5 @@ pub type Result<T, E = NnError> = std::result::Result<T, E>;
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod peft_tests;

@@ -12,6 +12,7 @@ use crate::crf::Crf;
 use crate::heads::{binary_cross_entropy_with_logits, Head, HeadSpec};
 use crate::layers::{cross_entropy, DropoutRng};
 use crate::params::{ParamBuilder, ParamStore};
+use crate::peft::{self, LoraSpec, Route};
 use crate::{NnError, Result};
 
 /// The loss of one task on one batch.
@@ -57,6 +58,8 @@ pub struct ModelSpec<'a> {
     pub dropout: f32,
     /// Seeds head initialisation and dropout masks.
     pub seed: u64,
+    /// LoRA on the encoder (whose pretrained parameters are then frozen).
+    pub lora: Option<&'a LoraSpec>,
 }
 
 impl MultiTaskModel {
@@ -69,23 +72,39 @@ impl MultiTaskModel {
     /// Builds the model from a safetensors file. Every backbone tensor must be present; heads must be present
     /// too when `require_heads` (a fine-tuned checkpoint), and are freshly initialised otherwise.
     pub fn load(spec: &ModelSpec, weights: &Path, require_heads: bool, device: &Device) -> Result<Self> {
-        let model = Self::from_builder(spec, ParamBuilder::from_safetensors(weights, spec.seed, device)?)?;
+        Self::load_files(spec, weights, None, require_heads, device)
+    }
+
+    /// Builds a trained parameter-efficient model: the frozen backbone from the base model's `weights`, LoRA
+    /// and heads from `adapters`. Every tensor must be present.
+    pub fn load_with_adapters(spec: &ModelSpec, weights: &Path, adapters: &Path, device: &Device) -> Result<Self> {
+        Self::load_files(spec, weights, Some(adapters), true, device)
+    }
+
+    fn load_files(spec: &ModelSpec, weights: &Path, adapters: Option<&Path>, require_heads: bool, device: &Device) -> Result<Self> {
+        let pb = ParamBuilder::from_safetensors(weights, spec.seed, device)?;
+        if let Some(path) = adapters {
+            pb.add_safetensors(path)?;
+        }
+        let model = Self::from_builder(spec, pb)?;
         let missing: Vec<&str> = model
             .params
             .initialised()
             .iter()
             .map(String::as_str)
-            .filter(|n| require_heads || !n.starts_with("heads."))
+            // Fresh heads and (before training) fresh LoRA are expected; a trained model must have them.
+            .filter(|n| require_heads || !(n.starts_with("heads.") || peft::is_lora_param(n)))
             .collect();
         if !missing.is_empty() {
-            return Err(NnError::MissingTensors { path: weights.to_owned(), names: missing.join(", ") });
+            let path = adapters.filter(|_| missing.iter().all(|n| n.starts_with("heads.") || peft::is_lora_param(n)));
+            return Err(NnError::MissingTensors { path: path.unwrap_or(weights).to_owned(), names: missing.join(", ") });
         }
         Ok(model)
     }
 
     fn from_builder(spec: &ModelSpec, pb: ParamBuilder) -> Result<Self> {
         let device = pb.device();
-        let bert = Bert::new(&pb, spec.bert)?;
+        let bert = Bert::new(&pb, spec.bert, spec.lora)?;
         let heads = spec
             .tasks
             .iter()
@@ -149,24 +168,85 @@ impl MultiTaskModel {
         &self.device
     }
 
-    fn input(&self, batch: &HostBatch) -> Result<BertInput> {
+    fn input(&self, batch: &HostBatch, routes: Option<Vec<Route>>) -> Result<BertInput> {
         let shape = (batch.batch, batch.seq);
         let t = |v: &[u32]| Tensor::from_slice(v, shape, &self.device);
         Ok(BertInput {
             input_ids: t(&batch.input_ids)?,
             token_type_ids: t(&batch.token_type_ids)?,
             attention_mask: std::sync::Arc::new(batch.attention_mask.clone()),
+            routes,
         })
     }
 
-    /// Hidden states of the last layer, `[batch * seq, hidden]`.
+    /// Hidden states of the last layer, `[batch * seq, hidden]`. A model with per-task LoRA needs to know
+    /// the task: use [`MultiTaskModel::encode_for`].
     pub fn encode(&self, batch: &HostBatch, mode: Mode) -> Result<Tensor> {
-        self.bert.forward(&self.input(batch)?, &self.dropout, mode)
+        self.bert.forward(&self.input(batch, None)?, &self.dropout, mode)
+    }
+
+    /// Hidden states of the last layer as `task` sees them (through its own LoRA adapter, if it has one).
+    pub fn encode_for(&self, task: &TaskId, batch: &HostBatch, mode: Mode) -> Result<Tensor> {
+        let routes = match self.per_task_lora() {
+            Some(spec) => Some(vec![Route { adapter: spec.adapter_of(task)?, examples: 0..batch.batch }]),
+            None => None,
+        };
+        self.bert.forward(&self.input(batch, routes)?, &self.dropout, mode)
+    }
+
+    /// The LoRA spec when each task has its own adapter and none is merged.
+    fn per_task_lora(&self) -> Option<&LoraSpec> {
+        self.bert.lora().filter(|spec| spec.per_task() && self.bert.merged().is_none())
+    }
+
+    /// Adds adapter `adapter`'s update into the base weights (`W += (alpha / r) · B A`), after which the encoder
+    /// runs without LoRA, at the speed of the plain model (PEFT's `merge_adapter`). Only one adapter can be
+    /// merged at a time.
+    pub fn merge_lora(&mut self, adapter: usize) -> Result<()> {
+        if let Some(m) = self.bert.merged() {
+            return Err(candle_core::Error::Msg(format!("LoRA adapter {m} is merged already; unmerge it first")).into());
+        }
+        let n = self.bert.lora().map_or(0, |s| s.adapters.len());
+        if adapter >= n {
+            return Err(candle_core::Error::Msg(format!("no LoRA adapter {adapter} (the model has {n})")).into());
+        }
+        self.shift_base(adapter, 1.0)?;
+        self.bert.set_merged(Some(adapter));
+        Ok(())
+    }
+
+    /// Takes the merged adapter's update back out of the base weights (up to rounding).
+    pub fn unmerge_lora(&mut self) -> Result<()> {
+        if let Some(adapter) = self.bert.merged() {
+            self.shift_base(adapter, -1.0)?;
+            self.bert.set_merged(None);
+        }
+        Ok(())
+    }
+
+    fn shift_base(&self, adapter: usize, sign: f64) -> Result<()> {
+        for (name, delta) in self.bert.lora_deltas(adapter)? {
+            let var = self.params.vars().get(&name).ok_or_else(|| candle_core::Error::Msg(format!("no parameter {name}")))?;
+            var.set(&(var.as_tensor() + (delta * sign)?)?)?;
+        }
+        Ok(())
     }
 
     /// The loss of every task that has at least one label in `batch`.
     pub fn losses(&self, batch: &HostBatch, mode: Mode) -> Result<Vec<TaskLoss>> {
-        let hidden = self.encode(batch, mode)?;
+        // Per-task LoRA: each example once for every task that labels it, through that task's adapter.
+        let routed;
+        let (batch, hidden) = match self.per_task_lora() {
+            Some(spec) => {
+                let (b, routes) = peft::route_by_task(batch, spec)?;
+                if routes.is_empty() {
+                    return Ok(Vec::new());
+                }
+                routed = b;
+                (&routed, self.bert.forward(&self.input(&routed, Some(routes))?, &self.dropout, mode)?)
+            }
+            None => (batch, self.encode(batch, mode)?),
+        };
         let mut out = Vec::new();
         for (task, targets) in &batch.targets {
             let Some(head) = self.heads.get(task) else {
@@ -296,27 +376,39 @@ impl MultiTaskModel {
 
     /// Every head's predictions on `batch`, in evaluation mode.
     pub fn predict(&self, batch: &HostBatch) -> Result<BTreeMap<TaskId, TaskPrediction>> {
-        let hidden = self.encode(batch, Mode::Eval)?;
+        // One encoder pass for all heads, or one per task when each task has its own LoRA.
+        let shared = match self.per_task_lora() {
+            Some(_) => None,
+            None => Some(self.encode(batch, Mode::Eval)?),
+        };
         let mut out = BTreeMap::new();
         let cls_rows: Vec<u32> = (0..batch.batch).map(|b| (b * batch.seq) as u32).collect();
         for (task, head) in &self.heads {
+            let own;
+            let hidden = match &shared {
+                Some(h) => h,
+                None => {
+                    own = self.encode_for(task, batch, Mode::Eval)?;
+                    &own
+                }
+            };
             let prediction = match head.kind() {
                 TaskKind::Classification => {
-                    let (ids, scores) = head.forward(&hidden, &cls_rows, &self.dropout, Mode::Eval)?.argmax()?;
+                    let (ids, scores) = head.forward(hidden, &cls_rows, &self.dropout, Mode::Eval)?.argmax()?;
                     TaskPrediction::Class { ids, scores }
                 }
                 TaskKind::MultiLabel => {
-                    let logits = head.forward(&hidden, &cls_rows, &self.dropout, Mode::Eval)?.logits;
+                    let logits = head.forward(hidden, &cls_rows, &self.dropout, Mode::Eval)?.logits;
                     let probs = (logits.neg()?.exp()? + 1.0)?.recip()?;
                     TaskPrediction::Probs(probs.to_vec2::<f32>()?)
                 }
                 TaskKind::Regression => TaskPrediction::Values(
-                    head.forward(&hidden, &cls_rows, &self.dropout, Mode::Eval)?.logits.to_vec2::<f32>()?,
+                    head.forward(hidden, &cls_rows, &self.dropout, Mode::Eval)?.logits.to_vec2::<f32>()?,
                 ),
-                TaskKind::TokenClassification => self.predict_tags(head, &hidden, batch)?,
+                TaskKind::TokenClassification => self.predict_tags(head, hidden, batch)?,
                 TaskKind::QuestionAnswering => {
                     let rows: Vec<u32> = (0..(batch.batch * batch.seq) as u32).collect();
-                    let logits = head.forward(&hidden, &rows, &self.dropout, Mode::Eval)?.logits.to_vec2::<f32>()?;
+                    let logits = head.forward(hidden, &rows, &self.dropout, Mode::Eval)?.logits.to_vec2::<f32>()?;
                     let mut start = Vec::new();
                     let mut end = Vec::new();
                     for b in 0..batch.batch {

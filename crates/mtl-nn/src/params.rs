@@ -18,6 +18,8 @@ pub enum Init {
     Normal { std: f64 },
     Zeros,
     Ones,
+    /// Uniform on `[-bound, bound]`.
+    Uniform { bound: f64 },
 }
 
 /// Every trainable variable of a model, by checkpoint name. Iteration order is the name order.
@@ -43,7 +45,13 @@ impl ParamStore {
 
     /// Writes every variable to a safetensors file.
     pub fn save(&self, path: &Path) -> Result<()> {
-        let tensors: HashMap<&str, Tensor> = self.vars.iter().map(|(k, v)| (k.as_str(), v.as_tensor().clone())).collect();
+        self.save_where(path, |_| true)
+    }
+
+    /// Writes the variables whose names pass `keep` to a safetensors file.
+    pub fn save_where(&self, path: &Path, keep: impl Fn(&str) -> bool) -> Result<()> {
+        let tensors: HashMap<&str, Tensor> =
+            self.vars.iter().filter(|(k, _)| keep(k)).map(|(k, v)| (k.as_str(), v.as_tensor().clone())).collect();
         candle_core::safetensors::save(&tensors, path)?;
         Ok(())
     }
@@ -92,6 +100,21 @@ impl ParamBuilder {
         Ok(Self::new(source, seed, device))
     }
 
+    /// Adds the tensors of another safetensors file to the weights parameters are taken from (adapters on a
+    /// base model); a name in both is an error.
+    pub fn add_safetensors(&self, path: &Path) -> Result<()> {
+        let loaded = candle_core::safetensors::load(path, &self.device())
+            .map_err(|e| NnError::File { path: path.to_owned(), message: format!("not a valid safetensors file: {e}") })?;
+        let mut inner = self.inner.borrow_mut();
+        for (name, tensor) in loaded {
+            if inner.source.contains_key(&name) {
+                return Err(NnError::File { path: path.to_owned(), message: format!("tensor `{name}` is in the base weights too") });
+            }
+            inner.source.insert(name, tensor.to_dtype(DType::F32)?);
+        }
+        Ok(())
+    }
+
     /// A builder for names under `self.prefix + name + "."`.
     pub fn pp(&self, name: &str) -> Self {
         let prefix = if self.prefix.is_empty() { name.to_string() } else { format!("{}.{name}", self.prefix) };
@@ -127,6 +150,10 @@ impl ParamBuilder {
                     Init::Normal { std } => {
                         let normal = Normal::new(0.0, std).expect("a positive std is a valid normal; this is a bug");
                         (0..n).map(|_| normal.sample(&mut inner.rng) as f32).collect()
+                    }
+                    Init::Uniform { bound } => {
+                        let uniform = rand_distr::Uniform::new_inclusive(-bound, bound);
+                        (0..n).map(|_| uniform.sample(&mut inner.rng) as f32).collect()
                     }
                 };
                 Tensor::from_vec(data, shape, &inner.device)?

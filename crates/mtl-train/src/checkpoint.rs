@@ -4,7 +4,8 @@
 //! Layout: `model.safetensors` (backbone under `BertModel` names, heads under `heads.TASK.*`), `config.json`
 //! and `tokenizer.json` (copied from the base model), `mtl.toml` (the resolved run config), `labels.json`
 //! (each task's label list), `metrics.json`, and `heads/TASK.safetensors` (each task's head at its own best
-//! evaluation).
+//! evaluation). A parameter-efficient run writes `adapters.safetensors` (LoRA and heads) and `base_model.json`
+//! (where its frozen base model is) instead of `model.safetensors`.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -24,6 +25,10 @@ pub const RUN_CONFIG: &str = "mtl.toml";
 pub const LABELS: &str = "labels.json";
 pub const METRICS: &str = "metrics.json";
 pub const HEADS: &str = "heads";
+/// A parameter-efficient run's trained tensors (LoRA and heads), which go onto its base model's weights.
+pub const ADAPTERS: &str = "adapters.safetensors";
+/// Where that base model is, and a checksum of its weights.
+pub const BASE_MODEL: &str = "base_model.json";
 
 /// Everything a checkpoint holds besides the weights.
 pub struct CheckpointFiles<'a> {
@@ -86,7 +91,17 @@ pub fn save_into(dir: &Path, model: &MultiTaskModel, files: &CheckpointFiles) ->
 
 fn write_files(dir: &Path, model: &MultiTaskModel, files: &CheckpointFiles) -> Result<()> {
     let base = &files.config.model.path;
-    model.params().save(&dir.join(WEIGHTS))?;
+    if files.config.peft.enabled() {
+        // The frozen backbone stays in the base model; only what trained is written.
+        model.params().save_where(&dir.join(ADAPTERS), |n| n.starts_with("heads.") || mtl_nn::is_lora_param(n))?;
+        let weights = base.join(WEIGHTS);
+        let path = std::fs::canonicalize(base).map_err(io_err(base))?;
+        let meta = serde_json::json!({"path": path, "weights_crc32": crc32(&weights)?});
+        std::fs::write(dir.join(BASE_MODEL), serde_json::to_string_pretty(&meta).expect("json; this is a bug"))
+            .map_err(io_err(&dir.join(BASE_MODEL)))?;
+    } else {
+        model.params().save(&dir.join(WEIGHTS))?;
+    }
     for name in [MODEL_CONFIG, TOKENIZER] {
         std::fs::copy(base.join(name), dir.join(name)).map_err(io_err(&base.join(name)))?;
     }
@@ -103,6 +118,39 @@ fn write_files(dir: &Path, model: &MultiTaskModel, files: &CheckpointFiles) -> R
         }
     }
     Ok(())
+}
+
+fn crc32(path: &Path) -> Result<u32> {
+    let bytes = std::fs::read(path).map_err(io_err(path))?;
+    let mut h = crc32fast::Hasher::new();
+    h.update(&bytes);
+    Ok(h.finalize())
+}
+
+/// For a parameter-efficient checkpoint, the weights of its base model (checked to be the ones it was trained
+/// on); `None` for a checkpoint that holds all its weights.
+pub fn base_weights(dir: &Path) -> Result<Option<PathBuf>> {
+    let meta_path = dir.join(BASE_MODEL);
+    if !meta_path.exists() {
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(&meta_path).map_err(io_err(&meta_path))?;
+    let invalid = |message: String| TrainError::Invalid { path: meta_path.clone(), message };
+    let meta: serde_json::Value = serde_json::from_str(&text).map_err(|e| invalid(e.to_string()))?;
+    let base = meta["path"].as_str().ok_or_else(|| invalid("field `path`: missing".into()))?;
+    let want = meta["weights_crc32"].as_u64().ok_or_else(|| invalid("field `weights_crc32`: missing".into()))?;
+    let weights = Path::new(base).join(WEIGHTS);
+    if !weights.exists() {
+        return Err(invalid(format!("field `path`: the base model's weights {} are not there", weights.display())));
+    }
+    let got = crc32(&weights)?;
+    if u64::from(got) != want {
+        return Err(invalid(format!(
+            "the base model's weights {} have changed since the adapters were trained (CRC-32 {got:08x}, expected {want:08x})",
+            weights.display()
+        )));
+    }
+    Ok(Some(weights))
 }
 
 /// The run config and label maps stored in a checkpoint. The config's model path is set to `dir`.

@@ -7,8 +7,10 @@ use mtl_config::Config;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Part {
     Embeddings,
-    /// Encoder layer `i`, from 0 at the bottom.
+    /// Encoder layer `i`, from 0 at the bottom (with the shared LoRA adapter's parameters on it).
     Layer(usize),
+    /// A per-task LoRA adapter's parameters on encoder layer `i`: one task's own.
+    TaskAdapter(usize),
     Head,
     /// Parameters of the loss weighting (uncertainty's log-variances).
     Weighting,
@@ -24,7 +26,10 @@ impl Part {
         }
         if let Some(rest) = name.strip_prefix("encoder.layer.") {
             if let Some(i) = rest.split('.').next().and_then(|i| i.parse().ok()) {
-                return Self::Layer(i);
+                return match mtl_nn::lora_adapter(name) {
+                    Some(adapter) if adapter != mtl_nn::SHARED_ADAPTER => Self::TaskAdapter(i),
+                    _ => Self::Layer(i),
+                };
             }
         }
         Self::Embeddings
@@ -36,21 +41,23 @@ impl Part {
     }
 }
 
-/// Learning rate and weight decay: heads at `head_lr`; the backbone at `lr`, times `layer_lr_decay` per layer
+/// Learning rate and weight decay: heads at `head_lr`; the backbone (and LoRA) at `lr`, times `layer_lr_decay` per layer
 /// below the top (the embeddings one step below the bottom layer); the weighting's parameters at
 /// `weighting.lr` or else `head_lr`. Biases, LayerNorm and weighting parameters get no weight decay.
 pub fn param_group(name: &str, config: &Config, num_layers: usize) -> crate::ParamGroup {
     let t = &config.training;
     let no_decay = name.ends_with(".bias") || name.contains("LayerNorm");
     let depth_below_top = |part: Part| match part {
-        Part::Layer(i) => num_layers.saturating_sub(i + 1),
+        Part::Layer(i) | Part::TaskAdapter(i) => num_layers.saturating_sub(i + 1),
         _ => num_layers,
     };
     let part = Part::of(name);
     let lr = match part {
         Part::Head => config.head_lr(),
         Part::Weighting => t.weighting.lr.unwrap_or_else(|| config.head_lr()),
-        Part::Embeddings | Part::Layer(_) => t.lr * t.layer_lr_decay.powi(depth_below_top(part) as i32),
+        Part::Embeddings | Part::Layer(_) | Part::TaskAdapter(_) => {
+            t.lr * t.layer_lr_decay.powi(depth_below_top(part) as i32)
+        }
     };
     let weight_decay = if no_decay || part == Part::Weighting { 0.0 } else { t.weight_decay };
     crate::ParamGroup { lr, weight_decay }
@@ -62,6 +69,10 @@ pub fn is_frozen(name: &str, config: &Config, num_layers: usize, step: usize) ->
     let part = Part::of(name);
     if !part.is_shared() {
         return false;
+    }
+    // With `[peft]` only the adapters train.
+    if config.peft.enabled() {
+        return !mtl_nn::is_lora_param(name);
     }
     let fixed = f.backbone
         || match part {
@@ -131,5 +142,19 @@ mod tests {
         assert_eq!(thawed("encoder.layer.0.attention.self.key.weight"), Some(30));
         assert_eq!(thawed("embeddings.position_embeddings.weight"), Some(40));
         assert_eq!(thawed("heads.a.weight"), Some(0));
+    }
+
+    #[test]
+    fn with_lora_only_adapters_and_heads_train() {
+        let c = config("[peft]\nmethod = \"lora\"");
+        assert!(is_frozen("encoder.layer.2.attention.self.query.weight", &c, 3, 0));
+        assert!(is_frozen("embeddings.word_embeddings.weight", &c, 3, 0));
+        assert!(!is_frozen("encoder.layer.2.attention.self.query.lora_A.default.weight", &c, 3, 0));
+        assert!(!is_frozen("heads.a.weight", &c, 3, 0));
+        assert_eq!(Part::of("encoder.layer.1.output.dense.lora_B.default.weight"), Part::Layer(1));
+        assert!(Part::of("encoder.layer.1.output.dense.lora_B.default.weight").is_shared());
+        assert_eq!(Part::of("encoder.layer.1.output.dense.lora_B.a.weight"), Part::TaskAdapter(1));
+        assert!(!Part::of("encoder.layer.1.output.dense.lora_B.a.weight").is_shared());
+        assert_eq!(param_group("encoder.layer.0.attention.self.value.lora_A.a.weight", &c, 3).lr, 1e-4);
     }
 }

@@ -4,6 +4,7 @@
 
 mod cli;
 mod engine;
+mod peft;
 mod real_model;
 mod tasks;
 

@@ -1,0 +1,229 @@
+//! LoRA (Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models", arXiv:2106.09685).
+//!
+//! Beside a frozen linear layer `y = x Wᵀ + b` sits a trained low-rank update, `y += (alpha / r) · drop(x) Aᵀ Bᵀ`,
+//! with `A` `[r, in]` initialised as PEFT initialises it (Kaiming-uniform with a = √5, that is U(±1/√in)) and
+//! `B` `[out, r]` at zero, so training starts from the pretrained function. Parameters are named as PEFT names
+//! them in memory: `encoder.layer.N.attention.self.query.lora_A.ADAPTER.weight`.
+//!
+//! Several named sets, "adapters", can sit on one layer: one that every task shares ([`SHARED_ADAPTER`]), or
+//! one per task. With one per task a batch is routed: each example goes through its own task's adapter, in
+//! one forward pass over the whole batch ([`Route`]).
+
+use std::collections::BTreeMap;
+use std::ops::Range;
+
+use candle_core::Tensor;
+use mtl_core::{HostBatch, LinearModule, Mode, TaskId, Targets, IGNORE_INDEX};
+
+use crate::layers::DropoutRng;
+use crate::params::{Init, ParamBuilder};
+use crate::{NnError, Result};
+
+/// The adapter name of LoRA shared by every task (PEFT's default adapter name).
+pub const SHARED_ADAPTER: &str = "default";
+
+/// Whether the parameter `name` belongs to LoRA.
+pub fn is_lora_param(name: &str) -> bool {
+    lora_adapter(name).is_some()
+}
+
+/// The adapter that the LoRA parameter `name` belongs to (`….lora_A.ADAPTER.weight`).
+pub fn lora_adapter(name: &str) -> Option<&str> {
+    let (_, rest) = name.split_once(".lora_A.").or_else(|| name.split_once(".lora_B."))?;
+    rest.split('.').next()
+}
+
+/// Where and how large LoRA is.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LoraSpec {
+    pub r: usize,
+    pub alpha: f64,
+    /// Dropout on the LoRA branch's input (PEFT's `lora_dropout`).
+    pub dropout: f32,
+    pub targets: Vec<LinearModule>,
+    /// The adapters: [`SHARED_ADAPTER`] alone, or one per task, named after it.
+    pub adapters: Vec<String>,
+}
+
+impl LoraSpec {
+    /// The factor of every update, `alpha / r`.
+    pub fn scale(&self) -> f64 {
+        self.alpha / self.r as f64
+    }
+
+    /// Whether each task has its own adapter.
+    pub fn per_task(&self) -> bool {
+        self.adapters.iter().any(|a| a != SHARED_ADAPTER)
+    }
+
+    /// The index of `task`'s adapter: its own, or the shared one.
+    pub fn adapter_of(&self, task: &TaskId) -> Result<usize> {
+        let name = if self.per_task() { task.as_str() } else { SHARED_ADAPTER };
+        self.adapters.iter().position(|a| a == name).ok_or_else(|| {
+            NnError::Candle(candle_core::Error::Msg(format!("task `{task}` has no LoRA adapter; adapters: {}", self.adapters.join(", "))))
+        })
+    }
+}
+
+/// Examples `examples` of a batch go through adapter `adapter`. A batch's routes cover its examples in order.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Route {
+    pub adapter: usize,
+    pub examples: Range<usize>,
+}
+
+/// One adapter's two matrices on one linear layer.
+#[derive(Clone, Debug)]
+pub(crate) struct LoraPair {
+    pub(crate) a: Tensor,
+    pub(crate) b: Tensor,
+}
+
+/// The adapters of one linear layer, by adapter index.
+#[derive(Clone, Debug)]
+pub(crate) struct LoraLayer {
+    pairs: Vec<LoraPair>,
+}
+
+/// What a LoRA update needs besides its input: the batch's routes, the sequence length, and dropout.
+pub(crate) struct LoraPass<'a> {
+    pub routes: &'a [Route],
+    pub seq: usize,
+    pub scale: f64,
+    pub dropout_p: f32,
+    pub dropout: &'a DropoutRng,
+    pub mode: Mode,
+}
+
+impl LoraLayer {
+    /// The adapters of the linear layer under `pb` (`…attention.self.query`).
+    pub(crate) fn new(pb: &ParamBuilder, spec: &LoraSpec, in_dim: usize, out_dim: usize) -> Result<Self> {
+        let bound = 1.0 / (in_dim as f64).sqrt();
+        let pairs = spec
+            .adapters
+            .iter()
+            .map(|name| {
+                Ok(LoraPair {
+                    a: pb.pp("lora_A").pp(name).get((spec.r, in_dim), "weight", Init::Uniform { bound })?,
+                    b: pb.pp("lora_B").pp(name).get((out_dim, spec.r), "weight", Init::Zeros)?,
+                })
+            })
+            .collect::<Result<_>>()?;
+        Ok(Self { pairs })
+    }
+
+    /// The update of every row of `x` (`[examples * seq, in]`), each example through its route's adapter.
+    pub(crate) fn delta(&self, x: &Tensor, pass: &LoraPass) -> Result<Tensor> {
+        let mut parts = pass
+            .routes
+            .iter()
+            .map(|r| {
+                let xs = if pass.routes.len() == 1 {
+                    x.clone()
+                } else {
+                    x.narrow(0, r.examples.start * pass.seq, r.examples.len() * pass.seq)?
+                };
+                let xs = pass.dropout.apply_with(&xs, pass.dropout_p, pass.mode)?;
+                let pair = self.pairs.get(r.adapter).ok_or_else(|| candle_core::Error::Msg(format!("no LoRA adapter {}", r.adapter)))?;
+                Ok((xs.matmul(&pair.a.t()?)?.matmul(&pair.b.t()?)? * pass.scale)?)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        match parts.len() {
+            1 => Ok(parts.pop().expect("one part")),
+            _ => Ok(Tensor::cat(&parts, 0)?),
+        }
+    }
+
+    /// `scale · B A` of one adapter: what merging adds to the base weight.
+    pub(crate) fn merged_delta(&self, adapter: usize, scale: f64) -> Result<Tensor> {
+        let pair = &self.pairs[adapter];
+        Ok((pair.b.matmul(&pair.a)? * scale)?)
+    }
+}
+
+/// Checks that `routes` cover examples `0..batch` in order, each adapter index below `adapters`.
+pub(crate) fn check_routes(routes: &[Route], batch: usize, adapters: usize) -> Result<()> {
+    let mut next = 0;
+    for r in routes {
+        if r.examples.start != next || r.examples.is_empty() || r.adapter >= adapters {
+            return Err(NnError::Candle(candle_core::Error::Msg(format!("invalid LoRA routes {routes:?} for {batch} examples and {adapters} adapters"))));
+        }
+        next = r.examples.end;
+    }
+    if next != batch {
+        return Err(NnError::Candle(candle_core::Error::Msg(format!("LoRA routes {routes:?} do not cover {batch} examples"))));
+    }
+    Ok(())
+}
+
+/// Whether example `b` of a batch of `seq` tokens has a target in `targets`.
+fn labels_example(targets: &Targets, b: usize, seq: usize) -> bool {
+    match targets {
+        Targets::Class(t) => t[b] != IGNORE_INDEX,
+        Targets::Tokens(t) => t[b * seq..(b + 1) * seq].iter().any(|&l| l != IGNORE_INDEX),
+        Targets::Dense { present, .. } => present[b],
+        Targets::Span { start, .. } => start[b] != IGNORE_INDEX,
+    }
+}
+
+/// `targets` on the examples `rows` of the old batch (in that order), where `keep[i]` says whether the i-th
+/// new example keeps its target; the others get none.
+fn gather_targets(targets: &Targets, rows: &[usize], keep: &[bool], seq: usize) -> Targets {
+    match targets {
+        Targets::Class(t) => Targets::Class(rows.iter().zip(keep).map(|(&b, &k)| if k { t[b] } else { IGNORE_INDEX }).collect()),
+        Targets::Tokens(t) => Targets::Tokens(
+            rows.iter()
+                .zip(keep)
+                .flat_map(|(&b, &k)| t[b * seq..(b + 1) * seq].iter().map(move |&l| if k { l } else { IGNORE_INDEX }))
+                .collect(),
+        ),
+        Targets::Dense { width, values, present } => Targets::Dense {
+            width: *width,
+            values: rows.iter().flat_map(|&b| values[b * width..(b + 1) * width].iter().copied()).collect(),
+            present: rows.iter().zip(keep).map(|(&b, &k)| k && present[b]).collect(),
+        },
+        Targets::Span { start, end } => Targets::Span {
+            start: rows.iter().zip(keep).map(|(&b, &k)| if k { start[b] } else { IGNORE_INDEX }).collect(),
+            end: rows.iter().zip(keep).map(|(&b, &k)| if k { end[b] } else { IGNORE_INDEX }).collect(),
+        },
+    }
+}
+
+/// For per-task adapters: the batch with each example repeated once for every task that labels it, grouped by
+/// task, and the routes that send each group through its task's adapter. Each copy keeps only its own task's
+/// targets, so one forward pass over the result trains every task's adapter on its own examples.
+pub fn route_by_task(batch: &HostBatch, spec: &LoraSpec) -> Result<(HostBatch, Vec<Route>)> {
+    let seq = batch.seq;
+    let mut rows: Vec<usize> = Vec::new();
+    let mut owner: Vec<&TaskId> = Vec::new();
+    let mut routes: Vec<Route> = Vec::new();
+    for (task, targets) in &batch.targets {
+        let labelled: Vec<usize> = (0..batch.batch).filter(|&b| labels_example(targets, b, seq)).collect();
+        if labelled.is_empty() {
+            continue;
+        }
+        let start = rows.len();
+        rows.extend(&labelled);
+        owner.extend(std::iter::repeat_n(task, labelled.len()));
+        routes.push(Route { adapter: spec.adapter_of(task)?, examples: start..rows.len() });
+    }
+    let gather = |v: &[u32]| -> Vec<u32> { rows.iter().flat_map(|&b| v[b * seq..(b + 1) * seq].iter().copied()).collect() };
+    let targets: BTreeMap<TaskId, Targets> = batch
+        .targets
+        .iter()
+        .map(|(task, t)| {
+            let keep: Vec<bool> = owner.iter().map(|&o| o == task).collect();
+            (task.clone(), gather_targets(t, &rows, &keep, seq))
+        })
+        .collect();
+    let routed = HostBatch {
+        batch: rows.len(),
+        seq,
+        input_ids: gather(&batch.input_ids),
+        token_type_ids: gather(&batch.token_type_ids),
+        attention_mask: gather(&batch.attention_mask),
+        word_starts: rows.iter().map(|&b| batch.word_starts[b].clone()).collect(),
+        targets,
+    };
+    Ok((routed, routes))
+}

@@ -1,0 +1,185 @@
+//! LoRA against PEFT 0.21: two adapters on the tiny model of `tests/fixtures/tiny-bert`, with the hidden
+//! states, a mixed batch (PEFT's `adapter_names`) and gradients of `lora.json` (made by
+//! `scripts/make_fixtures.py lora`).
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+
+use candle_core::{Device, Tensor};
+use mtl_core::{HostBatch, LinearModule, Mode, TaskId, TaskKind, Targets, IGNORE_INDEX};
+use serde_json::Value;
+
+use crate::peft::route_by_task;
+use crate::{BertConfig, BertInput, HeadSpec, LoraSpec, ModelSpec, MultiTaskModel, Route};
+
+type TestResult = Result<(), Box<dyn std::error::Error>>;
+
+fn fixture_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/tiny-bert")
+}
+
+fn reference() -> Result<Value, Box<dyn std::error::Error>> {
+    Ok(serde_json::from_str(&std::fs::read_to_string(fixture_dir().join("lora.json"))?)?)
+}
+
+fn spec(adapters: &[&str]) -> LoraSpec {
+    LoraSpec { r: 4, alpha: 8.0, dropout: 0.0, targets: LinearModule::ALL.to_vec(), adapters: adapters.iter().map(|a| a.to_string()).collect() }
+}
+
+/// The tiny model with PEFT's two adapters (`intent`, `slots`), extra weights, and `tasks`' heads.
+fn model(
+    lora: &LoraSpec,
+    tasks: &[(&str, TaskKind, usize)],
+    extra: HashMap<String, Tensor>,
+) -> Result<MultiTaskModel, Box<dyn std::error::Error>> {
+    let config = BertConfig::from_file(&fixture_dir().join("config.json"))?;
+    let mut weights = candle_core::safetensors::load(fixture_dir().join("model.safetensors"), &Device::Cpu)?;
+    weights.extend(candle_core::safetensors::load(fixture_dir().join("lora.safetensors"), &Device::Cpu)?);
+    weights.extend(extra);
+    let tasks: BTreeMap<TaskId, HeadSpec> =
+        tasks.iter().map(|(n, k, c)| (TaskId::new(*n).expect("valid name"), HeadSpec::new(*k, *c))).collect();
+    let spec = ModelSpec { bert: &config, tasks: &tasks, dropout: 0.0, seed: 0, lora: Some(lora) };
+    Ok(MultiTaskModel::build(&spec, weights, &Device::Cpu)?)
+}
+
+fn batch(reference: &Value) -> Result<HostBatch, Box<dyn std::error::Error>> {
+    let ids: Vec<Vec<u32>> = serde_json::from_value(reference["input_ids"].clone())?;
+    let mask: Vec<Vec<u32>> = serde_json::from_value(reference["attention_mask"].clone())?;
+    let (batch, seq) = (ids.len(), ids[0].len());
+    Ok(HostBatch {
+        batch,
+        seq,
+        input_ids: ids.concat(),
+        token_type_ids: vec![0; batch * seq],
+        attention_mask: mask.concat(),
+        word_starts: vec![vec![]; batch],
+        targets: BTreeMap::new(),
+    })
+}
+
+fn max_diff(got: &Tensor, want: &Value) -> Result<f64, Box<dyn std::error::Error>> {
+    let want: Vec<Vec<Vec<f64>>> = serde_json::from_value(want.clone())?;
+    let got = got.to_vec2::<f32>()?;
+    Ok(got.iter().zip(want.iter().flatten()).flat_map(|(g, w)| g.iter().zip(w).map(|(a, b)| (f64::from(*a) - b).abs())).fold(0.0, f64::max))
+}
+
+#[test]
+fn each_adapter_and_a_mixed_batch_match_peft() -> TestResult {
+    let reference = reference()?;
+    let lora = spec(&["intent", "slots"]);
+    let heads = [("intent", TaskKind::Classification, 3), ("slots", TaskKind::TokenClassification, 4)];
+    let model = model(&lora, &heads, HashMap::new())?;
+    let batch = batch(&reference)?;
+    for task in ["intent", "slots"] {
+        let hidden = model.encode_for(&TaskId::new(task)?, &batch, Mode::Eval)?;
+        let d = max_diff(&hidden, &reference["hidden"][task])?;
+        assert!(d < 1e-5, "{task}: max abs difference {d}");
+    }
+    // One pass, each row through its own adapter (rows: intent, slots, intent).
+    let routes = vec![
+        Route { adapter: 0, examples: 0..1 },
+        Route { adapter: 1, examples: 1..2 },
+        Route { adapter: 0, examples: 2..3 },
+    ];
+    let input = BertInput {
+        input_ids: Tensor::from_slice(&batch.input_ids, (batch.batch, batch.seq), &Device::Cpu)?,
+        token_type_ids: Tensor::from_slice(&batch.token_type_ids, (batch.batch, batch.seq), &Device::Cpu)?,
+        attention_mask: std::sync::Arc::new(batch.attention_mask.clone()),
+        routes: Some(routes),
+    };
+    let mixed = model.bert().forward(&input, model.dropout(), Mode::Eval)?;
+    let d = max_diff(&mixed, &reference["mixed"])?;
+    assert!(d < 1e-5, "mixed batch: max abs difference {d}");
+    // Without its task, a per-task model cannot encode.
+    assert!(model.encode(&batch, Mode::Eval).is_err());
+    Ok(())
+}
+
+#[test]
+fn gradients_reach_lora_only_and_match_pytorch() -> TestResult {
+    let reference = reference()?;
+    let head = &reference["head"];
+    let w: Vec<Vec<f32>> = serde_json::from_value(head["weight"].clone())?;
+    let b: Vec<f32> = serde_json::from_value(head["bias"].clone())?;
+    let extra = HashMap::from([
+        ("heads.intent.weight".to_string(), Tensor::new(w, &Device::Cpu)?),
+        ("heads.intent.bias".to_string(), Tensor::new(b, &Device::Cpu)?),
+    ]);
+    let model = model(&spec(&["intent", "slots"]), &[("intent", TaskKind::Classification, 3)], extra)?;
+    let mut batch = batch(&reference)?;
+    let labels: Vec<i64> = serde_json::from_value(head["labels"].clone())?;
+    batch.targets.insert(TaskId::new("intent")?, Targets::Class(labels));
+    let losses = model.losses(&batch, Mode::Train)?;
+    let loss = &losses[0].loss;
+    let want = head["loss"].as_f64().ok_or("loss")?;
+    assert!((f64::from(loss.to_scalar::<f32>()?) - want).abs() < 1e-5, "loss {loss}, PyTorch {want}");
+    let grads = model.backward(loss)?;
+    let norms = reference["grad_norms"].as_object().ok_or("grad norms")?;
+    assert_eq!(norms.len(), 2 * 2 * 6, "A and B of six layers in each of two blocks");
+    for (name, var) in model.params().vars() {
+        let got = grads.get(var.as_tensor()).map(|g| g.sqr()?.sum_all()?.sqrt()?.to_scalar::<f32>()).transpose()?;
+        match norms.get(name) {
+            Some(want) => {
+                let (got, want) = (f64::from(got.unwrap_or(0.0)), want.as_f64().ok_or("norm")?);
+                assert!(got > 0.0 && (got - want).abs() <= 1e-5 + 1e-3 * want, "{name}: gradient norm {got}, PyTorch {want}");
+            }
+            // The other task's adapter is not in this batch; the pretrained weights are frozen.
+            None if name.contains(".lora_") || !name.starts_with("heads.") => assert!(got.is_none(), "{name} has a gradient"),
+            None => assert!(got.is_some_and(|g| g > 0.0), "{name}: no gradient"),
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn merging_gives_the_same_outputs_and_unmerging_restores_the_weights() -> TestResult {
+    let reference = reference()?;
+    let mut model = model(&spec(&["default"]), &[], HashMap::new())?;
+    let batch = batch(&reference)?;
+    let before: Vec<(String, Vec<f32>)> =
+        model.params().vars().iter().map(|(n, v)| Ok((n.clone(), v.as_tensor().flatten_all()?.to_vec1::<f32>()?))).collect::<Result<_, candle_core::Error>>()?;
+    let unmerged = model.encode(&batch, Mode::Eval)?;
+    model.merge_lora(0)?;
+    assert!(model.merge_lora(0).is_err(), "merging twice");
+    // Merged, the encoder takes the fused path.
+    let merged = model.encode(&batch, Mode::Eval)?;
+    let d = (unmerged - merged)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+    assert!(d < 1e-5, "merged against unmerged: {d}");
+    model.unmerge_lora()?;
+    for (name, want) in before {
+        let got = model.params().vars()[&name].as_tensor().flatten_all()?.to_vec1::<f32>()?;
+        let d = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        assert!(d < 1e-6, "{name}: {d} after unmerging");
+    }
+    Ok(())
+}
+
+#[test]
+fn routing_repeats_each_example_for_each_task_that_labels_it() -> TestResult {
+    let i = IGNORE_INDEX;
+    let seq = 3;
+    let batch = HostBatch {
+        batch: 3,
+        seq,
+        input_ids: (0..9).collect(),
+        token_type_ids: vec![0; 9],
+        attention_mask: vec![1; 9],
+        word_starts: vec![vec![Some(1)], vec![Some(1), Some(2)], vec![]],
+        targets: BTreeMap::from([
+            (TaskId::new("intent")?, Targets::Class(vec![4, i, 5])),
+            (TaskId::new("slots")?, Targets::Tokens(vec![i, 1, i, i, 2, 3, i, i, i])),
+        ]),
+    };
+    let (routed, routes) = route_by_task(&batch, &spec(&["intent", "slots"]))?;
+    // intent labels examples 0 and 2, slots 0 and 1.
+    assert_eq!(routes, vec![Route { adapter: 0, examples: 0..2 }, Route { adapter: 1, examples: 2..4 }]);
+    assert_eq!(routed.input_ids, vec![0, 1, 2, 6, 7, 8, 0, 1, 2, 3, 4, 5]);
+    assert_eq!(routed.word_starts, vec![vec![Some(1)], vec![], vec![Some(1)], vec![Some(1), Some(2)]]);
+    assert_eq!(routed.targets[&TaskId::new("intent")?], Targets::Class(vec![4, 5, i, i]));
+    assert_eq!(routed.targets[&TaskId::new("slots")?], Targets::Tokens(vec![i, i, i, i, i, i, i, 1, i, i, 2, 3]));
+    // Shared LoRA needs no routing; an unknown task has no adapter.
+    let mut unknown = batch.clone();
+    unknown.targets.insert(TaskId::new("pos")?, Targets::Class(vec![1, 1, 1]));
+    assert!(route_by_task(&unknown, &spec(&["intent", "slots"])).is_err());
+    Ok(())
+}
