@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Creates the ignored Python environment .venv with PyTorch, transformers, accelerate (for the Trainer recipe),
+# Creates the ignored Python environment .venv with PyTorch, transformers, accelerate (for the Trainer recipe), peft,
 # seqeval and scikit-learn (bench/requirements.txt), used by the benchmarks, the PyTorch reference runs and
 # scripts/make_fixtures.py. The tests do not need it. Idempotent: reinstalls when bench/requirements.txt changes.
 set -euo pipefail
@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 stamp=.venv/requirements.sha256
 want=$(sha256sum bench/requirements.txt | cut -d' ' -f1)
 if [ ! -x .venv/bin/python ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ] \
-    || ! .venv/bin/python -c "import torch, transformers, accelerate, seqeval, sklearn" 2>/dev/null; then
+    || ! .venv/bin/python -c "import torch, transformers, accelerate, seqeval, sklearn, peft" 2>/dev/null; then
   [ -x .venv/bin/python ] || python3 -m venv .venv
   .venv/bin/pip install --quiet --disable-pip-version-check -r bench/requirements.txt
   echo "$want" > "$stamp"

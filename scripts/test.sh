@@ -28,3 +28,19 @@ target/release/mtl train tests/python/tiny-run.toml --out "$run/mixed" \
 target/release/mtl train tests/python/tiny-run.toml --out "$run/sampled" --set 'training.sampling.plan="sampled"' \
   --set 'training.sampling.sampler="annealed"' > /dev/null 2>&1 || { echo "the tiny training run failed"; exit 1; }
 .venv-test/bin/python tests/python/check_tensorboard.py "$run/sampled"
+
+# `mtl export` against transformers (tests/python/check_export.py), when the bench environment (.venv, made by
+# scripts/bench-env.sh: torch, transformers, peft) is there: a full fine-tune, shared LoRA and per-task LoRA.
+if [ -x .venv/bin/python ] && .venv/bin/python -c "import torch, transformers" 2> /dev/null; then
+  for variant in "full|" "lora|--set peft.method=\"lora\"" "per-task-lora|--set peft.method=\"lora\" --set peft.per_task=true"; do
+    name=${variant%%|*}
+    eval "sets=(${variant#*|})"
+    target/release/mtl train tests/python/tiny-run.toml --out "$run/export-$name" --set training.epochs=2 "${sets[@]}" \
+      > /dev/null 2>&1 || { echo "the tiny $name training run failed"; exit 1; }
+    target/release/mtl export --model "$run/export-$name" --out "$run/hf-$name" > /dev/null
+    echo "export check, $name:"
+    .venv/bin/python tests/python/check_export.py target/release/mtl "$run/export-$name" "$run/hf-$name"
+  done
+else
+  echo "export check skipped: no bench environment (.venv with torch and transformers; scripts/bench-env.sh makes it)"
+fi

@@ -68,5 +68,18 @@ pub enum Command {
         input: Option<PathBuf>,
         #[arg(long, default_value_t = 64)]
         batch_size: usize,
+        /// Print scores and probabilities unrounded (4 decimals otherwise).
+        #[arg(long)]
+        full_precision: bool,
+    },
+    /// Write each task of a trained model as a Hugging Face transformers model directory, OUT/TASK/
+    /// (BertForSequenceClassification, BertForTokenClassification or BertForQuestionAnswering, LoRA merged).
+    Export {
+        /// A checkpoint directory written by `mtl train`.
+        #[arg(long)]
+        model: PathBuf,
+        /// Output directory; it must not exist yet.
+        #[arg(long)]
+        out: PathBuf,
     },
 }

@@ -31,7 +31,10 @@ pub fn run(cli: Cli) -> Result<()> {
             baselines,
         }),
         Command::Eval { model, config, overrides } => eval(&model, &config, &overrides),
-        Command::Predict { model, input, batch_size } => predict(&model, input.as_deref(), batch_size),
+        Command::Predict { model, input, batch_size, full_precision } => {
+            predict(&model, input.as_deref(), batch_size, full_precision)
+        }
+        Command::Export { model, out } => crate::export::export(&model, &out),
     }
 }
 
@@ -353,14 +356,14 @@ fn metrics_json(dev: Option<&Evaluation>, test: Option<&Evaluation>) -> Value {
 }
 
 /// A trained model with everything needed to use it.
-struct Loaded {
-    config: Config,
-    labels: BTreeMap<TaskId, LabelMap>,
-    encoder: TextEncoder,
-    model: MultiTaskModel,
+pub(crate) struct Loaded {
+    pub(crate) config: Config,
+    pub(crate) labels: BTreeMap<TaskId, LabelMap>,
+    pub(crate) encoder: TextEncoder,
+    pub(crate) model: MultiTaskModel,
 }
 
-fn load_checkpoint(dir: &Path) -> Result<Loaded> {
+pub(crate) fn load_checkpoint(dir: &Path) -> Result<Loaded> {
     let (config, labels) = checkpoint::read_meta(dir)?;
     let base = checkpoint::base_weights(dir)?;
     let weights = if base.is_some() { checkpoint::ADAPTERS } else { checkpoint::WEIGHTS };
@@ -468,7 +471,7 @@ fn parse_input(line: &str, location: &Location, config: &Config) -> Result<Input
     }
 }
 
-fn predict(model_dir: &Path, input: Option<&Path>, batch_size: usize) -> Result<()> {
+fn predict(model_dir: &Path, input: Option<&Path>, batch_size: usize, full_precision: bool) -> Result<()> {
     let loaded = load_checkpoint(model_dir)?;
     let info = TaskInfo { config: &loaded.config, labels: &loaded.labels };
     let has_token_task = loaded.config.tasks.values().any(|t| t.kind == TaskKind::TokenClassification);
@@ -495,7 +498,7 @@ fn predict(model_dir: &Path, input: Option<&Path>, batch_size: usize) -> Result<
                 continue;
             }
             last_group = g;
-            writeln!(out, "{}", prediction_json(ex, &preds, &loaded.labels))?;
+            writeln!(out, "{}", prediction_json(ex, &preds, &loaded.labels, full_precision))?;
         }
         pending.clear();
         Ok(())
@@ -552,7 +555,8 @@ fn round4(x: f64) -> f64 {
     (x * 1e4).round() / 1e4
 }
 
-fn prediction_json(ex: &Example, preds: &BTreeMap<TaskId, Prediction>, labels: &BTreeMap<TaskId, LabelMap>) -> Value {
+fn prediction_json(ex: &Example, preds: &BTreeMap<TaskId, Prediction>, labels: &BTreeMap<TaskId, LabelMap>, full: bool) -> Value {
+    let round4 = |x: f64| if full { x } else { round4(x) };
     let words = ex.input.words();
     let mut tasks = serde_json::Map::new();
     for (task, p) in preds {

@@ -1,8 +1,9 @@
-//! The `mtl` binary: `train`, `eval` and `predict`. `main` only parses arguments and turns the outcome of
+//! The `mtl` binary: `train`, `eval`, `predict` and `export`. `main` only parses arguments and turns the outcome of
 //! `run` into an exit status; every command lives in its own module.
 
 mod args;
 mod commands;
+mod export;
 mod report;
 
 // Large tensors are allocated and freed at every op; mimalloc keeps the pages instead of returning them to

@@ -232,6 +232,30 @@ impl MultiTaskModel {
         Ok(())
     }
 
+    /// The backbone's weights under `BertModel` names, with LoRA adapter `adapter`'s update added in: a copy,
+    /// the model is unchanged. `None`: the weights as they are (with whatever adapter is merged).
+    pub fn backbone_weights(&self, adapter: Option<usize>) -> Result<BTreeMap<String, Tensor>> {
+        let deltas: HashMap<String, Tensor> = match adapter {
+            Some(_) if self.bert.merged().is_some() => {
+                return Err(candle_core::Error::Msg("a LoRA adapter is merged already; unmerge it first".into()).into())
+            }
+            Some(a) => self.bert.lora_deltas(a)?.into_iter().collect(),
+            None => HashMap::new(),
+        };
+        self.params
+            .vars()
+            .iter()
+            .filter(|(n, _)| !n.starts_with("heads.") && !peft::is_lora_param(n))
+            .map(|(n, v)| {
+                let t = v.as_tensor();
+                Ok((n.clone(), match deltas.get(n) {
+                    Some(d) => (t + d)?,
+                    None => t.copy()?,
+                }))
+            })
+            .collect()
+    }
+
     /// The loss of every task that has at least one label in `batch`.
     pub fn losses(&self, batch: &HostBatch, mode: Mode) -> Result<Vec<TaskLoss>> {
         // Per-task LoRA: each example once for every task that labels it, through that task's adapter.

@@ -105,6 +105,12 @@ fn write_files(dir: &Path, model: &MultiTaskModel, files: &CheckpointFiles) -> R
     for name in [MODEL_CONFIG, TOKENIZER] {
         std::fs::copy(base.join(name), dir.join(name)).map_err(io_err(&base.join(name)))?;
     }
+    // The rest of a Hugging Face tokenizer, where the base model has it (an export passes it on).
+    for name in ["vocab.txt", "special_tokens_map.json", "tokenizer_config.json"] {
+        if base.join(name).is_file() {
+            std::fs::copy(base.join(name), dir.join(name)).map_err(io_err(&base.join(name)))?;
+        }
+    }
     let write = |name: &str, text: String| std::fs::write(dir.join(name), text).map_err(io_err(&dir.join(name)));
     write(RUN_CONFIG, files.config.to_toml())?;
     write(LABELS, serde_json::to_string_pretty(files.labels).expect("label maps serialize; this is a bug"))?;

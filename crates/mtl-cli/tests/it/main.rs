@@ -4,6 +4,7 @@
 
 mod cli;
 mod engine;
+mod export;
 mod peft;
 mod real_model;
 mod tasks;

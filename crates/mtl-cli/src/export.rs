@@ -1,0 +1,167 @@
+//! `mtl export`: every task of a trained model as its own Hugging Face `transformers` model directory, which
+//! `AutoModelFor…`, `pipeline(…)` and `AutoTokenizer` load as they are.
+//!
+//! - classification → `BertForSequenceClassification` (`problem_type` single- or multi-label);
+//! - regression → `BertForSequenceClassification` with `problem_type = "regression"`, the target scaling folded
+//!   into the classifier, so it outputs values in the data's units;
+//! - token classification → `BertForTokenClassification`;
+//! - span-extraction QA → `BertForQuestionAnswering`.
+//!
+//! The backbone is the trained one, with LoRA merged into its weights (the shared adapter, or the task's own).
+//! mtl's heads read the [CLS] state directly, while `BertForSequenceClassification` puts a pooler,
+//! `tanh(W x + b)`, in between: the export sets `W = εI`, `b = 0` and divides the classifier's weights by ε
+//! (ε = 1e-4), so that `classifier(tanh(ε x)) = classifier(x)` up to `ε² x³ / 3`, far below float32 rounding
+//! of the logits. A token task with a CRF is skipped (transformers has no CRF head), with a warning.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use candle_core::{Device, Tensor};
+use mtl_core::{TaskId, TaskKind};
+use mtl_train::checkpoint;
+use serde_json::{json, Value};
+
+use crate::commands::{load_checkpoint, Loaded};
+
+/// The pooler's scale ε: `tanh(ε x) / ε ≈ x`.
+const POOLER_EPS: f64 = 1e-4;
+
+/// Tokenizer files copied from the checkpoint when it has them.
+const TOKENIZER_FILES: [&str; 3] = ["vocab.txt", "special_tokens_map.json", "tokenizer_config.json"];
+
+pub fn export(model_dir: &Path, out: &Path) -> Result<()> {
+    if out.exists() {
+        bail!("{}: the output directory already exists; choose another or remove it", out.display());
+    }
+    let loaded = load_checkpoint(model_dir)?;
+    let base_config: Value = {
+        let path = model_dir.join(checkpoint::MODEL_CONFIG);
+        serde_json::from_str(&std::fs::read_to_string(&path).with_context(|| format!("{}: cannot read", path.display()))?)
+            .with_context(|| format!("{}: not JSON", path.display()))?
+    };
+    let parent = match out.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
+        _ => std::path::PathBuf::from("."),
+    };
+    std::fs::create_dir_all(&parent).with_context(|| format!("{}: cannot create", parent.display()))?;
+    let tmp = tempfile::Builder::new().prefix(".mtl-export-").tempdir_in(&parent)?;
+    let mut written = Vec::new();
+    for task in loaded.config.tasks.keys() {
+        let head = &loaded.model.heads()[task];
+        if head.crf().is_some() {
+            tracing::warn!("task `{task}` has a CRF head, which transformers cannot represent; it is not exported");
+            continue;
+        }
+        let dir = tmp.path().join(task.as_str());
+        std::fs::create_dir(&dir)?;
+        write_task(&dir, &loaded, task, &base_config, model_dir)?;
+        written.push(task.to_string());
+    }
+    if written.is_empty() {
+        bail!("{}: no task can be exported", model_dir.display());
+    }
+    let tmp = tmp.keep();
+    std::fs::rename(&tmp, out).with_context(|| format!("{}: cannot move the export into place", out.display()))?;
+    println!("exported {} to {}", written.join(", "), out.display());
+    Ok(())
+}
+
+fn write_task(dir: &Path, loaded: &Loaded, task: &TaskId, base_config: &Value, model_dir: &Path) -> Result<()> {
+    let model = &loaded.model;
+    let head = &model.heads()[task];
+    let map = &loaded.labels[task];
+    // The task's own LoRA adapter merged in (a shared one is merged at load already).
+    let adapter = match model.bert().lora() {
+        Some(spec) if spec.per_task() => Some(spec.adapter_of(task)?),
+        _ => None,
+    };
+    let mut tensors: HashMap<String, Tensor> =
+        model.backbone_weights(adapter)?.into_iter().map(|(name, t)| (format!("bert.{name}"), t)).collect();
+    let vars = model.params().vars();
+    let head_param = |name: &str| -> Result<Tensor> {
+        let full = format!("heads.{task}.{name}");
+        Ok(vars.get(&full).with_context(|| format!("the checkpoint has no tensor `{full}`"))?.as_tensor().copy()?)
+    };
+    let (weight, bias) = (head_param("weight")?, head_param("bias")?);
+    let hidden = model.bert().hidden_size();
+    let ids: Vec<String> = match head.kind() {
+        TaskKind::QuestionAnswering => Vec::new(),
+        _ if map.labels().len() == head.num_labels() => map.labels().to_vec(),
+        _ => (0..head.num_labels()).map(|i| format!("LABEL_{i}")).collect(),
+    };
+    let (architecture, problem_type) = match head.kind() {
+        TaskKind::Classification => ("BertForSequenceClassification", Some("single_label_classification")),
+        TaskKind::MultiLabel => ("BertForSequenceClassification", Some("multi_label_classification")),
+        TaskKind::Regression => ("BertForSequenceClassification", Some("regression")),
+        TaskKind::TokenClassification => ("BertForTokenClassification", None),
+        TaskKind::QuestionAnswering => ("BertForQuestionAnswering", None),
+    };
+    match head.kind() {
+        TaskKind::Classification | TaskKind::MultiLabel | TaskKind::Regression => {
+            let eye = (Tensor::eye(hidden, candle_core::DType::F32, &Device::Cpu)? * POOLER_EPS)?;
+            tensors.insert("bert.pooler.dense.weight".into(), eye);
+            tensors.insert("bert.pooler.dense.bias".into(), Tensor::zeros(hidden, candle_core::DType::F32, &Device::Cpu)?);
+            let (mut weight, mut bias) = ((weight / POOLER_EPS)?, bias);
+            // Regression heads were trained on standardised targets: y = mean + std · (W x + b).
+            if let (TaskKind::Regression, Some(scale)) = (head.kind(), &map.scale) {
+                let n = scale.std.len();
+                let std = Tensor::from_vec(scale.std.iter().map(|&s| s as f32).collect::<Vec<_>>(), (n, 1), &Device::Cpu)?;
+                let mean = Tensor::from_vec(scale.mean.iter().map(|&m| m as f32).collect::<Vec<_>>(), n, &Device::Cpu)?;
+                weight = weight.broadcast_mul(&std)?;
+                bias = ((bias * std.squeeze(1)?)? + mean)?;
+            }
+            tensors.insert("classifier.weight".into(), weight);
+            tensors.insert("classifier.bias".into(), bias);
+        }
+        TaskKind::TokenClassification => {
+            tensors.insert("classifier.weight".into(), weight);
+            tensors.insert("classifier.bias".into(), bias);
+        }
+        TaskKind::QuestionAnswering => {
+            tensors.insert("qa_outputs.weight".into(), weight);
+            tensors.insert("qa_outputs.bias".into(), bias);
+        }
+    }
+    candle_core::safetensors::save(&tensors, dir.join("model.safetensors"))?;
+
+    let mut config = base_config.clone();
+    config["architectures"] = json!([architecture]);
+    if !ids.is_empty() {
+        config["id2label"] = ids.iter().enumerate().map(|(i, l)| (i.to_string(), json!(l))).collect::<serde_json::Map<_, _>>().into();
+        config["label2id"] = ids.iter().enumerate().map(|(i, l)| (l.clone(), json!(i))).collect::<serde_json::Map<_, _>>().into();
+    }
+    if let Some(p) = problem_type {
+        config["problem_type"] = json!(p);
+    }
+    config["mtl"] = json!({
+        "task": task.as_str(),
+        "pooler": if problem_type.is_some() { json!(format!("near-identity: W = {POOLER_EPS} I, classifier weights divided by {POOLER_EPS}")) } else { Value::Null },
+        "max_len": loaded.config.model.max_len,
+    });
+    std::fs::write(dir.join("config.json"), serde_json::to_string_pretty(&config)?)?;
+
+    // The tokenizer, without the fixed padding and truncation some tokenizer.json files carry: transformers'
+    // callers choose those per call.
+    let path = model_dir.join(checkpoint::TOKENIZER);
+    let mut tokenizer: Value = serde_json::from_str(&std::fs::read_to_string(&path).with_context(|| format!("{}: cannot read", path.display()))?)
+        .with_context(|| format!("{}: not JSON", path.display()))?;
+    tokenizer["padding"] = Value::Null;
+    tokenizer["truncation"] = Value::Null;
+    std::fs::write(dir.join(checkpoint::TOKENIZER), serde_json::to_string(&tokenizer)?)?;
+    let mut tokenizer_config = json!({});
+    for name in TOKENIZER_FILES {
+        let from = model_dir.join(name);
+        if !from.exists() {
+            continue;
+        }
+        if name == "tokenizer_config.json" {
+            tokenizer_config = serde_json::from_str(&std::fs::read_to_string(&from)?).with_context(|| format!("{}: not JSON", from.display()))?;
+        } else {
+            std::fs::copy(&from, dir.join(name))?;
+        }
+    }
+    tokenizer_config["model_max_length"] = json!(loaded.config.model.max_len);
+    std::fs::write(dir.join("tokenizer_config.json"), serde_json::to_string_pretty(&tokenizer_config)?)?;
+    Ok(())
+}

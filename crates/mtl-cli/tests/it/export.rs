@@ -1,0 +1,69 @@
+//! `mtl export` on the tiny model: one transformers directory per task, with the architecture, labels and
+//! tensor names transformers expects (tests/python/check_export.py compares predictions with transformers
+//! itself, in scripts/test.sh).
+
+use std::collections::{BTreeSet, HashMap};
+
+use candle_core::{Device, Tensor};
+use serde_json::Value;
+
+use crate::cli::{stderr, Project, TestResult};
+use crate::repo_root;
+
+fn json(path: &std::path::Path) -> Result<Value, Box<dyn std::error::Error>> {
+    Ok(serde_json::from_str(&std::fs::read_to_string(path)?)?)
+}
+
+#[test]
+fn export_writes_a_transformers_directory_per_task() -> TestResult {
+    let p = Project::new()?;
+    for (run, sets) in [("full", vec![]), ("lora", vec!["--set", "peft.method=\"lora\"", "--set", "peft.per_task=true"])] {
+        let mut args = vec!["train", "config.toml", "--out", run, "--set", "training.epochs=1"];
+        args.extend(sets);
+        let o = p.mtl(&args)?;
+        assert!(o.status.success(), "{}", stderr(&o));
+        let out = format!("{run}-hf");
+        let o = p.mtl(&["export", "--model", run, "--out", &out])?;
+        assert!(o.status.success(), "{}", stderr(&o));
+        let base: HashMap<String, Tensor> =
+            candle_core::safetensors::load(repo_root().join("tests/fixtures/tiny-bert/model.safetensors"), &Device::Cpu)?;
+        let labels = json(&p.path(run).join("labels.json"))?;
+        for (task, arch, extra) in [
+            ("intent", "BertForSequenceClassification", &["bert.pooler.dense.weight", "bert.pooler.dense.bias", "classifier.weight", "classifier.bias"][..]),
+            ("slots", "BertForTokenClassification", &["classifier.weight", "classifier.bias"][..]),
+        ] {
+            let dir = p.path(&out).join(task);
+            let config = json(&dir.join("config.json"))?;
+            assert_eq!(config["architectures"][0], arch);
+            assert_eq!(config["hidden_size"], 32, "the base config is kept");
+            let names: Vec<&str> = labels[task].as_array().or(labels[task]["labels"].as_array()).ok_or("labels")?.iter().filter_map(Value::as_str).collect();
+            assert_eq!(config["id2label"].as_object().ok_or("id2label")?.len(), names.len());
+            for (i, l) in names.iter().enumerate() {
+                assert_eq!(config["id2label"][i.to_string()], *l);
+                assert_eq!(config["label2id"][*l], i);
+            }
+            let tensors = candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu)?;
+            let got: BTreeSet<&str> = tensors.keys().map(String::as_str).collect();
+            let want: BTreeSet<String> =
+                base.keys().map(|k| format!("bert.{k}")).chain(extra.iter().map(|s| s.to_string())).collect();
+            assert_eq!(got, want.iter().map(String::as_str).collect(), "{task}");
+            assert!(dir.join("tokenizer.json").exists() && dir.join("tokenizer_config.json").exists());
+            let tokenizer = json(&dir.join("tokenizer.json"))?;
+            assert!(tokenizer["padding"].is_null() && tokenizer["truncation"].is_null(), "fixed padding is removed");
+            // Per-task LoRA: each task's backbone carries its own merged update.
+            if run == "lora" {
+                let q = "bert.encoder.layer.0.attention.self.query.weight";
+                let diff = (&tensors[q] - &base["encoder.layer.0.attention.self.query.weight"])?.abs()?.sum_all()?.to_scalar::<f32>()?;
+                assert!(diff > 0.0, "{task}: LoRA is merged into the query weights");
+            }
+        }
+        let q = "bert.encoder.layer.0.attention.self.query.weight";
+        let a = candle_core::safetensors::load(p.path(&out).join("intent/model.safetensors"), &Device::Cpu)?;
+        let b = candle_core::safetensors::load(p.path(&out).join("slots/model.safetensors"), &Device::Cpu)?;
+        let same = (&a[q] - &b[q])?.abs()?.sum_all()?.to_scalar::<f32>()? == 0.0;
+        assert_eq!(same, run == "full", "{run}: one shared backbone, or one per task's adapter");
+        let o = p.mtl(&["export", "--model", run, "--out", &out])?;
+        assert!(!o.status.success() && stderr(&o).contains("already exists"), "{}", stderr(&o));
+    }
+    Ok(())
+}
