@@ -8,7 +8,9 @@ and predicts what `mtl predict` predicts for the task's test file (or, without o
 - regression: the same values within 1e-4 (relative, for values above 1);
 - token classification: the same tag for every word (read at the word's first sub-token, as mtl reads it).
 For classification, transformers' `pipeline("text-classification")` must also agree on the first
-example. Question answering is not compared here. Run by scripts/test.sh when the bench environment (.venv, with
+example. A LoRA run's PEFT-format adapter (TASK/peft/), loaded by peft onto the original
+base model, must give the merged directory's logits within 1e-4 on the first 64 examples. Question answering
+is not compared here. Run by scripts/test.sh when the bench environment (.venv, with
 torch and transformers) is there. Exits non-zero on the first mismatch.
 """
 import csv
@@ -24,6 +26,7 @@ from transformers import (AutoModelForSequenceClassification, AutoModelForTokenC
 from transformers.utils import logging
 
 logging.disable_progress_bar()
+logging.set_verbosity_error()
 
 TOL = 1e-4
 
@@ -150,8 +153,29 @@ def check_task(binary, checkpoint, export_dir, name, task, max_len, split_text):
         want = mtl[0]["predictions"][name]
         if top["label"] != want["label"] or abs(top["score"] - want["score"]) > TOL:
             sys.exit(f"{name}: pipeline says {top}, mtl {want}")
+    # A LoRA run's PEFT adapter, on the original base model, gives the merged directory's logits.
+    peft_note = ""
+    if (export_dir / "peft").is_dir():
+        from peft import PeftModel
+
+        base_path = json.loads((export_dir / "peft" / "adapter_config.json").read_text())["base_model_name_or_path"]
+        base = auto.from_pretrained(base_path, num_labels=len(id2label))
+        with_adapter = PeftModel.from_pretrained(base, export_dir / "peft").eval()
+        largest = 0.0
+        for start in range(0, min(len(inputs), 64), 32):
+            enc = encode(tokenizer, inputs[start:start + 32], max_len)
+            args = {k: v for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+            with torch.no_grad():
+                a, b = model(**args).logits, with_adapter(**args).logits
+            if token:
+                keep = enc["attention_mask"].bool()
+                a, b = a[keep], b[keep]
+            largest = max(largest, float((a - b).abs().max()))
+        if largest > TOL:
+            sys.exit(f"{name}: the PEFT adapter's logits differ from the merged model's by {largest:.2e}")
+        peft_note = f"; PEFT adapter on the base model: logits within {largest:.1e} of the merged model's"
     diff = f", largest probability/value difference {worst:.1e}" if not token else ""
-    print(f"{name}: {kind}, {compared} examples: transformers and mtl agree{diff}")
+    print(f"{name}: {kind}, {compared} examples: transformers and mtl agree{diff}{peft_note}")
 
 
 def main():

@@ -12,6 +12,9 @@
 //! `tanh(W x + b)`, in between: the export sets `W = εI`, `b = 0` and divides the classifier's weights by ε
 //! (ε = 1e-4), so that `classifier(tanh(ε x)) = classifier(x)` up to `ε² x³ / 3`, far below float32 rounding
 //! of the logits. A token task with a CRF is skipped (transformers has no CRF head), with a warning.
+//!
+//! A LoRA run also gets `OUT/TASK/peft/`, the task in PEFT's adapter format: its LoRA adapter and its head
+//! (`modules_to_save`), to load with `PeftModel.from_pretrained` onto the original base model.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -65,6 +68,70 @@ pub fn export(model_dir: &Path, out: &Path) -> Result<()> {
     std::fs::rename(&tmp, out).with_context(|| format!("{}: cannot move the export into place", out.display()))?;
     println!("exported {} to {}", written.join(", "), out.display());
     Ok(())
+}
+
+/// The task as PEFT's adapter format (`adapter_config.json`, `adapter_model.safetensors`) on the original base
+/// model: its LoRA adapter, and the head (with the export's pooler) as `modules_to_save`.
+fn write_peft(
+    dir: &Path,
+    loaded: &Loaded,
+    spec: &mtl_nn::LoraSpec,
+    adapter: &str,
+    kind: TaskKind,
+    exported: &HashMap<String, Tensor>,
+    model_dir: &Path,
+) -> Result<()> {
+    std::fs::create_dir(dir)?;
+    let base = checkpoint::base_weights(model_dir)?
+        .and_then(|w| w.parent().map(Path::to_path_buf))
+        .with_context(|| format!("{}: a LoRA checkpoint without base_model.json", model_dir.display()))?;
+    let mut tensors: HashMap<String, Tensor> = HashMap::new();
+    for (name, var) in loaded.model.params().vars() {
+        if mtl_nn::lora_adapter(name) == Some(adapter) {
+            // `….lora_A.ADAPTER.weight` → `base_model.model.bert.….lora_A.weight`: PEFT drops the adapter name.
+            let plain = name.replacen(&format!(".{adapter}."), ".", 1);
+            tensors.insert(format!("base_model.model.bert.{plain}"), var.as_tensor().copy()?);
+        }
+    }
+    let saved: &[&str] = match kind {
+        TaskKind::TokenClassification => &["classifier"],
+        TaskKind::QuestionAnswering => &["qa_outputs"],
+        _ => &["classifier", "pooler"],
+    };
+    for (name, t) in exported {
+        if !name.starts_with("bert.") || name.starts_with("bert.pooler.") {
+            tensors.insert(format!("base_model.model.{name}"), t.clone());
+        }
+    }
+    candle_core::safetensors::save(&tensors, dir.join("adapter_model.safetensors"))?;
+    // A regular expression on full module names: PEFT's suffix names cannot tell `output.dense` from
+    // `attention.output.dense`.
+    let modules: Vec<String> = spec.targets.iter().map(|m| regex_escape(m.bert_path())).collect();
+    let task_type = match kind {
+        TaskKind::TokenClassification => "TOKEN_CLS",
+        TaskKind::QuestionAnswering => "QUESTION_ANS",
+        _ => "SEQ_CLS",
+    };
+    let config = json!({
+        "peft_type": "LORA",
+        "task_type": task_type,
+        "base_model_name_or_path": base,
+        "r": spec.r,
+        "lora_alpha": spec.alpha,
+        "lora_dropout": (f64::from(spec.dropout) * 1e6).round() / 1e6,
+        "target_modules": format!("bert\\.encoder\\.layer\\.\\d+\\.({})", modules.join("|")),
+        "modules_to_save": saved,
+        "bias": "none",
+        "fan_in_fan_out": false,
+        "inference_mode": true,
+        "init_lora_weights": true,
+    });
+    std::fs::write(dir.join("adapter_config.json"), serde_json::to_string_pretty(&config)?)?;
+    Ok(())
+}
+
+fn regex_escape(s: &str) -> String {
+    s.replace('.', "\\.")
 }
 
 fn write_task(dir: &Path, loaded: &Loaded, task: &TaskId, base_config: &Value, model_dir: &Path) -> Result<()> {
@@ -124,6 +191,10 @@ fn write_task(dir: &Path, loaded: &Loaded, task: &TaskId, base_config: &Value, m
         }
     }
     candle_core::safetensors::save(&tensors, dir.join("model.safetensors"))?;
+    if let Some(spec) = model.bert().lora() {
+        let name = &spec.adapters[spec.adapter_of(task)?];
+        write_peft(&dir.join("peft"), loaded, spec, name, head.kind(), &tensors, model_dir)?;
+    }
 
     let mut config = base_config.clone();
     config["architectures"] = json!([architecture]);

@@ -55,6 +55,17 @@ fn export_writes_a_transformers_directory_per_task() -> TestResult {
                 let q = "bert.encoder.layer.0.attention.self.query.weight";
                 let diff = (&tensors[q] - &base["encoder.layer.0.attention.self.query.weight"])?.abs()?.sum_all()?.to_scalar::<f32>()?;
                 assert!(diff > 0.0, "{task}: LoRA is merged into the query weights");
+                // And PEFT's format: the task's adapter under PEFT's names, with the head to save.
+                let adapter = candle_core::safetensors::load(dir.join("peft/adapter_model.safetensors"), &Device::Cpu)?;
+                let lora: Vec<&String> = adapter.keys().filter(|k| k.contains(".lora_")).collect();
+                assert_eq!(lora.len(), 2 * 2 * 2, "{:?}", adapter.keys());
+                assert!(adapter.contains_key("base_model.model.bert.encoder.layer.1.attention.self.value.lora_B.weight"));
+                assert!(adapter.contains_key("base_model.model.classifier.weight"));
+                let config = json(&dir.join("peft/adapter_config.json"))?;
+                assert_eq!(config["peft_type"], "LORA");
+                assert_eq!(config["r"], 8);
+            } else {
+                assert!(!dir.join("peft").exists(), "PEFT's format is for LoRA runs");
             }
         }
         let q = "bert.encoder.layer.0.attention.self.query.weight";
