@@ -14,6 +14,10 @@ It writes:
                         both blocks, random weights) in lora.safetensors, and in lora.json each adapter's
                         last_hidden_state, a mixed batch's (PEFT's adapter_names, one adapter per row), and a
                         [CLS] head's loss with the gradient norm of each LoRA parameter of adapter "intent"
+  tiny-bert/bottleneck.* two bottleneck adapters (Houlsby placement, 8 units, random weights) added to transformers'
+                        BertModel by forward hooks on each sublayer's output dropout (before the residual and
+                        LayerNorm): weights, each adapter's last_hidden_state, a head's loss and the gradient
+                        norms of adapter "intent"
   minilm-reference.json transformers' tokenization and last_hidden_state of all-MiniLM-L6-v2 on three
                         sentences (pretokenized words, as the token tasks feed them)
   seqeval.json          random BIO tag sequences with seqeval's precision/recall/f1/accuracy (default mode)
@@ -37,7 +41,8 @@ It writes:
                         scipy.optimize.minimize (SLSQP) exactly as the authors' code finds them, rescale = 1
 The tests themselves need none of these packages. `python scripts/make_fixtures.py metrics` writes only the
 metric fixtures (no torch needed for them, only scikit-learn, scipy and seqeval); `... weighting` writes only
-the last three, and `... lora` only tiny-bert/lora.*.
+the last three, and `... lora` only tiny-bert/lora.* and
+tiny-bert/bottleneck.*.
 """
 import json
 import random
@@ -470,6 +475,64 @@ def lora_fixture():
     (d / "lora.json").write_text(json.dumps(ref))
 
 
+def bottleneck_fixture():
+    """Two bottleneck adapters (Houlsby placement) on tiny-bert, as forward hooks on transformers' BertModel."""
+    d = OUT / "tiny-bert"
+    model = BertModel.from_pretrained(d, add_pooling_layer=False).eval()
+    torch.manual_seed(2)
+    size, hidden = 8, model.config.hidden_size
+    weights, adapters = {}, {}
+    for name in ["intent", "slots"]:
+        adapters[name] = {}
+        for i in range(model.config.num_hidden_layers):
+            for site in ["attention.output", "output"]:
+                prefix = f"encoder.layer.{i}.{site}.adapters.{name}"
+                p = {"down.weight": 0.2 * torch.randn(size, hidden), "down.bias": 0.1 * torch.randn(size),
+                     "up.weight": 0.2 * torch.randn(hidden, size), "up.bias": 0.1 * torch.randn(hidden)}
+                p = {k: v.requires_grad_() for k, v in p.items()}
+                adapters[name][(i, site)] = p
+                weights.update({f"{prefix}.{k}": v for k, v in p.items()})
+    save_file({k: v.detach().contiguous() for k, v in weights.items()}, d / "bottleneck.safetensors")
+
+    active = {"name": None}
+
+    def hook(i, site):
+        # Houlsby et al. 2019: the adapter acts on the sublayer's output, before the residual and LayerNorm.
+        def f(module, inputs, y):
+            p = adapters[active["name"]][(i, site)]
+            down = torch.relu(y @ p["down.weight"].T + p["down.bias"])
+            return y + down @ p["up.weight"].T + p["up.bias"]
+        return f
+
+    for i, layer in enumerate(model.encoder.layer):
+        layer.attention.output.dropout.register_forward_hook(hook(i, "attention.output"))
+        layer.output.dropout.register_forward_hook(hook(i, "output"))
+    ids = torch.tensor([[2, 7, 9, 11, 3, 0, 0], [2, 5, 6, 7, 8, 9, 3], [2, 15, 14, 9, 3, 0, 0]])
+    mask = (ids != 0).long()
+    hidden_states = {}
+    for name in ["intent", "slots"]:
+        active["name"] = name
+        with torch.no_grad():
+            hidden_states[name] = model(input_ids=ids, attention_mask=mask).last_hidden_state.tolist()
+    active["name"] = "intent"
+    head = torch.nn.Linear(32, 3)
+    with torch.no_grad():
+        head.weight.copy_(torch.linspace(-0.5, 0.5, 96).reshape(3, 32))
+        head.bias.copy_(torch.tensor([0.1, -0.2, 0.3]))
+    labels = torch.tensor([2, 0, 1])
+    out = model(input_ids=ids, attention_mask=mask).last_hidden_state
+    loss = torch.nn.functional.cross_entropy(head(out[:, 0]), labels)
+    loss.backward()
+    grads = {k: v.grad.norm().item() for k, v in weights.items() if ".intent." in k}
+    ref = {
+        "input_ids": ids.tolist(), "attention_mask": mask.tolist(), "size": size, "hidden": hidden_states,
+        "head": {"weight": head.weight.detach().tolist(), "bias": head.bias.detach().tolist(),
+                 "labels": labels.tolist(), "loss": loss.item()},
+        "grad_norms": grads,
+    }
+    (d / "bottleneck.json").write_text(json.dumps(ref))
+
+
 def weighting_fixtures():
     gradnorm_fixture()
     pcgrad_fixture()
@@ -493,11 +556,13 @@ if __name__ == "__main__":
         weighting_fixtures()
     elif sys.argv[1:] == ["lora"]:
         lora_fixture()
+        bottleneck_fixture()
     elif sys.argv[1:] == ["metrics"]:
         metric_fixtures()
     else:
         tiny_bert()
         lora_fixture()
+        bottleneck_fixture()
         minilm()
         qa_windows_fixture()
         metric_fixtures()

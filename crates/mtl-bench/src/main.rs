@@ -135,7 +135,7 @@ fn main() -> Result<()> {
         (TaskId::new("cls")?, mtl_nn::HeadSpec::new(TaskKind::Classification, 5)),
         (TaskId::new("tok")?, mtl_nn::HeadSpec::new(TaskKind::TokenClassification, 9)),
     ]);
-    let spec = ModelSpec { bert: &bert, tasks: &tasks, dropout: 0.1, seed: 0, lora: None };
+    let spec = ModelSpec { bert: &bert, tasks: &tasks, dropout: 0.1, seed: 0, peft: None };
     let model = MultiTaskModel::load(&spec, &args.model.join("model.safetensors"), false, &Device::Cpu)?;
     let hb = batch(args.batch, args.seq, bert.vocab_size);
     let mut times = Vec::new();

@@ -6,10 +6,10 @@ use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
-use mtl_config::{Config, PeftMethod, Split};
+use mtl_config::{AdapterPlacement, Config, PeftMethod, Split};
 use mtl_core::{TaskId, TaskKind};
 use mtl_data::{Dataset, Example, Input, LabelMap, Location, TextEncoder};
-use mtl_nn::{BertConfig, HeadSpec, LoraSpec, ModelSpec, MultiTaskModel, SHARED_ADAPTER};
+use mtl_nn::{BertConfig, HeadSpec, LoraSpec, ModelSpec, MultiTaskModel, PeftKind, PeftSpec, Placement, SHARED_ADAPTER};
 use mtl_train::checkpoint::{self, CheckpointFiles};
 use mtl_train::{resume, tracking};
 use mtl_train::heads::head_specs;
@@ -42,24 +42,35 @@ fn model_spec<'a>(
     config: &Config,
     bert: &'a BertConfig,
     tasks: &'a BTreeMap<TaskId, HeadSpec>,
-    lora: Option<&'a LoraSpec>,
+    peft: Option<&'a PeftSpec>,
 ) -> ModelSpec<'a> {
-    ModelSpec { bert, tasks, dropout: config.training.dropout as f32, seed: config.training.seed, lora }
+    ModelSpec { bert, tasks, dropout: config.training.dropout as f32, seed: config.training.seed, peft }
 }
 
-/// LoRA as `[peft]` asks for it: one adapter shared by every task, or one per task.
-fn lora_spec(config: &Config) -> Option<LoraSpec> {
+/// The parameter-efficient method `[peft]` asks for, with one adapter shared by every task or one per task.
+fn peft_spec(config: &Config, bert: &BertConfig) -> Option<PeftSpec> {
     let p = &config.peft;
-    (p.method == PeftMethod::Lora).then(|| LoraSpec {
-        r: p.r,
-        alpha: p.alpha,
-        dropout: p.dropout as f32,
-        targets: p.target_modules.clone(),
-        adapters: match p.per_task {
-            true => config.tasks.keys().map(|t| t.to_string()).collect(),
-            false => vec![SHARED_ADAPTER.to_string()],
+    let kind = match p.method {
+        PeftMethod::None => return None,
+        PeftMethod::Lora => PeftKind::Lora(LoraSpec {
+            r: p.r,
+            alpha: p.alpha,
+            dropout: p.dropout as f32,
+            targets: p.target_modules.clone(),
+        }),
+        PeftMethod::Adapter => PeftKind::Bottleneck {
+            size: (bert.hidden_size / p.reduction_factor).max(1),
+            placement: match p.placement {
+                AdapterPlacement::Pfeiffer => Placement::Pfeiffer,
+                AdapterPlacement::Houlsby => Placement::Houlsby,
+            },
         },
-    })
+    };
+    let adapters = match p.per_task {
+        true => config.tasks.keys().map(|t| t.to_string()).collect(),
+        false => vec![SHARED_ADAPTER.to_string()],
+    };
+    Some(PeftSpec { kind, adapters })
 }
 
 fn require_file(path: &Path, what: &str) -> Result<()> {
@@ -205,9 +216,9 @@ fn train_one(config: &Config, out: &Path, select: Select, resume: bool) -> Resul
         test: load_split(&config, Split::Test, &encoder, &labels)?,
     };
     let sizes = head_specs(&config, &labels);
-    let lora = lora_spec(&config);
+    let peft = peft_spec(&config, &bert);
     let model = MultiTaskModel::load(
-        &model_spec(&config, &bert, &sizes, lora.as_ref()),
+        &model_spec(&config, &bert, &sizes, peft.as_ref()),
         &base.join("model.safetensors"),
         false,
         &Device::Cpu,
@@ -376,13 +387,13 @@ pub(crate) fn load_checkpoint(dir: &Path) -> Result<Loaded> {
         config.model.max_len.min(bert.max_position_embeddings),
     )?;
     let sizes = head_specs(&config, &labels);
-    let lora = lora_spec(&config);
-    let spec = model_spec(&config, &bert, &sizes, lora.as_ref());
+    let peft = peft_spec(&config, &bert);
+    let spec = model_spec(&config, &bert, &sizes, peft.as_ref());
     let model = match base {
         Some(base) => {
             let mut model = MultiTaskModel::load_with_adapters(&spec, &base, &dir.join(checkpoint::ADAPTERS), &Device::Cpu)?;
-            // One shared adapter merges into the weights: the plain encoder's speed.
-            if lora.as_ref().is_some_and(|l| !l.per_task()) {
+            // One shared LoRA adapter merges into the weights: the plain encoder's speed.
+            if peft.as_ref().is_some_and(|p| p.lora().is_some() && !p.per_task()) {
                 model.merge_lora(0)?;
             }
             model

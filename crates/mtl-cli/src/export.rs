@@ -38,6 +38,12 @@ pub fn export(model_dir: &Path, out: &Path) -> Result<()> {
         bail!("{}: the output directory already exists; choose another or remove it", out.display());
     }
     let loaded = load_checkpoint(model_dir)?;
+    if loaded.model.bert().peft().is_some_and(|p| p.lora().is_none()) {
+        bail!(
+            "{}: bottleneck adapters change the network, so they cannot be written as a plain transformers model (LoRA merges into the weights and can)",
+            model_dir.display()
+        );
+    }
     let base_config: Value = {
         let path = model_dir.join(checkpoint::MODEL_CONFIG);
         serde_json::from_str(&std::fs::read_to_string(&path).with_context(|| format!("{}: cannot read", path.display()))?)
@@ -87,7 +93,7 @@ fn write_peft(
         .with_context(|| format!("{}: a LoRA checkpoint without base_model.json", model_dir.display()))?;
     let mut tensors: HashMap<String, Tensor> = HashMap::new();
     for (name, var) in loaded.model.params().vars() {
-        if mtl_nn::lora_adapter(name) == Some(adapter) {
+        if mtl_nn::param_adapter(name) == Some(adapter) {
             // `….lora_A.ADAPTER.weight` → `base_model.model.bert.….lora_A.weight`: PEFT drops the adapter name.
             let plain = name.replacen(&format!(".{adapter}."), ".", 1);
             tensors.insert(format!("base_model.model.bert.{plain}"), var.as_tensor().copy()?);
@@ -139,7 +145,7 @@ fn write_task(dir: &Path, loaded: &Loaded, task: &TaskId, base_config: &Value, m
     let head = &model.heads()[task];
     let map = &loaded.labels[task];
     // The task's own LoRA adapter merged in (a shared one is merged at load already).
-    let adapter = match model.bert().lora() {
+    let adapter = match model.bert().peft() {
         Some(spec) if spec.per_task() => Some(spec.adapter_of(task)?),
         _ => None,
     };
@@ -191,9 +197,9 @@ fn write_task(dir: &Path, loaded: &Loaded, task: &TaskId, base_config: &Value, m
         }
     }
     candle_core::safetensors::save(&tensors, dir.join("model.safetensors"))?;
-    if let Some(spec) = model.bert().lora() {
+    if let Some((spec, lora)) = model.bert().peft().and_then(|p| p.lora().map(|l| (p, l))) {
         let name = &spec.adapters[spec.adapter_of(task)?];
-        write_peft(&dir.join("peft"), loaded, spec, name, head.kind(), &tensors, model_dir)?;
+        write_peft(&dir.join("peft"), loaded, lora, name, head.kind(), &tensors, model_dir)?;
     }
 
     let mut config = base_config.clone();

@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 mod peft;
 mod recipe;
 
-pub use peft::{PeftConfig, PeftMethod};
+pub use peft::{AdapterPlacement, PeftConfig, PeftMethod};
 pub use recipe::{
     FreezeConfig, ReportOnly, Schedule, ScoreWeight, ScoreWeights, SurgeryConfig, SurgeryMethod, WeightingConfig,
     WeightingMethod,
@@ -1030,14 +1030,18 @@ frame = ["intent", "slots"]
         let cases: &[(&[&str], &str)] = &[
             (
                 &["peft.method=\"ia3\""],
-                "invalid override `peft.method=\"ia3\"`: unknown variant `ia3`, expected `none` or `lora`",
+                "invalid override `peft.method=\"ia3\"`: unknown variant `ia3`, expected one of `none`, `lora`, `adapter`",
             ),
             (
                 &[lora, "peft.target_modules=[\"query\", \"dense\"]"],
                 "invalid override `peft.method=\"lora\" peft.target_modules=[\"query\", \"dense\"]`: unknown variant `dense`, expected one of `query`, `key`, `value`, `attention_output`, `intermediate`, `output`",
             ),
-            (&["peft.per_task=true"], "invalid config run.toml: field `peft.per_task`: needs a method (`peft.method = \"lora\"`)"),
+            (&["peft.per_task=true"], "invalid config run.toml: field `peft.per_task`: needs a method (`peft.method = \"lora\"` or `\"adapter\"`)"),
             (&[lora, "peft.r=0"], "invalid config run.toml: field `peft.r`: must be at least 1"),
+            (
+                &["peft.method=\"adapter\"", "peft.placement=\"parallel\""],
+                "invalid override `peft.method=\"adapter\" peft.placement=\"parallel\"`: unknown variant `parallel`, expected `pfeiffer` or `houlsby`",
+            ),
             (&[lora, "peft.dropout=1.0"], "invalid config run.toml: field `peft.dropout`: must be in [0, 1), got 1"),
             (&[lora, "peft.target_modules=[]"], "invalid config run.toml: field `peft.target_modules`: name at least one of query, key, value, attention_output, intermediate, output"),
             (&[lora, "peft.target_modules=[\"key\", \"key\"]"], "invalid config run.toml: field `peft.target_modules`: lists a module twice"),

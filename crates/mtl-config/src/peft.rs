@@ -13,6 +13,19 @@ pub enum PeftMethod {
     None,
     /// LoRA (Hu et al. 2021): a low-rank update `(alpha / r) · B A` beside each chosen linear layer.
     Lora,
+    /// Bottleneck adapters (Houlsby et al. 2019): `y + W_up relu(W_down y)` on sublayer outputs.
+    Adapter,
+}
+
+/// Where bottleneck adapters sit in each block.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum AdapterPlacement {
+    /// After the feed-forward block only (Pfeiffer et al. 2020).
+    #[default]
+    Pfeiffer,
+    /// After the attention block and after the feed-forward block (Houlsby et al. 2019).
+    Houlsby,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -36,6 +49,16 @@ pub struct PeftConfig {
     /// The linear layers of each block that LoRA attaches to (PEFT's `target_modules`).
     #[serde(default = "default_targets")]
     pub target_modules: Vec<LinearModule>,
+    /// `adapter`: where the adapters sit.
+    #[serde(default)]
+    pub placement: AdapterPlacement,
+    /// `adapter`: the bottleneck is the hidden size divided by this (AdapterHub's `reduction_factor`).
+    #[serde(default = "default_reduction")]
+    pub reduction_factor: usize,
+}
+
+fn default_reduction() -> usize {
+    16
 }
 
 fn default_r() -> usize {
@@ -60,6 +83,8 @@ impl Default for PeftConfig {
             alpha: default_alpha(),
             dropout: default_dropout(),
             target_modules: default_targets(),
+            placement: AdapterPlacement::default(),
+            reduction_factor: default_reduction(),
         }
     }
 }
@@ -80,9 +105,12 @@ pub(crate) fn validate(config: &crate::Config, path: &std::path::Path) -> Result
     let p = &config.peft;
     if !p.enabled() {
         if p.per_task {
-            return Err(invalid("peft.per_task", "needs a method (`peft.method = \"lora\"`)".into()));
+            return Err(invalid("peft.per_task", "needs a method (`peft.method = \"lora\"` or `\"adapter\"`)".into()));
         }
         return Ok(());
+    }
+    if p.reduction_factor == 0 {
+        return Err(invalid("peft.reduction_factor", "must be at least 1".into()));
     }
     if p.r == 0 {
         return Err(invalid("peft.r", "must be at least 1".into()));

@@ -117,7 +117,7 @@ fn encoder_stack(c: &mut Criterion) {
     let mut group = c.benchmark_group("encoder_16x128");
     group.sample_size(10);
     for kernels in [Kernels::Fused, Kernels::Composed] {
-        let mut model = MultiTaskModel::build(&ModelSpec { bert: &config, tasks: &tasks, dropout: 0.1, seed: 0, lora: None }, HashMap::new(), &Device::Cpu).expect("model");
+        let mut model = MultiTaskModel::build(&ModelSpec { bert: &config, tasks: &tasks, dropout: 0.1, seed: 0, peft: None }, HashMap::new(), &Device::Cpu).expect("model");
         model.set_kernels(kernels);
         let name = format!("{kernels:?}").to_lowercase();
         group.bench_function(BenchmarkId::new("inference", &name), |b| b.iter(|| model.encode(&batch, Mode::Eval).expect("forward")));

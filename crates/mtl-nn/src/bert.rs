@@ -16,7 +16,7 @@ use crate::attention::{self, AttentionSpec};
 use crate::cpu::encoder::{Dims, FusedEncoder, GradSink, LayerDropout, LayerParams};
 use crate::layers::{DropoutRng, LayerNorm, Linear};
 use crate::params::{Init, ParamBuilder};
-use crate::peft::{self, LoraLayer, LoraPass, LoraSpec, Route};
+use crate::peft::{self, BottleneckLayer, LoraLayer, PeftKind, PeftPass, PeftSpec, Placement, Route, Site};
 use crate::{NnError, Result};
 
 /// The fields of a Hugging Face BERT `config.json` that the encoder uses; other keys are ignored.
@@ -102,6 +102,8 @@ struct Layer {
     out_norm: LayerNorm,
     /// LoRA beside some of the linear layers.
     lora: BTreeMap<LinearModule, LoraLayer>,
+    /// Bottleneck adapters on the sublayers' outputs.
+    bottleneck: BTreeMap<Site, BottleneckLayer>,
 }
 
 impl Layer {
@@ -119,6 +121,7 @@ impl Layer {
             output: lin(&self.output),
             out_norm: norm(&self.out_norm),
             lora: self.lora.clone(),
+            bottleneck: self.bottleneck.clone(),
         }
     }
 }
@@ -146,8 +149,8 @@ pub struct Bert {
     grads: GradSink,
     /// Whether forward passes from now on keep what backward needs through several backward passes.
     retain_graph: Arc<std::sync::atomic::AtomicBool>,
-    /// LoRA, when the model has it; its pretrained parameters are then frozen.
-    lora: Option<LoraSpec>,
+    /// The parameter-efficient method, when the model has one; its pretrained parameters are then frozen.
+    peft: Option<PeftSpec>,
     /// The adapter whose update is merged into the base weights, if one is.
     merged: Option<usize>,
 }
@@ -164,8 +167,9 @@ pub struct BertInput {
 }
 
 impl Bert {
-    /// The encoder under `pb`, with LoRA when `lora` is given (and then its pretrained parameters frozen).
-    pub fn new(pb: &ParamBuilder, config: &BertConfig, lora: Option<&LoraSpec>) -> Result<Self> {
+    /// The encoder under `pb`, with a parameter-efficient method when `peft` is given (and then its pretrained
+    /// parameters frozen).
+    pub fn new(pb: &ParamBuilder, config: &BertConfig, peft: Option<&PeftSpec>) -> Result<Self> {
         let h = config.hidden_size;
         let eps = config.layer_norm_eps;
         let e = pb.pp("embeddings");
@@ -180,15 +184,28 @@ impl Bert {
                 let l = pb.pp(&format!("encoder.layer.{i}"));
                 let a = l.pp("attention");
                 let mut adapted = BTreeMap::new();
-                if let Some(spec) = lora {
-                    for &m in &spec.targets {
-                        let (inp, out) = match m {
-                            LinearModule::Intermediate => (h, config.intermediate_size),
-                            LinearModule::Output => (config.intermediate_size, h),
-                            _ => (h, h),
-                        };
-                        adapted.insert(m, LoraLayer::new(&l.pp(m.bert_path()), spec, inp, out)?);
+                let mut bottleneck = BTreeMap::new();
+                match peft.map(|p| (&p.kind, &p.adapters)) {
+                    Some((PeftKind::Lora(spec), adapters)) => {
+                        for &m in &spec.targets {
+                            let (inp, out) = match m {
+                                LinearModule::Intermediate => (h, config.intermediate_size),
+                                LinearModule::Output => (config.intermediate_size, h),
+                                _ => (h, h),
+                            };
+                            adapted.insert(m, LoraLayer::new(&l.pp(m.bert_path()), spec, adapters, inp, out)?);
+                        }
                     }
+                    Some((PeftKind::Bottleneck { size, placement }, adapters)) => {
+                        let sites: &[Site] = match placement {
+                            Placement::Houlsby => &[Site::Attention, Site::FeedForward],
+                            Placement::Pfeiffer => &[Site::FeedForward],
+                        };
+                        for &site in sites {
+                            bottleneck.insert(site, BottleneckLayer::new(&l.pp(site.path()), adapters, h, *size)?);
+                        }
+                    }
+                    None => {}
                 }
                 Ok(Layer {
                     query: Linear::new(&a.pp("self.query"), h, h)?,
@@ -200,10 +217,11 @@ impl Bert {
                     output: Linear::new(&l.pp("output.dense"), config.intermediate_size, h)?,
                     out_norm: LayerNorm::new(&l.pp("output.LayerNorm"), h, eps)?,
                     lora: adapted,
+                    bottleneck,
                 })
             })
             .collect::<Result<Vec<Layer>>>()?;
-        let (embeddings, layers) = match lora {
+        let (embeddings, layers) = match peft {
             // PEFT's rule: with LoRA, only LoRA (and the heads) train.
             Some(_) => {
                 let e = &embeddings;
@@ -220,13 +238,13 @@ impl Bert {
             kernels: Kernels::default(),
             grads: Arc::new(Mutex::new(Vec::new())),
             retain_graph: Arc::new(false.into()),
-            lora: lora.cloned(),
+            peft: peft.cloned(),
             merged: None,
         })
     }
 
-    pub fn lora(&self) -> Option<&LoraSpec> {
-        self.lora.as_ref()
+    pub fn peft(&self) -> Option<&PeftSpec> {
+        self.peft.as_ref()
     }
 
     /// The adapter merged into the base weights, if one is.
@@ -236,7 +254,7 @@ impl Bert {
 
     /// For each adapted linear layer: the name of its base weight and `scale · B A` of `adapter`.
     pub(crate) fn lora_deltas(&self, adapter: usize) -> Result<Vec<(String, Tensor)>> {
-        let Some(spec) = &self.lora else { return Ok(Vec::new()) };
+        let Some(spec) = self.peft.as_ref().and_then(PeftSpec::lora) else { return Ok(Vec::new()) };
         let mut out = Vec::new();
         for (i, layer) in self.layers.iter().enumerate() {
             for (m, lora) in &layer.lora {
@@ -297,14 +315,14 @@ impl Bert {
         let x = (x + self.embeddings.token_type.index_select(&types, 0)?.reshape((b, s, h))?)?;
         let x = self.embeddings.norm.forward(&x.reshape((b * s, h))?)?;
         let mut x = dropout.apply(&x, mode)?;
-        // LoRA's updates, unless merged into the weights, run through the composed path.
-        let lora = match (&self.lora, self.merged) {
+        // Adapters, unless LoRA merged into the weights, run through the composed path.
+        let peft = match (&self.peft, self.merged) {
             (Some(spec), None) => {
                 let routes = match &input.routes {
                     Some(r) => r.clone(),
                     None if spec.adapters.len() == 1 => vec![Route { adapter: 0, examples: 0..b }],
                     None => {
-                        return Err(candle_core::Error::Msg("a model with per-task LoRA needs each example's task (routes)".into()).into())
+                        return Err(candle_core::Error::Msg("a model with per-task adapters needs each example's task (routes)".into()).into())
                     }
                 };
                 peft::check_routes(&routes, b, spec.adapters.len())?;
@@ -313,14 +331,14 @@ impl Bert {
             _ => None,
         };
         // The fused encoder implements the erf GELU (BERT's); other activations take the composed path.
-        if lora.is_none() && x.device().is_cpu() && self.kernels == Kernels::Fused && self.config.hidden_act == Activation::Gelu {
+        if peft.is_none() && x.device().is_cpu() && self.kernels == Kernels::Fused && self.config.hidden_act == Activation::Gelu {
             return self.fused_layers(&x, input, b, s, dropout, mode);
         }
-        let pass = lora.as_ref().map(|(spec, routes)| LoraPass {
+        let pass = peft.as_ref().map(|(spec, routes)| PeftPass {
             routes,
             seq: s,
-            scale: spec.scale(),
-            dropout_p: spec.dropout,
+            scale: spec.lora().map_or(1.0, |l| l.scale()),
+            dropout_p: spec.lora().map_or(0.0, |l| l.dropout),
             dropout,
             mode,
         });
@@ -392,20 +410,27 @@ impl Bert {
         s: usize,
         dropout: &DropoutRng,
         mode: Mode,
-        lora: Option<&LoraPass>,
+        peft: Option<&PeftPass>,
     ) -> Result<Tensor> {
         let nh = self.config.num_attention_heads;
         let head_dim = self.config.hidden_size / nh;
         // `y` plus the LoRA update of `module` on its input `x`, when it has one.
         let adapt = |module: LinearModule, x: &Tensor, y: Tensor| -> Result<Tensor> {
-            match (lora, l.lora.get(&module)) {
+            match (peft, l.lora.get(&module)) {
                 (Some(pass), Some(adapter)) => Ok((y + adapter.delta(x, pass)?)?),
+                _ => Ok(y),
+            }
+        };
+        // A sublayer's output plus its bottleneck adapter's update, when it has one.
+        let bottleneck = |site: Site, y: Tensor| -> Result<Tensor> {
+            match (peft, l.bottleneck.get(&site)) {
+                (Some(pass), Some(adapter)) => adapter.forward(&y, pass),
                 _ => Ok(y),
             }
         };
         let mut qkv = Linear::stacked(&[&l.query, &l.key, &l.value])?.forward(x)?;
         let qkv_modules = [LinearModule::Query, LinearModule::Key, LinearModule::Value];
-        if let Some(pass) = lora.filter(|_| qkv_modules.iter().any(|m| l.lora.contains_key(m))) {
+        if let Some(pass) = peft.filter(|_| qkv_modules.iter().any(|m| l.lora.contains_key(m))) {
             let parts = qkv_modules
                 .iter()
                 .map(|m| match l.lora.get(m) {
@@ -423,6 +448,7 @@ impl Bert {
         let ctx = if x.device().is_cpu() { attention::fused(&qkv, spec)? } else { attention::composed(&qkv, &spec)? };
         let attn = adapt(LinearModule::AttentionOutput, &ctx, l.attn_out.forward(&ctx)?)?;
         let attn = dropout.apply(&attn, mode)?;
+        let attn = bottleneck(Site::Attention, attn)?;
         let x = l.attn_norm.forward(&(attn + x)?)?;
         let inter = adapt(LinearModule::Intermediate, &x, l.intermediate.forward(&x)?)?;
         let inter = match self.config.hidden_act {
@@ -433,6 +459,7 @@ impl Bert {
         };
         let out = adapt(LinearModule::Output, &inter, l.output.forward(&inter)?)?;
         let out = dropout.apply(&out, mode)?;
+        let out = bottleneck(Site::FeedForward, out)?;
         l.out_norm.forward(&(out + x)?)
     }
 }

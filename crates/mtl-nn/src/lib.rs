@@ -22,7 +22,7 @@ pub use layers::{DropoutRng, LayerNorm, Linear};
 pub use bert::BertInput;
 pub use model::{ModelSpec, MultiTaskModel, TaskLoss, TaskPrediction};
 pub use params::{ParamBuilder, ParamStore};
-pub use peft::{is_lora_param, lora_adapter, LoraSpec, Route, SHARED_ADAPTER};
+pub use peft::{is_peft_param, param_adapter, LoraSpec, PeftKind, PeftSpec, Placement, Route, SHARED_ADAPTER};
 
 use std::path::PathBuf;
 

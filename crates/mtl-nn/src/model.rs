@@ -12,7 +12,7 @@ use crate::crf::Crf;
 use crate::heads::{binary_cross_entropy_with_logits, Head, HeadSpec};
 use crate::layers::{cross_entropy, DropoutRng};
 use crate::params::{ParamBuilder, ParamStore};
-use crate::peft::{self, LoraSpec, Route};
+use crate::peft::{self, PeftSpec, Route};
 use crate::{NnError, Result};
 
 /// The loss of one task on one batch.
@@ -58,8 +58,8 @@ pub struct ModelSpec<'a> {
     pub dropout: f32,
     /// Seeds head initialisation and dropout masks.
     pub seed: u64,
-    /// LoRA on the encoder (whose pretrained parameters are then frozen).
-    pub lora: Option<&'a LoraSpec>,
+    /// A parameter-efficient method on the encoder (whose pretrained parameters are then frozen).
+    pub peft: Option<&'a PeftSpec>,
 }
 
 impl MultiTaskModel {
@@ -93,10 +93,10 @@ impl MultiTaskModel {
             .iter()
             .map(String::as_str)
             // Fresh heads and (before training) fresh LoRA are expected; a trained model must have them.
-            .filter(|n| require_heads || !(n.starts_with("heads.") || peft::is_lora_param(n)))
+            .filter(|n| require_heads || !(n.starts_with("heads.") || peft::is_peft_param(n)))
             .collect();
         if !missing.is_empty() {
-            let path = adapters.filter(|_| missing.iter().all(|n| n.starts_with("heads.") || peft::is_lora_param(n)));
+            let path = adapters.filter(|_| missing.iter().all(|n| n.starts_with("heads.") || peft::is_peft_param(n)));
             return Err(NnError::MissingTensors { path: path.unwrap_or(weights).to_owned(), names: missing.join(", ") });
         }
         Ok(model)
@@ -104,7 +104,7 @@ impl MultiTaskModel {
 
     fn from_builder(spec: &ModelSpec, pb: ParamBuilder) -> Result<Self> {
         let device = pb.device();
-        let bert = Bert::new(&pb, spec.bert, spec.lora)?;
+        let bert = Bert::new(&pb, spec.bert, spec.peft)?;
         let heads = spec
             .tasks
             .iter()
@@ -187,16 +187,16 @@ impl MultiTaskModel {
 
     /// Hidden states of the last layer as `task` sees them (through its own LoRA adapter, if it has one).
     pub fn encode_for(&self, task: &TaskId, batch: &HostBatch, mode: Mode) -> Result<Tensor> {
-        let routes = match self.per_task_lora() {
+        let routes = match self.per_task_peft() {
             Some(spec) => Some(vec![Route { adapter: spec.adapter_of(task)?, examples: 0..batch.batch }]),
             None => None,
         };
         self.bert.forward(&self.input(batch, routes)?, &self.dropout, mode)
     }
 
-    /// The LoRA spec when each task has its own adapter and none is merged.
-    fn per_task_lora(&self) -> Option<&LoraSpec> {
-        self.bert.lora().filter(|spec| spec.per_task() && self.bert.merged().is_none())
+    /// The method when each task has its own adapter and none is merged.
+    fn per_task_peft(&self) -> Option<&PeftSpec> {
+        self.bert.peft().filter(|spec| spec.per_task() && self.bert.merged().is_none())
     }
 
     /// Adds adapter `adapter`'s update into the base weights (`W += (alpha / r) · B A`), after which the encoder
@@ -206,9 +206,9 @@ impl MultiTaskModel {
         if let Some(m) = self.bert.merged() {
             return Err(candle_core::Error::Msg(format!("LoRA adapter {m} is merged already; unmerge it first")).into());
         }
-        let n = self.bert.lora().map_or(0, |s| s.adapters.len());
+        let n = self.bert.peft().filter(|s| s.lora().is_some()).map_or(0, |s| s.adapters.len());
         if adapter >= n {
-            return Err(candle_core::Error::Msg(format!("no LoRA adapter {adapter} (the model has {n})")).into());
+            return Err(candle_core::Error::Msg(format!("no LoRA adapter {adapter} (the model has {n}); only LoRA merges")).into());
         }
         self.shift_base(adapter, 1.0)?;
         self.bert.set_merged(Some(adapter));
@@ -245,7 +245,7 @@ impl MultiTaskModel {
         self.params
             .vars()
             .iter()
-            .filter(|(n, _)| !n.starts_with("heads.") && !peft::is_lora_param(n))
+            .filter(|(n, _)| !n.starts_with("heads.") && !peft::is_peft_param(n))
             .map(|(n, v)| {
                 let t = v.as_tensor();
                 Ok((n.clone(), match deltas.get(n) {
@@ -260,7 +260,7 @@ impl MultiTaskModel {
     pub fn losses(&self, batch: &HostBatch, mode: Mode) -> Result<Vec<TaskLoss>> {
         // Per-task LoRA: each example once for every task that labels it, through that task's adapter.
         let routed;
-        let (batch, hidden) = match self.per_task_lora() {
+        let (batch, hidden) = match self.per_task_peft() {
             Some(spec) => {
                 let (b, routes) = peft::route_by_task(batch, spec)?;
                 if routes.is_empty() {
@@ -401,7 +401,7 @@ impl MultiTaskModel {
     /// Every head's predictions on `batch`, in evaluation mode.
     pub fn predict(&self, batch: &HostBatch) -> Result<BTreeMap<TaskId, TaskPrediction>> {
         // One encoder pass for all heads, or one per task when each task has its own LoRA.
-        let shared = match self.per_task_lora() {
+        let shared = match self.per_task_peft() {
             Some(_) => None,
             None => Some(self.encode(batch, Mode::Eval)?),
         };

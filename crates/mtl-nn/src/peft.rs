@@ -1,9 +1,16 @@
-//! LoRA (Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models", arXiv:2106.09685).
+//! Parameter-efficient tuning: small trained parameters on a frozen encoder.
 //!
-//! Beside a frozen linear layer `y = x Wᵀ + b` sits a trained low-rank update, `y += (alpha / r) · drop(x) Aᵀ Bᵀ`,
+//! **LoRA** (Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models", arXiv:2106.09685). Beside a frozen linear layer `y = x Wᵀ + b` sits a trained low-rank update, `y += (alpha / r) · drop(x) Aᵀ Bᵀ`,
 //! with `A` `[r, in]` initialised as PEFT initialises it (Kaiming-uniform with a = √5, that is U(±1/√in)) and
 //! `B` `[out, r]` at zero, so training starts from the pretrained function. Parameters are named as PEFT names
 //! them in memory: `encoder.layer.N.attention.self.query.lora_A.ADAPTER.weight`.
+//!
+//! **Bottleneck adapters** (Houlsby et al. 2019, "Parameter-Efficient Transfer Learning for NLP",
+//! arXiv:1902.00751): `y += W_up relu(W_down y)` on a sublayer's output, before its residual connection and
+//! LayerNorm, after the attention block's output projection and after the feed-forward block (Houlsby
+//! placement) or after the feed-forward block only (Pfeiffer et al. 2020, arXiv:2005.00247). `W_down` starts
+//! as BERT initialises linear layers, `W_up` at zero: the identity. Names:
+//! `encoder.layer.N.output.adapters.ADAPTER.down.weight` (`attention.output.adapters…` for the other site).
 //!
 //! Several named sets, "adapters", can sit on one layer: one that every task shares ([`SHARED_ADAPTER`]), or
 //! one per task. With one per task a batch is routed: each example goes through its own task's adapter, in
@@ -19,21 +26,21 @@ use crate::layers::DropoutRng;
 use crate::params::{Init, ParamBuilder};
 use crate::{NnError, Result};
 
-/// The adapter name of LoRA shared by every task (PEFT's default adapter name).
+/// The name of the adapter shared by every task (PEFT's default adapter name).
 pub const SHARED_ADAPTER: &str = "default";
 
-/// Whether the parameter `name` belongs to LoRA.
-pub fn is_lora_param(name: &str) -> bool {
-    lora_adapter(name).is_some()
+/// Whether the parameter `name` belongs to a parameter-efficient method (LoRA or a bottleneck adapter).
+pub fn is_peft_param(name: &str) -> bool {
+    param_adapter(name).is_some()
 }
 
-/// The adapter that the LoRA parameter `name` belongs to (`….lora_A.ADAPTER.weight`).
-pub fn lora_adapter(name: &str) -> Option<&str> {
-    let (_, rest) = name.split_once(".lora_A.").or_else(|| name.split_once(".lora_B."))?;
+/// The adapter that the parameter `name` belongs to (`….lora_A.ADAPTER.weight`, `….adapters.ADAPTER.…`).
+pub fn param_adapter(name: &str) -> Option<&str> {
+    let (_, rest) = [".lora_A.", ".lora_B.", ".adapters."].iter().find_map(|m| name.split_once(m))?;
     rest.split('.').next()
 }
 
-/// Where and how large LoRA is.
+/// LoRA's size and place.
 #[derive(Clone, Debug, PartialEq)]
 pub struct LoraSpec {
     pub r: usize,
@@ -41,14 +48,64 @@ pub struct LoraSpec {
     /// Dropout on the LoRA branch's input (PEFT's `lora_dropout`).
     pub dropout: f32,
     pub targets: Vec<LinearModule>,
-    /// The adapters: [`SHARED_ADAPTER`] alone, or one per task, named after it.
-    pub adapters: Vec<String>,
 }
 
 impl LoraSpec {
     /// The factor of every update, `alpha / r`.
     pub fn scale(&self) -> f64 {
         self.alpha / self.r as f64
+    }
+}
+
+/// Where bottleneck adapters sit in each block.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Placement {
+    /// After the attention block and after the feed-forward block (Houlsby et al. 2019).
+    Houlsby,
+    /// After the feed-forward block only (Pfeiffer et al. 2020).
+    Pfeiffer,
+}
+
+/// The two places in a block where a bottleneck adapter can sit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) enum Site {
+    /// On the attention block's output (`attention.output`).
+    Attention,
+    /// On the feed-forward block's output (`output`).
+    FeedForward,
+}
+
+impl Site {
+    pub(crate) fn path(self) -> &'static str {
+        match self {
+            Self::Attention => "attention.output",
+            Self::FeedForward => "output",
+        }
+    }
+}
+
+/// The method and its size.
+#[derive(Clone, Debug, PartialEq)]
+pub enum PeftKind {
+    Lora(LoraSpec),
+    Bottleneck { size: usize, placement: Placement },
+}
+
+/// A parameter-efficient method on the encoder, with its adapters.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PeftSpec {
+    pub kind: PeftKind,
+    /// The adapters: [`SHARED_ADAPTER`] alone, or one per task, named after it.
+    pub adapters: Vec<String>,
+}
+
+impl PeftSpec {
+    /// LoRA's settings, when the method is LoRA.
+    pub fn lora(&self) -> Option<&LoraSpec> {
+        match &self.kind {
+            PeftKind::Lora(l) => Some(l),
+            _ => None,
+        }
     }
 
     /// Whether each task has its own adapter.
@@ -60,7 +117,7 @@ impl LoraSpec {
     pub fn adapter_of(&self, task: &TaskId) -> Result<usize> {
         let name = if self.per_task() { task.as_str() } else { SHARED_ADAPTER };
         self.adapters.iter().position(|a| a == name).ok_or_else(|| {
-            NnError::Candle(candle_core::Error::Msg(format!("task `{task}` has no LoRA adapter; adapters: {}", self.adapters.join(", "))))
+            NnError::Candle(candle_core::Error::Msg(format!("task `{task}` has no adapter; adapters: {}", self.adapters.join(", "))))
         })
     }
 }
@@ -85,22 +142,88 @@ pub(crate) struct LoraLayer {
     pairs: Vec<LoraPair>,
 }
 
-/// What a LoRA update needs besides its input: the batch's routes, the sequence length, and dropout.
-pub(crate) struct LoraPass<'a> {
+/// What an adapter's update needs besides its input: the batch's routes, the sequence length, and dropout.
+pub(crate) struct PeftPass<'a> {
     pub routes: &'a [Route],
     pub seq: usize,
+    /// LoRA's `alpha / r`.
     pub scale: f64,
+    /// LoRA's dropout.
     pub dropout_p: f32,
     pub dropout: &'a DropoutRng,
     pub mode: Mode,
 }
 
+impl PeftPass<'_> {
+    /// `f(adapter, rows)` on the rows of each route, in order, concatenated.
+    fn routed(&self, x: &Tensor, f: impl Fn(usize, &Tensor) -> Result<Tensor>) -> Result<Tensor> {
+        let mut parts = self
+            .routes
+            .iter()
+            .map(|r| {
+                let xs = if self.routes.len() == 1 {
+                    x.clone()
+                } else {
+                    x.narrow(0, r.examples.start * self.seq, r.examples.len() * self.seq)?
+                };
+                f(r.adapter, &xs)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        match parts.len() {
+            1 => Ok(parts.pop().expect("one part")),
+            _ => Ok(Tensor::cat(&parts, 0)?),
+        }
+    }
+}
+
+/// One adapter's bottleneck on one site: `y + up(relu(down(y)))`.
+#[derive(Clone, Debug)]
+struct Bottleneck {
+    down: crate::Linear,
+    up: crate::Linear,
+}
+
+/// The bottleneck adapters of one site, by adapter index.
+#[derive(Clone, Debug)]
+pub(crate) struct BottleneckLayer {
+    adapters: Vec<Bottleneck>,
+}
+
+impl BottleneckLayer {
+    /// The adapters under `pb` (`…output`), of `size` units on a `hidden`-wide stream.
+    pub(crate) fn new(pb: &ParamBuilder, adapters: &[String], hidden: usize, size: usize) -> Result<Self> {
+        let adapters = adapters
+            .iter()
+            .map(|name| {
+                let a = pb.pp("adapters").pp(name);
+                let up = a.pp("up");
+                Ok(Bottleneck {
+                    down: crate::Linear::new(&a.pp("down"), hidden, size)?,
+                    up: crate::Linear {
+                        weight: up.get((hidden, size), "weight", Init::Zeros)?,
+                        bias: up.get(hidden, "bias", Init::Zeros)?,
+                    },
+                })
+            })
+            .collect::<Result<_>>()?;
+        Ok(Self { adapters })
+    }
+
+    /// `y` plus each example's adapter's update.
+    pub(crate) fn forward(&self, y: &Tensor, pass: &PeftPass) -> Result<Tensor> {
+        let delta = pass.routed(y, |adapter, ys| {
+            let a = self.adapters.get(adapter).ok_or_else(|| candle_core::Error::Msg(format!("no adapter {adapter}")))?;
+            a.up.forward(&a.down.forward(ys)?.relu()?)
+        })?;
+        Ok((y + delta)?)
+    }
+}
+
 impl LoraLayer {
     /// The adapters of the linear layer under `pb` (`…attention.self.query`).
-    pub(crate) fn new(pb: &ParamBuilder, spec: &LoraSpec, in_dim: usize, out_dim: usize) -> Result<Self> {
+    pub(crate) fn new(pb: &ParamBuilder, spec: &LoraSpec, adapters: &[String], in_dim: usize, out_dim: usize) -> Result<Self> {
         let bound = 1.0 / (in_dim as f64).sqrt();
-        let pairs = spec
-            .adapters
+        let pairs = adapters
             .iter()
             .map(|name| {
                 Ok(LoraPair {
@@ -113,25 +236,12 @@ impl LoraLayer {
     }
 
     /// The update of every row of `x` (`[examples * seq, in]`), each example through its route's adapter.
-    pub(crate) fn delta(&self, x: &Tensor, pass: &LoraPass) -> Result<Tensor> {
-        let mut parts = pass
-            .routes
-            .iter()
-            .map(|r| {
-                let xs = if pass.routes.len() == 1 {
-                    x.clone()
-                } else {
-                    x.narrow(0, r.examples.start * pass.seq, r.examples.len() * pass.seq)?
-                };
-                let xs = pass.dropout.apply_with(&xs, pass.dropout_p, pass.mode)?;
-                let pair = self.pairs.get(r.adapter).ok_or_else(|| candle_core::Error::Msg(format!("no LoRA adapter {}", r.adapter)))?;
-                Ok((xs.matmul(&pair.a.t()?)?.matmul(&pair.b.t()?)? * pass.scale)?)
-            })
-            .collect::<Result<Vec<_>>>()?;
-        match parts.len() {
-            1 => Ok(parts.pop().expect("one part")),
-            _ => Ok(Tensor::cat(&parts, 0)?),
-        }
+    pub(crate) fn delta(&self, x: &Tensor, pass: &PeftPass) -> Result<Tensor> {
+        pass.routed(x, |adapter, xs| {
+            let xs = pass.dropout.apply_with(xs, pass.dropout_p, pass.mode)?;
+            let pair = self.pairs.get(adapter).ok_or_else(|| candle_core::Error::Msg(format!("no LoRA adapter {adapter}")))?;
+            Ok((xs.matmul(&pair.a.t()?)?.matmul(&pair.b.t()?)? * pass.scale)?)
+        })
     }
 
     /// `scale · B A` of one adapter: what merging adds to the base weight.
@@ -192,7 +302,7 @@ fn gather_targets(targets: &Targets, rows: &[usize], keep: &[bool], seq: usize) 
 /// For per-task adapters: the batch with each example repeated once for every task that labels it, grouped by
 /// task, and the routes that send each group through its task's adapter. Each copy keeps only its own task's
 /// targets, so one forward pass over the result trains every task's adapter on its own examples.
-pub fn route_by_task(batch: &HostBatch, spec: &LoraSpec) -> Result<(HostBatch, Vec<Route>)> {
+pub fn route_by_task(batch: &HostBatch, spec: &PeftSpec) -> Result<(HostBatch, Vec<Route>)> {
     let seq = batch.seq;
     let mut rows: Vec<usize> = Vec::new();
     let mut owner: Vec<&TaskId> = Vec::new();

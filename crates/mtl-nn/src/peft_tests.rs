@@ -10,7 +10,7 @@ use mtl_core::{HostBatch, LinearModule, Mode, TaskId, TaskKind, Targets, IGNORE_
 use serde_json::Value;
 
 use crate::peft::route_by_task;
-use crate::{BertConfig, BertInput, HeadSpec, LoraSpec, ModelSpec, MultiTaskModel, Route};
+use crate::{BertConfig, BertInput, HeadSpec, LoraSpec, ModelSpec, MultiTaskModel, PeftKind, PeftSpec, Route};
 
 type TestResult = Result<(), Box<dyn std::error::Error>>;
 
@@ -22,13 +22,16 @@ fn reference() -> Result<Value, Box<dyn std::error::Error>> {
     Ok(serde_json::from_str(&std::fs::read_to_string(fixture_dir().join("lora.json"))?)?)
 }
 
-fn spec(adapters: &[&str]) -> LoraSpec {
-    LoraSpec { r: 4, alpha: 8.0, dropout: 0.0, targets: LinearModule::ALL.to_vec(), adapters: adapters.iter().map(|a| a.to_string()).collect() }
+fn spec(adapters: &[&str]) -> PeftSpec {
+    PeftSpec {
+        kind: PeftKind::Lora(LoraSpec { r: 4, alpha: 8.0, dropout: 0.0, targets: LinearModule::ALL.to_vec() }),
+        adapters: adapters.iter().map(|a| a.to_string()).collect(),
+    }
 }
 
 /// The tiny model with PEFT's two adapters (`intent`, `slots`), extra weights, and `tasks`' heads.
 fn model(
-    lora: &LoraSpec,
+    lora: &PeftSpec,
     tasks: &[(&str, TaskKind, usize)],
     extra: HashMap<String, Tensor>,
 ) -> Result<MultiTaskModel, Box<dyn std::error::Error>> {
@@ -38,7 +41,7 @@ fn model(
     weights.extend(extra);
     let tasks: BTreeMap<TaskId, HeadSpec> =
         tasks.iter().map(|(n, k, c)| (TaskId::new(*n).expect("valid name"), HeadSpec::new(*k, *c))).collect();
-    let spec = ModelSpec { bert: &config, tasks: &tasks, dropout: 0.0, seed: 0, lora: Some(lora) };
+    let spec = ModelSpec { bert: &config, tasks: &tasks, dropout: 0.0, seed: 0, peft: Some(lora) };
     Ok(MultiTaskModel::build(&spec, weights, &Device::Cpu)?)
 }
 
@@ -181,5 +184,81 @@ fn routing_repeats_each_example_for_each_task_that_labels_it() -> TestResult {
     let mut unknown = batch.clone();
     unknown.targets.insert(TaskId::new("pos")?, Targets::Class(vec![1, 1, 1]));
     assert!(route_by_task(&unknown, &spec(&["intent", "slots"])).is_err());
+    Ok(())
+}
+
+/// The tiny model with the two bottleneck adapters of `bottleneck.safetensors` (Houlsby placement).
+fn bottleneck_model(tasks: &[(&str, TaskKind, usize)], extra: HashMap<String, Tensor>) -> Result<MultiTaskModel, Box<dyn std::error::Error>> {
+    let config = BertConfig::from_file(&fixture_dir().join("config.json"))?;
+    let mut weights = candle_core::safetensors::load(fixture_dir().join("model.safetensors"), &Device::Cpu)?;
+    weights.extend(candle_core::safetensors::load(fixture_dir().join("bottleneck.safetensors"), &Device::Cpu)?);
+    weights.extend(extra);
+    let spec = PeftSpec {
+        kind: PeftKind::Bottleneck { size: 8, placement: crate::Placement::Houlsby },
+        adapters: vec!["intent".into(), "slots".into()],
+    };
+    let tasks: BTreeMap<TaskId, HeadSpec> =
+        tasks.iter().map(|(n, k, c)| (TaskId::new(*n).expect("valid name"), HeadSpec::new(*k, *c))).collect();
+    let model_spec = ModelSpec { bert: &config, tasks: &tasks, dropout: 0.0, seed: 0, peft: Some(&spec) };
+    let model = MultiTaskModel::build(&model_spec, weights, &Device::Cpu)?;
+    assert!(model.params().initialised().iter().all(|n| n.starts_with("heads.")), "{:?}", model.params().initialised());
+    Ok(model)
+}
+
+#[test]
+fn bottleneck_adapters_match_a_pytorch_reference() -> TestResult {
+    let reference: Value = serde_json::from_str(&std::fs::read_to_string(fixture_dir().join("bottleneck.json"))?)?;
+    let head = &reference["head"];
+    let w: Vec<Vec<f32>> = serde_json::from_value(head["weight"].clone())?;
+    let b: Vec<f32> = serde_json::from_value(head["bias"].clone())?;
+    let extra = HashMap::from([
+        ("heads.intent.weight".to_string(), Tensor::new(w, &Device::Cpu)?),
+        ("heads.intent.bias".to_string(), Tensor::new(b, &Device::Cpu)?),
+    ]);
+    let model = bottleneck_model(&[("intent", TaskKind::Classification, 3), ("slots", TaskKind::Classification, 2)], extra)?;
+    let mut batch = batch(&reference)?;
+    for task in ["intent", "slots"] {
+        let hidden = model.encode_for(&TaskId::new(task)?, &batch, Mode::Eval)?;
+        let d = max_diff(&hidden, &reference["hidden"][task])?;
+        assert!(d < 1e-5, "{task}: max abs difference {d}");
+    }
+    let labels: Vec<i64> = serde_json::from_value(head["labels"].clone())?;
+    batch.targets.insert(TaskId::new("intent")?, Targets::Class(labels));
+    let losses = model.losses(&batch, Mode::Train)?;
+    let want = head["loss"].as_f64().ok_or("loss")?;
+    assert!((f64::from(losses[0].loss.to_scalar::<f32>()?) - want).abs() < 1e-5);
+    let grads = model.backward(&losses[0].loss)?;
+    let norms = reference["grad_norms"].as_object().ok_or("grad norms")?;
+    assert_eq!(norms.len(), 2 * 2 * 4, "down and up, weight and bias, at two sites of two blocks");
+    for (name, var) in model.params().vars() {
+        let got = grads.get(var.as_tensor()).map(|g| g.sqr()?.sum_all()?.sqrt()?.to_scalar::<f32>()).transpose()?;
+        match norms.get(name) {
+            Some(want) => {
+                let (got, want) = (f64::from(got.unwrap_or(0.0)), want.as_f64().ok_or("norm")?);
+                assert!(got > 0.0 && (got - want).abs() <= 1e-5 + 1e-3 * want, "{name}: gradient norm {got}, PyTorch {want}");
+            }
+            None if name.starts_with("heads.intent.") => assert!(got.is_some_and(|g| g > 0.0), "{name}: no gradient"),
+            None => assert!(got.is_none(), "{name} has a gradient"),
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn fresh_bottleneck_adapters_start_as_the_identity() -> TestResult {
+    let reference = reference()?;
+    let config = BertConfig::from_file(&fixture_dir().join("config.json"))?;
+    let weights = candle_core::safetensors::load(fixture_dir().join("model.safetensors"), &Device::Cpu)?;
+    let spec = PeftSpec { kind: PeftKind::Bottleneck { size: 4, placement: crate::Placement::Pfeiffer }, adapters: vec!["default".into()] };
+    let tasks = BTreeMap::new();
+    let with = MultiTaskModel::build(&ModelSpec { bert: &config, tasks: &tasks, dropout: 0.0, seed: 0, peft: Some(&spec) }, weights.clone(), &Device::Cpu)?;
+    let without = MultiTaskModel::build(&ModelSpec { bert: &config, tasks: &tasks, dropout: 0.0, seed: 0, peft: None }, weights, &Device::Cpu)?;
+    let batch = batch(&reference)?;
+    let d = (with.encode(&batch, Mode::Eval)? - without.encode(&batch, Mode::Eval)?)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+    assert!(d < 1e-5, "{d}");
+    // Pfeiffer: one site per block, on the feed-forward output.
+    let names: Vec<&String> = with.params().vars().keys().filter(|n| n.contains(".adapters.")).collect();
+    assert_eq!(names.len(), 2 * 4, "{names:?}");
+    assert!(names.iter().all(|n| n.contains(".output.adapters.default.") && !n.contains("attention")), "{names:?}");
     Ok(())
 }

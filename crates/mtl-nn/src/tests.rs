@@ -47,7 +47,7 @@ fn tiny_model(tasks: &[(&str, TaskKind, usize)], dropout: f32) -> Result<MultiTa
     let config = BertConfig::from_file(&fixture_dir().join("config.json"))?;
     let tasks: BTreeMap<TaskId, HeadSpec> =
         tasks.iter().map(|(n, k, c)| (TaskId::new(*n).expect("valid name"), HeadSpec::new(*k, *c))).collect();
-    let spec = ModelSpec { bert: &config, tasks: &tasks, dropout, seed: 1, lora: None };
+    let spec = ModelSpec { bert: &config, tasks: &tasks, dropout, seed: 1, peft: None };
     MultiTaskModel::load(&spec, &fixture_dir().join("model.safetensors"), false, &Device::Cpu)
 }
 
@@ -80,7 +80,7 @@ fn loss_and_gradients_match_pytorch() -> TestResult {
     weights.insert("heads.cls.bias".into(), Tensor::new(b, &Device::Cpu)?);
     let task = TaskId::new("cls")?;
     let tasks = BTreeMap::from([(task.clone(), HeadSpec::new(TaskKind::Classification, 3))]);
-    let model = MultiTaskModel::build(&ModelSpec { bert: &config, tasks: &tasks, dropout: 0.0, seed: 0, lora: None }, weights, &Device::Cpu)?;
+    let model = MultiTaskModel::build(&ModelSpec { bert: &config, tasks: &tasks, dropout: 0.0, seed: 0, peft: None }, weights, &Device::Cpu)?;
     let mut batch = batch_from(&reference);
     let labels: Vec<i64> = serde_json::from_value(head["labels"].clone())?;
     batch.targets.insert(task, Targets::Class(labels));
@@ -142,7 +142,7 @@ fn all_heads(dropout: f32) -> Result<(MultiTaskModel, HostBatch), Box<dyn std::e
         (TaskId::new("tok")?, tok),
         (TaskId::new("qa")?, HeadSpec::new(TaskKind::QuestionAnswering, 0)),
     ]);
-    let spec = ModelSpec { bert: &config, tasks: &tasks, dropout, seed: 3, lora: None };
+    let spec = ModelSpec { bert: &config, tasks: &tasks, dropout, seed: 3, peft: None };
     let model = MultiTaskModel::load(&spec, &fixture_dir().join("model.safetensors"), false, &Device::Cpu)?;
     let mut batch = batch_from(&reference);
     let seq = batch.seq;
@@ -297,7 +297,7 @@ fn dropout_is_active_in_training_only_and_seeded() -> TestResult {
 fn missing_backbone_tensors_are_reported() -> TestResult {
     let config = BertConfig::from_file(&fixture_dir().join("config.json"))?;
     let tasks = BTreeMap::new();
-    let spec = ModelSpec { bert: &config, tasks: &tasks, dropout: 0.1, seed: 0, lora: None };
+    let spec = ModelSpec { bert: &config, tasks: &tasks, dropout: 0.1, seed: 0, peft: None };
     let dir = std::env::temp_dir().join(format!("mtl-nn-missing-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let path = dir.join("model.safetensors");
@@ -365,7 +365,7 @@ fn other_activations_fall_back_to_the_composed_path() -> TestResult {
     config.hidden_act = crate::bert::Activation::GeluNew;
     let weights: HashMap<String, Tensor> = candle_core::safetensors::load(fixture_dir().join("model.safetensors"), &Device::Cpu)?;
     let tasks = BTreeMap::new();
-    let spec = ModelSpec { bert: &config, tasks: &tasks, dropout: 0.0, seed: 0, lora: None };
+    let spec = ModelSpec { bert: &config, tasks: &tasks, dropout: 0.0, seed: 0, peft: None };
     let fused = MultiTaskModel::build(&spec, weights.clone(), &Device::Cpu)?;
     let mut composed = MultiTaskModel::build(&spec, weights, &Device::Cpu)?;
     composed.set_kernels(Kernels::Composed);
@@ -395,7 +395,7 @@ mod fused_encoder_properties {
             position_embedding_type: None,
         };
         let tasks = BTreeMap::from([(TaskId::new("tags").expect("valid"), HeadSpec::new(TaskKind::TokenClassification, 3))]);
-        let model = MultiTaskModel::build(&ModelSpec { bert: &config, tasks: &tasks, dropout, seed, lora: None }, HashMap::new(), &Device::Cpu)?;
+        let model = MultiTaskModel::build(&ModelSpec { bert: &config, tasks: &tasks, dropout, seed, peft: None }, HashMap::new(), &Device::Cpu)?;
         // BERT's initialisation (std 0.02) leaves attention almost uniform, where the key gradient nearly
         // vanishes and an error in it would go unseen: use weights large enough for peaked attention.
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ 0x5EED);

@@ -93,7 +93,7 @@ fn write_files(dir: &Path, model: &MultiTaskModel, files: &CheckpointFiles) -> R
     let base = &files.config.model.path;
     if files.config.peft.enabled() {
         // The frozen backbone stays in the base model; only what trained is written.
-        model.params().save_where(&dir.join(ADAPTERS), |n| n.starts_with("heads.") || mtl_nn::is_lora_param(n))?;
+        model.params().save_where(&dir.join(ADAPTERS), |n| n.starts_with("heads.") || mtl_nn::is_peft_param(n))?;
         let weights = base.join(WEIGHTS);
         let path = std::fs::canonicalize(base).map_err(io_err(base))?;
         let meta = serde_json::json!({"path": path, "weights_crc32": crc32(&weights)?});

@@ -26,7 +26,7 @@ impl Part {
         }
         if let Some(rest) = name.strip_prefix("encoder.layer.") {
             if let Some(i) = rest.split('.').next().and_then(|i| i.parse().ok()) {
-                return match mtl_nn::lora_adapter(name) {
+                return match mtl_nn::param_adapter(name) {
                     Some(adapter) if adapter != mtl_nn::SHARED_ADAPTER => Self::TaskAdapter(i),
                     _ => Self::Layer(i),
                 };
@@ -72,7 +72,7 @@ pub fn is_frozen(name: &str, config: &Config, num_layers: usize, step: usize) ->
     }
     // With `[peft]` only the adapters train.
     if config.peft.enabled() {
-        return !mtl_nn::is_lora_param(name);
+        return !mtl_nn::is_peft_param(name);
     }
     let fixed = f.backbone
         || match part {

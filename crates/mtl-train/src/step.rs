@@ -248,7 +248,7 @@ mod tests {
             (TaskId::new("a").expect("valid"), HeadSpec::new(mtl_core::TaskKind::Classification, 3)),
             (TaskId::new("b").expect("valid"), HeadSpec::new(mtl_core::TaskKind::Classification, 2)),
         ]);
-        let spec = ModelSpec { bert: &config, tasks: &tasks, dropout: 0.0, seed: 1, lora: None };
+        let spec = ModelSpec { bert: &config, tasks: &tasks, dropout: 0.0, seed: 1, peft: None };
         Ok(MultiTaskModel::load(&spec, &dir.join("model.safetensors"), false, &Device::Cpu)?)
     }
 

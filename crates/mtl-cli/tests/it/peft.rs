@@ -109,3 +109,23 @@ fn adapters_refuse_a_changed_base_model() -> TestResult {
     assert!(e.contains("base_model.json") && e.contains("have changed since the adapters were trained"), "{e}");
     Ok(())
 }
+
+#[test]
+fn bottleneck_adapters_train_per_task_and_save_alone() -> TestResult {
+    let p = Project::new()?;
+    train(&p, "run", &["peft.method=\"adapter\"", "peft.placement=\"houlsby\"", "peft.reduction_factor=8", "peft.per_task=true"])?;
+    let saved = weights(&p.path("run/adapters.safetensors"))?;
+    assert!(saved.keys().all(|n| n.contains(".adapters.") || n.starts_with("heads.")), "{:?}", saved.keys());
+    for task in ["intent", "slots"] {
+        // Two sites of two blocks; down and up, weight and bias; 32 / 8 = 4 units.
+        let own: Vec<&String> = saved.keys().filter(|n| n.contains(&format!(".adapters.{task}."))).collect();
+        assert_eq!(own.len(), 2 * 2 * 4, "{task}: {own:?}");
+        let up = &saved[&format!("encoder.layer.1.output.adapters.{task}.up.weight")];
+        assert_eq!(up.dims(), &[32, 4]);
+        assert!(up.abs()?.sum_all()?.to_scalar::<f32>()? > 0.0, "{task}: up starts at zero and trains");
+    }
+    eval_matches_training(&p, "run")?;
+    let o = p.mtl(&["export", "--model", "run", "--out", "hf"])?;
+    assert!(!o.status.success() && stderr(&o).contains("bottleneck adapters change the network"), "{}", stderr(&o));
+    Ok(())
+}

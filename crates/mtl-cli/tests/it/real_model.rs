@@ -47,7 +47,7 @@ fn minilm_matches_transformers() -> Result<(), Box<dyn std::error::Error>> {
 
     let bert = BertConfig::from_file(&dir.join("config.json"))?;
     let tasks = BTreeMap::new();
-    let spec = ModelSpec { bert: &bert, tasks: &tasks, dropout: 0.1, seed: 0, lora: None };
+    let spec = ModelSpec { bert: &bert, tasks: &tasks, dropout: 0.1, seed: 0, peft: None };
     let model = MultiTaskModel::load(&spec, &dir.join("model.safetensors"), false, &Device::Cpu)?;
     assert_eq!(model.params().num_params(), 22_565_376, "BertModel without the pooler");
     let hidden = model.encode(&batch, Mode::Eval)?.to_vec2::<f32>()?;
