@@ -72,6 +72,22 @@ pub enum Command {
         #[arg(long)]
         full_precision: bool,
     },
+    /// Train new tasks onto a trained model, with everything it has frozen: each new task gets a head (and,
+    /// on a model with per-task adapters, its own adapter); the old tasks predict exactly as before.
+    AddTask {
+        /// A checkpoint directory written by `mtl train` (or `mtl add-task`).
+        #[arg(long)]
+        model: PathBuf,
+        /// The new tasks: `[tasks.NAME]` tables, and optionally a `[training]` recipe (the model's otherwise).
+        #[arg(long)]
+        config: PathBuf,
+        /// Output directory for the model with all its tasks; it must not exist yet.
+        #[arg(long)]
+        out: PathBuf,
+        /// Override a value of the combined config, e.g. --set training.epochs=5 (repeatable).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        overrides: Vec<String>,
+    },
     /// Write each task of a trained model as a Hugging Face transformers model directory, OUT/TASK/
     /// (BertForSequenceClassification, BertForTokenClassification or BertForQuestionAnswering, LoRA merged).
     Export {

@@ -35,10 +35,11 @@ pub fn run(cli: Cli) -> Result<()> {
             predict(&model, input.as_deref(), batch_size, full_precision)
         }
         Command::Export { model, out } => crate::export::export(&model, &out),
+        Command::AddTask { model, config, out, overrides } => crate::add_task::add_task(&model, &config, &out, &overrides),
     }
 }
 
-fn model_spec<'a>(
+pub(crate) fn model_spec<'a>(
     config: &Config,
     bert: &'a BertConfig,
     tasks: &'a BTreeMap<TaskId, HeadSpec>,
@@ -48,7 +49,7 @@ fn model_spec<'a>(
 }
 
 /// The parameter-efficient method `[peft]` asks for, with one adapter shared by every task or one per task.
-fn peft_spec(config: &Config, bert: &BertConfig) -> Option<PeftSpec> {
+pub(crate) fn peft_spec(config: &Config, bert: &BertConfig) -> Option<PeftSpec> {
     let p = &config.peft;
     let kind = match p.method {
         PeftMethod::None => return None,
@@ -80,7 +81,7 @@ fn require_file(path: &Path, what: &str) -> Result<()> {
     Ok(())
 }
 
-fn load_split(
+pub(crate) fn load_split(
     config: &Config,
     split: Split,
     encoder: &TextEncoder,
@@ -95,7 +96,7 @@ fn load_split(
     Ok(Some(data))
 }
 
-fn log_truncation(split: Split, data: &Dataset, encoder: &TextEncoder) {
+pub(crate) fn log_truncation(split: Split, data: &Dataset, encoder: &TextEncoder) {
     if data.truncated > 0 {
         tracing::warn!(
             "{}: {} of {} inputs were longer than {} tokens and were truncated (raise model.max_len to keep more)",
@@ -249,6 +250,7 @@ fn train_one(config: &Config, out: &Path, select: Select, resume: bool) -> Resul
         keep_per_task_models: select == Select::PerTask,
         checkpoints: Some(out),
         resume,
+        frozen: None,
     };
     let mut progress = ProgressCallback::default();
     let mut tracker = tracking::Tracker::new(out);
@@ -355,7 +357,7 @@ fn write_report(out: &Path, config: &Config, outcome: &mtl_train::Outcome, secon
     tracking::write_report(&path, &input).with_context(|| format!("{}: cannot write the report", path.display()))
 }
 
-fn metrics_json(dev: Option<&Evaluation>, test: Option<&Evaluation>) -> Value {
+pub(crate) fn metrics_json(dev: Option<&Evaluation>, test: Option<&Evaluation>) -> Value {
     let mut v = json!({});
     if let Some(d) = dev {
         v["dev"] = json!(d.scores);
@@ -375,6 +377,11 @@ pub(crate) struct Loaded {
 }
 
 pub(crate) fn load_checkpoint(dir: &Path) -> Result<Loaded> {
+    load_checkpoint_with(dir, true)
+}
+
+/// A trained model; with `merge`, one shared LoRA adapter is merged into the weights (for speed).
+pub(crate) fn load_checkpoint_with(dir: &Path, merge: bool) -> Result<Loaded> {
     let (config, labels) = checkpoint::read_meta(dir)?;
     let base = checkpoint::base_weights(dir)?;
     let weights = if base.is_some() { checkpoint::ADAPTERS } else { checkpoint::WEIGHTS };
@@ -393,7 +400,7 @@ pub(crate) fn load_checkpoint(dir: &Path) -> Result<Loaded> {
         Some(base) => {
             let mut model = MultiTaskModel::load_with_adapters(&spec, &base, &dir.join(checkpoint::ADAPTERS), &Device::Cpu)?;
             // One shared LoRA adapter merges into the weights: the plain encoder's speed.
-            if peft.as_ref().is_some_and(|p| p.lora().is_some() && !p.per_task()) {
+            if merge && peft.as_ref().is_some_and(|p| p.lora().is_some() && !p.per_task()) {
                 model.merge_lora(0)?;
             }
             model
@@ -431,6 +438,7 @@ fn eval(model_dir: &Path, config_path: &Path, overrides: &[String]) -> Result<()
         keep_per_task_models: false,
         checkpoints: None,
         resume: false,
+        frozen: None,
     };
     let mut scores: BTreeMap<&str, Scores> = BTreeMap::new();
     for split in [Split::Dev, Split::Test] {

@@ -1,6 +1,7 @@
-//! The `mtl` binary: `train`, `eval`, `predict` and `export`. `main` only parses arguments and turns the outcome of
+//! The `mtl` binary: `train`, `eval`, `predict`, `add-task` and `export`. `main` only parses arguments and turns the outcome of
 //! `run` into an exit status; every command lives in its own module.
 
+mod add_task;
 mod args;
 mod commands;
 mod export;

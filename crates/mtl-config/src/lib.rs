@@ -566,6 +566,47 @@ impl Config {
         toml::to_string_pretty(self).expect("a validated config always serializes; this is a bug")
     }
 
+    /// The config of this trained model with new tasks (`mtl add-task`): `text` (the file `path`) holds
+    /// `[tasks.NAME]` tables of tasks the model does not have, and may hold a `[training]` table for the new
+    /// tasks' recipe (the model's own otherwise); the model and `[peft]` stay the trained model's. Returns the
+    /// combined config and the new tasks' names.
+    pub fn with_new_tasks(&self, text: &str, path: &Path, overrides: &[String]) -> Result<(Config, Vec<String>), ConfigError> {
+        let invalid = |field: &str, message: String| ConfigError::Invalid { path: path.to_owned(), field: field.into(), message };
+        let new: toml::Table =
+            toml::from_str(text).map_err(|e| ConfigError::Parse { path: path.to_owned(), message: e.to_string().trim_end().to_string() })?;
+        let mut combined = toml::Table::try_from(self).expect("a validated config always serializes; this is a bug");
+        let mut names = Vec::new();
+        for (key, value) in new {
+            match key.as_str() {
+                "tasks" => {
+                    let tasks = value.as_table().ok_or_else(|| invalid("tasks", "must be a table of tasks".into()))?;
+                    for (name, task) in tasks {
+                        let field = format!("tasks.{name}");
+                        if self.tasks.keys().any(|t| t.as_str() == name) {
+                            return Err(invalid(&field, format!("the model has a task `{name}` already; its tasks are: {}", self.task_list())));
+                        }
+                        // Checked on its own first, so that an error names the task, not a line of the merged text.
+                        let _: TaskConfig = task.clone().try_into().map_err(|e: toml::de::Error| invalid(&field, e.message().to_string()))?;
+                        let all = combined.entry("tasks").or_insert_with(|| toml::Value::Table(toml::Table::new()));
+                        all.as_table_mut().expect("tasks is a table").insert(name.clone(), task.clone());
+                        names.push(name.clone());
+                    }
+                }
+                "training" => {
+                    combined.insert(key, value);
+                }
+                other => {
+                    return Err(invalid(other, "comes from the trained model; a new-task file holds `[tasks.NAME]` tables and optionally `[training]`".into()));
+                }
+            }
+        }
+        if names.is_empty() {
+            return Err(invalid("tasks", "no new task: add a `[tasks.NAME]` table".into()));
+        }
+        let text = toml::to_string(&combined).expect("a TOML table serializes; this is a bug");
+        Ok((Self::parse(&text, path, overrides)?, names))
+    }
+
     /// Keeps only the named tasks (for single-task baselines): the joint frame loses the others, and a
     /// selection metric of a removed task falls back to the default (the mean of the main metrics).
     pub fn retain_tasks(&mut self, names: &[String], path: &Path) -> Result<(), ConfigError> {

@@ -400,14 +400,19 @@ impl MultiTaskModel {
 
     /// Every head's predictions on `batch`, in evaluation mode.
     pub fn predict(&self, batch: &HostBatch) -> Result<BTreeMap<TaskId, TaskPrediction>> {
-        // One encoder pass for all heads, or one per task when each task has its own LoRA.
+        self.predict_for(batch, |_| true)
+    }
+
+    /// The predictions of the heads whose task passes `wanted`, in evaluation mode.
+    pub fn predict_for(&self, batch: &HostBatch, wanted: impl Fn(&TaskId) -> bool) -> Result<BTreeMap<TaskId, TaskPrediction>> {
+        // One encoder pass for all heads, or one per task when each task has its own adapter.
         let shared = match self.per_task_peft() {
             Some(_) => None,
             None => Some(self.encode(batch, Mode::Eval)?),
         };
         let mut out = BTreeMap::new();
         let cls_rows: Vec<u32> = (0..batch.batch).map(|b| (b * batch.seq) as u32).collect();
-        for (task, head) in &self.heads {
+        for (task, head) in self.heads.iter().filter(|(t, _)| wanted(t)) {
             let own;
             let hidden = match &shared {
                 Some(h) => h,

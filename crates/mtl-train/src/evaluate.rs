@@ -86,7 +86,8 @@ pub fn predict_examples(
     for chunk in order.chunks(batch_size.max(1)) {
         let batch_examples: Vec<&Example> = chunk.iter().map(|&i| examples[i]).collect();
         let batch = collate(&batch_examples, &shapes);
-        for (task, prediction) in model.predict(&batch)? {
+        // A model can have heads that `info` does not cover (the old tasks of `mtl add-task`).
+        for (task, prediction) in model.predict_for(&batch, |t| info.labels.contains_key(t))? {
             match prediction {
                 TaskPrediction::Class { ids, scores } => {
                     for ((&i, id), score) in chunk.iter().zip(ids).zip(scores) {

@@ -268,6 +268,8 @@ pub struct Trainer<'a> {
     pub checkpoints: Option<&'a std::path::Path>,
     /// Continue from the newest checkpoint there.
     pub resume: bool,
+    /// Parameters that never train, whatever the recipe says (a model's existing tasks under `mtl add-task`).
+    pub frozen: Option<&'a std::collections::BTreeSet<String>>,
 }
 
 /// The best evaluation so far: epoch, step, selection score, scores and weights.
@@ -332,6 +334,11 @@ impl Trainer<'_> {
     ) -> Result<Vec<BTreeMap<TaskId, Prediction>>> {
         let examples: Vec<&Example> = data.examples.iter().collect();
         predict_examples(self.model, &examples, &self.info(labels), self.config.training.eval_batch_size)
+    }
+
+    /// Whether the parameter `name` is frozen at optimiser step `step`: by the recipe, or for good.
+    fn is_frozen(&self, name: &str, num_layers: usize, step: usize) -> bool {
+        is_frozen(name, self.config, num_layers, step) || self.frozen.is_some_and(|f| f.contains(name))
     }
 
     /// Evaluates the model on `data`.
@@ -507,7 +514,7 @@ impl Trainer<'_> {
                 for (i, work) in (done..).zip(receiver) {
                     let shared: Vec<String> = vars
                         .keys()
-                        .filter(|n| Part::of(n).is_shared() && !is_frozen(n, self.config, num_layers, step))
+                        .filter(|n| Part::of(n).is_shared() && !self.is_frozen(n, num_layers, step))
                         .cloned()
                         .collect();
                     let diagnose = pending.batches == 0 && t.diagnostics_every.is_some_and(|e| (step + 1) % e == 0);
@@ -543,7 +550,7 @@ impl Trainer<'_> {
                     // reported, evaluated and checkpointed like any other.
                     let (losses, grad_norm, cosines) = match taken.finish()? {
                         Some((mut grads, losses, norms, cosines)) => {
-                            grads.retain(|name, _| !is_frozen(name, self.config, num_layers, step - 1));
+                            grads.retain(|name, _| !self.is_frozen(name, num_layers, step - 1));
                             let info = optimizer.step(&grads, scale, t.grad_clip)?;
                             if !info.applied {
                                 skipped += 1;

@@ -129,3 +129,60 @@ fn bottleneck_adapters_train_per_task_and_save_alone() -> TestResult {
     assert!(!o.status.success() && stderr(&o).contains("bottleneck adapters change the network"), "{}", stderr(&o));
     Ok(())
 }
+
+/// `mtl predict --full-precision` of `run` on the training file, as JSON values.
+fn predictions(p: &Project, run: &str) -> Result<Vec<Value>, Box<dyn std::error::Error>> {
+    let o = p.mtl(&["predict", "--model", run, "--input", "train.jsonl", "--full-precision"])?;
+    assert!(o.status.success(), "{}", stderr(&o));
+    Ok(String::from_utf8(o.stdout)?.lines().map(serde_json::from_str).collect::<Result<_, _>>()?)
+}
+
+#[test]
+fn added_tasks_leave_the_old_tasks_bitwise_unchanged() -> TestResult {
+    let p = Project::new()?;
+    let train_file = p.path("train.jsonl");
+    let new_task = format!(
+        "[training]\nepochs = 2\nbatch_size = 4\nlr = 5e-3\nseed = 3\n\n[tasks.domain]\nkind = \"classification\"\nlabel_field = \"intent\"\ndata = {{ train = \"{}\" }}\n",
+        train_file.display()
+    );
+    std::fs::write(p.path("new-task.toml"), new_task)?;
+    let variants: &[(&str, &[&str])] = &[
+        ("full", &[]),
+        ("shared-lora", &["peft.method=\"lora\""]),
+        ("per-task-lora", &["peft.method=\"lora\"", "peft.per_task=true"]),
+        ("per-task-adapter", &["peft.method=\"adapter\"", "peft.per_task=true"]),
+    ];
+    for (name, sets) in variants {
+        let mut all = vec!["training.epochs=2"];
+        all.extend(sets.iter());
+        train(&p, name, &all)?;
+        let before = predictions(&p, name)?;
+        let out = format!("{name}-more");
+        let o = p.mtl(&["add-task", "--model", name, "--config", "new-task.toml", "--out", &out])?;
+        assert!(o.status.success(), "{name}: {}", stderr(&o));
+        let after = predictions(&p, &out)?;
+        assert_eq!(before.len(), after.len());
+        for (b, a) in before.iter().zip(&after) {
+            for task in ["intent", "slots"] {
+                assert_eq!(b["predictions"][task], a["predictions"][task], "{name}: {task} changed");
+            }
+            assert!(a["predictions"]["domain"]["label"].is_string(), "{name}: {a}");
+        }
+        // What trains: the new head, and on per-task models the new task's own adapter.
+        let file = if sets.is_empty() { "model.safetensors" } else { "adapters.safetensors" };
+        let tensors = weights(&p.path(&out).join(file))?;
+        assert!(tensors.contains_key("heads.domain.weight"), "{name}");
+        let own = tensors.keys().any(|k| k.contains(".lora_B.domain.") || k.contains(".adapters.domain."));
+        assert_eq!(own, name.starts_with("per-task"), "{name}: {:?}", tensors.keys());
+        let m: Value = serde_json::from_str(&std::fs::read_to_string(p.path(&out).join("metrics.json"))?)?;
+        assert_eq!(m["added_tasks"], serde_json::json!(["domain"]));
+    }
+    // A task the model has already, and a model section, are refused.
+    std::fs::write(p.path("again.toml"), "[tasks.intent]\nkind = \"classification\"\ndata = { train = \"x.jsonl\" }\n")?;
+    let o = p.mtl(&["add-task", "--model", "full", "--config", "again.toml", "--out", "again"])?;
+    assert!(!o.status.success() && stderr(&o).contains("the model has a task `intent` already"), "{}", stderr(&o));
+    std::fs::write(p.path("model.toml"), "[model]\npath = \"elsewhere\"\n[tasks.x]\nkind = \"classification\"\ndata = { train = \"x.jsonl\" }\n")?;
+    let o = p.mtl(&["add-task", "--model", "full", "--config", "model.toml", "--out", "again"])?;
+    assert!(!o.status.success() && stderr(&o).contains("field `model`: comes from the trained model"), "{}", stderr(&o));
+    Ok(())
+}
