@@ -18,6 +18,9 @@ It writes:
                         BertModel by forward hooks on each sublayer's output dropout (before the residual and
                         LayerNorm): weights, each adapter's last_hidden_state, a head's loss and the gradient
                         norms of adapter "intent"
+  tiny-bert/prefix.*    prefix tuning (3 positions, two adapters, random N(0, 1) prefixes) with transformers'
+                        BertSelfAttention patched to prepend them: each adapter's last_hidden_state, a mixed batch,
+                        a head's loss and the gradient norms of adapter "intent"
   minilm-reference.json transformers' tokenization and last_hidden_state of all-MiniLM-L6-v2 on three
                         sentences (pretokenized words, as the token tasks feed them)
   seqeval.json          random BIO tag sequences with seqeval's precision/recall/f1/accuracy (default mode)
@@ -41,8 +44,8 @@ It writes:
                         scipy.optimize.minimize (SLSQP) exactly as the authors' code finds them, rescale = 1
 The tests themselves need none of these packages. `python scripts/make_fixtures.py metrics` writes only the
 metric fixtures (no torch needed for them, only scikit-learn, scipy and seqeval); `... weighting` writes only
-the last three, and `... lora` only tiny-bert/lora.* and
-tiny-bert/bottleneck.*.
+the last three, and `... lora` only tiny-bert/lora.*,
+tiny-bert/bottleneck.* and tiny-bert/prefix.*.
 """
 import json
 import random
@@ -533,6 +536,73 @@ def bottleneck_fixture():
     (d / "bottleneck.json").write_text(json.dumps(ref))
 
 
+def prefix_fixture():
+    """Prefix tuning on tiny-bert: transformers' BertSelfAttention patched to put learned keys and values before
+    the sequence's own (positions unchanged, prefixes never masked), two adapters with random prefixes."""
+    from transformers.models.bert import modeling_bert
+
+    d = OUT / "tiny-bert"
+    model = BertModel.from_pretrained(d, add_pooling_layer=False, attn_implementation="eager").eval()
+    torch.manual_seed(3)
+    length, hidden = 3, model.config.hidden_size
+    prefixes, weights = {}, {}
+    for i in range(model.config.num_hidden_layers):
+        for name in ["intent", "slots"]:
+            for part in ["key", "value"]:
+                t = torch.randn(length, hidden).requires_grad_()
+                prefixes[(i, name, part)] = t
+                weights[f"encoder.layer.{i}.attention.self.prefix.{name}.{part}"] = t
+    save_file({k: v.detach().contiguous() for k, v in weights.items()}, d / "prefix.safetensors")
+    state = {"rows": None, "mask": None, "length": length}
+
+    def forward(self, hidden_states, attention_mask=None, cache=None, **kwargs):
+        b, s, _ = hidden_states.shape
+        heads = lambda t: t.view(b, -1, self.num_attention_heads, self.attention_head_size).transpose(1, 2)
+        pick = lambda part: torch.stack([prefixes[(self.layer_idx, n, part)] for n in state["rows"]])
+        q = heads(self.query(hidden_states))
+        k = torch.cat([heads(pick("key")), heads(self.key(hidden_states))], 2)
+        v = torch.cat([heads(pick("value")), heads(self.value(hidden_states))], 2)
+        keep = torch.cat([torch.ones(b, length), state["mask"].float()], 1)
+        scores = q @ k.transpose(-1, -2) * self.scaling + (1 - keep)[:, None, None, :] * torch.finfo(torch.float32).min
+        out = scores.softmax(-1) @ v
+        return out.transpose(1, 2).reshape(b, s, -1), None
+
+    original = modeling_bert.BertSelfAttention.forward
+    modeling_bert.BertSelfAttention.forward = forward
+    try:
+        prefix_reference(model, prefixes, weights, state, d)
+    finally:
+        modeling_bert.BertSelfAttention.forward = original
+
+
+def prefix_reference(model, prefixes, weights, state, d):
+    length = state["length"]
+    ids = torch.tensor([[2, 7, 9, 11, 3, 0, 0], [2, 5, 6, 7, 8, 9, 3], [2, 15, 14, 9, 3, 0, 0]])
+    mask = (ids != 0).long()
+    state["mask"] = mask
+    hidden_states = {}
+    for rows, key in [(["intent"] * 3, "intent"), (["slots"] * 3, "slots"), (["intent", "slots", "intent"], "mixed")]:
+        state["rows"] = rows
+        with torch.no_grad():
+            hidden_states[key] = model(input_ids=ids, attention_mask=mask).last_hidden_state.tolist()
+    state["rows"] = ["intent"] * 3
+    head = torch.nn.Linear(32, 3)
+    with torch.no_grad():
+        head.weight.copy_(torch.linspace(-0.5, 0.5, 96).reshape(3, 32))
+        head.bias.copy_(torch.tensor([0.1, -0.2, 0.3]))
+    labels = torch.tensor([2, 0, 1])
+    out = model(input_ids=ids, attention_mask=mask).last_hidden_state
+    loss = torch.nn.functional.cross_entropy(head(out[:, 0]), labels)
+    loss.backward()
+    ref = {
+        "input_ids": ids.tolist(), "attention_mask": mask.tolist(), "length": length, "hidden": hidden_states,
+        "head": {"weight": head.weight.detach().tolist(), "bias": head.bias.detach().tolist(),
+                 "labels": labels.tolist(), "loss": loss.item()},
+        "grad_norms": {k: v.grad.norm().item() for k, v in weights.items() if ".intent." in k},
+    }
+    (d / "prefix.json").write_text(json.dumps(ref))
+
+
 def weighting_fixtures():
     gradnorm_fixture()
     pcgrad_fixture()
@@ -557,12 +627,14 @@ if __name__ == "__main__":
     elif sys.argv[1:] == ["lora"]:
         lora_fixture()
         bottleneck_fixture()
+        prefix_fixture()
     elif sys.argv[1:] == ["metrics"]:
         metric_fixtures()
     else:
         tiny_bert()
         lora_fixture()
         bottleneck_fixture()
+        prefix_fixture()
         minilm()
         qa_windows_fixture()
         metric_fixtures()

@@ -59,6 +59,7 @@ pub(crate) fn peft_spec(config: &Config, bert: &BertConfig) -> Option<PeftSpec> 
             dropout: p.dropout as f32,
             targets: p.target_modules.clone(),
         }),
+        PeftMethod::Prefix => PeftKind::Prefix { length: p.prefix_length },
         PeftMethod::Adapter => PeftKind::Bottleneck {
             size: (bert.hidden_size / p.reduction_factor).max(1),
             placement: match p.placement {

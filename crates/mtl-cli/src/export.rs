@@ -40,7 +40,7 @@ pub fn export(model_dir: &Path, out: &Path) -> Result<()> {
     let loaded = load_checkpoint(model_dir)?;
     if loaded.model.bert().peft().is_some_and(|p| p.lora().is_none()) {
         bail!(
-            "{}: bottleneck adapters change the network, so they cannot be written as a plain transformers model (LoRA merges into the weights and can)",
+            "{}: bottleneck adapters and prefix tuning change the network, so they cannot be written as a plain transformers model (LoRA merges into the weights and can)",
             model_dir.display()
         );
     }

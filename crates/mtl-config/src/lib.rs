@@ -1071,13 +1071,13 @@ frame = ["intent", "slots"]
         let cases: &[(&[&str], &str)] = &[
             (
                 &["peft.method=\"ia3\""],
-                "invalid override `peft.method=\"ia3\"`: unknown variant `ia3`, expected one of `none`, `lora`, `adapter`",
+                "invalid override `peft.method=\"ia3\"`: unknown variant `ia3`, expected one of `none`, `lora`, `adapter`, `prefix`",
             ),
             (
                 &[lora, "peft.target_modules=[\"query\", \"dense\"]"],
                 "invalid override `peft.method=\"lora\" peft.target_modules=[\"query\", \"dense\"]`: unknown variant `dense`, expected one of `query`, `key`, `value`, `attention_output`, `intermediate`, `output`",
             ),
-            (&["peft.per_task=true"], "invalid config run.toml: field `peft.per_task`: needs a method (`peft.method = \"lora\"` or `\"adapter\"`)"),
+            (&["peft.per_task=true"], "invalid config run.toml: field `peft.per_task`: needs a method (`peft.method = \"lora\"`, `\"adapter\"` or `\"prefix\"`)"),
             (&[lora, "peft.r=0"], "invalid config run.toml: field `peft.r`: must be at least 1"),
             (
                 &["peft.method=\"adapter\"", "peft.placement=\"parallel\""],

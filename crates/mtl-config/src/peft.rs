@@ -15,6 +15,8 @@ pub enum PeftMethod {
     Lora,
     /// Bottleneck adapters (Houlsby et al. 2019): `y + W_up relu(W_down y)` on sublayer outputs.
     Adapter,
+    /// Prefix tuning (Li & Liang 2021): learned keys and values before every layer's own.
+    Prefix,
 }
 
 /// Where bottleneck adapters sit in each block.
@@ -55,6 +57,13 @@ pub struct PeftConfig {
     /// `adapter`: the bottleneck is the hidden size divided by this (AdapterHub's `reduction_factor`).
     #[serde(default = "default_reduction")]
     pub reduction_factor: usize,
+    /// `prefix`: how many learned key/value positions each layer gets (PEFT's `num_virtual_tokens`).
+    #[serde(default = "default_prefix_length")]
+    pub prefix_length: usize,
+}
+
+fn default_prefix_length() -> usize {
+    20
 }
 
 fn default_reduction() -> usize {
@@ -85,6 +94,7 @@ impl Default for PeftConfig {
             target_modules: default_targets(),
             placement: AdapterPlacement::default(),
             reduction_factor: default_reduction(),
+            prefix_length: default_prefix_length(),
         }
     }
 }
@@ -105,9 +115,12 @@ pub(crate) fn validate(config: &crate::Config, path: &std::path::Path) -> Result
     let p = &config.peft;
     if !p.enabled() {
         if p.per_task {
-            return Err(invalid("peft.per_task", "needs a method (`peft.method = \"lora\"` or `\"adapter\"`)".into()));
+            return Err(invalid("peft.per_task", "needs a method (`peft.method = \"lora\"`, `\"adapter\"` or `\"prefix\"`)".into()));
         }
         return Ok(());
+    }
+    if p.prefix_length == 0 {
+        return Err(invalid("peft.prefix_length", "must be at least 1".into()));
     }
     if p.reduction_factor == 0 {
         return Err(invalid("peft.reduction_factor", "must be at least 1".into()));

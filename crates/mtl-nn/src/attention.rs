@@ -250,6 +250,32 @@ pub fn composed(qkv: &Tensor, spec: &AttentionSpec) -> Result<Tensor> {
     Ok(probs.matmul(&v)?.transpose(1, 2)?.reshape((b * s, h))?)
 }
 
+/// Attention whose keys and values start with a prefix of `length` learned positions (prefix tuning):
+/// `prefix_k` and `prefix_v` are `[batch, length, hidden]`, every query attends to them, and no mask hides them.
+/// `spec.dropout`, if any, is `batch × heads × seq × (length + seq)`. Composed candle ops.
+pub fn with_prefix(qkv: &Tensor, prefix_k: &Tensor, prefix_v: &Tensor, spec: &AttentionSpec) -> Result<Tensor> {
+    let (b, s, nh, d, h) = (spec.batch, spec.seq, spec.heads, spec.head_dim, spec.hidden());
+    let l = prefix_k.dim(1)?;
+    let heads = |t: &Tensor, n: usize| -> Result<Tensor> { Ok(t.reshape((b, n, nh, d))?.transpose(1, 2)?.contiguous()?) };
+    let own = |part: usize| -> Result<Tensor> { heads(&qkv.narrow(1, part * h, h)?, s) };
+    let q = own(0)?;
+    let k = Tensor::cat(&[heads(prefix_k, l)?, own(1)?], 2)?;
+    let v = Tensor::cat(&[heads(prefix_v, l)?, own(2)?], 2)?;
+    let keep: Vec<f32> = (0..b)
+        .flat_map(|e| {
+            let mask = &spec.key_mask[e * s..(e + 1) * s];
+            std::iter::repeat_n(0.0, l).chain(mask.iter().map(|&m| if m == 0 { f32::MIN } else { 0.0 }))
+        })
+        .collect();
+    let mask = Tensor::from_vec(keep, (b, 1, 1, l + s), qkv.device())?;
+    let scores = (q.matmul(&k.t()?)? * f64::from(spec.scale()))?.broadcast_add(&mask)?;
+    let mut probs = softmax_last(&scores)?;
+    if let Some(drop) = &spec.dropout {
+        probs = (probs * Tensor::from_slice(drop.as_slice(), (b, nh, s, l + s), qkv.device())?)?;
+    }
+    Ok(probs.matmul(&v)?.transpose(1, 2)?.reshape((b * s, h))?)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -16,7 +16,7 @@ use crate::attention::{self, AttentionSpec};
 use crate::cpu::encoder::{Dims, FusedEncoder, GradSink, LayerDropout, LayerParams};
 use crate::layers::{DropoutRng, LayerNorm, Linear};
 use crate::params::{Init, ParamBuilder};
-use crate::peft::{self, BottleneckLayer, LoraLayer, PeftKind, PeftPass, PeftSpec, Placement, Route, Site};
+use crate::peft::{self, BottleneckLayer, LoraLayer, PeftKind, PeftPass, PeftSpec, Placement, PrefixLayer, Route, Site};
 use crate::{NnError, Result};
 
 /// The fields of a Hugging Face BERT `config.json` that the encoder uses; other keys are ignored.
@@ -104,6 +104,8 @@ struct Layer {
     lora: BTreeMap<LinearModule, LoraLayer>,
     /// Bottleneck adapters on the sublayers' outputs.
     bottleneck: BTreeMap<Site, BottleneckLayer>,
+    /// Prefix tuning's keys and values.
+    prefix: Option<PrefixLayer>,
 }
 
 impl Layer {
@@ -122,6 +124,7 @@ impl Layer {
             out_norm: norm(&self.out_norm),
             lora: self.lora.clone(),
             bottleneck: self.bottleneck.clone(),
+            prefix: self.prefix.clone(),
         }
     }
 }
@@ -185,6 +188,7 @@ impl Bert {
                 let a = l.pp("attention");
                 let mut adapted = BTreeMap::new();
                 let mut bottleneck = BTreeMap::new();
+                let mut prefix = None;
                 match peft.map(|p| (&p.kind, &p.adapters)) {
                     Some((PeftKind::Lora(spec), adapters)) => {
                         for &m in &spec.targets {
@@ -205,6 +209,9 @@ impl Bert {
                             bottleneck.insert(site, BottleneckLayer::new(&l.pp(site.path()), adapters, h, *size)?);
                         }
                     }
+                    Some((PeftKind::Prefix { length }, adapters)) => {
+                        prefix = Some(PrefixLayer::new(&a.pp("self"), adapters, *length, h)?);
+                    }
                     None => {}
                 }
                 Ok(Layer {
@@ -218,6 +225,7 @@ impl Bert {
                     out_norm: LayerNorm::new(&l.pp("output.LayerNorm"), h, eps)?,
                     lora: adapted,
                     bottleneck,
+                    prefix,
                 })
             })
             .collect::<Result<Vec<Layer>>>()?;
@@ -440,12 +448,21 @@ impl Bert {
                 .collect::<Result<Vec<_>>>()?;
             qkv = (qkv + Tensor::cat(&parts, 1)?)?;
         }
+        let prefix = peft.zip(l.prefix.as_ref());
+        let keys = s + prefix.map_or(0, |(_, p)| p.length());
         let attn_dropout = match mode {
-            Mode::Train => dropout.mask(b * nh * s * s).map(Arc::new),
+            Mode::Train => dropout.mask(b * nh * s * keys).map(Arc::new),
             Mode::Eval => None,
         };
         let spec = AttentionSpec { batch: b, seq: s, heads: nh, head_dim, key_mask: key_mask.clone(), dropout: attn_dropout };
-        let ctx = if x.device().is_cpu() { attention::fused(&qkv, spec)? } else { attention::composed(&qkv, &spec)? };
+        let ctx = match prefix {
+            Some((pass, p)) => {
+                let (k, v) = p.per_example(pass)?;
+                attention::with_prefix(&qkv, &k, &v, &spec)?
+            }
+            None if x.device().is_cpu() => attention::fused(&qkv, spec)?,
+            None => attention::composed(&qkv, &spec)?,
+        };
         let attn = adapt(LinearModule::AttentionOutput, &ctx, l.attn_out.forward(&ctx)?)?;
         let attn = dropout.apply(&attn, mode)?;
         let attn = bottleneck(Site::Attention, attn)?;

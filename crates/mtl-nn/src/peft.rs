@@ -12,6 +12,11 @@
 //! as BERT initialises linear layers, `W_up` at zero: the identity. Names:
 //! `encoder.layer.N.output.adapters.ADAPTER.down.weight` (`attention.output.adapters…` for the other site).
 //!
+//! **Prefix tuning** (Li & Liang 2021, "Prefix-Tuning", arXiv:2101.00190): every layer's attention gets
+//! `length` learned key and value vectors before the sequence's own, which every token attends to. Positions of
+//! the sequence are unchanged. Stored directly (PEFT's prefix tuning without `prefix_projection`), initialised
+//! as PEFT's embedding table is: N(0, 1). Names: `encoder.layer.N.attention.self.prefix.ADAPTER.key`.
+//!
 //! Several named sets, "adapters", can sit on one layer: one that every task shares ([`SHARED_ADAPTER`]), or
 //! one per task. With one per task a batch is routed: each example goes through its own task's adapter, in
 //! one forward pass over the whole batch ([`Route`]).
@@ -36,7 +41,7 @@ pub fn is_peft_param(name: &str) -> bool {
 
 /// The adapter that the parameter `name` belongs to (`….lora_A.ADAPTER.weight`, `….adapters.ADAPTER.…`).
 pub fn param_adapter(name: &str) -> Option<&str> {
-    let (_, rest) = [".lora_A.", ".lora_B.", ".adapters."].iter().find_map(|m| name.split_once(m))?;
+    let (_, rest) = [".lora_A.", ".lora_B.", ".adapters.", ".prefix."].iter().find_map(|m| name.split_once(m))?;
     rest.split('.').next()
 }
 
@@ -89,6 +94,8 @@ impl Site {
 pub enum PeftKind {
     Lora(LoraSpec),
     Bottleneck { size: usize, placement: Placement },
+    /// Prefix tuning: `length` learned key and value positions before every layer's own.
+    Prefix { length: usize },
 }
 
 /// A parameter-efficient method on the encoder, with its adapters.
@@ -216,6 +223,51 @@ impl BottleneckLayer {
             a.up.forward(&a.down.forward(ys)?.relu()?)
         })?;
         Ok((y + delta)?)
+    }
+}
+
+/// Prefix tuning's keys and values of one layer, by adapter index, each `[length, hidden]`.
+#[derive(Clone, Debug)]
+pub(crate) struct PrefixLayer {
+    keys: Vec<Tensor>,
+    values: Vec<Tensor>,
+}
+
+impl PrefixLayer {
+    /// The prefixes under `pb` (`…attention.self`), initialised as PEFT's prefix encoder (an embedding table,
+    /// so N(0, 1)).
+    pub(crate) fn new(pb: &ParamBuilder, adapters: &[String], length: usize, hidden: usize) -> Result<Self> {
+        let mut keys = Vec::new();
+        let mut values = Vec::new();
+        for name in adapters {
+            let p = pb.pp("prefix").pp(name);
+            keys.push(p.get((length, hidden), "key", Init::Normal { std: 1.0 })?);
+            values.push(p.get((length, hidden), "value", Init::Normal { std: 1.0 })?);
+        }
+        Ok(Self { keys, values })
+    }
+
+    pub(crate) fn length(&self) -> usize {
+        self.keys.first().map_or(0, |k| k.dims()[0])
+    }
+
+    /// Each example's prefix keys and values, `[examples, length, hidden]`, by its route's adapter. Only the
+    /// adapters of the batch's routes enter the graph, so the others get no gradient (not even a zero one,
+    /// which AdamW would count as a step).
+    pub(crate) fn per_example(&self, pass: &PeftPass) -> Result<(Tensor, Tensor)> {
+        let pick = |t: &[Tensor]| -> Result<Tensor> {
+            let parts = pass
+                .routes
+                .iter()
+                .map(|r| {
+                    let p = t.get(r.adapter).ok_or_else(|| candle_core::Error::Msg(format!("no adapter {}", r.adapter)))?;
+                    let (l, h) = p.dims2()?;
+                    Ok(p.unsqueeze(0)?.broadcast_as((r.examples.len(), l, h))?)
+                })
+                .collect::<Result<Vec<_>>>()?;
+            Ok(Tensor::cat(&parts, 0)?.contiguous()?)
+        };
+        Ok((pick(&self.keys)?, pick(&self.values)?))
     }
 }
 

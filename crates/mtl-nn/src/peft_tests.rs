@@ -262,3 +262,55 @@ fn fresh_bottleneck_adapters_start_as_the_identity() -> TestResult {
     assert!(names.iter().all(|n| n.contains(".output.adapters.default.") && !n.contains("attention")), "{names:?}");
     Ok(())
 }
+
+#[test]
+fn prefix_tuning_matches_a_pytorch_reference() -> TestResult {
+    let reference: Value = serde_json::from_str(&std::fs::read_to_string(fixture_dir().join("prefix.json"))?)?;
+    let config = BertConfig::from_file(&fixture_dir().join("config.json"))?;
+    let mut weights = candle_core::safetensors::load(fixture_dir().join("model.safetensors"), &Device::Cpu)?;
+    weights.extend(candle_core::safetensors::load(fixture_dir().join("prefix.safetensors"), &Device::Cpu)?);
+    let head = &reference["head"];
+    let w: Vec<Vec<f32>> = serde_json::from_value(head["weight"].clone())?;
+    let b: Vec<f32> = serde_json::from_value(head["bias"].clone())?;
+    weights.insert("heads.intent.weight".into(), Tensor::new(w, &Device::Cpu)?);
+    weights.insert("heads.intent.bias".into(), Tensor::new(b, &Device::Cpu)?);
+    let spec = PeftSpec { kind: PeftKind::Prefix { length: 3 }, adapters: vec!["intent".into(), "slots".into()] };
+    let tasks = BTreeMap::from([(TaskId::new("intent")?, HeadSpec::new(TaskKind::Classification, 3))]);
+    let model = MultiTaskModel::build(&ModelSpec { bert: &config, tasks: &tasks, dropout: 0.0, seed: 0, peft: Some(&spec) }, weights, &Device::Cpu)?;
+    assert!(model.params().initialised().is_empty(), "{:?}", model.params().initialised());
+    let mut batch = batch(&reference)?;
+    for task in ["intent", "slots"] {
+        let hidden = model.encode_for(&TaskId::new(task)?, &batch, Mode::Eval)?;
+        let d = max_diff(&hidden, &reference["hidden"][task])?;
+        assert!(d < 1e-5, "{task}: max abs difference {d}");
+    }
+    let routes = vec![Route { adapter: 0, examples: 0..1 }, Route { adapter: 1, examples: 1..2 }, Route { adapter: 0, examples: 2..3 }];
+    let input = BertInput {
+        input_ids: Tensor::from_slice(&batch.input_ids, (batch.batch, batch.seq), &Device::Cpu)?,
+        token_type_ids: Tensor::from_slice(&batch.token_type_ids, (batch.batch, batch.seq), &Device::Cpu)?,
+        attention_mask: std::sync::Arc::new(batch.attention_mask.clone()),
+        routes: Some(routes),
+    };
+    let d = max_diff(&model.bert().forward(&input, model.dropout(), Mode::Eval)?, &reference["hidden"]["mixed"])?;
+    assert!(d < 1e-5, "mixed batch: max abs difference {d}");
+    let labels: Vec<i64> = serde_json::from_value(head["labels"].clone())?;
+    batch.targets.insert(TaskId::new("intent")?, Targets::Class(labels));
+    let losses = model.losses(&batch, Mode::Train)?;
+    let want = head["loss"].as_f64().ok_or("loss")?;
+    assert!((f64::from(losses[0].loss.to_scalar::<f32>()?) - want).abs() < 1e-5);
+    let grads = model.backward(&losses[0].loss)?;
+    let norms = reference["grad_norms"].as_object().ok_or("grad norms")?;
+    assert_eq!(norms.len(), 2 * 2, "key and value of two blocks");
+    for (name, var) in model.params().vars() {
+        let got = grads.get(var.as_tensor()).map(|g| g.sqr()?.sum_all()?.sqrt()?.to_scalar::<f32>()).transpose()?;
+        match norms.get(name) {
+            Some(want) => {
+                let (got, want) = (f64::from(got.unwrap_or(0.0)), want.as_f64().ok_or("norm")?);
+                assert!(got > 0.0 && (got - want).abs() <= 1e-5 + 1e-3 * want, "{name}: gradient norm {got}, PyTorch {want}");
+            }
+            None if name.starts_with("heads.") => assert!(got.is_some_and(|g| g > 0.0), "{name}: no gradient"),
+            None => assert!(got.is_none(), "{name} has a gradient"),
+        }
+    }
+    Ok(())
+}

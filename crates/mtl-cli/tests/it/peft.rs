@@ -126,7 +126,7 @@ fn bottleneck_adapters_train_per_task_and_save_alone() -> TestResult {
     }
     eval_matches_training(&p, "run")?;
     let o = p.mtl(&["export", "--model", "run", "--out", "hf"])?;
-    assert!(!o.status.success() && stderr(&o).contains("bottleneck adapters change the network"), "{}", stderr(&o));
+    assert!(!o.status.success() && stderr(&o).contains("bottleneck adapters and prefix tuning change the network"), "{}", stderr(&o));
     Ok(())
 }
 
@@ -151,6 +151,7 @@ fn added_tasks_leave_the_old_tasks_bitwise_unchanged() -> TestResult {
         ("shared-lora", &["peft.method=\"lora\""]),
         ("per-task-lora", &["peft.method=\"lora\"", "peft.per_task=true"]),
         ("per-task-adapter", &["peft.method=\"adapter\"", "peft.per_task=true"]),
+        ("per-task-prefix", &["peft.method=\"prefix\"", "peft.per_task=true", "peft.prefix_length=2"]),
     ];
     for (name, sets) in variants {
         let mut all = vec!["training.epochs=2"];
@@ -172,7 +173,7 @@ fn added_tasks_leave_the_old_tasks_bitwise_unchanged() -> TestResult {
         let file = if sets.is_empty() { "model.safetensors" } else { "adapters.safetensors" };
         let tensors = weights(&p.path(&out).join(file))?;
         assert!(tensors.contains_key("heads.domain.weight"), "{name}");
-        let own = tensors.keys().any(|k| k.contains(".lora_B.domain.") || k.contains(".adapters.domain."));
+        let own = tensors.keys().any(|k| [".lora_B.domain.", ".adapters.domain.", ".prefix.domain."].iter().any(|m| k.contains(m)));
         assert_eq!(own, name.starts_with("per-task"), "{name}: {:?}", tensors.keys());
         let m: Value = serde_json::from_str(&std::fs::read_to_string(p.path(&out).join("metrics.json"))?)?;
         assert_eq!(m["added_tasks"], serde_json::json!(["domain"]));
