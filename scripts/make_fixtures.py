@@ -422,6 +422,21 @@ def cagrad_fixture():
     (OUT / "cagrad.json").write_text(json.dumps(cases))
 
 
+def cls_head_loss(model, ids, mask):
+    """A fixed 3-class [CLS] head with cross-entropy on labels 2, 0, 1, back-propagated through `model`: the
+    head's weights, labels and loss, as the adapter fixtures store them."""
+    head = torch.nn.Linear(32, 3)
+    with torch.no_grad():
+        head.weight.copy_(torch.linspace(-0.5, 0.5, 96).reshape(3, 32))
+        head.bias.copy_(torch.tensor([0.1, -0.2, 0.3]))
+    labels = torch.tensor([2, 0, 1])
+    out = model(input_ids=ids, attention_mask=mask).last_hidden_state
+    loss = torch.nn.functional.cross_entropy(head(out[:, 0]), labels)
+    loss.backward()
+    return {"weight": head.weight.detach().tolist(), "bias": head.bias.detach().tolist(), "labels": labels.tolist(),
+            "loss": loss.item()}
+
+
 def lora_fixture():
     """Two LoRA adapters (PEFT), `intent` and `slots`, on tiny-bert, on every linear layer of both blocks, with random weights."""
     from peft import LoraConfig, get_peft_model
@@ -454,14 +469,7 @@ def lora_fixture():
 
     # A [CLS] head on adapter "intent": the loss and the gradient norm of each of its LoRA parameters.
     model.set_adapter("intent")
-    head = torch.nn.Linear(32, 3)
-    with torch.no_grad():
-        head.weight.copy_(torch.linspace(-0.5, 0.5, 96).reshape(3, 32))
-        head.bias.copy_(torch.tensor([0.1, -0.2, 0.3]))
-    labels = torch.tensor([2, 0, 1])
-    out = model(input_ids=ids, attention_mask=mask).last_hidden_state
-    loss = torch.nn.functional.cross_entropy(head(out[:, 0]), labels)
-    loss.backward()
+    head = cls_head_loss(model, ids, mask)
     grads = {k.removeprefix("base_model.model."): p.grad.norm().item()
              for k, p in model.named_parameters() if "lora_" in k and ".intent." in k}
     ref = {
@@ -471,8 +479,7 @@ def lora_fixture():
         "hidden": hidden,
         "mixed_adapters": ["intent", "slots", "intent"],
         "mixed": mixed.tolist(),
-        "head": {"weight": head.weight.detach().tolist(), "bias": head.bias.detach().tolist(),
-                 "labels": labels.tolist(), "loss": loss.item()},
+        "head": head,
         "grad_norms": grads,
     }
     (d / "lora.json").write_text(json.dumps(ref))
@@ -518,19 +525,11 @@ def bottleneck_fixture():
         with torch.no_grad():
             hidden_states[name] = model(input_ids=ids, attention_mask=mask).last_hidden_state.tolist()
     active["name"] = "intent"
-    head = torch.nn.Linear(32, 3)
-    with torch.no_grad():
-        head.weight.copy_(torch.linspace(-0.5, 0.5, 96).reshape(3, 32))
-        head.bias.copy_(torch.tensor([0.1, -0.2, 0.3]))
-    labels = torch.tensor([2, 0, 1])
-    out = model(input_ids=ids, attention_mask=mask).last_hidden_state
-    loss = torch.nn.functional.cross_entropy(head(out[:, 0]), labels)
-    loss.backward()
+    head = cls_head_loss(model, ids, mask)
     grads = {k: v.grad.norm().item() for k, v in weights.items() if ".intent." in k}
     ref = {
         "input_ids": ids.tolist(), "attention_mask": mask.tolist(), "size": size, "hidden": hidden_states,
-        "head": {"weight": head.weight.detach().tolist(), "bias": head.bias.detach().tolist(),
-                 "labels": labels.tolist(), "loss": loss.item()},
+        "head": head,
         "grad_norms": grads,
     }
     (d / "bottleneck.json").write_text(json.dumps(ref))
@@ -586,18 +585,10 @@ def prefix_reference(model, prefixes, weights, state, d):
         with torch.no_grad():
             hidden_states[key] = model(input_ids=ids, attention_mask=mask).last_hidden_state.tolist()
     state["rows"] = ["intent"] * 3
-    head = torch.nn.Linear(32, 3)
-    with torch.no_grad():
-        head.weight.copy_(torch.linspace(-0.5, 0.5, 96).reshape(3, 32))
-        head.bias.copy_(torch.tensor([0.1, -0.2, 0.3]))
-    labels = torch.tensor([2, 0, 1])
-    out = model(input_ids=ids, attention_mask=mask).last_hidden_state
-    loss = torch.nn.functional.cross_entropy(head(out[:, 0]), labels)
-    loss.backward()
+    head = cls_head_loss(model, ids, mask)
     ref = {
         "input_ids": ids.tolist(), "attention_mask": mask.tolist(), "length": length, "hidden": hidden_states,
-        "head": {"weight": head.weight.detach().tolist(), "bias": head.bias.detach().tolist(),
-                 "labels": labels.tolist(), "loss": loss.item()},
+        "head": head,
         "grad_norms": {k: v.grad.norm().item() for k, v in weights.items() if ".intent." in k},
     }
     (d / "prefix.json").write_text(json.dumps(ref))

@@ -66,6 +66,45 @@ fn max_diff(got: &Tensor, want: &Value) -> Result<f64, Box<dyn std::error::Error
     Ok(got.iter().zip(want.iter().flatten()).flat_map(|(g, w)| g.iter().zip(w).map(|(a, b)| (f64::from(*a) - b).abs())).fold(0.0, f64::max))
 }
 
+/// The reference's [CLS] head, as the weights of a head `intent`.
+fn reference_head(reference: &Value) -> Result<HashMap<String, Tensor>, Box<dyn std::error::Error>> {
+    let w: Vec<Vec<f32>> = serde_json::from_value(reference["head"]["weight"].clone())?;
+    let b: Vec<f32> = serde_json::from_value(reference["head"]["bias"].clone())?;
+    Ok(HashMap::from([
+        ("heads.intent.weight".to_string(), Tensor::new(w, &Device::Cpu)?),
+        ("heads.intent.bias".to_string(), Tensor::new(b, &Device::Cpu)?),
+    ]))
+}
+
+/// The loss of task `intent` on the reference batch equals PyTorch's, and so does the gradient norm of each
+/// parameter the reference lists (`count` of them); the intent head gets a gradient too, and nothing else
+/// does: the pretrained weights are frozen and the other adapter is not in the batch.
+fn loss_and_gradients_match(model: &MultiTaskModel, reference: &Value, count: usize) -> TestResult {
+    let head = &reference["head"];
+    let mut batch = batch(reference)?;
+    let labels: Vec<i64> = serde_json::from_value(head["labels"].clone())?;
+    batch.targets.insert(TaskId::new("intent")?, Targets::Class(labels));
+    let losses = model.losses(&batch, Mode::Train)?;
+    let loss = &losses[0].loss;
+    let want = head["loss"].as_f64().ok_or("loss")?;
+    assert!((f64::from(loss.to_scalar::<f32>()?) - want).abs() < 1e-5, "loss {loss}, PyTorch {want}");
+    let grads = model.backward(loss)?;
+    let norms = reference["grad_norms"].as_object().ok_or("grad norms")?;
+    assert_eq!(norms.len(), count);
+    for (name, var) in model.params().vars() {
+        let got = grads.get(var.as_tensor()).map(|g| g.sqr()?.sum_all()?.sqrt()?.to_scalar::<f32>()).transpose()?;
+        match norms.get(name) {
+            Some(want) => {
+                let (got, want) = (f64::from(got.unwrap_or(0.0)), want.as_f64().ok_or("norm")?);
+                assert!(got > 0.0 && (got - want).abs() <= 1e-5 + 1e-3 * want, "{name}: gradient norm {got}, PyTorch {want}");
+            }
+            None if name.starts_with("heads.intent.") => assert!(got.is_some_and(|g| g > 0.0), "{name}: no gradient"),
+            None => assert!(got.is_none(), "{name} has a gradient"),
+        }
+    }
+    Ok(())
+}
+
 #[test]
 fn each_adapter_and_a_mixed_batch_match_peft() -> TestResult {
     let reference = reference()?;
@@ -101,37 +140,8 @@ fn each_adapter_and_a_mixed_batch_match_peft() -> TestResult {
 #[test]
 fn gradients_reach_lora_only_and_match_pytorch() -> TestResult {
     let reference = reference()?;
-    let head = &reference["head"];
-    let w: Vec<Vec<f32>> = serde_json::from_value(head["weight"].clone())?;
-    let b: Vec<f32> = serde_json::from_value(head["bias"].clone())?;
-    let extra = HashMap::from([
-        ("heads.intent.weight".to_string(), Tensor::new(w, &Device::Cpu)?),
-        ("heads.intent.bias".to_string(), Tensor::new(b, &Device::Cpu)?),
-    ]);
-    let model = model(&spec(&["intent", "slots"]), &[("intent", TaskKind::Classification, 3)], extra)?;
-    let mut batch = batch(&reference)?;
-    let labels: Vec<i64> = serde_json::from_value(head["labels"].clone())?;
-    batch.targets.insert(TaskId::new("intent")?, Targets::Class(labels));
-    let losses = model.losses(&batch, Mode::Train)?;
-    let loss = &losses[0].loss;
-    let want = head["loss"].as_f64().ok_or("loss")?;
-    assert!((f64::from(loss.to_scalar::<f32>()?) - want).abs() < 1e-5, "loss {loss}, PyTorch {want}");
-    let grads = model.backward(loss)?;
-    let norms = reference["grad_norms"].as_object().ok_or("grad norms")?;
-    assert_eq!(norms.len(), 2 * 2 * 6, "A and B of six layers in each of two blocks");
-    for (name, var) in model.params().vars() {
-        let got = grads.get(var.as_tensor()).map(|g| g.sqr()?.sum_all()?.sqrt()?.to_scalar::<f32>()).transpose()?;
-        match norms.get(name) {
-            Some(want) => {
-                let (got, want) = (f64::from(got.unwrap_or(0.0)), want.as_f64().ok_or("norm")?);
-                assert!(got > 0.0 && (got - want).abs() <= 1e-5 + 1e-3 * want, "{name}: gradient norm {got}, PyTorch {want}");
-            }
-            // The other task's adapter is not in this batch; the pretrained weights are frozen.
-            None if name.contains(".lora_") || !name.starts_with("heads.") => assert!(got.is_none(), "{name} has a gradient"),
-            None => assert!(got.is_some_and(|g| g > 0.0), "{name}: no gradient"),
-        }
-    }
-    Ok(())
+    let model = model(&spec(&["intent", "slots"]), &[("intent", TaskKind::Classification, 3)], reference_head(&reference)?)?;
+    loss_and_gradients_match(&model, &reference, 2 * 2 * 6) // A and B of six layers in each of two blocks
 }
 
 #[test]
@@ -208,40 +218,15 @@ fn bottleneck_model(tasks: &[(&str, TaskKind, usize)], extra: HashMap<String, Te
 #[test]
 fn bottleneck_adapters_match_a_pytorch_reference() -> TestResult {
     let reference: Value = serde_json::from_str(&std::fs::read_to_string(fixture_dir().join("bottleneck.json"))?)?;
-    let head = &reference["head"];
-    let w: Vec<Vec<f32>> = serde_json::from_value(head["weight"].clone())?;
-    let b: Vec<f32> = serde_json::from_value(head["bias"].clone())?;
-    let extra = HashMap::from([
-        ("heads.intent.weight".to_string(), Tensor::new(w, &Device::Cpu)?),
-        ("heads.intent.bias".to_string(), Tensor::new(b, &Device::Cpu)?),
-    ]);
-    let model = bottleneck_model(&[("intent", TaskKind::Classification, 3), ("slots", TaskKind::Classification, 2)], extra)?;
-    let mut batch = batch(&reference)?;
+    let tasks = [("intent", TaskKind::Classification, 3), ("slots", TaskKind::Classification, 2)];
+    let model = bottleneck_model(&tasks, reference_head(&reference)?)?;
+    let batch = batch(&reference)?;
     for task in ["intent", "slots"] {
         let hidden = model.encode_for(&TaskId::new(task)?, &batch, Mode::Eval)?;
         let d = max_diff(&hidden, &reference["hidden"][task])?;
         assert!(d < 1e-5, "{task}: max abs difference {d}");
     }
-    let labels: Vec<i64> = serde_json::from_value(head["labels"].clone())?;
-    batch.targets.insert(TaskId::new("intent")?, Targets::Class(labels));
-    let losses = model.losses(&batch, Mode::Train)?;
-    let want = head["loss"].as_f64().ok_or("loss")?;
-    assert!((f64::from(losses[0].loss.to_scalar::<f32>()?) - want).abs() < 1e-5);
-    let grads = model.backward(&losses[0].loss)?;
-    let norms = reference["grad_norms"].as_object().ok_or("grad norms")?;
-    assert_eq!(norms.len(), 2 * 2 * 4, "down and up, weight and bias, at two sites of two blocks");
-    for (name, var) in model.params().vars() {
-        let got = grads.get(var.as_tensor()).map(|g| g.sqr()?.sum_all()?.sqrt()?.to_scalar::<f32>()).transpose()?;
-        match norms.get(name) {
-            Some(want) => {
-                let (got, want) = (f64::from(got.unwrap_or(0.0)), want.as_f64().ok_or("norm")?);
-                assert!(got > 0.0 && (got - want).abs() <= 1e-5 + 1e-3 * want, "{name}: gradient norm {got}, PyTorch {want}");
-            }
-            None if name.starts_with("heads.intent.") => assert!(got.is_some_and(|g| g > 0.0), "{name}: no gradient"),
-            None => assert!(got.is_none(), "{name} has a gradient"),
-        }
-    }
-    Ok(())
+    loss_and_gradients_match(&model, &reference, 2 * 2 * 4) // down and up, weight and bias, two sites, two blocks
 }
 
 #[test]
@@ -269,16 +254,12 @@ fn prefix_tuning_matches_a_pytorch_reference() -> TestResult {
     let config = BertConfig::from_file(&fixture_dir().join("config.json"))?;
     let mut weights = candle_core::safetensors::load(fixture_dir().join("model.safetensors"), &Device::Cpu)?;
     weights.extend(candle_core::safetensors::load(fixture_dir().join("prefix.safetensors"), &Device::Cpu)?);
-    let head = &reference["head"];
-    let w: Vec<Vec<f32>> = serde_json::from_value(head["weight"].clone())?;
-    let b: Vec<f32> = serde_json::from_value(head["bias"].clone())?;
-    weights.insert("heads.intent.weight".into(), Tensor::new(w, &Device::Cpu)?);
-    weights.insert("heads.intent.bias".into(), Tensor::new(b, &Device::Cpu)?);
+    weights.extend(reference_head(&reference)?);
     let spec = PeftSpec { kind: PeftKind::Prefix { length: 3 }, adapters: vec!["intent".into(), "slots".into()] };
     let tasks = BTreeMap::from([(TaskId::new("intent")?, HeadSpec::new(TaskKind::Classification, 3))]);
     let model = MultiTaskModel::build(&ModelSpec { bert: &config, tasks: &tasks, dropout: 0.0, seed: 0, peft: Some(&spec) }, weights, &Device::Cpu)?;
     assert!(model.params().initialised().is_empty(), "{:?}", model.params().initialised());
-    let mut batch = batch(&reference)?;
+    let batch = batch(&reference)?;
     for task in ["intent", "slots"] {
         let hidden = model.encode_for(&TaskId::new(task)?, &batch, Mode::Eval)?;
         let d = max_diff(&hidden, &reference["hidden"][task])?;
@@ -293,24 +274,5 @@ fn prefix_tuning_matches_a_pytorch_reference() -> TestResult {
     };
     let d = max_diff(&model.bert().forward(&input, model.dropout(), Mode::Eval)?, &reference["hidden"]["mixed"])?;
     assert!(d < 1e-5, "mixed batch: max abs difference {d}");
-    let labels: Vec<i64> = serde_json::from_value(head["labels"].clone())?;
-    batch.targets.insert(TaskId::new("intent")?, Targets::Class(labels));
-    let losses = model.losses(&batch, Mode::Train)?;
-    let want = head["loss"].as_f64().ok_or("loss")?;
-    assert!((f64::from(losses[0].loss.to_scalar::<f32>()?) - want).abs() < 1e-5);
-    let grads = model.backward(&losses[0].loss)?;
-    let norms = reference["grad_norms"].as_object().ok_or("grad norms")?;
-    assert_eq!(norms.len(), 2 * 2, "key and value of two blocks");
-    for (name, var) in model.params().vars() {
-        let got = grads.get(var.as_tensor()).map(|g| g.sqr()?.sum_all()?.sqrt()?.to_scalar::<f32>()).transpose()?;
-        match norms.get(name) {
-            Some(want) => {
-                let (got, want) = (f64::from(got.unwrap_or(0.0)), want.as_f64().ok_or("norm")?);
-                assert!(got > 0.0 && (got - want).abs() <= 1e-5 + 1e-3 * want, "{name}: gradient norm {got}, PyTorch {want}");
-            }
-            None if name.starts_with("heads.") => assert!(got.is_some_and(|g| g > 0.0), "{name}: no gradient"),
-            None => assert!(got.is_none(), "{name} has a gradient"),
-        }
-    }
-    Ok(())
+    loss_and_gradients_match(&model, &reference, 2 * 2) // key and value of two blocks
 }
