@@ -46,18 +46,7 @@ fn model(
 }
 
 fn batch(reference: &Value) -> Result<HostBatch, Box<dyn std::error::Error>> {
-    let ids: Vec<Vec<u32>> = serde_json::from_value(reference["input_ids"].clone())?;
-    let mask: Vec<Vec<u32>> = serde_json::from_value(reference["attention_mask"].clone())?;
-    let (batch, seq) = (ids.len(), ids[0].len());
-    Ok(HostBatch {
-        batch,
-        seq,
-        input_ids: ids.concat(),
-        token_type_ids: vec![0; batch * seq],
-        attention_mask: mask.concat(),
-        word_starts: vec![vec![]; batch],
-        targets: BTreeMap::new(),
-    })
+    Ok(crate::tests::batch_from(reference))
 }
 
 fn max_diff(got: &Tensor, want: &Value) -> Result<f64, Box<dyn std::error::Error>> {

@@ -28,7 +28,7 @@ fn rows_u32(v: &Value) -> Vec<Vec<u32>> {
         .collect()
 }
 
-fn batch_from(reference: &Value) -> HostBatch {
+pub(crate) fn batch_from(reference: &Value) -> HostBatch {
     let ids = rows_u32(&reference["input_ids"]);
     let mask = rows_u32(&reference["attention_mask"]);
     let (batch, seq) = (ids.len(), ids[0].len());
