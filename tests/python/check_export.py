@@ -44,7 +44,8 @@ def read_inputs(task):
             if not line.strip():
                 continue
             obj = json.loads(line)
-            if words_field or (task["kind"] == "token_classification" and text_field not in obj):
+            # As mtl reads JSONL: pre-split words when the line has them, the text (and pair) otherwise.
+            if (words_field or "words") in obj:
                 out.append({"words": obj[words_field or "words"]})
             elif pair_field:
                 out.append({"text": obj[text_field], "text_pair": obj[pair_field]})
@@ -58,8 +59,8 @@ def read_inputs(task):
         column = task.get("word_column", 0) if fmt == "conll" else 1
         words = []
         for line in path.read_text().splitlines() + [""]:
-            if fmt == "conllu" and line.startswith("#"):
-                continue
+            if (fmt == "conllu" and line.startswith("#")) or (fmt == "conll" and (line.startswith("# ") or line.startswith("-DOCSTART-"))):
+                continue  # comments and document markers, as mtl skips them
             cols = line.split("\t") if fmt == "conllu" else line.split()
             if not cols or not line.strip():
                 if words:
