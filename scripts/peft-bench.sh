@@ -3,7 +3,8 @@
 # per-task LoRA, per-task bottleneck adapters and per-task prefix tuning, one run after the other on this machine,
 # each with the five-task recipe (3 epochs, mixed batches). The table gives trainable parameters, the size of the
 # saved weights, peak memory (maximum resident set, GNU time), time per optimiser step, test scores and mean,
-# and the single-task baselines of scripts/five-task-bench.sh when runs/five-task-bench has them.
+# and the single-task baselines of scripts/five-task-bench.sh when runs/five-task-bench has them. The LoRA runs
+# are then exported and checked against transformers and peft (tests/python/check_export.py, bench environment).
 # Usage: scripts/peft-bench.sh [OUT_DIR] [NAME ...]   (default runs/peft, every variant; finished runs are kept,
 # so an interrupted comparison resumes; TABLE_ONLY=1 prints the table of the finished runs)
 set -euo pipefail
@@ -43,6 +44,16 @@ while IFS='|' read -r name config sets; do
   MTL_LOG=info /usr/bin/time -f "%M" -o "$OUT/$name.maxrss" "$OUT/mtl" train "$config" --out "$OUT/$name" "${args[@]}" \
     > "$OUT/$name.log" 2>&1
 done <<< "$VARIANTS"
+# The exports of the LoRA runs, checked against transformers and peft in the bench environment.
+if [ -z "${TABLE_ONLY:-}" ]; then
+  bash scripts/bench-env.sh
+  for name in lora-shared lora-per-task; do
+    if [ -f "$OUT/$name/metrics.json" ] && [ ! -d "$OUT/$name-hf" ]; then
+      "$OUT/mtl" export --model "$OUT/$name" --out "$OUT/$name-hf"
+      .venv/bin/python tests/python/check_export.py "$OUT/mtl" "$OUT/$name" "$OUT/$name-hf" | tee "$OUT/$name-export.txt"
+    fi
+  done
+fi
 python3 - "$OUT" "${NAMES[@]}" <<'PY'
 import json, re, sys, pathlib
 out, names = pathlib.Path(sys.argv[1]), sys.argv[2:]
