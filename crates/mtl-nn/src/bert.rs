@@ -165,7 +165,7 @@ pub struct BertInput {
     pub input_ids: Tensor,
     pub token_type_ids: Tensor,
     pub attention_mask: Arc<Vec<u32>>,
-    /// Which LoRA adapter each example goes through; `None`: all through the only one.
+    /// Which adapter each example goes through; `None`: all through the only one.
     pub routes: Option<Vec<Route>>,
 }
 
@@ -230,7 +230,7 @@ impl Bert {
             })
             .collect::<Result<Vec<Layer>>>()?;
         let (embeddings, layers) = match peft {
-            // PEFT's rule: with LoRA, only LoRA (and the heads) train.
+            // As in PEFT: with any of the methods, only its parameters (and the heads) train.
             Some(_) => {
                 let e = &embeddings;
                 let norm = LayerNorm { weight: e.norm.weight.detach(), bias: e.norm.bias.detach(), eps: e.norm.eps };

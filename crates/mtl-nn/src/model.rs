@@ -75,8 +75,8 @@ impl MultiTaskModel {
         Self::load_files(spec, weights, None, require_heads, device)
     }
 
-    /// Builds a trained parameter-efficient model: the frozen backbone from the base model's `weights`, LoRA
-    /// and heads from `adapters`. Every tensor must be present.
+    /// Builds a trained parameter-efficient model: the frozen backbone from the base model's `weights`, the
+    /// adapters and heads from `adapters`. Every tensor must be present.
     pub fn load_with_adapters(spec: &ModelSpec, weights: &Path, adapters: &Path, device: &Device) -> Result<Self> {
         Self::load_files(spec, weights, Some(adapters), true, device)
     }
@@ -92,7 +92,7 @@ impl MultiTaskModel {
             .initialised()
             .iter()
             .map(String::as_str)
-            // Fresh heads and (before training) fresh LoRA are expected; a trained model must have them.
+            // Fresh heads and (before training) fresh adapters are expected; a trained model must have them.
             .filter(|n| require_heads || !(n.starts_with("heads.") || peft::is_peft_param(n)))
             .collect();
         if !missing.is_empty() {
@@ -179,13 +179,13 @@ impl MultiTaskModel {
         })
     }
 
-    /// Hidden states of the last layer, `[batch * seq, hidden]`. A model with per-task LoRA needs to know
+    /// Hidden states of the last layer, `[batch * seq, hidden]`. A model with per-task adapters needs to know
     /// the task: use [`MultiTaskModel::encode_for`].
     pub fn encode(&self, batch: &HostBatch, mode: Mode) -> Result<Tensor> {
         self.bert.forward(&self.input(batch, None)?, &self.dropout, mode)
     }
 
-    /// Hidden states of the last layer as `task` sees them (through its own LoRA adapter, if it has one).
+    /// Hidden states of the last layer as `task` sees them (through its own adapter, if it has one).
     pub fn encode_for(&self, task: &TaskId, batch: &HostBatch, mode: Mode) -> Result<Tensor> {
         let routes = match self.per_task_peft() {
             Some(spec) => Some(vec![Route { adapter: spec.adapter_of(task)?, examples: 0..batch.batch }]),
@@ -258,7 +258,7 @@ impl MultiTaskModel {
 
     /// The loss of every task that has at least one label in `batch`.
     pub fn losses(&self, batch: &HostBatch, mode: Mode) -> Result<Vec<TaskLoss>> {
-        // Per-task LoRA: each example once for every task that labels it, through that task's adapter.
+        // Per-task adapters: each example once for every task that labels it, through that task's adapter.
         let routed;
         let (batch, hidden) = match self.per_task_peft() {
             Some(spec) => {

@@ -4,7 +4,7 @@
 //! Layout: `model.safetensors` (backbone under `BertModel` names, heads under `heads.TASK.*`), `config.json`
 //! and `tokenizer.json` (copied from the base model), `mtl.toml` (the resolved run config), `labels.json`
 //! (each task's label list), `metrics.json`, and `heads/TASK.safetensors` (each task's head at its own best
-//! evaluation). A parameter-efficient run writes `adapters.safetensors` (LoRA and heads) and `base_model.json`
+//! evaluation). A parameter-efficient run writes `adapters.safetensors` (its adapters and heads) and `base_model.json`
 //! (where its frozen base model is) instead of `model.safetensors`.
 
 use std::collections::BTreeMap;
@@ -25,7 +25,7 @@ pub const RUN_CONFIG: &str = "mtl.toml";
 pub const LABELS: &str = "labels.json";
 pub const METRICS: &str = "metrics.json";
 pub const HEADS: &str = "heads";
-/// A parameter-efficient run's trained tensors (LoRA and heads), which go onto its base model's weights.
+/// A parameter-efficient run's trained tensors (adapters and heads), which go onto its base model's weights.
 pub const ADAPTERS: &str = "adapters.safetensors";
 /// Where that base model is, and a checksum of its weights.
 pub const BASE_MODEL: &str = "base_model.json";

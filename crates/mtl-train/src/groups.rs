@@ -7,9 +7,9 @@ use mtl_config::Config;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Part {
     Embeddings,
-    /// Encoder layer `i`, from 0 at the bottom (with the shared LoRA adapter's parameters on it).
+    /// Encoder layer `i`, from 0 at the bottom (with the shared adapter's parameters on it).
     Layer(usize),
-    /// A per-task LoRA adapter's parameters on encoder layer `i`: one task's own.
+    /// A per-task adapter's parameters on encoder layer `i` (LoRA, bottleneck or prefix): one task's own.
     TaskAdapter(usize),
     Head,
     /// Parameters of the loss weighting (uncertainty's log-variances).
@@ -41,9 +41,10 @@ impl Part {
     }
 }
 
-/// Learning rate and weight decay: heads at `head_lr`; the backbone (and LoRA) at `lr`, times `layer_lr_decay` per layer
-/// below the top (the embeddings one step below the bottom layer); the weighting's parameters at
-/// `weighting.lr` or else `head_lr`. Biases, LayerNorm and weighting parameters get no weight decay.
+/// Learning rate and weight decay: heads at `head_lr`; the backbone (and the adapters) at `lr`, times
+/// `layer_lr_decay` per layer below the top (the embeddings one step below the bottom layer); the weighting's
+/// parameters at `weighting.lr` or else `head_lr`. Biases, LayerNorm and weighting parameters get no weight
+/// decay.
 pub fn param_group(name: &str, config: &Config, num_layers: usize) -> crate::ParamGroup {
     let t = &config.training;
     let no_decay = name.ends_with(".bias") || name.contains("LayerNorm");
