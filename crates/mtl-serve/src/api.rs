@@ -1,0 +1,253 @@
+//! The HTTP API: endpoints, settings and the error table.
+//!
+//! | endpoint | answer |
+//! |---|---|
+//! | `GET /health` | `{"status": "ok"}` |
+//! | `GET /v1/tasks` | `{"tasks": [{"name", "kind", "labels"}]}` |
+//! | `POST /v1/predict` `{"inputs": [...], "tasks": [...]}` | `{"predictions": [{TASK: ...}]}`, one per input; tasks default to all |
+//! | `POST /v1/tasks/{task}/predict` `{"inputs": [...]}` | the same for one task |
+//!
+//! An input is a string, `{"text", "text_pair"}`, `{"words": [...]}` or `{"question", "context"}`.
+//!
+//! | error | status |
+//! |---|---|
+//! | invalid body or input | 422 |
+//! | unknown task | 404 |
+//! | body larger than the limit | 413 |
+//! | queue full | 429, with `Retry-After` |
+//! | missing or wrong API key (when keys are set) | 401 |
+//! | no answer within the request timeout | 503 |
+//!
+//! Error bodies are `{"error": {"kind": ..., "message": ...}}`.
+
+use std::collections::{BTreeSet, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, Path, Request, State};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use tokio::sync::oneshot;
+
+use crate::batcher::{Batcher, Job, SubmitError};
+use crate::{Engine, RequestInput};
+
+/// Everything a server is configured with, besides its model.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub batch: crate::batcher::BatchSettings,
+    /// Characters of one input at most (longer inputs are refused, not truncated silently).
+    pub max_input_chars: usize,
+    /// Inputs of one request at most.
+    pub max_inputs: usize,
+    /// Bytes of a request body at most.
+    pub body_limit: usize,
+    pub request_timeout: Duration,
+    /// Accepted API keys (`Authorization: Bearer KEY`); none: no authentication.
+    pub api_keys: Option<HashSet<String>>,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            batch: crate::batcher::BatchSettings {
+                max_batch_tokens: 8192,
+                max_wait: Duration::from_millis(5),
+                queue_bound: 256,
+            },
+            max_input_chars: 10_000,
+            max_inputs: 256,
+            body_limit: 2 << 20,
+            request_timeout: Duration::from_secs(30),
+            api_keys: None,
+        }
+    }
+}
+
+/// An API error: its status and `kind`, and a message.
+#[derive(Debug, PartialEq)]
+pub enum ApiError {
+    Validation(String),
+    UnknownTask(String),
+    QueueFull,
+    Unauthorized,
+    Timeout,
+    Internal(String),
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, kind, message) = match self {
+            Self::Validation(m) => (StatusCode::UNPROCESSABLE_ENTITY, "validation", m),
+            Self::UnknownTask(t) => (StatusCode::NOT_FOUND, "unknown_task", format!("no task `{t}`; GET /v1/tasks lists them")),
+            Self::QueueFull => (StatusCode::TOO_MANY_REQUESTS, "queue_full", "the server is at capacity; retry later".into()),
+            Self::Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized", "a valid API key is needed: Authorization: Bearer KEY".into()),
+            Self::Timeout => (StatusCode::SERVICE_UNAVAILABLE, "timeout", "no answer within the request timeout".into()),
+            Self::Internal(m) => (StatusCode::INTERNAL_SERVER_ERROR, "internal", m),
+        };
+        let mut response = (status, Json(json!({"error": {"kind": kind, "message": message}}))).into_response();
+        if status == StatusCode::TOO_MANY_REQUESTS {
+            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        response
+    }
+}
+
+struct AppState<E: Engine> {
+    engine: Arc<E>,
+    batcher: Batcher<E::Item>,
+    settings: Settings,
+}
+
+/// The router over `engine`, with its model thread started.
+pub fn router<E: Engine>(engine: E, settings: Settings) -> Router {
+    let engine = Arc::new(engine);
+    let batcher = Batcher::start(engine.clone(), settings.batch);
+    let limit = settings.body_limit;
+    let state = Arc::new(AppState { engine, batcher, settings });
+    Router::new()
+        .route("/health", get(|| async { Json(json!({"status": "ok"})) }))
+        .route("/v1/tasks", get(tasks::<E>))
+        .route("/v1/predict", post(predict::<E>))
+        .route("/v1/tasks/{task}/predict", post(predict_task::<E>))
+        .layer(middleware::from_fn_with_state(state.clone(), authenticate::<E>))
+        .layer(DefaultBodyLimit::max(limit))
+        .with_state(state)
+}
+
+async fn authenticate<E: Engine>(State(state): State<Arc<AppState<E>>>, request: Request, next: Next) -> Response {
+    if let Some(keys) = &state.settings.api_keys {
+        let given = request
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        if request.uri().path() != "/health" && !given.is_some_and(|k| keys.contains(k)) {
+            return ApiError::Unauthorized.into_response();
+        }
+    }
+    next.run(request).await
+}
+
+async fn tasks<E: Engine>(State(state): State<Arc<AppState<E>>>) -> Json<Value> {
+    Json(json!({"tasks": state.engine.tasks()}))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PredictBody {
+    inputs: Vec<RequestInput>,
+    #[serde(default)]
+    tasks: Option<Vec<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TaskBody {
+    inputs: Vec<RequestInput>,
+}
+
+fn parse<T: for<'de> Deserialize<'de>>(body: &Bytes) -> Result<T, ApiError> {
+    serde_json::from_slice(body).map_err(|e| ApiError::Validation(format!("invalid request body: {e}")))
+}
+
+async fn predict<E: Engine>(State(state): State<Arc<AppState<E>>>, body: Bytes) -> Result<Json<Value>, ApiError> {
+    let body: PredictBody = parse(&body)?;
+    let tasks = match body.tasks {
+        Some(t) if t.is_empty() => return Err(ApiError::Validation("`tasks` is empty; leave it out for every task".into())),
+        Some(t) => t,
+        None => state.engine.tasks().iter().map(|t| t.name.clone()).collect(),
+    };
+    run(&state, body.inputs, tasks).await
+}
+
+async fn predict_task<E: Engine>(
+    State(state): State<Arc<AppState<E>>>,
+    Path(task): Path<String>,
+    body: Bytes,
+) -> Result<Json<Value>, ApiError> {
+    if !state.engine.tasks().iter().any(|t| t.name == task) {
+        return Err(ApiError::UnknownTask(task));
+    }
+    let body: TaskBody = parse(&body)?;
+    run(&state, body.inputs, vec![task]).await
+}
+
+async fn run<E: Engine>(state: &Arc<AppState<E>>, inputs: Vec<RequestInput>, tasks: Vec<String>) -> Result<Json<Value>, ApiError> {
+    if let Some(t) = tasks.iter().find(|t| !state.engine.tasks().iter().any(|d| &d.name == *t)) {
+        return Err(ApiError::UnknownTask(t.clone()));
+    }
+    if inputs.is_empty() {
+        return Err(ApiError::Validation("`inputs` is empty".into()));
+    }
+    if inputs.len() > state.settings.max_inputs {
+        return Err(ApiError::Validation(format!("{} inputs; at most {} per request", inputs.len(), state.settings.max_inputs)));
+    }
+    let max = state.settings.max_input_chars;
+    for (i, input) in inputs.iter().enumerate() {
+        let chars = match input {
+            RequestInput::Text(t) | RequestInput::Single { text: t } => t.chars().count(),
+            RequestInput::Pair { text, text_pair } => text.chars().count() + text_pair.chars().count(),
+            RequestInput::Words { words } => words.iter().map(|w| w.chars().count() + 1).sum(),
+            RequestInput::Question { question, context } => question.chars().count() + context.chars().count(),
+        };
+        if chars > max {
+            return Err(ApiError::Validation(format!("input {i}: {chars} characters; at most {max}")));
+        }
+    }
+    // Tokenisation on the blocking pool, off the async workers.
+    let engine = state.engine.clone();
+    let items = tokio::task::spawn_blocking(move || {
+        inputs
+            .iter()
+            .enumerate()
+            .map(|(i, input)| engine.prepare(input).map_err(|e| ApiError::Validation(format!("input {i}: {e}"))))
+            .collect::<Result<Vec<_>, _>>()
+    })
+    .await
+    .map_err(|e| ApiError::Internal(format!("tokenisation failed: {e}")))??;
+    let (reply, answer) = oneshot::channel();
+    let job = Job { items, tasks: tasks.into_iter().collect::<BTreeSet<_>>(), reply };
+    state.batcher.submit(job).map_err(|e| match e {
+        SubmitError::QueueFull => ApiError::QueueFull,
+        SubmitError::Stopped => ApiError::Internal("the model thread has stopped".into()),
+    })?;
+    match tokio::time::timeout(state.settings.request_timeout, answer).await {
+        Err(_) => Err(ApiError::Timeout),
+        Ok(Err(_)) => Err(ApiError::Internal("the model thread dropped the request".into())),
+        Ok(Ok(Err(e))) => Err(ApiError::Internal(e)),
+        Ok(Ok(Ok(predictions))) => Ok(Json(json!({"predictions": predictions}))),
+    }
+}
+
+/// Serves `router` on `addr` until SIGTERM or Ctrl-C; requests accepted by then are answered first.
+pub async fn serve(router: Router, addr: std::net::SocketAddr) -> std::io::Result<()> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    tracing::info!("serving on http://{}", listener.local_addr()?);
+    axum::serve(listener, router).with_graceful_shutdown(shutdown()).await
+}
+
+async fn shutdown() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        if let Ok(mut s) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            s.recv().await;
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = term => {},
+    }
+    tracing::info!("shutting down: answering the requests already accepted");
+}

@@ -1,0 +1,55 @@
+//! Serving every task of one multi-task model over HTTP (axum + tokio).
+//!
+//! - [`Engine`]: what is served, the tasks and a batched predict; the model's engine lives in `mtl-cli`,
+//!   tests use a fake one.
+//! - [`batcher`]: one model thread that takes the queued requests of any tasks, up to a token budget, and runs
+//!   them as one batch; a bounded queue gives backpressure.
+//! - [`api`]: the router, its endpoints and the error table.
+//!
+//! Depends on nothing of ours: the engine brings the model.
+
+pub mod api;
+pub mod batcher;
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::{Deserialize, Serialize};
+
+/// A task as `GET /v1/tasks` describes it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TaskDescription {
+    pub name: String,
+    /// `classification`, `multi_label`, `regression`, `token_classification` or `question_answering`.
+    pub kind: String,
+    pub labels: Vec<String>,
+}
+
+/// One input of a request: a text, a text pair, pre-split words, or a question with its context.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum RequestInput {
+    Text(String),
+    Pair { text: String, text_pair: String },
+    Words { words: Vec<String> },
+    Question { question: String, context: String },
+    Single { text: String },
+}
+
+/// What the server serves. Shared by the request handlers (which prepare inputs on worker threads) and the
+/// model thread (which predicts), so it is `Sync`.
+pub trait Engine: Send + Sync + 'static {
+    /// An input ready for the model (tokenised).
+    type Item: Send + 'static;
+
+    fn tasks(&self) -> &[TaskDescription];
+
+    /// Checks and tokenises one input; returns it with its cost in tokens, or why it is invalid.
+    fn prepare(&self, input: &RequestInput) -> Result<(Self::Item, usize), String>;
+
+    /// Predictions for a batch: for each item, the tasks asked of it, answered as JSON per task. One call
+    /// may mix items of different requests and different tasks.
+    fn predict(&self, items: &[&Self::Item], tasks: &[&BTreeSet<String>]) -> Result<Vec<BTreeMap<String, serde_json::Value>>, String>;
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,239 @@
+//! The API in process (tower's `oneshot` on the router) over a fake engine: every endpoint, every error of the
+//! table, and batching across tasks.
+
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use axum::Router;
+use http_body_util::BodyExt;
+use serde_json::{json, Value};
+use tower::ServiceExt;
+
+use crate::api::{router, Settings};
+use crate::{Engine, RequestInput, TaskDescription};
+
+/// Every batch the fake engine ran: each input with the tasks asked of it.
+type Batches = Arc<Mutex<Vec<Vec<(String, Vec<String>)>>>>;
+
+/// Labels `pos` when the text says "good", for task `sentiment`; always `a` for task `topic`. Records every
+/// batch it runs, can hold the model thread at a gate, and can be slow.
+struct Fake {
+    tasks: Vec<TaskDescription>,
+    batches: Batches,
+    gate: Arc<(Mutex<bool>, Condvar)>,
+    delay: Duration,
+}
+
+impl Fake {
+    fn new() -> Self {
+        let task = |name: &str, labels: &[&str]| TaskDescription {
+            name: name.into(),
+            kind: "classification".into(),
+            labels: labels.iter().map(|l| l.to_string()).collect(),
+        };
+        Self {
+            tasks: vec![task("sentiment", &["neg", "pos"]), task("topic", &["a", "b"])],
+            batches: Arc::default(),
+            gate: Arc::new((Mutex::new(true), Condvar::new())),
+            delay: Duration::ZERO,
+        }
+    }
+}
+
+impl Engine for Fake {
+    type Item = String;
+
+    fn tasks(&self) -> &[TaskDescription] {
+        &self.tasks
+    }
+
+    fn prepare(&self, input: &RequestInput) -> Result<(String, usize), String> {
+        let text = match input {
+            RequestInput::Text(t) | RequestInput::Single { text: t } => t.clone(),
+            RequestInput::Pair { text, text_pair } => format!("{text} | {text_pair}"),
+            RequestInput::Words { words } => words.join(" "),
+            RequestInput::Question { .. } => return Err("this model answers no questions".into()),
+        };
+        let tokens = text.split_whitespace().count();
+        Ok((text, tokens))
+    }
+
+    fn predict(&self, items: &[&String], tasks: &[&BTreeSet<String>]) -> Result<Vec<BTreeMap<String, Value>>, String> {
+        let (open, turn) = &*self.gate;
+        let mut open = open.lock().map_err(|e| e.to_string())?;
+        while !*open {
+            open = turn.wait(open).map_err(|e| e.to_string())?;
+        }
+        drop(open);
+        std::thread::sleep(self.delay);
+        let batch = items.iter().zip(tasks).map(|(i, t)| (i.to_string(), t.iter().cloned().collect())).collect();
+        self.batches.lock().map_err(|e| e.to_string())?.push(batch);
+        Ok(items
+            .iter()
+            .zip(tasks)
+            .map(|(text, tasks)| {
+                tasks
+                    .iter()
+                    .map(|t| {
+                        let label = match t.as_str() {
+                            "sentiment" if text.contains("good") => "pos",
+                            "sentiment" => "neg",
+                            _ => "a",
+                        };
+                        (t.clone(), json!({"label": label}))
+                    })
+                    .collect()
+            })
+            .collect())
+    }
+}
+
+async fn call(app: &Router, method: &str, uri: &str, body: Option<Value>, key: Option<&str>) -> (StatusCode, Value, Option<String>) {
+    let mut request = Request::builder().method(method).uri(uri);
+    if let Some(k) = key {
+        request = request.header("authorization", format!("Bearer {k}"));
+    }
+    let body = body.map_or_else(Body::empty, |b| Body::from(b.to_string()));
+    let response = app.clone().oneshot(request.body(body).expect("a request")).await.expect("a response");
+    let status = response.status();
+    let retry = response.headers().get("retry-after").and_then(|v| v.to_str().ok()).map(String::from);
+    let bytes = response.into_body().collect().await.expect("a body").to_bytes();
+    let value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+    (status, value, retry)
+}
+
+#[tokio::test]
+async fn endpoints_answer() {
+    let app = router(Fake::new(), Settings::default());
+    assert_eq!(call(&app, "GET", "/health", None, None).await.1, json!({"status": "ok"}));
+    let (status, tasks, _) = call(&app, "GET", "/v1/tasks", None, None).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        tasks,
+        json!({"tasks": [
+            {"name": "sentiment", "kind": "classification", "labels": ["neg", "pos"]},
+            {"name": "topic", "kind": "classification", "labels": ["a", "b"]}
+        ]})
+    );
+    let inputs = json!(["a good film", {"text": "dull", "text_pair": "very"}, {"words": ["so", "good"]}, {"text": "bad"}]);
+    let (status, body, _) = call(&app, "POST", "/v1/predict", Some(json!({"inputs": inputs})), None).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(
+        body,
+        json!({"predictions": [
+            {"sentiment": {"label": "pos"}, "topic": {"label": "a"}},
+            {"sentiment": {"label": "neg"}, "topic": {"label": "a"}},
+            {"sentiment": {"label": "pos"}, "topic": {"label": "a"}},
+            {"sentiment": {"label": "neg"}, "topic": {"label": "a"}}
+        ]})
+    );
+    let (_, body, _) = call(&app, "POST", "/v1/predict", Some(json!({"inputs": ["good"], "tasks": ["topic"]})), None).await;
+    assert_eq!(body, json!({"predictions": [{"topic": {"label": "a"}}]}));
+    let (_, body, _) = call(&app, "POST", "/v1/tasks/sentiment/predict", Some(json!({"inputs": ["good"]})), None).await;
+    assert_eq!(body, json!({"predictions": [{"sentiment": {"label": "pos"}}]}));
+}
+
+#[tokio::test]
+async fn every_error_has_its_status_and_kind() {
+    let settings = Settings { max_input_chars: 20, body_limit: 400, ..Settings::default() };
+    let app = router(Fake::new(), settings);
+    let cases: Vec<(&str, Value, StatusCode, &str)> = vec![
+        ("/v1/predict", json!({"inputs": ["x"], "tasks": ["nope"]}), StatusCode::NOT_FOUND, "unknown_task"),
+        ("/v1/tasks/nope/predict", json!({"inputs": ["x"]}), StatusCode::NOT_FOUND, "unknown_task"),
+        ("/v1/predict", json!({"inputs": []}), StatusCode::UNPROCESSABLE_ENTITY, "validation"),
+        ("/v1/predict", json!({"inputs": ["x"], "tasks": []}), StatusCode::UNPROCESSABLE_ENTITY, "validation"),
+        ("/v1/predict", json!({"input": ["x"]}), StatusCode::UNPROCESSABLE_ENTITY, "validation"),
+        ("/v1/predict", json!({"inputs": [42]}), StatusCode::UNPROCESSABLE_ENTITY, "validation"),
+        ("/v1/predict", json!({"inputs": ["x".repeat(21)]}), StatusCode::UNPROCESSABLE_ENTITY, "validation"),
+        ("/v1/predict", json!({"inputs": [{"question": "q", "context": "c"}]}), StatusCode::UNPROCESSABLE_ENTITY, "validation"),
+        ("/v1/predict", json!({"inputs": vec!["x"; 200]}), StatusCode::PAYLOAD_TOO_LARGE, ""),
+    ];
+    for (uri, body, status, kind) in cases {
+        let (got, answer, _) = call(&app, "POST", uri, Some(body.clone()), None).await;
+        assert_eq!(got, status, "{uri} {body}: {answer}");
+        if !kind.is_empty() {
+            assert_eq!(answer["error"]["kind"], kind, "{answer}");
+            assert!(answer["error"]["message"].as_str().is_some_and(|m| !m.is_empty()));
+        }
+    }
+    // Not JSON at all.
+    let request = Request::builder().method("POST").uri("/v1/predict").body(Body::from("{oops")).expect("request");
+    let response = app.clone().oneshot(request).await.expect("response");
+    assert_eq!(response.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    let (_, answer, _) = call(&app, "POST", "/v1/predict", Some(json!({"inputs": [{"question": "q", "context": "c"}]})), None).await;
+    assert_eq!(answer["error"]["message"], "input 0: this model answers no questions");
+}
+
+#[tokio::test]
+async fn api_keys_guard_everything_but_health() {
+    let settings = Settings { api_keys: Some(HashSet::from(["s3cret".to_string()])), ..Settings::default() };
+    let app = router(Fake::new(), settings);
+    assert_eq!(call(&app, "GET", "/health", None, None).await.0, StatusCode::OK);
+    let (status, body, _) = call(&app, "GET", "/v1/tasks", None, None).await;
+    assert_eq!((status, body["error"]["kind"].clone()), (StatusCode::UNAUTHORIZED, json!("unauthorized")));
+    assert_eq!(call(&app, "GET", "/v1/tasks", None, Some("wrong")).await.0, StatusCode::UNAUTHORIZED);
+    assert_eq!(call(&app, "POST", "/v1/predict", Some(json!({"inputs": ["x"]})), Some("wrong")).await.0, StatusCode::UNAUTHORIZED);
+    assert_eq!(call(&app, "GET", "/v1/tasks", None, Some("s3cret")).await.0, StatusCode::OK);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn requests_of_different_tasks_share_a_batch_and_a_full_queue_refuses() {
+    let fake = Fake::new();
+    let (gate, batches) = (fake.gate.clone(), fake.batches.clone());
+    *gate.0.lock().expect("gate") = false;
+    let mut settings = Settings::default();
+    settings.batch.queue_bound = 2;
+    settings.batch.max_wait = Duration::from_millis(50);
+    let app = router(fake, settings);
+    let post = |body: Value| {
+        let app = app.clone();
+        tokio::spawn(async move { call(&app, "POST", "/v1/predict", Some(body), None).await })
+    };
+    // The first request holds the model thread at the gate; two more, of different tasks, queue behind it.
+    let first = post(json!({"inputs": ["first"], "tasks": ["topic"]}));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let a = post(json!({"inputs": ["a good one"], "tasks": ["sentiment"]}));
+    let b = post(json!({"inputs": ["plain", "two"], "tasks": ["topic"]}));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // The queue holds two: a fourth request is refused at once, with Retry-After.
+    let (status, body, retry) = call(&app, "POST", "/v1/predict", Some(json!({"inputs": ["late"]})), None).await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "{body}");
+    assert_eq!(body["error"]["kind"], "queue_full");
+    assert_eq!(retry.as_deref(), Some("1"));
+    {
+        let (open, turn) = &*gate;
+        *open.lock().expect("gate") = true;
+        turn.notify_all();
+    }
+    let (first, a, b) = (first.await.expect("first"), a.await.expect("a"), b.await.expect("b"));
+    assert_eq!(first.1, json!({"predictions": [{"topic": {"label": "a"}}]}));
+    assert_eq!(a.1, json!({"predictions": [{"sentiment": {"label": "pos"}}]}));
+    assert_eq!(b.1, json!({"predictions": [{"topic": {"label": "a"}}, {"topic": {"label": "a"}}]}));
+    let batches = batches.lock().expect("batches").clone();
+    assert_eq!(batches.len(), 2, "{batches:?}");
+    // a and b in one batch, each input with its own request's task.
+    let mut second = batches[1].clone();
+    second.sort();
+    assert_eq!(
+        second,
+        vec![
+            ("a good one".to_string(), vec!["sentiment".to_string()]),
+            ("plain".to_string(), vec!["topic".to_string()]),
+            ("two".to_string(), vec!["topic".to_string()]),
+        ]
+    );
+}
+
+#[tokio::test]
+async fn a_slow_model_times_out() {
+    let mut fake = Fake::new();
+    fake.delay = Duration::from_millis(400);
+    let settings = Settings { request_timeout: Duration::from_millis(50), ..Settings::default() };
+    let app = router(fake, settings);
+    let (status, body, _) = call(&app, "POST", "/v1/predict", Some(json!({"inputs": ["x"]})), None).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert_eq!(body["error"]["kind"], "timeout");
+}
