@@ -88,6 +88,41 @@ pub enum Command {
         #[arg(long = "set", value_name = "KEY=VALUE")]
         overrides: Vec<String>,
     },
+    /// Serve every task of a trained model over HTTP (GET /health, GET /v1/tasks, POST /v1/predict,
+    /// POST /v1/tasks/TASK/predict), batching requests of different tasks into shared backbone passes.
+    Serve {
+        /// A checkpoint directory written by `mtl train`.
+        model: PathBuf,
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        addr: std::net::SocketAddr,
+        /// Tokens in one model batch at most.
+        #[arg(long, default_value_t = 8192)]
+        max_batch_tokens: usize,
+        /// How long the first request of a batch waits for others, in milliseconds.
+        #[arg(long, default_value_t = 5)]
+        max_wait_ms: u64,
+        /// Requests waiting for the model at most; more get 429.
+        #[arg(long, default_value_t = 256)]
+        queue_bound: usize,
+        /// Characters of one input at most (longer ones get 422).
+        #[arg(long, default_value_t = 10_000)]
+        max_input_chars: usize,
+        /// Inputs of one request at most.
+        #[arg(long, default_value_t = 256)]
+        max_inputs: usize,
+        /// Bytes of a request body at most (larger ones get 413).
+        #[arg(long, default_value_t = 2 << 20)]
+        body_limit: usize,
+        /// Seconds a request may wait for its answer (then 503).
+        #[arg(long, default_value_t = 30)]
+        timeout_s: u64,
+        /// A file of API keys, one per line; requests then need `Authorization: Bearer KEY` (401 otherwise).
+        #[arg(long)]
+        api_keys: Option<PathBuf>,
+        /// Threads of the HTTP runtime (default: one per core).
+        #[arg(long)]
+        threads: Option<usize>,
+    },
     /// Write each task of a trained model as a Hugging Face transformers model directory, OUT/TASK/
     /// (BertForSequenceClassification, BertForTokenClassification or BertForQuestionAnswering, LoRA merged).
     Export {

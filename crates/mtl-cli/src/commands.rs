@@ -35,6 +35,45 @@ pub fn run(cli: Cli) -> Result<()> {
             predict(&model, input.as_deref(), batch_size, full_precision)
         }
         Command::Export { model, out } => crate::export::export(&model, &out),
+        Command::Serve {
+            model,
+            addr,
+            max_batch_tokens,
+            max_wait_ms,
+            queue_bound,
+            max_input_chars,
+            max_inputs,
+            body_limit,
+            timeout_s,
+            api_keys,
+            threads,
+        } => {
+            let api_keys = match api_keys {
+                Some(path) => {
+                    let text = std::fs::read_to_string(&path).with_context(|| format!("{}: cannot read", path.display()))?;
+                    let keys: std::collections::HashSet<String> =
+                        text.lines().map(str::trim).filter(|l| !l.is_empty()).map(String::from).collect();
+                    if keys.is_empty() {
+                        bail!("{}: no API key in the file (one per line)", path.display());
+                    }
+                    Some(keys)
+                }
+                None => None,
+            };
+            let settings = mtl_serve::api::Settings {
+                batch: mtl_serve::batcher::BatchSettings {
+                    max_batch_tokens,
+                    max_wait: std::time::Duration::from_millis(max_wait_ms),
+                    queue_bound,
+                },
+                max_input_chars,
+                max_inputs,
+                body_limit,
+                request_timeout: std::time::Duration::from_secs(timeout_s),
+                api_keys,
+            };
+            crate::serve::serve(&model, addr, settings, threads)
+        }
         Command::AddTask { model, config, out, overrides } => crate::add_task::add_task(&model, &config, &out, &overrides),
     }
 }
@@ -575,7 +614,7 @@ fn round4(x: f64) -> f64 {
     (x * 1e4).round() / 1e4
 }
 
-fn prediction_json(ex: &Example, preds: &BTreeMap<TaskId, Prediction>, labels: &BTreeMap<TaskId, LabelMap>, full: bool) -> Value {
+pub(crate) fn prediction_json(ex: &Example, preds: &BTreeMap<TaskId, Prediction>, labels: &BTreeMap<TaskId, LabelMap>, full: bool) -> Value {
     let round4 = |x: f64| if full { x } else { round4(x) };
     let words = ex.input.words();
     let mut tasks = serde_json::Map::new();

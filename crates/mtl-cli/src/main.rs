@@ -1,4 +1,4 @@
-//! The `mtl` binary: `train`, `eval`, `predict`, `add-task` and `export`. `main` only parses arguments and turns the outcome of
+//! The `mtl` binary: `train`, `eval`, `predict`, `add-task`, `export` and `serve`. `main` only parses arguments and turns the outcome of
 //! `run` into an exit status; every command lives in its own module.
 
 mod add_task;
@@ -6,6 +6,7 @@ mod args;
 mod commands;
 mod export;
 mod report;
+mod serve;
 
 // Large tensors are allocated and freed at every op; mimalloc keeps the pages instead of returning them to
 // the kernel and faulting them in again (measured: a large share of a training step with glibc malloc).

@@ -116,7 +116,10 @@ fn run<E: Engine>(engine: &E, receiver: &Receiver<Job<E::Item>>, settings: Batch
         let items: Vec<&E::Item> = jobs.iter().flat_map(|j| j.items.iter().map(|i| &i.0)).collect();
         let tasks: Vec<&BTreeSet<String>> = jobs.iter().flat_map(|j| std::iter::repeat_n(&j.tasks, j.items.len())).collect();
         batches.fetch_add(1, Ordering::SeqCst);
-        match engine.predict(&items, &tasks) {
+        // A panic in the model answers this batch with an error; the thread serves on.
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| engine.predict(&items, &tasks)))
+            .unwrap_or_else(|_| Err("the model failed on this batch (a bug; see the server log)".into()));
+        match outcome {
             Ok(mut answers) => {
                 for job in jobs {
                     let rest = answers.split_off(job.items.len().min(answers.len()));

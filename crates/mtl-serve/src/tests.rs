@@ -68,6 +68,7 @@ impl Engine for Fake {
             open = turn.wait(open).map_err(|e| e.to_string())?;
         }
         drop(open);
+        assert!(!items.iter().any(|i| i.as_str() == "panic"), "a bug in the model");
         std::thread::sleep(self.delay);
         let batch = items.iter().zip(tasks).map(|(i, t)| (i.to_string(), t.iter().cloned().collect())).collect();
         self.batches.lock().map_err(|e| e.to_string())?.push(batch);
@@ -236,4 +237,14 @@ async fn a_slow_model_times_out() {
     let (status, body, _) = call(&app, "POST", "/v1/predict", Some(json!({"inputs": ["x"]})), None).await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
     assert_eq!(body["error"]["kind"], "timeout");
+}
+
+#[tokio::test]
+async fn a_panicking_model_fails_its_batch_and_serves_on() {
+    let app = router(Fake::new(), Settings::default());
+    let (status, body, _) = call(&app, "POST", "/v1/predict", Some(json!({"inputs": ["panic"]})), None).await;
+    assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR, "{body}");
+    assert_eq!(body["error"]["kind"], "internal");
+    let (status, body, _) = call(&app, "POST", "/v1/predict", Some(json!({"inputs": ["good"], "tasks": ["sentiment"]})), None).await;
+    assert_eq!((status, body), (StatusCode::OK, json!({"predictions": [{"sentiment": {"label": "pos"}}]})));
 }

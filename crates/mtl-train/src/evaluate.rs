@@ -59,7 +59,8 @@ pub struct TaskInfo<'a> {
 
 impl TaskInfo<'_> {
     pub fn shapes(&self) -> BTreeMap<TaskId, (TaskKind, usize)> {
-        self.config.tasks.iter().map(|(t, c)| (t.clone(), (c.kind, self.labels[t].len()))).collect()
+        // The tasks with labels here (a server may ask for some of the model's tasks only).
+        self.labels.iter().filter_map(|(t, m)| self.config.tasks.get(t).map(|c| (t.clone(), (c.kind, m.len())))).collect()
     }
 
     /// The decision threshold of each label of a multi-label task.

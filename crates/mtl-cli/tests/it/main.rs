@@ -7,6 +7,7 @@ mod engine;
 mod export;
 mod peft;
 mod real_model;
+mod serve;
 mod tasks;
 
 use std::path::PathBuf;

@@ -1,0 +1,87 @@
+//! `mtl serve` as a separate process on loopback, over the tiny model: it answers as `mtl predict` does, and
+//! stops cleanly on SIGTERM.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::process::{Command, Stdio};
+
+use serde_json::{json, Value};
+
+use crate::cli::{stderr, Project, TestResult};
+
+/// One HTTP/1.1 request; the status and the JSON body.
+fn http(addr: &str, method: &str, path: &str, body: Option<&Value>) -> Result<(u16, Value), Box<dyn std::error::Error>> {
+    let mut stream = TcpStream::connect(addr)?;
+    let body = body.map(Value::to_string).unwrap_or_default();
+    write!(
+        stream,
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let (head, body) = response.split_once("\r\n\r\n").ok_or("no HTTP header")?;
+    let status = head.split_whitespace().nth(1).ok_or("no status")?.parse()?;
+    Ok((status, serde_json::from_str(body).unwrap_or(Value::Null)))
+}
+
+#[test]
+fn serve_answers_as_predict_does_and_stops_on_sigterm() -> TestResult {
+    let p = Project::new()?;
+    let o = p.mtl(&["train", "config.toml", "--out", "run", "--set", "training.epochs=2"])?;
+    assert!(o.status.success(), "{}", stderr(&o));
+    let mut child = Command::new(env!("CARGO_BIN_EXE_mtl"))
+        .args(["serve", "run", "--addr", "127.0.0.1:0", "--max-wait-ms", "20"])
+        .current_dir(p.dir.path())
+        .env("MTL_LOG", "info")
+        .env("NO_COLOR", "1")
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let stderr_pipe = child.stderr.take().ok_or("stderr")?;
+    // However the test ends, the server does not outlive it.
+    struct Server(std::process::Child);
+    impl Drop for Server {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut server = Server(child);
+    let mut lines = BufReader::new(stderr_pipe).lines();
+    let addr = loop {
+        let line = lines.next().ok_or("the server exited before it listened")??;
+        if let Some(rest) = line.split("serving on http://").nth(1) {
+            break rest.chars().take_while(|c| c.is_ascii_digit() || *c == '.' || *c == ':').collect::<String>();
+        }
+    };
+    let result = (|| -> TestResult {
+        assert_eq!(http(&addr, "GET", "/health", None)?, (200, json!({"status": "ok"})));
+        let (status, tasks) = http(&addr, "GET", "/v1/tasks", None)?;
+        assert_eq!(status, 200);
+        assert_eq!(tasks["tasks"][0]["name"], "intent");
+        assert_eq!(tasks["tasks"][1]["kind"], "token_classification");
+        let texts = ["show me flights from boston to denver", "what is the fare to paris"];
+        let (status, answer) = http(&addr, "POST", "/v1/predict", Some(&json!({"inputs": texts})))?;
+        assert_eq!(status, 200, "{answer}");
+        let input: String = texts.iter().map(|t| json!({"text": t}).to_string() + "\n").collect();
+        let o = crate::cli::mtl(p.dir.path(), &["predict", "--model", "run"], Some(&input))?;
+        assert!(o.status.success(), "{}", stderr(&o));
+        let expected: Vec<Value> = String::from_utf8(o.stdout)?.lines().map(serde_json::from_str).collect::<Result<_, _>>()?;
+        for (got, want) in answer["predictions"].as_array().ok_or("predictions")?.iter().zip(&expected) {
+            assert_eq!(got, &want["predictions"], "the server answers as mtl predict");
+        }
+        let (status, one) = http(&addr, "POST", "/v1/tasks/intent/predict", Some(&json!({"inputs": [texts[0]]})))?;
+        assert_eq!(status, 200);
+        assert_eq!(one["predictions"][0], json!({"intent": expected[0]["predictions"]["intent"]}));
+        let (status, error) = http(&addr, "POST", "/v1/predict", Some(&json!({"inputs": ["  "]})))?;
+        assert_eq!((status, error["error"]["kind"].clone()), (422, json!("validation")));
+        Ok(())
+    })();
+    // SIGTERM: the server stops accepting and exits cleanly.
+    let term = Command::new("kill").args(["-TERM", &server.0.id().to_string()]).status()?;
+    assert!(term.success());
+    let status = server.0.wait()?;
+    result?;
+    assert!(status.success(), "exit status {status}");
+    Ok(())
+}
