@@ -6,6 +6,7 @@
 //! | `GET /v1/tasks` | `{"tasks": [{"name", "kind", "labels"}]}` |
 //! | `POST /v1/predict` `{"inputs": [...], "tasks": [...]}` | `{"predictions": [{TASK: ...}]}`, one per input; tasks default to all |
 //! | `POST /v1/tasks/{task}/predict` `{"inputs": [...]}` | the same for one task |
+//! | `GET /metrics` | Prometheus text ([`crate::metrics`]) |
 //!
 //! An input is a string, `{"text", "text_pair"}`, `{"words": [...]}` or `{"question", "context"}`.
 //!
@@ -25,7 +26,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, Path, Request, State};
+use axum::extract::{DefaultBodyLimit, MatchedPath, Path, Request, State};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -36,6 +37,7 @@ use serde_json::{json, Value};
 use tokio::sync::oneshot;
 
 use crate::batcher::{Batcher, Job, SubmitError};
+use crate::metrics::Metrics;
 use crate::{Engine, RequestInput};
 
 /// Everything a server is configured with, besides its model.
@@ -92,6 +94,7 @@ impl IntoResponse for ApiError {
             Self::Internal(m) => (StatusCode::INTERNAL_SERVER_ERROR, "internal", m),
         };
         let mut response = (status, Json(json!({"error": {"kind": kind, "message": message}}))).into_response();
+        response.extensions_mut().insert(ErrorKind(kind));
         if status == StatusCode::TOO_MANY_REQUESTS {
             response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         }
@@ -99,26 +102,54 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// The error table's kind of an error response, for the metrics.
+#[derive(Clone, Copy, Debug)]
+struct ErrorKind(&'static str);
+
 struct AppState<E: Engine> {
     engine: Arc<E>,
     batcher: Batcher<E::Item>,
     settings: Settings,
+    metrics: Arc<Metrics>,
 }
 
 /// The router over `engine`, with its model thread started.
 pub fn router<E: Engine>(engine: E, settings: Settings) -> Router {
     let engine = Arc::new(engine);
-    let batcher = Batcher::start(engine.clone(), settings.batch);
+    let metrics = Arc::new(Metrics::default());
+    let batcher = Batcher::start(engine.clone(), settings.batch, metrics.clone());
     let limit = settings.body_limit;
-    let state = Arc::new(AppState { engine, batcher, settings });
+    let state = Arc::new(AppState { engine, batcher, settings, metrics });
     Router::new()
         .route("/health", get(|| async { Json(json!({"status": "ok"})) }))
+        .route("/metrics", get(metrics_text::<E>))
         .route("/v1/tasks", get(tasks::<E>))
         .route("/v1/predict", post(predict::<E>))
         .route("/v1/tasks/{task}/predict", post(predict_task::<E>))
-        .layer(middleware::from_fn_with_state(state.clone(), authenticate::<E>))
+        .route_layer(middleware::from_fn_with_state(state.clone(), authenticate::<E>))
+        .route_layer(middleware::from_fn_with_state(state.clone(), count::<E>))
         .layer(DefaultBodyLimit::max(limit))
         .with_state(state)
+}
+
+/// Counts every answered request by endpoint and status, and every error by kind.
+async fn count<E: Engine>(State(state): State<Arc<AppState<E>>>, request: Request, next: Next) -> Response {
+    let endpoint = request.extensions().get::<MatchedPath>().map_or_else(|| "other".to_string(), |p| p.as_str().to_string());
+    let response = next.run(request).await;
+    let status = response.status();
+    state.metrics.request(&endpoint, status.as_u16());
+    match response.extensions().get::<ErrorKind>() {
+        Some(ErrorKind(kind)) => state.metrics.error(kind),
+        None if status == StatusCode::PAYLOAD_TOO_LARGE => state.metrics.error("body_too_large"),
+        None if !status.is_success() => state.metrics.error("other"),
+        None => {}
+    }
+    response
+}
+
+async fn metrics_text<E: Engine>(State(state): State<Arc<AppState<E>>>) -> Response {
+    let text = state.metrics.render(state.batcher.queue_depth());
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }
 
 async fn authenticate<E: Engine>(State(state): State<Arc<AppState<E>>>, request: Request, next: Next) -> Response {
@@ -180,6 +211,7 @@ async fn predict_task<E: Engine>(
 }
 
 async fn run<E: Engine>(state: &Arc<AppState<E>>, inputs: Vec<RequestInput>, tasks: Vec<String>) -> Result<Json<Value>, ApiError> {
+    let started = std::time::Instant::now();
     if let Some(t) = tasks.iter().find(|t| !state.engine.tasks().iter().any(|d| &d.name == *t)) {
         return Err(ApiError::UnknownTask(t.clone()));
     }
@@ -213,7 +245,7 @@ async fn run<E: Engine>(state: &Arc<AppState<E>>, inputs: Vec<RequestInput>, tas
     .await
     .map_err(|e| ApiError::Internal(format!("tokenisation failed: {e}")))??;
     let (reply, answer) = oneshot::channel();
-    let job = Job { items, tasks: tasks.into_iter().collect::<BTreeSet<_>>(), reply };
+    let job = Job { items, tasks: tasks.iter().cloned().collect::<BTreeSet<_>>(), reply };
     state.batcher.submit(job).map_err(|e| match e {
         SubmitError::QueueFull => ApiError::QueueFull,
         SubmitError::Stopped => ApiError::Internal("the model thread has stopped".into()),
@@ -222,7 +254,10 @@ async fn run<E: Engine>(state: &Arc<AppState<E>>, inputs: Vec<RequestInput>, tas
         Err(_) => Err(ApiError::Timeout),
         Ok(Err(_)) => Err(ApiError::Internal("the model thread dropped the request".into())),
         Ok(Ok(Err(e))) => Err(ApiError::Internal(e)),
-        Ok(Ok(Ok(predictions))) => Ok(Json(json!({"predictions": predictions}))),
+        Ok(Ok(Ok(predictions))) => {
+            state.metrics.latency(&tasks, started.elapsed().as_secs_f64());
+            Ok(Json(json!({"predictions": predictions})))
+        }
     }
 }
 

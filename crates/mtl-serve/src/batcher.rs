@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
 
+use crate::metrics::Metrics;
 use crate::Engine;
 
 /// Each input's predictions, by task.
@@ -56,14 +57,14 @@ impl<I> Clone for Batcher<I> {
 impl<I: Send + 'static> Batcher<I> {
     /// Starts the model thread over `engine`. It stops when every handle is dropped, after answering what
     /// was queued.
-    pub fn start<E: Engine<Item = I>>(engine: Arc<E>, settings: BatchSettings) -> Self {
+    pub fn start<E: Engine<Item = I>>(engine: Arc<E>, settings: BatchSettings, metrics: Arc<Metrics>) -> Self {
         let (sender, receiver) = sync_channel(settings.queue_bound.max(1));
         let depth = Arc::new(AtomicUsize::new(0));
         let batches = Arc::new(AtomicUsize::new(0));
         let (d, b) = (depth.clone(), batches.clone());
         std::thread::Builder::new()
             .name("mtl-model".into())
-            .spawn(move || run(engine.as_ref(), &receiver, settings, &d, &b))
+            .spawn(move || run(engine.as_ref(), &receiver, settings, &d, &b, &metrics))
             .expect("the model thread starts");
         Self { sender, depth, batches }
     }
@@ -91,7 +92,14 @@ impl<I: Send + 'static> Batcher<I> {
     }
 }
 
-fn run<E: Engine>(engine: &E, receiver: &Receiver<Job<E::Item>>, settings: BatchSettings, depth: &AtomicUsize, batches: &AtomicUsize) {
+fn run<E: Engine>(
+    engine: &E,
+    receiver: &Receiver<Job<E::Item>>,
+    settings: BatchSettings,
+    depth: &AtomicUsize,
+    batches: &AtomicUsize,
+    metrics: &Metrics,
+) {
     while let Ok(first) = receiver.recv() {
         depth.fetch_sub(1, Ordering::SeqCst);
         let started = Instant::now();
@@ -116,6 +124,7 @@ fn run<E: Engine>(engine: &E, receiver: &Receiver<Job<E::Item>>, settings: Batch
         let items: Vec<&E::Item> = jobs.iter().flat_map(|j| j.items.iter().map(|i| &i.0)).collect();
         let tasks: Vec<&BTreeSet<String>> = jobs.iter().flat_map(|j| std::iter::repeat_n(&j.tasks, j.items.len())).collect();
         batches.fetch_add(1, Ordering::SeqCst);
+        metrics.batch(items.len());
         // A panic in the model answers this batch with an error; the thread serves on.
         let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| engine.predict(&items, &tasks)))
             .unwrap_or_else(|_| Err("the model failed on this batch (a bug; see the server log)".into()));

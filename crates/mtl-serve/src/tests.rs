@@ -248,3 +248,32 @@ async fn a_panicking_model_fails_its_batch_and_serves_on() {
     let (status, body, _) = call(&app, "POST", "/v1/predict", Some(json!({"inputs": ["good"], "tasks": ["sentiment"]})), None).await;
     assert_eq!((status, body), (StatusCode::OK, json!({"predictions": [{"sentiment": {"label": "pos"}}]})));
 }
+
+#[tokio::test]
+async fn metrics_count_requests_errors_batches_and_latency() {
+    let app = router(Fake::new(), Settings::default());
+    call(&app, "POST", "/v1/predict", Some(json!({"inputs": ["good", "bad"]})), None).await;
+    call(&app, "POST", "/v1/tasks/topic/predict", Some(json!({"inputs": ["x"]})), None).await;
+    call(&app, "POST", "/v1/predict", Some(json!({"inputs": []})), None).await;
+    let request = Request::builder().uri("/metrics").body(Body::empty()).expect("request");
+    let response = app.clone().oneshot(request).await.expect("response");
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(response.headers()["content-type"], "text/plain; version=0.0.4");
+    let text = String::from_utf8(response.into_body().collect().await.expect("body").to_bytes().to_vec()).expect("utf-8");
+    for line in [
+        "mtl_requests_total{endpoint=\"/v1/predict\",status=\"200\"} 1",
+        "mtl_requests_total{endpoint=\"/v1/predict\",status=\"422\"} 1",
+        "mtl_requests_total{endpoint=\"/v1/tasks/{task}/predict\",status=\"200\"} 1",
+        "mtl_errors_total{kind=\"validation\"} 1",
+        "mtl_queue_depth 0",
+        "mtl_batch_inputs_count 2",
+        "mtl_batch_inputs_sum 3",
+        "mtl_batch_inputs_bucket{le=\"1\"} 1",
+        "mtl_batch_inputs_bucket{le=\"2\"} 2",
+        "mtl_request_duration_seconds_count{task=\"sentiment\"} 1",
+        "mtl_request_duration_seconds_count{task=\"topic\"} 2",
+        "# TYPE mtl_request_duration_seconds histogram",
+    ] {
+        assert!(text.lines().any(|l| l == line), "no line {line:?} in\n{text}");
+    }
+}

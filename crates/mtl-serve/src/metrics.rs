@@ -1,0 +1,122 @@
+//! The server's Prometheus metrics, written in the text exposition format (version 0.0.4) by `GET /metrics`:
+//!
+//! - `mtl_requests_total{endpoint, status}`: requests answered, by endpoint and HTTP status;
+//! - `mtl_errors_total{kind}`: errors by the error table's kind;
+//! - `mtl_queue_depth`: requests waiting for the model thread;
+//! - `mtl_batch_inputs`: a histogram of inputs per model batch;
+//! - `mtl_request_duration_seconds{task}`: a histogram of request latency, per task asked for.
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+use std::sync::Mutex;
+
+/// Upper bounds of the latency buckets, in seconds.
+const LATENCY_BUCKETS: [f64; 12] = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0];
+/// Upper bounds of the batch-size buckets, in inputs.
+const BATCH_BUCKETS: [f64; 9] = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0];
+
+/// A histogram with fixed buckets.
+#[derive(Clone, Debug, Default)]
+struct Histogram {
+    counts: Vec<u64>,
+    sum: f64,
+    count: u64,
+}
+
+impl Histogram {
+    fn observe(&mut self, bounds: &[f64], value: f64) {
+        if self.counts.len() != bounds.len() {
+            self.counts = vec![0; bounds.len()];
+        }
+        for (c, &b) in self.counts.iter_mut().zip(bounds) {
+            if value <= b {
+                *c += 1;
+            }
+        }
+        self.sum += value;
+        self.count += 1;
+    }
+
+    fn write(&self, out: &mut String, name: &str, labels: &str, bounds: &[f64]) {
+        let sep = if labels.is_empty() { "" } else { "," };
+        for (i, b) in bounds.iter().enumerate() {
+            let c = self.counts.get(i).copied().unwrap_or(0);
+            let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"{b}\"}} {c}");
+        }
+        let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {}", self.count);
+        let braces = if labels.is_empty() { String::new() } else { format!("{{{labels}}}") };
+        let _ = writeln!(out, "{name}_sum{braces} {}", self.sum);
+        let _ = writeln!(out, "{name}_count{braces} {}", self.count);
+    }
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    requests: BTreeMap<(String, u16), u64>,
+    errors: BTreeMap<String, u64>,
+    batches: Histogram,
+    latency: BTreeMap<String, Histogram>,
+}
+
+/// The counters, shared by the handlers and the model thread.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    inner: Mutex<Inner>,
+}
+
+impl Metrics {
+    fn with(&self, f: impl FnOnce(&mut Inner)) {
+        match self.inner.lock() {
+            Ok(mut g) => f(&mut g),
+            Err(poisoned) => f(&mut poisoned.into_inner()),
+        }
+    }
+
+    /// A request to `endpoint` answered with `status`.
+    pub fn request(&self, endpoint: &str, status: u16) {
+        self.with(|m| *m.requests.entry((endpoint.to_string(), status)).or_default() += 1);
+    }
+
+    /// A prediction request for `tasks` answered after `seconds`.
+    pub fn latency(&self, tasks: &[String], seconds: f64) {
+        self.with(|m| {
+            for t in tasks {
+                m.latency.entry(t.clone()).or_default().observe(&LATENCY_BUCKETS, seconds);
+            }
+        });
+    }
+
+    /// An error of the error table's `kind`.
+    pub fn error(&self, kind: &str) {
+        self.with(|m| *m.errors.entry(kind.to_string()).or_default() += 1);
+    }
+
+    /// A model batch of `inputs` inputs.
+    pub fn batch(&self, inputs: usize) {
+        self.with(|m| m.batches.observe(&BATCH_BUCKETS, inputs as f64));
+    }
+
+    /// The exposition text, with the current queue depth.
+    pub fn render(&self, queue_depth: usize) -> String {
+        let mut out = String::new();
+        self.with(|m| {
+            out.push_str("# HELP mtl_requests_total Requests answered, by endpoint and HTTP status.\n# TYPE mtl_requests_total counter\n");
+            for ((endpoint, status), n) in &m.requests {
+                let _ = writeln!(out, "mtl_requests_total{{endpoint=\"{endpoint}\",status=\"{status}\"}} {n}");
+            }
+            out.push_str("# HELP mtl_errors_total Errors, by kind.\n# TYPE mtl_errors_total counter\n");
+            for (kind, n) in &m.errors {
+                let _ = writeln!(out, "mtl_errors_total{{kind=\"{kind}\"}} {n}");
+            }
+            out.push_str("# HELP mtl_queue_depth Requests waiting for the model.\n# TYPE mtl_queue_depth gauge\n");
+            let _ = writeln!(out, "mtl_queue_depth {queue_depth}");
+            out.push_str("# HELP mtl_batch_inputs Inputs per model batch.\n# TYPE mtl_batch_inputs histogram\n");
+            m.batches.write(&mut out, "mtl_batch_inputs", "", &BATCH_BUCKETS);
+            out.push_str("# HELP mtl_request_duration_seconds Request latency, per task asked for.\n# TYPE mtl_request_duration_seconds histogram\n");
+            for (task, h) in &m.latency {
+                h.write(&mut out, "mtl_request_duration_seconds", &format!("task=\"{task}\""), &LATENCY_BUCKETS);
+            }
+        });
+        out
+    }
+}
