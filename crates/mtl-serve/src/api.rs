@@ -7,6 +7,7 @@
 //! | `POST /v1/predict` `{"inputs": [...], "tasks": [...]}` | `{"predictions": [{TASK: ...}]}`, one per input; tasks default to all |
 //! | `POST /v1/tasks/{task}/predict` `{"inputs": [...]}` | the same for one task |
 //! | `GET /metrics` | Prometheus text ([`crate::metrics`]) |
+//! | `GET /openapi.json` | the OpenAPI 3.1 description ([`crate::openapi`]) |
 //!
 //! An input is a string, `{"text", "text_pair"}`, `{"words": [...]}` or `{"question", "context"}`.
 //!
@@ -123,6 +124,7 @@ pub fn router<E: Engine>(engine: E, settings: Settings) -> Router {
     Router::new()
         .route("/health", get(|| async { Json(json!({"status": "ok"})) }))
         .route("/metrics", get(metrics_text::<E>))
+        .route("/openapi.json", get(openapi::<E>))
         .route("/v1/tasks", get(tasks::<E>))
         .route("/v1/predict", post(predict::<E>))
         .route("/v1/tasks/{task}/predict", post(predict_task::<E>))
@@ -145,6 +147,10 @@ async fn count<E: Engine>(State(state): State<Arc<AppState<E>>>, request: Reques
         None => {}
     }
     response
+}
+
+async fn openapi<E: Engine>(State(state): State<Arc<AppState<E>>>) -> Json<Value> {
+    Json(crate::openapi::document(state.engine.tasks(), state.settings.api_keys.is_some()))
 }
 
 async fn metrics_text<E: Engine>(State(state): State<Arc<AppState<E>>>) -> Response {

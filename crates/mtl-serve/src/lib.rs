@@ -5,13 +5,14 @@
 //! - [`batcher`]: one model thread that takes the queued requests of any tasks, up to a token budget, and runs
 //!   them as one batch; a bounded queue gives backpressure.
 //! - [`api`]: the router, its endpoints and the error table.
-//! - [`metrics`]: what `GET /metrics` reports, in Prometheus' text format.
+//! - [`metrics`]: what `GET /metrics` reports, in Prometheus' text format; [`openapi`]: `GET /openapi.json`.
 //!
 //! Depends on nothing of ours: the engine brings the model.
 
 pub mod api;
 pub mod batcher;
 pub mod metrics;
+pub mod openapi;
 
 use std::collections::{BTreeMap, BTreeSet};
 

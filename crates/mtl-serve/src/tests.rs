@@ -277,3 +277,30 @@ async fn metrics_count_requests_errors_batches_and_latency() {
         assert!(text.lines().any(|l| l == line), "no line {line:?} in\n{text}");
     }
 }
+
+#[tokio::test]
+async fn the_openapi_document_describes_every_route() {
+    let settings = Settings { api_keys: Some(HashSet::from(["k".to_string()])), ..Settings::default() };
+    let app = router(Fake::new(), settings);
+    let (status, doc, _) = call(&app, "GET", "/openapi.json", None, Some("k")).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(doc["openapi"], "3.1.0");
+    let paths: Vec<&String> = doc["paths"].as_object().expect("paths").keys().collect();
+    for path in ["/health", "/metrics", "/openapi.json", "/v1/tasks", "/v1/predict", "/v1/tasks/{task}/predict"] {
+        assert!(paths.iter().any(|p| p.as_str() == path), "{path} is not described: {paths:?}");
+        // And the router has it.
+        let method = if path.contains("predict") { "POST" } else { "GET" };
+        let concrete = path.replace("{task}", "topic");
+        let body = (method == "POST").then(|| json!({"inputs": ["x"]}));
+        assert_ne!(call(&app, method, &concrete, body, Some("k")).await.0, StatusCode::NOT_FOUND, "{path}");
+    }
+    assert_eq!(doc["paths"]["/v1/tasks/{task}/predict"]["post"]["parameters"][0]["schema"]["enum"], json!(["sentiment", "topic"]));
+    assert_eq!(doc["paths"]["/v1/predict"]["post"]["responses"]["429"]["content"]["application/json"]["schema"]["$ref"], "#/components/schemas/Error");
+    assert_eq!(doc["security"], json!([{"apiKey": []}]));
+    // Every `$ref` points at a schema the document has.
+    let text = doc.to_string();
+    for piece in text.split("\"$ref\":\"#/components/schemas/").skip(1) {
+        let name = piece.split('"').next().expect("a name");
+        assert!(doc["components"]["schemas"].get(name).is_some(), "dangling $ref {name}");
+    }
+}

@@ -1,0 +1,75 @@
+//! The OpenAPI 3.1 description of the API, served at `GET /openapi.json`, with the model's task names as the
+//! values `tasks` may take.
+
+use serde_json::{json, Value};
+
+use crate::TaskDescription;
+
+/// The document for a server of `tasks`; `secured`: requests need an API key.
+pub fn document(tasks: &[TaskDescription], secured: bool) -> Value {
+    let names: Vec<&str> = tasks.iter().map(|t| t.name.as_str()).collect();
+    let error = |description: &str| json!({"description": description, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}});
+    let predictions = json!({"description": "one object per input: each task's answer, as `mtl predict` prints it", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Predictions"}}}});
+    let errors = json!({
+        "401": error("missing or wrong API key"),
+        "413": error("body larger than the limit"),
+        "422": error("invalid body or input"),
+        "429": error("queue full; retry after the Retry-After seconds"),
+        "503": error("no answer within the request timeout"),
+    });
+    let with_errors = |ok: Value, extra: &[(&str, Value)]| {
+        let mut responses = errors.clone();
+        responses["200"] = ok;
+        for (code, v) in extra {
+            responses[*code] = v.clone();
+        }
+        responses
+    };
+    let mut doc = json!({
+        "openapi": "3.1.0",
+        "info": {"title": "mtl serve", "version": env!("CARGO_PKG_VERSION"), "description": "Every task of one multi-task model, from one backbone."},
+        "paths": {
+            "/health": {"get": {"summary": "liveness", "security": [], "responses": {"200": {"description": "`{\"status\": \"ok\"}`"}}}},
+            "/metrics": {"get": {"summary": "Prometheus metrics (text format 0.0.4)", "responses": {"200": {"description": "metrics", "content": {"text/plain": {}}}}}},
+            "/openapi.json": {"get": {"summary": "this document", "responses": {"200": {"description": "OpenAPI 3.1"}}}},
+            "/v1/tasks": {"get": {"summary": "the model's tasks", "responses": {"200": {"description": "tasks", "content": {"application/json": {"schema": {"type": "object", "properties": {"tasks": {"type": "array", "items": {"$ref": "#/components/schemas/Task"}}}}}}}}}},
+            "/v1/predict": {"post": {
+                "summary": "predict some or all tasks for each input",
+                "requestBody": {"required": true, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/PredictRequest"}}}},
+                "responses": with_errors(predictions.clone(), &[("404", error("unknown task"))]),
+            }},
+            "/v1/tasks/{task}/predict": {"post": {
+                "summary": "predict one task for each input",
+                "parameters": [{"name": "task", "in": "path", "required": true, "schema": {"type": "string", "enum": names}}],
+                "requestBody": {"required": true, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/TaskRequest"}}}},
+                "responses": with_errors(predictions, &[("404", error("unknown task"))]),
+            }},
+        },
+        "components": {"schemas": {
+            "Input": {"oneOf": [
+                {"type": "string", "minLength": 1},
+                {"type": "object", "required": ["text"], "properties": {"text": {"type": "string"}, "text_pair": {"type": "string"}}},
+                {"type": "object", "required": ["words"], "properties": {"words": {"type": "array", "items": {"type": "string"}, "minItems": 1}}},
+                {"type": "object", "required": ["question", "context"], "properties": {"question": {"type": "string"}, "context": {"type": "string"}}},
+            ]},
+            "PredictRequest": {"type": "object", "required": ["inputs"], "additionalProperties": false, "properties": {
+                "inputs": {"type": "array", "minItems": 1, "items": {"$ref": "#/components/schemas/Input"}},
+                "tasks": {"type": "array", "minItems": 1, "items": {"type": "string", "enum": names}, "description": "default: every task"},
+            }},
+            "TaskRequest": {"type": "object", "required": ["inputs"], "additionalProperties": false, "properties": {
+                "inputs": {"type": "array", "minItems": 1, "items": {"$ref": "#/components/schemas/Input"}},
+            }},
+            "Predictions": {"type": "object", "properties": {"predictions": {"type": "array", "items": {"type": "object", "additionalProperties": true}}}},
+            "Task": {"type": "object", "properties": {"name": {"type": "string"}, "kind": {"type": "string"}, "labels": {"type": "array", "items": {"type": "string"}}}},
+            "Error": {"type": "object", "properties": {"error": {"type": "object", "properties": {
+                "kind": {"type": "string", "enum": ["validation", "unknown_task", "queue_full", "unauthorized", "timeout", "internal"]},
+                "message": {"type": "string"},
+            }}}},
+        }},
+    });
+    if secured {
+        doc["components"]["securitySchemes"] = json!({"apiKey": {"type": "http", "scheme": "bearer"}});
+        doc["security"] = json!([{"apiKey": []}]);
+    }
+    doc
+}
