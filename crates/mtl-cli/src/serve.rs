@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
+use mtl_config::TagScheme;
 use mtl_core::{TaskId, TaskKind};
 use mtl_data::{Example, Input, LabelMap, Location};
 use mtl_serve::api::Settings;
@@ -52,17 +53,56 @@ fn nonempty(field: &str, text: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Each word's character span (start, end exclusive) in `text`, the words being `text` split on whitespace.
+fn word_spans(text: &str) -> Vec<(usize, usize)> {
+    let mut spans = Vec::new();
+    let mut start = None;
+    for (i, c) in text.chars().chain(std::iter::once(' ')).enumerate() {
+        match (c.is_whitespace(), start) {
+            (false, None) => start = Some(i),
+            (true, Some(s)) => {
+                spans.push((s, i));
+                start = None;
+            }
+            _ => {}
+        }
+    }
+    spans
+}
+
+/// The entities of a tagged word sequence (seqeval's chunking), with character offsets into `text`, whose
+/// whitespace-separated words the tags belong to.
+fn entities(text: &str, tags: &[Value]) -> Value {
+    let tags: Vec<&str> = tags.iter().map(|t| t.as_str().unwrap_or("O")).collect();
+    let spans = word_spans(text);
+    let chars: Vec<char> = text.chars().collect();
+    mtl_metrics::entities(&[tags])
+        .into_iter()
+        .filter_map(|e| {
+            let (start, end) = (spans.get(e.start)?.0, spans.get(e.end)?.1);
+            Some(serde_json::json!({
+                "type": e.kind,
+                "start": start,
+                "end": end,
+                "text": chars[start..end].iter().collect::<String>(),
+                "words": [e.start, e.end],
+            }))
+        })
+        .collect()
+}
+
 impl Engine for ModelEngine {
-    /// One example, or the windows of one question.
-    type Item = Vec<Example>;
+    /// One example, or the windows of one question; and the text its words' offsets refer to.
+    type Item = (Vec<Example>, String);
 
     fn tasks(&self) -> &[TaskDescription] {
         &self.tasks
     }
 
-    fn prepare(&self, input: &RequestInput) -> Result<(Vec<Example>, usize), String> {
+    fn prepare(&self, input: &RequestInput) -> Result<(Self::Item, usize), String> {
         let location = Location { path: "request".into(), line: 0 };
         let encoder = &self.loaded.encoder;
+        let request = input;
         let input = match input {
             RequestInput::Text(t) | RequestInput::Single { text: t } => {
                 nonempty("text", t)?;
@@ -111,32 +151,46 @@ impl Engine for ModelEngine {
                     })
                     .collect();
                 let tokens = examples.iter().map(|e| e.encoded.ids.len()).sum();
-                return Ok((examples, tokens));
+                return Ok(((examples, context.clone()), tokens));
             }
+        };
+        // Entity offsets refer to the text as sent, or to the words joined by single spaces.
+        let text = match (&input, request) {
+            (_, RequestInput::Text(t) | RequestInput::Single { text: t }) => t.clone(),
+            (Input::Words(w), _) => w.join(" "),
+            (Input::Pair(a, _), _) | (Input::Text(a), _) => a.clone(),
+            (Input::Question { context, .. }, _) => context.clone(),
         };
         let encoded = encoder.encode(&input)?;
         let tokens = encoded.ids.len();
-        Ok((vec![Example { location, input, encoded, labels: BTreeMap::new(), qa: None }], tokens))
+        Ok(((vec![Example { location, input, encoded, labels: BTreeMap::new(), qa: None }], text), tokens))
     }
 
-    fn predict(&self, items: &[&Vec<Example>], tasks: &[&BTreeSet<String>]) -> Result<Vec<BTreeMap<String, Value>>, String> {
+    fn predict(&self, items: &[&Self::Item], tasks: &[&BTreeSet<String>]) -> Result<Vec<BTreeMap<String, Value>>, String> {
         // Only the heads some input asks for run.
         let wanted: BTreeSet<&String> = tasks.iter().flat_map(|t| t.iter()).collect();
         let labels: BTreeMap<TaskId, LabelMap> =
             self.loaded.labels.iter().filter(|(t, _)| wanted.contains(&t.to_string())).map(|(t, m)| (t.clone(), m.clone())).collect();
         let info = TaskInfo { config: &self.loaded.config, labels: &labels };
-        let examples: Vec<&Example> = items.iter().flat_map(|i| i.iter()).collect();
+        let examples: Vec<&Example> = items.iter().flat_map(|i| i.0.iter()).collect();
         let batch_size = self.loaded.config.training.eval_batch_size;
         let predictions = predict_examples(&self.loaded.model, &examples, &info, batch_size).map_err(|e| e.to_string())?;
         let mut at = 0;
         let mut out = Vec::with_capacity(items.len());
         for (item, asked) in items.iter().zip(tasks) {
             // The windows of a question share its answer: the first one's stands for all.
-            let (example, preds) = (&item[0], &predictions[at]);
-            at += item.len();
+            let (example, preds) = (&item.0[0], &predictions[at]);
+            at += item.0.len();
             let mine = preds.iter().filter(|(t, _)| asked.contains(t.as_str())).map(|(t, p)| (t.clone(), p.clone())).collect();
             let json = prediction_json(example, &mine, &self.loaded.labels, false);
-            let answers = json["predictions"].as_object().cloned().unwrap_or_default().into_iter().collect();
+            let mut answers: BTreeMap<String, Value> = json["predictions"].as_object().cloned().unwrap_or_default().into_iter().collect();
+            // Token tasks with entity tags also answer with the entities and their character offsets.
+            for (task, answer) in answers.iter_mut() {
+                let scheme = self.loaded.config.tasks.iter().find(|(t, _)| t.as_str() == task).map(|(_, c)| c.scheme);
+                if let (Some(tags), Some(TagScheme::Bio | TagScheme::Bioes)) = (answer.get("tags").and_then(Value::as_array), scheme) {
+                    answer["entities"] = entities(&item.1, tags);
+                }
+            }
             out.push(answers);
         }
         Ok(out)
@@ -154,4 +208,23 @@ pub fn serve(model_dir: &Path, addr: std::net::SocketAddr, settings: Settings, t
     let runtime = runtime.enable_all().build().context("cannot start the async runtime")?;
     let router = mtl_serve::api::router(engine, settings);
     runtime.block_on(mtl_serve::api::serve(router, addr)).with_context(|| format!("cannot serve on {addr}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn entities_carry_character_offsets_of_the_text() {
+        let text = "  fly from  New York to Zürich";
+        assert_eq!(word_spans(text), vec![(2, 5), (6, 10), (12, 15), (16, 20), (21, 23), (24, 30)]);
+        let tags: Vec<Value> = ["O", "O", "B-city", "I-city", "O", "B-city"].iter().map(|t| Value::from(*t)).collect();
+        assert_eq!(
+            entities(text, &tags),
+            serde_json::json!([
+                {"type": "city", "start": 12, "end": 20, "text": "New York", "words": [2, 3]},
+                {"type": "city", "start": 24, "end": 30, "text": "Zürich", "words": [5, 5]},
+            ])
+        );
+    }
 }
