@@ -30,7 +30,7 @@ pub fn add_task(model_dir: &Path, config_path: &Path, out: &Path, overrides: &[S
     let text = std::fs::read_to_string(config_path).with_context(|| format!("{}: cannot read", config_path.display()))?;
     let (mut combined, names) = old.config.with_new_tasks(&text, config_path, overrides)?;
     // A parameter-efficient model stays on its base model; a fully trained one is its own base.
-    if let Some(weights) = checkpoint::base_weights(model_dir)? {
+    if let Some(weights) = &old.base {
         combined.model.path = weights.parent().context("base weights have a directory")?.to_owned();
     }
     let mut new_only = combined.clone();

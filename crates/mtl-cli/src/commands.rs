@@ -414,6 +414,9 @@ pub(crate) struct Loaded {
     pub(crate) labels: BTreeMap<TaskId, LabelMap>,
     pub(crate) encoder: TextEncoder,
     pub(crate) model: MultiTaskModel,
+    /// A parameter-efficient model's base weights (checked against their checksum); `None` for a model that
+    /// holds all its weights.
+    pub(crate) base: Option<std::path::PathBuf>,
 }
 
 pub(crate) fn load_checkpoint(dir: &Path) -> Result<Loaded> {
@@ -436,9 +439,9 @@ pub(crate) fn load_checkpoint_with(dir: &Path, merge: bool) -> Result<Loaded> {
     let sizes = head_specs(&config, &labels);
     let peft = peft_spec(&config, &bert);
     let spec = model_spec(&config, &bert, &sizes, peft.as_ref());
-    let model = match base {
+    let model = match &base {
         Some(base) => {
-            let mut model = MultiTaskModel::load_with_adapters(&spec, &base, &dir.join(checkpoint::ADAPTERS), &Device::Cpu)?;
+            let mut model = MultiTaskModel::load_with_adapters(&spec, base, &dir.join(checkpoint::ADAPTERS), &Device::Cpu)?;
             // One shared LoRA adapter merges into the weights: the plain encoder's speed.
             if merge && peft.as_ref().is_some_and(|p| p.lora().is_some() && !p.per_task()) {
                 model.merge_lora(0)?;
@@ -447,7 +450,7 @@ pub(crate) fn load_checkpoint_with(dir: &Path, merge: bool) -> Result<Loaded> {
         }
         None => MultiTaskModel::load(&spec, &dir.join(checkpoint::WEIGHTS), true, &Device::Cpu)?,
     };
-    Ok(Loaded { config, labels, encoder, model })
+    Ok(Loaded { config, labels, encoder, model, base })
 }
 
 fn eval(model_dir: &Path, config_path: &Path, overrides: &[String]) -> Result<()> {

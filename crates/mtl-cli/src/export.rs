@@ -88,8 +88,10 @@ fn write_peft(
     model_dir: &Path,
 ) -> Result<()> {
     std::fs::create_dir(dir)?;
-    let base = checkpoint::base_weights(model_dir)?
-        .and_then(|w| w.parent().map(Path::to_path_buf))
+    let base = loaded
+        .base
+        .as_deref()
+        .and_then(Path::parent)
         .with_context(|| format!("{}: a LoRA checkpoint without base_model.json", model_dir.display()))?;
     let mut tensors: HashMap<String, Tensor> = HashMap::new();
     for (name, var) in loaded.model.params().vars() {
