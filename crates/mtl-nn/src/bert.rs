@@ -13,7 +13,8 @@ use mtl_core::{LinearModule, Mode};
 use serde::{Deserialize, Serialize};
 
 use crate::attention::{self, AttentionSpec};
-use crate::cpu::encoder::{Dims, FusedEncoder, GradSink, LayerDropout, LayerParams};
+use crate::cpu::encoder::{Dims, FusedEncoder, GradSink, LayerDropout, LayerParams, Proj};
+use crate::cpu::int8::{Int8Encoder, Int8Layer, Int8Matrix};
 use crate::layers::{DropoutRng, LayerNorm, Linear};
 use crate::params::{Init, ParamBuilder};
 use crate::peft::{self, BottleneckLayer, LoraLayer, PeftKind, PeftPass, PeftSpec, Placement, PrefixLayer, Route, Site};
@@ -129,6 +130,31 @@ impl Layer {
     }
 }
 
+/// A linear layer whose weight may be int8 (then pushed to `int8`, the f32 weight an empty placeholder).
+fn linear_or_int8(pb: &ParamBuilder, inp: usize, out: usize, int8: &mut Vec<Int8Matrix>) -> Result<Linear> {
+    match pb.take_int8("weight", out, inp)? {
+        Some(m) => {
+            int8.push(m);
+            Ok(Linear { weight: Tensor::zeros(0, candle_core::DType::F32, &pb.device())?, bias: pb.get(out, "bias", Init::Zeros)? })
+        }
+        None => Linear::new(pb, inp, out),
+    }
+}
+
+/// The int8 layer of `l` with projections `q` (query, key, value, attention output, intermediate, output).
+fn int8_layer(l: &Layer, q: Vec<Int8Matrix>) -> Result<Int8Layer> {
+    let v = |t: &Tensor| -> Result<Vec<f32>> { Ok(t.flatten_all()?.to_vec1::<f32>()?) };
+    let [qw, kw, vw, ow, iw, fw]: [Int8Matrix; 6] =
+        q.try_into().map_err(|_| candle_core::Error::Msg("an int8 layer has six projections".into()))?;
+    let qkv_bias = [v(&l.query.bias)?, v(&l.key.bias)?, v(&l.value.bias)?].concat();
+    let layer = Int8Layer::new(
+        [Int8Matrix::stack(&[&qw, &kw, &vw]), ow, iw, fw],
+        [qkv_bias, v(&l.attn_out.bias)?, v(&l.intermediate.bias)?, v(&l.output.bias)?],
+        [v(&l.attn_norm.weight)?, v(&l.attn_norm.bias)?, v(&l.out_norm.weight)?, v(&l.out_norm.bias)?],
+    );
+    layer.map_err(|e| NnError::File { path: "int8 weights".into(), message: e })
+}
+
 /// Which implementation runs the transformer layers.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Kernels {
@@ -156,6 +182,8 @@ pub struct Bert {
     peft: Option<PeftSpec>,
     /// The adapter whose update is merged into the base weights, if one is.
     merged: Option<usize>,
+    /// An int8 model's layers (inference only); its f32 projection weights are then empty placeholders.
+    int8: Option<Arc<Vec<Int8Layer>>>,
 }
 
 /// A batch: token ids and token types as `[batch, seq]` tensors; the attention mask (1 real, 0 padding) stays
@@ -174,6 +202,10 @@ impl Bert {
     /// parameters frozen).
     pub fn new(pb: &ParamBuilder, config: &BertConfig, peft: Option<&PeftSpec>) -> Result<Self> {
         let h = config.hidden_size;
+        if pb.has_int8() && peft.is_some() {
+            return Err(NnError::File { path: "int8 weights".into(), message: "an int8 model cannot carry adapters".into() });
+        }
+        let mut int8: Vec<Vec<Int8Matrix>> = Vec::new();
         let eps = config.layer_norm_eps;
         let e = pb.pp("embeddings");
         let embeddings = Embeddings {
@@ -214,21 +246,38 @@ impl Bert {
                     }
                     None => {}
                 }
-                Ok(Layer {
-                    query: Linear::new(&a.pp("self.query"), h, h)?,
-                    key: Linear::new(&a.pp("self.key"), h, h)?,
-                    value: Linear::new(&a.pp("self.value"), h, h)?,
-                    attn_out: Linear::new(&a.pp("output.dense"), h, h)?,
+                let mut q = Vec::new();
+                let layer = Layer {
+                    query: linear_or_int8(&a.pp("self.query"), h, h, &mut q)?,
+                    key: linear_or_int8(&a.pp("self.key"), h, h, &mut q)?,
+                    value: linear_or_int8(&a.pp("self.value"), h, h, &mut q)?,
+                    attn_out: linear_or_int8(&a.pp("output.dense"), h, h, &mut q)?,
                     attn_norm: LayerNorm::new(&a.pp("output.LayerNorm"), h, eps)?,
-                    intermediate: Linear::new(&l.pp("intermediate.dense"), h, config.intermediate_size)?,
-                    output: Linear::new(&l.pp("output.dense"), config.intermediate_size, h)?,
+                    intermediate: linear_or_int8(&l.pp("intermediate.dense"), h, config.intermediate_size, &mut q)?,
+                    output: linear_or_int8(&l.pp("output.dense"), config.intermediate_size, h, &mut q)?,
                     out_norm: LayerNorm::new(&l.pp("output.LayerNorm"), h, eps)?,
                     lora: adapted,
                     bottleneck,
                     prefix,
-                })
+                };
+                int8.push(q);
+                Ok(layer)
             })
             .collect::<Result<Vec<Layer>>>()?;
+        let int8 = match int8.iter().map(Vec::len).max() {
+            Some(6) if int8.iter().all(|q| q.len() == 6) => Some(Arc::new(
+                layers.iter().zip(int8).map(|(l, q)| int8_layer(l, q)).collect::<Result<Vec<_>>>()?,
+            )),
+            None | Some(0) => None,
+            Some(_) => {
+                let message = "int8 weights for some projections and f32 ones for others: an int8 model has all six of every layer in int8";
+                return Err(NnError::File { path: "int8 weights".into(), message: message.into() });
+            }
+        };
+        let unused = pb.unused_int8();
+        if !unused.is_empty() {
+            return Err(NnError::File { path: "int8 weights".into(), message: format!("int8 tensors the model has no place for: {}", unused.join(", ")) });
+        }
         let (embeddings, layers) = match peft {
             // As in PEFT: with any of the methods, only its parameters (and the heads) train.
             Some(_) => {
@@ -248,7 +297,97 @@ impl Bert {
             retain_graph: Arc::new(false.into()),
             peft: peft.cloned(),
             merged: None,
+            int8,
         })
+    }
+
+    /// The int8 layers, when the model is an int8 one.
+    pub fn int8_layers(&self) -> Option<&[Int8Layer]> {
+        self.int8.as_deref().map(Vec::as_slice)
+    }
+
+    /// Quantises every encoder projection to int8 (weight-only, one scale per output channel), for inference.
+    /// A merged LoRA adapter stays in the weights and the adapters go. Returns the names of the f32 weights
+    /// the model no longer uses.
+    pub(crate) fn quantize_int8(&mut self) -> Result<Vec<String>> {
+        if self.int8.is_some() {
+            return Err(candle_core::Error::Msg("the model is int8 already".into()).into());
+        }
+        if self.peft.is_some() && self.merged.is_none() {
+            return Err(candle_core::Error::Msg("int8 needs one set of encoder weights: merge the LoRA adapter first (adapters, prefixes and per-task LoRA cannot be quantised)".into()).into());
+        }
+        let mut dropped = Vec::new();
+        let mut int8 = Vec::new();
+        for (i, layer) in self.layers.iter_mut().enumerate() {
+            let mut q = Vec::new();
+            for (module, linear) in [
+                (LinearModule::Query, &mut layer.query),
+                (LinearModule::Key, &mut layer.key),
+                (LinearModule::Value, &mut layer.value),
+                (LinearModule::AttentionOutput, &mut layer.attn_out),
+                (LinearModule::Intermediate, &mut layer.intermediate),
+                (LinearModule::Output, &mut layer.output),
+            ] {
+                let (rows, cols) = linear.weight.dims2()?;
+                q.push(Int8Matrix::quantize(&linear.weight.flatten_all()?.to_vec1::<f32>()?, rows, cols));
+                linear.weight = Tensor::zeros(0, candle_core::DType::F32, linear.weight.device())?;
+                dropped.push(format!("encoder.layer.{i}.{}.weight", module.bert_path()));
+            }
+            layer.lora.clear();
+            int8.push(int8_layer(layer, q)?);
+        }
+        self.int8 = Some(Arc::new(int8));
+        self.peft = None;
+        self.merged = None;
+        Ok(dropped)
+    }
+
+    /// Makes a merged shared LoRA adapter part of the model: the adapters go, the merged weights stay.
+    pub(crate) fn fold_merged(&mut self) -> Result<()> {
+        if self.peft.is_some() && self.merged.is_none() {
+            return Err(candle_core::Error::Msg("only a merged LoRA adapter folds into the weights".into()).into());
+        }
+        for layer in &mut self.layers {
+            layer.lora.clear();
+        }
+        self.peft = None;
+        self.merged = None;
+        Ok(())
+    }
+
+    /// The int8 weights under their checkpoint names (q, k and v apart), for saving.
+    pub fn int8_weights(&self) -> Vec<(String, Int8Matrix)> {
+        let Some(layers) = &self.int8 else { return Vec::new() };
+        let h = self.config.hidden_size;
+        let mut out = Vec::new();
+        for (i, l) in layers.iter().enumerate() {
+            let qkv = l.projection(Proj::Qkv);
+            let parts = [
+                (LinearModule::Query, qkv.slice_rows(0, h)),
+                (LinearModule::Key, qkv.slice_rows(h, 2 * h)),
+                (LinearModule::Value, qkv.slice_rows(2 * h, 3 * h)),
+                (LinearModule::AttentionOutput, l.projection(Proj::AttentionOutput).clone()),
+                (LinearModule::Intermediate, l.projection(Proj::Intermediate).clone()),
+                (LinearModule::Output, l.projection(Proj::Output).clone()),
+            ];
+            out.extend(parts.into_iter().map(|(m, q)| (format!("encoder.layer.{i}.{}.weight", m.bert_path()), q)));
+        }
+        out
+    }
+
+    /// Drops the top `n` layers (model cutting: the heads then read layer `L - n`). Returns the prefix of the
+    /// dropped layers' parameter names, one per layer.
+    pub(crate) fn drop_top_layers(&mut self, n: usize) -> Result<Vec<String>> {
+        let total = self.layers.len();
+        if n >= total {
+            return Err(candle_core::Error::Msg(format!("cannot drop {n} of the model's {total} layers: at least one must stay")).into());
+        }
+        self.layers.truncate(total - n);
+        if let Some(int8) = &mut self.int8 {
+            Arc::make_mut(int8).truncate(total - n);
+        }
+        self.config.num_hidden_layers = total - n;
+        Ok((total - n..total).map(|i| format!("encoder.layer.{i}.")).collect())
     }
 
     pub fn peft(&self) -> Option<&PeftSpec> {
@@ -323,6 +462,15 @@ impl Bert {
         let x = (x + self.embeddings.token_type.index_select(&types, 0)?.reshape((b, s, h))?)?;
         let x = self.embeddings.norm.forward(&x.reshape((b * s, h))?)?;
         let mut x = dropout.apply(&x, mode)?;
+        if let Some(layers) = &self.int8 {
+            if mode == Mode::Train || !x.device().is_cpu() {
+                return Err(candle_core::Error::Msg("an int8 model runs inference on the CPU only".into()).into());
+            }
+            let c = &self.config;
+            let dims = Dims { batch: b, seq: s, hidden: h, heads: c.num_attention_heads, intermediate: c.intermediate_size, eps: c.layer_norm_eps as f32 };
+            let op = Int8Encoder { dims, layers: layers.clone(), key_mask: input.attention_mask.clone() };
+            return Ok(x.contiguous()?.apply_op1_no_bwd(&op)?);
+        }
         // Adapters, unless LoRA merged into the weights, run through the composed path.
         let peft = match (&self.peft, self.merged) {
             (Some(spec), None) => {

@@ -44,3 +44,5 @@ pub type Result<T, E = NnError> = std::result::Result<T, E>;
 mod tests;
 #[cfg(test)]
 mod peft_tests;
+#[cfg(test)]
+mod int8_tests;

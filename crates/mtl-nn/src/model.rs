@@ -81,6 +81,55 @@ impl MultiTaskModel {
         Self::load_files(spec, weights, Some(adapters), true, device)
     }
 
+    /// Builds an int8 model: f32 tensors (embeddings, biases, LayerNorms, heads) from `weights`, the encoder's
+    /// projections from the int8 file `int8` (written by [`MultiTaskModel::save_int8`]). Inference only.
+    pub fn load_int8(spec: &ModelSpec, weights: &Path, int8: &Path, device: &Device) -> Result<Self> {
+        let pb = ParamBuilder::from_safetensors(weights, spec.seed, device)?;
+        pb.add_int8(int8)?;
+        let model = Self::from_builder(spec, pb)?;
+        let missing = model.params.initialised();
+        if !missing.is_empty() {
+            return Err(NnError::MissingTensors { path: weights.to_owned(), names: missing.join(", ") });
+        }
+        if model.bert.int8_layers().is_none() {
+            return Err(NnError::File { path: int8.to_owned(), message: "holds no int8 encoder weights".into() });
+        }
+        Ok(model)
+    }
+
+    /// Quantises the encoder's projections to int8 for inference (see [`crate::cpu::int8`]); their f32
+    /// weights, and the adapters of a merged LoRA, are dropped.
+    pub fn quantize_int8(&mut self) -> Result<()> {
+        let dropped = self.bert.quantize_int8()?;
+        self.params.remove(|name| !dropped.iter().any(|d| d == name) && !peft::is_peft_param(name));
+        Ok(())
+    }
+
+    /// Writes an int8 model's int8 weights (its other tensors are in [`MultiTaskModel::params`]).
+    pub fn save_int8(&self, path: &Path) -> Result<()> {
+        let weights = self.bert.int8_weights();
+        if weights.is_empty() {
+            return Err(NnError::File { path: path.to_owned(), message: "the model is not an int8 one".into() });
+        }
+        let refs: Vec<(String, &crate::cpu::int8::Int8Matrix)> = weights.iter().map(|(n, m)| (n.clone(), m)).collect();
+        crate::params::save_int8(path, &refs)
+    }
+
+    /// Folds a merged shared LoRA adapter into the model for good: its adapter parameters go, and the model
+    /// is then a plain one whose weights hold the update.
+    pub fn drop_adapters(&mut self) -> Result<()> {
+        self.bert.fold_merged()?;
+        self.params.remove(|name| !peft::is_peft_param(name));
+        Ok(())
+    }
+
+    /// Drops the top `n` encoder layers (model cutting); the heads then read the last layer that stays.
+    pub fn prune_top_layers(&mut self, n: usize) -> Result<()> {
+        let prefixes = self.bert.drop_top_layers(n)?;
+        self.params.remove(|name| !prefixes.iter().any(|p| name.starts_with(p.as_str())));
+        Ok(())
+    }
+
     fn load_files(spec: &ModelSpec, weights: &Path, adapters: Option<&Path>, require_heads: bool, device: &Device) -> Result<Self> {
         let pb = ParamBuilder::from_safetensors(weights, spec.seed, device)?;
         if let Some(path) = adapters {

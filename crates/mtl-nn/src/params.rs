@@ -10,6 +10,7 @@ use candle_core::{DType, Device, Shape, Tensor, Var};
 use rand::SeedableRng;
 use rand_distr::{Distribution, Normal};
 
+use crate::cpu::int8::Int8Matrix;
 use crate::{NnError, Result};
 
 /// How a parameter absent from the loaded weights is initialised (as Hugging Face BERT initialises it).
@@ -39,6 +40,13 @@ impl ParamStore {
         &self.initialised
     }
 
+    /// Drops variables (weights replaced by int8 ones, pruned layers); returns how many were there.
+    pub(crate) fn remove(&mut self, keep: impl Fn(&str) -> bool) -> usize {
+        let before = self.vars.len();
+        self.vars.retain(|name, _| keep(name));
+        before - self.vars.len()
+    }
+
     pub fn num_params(&self) -> usize {
         self.vars.values().map(|v| v.elem_count()).sum()
     }
@@ -57,8 +65,63 @@ impl ParamStore {
     }
 }
 
+/// The suffix of an int8 weight's scales: `NAME.weight` (I8, `[out, in]`) has `NAME.weight_scale` (F32, `[out]`).
+pub const INT8_SCALE_SUFFIX: &str = "_scale";
+
+/// Writes int8 matrices to a safetensors file: each as an I8 tensor with its per-row scales beside it.
+pub fn save_int8(path: &Path, matrices: &[(String, &Int8Matrix)]) -> Result<()> {
+    use safetensors::tensor::TensorView;
+    use safetensors::Dtype;
+    let bytes: Vec<(String, Vec<u8>, Vec<u8>)> = matrices
+        .iter()
+        .map(|(name, m)| (name.clone(), m.data().iter().map(|&q| q as u8).collect(), m.scales().iter().flat_map(|s| s.to_le_bytes()).collect()))
+        .collect();
+    let mut views = Vec::new();
+    for ((name, data, scales), (_, m)) in bytes.iter().zip(matrices) {
+        let bad = |e: safetensors::SafeTensorError| NnError::File { path: path.to_owned(), message: e.to_string() };
+        views.push((name.clone(), TensorView::new(Dtype::I8, vec![m.rows(), m.cols()], data).map_err(bad)?));
+        views.push((format!("{name}{INT8_SCALE_SUFFIX}"), TensorView::new(Dtype::F32, vec![m.rows()], scales).map_err(bad)?));
+    }
+    let meta = HashMap::from([
+        ("format".to_string(), "mtl-int8".to_string()),
+        ("scheme".to_string(), "weight-only int8, symmetric, one scale per output channel: w = q * scale".to_string()),
+    ]);
+    safetensors::serialize_to_file(views, Some(meta), path)
+        .map_err(|e| NnError::File { path: path.to_owned(), message: format!("cannot write: {e}") })
+}
+
+/// Reads a file written by [`save_int8`].
+pub fn load_int8(path: &Path) -> Result<Vec<(String, Int8Matrix)>> {
+    use safetensors::Dtype;
+    let bytes = std::fs::read(path).map_err(|source| NnError::Io { path: path.to_owned(), source })?;
+    let bad = |message: String| NnError::File { path: path.to_owned(), message };
+    let file = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| bad(format!("not a valid safetensors file: {e}")))?;
+    let mut out = Vec::new();
+    for (name, view) in file.tensors() {
+        if name.ends_with(INT8_SCALE_SUFFIX) {
+            continue;
+        }
+        let (Dtype::I8, [rows, cols]) = (view.dtype(), view.shape()) else {
+            return Err(bad(format!("tensor `{name}`: expected a 2-D I8 weight, found {:?} {:?}", view.dtype(), view.shape())));
+        };
+        let scale_name = format!("{name}{INT8_SCALE_SUFFIX}");
+        let scales = file.tensor(&scale_name).map_err(|_| bad(format!("tensor `{name}` has no `{scale_name}`")))?;
+        if scales.dtype() != Dtype::F32 || scales.shape() != [*rows] {
+            return Err(bad(format!("tensor `{scale_name}`: expected F32 [{rows}], found {:?} {:?}", scales.dtype(), scales.shape())));
+        }
+        let data = view.data().iter().map(|&b| b as i8).collect();
+        let scales = scales.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+        let m = Int8Matrix::from_parts(*rows, *cols, data, scales).map_err(|e| bad(format!("tensor `{name}`: {e}")))?;
+        out.push((name, m));
+    }
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(out)
+}
+
 struct Inner {
     source: HashMap<String, Tensor>,
+    /// Int8 weights by name (an int8 model's encoder projections).
+    int8: HashMap<String, Int8Matrix>,
     store: ParamStore,
     rng: rand_chacha::ChaCha8Rng,
     device: Device,
@@ -77,6 +140,7 @@ impl ParamBuilder {
     pub fn new(source: HashMap<String, Tensor>, seed: u64, device: &Device) -> Self {
         let inner = Inner {
             source,
+            int8: HashMap::new(),
             store: ParamStore::default(),
             rng: rand_chacha::ChaCha8Rng::seed_from_u64(seed),
             device: device.clone(),
@@ -113,6 +177,44 @@ impl ParamBuilder {
             inner.source.insert(name, tensor.to_dtype(DType::F32)?);
         }
         Ok(())
+    }
+
+    /// Adds the int8 weights of a file written by [`save_int8`] to the weights parameters are taken from.
+    pub fn add_int8(&self, path: &Path) -> Result<()> {
+        let matrices = load_int8(path)?;
+        let mut inner = self.inner.borrow_mut();
+        for (name, m) in matrices {
+            if inner.source.contains_key(&name) {
+                return Err(NnError::File { path: path.to_owned(), message: format!("tensor `{name}` is in the f32 weights too") });
+            }
+            inner.int8.insert(name, m);
+        }
+        Ok(())
+    }
+
+    /// Whether any int8 weights were added.
+    pub fn has_int8(&self) -> bool {
+        !self.inner.borrow().int8.is_empty()
+    }
+
+    /// Takes the int8 weight `prefix.name`, checking it is `rows × cols`; `None` when there is none.
+    pub fn take_int8(&self, name: &str, rows: usize, cols: usize) -> Result<Option<Int8Matrix>> {
+        let full = if self.prefix.is_empty() { name.to_string() } else { format!("{}.{name}", self.prefix) };
+        let Some(m) = self.inner.borrow_mut().int8.remove(&full) else { return Ok(None) };
+        if (m.rows(), m.cols()) != (rows, cols) {
+            return Err(NnError::File {
+                path: "int8 weights".into(),
+                message: format!("tensor `{full}` is {} × {}, the model expects {rows} × {cols}", m.rows(), m.cols()),
+            });
+        }
+        Ok(Some(m))
+    }
+
+    /// Names of int8 weights no parameter took.
+    pub fn unused_int8(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.inner.borrow().int8.keys().cloned().collect();
+        names.sort();
+        names
     }
 
     /// A builder for names under `self.prefix + name + "."`.

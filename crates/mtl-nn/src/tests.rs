@@ -12,11 +12,11 @@ use crate::{BertConfig, HeadSpec, Kernels, ModelSpec, MultiTaskModel, NnError};
 
 type TestResult = Result<(), Box<dyn std::error::Error>>;
 
-fn fixture_dir() -> PathBuf {
+pub(crate) fn fixture_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/tiny-bert")
 }
 
-fn reference() -> Result<Value, Box<dyn std::error::Error>> {
+pub(crate) fn reference() -> Result<Value, Box<dyn std::error::Error>> {
     Ok(serde_json::from_str(&std::fs::read_to_string(fixture_dir().join("reference.json"))?)?)
 }
 

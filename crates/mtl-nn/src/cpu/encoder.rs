@@ -188,7 +188,8 @@ impl CustomOp1 for FusedEncoder {
                 _ if self.train => tapes.last().and_then(|t| t.out.as_deref()).ok_or_else(lost)?,
                 _ => carry.as_deref().ok_or_else(lost)?,
             };
-            let (y, tape) = layer_forward(d, &w, input, &self.key_mask, self.layer_dropout(l), self.train);
+            let layer = F32Layer { w: &w, hidden: d.hidden, intermediate: d.intermediate };
+            let (y, tape) = layer_forward(d, &layer, input, &self.key_mask, self.layer_dropout(l), self.train);
             match tape {
                 Some(mut tape) => {
                     if last {
@@ -357,20 +358,72 @@ fn elementwise(a: &mut [f32], f: impl Fn(&mut [f32], usize) + Sync) {
     a.par_chunks_mut(1 << 14).enumerate().for_each(|(c, chunk)| simd(#[inline(always)] || f(chunk, c << 14)));
 }
 
-fn layer_forward(d: &Dims, w: &[&[f32]], x: &[f32], key_mask: &[u32], dropout: Option<&LayerDropout>, train: bool) -> (Vec<f32>, Option<Tape>) {
+/// A layer's four projections.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Proj {
+    /// q | k | v side by side (`3 · hidden` outputs).
+    Qkv,
+    AttentionOutput,
+    Intermediate,
+    Output,
+}
+
+/// The weights of one layer as its forward pass uses them: f32 parameters ([`F32Layer`]) or int8 ones
+/// ([`super::int8::Int8Layer`]).
+pub trait LayerWeights: Sync {
+    /// Writes `x Wᵀ + b` of projection `p` into `out` (`rows × out_dim`).
+    fn project(&self, p: Proj, x: &[f32], rows: usize, out: &mut [f32]);
+    /// The attention LayerNorm's weight and bias, then the output LayerNorm's.
+    fn norms(&self) -> [&[f32]; 4];
+}
+
+/// A layer's f32 parameters in [`LayerParams`] order.
+struct F32Layer<'a> {
+    w: &'a [&'a [f32]],
+    hidden: usize,
+    intermediate: usize,
+}
+
+impl LayerWeights for F32Layer<'_> {
+    fn project(&self, p: Proj, x: &[f32], rows: usize, out: &mut [f32]) {
+        let (w, h, i) = (self.w, self.hidden, self.intermediate);
+        match p {
+            // q, k and v in one product against the stacked [3h × h] weight.
+            Proj::Qkv => linear(x, &stacked(w, QW), &stacked(w, QB), out, rows, h, 3 * h),
+            Proj::AttentionOutput => linear(x, w[OW], w[OB], out, rows, h, h),
+            Proj::Intermediate => linear(x, w[IW], w[IB], out, rows, h, i),
+            Proj::Output => linear(x, w[FW], w[FB], out, rows, i, h),
+        }
+    }
+
+    fn norms(&self) -> [&[f32]; 4] {
+        [self.w[N1W], self.w[N1B], self.w[N2W], self.w[N2B]]
+    }
+}
+
+/// The layers' forward pass for inference (no tape, no dropout).
+pub fn infer(d: &Dims, layers: &[impl LayerWeights], x0: &[f32], key_mask: &[u32]) -> Vec<f32> {
+    let mut x = x0.to_vec();
+    for layer in layers {
+        x = layer_forward(d, layer, &x, key_mask, None, false).0;
+    }
+    x
+}
+
+fn layer_forward(d: &Dims, w: &dyn LayerWeights, x: &[f32], key_mask: &[u32], dropout: Option<&LayerDropout>, train: bool) -> (Vec<f32>, Option<Tape>) {
     let (n, h, inter) = (d.tokens(), d.hidden, d.intermediate);
-    // q, k and v in one product against the stacked [3h × h] weight.
+    let [n1w, n1b, n2w, n2b] = w.norms();
     let mut qkv = vec![0f32; n * 3 * h];
-    linear(x, &stacked(w, QW), &stacked(w, QB), &mut qkv, n, h, 3 * h);
+    w.project(Proj::Qkv, x, n, &mut qkv);
     let mut probs = if train { vec![0f32; d.batch * d.heads * d.seq * d.seq] } else { Vec::new() };
     let ctx = attention_forward(d, &qkv, key_mask, dropout.map(|d| &d.attention[..]), train.then_some(&mut probs[..]));
     let mut a = vec![0f32; n * h];
-    linear(&ctx, w[OW], w[OB], &mut a, n, h, h);
+    w.project(Proj::AttentionOutput, &ctx, n, &mut a);
     let (mut y1, mut xhat1, mut rstd1) = (vec![0f32; n * h], vec![0f32; n * h], vec![0f32; n]);
-    add_norm(&a, dropout.map(|d| &d.attention_output[..]), x, w[N1W], w[N1B], d.eps, &mut y1, &mut xhat1, &mut rstd1);
+    add_norm(&a, dropout.map(|d| &d.attention_output[..]), x, n1w, n1b, d.eps, &mut y1, &mut xhat1, &mut rstd1);
     drop(a);
     let mut u = vec![0f32; n * inter];
-    linear(&y1, w[IW], w[IB], &mut u, n, h, inter);
+    w.project(Proj::Intermediate, &y1, n, &mut u);
     // g = gelu(u) for the next product; u itself is overwritten by gelu'(u), all the backward pass needs.
     let mut g = vec![0f32; n * inter];
     g.par_chunks_mut(1 << 14).zip(u.par_chunks_mut(1 << 14)).for_each(|(g, u)| {
@@ -382,9 +435,9 @@ fn layer_forward(d: &Dims, w: &[&[f32]], x: &[f32], key_mask: &[u32], dropout: O
     });
     let dgelu = u;
     let mut o = vec![0f32; n * h];
-    linear(&g, w[FW], w[FB], &mut o, n, inter, h);
+    w.project(Proj::Output, &g, n, &mut o);
     let (mut y2, mut xhat2, mut rstd2) = (vec![0f32; n * h], vec![0f32; n * h], vec![0f32; n]);
-    add_norm(&o, dropout.map(|d| &d.output[..]), &y1, w[N2W], w[N2B], d.eps, &mut y2, &mut xhat2, &mut rstd2);
+    add_norm(&o, dropout.map(|d| &d.output[..]), &y1, n2w, n2b, d.eps, &mut y2, &mut xhat2, &mut rstd2);
     let tape = train.then_some(Tape { qkv, probs, ctx, xhat1, rstd1, y1, dgelu, g, xhat2, rstd2, out: None });
     (y2, tape)
 }
