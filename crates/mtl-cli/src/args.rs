@@ -123,6 +123,36 @@ pub enum Command {
         #[arg(long)]
         threads: Option<usize>,
     },
+    /// Quantise a trained model's encoder to int8 for inference (weight-only, one scale per output channel of
+    /// each linear layer); prints each task's score change on the test (and dev) sets and writes the model to
+    /// --out, which `mtl predict`, `mtl eval` and `mtl serve` load like any other.
+    Quantize {
+        /// A checkpoint directory written by `mtl train`.
+        #[arg(long)]
+        model: PathBuf,
+        /// Output directory; it must not exist yet.
+        #[arg(long)]
+        out: PathBuf,
+        /// Score on this config's data files instead of those the model was trained with.
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Drop the top N encoder layers of a trained model (model cutting); prints each task's score change on
+    /// the test (and dev) sets and writes the smaller model to --out.
+    Prune {
+        /// A checkpoint directory written by `mtl train`.
+        #[arg(long)]
+        model: PathBuf,
+        /// How many of the top layers to drop.
+        #[arg(long)]
+        layers: usize,
+        /// Output directory; it must not exist yet.
+        #[arg(long)]
+        out: PathBuf,
+        /// Score on this config's data files instead of those the model was trained with.
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
     /// Write each task of a trained model as a Hugging Face transformers model directory, OUT/TASK/
     /// (BertForSequenceClassification, BertForTokenClassification or BertForQuestionAnswering, LoRA merged).
     Export {

@@ -35,6 +35,8 @@ pub fn run(cli: Cli) -> Result<()> {
             predict(&model, input.as_deref(), batch_size, full_precision)
         }
         Command::Export { model, out } => crate::export::export(&model, &out),
+        Command::Quantize { model, out, config } => crate::deploy::quantize(&model, &out, config.as_deref()),
+        Command::Prune { model, layers, out, config } => crate::deploy::prune(&model, layers, &out, config.as_deref()),
         Command::Serve {
             model,
             addr,
@@ -447,6 +449,9 @@ pub(crate) fn load_checkpoint_with(dir: &Path, merge: bool) -> Result<Loaded> {
                 model.merge_lora(0)?;
             }
             model
+        }
+        None if dir.join(checkpoint::INT8).exists() => {
+            MultiTaskModel::load_int8(&spec, &dir.join(checkpoint::WEIGHTS), &dir.join(checkpoint::INT8), &Device::Cpu)?
         }
         None => MultiTaskModel::load(&spec, &dir.join(checkpoint::WEIGHTS), true, &Device::Cpu)?,
     };

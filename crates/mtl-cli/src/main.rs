@@ -1,9 +1,10 @@
-//! The `mtl` binary: `train`, `eval`, `predict`, `add-task`, `export` and `serve`. `main` only parses arguments and turns the outcome of
+//! The `mtl` binary: `train`, `eval`, `predict`, `add-task`, `export`, `serve`, `quantize` and `prune`. `main` only parses arguments and turns the outcome of
 //! `run` into an exit status; every command lives in its own module.
 
 mod add_task;
 mod args;
 mod commands;
+mod deploy;
 mod export;
 mod report;
 mod serve;

@@ -29,6 +29,8 @@ pub const HEADS: &str = "heads";
 pub const ADAPTERS: &str = "adapters.safetensors";
 /// Where that base model is, and a checksum of its weights.
 pub const BASE_MODEL: &str = "base_model.json";
+/// An int8 model's encoder projections (`mtl quantize`); its other tensors stay in `model.safetensors`.
+pub const INT8: &str = "int8.safetensors";
 
 /// Everything a checkpoint holds besides the weights.
 pub struct CheckpointFiles<'a> {
@@ -101,10 +103,19 @@ fn write_files(dir: &Path, model: &MultiTaskModel, files: &CheckpointFiles) -> R
             .map_err(io_err(&dir.join(BASE_MODEL)))?;
     } else {
         model.params().save(&dir.join(WEIGHTS))?;
+        if model.bert().int8_layers().is_some() {
+            model.save_int8(&dir.join(INT8))?;
+        }
     }
-    for name in [MODEL_CONFIG, TOKENIZER] {
-        std::fs::copy(base.join(name), dir.join(name)).map_err(io_err(&base.join(name)))?;
-    }
+    std::fs::copy(base.join(TOKENIZER), dir.join(TOKENIZER)).map_err(io_err(&base.join(TOKENIZER)))?;
+    // The base model's config.json, with the model's own depth (`mtl prune` drops layers).
+    let config_path = base.join(MODEL_CONFIG);
+    let text = std::fs::read_to_string(&config_path).map_err(io_err(&config_path))?;
+    let mut bert: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| TrainError::Invalid { path: config_path.clone(), message: e.to_string() })?;
+    bert["num_hidden_layers"] = model.bert().config().num_hidden_layers.into();
+    std::fs::write(dir.join(MODEL_CONFIG), serde_json::to_string_pretty(&bert).expect("json; this is a bug"))
+        .map_err(io_err(&dir.join(MODEL_CONFIG)))?;
     // The rest of a Hugging Face tokenizer, where the base model has it (an export passes it on).
     for name in ["vocab.txt", "special_tokens_map.json", "tokenizer_config.json"] {
         if base.join(name).is_file() {

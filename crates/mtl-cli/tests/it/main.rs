@@ -3,6 +3,7 @@
 //! needs `scripts/fetch.sh` first (the README's test command runs it).
 
 mod cli;
+mod deploy;
 mod engine;
 mod export;
 mod peft;
