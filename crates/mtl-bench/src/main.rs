@@ -22,7 +22,7 @@ use mtl_train::{AdamW, AdamWConfig, ParamGroup};
 
 #[derive(Parser)]
 struct Args {
-    /// `train` (W1) or `infer` (W2).
+    /// `train` (W1), `infer` (W2), `int8` (W2 in f32 and int8, alternating), `data` or `gemm`.
     workload: String,
     #[arg(long, default_value = "assets/models/all-MiniLM-L6-v2")]
     model: PathBuf,
@@ -34,6 +34,9 @@ struct Args {
     warmup: usize,
     #[arg(long, default_value_t = 5)]
     steps: usize,
+    /// Quantise the encoder to int8 before timing (`infer`).
+    #[arg(long)]
+    int8: bool,
     /// The config whose training data the `data` workload reads.
     #[arg(long, default_value = "examples/atis/config.toml")]
     config: PathBuf,
@@ -136,8 +139,36 @@ fn main() -> Result<()> {
         (TaskId::new("tok")?, mtl_nn::HeadSpec::new(TaskKind::TokenClassification, 9)),
     ]);
     let spec = ModelSpec { bert: &bert, tasks: &tasks, dropout: 0.1, seed: 0, peft: None };
-    let model = MultiTaskModel::load(&spec, &args.model.join("model.safetensors"), false, &Device::Cpu)?;
+    let mut model = MultiTaskModel::load(&spec, &args.model.join("model.safetensors"), false, &Device::Cpu)?;
     let hb = batch(args.batch, args.seq, bert.vocab_size);
+    if args.workload == "int8" {
+        // f32 and int8 inference of the same model, alternating step by step, so that both see the same
+        // machine; plus the bytes their weights take.
+        let mut int8 = MultiTaskModel::load(&spec, &args.model.join("model.safetensors"), false, &Device::Cpu)?;
+        int8.quantize_int8()?;
+        let (mut f32_times, mut int8_times) = (Vec::new(), Vec::new());
+        for i in 0..args.warmup + args.steps {
+            for (m, times) in [(&model, &mut f32_times), (&int8, &mut int8_times)] {
+                let t0 = Instant::now();
+                std::hint::black_box(m.predict(&hb)?);
+                if i >= args.warmup {
+                    times.push(t0.elapsed().as_secs_f64() * 1e3);
+                }
+            }
+        }
+        let bytes = |m: &MultiTaskModel| 4 * m.params().num_params() + m.bert().int8_layers().map_or(0, |l| l.iter().map(|l| l.weight_bytes()).sum());
+        let (f, q) = (median(&f32_times), median(&int8_times));
+        println!(
+            "{}",
+            serde_json::json!({"workload": "int8", "batch": args.batch, "seq": args.seq, "f32_median_ms": f, "int8_median_ms": q,
+                "int8_over_f32": q / f, "f32_weight_bytes": bytes(&model), "int8_weight_bytes": bytes(&int8),
+                "f32_times_ms": f32_times, "int8_times_ms": int8_times})
+        );
+        return Ok(());
+    }
+    if args.int8 {
+        model.quantize_int8()?;
+    }
     let mut times = Vec::new();
     let mut phases: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
     match args.workload.as_str() {
@@ -178,7 +209,7 @@ fn main() -> Result<()> {
         }
         "data" => return data(&args),
         "gemm" => return gemm_layouts(&args),
-        other => anyhow::bail!("unknown workload {other:?}; valid choices: train, infer, data"),
+        other => anyhow::bail!("unknown workload {other:?}; valid choices: train, infer, int8, data, gemm"),
     }
     let phases: BTreeMap<&str, f64> = phases.iter().map(|(k, v)| (*k, median(v))).collect();
     println!("{}", serde_json::json!({"engine": "mtl", "workload": args.workload, "median_ms": median(&times), "times_ms": times, "phases_ms": phases}));

@@ -93,33 +93,38 @@ pub enum Command {
     Serve {
         /// A checkpoint directory written by `mtl train`.
         model: PathBuf,
-        #[arg(long, default_value = "127.0.0.1:8080")]
-        addr: std::net::SocketAddr,
-        /// Tokens in one model batch at most.
-        #[arg(long, default_value_t = 8192)]
-        max_batch_tokens: usize,
-        /// How long the first request of a batch waits for others, in milliseconds.
-        #[arg(long, default_value_t = 5)]
-        max_wait_ms: u64,
-        /// Requests waiting for the model at most; more get 429.
-        #[arg(long, default_value_t = 256)]
-        queue_bound: usize,
-        /// Characters of one input at most (longer ones get 422).
-        #[arg(long, default_value_t = 10_000)]
-        max_input_chars: usize,
-        /// Inputs of one request at most.
-        #[arg(long, default_value_t = 256)]
-        max_inputs: usize,
-        /// Bytes of a request body at most (larger ones get 413).
-        #[arg(long, default_value_t = 2 << 20)]
-        body_limit: usize,
-        /// Seconds a request may wait for its answer (then 503).
-        #[arg(long, default_value_t = 30)]
-        timeout_s: u64,
+        /// A TOML file whose `[serve]` table holds these settings (same names, with underscores); the flags
+        /// below win over it.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Address to listen on [default: 127.0.0.1:8080].
+        #[arg(long)]
+        addr: Option<std::net::SocketAddr>,
+        /// Tokens in one model batch at most [default: 8192].
+        #[arg(long)]
+        max_batch_tokens: Option<usize>,
+        /// How long the first request of a batch waits for others, in milliseconds [default: 5].
+        #[arg(long)]
+        max_wait_ms: Option<u64>,
+        /// Requests waiting for the model at most; more get 429 [default: 256].
+        #[arg(long)]
+        queue_bound: Option<usize>,
+        /// Characters of one input at most (longer ones get 422) [default: 10000].
+        #[arg(long)]
+        max_input_chars: Option<usize>,
+        /// Inputs of one request at most [default: 256].
+        #[arg(long)]
+        max_inputs: Option<usize>,
+        /// Bytes of a request body at most (larger ones get 413) [default: 2097152].
+        #[arg(long)]
+        body_limit: Option<usize>,
+        /// Seconds a request may wait for its answer (then 503) [default: 30].
+        #[arg(long)]
+        timeout_s: Option<u64>,
         /// A file of API keys, one per line; requests then need `Authorization: Bearer KEY` (401 otherwise).
         #[arg(long)]
         api_keys: Option<PathBuf>,
-        /// Threads of the HTTP runtime (default: one per core).
+        /// Threads of the HTTP runtime [default: one per core].
         #[arg(long)]
         threads: Option<usize>,
     },

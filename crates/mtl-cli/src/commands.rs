@@ -39,6 +39,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Prune { model, layers, out, config } => crate::deploy::prune(&model, layers, &out, config.as_deref()),
         Command::Serve {
             model,
+            config,
             addr,
             max_batch_tokens,
             max_wait_ms,
@@ -50,9 +51,25 @@ pub fn run(cli: Cli) -> Result<()> {
             api_keys,
             threads,
         } => {
-            let api_keys = match api_keys {
+            let mut s = match &config {
+                Some(path) => mtl_config::ServeConfig::load(path)?,
+                None => mtl_config::ServeConfig::default(),
+            };
+            // Flags win over the file.
+            s.addr = addr.unwrap_or(s.addr);
+            s.max_batch_tokens = max_batch_tokens.unwrap_or(s.max_batch_tokens);
+            s.max_wait_ms = max_wait_ms.unwrap_or(s.max_wait_ms);
+            s.queue_bound = queue_bound.unwrap_or(s.queue_bound);
+            s.max_input_chars = max_input_chars.unwrap_or(s.max_input_chars);
+            s.max_inputs = max_inputs.unwrap_or(s.max_inputs);
+            s.body_limit = body_limit.unwrap_or(s.body_limit);
+            s.timeout_s = timeout_s.unwrap_or(s.timeout_s);
+            s.api_keys = api_keys.or(s.api_keys);
+            s.threads = threads.or(s.threads);
+            s.validate(config.as_deref().unwrap_or(Path::new("(flags)")))?;
+            let api_keys = match &s.api_keys {
                 Some(path) => {
-                    let text = std::fs::read_to_string(&path).with_context(|| format!("{}: cannot read", path.display()))?;
+                    let text = std::fs::read_to_string(path).with_context(|| format!("{}: cannot read", path.display()))?;
                     let keys: std::collections::HashSet<String> =
                         text.lines().map(str::trim).filter(|l| !l.is_empty()).map(String::from).collect();
                     if keys.is_empty() {
@@ -64,17 +81,17 @@ pub fn run(cli: Cli) -> Result<()> {
             };
             let settings = mtl_serve::api::Settings {
                 batch: mtl_serve::batcher::BatchSettings {
-                    max_batch_tokens,
-                    max_wait: std::time::Duration::from_millis(max_wait_ms),
-                    queue_bound,
+                    max_batch_tokens: s.max_batch_tokens,
+                    max_wait: std::time::Duration::from_millis(s.max_wait_ms),
+                    queue_bound: s.queue_bound,
                 },
-                max_input_chars,
-                max_inputs,
-                body_limit,
-                request_timeout: std::time::Duration::from_secs(timeout_s),
+                max_input_chars: s.max_input_chars,
+                max_inputs: s.max_inputs,
+                body_limit: s.body_limit,
+                request_timeout: std::time::Duration::from_secs(s.timeout_s),
                 api_keys,
             };
-            crate::serve::serve(&model, addr, settings, threads)
+            crate::serve::serve(&model, s.addr, settings, s.threads)
         }
         Command::AddTask { model, config, out, overrides } => crate::add_task::add_task(&model, &config, &out, &overrides),
     }

@@ -12,8 +12,10 @@ use serde::{Deserialize, Serialize};
 
 mod peft;
 mod recipe;
+mod serve;
 
 pub use peft::{AdapterPlacement, PeftConfig, PeftMethod};
+pub use serve::ServeConfig;
 pub use recipe::{
     FreezeConfig, ReportOnly, Schedule, ScoreWeight, ScoreWeights, SurgeryConfig, SurgeryMethod, WeightingConfig,
     WeightingMethod,

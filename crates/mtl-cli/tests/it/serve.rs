@@ -30,8 +30,16 @@ fn serve_answers_as_predict_does_and_stops_on_sigterm() -> TestResult {
     let p = Project::new()?;
     let o = p.mtl(&["train", "config.toml", "--out", "run", "--set", "training.epochs=2"])?;
     assert!(o.status.success(), "{}", stderr(&o));
+    // A bad `[serve]` table is refused before the model loads, naming the file and field.
+    std::fs::write(p.path("bad.toml"), "[serve]\nqueue_bound = 0\n")?;
+    let o = p.mtl(&["serve", "run", "--config", "bad.toml"])?;
+    assert!(!o.status.success() && stderr(&o).contains("bad.toml: field `serve.queue_bound`: must be at least 1"), "{}", stderr(&o));
+    let o = p.mtl(&["serve", "run", "--max-inputs", "0"])?;
+    assert!(!o.status.success() && stderr(&o).contains("field `serve.max_inputs`"), "{}", stderr(&o));
+    // Settings from the file, one flag over them (the file's address is taken, so the flag's must win).
+    std::fs::write(p.path("serve.toml"), "[serve]\naddr = \"127.0.0.1:1\"\nmax_wait_ms = 20\n")?;
     let mut child = Command::new(env!("CARGO_BIN_EXE_mtl"))
-        .args(["serve", "run", "--addr", "127.0.0.1:0", "--max-wait-ms", "20"])
+        .args(["serve", "run", "--config", "serve.toml", "--addr", "127.0.0.1:0"])
         .current_dir(p.dir.path())
         .env("MTL_LOG", "info")
         .env("NO_COLOR", "1")

@@ -1,8 +1,9 @@
 //! Weight-only int8 for inference: each linear layer's weight is stored as int8 with one f32 scale per output
 //! channel (symmetric, `w ≈ q · scale`, `scale = max |w_row| / 127`), a quarter of its f32 size. Activations
-//! stay f32. A product dequantises 64 weight rows at a time into a buffer that stays in cache and runs the
-//! same f32 `gemm` as the f32 path on it, so the int8 model keeps the f32 model's speed on batches of tokens
-//! and reads a quarter of the weight memory on small ones.
+//! stay f32. On a batch of many tokens a product dequantises the weight in one parallel pass and runs the f32
+//! path's `gemm` on it (the pass costs a few percent of the product); on a few tokens (a request or two), where
+//! reading the weights is the cost, each thread dequantises blocks of 64 weight rows into cache and multiplies
+//! them there, reading a quarter of the f32 bytes.
 
 use std::sync::Arc;
 
@@ -15,7 +16,7 @@ use super::math::simd;
 
 /// Weight rows dequantised at a time.
 const BLOCK: usize = 64;
-/// Input rows a task takes at least when a product splits its input rows over threads.
+/// Input rows per thread from which a product dequantises the whole weight first.
 const MIN_ROWS: usize = 32;
 
 /// A `rows × cols` weight matrix (`[out, in]`, PyTorch's layout) in int8 with one scale per row.
@@ -124,13 +125,16 @@ impl Int8Matrix {
         }
         let threads = rayon::current_num_threads().max(1);
         if n >= MIN_ROWS * threads {
-            // Many rows: each task takes a share of them and runs through every weight block.
-            let per_task = n.div_ceil(threads);
-            out.par_chunks_mut(per_task * o).zip(x.par_chunks(per_task * k)).for_each(|(out, x)| {
-                let r = out.len() / o;
-                let mut buf = vec![0f32; BLOCK.min(o) * k];
-                self.rows_times_blocks(x, r, bias, out, &mut buf);
+            // Many rows: the product dominates. The whole weight is dequantised once (in parallel, a pass
+            // over memory) and the f32 product runs on every thread, as the f32 path's does.
+            let mut w = vec![0f32; o * k];
+            w.par_chunks_mut(BLOCK * k).enumerate().for_each(|(b, chunk)| self.dequantize_rows(b * BLOCK, chunk.len() / k, chunk));
+            out.par_chunks_mut(o * MIN_ROWS).for_each(|chunk| {
+                for row in chunk.chunks_exact_mut(o) {
+                    row.copy_from_slice(bias);
+                }
             });
+            matmul(ViewMut::new(out, n, o), View::new(x, n, k), View::new(&w, o, k).t(), 1.0, true, Threads::All);
         } else {
             // Few rows (a request or two): the weight blocks are shared out instead, each task writing its
             // columns to a block of its own.
@@ -157,20 +161,6 @@ impl Int8Matrix {
         }
     }
 
-    /// `out = x Wᵀ + bias` for `r` rows on the calling thread, one dequantised block of weight rows at a time.
-    fn rows_times_blocks(&self, x: &[f32], r: usize, bias: &[f32], out: &mut [f32], buf: &mut [f32]) {
-        let (o, k) = (self.rows, self.cols);
-        for row in out.chunks_exact_mut(o) {
-            row.copy_from_slice(bias);
-        }
-        for start in (0..o).step_by(BLOCK) {
-            let len = BLOCK.min(o - start);
-            let w = &mut buf[..len * k];
-            self.dequantize_rows(start, len, w);
-            let dst = ViewMut::strided(&mut out[start..], r, len, o);
-            matmul(dst, View::new(x, r, k), View::new(w, len, k).t(), 1.0, true, Threads::One);
-        }
-    }
 }
 
 /// One encoder layer with int8 projections; biases and LayerNorms stay f32.

@@ -1,0 +1,152 @@
+//! Serving settings: the `[serve]` table of a serving config (`mtl serve MODEL --config serve.toml`). Every
+//! key is also a flag of `mtl serve` (`max_batch_tokens` is `--max-batch-tokens`), and a flag wins over the
+//! file.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::ConfigError;
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServeConfig {
+    /// Address to listen on.
+    pub addr: SocketAddr,
+    /// Tokens in one model batch at most.
+    pub max_batch_tokens: usize,
+    /// How long the first request of a batch waits for others, in milliseconds.
+    pub max_wait_ms: u64,
+    /// Requests waiting for the model at most; more get 429 with Retry-After.
+    pub queue_bound: usize,
+    /// Characters of one input at most (longer ones get 422).
+    pub max_input_chars: usize,
+    /// Inputs of one request at most.
+    pub max_inputs: usize,
+    /// Bytes of a request body at most (larger ones get 413).
+    pub body_limit: usize,
+    /// Seconds a request may wait for its answer (then 503).
+    pub timeout_s: u64,
+    /// A file of API keys, one per line (relative to the config file); requests then need
+    /// `Authorization: Bearer KEY`.
+    pub api_keys: Option<PathBuf>,
+    /// Threads of the HTTP runtime (default: one per core).
+    pub threads: Option<usize>,
+}
+
+impl Default for ServeConfig {
+    fn default() -> Self {
+        Self {
+            addr: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            max_batch_tokens: 8192,
+            max_wait_ms: 5,
+            queue_bound: 256,
+            max_input_chars: 10_000,
+            max_inputs: 256,
+            body_limit: 2 << 20,
+            timeout_s: 30,
+            api_keys: None,
+            threads: None,
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ServeFile {
+    #[serde(default)]
+    serve: ServeConfig,
+}
+
+impl ServeConfig {
+    /// The `[serve]` table of `path`, checked; a relative `api_keys` path is taken relative to the file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        Self::parse(&text, path)
+    }
+
+    /// Parses TOML text; `path` names the file in errors and anchors a relative `api_keys`.
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        let file: ServeFile = toml::from_str(text)
+            .map_err(|e| ConfigError::Parse { path: path.to_owned(), message: e.to_string().trim_end().to_string() })?;
+        let mut config = file.serve;
+        if let (Some(keys), Some(dir)) = (&config.api_keys, path.parent()) {
+            if keys.is_relative() {
+                config.api_keys = Some(dir.join(keys));
+            }
+        }
+        config.validate(path)?;
+        Ok(config)
+    }
+
+    /// Checks the values (after flags are applied too); errors name the field.
+    pub fn validate(&self, path: &Path) -> Result<(), ConfigError> {
+        let invalid = |field: &str, message: &str| ConfigError::Invalid { path: path.to_owned(), field: format!("serve.{field}"), message: message.into() };
+        let at_least_one = [
+            ("max_batch_tokens", self.max_batch_tokens as u64),
+            ("queue_bound", self.queue_bound as u64),
+            ("max_input_chars", self.max_input_chars as u64),
+            ("max_inputs", self.max_inputs as u64),
+            ("timeout_s", self.timeout_s),
+            ("threads", self.threads.map_or(1, |t| t as u64)),
+        ];
+        for (field, value) in at_least_one {
+            if value == 0 {
+                return Err(invalid(field, "must be at least 1"));
+            }
+        }
+        if self.body_limit < 1024 {
+            return Err(invalid("body_limit", "must be at least 1024 bytes"));
+        }
+        if self.max_wait_ms > 60_000 {
+            return Err(invalid("max_wait_ms", "must be at most 60000 (a minute)"));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<ServeConfig, ConfigError> {
+        ServeConfig::parse(text, Path::new("conf/serve.toml"))
+    }
+
+    #[test]
+    fn defaults_and_relative_key_files() -> Result<(), ConfigError> {
+        assert_eq!(parse("")?, ServeConfig::default());
+        let c = parse("[serve]\naddr = \"0.0.0.0:9000\"\nqueue_bound = 8\napi_keys = \"keys.txt\"\n")?;
+        assert_eq!(c.addr.port(), 9000);
+        assert_eq!(c.queue_bound, 8);
+        assert_eq!(c.api_keys, Some(PathBuf::from("conf/keys.txt")));
+        assert_eq!(c.max_batch_tokens, 8192, "unset keys keep their defaults");
+        Ok(())
+    }
+
+    #[test]
+    fn serve_errors_snapshot() {
+        let cases = [
+            (
+                "[serve]\nqueue_bound = 4\nqueue_size = 8\n",
+                "invalid config conf/serve.toml: TOML parse error at line 3, column 1\n  |\n3 | queue_size = 8\n  | ^^^^^^^^^^\nunknown field `queue_size`, expected one of `addr`, `max_batch_tokens`, `max_wait_ms`, `queue_bound`, `max_input_chars`, `max_inputs`, `body_limit`, `timeout_s`, `api_keys`, `threads`",
+            ),
+            ("[serve]\nqueue_bound = 0\n", "invalid config conf/serve.toml: field `serve.queue_bound`: must be at least 1"),
+            ("[serve]\nbody_limit = 10\n", "invalid config conf/serve.toml: field `serve.body_limit`: must be at least 1024 bytes"),
+            ("[serve]\nthreads = 0\n", "invalid config conf/serve.toml: field `serve.threads`: must be at least 1"),
+            (
+                "[serve]\naddr = \"localhost\"\n",
+                "invalid config conf/serve.toml: TOML parse error at line 2, column 8\n  |\n2 | addr = \"localhost\"\n  |        ^^^^^^^^^^^\ninvalid socket address syntax",
+            ),
+            (
+                "[server]\n",
+                "invalid config conf/serve.toml: TOML parse error at line 1, column 2\n  |\n1 | [server]\n  |  ^^^^^^\nunknown field `server`, expected `serve`",
+            ),
+        ];
+        for (text, want) in cases {
+            let got = parse(text).expect_err("invalid").to_string();
+            assert_eq!(got, want, "for {text:?}");
+        }
+    }
+}
