@@ -84,6 +84,20 @@ pub enum ApiError {
     Internal(String),
 }
 
+impl ApiError {
+    /// The status the error table gives it.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::Validation(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            Self::UnknownTask(_) => StatusCode::NOT_FOUND,
+            Self::QueueFull => StatusCode::TOO_MANY_REQUESTS,
+            Self::Unauthorized => StatusCode::UNAUTHORIZED,
+            Self::Timeout => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let (status, kind, message) = match self {
@@ -190,44 +204,43 @@ struct TaskBody {
     inputs: Vec<RequestInput>,
 }
 
-fn parse<T: for<'de> Deserialize<'de>>(body: &Bytes) -> Result<T, ApiError> {
+fn parse<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, ApiError> {
     serde_json::from_slice(body).map_err(|e| ApiError::Validation(format!("invalid request body: {e}")))
 }
 
-async fn predict<E: Engine>(State(state): State<Arc<AppState<E>>>, body: Bytes) -> Result<Json<Value>, ApiError> {
-    let body: PredictBody = parse(&body)?;
-    let tasks = match body.tasks {
-        Some(t) if t.is_empty() => return Err(ApiError::Validation("`tasks` is empty; leave it out for every task".into())),
-        Some(t) => t,
-        None => state.engine.tasks().iter().map(|t| t.name.clone()).collect(),
+/// A predict request's body checked against the model's tasks and the limits: its inputs and the tasks to
+/// run on them. `path_task` is the task of `/v1/tasks/{task}/predict`; `None` for `/v1/predict`. Everything
+/// a client sends passes through here before any model work, so it is what the fuzz target drives.
+pub fn check_request(body: &[u8], path_task: Option<&str>, tasks: &[crate::TaskDescription], settings: &Settings) -> Result<(Vec<RequestInput>, Vec<String>), ApiError> {
+    let known = |t: &str| tasks.iter().any(|d| d.name == t);
+    let (inputs, wanted) = match path_task {
+        Some(task) => {
+            if !known(task) {
+                return Err(ApiError::UnknownTask(task.to_string()));
+            }
+            let body: TaskBody = parse(body)?;
+            (body.inputs, vec![task.to_string()])
+        }
+        None => {
+            let body: PredictBody = parse(body)?;
+            let wanted = match body.tasks {
+                Some(t) if t.is_empty() => return Err(ApiError::Validation("`tasks` is empty; leave it out for every task".into())),
+                Some(t) => t,
+                None => tasks.iter().map(|t| t.name.clone()).collect(),
+            };
+            (body.inputs, wanted)
+        }
     };
-    run(&state, body.inputs, tasks).await
-}
-
-async fn predict_task<E: Engine>(
-    State(state): State<Arc<AppState<E>>>,
-    Path(task): Path<String>,
-    body: Bytes,
-) -> Result<Json<Value>, ApiError> {
-    if !state.engine.tasks().iter().any(|t| t.name == task) {
-        return Err(ApiError::UnknownTask(task));
-    }
-    let body: TaskBody = parse(&body)?;
-    run(&state, body.inputs, vec![task]).await
-}
-
-async fn run<E: Engine>(state: &Arc<AppState<E>>, inputs: Vec<RequestInput>, tasks: Vec<String>) -> Result<Json<Value>, ApiError> {
-    let started = std::time::Instant::now();
-    if let Some(t) = tasks.iter().find(|t| !state.engine.tasks().iter().any(|d| &d.name == *t)) {
+    if let Some(t) = wanted.iter().find(|t| !known(t)) {
         return Err(ApiError::UnknownTask(t.clone()));
     }
     if inputs.is_empty() {
         return Err(ApiError::Validation("`inputs` is empty".into()));
     }
-    if inputs.len() > state.settings.max_inputs {
-        return Err(ApiError::Validation(format!("{} inputs; at most {} per request", inputs.len(), state.settings.max_inputs)));
+    if inputs.len() > settings.max_inputs {
+        return Err(ApiError::Validation(format!("{} inputs; at most {} per request", inputs.len(), settings.max_inputs)));
     }
-    let max = state.settings.max_input_chars;
+    let max = settings.max_input_chars;
     for (i, input) in inputs.iter().enumerate() {
         let chars = match input {
             RequestInput::Text(t) | RequestInput::Single { text: t } => t.chars().count(),
@@ -239,6 +252,26 @@ async fn run<E: Engine>(state: &Arc<AppState<E>>, inputs: Vec<RequestInput>, tas
             return Err(ApiError::Validation(format!("input {i}: {chars} characters; at most {max}")));
         }
     }
+    Ok((inputs, wanted))
+}
+
+async fn predict<E: Engine>(State(state): State<Arc<AppState<E>>>, body: Bytes) -> Result<Json<Value>, ApiError> {
+    let (inputs, tasks) = check_request(&body, None, state.engine.tasks(), &state.settings)?;
+    run(&state, inputs, tasks).await
+}
+
+async fn predict_task<E: Engine>(
+    State(state): State<Arc<AppState<E>>>,
+    Path(task): Path<String>,
+    body: Bytes,
+) -> Result<Json<Value>, ApiError> {
+    let (inputs, tasks) = check_request(&body, Some(&task), state.engine.tasks(), &state.settings)?;
+    run(&state, inputs, tasks).await
+}
+
+/// Tokenises checked inputs, queues them for the model thread and waits for the answer.
+async fn run<E: Engine>(state: &Arc<AppState<E>>, inputs: Vec<RequestInput>, tasks: Vec<String>) -> Result<Json<Value>, ApiError> {
+    let started = std::time::Instant::now();
     // Tokenisation on the blocking pool, off the async workers.
     let engine = state.engine.clone();
     let items = tokio::task::spawn_blocking(move || {
