@@ -44,3 +44,13 @@ if [ -x .venv/bin/python ] && .venv/bin/python -c "import torch, transformers" 2
 else
   echo "export check skipped: no bench environment (.venv with torch and transformers; scripts/bench-env.sh makes it)"
 fi
+
+# Fuzzing of the server's request parsing and checking (fuzz/, cargo fuzz on nightly Rust) for a minute; a long
+# run is scripts/fuzz.sh 3600.
+if scripts/fuzz.sh 60 > "$run/fuzz.log" 2>&1; then
+  echo "fuzz (request parsing): $(grep -o 'Done [0-9]* runs in [0-9]* second(s)' "$run/fuzz.log")"
+else
+  tail -40 "$run/fuzz.log"
+  echo "fuzzing failed: the input that failed is under fuzz/artifacts/request/"
+  exit 1
+fi
