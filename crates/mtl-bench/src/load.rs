@@ -51,6 +51,8 @@ struct Args {
 }
 
 struct Request {
+    /// The server, when not `--addr` (a request for one of several servers).
+    addr: Option<String>,
     path: String,
     body: String,
     expect: Option<Value>,
@@ -170,7 +172,8 @@ fn main() -> Result<()> {
         .map(|(i, l)| {
             let v: Value = serde_json::from_str(l).with_context(|| format!("{}:{}: invalid JSON", args.requests.display(), i + 1))?;
             let path = v["path"].as_str().with_context(|| format!("{}:{}: field `path` missing", args.requests.display(), i + 1))?;
-            Ok(Request { path: path.to_string(), body: v["body"].to_string(), expect: v.get("expect").cloned() })
+            let addr = v["addr"].as_str().map(String::from);
+            Ok(Request { addr, path: path.to_string(), body: v["body"].to_string(), expect: v.get("expect").cloned() })
         })
         .collect::<Result<_>>()?;
     if requests.is_empty() || args.concurrency == 0 {
@@ -204,7 +207,8 @@ fn main() -> Result<()> {
             let (requests, next, tally, stop) = (requests.clone(), next.clone(), tally.clone(), stop.clone());
             let (addr, key, rate, tol) = (args.addr.clone(), args.api_key.clone(), args.rate, args.tolerance);
             std::thread::spawn(move || {
-                let mut conn = Connection { addr, reader: None };
+                // One keep-alive connection per server.
+                let mut conns: std::collections::HashMap<String, Connection> = std::collections::HashMap::new();
                 let mut local = Tally::default();
                 loop {
                     let i = next.fetch_add(1, Ordering::Relaxed);
@@ -217,6 +221,8 @@ fn main() -> Result<()> {
                         std::thread::sleep(wait);
                     }
                     let r = &requests[i % requests.len()];
+                    let target = r.addr.clone().unwrap_or_else(|| addr.clone());
+                    let conn = conns.entry(target.clone()).or_insert_with(|| Connection { addr: target, reader: None });
                     match conn.send("POST", &r.path, &r.body, key.as_deref()) {
                         Ok((status, body)) => {
                             local.latencies_ms.push(due.elapsed().as_secs_f64() * 1e3);

@@ -205,7 +205,17 @@ struct TaskBody {
 }
 
 fn parse<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, ApiError> {
-    serde_json::from_slice(body).map_err(|e| ApiError::Validation(format!("invalid request body: {e}")))
+    serde_json::from_slice(body).map_err(|e| {
+        // serde's message for an input of no known shape names our enum; say what the shapes are instead.
+        let message = e.to_string();
+        let message = match message.strip_prefix("data did not match any variant of untagged enum RequestInput") {
+            Some(at) => format!(
+                "an input is a string, {{\"text\", \"text_pair\"}}, {{\"words\": [...]}}, {{\"question\", \"context\"}} or {{\"text\"}}{at}"
+            ),
+            None => message,
+        };
+        ApiError::Validation(format!("invalid request body: {message}"))
+    })
 }
 
 /// A predict request's body checked against the model's tasks and the limits: its inputs and the tasks to

@@ -141,23 +141,41 @@ async fn endpoints_answer() {
 async fn every_error_has_its_status_and_kind() {
     let settings = Settings { max_input_chars: 20, body_limit: 400, ..Settings::default() };
     let app = router(Fake::new(), settings);
-    let cases: Vec<(&str, Value, StatusCode, &str)> = vec![
-        ("/v1/predict", json!({"inputs": ["x"], "tasks": ["nope"]}), StatusCode::NOT_FOUND, "unknown_task"),
-        ("/v1/tasks/nope/predict", json!({"inputs": ["x"]}), StatusCode::NOT_FOUND, "unknown_task"),
-        ("/v1/predict", json!({"inputs": []}), StatusCode::UNPROCESSABLE_ENTITY, "validation"),
-        ("/v1/predict", json!({"inputs": ["x"], "tasks": []}), StatusCode::UNPROCESSABLE_ENTITY, "validation"),
-        ("/v1/predict", json!({"input": ["x"]}), StatusCode::UNPROCESSABLE_ENTITY, "validation"),
-        ("/v1/predict", json!({"inputs": [42]}), StatusCode::UNPROCESSABLE_ENTITY, "validation"),
-        ("/v1/predict", json!({"inputs": ["x".repeat(21)]}), StatusCode::UNPROCESSABLE_ENTITY, "validation"),
-        ("/v1/predict", json!({"inputs": [{"question": "q", "context": "c"}]}), StatusCode::UNPROCESSABLE_ENTITY, "validation"),
-        ("/v1/predict", json!({"inputs": vec!["x"; 200]}), StatusCode::PAYLOAD_TOO_LARGE, ""),
+    // The whole error body of each (a snapshot of the messages clients see).
+    let cases: Vec<(&str, Value, StatusCode, &str, &str)> = vec![
+        ("/v1/predict", json!({"inputs": ["x"], "tasks": ["nope"]}), StatusCode::NOT_FOUND, "unknown_task", "no task `nope`; GET /v1/tasks lists them"),
+        ("/v1/tasks/nope/predict", json!({"inputs": ["x"]}), StatusCode::NOT_FOUND, "unknown_task", "no task `nope`; GET /v1/tasks lists them"),
+        ("/v1/predict", json!({"inputs": []}), StatusCode::UNPROCESSABLE_ENTITY, "validation", "`inputs` is empty"),
+        ("/v1/predict", json!({"inputs": ["x"], "tasks": []}), StatusCode::UNPROCESSABLE_ENTITY, "validation", "`tasks` is empty; leave it out for every task"),
+        (
+            "/v1/predict",
+            json!({"input": ["x"]}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "validation",
+            "invalid request body: unknown field `input`, expected `inputs` or `tasks` at line 1 column 8",
+        ),
+        (
+            "/v1/predict",
+            json!({"inputs": [42]}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "validation",
+            "invalid request body: an input is a string, {\"text\", \"text_pair\"}, {\"words\": [...]}, {\"question\", \"context\"} or {\"text\"} at line 1 column 14",
+        ),
+        ("/v1/predict", json!({"inputs": ["x".repeat(21)]}), StatusCode::UNPROCESSABLE_ENTITY, "validation", "input 0: 21 characters; at most 20"),
+        (
+            "/v1/predict",
+            json!({"inputs": [{"question": "q", "context": "c"}]}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "validation",
+            "input 0: this model answers no questions",
+        ),
+        ("/v1/predict", json!({"inputs": vec!["x"; 200]}), StatusCode::PAYLOAD_TOO_LARGE, "", ""),
     ];
-    for (uri, body, status, kind) in cases {
+    for (uri, body, status, kind, message) in cases {
         let (got, answer, _) = call(&app, "POST", uri, Some(body.clone()), None).await;
         assert_eq!(got, status, "{uri} {body}: {answer}");
         if !kind.is_empty() {
-            assert_eq!(answer["error"]["kind"], kind, "{answer}");
-            assert!(answer["error"]["message"].as_str().is_some_and(|m| !m.is_empty()));
+            assert_eq!(answer, json!({"error": {"kind": kind, "message": message}}), "{uri} {body}");
         }
     }
     // Not JSON at all.
