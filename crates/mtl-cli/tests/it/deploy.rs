@@ -62,6 +62,12 @@ fn quantized_and_pruned_models_are_models_and_report_their_score_change() -> Tes
     let o = p.mtl(&["eval", "--model", "pruned", "--config", "config.toml"])?;
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(serde_json::from_slice::<Value>(&o.stdout)?["test"], m["test"]);
+    // A pruned model is a base to fine-tune from (model cutting, then training to recover): its heads and
+    // its shallower encoder load as the starting point.
+    let pruned_path = format!("model.path=\"{}\"", p.path("pruned").display());
+    let o = p.mtl(&["train", "config.toml", "--out", "pruned-tuned", "--set", &pruned_path, "--set", "training.epochs=1"])?;
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(json(&p.path("pruned-tuned/config.json"))?["num_hidden_layers"], 1);
     // Pruned then quantised: both apply.
     let o = p.mtl(&["quantize", "--model", "pruned", "--out", "pruned-int8"])?;
     assert!(o.status.success(), "{}", stderr(&o));
