@@ -496,15 +496,7 @@ fn eval(model_dir: &Path, config_path: &Path, overrides: &[String]) -> Result<()
         }
     }
     config.model = loaded.config.model.clone();
-    let trainer = Trainer {
-        config: &config,
-        model: &loaded.model,
-        labels: &loaded.labels,
-        keep_per_task_models: false,
-        checkpoints: None,
-        resume: false,
-        frozen: None,
-    };
+    let trainer = Trainer::evaluator(&config, &loaded.model, &loaded.labels);
     let mut scores: BTreeMap<&str, Scores> = BTreeMap::new();
     for split in [Split::Dev, Split::Test] {
         if let Some(data) = load_split(&config, split, &loaded.encoder, &loaded.labels)? {

@@ -15,15 +15,7 @@ use crate::commands::{load_checkpoint, load_split, Loaded};
 
 /// What a deployment transform did to each score: per split, task and metric, before, after and the change.
 fn score(loaded: &Loaded, config: &Config) -> Result<BTreeMap<&'static str, (Scores, f64)>> {
-    let trainer = Trainer {
-        config,
-        model: &loaded.model,
-        labels: &loaded.labels,
-        keep_per_task_models: false,
-        checkpoints: None,
-        resume: false,
-        frozen: None,
-    };
+    let trainer = Trainer::evaluator(config, &loaded.model, &loaded.labels);
     let mut out = BTreeMap::new();
     for split in [Split::Dev, Split::Test] {
         if let Some(data) = load_split(config, split, &loaded.encoder, &loaded.labels)? {

@@ -272,6 +272,13 @@ pub struct Trainer<'a> {
     pub frozen: Option<&'a std::collections::BTreeSet<String>>,
 }
 
+impl<'a> Trainer<'a> {
+    /// A trainer that only evaluates and predicts (no checkpoints, nothing frozen, nothing resumed).
+    pub fn evaluator(config: &'a Config, model: &'a MultiTaskModel, labels: &'a BTreeMap<TaskId, LabelMap>) -> Self {
+        Self { config, model, labels, keep_per_task_models: false, checkpoints: None, resume: false, frozen: None }
+    }
+}
+
 /// The best evaluation so far: epoch, step, selection score, scores and weights.
 struct Best {
     epoch: usize,
