@@ -21,6 +21,10 @@ It writes:
   tiny-bert/prefix.*    prefix tuning (3 positions, two adapters, random N(0, 1) prefixes) with transformers'
                         BertSelfAttention patched to prepend them: each adapter's last_hidden_state, a mixed batch,
                         a head's loss and the gradient norms of adapter "intent"
+  tiny-llama/           a tiny random LlamaForCausalLM (seed 0: 2 layers, 4 query / 2 key-value heads, tied
+                        embeddings): config.json, model.safetensors, and reference.json with a right-padded batch,
+                        its logits, a causal LM loss on target positions (prompt and padding at -100) with every
+                        parameter's gradient norm, and 6 greedily generated tokens (`generate`, do_sample=False)
   minilm-reference.json transformers' tokenization and last_hidden_state of all-MiniLM-L6-v2 on three
                         sentences (pretokenized words, as the token tasks feed them)
   seqeval.json          random BIO tag sequences with seqeval's precision/recall/f1/accuracy (default mode)
@@ -44,7 +48,7 @@ It writes:
                         scipy.optimize.minimize (SLSQP) exactly as the authors' code finds them, rescale = 1
 The tests themselves need none of these packages. `python scripts/make_fixtures.py metrics` writes only the
 metric fixtures (no torch needed for them, only scikit-learn, scipy and seqeval); `... weighting` writes only
-the last three, and `... lora` only tiny-bert/lora.*,
+the last three, `... llama` only tiny-llama/, and `... lora` only tiny-bert/lora.*,
 tiny-bert/bottleneck.* and tiny-bert/prefix.*.
 """
 import json
@@ -105,6 +109,56 @@ TINY_VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "a", "to", "f
               "me", "fly", "want", "i", "boston", "denver", "dallas", "new", "york", "what", "is", "fare", "cheapest",
               "on", "monday", "morning", "paris", "john", "lives", "in", "london", "met", "mary", "at", "good", "bad",
               "movie", "great", "awful", "##s", "##ing", "##ed", ".", ",", "?", "!", "and", "of"]
+
+
+def tiny_llama():
+    """A tiny random LlamaForCausalLM (seed 0; grouped-query attention, tied embeddings as SmolLM2's): logits on a
+    padded batch, a causal LM loss on target positions only, every parameter's gradient norm, and greedy
+    generation."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, rms_norm_eps=1e-5, rope_theta=10000.0, max_position_embeddings=64,
+                      tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+                      attention_bias=False, mlp_bias=False, hidden_act="silu", initializer_range=0.2)
+    model = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    d = OUT / "tiny-llama"
+    d.mkdir(parents=True, exist_ok=True)
+    cfg.to_json_file(d / "config.json")
+    # Tied: the state dict names the embedding once (as a safetensors file from transformers does).
+    state = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    save_file(state, d / "model.safetensors")
+
+    # Row 0 is right-padded; labels: -100 on the prompt (first 3 tokens) and on padding.
+    ids = torch.tensor([[1, 7, 9, 11, 13, 2, 0, 0], [1, 5, 6, 7, 8, 9, 10, 2]])
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1, 1, 1]])
+    labels = ids.clone()
+    labels[:, :3] = -100
+    labels[mask == 0] = -100
+    logits = model(input_ids=ids, attention_mask=mask).logits
+    shift = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, cfg.vocab_size), labels[:, 1:].reshape(-1),
+                                              ignore_index=-100)
+    shift.backward()
+    grads = {k: p.grad.norm().item() for k, p in model.named_parameters()}
+    prompt = torch.tensor([[1, 7, 9, 11]])
+    generated = model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False, max_new_tokens=6,
+                               eos_token_id=None, pad_token_id=0)
+    ref = {
+        "input_ids": ids.tolist(),
+        "attention_mask": mask.tolist(),
+        "labels": labels.tolist(),
+        "logits": logits.detach().tolist(),
+        "loss": shift.item(),
+        "grad_norms": grads,
+        "prompt": prompt[0].tolist(),
+        "greedy": generated[0, prompt.shape[1]:].tolist(),
+    }
+    (d / "reference.json").write_text(json.dumps(ref))
 
 
 def tiny_tokenizer(path):
@@ -621,8 +675,11 @@ if __name__ == "__main__":
         prefix_fixture()
     elif sys.argv[1:] == ["metrics"]:
         metric_fixtures()
+    elif sys.argv[1:] == ["llama"]:
+        tiny_llama()
     else:
         tiny_bert()
+        tiny_llama()
         lora_fixture()
         bottleneck_fixture()
         prefix_fixture()

@@ -11,6 +11,7 @@ mod crf;
 pub mod fused;
 mod heads;
 mod layers;
+pub mod llama;
 mod model;
 mod params;
 pub mod peft;
@@ -46,3 +47,5 @@ mod tests;
 mod peft_tests;
 #[cfg(test)]
 mod int8_tests;
+#[cfg(test)]
+mod llama_tests;

@@ -1,0 +1,389 @@
+//! A Llama-architecture decoder for training and generation, mirroring Hugging Face `transformers`'
+//! `LlamaForCausalLM` (<https://github.com/huggingface/transformers/blob/main/src/transformers/models/llama/modeling_llama.py>):
+//! RMSNorm before each sublayer, rotary position embeddings (the `rotate_half` layout), grouped-query
+//! attention, a SwiGLU feed-forward block, a causal mask, and a key/value cache for generation. Tensor names
+//! match `LlamaForCausalLM`'s state dict, so a Hugging Face `model.safetensors` loads as is; with tied
+//! embeddings (`tie_word_embeddings`) the LM head is the embedding matrix.
+//!
+//! Every step is a differentiable candle op: candle-nn's `rms_norm`, `rope` and `softmax_last_dim` have no
+//! backward pass, so none of them is used; a test checks the loss and every parameter's gradient against
+//! PyTorch.
+
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor, D};
+use serde::Deserialize;
+
+use crate::layers::{log_softmax_last, softmax_last};
+use crate::params::{Init, ParamBuilder};
+use crate::{NnError, Result};
+
+/// The fields of a Hugging Face Llama `config.json` that the decoder uses.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LlamaConfig {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub num_key_value_heads: usize,
+    pub head_dim: usize,
+    pub rms_norm_eps: f64,
+    pub rope_theta: f64,
+    pub max_position_embeddings: usize,
+    pub tie_word_embeddings: bool,
+    pub bos_token_id: Option<u32>,
+    pub eos_token_id: Option<u32>,
+}
+
+#[derive(Deserialize)]
+struct RawConfig {
+    vocab_size: usize,
+    hidden_size: usize,
+    intermediate_size: usize,
+    num_hidden_layers: usize,
+    num_attention_heads: usize,
+    num_key_value_heads: Option<usize>,
+    head_dim: Option<usize>,
+    #[serde(default = "default_rms_eps")]
+    rms_norm_eps: f64,
+    /// transformers < 5.
+    rope_theta: Option<f64>,
+    /// transformers 5: `{"rope_theta": …, "rope_type": "default"}`.
+    rope_parameters: Option<serde_json::Value>,
+    rope_scaling: Option<serde_json::Value>,
+    #[serde(default = "default_max_pos")]
+    max_position_embeddings: usize,
+    #[serde(default)]
+    tie_word_embeddings: bool,
+    #[serde(default = "default_act")]
+    hidden_act: String,
+    #[serde(default)]
+    attention_bias: bool,
+    #[serde(default)]
+    mlp_bias: bool,
+    bos_token_id: Option<serde_json::Value>,
+    eos_token_id: Option<serde_json::Value>,
+}
+
+fn default_rms_eps() -> f64 {
+    1e-6
+}
+fn default_max_pos() -> usize {
+    2048
+}
+fn default_act() -> String {
+    "silu".into()
+}
+
+/// A token id from a config value that may be a number or a list of numbers (the first is taken).
+fn token_id(v: Option<&serde_json::Value>) -> Option<u32> {
+    match v? {
+        serde_json::Value::Array(a) => a.first()?.as_u64().map(|x| x as u32),
+        other => other.as_u64().map(|x| x as u32),
+    }
+}
+
+impl LlamaConfig {
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|source| NnError::Io { path: path.to_owned(), source })?;
+        Self::from_json(&text).map_err(|message| NnError::File { path: path.to_owned(), message })
+    }
+
+    pub fn from_json(text: &str) -> Result<Self, String> {
+        let raw: RawConfig = serde_json::from_str(text).map_err(|e| format!("not a Llama config: {e}"))?;
+        if raw.hidden_act != "silu" {
+            return Err(format!("hidden_act {:?} is not supported; only \"silu\" is", raw.hidden_act));
+        }
+        if raw.attention_bias || raw.mlp_bias {
+            return Err("attention_bias and mlp_bias are not supported".into());
+        }
+        let rope_type = raw.rope_parameters.as_ref().and_then(|p| p.get("rope_type")).and_then(|t| t.as_str()).unwrap_or("default");
+        let scaled = raw.rope_scaling.as_ref().is_some_and(|s| !s.is_null());
+        if rope_type != "default" || scaled {
+            return Err(format!("rope scaling ({rope_type}) is not supported; only the default rotary embedding is"));
+        }
+        let rope_theta = raw
+            .rope_parameters
+            .as_ref()
+            .and_then(|p| p.get("rope_theta"))
+            .and_then(serde_json::Value::as_f64)
+            .or(raw.rope_theta)
+            .unwrap_or(10_000.0);
+        let heads = raw.num_attention_heads;
+        let kv = raw.num_key_value_heads.unwrap_or(heads);
+        if heads == 0 || kv == 0 || !heads.is_multiple_of(kv) {
+            return Err(format!("num_attention_heads {heads} must be a positive multiple of num_key_value_heads {kv}"));
+        }
+        let head_dim = raw.head_dim.unwrap_or(raw.hidden_size / heads);
+        if head_dim == 0 || !head_dim.is_multiple_of(2) {
+            return Err(format!("head_dim {head_dim} must be even"));
+        }
+        Ok(Self {
+            vocab_size: raw.vocab_size,
+            hidden_size: raw.hidden_size,
+            intermediate_size: raw.intermediate_size,
+            num_hidden_layers: raw.num_hidden_layers,
+            num_attention_heads: heads,
+            num_key_value_heads: kv,
+            head_dim,
+            rms_norm_eps: raw.rms_norm_eps,
+            rope_theta,
+            max_position_embeddings: raw.max_position_embeddings,
+            tie_word_embeddings: raw.tie_word_embeddings,
+            bos_token_id: token_id(raw.bos_token_id.as_ref()),
+            eos_token_id: token_id(raw.eos_token_id.as_ref()),
+        })
+    }
+}
+
+/// `x · Wᵀ` over the last dimension of a `[n, in]` input, `W` being `[out, in]` (no bias in Llama).
+fn project(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    Ok(x.matmul(&w.t()?)?)
+}
+
+/// RMSNorm over the last dimension, from differentiable ops: `x / sqrt(mean(x²) + eps) · w`.
+fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
+    Ok(x.broadcast_div(&(ms + eps)?.sqrt()?)?.broadcast_mul(weight)?)
+}
+
+#[derive(Clone, Debug)]
+struct Layer {
+    input_norm: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    o: Tensor,
+    post_norm: Tensor,
+    gate: Tensor,
+    up: Tensor,
+    down: Tensor,
+}
+
+/// The keys and values of every layer for the positions seen so far (generation).
+#[derive(Clone, Debug, Default)]
+pub struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+    len: usize,
+}
+
+impl KvCache {
+    /// Positions cached.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+/// The decoder with its LM head.
+#[derive(Clone, Debug)]
+pub struct Llama {
+    config: LlamaConfig,
+    embed: Tensor,
+    layers: Vec<Layer>,
+    norm: Tensor,
+    /// `None` when tied to the embeddings.
+    lm_head: Option<Tensor>,
+    /// cos and sin of every position's rotation angles, `[max_position_embeddings, head_dim]`.
+    cos: Tensor,
+    sin: Tensor,
+}
+
+impl Llama {
+    /// The decoder under `pb` (names as in `LlamaForCausalLM`'s state dict).
+    pub fn new(pb: &ParamBuilder, config: &LlamaConfig) -> Result<Self> {
+        let (h, i) = (config.hidden_size, config.intermediate_size);
+        let (q_out, kv_out) = (config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim);
+        let m = pb.pp("model");
+        let init = Init::Normal { std: 0.02 };
+        let embed = m.pp("embed_tokens").get((config.vocab_size, h), "weight", init)?;
+        let layers = (0..config.num_hidden_layers)
+            .map(|n| {
+                let l = m.pp(&format!("layers.{n}"));
+                let (a, f) = (l.pp("self_attn"), l.pp("mlp"));
+                Ok(Layer {
+                    input_norm: l.pp("input_layernorm").get(h, "weight", Init::Ones)?,
+                    q: a.pp("q_proj").get((q_out, h), "weight", init)?,
+                    k: a.pp("k_proj").get((kv_out, h), "weight", init)?,
+                    v: a.pp("v_proj").get((kv_out, h), "weight", init)?,
+                    o: a.pp("o_proj").get((h, q_out), "weight", init)?,
+                    post_norm: l.pp("post_attention_layernorm").get(h, "weight", Init::Ones)?,
+                    gate: f.pp("gate_proj").get((i, h), "weight", init)?,
+                    up: f.pp("up_proj").get((i, h), "weight", init)?,
+                    down: f.pp("down_proj").get((h, i), "weight", init)?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let norm = m.pp("norm").get(h, "weight", Init::Ones)?;
+        let lm_head = if config.tie_word_embeddings { None } else { Some(pb.pp("lm_head").get((config.vocab_size, h), "weight", init)?) };
+        let (cos, sin) = rotary_tables(config, &pb.device())?;
+        Ok(Self { config: config.clone(), embed, layers, norm, lm_head, cos, sin })
+    }
+
+    pub fn config(&self) -> &LlamaConfig {
+        &self.config
+    }
+
+    /// The final hidden states (after the last RMSNorm), `[batch * seq, hidden]`, of `ids` (`[batch, seq]`,
+    /// right-padded; `mask` row-major `batch × seq`, 1 for real tokens, or `None` for all real). With a
+    /// cache, `ids` continue the cached positions (every row the same length) and the cache is extended.
+    pub fn forward(&self, ids: &Tensor, mask: Option<&[u32]>, mut cache: Option<&mut KvCache>) -> Result<Tensor> {
+        let (b, s) = ids.dims2()?;
+        let c = &self.config;
+        let past = cache.as_ref().map_or(0, |c| c.len);
+        if past + s > c.max_position_embeddings {
+            return Err(candle_core::Error::Msg(format!("{} positions exceed max_position_embeddings {}", past + s, c.max_position_embeddings)).into());
+        }
+        if let Some(m) = mask {
+            if m.len() != b * s {
+                return Err(candle_core::Error::Msg("the attention mask does not match the ids".into()).into());
+            }
+        }
+        if let Some(cache) = cache.as_mut() {
+            if cache.layers.is_empty() {
+                cache.layers = vec![None; self.layers.len()];
+            }
+        }
+        let device = ids.device();
+        let positions = Tensor::arange(past as u32, (past + s) as u32, device)?;
+        let cos = self.cos.index_select(&positions, 0)?; // [s, d]
+        let sin = self.sin.index_select(&positions, 0)?;
+        let bias = attention_bias(b, s, past, mask, device)?; // [b, 1, s, past + s]
+        let mut x = self.embed.index_select(&ids.flatten_all()?, 0)?; // [b*s, h]
+        for (n, layer) in self.layers.iter().enumerate() {
+            let slot = cache.as_mut().map(|c| &mut c.layers[n]);
+            x = self.layer_forward(layer, &x, b, s, &cos, &sin, &bias, slot)?;
+        }
+        if let Some(cache) = cache {
+            cache.len += s;
+        }
+        rms_norm(&x, &self.norm, c.rms_norm_eps)
+    }
+
+    /// Vocabulary logits of hidden states from [`Llama::forward`] (`[n, hidden]` → `[n, vocab]`).
+    pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        project(hidden, self.lm_head.as_ref().unwrap_or(&self.embed))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn layer_forward(
+        &self,
+        l: &Layer,
+        x: &Tensor,
+        b: usize,
+        s: usize,
+        cos: &Tensor,
+        sin: &Tensor,
+        bias: &Tensor,
+        cache: Option<&mut Option<(Tensor, Tensor)>>,
+    ) -> Result<Tensor> {
+        let c = &self.config;
+        let (nh, kvh, d) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
+        let h = rms_norm(x, &l.input_norm, c.rms_norm_eps)?;
+        let heads = |w: &Tensor, n: usize| -> Result<Tensor> {
+            // [b*s, n*d] → [b, n, s, d]
+            Ok(project(&h, w)?.reshape((b, s, n, d))?.transpose(1, 2)?.contiguous()?)
+        };
+        let q = rotate(&heads(&l.q, nh)?, cos, sin)?;
+        let mut k = rotate(&heads(&l.k, kvh)?, cos, sin)?;
+        let mut v = heads(&l.v, kvh)?;
+        if let Some(slot) = cache {
+            if let Some((pk, pv)) = slot.as_ref() {
+                k = Tensor::cat(&[pk, &k], 2)?;
+                v = Tensor::cat(&[pv, &v], 2)?;
+            }
+            *slot = Some((k.clone(), v.clone()));
+        }
+        let t = k.dim(2)?;
+        // Grouped-query attention: each key/value head serves nh / kvh query heads.
+        let (k, v) = (repeat_kv(&k, nh / kvh, b, kvh, t, d)?, repeat_kv(&v, nh / kvh, b, kvh, t, d)?);
+        let scores = (q.matmul(&k.t()?)? / (d as f64).sqrt())?.broadcast_add(bias)?;
+        let probs = softmax_last(&scores)?;
+        let ctx = probs.matmul(&v)?.transpose(1, 2)?.contiguous()?.reshape((b * s, nh * d))?;
+        let x = (x + project(&ctx, &l.o)?)?;
+        let h = rms_norm(&x, &l.post_norm, c.rms_norm_eps)?;
+        let ff = (project(&h, &l.gate)?.silu()? * project(&h, &l.up)?)?;
+        Ok((x + project(&ff, &l.down)?)?)
+    }
+}
+
+/// The rotation tables of transformers' default rotary embedding: angle `p · θ^(-2i/d)` for position `p` and
+/// frequency `i < d/2`, each repeated for both halves of the head (the `rotate_half` layout).
+fn rotary_tables(c: &LlamaConfig, device: &Device) -> Result<(Tensor, Tensor)> {
+    let d = c.head_dim;
+    let inv: Vec<f32> = (0..d / 2).map(|i| (1.0 / c.rope_theta.powf(2.0 * i as f64 / d as f64)) as f32).collect();
+    let mut angles = Vec::with_capacity(c.max_position_embeddings * d);
+    for p in 0..c.max_position_embeddings {
+        for _ in 0..2 {
+            angles.extend(inv.iter().map(|f| p as f32 * f));
+        }
+    }
+    let angles = Tensor::from_vec(angles, (c.max_position_embeddings, d), device)?;
+    Ok((angles.cos()?, angles.sin()?))
+}
+
+/// `x · cos + rotate_half(x) · sin` for `x` of `[b, n, s, d]`, tables `[s, d]`.
+fn rotate(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let d = x.dim(D::Minus1)?;
+    let (x1, x2) = (x.narrow(D::Minus1, 0, d / 2)?, x.narrow(D::Minus1, d / 2, d / 2)?);
+    let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
+    Ok((x.broadcast_mul(cos)? + rotated.broadcast_mul(sin)?)?)
+}
+
+/// `[b, kvh, t, d]` → `[b, kvh · groups, t, d]`, each key/value head repeated for its query heads.
+fn repeat_kv(x: &Tensor, groups: usize, b: usize, kvh: usize, t: usize, d: usize) -> Result<Tensor> {
+    if groups == 1 {
+        return Ok(x.clone());
+    }
+    Ok(x.unsqueeze(2)?.broadcast_as((b, kvh, groups, t, d))?.contiguous()?.reshape((b, kvh * groups, t, d))?)
+}
+
+/// The additive attention bias `[b, 1, s, past + s]`: 0 where query `i` (at position `past + i`) may see key
+/// `j` (causal, and a real token), a large negative number elsewhere.
+fn attention_bias(b: usize, s: usize, past: usize, mask: Option<&[u32]>, device: &Device) -> Result<Tensor> {
+    const MASKED: f32 = -1e30;
+    let t = past + s;
+    let mut bias = vec![0f32; b * s * t];
+    for r in 0..b {
+        for i in 0..s {
+            for j in 0..t {
+                let causal = j <= past + i;
+                // The mask covers the new positions; cached ones were real.
+                let real = j < past || mask.is_none_or(|m| m[r * s + (j - past)] != 0);
+                if !(causal && real) {
+                    bias[(r * s + i) * t + j] = MASKED;
+                }
+            }
+        }
+    }
+    Ok(Tensor::from_vec(bias, (b, 1, s, t), device)?)
+}
+
+/// The causal LM loss: mean cross-entropy of predicting token `j + 1` from position `j`, over the positions
+/// whose next label is not `ignore` (transformers' shift). `logits` is `[b * s, vocab]`, `labels` `b × s`.
+pub fn causal_lm_loss(logits: &Tensor, labels: &[i64], b: usize, s: usize, ignore: i64) -> Result<Tensor> {
+    let mut rows = Vec::new();
+    let mut targets = Vec::new();
+    for r in 0..b {
+        for j in 0..s.saturating_sub(1) {
+            let next = labels[r * s + j + 1];
+            if next != ignore {
+                rows.push((r * s + j) as u32);
+                targets.push(next as u32);
+            }
+        }
+    }
+    if rows.is_empty() {
+        return Err(candle_core::Error::Msg("no labelled position to compute the LM loss on".into()).into());
+    }
+    let device = logits.device();
+    let n = rows.len();
+    let picked = logits.index_select(&Tensor::from_vec(rows, n, device)?, 0)?;
+    let logp = log_softmax_last(&picked)?;
+    let t = Tensor::from_vec(targets, (n, 1), device)?;
+    Ok(logp.gather(&t, 1)?.mean_all()?.neg()?.to_dtype(DType::F32)?)
+}

@@ -1,0 +1,125 @@
+//! The Llama decoder against transformers' `LlamaForCausalLM` on the tiny random model of
+//! `tests/fixtures/tiny-llama` (made by `scripts/make_fixtures.py llama`).
+
+use std::path::PathBuf;
+
+use candle_core::{Device, Tensor};
+use serde_json::Value;
+
+use crate::llama::{causal_lm_loss, KvCache, Llama, LlamaConfig};
+use crate::params::ParamBuilder;
+
+type TestResult = Result<(), Box<dyn std::error::Error>>;
+/// Token ids `[batch, seq]`, the attention mask (row-major), batch and seq.
+type Batch = (Tensor, Vec<u32>, usize, usize);
+
+fn dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/tiny-llama")
+}
+
+fn load() -> Result<(Llama, crate::ParamStore, Value), Box<dyn std::error::Error>> {
+    let config = LlamaConfig::from_file(&dir().join("config.json"))?;
+    let pb = ParamBuilder::from_safetensors(&dir().join("model.safetensors"), 0, &Device::Cpu)?;
+    let model = Llama::new(&pb, &config)?;
+    let store = pb.finish();
+    assert!(store.initialised().is_empty(), "every tensor loads: {:?}", store.initialised());
+    let reference: Value = serde_json::from_str(&std::fs::read_to_string(dir().join("reference.json"))?)?;
+    Ok((model, store, reference))
+}
+
+fn rows(v: &Value) -> Vec<Vec<i64>> {
+    serde_json::from_value(v.clone()).expect("fixture rows")
+}
+
+fn batch(reference: &Value) -> Result<Batch, Box<dyn std::error::Error>> {
+    let ids = rows(&reference["input_ids"]);
+    let mask: Vec<u32> = rows(&reference["attention_mask"]).concat().iter().map(|&m| m as u32).collect();
+    let (b, s) = (ids.len(), ids[0].len());
+    let flat: Vec<u32> = ids.concat().iter().map(|&i| i as u32).collect();
+    Ok((Tensor::from_vec(flat, (b, s), &Device::Cpu)?, mask, b, s))
+}
+
+#[test]
+fn config_reads_transformers_5_and_refuses_what_it_cannot_run() -> TestResult {
+    let c = LlamaConfig::from_file(&dir().join("config.json"))?;
+    assert_eq!((c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.rope_theta), (4, 2, 8, 10_000.0));
+    assert!(c.tie_word_embeddings);
+    let text = std::fs::read_to_string(dir().join("config.json"))?;
+    let scaled = text.replace("\"rope_type\": \"default\"", "\"rope_type\": \"llama3\"");
+    assert!(LlamaConfig::from_json(&scaled).is_err_and(|e| e.contains("rope scaling")));
+    let gelu = text.replace("\"silu\"", "\"gelu\"");
+    assert!(LlamaConfig::from_json(&gelu).is_err_and(|e| e.contains("hidden_act")));
+    Ok(())
+}
+
+#[test]
+fn logits_match_transformers_on_a_padded_batch() -> TestResult {
+    let (model, _, reference) = load()?;
+    let (ids, mask, b, s) = batch(&reference)?;
+    let logits = model.logits(&model.forward(&ids, Some(&mask), None)?)?.to_vec2::<f32>()?;
+    let want: Vec<Vec<Vec<f64>>> = serde_json::from_value(reference["logits"].clone())?;
+    let mut max_diff = 0f64;
+    for (r, row) in want.iter().enumerate() {
+        for (i, pos) in row.iter().enumerate() {
+            // Padding positions' logits are not defined the same way everywhere; compare real tokens.
+            if mask[r * s + i] == 0 {
+                continue;
+            }
+            for (a, w) in logits[r * s + i].iter().zip(pos) {
+                max_diff = max_diff.max((f64::from(*a) - w).abs());
+            }
+        }
+    }
+    assert!(max_diff < 1e-4, "max abs difference {max_diff} over {b} × {s}");
+    Ok(())
+}
+
+#[test]
+fn loss_and_every_gradient_match_pytorch() -> TestResult {
+    let (model, store, reference) = load()?;
+    let (ids, mask, b, s) = batch(&reference)?;
+    let labels: Vec<i64> = rows(&reference["labels"]).concat();
+    let logits = model.logits(&model.forward(&ids, Some(&mask), None)?)?;
+    let loss = causal_lm_loss(&logits, &labels, b, s, -100)?;
+    let want = reference["loss"].as_f64().ok_or("loss")?;
+    let got = f64::from(loss.to_scalar::<f32>()?);
+    assert!((got - want).abs() < 1e-4, "loss {got} vs {want}");
+    let grads = loss.backward()?;
+    let norms = reference["grad_norms"].as_object().ok_or("grad norms")?;
+    assert_eq!(norms.len(), store.vars().len(), "one gradient per parameter (the tied head is the embedding)");
+    for (name, var) in store.vars() {
+        let g = grads.get(var.as_tensor()).ok_or_else(|| format!("{name} got no gradient"))?;
+        let norm = f64::from(g.sqr()?.sum_all()?.sqrt()?.to_scalar::<f32>()?);
+        let want = norms[name].as_f64().ok_or("norm")?;
+        assert!(norm > 0.0, "{name}: zero gradient");
+        assert!((norm - want).abs() <= 1e-4 + 1e-3 * want, "{name}: gradient norm {norm} vs {want}");
+    }
+    Ok(())
+}
+
+#[test]
+fn cached_decoding_equals_the_full_pass_and_greedy_matches_transformers() -> TestResult {
+    let (model, _, reference) = load()?;
+    let prompt: Vec<u32> = serde_json::from_value(reference["prompt"].clone())?;
+    let want: Vec<u32> = serde_json::from_value(reference["greedy"].clone())?;
+    let mut cache = KvCache::default();
+    let mut tokens = prompt.clone();
+    let mut next_input = Tensor::from_vec(prompt.clone(), (1, prompt.len()), &Device::Cpu)?;
+    let mut generated = Vec::new();
+    for _ in 0..want.len() {
+        let hidden = model.forward(&next_input, None, Some(&mut cache))?;
+        let logits = model.logits(&hidden)?;
+        let last = logits.get(logits.dim(0)? - 1)?;
+        let next = last.argmax(0)?.to_scalar::<u32>()?;
+        // The cached step's logits are the full pass's at the same position.
+        let full = model.logits(&model.forward(&Tensor::from_vec(tokens.clone(), (1, tokens.len()), &Device::Cpu)?, None, None)?)?;
+        let diff = (full.get(tokens.len() - 1)? - &last)?.abs()?.max(0)?.to_scalar::<f32>()?;
+        assert!(diff < 1e-5, "cached and full logits differ by {diff}");
+        generated.push(next);
+        tokens.push(next);
+        next_input = Tensor::from_vec(vec![next], (1, 1), &Device::Cpu)?;
+    }
+    assert_eq!(generated, want);
+    assert_eq!(cache.len(), prompt.len() + want.len() - 1);
+    Ok(())
+}
