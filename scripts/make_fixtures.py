@@ -25,6 +25,9 @@ It writes:
                         embeddings): config.json, model.safetensors, and reference.json with a right-padded batch,
                         its logits, a causal LM loss on target positions (prompt and padding at -100) with every
                         parameter's gradient norm, and 6 greedily generated tokens (`generate`, do_sample=False)
+  smollm2-reference.json transformers 5.24 with gguf 0.19 on the default decoder's GGUF (SmolLM2-135M-Instruct
+                        Q4_1, dequantised to f32): token ids of five strings, the last position's logits of two
+                        (first 16 and top 10), and 8 greedy tokens after a chat-template prompt
   minilm-reference.json transformers' tokenization and last_hidden_state of all-MiniLM-L6-v2 on three
                         sentences (pretokenized words, as the token tasks feed them)
   seqeval.json          random BIO tag sequences with seqeval's precision/recall/f1/accuracy (default mode)
@@ -48,7 +51,7 @@ It writes:
                         scipy.optimize.minimize (SLSQP) exactly as the authors' code finds them, rescale = 1
 The tests themselves need none of these packages. `python scripts/make_fixtures.py metrics` writes only the
 metric fixtures (no torch needed for them, only scikit-learn, scipy and seqeval); `... weighting` writes only
-the last three, `... llama` only tiny-llama/, and `... lora` only tiny-bert/lora.*,
+the last three, `... llama` only tiny-llama/, `... smollm2` only smollm2-reference.json, and `... lora` only tiny-bert/lora.*,
 tiny-bert/bottleneck.* and tiny-bert/prefix.*.
 """
 import json
@@ -159,6 +162,39 @@ def tiny_llama():
         "greedy": generated[0, prompt.shape[1]:].tolist(),
     }
     (d / "reference.json").write_text(json.dumps(ref))
+
+
+SMOLLM2 = ROOT / "assets" / "models" / "SmolLM2-135M-Instruct"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_fixture():
+    """transformers' reading of the default decoder's GGUF (scripts/fetch.sh puts it in assets/; the `gguf`
+    package dequantises it and undoes llama.cpp's q/k permutation): token ids of a few strings (digits, specials,
+    non-ASCII), logits at the last position of two of them, and a greedy continuation of a chat prompt."""
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    torch.set_num_threads(2)
+    tok = AutoTokenizer.from_pretrained(SMOLLM2, gguf_file=SMOLLM2_GGUF)
+    model = LlamaForCausalLM.from_pretrained(SMOLLM2, gguf_file=SMOLLM2_GGUF, dtype=torch.float32).eval()
+    texts = ["Hello world", "Hello world, it's SmolLM2!", "In 2024 there were 12345 items.",
+             "<|im_start|>user\nHi 3.14<|im_end|>\n", "Café naïve, 東京 🙂\tend  "]
+    ref = {"tokenize": [{"text": t, "ids": tok(t)["input_ids"]} for t in texts], "logits": []}
+    for t in texts[:2]:
+        ids = tok(t)["input_ids"]
+        with torch.no_grad():
+            last = model(torch.tensor([ids])).logits[0, -1]
+        top = torch.topk(last, 10)
+        ref["logits"].append({"ids": ids, "first16": last[:16].tolist(), "top10_ids": top.indices.tolist(),
+                              "top10_values": top.values.tolist()})
+    chat = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                   add_generation_prompt=True, tokenize=False)
+    ids = tok(chat)["input_ids"]
+    with torch.no_grad():
+        out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                             do_sample=False, max_new_tokens=8, eos_token_id=None, pad_token_id=2)
+    ref["chat"] = {"text": chat, "ids": ids, "greedy": out[0, len(ids):].tolist()}
+    (OUT / "smollm2-reference.json").write_text(json.dumps(ref, indent=1))
 
 
 def tiny_tokenizer(path):
@@ -677,6 +713,8 @@ if __name__ == "__main__":
         metric_fixtures()
     elif sys.argv[1:] == ["llama"]:
         tiny_llama()
+    elif sys.argv[1:] == ["smollm2"]:
+        smollm2_fixture()
     else:
         tiny_bert()
         tiny_llama()
@@ -684,6 +722,7 @@ if __name__ == "__main__":
         bottleneck_fixture()
         prefix_fixture()
         minilm()
+        smollm2_fixture()
         qa_windows_fixture()
         metric_fixtures()
         weighting_fixtures()

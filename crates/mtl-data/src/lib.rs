@@ -5,6 +5,7 @@
 //! a head without a label on an example gets [`mtl_core::IGNORE_INDEX`]. Every error names the file and the
 //! line. Depends on `mtl-core` and `mtl-config`.
 
+pub mod bpe;
 mod collate;
 mod dataset;
 mod encode;

@@ -1,0 +1,66 @@
+//! The default decoder, SmolLM2-135M-Instruct as a Q4_1 GGUF file (fetched by scripts/fetch.sh), against
+//! transformers reading the same file: tokenizer, logits and greedy generation, from
+//! tests/fixtures/smollm2-reference.json (made by scripts/make_fixtures.py smollm2).
+
+use candle_core::{Device, Tensor};
+use mtl_nn::gguf::read_llama;
+use mtl_nn::llama::{KvCache, Llama};
+use mtl_nn::ParamBuilder;
+use serde_json::Value;
+
+use crate::repo_root;
+
+#[test]
+fn smollm2_gguf_matches_transformers() -> Result<(), Box<dyn std::error::Error>> {
+    let path = repo_root().join("assets/models/SmolLM2-135M-Instruct/SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert!(path.is_file(), "{}: missing; run scripts/fetch.sh first", path.display());
+    let reference: Value = serde_json::from_str(&std::fs::read_to_string(repo_root().join("tests/fixtures/smollm2-reference.json"))?)?;
+    let gguf = read_llama(&path, &Device::Cpu)?;
+    let c = &gguf.config;
+    assert_eq!((c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim), (30, 576, 9, 3, 64));
+    assert!(c.tie_word_embeddings && (c.rope_theta - 100_000.0).abs() < 1e-6);
+    assert_eq!(gguf.tensor_types, vec![("F32".to_string(), 61), ("Q4_1".to_string(), 210), ("Q8_0".to_string(), 1)]);
+    assert!(gguf.chat_template.as_deref().is_some_and(|t| t.contains("<|im_start|>")));
+
+    // The tokenizer built from the file's vocabulary and merges.
+    let tokenizer = mtl_data::bpe::byte_level_bpe(&gguf.vocab, &path)?;
+    for case in reference["tokenize"].as_array().ok_or("tokenize")? {
+        let text = case["text"].as_str().ok_or("text")?;
+        let want: Vec<u32> = serde_json::from_value(case["ids"].clone())?;
+        let got = tokenizer.encode(text, false).map_err(|e| e.to_string())?.get_ids().to_vec();
+        assert_eq!(got, want, "{text:?}");
+        assert_eq!(tokenizer.decode(&got, false).map_err(|e| e.to_string())?, text, "decoding round-trips");
+    }
+
+    let pb = ParamBuilder::new(gguf.weights, 0, &Device::Cpu);
+    let model = Llama::new(&pb, &gguf.config)?;
+    assert!(pb.finish().initialised().is_empty(), "every parameter comes from the file");
+    for case in reference["logits"].as_array().ok_or("logits")? {
+        let ids: Vec<u32> = serde_json::from_value(case["ids"].clone())?;
+        let n = ids.len();
+        let logits = model.logits(&model.forward(&Tensor::from_vec(ids, (1, n), &Device::Cpu)?, None, None)?)?;
+        let last = logits.get(n - 1)?.to_vec1::<f32>()?;
+        let want: Vec<f64> = serde_json::from_value(case["first16"].clone())?;
+        let diff = last.iter().zip(&want).map(|(a, b)| (f64::from(*a) - b).abs()).fold(0.0, f64::max);
+        assert!(diff < 2e-3, "logits differ by {diff}");
+        let top: Vec<u32> = serde_json::from_value(case["top10_ids"].clone())?;
+        let argmax = last.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map(|(i, _)| i as u32);
+        assert_eq!(argmax, Some(top[0]));
+    }
+
+    // Greedy decoding with the cache, after the chat template's prompt.
+    let chat = &reference["chat"];
+    let prompt: Vec<u32> = serde_json::from_value(chat["ids"].clone())?;
+    let want: Vec<u32> = serde_json::from_value(chat["greedy"].clone())?;
+    let mut cache = KvCache::default();
+    let mut input = Tensor::from_vec(prompt.clone(), (1, prompt.len()), &Device::Cpu)?;
+    let mut got = Vec::new();
+    for _ in 0..want.len() {
+        let logits = model.logits(&model.forward(&input, None, Some(&mut cache))?)?;
+        let next = logits.get(logits.dim(0)? - 1)?.argmax(0)?.to_scalar::<u32>()?;
+        got.push(next);
+        input = Tensor::from_vec(vec![next], (1, 1), &Device::Cpu)?;
+    }
+    assert_eq!(got, want, "greedy continuation: {:?}", tokenizer.decode(&got, false));
+    Ok(())
+}

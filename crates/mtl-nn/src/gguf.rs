@@ -1,0 +1,188 @@
+//! Llama-architecture GGUF files (llama.cpp's format) read into the decoder's f32 weights, its config and its
+//! byte-level BPE vocabulary.
+//!
+//! Quantised tensors (Q4_1, Q8_0, K-quants, …) are dequantised to f32 by candle: the quantisation error stays in
+//! the weights, so a model trained from them starts from the quantised model, not the original. llama.cpp's
+//! converter permutes the rows of the query and key projections for its interleaved rotary layout; they are
+//! permuted back here, so the weights are transformers' and the decoder's `rotate_half` rotation applies.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle_core::quantized::gguf_file::{Content, Value};
+use candle_core::{Device, Tensor};
+use mtl_data::bpe::ByteLevelVocab;
+
+use crate::llama::LlamaConfig;
+use crate::{NnError, Result};
+
+/// What a GGUF file holds for the decoder.
+#[derive(Debug)]
+pub struct GgufLlama {
+    pub config: LlamaConfig,
+    /// f32 weights under `LlamaForCausalLM`'s state-dict names.
+    pub weights: HashMap<String, Tensor>,
+    pub vocab: ByteLevelVocab,
+    /// The Jinja chat template, when the file has one.
+    pub chat_template: Option<String>,
+    /// How many tensors of each ggml type the file stores (e.g. `Q4_1: 210`), for the record.
+    pub tensor_types: Vec<(String, usize)>,
+}
+
+/// llama.cpp pre-tokenizer types whose split this crate reproduces (digits apart, then GPT-2's).
+const PRE_TOKENIZERS: &[&str] = &["smollm", "starcoder", "refact", "codeshell"];
+
+fn number(v: &Value) -> Option<f64> {
+    Some(match v {
+        Value::U8(x) => f64::from(*x),
+        Value::I8(x) => f64::from(*x),
+        Value::U16(x) => f64::from(*x),
+        Value::I16(x) => f64::from(*x),
+        Value::U32(x) => f64::from(*x),
+        Value::I32(x) => f64::from(*x),
+        Value::U64(x) => *x as f64,
+        Value::I64(x) => *x as f64,
+        Value::F32(x) => f64::from(*x),
+        Value::F64(x) => *x,
+        _ => return None,
+    })
+}
+
+/// The dequantised llama model of a GGUF file.
+pub fn read_llama(path: &Path, device: &Device) -> Result<GgufLlama> {
+    let bad = |message: String| NnError::File { path: path.to_owned(), message };
+    let mut file = std::fs::File::open(path).map_err(|source| NnError::Io { path: path.to_owned(), source })?;
+    let content = Content::read(&mut file).map_err(|e| bad(format!("not a GGUF file: {e}")))?;
+    let md = &content.metadata;
+    let text = |key: &str| md.get(key).and_then(|v| v.to_string().ok()).cloned();
+    let arch = text("general.architecture").ok_or_else(|| bad("no general.architecture".into()))?;
+    if arch != "llama" {
+        return Err(bad(format!("architecture {arch:?} is not supported; only \"llama\" is")));
+    }
+    let num = |key: &str| md.get(&format!("llama.{key}")).and_then(number);
+    let need = |key: &str| num(key).map(|v| v as usize).ok_or_else(|| bad(format!("metadata llama.{key} is missing")));
+    if let Some(kind) = text("llama.rope.scaling.type").filter(|k| k != "none") {
+        return Err(bad(format!("rope scaling {kind:?} is not supported")));
+    }
+
+    // The vocabulary.
+    let model = text("tokenizer.ggml.model").unwrap_or_default();
+    let pre = text("tokenizer.ggml.pre").unwrap_or_default();
+    if model != "gpt2" || !PRE_TOKENIZERS.contains(&pre.as_str()) {
+        return Err(bad(format!(
+            "tokenizer {model:?} with pre-tokenizer {pre:?} is not supported; byte-level BPE (\"gpt2\") with one of {} is",
+            PRE_TOKENIZERS.join(", ")
+        )));
+    }
+    let strings = |key: &str| -> Result<Vec<String>> {
+        let values = md.get(key).and_then(|v| v.to_vec().ok()).ok_or_else(|| bad(format!("metadata {key} is missing")))?;
+        values.iter().map(|v| v.to_string().cloned().map_err(|_| bad(format!("{key}: not a list of strings")))).collect()
+    };
+    let tokens = strings("tokenizer.ggml.tokens")?;
+    let merges = strings("tokenizer.ggml.merges")?;
+    // Token type 3 is CONTROL in llama.cpp (chat markers and the like).
+    let special = match md.get("tokenizer.ggml.token_type").and_then(|v| v.to_vec().ok()) {
+        Some(types) => types.iter().enumerate().filter(|(_, t)| number(t) == Some(3.0)).map(|(i, _)| i as u32).collect(),
+        None => Vec::new(),
+    };
+    let token_id = |key: &str| md.get(key).and_then(number).map(|v| v as u32);
+
+    // The weights, under transformers' names.
+    let (heads, kv_heads) = (need("attention.head_count")?, num("attention.head_count_kv").map_or(need("attention.head_count")?, |v| v as usize));
+    let hidden = need("embedding_length")?;
+    let head_dim = num("rope.dimension_count").map_or(hidden / heads.max(1), |v| v as usize);
+    let layers = need("block_count")?;
+    let mut weights = HashMap::new();
+    let mut types: std::collections::BTreeMap<String, usize> = std::collections::BTreeMap::new();
+    let mut names: Vec<&String> = content.tensor_infos.keys().collect();
+    names.sort();
+    for name in names {
+        let target = hf_name(name).ok_or_else(|| bad(format!("tensor {name:?} has no place in a llama model")))?;
+        let q = content.tensor(&mut file, name, device).map_err(|e| bad(format!("tensor {name}: {e}")))?;
+        *types.entry(format!("{:?}", q.dtype())).or_default() += 1;
+        let mut w = q.dequantize(device).map_err(|e| bad(format!("tensor {name}: {e}")))?;
+        if name.ends_with("attn_q.weight") {
+            w = unpermute(&w, heads, head_dim)?;
+        } else if name.ends_with("attn_k.weight") {
+            w = unpermute(&w, kv_heads, head_dim)?;
+        }
+        weights.insert(target, w);
+    }
+    let tied = !weights.contains_key("lm_head.weight");
+    let config = LlamaConfig {
+        vocab_size: num("vocab_size").map_or(tokens.len(), |v| v as usize),
+        hidden_size: hidden,
+        intermediate_size: need("feed_forward_length")?,
+        num_hidden_layers: layers,
+        num_attention_heads: heads,
+        num_key_value_heads: kv_heads,
+        head_dim,
+        rms_norm_eps: num("attention.layer_norm_rms_epsilon").unwrap_or(1e-5),
+        rope_theta: num("rope.freq_base").unwrap_or(10_000.0),
+        max_position_embeddings: need("context_length")?,
+        tie_word_embeddings: tied,
+        bos_token_id: token_id("tokenizer.ggml.bos_token_id"),
+        eos_token_id: token_id("tokenizer.ggml.eos_token_id"),
+    };
+    Ok(GgufLlama {
+        config,
+        weights,
+        vocab: ByteLevelVocab { tokens, merges, special },
+        chat_template: text("tokenizer.chat_template"),
+        tensor_types: types.into_iter().collect(),
+    })
+}
+
+/// transformers' name of a llama.cpp tensor.
+fn hf_name(gguf: &str) -> Option<String> {
+    match gguf {
+        "token_embd.weight" => return Some("model.embed_tokens.weight".into()),
+        "output_norm.weight" => return Some("model.norm.weight".into()),
+        "output.weight" => return Some("lm_head.weight".into()),
+        _ => {}
+    }
+    let rest = gguf.strip_prefix("blk.")?;
+    let (layer, part) = rest.split_once('.')?;
+    let layer: usize = layer.parse().ok()?;
+    let part = match part {
+        "attn_norm.weight" => "input_layernorm.weight",
+        "ffn_norm.weight" => "post_attention_layernorm.weight",
+        "attn_q.weight" => "self_attn.q_proj.weight",
+        "attn_k.weight" => "self_attn.k_proj.weight",
+        "attn_v.weight" => "self_attn.v_proj.weight",
+        "attn_output.weight" => "self_attn.o_proj.weight",
+        "ffn_gate.weight" => "mlp.gate_proj.weight",
+        "ffn_up.weight" => "mlp.up_proj.weight",
+        "ffn_down.weight" => "mlp.down_proj.weight",
+        _ => return None,
+    };
+    Some(format!("model.layers.{layer}.{part}"))
+}
+
+/// Undoes llama.cpp's row permutation of a query or key projection (`n` heads of `head_dim` rows): its row
+/// `h·d + 2j + s` is transformers' row `h·d + s·d/2 + j`.
+fn unpermute(w: &Tensor, n: usize, head_dim: usize) -> Result<Tensor> {
+    let (rows, cols) = w.dims2()?;
+    if rows != n * head_dim {
+        return Err(candle_core::Error::Msg(format!("a projection of {rows} rows is not {n} heads of {head_dim}")).into());
+    }
+    Ok(w.reshape((n, head_dim / 2, 2, cols))?.transpose(1, 2)?.contiguous()?.reshape((rows, cols))?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unpermute_inverts_llama_cpp_permutation() -> Result<()> {
+        // llama.cpp: reshape(n, 2, d/2, cols).swapaxes(1, 2): HF row h·d + s·d/2 + j goes to row h·d + 2j + s.
+        let (n, d, cols) = (3, 8, 2);
+        let hf: Vec<f32> = (0..n * d * cols).map(|x| x as f32).collect();
+        let hf = Tensor::from_vec(hf, (n * d, cols), &Device::Cpu)?;
+        let gguf = hf.reshape((n, 2, d / 2, cols))?.transpose(1, 2)?.contiguous()?.reshape((n * d, cols))?;
+        assert_eq!(unpermute(&gguf, n, d)?.to_vec2::<f32>()?, hf.to_vec2::<f32>()?);
+        assert_eq!(hf_name("blk.12.ffn_down.weight").as_deref(), Some("model.layers.12.mlp.down_proj.weight"));
+        assert_eq!(hf_name("blk.x.ffn_down.weight"), None);
+        Ok(())
+    }
+}
