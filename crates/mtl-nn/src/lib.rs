@@ -9,6 +9,7 @@ mod bert;
 pub mod cpu;
 mod crf;
 pub mod fused;
+pub mod generate;
 pub mod gguf;
 mod heads;
 mod layers;

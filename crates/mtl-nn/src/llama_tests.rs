@@ -123,3 +123,42 @@ fn cached_decoding_equals_the_full_pass_and_greedy_matches_transformers() -> Tes
     assert_eq!(cache.len(), prompt.len() + want.len() - 1);
     Ok(())
 }
+
+/// A stand-in for a tokenizer's decoding: token `i` is the letter `a + i % 26`.
+fn letters(ids: &[u32]) -> String {
+    ids.iter().map(|&i| char::from(b'a' + (i % 26) as u8)).collect()
+}
+
+#[test]
+fn generation_stops_where_asked_streams_its_text_and_repeats_with_its_seed() -> TestResult {
+    use crate::generate::{generate, Limits, Sampling, StopReason};
+    let (model, _, reference) = load()?;
+    let prompt: Vec<u32> = serde_json::from_value(reference["prompt"].clone())?;
+    let greedy: Vec<u32> = serde_json::from_value(reference["greedy"].clone())?;
+    let limits = Limits { max_new_tokens: 6, ..Limits::default() };
+    let mut streamed = String::new();
+    let out = generate(&model, &prompt, &Sampling::default(), &limits, letters, |t| {
+        streamed.push_str(t);
+        true
+    })?;
+    assert_eq!((out.ids.clone(), out.stop), (greedy.clone(), StopReason::MaxNewTokens));
+    assert_eq!(streamed, out.text, "the streamed pieces make the text");
+    // A stop token ends the output before it; a stop string cuts the text where it begins.
+    let at_token = Limits { max_new_tokens: 6, stop_tokens: vec![greedy[2]], ..Limits::default() };
+    let out = generate(&model, &prompt, &Sampling::default(), &at_token, letters, |_| true)?;
+    assert_eq!((out.ids, out.stop), (greedy[..2].to_vec(), StopReason::StopToken));
+    let stop = letters(&greedy[2..4]);
+    let mut streamed = String::new();
+    let at_string = Limits { max_new_tokens: 6, stop_strings: vec![stop.clone()], ..Limits::default() };
+    let out = generate(&model, &prompt, &Sampling::default(), &at_string, letters, |t| {
+        streamed.push_str(t);
+        true
+    })?;
+    assert_eq!((out.text.as_str(), out.stop), (letters(&greedy[..2]).as_str(), StopReason::StopString));
+    assert_eq!(streamed, out.text, "nothing of the stop string was streamed");
+    // Sampling: the same seed gives the same tokens, another seed (very likely) others.
+    let sample = |seed| generate(&model, &prompt, &Sampling { temperature: 1.0, top_p: Some(0.95), seed, ..Sampling::default() }, &Limits { max_new_tokens: 12, ..Limits::default() }, letters, |_| true);
+    assert_eq!(sample(1)?.ids, sample(1)?.ids);
+    assert_ne!(sample(1)?.ids, sample(2)?.ids);
+    Ok(())
+}

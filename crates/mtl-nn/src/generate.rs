@@ -1,0 +1,231 @@
+//! Decoding for the Llama decoder: greedy, or sampling with temperature, top-k and top-p (nucleus) from a seeded
+//! generator, applied in that order as transformers' `generate` applies its logits processors; stop tokens,
+//! stop strings and a token budget. The key/value cache makes each new token one position's work.
+
+use candle_core::{Device, Tensor};
+use rand::{Rng, SeedableRng};
+
+use crate::llama::{KvCache, Llama};
+use crate::Result;
+
+/// How the next token is chosen.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Sampling {
+    /// 0: greedy (the most likely token); otherwise logits are divided by it before sampling.
+    pub temperature: f32,
+    /// Sample only among the k most likely tokens.
+    pub top_k: Option<usize>,
+    /// Sample only among the most likely tokens whose probabilities add up to p (at least one token).
+    pub top_p: Option<f32>,
+    pub seed: u64,
+}
+
+impl Default for Sampling {
+    fn default() -> Self {
+        Self { temperature: 0.0, top_k: None, top_p: None, seed: 0 }
+    }
+}
+
+/// When generation stops.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Limits {
+    pub max_new_tokens: usize,
+    /// Tokens that end the output (not included in it), e.g. the end-of-turn token.
+    pub stop_tokens: Vec<u32>,
+    /// Texts that end the output; it is cut where the first one begins.
+    pub stop_strings: Vec<String>,
+}
+
+/// Why generation stopped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StopReason {
+    StopToken,
+    StopString,
+    MaxNewTokens,
+    /// The model's context is full.
+    Length,
+    /// The receiver of the text asked to stop.
+    Cancelled,
+}
+
+/// A finished generation.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Generated {
+    /// The generated tokens (a stop token excluded).
+    pub ids: Vec<u32>,
+    /// Their text, cut at a stop string.
+    pub text: String,
+    pub stop: StopReason,
+}
+
+/// The probabilities sampling draws from (`None` for greedy): temperature, then top-k, then top-p, with every
+/// other token at 0.
+pub fn sampling_probs(logits: &[f32], s: &Sampling) -> Option<Vec<f32>> {
+    if s.temperature <= 0.0 || logits.is_empty() {
+        return None;
+    }
+    let scaled: Vec<f32> = logits.iter().map(|l| l / s.temperature).collect();
+    let mut order: Vec<usize> = (0..scaled.len()).collect();
+    order.sort_by(|&a, &b| scaled[b].total_cmp(&scaled[a]).then(a.cmp(&b)));
+    let mut keep = vec![false; scaled.len()];
+    let k = s.top_k.filter(|&k| k > 0).unwrap_or(scaled.len()).min(scaled.len());
+    for &i in &order[..k] {
+        keep[i] = true;
+    }
+    let softmax = |keep: &[bool]| -> Vec<f32> {
+        let max = scaled.iter().zip(keep).filter(|(_, k)| **k).map(|(l, _)| *l).fold(f32::NEG_INFINITY, f32::max);
+        let e: Vec<f32> = scaled.iter().zip(keep).map(|(l, k)| if *k { (l - max).exp() } else { 0.0 }).collect();
+        let sum: f32 = e.iter().sum();
+        e.iter().map(|x| x / sum).collect()
+    };
+    let mut probs = softmax(&keep);
+    if let Some(p) = s.top_p.filter(|&p| p < 1.0) {
+        // As transformers: drop the tokens whose cumulative probability, most likely first, is past p;
+        // the most likely token always stays.
+        let mut cumulative = 0.0;
+        for (rank, &i) in order[..k].iter().enumerate() {
+            if rank > 0 && cumulative >= p {
+                keep[i] = false;
+            }
+            cumulative += probs[i];
+        }
+        probs = softmax(&keep);
+    }
+    Some(probs)
+}
+
+/// The next token: the argmax for greedy decoding, else a draw from [`sampling_probs`].
+pub fn next_token(logits: &[f32], s: &Sampling, rng: &mut impl Rng) -> u32 {
+    match sampling_probs(logits, s) {
+        None => logits.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1).then(b.0.cmp(&a.0))).map_or(0, |(i, _)| i as u32),
+        Some(probs) => {
+            let u: f32 = rng.gen();
+            let mut cumulative = 0.0;
+            let mut last = 0;
+            for (i, p) in probs.iter().enumerate() {
+                if *p > 0.0 {
+                    last = i;
+                    cumulative += p;
+                    if u < cumulative {
+                        return i as u32;
+                    }
+                }
+            }
+            last as u32
+        }
+    }
+}
+
+/// Generates from `prompt`. `decode` turns token ids into text (for stop strings and streaming); `on_text`
+/// receives each new piece of text as soon as it is complete (a token that ends inside a multi-byte
+/// character waits for the next) and returns `false` to stop early (a client that went away).
+pub fn generate(
+    model: &Llama,
+    prompt: &[u32],
+    sampling: &Sampling,
+    limits: &Limits,
+    decode: impl Fn(&[u32]) -> String,
+    mut on_text: impl FnMut(&str) -> bool,
+) -> Result<Generated> {
+    let max_pos = model.config().max_position_embeddings;
+    if prompt.is_empty() || prompt.len() >= max_pos {
+        return Err(candle_core::Error::Msg(format!("a prompt of {} tokens does not fit a context of {max_pos}", prompt.len())).into());
+    }
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(sampling.seed);
+    let mut cache = KvCache::default();
+    let mut input = prompt.to_vec();
+    let (mut ids, mut sent) = (Vec::new(), 0usize);
+    let mut text = String::new();
+    let stop = loop {
+        if ids.len() >= limits.max_new_tokens {
+            break StopReason::MaxNewTokens;
+        }
+        if cache.len() + input.len() > max_pos {
+            break StopReason::Length;
+        }
+        let n = input.len();
+        let hidden = model.forward(&Tensor::from_vec(input.clone(), (1, n), &Device::Cpu)?, None, Some(&mut cache))?;
+        let logits = model.logits(&hidden.get(n - 1)?.unsqueeze(0)?)?.squeeze(0)?.to_vec1::<f32>()?;
+        let next = next_token(&logits, sampling, &mut rng);
+        if limits.stop_tokens.contains(&next) {
+            break StopReason::StopToken;
+        }
+        ids.push(next);
+        input = vec![next];
+        text = decode(&ids);
+        if let Some(at) = limits.stop_strings.iter().filter_map(|s| text.find(s.as_str())).min() {
+            text.truncate(at);
+            if at > sent {
+                on_text(&text[sent..]);
+            }
+            sent = text.len();
+            break StopReason::StopString;
+        }
+        // Hold back a piece that ends in an incomplete character, or in what may be the start of a stop string.
+        let complete = text.trim_end_matches('\u{FFFD}').len();
+        let mut hold = 0;
+        for s in &limits.stop_strings {
+            if let Some(cut) = (1..s.len()).rev().find(|&c| s.is_char_boundary(c) && text[..complete].ends_with(&s[..c])) {
+                hold = hold.max(cut);
+            }
+        }
+        let ready = complete - hold;
+        if ready > sent {
+            if !on_text(&text[sent..ready]) {
+                return Ok(Generated { ids, text, stop: StopReason::Cancelled });
+            }
+            sent = ready;
+        }
+    };
+    if text.len() > sent && !text.ends_with('\u{FFFD}') {
+        on_text(&text[sent..]);
+    }
+    Ok(Generated { ids, text, stop })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn close(a: &[f32], b: &[f32]) -> bool {
+        a.len() == b.len() && a.iter().zip(b).all(|(x, y)| (x - y).abs() < 1e-6)
+    }
+
+    #[test]
+    fn temperature_top_k_and_top_p_as_transformers_applies_them() {
+        let logits = [2.0, 1.0, 0.0, -1.0];
+        assert_eq!(sampling_probs(&logits, &Sampling::default()), None, "greedy draws nothing");
+        // T = 1: softmax of (2, 1, 0, -1) = e^x / 11.4752...: 0.6439, 0.2369, 0.0871, 0.0321.
+        let full = sampling_probs(&logits, &Sampling { temperature: 1.0, ..Sampling::default() }).expect("sampling");
+        assert!(close(&full, &[0.643_914_2, 0.236_882_8, 0.087_144_32, 0.032_058_604]), "{full:?}");
+        // T = 2 halves the logits: softmax(1, 0.5, 0, -0.5).
+        let t2 = sampling_probs(&logits, &Sampling { temperature: 2.0, ..Sampling::default() }).expect("sampling");
+        assert!(close(&t2, &[0.455_054_2, 0.276_004_3, 0.167_405_1, 0.101_536_33]), "{t2:?}");
+        // top-k 2: softmax over the two best.
+        let k2 = sampling_probs(&logits, &Sampling { temperature: 1.0, top_k: Some(2), ..Sampling::default() }).expect("sampling");
+        assert!(close(&k2, &[0.731_058_6, 0.268_941_43, 0.0, 0.0]), "{k2:?}");
+        // top-p 0.8: 0.6439 < 0.8 keeps the second, 0.8808 >= 0.8 drops the rest.
+        let p8 = sampling_probs(&logits, &Sampling { temperature: 1.0, top_p: Some(0.8), ..Sampling::default() }).expect("sampling");
+        assert!(close(&p8, &[0.731_058_6, 0.268_941_43, 0.0, 0.0]), "{p8:?}");
+        // top-p below the first probability keeps the most likely token alone.
+        let p1 = sampling_probs(&logits, &Sampling { temperature: 1.0, top_p: Some(0.1), ..Sampling::default() }).expect("sampling");
+        assert!(close(&p1, &[1.0, 0.0, 0.0, 0.0]), "{p1:?}");
+    }
+
+    #[test]
+    fn draws_follow_the_probabilities_and_repeat_with_the_seed() {
+        let logits = [2.0, 1.0, 0.0, -1.0];
+        let s = Sampling { temperature: 1.0, seed: 5, ..Sampling::default() };
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
+        let draws: Vec<u32> = (0..20_000).map(|_| next_token(&logits, &s, &mut rng)).collect();
+        let want = sampling_probs(&logits, &s).expect("sampling");
+        for (i, p) in want.iter().enumerate() {
+            let freq = draws.iter().filter(|&&d| d == i as u32).count() as f32 / draws.len() as f32;
+            assert!((freq - p).abs() < 0.01, "token {i}: {freq} vs {p}");
+        }
+        let mut again = rand_chacha::ChaCha8Rng::seed_from_u64(5);
+        assert_eq!(draws, (0..20_000).map(|_| next_token(&logits, &s, &mut again)).collect::<Vec<_>>());
+        assert_eq!(next_token(&logits, &Sampling::default(), &mut again), 0, "greedy takes the argmax");
+    }
+}
