@@ -158,6 +158,37 @@ pub enum Command {
         #[arg(long)]
         config: Option<PathBuf>,
     },
+    /// Generate text with a decoder model (a Llama-architecture GGUF file, or a directory with one), streamed
+    /// to standard output.
+    Generate {
+        /// A .gguf file, or a directory holding one.
+        #[arg(long)]
+        model: PathBuf,
+        /// The prompt (standard input when left out).
+        #[arg(long)]
+        prompt: Option<String>,
+        /// Send the prompt as the user's turn of the model's chat template.
+        #[arg(long)]
+        chat: bool,
+        /// With --chat, a system turn before it.
+        #[arg(long)]
+        system: Option<String>,
+        #[arg(long, default_value_t = 128)]
+        max_new_tokens: usize,
+        /// 0 for greedy decoding.
+        #[arg(long, default_value_t = 0.0)]
+        temperature: f32,
+        #[arg(long)]
+        top_k: Option<usize>,
+        #[arg(long)]
+        top_p: Option<f32>,
+        /// Seeds sampling: the same seed gives the same text.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Stop where this text appears (repeatable).
+        #[arg(long)]
+        stop: Vec<String>,
+    },
     /// Write each task of a trained model as a Hugging Face transformers model directory, OUT/TASK/
     /// (BertForSequenceClassification, BertForTokenClassification or BertForQuestionAnswering, LoRA merged).
     Export {

@@ -35,6 +35,23 @@ pub fn run(cli: Cli) -> Result<()> {
             predict(&model, input.as_deref(), batch_size, full_precision)
         }
         Command::Export { model, out } => crate::export::export(&model, &out),
+        Command::Generate { model, prompt, chat, system, max_new_tokens, temperature, top_k, top_p, seed, stop } => {
+            if !(temperature >= 0.0 && temperature.is_finite()) {
+                bail!("--temperature must be 0 (greedy) or positive, got {temperature}");
+            }
+            if top_p.is_some_and(|p| !(p > 0.0 && p <= 1.0)) {
+                bail!("--top-p must be in (0, 1]");
+            }
+            crate::generate::run(&crate::generate::GenerateArgs {
+                model: &model,
+                prompt: prompt.as_deref(),
+                chat,
+                system: system.as_deref(),
+                sampling: mtl_nn::generate::Sampling { temperature, top_k, top_p, seed },
+                max_new_tokens,
+                stop: &stop,
+            })
+        }
         Command::Quantize { model, out, config } => crate::deploy::quantize(&model, &out, config.as_deref()),
         Command::Prune { model, layers, out, config } => crate::deploy::prune(&model, layers, &out, config.as_deref()),
         Command::Serve {

@@ -1,4 +1,4 @@
-//! The `mtl` binary: `train`, `eval`, `predict`, `add-task`, `export`, `serve`, `quantize` and `prune`. `main` only parses arguments and turns the outcome of
+//! The `mtl` binary: `train`, `eval`, `predict`, `add-task`, `export`, `serve`, `quantize`, `prune` and `generate`. `main` only parses arguments and turns the outcome of
 //! `run` into an exit status; every command lives in its own module.
 
 mod add_task;
@@ -6,6 +6,7 @@ mod args;
 mod commands;
 mod deploy;
 mod export;
+mod generate;
 mod report;
 mod serve;
 

@@ -64,3 +64,22 @@ fn smollm2_gguf_matches_transformers() -> Result<(), Box<dyn std::error::Error>>
     assert_eq!(got, want, "greedy continuation: {:?}", tokenizer.decode(&got, false));
     Ok(())
 }
+
+#[test]
+fn mtl_generate_answers_with_the_chat_template_and_repeats_with_a_seed() -> Result<(), Box<dyn std::error::Error>> {
+    let model = repo_root().join("assets/models/SmolLM2-135M-Instruct");
+    let run = |extra: &[&str]| -> Result<String, Box<dyn std::error::Error>> {
+        let mut args = vec!["generate", "--model", model.to_str().ok_or("path")?, "--chat", "--prompt", "What is the capital of France?"];
+        args.extend(extra);
+        let o = crate::cli::mtl(&repo_root(), &args, None)?;
+        assert!(o.status.success(), "{}", crate::cli::stderr(&o));
+        Ok(String::from_utf8(o.stdout)?)
+    };
+    // Greedy, to the end-of-turn token: transformers' continuation of the same chat prompt (the fixture's
+    // 8 tokens end with <|im_end|>, which stops generation and is not printed).
+    assert_eq!(run(&["--max-new-tokens", "16"])?, "The capital of France is Paris.\n");
+    let sampled = ["--temperature", "0.9", "--top-p", "0.9", "--seed", "7", "--max-new-tokens", "12"];
+    assert_eq!(run(&sampled)?, run(&sampled)?, "the same seed, the same text");
+    assert_eq!(run(&["--max-new-tokens", "16", "--stop", " Paris"])?, "The capital of France is\n");
+    Ok(())
+}
