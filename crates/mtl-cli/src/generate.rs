@@ -60,7 +60,7 @@ impl Decoder {
         }
         messages.push(minijinja::context! { role => "user", content => prompt });
         let ctx = minijinja::context! { messages => messages, add_generation_prompt => true, bos_token => "", eos_token => "" };
-        Ok(env.get_template("chat")?.render(ctx).context("the model's chat template failed")?)
+        env.get_template("chat")?.render(ctx).context("the model's chat template failed")
     }
 
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
