@@ -42,6 +42,7 @@ It writes:
                         return_overflowing_tokens, stride, return_offsets_mapping) of two questions over long contexts
   squad.json            answer pairs with the SQuAD 2.0 scores of the official script's functions, as shipped in
                         transformers 4.46.3 (transformers/data/metrics/squad_metrics.py; fetched with pip download)
+  rouge.json            sentence pairs with rouge-score 0.1.2's ROUGE-L precision, recall and F (no stemmer)
   gradnorm.json         three GradNorm updates (Chen et al. 2018) computed with torch autograd on a toy shared layer:
                         each step's losses, weighted gradient norms, and the weights after torch.optim.Adam and
                         renormalisation
@@ -50,7 +51,7 @@ It writes:
   cagrad.json           random task gradients with CAGrad's update (Liu et al. 2021), the weights found by
                         scipy.optimize.minimize (SLSQP) exactly as the authors' code finds them, rescale = 1
 The tests themselves need none of these packages. `python scripts/make_fixtures.py metrics` writes only the
-metric fixtures (no torch needed for them, only scikit-learn, scipy and seqeval); `... weighting` writes only
+metric fixtures (no torch needed for them, only scikit-learn, scipy, seqeval and rouge-score); `... weighting` writes only
 the last three, `... llama` only tiny-llama/, `... smollm2` only smollm2-reference.json, and `... lora` only tiny-bert/lora.*,
 tiny-bert/bottleneck.* and tiny-bert/prefix.*.
 """
@@ -400,6 +401,30 @@ def squad_fixture():
     (OUT / "squad.json").write_text(json.dumps(cases, ensure_ascii=False))
 
 
+def rouge_fixture():
+    """Sentence pairs with rouge-score 0.1.2's ROUGE-L (no stemmer; its tokeniser lowercases and keeps runs of
+    a-z and 0-9), as `RougeScorer(["rougeL"]).score(target, prediction)`."""
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rougeL"])
+    pairs = [("The cat sat on the mat.", "the cat is on a mat!"), ("", ""), ("", "something"), ("words", ""),
+             ("Paris", "The capital of France is Paris."), ("flight from boston to denver", "flights from denver to boston"),
+             ("Café naïve, 東京", "cafe naive"), ("a a a b", "a b a b a"), ("B-to=denver\nB-from=boston", "B-from=boston B-to=denver"),
+             ("1,000 items (1995)", "1 000 items 1995"), ("KELVIN \u212a", "kelvin k"), ("!!!", "???")]
+    rng = random.Random(17)
+    words = ["the", "a", "cat", "sat", "on", "mat", "Denver", "1,000", "(1995)", "an", "Ünïcode", "state's", "x-y", "UPPER"]
+    for _ in range(40):
+        target = " ".join(rng.choice(words) for _ in range(rng.randint(0, 12)))
+        pred = " ".join(rng.choice(words) for _ in range(rng.randint(0, 12)))
+        pairs.append((target, pred))
+    cases = []
+    for target, pred in pairs:
+        sc = scorer.score(target, pred)["rougeL"]
+        cases.append({"target": target, "prediction": pred, "precision": sc.precision, "recall": sc.recall,
+                      "f": sc.fmeasure})
+    (OUT / "rouge.json").write_text(json.dumps(cases, ensure_ascii=False))
+
+
 def qa_windows_fixture():
     tok = AutoTokenizer.from_pretrained(ROOT / "assets" / "models" / "all-MiniLM-L6-v2")
     context = (
@@ -691,6 +716,7 @@ def weighting_fixtures():
 
 
 def metric_fixtures():
+    rouge_fixture()
     seqeval_fixture()
     seqeval_report_fixture()
     classification_fixture()

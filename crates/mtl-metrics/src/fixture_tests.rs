@@ -1,5 +1,6 @@
 //! Every metric against its reference implementation, on fixtures made by `scripts/make_fixtures.py`
-//! (scikit-learn 1.9.1, scipy 1.17.1, seqeval 1.2.2, the SQuAD 2.0 functions of transformers 4.46.3).
+//! (scikit-learn 1.9.1, scipy 1.17.1, seqeval 1.2.2, the SQuAD 2.0 functions of transformers 4.46.3, rouge-score
+//! 0.1.2).
 //! Equal to 1e-9.
 
 use serde_json::Value;
@@ -119,5 +120,22 @@ fn entity_report_matches_seqeval() -> TestResult {
             close(got.f1, &want[name]["f1-score"], &format!("case {i} {name} f1"));
         }
     }
+    Ok(())
+}
+
+#[test]
+fn rouge_l_matches_rouge_score() -> TestResult {
+    let cases = load("rouge.json")?;
+    assert!(cases.len() >= 50);
+    for (i, c) in cases.iter().enumerate() {
+        let (target, prediction) = (c["target"].as_str().ok_or("target")?, c["prediction"].as_str().ok_or("prediction")?);
+        let r = rouge_l(target, prediction);
+        close(r.precision, &c["precision"], &format!("case {i} precision ({target:?} / {prediction:?})"));
+        close(r.recall, &c["recall"], &format!("case {i} recall"));
+        close(r.f, &c["f"], &format!("case {i} f"));
+    }
+    let targets = vec!["Paris".to_string(), " a b ".to_string()];
+    let (rouge, exact) = generation_scores(&targets, &["Paris".to_string(), "a b".to_string()]);
+    assert_eq!((rouge, exact), (1.0, 1.0));
     Ok(())
 }
