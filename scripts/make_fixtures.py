@@ -24,7 +24,9 @@ It writes:
   tiny-llama/           a tiny random LlamaForCausalLM (seed 0: 2 layers, 4 query / 2 key-value heads, tied
                         embeddings): config.json, model.safetensors, and reference.json with a right-padded batch,
                         its logits, a causal LM loss on target positions (prompt and padding at -100) with every
-                        parameter's gradient norm, and 6 greedily generated tokens (`generate`, do_sample=False)
+                        parameter's gradient norm, and 6 greedily generated tokens (`generate`, do_sample=False);
+                        lora.* two PEFT LoRA adapters on all seven projections (r 4, alpha 8, random weights):
+                        each adapter's logits, a mixed batch (`adapter_names`), the loss and LoRA gradient norms
   smollm2-reference.json transformers 5.24 with gguf 0.19 on the default decoder's GGUF (SmolLM2-135M-Instruct
                         Q4_1, dequantised to f32): token ids of five strings, the last position's logits of two
                         (first 16 and top 10), and 8 greedy tokens after a chat-template prompt
@@ -163,6 +165,49 @@ def tiny_llama():
         "greedy": generated[0, prompt.shape[1]:].tolist(),
     }
     (d / "reference.json").write_text(json.dumps(ref))
+
+
+def tiny_llama_lora_fixture():
+    """Two LoRA adapters (PEFT), `intent` and `slots`, on every projection of tiny-llama, random weights: each
+    adapter's logits, a mixed batch (`adapter_names`), and the LM loss on adapter `intent` with the gradient
+    norms of its LoRA parameters."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM
+
+    d = OUT / "tiny-llama"
+    base = LlamaForCausalLM.from_pretrained(d).eval()
+    config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
+                        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    model = get_peft_model(base, config, adapter_name="intent")
+    model.add_adapter("slots", config)
+    torch.manual_seed(2)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(0.2 * torch.randn_like(p))
+    state = {k.removeprefix("base_model.model."): v.detach().contiguous()
+             for k, v in model.state_dict().items() if "lora_" in k}
+    save_file(state, d / "lora.safetensors")
+    ref = json.loads((d / "reference.json").read_text())
+    ids, mask, labels = (torch.tensor(ref[k]) for k in ("input_ids", "attention_mask", "labels"))
+    model.eval()
+    logits = {}
+    for adapter in ["intent", "slots"]:
+        model.set_adapter(adapter)
+        with torch.no_grad():
+            logits[adapter] = model(input_ids=ids, attention_mask=mask).logits.tolist()
+    with torch.no_grad():
+        mixed = model(input_ids=ids, attention_mask=mask, adapter_names=["slots", "intent"]).logits
+    model.set_adapter("intent")
+    out = model(input_ids=ids, attention_mask=mask).logits
+    loss = torch.nn.functional.cross_entropy(out[:, :-1].reshape(-1, out.shape[-1]), labels[:, 1:].reshape(-1),
+                                             ignore_index=-100)
+    loss.backward()
+    grads = {k.removeprefix("base_model.model."): p.grad.norm().item()
+             for k, p in model.named_parameters() if "lora_" in k and ".intent." in k}
+    lora = {"r": 4, "alpha": 8, "logits": logits, "mixed_adapters": ["slots", "intent"], "mixed": mixed.tolist(),
+            "loss": loss.item(), "grad_norms": grads}
+    (d / "lora.json").write_text(json.dumps(lora))
 
 
 SMOLLM2 = ROOT / "assets" / "models" / "SmolLM2-135M-Instruct"
@@ -739,11 +784,13 @@ if __name__ == "__main__":
         metric_fixtures()
     elif sys.argv[1:] == ["llama"]:
         tiny_llama()
+        tiny_llama_lora_fixture()
     elif sys.argv[1:] == ["smollm2"]:
         smollm2_fixture()
     else:
         tiny_bert()
         tiny_llama()
+        tiny_llama_lora_fixture()
         lora_fixture()
         bottleneck_fixture()
         prefix_fixture()

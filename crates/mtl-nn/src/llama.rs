@@ -9,14 +9,63 @@
 //! backward pass, so none of them is used; a test checks the loss and every parameter's gradient against
 //! PyTorch.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor, D};
-use serde::Deserialize;
+use mtl_core::Mode;
+use serde::{Deserialize, Serialize};
 
-use crate::layers::{log_softmax_last, softmax_last};
+use crate::layers::{log_softmax_last, softmax_last, DropoutRng};
 use crate::params::{Init, ParamBuilder};
+use crate::peft::{check_routes, LoraLayer, LoraSpec, PeftPass, Route};
 use crate::{NnError, Result};
+
+/// A linear layer of a decoder block, by its name in transformers (and in PEFT's `target_modules`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DecoderModule {
+    QProj,
+    KProj,
+    VProj,
+    OProj,
+    GateProj,
+    UpProj,
+    DownProj,
+}
+
+impl DecoderModule {
+    pub const ALL: [Self; 7] = [Self::QProj, Self::KProj, Self::VProj, Self::OProj, Self::GateProj, Self::UpProj, Self::DownProj];
+
+    /// Its path inside a layer (`model.layers.N.` + this).
+    pub fn path(self) -> &'static str {
+        match self {
+            Self::QProj => "self_attn.q_proj",
+            Self::KProj => "self_attn.k_proj",
+            Self::VProj => "self_attn.v_proj",
+            Self::OProj => "self_attn.o_proj",
+            Self::GateProj => "mlp.gate_proj",
+            Self::UpProj => "mlp.up_proj",
+            Self::DownProj => "mlp.down_proj",
+        }
+    }
+}
+
+/// LoRA on the decoder: rank, scale and dropout (`spec`; its BERT targets are unused), the projections it
+/// adapts, and its adapters (one shared, or one per task).
+#[derive(Clone, Debug, PartialEq)]
+pub struct DecoderLora {
+    pub spec: LoraSpec,
+    pub modules: Vec<DecoderModule>,
+    pub adapters: Vec<String>,
+}
+
+/// How a forward pass runs LoRA: which adapter each example goes through, and dropout.
+pub struct LoraRun<'a> {
+    pub routes: &'a [Route],
+    pub dropout: &'a DropoutRng,
+    pub mode: Mode,
+}
 
 /// The fields of a Hugging Face Llama `config.json` that the decoder uses.
 #[derive(Clone, Debug, PartialEq)]
@@ -150,6 +199,7 @@ fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
 
 #[derive(Clone, Debug)]
 struct Layer {
+    lora: BTreeMap<DecoderModule, LoraLayer>,
     input_norm: Tensor,
     q: Tensor,
     k: Tensor,
@@ -191,11 +241,19 @@ pub struct Llama {
     /// cos and sin of every position's rotation angles, `[max_position_embeddings, head_dim]`.
     cos: Tensor,
     sin: Tensor,
+    /// LoRA, when the model has it; its pretrained parameters are then frozen.
+    lora: Option<DecoderLora>,
 }
 
 impl Llama {
     /// The decoder under `pb` (names as in `LlamaForCausalLM`'s state dict).
     pub fn new(pb: &ParamBuilder, config: &LlamaConfig) -> Result<Self> {
+        Self::with_lora(pb, config, None)
+    }
+
+    /// The decoder with LoRA on some projections (adapters under `….q_proj.lora_A.ADAPTER.weight`, as PEFT
+    /// names them); the pretrained parameters are then frozen (constants for autograd).
+    pub fn with_lora(pb: &ParamBuilder, config: &LlamaConfig, lora: Option<&DecoderLora>) -> Result<Self> {
         let (h, i) = (config.hidden_size, config.intermediate_size);
         let (q_out, kv_out) = (config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim);
         let m = pb.pp("model");
@@ -205,7 +263,21 @@ impl Llama {
             .map(|n| {
                 let l = m.pp(&format!("layers.{n}"));
                 let (a, f) = (l.pp("self_attn"), l.pp("mlp"));
+                let mut adapted = BTreeMap::new();
+                if let Some(lora) = lora {
+                    for &module in &lora.modules {
+                        let (inp, out) = match module {
+                            DecoderModule::QProj => (h, q_out),
+                            DecoderModule::KProj | DecoderModule::VProj => (h, kv_out),
+                            DecoderModule::OProj => (q_out, h),
+                            DecoderModule::GateProj | DecoderModule::UpProj => (h, i),
+                            DecoderModule::DownProj => (i, h),
+                        };
+                        adapted.insert(module, LoraLayer::new(&l.pp(module.path()), &lora.spec, &lora.adapters, inp, out)?);
+                    }
+                }
                 Ok(Layer {
+                    lora: adapted,
                     input_norm: l.pp("input_layernorm").get(h, "weight", Init::Ones)?,
                     q: a.pp("q_proj").get((q_out, h), "weight", init)?,
                     k: a.pp("k_proj").get((kv_out, h), "weight", init)?,
@@ -221,7 +293,23 @@ impl Llama {
         let norm = m.pp("norm").get(h, "weight", Init::Ones)?;
         let lm_head = if config.tie_word_embeddings { None } else { Some(pb.pp("lm_head").get((config.vocab_size, h), "weight", init)?) };
         let (cos, sin) = rotary_tables(config, &pb.device())?;
-        Ok(Self { config: config.clone(), embed, layers, norm, lm_head, cos, sin })
+        let mut model = Self { config: config.clone(), embed, layers, norm, lm_head, cos, sin, lora: lora.cloned() };
+        if lora.is_some() {
+            // As in PEFT: only the adapters train.
+            model.embed = model.embed.detach();
+            model.norm = model.norm.detach();
+            model.lm_head = model.lm_head.map(|t| t.detach());
+            for l in &mut model.layers {
+                for t in [&mut l.input_norm, &mut l.q, &mut l.k, &mut l.v, &mut l.o, &mut l.post_norm, &mut l.gate, &mut l.up, &mut l.down] {
+                    *t = t.detach();
+                }
+            }
+        }
+        Ok(model)
+    }
+
+    pub fn lora(&self) -> Option<&DecoderLora> {
+        self.lora.as_ref()
     }
 
     pub fn config(&self) -> &LlamaConfig {
@@ -231,8 +319,32 @@ impl Llama {
     /// The final hidden states (after the last RMSNorm), `[batch * seq, hidden]`, of `ids` (`[batch, seq]`,
     /// right-padded; `mask` row-major `batch × seq`, 1 for real tokens, or `None` for all real). With a
     /// cache, `ids` continue the cached positions (every row the same length) and the cache is extended.
-    pub fn forward(&self, ids: &Tensor, mask: Option<&[u32]>, mut cache: Option<&mut KvCache>) -> Result<Tensor> {
+    pub fn forward(&self, ids: &Tensor, mask: Option<&[u32]>, cache: Option<&mut KvCache>) -> Result<Tensor> {
+        match &self.lora {
+            Some(lora) if lora.adapters.len() > 1 => {
+                Err(candle_core::Error::Msg("a decoder with per-task adapters needs each example's adapter (forward_with)".into()).into())
+            }
+            Some(_) => {
+                let b = ids.dim(0)?;
+                let routes = [Route { adapter: 0, examples: 0..b }];
+                let off = DropoutRng::new(0.0, 0);
+                self.forward_with(ids, mask, cache, Some(&LoraRun { routes: &routes, dropout: &off, mode: Mode::Eval }))
+            }
+            None => self.forward_with(ids, mask, cache, None),
+        }
+    }
+
+    /// [`Llama::forward`] with each example routed through its LoRA adapter, and LoRA's dropout in training.
+    pub fn forward_with(&self, ids: &Tensor, mask: Option<&[u32]>, mut cache: Option<&mut KvCache>, run: Option<&LoraRun>) -> Result<Tensor> {
         let (b, s) = ids.dims2()?;
+        let pass = match (&self.lora, run) {
+            (Some(lora), Some(run)) => {
+                check_routes(run.routes, b, lora.adapters.len())?;
+                Some(PeftPass { routes: run.routes, seq: s, scale: lora.spec.scale(), dropout_p: lora.spec.dropout, dropout: run.dropout, mode: run.mode })
+            }
+            (Some(_), None) => return Err(candle_core::Error::Msg("a decoder with LoRA needs its routes".into()).into()),
+            (None, _) => None,
+        };
         let c = &self.config;
         let past = cache.as_ref().map_or(0, |c| c.len);
         if past + s > c.max_position_embeddings {
@@ -256,7 +368,7 @@ impl Llama {
         let mut x = self.embed.index_select(&ids.flatten_all()?, 0)?; // [b*s, h]
         for (n, layer) in self.layers.iter().enumerate() {
             let slot = cache.as_mut().map(|c| &mut c.layers[n]);
-            x = self.layer_forward(layer, &x, b, s, &cos, &sin, &bias, slot)?;
+            x = self.layer_forward(layer, &x, b, s, &cos, &sin, &bias, slot, pass.as_ref())?;
         }
         if let Some(cache) = cache {
             cache.len += s;
@@ -280,17 +392,26 @@ impl Llama {
         sin: &Tensor,
         bias: &Tensor,
         cache: Option<&mut Option<(Tensor, Tensor)>>,
+        pass: Option<&PeftPass>,
     ) -> Result<Tensor> {
         let c = &self.config;
         let (nh, kvh, d) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
-        let h = rms_norm(x, &l.input_norm, c.rms_norm_eps)?;
-        let heads = |w: &Tensor, n: usize| -> Result<Tensor> {
-            // [b*s, n*d] → [b, n, s, d]
-            Ok(project(&h, w)?.reshape((b, s, n, d))?.transpose(1, 2)?.contiguous()?)
+        // `x Wᵀ`, plus the LoRA update of `module` when it has one.
+        let linear = |module: DecoderModule, x: &Tensor, w: &Tensor| -> Result<Tensor> {
+            let y = project(x, w)?;
+            match (pass, l.lora.get(&module)) {
+                (Some(pass), Some(lora)) => Ok((y + lora.delta(x, pass)?)?),
+                _ => Ok(y),
+            }
         };
-        let q = rotate(&heads(&l.q, nh)?, cos, sin)?;
-        let mut k = rotate(&heads(&l.k, kvh)?, cos, sin)?;
-        let mut v = heads(&l.v, kvh)?;
+        let h = rms_norm(x, &l.input_norm, c.rms_norm_eps)?;
+        let heads = |module: DecoderModule, w: &Tensor, n: usize| -> Result<Tensor> {
+            // [b*s, n*d] → [b, n, s, d]
+            Ok(linear(module, &h, w)?.reshape((b, s, n, d))?.transpose(1, 2)?.contiguous()?)
+        };
+        let q = rotate(&heads(DecoderModule::QProj, &l.q, nh)?, cos, sin)?;
+        let mut k = rotate(&heads(DecoderModule::KProj, &l.k, kvh)?, cos, sin)?;
+        let mut v = heads(DecoderModule::VProj, &l.v, kvh)?;
         if let Some(slot) = cache {
             if let Some((pk, pv)) = slot.as_ref() {
                 k = Tensor::cat(&[pk, &k], 2)?;
@@ -304,10 +425,10 @@ impl Llama {
         let scores = (q.matmul(&k.t()?)? / (d as f64).sqrt())?.broadcast_add(bias)?;
         let probs = softmax_last(&scores)?;
         let ctx = probs.matmul(&v)?.transpose(1, 2)?.contiguous()?.reshape((b * s, nh * d))?;
-        let x = (x + project(&ctx, &l.o)?)?;
+        let x = (x + linear(DecoderModule::OProj, &ctx, &l.o)?)?;
         let h = rms_norm(&x, &l.post_norm, c.rms_norm_eps)?;
-        let ff = (project(&h, &l.gate)?.silu()? * project(&h, &l.up)?)?;
-        Ok((x + project(&ff, &l.down)?)?)
+        let ff = (linear(DecoderModule::GateProj, &h, &l.gate)?.silu()? * linear(DecoderModule::UpProj, &h, &l.up)?)?;
+        Ok((x + linear(DecoderModule::DownProj, &ff, &l.down)?)?)
     }
 }
 

@@ -162,3 +162,79 @@ fn generation_stops_where_asked_streams_its_text_and_repeats_with_its_seed() -> 
     assert_ne!(sample(1)?.ids, sample(2)?.ids);
     Ok(())
 }
+
+#[test]
+fn lora_adapters_match_peft_alone_mixed_and_in_their_gradients() -> TestResult {
+    use crate::layers::DropoutRng;
+    use crate::llama::{DecoderLora, DecoderModule, LoraRun};
+    use crate::peft::Route;
+    use crate::LoraSpec;
+    use mtl_core::Mode;
+
+    let config = LlamaConfig::from_file(&dir().join("config.json"))?;
+    let fixture: Value = serde_json::from_str(&std::fs::read_to_string(dir().join("lora.json"))?)?;
+    let reference: Value = serde_json::from_str(&std::fs::read_to_string(dir().join("reference.json"))?)?;
+    let pb = ParamBuilder::from_safetensors(&dir().join("model.safetensors"), 0, &Device::Cpu)?;
+    pb.add_safetensors(&dir().join("lora.safetensors"))?;
+    let adapters = vec!["intent".to_string(), "slots".to_string()];
+    let spec = LoraSpec { r: 4, alpha: 8.0, dropout: 0.0, targets: Vec::new() };
+    let lora = DecoderLora { spec, modules: DecoderModule::ALL.to_vec(), adapters };
+    let model = Llama::with_lora(&pb, &config, Some(&lora))?;
+    let store = pb.finish();
+    assert!(store.initialised().is_empty(), "{:?}", store.initialised());
+    let (ids, mask, b, s) = batch(&reference)?;
+    let off = DropoutRng::new(0.0, 0);
+    let run_logits = |routes: &[Route]| -> Result<Vec<Vec<f32>>, Box<dyn std::error::Error>> {
+        let run = LoraRun { routes, dropout: &off, mode: Mode::Eval };
+        Ok(model.logits(&model.forward_with(&ids, Some(&mask), None, Some(&run))?)?.to_vec2::<f32>()?)
+    };
+    let compare = |got: &[Vec<f32>], want: &Value, what: &str| -> TestResult {
+        let want: Vec<Vec<Vec<f64>>> = serde_json::from_value(want.clone())?;
+        let mut max_diff = 0f64;
+        for (r, row) in want.iter().enumerate() {
+            for (i, pos) in row.iter().enumerate() {
+                if mask[r * s + i] == 1 {
+                    for (a, w) in got[r * s + i].iter().zip(pos) {
+                        max_diff = max_diff.max((f64::from(*a) - w).abs());
+                    }
+                }
+            }
+        }
+        assert!(max_diff < 1e-4, "{what}: max abs difference {max_diff}");
+        Ok(())
+    };
+    for (i, adapter) in ["intent", "slots"].iter().enumerate() {
+        compare(&run_logits(&[Route { adapter: i, examples: 0..b }])?, &fixture["logits"][adapter], adapter)?;
+    }
+    // Row 0 through "slots", row 1 through "intent", in one pass.
+    compare(&run_logits(&[Route { adapter: 1, examples: 0..1 }, Route { adapter: 0, examples: 1..2 }])?, &fixture["mixed"], "mixed")?;
+
+    // The loss through "intent": its LoRA gradients as PEFT's; nothing else gets one.
+    let labels: Vec<i64> = rows(&reference["labels"]).concat();
+    let routes = [Route { adapter: 0, examples: 0..b }];
+    let run = LoraRun { routes: &routes, dropout: &off, mode: Mode::Train };
+    let loss = causal_lm_loss(&model.logits(&model.forward_with(&ids, Some(&mask), None, Some(&run))?)?, &labels, b, s, -100)?;
+    let want = fixture["loss"].as_f64().ok_or("loss")?;
+    assert!((f64::from(loss.to_scalar::<f32>()?) - want).abs() < 1e-4);
+    let grads = loss.backward()?;
+    let norms = fixture["grad_norms"].as_object().ok_or("grad norms")?;
+    let mut checked = 0;
+    for (name, var) in store.vars() {
+        match (norms.get(name), grads.get(var.as_tensor())) {
+            (Some(want), Some(g)) => {
+                let norm = f64::from(g.sqr()?.sum_all()?.sqrt()?.to_scalar::<f32>()?);
+                let want = want.as_f64().ok_or("norm")?;
+                assert!(norm > 0.0 && (norm - want).abs() <= 1e-4 + 1e-3 * want, "{name}: {norm} vs {want}");
+                checked += 1;
+            }
+            (Some(_), None) => return Err(format!("{name} got no gradient").into()),
+            (None, Some(g)) => {
+                let norm = g.abs()?.sum_all()?.to_scalar::<f32>()?;
+                assert_eq!(norm, 0.0, "{name} is frozen or unused but got a gradient");
+            }
+            (None, None) => {}
+        }
+    }
+    assert_eq!(checked, 2 * 7 * 2, "A and B of seven projections in two layers");
+    Ok(())
+}
