@@ -22,7 +22,7 @@ use mtl_train::{AdamW, AdamWConfig, ParamGroup};
 
 #[derive(Parser)]
 struct Args {
-    /// `train` (W1), `infer` (W2), `int8` (W2 in f32 and int8, alternating), `data` or `gemm`.
+    /// `train` (W1), `infer` (W2), `int8` (W2 in f32 and int8, alternating), `data`, `gemm` or `llm-lora`.
     workload: String,
     #[arg(long, default_value = "assets/models/all-MiniLM-L6-v2")]
     model: PathBuf,
@@ -130,9 +130,49 @@ fn data(args: &Args) -> Result<()> {
     Ok(())
 }
 
+/// One LoRA training step of the default decoder (SmolLM2-135M from its GGUF file, dequantised): r 8, alpha 16 on
+/// all seven projections, the causal LM loss on every position of a deterministic batch, backward, AdamW over the
+/// LoRA parameters. The counterpart of `bench/llm_lora_step.py` (transformers + PEFT).
+fn llm_lora(args: &Args) -> Result<()> {
+    use mtl_nn::llama::{causal_lm_loss, DecoderLora, DecoderModule, Llama, LoraRun};
+    let dir = std::path::Path::new("assets/models/SmolLM2-135M-Instruct/SmolLM2-135M-Instruct.Q4_1.gguf");
+    let gguf = mtl_nn::gguf::read_llama(dir, &Device::Cpu)?;
+    let pb = mtl_nn::ParamBuilder::new(gguf.weights, 0, &Device::Cpu);
+    let spec = mtl_nn::LoraSpec { r: 8, alpha: 16.0, dropout: 0.0, targets: Vec::new() };
+    let lora = DecoderLora { spec, modules: DecoderModule::ALL.to_vec(), adapters: vec!["default".into()] };
+    let model = Llama::with_lora(&pb, &gguf.config, Some(&lora))?;
+    let store = pb.finish();
+    let params = store.vars().iter().filter(|(n, _)| mtl_nn::is_peft_param(n)).map(|(n, v)| (n.clone(), v.clone(), ParamGroup { lr: 1e-4, weight_decay: 0.0 }));
+    let mut opt = AdamW::new(params, AdamWConfig::default());
+    let (b, s) = (args.batch, args.seq);
+    let vocab = gguf.config.vocab_size;
+    let ids: Vec<u32> = (0..b * s).map(|i| (100 + (i * 7919) % (vocab - 100)) as u32).collect();
+    let labels: Vec<i64> = ids.iter().map(|&i| i64::from(i)).collect();
+    let ids = candle_core::Tensor::from_vec(ids, (b, s), &Device::Cpu)?;
+    let routes = [mtl_nn::Route { adapter: 0, examples: 0..b }];
+    let off = mtl_nn::DropoutRng::new(0.0, 0);
+    let mut times = Vec::new();
+    for i in 0..args.warmup + args.steps {
+        let t0 = Instant::now();
+        let run = LoraRun { routes: &routes, dropout: &off, mode: Mode::Train };
+        let logits = model.logits(&model.forward_with(&ids, None, None, Some(&run))?)?;
+        let loss = causal_lm_loss(&logits, &labels, b, s, -100)?;
+        let grads = mtl_train::named_grads(&loss.backward()?, store.vars());
+        opt.step(&grads, 1.0, Some(1.0))?;
+        if i >= args.warmup {
+            times.push(t0.elapsed().as_secs_f64() * 1e3);
+        }
+    }
+    println!("{}", serde_json::json!({"engine": "mtl", "workload": "llm-lora", "batch": b, "seq": s, "median_ms": median(&times), "times_ms": times}));
+    Ok(())
+}
+
 fn main() -> Result<()> {
     mtl_train::alloc::keep_freed_pages();
     let args = Args::parse();
+    if args.workload == "llm-lora" {
+        return llm_lora(&args);
+    }
     let bert = BertConfig::from_file(&args.model.join("config.json"))?;
     let tasks = BTreeMap::from([
         (TaskId::new("cls")?, mtl_nn::HeadSpec::new(TaskKind::Classification, 5)),
@@ -209,7 +249,7 @@ fn main() -> Result<()> {
         }
         "data" => return data(&args),
         "gemm" => return gemm_layouts(&args),
-        other => anyhow::bail!("unknown workload {other:?}; valid choices: train, infer, int8, data, gemm"),
+        other => anyhow::bail!("unknown workload {other:?}; valid choices: train, infer, int8, data, gemm, llm-lora"),
     }
     let phases: BTreeMap<&str, f64> = phases.iter().map(|(k, v)| (*k, median(v))).collect();
     println!("{}", serde_json::json!({"engine": "mtl", "workload": args.workload, "median_ms": median(&times), "times_ms": times, "phases_ms": phases}));
