@@ -74,25 +74,45 @@ struct Connection {
     reader: Option<BufReader<TcpStream>>,
 }
 
+/// A failed exchange: whether the request may be sent again (the connection was found closed before any byte
+/// of an answer, as a keep-alive connection the server closed is), and why.
+struct Failure {
+    retry: bool,
+    error: anyhow::Error,
+}
+
+impl<E: Into<anyhow::Error>> From<E> for Failure {
+    fn from(e: E) -> Self {
+        Self { retry: false, error: e.into() }
+    }
+}
+
 impl Connection {
     fn send(&mut self, method: &str, path: &str, body: &str, key: Option<&str>) -> Result<(u16, String)> {
         for attempt in 0..2 {
             if self.reader.is_none() {
                 let stream = TcpStream::connect(&self.addr)?;
                 stream.set_nodelay(true)?;
+                // A stalled server fails the request instead of blocking the worker past the run.
+                stream.set_read_timeout(Some(Duration::from_secs(120)))?;
+                stream.set_write_timeout(Some(Duration::from_secs(120)))?;
                 self.reader = Some(BufReader::new(stream));
             }
             match self.try_send(method, path, body, key) {
                 Ok(r) => return Ok(r),
-                // A keep-alive connection the server closed: reconnect once.
-                Err(_) if attempt == 0 => self.reader = None,
-                Err(e) => return Err(e),
+                Err(f) => {
+                    // Whatever is left on this connection cannot be trusted.
+                    self.reader = None;
+                    if !(f.retry && attempt == 0) {
+                        return Err(f.error);
+                    }
+                }
             }
         }
         unreachable!("the loop returns")
     }
 
-    fn try_send(&mut self, method: &str, path: &str, body: &str, key: Option<&str>) -> Result<(u16, String)> {
+    fn try_send(&mut self, method: &str, path: &str, body: &str, key: Option<&str>) -> Result<(u16, String), Failure> {
         let reader = self.reader.as_mut().context("connected")?;
         let auth = key.map(|k| format!("Authorization: Bearer {k}\r\n")).unwrap_or_default();
         let head = format!(
@@ -101,28 +121,39 @@ impl Connection {
             body.len()
         );
         let stream = reader.get_mut();
-        stream.write_all(head.as_bytes())?;
-        stream.write_all(body.as_bytes())?;
+        let sent = stream.write_all(head.as_bytes()).and_then(|()| stream.write_all(body.as_bytes()));
         let mut status_line = String::new();
-        if reader.read_line(&mut status_line)? == 0 {
-            bail!("connection closed");
+        let read = sent.and_then(|()| reader.read_line(&mut status_line));
+        match read {
+            // Closed (or reset) before any byte of an answer: the server did not take the request.
+            Ok(0) => return Err(Failure { retry: true, error: anyhow::anyhow!("connection closed") }),
+            Err(e) if status_line.is_empty() && matches!(e.kind(), std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe) => {
+                return Err(Failure { retry: true, error: e.into() })
+            }
+            Err(e) => return Err(e.into()),
+            Ok(_) => {}
         }
-        let status: u16 = status_line.split_whitespace().nth(1).context("status")?.parse()?;
-        let (mut length, mut close) = (0usize, false);
+        let status: u16 = status_line.split_whitespace().nth(1).context("no status")?.parse()?;
+        let (mut length, mut close) = (None, false);
         loop {
             let mut line = String::new();
-            reader.read_line(&mut line)?;
+            if reader.read_line(&mut line)? == 0 {
+                return Err(anyhow::anyhow!("connection closed inside the headers").into());
+            }
             let line = line.trim_end();
             if line.is_empty() {
                 break;
             }
             let lower = line.to_ascii_lowercase();
             if let Some(v) = lower.strip_prefix("content-length:") {
-                length = v.trim().parse()?;
+                length = Some(v.trim().parse::<usize>()?);
+            } else if lower.starts_with("transfer-encoding:") && lower.contains("chunked") {
+                return Err(anyhow::anyhow!("chunked answers are not supported by this client").into());
             } else if lower.starts_with("connection:") && lower.contains("close") {
                 close = true;
             }
         }
+        let length = length.context("an answer without Content-Length")?;
         let mut body = vec![0u8; length];
         reader.read_exact(&mut body)?;
         if close {

@@ -38,6 +38,9 @@ pub fn export(model_dir: &Path, out: &Path) -> Result<()> {
         bail!("{}: the output directory already exists; choose another or remove it", out.display());
     }
     let loaded = load_checkpoint(model_dir)?;
+    if loaded.model.bert().int8_layers().is_some() {
+        bail!("{}: an int8 model (mtl quantize) has no f32 weights to export; export the model it was quantised from", model_dir.display());
+    }
     if loaded.model.bert().peft().is_some_and(|p| p.lora().is_none()) {
         bail!(
             "{}: bottleneck adapters and prefix tuning change the network, so they cannot be written as a plain transformers model (LoRA merges into the weights and can)",

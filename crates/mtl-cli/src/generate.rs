@@ -16,7 +16,8 @@ pub struct Decoder {
     pub model: Llama,
     pub tokenizer: tokenizers::Tokenizer,
     pub chat_template: Option<String>,
-    pub eos: Option<u32>,
+    /// Tokens that end generation.
+    pub eos: Vec<u32>,
 }
 
 /// The GGUF file at `path`, or the one GGUF file in the directory `path`.
@@ -46,7 +47,7 @@ impl Decoder {
             bail!("{}: tensors missing: {}", file.display(), missing.join(", "));
         }
         tracing::info!(types = ?gguf.tensor_types, "loaded {} (dequantised to f32)", file.display());
-        Ok(Self { model, tokenizer, chat_template: gguf.chat_template, eos: gguf.config.eos_token_id })
+        Ok(Self { model, tokenizer, chat_template: gguf.chat_template, eos: gguf.config.eos_token_ids })
     }
 
     /// `prompt` as the user's turn of the chat template (with the assistant's turn opened).
@@ -93,7 +94,7 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
     }
     let text = if args.chat { decoder.chat_prompt(&prompt, args.system)? } else { prompt };
     let ids = decoder.encode(&text)?;
-    let limits = Limits { max_new_tokens: args.max_new_tokens, stop_tokens: decoder.eos.into_iter().collect(), stop_strings: args.stop.to_vec() };
+    let limits = Limits { max_new_tokens: args.max_new_tokens, stop_tokens: decoder.eos.clone(), stop_strings: args.stop.to_vec() };
     let started = std::time::Instant::now();
     let mut out = std::io::stdout().lock();
     let generated = generate(&decoder.model, &ids, &args.sampling, &limits, |t| decoder.decode(t), |piece| {

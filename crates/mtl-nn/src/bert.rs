@@ -205,6 +205,9 @@ impl Bert {
         if pb.has_int8() && peft.is_some() {
             return Err(NnError::File { path: "int8 weights".into(), message: "an int8 model cannot carry adapters".into() });
         }
+        if pb.has_int8() && config.hidden_act != Activation::Gelu {
+            return Err(NnError::File { path: "int8 weights".into(), message: "the int8 encoder implements the erf GELU only".into() });
+        }
         let mut int8: Vec<Vec<Int8Matrix>> = Vec::new();
         let eps = config.layer_norm_eps;
         let e = pb.pp("embeddings");
@@ -313,8 +316,11 @@ impl Bert {
         if self.int8.is_some() {
             return Err(candle_core::Error::Msg("the model is int8 already".into()).into());
         }
-        if self.peft.is_some() && self.merged.is_none() {
+        if self.peft.as_ref().is_some_and(|p| p.per_task()) || (self.peft.is_some() && self.merged.is_none()) {
             return Err(candle_core::Error::Msg("int8 needs one set of encoder weights: merge the LoRA adapter first (adapters, prefixes and per-task LoRA cannot be quantised)".into()).into());
+        }
+        if self.config.hidden_act != Activation::Gelu {
+            return Err(candle_core::Error::Msg(format!("the int8 encoder implements the erf GELU only, not {:?}", self.config.hidden_act)).into());
         }
         let mut dropped = Vec::new();
         let mut int8 = Vec::new();
@@ -344,8 +350,8 @@ impl Bert {
 
     /// Makes a merged shared LoRA adapter part of the model: the adapters go, the merged weights stay.
     pub(crate) fn fold_merged(&mut self) -> Result<()> {
-        if self.peft.is_some() && self.merged.is_none() {
-            return Err(candle_core::Error::Msg("only a merged LoRA adapter folds into the weights".into()).into());
+        if self.peft.as_ref().is_some_and(|p| p.per_task()) || (self.peft.is_some() && self.merged.is_none()) {
+            return Err(candle_core::Error::Msg("only a merged shared LoRA adapter folds into the weights".into()).into());
         }
         for layer in &mut self.layers {
             layer.lora.clear();

@@ -68,11 +68,11 @@ pub fn sampling_probs(logits: &[f32], s: &Sampling) -> Option<Vec<f32>> {
     let scaled: Vec<f32> = logits.iter().map(|l| l / s.temperature).collect();
     let mut order: Vec<usize> = (0..scaled.len()).collect();
     order.sort_by(|&a, &b| scaled[b].total_cmp(&scaled[a]).then(a.cmp(&b)));
-    let mut keep = vec![false; scaled.len()];
     let k = s.top_k.filter(|&k| k > 0).unwrap_or(scaled.len()).min(scaled.len());
-    for &i in &order[..k] {
-        keep[i] = true;
-    }
+    // As transformers' top-k: every token scoring at least the k-th one stays (ties included).
+    let kth = scaled[order[k - 1]];
+    let mut keep: Vec<bool> = scaled.iter().map(|&l| l >= kth).collect();
+    let k = keep.iter().filter(|&&x| x).count();
     let softmax = |keep: &[bool]| -> Vec<f32> {
         let max = scaled.iter().zip(keep).filter(|(_, k)| **k).map(|(l, _)| *l).fold(f32::NEG_INFINITY, f32::max);
         let e: Vec<f32> = scaled.iter().zip(keep).map(|(l, k)| if *k { (l - max).exp() } else { 0.0 }).collect();
@@ -133,6 +133,8 @@ pub fn generate(
         return Err(candle_core::Error::Msg(format!("a prompt of {} tokens does not fit a context of {max_pos}", prompt.len())).into());
     }
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(sampling.seed);
+    // An empty stop string would match at once.
+    let stop_strings: Vec<&String> = limits.stop_strings.iter().filter(|s| !s.is_empty()).collect();
     let mut cache = KvCache::default();
     let mut input = prompt.to_vec();
     let (mut ids, mut sent) = (Vec::new(), 0usize);
@@ -154,7 +156,7 @@ pub fn generate(
         ids.push(next);
         input = vec![next];
         text = decode(&ids);
-        if let Some(at) = limits.stop_strings.iter().filter_map(|s| text.find(s.as_str())).min() {
+        if let Some(at) = stop_strings.iter().filter_map(|s| text.find(s.as_str())).min() {
             text.truncate(at);
             if at > sent {
                 on_text(&text[sent..]);
@@ -165,7 +167,7 @@ pub fn generate(
         // Hold back a piece that ends in an incomplete character, or in what may be the start of a stop string.
         let complete = text.trim_end_matches('\u{FFFD}').len();
         let mut hold = 0;
-        for s in &limits.stop_strings {
+        for s in &stop_strings {
             if let Some(cut) = (1..s.len()).rev().find(|&c| s.is_char_boundary(c) && text[..complete].ends_with(&s[..c])) {
                 hold = hold.max(cut);
             }
@@ -178,8 +180,10 @@ pub fn generate(
             sent = ready;
         }
     };
-    if text.len() > sent && !text.ends_with('\u{FFFD}') {
-        on_text(&text[sent..]);
+    // What was held back as a possible stop-string start goes out now; an incomplete character does not.
+    let complete = text.trim_end_matches('\u{FFFD}').len();
+    if complete > sent {
+        on_text(&text[sent..complete]);
     }
     Ok(Generated { ids, text, stop })
 }
@@ -208,6 +212,9 @@ mod tests {
         // top-p 0.8: 0.6439 < 0.8 keeps the second, 0.8808 >= 0.8 drops the rest.
         let p8 = sampling_probs(&logits, &Sampling { temperature: 1.0, top_p: Some(0.8), ..Sampling::default() }).expect("sampling");
         assert!(close(&p8, &[0.731_058_6, 0.268_941_43, 0.0, 0.0]), "{p8:?}");
+        // top-k keeps every token tied with the k-th, as transformers' TopKLogitsWarper does.
+        let tied = sampling_probs(&[1.0, 1.0, 1.0, 0.0], &Sampling { temperature: 1.0, top_k: Some(2), ..Sampling::default() }).expect("sampling");
+        assert!(close(&tied, &[1.0 / 3.0, 1.0 / 3.0, 1.0 / 3.0, 0.0]), "{tied:?}");
         // top-p below the first probability keeps the most likely token alone.
         let p1 = sampling_probs(&logits, &Sampling { temperature: 1.0, top_p: Some(0.1), ..Sampling::default() }).expect("sampling");
         assert!(close(&p1, &[1.0, 0.0, 0.0, 0.0]), "{p1:?}");

@@ -90,7 +90,8 @@ pub fn read_llama(path: &Path, device: &Device) -> Result<GgufLlama> {
     // The weights, under transformers' names.
     let (heads, kv_heads) = (need("attention.head_count")?, num("attention.head_count_kv").map_or(need("attention.head_count")?, |v| v as usize));
     let hidden = need("embedding_length")?;
-    let head_dim = num("rope.dimension_count").map_or(hidden / heads.max(1), |v| v as usize);
+    // llama.cpp's head size is attention.key_length (embedding length / heads when absent).
+    let head_dim = num("attention.key_length").map_or(hidden / heads.max(1), |v| v as usize);
     let layers = need("block_count")?;
     let mut weights = HashMap::new();
     let mut types: std::collections::BTreeMap<String, usize> = std::collections::BTreeMap::new();
@@ -122,8 +123,18 @@ pub fn read_llama(path: &Path, device: &Device) -> Result<GgufLlama> {
         max_position_embeddings: need("context_length")?,
         tie_word_embeddings: tied,
         bos_token_id: token_id("tokenizer.ggml.bos_token_id"),
-        eos_token_id: token_id("tokenizer.ggml.eos_token_id"),
+        // Every end-of-generation token llama.cpp stops on: end of sequence, of turn, of message.
+        eos_token_ids: ["tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id"]
+            .iter()
+            .filter_map(|k| token_id(k))
+            .fold(Vec::new(), |mut v, t| {
+                if !v.contains(&t) {
+                    v.push(t);
+                }
+                v
+            }),
     };
+    config.validate().map_err(bad)?;
     Ok(GgufLlama {
         config,
         weights,

@@ -82,7 +82,9 @@ pub struct LlamaConfig {
     pub max_position_embeddings: usize,
     pub tie_word_embeddings: bool,
     pub bos_token_id: Option<u32>,
-    pub eos_token_id: Option<u32>,
+    /// Every token that ends generation (transformers' `eos_token_id` may be a list; a GGUF file adds its
+    /// end-of-turn and end-of-message tokens).
+    pub eos_token_ids: Vec<u32>,
 }
 
 #[derive(Deserialize)]
@@ -125,11 +127,12 @@ fn default_act() -> String {
     "silu".into()
 }
 
-/// A token id from a config value that may be a number or a list of numbers (the first is taken).
-fn token_id(v: Option<&serde_json::Value>) -> Option<u32> {
-    match v? {
-        serde_json::Value::Array(a) => a.first()?.as_u64().map(|x| x as u32),
-        other => other.as_u64().map(|x| x as u32),
+/// The token ids of a config value that may be a number or a list of numbers.
+fn token_ids(v: Option<&serde_json::Value>) -> Vec<u32> {
+    match v {
+        Some(serde_json::Value::Array(a)) => a.iter().filter_map(|x| x.as_u64().map(|x| x as u32)).collect(),
+        Some(other) => other.as_u64().map(|x| x as u32).into_iter().collect(),
+        None => Vec::new(),
     }
 }
 
@@ -161,14 +164,8 @@ impl LlamaConfig {
             .unwrap_or(10_000.0);
         let heads = raw.num_attention_heads;
         let kv = raw.num_key_value_heads.unwrap_or(heads);
-        if heads == 0 || kv == 0 || !heads.is_multiple_of(kv) {
-            return Err(format!("num_attention_heads {heads} must be a positive multiple of num_key_value_heads {kv}"));
-        }
-        let head_dim = raw.head_dim.unwrap_or(raw.hidden_size / heads);
-        if head_dim == 0 || !head_dim.is_multiple_of(2) {
-            return Err(format!("head_dim {head_dim} must be even"));
-        }
-        Ok(Self {
+        let head_dim = raw.head_dim.unwrap_or(raw.hidden_size / heads.max(1));
+        let config = Self {
             vocab_size: raw.vocab_size,
             hidden_size: raw.hidden_size,
             intermediate_size: raw.intermediate_size,
@@ -180,9 +177,26 @@ impl LlamaConfig {
             rope_theta,
             max_position_embeddings: raw.max_position_embeddings,
             tie_word_embeddings: raw.tie_word_embeddings,
-            bos_token_id: token_id(raw.bos_token_id.as_ref()),
-            eos_token_id: token_id(raw.eos_token_id.as_ref()),
-        })
+            bos_token_id: token_ids(raw.bos_token_id.as_ref()).first().copied(),
+            eos_token_ids: token_ids(raw.eos_token_id.as_ref()),
+        };
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks the sizes fit together (a config read from a GGUF file's metadata goes through here too).
+    pub fn validate(&self) -> Result<(), String> {
+        let (heads, kv, d) = (self.num_attention_heads, self.num_key_value_heads, self.head_dim);
+        if heads == 0 || kv == 0 || !heads.is_multiple_of(kv) {
+            return Err(format!("num_attention_heads {heads} must be a positive multiple of num_key_value_heads {kv}"));
+        }
+        if d == 0 || !d.is_multiple_of(2) {
+            return Err(format!("head_dim {d} must be even"));
+        }
+        if self.hidden_size == 0 || self.num_hidden_layers == 0 || self.vocab_size == 0 || self.intermediate_size == 0 {
+            return Err("hidden_size, num_hidden_layers, vocab_size and intermediate_size must be positive".into());
+        }
+        Ok(())
     }
 }
 
@@ -354,6 +368,10 @@ impl Llama {
             if m.len() != b * s {
                 return Err(candle_core::Error::Msg("the attention mask does not match the ids".into()).into());
             }
+            // The cache keeps keys, not which of them were padding.
+            if cache.is_some() && m.contains(&0) {
+                return Err(candle_core::Error::Msg("cached decoding takes unpadded sequences (a mask of ones)".into()).into());
+            }
         }
         if let Some(cache) = cache.as_mut() {
             if cache.layers.is_empty() {
@@ -487,6 +505,13 @@ fn attention_bias(b: usize, s: usize, past: usize, mask: Option<&[u32]>, device:
 /// The causal LM loss: mean cross-entropy of predicting token `j + 1` from position `j`, over the positions
 /// whose next label is not `ignore` (transformers' shift). `logits` is `[b * s, vocab]`, `labels` `b × s`.
 pub fn causal_lm_loss(logits: &Tensor, labels: &[i64], b: usize, s: usize, ignore: i64) -> Result<Tensor> {
+    let (n, vocab) = logits.dims2()?;
+    if labels.len() != b * s || n != b * s {
+        return Err(candle_core::Error::Msg(format!("{} labels and {n} logit rows for a batch of {b} × {s}", labels.len())).into());
+    }
+    if let Some(bad) = labels.iter().find(|&&l| l != ignore && !(0..vocab as i64).contains(&l)) {
+        return Err(candle_core::Error::Msg(format!("label {bad} is outside the vocabulary of {vocab}")).into());
+    }
     let mut rows = Vec::new();
     let mut targets = Vec::new();
     for r in 0..b {

@@ -156,6 +156,9 @@ fn generation_stops_where_asked_streams_its_text_and_repeats_with_its_seed() -> 
     })?;
     assert_eq!((out.text.as_str(), out.stop), (letters(&greedy[..2]).as_str(), StopReason::StopString));
     assert_eq!(streamed, out.text, "nothing of the stop string was streamed");
+    // An empty stop string stops nothing.
+    let empty = Limits { max_new_tokens: 6, stop_strings: vec![String::new()], ..Limits::default() };
+    assert_eq!(generate(&model, &prompt, &Sampling::default(), &empty, letters, |_| true)?.ids, greedy);
     // Sampling: the same seed gives the same tokens, another seed (very likely) others.
     let sample = |seed| generate(&model, &prompt, &Sampling { temperature: 1.0, top_p: Some(0.95), seed, ..Sampling::default() }, &Limits { max_new_tokens: 12, ..Limits::default() }, letters, |_| true);
     assert_eq!(sample(1)?.ids, sample(1)?.ids);

@@ -123,6 +123,12 @@ impl Int8Matrix {
         if n == 0 || o == 0 {
             return;
         }
+        if k == 0 {
+            for row in out.chunks_exact_mut(o) {
+                row.copy_from_slice(bias);
+            }
+            return;
+        }
         let threads = rayon::current_num_threads().max(1);
         if n >= MIN_ROWS * threads {
             // Many rows: the product dominates. The whole weight is dequantised once (in parallel, a pass
