@@ -171,23 +171,14 @@ def tiny_llama_lora_fixture():
     """Two LoRA adapters (PEFT), `intent` and `slots`, on every projection of tiny-llama, random weights: each
     adapter's logits, a mixed batch (`adapter_names`), and the LM loss on adapter `intent` with the gradient
     norms of its LoRA parameters."""
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig
     from transformers import LlamaForCausalLM
 
     d = OUT / "tiny-llama"
     base = LlamaForCausalLM.from_pretrained(d).eval()
     config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
                         target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
-    model = get_peft_model(base, config, adapter_name="intent")
-    model.add_adapter("slots", config)
-    torch.manual_seed(2)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_" in name:
-                p.copy_(0.2 * torch.randn_like(p))
-    state = {k.removeprefix("base_model.model."): v.detach().contiguous()
-             for k, v in model.state_dict().items() if "lora_" in k}
-    save_file(state, d / "lora.safetensors")
+    model = two_random_adapters(base, config, seed=2, path=d / "lora.safetensors")
     ref = json.loads((d / "reference.json").read_text())
     ids, mask, labels = (torch.tensor(ref[k]) for k in ("input_ids", "attention_mask", "labels"))
     model.eval()
@@ -597,24 +588,33 @@ def cls_head_loss(model, ids, mask):
             "loss": loss.item()}
 
 
-def lora_fixture():
-    """Two LoRA adapters (PEFT), `intent` and `slots`, on tiny-bert, on every linear layer of both blocks, with random weights."""
-    from peft import LoraConfig, get_peft_model
+def two_random_adapters(base, config, seed, path):
+    """PEFT adapters `intent` and `slots` of `config` on `base`, with N(0, 0.2²) weights drawn from `seed` (so B
+    is not zero and every path shows), saved to `path` under the base model's names."""
+    from peft import get_peft_model
 
-    d = OUT / "tiny-bert"
-    base = BertModel.from_pretrained(d, add_pooling_layer=False).eval()
-    # "dense" matches attention.output.dense, intermediate.dense and output.dense (PEFT matches name suffixes).
-    config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["query", "key", "value", "dense"])
     model = get_peft_model(base, config, adapter_name="intent")
     model.add_adapter("slots", config)
-    torch.manual_seed(1)
+    torch.manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_" in name:
                 p.copy_(0.2 * torch.randn_like(p))
     state = {k.removeprefix("base_model.model."): v.detach().contiguous()
              for k, v in model.state_dict().items() if "lora_" in k}
-    save_file(state, d / "lora.safetensors")
+    save_file(state, path)
+    return model
+
+
+def lora_fixture():
+    """Two LoRA adapters (PEFT), `intent` and `slots`, on tiny-bert, on every linear layer of both blocks, with random weights."""
+    from peft import LoraConfig
+
+    d = OUT / "tiny-bert"
+    base = BertModel.from_pretrained(d, add_pooling_layer=False).eval()
+    # "dense" matches attention.output.dense, intermediate.dense and output.dense (PEFT matches name suffixes).
+    config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["query", "key", "value", "dense"])
+    model = two_random_adapters(base, config, seed=1, path=d / "lora.safetensors")
 
     ids = torch.tensor([[2, 7, 9, 11, 3, 0, 0], [2, 5, 6, 7, 8, 9, 3], [2, 15, 14, 9, 3, 0, 0]])
     mask = (ids != 0).long()
