@@ -27,6 +27,9 @@ pub fn add_task(model_dir: &Path, config_path: &Path, out: &Path, overrides: &[S
     }
     // Unmerged: a shared LoRA adapter stays beside the weights, as it was trained.
     let old = load_checkpoint_with(model_dir, false)?;
+    if old.model.bert().int8_layers().is_some() {
+        bail!("{}: an int8 model (mtl quantize) is for inference; add tasks to the model it was quantised from", model_dir.display());
+    }
     let text = std::fs::read_to_string(config_path).with_context(|| format!("{}: cannot read", config_path.display()))?;
     let (mut combined, names) = old.config.with_new_tasks(&text, config_path, overrides)?;
     // A parameter-efficient model stays on its base model; a fully trained one is its own base.

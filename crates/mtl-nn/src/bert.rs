@@ -130,7 +130,8 @@ impl Layer {
     }
 }
 
-/// A linear layer whose weight may be int8 (then pushed to `int8`, the f32 weight an empty placeholder).
+/// A linear layer whose weight may be int8: then the int8 matrix goes to `int8` and the layer keeps only its
+/// bias, with a 0-element weight (every f32 path that would read it refuses int8 models first).
 fn linear_or_int8(pb: &ParamBuilder, inp: usize, out: usize, int8: &mut Vec<Int8Matrix>) -> Result<Linear> {
     match pb.take_int8("weight", out, inp)? {
         Some(m) => {
@@ -182,7 +183,8 @@ pub struct Bert {
     peft: Option<PeftSpec>,
     /// The adapter whose update is merged into the base weights, if one is.
     merged: Option<usize>,
-    /// An int8 model's layers (inference only); its f32 projection weights are then empty placeholders.
+    /// An int8 model's layers (inference only); its `Linear`s then hold no f32 projection weights (0-element
+    /// tensors), and `forward`, export and quantisation check this field before any f32 path.
     int8: Option<Arc<Vec<Int8Layer>>>,
 }
 

@@ -48,7 +48,11 @@ fn quantized_and_pruned_models_are_models_and_report_their_score_change() -> Tes
             assert!(pa < 0.52 && pb < 0.52, "labels differ off a tie: f32 {a} vs int8 {b}");
         }
     }
-    // Quantised twice, or trained on: refused.
+    // Quantised twice, exported or given new tasks: refused.
+    let o = p.mtl(&["export", "--model", "int8", "--out", "int8-hf"])?;
+    assert!(!o.status.success() && stderr(&o).contains("int8"), "{}", stderr(&o));
+    let o = p.mtl(&["add-task", "--model", "int8", "--config", "config.toml", "--out", "int8-more"])?;
+    assert!(!o.status.success() && stderr(&o).contains("int8"), "{}", stderr(&o));
     let o = p.mtl(&["quantize", "--model", "int8", "--out", "int8-again"])?;
     assert!(!o.status.success() && stderr(&o).contains("int8 already"), "{}", stderr(&o));
     let o = p.mtl(&["quantize", "--model", "run", "--out", "int8"])?;
