@@ -61,3 +61,28 @@ pub fn generation_scores(targets: &[String], predictions: &[String]) -> (f64, f6
     let exact = targets.iter().zip(predictions).filter(|(t, p)| exact_text_match(t, p)).count() as f64 / n;
     (rouge, exact)
 }
+
+/// Micro precision, recall and F1 of generated (type, value) pairs, such as the `slot=value` lines of a
+/// decoder's slot filling: per example, a predicted pair is correct when an unmatched gold pair equals it
+/// (a multiset intersection). Where no (type, value) repeats within an example this is seqeval's entity F1
+/// without positions, which a text answer does not have.
+pub fn pair_scores<S: AsRef<str> + Ord>(gold: &[Vec<(S, S)>], pred: &[Vec<(S, S)>]) -> crate::EntityScores {
+    assert_eq!(gold.len(), pred.len(), "pair_scores: example counts differ; this is a bug");
+    let (mut correct, mut predicted, mut support) = (0, 0, 0);
+    for (g, p) in gold.iter().zip(pred) {
+        let mut left: std::collections::BTreeMap<(&str, &str), usize> = std::collections::BTreeMap::new();
+        for (k, v) in g {
+            *left.entry((k.as_ref(), v.as_ref())).or_default() += 1;
+        }
+        for (k, v) in p {
+            if let Some(n) = left.get_mut(&(k.as_ref(), v.as_ref())).filter(|n| **n > 0) {
+                *n -= 1;
+                correct += 1;
+            }
+        }
+        predicted += p.len();
+        support += g.len();
+    }
+    let (precision, recall) = (crate::ratio(correct, predicted), crate::ratio(correct, support));
+    crate::EntityScores { precision, recall, f1: crate::f1(precision, recall), support }
+}

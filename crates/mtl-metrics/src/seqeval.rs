@@ -167,4 +167,31 @@ mod fixture_tests {
         }
         Ok(())
     }
+
+    /// With distinct words, (type, words) pairs identify spans, so pair F1 is seqeval's entity F1.
+    #[test]
+    fn pair_scores_match_seqeval_when_values_are_distinct() -> Result<(), Box<dyn std::error::Error>> {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures/seqeval.json");
+        let cases: Vec<serde_json::Value> = serde_json::from_str(&std::fs::read_to_string(path)?)?;
+        let pairs = |sentence: &Vec<String>| -> Vec<(String, String)> {
+            entities(std::slice::from_ref(sentence))
+                .into_iter()
+                .map(|e| (e.kind, (e.start..=e.end).map(|i| format!("w{i}")).collect::<Vec<_>>().join(" ")))
+                .collect()
+        };
+        for (i, case) in cases.iter().enumerate() {
+            let gold: Vec<Vec<String>> = serde_json::from_value(case["gold"].clone())?;
+            let pred: Vec<Vec<String>> = serde_json::from_value(case["pred"].clone())?;
+            let s = crate::pair_scores(&gold.iter().map(pairs).collect::<Vec<_>>(), &pred.iter().map(pairs).collect::<Vec<_>>());
+            for (name, got) in [("precision", s.precision), ("recall", s.recall), ("f1", s.f1)] {
+                let want = case[name].as_f64().ok_or("number")?;
+                assert!((got - want).abs() < 1e-12, "case {i} {name}: {got} vs seqeval {want}");
+            }
+        }
+        // A repeated pair counts once per occurrence on each side.
+        let p = |v: &[(&'static str, &'static str)]| v.to_vec();
+        let s = crate::pair_scores(&[p(&[("to", "boston"), ("to", "boston")])], &[p(&[("to", "boston"), ("to", "boston"), ("to", "boston")])]);
+        assert_eq!((s.precision, s.recall), (2.0 / 3.0, 1.0));
+        Ok(())
+    }
 }
