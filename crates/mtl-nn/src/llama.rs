@@ -230,6 +230,8 @@ struct Layer {
 pub struct KvCache {
     layers: Vec<Option<(Tensor, Tensor)>>,
     len: usize,
+    /// Each row's cached positions: 1 for a real token, 0 for padding (a left-padded prompt).
+    real: Vec<Vec<u32>>,
 }
 
 impl KvCache {
@@ -330,9 +332,11 @@ impl Llama {
         &self.config
     }
 
-    /// The final hidden states (after the last RMSNorm), `[batch * seq, hidden]`, of `ids` (`[batch, seq]`,
-    /// right-padded; `mask` row-major `batch × seq`, 1 for real tokens, or `None` for all real). With a
-    /// cache, `ids` continue the cached positions (every row the same length) and the cache is extended.
+    /// The final hidden states (after the last RMSNorm), `[batch * seq, hidden]`, of `ids` (`[batch, seq]`;
+    /// `mask` row-major `batch × seq`, 1 for real tokens, or `None` for all real). Each token's rotary
+    /// position counts the real tokens before it in its row, so padding may sit on either side: on the right
+    /// for training, on the left for batched generation. With a cache, `ids` continue the cached positions
+    /// (every row the same number of new tokens) and the cache is extended.
     pub fn forward(&self, ids: &Tensor, mask: Option<&[u32]>, cache: Option<&mut KvCache>) -> Result<Tensor> {
         match &self.lora {
             Some(lora) if lora.adapters.len() > 1 => {
@@ -368,21 +372,38 @@ impl Llama {
             if m.len() != b * s {
                 return Err(candle_core::Error::Msg("the attention mask does not match the ids".into()).into());
             }
-            // The cache keeps keys, not which of them were padding.
-            if cache.is_some() && m.contains(&0) {
-                return Err(candle_core::Error::Msg("cached decoding takes unpadded sequences (a mask of ones)".into()).into());
-            }
         }
         if let Some(cache) = cache.as_mut() {
             if cache.layers.is_empty() {
                 cache.layers = vec![None; self.layers.len()];
+                cache.real = vec![Vec::new(); b];
+            }
+            if cache.real.len() != b {
+                return Err(candle_core::Error::Msg(format!("{b} rows continue a cache of {}", cache.real.len())).into());
             }
         }
         let device = ids.device();
-        let positions = Tensor::arange(past as u32, (past + s) as u32, device)?;
-        let cos = self.cos.index_select(&positions, 0)?; // [s, d]
-        let sin = self.sin.index_select(&positions, 0)?;
-        let bias = attention_bias(b, s, past, mask, device)?; // [b, 1, s, past + s]
+        let past_real = cache.as_ref().map(|c| c.real.as_slice());
+        let padded = mask.is_some_and(|m| m.contains(&0)) || past_real.is_some_and(|r| r.iter().any(|r| r.contains(&0)));
+        let (cos, sin) = if padded {
+            // Each row's own positions, `[b, 1, s, d]`: the count of real tokens before each token.
+            let mut positions = Vec::with_capacity(b * s);
+            for r in 0..b {
+                let mut next = past_real.map_or(0, |p| p[r].iter().sum::<u32>());
+                for i in 0..s {
+                    let real = mask.is_none_or(|m| m[r * s + i] != 0);
+                    positions.push(if real { next } else { 0 });
+                    next += u32::from(real);
+                }
+            }
+            let positions = Tensor::from_vec(positions, b * s, device)?;
+            let d = self.config.head_dim;
+            (self.cos.index_select(&positions, 0)?.reshape((b, 1, s, d))?, self.sin.index_select(&positions, 0)?.reshape((b, 1, s, d))?)
+        } else {
+            let positions = Tensor::arange(past as u32, (past + s) as u32, device)?;
+            (self.cos.index_select(&positions, 0)?, self.sin.index_select(&positions, 0)?) // [s, d]
+        };
+        let bias = attention_bias(b, s, past, mask, past_real, device)?; // [b, 1, s, past + s]
         let mut x = self.embed.index_select(&ids.flatten_all()?, 0)?; // [b*s, h]
         for (n, layer) in self.layers.iter().enumerate() {
             let slot = cache.as_mut().map(|c| &mut c.layers[n]);
@@ -390,6 +411,9 @@ impl Llama {
         }
         if let Some(cache) = cache {
             cache.len += s;
+            for (r, row) in cache.real.iter_mut().enumerate() {
+                row.extend((0..s).map(|i| mask.map_or(1, |m| u32::from(m[r * s + i] != 0))));
+            }
         }
         rms_norm(&x, &self.norm, c.rms_norm_eps)
     }
@@ -483,7 +507,7 @@ fn repeat_kv(x: &Tensor, groups: usize, b: usize, kvh: usize, t: usize, d: usize
 
 /// The additive attention bias `[b, 1, s, past + s]`: 0 where query `i` (at position `past + i`) may see key
 /// `j` (causal, and a real token), a large negative number elsewhere.
-fn attention_bias(b: usize, s: usize, past: usize, mask: Option<&[u32]>, device: &Device) -> Result<Tensor> {
+fn attention_bias(b: usize, s: usize, past: usize, mask: Option<&[u32]>, past_real: Option<&[Vec<u32>]>, device: &Device) -> Result<Tensor> {
     const MASKED: f32 = -1e30;
     let t = past + s;
     let mut bias = vec![0f32; b * s * t];
@@ -491,8 +515,12 @@ fn attention_bias(b: usize, s: usize, past: usize, mask: Option<&[u32]>, device:
         for i in 0..s {
             for j in 0..t {
                 let causal = j <= past + i;
-                // The mask covers the new positions; cached ones were real.
-                let real = j < past || mask.is_none_or(|m| m[r * s + (j - past)] != 0);
+                // The mask covers the new positions, the cache the earlier ones.
+                let real = if j < past {
+                    past_real.is_none_or(|p| p[r][j] != 0)
+                } else {
+                    mask.is_none_or(|m| m[r * s + (j - past)] != 0)
+                };
                 if !(causal && real) {
                     bias[(r * s + i) * t + j] = MASKED;
                 }
