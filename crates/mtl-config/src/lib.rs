@@ -396,6 +396,22 @@ pub struct TaskConfig {
     /// Question answering: the model may answer "no answer" (SQuAD 2.0).
     #[serde(default = "default_true")]
     pub allow_unanswerable: bool,
+    /// Decoder models: the instruction that asks for this task's answer, with `{text}` where the input goes
+    /// (the words joined by spaces for word-level data); it becomes the user's turn of the model's chat
+    /// template when the model has one. Required for every task of a decoder model.
+    #[serde(default)]
+    pub prompt: Option<String>,
+    /// Decoder models, classification: the word the model answers for each label (the label itself when
+    /// absent), e.g. `{ pos = "positive", neg = "negative" }`.
+    #[serde(default)]
+    pub verbalizer: BTreeMap<String, String>,
+    /// Decoder models: the longest answer generated at evaluation, in tokens; the longest training answer
+    /// plus 8 when absent.
+    #[serde(default)]
+    pub max_new_tokens: Option<usize>,
+    /// Train on this many examples of the training file at most (a seeded sample); all when absent.
+    #[serde(default)]
+    pub train_limit: Option<usize>,
 }
 
 /// A CoNLL-U column that can hold a tag.
@@ -733,6 +749,18 @@ impl Config {
                     &field("pair_field"),
                     "sentence pairs suit classification, multi_label and regression tasks".into(),
                 ));
+            }
+            if task.train_limit == Some(0) || task.max_new_tokens == Some(0) {
+                let what = if task.train_limit == Some(0) { "train_limit" } else { "max_new_tokens" };
+                return Err(invalid(&field(what), "must be at least 1".into()));
+            }
+            if let Some(p) = &task.prompt {
+                if !p.contains("{text}") {
+                    return Err(invalid(&field("prompt"), "must contain `{text}`, where the input goes".into()));
+                }
+            }
+            if !task.verbalizer.is_empty() && task.kind != TaskKind::Classification {
+                return Err(invalid(&field("verbalizer"), "label words are for classification tasks".into()));
             }
             if task.crf && task.kind != TaskKind::TokenClassification {
                 return Err(invalid(&field("crf"), "a CRF is a layer of token_classification tasks".into()));

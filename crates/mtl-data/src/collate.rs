@@ -79,6 +79,30 @@ fn cut(order: &[usize], lengths: &[usize], batch_size: usize, max_tokens: Option
     batches
 }
 
+/// Pads decoder examples ([`crate::prompt::PromptFormat::dataset`]) into one batch for the LM loss: each
+/// task's targets are `batch × seq` token labels, the token itself at the target positions of that task's
+/// examples (token type 1) and [`IGNORE_INDEX`] elsewhere, unshifted (the loss predicts position `j + 1` from
+/// `j`). Rows keep the order of `examples`.
+pub fn collate_lm(examples: &[&Example]) -> HostBatch {
+    let tasks: BTreeMap<TaskId, (TaskKind, usize)> = BTreeMap::new();
+    let mut batch = collate(examples, &tasks);
+    let seq = batch.seq;
+    for (b, ex) in examples.iter().enumerate() {
+        for task in ex.labels.keys() {
+            let labels = match batch.targets.entry(task.clone()).or_insert_with(|| Targets::Tokens(vec![IGNORE_INDEX; examples.len() * seq])) {
+                Targets::Tokens(l) => l,
+                _ => unreachable!("decoder targets are token labels"),
+            };
+            for (j, (&id, &kind)) in ex.encoded.ids.iter().zip(&ex.encoded.type_ids).enumerate() {
+                if kind == 1 {
+                    labels[b * seq + j] = i64::from(id);
+                }
+            }
+        }
+    }
+    batch
+}
+
 /// Pads `examples` into one batch. `tasks` lists every task of the model with its kind and number of
 /// outputs; a task without a label on an example gets [`IGNORE_INDEX`] there, and a task with no label in
 /// the whole batch gets no targets at all.

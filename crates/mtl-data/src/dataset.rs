@@ -101,6 +101,49 @@ fn encode_one(
     labels: &BTreeMap<TaskId, LabelMap>,
     config: &Config,
 ) -> Result<Vec<Example>> {
+    let (mapped, answers) = map_labels(&ex, labels)?;
+    if let Input::Question { question, context } = &ex.input {
+        let task = answers
+            .as_ref()
+            .and_then(|(name, _)| config.tasks.get_key_value(name))
+            .or_else(|| config.tasks.iter().find(|(_, t)| t.kind == TaskKind::QuestionAnswering));
+        let Some((name, t)) = task else { unreachable!("questions are only read for QA tasks") };
+        let windows = encoder
+            .question_windows(question, context, t.max_query_len, t.doc_stride(encoder.max_len()))
+            .map_err(|m| DataError::at(&ex.location, m))?;
+        let gold = answers.map(|(_, a)| a);
+        let shared =
+            Arc::new(Question { group: index, context: context.clone(), answers: gold.clone().unwrap_or_default() });
+        return Ok(windows
+            .into_iter()
+            .map(|w| {
+                let mut labels = mapped.clone();
+                if let Some(gold) = &gold {
+                    let (start, end) = gold.first().map_or((0, 0), |a| span_in_window(a, &w.offsets));
+                    labels.insert(name.clone(), Label::Span { start, end });
+                }
+                Example {
+                    location: ex.location.clone(),
+                    input: ex.input.clone(),
+                    encoded: w.encoded,
+                    labels,
+                    qa: Some(QaFeature { question: shared.clone(), offsets: w.offsets }),
+                }
+            })
+            .collect());
+    }
+    let encoded = encoder.encode(&ex.input).map_err(|m| DataError::at(&ex.location, m))?;
+    Ok(vec![Example { location: ex.location, input: ex.input, encoded, labels: mapped, qa: None }])
+}
+
+/// Each task's label of a raw example as indices into its label map, and the gold answers of a QA task
+/// (which become per-window spans). A label missing from its map (with no fallback) is an error naming file
+/// and line.
+#[allow(clippy::type_complexity)]
+pub(crate) fn map_labels(
+    ex: &RawExample,
+    labels: &BTreeMap<TaskId, LabelMap>,
+) -> Result<(BTreeMap<TaskId, Label>, Option<(TaskId, Vec<Answer>)>)> {
     let mut mapped = BTreeMap::new();
     let mut answers = None;
     for (task, label) in &ex.labels {
@@ -147,38 +190,7 @@ fn encode_one(
         };
         mapped.insert(task.clone(), label);
     }
-    if let Input::Question { question, context } = &ex.input {
-        let task = answers
-            .as_ref()
-            .and_then(|(name, _)| config.tasks.get_key_value(name))
-            .or_else(|| config.tasks.iter().find(|(_, t)| t.kind == TaskKind::QuestionAnswering));
-        let Some((name, t)) = task else { unreachable!("questions are only read for QA tasks") };
-        let windows = encoder
-            .question_windows(question, context, t.max_query_len, t.doc_stride(encoder.max_len()))
-            .map_err(|m| DataError::at(&ex.location, m))?;
-        let gold = answers.map(|(_, a)| a);
-        let shared =
-            Arc::new(Question { group: index, context: context.clone(), answers: gold.clone().unwrap_or_default() });
-        return Ok(windows
-            .into_iter()
-            .map(|w| {
-                let mut labels = mapped.clone();
-                if let Some(gold) = &gold {
-                    let (start, end) = gold.first().map_or((0, 0), |a| span_in_window(a, &w.offsets));
-                    labels.insert(name.clone(), Label::Span { start, end });
-                }
-                Example {
-                    location: ex.location.clone(),
-                    input: ex.input.clone(),
-                    encoded: w.encoded,
-                    labels,
-                    qa: Some(QaFeature { question: shared.clone(), offsets: w.offsets }),
-                }
-            })
-            .collect());
-    }
-    let encoded = encoder.encode(&ex.input).map_err(|m| DataError::at(&ex.location, m))?;
-    Ok(vec![Example { location: ex.location, input: ex.input, encoded, labels: mapped, qa: None }])
+    Ok((mapped, answers))
 }
 
 /// The first and last token of an answer in a window, or (0, 0) when the window does not hold all of it.

@@ -10,11 +10,12 @@ mod collate;
 mod dataset;
 mod encode;
 mod labels;
+pub mod prompt;
 mod read;
 
 use std::path::PathBuf;
 
-pub use collate::{collate, epoch_batches, epoch_order, Batching};
+pub use collate::{collate, collate_lm, epoch_batches, epoch_order, Batching};
 pub use dataset::{Dataset, Example, Label, QaFeature, Question};
 pub use encode::{Encoded, QaWindow, TextEncoder};
 pub use labels::{LabelMap, Scale};

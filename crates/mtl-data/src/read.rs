@@ -97,6 +97,18 @@ pub fn read_split(config: &Config, split: Split) -> Result<Vec<RawExample>> {
         if examples.len() == before {
             return Err(DataError::Empty { path: path.to_owned() });
         }
+        // A seeded sample of the training file, kept in file order; tasks that share the file share it.
+        let limit = tasks.iter().filter_map(|(_, t)| t.train_limit).min();
+        if let (Split::Train, Some(limit)) = (split, limit) {
+            let n = examples.len() - before;
+            if limit < n {
+                let mut keep = crate::epoch_order(n, config.training.seed, 0);
+                keep.truncate(limit);
+                keep.sort_unstable();
+                let mut read: Vec<Option<RawExample>> = examples.drain(before..).map(Some).collect();
+                examples.extend(keep.into_iter().map(|i| read[i].take().expect("sampled once")));
+            }
+        }
     }
     Ok(examples)
 }
