@@ -8,6 +8,7 @@ pub mod attention;
 mod bert;
 pub mod cpu;
 mod crf;
+pub mod decoder;
 pub mod fused;
 pub mod generate;
 pub mod gguf;
@@ -19,6 +20,7 @@ mod params;
 pub mod peft;
 
 pub use bert::{Activation, Bert, BertConfig, Kernels};
+pub use decoder::DecoderModel;
 pub use crf::{viterbi, ChainScores, Crf, Transitions};
 pub use heads::{binary_cross_entropy_with_logits, Head, HeadOutput, HeadSpec, RegressionLoss};
 pub use layers::{DropoutRng, LayerNorm, Linear};
@@ -51,3 +53,5 @@ mod peft_tests;
 mod int8_tests;
 #[cfg(test)]
 mod llama_tests;
+#[cfg(test)]
+mod decoder_tests;

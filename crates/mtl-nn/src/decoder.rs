@@ -1,0 +1,215 @@
+//! A decoder trained on many tasks as text: one Llama backbone, LoRA shared by every task or one adapter per
+//! task, the causal LM loss on each task's target tokens, and batched greedy decoding for evaluation.
+//!
+//! Batches come from [`mtl_data::collate_lm`]: each row holds one task's example, and each task's targets are
+//! token labels at its rows' target positions. With per-task adapters the rows are grouped by adapter
+//! internally (one forward pass, each row through its task's adapter).
+
+use std::collections::{BTreeMap, HashMap};
+
+use candle_core::backprop::GradStore;
+use candle_core::{Device, Tensor};
+use mtl_core::{HostBatch, Mode, TaskId, Targets, IGNORE_INDEX};
+
+use crate::layers::{log_softmax_last, DropoutRng};
+use crate::llama::{DecoderLora, KvCache, Llama, LlamaConfig, LoraRun};
+use crate::params::{ParamBuilder, ParamStore};
+use crate::peft::{is_peft_param, Route, SHARED_ADAPTER};
+use crate::{NnError, Result, TaskLoss};
+
+pub struct DecoderModel {
+    llama: Llama,
+    /// The trained variables: the LoRA matrices, or every weight without LoRA.
+    params: ParamStore,
+    dropout: DropoutRng,
+    /// Each task's adapter (an index into the LoRA adapters; 0 when one is shared).
+    adapter_of: BTreeMap<TaskId, usize>,
+    device: Device,
+}
+
+impl DecoderModel {
+    /// The decoder of `weights` (names as in `LlamaForCausalLM`), with LoRA when given: its adapters are
+    /// [`SHARED_ADAPTER`] alone or one per task, named after the task. `extra` adds tensors over the
+    /// pretrained ones (trained adapters).
+    pub fn new(
+        config: &LlamaConfig,
+        weights: HashMap<String, Tensor>,
+        lora: Option<&DecoderLora>,
+        tasks: &[TaskId],
+        seed: u64,
+        device: &Device,
+    ) -> Result<Self> {
+        let pb = ParamBuilder::new(weights, seed, device);
+        let llama = Llama::with_lora(&pb, config, lora)?;
+        let mut params = pb.finish();
+        let missing: Vec<&String> = params.initialised().iter().filter(|n| !is_peft_param(n)).collect();
+        if !missing.is_empty() {
+            return Err(NnError::MissingTensors {
+                path: "decoder weights".into(),
+                names: missing.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", "),
+            });
+        }
+        let mut adapter_of = BTreeMap::new();
+        if let Some(lora) = lora {
+            // As in PEFT: only the adapters train; the pretrained weights are constants.
+            params.remove(is_peft_param);
+            for task in tasks {
+                let index = match lora.adapters.iter().position(|a| a == task.as_str()) {
+                    Some(i) => i,
+                    None if lora.adapters.len() == 1 && lora.adapters[0] == SHARED_ADAPTER => 0,
+                    None => {
+                        return Err(candle_core::Error::Msg(format!("task `{task}` has no LoRA adapter")).into());
+                    }
+                };
+                adapter_of.insert(task.clone(), index);
+            }
+        } else {
+            adapter_of = tasks.iter().map(|t| (t.clone(), 0)).collect();
+        }
+        let dropout = DropoutRng::new(lora.map_or(0.0, |l| l.spec.dropout), seed ^ 0xD20F);
+        Ok(Self { llama, params, dropout, adapter_of, device: device.clone() })
+    }
+
+    pub fn llama(&self) -> &Llama {
+        &self.llama
+    }
+
+    pub fn params(&self) -> &ParamStore {
+        &self.params
+    }
+
+    pub fn dropout(&self) -> &DropoutRng {
+        &self.dropout
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    pub fn tasks(&self) -> impl Iterator<Item = &TaskId> {
+        self.adapter_of.keys()
+    }
+
+    /// The gradient of `loss` with respect to the trained variables.
+    pub fn backward(&self, loss: &Tensor) -> Result<GradStore> {
+        Ok(loss.backward()?)
+    }
+
+    /// Final hidden states `[rows * seq, hidden]` of `ids` (`rows × seq`, row-major) whose rows go through
+    /// the adapters `adapters` (one per row, grouped: equal indices contiguous).
+    fn hidden(&self, ids: Vec<u32>, mask: Option<&[u32]>, adapters: &[usize], seq: usize, mode: Mode, cache: Option<&mut KvCache>) -> Result<Tensor> {
+        let rows = adapters.len();
+        let ids = Tensor::from_vec(ids, (rows, seq), &self.device)?;
+        if self.llama.lora().is_none() {
+            return self.llama.forward_with(&ids, mask, cache, None);
+        }
+        let mut routes: Vec<Route> = Vec::new();
+        for (r, &a) in adapters.iter().enumerate() {
+            match routes.last_mut() {
+                Some(last) if last.adapter == a => last.examples.end = r + 1,
+                _ => routes.push(Route { adapter: a, examples: r..r + 1 }),
+            }
+        }
+        let run = LoraRun { routes: &routes, dropout: &self.dropout, mode };
+        self.llama.forward_with(&ids, mask, cache, Some(&run))
+    }
+
+    /// Each task's mean LM loss over its target tokens in `batch` (predicting token `j + 1` from position
+    /// `j` wherever label `j + 1` is set).
+    pub fn losses(&self, batch: &HostBatch, mode: Mode) -> Result<Vec<TaskLoss>> {
+        let (b, s) = (batch.batch, batch.seq);
+        // Each row's task: the one whose labels are set on it.
+        let mut row_task: Vec<Option<&TaskId>> = vec![None; b];
+        for (task, targets) in &batch.targets {
+            let Targets::Tokens(labels) = targets else {
+                return Err(candle_core::Error::Msg(format!("task `{task}`: a decoder trains on token labels")).into());
+            };
+            for (r, slot) in row_task.iter_mut().enumerate() {
+                if labels[r * s..(r + 1) * s].iter().any(|&l| l != IGNORE_INDEX) {
+                    *slot = Some(task);
+                }
+            }
+        }
+        let adapter = |r: usize| row_task[r].and_then(|t| self.adapter_of.get(t).copied()).unwrap_or(0);
+        let mut order: Vec<usize> = (0..b).collect();
+        order.sort_by_key(|&r| adapter(r));
+        let ids: Vec<u32> = order.iter().flat_map(|&r| batch.input_ids[r * s..(r + 1) * s].iter().copied()).collect();
+        let mask: Vec<u32> = order.iter().flat_map(|&r| batch.attention_mask[r * s..(r + 1) * s].iter().copied()).collect();
+        let adapters: Vec<usize> = order.iter().map(|&r| adapter(r)).collect();
+        let hidden = self.hidden(ids, Some(&mask), &adapters, s, mode, None)?;
+        let mut out = Vec::new();
+        for (task, targets) in &batch.targets {
+            let Targets::Tokens(labels) = targets else { unreachable!("checked above") };
+            let (mut positions, mut next) = (Vec::new(), Vec::new());
+            for (row, &r) in order.iter().enumerate() {
+                for j in 0..s.saturating_sub(1) {
+                    let label = labels[r * s + j + 1];
+                    if label != IGNORE_INDEX {
+                        positions.push((row * s + j) as u32);
+                        next.push(label as u32);
+                    }
+                }
+            }
+            if positions.is_empty() {
+                continue;
+            }
+            let n = positions.len();
+            let picked = hidden.index_select(&Tensor::from_vec(positions, n, &self.device)?, 0)?;
+            let logp = log_softmax_last(&self.llama.logits(&picked)?)?;
+            let gold = Tensor::from_vec(next, (n, 1), &self.device)?;
+            let loss = logp.gather(&gold, 1)?.mean_all()?.neg()?;
+            let count = row_task.iter().filter(|t| **t == Some(task)).count();
+            out.push(TaskLoss { task: task.clone(), loss, count });
+        }
+        Ok(out)
+    }
+
+    /// Greedy continuations of `prompts` through `task`'s adapter, decoded together (left-padded to the
+    /// longest): at most `max_new` tokens each, cut before the first stop token.
+    pub fn generate_greedy(&self, task: &TaskId, prompts: &[&[u32]], max_new: usize, stop: &[u32]) -> Result<Vec<Vec<u32>>> {
+        let rows = prompts.len();
+        let Some(len) = prompts.iter().map(|p| p.len()).max() else { return Ok(Vec::new()) };
+        if prompts.iter().any(|p| p.is_empty()) {
+            return Err(candle_core::Error::Msg("an empty prompt has nothing to continue".into()).into());
+        }
+        let adapter = self.adapter_of.get(task).copied().unwrap_or(0);
+        let adapters = vec![adapter; rows];
+        let mut cache = KvCache::default();
+        let mut input = Vec::with_capacity(rows * len);
+        let mut mask = Vec::with_capacity(rows * len);
+        for p in prompts {
+            input.extend(std::iter::repeat_n(0, len - p.len()).chain(p.iter().copied()));
+            mask.extend(std::iter::repeat_n(0, len - p.len()).chain(std::iter::repeat_n(1, p.len())));
+        }
+        let mut mask = Some(mask);
+        let mut step_len = len;
+        let mut out: Vec<Vec<u32>> = vec![Vec::new(); rows];
+        let mut done = vec![false; rows];
+        let max_pos = self.llama.config().max_position_embeddings;
+        for _ in 0..max_new {
+            if cache.len() + step_len > max_pos {
+                break;
+            }
+            let hidden = self.hidden(input, mask.take().as_deref(), &adapters, step_len, Mode::Eval, Some(&mut cache))?;
+            let last: Vec<u32> = (0..rows).map(|r| (r * step_len + step_len - 1) as u32).collect();
+            let picked = hidden.index_select(&Tensor::from_vec(last, rows, &self.device)?, 0)?;
+            let next: Vec<u32> = self.llama.logits(&picked)?.argmax(1)?.to_vec1()?;
+            for (r, &t) in next.iter().enumerate() {
+                if done[r] {
+                    continue;
+                }
+                if stop.contains(&t) {
+                    done[r] = true;
+                } else {
+                    out[r].push(t);
+                }
+            }
+            if done.iter().all(|&d| d) {
+                break;
+            }
+            input = next;
+            step_len = 1;
+        }
+        Ok(out)
+    }
+}
