@@ -199,6 +199,12 @@ fn train(args: &TrainArgs) -> Result<()> {
     if !args.only.is_empty() {
         config.retain_tasks(args.only, args.config)?;
     }
+    if crate::generate::is_decoder(&config.model.path) {
+        crate::text_tasks::check_config(&config, args.config)?;
+        if args.select == Select::PerTask {
+            bail!("--select per-task keeps per-task models of encoders; a decoder with per-task adapters has them already ([peft] per_task = true)");
+        }
+    }
     let has_final = args.out.join(checkpoint::METRICS).exists();
     // A finished joint run whose baselines were interrupted goes on with the baselines.
     if !(args.resume && args.baselines && has_final) {
@@ -273,6 +279,9 @@ fn train_one(config: &Config, out: &Path, select: Select, resume: bool) -> Resul
         bail!("{}: the output directory already exists; choose another, remove it, or continue it with --resume", out.display());
     }
     let base = &config.model.path;
+    if crate::generate::is_decoder(base) {
+        return crate::text_tasks::train(&config, out, resume);
+    }
     for (name, what) in
         [("config.json", "model config"), ("model.safetensors", "model weights"), ("tokenizer.json", "tokenizer")]
     {
@@ -677,6 +686,7 @@ pub(crate) fn prediction_json(ex: &Example, preds: &BTreeMap<TaskId, Prediction>
             Prediction::Answer { text, span, score } => {
                 json!({"answer": text, "start": span.map(|s| s.0), "end": span.map(|s| s.1), "score": round4(f64::from(*score))})
             }
+            Prediction::Generated(text) => json!({"generated": text}),
         };
         tasks.insert(task.to_string(), v);
     }

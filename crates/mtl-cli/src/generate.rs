@@ -21,7 +21,7 @@ pub struct Decoder {
 }
 
 /// The GGUF file at `path`, or the one GGUF file in the directory `path`.
-fn gguf_file(path: &Path) -> Result<PathBuf> {
+pub fn gguf_file(path: &Path) -> Result<PathBuf> {
     if path.is_file() {
         return Ok(path.to_owned());
     }
@@ -35,33 +35,71 @@ fn gguf_file(path: &Path) -> Result<PathBuf> {
     }
 }
 
+/// A decoder's weights and what comes with them, before the model is built.
+pub struct DecoderFiles {
+    /// The GGUF file, or the Hugging Face directory.
+    pub source: PathBuf,
+    pub config: mtl_nn::llama::LlamaConfig,
+    pub weights: std::collections::HashMap<String, candle_core::Tensor>,
+    pub tokenizer: tokenizers::Tokenizer,
+    pub chat_template: Option<String>,
+}
+
+/// Whether `path` holds a decoder: a GGUF file (or a directory with one), or a Hugging Face directory whose
+/// `config.json` is a Llama's.
+pub fn is_decoder(path: &Path) -> bool {
+    if gguf_file(path).is_ok() {
+        return true;
+    }
+    let config = std::fs::read_to_string(path.join("config.json")).unwrap_or_default();
+    serde_json::from_str::<serde_json::Value>(&config).is_ok_and(|v| v["model_type"] == "llama")
+}
+
+impl DecoderFiles {
+    /// A GGUF file (dequantised to f32; the tokenizer and chat template from its metadata), or a Hugging Face
+    /// directory (`config.json`, `model.safetensors`, `tokenizer.json`, and the chat template of
+    /// `tokenizer_config.json` when it has one).
+    pub fn load(path: &Path) -> Result<Self> {
+        if let Ok(file) = gguf_file(path) {
+            let gguf = read_llama(&file, &Device::Cpu)?;
+            let tokenizer = mtl_data::bpe::byte_level_bpe(&gguf.vocab, &file)?;
+            tracing::info!(types = ?gguf.tensor_types, "loaded {} (dequantised to f32)", file.display());
+            return Ok(Self { source: file, config: gguf.config, weights: gguf.weights, tokenizer, chat_template: gguf.chat_template });
+        }
+        let config = mtl_nn::llama::LlamaConfig::from_file(&path.join("config.json"))?;
+        let weights_path = path.join("model.safetensors");
+        let weights = candle_core::safetensors::load(&weights_path, &Device::Cpu)
+            .with_context(|| format!("{}: cannot read the weights", weights_path.display()))?
+            .into_iter()
+            .collect();
+        let tokenizer_path = path.join("tokenizer.json");
+        let tokenizer = tokenizers::Tokenizer::from_file(&tokenizer_path)
+            .map_err(|e| anyhow::anyhow!("{}: cannot load tokenizer: {e}", tokenizer_path.display()))?;
+        let chat_template = std::fs::read_to_string(path.join("tokenizer_config.json"))
+            .ok()
+            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+            .and_then(|v| v["chat_template"].as_str().map(String::from));
+        Ok(Self { source: path.to_owned(), config, weights, tokenizer, chat_template })
+    }
+}
+
 impl Decoder {
     pub fn load(path: &Path) -> Result<Self> {
-        let file = gguf_file(path)?;
-        let gguf = read_llama(&file, &Device::Cpu)?;
-        let tokenizer = mtl_data::bpe::byte_level_bpe(&gguf.vocab, &file)?;
-        let pb = ParamBuilder::new(gguf.weights, 0, &Device::Cpu);
-        let model = Llama::new(&pb, &gguf.config)?;
+        let files = DecoderFiles::load(path)?;
+        let pb = ParamBuilder::new(files.weights, 0, &Device::Cpu);
+        let model = Llama::new(&pb, &files.config)?;
         let missing = pb.finish().initialised().to_vec();
         if !missing.is_empty() {
-            bail!("{}: tensors missing: {}", file.display(), missing.join(", "));
+            bail!("{}: tensors missing: {}", files.source.display(), missing.join(", "));
         }
-        tracing::info!(types = ?gguf.tensor_types, "loaded {} (dequantised to f32)", file.display());
-        Ok(Self { model, tokenizer, chat_template: gguf.chat_template, eos: gguf.config.eos_token_ids })
+        Ok(Self { model, tokenizer: files.tokenizer, chat_template: files.chat_template, eos: files.config.eos_token_ids })
     }
 
     /// `prompt` as the user's turn of the chat template (with the assistant's turn opened).
     pub fn chat_prompt(&self, prompt: &str, system: Option<&str>) -> Result<String> {
         let template = self.chat_template.as_deref().context("the model has no chat template; leave out --chat")?;
-        let mut env = minijinja::Environment::new();
-        env.add_template("chat", template).context("the model's chat template does not parse")?;
-        let mut messages = Vec::new();
-        if let Some(s) = system {
-            messages.push(minijinja::context! { role => "system", content => s });
-        }
-        messages.push(minijinja::context! { role => "user", content => prompt });
-        let ctx = minijinja::context! { messages => messages, add_generation_prompt => true, bos_token => "", eos_token => "" };
-        env.get_template("chat")?.render(ctx).context("the model's chat template failed")
+        let chat = mtl_data::prompt::ChatTemplate::new(template).map_err(anyhow::Error::msg)?;
+        chat.user_turn(prompt, system).map_err(anyhow::Error::msg)
     }
 
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {

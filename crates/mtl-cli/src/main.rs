@@ -9,6 +9,7 @@ mod export;
 mod generate;
 mod report;
 mod serve;
+mod text_tasks;
 
 // Large tensors are allocated and freed at every op; mimalloc keeps the pages instead of returning them to
 // the kernel and faulting them in again (measured: a large share of a training step with glibc malloc).

@@ -69,11 +69,17 @@ pub fn save(dir: &Path, model: &MultiTaskModel, files: &CheckpointFiles) -> Resu
 /// files are written to a temporary directory inside it and renamed into place one by one, `metrics.json`
 /// last, so a `metrics.json` there means the whole model is.
 pub fn save_into(dir: &Path, model: &MultiTaskModel, files: &CheckpointFiles) -> Result<()> {
+    publish_into(dir, |tmp| write_files(tmp, model, files))
+}
+
+/// Runs `write` on a temporary directory inside `dir` and renames what it wrote into `dir` one by one,
+/// `metrics.json` last (see [`save_into`]).
+pub fn publish_into(dir: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
     if dir.join(METRICS).exists() {
         return Err(TrainError::OutputExists(dir.to_owned()));
     }
     let tmp = tempfile::Builder::new().prefix(".mtl-final-").tempdir_in(dir).map_err(io_err(dir))?;
-    write_files(tmp.path(), model, files)?;
+    write(tmp.path())?;
     let mut names: Vec<std::ffi::OsString> = std::fs::read_dir(tmp.path())
         .map_err(io_err(tmp.path()))?
         .filter_map(|e| e.ok().map(|e| e.file_name()))
@@ -137,7 +143,8 @@ fn write_files(dir: &Path, model: &MultiTaskModel, files: &CheckpointFiles) -> R
     Ok(())
 }
 
-fn crc32(path: &Path) -> Result<u32> {
+/// The CRC-32 of a file's bytes.
+pub fn crc32(path: &Path) -> Result<u32> {
     let bytes = std::fs::read(path).map_err(io_err(path))?;
     let mut h = crc32fast::Hasher::new();
     h.update(&bytes);

@@ -4,6 +4,7 @@ use std::collections::BTreeMap;
 
 use mtl_config::{Config, TagScheme, TaskConfig};
 use mtl_core::{TaskId, TaskKind};
+use mtl_data::prompt::{label_from_text, parse_pairs, tag_pairs};
 use mtl_data::{collate, Dataset, Example, Label, LabelMap};
 use mtl_metrics::{ClassificationReport, Direction};
 use mtl_nn::{MultiTaskModel, TaskPrediction};
@@ -39,6 +40,8 @@ pub enum Prediction {
     Values(Vec<f64>),
     /// One tag per word; `None` where truncation removed the word.
     Tags(Vec<Option<u32>>),
+    /// A decoder's answer, as generated; scored by mapping it to the task's label (or spans).
+    Generated(String),
     /// The answer to a question (the same on every window of it): its text and character span in the
     /// context, or no answer.
     Answer {
@@ -208,6 +211,7 @@ pub fn score(data: &Dataset, predictions: &[BTreeMap<TaskId, Prediction>], info:
                 let (gold, pred): (Vec<&str>, Vec<&str>) = pairs()
                     .filter_map(|(_, g, p)| match (g, p) {
                         (Label::Class(g), Prediction::Class { id, .. }) => Some((map.label(*g), map.label(*id))),
+                        (Label::Class(g), Prediction::Generated(text)) => Some((map.label(*g), generated_label(tc, map, text))),
                         _ => None,
                     })
                     .unzip();
@@ -278,6 +282,21 @@ pub fn score(data: &Dataset, predictions: &[BTreeMap<TaskId, Prediction>], info:
                 }
             }
             TaskKind::TokenClassification => {
+                // A decoder's `type=value` lines, scored as pairs against the gold spans.
+                let (gold, pred): (Vec<_>, Vec<_>) = pairs()
+                    .filter_map(|(ex, g, p)| match (g, p) {
+                        (Label::Tags(g), Prediction::Generated(text)) => Some((gold_pairs(ex, g, map), parse_pairs(text))),
+                        _ => None,
+                    })
+                    .unzip();
+                if !gold.is_empty() {
+                    let s = mtl_metrics::pair_scores(&gold, &pred);
+                    m.insert("precision".to_string(), s.precision);
+                    m.insert("recall".to_string(), s.recall);
+                    m.insert("f1".to_string(), s.f1);
+                    eval.scores.insert(task.to_string(), m);
+                    continue;
+                }
                 let (gold, pred): (Vec<Vec<&str>>, Vec<Vec<&str>>) = pairs()
                     .filter_map(|(_, g, p)| match (g, p) {
                         (Label::Tags(g), Prediction::Tags(p)) => {
@@ -329,13 +348,20 @@ pub fn score(data: &Dataset, predictions: &[BTreeMap<TaskId, Prediction>], info:
     }
     let frame = &info.config.joint.frame;
     if !frame.is_empty() {
-        let mut correct: Vec<Vec<bool>> = vec![Vec::new(); frame.len()];
+        // By input line: a decoder's examples hold one task each, so a line's tasks are spread over several.
+        type Line<'a> = BTreeMap<&'a TaskId, (&'a Example, Option<&'a Prediction>)>;
+        let mut lines: BTreeMap<(&std::path::Path, usize), Line> = BTreeMap::new();
         for (ex, pred) in data.examples.iter().zip(predictions) {
-            if !frame.iter().all(|t| ex.labels.contains_key(t)) {
-                continue;
+            let line = lines.entry((ex.location.path.as_path(), ex.location.line)).or_default();
+            for task in frame.iter().filter(|t| ex.labels.contains_key(*t)) {
+                line.entry(task).or_insert((ex, pred.get(task)));
             }
+        }
+        let mut correct: Vec<Vec<bool>> = vec![Vec::new(); frame.len()];
+        for line in lines.values().filter(|l| l.len() == frame.len()) {
             for (t, task) in frame.iter().enumerate() {
-                correct[t].push(is_correct(&ex.labels[task], pred.get(task)));
+                let (ex, pred) = line[task];
+                correct[t].push(is_correct(ex, task, info, pred));
             }
         }
         if !correct[0].is_empty() {
@@ -365,7 +391,34 @@ fn tags_or_outside<'a>(pred: &[Option<u32>], map: &'a LabelMap, scheme: TagSchem
     pred.iter().map(|p| p.map_or(missing, |t| map.label(t))).collect()
 }
 
-fn is_correct(gold: &Label, pred: Option<&Prediction>) -> bool {
+/// The label a decoder's answer names, or [`UNMAPPED`].
+fn generated_label<'a>(task: &TaskConfig, map: &'a LabelMap, text: &str) -> &'a str {
+    label_from_text(task, map.labels(), text).unwrap_or(UNMAPPED)
+}
+
+/// The predicted class of an answer that names no label.
+pub const UNMAPPED: &str = "<unmapped>";
+
+/// The gold spans of a tagged example as (type, words).
+fn gold_pairs(ex: &Example, tags: &[u32], map: &LabelMap) -> Vec<(String, String)> {
+    let tags: Vec<&str> = tags.iter().map(|&t| map.label(t)).collect();
+    tag_pairs(&ex.input.words(), &tags)
+}
+
+fn is_correct(ex: &Example, task: &TaskId, info: &TaskInfo, pred: Option<&Prediction>) -> bool {
+    let gold = &ex.labels[task];
+    if let (Some(Prediction::Generated(text)), Some(map), Some(tc)) = (pred, info.labels.get(task), info.config.tasks.get(task)) {
+        return match gold {
+            Label::Class(g) => generated_label(tc, map, text) == map.label(*g),
+            Label::Tags(g) => {
+                let (mut want, mut got) = (gold_pairs(ex, g, map), parse_pairs(text));
+                want.sort();
+                got.sort();
+                want == got
+            }
+            _ => false,
+        };
+    }
     match (gold, pred) {
         (Label::Class(g), Some(Prediction::Class { id, .. })) => g == id,
         (Label::Multi(g), Some(Prediction::Labels { ids, .. })) => g == ids,

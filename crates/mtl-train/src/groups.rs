@@ -24,7 +24,8 @@ impl Part {
         if name.starts_with("weighting.") {
             return Self::Weighting;
         }
-        if let Some(rest) = name.strip_prefix("encoder.layer.") {
+        // BERT's `encoder.layer.N.` and Llama's `model.layers.N.`.
+        if let Some(rest) = name.strip_prefix("encoder.layer.").or_else(|| name.strip_prefix("model.layers.")) {
             if let Some(i) = rest.split('.').next().and_then(|i| i.parse().ok()) {
                 return match mtl_nn::param_adapter(name) {
                     Some(adapter) if adapter != mtl_nn::SHARED_ADAPTER => Self::TaskAdapter(i),
@@ -47,7 +48,8 @@ impl Part {
 /// decay.
 pub fn param_group(name: &str, config: &Config, num_layers: usize) -> crate::ParamGroup {
     let t = &config.training;
-    let no_decay = name.ends_with(".bias") || name.contains("LayerNorm");
+    // BERT's `LayerNorm`, Llama's RMSNorms (`input_layernorm`, `model.norm`).
+    let no_decay = name.ends_with(".bias") || name.contains("LayerNorm") || name.contains("layernorm") || name.ends_with("norm.weight");
     let depth_below_top = |part: Part| match part {
         Part::Layer(i) | Part::TaskAdapter(i) => num_layers.saturating_sub(i + 1),
         _ => num_layers,
@@ -157,5 +159,11 @@ mod tests {
         assert_eq!(Part::of("encoder.layer.1.output.dense.lora_B.a.weight"), Part::TaskAdapter(1));
         assert!(!Part::of("encoder.layer.1.output.dense.lora_B.a.weight").is_shared());
         assert_eq!(param_group("encoder.layer.0.attention.self.value.lora_A.a.weight", &c, 3).lr, 1e-4);
+        // A decoder's layers and adapters.
+        assert_eq!(Part::of("model.layers.2.self_attn.q_proj.lora_A.default.weight"), Part::Layer(2));
+        assert_eq!(Part::of("model.layers.0.mlp.down_proj.lora_B.a.weight"), Part::TaskAdapter(0));
+        assert!(!is_frozen("model.layers.2.mlp.up_proj.lora_B.default.weight", &c, 3, 0));
+        assert!(is_frozen("model.layers.2.mlp.up_proj.weight", &c, 3, 0));
+        assert_eq!(param_group("model.layers.1.post_attention_layernorm.weight", &c, 3).weight_decay, 0.0);
     }
 }

@@ -7,6 +7,7 @@ pub mod checkpoint;
 mod evaluate;
 pub mod groups;
 pub mod heads;
+pub mod model;
 mod optim;
 mod progress;
 pub mod resume;
@@ -23,6 +24,7 @@ use std::path::PathBuf;
 pub use evaluate::{
     main_metric, predict_examples, score, selection_score, task_score, tune_thresholds, Evaluation, Prediction, Scores, TaskInfo,
 };
+pub use model::{Collation, TextTasks, TrainModel};
 pub use optim::{AdamW, AdamWConfig, AdamWState, ParamGroup, StepInfo};
 pub use progress::ProgressCallback;
 pub use schedule::{linear_warmup_decay, lr_scale};

@@ -6,9 +6,9 @@ use std::collections::BTreeMap;
 use candle_core::backprop::GradStore;
 use candle_core::{Tensor, Var};
 use mtl_core::{HostBatch, Mode, TaskId};
-use mtl_nn::MultiTaskModel;
 
 use crate::groups::Part;
+use crate::model::TrainModel;
 use crate::surgery::{cosine_similarities, GradientSurgery};
 use crate::weighting::LossWeighting;
 use crate::Result;
@@ -63,7 +63,7 @@ pub fn named(store: &GradStore, vars: &BTreeMap<String, Var>) -> Grads {
 }
 
 /// The batch's losses and gradients.
-pub fn batch_grads(model: &MultiTaskModel, batch: &HostBatch, plan: &GradientPlan) -> Result<BatchOutcome> {
+pub fn batch_grads(model: &dyn TrainModel, batch: &HostBatch, plan: &GradientPlan) -> Result<BatchOutcome> {
     let per_task = plan.per_task();
     model.set_retain_graph(per_task);
     let losses = model.losses(batch, Mode::Train);
@@ -98,7 +98,7 @@ pub fn batch_grads(model: &MultiTaskModel, batch: &HostBatch, plan: &GradientPla
 /// own forward and backward pass. Examples do not interact within a batch, so a task's gradient is the same
 /// as from the whole batch (up to dropout masks), at the cost of one pass over the batch rather than one per
 /// task.
-pub fn split_batch_grads(model: &MultiTaskModel, batches: &[HostBatch], plan: &GradientPlan) -> Result<BatchOutcome> {
+pub fn split_batch_grads(model: &dyn TrainModel, batches: &[HostBatch], plan: &GradientPlan) -> Result<BatchOutcome> {
     let vars = plan.vars;
     let (mut tasks, mut task_grads, mut values) = (Vec::new(), Vec::new(), BTreeMap::new());
     for batch in batches {
@@ -121,7 +121,7 @@ pub fn split_batch_grads(model: &MultiTaskModel, batches: &[HostBatch], plan: &G
 
 /// Combines each task's gradients: surgery (or a plain sum) on the shared parameters, a sum elsewhere.
 fn combine_tasks(
-    model: &MultiTaskModel,
+    model: &dyn TrainModel,
     plan: &GradientPlan,
     tasks: Vec<TaskId>,
     task_grads: Vec<Grads>,
@@ -209,10 +209,10 @@ impl<'a> HostSlice<'a> {
 
 /// The L2 norm of the top encoder layer's gradients.
 fn top_layer_norm(grads: &Grads, num_layers: usize) -> f64 {
-    let prefix = format!("encoder.layer.{}.", num_layers.saturating_sub(1));
+    let top = Part::Layer(num_layers.saturating_sub(1));
     grads
         .iter()
-        .filter(|(n, _)| n.starts_with(&prefix))
+        .filter(|(n, _)| Part::of(n) == top)
         .map(|(_, g)| crate::optim::sum_of_squares(g).unwrap_or(f64::NAN))
         .sum::<f64>()
         .sqrt()
@@ -236,7 +236,7 @@ mod tests {
 
     use candle_core::Device;
     use mtl_core::{Targets, IGNORE_INDEX};
-    use mtl_nn::{BertConfig, HeadSpec, ModelSpec};
+    use mtl_nn::{BertConfig, HeadSpec, ModelSpec, MultiTaskModel};
 
     use super::*;
     use crate::weighting::StaticWeights;

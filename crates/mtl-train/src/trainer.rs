@@ -5,13 +5,13 @@ use std::collections::BTreeMap;
 use candle_core::Tensor;
 use mtl_config::{Config, StepPlan};
 use mtl_core::{HostBatch, TaskId, TaskKind};
-use mtl_data::{collate, epoch_batches, Batching, Dataset, Example, LabelMap};
-use mtl_nn::MultiTaskModel;
+use mtl_data::{epoch_batches, Batching, Dataset, Example, LabelMap};
 
 use crate::evaluate::{
-    predict_examples, score, selection_score, task_score, tune_thresholds, Evaluation, Prediction, Scores, TaskInfo,
+    score, selection_score, task_score, tune_thresholds, Evaluation, Prediction, Scores, TaskInfo,
 };
 use crate::groups::{is_frozen, param_group, Part};
+use crate::model::TrainModel;
 use crate::optim::{AdamW, AdamWConfig};
 use crate::schedule::lr_scale;
 use crate::step::{accumulate, batch_grads, split_batch_grads, BatchOutcome, GradientPlan, Grads};
@@ -260,7 +260,7 @@ fn check_skipped(skipped: usize, limit: usize, step: usize) -> Result<()> {
 
 pub struct Trainer<'a> {
     pub config: &'a Config,
-    pub model: &'a MultiTaskModel,
+    pub model: &'a dyn TrainModel,
     pub labels: &'a BTreeMap<TaskId, LabelMap>,
     /// Keep all weights at each task's best evaluation (`--select per-task`), not only its head's.
     pub keep_per_task_models: bool,
@@ -274,7 +274,7 @@ pub struct Trainer<'a> {
 
 impl<'a> Trainer<'a> {
     /// A trainer that only evaluates and predicts (no checkpoints, nothing frozen, nothing resumed).
-    pub fn evaluator(config: &'a Config, model: &'a MultiTaskModel, labels: &'a BTreeMap<TaskId, LabelMap>) -> Self {
+    pub fn evaluator(config: &'a Config, model: &'a dyn TrainModel, labels: &'a BTreeMap<TaskId, LabelMap>) -> Self {
         Self { config, model, labels, keep_per_task_models: false, checkpoints: None, resume: false, frozen: None }
     }
 }
@@ -340,7 +340,7 @@ impl Trainer<'_> {
         labels: &BTreeMap<TaskId, LabelMap>,
     ) -> Result<Vec<BTreeMap<TaskId, Prediction>>> {
         let examples: Vec<&Example> = data.examples.iter().collect();
-        predict_examples(self.model, &examples, &self.info(labels), self.config.training.eval_batch_size)
+        self.model.predict(&examples, &self.info(labels), self.config.training.eval_batch_size)
     }
 
     /// Whether the parameter `name` is frozen at optimiser step `step`: by the recipe, or for good.
@@ -379,7 +379,7 @@ impl Trainer<'_> {
         let total_steps: usize = epochs.iter().map(|e| e.len().div_ceil(accumulation)).sum();
         let steps_per_epoch = epochs.first().map_or(0, |e| e.len().div_ceil(accumulation));
         let warmup = (t.warmup_ratio * total_steps as f64).ceil() as usize;
-        let num_layers = self.model.bert().config().num_hidden_layers;
+        let num_layers = self.model.num_layers();
         let mut weighting = weighting::weighting(self.config, steps_per_epoch, self.model.device())?;
         let surgery = surgery::surgery(&t.surgery, t.seed);
         let split_by_task = weighting.needs_grad_norms() || surgery.is_some();
@@ -490,7 +490,7 @@ impl Trainer<'_> {
             // Collation runs on a worker thread, a few batches ahead of the model.
             let stop = std::thread::scope(|scope| -> Result<bool> {
                 let (sender, receiver) = std::sync::mpsc::sync_channel::<Work>(PREFETCH_BATCHES);
-                let (train, kinds) = (&splits.train, &kinds);
+                let (train, kinds, collation) = (&splits.train, &kinds, self.model.collation());
                 scope.spawn(move || {
                     let only = |task: &TaskId| -> BTreeMap<TaskId, (TaskKind, usize)> {
                         kinds.get_key_value(task).map(|(k, v)| (k.clone(), *v)).into_iter().collect()
@@ -499,18 +499,18 @@ impl Trainer<'_> {
                         let examples: Vec<&Example> = chunk.iter().map(|&i| &train.examples[i]).collect();
                         let work = match &task {
                             // A sampled step trains its task only, even on examples that carry other labels.
-                            Some(task) => Work::Whole(collate(&examples, &only(task))),
+                            Some(task) => Work::Whole(collation.collate(&examples, &only(task))),
                             None if split_by_task => Work::PerTask(
                                 kinds
                                     .keys()
                                     .filter_map(|task| {
                                         let own: Vec<&Example> =
                                             examples.iter().copied().filter(|e| e.labels.contains_key(task)).collect();
-                                        (!own.is_empty()).then(|| collate(&own, &only(task)))
+                                        (!own.is_empty()).then(|| collation.collate(&own, &only(task)))
                                     })
                                     .collect(),
                             ),
-                            None => Work::Whole(collate(&examples, kinds)),
+                            None => Work::Whole(collation.collate(&examples, kinds)),
                         };
                         if sender.send(work).is_err() {
                             break; // the training loop stopped early

@@ -11,6 +11,7 @@ mod peft;
 mod real_model;
 mod serve;
 mod tasks;
+mod text_tasks;
 
 use std::path::PathBuf;
 

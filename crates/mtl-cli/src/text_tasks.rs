@@ -1,0 +1,174 @@
+//! `mtl train` on a decoder model: every task as text (a prompt, a target), multi-task supervised
+//! fine-tuning through the same training loop as the encoder (samplers, loss weighting, gradient surgery,
+//! checkpoints, early stopping), LoRA shared by the tasks or one adapter per task, and scores of the
+//! generated answers mapped back to labels.
+//!
+//! The run directory gets `adapters.safetensors` (the LoRA matrices under PEFT's names, one adapter per task
+//! or `default`), `base_model.json` (the base model and its CRC-32), `mtl.toml`, `labels.json` and
+//! `metrics.json`.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use candle_core::Device;
+use mtl_config::{Config, PeftConfig, PeftMethod, Split};
+use mtl_core::TaskId;
+use mtl_data::prompt::{check_decoder_tasks, ChatTemplate, PromptFormat};
+use mtl_data::{Dataset, LabelMap};
+use mtl_nn::llama::{DecoderLora, DecoderModule};
+use mtl_nn::{DecoderModel, LoraSpec, SHARED_ADAPTER};
+use mtl_train::checkpoint::{self, publish_into};
+use mtl_train::{resume, tracking, ProgressCallback, Splits, TextTasks, Trainer};
+use serde_json::json;
+
+use crate::generate::DecoderFiles;
+
+/// Checks the tasks of a config for a decoder model; the error names the config file and the field.
+pub fn check_config(config: &Config, path: &Path) -> Result<()> {
+    if let Err((field, message)) = check_decoder_tasks(config) {
+        bail!("invalid config {}: field `{field}`: {message}", path.display());
+    }
+    let p = &config.peft;
+    if p.enabled() && p.method != PeftMethod::Lora {
+        bail!("invalid config {}: field `peft.method`: decoder models train with LoRA (or fully, without [peft]); bottleneck adapters and prefixes are not supported on them yet", path.display());
+    }
+    if p.enabled() && p.target_modules != PeftConfig::default().target_modules {
+        bail!("invalid config {}: field `peft.target_modules`: names BERT layers; on a decoder LoRA adapts all seven projections (q, k, v, o, gate, up, down)", path.display());
+    }
+    Ok(())
+}
+
+/// LoRA on a decoder, as `[peft]` asks.
+fn decoder_lora(config: &Config) -> Option<DecoderLora> {
+    let p = &config.peft;
+    if !p.enabled() {
+        return None;
+    }
+    let adapters = if p.per_task { config.tasks.keys().map(|t| t.to_string()).collect() } else { vec![SHARED_ADAPTER.to_string()] };
+    Some(DecoderLora {
+        spec: LoraSpec { r: p.r, alpha: p.alpha, dropout: p.dropout as f32, targets: Vec::new() },
+        modules: DecoderModule::ALL.to_vec(),
+        adapters,
+    })
+}
+
+fn split(config: &Config, split: Split, format: &PromptFormat, labels: &BTreeMap<TaskId, LabelMap>) -> Result<Option<Dataset>> {
+    if config.tasks.values().all(|t| t.data.get(split).is_none()) {
+        return Ok(None);
+    }
+    let data = format.dataset(mtl_data::read_split(config, split)?, labels, config)?;
+    if data.truncated > 0 {
+        tracing::warn!(
+            "{}: {} of {} prompts and answers were longer than {} tokens and were cut (raise model.max_len to keep more)",
+            split.name(),
+            data.truncated,
+            data.len(),
+            format.max_len
+        );
+    }
+    Ok(Some(data))
+}
+
+/// One training run of a decoder model into `out` (checked and prepared by the caller).
+pub fn train(config: &Config, out: &Path, resume_run: bool) -> Result<()> {
+    let files = DecoderFiles::load(&config.model.path)?;
+    let chat = files.chat_template.as_deref().map(ChatTemplate::new).transpose().map_err(anyhow::Error::msg)?;
+    let eos = *files.config.eos_token_ids.first().context("the model names no end-of-sequence token")?;
+    let format = PromptFormat {
+        tokenizer: &files.tokenizer,
+        chat: chat.as_ref(),
+        eos,
+        max_len: config.model.max_len.min(files.config.max_position_embeddings),
+    };
+    let raw_train = mtl_data::read_split(config, Split::Train)?;
+    let labels = LabelMap::for_tasks(config, &raw_train)?;
+    let train = format.dataset(raw_train, &labels, config)?;
+    let splits = Splits { train, dev: split(config, Split::Dev, &format, &labels)?, test: split(config, Split::Test, &format, &labels)? };
+    // Each task's answer budget: as configured, or its longest training answer and some room.
+    let mut max_new_tokens = BTreeMap::new();
+    for (task, tc) in &config.tasks {
+        let longest = splits
+            .train
+            .examples
+            .iter()
+            .filter(|e| e.labels.contains_key(task))
+            .map(|e| e.encoded.type_ids.iter().filter(|&&t| t == 1).count())
+            .max()
+            .unwrap_or(0);
+        max_new_tokens.insert(task.clone(), tc.max_new_tokens.unwrap_or(longest + 8));
+    }
+    let tasks: Vec<TaskId> = config.tasks.keys().cloned().collect();
+    let lora = decoder_lora(config);
+    let source = files.source.clone();
+    let model = DecoderModel::new(&files.config, files.weights, lora.as_ref(), &tasks, config.training.seed, &Device::Cpu)?;
+    let text = TextTasks { model, tokenizer: files.tokenizer.clone(), stop: files.config.eos_token_ids.clone(), max_new_tokens };
+    tracing::info!(
+        trained = text.model.params().num_params(),
+        train = splits.train.len(),
+        dev = splits.dev.as_ref().map_or(0, Dataset::len),
+        test = splits.test.as_ref().map_or(0, Dataset::len),
+        chat_template = chat.is_some(),
+        "training {} task(s) as text on {}: {}",
+        config.tasks.len(),
+        source.display(),
+        tasks.iter().map(TaskId::as_str).collect::<Vec<_>>().join(", ")
+    );
+    let started = std::time::Instant::now();
+    let trainer = Trainer {
+        config,
+        model: &text,
+        labels: &labels,
+        keep_per_task_models: false,
+        checkpoints: Some(out),
+        resume: resume_run,
+        frozen: None,
+    };
+    let mut progress = ProgressCallback::default();
+    let mut tracker = tracking::Tracker::new(out);
+    let outcome = trainer.train(&splits, &mut [&mut progress, &mut tracker])?;
+    let seconds = started.elapsed().as_secs_f64();
+
+    let mut metrics = crate::commands::metrics_json(outcome.dev.as_ref(), outcome.test.as_ref());
+    metrics["best_epoch"] = json!(outcome.best_epoch);
+    metrics["best_step"] = json!(outcome.best_step);
+    metrics["steps"] = json!(outcome.steps);
+    metrics["stopped_early"] = json!(outcome.stopped_early);
+    metrics["skipped_steps"] = json!(outcome.skipped_steps);
+    metrics["task_weights"] = json!(outcome.task_weights);
+    metrics["train_seconds"] = json!((seconds * 10.0).round() / 10.0);
+    if let Some(test) = &outcome.test {
+        metrics["test_reports"] = json!(test.reports);
+    }
+    let params = text.model.params();
+    publish_into(out, |dir| {
+        let write = |name: &str, text: String| std::fs::write(dir.join(name), text).map_err(|source| mtl_train::TrainError::Io { path: dir.join(name), source });
+        params.save(&dir.join(checkpoint::ADAPTERS))?;
+        let path = std::fs::canonicalize(&source).map_err(|source_err| mtl_train::TrainError::Io { path: source.clone(), source: source_err })?;
+        let weights = if source.is_dir() { source.join(checkpoint::WEIGHTS) } else { source.clone() };
+        let meta = json!({"path": path, "decoder": true, "weights_crc32": checkpoint::crc32(&weights)?});
+        write(checkpoint::BASE_MODEL, serde_json::to_string_pretty(&meta).expect("json; this is a bug"))?;
+        write(checkpoint::RUN_CONFIG, config.to_toml())?;
+        write(checkpoint::LABELS, serde_json::to_string_pretty(&outcome.labels).expect("label maps serialize; this is a bug"))?;
+        write(checkpoint::METRICS, serde_json::to_string_pretty(&metrics).expect("metrics serialize; this is a bug"))
+    })?;
+    resume::remove_all(out)?;
+    let mut shown = Vec::new();
+    if let Some(d) = &outcome.dev {
+        shown.push(("dev", &d.scores));
+    }
+    if let Some(t) = &outcome.test {
+        shown.push(("test", &t.scores));
+    }
+    print!("{}", crate::report::table(&shown));
+    println!(
+        "best epoch {} of {} (step {} of {}{}); trained in {seconds:.0} s; adapters and metrics.json in {}",
+        outcome.best_epoch,
+        config.training.epochs,
+        outcome.best_step,
+        outcome.steps,
+        if outcome.stopped_early { ", stopped early" } else { "" },
+        out.display()
+    );
+    Ok(())
+}

@@ -1,0 +1,95 @@
+//! `mtl train` on a decoder: the tiny random Llama of tests/fixtures/tiny-llama with a word-level tokenizer,
+//! trained on the intent and slot tasks of the tiny project as text, with one LoRA adapter per task.
+
+use std::collections::HashMap;
+
+use candle_core::{Device, Tensor};
+use serde_json::{json, Value};
+
+use crate::cli::{stderr, Project, TestResult};
+use crate::repo_root;
+
+/// A Hugging Face decoder directory: the tiny Llama and a word-level tokenizer over the project's words
+/// (ids below its vocabulary of 64), with the newline its own token so that answers keep their lines.
+fn decoder_dir(p: &Project) -> Result<std::path::PathBuf, Box<dyn std::error::Error>> {
+    let dir = p.path("decoder");
+    std::fs::create_dir_all(&dir)?;
+    let fixture = repo_root().join("tests/fixtures/tiny-llama");
+    for name in ["config.json", "model.safetensors"] {
+        std::fs::copy(fixture.join(name), dir.join(name))?;
+    }
+    let words = "<pad> <s> </s> [UNK] = \n intent slots of none flight fare from to day show me flights boston denver i want fly \
+                 dallas what is the cheapest new york paris london on monday a morning";
+    let mut vocab: Vec<String> = words.split(' ').map(String::from).collect();
+    vocab[5] = "\n".into();
+    let vocab: serde_json::Map<String, Value> = vocab.iter().enumerate().map(|(i, w)| (w.clone(), json!(i))).collect();
+    assert!(vocab.len() < 64);
+    let tokenizer = json!({
+        "version": "1.0", "truncation": null, "padding": null,
+        "added_tokens": [{"id": 5, "content": "\n", "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": false}],
+        "normalizer": null, "pre_tokenizer": {"type": "Whitespace"}, "post_processor": null, "decoder": null,
+        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "[UNK]"}
+    });
+    std::fs::write(dir.join("tokenizer.json"), tokenizer.to_string())?;
+    Ok(dir)
+}
+
+fn text_config(p: &Project, peft: &str, slots_kind: &str) -> TestResult {
+    let decoder = decoder_dir(p)?;
+    let config = std::fs::read_to_string(p.path("config.toml"))?;
+    let tiny_bert = repo_root().join("tests/fixtures/tiny-bert");
+    let config = config
+        .replace(&tiny_bert.display().to_string(), &decoder.display().to_string())
+        .replace("max_len = 12", "max_len = 40")
+        .replace("epochs = 3", "epochs = 2")
+        .replace("kind = \"classification\"", "kind = \"classification\"\nprompt = \"intent of {text}\"")
+        .replace("kind = \"token_classification\"", &format!("kind = \"{slots_kind}\"\nprompt = \"slots of {{text}}\""));
+    std::fs::write(p.path("config.toml"), format!("{config}\n{peft}\n"))?;
+    Ok(())
+}
+
+#[test]
+fn a_decoder_trains_its_tasks_as_text_with_an_adapter_each() -> TestResult {
+    let p = Project::new()?;
+    text_config(&p, "[peft]\nmethod = \"lora\"\nr = 4\nper_task = true", "token_classification")?;
+    let o = p.mtl(&["train", "config.toml", "--out", "run"])?;
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = p.path("run");
+    let metrics: Value = serde_json::from_str(&std::fs::read_to_string(out.join("metrics.json"))?)?;
+    for (task, metric) in [("intent", "accuracy"), ("slots", "f1"), ("joint", "frame_accuracy")] {
+        let v = metrics["test"][task][metric].as_f64().ok_or(format!("test {task}.{metric} in {metrics}"))?;
+        assert!((0.0..=1.0).contains(&v), "{task}.{metric} = {v}");
+    }
+    // Only the adapters are saved: A and B of seven projections in two layers, for each task.
+    let saved: HashMap<String, Tensor> = candle_core::safetensors::load(out.join("adapters.safetensors"), &Device::Cpu)?;
+    assert_eq!(saved.len(), 2 * 7 * 2 * 2, "{:?}", saved.keys());
+    for task in ["intent", "slots"] {
+        let own: Vec<&String> = saved.keys().filter(|n| n.contains(&format!(".lora_B.{task}."))).collect();
+        assert_eq!(own.len(), 14);
+        for name in own {
+            assert!(saved[name].abs()?.sum_all()?.to_scalar::<f32>()? > 0.0, "{name} did not train");
+        }
+    }
+    let meta: Value = serde_json::from_str(&std::fs::read_to_string(out.join("base_model.json"))?)?;
+    assert_eq!(meta["decoder"], json!(true));
+    assert!(!out.join("model.safetensors").exists(), "the frozen decoder is not copied");
+    Ok(())
+}
+
+#[test]
+fn decoder_configs_are_checked_before_anything_runs() -> TestResult {
+    let p = Project::new()?;
+    text_config(&p, "", "regression")?;
+    let o = p.mtl(&["train", "config.toml", "--out", "run"])?;
+    assert!(!o.status.success());
+    let err = stderr(&o);
+    assert!(err.contains("config.toml") && err.contains("tasks.slots.kind") && err.contains("decoder"), "{err}");
+    assert!(!p.path("run").exists());
+
+    let p = Project::new()?;
+    text_config(&p, "[peft]\nmethod = \"prefix\"", "token_classification")?;
+    let o = p.mtl(&["train", "config.toml", "--out", "run"])?;
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("peft.method"), "{}", stderr(&o));
+    Ok(())
+}
