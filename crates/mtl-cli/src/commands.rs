@@ -502,6 +502,9 @@ pub(crate) fn load_checkpoint_with(dir: &Path, merge: bool) -> Result<Loaded> {
 }
 
 fn eval(model_dir: &Path, config_path: &Path, overrides: &[String]) -> Result<()> {
+    if crate::text_tasks::is_decoder_run(model_dir) {
+        return crate::text_tasks::eval(model_dir, config_path, overrides);
+    }
     let loaded = load_checkpoint(model_dir)?;
     let mut config = Config::load(config_path, overrides)?;
     for (task, t) in &config.tasks {

@@ -70,11 +70,17 @@ fn split(config: &Config, split: Split, format: &PromptFormat, labels: &BTreeMap
     Ok(Some(data))
 }
 
+/// The chat template of a decoder, and its end-of-sequence token.
+fn prompt_parts(files: &DecoderFiles) -> Result<(Option<ChatTemplate>, u32)> {
+    let chat = files.chat_template.as_deref().map(ChatTemplate::new).transpose().map_err(anyhow::Error::msg)?;
+    let eos = *files.config.eos_token_ids.first().context("the model names no end-of-sequence token")?;
+    Ok((chat, eos))
+}
+
 /// One training run of a decoder model into `out` (checked and prepared by the caller).
 pub fn train(config: &Config, out: &Path, resume_run: bool) -> Result<()> {
     let files = DecoderFiles::load(&config.model.path)?;
-    let chat = files.chat_template.as_deref().map(ChatTemplate::new).transpose().map_err(anyhow::Error::msg)?;
-    let eos = *files.config.eos_token_ids.first().context("the model names no end-of-sequence token")?;
+    let (chat, eos) = prompt_parts(&files)?;
     let format = PromptFormat {
         tokenizer: &files.tokenizer,
         chat: chat.as_ref(),
@@ -146,7 +152,12 @@ pub fn train(config: &Config, out: &Path, resume_run: bool) -> Result<()> {
         params.save(&dir.join(checkpoint::ADAPTERS))?;
         let path = std::fs::canonicalize(&source).map_err(|source_err| mtl_train::TrainError::Io { path: source.clone(), source: source_err })?;
         let weights = if source.is_dir() { source.join(checkpoint::WEIGHTS) } else { source.clone() };
-        let meta = json!({"path": path, "decoder": true, "weights_crc32": checkpoint::crc32(&weights)?});
+        let meta = json!({
+            "path": path,
+            "decoder": true,
+            "weights_crc32": checkpoint::crc32(&weights)?,
+            "max_new_tokens": text.max_new_tokens,
+        });
         write(checkpoint::BASE_MODEL, serde_json::to_string_pretty(&meta).expect("json; this is a bug"))?;
         write(checkpoint::RUN_CONFIG, config.to_toml())?;
         write(checkpoint::LABELS, serde_json::to_string_pretty(&outcome.labels).expect("label maps serialize; this is a bug"))?;
@@ -170,5 +181,89 @@ pub fn train(config: &Config, out: &Path, resume_run: bool) -> Result<()> {
         if outcome.stopped_early { ", stopped early" } else { "" },
         out.display()
     );
+    Ok(())
+}
+
+/// Whether `dir` holds a decoder run (its `base_model.json` says so).
+pub fn is_decoder_run(dir: &Path) -> bool {
+    std::fs::read_to_string(dir.join(checkpoint::BASE_MODEL))
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .is_some_and(|m| m["decoder"] == json!(true))
+}
+
+/// A trained decoder run: its config and labels, the base model with its adapters, and the base's files.
+pub struct LoadedRun {
+    pub config: Config,
+    pub labels: BTreeMap<TaskId, LabelMap>,
+    pub text: TextTasks,
+    chat: Option<ChatTemplate>,
+    eos: u32,
+    max_len: usize,
+}
+
+impl LoadedRun {
+    pub fn load(dir: &Path) -> Result<Self> {
+        let (config, labels) = checkpoint::read_meta(dir)?;
+        let meta_path = dir.join(checkpoint::BASE_MODEL);
+        let meta: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&meta_path)?)
+            .with_context(|| format!("{}: invalid JSON", meta_path.display()))?;
+        let base = meta["path"].as_str().with_context(|| format!("{}: field `path`: missing", meta_path.display()))?;
+        let base = Path::new(base);
+        let weights = if base.is_dir() { base.join(checkpoint::WEIGHTS) } else { base.to_owned() };
+        if !weights.exists() {
+            bail!("{}: field `path`: the base model {} is not there", meta_path.display(), weights.display());
+        }
+        let (want, got) = (meta["weights_crc32"].as_u64(), u64::from(checkpoint::crc32(&weights)?));
+        if want != Some(got) {
+            bail!("{}: the base model {} has changed since the adapters were trained (CRC-32 {got:08x})", meta_path.display(), weights.display());
+        }
+        let max_new_tokens: BTreeMap<TaskId, usize> = serde_json::from_value(meta["max_new_tokens"].clone())
+            .with_context(|| format!("{}: field `max_new_tokens`", meta_path.display()))?;
+        let mut files = DecoderFiles::load(base)?;
+        let adapters = candle_core::safetensors::load(dir.join(checkpoint::ADAPTERS), &Device::Cpu)
+            .with_context(|| format!("{}: cannot read the adapters", dir.join(checkpoint::ADAPTERS).display()))?;
+        let names: Vec<String> = adapters.keys().cloned().collect();
+        files.weights.extend(adapters);
+        let (chat, eos) = prompt_parts(&files)?;
+        let tasks: Vec<TaskId> = config.tasks.keys().cloned().collect();
+        let lora = decoder_lora(&config);
+        let max_len = config.model.max_len.min(files.config.max_position_embeddings);
+        let model = DecoderModel::new(&files.config, files.weights, lora.as_ref(), &tasks, config.training.seed, &Device::Cpu)?;
+        let missing: Vec<&String> = model.params().vars().keys().filter(|n| !names.contains(n)).collect();
+        if !missing.is_empty() {
+            bail!("{}: adapters missing: {}", dir.join(checkpoint::ADAPTERS).display(), missing.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", "));
+        }
+        let text = TextTasks { model, tokenizer: files.tokenizer, stop: files.config.eos_token_ids, max_new_tokens };
+        Ok(Self { config, labels, text, chat, eos, max_len })
+    }
+
+    pub fn format(&self) -> PromptFormat<'_> {
+        PromptFormat { tokenizer: &self.text.tokenizer, chat: self.chat.as_ref(), eos: self.eos, max_len: self.max_len }
+    }
+}
+
+/// `mtl eval` of a decoder run: scores on the dev and test files of `config_path`.
+pub fn eval(model_dir: &Path, config_path: &Path, overrides: &[String]) -> Result<()> {
+    let run = LoadedRun::load(model_dir)?;
+    let mut config = Config::load(config_path, overrides)?;
+    for task in config.tasks.keys() {
+        if !run.config.tasks.contains_key(task) {
+            bail!("{}: task `{task}` was not trained in {}", config_path.display(), model_dir.display());
+        }
+    }
+    config.model = run.config.model.clone();
+    check_config(&config, config_path)?;
+    let trainer = Trainer::evaluator(&config, &run.text, &run.labels);
+    let mut scores = BTreeMap::new();
+    for s in [Split::Dev, Split::Test] {
+        if let Some(data) = split(&config, s, &run.format(), &run.labels)? {
+            scores.insert(s.name(), trainer.evaluate(&data)?.scores);
+        }
+    }
+    if scores.is_empty() {
+        bail!("{}: no task has a dev or test file to score", config_path.display());
+    }
+    println!("{}", serde_json::to_string_pretty(&scores)?);
     Ok(())
 }

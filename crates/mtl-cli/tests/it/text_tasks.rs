@@ -41,7 +41,8 @@ fn text_config(p: &Project, peft: &str, slots_kind: &str) -> TestResult {
     let config = config
         .replace(&tiny_bert.display().to_string(), &decoder.display().to_string())
         .replace("max_len = 12", "max_len = 40")
-        .replace("epochs = 3", "epochs = 2")
+        .replace("epochs = 3", "epochs = 40")
+        .replace("lr = 5e-3", "lr = 2e-2")
         .replace("kind = \"classification\"", "kind = \"classification\"\nprompt = \"intent of {text}\"")
         .replace("kind = \"token_classification\"", &format!("kind = \"{slots_kind}\"\nprompt = \"slots of {{text}}\""));
     std::fs::write(p.path("config.toml"), format!("{config}\n{peft}\n"))?;
@@ -60,6 +61,8 @@ fn a_decoder_trains_its_tasks_as_text_with_an_adapter_each() -> TestResult {
         let v = metrics["test"][task][metric].as_f64().ok_or(format!("test {task}.{metric} in {metrics}"))?;
         assert!((0.0..=1.0).contains(&v), "{task}.{metric} = {v}");
     }
+    // 40 epochs of 8 examples teach even the tiny random model the two intents' words and some slots.
+    assert!(metrics["test"]["intent"]["accuracy"].as_f64() > Some(0.0) && metrics["test"]["slots"]["f1"].as_f64() > Some(0.0), "{metrics}");
     // Only the adapters are saved: A and B of seven projections in two layers, for each task.
     let saved: HashMap<String, Tensor> = candle_core::safetensors::load(out.join("adapters.safetensors"), &Device::Cpu)?;
     assert_eq!(saved.len(), 2 * 7 * 2 * 2, "{:?}", saved.keys());
@@ -73,6 +76,11 @@ fn a_decoder_trains_its_tasks_as_text_with_an_adapter_each() -> TestResult {
     let meta: Value = serde_json::from_str(&std::fs::read_to_string(out.join("base_model.json"))?)?;
     assert_eq!(meta["decoder"], json!(true));
     assert!(!out.join("model.safetensors").exists(), "the frozen decoder is not copied");
+    // The saved adapters on the base model answer as at the end of training.
+    let o = p.mtl(&["eval", "--model", "run", "--config", "config.toml"])?;
+    assert!(o.status.success(), "{}", stderr(&o));
+    let eval: Value = serde_json::from_slice(&o.stdout)?;
+    assert_eq!(eval["test"], metrics["test"], "{eval}");
     Ok(())
 }
 
