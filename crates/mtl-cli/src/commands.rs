@@ -539,7 +539,7 @@ fn eval(model_dir: &Path, config_path: &Path, overrides: &[String]) -> Result<()
     Ok(())
 }
 
-fn parse_input(line: &str, location: &Location, config: &Config) -> Result<Input> {
+pub(crate) fn parse_input(line: &str, location: &Location, config: &Config) -> Result<Input> {
     let trimmed = line.trim_start();
     if !trimmed.starts_with('{') {
         return Ok(Input::Text(line.to_string()));
@@ -577,6 +577,9 @@ fn parse_input(line: &str, location: &Location, config: &Config) -> Result<Input
 }
 
 fn predict(model_dir: &Path, input: Option<&Path>, batch_size: usize, full_precision: bool) -> Result<()> {
+    if crate::text_tasks::is_decoder_run(model_dir) {
+        return crate::text_tasks::predict(model_dir, input, batch_size);
+    }
     let loaded = load_checkpoint(model_dir)?;
     let info = TaskInfo { config: &loaded.config, labels: &loaded.labels };
     let has_token_task = loaded.config.tasks.values().any(|t| t.kind == TaskKind::TokenClassification);

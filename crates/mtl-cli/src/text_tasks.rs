@@ -267,3 +267,63 @@ pub fn eval(model_dir: &Path, config_path: &Path, overrides: &[String]) -> Resul
     println!("{}", serde_json::to_string_pretty(&scores)?);
     Ok(())
 }
+
+/// `mtl predict` of a decoder run: each input line's answer to every task's prompt, with the label it names
+/// (classification) or its (type, value) pairs (token tasks), as one JSON line per input.
+pub fn predict(model_dir: &Path, input: Option<&Path>, batch_size: usize) -> Result<()> {
+    use std::io::{BufRead, Write};
+    let run = LoadedRun::load(model_dir)?;
+    let format = run.format();
+    let reader: Box<dyn BufRead> = match input {
+        Some(p) => Box::new(std::io::BufReader::new(std::fs::File::open(p).with_context(|| format!("{}: cannot open", p.display()))?)),
+        None => Box::new(std::io::stdin().lock()),
+    };
+    let source = input.map_or_else(|| "<stdin>".into(), Path::to_path_buf);
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    let mut pending: Vec<mtl_data::Input> = Vec::new();
+    let flush = |pending: &mut Vec<mtl_data::Input>, out: &mut dyn Write| -> Result<()> {
+        let mut answers: BTreeMap<&TaskId, Vec<String>> = BTreeMap::new();
+        for (task, tc) in &run.config.tasks {
+            let prompts: Vec<Vec<u32>> = pending
+                .iter()
+                .map(|i| format.prompt(tc, i).and_then(|p| format.encode(&p)).map_err(anyhow::Error::msg))
+                .collect::<Result<_>>()?;
+            let refs: Vec<&[u32]> = prompts.iter().map(Vec::as_slice).collect();
+            answers.insert(task, run.text.answer(task, &refs, batch_size)?);
+        }
+        for (n, input) in pending.iter().enumerate() {
+            let mut predictions = serde_json::Map::new();
+            for (task, tc) in &run.config.tasks {
+                let text = &answers[task][n];
+                let v = match tc.kind {
+                    mtl_core::TaskKind::Classification => {
+                        json!({"generated": text, "label": mtl_data::prompt::label_from_text(tc, run.labels[task].labels(), text)})
+                    }
+                    _ => {
+                        let pairs: Vec<serde_json::Value> =
+                            mtl_data::prompt::parse_pairs(text).into_iter().map(|(k, v)| json!({"type": k, "value": v})).collect();
+                        json!({"generated": text, "spans": pairs})
+                    }
+                };
+                predictions.insert(task.to_string(), v);
+            }
+            writeln!(out, "{}", json!({"text": mtl_data::prompt::input_text(input), "predictions": predictions}))?;
+        }
+        pending.clear();
+        Ok(())
+    };
+    for (i, line) in reader.lines().enumerate() {
+        let location = mtl_data::Location { path: source.clone(), line: i + 1 };
+        let line = line.with_context(|| format!("{}: cannot read", source.display()))?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        pending.push(crate::commands::parse_input(&line, &location, &run.config)?);
+        if pending.len() >= batch_size.max(1) * 4 {
+            flush(&mut pending, &mut out)?;
+        }
+    }
+    flush(&mut pending, &mut out)?;
+    out.flush()?;
+    Ok(())
+}

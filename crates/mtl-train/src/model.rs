@@ -101,16 +101,27 @@ impl TextTasks {
                 groups.entry(task).or_default().push(i);
             }
         }
-        for (task, mut members) in groups {
-            members.sort_by_key(|&i| mtl_data::prompt::prompt_ids(&examples[i].encoded).len());
-            let budget = self.max_new_tokens.get(task).copied().unwrap_or(32);
-            for chunk in members.chunks(batch_size.max(1)) {
-                let prompts: Vec<&[u32]> = chunk.iter().map(|&i| mtl_data::prompt::prompt_ids(&examples[i].encoded)).collect();
-                let generated = self.model.generate_greedy(task, &prompts, budget, &self.stop)?;
-                for (&i, ids) in chunk.iter().zip(generated) {
-                    let text = self.tokenizer.decode(&ids, true).unwrap_or_default();
-                    out[i].insert(task.clone(), text);
-                }
+        for (task, members) in groups {
+            let prompts: Vec<&[u32]> = members.iter().map(|&i| mtl_data::prompt::prompt_ids(&examples[i].encoded)).collect();
+            for (i, text) in members.into_iter().zip(self.answer(task, &prompts, batch_size)?) {
+                out[i].insert(task.clone(), text);
+            }
+        }
+        Ok(out)
+    }
+
+    /// The greedy answers of `task` to `prompts` (token ids), in order, decoded in batches of `batch_size`
+    /// sorted by length.
+    pub fn answer(&self, task: &TaskId, prompts: &[&[u32]], batch_size: usize) -> Result<Vec<String>> {
+        let mut order: Vec<usize> = (0..prompts.len()).collect();
+        order.sort_by_key(|&i| prompts[i].len());
+        let budget = self.max_new_tokens.get(task).copied().unwrap_or(32);
+        let mut out = vec![String::new(); prompts.len()];
+        for chunk in order.chunks(batch_size.max(1)) {
+            let batch: Vec<&[u32]> = chunk.iter().map(|&i| prompts[i]).collect();
+            let generated = self.model.generate_greedy(task, &batch, budget, &self.stop)?;
+            for (&i, ids) in chunk.iter().zip(generated) {
+                out[i] = self.tokenizer.decode(&ids, true).unwrap_or_default();
             }
         }
         Ok(out)

@@ -81,6 +81,15 @@ fn a_decoder_trains_its_tasks_as_text_with_an_adapter_each() -> TestResult {
     assert!(o.status.success(), "{}", stderr(&o));
     let eval: Value = serde_json::from_slice(&o.stdout)?;
     assert_eq!(eval["test"], metrics["test"], "{eval}");
+    // `mtl predict` answers every task of each input line.
+    let o = crate::cli::mtl(&p.path(""), &["predict", "--model", "run"], Some("show me flights from boston to denver\n{\"text\": \"what is the fare to paris\"}\n"))?;
+    assert!(o.status.success(), "{}", stderr(&o));
+    let lines: Vec<Value> = o.stdout.split(|&b| b == b'\n').filter(|l| !l.is_empty()).map(serde_json::from_slice).collect::<Result<_, _>>()?;
+    assert_eq!(lines.len(), 2);
+    for line in &lines {
+        assert!(line["predictions"]["intent"]["generated"].is_string() && line["predictions"]["slots"]["spans"].is_array(), "{line}");
+    }
+    assert_eq!(lines[1]["text"], "what is the fare to paris");
     Ok(())
 }
 
