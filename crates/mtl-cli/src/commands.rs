@@ -470,6 +470,9 @@ pub(crate) fn load_checkpoint(dir: &Path) -> Result<Loaded> {
 
 /// A trained model; with `merge`, one shared LoRA adapter is merged into the weights (for speed).
 pub(crate) fn load_checkpoint_with(dir: &Path, merge: bool) -> Result<Loaded> {
+    if crate::text_tasks::is_decoder_run(dir) {
+        bail!("{}: a decoder run; `mtl eval` and `mtl predict` take it, the other commands take encoder models so far", dir.display());
+    }
     let (config, labels) = checkpoint::read_meta(dir)?;
     let base = checkpoint::base_weights(dir)?;
     let weights = if base.is_some() { checkpoint::ADAPTERS } else { checkpoint::WEIGHTS };

@@ -15,7 +15,7 @@ use mtl_nn::ParamBuilder;
 pub struct Decoder {
     pub model: Llama,
     pub tokenizer: tokenizers::Tokenizer,
-    pub chat_template: Option<String>,
+    pub chat: Option<mtl_data::prompt::ChatTemplate>,
     /// Tokens that end generation.
     pub eos: Vec<u32>,
 }
@@ -56,6 +56,14 @@ pub fn is_decoder(path: &Path) -> bool {
 }
 
 impl DecoderFiles {
+    /// The model's chat template, with its begin- and end-of-sequence tokens' texts.
+    pub fn chat(&self) -> Result<Option<mtl_data::prompt::ChatTemplate>> {
+        let Some(source) = &self.chat_template else { return Ok(None) };
+        let text = |id: Option<u32>| id.and_then(|i| self.tokenizer.id_to_token(i)).unwrap_or_default();
+        let (bos, eos) = (text(self.config.bos_token_id), text(self.config.eos_token_ids.first().copied()));
+        Ok(Some(mtl_data::prompt::ChatTemplate::new(source, &bos, &eos).map_err(anyhow::Error::msg)?))
+    }
+
     /// A GGUF file (dequantised to f32; the tokenizer and chat template from its metadata), or a Hugging Face
     /// directory (`config.json`, `model.safetensors`, `tokenizer.json`, and the chat template of
     /// `tokenizer_config.json` when it has one).
@@ -86,19 +94,19 @@ impl DecoderFiles {
 impl Decoder {
     pub fn load(path: &Path) -> Result<Self> {
         let files = DecoderFiles::load(path)?;
+        let chat = files.chat()?;
         let pb = ParamBuilder::new(files.weights, 0, &Device::Cpu);
         let model = Llama::new(&pb, &files.config)?;
         let missing = pb.finish().initialised().to_vec();
         if !missing.is_empty() {
             bail!("{}: tensors missing: {}", files.source.display(), missing.join(", "));
         }
-        Ok(Self { model, tokenizer: files.tokenizer, chat_template: files.chat_template, eos: files.config.eos_token_ids })
+        Ok(Self { model, tokenizer: files.tokenizer, chat, eos: files.config.eos_token_ids })
     }
 
     /// `prompt` as the user's turn of the chat template (with the assistant's turn opened).
     pub fn chat_prompt(&self, prompt: &str, system: Option<&str>) -> Result<String> {
-        let template = self.chat_template.as_deref().context("the model has no chat template; leave out --chat")?;
-        let chat = mtl_data::prompt::ChatTemplate::new(template).map_err(anyhow::Error::msg)?;
+        let chat = self.chat.as_ref().context("the model has no chat template; leave out --chat")?;
         chat.user_turn(prompt, system).map_err(anyhow::Error::msg)
     }
 

@@ -72,7 +72,7 @@ fn split(config: &Config, split: Split, format: &PromptFormat, labels: &BTreeMap
 
 /// The chat template of a decoder, and its end-of-sequence token.
 fn prompt_parts(files: &DecoderFiles) -> Result<(Option<ChatTemplate>, u32)> {
-    let chat = files.chat_template.as_deref().map(ChatTemplate::new).transpose().map_err(anyhow::Error::msg)?;
+    let chat = files.chat()?;
     let eos = *files.config.eos_token_ids.first().context("the model names no end-of-sequence token")?;
     Ok((chat, eos))
 }
@@ -253,6 +253,15 @@ pub fn eval(model_dir: &Path, config_path: &Path, overrides: &[String]) -> Resul
         }
     }
     config.model = run.config.model.clone();
+    // The adapters answer the prompts they were trained on, in the words they learnt.
+    for (task, t) in config.tasks.iter_mut() {
+        let trained = &run.config.tasks[task];
+        if t.prompt != trained.prompt || t.verbalizer != trained.verbalizer {
+            tracing::warn!("task `{task}`: {} gives another prompt or other label words than training did; the trained ones are used", config_path.display());
+        }
+        t.prompt.clone_from(&trained.prompt);
+        t.verbalizer.clone_from(&trained.verbalizer);
+    }
     check_config(&config, config_path)?;
     let trainer = Trainer::evaluator(&config, &run.text, &run.labels);
     let mut scores = BTreeMap::new();

@@ -409,7 +409,10 @@ pub struct TaskConfig {
     /// plus 8 when absent.
     #[serde(default)]
     pub max_new_tokens: Option<usize>,
-    /// Train on this many examples of the training file at most (a seeded sample); all when absent.
+    /// Train on this many examples of the training file at most (a seeded sample); all when absent. Tasks
+    /// that read the same file share one sample, of the smallest limit among them. Without `labels` or
+    /// `labels_file` the label set comes from the sample, so a dev label outside it is an error: give the
+    /// label set with a limit.
     #[serde(default)]
     pub train_limit: Option<usize>,
 }

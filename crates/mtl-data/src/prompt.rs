@@ -16,16 +16,19 @@ use crate::{DataError, Dataset, Encoded, Example, Input, LabelMap, RawExample, R
 /// The answer of a token task whose input has no tagged span.
 pub const NO_SPANS: &str = "none";
 
-/// A model's chat template (Jinja, as in `tokenizer_config.json` or GGUF metadata).
+/// A model's chat template (Jinja, as in `tokenizer_config.json` or GGUF metadata), with the texts of the
+/// model's begin- and end-of-sequence tokens that templates may use (`bos_token`, `eos_token`).
 pub struct ChatTemplate {
     env: minijinja::Environment<'static>,
+    bos: String,
+    eos: String,
 }
 
 impl ChatTemplate {
-    pub fn new(source: &str) -> std::result::Result<Self, String> {
+    pub fn new(source: &str, bos: &str, eos: &str) -> std::result::Result<Self, String> {
         let mut env = minijinja::Environment::new();
         env.add_template_owned("chat", source.to_string()).map_err(|e| format!("the chat template does not parse: {e}"))?;
-        Ok(Self { env })
+        Ok(Self { env, bos: bos.to_string(), eos: eos.to_string() })
     }
 
     /// `content` as the user's turn (after an optional system turn), with the assistant's turn opened.
@@ -35,7 +38,7 @@ impl ChatTemplate {
             messages.push(minijinja::context! { role => "system", content => s });
         }
         messages.push(minijinja::context! { role => "user", content => content });
-        let ctx = minijinja::context! { messages => messages, add_generation_prompt => true, bos_token => "", eos_token => "" };
+        let ctx = minijinja::context! { messages => messages, add_generation_prompt => true, bos_token => self.bos, eos_token => self.eos };
         let template = self.env.get_template("chat").map_err(|e| e.to_string())?;
         template.render(ctx).map_err(|e| format!("the chat template failed: {e}"))
     }
@@ -136,12 +139,44 @@ pub struct PromptFormat<'a> {
 impl PromptFormat<'_> {
     /// The prompt of `task` for `input`, chat template applied.
     pub fn prompt(&self, task: &TaskConfig, input: &Input) -> std::result::Result<String, String> {
+        self.prompt_with(task, &input_text(input))
+    }
+
+    fn prompt_with(&self, task: &TaskConfig, text: &str) -> std::result::Result<String, String> {
         let template = task.prompt.as_deref().ok_or("the task has no prompt")?;
-        let content = template.replace("{text}", &input_text(input));
+        let content = template.replace("{text}", text);
         match self.chat {
             Some(chat) => chat.user_turn(&content, None),
             None => Ok(content),
         }
+    }
+
+    /// The prompt's tokens, with `room` tokens left for the answer within `max_len`: when the whole input
+    /// does not fit, words are dropped from its end (the instruction and the chat template stay whole).
+    /// The flag says whether words were dropped.
+    pub fn prompt_ids(&self, task: &TaskConfig, input: &Input, room: usize) -> std::result::Result<(Vec<u32>, bool), String> {
+        let limit = self.max_len.saturating_sub(room);
+        let ids = self.encode(&self.prompt(task, input)?)?;
+        if ids.len() <= limit {
+            return Ok((ids, false));
+        }
+        let text = input_text(input);
+        let mut words: Vec<&str> = text.split_whitespace().collect();
+        let mut ids = ids;
+        while ids.len() > limit {
+            if words.is_empty() {
+                return Err(format!(
+                    "the prompt without its input and the answer take {} tokens, more than model.max_len ({}); raise it",
+                    ids.len() + room,
+                    self.max_len
+                ));
+            }
+            // Drop about as many words as there are tokens too many (at least one), then measure again.
+            let excess = ids.len() - limit;
+            words.truncate(words.len().saturating_sub(excess.div_ceil(2).max(1)));
+            ids = self.encode(&self.prompt_with(task, &words.join(" "))?)?;
+        }
+        Ok((ids, true))
     }
 
     pub fn encode(&self, text: &str) -> std::result::Result<Vec<u32>, String> {
@@ -149,7 +184,8 @@ impl PromptFormat<'_> {
     }
 
     /// One example per labelled (input, task): the prompt's tokens (type 0), then the target's and the end
-    /// token (type 1). Labels are mapped to indices as for encoders, so the same scores apply.
+    /// token (type 1), within `max_len` by shortening the input ([`PromptFormat::prompt_ids`]; such examples
+    /// count as truncated). Labels are mapped to indices as for encoders, so the same scores apply.
     pub fn dataset(&self, raw: Vec<RawExample>, labels: &BTreeMap<TaskId, LabelMap>, config: &Config) -> Result<Dataset> {
         use rayon::prelude::*;
         let encoded: Vec<Result<Vec<Example>>> = raw
@@ -161,16 +197,13 @@ impl PromptFormat<'_> {
                     .map(|(task, raw_label)| {
                         let tc = &config.tasks[task];
                         let at = |m: String| DataError::at(&ex.location, format!("task `{task}`: {m}"));
-                        let prompt = self.encode(&self.prompt(tc, &ex.input).map_err(at)?).map_err(at)?;
                         let mut target = self.encode(&target_text(tc, raw_label, &ex.input).map_err(at)?).map_err(at)?;
                         target.push(self.eos);
+                        let (prompt, truncated) = self.prompt_ids(tc, &ex.input, target.len()).map_err(at)?;
                         let mut ids = prompt.clone();
                         ids.extend(&target);
                         let mut type_ids = vec![0; prompt.len()];
                         type_ids.resize(ids.len(), 1);
-                        let truncated = ids.len() > self.max_len;
-                        ids.truncate(self.max_len);
-                        type_ids.truncate(self.max_len);
                         Ok(Example {
                             location: ex.location.clone(),
                             input: ex.input.clone(),
@@ -243,9 +276,31 @@ mod tests {
     }
 
     #[test]
+    fn long_inputs_lose_words_from_their_end_not_the_instruction_or_the_answer() {
+        let words = ["w0", "w1", "w2", "w3", "w4", "w5", "w6", "w7", "w8", "w9", "say", "label", "[UNK]"];
+        let vocab: serde_json::Map<String, serde_json::Value> = words.iter().enumerate().map(|(i, w)| (w.to_string(), serde_json::json!(i))).collect();
+        let json = serde_json::json!({
+            "version": "1.0", "truncation": null, "padding": null, "added_tokens": [], "normalizer": null,
+            "pre_tokenizer": {"type": "Whitespace"}, "post_processor": null, "decoder": null,
+            "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "[UNK]"}
+        });
+        let tokenizer: Tokenizer = json.to_string().parse().expect("a word-level tokenizer");
+        let t = task("kind = \"classification\"\nprompt = \"{text} say label\"");
+        let format = PromptFormat { tokenizer: &tokenizer, chat: None, eos: 0, max_len: 8 };
+        let input = Input::Text("w0 w1 w2 w3 w4 w5 w6 w7 w8 w9".into());
+        let (ids, cut) = format.prompt_ids(&t, &input, 2).expect("fits without some words");
+        assert!(cut && ids.len() <= 6, "{ids:?}");
+        assert_eq!(&ids[ids.len() - 2..], &[10, 11], "the instruction after the input stays whole");
+        assert_eq!(ids[0], 0, "the input keeps its beginning");
+        let (ids, cut) = format.prompt_ids(&t, &Input::Text("w0 w1".into()), 2).expect("fits");
+        assert_eq!((ids, cut), (vec![0, 1, 10, 11], false));
+        assert!(format.prompt_ids(&t, &input, 7).is_err(), "no room even without the input");
+    }
+
+    #[test]
     fn the_chat_template_wraps_the_prompt() {
-        let chat = ChatTemplate::new("{% for m in messages %}<{{ m.role }}>{{ m.content }}</s>{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}").expect("parses");
-        assert_eq!(chat.user_turn("hi", None).expect("renders"), "<user>hi</s><assistant>");
-        assert_eq!(chat.user_turn("hi", Some("be brief")).expect("renders"), "<system>be brief</s><user>hi</s><assistant>");
+        let chat = ChatTemplate::new("{{ bos_token }}{% for m in messages %}<{{ m.role }}>{{ m.content }}{{ eos_token }}{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}", "<s>", "</s>").expect("parses");
+        assert_eq!(chat.user_turn("hi", None).expect("renders"), "<s><user>hi</s><assistant>");
+        assert_eq!(chat.user_turn("hi", Some("be brief")).expect("renders"), "<s><system>be brief</s><user>hi</s><assistant>");
     }
 }

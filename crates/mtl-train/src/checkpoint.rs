@@ -145,10 +145,17 @@ fn write_files(dir: &Path, model: &MultiTaskModel, files: &CheckpointFiles) -> R
 
 /// The CRC-32 of a file's bytes.
 pub fn crc32(path: &Path) -> Result<u32> {
-    let bytes = std::fs::read(path).map_err(io_err(path))?;
+    use std::io::Read;
+    let mut file = std::fs::File::open(path).map_err(io_err(path))?;
     let mut h = crc32fast::Hasher::new();
-    h.update(&bytes);
-    Ok(h.finalize())
+    let mut buffer = vec![0u8; 1 << 20];
+    loop {
+        let n = file.read(&mut buffer).map_err(io_err(path))?;
+        if n == 0 {
+            return Ok(h.finalize());
+        }
+        h.update(&buffer[..n]);
+    }
 }
 
 /// For a parameter-efficient checkpoint, the weights of its base model (checked to be the ones it was trained
