@@ -199,14 +199,25 @@ impl Engine for ModelEngine {
 
 /// `mtl serve`: loads the model, then serves until SIGTERM or Ctrl-C.
 pub fn serve(model_dir: &Path, addr: std::net::SocketAddr, settings: Settings, threads: Option<usize>) -> Result<()> {
-    let engine = ModelEngine::load(model_dir)?;
-    tracing::info!(tasks = engine.tasks.len(), "loaded {}", model_dir.display());
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
     if let Some(n) = threads {
         runtime.worker_threads(n.max(1));
     }
     let runtime = runtime.enable_all().build().context("cannot start the async runtime")?;
-    let router = mtl_serve::api::router(engine, settings);
+    // A decoder (a base model, or a run's adapters on one) serves POST /v1/generate.
+    let router = if crate::generate::is_decoder(model_dir) || crate::text_tasks::is_decoder_run(model_dir) {
+        let decoder = if crate::text_tasks::is_decoder_run(model_dir) {
+            crate::text_tasks::LoadedRun::load(model_dir)?.into_decoder()?
+        } else {
+            crate::generate::Decoder::load(model_dir)?
+        };
+        tracing::info!("serving generation from {}", model_dir.display());
+        mtl_serve::generation::generation_router(decoder, settings)
+    } else {
+        let engine = ModelEngine::load(model_dir)?;
+        tracing::info!(tasks = engine.tasks.len(), "loaded {}", model_dir.display());
+        mtl_serve::api::router(engine, settings)
+    };
     runtime.block_on(mtl_serve::api::serve(router, addr)).with_context(|| format!("cannot serve on {addr}"))
 }
 

@@ -238,6 +238,14 @@ impl LoadedRun {
         Ok(Self { config, labels, text, chat, eos, max_len })
     }
 
+    /// The run as a plain decoder for free generation: its shared adapter on the base model.
+    pub fn into_decoder(self) -> Result<crate::generate::Decoder> {
+        if self.config.peft.enabled() && self.config.peft.per_task {
+            bail!("a decoder run with one adapter per task cannot serve free generation yet (which adapter?); train with a shared adapter");
+        }
+        Ok(crate::generate::Decoder { model: self.text.model.into_llama(), tokenizer: self.text.tokenizer, chat: self.chat, eos: self.text.stop })
+    }
+
     pub fn format(&self) -> PromptFormat<'_> {
         PromptFormat { tokenizer: &self.text.tokenizer, chat: self.chat.as_ref(), eos: self.eos, max_len: self.max_len }
     }

@@ -74,6 +74,11 @@ impl DecoderModel {
         &self.llama
     }
 
+    /// The decoder, with its LoRA (for generation).
+    pub fn into_llama(self) -> Llama {
+        self.llama
+    }
+
     pub fn params(&self) -> &ParamStore {
         &self.params
     }

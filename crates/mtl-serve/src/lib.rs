@@ -11,6 +11,7 @@
 
 pub mod api;
 pub mod batcher;
+pub mod generation;
 pub mod metrics;
 pub mod openapi;
 

@@ -83,3 +83,61 @@ fn mtl_generate_answers_with_the_chat_template_and_repeats_with_a_seed() -> Resu
     assert_eq!(run(&["--max-new-tokens", "16", "--stop", " Paris"])?, "The capital of France is\n");
     Ok(())
 }
+
+/// `mtl serve` on the decoder: `POST /v1/generate` answers whole or streams server-sent events, with
+/// transformers' greedy continuation either way.
+#[test]
+fn mtl_serve_streams_generated_text_as_server_sent_events() -> Result<(), Box<dyn std::error::Error>> {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let model = repo_root().join("assets/models/SmolLM2-135M-Instruct");
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_mtl"))
+        .args(["serve", model.to_str().ok_or("path")?, "--addr", "127.0.0.1:0"])
+        .env("MTL_LOG", "info")
+        .env("NO_COLOR", "1")
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    struct Server(std::process::Child);
+    impl Drop for Server {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut server = Server(child);
+    let mut lines = BufReader::new(server.0.stderr.take().ok_or("stderr")?).lines();
+    let addr = loop {
+        let line = lines.next().ok_or("the server exited before it listened")??;
+        if let Some(rest) = line.split("serving on http://").nth(1) {
+            break rest.chars().take_while(|c| c.is_ascii_digit() || *c == '.' || *c == ':').collect::<String>();
+        }
+    };
+    let post = |body: Value| -> Result<(String, String), Box<dyn std::error::Error>> {
+        let mut stream = std::net::TcpStream::connect(&addr)?;
+        let body = body.to_string();
+        write!(stream, "POST /v1/generate HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len())?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response)?;
+        let (head, body) = response.split_once("\r\n\r\n").ok_or("no HTTP header")?;
+        Ok((head.to_string(), body.to_string()))
+    };
+    let ask = serde_json::json!({"prompt": "What is the capital of France?", "chat": true, "max_new_tokens": 16});
+    let (head, body) = post(ask.clone())?;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let whole: Value = serde_json::from_str(&body)?;
+    assert_eq!(whole["text"], "The capital of France is Paris.");
+    assert_eq!(whole["stop_reason"], "stop_token");
+    let mut streamed = ask;
+    streamed["stream"] = true.into();
+    let (head, body) = post(streamed)?;
+    assert!(head.contains("text/event-stream"), "{head}");
+    // Chunked transfer: the events' `data:` lines, in order.
+    let data: Vec<Value> = body.lines().filter_map(|l| l.strip_prefix("data: ")).map(serde_json::from_str).collect::<Result<_, _>>()?;
+    let (done, pieces) = data.split_last().ok_or("events")?;
+    assert!(pieces.len() > 3, "one event per piece: {body}");
+    let text: String = pieces.iter().filter_map(|p| p["text"].as_str()).collect();
+    assert_eq!(text, "The capital of France is Paris.");
+    assert_eq!(done["text"], text);
+    let (head, _) = post(serde_json::json!({"prompt": "", "stream": true}))?;
+    assert!(head.starts_with("HTTP/1.1 422"), "{head}");
+    Ok(())
+}
