@@ -12,19 +12,20 @@ cd "$(dirname "$0")/.."
 OUT=${1:-runs/strategies}
 shift || true
 CONFIG=examples/five-task/config.toml
-# name | --set overrides (space-separated)
+# name | --set overrides (space-separated). Every row but intensity-x2 sets equal static weights: the
+# example's own weighting (intensity ×2) is the outcome of this comparison, not one of its inputs.
 STRATEGIES='
-equal-mixed|training.sampling.plan="mixed" training.diagnostics_every=200
-uncertainty|training.sampling.plan="mixed" training.weighting.method="uncertainty" training.diagnostics_every=200
-dwa|training.sampling.plan="mixed" training.weighting.method="dwa" training.weighting.period=100 training.diagnostics_every=200
-gradnorm|training.sampling.plan="mixed" training.weighting.method="grad_norm" training.diagnostics_every=200
-pcgrad|training.sampling.plan="mixed" training.surgery.method="pcgrad" training.diagnostics_every=200
-cagrad|training.sampling.plan="mixed" training.surgery.method="cagrad" training.diagnostics_every=200
+equal-mixed|training.sampling.plan="mixed" training.diagnostics_every=200 training.weighting.weights={}
+uncertainty|training.sampling.plan="mixed" training.weighting.method="uncertainty" training.diagnostics_every=200 training.weighting.weights={}
+dwa|training.sampling.plan="mixed" training.weighting.method="dwa" training.weighting.period=100 training.diagnostics_every=200 training.weighting.weights={}
+gradnorm|training.sampling.plan="mixed" training.weighting.method="grad_norm" training.diagnostics_every=200 training.weighting.weights={}
+pcgrad|training.sampling.plan="mixed" training.surgery.method="pcgrad" training.diagnostics_every=200 training.weighting.weights={}
+cagrad|training.sampling.plan="mixed" training.surgery.method="cagrad" training.diagnostics_every=200 training.weighting.weights={}
 intensity-x2|training.sampling.plan="mixed" training.weighting.weights.intensity=2.0 training.diagnostics_every=200
-proportional|training.sampling.plan="sampled" training.sampling.sampler="proportional"
-temperature-2|training.sampling.plan="sampled" training.sampling.sampler="temperature" training.sampling.temperature=2.0
-temperature-5|training.sampling.plan="sampled" training.sampling.sampler="temperature" training.sampling.temperature=5.0
-annealed|training.sampling.plan="sampled" training.sampling.sampler="annealed"
+proportional|training.sampling.plan="sampled" training.sampling.sampler="proportional" training.weighting.weights={}
+temperature-2|training.sampling.plan="sampled" training.sampling.sampler="temperature" training.sampling.temperature=2.0 training.weighting.weights={}
+temperature-5|training.sampling.plan="sampled" training.sampling.sampler="temperature" training.sampling.temperature=5.0 training.weighting.weights={}
+annealed|training.sampling.plan="sampled" training.sampling.sampler="annealed" training.weighting.weights={}
 '
 if [ -z "${TABLE_ONLY:-}" ]; then
 bash scripts/fetch.sh

@@ -1158,3 +1158,43 @@ frame = ["intent", "slots"]
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod example_tests {
+    use super::*;
+
+    fn root() -> PathBuf {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+    }
+
+    /// Every example's config is valid, and so is each row of the strategies comparison on the five-task one
+    /// (the overrides of scripts/strategies-bench.sh, read from the script).
+    #[test]
+    fn example_configs_and_the_strategy_overrides_are_valid() -> Result<(), Box<dyn std::error::Error>> {
+        let mut checked = 0;
+        for entry in std::fs::read_dir(root().join("examples"))? {
+            let path = entry?.path().join("config.toml");
+            if path.exists() {
+                Config::load(&path, &[])?;
+                checked += 1;
+            }
+        }
+        assert!(checked >= 4, "{checked} example configs");
+        let five = root().join("examples/five-task/config.toml");
+        let config = Config::load(&five, &[])?;
+        assert_eq!(config.training.weighting.weights.get(&TaskId::new("intensity")?), Some(&2.0));
+        let script = std::fs::read_to_string(root().join("scripts/strategies-bench.sh"))?;
+        let block = script.split("STRATEGIES='").nth(1).and_then(|s| s.split('\'').next()).ok_or("no STRATEGIES block")?;
+        let mut rows = 0;
+        for line in block.lines().filter(|l| l.contains('|')) {
+            let (name, sets) = line.split_once('|').ok_or("row")?;
+            let sets: Vec<String> = sets.split_whitespace().map(String::from).collect();
+            let c = Config::load(&five, &sets).map_err(|e| format!("{name}: {e}"))?;
+            let weights = &c.training.weighting.weights;
+            assert_eq!(weights.is_empty(), name != "intensity-x2", "{name}: {weights:?}");
+            rows += 1;
+        }
+        assert_eq!(rows, 11);
+        Ok(())
+    }
+}
