@@ -79,6 +79,7 @@ fn prompt_parts(files: &DecoderFiles) -> Result<(Option<ChatTemplate>, u32)> {
 
 /// One training run of a decoder model into `out` (checked and prepared by the caller).
 pub fn train(config: &Config, out: &Path, resume_run: bool) -> Result<()> {
+    mtl_train::alloc::return_freed_pages();
     let files = DecoderFiles::load(&config.model.path)?;
     let (chat, eos) = prompt_parts(&files)?;
     let format = PromptFormat {

@@ -12,7 +12,7 @@ use candle_core::{Device, Tensor};
 use mtl_core::{HostBatch, Mode, TaskId, Targets, IGNORE_INDEX};
 
 use crate::layers::{log_softmax_last, DropoutRng};
-use crate::llama::{DecoderLora, KvCache, Llama, LlamaConfig, LoraRun};
+use crate::llama::{next_token_targets, DecoderLora, KvCache, Llama, LlamaConfig, LoraRun};
 use crate::params::{ParamBuilder, ParamStore};
 use crate::peft::{is_peft_param, Route, SHARED_ADAPTER};
 use crate::{NnError, Result, TaskLoss};
@@ -145,16 +145,7 @@ impl DecoderModel {
         let mut out = Vec::new();
         for (task, targets) in &batch.targets {
             let Targets::Tokens(labels) = targets else { unreachable!("checked above") };
-            let (mut positions, mut next) = (Vec::new(), Vec::new());
-            for (row, &r) in order.iter().enumerate() {
-                for j in 0..s.saturating_sub(1) {
-                    let label = labels[r * s + j + 1];
-                    if label != IGNORE_INDEX {
-                        positions.push((row * s + j) as u32);
-                        next.push(label as u32);
-                    }
-                }
-            }
+            let (positions, next) = next_token_targets(labels, order.iter().copied().enumerate(), s, IGNORE_INDEX);
             if positions.is_empty() {
                 continue;
             }

@@ -530,6 +530,22 @@ fn attention_bias(b: usize, s: usize, past: usize, mask: Option<&[u32]>, past_re
     Ok(Tensor::from_vec(bias, (b, 1, s, t), device)?)
 }
 
+/// The positions that predict a labelled next token, and those tokens: for each `(out, r)` of `rows`, the
+/// positions `out * s + j` where label `r * s + j + 1` is not `ignore` (labels row-major, `s` per row).
+pub(crate) fn next_token_targets(labels: &[i64], rows: impl Iterator<Item = (usize, usize)>, s: usize, ignore: i64) -> (Vec<u32>, Vec<u32>) {
+    let (mut positions, mut targets) = (Vec::new(), Vec::new());
+    for (out, r) in rows {
+        for j in 0..s.saturating_sub(1) {
+            let next = labels[r * s + j + 1];
+            if next != ignore {
+                positions.push((out * s + j) as u32);
+                targets.push(next as u32);
+            }
+        }
+    }
+    (positions, targets)
+}
+
 /// The causal LM loss: mean cross-entropy of predicting token `j + 1` from position `j`, over the positions
 /// whose next label is not `ignore` (transformers' shift). `logits` is `[b * s, vocab]`, `labels` `b × s`.
 pub fn causal_lm_loss(logits: &Tensor, labels: &[i64], b: usize, s: usize, ignore: i64) -> Result<Tensor> {
@@ -540,17 +556,7 @@ pub fn causal_lm_loss(logits: &Tensor, labels: &[i64], b: usize, s: usize, ignor
     if let Some(bad) = labels.iter().find(|&&l| l != ignore && !(0..vocab as i64).contains(&l)) {
         return Err(candle_core::Error::Msg(format!("label {bad} is outside the vocabulary of {vocab}")).into());
     }
-    let mut rows = Vec::new();
-    let mut targets = Vec::new();
-    for r in 0..b {
-        for j in 0..s.saturating_sub(1) {
-            let next = labels[r * s + j + 1];
-            if next != ignore {
-                rows.push((r * s + j) as u32);
-                targets.push(next as u32);
-            }
-        }
-    }
+    let (rows, targets) = next_token_targets(labels, (0..b).map(|r| (r, r)), s, ignore);
     if rows.is_empty() {
         return Err(candle_core::Error::Msg("no labelled position to compute the LM loss on".into()).into());
     }

@@ -173,17 +173,18 @@ async fn metrics_text<E: Engine>(State(state): State<Arc<AppState<E>>>) -> Respo
 }
 
 async fn authenticate<E: Engine>(State(state): State<Arc<AppState<E>>>, request: Request, next: Next) -> Response {
-    if let Some(keys) = &state.settings.api_keys {
-        let given = request
-            .headers()
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "));
-        if request.uri().path() != "/health" && !given.is_some_and(|k| keys.contains(k)) {
-            return ApiError::Unauthorized.into_response();
-        }
+    if !key_accepted(&state.settings, &request) {
+        return ApiError::Unauthorized.into_response();
     }
     next.run(request).await
+}
+
+/// Whether a request may pass: no keys are configured, it asks for `/health`, or it carries a known key
+/// (`Authorization: Bearer KEY`).
+pub(crate) fn key_accepted(settings: &Settings, request: &Request) -> bool {
+    let Some(keys) = &settings.api_keys else { return true };
+    let given = request.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+    request.uri().path() == "/health" || given.is_some_and(|k| keys.contains(k))
 }
 
 async fn tasks<E: Engine>(State(state): State<Arc<AppState<E>>>) -> Json<Value> {

@@ -146,16 +146,9 @@ pub fn generation_router<G: Generator>(generator: G, settings: Settings) -> Rout
 }
 
 async fn authenticate(State(state): State<Arc<GenState>>, request: Request, next: Next) -> Response {
-    if let Some(keys) = &state.settings.api_keys {
-        let given = request
-            .headers()
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "));
-        if request.uri().path() != "/health" && !given.is_some_and(|k| keys.contains(k)) {
-            state.metrics.request("/v1/generate", 401);
-            return ApiError::Unauthorized.into_response();
-        }
+    if !crate::api::key_accepted(&state.settings, &request) {
+        state.metrics.request("/v1/generate", 401);
+        return ApiError::Unauthorized.into_response();
     }
     next.run(request).await
 }

@@ -88,29 +88,9 @@ fn mtl_generate_answers_with_the_chat_template_and_repeats_with_a_seed() -> Resu
 /// transformers' greedy continuation either way.
 #[test]
 fn mtl_serve_streams_generated_text_as_server_sent_events() -> Result<(), Box<dyn std::error::Error>> {
-    use std::io::{BufRead, BufReader, Read, Write};
+    use std::io::{Read, Write};
     let model = repo_root().join("assets/models/SmolLM2-135M-Instruct");
-    let child = std::process::Command::new(env!("CARGO_BIN_EXE_mtl"))
-        .args(["serve", model.to_str().ok_or("path")?, "--addr", "127.0.0.1:0"])
-        .env("MTL_LOG", "info")
-        .env("NO_COLOR", "1")
-        .stderr(std::process::Stdio::piped())
-        .spawn()?;
-    struct Server(std::process::Child);
-    impl Drop for Server {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-    let mut server = Server(child);
-    let mut lines = BufReader::new(server.0.stderr.take().ok_or("stderr")?).lines();
-    let addr = loop {
-        let line = lines.next().ok_or("the server exited before it listened")??;
-        if let Some(rest) = line.split("serving on http://").nth(1) {
-            break rest.chars().take_while(|c| c.is_ascii_digit() || *c == '.' || *c == ':').collect::<String>();
-        }
-    };
+    let (_server, addr) = crate::serve::start_server(&repo_root(), &["serve", model.to_str().ok_or("path")?, "--addr", "127.0.0.1:0"])?;
     let post = |body: Value| -> Result<(String, String), Box<dyn std::error::Error>> {
         let mut stream = std::net::TcpStream::connect(&addr)?;
         let body = body.to_string();

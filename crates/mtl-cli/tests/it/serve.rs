@@ -25,6 +25,39 @@ fn http(addr: &str, method: &str, path: &str, body: Option<&Value>) -> Result<(u
     Ok((status, serde_json::from_str(body).unwrap_or(Value::Null)))
 }
 
+/// A server process that does not outlive its test, however the test ends.
+pub(crate) struct Server(pub(crate) std::process::Child);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `mtl ARGS` (a serve command) started in `cwd`, and the address it listens on once it says so.
+pub(crate) fn start_server(cwd: &std::path::Path, args: &[&str]) -> Result<(Server, String), Box<dyn std::error::Error>> {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_mtl"))
+        .args(args)
+        .current_dir(cwd)
+        .env("MTL_LOG", "info")
+        .env("NO_COLOR", "1")
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let stderr_pipe = child.stderr.take().ok_or("stderr")?;
+    let server = Server(child);
+    let mut lines = BufReader::new(stderr_pipe).lines();
+    let addr = loop {
+        let line = lines.next().ok_or("the server exited before it listened")??;
+        if let Some(rest) = line.split("serving on http://").nth(1) {
+            break rest.chars().take_while(|c| c.is_ascii_digit() || *c == '.' || *c == ':').collect::<String>();
+        }
+    };
+    // Keep reading its log, so that the server never blocks on a full pipe.
+    std::thread::spawn(move || lines.for_each(drop));
+    Ok((server, addr))
+}
+
 #[test]
 fn serve_answers_as_predict_does_and_stops_on_sigterm() -> TestResult {
     let p = Project::new()?;
@@ -38,30 +71,7 @@ fn serve_answers_as_predict_does_and_stops_on_sigterm() -> TestResult {
     assert!(!o.status.success() && stderr(&o).contains("field `serve.max_inputs`"), "{}", stderr(&o));
     // Settings from the file, one flag over them (the file's address is taken, so the flag's must win).
     std::fs::write(p.path("serve.toml"), "[serve]\naddr = \"127.0.0.1:1\"\nmax_wait_ms = 20\n")?;
-    let mut child = Command::new(env!("CARGO_BIN_EXE_mtl"))
-        .args(["serve", "run", "--config", "serve.toml", "--addr", "127.0.0.1:0"])
-        .current_dir(p.dir.path())
-        .env("MTL_LOG", "info")
-        .env("NO_COLOR", "1")
-        .stderr(Stdio::piped())
-        .spawn()?;
-    let stderr_pipe = child.stderr.take().ok_or("stderr")?;
-    // However the test ends, the server does not outlive it.
-    struct Server(std::process::Child);
-    impl Drop for Server {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-    let mut server = Server(child);
-    let mut lines = BufReader::new(stderr_pipe).lines();
-    let addr = loop {
-        let line = lines.next().ok_or("the server exited before it listened")??;
-        if let Some(rest) = line.split("serving on http://").nth(1) {
-            break rest.chars().take_while(|c| c.is_ascii_digit() || *c == '.' || *c == ':').collect::<String>();
-        }
-    };
+    let (mut server, addr) = start_server(p.dir.path(), &["serve", "run", "--config", "serve.toml", "--addr", "127.0.0.1:0"])?;
     let result = (|| -> TestResult {
         assert_eq!(http(&addr, "GET", "/health", None)?, (200, json!({"status": "ok"})));
         let (status, tasks) = http(&addr, "GET", "/v1/tasks", None)?;
