@@ -459,7 +459,9 @@ impl Llama {
                 k = Tensor::cat(&[pk, &k], 2)?;
                 v = Tensor::cat(&[pv, &v], 2)?;
             }
-            *slot = Some((k.clone(), v.clone()));
+            // Detached: a cached key keeps no autograd history, or every decoding step's activations would
+            // stay alive through the cache (the weights are variables), growing memory with each token.
+            *slot = Some((k.detach(), v.detach()));
         }
         let t = k.dim(2)?;
         // Grouped-query attention: each key/value head serves nh / kvh query heads.
