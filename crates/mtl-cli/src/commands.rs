@@ -342,23 +342,13 @@ fn train_one(config: &Config, out: &Path, select: Select, resume: bool) -> Resul
     let outcome = trainer.train(&splits, &mut [&mut progress, &mut tracker])?;
     let seconds = started.elapsed().as_secs_f64();
 
-    let mut with_run = metrics_json(outcome.dev.as_ref(), outcome.test.as_ref());
-    with_run["best_epoch"] = json!(outcome.best_epoch);
-    with_run["best_step"] = json!(outcome.best_step);
-    with_run["steps"] = json!(outcome.steps);
-    with_run["stopped_early"] = json!(outcome.stopped_early);
-    with_run["skipped_steps"] = json!(outcome.skipped_steps);
-    with_run["task_weights"] = json!(outcome.task_weights);
+    let mut with_run = run_metrics(&outcome, seconds);
     with_run["per_task_best"] = outcome
         .per_task
         .iter()
         .map(|(task, b)| (task.to_string(), json!({"epoch": b.epoch, "step": b.step, "score": b.score})))
         .collect::<serde_json::Map<_, _>>()
         .into();
-    with_run["train_seconds"] = json!((seconds * 10.0).round() / 10.0);
-    if let Some(test) = &outcome.test {
-        with_run["test_reports"] = json!(test.reports);
-    }
     let heads: BTreeMap<String, BTreeMap<String, candle_core::Tensor>> =
         outcome.per_task.iter().map(|(task, b)| (task.to_string(), b.head.clone())).collect();
     if select == Select::PerTask {
@@ -440,6 +430,22 @@ fn write_report(out: &Path, config: &Config, outcome: &mtl_train::Outcome, secon
     let input = tracking::ReportInput { title: &title, summary, log: &log, main_metrics, final_eval };
     let path = out.join("report.html");
     tracking::write_report(&path, &input).with_context(|| format!("{}: cannot write the report", path.display()))
+}
+
+/// A finished run's `metrics.json`: the scores, and how training went.
+pub(crate) fn run_metrics(outcome: &mtl_train::Outcome, seconds: f64) -> Value {
+    let mut m = metrics_json(outcome.dev.as_ref(), outcome.test.as_ref());
+    m["best_epoch"] = json!(outcome.best_epoch);
+    m["best_step"] = json!(outcome.best_step);
+    m["steps"] = json!(outcome.steps);
+    m["stopped_early"] = json!(outcome.stopped_early);
+    m["skipped_steps"] = json!(outcome.skipped_steps);
+    m["task_weights"] = json!(outcome.task_weights);
+    m["train_seconds"] = json!((seconds * 10.0).round() / 10.0);
+    if let Some(test) = &outcome.test {
+        m["test_reports"] = json!(test.reports);
+    }
+    m
 }
 
 pub(crate) fn metrics_json(dev: Option<&Evaluation>, test: Option<&Evaluation>) -> Value {

@@ -136,17 +136,7 @@ pub fn train(config: &Config, out: &Path, resume_run: bool) -> Result<()> {
     let outcome = trainer.train(&splits, &mut [&mut progress, &mut tracker])?;
     let seconds = started.elapsed().as_secs_f64();
 
-    let mut metrics = crate::commands::metrics_json(outcome.dev.as_ref(), outcome.test.as_ref());
-    metrics["best_epoch"] = json!(outcome.best_epoch);
-    metrics["best_step"] = json!(outcome.best_step);
-    metrics["steps"] = json!(outcome.steps);
-    metrics["stopped_early"] = json!(outcome.stopped_early);
-    metrics["skipped_steps"] = json!(outcome.skipped_steps);
-    metrics["task_weights"] = json!(outcome.task_weights);
-    metrics["train_seconds"] = json!((seconds * 10.0).round() / 10.0);
-    if let Some(test) = &outcome.test {
-        metrics["test_reports"] = json!(test.reports);
-    }
+    let metrics = crate::commands::run_metrics(&outcome, seconds);
     let params = text.model.params();
     publish_into(out, |dir| {
         let write = |name: &str, text: String| std::fs::write(dir.join(name), text).map_err(|source| mtl_train::TrainError::Io { path: dir.join(name), source });
