@@ -154,7 +154,7 @@ fn llm_lora(args: &Args) -> Result<()> {
     let mut times = Vec::new();
     for i in 0..args.warmup + args.steps {
         let t0 = Instant::now();
-        let run = LoraRun { routes: &routes, dropout: &off, mode: Mode::Train };
+        let run = LoraRun { routes: &routes, dropout: &off, mode: Mode::Train, frozen: false };
         let logits = model.logits(&model.forward_with(&ids, None, None, Some(&run))?)?;
         let loss = causal_lm_loss(&logits, &labels, b, s, -100)?;
         let grads = mtl_train::named_grads(&loss.backward()?, store.vars());

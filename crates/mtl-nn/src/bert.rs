@@ -505,6 +505,7 @@ impl Bert {
             dropout_p: spec.lora().map_or(0.0, |l| l.dropout),
             dropout,
             mode,
+            frozen: false,
         });
         for layer in &self.layers {
             x = self.layer_forward(layer, &x, &input.attention_mask, b, s, dropout, mode, pass.as_ref())?;

@@ -115,7 +115,9 @@ impl DecoderModel {
                 _ => routes.push(Route { adapter: a, examples: r..r + 1 }),
             }
         }
-        let run = LoraRun { routes: &routes, dropout: &self.dropout, mode };
+        // Generation (the only caller with a cache) needs no gradient.
+        let frozen = cache.is_some();
+        let run = LoraRun { routes: &routes, dropout: &self.dropout, mode, frozen };
         self.llama.forward_with(&ids, mask, cache, Some(&run))
     }
 

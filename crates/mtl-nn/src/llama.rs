@@ -65,6 +65,9 @@ pub struct LoraRun<'a> {
     pub routes: &'a [Route],
     pub dropout: &'a DropoutRng,
     pub mode: Mode,
+    /// Use the adapters' values without recording the pass for backward (generation): every activation is
+    /// freed as soon as the next layer has read it, instead of living until the output is dropped.
+    pub frozen: bool,
 }
 
 /// The fields of a Hugging Face Llama `config.json` that the decoder uses.
@@ -346,7 +349,8 @@ impl Llama {
                 let b = ids.dim(0)?;
                 let routes = [Route { adapter: 0, examples: 0..b }];
                 let off = DropoutRng::new(0.0, 0);
-                self.forward_with(ids, mask, cache, Some(&LoraRun { routes: &routes, dropout: &off, mode: Mode::Eval }))
+                let frozen = cache.is_some();
+                self.forward_with(ids, mask, cache, Some(&LoraRun { routes: &routes, dropout: &off, mode: Mode::Eval, frozen }))
             }
             None => self.forward_with(ids, mask, cache, None),
         }
@@ -358,7 +362,7 @@ impl Llama {
         let pass = match (&self.lora, run) {
             (Some(lora), Some(run)) => {
                 check_routes(run.routes, b, lora.adapters.len())?;
-                Some(PeftPass { routes: run.routes, seq: s, scale: lora.spec.scale(), dropout_p: lora.spec.dropout, dropout: run.dropout, mode: run.mode })
+                Some(PeftPass { routes: run.routes, seq: s, scale: lora.spec.scale(), dropout_p: lora.spec.dropout, dropout: run.dropout, mode: run.mode, frozen: run.frozen })
             }
             (Some(_), None) => return Err(candle_core::Error::Msg("a decoder with LoRA needs its routes".into()).into()),
             (None, _) => None,

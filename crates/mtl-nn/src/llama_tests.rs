@@ -188,7 +188,7 @@ fn lora_adapters_match_peft_alone_mixed_and_in_their_gradients() -> TestResult {
     let (ids, mask, b, s) = batch(&reference)?;
     let off = DropoutRng::new(0.0, 0);
     let run_logits = |routes: &[Route]| -> Result<Vec<Vec<f32>>, Box<dyn std::error::Error>> {
-        let run = LoraRun { routes, dropout: &off, mode: Mode::Eval };
+        let run = LoraRun { routes, dropout: &off, mode: Mode::Eval, frozen: false };
         Ok(model.logits(&model.forward_with(&ids, Some(&mask), None, Some(&run))?)?.to_vec2::<f32>()?)
     };
     let compare = |got: &[Vec<f32>], want: &Value, what: &str| -> TestResult {
@@ -209,13 +209,20 @@ fn lora_adapters_match_peft_alone_mixed_and_in_their_gradients() -> TestResult {
     for (i, adapter) in ["intent", "slots"].iter().enumerate() {
         compare(&run_logits(&[Route { adapter: i, examples: 0..b }])?, &fixture["logits"][adapter], adapter)?;
     }
+    // A frozen pass (generation) gives the same values and records nothing for backward, so that its
+    // activations are freed as it goes; a pass for training is recorded.
+    let routes = [Route { adapter: 1, examples: 0..b }];
+    let frozen = model.forward_with(&ids, Some(&mask), None, Some(&LoraRun { routes: &routes, dropout: &off, mode: Mode::Eval, frozen: true }))?;
+    let recorded = model.forward_with(&ids, Some(&mask), None, Some(&LoraRun { routes: &routes, dropout: &off, mode: Mode::Eval, frozen: false }))?;
+    assert!(!frozen.track_op() && recorded.track_op());
+    assert_eq!(frozen.to_vec2::<f32>()?, recorded.to_vec2::<f32>()?);
     // Row 0 through "slots", row 1 through "intent", in one pass.
     compare(&run_logits(&[Route { adapter: 1, examples: 0..1 }, Route { adapter: 0, examples: 1..2 }])?, &fixture["mixed"], "mixed")?;
 
     // The loss through "intent": its LoRA gradients as PEFT's; nothing else gets one.
     let labels: Vec<i64> = rows(&reference["labels"]).concat();
     let routes = [Route { adapter: 0, examples: 0..b }];
-    let run = LoraRun { routes: &routes, dropout: &off, mode: Mode::Train };
+    let run = LoraRun { routes: &routes, dropout: &off, mode: Mode::Train, frozen: false };
     let loss = causal_lm_loss(&model.logits(&model.forward_with(&ids, Some(&mask), None, Some(&run))?)?, &labels, b, s, -100)?;
     let want = fixture["loss"].as_f64().ok_or("loss")?;
     assert!((f64::from(loss.to_scalar::<f32>()?) - want).abs() < 1e-4);

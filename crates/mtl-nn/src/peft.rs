@@ -159,6 +159,8 @@ pub(crate) struct PeftPass<'a> {
     pub dropout_p: f32,
     pub dropout: &'a DropoutRng,
     pub mode: Mode,
+    /// The adapters' values only, not recorded for backward (see `LoraRun::frozen`).
+    pub frozen: bool,
 }
 
 impl PeftPass<'_> {
@@ -292,7 +294,8 @@ impl LoraLayer {
         pass.routed(x, |adapter, xs| {
             let xs = pass.dropout.apply_with(xs, pass.dropout_p, pass.mode)?;
             let pair = self.pairs.get(adapter).ok_or_else(|| candle_core::Error::Msg(format!("no LoRA adapter {adapter}")))?;
-            Ok((xs.matmul(&pair.a.t()?)?.matmul(&pair.b.t()?)? * pass.scale)?)
+            let (a, b) = if pass.frozen { (pair.a.detach(), pair.b.detach()) } else { (pair.a.clone(), pair.b.clone()) };
+            Ok((xs.matmul(&a.t()?)?.matmul(&b.t()?)? * pass.scale)?)
         })
     }
 
