@@ -16,7 +16,7 @@ use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
@@ -24,7 +24,7 @@ use crate::api::{ApiError, Settings};
 use crate::metrics::Metrics;
 
 /// One generation request, as checked by [`check_generate`].
-#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct GenerateRequest {
     pub prompt: String,
@@ -121,7 +121,7 @@ struct GenState {
 }
 
 /// The router over `generator`, with its model thread started: `POST /v1/generate`, `GET /health`,
-/// `GET /metrics`.
+/// `GET /metrics`, `GET /openapi.json`.
 pub fn generation_router<G: Generator>(generator: G, settings: Settings) -> Router {
     let (jobs, receiver) = std::sync::mpsc::sync_channel::<Job>(settings.batch.queue_bound);
     std::thread::Builder::new()
@@ -140,6 +140,7 @@ pub fn generation_router<G: Generator>(generator: G, settings: Settings) -> Rout
         .route("/health", get(|| async { Json(json!({"status": "ok"})) }))
         .route("/metrics", get(metrics_text))
         .route("/v1/generate", post(generate))
+        .route("/openapi.json", get(openapi))
         .route_layer(middleware::from_fn_with_state(state.clone(), authenticate))
         .layer(DefaultBodyLimit::max(limit))
         .with_state(state)
@@ -151,6 +152,10 @@ async fn authenticate(State(state): State<Arc<GenState>>, request: Request, next
         return ApiError::Unauthorized.into_response();
     }
     next.run(request).await
+}
+
+async fn openapi(State(state): State<Arc<GenState>>) -> Json<Value> {
+    Json(crate::openapi::generation_document(state.settings.api_keys.is_some()))
 }
 
 async fn metrics_text(State(state): State<Arc<GenState>>) -> Response {
@@ -288,6 +293,28 @@ mod tests {
         assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
         let (_, body) = post(&app, json!({"prompt": "too long prompt", "stream": true}), None).await;
         assert!(body.contains("event: error"), "{body}");
+    }
+
+    #[tokio::test]
+    async fn the_openapi_document_describes_the_generate_route() {
+        let app = generation_router(Echo, Settings::default());
+        let request = Request::get("/openapi.json").body(axum::body::Body::empty()).expect("request");
+        let response = app.oneshot(request).await.expect("answer");
+        assert_eq!(response.status(), StatusCode::OK);
+        let doc: Value = serde_json::from_slice(&response.into_body().collect().await.expect("body").to_bytes()).expect("json");
+        assert_eq!(doc["openapi"], "3.1.0");
+        let fields = doc["components"]["schemas"]["GenerateRequest"]["properties"].as_object().expect("properties");
+        // Every field the route accepts is described, and no other (the route denies unknown fields).
+        let described: Vec<&str> = fields.keys().map(String::as_str).collect();
+        let accepted = GenerateRequest { prompt: "p".into(), chat: false, max_new_tokens: 1, temperature: 0.0, top_k: Some(1), top_p: Some(1.0), seed: 0, stop: vec!["s".into()], stream: false };
+        let sent = serde_json::to_value(&accepted).expect("json");
+        let mut sent: Vec<&str> = sent.as_object().expect("object").keys().map(String::as_str).collect();
+        sent.sort_unstable();
+        let mut described = described;
+        described.sort_unstable();
+        assert_eq!(described, sent);
+        assert!(doc["paths"]["/v1/generate"]["post"]["responses"]["429"].is_object());
+        assert!(doc.get("security").is_none(), "no keys, no security");
     }
 
     #[tokio::test]

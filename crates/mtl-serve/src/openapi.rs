@@ -1,5 +1,5 @@
-//! The OpenAPI 3.1 description of the API, served at `GET /openapi.json`, with the model's task names as the
-//! values `tasks` may take.
+//! The OpenAPI 3.1 description of the API, served at `GET /openapi.json`: for an encoder, with the model's task
+//! names as the values `tasks` may take; for a decoder, its generation route.
 
 use serde_json::{json, Value};
 
@@ -63,6 +63,65 @@ pub fn document(tasks: &[TaskDescription], secured: bool) -> Value {
             "Task": {"type": "object", "properties": {"name": {"type": "string"}, "kind": {"type": "string"}, "labels": {"type": "array", "items": {"type": "string"}}}},
             "Error": {"type": "object", "properties": {"error": {"type": "object", "properties": {
                 "kind": {"type": "string", "enum": ["validation", "unknown_task", "queue_full", "unauthorized", "timeout", "internal"]},
+                "message": {"type": "string"},
+            }}}},
+        }},
+    });
+    if secured {
+        doc["components"]["securitySchemes"] = json!({"apiKey": {"type": "http", "scheme": "bearer"}});
+        doc["security"] = json!([{"apiKey": []}]);
+    }
+    doc
+}
+
+/// The document of a decoder's server (`POST /v1/generate`, [`crate::generation`]); `secured`: requests need
+/// an API key.
+pub fn generation_document(secured: bool) -> Value {
+    let error = |description: &str| json!({"description": description, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}});
+    let max = crate::generation::MAX_NEW_TOKENS;
+    let mut doc = json!({
+        "openapi": "3.1.0",
+        "info": {"title": "mtl serve", "version": env!("CARGO_PKG_VERSION"), "description": "Text generation by one decoder model."},
+        "paths": {
+            "/health": {"get": {"summary": "liveness", "security": [], "responses": {"200": {"description": "`{\"status\": \"ok\"}`"}}}},
+            "/metrics": {"get": {"summary": "Prometheus metrics (text format 0.0.4)", "responses": {"200": {"description": "metrics", "content": {"text/plain": {}}}}}},
+            "/openapi.json": {"get": {"summary": "this document", "responses": {"200": {"description": "OpenAPI 3.1"}}}},
+            "/v1/generate": {"post": {
+                "summary": "generate a continuation of the prompt, whole or streamed",
+                "requestBody": {"required": true, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/GenerateRequest"}}}},
+                "responses": {
+                    "200": {"description": "the whole answer; with `stream`, server-sent events: `data: {\"text\": PIECE}` per piece, then an event `done` with the whole answer (or `error`)", "content": {
+                        "application/json": {"schema": {"$ref": "#/components/schemas/Generated"}},
+                        "text/event-stream": {"schema": {"type": "string"}},
+                    }},
+                    "401": error("missing or wrong API key"),
+                    "413": error("body larger than the limit"),
+                    "422": error("invalid body, or a prompt the model cannot take (longer than its context)"),
+                    "429": error("queue full; retry after the Retry-After seconds"),
+                    "503": error("no answer within the request timeout"),
+                },
+            }},
+        },
+        "components": {"schemas": {
+            "GenerateRequest": {"type": "object", "required": ["prompt"], "additionalProperties": false, "properties": {
+                "prompt": {"type": "string", "minLength": 1},
+                "chat": {"type": "boolean", "default": false, "description": "the prompt as the user's turn of the model's chat template"},
+                "max_new_tokens": {"type": "integer", "minimum": 1, "maximum": max, "default": 128},
+                "temperature": {"type": "number", "minimum": 0, "default": 0, "description": "0: greedy"},
+                "top_k": {"type": "integer", "minimum": 1},
+                "top_p": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
+                "seed": {"type": "integer", "minimum": 0, "default": 0},
+                "stop": {"type": "array", "items": {"type": "string", "minLength": 1}, "description": "texts that end the answer (not included)"},
+                "stream": {"type": "boolean", "default": false},
+            }},
+            "Generated": {"type": "object", "properties": {
+                "text": {"type": "string"},
+                "stop_reason": {"type": "string", "enum": ["stop_token", "stop_string", "max_new_tokens", "length", "cancelled"]},
+                "prompt_tokens": {"type": "integer"},
+                "new_tokens": {"type": "integer"},
+            }},
+            "Error": {"type": "object", "properties": {"error": {"type": "object", "properties": {
+                "kind": {"type": "string", "enum": ["validation", "queue_full", "unauthorized", "timeout", "internal"]},
                 "message": {"type": "string"},
             }}}},
         }},
