@@ -87,27 +87,43 @@ PY
   rm -rf "$raw"
   mkdir -p "$(dirname "$FIVE")"; rm -rf "$FIVE"; mv "$tmp" "$FIVE"
 fi
-# SQuAD 1.1 dev for the QA example (examples/squad): only with `scripts/fetch.sh squad`, as it comes in the
-# 358 MB sdist of bigbench==1.0.0 (bigbench/benchmark_tasks/squad_shifts/squaddev_v1.1.json).
-SQUAD="$ASSETS/data/squad"
-if [ "${1:-}" = squad ] && [ ! -f "$SQUAD/stats.json" ]; then
-  echo "fetching SQuAD 1.1 dev -> $SQUAD" >&2
-  sdist="$ASSETS/downloads/bigbench-1.0.0.tar.gz"
+# Two sets come from the 358 MB sdist of bigbench==1.0.0, so they are fetched only when asked for (both:
+# `scripts/fetch.sh squad e2e`):
+# - `scripts/fetch.sh squad`: SQuAD 1.1 dev for the QA example (examples/squad),
+#   bigbench/benchmark_tasks/squad_shifts/squaddev_v1.1.json;
+# - `scripts/fetch.sh e2e`: the E2E NLG data-to-text set for the generation example (examples/llm-e2e),
+#   bigbench/benchmark_tasks/gem/e2e_nlg/task.json.
+bigbench_member() { # MEMBER DEST: extracts bigbench-1.0.0/bigbench/benchmark_tasks/MEMBER of the sdist to DEST
+  local sdist="$ASSETS/downloads/bigbench-1.0.0.tar.gz"
   if [ ! -f "$sdist" ]; then
     "$PY" -m pip download --quiet --no-deps --no-binary :all: --no-build-isolation --disable-pip-version-check \
       -d "$ASSETS/downloads" bigbench==1.0.0 >&2
   fi
-  raw=$(mktemp -d "$ASSETS/.squad.XXXXXX")
-  "$PY" - "$sdist" "$raw/squaddev_v1.1.json" <<'PY'
+  "$PY" - "$sdist" "bigbench-1.0.0/bigbench/benchmark_tasks/$1" "$2" <<'PY'
 import sys, tarfile
 with tarfile.open(sys.argv[1]) as t:
-    member = "bigbench-1.0.0/bigbench/benchmark_tasks/squad_shifts/squaddev_v1.1.json"
-    open(sys.argv[2], "wb").write(t.extractfile(member).read())
+    open(sys.argv[3], "wb").write(t.extractfile(sys.argv[2]).read())
 PY
+}
+SQUAD="$ASSETS/data/squad"
+if [[ " $* " == *" squad "* ]] && [ ! -f "$SQUAD/stats.json" ]; then
+  echo "fetching SQuAD 1.1 dev -> $SQUAD" >&2
+  raw=$(mktemp -d "$ASSETS/.squad.XXXXXX")
+  bigbench_member squad_shifts/squaddev_v1.1.json "$raw/squaddev_v1.1.json"
   tmp=$(mktemp -d "$ASSETS/.squad-out.XXXXXX")
   "$PY" scripts/convert_squad.py "$raw/squaddev_v1.1.json" "$tmp" >/dev/null
   rm -rf "$raw"
   mkdir -p "$(dirname "$SQUAD")"; rm -rf "$SQUAD"; mv "$tmp" "$SQUAD"
+fi
+E2E="$ASSETS/data/e2e"
+if [[ " $* " == *" e2e "* ]] && [ ! -f "$E2E/stats.json" ]; then
+  echo "fetching E2E NLG -> $E2E" >&2
+  raw=$(mktemp -d "$ASSETS/.e2e.XXXXXX")
+  bigbench_member gem/e2e_nlg/task.json "$raw/task.json"
+  tmp=$(mktemp -d "$ASSETS/.e2e-out.XXXXXX")
+  "$PY" scripts/convert_e2e.py "$raw/task.json" "$tmp" >/dev/null
+  rm -rf "$raw"
+  mkdir -p "$(dirname "$E2E")"; rm -rf "$E2E"; mv "$tmp" "$E2E"
 fi
 # Default decoder (examples/llm-multitask): SmolLM2-135M-Instruct, llama architecture, as a Q4_1 GGUF file whose
 # metadata holds the tokenizer and the chat template.

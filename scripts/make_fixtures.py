@@ -45,6 +45,7 @@ It writes:
   squad.json            answer pairs with the SQuAD 2.0 scores of the official script's functions, as shipped in
                         transformers 4.46.3 (transformers/data/metrics/squad_metrics.py; fetched with pip download)
   rouge.json            sentence pairs with rouge-score 0.1.2's ROUGE-L precision, recall and F (no stemmer)
+  rouge-multi.json      predictions with one to four references and rouge-score's `score_multi` ROUGE-L
   gradnorm.json         three GradNorm updates (Chen et al. 2018) computed with torch autograd on a toy shared layer:
                         each step's losses, weighted gradient norms, and the weights after torch.optim.Adam and
                         renormalisation
@@ -459,6 +460,15 @@ def rouge_fixture():
         cases.append({"target": target, "prediction": pred, "precision": sc.precision, "recall": sc.recall,
                       "f": sc.fmeasure})
     (OUT / "rouge.json").write_text(json.dumps(cases, ensure_ascii=False))
+    # Several references: `score_multi` keeps the reference with the highest F (the first on ties).
+    multi = []
+    for _ in range(30):
+        targets = [" ".join(rng.choice(words) for _ in range(rng.randint(0, 8))) for _ in range(rng.randint(1, 4))]
+        pred = " ".join(rng.choice(words) for _ in range(rng.randint(0, 8)))
+        sc = scorer.score_multi(targets, pred)["rougeL"]
+        multi.append({"targets": targets, "prediction": pred, "precision": sc.precision, "recall": sc.recall,
+                      "f": sc.fmeasure})
+    (OUT / "rouge-multi.json").write_text(json.dumps(multi, ensure_ascii=False))
 
 
 def qa_windows_fixture():

@@ -38,6 +38,7 @@ pub fn add_task(model_dir: &Path, config_path: &Path, out: &Path, overrides: &[S
     }
     let mut new_only = combined.clone();
     new_only.retain_tasks(&names, config_path)?;
+    crate::commands::check_encoder_tasks(&new_only, config_path)?;
 
     // Read and check the new tasks' data before training.
     let raw_train = mtl_data::read_split(&new_only, Split::Train)?;

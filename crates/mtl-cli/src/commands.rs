@@ -204,6 +204,8 @@ fn train(args: &TrainArgs) -> Result<()> {
         if args.select == Select::PerTask {
             bail!("--select per-task keeps per-task models of encoders; a decoder with per-task adapters has them already ([peft] per_task = true)");
         }
+    } else {
+        check_encoder_tasks(&config, args.config)?;
     }
     let has_final = args.out.join(checkpoint::METRICS).exists();
     // A finished joint run whose baselines were interrupted goes on with the baselines.
@@ -212,6 +214,18 @@ fn train(args: &TrainArgs) -> Result<()> {
     }
     if args.baselines {
         baselines(&config, args.config, args.out)?;
+    }
+    Ok(())
+}
+
+/// Refuses tasks that only a decoder can learn; the error names the config file and the field.
+pub fn check_encoder_tasks(config: &Config, path: &Path) -> Result<()> {
+    if let Some((name, _)) = config.tasks.iter().find(|(_, t)| t.kind == TaskKind::Generation) {
+        bail!(
+            "invalid config {}: field `tasks.{name}.kind`: generation tasks need a decoder model (`model.path` a GGUF file or a Llama directory); {} is an encoder",
+            path.display(),
+            config.model.path.display()
+        );
     }
     Ok(())
 }

@@ -174,6 +174,7 @@ fn write_task(dir: &Path, loaded: &Loaded, task: &TaskId, base_config: &Value, m
         TaskKind::Regression => ("BertForSequenceClassification", Some("regression")),
         TaskKind::TokenClassification => ("BertForTokenClassification", None),
         TaskKind::QuestionAnswering => ("BertForQuestionAnswering", None),
+        TaskKind::Generation => bail!("task `{task}`: generated text has no encoder head to export"),
     };
     match head.kind() {
         TaskKind::Classification | TaskKind::MultiLabel | TaskKind::Regression => {
@@ -196,7 +197,7 @@ fn write_task(dir: &Path, loaded: &Loaded, task: &TaskId, base_config: &Value, m
             tensors.insert("classifier.weight".into(), weight);
             tensors.insert("classifier.bias".into(), bias);
         }
-        TaskKind::QuestionAnswering => {
+        TaskKind::QuestionAnswering | TaskKind::Generation => {
             tensors.insert("qa_outputs.weight".into(), weight);
             tensors.insert("qa_outputs.bias".into(), bias);
         }

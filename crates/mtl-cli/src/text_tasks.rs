@@ -13,8 +13,8 @@ use std::path::Path;
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
 use mtl_config::{Config, PeftConfig, PeftMethod, Split};
-use mtl_core::TaskId;
-use mtl_data::prompt::{check_decoder_tasks, ChatTemplate, PromptFormat};
+use mtl_core::{TaskId, TaskKind};
+use mtl_data::prompt::{self, check_decoder_tasks, ChatTemplate, PromptFormat};
 use mtl_data::{Dataset, LabelMap};
 use mtl_nn::llama::{DecoderLora, DecoderModule};
 use mtl_nn::{DecoderModel, LoraSpec, SHARED_ADAPTER};
@@ -53,11 +53,38 @@ fn decoder_lora(config: &Config) -> Option<DecoderLora> {
     })
 }
 
-fn split(config: &Config, split: Split, format: &PromptFormat, labels: &BTreeMap<TaskId, LabelMap>) -> Result<Option<Dataset>> {
+/// The examples of `split` as prompts and targets; `budgets`: each task's answer budget (evaluation data), or
+/// `None` for training data.
+fn split(
+    config: &Config,
+    split: Split,
+    format: &PromptFormat,
+    labels: &BTreeMap<TaskId, LabelMap>,
+    budgets: Option<&BTreeMap<TaskId, usize>>,
+) -> Result<Option<Dataset>> {
     if config.tasks.values().all(|t| t.data.get(split).is_none()) {
         return Ok(None);
     }
-    let data = format.dataset(mtl_data::read_split(config, split)?, labels, config)?;
+    prepared(config, split, format, mtl_data::read_split(config, split)?, labels, budgets).map(Some)
+}
+
+/// [`split`] of examples already read, with warnings about what did not fit.
+fn prepared(
+    config: &Config,
+    split: Split,
+    format: &PromptFormat,
+    raw: Vec<mtl_data::RawExample>,
+    labels: &BTreeMap<TaskId, LabelMap>,
+    budgets: Option<&BTreeMap<TaskId, usize>>,
+) -> Result<Dataset> {
+    let (data, dropped) = format.dataset(raw, labels, config, budgets)?;
+    if dropped > 0 {
+        tracing::warn!(
+            "{}: {dropped} questions were left out: their context had to be cut to fit model.max_len ({}), and every gold answer with it",
+            split.name(),
+            format.max_len
+        );
+    }
     if data.truncated > 0 {
         tracing::warn!(
             "{}: {} of {} prompts and answers were longer than {} tokens and were cut (raise model.max_len to keep more)",
@@ -67,7 +94,7 @@ fn split(config: &Config, split: Split, format: &PromptFormat, labels: &BTreeMap
             format.max_len
         );
     }
-    Ok(Some(data))
+    Ok(data)
 }
 
 /// The chat template of a decoder, and its end-of-sequence token.
@@ -89,14 +116,12 @@ pub fn train(config: &Config, out: &Path, resume_run: bool) -> Result<()> {
         max_len: config.model.max_len.min(files.config.max_position_embeddings),
     };
     let raw_train = mtl_data::read_split(config, Split::Train)?;
-    let labels = LabelMap::for_tasks(config, &raw_train)?;
-    let train = format.dataset(raw_train, &labels, config)?;
-    let splits = Splits { train, dev: split(config, Split::Dev, &format, &labels)?, test: split(config, Split::Test, &format, &labels)? };
+    let labels = prompt::with_fallback_means(LabelMap::for_tasks(config, &raw_train)?, config, &raw_train);
+    let train = prepared(config, Split::Train, &format, raw_train, &labels, None)?;
     // Each task's answer budget: as configured, or its longest training answer and some room.
     let mut max_new_tokens = BTreeMap::new();
     for (task, tc) in &config.tasks {
-        let longest = splits
-            .train
+        let longest = train
             .examples
             .iter()
             .filter(|e| e.labels.contains_key(task))
@@ -105,6 +130,11 @@ pub fn train(config: &Config, out: &Path, resume_run: bool) -> Result<()> {
             .unwrap_or(0);
         max_new_tokens.insert(task.clone(), tc.max_new_tokens.unwrap_or(longest + 8));
     }
+    let splits = Splits {
+        train,
+        dev: split(config, Split::Dev, &format, &labels, Some(&max_new_tokens))?,
+        test: split(config, Split::Test, &format, &labels, Some(&max_new_tokens))?,
+    };
     let tasks: Vec<TaskId> = config.tasks.keys().cloned().collect();
     let lora = decoder_lora(config);
     let source = files.source.clone();
@@ -265,7 +295,7 @@ pub fn eval(model_dir: &Path, config_path: &Path, overrides: &[String]) -> Resul
     let trainer = Trainer::evaluator(&config, &run.text, &run.labels);
     let mut scores = BTreeMap::new();
     for s in [Split::Dev, Split::Test] {
-        if let Some(data) = split(&config, s, &run.format(), &run.labels)? {
+        if let Some(data) = split(&config, s, &run.format(), &run.labels, Some(&run.text.max_new_tokens))? {
             scores.insert(s.name(), trainer.evaluate(&data)?.scores);
         }
     }
@@ -276,8 +306,9 @@ pub fn eval(model_dir: &Path, config_path: &Path, overrides: &[String]) -> Resul
     Ok(())
 }
 
-/// `mtl predict` of a decoder run: each input line's answer to every task's prompt, with the label it names
-/// (classification) or its (type, value) pairs (token tasks), as one JSON line per input.
+/// `mtl predict` of a decoder run: each input line's answer to every task's prompt, with what it maps to
+/// (the label, labels, values, answer or (type, value) pairs; generation tasks: the text alone), as one JSON
+/// line per input.
 pub fn predict(model_dir: &Path, input: Option<&Path>, batch_size: usize) -> Result<()> {
     use std::io::{BufRead, Write};
     let run = LoadedRun::load(model_dir)?;
@@ -292,9 +323,11 @@ pub fn predict(model_dir: &Path, input: Option<&Path>, batch_size: usize) -> Res
     let flush = |pending: &mut Vec<mtl_data::Input>, out: &mut dyn Write| -> Result<()> {
         let mut answers: BTreeMap<&TaskId, Vec<String>> = BTreeMap::new();
         for (task, tc) in &run.config.tasks {
+            // Inputs too long for the model lose words from their end, as in training.
+            let budget = run.text.max_new_tokens.get(task).copied().unwrap_or(0).min(format.max_len / 2);
             let prompts: Vec<Vec<u32>> = pending
                 .iter()
-                .map(|i| format.prompt(tc, i).and_then(|p| format.encode(&p)).map_err(anyhow::Error::msg))
+                .map(|i| format.prompt_ids(tc, i, budget).map(|(ids, _)| ids).map_err(anyhow::Error::msg))
                 .collect::<Result<_>>()?;
             let refs: Vec<&[u32]> = prompts.iter().map(Vec::as_slice).collect();
             answers.insert(task, run.text.answer(task, &refs, batch_size)?);
@@ -303,19 +336,25 @@ pub fn predict(model_dir: &Path, input: Option<&Path>, batch_size: usize) -> Res
             let mut predictions = serde_json::Map::new();
             for (task, tc) in &run.config.tasks {
                 let text = &answers[task][n];
+                let labels = run.labels[task].labels();
                 let v = match tc.kind {
-                    mtl_core::TaskKind::Classification => {
-                        json!({"generated": text, "label": mtl_data::prompt::label_from_text(tc, run.labels[task].labels(), text)})
+                    TaskKind::Classification => json!({"generated": text, "label": prompt::label_from_text(tc, labels, text)}),
+                    TaskKind::MultiLabel => {
+                        let named: Vec<&str> = prompt::labels_from_text(tc, labels, text).into_iter().map(|i| labels[i as usize].as_str()).collect();
+                        json!({"generated": text, "labels": named})
                     }
-                    _ => {
+                    TaskKind::Regression => json!({"generated": text, "values": prompt::values_from_text(labels, text)}),
+                    TaskKind::QuestionAnswering => json!({"generated": text, "answer": prompt::answer_from_text(text)}),
+                    TaskKind::Generation => json!({"generated": text}),
+                    TaskKind::TokenClassification => {
                         let pairs: Vec<serde_json::Value> =
-                            mtl_data::prompt::parse_pairs(text).into_iter().map(|(k, v)| json!({"type": k, "value": v})).collect();
+                            prompt::parse_pairs(text).into_iter().map(|(k, v)| json!({"type": k, "value": v})).collect();
                         json!({"generated": text, "spans": pairs})
                     }
                 };
                 predictions.insert(task.to_string(), v);
             }
-            writeln!(out, "{}", json!({"text": mtl_data::prompt::input_text(input), "predictions": predictions}))?;
+            writeln!(out, "{}", json!({"text": prompt::input_text(input), "predictions": predictions}))?;
         }
         pending.clear();
         Ok(())

@@ -779,7 +779,7 @@ impl Config {
                     return Err(invalid(&field("label_fields"), "must not be empty".into()));
                 }
             }
-            if task.kind == TaskKind::Regression || task.kind == TaskKind::QuestionAnswering {
+            if matches!(task.kind, TaskKind::Regression | TaskKind::QuestionAnswering | TaskKind::Generation) {
                 for (what, set) in [
                     ("labels", task.labels.is_some()),
                     ("labels_file", task.labels_file.is_some()),
@@ -899,6 +899,7 @@ impl Config {
                 (TaskKind::TokenClassification, TagScheme::None) => &["accuracy", "macro_f1"],
                 (TaskKind::TokenClassification, _) => &["precision", "recall", "f1", "accuracy"],
                 (TaskKind::QuestionAnswering, _) => &["exact_match", "f1"],
+                (TaskKind::Generation, _) => &["rouge_l", "exact_match"],
             };
             names.extend(metrics.iter().map(|m| format!("{name}.{m}")));
         }
@@ -1028,6 +1029,12 @@ frame = ["intent", "slots"]
             .expect_err("labels for regression")
             .to_string();
         assert!(e.contains("regression tasks have no label set"), "{e}");
+        let e = parse(MINIMAL, &["tasks.intent.kind=\"generation\"", "tasks.intent.labels_file=\"l.txt\""])
+            .expect_err("labels for generation")
+            .to_string();
+        assert!(e.contains("tasks.intent.labels_file") && e.contains("generation tasks have no label set"), "{e}");
+        let c = parse(MINIMAL, &["tasks.intent.kind=\"generation\"", "training.select_metric=\"intent.rouge_l\""]).expect("generation");
+        assert!(c.metric_names().contains(&"intent.exact_match".to_string()));
         let e = parse(MINIMAL, &["tasks.intent.threshold=1.5"]).expect_err("threshold").to_string();
         assert!(e.contains("tasks.intent.threshold"), "{e}");
         let e = parse(MINIMAL, &["tasks.intent.scheme=\"iob1\""]).expect_err("unknown scheme").to_string();

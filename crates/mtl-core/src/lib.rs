@@ -74,6 +74,9 @@ pub enum TaskKind {
     TokenClassification,
     /// Span-extraction question answering: start and end logits over the context's tokens.
     QuestionAnswering,
+    /// Free text written for each input (a summary, a translation, an answer): decoder models only, trained
+    /// by the language-model loss on the target and scored by ROUGE-L and exact match.
+    Generation,
 }
 
 impl TaskKind {
@@ -84,6 +87,7 @@ impl TaskKind {
             TaskKind::Regression => "regression",
             TaskKind::TokenClassification => "token_classification",
             TaskKind::QuestionAnswering => "question_answering",
+            TaskKind::Generation => "generation",
         }
     }
 

@@ -146,6 +146,8 @@ pub fn collate(examples: &[&Example], tasks: &BTreeMap<TaskId, (TaskKind, usize)
                 }
                 Targets::Dense { width, values, present }
             }
+            // Generated text is a decoder's (its targets are tokens; see `collate_lm`).
+            TaskKind::Generation => continue,
             TaskKind::QuestionAnswering => {
                 let (start, end) = examples
                     .iter()

@@ -27,6 +27,8 @@ pub enum Label {
         start: usize,
         end: usize,
     },
+    /// The reference texts of a generation task.
+    Texts(Vec<String>),
 }
 
 /// A question with its context and gold answers, shared by all windows of the context.
@@ -187,6 +189,7 @@ pub(crate) fn map_labels(
                 answers = Some((task.clone(), a.clone()));
                 continue;
             }
+            RawLabel::Texts(t) => Label::Texts(t.clone()),
         };
         mapped.insert(task.clone(), label);
     }

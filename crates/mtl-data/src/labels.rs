@@ -130,6 +130,7 @@ impl LabelMap {
             let mut map = match (task.kind, configured_labels(task)?) {
                 (TaskKind::Regression, _) => regression_map(name, task, train)?,
                 (TaskKind::QuestionAnswering, _) => LabelMap::from(vec!["answer".to_string()]),
+                (TaskKind::Generation, _) => LabelMap::from(vec!["text".to_string()]),
                 (_, Some(labels)) => LabelMap::from(labels),
                 (_, None) => {
                     let mut seen = BTreeSet::new();

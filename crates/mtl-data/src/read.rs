@@ -60,6 +60,8 @@ pub enum RawLabel {
     Tags(Vec<String>),
     /// The gold answers of a question (none: unanswerable).
     Answers(Vec<Answer>),
+    /// The reference texts of a generation task (at least one; training targets the first).
+    Texts(Vec<String>),
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -314,6 +316,17 @@ fn read_label(
             let Input::Question { context, .. } = input else { unreachable!("QA records are read as questions") };
             RawLabel::Answers(answers(v, context).map_err(|m| at(format!("task `{name}`: field `{f}`: {m}")))?)
         }
+        TaskKind::Generation => match obj.get(field) {
+            v if absent(v) => return Ok(None),
+            Some(Value::String(s)) => RawLabel::Texts(vec![s.trim().to_string()]),
+            Some(v) => {
+                let texts = string_list(v)
+                    .filter(|t| !t.is_empty() && t.iter().all(|x| !x.trim().is_empty()))
+                    .ok_or_else(|| at(format!("task `{name}`: field `{field}` must be a text or a list of texts (references), none empty")))?;
+                RawLabel::Texts(texts.into_iter().map(|t| t.trim().to_string()).collect())
+            }
+            None => return Ok(None),
+        },
     };
     Ok(Some(label))
 }
@@ -616,6 +629,23 @@ mod tests {
         assert!(e.contains("data.jsonl:1") && e.contains("field `answers`") && e.contains("not at character 4"), "{e}");
         let e = err(read("jsonl", &tasks, r#"{"question": "Who?", "answers": []}"#).1);
         assert!(e.contains("missing field `context`"), "{e}");
+    }
+
+    #[test]
+    fn generation_targets_are_texts_or_lists_of_references() {
+        let tasks = [("sum", "generation", "label_field = \"summary\"")];
+        let good = "{\"text\": \"a long text\", \"summary\": \" short \"}\n{\"text\": \"b\", \"summary\": [\"one\", \"two\"]}\n{\"text\": \"c\"}\n";
+        let (_d, r) = read("jsonl", &tasks, good);
+        let ex = r.expect("valid lines");
+        assert_eq!(ex[0].labels[&id("sum")], RawLabel::Texts(vec!["short".into()]));
+        assert_eq!(ex[1].labels[&id("sum")], RawLabel::Texts(vec!["one".into(), "two".into()]));
+        assert!(ex[2].labels.is_empty(), "no target: an input without a label");
+        for bad in ["[]", "[\"ok\", \" \"]", "3", "[1]"] {
+            let e = err(read("jsonl", &tasks, &format!("{{\"text\": \"x\", \"summary\": {bad}}}\n")).1);
+            assert!(e.contains("data.jsonl:1") && e.contains("field `summary`") && e.contains("references"), "{bad}: {e}");
+        }
+        let (_d, r) = read("csv", &[("sum", "generation", "label_field = \"summary\"")], "text,summary\n\"a, b\",ab\n");
+        assert_eq!(r.expect("valid CSV")[0].labels[&id("sum")], RawLabel::Texts(vec!["ab".into()]));
     }
 
     #[test]

@@ -134,8 +134,26 @@ fn rouge_l_matches_rouge_score() -> TestResult {
         close(r.recall, &c["recall"], &format!("case {i} recall"));
         close(r.f, &c["f"], &format!("case {i} f"));
     }
-    let targets = vec!["Paris".to_string(), " a b ".to_string()];
+    let targets = vec![vec!["Paris"], vec!["a c", " a b "]];
     let (rouge, exact) = generation_scores(&targets, &["Paris".to_string(), "a b".to_string()]);
     assert_eq!((rouge, exact), (1.0, 1.0));
+    let (rouge, exact) = generation_scores(&targets, &["Paris".to_string(), "a".to_string()]);
+    assert_eq!(exact, 0.5);
+    close(rouge, &serde_json::json!((1.0 + 2.0 / 3.0) / 2.0), "mean of the best references");
+    Ok(())
+}
+
+#[test]
+fn rouge_l_of_several_references_matches_score_multi() -> TestResult {
+    let cases = load("rouge-multi.json")?;
+    assert!(cases.len() >= 20);
+    for (i, c) in cases.iter().enumerate() {
+        let targets: Vec<&str> = c["targets"].as_array().ok_or("targets")?.iter().filter_map(|t| t.as_str()).collect();
+        let prediction = c["prediction"].as_str().ok_or("prediction")?;
+        let r = rouge_l_multi(&targets, prediction);
+        close(r.precision, &c["precision"], &format!("case {i} precision ({targets:?} / {prediction:?})"));
+        close(r.recall, &c["recall"], &format!("case {i} recall"));
+        close(r.f, &c["f"], &format!("case {i} f"));
+    }
     Ok(())
 }

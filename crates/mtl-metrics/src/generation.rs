@@ -50,15 +50,34 @@ pub fn exact_text_match(target: &str, prediction: &str) -> bool {
     target.trim() == prediction.trim()
 }
 
-/// Corpus scores of generated texts: mean ROUGE-L F and the fraction of exact matches.
-pub fn generation_scores(targets: &[String], predictions: &[String]) -> (f64, f64) {
+/// ROUGE-L of `prediction` against the reference with the highest F (the first on ties), as `rouge-score`'s
+/// `score_multi` picks it.
+pub fn rouge_l_multi<S: AsRef<str>>(targets: &[S], prediction: &str) -> RougeL {
+    let mut best: Option<RougeL> = None;
+    for t in targets {
+        let r = rouge_l(t.as_ref(), prediction);
+        if best.is_none_or(|b| r.f > b.f) {
+            best = Some(r);
+        }
+    }
+    best.unwrap_or_default()
+}
+
+/// Corpus scores of generated texts, each with one or more references: the mean ROUGE-L F (the best
+/// reference's, [`rouge_l_multi`]) and the fraction of predictions that equal a reference ([`exact_text_match`]).
+pub fn generation_scores<S: AsRef<str>>(targets: &[Vec<S>], predictions: &[String]) -> (f64, f64) {
     assert_eq!(targets.len(), predictions.len(), "one prediction per target");
     if targets.is_empty() {
         return (0.0, 0.0);
     }
     let n = targets.len() as f64;
-    let rouge = targets.iter().zip(predictions).map(|(t, p)| rouge_l(t, p).f).sum::<f64>() / n;
-    let exact = targets.iter().zip(predictions).filter(|(t, p)| exact_text_match(t, p)).count() as f64 / n;
+    let rouge = targets.iter().zip(predictions).map(|(t, p)| rouge_l_multi(t, p).f).sum::<f64>() / n;
+    let exact = targets
+        .iter()
+        .zip(predictions)
+        .filter(|(t, p)| t.iter().any(|t| exact_text_match(t.as_ref(), p)))
+        .count() as f64
+        / n;
     (rouge, exact)
 }
 

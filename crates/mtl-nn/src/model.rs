@@ -484,6 +484,8 @@ impl MultiTaskModel {
                     head.forward(hidden, &cls_rows, &self.dropout, Mode::Eval)?.logits.to_vec2::<f32>()?,
                 ),
                 TaskKind::TokenClassification => self.predict_tags(head, hidden, batch)?,
+                // No head is ever built for generated text (`Head::new` refuses it).
+                TaskKind::Generation => continue,
                 TaskKind::QuestionAnswering => {
                     let rows: Vec<u32> = (0..(batch.batch * batch.seq) as u32).collect();
                     let logits = head.forward(hidden, &rows, &self.dropout, Mode::Eval)?.logits.to_vec2::<f32>()?;

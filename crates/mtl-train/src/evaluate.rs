@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 
 use mtl_config::{Config, TagScheme, TaskConfig};
 use mtl_core::{TaskId, TaskKind};
-use mtl_data::prompt::{label_from_text, parse_pairs, tag_pairs};
+use mtl_data::prompt::{answer_from_text, label_from_text, labels_from_text, parse_pairs, tag_pairs, values_from_text};
 use mtl_data::{collate, Dataset, Example, Label, LabelMap};
 use mtl_metrics::{ClassificationReport, Direction};
 use mtl_nn::{MultiTaskModel, TaskPrediction};
@@ -232,6 +232,7 @@ pub fn score(data: &Dataset, predictions: &[BTreeMap<TaskId, Prediction>], info:
                 let (gold, pred): (Vec<Vec<u32>>, Vec<Vec<u32>>) = pairs()
                     .filter_map(|(_, g, p)| match (g, p) {
                         (Label::Multi(g), Prediction::Labels { ids, .. }) => Some((g.clone(), ids.clone())),
+                        (Label::Multi(g), Prediction::Generated(text)) => Some((g.clone(), labels_from_text(tc, map.labels(), text))),
                         _ => None,
                     })
                     .unzip();
@@ -257,9 +258,15 @@ pub fn score(data: &Dataset, predictions: &[BTreeMap<TaskId, Prediction>], info:
                 );
             }
             TaskKind::Regression => {
-                let rows: Vec<(&Vec<f64>, &Vec<f64>)> = pairs()
+                // An answer that gives no number counts as the training mean (a decoder's label maps carry
+                // it, `with_fallback_means`; 0 if a map does not).
+                let fallback = || map.scale.as_ref().map_or_else(|| vec![0.0; map.len()], |s| s.mean.clone());
+                let rows: Vec<(&Vec<f64>, Vec<f64>)> = pairs()
                     .filter_map(|(_, g, p)| match (g, p) {
-                        (Label::Real { raw, .. }, Prediction::Values(v)) => Some((raw, v)),
+                        (Label::Real { raw, .. }, Prediction::Values(v)) => Some((raw, v.clone())),
+                        (Label::Real { raw, .. }, Prediction::Generated(text)) => {
+                            Some((raw, values_from_text(map.labels(), text).unwrap_or_else(fallback)))
+                        }
                         _ => None,
                     })
                     .collect();
@@ -323,17 +330,36 @@ pub fn score(data: &Dataset, predictions: &[BTreeMap<TaskId, Prediction>], info:
                     eval.reports.insert(task.to_string(), report);
                 }
             }
+            TaskKind::Generation => {
+                let (gold, pred): (Vec<Vec<String>>, Vec<String>) = pairs()
+                    .filter_map(|(_, g, p)| match (g, p) {
+                        (Label::Texts(g), Prediction::Generated(text)) => Some((g.clone(), text.clone())),
+                        _ => None,
+                    })
+                    .unzip();
+                if gold.is_empty() {
+                    continue;
+                }
+                let (rouge, exact) = mtl_metrics::generation_scores(&gold, &pred);
+                m.insert("rouge_l".to_string(), rouge);
+                m.insert("exact_match".to_string(), exact);
+            }
             TaskKind::QuestionAnswering => {
                 let mut seen = std::collections::BTreeSet::new();
-                let mut gold: Vec<Vec<&str>> = Vec::new();
-                let mut pred: Vec<&str> = Vec::new();
-                for (ex, _, p) in pairs() {
-                    let (Some(qa), Prediction::Answer { text, .. }) = (&ex.qa, p) else {
-                        continue;
-                    };
-                    if seen.insert(qa.question.group) {
-                        gold.push(qa.question.answers.iter().map(|a| a.text.as_str()).collect());
-                        pred.push(text);
+                let mut gold: Vec<Vec<String>> = Vec::new();
+                let mut pred: Vec<String> = Vec::new();
+                for (ex, g, p) in pairs() {
+                    match (g, p, &ex.qa) {
+                        // A decoder's answer: one example per question, gold answers as its label.
+                        (Label::Texts(refs), Prediction::Generated(text), _) => {
+                            gold.push(refs.clone());
+                            pred.push(answer_from_text(text));
+                        }
+                        (_, Prediction::Answer { text, .. }, Some(qa)) if seen.insert(qa.question.group) => {
+                            gold.push(qa.question.answers.iter().map(|a| a.text.clone()).collect());
+                            pred.push(text.clone());
+                        }
+                        _ => {}
                     }
                 }
                 if gold.is_empty() {
@@ -416,6 +442,11 @@ fn is_correct(ex: &Example, task: &TaskId, info: &TaskInfo, pred: Option<&Predic
                 got.sort();
                 want == got
             }
+            Label::Texts(refs) if tc.kind == TaskKind::QuestionAnswering => {
+                mtl_metrics::squad_scores(std::slice::from_ref(refs), &[answer_from_text(text)]).0 == 1.0
+            }
+            Label::Texts(refs) => refs.iter().any(|r| mtl_metrics::exact_text_match(r, text)),
+            Label::Multi(g) => labels_from_text(tc, map.labels(), text) == *g,
             _ => false,
         };
     }
@@ -430,13 +461,14 @@ fn is_correct(ex: &Example, task: &TaskId, info: &TaskInfo, pred: Option<&Predic
 }
 
 /// The main metric of a task: accuracy for classification and plain tags, micro F1 for multi-label, Pearson's r
-/// for regression, entity F1 for BIO/BIOES tags, F1 for QA.
+/// for regression, entity F1 for BIO/BIOES tags, F1 for QA, ROUGE-L for generated text.
 pub fn main_metric(task: &TaskConfig) -> &'static str {
     match (task.kind, task.scheme) {
         (TaskKind::Classification, _) | (TaskKind::TokenClassification, TagScheme::None) => "accuracy",
         (TaskKind::MultiLabel, _) => "micro_f1",
         (TaskKind::Regression, _) => "pearson",
         (TaskKind::TokenClassification, _) | (TaskKind::QuestionAnswering, _) => "f1",
+        (TaskKind::Generation, _) => "rouge_l",
     }
 }
 
@@ -538,4 +570,69 @@ pub fn tune_thresholds(
             best.1
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mtl_data::{Encoded, Input, Location};
+
+    fn example(task: &str, label: Label, line: usize) -> Example {
+        Example {
+            location: Location { path: "data.jsonl".into(), line },
+            input: Input::Text("x".into()),
+            encoded: Encoded { ids: Vec::new(), type_ids: Vec::new(), word_starts: Vec::new(), truncated: false },
+            labels: BTreeMap::from([(TaskId::new(task).expect("valid"), label)]),
+            qa: None,
+        }
+    }
+
+    /// A decoder's answers of every kind, mapped back and scored with the standard metrics (whose values
+    /// are checked against their references in mtl-metrics); the expected numbers are worked out by hand.
+    #[test]
+    fn generated_answers_are_scored_by_each_kind_s_metric() {
+        let mut text = String::from("[model]\npath = \"m\"\n[training]\nepochs = 1\nlr = 1e-4\n");
+        for (name, kind) in [("g", "generation"), ("m", "multi_label"), ("r", "regression"), ("q", "question_answering")] {
+            text.push_str(&format!("[tasks.{name}]\nkind = \"{kind}\"\nprompt = \"{{text}}\"\ndata = {{ train = \"{name}.jsonl\" }}\n"));
+        }
+        let config = Config::parse(&text, std::path::Path::new("t.toml"), &[]).expect("valid");
+        let id = |t: &str| TaskId::new(t).expect("valid");
+        let labels = BTreeMap::from([
+            (id("g"), LabelMap::from(vec!["text".to_string()])),
+            (id("m"), LabelMap::from(vec!["politics".to_string(), "sport".to_string()])),
+            (id("r"), LabelMap::from(vec!["label".to_string()])),
+            (id("q"), LabelMap::from(vec!["answer".to_string()])),
+        ]);
+        let texts = |t: &[&str]| Label::Texts(t.iter().map(|s| s.to_string()).collect());
+        let rows: Vec<(&str, Label, &str)> = vec![
+            ("g", texts(&["the cat sat"]), "The cat sat"),
+            ("g", texts(&["a dog", "dog"]), "dog runs"),
+            ("m", Label::Multi(vec![1]), "sport"),
+            ("m", Label::Multi(vec![0, 1]), "politics, weather"),
+            ("r", Label::Real { raw: vec![1.0], scaled: vec![1.0] }, "1"),
+            ("r", Label::Real { raw: vec![2.0], scaled: vec![2.0] }, "about 2.5."),
+            ("r", Label::Real { raw: vec![3.0], scaled: vec![3.0] }, "high"),
+            ("q", texts(&["Ada", "Ada Lovelace"]), "Ada Lovelace"),
+            ("q", texts(&[""]), "Unanswerable"),
+            ("q", texts(&["1815"]), "in 1815\nbecause"),
+        ];
+        let examples: Vec<Example> = rows.iter().enumerate().map(|(i, (t, l, _))| example(t, l.clone(), i + 1)).collect();
+        let predictions: Vec<BTreeMap<TaskId, Prediction>> =
+            rows.iter().map(|(t, _, p)| BTreeMap::from([(id(t), Prediction::Generated(p.to_string()))])).collect();
+        let data = Dataset { examples, truncated: 0 };
+        let s = score(&data, &predictions, &TaskInfo { config: &config, labels: &labels }).scores;
+        let close = |got: f64, want: f64, what: &str| assert!((got - want).abs() < 1e-9, "{what}: {got} vs {want}");
+        // ROUGE-L: 1 for the first; the second's best reference is "dog" (P 1/2, R 1, F 2/3).
+        close(s["g"]["rouge_l"], (1.0 + 2.0 / 3.0) / 2.0, "rouge_l");
+        close(s["g"]["exact_match"], 0.0, "exact match is case-sensitive");
+        // {sport} right, {politics} of {politics, sport}: 2 of 2 predicted right, 2 of 3 gold found.
+        close(s["m"]["subset_accuracy"], 0.5, "subset accuracy");
+        close(s["m"]["micro_f1"], 0.8, "micro F1");
+        // 1, 2.5, and no number: 0 (targets not standardised); scipy: pearsonr = -0.3973597071195131.
+        close(s["r"]["pearson"], -0.3973597071195131, "pearson");
+        close(s["r"]["spearman"], -0.5, "spearman");
+        // EM 1, 1 (no answer), 0; F1 1, 1, 2/3 ("in 1815" against "1815").
+        close(s["q"]["exact_match"], 2.0 / 3.0, "exact match");
+        close(s["q"]["f1"], (2.0 + 2.0 / 3.0) / 3.0, "f1");
+    }
 }

@@ -96,11 +96,12 @@ fn a_decoder_trains_its_tasks_as_text_with_an_adapter_each() -> TestResult {
 #[test]
 fn decoder_configs_are_checked_before_anything_runs() -> TestResult {
     let p = Project::new()?;
-    text_config(&p, "", "regression")?;
+    // Plain tags (no spans to name) cannot be answered as `type=value` lines.
+    text_config(&p, "", "token_classification\"\nscheme = \"none")?;
     let o = p.mtl(&["train", "config.toml", "--out", "run"])?;
     assert!(!o.status.success());
     let err = stderr(&o);
-    assert!(err.contains("config.toml") && err.contains("tasks.slots.kind") && err.contains("decoder"), "{err}");
+    assert!(err.contains("config.toml") && err.contains("tasks.slots.scheme") && err.contains("decoder"), "{err}");
     assert!(!p.path("run").exists());
 
     let p = Project::new()?;
@@ -108,5 +109,71 @@ fn decoder_configs_are_checked_before_anything_runs() -> TestResult {
     let o = p.mtl(&["train", "config.toml", "--out", "run"])?;
     assert!(!o.status.success());
     assert!(stderr(&o).contains("peft.method"), "{}", stderr(&o));
+    Ok(())
+}
+
+/// A generation task beside a label task: free text written for each input, trained by the LM loss on the
+/// target and scored by ROUGE-L and exact match; several references per input are allowed.
+#[test]
+fn a_decoder_learns_a_generation_task_scored_by_rouge_l() -> TestResult {
+    let p = Project::new()?;
+    text_config(&p, "[peft]\nmethod = \"lora\"\nr = 4", "token_classification")?;
+    // The route of each request, written out: the places it names, in order.
+    let rows = |file: &str| -> Result<String, Box<dyn std::error::Error>> {
+        let mut out = String::new();
+        for line in std::fs::read_to_string(p.path(file))?.lines() {
+            let v: Value = serde_json::from_str(line)?;
+            let words: Vec<&str> = v["words"].as_array().ok_or("words")?.iter().filter_map(Value::as_str).collect();
+            let tags: Vec<&str> = v["slots"].as_array().ok_or("slots")?.iter().filter_map(Value::as_str).collect();
+            let places: Vec<&str> = words.iter().zip(&tags).filter(|(_, t)| t.ends_with("from") || t.ends_with("to")).map(|(w, _)| *w).collect();
+            let route = if places.is_empty() { "none".to_string() } else { places.join(" ") };
+            out += &format!("{}\n", json!({"text": v["text"], "route": [route, "none"]}));
+        }
+        Ok(out)
+    };
+    for split in ["train", "dev", "test"] {
+        std::fs::write(p.path(&format!("route-{split}.jsonl")), rows(&format!("{split}.jsonl"))?)?;
+    }
+    let d = |s: &str| p.path(s).display().to_string();
+    // Intent and route only: the slots task and the frame go.
+    let config = std::fs::read_to_string(p.path("config.toml"))?.replace("frame = [\"intent\", \"slots\"]", "");
+    let start = config.find("[tasks.slots]").ok_or("a slots task")?;
+    let end = start + config[start + 1..].find("\n[").ok_or("a section after slots")? + 2;
+    let config = format!("{}{}", &config[..start], &config[end..]);
+    let config = format!(
+        "{config}\n[tasks.route]\nkind = \"generation\"\nlabel_field = \"route\"\nprompt = \"route of {{text}}\"\n\
+         data = {{ train = \"{}\", dev = \"{}\", test = \"{}\" }}\n",
+        d("route-train.jsonl"),
+        d("route-dev.jsonl"),
+        d("route-test.jsonl")
+    );
+    std::fs::write(p.path("config.toml"), config)?;
+    let o = p.mtl(&["train", "config.toml", "--out", "run"])?;
+    assert!(o.status.success(), "{}", stderr(&o));
+    let metrics: Value = serde_json::from_str(&std::fs::read_to_string(p.path("run/metrics.json"))?)?;
+    let rouge = metrics["test"]["route"]["rouge_l"].as_f64().ok_or(format!("route.rouge_l in {metrics}"))?;
+    let exact = metrics["test"]["route"]["exact_match"].as_f64().ok_or("route.exact_match")?;
+    assert!(rouge > 0.0 && rouge <= 1.0 && (0.0..=1.0).contains(&exact), "{metrics}");
+    let o = p.mtl(&["eval", "--model", "run", "--config", "config.toml"])?;
+    assert!(o.status.success(), "{}", stderr(&o));
+    let eval: Value = serde_json::from_slice(&o.stdout)?;
+    assert_eq!(eval["test"]["route"], metrics["test"]["route"], "{eval}");
+    let o = crate::cli::mtl(&p.path(""), &["predict", "--model", "run"], Some("show me flights from boston to denver\n"))?;
+    assert!(o.status.success(), "{}", stderr(&o));
+    let line: Value = serde_json::from_slice(o.stdout.split(|&b| b == b'\n').next().ok_or("a line")?)?;
+    assert!(line["predictions"]["route"]["generated"].is_string(), "{line}");
+    Ok(())
+}
+
+#[test]
+fn an_encoder_refuses_generation_tasks() -> TestResult {
+    let p = Project::new()?;
+    let config = std::fs::read_to_string(p.path("config.toml"))?.replace("kind = \"classification\"", "kind = \"generation\"");
+    std::fs::write(p.path("config.toml"), config)?;
+    let o = p.mtl(&["train", "config.toml", "--out", "run"])?;
+    assert!(!o.status.success());
+    let err = stderr(&o);
+    assert!(err.contains("config.toml") && err.contains("tasks.intent.kind") && err.contains("decoder"), "{err}");
+    assert!(!p.path("run").exists());
     Ok(())
 }
