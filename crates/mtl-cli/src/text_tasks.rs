@@ -324,7 +324,7 @@ pub fn predict(model_dir: &Path, input: Option<&Path>, batch_size: usize) -> Res
         let mut answers: BTreeMap<&TaskId, Vec<String>> = BTreeMap::new();
         for (task, tc) in &run.config.tasks {
             // Inputs too long for the model lose words from their end, as in training.
-            let budget = run.text.max_new_tokens.get(task).copied().unwrap_or(0).min(format.max_len / 2);
+            let budget = format.answer_room(run.text.max_new_tokens.get(task).copied().unwrap_or(0));
             let prompts: Vec<Vec<u32>> = pending
                 .iter()
                 .map(|i| format.prompt_ids(tc, i, budget).map(|(ids, _)| ids).map_err(anyhow::Error::msg))

@@ -262,6 +262,11 @@ impl PromptFormat<'_> {
         Ok((ids, Some(cut)))
     }
 
+    /// The tokens a prompt leaves for an answer of `budget` tokens: at most half of `max_len`.
+    pub fn answer_room(&self, budget: usize) -> usize {
+        budget.min((self.max_len / 2).max(1))
+    }
+
     pub fn encode(&self, text: &str) -> std::result::Result<Vec<u32>, String> {
         Ok(self.tokenizer.encode(text, false).map_err(|e| format!("cannot tokenise: {e}"))?.get_ids().to_vec())
     }
@@ -282,7 +287,7 @@ impl PromptFormat<'_> {
         budgets: Option<&BTreeMap<TaskId, usize>>,
     ) -> Result<(Dataset, usize)> {
         use rayon::prelude::*;
-        let half = (self.max_len / 2).max(1);
+        let half = self.answer_room(usize::MAX);
         let encoded: Vec<Result<Vec<Option<Example>>>> = raw
             .into_par_iter()
             .map(|ex| {
@@ -297,7 +302,7 @@ impl PromptFormat<'_> {
                         let long_target = target.len() > half;
                         target.truncate(half);
                         let room = match budgets {
-                            Some(b) => b.get(task).copied().unwrap_or(target.len()).min(half),
+                            Some(b) => self.answer_room(b.get(task).copied().unwrap_or(target.len())),
                             None => target.len(),
                         };
                         let (prompt, cut) = self.prompt_ids(tc, &ex.input, room).map_err(at)?;
