@@ -3,6 +3,8 @@
 W1 (train): one training step on a batch of B x S tokens: forward with dropout 0.1, the sum of a [CLS]
 cross-entropy (5 classes) and a token cross-entropy (9 classes), backward, gradient clipping at 1.0, and
 AdamW (weight decay 0.01, none on biases and LayerNorm) over every parameter.
+W3 (train --lora): W1 with the encoder frozen and a LoRA adapter from peft (r 8, alpha 16, dropout 0.1) on all six
+linear layers of every block; AdamW over the adapter and the heads.
 W2 (infer): one forward pass in eval mode under no_grad, with both heads' argmax.
 Eager attention, 2 threads. Prints one JSON line: the median and every step time in milliseconds.
 """
@@ -30,17 +32,23 @@ def main():
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--lora", action="store_true")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
     model = BertModel.from_pretrained(a.model, add_pooling_layer=False, attn_implementation="eager")
+    if a.lora:
+        from peft import LoraConfig, get_peft_model
+        # "dense" is the attention output and both feed-forward layers (the model has no pooler).
+        model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.1,
+                                                 target_modules=["query", "key", "value", "dense"]))
     h = model.config.hidden_size
     cls_head, tok_head = torch.nn.Linear(h, 5), torch.nn.Linear(h, 9)
     drop = torch.nn.Dropout(0.1)
     ids, mask = batch(a.batch, a.seq, model.config.vocab_size)
     times = []
     if a.workload == "train":
-        params = list(model.named_parameters()) + [("cls." + n, p) for n, p in cls_head.named_parameters()] + \
+        params = [(n, p) for n, p in model.named_parameters() if p.requires_grad] + [("cls." + n, p) for n, p in cls_head.named_parameters()] + \
             [("tok." + n, p) for n, p in tok_head.named_parameters()]
         decay = [p for n, p in params if not (n.endswith("bias") or "LayerNorm" in n)]
         no_decay = [p for n, p in params if n.endswith("bias") or "LayerNorm" in n]

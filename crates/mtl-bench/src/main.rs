@@ -1,7 +1,9 @@
 //! Side-by-side workloads for `bench/vs-pytorch`: W1, one training step (forward, the sum of a [CLS]
 //! cross-entropy and a token cross-entropy, backward, AdamW over every parameter); W2, one inference forward
 //! pass. Prints one JSON line with the median and every step time, and the phase split of the training step.
-//! A third workload, `data`, times the input pipeline of a config (reading, tokenising, collating one epoch of
+//! With `--lora`, W1 trains a shared LoRA adapter (r 8, alpha 16, dropout 0.1, on all six linear layers of every
+//! block) and the heads on the frozen encoder, AdamW over those only (W3).
+//! A further workload, `data`, times the input pipeline of a config (reading, tokenising, collating one epoch of
 //! training batches), to compare with the model's own speed.
 
 // Large tensors are allocated and freed at every op; mimalloc keeps the pages instead of returning them to
@@ -16,8 +18,8 @@ use std::time::Instant;
 use anyhow::Result;
 use candle_core::Device;
 use clap::Parser;
-use mtl_core::{HostBatch, Mode, TaskId, TaskKind, Targets};
-use mtl_nn::{BertConfig, ModelSpec, MultiTaskModel};
+use mtl_core::{HostBatch, LinearModule, Mode, TaskId, TaskKind, Targets};
+use mtl_nn::{BertConfig, LoraSpec, ModelSpec, MultiTaskModel, PeftKind, PeftSpec, SHARED_ADAPTER};
 use mtl_train::{AdamW, AdamWConfig, ParamGroup};
 
 #[derive(Parser)]
@@ -37,6 +39,9 @@ struct Args {
     /// Quantise the encoder to int8 before timing (`infer`).
     #[arg(long)]
     int8: bool,
+    /// `train`: LoRA on the frozen encoder instead of full fine-tuning (W3).
+    #[arg(long)]
+    lora: bool,
     /// The config whose training data the `data` workload reads.
     #[arg(long, default_value = "examples/atis/config.toml")]
     config: PathBuf,
@@ -178,7 +183,23 @@ fn main() -> Result<()> {
         (TaskId::new("cls")?, mtl_nn::HeadSpec::new(TaskKind::Classification, 5)),
         (TaskId::new("tok")?, mtl_nn::HeadSpec::new(TaskKind::TokenClassification, 9)),
     ]);
-    let spec = ModelSpec { bert: &bert, tasks: &tasks, dropout: 0.1, seed: 0, peft: None };
+    let lora = args.lora.then(|| PeftSpec {
+        kind: PeftKind::Lora(LoraSpec {
+            r: 8,
+            alpha: 16.0,
+            dropout: 0.1,
+            targets: vec![
+                LinearModule::Query,
+                LinearModule::Key,
+                LinearModule::Value,
+                LinearModule::AttentionOutput,
+                LinearModule::Intermediate,
+                LinearModule::Output,
+            ],
+        }),
+        adapters: vec![SHARED_ADAPTER.to_string()],
+    });
+    let spec = ModelSpec { bert: &bert, tasks: &tasks, dropout: 0.1, seed: 0, peft: lora.as_ref() };
     let mut model = MultiTaskModel::load(&spec, &args.model.join("model.safetensors"), false, &Device::Cpu)?;
     let hb = batch(args.batch, args.seq, bert.vocab_size);
     if args.workload == "int8" {
@@ -213,7 +234,10 @@ fn main() -> Result<()> {
     let mut phases: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
     match args.workload.as_str() {
         "train" => {
-            let params = model.params().vars().iter().map(|(n, v)| {
+            // Under LoRA only the adapters and the heads train.
+            let trained = |n: &str| !args.lora || mtl_nn::is_peft_param(n) || n.starts_with("heads.");
+            let vars: BTreeMap<_, _> = model.params().vars().iter().filter(|(n, _)| trained(n)).map(|(n, v)| (n.clone(), v.clone())).collect();
+            let params = vars.iter().map(|(n, v)| {
                 let wd = if n.ends_with(".bias") || n.contains("LayerNorm") { 0.0 } else { 0.01 };
                 (n.clone(), v.clone(), ParamGroup { lr: 1e-5, weight_decay: wd })
             });
@@ -224,7 +248,7 @@ fn main() -> Result<()> {
                 let total = (&losses[0].loss + &losses[1].loss)?;
                 let _ = total.to_scalar::<f32>()?;
                 let t1 = Instant::now();
-                let grads = mtl_train::named_grads(&model.backward(&total)?, model.params().vars());
+                let grads = mtl_train::named_grads(&model.backward(&total)?, &vars);
                 let t2 = Instant::now();
                 opt.step(&grads, 1.0, Some(1.0))?;
                 drop(grads);

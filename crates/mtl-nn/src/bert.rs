@@ -593,7 +593,15 @@ impl Bert {
                 _ => Ok(y),
             }
         };
-        let mut qkv = Linear::stacked(&[&l.query, &l.key, &l.value])?.forward(x)?;
+        // Under parameter-efficient tuning the backbone's own weights are frozen: backward skips their gradients.
+        let linear = |layers: &[&Linear], x: &Tensor| -> Result<Tensor> {
+            match peft {
+                Some(_) => crate::fused::frozen_linear(x, layers),
+                None if layers.len() == 1 => layers[0].forward(x),
+                None => Linear::stacked(layers)?.forward(x),
+            }
+        };
+        let mut qkv = linear(&[&l.query, &l.key, &l.value], x)?;
         let qkv_modules = [LinearModule::Query, LinearModule::Key, LinearModule::Value];
         if let Some(pass) = peft.filter(|_| qkv_modules.iter().any(|m| l.lora.contains_key(m))) {
             let parts = qkv_modules
@@ -620,18 +628,18 @@ impl Bert {
             None if x.device().is_cpu() => attention::fused(&qkv, spec)?,
             None => attention::composed(&qkv, &spec)?,
         };
-        let attn = adapt(LinearModule::AttentionOutput, &ctx, l.attn_out.forward(&ctx)?)?;
+        let attn = adapt(LinearModule::AttentionOutput, &ctx, linear(&[&l.attn_out], &ctx)?)?;
         let attn = dropout.apply(&attn, mode)?;
         let attn = bottleneck(Site::Attention, attn)?;
         let x = l.attn_norm.forward(&(attn + x)?)?;
-        let inter = adapt(LinearModule::Intermediate, &x, l.intermediate.forward(&x)?)?;
+        let inter = adapt(LinearModule::Intermediate, &x, linear(&[&l.intermediate], &x)?)?;
         let inter = match self.config.hidden_act {
             Activation::Gelu if inter.device().is_cpu() => crate::fused::gelu_erf(&inter)?,
             Activation::Gelu => inter.gelu_erf()?,
             Activation::GeluNew => inter.gelu()?,
             Activation::Relu => inter.relu()?,
         };
-        let out = adapt(LinearModule::Output, &inter, l.output.forward(&inter)?)?;
+        let out = adapt(LinearModule::Output, &inter, linear(&[&l.output], &inter)?)?;
         let out = dropout.apply(&out, mode)?;
         let out = bottleneck(Site::FeedForward, out)?;
         l.out_norm.forward(&(out + x)?)

@@ -1,12 +1,15 @@
-//! Fused CPU kernels with their backward passes: LayerNorm and the exact (erf) GELU.
+//! Fused CPU kernels with their backward passes: LayerNorm, the exact (erf) GELU, and linear layers whose
+//! weights are frozen.
 //!
 //! Composed from candle ops, LayerNorm takes nine tensor ops forward and about twenty backward, each
 //! allocating a full tensor; the fused version makes one pass over the rows each way, in parallel over row
 //! chunks. Both are tested against the composed forms in [`crate::layers`], values and gradients.
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Shape, Storage, Tensor};
 use rayon::prelude::*;
 
+use crate::cpu::gemm::{self, Threads, View, ViewMut};
+use crate::layers::Linear;
 use crate::Result;
 
 const ROWS_PER_TASK: usize = 64;
@@ -206,6 +209,94 @@ impl CustomOp2 for GeluBackward {
     }
 }
 
+/// `x Wᵀ + b` of linear layers whose weights do not train (a backbone under LoRA, adapters or prefix tuning),
+/// several layers of the same input side by side. Backward gives the input's gradient only: candle's own matmul
+/// also computes the gradient of its second operand, a product as large as the input's that nothing would read,
+/// and a bias gradient besides.
+pub(crate) fn frozen_linear(x: &Tensor, layers: &[&Linear]) -> Result<Tensor> {
+    if !x.device().is_cpu() {
+        // Elsewhere, composed ops on detached weights (correct, without the saving).
+        let stacked = Linear::stacked(layers)?;
+        return Linear { weight: stacked.weight.detach(), bias: stacked.bias.detach() }.forward(x);
+    }
+    let weights = layers.iter().map(|l| l.weight.contiguous()).collect::<candle_core::Result<_>>()?;
+    let biases = Some(layers.iter().map(|l| l.bias.contiguous()).collect::<candle_core::Result<_>>()?);
+    Ok(x.contiguous()?.apply_op1(FrozenLinear { weights, biases })?)
+}
+
+/// `x Wᵀ` for a frozen `W` without bias (a Llama projection under LoRA, or its LM head), with the input's
+/// gradient only, as [`frozen_linear`].
+pub(crate) fn frozen_project(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
+    if !x.device().is_cpu() {
+        return Ok(x.matmul(&weight.detach().t()?)?);
+    }
+    Ok(x.contiguous()?.apply_op1(FrozenLinear { weights: vec![weight.contiguous()?], biases: None })?)
+}
+
+struct FrozenLinear {
+    /// Each `[out_i, in]`; their outputs are written side by side.
+    weights: Vec<Tensor>,
+    /// One per weight, or none at all.
+    biases: Option<Vec<Tensor>>,
+}
+
+fn cpu_f32<'a>(storage: &'a Storage, layout: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
+    let Storage::Cpu(cpu) = storage else { candle_core::bail!("{what}: parameters must be on the CPU") };
+    contiguous(cpu, layout, what)
+}
+
+impl CustomOp1 for FrozenLinear {
+    fn name(&self) -> &'static str {
+        "frozen-linear"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = contiguous(s, l, self.name())?;
+        let k = l.dims().last().copied().unwrap_or(0);
+        let rows = x.len().checked_div(k).unwrap_or(0);
+        let outs: Vec<usize> = self.weights.iter().map(|w| w.dims().first().copied().unwrap_or(0)).collect();
+        let out: usize = outs.iter().sum();
+        let mut y = vec![0f32; rows * out];
+        let mut col = 0;
+        for (i, (w, o)) in self.weights.iter().zip(outs).enumerate() {
+            let (ws, wl) = w.storage_and_layout();
+            let w = cpu_f32(&ws, wl, self.name())?;
+            if w.len() != o * k {
+                candle_core::bail!("{}: a weight of {} values for {o} outputs of {k} inputs", self.name(), w.len())
+            }
+            let bias = self.biases.as_ref().map(|b| b[i].storage_and_layout());
+            if let Some((bs, bl)) = &bias {
+                let b = cpu_f32(bs, bl, self.name())?;
+                if b.len() != o {
+                    candle_core::bail!("{}: a bias of {} values for {o} outputs", self.name(), b.len())
+                }
+                for row in y.chunks_exact_mut(out) {
+                    row[col..col + o].copy_from_slice(b);
+                }
+            }
+            if rows > 0 {
+                let dst = ViewMut::strided(&mut y[col..], rows, o, out);
+                gemm::matmul(dst, View::new(x, rows, k), View::new(w, o, k).t(), 1.0, bias.is_some(), Threads::All);
+            }
+            col += o;
+        }
+        let mut dims = l.dims().to_vec();
+        if let Some(last) = dims.last_mut() {
+            *last = out;
+        }
+        Ok((CpuStorage::F32(y), Shape::from(dims)))
+    }
+
+    fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let w = match self.weights.as_slice() {
+            [w] => w.detach(),
+            ws => Tensor::cat(ws, 0)?.detach(),
+        };
+        let dx = grad.reshape(((), w.dim(0)?))?.matmul(&w)?;
+        Ok(Some(dx.reshape(x.shape())?))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -249,6 +340,38 @@ mod tests {
         let gr = reference.sum_all()?.backward()?;
         let (a, b) = (gf.get(x.as_tensor()).expect("grad"), gr.get(x.as_tensor()).expect("grad"));
         assert!(max_diff(a, b) < 1e-4, "{}", max_diff(a, b));
+        Ok(())
+    }
+
+    #[test]
+    fn frozen_linear_matches_matmul_and_passes_the_input_gradient_only() -> Result<()> {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(9);
+        let mut r = |shape: &[usize]| -> Result<Tensor> {
+            let n = shape.iter().product();
+            Ok(Tensor::from_vec((0..n).map(|_| rng.gen_range(-1.0f32..1.0)).collect::<Vec<_>>(), shape, &Device::Cpu)?)
+        };
+        let (rows, k) = (37, 24);
+        let layers: Vec<Linear> = [16, 8, 16].iter().map(|&o| Ok(Linear { weight: r(&[o, k])?, bias: r(&[o])? })).collect::<Result<_>>()?;
+        let refs: Vec<&Linear> = layers.iter().collect();
+        let x = Var::from_tensor(&r(&[rows, k])?)?;
+        let probe = r(&[rows, 40])?;
+        let frozen = frozen_linear(x.as_tensor(), &refs)?;
+        let reference = Linear::stacked(&refs)?.forward(x.as_tensor())?;
+        assert_eq!(frozen.dims(), &[rows, 40]);
+        assert!(max_diff(&frozen, &reference) < 1e-5, "{}", max_diff(&frozen, &reference));
+        let gf = (frozen * &probe)?.sum_all()?.backward()?;
+        let gr = (reference * &probe)?.sum_all()?.backward()?;
+        let (a, b) = (gf.get(x.as_tensor()).expect("grad"), gr.get(x.as_tensor()).expect("grad"));
+        assert!(max_diff(a, b) < 1e-4, "{}", max_diff(a, b));
+        for l in &layers {
+            assert!(gf.get(&l.weight).is_none() && gf.get(&l.bias).is_none(), "a frozen parameter got a gradient");
+        }
+        let projected = frozen_project(x.as_tensor(), &layers[0].weight)?;
+        let reference = x.as_tensor().matmul(&layers[0].weight.t()?)?;
+        assert!(max_diff(&projected, &reference) < 1e-5, "{}", max_diff(&projected, &reference));
+        // No rows.
+        let empty = frozen_linear(&Tensor::zeros((0, k), candle_core::DType::F32, &Device::Cpu)?, &refs)?;
+        assert_eq!(empty.dims(), &[0, 40]);
         Ok(())
     }
 }

@@ -424,7 +424,16 @@ impl Llama {
 
     /// Vocabulary logits of hidden states from [`Llama::forward`] (`[n, hidden]` → `[n, vocab]`).
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
-        project(hidden, self.lm_head.as_ref().unwrap_or(&self.embed))
+        self.project(hidden, self.lm_head.as_ref().unwrap_or(&self.embed))
+    }
+
+    /// `x · Wᵀ` of a pretrained weight: with LoRA the weights are frozen, and backward computes the input's
+    /// gradient only (see [`crate::fused::frozen_project`]).
+    fn project(&self, x: &Tensor, w: &Tensor) -> Result<Tensor> {
+        match self.lora {
+            Some(_) => crate::fused::frozen_project(x, w),
+            None => project(x, w),
+        }
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -444,7 +453,7 @@ impl Llama {
         let (nh, kvh, d) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
         // `x Wᵀ`, plus the LoRA update of `module` when it has one.
         let linear = |module: DecoderModule, x: &Tensor, w: &Tensor| -> Result<Tensor> {
-            let y = project(x, w)?;
+            let y = self.project(x, w)?;
             match (pass, l.lora.get(&module)) {
                 (Some(pass), Some(lora)) => Ok((y + lora.delta(x, pass)?)?),
                 _ => Ok(y),
