@@ -13,11 +13,11 @@ use mtl_core::{LinearModule, Mode};
 use serde::{Deserialize, Serialize};
 
 use crate::attention::{self, AttentionSpec};
-use crate::cpu::encoder::{Dims, FusedEncoder, GradSink, LayerDropout, LayerParams, Proj};
+use crate::cpu::encoder::{Dims, FusedEncoder, FusedLora, GradSink, LayerDropout, LayerParams, Proj};
 use crate::cpu::int8::{Int8Encoder, Int8Layer, Int8Matrix};
 use crate::layers::{DropoutRng, LayerNorm, Linear};
 use crate::params::{Init, ParamBuilder};
-use crate::peft::{self, BottleneckLayer, LoraLayer, PeftKind, PeftPass, PeftSpec, Placement, PrefixLayer, Route, Site};
+use crate::peft::{self, BottleneckLayer, LoraLayer, LoraSpec, PeftKind, PeftPass, PeftSpec, Placement, PrefixLayer, Route, Site};
 use crate::{NnError, Result};
 
 /// The fields of a Hugging Face BERT `config.json` that the encoder uses; other keys are ignored.
@@ -494,9 +494,12 @@ impl Bert {
             }
             _ => None,
         };
-        // The fused encoder implements the erf GELU (BERT's); other activations take the composed path.
-        if peft.is_none() && x.device().is_cpu() && self.kernels == Kernels::Fused && self.config.hidden_act == Activation::Gelu {
-            return self.fused_layers(&x, input, b, s, dropout, mode);
+        // The fused encoder implements the erf GELU (BERT's) and LoRA; other activations and methods take the
+        // composed path.
+        let fusable = peft.as_ref().is_none_or(|(spec, _)| spec.lora().is_some());
+        if fusable && x.device().is_cpu() && self.kernels == Kernels::Fused && self.config.hidden_act == Activation::Gelu {
+            let lora = peft.as_ref().and_then(|(spec, routes)| spec.lora().map(|l| (l, &routes[..])));
+            return self.fused_layers(&x, input, b, s, dropout, mode, lora);
         }
         let pass = peft.as_ref().map(|(spec, routes)| PeftPass {
             routes,
@@ -513,9 +516,11 @@ impl Bert {
         Ok(x)
     }
 
-    /// All layers as one [`FusedEncoder`] op. Dropout masks are drawn in the same order as the composed path
-    /// draws them, so both give the same result from the same seed.
-    fn fused_layers(&self, x: &Tensor, input: &BertInput, b: usize, s: usize, dropout: &DropoutRng, mode: Mode) -> Result<Tensor> {
+    /// All layers as one [`FusedEncoder`] op, with LoRA when `lora` has its settings and the batch's routes.
+    /// Dropout masks (LoRA's too) are drawn in the same order as the composed path draws them, so both give
+    /// the same result from the same seed.
+    #[allow(clippy::too_many_arguments)]
+    fn fused_layers(&self, x: &Tensor, input: &BertInput, b: usize, s: usize, dropout: &DropoutRng, mode: Mode, lora: Option<(&LoraSpec, &[Route])>) -> Result<Tensor> {
         let c = &self.config;
         let dims = Dims {
             batch: b,
@@ -550,19 +555,80 @@ impl Bert {
             })
             .collect();
         let (n, h) = (b * s, c.hidden_size);
-        let masks = (mode == Mode::Train && dropout.p() > 0.0).then(|| {
-            self.layers
-                .iter()
-                .map(|_| LayerDropout {
-                    attention: dropout.mask(b * c.num_attention_heads * s * s).unwrap_or_default(),
-                    attention_output: dropout.mask(n * h).unwrap_or_default(),
-                    output: dropout.mask(n * h).unwrap_or_default(),
-                })
-                .collect()
-        });
-        let mut op = FusedEncoder::new(dims, layers, input.attention_mask.clone(), masks, mode == Mode::Train, self.grads.clone());
+        let train = mode == Mode::Train;
+        let main = |len: usize| if train && dropout.p() > 0.0 { dropout.mask(len) } else { None };
+        // LoRA's input dropout on `site` of layer `l`, drawn route by route as the composed path draws it.
+        let lora_mask = |l: &Layer, site: LinearModule, in_dim: usize| -> Option<Vec<f32>> {
+            let (spec, routes) = lora?;
+            if !train || !l.lora.contains_key(&site) {
+                return None;
+            }
+            let mut mask = Vec::with_capacity(n * in_dim);
+            for r in routes {
+                mask.extend(dropout.mask_with(r.examples.len() * s * in_dim, spec.dropout)?);
+            }
+            Some(mask)
+        };
+        let (mut masks, mut lora_masks) = (Vec::new(), Vec::new());
+        for l in &self.layers {
+            let [q, k, v] = [LinearModule::Query, LinearModule::Key, LinearModule::Value].map(|m| lora_mask(l, m, h));
+            let attention = main(b * c.num_attention_heads * s * s);
+            let attention_out = lora_mask(l, LinearModule::AttentionOutput, h);
+            let attention_output = main(n * h);
+            let intermediate = lora_mask(l, LinearModule::Intermediate, h);
+            let out = lora_mask(l, LinearModule::Output, c.intermediate_size);
+            let output = main(n * h);
+            if train && dropout.p() > 0.0 {
+                masks.push(LayerDropout {
+                    attention: attention.unwrap_or_default(),
+                    attention_output: attention_output.unwrap_or_default(),
+                    output: output.unwrap_or_default(),
+                });
+            }
+            lora_masks.push([q, k, v, attention_out, intermediate, out]);
+        }
+        let masks = (!masks.is_empty()).then_some(masks);
+        let mut op = FusedEncoder::new(dims, layers, input.attention_mask.clone(), masks, train, self.grads.clone());
         op.retain = self.retain_graph.load(std::sync::atomic::Ordering::Relaxed);
-        Ok(x.contiguous()?.apply_op1(op)?)
+        let Some((spec, routes)) = lora else { return Ok(x.contiguous()?.apply_op1(op)?) };
+        // The adapters of the batch's routes, each once, in order of appearance; their matrices packed.
+        let mut used: Vec<usize> = Vec::new();
+        for r in routes {
+            if !used.contains(&r.adapter) {
+                used.push(r.adapter);
+            }
+        }
+        const SITES: [LinearModule; 6] = [
+            LinearModule::Query,
+            LinearModule::Key,
+            LinearModule::Value,
+            LinearModule::AttentionOutput,
+            LinearModule::Intermediate,
+            LinearModule::Output,
+        ];
+        let mut parts = Vec::new();
+        for l in &self.layers {
+            for site in &SITES {
+                if let Some(lora) = l.lora.get(site) {
+                    for &u in &used {
+                        let pair = lora.pair(u)?;
+                        parts.push(pair.a.flatten_all()?);
+                        parts.push(pair.b.flatten_all()?);
+                    }
+                }
+            }
+        }
+        let packed = Tensor::cat(&parts, 0)?;
+        let any_mask = lora_masks.iter().any(|l| l.iter().any(Option::is_some));
+        op.lora = Some(FusedLora {
+            scale: spec.scale() as f32,
+            r: spec.r,
+            sites: self.layers.iter().map(|l| SITES.map(|m| l.lora.contains_key(&m))).collect(),
+            routes: routes.iter().map(|r| (r.examples.start * s..r.examples.end * s, used.iter().position(|&u| u == r.adapter).unwrap_or(0))).collect(),
+            adapters: used.len(),
+            masks: any_mask.then_some(lora_masks),
+        });
+        Ok(x.contiguous()?.apply_op2(&packed, op)?)
     }
 
     #[allow(clippy::too_many_arguments)]

@@ -289,6 +289,11 @@ impl LoraLayer {
         Ok(Self { pairs })
     }
 
+    /// Adapter `adapter`'s matrices.
+    pub(crate) fn pair(&self, adapter: usize) -> Result<&LoraPair> {
+        Ok(self.pairs.get(adapter).ok_or_else(|| candle_core::Error::Msg(format!("no LoRA adapter {adapter}")))?)
+    }
+
     /// The update of every row of `x` (`[examples * seq, in]`), each example through its route's adapter.
     pub(crate) fn delta(&self, x: &Tensor, pass: &PeftPass) -> Result<Tensor> {
         pass.routed(x, |adapter, xs| {

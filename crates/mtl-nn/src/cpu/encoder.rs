@@ -10,12 +10,17 @@
 //! and hands the gradient of every layer parameter to a [`GradSink`], which the model merges into candle's
 //! gradient store.
 //!
+//! With LoRA ([`FusedLora`]) the backbone is frozen: the pass adds each projection's low-rank update, row
+//! ranges through their own adapters, and the backward pass computes the adapters' gradients and the input
+//! gradients it needs, none of the frozen weights'.
+//!
 //! The composed path in `bert.rs` (candle ops, per-op fused kernels) is the reference: tests compare values
-//! and every parameter's gradient, with padding, fully padded rows and dropout.
+//! and every parameter's gradient, with padding, fully padded rows and dropout, with and without LoRA.
 
+use std::ops::Range;
 use std::sync::{Arc, Mutex};
 
-use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Storage, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Storage, Tensor};
 use rayon::prelude::*;
 
 use super::gemm::{matmul, Threads, View, ViewMut};
@@ -92,6 +97,154 @@ struct Tape {
     rstd2: Vec<f32>,
     /// The layer's output, which is the next layer's input (absent for the last layer).
     out: Option<Vec<f32>>,
+    /// Per LoRA site, `drop(x) Aᵀ` of every row (`tokens × r`).
+    lora_h: [Option<Vec<f32>>; SITES],
+}
+
+/// The projections LoRA can sit on, in this order: query, key, value, attention output, intermediate, output.
+pub const SITES: usize = 6;
+
+/// LoRA on the fused pass; see the module docs. The adapters' matrices are the op's second input, packed:
+/// layer by layer, site by site (where `sites` says), for each packed adapter its `A` (`r × in`) then its `B`
+/// (`out × r`). candle then hands each matrix its part of the packed gradient. Only the adapters of the batch's
+/// routes are packed: the others must get no gradient, not even a zero one (AdamW would count it as a step).
+#[derive(Debug)]
+pub struct FusedLora {
+    /// `alpha / r`.
+    pub scale: f32,
+    pub r: usize,
+    /// Per layer, which sites carry LoRA.
+    pub sites: Vec<[bool; SITES]>,
+    /// Token rows of each route, in order and covering every row, and the packed adapter they go through.
+    pub routes: Vec<(Range<usize>, usize)>,
+    /// How many adapters are packed.
+    pub adapters: usize,
+    /// In training with LoRA dropout: per layer and site, the multipliers of the site's input (`tokens × in`).
+    pub masks: Option<Vec<[Option<Vec<f32>>; SITES]>>,
+}
+
+/// Inputs and outputs of a LoRA site.
+fn site_dims(d: &Dims, site: usize) -> (usize, usize) {
+    match site {
+        4 => (d.hidden, d.intermediate),
+        5 => (d.intermediate, d.hidden),
+        _ => (d.hidden, d.hidden),
+    }
+}
+
+impl FusedLora {
+    /// Where each layer's sites start in the packed input, and its length.
+    fn offsets(&self, d: &Dims) -> (Vec<[Option<usize>; SITES]>, usize) {
+        let mut at = 0;
+        let offsets = self
+            .sites
+            .iter()
+            .map(|sites| {
+                std::array::from_fn(|m| {
+                    sites[m].then(|| {
+                        let (i, o) = site_dims(d, m);
+                        let start = at;
+                        at += self.adapters * self.r * (i + o);
+                        start
+                    })
+                })
+            })
+            .collect();
+        (offsets, at)
+    }
+
+    fn check(&self, d: &Dims, layers: usize, packed: usize) -> candle_core::Result<()> {
+        let mut next = 0;
+        for (rows, adapter) in &self.routes {
+            if rows.start != next || *adapter >= self.adapters {
+                candle_core::bail!("fused encoder: LoRA routes {:?} do not cover the rows in order", self.routes)
+            }
+            next = rows.end;
+        }
+        if next != d.tokens() || self.sites.len() != layers || self.offsets(d).1 != packed {
+            candle_core::bail!("fused encoder: LoRA routes, sites or packed adapters do not match {d:?}")
+        }
+        if let Some(masks) = &self.masks {
+            let fits = |(l, m): (usize, usize)| masks[l][m].as_ref().is_none_or(|mask| mask.len() == d.tokens() * site_dims(d, m).0);
+            if masks.len() != layers || !(0..layers).flat_map(|l| (0..SITES).map(move |m| (l, m))).all(fits) {
+                candle_core::bail!("fused encoder: LoRA dropout masks do not match {d:?}")
+            }
+        }
+        Ok(())
+    }
+}
+
+/// One layer's view of the LoRA of a pass.
+struct LayerLora<'a> {
+    lora: &'a FusedLora,
+    packed: &'a [f32],
+    offsets: [Option<usize>; SITES],
+    masks: Option<&'a [Option<Vec<f32>>; SITES]>,
+}
+
+impl LayerLora<'_> {
+    /// Where adapter `u`'s `A` and `B` of `site` start in the packed input.
+    fn pair(&self, d: &Dims, site: usize, u: usize) -> Option<(usize, usize)> {
+        let (i, o) = site_dims(d, site);
+        let a = self.offsets[site]? + u * self.lora.r * (i + o);
+        Some((a, a + self.lora.r * i))
+    }
+
+    fn mask(&self, site: usize) -> Option<&[f32]> {
+        self.masks.and_then(|m| m[site].as_deref())
+    }
+
+    /// Adds `scale · drop(x) Aᵀ Bᵀ` to the site's output (`tokens × out` at column `offset` of rows of
+    /// `stride`); returns `drop(x) Aᵀ` for the backward pass, or nothing where the site has no LoRA.
+    fn forward(&self, d: &Dims, site: usize, x: &[f32], out: &mut [f32], stride: usize, offset: usize) -> Option<Vec<f32>> {
+        self.offsets[site]?;
+        let ((i, o), r) = (site_dims(d, site), self.lora.r);
+        let xd = masked(x, self.mask(site));
+        let mut h = vec![0f32; d.tokens() * r];
+        for (rows, u) in &self.lora.routes {
+            let ((a, b), len) = (self.pair(d, site, *u)?, rows.len());
+            let hr = &mut h[rows.start * r..rows.end * r];
+            matmul(ViewMut::new(hr, len, r), View::new(&xd[rows.start * i..rows.end * i], len, i), View::new(&self.packed[a..a + r * i], r, i).t(), 1.0, false, Threads::All);
+            let dst = ViewMut::strided(&mut out[rows.start * stride + offset..], len, o, stride);
+            matmul(dst, View::new(hr, len, r), View::new(&self.packed[b..b + o * r], o, r).t(), self.lora.scale, true, Threads::All);
+        }
+        Some(h)
+    }
+
+    /// The backward pass of the site's update, given the gradient of its output (`dout`, laid out as
+    /// [`LayerLora::forward`]'s `out`): adds the adapters' gradients into `g` (packed as the input) and the
+    /// input's gradient into `dx`.
+    #[allow(clippy::too_many_arguments)]
+    fn backward(&self, d: &Dims, site: usize, x: &[f32], h: &[f32], dout: &[f32], stride: usize, offset: usize, dx: &mut [f32], g: &mut [f32]) {
+        let ((i, o), r, scale) = (site_dims(d, site), self.lora.r, self.lora.scale);
+        let mask = self.mask(site);
+        let xd = masked(x, mask);
+        for (rows, u) in &self.lora.routes {
+            let (Some((a, b)), len) = (self.pair(d, site, *u), rows.len()) else { return };
+            let dout = View::strided(&dout[rows.start * stride + offset..], len, o, stride);
+            let hr = View::new(&h[rows.start * r..rows.end * r], len, r);
+            // dB += scale · doutᵀ h;  dh = scale · dout B;  dA += dhᵀ drop(x);  dx += (dh A) ∘ mask.
+            matmul(ViewMut::new(&mut g[b..b + o * r], o, r), dout.t(), hr, scale, true, Threads::All);
+            let mut dh = vec![0f32; len * r];
+            matmul(ViewMut::new(&mut dh, len, r), dout, View::new(&self.packed[b..b + o * r], o, r), scale, false, Threads::All);
+            let dh = View::new(&dh, len, r);
+            matmul(ViewMut::new(&mut g[a..a + r * i], r, i), dh.t(), View::new(&xd[rows.start * i..rows.end * i], len, i), 1.0, true, Threads::All);
+            let (dxr, a) = (&mut dx[rows.start * i..rows.end * i], View::new(&self.packed[a..a + r * i], r, i));
+            match mask {
+                None => matmul(ViewMut::new(dxr, len, i), dh, a, 1.0, true, Threads::All),
+                Some(m) => {
+                    let mut dxd = vec![0f32; len * i];
+                    matmul(ViewMut::new(&mut dxd, len, i), dh, a, 1.0, false, Threads::All);
+                    let m = &m[rows.start * i..rows.end * i];
+                    simd(#[inline(always)] || {
+                        for ((dx, v), m) in dxr.iter_mut().zip(&dxd).zip(m) {
+                            *dx += v * m;
+                        }
+                    });
+                }
+            }
+        }
+    }
 }
 
 /// The encoder op; see the module docs.
@@ -107,12 +260,24 @@ pub struct FusedEncoder {
     /// Keep the tape through backward passes, so that several losses can each run one (per-task gradients).
     pub retain: bool,
     pub sink: GradSink,
+    /// LoRA on a frozen backbone; the op then takes the packed adapters as its second input
+    /// (`apply_op2`), and the backbone's parameters get no gradient.
+    pub lora: Option<FusedLora>,
     tape: Mutex<Option<Vec<Tape>>>,
 }
 
 impl FusedEncoder {
     pub fn new(dims: Dims, layers: Vec<LayerParams>, key_mask: Arc<Vec<u32>>, dropout: Option<Vec<LayerDropout>>, train: bool, sink: GradSink) -> Self {
-        Self { dims, layers, key_mask, dropout, train, retain: false, sink, tape: Mutex::new(None) }
+        Self { dims, layers, key_mask, dropout, train, retain: false, sink, lora: None, tape: Mutex::new(None) }
+    }
+
+    fn layer_lora<'a>(&'a self, offsets: &'a [[Option<usize>; SITES]], packed: Option<&'a [f32]>, l: usize) -> Option<LayerLora<'a>> {
+        let (lora, packed) = (self.lora.as_ref()?, packed?);
+        Some(LayerLora { lora, packed, offsets: offsets[l], masks: lora.masks.as_ref().map(|m| &m[l]) })
+    }
+
+    fn lora_offsets(&self) -> Vec<[Option<usize>; SITES]> {
+        self.lora.as_ref().map(|l| l.offsets(&self.dims).0).unwrap_or_default()
     }
 
     fn layer_dropout(&self, l: usize) -> Option<&LayerDropout> {
@@ -156,14 +321,9 @@ fn check_params(d: &Dims, w: &[&[f32]]) -> candle_core::Result<()> {
     Ok(())
 }
 
-impl CustomOp1 for FusedEncoder {
-    fn name(&self) -> &'static str {
-        "fused-encoder"
-    }
-
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+impl FusedEncoder {
+    fn forward(&self, x0: &[f32], packed: Option<&[f32]>) -> candle_core::Result<Vec<f32>> {
         let d = &self.dims;
-        let x0 = f32_slice(storage, layout)?;
         if x0.len() != d.tokens() * d.hidden || self.key_mask.len() != d.tokens() || d.heads == 0 || !d.hidden.is_multiple_of(d.heads) {
             candle_core::bail!("fused encoder: input does not match {d:?}")
         }
@@ -174,6 +334,12 @@ impl CustomOp1 for FusedEncoder {
                 candle_core::bail!("fused encoder: dropout masks do not match {d:?}")
             }
         }
+        match (&self.lora, packed) {
+            (Some(lora), Some(packed)) => lora.check(d, self.layers.len(), packed.len())?,
+            (None, None) => {}
+            _ => candle_core::bail!("fused encoder: LoRA needs its packed adapters, and only LoRA has them"),
+        }
+        let offsets = self.lora_offsets();
         let lost = || candle_core::Error::Msg("fused encoder: a layer output went missing".into());
         let mut tapes: Vec<Tape> = Vec::new();
         let mut carry: Option<Vec<f32>> = None;
@@ -189,7 +355,8 @@ impl CustomOp1 for FusedEncoder {
                 _ => carry.as_deref().ok_or_else(lost)?,
             };
             let layer = F32Layer { w: &w, hidden: d.hidden, intermediate: d.intermediate };
-            let (y, tape) = layer_forward(d, &layer, input, &self.key_mask, self.layer_dropout(l), self.train);
+            let lora = self.layer_lora(&offsets, packed, l);
+            let (y, tape) = layer_forward(d, &layer, input, &self.key_mask, self.layer_dropout(l), self.train, lora.as_ref());
             match tape {
                 Some(mut tape) => {
                     if last {
@@ -206,24 +373,22 @@ impl CustomOp1 for FusedEncoder {
         if self.train {
             *self.tape.lock().map_err(|_| candle_core::Error::Msg("fused encoder: tape lock poisoned".into()))? = Some(tapes);
         }
-        Ok((CpuStorage::F32(output), layout.shape().clone()))
+        Ok(output)
     }
 
-    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> candle_core::Result<Option<Tensor>> {
+    /// The input's gradient, and with LoRA the packed adapters'; the backbone's parameter gradients (without
+    /// LoRA) go to the sink.
+    fn backward(&self, x0: &[f32], packed: Option<&[f32]>, mut dy: Vec<f32>) -> candle_core::Result<(Vec<f32>, Option<Vec<f32>>)> {
         let d = &self.dims;
         let mut tape = self.tape.lock().map_err(|_| candle_core::Error::Msg("fused encoder: tape lock poisoned".into()))?;
         let mut tapes = if self.retain { tape.clone() } else { tape.take() }
             .ok_or_else(|| candle_core::Error::Msg("fused encoder: backward needs a forward pass in training mode, once".into()))?;
         drop(tape);
-        let arg = arg.contiguous()?;
-        let grad = grad_res.contiguous()?;
-        let (x0_guard, x0_layout) = arg.storage_and_layout();
-        let Storage::Cpu(x0_cpu) = &*x0_guard else { candle_core::bail!("fused encoder: input must be on the CPU") };
-        let x0 = f32_slice(x0_cpu, x0_layout)?;
-        let mut dy = grad.flatten_all()?.to_vec1::<f32>()?;
         if dy.len() != x0.len() || tapes.len() != self.layers.len() {
             candle_core::bail!("fused encoder: the output gradient or the tape does not match the forward pass")
         }
+        let offsets = self.lora_offsets();
+        let mut lora_grad = packed.map(|p| vec![0f32; p.len()]);
         let mut grads = Vec::new();
         while let Some(tape) = tapes.pop() {
             let l = tapes.len();
@@ -233,15 +398,61 @@ impl CustomOp1 for FusedEncoder {
                 Some(prev) => prev.out.as_deref().ok_or_else(|| candle_core::Error::Msg("fused encoder: tape lost a layer output".into()))?,
                 None => x0,
             };
-            let mut g: Vec<Vec<f32>> = w.iter().map(|w| vec![0f32; w.len()]).collect();
-            dy = layer_backward(d, &w, x, &tape, self.layer_dropout(l), &dy, &mut g);
-            drop(tape);
-            for (param, g) in self.layers[l].iter().zip(g) {
-                grads.push((param.clone(), Tensor::from_vec(g, param.shape(), param.device())?));
+            let lora = self.layer_lora(&offsets, packed, l);
+            match (lora.as_ref(), lora_grad.as_deref_mut()) {
+                // A frozen backbone: no parameter gradients.
+                (Some(lora), Some(lg)) => dy = layer_backward(d, &w, x, &tape, self.layer_dropout(l), &dy, None, Some((lora, lg))),
+                _ => {
+                    let mut g: Vec<Vec<f32>> = w.iter().map(|w| vec![0f32; w.len()]).collect();
+                    dy = layer_backward(d, &w, x, &tape, self.layer_dropout(l), &dy, Some(&mut g), None);
+                    for (param, g) in self.layers[l].iter().zip(g) {
+                        grads.push((param.clone(), Tensor::from_vec(g, param.shape(), param.device())?));
+                    }
+                }
             }
+            drop(tape);
         }
         self.sink.lock().map_err(|_| candle_core::Error::Msg("fused encoder: gradient sink poisoned".into()))?.extend(grads);
-        Ok(Some(Tensor::from_vec(dy, arg.shape(), arg.device())?))
+        Ok((dy, lora_grad))
+    }
+}
+
+/// The f32 data of a contiguous tensor on the CPU, as a vector.
+fn host_vec(t: &Tensor) -> candle_core::Result<Vec<f32>> {
+    t.flatten_all()?.to_vec1::<f32>()
+}
+
+impl CustomOp1 for FusedEncoder {
+    fn name(&self) -> &'static str {
+        "fused-encoder"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let output = self.forward(f32_slice(storage, layout)?, None)?;
+        Ok((CpuStorage::F32(output), layout.shape().clone()))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let (dx, _) = self.backward(&host_vec(arg)?, None, host_vec(grad_res)?)?;
+        Ok(Some(Tensor::from_vec(dx, arg.shape(), arg.device())?))
+    }
+}
+
+/// With LoRA: the encoder input and the packed adapters.
+impl CustomOp2 for FusedEncoder {
+    fn name(&self) -> &'static str {
+        "fused-encoder-lora"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let output = self.forward(f32_slice(s1, l1)?, Some(f32_slice(s2, l2)?))?;
+        Ok((CpuStorage::F32(output), l1.shape().clone()))
+    }
+
+    fn bwd(&self, arg: &Tensor, packed: &Tensor, _res: &Tensor, grad_res: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let (dx, dp) = self.backward(&host_vec(arg)?, Some(&host_vec(packed)?), host_vec(grad_res)?)?;
+        let dp = dp.ok_or_else(|| candle_core::Error::Msg("fused encoder: no LoRA gradient".into()))?;
+        Ok((Some(Tensor::from_vec(dx, arg.shape(), arg.device())?), Some(Tensor::from_vec(dp, packed.shape(), packed.device())?)))
     }
 }
 
@@ -405,25 +616,36 @@ impl LayerWeights for F32Layer<'_> {
 pub fn infer(d: &Dims, layers: &[impl LayerWeights], x0: &[f32], key_mask: &[u32]) -> Vec<f32> {
     let mut x = x0.to_vec();
     for layer in layers {
-        x = layer_forward(d, layer, &x, key_mask, None, false).0;
+        x = layer_forward(d, layer, &x, key_mask, None, false, None).0;
     }
     x
 }
 
-fn layer_forward(d: &Dims, w: &dyn LayerWeights, x: &[f32], key_mask: &[u32], dropout: Option<&LayerDropout>, train: bool) -> (Vec<f32>, Option<Tape>) {
+fn layer_forward(d: &Dims, w: &dyn LayerWeights, x: &[f32], key_mask: &[u32], dropout: Option<&LayerDropout>, train: bool, lora: Option<&LayerLora>) -> (Vec<f32>, Option<Tape>) {
     let (n, h, inter) = (d.tokens(), d.hidden, d.intermediate);
     let [n1w, n1b, n2w, n2b] = w.norms();
+    let mut lora_h: [Option<Vec<f32>>; SITES] = Default::default();
+    let mut adapt = |site: usize, x: &[f32], out: &mut [f32], stride: usize, offset: usize| {
+        if let Some(lora) = lora {
+            lora_h[site] = lora.forward(d, site, x, out, stride, offset);
+        }
+    };
     let mut qkv = vec![0f32; n * 3 * h];
     w.project(Proj::Qkv, x, n, &mut qkv);
+    for site in 0..3 {
+        adapt(site, x, &mut qkv, 3 * h, site * h);
+    }
     let mut probs = if train { vec![0f32; d.batch * d.heads * d.seq * d.seq] } else { Vec::new() };
     let ctx = attention_forward(d, &qkv, key_mask, dropout.map(|d| &d.attention[..]), train.then_some(&mut probs[..]));
     let mut a = vec![0f32; n * h];
     w.project(Proj::AttentionOutput, &ctx, n, &mut a);
+    adapt(3, &ctx, &mut a, h, 0);
     let (mut y1, mut xhat1, mut rstd1) = (vec![0f32; n * h], vec![0f32; n * h], vec![0f32; n]);
     add_norm(&a, dropout.map(|d| &d.attention_output[..]), x, n1w, n1b, d.eps, &mut y1, &mut xhat1, &mut rstd1);
     drop(a);
     let mut u = vec![0f32; n * inter];
     w.project(Proj::Intermediate, &y1, n, &mut u);
+    adapt(4, &y1, &mut u, inter, 0);
     // g = gelu(u) for the next product; u itself is overwritten by gelu'(u), all the backward pass needs.
     let mut g = vec![0f32; n * inter];
     g.par_chunks_mut(1 << 14).zip(u.par_chunks_mut(1 << 14)).for_each(|(g, u)| {
@@ -436,54 +658,98 @@ fn layer_forward(d: &Dims, w: &dyn LayerWeights, x: &[f32], key_mask: &[u32], dr
     let dgelu = u;
     let mut o = vec![0f32; n * h];
     w.project(Proj::Output, &g, n, &mut o);
+    adapt(5, &g, &mut o, h, 0);
     let (mut y2, mut xhat2, mut rstd2) = (vec![0f32; n * h], vec![0f32; n * h], vec![0f32; n]);
     add_norm(&o, dropout.map(|d| &d.output[..]), &y1, n2w, n2b, d.eps, &mut y2, &mut xhat2, &mut rstd2);
-    let tape = train.then_some(Tape { qkv, probs, ctx, xhat1, rstd1, y1, dgelu, g, xhat2, rstd2, out: None });
+    let tape = train.then_some(Tape { qkv, probs, ctx, xhat1, rstd1, y1, dgelu, g, xhat2, rstd2, out: None, lora_h });
     (y2, tape)
 }
 
+/// LayerNorm's backward pass with its weight's gradient at `g[weight]` and its bias's at `g[weight + 1]`, or
+/// into scratch buffers for a frozen layer (`g` absent).
+fn norm_grads(g: Option<&mut [Vec<f32>]>, weight: usize, h: usize, f: impl FnOnce(&mut [f32], &mut [f32]) -> Vec<f32>) -> Vec<f32> {
+    match g {
+        Some(g) => {
+            let (lo, hi) = g.split_at_mut(weight + 1);
+            f(&mut lo[weight], &mut hi[0])
+        }
+        None => f(&mut vec![0f32; h], &mut vec![0f32; h]),
+    }
+}
+
+/// One layer's backward pass: returns the gradient of its input. The parameters' gradients go into `g`
+/// (absent for a frozen layer), LoRA's into the packed buffer beside its [`LayerLora`].
 #[allow(clippy::too_many_arguments)]
-fn layer_backward(d: &Dims, w: &[&[f32]], x: &[f32], t: &Tape, dropout: Option<&LayerDropout>, dy: &[f32], g: &mut [Vec<f32>]) -> Vec<f32> {
+fn layer_backward(
+    d: &Dims,
+    w: &[&[f32]],
+    x: &[f32],
+    t: &Tape,
+    dropout: Option<&LayerDropout>,
+    dy: &[f32],
+    mut g: Option<&mut [Vec<f32>]>,
+    mut lora: Option<(&LayerLora, &mut [f32])>,
+) -> Vec<f32> {
     let (n, h, inter) = (d.tokens(), d.hidden, d.intermediate);
-    let [gq, gqb, gk, gkb, gv, gvb, go, gob, gn1, gn1b, gi, gib, gf, gfb, gn2, gn2b] = g else { unreachable!("16 parameters per layer") };
+    // The LoRA update of `site` (input `input`, output gradient `dout`): its adapters' gradients, and its input's
+    // added to `dx`.
+    let mut adapted = |site: usize, input: &[f32], dout: &[f32], stride: usize, offset: usize, dx: &mut [f32]| {
+        if let (Some((lora, lg)), Some(hs)) = (lora.as_mut(), t.lora_h[site].as_deref()) {
+            lora.backward(d, site, input, hs, dout, stride, offset, dx, lg);
+        }
+    };
     // Output LayerNorm, then the dropout on the feed-forward output.
-    let dr2 = norm_backward(dy, &t.xhat2, &t.rstd2, w[N2W], gn2, gn2b);
+    let dr2 = norm_grads(g.as_deref_mut(), N2W, h, |gw, gb| norm_backward(dy, &t.xhat2, &t.rstd2, w[N2W], gw, gb));
     let dout = masked(&dr2, dropout.map(|d| &d.output[..]));
-    col_sums(&dout, h, 0, gfb);
-    matmul(ViewMut::new(gf, h, inter), View::new(&dout, n, h).t(), View::new(&t.g, n, inter), 1.0, false, Threads::All);
+    if let Some(g) = g.as_deref_mut() {
+        col_sums(&dout, h, 0, &mut g[FB]);
+        matmul(ViewMut::new(&mut g[FW], h, inter), View::new(&dout, n, h).t(), View::new(&t.g, n, inter), 1.0, false, Threads::All);
+    }
     let mut du = vec![0f32; n * inter];
     matmul(ViewMut::new(&mut du, n, inter), View::new(&dout, n, h), View::new(w[FW], h, inter), 1.0, false, Threads::All);
+    adapted(5, &t.g, &dout, h, 0, &mut du);
     drop(dout);
     elementwise(&mut du, #[inline(always)] |c, start| {
         for (g, &d) in c.iter_mut().zip(&t.dgelu[start..]) {
             *g *= d;
         }
     });
-    col_sums(&du, inter, 0, gib);
-    matmul(ViewMut::new(gi, inter, h), View::new(&du, n, inter).t(), View::new(&t.y1, n, h), 1.0, false, Threads::All);
+    if let Some(g) = g.as_deref_mut() {
+        col_sums(&du, inter, 0, &mut g[IB]);
+        matmul(ViewMut::new(&mut g[IW], inter, h), View::new(&du, n, inter).t(), View::new(&t.y1, n, h), 1.0, false, Threads::All);
+    }
     let mut dy1 = dr2;
     matmul(ViewMut::new(&mut dy1, n, h), View::new(&du, n, inter), View::new(w[IW], inter, h), 1.0, true, Threads::All);
+    adapted(4, &t.y1, &du, inter, 0, &mut dy1);
     drop(du);
     // Attention LayerNorm, dropout, output projection.
-    let dr1 = norm_backward(&dy1, &t.xhat1, &t.rstd1, w[N1W], gn1, gn1b);
+    let dr1 = norm_grads(g.as_deref_mut(), N1W, h, |gw, gb| norm_backward(&dy1, &t.xhat1, &t.rstd1, w[N1W], gw, gb));
     drop(dy1);
     let da = masked(&dr1, dropout.map(|d| &d.attention_output[..]));
-    col_sums(&da, h, 0, gob);
-    matmul(ViewMut::new(go, h, h), View::new(&da, n, h).t(), View::new(&t.ctx, n, h), 1.0, false, Threads::All);
+    if let Some(g) = g.as_deref_mut() {
+        col_sums(&da, h, 0, &mut g[OB]);
+        matmul(ViewMut::new(&mut g[OW], h, h), View::new(&da, n, h).t(), View::new(&t.ctx, n, h), 1.0, false, Threads::All);
+    }
     let mut dctx = vec![0f32; n * h];
     matmul(ViewMut::new(&mut dctx, n, h), View::new(&da, n, h), View::new(w[OW], h, h), 1.0, false, Threads::All);
+    adapted(3, &t.ctx, &da, h, 0, &mut dctx);
     drop(da);
     let dqkv = attention_backward(d, &t.qkv, &t.probs, dropout.map(|d| &d.attention[..]), &dctx);
     drop(dctx);
     // The q, k, v projections, as one product against the stacked weight.
     let mut dx = dr1;
-    let (mut gw, mut gb) = (vec![0f32; 3 * h * h], vec![0f32; 3 * h]);
-    col_sums(&dqkv, 3 * h, 0, &mut gb);
-    matmul(ViewMut::new(&mut gw, 3 * h, h), View::new(&dqkv, n, 3 * h).t(), View::new(x, n, h), 1.0, false, Threads::All);
+    if let Some(g) = g {
+        let (mut gw, mut gb) = (vec![0f32; 3 * h * h], vec![0f32; 3 * h]);
+        col_sums(&dqkv, 3 * h, 0, &mut gb);
+        matmul(ViewMut::new(&mut gw, 3 * h, h), View::new(&dqkv, n, 3 * h).t(), View::new(x, n, h), 1.0, false, Threads::All);
+        for p in 0..3 {
+            g[QW + 2 * p].copy_from_slice(&gw[p * h * h..(p + 1) * h * h]);
+            g[QB + 2 * p].copy_from_slice(&gb[p * h..(p + 1) * h]);
+        }
+    }
     matmul(ViewMut::new(&mut dx, n, h), View::new(&dqkv, n, 3 * h), View::new(&stacked(w, QW), 3 * h, h), 1.0, true, Threads::All);
-    for (p, (gw_p, gb_p)) in [(gq, gqb), (gk, gkb), (gv, gvb)].into_iter().enumerate() {
-        gw_p.copy_from_slice(&gw[p * h * h..(p + 1) * h * h]);
-        gb_p.copy_from_slice(&gb[p * h..(p + 1) * h]);
+    for site in 0..3 {
+        adapted(site, x, &dqkv, 3 * h, site * h, &mut dx);
     }
     dx
 }
