@@ -375,11 +375,14 @@ fn other_activations_fall_back_to_the_composed_path() -> TestResult {
 
 mod fused_encoder_properties {
     use super::*;
+    use crate::{LoraSpec, PeftKind, PeftSpec};
+    use mtl_core::LinearModule;
     use proptest::prelude::*;
     use rand::{Rng, SeedableRng};
 
     /// A random tiny BERT with freshly initialised weights.
-    fn random_model(layers: usize, heads: usize, head_dim: usize, intermediate: usize, dropout: f32, seed: u64) -> Result<MultiTaskModel, NnError> {
+    #[allow(clippy::too_many_arguments)]
+    fn random_model(layers: usize, heads: usize, head_dim: usize, intermediate: usize, dropout: f32, seed: u64, peft: Option<&PeftSpec>) -> Result<MultiTaskModel, NnError> {
         let config = BertConfig {
             vocab_size: 23,
             hidden_size: heads * head_dim,
@@ -394,9 +397,12 @@ mod fused_encoder_properties {
             layer_norm_eps: 1e-5,
             position_embedding_type: None,
         };
-        let tasks = BTreeMap::from([(TaskId::new("tags").expect("valid"), HeadSpec::new(TaskKind::TokenClassification, 3))]);
-        let model = MultiTaskModel::build(&ModelSpec { bert: &config, tasks: &tasks, dropout, seed, peft: None }, HashMap::new(), &Device::Cpu)?;
-        // BERT's initialisation (std 0.02) leaves attention almost uniform, where the key gradient nearly
+        let tasks = BTreeMap::from([
+            (TaskId::new("tags").expect("valid"), HeadSpec::new(TaskKind::TokenClassification, 3)),
+            (TaskId::new("more").expect("valid"), HeadSpec::new(TaskKind::TokenClassification, 3)),
+        ]);
+        let model = MultiTaskModel::build(&ModelSpec { bert: &config, tasks: &tasks, dropout, seed, peft }, HashMap::new(), &Device::Cpu)?;
+        // BERT's initialisation (std 0.02) leaves attention almost uniform (and LoRA's B starts at zero), where the key gradient nearly
         // vanishes and an error in it would go unseen: use weights large enough for peaked attention.
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ 0x5EED);
         for (name, var) in model.params().vars() {
@@ -408,8 +414,10 @@ mod fused_encoder_properties {
         Ok(model)
     }
 
+    /// With `lora` (rank, sites as bits of `LinearModule::ALL`), per-task adapters for the two tasks, whose
+    /// examples the batch mixes.
     #[allow(clippy::too_many_arguments)]
-    fn check(batch: usize, seq: usize, layers: usize, heads: usize, head_dim: usize, intermediate: usize, dropout: f32, seed: u64) -> TestResult {
+    fn check(batch: usize, seq: usize, layers: usize, heads: usize, head_dim: usize, intermediate: usize, dropout: f32, seed: u64, lora: Option<(usize, u8)>) -> TestResult {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
         let mut mask: Vec<u32> = (0..batch * seq).map(|_| u32::from(rng.gen_bool(0.8))).collect();
         if rng.gen_bool(0.5) {
@@ -417,6 +425,22 @@ mod fused_encoder_properties {
             mask[b * seq..(b + 1) * seq].fill(0); // a fully padded example
         }
         let labels: Vec<i64> = (0..batch * seq).map(|_| if rng.gen_bool(0.2) { IGNORE_INDEX } else { rng.gen_range(0..3) }).collect();
+        let mut targets = BTreeMap::from([(TaskId::new("tags")?, Targets::Tokens(labels.clone()))]);
+        let peft = lora.map(|(r, sites)| PeftSpec {
+            kind: PeftKind::Lora(LoraSpec {
+                r,
+                alpha: 2.0 * r as f64,
+                dropout,
+                targets: LinearModule::ALL.iter().enumerate().filter(|(i, _)| sites & (1 << i) != 0).map(|(_, m)| *m).collect(),
+            }),
+            adapters: vec!["tags".into(), "more".into()],
+        });
+        if peft.is_some() {
+            // Each example labelled for one of the two tasks (or, one time in four, both).
+            let owner: Vec<u8> = (0..batch).map(|_| rng.gen_range(0..4)).collect();
+            let keep = |task: u8| -> Vec<i64> { labels.iter().enumerate().map(|(i, &l)| if owner[i / seq] == task || owner[i / seq] == 3 { l } else { IGNORE_INDEX }).collect() };
+            targets = BTreeMap::from([(TaskId::new("tags")?, Targets::Tokens(keep(0))), (TaskId::new("more")?, Targets::Tokens(keep(1)))]);
+        }
         let hb = HostBatch {
             batch,
             seq,
@@ -424,17 +448,29 @@ mod fused_encoder_properties {
             token_type_ids: (0..batch * seq).map(|_| rng.gen_range(0..2)).collect(),
             attention_mask: mask,
             word_starts: vec![vec![]; batch],
-            targets: BTreeMap::from([(TaskId::new("tags")?, Targets::Tokens(labels))]),
+            targets,
         };
-        let fused = random_model(layers, heads, head_dim, intermediate, dropout, seed)?;
-        let mut composed = random_model(layers, heads, head_dim, intermediate, dropout, seed)?;
+        let fused = random_model(layers, heads, head_dim, intermediate, dropout, seed, peft.as_ref())?;
+        let mut composed = random_model(layers, heads, head_dim, intermediate, dropout, seed, peft.as_ref())?;
         composed.set_kernels(Kernels::Composed);
         let diff = |a: &Tensor, b: &Tensor| -> Result<f32, candle_core::Error> { (a - b)?.abs()?.max_all()?.to_scalar::<f32>() };
-        let (a, b) = (fused.encode(&hb, Mode::Train)?, composed.encode(&hb, Mode::Train)?);
-        if diff(&a, &b)? > 1e-4 {
-            return Err(format!("hidden states differ by {}", diff(&a, &b)?).into());
+        if peft.is_none() {
+            let (a, b) = (fused.encode(&hb, Mode::Train)?, composed.encode(&hb, Mode::Train)?);
+            if diff(&a, &b)? > 1e-4 {
+                return Err(format!("hidden states differ by {}", diff(&a, &b)?).into());
+            }
         }
-        let loss = |m: &MultiTaskModel| -> Result<Option<Tensor>, NnError> { Ok(m.losses(&hb, Mode::Train)?.pop().map(|l| l.loss)) };
+        let loss = |m: &MultiTaskModel| -> Result<Option<Tensor>, NnError> {
+            let losses = m.losses(&hb, Mode::Train)?;
+            let mut total: Option<Tensor> = None;
+            for l in losses {
+                total = Some(match total {
+                    Some(t) => (t + l.loss)?,
+                    None => l.loss,
+                });
+            }
+            Ok(total)
+        };
         let (Some(la), Some(lb)) = (loss(&fused)?, loss(&composed)?) else { return Ok(()) };
         let (ga, gb) = (fused.backward(&la)?, composed.backward(&lb)?);
         for (name, var) in fused.params().vars() {
@@ -445,6 +481,9 @@ mod fused_encoder_properties {
                 }
                 continue;
             };
+            if peft.is_some() && !(name.contains("lora_") || name.starts_with("heads.")) {
+                return Err(format!("{name}: the frozen backbone got a gradient").into());
+            }
             let scale = b.abs()?.max_all()?.to_scalar::<f32>()?;
             if diff(a, b)? > 2e-4 * scale + 1e-6 {
                 return Err(format!("{name}: gradients differ by {} (largest {scale})", diff(a, b)?).into());
@@ -463,7 +502,18 @@ mod fused_encoder_properties {
                                  head_dim in 1usize..9, intermediate in 1usize..20, dropout in prop_oneof![Just(0.0f32), Just(0.3f32)],
                                  seed in 0u64..1_000_000) {
             prop_assume!(heads * head_dim >= 4, "LayerNorm over fewer than 4 values is degenerate");
-            let result = check(batch, seq, layers, heads, head_dim, intermediate, dropout, seed);
+            let result = check(batch, seq, layers, heads, head_dim, intermediate, dropout, seed, None);
+            prop_assert!(result.is_ok(), "{}", result.err().map(|e| e.to_string()).unwrap_or_default());
+        }
+
+        /// The same with per-task LoRA (random rank and sites) in a batch mixing the two tasks' examples: the
+        /// loss and every adapter's and head's gradient agree, and the frozen backbone gets none on either path.
+        #[test]
+        fn fused_lora_equals_composed(batch in 1usize..4, seq in 1usize..8, layers in 1usize..3, heads in 1usize..3,
+                                      head_dim in 2usize..6, intermediate in 1usize..12, dropout in prop_oneof![Just(0.0f32), Just(0.3f32)],
+                                      r in 1usize..4, sites in 1u8..64, seed in 0u64..1_000_000) {
+            prop_assume!(heads * head_dim >= 4, "LayerNorm over fewer than 4 values is degenerate");
+            let result = check(batch, seq, layers, heads, head_dim, intermediate, dropout, seed, Some((r, sites)));
             prop_assert!(result.is_ok(), "{}", result.err().map(|e| e.to_string()).unwrap_or_default());
         }
     }
