@@ -188,14 +188,7 @@ fn main() -> Result<()> {
             r: 8,
             alpha: 16.0,
             dropout: 0.1,
-            targets: vec![
-                LinearModule::Query,
-                LinearModule::Key,
-                LinearModule::Value,
-                LinearModule::AttentionOutput,
-                LinearModule::Intermediate,
-                LinearModule::Output,
-            ],
+            targets: LinearModule::ALL.to_vec(),
         }),
         adapters: vec![SHARED_ADAPTER.to_string()],
     });

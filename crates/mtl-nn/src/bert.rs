@@ -598,14 +598,8 @@ impl Bert {
                 used.push(r.adapter);
             }
         }
-        const SITES: [LinearModule; 6] = [
-            LinearModule::Query,
-            LinearModule::Key,
-            LinearModule::Value,
-            LinearModule::AttentionOutput,
-            LinearModule::Intermediate,
-            LinearModule::Output,
-        ];
+        // The fused encoder's sites are `LinearModule::ALL`, in its order.
+        const SITES: [LinearModule; 6] = LinearModule::ALL;
         let mut parts = Vec::new();
         for l in &self.layers {
             for site in &SITES {
