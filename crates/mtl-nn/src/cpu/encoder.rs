@@ -417,7 +417,7 @@ impl FusedEncoder {
     }
 }
 
-/// The f32 data of a contiguous tensor on the CPU, as a vector.
+/// A tensor's f32 data as a vector (the output gradient, which the backward pass overwrites).
 fn host_vec(t: &Tensor) -> candle_core::Result<Vec<f32>> {
     t.flatten_all()?.to_vec1::<f32>()
 }
@@ -433,7 +433,10 @@ impl CustomOp1 for FusedEncoder {
     }
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        let (dx, _) = self.backward(&host_vec(arg)?, None, host_vec(grad_res)?)?;
+        let arg = arg.contiguous()?;
+        let (x0, layout) = arg.storage_and_layout();
+        let Storage::Cpu(x0) = &*x0 else { candle_core::bail!("fused encoder: input must be on the CPU") };
+        let (dx, _) = self.backward(f32_slice(x0, layout)?, None, host_vec(grad_res)?)?;
         Ok(Some(Tensor::from_vec(dx, arg.shape(), arg.device())?))
     }
 }
@@ -450,7 +453,10 @@ impl CustomOp2 for FusedEncoder {
     }
 
     fn bwd(&self, arg: &Tensor, packed: &Tensor, _res: &Tensor, grad_res: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let (dx, dp) = self.backward(&host_vec(arg)?, Some(&host_vec(packed)?), host_vec(grad_res)?)?;
+        let (arg, packed) = (arg.contiguous()?, packed.contiguous()?);
+        let ((x0, xl), (p, pl)) = (arg.storage_and_layout(), packed.storage_and_layout());
+        let (Storage::Cpu(x0), Storage::Cpu(p)) = (&*x0, &*p) else { candle_core::bail!("fused encoder: inputs must be on the CPU") };
+        let (dx, dp) = self.backward(f32_slice(x0, xl)?, Some(f32_slice(p, pl)?), host_vec(grad_res)?)?;
         let dp = dp.ok_or_else(|| candle_core::Error::Msg("fused encoder: no LoRA gradient".into()))?;
         Ok((Some(Tensor::from_vec(dx, arg.shape(), arg.device())?), Some(Tensor::from_vec(dp, packed.shape(), packed.device())?)))
     }
