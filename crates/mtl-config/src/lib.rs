@@ -1204,4 +1204,26 @@ mod example_tests {
         assert_eq!(rows, 11);
         Ok(())
     }
+
+    /// Each variant of the parameter-efficient comparison (scripts/peft-bench.sh, read from the script) is a
+    /// valid config, and the per-task LoRA example trains one task per step with every task equally often.
+    #[test]
+    fn peft_comparison_variants_are_valid() -> Result<(), Box<dyn std::error::Error>> {
+        let lora = Config::load(&root().join("examples/five-task/config-lora.toml"), &[])?;
+        assert!(lora.peft.method == PeftMethod::Lora && lora.peft.per_task, "{:?}", lora.peft);
+        assert_eq!((lora.training.sampling.plan, lora.training.sampling.sampler), (StepPlan::Sampled, SamplerKind::Uniform));
+        let script = std::fs::read_to_string(root().join("scripts/peft-bench.sh"))?;
+        let block = script.split("VARIANTS='").nth(1).and_then(|s| s.split('\'').next()).ok_or("no VARIANTS block")?;
+        let mut names = Vec::new();
+        for line in block.lines().filter(|l| l.contains('|')) {
+            let mut fields = line.splitn(3, '|');
+            let (name, path, sets) = (fields.next().ok_or("name")?, fields.next().ok_or("config")?, fields.next().unwrap_or(""));
+            let sets: Vec<String> = sets.split_whitespace().map(String::from).collect();
+            let c = Config::load(&root().join(path), &sets).map_err(|e| format!("{name}: {e}"))?;
+            assert_eq!(c.peft.enabled(), name != "full", "{name}");
+            names.push(name.to_string());
+        }
+        assert_eq!(names, ["full", "lora-shared", "lora-per-task", "adapter-per-task", "prefix-per-task"]);
+        Ok(())
+    }
 }
