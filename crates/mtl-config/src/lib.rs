@@ -1174,6 +1174,13 @@ mod example_tests {
         PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
     }
 
+    /// The rows (lines with a `|`) of the `NAME='...'` block of a comparison script.
+    fn script_rows(script: &str, name: &str) -> Result<Vec<String>, Box<dyn std::error::Error>> {
+        let text = std::fs::read_to_string(root().join(script))?;
+        let block = text.split(&format!("{name}='")).nth(1).and_then(|s| s.split('\'').next()).ok_or(format!("{script}: no {name} block"))?;
+        Ok(block.lines().filter(|l| l.contains('|')).map(String::from).collect())
+    }
+
     /// Every example's config is valid, and so is each row of the strategies comparison on the five-task one
     /// (the overrides of scripts/strategies-bench.sh, read from the script).
     #[test]
@@ -1190,10 +1197,8 @@ mod example_tests {
         let five = root().join("examples/five-task/config.toml");
         let config = Config::load(&five, &[])?;
         assert_eq!(config.training.weighting.weights.get(&TaskId::new("intensity")?), Some(&2.0));
-        let script = std::fs::read_to_string(root().join("scripts/strategies-bench.sh"))?;
-        let block = script.split("STRATEGIES='").nth(1).and_then(|s| s.split('\'').next()).ok_or("no STRATEGIES block")?;
         let mut rows = 0;
-        for line in block.lines().filter(|l| l.contains('|')) {
+        for line in script_rows("scripts/strategies-bench.sh", "STRATEGIES")? {
             let (name, sets) = line.split_once('|').ok_or("row")?;
             let sets: Vec<String> = sets.split_whitespace().map(String::from).collect();
             let c = Config::load(&five, &sets).map_err(|e| format!("{name}: {e}"))?;
@@ -1212,10 +1217,8 @@ mod example_tests {
         let lora = Config::load(&root().join("examples/five-task/config-lora.toml"), &[])?;
         assert!(lora.peft.method == PeftMethod::Lora && lora.peft.per_task, "{:?}", lora.peft);
         assert_eq!((lora.training.sampling.plan, lora.training.sampling.sampler), (StepPlan::Sampled, SamplerKind::Uniform));
-        let script = std::fs::read_to_string(root().join("scripts/peft-bench.sh"))?;
-        let block = script.split("VARIANTS='").nth(1).and_then(|s| s.split('\'').next()).ok_or("no VARIANTS block")?;
         let mut names = Vec::new();
-        for line in block.lines().filter(|l| l.contains('|')) {
+        for line in script_rows("scripts/peft-bench.sh", "VARIANTS")? {
             let mut fields = line.splitn(3, '|');
             let (name, path, sets) = (fields.next().ok_or("name")?, fields.next().ok_or("config")?, fields.next().unwrap_or(""));
             let sets: Vec<String> = sets.split_whitespace().map(String::from).collect();
