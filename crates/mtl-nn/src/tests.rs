@@ -402,8 +402,9 @@ mod fused_encoder_properties {
             (TaskId::new("more").expect("valid"), HeadSpec::new(TaskKind::TokenClassification, 3)),
         ]);
         let model = MultiTaskModel::build(&ModelSpec { bert: &config, tasks: &tasks, dropout, seed, peft }, HashMap::new(), &Device::Cpu)?;
-        // BERT's initialisation (std 0.02) leaves attention almost uniform (and LoRA's B starts at zero), where the key gradient nearly
-        // vanishes and an error in it would go unseen: use weights large enough for peaked attention.
+        // BERT's initialisation (std 0.02) leaves attention almost uniform (and LoRA's B starts at zero), where the
+        // key gradient nearly vanishes and an error in it would go unseen: use weights large enough for peaked
+        // attention.
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ 0x5EED);
         for (name, var) in model.params().vars() {
             if name.ends_with("weight") && !name.contains("LayerNorm") {
