@@ -2,8 +2,10 @@
 # The parameter-efficient comparison of BENCHMARKS.md on examples/five-task: full fine-tuning against shared LoRA,
 # per-task LoRA, per-task bottleneck adapters and per-task prefix tuning, one run after the other on this machine,
 # each for 3 epochs of the same number of steps (full fine-tuning and shared LoRA with mixed batches, the per-task
-# variants one task per step as config-lora.toml says; the adapter row as it was measured, with temperature
-# sampling). The table gives trainable parameters, the size of the
+# variants one task per step, every task equally often, as config-lora.toml says). The per-task LoRA and adapter
+# rows keep each task's adapter and head from its own best dev evaluation (`--select per-task`: early stopping per
+# task); lora-per-task-joint keeps the epoch of the best mean for all of them, and so does the prefix row (as it
+# was measured). The table gives trainable parameters, the size of the
 # saved weights, peak memory (maximum resident set, GNU time), time per optimiser step, test scores and mean,
 # and the single-task baselines of scripts/five-task-bench.sh when runs/five-task-bench has them. The LoRA runs
 # are then exported and checked against transformers and peft (tests/python/check_export.py, bench environment).
@@ -13,13 +15,14 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-runs/peft}
 shift || true
-# name | config | --set overrides (space-separated)
+# name | config | --select | --set overrides (space-separated)
 VARIANTS='
-full|examples/five-task/config.toml|
-lora-shared|examples/five-task/config-lora.toml|peft.per_task=false training.sampling.plan="mixed"
-lora-per-task|examples/five-task/config-lora.toml|
-adapter-per-task|examples/five-task/config-lora.toml|peft.method="adapter" training.sampling.sampler="temperature"
-prefix-per-task|examples/five-task/config-lora.toml|peft.method="prefix" training.lr=5e-3
+full|examples/five-task/config.toml|joint|
+lora-shared|examples/five-task/config-lora.toml|joint|peft.per_task=false training.sampling.plan="mixed"
+lora-per-task|examples/five-task/config-lora.toml|per-task|
+lora-per-task-joint|examples/five-task/config-lora.toml|joint|
+adapter-per-task|examples/five-task/config-lora.toml|per-task|peft.method="adapter"
+prefix-per-task|examples/five-task/config-lora.toml|joint|peft.method="prefix" training.lr=5e-3
 '
 if [ -z "${TABLE_ONLY:-}" ]; then
   bash scripts/fetch.sh
@@ -33,7 +36,7 @@ if [ -z "${TABLE_ONLY:-}" ]; then
   cp target/release/mtl "$OUT/mtl"
 fi
 NAMES=()
-while IFS='|' read -r name config sets; do
+while IFS='|' read -r name config select sets; do
   [ -z "$name" ] && continue
   NAMES+=("$name")
   if [ -n "${TABLE_ONLY:-}" ]; then continue; fi
@@ -43,7 +46,7 @@ while IFS='|' read -r name config sets; do
   args=()
   for s in $sets; do args+=(--set "$s"); done
   echo "== $name ($(date -u +%H:%M:%S))" >&2
-  MTL_LOG=info /usr/bin/time -f "%M" -o "$OUT/$name.maxrss" "$OUT/mtl" train "$config" --out "$OUT/$name" "${args[@]}" \
+  MTL_LOG=info /usr/bin/time -f "%M" -o "$OUT/$name.maxrss" "$OUT/mtl" train "$config" --out "$OUT/$name" --select "$select" "${args[@]}" \
     > "$OUT/$name.log" 2>&1
 done <<< "$VARIANTS"
 # The exports of the LoRA runs, checked against transformers and peft in the bench environment.

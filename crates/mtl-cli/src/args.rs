@@ -35,7 +35,8 @@ pub enum Command {
         tasks: Vec<String>,
         /// `joint`: keep the weights of the best weighted score (each task's best head is saved under
         /// heads/ as well). `per-task`: also write a whole checkpoint per task, at that task's best
-        /// evaluation, under per-task/TASK/.
+        /// evaluation, under per-task/TASK/. With per-task adapters on a frozen backbone the saved model
+        /// then takes each task's adapter and head from its own best evaluation (early stopping per task).
         #[arg(long, value_enum, default_value = "joint")]
         select: Select,
         /// Continue the run in --out from its newest training checkpoint (`checkpoint-STEP/`), exactly as

@@ -405,11 +405,14 @@ fn train_one(config: &Config, out: &Path, select: Select, resume: bool) -> Resul
         }
     }
     print!("{}", report::table(&shown));
+    let best = if outcome.composed {
+        let steps: Vec<String> = outcome.per_task.iter().map(|(t, b)| format!("{t} {}", b.step)).collect();
+        format!("each task's adapter and head from its own best evaluation (step {}", steps.join(", "))
+    } else {
+        format!("best epoch {} of {} (step {}", outcome.best_epoch, config.training.epochs, outcome.best_step)
+    };
     println!(
-        "best epoch {} of {} (step {} of {}{}); trained in {:.0} s; checkpoint and metrics.json in {}",
-        outcome.best_epoch,
-        config.training.epochs,
-        outcome.best_step,
+        "{best} of {}{}); trained in {:.0} s; checkpoint and metrics.json in {}",
         outcome.steps,
         if outcome.stopped_early { ", stopped early" } else { "" },
         seconds,
@@ -451,6 +454,8 @@ pub(crate) fn run_metrics(outcome: &mtl_train::Outcome, seconds: f64) -> Value {
     let mut m = metrics_json(outcome.dev.as_ref(), outcome.test.as_ref());
     m["best_epoch"] = json!(outcome.best_epoch);
     m["best_step"] = json!(outcome.best_step);
+    // What the saved model holds: the best selection score's weights, or each task's own best (per_task_best).
+    m["selection"] = json!(if outcome.composed { "per_task" } else { "joint" });
     m["steps"] = json!(outcome.steps);
     m["stopped_early"] = json!(outcome.stopped_early);
     m["skipped_steps"] = json!(outcome.skipped_steps);

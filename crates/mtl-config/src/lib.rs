@@ -1219,14 +1219,16 @@ mod example_tests {
         assert_eq!((lora.training.sampling.plan, lora.training.sampling.sampler), (StepPlan::Sampled, SamplerKind::Uniform));
         let mut names = Vec::new();
         for line in script_rows("scripts/peft-bench.sh", "VARIANTS")? {
-            let mut fields = line.splitn(3, '|');
-            let (name, path, sets) = (fields.next().ok_or("name")?, fields.next().ok_or("config")?, fields.next().unwrap_or(""));
+            let mut fields = line.splitn(4, '|');
+            let (name, path) = (fields.next().ok_or("name")?, fields.next().ok_or("config")?);
+            let (select, sets) = (fields.next().ok_or("select")?, fields.next().unwrap_or(""));
+            assert!(["joint", "per-task"].contains(&select), "{name}: --select {select}");
             let sets: Vec<String> = sets.split_whitespace().map(String::from).collect();
             let c = Config::load(&root().join(path), &sets).map_err(|e| format!("{name}: {e}"))?;
             assert_eq!(c.peft.enabled(), name != "full", "{name}");
             names.push(name.to_string());
         }
-        assert_eq!(names, ["full", "lora-shared", "lora-per-task", "adapter-per-task", "prefix-per-task"]);
+        assert_eq!(names, ["full", "lora-shared", "lora-per-task", "lora-per-task-joint", "adapter-per-task", "prefix-per-task"]);
         Ok(())
     }
 }

@@ -106,6 +106,9 @@ pub struct Outcome {
     pub skipped_steps: usize,
     /// Each task's best evaluation on dev.
     pub per_task: BTreeMap<TaskId, TaskBest>,
+    /// Whether the model was put together from each task's own best evaluation ([`Trainer::keep_per_task_models`]
+    /// where no trained parameter is shared); otherwise it holds the best selection score's weights.
+    pub composed: bool,
     /// Each task's loss weight at the end of training.
     pub task_weights: BTreeMap<TaskId, f64>,
     pub dev: Option<Evaluation>,
@@ -262,7 +265,9 @@ pub struct Trainer<'a> {
     pub config: &'a Config,
     pub model: &'a dyn TrainModel,
     pub labels: &'a BTreeMap<TaskId, LabelMap>,
-    /// Keep all weights at each task's best evaluation (`--select per-task`), not only its head's.
+    /// Keep all weights at each task's best evaluation (`--select per-task`), not only its head's. Where every
+    /// trained parameter is one task's own (per-task adapters and heads on a frozen backbone), the final model
+    /// then takes each task's parameters from that task's best evaluation: early stopping per task.
     pub keep_per_task_models: bool,
     /// Where training checkpoints go (`checkpoint-STEP/` directories); none are written without it.
     pub checkpoints: Option<&'a std::path::Path>,
@@ -622,6 +627,10 @@ impl Trainer<'_> {
             }
             None => (t.epochs, step, None),
         };
+        let composed = self.keep_per_task_models && self.compose(&selection.per_task, num_layers, step)?;
+        if let (true, Some(data)) = (composed, &splits.dev) {
+            dev = Some(self.evaluate(data)?);
+        }
         let mut labels = self.labels.clone();
         let tuned: Vec<&TaskId> = self
             .config
@@ -648,6 +657,7 @@ impl Trainer<'_> {
             stopped_early,
             skipped_steps: skipped,
             per_task: selection.per_task,
+            composed,
             task_weights: weighting.weights(),
             dev,
             test,
@@ -712,6 +722,38 @@ impl Trainer<'_> {
             stop = true;
         }
         Ok(stop)
+    }
+
+    /// Loads each task's own parameters (its head, its adapter) from that task's best evaluation, when every
+    /// parameter that trained at any of the run's `steps` is one task's own: then each task's predictions depend
+    /// on its own parameters and the frozen rest alone, and the result predicts as each task's best model does.
+    /// A trained shared parameter (full fine-tuning, one shared adapter) makes the tasks' bests incompatible:
+    /// nothing changes and this returns false. Freezing only ever ends, so a parameter frozen at the last step
+    /// was frozen throughout.
+    fn compose(&self, per_task: &BTreeMap<TaskId, TaskBest>, num_layers: usize, steps: usize) -> Result<bool> {
+        let owner = |name: &str| -> Option<String> {
+            match Part::of(name) {
+                Part::Head => name.strip_prefix("heads.")?.split('.').next().map(str::to_owned),
+                Part::TaskAdapter(_) => mtl_nn::param_adapter(name).map(str::to_owned),
+                _ => None,
+            }
+        };
+        let vars = self.model.params().vars();
+        let last = steps.saturating_sub(1);
+        if vars.keys().any(|n| owner(n).is_none() && !self.is_frozen(n, num_layers, last)) {
+            return Ok(false);
+        }
+        for (name, var) in vars {
+            let best = owner(name).and_then(|task| per_task.iter().find(|(t, _)| t.as_str() == task));
+            if let Some(weights) = best.and_then(|(_, b)| b.model.as_ref()) {
+                var.set(&weights[name])?;
+            }
+        }
+        tracing::info!(
+            "each task's adapter and head come from its own best evaluation: {}",
+            per_task.iter().map(|(t, b)| format!("{t} at step {}", b.step)).collect::<Vec<_>>().join(", ")
+        );
+        Ok(true)
     }
 
     fn snapshot(&self) -> Result<BTreeMap<String, Tensor>> {

@@ -1,5 +1,6 @@
 //! LoRA end to end on the tiny model: only adapters and heads train and are saved, alone, in a small file that
-//! loads onto the base model; per-task adapters train each on its own task; a changed base model is refused.
+//! loads onto the base model; per-task adapters train each on its own task, and `--select per-task` takes each
+//! from its own best evaluation; a changed base model is refused.
 
 use std::collections::HashMap;
 
@@ -11,6 +12,10 @@ use crate::repo_root;
 
 fn weights(path: &std::path::Path) -> Result<HashMap<String, Tensor>, Box<dyn std::error::Error>> {
     Ok(candle_core::safetensors::load(path, &Device::Cpu)?)
+}
+
+fn same(a: &Tensor, b: &Tensor) -> Result<bool, Box<dyn std::error::Error>> {
+    Ok(a.flatten_all()?.to_vec1::<f32>()? == b.flatten_all()?.to_vec1::<f32>()?)
 }
 
 fn train(p: &Project, out: &str, sets: &[&str]) -> TestResult {
@@ -86,6 +91,43 @@ fn per_task_lora_gives_each_task_its_own_adapter() -> TestResult {
     }
     assert!(!saved.keys().any(|n| n.contains(".default.")), "no shared adapter");
     eval_matches_training(&p, "run")
+}
+
+#[test]
+fn per_task_selection_takes_each_adapter_from_its_own_best_evaluation() -> TestResult {
+    let p = Project::new()?;
+    let sets = ["peft.method=\"lora\"", "peft.per_task=true", "training.epochs=20", "training.eval_every=1", "training.lr=0.05", "training.head_lr=0.05"];
+    let mut args = vec!["train", "config.toml", "--out", "run", "--select", "per-task"];
+    for s in sets {
+        args.extend(["--set", s]);
+    }
+    let o = p.mtl(&args)?;
+    assert!(o.status.success(), "{}", stderr(&o));
+    let m = metrics(&p, "run")?;
+    assert_eq!(m["selection"], "per_task", "{m}");
+    // The tasks peak at different steps here, neither at the best mean's: no step's model holds both bests.
+    let steps: Vec<&Value> = ["intent", "slots"].iter().map(|t| &m["per_task_best"][t]["step"]).collect();
+    assert!(steps[0] != steps[1] && !steps.contains(&&m["best_step"]), "{m}");
+    let saved = weights(&p.path("run/adapters.safetensors"))?;
+    for task in ["intent", "slots"] {
+        let best = weights(&p.path("run/per-task").join(task).join("adapters.safetensors"))?;
+        let own: Vec<&String> = saved
+            .keys()
+            .filter(|n| n.contains(&format!(".lora_A.{task}.")) || n.contains(&format!(".lora_B.{task}.")) || n.starts_with(&format!("heads.{task}.")))
+            .collect();
+        assert_eq!(own.len(), 2 * 2 * 2 + 2, "{task}: {own:?}");
+        for name in own {
+            assert!(same(&saved[name], &best[name])?, "{name} is not from {task}'s best evaluation");
+        }
+    }
+    eval_matches_training(&p, "run")?;
+    // A shared adapter trains for every task: the model keeps the best mean score's weights.
+    args[3] = "shared";
+    args.extend(["--set", "peft.per_task=false"]);
+    let o = p.mtl(&args)?;
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(metrics(&p, "shared")?["selection"], "joint");
+    Ok(())
 }
 
 #[test]
