@@ -374,8 +374,11 @@ fn train_one(config: &Config, out: &Path, select: Select, resume: bool) -> Resul
             let Some(weights) = best.model.as_ref() else {
                 bail!("{}: no weights were kept at task `{task}`'s best evaluation; this is a bug", out.display());
             };
+            // The weights that trained; the frozen ones never changed.
             for (name, var) in model.params().vars() {
-                var.set(&weights[name])?;
+                if let Some(w) = weights.get(name) {
+                    var.set(w)?;
+                }
             }
             let none = BTreeMap::new();
             let files = CheckpointFiles { config: &config, labels: &outcome.labels, metrics: &with_run, heads: &none };
