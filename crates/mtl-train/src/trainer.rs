@@ -392,7 +392,12 @@ impl Trainer<'_> {
         let all_vars: BTreeMap<String, candle_core::Var> =
             self.model.params().vars().iter().map(|(n, v)| (n.clone(), v.clone())).chain(weighting.vars()).collect();
         let vars = &all_vars;
-        let trained = all_vars.iter().map(|(n, v)| (n.clone(), v.clone()));
+        // The optimiser holds moments only for what can train: a frozen backbone gets none (nor a place in
+        // checkpoints).
+        let trained = all_vars
+            .iter()
+            .filter(|(n, _)| !self.is_frozen(n, num_layers, usize::MAX))
+            .map(|(n, v)| (n.clone(), v.clone()));
         let mut optimizer = AdamW::new(
             trained.map(|(name, var)| {
                 let group = param_group(&name, self.config, num_layers);
