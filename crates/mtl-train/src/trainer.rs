@@ -632,7 +632,7 @@ impl Trainer<'_> {
             }
             None => (t.epochs, step, None),
         };
-        let composed = self.keep_per_task_models && self.compose(&selection.per_task, num_layers, step)?;
+        let composed = self.keep_per_task_models && self.compose(&selection.per_task, num_layers)?;
         if let (true, Some(data)) = (composed, &splits.dev) {
             dev = Some(self.evaluate(data)?);
         }
@@ -730,12 +730,11 @@ impl Trainer<'_> {
     }
 
     /// Loads each task's own parameters (its head, its adapter) from that task's best evaluation, when every
-    /// parameter that trained at any of the run's `steps` is one task's own: then each task's predictions depend
-    /// on its own parameters and the frozen rest alone, and the result predicts as each task's best model does.
-    /// A trained shared parameter (full fine-tuning, one shared adapter) makes the tasks' bests incompatible:
-    /// nothing changes and this returns false. Freezing only ever ends, so a parameter frozen at the last step
-    /// was frozen throughout.
-    fn compose(&self, per_task: &BTreeMap<TaskId, TaskBest>, num_layers: usize, steps: usize) -> Result<bool> {
+    /// parameter not frozen for the whole run is one task's own: then each task's predictions depend on its own
+    /// parameters and the frozen rest alone, and the result predicts as each task's best model does. A trained
+    /// shared parameter (full fine-tuning, one shared adapter) makes the tasks' bests incompatible: nothing
+    /// changes and this returns false.
+    fn compose(&self, per_task: &BTreeMap<TaskId, TaskBest>, num_layers: usize) -> Result<bool> {
         let owner = |name: &str| -> Option<String> {
             match Part::of(name) {
                 Part::Head => name.strip_prefix("heads.")?.split('.').next().map(str::to_owned),
@@ -744,8 +743,7 @@ impl Trainer<'_> {
             }
         };
         let vars = self.model.params().vars();
-        let last = steps.saturating_sub(1);
-        if vars.keys().any(|n| owner(n).is_none() && !self.is_frozen(n, num_layers, last)) {
+        if vars.keys().any(|n| owner(n).is_none() && !self.is_frozen(n, num_layers, usize::MAX)) {
             return Ok(false);
         }
         for (name, var) in vars {
