@@ -375,11 +375,7 @@ fn train_one(config: &Config, out: &Path, select: Select, resume: bool) -> Resul
                 bail!("{}: no weights were kept at task `{task}`'s best evaluation; this is a bug", out.display());
             };
             // The weights that trained; the frozen ones never changed.
-            for (name, var) in model.params().vars() {
-                if let Some(w) = weights.get(name) {
-                    var.set(w)?;
-                }
-            }
+            model.params().set_named(weights)?;
             let none = BTreeMap::new();
             let files = CheckpointFiles { config: &config, labels: &outcome.labels, metrics: &with_run, heads: &none };
             let dir = out.join("per-task").join(task.as_str());
@@ -388,9 +384,7 @@ fn train_one(config: &Config, out: &Path, select: Select, resume: bool) -> Resul
             }
             checkpoint::save(&dir, &model, &files)?;
         }
-        for (name, var) in model.params().vars() {
-            var.set(&kept[name])?;
-        }
+        model.params().set_named(&kept)?;
     }
     let files = CheckpointFiles { config: &config, labels: &outcome.labels, metrics: &with_run, heads: &heads };
     checkpoint::save_into(out, &model, &files)?;

@@ -47,6 +47,17 @@ impl ParamStore {
         before - self.vars.len()
     }
 
+    /// Sets the variables that `weights` names to those values; the others keep theirs (a snapshot that leaves
+    /// out frozen weights restores the rest).
+    pub fn set_named(&self, weights: &BTreeMap<String, Tensor>) -> Result<()> {
+        for (name, var) in &self.vars {
+            if let Some(w) = weights.get(name) {
+                var.set(w)?;
+            }
+        }
+        Ok(())
+    }
+
     pub fn num_params(&self) -> usize {
         self.vars.values().map(|v| v.elem_count()).sum()
     }

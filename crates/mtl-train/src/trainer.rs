@@ -775,12 +775,7 @@ impl Trainer<'_> {
 
     /// Loads a [`Trainer::snapshot`] (or a checkpoint's weights) into the model.
     fn restore(&self, weights: &BTreeMap<String, Tensor>) -> Result<()> {
-        for (name, var) in self.model.params().vars() {
-            if let Some(w) = weights.get(name) {
-                var.set(w)?;
-            }
-        }
-        Ok(())
+        Ok(self.model.params().set_named(weights)?)
     }
 }
 
