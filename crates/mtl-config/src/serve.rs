@@ -52,6 +52,21 @@ impl Default for ServeConfig {
     }
 }
 
+/// Settings given another way (command-line flags): each one that is set wins over the config's.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ServeOverrides {
+    pub addr: Option<SocketAddr>,
+    pub max_batch_tokens: Option<usize>,
+    pub max_wait_ms: Option<u64>,
+    pub queue_bound: Option<usize>,
+    pub max_input_chars: Option<usize>,
+    pub max_inputs: Option<usize>,
+    pub body_limit: Option<usize>,
+    pub timeout_s: Option<u64>,
+    pub api_keys: Option<PathBuf>,
+    pub threads: Option<usize>,
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct ServeFile {
@@ -60,6 +75,20 @@ struct ServeFile {
 }
 
 impl ServeConfig {
+    /// The one place where other settings merge over the config: each override that is set replaces its key.
+    pub fn merge(&mut self, o: ServeOverrides) {
+        self.addr = o.addr.unwrap_or(self.addr);
+        self.max_batch_tokens = o.max_batch_tokens.unwrap_or(self.max_batch_tokens);
+        self.max_wait_ms = o.max_wait_ms.unwrap_or(self.max_wait_ms);
+        self.queue_bound = o.queue_bound.unwrap_or(self.queue_bound);
+        self.max_input_chars = o.max_input_chars.unwrap_or(self.max_input_chars);
+        self.max_inputs = o.max_inputs.unwrap_or(self.max_inputs);
+        self.body_limit = o.body_limit.unwrap_or(self.body_limit);
+        self.timeout_s = o.timeout_s.unwrap_or(self.timeout_s);
+        self.api_keys = o.api_keys.or(self.api_keys.take());
+        self.threads = o.threads.or(self.threads);
+    }
+
     /// The `[serve]` table of `path`, checked; a relative `api_keys` path is taken relative to the file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
