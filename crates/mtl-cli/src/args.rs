@@ -98,36 +98,8 @@ pub enum Command {
         /// below win over it.
         #[arg(long)]
         config: Option<PathBuf>,
-        /// Address to listen on [default: 127.0.0.1:8080].
-        #[arg(long)]
-        addr: Option<std::net::SocketAddr>,
-        /// Tokens in one model batch at most [default: 8192].
-        #[arg(long)]
-        max_batch_tokens: Option<usize>,
-        /// How long the first request of a batch waits for others, in milliseconds [default: 5].
-        #[arg(long)]
-        max_wait_ms: Option<u64>,
-        /// Requests waiting for the model at most; more get 429 [default: 256].
-        #[arg(long)]
-        queue_bound: Option<usize>,
-        /// Characters of one input at most (longer ones get 422) [default: 10000].
-        #[arg(long)]
-        max_input_chars: Option<usize>,
-        /// Inputs of one request at most [default: 256].
-        #[arg(long)]
-        max_inputs: Option<usize>,
-        /// Bytes of a request body at most (larger ones get 413) [default: 2097152].
-        #[arg(long)]
-        body_limit: Option<usize>,
-        /// Seconds a request may wait for its answer (then 503) [default: 30].
-        #[arg(long)]
-        timeout_s: Option<u64>,
-        /// A file of API keys, one per line; requests then need `Authorization: Bearer KEY` (401 otherwise).
-        #[arg(long)]
-        api_keys: Option<PathBuf>,
-        /// Threads of the HTTP runtime [default: one per core].
-        #[arg(long)]
-        threads: Option<usize>,
+        #[command(flatten)]
+        flags: ServeFlags,
     },
     /// Quantise a trained model's encoder to int8 for inference (weight-only, one scale per output channel of
     /// each linear layer); prints each task's score change on the test (and dev) sets and writes the model to
@@ -200,4 +172,40 @@ pub enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+}
+
+/// `mtl serve`'s settings as flags; each wins over the same key of `--config`'s `[serve]` table, and the
+/// defaults are `mtl_config::ServeConfig`'s.
+#[derive(Debug, clap::Args)]
+pub struct ServeFlags {
+    /// Address to listen on [default: 127.0.0.1:8080].
+    #[arg(long)]
+    pub addr: Option<std::net::SocketAddr>,
+    /// Tokens in one model batch at most [default: 8192].
+    #[arg(long)]
+    pub max_batch_tokens: Option<usize>,
+    /// How long the first request of a batch waits for others, in milliseconds [default: 5].
+    #[arg(long)]
+    pub max_wait_ms: Option<u64>,
+    /// Requests waiting for the model at most; more get 429 [default: 256].
+    #[arg(long)]
+    pub queue_bound: Option<usize>,
+    /// Characters of one input at most (longer ones get 422) [default: 10000].
+    #[arg(long)]
+    pub max_input_chars: Option<usize>,
+    /// Inputs of one request at most [default: 256].
+    #[arg(long)]
+    pub max_inputs: Option<usize>,
+    /// Bytes of a request body at most (larger ones get 413) [default: 2097152].
+    #[arg(long)]
+    pub body_limit: Option<usize>,
+    /// Seconds a request may wait for its answer (then 503) [default: 30].
+    #[arg(long)]
+    pub timeout_s: Option<u64>,
+    /// A file of API keys, one per line; requests then need `Authorization: Bearer KEY` (401 otherwise).
+    #[arg(long)]
+    pub api_keys: Option<PathBuf>,
+    /// Threads of the HTTP runtime [default: one per core].
+    #[arg(long)]
+    pub threads: Option<usize>,
 }

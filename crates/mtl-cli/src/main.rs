@@ -1,15 +1,10 @@
-//! The `mtl` binary: `train`, `eval`, `predict`, `add-task`, `export`, `serve`, `quantize`, `prune` and `generate`. `main` only parses arguments and turns the outcome of
-//! `run` into an exit status; every command lives in its own module.
+//! The `mtl` binary: `train`, `eval`, `predict`, `add-task`, `export`, `serve`, `quantize`, `prune` and
+//! `generate`. Arguments are parsed here ([`args`]), each command is one call of the `mtl` library
+//! ([`commands`]), and the outcome becomes the exit status.
 
-mod add_task;
 mod args;
 mod commands;
-mod deploy;
-mod export;
-mod generate;
 mod report;
-mod serve;
-mod text_tasks;
 
 // Large tensors are allocated and freed at every op; mimalloc keeps the pages instead of returning them to
 // the kernel and faulting them in again (measured: a large share of a training step with glibc malloc).
@@ -21,7 +16,7 @@ use std::process::ExitCode;
 use clap::Parser;
 
 fn main() -> ExitCode {
-    mtl_train::alloc::keep_freed_pages();
+    mtl::alloc::keep_freed_pages();
     let args = args::Cli::parse();
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)

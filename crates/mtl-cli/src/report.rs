@@ -1,6 +1,6 @@
 //! Human-readable reports of scores.
 
-use mtl_train::Scores;
+use mtl::Scores;
 
 /// A table of `split task metric value` rows.
 pub fn table(splits: &[(&str, &Scores)]) -> String {

@@ -48,6 +48,19 @@ fn number(v: &Value) -> Option<f64> {
     })
 }
 
+/// The `general.architecture` of a GGUF file (read from its header only).
+pub fn architecture(path: &Path) -> Result<String> {
+    let bad = |message: String| NnError::File { path: path.to_owned(), message };
+    let mut file = std::fs::File::open(path).map_err(|source| NnError::Io { path: path.to_owned(), source })?;
+    let content = Content::read(&mut file).map_err(|e| bad(format!("not a GGUF file: {e}")))?;
+    content
+        .metadata
+        .get("general.architecture")
+        .and_then(|v| v.to_string().ok())
+        .cloned()
+        .ok_or_else(|| bad("no general.architecture".into()))
+}
+
 /// The dequantised llama model of a GGUF file.
 pub fn read_llama(path: &Path, device: &Device) -> Result<GgufLlama> {
     let bad = |message: String| NnError::File { path: path.to_owned(), message };

@@ -1,7 +1,7 @@
 //! Serving every task of one multi-task model over HTTP (axum + tokio).
 //!
-//! - [`Engine`]: what is served, the tasks and a batched predict; the model's engine lives in `mtl-cli`,
-//!   tests use a fake one.
+//! - [`Engine`]: what is served, the tasks and a batched predict; the model's engine lives in the `mtl`
+//!   library, tests use a fake one.
 //! - [`batcher`]: one model thread that takes the queued requests of any tasks, up to a token budget, and runs
 //!   them as one batch; a bounded queue gives backpressure.
 //! - [`api`]: the router, its endpoints and the error table.
@@ -14,6 +14,9 @@ pub mod batcher;
 pub mod generation;
 pub mod metrics;
 pub mod openapi;
+
+/// The router that [`api::router`] and [`generation::generation_router`] build, for callers that serve it.
+pub use axum::Router;
 
 use std::collections::{BTreeMap, BTreeSet};
 

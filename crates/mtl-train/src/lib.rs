@@ -3,7 +3,6 @@
 //! `mtl-data` and `mtl-nn`.
 
 pub mod alloc;
-pub mod checkpoint;
 mod evaluate;
 pub mod groups;
 pub mod heads;

@@ -91,10 +91,12 @@ fn lora_models_quantize_when_their_adapter_merges() -> TestResult {
         let o = p.mtl(&args)?;
         assert!(o.status.success(), "{}", stderr(&o));
     }
-    // A shared adapter merges: the int8 model stands alone (no base_model.json, no adapters).
+    // A shared adapter merges: the int8 model stands alone (no base in its manifest, no adapters).
     let o = p.mtl(&["quantize", "--model", "shared", "--out", "shared-int8"])?;
     assert!(o.status.success(), "{}", stderr(&o));
-    assert!(!p.path("shared-int8/base_model.json").exists() && !p.path("shared-int8/adapters.safetensors").exists());
+    let manifest: Value = serde_json::from_str(&std::fs::read_to_string(p.path("shared-int8/run.json"))?)?;
+    assert!(manifest["base"].is_null() && manifest["weights"] == "int8", "{manifest}");
+    assert!(!p.path("shared-int8/adapters.safetensors").exists());
     let toml = std::fs::read_to_string(p.path("shared-int8/mtl.toml"))?;
     assert!(!toml.contains("lora"), "{toml}");
     let m = json(&p.path("shared-int8/metrics.json"))?;

@@ -65,8 +65,15 @@ fn lora_trains_and_saves_only_adapters_and_heads() -> TestResult {
         }
     }
     assert!(base.keys().all(|n| !saved.contains_key(n)));
-    let meta: Value = serde_json::from_str(&std::fs::read_to_string(out.join("base_model.json"))?)?;
-    assert_eq!(meta["path"].as_str(), Some(repo_root().join("tests/fixtures/tiny-bert").to_str().ok_or("path")?));
+    // The manifest names the base by a path relative to the run, its name and its weights' SHA-256.
+    let meta: Value = serde_json::from_str(&std::fs::read_to_string(out.join("run.json"))?)?;
+    assert_eq!(meta["weights"], "adapters");
+    assert_eq!(meta["architecture"], "bert");
+    let base = meta["base"]["path"].as_str().ok_or("base.path")?;
+    assert!(!std::path::Path::new(base).is_absolute(), "{meta}");
+    assert_eq!(out.join(base).canonicalize()?, repo_root().join("tests/fixtures/tiny-bert"));
+    assert_eq!(meta["base"]["name"], "tiny-bert");
+    assert_eq!(meta["base"]["sha256"].as_str().map(str::len), Some(64));
     eval_matches_training(&p, "run")?;
     let o = mtl(p.path("").as_path(), &["predict", "--model", "run"], Some("{\"text\": \"flights to boston\"}\n"))?;
     assert!(o.status.success(), "{}", stderr(&o));
@@ -148,7 +155,7 @@ fn adapters_refuse_a_changed_base_model() -> TestResult {
     let o = p.mtl(&["eval", "--model", "run", "--config", "config.toml"])?;
     assert!(!o.status.success());
     let e = stderr(&o);
-    assert!(e.contains("base_model.json") && e.contains("have changed since the adapters were trained"), "{e}");
+    assert!(e.contains("run.json") && e.contains("have changed since the adapters were trained"), "{e}");
     Ok(())
 }
 

@@ -73,8 +73,9 @@ fn a_decoder_trains_its_tasks_as_text_with_an_adapter_each() -> TestResult {
             assert!(saved[name].abs()?.sum_all()?.to_scalar::<f32>()? > 0.0, "{name} did not train");
         }
     }
-    let meta: Value = serde_json::from_str(&std::fs::read_to_string(out.join("base_model.json"))?)?;
-    assert_eq!(meta["decoder"], json!(true));
+    let meta: Value = serde_json::from_str(&std::fs::read_to_string(out.join("run.json"))?)?;
+    assert_eq!(meta["architecture"], json!("llama"));
+    assert!(meta["max_new_tokens"].is_object(), "{meta}");
     assert!(!out.join("model.safetensors").exists(), "the frozen decoder is not copied");
     // The saved adapters on the base model answer as at the end of training.
     let o = p.mtl(&["eval", "--model", "run", "--config", "config.toml"])?;

@@ -1,4 +1,4 @@
-//! `mtl export`: every task of a trained model as its own Hugging Face `transformers` model directory, which
+//! Export: every task of a trained encoder run as its own Hugging Face `transformers` model directory, which
 //! `AutoModelFor…`, `pipeline(…)` and `AutoTokenizer` load as they are.
 //!
 //! - classification → `BertForSequenceClassification` (`problem_type` single- or multi-label);
@@ -19,13 +19,14 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
 use mtl_core::{TaskId, TaskKind};
-use mtl_train::checkpoint;
 use serde_json::{json, Value};
 
-use crate::commands::{load_checkpoint, Loaded};
+use crate::encoder::EncoderRun as Loaded;
+use crate::error::{bail, read_json, read_text, write_text, Error, Result};
+use crate::files as checkpoint;
+use crate::run::{Operation, Run};
 
 /// The pooler's scale ε: `tanh(ε x) / ε ≈ x`.
 const POOLER_EPS: f64 = 1e-4;
@@ -33,31 +34,22 @@ const POOLER_EPS: f64 = 1e-4;
 /// Tokenizer files copied from the checkpoint when it has them.
 const TOKENIZER_FILES: [&str; 3] = ["vocab.txt", "special_tokens_map.json", "tokenizer_config.json"];
 
-pub fn export(model_dir: &Path, out: &Path) -> Result<()> {
+/// Writes each task of the run in `model_dir` as a transformers model directory `out/TASK/`; returns the tasks
+/// written (a token task with a CRF is left out, with a warning).
+pub fn export(model_dir: &Path, out: &Path) -> Result<Vec<String>> {
     if out.exists() {
         bail!("{}: the output directory already exists; choose another or remove it", out.display());
     }
-    let loaded = load_checkpoint(model_dir)?;
-    if loaded.model.bert().int8_layers().is_some() {
-        bail!("{}: an int8 model (mtl quantize) has no f32 weights to export; export the model it was quantised from", model_dir.display());
-    }
-    if loaded.model.bert().peft().is_some_and(|p| p.lora().is_none()) {
-        bail!(
-            "{}: bottleneck adapters and prefix tuning change the network, so they cannot be written as a plain transformers model (LoRA merges into the weights and can)",
-            model_dir.display()
-        );
-    }
-    let base_config: Value = {
-        let path = model_dir.join(checkpoint::MODEL_CONFIG);
-        serde_json::from_str(&std::fs::read_to_string(&path).with_context(|| format!("{}: cannot read", path.display()))?)
-            .with_context(|| format!("{}: not JSON", path.display()))?
-    };
+    let run = Run::open(model_dir)?;
+    run.require(Operation::Export)?;
+    let loaded = run.into_encoder()?;
+    let base_config: Value = read_json(&model_dir.join(checkpoint::MODEL_CONFIG))?;
     let parent = match out.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
         _ => std::path::PathBuf::from("."),
     };
-    std::fs::create_dir_all(&parent).with_context(|| format!("{}: cannot create", parent.display()))?;
-    let tmp = tempfile::Builder::new().prefix(".mtl-export-").tempdir_in(&parent)?;
+    std::fs::create_dir_all(&parent).map_err(Error::io(&parent))?;
+    let tmp = tempfile::Builder::new().prefix(".mtl-export-").tempdir_in(&parent).map_err(Error::io(&parent))?;
     let mut written = Vec::new();
     for task in loaded.config.tasks.keys() {
         let head = &loaded.model.heads()[task];
@@ -66,7 +58,7 @@ pub fn export(model_dir: &Path, out: &Path) -> Result<()> {
             continue;
         }
         let dir = tmp.path().join(task.as_str());
-        std::fs::create_dir(&dir)?;
+        std::fs::create_dir(&dir).map_err(Error::io(&dir))?;
         write_task(&dir, &loaded, task, &base_config, model_dir)?;
         written.push(task.to_string());
     }
@@ -74,9 +66,8 @@ pub fn export(model_dir: &Path, out: &Path) -> Result<()> {
         bail!("{}: no task can be exported", model_dir.display());
     }
     let tmp = tmp.keep();
-    std::fs::rename(&tmp, out).with_context(|| format!("{}: cannot move the export into place", out.display()))?;
-    println!("exported {} to {}", written.join(", "), out.display());
-    Ok(())
+    std::fs::rename(&tmp, out).map_err(Error::io(out))?;
+    Ok(written)
 }
 
 /// The task as PEFT's adapter format (`adapter_config.json`, `adapter_model.safetensors`) on the original base
@@ -90,12 +81,10 @@ fn write_peft(
     exported: &HashMap<String, Tensor>,
     model_dir: &Path,
 ) -> Result<()> {
-    std::fs::create_dir(dir)?;
-    let base = loaded
-        .base
-        .as_deref()
-        .and_then(Path::parent)
-        .with_context(|| format!("{}: a LoRA checkpoint without base_model.json", model_dir.display()))?;
+    std::fs::create_dir(dir).map_err(Error::io(dir))?;
+    let Some(base) = loaded.base.as_deref() else {
+        bail!("{}: a LoRA run whose manifest names no base model", model_dir.display());
+    };
     let mut tensors: HashMap<String, Tensor> = HashMap::new();
     for (name, var) in loaded.model.params().vars() {
         if mtl_nn::param_adapter(name) == Some(adapter) {
@@ -137,7 +126,7 @@ fn write_peft(
         "inference_mode": true,
         "init_lora_weights": true,
     });
-    std::fs::write(dir.join("adapter_config.json"), serde_json::to_string_pretty(&config)?)?;
+    write_text(&dir.join("adapter_config.json"), &pretty(&config))?;
     Ok(())
 }
 
@@ -159,7 +148,10 @@ fn write_task(dir: &Path, loaded: &Loaded, task: &TaskId, base_config: &Value, m
     let vars = model.params().vars();
     let head_param = |name: &str| -> Result<Tensor> {
         let full = format!("heads.{task}.{name}");
-        Ok(vars.get(&full).with_context(|| format!("the checkpoint has no tensor `{full}`"))?.as_tensor().copy()?)
+        match vars.get(&full) {
+            Some(v) => Ok(v.as_tensor().copy()?),
+            None => bail!("{}: the run has no tensor `{full}`", model_dir.display()),
+        }
     };
     let (weight, bias) = (head_param("weight")?, head_param("bias")?);
     let hidden = model.bert().hidden_size();
@@ -222,16 +214,15 @@ fn write_task(dir: &Path, loaded: &Loaded, task: &TaskId, base_config: &Value, m
         "pooler": if problem_type.is_some() { json!(format!("near-identity: W = {POOLER_EPS} I, classifier weights divided by {POOLER_EPS}")) } else { Value::Null },
         "max_len": loaded.config.model.max_len,
     });
-    std::fs::write(dir.join("config.json"), serde_json::to_string_pretty(&config)?)?;
+    write_text(&dir.join("config.json"), &pretty(&config))?;
 
     // The tokenizer, without the fixed padding and truncation some tokenizer.json files carry: transformers'
     // callers choose those per call.
     let path = model_dir.join(checkpoint::TOKENIZER);
-    let mut tokenizer: Value = serde_json::from_str(&std::fs::read_to_string(&path).with_context(|| format!("{}: cannot read", path.display()))?)
-        .with_context(|| format!("{}: not JSON", path.display()))?;
+    let mut tokenizer: Value = read_json(&path)?;
     tokenizer["padding"] = Value::Null;
     tokenizer["truncation"] = Value::Null;
-    std::fs::write(dir.join(checkpoint::TOKENIZER), serde_json::to_string(&tokenizer)?)?;
+    write_text(&dir.join(checkpoint::TOKENIZER), &tokenizer.to_string())?;
     let mut tokenizer_config = json!({});
     for name in TOKENIZER_FILES {
         let from = model_dir.join(name);
@@ -239,12 +230,15 @@ fn write_task(dir: &Path, loaded: &Loaded, task: &TaskId, base_config: &Value, m
             continue;
         }
         if name == "tokenizer_config.json" {
-            tokenizer_config = serde_json::from_str(&std::fs::read_to_string(&from)?).with_context(|| format!("{}: not JSON", from.display()))?;
+            tokenizer_config = serde_json::from_str(&read_text(&from)?).map_err(Error::invalid(&from))?;
         } else {
-            std::fs::copy(&from, dir.join(name))?;
+            std::fs::copy(&from, dir.join(name)).map_err(Error::io(&from))?;
         }
     }
     tokenizer_config["model_max_length"] = json!(loaded.config.model.max_len);
-    std::fs::write(dir.join("tokenizer_config.json"), serde_json::to_string_pretty(&tokenizer_config)?)?;
-    Ok(())
+    write_text(&dir.join("tokenizer_config.json"), &pretty(&tokenizer_config))
+}
+
+fn pretty(v: &Value) -> String {
+    serde_json::to_string_pretty(v).expect("JSON values serialize; this is a bug")
 }

@@ -1,24 +1,35 @@
-//! `mtl quantize` and `mtl prune`: smaller models for deployment, each scored against the model it came from
-//! on the test sets (the dev sets where a task has no test file) before it is written.
+//! Quantisation and pruning: smaller encoder runs for deployment, each scored against the run it came from on
+//! the test sets (the dev sets where a task has no test file) before it is written.
 
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Instant;
 
-use anyhow::{bail, Result};
 use mtl_config::{Config, PeftConfig, Split};
-use mtl_train::checkpoint::{self, CheckpointFiles};
 use mtl_train::{Scores, Trainer};
 use serde_json::{json, Value};
 
-use crate::commands::{load_checkpoint, load_split, Loaded};
+use crate::encoder::EncoderRun;
+use crate::error::{bail, Result};
+use crate::files::{self, CheckpointFiles};
+use crate::run::{Operation, Run};
 
-/// What a deployment transform did to each score: per split, task and metric, before, after and the change.
-fn score(loaded: &Loaded, config: &Config) -> Result<BTreeMap<&'static str, (Scores, f64)>> {
-    let trainer = Trainer::evaluator(config, &loaded.model, &loaded.labels);
+/// What a deployment transform did to each score: per split, task and metric, `{before, after, change}`.
+#[derive(Clone, Debug)]
+pub struct TransformReport {
+    pub changes: Value,
+    /// Whether some task was scored (a model without dev or test files is written unscored).
+    pub scored: bool,
+}
+
+/// Per split: the scores and the seconds they took.
+type Scored = BTreeMap<&'static str, (Scores, f64)>;
+
+fn score(run: &EncoderRun, config: &Config) -> Result<Scored> {
+    let trainer = Trainer::evaluator(config, &run.model, &run.labels);
     let mut out = BTreeMap::new();
     for split in [Split::Dev, Split::Test] {
-        if let Some(data) = load_split(config, split, &loaded.encoder, &loaded.labels)? {
+        if let Some(data) = crate::encoder::load_split(config, split, &run.encoder, &run.labels)? {
             let started = Instant::now();
             let scores = trainer.evaluate(&data)?.scores;
             out.insert(split.name(), (scores, started.elapsed().as_secs_f64()));
@@ -27,7 +38,7 @@ fn score(loaded: &Loaded, config: &Config) -> Result<BTreeMap<&'static str, (Sco
     Ok(out)
 }
 
-fn change_table(before: &BTreeMap<&'static str, (Scores, f64)>, after: &BTreeMap<&'static str, (Scores, f64)>) -> Value {
+fn change_table(before: &Scored, after: &Scored) -> Value {
     let mut table = json!({});
     for (split, (scores, _)) in after {
         let Some((old, _)) = before.get(split) else { continue };
@@ -42,13 +53,22 @@ fn change_table(before: &BTreeMap<&'static str, (Scores, f64)>, after: &BTreeMap
     table
 }
 
-/// Loads `model_dir`, applies `transform`, scores both on the model's own dev/test files (or `config`'s), prints
-/// the change per task and writes the result to `out`.
-fn transform(model_dir: &Path, out: &Path, config: Option<&Path>, what: Value, transform: impl FnOnce(&mut Loaded) -> Result<()>) -> Result<()> {
+/// Opens `model_dir`, applies `transform`, scores both on the run's own dev/test files (or `config`'s), and
+/// writes the result to `out`.
+fn transform(
+    model_dir: &Path,
+    out: &Path,
+    config: Option<&Path>,
+    op: Operation,
+    what: Value,
+    transform: impl FnOnce(&mut EncoderRun) -> Result<()>,
+) -> Result<TransformReport> {
     if out.exists() {
         bail!("{}: the output directory already exists; choose another or remove it", out.display());
     }
-    let mut loaded = load_checkpoint(model_dir)?;
+    let run = Run::open(model_dir)?;
+    run.require(op)?;
+    let mut loaded = run.into_encoder()?;
     let mut data_config = loaded.config.clone();
     if let Some(path) = config {
         let other = Config::load(path, &[])?;
@@ -73,42 +93,34 @@ fn transform(model_dir: &Path, out: &Path, config: Option<&Path>, what: Value, t
     metrics["f32_params"] = json!(loaded.model.params().num_params());
     let heads = BTreeMap::new();
     let files = CheckpointFiles { config: &loaded.config, labels: &loaded.labels, metrics: &metrics, heads: &heads };
-    checkpoint::save(out, &loaded.model, &files)?;
+    files::save(out, &loaded.model, &files)?;
     if after.is_empty() {
         tracing::warn!("no task has a dev or test file: the model was written unscored");
     }
-    println!("{}", serde_json::to_string_pretty(&changes)?);
-    println!("written to {}", out.display());
-    Ok(())
+    Ok(TransformReport { changes, scored: !after.is_empty() })
 }
 
 /// A model whose weights are all its own: a shared LoRA adapter stays merged and the base is not needed.
-fn standalone(loaded: &mut Loaded) {
+fn standalone(loaded: &mut EncoderRun) {
     loaded.config.peft = PeftConfig::default();
     loaded.base = None;
 }
 
-pub fn quantize(model_dir: &Path, out: &Path, config: Option<&Path>) -> Result<()> {
+/// Quantises the encoder of the run in `model_dir` to int8 (weight-only, one scale per output channel of each
+/// linear layer) into `out`, scored on its own dev/test files or those of `config`.
+pub fn quantize(model_dir: &Path, out: &Path, config: Option<&Path>) -> Result<TransformReport> {
     let what = json!({"kind": "int8", "scheme": "weight-only int8 of the encoder's linear layers, symmetric, one scale per output channel"});
-    transform(model_dir, out, config, what, |loaded| {
-        if loaded.config.peft.enabled() && loaded.model.bert().merged().is_none() {
-            bail!(
-                "{}: int8 quantisation needs one set of encoder weights; this model has per-task adapters or adapters that do not merge (only a shared LoRA adapter merges)",
-                model_dir.display()
-            );
-        }
+    transform(model_dir, out, config, Operation::Quantize, what, |loaded| {
         loaded.model.quantize_int8()?;
         standalone(loaded);
         Ok(())
     })
 }
 
-pub fn prune(model_dir: &Path, layers: usize, out: &Path, config: Option<&Path>) -> Result<()> {
+/// Drops the top `layers` encoder layers of the run in `model_dir` (model cutting) into `out`.
+pub fn prune(model_dir: &Path, layers: usize, out: &Path, config: Option<&Path>) -> Result<TransformReport> {
     let what = json!({"kind": "prune", "dropped_top_layers": layers});
-    transform(model_dir, out, config, what, |loaded| {
-        if loaded.config.peft.enabled() && loaded.model.bert().merged().is_none() {
-            bail!("{}: pruning a model with per-task or non-LoRA adapters is not supported; prune the base model before training the adapters", model_dir.display());
-        }
+    transform(model_dir, out, config, Operation::Prune, what, |loaded| {
         loaded.model.prune_top_layers(layers)?;
         if loaded.config.peft.enabled() {
             // The merged shared LoRA adapter: the model is written whole, adapters folded in.

@@ -1,15 +1,15 @@
-//! `mtl generate`: text from a decoder model (a Llama-architecture GGUF file), streamed to standard output as
-//! it is produced. With `--chat`, the prompt is the user's turn of the model's own chat template.
+//! A decoder's files (a Llama-architecture GGUF file, or a Hugging Face directory) and the plain decoder for
+//! free generation, streamed piece by piece as it is produced.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context, Result};
 use candle_core::Device;
 use mtl_nn::generate::{generate, Limits, Sampling};
 use mtl_nn::gguf::read_llama;
 use mtl_nn::llama::Llama;
 use mtl_nn::ParamBuilder;
+
+use crate::error::{bail, Error, Result};
 
 /// A loaded decoder: the model, its tokenizer, its chat template and end-of-turn token.
 pub struct Decoder {
@@ -18,21 +18,6 @@ pub struct Decoder {
     pub chat: Option<mtl_data::prompt::ChatTemplate>,
     /// Tokens that end generation.
     pub eos: Vec<u32>,
-}
-
-/// The GGUF file at `path`, or the one GGUF file in the directory `path`.
-pub fn gguf_file(path: &Path) -> Result<PathBuf> {
-    if path.is_file() {
-        return Ok(path.to_owned());
-    }
-    let entries = std::fs::read_dir(path).with_context(|| format!("{}: cannot read", path.display()))?;
-    let mut files: Vec<PathBuf> = entries.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.extension().is_some_and(|e| e == "gguf")).collect();
-    files.sort();
-    match files.len() {
-        1 => Ok(files.remove(0)),
-        0 => bail!("{}: no .gguf file here", path.display()),
-        _ => bail!("{}: several .gguf files; name one", path.display()),
-    }
 }
 
 /// A decoder's weights and what comes with them, before the model is built.
@@ -45,30 +30,20 @@ pub struct DecoderFiles {
     pub chat_template: Option<String>,
 }
 
-/// Whether `path` holds a decoder: a GGUF file (or a directory with one), or a Hugging Face directory whose
-/// `config.json` is a Llama's.
-pub fn is_decoder(path: &Path) -> bool {
-    if gguf_file(path).is_ok() {
-        return true;
-    }
-    let config = std::fs::read_to_string(path.join("config.json")).unwrap_or_default();
-    serde_json::from_str::<serde_json::Value>(&config).is_ok_and(|v| v["model_type"] == "llama")
-}
-
 impl DecoderFiles {
     /// The model's chat template, with its begin- and end-of-sequence tokens' texts.
     pub fn chat(&self) -> Result<Option<mtl_data::prompt::ChatTemplate>> {
         let Some(source) = &self.chat_template else { return Ok(None) };
         let text = |id: Option<u32>| id.and_then(|i| self.tokenizer.id_to_token(i)).unwrap_or_default();
         let (bos, eos) = (text(self.config.bos_token_id), text(self.config.eos_token_ids.first().copied()));
-        Ok(Some(mtl_data::prompt::ChatTemplate::new(source, &bos, &eos).map_err(anyhow::Error::msg)?))
+        Ok(Some(mtl_data::prompt::ChatTemplate::new(source, &bos, &eos).map_err(Error::Usage)?))
     }
 
     /// A GGUF file (dequantised to f32; the tokenizer and chat template from its metadata), or a Hugging Face
     /// directory (`config.json`, `model.safetensors`, `tokenizer.json`, and the chat template of
     /// `tokenizer_config.json` when it has one).
     pub fn load(path: &Path) -> Result<Self> {
-        if let Ok(file) = gguf_file(path) {
+        if let Some(file) = crate::arch::gguf_file(path)? {
             let gguf = read_llama(&file, &Device::Cpu)?;
             let tokenizer = mtl_data::bpe::byte_level_bpe(&gguf.vocab, &file)?;
             tracing::info!(types = ?gguf.tensor_types, "loaded {} (dequantised to f32)", file.display());
@@ -77,12 +52,12 @@ impl DecoderFiles {
         let config = mtl_nn::llama::LlamaConfig::from_file(&path.join("config.json"))?;
         let weights_path = path.join("model.safetensors");
         let weights = candle_core::safetensors::load(&weights_path, &Device::Cpu)
-            .with_context(|| format!("{}: cannot read the weights", weights_path.display()))?
+            .map_err(|e| Error::Invalid { path: weights_path.clone(), message: format!("cannot read the weights: {e}") })?
             .into_iter()
             .collect();
         let tokenizer_path = path.join("tokenizer.json");
         let tokenizer = tokenizers::Tokenizer::from_file(&tokenizer_path)
-            .map_err(|e| anyhow::anyhow!("{}: cannot load tokenizer: {e}", tokenizer_path.display()))?;
+            .map_err(|e| Error::Invalid { path: tokenizer_path.clone(), message: format!("cannot load tokenizer: {e}") })?;
         let chat_template = std::fs::read_to_string(path.join("tokenizer_config.json"))
             .ok()
             .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
@@ -99,19 +74,19 @@ impl Decoder {
         let model = Llama::new(&pb, &files.config)?;
         let missing = pb.finish().initialised().to_vec();
         if !missing.is_empty() {
-            bail!("{}: tensors missing: {}", files.source.display(), missing.join(", "));
+            return Err(Error::Invalid { path: files.source, message: format!("tensors missing: {}", missing.join(", ")) });
         }
         Ok(Self { model, tokenizer: files.tokenizer, chat, eos: files.config.eos_token_ids })
     }
 
     /// `prompt` as the user's turn of the chat template (with the assistant's turn opened).
     pub fn chat_prompt(&self, prompt: &str, system: Option<&str>) -> Result<String> {
-        let chat = self.chat.as_ref().context("the model has no chat template; leave out --chat")?;
-        chat.user_turn(prompt, system).map_err(anyhow::Error::msg)
+        let Some(chat) = self.chat.as_ref() else { bail!("the model has no chat template; leave out --chat") };
+        chat.user_turn(prompt, system).map_err(Error::Usage)
     }
 
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        Ok(self.tokenizer.encode(text, false).map_err(|e| anyhow::anyhow!("cannot tokenise: {e}"))?.get_ids().to_vec())
+        Ok(self.tokenizer.encode(text, false).map_err(|e| Error::Usage(format!("cannot tokenise: {e}")))?.get_ids().to_vec())
     }
 
     pub fn decode(&self, ids: &[u32]) -> String {
@@ -119,43 +94,64 @@ impl Decoder {
     }
 }
 
-pub struct GenerateArgs<'a> {
-    pub model: &'a Path,
-    pub prompt: Option<&'a str>,
+/// What to generate: a prompt (sent as the user's turn of the chat template with `chat`), how to sample and
+/// when to stop.
+#[derive(Clone, Debug)]
+pub struct GenerateRequest {
+    pub prompt: String,
     pub chat: bool,
-    pub system: Option<&'a str>,
+    /// With `chat`, a system turn before it.
+    pub system: Option<String>,
     pub sampling: Sampling,
     pub max_new_tokens: usize,
-    pub stop: &'a [String],
+    /// Stop where one of these texts appears.
+    pub stop: Vec<String>,
 }
 
-pub fn run(args: &GenerateArgs) -> Result<()> {
-    let decoder = Decoder::load(args.model)?;
-    let prompt = match args.prompt {
-        Some(p) => p.to_string(),
-        None => std::io::read_to_string(std::io::stdin()).context("cannot read the prompt from standard input")?,
-    };
-    if prompt.trim().is_empty() {
-        bail!("the prompt is empty (--prompt TEXT, or text on standard input)");
+/// What a generation produced.
+#[derive(Clone, Debug)]
+pub struct Generated {
+    pub text: String,
+    pub prompt_tokens: usize,
+    pub new_tokens: usize,
+    /// Why it stopped: `eos`, `stop` or `length`.
+    pub stop: String,
+    pub seconds: f64,
+}
+
+impl Decoder {
+    /// Generates for `request`, handing each new piece of text to `on_piece` (which returns `false` to stop).
+    pub fn generate(&self, request: &GenerateRequest, mut on_piece: impl FnMut(&str) -> bool) -> Result<Generated> {
+        if !(request.sampling.temperature >= 0.0 && request.sampling.temperature.is_finite()) {
+            bail!("--temperature must be 0 (greedy) or positive, got {}", request.sampling.temperature);
+        }
+        if request.sampling.top_p.is_some_and(|p| !(p > 0.0 && p <= 1.0)) {
+            bail!("--top-p must be in (0, 1]");
+        }
+        if request.prompt.trim().is_empty() {
+            bail!("the prompt is empty (--prompt TEXT, or text on standard input)");
+        }
+        let text = match request.chat {
+            true => self.chat_prompt(&request.prompt, request.system.as_deref())?,
+            false => request.prompt.clone(),
+        };
+        let ids = self.encode(&text)?;
+        let limits = Limits {
+            max_new_tokens: request.max_new_tokens,
+            stop_tokens: self.eos.clone(),
+            stop_strings: request.stop.clone(),
+        };
+        let started = std::time::Instant::now();
+        let generated = generate(&self.model, &ids, &request.sampling, &limits, |t| self.decode(t), |piece| on_piece(piece))?;
+        let stop = serde_json::to_value(generated.stop).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default();
+        Ok(Generated {
+            text: generated.text,
+            prompt_tokens: ids.len(),
+            new_tokens: generated.ids.len(),
+            stop,
+            seconds: started.elapsed().as_secs_f64(),
+        })
     }
-    let text = if args.chat { decoder.chat_prompt(&prompt, args.system)? } else { prompt };
-    let ids = decoder.encode(&text)?;
-    let limits = Limits { max_new_tokens: args.max_new_tokens, stop_tokens: decoder.eos.clone(), stop_strings: args.stop.to_vec() };
-    let started = std::time::Instant::now();
-    let mut out = std::io::stdout().lock();
-    let generated = generate(&decoder.model, &ids, &args.sampling, &limits, |t| decoder.decode(t), |piece| {
-        out.write_all(piece.as_bytes()).and_then(|()| out.flush()).is_ok()
-    })?;
-    writeln!(out)?;
-    let seconds = started.elapsed().as_secs_f64();
-    tracing::info!(
-        prompt_tokens = ids.len(),
-        new_tokens = generated.ids.len(),
-        stop = ?generated.stop,
-        "{:.1} tokens/s",
-        generated.ids.len() as f64 / seconds.max(1e-9)
-    );
-    Ok(())
 }
 
 impl mtl_serve::generation::Generator for Decoder {

@@ -1,4 +1,4 @@
-//! `mtl add-task`: new tasks trained onto a finished model, with every parameter it already has frozen.
+//! Adding tasks: new tasks trained onto a finished model, with every parameter it already has frozen.
 //!
 //! Each new task gets a fresh head; on a model whose tasks each have their own adapter (per-task LoRA or
 //! bottleneck adapters) it also gets its own adapter of the same kind. Nothing the old tasks compute with
@@ -8,37 +8,53 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;
 
-use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
 use mtl_config::Split;
 use mtl_core::TaskId;
 use mtl_data::{Dataset, LabelMap};
 use mtl_nn::{BertConfig, MultiTaskModel};
-use mtl_train::checkpoint::{self, CheckpointFiles};
 use mtl_train::heads::head_specs;
 use mtl_train::{ProgressCallback, Splits, Trainer};
 use serde_json::json;
 
-use crate::commands::{load_checkpoint_with, load_split, log_truncation, metrics_json, model_spec, peft_spec};
+use crate::encoder::{load_split, log_truncation, model_spec};
+use crate::error::{bail, read_text, Error, Result};
+use crate::files::{self as checkpoint, CheckpointFiles};
+use crate::run::{Operation, Run};
+use crate::train::metrics_json;
 
-pub fn add_task(model_dir: &Path, config_path: &Path, out: &Path, overrides: &[String]) -> Result<()> {
+/// What adding tasks did.
+#[derive(Debug)]
+pub struct AddTaskReport {
+    pub added: Vec<String>,
+    /// Parameters trained (the new heads and adapters); everything else stayed frozen.
+    pub trained_params: usize,
+    /// Tasks of the written model, old and new.
+    pub tasks: usize,
+    pub dev: Option<mtl_train::Evaluation>,
+    pub test: Option<mtl_train::Evaluation>,
+    pub seconds: f64,
+}
+
+/// Trains the tasks of `config_path` (with `overrides`) onto the run in `model_dir`, everything it has frozen,
+/// and writes the run with all its tasks to `out`.
+pub fn add_task(model_dir: &Path, config_path: &Path, out: &Path, overrides: &[String]) -> Result<AddTaskReport> {
     if out.exists() {
         bail!("{}: the output directory already exists; choose another or remove it", out.display());
     }
     // Unmerged: a shared LoRA adapter stays beside the weights, as it was trained.
-    let old = load_checkpoint_with(model_dir, false)?;
-    if old.model.bert().int8_layers().is_some() {
-        bail!("{}: an int8 model (mtl quantize) is for inference; add tasks to the model it was quantised from", model_dir.display());
-    }
-    let text = std::fs::read_to_string(config_path).with_context(|| format!("{}: cannot read", config_path.display()))?;
+    let run = Run::open_unmerged(model_dir)?;
+    run.require(Operation::AddTask)?;
+    let old = run.into_encoder()?;
+    let text = read_text(config_path)?;
     let (mut combined, names) = old.config.with_new_tasks(&text, config_path, overrides)?;
     // A parameter-efficient model stays on its base model; a fully trained one is its own base.
-    if let Some(weights) = &old.base {
-        combined.model.path = weights.parent().context("base weights have a directory")?.to_owned();
+    if let Some(base) = &old.base {
+        combined.model.path = base.clone();
     }
     let mut new_only = combined.clone();
     new_only.retain_tasks(&names, config_path)?;
-    crate::commands::check_encoder_tasks(&new_only, config_path)?;
+    crate::encoder::check_tasks(&new_only, config_path)?;
 
     // Read and check the new tasks' data before training.
     let raw_train = mtl_data::read_split(&new_only, Split::Train)?;
@@ -56,7 +72,7 @@ pub fn add_task(model_dir: &Path, config_path: &Path, out: &Path, overrides: &[S
     // The model with every task: the old parameters as trained, the new ones initialised.
     let bert = BertConfig::from_file(&model_dir.join(checkpoint::MODEL_CONFIG))?;
     let sizes = head_specs(&combined, &labels);
-    let peft = peft_spec(&combined, &bert);
+    let peft = crate::peft::encoder_spec(&combined, &bert);
     let weights: HashMap<String, Tensor> =
         old.model.params().vars().iter().map(|(n, v)| Ok((n.clone(), v.as_tensor().copy()?))).collect::<Result<_>>()?;
     let frozen: BTreeSet<String> = weights.keys().cloned().collect();
@@ -88,7 +104,7 @@ pub fn add_task(model_dir: &Path, config_path: &Path, out: &Path, overrides: &[S
     for (name, var) in old.model.params().vars() {
         let now = model.params().vars()[name].as_tensor().flatten_all()?.to_vec1::<f32>()?;
         if now != var.as_tensor().flatten_all()?.to_vec1::<f32>()? {
-            bail!("parameter `{name}` of the old model changed while adding tasks; this is a bug");
+            return Err(Error::Usage(format!("parameter `{name}` of the old model changed while adding tasks; this is a bug")));
         }
     }
 
@@ -102,20 +118,12 @@ pub fn add_task(model_dir: &Path, config_path: &Path, out: &Path, overrides: &[S
         outcome.per_task.iter().map(|(task, b)| (task.to_string(), b.head.clone())).collect();
     let files = CheckpointFiles { config: &combined, labels: &labels, metrics: &metrics, heads: &heads };
     checkpoint::save(out, &model, &files)?;
-    for (split, eval) in [("dev", &outcome.dev), ("test", &outcome.test)] {
-        if let Some(e) = eval {
-            for (task, scores) in &e.scores {
-                println!("{split} {task}: {}", serde_json::to_string(scores)?);
-            }
-        }
-    }
-    println!(
-        "added {} ({} trained parameters, everything else frozen) in {:.0} s; model with all {} tasks in {}",
-        names.join(", "),
-        trained,
+    Ok(AddTaskReport {
+        added: names,
+        trained_params: trained,
+        tasks: combined.tasks.len(),
+        dev: outcome.dev,
+        test: outcome.test,
         seconds,
-        combined.tasks.len(),
-        out.display()
-    );
-    Ok(())
+    })
 }

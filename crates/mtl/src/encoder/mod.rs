@@ -1,0 +1,126 @@
+//! The BERT-family backbone: its model spec from a run config, its data, and a trained encoder run loaded for
+//! use. Training lives in [`train`].
+
+pub(crate) mod train;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::Device;
+use mtl_config::{Config, Split};
+use mtl_core::{TaskId, TaskKind};
+use mtl_data::{Dataset, LabelMap, TextEncoder};
+use mtl_nn::{BertConfig, HeadSpec, ModelSpec, MultiTaskModel, PeftSpec};
+use mtl_train::heads::head_specs;
+
+use crate::error::{bail, Error, Result};
+use crate::files;
+use crate::manifest::{RunManifest, WeightLayout};
+
+pub(crate) fn model_spec<'a>(
+    config: &Config,
+    bert: &'a BertConfig,
+    tasks: &'a BTreeMap<TaskId, HeadSpec>,
+    peft: Option<&'a PeftSpec>,
+) -> ModelSpec<'a> {
+    ModelSpec { bert, tasks, dropout: config.training.dropout as f32, seed: config.training.seed, peft }
+}
+
+pub(crate) fn require_file(path: &Path, what: &'static str) -> Result<()> {
+    if !path.is_file() {
+        return Err(Error::Missing { path: path.to_owned(), what });
+    }
+    Ok(())
+}
+
+/// Refuses tasks that only a decoder can learn; the error names the config file and the field.
+pub(crate) fn check_tasks(config: &Config, path: &Path) -> Result<()> {
+    if let Some((name, _)) = config.tasks.iter().find(|(_, t)| t.kind == TaskKind::Generation) {
+        bail!(
+            "invalid config {}: field `tasks.{name}.kind`: generation tasks need a decoder model (`model.path` a GGUF file or a Llama directory); {} is an encoder",
+            path.display(),
+            config.model.path.display()
+        );
+    }
+    Ok(())
+}
+
+/// The examples of `split`, encoded; `None` where no task has a file for it.
+pub(crate) fn load_split(
+    config: &Config,
+    split: Split,
+    encoder: &TextEncoder,
+    labels: &BTreeMap<TaskId, LabelMap>,
+) -> Result<Option<Dataset>> {
+    if config.tasks.values().all(|t| t.data.get(split).is_none()) {
+        return Ok(None);
+    }
+    let raw = mtl_data::read_split(config, split)?;
+    let data = Dataset::encode(raw, encoder, labels, config)?;
+    log_truncation(split, &data, encoder);
+    Ok(Some(data))
+}
+
+pub(crate) fn log_truncation(split: Split, data: &Dataset, encoder: &TextEncoder) {
+    if data.truncated > 0 {
+        tracing::warn!(
+            "{}: {} of {} inputs were longer than {} tokens and were truncated (raise model.max_len to keep more)",
+            split.name(),
+            data.truncated,
+            data.len(),
+            encoder.max_len()
+        );
+    }
+}
+
+/// A trained encoder run with everything needed to use it.
+pub(crate) struct EncoderRun {
+    pub(crate) config: Config,
+    pub(crate) labels: BTreeMap<TaskId, LabelMap>,
+    pub(crate) encoder: TextEncoder,
+    pub(crate) model: MultiTaskModel,
+    /// A parameter-efficient run's base model directory (checked against its checksum); `None` for a run that
+    /// holds all its weights.
+    pub(crate) base: Option<PathBuf>,
+}
+
+impl EncoderRun {
+    /// The run in `dir`; with `merge`, one shared LoRA adapter is merged into the weights (for speed).
+    pub(crate) fn load(dir: &Path, manifest: &RunManifest, merge: bool) -> Result<Self> {
+        let (config, labels) = files::read_meta(dir)?;
+        let base = match &manifest.base {
+            Some(b) => Some(b.resolve(dir)?),
+            None => None,
+        };
+        let weights = if base.is_some() { files::ADAPTERS } else { files::WEIGHTS };
+        for (name, what) in [(files::MODEL_CONFIG, "model config"), (weights, "model weights"), (files::TOKENIZER, "tokenizer")] {
+            require_file(&dir.join(name), what)?;
+        }
+        let bert = BertConfig::from_file(&dir.join(files::MODEL_CONFIG))?;
+        let encoder =
+            TextEncoder::from_file(&dir.join(files::TOKENIZER), config.model.max_len.min(bert.max_position_embeddings))?;
+        let sizes = head_specs(&config, &labels);
+        let peft = crate::peft::encoder_spec(&config, &bert);
+        let spec = model_spec(&config, &bert, &sizes, peft.as_ref());
+        let model = match (&base, manifest.weights) {
+            (Some(base), _) => {
+                let mut model = MultiTaskModel::load_with_adapters(
+                    &spec,
+                    &base.join(files::WEIGHTS),
+                    &dir.join(files::ADAPTERS),
+                    &Device::Cpu,
+                )?;
+                // One shared LoRA adapter merges into the weights: the plain encoder's speed.
+                if merge && peft.as_ref().is_some_and(|p| p.lora().is_some() && !p.per_task()) {
+                    model.merge_lora(0)?;
+                }
+                model
+            }
+            (None, WeightLayout::Int8) => {
+                MultiTaskModel::load_int8(&spec, &dir.join(files::WEIGHTS), &dir.join(files::INT8), &Device::Cpu)?
+            }
+            (None, _) => MultiTaskModel::load(&spec, &dir.join(files::WEIGHTS), true, &Device::Cpu)?,
+        };
+        Ok(Self { config, labels, encoder, model, base })
+    }
+}

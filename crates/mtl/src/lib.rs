@@ -1,0 +1,84 @@
+//! The mtl library: fine-tune one pretrained model on many tasks at once, then use every task from that one
+//! model. This crate is the project's API; the `mtl` binary only parses arguments, calls it and prints.
+//!
+//! - [`train()`]: a run from a config ([`TrainOptions`]: per-task selection, resume, baselines), for any backbone;
+//!   returns a [`TrainReport`].
+//! - [`Run`]: a trained run opened from its directory; [`Run::capabilities`] says what it can do,
+//!   [`Run::evaluate`] scores it, [`Run::predict`] answers every task in the typed [`PredictionRecord`] schema.
+//! - [`export()`], [`quantize`], [`prune`], [`add_task()`]: new runs and exports made from a run.
+//! - [`Decoder`] (free generation), [`serve`] (every task over HTTP).
+//! - [`Architecture`]: which backbone a base model needs, read from its own files; [`RunManifest`]: the one
+//!   versioned record of what a run directory holds.
+//!
+//! ```no_run
+//! # fn main() -> mtl::Result<()> {
+//! let config = mtl::Config::load("examples/atis/config.toml".as_ref(), &[])?;
+//! mtl::train(&config, "examples/atis/config.toml".as_ref(), "runs/atis".as_ref(), &mtl::TrainOptions::default())?;
+//! let run = mtl::Run::open("runs/atis".as_ref())?;
+//! let answers = run.predict(&[mtl::Input::Text("show me flights to boston".into())], &Default::default())?;
+//! println!("{}", serde_json::to_string(&answers[0]).expect("serializes"));
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! Depends on every other crate of the workspace (config → data → nn → train → serve); nothing depends on it
+//! but the binary and the bindings.
+
+mod add_task;
+pub mod arch;
+mod decoder;
+mod deploy;
+mod encoder;
+mod error;
+mod export;
+mod files;
+pub mod manifest;
+mod peft;
+mod predict;
+mod run;
+pub mod serve;
+mod train;
+
+use std::path::Path;
+
+pub use add_task::{add_task, AddTaskReport};
+pub use arch::Architecture;
+pub use decoder::{Decoder, GenerateRequest, Generated};
+pub use deploy::{prune, quantize, TransformReport};
+pub use error::{Error, Result};
+pub use export::export;
+pub use manifest::{RunManifest, WeightLayout};
+pub use predict::{Entity, PredictionRecord, Span, TaskPrediction};
+pub use run::{Capabilities, Operation, PredictOptions, Run};
+pub use train::{train, BaselineRow, Baselines, Select, TrainOptions, TrainReport, Training};
+
+pub use mtl_config::{Config, ServeConfig, ServeOverrides};
+pub use mtl_metrics::format_report;
+/// How the allocator keeps or returns freed pages (binaries set it at start-up).
+pub use mtl_train::alloc;
+pub use mtl_data::{Input, Location};
+pub use mtl_nn::generate::Sampling;
+pub use mtl_train::{Evaluation, Scores};
+
+/// A decoder for free generation: a base model (a GGUF file, a directory with one, or a Llama directory), or a
+/// decoder run with a shared adapter (its adapter on its base).
+pub fn open_decoder(path: &Path) -> Result<Decoder> {
+    if path.join(manifest::MANIFEST).exists() || path.join(files::RUN_CONFIG).exists() {
+        let run = Run::open(path)?;
+        run.require(Operation::Generate)?;
+        return match run.loaded {
+            run::Loaded::Decoder(d) => Ok(d.into_decoder()),
+            run::Loaded::Encoder(_) => Err(Error::Unsupported { run: path.to_owned(), message: "not a decoder".into() }),
+        };
+    }
+    if !Architecture::detect(path)?.is_decoder() {
+        return Err(Error::Unsupported {
+            run: path.to_owned(),
+            message: "an encoder has no language-model head; generation takes a decoder model".into(),
+        });
+    }
+    Decoder::load(path)
+}
+
+#[cfg(test)]
+mod tests;

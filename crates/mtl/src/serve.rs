@@ -1,0 +1,251 @@
+//! Serving: a trained run (or a decoder base model) behind mtl-serve's HTTP API. The engine tokenises inputs as
+//! [`crate::Run::predict`] does and answers each task in the same [`TaskPrediction`] schema.
+
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use mtl_config::{ServeConfig, TagScheme};
+use mtl_core::{TaskId, TaskKind};
+use mtl_data::{Example, Input, LabelMap, Location};
+use mtl_serve::api::Settings;
+use mtl_serve::{Engine, RequestInput, Router, TaskDescription};
+use mtl_train::{predict_examples, TaskInfo};
+use serde_json::Value;
+
+use crate::encoder::EncoderRun as Loaded;
+use crate::error::{bail, read_text, Error, Result};
+use crate::predict::{encoder_record, Entity, TaskPrediction};
+use crate::run::{Loaded as Backbone, Operation, Run};
+use crate::Architecture;
+
+/// The server's settings from a serving config: its limits, and the API keys of its key file.
+pub fn settings(config: &ServeConfig) -> Result<Settings> {
+    let api_keys = match &config.api_keys {
+        Some(path) => {
+            let keys: HashSet<String> = read_text(path)?.lines().map(str::trim).filter(|l| !l.is_empty()).map(String::from).collect();
+            if keys.is_empty() {
+                bail!("{}: no API key in the file (one per line)", path.display());
+            }
+            Some(keys)
+        }
+        None => None,
+    };
+    Ok(Settings {
+        batch: mtl_serve::batcher::BatchSettings {
+            max_batch_tokens: config.max_batch_tokens,
+            max_wait: std::time::Duration::from_millis(config.max_wait_ms),
+            queue_bound: config.queue_bound,
+        },
+        max_input_chars: config.max_input_chars,
+        max_inputs: config.max_inputs,
+        body_limit: config.body_limit,
+        request_timeout: std::time::Duration::from_secs(config.timeout_s),
+        api_keys,
+    })
+}
+
+/// The router for `model`: an encoder run's tasks (`POST /v1/predict`, `POST /v1/tasks/TASK/predict`), or free
+/// generation (`POST /v1/generate`) of a decoder base model or a decoder run with a shared adapter.
+pub fn router(model: &Path, settings: Settings) -> Result<Router> {
+    let is_run = model.join(crate::manifest::MANIFEST).exists() || model.join(crate::files::RUN_CONFIG).exists();
+    if !is_run {
+        if !Architecture::detect(model)?.is_decoder() {
+            bail!("{}: an encoder base model has no tasks to serve; serve a run trained from it", model.display());
+        }
+        tracing::info!("serving generation from {}", model.display());
+        return Ok(mtl_serve::generation::generation_router(crate::decoder::Decoder::load(model)?, settings));
+    }
+    let run = Run::open(model)?;
+    if run.capabilities().can(Operation::ServeTasks) {
+        let engine = ModelEngine::new(run.into_encoder()?);
+        tracing::info!(tasks = engine.tasks.len(), "loaded {}", model.display());
+        return Ok(mtl_serve::api::router(engine, settings));
+    }
+    run.require(Operation::Generate)?;
+    let Backbone::Decoder(decoder) = run.loaded else {
+        return Err(Error::Unsupported { run: model.to_owned(), message: "nothing to serve".into() });
+    };
+    tracing::info!("serving generation from {}", model.display());
+    Ok(mtl_serve::generation::generation_router(decoder.into_decoder(), settings))
+}
+
+/// Serves `model` with `config` until SIGTERM or Ctrl-C.
+pub fn serve(model: &Path, config: &ServeConfig) -> Result<()> {
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = config.threads {
+        runtime.worker_threads(n.max(1));
+    }
+    let runtime = runtime.enable_all().build().map_err(|e| Error::Usage(format!("cannot start the async runtime: {e}")))?;
+    let router = router(model, settings(config)?)?;
+    runtime
+        .block_on(mtl_serve::api::serve(router, config.addr))
+        .map_err(|e| Error::Usage(format!("cannot serve on {}: {e}", config.addr)))
+}
+
+/// An encoder run as an [`Engine`].
+struct ModelEngine {
+    loaded: Loaded,
+    tasks: Vec<TaskDescription>,
+    /// Numbers the questions of QA inputs, whose windows must stay together in a batch.
+    questions: AtomicUsize,
+}
+
+impl ModelEngine {
+    fn new(loaded: Loaded) -> Self {
+        let tasks = loaded
+            .config
+            .tasks
+            .iter()
+            .map(|(name, t)| TaskDescription {
+                name: name.to_string(),
+                kind: serde_json::to_value(t.kind).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default(),
+                labels: loaded.labels.get(name).map(|m| m.labels().to_vec()).unwrap_or_default(),
+            })
+            .collect();
+        Self { loaded, tasks, questions: AtomicUsize::new(0) }
+    }
+
+}
+
+fn nonempty(field: &str, text: &str) -> Result<(), String> {
+    if text.trim().is_empty() {
+        return Err(format!("`{field}` is empty"));
+    }
+    Ok(())
+}
+
+/// Each word's character span (start, end exclusive) in `text`, the words being `text` split on whitespace.
+fn word_spans(text: &str) -> Vec<(usize, usize)> {
+    let mut spans = Vec::new();
+    let mut start = None;
+    for (i, c) in text.chars().chain(std::iter::once(' ')).enumerate() {
+        match (c.is_whitespace(), start) {
+            (false, None) => start = Some(i),
+            (true, Some(s)) => {
+                spans.push((s, i));
+                start = None;
+            }
+            _ => {}
+        }
+    }
+    spans
+}
+
+/// The entities of a tagged word sequence (seqeval's chunking), with character offsets into `text`, whose
+/// whitespace-separated words the tags belong to.
+fn entities(text: &str, tags: &[String]) -> Vec<Entity> {
+    let tags: Vec<&str> = tags.iter().map(String::as_str).collect();
+    let spans = word_spans(text);
+    let chars: Vec<char> = text.chars().collect();
+    mtl_metrics::entities(&[tags])
+        .into_iter()
+        .filter_map(|e| {
+            let (start, end) = (spans.get(e.start)?.0, spans.get(e.end)?.1);
+            Some(Entity {
+                end,
+                start,
+                text: chars[start..end].iter().collect(),
+                kind: e.kind.to_string(),
+                words: [e.start, e.end],
+            })
+        })
+        .collect()
+}
+
+impl Engine for ModelEngine {
+    /// One example, or the windows of one question; and the text its words' offsets refer to.
+    type Item = (Vec<Example>, String);
+
+    fn tasks(&self) -> &[TaskDescription] {
+        &self.tasks
+    }
+
+    fn prepare(&self, input: &RequestInput) -> Result<(Self::Item, usize), String> {
+        let location = Location { path: "request".into(), line: 0 };
+        let (input, text) = match input {
+            RequestInput::Text(t) | RequestInput::Single { text: t } => {
+                nonempty("text", t)?;
+                // Entity offsets refer to the text as sent.
+                (Input::Text(t.clone()), t.clone())
+            }
+            RequestInput::Pair { text, text_pair } => {
+                nonempty("text", text)?;
+                nonempty("text_pair", text_pair)?;
+                (Input::Pair(text.clone(), text_pair.clone()), text.clone())
+            }
+            RequestInput::Words { words } => {
+                if words.is_empty() || words.iter().any(|w| w.trim().is_empty() || w.contains(char::is_whitespace)) {
+                    return Err("`words` must be a non-empty list of words without whitespace".into());
+                }
+                // Entity offsets refer to the words joined by single spaces.
+                (Input::Words(words.clone()), words.join(" "))
+            }
+            RequestInput::Question { question, context } => {
+                nonempty("question", question)?;
+                nonempty("context", context)?;
+                if !self.loaded.config.tasks.values().any(|t| t.kind == TaskKind::QuestionAnswering) {
+                    return Err("the model has no question-answering task".into());
+                }
+                (Input::Question { question: question.clone(), context: context.clone() }, context.clone())
+            }
+        };
+        let group = self.questions.fetch_add(1, Ordering::Relaxed);
+        let examples = crate::predict::encoder_examples(&self.loaded, &location, &input, group)?;
+        let tokens = examples.iter().map(|e| e.encoded.ids.len()).sum();
+        Ok(((examples, text), tokens))
+    }
+
+    fn predict(&self, items: &[&Self::Item], tasks: &[&BTreeSet<String>]) -> Result<Vec<BTreeMap<String, Value>>, String> {
+        // Only the heads some input asks for run.
+        let wanted: BTreeSet<&String> = tasks.iter().flat_map(|t| t.iter()).collect();
+        let labels: BTreeMap<TaskId, LabelMap> =
+            self.loaded.labels.iter().filter(|(t, _)| wanted.contains(&t.to_string())).map(|(t, m)| (t.clone(), m.clone())).collect();
+        let info = TaskInfo { config: &self.loaded.config, labels: &labels };
+        let examples: Vec<&Example> = items.iter().flat_map(|i| i.0.iter()).collect();
+        let batch_size = self.loaded.config.training.eval_batch_size;
+        let predictions = predict_examples(&self.loaded.model, &examples, &info, batch_size).map_err(|e| e.to_string())?;
+        let mut at = 0;
+        let mut out = Vec::with_capacity(items.len());
+        for (item, asked) in items.iter().zip(tasks) {
+            // The windows of a question share its answer: the first one's stands for all.
+            let (example, preds) = (&item.0[0], &predictions[at]);
+            at += item.0.len();
+            let mine = preds.iter().filter(|(t, _)| asked.contains(t.as_str())).map(|(t, p)| (t.clone(), p.clone())).collect();
+            let mut record = encoder_record(example, &mine, &self.loaded.labels, false);
+            // Token tasks with entity tags also answer with the entities and their character offsets.
+            for (task, answer) in record.predictions.iter_mut() {
+                let scheme = self.loaded.config.tasks.iter().find(|(t, _)| t.as_str() == task).map(|(_, c)| c.scheme);
+                if let (TaskPrediction::Tags { entities: found, tags, .. }, Some(TagScheme::Bio | TagScheme::Bioes)) = (answer, scheme) {
+                    *found = Some(entities(&item.1, tags));
+                }
+            }
+            let answers = record
+                .predictions
+                .into_iter()
+                .map(|(task, p)| (task, serde_json::to_value(p).expect("predictions serialize; this is a bug")))
+                .collect();
+            out.push(answers);
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn entities_carry_character_offsets_of_the_text() {
+        let text = "  fly from  New York to Zürich";
+        assert_eq!(word_spans(text), vec![(2, 5), (6, 10), (12, 15), (16, 20), (21, 23), (24, 30)]);
+        let tags: Vec<String> = ["O", "O", "B-city", "I-city", "O", "B-city"].iter().map(|t| t.to_string()).collect();
+        assert_eq!(
+            serde_json::to_value(entities(text, &tags)).expect("serializes"),
+            serde_json::json!([
+                {"type": "city", "start": 12, "end": 20, "text": "New York", "words": [2, 3]},
+                {"type": "city", "start": 24, "end": 30, "text": "Zürich", "words": [5, 5]},
+            ])
+        );
+    }
+}
