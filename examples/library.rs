@@ -28,7 +28,12 @@ fn main() -> mtl::Result<()> {
 
     let run = Run::open(&out)?;
     let capabilities = run.capabilities();
-    println!("{} run, {:?} weights; can export: {}", capabilities.architecture.name(), capabilities.weights, capabilities.can(Operation::Export));
+    println!(
+        "{} run, {:?} weights; can export: {}",
+        capabilities.architecture.name(),
+        capabilities.weights,
+        capabilities.can(Operation::Export)
+    );
     let scores = run.evaluate(&config, &source)?;
     println!("dev scores: {}", serde_json::to_string(&scores["dev"]).expect("scores serialize"));
 

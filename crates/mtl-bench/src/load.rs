@@ -127,7 +127,10 @@ impl Connection {
         match read {
             // Closed (or reset) before any byte of an answer: the server did not take the request.
             Ok(0) => return Err(Failure { retry: true, error: anyhow::anyhow!("connection closed") }),
-            Err(e) if status_line.is_empty() && matches!(e.kind(), std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe) => {
+            Err(e)
+                if status_line.is_empty()
+                    && matches!(e.kind(), std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe) =>
+            {
                 return Err(Failure { retry: true, error: e.into() })
             }
             Err(e) => return Err(e.into()),
@@ -173,10 +176,14 @@ fn agrees(got: &Value, want: &Value, tol: f64, exact: &mut bool) -> bool {
             }
             (a - b).abs() <= tol
         }
-        (Value::Array(a), Value::Array(b)) => a.len() == b.len() && a.iter().zip(b).all(|(x, y)| agrees(x, y, tol, exact)),
+        (Value::Array(a), Value::Array(b)) => {
+            a.len() == b.len() && a.iter().zip(b).all(|(x, y)| agrees(x, y, tol, exact))
+        }
         // Every field `mtl predict` prints must be there and agree; the server may add fields (a tagger's
         // `entities`).
-        (Value::Object(a), Value::Object(b)) => b.iter().all(|(k, y)| a.get(k).is_some_and(|x| agrees(x, y, tol, exact))),
+        (Value::Object(a), Value::Object(b)) => {
+            b.iter().all(|(k, y)| a.get(k).is_some_and(|x| agrees(x, y, tol, exact)))
+        }
         _ => got == want,
     }
 }
@@ -195,14 +202,18 @@ fn rss_kib(pid: u32) -> Option<u64> {
 
 fn main() -> Result<()> {
     let args = Args::parse();
-    let text = std::fs::read_to_string(&args.requests).with_context(|| format!("{}: cannot read", args.requests.display()))?;
+    let text =
+        std::fs::read_to_string(&args.requests).with_context(|| format!("{}: cannot read", args.requests.display()))?;
     let requests: Vec<Request> = text
         .lines()
         .enumerate()
         .filter(|(_, l)| !l.trim().is_empty())
         .map(|(i, l)| {
-            let v: Value = serde_json::from_str(l).with_context(|| format!("{}:{}: invalid JSON", args.requests.display(), i + 1))?;
-            let path = v["path"].as_str().with_context(|| format!("{}:{}: field `path` missing", args.requests.display(), i + 1))?;
+            let v: Value = serde_json::from_str(l)
+                .with_context(|| format!("{}:{}: invalid JSON", args.requests.display(), i + 1))?;
+            let path = v["path"]
+                .as_str()
+                .with_context(|| format!("{}:{}: field `path` missing", args.requests.display(), i + 1))?;
             let addr = v["addr"].as_str().map(String::from);
             Ok(Request { addr, path: path.to_string(), body: v["body"].to_string(), expect: v.get("expect").cloned() })
         })
@@ -247,7 +258,8 @@ fn main() -> Result<()> {
                         break;
                     }
                     // Open loop: request i is due at i / rate seconds; latency counts from then.
-                    let due = if rate > 0.0 { start + Duration::from_secs_f64(i as f64 / rate) } else { Instant::now() };
+                    let due =
+                        if rate > 0.0 { start + Duration::from_secs_f64(i as f64 / rate) } else { Instant::now() };
                     if let Some(wait) = due.checked_duration_since(Instant::now()) {
                         std::thread::sleep(wait);
                     }
@@ -265,7 +277,9 @@ fn main() -> Result<()> {
                                     local.within_tolerance += 1;
                                     local.exact += usize::from(exact);
                                 } else if local.mismatches.len() < 5 {
-                                    local.mismatches.push(json!({"request": i % requests.len(), "got": got, "want": want}));
+                                    local
+                                        .mismatches
+                                        .push(json!({"request": i % requests.len(), "got": got, "want": want}));
                                 }
                             }
                         }

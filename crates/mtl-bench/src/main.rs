@@ -18,7 +18,7 @@ use std::time::Instant;
 use anyhow::Result;
 use candle_core::Device;
 use clap::Parser;
-use mtl_core::{HostBatch, LinearModule, Mode, TaskId, TaskKind, Targets};
+use mtl_core::{HostBatch, LinearModule, Mode, Targets, TaskId, TaskKind};
 use mtl_nn::{BertConfig, LoraSpec, ModelSpec, MultiTaskModel, PeftKind, PeftSpec, SHARED_ADAPTER};
 use mtl_train::{AdamW, AdamWConfig, ParamGroup};
 
@@ -55,7 +55,8 @@ fn median(v: &[f64]) -> f64 {
 
 /// A deterministic batch: token ids from a fixed sequence, every position real, labels on every token.
 fn batch(b: usize, s: usize, vocab: usize) -> HostBatch {
-    let ids: Vec<u32> = (0..b * s).map(|i| if i % s == 0 { 101 } else { (1000 + (i * 7919) % (vocab - 1000)) as u32 }).collect();
+    let ids: Vec<u32> =
+        (0..b * s).map(|i| if i % s == 0 { 101 } else { (1000 + (i * 7919) % (vocab - 1000)) as u32 }).collect();
     let mut targets = BTreeMap::new();
     targets.insert(TaskId::new("cls").expect("valid"), Targets::Class((0..b).map(|i| (i % 5) as i64).collect()));
     targets.insert(TaskId::new("tok").expect("valid"), Targets::Tokens((0..b * s).map(|i| (i % 9) as i64).collect()));
@@ -90,7 +91,12 @@ fn gemm_layouts(args: &Args) -> Result<()> {
                 times.push(t0.elapsed().as_secs_f64());
             }
             let t = median(&times[args.warmup..]);
-            line += &format!("  {}{} {:6.1}", if at { "T" } else { "N" }, if bt { "T" } else { "N" }, 2.0 * (m * k * p) as f64 / t / 1e9);
+            line += &format!(
+                "  {}{} {:6.1}",
+                if at { "T" } else { "N" },
+                if bt { "T" } else { "N" },
+                2.0 * (m * k * p) as f64 / t / 1e9
+            );
         }
         println!("{line}  GFLOP/s");
     }
@@ -102,7 +108,10 @@ fn data(args: &Args) -> Result<()> {
     use mtl_data::{collate, epoch_batches, Batching, Dataset, Example, LabelMap, TextEncoder};
     let config = mtl_config::Config::load(&args.config, &[])?;
     let bert = BertConfig::from_file(&config.model.path.join("config.json"))?;
-    let encoder = TextEncoder::from_file(&config.model.path.join("tokenizer.json"), config.model.max_len.min(bert.max_position_embeddings))?;
+    let encoder = TextEncoder::from_file(
+        &config.model.path.join("tokenizer.json"),
+        config.model.max_len.min(bert.max_position_embeddings),
+    )?;
     let t = &config.training;
     let batching = Batching { batch_size: t.batch_size, group_by_length: t.group_by_length, max_tokens: t.max_tokens };
     let mut phases: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
@@ -131,7 +140,10 @@ fn data(args: &Args) -> Result<()> {
     }
     let phases: BTreeMap<&str, f64> = phases.iter().map(|(k, v)| (*k, median(v))).collect();
     let per_example_us: BTreeMap<&str, f64> = phases.iter().map(|(k, v)| (*k, v * 1e3 / examples as f64)).collect();
-    println!("{}", serde_json::json!({"engine": "mtl", "workload": "data", "examples": examples, "phases_ms": phases, "per_example_us": per_example_us}));
+    println!(
+        "{}",
+        serde_json::json!({"engine": "mtl", "workload": "data", "examples": examples, "phases_ms": phases, "per_example_us": per_example_us})
+    );
     Ok(())
 }
 
@@ -147,7 +159,11 @@ fn llm_lora(args: &Args) -> Result<()> {
     let lora = DecoderLora { spec, modules: DecoderModule::ALL.to_vec(), adapters: vec!["default".into()] };
     let model = Llama::with_lora(&pb, &gguf.config, Some(&lora))?;
     let store = pb.finish();
-    let params = store.vars().iter().filter(|(n, _)| mtl_nn::is_peft_param(n)).map(|(n, v)| (n.clone(), v.clone(), ParamGroup { lr: 1e-4, weight_decay: 0.0 }));
+    let params = store
+        .vars()
+        .iter()
+        .filter(|(n, _)| mtl_nn::is_peft_param(n))
+        .map(|(n, v)| (n.clone(), v.clone(), ParamGroup { lr: 1e-4, weight_decay: 0.0 }));
     let mut opt = AdamW::new(params, AdamWConfig::default());
     let (b, s) = (args.batch, args.seq);
     let vocab = gguf.config.vocab_size;
@@ -168,7 +184,10 @@ fn llm_lora(args: &Args) -> Result<()> {
             times.push(t0.elapsed().as_secs_f64() * 1e3);
         }
     }
-    println!("{}", serde_json::json!({"engine": "mtl", "workload": "llm-lora", "batch": b, "seq": s, "median_ms": median(&times), "times_ms": times}));
+    println!(
+        "{}",
+        serde_json::json!({"engine": "mtl", "workload": "llm-lora", "batch": b, "seq": s, "median_ms": median(&times), "times_ms": times})
+    );
     Ok(())
 }
 
@@ -184,12 +203,7 @@ fn main() -> Result<()> {
         (TaskId::new("tok")?, mtl_nn::HeadSpec::new(TaskKind::TokenClassification, 9)),
     ]);
     let lora = args.lora.then(|| PeftSpec {
-        kind: PeftKind::Lora(LoraSpec {
-            r: 8,
-            alpha: 16.0,
-            dropout: 0.1,
-            targets: LinearModule::ALL.to_vec(),
-        }),
+        kind: PeftKind::Lora(LoraSpec { r: 8, alpha: 16.0, dropout: 0.1, targets: LinearModule::ALL.to_vec() }),
         adapters: vec![SHARED_ADAPTER.to_string()],
     });
     let spec = ModelSpec { bert: &bert, tasks: &tasks, dropout: 0.1, seed: 0, peft: lora.as_ref() };
@@ -210,7 +224,9 @@ fn main() -> Result<()> {
                 }
             }
         }
-        let bytes = |m: &MultiTaskModel| 4 * m.params().num_params() + m.bert().int8_layers().map_or(0, |l| l.iter().map(|l| l.weight_bytes()).sum());
+        let bytes = |m: &MultiTaskModel| {
+            4 * m.params().num_params() + m.bert().int8_layers().map_or(0, |l| l.iter().map(|l| l.weight_bytes()).sum())
+        };
         let (f, q) = (median(&f32_times), median(&int8_times));
         println!(
             "{}",
@@ -229,7 +245,8 @@ fn main() -> Result<()> {
         "train" => {
             // Under LoRA only the adapters and the heads train.
             let trained = |n: &str| !args.lora || mtl_nn::is_peft_param(n) || n.starts_with("heads.");
-            let vars: BTreeMap<_, _> = model.params().vars().iter().filter(|(n, _)| trained(n)).map(|(n, v)| (n.clone(), v.clone())).collect();
+            let vars: BTreeMap<_, _> =
+                model.params().vars().iter().filter(|(n, _)| trained(n)).map(|(n, v)| (n.clone(), v.clone())).collect();
             let params = vars.iter().map(|(n, v)| {
                 let wd = if n.ends_with(".bias") || n.contains("LayerNorm") { 0.0 } else { 0.01 };
                 (n.clone(), v.clone(), ParamGroup { lr: 1e-5, weight_decay: wd })
@@ -269,6 +286,9 @@ fn main() -> Result<()> {
         other => anyhow::bail!("unknown workload {other:?}; valid choices: train, infer, int8, data, gemm, llm-lora"),
     }
     let phases: BTreeMap<&str, f64> = phases.iter().map(|(k, v)| (*k, median(v))).collect();
-    println!("{}", serde_json::json!({"engine": "mtl", "workload": args.workload, "median_ms": median(&times), "times_ms": times, "phases_ms": phases}));
+    println!(
+        "{}",
+        serde_json::json!({"engine": "mtl", "workload": args.workload, "median_ms": median(&times), "times_ms": times, "phases_ms": phases})
+    );
     Ok(())
 }

@@ -39,12 +39,15 @@ pub fn run(cli: Cli) -> Result<()> {
             let decoder = mtl::open_decoder(&model)?;
             let prompt = match prompt {
                 Some(p) => p,
-                None => std::io::read_to_string(std::io::stdin()).context("cannot read the prompt from standard input")?,
+                None => {
+                    std::io::read_to_string(std::io::stdin()).context("cannot read the prompt from standard input")?
+                }
             };
             let sampling = mtl::Sampling { temperature, top_k, top_p, seed };
             let request = mtl::GenerateRequest { prompt, chat, system, sampling, max_new_tokens, stop };
             let mut out = std::io::stdout().lock();
-            let done = decoder.generate(&request, |piece| out.write_all(piece.as_bytes()).and_then(|()| out.flush()).is_ok())?;
+            let done = decoder
+                .generate(&request, |piece| out.write_all(piece.as_bytes()).and_then(|()| out.flush()).is_ok())?;
             writeln!(out)?;
             tracing::info!(
                 prompt_tokens = done.prompt_tokens,
@@ -54,7 +57,9 @@ pub fn run(cli: Cli) -> Result<()> {
                 done.new_tokens as f64 / done.seconds.max(1e-9)
             );
         }
-        Command::Quantize { model, out, config } => print_transform(&mtl::quantize(&model, &out, config.as_deref())?, &out)?,
+        Command::Quantize { model, out, config } => {
+            print_transform(&mtl::quantize(&model, &out, config.as_deref())?, &out)?
+        }
         Command::Prune { model, layers, out, config } => {
             print_transform(&mtl::prune(&model, layers, &out, config.as_deref())?, &out)?
         }
@@ -160,7 +165,9 @@ fn print_transform(report: &mtl::TransformReport, out: &Path) -> Result<()> {
 fn predict(model: &Path, input: Option<&Path>, options: &PredictOptions) -> Result<()> {
     let run = Run::open(model)?;
     let reader: Box<dyn BufRead> = match input {
-        Some(p) => Box::new(std::io::BufReader::new(std::fs::File::open(p).with_context(|| format!("{}: cannot open", p.display()))?)),
+        Some(p) => Box::new(std::io::BufReader::new(
+            std::fs::File::open(p).with_context(|| format!("{}: cannot open", p.display()))?,
+        )),
         None => Box::new(std::io::stdin().lock()),
     };
     let source = input.map_or_else(|| "<stdin>".into(), Path::to_path_buf);

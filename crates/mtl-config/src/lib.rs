@@ -21,15 +21,17 @@ mod training;
 mod validate;
 
 pub use model::ModelConfig;
-pub use tasks::{ConlluColumn, DataFiles, DataFormat, JointConfig, RegressionLoss, Split, TagScheme, TargetScaling, TaskConfig};
+pub use tasks::{
+    ConlluColumn, DataFiles, DataFormat, JointConfig, RegressionLoss, Split, TagScheme, TargetScaling, TaskConfig,
+};
 pub use training::{SamplerKind, SamplingConfig, StepPlan, TrainingConfig};
 
 pub use peft::{AdapterPlacement, PeftConfig, PeftMethod};
-pub use serve::{ServeConfig, ServeOverrides};
 pub use recipe::{
     FreezeConfig, ReportOnly, Schedule, ScoreWeight, ScoreWeights, SurgeryConfig, SurgeryMethod, WeightingConfig,
     WeightingMethod,
 };
+pub use serve::{ServeConfig, ServeOverrides};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -57,7 +59,6 @@ pub struct Config {
     #[serde(default)]
     pub peft: PeftConfig,
 }
-
 
 impl Config {
     /// Reads `path`, applies `overrides` (`a.b=value`, the value parsed as TOML or else taken as a string),
@@ -99,10 +100,16 @@ impl Config {
     /// `[tasks.NAME]` tables of tasks the model does not have, and may hold a `[training]` table for the new
     /// tasks' recipe (the model's own otherwise); the model and `[peft]` stay the trained model's. Returns the
     /// combined config and the new tasks' names.
-    pub fn with_new_tasks(&self, text: &str, path: &Path, overrides: &[String]) -> Result<(Config, Vec<String>), ConfigError> {
-        let invalid = |field: &str, message: String| ConfigError::Invalid { path: path.to_owned(), field: field.into(), message };
-        let new: toml::Table =
-            toml::from_str(text).map_err(|e| ConfigError::Parse { path: path.to_owned(), message: e.to_string().trim_end().to_string() })?;
+    pub fn with_new_tasks(
+        &self,
+        text: &str,
+        path: &Path,
+        overrides: &[String],
+    ) -> Result<(Config, Vec<String>), ConfigError> {
+        let invalid =
+            |field: &str, message: String| ConfigError::Invalid { path: path.to_owned(), field: field.into(), message };
+        let new: toml::Table = toml::from_str(text)
+            .map_err(|e| ConfigError::Parse { path: path.to_owned(), message: e.to_string().trim_end().to_string() })?;
         let mut combined = toml::Table::try_from(self).expect("a validated config always serializes; this is a bug");
         let mut names = Vec::new();
         for (key, value) in new {
@@ -112,10 +119,16 @@ impl Config {
                     for (name, task) in tasks {
                         let field = format!("tasks.{name}");
                         if self.tasks.keys().any(|t| t.as_str() == name) {
-                            return Err(invalid(&field, format!("the model has a task `{name}` already; its tasks are: {}", self.task_list())));
+                            return Err(invalid(
+                                &field,
+                                format!("the model has a task `{name}` already; its tasks are: {}", self.task_list()),
+                            ));
                         }
                         // Checked on its own first, so that an error names the task, not a line of the merged text.
-                        let _: TaskConfig = task.clone().try_into().map_err(|e: toml::de::Error| invalid(&field, e.message().to_string()))?;
+                        let _: TaskConfig = task
+                            .clone()
+                            .try_into()
+                            .map_err(|e: toml::de::Error| invalid(&field, e.message().to_string()))?;
                         let all = combined.entry("tasks").or_insert_with(|| toml::Value::Table(toml::Table::new()));
                         all.as_table_mut().expect("tasks is a table").insert(name.clone(), task.clone());
                         names.push(name.clone());

@@ -115,7 +115,10 @@ pub(crate) fn validate(config: &crate::Config, path: &std::path::Path) -> Result
     let p = &config.peft;
     if !p.enabled() {
         if p.per_task {
-            return Err(invalid("peft.per_task", "needs a method (`peft.method = \"lora\"`, `\"adapter\"` or `\"prefix\"`)".into()));
+            return Err(invalid(
+                "peft.per_task",
+                "needs a method (`peft.method = \"lora\"`, `\"adapter\"` or `\"prefix\"`)".into(),
+            ));
         }
         return Ok(());
     }
@@ -135,7 +138,10 @@ pub(crate) fn validate(config: &crate::Config, path: &std::path::Path) -> Result
         return Err(invalid("peft.dropout", format!("must be in [0, 1), got {}", p.dropout)));
     }
     if p.target_modules.is_empty() {
-        return Err(invalid("peft.target_modules", "name at least one of query, key, value, attention_output, intermediate, output".into()));
+        return Err(invalid(
+            "peft.target_modules",
+            "name at least one of query, key, value, attention_output, intermediate, output".into(),
+        ));
     }
     let mut seen = p.target_modules.clone();
     seen.sort();
@@ -146,11 +152,17 @@ pub(crate) fn validate(config: &crate::Config, path: &std::path::Path) -> Result
     let t = &config.training;
     let f = &t.freeze;
     if f.embeddings || f.layers > 0 || f.backbone || f.unfreeze_every.is_some() {
-        return Err(invalid("training.freeze", "with `[peft]` the pretrained backbone is frozen already; remove `training.freeze`".into()));
+        return Err(invalid(
+            "training.freeze",
+            "with `[peft]` the pretrained backbone is frozen already; remove `training.freeze`".into(),
+        ));
     }
     if p.per_task {
         if let Some(task) = config.tasks.keys().find(|t| t.as_str() == "default") {
-            return Err(invalid(&format!("tasks.{task}"), "`default` names the shared adapter; rename the task to use per-task adapters".into()));
+            return Err(invalid(
+                &format!("tasks.{task}"),
+                "`default` names the shared adapter; rename the task to use per-task adapters".into(),
+            ));
         }
         if t.diagnostics_every.is_some() {
             return Err(invalid("training.diagnostics_every", "compares the tasks' gradients on shared parameters, and with per-task adapters no trained parameter is shared".into()));

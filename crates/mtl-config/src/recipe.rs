@@ -189,7 +189,10 @@ pub(crate) fn validate(config: &crate::Config, path: &std::path::Path) -> Result
         return Err(invalid("training.checkpoint_every", "must be at least 1".into()));
     }
     if t.keep_checkpoints == 0 {
-        return Err(invalid("training.keep_checkpoints", "must be at least 1 (the newest is the one to resume from)".into()));
+        return Err(invalid(
+            "training.keep_checkpoints",
+            "must be at least 1 (the newest is the one to resume from)".into(),
+        ));
     }
     if t.diagnostics_every == Some(0) {
         return Err(invalid("training.diagnostics_every", "must be at least 1".into()));
@@ -223,11 +226,15 @@ pub(crate) fn validate(config: &crate::Config, path: &std::path::Path) -> Result
     positive("training.surgery.c", t.surgery.c)?;
     let per_task_gradients = w.method == WeightingMethod::GradNorm || t.surgery.method != SurgeryMethod::None;
     if per_task_gradients && t.sampling.plan == crate::StepPlan::Sampled {
-        let field = if w.method == WeightingMethod::GradNorm { "training.weighting.method" } else { "training.surgery.method" };
+        let field =
+            if w.method == WeightingMethod::GradNorm { "training.weighting.method" } else { "training.surgery.method" };
         return Err(invalid(field, "compares the tasks' gradients within a step, so it needs `sampling.plan = \"mixed\"` (a sampled step trains one task)".into()));
     }
     if t.surgery.method != SurgeryMethod::None && t.freeze.backbone && t.freeze.unfreeze_every.is_none() {
-        return Err(invalid("training.surgery.method", "works on the shared parameters, and the backbone is frozen".into()));
+        return Err(invalid(
+            "training.surgery.method",
+            "works on the shared parameters, and the backbone is frozen".into(),
+        ));
     }
     if let Some(weights) = &t.score_weights {
         if t.select_metric.is_some() {
@@ -242,8 +249,7 @@ pub(crate) fn validate(config: &crate::Config, path: &std::path::Path) -> Result
             for (metric, weight) in metrics {
                 let name = format!("{task}.{metric}");
                 if !valid.contains(&name) {
-                    let own: Vec<&str> =
-                        valid.iter().filter_map(|v| v.strip_prefix(&format!("{task}."))).collect();
+                    let own: Vec<&str> = valid.iter().filter_map(|v| v.strip_prefix(&format!("{task}."))).collect();
                     return Err(invalid(
                         "training.score_weights",
                         format!("task `{task}` has no metric `{metric}`; valid choices: {}", own.join(", ")),
@@ -251,7 +257,10 @@ pub(crate) fn validate(config: &crate::Config, path: &std::path::Path) -> Result
                 }
                 if let Some(w) = weight.weight() {
                     if !(w.is_finite() && w >= 0.0) {
-                        return Err(invalid("training.score_weights", format!("`{name}`: weight {w} must be >= 0 (or \"null\")")));
+                        return Err(invalid(
+                            "training.score_weights",
+                            format!("`{name}`: weight {w} must be >= 0 (or \"null\")"),
+                        ));
                     }
                     total += w;
                 }

@@ -91,7 +91,8 @@ impl ServeConfig {
 
     /// The `[serve]` table of `path`, checked; a relative `api_keys` path is taken relative to the file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        let text =
+            std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
         Self::parse(&text, path)
     }
 
@@ -111,7 +112,11 @@ impl ServeConfig {
 
     /// Checks the values (after flags are applied too); errors name the field.
     pub fn validate(&self, path: &Path) -> Result<(), ConfigError> {
-        let invalid = |field: &str, message: &str| ConfigError::Invalid { path: path.to_owned(), field: format!("serve.{field}"), message: message.into() };
+        let invalid = |field: &str, message: &str| ConfigError::Invalid {
+            path: path.to_owned(),
+            field: format!("serve.{field}"),
+            message: message.into(),
+        };
         let at_least_one = [
             ("max_batch_tokens", self.max_batch_tokens as u64),
             ("queue_bound", self.queue_bound as u64),

@@ -6,9 +6,8 @@ use std::path::{Path, PathBuf};
 
 use mtl_core::{TaskId, TaskKind};
 
-use crate::*;
 use crate::overrides::apply_override;
-
+use crate::*;
 
 #[cfg(test)]
 mod tests {
@@ -108,7 +107,8 @@ frame = ["intent", "slots"]
             .expect_err("labels for generation")
             .to_string();
         assert!(e.contains("tasks.intent.labels_file") && e.contains("generation tasks have no label set"), "{e}");
-        let c = parse(MINIMAL, &["tasks.intent.kind=\"generation\"", "training.select_metric=\"intent.rouge_l\""]).expect("generation");
+        let c = parse(MINIMAL, &["tasks.intent.kind=\"generation\"", "training.select_metric=\"intent.rouge_l\""])
+            .expect("generation");
         assert!(c.metric_names().contains(&"intent.exact_match".to_string()));
         let e = parse(MINIMAL, &["tasks.intent.threshold=1.5"]).expect_err("threshold").to_string();
         assert!(e.contains("tasks.intent.threshold"), "{e}");
@@ -173,8 +173,9 @@ frame = ["intent", "slots"]
             let got = parse(MINIMAL, overrides).expect_err("invalid").to_string();
             assert_eq!(&got, want, "for {overrides:?}");
         }
-        let c = parse(MINIMAL, &["training.score_weights.slots.f1=2.0", "training.score_weights.slots.precision=\"null\""])
-            .expect("null marks a metric as reported only");
+        let c =
+            parse(MINIMAL, &["training.score_weights.slots.f1=2.0", "training.score_weights.slots.precision=\"null\""])
+                .expect("null marks a metric as reported only");
         let w = &c.training.score_weights.as_ref().expect("set")[&TaskId::new("slots").expect("valid")];
         assert_eq!(w["f1"].weight(), Some(2.0));
         assert_eq!(w["precision"].weight(), None);
@@ -214,7 +215,8 @@ frame = ["intent", "slots"]
             let got = parse(MINIMAL, overrides).expect_err("invalid").to_string();
             assert_eq!(&got, want, "for {overrides:?}");
         }
-        let c = parse(MINIMAL, &[lora, "peft.per_task=true", "peft.target_modules=[\"query\", \"output\"]"]).expect("valid");
+        let c = parse(MINIMAL, &[lora, "peft.per_task=true", "peft.target_modules=[\"query\", \"output\"]"])
+            .expect("valid");
         assert!(c.peft.enabled() && c.peft.per_task);
         assert_eq!(c.peft.target_modules, vec![mtl_core::LinearModule::Query, mtl_core::LinearModule::Output]);
         assert_eq!((c.peft.r, c.peft.alpha, c.peft.dropout), (8, 16.0, 0.1), "PEFT-like defaults");
@@ -252,7 +254,11 @@ mod example_tests {
     /// The rows (lines with a `|`) of the `NAME='...'` block of a comparison script.
     fn script_rows(script: &str, name: &str) -> Result<Vec<String>, Box<dyn std::error::Error>> {
         let text = std::fs::read_to_string(root().join(script))?;
-        let block = text.split(&format!("{name}='")).nth(1).and_then(|s| s.split('\'').next()).ok_or(format!("{script}: no {name} block"))?;
+        let block = text
+            .split(&format!("{name}='"))
+            .nth(1)
+            .and_then(|s| s.split('\'').next())
+            .ok_or(format!("{script}: no {name} block"))?;
         Ok(block.lines().filter(|l| l.contains('|')).map(String::from).collect())
     }
 
@@ -291,7 +297,10 @@ mod example_tests {
     fn peft_comparison_variants_are_valid() -> Result<(), Box<dyn std::error::Error>> {
         let lora = Config::load(&root().join("examples/five-task/config-lora.toml"), &[])?;
         assert!(lora.peft.method == PeftMethod::Lora && lora.peft.per_task, "{:?}", lora.peft);
-        assert_eq!((lora.training.sampling.plan, lora.training.sampling.sampler), (StepPlan::Sampled, SamplerKind::Uniform));
+        assert_eq!(
+            (lora.training.sampling.plan, lora.training.sampling.sampler),
+            (StepPlan::Sampled, SamplerKind::Uniform)
+        );
         let mut names = Vec::new();
         for line in script_rows("scripts/peft-bench.sh", "VARIANTS")? {
             let mut fields = line.splitn(4, '|');
@@ -303,7 +312,10 @@ mod example_tests {
             assert_eq!(c.peft.enabled(), name != "full", "{name}");
             names.push(name.to_string());
         }
-        assert_eq!(names, ["full", "lora-shared", "lora-per-task", "lora-per-task-joint", "adapter-per-task", "prefix-per-task"]);
+        assert_eq!(
+            names,
+            ["full", "lora-shared", "lora-per-task", "lora-per-task-joint", "adapter-per-task", "prefix-per-task"]
+        );
         Ok(())
     }
 }

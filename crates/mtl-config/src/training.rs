@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use mtl_core::TaskId;
 use serde::{Deserialize, Serialize};
 
-use crate::{FreezeConfig, ScoreWeights, SurgeryConfig, WeightingConfig, Schedule};
+use crate::{FreezeConfig, Schedule, ScoreWeights, SurgeryConfig, WeightingConfig};
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]

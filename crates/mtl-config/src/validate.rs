@@ -38,8 +38,18 @@ impl Config {
             for name in self.tasks.keys() {
                 match s.weights.get(name) {
                     Some(w) if w.is_finite() && *w >= 0.0 => {}
-                    Some(w) => return Err(invalid("training.sampling.weights", format!("task `{name}`: weight {w} must be >= 0"))),
-                    None => return Err(invalid("training.sampling.weights", format!("the fixed sampler needs a weight for task `{name}`"))),
+                    Some(w) => {
+                        return Err(invalid(
+                            "training.sampling.weights",
+                            format!("task `{name}`: weight {w} must be >= 0"),
+                        ))
+                    }
+                    None => {
+                        return Err(invalid(
+                            "training.sampling.weights",
+                            format!("the fixed sampler needs a weight for task `{name}`"),
+                        ))
+                    }
                 }
             }
             if s.weights.values().sum::<f64>() <= 0.0 {
@@ -47,7 +57,10 @@ impl Config {
             }
         }
         if let Some(name) = s.weights.keys().find(|n| !self.tasks.contains_key(*n)) {
-            return Err(invalid("training.sampling.weights", format!("unknown task `{name}`; tasks are: {}", self.task_list())));
+            return Err(invalid(
+                "training.sampling.weights",
+                format!("unknown task `{name}`; tasks are: {}", self.task_list()),
+            ));
         }
         if t.max_tokens == Some(0) {
             return Err(invalid("training.max_tokens", "must be at least 1".into()));

@@ -25,11 +25,16 @@ pub struct ByteLevelVocab {
 /// The tokenizer of `vocab`; `source` names where it came from in errors.
 pub fn byte_level_bpe(vocab: &ByteLevelVocab, source: &Path) -> Result<Tokenizer> {
     let err = |message: String| DataError::Tokenizer { path: source.to_owned(), message };
-    let ids: tokenizers::models::bpe::Vocab = vocab.tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
+    let ids: tokenizers::models::bpe::Vocab =
+        vocab.tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
     let merges = vocab
         .merges
         .iter()
-        .map(|m| m.split_once(' ').map(|(a, b)| (a.to_string(), b.to_string())).ok_or_else(|| err(format!("merge {m:?} is not two tokens"))))
+        .map(|m| {
+            m.split_once(' ')
+                .map(|(a, b)| (a.to_string(), b.to_string()))
+                .ok_or_else(|| err(format!("merge {m:?} is not two tokens")))
+        })
         .collect::<Result<Vec<_>>>()?;
     let bpe = BPE::builder().vocab_and_merges(ids, merges).build().map_err(|e| err(e.to_string()))?;
     let mut tokenizer = Tokenizer::new(bpe);
@@ -39,7 +44,13 @@ pub fn byte_level_bpe(vocab: &ByteLevelVocab, source: &Path) -> Result<Tokenizer
     let special: Vec<AddedToken> = vocab
         .special
         .iter()
-        .map(|&i| vocab.tokens.get(i as usize).map(|t| AddedToken::from(t.clone(), true)).ok_or_else(|| err(format!("special token id {i} is not in the vocabulary"))))
+        .map(|&i| {
+            vocab
+                .tokens
+                .get(i as usize)
+                .map(|t| AddedToken::from(t.clone(), true))
+                .ok_or_else(|| err(format!("special token id {i} is not in the vocabulary")))
+        })
         .collect::<Result<_>>()?;
     tokenizer.add_special_tokens(&special);
     Ok(tokenizer)

@@ -89,7 +89,11 @@ pub fn collate_lm(examples: &[&Example]) -> HostBatch {
     let seq = batch.seq;
     for (b, ex) in examples.iter().enumerate() {
         for task in ex.labels.keys() {
-            let labels = match batch.targets.entry(task.clone()).or_insert_with(|| Targets::Tokens(vec![IGNORE_INDEX; examples.len() * seq])) {
+            let labels = match batch
+                .targets
+                .entry(task.clone())
+                .or_insert_with(|| Targets::Tokens(vec![IGNORE_INDEX; examples.len() * seq]))
+            {
                 Targets::Tokens(l) => l,
                 _ => unreachable!("decoder targets are token labels"),
             };

@@ -27,7 +27,8 @@ pub struct ChatTemplate {
 impl ChatTemplate {
     pub fn new(source: &str, bos: &str, eos: &str) -> std::result::Result<Self, String> {
         let mut env = minijinja::Environment::new();
-        env.add_template_owned("chat", source.to_string()).map_err(|e| format!("the chat template does not parse: {e}"))?;
+        env.add_template_owned("chat", source.to_string())
+            .map_err(|e| format!("the chat template does not parse: {e}"))?;
         Ok(Self { env, bos: bos.to_string(), eos: eos.to_string() })
     }
 
@@ -87,7 +88,11 @@ pub fn parse_pairs(text: &str) -> Vec<(String, String)> {
 pub fn number_text(v: f64) -> String {
     let s = format!("{v:.3}");
     let s = s.trim_end_matches('0').trim_end_matches('.');
-    if s == "-0" { "0".to_string() } else { s.to_string() }
+    if s == "-0" {
+        "0".to_string()
+    } else {
+        s.to_string()
+    }
 }
 
 /// The first number in `text` (a word that parses as one once surrounding punctuation is stripped).
@@ -129,7 +134,11 @@ pub const NO_ANSWER: &str = "unanswerable";
 /// The answer text of a generated reply to a question: its first line, or "" for [`NO_ANSWER`].
 pub fn answer_from_text(text: &str) -> String {
     let a = text.trim().lines().next().unwrap_or("").trim();
-    if a.eq_ignore_ascii_case(NO_ANSWER) { String::new() } else { a.to_string() }
+    if a.eq_ignore_ascii_case(NO_ANSWER) {
+        String::new()
+    } else {
+        a.to_string()
+    }
 }
 
 /// The target text of one label:
@@ -160,14 +169,20 @@ pub fn target_text(task: &TaskConfig, label: &RawLabel, input: &Input) -> std::r
             Ok(pairs.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join("\n"))
         }
         RawLabel::Answers(a) => Ok(a.first().map_or(NO_ANSWER, |a| a.text.as_str()).to_string()),
-        RawLabel::Texts(texts) => texts.first().cloned().ok_or_else(|| "a generation example has no reference".to_string()),
+        RawLabel::Texts(texts) => {
+            texts.first().cloned().ok_or_else(|| "a generation example has no reference".to_string())
+        }
     }
 }
 
 /// The label maps of a decoder's tasks, where each regression task knows its training mean, the value an answer
 /// without a number counts as (kept as the map's [`crate::Scale`] with unit deviations when the targets are
 /// not standardised; a decoder's targets are text either way).
-pub fn with_fallback_means(mut labels: BTreeMap<TaskId, LabelMap>, config: &Config, train: &[RawExample]) -> BTreeMap<TaskId, LabelMap> {
+pub fn with_fallback_means(
+    mut labels: BTreeMap<TaskId, LabelMap>,
+    config: &Config,
+    train: &[RawExample],
+) -> BTreeMap<TaskId, LabelMap> {
     for (task, map) in labels.iter_mut() {
         if config.tasks.get(task).is_none_or(|t| t.kind != TaskKind::Regression) || map.scale.is_some() {
             continue;
@@ -199,10 +214,16 @@ pub fn check_decoder_tasks(config: &Config) -> std::result::Result<(), (String, 
             ));
         }
         if task.prompt.is_none() {
-            return Err((field("prompt"), "a decoder model needs each task's prompt, with `{text}` where the input goes".into()));
+            return Err((
+                field("prompt"),
+                "a decoder model needs each task's prompt, with `{text}` where the input goes".into(),
+            ));
         }
         if task.tune_thresholds {
-            return Err((field("tune_thresholds"), "a decoder names its labels in text; it has no probabilities to tune thresholds on".into()));
+            return Err((
+                field("tune_thresholds"),
+                "a decoder names its labels in text; it has no probabilities to tune thresholds on".into(),
+            ));
         }
     }
     Ok(())
@@ -237,7 +258,12 @@ impl PromptFormat<'_> {
     /// does not fit, words are dropped from the end of its last part ([`shortened`]: the text, the second
     /// text of a pair, a question's context), while the instruction and the chat template stay whole. Also
     /// returns the shortened input, if words were dropped.
-    pub fn prompt_ids(&self, task: &TaskConfig, input: &Input, room: usize) -> std::result::Result<(Vec<u32>, Option<Input>), String> {
+    pub fn prompt_ids(
+        &self,
+        task: &TaskConfig,
+        input: &Input,
+        room: usize,
+    ) -> std::result::Result<(Vec<u32>, Option<Input>), String> {
         let limit = self.max_len.saturating_sub(room);
         let mut ids = self.encode(&self.prompt(task, input)?)?;
         if ids.len() <= limit {
@@ -297,7 +323,8 @@ impl PromptFormat<'_> {
                     .map(|(task, raw_label)| {
                         let tc = &config.tasks[task];
                         let at = |m: String| DataError::at(&ex.location, format!("task `{task}`: {m}"));
-                        let mut target = self.encode(&target_text(tc, raw_label, &ex.input).map_err(at)?).map_err(at)?;
+                        let mut target =
+                            self.encode(&target_text(tc, raw_label, &ex.input).map_err(at)?).map_err(at)?;
                         target.push(self.eos);
                         let long_target = target.len() > half;
                         target.truncate(half);
@@ -306,7 +333,9 @@ impl PromptFormat<'_> {
                             None => target.len(),
                         };
                         let (prompt, cut) = self.prompt_ids(tc, &ex.input, room).map_err(at)?;
-                        if let (None, RawLabel::Answers(answers), Some(Input::Question { context, .. })) = (budgets, raw_label, &cut) {
+                        if let (None, RawLabel::Answers(answers), Some(Input::Question { context, .. })) =
+                            (budgets, raw_label, &cut)
+                        {
                             if !answers.is_empty() && !answers.iter().any(|a| context.contains(a.text.as_str())) {
                                 return Ok(None);
                             }
@@ -323,8 +352,13 @@ impl PromptFormat<'_> {
                             encoded: Encoded { ids, type_ids, word_starts: Vec::new(), truncated },
                             labels: match raw_label {
                                 // Scored against every gold answer ("" when there is none).
-                                RawLabel::Answers(a) if a.is_empty() => BTreeMap::from([(task.clone(), Label::Texts(vec![String::new()]))]),
-                                RawLabel::Answers(a) => BTreeMap::from([(task.clone(), Label::Texts(a.iter().map(|a| a.text.clone()).collect()))]),
+                                RawLabel::Answers(a) if a.is_empty() => {
+                                    BTreeMap::from([(task.clone(), Label::Texts(vec![String::new()]))])
+                                }
+                                RawLabel::Answers(a) => BTreeMap::from([(
+                                    task.clone(),
+                                    Label::Texts(a.iter().map(|a| a.text.clone()).collect()),
+                                )]),
                                 _ => mapped.get(task).map(|l| (task.clone(), l.clone())).into_iter().collect(),
                             },
                             qa: None,
@@ -363,7 +397,9 @@ pub fn shortened(input: &Input, keep: usize) -> Input {
         Input::Text(t) => Input::Text(first(t)),
         Input::Words(w) => Input::Words(w[..keep.min(w.len())].to_vec()),
         Input::Pair(a, b) => Input::Pair(a.clone(), first(b)),
-        Input::Question { question, context } => Input::Question { question: question.clone(), context: first(context) },
+        Input::Question { question, context } => {
+            Input::Question { question: question.clone(), context: first(context) }
+        }
     }
 }
 
@@ -400,7 +436,9 @@ mod tests {
 
     #[test]
     fn label_words_map_both_ways() {
-        let t = task("kind = \"classification\"\nprompt = \"{text}\"\nverbalizer = { pos = \"positive\", neg = \"negative\" }");
+        let t = task(
+            "kind = \"classification\"\nprompt = \"{text}\"\nverbalizer = { pos = \"positive\", neg = \"negative\" }",
+        );
         let labels = vec!["neg".to_string(), "pos".to_string(), "other".to_string()];
         assert_eq!(label_word(&t, "pos"), "positive");
         assert_eq!(label_word(&t, "other"), "other");
@@ -448,16 +486,24 @@ mod tests {
         let text = "[model]\npath = \"m\"\n[training]\nepochs = 1\nlr = 1e-4\n[tasks.a]\nkind = \"token_classification\"\ncrf = true\nprompt = \"{text}\"\ndata = { train = \"a.jsonl\" }\n";
         let config = Config::parse(text, std::path::Path::new("t.toml"), &[]).expect("valid");
         assert_eq!(check_decoder_tasks(&config).expect_err("a CRF").0, "tasks.a.crf");
-        let config = Config::parse(&text.replace("crf = true", "scheme = \"none\""), std::path::Path::new("t.toml"), &[]).expect("valid");
+        let config =
+            Config::parse(&text.replace("crf = true", "scheme = \"none\""), std::path::Path::new("t.toml"), &[])
+                .expect("valid");
         assert_eq!(check_decoder_tasks(&config).expect_err("plain tags").0, "tasks.a.scheme");
-        let config = Config::parse(&text.replace("crf = true\n", "").replace("prompt = \"{text}\"\n", ""), std::path::Path::new("t.toml"), &[]).expect("valid");
+        let config = Config::parse(
+            &text.replace("crf = true\n", "").replace("prompt = \"{text}\"\n", ""),
+            std::path::Path::new("t.toml"),
+            &[],
+        )
+        .expect("valid");
         assert_eq!(check_decoder_tasks(&config).expect_err("no prompt").0, "tasks.a.prompt");
     }
 
     #[test]
     fn long_inputs_lose_words_from_their_end_not_the_instruction_or_the_answer() {
         let words = ["w0", "w1", "w2", "w3", "w4", "w5", "w6", "w7", "w8", "w9", "say", "label", "[UNK]"];
-        let vocab: serde_json::Map<String, serde_json::Value> = words.iter().enumerate().map(|(i, w)| (w.to_string(), serde_json::json!(i))).collect();
+        let vocab: serde_json::Map<String, serde_json::Value> =
+            words.iter().enumerate().map(|(i, w)| (w.to_string(), serde_json::json!(i))).collect();
         let json = serde_json::json!({
             "version": "1.0", "truncation": null, "padding": null, "added_tokens": [], "normalizer": null,
             "pre_tokenizer": {"type": "Whitespace"}, "post_processor": null, "decoder": null,
@@ -477,7 +523,10 @@ mod tests {
         let q = Input::Question { question: "w0 w1".into(), context: "w2 w3 w4 w5 w6 w7".into() };
         let (ids, cut) = format.prompt_ids(&t, &q, 2).expect("fits");
         assert_eq!(&ids[..2], &[0, 1]);
-        assert!(matches!(cut, Some(Input::Question { ref question, ref context }) if question == "w0 w1" && context.starts_with("w2") && context.split(' ').count() < 6), "{cut:?}");
+        assert!(
+            matches!(cut, Some(Input::Question { ref question, ref context }) if question == "w0 w1" && context.starts_with("w2") && context.split(' ').count() < 6),
+            "{cut:?}"
+        );
         assert!(format.prompt_ids(&t, &input, 7).is_err(), "no room even without the input");
     }
 
@@ -485,6 +534,9 @@ mod tests {
     fn the_chat_template_wraps_the_prompt() {
         let chat = ChatTemplate::new("{{ bos_token }}{% for m in messages %}<{{ m.role }}>{{ m.content }}{{ eos_token }}{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}", "<s>", "</s>").expect("parses");
         assert_eq!(chat.user_turn("hi", None).expect("renders"), "<s><user>hi</s><assistant>");
-        assert_eq!(chat.user_turn("hi", Some("be brief")).expect("renders"), "<s><system>be brief</s><user>hi</s><assistant>");
+        assert_eq!(
+            chat.user_turn("hi", Some("be brief")).expect("renders"),
+            "<s><system>be brief</s><user>hi</s><assistant>"
+        );
     }
 }

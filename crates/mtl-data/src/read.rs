@@ -316,17 +316,19 @@ fn read_label(
             let Input::Question { context, .. } = input else { unreachable!("QA records are read as questions") };
             RawLabel::Answers(answers(v, context).map_err(|m| at(format!("task `{name}`: field `{f}`: {m}")))?)
         }
-        TaskKind::Generation => match obj.get(field) {
-            v if absent(v) => return Ok(None),
-            Some(Value::String(s)) => RawLabel::Texts(vec![s.trim().to_string()]),
-            Some(v) => {
-                let texts = string_list(v)
+        TaskKind::Generation => {
+            match obj.get(field) {
+                v if absent(v) => return Ok(None),
+                Some(Value::String(s)) => RawLabel::Texts(vec![s.trim().to_string()]),
+                Some(v) => {
+                    let texts = string_list(v)
                     .filter(|t| !t.is_empty() && t.iter().all(|x| !x.trim().is_empty()))
                     .ok_or_else(|| at(format!("task `{name}`: field `{field}` must be a text or a list of texts (references), none empty")))?;
-                RawLabel::Texts(texts.into_iter().map(|t| t.trim().to_string()).collect())
+                    RawLabel::Texts(texts.into_iter().map(|t| t.trim().to_string()).collect())
+                }
+                None => return Ok(None),
             }
-            None => return Ok(None),
-        },
+        }
     };
     Ok(Some(label))
 }
@@ -583,7 +585,8 @@ mod tests {
     #[test]
     fn conll_tag_columns_and_docstart() {
         let text = "-DOCSTART- -X- O O\n\nEU NNP B-NP B-ORG\nrejects VBZ B-VP O\n\nPeter NNP B-NP B-PER\n";
-        let tasks = [("ner", "token_classification", ""), ("pos", "token_classification", "tag_column = 1\nscheme = \"none\"")];
+        let tasks =
+            [("ner", "token_classification", ""), ("pos", "token_classification", "tag_column = 1\nscheme = \"none\"")];
         let (_d, r) = read("conll", &tasks, text);
         let ex = r.expect("valid CoNLL");
         assert_eq!(ex.len(), 2);
@@ -601,7 +604,10 @@ mod tests {
     #[test]
     fn conllu_skips_ranges_and_empty_nodes() {
         let text = "# sent_id = 1\n# text = Don't go\n1-2\tDon't\t_\t_\t_\t_\t_\t_\t_\t_\n1\tDo\tdo\tAUX\tVBP\t_\t3\taux\t_\t_\n2\tn't\tnot\tPART\tRB\t_\t3\tadvmod\t_\t_\n2.1\tx\t_\t_\t_\t_\t_\t_\t_\t_\n3\tgo\tgo\tVERB\tVB\t_\t0\troot\t_\t_\n\n";
-        let tasks = [("upos", "token_classification", "scheme = \"none\""), ("xpos", "token_classification", "scheme = \"none\"\nconllu_column = \"xpos\"")];
+        let tasks = [
+            ("upos", "token_classification", "scheme = \"none\""),
+            ("xpos", "token_classification", "scheme = \"none\"\nconllu_column = \"xpos\""),
+        ];
         let (_d, r) = read("conllu", &tasks, text);
         let ex = r.expect("valid CoNLL-U");
         assert_eq!(ex.len(), 1);
@@ -624,7 +630,8 @@ mod tests {
         let ex = r.expect("valid SQuAD lines");
         assert_eq!(ex[0].labels[&id("qa")], RawLabel::Answers(vec![Answer { text: "Ada".into(), start: 0 }]));
         assert_eq!(ex[1].labels[&id("qa")], RawLabel::Answers(vec![]));
-        let bad = r#"{"question": "Who?", "context": "Ada wrote it.", "answers": {"text": ["Ada"], "answer_start": [4]}}"#;
+        let bad =
+            r#"{"question": "Who?", "context": "Ada wrote it.", "answers": {"text": ["Ada"], "answer_start": [4]}}"#;
         let e = err(read("jsonl", &tasks, bad).1);
         assert!(e.contains("data.jsonl:1") && e.contains("field `answers`") && e.contains("not at character 4"), "{e}");
         let e = err(read("jsonl", &tasks, r#"{"question": "Who?", "answers": []}"#).1);
@@ -642,7 +649,10 @@ mod tests {
         assert!(ex[2].labels.is_empty(), "no target: an input without a label");
         for bad in ["[]", "[\"ok\", \" \"]", "3", "[1]"] {
             let e = err(read("jsonl", &tasks, &format!("{{\"text\": \"x\", \"summary\": {bad}}}\n")).1);
-            assert!(e.contains("data.jsonl:1") && e.contains("field `summary`") && e.contains("references"), "{bad}: {e}");
+            assert!(
+                e.contains("data.jsonl:1") && e.contains("field `summary`") && e.contains("references"),
+                "{bad}: {e}"
+            );
         }
         let (_d, r) = read("csv", &[("sum", "generation", "label_field = \"summary\"")], "text,summary\n\"a, b\",ab\n");
         assert_eq!(r.expect("valid CSV")[0].labels[&id("sum")], RawLabel::Texts(vec!["ab".into()]));

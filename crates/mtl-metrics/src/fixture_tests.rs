@@ -128,7 +128,8 @@ fn rouge_l_matches_rouge_score() -> TestResult {
     let cases = load("rouge.json")?;
     assert!(cases.len() >= 50);
     for (i, c) in cases.iter().enumerate() {
-        let (target, prediction) = (c["target"].as_str().ok_or("target")?, c["prediction"].as_str().ok_or("prediction")?);
+        let (target, prediction) =
+            (c["target"].as_str().ok_or("target")?, c["prediction"].as_str().ok_or("prediction")?);
         let r = rouge_l(target, prediction);
         close(r.precision, &c["precision"], &format!("case {i} precision ({target:?} / {prediction:?})"));
         close(r.recall, &c["recall"], &format!("case {i} recall"));

@@ -72,12 +72,10 @@ pub fn generation_scores<S: AsRef<str>>(targets: &[Vec<S>], predictions: &[Strin
     }
     let n = targets.len() as f64;
     let rouge = targets.iter().zip(predictions).map(|(t, p)| rouge_l_multi(t, p).f).sum::<f64>() / n;
-    let exact = targets
-        .iter()
-        .zip(predictions)
-        .filter(|(t, p)| t.iter().any(|t| exact_text_match(t.as_ref(), p)))
-        .count() as f64
-        / n;
+    let exact =
+        targets.iter().zip(predictions).filter(|(t, p)| t.iter().any(|t| exact_text_match(t.as_ref(), p))).count()
+            as f64
+            / n;
     (rouge, exact)
 }
 

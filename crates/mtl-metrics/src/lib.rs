@@ -11,7 +11,8 @@ mod seqeval;
 mod squad;
 
 pub use classification::{
-    accuracy, classification_report, confusion_matrix, format_report, frame_accuracy, macro_f1, mcc, ClassificationReport, Prf,
+    accuracy, classification_report, confusion_matrix, format_report, frame_accuracy, macro_f1, mcc,
+    ClassificationReport, Prf,
 };
 pub use generation::{exact_text_match, generation_scores, pair_scores, rouge_l, rouge_l_multi, rouge_tokens, RougeL};
 pub use multilabel::{multilabel_scores, MultiLabelScores};

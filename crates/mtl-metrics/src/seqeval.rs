@@ -182,7 +182,10 @@ mod fixture_tests {
         for (i, case) in cases.iter().enumerate() {
             let gold: Vec<Vec<String>> = serde_json::from_value(case["gold"].clone())?;
             let pred: Vec<Vec<String>> = serde_json::from_value(case["pred"].clone())?;
-            let s = crate::pair_scores(&gold.iter().map(pairs).collect::<Vec<_>>(), &pred.iter().map(pairs).collect::<Vec<_>>());
+            let s = crate::pair_scores(
+                &gold.iter().map(pairs).collect::<Vec<_>>(),
+                &pred.iter().map(pairs).collect::<Vec<_>>(),
+            );
             for (name, got) in [("precision", s.precision), ("recall", s.recall), ("f1", s.f1)] {
                 let want = case[name].as_f64().ok_or("number")?;
                 assert!((got - want).abs() < 1e-12, "case {i} {name}: {got} vs seqeval {want}");
@@ -190,7 +193,10 @@ mod fixture_tests {
         }
         // A repeated pair counts once per occurrence on each side.
         let p = |v: &[(&'static str, &'static str)]| v.to_vec();
-        let s = crate::pair_scores(&[p(&[("to", "boston"), ("to", "boston")])], &[p(&[("to", "boston"), ("to", "boston"), ("to", "boston")])]);
+        let s = crate::pair_scores(
+            &[p(&[("to", "boston"), ("to", "boston")])],
+            &[p(&[("to", "boston"), ("to", "boston"), ("to", "boston")])],
+        );
         assert_eq!((s.precision, s.recall), (2.0 / 3.0, 1.0));
         Ok(())
     }

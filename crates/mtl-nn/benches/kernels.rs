@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use candle_core::Device;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use mtl_core::{HostBatch, Mode, TaskId, TaskKind, Targets};
+use mtl_core::{HostBatch, Mode, Targets, TaskId, TaskKind};
 use mtl_nn::cpu::encoder::{self, Dims};
 use mtl_nn::cpu::gemm::{matmul, Threads, View, ViewMut};
 use mtl_nn::cpu::math;
@@ -20,7 +20,9 @@ const HEADS: usize = 12;
 const INTER: usize = 1536;
 
 fn data(n: usize, seed: u32) -> Vec<f32> {
-    (0..n).map(|i| (((i as u32).wrapping_mul(2_654_435_761).wrapping_add(seed) >> 8) as f32 / 16_777_216.0) - 0.5).collect()
+    (0..n)
+        .map(|i| (((i as u32).wrapping_mul(2_654_435_761).wrapping_add(seed) >> 8) as f32 / 16_777_216.0) - 0.5)
+        .collect()
 }
 
 fn dims() -> Dims {
@@ -32,7 +34,12 @@ fn gemm(c: &mut Criterion) {
     let mut group = c.benchmark_group("gemm");
     // The encoder's products: projections (n×h·h×h), feed-forward in (n×h·h×4h) and out (n×4h·4h×h), and a
     // weight gradient (h×n·n×4h).
-    for (name, m, k, p, a_t) in [("qkv", n, HIDDEN, HIDDEN, false), ("ffn_in", n, HIDDEN, INTER, false), ("ffn_out", n, INTER, HIDDEN, false), ("weight_grad", HIDDEN, n, INTER, true)] {
+    for (name, m, k, p, a_t) in [
+        ("qkv", n, HIDDEN, HIDDEN, false),
+        ("ffn_in", n, HIDDEN, INTER, false),
+        ("ffn_out", n, INTER, HIDDEN, false),
+        ("weight_grad", HIDDEN, n, INTER, true),
+    ] {
         let a = data(m * k, 1);
         let b = data(k * p, 2);
         let mut out = vec![0f32; m * p];
@@ -69,9 +76,13 @@ fn rowwise(c: &mut Criterion) {
     let (mut y, mut xhat, mut rstd) = (vec![0f32; n * HIDDEN], vec![0f32; n * HIDDEN], vec![0f32; n]);
     let mut group = c.benchmark_group("rowwise");
     group.throughput(Throughput::Elements((n * HIDDEN) as u64));
-    group.bench_function("add_layer_norm", |b| b.iter(|| encoder::add_norm(&branch, None, &residual, &gamma, &beta, 1e-12, &mut y, &mut xhat, &mut rstd)));
+    group.bench_function("add_layer_norm", |b| {
+        b.iter(|| encoder::add_norm(&branch, None, &residual, &gamma, &beta, 1e-12, &mut y, &mut xhat, &mut rstd))
+    });
     let (mut dg, mut db) = (vec![0f32; HIDDEN], vec![0f32; HIDDEN]);
-    group.bench_function("layer_norm_backward", |b| b.iter(|| encoder::norm_backward(&dy, &xhat, &rstd, &gamma, &mut dg, &mut db)));
+    group.bench_function("layer_norm_backward", |b| {
+        b.iter(|| encoder::norm_backward(&dy, &xhat, &rstd, &gamma, &mut dg, &mut db))
+    });
     let u = data(n * INTER, 8);
     let mut g = vec![0f32; n * INTER];
     group.throughput(Throughput::Elements((n * INTER) as u64));
@@ -103,7 +114,10 @@ fn encoder_stack(c: &mut Criterion) {
         layer_norm_eps: 1e-12,
         position_embedding_type: None,
     };
-    let tasks = BTreeMap::from([(TaskId::new("tags").expect("valid"), mtl_nn::HeadSpec::new(TaskKind::TokenClassification, 9))]);
+    let tasks = BTreeMap::from([(
+        TaskId::new("tags").expect("valid"),
+        mtl_nn::HeadSpec::new(TaskKind::TokenClassification, 9),
+    )]);
     let n = BATCH * SEQ;
     let batch = HostBatch {
         batch: BATCH,
@@ -112,15 +126,25 @@ fn encoder_stack(c: &mut Criterion) {
         token_type_ids: vec![0; n],
         attention_mask: vec![1; n],
         word_starts: vec![vec![]; BATCH],
-        targets: BTreeMap::from([(TaskId::new("tags").expect("valid"), Targets::Tokens((0..n).map(|i| (i % 9) as i64).collect()))]),
+        targets: BTreeMap::from([(
+            TaskId::new("tags").expect("valid"),
+            Targets::Tokens((0..n).map(|i| (i % 9) as i64).collect()),
+        )]),
     };
     let mut group = c.benchmark_group("encoder_16x128");
     group.sample_size(10);
     for kernels in [Kernels::Fused, Kernels::Composed] {
-        let mut model = MultiTaskModel::build(&ModelSpec { bert: &config, tasks: &tasks, dropout: 0.1, seed: 0, peft: None }, HashMap::new(), &Device::Cpu).expect("model");
+        let mut model = MultiTaskModel::build(
+            &ModelSpec { bert: &config, tasks: &tasks, dropout: 0.1, seed: 0, peft: None },
+            HashMap::new(),
+            &Device::Cpu,
+        )
+        .expect("model");
         model.set_kernels(kernels);
         let name = format!("{kernels:?}").to_lowercase();
-        group.bench_function(BenchmarkId::new("inference", &name), |b| b.iter(|| model.encode(&batch, Mode::Eval).expect("forward")));
+        group.bench_function(BenchmarkId::new("inference", &name), |b| {
+            b.iter(|| model.encode(&batch, Mode::Eval).expect("forward"))
+        });
         group.bench_function(BenchmarkId::new("train_forward_backward", &name), |b| {
             b.iter(|| {
                 let loss = model.losses(&batch, Mode::Train).expect("forward").remove(0).loss;

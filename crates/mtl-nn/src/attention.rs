@@ -38,7 +38,9 @@ impl AttentionSpec {
     }
 
     fn check(&self, layout: &Layout, cols: usize) -> candle_core::Result<(usize, usize)> {
-        let Some(range) = layout.contiguous_offsets() else { candle_core::bail!("fused attention: input must be contiguous") };
+        let Some(range) = layout.contiguous_offsets() else {
+            candle_core::bail!("fused attention: input must be contiguous")
+        };
         if layout.dims() != [self.batch * self.seq, cols] {
             candle_core::bail!("fused attention: expected [{}, {cols}], got {:?}", self.batch * self.seq, layout.dims())
         }
@@ -169,11 +171,19 @@ impl CustomOp2 for Backward {
         "fused-attention-backward"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
         let spec = &self.0;
         let (a0, a1) = spec.check(l1, 3 * spec.hidden())?;
         let (g0, g1) = spec.check(l2, spec.hidden())?;
-        let (CpuStorage::F32(qkv), CpuStorage::F32(dout)) = (s1, s2) else { candle_core::bail!("fused attention: f32 only") };
+        let (CpuStorage::F32(qkv), CpuStorage::F32(dout)) = (s1, s2) else {
+            candle_core::bail!("fused attention: f32 only")
+        };
         let (qkv, dout) = (&qkv[a0..a1], &dout[g0..g1]);
         let (s, d, h) = (spec.seq, spec.head_dim, spec.hidden());
         let scale = spec.scale();
@@ -256,7 +266,8 @@ pub fn composed(qkv: &Tensor, spec: &AttentionSpec) -> Result<Tensor> {
 pub fn with_prefix(qkv: &Tensor, prefix_k: &Tensor, prefix_v: &Tensor, spec: &AttentionSpec) -> Result<Tensor> {
     let (b, s, nh, d, h) = (spec.batch, spec.seq, spec.heads, spec.head_dim, spec.hidden());
     let l = prefix_k.dim(1)?;
-    let heads = |t: &Tensor, n: usize| -> Result<Tensor> { Ok(t.reshape((b, n, nh, d))?.transpose(1, 2)?.contiguous()?) };
+    let heads =
+        |t: &Tensor, n: usize| -> Result<Tensor> { Ok(t.reshape((b, n, nh, d))?.transpose(1, 2)?.contiguous()?) };
     let own = |part: usize| -> Result<Tensor> { heads(&qkv.narrow(1, part * h, h)?, s) };
     let q = own(0)?;
     let k = Tensor::cat(&[heads(prefix_k, l)?, own(1)?], 2)?;
@@ -291,26 +302,38 @@ mod tests {
     #[test]
     fn fused_matches_composed() -> Result<()> {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
-        for (batch, seq, heads, head_dim, with_dropout) in [(1, 1, 1, 8, false), (2, 5, 3, 7, false), (3, 9, 2, 16, true), (2, 17, 4, 33, true)] {
+        for (batch, seq, heads, head_dim, with_dropout) in
+            [(1, 1, 1, 8, false), (2, 5, 3, 7, false), (3, 9, 2, 16, true), (2, 17, 4, 33, true)]
+        {
             let h = heads * head_dim;
             let mut key_mask: Vec<u32> = (0..batch * seq).map(|i| u32::from(i % seq < seq - (i / seq) % 3)).collect();
             if batch > 2 {
                 key_mask[seq..2 * seq].fill(0); // a fully padded example
             }
             let dropout = with_dropout.then(|| {
-                Arc::new((0..batch * heads * seq * seq).map(|_| if rng.gen::<f32>() < 0.2 { 0.0 } else { 1.25 }).collect())
+                Arc::new(
+                    (0..batch * heads * seq * seq).map(|_| if rng.gen::<f32>() < 0.2 { 0.0 } else { 1.25 }).collect(),
+                )
             });
             let spec = AttentionSpec { batch, seq, heads, head_dim, key_mask: Arc::new(key_mask), dropout };
             let data: Vec<f32> = (0..batch * seq * 3 * h).map(|_| rng.gen_range(-2.0..2.0)).collect();
             let qkv = Var::from_vec(data, (batch * seq, 3 * h), &Device::Cpu)?;
-            let weights = Tensor::from_vec((0..batch * seq * h).map(|_| rng.gen_range(-1.0f32..1.0)).collect(), (batch * seq, h), &Device::Cpu)?;
+            let weights = Tensor::from_vec(
+                (0..batch * seq * h).map(|_| rng.gen_range(-1.0f32..1.0)).collect(),
+                (batch * seq, h),
+                &Device::Cpu,
+            )?;
             let a = fused(qkv.as_tensor(), spec.clone())?;
             let b = composed(qkv.as_tensor(), &spec)?;
             assert!(max_diff(&a, &b) < 1e-5, "values differ by {}", max_diff(&a, &b));
             let ga = (a * &weights)?.sum_all()?.backward()?;
             let gb = (b * &weights)?.sum_all()?.backward()?;
             let (ga, gb) = (ga.get(qkv.as_tensor()).expect("grad"), gb.get(qkv.as_tensor()).expect("grad"));
-            assert!(max_diff(ga, gb) < 1e-4, "gradients differ by {} for {batch}x{seq}x{heads}x{head_dim}", max_diff(ga, gb));
+            assert!(
+                max_diff(ga, gb) < 1e-4,
+                "gradients differ by {} for {batch}x{seq}x{heads}x{head_dim}",
+                max_diff(ga, gb)
+            );
         }
         Ok(())
     }

@@ -17,7 +17,9 @@ use crate::cpu::encoder::{Dims, FusedEncoder, FusedLora, GradSink, LayerDropout,
 use crate::cpu::int8::{Int8Encoder, Int8Layer, Int8Matrix};
 use crate::layers::{DropoutRng, LayerNorm, Linear};
 use crate::params::{Init, ParamBuilder};
-use crate::peft::{self, BottleneckLayer, LoraLayer, LoraSpec, PeftKind, PeftPass, PeftSpec, Placement, PrefixLayer, Route, Site};
+use crate::peft::{
+    self, BottleneckLayer, LoraLayer, LoraSpec, PeftKind, PeftPass, PeftSpec, Placement, PrefixLayer, Route, Site,
+};
 use crate::{NnError, Result};
 
 /// The fields of a Hugging Face BERT `config.json` that the encoder uses; other keys are ignored.
@@ -136,7 +138,10 @@ fn linear_or_int8(pb: &ParamBuilder, inp: usize, out: usize, int8: &mut Vec<Int8
     match pb.take_int8("weight", out, inp)? {
         Some(m) => {
             int8.push(m);
-            Ok(Linear { weight: Tensor::zeros(0, candle_core::DType::F32, &pb.device())?, bias: pb.get(out, "bias", Init::Zeros)? })
+            Ok(Linear {
+                weight: Tensor::zeros(0, candle_core::DType::F32, &pb.device())?,
+                bias: pb.get(out, "bias", Init::Zeros)?,
+            })
         }
         None => Linear::new(pb, inp, out),
     }
@@ -205,18 +210,32 @@ impl Bert {
     pub fn new(pb: &ParamBuilder, config: &BertConfig, peft: Option<&PeftSpec>) -> Result<Self> {
         let h = config.hidden_size;
         if pb.has_int8() && peft.is_some() {
-            return Err(NnError::File { path: "int8 weights".into(), message: "an int8 model cannot carry adapters".into() });
+            return Err(NnError::File {
+                path: "int8 weights".into(),
+                message: "an int8 model cannot carry adapters".into(),
+            });
         }
         if pb.has_int8() && config.hidden_act != Activation::Gelu {
-            return Err(NnError::File { path: "int8 weights".into(), message: "the int8 encoder implements the erf GELU only".into() });
+            return Err(NnError::File {
+                path: "int8 weights".into(),
+                message: "the int8 encoder implements the erf GELU only".into(),
+            });
         }
         let mut int8: Vec<Vec<Int8Matrix>> = Vec::new();
         let eps = config.layer_norm_eps;
         let e = pb.pp("embeddings");
         let embeddings = Embeddings {
             word: e.pp("word_embeddings").get((config.vocab_size, h), "weight", Init::Normal { std: 0.02 })?,
-            position: e.pp("position_embeddings").get((config.max_position_embeddings, h), "weight", Init::Normal { std: 0.02 })?,
-            token_type: e.pp("token_type_embeddings").get((config.type_vocab_size, h), "weight", Init::Normal { std: 0.02 })?,
+            position: e.pp("position_embeddings").get(
+                (config.max_position_embeddings, h),
+                "weight",
+                Init::Normal { std: 0.02 },
+            )?,
+            token_type: e.pp("token_type_embeddings").get(
+                (config.type_vocab_size, h),
+                "weight",
+                Init::Normal { std: 0.02 },
+            )?,
             norm: LayerNorm::new(&e.pp("LayerNorm"), h, eps)?,
         };
         let layers = (0..config.num_hidden_layers)
@@ -270,9 +289,9 @@ impl Bert {
             })
             .collect::<Result<Vec<Layer>>>()?;
         let int8 = match int8.iter().map(Vec::len).max() {
-            Some(6) if int8.iter().all(|q| q.len() == 6) => Some(Arc::new(
-                layers.iter().zip(int8).map(|(l, q)| int8_layer(l, q)).collect::<Result<Vec<_>>>()?,
-            )),
+            Some(6) if int8.iter().all(|q| q.len() == 6) => {
+                Some(Arc::new(layers.iter().zip(int8).map(|(l, q)| int8_layer(l, q)).collect::<Result<Vec<_>>>()?))
+            }
             None | Some(0) => None,
             Some(_) => {
                 let message = "int8 weights for some projections and f32 ones for others: an int8 model has all six of every layer in int8";
@@ -281,14 +300,22 @@ impl Bert {
         };
         let unused = pb.unused_int8();
         if !unused.is_empty() {
-            return Err(NnError::File { path: "int8 weights".into(), message: format!("int8 tensors the model has no place for: {}", unused.join(", ")) });
+            return Err(NnError::File {
+                path: "int8 weights".into(),
+                message: format!("int8 tensors the model has no place for: {}", unused.join(", ")),
+            });
         }
         let (embeddings, layers) = match peft {
             // As in PEFT: with any of the methods, only its parameters (and the heads) train.
             Some(_) => {
                 let e = &embeddings;
                 let norm = LayerNorm { weight: e.norm.weight.detach(), bias: e.norm.bias.detach(), eps: e.norm.eps };
-                let frozen = Embeddings { word: e.word.detach(), position: e.position.detach(), token_type: e.token_type.detach(), norm };
+                let frozen = Embeddings {
+                    word: e.word.detach(),
+                    position: e.position.detach(),
+                    token_type: e.token_type.detach(),
+                    norm,
+                };
                 (frozen, layers.iter().map(Layer::detached).collect())
             }
             None => (embeddings, layers),
@@ -322,7 +349,11 @@ impl Bert {
             return Err(candle_core::Error::Msg("int8 needs one set of encoder weights: merge the LoRA adapter first (adapters, prefixes and per-task LoRA cannot be quantised)".into()).into());
         }
         if self.config.hidden_act != Activation::Gelu {
-            return Err(candle_core::Error::Msg(format!("the int8 encoder implements the erf GELU only, not {:?}", self.config.hidden_act)).into());
+            return Err(candle_core::Error::Msg(format!(
+                "the int8 encoder implements the erf GELU only, not {:?}",
+                self.config.hidden_act
+            ))
+            .into());
         }
         let mut dropped = Vec::new();
         let mut int8 = Vec::new();
@@ -353,7 +384,9 @@ impl Bert {
     /// Makes a merged shared LoRA adapter part of the model: the adapters go, the merged weights stay.
     pub(crate) fn fold_merged(&mut self) -> Result<()> {
         if self.peft.as_ref().is_some_and(|p| p.per_task()) || (self.peft.is_some() && self.merged.is_none()) {
-            return Err(candle_core::Error::Msg("only a merged shared LoRA adapter folds into the weights".into()).into());
+            return Err(
+                candle_core::Error::Msg("only a merged shared LoRA adapter folds into the weights".into()).into()
+            );
         }
         for layer in &mut self.layers {
             layer.lora.clear();
@@ -388,7 +421,10 @@ impl Bert {
     pub(crate) fn drop_top_layers(&mut self, n: usize) -> Result<Vec<String>> {
         let total = self.layers.len();
         if n >= total {
-            return Err(candle_core::Error::Msg(format!("cannot drop {n} of the model's {total} layers: at least one must stay")).into());
+            return Err(candle_core::Error::Msg(format!(
+                "cannot drop {n} of the model's {total} layers: at least one must stay"
+            ))
+            .into());
         }
         self.layers.truncate(total - n);
         if let Some(int8) = &mut self.int8 {
@@ -413,7 +449,10 @@ impl Bert {
         let mut out = Vec::new();
         for (i, layer) in self.layers.iter().enumerate() {
             for (m, lora) in &layer.lora {
-                out.push((format!("encoder.layer.{i}.{}.weight", m.bert_path()), lora.merged_delta(adapter, spec.scale())?));
+                out.push((
+                    format!("encoder.layer.{i}.{}.weight", m.bert_path()),
+                    lora.merged_delta(adapter, spec.scale())?,
+                ));
             }
         }
         Ok(out)
@@ -459,7 +498,10 @@ impl Bert {
         let h = self.config.hidden_size;
         if s > self.config.max_position_embeddings {
             let max = self.config.max_position_embeddings;
-            return Err(candle_core::Error::Msg(format!("sequence of {s} tokens exceeds max_position_embeddings {max}")).into());
+            return Err(candle_core::Error::Msg(format!(
+                "sequence of {s} tokens exceeds max_position_embeddings {max}"
+            ))
+            .into());
         }
         let ids = input.input_ids.flatten_all()?;
         let types = input.token_type_ids.flatten_all()?;
@@ -475,7 +517,14 @@ impl Bert {
                 return Err(candle_core::Error::Msg("an int8 model runs inference on the CPU only".into()).into());
             }
             let c = &self.config;
-            let dims = Dims { batch: b, seq: s, hidden: h, heads: c.num_attention_heads, intermediate: c.intermediate_size, eps: c.layer_norm_eps as f32 };
+            let dims = Dims {
+                batch: b,
+                seq: s,
+                hidden: h,
+                heads: c.num_attention_heads,
+                intermediate: c.intermediate_size,
+                eps: c.layer_norm_eps as f32,
+            };
             let op = Int8Encoder { dims, layers: layers.clone(), key_mask: input.attention_mask.clone() };
             return Ok(x.contiguous()?.apply_op1_no_bwd(&op)?);
         }
@@ -486,7 +535,10 @@ impl Bert {
                     Some(r) => r.clone(),
                     None if spec.adapters.len() == 1 => vec![Route { adapter: 0, examples: 0..b }],
                     None => {
-                        return Err(candle_core::Error::Msg("a model with per-task adapters needs each example's task (routes)".into()).into())
+                        return Err(candle_core::Error::Msg(
+                            "a model with per-task adapters needs each example's task (routes)".into(),
+                        )
+                        .into())
                     }
                 };
                 peft::check_routes(&routes, b, spec.adapters.len())?;
@@ -497,7 +549,11 @@ impl Bert {
         // The fused encoder implements the erf GELU (BERT's) and LoRA; other activations and methods take the
         // composed path.
         let fusable = peft.as_ref().is_none_or(|(spec, _)| spec.lora().is_some());
-        if fusable && x.device().is_cpu() && self.kernels == Kernels::Fused && self.config.hidden_act == Activation::Gelu {
+        if fusable
+            && x.device().is_cpu()
+            && self.kernels == Kernels::Fused
+            && self.config.hidden_act == Activation::Gelu
+        {
             let lora = peft.as_ref().and_then(|(spec, routes)| spec.lora().map(|l| (l, &routes[..])));
             return self.fused_layers(&x, input, b, s, dropout, mode, lora);
         }
@@ -520,7 +576,16 @@ impl Bert {
     /// Dropout masks (LoRA's too) are drawn in the same order as the composed path draws them, so both give
     /// the same result from the same seed.
     #[allow(clippy::too_many_arguments)]
-    fn fused_layers(&self, x: &Tensor, input: &BertInput, b: usize, s: usize, dropout: &DropoutRng, mode: Mode, lora: Option<(&LoraSpec, &[Route])>) -> Result<Tensor> {
+    fn fused_layers(
+        &self,
+        x: &Tensor,
+        input: &BertInput,
+        b: usize,
+        s: usize,
+        dropout: &DropoutRng,
+        mode: Mode,
+        lora: Option<(&LoraSpec, &[Route])>,
+    ) -> Result<Tensor> {
         let c = &self.config;
         let dims = Dims {
             batch: b,
@@ -618,7 +683,12 @@ impl Bert {
             scale: spec.scale() as f32,
             r: spec.r,
             sites: self.layers.iter().map(|l| SITES.map(|m| l.lora.contains_key(&m))).collect(),
-            routes: routes.iter().map(|r| (r.examples.start * s..r.examples.end * s, used.iter().position(|&u| u == r.adapter).unwrap_or(0))).collect(),
+            routes: routes
+                .iter()
+                .map(|r| {
+                    (r.examples.start * s..r.examples.end * s, used.iter().position(|&u| u == r.adapter).unwrap_or(0))
+                })
+                .collect(),
             adapters: used.len(),
             masks: any_mask.then_some(lora_masks),
         });
@@ -679,7 +749,8 @@ impl Bert {
             Mode::Train => dropout.mask(b * nh * s * keys).map(Arc::new),
             Mode::Eval => None,
         };
-        let spec = AttentionSpec { batch: b, seq: s, heads: nh, head_dim, key_mask: key_mask.clone(), dropout: attn_dropout };
+        let spec =
+            AttentionSpec { batch: b, seq: s, heads: nh, head_dim, key_mask: key_mask.clone(), dropout: attn_dropout };
         let ctx = match prefix {
             Some((pass, p)) => {
                 let (k, v) = p.per_example(pass)?;

@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use candle_core::backprop::GradStore;
 use candle_core::{Device, Tensor};
-use mtl_core::{HostBatch, Mode, TaskId, Targets, IGNORE_INDEX};
+use mtl_core::{HostBatch, Mode, Targets, TaskId, IGNORE_INDEX};
 
 use crate::layers::{log_softmax_last, DropoutRng};
 use crate::llama::{next_token_targets, DecoderLora, KvCache, Llama, LlamaConfig, LoraRun};
@@ -102,7 +102,15 @@ impl DecoderModel {
 
     /// Final hidden states `[rows * seq, hidden]` of `ids` (`rows × seq`, row-major) whose rows go through
     /// the adapters `adapters` (one per row, grouped: equal indices contiguous).
-    fn hidden(&self, ids: Vec<u32>, mask: Option<&[u32]>, adapters: &[usize], seq: usize, mode: Mode, cache: Option<&mut KvCache>) -> Result<Tensor> {
+    fn hidden(
+        &self,
+        ids: Vec<u32>,
+        mask: Option<&[u32]>,
+        adapters: &[usize],
+        seq: usize,
+        mode: Mode,
+        cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
         let rows = adapters.len();
         let ids = Tensor::from_vec(ids, (rows, seq), &self.device)?;
         if self.llama.lora().is_none() {
@@ -141,7 +149,8 @@ impl DecoderModel {
         let mut order: Vec<usize> = (0..b).collect();
         order.sort_by_key(|&r| adapter(r));
         let ids: Vec<u32> = order.iter().flat_map(|&r| batch.input_ids[r * s..(r + 1) * s].iter().copied()).collect();
-        let mask: Vec<u32> = order.iter().flat_map(|&r| batch.attention_mask[r * s..(r + 1) * s].iter().copied()).collect();
+        let mask: Vec<u32> =
+            order.iter().flat_map(|&r| batch.attention_mask[r * s..(r + 1) * s].iter().copied()).collect();
         let adapters: Vec<usize> = order.iter().map(|&r| adapter(r)).collect();
         let hidden = self.hidden(ids, Some(&mask), &adapters, s, mode, None)?;
         let mut out = Vec::new();
@@ -164,7 +173,13 @@ impl DecoderModel {
 
     /// Greedy continuations of `prompts` through `task`'s adapter, decoded together (left-padded to the
     /// longest): at most `max_new` tokens each, cut before the first stop token.
-    pub fn generate_greedy(&self, task: &TaskId, prompts: &[&[u32]], max_new: usize, stop: &[u32]) -> Result<Vec<Vec<u32>>> {
+    pub fn generate_greedy(
+        &self,
+        task: &TaskId,
+        prompts: &[&[u32]],
+        max_new: usize,
+        stop: &[u32],
+    ) -> Result<Vec<Vec<u32>>> {
         let rows = prompts.len();
         let Some(len) = prompts.iter().map(|p| p.len()).max() else { return Ok(Vec::new()) };
         if prompts.iter().any(|p| p.is_empty()) {
@@ -188,7 +203,8 @@ impl DecoderModel {
             if cache.len() + step_len > max_pos {
                 break;
             }
-            let hidden = self.hidden(input, mask.take().as_deref(), &adapters, step_len, Mode::Eval, Some(&mut cache))?;
+            let hidden =
+                self.hidden(input, mask.take().as_deref(), &adapters, step_len, Mode::Eval, Some(&mut cache))?;
             let last: Vec<u32> = (0..rows).map(|r| (r * step_len + step_len - 1) as u32).collect();
             let picked = hidden.index_select(&Tensor::from_vec(last, rows, &self.device)?, 0)?;
             let next: Vec<u32> = self.llama.logits(&picked)?.argmax(1)?.to_vec1()?;

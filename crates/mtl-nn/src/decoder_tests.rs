@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 
 use candle_core::{Device, Tensor};
-use mtl_core::{HostBatch, Mode, TaskId, Targets, IGNORE_INDEX};
+use mtl_core::{HostBatch, Mode, Targets, TaskId, IGNORE_INDEX};
 use serde_json::Value;
 
 use crate::llama::{DecoderLora, DecoderModule, LlamaConfig};
@@ -25,7 +25,8 @@ fn task(name: &str) -> TaskId {
 /// `intent`'s weights).
 fn model(adapters: &[&str]) -> Result<DecoderModel, Box<dyn std::error::Error>> {
     let config = LlamaConfig::from_file(&dir().join("config.json"))?;
-    let mut weights: HashMap<String, Tensor> = candle_core::safetensors::load(dir().join("model.safetensors"), &Device::Cpu)?;
+    let mut weights: HashMap<String, Tensor> =
+        candle_core::safetensors::load(dir().join("model.safetensors"), &Device::Cpu)?;
     for (name, t) in candle_core::safetensors::load(dir().join("lora.safetensors"), &Device::Cpu)? {
         if adapters == [crate::SHARED_ADAPTER] {
             weights.insert(name.replace(".intent.", ".default."), t);
@@ -34,7 +35,11 @@ fn model(adapters: &[&str]) -> Result<DecoderModel, Box<dyn std::error::Error>> 
         }
     }
     let spec = LoraSpec { r: 4, alpha: 8.0, dropout: 0.0, targets: Vec::new() };
-    let lora = DecoderLora { spec, modules: DecoderModule::ALL.to_vec(), adapters: adapters.iter().map(|a| a.to_string()).collect() };
+    let lora = DecoderLora {
+        spec,
+        modules: DecoderModule::ALL.to_vec(),
+        adapters: adapters.iter().map(|a| a.to_string()).collect(),
+    };
     Ok(DecoderModel::new(&config, weights, Some(&lora), &[task("intent"), task("slots")], 7, &Device::Cpu)?)
 }
 
@@ -42,7 +47,8 @@ fn model(adapters: &[&str]) -> Result<DecoderModel, Box<dyn std::error::Error>> 
 fn batch(tasks: [&str; 2]) -> Result<HostBatch, Box<dyn std::error::Error>> {
     let reference: Value = serde_json::from_str(&std::fs::read_to_string(dir().join("reference.json"))?)?;
     let rows = |v: &Value| -> Vec<Vec<i64>> { serde_json::from_value(v.clone()).expect("fixture rows") };
-    let (ids, mask, labels) = (rows(&reference["input_ids"]), rows(&reference["attention_mask"]), rows(&reference["labels"]));
+    let (ids, mask, labels) =
+        (rows(&reference["input_ids"]), rows(&reference["attention_mask"]), rows(&reference["labels"]));
     let (b, s) = (ids.len(), ids[0].len());
     let mut targets = std::collections::BTreeMap::new();
     for (r, name) in tasks.iter().enumerate() {
@@ -80,7 +86,8 @@ fn task_losses_match_peft_and_every_adapter_of_a_task_in_the_batch_trains() -> T
         let grads = m.backward(&l.loss)?;
         let mut own = 0;
         for (name, var) in m.params().vars() {
-            let norm = grads.get(var.as_tensor()).map(|g| g.sqr()?.sum_all()?.to_scalar::<f32>()).transpose()?.unwrap_or(0.0);
+            let norm =
+                grads.get(var.as_tensor()).map(|g| g.sqr()?.sum_all()?.to_scalar::<f32>()).transpose()?.unwrap_or(0.0);
             if name.contains(&format!(".{}.", l.task)) {
                 assert!(norm > 0.0, "{name} got no gradient from task {}", l.task);
                 own += 1;
@@ -95,7 +102,12 @@ fn task_losses_match_peft_and_every_adapter_of_a_task_in_the_batch_trains() -> T
 
     // A shared adapter gets the gradient of every task.
     let m = model(&[crate::SHARED_ADAPTER])?;
-    let total = m.losses(&mixed, Mode::Train)?.into_iter().map(|l| l.loss).reduce(|a, b| (a + b).expect("scalars")).ok_or("losses")?;
+    let total = m
+        .losses(&mixed, Mode::Train)?
+        .into_iter()
+        .map(|l| l.loss)
+        .reduce(|a, b| (a + b).expect("scalars"))
+        .ok_or("losses")?;
     let grads = m.backward(&total)?;
     for (name, var) in m.params().vars() {
         let g = grads.get(var.as_tensor()).ok_or(format!("{name}: no gradient"))?;

@@ -60,7 +60,8 @@ impl CustomOp3 for LayerNormOp {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (x, w, b) = (contiguous(s1, l1, self.name())?, contiguous(s2, l2, self.name())?, contiguous(s3, l3, self.name())?);
+        let (x, w, b) =
+            (contiguous(s1, l1, self.name())?, contiguous(s2, l2, self.name())?, contiguous(s3, l3, self.name())?);
         let d = row_width(x, w, b.len(), w.len(), self.name())?;
         let mut y = vec![0f32; x.len()];
         y.par_chunks_mut(d * ROWS_PER_TASK).zip(x.par_chunks(d * ROWS_PER_TASK)).for_each(|(y, x)| {
@@ -74,7 +75,14 @@ impl CustomOp3 for LayerNormOp {
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 
-    fn bwd(&self, x: &Tensor, w: &Tensor, _b: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let rows = x.elem_count() / w.elem_count();
         let packed = x.apply_op3_no_bwd(w, &grad.contiguous()?, &LayerNormBackward { eps: self.eps })?;
         let dx = packed.narrow(0, 0, rows)?.reshape(x.shape())?;
@@ -103,7 +111,8 @@ impl CustomOp3 for LayerNormBackward {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (x, w, dy) = (contiguous(s1, l1, self.name())?, contiguous(s2, l2, self.name())?, contiguous(s3, l3, self.name())?);
+        let (x, w, dy) =
+            (contiguous(s1, l1, self.name())?, contiguous(s2, l2, self.name())?, contiguous(s3, l3, self.name())?);
         let d = row_width(x, w, dy.len(), x.len(), self.name())?;
         let rows = x.len() / d;
         let mut out = vec![0f32; (rows + 2) * d];
@@ -158,9 +167,15 @@ fn erf(x: f32) -> f32 {
         + t * (1.000_023_68
             + t * (0.374_091_96
                 + t * (0.096_784_18
-                    + t * (-0.186_288_06 + t * (0.278_868_07 + t * (-1.135_203_98 + t * (1.488_515_87 + t * (-0.822_152_23 + t * 0.170_872_77))))))));
+                    + t * (-0.186_288_06
+                        + t * (0.278_868_07
+                            + t * (-1.135_203_98 + t * (1.488_515_87 + t * (-0.822_152_23 + t * 0.170_872_77))))))));
     let r = (1.0 - t * poly.exp()) as f32;
-    if x >= 0.0 { r } else { -r }
+    if x >= 0.0 {
+        r
+    } else {
+        -r
+    }
 }
 
 const FRAC_1_SQRT_2: f32 = std::f32::consts::FRAC_1_SQRT_2;
@@ -196,7 +211,13 @@ impl CustomOp2 for GeluBackward {
         "fused-gelu-backward"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (x, dy) = (contiguous(s1, l1, self.name())?, contiguous(s2, l2, self.name())?);
         let mut dx = vec![0f32; x.len()];
         dx.par_chunks_mut(1 << 14).zip(x.par_chunks(1 << 14).zip(dy.par_chunks(1 << 14))).for_each(|(dx, (x, dy))| {
@@ -351,7 +372,8 @@ mod tests {
             Ok(Tensor::from_vec((0..n).map(|_| rng.gen_range(-1.0f32..1.0)).collect::<Vec<_>>(), shape, &Device::Cpu)?)
         };
         let (rows, k) = (37, 24);
-        let layers: Vec<Linear> = [16, 8, 16].iter().map(|&o| Ok(Linear { weight: r(&[o, k])?, bias: r(&[o])? })).collect::<Result<_>>()?;
+        let layers: Vec<Linear> =
+            [16, 8, 16].iter().map(|&o| Ok(Linear { weight: r(&[o, k])?, bias: r(&[o])? })).collect::<Result<_>>()?;
         let refs: Vec<&Linear> = layers.iter().collect();
         let x = Var::from_tensor(&r(&[rows, k])?)?;
         let probe = r(&[rows, 40])?;

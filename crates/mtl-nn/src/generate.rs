@@ -98,7 +98,9 @@ pub fn sampling_probs(logits: &[f32], s: &Sampling) -> Option<Vec<f32>> {
 /// The next token: the argmax for greedy decoding, else a draw from [`sampling_probs`].
 pub fn next_token(logits: &[f32], s: &Sampling, rng: &mut impl Rng) -> u32 {
     match sampling_probs(logits, s) {
-        None => logits.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1).then(b.0.cmp(&a.0))).map_or(0, |(i, _)| i as u32),
+        None => {
+            logits.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1).then(b.0.cmp(&a.0))).map_or(0, |(i, _)| i as u32)
+        }
         Some(probs) => {
             let u: f32 = rng.gen();
             let mut cumulative = 0.0;
@@ -130,7 +132,11 @@ pub fn generate(
 ) -> Result<Generated> {
     let max_pos = model.config().max_position_embeddings;
     if prompt.is_empty() || prompt.len() >= max_pos {
-        return Err(candle_core::Error::Msg(format!("a prompt of {} tokens does not fit a context of {max_pos}", prompt.len())).into());
+        return Err(candle_core::Error::Msg(format!(
+            "a prompt of {} tokens does not fit a context of {max_pos}",
+            prompt.len()
+        ))
+        .into());
     }
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(sampling.seed);
     // An empty stop string would match at once.
@@ -168,7 +174,9 @@ pub fn generate(
         let complete = text.trim_end_matches('\u{FFFD}').len();
         let mut hold = 0;
         for s in &stop_strings {
-            if let Some(cut) = (1..s.len()).rev().find(|&c| s.is_char_boundary(c) && text[..complete].ends_with(&s[..c])) {
+            if let Some(cut) =
+                (1..s.len()).rev().find(|&c| s.is_char_boundary(c) && text[..complete].ends_with(&s[..c]))
+            {
                 hold = hold.max(cut);
             }
         }
@@ -207,16 +215,23 @@ mod tests {
         let t2 = sampling_probs(&logits, &Sampling { temperature: 2.0, ..Sampling::default() }).expect("sampling");
         assert!(close(&t2, &[0.455_054_2, 0.276_004_3, 0.167_405_1, 0.101_536_33]), "{t2:?}");
         // top-k 2: softmax over the two best.
-        let k2 = sampling_probs(&logits, &Sampling { temperature: 1.0, top_k: Some(2), ..Sampling::default() }).expect("sampling");
+        let k2 = sampling_probs(&logits, &Sampling { temperature: 1.0, top_k: Some(2), ..Sampling::default() })
+            .expect("sampling");
         assert!(close(&k2, &[0.731_058_6, 0.268_941_43, 0.0, 0.0]), "{k2:?}");
         // top-p 0.8: 0.6439 < 0.8 keeps the second, 0.8808 >= 0.8 drops the rest.
-        let p8 = sampling_probs(&logits, &Sampling { temperature: 1.0, top_p: Some(0.8), ..Sampling::default() }).expect("sampling");
+        let p8 = sampling_probs(&logits, &Sampling { temperature: 1.0, top_p: Some(0.8), ..Sampling::default() })
+            .expect("sampling");
         assert!(close(&p8, &[0.731_058_6, 0.268_941_43, 0.0, 0.0]), "{p8:?}");
         // top-k keeps every token tied with the k-th, as transformers' TopKLogitsWarper does.
-        let tied = sampling_probs(&[1.0, 1.0, 1.0, 0.0], &Sampling { temperature: 1.0, top_k: Some(2), ..Sampling::default() }).expect("sampling");
+        let tied = sampling_probs(
+            &[1.0, 1.0, 1.0, 0.0],
+            &Sampling { temperature: 1.0, top_k: Some(2), ..Sampling::default() },
+        )
+        .expect("sampling");
         assert!(close(&tied, &[1.0 / 3.0, 1.0 / 3.0, 1.0 / 3.0, 0.0]), "{tied:?}");
         // top-p below the first probability keeps the most likely token alone.
-        let p1 = sampling_probs(&logits, &Sampling { temperature: 1.0, top_p: Some(0.1), ..Sampling::default() }).expect("sampling");
+        let p1 = sampling_probs(&logits, &Sampling { temperature: 1.0, top_p: Some(0.1), ..Sampling::default() })
+            .expect("sampling");
         assert!(close(&p1, &[1.0, 0.0, 0.0, 0.0]), "{p1:?}");
     }
 

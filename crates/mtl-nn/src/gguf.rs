@@ -88,20 +88,29 @@ pub fn read_llama(path: &Path, device: &Device) -> Result<GgufLlama> {
         )));
     }
     let strings = |key: &str| -> Result<Vec<String>> {
-        let values = md.get(key).and_then(|v| v.to_vec().ok()).ok_or_else(|| bad(format!("metadata {key} is missing")))?;
-        values.iter().map(|v| v.to_string().cloned().map_err(|_| bad(format!("{key}: not a list of strings")))).collect()
+        let values =
+            md.get(key).and_then(|v| v.to_vec().ok()).ok_or_else(|| bad(format!("metadata {key} is missing")))?;
+        values
+            .iter()
+            .map(|v| v.to_string().cloned().map_err(|_| bad(format!("{key}: not a list of strings"))))
+            .collect()
     };
     let tokens = strings("tokenizer.ggml.tokens")?;
     let merges = strings("tokenizer.ggml.merges")?;
     // Token type 3 is CONTROL in llama.cpp (chat markers and the like).
     let special = match md.get("tokenizer.ggml.token_type").and_then(|v| v.to_vec().ok()) {
-        Some(types) => types.iter().enumerate().filter(|(_, t)| number(t) == Some(3.0)).map(|(i, _)| i as u32).collect(),
+        Some(types) => {
+            types.iter().enumerate().filter(|(_, t)| number(t) == Some(3.0)).map(|(i, _)| i as u32).collect()
+        }
         None => Vec::new(),
     };
     let token_id = |key: &str| md.get(key).and_then(number).map(|v| v as u32);
 
     // The weights, under transformers' names.
-    let (heads, kv_heads) = (need("attention.head_count")?, num("attention.head_count_kv").map_or(need("attention.head_count")?, |v| v as usize));
+    let (heads, kv_heads) = (
+        need("attention.head_count")?,
+        num("attention.head_count_kv").map_or(need("attention.head_count")?, |v| v as usize),
+    );
     let hidden = need("embedding_length")?;
     // llama.cpp's head size is attention.key_length (embedding length / heads when absent).
     let head_dim = num("attention.key_length").map_or(hidden / heads.max(1), |v| v as usize);
@@ -188,7 +197,9 @@ fn hf_name(gguf: &str) -> Option<String> {
 fn unpermute(w: &Tensor, n: usize, head_dim: usize) -> Result<Tensor> {
     let (rows, cols) = w.dims2()?;
     if rows != n * head_dim {
-        return Err(candle_core::Error::Msg(format!("a projection of {rows} rows is not {n} heads of {head_dim}")).into());
+        return Err(
+            candle_core::Error::Msg(format!("a projection of {rows} rows is not {n} heads of {head_dim}")).into()
+        );
     }
     Ok(w.reshape((n, head_dim / 2, 2, cols))?.transpose(1, 2)?.contiguous()?.reshape((rows, cols))?)
 }

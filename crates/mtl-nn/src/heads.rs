@@ -55,7 +55,10 @@ pub struct HeadOutput {
 impl Head {
     pub fn new(pb: &ParamBuilder, spec: &HeadSpec, hidden: usize) -> Result<Self> {
         if spec.kind == TaskKind::Generation {
-            return Err(candle_core::Error::Msg("generation tasks have no encoder head: they need a decoder model".into()).into());
+            return Err(candle_core::Error::Msg(
+                "generation tasks have no encoder head: they need a decoder model".into(),
+            )
+            .into());
         }
         let crf = match &spec.crf {
             Some(t) => Some(Crf::new(&pb.pp("crf"), t.clone())?),

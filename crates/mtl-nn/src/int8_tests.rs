@@ -11,8 +11,14 @@ use crate::{BertConfig, HeadSpec, ModelSpec, MultiTaskModel};
 
 type TestResult = Result<(), Box<dyn std::error::Error>>;
 
-const PROJECTIONS: [&str; 6] =
-    ["attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense", "intermediate.dense", "output.dense"];
+const PROJECTIONS: [&str; 6] = [
+    "attention.self.query",
+    "attention.self.key",
+    "attention.self.value",
+    "attention.output.dense",
+    "intermediate.dense",
+    "output.dense",
+];
 
 fn tasks() -> BTreeMap<TaskId, HeadSpec> {
     BTreeMap::from([
@@ -94,9 +100,13 @@ fn int8_model_round_trips_through_its_files() -> TestResult {
     let partial: Vec<(String, Int8Matrix)> = model.bert().int8_weights().into_iter().skip(1).collect();
     let refs: Vec<(String, &Int8Matrix)> = partial.iter().map(|(n, m)| (n.clone(), m)).collect();
     crate::params::save_int8(&int8_path, &refs)?;
-    let err = MultiTaskModel::load_int8(&spec, &f32_path, &int8_path, &Device::Cpu).err().ok_or("a missing projection must fail")?;
+    let err = MultiTaskModel::load_int8(&spec, &f32_path, &int8_path, &Device::Cpu)
+        .err()
+        .ok_or("a missing projection must fail")?;
     assert!(err.to_string().contains("all six"), "{err}");
-    let err = MultiTaskModel::load(&spec, &f32_path, true, &Device::Cpu).err().ok_or("f32 load of an int8 model must fail")?;
+    let err = MultiTaskModel::load(&spec, &f32_path, true, &Device::Cpu)
+        .err()
+        .ok_or("f32 load of an int8 model must fail")?;
     assert!(err.to_string().contains("encoder.layer.0.attention.self.query.weight"), "{err}");
     Ok(())
 }
@@ -108,11 +118,18 @@ fn pruning_keeps_the_bottom_layers_exactly() -> TestResult {
     let mut pruned = build(&config, weights()?)?;
     pruned.prune_top_layers(1)?;
     assert_eq!(pruned.bert().config().num_hidden_layers, config.num_hidden_layers - 1);
-    assert!(pruned.params().vars().keys().all(|n| !n.starts_with(&format!("encoder.layer.{}.", config.num_hidden_layers - 1))));
+    assert!(pruned
+        .params()
+        .vars()
+        .keys()
+        .all(|n| !n.starts_with(&format!("encoder.layer.{}.", config.num_hidden_layers - 1))));
     let mut shallow = config.clone();
     shallow.num_hidden_layers -= 1;
     let reference = build(&shallow, weights()?)?;
-    assert_eq!(pruned.encode(&batch, Mode::Eval)?.to_vec2::<f32>()?, reference.encode(&batch, Mode::Eval)?.to_vec2::<f32>()?);
+    assert_eq!(
+        pruned.encode(&batch, Mode::Eval)?.to_vec2::<f32>()?,
+        reference.encode(&batch, Mode::Eval)?.to_vec2::<f32>()?
+    );
     assert_eq!(pruned.predict(&batch)?, reference.predict(&batch)?);
     // Pruning then quantising is the int8 model of the shallow one.
     pruned.quantize_int8()?;

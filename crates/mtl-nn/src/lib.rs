@@ -19,12 +19,12 @@ mod model;
 mod params;
 pub mod peft;
 
+pub use bert::BertInput;
 pub use bert::{Activation, Bert, BertConfig, Kernels};
-pub use decoder::DecoderModel;
 pub use crf::{viterbi, ChainScores, Crf, Transitions};
+pub use decoder::DecoderModel;
 pub use heads::{binary_cross_entropy_with_logits, Head, HeadOutput, HeadSpec, RegressionLoss};
 pub use layers::{DropoutRng, LayerNorm, Linear};
-pub use bert::BertInput;
 pub use model::{ModelSpec, MultiTaskModel, TaskLoss, TaskPrediction};
 pub use params::{ParamBuilder, ParamStore};
 pub use peft::{is_peft_param, param_adapter, LoraSpec, PeftKind, PeftSpec, Placement, Route, SHARED_ADAPTER};
@@ -46,12 +46,12 @@ pub enum NnError {
 pub type Result<T, E = NnError> = std::result::Result<T, E>;
 
 #[cfg(test)]
-mod tests;
-#[cfg(test)]
-mod peft_tests;
+mod decoder_tests;
 #[cfg(test)]
 mod int8_tests;
 #[cfg(test)]
 mod llama_tests;
 #[cfg(test)]
-mod decoder_tests;
+mod peft_tests;
+#[cfg(test)]
+mod tests;

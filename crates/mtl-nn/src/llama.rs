@@ -35,7 +35,8 @@ pub enum DecoderModule {
 }
 
 impl DecoderModule {
-    pub const ALL: [Self; 7] = [Self::QProj, Self::KProj, Self::VProj, Self::OProj, Self::GateProj, Self::UpProj, Self::DownProj];
+    pub const ALL: [Self; 7] =
+        [Self::QProj, Self::KProj, Self::VProj, Self::OProj, Self::GateProj, Self::UpProj, Self::DownProj];
 
     /// Its path inside a layer (`model.layers.N.` + this).
     pub fn path(self) -> &'static str {
@@ -153,7 +154,8 @@ impl LlamaConfig {
         if raw.attention_bias || raw.mlp_bias {
             return Err("attention_bias and mlp_bias are not supported".into());
         }
-        let rope_type = raw.rope_parameters.as_ref().and_then(|p| p.get("rope_type")).and_then(|t| t.as_str()).unwrap_or("default");
+        let rope_type =
+            raw.rope_parameters.as_ref().and_then(|p| p.get("rope_type")).and_then(|t| t.as_str()).unwrap_or("default");
         let scaled = raw.rope_scaling.as_ref().is_some_and(|s| !s.is_null());
         if rope_type != "default" || scaled {
             return Err(format!("rope scaling ({rope_type}) is not supported; only the default rotary embedding is"));
@@ -274,7 +276,8 @@ impl Llama {
     /// names them); the pretrained parameters are then frozen (constants for autograd).
     pub fn with_lora(pb: &ParamBuilder, config: &LlamaConfig, lora: Option<&DecoderLora>) -> Result<Self> {
         let (h, i) = (config.hidden_size, config.intermediate_size);
-        let (q_out, kv_out) = (config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim);
+        let (q_out, kv_out) =
+            (config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim);
         let m = pb.pp("model");
         let init = Init::Normal { std: 0.02 };
         let embed = m.pp("embed_tokens").get((config.vocab_size, h), "weight", init)?;
@@ -292,7 +295,10 @@ impl Llama {
                             DecoderModule::GateProj | DecoderModule::UpProj => (h, i),
                             DecoderModule::DownProj => (i, h),
                         };
-                        adapted.insert(module, LoraLayer::new(&l.pp(module.path()), &lora.spec, &lora.adapters, inp, out)?);
+                        adapted.insert(
+                            module,
+                            LoraLayer::new(&l.pp(module.path()), &lora.spec, &lora.adapters, inp, out)?,
+                        );
                     }
                 }
                 Ok(Layer {
@@ -310,7 +316,11 @@ impl Llama {
             })
             .collect::<Result<Vec<_>>>()?;
         let norm = m.pp("norm").get(h, "weight", Init::Ones)?;
-        let lm_head = if config.tie_word_embeddings { None } else { Some(pb.pp("lm_head").get((config.vocab_size, h), "weight", init)?) };
+        let lm_head = if config.tie_word_embeddings {
+            None
+        } else {
+            Some(pb.pp("lm_head").get((config.vocab_size, h), "weight", init)?)
+        };
         let (cos, sin) = rotary_tables(config, &pb.device())?;
         let mut model = Self { config: config.clone(), embed, layers, norm, lm_head, cos, sin, lora: lora.cloned() };
         if lora.is_some() {
@@ -319,7 +329,17 @@ impl Llama {
             model.norm = model.norm.detach();
             model.lm_head = model.lm_head.map(|t| t.detach());
             for l in &mut model.layers {
-                for t in [&mut l.input_norm, &mut l.q, &mut l.k, &mut l.v, &mut l.o, &mut l.post_norm, &mut l.gate, &mut l.up, &mut l.down] {
+                for t in [
+                    &mut l.input_norm,
+                    &mut l.q,
+                    &mut l.k,
+                    &mut l.v,
+                    &mut l.o,
+                    &mut l.post_norm,
+                    &mut l.gate,
+                    &mut l.up,
+                    &mut l.down,
+                ] {
                     *t = t.detach();
                 }
             }
@@ -342,35 +362,62 @@ impl Llama {
     /// (every row the same number of new tokens) and the cache is extended.
     pub fn forward(&self, ids: &Tensor, mask: Option<&[u32]>, cache: Option<&mut KvCache>) -> Result<Tensor> {
         match &self.lora {
-            Some(lora) if lora.adapters.len() > 1 => {
-                Err(candle_core::Error::Msg("a decoder with per-task adapters needs each example's adapter (forward_with)".into()).into())
-            }
+            Some(lora) if lora.adapters.len() > 1 => Err(candle_core::Error::Msg(
+                "a decoder with per-task adapters needs each example's adapter (forward_with)".into(),
+            )
+            .into()),
             Some(_) => {
                 let b = ids.dim(0)?;
                 let routes = [Route { adapter: 0, examples: 0..b }];
                 let off = DropoutRng::new(0.0, 0);
                 let frozen = cache.is_some();
-                self.forward_with(ids, mask, cache, Some(&LoraRun { routes: &routes, dropout: &off, mode: Mode::Eval, frozen }))
+                self.forward_with(
+                    ids,
+                    mask,
+                    cache,
+                    Some(&LoraRun { routes: &routes, dropout: &off, mode: Mode::Eval, frozen }),
+                )
             }
             None => self.forward_with(ids, mask, cache, None),
         }
     }
 
     /// [`Llama::forward`] with each example routed through its LoRA adapter, and LoRA's dropout in training.
-    pub fn forward_with(&self, ids: &Tensor, mask: Option<&[u32]>, mut cache: Option<&mut KvCache>, run: Option<&LoraRun>) -> Result<Tensor> {
+    pub fn forward_with(
+        &self,
+        ids: &Tensor,
+        mask: Option<&[u32]>,
+        mut cache: Option<&mut KvCache>,
+        run: Option<&LoraRun>,
+    ) -> Result<Tensor> {
         let (b, s) = ids.dims2()?;
         let pass = match (&self.lora, run) {
             (Some(lora), Some(run)) => {
                 check_routes(run.routes, b, lora.adapters.len())?;
-                Some(PeftPass { routes: run.routes, seq: s, scale: lora.spec.scale(), dropout_p: lora.spec.dropout, dropout: run.dropout, mode: run.mode, frozen: run.frozen })
+                Some(PeftPass {
+                    routes: run.routes,
+                    seq: s,
+                    scale: lora.spec.scale(),
+                    dropout_p: lora.spec.dropout,
+                    dropout: run.dropout,
+                    mode: run.mode,
+                    frozen: run.frozen,
+                })
             }
-            (Some(_), None) => return Err(candle_core::Error::Msg("a decoder with LoRA needs its routes".into()).into()),
+            (Some(_), None) => {
+                return Err(candle_core::Error::Msg("a decoder with LoRA needs its routes".into()).into())
+            }
             (None, _) => None,
         };
         let c = &self.config;
         let past = cache.as_ref().map_or(0, |c| c.len);
         if past + s > c.max_position_embeddings {
-            return Err(candle_core::Error::Msg(format!("{} positions exceed max_position_embeddings {}", past + s, c.max_position_embeddings)).into());
+            return Err(candle_core::Error::Msg(format!(
+                "{} positions exceed max_position_embeddings {}",
+                past + s,
+                c.max_position_embeddings
+            ))
+            .into());
         }
         if let Some(m) = mask {
             if m.len() != b * s {
@@ -383,12 +430,15 @@ impl Llama {
                 cache.real = vec![Vec::new(); b];
             }
             if cache.real.len() != b {
-                return Err(candle_core::Error::Msg(format!("{b} rows continue a cache of {}", cache.real.len())).into());
+                return Err(
+                    candle_core::Error::Msg(format!("{b} rows continue a cache of {}", cache.real.len())).into()
+                );
             }
         }
         let device = ids.device();
         let past_real = cache.as_ref().map(|c| c.real.as_slice());
-        let padded = mask.is_some_and(|m| m.contains(&0)) || past_real.is_some_and(|r| r.iter().any(|r| r.contains(&0)));
+        let padded =
+            mask.is_some_and(|m| m.contains(&0)) || past_real.is_some_and(|r| r.iter().any(|r| r.contains(&0)));
         let (cos, sin) = if padded {
             // Each row's own positions, `[b, 1, s, d]`: the count of real tokens before each token.
             let mut positions = Vec::with_capacity(b * s);
@@ -402,10 +452,14 @@ impl Llama {
             }
             let positions = Tensor::from_vec(positions, b * s, device)?;
             let d = self.config.head_dim;
-            (self.cos.index_select(&positions, 0)?.reshape((b, 1, s, d))?, self.sin.index_select(&positions, 0)?.reshape((b, 1, s, d))?)
+            (
+                self.cos.index_select(&positions, 0)?.reshape((b, 1, s, d))?,
+                self.sin.index_select(&positions, 0)?.reshape((b, 1, s, d))?,
+            )
         } else {
             let positions = Tensor::arange(past as u32, (past + s) as u32, device)?;
-            (self.cos.index_select(&positions, 0)?, self.sin.index_select(&positions, 0)?) // [s, d]
+            (self.cos.index_select(&positions, 0)?, self.sin.index_select(&positions, 0)?)
+            // [s, d]
         };
         let bias = attention_bias(b, s, past, mask, past_real, device)?; // [b, 1, s, past + s]
         let mut x = self.embed.index_select(&ids.flatten_all()?, 0)?; // [b*s, h]
@@ -522,7 +576,14 @@ fn repeat_kv(x: &Tensor, groups: usize, b: usize, kvh: usize, t: usize, d: usize
 
 /// The additive attention bias `[b, 1, s, past + s]`: 0 where query `i` (at position `past + i`) may see key
 /// `j` (causal, and a real token), a large negative number elsewhere.
-fn attention_bias(b: usize, s: usize, past: usize, mask: Option<&[u32]>, past_real: Option<&[Vec<u32>]>, device: &Device) -> Result<Tensor> {
+fn attention_bias(
+    b: usize,
+    s: usize,
+    past: usize,
+    mask: Option<&[u32]>,
+    past_real: Option<&[Vec<u32>]>,
+    device: &Device,
+) -> Result<Tensor> {
     const MASKED: f32 = -1e30;
     let t = past + s;
     let mut bias = vec![0f32; b * s * t];
@@ -547,7 +608,12 @@ fn attention_bias(b: usize, s: usize, past: usize, mask: Option<&[u32]>, past_re
 
 /// The positions that predict a labelled next token, and those tokens: for each `(out, r)` of `rows`, the
 /// positions `out * s + j` where label `r * s + j + 1` is not `ignore` (labels row-major, `s` per row).
-pub(crate) fn next_token_targets(labels: &[i64], rows: impl Iterator<Item = (usize, usize)>, s: usize, ignore: i64) -> (Vec<u32>, Vec<u32>) {
+pub(crate) fn next_token_targets(
+    labels: &[i64],
+    rows: impl Iterator<Item = (usize, usize)>,
+    s: usize,
+    ignore: i64,
+) -> (Vec<u32>, Vec<u32>) {
     let (mut positions, mut targets) = (Vec::new(), Vec::new());
     for (out, r) in rows {
         for j in 0..s.saturating_sub(1) {
@@ -566,7 +632,11 @@ pub(crate) fn next_token_targets(labels: &[i64], rows: impl Iterator<Item = (usi
 pub fn causal_lm_loss(logits: &Tensor, labels: &[i64], b: usize, s: usize, ignore: i64) -> Result<Tensor> {
     let (n, vocab) = logits.dims2()?;
     if labels.len() != b * s || n != b * s {
-        return Err(candle_core::Error::Msg(format!("{} labels and {n} logit rows for a batch of {b} × {s}", labels.len())).into());
+        return Err(candle_core::Error::Msg(format!(
+            "{} labels and {n} logit rows for a batch of {b} × {s}",
+            labels.len()
+        ))
+        .into());
     }
     if let Some(bad) = labels.iter().find(|&&l| l != ignore && !(0..vocab as i64).contains(&l)) {
         return Err(candle_core::Error::Msg(format!("label {bad} is outside the vocabulary of {vocab}")).into());

@@ -112,7 +112,11 @@ fn cached_decoding_equals_the_full_pass_and_greedy_matches_transformers() -> Tes
         let last = logits.get(logits.dim(0)? - 1)?;
         let next = last.argmax(0)?.to_scalar::<u32>()?;
         // The cached step's logits are the full pass's at the same position.
-        let full = model.logits(&model.forward(&Tensor::from_vec(tokens.clone(), (1, tokens.len()), &Device::Cpu)?, None, None)?)?;
+        let full = model.logits(&model.forward(
+            &Tensor::from_vec(tokens.clone(), (1, tokens.len()), &Device::Cpu)?,
+            None,
+            None,
+        )?)?;
         let diff = (full.get(tokens.len() - 1)? - &last)?.abs()?.max(0)?.to_scalar::<f32>()?;
         assert!(diff < 1e-5, "cached and full logits differ by {diff}");
         generated.push(next);
@@ -160,7 +164,16 @@ fn generation_stops_where_asked_streams_its_text_and_repeats_with_its_seed() -> 
     let empty = Limits { max_new_tokens: 6, stop_strings: vec![String::new()], ..Limits::default() };
     assert_eq!(generate(&model, &prompt, &Sampling::default(), &empty, letters, |_| true)?.ids, greedy);
     // Sampling: the same seed gives the same tokens, another seed (very likely) others.
-    let sample = |seed| generate(&model, &prompt, &Sampling { temperature: 1.0, top_p: Some(0.95), seed, ..Sampling::default() }, &Limits { max_new_tokens: 12, ..Limits::default() }, letters, |_| true);
+    let sample = |seed| {
+        generate(
+            &model,
+            &prompt,
+            &Sampling { temperature: 1.0, top_p: Some(0.95), seed, ..Sampling::default() },
+            &Limits { max_new_tokens: 12, ..Limits::default() },
+            letters,
+            |_| true,
+        )
+    };
     assert_eq!(sample(1)?.ids, sample(1)?.ids);
     assert_ne!(sample(1)?.ids, sample(2)?.ids);
     Ok(())
@@ -212,18 +225,33 @@ fn lora_adapters_match_peft_alone_mixed_and_in_their_gradients() -> TestResult {
     // A frozen pass (generation) gives the same values and records nothing for backward, so that its
     // activations are freed as it goes; a pass for training is recorded.
     let routes = [Route { adapter: 1, examples: 0..b }];
-    let frozen = model.forward_with(&ids, Some(&mask), None, Some(&LoraRun { routes: &routes, dropout: &off, mode: Mode::Eval, frozen: true }))?;
-    let recorded = model.forward_with(&ids, Some(&mask), None, Some(&LoraRun { routes: &routes, dropout: &off, mode: Mode::Eval, frozen: false }))?;
+    let frozen = model.forward_with(
+        &ids,
+        Some(&mask),
+        None,
+        Some(&LoraRun { routes: &routes, dropout: &off, mode: Mode::Eval, frozen: true }),
+    )?;
+    let recorded = model.forward_with(
+        &ids,
+        Some(&mask),
+        None,
+        Some(&LoraRun { routes: &routes, dropout: &off, mode: Mode::Eval, frozen: false }),
+    )?;
     assert!(!frozen.track_op() && recorded.track_op());
     assert_eq!(frozen.to_vec2::<f32>()?, recorded.to_vec2::<f32>()?);
     // Row 0 through "slots", row 1 through "intent", in one pass.
-    compare(&run_logits(&[Route { adapter: 1, examples: 0..1 }, Route { adapter: 0, examples: 1..2 }])?, &fixture["mixed"], "mixed")?;
+    compare(
+        &run_logits(&[Route { adapter: 1, examples: 0..1 }, Route { adapter: 0, examples: 1..2 }])?,
+        &fixture["mixed"],
+        "mixed",
+    )?;
 
     // The loss through "intent": its LoRA gradients as PEFT's; nothing else gets one.
     let labels: Vec<i64> = rows(&reference["labels"]).concat();
     let routes = [Route { adapter: 0, examples: 0..b }];
     let run = LoraRun { routes: &routes, dropout: &off, mode: Mode::Train, frozen: false };
-    let loss = causal_lm_loss(&model.logits(&model.forward_with(&ids, Some(&mask), None, Some(&run))?)?, &labels, b, s, -100)?;
+    let loss =
+        causal_lm_loss(&model.logits(&model.forward_with(&ids, Some(&mask), None, Some(&run))?)?, &labels, b, s, -100)?;
     let want = fixture["loss"].as_f64().ok_or("loss")?;
     assert!((f64::from(loss.to_scalar::<f32>()?) - want).abs() < 1e-4);
     let grads = loss.backward()?;

@@ -130,7 +130,13 @@ impl MultiTaskModel {
         Ok(())
     }
 
-    fn load_files(spec: &ModelSpec, weights: &Path, adapters: Option<&Path>, require_heads: bool, device: &Device) -> Result<Self> {
+    fn load_files(
+        spec: &ModelSpec,
+        weights: &Path,
+        adapters: Option<&Path>,
+        require_heads: bool,
+        device: &Device,
+    ) -> Result<Self> {
         let pb = ParamBuilder::from_safetensors(weights, spec.seed, device)?;
         if let Some(path) = adapters {
             pb.add_safetensors(path)?;
@@ -146,7 +152,10 @@ impl MultiTaskModel {
             .collect();
         if !missing.is_empty() {
             let path = adapters.filter(|_| missing.iter().all(|n| n.starts_with("heads.") || peft::is_peft_param(n)));
-            return Err(NnError::MissingTensors { path: path.unwrap_or(weights).to_owned(), names: missing.join(", ") });
+            return Err(NnError::MissingTensors {
+                path: path.unwrap_or(weights).to_owned(),
+                names: missing.join(", "),
+            });
         }
         Ok(model)
     }
@@ -257,7 +266,10 @@ impl MultiTaskModel {
         }
         let n = self.bert.peft().filter(|s| s.lora().is_some()).map_or(0, |s| s.adapters.len());
         if adapter >= n {
-            return Err(candle_core::Error::Msg(format!("no LoRA adapter {adapter} (the model has {n}); only LoRA merges")).into());
+            return Err(candle_core::Error::Msg(format!(
+                "no LoRA adapter {adapter} (the model has {n}); only LoRA merges"
+            ))
+            .into());
         }
         self.shift_base(adapter, 1.0)?;
         self.bert.set_merged(Some(adapter));
@@ -275,7 +287,8 @@ impl MultiTaskModel {
 
     fn shift_base(&self, adapter: usize, sign: f64) -> Result<()> {
         for (name, delta) in self.bert.lora_deltas(adapter)? {
-            let var = self.params.vars().get(&name).ok_or_else(|| candle_core::Error::Msg(format!("no parameter {name}")))?;
+            let var =
+                self.params.vars().get(&name).ok_or_else(|| candle_core::Error::Msg(format!("no parameter {name}")))?;
             var.set(&(var.as_tensor() + (delta * sign)?)?)?;
         }
         Ok(())
@@ -297,10 +310,13 @@ impl MultiTaskModel {
             .filter(|(n, _)| !n.starts_with("heads.") && !peft::is_peft_param(n))
             .map(|(n, v)| {
                 let t = v.as_tensor();
-                Ok((n.clone(), match deltas.get(n) {
-                    Some(d) => (t + d)?,
-                    None => t.copy()?,
-                }))
+                Ok((
+                    n.clone(),
+                    match deltas.get(n) {
+                        Some(d) => (t + d)?,
+                        None => t.copy()?,
+                    },
+                ))
             })
             .collect()
     }
@@ -453,7 +469,11 @@ impl MultiTaskModel {
     }
 
     /// The predictions of the heads whose task passes `wanted`, in evaluation mode.
-    pub fn predict_for(&self, batch: &HostBatch, wanted: impl Fn(&TaskId) -> bool) -> Result<BTreeMap<TaskId, TaskPrediction>> {
+    pub fn predict_for(
+        &self,
+        batch: &HostBatch,
+        wanted: impl Fn(&TaskId) -> bool,
+    ) -> Result<BTreeMap<TaskId, TaskPrediction>> {
         // One encoder pass for all heads, or one per task when each task has its own adapter.
         let shared = match self.per_task_peft() {
             Some(_) => None,

@@ -16,11 +16,15 @@ use crate::{NnError, Result};
 /// How a parameter absent from the loaded weights is initialised (as Hugging Face BERT initialises it).
 #[derive(Clone, Copy, Debug)]
 pub enum Init {
-    Normal { std: f64 },
+    Normal {
+        std: f64,
+    },
     Zeros,
     Ones,
     /// Uniform on `[-bound, bound]`.
-    Uniform { bound: f64 },
+    Uniform {
+        bound: f64,
+    },
 }
 
 /// Every trainable variable of a model, by checkpoint name. Iteration order is the name order.
@@ -85,13 +89,22 @@ pub fn save_int8(path: &Path, matrices: &[(String, &Int8Matrix)]) -> Result<()> 
     use safetensors::Dtype;
     let bytes: Vec<(String, Vec<u8>, Vec<u8>)> = matrices
         .iter()
-        .map(|(name, m)| (name.clone(), m.data().iter().map(|&q| q as u8).collect(), m.scales().iter().flat_map(|s| s.to_le_bytes()).collect()))
+        .map(|(name, m)| {
+            (
+                name.clone(),
+                m.data().iter().map(|&q| q as u8).collect(),
+                m.scales().iter().flat_map(|s| s.to_le_bytes()).collect(),
+            )
+        })
         .collect();
     let mut views = Vec::new();
     for ((name, data, scales), (_, m)) in bytes.iter().zip(matrices) {
         let bad = |e: safetensors::SafeTensorError| NnError::File { path: path.to_owned(), message: e.to_string() };
         views.push((name.clone(), TensorView::new(Dtype::I8, vec![m.rows(), m.cols()], data).map_err(bad)?));
-        views.push((format!("{name}{INT8_SCALE_SUFFIX}"), TensorView::new(Dtype::F32, vec![m.rows()], scales).map_err(bad)?));
+        views.push((
+            format!("{name}{INT8_SCALE_SUFFIX}"),
+            TensorView::new(Dtype::F32, vec![m.rows()], scales).map_err(bad)?,
+        ));
     }
     let meta = HashMap::from([
         ("format".to_string(), "mtl-int8".to_string()),
@@ -106,19 +119,28 @@ pub fn load_int8(path: &Path) -> Result<Vec<(String, Int8Matrix)>> {
     use safetensors::Dtype;
     let bytes = std::fs::read(path).map_err(|source| NnError::Io { path: path.to_owned(), source })?;
     let bad = |message: String| NnError::File { path: path.to_owned(), message };
-    let file = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| bad(format!("not a valid safetensors file: {e}")))?;
+    let file =
+        safetensors::SafeTensors::deserialize(&bytes).map_err(|e| bad(format!("not a valid safetensors file: {e}")))?;
     let mut out = Vec::new();
     for (name, view) in file.tensors() {
         if name.ends_with(INT8_SCALE_SUFFIX) {
             continue;
         }
         let (Dtype::I8, [rows, cols]) = (view.dtype(), view.shape()) else {
-            return Err(bad(format!("tensor `{name}`: expected a 2-D I8 weight, found {:?} {:?}", view.dtype(), view.shape())));
+            return Err(bad(format!(
+                "tensor `{name}`: expected a 2-D I8 weight, found {:?} {:?}",
+                view.dtype(),
+                view.shape()
+            )));
         };
         let scale_name = format!("{name}{INT8_SCALE_SUFFIX}");
         let scales = file.tensor(&scale_name).map_err(|_| bad(format!("tensor `{name}` has no `{scale_name}`")))?;
         if scales.dtype() != Dtype::F32 || scales.shape() != [*rows] {
-            return Err(bad(format!("tensor `{scale_name}`: expected F32 [{rows}], found {:?} {:?}", scales.dtype(), scales.shape())));
+            return Err(bad(format!(
+                "tensor `{scale_name}`: expected F32 [{rows}], found {:?} {:?}",
+                scales.dtype(),
+                scales.shape()
+            )));
         }
         let data = view.data().iter().map(|&b| b as i8).collect();
         let scales = scales.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
@@ -165,8 +187,10 @@ impl ParamBuilder {
         if !path.exists() {
             return Err(NnError::File { path: path.to_owned(), message: "no such file".into() });
         }
-        let loaded = candle_core::safetensors::load(path, device)
-            .map_err(|e| NnError::File { path: path.to_owned(), message: format!("not a valid safetensors file: {e}") })?;
+        let loaded = candle_core::safetensors::load(path, device).map_err(|e| NnError::File {
+            path: path.to_owned(),
+            message: format!("not a valid safetensors file: {e}"),
+        })?;
         let source = loaded
             .into_iter()
             .map(|(k, v)| (k.strip_prefix("bert.").map(String::from).unwrap_or(k), v))
@@ -178,12 +202,17 @@ impl ParamBuilder {
     /// Adds the tensors of another safetensors file to the weights parameters are taken from (adapters on a
     /// base model); a name in both is an error.
     pub fn add_safetensors(&self, path: &Path) -> Result<()> {
-        let loaded = candle_core::safetensors::load(path, &self.device())
-            .map_err(|e| NnError::File { path: path.to_owned(), message: format!("not a valid safetensors file: {e}") })?;
+        let loaded = candle_core::safetensors::load(path, &self.device()).map_err(|e| NnError::File {
+            path: path.to_owned(),
+            message: format!("not a valid safetensors file: {e}"),
+        })?;
         let mut inner = self.inner.borrow_mut();
         for (name, tensor) in loaded {
             if inner.source.contains_key(&name) {
-                return Err(NnError::File { path: path.to_owned(), message: format!("tensor `{name}` is in the base weights too") });
+                return Err(NnError::File {
+                    path: path.to_owned(),
+                    message: format!("tensor `{name}` is in the base weights too"),
+                });
             }
             inner.source.insert(name, tensor.to_dtype(DType::F32)?);
         }
@@ -196,7 +225,10 @@ impl ParamBuilder {
         let mut inner = self.inner.borrow_mut();
         for (name, m) in matrices {
             if inner.source.contains_key(&name) {
-                return Err(NnError::File { path: path.to_owned(), message: format!("tensor `{name}` is in the f32 weights too") });
+                return Err(NnError::File {
+                    path: path.to_owned(),
+                    message: format!("tensor `{name}` is in the f32 weights too"),
+                });
             }
             inner.int8.insert(name, m);
         }
@@ -249,7 +281,11 @@ impl ParamBuilder {
                 if t.shape() != &shape {
                     return Err(NnError::File {
                         path: "weights".into(),
-                        message: format!("tensor `{full}` has shape {:?}, the model expects {:?}", t.dims(), shape.dims()),
+                        message: format!(
+                            "tensor `{full}` has shape {:?}, the model expects {:?}",
+                            t.dims(),
+                            shape.dims()
+                        ),
                     });
                 }
                 t.copy()?

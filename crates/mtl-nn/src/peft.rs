@@ -25,7 +25,7 @@ use std::collections::BTreeMap;
 use std::ops::Range;
 
 use candle_core::Tensor;
-use mtl_core::{HostBatch, LinearModule, Mode, TaskId, Targets, IGNORE_INDEX};
+use mtl_core::{HostBatch, LinearModule, Mode, Targets, TaskId, IGNORE_INDEX};
 
 use crate::layers::DropoutRng;
 use crate::params::{Init, ParamBuilder};
@@ -93,9 +93,14 @@ impl Site {
 #[derive(Clone, Debug, PartialEq)]
 pub enum PeftKind {
     Lora(LoraSpec),
-    Bottleneck { size: usize, placement: Placement },
+    Bottleneck {
+        size: usize,
+        placement: Placement,
+    },
     /// Prefix tuning: `length` learned key and value positions before every layer's own.
-    Prefix { length: usize },
+    Prefix {
+        length: usize,
+    },
 }
 
 /// A parameter-efficient method on the encoder, with its adapters.
@@ -124,7 +129,10 @@ impl PeftSpec {
     pub fn adapter_of(&self, task: &TaskId) -> Result<usize> {
         let name = if self.per_task() { task.as_str() } else { SHARED_ADAPTER };
         self.adapters.iter().position(|a| a == name).ok_or_else(|| {
-            NnError::Candle(candle_core::Error::Msg(format!("task `{task}` has no adapter; adapters: {}", self.adapters.join(", "))))
+            NnError::Candle(candle_core::Error::Msg(format!(
+                "task `{task}` has no adapter; adapters: {}",
+                self.adapters.join(", ")
+            )))
         })
     }
 }
@@ -221,7 +229,8 @@ impl BottleneckLayer {
     /// `y` plus each example's adapter's update.
     pub(crate) fn forward(&self, y: &Tensor, pass: &PeftPass) -> Result<Tensor> {
         let delta = pass.routed(y, |adapter, ys| {
-            let a = self.adapters.get(adapter).ok_or_else(|| candle_core::Error::Msg(format!("no adapter {adapter}")))?;
+            let a =
+                self.adapters.get(adapter).ok_or_else(|| candle_core::Error::Msg(format!("no adapter {adapter}")))?;
             a.up.forward(&a.down.forward(ys)?.relu()?)
         })?;
         Ok((y + delta)?)
@@ -262,7 +271,8 @@ impl PrefixLayer {
                 .routes
                 .iter()
                 .map(|r| {
-                    let p = t.get(r.adapter).ok_or_else(|| candle_core::Error::Msg(format!("no adapter {}", r.adapter)))?;
+                    let p =
+                        t.get(r.adapter).ok_or_else(|| candle_core::Error::Msg(format!("no adapter {}", r.adapter)))?;
                     let (l, h) = p.dims2()?;
                     Ok(p.unsqueeze(0)?.broadcast_as((r.examples.len(), l, h))?)
                 })
@@ -275,7 +285,13 @@ impl PrefixLayer {
 
 impl LoraLayer {
     /// The adapters of the linear layer under `pb` (`…attention.self.query`).
-    pub(crate) fn new(pb: &ParamBuilder, spec: &LoraSpec, adapters: &[String], in_dim: usize, out_dim: usize) -> Result<Self> {
+    pub(crate) fn new(
+        pb: &ParamBuilder,
+        spec: &LoraSpec,
+        adapters: &[String],
+        in_dim: usize,
+        out_dim: usize,
+    ) -> Result<Self> {
         let bound = 1.0 / (in_dim as f64).sqrt();
         let pairs = adapters
             .iter()
@@ -298,8 +314,10 @@ impl LoraLayer {
     pub(crate) fn delta(&self, x: &Tensor, pass: &PeftPass) -> Result<Tensor> {
         pass.routed(x, |adapter, xs| {
             let xs = pass.dropout.apply_with(xs, pass.dropout_p, pass.mode)?;
-            let pair = self.pairs.get(adapter).ok_or_else(|| candle_core::Error::Msg(format!("no LoRA adapter {adapter}")))?;
-            let (a, b) = if pass.frozen { (pair.a.detach(), pair.b.detach()) } else { (pair.a.clone(), pair.b.clone()) };
+            let pair =
+                self.pairs.get(adapter).ok_or_else(|| candle_core::Error::Msg(format!("no LoRA adapter {adapter}")))?;
+            let (a, b) =
+                if pass.frozen { (pair.a.detach(), pair.b.detach()) } else { (pair.a.clone(), pair.b.clone()) };
             Ok((xs.matmul(&a.t()?)?.matmul(&b.t()?)? * pass.scale)?)
         })
     }
@@ -316,12 +334,16 @@ pub(crate) fn check_routes(routes: &[Route], batch: usize, adapters: usize) -> R
     let mut next = 0;
     for r in routes {
         if r.examples.start != next || r.examples.is_empty() || r.adapter >= adapters {
-            return Err(NnError::Candle(candle_core::Error::Msg(format!("invalid LoRA routes {routes:?} for {batch} examples and {adapters} adapters"))));
+            return Err(NnError::Candle(candle_core::Error::Msg(format!(
+                "invalid LoRA routes {routes:?} for {batch} examples and {adapters} adapters"
+            ))));
         }
         next = r.examples.end;
     }
     if next != batch {
-        return Err(NnError::Candle(candle_core::Error::Msg(format!("LoRA routes {routes:?} do not cover {batch} examples"))));
+        return Err(NnError::Candle(candle_core::Error::Msg(format!(
+            "LoRA routes {routes:?} do not cover {batch} examples"
+        ))));
     }
     Ok(())
 }
@@ -340,7 +362,9 @@ fn labels_example(targets: &Targets, b: usize, seq: usize) -> bool {
 /// new example keeps its target; the others get none.
 fn gather_targets(targets: &Targets, rows: &[usize], keep: &[bool], seq: usize) -> Targets {
     match targets {
-        Targets::Class(t) => Targets::Class(rows.iter().zip(keep).map(|(&b, &k)| if k { t[b] } else { IGNORE_INDEX }).collect()),
+        Targets::Class(t) => {
+            Targets::Class(rows.iter().zip(keep).map(|(&b, &k)| if k { t[b] } else { IGNORE_INDEX }).collect())
+        }
         Targets::Tokens(t) => Targets::Tokens(
             rows.iter()
                 .zip(keep)
@@ -377,7 +401,8 @@ pub fn route_by_task(batch: &HostBatch, spec: &PeftSpec) -> Result<(HostBatch, V
         owner.extend(std::iter::repeat_n(task, labelled.len()));
         routes.push(Route { adapter: spec.adapter_of(task)?, examples: start..rows.len() });
     }
-    let gather = |v: &[u32]| -> Vec<u32> { rows.iter().flat_map(|&b| v[b * seq..(b + 1) * seq].iter().copied()).collect() };
+    let gather =
+        |v: &[u32]| -> Vec<u32> { rows.iter().flat_map(|&b| v[b * seq..(b + 1) * seq].iter().copied()).collect() };
     let targets: BTreeMap<TaskId, Targets> = batch
         .targets
         .iter()

@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 
 use candle_core::{Device, Tensor};
-use mtl_core::{HostBatch, LinearModule, Mode, TaskId, TaskKind, Targets, IGNORE_INDEX};
+use mtl_core::{HostBatch, LinearModule, Mode, Targets, TaskId, TaskKind, IGNORE_INDEX};
 use serde_json::Value;
 
 use crate::peft::route_by_task;
@@ -52,7 +52,11 @@ fn batch(reference: &Value) -> Result<HostBatch, Box<dyn std::error::Error>> {
 fn max_diff(got: &Tensor, want: &Value) -> Result<f64, Box<dyn std::error::Error>> {
     let want: Vec<Vec<Vec<f64>>> = serde_json::from_value(want.clone())?;
     let got = got.to_vec2::<f32>()?;
-    Ok(got.iter().zip(want.iter().flatten()).flat_map(|(g, w)| g.iter().zip(w).map(|(a, b)| (f64::from(*a) - b).abs())).fold(0.0, f64::max))
+    Ok(got
+        .iter()
+        .zip(want.iter().flatten())
+        .flat_map(|(g, w)| g.iter().zip(w).map(|(a, b)| (f64::from(*a) - b).abs()))
+        .fold(0.0, f64::max))
 }
 
 /// The reference's [CLS] head, as the weights of a head `intent`.
@@ -85,7 +89,10 @@ fn loss_and_gradients_match(model: &MultiTaskModel, reference: &Value, count: us
         match norms.get(name) {
             Some(want) => {
                 let (got, want) = (f64::from(got.unwrap_or(0.0)), want.as_f64().ok_or("norm")?);
-                assert!(got > 0.0 && (got - want).abs() <= 1e-5 + 1e-3 * want, "{name}: gradient norm {got}, PyTorch {want}");
+                assert!(
+                    got > 0.0 && (got - want).abs() <= 1e-5 + 1e-3 * want,
+                    "{name}: gradient norm {got}, PyTorch {want}"
+                );
             }
             None if name.starts_with("heads.intent.") => assert!(got.is_some_and(|g| g > 0.0), "{name}: no gradient"),
             None => assert!(got.is_none(), "{name} has a gradient"),
@@ -129,7 +136,8 @@ fn each_adapter_and_a_mixed_batch_match_peft() -> TestResult {
 #[test]
 fn gradients_reach_lora_only_and_match_pytorch() -> TestResult {
     let reference = reference()?;
-    let model = model(&spec(&["intent", "slots"]), &[("intent", TaskKind::Classification, 3)], reference_head(&reference)?)?;
+    let model =
+        model(&spec(&["intent", "slots"]), &[("intent", TaskKind::Classification, 3)], reference_head(&reference)?)?;
     loss_and_gradients_match(&model, &reference, 2 * 2 * 6) // A and B of six layers in each of two blocks
 }
 
@@ -138,8 +146,12 @@ fn merging_gives_the_same_outputs_and_unmerging_restores_the_weights() -> TestRe
     let reference = reference()?;
     let mut model = model(&spec(&["default"]), &[], HashMap::new())?;
     let batch = batch(&reference)?;
-    let before: Vec<(String, Vec<f32>)> =
-        model.params().vars().iter().map(|(n, v)| Ok((n.clone(), v.as_tensor().flatten_all()?.to_vec1::<f32>()?))).collect::<Result<_, candle_core::Error>>()?;
+    let before: Vec<(String, Vec<f32>)> = model
+        .params()
+        .vars()
+        .iter()
+        .map(|(n, v)| Ok((n.clone(), v.as_tensor().flatten_all()?.to_vec1::<f32>()?)))
+        .collect::<Result<_, candle_core::Error>>()?;
     let unmerged = model.encode(&batch, Mode::Eval)?;
     model.merge_lora(0)?;
     assert!(model.merge_lora(0).is_err(), "merging twice");
@@ -187,7 +199,10 @@ fn routing_repeats_each_example_for_each_task_that_labels_it() -> TestResult {
 }
 
 /// The tiny model with the two bottleneck adapters of `bottleneck.safetensors` (Houlsby placement).
-fn bottleneck_model(tasks: &[(&str, TaskKind, usize)], extra: HashMap<String, Tensor>) -> Result<MultiTaskModel, Box<dyn std::error::Error>> {
+fn bottleneck_model(
+    tasks: &[(&str, TaskKind, usize)],
+    extra: HashMap<String, Tensor>,
+) -> Result<MultiTaskModel, Box<dyn std::error::Error>> {
     let config = BertConfig::from_file(&fixture_dir().join("config.json"))?;
     let mut weights = candle_core::safetensors::load(fixture_dir().join("model.safetensors"), &Device::Cpu)?;
     weights.extend(candle_core::safetensors::load(fixture_dir().join("bottleneck.safetensors"), &Device::Cpu)?);
@@ -223,12 +238,27 @@ fn fresh_bottleneck_adapters_start_as_the_identity() -> TestResult {
     let reference = reference()?;
     let config = BertConfig::from_file(&fixture_dir().join("config.json"))?;
     let weights = candle_core::safetensors::load(fixture_dir().join("model.safetensors"), &Device::Cpu)?;
-    let spec = PeftSpec { kind: PeftKind::Bottleneck { size: 4, placement: crate::Placement::Pfeiffer }, adapters: vec!["default".into()] };
+    let spec = PeftSpec {
+        kind: PeftKind::Bottleneck { size: 4, placement: crate::Placement::Pfeiffer },
+        adapters: vec!["default".into()],
+    };
     let tasks = BTreeMap::new();
-    let with = MultiTaskModel::build(&ModelSpec { bert: &config, tasks: &tasks, dropout: 0.0, seed: 0, peft: Some(&spec) }, weights.clone(), &Device::Cpu)?;
-    let without = MultiTaskModel::build(&ModelSpec { bert: &config, tasks: &tasks, dropout: 0.0, seed: 0, peft: None }, weights, &Device::Cpu)?;
+    let with = MultiTaskModel::build(
+        &ModelSpec { bert: &config, tasks: &tasks, dropout: 0.0, seed: 0, peft: Some(&spec) },
+        weights.clone(),
+        &Device::Cpu,
+    )?;
+    let without = MultiTaskModel::build(
+        &ModelSpec { bert: &config, tasks: &tasks, dropout: 0.0, seed: 0, peft: None },
+        weights,
+        &Device::Cpu,
+    )?;
     let batch = batch(&reference)?;
-    let d = (with.encode(&batch, Mode::Eval)? - without.encode(&batch, Mode::Eval)?)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+    let d = (with.encode(&batch, Mode::Eval)? - without.encode(&batch, Mode::Eval)?)?
+        .abs()?
+        .flatten_all()?
+        .max(0)?
+        .to_scalar::<f32>()?;
     assert!(d < 1e-5, "{d}");
     // Pfeiffer: one site per block, on the feed-forward output.
     let names: Vec<&String> = with.params().vars().keys().filter(|n| n.contains(".adapters.")).collect();
@@ -246,7 +276,11 @@ fn prefix_tuning_matches_a_pytorch_reference() -> TestResult {
     weights.extend(reference_head(&reference)?);
     let spec = PeftSpec { kind: PeftKind::Prefix { length: 3 }, adapters: vec!["intent".into(), "slots".into()] };
     let tasks = BTreeMap::from([(TaskId::new("intent")?, HeadSpec::new(TaskKind::Classification, 3))]);
-    let model = MultiTaskModel::build(&ModelSpec { bert: &config, tasks: &tasks, dropout: 0.0, seed: 0, peft: Some(&spec) }, weights, &Device::Cpu)?;
+    let model = MultiTaskModel::build(
+        &ModelSpec { bert: &config, tasks: &tasks, dropout: 0.0, seed: 0, peft: Some(&spec) },
+        weights,
+        &Device::Cpu,
+    )?;
     assert!(model.params().initialised().is_empty(), "{:?}", model.params().initialised());
     let batch = batch(&reference)?;
     for task in ["intent", "slots"] {
@@ -254,7 +288,11 @@ fn prefix_tuning_matches_a_pytorch_reference() -> TestResult {
         let d = max_diff(&hidden, &reference["hidden"][task])?;
         assert!(d < 1e-5, "{task}: max abs difference {d}");
     }
-    let routes = vec![Route { adapter: 0, examples: 0..1 }, Route { adapter: 1, examples: 1..2 }, Route { adapter: 0, examples: 2..3 }];
+    let routes = vec![
+        Route { adapter: 0, examples: 0..1 },
+        Route { adapter: 1, examples: 1..2 },
+        Route { adapter: 0, examples: 2..3 },
+    ];
     let input = BertInput {
         input_ids: Tensor::from_slice(&batch.input_ids, (batch.batch, batch.seq), &Device::Cpu)?,
         token_type_ids: Tensor::from_slice(&batch.token_type_ids, (batch.batch, batch.seq), &Device::Cpu)?,
@@ -296,9 +334,12 @@ fn fused_lora_matches_composed_path() -> TestResult {
     let seq = batch.seq;
     // Examples 0 and 2 labelled for intent, example 1 for slots: routes intent, slots in one pass.
     batch.targets.insert(TaskId::new("intent")?, Targets::Class(vec![1, IGNORE_INDEX, 0]));
-    let tags: Vec<i64> = (0..batch.batch * seq).map(|i| if i / seq == 1 && i % 2 == 0 { (i % 4) as i64 } else { IGNORE_INDEX }).collect();
+    let tags: Vec<i64> = (0..batch.batch * seq)
+        .map(|i| if i / seq == 1 && i % 2 == 0 { (i % 4) as i64 } else { IGNORE_INDEX })
+        .collect();
     batch.targets.insert(TaskId::new("slots")?, Targets::Tokens(tags));
-    let diff = |a: &Tensor, b: &Tensor| -> Result<f32, candle_core::Error> { (a - b)?.abs()?.max_all()?.to_scalar::<f32>() };
+    let diff =
+        |a: &Tensor, b: &Tensor| -> Result<f32, candle_core::Error> { (a - b)?.abs()?.max_all()?.to_scalar::<f32>() };
     let total = |m: &MultiTaskModel| -> Result<Tensor, Box<dyn std::error::Error>> {
         let losses = m.losses(&batch, Mode::Train)?;
         assert_eq!(losses.len(), 2);
@@ -315,12 +356,32 @@ fn fused_lora_matches_composed_path() -> TestResult {
                 (Some(a), Some(b)) => {
                     let scale = b.abs()?.max_all()?.to_scalar::<f32>()?;
                     assert!(scale > 0.0 || name.contains("lora_A"), "{name}: a zero gradient");
-                    assert!(diff(a, b)? <= 1e-4 * scale + 1e-7, "{name}: gradients differ by {} (scale {scale})", diff(a, b)?);
-                    assert!(!name.contains(".unused.") && (name.contains("lora_") || name.starts_with("heads.")), "{name} has a gradient");
+                    assert!(
+                        diff(a, b)? <= 1e-4 * scale + 1e-7,
+                        "{name}: gradients differ by {} (scale {scale})",
+                        diff(a, b)?
+                    );
+                    assert!(
+                        !name.contains(".unused.") && (name.contains("lora_") || name.starts_with("heads.")),
+                        "{name} has a gradient"
+                    );
                     adapted += usize::from(name.contains("lora_"));
                 }
-                (None, None) => assert!(name.contains(".unused.") || !(name.contains("lora_") || name.starts_with("heads.intent") || name.starts_with("heads.slots")), "{name}: no gradient"),
-                (a, b) => return Err(format!("{name}: a gradient on one side only (fused {}, composed {})", a.is_some(), b.is_some()).into()),
+                (None, None) => assert!(
+                    name.contains(".unused.")
+                        || !(name.contains("lora_")
+                            || name.starts_with("heads.intent")
+                            || name.starts_with("heads.slots")),
+                    "{name}: no gradient"
+                ),
+                (a, b) => {
+                    return Err(format!(
+                        "{name}: a gradient on one side only (fused {}, composed {})",
+                        a.is_some(),
+                        b.is_some()
+                    )
+                    .into())
+                }
             }
         }
         assert_eq!(adapted, 2 * 2 * 6 * 2, "A and B of six layers in each of two blocks, for two adapters");

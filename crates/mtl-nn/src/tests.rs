@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 
 use candle_core::{Device, Tensor};
-use mtl_core::{HostBatch, Mode, TaskId, TaskKind, Targets, IGNORE_INDEX};
+use mtl_core::{HostBatch, Mode, Targets, TaskId, TaskKind, IGNORE_INDEX};
 use serde_json::Value;
 
 use crate::{BertConfig, HeadSpec, Kernels, ModelSpec, MultiTaskModel, NnError};
@@ -72,7 +72,8 @@ fn hidden_states_match_transformers() -> TestResult {
 fn loss_and_gradients_match_pytorch() -> TestResult {
     let reference = reference()?;
     let config = BertConfig::from_file(&fixture_dir().join("config.json"))?;
-    let mut weights: HashMap<String, Tensor> = candle_core::safetensors::load(fixture_dir().join("model.safetensors"), &Device::Cpu)?;
+    let mut weights: HashMap<String, Tensor> =
+        candle_core::safetensors::load(fixture_dir().join("model.safetensors"), &Device::Cpu)?;
     let head = &reference["head"];
     let w: Vec<Vec<f32>> = serde_json::from_value(head["weight"].clone())?;
     let b: Vec<f32> = serde_json::from_value(head["bias"].clone())?;
@@ -80,7 +81,11 @@ fn loss_and_gradients_match_pytorch() -> TestResult {
     weights.insert("heads.cls.bias".into(), Tensor::new(b, &Device::Cpu)?);
     let task = TaskId::new("cls")?;
     let tasks = BTreeMap::from([(task.clone(), HeadSpec::new(TaskKind::Classification, 3))]);
-    let model = MultiTaskModel::build(&ModelSpec { bert: &config, tasks: &tasks, dropout: 0.0, seed: 0, peft: None }, weights, &Device::Cpu)?;
+    let model = MultiTaskModel::build(
+        &ModelSpec { bert: &config, tasks: &tasks, dropout: 0.0, seed: 0, peft: None },
+        weights,
+        &Device::Cpu,
+    )?;
     let mut batch = batch_from(&reference);
     let labels: Vec<i64> = serde_json::from_value(head["labels"].clone())?;
     batch.targets.insert(task, Targets::Class(labels));
@@ -104,7 +109,8 @@ fn loss_and_gradients_match_pytorch() -> TestResult {
 #[test]
 fn every_parameter_gets_a_gradient_in_training() -> TestResult {
     let reference = reference()?;
-    let model = tiny_model(&[("intent", TaskKind::Classification, 3), ("slots", TaskKind::TokenClassification, 5)], 0.1)?;
+    let model =
+        tiny_model(&[("intent", TaskKind::Classification, 3), ("slots", TaskKind::TokenClassification, 5)], 0.1)?;
     let mut batch = batch_from(&reference);
     batch.targets.insert(TaskId::new("intent")?, Targets::Class(vec![1, 2]));
     let mut tags = vec![IGNORE_INDEX; batch.batch * batch.seq];
@@ -271,7 +277,9 @@ fn crf_decoding_respects_constraints() -> TestResult {
         let row: Vec<u32> = row.iter().map(|t| t.expect("no truncation")).collect();
         assert!(row.windows(2).all(|w| !(w[0] == 0 && w[1] == 2)), "forbidden transition in {row:?}");
     }
-    let crate::TaskPrediction::Spans { start, .. } = &predictions[&TaskId::new("qa")?] else { panic!("spans expected") };
+    let crate::TaskPrediction::Spans { start, .. } = &predictions[&TaskId::new("qa")?] else {
+        panic!("spans expected")
+    };
     assert_eq!(start[0].len(), 5, "padding is cut off");
     Ok(())
 }
@@ -306,7 +314,8 @@ fn missing_backbone_tensors_are_reported() -> TestResult {
     candle_core::safetensors::save(&weights, &path)?;
     let err = MultiTaskModel::load(&spec, &path, false, &Device::Cpu).err().ok_or("load must fail")?;
     assert!(err.to_string().contains("encoder.layer.1.output.dense.weight"), "{err}");
-    let err = MultiTaskModel::load(&spec, &dir.join("nope.safetensors"), false, &Device::Cpu).err().ok_or("must fail")?;
+    let err =
+        MultiTaskModel::load(&spec, &dir.join("nope.safetensors"), false, &Device::Cpu).err().ok_or("must fail")?;
     assert!(err.to_string().contains("nope.safetensors"), "{err}");
     std::fs::remove_dir_all(&dir)?;
     Ok(())
@@ -327,10 +336,12 @@ fn fused_encoder_matches_composed_path() -> TestResult {
     batch.word_starts.push(vec![]);
     batch.batch += 1;
     batch.targets.insert(TaskId::new("intent")?, Targets::Class(vec![1, 2, 0]));
-    let tags: Vec<i64> = (0..batch.batch * seq).map(|i| if i % 3 == 0 { IGNORE_INDEX } else { (i % 5) as i64 }).collect();
+    let tags: Vec<i64> =
+        (0..batch.batch * seq).map(|i| if i % 3 == 0 { IGNORE_INDEX } else { (i % 5) as i64 }).collect();
     batch.targets.insert(TaskId::new("slots")?, Targets::Tokens(tags));
     let tasks = [("intent", TaskKind::Classification, 3), ("slots", TaskKind::TokenClassification, 5)];
-    let diff = |a: &Tensor, b: &Tensor| -> Result<f32, candle_core::Error> { (a - b)?.abs()?.max_all()?.to_scalar::<f32>() };
+    let diff =
+        |a: &Tensor, b: &Tensor| -> Result<f32, candle_core::Error> { (a - b)?.abs()?.max_all()?.to_scalar::<f32>() };
     for dropout in [0.0, 0.1] {
         let fused = tiny_model(&tasks, dropout)?;
         let mut composed = tiny_model(&tasks, dropout)?;
@@ -348,9 +359,16 @@ fn fused_encoder_matches_composed_path() -> TestResult {
         let (ga, gb) = (fused.backward(&la)?, composed.backward(&lb)?);
         for (name, var) in fused.params().vars() {
             let other = &composed.params().vars()[name];
-            let (a, b) = (ga.get(var.as_tensor()).ok_or(format!("{name}: no fused gradient"))?, gb.get(other.as_tensor()).ok_or(format!("{name}: no gradient"))?);
+            let (a, b) = (
+                ga.get(var.as_tensor()).ok_or(format!("{name}: no fused gradient"))?,
+                gb.get(other.as_tensor()).ok_or(format!("{name}: no gradient"))?,
+            );
             let scale = b.abs()?.max_all()?.to_scalar::<f32>()?;
-            assert!(diff(a, b)? <= 1e-4 * scale + 1e-7, "{name}: gradients differ by {} (scale {scale}, dropout {dropout})", diff(a, b)?);
+            assert!(
+                diff(a, b)? <= 1e-4 * scale + 1e-7,
+                "{name}: gradients differ by {} (scale {scale}, dropout {dropout})",
+                diff(a, b)?
+            );
         }
     }
     Ok(())
@@ -363,13 +381,17 @@ fn other_activations_fall_back_to_the_composed_path() -> TestResult {
     let batch = batch_from(&reference);
     let mut config = BertConfig::from_file(&fixture_dir().join("config.json"))?;
     config.hidden_act = crate::bert::Activation::GeluNew;
-    let weights: HashMap<String, Tensor> = candle_core::safetensors::load(fixture_dir().join("model.safetensors"), &Device::Cpu)?;
+    let weights: HashMap<String, Tensor> =
+        candle_core::safetensors::load(fixture_dir().join("model.safetensors"), &Device::Cpu)?;
     let tasks = BTreeMap::new();
     let spec = ModelSpec { bert: &config, tasks: &tasks, dropout: 0.0, seed: 0, peft: None };
     let fused = MultiTaskModel::build(&spec, weights.clone(), &Device::Cpu)?;
     let mut composed = MultiTaskModel::build(&spec, weights, &Device::Cpu)?;
     composed.set_kernels(Kernels::Composed);
-    assert_eq!(fused.encode(&batch, Mode::Eval)?.to_vec2::<f32>()?, composed.encode(&batch, Mode::Eval)?.to_vec2::<f32>()?);
+    assert_eq!(
+        fused.encode(&batch, Mode::Eval)?.to_vec2::<f32>()?,
+        composed.encode(&batch, Mode::Eval)?.to_vec2::<f32>()?
+    );
     Ok(())
 }
 
@@ -382,7 +404,15 @@ mod fused_encoder_properties {
 
     /// A random tiny BERT with freshly initialised weights.
     #[allow(clippy::too_many_arguments)]
-    fn random_model(layers: usize, heads: usize, head_dim: usize, intermediate: usize, dropout: f32, seed: u64, peft: Option<&PeftSpec>) -> Result<MultiTaskModel, NnError> {
+    fn random_model(
+        layers: usize,
+        heads: usize,
+        head_dim: usize,
+        intermediate: usize,
+        dropout: f32,
+        seed: u64,
+        peft: Option<&PeftSpec>,
+    ) -> Result<MultiTaskModel, NnError> {
         let config = BertConfig {
             vocab_size: 23,
             hidden_size: heads * head_dim,
@@ -401,7 +431,11 @@ mod fused_encoder_properties {
             (TaskId::new("tags").expect("valid"), HeadSpec::new(TaskKind::TokenClassification, 3)),
             (TaskId::new("more").expect("valid"), HeadSpec::new(TaskKind::TokenClassification, 3)),
         ]);
-        let model = MultiTaskModel::build(&ModelSpec { bert: &config, tasks: &tasks, dropout, seed, peft }, HashMap::new(), &Device::Cpu)?;
+        let model = MultiTaskModel::build(
+            &ModelSpec { bert: &config, tasks: &tasks, dropout, seed, peft },
+            HashMap::new(),
+            &Device::Cpu,
+        )?;
         // BERT's initialisation (std 0.02) leaves attention almost uniform (and LoRA's B starts at zero), where the
         // key gradient nearly vanishes and an error in it would go unseen: use weights large enough for peaked
         // attention.
@@ -418,29 +452,54 @@ mod fused_encoder_properties {
     /// With `lora` (rank, sites as bits of `LinearModule::ALL`), per-task adapters for the two tasks, whose
     /// examples the batch mixes.
     #[allow(clippy::too_many_arguments)]
-    fn check(batch: usize, seq: usize, layers: usize, heads: usize, head_dim: usize, intermediate: usize, dropout: f32, seed: u64, lora: Option<(usize, u8)>) -> TestResult {
+    fn check(
+        batch: usize,
+        seq: usize,
+        layers: usize,
+        heads: usize,
+        head_dim: usize,
+        intermediate: usize,
+        dropout: f32,
+        seed: u64,
+        lora: Option<(usize, u8)>,
+    ) -> TestResult {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
         let mut mask: Vec<u32> = (0..batch * seq).map(|_| u32::from(rng.gen_bool(0.8))).collect();
         if rng.gen_bool(0.5) {
             let b = rng.gen_range(0..batch);
             mask[b * seq..(b + 1) * seq].fill(0); // a fully padded example
         }
-        let labels: Vec<i64> = (0..batch * seq).map(|_| if rng.gen_bool(0.2) { IGNORE_INDEX } else { rng.gen_range(0..3) }).collect();
+        let labels: Vec<i64> =
+            (0..batch * seq).map(|_| if rng.gen_bool(0.2) { IGNORE_INDEX } else { rng.gen_range(0..3) }).collect();
         let mut targets = BTreeMap::from([(TaskId::new("tags")?, Targets::Tokens(labels.clone()))]);
         let peft = lora.map(|(r, sites)| PeftSpec {
             kind: PeftKind::Lora(LoraSpec {
                 r,
                 alpha: 2.0 * r as f64,
                 dropout,
-                targets: LinearModule::ALL.iter().enumerate().filter(|(i, _)| sites & (1 << i) != 0).map(|(_, m)| *m).collect(),
+                targets: LinearModule::ALL
+                    .iter()
+                    .enumerate()
+                    .filter(|(i, _)| sites & (1 << i) != 0)
+                    .map(|(_, m)| *m)
+                    .collect(),
             }),
             adapters: vec!["tags".into(), "more".into()],
         });
         if peft.is_some() {
             // Each example labelled for one of the two tasks (or, one time in four, both).
             let owner: Vec<u8> = (0..batch).map(|_| rng.gen_range(0..4)).collect();
-            let keep = |task: u8| -> Vec<i64> { labels.iter().enumerate().map(|(i, &l)| if owner[i / seq] == task || owner[i / seq] == 3 { l } else { IGNORE_INDEX }).collect() };
-            targets = BTreeMap::from([(TaskId::new("tags")?, Targets::Tokens(keep(0))), (TaskId::new("more")?, Targets::Tokens(keep(1)))]);
+            let keep = |task: u8| -> Vec<i64> {
+                labels
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &l)| if owner[i / seq] == task || owner[i / seq] == 3 { l } else { IGNORE_INDEX })
+                    .collect()
+            };
+            targets = BTreeMap::from([
+                (TaskId::new("tags")?, Targets::Tokens(keep(0))),
+                (TaskId::new("more")?, Targets::Tokens(keep(1))),
+            ]);
         }
         let hb = HostBatch {
             batch,
@@ -454,7 +513,9 @@ mod fused_encoder_properties {
         let fused = random_model(layers, heads, head_dim, intermediate, dropout, seed, peft.as_ref())?;
         let mut composed = random_model(layers, heads, head_dim, intermediate, dropout, seed, peft.as_ref())?;
         composed.set_kernels(Kernels::Composed);
-        let diff = |a: &Tensor, b: &Tensor| -> Result<f32, candle_core::Error> { (a - b)?.abs()?.max_all()?.to_scalar::<f32>() };
+        let diff = |a: &Tensor, b: &Tensor| -> Result<f32, candle_core::Error> {
+            (a - b)?.abs()?.max_all()?.to_scalar::<f32>()
+        };
         if peft.is_none() {
             let (a, b) = (fused.encode(&hb, Mode::Train)?, composed.encode(&hb, Mode::Train)?);
             if diff(&a, &b)? > 1e-4 {

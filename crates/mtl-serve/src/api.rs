@@ -102,10 +102,20 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let (status, kind, message) = match self {
             Self::Validation(m) => (StatusCode::UNPROCESSABLE_ENTITY, "validation", m),
-            Self::UnknownTask(t) => (StatusCode::NOT_FOUND, "unknown_task", format!("no task `{t}`; GET /v1/tasks lists them")),
-            Self::QueueFull => (StatusCode::TOO_MANY_REQUESTS, "queue_full", "the server is at capacity; retry later".into()),
-            Self::Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized", "a valid API key is needed: Authorization: Bearer KEY".into()),
-            Self::Timeout => (StatusCode::SERVICE_UNAVAILABLE, "timeout", "no answer within the request timeout".into()),
+            Self::UnknownTask(t) => {
+                (StatusCode::NOT_FOUND, "unknown_task", format!("no task `{t}`; GET /v1/tasks lists them"))
+            }
+            Self::QueueFull => {
+                (StatusCode::TOO_MANY_REQUESTS, "queue_full", "the server is at capacity; retry later".into())
+            }
+            Self::Unauthorized => (
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "a valid API key is needed: Authorization: Bearer KEY".into(),
+            ),
+            Self::Timeout => {
+                (StatusCode::SERVICE_UNAVAILABLE, "timeout", "no answer within the request timeout".into())
+            }
             Self::Internal(m) => (StatusCode::INTERNAL_SERVER_ERROR, "internal", m),
         };
         let mut response = (status, Json(json!({"error": {"kind": kind, "message": message}}))).into_response();
@@ -150,7 +160,8 @@ pub fn router<E: Engine>(engine: E, settings: Settings) -> Router {
 
 /// Counts every answered request by endpoint and status, and every error by kind.
 async fn count<E: Engine>(State(state): State<Arc<AppState<E>>>, request: Request, next: Next) -> Response {
-    let endpoint = request.extensions().get::<MatchedPath>().map_or_else(|| "other".to_string(), |p| p.as_str().to_string());
+    let endpoint =
+        request.extensions().get::<MatchedPath>().map_or_else(|| "other".to_string(), |p| p.as_str().to_string());
     let response = next.run(request).await;
     let status = response.status();
     state.metrics.request(&endpoint, status.as_u16());
@@ -183,7 +194,11 @@ async fn authenticate<E: Engine>(State(state): State<Arc<AppState<E>>>, request:
 /// (`Authorization: Bearer KEY`).
 pub(crate) fn key_accepted(settings: &Settings, request: &Request) -> bool {
     let Some(keys) = &settings.api_keys else { return true };
-    let given = request.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+    let given = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
     request.uri().path() == "/health" || given.is_some_and(|k| keys.contains(k))
 }
 
@@ -222,7 +237,12 @@ fn parse<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, ApiError> {
 /// A predict request's body checked against the model's tasks and the limits: its inputs and the tasks to
 /// run on them. `path_task` is the task of `/v1/tasks/{task}/predict`; `None` for `/v1/predict`. Everything
 /// a client sends passes through here before any model work, so it is what the fuzz target drives.
-pub fn check_request(body: &[u8], path_task: Option<&str>, tasks: &[crate::TaskDescription], settings: &Settings) -> Result<(Vec<RequestInput>, Vec<String>), ApiError> {
+pub fn check_request(
+    body: &[u8],
+    path_task: Option<&str>,
+    tasks: &[crate::TaskDescription],
+    settings: &Settings,
+) -> Result<(Vec<RequestInput>, Vec<String>), ApiError> {
     let known = |t: &str| tasks.iter().any(|d| d.name == t);
     let (inputs, wanted) = match path_task {
         Some(task) => {
@@ -235,7 +255,9 @@ pub fn check_request(body: &[u8], path_task: Option<&str>, tasks: &[crate::TaskD
         None => {
             let body: PredictBody = parse(body)?;
             let wanted = match body.tasks {
-                Some(t) if t.is_empty() => return Err(ApiError::Validation("`tasks` is empty; leave it out for every task".into())),
+                Some(t) if t.is_empty() => {
+                    return Err(ApiError::Validation("`tasks` is empty; leave it out for every task".into()))
+                }
                 Some(t) => t,
                 None => tasks.iter().map(|t| t.name.clone()).collect(),
             };
@@ -249,7 +271,11 @@ pub fn check_request(body: &[u8], path_task: Option<&str>, tasks: &[crate::TaskD
         return Err(ApiError::Validation("`inputs` is empty".into()));
     }
     if inputs.len() > settings.max_inputs {
-        return Err(ApiError::Validation(format!("{} inputs; at most {} per request", inputs.len(), settings.max_inputs)));
+        return Err(ApiError::Validation(format!(
+            "{} inputs; at most {} per request",
+            inputs.len(),
+            settings.max_inputs
+        )));
     }
     let max = settings.max_input_chars;
     for (i, input) in inputs.iter().enumerate() {
@@ -281,7 +307,11 @@ async fn predict_task<E: Engine>(
 }
 
 /// Tokenises checked inputs, queues them for the model thread and waits for the answer.
-async fn run<E: Engine>(state: &Arc<AppState<E>>, inputs: Vec<RequestInput>, tasks: Vec<String>) -> Result<Json<Value>, ApiError> {
+async fn run<E: Engine>(
+    state: &Arc<AppState<E>>,
+    inputs: Vec<RequestInput>,
+    tasks: Vec<String>,
+) -> Result<Json<Value>, ApiError> {
     let started = std::time::Instant::now();
     // Tokenisation on the blocking pool, off the async workers.
     let engine = state.engine.clone();

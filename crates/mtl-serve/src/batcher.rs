@@ -122,7 +122,8 @@ fn run<E: Engine>(
             continue;
         }
         let items: Vec<&E::Item> = jobs.iter().flat_map(|j| j.items.iter().map(|i| &i.0)).collect();
-        let tasks: Vec<&BTreeSet<String>> = jobs.iter().flat_map(|j| std::iter::repeat_n(&j.tasks, j.items.len())).collect();
+        let tasks: Vec<&BTreeSet<String>> =
+            jobs.iter().flat_map(|j| std::iter::repeat_n(&j.tasks, j.items.len())).collect();
         batches.fetch_add(1, Ordering::SeqCst);
         metrics.batch(items.len());
         // A panic in the model answers this batch with an error; the thread serves on.

@@ -129,7 +129,8 @@ pub fn generation_router<G: Generator>(generator: G, settings: Settings) -> Rout
         .spawn(move || {
             for job in receiver {
                 let updates = job.updates;
-                let result = generator.generate(&job.request, &mut |piece| updates.send(Update::Piece(piece.to_string())).is_ok());
+                let result = generator
+                    .generate(&job.request, &mut |piece| updates.send(Update::Piece(piece.to_string())).is_ok());
                 let _ = updates.send(Update::Done(result));
             }
         })
@@ -202,13 +203,17 @@ fn start(state: &GenState, body: &[u8]) -> Result<(GenerateRequest, mpsc::Unboun
     match state.jobs.try_send(Job { request: request.clone(), updates: sender }) {
         Ok(()) => Ok((request, receiver)),
         Err(std::sync::mpsc::TrySendError::Full(_)) => Err(ApiError::QueueFull),
-        Err(std::sync::mpsc::TrySendError::Disconnected(_)) => Err(ApiError::Internal("the model thread stopped".into())),
+        Err(std::sync::mpsc::TrySendError::Disconnected(_)) => {
+            Err(ApiError::Internal("the model thread stopped".into()))
+        }
     }
 }
 
 /// The updates of one generation as server-sent events: `data: {"text": PIECE}` per piece, then an event
 /// `done` with the whole answer (or `error`). Dropping the stream (the client left) cancels the generation.
-fn async_stream(updates: mpsc::UnboundedReceiver<Update>) -> impl futures_util::Stream<Item = Result<Event, Infallible>> {
+fn async_stream(
+    updates: mpsc::UnboundedReceiver<Update>,
+) -> impl futures_util::Stream<Item = Result<Event, Infallible>> {
     futures_util::stream::unfold(Some(updates), |state| async move {
         let mut updates = state?;
         let event = match updates.recv().await {
@@ -264,7 +269,11 @@ mod tests {
         if let Some(k) = key {
             request = request.header("authorization", format!("Bearer {k}"));
         }
-        let response = app.clone().oneshot(request.body(axum::body::Body::from(body.to_string())).expect("request")).await.expect("answer");
+        let response = app
+            .clone()
+            .oneshot(request.body(axum::body::Body::from(body.to_string())).expect("request"))
+            .await
+            .expect("answer");
         let status = response.status();
         let bytes = response.into_body().collect().await.expect("body").to_bytes();
         (status, String::from_utf8_lossy(&bytes).into_owned())
@@ -284,7 +293,14 @@ mod tests {
         assert_eq!(data[..3], [r#"{"text":"one "}"#, r#"{"text":"two "}"#, r#"{"text":"three "}"#]);
         assert!(body.contains("event: done") && data[3].contains("\"stop_reason\":\"max_new_tokens\""), "{body}");
 
-        for bad in [json!({"prompt": " "}), json!({"prompt": "x", "max_new_tokens": 0}), json!({"prompt": "x", "top_p": 1.5}), json!({"prompt": "x", "temperature": -1.0}), json!({"prompt": "x", "bogus": 1}), json!({"prompt": "x", "stop": [""]})] {
+        for bad in [
+            json!({"prompt": " "}),
+            json!({"prompt": "x", "max_new_tokens": 0}),
+            json!({"prompt": "x", "top_p": 1.5}),
+            json!({"prompt": "x", "temperature": -1.0}),
+            json!({"prompt": "x", "bogus": 1}),
+            json!({"prompt": "x", "stop": [""]}),
+        ] {
             let (status, body) = post(&app, bad.clone(), None).await;
             assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{bad}: {body}");
             assert!(body.contains("\"kind\":\"validation\""), "{body}");
@@ -301,12 +317,23 @@ mod tests {
         let request = Request::get("/openapi.json").body(axum::body::Body::empty()).expect("request");
         let response = app.oneshot(request).await.expect("answer");
         assert_eq!(response.status(), StatusCode::OK);
-        let doc: Value = serde_json::from_slice(&response.into_body().collect().await.expect("body").to_bytes()).expect("json");
+        let doc: Value =
+            serde_json::from_slice(&response.into_body().collect().await.expect("body").to_bytes()).expect("json");
         assert_eq!(doc["openapi"], "3.1.0");
         let fields = doc["components"]["schemas"]["GenerateRequest"]["properties"].as_object().expect("properties");
         // Every field the route accepts is described, and no other (the route denies unknown fields).
         let described: Vec<&str> = fields.keys().map(String::as_str).collect();
-        let accepted = GenerateRequest { prompt: "p".into(), chat: false, max_new_tokens: 1, temperature: 0.0, top_k: Some(1), top_p: Some(1.0), seed: 0, stop: vec!["s".into()], stream: false };
+        let accepted = GenerateRequest {
+            prompt: "p".into(),
+            chat: false,
+            max_new_tokens: 1,
+            temperature: 0.0,
+            top_k: Some(1),
+            top_p: Some(1.0),
+            seed: 0,
+            stop: vec!["s".into()],
+            stream: false,
+        };
         let sent = serde_json::to_value(&accepted).expect("json");
         let mut sent: Vec<&str> = sent.as_object().expect("object").keys().map(String::as_str).collect();
         sent.sort_unstable();

@@ -55,7 +55,11 @@ pub trait Engine: Send + Sync + 'static {
 
     /// Predictions for a batch: for each item, the tasks asked of it, answered as JSON per task. One call
     /// may mix items of different requests and different tasks.
-    fn predict(&self, items: &[&Self::Item], tasks: &[&BTreeSet<String>]) -> Result<Vec<BTreeMap<String, serde_json::Value>>, String>;
+    fn predict(
+        &self,
+        items: &[&Self::Item],
+        tasks: &[&BTreeSet<String>],
+    ) -> Result<Vec<BTreeMap<String, serde_json::Value>>, String>;
 }
 
 #[cfg(test)]

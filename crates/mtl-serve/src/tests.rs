@@ -92,7 +92,13 @@ impl Engine for Fake {
     }
 }
 
-async fn call(app: &Router, method: &str, uri: &str, body: Option<Value>, key: Option<&str>) -> (StatusCode, Value, Option<String>) {
+async fn call(
+    app: &Router,
+    method: &str,
+    uri: &str,
+    body: Option<Value>,
+    key: Option<&str>,
+) -> (StatusCode, Value, Option<String>) {
     let mut request = Request::builder().method(method).uri(uri);
     if let Some(k) = key {
         request = request.header("authorization", format!("Bearer {k}"));
@@ -119,7 +125,8 @@ async fn endpoints_answer() {
             {"name": "topic", "kind": "classification", "labels": ["a", "b"]}
         ]})
     );
-    let inputs = json!(["a good film", {"text": "dull", "text_pair": "very"}, {"words": ["so", "good"]}, {"text": "bad"}]);
+    let inputs =
+        json!(["a good film", {"text": "dull", "text_pair": "very"}, {"words": ["so", "good"]}, {"text": "bad"}]);
     let (status, body, _) = call(&app, "POST", "/v1/predict", Some(json!({"inputs": inputs})), None).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(
@@ -131,7 +138,8 @@ async fn endpoints_answer() {
             {"sentiment": {"label": "neg"}, "topic": {"label": "a"}}
         ]})
     );
-    let (_, body, _) = call(&app, "POST", "/v1/predict", Some(json!({"inputs": ["good"], "tasks": ["topic"]})), None).await;
+    let (_, body, _) =
+        call(&app, "POST", "/v1/predict", Some(json!({"inputs": ["good"], "tasks": ["topic"]})), None).await;
     assert_eq!(body, json!({"predictions": [{"topic": {"label": "a"}}]}));
     let (_, body, _) = call(&app, "POST", "/v1/tasks/sentiment/predict", Some(json!({"inputs": ["good"]})), None).await;
     assert_eq!(body, json!({"predictions": [{"sentiment": {"label": "pos"}}]}));
@@ -182,7 +190,8 @@ async fn every_error_has_its_status_and_kind() {
     let request = Request::builder().method("POST").uri("/v1/predict").body(Body::from("{oops")).expect("request");
     let response = app.clone().oneshot(request).await.expect("response");
     assert_eq!(response.status(), StatusCode::UNPROCESSABLE_ENTITY);
-    let (_, answer, _) = call(&app, "POST", "/v1/predict", Some(json!({"inputs": [{"question": "q", "context": "c"}]})), None).await;
+    let (_, answer, _) =
+        call(&app, "POST", "/v1/predict", Some(json!({"inputs": [{"question": "q", "context": "c"}]})), None).await;
     assert_eq!(answer["error"]["message"], "input 0: this model answers no questions");
 }
 
@@ -194,7 +203,10 @@ async fn api_keys_guard_everything_but_health() {
     let (status, body, _) = call(&app, "GET", "/v1/tasks", None, None).await;
     assert_eq!((status, body["error"]["kind"].clone()), (StatusCode::UNAUTHORIZED, json!("unauthorized")));
     assert_eq!(call(&app, "GET", "/v1/tasks", None, Some("wrong")).await.0, StatusCode::UNAUTHORIZED);
-    assert_eq!(call(&app, "POST", "/v1/predict", Some(json!({"inputs": ["x"]})), Some("wrong")).await.0, StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        call(&app, "POST", "/v1/predict", Some(json!({"inputs": ["x"]})), Some("wrong")).await.0,
+        StatusCode::UNAUTHORIZED
+    );
     assert_eq!(call(&app, "GET", "/v1/tasks", None, Some("s3cret")).await.0, StatusCode::OK);
 }
 
@@ -263,7 +275,8 @@ async fn a_panicking_model_fails_its_batch_and_serves_on() {
     let (status, body, _) = call(&app, "POST", "/v1/predict", Some(json!({"inputs": ["panic"]})), None).await;
     assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR, "{body}");
     assert_eq!(body["error"]["kind"], "internal");
-    let (status, body, _) = call(&app, "POST", "/v1/predict", Some(json!({"inputs": ["good"], "tasks": ["sentiment"]})), None).await;
+    let (status, body, _) =
+        call(&app, "POST", "/v1/predict", Some(json!({"inputs": ["good"], "tasks": ["sentiment"]})), None).await;
     assert_eq!((status, body), (StatusCode::OK, json!({"predictions": [{"sentiment": {"label": "pos"}}]})));
 }
 
@@ -277,7 +290,8 @@ async fn metrics_count_requests_errors_batches_and_latency() {
     let response = app.clone().oneshot(request).await.expect("response");
     assert_eq!(response.status(), StatusCode::OK);
     assert_eq!(response.headers()["content-type"], "text/plain; version=0.0.4");
-    let text = String::from_utf8(response.into_body().collect().await.expect("body").to_bytes().to_vec()).expect("utf-8");
+    let text =
+        String::from_utf8(response.into_body().collect().await.expect("body").to_bytes().to_vec()).expect("utf-8");
     for line in [
         "mtl_requests_total{endpoint=\"/v1/predict\",status=\"200\"} 1",
         "mtl_requests_total{endpoint=\"/v1/predict\",status=\"422\"} 1",
@@ -312,8 +326,14 @@ async fn the_openapi_document_describes_every_route() {
         let body = (method == "POST").then(|| json!({"inputs": ["x"]}));
         assert_ne!(call(&app, method, &concrete, body, Some("k")).await.0, StatusCode::NOT_FOUND, "{path}");
     }
-    assert_eq!(doc["paths"]["/v1/tasks/{task}/predict"]["post"]["parameters"][0]["schema"]["enum"], json!(["sentiment", "topic"]));
-    assert_eq!(doc["paths"]["/v1/predict"]["post"]["responses"]["429"]["content"]["application/json"]["schema"]["$ref"], "#/components/schemas/Error");
+    assert_eq!(
+        doc["paths"]["/v1/tasks/{task}/predict"]["post"]["parameters"][0]["schema"]["enum"],
+        json!(["sentiment", "topic"])
+    );
+    assert_eq!(
+        doc["paths"]["/v1/predict"]["post"]["responses"]["429"]["content"]["application/json"]["schema"]["$ref"],
+        "#/components/schemas/Error"
+    );
     assert_eq!(doc["security"], json!([{"apiKey": []}]));
     // Every `$ref` points at a schema the document has.
     let text = doc.to_string();

@@ -63,7 +63,10 @@ pub struct TaskInfo<'a> {
 impl TaskInfo<'_> {
     pub fn shapes(&self) -> BTreeMap<TaskId, (TaskKind, usize)> {
         // The tasks with labels here (a server may ask for some of the model's tasks only).
-        self.labels.iter().filter_map(|(t, m)| self.config.tasks.get(t).map(|c| (t.clone(), (c.kind, m.len())))).collect()
+        self.labels
+            .iter()
+            .filter_map(|(t, m)| self.config.tasks.get(t).map(|c| (t.clone(), (c.kind, m.len()))))
+            .collect()
     }
 
     /// The decision threshold of each label of a multi-label task.
@@ -211,7 +214,9 @@ pub fn score(data: &Dataset, predictions: &[BTreeMap<TaskId, Prediction>], info:
                 let (gold, pred): (Vec<&str>, Vec<&str>) = pairs()
                     .filter_map(|(_, g, p)| match (g, p) {
                         (Label::Class(g), Prediction::Class { id, .. }) => Some((map.label(*g), map.label(*id))),
-                        (Label::Class(g), Prediction::Generated(text)) => Some((map.label(*g), generated_label(tc, map, text))),
+                        (Label::Class(g), Prediction::Generated(text)) => {
+                            Some((map.label(*g), generated_label(tc, map, text)))
+                        }
                         _ => None,
                     })
                     .unzip();
@@ -232,7 +237,9 @@ pub fn score(data: &Dataset, predictions: &[BTreeMap<TaskId, Prediction>], info:
                 let (gold, pred): (Vec<Vec<u32>>, Vec<Vec<u32>>) = pairs()
                     .filter_map(|(_, g, p)| match (g, p) {
                         (Label::Multi(g), Prediction::Labels { ids, .. }) => Some((g.clone(), ids.clone())),
-                        (Label::Multi(g), Prediction::Generated(text)) => Some((g.clone(), labels_from_text(tc, map.labels(), text))),
+                        (Label::Multi(g), Prediction::Generated(text)) => {
+                            Some((g.clone(), labels_from_text(tc, map.labels(), text)))
+                        }
                         _ => None,
                     })
                     .unzip();
@@ -292,7 +299,9 @@ pub fn score(data: &Dataset, predictions: &[BTreeMap<TaskId, Prediction>], info:
                 // A decoder's `type=value` lines, scored as pairs against the gold spans.
                 let (gold, pred): (Vec<_>, Vec<_>) = pairs()
                     .filter_map(|(ex, g, p)| match (g, p) {
-                        (Label::Tags(g), Prediction::Generated(text)) => Some((gold_pairs(ex, g, map), parse_pairs(text))),
+                        (Label::Tags(g), Prediction::Generated(text)) => {
+                            Some((gold_pairs(ex, g, map), parse_pairs(text)))
+                        }
                         _ => None,
                     })
                     .unzip();
@@ -433,7 +442,9 @@ fn gold_pairs(ex: &Example, tags: &[u32], map: &LabelMap) -> Vec<(String, String
 
 fn is_correct(ex: &Example, task: &TaskId, info: &TaskInfo, pred: Option<&Prediction>) -> bool {
     let gold = &ex.labels[task];
-    if let (Some(Prediction::Generated(text)), Some(map), Some(tc)) = (pred, info.labels.get(task), info.config.tasks.get(task)) {
+    if let (Some(Prediction::Generated(text)), Some(map), Some(tc)) =
+        (pred, info.labels.get(task), info.config.tasks.get(task))
+    {
         return match gold {
             Label::Class(g) => generated_label(tc, map, text) == map.label(*g),
             Label::Tags(g) => {
@@ -481,7 +492,8 @@ pub fn selection_score(scores: &Scores, select: Option<&str>, config: &Config) -
         let (mut sum, mut total) = (0.0, 0.0);
         for (task, metrics) in weights {
             for (metric, weight) in metrics {
-                let (Some(w), Some(v)) = (weight.weight(), scores.get(task.as_str()).and_then(|m| m.get(metric))) else {
+                let (Some(w), Some(v)) = (weight.weight(), scores.get(task.as_str()).and_then(|m| m.get(metric)))
+                else {
                     continue;
                 };
                 if !v.is_finite() {
@@ -592,8 +604,12 @@ mod tests {
     #[test]
     fn generated_answers_are_scored_by_each_kind_s_metric() {
         let mut text = String::from("[model]\npath = \"m\"\n[training]\nepochs = 1\nlr = 1e-4\n");
-        for (name, kind) in [("g", "generation"), ("m", "multi_label"), ("r", "regression"), ("q", "question_answering")] {
-            text.push_str(&format!("[tasks.{name}]\nkind = \"{kind}\"\nprompt = \"{{text}}\"\ndata = {{ train = \"{name}.jsonl\" }}\n"));
+        for (name, kind) in
+            [("g", "generation"), ("m", "multi_label"), ("r", "regression"), ("q", "question_answering")]
+        {
+            text.push_str(&format!(
+                "[tasks.{name}]\nkind = \"{kind}\"\nprompt = \"{{text}}\"\ndata = {{ train = \"{name}.jsonl\" }}\n"
+            ));
         }
         let config = Config::parse(&text, std::path::Path::new("t.toml"), &[]).expect("valid");
         let id = |t: &str| TaskId::new(t).expect("valid");
@@ -616,7 +632,8 @@ mod tests {
             ("q", texts(&[""]), "Unanswerable"),
             ("q", texts(&["1815"]), "in 1815\nbecause"),
         ];
-        let examples: Vec<Example> = rows.iter().enumerate().map(|(i, (t, l, _))| example(t, l.clone(), i + 1)).collect();
+        let examples: Vec<Example> =
+            rows.iter().enumerate().map(|(i, (t, l, _))| example(t, l.clone(), i + 1)).collect();
         let predictions: Vec<BTreeMap<TaskId, Prediction>> =
             rows.iter().map(|(t, _, p)| BTreeMap::from([(id(t), Prediction::Generated(p.to_string()))])).collect();
         let data = Dataset { examples, truncated: 0 };

@@ -49,7 +49,10 @@ impl Part {
 pub fn param_group(name: &str, config: &Config, num_layers: usize) -> crate::ParamGroup {
     let t = &config.training;
     // BERT's `LayerNorm`, Llama's RMSNorms (`input_layernorm`, `model.norm`).
-    let no_decay = name.ends_with(".bias") || name.contains("LayerNorm") || name.contains("layernorm") || name.ends_with("norm.weight");
+    let no_decay = name.ends_with(".bias")
+        || name.contains("LayerNorm")
+        || name.contains("layernorm")
+        || name.ends_with("norm.weight");
     let depth_below_top = |part: Part| match part {
         Part::Layer(i) | Part::TaskAdapter(i) => num_layers.saturating_sub(i + 1),
         _ => num_layers,

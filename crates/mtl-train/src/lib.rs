@@ -21,7 +21,8 @@ pub mod weighting;
 use std::path::PathBuf;
 
 pub use evaluate::{
-    main_metric, predict_examples, score, selection_score, task_score, tune_thresholds, Evaluation, Prediction, Scores, TaskInfo,
+    main_metric, predict_examples, score, selection_score, task_score, tune_thresholds, Evaluation, Prediction, Scores,
+    TaskInfo,
 };
 pub use model::{Collation, TextTasks, TrainModel};
 pub use optim::{AdamW, AdamWConfig, AdamWState, ParamGroup, StepInfo};

@@ -47,7 +47,12 @@ pub trait TrainModel {
     /// The gradient of `loss` with respect to every trained variable.
     fn backward(&self, loss: &Tensor) -> Result<GradStore>;
     /// Predictions of every task of `info` that each example has (or, for encoders, every task), in order.
-    fn predict(&self, examples: &[&Example], info: &TaskInfo, batch_size: usize) -> Result<Vec<BTreeMap<TaskId, Prediction>>>;
+    fn predict(
+        &self,
+        examples: &[&Example],
+        info: &TaskInfo,
+        batch_size: usize,
+    ) -> Result<Vec<BTreeMap<TaskId, Prediction>>>;
 }
 
 impl TrainModel for MultiTaskModel {
@@ -75,7 +80,12 @@ impl TrainModel for MultiTaskModel {
     fn backward(&self, loss: &Tensor) -> Result<GradStore> {
         Ok(MultiTaskModel::backward(self, loss)?)
     }
-    fn predict(&self, examples: &[&Example], info: &TaskInfo, batch_size: usize) -> Result<Vec<BTreeMap<TaskId, Prediction>>> {
+    fn predict(
+        &self,
+        examples: &[&Example],
+        info: &TaskInfo,
+        batch_size: usize,
+    ) -> Result<Vec<BTreeMap<TaskId, Prediction>>> {
         predict_examples(self, examples, info, batch_size)
     }
 }
@@ -102,7 +112,8 @@ impl TextTasks {
             }
         }
         for (task, members) in groups {
-            let prompts: Vec<&[u32]> = members.iter().map(|&i| mtl_data::prompt::prompt_ids(&examples[i].encoded)).collect();
+            let prompts: Vec<&[u32]> =
+                members.iter().map(|&i| mtl_data::prompt::prompt_ids(&examples[i].encoded)).collect();
             for (i, text) in members.into_iter().zip(self.answer(task, &prompts, batch_size)?) {
                 out[i].insert(task.clone(), text);
             }
@@ -153,7 +164,12 @@ impl TrainModel for TextTasks {
     fn backward(&self, loss: &Tensor) -> Result<GradStore> {
         Ok(self.model.backward(loss)?)
     }
-    fn predict(&self, examples: &[&Example], _info: &TaskInfo, batch_size: usize) -> Result<Vec<BTreeMap<TaskId, Prediction>>> {
+    fn predict(
+        &self,
+        examples: &[&Example],
+        _info: &TaskInfo,
+        batch_size: usize,
+    ) -> Result<Vec<BTreeMap<TaskId, Prediction>>> {
         Ok(self
             .answers(examples, batch_size)?
             .into_iter()

@@ -103,7 +103,11 @@ impl AdamW {
             match state.moments.get(name) {
                 None => return Err(invalid(format!("no moments for parameter `{name}`"))),
                 Some((m, v)) if m.len() != slot.m.len() || v.len() != slot.v.len() => {
-                    return Err(invalid(format!("`{name}`: moments of {} values, the parameter has {}", m.len(), slot.m.len())))
+                    return Err(invalid(format!(
+                        "`{name}`: moments of {} values, the parameter has {}",
+                        m.len(),
+                        slot.m.len()
+                    )))
                 }
                 Some(_) => {}
             }
@@ -179,8 +183,10 @@ pub(crate) fn sum_of_squares(t: &Tensor) -> Result<f64> {
     if let (Storage::Cpu(CpuStorage::F32(data)), Some((start, end))) = (&*storage, layout.contiguous_offsets()) {
         // Per-chunk sums are collected in order and added sequentially, so the result does not depend on
         // how the threads split the work.
-        let partial: Vec<f64> =
-            data[start..end].par_chunks(1 << 14).map(|c| c.iter().map(|&x| f64::from(x) * f64::from(x)).sum()).collect();
+        let partial: Vec<f64> = data[start..end]
+            .par_chunks(1 << 14)
+            .map(|c| c.iter().map(|&x| f64::from(x) * f64::from(x)).sum())
+            .collect();
         return Ok(partial.iter().sum());
     }
     drop(storage);
@@ -204,7 +210,13 @@ impl InplaceOp2 for FusedAdamW {
         "fused-adamw"
     }
 
-    fn cpu_fwd(&self, dst: &mut CpuStorage, dst_l: &Layout, grad: &CpuStorage, grad_l: &Layout) -> candle_core::Result<()> {
+    fn cpu_fwd(
+        &self,
+        dst: &mut CpuStorage,
+        dst_l: &Layout,
+        grad: &CpuStorage,
+        grad_l: &Layout,
+    ) -> candle_core::Result<()> {
         let (CpuStorage::F32(p), CpuStorage::F32(g)) = (dst, grad) else {
             candle_core::bail!("fused-adamw: only f32 parameters are supported")
         };
@@ -305,7 +317,10 @@ mod tests {
         let p = Var::new(&[1f32], &Device::Cpu)?;
         let q = Var::new(&[2f32], &Device::Cpu)?;
         let group = ParamGroup { lr: 0.1, weight_decay: 0.0 };
-        let mut opt = AdamW::new([("p".to_string(), p.clone(), group), ("q".to_string(), q.clone(), group)], AdamWConfig::default());
+        let mut opt = AdamW::new(
+            [("p".to_string(), p.clone(), group), ("q".to_string(), q.clone(), group)],
+            AdamWConfig::default(),
+        );
         let g = |v: f32| Tensor::new(&[v], &Device::Cpu);
         opt.step(&BTreeMap::from([("p".to_string(), g(0.5)?)]), 1.0, None)?;
         opt.step(&BTreeMap::from([("p".to_string(), g(0.3)?), ("q".to_string(), g(0.4)?)]), 1.0, None)?;
@@ -318,7 +333,10 @@ mod tests {
     #[test]
     fn clipping_scales_to_max_norm() -> Result<()> {
         let p = Var::new(&[0f32, 0.0], &Device::Cpu)?;
-        let mut opt = AdamW::new([("p".to_string(), p.clone(), ParamGroup { lr: 0.1, weight_decay: 0.0 })], AdamWConfig::default());
+        let mut opt = AdamW::new(
+            [("p".to_string(), p.clone(), ParamGroup { lr: 0.1, weight_decay: 0.0 })],
+            AdamWConfig::default(),
+        );
         let loss = (p.as_tensor() * Tensor::new(&[3f32, 4.0], &Device::Cpu)?)?.sum_all()?;
         let info = opt.step(&grad_of(&loss, &p)?, 1.0, Some(1.0))?;
         assert!((info.grad_norm - 5.0).abs() < 1e-6 && info.applied);

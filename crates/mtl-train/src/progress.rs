@@ -43,17 +43,10 @@ impl Callback for ProgressCallback {
     }
 
     fn on_eval(&mut self, r: &EvalReport) -> Control {
-        let parts: Vec<String> = r
-            .scores
-            .iter()
-            .flat_map(|(group, m)| m.iter().map(move |(k, v)| format!("{group}.{k}={v:.4}")))
-            .collect();
-        let line = format!(
-            "epoch {} dev: {}{}",
-            r.epoch,
-            parts.join(" "),
-            if r.is_best { " (best so far)" } else { "" }
-        );
+        let parts: Vec<String> =
+            r.scores.iter().flat_map(|(group, m)| m.iter().map(move |(k, v)| format!("{group}.{k}={v:.4}"))).collect();
+        let line =
+            format!("epoch {} dev: {}{}", r.epoch, parts.join(" "), if r.is_best { " (best so far)" } else { "" });
         match &self.bar {
             Some(bar) if !bar.is_hidden() => bar.println(line),
             _ => tracing::info!("{line}"),

@@ -208,7 +208,9 @@ pub fn load_latest(out: &Path) -> Result<(TrainState, TrainTensors)> {
     let names: Vec<String> = moments.keys().filter_map(|k| k.strip_prefix("m.").map(str::to_string)).collect();
     for name in names {
         let m = moments.remove(&format!("m.{name}")).expect("listed above");
-        let v = moments.remove(&format!("v.{name}")).ok_or_else(|| invalid(&dir.join(OPTIMIZER), format!("no v.{name}")))?;
+        let v = moments
+            .remove(&format!("v.{name}"))
+            .ok_or_else(|| invalid(&dir.join(OPTIMIZER), format!("no v.{name}")))?;
         tensors.moments.insert(name, (m.to_vec1::<f32>()?, v.to_vec1::<f32>()?));
     }
     if dir.join(BEST).is_file() {
@@ -217,7 +219,9 @@ pub fn load_latest(out: &Path) -> Result<(TrainState, TrainTensors)> {
     tensors.heads = load_tensors(&dir.join(HEADS))?;
     if dir.join(PER_TASK).is_dir() {
         for task in state.per_task.keys() {
-            tensors.per_task.insert(task.clone(), load_tensors(&dir.join(PER_TASK).join(format!("{task}.safetensors")))?);
+            tensors
+                .per_task
+                .insert(task.clone(), load_tensors(&dir.join(PER_TASK).join(format!("{task}.safetensors")))?);
         }
     }
     Ok((state, tensors))

@@ -81,7 +81,8 @@ pub fn batch_grads(model: &dyn TrainModel, batch: &HostBatch, plan: &GradientPla
     let vars = plan.vars;
     let terms = plan.weighting.terms(&named_losses)?;
     if !per_task || terms.len() < 2 {
-        let total = terms.into_iter().reduce(|a, b| (a + b).expect("scalar terms add; this is a bug")).expect("non-empty");
+        let total =
+            terms.into_iter().reduce(|a, b| (a + b).expect("scalar terms add; this is a bug")).expect("non-empty");
         let grads = named(&model.backward(&total)?, vars);
         let norms = per_task.then(|| {
             let n = top_layer_norm(&grads, plan.num_layers);
@@ -150,9 +151,10 @@ fn combine_tasks(
     let slices: Vec<Vec<&[f32]>> = hosts.iter().map(|h| h.iter().map(HostSlice::get).collect()).collect();
     let segments: Vec<&[&[f32]]> = slices.iter().map(Vec::as_slice).collect();
     let gram = (plan.surgery.is_some() || plan.diagnose).then(|| crate::surgery::gram(&segments));
-    let cosines = gram.as_ref().filter(|_| plan.diagnose).map(|g| {
-        cosine_similarities(g).into_iter().map(|(i, j, c)| (tasks[i].clone(), tasks[j].clone(), c)).collect()
-    });
+    let cosines = gram
+        .as_ref()
+        .filter(|_| plan.diagnose)
+        .map(|g| cosine_similarities(g).into_iter().map(|(i, j, c)| (tasks[i].clone(), tasks[j].clone(), c)).collect());
     let coefficients = match (plan.surgery, &gram) {
         (Some(surgery), Some(gram)) if tasks.len() > 1 => surgery.coefficients(gram, plan.step),
         _ => vec![1.0; tasks.len()],

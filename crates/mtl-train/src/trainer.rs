@@ -7,9 +7,7 @@ use mtl_config::{Config, StepPlan};
 use mtl_core::{HostBatch, TaskId, TaskKind};
 use mtl_data::{epoch_batches, Batching, Dataset, Example, LabelMap};
 
-use crate::evaluate::{
-    score, selection_score, task_score, tune_thresholds, Evaluation, Prediction, Scores, TaskInfo,
-};
+use crate::evaluate::{score, selection_score, task_score, tune_thresholds, Evaluation, Prediction, Scores, TaskInfo};
 use crate::groups::{is_frozen, param_group, Part};
 use crate::model::TrainModel;
 use crate::optim::{AdamW, AdamWConfig};
@@ -123,7 +121,11 @@ type Batch = (Vec<usize>, Option<TaskId>);
 
 /// The progress of training at `epoch` (from 1) as the samplers see it: 0 at the first epoch, 1 at the last.
 fn progress(epoch: usize, epochs: usize) -> f64 {
-    if epochs > 1 { (epoch - 1) as f64 / (epochs - 1) as f64 } else { 0.0 }
+    if epochs > 1 {
+        (epoch - 1) as f64 / (epochs - 1) as f64
+    } else {
+        0.0
+    }
 }
 
 /// The task sampler of a config over the training examples of each task.
@@ -131,7 +133,8 @@ fn task_sampler(train: &Dataset, config: &Config) -> Box<dyn sampling::TaskSampl
     let t = &config.training;
     let sizes: Vec<usize> =
         config.tasks.keys().map(|task| train.examples.iter().filter(|e| e.labels.contains_key(task)).count()).collect();
-    let weights: Vec<f64> = config.tasks.keys().map(|task| t.sampling.weights.get(task).copied().unwrap_or(0.0)).collect();
+    let weights: Vec<f64> =
+        config.tasks.keys().map(|task| t.sampling.weights.get(task).copied().unwrap_or(0.0)).collect();
     sampling::sampler(&t.sampling, &sizes, weights)
 }
 
@@ -164,7 +167,10 @@ fn sampled_epochs(train: &Dataset, lengths: &[usize], batching: &Batching, confi
     let pass = |k: usize, epoch: usize, round: usize| -> Vec<Vec<usize>> {
         let own: Vec<usize> = members[k].iter().map(|&i| lengths[i]).collect();
         let seed = t.seed ^ ((k as u64 + 1) << 40) ^ ((round as u64) << 20);
-        epoch_batches(&own, batching, seed, epoch).into_iter().map(|b| b.iter().map(|&j| members[k][j]).collect()).collect()
+        epoch_batches(&own, batching, seed, epoch)
+            .into_iter()
+            .map(|b| b.iter().map(|&j| members[k][j]).collect())
+            .collect()
     };
     let mut step = 0;
     (1..=t.epochs)
@@ -314,7 +320,12 @@ impl Selection {
             .iter()
             .map(|(task, b)| {
                 let prefix = format!("heads.{task}.");
-                let head = tensors.heads.iter().filter(|(n, _)| n.starts_with(&prefix)).map(|(n, t)| (n.clone(), t.clone())).collect();
+                let head = tensors
+                    .heads
+                    .iter()
+                    .filter(|(n, _)| n.starts_with(&prefix))
+                    .map(|(n, t)| (n.clone(), t.clone()))
+                    .collect();
                 let model = tensors.per_task.remove(task);
                 let score = b.score.unwrap_or(f64::NEG_INFINITY);
                 (task.clone(), TaskBest { epoch: b.epoch, step: b.step, score, head, model })
@@ -434,10 +445,10 @@ impl Trainer<'_> {
                 param_steps: state.param_steps.clone(),
             })?;
             weighting.load_state(&state.weighting)?;
-            let position = state.dropout_position.parse::<u128>().map_err(|e| TrainError::Invalid {
-                path: out.to_owned(),
-                message: format!("dropout_position: {e}"),
-            })?;
+            let position = state
+                .dropout_position
+                .parse::<u128>()
+                .map_err(|e| TrainError::Invalid { path: out.to_owned(), message: format!("dropout_position: {e}") })?;
             self.model.dropout().set_position(position);
             selection = Selection::restore(&state, tensors)?;
             (step, skipped, start_epoch, resume_batch) = (state.step, state.skipped, state.epoch, state.next_batch);
@@ -448,7 +459,15 @@ impl Trainer<'_> {
         for cb in callbacks.iter_mut() {
             cb.on_train_start(total_steps, steps_per_epoch, resumed);
         }
-        let save = |step: usize, epoch: usize, next_batch: usize, skipped: usize, reports: usize, optimizer: &AdamW, weighting: &dyn weighting::LossWeighting, selection: &Selection| -> Result<()> {
+        let save = |step: usize,
+                    epoch: usize,
+                    next_batch: usize,
+                    skipped: usize,
+                    reports: usize,
+                    optimizer: &AdamW,
+                    weighting: &dyn weighting::LossWeighting,
+                    selection: &Selection|
+         -> Result<()> {
             let Some(out) = self.checkpoints else { return Ok(()) };
             let moments = optimizer.state();
             let state = resume::TrainState {
@@ -475,7 +494,14 @@ impl Trainer<'_> {
                     .per_task
                     .iter()
                     .map(|(t, b)| {
-                        (t.clone(), resume::TaskBestState { epoch: b.epoch, step: b.step, score: b.score.is_finite().then_some(b.score) })
+                        (
+                            t.clone(),
+                            resume::TaskBestState {
+                                epoch: b.epoch,
+                                step: b.step,
+                                score: b.score.is_finite().then_some(b.score),
+                            },
+                        )
                     })
                     .collect(),
                 config: self.config.to_toml(),
@@ -596,7 +622,9 @@ impl Trainer<'_> {
                     }
                     reports += 1;
                     if let (Some(every), Some(dev)) = (t.eval_every, &splits.dev) {
-                        if step % every == 0 && self.record(dev, epoch, step, &mut selection, &mut reports, callbacks)? {
+                        if step % every == 0
+                            && self.record(dev, epoch, step, &mut selection, &mut reports, callbacks)?
+                        {
                             return Ok(true);
                         }
                     }
@@ -613,7 +641,9 @@ impl Trainer<'_> {
                 break;
             }
             if let Some(dev) = &splits.dev {
-                if selection.last_step != Some(step) && self.record(dev, epoch, step, &mut selection, &mut reports, callbacks)? {
+                if selection.last_step != Some(step)
+                    && self.record(dev, epoch, step, &mut selection, &mut reports, callbacks)?
+                {
                     stopped_early = epoch < t.epochs;
                     break;
                 }
@@ -791,7 +821,12 @@ mod tests {
         Example {
             location: Location { path: "x".into(), line: i + 1 },
             input: Input::Text(String::new()),
-            encoded: Encoded { ids: vec![1; 3 + i % 7], type_ids: vec![0; 3 + i % 7], word_starts: Vec::new(), truncated: false },
+            encoded: Encoded {
+                ids: vec![1; 3 + i % 7],
+                type_ids: vec![0; 3 + i % 7],
+                word_starts: Vec::new(),
+                truncated: false,
+            },
             labels: tasks.iter().map(|t| (TaskId::new(*t).expect("valid"), Label::Class(0))).collect(),
             qa: None,
         }

@@ -104,7 +104,9 @@ pub fn add_task(model_dir: &Path, config_path: &Path, out: &Path, overrides: &[S
     for (name, var) in old.model.params().vars() {
         let now = model.params().vars()[name].as_tensor().flatten_all()?.to_vec1::<f32>()?;
         if now != var.as_tensor().flatten_all()?.to_vec1::<f32>()? {
-            return Err(Error::Usage(format!("parameter `{name}` of the old model changed while adding tasks; this is a bug")));
+            return Err(Error::Usage(format!(
+                "parameter `{name}` of the old model changed while adding tasks; this is a bug"
+            )));
         }
     }
 

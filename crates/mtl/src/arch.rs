@@ -71,8 +71,10 @@ pub fn gguf_file(path: &Path) -> Result<Option<PathBuf>> {
         return Err(Error::Missing { path: path.to_owned(), what: "model" });
     }
     let entries = std::fs::read_dir(path).map_err(Error::io(path))?;
-    let mut files: Vec<PathBuf> =
-        entries.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.extension().is_some_and(|e| e == "gguf")).collect();
+    let mut files: Vec<PathBuf> = entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "gguf"))
+        .collect();
     files.sort();
     match files.len() {
         0 => Ok(None),

@@ -172,12 +172,14 @@ fn write_task(dir: &Path, loaded: &Loaded, task: &TaskId, base_config: &Value, m
         TaskKind::Classification | TaskKind::MultiLabel | TaskKind::Regression => {
             let eye = (Tensor::eye(hidden, candle_core::DType::F32, &Device::Cpu)? * POOLER_EPS)?;
             tensors.insert("bert.pooler.dense.weight".into(), eye);
-            tensors.insert("bert.pooler.dense.bias".into(), Tensor::zeros(hidden, candle_core::DType::F32, &Device::Cpu)?);
+            tensors
+                .insert("bert.pooler.dense.bias".into(), Tensor::zeros(hidden, candle_core::DType::F32, &Device::Cpu)?);
             let (mut weight, mut bias) = ((weight / POOLER_EPS)?, bias);
             // Regression heads were trained on standardised targets: y = mean + std · (W x + b).
             if let (TaskKind::Regression, Some(scale)) = (head.kind(), &map.scale) {
                 let n = scale.std.len();
-                let std = Tensor::from_vec(scale.std.iter().map(|&s| s as f32).collect::<Vec<_>>(), (n, 1), &Device::Cpu)?;
+                let std =
+                    Tensor::from_vec(scale.std.iter().map(|&s| s as f32).collect::<Vec<_>>(), (n, 1), &Device::Cpu)?;
                 let mean = Tensor::from_vec(scale.mean.iter().map(|&m| m as f32).collect::<Vec<_>>(), n, &Device::Cpu)?;
                 weight = weight.broadcast_mul(&std)?;
                 bias = ((bias * std.squeeze(1)?)? + mean)?;
@@ -203,8 +205,10 @@ fn write_task(dir: &Path, loaded: &Loaded, task: &TaskId, base_config: &Value, m
     let mut config = base_config.clone();
     config["architectures"] = json!([architecture]);
     if !ids.is_empty() {
-        config["id2label"] = ids.iter().enumerate().map(|(i, l)| (i.to_string(), json!(l))).collect::<serde_json::Map<_, _>>().into();
-        config["label2id"] = ids.iter().enumerate().map(|(i, l)| (l.clone(), json!(i))).collect::<serde_json::Map<_, _>>().into();
+        config["id2label"] =
+            ids.iter().enumerate().map(|(i, l)| (i.to_string(), json!(l))).collect::<serde_json::Map<_, _>>().into();
+        config["label2id"] =
+            ids.iter().enumerate().map(|(i, l)| (l.clone(), json!(i))).collect::<serde_json::Map<_, _>>().into();
     }
     if let Some(p) = problem_type {
         config["problem_type"] = json!(p);

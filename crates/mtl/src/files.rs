@@ -126,8 +126,7 @@ fn write_files(dir: &Path, run_dir: &Path, model: &MultiTaskModel, files: &Check
     // The base model's config.json, with the model's own depth (`mtl prune` drops layers).
     let config_path = base.join(MODEL_CONFIG);
     let text = std::fs::read_to_string(&config_path).map_err(io_err(&config_path))?;
-    let mut bert: serde_json::Value =
-        serde_json::from_str(&text).map_err(Error::invalid(&config_path))?;
+    let mut bert: serde_json::Value = serde_json::from_str(&text).map_err(Error::invalid(&config_path))?;
     bert["num_hidden_layers"] = model.bert().config().num_hidden_layers.into();
     std::fs::write(dir.join(MODEL_CONFIG), serde_json::to_string_pretty(&bert).expect("json; this is a bug"))
         .map_err(io_err(&dir.join(MODEL_CONFIG)))?;
@@ -145,7 +144,8 @@ fn write_files(dir: &Path, run_dir: &Path, model: &MultiTaskModel, files: &Check
         let heads = dir.join(HEADS);
         std::fs::create_dir(&heads).map_err(io_err(&heads))?;
         for (name, tensors) in files.heads {
-            let tensors: std::collections::HashMap<&str, Tensor> = tensors.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
+            let tensors: std::collections::HashMap<&str, Tensor> =
+                tensors.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
             candle_core::safetensors::save(&tensors, heads.join(format!("{name}.safetensors")))?;
         }
     }
@@ -162,8 +162,7 @@ pub fn read_meta(dir: &Path) -> Result<(Config, BTreeMap<TaskId, LabelMap>)> {
     config.model.path = dir.to_owned();
     let labels_path = dir.join(LABELS);
     let text = std::fs::read_to_string(&labels_path).map_err(io_err(&labels_path))?;
-    let labels: BTreeMap<TaskId, LabelMap> = serde_json::from_str(&text)
-        .map_err(Error::invalid(&labels_path))?;
+    let labels: BTreeMap<TaskId, LabelMap> = serde_json::from_str(&text).map_err(Error::invalid(&labels_path))?;
     for task in config.tasks.keys() {
         if !labels.contains_key(task) {
             return Err(Error::Invalid { path: labels_path, message: format!("no labels for task `{task}`") });

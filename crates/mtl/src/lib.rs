@@ -53,11 +53,11 @@ pub use run::{Capabilities, Operation, PredictOptions, Run};
 pub use train::{train, BaselineRow, Baselines, Select, TrainOptions, TrainReport, Training};
 
 pub use mtl_config::{Config, ServeConfig, ServeOverrides};
+pub use mtl_data::{Input, Location};
 pub use mtl_metrics::format_report;
+pub use mtl_nn::generate::Sampling;
 /// How the allocator keeps or returns freed pages (binaries set it at start-up).
 pub use mtl_train::alloc;
-pub use mtl_data::{Input, Location};
-pub use mtl_nn::generate::Sampling;
 pub use mtl_train::{Evaluation, Scores};
 
 /// A decoder for free generation: a base model (a GGUF file, a directory with one, or a Llama directory), or a
@@ -68,7 +68,9 @@ pub fn open_decoder(path: &Path) -> Result<Decoder> {
         run.require(Operation::Generate)?;
         return match run.loaded {
             run::Loaded::Decoder(d) => Ok(d.into_decoder()),
-            run::Loaded::Encoder(_) => Err(Error::Unsupported { run: path.to_owned(), message: "not a decoder".into() }),
+            run::Loaded::Encoder(_) => {
+                Err(Error::Unsupported { run: path.to_owned(), message: "not a decoder".into() })
+            }
         };
     }
     if !Architecture::detect(path)?.is_decoder() {

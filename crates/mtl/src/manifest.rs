@@ -170,7 +170,8 @@ impl RunManifest {
         let meta_path = dir.join(LEGACY_BASE);
         if meta_path.exists() {
             let meta: serde_json::Value = read_json(&meta_path)?;
-            let missing = |field: &str| Error::Invalid { path: meta_path.clone(), message: format!("field `{field}`: missing") };
+            let missing =
+                |field: &str| Error::Invalid { path: meta_path.clone(), message: format!("field `{field}`: missing") };
             let path = PathBuf::from(meta["path"].as_str().ok_or_else(|| missing("path"))?);
             let crc = meta["weights_crc32"].as_u64().ok_or_else(|| missing("weights_crc32"))?;
             let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
@@ -178,8 +179,9 @@ impl RunManifest {
             manifest.base = Some(BaseRef { path, name, sha256: String::new(), legacy_crc32: Some(crc as u32) });
             if meta["decoder"] == serde_json::json!(true) {
                 manifest.architecture = Architecture::Llama;
-                manifest.max_new_tokens = serde_json::from_value(meta["max_new_tokens"].clone())
-                    .map_err(|e| Error::Invalid { path: meta_path.clone(), message: format!("field `max_new_tokens`: {e}") })?;
+                manifest.max_new_tokens = serde_json::from_value(meta["max_new_tokens"].clone()).map_err(|e| {
+                    Error::Invalid { path: meta_path.clone(), message: format!("field `max_new_tokens`: {e}") }
+                })?;
             }
         }
         Ok(manifest)
@@ -266,7 +268,12 @@ mod tests {
             architecture: Architecture::Llama,
             weights: WeightLayout::Adapters,
             tasks: vec![TaskId::new("intent").expect("valid")],
-            base: Some(BaseRef { path: "../m.gguf".into(), name: "m.gguf".into(), sha256: "ab".into(), legacy_crc32: None }),
+            base: Some(BaseRef {
+                path: "../m.gguf".into(),
+                name: "m.gguf".into(),
+                sha256: "ab".into(),
+                legacy_crc32: None,
+            }),
             max_new_tokens: [(TaskId::new("intent").expect("valid"), 12)].into(),
         };
         m.write(dir.path())?;

@@ -107,13 +107,17 @@ impl PredictionRecord {
 pub(crate) fn task_prediction(p: &Prediction, words: &[String], map: &LabelMap, full: bool) -> TaskPrediction {
     let round = |x: f32| if full { f64::from(x) } else { (f64::from(x) * 1e4).round() / 1e4 };
     match p {
-        Prediction::Class { id, score } => TaskPrediction::Class { label: map.label(*id).to_string(), score: round(*score) },
+        Prediction::Class { id, score } => {
+            TaskPrediction::Class { label: map.label(*id).to_string(), score: round(*score) }
+        }
         Prediction::Labels { ids, probs } => TaskPrediction::Labels {
             labels: ids.iter().map(|&i| map.label(i).to_string()).collect(),
             scores: map.labels().iter().zip(probs).map(|(l, p)| (l.clone(), round(*p))).collect(),
         },
         Prediction::Values(v) if v.len() == 1 => TaskPrediction::Value { value: v[0] },
-        Prediction::Values(v) => TaskPrediction::Values { values: map.labels().iter().cloned().zip(v.iter().copied()).collect() },
+        Prediction::Values(v) => {
+            TaskPrediction::Values { values: map.labels().iter().cloned().zip(v.iter().copied()).collect() }
+        }
         Prediction::Tags(tags) => TaskPrediction::Tags {
             entities: None,
             tags: tags.iter().map(|t| t.map_or("O", |t| map.label(t)).to_string()).collect(),
@@ -155,8 +159,8 @@ pub(crate) fn encoder_examples(
     let qa = run.config.tasks.values().find(|t| t.kind == TaskKind::QuestionAnswering);
     if let (Input::Question { question, context }, Some(task)) = (input, qa) {
         let encoder = &run.encoder;
-        let windows = encoder
-            .question_windows(question, context, task.max_query_len, task.doc_stride(encoder.max_len()))?;
+        let windows =
+            encoder.question_windows(question, context, task.max_query_len, task.doc_stride(encoder.max_len()))?;
         let shared = Arc::new(mtl_data::Question { group, context: context.clone(), answers: Vec::new() });
         return Ok(windows
             .into_iter()
@@ -181,7 +185,11 @@ pub(crate) fn encoder_examples(
 }
 
 /// An encoder's records for `inputs`.
-pub(crate) fn encoder(run: &EncoderRun, inputs: &[(Location, Input)], options: &PredictOptions) -> Result<Vec<PredictionRecord>> {
+pub(crate) fn encoder(
+    run: &EncoderRun,
+    inputs: &[(Location, Input)],
+    options: &PredictOptions,
+) -> Result<Vec<PredictionRecord>> {
     let info = TaskInfo { config: &run.config, labels: &run.labels };
     let mut examples = Vec::new();
     let mut owner = Vec::new();
@@ -229,7 +237,8 @@ pub(crate) fn parse_input(line: &str, location: &Location, config: &Config) -> R
         }
     }
     if let Some(words) = value.get("words") {
-        let Some(words) = words.as_array().and_then(|a| a.iter().map(|w| w.as_str().map(String::from)).collect::<Option<Vec<_>>>())
+        let Some(words) =
+            words.as_array().and_then(|a| a.iter().map(|w| w.as_str().map(String::from)).collect::<Option<Vec<_>>>())
         else {
             bail!("{at}: field `words` must be a list of strings");
         };

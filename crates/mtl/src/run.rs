@@ -129,7 +129,9 @@ impl Run {
     pub(crate) fn into_encoder(self) -> Result<EncoderRun> {
         match self.loaded {
             Loaded::Encoder(e) => Ok(e),
-            Loaded::Decoder(_) => Err(Error::Unsupported { run: self.dir, message: "an encoder run is needed here".into() }),
+            Loaded::Decoder(_) => {
+                Err(Error::Unsupported { run: self.dir, message: "an encoder run is needed here".into() })
+            }
         }
     }
 
@@ -267,7 +269,11 @@ impl Run {
 
     /// Every task's prediction for each input, in order; an input that cannot be encoded is an error naming
     /// its location.
-    pub fn predict_located(&self, inputs: &[(Location, Input)], options: &PredictOptions) -> Result<Vec<PredictionRecord>> {
+    pub fn predict_located(
+        &self,
+        inputs: &[(Location, Input)],
+        options: &PredictOptions,
+    ) -> Result<Vec<PredictionRecord>> {
         self.require(Operation::Predict)?;
         match &self.loaded {
             Loaded::Encoder(e) => crate::predict::encoder(e, inputs, options),

@@ -23,7 +23,8 @@ use crate::Architecture;
 pub fn settings(config: &ServeConfig) -> Result<Settings> {
     let api_keys = match &config.api_keys {
         Some(path) => {
-            let keys: HashSet<String> = read_text(path)?.lines().map(str::trim).filter(|l| !l.is_empty()).map(String::from).collect();
+            let keys: HashSet<String> =
+                read_text(path)?.lines().map(str::trim).filter(|l| !l.is_empty()).map(String::from).collect();
             if keys.is_empty() {
                 bail!("{}: no API key in the file (one per line)", path.display());
             }
@@ -76,7 +77,8 @@ pub fn serve(model: &Path, config: &ServeConfig) -> Result<()> {
     if let Some(n) = config.threads {
         runtime.worker_threads(n.max(1));
     }
-    let runtime = runtime.enable_all().build().map_err(|e| Error::Usage(format!("cannot start the async runtime: {e}")))?;
+    let runtime =
+        runtime.enable_all().build().map_err(|e| Error::Usage(format!("cannot start the async runtime: {e}")))?;
     let router = router(model, settings(config)?)?;
     runtime
         .block_on(mtl_serve::api::serve(router, config.addr))
@@ -105,7 +107,6 @@ impl ModelEngine {
             .collect();
         Self { loaded, tasks, questions: AtomicUsize::new(0) }
     }
-
 }
 
 fn nonempty(field: &str, text: &str) -> Result<(), String> {
@@ -196,27 +197,40 @@ impl Engine for ModelEngine {
         Ok(((examples, text), tokens))
     }
 
-    fn predict(&self, items: &[&Self::Item], tasks: &[&BTreeSet<String>]) -> Result<Vec<BTreeMap<String, Value>>, String> {
+    fn predict(
+        &self,
+        items: &[&Self::Item],
+        tasks: &[&BTreeSet<String>],
+    ) -> Result<Vec<BTreeMap<String, Value>>, String> {
         // Only the heads some input asks for run.
         let wanted: BTreeSet<&String> = tasks.iter().flat_map(|t| t.iter()).collect();
-        let labels: BTreeMap<TaskId, LabelMap> =
-            self.loaded.labels.iter().filter(|(t, _)| wanted.contains(&t.to_string())).map(|(t, m)| (t.clone(), m.clone())).collect();
+        let labels: BTreeMap<TaskId, LabelMap> = self
+            .loaded
+            .labels
+            .iter()
+            .filter(|(t, _)| wanted.contains(&t.to_string()))
+            .map(|(t, m)| (t.clone(), m.clone()))
+            .collect();
         let info = TaskInfo { config: &self.loaded.config, labels: &labels };
         let examples: Vec<&Example> = items.iter().flat_map(|i| i.0.iter()).collect();
         let batch_size = self.loaded.config.training.eval_batch_size;
-        let predictions = predict_examples(&self.loaded.model, &examples, &info, batch_size).map_err(|e| e.to_string())?;
+        let predictions =
+            predict_examples(&self.loaded.model, &examples, &info, batch_size).map_err(|e| e.to_string())?;
         let mut at = 0;
         let mut out = Vec::with_capacity(items.len());
         for (item, asked) in items.iter().zip(tasks) {
             // The windows of a question share its answer: the first one's stands for all.
             let (example, preds) = (&item.0[0], &predictions[at]);
             at += item.0.len();
-            let mine = preds.iter().filter(|(t, _)| asked.contains(t.as_str())).map(|(t, p)| (t.clone(), p.clone())).collect();
+            let mine =
+                preds.iter().filter(|(t, _)| asked.contains(t.as_str())).map(|(t, p)| (t.clone(), p.clone())).collect();
             let mut record = encoder_record(example, &mine, &self.loaded.labels, false);
             // Token tasks with entity tags also answer with the entities and their character offsets.
             for (task, answer) in record.predictions.iter_mut() {
                 let scheme = self.loaded.config.tasks.iter().find(|(t, _)| t.as_str() == task).map(|(_, c)| c.scheme);
-                if let (TaskPrediction::Tags { entities: found, tags, .. }, Some(TagScheme::Bio | TagScheme::Bioes)) = (answer, scheme) {
+                if let (TaskPrediction::Tags { entities: found, tags, .. }, Some(TagScheme::Bio | TagScheme::Bioes)) =
+                    (answer, scheme)
+                {
                     *found = Some(entities(&item.1, tags));
                 }
             }

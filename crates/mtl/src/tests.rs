@@ -45,7 +45,10 @@ fn a_run_trained_through_the_library_reopens_and_predicts() -> Result<()> {
     let records = run.predict(&[Input::Text("flights to boston".into())], &PredictOptions::default())?;
     assert_eq!(records.len(), 1);
     let json = serde_json::to_value(&records[0]).map_err(|e| Error::Usage(e.to_string()))?;
-    assert!(json["predictions"]["intent"]["label"].is_string() && json["predictions"]["slots"]["tags"].is_array(), "{json}");
+    assert!(
+        json["predictions"]["intent"]["label"].is_string() && json["predictions"]["slots"]["tags"].is_array(),
+        "{json}"
+    );
     Ok(())
 }
 

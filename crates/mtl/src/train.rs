@@ -131,7 +131,13 @@ pub fn train(config: &Config, source: &Path, out: &Path, options: &TrainOptions)
 }
 
 /// One training run of `config` into `out`.
-fn train_one(config: &Config, architecture: Architecture, out: &Path, select: Select, resume: bool) -> Result<TrainReport> {
+fn train_one(
+    config: &Config,
+    architecture: Architecture,
+    out: &Path,
+    select: Select,
+    resume: bool,
+) -> Result<TrainReport> {
     if resume {
         if out.join(files::METRICS).exists() {
             bail!("{}: this run has finished (metrics.json is there); there is nothing to resume", out.display());
@@ -144,7 +150,10 @@ fn train_one(config: &Config, architecture: Architecture, out: &Path, select: Se
         }
         resume::remove_partial(out)?;
     } else if out.exists() {
-        bail!("{}: the output directory already exists; choose another, remove it, or continue it with --resume", out.display());
+        bail!(
+            "{}: the output directory already exists; choose another, remove it, or continue it with --resume",
+            out.display()
+        );
     }
     match architecture {
         Architecture::Bert => crate::encoder::train::train(config, out, select, resume),
@@ -195,7 +204,8 @@ fn baselines(config: &Config, architecture: Architecture, source: &Path, out: &P
 /// `report.html` from the run's log and its final evaluation.
 pub(crate) fn write_report(out: &Path, config: &Config, outcome: &Outcome, seconds: f64) -> Result<()> {
     let log = tracking::read_log(&out.join(tracking::LOG));
-    let main_metrics = config.tasks.iter().map(|(t, c)| (t.to_string(), mtl_train::main_metric(c).to_string())).collect();
+    let main_metrics =
+        config.tasks.iter().map(|(t, c)| (t.to_string(), mtl_train::main_metric(c).to_string())).collect();
     let final_eval = match (&outcome.test, &outcome.dev) {
         (Some(t), _) => Some(("test", t)),
         (None, Some(d)) => Some(("dev", d)),
@@ -205,8 +215,14 @@ pub(crate) fn write_report(out: &Path, config: &Config, outcome: &Outcome, secon
     let summary = vec![
         ("tasks".to_string(), config.tasks.keys().map(TaskId::as_str).collect::<Vec<_>>().join(", ")),
         ("step plan / sampler".to_string(), format!("{:?} / {:?}", t.sampling.plan, t.sampling.sampler).to_lowercase()),
-        ("loss weighting / surgery".to_string(), format!("{:?} / {:?}", t.weighting.method, t.surgery.method).to_lowercase()),
-        ("steps".to_string(), format!("{}{}", outcome.steps, if outcome.stopped_early { " (stopped early)" } else { "" })),
+        (
+            "loss weighting / surgery".to_string(),
+            format!("{:?} / {:?}", t.weighting.method, t.surgery.method).to_lowercase(),
+        ),
+        (
+            "steps".to_string(),
+            format!("{}{}", outcome.steps, if outcome.stopped_early { " (stopped early)" } else { "" }),
+        ),
         ("best".to_string(), format!("epoch {}, step {}", outcome.best_epoch, outcome.best_step)),
         ("skipped steps".to_string(), outcome.skipped_steps.to_string()),
         ("training wall time".to_string(), format!("{seconds:.0} s")),

@@ -101,7 +101,11 @@ pub(crate) fn mtl(cwd: &Path, args: &[&str], stdin: Option<&str>) -> std::io::Re
     cmd.args(args).current_dir(cwd).env("MTL_LOG", "warn");
     let Some(input) = stdin else { return cmd.output() };
     use std::io::Write;
-    let mut child = cmd.stdin(std::process::Stdio::piped()).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn()?;
+    let mut child = cmd
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
     child.stdin.take().expect("piped stdin").write_all(input.as_bytes())?;
     child.wait_with_output()
 }
@@ -141,7 +145,9 @@ fn train_eval_predict_end_to_end() -> TestResult {
     for split in ["dev", "test"] {
         let s = &metrics[split];
         assert_fraction_tree(s);
-        for (task, metric) in [("intent", "accuracy"), ("slots", "f1"), ("slots", "precision"), ("joint", "frame_accuracy")] {
+        for (task, metric) in
+            [("intent", "accuracy"), ("slots", "f1"), ("slots", "precision"), ("joint", "frame_accuracy")]
+        {
             assert!(s[task][metric].is_number(), "{split}.{task}.{metric} missing in {s}");
         }
     }
@@ -156,9 +162,14 @@ fn train_eval_predict_end_to_end() -> TestResult {
     assert_eq!(eval["test"], metrics["test"]);
 
     // predict: JSONL and plain lines, every task per input.
-    let out = mtl(p.dir.path(), &["predict", "--model", "run"], Some("{\"text\": \"show me flights to boston\"}\nwhat is the fare\n"))?;
+    let out = mtl(
+        p.dir.path(),
+        &["predict", "--model", "run"],
+        Some("{\"text\": \"show me flights to boston\"}\nwhat is the fare\n"),
+    )?;
     assert!(out.status.success(), "{}", stderr(&out));
-    let lines: Vec<Value> = String::from_utf8(out.stdout)?.lines().map(serde_json::from_str).collect::<Result<_, _>>()?;
+    let lines: Vec<Value> =
+        String::from_utf8(out.stdout)?.lines().map(serde_json::from_str).collect::<Result<_, _>>()?;
     assert_eq!(lines.len(), 2);
     assert_eq!(lines[0]["text"], "show me flights to boston");
     assert!(["flight", "fare"].contains(&lines[0]["predictions"]["intent"]["label"].as_str().ok_or("label")?));
@@ -190,7 +201,10 @@ pub(crate) fn expect_train_error(p: &Project, needles: &[&str]) -> TestResult {
         assert!(err.contains(n), "{n:?} not in error: {err}");
     }
     assert!(!p.path("run").exists(), "no partial output directory");
-    let leftovers: Vec<_> = std::fs::read_dir(p.dir.path())?.filter_map(|e| e.ok()).filter(|e| e.file_name().to_string_lossy().starts_with(".mtl")).collect();
+    let leftovers: Vec<_> = std::fs::read_dir(p.dir.path())?
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().starts_with(".mtl"))
+        .collect();
     assert!(leftovers.is_empty(), "temporary directories left behind");
     Ok(())
 }
@@ -272,7 +286,9 @@ fn conll_files_train_a_token_task() -> TestResult {
     let p = Project::new()?;
     let conll: String = TRAIN
         .iter()
-        .map(|(text, _, slots)| text.split(' ').zip(slots.split(' ')).map(|(w, t)| format!("{w}\t{t}\n")).collect::<String>() + "\n")
+        .map(|(text, _, slots)| {
+            text.split(' ').zip(slots.split(' ')).map(|(w, t)| format!("{w}\t{t}\n")).collect::<String>() + "\n"
+        })
         .collect();
     std::fs::write(p.path("train.conll"), format!("-DOCSTART- O\n\n{conll}"))?;
     let model = repo_root().join("tests/fixtures/tiny-bert");
@@ -297,7 +313,14 @@ fn conll_files_train_a_token_task() -> TestResult {
 #[test]
 fn sampled_steps_train_one_task_each_reproducibly() -> TestResult {
     let p = Project::new()?;
-    let sets = ["--set", "training.sampling.plan=\"sampled\"", "--set", "training.sampling.sampler=\"temperature\"", "--set", "training.epochs=2"];
+    let sets = [
+        "--set",
+        "training.sampling.plan=\"sampled\"",
+        "--set",
+        "training.sampling.sampler=\"temperature\"",
+        "--set",
+        "training.epochs=2",
+    ];
     for out in ["a", "b"] {
         let mut args = vec!["train", "config.toml", "--out", out];
         args.extend(sets);
@@ -314,6 +337,10 @@ fn sampled_steps_train_one_task_each_reproducibly() -> TestResult {
     assert!(!bad.status.success());
     assert!(stderr(&bad).contains("the fixed sampler needs a weight for task `intent`"), "{}", stderr(&bad));
     let bad = p.mtl(&["train", "config.toml", "--out", "x", "--set", "training.sampling.sampler=\"softmax\""])?;
-    assert!(stderr(&bad).contains("annealed") && stderr(&bad).contains("round_robin"), "choices listed: {}", stderr(&bad));
+    assert!(
+        stderr(&bad).contains("annealed") && stderr(&bad).contains("round_robin"),
+        "choices listed: {}",
+        stderr(&bad)
+    );
     Ok(())
 }

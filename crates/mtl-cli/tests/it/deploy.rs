@@ -11,7 +11,11 @@ fn json(path: &std::path::Path) -> Result<Value, Box<dyn std::error::Error>> {
 
 /// `mtl predict --full-precision` on two lines, parsed.
 fn predict(p: &Project, model: &str) -> Result<Vec<Value>, Box<dyn std::error::Error>> {
-    let o = mtl(p.dir.path(), &["predict", "--model", model, "--full-precision"], Some("show me flights to boston\nwhat is the fare\n"))?;
+    let o = mtl(
+        p.dir.path(),
+        &["predict", "--model", model, "--full-precision"],
+        Some("show me flights to boston\nwhat is the fare\n"),
+    )?;
     assert!(o.status.success(), "{}", stderr(&o));
     Ok(String::from_utf8(o.stdout)?.lines().map(serde_json::from_str).collect::<Result<_, _>>()?)
 }
@@ -32,7 +36,10 @@ fn quantized_and_pruned_models_are_models_and_report_their_score_change() -> Tes
     assert_eq!(change["after"], m["test"]["intent"]["accuracy"]);
     assert!(m["changes"]["dev"]["slots"]["f1"]["change"].is_number());
     // The int8 file holds the projections only: the f32 file lost them (2 layers × (4·32² + 2·32·64)).
-    assert_eq!(m["f32_params_before"].as_u64().ok_or("count")? - m["f32_params"].as_u64().ok_or("count")?, 2 * (4 * 32 * 32 + 2 * 32 * 64));
+    assert_eq!(
+        m["f32_params_before"].as_u64().ok_or("count")? - m["f32_params"].as_u64().ok_or("count")?,
+        2 * (4 * 32 * 32 + 2 * 32 * 64)
+    );
     // It evaluates to what its metrics say, and predicts close to the f32 model.
     let o = p.mtl(&["eval", "--model", "int8", "--config", "config.toml"])?;
     assert!(o.status.success(), "{}", stderr(&o));
@@ -69,7 +76,8 @@ fn quantized_and_pruned_models_are_models_and_report_their_score_change() -> Tes
     // A pruned model is a base to fine-tune from (model cutting, then training to recover): its heads and
     // its shallower encoder load as the starting point.
     let pruned_path = format!("model.path=\"{}\"", p.path("pruned").display());
-    let o = p.mtl(&["train", "config.toml", "--out", "pruned-tuned", "--set", &pruned_path, "--set", "training.epochs=1"])?;
+    let o =
+        p.mtl(&["train", "config.toml", "--out", "pruned-tuned", "--set", &pruned_path, "--set", "training.epochs=1"])?;
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(json(&p.path("pruned-tuned/config.json"))?["num_hidden_layers"], 1);
     // Pruned then quantised: both apply.
@@ -87,7 +95,18 @@ fn lora_models_quantize_when_their_adapter_merges() -> TestResult {
     let p = Project::new()?;
     for (run, per_task) in [("shared", "false"), ("per-task", "true")] {
         let per_task_set = format!("peft.per_task={per_task}");
-        let args = ["train", "config.toml", "--out", run, "--set", "training.epochs=1", "--set", "peft.method=\"lora\"", "--set", &per_task_set];
+        let args = [
+            "train",
+            "config.toml",
+            "--out",
+            run,
+            "--set",
+            "training.epochs=1",
+            "--set",
+            "peft.method=\"lora\"",
+            "--set",
+            &per_task_set,
+        ];
         let o = p.mtl(&args)?;
         assert!(o.status.success(), "{}", stderr(&o));
     }

@@ -98,7 +98,11 @@ fn frozen_parameters_keep_their_weights() -> TestResult {
     }
     assert!(layers > 0, "the tiny model has a second layer");
     let head = "heads.intent.weight";
-    assert!(heads_only.contains_key(head), "{:?}", heads_only.keys().filter(|k| k.starts_with("heads.")).collect::<Vec<_>>());
+    assert!(
+        heads_only.contains_key(head),
+        "{:?}",
+        heads_only.keys().filter(|k| k.starts_with("heads.")).collect::<Vec<_>>()
+    );
     Ok(())
 }
 
@@ -106,7 +110,16 @@ fn frozen_parameters_keep_their_weights() -> TestResult {
 fn patience_stops_and_per_task_bests_are_kept() -> TestResult {
     let p = Project::new()?;
     // A learning rate too small to change any prediction: the second evaluation is no better.
-    let sets = ["--set", "training.lr=1e-12", "--set", "training.head_lr=1e-12", "--set", "training.eval_every=1", "--set", "training.patience=1"];
+    let sets = [
+        "--set",
+        "training.lr=1e-12",
+        "--set",
+        "training.head_lr=1e-12",
+        "--set",
+        "training.eval_every=1",
+        "--set",
+        "training.patience=1",
+    ];
     let mut args = vec!["train", "config.toml", "--out", "run", "--select", "per-task"];
     args.extend(sets);
     let o = p.mtl(&args)?;
@@ -129,7 +142,15 @@ fn patience_stops_and_per_task_bests_are_kept() -> TestResult {
 #[test]
 fn score_weights_select_the_best_evaluation() -> TestResult {
     let p = Project::new()?;
-    train(&p, "run", &["training.score_weights.slots.f1=1.0", "training.score_weights.intent.accuracy=\"null\"", "training.eval_every=1"])?;
+    train(
+        &p,
+        "run",
+        &[
+            "training.score_weights.slots.f1=1.0",
+            "training.score_weights.intent.accuracy=\"null\"",
+            "training.eval_every=1",
+        ],
+    )?;
     let m = metrics(&p, "run")?;
     let best = m["best_step"].as_u64().ok_or("best_step")?;
     assert_eq!(m["per_task_best"]["slots"]["step"].as_u64(), Some(best), "the selection follows slots.f1 alone: {m}");
@@ -217,7 +238,8 @@ fn kill_and_resume(p: &Project, name: &str, sets: &[&str]) -> TestResult {
         let context = format!("{name}: killed {delay} µs after the first checkpoint");
         assert_eq!(metrics_without_time(p, &out)?, metrics_without_time(p, &straight)?, "{context}");
         // A LoRA run saves its adapters and heads alone.
-        let file = if sets.iter().any(|s| s.starts_with("peft.")) { "adapters.safetensors" } else { "model.safetensors" };
+        let file =
+            if sets.iter().any(|s| s.starts_with("peft.")) { "adapters.safetensors" } else { "model.safetensors" };
         assert_eq!(std::fs::read(p.path(&out).join(file))?, std::fs::read(p.path(&straight).join(file))?, "{context}");
         assert_eq!(log_without_time(p, &out)?, log_without_time(p, &straight)?, "{context}: the log reads as one run");
         return Ok(());
@@ -232,9 +254,26 @@ fn killed_runs_resume_exactly() -> TestResult {
     let common = ["training.epochs=12", "training.checkpoint_every=1", "training.eval_every=3"];
     let runs: &[(&str, &[&str])] = &[
         ("uncertainty", &["training.weighting.method=\"uncertainty\""]),
-        ("dwa-pcgrad", &["training.weighting.method=\"dwa\"", "training.weighting.period=2", "training.surgery.method=\"pcgrad\""]),
-        ("gradnorm-accumulated", &["training.weighting.method=\"grad_norm\"", "training.grad_accumulation=2", "training.diagnostics_every=1"]),
-        ("sampled", &["training.sampling.plan=\"sampled\"", "training.sampling.sampler=\"annealed\"", "training.freeze.unfreeze_every=3"]),
+        (
+            "dwa-pcgrad",
+            &["training.weighting.method=\"dwa\"", "training.weighting.period=2", "training.surgery.method=\"pcgrad\""],
+        ),
+        (
+            "gradnorm-accumulated",
+            &[
+                "training.weighting.method=\"grad_norm\"",
+                "training.grad_accumulation=2",
+                "training.diagnostics_every=1",
+            ],
+        ),
+        (
+            "sampled",
+            &[
+                "training.sampling.plan=\"sampled\"",
+                "training.sampling.sampler=\"annealed\"",
+                "training.freeze.unfreeze_every=3",
+            ],
+        ),
         ("per-task-lora", &["peft.method=\"lora\"", "peft.per_task=true", "peft.dropout=0.2"]),
     ];
     for (name, sets) in runs {
@@ -259,12 +298,16 @@ fn baselines_give_the_negative_transfer_table() -> TestResult {
     for (task, metric) in [("intent", "accuracy"), ("slots", "f1")] {
         let row = &b["tasks"][task];
         assert_eq!(row["metric"], metric);
-        let alone: Value = serde_json::from_str(&std::fs::read_to_string(p.path("run/baselines").join(task).join("metrics.json"))?)?;
+        let alone: Value =
+            serde_json::from_str(&std::fs::read_to_string(p.path("run/baselines").join(task).join("metrics.json"))?)?;
         assert_eq!(row["alone"], alone["test"][task][metric], "{b}");
         assert_eq!(row["joint"], metrics(&p, "run")?["test"][task][metric]);
         let delta = row["delta"].as_f64().ok_or("delta")?;
-        assert!((delta - (row["joint"].as_f64().ok_or("joint")? - row["alone"].as_f64().ok_or("alone")?)).abs() < 1e-12);
-        let tasks: Value = serde_json::from_str(&std::fs::read_to_string(p.path("run/baselines").join(task).join("labels.json"))?)?;
+        assert!(
+            (delta - (row["joint"].as_f64().ok_or("joint")? - row["alone"].as_f64().ok_or("alone")?)).abs() < 1e-12
+        );
+        let tasks: Value =
+            serde_json::from_str(&std::fs::read_to_string(p.path("run/baselines").join(task).join("labels.json"))?)?;
         assert_eq!(tasks.as_object().ok_or("labels")?.len(), 1, "a baseline trains its task alone");
     }
     let stdout = String::from_utf8(o.stdout)?;

@@ -17,7 +17,9 @@ fn json(path: &std::path::Path) -> Result<Value, Box<dyn std::error::Error>> {
 #[test]
 fn export_writes_a_transformers_directory_per_task() -> TestResult {
     let p = Project::new()?;
-    for (run, sets) in [("full", vec![]), ("lora", vec!["--set", "peft.method=\"lora\"", "--set", "peft.per_task=true"])] {
+    for (run, sets) in
+        [("full", vec![]), ("lora", vec!["--set", "peft.method=\"lora\"", "--set", "peft.per_task=true"])]
+    {
         let mut args = vec!["train", "config.toml", "--out", run, "--set", "training.epochs=1"];
         args.extend(sets);
         let o = p.mtl(&args)?;
@@ -25,18 +27,30 @@ fn export_writes_a_transformers_directory_per_task() -> TestResult {
         let out = format!("{run}-hf");
         let o = p.mtl(&["export", "--model", run, "--out", &out])?;
         assert!(o.status.success(), "{}", stderr(&o));
-        let base: HashMap<String, Tensor> =
-            candle_core::safetensors::load(repo_root().join("tests/fixtures/tiny-bert/model.safetensors"), &Device::Cpu)?;
+        let base: HashMap<String, Tensor> = candle_core::safetensors::load(
+            repo_root().join("tests/fixtures/tiny-bert/model.safetensors"),
+            &Device::Cpu,
+        )?;
         let labels = json(&p.path(run).join("labels.json"))?;
         for (task, arch, extra) in [
-            ("intent", "BertForSequenceClassification", &["bert.pooler.dense.weight", "bert.pooler.dense.bias", "classifier.weight", "classifier.bias"][..]),
+            (
+                "intent",
+                "BertForSequenceClassification",
+                &["bert.pooler.dense.weight", "bert.pooler.dense.bias", "classifier.weight", "classifier.bias"][..],
+            ),
             ("slots", "BertForTokenClassification", &["classifier.weight", "classifier.bias"][..]),
         ] {
             let dir = p.path(&out).join(task);
             let config = json(&dir.join("config.json"))?;
             assert_eq!(config["architectures"][0], arch);
             assert_eq!(config["hidden_size"], 32, "the base config is kept");
-            let names: Vec<&str> = labels[task].as_array().or(labels[task]["labels"].as_array()).ok_or("labels")?.iter().filter_map(Value::as_str).collect();
+            let names: Vec<&str> = labels[task]
+                .as_array()
+                .or(labels[task]["labels"].as_array())
+                .ok_or("labels")?
+                .iter()
+                .filter_map(Value::as_str)
+                .collect();
             assert_eq!(config["id2label"].as_object().ok_or("id2label")?.len(), names.len());
             for (i, l) in names.iter().enumerate() {
                 assert_eq!(config["id2label"][i.to_string()], *l);
@@ -53,13 +67,18 @@ fn export_writes_a_transformers_directory_per_task() -> TestResult {
             // Per-task LoRA: each task's backbone carries its own merged update.
             if run == "lora" {
                 let q = "bert.encoder.layer.0.attention.self.query.weight";
-                let diff = (&tensors[q] - &base["encoder.layer.0.attention.self.query.weight"])?.abs()?.sum_all()?.to_scalar::<f32>()?;
+                let diff = (&tensors[q] - &base["encoder.layer.0.attention.self.query.weight"])?
+                    .abs()?
+                    .sum_all()?
+                    .to_scalar::<f32>()?;
                 assert!(diff > 0.0, "{task}: LoRA is merged into the query weights");
                 // And PEFT's format: the task's adapter under PEFT's names, with the head to save.
                 let adapter = candle_core::safetensors::load(dir.join("peft/adapter_model.safetensors"), &Device::Cpu)?;
                 let lora: Vec<&String> = adapter.keys().filter(|k| k.contains(".lora_")).collect();
                 assert_eq!(lora.len(), 2 * 2 * 2, "{:?}", adapter.keys());
-                assert!(adapter.contains_key("base_model.model.bert.encoder.layer.1.attention.self.value.lora_B.weight"));
+                assert!(
+                    adapter.contains_key("base_model.model.bert.encoder.layer.1.attention.self.value.lora_B.weight")
+                );
                 assert!(adapter.contains_key("base_model.model.classifier.weight"));
                 let config = json(&dir.join("peft/adapter_config.json"))?;
                 assert_eq!(config["peft_type"], "LORA");

@@ -14,10 +14,14 @@ use crate::repo_root;
 fn smollm2_gguf_matches_transformers() -> Result<(), Box<dyn std::error::Error>> {
     let path = repo_root().join("assets/models/SmolLM2-135M-Instruct/SmolLM2-135M-Instruct.Q4_1.gguf");
     assert!(path.is_file(), "{}: missing; run scripts/fetch.sh first", path.display());
-    let reference: Value = serde_json::from_str(&std::fs::read_to_string(repo_root().join("tests/fixtures/smollm2-reference.json"))?)?;
+    let reference: Value =
+        serde_json::from_str(&std::fs::read_to_string(repo_root().join("tests/fixtures/smollm2-reference.json"))?)?;
     let gguf = read_llama(&path, &Device::Cpu)?;
     let c = &gguf.config;
-    assert_eq!((c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim), (30, 576, 9, 3, 64));
+    assert_eq!(
+        (c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim),
+        (30, 576, 9, 3, 64)
+    );
     assert!(c.tie_word_embeddings && (c.rope_theta - 100_000.0).abs() < 1e-6);
     assert_eq!(gguf.tensor_types, vec![("F32".to_string(), 61), ("Q4_1".to_string(), 210), ("Q8_0".to_string(), 1)]);
     assert!(gguf.chat_template.as_deref().is_some_and(|t| t.contains("<|im_start|>")));
@@ -69,7 +73,14 @@ fn smollm2_gguf_matches_transformers() -> Result<(), Box<dyn std::error::Error>>
 fn mtl_generate_answers_with_the_chat_template_and_repeats_with_a_seed() -> Result<(), Box<dyn std::error::Error>> {
     let model = repo_root().join("assets/models/SmolLM2-135M-Instruct");
     let run = |extra: &[&str]| -> Result<String, Box<dyn std::error::Error>> {
-        let mut args = vec!["generate", "--model", model.to_str().ok_or("path")?, "--chat", "--prompt", "What is the capital of France?"];
+        let mut args = vec![
+            "generate",
+            "--model",
+            model.to_str().ok_or("path")?,
+            "--chat",
+            "--prompt",
+            "What is the capital of France?",
+        ];
         args.extend(extra);
         let o = crate::cli::mtl(&repo_root(), &args, None)?;
         assert!(o.status.success(), "{}", crate::cli::stderr(&o));
@@ -90,7 +101,8 @@ fn mtl_generate_answers_with_the_chat_template_and_repeats_with_a_seed() -> Resu
 fn mtl_serve_streams_generated_text_as_server_sent_events() -> Result<(), Box<dyn std::error::Error>> {
     use std::io::{Read, Write};
     let model = repo_root().join("assets/models/SmolLM2-135M-Instruct");
-    let (_server, addr) = crate::serve::start_server(&repo_root(), &["serve", model.to_str().ok_or("path")?, "--addr", "127.0.0.1:0"])?;
+    let (_server, addr) =
+        crate::serve::start_server(&repo_root(), &["serve", model.to_str().ok_or("path")?, "--addr", "127.0.0.1:0"])?;
     let post = |body: Value| -> Result<(String, String), Box<dyn std::error::Error>> {
         let mut stream = std::net::TcpStream::connect(&addr)?;
         let body = body.to_string();
@@ -111,7 +123,8 @@ fn mtl_serve_streams_generated_text_as_server_sent_events() -> Result<(), Box<dy
     let (head, body) = post(streamed)?;
     assert!(head.contains("text/event-stream"), "{head}");
     // Chunked transfer: the events' `data:` lines, in order.
-    let data: Vec<Value> = body.lines().filter_map(|l| l.strip_prefix("data: ")).map(serde_json::from_str).collect::<Result<_, _>>()?;
+    let data: Vec<Value> =
+        body.lines().filter_map(|l| l.strip_prefix("data: ")).map(serde_json::from_str).collect::<Result<_, _>>()?;
     let (done, pieces) = data.split_last().ok_or("events")?;
     assert!(pieces.len() > 3, "one event per piece: {body}");
     let text: String = pieces.iter().filter_map(|p| p["text"].as_str()).collect();

@@ -86,7 +86,8 @@ fn lora_trains_and_saves_only_adapters_and_heads() -> TestResult {
 #[test]
 fn per_task_lora_gives_each_task_its_own_adapter() -> TestResult {
     let p = Project::new()?;
-    let targets = "peft.target_modules=[\"query\", \"key\", \"value\", \"attention_output\", \"intermediate\", \"output\"]";
+    let targets =
+        "peft.target_modules=[\"query\", \"key\", \"value\", \"attention_output\", \"intermediate\", \"output\"]";
     train(&p, "run", &["peft.method=\"lora\"", "peft.per_task=true", targets])?;
     let saved = weights(&p.path("run/adapters.safetensors"))?;
     for task in ["intent", "slots"] {
@@ -103,7 +104,14 @@ fn per_task_lora_gives_each_task_its_own_adapter() -> TestResult {
 #[test]
 fn per_task_selection_takes_each_adapter_from_its_own_best_evaluation() -> TestResult {
     let p = Project::new()?;
-    let sets = ["peft.method=\"lora\"", "peft.per_task=true", "training.epochs=20", "training.eval_every=1", "training.lr=0.05", "training.head_lr=0.05"];
+    let sets = [
+        "peft.method=\"lora\"",
+        "peft.per_task=true",
+        "training.epochs=20",
+        "training.eval_every=1",
+        "training.lr=0.05",
+        "training.head_lr=0.05",
+    ];
     let mut args = vec!["train", "config.toml", "--out", "run", "--select", "per-task"];
     for s in sets {
         args.extend(["--set", s]);
@@ -120,7 +128,11 @@ fn per_task_selection_takes_each_adapter_from_its_own_best_evaluation() -> TestR
         let best = weights(&p.path("run/per-task").join(task).join("adapters.safetensors"))?;
         let own: Vec<&String> = saved
             .keys()
-            .filter(|n| n.contains(&format!(".lora_A.{task}.")) || n.contains(&format!(".lora_B.{task}.")) || n.starts_with(&format!("heads.{task}.")))
+            .filter(|n| {
+                n.contains(&format!(".lora_A.{task}."))
+                    || n.contains(&format!(".lora_B.{task}."))
+                    || n.starts_with(&format!("heads.{task}."))
+            })
             .collect();
         assert_eq!(own.len(), 2 * 2 * 2 + 2, "{task}: {own:?}");
         for name in own {
@@ -162,7 +174,11 @@ fn adapters_refuse_a_changed_base_model() -> TestResult {
 #[test]
 fn bottleneck_adapters_train_per_task_and_save_alone() -> TestResult {
     let p = Project::new()?;
-    train(&p, "run", &["peft.method=\"adapter\"", "peft.placement=\"houlsby\"", "peft.reduction_factor=8", "peft.per_task=true"])?;
+    train(
+        &p,
+        "run",
+        &["peft.method=\"adapter\"", "peft.placement=\"houlsby\"", "peft.reduction_factor=8", "peft.per_task=true"],
+    )?;
     let saved = weights(&p.path("run/adapters.safetensors"))?;
     assert!(saved.keys().all(|n| n.contains(".adapters.") || n.starts_with("heads.")), "{:?}", saved.keys());
     for task in ["intent", "slots"] {
@@ -175,7 +191,11 @@ fn bottleneck_adapters_train_per_task_and_save_alone() -> TestResult {
     }
     eval_matches_training(&p, "run")?;
     let o = p.mtl(&["export", "--model", "run", "--out", "hf"])?;
-    assert!(!o.status.success() && stderr(&o).contains("bottleneck adapters and prefix tuning change the network"), "{}", stderr(&o));
+    assert!(
+        !o.status.success() && stderr(&o).contains("bottleneck adapters and prefix tuning change the network"),
+        "{}",
+        stderr(&o)
+    );
     Ok(())
 }
 
@@ -222,17 +242,29 @@ fn added_tasks_leave_the_old_tasks_bitwise_unchanged() -> TestResult {
         let file = if sets.is_empty() { "model.safetensors" } else { "adapters.safetensors" };
         let tensors = weights(&p.path(&out).join(file))?;
         assert!(tensors.contains_key("heads.domain.weight"), "{name}");
-        let own = tensors.keys().any(|k| [".lora_B.domain.", ".adapters.domain.", ".prefix.domain."].iter().any(|m| k.contains(m)));
+        let own = tensors
+            .keys()
+            .any(|k| [".lora_B.domain.", ".adapters.domain.", ".prefix.domain."].iter().any(|m| k.contains(m)));
         assert_eq!(own, name.starts_with("per-task"), "{name}: {:?}", tensors.keys());
         let m: Value = serde_json::from_str(&std::fs::read_to_string(p.path(&out).join("metrics.json"))?)?;
         assert_eq!(m["added_tasks"], serde_json::json!(["domain"]));
     }
     // A task the model has already, and a model section, are refused.
-    std::fs::write(p.path("again.toml"), "[tasks.intent]\nkind = \"classification\"\ndata = { train = \"x.jsonl\" }\n")?;
+    std::fs::write(
+        p.path("again.toml"),
+        "[tasks.intent]\nkind = \"classification\"\ndata = { train = \"x.jsonl\" }\n",
+    )?;
     let o = p.mtl(&["add-task", "--model", "full", "--config", "again.toml", "--out", "again"])?;
     assert!(!o.status.success() && stderr(&o).contains("the model has a task `intent` already"), "{}", stderr(&o));
-    std::fs::write(p.path("model.toml"), "[model]\npath = \"elsewhere\"\n[tasks.x]\nkind = \"classification\"\ndata = { train = \"x.jsonl\" }\n")?;
+    std::fs::write(
+        p.path("model.toml"),
+        "[model]\npath = \"elsewhere\"\n[tasks.x]\nkind = \"classification\"\ndata = { train = \"x.jsonl\" }\n",
+    )?;
     let o = p.mtl(&["add-task", "--model", "full", "--config", "model.toml", "--out", "again"])?;
-    assert!(!o.status.success() && stderr(&o).contains("field `model`: comes from the trained model"), "{}", stderr(&o));
+    assert!(
+        !o.status.success() && stderr(&o).contains("field `model`: comes from the trained model"),
+        "{}",
+        stderr(&o)
+    );
     Ok(())
 }

@@ -15,7 +15,8 @@ use crate::repo_root;
 fn minilm_matches_transformers() -> Result<(), Box<dyn std::error::Error>> {
     let dir = repo_root().join("assets/models/all-MiniLM-L6-v2");
     assert!(dir.join("model.safetensors").is_file(), "{}: missing; run scripts/fetch.sh first", dir.display());
-    let reference: Value = serde_json::from_str(&std::fs::read_to_string(repo_root().join("tests/fixtures/minilm-reference.json"))?)?;
+    let reference: Value =
+        serde_json::from_str(&std::fs::read_to_string(repo_root().join("tests/fixtures/minilm-reference.json"))?)?;
     let words: Vec<Vec<String>> = serde_json::from_value(reference["words"].clone())?;
     let want_ids: Vec<Vec<u32>> = serde_json::from_value(reference["input_ids"].clone())?;
     let want_mask: Vec<Vec<u32>> = serde_json::from_value(reference["attention_mask"].clone())?;
@@ -73,7 +74,8 @@ fn minilm_matches_transformers() -> Result<(), Box<dyn std::error::Error>> {
 fn qa_windows_match_transformers() -> Result<(), Box<dyn std::error::Error>> {
     let dir = repo_root().join("assets/models/all-MiniLM-L6-v2");
     assert!(dir.join("tokenizer.json").is_file(), "{}: missing; run scripts/fetch.sh first", dir.display());
-    let cases: Vec<Value> = serde_json::from_str(&std::fs::read_to_string(repo_root().join("tests/fixtures/qa-windows.json"))?)?;
+    let cases: Vec<Value> =
+        serde_json::from_str(&std::fs::read_to_string(repo_root().join("tests/fixtures/qa-windows.json"))?)?;
     for case in &cases {
         let max_length = case["max_length"].as_u64().ok_or("max_length")? as usize;
         let stride = case["stride"].as_u64().ok_or("stride")? as usize;

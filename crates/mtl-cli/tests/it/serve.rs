@@ -10,7 +10,12 @@ use serde_json::{json, Value};
 use crate::cli::{stderr, Project, TestResult};
 
 /// One HTTP/1.1 request; the status and the JSON body.
-fn http(addr: &str, method: &str, path: &str, body: Option<&Value>) -> Result<(u16, Value), Box<dyn std::error::Error>> {
+fn http(
+    addr: &str,
+    method: &str,
+    path: &str,
+    body: Option<&Value>,
+) -> Result<(u16, Value), Box<dyn std::error::Error>> {
     let mut stream = TcpStream::connect(addr)?;
     let body = body.map(Value::to_string).unwrap_or_default();
     write!(
@@ -36,7 +41,10 @@ impl Drop for Server {
 }
 
 /// `mtl ARGS` (a serve command) started in `cwd`, and the address it listens on once it says so.
-pub(crate) fn start_server(cwd: &std::path::Path, args: &[&str]) -> Result<(Server, String), Box<dyn std::error::Error>> {
+pub(crate) fn start_server(
+    cwd: &std::path::Path,
+    args: &[&str],
+) -> Result<(Server, String), Box<dyn std::error::Error>> {
     let mut child = Command::new(env!("CARGO_BIN_EXE_mtl"))
         .args(args)
         .current_dir(cwd)
@@ -66,12 +74,17 @@ fn serve_answers_as_predict_does_and_stops_on_sigterm() -> TestResult {
     // A bad `[serve]` table is refused before the model loads, naming the file and field.
     std::fs::write(p.path("bad.toml"), "[serve]\nqueue_bound = 0\n")?;
     let o = p.mtl(&["serve", "run", "--config", "bad.toml"])?;
-    assert!(!o.status.success() && stderr(&o).contains("bad.toml: field `serve.queue_bound`: must be at least 1"), "{}", stderr(&o));
+    assert!(
+        !o.status.success() && stderr(&o).contains("bad.toml: field `serve.queue_bound`: must be at least 1"),
+        "{}",
+        stderr(&o)
+    );
     let o = p.mtl(&["serve", "run", "--max-inputs", "0"])?;
     assert!(!o.status.success() && stderr(&o).contains("field `serve.max_inputs`"), "{}", stderr(&o));
     // Settings from the file, one flag over them (the file's address is taken, so the flag's must win).
     std::fs::write(p.path("serve.toml"), "[serve]\naddr = \"127.0.0.1:1\"\nmax_wait_ms = 20\n")?;
-    let (mut server, addr) = start_server(p.dir.path(), &["serve", "run", "--config", "serve.toml", "--addr", "127.0.0.1:0"])?;
+    let (mut server, addr) =
+        start_server(p.dir.path(), &["serve", "run", "--config", "serve.toml", "--addr", "127.0.0.1:0"])?;
     let result = (|| -> TestResult {
         assert_eq!(http(&addr, "GET", "/health", None)?, (200, json!({"status": "ok"})));
         let (status, tasks) = http(&addr, "GET", "/v1/tasks", None)?;
@@ -84,7 +97,8 @@ fn serve_answers_as_predict_does_and_stops_on_sigterm() -> TestResult {
         let input: String = texts.iter().map(|t| json!({"text": t}).to_string() + "\n").collect();
         let o = crate::cli::mtl(p.dir.path(), &["predict", "--model", "run"], Some(&input))?;
         assert!(o.status.success(), "{}", stderr(&o));
-        let expected: Vec<Value> = String::from_utf8(o.stdout)?.lines().map(serde_json::from_str).collect::<Result<_, _>>()?;
+        let expected: Vec<Value> =
+            String::from_utf8(o.stdout)?.lines().map(serde_json::from_str).collect::<Result<_, _>>()?;
         for (got, want) in answer["predictions"].as_array().ok_or("predictions")?.iter().zip(&expected) {
             // The tagger's answer also lists its entities, with character offsets into the text.
             let mut got = got.clone();

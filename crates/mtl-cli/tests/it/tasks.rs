@@ -12,7 +12,8 @@ use crate::repo_root;
 
 type TestResult = Result<(), Box<dyn std::error::Error>>;
 
-const WORDS: &[&str] = &["the", "flight", "to", "boston", "from", "denver", "is", "cheapest", "on", "monday", "good", "bad", "movie"];
+const WORDS: &[&str] =
+    &["the", "flight", "to", "boston", "from", "denver", "is", "cheapest", "on", "monday", "good", "bad", "movie"];
 
 fn sentence(i: usize, n: usize) -> Vec<&'static str> {
     (0..n).map(|k| WORDS[(i * 7 + k * 3) % WORDS.len()]).collect()
@@ -44,7 +45,12 @@ fn pair_csv(n: usize, offset: usize) -> String {
 fn multi_jsonl(n: usize, offset: usize) -> String {
     (offset..offset + n)
         .map(|i| {
-            let labels: Vec<&str> = ["travel", "price", "film"].iter().enumerate().filter(|(k, _)| (i >> k) & 1 == 1).map(|(_, l)| *l).collect();
+            let labels: Vec<&str> = ["travel", "price", "film"]
+                .iter()
+                .enumerate()
+                .filter(|(k, _)| (i >> k) & 1 == 1)
+                .map(|(_, l)| *l)
+                .collect();
             json!({"text": sentence(i, 5).join(" "), "topics": labels}).to_string() + "\n"
         })
         .collect()
@@ -80,7 +86,13 @@ fn conllu(n: usize, offset: usize) -> String {
         let words = sentence(i, 4);
         s.push_str(&format!("# text = {}\n", words.join(" ")));
         for (k, w) in words.iter().enumerate() {
-            let tag = if ["the"].contains(w) { "DT" } else if ["to", "from", "on"].contains(w) { "IN" } else { "NN" };
+            let tag = if ["the"].contains(w) {
+                "DT"
+            } else if ["to", "from", "on"].contains(w) {
+                "IN"
+            } else {
+                "NN"
+            };
             s.push_str(&format!("{}\t{w}\t_\t_\t{tag}\t_\t_\t_\t_\t_\n", k + 1));
         }
         s.push('\n');
@@ -101,7 +113,9 @@ fn squad(n: usize, offset: usize) -> String {
             } else {
                 json!({"text": [], "answer_start": []})
             };
-            json!({"question": format!("where is {}", sentence(i, 1)[0]), "context": context, "answers": answers}).to_string() + "\n"
+            json!({"question": format!("where is {}", sentence(i, 1)[0]), "context": context, "answers": answers})
+                .to_string()
+                + "\n"
         })
         .collect()
 }
@@ -117,7 +131,14 @@ fn setup() -> Result<Files, Box<dyn std::error::Error>> {
         f.write(&format!("qa-{split}.jsonl"), &squad(n, offset))?;
     }
     let d = |s: &str| f.path(s).display().to_string();
-    let files = |name: &str, ext: &str| format!("{{ train = \"{}\", dev = \"{}\", test = \"{}\" }}", d(&format!("{name}-train.{ext}")), d(&format!("{name}-dev.{ext}")), d(&format!("{name}-dev.{ext}")));
+    let files = |name: &str, ext: &str| {
+        format!(
+            "{{ train = \"{}\", dev = \"{}\", test = \"{}\" }}",
+            d(&format!("{name}-train.{ext}")),
+            d(&format!("{name}-dev.{ext}")),
+            d(&format!("{name}-dev.{ext}"))
+        )
+    };
     let config = format!(
         r#"[model]
 path = "{model}"
@@ -229,7 +250,8 @@ fn every_task_kind_and_format_trains_and_predicts() -> TestResult {
     .join("\n");
     let out = run(f.dir.path(), &["predict", "--model", "run"], Some(&input))?;
     assert!(out.status.success(), "{}", stderr(&out));
-    let lines: Vec<Value> = String::from_utf8(out.stdout)?.lines().map(serde_json::from_str).collect::<Result<_, _>>()?;
+    let lines: Vec<Value> =
+        String::from_utf8(out.stdout)?.lines().map(serde_json::from_str).collect::<Result<_, _>>()?;
     assert_eq!(lines.len(), 3, "one line per input, whatever the number of windows");
     let p = &lines[0]["predictions"];
     assert_eq!(lines[0]["text_pair"], "is cheapest");
@@ -279,12 +301,37 @@ fn expect_error(f: &Files, file: &str, content: &str, needles: &[&str]) -> TestR
 fn bad_input_is_reported_per_reader() -> TestResult {
     let f = setup()?;
     expect_error(&f, "pair-dev.csv", "premise,label\na,b\n", &["pair-dev.csv:1", "no column `hypothesis`"])?;
-    expect_error(&f, "pair-dev.csv", "premise,hypothesis,label\na,b,neutral\n\"unclosed,b,neutral\n", &["pair-dev.csv:3", "invalid row"])?;
-    expect_error(&f, "pair-dev.csv", "premise,hypothesis,label\na,b,maybe\n", &["pair-dev.csv:2", "task `nli`", "unknown label \"maybe\""])?;
-    expect_error(&f, "reg-train.tsv", "text\tvalence\tarousal\ngood\t1\thigh\n", &["reg-train.tsv:2", "field `arousal` must be a number"])?;
-    expect_error(&f, "multi-dev.jsonl", "{\"text\": \"x\", \"topics\": [\"travel\", \"sport\"]}\n", &["multi-dev.jsonl:1", "unknown label \"sport\""])?;
+    expect_error(
+        &f,
+        "pair-dev.csv",
+        "premise,hypothesis,label\na,b,neutral\n\"unclosed,b,neutral\n",
+        &["pair-dev.csv:3", "invalid row"],
+    )?;
+    expect_error(
+        &f,
+        "pair-dev.csv",
+        "premise,hypothesis,label\na,b,maybe\n",
+        &["pair-dev.csv:2", "task `nli`", "unknown label \"maybe\""],
+    )?;
+    expect_error(
+        &f,
+        "reg-train.tsv",
+        "text\tvalence\tarousal\ngood\t1\thigh\n",
+        &["reg-train.tsv:2", "field `arousal` must be a number"],
+    )?;
+    expect_error(
+        &f,
+        "multi-dev.jsonl",
+        "{\"text\": \"x\", \"topics\": [\"travel\", \"sport\"]}\n",
+        &["multi-dev.jsonl:1", "unknown label \"sport\""],
+    )?;
     expect_error(&f, "ner-dev.conll", "boston X B-LOC\nto\n", &["ner-dev.conll:2", "column"])?;
-    expect_error(&f, "ner-dev.conll", "boston X B-CITY\n", &["ner-dev.conll:1", "task `ner`", "unknown label \"B-CITY\""])?;
+    expect_error(
+        &f,
+        "ner-dev.conll",
+        "boston X B-CITY\n",
+        &["ner-dev.conll:1", "task `ner`", "unknown label \"B-CITY\""],
+    )?;
     expect_error(&f, "pos-dev.conllu", "1\tthe\t_\t_\tDT\t_\n", &["pos-dev.conllu:1", "10 tab-separated"])?;
     expect_error(&f, "qa-dev.jsonl", "{\"question\": \"q\", \"context\": \"the flight\", \"answers\": {\"text\": [\"plane\"], \"answer_start\": [4]}}\n", &["qa-dev.jsonl:1", "field `answers`", "not at character 4"])?;
     Ok(())
@@ -294,7 +341,8 @@ fn bad_input_is_reported_per_reader() -> TestResult {
 fn unknown_labels_map_to_a_configured_fallback() -> TestResult {
     let f = setup()?;
     f.write("ner-dev.conll", "boston X B-CITY\nmonday X B-DAY\n")?;
-    let config = std::fs::read_to_string(f.path("config.toml"))?.replace("crf = true", "crf = true\nunknown_label = \"O\"");
+    let config =
+        std::fs::read_to_string(f.path("config.toml"))?.replace("crf = true", "crf = true\nunknown_label = \"O\"");
     f.write("config.toml", &config)?;
     let out = run(f.dir.path(), &["train", "config.toml", "--out", "run", "--set", "training.epochs=1"], None)?;
     assert!(out.status.success(), "{}", stderr(&out));
@@ -306,7 +354,11 @@ fn unknown_labels_map_to_a_configured_fallback() -> TestResult {
 #[test]
 fn predict_reports_bad_lines_with_their_number() -> TestResult {
     let f = setup()?;
-    let out = run(f.dir.path(), &["train", "config.toml", "--out", "run", "--tasks", "nli,topics", "--set", "training.epochs=1"], None)?;
+    let out = run(
+        f.dir.path(),
+        &["train", "config.toml", "--out", "run", "--tasks", "nli,topics", "--set", "training.epochs=1"],
+        None,
+    )?;
     assert!(out.status.success(), "{}", stderr(&out));
     for (input, needles) in [
         ("a fine line\n{\"text\": \"broken\"\n", &["<stdin>:2", "invalid JSON"][..]),

@@ -44,7 +44,10 @@ fn text_config(p: &Project, peft: &str, slots_kind: &str) -> TestResult {
         .replace("epochs = 3", "epochs = 40")
         .replace("lr = 5e-3", "lr = 2e-2")
         .replace("kind = \"classification\"", "kind = \"classification\"\nprompt = \"intent of {text}\"")
-        .replace("kind = \"token_classification\"", &format!("kind = \"{slots_kind}\"\nprompt = \"slots of {{text}}\""));
+        .replace(
+            "kind = \"token_classification\"",
+            &format!("kind = \"{slots_kind}\"\nprompt = \"slots of {{text}}\""),
+        );
     std::fs::write(p.path("config.toml"), format!("{config}\n{peft}\n"))?;
     Ok(())
 }
@@ -62,9 +65,14 @@ fn a_decoder_trains_its_tasks_as_text_with_an_adapter_each() -> TestResult {
         assert!((0.0..=1.0).contains(&v), "{task}.{metric} = {v}");
     }
     // 40 epochs of 8 examples teach even the tiny random model the two intents' words and some slots.
-    assert!(metrics["test"]["intent"]["accuracy"].as_f64() > Some(0.0) && metrics["test"]["slots"]["f1"].as_f64() > Some(0.0), "{metrics}");
+    assert!(
+        metrics["test"]["intent"]["accuracy"].as_f64() > Some(0.0)
+            && metrics["test"]["slots"]["f1"].as_f64() > Some(0.0),
+        "{metrics}"
+    );
     // Only the adapters are saved: A and B of seven projections in two layers, for each task.
-    let saved: HashMap<String, Tensor> = candle_core::safetensors::load(out.join("adapters.safetensors"), &Device::Cpu)?;
+    let saved: HashMap<String, Tensor> =
+        candle_core::safetensors::load(out.join("adapters.safetensors"), &Device::Cpu)?;
     assert_eq!(saved.len(), 2 * 7 * 2 * 2, "{:?}", saved.keys());
     for task in ["intent", "slots"] {
         let own: Vec<&String> = saved.keys().filter(|n| n.contains(&format!(".lora_B.{task}."))).collect();
@@ -83,12 +91,24 @@ fn a_decoder_trains_its_tasks_as_text_with_an_adapter_each() -> TestResult {
     let eval: Value = serde_json::from_slice(&o.stdout)?;
     assert_eq!(eval["test"], metrics["test"], "{eval}");
     // `mtl predict` answers every task of each input line.
-    let o = crate::cli::mtl(&p.path(""), &["predict", "--model", "run"], Some("show me flights from boston to denver\n{\"text\": \"what is the fare to paris\"}\n"))?;
+    let o = crate::cli::mtl(
+        &p.path(""),
+        &["predict", "--model", "run"],
+        Some("show me flights from boston to denver\n{\"text\": \"what is the fare to paris\"}\n"),
+    )?;
     assert!(o.status.success(), "{}", stderr(&o));
-    let lines: Vec<Value> = o.stdout.split(|&b| b == b'\n').filter(|l| !l.is_empty()).map(serde_json::from_slice).collect::<Result<_, _>>()?;
+    let lines: Vec<Value> = o
+        .stdout
+        .split(|&b| b == b'\n')
+        .filter(|l| !l.is_empty())
+        .map(serde_json::from_slice)
+        .collect::<Result<_, _>>()?;
     assert_eq!(lines.len(), 2);
     for line in &lines {
-        assert!(line["predictions"]["intent"]["generated"].is_string() && line["predictions"]["slots"]["spans"].is_array(), "{line}");
+        assert!(
+            line["predictions"]["intent"]["generated"].is_string() && line["predictions"]["slots"]["spans"].is_array(),
+            "{line}"
+        );
     }
     assert_eq!(lines[1]["text"], "what is the fare to paris");
     Ok(())
@@ -126,7 +146,12 @@ fn a_decoder_learns_a_generation_task_scored_by_rouge_l() -> TestResult {
             let v: Value = serde_json::from_str(line)?;
             let words: Vec<&str> = v["words"].as_array().ok_or("words")?.iter().filter_map(Value::as_str).collect();
             let tags: Vec<&str> = v["slots"].as_array().ok_or("slots")?.iter().filter_map(Value::as_str).collect();
-            let places: Vec<&str> = words.iter().zip(&tags).filter(|(_, t)| t.ends_with("from") || t.ends_with("to")).map(|(w, _)| *w).collect();
+            let places: Vec<&str> = words
+                .iter()
+                .zip(&tags)
+                .filter(|(_, t)| t.ends_with("from") || t.ends_with("to"))
+                .map(|(w, _)| *w)
+                .collect();
             let route = if places.is_empty() { "none".to_string() } else { places.join(" ") };
             out += &format!("{}\n", json!({"text": v["text"], "route": [route, "none"]}));
         }
@@ -159,7 +184,8 @@ fn a_decoder_learns_a_generation_task_scored_by_rouge_l() -> TestResult {
     assert!(o.status.success(), "{}", stderr(&o));
     let eval: Value = serde_json::from_slice(&o.stdout)?;
     assert_eq!(eval["test"]["route"], metrics["test"]["route"], "{eval}");
-    let o = crate::cli::mtl(&p.path(""), &["predict", "--model", "run"], Some("show me flights from boston to denver\n"))?;
+    let o =
+        crate::cli::mtl(&p.path(""), &["predict", "--model", "run"], Some("show me flights from boston to denver\n"))?;
     assert!(o.status.success(), "{}", stderr(&o));
     let line: Value = serde_json::from_slice(o.stdout.split(|&b| b == b'\n').next().ok_or("a line")?)?;
     assert!(line["predictions"]["route"]["generated"].is_string(), "{line}");
@@ -169,7 +195,8 @@ fn a_decoder_learns_a_generation_task_scored_by_rouge_l() -> TestResult {
 #[test]
 fn an_encoder_refuses_generation_tasks() -> TestResult {
     let p = Project::new()?;
-    let config = std::fs::read_to_string(p.path("config.toml"))?.replace("kind = \"classification\"", "kind = \"generation\"");
+    let config =
+        std::fs::read_to_string(p.path("config.toml"))?.replace("kind = \"classification\"", "kind = \"generation\"");
     std::fs::write(p.path("config.toml"), config)?;
     let o = p.mtl(&["train", "config.toml", "--out", "run"])?;
     assert!(!o.status.success());

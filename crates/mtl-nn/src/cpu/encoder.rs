@@ -165,7 +165,9 @@ impl FusedLora {
             candle_core::bail!("fused encoder: LoRA routes, sites or packed adapters do not match {d:?}")
         }
         if let Some(masks) = &self.masks {
-            let fits = |(l, m): (usize, usize)| masks[l][m].as_ref().is_none_or(|mask| mask.len() == d.tokens() * site_dims(d, m).0);
+            let fits = |(l, m): (usize, usize)| {
+                masks[l][m].as_ref().is_none_or(|mask| mask.len() == d.tokens() * site_dims(d, m).0)
+            };
             if masks.len() != layers || !(0..layers).flat_map(|l| (0..SITES).map(move |m| (l, m))).all(fits) {
                 candle_core::bail!("fused encoder: LoRA dropout masks do not match {d:?}")
             }
@@ -196,7 +198,15 @@ impl LayerLora<'_> {
 
     /// Adds `scale · drop(x) Aᵀ Bᵀ` to the site's output (`tokens × out` at column `offset` of rows of
     /// `stride`); returns `drop(x) Aᵀ` for the backward pass, or nothing where the site has no LoRA.
-    fn forward(&self, d: &Dims, site: usize, x: &[f32], out: &mut [f32], stride: usize, offset: usize) -> Option<Vec<f32>> {
+    fn forward(
+        &self,
+        d: &Dims,
+        site: usize,
+        x: &[f32],
+        out: &mut [f32],
+        stride: usize,
+        offset: usize,
+    ) -> Option<Vec<f32>> {
         self.offsets[site]?;
         let ((i, o), r) = (site_dims(d, site), self.lora.r);
         let xd = masked(x, self.mask(site));
@@ -204,9 +214,23 @@ impl LayerLora<'_> {
         for (rows, u) in &self.lora.routes {
             let ((a, b), len) = (self.pair(d, site, *u)?, rows.len());
             let hr = &mut h[rows.start * r..rows.end * r];
-            matmul(ViewMut::new(hr, len, r), View::new(&xd[rows.start * i..rows.end * i], len, i), View::new(&self.packed[a..a + r * i], r, i).t(), 1.0, false, Threads::All);
+            matmul(
+                ViewMut::new(hr, len, r),
+                View::new(&xd[rows.start * i..rows.end * i], len, i),
+                View::new(&self.packed[a..a + r * i], r, i).t(),
+                1.0,
+                false,
+                Threads::All,
+            );
             let dst = ViewMut::strided(&mut out[rows.start * stride + offset..], len, o, stride);
-            matmul(dst, View::new(hr, len, r), View::new(&self.packed[b..b + o * r], o, r).t(), self.lora.scale, true, Threads::All);
+            matmul(
+                dst,
+                View::new(hr, len, r),
+                View::new(&self.packed[b..b + o * r], o, r).t(),
+                self.lora.scale,
+                true,
+                Threads::All,
+            );
         }
         Some(h)
     }
@@ -215,7 +239,18 @@ impl LayerLora<'_> {
     /// [`LayerLora::forward`]'s `out`): adds the adapters' gradients into `g` (packed as the input) and the
     /// input's gradient into `dx`.
     #[allow(clippy::too_many_arguments)]
-    fn backward(&self, d: &Dims, site: usize, x: &[f32], h: &[f32], dout: &[f32], stride: usize, offset: usize, dx: &mut [f32], g: &mut [f32]) {
+    fn backward(
+        &self,
+        d: &Dims,
+        site: usize,
+        x: &[f32],
+        h: &[f32],
+        dout: &[f32],
+        stride: usize,
+        offset: usize,
+        dx: &mut [f32],
+        g: &mut [f32],
+    ) {
         let ((i, o), r, scale) = (site_dims(d, site), self.lora.r, self.lora.scale);
         let mask = self.mask(site);
         let xd = masked(x, mask);
@@ -226,9 +261,23 @@ impl LayerLora<'_> {
             // dB += scale · doutᵀ h;  dh = scale · dout B;  dA += dhᵀ drop(x);  dx += (dh A) ∘ mask.
             matmul(ViewMut::new(&mut g[b..b + o * r], o, r), dout.t(), hr, scale, true, Threads::All);
             let mut dh = vec![0f32; len * r];
-            matmul(ViewMut::new(&mut dh, len, r), dout, View::new(&self.packed[b..b + o * r], o, r), scale, false, Threads::All);
+            matmul(
+                ViewMut::new(&mut dh, len, r),
+                dout,
+                View::new(&self.packed[b..b + o * r], o, r),
+                scale,
+                false,
+                Threads::All,
+            );
             let dh = View::new(&dh, len, r);
-            matmul(ViewMut::new(&mut g[a..a + r * i], r, i), dh.t(), View::new(&xd[rows.start * i..rows.end * i], len, i), 1.0, true, Threads::All);
+            matmul(
+                ViewMut::new(&mut g[a..a + r * i], r, i),
+                dh.t(),
+                View::new(&xd[rows.start * i..rows.end * i], len, i),
+                1.0,
+                true,
+                Threads::All,
+            );
             let (dxr, a) = (&mut dx[rows.start * i..rows.end * i], View::new(&self.packed[a..a + r * i], r, i));
             match mask {
                 None => matmul(ViewMut::new(dxr, len, i), dh, a, 1.0, true, Threads::All),
@@ -236,11 +285,14 @@ impl LayerLora<'_> {
                     let mut dxd = vec![0f32; len * i];
                     matmul(ViewMut::new(&mut dxd, len, i), dh, a, 1.0, false, Threads::All);
                     let m = &m[rows.start * i..rows.end * i];
-                    simd(#[inline(always)] || {
-                        for ((dx, v), m) in dxr.iter_mut().zip(&dxd).zip(m) {
-                            *dx += v * m;
-                        }
-                    });
+                    simd(
+                        #[inline(always)]
+                        || {
+                            for ((dx, v), m) in dxr.iter_mut().zip(&dxd).zip(m) {
+                                *dx += v * m;
+                            }
+                        },
+                    );
                 }
             }
         }
@@ -267,11 +319,23 @@ pub struct FusedEncoder {
 }
 
 impl FusedEncoder {
-    pub fn new(dims: Dims, layers: Vec<LayerParams>, key_mask: Arc<Vec<u32>>, dropout: Option<Vec<LayerDropout>>, train: bool, sink: GradSink) -> Self {
+    pub fn new(
+        dims: Dims,
+        layers: Vec<LayerParams>,
+        key_mask: Arc<Vec<u32>>,
+        dropout: Option<Vec<LayerDropout>>,
+        train: bool,
+        sink: GradSink,
+    ) -> Self {
         Self { dims, layers, key_mask, dropout, train, retain: false, sink, lora: None, tape: Mutex::new(None) }
     }
 
-    fn layer_lora<'a>(&'a self, offsets: &'a [[Option<usize>; SITES]], packed: Option<&'a [f32]>, l: usize) -> Option<LayerLora<'a>> {
+    fn layer_lora<'a>(
+        &'a self,
+        offsets: &'a [[Option<usize>; SITES]],
+        packed: Option<&'a [f32]>,
+        l: usize,
+    ) -> Option<LayerLora<'a>> {
         let (lora, packed) = (self.lora.as_ref()?, packed?);
         Some(LayerLora { lora, packed, offsets: offsets[l], masks: lora.masks.as_ref().map(|m| &m[l]) })
     }
@@ -324,12 +388,18 @@ fn check_params(d: &Dims, w: &[&[f32]]) -> candle_core::Result<()> {
 impl FusedEncoder {
     fn forward(&self, x0: &[f32], packed: Option<&[f32]>) -> candle_core::Result<Vec<f32>> {
         let d = &self.dims;
-        if x0.len() != d.tokens() * d.hidden || self.key_mask.len() != d.tokens() || d.heads == 0 || !d.hidden.is_multiple_of(d.heads) {
+        if x0.len() != d.tokens() * d.hidden
+            || self.key_mask.len() != d.tokens()
+            || d.heads == 0
+            || !d.hidden.is_multiple_of(d.heads)
+        {
             candle_core::bail!("fused encoder: input does not match {d:?}")
         }
         if let Some(masks) = &self.dropout {
             let (attention, hidden) = (d.batch * d.heads * d.seq * d.seq, d.tokens() * d.hidden);
-            let fits = |m: &LayerDropout| m.attention.len() == attention && m.attention_output.len() == hidden && m.output.len() == hidden;
+            let fits = |m: &LayerDropout| {
+                m.attention.len() == attention && m.attention_output.len() == hidden && m.output.len() == hidden
+            };
             if masks.len() != self.layers.len() || !masks.iter().all(fits) {
                 candle_core::bail!("fused encoder: dropout masks do not match {d:?}")
             }
@@ -356,7 +426,8 @@ impl FusedEncoder {
             };
             let layer = F32Layer { w: &w, hidden: d.hidden, intermediate: d.intermediate };
             let lora = self.layer_lora(&offsets, packed, l);
-            let (y, tape) = layer_forward(d, &layer, input, &self.key_mask, self.layer_dropout(l), self.train, lora.as_ref());
+            let (y, tape) =
+                layer_forward(d, &layer, input, &self.key_mask, self.layer_dropout(l), self.train, lora.as_ref());
             match tape {
                 Some(mut tape) => {
                     if last {
@@ -371,18 +442,26 @@ impl FusedEncoder {
             }
         }
         if self.train {
-            *self.tape.lock().map_err(|_| candle_core::Error::Msg("fused encoder: tape lock poisoned".into()))? = Some(tapes);
+            *self.tape.lock().map_err(|_| candle_core::Error::Msg("fused encoder: tape lock poisoned".into()))? =
+                Some(tapes);
         }
         Ok(output)
     }
 
     /// The input's gradient, and with LoRA the packed adapters'; the backbone's parameter gradients (without
     /// LoRA) go to the sink.
-    fn backward(&self, x0: &[f32], packed: Option<&[f32]>, mut dy: Vec<f32>) -> candle_core::Result<(Vec<f32>, Option<Vec<f32>>)> {
+    fn backward(
+        &self,
+        x0: &[f32],
+        packed: Option<&[f32]>,
+        mut dy: Vec<f32>,
+    ) -> candle_core::Result<(Vec<f32>, Option<Vec<f32>>)> {
         let d = &self.dims;
-        let mut tape = self.tape.lock().map_err(|_| candle_core::Error::Msg("fused encoder: tape lock poisoned".into()))?;
-        let mut tapes = if self.retain { tape.clone() } else { tape.take() }
-            .ok_or_else(|| candle_core::Error::Msg("fused encoder: backward needs a forward pass in training mode, once".into()))?;
+        let mut tape =
+            self.tape.lock().map_err(|_| candle_core::Error::Msg("fused encoder: tape lock poisoned".into()))?;
+        let mut tapes = if self.retain { tape.clone() } else { tape.take() }.ok_or_else(|| {
+            candle_core::Error::Msg("fused encoder: backward needs a forward pass in training mode, once".into())
+        })?;
         drop(tape);
         if dy.len() != x0.len() || tapes.len() != self.layers.len() {
             candle_core::bail!("fused encoder: the output gradient or the tape does not match the forward pass")
@@ -395,13 +474,18 @@ impl FusedEncoder {
             let slices = Slices::new(&self.layers[l]);
             let w = slices.all()?;
             let x = match tapes.last() {
-                Some(prev) => prev.out.as_deref().ok_or_else(|| candle_core::Error::Msg("fused encoder: tape lost a layer output".into()))?,
+                Some(prev) => prev
+                    .out
+                    .as_deref()
+                    .ok_or_else(|| candle_core::Error::Msg("fused encoder: tape lost a layer output".into()))?,
                 None => x0,
             };
             let lora = self.layer_lora(&offsets, packed, l);
             match (lora.as_ref(), lora_grad.as_deref_mut()) {
                 // A frozen backbone: no parameter gradients.
-                (Some(lora), Some(lg)) => dy = layer_backward(d, &w, x, &tape, self.layer_dropout(l), &dy, None, Some((lora, lg))),
+                (Some(lora), Some(lg)) => {
+                    dy = layer_backward(d, &w, x, &tape, self.layer_dropout(l), &dy, None, Some((lora, lg)))
+                }
                 _ => {
                     let mut g: Vec<Vec<f32>> = w.iter().map(|w| vec![0f32; w.len()]).collect();
                     dy = layer_backward(d, &w, x, &tape, self.layer_dropout(l), &dy, Some(&mut g), None);
@@ -412,7 +496,10 @@ impl FusedEncoder {
             }
             drop(tape);
         }
-        self.sink.lock().map_err(|_| candle_core::Error::Msg("fused encoder: gradient sink poisoned".into()))?.extend(grads);
+        self.sink
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("fused encoder: gradient sink poisoned".into()))?
+            .extend(grads);
         Ok((dy, lora_grad))
     }
 }
@@ -447,18 +534,35 @@ impl CustomOp2 for FusedEncoder {
         "fused-encoder-lora"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
         let output = self.forward(f32_slice(s1, l1)?, Some(f32_slice(s2, l2)?))?;
         Ok((CpuStorage::F32(output), l1.shape().clone()))
     }
 
-    fn bwd(&self, arg: &Tensor, packed: &Tensor, _res: &Tensor, grad_res: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        arg: &Tensor,
+        packed: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         let (arg, packed) = (arg.contiguous()?, packed.contiguous()?);
         let ((x0, xl), (p, pl)) = (arg.storage_and_layout(), packed.storage_and_layout());
-        let (Storage::Cpu(x0), Storage::Cpu(p)) = (&*x0, &*p) else { candle_core::bail!("fused encoder: inputs must be on the CPU") };
+        let (Storage::Cpu(x0), Storage::Cpu(p)) = (&*x0, &*p) else {
+            candle_core::bail!("fused encoder: inputs must be on the CPU")
+        };
         let (dx, dp) = self.backward(f32_slice(x0, xl)?, Some(f32_slice(p, pl)?), host_vec(grad_res)?)?;
         let dp = dp.ok_or_else(|| candle_core::Error::Msg("fused encoder: no LoRA gradient".into()))?;
-        Ok((Some(Tensor::from_vec(dx, arg.shape(), arg.device())?), Some(Tensor::from_vec(dp, packed.shape(), packed.device())?)))
+        Ok((
+            Some(Tensor::from_vec(dx, arg.shape(), arg.device())?),
+            Some(Tensor::from_vec(dp, packed.shape(), packed.device())?),
+        ))
     }
 }
 
@@ -466,13 +570,23 @@ impl CustomOp2 for FusedEncoder {
 fn linear(x: &[f32], w: &[f32], b: &[f32], out: &mut [f32], rows: usize, in_dim: usize, stride: usize) {
     let out_dim = b.len();
     out.par_chunks_mut(stride * ROWS_PER_TASK).for_each(|chunk| {
-        simd(#[inline(always)] || {
-            for row in chunk.chunks_mut(stride) {
-                row[..out_dim].copy_from_slice(b);
-            }
-        })
+        simd(
+            #[inline(always)]
+            || {
+                for row in chunk.chunks_mut(stride) {
+                    row[..out_dim].copy_from_slice(b);
+                }
+            },
+        )
     });
-    matmul(ViewMut::strided(out, rows, out_dim, stride), View::new(x, rows, in_dim), View::new(w, out_dim, in_dim).t(), 1.0, true, Threads::All);
+    matmul(
+        ViewMut::strided(out, rows, out_dim, stride),
+        View::new(x, rows, in_dim),
+        View::new(w, out_dim, in_dim).t(),
+        1.0,
+        true,
+        Threads::All,
+    );
 }
 
 /// The query, key and value parameters starting at `first` (`QW` for weights, `QB` for biases), one after the
@@ -487,57 +601,84 @@ fn col_sums(m: &[f32], stride: usize, offset: usize, dst: &mut [f32]) {
     const COLUMNS: usize = 64;
     dst.par_chunks_mut(COLUMNS).enumerate().for_each(|(c, d)| {
         let (start, width) = (offset + c * COLUMNS, d.len());
-        simd(#[inline(always)] || {
-            for row in m.chunks_exact(stride) {
-                for (d, v) in d.iter_mut().zip(&row[start..start + width]) {
-                    *d += v;
+        simd(
+            #[inline(always)]
+            || {
+                for row in m.chunks_exact(stride) {
+                    for (d, v) in d.iter_mut().zip(&row[start..start + width]) {
+                        *d += v;
+                    }
                 }
-            }
-        })
+            },
+        )
     });
 }
 
 /// `y = LayerNorm(branch ∘ mask + residual)`, keeping the normalised input and 1/σ of each row.
 #[allow(clippy::too_many_arguments)]
 #[doc(hidden)] // public for the kernel benchmarks
-pub fn add_norm(branch: &[f32], mask: Option<&[f32]>, residual: &[f32], gamma: &[f32], beta: &[f32], eps: f32, y: &mut [f32], xhat: &mut [f32], rstd: &mut [f32]) {
+pub fn add_norm(
+    branch: &[f32],
+    mask: Option<&[f32]>,
+    residual: &[f32],
+    gamma: &[f32],
+    beta: &[f32],
+    eps: f32,
+    y: &mut [f32],
+    xhat: &mut [f32],
+    rstd: &mut [f32],
+) {
     let h = gamma.len();
     let chunk = h * ROWS_PER_TASK;
-    y.par_chunks_mut(chunk).zip(xhat.par_chunks_mut(chunk)).zip(rstd.par_chunks_mut(ROWS_PER_TASK)).enumerate().for_each(|(c, ((y, xhat), rstd))| {
-        simd(#[inline(always)] || {
-            let start = c * chunk;
-            for (r, (y, xh)) in y.chunks_exact_mut(h).zip(xhat.chunks_exact_mut(h)).enumerate() {
-                let at = start + r * h;
-                let (br, res) = (&branch[at..at + h], &residual[at..at + h]);
-                match mask {
-                    Some(m) => {
+    y.par_chunks_mut(chunk)
+        .zip(xhat.par_chunks_mut(chunk))
+        .zip(rstd.par_chunks_mut(ROWS_PER_TASK))
+        .enumerate()
+        .for_each(|(c, ((y, xhat), rstd))| {
+            simd(
+                #[inline(always)]
+                || {
+                    let start = c * chunk;
+                    for (r, (y, xh)) in y.chunks_exact_mut(h).zip(xhat.chunks_exact_mut(h)).enumerate() {
+                        let at = start + r * h;
+                        let (br, res) = (&branch[at..at + h], &residual[at..at + h]);
+                        match mask {
+                            Some(m) => {
+                                for i in 0..h {
+                                    xh[i] = br[i] * m[at + i] + res[i];
+                                }
+                            }
+                            None => {
+                                for i in 0..h {
+                                    xh[i] = br[i] + res[i];
+                                }
+                            }
+                        }
+                        let mean = math::sum(xh) / h as f32;
+                        let var = math::sum_sq_dev(xh, mean) / h as f32;
+                        let rs = 1.0 / (var + eps).sqrt();
+                        rstd[r] = rs;
                         for i in 0..h {
-                            xh[i] = br[i] * m[at + i] + res[i];
+                            xh[i] = (xh[i] - mean) * rs;
+                            y[i] = xh[i] * gamma[i] + beta[i];
                         }
                     }
-                    None => {
-                        for i in 0..h {
-                            xh[i] = br[i] + res[i];
-                        }
-                    }
-                }
-                let mean = math::sum(xh) / h as f32;
-                let var = math::sum_sq_dev(xh, mean) / h as f32;
-                let rs = 1.0 / (var + eps).sqrt();
-                rstd[r] = rs;
-                for i in 0..h {
-                    xh[i] = (xh[i] - mean) * rs;
-                    y[i] = xh[i] * gamma[i] + beta[i];
-                }
-            }
-        })
-    });
+                },
+            )
+        });
 }
 
 /// LayerNorm backward: returns the gradient of the normalised input and adds to `dgamma` and `dbeta`.
 /// Partial sums are added in chunk order, so the result does not depend on scheduling.
 #[doc(hidden)] // public for the kernel benchmarks
-pub fn norm_backward(dy: &[f32], xhat: &[f32], rstd: &[f32], gamma: &[f32], dgamma: &mut [f32], dbeta: &mut [f32]) -> Vec<f32> {
+pub fn norm_backward(
+    dy: &[f32],
+    xhat: &[f32],
+    rstd: &[f32],
+    gamma: &[f32],
+    dgamma: &mut [f32],
+    dbeta: &mut [f32],
+) -> Vec<f32> {
     let h = gamma.len();
     let chunk = h * ROWS_PER_TASK;
     let mut dx = vec![0f32; dy.len()];
@@ -545,23 +686,26 @@ pub fn norm_backward(dy: &[f32], xhat: &[f32], rstd: &[f32], gamma: &[f32], dgam
         .par_chunks_mut(chunk)
         .enumerate()
         .map(|(c, dx)| {
-            simd(#[inline(always)] || {
-                let (mut dg, mut db) = (vec![0f32; h], vec![0f32; h]);
-                for (r, dx) in dx.chunks_exact_mut(h).enumerate() {
-                    let at = c * chunk + r * h;
-                    let (dy, xh) = (&dy[at..at + h], &xhat[at..at + h]);
-                    let (sum_g, sum_gx) = (math::dot(dy, gamma), math::dot3(dy, gamma, xh));
-                    for i in 0..h {
-                        dg[i] += dy[i] * xh[i];
-                        db[i] += dy[i];
+            simd(
+                #[inline(always)]
+                || {
+                    let (mut dg, mut db) = (vec![0f32; h], vec![0f32; h]);
+                    for (r, dx) in dx.chunks_exact_mut(h).enumerate() {
+                        let at = c * chunk + r * h;
+                        let (dy, xh) = (&dy[at..at + h], &xhat[at..at + h]);
+                        let (sum_g, sum_gx) = (math::dot(dy, gamma), math::dot3(dy, gamma, xh));
+                        for i in 0..h {
+                            dg[i] += dy[i] * xh[i];
+                            db[i] += dy[i];
+                        }
+                        let (mg, mgx, rs) = (sum_g / h as f32, sum_gx / h as f32, rstd[c * ROWS_PER_TASK + r]);
+                        for i in 0..h {
+                            dx[i] = rs * (dy[i] * gamma[i] - mg - xh[i] * mgx);
+                        }
                     }
-                    let (mg, mgx, rs) = (sum_g / h as f32, sum_gx / h as f32, rstd[c * ROWS_PER_TASK + r]);
-                    for i in 0..h {
-                        dx[i] = rs * (dy[i] * gamma[i] - mg - xh[i] * mgx);
-                    }
-                }
-                (dg, db)
-            })
+                    (dg, db)
+                },
+            )
         })
         .collect();
     for (pg, pb) in partials {
@@ -572,7 +716,12 @@ pub fn norm_backward(dy: &[f32], xhat: &[f32], rstd: &[f32], gamma: &[f32], dgam
 }
 
 fn elementwise(a: &mut [f32], f: impl Fn(&mut [f32], usize) + Sync) {
-    a.par_chunks_mut(1 << 14).enumerate().for_each(|(c, chunk)| simd(#[inline(always)] || f(chunk, c << 14)));
+    a.par_chunks_mut(1 << 14).enumerate().for_each(|(c, chunk)| {
+        simd(
+            #[inline(always)]
+            || f(chunk, c << 14),
+        )
+    });
 }
 
 /// A layer's four projections.
@@ -627,7 +776,15 @@ pub fn infer(d: &Dims, layers: &[impl LayerWeights], x0: &[f32], key_mask: &[u32
     x
 }
 
-fn layer_forward(d: &Dims, w: &dyn LayerWeights, x: &[f32], key_mask: &[u32], dropout: Option<&LayerDropout>, train: bool, lora: Option<&LayerLora>) -> (Vec<f32>, Option<Tape>) {
+fn layer_forward(
+    d: &Dims,
+    w: &dyn LayerWeights,
+    x: &[f32],
+    key_mask: &[u32],
+    dropout: Option<&LayerDropout>,
+    train: bool,
+    lora: Option<&LayerLora>,
+) -> (Vec<f32>, Option<Tape>) {
     let (n, h, inter) = (d.tokens(), d.hidden, d.intermediate);
     let [n1w, n1b, n2w, n2b] = w.norms();
     let mut lora_h: [Option<Vec<f32>>; SITES] = Default::default();
@@ -655,11 +812,14 @@ fn layer_forward(d: &Dims, w: &dyn LayerWeights, x: &[f32], key_mask: &[u32], dr
     // g = gelu(u) for the next product; u itself is overwritten by gelu'(u), all the backward pass needs.
     let mut g = vec![0f32; n * inter];
     g.par_chunks_mut(1 << 14).zip(u.par_chunks_mut(1 << 14)).for_each(|(g, u)| {
-        simd(#[inline(always)] || {
-            for (g, u) in g.iter_mut().zip(u.iter_mut()) {
-                (*g, *u) = math::gelu_and_grad(*u);
-            }
-        })
+        simd(
+            #[inline(always)]
+            || {
+                for (g, u) in g.iter_mut().zip(u.iter_mut()) {
+                    (*g, *u) = math::gelu_and_grad(*u);
+                }
+            },
+        )
     });
     let dgelu = u;
     let mut o = vec![0f32; n * h];
@@ -673,7 +833,12 @@ fn layer_forward(d: &Dims, w: &dyn LayerWeights, x: &[f32], key_mask: &[u32], dr
 
 /// LayerNorm's backward pass with its weight's gradient at `g[weight]` and its bias's at `g[weight + 1]`, or
 /// into scratch buffers for a frozen layer (`g` absent).
-fn norm_grads(g: Option<&mut [Vec<f32>]>, weight: usize, h: usize, f: impl FnOnce(&mut [f32], &mut [f32]) -> Vec<f32>) -> Vec<f32> {
+fn norm_grads(
+    g: Option<&mut [Vec<f32>]>,
+    weight: usize,
+    h: usize,
+    f: impl FnOnce(&mut [f32], &mut [f32]) -> Vec<f32>,
+) -> Vec<f32> {
     match g {
         Some(g) => {
             let (lo, hi) = g.split_at_mut(weight + 1);
@@ -709,20 +874,45 @@ fn layer_backward(
     let dout = masked(&dr2, dropout.map(|d| &d.output[..]));
     if let Some(g) = g.as_deref_mut() {
         col_sums(&dout, h, 0, &mut g[FB]);
-        matmul(ViewMut::new(&mut g[FW], h, inter), View::new(&dout, n, h).t(), View::new(&t.g, n, inter), 1.0, false, Threads::All);
+        matmul(
+            ViewMut::new(&mut g[FW], h, inter),
+            View::new(&dout, n, h).t(),
+            View::new(&t.g, n, inter),
+            1.0,
+            false,
+            Threads::All,
+        );
     }
     let mut du = vec![0f32; n * inter];
-    matmul(ViewMut::new(&mut du, n, inter), View::new(&dout, n, h), View::new(w[FW], h, inter), 1.0, false, Threads::All);
+    matmul(
+        ViewMut::new(&mut du, n, inter),
+        View::new(&dout, n, h),
+        View::new(w[FW], h, inter),
+        1.0,
+        false,
+        Threads::All,
+    );
     adapted(5, &t.g, &dout, h, 0, &mut du);
     drop(dout);
-    elementwise(&mut du, #[inline(always)] |c, start| {
-        for (g, &d) in c.iter_mut().zip(&t.dgelu[start..]) {
-            *g *= d;
-        }
-    });
+    elementwise(
+        &mut du,
+        #[inline(always)]
+        |c, start| {
+            for (g, &d) in c.iter_mut().zip(&t.dgelu[start..]) {
+                *g *= d;
+            }
+        },
+    );
     if let Some(g) = g.as_deref_mut() {
         col_sums(&du, inter, 0, &mut g[IB]);
-        matmul(ViewMut::new(&mut g[IW], inter, h), View::new(&du, n, inter).t(), View::new(&t.y1, n, h), 1.0, false, Threads::All);
+        matmul(
+            ViewMut::new(&mut g[IW], inter, h),
+            View::new(&du, n, inter).t(),
+            View::new(&t.y1, n, h),
+            1.0,
+            false,
+            Threads::All,
+        );
     }
     let mut dy1 = dr2;
     matmul(ViewMut::new(&mut dy1, n, h), View::new(&du, n, inter), View::new(w[IW], inter, h), 1.0, true, Threads::All);
@@ -734,7 +924,14 @@ fn layer_backward(
     let da = masked(&dr1, dropout.map(|d| &d.attention_output[..]));
     if let Some(g) = g.as_deref_mut() {
         col_sums(&da, h, 0, &mut g[OB]);
-        matmul(ViewMut::new(&mut g[OW], h, h), View::new(&da, n, h).t(), View::new(&t.ctx, n, h), 1.0, false, Threads::All);
+        matmul(
+            ViewMut::new(&mut g[OW], h, h),
+            View::new(&da, n, h).t(),
+            View::new(&t.ctx, n, h),
+            1.0,
+            false,
+            Threads::All,
+        );
     }
     let mut dctx = vec![0f32; n * h];
     matmul(ViewMut::new(&mut dctx, n, h), View::new(&da, n, h), View::new(w[OW], h, h), 1.0, false, Threads::All);
@@ -747,13 +944,27 @@ fn layer_backward(
     if let Some(g) = g {
         let (mut gw, mut gb) = (vec![0f32; 3 * h * h], vec![0f32; 3 * h]);
         col_sums(&dqkv, 3 * h, 0, &mut gb);
-        matmul(ViewMut::new(&mut gw, 3 * h, h), View::new(&dqkv, n, 3 * h).t(), View::new(x, n, h), 1.0, false, Threads::All);
+        matmul(
+            ViewMut::new(&mut gw, 3 * h, h),
+            View::new(&dqkv, n, 3 * h).t(),
+            View::new(x, n, h),
+            1.0,
+            false,
+            Threads::All,
+        );
         for p in 0..3 {
             g[QW + 2 * p].copy_from_slice(&gw[p * h * h..(p + 1) * h * h]);
             g[QB + 2 * p].copy_from_slice(&gb[p * h..(p + 1) * h]);
         }
     }
-    matmul(ViewMut::new(&mut dx, n, h), View::new(&dqkv, n, 3 * h), View::new(&stacked(w, QW), 3 * h, h), 1.0, true, Threads::All);
+    matmul(
+        ViewMut::new(&mut dx, n, h),
+        View::new(&dqkv, n, 3 * h),
+        View::new(&stacked(w, QW), 3 * h, h),
+        1.0,
+        true,
+        Threads::All,
+    );
     for site in 0..3 {
         adapted(site, x, &dqkv, 3 * h, site * h, &mut dx);
     }
@@ -764,22 +975,29 @@ fn layer_backward(
 fn masked<'a>(x: &'a [f32], mask: Option<&[f32]>) -> std::borrow::Cow<'a, [f32]> {
     let Some(m) = mask else { return std::borrow::Cow::Borrowed(x) };
     let mut out = x.to_vec();
-    elementwise(&mut out, #[inline(always)] |c, start| {
-        for (v, m) in c.iter_mut().zip(&m[start..]) {
-            *v *= m;
-        }
-    });
+    elementwise(
+        &mut out,
+        #[inline(always)]
+        |c, start| {
+            for (v, m) in c.iter_mut().zip(&m[start..]) {
+                *v *= m;
+            }
+        },
+    );
     std::borrow::Cow::Owned(out)
 }
 
 /// `a ∘ b`, vectorised.
 fn product(a: &[f32], b: &[f32]) -> Vec<f32> {
     let mut out = vec![0f32; a.len().min(b.len())];
-    simd(#[inline(always)] || {
-        for ((o, a), b) in out.iter_mut().zip(a).zip(b) {
-            *o = a * b;
-        }
-    });
+    simd(
+        #[inline(always)]
+        || {
+            for ((o, a), b) in out.iter_mut().zip(a).zip(b) {
+                *o = a * b;
+            }
+        },
+    );
     out
 }
 
@@ -811,7 +1029,13 @@ fn head_views<'a>(d: &Dims, qkv: &'a [f32], bn: usize) -> [View<'a>; 3] {
 }
 
 /// Copies per-(example, head) blocks of `seq × head_dim` into their columns of a `tokens × width` matrix.
-fn scatter_heads<'a>(d: &Dims, block: impl Fn(usize) -> &'a [f32] + Sync, width: usize, offset: usize, dst: &mut [f32]) {
+fn scatter_heads<'a>(
+    d: &Dims,
+    block: impl Fn(usize) -> &'a [f32] + Sync,
+    width: usize,
+    offset: usize,
+    dst: &mut [f32],
+) {
     let (s, hd) = (d.seq, d.head_dim());
     dst.par_chunks_mut(s * width).enumerate().for_each(|(b, rows)| {
         for head in 0..d.heads {
@@ -825,7 +1049,13 @@ fn scatter_heads<'a>(d: &Dims, block: impl Fn(usize) -> &'a [f32] + Sync, width:
 }
 
 #[doc(hidden)] // public for the kernel benchmarks
-pub fn attention_forward(d: &Dims, qkv: &[f32], key_mask: &[u32], dropout: Option<&[f32]>, probs: Option<&mut [f32]>) -> Vec<f32> {
+pub fn attention_forward(
+    d: &Dims,
+    qkv: &[f32],
+    key_mask: &[u32],
+    dropout: Option<&[f32]>,
+    probs: Option<&mut [f32]>,
+) -> Vec<f32> {
     let (s, hd) = (d.seq, d.head_dim());
     let scale = 1.0 / (hd as f32).sqrt();
     let head = |bn: usize, p: &mut [f32]| -> Vec<f32> {
@@ -833,11 +1063,14 @@ pub fn attention_forward(d: &Dims, qkv: &[f32], key_mask: &[u32], dropout: Optio
         matmul(ViewMut::new(p, s, s), q, k.t(), scale, false, Threads::One);
         let km = &key_mask[(bn / d.heads) * s..(bn / d.heads + 1) * s];
         let mut out = vec![0f32; s * hd];
-        simd(#[inline(always)] || {
-            for row in p.chunks_exact_mut(s) {
-                softmax_row(row, km);
-            }
-        });
+        simd(
+            #[inline(always)]
+            || {
+                for row in p.chunks_exact_mut(s) {
+                    softmax_row(row, km);
+                }
+            },
+        );
         match dropout {
             Some(m) => {
                 let m = &m[bn * s * s..(bn + 1) * s * s];
@@ -881,20 +1114,23 @@ pub fn attention_backward(d: &Dims, qkv: &[f32], probs: &[f32], dropout: Option<
             // dP = (dO Vᵀ) ∘ mask, then the softmax backward dS = P ∘ (dP − rowsum(P ∘ dP)).
             let mut ds = vec![0f32; s * s];
             matmul(ViewMut::new(&mut ds, s, s), dout, v.t(), 1.0, false, Threads::One);
-            simd(#[inline(always)] || {
-                for (i, row) in ds.chunks_exact_mut(s).enumerate() {
-                    let pr = &p[i * s..(i + 1) * s];
-                    if let Some(m) = m {
-                        for (x, m) in row.iter_mut().zip(&m[i * s..(i + 1) * s]) {
-                            *x *= m;
+            simd(
+                #[inline(always)]
+                || {
+                    for (i, row) in ds.chunks_exact_mut(s).enumerate() {
+                        let pr = &p[i * s..(i + 1) * s];
+                        if let Some(m) = m {
+                            for (x, m) in row.iter_mut().zip(&m[i * s..(i + 1) * s]) {
+                                *x *= m;
+                            }
+                        }
+                        let inner = math::dot(row, pr);
+                        for (x, p) in row.iter_mut().zip(pr) {
+                            *x = p * (*x - inner);
                         }
                     }
-                    let inner = math::dot(row, pr);
-                    for (x, p) in row.iter_mut().zip(pr) {
-                        *x = p * (*x - inner);
-                    }
-                }
-            });
+                },
+            );
             // S = scale · Q Kᵀ, so dQ = scale · dS K and dK = scale · dSᵀ Q.
             let mut dq = vec![0f32; s * hd];
             matmul(ViewMut::new(&mut dq, s, hd), View::new(&ds, s, s), k, scale, false, Threads::One);

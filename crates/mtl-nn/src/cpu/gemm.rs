@@ -69,7 +69,14 @@ pub enum Threads {
 /// `dst = scale · a · b`, or `dst += scale · a · b` when `accumulate`.
 pub fn matmul(dst: ViewMut<'_>, a: View<'_>, b: View<'_>, scale: f32, accumulate: bool, threads: Threads) {
     let (m, n, k) = (dst.rows, dst.cols, a.cols);
-    assert!(a.rows == m && b.rows == k && b.cols == n, "matmul: shapes {m}x{n} = {}x{} · {}x{}", a.rows, a.cols, b.rows, b.cols);
+    assert!(
+        a.rows == m && b.rows == k && b.cols == n,
+        "matmul: shapes {m}x{n} = {}x{} · {}x{}",
+        a.rows,
+        a.cols,
+        b.rows,
+        b.cols
+    );
     if m == 0 || n == 0 {
         return;
     }
@@ -137,7 +144,16 @@ mod tests {
             let want = naive(&a, &b, m, n, k);
             // a stored transposed ([k × m]), b embedded as a column block of a wider matrix.
             let at: Vec<f32> = (0..k * m).map(|i| a[(i % m) * k + i / m]).collect();
-            let wide: Vec<f32> = (0..k * (n + 3)).map(|i| if i % (n + 3) >= 2 && i % (n + 3) < n + 2 { b[(i / (n + 3)) * n + i % (n + 3) - 2] } else { 9.0 }).collect();
+            let wide: Vec<f32> =
+                (0..k * (n + 3))
+                    .map(|i| {
+                        if i % (n + 3) >= 2 && i % (n + 3) < n + 2 {
+                            b[(i / (n + 3)) * n + i % (n + 3) - 2]
+                        } else {
+                            9.0
+                        }
+                    })
+                    .collect();
             let mut c = vec![1f32; m * (n + 1)];
             let dst = ViewMut::strided(&mut c, m, n, n + 1);
             matmul(dst, View::new(&at, k, m).t(), View::strided(&wide[2..], k, n, n + 3), 2.0, true, Threads::All);

@@ -35,22 +35,28 @@ impl Int8Matrix {
         assert_eq!(w.len(), rows * cols, "int8: weight of {} values is not {rows} × {cols}", w.len());
         let mut data = vec![0i8; rows * cols];
         let mut scales = vec![0f32; rows];
-        data.par_chunks_mut(cols.max(1)).zip(w.par_chunks(cols.max(1))).zip(scales.par_iter_mut()).for_each(|((q, w), s)| {
-            let amax = w.iter().fold(0f32, |m, v| m.max(v.abs()));
-            *s = amax / 127.0;
-            if amax > 0.0 {
-                for (q, &v) in q.iter_mut().zip(w) {
-                    *q = (v / *s).round().clamp(-127.0, 127.0) as i8;
+        data.par_chunks_mut(cols.max(1)).zip(w.par_chunks(cols.max(1))).zip(scales.par_iter_mut()).for_each(
+            |((q, w), s)| {
+                let amax = w.iter().fold(0f32, |m, v| m.max(v.abs()));
+                *s = amax / 127.0;
+                if amax > 0.0 {
+                    for (q, &v) in q.iter_mut().zip(w) {
+                        *q = (v / *s).round().clamp(-127.0, 127.0) as i8;
+                    }
                 }
-            }
-        });
+            },
+        );
         Self { rows, cols, data, scales }
     }
 
     /// A matrix from stored values and scales, checked.
     pub fn from_parts(rows: usize, cols: usize, data: Vec<i8>, scales: Vec<f32>) -> Result<Self, String> {
         if data.len() != rows * cols || scales.len() != rows {
-            return Err(format!("{} values and {} scales do not make a {rows} × {cols} matrix", data.len(), scales.len()));
+            return Err(format!(
+                "{} values and {} scales do not make a {rows} × {cols} matrix",
+                data.len(),
+                scales.len()
+            ));
         }
         if let Some(s) = scales.iter().find(|s| !s.is_finite() || **s < 0.0) {
             return Err(format!("scale {s} is not a finite non-negative number"));
@@ -105,15 +111,18 @@ impl Int8Matrix {
 
     fn dequantize_rows(&self, start: usize, count: usize, dst: &mut [f32]) {
         let c = self.cols;
-        simd(#[inline(always)] || {
-            for (r, row) in dst[..count * c].chunks_exact_mut(c.max(1)).enumerate() {
-                let s = self.scales[start + r];
-                let q = &self.data[(start + r) * c..(start + r + 1) * c];
-                for (d, &q) in row.iter_mut().zip(q) {
-                    *d = f32::from(q) * s;
+        simd(
+            #[inline(always)]
+            || {
+                for (r, row) in dst[..count * c].chunks_exact_mut(c.max(1)).enumerate() {
+                    let s = self.scales[start + r];
+                    let q = &self.data[(start + r) * c..(start + r + 1) * c];
+                    for (d, &q) in row.iter_mut().zip(q) {
+                        *d = f32::from(q) * s;
+                    }
                 }
-            }
-        })
+            },
+        )
     }
 
     /// Writes `x Wᵀ + bias` into `out` (`n × rows`), `x` being `n × cols`.
@@ -134,7 +143,9 @@ impl Int8Matrix {
             // Many rows: the product dominates. The whole weight is dequantised once (in parallel, a pass
             // over memory) and the f32 product runs on every thread, as the f32 path's does.
             let mut w = vec![0f32; o * k];
-            w.par_chunks_mut(BLOCK * k).enumerate().for_each(|(b, chunk)| self.dequantize_rows(b * BLOCK, chunk.len() / k, chunk));
+            w.par_chunks_mut(BLOCK * k)
+                .enumerate()
+                .for_each(|(b, chunk)| self.dequantize_rows(b * BLOCK, chunk.len() / k, chunk));
             out.par_chunks_mut(o * MIN_ROWS).for_each(|chunk| {
                 for row in chunk.chunks_exact_mut(o) {
                     row.copy_from_slice(bias);
@@ -154,7 +165,14 @@ impl Int8Matrix {
                     for row in y.chunks_exact_mut(len) {
                         row.copy_from_slice(&bias[start..start + len]);
                     }
-                    matmul(ViewMut::new(&mut y, n, len), View::new(x, n, k), View::new(&w, len, k).t(), 1.0, true, Threads::One);
+                    matmul(
+                        ViewMut::new(&mut y, n, len),
+                        View::new(x, n, k),
+                        View::new(&w, len, k).t(),
+                        1.0,
+                        true,
+                        Threads::One,
+                    );
                     y
                 })
                 .collect();
@@ -166,7 +184,6 @@ impl Int8Matrix {
             }
         }
     }
-
 }
 
 /// One encoder layer with int8 projections; biases and LayerNorms stay f32.
@@ -236,10 +253,16 @@ impl CustomOp1 for Int8Encoder {
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let d = &self.dims;
         let CpuStorage::F32(data) = storage else { candle_core::bail!("int8 encoder: f32 input only") };
-        let Some((a, b)) = layout.contiguous_offsets() else { candle_core::bail!("int8 encoder: input must be contiguous") };
+        let Some((a, b)) = layout.contiguous_offsets() else {
+            candle_core::bail!("int8 encoder: input must be contiguous")
+        };
         let x0 = &data[a..b];
         let tokens = d.batch * d.seq;
-        if x0.len() != tokens * d.hidden || self.key_mask.len() != tokens || d.heads == 0 || !d.hidden.is_multiple_of(d.heads) {
+        if x0.len() != tokens * d.hidden
+            || self.key_mask.len() != tokens
+            || d.heads == 0
+            || !d.hidden.is_multiple_of(d.heads)
+        {
             candle_core::bail!("int8 encoder: input does not match {d:?}")
         }
         for layer in self.layers.iter() {
@@ -270,7 +293,10 @@ mod tests {
         let q = Int8Matrix::quantize(&w, 40, 70);
         for (r, (row, deq)) in w.chunks(70).zip(q.dequantize().chunks(70)).enumerate() {
             let s = q.scales()[r];
-            assert!(row.iter().zip(deq).all(|(a, b)| (a - b).abs() <= s / 2.0 + 1e-7), "row {r} off by more than half a step");
+            assert!(
+                row.iter().zip(deq).all(|(a, b)| (a - b).abs() <= s / 2.0 + 1e-7),
+                "row {r} off by more than half a step"
+            );
         }
     }
 
@@ -289,7 +315,11 @@ mod tests {
             for i in 0..n {
                 for j in 0..o {
                     let want: f32 = bias[j] + (0..k).map(|l| x[i * k + l] * deq[j * k + l]).sum::<f32>();
-                    assert!((got[i * o + j] - want).abs() < 1e-4, "{n}x{o}x{k} at ({i},{j}): {} vs {want}", got[i * o + j]);
+                    assert!(
+                        (got[i * o + j] - want).abs() < 1e-4,
+                        "{n}x{o}x{k} at ({i},{j}): {} vs {want}",
+                        got[i * o + j]
+                    );
                 }
             }
         }
@@ -298,7 +328,8 @@ mod tests {
     #[test]
     fn stacking_and_slicing_rows_round_trip() {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
-        let parts: Vec<Int8Matrix> = (0..3).map(|_| Int8Matrix::quantize(&random(&mut rng, 4 * 6, 1.0), 4, 6)).collect();
+        let parts: Vec<Int8Matrix> =
+            (0..3).map(|_| Int8Matrix::quantize(&random(&mut rng, 4 * 6, 1.0), 4, 6)).collect();
         let stacked = Int8Matrix::stack(&parts.iter().collect::<Vec<_>>());
         assert_eq!(stacked.rows(), 12);
         for (i, p) in parts.iter().enumerate() {

@@ -71,13 +71,27 @@ fn reduce(n: usize, init: f32, term: impl Fn(usize) -> f32, combine: impl Fn(f32
 /// `Σ x`.
 #[inline(always)]
 pub fn sum(x: &[f32]) -> f32 {
-    reduce(x.len(), 0.0, #[inline(always)] |i| x[i], #[inline(always)] |a, b| a + b)
+    reduce(
+        x.len(),
+        0.0,
+        #[inline(always)]
+        |i| x[i],
+        #[inline(always)]
+        |a, b| a + b,
+    )
 }
 
 /// `Σ (x - c)²`.
 #[inline(always)]
 pub fn sum_sq_dev(x: &[f32], c: f32) -> f32 {
-    reduce(x.len(), 0.0, #[inline(always)] |i| (x[i] - c) * (x[i] - c), #[inline(always)] |a, b| a + b)
+    reduce(
+        x.len(),
+        0.0,
+        #[inline(always)]
+        |i| (x[i] - c) * (x[i] - c),
+        #[inline(always)]
+        |a, b| a + b,
+    )
 }
 
 /// `Σ a b` over the shorter length.
@@ -85,7 +99,14 @@ pub fn sum_sq_dev(x: &[f32], c: f32) -> f32 {
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     let n = a.len().min(b.len());
     let (a, b) = (&a[..n], &b[..n]);
-    reduce(n, 0.0, #[inline(always)] |i| a[i] * b[i], #[inline(always)] |x, y| x + y)
+    reduce(
+        n,
+        0.0,
+        #[inline(always)]
+        |i| a[i] * b[i],
+        #[inline(always)]
+        |x, y| x + y,
+    )
 }
 
 /// `Σ a b c` over the shortest length.
@@ -93,13 +114,27 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
 pub fn dot3(a: &[f32], b: &[f32], c: &[f32]) -> f32 {
     let n = a.len().min(b.len()).min(c.len());
     let (a, b, c) = (&a[..n], &b[..n], &c[..n]);
-    reduce(n, 0.0, #[inline(always)] |i| a[i] * b[i] * c[i], #[inline(always)] |x, y| x + y)
+    reduce(
+        n,
+        0.0,
+        #[inline(always)]
+        |i| a[i] * b[i] * c[i],
+        #[inline(always)]
+        |x, y| x + y,
+    )
 }
 
 /// The largest element (`-∞` for an empty slice).
 #[inline(always)]
 pub fn max(x: &[f32]) -> f32 {
-    reduce(x.len(), f32::NEG_INFINITY, #[inline(always)] |i| x[i], #[inline(always)] |a, b| if b > a { b } else { a })
+    reduce(
+        x.len(),
+        f32::NEG_INFINITY,
+        #[inline(always)]
+        |i| x[i],
+        #[inline(always)]
+        |a, b| if b > a { b } else { a },
+    )
 }
 
 const FRAC_1_SQRT_2: f32 = std::f32::consts::FRAC_1_SQRT_2;
@@ -194,7 +229,10 @@ mod tests {
             let d = (g64(f64::from(x) + h) - g64(f64::from(x) - h)) / (2.0 * h);
             assert!((f64::from(gelu_grad(x)) - d).abs() < 1e-5, "gelu'({x})");
             let (g, dg) = gelu_and_grad(x);
-            assert!((g - gelu(x)).abs() <= 1e-6 * (1.0 + g.abs()) && (dg - gelu_grad(x)).abs() <= 1e-6, "gelu_and_grad({x})");
+            assert!(
+                (g - gelu(x)).abs() <= 1e-6 * (1.0 + g.abs()) && (dg - gelu_grad(x)).abs() <= 1e-6,
+                "gelu_and_grad({x})"
+            );
         }
         assert!(worst < 5e-7, "erf: absolute error {worst}");
     }

@@ -37,7 +37,8 @@ fn line_chart(title: &str, y_label: &str, series: &[(String, Vec<(f64, f64)>)]) 
 
 /// A line chart with the y axis over `y_range` when given.
 fn chart(title: &str, y_label: &str, series: &[(String, Vec<(f64, f64)>)], y_range: Option<(f64, f64)>) -> String {
-    let points: Vec<(f64, f64)> = series.iter().flat_map(|(_, p)| p.iter().copied()).filter(|(x, y)| x.is_finite() && y.is_finite()).collect();
+    let points: Vec<(f64, f64)> =
+        series.iter().flat_map(|(_, p)| p.iter().copied()).filter(|(x, y)| x.is_finite() && y.is_finite()).collect();
     if points.is_empty() {
         return String::new();
     }
@@ -56,7 +57,8 @@ fn chart(title: &str, y_label: &str, series: &[(String, Vec<(f64, f64)>)], y_ran
     let (y0, y1) = y_range.unwrap_or((y0 - pad, y1 + pad));
     let px = |x: f64| left + (x - x0) / (x1 - x0) * (w - left - right);
     let py = |y: f64| top + (1.0 - (y - y0) / (y1 - y0)) * (h - top - bottom);
-    let mut svg = format!(r#"<svg viewBox="0 0 {w} {h}" width="{w}" height="{h}" role="img"><title>{}</title>"#, escape(title));
+    let mut svg =
+        format!(r#"<svg viewBox="0 0 {w} {h}" width="{w}" height="{h}" role="img"><title>{}</title>"#, escape(title));
     let _ = write!(svg, r#"<text x="{left}" y="18" class="title">{}</text>"#, escape(title));
     for i in 0..=4 {
         let y = y0 + (y1 - y0) * f64::from(i) / 4.0;
@@ -70,18 +72,42 @@ fn chart(title: &str, y_label: &str, series: &[(String, Vec<(f64, f64)>)], y_ran
             py = py(y)
         );
         let x = x0 + (x1 - x0) * f64::from(i) / 4.0;
-        let _ = write!(svg, r#"<text x="{:.1}" y="{}" class="tick" text-anchor="middle">{}</text>"#, px(x), h - bottom + 16.0, tick(x));
+        let _ = write!(
+            svg,
+            r#"<text x="{:.1}" y="{}" class="tick" text-anchor="middle">{}</text>"#,
+            px(x),
+            h - bottom + 16.0,
+            tick(x)
+        );
     }
-    let _ = write!(svg, r#"<text x="{}" y="{}" class="tick" text-anchor="middle">step</text>"#, (left + w - right) / 2.0, h - 6.0);
-    let _ = write!(svg, r#"<text x="14" y="{}" class="tick" transform="rotate(-90 14 {})" text-anchor="middle">{}</text>"#, (top + h - bottom) / 2.0, (top + h - bottom) / 2.0, escape(y_label));
+    let _ = write!(
+        svg,
+        r#"<text x="{}" y="{}" class="tick" text-anchor="middle">step</text>"#,
+        (left + w - right) / 2.0,
+        h - 6.0
+    );
+    let _ = write!(
+        svg,
+        r#"<text x="14" y="{}" class="tick" transform="rotate(-90 14 {})" text-anchor="middle">{}</text>"#,
+        (top + h - bottom) / 2.0,
+        (top + h - bottom) / 2.0,
+        escape(y_label)
+    );
     for (k, (name, pts)) in series.iter().enumerate() {
         let color = COLORS[k % COLORS.len()];
-        let path: Vec<String> =
-            pts.iter().filter(|(x, y)| x.is_finite() && y.is_finite()).map(|&(x, y)| format!("{:.1},{:.1}", px(x), py(y))).collect();
+        let path: Vec<String> = pts
+            .iter()
+            .filter(|(x, y)| x.is_finite() && y.is_finite())
+            .map(|&(x, y)| format!("{:.1},{:.1}", px(x), py(y)))
+            .collect();
         if path.len() == 1 {
             let _ = write!(svg, r#"<circle cx="{}" r="3" fill="{color}"/>"#, path[0].replace(',', r#"" cy=""#));
         } else if !path.is_empty() {
-            let _ = write!(svg, r#"<polyline fill="none" stroke="{color}" stroke-width="1.6" points="{}"/>"#, path.join(" "));
+            let _ = write!(
+                svg,
+                r#"<polyline fill="none" stroke="{color}" stroke-width="1.6" points="{}"/>"#,
+                path.join(" ")
+            );
         }
         let ly = top + 14.0 * k as f64 + 6.0;
         let _ = write!(
@@ -116,7 +142,9 @@ fn windowed(points: &[(f64, f64)], windows: usize) -> Vec<(f64, f64)> {
     let size = points.len().div_ceil(windows);
     points
         .chunks(size)
-        .map(|c| (c.iter().map(|p| p.0).sum::<f64>() / c.len() as f64, c.iter().map(|p| p.1).sum::<f64>() / c.len() as f64))
+        .map(|c| {
+            (c.iter().map(|p| p.0).sum::<f64>() / c.len() as f64, c.iter().map(|p| p.1).sum::<f64>() / c.len() as f64)
+        })
         .collect()
 }
 
@@ -176,10 +204,8 @@ pub fn write_report(path: &Path, input: &ReportInput) -> std::io::Result<()> {
         .main_metrics
         .iter()
         .map(|(task, metric)| {
-            let pts = evals
-                .iter()
-                .filter_map(|r| Some((r["step"].as_f64()?, r["scores"][task][metric].as_f64()?)))
-                .collect();
+            let pts =
+                evals.iter().filter_map(|r| Some((r["step"].as_f64()?, r["scores"][task][metric].as_f64()?))).collect();
             (format!("{task}.{metric}"), pts)
         })
         .collect();
@@ -218,7 +244,9 @@ pub fn write_report(path: &Path, input: &ReportInput) -> std::io::Result<()> {
     for r in &steps {
         if let Some(c) = r["grad_cosines"].as_array() {
             for pair in c {
-                if let (Some(a), Some(b), Some(v), Some(s)) = (pair[0].as_str(), pair[1].as_str(), pair[2].as_f64(), r["step"].as_f64()) {
+                if let (Some(a), Some(b), Some(v), Some(s)) =
+                    (pair[0].as_str(), pair[1].as_str(), pair[2].as_f64(), r["step"].as_f64())
+                {
                     cosines.entry(format!("{a} · {b}")).or_default().push((s, v));
                 }
             }
@@ -226,7 +254,8 @@ pub fn write_report(path: &Path, input: &ReportInput) -> std::io::Result<()> {
     }
     if !cosines.is_empty() {
         body.push_str("<h2>Gradient cosine similarity</h2><p>Between each pair of tasks' gradients on the shared parameters, every <code>diagnostics_every</code> steps; below 0 the tasks pull the backbone in conflicting directions.</p>");
-        let cosines: Vec<(String, Vec<(f64, f64)>)> = cosines.into_iter().map(|(k, p)| (k, windowed(&p, 200))).collect();
+        let cosines: Vec<(String, Vec<(f64, f64)>)> =
+            cosines.into_iter().map(|(k, p)| (k, windowed(&p, 200))).collect();
         body.push_str(&line_chart("cosine similarity of task gradients", "cosine", &cosines));
     }
 
@@ -240,7 +269,8 @@ pub fn write_report(path: &Path, input: &ReportInput) -> std::io::Result<()> {
         if !eval.reports.is_empty() {
             let _ = write!(body, "<h2>Per-task reports ({split})</h2>");
             for (task, report) in &eval.reports {
-                let _ = write!(body, "<h3>{}</h3><pre>{}</pre>", escape(task), escape(&mtl_metrics::format_report(report)));
+                let _ =
+                    write!(body, "<h3>{}</h3><pre>{}</pre>", escape(task), escape(&mtl_metrics::format_report(report)));
             }
         }
     }
@@ -283,7 +313,16 @@ mod tests {
         };
         write_report(&path, &input).expect("written");
         let html = std::fs::read_to_string(&path).expect("read");
-        for needle in ["Training loss per task", "Dev metrics", "Task weights", "Task mix", "Gradient cosine", "Confusion matrices", "&lt;y&gt;", "<polyline"] {
+        for needle in [
+            "Training loss per task",
+            "Dev metrics",
+            "Task weights",
+            "Task mix",
+            "Gradient cosine",
+            "Confusion matrices",
+            "&lt;y&gt;",
+            "<polyline",
+        ] {
             assert!(html.contains(needle), "{needle} missing");
         }
         assert!(!html.contains("<script") && !html.contains("http"), "self-contained");

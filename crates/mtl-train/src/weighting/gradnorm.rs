@@ -41,7 +41,10 @@ const MIN_WEIGHT: f64 = 1e-3;
 
 impl GradNorm {
     pub fn new(tasks: Vec<TaskId>, alpha: f64, lr: f64) -> Self {
-        let slots = tasks.into_iter().map(|t| (t, Slot { weight: 1.0, initial_loss: None, m: 0.0, v: 0.0, steps: 0 })).collect();
+        let slots = tasks
+            .into_iter()
+            .map(|t| (t, Slot { weight: 1.0, initial_loss: None, m: 0.0, v: 0.0, steps: 0 }))
+            .collect();
         Self { alpha, lr, slots }
     }
 }
@@ -61,7 +64,8 @@ impl LossWeighting for GradNorm {
 
     fn observe(&mut self, step: &StepLosses) {
         let Some(norms) = &step.grad_norms else { return };
-        let tasks: Vec<&TaskId> = step.losses.keys().filter(|t| norms.contains_key(*t) && self.slots.contains_key(*t)).collect();
+        let tasks: Vec<&TaskId> =
+            step.losses.keys().filter(|t| norms.contains_key(*t) && self.slots.contains_key(*t)).collect();
         if tasks.is_empty() {
             return;
         }
@@ -76,7 +80,11 @@ impl LossWeighting for GradNorm {
             .iter()
             .map(|t| {
                 let initial = self.slots[*t].initial_loss.expect("set above");
-                if initial > 0.0 { step.losses[*t] / initial } else { 1.0 }
+                if initial > 0.0 {
+                    step.losses[*t] / initial
+                } else {
+                    1.0
+                }
             })
             .collect();
         let mean_rate = inverse_rates.iter().sum::<f64>() / tasks.len() as f64;
@@ -87,7 +95,13 @@ impl LossWeighting for GradNorm {
             let g = norms[*task];
             // d|G_k − target| / dw_k, with G_k = w_k · ‖∇L_k‖.
             let diff = g - target;
-            let sign = if diff > 0.0 { 1.0 } else if diff < 0.0 { -1.0 } else { 0.0 };
+            let sign = if diff > 0.0 {
+                1.0
+            } else if diff < 0.0 {
+                -1.0
+            } else {
+                0.0
+            };
             let grad = sign * if slot.weight > 0.0 { g / slot.weight } else { 0.0 };
             slot.steps += 1;
             slot.m = BETA1 * slot.m + (1.0 - BETA1) * grad;
@@ -133,7 +147,8 @@ mod tests {
         let alpha = fixture["alpha"].as_f64().expect("alpha");
         let lr = fixture["lr"].as_f64().expect("lr");
         let steps: Vec<Step> = serde_json::from_value(fixture["steps"].clone()).expect("steps");
-        let tasks: Vec<TaskId> = (0..steps[0].losses.len()).map(|k| TaskId::new(format!("t{k}")).expect("valid")).collect();
+        let tasks: Vec<TaskId> =
+            (0..steps[0].losses.len()).map(|k| TaskId::new(format!("t{k}")).expect("valid")).collect();
         let mut gn = GradNorm::new(tasks.clone(), alpha, lr);
         for step in steps {
             gn.observe(&StepLosses {

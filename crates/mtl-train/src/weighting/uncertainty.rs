@@ -23,8 +23,7 @@ pub struct Uncertainty {
 
 impl Uncertainty {
     pub fn new(tasks: &[TaskId], device: &Device) -> Result<Self> {
-        let log_vars =
-            tasks.iter().map(|t| Ok((t.clone(), Var::new(0f32, device)?))).collect::<Result<_>>()?;
+        let log_vars = tasks.iter().map(|t| Ok((t.clone(), Var::new(0f32, device)?))).collect::<Result<_>>()?;
         Ok(Self { log_vars })
     }
 

@@ -47,17 +47,28 @@ impl DecoderFiles {
             let gguf = read_llama(&file, &Device::Cpu)?;
             let tokenizer = mtl_data::bpe::byte_level_bpe(&gguf.vocab, &file)?;
             tracing::info!(types = ?gguf.tensor_types, "loaded {} (dequantised to f32)", file.display());
-            return Ok(Self { source: file, config: gguf.config, weights: gguf.weights, tokenizer, chat_template: gguf.chat_template });
+            return Ok(Self {
+                source: file,
+                config: gguf.config,
+                weights: gguf.weights,
+                tokenizer,
+                chat_template: gguf.chat_template,
+            });
         }
         let config = mtl_nn::llama::LlamaConfig::from_file(&path.join("config.json"))?;
         let weights_path = path.join("model.safetensors");
         let weights = candle_core::safetensors::load(&weights_path, &Device::Cpu)
-            .map_err(|e| Error::Invalid { path: weights_path.clone(), message: format!("cannot read the weights: {e}") })?
+            .map_err(|e| Error::Invalid {
+                path: weights_path.clone(),
+                message: format!("cannot read the weights: {e}"),
+            })?
             .into_iter()
             .collect();
         let tokenizer_path = path.join("tokenizer.json");
-        let tokenizer = tokenizers::Tokenizer::from_file(&tokenizer_path)
-            .map_err(|e| Error::Invalid { path: tokenizer_path.clone(), message: format!("cannot load tokenizer: {e}") })?;
+        let tokenizer = tokenizers::Tokenizer::from_file(&tokenizer_path).map_err(|e| Error::Invalid {
+            path: tokenizer_path.clone(),
+            message: format!("cannot load tokenizer: {e}"),
+        })?;
         let chat_template = std::fs::read_to_string(path.join("tokenizer_config.json"))
             .ok()
             .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
@@ -74,7 +85,10 @@ impl Decoder {
         let model = Llama::new(&pb, &files.config)?;
         let missing = pb.finish().initialised().to_vec();
         if !missing.is_empty() {
-            return Err(Error::Invalid { path: files.source, message: format!("tensors missing: {}", missing.join(", ")) });
+            return Err(Error::Invalid {
+                path: files.source,
+                message: format!("tensors missing: {}", missing.join(", ")),
+            });
         }
         Ok(Self { model, tokenizer: files.tokenizer, chat, eos: files.config.eos_token_ids })
     }
@@ -86,7 +100,12 @@ impl Decoder {
     }
 
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        Ok(self.tokenizer.encode(text, false).map_err(|e| Error::Usage(format!("cannot tokenise: {e}")))?.get_ids().to_vec())
+        Ok(self
+            .tokenizer
+            .encode(text, false)
+            .map_err(|e| Error::Usage(format!("cannot tokenise: {e}")))?
+            .get_ids()
+            .to_vec())
     }
 
     pub fn decode(&self, ids: &[u32]) -> String {
@@ -142,8 +161,10 @@ impl Decoder {
             stop_strings: request.stop.clone(),
         };
         let started = std::time::Instant::now();
-        let generated = generate(&self.model, &ids, &request.sampling, &limits, |t| self.decode(t), |piece| on_piece(piece))?;
-        let stop = serde_json::to_value(generated.stop).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default();
+        let generated =
+            generate(&self.model, &ids, &request.sampling, &limits, |t| self.decode(t), |piece| on_piece(piece))?;
+        let stop =
+            serde_json::to_value(generated.stop).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default();
         Ok(Generated {
             text: generated.text,
             prompt_tokens: ids.len(),
@@ -160,16 +181,25 @@ impl mtl_serve::generation::Generator for Decoder {
         r: &mtl_serve::generation::GenerateRequest,
         on_piece: &mut dyn FnMut(&str) -> bool,
     ) -> std::result::Result<mtl_serve::generation::Finished, String> {
-        let text = if r.chat { self.chat_prompt(&r.prompt, None).map_err(|e| e.to_string())? } else { r.prompt.clone() };
+        let text =
+            if r.chat { self.chat_prompt(&r.prompt, None).map_err(|e| e.to_string())? } else { r.prompt.clone() };
         let ids = self.encode(&text).map_err(|e| e.to_string())?;
         let context = self.model.config().max_position_embeddings;
         if ids.is_empty() || ids.len() >= context {
             return Err(format!("the prompt has {} tokens; the model reads 1 to {} ", ids.len(), context - 1));
         }
         let sampling = Sampling { temperature: r.temperature, top_k: r.top_k, top_p: r.top_p, seed: r.seed };
-        let limits = Limits { max_new_tokens: r.max_new_tokens, stop_tokens: self.eos.clone(), stop_strings: r.stop.clone() };
-        let generated = generate(&self.model, &ids, &sampling, &limits, |t| self.decode(t), |piece| on_piece(piece)).map_err(|e| e.to_string())?;
-        let stop = serde_json::to_value(generated.stop).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default();
-        Ok(mtl_serve::generation::Finished { text: generated.text, stop, prompt_tokens: ids.len(), new_tokens: generated.ids.len() })
+        let limits =
+            Limits { max_new_tokens: r.max_new_tokens, stop_tokens: self.eos.clone(), stop_strings: r.stop.clone() };
+        let generated = generate(&self.model, &ids, &sampling, &limits, |t| self.decode(t), |piece| on_piece(piece))
+            .map_err(|e| e.to_string())?;
+        let stop =
+            serde_json::to_value(generated.stop).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default();
+        Ok(mtl_serve::generation::Finished {
+            text: generated.text,
+            stop,
+            prompt_tokens: ids.len(),
+            new_tokens: generated.ids.len(),
+        })
     }
 }

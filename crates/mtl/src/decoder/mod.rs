@@ -87,7 +87,10 @@ pub(crate) fn prepared(
 /// The chat template of a decoder, and its end-of-sequence token.
 pub(crate) fn prompt_parts(files: &DecoderFiles) -> Result<(Option<ChatTemplate>, u32)> {
     let chat = files.chat()?;
-    let eos = *files.config.eos_token_ids.first().ok_or_else(|| Error::Invalid { path: files.source.clone(), message: "the model names no end-of-sequence token".into() })?;
+    let eos = *files.config.eos_token_ids.first().ok_or_else(|| Error::Invalid {
+        path: files.source.clone(),
+        message: "the model names no end-of-sequence token".into(),
+    })?;
     Ok((chat, eos))
 }
 
@@ -113,18 +116,25 @@ impl DecoderRun {
         let base = base.resolve(dir)?;
         let mut files = DecoderFiles::load(&base)?;
         let adapters_path = dir.join(run_files::ADAPTERS);
-        let adapters = candle_core::safetensors::load(&adapters_path, &Device::Cpu)
-            .map_err(|e| Error::Invalid { path: adapters_path.clone(), message: format!("cannot read the adapters: {e}") })?;
+        let adapters = candle_core::safetensors::load(&adapters_path, &Device::Cpu).map_err(|e| Error::Invalid {
+            path: adapters_path.clone(),
+            message: format!("cannot read the adapters: {e}"),
+        })?;
         let names: Vec<String> = adapters.keys().cloned().collect();
         files.weights.extend(adapters);
         let (chat, eos) = prompt_parts(&files)?;
         let tasks: Vec<TaskId> = config.tasks.keys().cloned().collect();
         let lora = crate::peft::decoder_lora(&config);
         let max_len = config.model.max_len.min(files.config.max_position_embeddings);
-        let model = DecoderModel::new(&files.config, files.weights, lora.as_ref(), &tasks, config.training.seed, &Device::Cpu)?;
-        let missing: Vec<&str> = model.params().vars().keys().filter(|n| !names.contains(n)).map(String::as_str).collect();
+        let model =
+            DecoderModel::new(&files.config, files.weights, lora.as_ref(), &tasks, config.training.seed, &Device::Cpu)?;
+        let missing: Vec<&str> =
+            model.params().vars().keys().filter(|n| !names.contains(n)).map(String::as_str).collect();
         if !missing.is_empty() {
-            return Err(Error::Invalid { path: adapters_path, message: format!("adapters missing: {}", missing.join(", ")) });
+            return Err(Error::Invalid {
+                path: adapters_path,
+                message: format!("adapters missing: {}", missing.join(", ")),
+            });
         }
         let max_new_tokens = manifest.max_new_tokens.clone();
         let text = TextTasks { model, tokenizer: files.tokenizer, stop: files.config.eos_token_ids, max_new_tokens };
@@ -133,7 +143,12 @@ impl DecoderRun {
 
     /// The run as a plain decoder for free generation: its shared adapter on the base model.
     pub(crate) fn into_decoder(self) -> Decoder {
-        Decoder { model: self.text.model.into_llama(), tokenizer: self.text.tokenizer, chat: self.chat, eos: self.text.stop }
+        Decoder {
+            model: self.text.model.into_llama(),
+            tokenizer: self.text.tokenizer,
+            chat: self.chat,
+            eos: self.text.stop,
+        }
     }
 
     pub(crate) fn format(&self) -> PromptFormat<'_> {
@@ -184,16 +199,24 @@ impl DecoderRun {
                     }
                     TaskKind::MultiLabel => {
                         let ids = prompt::labels_from_text(tc, labels, &generated);
-                        TaskPrediction::GeneratedLabels { labels: ids.into_iter().map(|i| labels[i as usize].clone()).collect(), generated }
+                        TaskPrediction::GeneratedLabels {
+                            labels: ids.into_iter().map(|i| labels[i as usize].clone()).collect(),
+                            generated,
+                        }
                     }
                     TaskKind::Regression => {
                         let values = prompt::values_from_text(labels, &generated);
                         TaskPrediction::GeneratedValues { generated, values }
                     }
-                    TaskKind::QuestionAnswering => TaskPrediction::GeneratedAnswer { answer: prompt::answer_from_text(&generated), generated },
+                    TaskKind::QuestionAnswering => {
+                        TaskPrediction::GeneratedAnswer { answer: prompt::answer_from_text(&generated), generated }
+                    }
                     TaskKind::Generation => TaskPrediction::Generated { generated },
                     TaskKind::TokenClassification => {
-                        let spans = prompt::parse_pairs(&generated).into_iter().map(|(kind, value)| Span { kind, value }).collect();
+                        let spans = prompt::parse_pairs(&generated)
+                            .into_iter()
+                            .map(|(kind, value)| Span { kind, value })
+                            .collect();
                         TaskPrediction::GeneratedSpans { generated, spans }
                     }
                 };

@@ -53,8 +53,14 @@ pub(crate) fn train(config: &Config, out: &Path, resume_run: bool) -> Result<Tra
     let tasks: Vec<TaskId> = config.tasks.keys().cloned().collect();
     let lora = crate::peft::decoder_lora(config);
     let source = files.source.clone();
-    let model = DecoderModel::new(&files.config, files.weights, lora.as_ref(), &tasks, config.training.seed, &Device::Cpu)?;
-    let text = TextTasks { model, tokenizer: files.tokenizer.clone(), stop: files.config.eos_token_ids.clone(), max_new_tokens };
+    let model =
+        DecoderModel::new(&files.config, files.weights, lora.as_ref(), &tasks, config.training.seed, &Device::Cpu)?;
+    let text = TextTasks {
+        model,
+        tokenizer: files.tokenizer.clone(),
+        stop: files.config.eos_token_ids.clone(),
+        max_new_tokens,
+    };
     tracing::info!(
         trained = text.model.params().num_params(),
         train = splits.train.len(),
@@ -98,7 +104,10 @@ pub(crate) fn train(config: &Config, out: &Path, resume_run: bool) -> Result<Tra
         write_text(&dir.join(files::RUN_CONFIG), &config.to_toml())?;
         let labels = serde_json::to_string_pretty(&outcome.labels).expect("label maps serialize; this is a bug");
         write_text(&dir.join(files::LABELS), &labels)?;
-        write_text(&dir.join(files::METRICS), &serde_json::to_string_pretty(&metrics).expect("metrics serialize; this is a bug"))
+        write_text(
+            &dir.join(files::METRICS),
+            &serde_json::to_string_pretty(&metrics).expect("metrics serialize; this is a bug"),
+        )
     })?;
     resume::remove_all(out)?;
     crate::train::write_report(out, config, &outcome, seconds)?;

@@ -93,12 +93,16 @@ impl EncoderRun {
             None => None,
         };
         let weights = if base.is_some() { files::ADAPTERS } else { files::WEIGHTS };
-        for (name, what) in [(files::MODEL_CONFIG, "model config"), (weights, "model weights"), (files::TOKENIZER, "tokenizer")] {
+        for (name, what) in
+            [(files::MODEL_CONFIG, "model config"), (weights, "model weights"), (files::TOKENIZER, "tokenizer")]
+        {
             require_file(&dir.join(name), what)?;
         }
         let bert = BertConfig::from_file(&dir.join(files::MODEL_CONFIG))?;
-        let encoder =
-            TextEncoder::from_file(&dir.join(files::TOKENIZER), config.model.max_len.min(bert.max_position_embeddings))?;
+        let encoder = TextEncoder::from_file(
+            &dir.join(files::TOKENIZER),
+            config.model.max_len.min(bert.max_position_embeddings),
+        )?;
         let sizes = head_specs(&config, &labels);
         let peft = crate::peft::encoder_spec(&config, &bert);
         let spec = model_spec(&config, &bert, &sizes, peft.as_ref());

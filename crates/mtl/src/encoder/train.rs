@@ -22,7 +22,8 @@ use crate::Architecture;
 /// Trains `config` (an encoder's) into `out`, which the caller has prepared (fresh, or resumable).
 pub(crate) fn train(config: &Config, out: &Path, select: Select, resume: bool) -> Result<TrainReport> {
     let base = &config.model.path;
-    for (name, what) in [("config.json", "model config"), ("model.safetensors", "model weights"), ("tokenizer.json", "tokenizer")]
+    for (name, what) in
+        [("config.json", "model config"), ("model.safetensors", "model weights"), ("tokenizer.json", "tokenizer")]
     {
         require_file(&base.join(name), what)?;
     }
