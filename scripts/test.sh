@@ -1,10 +1,17 @@
 #!/usr/bin/env bash
-# The full test suite: fetches the default model (for the tests that check it against transformers), runs
+# The full test suite: checks formatting (rustfmt.toml) and lints (clippy, warnings are errors), fetches the
+# default model (for the tests that check it against transformers), runs
 # every test of the workspace in release mode (candle is far too slow unoptimised), then reads the
 # TensorBoard files of a small training run back with TensorBoard's own reader (tests/python/, in the
 # ignored virtual environment .venv-test).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# The gates: rustup installs the two components where the toolchain lacks them.
+for component in rustfmt clippy; do
+  if ! cargo "${component/rustfmt/fmt}" --version > /dev/null 2>&1; then rustup component add "$component"; fi
+done
+cargo fmt --all -- --check || { echo "cargo fmt: the code above is not formatted; run cargo fmt --all"; exit 1; }
+cargo clippy --workspace --all-targets --release --quiet -- -D warnings || { echo "clippy: fix the warnings above"; exit 1; }
 scripts/fetch.sh
 cargo test --release --workspace "$@"
 

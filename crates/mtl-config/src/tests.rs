@@ -10,7 +10,7 @@ use crate::overrides::apply_override;
 use crate::*;
 
 #[cfg(test)]
-mod tests {
+mod parsing {
     use super::*;
 
     const MINIMAL: &str = r#"

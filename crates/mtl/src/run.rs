@@ -65,8 +65,8 @@ impl Capabilities {
 
 /// The loaded model of a run, by backbone.
 pub(crate) enum Loaded {
-    Encoder(EncoderRun),
-    Decoder(DecoderRun),
+    Encoder(Box<EncoderRun>),
+    Decoder(Box<DecoderRun>),
 }
 
 /// A trained run, opened.
@@ -96,8 +96,8 @@ impl Run {
     fn open_with(dir: &Path, merge: bool) -> Result<Self> {
         let manifest = RunManifest::read(dir)?;
         let loaded = match manifest.architecture {
-            Architecture::Bert => Loaded::Encoder(EncoderRun::load(dir, &manifest, merge)?),
-            Architecture::Llama => Loaded::Decoder(DecoderRun::load(dir, &manifest)?),
+            Architecture::Bert => Loaded::Encoder(Box::new(EncoderRun::load(dir, &manifest, merge)?)),
+            Architecture::Llama => Loaded::Decoder(Box::new(DecoderRun::load(dir, &manifest)?)),
         };
         Ok(Self { dir: dir.to_owned(), manifest, loaded })
     }
@@ -128,7 +128,7 @@ impl Run {
     /// The encoder run, for the operations only encoders have (checked by [`Run::require`] first).
     pub(crate) fn into_encoder(self) -> Result<EncoderRun> {
         match self.loaded {
-            Loaded::Encoder(e) => Ok(e),
+            Loaded::Encoder(e) => Ok(*e),
             Loaded::Decoder(_) => {
                 Err(Error::Unsupported { run: self.dir, message: "an encoder run is needed here".into() })
             }
