@@ -12,6 +12,7 @@ for component in rustfmt clippy; do
 done
 cargo fmt --all -- --check || { echo "cargo fmt: the code above is not formatted; run cargo fmt --all"; exit 1; }
 cargo clippy --workspace --all-targets --release --quiet -- -D warnings || { echo "clippy: fix the warnings above"; exit 1; }
+python3 scripts/check-imports.py || { echo "import circles between modules (above): move what both use to the left"; exit 1; }
 scripts/fetch.sh
 cargo test --release --workspace "$@"
 

@@ -726,7 +726,7 @@ impl Bert {
         // Under parameter-efficient tuning the backbone's own weights are frozen: backward skips their gradients.
         let linear = |layers: &[&Linear], x: &Tensor| -> Result<Tensor> {
             match peft {
-                Some(_) => crate::fused::frozen_linear(x, layers),
+                Some(_) => crate::layers::frozen_linear(x, layers),
                 None if layers.len() == 1 => layers[0].forward(x),
                 None => Linear::stacked(layers)?.forward(x),
             }
@@ -765,7 +765,7 @@ impl Bert {
         let x = l.attn_norm.forward(&(attn + x)?)?;
         let inter = adapt(LinearModule::Intermediate, &x, linear(&[&l.intermediate], &x)?)?;
         let inter = match self.config.hidden_act {
-            Activation::Gelu if inter.device().is_cpu() => crate::fused::gelu_erf(&inter)?,
+            Activation::Gelu if inter.device().is_cpu() => crate::cpu::fused::gelu_erf(&inter)?,
             Activation::Gelu => inter.gelu_erf()?,
             Activation::GeluNew => inter.gelu()?,
             Activation::Relu => inter.relu()?,

@@ -37,6 +37,20 @@ impl Linear {
     }
 }
 
+/// `x Wᵀ + b` of linear layers whose weights do not train (a backbone under LoRA, adapters or prefix tuning),
+/// several layers of the same input side by side, with the input's gradient only: the fused kernel on the CPU
+/// ([`crate::cpu::fused::frozen_linear`]), composed ops on detached weights elsewhere (correct, without the
+/// saving).
+pub(crate) fn frozen_linear(x: &Tensor, layers: &[&Linear]) -> Result<Tensor> {
+    if x.device().is_cpu() {
+        let weights: Vec<&Tensor> = layers.iter().map(|l| &l.weight).collect();
+        let biases: Vec<&Tensor> = layers.iter().map(|l| &l.bias).collect();
+        return crate::cpu::fused::frozen_linear(x, &weights, &biases);
+    }
+    let stacked = Linear::stacked(layers)?;
+    Linear { weight: stacked.weight.detach(), bias: stacked.bias.detach() }.forward(x)
+}
+
 /// LayerNorm over the last dimension, written out so that it has a backward pass (candle-nn's fast path
 /// has none).
 #[derive(Clone, Debug)]
@@ -56,7 +70,7 @@ impl LayerNorm {
     /// The fused kernel on the CPU; composed candle ops elsewhere.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         if x.device().is_cpu() {
-            crate::fused::layer_norm(x, &self.weight, &self.bias, self.eps)
+            crate::cpu::fused::layer_norm(x, &self.weight, &self.bias, self.eps)
         } else {
             layer_norm_composed(x, &self.weight, &self.bias, self.eps)
         }

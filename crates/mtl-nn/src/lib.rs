@@ -9,7 +9,6 @@ mod bert;
 pub mod cpu;
 mod crf;
 pub mod decoder;
-pub mod fused;
 pub mod generate;
 pub mod gguf;
 mod heads;

@@ -482,10 +482,10 @@ impl Llama {
     }
 
     /// `x · Wᵀ` of a pretrained weight: with LoRA the weights are frozen, and backward computes the input's
-    /// gradient only (see [`crate::fused::frozen_project`]).
+    /// gradient only (see [`crate::cpu::fused::frozen_project`]).
     fn project(&self, x: &Tensor, w: &Tensor) -> Result<Tensor> {
         match self.lora {
-            Some(_) => crate::fused::frozen_project(x, w),
+            Some(_) => crate::cpu::fused::frozen_project(x, w),
             None => project(x, w),
         }
     }

@@ -54,8 +54,7 @@ fn default_max_new_tokens() -> usize {
     128
 }
 
-/// The most new tokens one request may ask for.
-pub const MAX_NEW_TOKENS: usize = 4096;
+pub use crate::MAX_NEW_TOKENS;
 
 /// How a generation ended.
 #[derive(Clone, Debug, PartialEq)]

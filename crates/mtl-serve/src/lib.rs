@@ -15,6 +15,9 @@ pub mod generation;
 pub mod metrics;
 pub mod openapi;
 
+/// The most new tokens one generation request may ask for.
+pub const MAX_NEW_TOKENS: usize = 4096;
+
 /// The router that [`api::router`] and [`generation::generation_router`] build, for callers that serve it.
 pub use axum::Router;
 

@@ -74,11 +74,11 @@ pub fn document(tasks: &[TaskDescription], secured: bool) -> Value {
     doc
 }
 
-/// The document of a decoder's server (`POST /v1/generate`, [`crate::generation`]); `secured`: requests need
+/// The document of a decoder's server (`POST /v1/generate`, `crate::generation`); `secured`: requests need
 /// an API key.
 pub fn generation_document(secured: bool) -> Value {
     let error = |description: &str| json!({"description": description, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}});
-    let max = crate::generation::MAX_NEW_TOKENS;
+    let max = crate::MAX_NEW_TOKENS;
     let mut doc = json!({
         "openapi": "3.1.0",
         "info": {"title": "mtl serve", "version": env!("CARGO_PKG_VERSION"), "description": "Text generation by one decoder model."},

@@ -20,8 +20,8 @@ use serde_json::json;
 use crate::encoder::{load_split, log_truncation, model_spec};
 use crate::error::{bail, read_text, Error, Result};
 use crate::files::{self as checkpoint, CheckpointFiles};
+use crate::report::metrics_json;
 use crate::run::{Operation, Run};
-use crate::train::metrics_json;
 
 /// What adding tasks did.
 #[derive(Debug)]

@@ -21,17 +21,7 @@ use crate::error::{Error, Result};
 use crate::manifest::{BaseRef, RunManifest, WeightLayout, FORMAT_VERSION};
 use crate::Architecture;
 
-pub const WEIGHTS: &str = "model.safetensors";
-pub const MODEL_CONFIG: &str = "config.json";
-pub const TOKENIZER: &str = "tokenizer.json";
-pub const RUN_CONFIG: &str = "mtl.toml";
-pub const LABELS: &str = "labels.json";
-pub const METRICS: &str = "metrics.json";
-pub const HEADS: &str = "heads";
-/// A parameter-efficient run's trained tensors (adapters and heads), which go onto its base model's weights.
-pub const ADAPTERS: &str = "adapters.safetensors";
-/// An int8 model's encoder projections (`mtl quantize`); its other tensors stay in `model.safetensors`.
-pub const INT8: &str = "int8.safetensors";
+pub use crate::manifest::{ADAPTERS, HEADS, INT8, LABELS, METRICS, MODEL_CONFIG, RUN_CONFIG, TOKENIZER, WEIGHTS};
 
 /// Everything a checkpoint holds besides the weights.
 pub struct CheckpointFiles<'a> {

@@ -35,6 +35,7 @@ mod files;
 pub mod manifest;
 mod peft;
 mod predict;
+mod report;
 mod run;
 pub mod serve;
 mod train;
@@ -48,8 +49,8 @@ pub use deploy::{prune, quantize, TransformReport};
 pub use error::{Error, Result};
 pub use export::export;
 pub use manifest::{RunManifest, WeightLayout};
-pub use predict::{Entity, PredictionRecord, Span, TaskPrediction};
-pub use run::{Capabilities, Operation, PredictOptions, Run};
+pub use predict::{Entity, PredictOptions, PredictionRecord, Span, TaskPrediction};
+pub use run::{Capabilities, Operation, Run};
 pub use train::{train, BaselineRow, Baselines, Select, TrainOptions, TrainReport, Training};
 
 pub use mtl_config::{Config, ServeConfig, ServeOverrides};

@@ -27,6 +27,19 @@ use crate::Architecture;
 
 /// The manifest's file name in a run directory.
 pub const MANIFEST: &str = "run.json";
+// The other files of a run directory.
+pub const WEIGHTS: &str = "model.safetensors";
+pub const MODEL_CONFIG: &str = "config.json";
+pub const TOKENIZER: &str = "tokenizer.json";
+pub const RUN_CONFIG: &str = "mtl.toml";
+pub const LABELS: &str = "labels.json";
+pub const METRICS: &str = "metrics.json";
+pub const HEADS: &str = "heads";
+/// A parameter-efficient run's trained tensors (adapters and heads), which go onto its base model's weights.
+pub const ADAPTERS: &str = "adapters.safetensors";
+/// An int8 model's encoder projections (`mtl quantize`); its other tensors stay in `model.safetensors`.
+pub const INT8: &str = "int8.safetensors";
+
 /// The format this build writes; it reads this one and every older one.
 pub const FORMAT_VERSION: u32 = 1;
 /// Format 0's record of the base model (runs written before the manifest).
@@ -155,14 +168,14 @@ impl RunManifest {
     /// Format 0: `base_model.json` (absolute path, CRC-32, a `decoder` flag and the decoder's answer budgets)
     /// where the run has a base, `int8.safetensors` for a quantised encoder; the tasks from `labels.json`.
     fn read_legacy(dir: &Path) -> Result<Self> {
-        if !dir.join(crate::files::RUN_CONFIG).exists() {
+        if !dir.join(RUN_CONFIG).exists() {
             return Err(mtl_train::TrainError::NotACheckpoint(dir.to_owned()).into());
         }
-        let labels: BTreeMap<TaskId, serde_json::Value> = read_json(&dir.join(crate::files::LABELS))?;
+        let labels: BTreeMap<TaskId, serde_json::Value> = read_json(&dir.join(LABELS))?;
         let mut manifest = Self {
             format_version: 0,
             architecture: Architecture::Bert,
-            weights: if dir.join(crate::files::INT8).exists() { WeightLayout::Int8 } else { WeightLayout::Full },
+            weights: if dir.join(INT8).exists() { WeightLayout::Int8 } else { WeightLayout::Full },
             tasks: labels.into_keys().collect(),
             base: None,
             max_new_tokens: BTreeMap::new(),

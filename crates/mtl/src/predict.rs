@@ -3,18 +3,29 @@
 //! alphabetical order, so the JSON is the same whichever way it was built.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
 
 use mtl_config::Config;
-use mtl_core::{TaskId, TaskKind};
-use mtl_data::{Example, Input, LabelMap, Location};
-use mtl_train::{predict_examples, Prediction, TaskInfo};
+use mtl_core::TaskKind;
+use mtl_data::{Input, LabelMap, Location};
+use mtl_train::Prediction;
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::encoder::EncoderRun;
 use crate::error::{bail, Error, Result};
-use crate::run::PredictOptions;
+
+/// How to predict.
+#[derive(Clone, Debug)]
+pub struct PredictOptions {
+    pub batch_size: usize,
+    /// Scores and probabilities unrounded (4 decimals otherwise).
+    pub full_precision: bool,
+}
+
+impl Default for PredictOptions {
+    fn default() -> Self {
+        Self { batch_size: 64, full_precision: false }
+    }
+}
 
 /// One input's predictions.
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -131,88 +142,6 @@ pub(crate) fn task_prediction(p: &Prediction, words: &[String], map: &LabelMap, 
         },
         Prediction::Generated(text) => TaskPrediction::Generated { generated: text.clone() },
     }
-}
-
-/// The record of an encoder's predictions for one example.
-pub(crate) fn encoder_record(
-    ex: &Example,
-    preds: &BTreeMap<TaskId, Prediction>,
-    labels: &BTreeMap<TaskId, LabelMap>,
-    full: bool,
-) -> PredictionRecord {
-    let words = ex.input.words();
-    let mut record = PredictionRecord::of(&ex.input);
-    for (task, p) in preds {
-        record.predictions.insert(task.to_string(), task_prediction(p, &words, &labels[task], full));
-    }
-    record
-}
-
-/// The examples of one input for an encoder: one, or the windows of a question's context. `group` numbers
-/// the questions, whose windows share an answer. The error is the encoder's message.
-pub(crate) fn encoder_examples(
-    run: &EncoderRun,
-    location: &Location,
-    input: &Input,
-    group: usize,
-) -> std::result::Result<Vec<Example>, String> {
-    let qa = run.config.tasks.values().find(|t| t.kind == TaskKind::QuestionAnswering);
-    if let (Input::Question { question, context }, Some(task)) = (input, qa) {
-        let encoder = &run.encoder;
-        let windows =
-            encoder.question_windows(question, context, task.max_query_len, task.doc_stride(encoder.max_len()))?;
-        let shared = Arc::new(mtl_data::Question { group, context: context.clone(), answers: Vec::new() });
-        return Ok(windows
-            .into_iter()
-            .map(|w| Example {
-                location: location.clone(),
-                input: input.clone(),
-                encoded: w.encoded,
-                labels: BTreeMap::new(),
-                qa: Some(mtl_data::QaFeature { question: shared.clone(), offsets: w.offsets }),
-            })
-            .collect());
-    }
-    // Token tasks tag words: raw text is split on whitespace, as the training files split it.
-    let input = match input {
-        Input::Text(t) if run.config.tasks.values().any(|t| t.kind == TaskKind::TokenClassification) => {
-            Input::Words(t.split_whitespace().map(String::from).collect())
-        }
-        other => other.clone(),
-    };
-    let encoded = run.encoder.encode(&input)?;
-    Ok(vec![Example { location: location.clone(), input, encoded, labels: BTreeMap::new(), qa: None }])
-}
-
-/// An encoder's records for `inputs`.
-pub(crate) fn encoder(
-    run: &EncoderRun,
-    inputs: &[(Location, Input)],
-    options: &PredictOptions,
-) -> Result<Vec<PredictionRecord>> {
-    let info = TaskInfo { config: &run.config, labels: &run.labels };
-    let mut examples = Vec::new();
-    let mut owner = Vec::new();
-    for (n, (location, input)) in inputs.iter().enumerate() {
-        let at = |m: String| Error::Usage(format!("{}:{}: {m}", location.path.display(), location.line));
-        for ex in encoder_examples(run, location, input, n).map_err(at)? {
-            examples.push(ex);
-            owner.push(n);
-        }
-    }
-    let refs: Vec<&Example> = examples.iter().collect();
-    let predictions = predict_examples(&run.model, &refs, &info, options.batch_size)?;
-    let mut records = Vec::with_capacity(inputs.len());
-    let mut last = None;
-    for ((ex, preds), n) in examples.iter().zip(predictions).zip(owner) {
-        // The windows of one question share their answer: one record.
-        if last == Some(n) {
-            continue;
-        }
-        last = Some(n);
-        records.push(encoder_record(ex, &preds, &run.labels, options.full_precision));
-    }
-    Ok(records)
 }
 
 /// Parses one line of prediction input (see [`crate::Run::parse_input`]).

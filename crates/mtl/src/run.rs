@@ -15,7 +15,7 @@ use crate::decoder::DecoderRun;
 use crate::encoder::EncoderRun;
 use crate::error::{bail, Error, Result};
 use crate::manifest::{RunManifest, WeightLayout};
-use crate::predict::PredictionRecord;
+use crate::predict::{PredictOptions, PredictionRecord};
 use crate::Architecture;
 
 /// What can be asked of a run.
@@ -276,7 +276,7 @@ impl Run {
     ) -> Result<Vec<PredictionRecord>> {
         self.require(Operation::Predict)?;
         match &self.loaded {
-            Loaded::Encoder(e) => crate::predict::encoder(e, inputs, options),
+            Loaded::Encoder(e) => crate::encoder::predict::records(e, inputs, options),
             Loaded::Decoder(d) => d.predict(inputs, options.batch_size),
         }
     }
@@ -289,19 +289,5 @@ impl Run {
             .map(|(i, input)| (Location { path: "input".into(), line: i + 1 }, input.clone()))
             .collect();
         self.predict_located(&located, options)
-    }
-}
-
-/// How to predict.
-#[derive(Clone, Debug)]
-pub struct PredictOptions {
-    pub batch_size: usize,
-    /// Scores and probabilities unrounded (4 decimals otherwise).
-    pub full_precision: bool,
-}
-
-impl Default for PredictOptions {
-    fn default() -> Self {
-        Self { batch_size: 64, full_precision: false }
     }
 }

@@ -13,9 +13,10 @@ use mtl_serve::{Engine, RequestInput, Router, TaskDescription};
 use mtl_train::{predict_examples, TaskInfo};
 use serde_json::Value;
 
+use crate::encoder::predict::encoder_record;
 use crate::encoder::EncoderRun as Loaded;
 use crate::error::{bail, read_text, Error, Result};
-use crate::predict::{encoder_record, Entity, TaskPrediction};
+use crate::predict::{Entity, TaskPrediction};
 use crate::run::{Loaded as Backbone, Operation, Run};
 use crate::Architecture;
 
@@ -192,7 +193,7 @@ impl Engine for ModelEngine {
             }
         };
         let group = self.questions.fetch_add(1, Ordering::Relaxed);
-        let examples = crate::predict::encoder_examples(&self.loaded, &location, &input, group)?;
+        let examples = crate::encoder::predict::encoder_examples(&self.loaded, &location, &input, group)?;
         let tokens = examples.iter().map(|e| e.encoded.ids.len()).sum();
         Ok(((examples, text), tokens))
     }

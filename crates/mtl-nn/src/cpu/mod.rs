@@ -2,6 +2,7 @@
 //! and the fused encoder stack with its own backward pass, and its int8 twin for inference.
 
 pub mod encoder;
+pub mod fused;
 pub mod gemm;
 pub mod int8;
 pub mod math;

@@ -16,7 +16,7 @@ use super::{prepared, prompt_parts, split, DecoderFiles};
 use crate::error::{write_text, Result};
 use crate::files::{self, publish_into};
 use crate::manifest::{BaseRef, RunManifest, WeightLayout, FORMAT_VERSION};
-use crate::train::{run_metrics, TrainReport};
+use crate::report::{run_metrics, write_report, TrainReport};
 use crate::Architecture;
 
 /// One training run of a decoder model into `out` (checked and prepared by the caller).
@@ -110,6 +110,6 @@ pub(crate) fn train(config: &Config, out: &Path, resume_run: bool) -> Result<Tra
         )
     })?;
     resume::remove_all(out)?;
-    crate::train::write_report(out, config, &outcome, seconds)?;
+    write_report(out, config, &outcome, seconds)?;
     Ok(TrainReport::new(out, Architecture::Llama, config, outcome, seconds))
 }

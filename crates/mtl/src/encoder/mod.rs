@@ -1,6 +1,7 @@
 //! The BERT-family backbone: its model spec from a run config, its data, and a trained encoder run loaded for
 //! use. Training lives in [`train`].
 
+pub(crate) mod predict;
 pub(crate) mod train;
 
 use std::collections::BTreeMap;

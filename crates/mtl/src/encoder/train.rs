@@ -16,7 +16,7 @@ use serde_json::json;
 use super::{load_split, log_truncation, model_spec, require_file};
 use crate::error::{Error, Result};
 use crate::files::{self, CheckpointFiles};
-use crate::train::{run_metrics, write_report, Select, TrainReport};
+use crate::report::{run_metrics, write_report, Select, TrainReport};
 use crate::Architecture;
 
 /// Trains `config` (an encoder's) into `out`, which the caller has prepared (fresh, or resumable).

@@ -3,13 +3,13 @@
 //!
 //! Composed from candle ops, LayerNorm takes nine tensor ops forward and about twenty backward, each
 //! allocating a full tensor; the fused version makes one pass over the rows each way, in parallel over row
-//! chunks. Both are tested against the composed forms in [`crate::layers`], values and gradients.
+//! chunks. Both are tested against the composed forms in `crate::layers`, values and gradients. The kernels
+//! take plain tensors; the layers that call them (and compose ops on other devices) live in `crate::layers`.
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Shape, Storage, Tensor};
 use rayon::prelude::*;
 
-use crate::cpu::gemm::{self, Threads, View, ViewMut};
-use crate::layers::Linear;
+use super::gemm::{self, Threads, View, ViewMut};
 use crate::Result;
 
 const ROWS_PER_TASK: usize = 64;
@@ -234,14 +234,10 @@ impl CustomOp2 for GeluBackward {
 /// several layers of the same input side by side. Backward gives the input's gradient only: candle's own matmul
 /// also computes the gradient of its second operand, a product as large as the input's that nothing would read,
 /// and a bias gradient besides.
-pub(crate) fn frozen_linear(x: &Tensor, layers: &[&Linear]) -> Result<Tensor> {
-    if !x.device().is_cpu() {
-        // Elsewhere, composed ops on detached weights (correct, without the saving).
-        let stacked = Linear::stacked(layers)?;
-        return Linear { weight: stacked.weight.detach(), bias: stacked.bias.detach() }.forward(x);
-    }
-    let weights = layers.iter().map(|l| l.weight.contiguous()).collect::<candle_core::Result<_>>()?;
-    let biases = Some(layers.iter().map(|l| l.bias.contiguous()).collect::<candle_core::Result<_>>()?);
+/// The layers are given as their weights and biases; `x` is on the CPU.
+pub(crate) fn frozen_linear(x: &Tensor, weights: &[&Tensor], biases: &[&Tensor]) -> Result<Tensor> {
+    let weights = weights.iter().map(|w| w.contiguous()).collect::<candle_core::Result<_>>()?;
+    let biases = Some(biases.iter().map(|b| b.contiguous()).collect::<candle_core::Result<_>>()?);
     Ok(x.contiguous()?.apply_op1(FrozenLinear { weights, biases })?)
 }
 
@@ -321,6 +317,7 @@ impl CustomOp1 for FrozenLinear {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::layers::Linear;
     use candle_core::{Device, Var};
     use rand::{Rng, SeedableRng};
 
@@ -377,7 +374,7 @@ mod tests {
         let refs: Vec<&Linear> = layers.iter().collect();
         let x = Var::from_tensor(&r(&[rows, k])?)?;
         let probe = r(&[rows, 40])?;
-        let frozen = frozen_linear(x.as_tensor(), &refs)?;
+        let frozen = crate::layers::frozen_linear(x.as_tensor(), &refs)?;
         let reference = Linear::stacked(&refs)?.forward(x.as_tensor())?;
         assert_eq!(frozen.dims(), &[rows, 40]);
         assert!(max_diff(&frozen, &reference) < 1e-5, "{}", max_diff(&frozen, &reference));
@@ -392,7 +389,8 @@ mod tests {
         let reference = x.as_tensor().matmul(&layers[0].weight.t()?)?;
         assert!(max_diff(&projected, &reference) < 1e-5, "{}", max_diff(&projected, &reference));
         // No rows.
-        let empty = frozen_linear(&Tensor::zeros((0, k), candle_core::DType::F32, &Device::Cpu)?, &refs)?;
+        let empty =
+            crate::layers::frozen_linear(&Tensor::zeros((0, k), candle_core::DType::F32, &Device::Cpu)?, &refs)?;
         assert_eq!(empty.dims(), &[0, 40]);
         Ok(())
     }
