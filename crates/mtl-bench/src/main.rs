@@ -160,10 +160,9 @@ fn llm_lora(args: &Args) -> Result<()> {
     let model = Llama::with_lora(&pb, &gguf.config, Some(&lora))?;
     let store = pb.finish();
     let params = store
-        .vars()
-        .iter()
-        .filter(|(n, _)| mtl_nn::is_peft_param(n))
-        .map(|(n, v)| (n.clone(), v.clone(), ParamGroup { lr: 1e-4, weight_decay: 0.0 }));
+        .with_roles()
+        .filter(|(_, _, role)| role.is_adapter())
+        .map(|(n, v, _)| (n.clone(), v.clone(), ParamGroup { lr: 1e-4, weight_decay: 0.0 }));
     let mut opt = AdamW::new(params, AdamWConfig::default());
     let (b, s) = (args.batch, args.seq);
     let vocab = gguf.config.vocab_size;
@@ -244,7 +243,7 @@ fn main() -> Result<()> {
     match args.workload.as_str() {
         "train" => {
             // Under LoRA only the adapters and the heads train.
-            let trained = |n: &str| !args.lora || mtl_nn::is_peft_param(n) || n.starts_with("heads.");
+            let trained = |n: &str| !args.lora || model.params().is_added(n);
             let vars: BTreeMap<_, _> =
                 model.params().vars().iter().filter(|(n, _)| trained(n)).map(|(n, v)| (n.clone(), v.clone())).collect();
             let params = vars.iter().map(|(n, v)| {

@@ -171,6 +171,61 @@ pub enum Targets {
     Span { start: Vec<i64>, end: Vec<i64> },
 }
 
+/// The name of the adapter shared by every task (PEFT's default adapter name).
+pub const SHARED_ADAPTER: &str = "default";
+
+/// What a parameter is to training, decided where the parameter is built: freezing, learning-rate groups,
+/// per-task snapshots and export ask this, never the parameter's name.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ParamRole {
+    /// The backbone outside its layers: embeddings (and a decoder's final norm and LM head).
+    Embeddings,
+    /// Backbone layer `i`, from 0 at the bottom.
+    Layer(usize),
+    /// A parameter-efficient adapter (LoRA, bottleneck, prefix) on backbone layer `layer`: one task's own, or
+    /// the adapter every task shares (`adapter` is then [`SHARED_ADAPTER`]).
+    Adapter { adapter: String, layer: usize, shared: bool },
+    /// The head of a task.
+    Head(TaskId),
+    /// The loss weighting's own parameters (uncertainty's log-variances).
+    Weighting,
+}
+
+impl ParamRole {
+    /// Whether every task uses it: the backbone, and a shared adapter.
+    pub fn is_shared(&self) -> bool {
+        matches!(self, Self::Embeddings | Self::Layer(_) | Self::Adapter { shared: true, .. })
+    }
+
+    /// Whether it belongs to the backbone as pretrained (not added for fine-tuning).
+    pub fn is_backbone(&self) -> bool {
+        matches!(self, Self::Embeddings | Self::Layer(_))
+    }
+
+    /// Whether it is an adapter's.
+    pub fn is_adapter(&self) -> bool {
+        matches!(self, Self::Adapter { .. })
+    }
+
+    /// The backbone layer it sits on, if any.
+    pub fn layer(&self) -> Option<usize> {
+        match self {
+            Self::Layer(i) | Self::Adapter { layer: i, .. } => Some(*i),
+            _ => None,
+        }
+    }
+
+    /// The task that alone uses it: a head's task, or the task of a per-task adapter.
+    pub fn task(&self) -> Option<&str> {
+        match self {
+            Self::Head(t) => Some(t.as_str()),
+            Self::Adapter { adapter, shared: false, .. } => Some(adapter),
+            _ => None,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

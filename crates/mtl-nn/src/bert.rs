@@ -240,7 +240,7 @@ impl Bert {
         };
         let layers = (0..config.num_hidden_layers)
             .map(|i| {
-                let l = pb.pp(&format!("encoder.layer.{i}"));
+                let l = pb.pp(&format!("encoder.layer.{i}")).with_role(mtl_core::ParamRole::Layer(i));
                 let a = l.pp("attention");
                 let mut adapted = BTreeMap::new();
                 let mut bottleneck = BTreeMap::new();
@@ -416,9 +416,9 @@ impl Bert {
         out
     }
 
-    /// Drops the top `n` layers (model cutting: the heads then read layer `L - n`). Returns the prefix of the
-    /// dropped layers' parameter names, one per layer.
-    pub(crate) fn drop_top_layers(&mut self, n: usize) -> Result<Vec<String>> {
+    /// Drops the top `n` layers (model cutting: the heads then read layer `L - n`); their parameters are those
+    /// whose role's layer is `L - n` or above.
+    pub(crate) fn drop_top_layers(&mut self, n: usize) -> Result<()> {
         let total = self.layers.len();
         if n >= total {
             return Err(candle_core::Error::Msg(format!(
@@ -431,7 +431,7 @@ impl Bert {
             Arc::make_mut(int8).truncate(total - n);
         }
         self.config.num_hidden_layers = total - n;
-        Ok((total - n..total).map(|i| format!("encoder.layer.{i}.")).collect())
+        Ok(())
     }
 
     pub fn peft(&self) -> Option<&PeftSpec> {

@@ -14,7 +14,7 @@ use mtl_core::{HostBatch, Mode, Targets, TaskId, IGNORE_INDEX};
 use crate::layers::{log_softmax_last, DropoutRng};
 use crate::llama::{next_token_targets, DecoderLora, KvCache, Llama, LlamaConfig, LoraRun};
 use crate::params::{ParamBuilder, ParamStore};
-use crate::peft::{is_peft_param, Route, SHARED_ADAPTER};
+use crate::peft::{Route, SHARED_ADAPTER};
 use crate::{NnError, Result, TaskLoss};
 
 pub struct DecoderModel {
@@ -42,7 +42,8 @@ impl DecoderModel {
         let pb = ParamBuilder::new(weights, seed, device);
         let llama = Llama::with_lora(&pb, config, lora)?;
         let mut params = pb.finish();
-        let missing: Vec<&String> = params.initialised().iter().filter(|n| !is_peft_param(n)).collect();
+        let missing: Vec<&String> =
+            params.initialised().iter().filter(|n| !params.role(n).is_some_and(|r| r.is_adapter())).collect();
         if !missing.is_empty() {
             return Err(NnError::MissingTensors {
                 path: "decoder weights".into(),
@@ -52,7 +53,7 @@ impl DecoderModel {
         let mut adapter_of = BTreeMap::new();
         if let Some(lora) = lora {
             // As in PEFT: only the adapters train; the pretrained weights are constants.
-            params.remove(is_peft_param);
+            params.remove(|_, role| role.is_adapter());
             for task in tasks {
                 let index = match lora.adapters.iter().position(|a| a == task.as_str()) {
                     Some(i) => i,

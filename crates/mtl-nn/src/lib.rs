@@ -26,7 +26,7 @@ pub use heads::{binary_cross_entropy_with_logits, Head, HeadOutput, HeadSpec, Re
 pub use layers::{DropoutRng, LayerNorm, Linear};
 pub use model::{ModelSpec, MultiTaskModel, TaskLoss, TaskPrediction};
 pub use params::{ParamBuilder, ParamStore};
-pub use peft::{is_peft_param, param_adapter, LoraSpec, PeftKind, PeftSpec, Placement, Route, SHARED_ADAPTER};
+pub use peft::{LoraSpec, PeftKind, PeftSpec, Placement, Route, SHARED_ADAPTER};
 
 use std::path::PathBuf;
 

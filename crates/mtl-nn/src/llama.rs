@@ -283,7 +283,7 @@ impl Llama {
         let embed = m.pp("embed_tokens").get((config.vocab_size, h), "weight", init)?;
         let layers = (0..config.num_hidden_layers)
             .map(|n| {
-                let l = m.pp(&format!("layers.{n}"));
+                let l = m.pp(&format!("layers.{n}")).with_role(mtl_core::ParamRole::Layer(n));
                 let (a, f) = (l.pp("self_attn"), l.pp("mlp"));
                 let mut adapted = BTreeMap::new();
                 if let Some(lora) = lora {

@@ -101,7 +101,7 @@ impl MultiTaskModel {
     /// weights, and the adapters of a merged LoRA, are dropped.
     pub fn quantize_int8(&mut self) -> Result<()> {
         let dropped = self.bert.quantize_int8()?;
-        self.params.remove(|name| !dropped.iter().any(|d| d == name) && !peft::is_peft_param(name));
+        self.params.remove(|name, role| !dropped.iter().any(|d| d == name) && !role.is_adapter());
         Ok(())
     }
 
@@ -119,14 +119,15 @@ impl MultiTaskModel {
     /// is then a plain one whose weights hold the update.
     pub fn drop_adapters(&mut self) -> Result<()> {
         self.bert.fold_merged()?;
-        self.params.remove(|name| !peft::is_peft_param(name));
+        self.params.remove(|_, role| !role.is_adapter());
         Ok(())
     }
 
     /// Drops the top `n` encoder layers (model cutting); the heads then read the last layer that stays.
     pub fn prune_top_layers(&mut self, n: usize) -> Result<()> {
-        let prefixes = self.bert.drop_top_layers(n)?;
-        self.params.remove(|name| !prefixes.iter().any(|p| name.starts_with(p.as_str())));
+        self.bert.drop_top_layers(n)?;
+        let kept = self.bert.config().num_hidden_layers;
+        self.params.remove(|_, role| role.layer().is_none_or(|l| l < kept));
         Ok(())
     }
 
@@ -148,10 +149,10 @@ impl MultiTaskModel {
             .iter()
             .map(String::as_str)
             // Fresh heads and (before training) fresh adapters are expected; a trained model must have them.
-            .filter(|n| require_heads || !(n.starts_with("heads.") || peft::is_peft_param(n)))
+            .filter(|n| require_heads || !model.params.is_added(n))
             .collect();
         if !missing.is_empty() {
-            let path = adapters.filter(|_| missing.iter().all(|n| n.starts_with("heads.") || peft::is_peft_param(n)));
+            let path = adapters.filter(|_| missing.iter().all(|n| model.params.is_added(n)));
             return Err(NnError::MissingTensors {
                 path: path.unwrap_or(weights).to_owned(),
                 names: missing.join(", "),
@@ -167,7 +168,14 @@ impl MultiTaskModel {
             .tasks
             .iter()
             .map(|(name, spec)| {
-                Ok((name.clone(), Head::new(&pb.pp("heads").pp(name.as_str()), spec, bert.hidden_size())?))
+                Ok((
+                    name.clone(),
+                    Head::new(
+                        &pb.pp("heads").pp(name.as_str()).with_role(mtl_core::ParamRole::Head(name.clone())),
+                        spec,
+                        bert.hidden_size(),
+                    )?,
+                ))
             })
             .collect::<Result<_>>()?;
         Ok(Self {
@@ -305,10 +313,9 @@ impl MultiTaskModel {
             None => HashMap::new(),
         };
         self.params
-            .vars()
-            .iter()
-            .filter(|(n, _)| !n.starts_with("heads.") && !peft::is_peft_param(n))
-            .map(|(n, v)| {
+            .with_roles()
+            .filter(|(_, _, role)| role.is_backbone())
+            .map(|(n, v, _)| {
                 let t = v.as_tensor();
                 Ok((
                     n.clone(),

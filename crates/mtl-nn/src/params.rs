@@ -1,5 +1,7 @@
 //! Parameters: a name-keyed store of variables and a builder whose prefix path is the checkpoint tensor name,
-//! so that loading and naming are one thing.
+//! so that loading and naming are one thing. The builder also carries each parameter's [`ParamRole`], set by
+//! the model code as it descends (a layer, a task's head, an adapter), so that what a parameter *is* never has
+//! to be read back from its name.
 
 use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap};
@@ -7,6 +9,7 @@ use std::path::Path;
 use std::rc::Rc;
 
 use candle_core::{DType, Device, Shape, Tensor, Var};
+use mtl_core::ParamRole;
 use rand::SeedableRng;
 use rand_distr::{Distribution, Normal};
 
@@ -31,6 +34,8 @@ pub enum Init {
 #[derive(Debug, Default)]
 pub struct ParamStore {
     vars: BTreeMap<String, Var>,
+    /// Each variable's role, as the model code built it.
+    roles: BTreeMap<String, ParamRole>,
     /// Names that were initialised rather than loaded.
     initialised: Vec<String>,
 }
@@ -44,10 +49,28 @@ impl ParamStore {
         &self.initialised
     }
 
+    /// The role of the variable `name`; `None` for a name the store does not hold.
+    pub fn role(&self, name: &str) -> Option<&ParamRole> {
+        self.roles.get(name)
+    }
+
+    /// The variables with their roles, in name order.
+    pub fn with_roles(&self) -> impl Iterator<Item = (&String, &Var, &ParamRole)> {
+        self.vars.iter().map(|(n, v)| (n, v, &self.roles[n]))
+    }
+
+    /// Whether `name` was added for fine-tuning or to a task (a head, an adapter), not pretrained backbone.
+    pub fn is_added(&self, name: &str) -> bool {
+        self.roles.get(name).is_some_and(|r| !r.is_backbone())
+    }
+
     /// Drops variables (weights replaced by int8 ones, pruned layers); returns how many were there.
-    pub(crate) fn remove(&mut self, keep: impl Fn(&str) -> bool) -> usize {
+    pub(crate) fn remove(&mut self, keep: impl Fn(&str, &ParamRole) -> bool) -> usize {
         let before = self.vars.len();
-        self.vars.retain(|name, _| keep(name));
+        let roles = &self.roles;
+        self.vars.retain(|name, _| keep(name, &roles[name]));
+        let vars = &self.vars;
+        self.roles.retain(|name, _| vars.contains_key(name));
         before - self.vars.len()
     }
 
@@ -71,10 +94,13 @@ impl ParamStore {
         self.save_where(path, |_| true)
     }
 
-    /// Writes the variables whose names pass `keep` to a safetensors file.
-    pub fn save_where(&self, path: &Path, keep: impl Fn(&str) -> bool) -> Result<()> {
-        let tensors: HashMap<&str, Tensor> =
-            self.vars.iter().filter(|(k, _)| keep(k)).map(|(k, v)| (k.as_str(), v.as_tensor().clone())).collect();
+    /// Writes the variables whose roles pass `keep` to a safetensors file.
+    pub fn save_where(&self, path: &Path, keep: impl Fn(&ParamRole) -> bool) -> Result<()> {
+        let tensors: HashMap<&str, Tensor> = self
+            .with_roles()
+            .filter(|(_, _, r)| keep(r))
+            .map(|(k, v, _)| (k.as_str(), v.as_tensor().clone()))
+            .collect();
         candle_core::safetensors::save(&tensors, path)?;
         Ok(())
     }
@@ -166,6 +192,8 @@ struct Inner {
 pub struct ParamBuilder {
     inner: Rc<RefCell<Inner>>,
     prefix: String,
+    /// The role of the parameters built from here.
+    role: ParamRole,
 }
 
 impl ParamBuilder {
@@ -178,7 +206,7 @@ impl ParamBuilder {
             rng: rand_chacha::ChaCha8Rng::seed_from_u64(seed),
             device: device.clone(),
         };
-        Self { inner: Rc::new(RefCell::new(inner)), prefix: String::new() }
+        Self { inner: Rc::new(RefCell::new(inner)), prefix: String::new(), role: ParamRole::Embeddings }
     }
 
     /// A builder over a safetensors file. Tensor names may carry a `bert.` prefix (as task models saved by
@@ -260,10 +288,29 @@ impl ParamBuilder {
         names
     }
 
-    /// A builder for names under `self.prefix + name + "."`.
+    /// A builder for names under `self.prefix + name + "."`, with the same role.
     pub fn pp(&self, name: &str) -> Self {
         let prefix = if self.prefix.is_empty() { name.to_string() } else { format!("{}.{name}", self.prefix) };
-        Self { inner: self.inner.clone(), prefix }
+        Self { inner: self.inner.clone(), prefix, role: self.role.clone() }
+    }
+
+    /// This builder, its parameters having `role`.
+    pub fn with_role(&self, role: ParamRole) -> Self {
+        Self { inner: self.inner.clone(), prefix: self.prefix.clone(), role }
+    }
+
+    /// This builder for the parameters of the adapter `name` on the layer being built.
+    pub fn adapter(&self, name: &str) -> Self {
+        let layer = self.role.layer().unwrap_or(0);
+        self.with_role(ParamRole::Adapter {
+            adapter: name.to_string(),
+            layer,
+            shared: name == mtl_core::SHARED_ADAPTER,
+        })
+    }
+
+    pub fn role(&self) -> &ParamRole {
+        &self.role
     }
 
     pub fn device(&self) -> Device {
@@ -310,6 +357,7 @@ impl ParamBuilder {
         };
         let var = Var::from_tensor(&tensor)?;
         let t = var.as_tensor().clone();
+        inner.store.roles.insert(full.clone(), self.role.clone());
         inner.store.vars.insert(full, var);
         Ok(t)
     }

@@ -31,19 +31,7 @@ use crate::layers::DropoutRng;
 use crate::params::{Init, ParamBuilder};
 use crate::{NnError, Result};
 
-/// The name of the adapter shared by every task (PEFT's default adapter name).
-pub const SHARED_ADAPTER: &str = "default";
-
-/// Whether the parameter `name` belongs to a parameter-efficient method (LoRA or a bottleneck adapter).
-pub fn is_peft_param(name: &str) -> bool {
-    param_adapter(name).is_some()
-}
-
-/// The adapter that the parameter `name` belongs to (`….lora_A.ADAPTER.weight`, `….adapters.ADAPTER.…`).
-pub fn param_adapter(name: &str) -> Option<&str> {
-    let (_, rest) = [".lora_A.", ".lora_B.", ".adapters.", ".prefix."].iter().find_map(|m| name.split_once(m))?;
-    rest.split('.').next()
-}
+pub use mtl_core::SHARED_ADAPTER;
 
 /// LoRA's size and place.
 #[derive(Clone, Debug, PartialEq)]
@@ -212,7 +200,7 @@ impl BottleneckLayer {
         let adapters = adapters
             .iter()
             .map(|name| {
-                let a = pb.pp("adapters").pp(name);
+                let a = pb.pp("adapters").pp(name).adapter(name);
                 let up = a.pp("up");
                 Ok(Bottleneck {
                     down: crate::Linear::new(&a.pp("down"), hidden, size)?,
@@ -251,7 +239,7 @@ impl PrefixLayer {
         let mut keys = Vec::new();
         let mut values = Vec::new();
         for name in adapters {
-            let p = pb.pp("prefix").pp(name);
+            let p = pb.pp("prefix").pp(name).adapter(name);
             keys.push(p.get((length, hidden), "key", Init::Normal { std: 1.0 })?);
             values.push(p.get((length, hidden), "value", Init::Normal { std: 1.0 })?);
         }
@@ -297,8 +285,12 @@ impl LoraLayer {
             .iter()
             .map(|name| {
                 Ok(LoraPair {
-                    a: pb.pp("lora_A").pp(name).get((spec.r, in_dim), "weight", Init::Uniform { bound })?,
-                    b: pb.pp("lora_B").pp(name).get((out_dim, spec.r), "weight", Init::Zeros)?,
+                    a: pb.pp("lora_A").pp(name).adapter(name).get(
+                        (spec.r, in_dim),
+                        "weight",
+                        Init::Uniform { bound },
+                    )?,
+                    b: pb.pp("lora_B").pp(name).adapter(name).get((out_dim, spec.r), "weight", Init::Zeros)?,
                 })
             })
             .collect::<Result<_>>()?;

@@ -388,3 +388,26 @@ fn fused_lora_matches_composed_path() -> TestResult {
     }
     Ok(())
 }
+
+/// Every parameter's role comes from where it was built: backbone layers by index, each adapter on its layer
+/// (the tasks' own and the shared one apart), heads by task, the rest of the backbone as embeddings.
+#[test]
+fn every_parameter_has_the_role_it_was_built_with() -> TestResult {
+    use mtl_core::ParamRole;
+    let m = model(&spec(&["intent", "default"]), &[("intent", TaskKind::Classification, 3)], HashMap::new())?;
+    let params = m.params();
+    for (name, _, role) in params.with_roles() {
+        let layer = name.strip_prefix("encoder.layer.").and_then(|r| r.split('.').next()?.parse::<usize>().ok());
+        let want = if name.starts_with("heads.intent.") {
+            ParamRole::Head(TaskId::new("intent")?)
+        } else if let Some(adapter) = ["intent", "default"].into_iter().find(|a| name.contains(&format!(".{a}."))) {
+            let layer = layer.ok_or("an adapter sits on a layer")?;
+            ParamRole::Adapter { adapter: adapter.into(), layer, shared: adapter == crate::SHARED_ADAPTER }
+        } else {
+            layer.map_or(ParamRole::Embeddings, ParamRole::Layer)
+        };
+        assert_eq!(role, &want, "{name}");
+    }
+    assert_eq!(params.with_roles().filter(|(_, _, r)| r.task() == Some("intent")).count(), 2 + 2 * 6 * 2);
+    Ok(())
+}

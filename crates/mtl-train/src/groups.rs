@@ -2,88 +2,52 @@
 //! decay (heads, layer-wise decay), and whether it is frozen at a given step.
 
 use mtl_config::Config;
+use mtl_core::ParamRole;
+use mtl_nn::ParamStore;
 
-/// Where a parameter sits, from its name.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Part {
-    Embeddings,
-    /// Encoder layer `i`, from 0 at the bottom (with the shared adapter's parameters on it).
-    Layer(usize),
-    /// A per-task adapter's parameters on encoder layer `i` (LoRA, bottleneck or prefix): one task's own.
-    TaskAdapter(usize),
-    Head,
-    /// Parameters of the loss weighting (uncertainty's log-variances).
-    Weighting,
-}
-
-impl Part {
-    pub fn of(name: &str) -> Self {
-        if name.starts_with("heads.") {
-            return Self::Head;
-        }
-        if name.starts_with("weighting.") {
-            return Self::Weighting;
-        }
-        // BERT's `encoder.layer.N.` and Llama's `model.layers.N.`.
-        if let Some(rest) = name.strip_prefix("encoder.layer.").or_else(|| name.strip_prefix("model.layers.")) {
-            if let Some(i) = rest.split('.').next().and_then(|i| i.parse().ok()) {
-                return match mtl_nn::param_adapter(name) {
-                    Some(adapter) if adapter != mtl_nn::SHARED_ADAPTER => Self::TaskAdapter(i),
-                    _ => Self::Layer(i),
-                };
-            }
-        }
-        Self::Embeddings
-    }
-
-    /// Whether every task shares it.
-    pub fn is_shared(self) -> bool {
-        matches!(self, Self::Embeddings | Self::Layer(_))
-    }
+/// The role of the trained variable `name`: as the model built it, and a variable the model does not hold is
+/// the loss weighting's own (uncertainty's log-variances).
+pub fn role_of(params: &ParamStore, name: &str) -> ParamRole {
+    params.role(name).cloned().unwrap_or(ParamRole::Weighting)
 }
 
 /// Learning rate and weight decay: heads at `head_lr`; the backbone (and the adapters) at `lr`, times
 /// `layer_lr_decay` per layer below the top (the embeddings one step below the bottom layer); the weighting's
 /// parameters at `weighting.lr` or else `head_lr`. Biases, LayerNorm and weighting parameters get no weight
 /// decay.
-pub fn param_group(name: &str, config: &Config, num_layers: usize) -> crate::ParamGroup {
+pub fn param_group(name: &str, role: &ParamRole, config: &Config, num_layers: usize) -> crate::ParamGroup {
     let t = &config.training;
     // BERT's `LayerNorm`, Llama's RMSNorms (`input_layernorm`, `model.norm`).
     let no_decay = name.ends_with(".bias")
         || name.contains("LayerNorm")
         || name.contains("layernorm")
         || name.ends_with("norm.weight");
-    let depth_below_top = |part: Part| match part {
-        Part::Layer(i) | Part::TaskAdapter(i) => num_layers.saturating_sub(i + 1),
-        _ => num_layers,
-    };
-    let part = Part::of(name);
-    let lr = match part {
-        Part::Head => config.head_lr(),
-        Part::Weighting => t.weighting.lr.unwrap_or_else(|| config.head_lr()),
-        Part::Embeddings | Part::Layer(_) | Part::TaskAdapter(_) => {
-            t.lr * t.layer_lr_decay.powi(depth_below_top(part) as i32)
+    let depth_below_top = role.layer().map_or(num_layers, |i| num_layers.saturating_sub(i + 1));
+    let lr = match role {
+        ParamRole::Head(_) => config.head_lr(),
+        ParamRole::Weighting => t.weighting.lr.unwrap_or_else(|| config.head_lr()),
+        ParamRole::Embeddings | ParamRole::Layer(_) | ParamRole::Adapter { .. } => {
+            t.lr * t.layer_lr_decay.powi(depth_below_top as i32)
         }
     };
-    let weight_decay = if no_decay || part == Part::Weighting { 0.0 } else { t.weight_decay };
+    let weight_decay = if no_decay || *role == ParamRole::Weighting { 0.0 } else { t.weight_decay };
     crate::ParamGroup { lr, weight_decay }
 }
 
-/// Whether the parameter `name` is frozen at optimiser step `step` (from 0).
-pub fn is_frozen(name: &str, config: &Config, num_layers: usize, step: usize) -> bool {
+/// Whether a parameter of `role` is frozen at optimiser step `step` (from 0).
+pub fn is_frozen(role: &ParamRole, config: &Config, num_layers: usize, step: usize) -> bool {
     let f = &config.training.freeze;
-    let part = Part::of(name);
-    if !part.is_shared() {
+    if !role.is_shared() {
         return false;
     }
     // With `[peft]` only the adapters train.
     if config.peft.enabled() {
-        return !mtl_nn::is_peft_param(name);
+        return !role.is_adapter();
     }
     let fixed = f.backbone
-        || match part {
-            Part::Embeddings => f.embeddings,
-            Part::Layer(i) => i < f.layers,
+        || match role {
+            ParamRole::Embeddings => f.embeddings,
+            ParamRole::Layer(i) | ParamRole::Adapter { layer: i, .. } => *i < f.layers,
             _ => false,
         };
     if fixed {
@@ -93,9 +57,9 @@ pub fn is_frozen(name: &str, config: &Config, num_layers: usize, step: usize) ->
         // Units unfreeze from the top: layer L-1 after the first period, …, layer 0, then the embeddings.
         Some(every) => {
             let unfrozen = step / every;
-            let rank = match part {
-                Part::Layer(i) => num_layers - 1 - i.min(num_layers - 1),
-                _ => num_layers,
+            let rank = match role.layer() {
+                Some(i) => num_layers - 1 - i.min(num_layers - 1),
+                None => num_layers,
             };
             rank >= unfrozen
         }
@@ -116,57 +80,65 @@ mod tests {
         Config::parse(&text, Path::new("t.toml"), &[]).expect("valid config")
     }
 
+    fn head() -> ParamRole {
+        ParamRole::Head(mtl_core::TaskId::new("a").expect("valid"))
+    }
+
+    fn adapter(name: &str, layer: usize) -> ParamRole {
+        ParamRole::Adapter { adapter: name.into(), layer, shared: name == mtl_nn::SHARED_ADAPTER }
+    }
+
     #[test]
     fn layer_wise_decay_counts_down_from_the_top() {
         let c = config("layer_lr_decay = 0.5");
-        let lr = |name: &str| param_group(name, &c, 3).lr;
-        assert_eq!(lr("encoder.layer.2.output.dense.weight"), 1e-4);
-        assert_eq!(lr("encoder.layer.1.output.dense.weight"), 0.5e-4);
-        assert_eq!(lr("encoder.layer.0.attention.self.query.weight"), 0.25e-4);
-        assert_eq!(lr("embeddings.word_embeddings.weight"), 0.125e-4);
-        assert_eq!(lr("heads.a.weight"), 1e-3);
-        assert_eq!(param_group("embeddings.LayerNorm.weight", &c, 3).weight_decay, 0.0);
-        assert_eq!(param_group("weighting.log_var.a", &c, 3), crate::ParamGroup { lr: 1e-3, weight_decay: 0.0 });
+        let lr = |role: ParamRole| param_group("x.weight", &role, &c, 3).lr;
+        assert_eq!(lr(ParamRole::Layer(2)), 1e-4);
+        assert_eq!(lr(ParamRole::Layer(1)), 0.5e-4);
+        assert_eq!(lr(ParamRole::Layer(0)), 0.25e-4);
+        assert_eq!(lr(ParamRole::Embeddings), 0.125e-4);
+        assert_eq!(lr(head()), 1e-3);
+        assert_eq!(lr(adapter("a", 1)), 0.5e-4);
+        assert_eq!(param_group("embeddings.LayerNorm.weight", &ParamRole::Embeddings, &c, 3).weight_decay, 0.0);
+        let weighting = param_group("weighting.log_var.a", &ParamRole::Weighting, &c, 3);
+        assert_eq!(weighting, crate::ParamGroup { lr: 1e-3, weight_decay: 0.0 });
     }
 
     #[test]
     fn freezing_by_part_and_gradually() {
         let c = config("freeze = { embeddings = true, layers = 1 }");
-        assert!(is_frozen("embeddings.word_embeddings.weight", &c, 3, 0));
-        assert!(is_frozen("encoder.layer.0.output.dense.bias", &c, 3, 0));
-        assert!(!is_frozen("encoder.layer.1.output.dense.bias", &c, 3, 0));
-        assert!(!is_frozen("heads.a.weight", &c, 3, 0));
+        assert!(is_frozen(&ParamRole::Embeddings, &c, 3, 0));
+        assert!(is_frozen(&ParamRole::Layer(0), &c, 3, 0));
+        assert!(is_frozen(&adapter(mtl_nn::SHARED_ADAPTER, 0), &c, 3, 0));
+        assert!(!is_frozen(&ParamRole::Layer(1), &c, 3, 0));
+        assert!(!is_frozen(&head(), &c, 3, 0));
         let c = config("freeze = { backbone = true }");
-        assert!(is_frozen("encoder.layer.2.output.dense.bias", &c, 3, 1000));
-        assert!(!is_frozen("heads.a.weight", &c, 3, 0));
+        assert!(is_frozen(&ParamRole::Layer(2), &c, 3, 1000));
+        assert!(!is_frozen(&head(), &c, 3, 0));
         // Every 10 steps one more unit from the top: layer 2 at step 10, layer 1 at 20, layer 0 at 30,
         // the embeddings at 40.
         let c = config("freeze = { unfreeze_every = 10 }");
-        let thawed = |name: &str| (0..60).find(|&s| !is_frozen(name, &c, 3, s));
-        assert_eq!(thawed("encoder.layer.2.attention.self.key.weight"), Some(10));
-        assert_eq!(thawed("encoder.layer.1.attention.self.key.weight"), Some(20));
-        assert_eq!(thawed("encoder.layer.0.attention.self.key.weight"), Some(30));
-        assert_eq!(thawed("embeddings.position_embeddings.weight"), Some(40));
-        assert_eq!(thawed("heads.a.weight"), Some(0));
+        let thawed = |role: ParamRole| (0..60).find(|&s| !is_frozen(&role, &c, 3, s));
+        assert_eq!(thawed(ParamRole::Layer(2)), Some(10));
+        assert_eq!(thawed(ParamRole::Layer(1)), Some(20));
+        assert_eq!(thawed(ParamRole::Layer(0)), Some(30));
+        assert_eq!(thawed(ParamRole::Embeddings), Some(40));
+        assert_eq!(thawed(head()), Some(0));
     }
 
     #[test]
     fn with_lora_only_adapters_and_heads_train() {
         let c = config("[peft]\nmethod = \"lora\"");
-        assert!(is_frozen("encoder.layer.2.attention.self.query.weight", &c, 3, 0));
-        assert!(is_frozen("embeddings.word_embeddings.weight", &c, 3, 0));
-        assert!(!is_frozen("encoder.layer.2.attention.self.query.lora_A.default.weight", &c, 3, 0));
-        assert!(!is_frozen("heads.a.weight", &c, 3, 0));
-        assert_eq!(Part::of("encoder.layer.1.output.dense.lora_B.default.weight"), Part::Layer(1));
-        assert!(Part::of("encoder.layer.1.output.dense.lora_B.default.weight").is_shared());
-        assert_eq!(Part::of("encoder.layer.1.output.dense.lora_B.a.weight"), Part::TaskAdapter(1));
-        assert!(!Part::of("encoder.layer.1.output.dense.lora_B.a.weight").is_shared());
-        assert_eq!(param_group("encoder.layer.0.attention.self.value.lora_A.a.weight", &c, 3).lr, 1e-4);
-        // A decoder's layers and adapters.
-        assert_eq!(Part::of("model.layers.2.self_attn.q_proj.lora_A.default.weight"), Part::Layer(2));
-        assert_eq!(Part::of("model.layers.0.mlp.down_proj.lora_B.a.weight"), Part::TaskAdapter(0));
-        assert!(!is_frozen("model.layers.2.mlp.up_proj.lora_B.default.weight", &c, 3, 0));
-        assert!(is_frozen("model.layers.2.mlp.up_proj.weight", &c, 3, 0));
-        assert_eq!(param_group("model.layers.1.post_attention_layernorm.weight", &c, 3).weight_decay, 0.0);
+        assert!(is_frozen(&ParamRole::Layer(2), &c, 3, 0));
+        assert!(is_frozen(&ParamRole::Embeddings, &c, 3, 0));
+        assert!(!is_frozen(&adapter(mtl_nn::SHARED_ADAPTER, 2), &c, 3, 0));
+        assert!(!is_frozen(&adapter("a", 2), &c, 3, 0));
+        assert!(!is_frozen(&head(), &c, 3, 0));
+        assert!(adapter(mtl_nn::SHARED_ADAPTER, 1).is_shared());
+        assert!(!adapter("a", 1).is_shared());
+        assert_eq!(adapter("a", 1).task(), Some("a"));
+        assert_eq!(
+            param_group("model.layers.1.post_attention_layernorm.weight", &ParamRole::Layer(1), &c, 3).weight_decay,
+            0.0
+        );
     }
 }

@@ -7,11 +7,12 @@ use candle_core::backprop::GradStore;
 use candle_core::{Tensor, Var};
 use mtl_core::{HostBatch, Mode, TaskId};
 
-use crate::groups::Part;
+use crate::groups::role_of;
 use crate::model::TrainModel;
 use crate::surgery::{cosine_similarities, GradientSurgery};
 use crate::weighting::LossWeighting;
 use crate::Result;
+use mtl_nn::ParamStore;
 
 /// Gradients by parameter name.
 pub type Grads = BTreeMap<String, Tensor>;
@@ -85,7 +86,7 @@ pub fn batch_grads(model: &dyn TrainModel, batch: &HostBatch, plan: &GradientPla
             terms.into_iter().reduce(|a, b| (a + b).expect("scalar terms add; this is a bug")).expect("non-empty");
         let grads = named(&model.backward(&total)?, vars);
         let norms = per_task.then(|| {
-            let n = top_layer_norm(&grads, plan.num_layers);
+            let n = top_layer_norm(&grads, model.params(), plan.num_layers);
             values.keys().map(|t| (t.clone(), n)).collect()
         });
         return Ok(BatchOutcome::Grads(BatchGrads { grads, losses: values, top_layer_norms: norms, cosines: None }));
@@ -128,8 +129,11 @@ fn combine_tasks(
     task_grads: Vec<Grads>,
     values: BTreeMap<TaskId, f64>,
 ) -> Result<BatchGrads> {
-    let norms: BTreeMap<TaskId, f64> =
-        tasks.iter().zip(&task_grads).map(|(t, g)| (t.clone(), top_layer_norm(g, plan.num_layers))).collect();
+    let norms: BTreeMap<TaskId, f64> = tasks
+        .iter()
+        .zip(&task_grads)
+        .map(|(t, g)| (t.clone(), top_layer_norm(g, model.params(), plan.num_layers)))
+        .collect();
     let device = model.device();
     // Each task's shared gradients, contiguous, zeros where a task left a parameter untouched; read in place.
     let shapes: Vec<&candle_core::Shape> = plan.shared.iter().map(|n| plan.vars[n].as_tensor().shape()).collect();
@@ -167,7 +171,7 @@ fn combine_tasks(
     // Heads and the weighting's parameters: the sum of the tasks' gradients (each head has its own task's).
     for g in task_grads {
         for (name, t) in g {
-            if Part::of(&name).is_shared() {
+            if role_of(model.params(), &name).is_shared() {
                 continue;
             }
             let t = match grads.remove(&name) {
@@ -210,11 +214,14 @@ impl<'a> HostSlice<'a> {
 }
 
 /// The L2 norm of the top encoder layer's gradients.
-fn top_layer_norm(grads: &Grads, num_layers: usize) -> f64 {
-    let top = Part::Layer(num_layers.saturating_sub(1));
+fn top_layer_norm(grads: &Grads, params: &ParamStore, num_layers: usize) -> f64 {
+    let top = Some(num_layers.saturating_sub(1));
     grads
         .iter()
-        .filter(|(n, _)| Part::of(n) == top)
+        .filter(|(n, _)| {
+            let role = role_of(params, n);
+            role.is_shared() && role.layer() == top
+        })
         .map(|(_, g)| crate::optim::sum_of_squares(g).unwrap_or(f64::NAN))
         .sum::<f64>()
         .sqrt()
@@ -289,7 +296,8 @@ mod tests {
         };
         let parts = [split(0..2, "a", vec![0, 2]), split(2..4, "b", vec![1, 0])];
         let weighting = StaticWeights::new(BTreeMap::new());
-        let names: Vec<String> = model.params().vars().keys().filter(|n| Part::of(n).is_shared()).cloned().collect();
+        let names: Vec<String> =
+            model.params().with_roles().filter(|(_, _, r)| r.is_shared()).map(|(n, _, _)| n.clone()).collect();
         let plan = GradientPlan {
             vars: model.params().vars(),
             weighting: &weighting,

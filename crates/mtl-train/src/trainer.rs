@@ -8,13 +8,14 @@ use mtl_core::{HostBatch, TaskId, TaskKind};
 use mtl_data::{epoch_batches, Batching, Dataset, Example, LabelMap};
 
 use crate::evaluate::{score, selection_score, task_score, tune_thresholds, Evaluation, Prediction, Scores, TaskInfo};
-use crate::groups::{is_frozen, param_group, Part};
+use crate::groups::{is_frozen, param_group, role_of};
 use crate::model::TrainModel;
 use crate::optim::{AdamW, AdamWConfig};
 use crate::schedule::lr_scale;
 use crate::step::{accumulate, batch_grads, split_batch_grads, BatchOutcome, GradientPlan, Grads};
 use crate::weighting::StepLosses;
 use crate::{resume, sampling, surgery, weighting, Result, TrainError};
+use mtl_core::ParamRole;
 
 /// The datasets of a run.
 #[derive(Debug, Default)]
@@ -301,7 +302,11 @@ struct Best {
 
 impl Selection {
     /// The selection state of a checkpoint.
-    fn restore(state: &resume::TrainState, mut tensors: resume::TrainTensors) -> Result<Self> {
+    fn restore(
+        state: &resume::TrainState,
+        mut tensors: resume::TrainTensors,
+        params: &mtl_nn::ParamStore,
+    ) -> Result<Self> {
         let best = match &state.best {
             Some(b) => Some(Best {
                 epoch: b.epoch,
@@ -319,11 +324,10 @@ impl Selection {
             .per_task
             .iter()
             .map(|(task, b)| {
-                let prefix = format!("heads.{task}.");
                 let head = tensors
                     .heads
                     .iter()
-                    .filter(|(n, _)| n.starts_with(&prefix))
+                    .filter(|(n, _)| matches!(role_of(params, n), ParamRole::Head(t) if &t == task))
                     .map(|(n, t)| (n.clone(), t.clone()))
                     .collect();
                 let model = tensors.per_task.remove(task);
@@ -359,9 +363,14 @@ impl Trainer<'_> {
         self.model.predict(&examples, &self.info(labels), self.config.training.eval_batch_size)
     }
 
+    /// The role of the trained variable `name`.
+    fn role_of(&self, name: &str) -> ParamRole {
+        role_of(self.model.params(), name)
+    }
+
     /// Whether the parameter `name` is frozen at optimiser step `step`: by the recipe, or for good.
     fn is_frozen(&self, name: &str, num_layers: usize, step: usize) -> bool {
-        is_frozen(name, self.config, num_layers, step) || self.frozen.is_some_and(|f| f.contains(name))
+        is_frozen(&self.role_of(name), self.config, num_layers, step) || self.frozen.is_some_and(|f| f.contains(name))
     }
 
     /// Evaluates the model on `data`.
@@ -411,7 +420,7 @@ impl Trainer<'_> {
             .map(|(n, v)| (n.clone(), v.clone()));
         let mut optimizer = AdamW::new(
             trained.map(|(name, var)| {
-                let group = param_group(&name, self.config, num_layers);
+                let group = param_group(&name, &self.role_of(&name), self.config, num_layers);
                 (name, var, group)
             }),
             AdamWConfig::default(),
@@ -450,7 +459,7 @@ impl Trainer<'_> {
                 .parse::<u128>()
                 .map_err(|e| TrainError::Invalid { path: out.to_owned(), message: format!("dropout_position: {e}") })?;
             self.model.dropout().set_position(position);
-            selection = Selection::restore(&state, tensors)?;
+            selection = Selection::restore(&state, tensors, self.model.params())?;
             (step, skipped, start_epoch, resume_batch) = (state.step, state.skipped, state.epoch, state.next_batch);
             reports = state.reports;
             resumed = Some(reports);
@@ -557,7 +566,7 @@ impl Trainer<'_> {
                 for (i, work) in (done..).zip(receiver) {
                     let shared: Vec<String> = vars
                         .keys()
-                        .filter(|n| Part::of(n).is_shared() && !self.is_frozen(n, num_layers, step))
+                        .filter(|n| self.role_of(n).is_shared() && !self.is_frozen(n, num_layers, step))
                         .cloned()
                         .collect();
                     let diagnose = pending.batches == 0 && t.diagnostics_every.is_some_and(|e| (step + 1) % e == 0);
@@ -730,14 +739,12 @@ impl Trainer<'_> {
             if selection.per_task.get(task).is_some_and(|b| s <= b.score) {
                 continue;
             }
-            let prefix = format!("heads.{task}.");
             let head = self
                 .model
                 .params()
-                .vars()
-                .iter()
-                .filter(|(n, _)| n.starts_with(&prefix))
-                .map(|(n, v)| Ok((n.clone(), v.as_tensor().copy()?)))
+                .with_roles()
+                .filter(|(_, _, role)| matches!(role, ParamRole::Head(t) if t == task))
+                .map(|(n, v, _)| Ok((n.clone(), v.as_tensor().copy()?)))
                 .collect::<Result<_>>()?;
             let model = if self.keep_per_task_models { Some(self.snapshot()?) } else { None };
             selection.per_task.insert(task.clone(), TaskBest { epoch, step, score: s, head, model });
@@ -765,13 +772,7 @@ impl Trainer<'_> {
     /// shared parameter (full fine-tuning, one shared adapter) makes the tasks' bests incompatible: nothing
     /// changes and this returns false.
     fn compose(&self, per_task: &BTreeMap<TaskId, TaskBest>, num_layers: usize) -> Result<bool> {
-        let owner = |name: &str| -> Option<String> {
-            match Part::of(name) {
-                Part::Head => name.strip_prefix("heads.")?.split('.').next().map(str::to_owned),
-                Part::TaskAdapter(_) => mtl_nn::param_adapter(name).map(str::to_owned),
-                _ => None,
-            }
-        };
+        let owner = |name: &str| -> Option<String> { self.role_of(name).task().map(str::to_owned) };
         let vars = self.model.params().vars();
         if vars.keys().any(|n| owner(n).is_none() && !self.is_frozen(n, num_layers, usize::MAX)) {
             return Ok(false);

@@ -86,8 +86,8 @@ fn write_peft(
         bail!("{}: a LoRA run whose manifest names no base model", model_dir.display());
     };
     let mut tensors: HashMap<String, Tensor> = HashMap::new();
-    for (name, var) in loaded.model.params().vars() {
-        if mtl_nn::param_adapter(name) == Some(adapter) {
+    for (name, var, role) in loaded.model.params().with_roles() {
+        if matches!(role, mtl_core::ParamRole::Adapter { adapter: a, .. } if a == adapter) {
             // `….lora_A.ADAPTER.weight` → `base_model.model.bert.….lora_A.weight`: PEFT drops the adapter name.
             let plain = name.replacen(&format!(".{adapter}."), ".", 1);
             tensors.insert(format!("base_model.model.bert.{plain}"), var.as_tensor().copy()?);

@@ -101,7 +101,7 @@ fn write_files(dir: &Path, run_dir: &Path, model: &MultiTaskModel, files: &Check
     };
     if files.config.peft.enabled() {
         // The frozen backbone stays in the base model; only what trained is written.
-        model.params().save_where(&dir.join(ADAPTERS), |n| n.starts_with("heads.") || mtl_nn::is_peft_param(n))?;
+        model.params().save_where(&dir.join(ADAPTERS), |role| !role.is_backbone())?;
         manifest.weights = WeightLayout::Adapters;
         manifest.base = Some(BaseRef::new(base, run_dir)?);
     } else {

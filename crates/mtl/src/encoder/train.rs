@@ -51,10 +51,9 @@ pub(crate) fn train(config: &Config, out: &Path, select: Select, resume: bool) -
     )?;
     let trained: usize = model
         .params()
-        .vars()
-        .iter()
-        .filter(|(n, _)| !mtl_train::groups::is_frozen(n, config, bert.num_hidden_layers, usize::MAX))
-        .map(|(_, v)| v.elem_count())
+        .with_roles()
+        .filter(|(_, _, role)| !mtl_train::groups::is_frozen(role, config, bert.num_hidden_layers, usize::MAX))
+        .map(|(_, v, _)| v.elem_count())
         .sum();
     tracing::info!(
         params = model.params().num_params(),
