@@ -151,7 +151,7 @@ fn linear_or_int8(pb: &ParamBuilder, inp: usize, out: usize, int8: &mut Vec<Int8
 fn int8_layer(l: &Layer, q: Vec<Int8Matrix>) -> Result<Int8Layer> {
     let v = |t: &Tensor| -> Result<Vec<f32>> { Ok(t.flatten_all()?.to_vec1::<f32>()?) };
     let [qw, kw, vw, ow, iw, fw]: [Int8Matrix; 6] =
-        q.try_into().map_err(|_| candle_core::Error::Msg("an int8 layer has six projections".into()))?;
+        q.try_into().map_err(|_| NnError::Input("an int8 layer has six projections".into()))?;
     let qkv_bias = [v(&l.query.bias)?, v(&l.key.bias)?, v(&l.value.bias)?].concat();
     let layer = Int8Layer::new(
         [Int8Matrix::stack(&[&qw, &kw, &vw]), ow, iw, fw],
@@ -343,17 +343,16 @@ impl Bert {
     /// the model no longer uses.
     pub(crate) fn quantize_int8(&mut self) -> Result<Vec<String>> {
         if self.int8.is_some() {
-            return Err(candle_core::Error::Msg("the model is int8 already".into()).into());
+            return Err(NnError::Unsupported("the model is int8 already".into()));
         }
         if self.peft.as_ref().is_some_and(|p| p.per_task()) || (self.peft.is_some() && self.merged.is_none()) {
-            return Err(candle_core::Error::Msg("int8 needs one set of encoder weights: merge the LoRA adapter first (adapters, prefixes and per-task LoRA cannot be quantised)".into()).into());
+            return Err(NnError::Unsupported("int8 needs one set of encoder weights: merge the LoRA adapter first (adapters, prefixes and per-task LoRA cannot be quantised)".into()));
         }
         if self.config.hidden_act != Activation::Gelu {
-            return Err(candle_core::Error::Msg(format!(
+            return Err(NnError::Unsupported(format!(
                 "the int8 encoder implements the erf GELU only, not {:?}",
                 self.config.hidden_act
-            ))
-            .into());
+            )));
         }
         let mut dropped = Vec::new();
         let mut int8 = Vec::new();
@@ -384,9 +383,7 @@ impl Bert {
     /// Makes a merged shared LoRA adapter part of the model: the adapters go, the merged weights stay.
     pub(crate) fn fold_merged(&mut self) -> Result<()> {
         if self.peft.as_ref().is_some_and(|p| p.per_task()) || (self.peft.is_some() && self.merged.is_none()) {
-            return Err(
-                candle_core::Error::Msg("only a merged shared LoRA adapter folds into the weights".into()).into()
-            );
+            return Err(NnError::Unsupported("only a merged shared LoRA adapter folds into the weights".into()));
         }
         for layer in &mut self.layers {
             layer.lora.clear();
@@ -421,10 +418,9 @@ impl Bert {
     pub(crate) fn drop_top_layers(&mut self, n: usize) -> Result<()> {
         let total = self.layers.len();
         if n >= total {
-            return Err(candle_core::Error::Msg(format!(
+            return Err(NnError::Unsupported(format!(
                 "cannot drop {n} of the model's {total} layers: at least one must stay"
-            ))
-            .into());
+            )));
         }
         self.layers.truncate(total - n);
         if let Some(int8) = &mut self.int8 {
@@ -498,10 +494,7 @@ impl Bert {
         let h = self.config.hidden_size;
         if s > self.config.max_position_embeddings {
             let max = self.config.max_position_embeddings;
-            return Err(candle_core::Error::Msg(format!(
-                "sequence of {s} tokens exceeds max_position_embeddings {max}"
-            ))
-            .into());
+            return Err(NnError::Input(format!("sequence of {s} tokens exceeds max_position_embeddings {max}")));
         }
         let ids = input.input_ids.flatten_all()?;
         let types = input.token_type_ids.flatten_all()?;
@@ -514,7 +507,7 @@ impl Bert {
         let mut x = dropout.apply(&x, mode)?;
         if let Some(layers) = &self.int8 {
             if mode == Mode::Train || !x.device().is_cpu() {
-                return Err(candle_core::Error::Msg("an int8 model runs inference on the CPU only".into()).into());
+                return Err(NnError::Unsupported("an int8 model runs inference on the CPU only".into()));
             }
             let c = &self.config;
             let dims = Dims {
@@ -535,10 +528,9 @@ impl Bert {
                     Some(r) => r.clone(),
                     None if spec.adapters.len() == 1 => vec![Route { adapter: 0, examples: 0..b }],
                     None => {
-                        return Err(candle_core::Error::Msg(
+                        return Err(NnError::Input(
                             "a model with per-task adapters needs each example's task (routes)".into(),
-                        )
-                        .into())
+                        ))
                     }
                 };
                 peft::check_routes(&routes, b, spec.adapters.len())?;

@@ -59,7 +59,7 @@ impl DecoderModel {
                     Some(i) => i,
                     None if lora.adapters.len() == 1 && lora.adapters[0] == SHARED_ADAPTER => 0,
                     None => {
-                        return Err(candle_core::Error::Msg(format!("task `{task}` has no LoRA adapter")).into());
+                        return Err(NnError::UnknownAdapter(format!("task `{task}` has no LoRA adapter")));
                     }
                 };
                 adapter_of.insert(task.clone(), index);
@@ -138,7 +138,7 @@ impl DecoderModel {
         let mut row_task: Vec<Option<&TaskId>> = vec![None; b];
         for (task, targets) in &batch.targets {
             let Targets::Tokens(labels) = targets else {
-                return Err(candle_core::Error::Msg(format!("task `{task}`: a decoder trains on token labels")).into());
+                return Err(NnError::Input(format!("task `{task}`: a decoder trains on token labels")));
             };
             for (r, slot) in row_task.iter_mut().enumerate() {
                 if labels[r * s..(r + 1) * s].iter().any(|&l| l != IGNORE_INDEX) {
@@ -184,7 +184,7 @@ impl DecoderModel {
         let rows = prompts.len();
         let Some(len) = prompts.iter().map(|p| p.len()).max() else { return Ok(Vec::new()) };
         if prompts.iter().any(|p| p.is_empty()) {
-            return Err(candle_core::Error::Msg("an empty prompt has nothing to continue".into()).into());
+            return Err(NnError::Input("an empty prompt has nothing to continue".into()));
         }
         let adapter = self.adapter_of.get(task).copied().unwrap_or(0);
         let adapters = vec![adapter; rows];

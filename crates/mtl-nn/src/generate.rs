@@ -6,6 +6,7 @@ use candle_core::{Device, Tensor};
 use rand::{Rng, SeedableRng};
 
 use crate::llama::{KvCache, Llama};
+use crate::NnError;
 use crate::Result;
 
 /// How the next token is chosen.
@@ -132,11 +133,7 @@ pub fn generate(
 ) -> Result<Generated> {
     let max_pos = model.config().max_position_embeddings;
     if prompt.is_empty() || prompt.len() >= max_pos {
-        return Err(candle_core::Error::Msg(format!(
-            "a prompt of {} tokens does not fit a context of {max_pos}",
-            prompt.len()
-        ))
-        .into());
+        return Err(NnError::Input(format!("a prompt of {} tokens does not fit a context of {max_pos}", prompt.len())));
     }
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(sampling.seed);
     // An empty stop string would match at once.

@@ -197,9 +197,7 @@ fn hf_name(gguf: &str) -> Option<String> {
 fn unpermute(w: &Tensor, n: usize, head_dim: usize) -> Result<Tensor> {
     let (rows, cols) = w.dims2()?;
     if rows != n * head_dim {
-        return Err(
-            candle_core::Error::Msg(format!("a projection of {rows} rows is not {n} heads of {head_dim}")).into()
-        );
+        return Err(NnError::Input(format!("a projection of {rows} rows is not {n} heads of {head_dim}")));
     }
     Ok(w.reshape((n, head_dim / 2, 2, cols))?.transpose(1, 2)?.contiguous()?.reshape((rows, cols))?)
 }

@@ -7,6 +7,7 @@ use mtl_core::{Mode, TaskKind};
 use crate::crf::{Crf, Transitions};
 use crate::layers::{DropoutRng, Linear};
 use crate::params::ParamBuilder;
+use crate::NnError;
 use crate::Result;
 
 /// The loss of a regression head.
@@ -55,10 +56,9 @@ pub struct HeadOutput {
 impl Head {
     pub fn new(pb: &ParamBuilder, spec: &HeadSpec, hidden: usize) -> Result<Self> {
         if spec.kind == TaskKind::Generation {
-            return Err(candle_core::Error::Msg(
+            return Err(NnError::Unsupported(
                 "generation tasks have no encoder head: they need a decoder model".into(),
-            )
-            .into());
+            ));
         }
         let crf = match &spec.crf {
             Some(t) => Some(Crf::new(&pb.pp("crf"), t.clone())?),

@@ -40,6 +40,15 @@ pub enum NnError {
     File { path: PathBuf, message: String },
     #[error("{path}: missing tensors: {names}")]
     MissingTensors { path: PathBuf, names: String },
+    /// An adapter a task or a call names that the model does not have.
+    #[error("{0}")]
+    UnknownAdapter(String),
+    /// What the model cannot do as it is (merged already, int8 already, a head it has no backbone for).
+    #[error("{0}")]
+    Unsupported(String),
+    /// Inputs that do not fit the model: shapes, lengths, labels outside the vocabulary, routes.
+    #[error("{0}")]
+    Input(String),
 }
 
 pub type Result<T, E = NnError> = std::result::Result<T, E>;

@@ -362,10 +362,9 @@ impl Llama {
     /// (every row the same number of new tokens) and the cache is extended.
     pub fn forward(&self, ids: &Tensor, mask: Option<&[u32]>, cache: Option<&mut KvCache>) -> Result<Tensor> {
         match &self.lora {
-            Some(lora) if lora.adapters.len() > 1 => Err(candle_core::Error::Msg(
+            Some(lora) if lora.adapters.len() > 1 => Err(NnError::Input(
                 "a decoder with per-task adapters needs each example's adapter (forward_with)".into(),
-            )
-            .into()),
+            )),
             Some(_) => {
                 let b = ids.dim(0)?;
                 let routes = [Route { adapter: 0, examples: 0..b }];
@@ -404,24 +403,21 @@ impl Llama {
                     frozen: run.frozen,
                 })
             }
-            (Some(_), None) => {
-                return Err(candle_core::Error::Msg("a decoder with LoRA needs its routes".into()).into())
-            }
+            (Some(_), None) => return Err(NnError::Input("a decoder with LoRA needs its routes".into())),
             (None, _) => None,
         };
         let c = &self.config;
         let past = cache.as_ref().map_or(0, |c| c.len);
         if past + s > c.max_position_embeddings {
-            return Err(candle_core::Error::Msg(format!(
+            return Err(NnError::Input(format!(
                 "{} positions exceed max_position_embeddings {}",
                 past + s,
                 c.max_position_embeddings
-            ))
-            .into());
+            )));
         }
         if let Some(m) = mask {
             if m.len() != b * s {
-                return Err(candle_core::Error::Msg("the attention mask does not match the ids".into()).into());
+                return Err(NnError::Input("the attention mask does not match the ids".into()));
             }
         }
         if let Some(cache) = cache.as_mut() {
@@ -430,9 +426,7 @@ impl Llama {
                 cache.real = vec![Vec::new(); b];
             }
             if cache.real.len() != b {
-                return Err(
-                    candle_core::Error::Msg(format!("{b} rows continue a cache of {}", cache.real.len())).into()
-                );
+                return Err(NnError::Input(format!("{b} rows continue a cache of {}", cache.real.len())));
             }
         }
         let device = ids.device();
@@ -632,18 +626,14 @@ pub(crate) fn next_token_targets(
 pub fn causal_lm_loss(logits: &Tensor, labels: &[i64], b: usize, s: usize, ignore: i64) -> Result<Tensor> {
     let (n, vocab) = logits.dims2()?;
     if labels.len() != b * s || n != b * s {
-        return Err(candle_core::Error::Msg(format!(
-            "{} labels and {n} logit rows for a batch of {b} × {s}",
-            labels.len()
-        ))
-        .into());
+        return Err(NnError::Input(format!("{} labels and {n} logit rows for a batch of {b} × {s}", labels.len())));
     }
     if let Some(bad) = labels.iter().find(|&&l| l != ignore && !(0..vocab as i64).contains(&l)) {
-        return Err(candle_core::Error::Msg(format!("label {bad} is outside the vocabulary of {vocab}")).into());
+        return Err(NnError::Input(format!("label {bad} is outside the vocabulary of {vocab}")));
     }
     let (rows, targets) = next_token_targets(labels, (0..b).map(|r| (r, r)), s, ignore);
     if rows.is_empty() {
-        return Err(candle_core::Error::Msg("no labelled position to compute the LM loss on".into()).into());
+        return Err(NnError::Input("no labelled position to compute the LM loss on".into()));
     }
     let device = logits.device();
     let n = rows.len();

@@ -270,14 +270,13 @@ impl MultiTaskModel {
     /// merged at a time.
     pub fn merge_lora(&mut self, adapter: usize) -> Result<()> {
         if let Some(m) = self.bert.merged() {
-            return Err(candle_core::Error::Msg(format!("LoRA adapter {m} is merged already; unmerge it first")).into());
+            return Err(NnError::Unsupported(format!("LoRA adapter {m} is merged already; unmerge it first")));
         }
         let n = self.bert.peft().filter(|s| s.lora().is_some()).map_or(0, |s| s.adapters.len());
         if adapter >= n {
-            return Err(candle_core::Error::Msg(format!(
+            return Err(NnError::UnknownAdapter(format!(
                 "no LoRA adapter {adapter} (the model has {n}); only LoRA merges"
-            ))
-            .into());
+            )));
         }
         self.shift_base(adapter, 1.0)?;
         self.bert.set_merged(Some(adapter));
@@ -295,8 +294,7 @@ impl MultiTaskModel {
 
     fn shift_base(&self, adapter: usize, sign: f64) -> Result<()> {
         for (name, delta) in self.bert.lora_deltas(adapter)? {
-            let var =
-                self.params.vars().get(&name).ok_or_else(|| candle_core::Error::Msg(format!("no parameter {name}")))?;
+            let var = self.params.vars().get(&name).ok_or_else(|| NnError::Input(format!("no parameter {name}")))?;
             var.set(&(var.as_tensor() + (delta * sign)?)?)?;
         }
         Ok(())
@@ -307,7 +305,7 @@ impl MultiTaskModel {
     pub fn backbone_weights(&self, adapter: Option<usize>) -> Result<BTreeMap<String, Tensor>> {
         let deltas: HashMap<String, Tensor> = match adapter {
             Some(_) if self.bert.merged().is_some() => {
-                return Err(candle_core::Error::Msg("a LoRA adapter is merged already; unmerge it first".into()).into())
+                return Err(NnError::Unsupported("a LoRA adapter is merged already; unmerge it first".into()))
             }
             Some(a) => self.bert.lora_deltas(a)?.into_iter().collect(),
             None => HashMap::new(),

@@ -117,10 +117,7 @@ impl PeftSpec {
     pub fn adapter_of(&self, task: &TaskId) -> Result<usize> {
         let name = if self.per_task() { task.as_str() } else { SHARED_ADAPTER };
         self.adapters.iter().position(|a| a == name).ok_or_else(|| {
-            NnError::Candle(candle_core::Error::Msg(format!(
-                "task `{task}` has no adapter; adapters: {}",
-                self.adapters.join(", ")
-            )))
+            NnError::UnknownAdapter(format!("task `{task}` has no adapter; adapters: {}", self.adapters.join(", ")))
         })
     }
 }
@@ -218,7 +215,7 @@ impl BottleneckLayer {
     pub(crate) fn forward(&self, y: &Tensor, pass: &PeftPass) -> Result<Tensor> {
         let delta = pass.routed(y, |adapter, ys| {
             let a =
-                self.adapters.get(adapter).ok_or_else(|| candle_core::Error::Msg(format!("no adapter {adapter}")))?;
+                self.adapters.get(adapter).ok_or_else(|| NnError::UnknownAdapter(format!("no adapter {adapter}")))?;
             a.up.forward(&a.down.forward(ys)?.relu()?)
         })?;
         Ok((y + delta)?)
@@ -260,7 +257,7 @@ impl PrefixLayer {
                 .iter()
                 .map(|r| {
                     let p =
-                        t.get(r.adapter).ok_or_else(|| candle_core::Error::Msg(format!("no adapter {}", r.adapter)))?;
+                        t.get(r.adapter).ok_or_else(|| NnError::UnknownAdapter(format!("no adapter {}", r.adapter)))?;
                     let (l, h) = p.dims2()?;
                     Ok(p.unsqueeze(0)?.broadcast_as((r.examples.len(), l, h))?)
                 })
@@ -299,7 +296,7 @@ impl LoraLayer {
 
     /// Adapter `adapter`'s matrices.
     pub(crate) fn pair(&self, adapter: usize) -> Result<&LoraPair> {
-        Ok(self.pairs.get(adapter).ok_or_else(|| candle_core::Error::Msg(format!("no LoRA adapter {adapter}")))?)
+        self.pairs.get(adapter).ok_or_else(|| NnError::UnknownAdapter(format!("no LoRA adapter {adapter}")))
     }
 
     /// The update of every row of `x` (`[examples * seq, in]`), each example through its route's adapter.
@@ -307,7 +304,7 @@ impl LoraLayer {
         pass.routed(x, |adapter, xs| {
             let xs = pass.dropout.apply_with(xs, pass.dropout_p, pass.mode)?;
             let pair =
-                self.pairs.get(adapter).ok_or_else(|| candle_core::Error::Msg(format!("no LoRA adapter {adapter}")))?;
+                self.pairs.get(adapter).ok_or_else(|| NnError::UnknownAdapter(format!("no LoRA adapter {adapter}")))?;
             let (a, b) =
                 if pass.frozen { (pair.a.detach(), pair.b.detach()) } else { (pair.a.clone(), pair.b.clone()) };
             Ok((xs.matmul(&a.t()?)?.matmul(&b.t()?)? * pass.scale)?)
@@ -326,16 +323,14 @@ pub(crate) fn check_routes(routes: &[Route], batch: usize, adapters: usize) -> R
     let mut next = 0;
     for r in routes {
         if r.examples.start != next || r.examples.is_empty() || r.adapter >= adapters {
-            return Err(NnError::Candle(candle_core::Error::Msg(format!(
+            return Err(NnError::Input(format!(
                 "invalid LoRA routes {routes:?} for {batch} examples and {adapters} adapters"
-            ))));
+            )));
         }
         next = r.examples.end;
     }
     if next != batch {
-        return Err(NnError::Candle(candle_core::Error::Msg(format!(
-            "LoRA routes {routes:?} do not cover {batch} examples"
-        ))));
+        return Err(NnError::Input(format!("LoRA routes {routes:?} do not cover {batch} examples")));
     }
     Ok(())
 }

@@ -39,7 +39,7 @@ use tokio::sync::oneshot;
 
 use crate::batcher::{Batcher, Job, SubmitError};
 use crate::metrics::Metrics;
-use crate::{Engine, RequestInput};
+use crate::{Engine, EngineError, RequestInput};
 
 /// Everything a server is configured with, besides its model.
 #[derive(Clone, Debug)]
@@ -124,6 +124,15 @@ impl IntoResponse for ApiError {
             response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         }
         response
+    }
+}
+
+impl From<EngineError> for ApiError {
+    fn from(e: EngineError) -> Self {
+        match e {
+            EngineError::Invalid(m) => Self::Validation(m),
+            EngineError::Model(m) => Self::Internal(m),
+        }
     }
 }
 
@@ -319,7 +328,12 @@ async fn run<E: Engine>(
         inputs
             .iter()
             .enumerate()
-            .map(|(i, input)| engine.prepare(input).map_err(|e| ApiError::Validation(format!("input {i}: {e}"))))
+            .map(|(i, input)| {
+                engine.prepare(input).map_err(|e| match e {
+                    EngineError::Invalid(m) => ApiError::Validation(format!("input {i}: {m}")),
+                    EngineError::Model(m) => ApiError::Internal(format!("input {i}: {m}")),
+                })
+            })
             .collect::<Result<Vec<_>, _>>()
     })
     .await
@@ -333,7 +347,7 @@ async fn run<E: Engine>(
     match tokio::time::timeout(state.settings.request_timeout, answer).await {
         Err(_) => Err(ApiError::Timeout),
         Ok(Err(_)) => Err(ApiError::Internal("the model thread dropped the request".into())),
-        Ok(Ok(Err(e))) => Err(ApiError::Internal(e)),
+        Ok(Ok(Err(e))) => Err(e.into()),
         Ok(Ok(Ok(predictions))) => {
             state.metrics.latency(&tasks, started.elapsed().as_secs_f64());
             Ok(Json(json!({"predictions": predictions})))

@@ -20,7 +20,7 @@ pub type Answers = Vec<BTreeMap<String, serde_json::Value>>;
 pub struct Job<I> {
     pub items: Vec<(I, usize)>,
     pub tasks: BTreeSet<String>,
-    pub reply: oneshot::Sender<Result<Answers, String>>,
+    pub reply: oneshot::Sender<Result<Answers, crate::EngineError>>,
 }
 
 /// How batches are formed.
@@ -128,7 +128,9 @@ fn run<E: Engine>(
         metrics.batch(items.len());
         // A panic in the model answers this batch with an error; the thread serves on.
         let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| engine.predict(&items, &tasks)))
-            .unwrap_or_else(|_| Err("the model failed on this batch (a bug; see the server log)".into()));
+            .unwrap_or_else(|_| {
+                Err(crate::EngineError::Model("the model failed on this batch (a bug; see the server log)".into()))
+            });
         match outcome {
             Ok(mut answers) => {
                 for job in jobs {

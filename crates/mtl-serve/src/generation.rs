@@ -70,7 +70,11 @@ pub struct Finished {
 pub trait Generator: Send + Sync + 'static {
     /// Generates for `request`, handing each new piece of text to `on_piece`, which returns false to stop.
     /// An `Err` is a request the model cannot serve (such as a prompt longer than its context), a 422.
-    fn generate(&self, request: &GenerateRequest, on_piece: &mut dyn FnMut(&str) -> bool) -> Result<Finished, String>;
+    fn generate(
+        &self,
+        request: &GenerateRequest,
+        on_piece: &mut dyn FnMut(&str) -> bool,
+    ) -> Result<Finished, crate::EngineError>;
 }
 
 /// A generation request's body checked against the limits.
@@ -105,7 +109,7 @@ pub fn check_generate(body: &[u8], settings: &Settings) -> Result<GenerateReques
 /// What the model thread sends back for one request.
 enum Update {
     Piece(String),
-    Done(Result<Finished, String>),
+    Done(Result<Finished, crate::EngineError>),
 }
 
 struct Job {
@@ -186,7 +190,7 @@ async fn generate(State(state): State<Arc<GenState>>, body: Bytes) -> Response {
             match tokio::time::timeout(timeout, wait).await {
                 Err(_) => ApiError::Timeout.into_response(),
                 Ok(None) => ApiError::Internal("the model thread stopped".into()).into_response(),
-                Ok(Some(Err(m))) => ApiError::Validation(m).into_response(),
+                Ok(Some(Err(e))) => ApiError::from(e).into_response(),
                 Ok(Some(Ok(f))) => Json(finished_json(&f)).into_response(),
             }
         }
@@ -220,8 +224,12 @@ fn async_stream(
             Some(Update::Done(Ok(f))) => {
                 return Some((Ok(Event::default().event("done").data(finished_json(&f).to_string())), None));
             }
-            Some(Update::Done(Err(m))) => {
-                let body = json!({"error": {"kind": "validation", "message": m}});
+            Some(Update::Done(Err(e))) => {
+                let kind = match e {
+                    crate::EngineError::Invalid(_) => "validation",
+                    crate::EngineError::Model(_) => "internal",
+                };
+                let body = json!({"error": {"kind": kind, "message": e.to_string()}});
                 return Some((Ok(Event::default().event("error").data(body.to_string())), None));
             }
             None => {
@@ -245,9 +253,13 @@ mod tests {
     struct Echo;
 
     impl Generator for Echo {
-        fn generate(&self, r: &GenerateRequest, on_piece: &mut dyn FnMut(&str) -> bool) -> Result<Finished, String> {
+        fn generate(
+            &self,
+            r: &GenerateRequest,
+            on_piece: &mut dyn FnMut(&str) -> bool,
+        ) -> Result<Finished, crate::EngineError> {
             if r.prompt.starts_with("too long") {
-                return Err("the prompt is longer than the model's context".into());
+                return Err(crate::EngineError::Invalid("the prompt is longer than the model's context".into()));
             }
             let mut text = String::new();
             let mut n = 0;

@@ -45,6 +45,17 @@ pub enum RequestInput {
     Single { text: String },
 }
 
+/// Why an engine or a generator could not answer; the kind decides the HTTP status.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum EngineError {
+    /// The input cannot be answered as sent (empty, the wrong shape, too long for the model): 422.
+    #[error("{0}")]
+    Invalid(String),
+    /// The model failed: 500.
+    #[error("{0}")]
+    Model(String),
+}
+
 /// What the server serves. Shared by the request handlers (which prepare inputs on worker threads) and the
 /// model thread (which predicts), so it is `Sync`.
 pub trait Engine: Send + Sync + 'static {
@@ -54,7 +65,7 @@ pub trait Engine: Send + Sync + 'static {
     fn tasks(&self) -> &[TaskDescription];
 
     /// Checks and tokenises one input; returns it with its cost in tokens, or why it is invalid.
-    fn prepare(&self, input: &RequestInput) -> Result<(Self::Item, usize), String>;
+    fn prepare(&self, input: &RequestInput) -> Result<(Self::Item, usize), EngineError>;
 
     /// Predictions for a batch: for each item, the tasks asked of it, answered as JSON per task. One call
     /// may mix items of different requests and different tasks.
@@ -62,7 +73,7 @@ pub trait Engine: Send + Sync + 'static {
         &self,
         items: &[&Self::Item],
         tasks: &[&BTreeSet<String>],
-    ) -> Result<Vec<BTreeMap<String, serde_json::Value>>, String>;
+    ) -> Result<Vec<BTreeMap<String, serde_json::Value>>, EngineError>;
 }
 
 #[cfg(test)]

@@ -13,7 +13,7 @@ use serde_json::{json, Value};
 use tower::ServiceExt;
 
 use crate::api::{router, Settings};
-use crate::{Engine, RequestInput, TaskDescription};
+use crate::{Engine, EngineError, RequestInput, TaskDescription};
 
 /// Every batch the fake engine ran: each input with the tasks asked of it.
 type Batches = Arc<Mutex<Vec<Vec<(String, Vec<String>)>>>>;
@@ -50,28 +50,35 @@ impl Engine for Fake {
         &self.tasks
     }
 
-    fn prepare(&self, input: &RequestInput) -> Result<(String, usize), String> {
+    fn prepare(&self, input: &RequestInput) -> Result<(String, usize), EngineError> {
         let text = match input {
             RequestInput::Text(t) | RequestInput::Single { text: t } => t.clone(),
             RequestInput::Pair { text, text_pair } => format!("{text} | {text_pair}"),
             RequestInput::Words { words } => words.join(" "),
-            RequestInput::Question { .. } => return Err("this model answers no questions".into()),
+            RequestInput::Question { .. } => {
+                return Err(EngineError::Invalid("this model answers no questions".into()))
+            }
         };
         let tokens = text.split_whitespace().count();
         Ok((text, tokens))
     }
 
-    fn predict(&self, items: &[&String], tasks: &[&BTreeSet<String>]) -> Result<Vec<BTreeMap<String, Value>>, String> {
+    fn predict(
+        &self,
+        items: &[&String],
+        tasks: &[&BTreeSet<String>],
+    ) -> Result<Vec<BTreeMap<String, Value>>, EngineError> {
+        let bug = |e: String| EngineError::Model(e);
         let (open, turn) = &*self.gate;
-        let mut open = open.lock().map_err(|e| e.to_string())?;
+        let mut open = open.lock().map_err(|e| bug(e.to_string()))?;
         while !*open {
-            open = turn.wait(open).map_err(|e| e.to_string())?;
+            open = turn.wait(open).map_err(|e| bug(e.to_string()))?;
         }
         drop(open);
         assert!(!items.iter().any(|i| i.as_str() == "panic"), "a bug in the model");
         std::thread::sleep(self.delay);
         let batch = items.iter().zip(tasks).map(|(i, t)| (i.to_string(), t.iter().cloned().collect())).collect();
-        self.batches.lock().map_err(|e| e.to_string())?.push(batch);
+        self.batches.lock().map_err(|e| bug(e.to_string()))?.push(batch);
         Ok(items
             .iter()
             .zip(tasks)

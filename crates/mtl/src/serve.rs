@@ -9,7 +9,7 @@ use mtl_config::{ServeConfig, TagScheme};
 use mtl_core::{TaskId, TaskKind};
 use mtl_data::{Example, Input, LabelMap, Location};
 use mtl_serve::api::Settings;
-use mtl_serve::{Engine, RequestInput, Router, TaskDescription};
+use mtl_serve::{Engine, EngineError, RequestInput, Router, TaskDescription};
 use mtl_train::{predict_examples, TaskInfo};
 use serde_json::Value;
 
@@ -110,9 +110,9 @@ impl ModelEngine {
     }
 }
 
-fn nonempty(field: &str, text: &str) -> Result<(), String> {
+fn nonempty(field: &str, text: &str) -> Result<(), EngineError> {
     if text.trim().is_empty() {
-        return Err(format!("`{field}` is empty"));
+        return Err(EngineError::Invalid(format!("`{field}` is empty")));
     }
     Ok(())
 }
@@ -163,7 +163,7 @@ impl Engine for ModelEngine {
         &self.tasks
     }
 
-    fn prepare(&self, input: &RequestInput) -> Result<(Self::Item, usize), String> {
+    fn prepare(&self, input: &RequestInput) -> Result<(Self::Item, usize), EngineError> {
         let location = Location { path: "request".into(), line: 0 };
         let (input, text) = match input {
             RequestInput::Text(t) | RequestInput::Single { text: t } => {
@@ -178,7 +178,9 @@ impl Engine for ModelEngine {
             }
             RequestInput::Words { words } => {
                 if words.is_empty() || words.iter().any(|w| w.trim().is_empty() || w.contains(char::is_whitespace)) {
-                    return Err("`words` must be a non-empty list of words without whitespace".into());
+                    return Err(EngineError::Invalid(
+                        "`words` must be a non-empty list of words without whitespace".into(),
+                    ));
                 }
                 // Entity offsets refer to the words joined by single spaces.
                 (Input::Words(words.clone()), words.join(" "))
@@ -187,13 +189,14 @@ impl Engine for ModelEngine {
                 nonempty("question", question)?;
                 nonempty("context", context)?;
                 if !self.loaded.config.tasks.values().any(|t| t.kind == TaskKind::QuestionAnswering) {
-                    return Err("the model has no question-answering task".into());
+                    return Err(EngineError::Invalid("the model has no question-answering task".into()));
                 }
                 (Input::Question { question: question.clone(), context: context.clone() }, context.clone())
             }
         };
         let group = self.questions.fetch_add(1, Ordering::Relaxed);
-        let examples = crate::encoder::predict::encoder_examples(&self.loaded, &location, &input, group)?;
+        let examples = crate::encoder::predict::encoder_examples(&self.loaded, &location, &input, group)
+            .map_err(EngineError::Invalid)?;
         let tokens = examples.iter().map(|e| e.encoded.ids.len()).sum();
         Ok(((examples, text), tokens))
     }
@@ -202,7 +205,7 @@ impl Engine for ModelEngine {
         &self,
         items: &[&Self::Item],
         tasks: &[&BTreeSet<String>],
-    ) -> Result<Vec<BTreeMap<String, Value>>, String> {
+    ) -> Result<Vec<BTreeMap<String, Value>>, EngineError> {
         // Only the heads some input asks for run.
         let wanted: BTreeSet<&String> = tasks.iter().flat_map(|t| t.iter()).collect();
         let labels: BTreeMap<TaskId, LabelMap> = self
@@ -215,8 +218,8 @@ impl Engine for ModelEngine {
         let info = TaskInfo { config: &self.loaded.config, labels: &labels };
         let examples: Vec<&Example> = items.iter().flat_map(|i| i.0.iter()).collect();
         let batch_size = self.loaded.config.training.eval_batch_size;
-        let predictions =
-            predict_examples(&self.loaded.model, &examples, &info, batch_size).map_err(|e| e.to_string())?;
+        let predictions = predict_examples(&self.loaded.model, &examples, &info, batch_size)
+            .map_err(|e| EngineError::Model(e.to_string()))?;
         let mut at = 0;
         let mut out = Vec::with_capacity(items.len());
         for (item, asked) in items.iter().zip(tasks) {

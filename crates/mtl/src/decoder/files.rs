@@ -180,19 +180,23 @@ impl mtl_serve::generation::Generator for Decoder {
         &self,
         r: &mtl_serve::generation::GenerateRequest,
         on_piece: &mut dyn FnMut(&str) -> bool,
-    ) -> std::result::Result<mtl_serve::generation::Finished, String> {
-        let text =
-            if r.chat { self.chat_prompt(&r.prompt, None).map_err(|e| e.to_string())? } else { r.prompt.clone() };
-        let ids = self.encode(&text).map_err(|e| e.to_string())?;
+    ) -> std::result::Result<mtl_serve::generation::Finished, mtl_serve::EngineError> {
+        use mtl_serve::EngineError::Invalid;
+        let text = if r.chat {
+            self.chat_prompt(&r.prompt, None).map_err(|e| Invalid(e.to_string()))?
+        } else {
+            r.prompt.clone()
+        };
+        let ids = self.encode(&text).map_err(|e| Invalid(e.to_string()))?;
         let context = self.model.config().max_position_embeddings;
         if ids.is_empty() || ids.len() >= context {
-            return Err(format!("the prompt has {} tokens; the model reads 1 to {} ", ids.len(), context - 1));
+            return Err(Invalid(format!("the prompt has {} tokens; the model reads 1 to {} ", ids.len(), context - 1)));
         }
         let sampling = Sampling { temperature: r.temperature, top_k: r.top_k, top_p: r.top_p, seed: r.seed };
         let limits =
             Limits { max_new_tokens: r.max_new_tokens, stop_tokens: self.eos.clone(), stop_strings: r.stop.clone() };
         let generated = generate(&self.model, &ids, &sampling, &limits, |t| self.decode(t), |piece| on_piece(piece))
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| mtl_serve::EngineError::Model(e.to_string()))?;
         let stop =
             serde_json::to_value(generated.stop).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default();
         Ok(mtl_serve::generation::Finished {
