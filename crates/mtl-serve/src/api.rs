@@ -56,20 +56,29 @@ pub struct Settings {
     pub api_keys: Option<HashSet<String>>,
 }
 
-impl Default for Settings {
-    fn default() -> Self {
+impl Settings {
+    /// The settings of a serving config (`mtl_config::ServeConfig`, the one source of the defaults), with the
+    /// API keys read from its key file.
+    pub fn from_config(config: &mtl_config::ServeConfig, api_keys: Option<HashSet<String>>) -> Self {
         Self {
             batch: crate::batcher::BatchSettings {
-                max_batch_tokens: 8192,
-                max_wait: Duration::from_millis(5),
-                queue_bound: 256,
+                max_batch_tokens: config.max_batch_tokens,
+                max_wait: Duration::from_millis(config.max_wait_ms),
+                queue_bound: config.queue_bound,
             },
-            max_input_chars: 10_000,
-            max_inputs: 256,
-            body_limit: 2 << 20,
-            request_timeout: Duration::from_secs(30),
-            api_keys: None,
+            max_input_chars: config.max_input_chars,
+            max_inputs: config.max_inputs,
+            body_limit: config.body_limit,
+            request_timeout: Duration::from_secs(config.timeout_s),
+            api_keys,
         }
+    }
+}
+
+impl Default for Settings {
+    /// `ServeConfig`'s defaults, without API keys.
+    fn default() -> Self {
+        Self::from_config(&mtl_config::ServeConfig::default(), None)
     }
 }
 

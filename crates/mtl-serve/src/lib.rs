@@ -7,7 +7,8 @@
 //! - [`api`]: the router, its endpoints and the error table.
 //! - [`metrics`]: what `GET /metrics` reports, in Prometheus' text format; [`openapi`]: `GET /openapi.json`.
 //!
-//! Depends on nothing of ours: the engine brings the model.
+//! Depends on `mtl-config` alone of ours (its `ServeConfig` is the one source of the serving defaults): the
+//! engine brings the model.
 
 pub mod api;
 pub mod batcher;

@@ -33,18 +33,7 @@ pub fn settings(config: &ServeConfig) -> Result<Settings> {
         }
         None => None,
     };
-    Ok(Settings {
-        batch: mtl_serve::batcher::BatchSettings {
-            max_batch_tokens: config.max_batch_tokens,
-            max_wait: std::time::Duration::from_millis(config.max_wait_ms),
-            queue_bound: config.queue_bound,
-        },
-        max_input_chars: config.max_input_chars,
-        max_inputs: config.max_inputs,
-        body_limit: config.body_limit,
-        request_timeout: std::time::Duration::from_secs(config.timeout_s),
-        api_keys,
-    })
+    Ok(Settings::from_config(config, api_keys))
 }
 
 /// The router for `model`: an encoder run's tasks (`POST /v1/predict`, `POST /v1/tasks/TASK/predict`), or free

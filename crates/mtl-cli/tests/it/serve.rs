@@ -121,3 +121,29 @@ fn serve_answers_as_predict_does_and_stops_on_sigterm() -> TestResult {
     assert!(status.success(), "exit status {status}");
     Ok(())
 }
+
+/// `mtl serve --help` quotes each flag's default; they are `ServeConfig`'s, the one source of the defaults.
+#[test]
+fn serve_help_quotes_the_serving_config_defaults() -> TestResult {
+    let o = crate::cli::mtl(std::path::Path::new("."), &["serve", "--help"], None)?;
+    assert!(o.status.success(), "{}", stderr(&o));
+    let help = String::from_utf8(o.stdout)?;
+    let d = mtl_config::ServeConfig::default();
+    let want = [
+        ("--addr", d.addr.to_string()),
+        ("--max-batch-tokens", d.max_batch_tokens.to_string()),
+        ("--max-wait-ms", d.max_wait_ms.to_string()),
+        ("--queue-bound", d.queue_bound.to_string()),
+        ("--max-input-chars", d.max_input_chars.to_string()),
+        ("--max-inputs", d.max_inputs.to_string()),
+        ("--body-limit", d.body_limit.to_string()),
+        ("--timeout-s", d.timeout_s.to_string()),
+    ];
+    for (flag, value) in want {
+        // The flag's paragraph: from its line to the next flag.
+        let at = help.find(&format!("{flag} <")).ok_or(format!("{flag} is not in the help"))?;
+        let paragraph = help[at..].split("\n  -").next().unwrap_or_default();
+        assert!(paragraph.contains(&format!("[default: {value}]")), "{flag}: {paragraph}");
+    }
+    Ok(())
+}
