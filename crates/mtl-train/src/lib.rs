@@ -8,6 +8,7 @@ pub mod groups;
 pub mod heads;
 pub mod model;
 mod optim;
+mod plan;
 mod progress;
 pub mod resume;
 pub mod sampling;

@@ -1,0 +1,341 @@
+//! The row-wise and attention kernels of the fused encoder's layers: projections, LayerNorm with its
+//! residual, column sums, dropout masks, softmax and attention forward and backward, each on plain slices.
+
+use rayon::prelude::*;
+
+use super::*;
+use crate::cpu::gemm::{matmul, Threads, View, ViewMut};
+use crate::cpu::math::{self, simd};
+
+/// Writes `x Wᵀ + b` into `out` (`rows × out_dim`, row stride `stride`), `w` being `[out_dim, in_dim]`.
+pub(super) fn linear(x: &[f32], w: &[f32], b: &[f32], out: &mut [f32], rows: usize, in_dim: usize, stride: usize) {
+    let out_dim = b.len();
+    out.par_chunks_mut(stride * ROWS_PER_TASK).for_each(|chunk| {
+        simd(
+            #[inline(always)]
+            || {
+                for row in chunk.chunks_mut(stride) {
+                    row[..out_dim].copy_from_slice(b);
+                }
+            },
+        )
+    });
+    matmul(
+        ViewMut::strided(out, rows, out_dim, stride),
+        View::new(x, rows, in_dim),
+        View::new(w, out_dim, in_dim).t(),
+        1.0,
+        true,
+        Threads::All,
+    );
+}
+
+/// The query, key and value parameters starting at `first` (`QW` for weights, `QB` for biases), one after the
+/// other: the weights stack into `[3h × h]`, the biases into `[3h]`.
+pub(super) fn stacked(w: &[&[f32]], first: usize) -> Vec<f32> {
+    [w[first], w[first + 2], w[first + 4]].concat()
+}
+
+/// `dst[j] += Σ_rows m[row, offset + j]` over rows of `stride` elements, in parallel over blocks of columns
+/// (each column's sum is still taken in row order, so the result does not depend on the threads).
+pub(super) fn col_sums(m: &[f32], stride: usize, offset: usize, dst: &mut [f32]) {
+    const COLUMNS: usize = 64;
+    dst.par_chunks_mut(COLUMNS).enumerate().for_each(|(c, d)| {
+        let (start, width) = (offset + c * COLUMNS, d.len());
+        simd(
+            #[inline(always)]
+            || {
+                for row in m.chunks_exact(stride) {
+                    for (d, v) in d.iter_mut().zip(&row[start..start + width]) {
+                        *d += v;
+                    }
+                }
+            },
+        )
+    });
+}
+
+/// `y = LayerNorm(branch ∘ mask + residual)`, keeping the normalised input and 1/σ of each row.
+#[allow(clippy::too_many_arguments)]
+#[doc(hidden)] // public for the kernel benchmarks
+pub fn add_norm(
+    branch: &[f32],
+    mask: Option<&[f32]>,
+    residual: &[f32],
+    gamma: &[f32],
+    beta: &[f32],
+    eps: f32,
+    y: &mut [f32],
+    xhat: &mut [f32],
+    rstd: &mut [f32],
+) {
+    let h = gamma.len();
+    let chunk = h * ROWS_PER_TASK;
+    y.par_chunks_mut(chunk)
+        .zip(xhat.par_chunks_mut(chunk))
+        .zip(rstd.par_chunks_mut(ROWS_PER_TASK))
+        .enumerate()
+        .for_each(|(c, ((y, xhat), rstd))| {
+            simd(
+                #[inline(always)]
+                || {
+                    let start = c * chunk;
+                    for (r, (y, xh)) in y.chunks_exact_mut(h).zip(xhat.chunks_exact_mut(h)).enumerate() {
+                        let at = start + r * h;
+                        let (br, res) = (&branch[at..at + h], &residual[at..at + h]);
+                        match mask {
+                            Some(m) => {
+                                for i in 0..h {
+                                    xh[i] = br[i] * m[at + i] + res[i];
+                                }
+                            }
+                            None => {
+                                for i in 0..h {
+                                    xh[i] = br[i] + res[i];
+                                }
+                            }
+                        }
+                        let mean = math::sum(xh) / h as f32;
+                        let var = math::sum_sq_dev(xh, mean) / h as f32;
+                        let rs = 1.0 / (var + eps).sqrt();
+                        rstd[r] = rs;
+                        for i in 0..h {
+                            xh[i] = (xh[i] - mean) * rs;
+                            y[i] = xh[i] * gamma[i] + beta[i];
+                        }
+                    }
+                },
+            )
+        });
+}
+
+/// LayerNorm backward: returns the gradient of the normalised input and adds to `dgamma` and `dbeta`.
+/// Partial sums are added in chunk order, so the result does not depend on scheduling.
+#[doc(hidden)] // public for the kernel benchmarks
+pub fn norm_backward(
+    dy: &[f32],
+    xhat: &[f32],
+    rstd: &[f32],
+    gamma: &[f32],
+    dgamma: &mut [f32],
+    dbeta: &mut [f32],
+) -> Vec<f32> {
+    let h = gamma.len();
+    let chunk = h * ROWS_PER_TASK;
+    let mut dx = vec![0f32; dy.len()];
+    let partials: Vec<(Vec<f32>, Vec<f32>)> = dx
+        .par_chunks_mut(chunk)
+        .enumerate()
+        .map(|(c, dx)| {
+            simd(
+                #[inline(always)]
+                || {
+                    let (mut dg, mut db) = (vec![0f32; h], vec![0f32; h]);
+                    for (r, dx) in dx.chunks_exact_mut(h).enumerate() {
+                        let at = c * chunk + r * h;
+                        let (dy, xh) = (&dy[at..at + h], &xhat[at..at + h]);
+                        let (sum_g, sum_gx) = (math::dot(dy, gamma), math::dot3(dy, gamma, xh));
+                        for i in 0..h {
+                            dg[i] += dy[i] * xh[i];
+                            db[i] += dy[i];
+                        }
+                        let (mg, mgx, rs) = (sum_g / h as f32, sum_gx / h as f32, rstd[c * ROWS_PER_TASK + r]);
+                        for i in 0..h {
+                            dx[i] = rs * (dy[i] * gamma[i] - mg - xh[i] * mgx);
+                        }
+                    }
+                    (dg, db)
+                },
+            )
+        })
+        .collect();
+    for (pg, pb) in partials {
+        dgamma.iter_mut().zip(pg).for_each(|(a, b)| *a += b);
+        dbeta.iter_mut().zip(pb).for_each(|(a, b)| *a += b);
+    }
+    dx
+}
+
+pub(super) fn elementwise(a: &mut [f32], f: impl Fn(&mut [f32], usize) + Sync) {
+    a.par_chunks_mut(1 << 14).enumerate().for_each(|(c, chunk)| {
+        simd(
+            #[inline(always)]
+            || f(chunk, c << 14),
+        )
+    });
+}
+
+/// `x ∘ mask`, or `x` itself (no copy) without dropout.
+pub(super) fn masked<'a>(x: &'a [f32], mask: Option<&[f32]>) -> std::borrow::Cow<'a, [f32]> {
+    let Some(m) = mask else { return std::borrow::Cow::Borrowed(x) };
+    let mut out = x.to_vec();
+    elementwise(
+        &mut out,
+        #[inline(always)]
+        |c, start| {
+            for (v, m) in c.iter_mut().zip(&m[start..]) {
+                *v *= m;
+            }
+        },
+    );
+    std::borrow::Cow::Owned(out)
+}
+
+/// `a ∘ b`, vectorised.
+pub(super) fn product(a: &[f32], b: &[f32]) -> Vec<f32> {
+    let mut out = vec![0f32; a.len().min(b.len())];
+    simd(
+        #[inline(always)]
+        || {
+            for ((o, a), b) in out.iter_mut().zip(a).zip(b) {
+                *o = a * b;
+            }
+        },
+    );
+    out
+}
+
+/// Softmax of one row of scaled scores in place, keys at padding set to the most negative float first (as
+/// transformers does, so a fully padded row comes out uniform).
+#[inline(always)]
+pub(super) fn softmax_row(row: &mut [f32], key_mask: &[u32]) {
+    for (x, &m) in row.iter_mut().zip(key_mask) {
+        if m == 0 {
+            *x += f32::MIN;
+        }
+    }
+    let max = math::max(row);
+    for x in row.iter_mut() {
+        *x = math::exp(*x - max);
+    }
+    let inv = 1.0 / math::sum(row);
+    for x in row.iter_mut() {
+        *x *= inv;
+    }
+}
+
+/// Views of one head's q, k and v rows for one example.
+pub(super) fn head_views<'a>(d: &Dims, qkv: &'a [f32], bn: usize) -> [View<'a>; 3] {
+    let (s, hd, h) = (d.seq, d.head_dim(), d.hidden);
+    let (b, head) = (bn / d.heads, bn % d.heads);
+    let base = b * s * 3 * h + head * hd;
+    [0, 1, 2].map(|p| View::strided(&qkv[base + p * h..], s, hd, 3 * h))
+}
+
+/// Copies per-(example, head) blocks of `seq × head_dim` into their columns of a `tokens × width` matrix.
+pub(super) fn scatter_heads<'a>(
+    d: &Dims,
+    block: impl Fn(usize) -> &'a [f32] + Sync,
+    width: usize,
+    offset: usize,
+    dst: &mut [f32],
+) {
+    let (s, hd) = (d.seq, d.head_dim());
+    dst.par_chunks_mut(s * width).enumerate().for_each(|(b, rows)| {
+        for head in 0..d.heads {
+            let block = block(b * d.heads + head);
+            for i in 0..s {
+                let at = i * width + offset + head * hd;
+                rows[at..at + hd].copy_from_slice(&block[i * hd..(i + 1) * hd]);
+            }
+        }
+    });
+}
+
+#[doc(hidden)] // public for the kernel benchmarks
+pub fn attention_forward(
+    d: &Dims,
+    qkv: &[f32],
+    key_mask: &[u32],
+    dropout: Option<&[f32]>,
+    probs: Option<&mut [f32]>,
+) -> Vec<f32> {
+    let (s, hd) = (d.seq, d.head_dim());
+    let scale = 1.0 / (hd as f32).sqrt();
+    let head = |bn: usize, p: &mut [f32]| -> Vec<f32> {
+        let [q, k, v] = head_views(d, qkv, bn);
+        matmul(ViewMut::new(p, s, s), q, k.t(), scale, false, Threads::One);
+        let km = &key_mask[(bn / d.heads) * s..(bn / d.heads + 1) * s];
+        let mut out = vec![0f32; s * hd];
+        simd(
+            #[inline(always)]
+            || {
+                for row in p.chunks_exact_mut(s) {
+                    softmax_row(row, km);
+                }
+            },
+        );
+        match dropout {
+            Some(m) => {
+                let m = &m[bn * s * s..(bn + 1) * s * s];
+                let kept = product(p, m);
+                matmul(ViewMut::new(&mut out, s, hd), View::new(&kept, s, s), v, 1.0, false, Threads::One);
+            }
+            None => matmul(ViewMut::new(&mut out, s, hd), View::new(p, s, s), v, 1.0, false, Threads::One),
+        }
+        out
+    };
+    let blocks: Vec<Vec<f32>> = match probs {
+        Some(probs) => probs.par_chunks_mut(s * s).enumerate().map(|(bn, p)| head(bn, p)).collect(),
+        None => (0..d.batch * d.heads).into_par_iter().map(|bn| head(bn, &mut vec![0f32; s * s])).collect(),
+    };
+    let mut ctx = vec![0f32; d.tokens() * d.hidden];
+    scatter_heads(d, |bn| &blocks[bn][..], d.hidden, 0, &mut ctx);
+    ctx
+}
+
+#[doc(hidden)] // public for the kernel benchmarks
+pub fn attention_backward(d: &Dims, qkv: &[f32], probs: &[f32], dropout: Option<&[f32]>, dctx: &[f32]) -> Vec<f32> {
+    let (s, hd, h) = (d.seq, d.head_dim(), d.hidden);
+    let scale = 1.0 / (hd as f32).sqrt();
+    let blocks: Vec<[Vec<f32>; 3]> = (0..d.batch * d.heads)
+        .into_par_iter()
+        .map(|bn| {
+            let [q, k, v] = head_views(d, qkv, bn);
+            let (b, head) = (bn / d.heads, bn % d.heads);
+            let p = &probs[bn * s * s..(bn + 1) * s * s];
+            let m = dropout.map(|m| &m[bn * s * s..(bn + 1) * s * s]);
+            let dout = View::strided(&dctx[b * s * h + head * hd..], s, hd, h);
+            // dV = P'ᵀ dO with P' the probabilities after dropout.
+            let mut dv = vec![0f32; s * hd];
+            match m {
+                Some(m) => {
+                    let kept = product(p, m);
+                    matmul(ViewMut::new(&mut dv, s, hd), View::new(&kept, s, s).t(), dout, 1.0, false, Threads::One);
+                }
+                None => matmul(ViewMut::new(&mut dv, s, hd), View::new(p, s, s).t(), dout, 1.0, false, Threads::One),
+            }
+            // dP = (dO Vᵀ) ∘ mask, then the softmax backward dS = P ∘ (dP − rowsum(P ∘ dP)).
+            let mut ds = vec![0f32; s * s];
+            matmul(ViewMut::new(&mut ds, s, s), dout, v.t(), 1.0, false, Threads::One);
+            simd(
+                #[inline(always)]
+                || {
+                    for (i, row) in ds.chunks_exact_mut(s).enumerate() {
+                        let pr = &p[i * s..(i + 1) * s];
+                        if let Some(m) = m {
+                            for (x, m) in row.iter_mut().zip(&m[i * s..(i + 1) * s]) {
+                                *x *= m;
+                            }
+                        }
+                        let inner = math::dot(row, pr);
+                        for (x, p) in row.iter_mut().zip(pr) {
+                            *x = p * (*x - inner);
+                        }
+                    }
+                },
+            );
+            // S = scale · Q Kᵀ, so dQ = scale · dS K and dK = scale · dSᵀ Q.
+            let mut dq = vec![0f32; s * hd];
+            matmul(ViewMut::new(&mut dq, s, hd), View::new(&ds, s, s), k, scale, false, Threads::One);
+            let mut dk = vec![0f32; s * hd];
+            matmul(ViewMut::new(&mut dk, s, hd), View::new(&ds, s, s).t(), q, scale, false, Threads::One);
+            [dq, dk, dv]
+        })
+        .collect();
+    let mut dqkv = vec![0f32; d.tokens() * 3 * h];
+    for (p, offset) in [0, h, 2 * h].into_iter().enumerate() {
+        scatter_heads(d, |bn| &blocks[bn][p][..], 3 * h, offset, &mut dqkv);
+    }
+    dqkv
+}

@@ -1,0 +1,161 @@
+//! Which examples each optimiser step trains on: the batches of every epoch under the `mixed` plan (all tasks'
+//! examples together) or the `sampled` plan (one task per step, drawn by the task sampler), and the sampling
+//! probabilities the log reports.
+
+use std::collections::BTreeMap;
+
+use mtl_config::{Config, StepPlan};
+use mtl_core::TaskId;
+use mtl_data::{epoch_batches, Batching, Dataset};
+
+use crate::sampling;
+
+/// The example indices of one training step, and its task under the `sampled` plan.
+pub(crate) type Batch = (Vec<usize>, Option<TaskId>);
+
+/// The progress of training at `epoch` (from 1) as the samplers see it: 0 at the first epoch, 1 at the last.
+pub(crate) fn progress(epoch: usize, epochs: usize) -> f64 {
+    if epochs > 1 {
+        (epoch - 1) as f64 / (epochs - 1) as f64
+    } else {
+        0.0
+    }
+}
+
+/// The task sampler of a config over the training examples of each task.
+pub(crate) fn task_sampler(train: &Dataset, config: &Config) -> Box<dyn sampling::TaskSampler> {
+    let t = &config.training;
+    let sizes: Vec<usize> =
+        config.tasks.keys().map(|task| train.examples.iter().filter(|e| e.labels.contains_key(task)).count()).collect();
+    let weights: Vec<f64> =
+        config.tasks.keys().map(|task| t.sampling.weights.get(task).copied().unwrap_or(0.0)).collect();
+    sampling::sampler(&t.sampling, &sizes, weights)
+}
+
+/// Each epoch's sampling probabilities under the `sampled` plan (none under `mixed`), for the logs.
+pub(crate) fn sampling_probabilities(train: &Dataset, config: &Config) -> Vec<Option<BTreeMap<TaskId, f64>>> {
+    let t = &config.training;
+    if t.sampling.plan != StepPlan::Sampled {
+        return vec![None; t.epochs];
+    }
+    let sampler = task_sampler(train, config);
+    (1..=t.epochs)
+        .map(|epoch| Some(config.tasks.keys().cloned().zip(sampler.probabilities(progress(epoch, t.epochs))).collect()))
+        .collect()
+}
+
+/// Every epoch's steps under the `sampled` plan: each task's examples are batched on their own (as in
+/// single-task training), and each step trains the task the sampler draws, taking that task's next batch (a
+/// task whose batches run out starts a new seeded pass over its examples). An epoch has as many steps as all
+/// tasks' batches together, the budget of the `mixed` plan.
+pub(crate) fn sampled_epochs(
+    train: &Dataset,
+    lengths: &[usize],
+    batching: &Batching,
+    config: &Config,
+) -> Vec<Vec<Batch>> {
+    let t = &config.training;
+    let tasks: Vec<&TaskId> = config.tasks.keys().collect();
+    let members: Vec<Vec<usize>> = tasks
+        .iter()
+        .map(|task| (0..train.examples.len()).filter(|&i| train.examples[i].labels.contains_key(*task)).collect())
+        .collect();
+    let sizes: Vec<usize> = members.iter().map(Vec::len).collect();
+    let sampler = task_sampler(train, config);
+    // One seeded pass over a task's examples, cut into batches.
+    let pass = |k: usize, epoch: usize, round: usize| -> Vec<Vec<usize>> {
+        let own: Vec<usize> = members[k].iter().map(|&i| lengths[i]).collect();
+        let seed = t.seed ^ ((k as u64 + 1) << 40) ^ ((round as u64) << 20);
+        epoch_batches(&own, batching, seed, epoch)
+            .into_iter()
+            .map(|b| b.iter().map(|&j| members[k][j]).collect())
+            .collect()
+    };
+    let mut step = 0;
+    (1..=t.epochs)
+        .map(|epoch| {
+            let mut queues: Vec<std::collections::VecDeque<Vec<usize>>> =
+                (0..tasks.len()).map(|k| pass(k, epoch, 0).into()).collect();
+            let mut rounds = vec![0; tasks.len()];
+            let steps: usize = queues.iter().map(|q| q.len()).sum();
+            let seed = t.seed ^ 0x5A3D_0000_0000 ^ epoch as u64;
+            let order = sampling::draw_tasks(sampler.as_ref(), progress(epoch, t.epochs), step, steps, seed);
+            step += steps;
+            order
+                .into_iter()
+                .filter(|&k| sizes[k] > 0)
+                .map(|k| {
+                    if queues[k].is_empty() {
+                        rounds[k] += 1;
+                        queues[k] = pass(k, epoch, rounds[k]).into();
+                    }
+                    (queues[k].pop_front().expect("a pass over a non-empty task has batches"), Some(tasks[k].clone()))
+                })
+                .collect()
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use mtl_data::{Encoded, Example, Input, Label, Location};
+
+    use crate::Result;
+
+    use super::*;
+
+    fn example(i: usize, tasks: &[&str]) -> Example {
+        Example {
+            location: Location { path: "x".into(), line: i + 1 },
+            input: Input::Text(String::new()),
+            encoded: Encoded {
+                ids: vec![1; 3 + i % 7],
+                type_ids: vec![0; 3 + i % 7],
+                word_starts: Vec::new(),
+                truncated: false,
+            },
+            labels: tasks.iter().map(|t| (TaskId::new(*t).expect("valid"), Label::Class(0))).collect(),
+            qa: None,
+        }
+    }
+
+    #[test]
+    fn sampled_steps_hold_their_task_only_and_keep_the_budget() -> Result<()> {
+        let text = r#"
+[model]
+path = "m"
+[training]
+epochs = 3
+batch_size = 4
+lr = 1e-3
+sampling = { plan = "sampled", sampler = "annealed" }
+[tasks.a]
+kind = "classification"
+data = { train = "a.jsonl" }
+[tasks.b]
+kind = "classification"
+data = { train = "b.jsonl" }
+"#;
+        let config = Config::parse(text, Path::new("t.toml"), &[])?;
+        // 40 examples of a, 8 of b, 4 of both.
+        let mut examples: Vec<Example> = (0..40).map(|i| example(i, &["a"])).collect();
+        examples.extend((40..48).map(|i| example(i, &["b"])));
+        examples.extend((48..52).map(|i| example(i, &["a", "b"])));
+        let train = Dataset { examples, truncated: 0 };
+        let lengths: Vec<usize> = train.examples.iter().map(|e| e.encoded.ids.len()).collect();
+        let batching = Batching { batch_size: 4, group_by_length: true, max_tokens: None };
+        let epochs = sampled_epochs(&train, &lengths, &batching, &config);
+        assert_eq!(epochs.len(), 3);
+        for steps in &epochs {
+            assert_eq!(steps.len(), 11 + 3, "a: 44 examples in 11 batches, b: 12 in 3");
+            for (batch, task) in steps {
+                let task = task.as_ref().expect("sampled steps name their task");
+                assert!(batch.iter().all(|&i| train.examples[i].labels.contains_key(task)));
+            }
+        }
+        assert_eq!(epochs, sampled_epochs(&train, &lengths, &batching, &config), "seeded");
+        Ok(())
+    }
+}
