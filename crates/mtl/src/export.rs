@@ -44,30 +44,24 @@ pub fn export(model_dir: &Path, out: &Path) -> Result<Vec<String>> {
     run.require(Operation::Export)?;
     let loaded = run.into_encoder()?;
     let base_config: Value = read_json(&model_dir.join(checkpoint::MODEL_CONFIG))?;
-    let parent = match out.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
-        _ => std::path::PathBuf::from("."),
-    };
-    std::fs::create_dir_all(&parent).map_err(Error::io(&parent))?;
-    let tmp = tempfile::Builder::new().prefix(".mtl-export-").tempdir_in(&parent).map_err(Error::io(&parent))?;
-    let mut written = Vec::new();
-    for task in loaded.config.tasks.keys() {
-        let head = &loaded.model.heads()[task];
-        if head.crf().is_some() {
-            tracing::warn!("task `{task}` has a CRF head, which transformers cannot represent; it is not exported");
-            continue;
+    checkpoint::write_new_dir(out, |tmp| {
+        let mut written = Vec::new();
+        for task in loaded.config.tasks.keys() {
+            let head = &loaded.model.heads()[task];
+            if head.crf().is_some() {
+                tracing::warn!("task `{task}` has a CRF head, which transformers cannot represent; it is not exported");
+                continue;
+            }
+            let dir = tmp.join(task.as_str());
+            std::fs::create_dir(&dir).map_err(Error::io(&dir))?;
+            write_task(&dir, &loaded, task, &base_config, model_dir)?;
+            written.push(task.to_string());
         }
-        let dir = tmp.path().join(task.as_str());
-        std::fs::create_dir(&dir).map_err(Error::io(&dir))?;
-        write_task(&dir, &loaded, task, &base_config, model_dir)?;
-        written.push(task.to_string());
-    }
-    if written.is_empty() {
-        bail!("{}: no task can be exported", model_dir.display());
-    }
-    let tmp = tmp.keep();
-    std::fs::rename(&tmp, out).map_err(Error::io(out))?;
-    Ok(written)
+        if written.is_empty() {
+            bail!("{}: no task can be exported", model_dir.display());
+        }
+        Ok(written)
+    })
 }
 
 /// The task as PEFT's adapter format (`adapter_config.json`, `adapter_model.safetensors`) on the original base

@@ -38,6 +38,12 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
 
 /// Writes the checkpoint to `dir`, which must not exist yet.
 pub fn save(dir: &Path, model: &MultiTaskModel, files: &CheckpointFiles) -> Result<()> {
+    write_new_dir(dir, |tmp| write_files(tmp, dir, model, files))
+}
+
+/// Runs `write` on a temporary directory beside `dir` (which must not exist yet) and renames it to `dir`:
+/// either the whole directory is there, or nothing is.
+pub(crate) fn write_new_dir<T>(dir: &Path, write: impl FnOnce(&Path) -> Result<T>) -> Result<T> {
     if dir.exists() {
         return Err(mtl_train::TrainError::OutputExists(dir.to_owned()).into());
     }
@@ -46,14 +52,14 @@ pub fn save(dir: &Path, model: &MultiTaskModel, files: &CheckpointFiles) -> Resu
         _ => PathBuf::from("."),
     };
     std::fs::create_dir_all(&parent).map_err(io_err(&parent))?;
-    let tmp = tempfile::Builder::new().prefix(".mtl-checkpoint-").tempdir_in(&parent).map_err(io_err(&parent))?;
-    write_files(tmp.path(), dir, model, files)?;
+    let tmp = tempfile::Builder::new().prefix(".mtl-new-").tempdir_in(&parent).map_err(io_err(&parent))?;
+    let value = write(tmp.path())?;
     let tmp = tmp.keep();
     std::fs::rename(&tmp, dir).map_err(|source| {
         let _ = std::fs::remove_dir_all(&tmp);
         Error::Io { path: dir.to_owned(), source }
     })?;
-    Ok(())
+    Ok(value)
 }
 
 /// Writes the checkpoint into `dir`, which exists already (it held the run's training checkpoints): the
