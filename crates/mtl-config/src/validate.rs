@@ -7,13 +7,25 @@ use mtl_core::TaskKind;
 
 use crate::*;
 
+/// The error of a `field` of the config file at `path`.
+fn invalid_field(path: &Path, field: &str, message: String) -> ConfigError {
+    ConfigError::Invalid { path: path.to_owned(), field: field.to_string(), message }
+}
+
 impl Config {
+    /// Checks the whole config; each error names the file and the field.
     pub(crate) fn validate(&self, path: &Path) -> Result<(), ConfigError> {
-        let invalid = |field: &str, message: String| ConfigError::Invalid {
-            path: path.to_owned(),
-            field: field.to_string(),
-            message,
-        };
+        self.validate_training(path)?;
+        for (name, task) in &self.tasks {
+            self.validate_task(name, task, path)?;
+        }
+        self.validate_shared_files(path)?;
+        self.validate_selection(path)
+    }
+
+    /// The tasks are there, and the recipe's numbers are in range.
+    fn validate_training(&self, path: &Path) -> Result<(), ConfigError> {
+        let invalid = |field: &str, message: String| invalid_field(path, field, message);
         let t = &self.training;
         if self.tasks.is_empty() {
             return Err(invalid("tasks", "at least one task is needed".into()));
@@ -86,114 +98,120 @@ impl Config {
                 return Err(invalid("training.grad_clip", "must be a positive number".into()));
             }
         }
-        for (name, task) in &self.tasks {
-            let field = |f: &str| format!("tasks.{name}.{f}");
-            if task.format.is_conll() && task.kind != TaskKind::TokenClassification {
-                return Err(invalid(
-                    &field("format"),
-                    "the conll and conllu formats hold tags, so they only suit token_classification tasks".into(),
-                ));
+        Ok(())
+    }
+
+    /// One task's options against its kind and format.
+    fn validate_task(&self, name: &TaskId, task: &TaskConfig, path: &Path) -> Result<(), ConfigError> {
+        let invalid = |field: &str, message: String| invalid_field(path, field, message);
+        let field = |f: &str| format!("tasks.{name}.{f}");
+        if task.format.is_conll() && task.kind != TaskKind::TokenClassification {
+            return Err(invalid(
+                &field("format"),
+                "the conll and conllu formats hold tags, so they only suit token_classification tasks".into(),
+            ));
+        }
+        if task.kind == TaskKind::TokenClassification && task.format.is_tabular() {
+            return Err(invalid(&field("format"), "token tasks read jsonl, conll or conllu files".into()));
+        }
+        if task.kind == TaskKind::QuestionAnswering && task.format != DataFormat::Jsonl {
+            return Err(invalid(&field("format"), "question answering reads jsonl files (SQuAD-style lines)".into()));
+        }
+        if task.pair_field.is_some() && !task.kind.is_sequence_level() {
+            return Err(invalid(
+                &field("pair_field"),
+                "sentence pairs suit classification, multi_label and regression tasks".into(),
+            ));
+        }
+        if task.train_limit == Some(0) || task.max_new_tokens == Some(0) {
+            let what = if task.train_limit == Some(0) { "train_limit" } else { "max_new_tokens" };
+            return Err(invalid(&field(what), "must be at least 1".into()));
+        }
+        if let Some(p) = &task.prompt {
+            if !p.contains("{text}") {
+                return Err(invalid(&field("prompt"), "must contain `{text}`, where the input goes".into()));
             }
-            if task.kind == TaskKind::TokenClassification && task.format.is_tabular() {
-                return Err(invalid(&field("format"), "token tasks read jsonl, conll or conllu files".into()));
+        }
+        if !task.verbalizer.is_empty() && task.kind != TaskKind::Classification {
+            return Err(invalid(&field("verbalizer"), "label words are for classification tasks".into()));
+        }
+        if task.crf && task.kind != TaskKind::TokenClassification {
+            return Err(invalid(&field("crf"), "a CRF is a layer of token_classification tasks".into()));
+        }
+        if task.label_fields.is_some() && task.kind != TaskKind::Regression {
+            return Err(invalid(
+                &field("label_fields"),
+                "several label fields are for regression with several outputs".into(),
+            ));
+        }
+        if let Some(fields) = &task.label_fields {
+            if fields.is_empty() {
+                return Err(invalid(&field("label_fields"), "must not be empty".into()));
             }
-            if task.kind == TaskKind::QuestionAnswering && task.format != DataFormat::Jsonl {
-                return Err(invalid(
-                    &field("format"),
-                    "question answering reads jsonl files (SQuAD-style lines)".into(),
-                ));
-            }
-            if task.pair_field.is_some() && !task.kind.is_sequence_level() {
-                return Err(invalid(
-                    &field("pair_field"),
-                    "sentence pairs suit classification, multi_label and regression tasks".into(),
-                ));
-            }
-            if task.train_limit == Some(0) || task.max_new_tokens == Some(0) {
-                let what = if task.train_limit == Some(0) { "train_limit" } else { "max_new_tokens" };
-                return Err(invalid(&field(what), "must be at least 1".into()));
-            }
-            if let Some(p) = &task.prompt {
-                if !p.contains("{text}") {
-                    return Err(invalid(&field("prompt"), "must contain `{text}`, where the input goes".into()));
-                }
-            }
-            if !task.verbalizer.is_empty() && task.kind != TaskKind::Classification {
-                return Err(invalid(&field("verbalizer"), "label words are for classification tasks".into()));
-            }
-            if task.crf && task.kind != TaskKind::TokenClassification {
-                return Err(invalid(&field("crf"), "a CRF is a layer of token_classification tasks".into()));
-            }
-            if task.label_fields.is_some() && task.kind != TaskKind::Regression {
-                return Err(invalid(
-                    &field("label_fields"),
-                    "several label fields are for regression with several outputs".into(),
-                ));
-            }
-            if let Some(fields) = &task.label_fields {
-                if fields.is_empty() {
-                    return Err(invalid(&field("label_fields"), "must not be empty".into()));
-                }
-            }
-            if matches!(task.kind, TaskKind::Regression | TaskKind::QuestionAnswering | TaskKind::Generation) {
-                for (what, set) in [
-                    ("labels", task.labels.is_some()),
-                    ("labels_file", task.labels_file.is_some()),
-                    ("unknown_label", task.unknown_label.is_some()),
-                ] {
-                    if set {
-                        return Err(invalid(&field(what), format!("{} tasks have no label set", task.kind.name())));
-                    }
-                }
-            }
-            if !(task.threshold > 0.0 && task.threshold < 1.0) {
-                return Err(invalid(&field("threshold"), "must be in (0, 1)".into()));
-            }
-            if !(task.huber_delta.is_finite() && task.huber_delta > 0.0) {
-                return Err(invalid(&field("huber_delta"), "must be a positive number".into()));
-            }
-            if task.label_separator.is_empty() {
-                return Err(invalid(&field("label_separator"), "must not be empty".into()));
-            }
-            if task.kind == TaskKind::QuestionAnswering {
-                if task.max_query_len + 4 >= self.model.max_len {
-                    return Err(invalid(
-                        &field("max_query_len"),
-                        format!("must leave room for the context within model.max_len = {}", self.model.max_len),
-                    ));
-                }
-                if task.doc_stride(self.model.max_len) >= self.model.max_len - task.max_query_len - 3 {
-                    return Err(invalid(
-                        &field("doc_stride"),
-                        "must be smaller than the context window (model.max_len - max_query_len - 3)".into(),
-                    ));
-                }
-                if task.max_answer_len == 0 {
-                    return Err(invalid(&field("max_answer_len"), "must be at least 1".into()));
-                }
-            }
-            if let (Some(fallback), Some(labels)) = (&task.unknown_label, &task.labels) {
-                if !labels.contains(fallback) {
-                    return Err(invalid(&field("unknown_label"), format!("{fallback:?} is not in `labels`")));
-                }
-            }
-            if task.labels.is_some() && task.labels_file.is_some() {
-                return Err(invalid(
-                    &format!("tasks.{name}.labels_file"),
-                    "give `labels` or `labels_file`, not both".into(),
-                ));
-            }
-            if let Some(labels) = &task.labels {
-                let mut seen = std::collections::BTreeSet::new();
-                if let Some(dup) = labels.iter().find(|l| !seen.insert(*l)) {
-                    return Err(invalid(&format!("tasks.{name}.labels"), format!("label {dup:?} is listed twice")));
-                }
-                if labels.is_empty() {
-                    return Err(invalid(&format!("tasks.{name}.labels"), "must not be empty".into()));
+        }
+        if matches!(task.kind, TaskKind::Regression | TaskKind::QuestionAnswering | TaskKind::Generation) {
+            for (what, set) in [
+                ("labels", task.labels.is_some()),
+                ("labels_file", task.labels_file.is_some()),
+                ("unknown_label", task.unknown_label.is_some()),
+            ] {
+                if set {
+                    return Err(invalid(&field(what), format!("{} tasks have no label set", task.kind.name())));
                 }
             }
         }
-        // Tasks that read the same file share its examples, so they must read the input the same way.
+        if !(task.threshold > 0.0 && task.threshold < 1.0) {
+            return Err(invalid(&field("threshold"), "must be in (0, 1)".into()));
+        }
+        if !(task.huber_delta.is_finite() && task.huber_delta > 0.0) {
+            return Err(invalid(&field("huber_delta"), "must be a positive number".into()));
+        }
+        if task.label_separator.is_empty() {
+            return Err(invalid(&field("label_separator"), "must not be empty".into()));
+        }
+        if task.kind == TaskKind::QuestionAnswering {
+            if task.max_query_len + 4 >= self.model.max_len {
+                return Err(invalid(
+                    &field("max_query_len"),
+                    format!("must leave room for the context within model.max_len = {}", self.model.max_len),
+                ));
+            }
+            if task.doc_stride(self.model.max_len) >= self.model.max_len - task.max_query_len - 3 {
+                return Err(invalid(
+                    &field("doc_stride"),
+                    "must be smaller than the context window (model.max_len - max_query_len - 3)".into(),
+                ));
+            }
+            if task.max_answer_len == 0 {
+                return Err(invalid(&field("max_answer_len"), "must be at least 1".into()));
+            }
+        }
+        if let (Some(fallback), Some(labels)) = (&task.unknown_label, &task.labels) {
+            if !labels.contains(fallback) {
+                return Err(invalid(&field("unknown_label"), format!("{fallback:?} is not in `labels`")));
+            }
+        }
+        if task.labels.is_some() && task.labels_file.is_some() {
+            return Err(invalid(
+                &format!("tasks.{name}.labels_file"),
+                "give `labels` or `labels_file`, not both".into(),
+            ));
+        }
+        if let Some(labels) = &task.labels {
+            let mut seen = std::collections::BTreeSet::new();
+            if let Some(dup) = labels.iter().find(|l| !seen.insert(*l)) {
+                return Err(invalid(&format!("tasks.{name}.labels"), format!("label {dup:?} is listed twice")));
+            }
+            if labels.is_empty() {
+                return Err(invalid(&format!("tasks.{name}.labels"), "must not be empty".into()));
+            }
+        }
+        Ok(())
+    }
+
+    /// Tasks that read the same file read its input the same way.
+    fn validate_shared_files(&self, path: &Path) -> Result<(), ConfigError> {
+        let invalid = |field: &str, message: String| invalid_field(path, field, message);
         for (a_name, a) in &self.tasks {
             for (b_name, b) in self.tasks.range(a_name..).skip(1) {
                 let shares_file = [Split::Train, Split::Dev, Split::Test]
@@ -221,6 +239,13 @@ impl Config {
                 }
             }
         }
+        Ok(())
+    }
+
+    /// The joint frame, the recipe's and `[peft]`'s settings, and the selection metric.
+    fn validate_selection(&self, path: &Path) -> Result<(), ConfigError> {
+        let invalid = |field: &str, message: String| invalid_field(path, field, message);
+        let t = &self.training;
         for name in &self.joint.frame {
             if !self.tasks.contains_key(name) {
                 return Err(invalid("joint.frame", format!("unknown task `{name}`; tasks are: {}", self.task_list())));
