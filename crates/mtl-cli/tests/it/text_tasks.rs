@@ -90,6 +90,21 @@ fn a_decoder_trains_its_tasks_as_text_with_an_adapter_each() -> TestResult {
     assert!(o.status.success(), "{}", stderr(&o));
     let eval: Value = serde_json::from_slice(&o.stdout)?;
     assert_eq!(eval["test"], metrics["test"], "{eval}");
+    // The same run as format 0 wrote it (before run.json: base_model.json with the base's absolute path, its
+    // CRC-32, a decoder flag and the answer budgets) opens and scores the same.
+    let decoder = p.path("decoder").canonicalize()?;
+    let legacy = json!({
+        "path": decoder,
+        "decoder": true,
+        "weights_crc32": crc32fast::hash(&std::fs::read(decoder.join("model.safetensors"))?),
+        "max_new_tokens": meta["max_new_tokens"],
+    });
+    std::fs::remove_file(out.join("run.json"))?;
+    std::fs::write(out.join("base_model.json"), legacy.to_string())?;
+    let o = p.mtl(&["eval", "--model", "run", "--config", "config.toml"])?;
+    assert!(o.status.success(), "{}", stderr(&o));
+    let legacy_eval: Value = serde_json::from_slice(&o.stdout)?;
+    assert_eq!(legacy_eval, eval);
     // `mtl predict` answers every task of each input line.
     let o = crate::cli::mtl(
         &p.path(""),
