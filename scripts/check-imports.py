@@ -24,6 +24,16 @@ for crate in sorted(os.listdir('crates')):
                 m = top_module(src, p)
                 if m: mods.add(m)
     g = {m: set() for m in mods}
+    # Names the crate root re-exports from its modules (`pub use module::{A, B};`): `crate::A` uses `module`.
+    reexported = {}
+    for root_file in ('lib.rs', 'main.rs'):
+        path = os.path.join(src, root_file)
+        if not os.path.exists(path):
+            continue
+        for module, names in re.findall(r'pub use (\w+)::\{?([\w, ]+)\}?;', open(path).read()):
+            if module in mods:
+                for name in names.split(','):
+                    reexported[name.strip()] = module
     for p in files:
         m = top_module(src, p)
         if not m: continue
@@ -35,6 +45,7 @@ for crate in sorted(os.listdir('crates')):
         depth = len(os.path.relpath(p, src).split(os.sep))
         if depth == 1:
             refs |= set(re.findall(r'super::(\w+)', text))
+        refs = {reexported.get(r, r) for r in refs}
         for r in refs:
             if r in mods and r != m and not r.endswith('tests') and not m.endswith('tests'):
                 g[m].add(r)

@@ -34,7 +34,11 @@ impl Architecture {
         match model_type {
             "bert" => Ok(Architecture::Bert),
             "llama" => Ok(Architecture::Llama),
-            other => Err(Error::UnsupportedArchitecture { path: path.to_owned(), model_type: other.to_string() }),
+            other => Err(Error::UnsupportedArchitecture {
+                path: path.to_owned(),
+                model_type: other.to_string(),
+                supported: Self::NAMES.join(", "),
+            }),
         }
     }
 

@@ -26,8 +26,8 @@ pub enum Error {
     #[error("{path}: {what} not found (run scripts/fetch.sh for the default model and data)")]
     Missing { path: PathBuf, what: &'static str },
     /// A model whose architecture no backbone implements.
-    #[error("{path}: unsupported model_type \"{model_type}\"; supported: {}", crate::Architecture::NAMES.join(", "))]
-    UnsupportedArchitecture { path: PathBuf, model_type: String },
+    #[error("{path}: unsupported model_type \"{model_type}\"; supported: {supported}")]
+    UnsupportedArchitecture { path: PathBuf, model_type: String, supported: String },
     /// Something this run cannot do ([`crate::Run::capabilities`] says what it can).
     #[error("{run}: {message}")]
     Unsupported { run: PathBuf, message: String },

@@ -7,8 +7,8 @@
 //!   [`Run::evaluate`] scores it, [`Run::predict`] answers every task in the typed [`PredictionRecord`] schema.
 //! - [`export()`], [`quantize`], [`prune`], [`add_task()`]: new runs and exports made from a run.
 //! - [`Decoder`] (free generation), [`serve`] (every task over HTTP).
-//! - [`Architecture`]: which backbone a base model needs, read from its own files; [`RunManifest`]: the one
-//!   versioned record of what a run directory holds.
+//! - [`BaseModel`] and [`Architecture`]: a pretrained model and the backbone it needs, read from its own files;
+//!   [`RunManifest`]: the one versioned record of what a run directory holds.
 //!
 //! ```no_run
 //! # fn main() -> mtl::Result<()> {
@@ -26,6 +26,7 @@
 
 mod add_task;
 pub mod arch;
+mod base;
 mod decoder;
 mod deploy;
 mod encoder;
@@ -44,6 +45,7 @@ use std::path::Path;
 
 pub use add_task::{add_task, AddTaskReport};
 pub use arch::Architecture;
+pub use base::BaseModel;
 pub use decoder::{Decoder, GenerateRequest, Generated};
 pub use deploy::{prune, quantize, TransformReport};
 pub use error::{Error, Result};
@@ -74,13 +76,7 @@ pub fn open_decoder(path: &Path) -> Result<Decoder> {
             }
         };
     }
-    if !Architecture::detect(path)?.is_decoder() {
-        return Err(Error::Unsupported {
-            run: path.to_owned(),
-            message: "an encoder has no language-model head; generation takes a decoder model".into(),
-        });
-    }
-    Decoder::load(path)
+    BaseModel::open(path)?.decoder()
 }
 
 #[cfg(test)]

@@ -18,7 +18,6 @@ use crate::encoder::EncoderRun as Loaded;
 use crate::error::{bail, read_text, Error, Result};
 use crate::predict::{Entity, TaskPrediction};
 use crate::run::{Loaded as Backbone, Operation, Run};
-use crate::Architecture;
 
 /// The server's settings from a serving config: its limits, and the API keys of its key file.
 pub fn settings(config: &ServeConfig) -> Result<Settings> {
@@ -41,11 +40,12 @@ pub fn settings(config: &ServeConfig) -> Result<Settings> {
 pub fn router(model: &Path, settings: Settings) -> Result<Router> {
     let is_run = model.join(crate::manifest::MANIFEST).exists() || model.join(crate::files::RUN_CONFIG).exists();
     if !is_run {
-        if !Architecture::detect(model)?.is_decoder() {
+        let base = crate::base::BaseModel::open(model)?;
+        if !base.architecture().is_decoder() {
             bail!("{}: an encoder base model has no tasks to serve; serve a run trained from it", model.display());
         }
         tracing::info!("serving generation from {}", model.display());
-        return Ok(mtl_serve::generation::generation_router(crate::decoder::Decoder::load(model)?, settings));
+        return Ok(mtl_serve::generation::generation_router(base.decoder()?, settings));
     }
     let run = Run::open(model)?;
     if run.capabilities().can(Operation::ServeTasks) {

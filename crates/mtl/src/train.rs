@@ -58,7 +58,7 @@ pub struct Training {
 
 /// Trains `config` into `out`. `source` is where the config came from, for error messages.
 pub fn train(config: &Config, source: &Path, out: &Path, options: &TrainOptions) -> Result<Training> {
-    let architecture = Architecture::detect(&config.model.path)?;
+    let architecture = crate::base::BaseModel::open(&config.model.path)?.architecture();
     if architecture.is_decoder() {
         crate::decoder::check_config(config, source)?;
         if options.select == Select::PerTask {
