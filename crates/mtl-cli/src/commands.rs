@@ -4,7 +4,7 @@ use std::io::{BufRead, Write};
 use std::path::Path;
 
 use anyhow::{Context, Result};
-use mtl::{Config, Input, Location, PredictOptions, Run, ServeConfig, TrainOptions, Training};
+use mtl::{Config, Input, Location, PredictOptions, Run, ServeConfig, TrainOptions};
 
 use crate::args::{Cli, Command, Select, ServeFlags};
 use crate::report;
@@ -20,8 +20,11 @@ pub fn run(cli: Cli) -> Result<()> {
                 Select::Joint => mtl::Select::Joint,
                 Select::PerTask => mtl::Select::PerTask,
             };
-            let training = mtl::train(&c, &config, &out, &TrainOptions { select, resume, baselines })?;
-            print_training(&training);
+            let options = TrainOptions { select, resume, baselines };
+            let training = mtl::train_with(&c, &config, &out, &options, &mut print_run)?;
+            if let Some(b) = &training.baselines {
+                print_baselines(b);
+            }
         }
         Command::Eval { model, config, overrides } => {
             let run = Run::open(&model)?;
@@ -36,6 +39,8 @@ pub fn run(cli: Cli) -> Result<()> {
             println!("exported {} to {}", written.join(", "), out.display());
         }
         Command::Generate { model, prompt, chat, system, max_new_tokens, temperature, top_k, top_p, seed, stop } => {
+            let sampling = mtl::Sampling { temperature, top_k, top_p, seed };
+            mtl::check_sampling(&sampling)?;
             let decoder = mtl::open_decoder(&model)?;
             let prompt = match prompt {
                 Some(p) => p,
@@ -43,7 +48,6 @@ pub fn run(cli: Cli) -> Result<()> {
                     std::io::read_to_string(std::io::stdin()).context("cannot read the prompt from standard input")?
                 }
             };
-            let sampling = mtl::Sampling { temperature, top_k, top_p, seed };
             let request = mtl::GenerateRequest { prompt, chat, system, sampling, max_new_tokens, stop };
             let mut out = std::io::stdout().lock();
             let done = decoder
@@ -109,50 +113,51 @@ impl ServeFlags {
     }
 }
 
-fn print_training(training: &Training) {
-    if let Some(r) = &training.run {
-        let mut shown = Vec::new();
-        if let Some(d) = &r.dev {
-            shown.push(("dev", &d.scores));
-        }
-        if let Some(t) = &r.test {
-            shown.push(("test", &t.scores));
-            if !r.architecture.is_decoder() {
-                for (task, report) in &t.reports {
-                    println!("test: {task}\n{}", mtl::format_report(report));
-                }
+/// A finished run's scores, as each run ends.
+fn print_run(r: &mtl::TrainReport) {
+    let mut shown = Vec::new();
+    if let Some(d) = &r.dev {
+        shown.push(("dev", &d.scores));
+    }
+    if let Some(t) = &r.test {
+        shown.push(("test", &t.scores));
+        if !r.architecture.is_decoder() {
+            for (task, report) in &t.reports {
+                println!("test: {task}\n{}", mtl::format_report(report));
             }
         }
-        print!("{}", report::table(&shown));
-        let best = match &r.composed {
-            Some(steps) => {
-                let steps: Vec<String> = steps.iter().map(|(t, s)| format!("{t} {s}")).collect();
-                format!("each task's adapter and head from its own best evaluation (step {}", steps.join(", "))
-            }
-            None => format!("best epoch {} of {} (step {}", r.best_epoch, r.epochs, r.best_step),
-        };
-        let what = if r.architecture.is_decoder() { "adapters" } else { "checkpoint" };
-        println!(
-            "{best} of {}{}); trained in {:.0} s; {what} and metrics.json in {}",
-            r.steps,
-            if r.stopped_early { ", stopped early" } else { "" },
-            r.seconds,
-            r.out.display()
-        );
-        if r.skipped_steps > 0 {
-            tracing::warn!("{} steps were skipped for NaN or infinite losses or gradients", r.skipped_steps);
-        }
     }
-    if let Some(b) = &training.baselines {
-        let f = |v: Option<f64>| v.unwrap_or(f64::NAN);
-        println!("negative transfer ({}; joint − alone, per task's main metric):", b.split);
-        println!("{:<16} {:<12} {:>8} {:>8} {:>8}", "task", "metric", "joint", "alone", "Δ");
-        for (task, r) in &b.tasks {
-            println!("{task:<16} {:<12} {:>8.4} {:>8.4} {:>+8.4}", r.metric, f(r.joint), f(r.alone), f(r.delta));
+    print!("{}", report::table(&shown));
+    let best = match &r.composed {
+        Some(steps) => {
+            let steps: Vec<String> = steps.iter().map(|(t, s)| format!("{t} {s}")).collect();
+            format!("each task's adapter and head from its own best evaluation (step {}", steps.join(", "))
         }
-        let m = &b.mean;
-        println!("{:<16} {:<12} {:>8.4} {:>8.4} {:>+8.4}", "mean", "", m.joint, m.alone, m.delta);
+        None => format!("best epoch {} of {} (step {}", r.best_epoch, r.epochs, r.best_step),
+    };
+    let what = if r.architecture.is_decoder() { "adapters" } else { "checkpoint" };
+    println!(
+        "{best} of {}{}); trained in {:.0} s; {what} and metrics.json in {}",
+        r.steps,
+        if r.stopped_early { ", stopped early" } else { "" },
+        r.seconds,
+        r.out.display()
+    );
+    if r.skipped_steps > 0 {
+        tracing::warn!("{} steps were skipped for NaN or infinite losses or gradients", r.skipped_steps);
     }
+}
+
+/// The negative-transfer table of `--baselines`.
+fn print_baselines(b: &mtl::Baselines) {
+    let f = |v: Option<f64>| v.unwrap_or(f64::NAN);
+    println!("negative transfer ({}; joint − alone, per task's main metric):", b.split);
+    println!("{:<16} {:<12} {:>8} {:>8} {:>8}", "task", "metric", "joint", "alone", "Δ");
+    for (task, r) in &b.tasks {
+        println!("{task:<16} {:<12} {:>8.4} {:>8.4} {:>+8.4}", r.metric, f(r.joint), f(r.alone), f(r.delta));
+    }
+    let m = &b.mean;
+    println!("{:<16} {:<12} {:>8.4} {:>8.4} {:>+8.4}", "mean", "", m.joint, m.alone, m.delta);
 }
 
 fn print_transform(report: &mtl::TransformReport, out: &Path) -> Result<()> {
@@ -173,7 +178,7 @@ fn predict(model: &Path, input: Option<&Path>, options: &PredictOptions) -> Resu
     let source = input.map_or_else(|| "<stdin>".into(), Path::to_path_buf);
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     let mut pending: Vec<(Location, Input)> = Vec::new();
-    let mut flush = |pending: &mut Vec<(Location, Input)>| -> Result<()> {
+    let flush = |pending: &mut Vec<(Location, Input)>, out: &mut dyn Write| -> Result<()> {
         for record in run.predict_located(pending, options)? {
             writeln!(out, "{}", serde_json::to_string(&record)?)?;
         }
@@ -189,9 +194,10 @@ fn predict(model: &Path, input: Option<&Path>, options: &PredictOptions) -> Resu
         let input = run.parse_input(&line, &location)?;
         pending.push((location, input));
         if pending.len() >= options.batch_size.max(1) * 4 {
-            flush(&mut pending)?;
+            flush(&mut pending, &mut out)?;
         }
     }
-    flush(&mut pending)?;
+    flush(&mut pending, &mut out)?;
+    out.flush()?;
     Ok(())
 }

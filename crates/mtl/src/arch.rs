@@ -65,11 +65,22 @@ impl Architecture {
     }
 }
 
-/// The GGUF file at `path` (a `.gguf` file, or the one `.gguf` file of a directory); `None` where `path` is
-/// a directory without one. A directory with several is an error: which one is meant?
+/// The GGUF file at `path` (a file that starts with GGUF's magic bytes, whatever its name: the Hugging Face
+/// cache keeps them as extensionless blobs; or the one `.gguf` file of a directory); `None` where `path` is a
+/// directory without one. A directory with several is an error: which one is meant?
 pub fn gguf_file(path: &Path) -> Result<Option<PathBuf>> {
     if path.is_file() {
-        return Ok(path.extension().is_some_and(|e| e == "gguf").then(|| path.to_owned()));
+        use std::io::Read;
+        let mut magic = [0u8; 4];
+        let mut file = std::fs::File::open(path).map_err(Error::io(path))?;
+        let is_gguf = file.read_exact(&mut magic).is_ok() && &magic == b"GGUF";
+        return match is_gguf {
+            true => Ok(Some(path.to_owned())),
+            false => Err(Error::Invalid {
+                path: path.to_owned(),
+                message: "not a GGUF file; a model is a GGUF file or a model directory".into(),
+            }),
+        };
     }
     if !path.is_dir() {
         return Err(Error::Missing { path: path.to_owned(), what: "model" });
@@ -102,6 +113,20 @@ mod tests {
         let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures");
         assert_eq!(Architecture::detect(&root.join("tiny-bert"))?, Architecture::Bert);
         assert_eq!(Architecture::detect(&root.join("tiny-llama"))?, Architecture::Llama);
+        Ok(())
+    }
+
+    #[test]
+    fn a_gguf_file_is_known_by_its_magic_bytes_not_its_name() -> Result<()> {
+        let dir = tempfile::tempdir().map_err(Error::io(Path::new("tmp")))?;
+        // The Hugging Face cache keeps files as extensionless blobs.
+        let blob = dir.path().join("0a1b2c");
+        std::fs::write(&blob, b"GGUF\x03\x00\x00\x00").map_err(Error::io(&blob))?;
+        assert_eq!(gguf_file(&blob)?, Some(blob.clone()));
+        let other = dir.path().join("model.gguf.txt");
+        std::fs::write(&other, b"not a model").map_err(Error::io(&other))?;
+        let e = gguf_file(&other).expect_err("no magic bytes");
+        assert!(e.to_string().contains("not a GGUF file"), "{e}");
         Ok(())
     }
 }

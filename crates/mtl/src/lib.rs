@@ -46,14 +46,14 @@ use std::path::Path;
 pub use add_task::{add_task, AddTaskReport};
 pub use arch::Architecture;
 pub use base::BaseModel;
-pub use decoder::{Decoder, GenerateRequest, Generated};
+pub use decoder::{check_sampling, Decoder, GenerateRequest, Generated};
 pub use deploy::{prune, quantize, TransformReport};
 pub use error::{Error, Result};
 pub use export::export;
 pub use manifest::{RunManifest, WeightLayout};
 pub use predict::{Entity, PredictOptions, PredictionRecord, Span, TaskPrediction};
 pub use run::{Capabilities, Operation, Run};
-pub use train::{train, BaselineRow, Baselines, Select, TrainOptions, TrainReport, Training};
+pub use train::{train, train_with, BaselineRow, Baselines, Select, TrainOptions, TrainReport, Training};
 
 pub use mtl_config::{Config, ServeConfig, ServeOverrides};
 pub use mtl_data::{Input, Location};

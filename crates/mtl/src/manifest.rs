@@ -99,7 +99,7 @@ pub fn weights_file(base: &Path) -> PathBuf {
 impl BaseRef {
     /// The base model at `base`, as a run that will live in `run_dir` refers to it.
     pub fn new(base: &Path, run_dir: &Path) -> Result<Self> {
-        let absolute = std::fs::canonicalize(base).map_err(Error::io(base))?;
+        let absolute = absolute(base)?;
         let path = relative_to(&absolute, run_dir).unwrap_or_else(|| absolute.clone());
         let name = absolute.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
         Ok(Self { path, name, sha256: sha256(&weights_file(&absolute))?, legacy_crc32: None })
@@ -111,15 +111,16 @@ impl BaseRef {
         let path = if self.path.is_absolute() { self.path.clone() } else { run_dir.join(&self.path) };
         let weights = weights_file(&path);
         if !weights.exists() {
-            return Err(Error::Invalid {
-                path: manifest,
-                message: format!(
+            let message = match self.legacy_crc32 {
+                Some(_) => format!("field `path`: the base model's weights {} are not there", weights.display()),
+                None => format!(
                     "field `base.path`: the base model's weights {} are not there (base `{}`, sha256 {}); put the base model there",
                     weights.display(),
                     self.name,
                     self.sha256
                 ),
-            });
+            };
+            return Err(Error::Invalid { path: manifest, message });
         }
         let (got, want) = match self.legacy_crc32 {
             Some(want) => (format!("{:08x}", crc32(&weights)?), format!("{want:08x}")),
@@ -135,7 +136,19 @@ impl BaseRef {
                 ),
             });
         }
-        std::fs::canonicalize(&path).map_err(Error::io(&path))
+        absolute(&path)
+    }
+}
+
+/// `path` absolute, its directories resolved; a file keeps its own name (a GGUF file linked from the Hugging
+/// Face cache stays the link, not the extensionless blob it points to).
+fn absolute(path: &Path) -> Result<PathBuf> {
+    match (path.is_file(), path.parent(), path.file_name()) {
+        (true, Some(parent), Some(name)) => {
+            let parent = if parent.as_os_str().is_empty() { Path::new(".") } else { parent };
+            Ok(std::fs::canonicalize(parent).map_err(Error::io(parent))?.join(name))
+        }
+        _ => std::fs::canonicalize(path).map_err(Error::io(path)),
     }
 }
 
@@ -208,7 +221,11 @@ fn relative_to(path: &Path, dir: &Path) -> Option<PathBuf> {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
     };
-    let dir = std::fs::canonicalize(parent).ok()?.join(dir.file_name()?);
+    // A run directory that exists (perhaps a link) is resolved itself: `..` is read from where it really is.
+    let dir = match std::fs::canonicalize(dir) {
+        Ok(d) => d,
+        Err(_) => std::fs::canonicalize(parent).ok()?.join(dir.file_name()?),
+    };
     let (from, to): (Vec<Component>, Vec<Component>) = (dir.components().collect(), path.components().collect());
     let common = from.iter().zip(&to).take_while(|(a, b)| a == b).count();
     if common == 0 {

@@ -38,6 +38,9 @@ pub fn settings(config: &ServeConfig) -> Result<Settings> {
 /// The router for `model`: an encoder run's tasks (`POST /v1/predict`, `POST /v1/tasks/TASK/predict`), or free
 /// generation (`POST /v1/generate`) of a decoder base model or a decoder run with a shared adapter.
 pub fn router(model: &Path, settings: Settings) -> Result<Router> {
+    if !model.exists() {
+        bail!("{}: no such run or model (a directory written by `mtl train`, or a decoder model)", model.display());
+    }
     let is_run = model.join(crate::manifest::MANIFEST).exists() || model.join(crate::files::RUN_CONFIG).exists();
     if !is_run {
         let base = crate::base::BaseModel::open(model)?;

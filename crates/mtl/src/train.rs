@@ -27,26 +27,27 @@ pub struct TrainOptions {
 /// One task's main test (or dev) metric trained jointly and alone.
 #[derive(Clone, Debug, Serialize)]
 pub struct BaselineRow {
-    pub metric: String,
-    pub joint: Option<f64>,
+    // Fields in alphabetical order: baselines.json's keys as before.
     pub alone: Option<f64>,
     /// Joint minus alone: negative where the task lost to sharing.
     pub delta: Option<f64>,
+    pub joint: Option<f64>,
+    pub metric: String,
 }
 
 /// `baselines.json`: per task, the joint run against the task trained alone.
 #[derive(Clone, Debug, Serialize)]
 pub struct Baselines {
+    pub mean: BaselineMean,
     pub split: String,
     pub tasks: BTreeMap<String, BaselineRow>,
-    pub mean: BaselineMean,
 }
 
 #[derive(Clone, Debug, Serialize)]
 pub struct BaselineMean {
-    pub joint: f64,
     pub alone: f64,
     pub delta: f64,
+    pub joint: f64,
 }
 
 /// What `train` did: the run (unless only its interrupted baselines were resumed) and the baselines.
@@ -58,6 +59,17 @@ pub struct Training {
 
 /// Trains `config` into `out`. `source` is where the config came from, for error messages.
 pub fn train(config: &Config, source: &Path, out: &Path, options: &TrainOptions) -> Result<Training> {
+    train_with(config, source, out, options, &mut |_| {})
+}
+
+/// [`train`], handing each finished run (the joint one, then each baseline) to `on_run` as soon as it ends.
+pub fn train_with(
+    config: &Config,
+    source: &Path,
+    out: &Path,
+    options: &TrainOptions,
+    on_run: &mut dyn FnMut(&TrainReport),
+) -> Result<Training> {
     let architecture = crate::base::BaseModel::open(&config.model.path)?.architecture();
     if architecture.is_decoder() {
         crate::decoder::check_config(config, source)?;
@@ -71,10 +83,14 @@ pub fn train(config: &Config, source: &Path, out: &Path, options: &TrainOptions)
     // A finished joint run whose baselines were interrupted goes on with the baselines.
     let run = match options.resume && options.baselines && has_final {
         true => None,
-        false => Some(train_one(config, architecture, out, options.select, options.resume)?),
+        false => {
+            let report = train_one(config, architecture, out, options.select, options.resume)?;
+            on_run(&report);
+            Some(report)
+        }
     };
     let baselines = match options.baselines {
-        true => Some(baselines(config, architecture, source, out)?),
+        true => Some(baselines(config, architecture, source, out, on_run)?),
         false => None,
     };
     Ok(Training { run, baselines })
@@ -114,7 +130,13 @@ fn train_one(
 /// Trains each task of `config` alone with the same recipe (static weights and no surgery, which need
 /// several tasks) into `out/baselines/TASK/`, and writes `out/baselines.json` with each task's main test
 /// metric jointly and alone, and their difference (negative where the task lost to sharing).
-fn baselines(config: &Config, architecture: Architecture, source: &Path, out: &Path) -> Result<Baselines> {
+fn baselines(
+    config: &Config,
+    architecture: Architecture,
+    source: &Path,
+    out: &Path,
+    on_run: &mut dyn FnMut(&TrainReport),
+) -> Result<Baselines> {
     let joint: Value = read_json(&out.join(files::METRICS))?;
     let split = if joint.get("test").is_some() { "test" } else { "dev" };
     let mut rows = BTreeMap::new();
@@ -130,7 +152,7 @@ fn baselines(config: &Config, architecture: Architecture, source: &Path, out: &P
             alone.training.weighting = Default::default();
             alone.training.surgery = Default::default();
             tracing::info!("baseline: {task} alone");
-            train_one(&alone, architecture, &dir, Select::Joint, resume)?;
+            on_run(&train_one(&alone, architecture, &dir, Select::Joint, resume)?);
         }
         let single: Value = read_json(&dir.join(files::METRICS))?;
         let metric = mtl_train::main_metric(task_config).to_string();
@@ -140,12 +162,12 @@ fn baselines(config: &Config, architecture: Architecture, source: &Path, out: &P
         }
         let (joint, alone) = if j.is_some() && a.is_some() { (j, a) } else { (None, None) };
         let delta = joint.zip(alone).map(|(j, a)| j - a);
-        rows.insert(task.to_string(), BaselineRow { metric, joint, alone, delta });
+        rows.insert(task.to_string(), BaselineRow { alone, delta, joint, metric });
     }
     let compared = rows.values().filter(|r| r.delta.is_some()).count().max(1) as f64;
     let mean = |f: fn(&BaselineRow) -> Option<f64>| rows.values().filter_map(f).sum::<f64>() / compared;
-    let mean = BaselineMean { joint: mean(|r| r.joint), alone: mean(|r| r.alone), delta: mean(|r| r.delta) };
-    let summary = Baselines { split: split.to_string(), tasks: rows, mean };
+    let mean = BaselineMean { alone: mean(|r| r.alone), delta: mean(|r| r.delta), joint: mean(|r| r.joint) };
+    let summary = Baselines { mean, split: split.to_string(), tasks: rows };
     let text = serde_json::to_string_pretty(&summary).expect("baselines serialize; this is a bug");
     write_text(&out.join("baselines.json"), &text)?;
     Ok(summary)

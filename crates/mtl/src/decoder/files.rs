@@ -127,6 +127,17 @@ pub struct GenerateRequest {
     pub stop: Vec<String>,
 }
 
+/// Checks sampling settings before anything is loaded: a temperature of 0 (greedy) or more, top-p in (0, 1].
+pub fn check_sampling(sampling: &Sampling) -> Result<()> {
+    if !(sampling.temperature >= 0.0 && sampling.temperature.is_finite()) {
+        bail!("--temperature must be 0 (greedy) or positive, got {}", sampling.temperature);
+    }
+    if sampling.top_p.is_some_and(|p| !(p > 0.0 && p <= 1.0)) {
+        bail!("--top-p must be in (0, 1]");
+    }
+    Ok(())
+}
+
 /// What a generation produced.
 #[derive(Clone, Debug)]
 pub struct Generated {
@@ -141,12 +152,7 @@ pub struct Generated {
 impl Decoder {
     /// Generates for `request`, handing each new piece of text to `on_piece` (which returns `false` to stop).
     pub fn generate(&self, request: &GenerateRequest, mut on_piece: impl FnMut(&str) -> bool) -> Result<Generated> {
-        if !(request.sampling.temperature >= 0.0 && request.sampling.temperature.is_finite()) {
-            bail!("--temperature must be 0 (greedy) or positive, got {}", request.sampling.temperature);
-        }
-        if request.sampling.top_p.is_some_and(|p| !(p > 0.0 && p <= 1.0)) {
-            bail!("--top-p must be in (0, 1]");
-        }
+        check_sampling(&request.sampling)?;
         if request.prompt.trim().is_empty() {
             bail!("the prompt is empty (--prompt TEXT, or text on standard input)");
         }

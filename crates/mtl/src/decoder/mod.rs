@@ -21,7 +21,7 @@ use mtl_data::{Dataset, Input, LabelMap, Location};
 use mtl_nn::DecoderModel;
 use mtl_train::{TextTasks, Trainer};
 
-pub use files::{Decoder, DecoderFiles, GenerateRequest, Generated};
+pub use files::{check_sampling, Decoder, DecoderFiles, GenerateRequest, Generated};
 
 use crate::error::{bail, Error, Result};
 use crate::files as run_files;
