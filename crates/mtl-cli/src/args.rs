@@ -162,6 +162,12 @@ pub enum Command {
         #[arg(long)]
         stop: Vec<String>,
     },
+    /// Describe a trained run: its manifest (architecture, weights, tasks, base model) and what it can do, as
+    /// JSON ({"manifest": …, "capabilities": …}; an operation it cannot do carries the reason).
+    Info {
+        /// A run directory written by `mtl train`.
+        model: PathBuf,
+    },
     /// Write each task of a trained model as a Hugging Face transformers model directory, OUT/TASK/
     /// (BertForSequenceClassification, BertForTokenClassification or BertForQuestionAnswering, LoRA merged).
     Export {

@@ -34,6 +34,11 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Predict { model, input, batch_size, full_precision } => {
             predict(&model, input.as_deref(), &PredictOptions { batch_size, full_precision })?
         }
+        Command::Info { model } => {
+            let run = Run::open(&model)?;
+            let info = serde_json::json!({"manifest": run.manifest(), "capabilities": run.capabilities()});
+            println!("{}", serde_json::to_string_pretty(&info)?);
+        }
         Command::Export { model, out } => {
             let written = mtl::export(&model, &out)?;
             println!("exported {} to {}", written.join(", "), out.display());

@@ -1,5 +1,5 @@
-//! The `mtl` binary: `train`, `eval`, `predict`, `add-task`, `export`, `serve`, `quantize`, `prune` and
-//! `generate`. Arguments are parsed here ([`args`]), each command is one call of the `mtl` library
+//! The `mtl` binary: `train`, `eval`, `predict`, `info`, `add-task`, `export`, `serve`, `quantize`, `prune`
+//! and `generate`. Arguments are parsed here ([`args`]), each command is one call of the `mtl` library
 //! ([`commands`]), and the outcome becomes the exit status.
 
 mod args;

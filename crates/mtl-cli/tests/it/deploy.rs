@@ -55,6 +55,16 @@ fn quantized_and_pruned_models_are_models_and_report_their_score_change() -> Tes
             assert!(pa < 0.52 && pb < 0.52, "labels differ off a tie: f32 {a} vs int8 {b}");
         }
     }
+    // `mtl info` says so before anything is tried: what the int8 run holds and what it can do.
+    let o = p.mtl(&["info", "int8"])?;
+    assert!(o.status.success(), "{}", stderr(&o));
+    let info: Value = serde_json::from_slice(&o.stdout)?;
+    assert_eq!(info["manifest"]["weights"], "int8", "{info}");
+    let ops = &info["capabilities"]["operations"];
+    assert!(ops["predict"].is_null() && ops["serve_tasks"].is_null(), "{info}");
+    for refused in ["export", "quantize", "add_task", "generate"] {
+        assert!(ops[refused].is_string(), "{refused}: {info}");
+    }
     // Quantised twice, exported or given new tasks: refused.
     let o = p.mtl(&["export", "--model", "int8", "--out", "int8-hf"])?;
     assert!(!o.status.success() && stderr(&o).contains("int8"), "{}", stderr(&o));
