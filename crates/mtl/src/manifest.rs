@@ -87,13 +87,35 @@ pub struct RunManifest {
     pub max_new_tokens: BTreeMap<TaskId, usize>,
 }
 
-/// The weights file of a base model: `model.safetensors` of a directory, or the (GGUF) file itself.
-pub fn weights_file(base: &Path) -> PathBuf {
-    if base.is_dir() {
-        base.join("model.safetensors")
-    } else {
-        base.to_owned()
+/// The index of a Hugging Face model whose weights are sharded (`model-0000X-of-0000Y.safetensors`).
+pub const SHARD_INDEX: &str = "model.safetensors.index.json";
+
+/// The files that hold a base model's weights: the (GGUF) file itself; or of a directory, `model.safetensors`,
+/// else the shards its `model.safetensors.index.json` names (each once, in name order). A file that is named
+/// but not there is returned all the same, for the caller to report.
+pub fn weight_files(base: &Path) -> Result<Vec<PathBuf>> {
+    if !base.is_dir() {
+        return Ok(vec![base.to_owned()]);
     }
+    let single = base.join(WEIGHTS);
+    let index = base.join(SHARD_INDEX);
+    if single.exists() || !index.exists() {
+        return Ok(vec![single]);
+    }
+    let value: serde_json::Value = read_json(&index)?;
+    let map = value["weight_map"]
+        .as_object()
+        .ok_or_else(|| Error::Invalid { path: index.clone(), message: "field `weight_map`: missing".into() })?;
+    let mut shards: Vec<String> = map.values().filter_map(|v| v.as_str().map(String::from)).collect();
+    shards.sort();
+    shards.dedup();
+    if shards.is_empty() || shards.iter().any(|s| s.contains('/') || s.contains('\\')) {
+        return Err(Error::Invalid {
+            path: index,
+            message: "field `weight_map`: names no shard files beside it".into(),
+        });
+    }
+    Ok(shards.iter().map(|s| base.join(s)).collect())
 }
 
 impl BaseRef {
@@ -102,15 +124,15 @@ impl BaseRef {
         let absolute = absolute(base)?;
         let path = relative_to(&absolute, run_dir).unwrap_or_else(|| absolute.clone());
         let name = absolute.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-        Ok(Self { path, name, sha256: sha256(&weights_file(&absolute))?, legacy_crc32: None })
+        Ok(Self { path, name, sha256: sha256_files(&weight_files(&absolute)?)?, legacy_crc32: None })
     }
 
     /// The base model of the run in `run_dir`, checked to be the one the run was trained on.
     pub fn resolve(&self, run_dir: &Path) -> Result<PathBuf> {
         let manifest = run_dir.join(if self.legacy_crc32.is_some() { LEGACY_BASE } else { MANIFEST });
         let path = if self.path.is_absolute() { self.path.clone() } else { run_dir.join(&self.path) };
-        let weights = weights_file(&path);
-        if !weights.exists() {
+        let files = weight_files(&path)?;
+        if let Some(weights) = files.iter().find(|f| !f.exists()) {
             let message = match self.legacy_crc32 {
                 Some(_) => format!("field `path`: the base model's weights {} are not there", weights.display()),
                 None => format!(
@@ -123,8 +145,8 @@ impl BaseRef {
             return Err(Error::Invalid { path: manifest, message });
         }
         let (got, want) = match self.legacy_crc32 {
-            Some(want) => (format!("{:08x}", crc32(&weights)?), format!("{want:08x}")),
-            None => (sha256(&weights)?, self.sha256.clone()),
+            Some(want) => (format!("{:08x}", crc32(&files[0])?), format!("{want:08x}")),
+            None => (sha256_files(&files)?, self.sha256.clone()),
         };
         let kind = if self.legacy_crc32.is_some() { "CRC-32" } else { "sha256" };
         if got != want {
@@ -132,7 +154,7 @@ impl BaseRef {
                 path: manifest,
                 message: format!(
                     "the base model's weights {} have changed since the adapters were trained ({kind} {got}, expected {want})",
-                    weights.display()
+                    files.iter().map(|f| f.display().to_string()).collect::<Vec<_>>().join(", ")
                 ),
             });
         }
@@ -243,10 +265,17 @@ fn relative_to(path: &Path, dir: &Path) -> Option<PathBuf> {
 
 /// SHA-256 of a file, lowercase hex.
 pub fn sha256(path: &Path) -> Result<String> {
+    sha256_files(&[path.to_owned()])
+}
+
+/// SHA-256 of the files' bytes one after the other (of one file: that file's SHA-256), lowercase hex.
+pub fn sha256_files(paths: &[PathBuf]) -> Result<String> {
     use sha2::Digest;
-    let mut file = std::fs::File::open(path).map_err(Error::io(path))?;
     let mut hasher = sha2::Sha256::new();
-    std::io::copy(&mut file, &mut hasher).map_err(Error::io(path))?;
+    for path in paths {
+        let mut file = std::fs::File::open(path).map_err(Error::io(path))?;
+        std::io::copy(&mut file, &mut hasher).map_err(Error::io(path))?;
+    }
     Ok(hasher.finalize().iter().map(|b| format!("{b:02x}")).collect())
 }
 

@@ -108,3 +108,78 @@ fn a_run_moved_with_its_base_still_opens() -> Result<()> {
     assert_eq!(run.manifest().base.as_ref().map(|b| b.path.as_path()), Some(Path::new("../../assets/base")));
     Ok(())
 }
+
+/// A copy of the tiny Llama as transformers saves a large model: its weights in two shards with
+/// `model.safetensors.index.json`, stored as bf16, and a `chat_template.jinja`; with a word-level tokenizer.
+fn sharded_decoder(dir: &Path) -> Result<()> {
+    use candle_core::{DType, Device, Tensor};
+    use std::collections::HashMap;
+    std::fs::create_dir_all(dir).map_err(Error::io(dir))?;
+    let fixture = root().join("tests/fixtures/tiny-llama");
+    std::fs::copy(fixture.join("config.json"), dir.join("config.json")).map_err(Error::io(dir))?;
+    let weights = candle_core::safetensors::load(fixture.join("model.safetensors"), &Device::Cpu)?;
+    let mut names: Vec<&String> = weights.keys().collect();
+    names.sort();
+    let mut shards: [HashMap<String, Tensor>; 2] = Default::default();
+    let mut map = serde_json::Map::new();
+    for (i, name) in names.iter().enumerate() {
+        let shard = i % 2;
+        shards[shard].insert(name.to_string(), weights[*name].to_dtype(DType::BF16)?);
+        map.insert(name.to_string(), format!("model-0000{}-of-00002.safetensors", shard + 1).into());
+    }
+    for (i, shard) in shards.iter().enumerate() {
+        candle_core::safetensors::save(shard, dir.join(format!("model-0000{}-of-00002.safetensors", i + 1)))?;
+    }
+    let index = serde_json::json!({"metadata": {}, "weight_map": map});
+    crate::error::write_text(&dir.join(crate::manifest::SHARD_INDEX), &index.to_string())?;
+    let vocab: serde_json::Map<String, serde_json::Value> =
+        ["<s>", "</s>", "[UNK]", "hello", "world", "user:", "assistant:"]
+            .iter()
+            .enumerate()
+            .map(|(i, w)| (w.to_string(), i.into()))
+            .collect();
+    let tokenizer = serde_json::json!({
+        "version": "1.0", "truncation": null, "padding": null, "added_tokens": [], "normalizer": null,
+        "pre_tokenizer": {"type": "Whitespace"}, "post_processor": null, "decoder": null,
+        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "[UNK]"}
+    });
+    crate::error::write_text(&dir.join("tokenizer.json"), &tokenizer.to_string())?;
+    let template = "{% for m in messages %}{{ m.role }}: {{ m.content }} {% endfor %}assistant:";
+    crate::error::write_text(&dir.join("chat_template.jinja"), template)
+}
+
+#[test]
+fn a_sharded_bf16_decoder_with_a_jinja_chat_template_loads_as_the_single_file() -> Result<()> {
+    let dir = tmp()?;
+    let sharded = dir.path().join("sharded");
+    sharded_decoder(&sharded)?;
+    let files = crate::decoder::DecoderFiles::load(&sharded)?;
+    let want = candle_core::safetensors::load(
+        root().join("tests/fixtures/tiny-llama/model.safetensors"),
+        &candle_core::Device::Cpu,
+    )?;
+    assert_eq!(files.weights.len(), want.len());
+    for (name, w) in &want {
+        let got = &files.weights[name];
+        assert_eq!(got.dtype(), candle_core::DType::F32, "{name}");
+        // bf16 keeps 8 bits of mantissa: within 2^-8 of each value.
+        let diff = (got - w)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        let scale = w.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(diff <= scale / 256.0, "{name}: {diff} of {scale}");
+    }
+    let decoder = crate::Decoder::load(&sharded)?;
+    assert_eq!(decoder.chat_prompt("hello world", None)?, "user: hello world assistant:");
+    // A run's manifest checks every shard: one changed shard is a changed base.
+    let run = dir.path().join("run");
+    std::fs::create_dir(&run).map_err(Error::io(&run))?;
+    let base = crate::manifest::BaseRef::new(&sharded, &run)?;
+    base.resolve(&run)?;
+    let shard = sharded.join("model-00002-of-00002.safetensors");
+    let mut bytes = std::fs::read(&shard).map_err(Error::io(&shard))?;
+    let last = bytes.len() - 1;
+    bytes[last] ^= 1;
+    std::fs::write(&shard, bytes).map_err(Error::io(&shard))?;
+    let e = base.resolve(&run).expect_err("a shard changed");
+    assert!(e.to_string().contains("have changed since the adapters were trained"), "{e}");
+    Ok(())
+}

@@ -40,8 +40,8 @@ impl DecoderFiles {
     }
 
     /// A GGUF file (dequantised to f32; the tokenizer and chat template from its metadata), or a Hugging Face
-    /// directory (`config.json`, `model.safetensors`, `tokenizer.json`, and the chat template of
-    /// `tokenizer_config.json` when it has one).
+    /// directory (`config.json`, `model.safetensors` or the shards of `model.safetensors.index.json`,
+    /// `tokenizer.json`, and the chat template of `chat_template.jinja` or `tokenizer_config.json`).
     pub fn load(path: &Path) -> Result<Self> {
         if let Some(file) = crate::arch::gguf_file(path)? {
             let gguf = read_llama(&file, &Device::Cpu)?;
@@ -56,23 +56,39 @@ impl DecoderFiles {
             });
         }
         let config = mtl_nn::llama::LlamaConfig::from_file(&path.join("config.json"))?;
-        let weights_path = path.join("model.safetensors");
-        let weights = candle_core::safetensors::load(&weights_path, &Device::Cpu)
-            .map_err(|e| Error::Invalid {
-                path: weights_path.clone(),
-                message: format!("cannot read the weights: {e}"),
-            })?
-            .into_iter()
-            .collect();
+        // `model.safetensors`, or the shards of `model.safetensors.index.json`; bf16 and f16 weights become f32.
+        let mut weights = std::collections::HashMap::new();
+        for file in crate::manifest::weight_files(path)? {
+            if !file.is_file() {
+                return Err(Error::Missing { path: file, what: "model weights" });
+            }
+            let shard = candle_core::safetensors::load(&file, &Device::Cpu)
+                .map_err(|e| Error::Invalid { path: file.clone(), message: format!("cannot read the weights: {e}") })?;
+            for (name, tensor) in shard {
+                let tensor = tensor.to_dtype(candle_core::DType::F32)?;
+                if weights.insert(name.clone(), tensor).is_some() {
+                    return Err(Error::Invalid {
+                        path: file,
+                        message: format!("tensor `{name}` is in another shard too"),
+                    });
+                }
+            }
+        }
         let tokenizer_path = path.join("tokenizer.json");
         let tokenizer = tokenizers::Tokenizer::from_file(&tokenizer_path).map_err(|e| Error::Invalid {
             path: tokenizer_path.clone(),
             message: format!("cannot load tokenizer: {e}"),
         })?;
-        let chat_template = std::fs::read_to_string(path.join("tokenizer_config.json"))
-            .ok()
-            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
-            .and_then(|v| v["chat_template"].as_str().map(String::from));
+        // transformers writes the chat template to `chat_template.jinja` (since 4.43); older models keep it in
+        // `tokenizer_config.json`.
+        let jinja = path.join("chat_template.jinja");
+        let chat_template = match jinja.is_file() {
+            true => Some(crate::error::read_text(&jinja)?),
+            false => std::fs::read_to_string(path.join("tokenizer_config.json"))
+                .ok()
+                .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+                .and_then(|v| v["chat_template"].as_str().map(String::from)),
+        };
         Ok(Self { source: path.to_owned(), config, weights, tokenizer, chat_template })
     }
 }
