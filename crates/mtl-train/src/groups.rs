@@ -7,8 +7,9 @@ use mtl_nn::ParamStore;
 
 /// The role of the trained variable `name`: as the model built it, and a variable the model does not hold is
 /// the loss weighting's own (uncertainty's log-variances).
-pub fn role_of(params: &ParamStore, name: &str) -> ParamRole {
-    params.role(name).cloned().unwrap_or(ParamRole::Weighting)
+pub fn role_of<'a>(params: &'a ParamStore, name: &str) -> &'a ParamRole {
+    const WEIGHTING: &ParamRole = &ParamRole::Weighting;
+    params.role(name).unwrap_or(WEIGHTING)
 }
 
 /// Learning rate and weight decay: heads at `head_lr`; the backbone (and the adapters) at `lr`, times

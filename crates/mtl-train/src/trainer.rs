@@ -247,7 +247,7 @@ impl Selection {
                 let head = tensors
                     .heads
                     .iter()
-                    .filter(|(n, _)| matches!(role_of(params, n), ParamRole::Head(t) if &t == task))
+                    .filter(|(n, _)| matches!(role_of(params, n), ParamRole::Head(t) if t == task))
                     .map(|(n, t)| (n.clone(), t.clone()))
                     .collect();
                 let model = tensors.per_task.remove(task);
@@ -284,13 +284,13 @@ impl Trainer<'_> {
     }
 
     /// The role of the trained variable `name`.
-    fn role_of(&self, name: &str) -> ParamRole {
+    fn role_of(&self, name: &str) -> &ParamRole {
         role_of(self.model.params(), name)
     }
 
     /// Whether the parameter `name` is frozen at optimiser step `step`: by the recipe, or for good.
     fn is_frozen(&self, name: &str, num_layers: usize, step: usize) -> bool {
-        is_frozen(&self.role_of(name), self.config, num_layers, step) || self.frozen.is_some_and(|f| f.contains(name))
+        is_frozen(self.role_of(name), self.config, num_layers, step) || self.frozen.is_some_and(|f| f.contains(name))
     }
 
     /// Evaluates the model on `data`.
@@ -340,7 +340,7 @@ impl Trainer<'_> {
             .map(|(n, v)| (n.clone(), v.clone()));
         let mut optimizer = AdamW::new(
             trained.map(|(name, var)| {
-                let group = param_group(&name, &self.role_of(&name), self.config, num_layers);
+                let group = param_group(&name, self.role_of(&name), self.config, num_layers);
                 (name, var, group)
             }),
             AdamWConfig::default(),

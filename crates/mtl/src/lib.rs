@@ -66,7 +66,7 @@ pub use mtl_train::{Evaluation, Scores};
 /// A decoder for free generation: a base model (a GGUF file, a directory with one, or a Llama directory), or a
 /// decoder run with a shared adapter (its adapter on its base).
 pub fn open_decoder(path: &Path) -> Result<Decoder> {
-    if path.join(manifest::MANIFEST).exists() || path.join(files::RUN_CONFIG).exists() {
+    if manifest::is_run_dir(path) {
         let run = Run::open(path)?;
         run.require(Operation::Generate)?;
         return match run.loaded {

@@ -87,6 +87,11 @@ pub struct RunManifest {
     pub max_new_tokens: BTreeMap<TaskId, usize>,
 }
 
+/// Whether `dir` holds a run (of this format or format 0), rather than a base model.
+pub fn is_run_dir(dir: &Path) -> bool {
+    dir.join(MANIFEST).exists() || dir.join(RUN_CONFIG).exists()
+}
+
 /// The index of a Hugging Face model whose weights are sharded (`model-0000X-of-0000Y.safetensors`).
 pub const SHARD_INDEX: &str = "model.safetensors.index.json";
 

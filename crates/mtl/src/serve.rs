@@ -41,8 +41,7 @@ pub fn router(model: &Path, settings: Settings) -> Result<Router> {
     if !model.exists() {
         bail!("{}: no such run or model (a directory written by `mtl train`, or a decoder model)", model.display());
     }
-    let is_run = model.join(crate::manifest::MANIFEST).exists() || model.join(crate::files::RUN_CONFIG).exists();
-    if !is_run {
+    if !crate::manifest::is_run_dir(model) {
         let base = crate::base::BaseModel::open(model)?;
         if !base.architecture().is_decoder() {
             bail!("{}: an encoder base model has no tasks to serve; serve a run trained from it", model.display());

@@ -185,10 +185,13 @@ impl DecoderRun {
         }
         let mut records = Vec::with_capacity(inputs.len());
         for (n, (_, input)) in inputs.iter().enumerate() {
-            let mut record = PredictionRecord::of(input);
-            record.text = Some(prompt::input_text(input));
-            record.question = None;
-            record.text_pair = None;
+            // A decoder's record names its input as the prompt saw it.
+            let mut record = PredictionRecord {
+                predictions: BTreeMap::new(),
+                question: None,
+                text: Some(prompt::input_text(input)),
+                text_pair: None,
+            };
             for (task, tc) in &self.config.tasks {
                 let generated = answers[task][n].clone();
                 let labels = self.labels[task].labels();
