@@ -191,7 +191,7 @@ fn llm_lora(args: &Args) -> Result<()> {
 }
 
 fn main() -> Result<()> {
-    mtl_train::alloc::keep_freed_pages();
+    mtl_train::process::setup();
     let args = Args::parse();
     if args.workload == "llm-lora" {
         return llm_lora(&args);

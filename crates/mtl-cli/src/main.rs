@@ -16,7 +16,7 @@ use std::process::ExitCode;
 use clap::Parser;
 
 fn main() -> ExitCode {
-    mtl::alloc::keep_freed_pages();
+    mtl::process::setup();
     let args = args::Cli::parse();
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)

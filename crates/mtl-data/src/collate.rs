@@ -82,10 +82,10 @@ fn cut(order: &[usize], lengths: &[usize], batch_size: usize, max_tokens: Option
 /// Pads decoder examples ([`crate::prompt::PromptFormat::dataset`]) into one batch for the LM loss: each
 /// task's targets are `batch × seq` token labels, the token itself at the target positions of that task's
 /// examples (token type 1) and [`IGNORE_INDEX`] elsewhere, unshifted (the loss predicts position `j + 1` from
-/// `j`). Rows keep the order of `examples`.
+/// `j`). Rows keep the order of `examples`, padded on the right to a multiple of [`LM_PAD_MULTIPLE`] tokens.
 pub fn collate_lm(examples: &[&Example]) -> HostBatch {
     let tasks: BTreeMap<TaskId, (TaskKind, usize)> = BTreeMap::new();
-    let mut batch = collate(examples, &tasks);
+    let mut batch = collate_padded(examples, &tasks, LM_PAD_MULTIPLE);
     let seq = batch.seq;
     for (b, ex) in examples.iter().enumerate() {
         for task in ex.labels.keys() {
@@ -111,8 +111,18 @@ pub fn collate_lm(examples: &[&Example]) -> HostBatch {
 /// outputs; a task without a label on an example gets [`IGNORE_INDEX`] there, and a task with no label in
 /// the whole batch gets no targets at all.
 pub fn collate(examples: &[&Example], tasks: &BTreeMap<TaskId, (TaskKind, usize)>) -> HostBatch {
+    collate_padded(examples, tasks, 1)
+}
+
+/// The sequence lengths of decoder batches are multiples of this (transformers' `pad_to_multiple_of`): a
+/// decoder step allocates activations of `rows × seq` for 30 layers, and with a handful of distinct lengths
+/// the allocator reuses the pages it kept instead of mapping new ones for every new length.
+pub const LM_PAD_MULTIPLE: usize = 16;
+
+/// [`collate`] with the sequence length rounded up to a multiple of `multiple`.
+fn collate_padded(examples: &[&Example], tasks: &BTreeMap<TaskId, (TaskKind, usize)>, multiple: usize) -> HostBatch {
     let batch = examples.len();
-    let seq = examples.iter().map(|e| e.encoded.ids.len()).max().unwrap_or(0);
+    let seq = examples.iter().map(|e| e.encoded.ids.len()).max().unwrap_or(0).next_multiple_of(multiple.max(1));
     let mut input_ids = vec![0u32; batch * seq];
     let mut token_type_ids = vec![0u32; batch * seq];
     let mut attention_mask = vec![0u32; batch * seq];

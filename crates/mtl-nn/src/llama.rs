@@ -11,11 +11,14 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor, D};
 use mtl_core::Mode;
 use serde::{Deserialize, Serialize};
 
+use crate::bert::Kernels;
+use crate::cpu::decoder::{CausalAttention, RopeTables};
 use crate::layers::{log_softmax_last, softmax_last, DropoutRng};
 use crate::params::{Init, ParamBuilder};
 use crate::peft::{check_routes, LoraLayer, LoraSpec, PeftPass, Route};
@@ -262,8 +265,11 @@ pub struct Llama {
     /// cos and sin of every position's rotation angles, `[max_position_embeddings, head_dim]`.
     cos: Tensor,
     sin: Tensor,
+    /// The same tables on the host, for the fused attention.
+    rope: Arc<RopeTables>,
     /// LoRA, when the model has it; its pretrained parameters are then frozen.
     lora: Option<DecoderLora>,
+    kernels: Kernels,
 }
 
 impl Llama {
@@ -321,8 +327,21 @@ impl Llama {
         } else {
             Some(pb.pp("lm_head").get((config.vocab_size, h), "weight", init)?)
         };
-        let (cos, sin) = rotary_tables(config, &pb.device())?;
-        let mut model = Self { config: config.clone(), embed, layers, norm, lm_head, cos, sin, lora: lora.cloned() };
+        let rope = Arc::new(rotary_tables(config));
+        let cos = Tensor::from_slice(&rope.cos, (config.max_position_embeddings, config.head_dim), &pb.device())?;
+        let sin = Tensor::from_slice(&rope.sin, (config.max_position_embeddings, config.head_dim), &pb.device())?;
+        let mut model = Self {
+            config: config.clone(),
+            embed,
+            layers,
+            norm,
+            lm_head,
+            cos,
+            sin,
+            rope,
+            lora: lora.cloned(),
+            kernels: Kernels::default(),
+        };
         if lora.is_some() {
             // As in PEFT: only the adapters train.
             model.embed = model.embed.detach();
@@ -353,6 +372,25 @@ impl Llama {
 
     pub fn config(&self) -> &LlamaConfig {
         &self.config
+    }
+
+    /// Fused CPU kernels (the default) or composed candle ops (the reference they are tested against).
+    pub fn set_kernels(&mut self, kernels: Kernels) {
+        self.kernels = kernels;
+    }
+
+    /// Whether this pass runs the fused CPU kernels.
+    fn fused(&self, x: &Tensor) -> bool {
+        self.kernels == Kernels::Fused && x.device().is_cpu() && x.dtype() == DType::F32
+    }
+
+    /// RMSNorm of the final hidden states or a sublayer's input.
+    fn rms_norm(&self, x: &Tensor, weight: &Tensor) -> Result<Tensor> {
+        if self.fused(x) {
+            crate::cpu::decoder::rms_norm(x, weight, self.config.rms_norm_eps)
+        } else {
+            rms_norm(x, weight, self.config.rms_norm_eps)
+        }
     }
 
     /// The final hidden states (after the last RMSNorm), `[batch * seq, hidden]`, of `ids` (`[batch, seq]`;
@@ -431,35 +469,40 @@ impl Llama {
         }
         let device = ids.device();
         let past_real = cache.as_ref().map(|c| c.real.as_slice());
-        let padded =
-            mask.is_some_and(|m| m.contains(&0)) || past_real.is_some_and(|r| r.iter().any(|r| r.contains(&0)));
-        let (cos, sin) = if padded {
-            // Each row's own positions, `[b, 1, s, d]`: the count of real tokens before each token.
-            let mut positions = Vec::with_capacity(b * s);
-            for r in 0..b {
-                let mut next = past_real.map_or(0, |p| p[r].iter().sum::<u32>());
-                for i in 0..s {
-                    let real = mask.is_none_or(|m| m[r * s + i] != 0);
-                    positions.push(if real { next } else { 0 });
-                    next += u32::from(real);
-                }
+        // Each token's rotary position: the count of real tokens before it in its row.
+        let mut positions = Vec::with_capacity(b * s);
+        for r in 0..b {
+            let mut next = past_real.map_or(past as u32, |p| p[r].iter().sum::<u32>());
+            for i in 0..s {
+                let real = mask.is_none_or(|m| m[r * s + i] != 0);
+                positions.push(if real { next } else { 0 });
+                next += u32::from(real);
             }
-            let positions = Tensor::from_vec(positions, b * s, device)?;
-            let d = self.config.head_dim;
-            (
-                self.cos.index_select(&positions, 0)?.reshape((b, 1, s, d))?,
-                self.sin.index_select(&positions, 0)?.reshape((b, 1, s, d))?,
-            )
-        } else {
-            let positions = Tensor::arange(past as u32, (past + s) as u32, device)?;
-            (self.cos.index_select(&positions, 0)?, self.sin.index_select(&positions, 0)?)
-            // [s, d]
-        };
-        let bias = attention_bias(b, s, past, mask, past_real, device)?; // [b, 1, s, past + s]
+        }
         let mut x = self.embed.index_select(&ids.flatten_all()?, 0)?; // [b*s, h]
+        let attention = if cache.is_none() && self.fused(&x) {
+            // Training and scoring passes: the fused causal attention with its own backward.
+            Attention::Fused(CausalAttention {
+                batch: b,
+                seq: s,
+                heads: c.num_attention_heads,
+                kv_heads: c.num_key_value_heads,
+                head_dim: c.head_dim,
+                positions: Arc::new(positions),
+                mask: Arc::new(mask.map_or_else(|| vec![1; b * s], <[u32]>::to_vec)),
+                rope: self.rope.clone(),
+            })
+        } else {
+            let positions = Tensor::from_vec(positions, b * s, device)?;
+            let d = c.head_dim;
+            let cos = self.cos.index_select(&positions, 0)?.reshape((b, 1, s, d))?;
+            let sin = self.sin.index_select(&positions, 0)?.reshape((b, 1, s, d))?;
+            let bias = attention_bias(b, s, past, mask, past_real, device)?; // [b, 1, s, past + s]
+            Attention::Composed { b, s, cos, sin, bias }
+        };
         for (n, layer) in self.layers.iter().enumerate() {
             let slot = cache.as_mut().map(|c| &mut c.layers[n]);
-            x = self.layer_forward(layer, &x, b, s, &cos, &sin, &bias, slot, pass.as_ref())?;
+            x = self.layer_forward(layer, &x, &attention, slot, pass.as_ref())?;
         }
         if let Some(cache) = cache {
             cache.len += s;
@@ -467,7 +510,7 @@ impl Llama {
                 row.extend((0..s).map(|i| mask.map_or(1, |m| u32::from(m[r * s + i] != 0))));
             }
         }
-        rms_norm(&x, &self.norm, c.rms_norm_eps)
+        self.rms_norm(&x, &self.norm)
     }
 
     /// Vocabulary logits of hidden states from [`Llama::forward`] (`[n, hidden]` → `[n, vocab]`).
@@ -484,16 +527,11 @@ impl Llama {
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn layer_forward(
         &self,
         l: &Layer,
         x: &Tensor,
-        b: usize,
-        s: usize,
-        cos: &Tensor,
-        sin: &Tensor,
-        bias: &Tensor,
+        attention: &Attention,
         cache: Option<&mut Option<(Tensor, Tensor)>>,
         pass: Option<&PeftPass>,
     ) -> Result<Tensor> {
@@ -507,49 +545,73 @@ impl Llama {
                 _ => Ok(y),
             }
         };
-        let h = rms_norm(x, &l.input_norm, c.rms_norm_eps)?;
-        let heads = |module: DecoderModule, w: &Tensor, n: usize| -> Result<Tensor> {
-            // [b*s, n*d] → [b, n, s, d]
-            Ok(linear(module, &h, w)?.reshape((b, s, n, d))?.transpose(1, 2)?.contiguous()?)
-        };
-        let q = rotate(&heads(DecoderModule::QProj, &l.q, nh)?, cos, sin)?;
-        let mut k = rotate(&heads(DecoderModule::KProj, &l.k, kvh)?, cos, sin)?;
-        let mut v = heads(DecoderModule::VProj, &l.v, kvh)?;
-        if let Some(slot) = cache {
-            if let Some((pk, pv)) = slot.as_ref() {
-                k = Tensor::cat(&[pk, &k], 2)?;
-                v = Tensor::cat(&[pv, &v], 2)?;
+        let h = self.rms_norm(x, &l.input_norm)?;
+        let ctx = match attention {
+            Attention::Fused(attention) => attention.forward(
+                &linear(DecoderModule::QProj, &h, &l.q)?,
+                &linear(DecoderModule::KProj, &h, &l.k)?,
+                &linear(DecoderModule::VProj, &h, &l.v)?,
+            )?,
+            Attention::Composed { b, s, cos, sin, bias } => {
+                let (b, s) = (*b, *s);
+                let heads = |module: DecoderModule, w: &Tensor, n: usize| -> Result<Tensor> {
+                    // [b*s, n*d] → [b, n, s, d]
+                    Ok(linear(module, &h, w)?.reshape((b, s, n, d))?.transpose(1, 2)?.contiguous()?)
+                };
+                let q = rotate(&heads(DecoderModule::QProj, &l.q, nh)?, cos, sin)?;
+                let mut k = rotate(&heads(DecoderModule::KProj, &l.k, kvh)?, cos, sin)?;
+                let mut v = heads(DecoderModule::VProj, &l.v, kvh)?;
+                if let Some(slot) = cache {
+                    if let Some((pk, pv)) = slot.as_ref() {
+                        k = Tensor::cat(&[pk, &k], 2)?;
+                        v = Tensor::cat(&[pv, &v], 2)?;
+                    }
+                    // Detached: a cached key keeps no autograd history, or every decoding step's activations
+                    // would stay alive through the cache (the weights are variables), growing memory with each
+                    // token.
+                    *slot = Some((k.detach(), v.detach()));
+                }
+                let t = k.dim(2)?;
+                // Grouped-query attention: each key/value head serves nh / kvh query heads.
+                let (k, v) = (repeat_kv(&k, nh / kvh, b, kvh, t, d)?, repeat_kv(&v, nh / kvh, b, kvh, t, d)?);
+                let scores = (q.matmul(&k.t()?)? / (d as f64).sqrt())?.broadcast_add(bias)?;
+                let probs = softmax_last(&scores)?;
+                probs.matmul(&v)?.transpose(1, 2)?.contiguous()?.reshape((b * s, nh * d))?
             }
-            // Detached: a cached key keeps no autograd history, or every decoding step's activations would
-            // stay alive through the cache (the weights are variables), growing memory with each token.
-            *slot = Some((k.detach(), v.detach()));
-        }
-        let t = k.dim(2)?;
-        // Grouped-query attention: each key/value head serves nh / kvh query heads.
-        let (k, v) = (repeat_kv(&k, nh / kvh, b, kvh, t, d)?, repeat_kv(&v, nh / kvh, b, kvh, t, d)?);
-        let scores = (q.matmul(&k.t()?)? / (d as f64).sqrt())?.broadcast_add(bias)?;
-        let probs = softmax_last(&scores)?;
-        let ctx = probs.matmul(&v)?.transpose(1, 2)?.contiguous()?.reshape((b * s, nh * d))?;
+        };
         let x = (x + linear(DecoderModule::OProj, &ctx, &l.o)?)?;
-        let h = rms_norm(&x, &l.post_norm, c.rms_norm_eps)?;
-        let ff = (linear(DecoderModule::GateProj, &h, &l.gate)?.silu()? * linear(DecoderModule::UpProj, &h, &l.up)?)?;
+        let h = self.rms_norm(&x, &l.post_norm)?;
+        let (gate, up) = (linear(DecoderModule::GateProj, &h, &l.gate)?, linear(DecoderModule::UpProj, &h, &l.up)?);
+        let ff = if self.fused(&gate) { crate::cpu::decoder::swiglu(&gate, &up)? } else { (gate.silu()? * up)? };
         Ok((x + linear(DecoderModule::DownProj, &ff, &l.down)?)?)
     }
 }
 
+/// How a pass attends: the fused CPU kernel, or composed ops over `b` rows of `s` new tokens with the rotation
+/// tables of each token (`[b, 1, s, d]`) and the additive mask (`[b, 1, s, past + s]`), which generation's
+/// cache needs.
+enum Attention {
+    Fused(CausalAttention),
+    Composed { b: usize, s: usize, cos: Tensor, sin: Tensor, bias: Tensor },
+}
+
 /// The rotation tables of transformers' default rotary embedding: angle `p · θ^(-2i/d)` for position `p` and
 /// frequency `i < d/2`, each repeated for both halves of the head (the `rotate_half` layout).
-fn rotary_tables(c: &LlamaConfig, device: &Device) -> Result<(Tensor, Tensor)> {
+fn rotary_tables(c: &LlamaConfig) -> RopeTables {
     let d = c.head_dim;
     let inv: Vec<f32> = (0..d / 2).map(|i| (1.0 / c.rope_theta.powf(2.0 * i as f64 / d as f64)) as f32).collect();
-    let mut angles = Vec::with_capacity(c.max_position_embeddings * d);
+    let (mut cos, mut sin) = (Vec::with_capacity(c.max_position_embeddings * d), Vec::new());
+    sin.reserve(c.max_position_embeddings * d);
     for p in 0..c.max_position_embeddings {
         for _ in 0..2 {
-            angles.extend(inv.iter().map(|f| p as f32 * f));
+            for f in &inv {
+                let angle = p as f32 * f;
+                cos.push(angle.cos());
+                sin.push(angle.sin());
+            }
         }
     }
-    let angles = Tensor::from_vec(angles, (c.max_position_embeddings, d), device)?;
-    Ok((angles.cos()?, angles.sin()?))
+    RopeTables { cos, sin, head_dim: d }
 }
 
 /// `x · cos + rotate_half(x) · sin` for `x` of `[b, n, s, d]`, tables `[s, d]`.

@@ -276,3 +276,97 @@ fn lora_adapters_match_peft_alone_mixed_and_in_their_gradients() -> TestResult {
     assert_eq!(checked, 2 * 7 * 2, "A and B of seven projections in two layers");
     Ok(())
 }
+
+/// The fused CPU kernels (RMSNorm, SwiGLU, causal grouped-query attention with rotation) against the composed
+/// candle ops, on random models of several head groupings: the logits of every real token and the gradient
+/// of every parameter, without LoRA (everything trains) and with two LoRA adapters routed by example (only
+/// the adapters train, so the gradients also pass through the frozen layers' inputs).
+/// Logits of every token and the gradient of each trained parameter.
+type LogitsAndGrads = (Vec<Vec<f32>>, Vec<Tensor>);
+
+#[test]
+fn fused_kernels_equal_the_composed_ops_in_values_and_every_gradient() -> TestResult {
+    use crate::layers::DropoutRng;
+    use crate::llama::{DecoderLora, DecoderModule, LoraRun};
+    use crate::peft::Route;
+    use crate::{Kernels, LoraSpec};
+    use mtl_core::Mode;
+    use rand::{Rng, SeedableRng};
+
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
+    for (heads, kv_heads, head_dim, with_lora) in [(6, 2, 8, false), (4, 4, 6, true), (3, 1, 4, true), (6, 3, 8, false)]
+    {
+        let config = LlamaConfig {
+            vocab_size: 37,
+            hidden_size: 24,
+            intermediate_size: 40,
+            num_hidden_layers: 2,
+            num_attention_heads: heads,
+            num_key_value_heads: kv_heads,
+            head_dim,
+            rms_norm_eps: 1e-5,
+            rope_theta: 10_000.0,
+            max_position_embeddings: 64,
+            tie_word_embeddings: !with_lora,
+            bos_token_id: None,
+            eos_token_ids: vec![0],
+        };
+        let pb = ParamBuilder::new(std::collections::HashMap::new(), 11, &Device::Cpu);
+        let lora = with_lora.then(|| DecoderLora {
+            spec: LoraSpec { r: 3, alpha: 6.0, dropout: 0.0, targets: Vec::new() },
+            modules: DecoderModule::ALL.to_vec(),
+            adapters: vec!["a".into(), "b".into()],
+        });
+        let mut model = Llama::with_lora(&pb, &config, lora.as_ref())?;
+        let store = pb.finish();
+        // LoRA's B starts at zero, which would hide its A's gradient: give every adapter a value.
+        for var in store.vars().values() {
+            var.set(&Tensor::randn(0f32, 0.3, var.shape(), &Device::Cpu)?)?;
+        }
+        // Three rows of 9: no padding, right padding, left padding.
+        let (b, s) = (3, 9);
+        let ids: Vec<u32> = (0..b * s).map(|_| rng.gen_range(0..37)).collect();
+        let mut mask = vec![1u32; b * s];
+        mask[s + 6..2 * s].fill(0);
+        mask[2 * s..2 * s + 4].fill(0);
+        let ids = Tensor::from_vec(ids, (b, s), &Device::Cpu)?;
+        let weights = Tensor::randn(0f32, 1.0, (b * s, 37), &Device::Cpu)?;
+        let real = Tensor::from_vec(mask.iter().map(|&m| m as f32).collect::<Vec<_>>(), (b * s, 1), &Device::Cpu)?;
+        // Under LoRA only the adapters train; the pretrained weights are constants.
+        let trained: Vec<(&String, &candle_core::Var)> = store
+            .vars()
+            .iter()
+            .filter(|(name, _)| !with_lora || store.role(name).is_some_and(|r| r.is_adapter()))
+            .collect();
+        let off = DropoutRng::new(0.0, 0);
+        let routes = [Route { adapter: 0, examples: 0..2 }, Route { adapter: 1, examples: 2..3 }];
+        let mut run = |kernels: Kernels| -> Result<LogitsAndGrads, Box<dyn std::error::Error>> {
+            model.set_kernels(kernels);
+            let lora_run = LoraRun { routes: &routes, dropout: &off, mode: Mode::Train, frozen: false };
+            let hidden = model.forward_with(&ids, Some(&mask), None, with_lora.then_some(&lora_run))?;
+            let logits = model.logits(&hidden)?;
+            // A loss over the real tokens only: padding rows' values are not defined the same way.
+            let loss = (logits.broadcast_mul(&real)? * &weights)?.sum_all()?;
+            let grads = loss.backward()?;
+            let grads = trained
+                .iter()
+                .map(|(name, v)| grads.get(v.as_tensor()).cloned().ok_or_else(|| format!("{name}: no gradient")))
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok((logits.broadcast_mul(&real)?.to_vec2()?, grads))
+        };
+        let (fused, fused_grads) = run(Kernels::Fused)?;
+        let (composed, composed_grads) = run(Kernels::Composed)?;
+        let what = format!("{heads} heads over {kv_heads}, head_dim {head_dim}, LoRA {with_lora}");
+        let diff =
+            fused.iter().flatten().zip(composed.iter().flatten()).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        assert!(diff < 1e-4, "{what}: logits differ by {diff}");
+        assert!(!trained.is_empty());
+        for ((name, _), (f, c)) in trained.iter().zip(fused_grads.iter().zip(&composed_grads)) {
+            let scale = c.abs()?.max_all()?.to_scalar::<f32>()?.max(1e-3);
+            let diff = (f - c)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(diff <= 2e-4 * scale.max(1.0), "{what}: {name} gradient differs by {diff} (scale {scale})");
+            assert!(scale > 1e-3, "{what}: {name} has a zero gradient");
+        }
+    }
+    Ok(())
+}

@@ -9,6 +9,7 @@ pub mod heads;
 pub mod model;
 mod optim;
 mod plan;
+pub mod process;
 mod progress;
 pub mod resume;
 pub mod sampling;

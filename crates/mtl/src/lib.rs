@@ -61,6 +61,8 @@ pub use mtl_metrics::format_report;
 pub use mtl_nn::generate::Sampling;
 /// How the allocator keeps or returns freed pages (binaries set it at start-up).
 pub use mtl_train::alloc;
+/// Process-wide settings the binaries make first in `main` (allocator, candle's worker threads).
+pub use mtl_train::process;
 pub use mtl_train::{Evaluation, Scores};
 
 /// A decoder for free generation: a base model (a GGUF file, a directory with one, or a Llama directory), or a

@@ -21,7 +21,6 @@ use crate::Architecture;
 
 /// One training run of a decoder model into `out` (checked and prepared by the caller).
 pub(crate) fn train(config: &Config, out: &Path, resume_run: bool) -> Result<TrainReport> {
-    mtl_train::alloc::return_freed_pages();
     let files = DecoderFiles::load(&config.model.path)?;
     let (chat, eos) = prompt_parts(&files)?;
     let format = PromptFormat {
