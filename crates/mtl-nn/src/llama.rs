@@ -19,6 +19,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::bert::Kernels;
 use crate::cpu::decoder::{CausalAttention, RopeTables};
+use crate::cpu::lora::{LoraProjection, LoraRows};
 use crate::layers::{log_softmax_last, softmax_last, DropoutRng};
 use crate::params::{Init, ParamBuilder};
 use crate::peft::{check_routes, LoraLayer, LoraSpec, PeftPass, Route};
@@ -539,10 +540,30 @@ impl Llama {
         let (nh, kvh, d) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
         // `x Wᵀ`, plus the LoRA update of `module` when it has one.
         let linear = |module: DecoderModule, x: &Tensor, w: &Tensor| -> Result<Tensor> {
-            let y = self.project(x, w)?;
             match (pass, l.lora.get(&module)) {
-                (Some(pass), Some(lora)) => Ok((y + lora.delta(x, pass)?)?),
-                _ => Ok(y),
+                (Some(pass), Some(lora)) if self.fused(x) => {
+                    let (a, b, rank) = lora.stacked(pass.frozen)?;
+                    let train = pass.mode == Mode::Train && pass.dropout_p > 0.0;
+                    let routes = pass
+                        .routes
+                        .iter()
+                        .map(|r| LoraRows {
+                            rows: r.examples.start * pass.seq..r.examples.end * pass.seq,
+                            adapter: r.adapter,
+                            dropout_seed: train.then(|| pass.dropout.next_seed()),
+                        })
+                        .collect();
+                    let op = LoraProjection {
+                        weight: w.clone(),
+                        routes,
+                        rank,
+                        scale: pass.scale as f32,
+                        dropout: pass.dropout_p,
+                    };
+                    op.forward(x, &a, &b)
+                }
+                (Some(pass), Some(lora)) => Ok((self.project(x, w)? + lora.delta(x, pass)?)?),
+                _ => self.project(x, w),
             }
         };
         let h = self.rms_norm(x, &l.input_norm)?;

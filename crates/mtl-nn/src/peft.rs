@@ -311,6 +311,19 @@ impl LoraLayer {
         })
     }
 
+    /// Every adapter's matrices stacked, for [`crate::cpu::lora::LoraProjection`]: A as `[adapters · r, in]`, B
+    /// as `[out, adapters · r]` (detached when `frozen`), and the rank.
+    pub(crate) fn stacked(&self, frozen: bool) -> Result<(Tensor, Tensor, usize)> {
+        let get = |t: &Tensor| if frozen { t.detach() } else { t.clone() };
+        let rank = self.pairs.first().map_or(0, |p| p.a.dims()[0]);
+        if self.pairs.len() == 1 {
+            return Ok((get(&self.pairs[0].a), get(&self.pairs[0].b), rank));
+        }
+        let a: Vec<Tensor> = self.pairs.iter().map(|p| get(&p.a)).collect();
+        let b: Vec<Tensor> = self.pairs.iter().map(|p| get(&p.b)).collect();
+        Ok((Tensor::cat(&a, 0)?, Tensor::cat(&b, 1)?, rank))
+    }
+
     /// `scale · B A` of one adapter: what merging adds to the base weight.
     pub(crate) fn merged_delta(&self, adapter: usize, scale: f64) -> Result<Tensor> {
         let pair = &self.pairs[adapter];

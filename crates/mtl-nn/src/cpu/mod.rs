@@ -6,4 +6,5 @@ pub mod encoder;
 pub mod fused;
 pub mod gemm;
 pub mod int8;
+pub mod lora;
 pub mod math;
