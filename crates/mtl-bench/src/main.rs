@@ -42,6 +42,9 @@ struct Args {
     /// `train`: LoRA on the frozen encoder instead of full fine-tuning (W3).
     #[arg(long)]
     lora: bool,
+    /// `llm-lora`: the base dequantised to f32 instead of kept in its GGUF blocks.
+    #[arg(long)]
+    f32_base: bool,
     /// The config whose training data the `data` workload reads.
     #[arg(long, default_value = "examples/atis/config.toml")]
     config: PathBuf,
@@ -147,14 +150,15 @@ fn data(args: &Args) -> Result<()> {
     Ok(())
 }
 
-/// One LoRA training step of the default decoder (SmolLM2-135M from its GGUF file, dequantised): r 8, alpha 16 on
+/// One LoRA training step of the default decoder (SmolLM2-135M from its GGUF file, its Q4_1 matrices kept
+/// quantised unless `--f32-base`): r 8, alpha 16 on
 /// all seven projections, the causal LM loss on every position of a deterministic batch, backward, AdamW over the
 /// LoRA parameters. The counterpart of `bench/llm_lora_step.py` (transformers + PEFT).
 fn llm_lora(args: &Args) -> Result<()> {
     use mtl_nn::llama::{causal_lm_loss, DecoderLora, DecoderModule, Llama, LoraRun};
     let dir = std::path::Path::new("assets/models/SmolLM2-135M-Instruct/SmolLM2-135M-Instruct.Q4_1.gguf");
-    let gguf = mtl_nn::gguf::read_llama(dir, &Device::Cpu)?;
-    let pb = mtl_nn::ParamBuilder::new(gguf.weights, 0, &Device::Cpu);
+    let gguf = mtl_nn::gguf::read_llama(dir, &Device::Cpu, !args.f32_base)?;
+    let pb = gguf.weights.into_builder(0, &Device::Cpu)?;
     let spec = mtl_nn::LoraSpec { r: 8, alpha: 16.0, dropout: 0.0, targets: Vec::new() };
     let lora = DecoderLora { spec, modules: DecoderModule::ALL.to_vec(), adapters: vec!["default".into()] };
     let model = Llama::with_lora(&pb, &gguf.config, Some(&lora))?;

@@ -12,6 +12,11 @@ pub struct ModelConfig {
     /// Sequences are truncated to this many tokens, special tokens included.
     #[serde(default = "default_max_len")]
     pub max_len: usize,
+    /// A decoder's system turn in every prompt (chat models). Absent: the chat template's default, which for
+    /// SmolLM2 is a 20-token introduction of the assistant in every training and evaluation sequence; `""`
+    /// leaves the system turn empty.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub system_prompt: Option<String>,
 }
 
 pub(crate) fn default_max_len() -> usize {

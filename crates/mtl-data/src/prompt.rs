@@ -237,6 +237,8 @@ pub struct PromptFormat<'a> {
     pub eos: u32,
     /// Prompt and target together are cut to this many tokens.
     pub max_len: usize,
+    /// The system turn of every prompt (a chat template's default when `None`).
+    pub system: Option<&'a str>,
 }
 
 impl PromptFormat<'_> {
@@ -249,7 +251,7 @@ impl PromptFormat<'_> {
         let template = task.prompt.as_deref().ok_or("the task has no prompt")?;
         let content = template.replace("{text}", text);
         match self.chat {
-            Some(chat) => chat.user_turn(&content, None),
+            Some(chat) => chat.user_turn(&content, self.system),
             None => Ok(content),
         }
     }
@@ -511,7 +513,7 @@ mod tests {
         });
         let tokenizer: Tokenizer = json.to_string().parse().expect("a word-level tokenizer");
         let t = task("kind = \"classification\"\nprompt = \"{text} say label\"");
-        let format = PromptFormat { tokenizer: &tokenizer, chat: None, eos: 0, max_len: 8 };
+        let format = PromptFormat { tokenizer: &tokenizer, chat: None, eos: 0, max_len: 8, system: None };
         let input = Input::Text("w0 w1 w2 w3 w4 w5 w6 w7 w8 w9".into());
         let (ids, cut) = format.prompt_ids(&t, &input, 2).expect("fits without some words");
         assert!(cut.is_some() && ids.len() <= 6, "{ids:?}");

@@ -5,15 +5,15 @@
 //! token labels at its rows' target positions. With per-task adapters the rows are grouped by adapter
 //! internally (one forward pass, each row through its task's adapter).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 
 use candle_core::backprop::GradStore;
 use candle_core::{Device, Tensor};
 use mtl_core::{HostBatch, Mode, Targets, TaskId, IGNORE_INDEX};
 
 use crate::layers::{log_softmax_last, DropoutRng};
-use crate::llama::{next_token_targets, DecoderLora, KvCache, Llama, LlamaConfig, LoraRun};
-use crate::params::{ParamBuilder, ParamStore};
+use crate::llama::{next_token_targets, DecoderLora, KvCache, Llama, LlamaConfig, LlamaWeights, LoraRun};
+use crate::params::ParamStore;
 use crate::peft::{Route, SHARED_ADAPTER};
 use crate::{NnError, Result, TaskLoss};
 
@@ -33,13 +33,13 @@ impl DecoderModel {
     /// pretrained ones (trained adapters).
     pub fn new(
         config: &LlamaConfig,
-        weights: HashMap<String, Tensor>,
+        weights: impl Into<LlamaWeights>,
         lora: Option<&DecoderLora>,
         tasks: &[TaskId],
         seed: u64,
         device: &Device,
     ) -> Result<Self> {
-        let pb = ParamBuilder::new(weights, seed, device);
+        let pb = weights.into().into_builder(seed, device)?;
         let llama = Llama::with_lora(&pb, config, lora)?;
         let mut params = pb.finish();
         let missing: Vec<&String> =

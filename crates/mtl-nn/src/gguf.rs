@@ -1,27 +1,29 @@
-//! Llama-architecture GGUF files (llama.cpp's format) read into the decoder's f32 weights, its config and its
+//! Llama-architecture GGUF files (llama.cpp's format) read into the decoder's weights, its config and its
 //! byte-level BPE vocabulary.
 //!
-//! Quantised tensors (Q4_1, Q8_0, K-quants, …) are dequantised to f32 by candle: the quantisation error stays in
-//! the weights, so a model trained from them starts from the quantised model, not the original. llama.cpp's
+//! Quantised matrices (Q4_1, Q8_0, K-quants, …) are kept in their block format ([`QuantMatrix`]: a frozen base
+//! for LoRA or for inference) or dequantised to f32 by candle (full fine-tuning): either way the quantisation
+//! error stays in the weights, so a model trained from them starts from the quantised model. llama.cpp's
 //! converter permutes the rows of the query and key projections for its interleaved rotary layout; they are
 //! permuted back here, so the weights are transformers' and the decoder's `rotate_half` rotation applies.
 
-use std::collections::HashMap;
 use std::path::Path;
 
 use candle_core::quantized::gguf_file::{Content, Value};
+use candle_core::quantized::{GgmlDType, QStorage, QTensor};
 use candle_core::{Device, Tensor};
 use mtl_data::bpe::ByteLevelVocab;
 
-use crate::llama::LlamaConfig;
+use crate::cpu::quant::QuantMatrix;
+use crate::llama::{LlamaConfig, LlamaWeights};
 use crate::{NnError, Result};
 
 /// What a GGUF file holds for the decoder.
 #[derive(Debug)]
 pub struct GgufLlama {
     pub config: LlamaConfig,
-    /// f32 weights under `LlamaForCausalLM`'s state-dict names.
-    pub weights: HashMap<String, Tensor>,
+    /// The weights under `LlamaForCausalLM`'s state-dict names.
+    pub weights: LlamaWeights,
     pub vocab: ByteLevelVocab,
     /// The Jinja chat template, when the file has one.
     pub chat_template: Option<String>,
@@ -61,8 +63,9 @@ pub fn architecture(path: &Path) -> Result<String> {
         .ok_or_else(|| bad("no general.architecture".into()))
 }
 
-/// The dequantised llama model of a GGUF file.
-pub fn read_llama(path: &Path, device: &Device) -> Result<GgufLlama> {
+/// The llama model of a GGUF file: its quantised matrices kept as they are when `keep_quantized` (f32 ones
+/// and the norms are f32 either way), or all dequantised to f32.
+pub fn read_llama(path: &Path, device: &Device, keep_quantized: bool) -> Result<GgufLlama> {
     let bad = |message: String| NnError::File { path: path.to_owned(), message };
     let mut file = std::fs::File::open(path).map_err(|source| NnError::Io { path: path.to_owned(), source })?;
     let content = Content::read(&mut file).map_err(|e| bad(format!("not a GGUF file: {e}")))?;
@@ -115,7 +118,7 @@ pub fn read_llama(path: &Path, device: &Device) -> Result<GgufLlama> {
     // llama.cpp's head size is attention.key_length (embedding length / heads when absent).
     let head_dim = num("attention.key_length").map_or(hidden / heads.max(1), |v| v as usize);
     let layers = need("block_count")?;
-    let mut weights = HashMap::new();
+    let mut weights = LlamaWeights::default();
     let mut types: std::collections::BTreeMap<String, usize> = std::collections::BTreeMap::new();
     let mut names: Vec<&String> = content.tensor_infos.keys().collect();
     names.sort();
@@ -123,15 +126,28 @@ pub fn read_llama(path: &Path, device: &Device) -> Result<GgufLlama> {
         let target = hf_name(name).ok_or_else(|| bad(format!("tensor {name:?} has no place in a llama model")))?;
         let q = content.tensor(&mut file, name, device).map_err(|e| bad(format!("tensor {name}: {e}")))?;
         *types.entry(format!("{:?}", q.dtype())).or_default() += 1;
-        let mut w = q.dequantize(device).map_err(|e| bad(format!("tensor {name}: {e}")))?;
-        if name.ends_with("attn_q.weight") {
-            w = unpermute(&w, heads, head_dim)?;
+        let permuted = if name.ends_with("attn_q.weight") {
+            Some(heads)
         } else if name.ends_with("attn_k.weight") {
-            w = unpermute(&w, kv_heads, head_dim)?;
+            Some(kv_heads)
+        } else {
+            None
+        };
+        if keep_quantized && q.rank() == 2 && q.dtype() != GgmlDType::F32 && device.is_cpu() {
+            let q = match permuted {
+                Some(n) => unpermute_blocks(&q, n, head_dim).map_err(|e| bad(format!("tensor {name}: {e}")))?,
+                None => q,
+            };
+            weights.quantized.insert(target, QuantMatrix::new(q)?);
+            continue;
         }
-        weights.insert(target, w);
+        let mut w = q.dequantize(device).map_err(|e| bad(format!("tensor {name}: {e}")))?;
+        if let Some(n) = permuted {
+            w = unpermute(&w, n, head_dim)?;
+        }
+        weights.dense.insert(target, w);
     }
-    let tied = !weights.contains_key("lm_head.weight");
+    let tied = !weights.dense.contains_key("lm_head.weight") && !weights.quantized.contains_key("lm_head.weight");
     let config = LlamaConfig {
         vocab_size: num("vocab_size").map_or(tokens.len(), |v| v as usize),
         hidden_size: hidden,
@@ -202,6 +218,29 @@ fn unpermute(w: &Tensor, n: usize, head_dim: usize) -> Result<Tensor> {
     Ok(w.reshape((n, head_dim / 2, 2, cols))?.transpose(1, 2)?.contiguous()?.reshape((rows, cols))?)
 }
 
+/// [`unpermute`] on the rows of a quantised matrix: each row is a whole number of blocks, so rows move as bytes.
+fn unpermute_blocks(q: &QTensor, n: usize, head_dim: usize) -> Result<QTensor> {
+    let (rows, cols) = q.shape().dims2()?;
+    if rows != n * head_dim || !head_dim.is_multiple_of(2) {
+        return Err(NnError::Input(format!("a projection of {rows} rows is not {n} heads of {head_dim}")));
+    }
+    let data = q.data()?;
+    let row_bytes = data.len() / rows.max(1);
+    let mut out = vec![0u8; data.len()];
+    let half = head_dim / 2;
+    for h in 0..n {
+        for s in 0..2 {
+            for j in 0..half {
+                let (to, from) = (h * head_dim + s * half + j, h * head_dim + 2 * j + s);
+                out[to * row_bytes..(to + 1) * row_bytes]
+                    .copy_from_slice(&data[from * row_bytes..(from + 1) * row_bytes]);
+            }
+        }
+    }
+    let storage = QStorage::from_data(std::borrow::Cow::Owned(out), &Device::Cpu, q.dtype())?;
+    Ok(QTensor::new(storage, (rows, cols))?)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -214,6 +253,12 @@ mod tests {
         let hf = Tensor::from_vec(hf, (n * d, cols), &Device::Cpu)?;
         let gguf = hf.reshape((n, 2, d / 2, cols))?.transpose(1, 2)?.contiguous()?.reshape((n * d, cols))?;
         assert_eq!(unpermute(&gguf, n, d)?.to_vec2::<f32>()?, hf.to_vec2::<f32>()?);
+        // The same on the rows of a quantised matrix (Q8_0 blocks of 32 columns).
+        let wide = Tensor::randn(0f32, 1.0, (n * d, 64), &Device::Cpu)?;
+        let permuted = wide.reshape((n, 2, d / 2, 64))?.transpose(1, 2)?.contiguous()?.reshape((n * d, 64))?;
+        let q = QTensor::quantize(&permuted, GgmlDType::Q8_0)?;
+        let want = unpermute(&q.dequantize(&Device::Cpu)?, n, d)?.to_vec2::<f32>()?;
+        assert_eq!(unpermute_blocks(&q, n, d)?.dequantize(&Device::Cpu)?.to_vec2::<f32>()?, want);
         assert_eq!(hf_name("blk.12.ffn_down.weight").as_deref(), Some("model.layers.12.mlp.down_proj.weight"));
         assert_eq!(hf_name("blk.x.ffn_down.weight"), None);
         Ok(())

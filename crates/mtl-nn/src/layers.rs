@@ -4,8 +4,7 @@ use std::sync::Mutex;
 
 use candle_core::{DType, Tensor, D};
 use mtl_core::Mode;
-use rand::{Rng, RngCore, SeedableRng};
-use rayon::prelude::*;
+use rand::{RngCore, SeedableRng};
 
 use crate::params::{Init, ParamBuilder};
 use crate::Result;
@@ -144,7 +143,7 @@ impl DropoutRng {
         if p == 0.0 {
             return None;
         }
-        Some(mask_of_seed(self.next_seed(), n, p))
+        Some(crate::cpu::math::mask_of_seed(self.next_seed(), n, p))
     }
 
     /// One draw from the generator: the seed of the next mask ([`mask_of_seed`]). A fused kernel keeps the
@@ -167,26 +166,6 @@ impl DropoutRng {
         let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
         Ok((x * mask)?)
     }
-}
-
-/// The dropout mask of `seed` ([`DropoutRng::next_seed`]): `n` multipliers, 0 with probability `p`,
-/// `1 / (1 - p)` otherwise. Chunks of it come from separate ChaCha streams of the seed, filled in parallel, so
-/// the mask does not depend on the number of threads.
-pub fn mask_of_seed(seed: u64, n: usize, p: f32) -> Vec<f32> {
-    const CHUNK: usize = 1 << 16;
-    let threshold = (f64::from(p) * f64::from(u32::MAX)) as u32;
-    let scale = 1.0 / (1.0 - p);
-    let mut mask = vec![0f32; n];
-    mask.par_chunks_mut(CHUNK).enumerate().for_each(|(i, chunk)| {
-        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-        rng.set_stream(i as u64);
-        let mut bits = vec![0u32; chunk.len()];
-        rng.fill(&mut bits[..]);
-        for (m, &r) in chunk.iter_mut().zip(&bits) {
-            *m = if r > threshold { scale } else { 0.0 };
-        }
-    });
-    mask
 }
 
 /// Cross-entropy averaged over rows: `logits` is `[n, classes]`, `targets` holds `n` class indices.

@@ -9,7 +9,7 @@
 //! backward pass, so none of them is used; a test checks the loss and every parameter's gradient against
 //! PyTorch.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::Arc;
 
@@ -19,7 +19,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::bert::Kernels;
 use crate::cpu::decoder::{CausalAttention, RopeTables};
-use crate::cpu::lora::{LoraProjection, LoraRows};
+use crate::cpu::lora::{BaseWeight, LoraProjection, LoraRows};
+use crate::cpu::quant::QuantMatrix;
 use crate::layers::{log_softmax_last, softmax_last, DropoutRng};
 use crate::params::{Init, ParamBuilder};
 use crate::peft::{check_routes, LoraLayer, LoraSpec, PeftPass, Route};
@@ -73,6 +74,35 @@ pub struct LoraRun<'a> {
     /// Use the adapters' values without recording the pass for backward (generation): every activation is
     /// freed as soon as the next layer has read it, instead of living until the output is dropped.
     pub frozen: bool,
+}
+
+/// A decoder's pretrained weights under `LlamaForCausalLM`'s names: f32 tensors, and matrices kept in their
+/// GGUF block format. [`Llama`] runs the quantised ones as they are (they never train); a model meant for full
+/// fine-tuning is loaded with every weight dequantised.
+#[derive(Debug, Default)]
+pub struct LlamaWeights {
+    pub dense: HashMap<String, Tensor>,
+    pub quantized: HashMap<String, QuantMatrix>,
+}
+
+impl From<HashMap<String, Tensor>> for LlamaWeights {
+    fn from(dense: HashMap<String, Tensor>) -> Self {
+        Self { dense, quantized: HashMap::new() }
+    }
+}
+
+impl LlamaWeights {
+    /// A builder over these weights (`seed` initialises what they lack).
+    pub fn into_builder(self, seed: u64, device: &Device) -> Result<ParamBuilder> {
+        let pb = ParamBuilder::new(self.dense, seed, device);
+        pb.add_quantized(self.quantized)?;
+        Ok(pb)
+    }
+
+    /// Bytes of the quantised matrices.
+    pub fn quantized_bytes(&self) -> usize {
+        self.quantized.values().map(QuantMatrix::size_in_bytes).sum()
+    }
 }
 
 /// The fields of a Hugging Face Llama `config.json` that the decoder uses.
@@ -224,14 +254,14 @@ fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
 struct Layer {
     lora: BTreeMap<DecoderModule, LoraLayer>,
     input_norm: Tensor,
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    o: Tensor,
+    q: BaseWeight,
+    k: BaseWeight,
+    v: BaseWeight,
+    o: BaseWeight,
     post_norm: Tensor,
-    gate: Tensor,
-    up: Tensor,
-    down: Tensor,
+    gate: BaseWeight,
+    up: BaseWeight,
+    down: BaseWeight,
 }
 
 /// The keys and values of every layer for the positions seen so far (generation).
@@ -258,11 +288,11 @@ impl KvCache {
 #[derive(Clone, Debug)]
 pub struct Llama {
     config: LlamaConfig,
-    embed: Tensor,
+    embed: BaseWeight,
     layers: Vec<Layer>,
     norm: Tensor,
     /// `None` when tied to the embeddings.
-    lm_head: Option<Tensor>,
+    lm_head: Option<BaseWeight>,
     /// cos and sin of every position's rotation angles, `[max_position_embeddings, head_dim]`.
     cos: Tensor,
     sin: Tensor,
@@ -280,14 +310,22 @@ impl Llama {
     }
 
     /// The decoder with LoRA on some projections (adapters under `….q_proj.lora_A.ADAPTER.weight`, as PEFT
-    /// names them); the pretrained parameters are then frozen (constants for autograd).
+    /// names them); the pretrained parameters are then frozen (constants for autograd). Matrices the builder
+    /// holds quantised ([`ParamBuilder::add_quantized`]) stay so, with or without LoRA; they never train.
     pub fn with_lora(pb: &ParamBuilder, config: &LlamaConfig, lora: Option<&DecoderLora>) -> Result<Self> {
         let (h, i) = (config.hidden_size, config.intermediate_size);
         let (q_out, kv_out) =
             (config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim);
         let m = pb.pp("model");
         let init = Init::Normal { std: 0.02 };
-        let embed = m.pp("embed_tokens").get((config.vocab_size, h), "weight", init)?;
+        // A pretrained matrix, in its GGUF block format when the builder holds it so.
+        let base = |pb: &ParamBuilder, rows: usize, cols: usize| -> Result<BaseWeight> {
+            match pb.take_quantized("weight", rows, cols)? {
+                Some(q) => Ok(BaseWeight::Quantized(q)),
+                None => Ok(BaseWeight::Dense(pb.get((rows, cols), "weight", init)?)),
+            }
+        };
+        let embed = base(&m.pp("embed_tokens"), config.vocab_size, h)?;
         let layers = (0..config.num_hidden_layers)
             .map(|n| {
                 let l = m.pp(&format!("layers.{n}")).with_role(mtl_core::ParamRole::Layer(n));
@@ -311,23 +349,20 @@ impl Llama {
                 Ok(Layer {
                     lora: adapted,
                     input_norm: l.pp("input_layernorm").get(h, "weight", Init::Ones)?,
-                    q: a.pp("q_proj").get((q_out, h), "weight", init)?,
-                    k: a.pp("k_proj").get((kv_out, h), "weight", init)?,
-                    v: a.pp("v_proj").get((kv_out, h), "weight", init)?,
-                    o: a.pp("o_proj").get((h, q_out), "weight", init)?,
+                    q: base(&a.pp("q_proj"), q_out, h)?,
+                    k: base(&a.pp("k_proj"), kv_out, h)?,
+                    v: base(&a.pp("v_proj"), kv_out, h)?,
+                    o: base(&a.pp("o_proj"), h, q_out)?,
                     post_norm: l.pp("post_attention_layernorm").get(h, "weight", Init::Ones)?,
-                    gate: f.pp("gate_proj").get((i, h), "weight", init)?,
-                    up: f.pp("up_proj").get((i, h), "weight", init)?,
-                    down: f.pp("down_proj").get((h, i), "weight", init)?,
+                    gate: base(&f.pp("gate_proj"), i, h)?,
+                    up: base(&f.pp("up_proj"), i, h)?,
+                    down: base(&f.pp("down_proj"), h, i)?,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
         let norm = m.pp("norm").get(h, "weight", Init::Ones)?;
-        let lm_head = if config.tie_word_embeddings {
-            None
-        } else {
-            Some(pb.pp("lm_head").get((config.vocab_size, h), "weight", init)?)
-        };
+        let lm_head =
+            if config.tie_word_embeddings { None } else { Some(base(&pb.pp("lm_head"), config.vocab_size, h)?) };
         let rope = Arc::new(rotary_tables(config));
         let cos = Tensor::from_slice(&rope.cos, (config.max_position_embeddings, config.head_dim), &pb.device())?;
         let sin = Tensor::from_slice(&rope.sin, (config.max_position_embeddings, config.head_dim), &pb.device())?;
@@ -345,23 +380,20 @@ impl Llama {
         };
         if lora.is_some() {
             // As in PEFT: only the adapters train.
-            model.embed = model.embed.detach();
-            model.norm = model.norm.detach();
-            model.lm_head = model.lm_head.map(|t| t.detach());
-            for l in &mut model.layers {
-                for t in [
-                    &mut l.input_norm,
-                    &mut l.q,
-                    &mut l.k,
-                    &mut l.v,
-                    &mut l.o,
-                    &mut l.post_norm,
-                    &mut l.gate,
-                    &mut l.up,
-                    &mut l.down,
-                ] {
+            let freeze = |w: &mut BaseWeight| {
+                if let BaseWeight::Dense(t) = w {
                     *t = t.detach();
                 }
+            };
+            freeze(&mut model.embed);
+            model.lm_head.iter_mut().for_each(freeze);
+            model.norm = model.norm.detach();
+            for l in &mut model.layers {
+                l.input_norm = l.input_norm.detach();
+                l.post_norm = l.post_norm.detach();
+                [&mut l.q, &mut l.k, &mut l.v, &mut l.o, &mut l.gate, &mut l.up, &mut l.down]
+                    .into_iter()
+                    .for_each(freeze);
             }
         }
         Ok(model)
@@ -480,7 +512,13 @@ impl Llama {
                 next += u32::from(real);
             }
         }
-        let mut x = self.embed.index_select(&ids.flatten_all()?, 0)?; // [b*s, h]
+        let mut x = match &self.embed {
+            BaseWeight::Dense(e) => e.index_select(&ids.flatten_all()?, 0)?,
+            BaseWeight::Quantized(q) => {
+                let rows = q.embedding(&ids.flatten_all()?.to_vec1::<u32>()?)?;
+                Tensor::from_vec(rows, (b * s, c.hidden_size), device)?
+            }
+        }; // [b*s, h]
         let attention = if cache.is_none() && self.fused(&x) {
             // Training and scoring passes: the fused causal attention with its own backward.
             Attention::Fused(CausalAttention {
@@ -521,10 +559,11 @@ impl Llama {
 
     /// `x · Wᵀ` of a pretrained weight: with LoRA the weights are frozen, and backward computes the input's
     /// gradient only (see [`crate::cpu::fused::frozen_project`]).
-    fn project(&self, x: &Tensor, w: &Tensor) -> Result<Tensor> {
-        match self.lora {
-            Some(_) => crate::cpu::fused::frozen_project(x, w),
-            None => project(x, w),
+    fn project(&self, x: &Tensor, w: &BaseWeight) -> Result<Tensor> {
+        match (w, &self.lora) {
+            (BaseWeight::Quantized(q), _) => crate::cpu::quant::quant_project(x, q),
+            (BaseWeight::Dense(w), Some(_)) => crate::cpu::fused::frozen_project(x, w),
+            (BaseWeight::Dense(w), None) => project(x, w),
         }
     }
 
@@ -539,7 +578,7 @@ impl Llama {
         let c = &self.config;
         let (nh, kvh, d) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
         // `x Wᵀ`, plus the LoRA update of `module` when it has one.
-        let linear = |module: DecoderModule, x: &Tensor, w: &Tensor| -> Result<Tensor> {
+        let linear = |module: DecoderModule, x: &Tensor, w: &BaseWeight| -> Result<Tensor> {
             match (pass, l.lora.get(&module)) {
                 (Some(pass), Some(lora)) if self.fused(x) => {
                     let (a, b, rank) = lora.stacked(pass.frozen)?;
@@ -575,7 +614,7 @@ impl Llama {
             )?,
             Attention::Composed { b, s, cos, sin, bias } => {
                 let (b, s) = (*b, *s);
-                let heads = |module: DecoderModule, w: &Tensor, n: usize| -> Result<Tensor> {
+                let heads = |module: DecoderModule, w: &BaseWeight, n: usize| -> Result<Tensor> {
                     // [b*s, n*d] → [b, n, s, d]
                     Ok(linear(module, &h, w)?.reshape((b, s, n, d))?.transpose(1, 2)?.contiguous()?)
                 };

@@ -7,6 +7,7 @@ use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::rc::Rc;
+use std::sync::Arc;
 
 use candle_core::{DType, Device, Shape, Tensor, Var};
 use mtl_core::ParamRole;
@@ -14,6 +15,7 @@ use rand::SeedableRng;
 use rand_distr::{Distribution, Normal};
 
 use crate::cpu::int8::Int8Matrix;
+use crate::cpu::quant::QuantMatrix;
 use crate::{NnError, Result};
 
 /// How a parameter absent from the loaded weights is initialised (as Hugging Face BERT initialises it).
@@ -181,6 +183,8 @@ struct Inner {
     source: HashMap<String, Tensor>,
     /// Int8 weights by name (an int8 model's encoder projections).
     int8: HashMap<String, Int8Matrix>,
+    /// Weights in a GGUF block format by name (a decoder's frozen base); dequantised when taken by `get`.
+    quantized: HashMap<String, Arc<QuantMatrix>>,
     store: ParamStore,
     rng: rand_chacha::ChaCha8Rng,
     device: Device,
@@ -202,6 +206,7 @@ impl ParamBuilder {
         let inner = Inner {
             source,
             int8: HashMap::new(),
+            quantized: HashMap::new(),
             store: ParamStore::default(),
             rng: rand_chacha::ChaCha8Rng::seed_from_u64(seed),
             device: device.clone(),
@@ -288,6 +293,33 @@ impl ParamBuilder {
         names
     }
 
+    /// Adds weights kept in a GGUF block format (by their names in the model) to the weights parameters are
+    /// taken from: [`ParamBuilder::take_quantized`] takes them as they are, [`ParamBuilder::get`] dequantised.
+    pub fn add_quantized(&self, matrices: HashMap<String, QuantMatrix>) -> Result<()> {
+        let mut inner = self.inner.borrow_mut();
+        for (name, m) in matrices {
+            if inner.source.contains_key(&name) {
+                return Err(NnError::Input(format!("tensor `{name}` is in the f32 weights too")));
+            }
+            inner.quantized.insert(name, Arc::new(m));
+        }
+        Ok(())
+    }
+
+    /// Takes the quantised weight `prefix.name`, checking it is `rows × cols`; `None` when there is none.
+    pub fn take_quantized(&self, name: &str, rows: usize, cols: usize) -> Result<Option<Arc<QuantMatrix>>> {
+        let full = if self.prefix.is_empty() { name.to_string() } else { format!("{}.{name}", self.prefix) };
+        let Some(m) = self.inner.borrow_mut().quantized.remove(&full) else { return Ok(None) };
+        if m.dims() != (rows, cols) {
+            let (r, c) = m.dims();
+            return Err(NnError::File {
+                path: "quantised weights".into(),
+                message: format!("tensor `{full}` is {r} × {c}, the model expects {rows} × {cols}"),
+            });
+        }
+        Ok(Some(m))
+    }
+
     /// A builder for names under `self.prefix + name + "."`, with the same role.
     pub fn pp(&self, name: &str) -> Self {
         let prefix = if self.prefix.is_empty() { name.to_string() } else { format!("{}.{name}", self.prefix) };
@@ -323,6 +355,11 @@ impl ParamBuilder {
         let full = if self.prefix.is_empty() { name.to_string() } else { format!("{}.{name}", self.prefix) };
         let mut inner = self.inner.borrow_mut();
         let inner = &mut *inner;
+        if let Some(q) = inner.quantized.remove(&full) {
+            // A trained parameter (full fine-tuning) or a small one: as f32.
+            let t = q.dequantize(&inner.device)?;
+            inner.source.insert(full.clone(), t);
+        }
         let tensor = match inner.source.get(&full) {
             Some(t) => {
                 if t.shape() != &shape {

@@ -5,7 +5,6 @@
 use candle_core::{Device, Tensor};
 use mtl_nn::gguf::read_llama;
 use mtl_nn::llama::{KvCache, Llama};
-use mtl_nn::ParamBuilder;
 use serde_json::Value;
 
 use crate::repo_root;
@@ -16,7 +15,7 @@ fn smollm2_gguf_matches_transformers() -> Result<(), Box<dyn std::error::Error>>
     assert!(path.is_file(), "{}: missing; run scripts/fetch.sh first", path.display());
     let reference: Value =
         serde_json::from_str(&std::fs::read_to_string(repo_root().join("tests/fixtures/smollm2-reference.json"))?)?;
-    let gguf = read_llama(&path, &Device::Cpu)?;
+    let gguf = read_llama(&path, &Device::Cpu, false)?;
     let c = &gguf.config;
     assert_eq!(
         (c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim),
@@ -36,36 +35,41 @@ fn smollm2_gguf_matches_transformers() -> Result<(), Box<dyn std::error::Error>>
         assert_eq!(tokenizer.decode(&got, false).map_err(|e| e.to_string())?, text, "decoding round-trips");
     }
 
-    let pb = ParamBuilder::new(gguf.weights, 0, &Device::Cpu);
-    let model = Llama::new(&pb, &gguf.config)?;
-    assert!(pb.finish().initialised().is_empty(), "every parameter comes from the file");
-    for case in reference["logits"].as_array().ok_or("logits")? {
-        let ids: Vec<u32> = serde_json::from_value(case["ids"].clone())?;
-        let n = ids.len();
-        let logits = model.logits(&model.forward(&Tensor::from_vec(ids, (1, n), &Device::Cpu)?, None, None)?)?;
-        let last = logits.get(n - 1)?.to_vec1::<f32>()?;
-        let want: Vec<f64> = serde_json::from_value(case["first16"].clone())?;
-        let diff = last.iter().zip(&want).map(|(a, b)| (f64::from(*a) - b).abs()).fold(0.0, f64::max);
-        assert!(diff < 2e-3, "logits differ by {diff}");
-        let top: Vec<u32> = serde_json::from_value(case["top10_ids"].clone())?;
-        let argmax = last.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map(|(i, _)| i as u32);
-        assert_eq!(argmax, Some(top[0]));
-    }
+    // The same numbers from the weights dequantised at load and from the matrices kept in their blocks.
+    let kept = read_llama(&path, &Device::Cpu, true)?;
+    assert_eq!(kept.weights.quantized.len(), 211, "every Q4_1 and Q8_0 matrix stays quantised");
+    for (what, weights) in [("dequantised", gguf.weights), ("quantised", kept.weights)] {
+        let pb = weights.into_builder(0, &Device::Cpu)?;
+        let model = Llama::new(&pb, &gguf.config)?;
+        assert!(pb.finish().initialised().is_empty(), "every parameter comes from the file");
+        for case in reference["logits"].as_array().ok_or("logits")? {
+            let ids: Vec<u32> = serde_json::from_value(case["ids"].clone())?;
+            let n = ids.len();
+            let logits = model.logits(&model.forward(&Tensor::from_vec(ids, (1, n), &Device::Cpu)?, None, None)?)?;
+            let last = logits.get(n - 1)?.to_vec1::<f32>()?;
+            let want: Vec<f64> = serde_json::from_value(case["first16"].clone())?;
+            let diff = last.iter().zip(&want).map(|(a, b)| (f64::from(*a) - b).abs()).fold(0.0, f64::max);
+            assert!(diff < 2e-3, "{what}: logits differ by {diff}");
+            let top: Vec<u32> = serde_json::from_value(case["top10_ids"].clone())?;
+            let argmax = last.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map(|(i, _)| i as u32);
+            assert_eq!(argmax, Some(top[0]));
+        }
 
-    // Greedy decoding with the cache, after the chat template's prompt.
-    let chat = &reference["chat"];
-    let prompt: Vec<u32> = serde_json::from_value(chat["ids"].clone())?;
-    let want: Vec<u32> = serde_json::from_value(chat["greedy"].clone())?;
-    let mut cache = KvCache::default();
-    let mut input = Tensor::from_vec(prompt.clone(), (1, prompt.len()), &Device::Cpu)?;
-    let mut got = Vec::new();
-    for _ in 0..want.len() {
-        let logits = model.logits(&model.forward(&input, None, Some(&mut cache))?)?;
-        let next = logits.get(logits.dim(0)? - 1)?.argmax(0)?.to_scalar::<u32>()?;
-        got.push(next);
-        input = Tensor::from_vec(vec![next], (1, 1), &Device::Cpu)?;
+        // Greedy decoding with the cache, after the chat template's prompt.
+        let chat = &reference["chat"];
+        let prompt: Vec<u32> = serde_json::from_value(chat["ids"].clone())?;
+        let want: Vec<u32> = serde_json::from_value(chat["greedy"].clone())?;
+        let mut cache = KvCache::default();
+        let mut input = Tensor::from_vec(prompt.clone(), (1, prompt.len()), &Device::Cpu)?;
+        let mut got = Vec::new();
+        for _ in 0..want.len() {
+            let logits = model.logits(&model.forward(&input, None, Some(&mut cache))?)?;
+            let next = logits.get(logits.dim(0)? - 1)?.argmax(0)?.to_scalar::<u32>()?;
+            got.push(next);
+            input = Tensor::from_vec(vec![next], (1, 1), &Device::Cpu)?;
+        }
+        assert_eq!(got, want, "{what}: greedy continuation: {:?}", tokenizer.decode(&got, false));
     }
-    assert_eq!(got, want, "greedy continuation: {:?}", tokenizer.decode(&got, false));
     Ok(())
 }
 

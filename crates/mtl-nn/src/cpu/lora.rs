@@ -12,8 +12,74 @@ use std::ops::Range;
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Storage, Tensor};
 
 use super::gemm::{matmul, Threads, View, ViewMut};
-use crate::layers::mask_of_seed;
+use super::math::mask_of_seed;
+use super::quant::QuantMatrix;
 use crate::Result;
+
+/// A pretrained weight matrix: f32, or in a GGUF block format ([`QuantMatrix`]). Under LoRA it does not
+/// train; a quantised one never does.
+#[derive(Clone, Debug)]
+pub enum BaseWeight {
+    Dense(Tensor),
+    Quantized(std::sync::Arc<QuantMatrix>),
+}
+
+impl BaseWeight {
+    /// `[out, in]`.
+    pub fn dims(&self) -> (usize, usize) {
+        match self {
+            Self::Dense(t) => {
+                let d = t.dims();
+                (d.first().copied().unwrap_or(0), d.get(1).copied().unwrap_or(0))
+            }
+            Self::Quantized(q) => q.dims(),
+        }
+    }
+
+    /// `y = x Wᵀ` for `m` rows of `x`.
+    fn forward(&self, x: &[f32], m: usize, y: &mut [f32], what: &str) -> candle_core::Result<()> {
+        let (out, input) = self.dims();
+        match self {
+            Self::Dense(w) => tensor_data(w, what, |w| {
+                matmul(
+                    ViewMut::new(y, m, out),
+                    View::new(x, m, input),
+                    View::new(w, out, input).t(),
+                    1.0,
+                    false,
+                    Threads::All,
+                );
+                Ok(())
+            }),
+            Self::Quantized(q) => {
+                q.matmul_t(x, m, y);
+                Ok(())
+            }
+        }
+    }
+
+    /// `dx = g W` for `m` rows of `g`.
+    fn backward(&self, g: &[f32], m: usize, dx: &mut [f32], what: &str) -> candle_core::Result<()> {
+        let (out, input) = self.dims();
+        match self {
+            Self::Dense(w) => tensor_data(w, what, |w| {
+                matmul(
+                    ViewMut::new(dx, m, input),
+                    View::new(g, m, out),
+                    View::new(w, out, input),
+                    1.0,
+                    false,
+                    Threads::All,
+                );
+                Ok(())
+            }),
+            Self::Quantized(q) => {
+                q.matmul_acc(g, m, dx, false);
+                Ok(())
+            }
+        }
+    }
+}
 
 /// The rows one adapter updates.
 #[derive(Clone, Debug, PartialEq)]
@@ -30,7 +96,7 @@ pub struct LoraRows {
 #[derive(Clone, Debug)]
 pub struct LoraProjection {
     /// The frozen weight, `[out, in]`.
-    pub weight: Tensor,
+    pub weight: BaseWeight,
     pub routes: Vec<LoraRows>,
     pub rank: usize,
     pub scale: f32,
@@ -64,9 +130,8 @@ impl LoraProjection {
     }
 
     fn dims(&self, x: &[usize], a: &[usize], b: &[usize]) -> candle_core::Result<Dims> {
-        let (&[n, input], &[out, w_in]) = (x, self.weight.dims()) else {
-            candle_core::bail!("lora projection: a 2-D input and weight expected")
-        };
+        let (out, w_in) = self.weight.dims();
+        let &[n, input] = x else { candle_core::bail!("lora projection: a 2-D input expected") };
         let r = self.rank;
         let ok_a = matches!(a, &[rows, cols] if r > 0 && rows % r == 0 && cols == input);
         let adapters = a.first().copied().unwrap_or(0) / r.max(1);
@@ -120,18 +185,7 @@ impl CustomOp3 for LoraProjection {
         let (r, stacked) = (self.rank, d.adapters * self.rank);
         let mut y = vec![0f32; d.n * d.out];
         if d.n > 0 {
-            tensor_data(&self.weight, self.name(), |w| {
-                let xv = View::new(x, d.n, d.input);
-                matmul(
-                    ViewMut::new(&mut y, d.n, d.out),
-                    xv,
-                    View::new(w, d.out, d.input).t(),
-                    1.0,
-                    false,
-                    Threads::All,
-                );
-                Ok(())
-            })?;
+            self.weight.forward(x, d.n, &mut y, self.name())?;
         }
         for route in &self.routes {
             let rows = route.rows.len();
@@ -171,18 +225,7 @@ impl CustomOp3 for LoraProjection {
                 tensor_data(b, self.name(), |b| {
                     tensor_data(&grad, self.name(), |g| {
                         if d.n > 0 {
-                            tensor_data(&self.weight, self.name(), |w| {
-                                let gv = View::new(g, d.n, d.out);
-                                matmul(
-                                    ViewMut::new(&mut dx, d.n, d.input),
-                                    gv,
-                                    View::new(w, d.out, d.input),
-                                    1.0,
-                                    false,
-                                    Threads::All,
-                                );
-                                Ok(())
-                            })?;
+                            self.weight.backward(g, d.n, &mut dx, self.name())?;
                         }
                         for route in &self.routes {
                             let rows = route.rows.len();

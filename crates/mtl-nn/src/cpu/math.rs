@@ -1,6 +1,9 @@
 //! Branch-free `exp`, `erf` and GELU for loops the compiler vectorises. `simd` runs a closure compiled for
 //! the best instruction set the CPU has (AVX2 + FMA or AVX-512 where present), chosen at run time, so the
-//! binary stays portable.
+//! binary stays portable. Also the dropout masks drawn from a seed.
+
+use rand::{Rng, SeedableRng};
+use rayon::prelude::*;
 
 /// Runs `f` with the widest vector instructions this CPU supports enabled (through `pulp`'s dispatch).
 #[inline(always)]
@@ -158,6 +161,26 @@ pub fn gelu_and_grad(x: f32) -> (f32, f32) {
 #[inline(always)]
 pub fn gelu_grad(x: f32) -> f32 {
     0.5 * (1.0 + erf(x * FRAC_1_SQRT_2)) + x * FRAC_1_SQRT_2PI * exp(-0.5 * x * x)
+}
+
+/// The dropout mask of `seed` (`crate::layers::DropoutRng::next_seed`): `n` multipliers, 0 with probability `p`,
+/// `1 / (1 - p)` otherwise. Chunks of it come from separate ChaCha streams of the seed, filled in parallel, so
+/// the mask does not depend on the number of threads.
+pub fn mask_of_seed(seed: u64, n: usize, p: f32) -> Vec<f32> {
+    const CHUNK: usize = 1 << 16;
+    let threshold = (f64::from(p) * f64::from(u32::MAX)) as u32;
+    let scale = 1.0 / (1.0 - p);
+    let mut mask = vec![0f32; n];
+    mask.par_chunks_mut(CHUNK).enumerate().for_each(|(i, chunk)| {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        rng.set_stream(i as u64);
+        let mut bits = vec![0u32; chunk.len()];
+        rng.fill(&mut bits[..]);
+        for (m, &r) in chunk.iter_mut().zip(&bits) {
+            *m = if r > threshold { scale } else { 0.0 };
+        }
+    });
+    mask
 }
 
 #[cfg(test)]

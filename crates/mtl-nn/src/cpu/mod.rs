@@ -8,3 +8,4 @@ pub mod gemm;
 pub mod int8;
 pub mod lora;
 pub mod math;
+pub mod quant;

@@ -7,7 +7,6 @@ use candle_core::Device;
 use mtl_nn::generate::{generate, Limits, Sampling};
 use mtl_nn::gguf::read_llama;
 use mtl_nn::llama::Llama;
-use mtl_nn::ParamBuilder;
 
 use crate::error::{bail, Error, Result};
 
@@ -25,7 +24,7 @@ pub struct DecoderFiles {
     /// The GGUF file, or the Hugging Face directory.
     pub source: PathBuf,
     pub config: mtl_nn::llama::LlamaConfig,
-    pub weights: std::collections::HashMap<String, candle_core::Tensor>,
+    pub weights: mtl_nn::llama::LlamaWeights,
     pub tokenizer: tokenizers::Tokenizer,
     pub chat_template: Option<String>,
 }
@@ -39,14 +38,25 @@ impl DecoderFiles {
         Ok(Some(mtl_data::prompt::ChatTemplate::new(source, &bos, &eos).map_err(Error::Usage)?))
     }
 
-    /// A GGUF file (dequantised to f32; the tokenizer and chat template from its metadata), or a Hugging Face
+    /// A GGUF file (the tokenizer and chat template from its metadata; its quantised matrices kept as they are
+    /// when `keep_quantized`, for a frozen base, or dequantised to f32 for full fine-tuning), or a Hugging Face
     /// directory (`config.json`, `model.safetensors` or the shards of `model.safetensors.index.json`,
     /// `tokenizer.json`, and the chat template of `chat_template.jinja` or `tokenizer_config.json`).
-    pub fn load(path: &Path) -> Result<Self> {
+    pub fn load(path: &Path, keep_quantized: bool) -> Result<Self> {
         if let Some(file) = crate::arch::gguf_file(path)? {
-            let gguf = read_llama(&file, &Device::Cpu)?;
+            let gguf = read_llama(&file, &Device::Cpu, keep_quantized)?;
             let tokenizer = mtl_data::bpe::byte_level_bpe(&gguf.vocab, &file)?;
-            tracing::info!(types = ?gguf.tensor_types, "loaded {} (dequantised to f32)", file.display());
+            let quantized = gguf.weights.quantized_bytes();
+            match quantized {
+                0 => tracing::info!(types = ?gguf.tensor_types, "loaded {} (dequantised to f32)", file.display()),
+                bytes => tracing::info!(
+                    types = ?gguf.tensor_types,
+                    "loaded {} ({} matrices kept quantised, {:.0} MB)",
+                    file.display(),
+                    gguf.weights.quantized.len(),
+                    bytes as f64 / 1e6
+                ),
+            }
             return Ok(Self {
                 source: file,
                 config: gguf.config,
@@ -89,15 +99,15 @@ impl DecoderFiles {
                 .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
                 .and_then(|v| v["chat_template"].as_str().map(String::from)),
         };
-        Ok(Self { source: path.to_owned(), config, weights, tokenizer, chat_template })
+        Ok(Self { source: path.to_owned(), config, weights: weights.into(), tokenizer, chat_template })
     }
 }
 
 impl Decoder {
     pub fn load(path: &Path) -> Result<Self> {
-        let files = DecoderFiles::load(path)?;
+        let files = DecoderFiles::load(path, true)?;
         let chat = files.chat()?;
-        let pb = ParamBuilder::new(files.weights, 0, &Device::Cpu);
+        let pb = files.weights.into_builder(0, &Device::Cpu)?;
         let model = Llama::new(&pb, &files.config)?;
         let missing = pb.finish().initialised().to_vec();
         if !missing.is_empty() {

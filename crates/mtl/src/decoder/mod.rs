@@ -114,17 +114,18 @@ impl DecoderRun {
             });
         };
         let base = base.resolve(dir)?;
-        let mut files = DecoderFiles::load(&base)?;
+        let lora = crate::peft::decoder_lora(&config);
+        // Under LoRA the base stays quantised; a fully fine-tuned run's weights replace it as f32.
+        let mut files = DecoderFiles::load(&base, lora.is_some())?;
         let adapters_path = dir.join(run_files::ADAPTERS);
         let adapters = candle_core::safetensors::load(&adapters_path, &Device::Cpu).map_err(|e| Error::Invalid {
             path: adapters_path.clone(),
             message: format!("cannot read the adapters: {e}"),
         })?;
         let names: Vec<String> = adapters.keys().cloned().collect();
-        files.weights.extend(adapters);
+        files.weights.dense.extend(adapters);
         let (chat, eos) = prompt_parts(&files)?;
         let tasks: Vec<TaskId> = config.tasks.keys().cloned().collect();
-        let lora = crate::peft::decoder_lora(&config);
         let max_len = config.model.max_len.min(files.config.max_position_embeddings);
         let model =
             DecoderModel::new(&files.config, files.weights, lora.as_ref(), &tasks, config.training.seed, &Device::Cpu)?;
@@ -152,7 +153,13 @@ impl DecoderRun {
     }
 
     pub(crate) fn format(&self) -> PromptFormat<'_> {
-        PromptFormat { tokenizer: &self.text.tokenizer, chat: self.chat.as_ref(), eos: self.eos, max_len: self.max_len }
+        PromptFormat {
+            tokenizer: &self.text.tokenizer,
+            chat: self.chat.as_ref(),
+            eos: self.eos,
+            max_len: self.max_len,
+            system: self.config.model.system_prompt.as_deref(),
+        }
     }
 
     /// Scores on `split` of `config` (checked against the run); `None` where no task has a file for it.

@@ -21,13 +21,16 @@ use crate::Architecture;
 
 /// One training run of a decoder model into `out` (checked and prepared by the caller).
 pub(crate) fn train(config: &Config, out: &Path, resume_run: bool) -> Result<TrainReport> {
-    let files = DecoderFiles::load(&config.model.path)?;
+    let lora = crate::peft::decoder_lora(config);
+    // A frozen base (LoRA) stays quantised; full fine-tuning trains f32 weights.
+    let files = DecoderFiles::load(&config.model.path, lora.is_some())?;
     let (chat, eos) = prompt_parts(&files)?;
     let format = PromptFormat {
         tokenizer: &files.tokenizer,
         chat: chat.as_ref(),
         eos,
         max_len: config.model.max_len.min(files.config.max_position_embeddings),
+        system: config.model.system_prompt.as_deref(),
     };
     let raw_train = mtl_data::read_split(config, Split::Train)?;
     let labels = prompt::with_fallback_means(LabelMap::for_tasks(config, &raw_train)?, config, &raw_train);
@@ -50,7 +53,6 @@ pub(crate) fn train(config: &Config, out: &Path, resume_run: bool) -> Result<Tra
         test: split(config, Split::Test, &format, &labels, Some(&max_new_tokens))?,
     };
     let tasks: Vec<TaskId> = config.tasks.keys().cloned().collect();
-    let lora = crate::peft::decoder_lora(config);
     let source = files.source.clone();
     let model =
         DecoderModel::new(&files.config, files.weights, lora.as_ref(), &tasks, config.training.seed, &Device::Cpu)?;

@@ -1,0 +1,367 @@
+//! Frozen weight matrices kept in their GGUF block formats (Q4_0, Q4_1, Q8_0, the K-quants, …) and multiplied
+//! without ever being dequantised whole: each product dequantises a few rows at a time into a small buffer
+//! that stays in cache and runs the f32 matrix product on it. The result equals the product with the
+//! dequantised matrix (the activations stay f32: no 8-bit rounding of the inputs as in llama.cpp's integer
+//! dot products), so a LoRA trained on a quantised base learns against exactly the weights it will run with.
+//!
+//! The legacy formats (Q4_0, Q4_1, Q8_0) are dequantised here, in loops the compiler vectorises for the CPU
+//! at hand; the others go through candle's `GgmlType::to_float`. Backward gives the input's gradient only:
+//! these weights never train.
+
+use std::sync::Arc;
+
+use candle_core::quantized::k_quants::{self, GgmlType};
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{CpuStorage, CustomOp1, Device, Layout, Shape, Storage, Tensor};
+use half::{bf16, f16};
+use rayon::prelude::*;
+
+use super::gemm::{matmul, Threads, View, ViewMut};
+use super::math::simd;
+use crate::{NnError, Result};
+
+/// Rows dequantised per task of a forward product with few input rows (64 rows of 2,048 columns: 512 KiB).
+const ROWS_PER_TASK: usize = 64;
+/// Rows of the matrix dequantised at a time for a product with many input rows.
+const BLOCK: usize = 1024;
+/// From this many input rows on, a product dequantises blocks in turn and multiplies on every thread.
+const MANY_ROWS: usize = 64;
+
+/// A frozen `[rows, cols]` matrix in a GGUF block format.
+#[derive(Debug)]
+pub struct QuantMatrix {
+    q: Arc<QTensor>,
+    rows: usize,
+    cols: usize,
+    row_bytes: usize,
+}
+
+impl QuantMatrix {
+    /// `q` must be 2-D and on the CPU.
+    pub fn new(q: QTensor) -> Result<Self> {
+        let (rows, cols) = q.shape().dims2()?;
+        let dtype = q.dtype();
+        if !matches!(q.device(), Device::Cpu) {
+            return Err(NnError::Unsupported("quantised weights live on the CPU".into()));
+        }
+        if !cols.is_multiple_of(dtype.block_size()) {
+            return Err(NnError::Input(format!("{cols} columns are not whole {dtype:?} blocks")));
+        }
+        let row_bytes = cols / dtype.block_size() * dtype.type_size();
+        let matrix = Self { q: Arc::new(q), rows, cols, row_bytes };
+        if matrix.bytes().len() != rows * row_bytes {
+            return Err(NnError::Input(format!("a {dtype:?} matrix of {rows} × {cols} with the wrong byte count")));
+        }
+        Ok(matrix)
+    }
+
+    pub fn dtype(&self) -> GgmlDType {
+        self.q.dtype()
+    }
+
+    pub fn dims(&self) -> (usize, usize) {
+        (self.rows, self.cols)
+    }
+
+    /// Bytes the matrix takes.
+    pub fn size_in_bytes(&self) -> usize {
+        self.rows * self.row_bytes
+    }
+
+    fn bytes(&self) -> &[u8] {
+        match self.q.data().expect("a CPU quantised tensor has its data in memory") {
+            std::borrow::Cow::Borrowed(b) => b,
+            std::borrow::Cow::Owned(_) => unreachable!("CPU storage is borrowed"),
+        }
+    }
+
+    /// Rows `first..first + out.len() / cols` as f32, into `out`.
+    pub fn dequantize_rows(&self, first: usize, out: &mut [f32]) {
+        let n = out.len() / self.cols;
+        let bytes = &self.bytes()[first * self.row_bytes..(first + n) * self.row_bytes];
+        dequantize(self.dtype(), bytes, out);
+    }
+
+    /// The whole matrix as an f32 tensor (full fine-tuning, other devices).
+    pub fn dequantize(&self, device: &Device) -> Result<Tensor> {
+        let mut out = vec![0f32; self.rows * self.cols];
+        out.par_chunks_mut(ROWS_PER_TASK * self.cols)
+            .enumerate()
+            .for_each(|(c, chunk)| self.dequantize_rows(c * ROWS_PER_TASK, chunk));
+        Ok(Tensor::from_vec(out, (self.rows, self.cols), device)?)
+    }
+
+    /// The rows `ids` (an embedding lookup), `[ids, cols]`.
+    pub fn embedding(&self, ids: &[u32]) -> Result<Vec<f32>> {
+        if let Some(&bad) = ids.iter().find(|&&i| i as usize >= self.rows) {
+            return Err(NnError::Input(format!("token id {bad} is outside the vocabulary of {}", self.rows)));
+        }
+        let mut out = vec![0f32; ids.len() * self.cols];
+        out.par_chunks_mut(self.cols).zip(ids.par_iter()).for_each(|(row, &id)| self.dequantize_rows(id as usize, row));
+        Ok(out)
+    }
+
+    /// `y = x Wᵀ` for `x` of `m × cols`; `y` is `m × rows`. Each task dequantises its own block of rows and
+    /// writes its block of `yᵀ`, so tasks share nothing but `x`; `yᵀ` is transposed into `y` at the end.
+    pub fn matmul_t(&self, x: &[f32], m: usize, y: &mut [f32]) {
+        let (rows, cols) = (self.rows, self.cols);
+        assert!(x.len() == m * cols && y.len() == m * rows, "quantised product: shapes do not match");
+        if m == 0 || rows == 0 {
+            return;
+        }
+        if m >= MANY_ROWS {
+            // Many rows (training, prompts): blocks of the matrix dequantised in turn (in parallel), each
+            // followed by one product on every thread, written into its columns of `y`.
+            let mut w = vec![0f32; BLOCK.min(rows) * cols];
+            for first in (0..rows).step_by(BLOCK) {
+                let n = BLOCK.min(rows - first);
+                let w = &mut w[..n * cols];
+                w.par_chunks_mut(16 * cols)
+                    .enumerate()
+                    .for_each(|(c, part)| self.dequantize_rows(first + c * 16, part));
+                let yv = ViewMut::strided(&mut y[first..], m, n, rows);
+                matmul(yv, View::new(x, m, cols), View::new(w, n, cols).t(), 1.0, false, Threads::All);
+            }
+            return;
+        }
+        let mut yt = vec![0f32; rows * m];
+        yt.par_chunks_mut(ROWS_PER_TASK * m).enumerate().for_each(|(c, yt)| {
+            let n = yt.len() / m;
+            let mut w = vec![0f32; n * cols];
+            self.dequantize_rows(c * ROWS_PER_TASK, &mut w);
+            matmul(ViewMut::new(yt, n, m), View::new(&w, n, cols), View::new(x, m, cols).t(), 1.0, false, Threads::One);
+        });
+        // yᵀ (rows × m) into y (m × rows), in blocks that stay in cache.
+        const B: usize = 32;
+        y.par_chunks_mut(B * rows).enumerate().for_each(|(ib, yb)| {
+            for jb in (0..rows).step_by(B) {
+                for (ii, yrow) in yb.chunks_exact_mut(rows).enumerate() {
+                    let i = ib * B + ii;
+                    for j in jb..(jb + B).min(rows) {
+                        yrow[j] = yt[j * m + i];
+                    }
+                }
+            }
+        });
+    }
+
+    /// `dx (+)= g W` for `g` of `m × rows`; `dx` is `m × cols`: blocks of rows dequantised in turn (in
+    /// parallel), each followed by one product on every thread.
+    pub fn matmul_acc(&self, g: &[f32], m: usize, dx: &mut [f32], accumulate: bool) {
+        let (rows, cols) = (self.rows, self.cols);
+        assert!(g.len() == m * rows && dx.len() == m * cols, "quantised product: shapes do not match");
+        if !accumulate {
+            dx.fill(0.0);
+        }
+        if m == 0 {
+            return;
+        }
+        let mut w = vec![0f32; BLOCK.min(rows) * cols];
+        for first in (0..rows).step_by(BLOCK) {
+            let n = BLOCK.min(rows - first);
+            let w = &mut w[..n * cols];
+            w.par_chunks_mut(16 * cols).enumerate().for_each(|(c, part)| self.dequantize_rows(first + c * 16, part));
+            let gv = View::strided(&g[first..], m, n, rows);
+            matmul(ViewMut::new(dx, m, cols), gv, View::new(w, n, cols), 1.0, true, Threads::All);
+        }
+    }
+}
+
+/// Dequantises whole rows of `dtype` blocks.
+fn dequantize(dtype: GgmlDType, bytes: &[u8], out: &mut [f32]) {
+    let f16_at = |b: &[u8], i: usize| f16::from_le_bytes([b[i], b[i + 1]]).to_f32();
+    match dtype {
+        GgmlDType::Q4_0 => simd(
+            #[inline(always)]
+            || {
+                for (block, y) in bytes.chunks_exact(18).zip(out.chunks_exact_mut(32)) {
+                    let d = f16_at(block, 0);
+                    let (lo, hi) = y.split_at_mut(16);
+                    for ((q, lo), hi) in block[2..18].iter().zip(lo).zip(hi) {
+                        *lo = (f32::from(q & 0x0F) - 8.0) * d;
+                        *hi = (f32::from(q >> 4) - 8.0) * d;
+                    }
+                }
+            },
+        ),
+        GgmlDType::Q4_1 => simd(
+            #[inline(always)]
+            || {
+                for (block, y) in bytes.chunks_exact(20).zip(out.chunks_exact_mut(32)) {
+                    let (d, m) = (f16_at(block, 0), f16_at(block, 2));
+                    let (lo, hi) = y.split_at_mut(16);
+                    for ((q, lo), hi) in block[4..20].iter().zip(lo).zip(hi) {
+                        *lo = f32::from(q & 0x0F) * d + m;
+                        *hi = f32::from(q >> 4) * d + m;
+                    }
+                }
+            },
+        ),
+        GgmlDType::Q8_0 => simd(
+            #[inline(always)]
+            || {
+                for (block, y) in bytes.chunks_exact(34).zip(out.chunks_exact_mut(32)) {
+                    let d = f16_at(block, 0);
+                    for (q, y) in block[2..34].iter().zip(y) {
+                        *y = f32::from(*q as i8) * d;
+                    }
+                }
+            },
+        ),
+        GgmlDType::F32 => {
+            for (x, y) in bytes.chunks_exact(4).zip(out) {
+                *y = f32::from_le_bytes([x[0], x[1], x[2], x[3]]);
+            }
+        }
+        GgmlDType::F16 => {
+            for (x, y) in bytes.chunks_exact(2).zip(out) {
+                *y = f16::from_le_bytes([x[0], x[1]]).to_f32();
+            }
+        }
+        GgmlDType::BF16 => {
+            for (x, y) in bytes.chunks_exact(2).zip(out) {
+                *y = bf16::from_le_bytes([x[0], x[1]]).to_f32();
+            }
+        }
+        GgmlDType::Q5_0 => via_candle::<k_quants::BlockQ5_0>(bytes, out),
+        GgmlDType::Q5_1 => via_candle::<k_quants::BlockQ5_1>(bytes, out),
+        GgmlDType::Q8_1 => via_candle::<k_quants::BlockQ8_1>(bytes, out),
+        GgmlDType::Q2K => via_candle::<k_quants::BlockQ2K>(bytes, out),
+        GgmlDType::Q3K => via_candle::<k_quants::BlockQ3K>(bytes, out),
+        GgmlDType::Q4K => via_candle::<k_quants::BlockQ4K>(bytes, out),
+        GgmlDType::Q5K => via_candle::<k_quants::BlockQ5K>(bytes, out),
+        GgmlDType::Q6K => via_candle::<k_quants::BlockQ6K>(bytes, out),
+        GgmlDType::Q8K => via_candle::<k_quants::BlockQ8K>(bytes, out),
+    }
+}
+
+/// candle's dequantisation of whole blocks of type `T` stored in `bytes`.
+#[allow(unsafe_code)]
+fn via_candle<T: GgmlType>(bytes: &[u8], out: &mut [f32]) {
+    let size = std::mem::size_of::<T>();
+    assert!(
+        bytes.len().is_multiple_of(size) && bytes.as_ptr().align_offset(std::mem::align_of::<T>()) == 0,
+        "{:?} blocks: misaligned or partial data",
+        T::DTYPE
+    );
+    // SAFETY: the blocks are plain `repr(C)` structs of integers and f16 values (any bit pattern is a value),
+    // the pointer is aligned for `T` and the length is a whole number of blocks (both checked above), and the
+    // slice borrows `bytes`, so it lives no longer than the data.
+    let blocks = unsafe { std::slice::from_raw_parts(bytes.as_ptr().cast::<T>(), bytes.len() / size) };
+    T::to_float(blocks, &mut out[..blocks.len() * T::BLCK_SIZE]);
+}
+
+/// `x Wᵀ` of a quantised frozen weight, with the input's gradient only in backward.
+pub fn quant_project(x: &Tensor, w: &Arc<QuantMatrix>) -> Result<Tensor> {
+    Ok(x.contiguous()?.apply_op1(QuantLinear { w: w.clone() })?)
+}
+
+struct QuantLinear {
+    w: Arc<QuantMatrix>,
+}
+
+fn f32_rows<'a>(s: &'a CpuStorage, l: &Layout, cols: usize, what: &str) -> candle_core::Result<(&'a [f32], usize)> {
+    let CpuStorage::F32(data) = s else { candle_core::bail!("{what}: f32 only") };
+    let Some((a, b)) = l.contiguous_offsets() else { candle_core::bail!("{what}: the input must be contiguous") };
+    if l.dims().last() != Some(&cols) {
+        candle_core::bail!("{what}: rows of {:?} values for a matrix of {cols} columns", l.dims().last())
+    }
+    Ok((&data[a..b], (b - a) / cols.max(1)))
+}
+
+impl CustomOp1 for QuantLinear {
+    fn name(&self) -> &'static str {
+        "quantised-linear"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (rows, cols) = self.w.dims();
+        let (x, m) = f32_rows(s, l, cols, self.name())?;
+        let mut y = vec![0f32; m * rows];
+        self.w.matmul_t(x, m, &mut y);
+        let mut dims = l.dims().to_vec();
+        if let Some(last) = dims.last_mut() {
+            *last = rows;
+        }
+        Ok((CpuStorage::F32(y), Shape::from(dims)))
+    }
+
+    fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let (rows, cols) = self.w.dims();
+        let grad = grad.contiguous()?;
+        let (s, l) = grad.storage_and_layout();
+        let Storage::Cpu(cpu) = &*s else { candle_core::bail!("{}: CPU tensors only", self.name()) };
+        let (g, m) = f32_rows(cpu, l, rows, self.name())?;
+        let mut dx = vec![0f32; m * cols];
+        self.w.matmul_acc(g, m, &mut dx, false);
+        Ok(Some(Tensor::from_vec(dx, x.shape(), x.device())?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every supported block format against candle's own dequantisation, and both products against f32
+    /// products with the dequantised matrix (odd row counts, one row and many).
+    #[test]
+    fn products_equal_those_of_the_dequantised_matrix_in_every_format() -> Result<()> {
+        let device = Device::Cpu;
+        for dtype in [
+            GgmlDType::Q4_0,
+            GgmlDType::Q4_1,
+            GgmlDType::Q5_0,
+            GgmlDType::Q5_1,
+            GgmlDType::Q8_0,
+            GgmlDType::Q2K,
+            GgmlDType::Q3K,
+            GgmlDType::Q4K,
+            GgmlDType::Q5K,
+            GgmlDType::Q6K,
+            GgmlDType::F16,
+        ] {
+            let (rows, cols) = (77, 512);
+            let w = Tensor::randn(0f32, 1.0, (rows, cols), &device)?;
+            let q = QTensor::quantize(&w, dtype)?;
+            let reference = q.dequantize(&device)?;
+            let m = QuantMatrix::new(q)?;
+            let ours = m.dequantize(&device)?;
+            let diff = (&ours - &reference)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert_eq!(diff, 0.0, "{dtype:?}: dequantisation differs by {diff}");
+            let embedded = m.embedding(&[5, 0, 76])?;
+            assert_eq!(&embedded[cols..2 * cols], &reference.get(0)?.to_vec1::<f32>()?[..], "{dtype:?} embedding");
+            for n in [1, 3, 130] {
+                let x = Tensor::randn(0f32, 1.0, (n, cols), &device)?;
+                let want = x.matmul(&reference.t()?)?;
+                let got = quant_project(&x, &Arc::new(QuantMatrix::new(QTensor::quantize(&w, dtype)?)?))?;
+                let scale = want.abs()?.max_all()?.to_scalar::<f32>()?;
+                let diff = (&got - &want)?.abs()?.max_all()?.to_scalar::<f32>()?;
+                assert!(diff <= 1e-5 * scale.max(1.0), "{dtype:?}, {n} rows: product differs by {diff}");
+                let g = Tensor::randn(0f32, 1.0, (n, rows), &device)?;
+                let mut dx = vec![0f32; n * cols];
+                m.matmul_acc(&g.flatten_all()?.to_vec1()?, n, &mut dx, false);
+                let want = g.matmul(&reference)?.flatten_all()?.to_vec1::<f32>()?;
+                let diff = dx.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+                assert!(diff <= 1e-4 * scale.max(1.0), "{dtype:?}, {n} rows: input gradient differs by {diff}");
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn backward_gives_the_input_gradient() -> Result<()> {
+        let device = Device::Cpu;
+        let w = Tensor::randn(0f32, 1.0, (40, 64), &device)?;
+        let q = QTensor::quantize(&w, GgmlDType::Q8_0)?;
+        let dense = q.dequantize(&device)?;
+        let m = Arc::new(QuantMatrix::new(q)?);
+        let x = candle_core::Var::from_tensor(&Tensor::randn(0f32, 1.0, (6, 64), &device)?)?;
+        let weights = Tensor::randn(0f32, 1.0, (6, 40), &device)?;
+        let got = (quant_project(x.as_tensor(), &m)? * &weights)?.sum_all()?.backward()?;
+        let want = (x.as_tensor().matmul(&dense.t()?)? * &weights)?.sum_all()?.backward()?;
+        let (got, want) = (got.get(x.as_tensor()).expect("dx"), want.get(x.as_tensor()).expect("dx"));
+        let diff = (got - want)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(diff < 1e-4, "input gradient differs by {diff}");
+        Ok(())
+    }
+}
