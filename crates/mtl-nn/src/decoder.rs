@@ -11,6 +11,7 @@ use candle_core::backprop::GradStore;
 use candle_core::{Device, Tensor};
 use mtl_core::{HostBatch, Mode, Targets, TaskId, IGNORE_INDEX};
 
+use crate::bert::Kernels;
 use crate::layers::{log_softmax_last, DropoutRng};
 use crate::llama::{next_token_targets, DecoderLora, KvCache, Llama, LlamaConfig, LlamaWeights, LoraRun};
 use crate::params::ParamStore;
@@ -73,6 +74,11 @@ impl DecoderModel {
 
     pub fn llama(&self) -> &Llama {
         &self.llama
+    }
+
+    /// Fused CPU kernels (the default) or composed candle ops ([`Llama::set_kernels`]).
+    pub fn set_kernels(&mut self, kernels: crate::Kernels) {
+        self.llama.set_kernels(kernels);
     }
 
     /// The decoder, with its LoRA (for generation).
@@ -187,6 +193,9 @@ impl DecoderModel {
             return Err(NnError::Input("an empty prompt has nothing to continue".into()));
         }
         let adapter = self.adapter_of.get(task).copied().unwrap_or(0);
+        if self.device.is_cpu() && self.llama.kernels() == Kernels::Fused {
+            return self.generate_on_host(adapter, prompts, max_new, stop);
+        }
         let adapters = vec![adapter; rows];
         let mut cache = KvCache::default();
         let mut input = Vec::with_capacity(rows * len);
@@ -224,6 +233,73 @@ impl DecoderModel {
             }
             input = next;
             step_len = 1;
+        }
+        Ok(out)
+    }
+
+    /// [`DecoderModel::generate_greedy`] through a [`crate::cpu::decoder::DecodeCache`]: keys and values
+    /// written in place, the prompts' common beginning (a task's chat template and instruction) computed once,
+    /// and each row leaving the batch as soon as it has stopped.
+    fn generate_on_host(
+        &self,
+        adapter: usize,
+        prompts: &[&[u32]],
+        max_new: usize,
+        stop: &[u32],
+    ) -> Result<Vec<Vec<u32>>> {
+        let rows = prompts.len();
+        let len = prompts.iter().map(|p| p.len()).max().unwrap_or(0);
+        let capacity = (len + max_new).min(self.llama.config().max_position_embeddings);
+        // The shared prefix, leaving every prompt at least one token of its own.
+        let shortest = prompts.iter().map(|p| p.len()).min().unwrap_or(0);
+        let shared =
+            (0..shortest.saturating_sub(1)).take_while(|&i| prompts.iter().all(|p| p[i] == prompts[0][i])).count();
+        let mut cache = self.llama.decode_cache(1, capacity);
+        let route = |n: usize| [Route { adapter, examples: 0..n }];
+        let lora = self.llama.lora().is_some();
+        if shared > 0 {
+            let routes = route(1);
+            let run = LoraRun { routes: &routes, dropout: &self.dropout, mode: Mode::Eval, frozen: true };
+            self.llama.decode(&prompts[0][..shared], &vec![1; shared], shared, &mut cache, lora.then_some(&run))?;
+        }
+        cache.broadcast(rows);
+        let own = len - shared;
+        let mut input = Vec::with_capacity(rows * own);
+        let mut mask = Vec::with_capacity(rows * own);
+        for p in prompts {
+            let rest = &p[shared..];
+            input.extend(std::iter::repeat_n(0, own - rest.len()).chain(rest.iter().copied()));
+            mask.extend(std::iter::repeat_n(0, own - rest.len()).chain(std::iter::repeat_n(1, rest.len())));
+        }
+        let mut step = own;
+        // The prompt each row of the cache answers.
+        let mut active: Vec<usize> = (0..rows).collect();
+        let mut out: Vec<Vec<u32>> = vec![Vec::new(); rows];
+        for _ in 0..max_new {
+            if cache.len() + step > capacity {
+                break;
+            }
+            let routes = route(active.len());
+            let run = LoraRun { routes: &routes, dropout: &self.dropout, mode: Mode::Eval, frozen: true };
+            let hidden = self.llama.decode(&input, &mask, step, &mut cache, lora.then_some(&run))?;
+            let next: Vec<u32> = self.llama.logits(&hidden)?.argmax(1)?.to_vec1()?;
+            let mut keep = Vec::with_capacity(active.len());
+            for (i, &t) in next.iter().enumerate() {
+                if !stop.contains(&t) {
+                    out[active[i]].push(t);
+                    keep.push(i);
+                }
+            }
+            if keep.is_empty() {
+                break;
+            }
+            if keep.len() < active.len() {
+                cache.retain(&keep);
+                active = keep.iter().map(|&i| active[i]).collect();
+            }
+            input = keep.iter().map(|&i| next[i]).collect();
+            mask = vec![1; keep.len()];
+            step = 1;
         }
         Ok(out)
     }

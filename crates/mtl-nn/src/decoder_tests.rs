@@ -133,3 +133,25 @@ fn batched_greedy_decoding_equals_one_prompt_at_a_time() -> TestResult {
     assert!(m.generate_greedy(&task("slots"), &[&[1, 2], &[]], 3, &[]).is_err(), "an empty prompt");
     Ok(())
 }
+
+/// Decoding through the host cache (a shared prompt prefix computed once, rows leaving the batch as they
+/// stop) answers as the composed ops do with candle's tensor cache, for each adapter, with stop tokens that
+/// end some rows early.
+#[test]
+fn host_cache_decoding_equals_the_composed_cache() -> TestResult {
+    let mut m = model(&["intent", "slots"])?;
+    let apart: [&[u32]; 4] = [&[5, 9, 12, 3], &[7, 1, 30], &[40, 2, 11, 6, 8, 8], &[3]];
+    let shared: [&[u32]; 4] = [&[4, 4, 6, 5, 9], &[4, 4, 6, 7, 1, 30], &[4, 4, 6, 40, 2, 11, 6, 8], &[4, 4, 6, 3]];
+    for (t, prompts) in [("intent", apart), ("slots", apart), ("slots", shared)] {
+        m.set_kernels(crate::Kernels::Composed);
+        let composed = m.generate_greedy(&task(t), &prompts, 7, &[])?;
+        // Stop on a token some rows produce partway through.
+        let stop = [composed[1][2], composed[3][4]];
+        let composed_stopped = m.generate_greedy(&task(t), &prompts, 7, &stop)?;
+        m.set_kernels(crate::Kernels::Fused);
+        assert_eq!(m.generate_greedy(&task(t), &prompts, 7, &[])?, composed, "{t}");
+        assert_eq!(m.generate_greedy(&task(t), &prompts, 7, &stop)?, composed_stopped, "{t}, with stops");
+        assert!(composed_stopped.iter().any(|r| r.len() < 7), "some row stopped early");
+    }
+    Ok(())
+}

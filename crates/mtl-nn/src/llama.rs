@@ -18,7 +18,7 @@ use mtl_core::Mode;
 use serde::{Deserialize, Serialize};
 
 use crate::bert::Kernels;
-use crate::cpu::decoder::{CausalAttention, RopeTables};
+use crate::cpu::decoder::{CausalAttention, DecodeCache, RopeTables};
 use crate::cpu::lora::{BaseWeight, LoraProjection, LoraRows};
 use crate::cpu::quant::QuantMatrix;
 use crate::layers::{log_softmax_last, softmax_last, DropoutRng};
@@ -412,6 +412,10 @@ impl Llama {
         self.kernels = kernels;
     }
 
+    pub fn kernels(&self) -> Kernels {
+        self.kernels
+    }
+
     /// Whether this pass runs the fused CPU kernels.
     fn fused(&self, x: &Tensor) -> bool {
         self.kernels == Kernels::Fused && x.device().is_cpu() && x.dtype() == DType::F32
@@ -540,7 +544,10 @@ impl Llama {
             Attention::Composed { b, s, cos, sin, bias }
         };
         for (n, layer) in self.layers.iter().enumerate() {
-            let slot = cache.as_mut().map(|c| &mut c.layers[n]);
+            let slot = match cache.as_mut() {
+                Some(c) => LayerCache::Tensors(&mut c.layers[n]),
+                None => LayerCache::None,
+            };
             x = self.layer_forward(layer, &x, &attention, slot, pass.as_ref())?;
         }
         if let Some(cache) = cache {
@@ -549,6 +556,74 @@ impl Llama {
                 row.extend((0..s).map(|i| mask.map_or(1, |m| u32::from(m[r * s + i] != 0))));
             }
         }
+        self.rms_norm(&x, &self.norm)
+    }
+
+    /// A cache for [`Llama::decode`]: `rows` rows of at most `capacity` positions.
+    pub fn decode_cache(&self, rows: usize, capacity: usize) -> DecodeCache {
+        let c = &self.config;
+        DecodeCache::new(c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads, c.head_dim, rows, capacity)
+    }
+
+    /// Batched decoding on the CPU that records nothing for backward: `ids` (`rows × s`, row-major; `mask` 1
+    /// for real tokens) continue `cache`, and the final hidden state of each row's last new position comes
+    /// back, `[rows, hidden]`. The same numbers as [`Llama::forward_with`] with a [`KvCache`], without its
+    /// per-token copies of the cache; `run` routes rows through their LoRA adapters (used frozen).
+    pub fn decode(
+        &self,
+        ids: &[u32],
+        mask: &[u32],
+        s: usize,
+        cache: &mut DecodeCache,
+        run: Option<&LoraRun>,
+    ) -> Result<Tensor> {
+        let rows = cache.rows();
+        let c = &self.config;
+        if ids.len() != rows * s || mask.len() != rows * s {
+            return Err(NnError::Input(format!(
+                "{} ids and {} mask values for {rows} rows of {s}",
+                ids.len(),
+                mask.len()
+            )));
+        }
+        if cache.len() + s > cache.capacity().min(c.max_position_embeddings) {
+            return Err(NnError::Input(format!(
+                "{} positions exceed the cache's capacity {} or max_position_embeddings {}",
+                cache.len() + s,
+                cache.capacity(),
+                c.max_position_embeddings
+            )));
+        }
+        let device = Device::Cpu;
+        let pass = match (&self.lora, run) {
+            (Some(lora), Some(run)) => {
+                check_routes(run.routes, rows, lora.adapters.len())?;
+                Some(PeftPass {
+                    routes: run.routes,
+                    seq: s,
+                    scale: lora.spec.scale(),
+                    dropout_p: 0.0,
+                    dropout: run.dropout,
+                    mode: Mode::Eval,
+                    frozen: true,
+                })
+            }
+            (Some(_), None) => return Err(NnError::Input("a decoder with LoRA needs its routes".into())),
+            (None, _) => None,
+        };
+        let positions = cache.positions(mask, s);
+        let ids_t = Tensor::from_vec(ids.to_vec(), rows * s, &device)?;
+        let mut x = match &self.embed {
+            BaseWeight::Dense(e) => e.detach().index_select(&ids_t, 0)?,
+            BaseWeight::Quantized(q) => Tensor::from_vec(q.embedding(ids)?, (rows * s, c.hidden_size), &device)?,
+        };
+        let attention = Attention::Host { rows, s, positions, mask: mask.to_vec() };
+        for (n, layer) in self.layers.iter().enumerate() {
+            x = self.layer_forward(layer, &x, &attention, LayerCache::Host { cache, layer: n }, pass.as_ref())?;
+        }
+        cache.advance(mask, s);
+        let last: Vec<u32> = (0..rows).map(|r| (r * s + s - 1) as u32).collect();
+        let x = x.index_select(&Tensor::from_vec(last, rows, &device)?, 0)?;
         self.rms_norm(&x, &self.norm)
     }
 
@@ -572,7 +647,7 @@ impl Llama {
         l: &Layer,
         x: &Tensor,
         attention: &Attention,
-        cache: Option<&mut Option<(Tensor, Tensor)>>,
+        cache: LayerCache,
         pass: Option<&PeftPass>,
     ) -> Result<Tensor> {
         let c = &self.config;
@@ -612,6 +687,17 @@ impl Llama {
                 &linear(DecoderModule::KProj, &h, &l.k)?,
                 &linear(DecoderModule::VProj, &h, &l.v)?,
             )?,
+            Attention::Host { rows, s, positions, mask } => {
+                let LayerCache::Host { cache, layer } = cache else {
+                    return Err(NnError::Input("host attention without its cache".into()));
+                };
+                let host = |t: Tensor| -> Result<Vec<f32>> { Ok(t.flatten_all()?.to_vec1::<f32>()?) };
+                let q = host(linear(DecoderModule::QProj, &h, &l.q)?)?;
+                let k = host(linear(DecoderModule::KProj, &h, &l.k)?)?;
+                let v = host(linear(DecoderModule::VProj, &h, &l.v)?)?;
+                let ctx = cache.attend(layer, &q, &k, &v, *s, positions, mask, &self.rope);
+                Tensor::from_vec(ctx, (rows * s, nh * d), x.device())?
+            }
             Attention::Composed { b, s, cos, sin, bias } => {
                 let (b, s) = (*b, *s);
                 let heads = |module: DecoderModule, w: &BaseWeight, n: usize| -> Result<Tensor> {
@@ -621,7 +707,7 @@ impl Llama {
                 let q = rotate(&heads(DecoderModule::QProj, &l.q, nh)?, cos, sin)?;
                 let mut k = rotate(&heads(DecoderModule::KProj, &l.k, kvh)?, cos, sin)?;
                 let mut v = heads(DecoderModule::VProj, &l.v, kvh)?;
-                if let Some(slot) = cache {
+                if let LayerCache::Tensors(slot) = cache {
                     if let Some((pk, pv)) = slot.as_ref() {
                         k = Tensor::cat(&[pk, &k], 2)?;
                         v = Tensor::cat(&[pv, &v], 2)?;
@@ -652,7 +738,29 @@ impl Llama {
 /// cache needs.
 enum Attention {
     Fused(CausalAttention),
-    Composed { b: usize, s: usize, cos: Tensor, sin: Tensor, bias: Tensor },
+    /// Batched decoding through a [`DecodeCache`]: `rows` rows of `s` new tokens at `positions`, `mask` 1 for
+    /// the real ones.
+    Host {
+        rows: usize,
+        s: usize,
+        positions: Vec<u32>,
+        mask: Vec<u32>,
+    },
+    Composed {
+        b: usize,
+        s: usize,
+        cos: Tensor,
+        sin: Tensor,
+        bias: Tensor,
+    },
+}
+
+/// Where a layer keeps its keys and values: nowhere (training, scoring), tensors (generation through
+/// [`KvCache`]) or a [`DecodeCache`] on the host.
+enum LayerCache<'a> {
+    None,
+    Tensors(&'a mut Option<(Tensor, Tensor)>),
+    Host { cache: &'a mut DecodeCache, layer: usize },
 }
 
 /// The rotation tables of transformers' default rotary embedding: angle `p · θ^(-2i/d)` for position `p` and

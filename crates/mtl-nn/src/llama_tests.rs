@@ -125,6 +125,27 @@ fn cached_decoding_equals_the_full_pass_and_greedy_matches_transformers() -> Tes
     }
     assert_eq!(generated, want);
     assert_eq!(cache.len(), prompt.len() + want.len() - 1);
+
+    // The host cache: the prompt in two chunks, then token by token, each step's logits the full pass's.
+    let mut host = model.decode_cache(1, prompt.len() + want.len());
+    let split = prompt.len() / 2;
+    let mut tokens = prompt[..split].to_vec();
+    model.decode(&tokens, &vec![1; split], split, &mut host, None)?;
+    let mut next_input = prompt[split..].to_vec();
+    for (step, &wanted) in want.iter().enumerate() {
+        tokens.extend(&next_input);
+        let n = next_input.len();
+        let last = model.logits(&model.decode(&next_input, &vec![1; n], n, &mut host, None)?)?.get(0)?;
+        let full = model.logits(&model.forward(
+            &Tensor::from_vec(tokens.clone(), (1, tokens.len()), &Device::Cpu)?,
+            None,
+            None,
+        )?)?;
+        let diff = (full.get(tokens.len() - 1)? - &last)?.abs()?.max(0)?.to_scalar::<f32>()?;
+        assert!(diff < 1e-5, "host-cached and full logits differ by {diff} at step {step}");
+        assert_eq!(last.argmax(0)?.to_scalar::<u32>()?, wanted);
+        next_input = vec![wanted];
+    }
     Ok(())
 }
 

@@ -566,3 +566,205 @@ impl CustomOp3 for CausalAttention {
         ))
     }
 }
+
+/// The keys (rotated) and values of every layer on the host, for batched decoding that records nothing for
+/// backward: each layer holds `rows × kv_heads × capacity × head_dim` values of each, written in place as
+/// tokens come (no copy of the whole cache per token, as concatenating tensors does).
+#[derive(Debug)]
+pub struct DecodeCache {
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    rows: usize,
+    capacity: usize,
+    len: usize,
+    layers: Vec<(Vec<f32>, Vec<f32>)>,
+    /// `rows × capacity`: 1 where a cached position is a real token, 0 for padding.
+    real: Vec<u8>,
+    /// Each row's rotary position for its next real token.
+    next: Vec<u32>,
+}
+
+impl DecodeCache {
+    pub fn new(layers: usize, heads: usize, kv_heads: usize, head_dim: usize, rows: usize, capacity: usize) -> Self {
+        let size = rows * kv_heads * capacity * head_dim;
+        Self {
+            heads,
+            kv_heads,
+            head_dim,
+            rows,
+            capacity,
+            len: 0,
+            layers: (0..layers).map(|_| (vec![0f32; size], vec![0f32; size])).collect(),
+            real: vec![0; rows * capacity],
+            next: vec![0; rows],
+        }
+    }
+
+    /// Positions cached.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// The rotary position of each of `s` new tokens per row (`mask`: 1 for a real token): the count of real
+    /// tokens before it in its row.
+    pub fn positions(&self, mask: &[u32], s: usize) -> Vec<u32> {
+        let mut positions = Vec::with_capacity(self.rows * s);
+        for r in 0..self.rows {
+            let mut next = self.next[r];
+            for i in 0..s {
+                let real = mask[r * s + i] != 0;
+                positions.push(if real { next } else { 0 });
+                next += u32::from(real);
+            }
+        }
+        positions
+    }
+
+    /// Attention of layer `layer` for `s` new tokens per row: queries `[rows · s, heads · head_dim]`, keys and
+    /// values `[rows · s, kv_heads · head_dim]` before rotation. The new keys and values join the cache; each
+    /// query sees the cached real tokens and the new real ones up to itself. Returns the context, `[rows · s,
+    /// heads · head_dim]`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn attend(
+        &mut self,
+        layer: usize,
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        s: usize,
+        positions: &[u32],
+        mask: &[u32],
+        rope: &RopeTables,
+    ) -> Vec<f32> {
+        let (nh, kvh, d, cap, past) = (self.heads, self.kv_heads, self.head_dim, self.capacity, self.len);
+        assert!(past + s <= cap, "decode cache: {past} + {s} positions exceed its capacity {cap}");
+        let (kc, vc) = &mut self.layers[layer];
+        // The new keys (rotated) and values into their rows' blocks.
+        kc.par_chunks_mut(kvh * cap * d).zip(vc.par_chunks_mut(kvh * cap * d)).enumerate().for_each(|(r, (kr, vr))| {
+            for i in 0..s {
+                let t = r * s + i;
+                for g in 0..kvh {
+                    let at = (g * cap + past + i) * d;
+                    rope.rotate(&k[t * kvh * d + g * d..][..d], positions[t] as usize, &mut kr[at..at + d]);
+                    vr[at..at + d].copy_from_slice(&v[t * kvh * d + g * d..][..d]);
+                }
+            }
+        });
+        let (kc, vc) = (&*kc, &*vc);
+        let groups = nh / kvh;
+        let total = past + s;
+        let scale = 1.0 / (d as f32).sqrt();
+        let real = &self.real;
+        let blocks: Vec<Vec<f32>> = (0..self.rows * nh)
+            .into_par_iter()
+            .map(|task| {
+                let (r, head) = (task / nh, task % nh);
+                let g = head / groups;
+                let mut qr = vec![0f32; s * d];
+                for i in 0..s {
+                    let t = r * s + i;
+                    rope.rotate(&q[t * nh * d + head * d..][..d], positions[t] as usize, &mut qr[i * d..(i + 1) * d]);
+                }
+                let base = (r * kvh + g) * cap * d;
+                let (keys, values) = (View::new(&kc[base..], total, d), View::new(&vc[base..], total, d));
+                let mut p = vec![0f32; s * total];
+                matmul(ViewMut::new(&mut p, s, total), View::new(&qr, s, d), keys.t(), scale, false, Threads::One);
+                let key_real = |j: usize| if j < past { real[r * cap + j] != 0 } else { mask[r * s + j - past] != 0 };
+                simd(
+                    #[inline(always)]
+                    || {
+                        for (i, row) in p.chunks_exact_mut(total).enumerate() {
+                            for (j, x) in row.iter_mut().enumerate() {
+                                if j > past + i || !key_real(j) {
+                                    *x = f32::MIN;
+                                }
+                            }
+                            let max = math::max(row);
+                            for x in row.iter_mut() {
+                                *x = math::exp(*x - max);
+                            }
+                            let inv = 1.0 / math::sum(row);
+                            for x in row.iter_mut() {
+                                *x *= inv;
+                            }
+                        }
+                    },
+                );
+                let mut out = vec![0f32; s * d];
+                matmul(ViewMut::new(&mut out, s, d), View::new(&p, s, total), values, 1.0, false, Threads::One);
+                out
+            })
+            .collect();
+        let width = nh * d;
+        let mut ctx = vec![0f32; self.rows * s * width];
+        ctx.par_chunks_mut(s * width).enumerate().for_each(|(r, rows)| {
+            for head in 0..nh {
+                let block = &blocks[r * nh + head];
+                for i in 0..s {
+                    rows[i * width + head * d..][..d].copy_from_slice(&block[i * d..(i + 1) * d]);
+                }
+            }
+        });
+        ctx
+    }
+
+    /// Ends a step of `s` new tokens per row (after every layer attended): they count as cached.
+    pub fn advance(&mut self, mask: &[u32], s: usize) {
+        for r in 0..self.rows {
+            for i in 0..s {
+                let real = mask[r * s + i] != 0;
+                self.real[r * self.capacity + self.len + i] = u8::from(real);
+                self.next[r] += u32::from(real);
+            }
+        }
+        self.len += s;
+    }
+
+    /// A cache of one row copied into `rows` rows: a prefix that every prompt of a batch shares is computed
+    /// once and then continued by each prompt's own tokens.
+    pub fn broadcast(&mut self, rows: usize) {
+        assert_eq!(self.rows, 1, "only a cache of one row is broadcast");
+        for (k, v) in &mut self.layers {
+            *k = k.repeat(rows);
+            *v = v.repeat(rows);
+        }
+        self.real = self.real.repeat(rows);
+        self.next = vec![self.next[0]; rows];
+        self.rows = rows;
+    }
+
+    /// Keeps the rows `keep` (increasing indices), dropping the others: finished rows stop costing work.
+    pub fn retain(&mut self, keep: &[usize]) {
+        let block = self.kv_heads * self.capacity * self.head_dim;
+        for (k, v) in &mut self.layers {
+            for (to, &from) in keep.iter().enumerate() {
+                if to != from {
+                    k.copy_within(from * block..(from + 1) * block, to * block);
+                    v.copy_within(from * block..(from + 1) * block, to * block);
+                }
+            }
+            k.truncate(keep.len() * block);
+            v.truncate(keep.len() * block);
+        }
+        for (to, &from) in keep.iter().enumerate() {
+            self.real.copy_within(from * self.capacity..(from + 1) * self.capacity, to * self.capacity);
+            self.next[to] = self.next[from];
+        }
+        self.real.truncate(keep.len() * self.capacity);
+        self.next.truncate(keep.len());
+        self.rows = keep.len();
+    }
+}
