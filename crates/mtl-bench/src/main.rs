@@ -45,6 +45,9 @@ struct Args {
     /// `llm-lora`: the base dequantised to f32 instead of kept in its GGUF blocks.
     #[arg(long)]
     f32_base: bool,
+    /// `llm-lora`: a random model of Llama 3.2 1B's shape (1.24B parameters, Q4_0) instead of SmolLM2.
+    #[arg(long)]
+    random_1b: bool,
     /// The config whose training data the `data` workload reads.
     #[arg(long, default_value = "examples/atis/config.toml")]
     config: PathBuf,
@@ -156,12 +159,17 @@ fn data(args: &Args) -> Result<()> {
 /// LoRA parameters. The counterpart of `bench/llm_lora_step.py` (transformers + PEFT).
 fn llm_lora(args: &Args) -> Result<()> {
     use mtl_nn::llama::{causal_lm_loss, DecoderLora, DecoderModule, Llama, LoraRun};
-    let dir = std::path::Path::new("assets/models/SmolLM2-135M-Instruct/SmolLM2-135M-Instruct.Q4_1.gguf");
-    let gguf = mtl_nn::gguf::read_llama(dir, &Device::Cpu, !args.f32_base)?;
-    let pb = gguf.weights.into_builder(0, &Device::Cpu)?;
+    let (config, weights) = if args.random_1b {
+        random_llama_1b()?
+    } else {
+        let dir = std::path::Path::new("assets/models/SmolLM2-135M-Instruct/SmolLM2-135M-Instruct.Q4_1.gguf");
+        let gguf = mtl_nn::gguf::read_llama(dir, &Device::Cpu, !args.f32_base)?;
+        (gguf.config, gguf.weights)
+    };
+    let pb = weights.into_builder(0, &Device::Cpu)?;
     let spec = mtl_nn::LoraSpec { r: 8, alpha: 16.0, dropout: 0.0, targets: Vec::new() };
     let lora = DecoderLora { spec, modules: DecoderModule::ALL.to_vec(), adapters: vec!["default".into()] };
-    let model = Llama::with_lora(&pb, &gguf.config, Some(&lora))?;
+    let model = Llama::with_lora(&pb, &config, Some(&lora))?;
     let store = pb.finish();
     let params = store
         .with_roles()
@@ -169,7 +177,7 @@ fn llm_lora(args: &Args) -> Result<()> {
         .map(|(n, v, _)| (n.clone(), v.clone(), ParamGroup { lr: 1e-4, weight_decay: 0.0 }));
     let mut opt = AdamW::new(params, AdamWConfig::default());
     let (b, s) = (args.batch, args.seq);
-    let vocab = gguf.config.vocab_size;
+    let vocab = config.vocab_size;
     let ids: Vec<u32> = (0..b * s).map(|i| (100 + (i * 7919) % (vocab - 100)) as u32).collect();
     let labels: Vec<i64> = ids.iter().map(|&i| i64::from(i)).collect();
     let ids = candle_core::Tensor::from_vec(ids, (b, s), &Device::Cpu)?;
@@ -192,6 +200,61 @@ fn llm_lora(args: &Args) -> Result<()> {
         serde_json::json!({"engine": "mtl", "workload": "llm-lora", "batch": b, "seq": s, "median_ms": median(&times), "times_ms": times})
     );
     Ok(())
+}
+
+/// A random decoder of Llama 3.2 1B's shape (hidden 2,048, 16 layers, 32 query and 8 key/value heads, FFN
+/// 8,192, vocabulary 128,256, tied embeddings): every matrix Q4_0, drawn and quantised a block of rows at a
+/// time so that the f32 values never exist whole.
+fn random_llama_1b() -> Result<(mtl_nn::llama::LlamaConfig, mtl_nn::llama::LlamaWeights)> {
+    use candle_core::quantized::{GgmlDType, QStorage, QTensor};
+    let config = mtl_nn::llama::LlamaConfig {
+        vocab_size: 128_256,
+        hidden_size: 2048,
+        intermediate_size: 8192,
+        num_hidden_layers: 16,
+        num_attention_heads: 32,
+        num_key_value_heads: 8,
+        head_dim: 64,
+        rms_norm_eps: 1e-5,
+        rope_theta: 500_000.0,
+        max_position_embeddings: 2048,
+        tie_word_embeddings: true,
+        bos_token_id: None,
+        eos_token_ids: vec![0],
+    };
+    let matrix = |rows: usize, cols: usize| -> Result<mtl_nn::cpu::quant::QuantMatrix> {
+        let mut bytes = Vec::new();
+        for first in (0..rows).step_by(4096) {
+            let n = 4096.min(rows - first);
+            let part = candle_core::Tensor::randn(0f32, 0.02, (n, cols), &Device::Cpu)?;
+            bytes.extend_from_slice(&QTensor::quantize(&part, GgmlDType::Q4_0)?.data()?);
+        }
+        let storage = QStorage::from_data(std::borrow::Cow::Owned(bytes), &Device::Cpu, GgmlDType::Q4_0)?;
+        Ok(mtl_nn::cpu::quant::QuantMatrix::new(QTensor::new(storage, (rows, cols))?)?)
+    };
+    let (h, i, kv) = (config.hidden_size, config.intermediate_size, config.num_key_value_heads * config.head_dim);
+    let mut weights = mtl_nn::llama::LlamaWeights::default();
+    weights.quantized.insert("model.embed_tokens.weight".into(), matrix(config.vocab_size, h)?);
+    weights.dense.insert("model.norm.weight".into(), candle_core::Tensor::ones(h, candle_core::DType::F32, &Device::Cpu)?);
+    for n in 0..config.num_hidden_layers {
+        let p = format!("model.layers.{n}");
+        for (name, rows, cols) in [
+            ("self_attn.q_proj", h, h),
+            ("self_attn.k_proj", kv, h),
+            ("self_attn.v_proj", kv, h),
+            ("self_attn.o_proj", h, h),
+            ("mlp.gate_proj", i, h),
+            ("mlp.up_proj", i, h),
+            ("mlp.down_proj", h, i),
+        ] {
+            weights.quantized.insert(format!("{p}.{name}.weight"), matrix(rows, cols)?);
+        }
+        for norm in ["input_layernorm", "post_attention_layernorm"] {
+            let ones = candle_core::Tensor::ones(h, candle_core::DType::F32, &Device::Cpu)?;
+            weights.dense.insert(format!("{p}.{norm}.weight"), ones);
+        }
+    }
+    Ok((config, weights))
 }
 
 fn main() -> Result<()> {
