@@ -235,7 +235,9 @@ fn random_llama_1b() -> Result<(mtl_nn::llama::LlamaConfig, mtl_nn::llama::Llama
     let (h, i, kv) = (config.hidden_size, config.intermediate_size, config.num_key_value_heads * config.head_dim);
     let mut weights = mtl_nn::llama::LlamaWeights::default();
     weights.quantized.insert("model.embed_tokens.weight".into(), matrix(config.vocab_size, h)?);
-    weights.dense.insert("model.norm.weight".into(), candle_core::Tensor::ones(h, candle_core::DType::F32, &Device::Cpu)?);
+    weights
+        .dense
+        .insert("model.norm.weight".into(), candle_core::Tensor::ones(h, candle_core::DType::F32, &Device::Cpu)?);
     for n in 0..config.num_hidden_layers {
         let p = format!("model.layers.{n}");
         for (name, rows, cols) in [
