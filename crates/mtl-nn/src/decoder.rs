@@ -40,7 +40,14 @@ impl DecoderModel {
         seed: u64,
         device: &Device,
     ) -> Result<Self> {
-        let pb = weights.into().into_builder(seed, device)?;
+        let mut weights: LlamaWeights = weights.into();
+        if lora.is_none() {
+            // Full fine-tuning trains every matrix: none may stay frozen in its quantised blocks.
+            for (name, q) in std::mem::take(&mut weights.quantized) {
+                weights.dense.insert(name, q.dequantize(device)?);
+            }
+        }
+        let pb = weights.into_builder(seed, device)?;
         let llama = Llama::with_lora(&pb, config, lora)?;
         let mut params = pb.finish();
         let missing: Vec<&String> =
@@ -250,6 +257,10 @@ impl DecoderModel {
         let rows = prompts.len();
         let len = prompts.iter().map(|p| p.len()).max().unwrap_or(0);
         let capacity = (len + max_new).min(self.llama.config().max_position_embeddings);
+        if max_new == 0 || len >= capacity {
+            // Nothing to generate, or no room left after the prompt (as the composed path: empty answers).
+            return Ok(vec![Vec::new(); rows]);
+        }
         // The shared prefix, leaving every prompt at least one token of its own.
         let shortest = prompts.iter().map(|p| p.len()).min().unwrap_or(0);
         let shared =

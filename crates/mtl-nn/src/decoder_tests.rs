@@ -155,3 +155,47 @@ fn host_cache_decoding_equals_the_composed_cache() -> TestResult {
     }
     Ok(())
 }
+
+/// Regression (review of issue 22): weights handed over quantised to a model without LoRA become trained f32
+/// parameters, not frozen blocks that would leave only the norms training.
+#[test]
+fn full_fine_tuning_trains_matrices_handed_over_quantised() -> TestResult {
+    use candle_core::quantized::{GgmlDType, QTensor};
+    let config = LlamaConfig::from_file(&dir().join("config.json"))?;
+    let dense: HashMap<String, Tensor> = candle_core::safetensors::load(dir().join("model.safetensors"), &Device::Cpu)?;
+    let mut weights = crate::llama::LlamaWeights::default();
+    for (name, t) in dense {
+        if t.rank() == 2 && t.dim(1)? % 32 == 0 {
+            weights
+                .quantized
+                .insert(name, crate::cpu::quant::QuantMatrix::new(QTensor::quantize(&t, GgmlDType::Q8_0)?)?);
+        } else {
+            weights.dense.insert(name, t);
+        }
+    }
+    let quantized: Vec<String> = weights.quantized.keys().cloned().collect();
+    assert!(!quantized.is_empty(), "the fixture has matrices of whole Q8_0 blocks");
+    let m = DecoderModel::new(&config, weights, None, &[task("intent")], 7, &Device::Cpu)?;
+    for name in &quantized {
+        assert!(m.params().vars().contains_key(name), "{name} trains");
+    }
+    Ok(())
+}
+
+/// Regression (review of issue 22): a batch padded past `max_position_embeddings` runs when its real tokens
+/// fit (padding has no position), and is refused when they do not.
+#[test]
+fn padding_past_the_position_limit_is_not_a_position() -> TestResult {
+    use crate::params::ParamBuilder;
+    let mut config = LlamaConfig::from_file(&dir().join("config.json"))?;
+    config.max_position_embeddings = 10;
+    let pb = ParamBuilder::from_safetensors(&dir().join("model.safetensors"), 0, &Device::Cpu)?;
+    let llama = crate::llama::Llama::new(&pb, &config)?;
+    let ids = Tensor::from_vec((1..=12u32).collect::<Vec<_>>(), (1, 12), &Device::Cpu)?;
+    let mut mask = vec![1u32; 12];
+    mask[10..].fill(0);
+    assert_eq!(llama.forward(&ids, Some(&mask), None)?.dims(), &[12, config.hidden_size]);
+    mask[10] = 1;
+    assert!(llama.forward(&ids, Some(&mask), None).is_err(), "11 real tokens do not fit 10 positions");
+    Ok(())
+}

@@ -483,13 +483,6 @@ impl Llama {
         };
         let c = &self.config;
         let past = cache.as_ref().map_or(0, |c| c.len);
-        if past + s > c.max_position_embeddings {
-            return Err(NnError::Input(format!(
-                "{} positions exceed max_position_embeddings {}",
-                past + s,
-                c.max_position_embeddings
-            )));
-        }
         if let Some(m) = mask {
             if m.len() != b * s {
                 return Err(NnError::Input("the attention mask does not match the ids".into()));
@@ -514,6 +507,13 @@ impl Llama {
                 let real = mask.is_none_or(|m| m[r * s + i] != 0);
                 positions.push(if real { next } else { 0 });
                 next += u32::from(real);
+            }
+            // Padding has no position: a batch padded past the limit is fine if its real tokens fit.
+            if next as usize > c.max_position_embeddings {
+                return Err(NnError::Input(format!(
+                    "{next} positions exceed max_position_embeddings {}",
+                    c.max_position_embeddings
+                )));
             }
         }
         let mut x = match &self.embed {
@@ -579,7 +579,14 @@ impl Llama {
     ) -> Result<Tensor> {
         let rows = cache.rows();
         let c = &self.config;
-        if ids.len() != rows * s || mask.len() != rows * s {
+        let geometry = (c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads, c.head_dim);
+        if cache.geometry() != geometry {
+            return Err(NnError::Input(format!(
+                "a decode cache of {:?} for a model of {geometry:?}",
+                cache.geometry()
+            )));
+        }
+        if s == 0 || ids.len() != rows * s || mask.len() != rows * s {
             return Err(NnError::Input(format!(
                 "{} ids and {} mask values for {rows} rows of {s}",
                 ids.len(),
@@ -619,7 +626,11 @@ impl Llama {
         };
         let attention = Attention::Host { rows, s, positions, mask: mask.to_vec() };
         for (n, layer) in self.layers.iter().enumerate() {
-            x = self.layer_forward(layer, &x, &attention, LayerCache::Host { cache, layer: n }, pass.as_ref())?;
+            // Detached: with trainable weights (full fine-tuning) a layer's ops would otherwise be recorded and
+            // keep every layer's activations alive until the output is dropped.
+            x = self
+                .layer_forward(layer, &x, &attention, LayerCache::Host { cache, layer: n }, pass.as_ref())?
+                .detach();
         }
         cache.advance(mask, s);
         let last: Vec<u32> = (0..rows).map(|r| (r * s + s - 1) as u32).collect();

@@ -7,7 +7,7 @@
 //! chunks or over (example, key/value head) pairs. Attention keeps nothing for backward but its inputs: the
 //! probabilities are recomputed per head (a small product beside the projections), so memory does not grow with
 //! `heads × seq²` per layer. `crate::llama` composes the same computations from candle ops on other devices,
-//! and the tests below check values and every gradient against that composed form.
+//! and `llama_tests.rs` checks values and every gradient against that composed form.
 
 use std::sync::Arc;
 
@@ -614,6 +614,11 @@ impl DecodeCache {
         self.rows
     }
 
+    /// Layers, query heads, key/value heads and head size it was made for.
+    pub fn geometry(&self) -> (usize, usize, usize, usize) {
+        (self.layers.len(), self.heads, self.kv_heads, self.head_dim)
+    }
+
     pub fn capacity(&self) -> usize {
         self.capacity
     }
@@ -748,6 +753,11 @@ impl DecodeCache {
 
     /// Keeps the rows `keep` (increasing indices), dropping the others: finished rows stop costing work.
     pub fn retain(&mut self, keep: &[usize]) {
+        assert!(
+            keep.windows(2).all(|w| w[0] < w[1]) && keep.last().is_none_or(|&l| l < self.rows),
+            "retain: rows {keep:?} must increase and be below {}",
+            self.rows
+        );
         let block = self.kv_heads * self.capacity * self.head_dim;
         for (k, v) in &mut self.layers {
             for (to, &from) in keep.iter().enumerate() {

@@ -216,6 +216,7 @@ impl CustomOp3 for LoraProjection {
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let d = self.dims(x.dims(), a.dims(), b.dims())?;
+        let need_dx = x.track_op();
         let grad = grad.contiguous()?;
         let (r, stacked) = (self.rank, d.adapters * self.rank);
         let (mut dx, mut da, mut db) =
@@ -224,7 +225,8 @@ impl CustomOp3 for LoraProjection {
             tensor_data(a, self.name(), |a| {
                 tensor_data(b, self.name(), |b| {
                     tensor_data(&grad, self.name(), |g| {
-                        if d.n > 0 {
+                        // The input of the first layer's projections needs no gradient: skip the frozen product.
+                        if d.n > 0 && need_dx {
                             self.weight.backward(g, d.n, &mut dx, self.name())?;
                         }
                         for route in &self.routes {
@@ -285,7 +287,7 @@ impl CustomOp3 for LoraProjection {
             })
         })?;
         Ok((
-            Some(Tensor::from_vec(dx, x.shape(), x.device())?),
+            if need_dx { Some(Tensor::from_vec(dx, x.shape(), x.device())?) } else { None },
             Some(Tensor::from_vec(da, a.shape(), a.device())?),
             Some(Tensor::from_vec(db, b.shape(), b.device())?),
         ))
