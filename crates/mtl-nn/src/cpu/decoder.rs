@@ -282,6 +282,46 @@ impl CustomOp2 for SwiGlu {
     }
 }
 
+/// Softmax of each row of `cols` scores in place, where `masked(i, j)` hides key `j` from query `i`: as the
+/// composed form's additive bias, a row whose keys are all masked comes out uniform.
+fn masked_softmax(p: &mut [f32], cols: usize, masked: impl Fn(usize, usize) -> bool) {
+    simd(
+        #[inline(always)]
+        || {
+            for (i, row) in p.chunks_exact_mut(cols).enumerate() {
+                for (j, x) in row.iter_mut().enumerate() {
+                    if masked(i, j) {
+                        *x = f32::MIN;
+                    }
+                }
+                let max = math::max(row);
+                for x in row.iter_mut() {
+                    *x = math::exp(*x - max);
+                }
+                let inv = 1.0 / math::sum(row);
+                for x in row.iter_mut() {
+                    *x *= inv;
+                }
+            }
+        },
+    );
+}
+
+/// Per-(row, head) blocks of `s × d` context into `[rows · s, heads · d]`.
+fn scatter_heads(blocks: &[Vec<f32>], rows: usize, s: usize, heads: usize, d: usize) -> Vec<f32> {
+    let width = heads * d;
+    let mut ctx = vec![0f32; rows * s * width];
+    ctx.par_chunks_mut(s * width).enumerate().for_each(|(r, out)| {
+        for head in 0..heads {
+            let block = &blocks[r * heads + head];
+            for i in 0..s {
+                out[i * width + head * d..][..d].copy_from_slice(&block[i * d..(i + 1) * d]);
+            }
+        }
+    });
+    ctx
+}
+
 /// The rotary tables of every position, `[positions × head_dim]` each, row-major (see `crate::llama`).
 #[derive(Debug)]
 pub struct RopeTables {
@@ -389,27 +429,7 @@ impl CausalAttention {
         let scale = 1.0 / (d as f32).sqrt();
         matmul(ViewMut::new(&mut p, s, s), View::new(q, s, d), View::new(k, s, d).t(), scale, false, Threads::One);
         let mask = &self.mask[b * s..(b + 1) * s];
-        simd(
-            #[inline(always)]
-            || {
-                for (i, row) in p.chunks_exact_mut(s).enumerate() {
-                    // As the composed form's additive bias: a row whose keys are all masked comes out uniform.
-                    for (j, x) in row.iter_mut().enumerate() {
-                        if j > i || mask[j] == 0 {
-                            *x = f32::MIN;
-                        }
-                    }
-                    let max = math::max(row);
-                    for x in row.iter_mut() {
-                        *x = math::exp(*x - max);
-                    }
-                    let inv = 1.0 / math::sum(row);
-                    for x in row.iter_mut() {
-                        *x *= inv;
-                    }
-                }
-            },
-        );
+        masked_softmax(&mut p, s, |i, j| j > i || mask[j] == 0);
         p
     }
 
@@ -533,15 +553,7 @@ impl CustomOp3 for CausalAttention {
             })
             .collect();
         let width = nh * d;
-        let mut ctx = vec![0f32; self.batch * s * width];
-        ctx.par_chunks_mut(s * width).enumerate().for_each(|(b, rows)| {
-            for head in 0..nh {
-                let block = &blocks[b * nh + head];
-                for i in 0..s {
-                    rows[i * width + head * d..][..d].copy_from_slice(&block[i * d..(i + 1) * d]);
-                }
-            }
-        });
+        let ctx = scatter_heads(&blocks, self.batch, s, nh, d);
         Ok((CpuStorage::F32(ctx), Shape::from((self.batch * s, width))))
     }
 
@@ -688,42 +700,13 @@ impl DecodeCache {
                 let mut p = vec![0f32; s * total];
                 matmul(ViewMut::new(&mut p, s, total), View::new(&qr, s, d), keys.t(), scale, false, Threads::One);
                 let key_real = |j: usize| if j < past { real[r * cap + j] != 0 } else { mask[r * s + j - past] != 0 };
-                simd(
-                    #[inline(always)]
-                    || {
-                        for (i, row) in p.chunks_exact_mut(total).enumerate() {
-                            for (j, x) in row.iter_mut().enumerate() {
-                                if j > past + i || !key_real(j) {
-                                    *x = f32::MIN;
-                                }
-                            }
-                            let max = math::max(row);
-                            for x in row.iter_mut() {
-                                *x = math::exp(*x - max);
-                            }
-                            let inv = 1.0 / math::sum(row);
-                            for x in row.iter_mut() {
-                                *x *= inv;
-                            }
-                        }
-                    },
-                );
+                masked_softmax(&mut p, total, |i, j| j > past + i || !key_real(j));
                 let mut out = vec![0f32; s * d];
                 matmul(ViewMut::new(&mut out, s, d), View::new(&p, s, total), values, 1.0, false, Threads::One);
                 out
             })
             .collect();
-        let width = nh * d;
-        let mut ctx = vec![0f32; self.rows * s * width];
-        ctx.par_chunks_mut(s * width).enumerate().for_each(|(r, rows)| {
-            for head in 0..nh {
-                let block = &blocks[r * nh + head];
-                for i in 0..s {
-                    rows[i * width + head * d..][..d].copy_from_slice(&block[i * d..(i + 1) * d]);
-                }
-            }
-        });
-        ctx
+        scatter_heads(&blocks, self.rows, s, nh, d)
     }
 
     /// Ends a step of `s` new tokens per row (after every layer attended): they count as cached.

@@ -165,6 +165,14 @@ impl LoraProjection {
     }
 }
 
+/// A route's input rows: after dropout when `dropped` holds them, else read in place from `x`.
+fn route_input<'a>(route: &LoraRows, x: &'a [f32], input: usize, dropped: Option<&'a [f32]>) -> View<'a> {
+    match dropped {
+        Some(xd) => View::new(xd, route.rows.len(), input),
+        None => View::new(&x[route.rows.start * input..], route.rows.len(), input),
+    }
+}
+
 impl CustomOp3 for LoraProjection {
     fn name(&self) -> &'static str {
         "lora-projection"
@@ -193,10 +201,7 @@ impl CustomOp3 for LoraProjection {
                 continue;
             }
             let dropped = self.dropped(route, x, d.input);
-            let xs = match &dropped {
-                Some(xd) => View::new(xd, rows, d.input),
-                None => View::new(&x[route.rows.start * d.input..], rows, d.input),
-            };
+            let xs = route_input(route, x, d.input, dropped.as_deref());
             let a_t = View::new(&a[route.adapter * r * d.input..], r, d.input).t();
             let mut u = vec![0f32; rows * r];
             matmul(ViewMut::new(&mut u, rows, r), xs, a_t, 1.0, false, Threads::All);
@@ -235,10 +240,7 @@ impl CustomOp3 for LoraProjection {
                                 continue;
                             }
                             let dropped = self.dropped(route, x, d.input);
-                            let xs = match &dropped {
-                                Some(xd) => View::new(xd, rows, d.input),
-                                None => View::new(&x[route.rows.start * d.input..], rows, d.input),
-                            };
+                            let xs = route_input(route, x, d.input, dropped.as_deref());
                             let gs = View::new(&g[route.rows.start * d.out..], rows, d.out);
                             let a_r = View::new(&a[route.adapter * r * d.input..], r, d.input);
                             let b_r = View::strided(&b[route.adapter * r..], d.out, r, stacked);
