@@ -465,22 +465,7 @@ impl Llama {
         run: Option<&LoraRun>,
     ) -> Result<Tensor> {
         let (b, s) = ids.dims2()?;
-        let pass = match (&self.lora, run) {
-            (Some(lora), Some(run)) => {
-                check_routes(run.routes, b, lora.adapters.len())?;
-                Some(PeftPass {
-                    routes: run.routes,
-                    seq: s,
-                    scale: lora.spec.scale(),
-                    dropout_p: lora.spec.dropout,
-                    dropout: run.dropout,
-                    mode: run.mode,
-                    frozen: run.frozen,
-                })
-            }
-            (Some(_), None) => return Err(NnError::Input("a decoder with LoRA needs its routes".into())),
-            (None, _) => None,
-        };
+        let pass = self.peft_pass(run, b, s)?;
         let c = &self.config;
         let past = cache.as_ref().map_or(0, |c| c.len);
         if let Some(m) = mask {
@@ -516,13 +501,7 @@ impl Llama {
                 )));
             }
         }
-        let mut x = match &self.embed {
-            BaseWeight::Dense(e) => e.index_select(&ids.flatten_all()?, 0)?,
-            BaseWeight::Quantized(q) => {
-                let rows = q.embedding(&ids.flatten_all()?.to_vec1::<u32>()?)?;
-                Tensor::from_vec(rows, (b * s, c.hidden_size), device)?
-            }
-        }; // [b*s, h]
+        let mut x = self.embed_ids(&ids.flatten_all()?)?; // [b*s, h]
         let attention = if cache.is_none() && self.fused(&x) {
             // Training and scoring passes: the fused causal attention with its own backward.
             Attention::Fused(CausalAttention {
@@ -557,6 +536,37 @@ impl Llama {
             }
         }
         self.rms_norm(&x, &self.norm)
+    }
+
+    /// LoRA's settings for a pass over `rows` examples of `seq` tokens; `None` without LoRA.
+    fn peft_pass<'a>(&self, run: Option<&LoraRun<'a>>, rows: usize, seq: usize) -> Result<Option<PeftPass<'a>>> {
+        match (&self.lora, run) {
+            (Some(lora), Some(run)) => {
+                check_routes(run.routes, rows, lora.adapters.len())?;
+                Ok(Some(PeftPass {
+                    routes: run.routes,
+                    seq,
+                    scale: lora.spec.scale(),
+                    dropout_p: lora.spec.dropout,
+                    dropout: run.dropout,
+                    mode: run.mode,
+                    frozen: run.frozen,
+                }))
+            }
+            (Some(_), None) => Err(NnError::Input("a decoder with LoRA needs its routes".into())),
+            (None, _) => Ok(None),
+        }
+    }
+
+    /// The input embeddings of the token ids `ids` (`[n]` → `[n, hidden]`).
+    fn embed_ids(&self, ids: &Tensor) -> Result<Tensor> {
+        match &self.embed {
+            BaseWeight::Dense(e) => Ok(e.index_select(ids, 0)?),
+            BaseWeight::Quantized(q) => {
+                let rows = q.embedding(&ids.to_vec1::<u32>()?)?;
+                Ok(Tensor::from_vec(rows, (ids.elem_count(), self.config.hidden_size), ids.device())?)
+            }
+        }
     }
 
     /// A cache for [`Llama::decode`]: `rows` rows of at most `capacity` positions.
@@ -602,28 +612,11 @@ impl Llama {
             )));
         }
         let device = Device::Cpu;
-        let pass = match (&self.lora, run) {
-            (Some(lora), Some(run)) => {
-                check_routes(run.routes, rows, lora.adapters.len())?;
-                Some(PeftPass {
-                    routes: run.routes,
-                    seq: s,
-                    scale: lora.spec.scale(),
-                    dropout_p: 0.0,
-                    dropout: run.dropout,
-                    mode: Mode::Eval,
-                    frozen: true,
-                })
-            }
-            (Some(_), None) => return Err(NnError::Input("a decoder with LoRA needs its routes".into())),
-            (None, _) => None,
-        };
+        // Decoding: the adapters' values only, no dropout.
+        let frozen = run.map(|r| LoraRun { routes: r.routes, dropout: r.dropout, mode: Mode::Eval, frozen: true });
+        let pass = self.peft_pass(frozen.as_ref(), rows, s)?;
         let positions = cache.positions(mask, s);
-        let ids_t = Tensor::from_vec(ids.to_vec(), rows * s, &device)?;
-        let mut x = match &self.embed {
-            BaseWeight::Dense(e) => e.detach().index_select(&ids_t, 0)?,
-            BaseWeight::Quantized(q) => Tensor::from_vec(q.embedding(ids)?, (rows * s, c.hidden_size), &device)?,
-        };
+        let mut x = self.embed_ids(&Tensor::from_vec(ids.to_vec(), rows * s, &device)?)?;
         let attention = Attention::Host { rows, s, positions, mask: mask.to_vec() };
         for (n, layer) in self.layers.iter().enumerate() {
             // Detached: with trainable weights (full fine-tuning) a layer's ops would otherwise be recorded and

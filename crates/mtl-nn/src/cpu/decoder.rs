@@ -100,7 +100,7 @@ impl CustomOp2 for RmsNorm {
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let x = rows(s1, l1, self.name())?;
-        let w = vector(s2, l2, self.name())?;
+        let w = super::contiguous(s2, l2, self.name())?;
         check_width(&x, w, self.name())?;
         let d = x.cols;
         let mut y = vec![0f32; x.rows * d];
@@ -140,13 +140,6 @@ impl CustomOp2 for RmsNorm {
         let dw = Tensor::from_vec(dw, w.shape(), w.device())?;
         Ok((Some(dx), Some(dw)))
     }
-}
-
-/// A 1-D f32 parameter, contiguous.
-fn vector<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
-    let CpuStorage::F32(data) = s else { candle_core::bail!("{what}: f32 only") };
-    let Some((a, b)) = l.contiguous_offsets() else { candle_core::bail!("{what}: the weight must be contiguous") };
-    Ok(&data[a..b])
 }
 
 /// `(dx, dweight)`: `dx = r (g∘w) − x r³ mean((g∘w)∘x)` per row, `dweight = Σ_rows g ∘ x r`.

@@ -9,16 +9,11 @@
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Shape, Storage, Tensor};
 use rayon::prelude::*;
 
+use super::contiguous;
 use super::gemm::{self, Threads, View, ViewMut};
 use crate::Result;
 
 const ROWS_PER_TASK: usize = 64;
-
-fn contiguous<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
-    let CpuStorage::F32(data) = s else { candle_core::bail!("{what}: f32 only") };
-    let Some((a, b)) = l.contiguous_offsets() else { candle_core::bail!("{what}: input must be contiguous") };
-    Ok(&data[a..b])
-}
 
 /// The row width of `[rows, dim]` data `x` normalised with `[dim]` parameters, checking that `other` (a
 /// bias or an output gradient) has the length it must have.

@@ -9,11 +9,12 @@
 
 use std::ops::Range;
 
-use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Storage, Tensor};
+use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 
 use super::gemm::{matmul, Threads, View, ViewMut};
 use super::math::mask_of_seed;
 use super::quant::QuantMatrix;
+use super::{contiguous, with_f32};
 use crate::Result;
 
 /// A pretrained weight matrix: f32, or in a GGUF block format ([`QuantMatrix`]). Under LoRA it does not
@@ -40,7 +41,7 @@ impl BaseWeight {
     fn forward(&self, x: &[f32], m: usize, y: &mut [f32], what: &str) -> candle_core::Result<()> {
         let (out, input) = self.dims();
         match self {
-            Self::Dense(w) => tensor_data(w, what, |w| {
+            Self::Dense(w) => with_f32(w, what, |w| {
                 matmul(
                     ViewMut::new(y, m, out),
                     View::new(x, m, input),
@@ -62,7 +63,7 @@ impl BaseWeight {
     fn backward(&self, g: &[f32], m: usize, dx: &mut [f32], what: &str) -> candle_core::Result<()> {
         let (out, input) = self.dims();
         match self {
-            Self::Dense(w) => tensor_data(w, what, |w| {
+            Self::Dense(w) => with_f32(w, what, |w| {
                 matmul(
                     ViewMut::new(dx, m, input),
                     View::new(g, m, out),
@@ -101,18 +102,6 @@ pub struct LoraProjection {
     pub rank: usize,
     pub scale: f32,
     pub dropout: f32,
-}
-
-fn f32_data<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
-    let CpuStorage::F32(data) = s else { candle_core::bail!("{what}: f32 only") };
-    let Some((a, b)) = l.contiguous_offsets() else { candle_core::bail!("{what}: inputs must be contiguous") };
-    Ok(&data[a..b])
-}
-
-fn tensor_data<R>(t: &Tensor, what: &str, f: impl FnOnce(&[f32]) -> candle_core::Result<R>) -> candle_core::Result<R> {
-    let (s, l) = t.storage_and_layout();
-    let Storage::Cpu(cpu) = &*s else { candle_core::bail!("{what}: CPU tensors only") };
-    f(f32_data(cpu, l, what)?)
 }
 
 /// The sizes of one call, checked.
@@ -155,13 +144,14 @@ impl LoraProjection {
         Ok(Dims { n, input, out, adapters })
     }
 
-    /// The route's input rows after dropout, when it has dropout (else the rows are read in place).
-    fn dropped(&self, route: &LoraRows, x: &[f32], input: usize) -> Option<Vec<f32>> {
+    /// The route's dropout mask and its input rows after dropout, when it has dropout (else the rows are read
+    /// in place).
+    fn dropped(&self, route: &LoraRows, x: &[f32], input: usize) -> Option<(Vec<f32>, Vec<f32>)> {
         let seed = route.dropout_seed?;
         let rows = &x[route.rows.start * input..route.rows.end * input];
-        let mut mask = mask_of_seed(seed, rows.len(), self.dropout);
-        mask.iter_mut().zip(rows).for_each(|(m, x)| *m *= x);
-        Some(mask)
+        let mask = mask_of_seed(seed, rows.len(), self.dropout);
+        let kept = mask.iter().zip(rows).map(|(m, x)| m * x).collect();
+        Some((mask, kept))
     }
 }
 
@@ -189,7 +179,7 @@ impl CustomOp3 for LoraProjection {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let d = self.dims(l1.dims(), l2.dims(), l3.dims())?;
         let (x, a, b) =
-            (f32_data(s1, l1, self.name())?, f32_data(s2, l2, self.name())?, f32_data(s3, l3, self.name())?);
+            (contiguous(s1, l1, self.name())?, contiguous(s2, l2, self.name())?, contiguous(s3, l3, self.name())?);
         let (r, stacked) = (self.rank, d.adapters * self.rank);
         let mut y = vec![0f32; d.n * d.out];
         if d.n > 0 {
@@ -201,7 +191,7 @@ impl CustomOp3 for LoraProjection {
                 continue;
             }
             let dropped = self.dropped(route, x, d.input);
-            let xs = route_input(route, x, d.input, dropped.as_deref());
+            let xs = route_input(route, x, d.input, dropped.as_ref().map(|(_, kept)| &kept[..]));
             let a_t = View::new(&a[route.adapter * r * d.input..], r, d.input).t();
             let mut u = vec![0f32; rows * r];
             matmul(ViewMut::new(&mut u, rows, r), xs, a_t, 1.0, false, Threads::All);
@@ -226,10 +216,10 @@ impl CustomOp3 for LoraProjection {
         let (r, stacked) = (self.rank, d.adapters * self.rank);
         let (mut dx, mut da, mut db) =
             (vec![0f32; d.n * d.input], vec![0f32; stacked * d.input], vec![0f32; d.out * stacked]);
-        tensor_data(x, self.name(), |x| {
-            tensor_data(a, self.name(), |a| {
-                tensor_data(b, self.name(), |b| {
-                    tensor_data(&grad, self.name(), |g| {
+        with_f32(x, self.name(), |x| {
+            with_f32(a, self.name(), |a| {
+                with_f32(b, self.name(), |b| {
+                    with_f32(&grad, self.name(), |g| {
                         // The input of the first layer's projections needs no gradient: skip the frozen product.
                         if d.n > 0 && need_dx {
                             self.weight.backward(g, d.n, &mut dx, self.name())?;
@@ -240,7 +230,7 @@ impl CustomOp3 for LoraProjection {
                                 continue;
                             }
                             let dropped = self.dropped(route, x, d.input);
-                            let xs = route_input(route, x, d.input, dropped.as_deref());
+                            let xs = route_input(route, x, d.input, dropped.as_ref().map(|(_, kept)| &kept[..]));
                             let gs = View::new(&g[route.rows.start * d.out..], rows, d.out);
                             let a_r = View::new(&a[route.adapter * r * d.input..], r, d.input);
                             let b_r = View::strided(&b[route.adapter * r..], d.out, r, stacked);
@@ -259,8 +249,8 @@ impl CustomOp3 for LoraProjection {
                             matmul(db_r, gs.t(), View::new(&u, rows, r), self.scale, true, Threads::All);
                             // dx += scale · (gb A) ∘ mask.
                             let dxs = &mut dx[route.rows.start * d.input..route.rows.end * d.input];
-                            match route.dropout_seed {
-                                Some(seed) => {
+                            match &dropped {
+                                Some((mask, _)) => {
                                     let mut t = vec![0f32; rows * d.input];
                                     matmul(
                                         ViewMut::new(&mut t, rows, d.input),
@@ -270,8 +260,7 @@ impl CustomOp3 for LoraProjection {
                                         false,
                                         Threads::All,
                                     );
-                                    let mask = mask_of_seed(seed, t.len(), self.dropout);
-                                    dxs.iter_mut().zip(t.iter().zip(&mask)).for_each(|(dx, (t, m))| *dx += t * m);
+                                    dxs.iter_mut().zip(t.iter().zip(mask)).for_each(|(dx, (t, m))| *dx += t * m);
                                 }
                                 None => matmul(
                                     ViewMut::new(dxs, rows, d.input),

@@ -380,12 +380,11 @@ struct QuantLinear {
 }
 
 fn f32_rows<'a>(s: &'a CpuStorage, l: &Layout, cols: usize, what: &str) -> candle_core::Result<(&'a [f32], usize)> {
-    let CpuStorage::F32(data) = s else { candle_core::bail!("{what}: f32 only") };
-    let Some((a, b)) = l.contiguous_offsets() else { candle_core::bail!("{what}: the input must be contiguous") };
     if l.dims().last() != Some(&cols) {
         candle_core::bail!("{what}: rows of {:?} values for a matrix of {cols} columns", l.dims().last())
     }
-    Ok((&data[a..b], (b - a) / cols.max(1)))
+    let data = super::contiguous(s, l, what)?;
+    Ok((data, data.len() / cols.max(1)))
 }
 
 impl CustomOp1 for QuantLinear {

@@ -180,9 +180,7 @@ impl<'a> Slices<'a> {
 }
 
 fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
-    let CpuStorage::F32(data) = s else { candle_core::bail!("fused encoder: f32 only") };
-    let Some((a, b)) = l.contiguous_offsets() else { candle_core::bail!("fused encoder: tensors must be contiguous") };
-    Ok(&data[a..b])
+    super::contiguous(s, l, "fused encoder")
 }
 
 fn check_params(d: &Dims, w: &[&[f32]]) -> candle_core::Result<()> {
