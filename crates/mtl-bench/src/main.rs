@@ -262,8 +262,12 @@ fn random_llama_1b() -> Result<(mtl_nn::llama::LlamaConfig, mtl_nn::llama::Llama
 fn main() -> Result<()> {
     mtl_train::process::setup();
     let args = Args::parse();
+    mtl_train::process::on_pool(|| bench(&args))
+}
+
+fn bench(args: &Args) -> Result<()> {
     if args.workload == "llm-lora" {
-        return llm_lora(&args);
+        return llm_lora(args);
     }
     let bert = BertConfig::from_file(&args.model.join("config.json"))?;
     let tasks = BTreeMap::from([
@@ -349,8 +353,8 @@ fn main() -> Result<()> {
                 }
             }
         }
-        "data" => return data(&args),
-        "gemm" => return gemm_layouts(&args),
+        "data" => return data(args),
+        "gemm" => return gemm_layouts(args),
         other => anyhow::bail!("unknown workload {other:?}; valid choices: train, infer, int8, data, gemm, llm-lora"),
     }
     let phases: BTreeMap<&str, f64> = phases.iter().map(|(k, v)| (*k, median(v))).collect();

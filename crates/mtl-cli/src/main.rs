@@ -26,7 +26,13 @@ fn main() -> ExitCode {
         )
         .with_target(false)
         .init();
-    match commands::run(args) {
+    // The server keeps its own threads (tokio's and the batcher's) and hands work to the pool from them.
+    let outcome = if matches!(args.command, args::Command::Serve { .. }) {
+        commands::run(args)
+    } else {
+        mtl::process::on_pool(|| commands::run(args))
+    };
+    match outcome {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");

@@ -12,7 +12,7 @@ use candle_core::{Device, Tensor};
 use mtl_core::{HostBatch, Mode, Targets, TaskId, IGNORE_INDEX};
 
 use crate::bert::Kernels;
-use crate::layers::{log_softmax_last, DropoutRng};
+use crate::layers::DropoutRng;
 use crate::llama::{next_token_targets, DecoderLora, KvCache, Llama, LlamaConfig, LlamaWeights, LoraRun};
 use crate::params::ParamStore;
 use crate::peft::{Route, SHARED_ADAPTER};
@@ -176,9 +176,7 @@ impl DecoderModel {
             }
             let n = positions.len();
             let picked = hidden.index_select(&Tensor::from_vec(positions, n, &self.device)?, 0)?;
-            let logp = log_softmax_last(&self.llama.logits(&picked)?)?;
-            let gold = Tensor::from_vec(next, (n, 1), &self.device)?;
-            let loss = logp.gather(&gold, 1)?.mean_all()?.neg()?;
+            let loss = self.llama.token_losses(&picked, &next)?.mean_all()?;
             let count = row_task.iter().filter(|t| **t == Some(task)).count();
             out.push(TaskLoss { task: task.clone(), loss, count });
         }

@@ -636,6 +636,19 @@ impl Llama {
         self.project(hidden, self.lm_head.as_ref().unwrap_or(&self.embed))
     }
 
+    /// Each row's LM loss (`[n]`) for hidden states `[n, hidden]` and one target token per row: the
+    /// negative log-probability of the target under the LM head. On the CPU the head and the loss are one op
+    /// that never holds more than a block of rows' logits ([`crate::cpu::lm_loss`]).
+    pub fn token_losses(&self, hidden: &Tensor, targets: &[u32]) -> Result<Tensor> {
+        let head = self.lm_head.as_ref().unwrap_or(&self.embed);
+        if self.fused(hidden) {
+            return crate::cpu::lm_loss::token_losses(hidden, head, targets, self.lora.is_none());
+        }
+        let logp = log_softmax_last(&self.logits(hidden)?)?;
+        let gold = Tensor::from_vec(targets.to_vec(), (targets.len(), 1), hidden.device())?;
+        Ok(logp.gather(&gold, 1)?.squeeze(1)?.neg()?)
+    }
+
     /// `x · Wᵀ` of a pretrained weight: with LoRA the weights are frozen, and backward computes the input's
     /// gradient only (see [`crate::cpu::fused::frozen_project`]).
     fn project(&self, x: &Tensor, w: &BaseWeight) -> Result<Tensor> {

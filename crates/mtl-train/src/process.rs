@@ -16,3 +16,15 @@ pub fn setup() {
         std::env::set_var("CANDLE_BARRIER_POOL_SPIN_LIMIT", CANDLE_SPIN_LIMIT);
     }
 }
+
+/// Runs `f` on a thread of rayon's pool rather than on the calling one. Every parallel op of a step then
+/// splits its work between the thread that runs the step and the pool's other threads, instead of the calling
+/// thread handing each op to the pool and sleeping until it is done: on a small machine that is one thread
+/// more than there are cores, each op two thread hand-offs more, and the pool's idle threads spinning while
+/// the caller's serial work waits for a core. Falls back to the calling thread if the pool cannot start.
+pub fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    match rayon::ThreadPoolBuilder::new().thread_name(|i| format!("mtl-{i}")).build() {
+        Ok(pool) => pool.install(f),
+        Err(_) => f(),
+    }
+}

@@ -38,7 +38,7 @@ impl BaseWeight {
     }
 
     /// `y = x Wᵀ` for `m` rows of `x`.
-    fn forward(&self, x: &[f32], m: usize, y: &mut [f32], what: &str) -> candle_core::Result<()> {
+    pub(crate) fn forward(&self, x: &[f32], m: usize, y: &mut [f32], what: &str) -> candle_core::Result<()> {
         let (out, input) = self.dims();
         match self {
             Self::Dense(w) => with_f32(w, what, |w| {
@@ -60,7 +60,7 @@ impl BaseWeight {
     }
 
     /// `dx = g W` for `m` rows of `g`.
-    fn backward(&self, g: &[f32], m: usize, dx: &mut [f32], what: &str) -> candle_core::Result<()> {
+    pub(crate) fn backward(&self, g: &[f32], m: usize, dx: &mut [f32], what: &str) -> candle_core::Result<()> {
         let (out, input) = self.dims();
         match self {
             Self::Dense(w) => with_f32(w, what, |w| {

@@ -127,6 +127,19 @@ pub fn dot3(a: &[f32], b: &[f32], c: &[f32]) -> f32 {
     )
 }
 
+/// `Σ e^(x - c)`.
+#[inline(always)]
+pub fn sum_exp(x: &[f32], c: f32) -> f32 {
+    reduce(
+        x.len(),
+        0.0,
+        #[inline(always)]
+        |i| exp(x[i] - c),
+        #[inline(always)]
+        |a, b| a + b,
+    )
+}
+
 /// The largest element (`-∞` for an empty slice).
 #[inline(always)]
 pub fn max(x: &[f32]) -> f32 {

@@ -6,6 +6,7 @@ pub mod encoder;
 pub mod fused;
 pub mod gemm;
 pub mod int8;
+pub mod lm_loss;
 pub mod lora;
 pub mod math;
 pub mod quant;
