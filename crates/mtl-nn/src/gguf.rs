@@ -1,5 +1,5 @@
-//! Llama-architecture GGUF files (llama.cpp's format) read into the decoder's weights, its config and its
-//! byte-level BPE vocabulary.
+//! Llama and Gemma 3 GGUF files (llama.cpp's format) read into the decoder's weights, its config and its
+//! vocabulary (byte-level BPE, or Gemma's SentencePiece BPE).
 //!
 //! Quantised matrices (Q4_1, Q8_0, K-quants, …) are kept in their block format ([`QuantMatrix`]: a frozen base
 //! for LoRA or for inference) or dequantised to f32 by candle (full fine-tuning): either way the quantisation
@@ -12,27 +12,24 @@ use std::path::Path;
 use candle_core::quantized::gguf_file::{Content, Value};
 use candle_core::quantized::{GgmlDType, QStorage, QTensor};
 use candle_core::{Device, Tensor};
-use mtl_data::bpe::ByteLevelVocab;
+use mtl_data::bpe::{ByteLevelVocab, SentencePieceVocab, Vocab, WordSplit};
 
 use crate::cpu::quant::QuantMatrix;
-use crate::llama::{LlamaConfig, LlamaWeights};
+use crate::llama::{Activation, Family, LlamaConfig, LlamaWeights, SlidingWindow};
 use crate::{NnError, Result};
 
 /// What a GGUF file holds for the decoder.
 #[derive(Debug)]
 pub struct GgufLlama {
     pub config: LlamaConfig,
-    /// The weights under `LlamaForCausalLM`'s state-dict names.
+    /// The weights under transformers' state-dict names (`LlamaForCausalLM`'s, `Gemma3ForCausalLM`'s).
     pub weights: LlamaWeights,
-    pub vocab: ByteLevelVocab,
+    pub vocab: Vocab,
     /// The Jinja chat template, when the file has one.
     pub chat_template: Option<String>,
     /// How many tensors of each ggml type the file stores (e.g. `Q4_1: 210`), for the record.
     pub tensor_types: Vec<(String, usize)>,
 }
-
-/// llama.cpp pre-tokenizer types whose split this crate reproduces (digits apart, then GPT-2's).
-const PRE_TOKENIZERS: &[&str] = &["smollm", "starcoder", "refact", "codeshell"];
 
 fn number(v: &Value) -> Option<f64> {
     Some(match v {
@@ -63,8 +60,8 @@ pub fn architecture(path: &Path) -> Result<String> {
         .ok_or_else(|| bad("no general.architecture".into()))
 }
 
-/// The llama model of a GGUF file: its quantised matrices kept as they are when `keep_quantized` (f32 ones
-/// and the norms are f32 either way), or all dequantised to f32.
+/// The decoder of a GGUF file (architecture `llama` or `gemma3`): its quantised matrices kept as they are
+/// when `keep_quantized` (f32 ones and the norms are f32 either way), or all dequantised to f32.
 pub fn read_llama(path: &Path, device: &Device, keep_quantized: bool) -> Result<GgufLlama> {
     let bad = |message: String| NnError::File { path: path.to_owned(), message };
     let mut file = std::fs::File::open(path).map_err(|source| NnError::Io { path: path.to_owned(), source })?;
@@ -72,22 +69,29 @@ pub fn read_llama(path: &Path, device: &Device, keep_quantized: bool) -> Result<
     let md = &content.metadata;
     let text = |key: &str| md.get(key).and_then(|v| v.to_string().ok()).cloned();
     let arch = text("general.architecture").ok_or_else(|| bad("no general.architecture".into()))?;
-    if arch != "llama" {
-        return Err(bad(format!("architecture {arch:?} is not supported; only \"llama\" is")));
-    }
-    let num = |key: &str| md.get(&format!("llama.{key}")).and_then(number);
-    let need = |key: &str| num(key).map(|v| v as usize).ok_or_else(|| bad(format!("metadata llama.{key} is missing")));
-    if let Some(kind) = text("llama.rope.scaling.type").filter(|k| k != "none") {
+    let family = match arch.as_str() {
+        "llama" => Family::Llama,
+        "gemma3" => Family::Gemma3,
+        _ => return Err(bad(format!("architecture {arch:?} is not supported (llama, gemma3)"))),
+    };
+    let num = |key: &str| md.get(&format!("{arch}.{key}")).and_then(number);
+    let need = |key: &str| num(key).map(|v| v as usize).ok_or_else(|| bad(format!("metadata {arch}.{key} is missing")));
+    if let Some(kind) = text(&format!("{arch}.rope.scaling.type")).filter(|k| k != "none") {
         return Err(bad(format!("rope scaling {kind:?} is not supported")));
     }
 
     // The vocabulary.
     let model = text("tokenizer.ggml.model").unwrap_or_default();
     let pre = text("tokenizer.ggml.pre").unwrap_or_default();
-    if model != "gpt2" || !PRE_TOKENIZERS.contains(&pre.as_str()) {
+    let split = WordSplit::of_gguf(&pre);
+    let byte_level = model == "gpt2" && split.is_some();
+    // SentencePiece BPE as Gemma stores it (no merges; they follow from the vocabulary's order).
+    let sentencepiece = model == "llama" && family == Family::Gemma3;
+    if !byte_level && !sentencepiece {
         return Err(bad(format!(
-            "tokenizer {model:?} with pre-tokenizer {pre:?} is not supported; byte-level BPE (\"gpt2\") with one of {} is",
-            PRE_TOKENIZERS.join(", ")
+            "tokenizer {model:?} with pre-tokenizer {pre:?} is not supported; byte-level BPE (\"gpt2\") with one of {}, \
+             or Gemma's SentencePiece (\"llama\") is",
+            WordSplit::GGUF_NAMES.join(", ")
         )));
     }
     let strings = |key: &str| -> Result<Vec<String>> {
@@ -99,15 +103,32 @@ pub fn read_llama(path: &Path, device: &Device, keep_quantized: bool) -> Result<
             .collect()
     };
     let tokens = strings("tokenizer.ggml.tokens")?;
-    let merges = strings("tokenizer.ggml.merges")?;
-    // Token type 3 is CONTROL in llama.cpp (chat markers and the like).
-    let special = match md.get("tokenizer.ggml.token_type").and_then(|v| v.to_vec().ok()) {
-        Some(types) => {
-            types.iter().enumerate().filter(|(_, t)| number(t) == Some(3.0)).map(|(i, _)| i as u32).collect()
+    // Token type 3 is CONTROL in llama.cpp (chat markers and the like), 4 USER_DEFINED.
+    let of_type = |kind: f64| -> Vec<u32> {
+        match md.get("tokenizer.ggml.token_type").and_then(|v| v.to_vec().ok()) {
+            Some(types) => {
+                types.iter().enumerate().filter(|(_, t)| number(t) == Some(kind)).map(|(i, _)| i as u32).collect()
+            }
+            None => Vec::new(),
         }
-        None => Vec::new(),
     };
     let token_id = |key: &str| md.get(key).and_then(number).map(|v| v as u32);
+    let vocab = match byte_level {
+        true => Vocab::ByteLevel(ByteLevelVocab {
+            tokens: tokens.clone(),
+            merges: strings("tokenizer.ggml.merges")?,
+            special: of_type(3.0),
+            split: split.unwrap_or_default(),
+        }),
+        false => Vocab::SentencePiece(SentencePieceVocab {
+            tokens: tokens.clone(),
+            special: of_type(3.0),
+            user_defined: of_type(4.0),
+            unknown: token_id("tokenizer.ggml.unknown_token_id"),
+            add_bos: md.get("tokenizer.ggml.add_bos_token").and_then(|v| v.to_bool().ok()).unwrap_or(true),
+            bos: token_id("tokenizer.ggml.bos_token_id"),
+        }),
+    };
 
     // The weights, under transformers' names.
     let (heads, kv_heads) = (
@@ -123,15 +144,15 @@ pub fn read_llama(path: &Path, device: &Device, keep_quantized: bool) -> Result<
     let mut names: Vec<&String> = content.tensor_infos.keys().collect();
     names.sort();
     for name in names {
-        let target = hf_name(name).ok_or_else(|| bad(format!("tensor {name:?} has no place in a llama model")))?;
+        let target =
+            hf_name(name, family).ok_or_else(|| bad(format!("tensor {name:?} has no place in a {arch} model")))?;
         let q = content.tensor(&mut file, name, device).map_err(|e| bad(format!("tensor {name}: {e}")))?;
         *types.entry(format!("{:?}", q.dtype())).or_default() += 1;
-        let permuted = if name.ends_with("attn_q.weight") {
-            Some(heads)
-        } else if name.ends_with("attn_k.weight") {
-            Some(kv_heads)
-        } else {
-            None
+        // Only llama.cpp's llama converter permutes the query and key rows.
+        let permuted = match family {
+            Family::Llama if name.ends_with("attn_q.weight") => Some(heads),
+            Family::Llama if name.ends_with("attn_k.weight") => Some(kv_heads),
+            _ => None,
         };
         if keep_quantized && q.rank() == 2 && q.dtype() != GgmlDType::F32 && device.is_cpu() {
             let q = match permuted {
@@ -145,9 +166,29 @@ pub fn read_llama(path: &Path, device: &Device, keep_quantized: bool) -> Result<
         if let Some(n) = permuted {
             w = unpermute(&w, n, head_dim)?;
         }
+        // llama.cpp stores Gemma's norm weights as `1 + w`; transformers' (and this crate's) are the offsets.
+        if family == Family::Gemma3 && name.ends_with("norm.weight") {
+            w = w.affine(1.0, -1.0)?;
+        }
         weights.dense.insert(target, w);
     }
     let tied = !weights.dense.contains_key("lm_head.weight") && !weights.quantized.contains_key("lm_head.weight");
+    let gemma = family == Family::Gemma3;
+    // What llama.cpp assumes for Gemma 3, as transformers' reading of such a file does: every sixth layer
+    // attends globally, the others within the window with a rotary base of 10,000; scores are scaled by the
+    // head size (the 27B model, 62 layers, by hidden size / heads).
+    let sliding = match (gemma, num("attention.sliding_window")) {
+        (true, Some(window)) => Some(SlidingWindow {
+            window: window as usize,
+            layers: (0..layers).map(|n| (n + 1) % 6 != 0).collect(),
+            rope_theta: 10_000.0,
+        }),
+        _ => None,
+    };
+    let query_pre_attn_scalar =
+        gemma.then(|| if layers == 62 { (hidden / heads.max(1)) as f64 } else { head_dim as f64 });
+    // Gemma ends a chat turn with `<end_of_turn>`, which its files do not mark as an end token.
+    let end_of_turn = tokens.iter().position(|t| gemma && t == "<end_of_turn>").map(|i| i as u32);
     let config = LlamaConfig {
         vocab_size: num("vocab_size").map_or(tokens.len(), |v| v as usize),
         hidden_size: hidden,
@@ -165,25 +206,40 @@ pub fn read_llama(path: &Path, device: &Device, keep_quantized: bool) -> Result<
         eos_token_ids: ["tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id"]
             .iter()
             .filter_map(|k| token_id(k))
+            .chain(end_of_turn)
             .fold(Vec::new(), |mut v, t| {
                 if !v.contains(&t) {
                     v.push(t);
                 }
                 v
             }),
+        family,
+        hidden_act: if gemma { Activation::GeluTanh } else { Activation::Silu },
+        query_pre_attn_scalar,
+        sliding,
     };
     config.validate().map_err(bad)?;
     Ok(GgufLlama {
         config,
         weights,
-        vocab: ByteLevelVocab { tokens, merges, special },
-        chat_template: text("tokenizer.chat_template"),
+        vocab,
+        chat_template: text("tokenizer.chat_template").or_else(|| gemma.then(|| GEMMA_CHAT_TEMPLATE.to_string())),
         tensor_types: types.into_iter().collect(),
     })
 }
 
-/// transformers' name of a llama.cpp tensor.
-fn hf_name(gguf: &str) -> Option<String> {
+/// Gemma 3's chat format, for files that carry no template (the base models'): the text transformers'
+/// template for Gemma 3 writes for plain-text turns (a system turn's text opens the first user turn).
+pub const GEMMA_CHAT_TEMPLATE: &str = "{{ bos_token }}\
+{%- set prefix = messages[0]['content'] + '\n\n' if messages[0]['role'] == 'system' else '' -%}\
+{%- for m in messages if m['role'] != 'system' -%}\
+{{ '<start_of_turn>' + ('model' if m['role'] == 'assistant' else m['role']) + '\n' }}\
+{{- (prefix if loop.first else '') + (m['content'] | trim) + '<end_of_turn>\n' }}\
+{%- endfor -%}\
+{%- if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif -%}";
+
+/// transformers' name of a llama.cpp tensor of a `family` model.
+fn hf_name(gguf: &str, family: Family) -> Option<String> {
     match gguf {
         "token_embd.weight" => return Some("model.embed_tokens.weight".into()),
         "output_norm.weight" => return Some("model.norm.weight".into()),
@@ -193,9 +249,15 @@ fn hf_name(gguf: &str) -> Option<String> {
     let rest = gguf.strip_prefix("blk.")?;
     let (layer, part) = rest.split_once('.')?;
     let layer: usize = layer.parse().ok()?;
+    let gemma = family == Family::Gemma3;
     let part = match part {
         "attn_norm.weight" => "input_layernorm.weight",
+        "ffn_norm.weight" if gemma => "pre_feedforward_layernorm.weight",
         "ffn_norm.weight" => "post_attention_layernorm.weight",
+        "post_attention_norm.weight" if gemma => "post_attention_layernorm.weight",
+        "post_ffw_norm.weight" if gemma => "post_feedforward_layernorm.weight",
+        "attn_q_norm.weight" if gemma => "self_attn.q_norm.weight",
+        "attn_k_norm.weight" if gemma => "self_attn.k_norm.weight",
         "attn_q.weight" => "self_attn.q_proj.weight",
         "attn_k.weight" => "self_attn.k_proj.weight",
         "attn_v.weight" => "self_attn.v_proj.weight",
@@ -259,8 +321,15 @@ mod tests {
         let q = QTensor::quantize(&permuted, GgmlDType::Q8_0)?;
         let want = unpermute(&q.dequantize(&Device::Cpu)?, n, d)?.to_vec2::<f32>()?;
         assert_eq!(unpermute_blocks(&q, n, d)?.dequantize(&Device::Cpu)?.to_vec2::<f32>()?, want);
-        assert_eq!(hf_name("blk.12.ffn_down.weight").as_deref(), Some("model.layers.12.mlp.down_proj.weight"));
-        assert_eq!(hf_name("blk.x.ffn_down.weight"), None);
+        let name = |n: &str, f: Family| hf_name(n, f);
+        assert_eq!(
+            name("blk.12.ffn_down.weight", Family::Llama).as_deref(),
+            Some("model.layers.12.mlp.down_proj.weight")
+        );
+        assert_eq!(name("blk.x.ffn_down.weight", Family::Llama), None);
+        assert_eq!(name("blk.1.post_ffw_norm.weight", Family::Llama), None);
+        let ffn_norm = name("blk.1.ffn_norm.weight", Family::Gemma3);
+        assert_eq!(ffn_norm.as_deref(), Some("model.layers.1.pre_feedforward_layernorm.weight"));
         Ok(())
     }
 }

@@ -123,6 +123,36 @@ pub struct LlamaConfig {
     /// Every token that ends generation (transformers' `eos_token_id` may be a list; a GGUF file adds its
     /// end-of-turn and end-of-message tokens).
     pub eos_token_ids: Vec<u32>,
+    /// Llama, or Gemma 3's variations on it.
+    pub family: Family,
+    /// The feed-forward block's gate activation.
+    pub hidden_act: Activation,
+    /// Attention scores are scaled by `1/√query_pre_attn_scalar` (`None`: `1/√head_dim`).
+    pub query_pre_attn_scalar: Option<f64>,
+    /// Layers that attend within a sliding window, when the model has any.
+    pub sliding: Option<SlidingWindow>,
+}
+
+/// The decoder families this crate runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Family {
+    Llama,
+    /// Gemma 3 (text): RMSNorm weights are offsets from 1 (`x̂ · (1 + w)`), embeddings are scaled by
+    /// `√hidden_size`, queries and keys are RMS-normalised per head before the rotation, and each sublayer's
+    /// output is normalised before it joins the residual stream.
+    Gemma3,
+}
+
+pub use crate::cpu::decoder::Activation;
+
+/// Sliding-window attention: in the layers marked, a query sees itself and the `window − 1` tokens before
+/// it, and the rotation uses its own base.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SlidingWindow {
+    pub window: usize,
+    /// One flag per layer.
+    pub layers: Vec<bool>,
+    pub rope_theta: f64,
 }
 
 #[derive(Deserialize)]
@@ -145,8 +175,21 @@ struct RawConfig {
     max_position_embeddings: usize,
     #[serde(default)]
     tie_word_embeddings: bool,
+    model_type: Option<String>,
     #[serde(default = "default_act")]
     hidden_act: String,
+    /// Gemma's name for `hidden_act`.
+    hidden_activation: Option<String>,
+    query_pre_attn_scalar: Option<f64>,
+    sliding_window: Option<usize>,
+    /// `"sliding_attention"` or `"full_attention"` per layer.
+    layer_types: Option<Vec<String>>,
+    /// transformers < 5: the rotary base of sliding-window layers.
+    rope_local_base_freq: Option<f64>,
+    final_logit_softcapping: Option<f64>,
+    attn_logit_softcapping: Option<f64>,
+    #[serde(default)]
+    use_bidirectional_attention: bool,
     #[serde(default)]
     attention_bias: bool,
     #[serde(default)]
@@ -182,25 +225,66 @@ impl LlamaConfig {
 
     pub fn from_json(text: &str) -> Result<Self, String> {
         let raw: RawConfig = serde_json::from_str(text).map_err(|e| format!("not a Llama config: {e}"))?;
-        if raw.hidden_act != "silu" {
-            return Err(format!("hidden_act {:?} is not supported; only \"silu\" is", raw.hidden_act));
-        }
+        let family = match raw.model_type.as_deref() {
+            None | Some("llama") => Family::Llama,
+            Some("gemma3_text") => Family::Gemma3,
+            Some(other) => {
+                return Err(format!("model_type {other:?} is not a decoder this crate runs (llama, gemma3_text)"))
+            }
+        };
+        let act = raw.hidden_activation.as_deref().unwrap_or(&raw.hidden_act);
+        let hidden_act = match act {
+            "silu" => Activation::Silu,
+            "gelu_pytorch_tanh" | "gelu_tanh" => Activation::GeluTanh,
+            other => return Err(format!("activation {other:?} is not supported (silu, gelu_pytorch_tanh)")),
+        };
         if raw.attention_bias || raw.mlp_bias {
             return Err("attention_bias and mlp_bias are not supported".into());
         }
-        let rope_type =
-            raw.rope_parameters.as_ref().and_then(|p| p.get("rope_type")).and_then(|t| t.as_str()).unwrap_or("default");
-        let scaled = raw.rope_scaling.as_ref().is_some_and(|s| !s.is_null());
-        if rope_type != "default" || scaled {
-            return Err(format!("rope scaling ({rope_type}) is not supported; only the default rotary embedding is"));
+        if raw.final_logit_softcapping.is_some() || raw.attn_logit_softcapping.is_some() {
+            return Err("logit soft-capping is not supported".into());
         }
-        let rope_theta = raw
-            .rope_parameters
-            .as_ref()
-            .and_then(|p| p.get("rope_theta"))
-            .and_then(serde_json::Value::as_f64)
-            .or(raw.rope_theta)
-            .unwrap_or(10_000.0);
+        if raw.use_bidirectional_attention {
+            return Err("bidirectional attention is not supported".into());
+        }
+        // transformers 5 keeps the rotary settings in `rope_parameters`: one set, or one per layer type.
+        let rope = |kind: Option<&str>| -> Result<Option<f64>, String> {
+            let Some(p) = raw.rope_parameters.as_ref() else { return Ok(None) };
+            let p = match kind {
+                Some(k) if p.get(k).is_some() => &p[k],
+                _ => p,
+            };
+            let rope_type = p.get("rope_type").and_then(|t| t.as_str()).unwrap_or("default");
+            if rope_type != "default" {
+                return Err(format!(
+                    "rope scaling ({rope_type}) is not supported; only the default rotary embedding is"
+                ));
+            }
+            Ok(p.get("rope_theta").and_then(serde_json::Value::as_f64))
+        };
+        if raw.rope_scaling.as_ref().is_some_and(|s| !s.is_null()) {
+            return Err("rope scaling is not supported; only the default rotary embedding is".into());
+        }
+        let rope_theta = rope(Some("full_attention"))?.or(raw.rope_theta).unwrap_or(10_000.0);
+        let sliding = match (&raw.layer_types, raw.sliding_window) {
+            (Some(types), Some(window)) if types.iter().any(|t| t == "sliding_attention") => {
+                if types.len() != raw.num_hidden_layers {
+                    return Err(format!("{} layer_types for {} layers", types.len(), raw.num_hidden_layers));
+                }
+                if let Some(bad) = types.iter().find(|t| *t != "sliding_attention" && *t != "full_attention") {
+                    return Err(format!("layer type {bad:?} is not supported"));
+                }
+                Some(SlidingWindow {
+                    window,
+                    layers: types.iter().map(|t| t == "sliding_attention").collect(),
+                    rope_theta: rope(Some("sliding_attention"))?.or(raw.rope_local_base_freq).unwrap_or(rope_theta),
+                })
+            }
+            (Some(types), None) if types.iter().any(|t| t == "sliding_attention") => {
+                return Err("sliding-window layers without a sliding_window".into())
+            }
+            _ => None,
+        };
         let heads = raw.num_attention_heads;
         let kv = raw.num_key_value_heads.unwrap_or(heads);
         let head_dim = raw.head_dim.unwrap_or(raw.hidden_size / heads.max(1));
@@ -218,9 +302,23 @@ impl LlamaConfig {
             tie_word_embeddings: raw.tie_word_embeddings,
             bos_token_id: token_ids(raw.bos_token_id.as_ref()).first().copied(),
             eos_token_ids: token_ids(raw.eos_token_id.as_ref()),
+            family,
+            hidden_act,
+            query_pre_attn_scalar: raw.query_pre_attn_scalar,
+            sliding,
         };
         config.validate()?;
         Ok(config)
+    }
+
+    /// The attention scores' scale.
+    pub fn attention_scale(&self) -> f32 {
+        (1.0 / self.query_pre_attn_scalar.unwrap_or(self.head_dim as f64).sqrt()) as f32
+    }
+
+    /// The sliding window of layer `n`, if it has one.
+    pub fn window(&self, n: usize) -> Option<usize> {
+        self.sliding.as_ref().filter(|s| s.layers.get(n).copied().unwrap_or(false)).map(|s| s.window)
     }
 
     /// Checks the sizes fit together (a config read from a GGUF file's metadata goes through here too).
@@ -234,6 +332,19 @@ impl LlamaConfig {
         }
         if self.hidden_size == 0 || self.num_hidden_layers == 0 || self.vocab_size == 0 || self.intermediate_size == 0 {
             return Err("hidden_size, num_hidden_layers, vocab_size and intermediate_size must be positive".into());
+        }
+        if let Some(s) = &self.sliding {
+            if s.window == 0 || s.layers.len() != self.num_hidden_layers {
+                return Err(format!(
+                    "a sliding window of {} over {} of {} layers",
+                    s.window,
+                    s.layers.len(),
+                    self.num_hidden_layers
+                ));
+            }
+        }
+        if self.query_pre_attn_scalar.is_some_and(|q| q.partial_cmp(&0.0) != Some(std::cmp::Ordering::Greater)) {
+            return Err("query_pre_attn_scalar must be positive".into());
         }
         Ok(())
     }
@@ -258,10 +369,30 @@ struct Layer {
     k: BaseWeight,
     v: BaseWeight,
     o: BaseWeight,
-    post_norm: Tensor,
+    /// Gemma 3: the RMSNorm of each head's query and key (`[head_dim]`).
+    qk_norms: Option<(Tensor, Tensor)>,
+    /// Gemma 3: the RMSNorm of the attention's output, before the residual.
+    attn_out_norm: Option<Tensor>,
+    /// The feed-forward block's input norm (Llama's `post_attention_layernorm`, Gemma's
+    /// `pre_feedforward_layernorm`).
+    ff_norm: Tensor,
+    /// Gemma 3: the RMSNorm of the feed-forward output, before the residual.
+    ff_out_norm: Option<Tensor>,
     gate: BaseWeight,
     up: BaseWeight,
     down: BaseWeight,
+    /// The sliding window of its attention, if any.
+    window: Option<usize>,
+    /// Its rotary tables (an index into [`Llama`]'s).
+    rope: usize,
+}
+
+/// One set of rotary tables: on the host for the fused kernels, as tensors for the composed ops.
+#[derive(Clone, Debug)]
+struct Rope {
+    host: Arc<RopeTables>,
+    cos: Tensor,
+    sin: Tensor,
 }
 
 /// The keys and values of every layer for the positions seen so far (generation).
@@ -293,11 +424,9 @@ pub struct Llama {
     norm: Tensor,
     /// `None` when tied to the embeddings.
     lm_head: Option<BaseWeight>,
-    /// cos and sin of every position's rotation angles, `[max_position_embeddings, head_dim]`.
-    cos: Tensor,
-    sin: Tensor,
-    /// The same tables on the host, for the fused attention.
-    rope: Arc<RopeTables>,
+    /// cos and sin of every position's rotation angles, `[max_position_embeddings, head_dim]`: the global
+    /// layers' first, then the sliding-window layers' when their base differs.
+    ropes: Vec<Rope>,
     /// LoRA, when the model has it; its pretrained parameters are then frozen.
     lora: Option<DecoderLora>,
     kernels: Kernels,
@@ -326,6 +455,12 @@ impl Llama {
             }
         };
         let embed = base(&m.pp("embed_tokens"), config.vocab_size, h)?;
+        // Gemma's norm weights are offsets from 1: a new one starts at 0.
+        let norm_init = match config.family {
+            Family::Llama => Init::Ones,
+            Family::Gemma3 => Init::Zeros,
+        };
+        let local_rope = config.sliding.as_ref().is_some_and(|s| s.rope_theta != config.rope_theta);
         let layers = (0..config.num_hidden_layers)
             .map(|n| {
                 let l = m.pp(&format!("layers.{n}")).with_role(mtl_core::ParamRole::Layer(n));
@@ -346,35 +481,64 @@ impl Llama {
                         );
                     }
                 }
+                let d = config.head_dim;
+                let gemma = config.family == Family::Gemma3;
+                let window = config.window(n);
                 Ok(Layer {
                     lora: adapted,
-                    input_norm: l.pp("input_layernorm").get(h, "weight", Init::Ones)?,
+                    input_norm: l.pp("input_layernorm").get(h, "weight", norm_init)?,
                     q: base(&a.pp("q_proj"), q_out, h)?,
                     k: base(&a.pp("k_proj"), kv_out, h)?,
                     v: base(&a.pp("v_proj"), kv_out, h)?,
                     o: base(&a.pp("o_proj"), h, q_out)?,
-                    post_norm: l.pp("post_attention_layernorm").get(h, "weight", Init::Ones)?,
+                    qk_norms: match gemma {
+                        true => Some((
+                            a.pp("q_norm").get(d, "weight", norm_init)?,
+                            a.pp("k_norm").get(d, "weight", norm_init)?,
+                        )),
+                        false => None,
+                    },
+                    attn_out_norm: match gemma {
+                        true => Some(l.pp("post_attention_layernorm").get(h, "weight", norm_init)?),
+                        false => None,
+                    },
+                    ff_norm: match gemma {
+                        true => l.pp("pre_feedforward_layernorm").get(h, "weight", norm_init)?,
+                        false => l.pp("post_attention_layernorm").get(h, "weight", norm_init)?,
+                    },
+                    ff_out_norm: match gemma {
+                        true => Some(l.pp("post_feedforward_layernorm").get(h, "weight", norm_init)?),
+                        false => None,
+                    },
                     gate: base(&f.pp("gate_proj"), i, h)?,
                     up: base(&f.pp("up_proj"), i, h)?,
                     down: base(&f.pp("down_proj"), h, i)?,
+                    window,
+                    rope: usize::from(window.is_some() && local_rope),
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        let norm = m.pp("norm").get(h, "weight", Init::Ones)?;
+        let norm = m.pp("norm").get(h, "weight", norm_init)?;
         let lm_head =
             if config.tie_word_embeddings { None } else { Some(base(&pb.pp("lm_head"), config.vocab_size, h)?) };
-        let rope = Arc::new(rotary_tables(config));
-        let cos = Tensor::from_slice(&rope.cos, (config.max_position_embeddings, config.head_dim), &pb.device())?;
-        let sin = Tensor::from_slice(&rope.sin, (config.max_position_embeddings, config.head_dim), &pb.device())?;
+        let rope = |theta: f64| -> Result<Rope> {
+            let host = Arc::new(rotary_tables(config, theta));
+            let shape = (config.max_position_embeddings, config.head_dim);
+            let cos = Tensor::from_slice(&host.cos, shape, &pb.device())?;
+            let sin = Tensor::from_slice(&host.sin, shape, &pb.device())?;
+            Ok(Rope { host, cos, sin })
+        };
+        let mut ropes = vec![rope(config.rope_theta)?];
+        if let Some(s) = config.sliding.as_ref().filter(|_| local_rope) {
+            ropes.push(rope(s.rope_theta)?);
+        }
         let mut model = Self {
             config: config.clone(),
             embed,
             layers,
             norm,
             lm_head,
-            cos,
-            sin,
-            rope,
+            ropes,
             lora: lora.cloned(),
             kernels: Kernels::default(),
         };
@@ -390,7 +554,13 @@ impl Llama {
             model.norm = model.norm.detach();
             for l in &mut model.layers {
                 l.input_norm = l.input_norm.detach();
-                l.post_norm = l.post_norm.detach();
+                l.ff_norm = l.ff_norm.detach();
+                for norm in [l.attn_out_norm.as_mut(), l.ff_out_norm.as_mut()].into_iter().flatten() {
+                    *norm = norm.detach();
+                }
+                if let Some((q, k)) = l.qk_norms.as_mut() {
+                    (*q, *k) = (q.detach(), k.detach());
+                }
                 [&mut l.q, &mut l.k, &mut l.v, &mut l.o, &mut l.gate, &mut l.up, &mut l.down]
                     .into_iter()
                     .for_each(freeze);
@@ -421,8 +591,17 @@ impl Llama {
         self.kernels == Kernels::Fused && x.device().is_cpu() && x.dtype() == DType::F32
     }
 
-    /// RMSNorm of the final hidden states or a sublayer's input.
+    /// RMSNorm of the final hidden states or a sublayer's input or output.
     fn rms_norm(&self, x: &Tensor, weight: &Tensor) -> Result<Tensor> {
+        // Gemma's weights are offsets from 1.
+        let offset;
+        let weight = match self.config.family {
+            Family::Llama => weight,
+            Family::Gemma3 => {
+                offset = weight.affine(1.0, 1.0)?;
+                &offset
+            }
+        };
         if self.fused(x) {
             crate::cpu::decoder::rms_norm(x, weight, self.config.rms_norm_eps)
         } else {
@@ -512,15 +691,26 @@ impl Llama {
                 head_dim: c.head_dim,
                 positions: Arc::new(positions),
                 mask: Arc::new(mask.map_or_else(|| vec![1; b * s], <[u32]>::to_vec)),
-                rope: self.rope.clone(),
+                rope: self.ropes[0].host.clone(),
+                scale: c.attention_scale(),
+                window: None,
             })
         } else {
             let positions = Tensor::from_vec(positions, b * s, device)?;
             let d = c.head_dim;
-            let cos = self.cos.index_select(&positions, 0)?.reshape((b, 1, s, d))?;
-            let sin = self.sin.index_select(&positions, 0)?.reshape((b, 1, s, d))?;
-            let bias = attention_bias(b, s, past, mask, past_real, device)?; // [b, 1, s, past + s]
-            Attention::Composed { b, s, cos, sin, bias }
+            let tables = self
+                .ropes
+                .iter()
+                .map(|r| {
+                    let cos = r.cos.index_select(&positions, 0)?.reshape((b, 1, s, d))?;
+                    Ok((cos, r.sin.index_select(&positions, 0)?.reshape((b, 1, s, d))?))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            // [b, 1, s, past + s] for full attention, and for the sliding window when the model has one.
+            let full = attention_bias(b, s, past, mask, past_real, None, device)?;
+            let window = c.sliding.as_ref().map(|w| w.window);
+            let windowed = window.map(|w| attention_bias(b, s, past, mask, past_real, Some(w), device)).transpose()?;
+            Attention::Composed { b, s, tables, full, windowed }
         };
         for (n, layer) in self.layers.iter().enumerate() {
             let slot = match cache.as_mut() {
@@ -558,14 +748,19 @@ impl Llama {
         }
     }
 
-    /// The input embeddings of the token ids `ids` (`[n]` → `[n, hidden]`).
+    /// The input embeddings of the token ids `ids` (`[n]` → `[n, hidden]`; Gemma's scaled by `√hidden`).
     fn embed_ids(&self, ids: &Tensor) -> Result<Tensor> {
-        match &self.embed {
-            BaseWeight::Dense(e) => Ok(e.index_select(ids, 0)?),
+        let x = match &self.embed {
+            BaseWeight::Dense(e) => e.index_select(ids, 0)?,
             BaseWeight::Quantized(q) => {
                 let rows = q.embedding(&ids.to_vec1::<u32>()?)?;
-                Ok(Tensor::from_vec(rows, (ids.elem_count(), self.config.hidden_size), ids.device())?)
+                Tensor::from_vec(rows, (ids.elem_count(), self.config.hidden_size), ids.device())?
             }
+        };
+        match self.config.family {
+            Family::Llama => Ok(x),
+            // transformers multiplies by √hidden rounded to the weights' type (f32 here).
+            Family::Gemma3 => Ok(x.affine(f64::from((self.config.hidden_size as f32).sqrt()), 0.0)?),
         }
     }
 
@@ -698,32 +893,43 @@ impl Llama {
             }
         };
         let h = self.rms_norm(x, &l.input_norm)?;
+        let mut q = linear(DecoderModule::QProj, &h, &l.q)?;
+        let mut k = linear(DecoderModule::KProj, &h, &l.k)?;
+        let v = linear(DecoderModule::VProj, &h, &l.v)?;
+        if let Some((qn, kn)) = &l.qk_norms {
+            // Each head's query and key, normalised over its `head_dim` values.
+            let per_head = |t: &Tensor, w: &Tensor| -> Result<Tensor> {
+                let (n, width) = t.dims2()?;
+                self.rms_norm(&t.reshape((n * width / d, d))?, w)?.reshape((n, width)).map_err(Into::into)
+            };
+            (q, k) = (per_head(&q, qn)?, per_head(&k, kn)?);
+        }
+        let rope = &self.ropes[l.rope];
         let ctx = match attention {
-            Attention::Fused(attention) => attention.forward(
-                &linear(DecoderModule::QProj, &h, &l.q)?,
-                &linear(DecoderModule::KProj, &h, &l.k)?,
-                &linear(DecoderModule::VProj, &h, &l.v)?,
-            )?,
+            Attention::Fused(attention) => {
+                let layer = CausalAttention { rope: rope.host.clone(), window: l.window, ..attention.clone() };
+                layer.forward(&q, &k, &v)?
+            }
             Attention::Host { rows, s, positions, mask } => {
                 let LayerCache::Host { cache, layer } = cache else {
                     return Err(NnError::Input("host attention without its cache".into()));
                 };
                 let host = |t: Tensor| -> Result<Vec<f32>> { Ok(t.flatten_all()?.to_vec1::<f32>()?) };
-                let q = host(linear(DecoderModule::QProj, &h, &l.q)?)?;
-                let k = host(linear(DecoderModule::KProj, &h, &l.k)?)?;
-                let v = host(linear(DecoderModule::VProj, &h, &l.v)?)?;
-                let ctx = cache.attend(layer, &q, &k, &v, *s, positions, mask, &self.rope);
+                let (q, k, v) = (host(q)?, host(k)?, host(v)?);
+                let scale = c.attention_scale();
+                let ctx = cache.attend(layer, &q, &k, &v, *s, positions, mask, &rope.host, scale, l.window);
                 Tensor::from_vec(ctx, (rows * s, nh * d), x.device())?
             }
-            Attention::Composed { b, s, cos, sin, bias } => {
+            Attention::Composed { b, s, tables, full, windowed } => {
                 let (b, s) = (*b, *s);
-                let heads = |module: DecoderModule, w: &BaseWeight, n: usize| -> Result<Tensor> {
-                    // [b*s, n*d] → [b, n, s, d]
-                    Ok(linear(module, &h, w)?.reshape((b, s, n, d))?.transpose(1, 2)?.contiguous()?)
+                let (cos, sin) = &tables[l.rope];
+                // [b*s, n*d] → [b, n, s, d]
+                let heads = |t: Tensor, n: usize| -> Result<Tensor> {
+                    Ok(t.reshape((b, s, n, d))?.transpose(1, 2)?.contiguous()?)
                 };
-                let q = rotate(&heads(DecoderModule::QProj, &l.q, nh)?, cos, sin)?;
-                let mut k = rotate(&heads(DecoderModule::KProj, &l.k, kvh)?, cos, sin)?;
-                let mut v = heads(DecoderModule::VProj, &l.v, kvh)?;
+                let q = rotate(&heads(q, nh)?, cos, sin)?;
+                let mut k = rotate(&heads(k, kvh)?, cos, sin)?;
+                let mut v = heads(v, kvh)?;
                 if let LayerCache::Tensors(slot) = cache {
                     if let Some((pk, pv)) = slot.as_ref() {
                         k = Tensor::cat(&[pk, &k], 2)?;
@@ -737,16 +943,32 @@ impl Llama {
                 let t = k.dim(2)?;
                 // Grouped-query attention: each key/value head serves nh / kvh query heads.
                 let (k, v) = (repeat_kv(&k, nh / kvh, b, kvh, t, d)?, repeat_kv(&v, nh / kvh, b, kvh, t, d)?);
-                let scores = (q.matmul(&k.t()?)? / (d as f64).sqrt())?.broadcast_add(bias)?;
+                let bias = match (l.window, windowed) {
+                    (Some(_), Some(w)) => w,
+                    _ => full,
+                };
+                let scores = (q.matmul(&k.t()?)? * f64::from(c.attention_scale()))?.broadcast_add(bias)?;
                 let probs = softmax_last(&scores)?;
                 probs.matmul(&v)?.transpose(1, 2)?.contiguous()?.reshape((b * s, nh * d))?
             }
         };
-        let x = (x + linear(DecoderModule::OProj, &ctx, &l.o)?)?;
-        let h = self.rms_norm(&x, &l.post_norm)?;
+        let mut attended = linear(DecoderModule::OProj, &ctx, &l.o)?;
+        if let Some(norm) = &l.attn_out_norm {
+            attended = self.rms_norm(&attended, norm)?;
+        }
+        let x = (x + attended)?;
+        let h = self.rms_norm(&x, &l.ff_norm)?;
         let (gate, up) = (linear(DecoderModule::GateProj, &h, &l.gate)?, linear(DecoderModule::UpProj, &h, &l.up)?);
-        let ff = if self.fused(&gate) { crate::cpu::decoder::swiglu(&gate, &up)? } else { (gate.silu()? * up)? };
-        Ok((x + linear(DecoderModule::DownProj, &ff, &l.down)?)?)
+        let ff = match (self.fused(&gate), c.hidden_act) {
+            (true, act) => crate::cpu::decoder::gated(&gate, &up, act)?,
+            (false, Activation::Silu) => (gate.silu()? * up)?,
+            (false, Activation::GeluTanh) => (gate.gelu()? * up)?,
+        };
+        let mut out = linear(DecoderModule::DownProj, &ff, &l.down)?;
+        if let Some(norm) = &l.ff_out_norm {
+            out = self.rms_norm(&out, norm)?;
+        }
+        Ok((x + out)?)
     }
 }
 
@@ -766,9 +988,11 @@ enum Attention {
     Composed {
         b: usize,
         s: usize,
-        cos: Tensor,
-        sin: Tensor,
-        bias: Tensor,
+        /// cos and sin of each token, per rotary table.
+        tables: Vec<(Tensor, Tensor)>,
+        /// The bias of full attention, and of the sliding window when the model has one.
+        full: Tensor,
+        windowed: Option<Tensor>,
     },
 }
 
@@ -782,9 +1006,9 @@ enum LayerCache<'a> {
 
 /// The rotation tables of transformers' default rotary embedding: angle `p · θ^(-2i/d)` for position `p` and
 /// frequency `i < d/2`, each repeated for both halves of the head (the `rotate_half` layout).
-fn rotary_tables(c: &LlamaConfig) -> RopeTables {
+fn rotary_tables(c: &LlamaConfig, theta: f64) -> RopeTables {
     let d = c.head_dim;
-    let inv: Vec<f32> = (0..d / 2).map(|i| (1.0 / c.rope_theta.powf(2.0 * i as f64 / d as f64)) as f32).collect();
+    let inv: Vec<f32> = (0..d / 2).map(|i| (1.0 / theta.powf(2.0 * i as f64 / d as f64)) as f32).collect();
     let (mut cos, mut sin) = (Vec::with_capacity(c.max_position_embeddings * d), Vec::new());
     sin.reserve(c.max_position_embeddings * d);
     for p in 0..c.max_position_embeddings {
@@ -815,14 +1039,15 @@ fn repeat_kv(x: &Tensor, groups: usize, b: usize, kvh: usize, t: usize, d: usize
     Ok(x.unsqueeze(2)?.broadcast_as((b, kvh, groups, t, d))?.contiguous()?.reshape((b, kvh * groups, t, d))?)
 }
 
-/// The additive attention bias `[b, 1, s, past + s]`: 0 where query `i` (at position `past + i`) may see key
-/// `j` (causal, and a real token), a large negative number elsewhere.
+/// The additive attention bias `[b, 1, s, past + s]`: 0 where query `i` (at index `past + i`) may see key
+/// `j` (causal, a real token, and within `window` when there is one), a large negative number elsewhere.
 fn attention_bias(
     b: usize,
     s: usize,
     past: usize,
     mask: Option<&[u32]>,
     past_real: Option<&[Vec<u32>]>,
+    window: Option<usize>,
     device: &Device,
 ) -> Result<Tensor> {
     const MASKED: f32 = -1e30;
@@ -831,7 +1056,7 @@ fn attention_bias(
     for r in 0..b {
         for i in 0..s {
             for j in 0..t {
-                let causal = j <= past + i;
+                let causal = j <= past + i && window.is_none_or(|w| past + i - j < w);
                 // The mask covers the new positions, the cache the earlier ones.
                 let real = if j < past {
                     past_real.is_none_or(|p| p[r][j] != 0)

@@ -1,29 +1,42 @@
-//! The Llama decoder against transformers' `LlamaForCausalLM` on the tiny random model of
-//! `tests/fixtures/tiny-llama` (made by `scripts/make_fixtures.py llama`).
+//! The decoder against transformers on the tiny random models of `tests/fixtures/tiny-llama`
+//! (`LlamaForCausalLM`) and `tests/fixtures/tiny-gemma3` (`Gemma3ForCausalLM`), made by
+//! `scripts/make_fixtures.py llama` and `… gemma3`.
 
 use std::path::PathBuf;
 
 use candle_core::{Device, Tensor};
 use serde_json::Value;
 
-use crate::llama::{causal_lm_loss, KvCache, Llama, LlamaConfig};
+use crate::llama::{causal_lm_loss, Activation, Family, KvCache, Llama, LlamaConfig, SlidingWindow};
 use crate::params::ParamBuilder;
 
 type TestResult = Result<(), Box<dyn std::error::Error>>;
 /// Token ids `[batch, seq]`, the attention mask (row-major), batch and seq.
 type Batch = (Tensor, Vec<u32>, usize, usize);
 
+/// The two tiny models.
+const MODELS: [&str; 2] = ["tiny-llama", "tiny-gemma3"];
+
 fn dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/tiny-llama")
+    fixture("tiny-llama")
+}
+
+fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures").join(name)
 }
 
 fn load() -> Result<(Llama, crate::ParamStore, Value), Box<dyn std::error::Error>> {
-    let config = LlamaConfig::from_file(&dir().join("config.json"))?;
-    let pb = ParamBuilder::from_safetensors(&dir().join("model.safetensors"), 0, &Device::Cpu)?;
+    load_model("tiny-llama")
+}
+
+fn load_model(name: &str) -> Result<(Llama, crate::ParamStore, Value), Box<dyn std::error::Error>> {
+    let dir = fixture(name);
+    let config = LlamaConfig::from_file(&dir.join("config.json"))?;
+    let pb = ParamBuilder::from_safetensors(&dir.join("model.safetensors"), 0, &Device::Cpu)?;
     let model = Llama::new(&pb, &config)?;
     let store = pb.finish();
-    assert!(store.initialised().is_empty(), "every tensor loads: {:?}", store.initialised());
-    let reference: Value = serde_json::from_str(&std::fs::read_to_string(dir().join("reference.json"))?)?;
+    assert!(store.initialised().is_empty(), "{name}: every tensor loads: {:?}", store.initialised());
+    let reference: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json"))?)?;
     Ok((model, store, reference))
 }
 
@@ -48,13 +61,32 @@ fn config_reads_transformers_5_and_refuses_what_it_cannot_run() -> TestResult {
     let scaled = text.replace("\"rope_type\": \"default\"", "\"rope_type\": \"llama3\"");
     assert!(LlamaConfig::from_json(&scaled).is_err_and(|e| e.contains("rope scaling")));
     let gelu = text.replace("\"silu\"", "\"gelu\"");
-    assert!(LlamaConfig::from_json(&gelu).is_err_and(|e| e.contains("hidden_act")));
+    assert!(LlamaConfig::from_json(&gelu).is_err_and(|e| e.contains("activation \"gelu\"")));
+    // Gemma 3: rotary bases per layer type, the window and which layers use it, the score scale.
+    let g = LlamaConfig::from_file(&fixture("tiny-gemma3").join("config.json"))?;
+    assert_eq!((g.family, g.hidden_act, g.rope_theta), (Family::Gemma3, Activation::GeluTanh, 1000.0));
+    let sliding = SlidingWindow { window: 3, layers: vec![true, true, false], rope_theta: 100.0 };
+    assert_eq!(g.sliding.as_ref(), Some(&sliding));
+    assert_eq!((g.window(0), g.window(2)), (Some(3), None));
+    assert_eq!(g.attention_scale(), (1.0 / 12f64.sqrt()) as f32);
+    let text = std::fs::read_to_string(fixture("tiny-gemma3").join("config.json"))?;
+    let capped = text.replace("\"final_logit_softcapping\": null", "\"final_logit_softcapping\": 30.0");
+    assert!(LlamaConfig::from_json(&capped).is_err_and(|e| e.contains("soft-capping")));
+    let other = text.replace("\"gemma3_text\"", "\"gemma2\"");
+    assert!(LlamaConfig::from_json(&other).is_err_and(|e| e.contains("gemma2")));
     Ok(())
 }
 
 #[test]
 fn logits_match_transformers_on_a_padded_batch() -> TestResult {
-    let (model, _, reference) = load()?;
+    for name in MODELS {
+        logits_match(name)?;
+    }
+    Ok(())
+}
+
+fn logits_match(name: &str) -> TestResult {
+    let (model, _, reference) = load_model(name)?;
     let (ids, mask, b, s) = batch(&reference)?;
     let logits = model.logits(&model.forward(&ids, Some(&mask), None)?)?.to_vec2::<f32>()?;
     let want: Vec<Vec<Vec<f64>>> = serde_json::from_value(reference["logits"].clone())?;
@@ -70,20 +102,27 @@ fn logits_match_transformers_on_a_padded_batch() -> TestResult {
             }
         }
     }
-    assert!(max_diff < 1e-4, "max abs difference {max_diff} over {b} × {s}");
+    assert!(max_diff < 1e-4, "{name}: max abs difference {max_diff} over {b} × {s}");
     Ok(())
 }
 
 #[test]
 fn loss_and_every_gradient_match_pytorch() -> TestResult {
-    let (model, store, reference) = load()?;
+    for name in MODELS {
+        loss_and_gradients_match(name)?;
+    }
+    Ok(())
+}
+
+fn loss_and_gradients_match(name: &str) -> TestResult {
+    let (model, store, reference) = load_model(name)?;
     let (ids, mask, b, s) = batch(&reference)?;
     let labels: Vec<i64> = rows(&reference["labels"]).concat();
     let logits = model.logits(&model.forward(&ids, Some(&mask), None)?)?;
     let loss = causal_lm_loss(&logits, &labels, b, s, -100)?;
     let want = reference["loss"].as_f64().ok_or("loss")?;
     let got = f64::from(loss.to_scalar::<f32>()?);
-    assert!((got - want).abs() < 1e-4, "loss {got} vs {want}");
+    assert!((got - want).abs() < 1e-4, "{name}: loss {got} vs {want}");
     let grads = loss.backward()?;
     let norms = reference["grad_norms"].as_object().ok_or("grad norms")?;
     assert_eq!(norms.len(), store.vars().len(), "one gradient per parameter (the tied head is the embedding)");
@@ -99,7 +138,14 @@ fn loss_and_every_gradient_match_pytorch() -> TestResult {
 
 #[test]
 fn cached_decoding_equals_the_full_pass_and_greedy_matches_transformers() -> TestResult {
-    let (model, _, reference) = load()?;
+    for name in MODELS {
+        cached_decoding_matches(name)?;
+    }
+    Ok(())
+}
+
+fn cached_decoding_matches(name: &str) -> TestResult {
+    let (model, _, reference) = load_model(name)?;
     let prompt: Vec<u32> = serde_json::from_value(reference["prompt"].clone())?;
     let want: Vec<u32> = serde_json::from_value(reference["greedy"].clone())?;
     let mut cache = KvCache::default();
@@ -123,7 +169,7 @@ fn cached_decoding_equals_the_full_pass_and_greedy_matches_transformers() -> Tes
         tokens.push(next);
         next_input = Tensor::from_vec(vec![next], (1, 1), &Device::Cpu)?;
     }
-    assert_eq!(generated, want);
+    assert_eq!(generated, want, "{name}");
     assert_eq!(cache.len(), prompt.len() + want.len() - 1);
 
     // The host cache: the prompt in two chunks, then token by token, each step's logits the full pass's.
@@ -316,8 +362,18 @@ fn fused_kernels_equal_the_composed_ops_in_values_and_every_gradient() -> TestRe
     use rand::{Rng, SeedableRng};
 
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
-    for (heads, kv_heads, head_dim, with_lora) in [(6, 2, 8, false), (4, 4, 6, true), (3, 1, 4, true), (6, 3, 8, false)]
-    {
+    let cases = [
+        (6, 2, 8, false, false),
+        (4, 4, 6, true, false),
+        (3, 1, 4, true, false),
+        (6, 3, 8, false, false),
+        (4, 2, 8, true, true),
+        (2, 1, 6, false, true),
+    ];
+    for (heads, kv_heads, head_dim, with_lora, gemma) in cases {
+        // Gemma 3: its norms, GELU gates, a score scale that is not the head size, and a sliding window of 3
+        // with its own rotary base on the first layer.
+        let sliding = gemma.then(|| SlidingWindow { window: 3, layers: vec![true, false], rope_theta: 100.0 });
         let config = LlamaConfig {
             vocab_size: 37,
             hidden_size: 24,
@@ -332,6 +388,10 @@ fn fused_kernels_equal_the_composed_ops_in_values_and_every_gradient() -> TestRe
             tie_word_embeddings: !with_lora,
             bos_token_id: None,
             eos_token_ids: vec![0],
+            family: if gemma { Family::Gemma3 } else { Family::Llama },
+            hidden_act: if gemma { Activation::GeluTanh } else { Activation::Silu },
+            query_pre_attn_scalar: gemma.then_some(5.0),
+            sliding,
         };
         let pb = ParamBuilder::new(std::collections::HashMap::new(), 11, &Device::Cpu);
         let lora = with_lora.then(|| DecoderLora {
@@ -380,7 +440,7 @@ fn fused_kernels_equal_the_composed_ops_in_values_and_every_gradient() -> TestRe
         };
         let (fused, fused_grads) = run(Kernels::Fused)?;
         let (composed, composed_grads) = run(Kernels::Composed)?;
-        let what = format!("{heads} heads over {kv_heads}, head_dim {head_dim}, LoRA {with_lora}");
+        let what = format!("{heads} heads over {kv_heads}, head_dim {head_dim}, LoRA {with_lora}, Gemma {gemma}");
         let diff =
             fused.iter().flatten().zip(composed.iter().flatten()).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
         assert!(diff < 1e-4, "{what}: logits differ by {diff}");

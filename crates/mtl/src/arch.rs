@@ -14,13 +14,14 @@ use crate::error::{read_json, Error, Result};
 pub enum Architecture {
     /// BERT-style encoders (our own trainable encoder with fused CPU kernels), HF safetensors directories.
     Bert,
-    /// Llama-style decoders, GGUF files or HF safetensors directories.
+    /// Decoders of the Llama family (Llama, and Gemma 3's variations on it), GGUF files or HF safetensors
+    /// directories.
     Llama,
 }
 
 impl Architecture {
     /// The names `model_type` takes for each variant, as `config.json` and GGUF metadata spell them.
-    pub const NAMES: [&'static str; 2] = ["bert", "llama"];
+    pub const NAMES: [&'static str; 4] = ["bert", "llama", "gemma3", "gemma3_text"];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -33,7 +34,8 @@ impl Architecture {
     pub fn from_model_type(model_type: &str, path: &Path) -> Result<Self> {
         match model_type {
             "bert" => Ok(Architecture::Bert),
-            "llama" => Ok(Architecture::Llama),
+            // GGUF files name Gemma 3 `gemma3`, its text-only config.json `gemma3_text`.
+            "llama" | "gemma3" | "gemma3_text" => Ok(Architecture::Llama),
             other => Err(Error::UnsupportedArchitecture {
                 path: path.to_owned(),
                 model_type: other.to_string(),
@@ -105,7 +107,10 @@ mod tests {
     #[test]
     fn unsupported_model_type_names_the_supported_ones() {
         let e = Architecture::from_model_type("gpt2", Path::new("m/config.json")).expect_err("gpt2 is not implemented");
-        assert_eq!(e.to_string(), "m/config.json: unsupported model_type \"gpt2\"; supported: bert, llama");
+        assert_eq!(
+            e.to_string(),
+            "m/config.json: unsupported model_type \"gpt2\"; supported: bert, llama, gemma3, gemma3_text"
+        );
     }
 
     #[test]

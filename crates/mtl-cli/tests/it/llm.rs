@@ -26,7 +26,7 @@ fn smollm2_gguf_matches_transformers() -> Result<(), Box<dyn std::error::Error>>
     assert!(gguf.chat_template.as_deref().is_some_and(|t| t.contains("<|im_start|>")));
 
     // The tokenizer built from the file's vocabulary and merges.
-    let tokenizer = mtl_data::bpe::byte_level_bpe(&gguf.vocab, &path)?;
+    let tokenizer = mtl_data::bpe::tokenizer(&gguf.vocab, &path)?;
     for case in reference["tokenize"].as_array().ok_or("tokenize")? {
         let text = case["text"].as_str().ok_or("text")?;
         let want: Vec<u32> = serde_json::from_value(case["ids"].clone())?;
@@ -136,5 +136,34 @@ fn mtl_serve_streams_generated_text_as_server_sent_events() -> Result<(), Box<dy
     assert_eq!(done["text"], text);
     let (head, _) = post(serde_json::json!({"prompt": "", "stream": true}))?;
     assert!(head.starts_with("HTTP/1.1 422"), "{head}");
+    Ok(())
+}
+
+/// Llama 3's and Qwen2's word splits against transformers' on SmolLM2's byte-level vocabulary and merges, from
+/// tests/fixtures/pretokenizers.json (made by scripts/make_fixtures.py pretokenizers).
+#[test]
+fn llama3_and_qwen2_word_splits_match_transformers() -> Result<(), Box<dyn std::error::Error>> {
+    use mtl_data::bpe::{Vocab, WordSplit};
+    let path = repo_root().join("assets/models/SmolLM2-135M-Instruct/SmolLM2-135M-Instruct.Q4_1.gguf");
+    let reference: Value =
+        serde_json::from_str(&std::fs::read_to_string(repo_root().join("tests/fixtures/pretokenizers.json"))?)?;
+    let Vocab::ByteLevel(vocab) = read_llama(&path, &Device::Cpu, true)?.vocab else {
+        panic!("a byte-level vocabulary")
+    };
+    let ids = |split: WordSplit, text: &str| -> Result<Vec<u32>, Box<dyn std::error::Error>> {
+        let v = Vocab::ByteLevel(mtl_data::bpe::ByteLevelVocab { split, ..vocab.clone() });
+        Ok(mtl_data::bpe::tokenizer(&v, &path)?.encode(text, false).map_err(|e| e.to_string())?.get_ids().to_vec())
+    };
+    let mut differs = false;
+    for (name, split) in [("llama-bpe", WordSplit::Llama3), ("qwen2", WordSplit::Qwen2)] {
+        assert_eq!(WordSplit::of_gguf(name), Some(split));
+        for case in reference[name].as_array().ok_or("cases")? {
+            let text = case["text"].as_str().ok_or("text")?;
+            let want: Vec<u32> = serde_json::from_value(case["ids"].clone())?;
+            assert_eq!(ids(split, text)?, want, "{name}: {text:?}");
+            differs |= ids(WordSplit::Smollm, text)? != want;
+        }
+    }
+    assert!(differs, "the cases tell these splits from SmolLM2's own");
     Ok(())
 }

@@ -6,6 +6,7 @@ mod cli;
 mod deploy;
 mod engine;
 mod export;
+mod gemma;
 mod llm;
 mod peft;
 mod real_model;

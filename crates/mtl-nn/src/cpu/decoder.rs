@@ -177,12 +177,50 @@ fn rms_norm_backward(x: &Rows<'_>, w: &[f32], g: &Rows<'_>, eps: f32) -> (Vec<f3
     (dx, dw)
 }
 
-/// The SwiGLU gate of Llama's feed-forward block, `silu(gate) ∘ up`, of two `[rows, intermediate]` inputs.
-pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
-    Ok(gate.apply_op2(up, SwiGlu)?)
+/// The gate activation of a feed-forward block, `act(gate) ∘ up`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Activation {
+    /// SiLU (Llama's SwiGLU).
+    Silu,
+    /// GELU with the tanh approximation (transformers' `gelu_pytorch_tanh`; Gemma's GeGLU).
+    GeluTanh,
 }
 
-struct SwiGlu;
+impl Activation {
+    /// `(act(x), act'(x))`.
+    #[inline(always)]
+    fn with_grad(self, x: f32) -> (f32, f32) {
+        match self {
+            Self::Silu => {
+                let s = sigmoid(x);
+                (x * s, s * (1.0 + x * (1.0 - s)))
+            }
+            Self::GeluTanh => {
+                const C: f32 = 0.797_884_6; // √(2/π)
+                const A: f32 = 0.044_715;
+                let u = C * (x + A * x * x * x);
+                // tanh(u) = 1 − 2 / (e^(2u) + 1), exact at both ends (e^(2u) saturates to 0 or a huge value).
+                let t = 1.0 - 2.0 / (math::exp(2.0 * u) + 1.0);
+                (0.5 * x * (1.0 + t), 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * C * (1.0 + 3.0 * A * x * x))
+            }
+        }
+    }
+}
+
+/// The gated feed-forward activation `act(gate) ∘ up` of two `[rows, intermediate]` inputs (SwiGLU for Llama,
+/// GeGLU with tanh-approximate GELU for Gemma).
+pub fn gated(gate: &Tensor, up: &Tensor, act: Activation) -> Result<Tensor> {
+    Ok(gate.apply_op2(up, Gated { act })?)
+}
+
+/// [`gated`] with SiLU, Llama's SwiGLU.
+pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    gated(gate, up, Activation::Silu)
+}
+
+struct Gated {
+    act: Activation,
+}
 
 #[inline(always)]
 fn sigmoid(x: f32) -> f32 {
@@ -196,9 +234,9 @@ fn same_shape(a: &Rows<'_>, b: &Rows<'_>, what: &str) -> candle_core::Result<()>
     Ok(())
 }
 
-impl CustomOp2 for SwiGlu {
+impl CustomOp2 for Gated {
     fn name(&self) -> &'static str {
-        "fused-swiglu"
+        "fused-gated-activation"
     }
 
     fn cpu_fwd(
@@ -219,7 +257,7 @@ impl CustomOp2 for SwiGlu {
                     for (i, y) in out.chunks_exact_mut(d).enumerate() {
                         let r = c * ROWS_PER_TASK + i;
                         for ((y, &a), &u) in y.iter_mut().zip(a.row(r)).zip(u.row(r)) {
-                            *y = a * sigmoid(a) * u;
+                            *y = self.act.with_grad(a).0 * u;
                         }
                     }
                 },
@@ -255,10 +293,9 @@ impl CustomOp2 for SwiGlu {
                                         let r = c * ROWS_PER_TASK + i;
                                         let (a, u, g) = (a.row(r), u.row(r), g.row(r));
                                         for j in 0..d {
-                                            let s = sigmoid(a[j]);
-                                            let silu = a[j] * s;
-                                            du[j] = g[j] * silu;
-                                            da[j] = g[j] * u[j] * s * (1.0 + a[j] * (1.0 - s));
+                                            let (act, grad) = self.act.with_grad(a[j]);
+                                            du[j] = g[j] * act;
+                                            da[j] = g[j] * u[j] * grad;
                                         }
                                     }
                                 },
@@ -364,6 +401,10 @@ pub struct CausalAttention {
     /// 1 for a real token, 0 for padding, `batch × seq`.
     pub mask: Arc<Vec<u32>>,
     pub rope: Arc<RopeTables>,
+    /// The scores' scale (`1/√head_dim` in Llama).
+    pub scale: f32,
+    /// A sliding window: query `i` sees keys `i − window < j ≤ i` only.
+    pub window: Option<usize>,
 }
 
 impl CausalAttention {
@@ -419,10 +460,10 @@ impl CausalAttention {
     fn probs(&self, q: &[f32], k: &[f32], b: usize) -> Vec<f32> {
         let (s, d) = (self.seq, self.head_dim);
         let mut p = vec![0f32; s * s];
-        let scale = 1.0 / (d as f32).sqrt();
-        matmul(ViewMut::new(&mut p, s, s), View::new(q, s, d), View::new(k, s, d).t(), scale, false, Threads::One);
+        matmul(ViewMut::new(&mut p, s, s), View::new(q, s, d), View::new(k, s, d).t(), self.scale, false, Threads::One);
         let mask = &self.mask[b * s..(b + 1) * s];
-        masked_softmax(&mut p, s, |i, j| j > i || mask[j] == 0);
+        let window = self.window.unwrap_or(usize::MAX);
+        masked_softmax(&mut p, s, |i, j| j > i || mask[j] == 0 || i - j >= window);
         p
     }
 
@@ -430,7 +471,7 @@ impl CausalAttention {
     fn backward(&self, q: &Rows<'_>, k: &Rows<'_>, v: &Rows<'_>, g: &Rows<'_>) -> [Vec<f32>; 3] {
         let (s, d, nh, kvh) = (self.seq, self.head_dim, self.heads, self.kv_heads);
         let groups = nh / kvh;
-        let scale = 1.0 / (d as f32).sqrt();
+        let scale = self.scale;
         // One task per (example, key/value head): its query heads' gradients and its own key and value's.
         let blocks: Vec<(Vec<f32>, Vec<f32>, Vec<f32>)> = (0..self.batch * kvh)
             .into_par_iter()
@@ -658,6 +699,8 @@ impl DecodeCache {
         positions: &[u32],
         mask: &[u32],
         rope: &RopeTables,
+        scale: f32,
+        window: Option<usize>,
     ) -> Vec<f32> {
         let (nh, kvh, d, cap, past) = (self.heads, self.kv_heads, self.head_dim, self.capacity, self.len);
         assert!(past + s <= cap, "decode cache: {past} + {s} positions exceed its capacity {cap}");
@@ -676,7 +719,7 @@ impl DecodeCache {
         let (kc, vc) = (&*kc, &*vc);
         let groups = nh / kvh;
         let total = past + s;
-        let scale = 1.0 / (d as f32).sqrt();
+        let window = window.unwrap_or(usize::MAX);
         let real = &self.real;
         let blocks: Vec<Vec<f32>> = (0..self.rows * nh)
             .into_par_iter()
@@ -693,7 +736,7 @@ impl DecodeCache {
                 let mut p = vec![0f32; s * total];
                 matmul(ViewMut::new(&mut p, s, total), View::new(&qr, s, d), keys.t(), scale, false, Threads::One);
                 let key_real = |j: usize| if j < past { real[r * cap + j] != 0 } else { mask[r * s + j - past] != 0 };
-                masked_softmax(&mut p, total, |i, j| j > past + i || !key_real(j));
+                masked_softmax(&mut p, total, |i, j| j > past + i || !key_real(j) || past + i - j >= window);
                 let mut out = vec![0f32; s * d];
                 matmul(ViewMut::new(&mut out, s, d), View::new(&p, s, total), values, 1.0, false, Threads::One);
                 out

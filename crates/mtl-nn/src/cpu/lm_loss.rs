@@ -19,8 +19,10 @@ use crate::{NnError, Result};
 
 const NAME: &str = "lm-loss";
 
-/// The most logits one block holds (16 MiB of f32).
+/// The most logits one block holds (16 MiB of f32), unless [`MIN_ROWS`] rows need more.
 const LOGITS_BUDGET: usize = 1 << 22;
+/// The fewest rows in a block.
+const MIN_ROWS: usize = 64;
 
 /// Each row's LM loss, `[n]`, for hidden states `hidden` (`[n, in]`) under the head `head` (`[vocab, in]`)
 /// and one target token per row. With `train_head`, a dense head also gets its gradient (full fine-tuning).
@@ -50,8 +52,10 @@ struct LmLoss {
 }
 
 impl LmLoss {
+    /// At least [`MIN_ROWS`] rows, so that a quantised head runs its many-row product (each block of the
+    /// matrix dequantised once for all rows) even with Gemma's 262,144 tokens.
     fn rows_per_block(&self) -> usize {
-        (LOGITS_BUDGET / self.head.dims().0.max(1)).max(1)
+        (LOGITS_BUDGET / self.head.dims().0.max(1)).max(MIN_ROWS)
     }
 
     /// Each row's loss.

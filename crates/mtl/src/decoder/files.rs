@@ -45,7 +45,7 @@ impl DecoderFiles {
     pub fn load(path: &Path, keep_quantized: bool) -> Result<Self> {
         if let Some(file) = crate::arch::gguf_file(path)? {
             let gguf = read_llama(&file, &Device::Cpu, keep_quantized)?;
-            let tokenizer = mtl_data::bpe::byte_level_bpe(&gguf.vocab, &file)?;
+            let tokenizer = mtl_data::bpe::tokenizer(&gguf.vocab, &file)?;
             let quantized = gguf.weights.quantized_bytes();
             match quantized {
                 0 => tracing::info!(types = ?gguf.tensor_types, "loaded {} (dequantised to f32)", file.display()),
