@@ -146,12 +146,11 @@ pub fn sentencepiece_bpe(vocab: &SentencePieceVocab, source: &Path) -> Result<To
     let name = |id: u32| {
         vocab.tokens.get(id as usize).cloned().ok_or_else(|| err(format!("token id {id} is not in the vocabulary")))
     };
-    // A token of spaces only is stored with real spaces; the normalised text spells them `▁`.
-    let tokens: Vec<String> = vocab
-        .tokens
-        .iter()
-        .map(|t| if !t.is_empty() && t.chars().all(|c| c == ' ') { "▁".repeat(t.chars().count()) } else { t.clone() })
-        .collect();
+    // A whitespace-only token with a space in it is stored with real spaces; the normalised text spells spaces
+    // `▁`. transformers respells such a token as that many `▁`, whatever its other whitespace; so does this.
+    let respell = |t: &String| t.contains(' ') && t.chars().all(char::is_whitespace);
+    let tokens: Vec<String> =
+        vocab.tokens.iter().map(|t| if respell(t) { "▁".repeat(t.chars().count()) } else { t.clone() }).collect();
     let ids: tokenizers::models::bpe::Vocab = tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
     let mut builder = BPE::builder().vocab_and_merges(ids, implied_merges(&tokens)).byte_fallback(true).fuse_unk(true);
     if let Some(unk) = vocab.unknown {

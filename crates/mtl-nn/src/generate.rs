@@ -5,9 +5,18 @@
 use candle_core::{Device, Tensor};
 use rand::{Rng, SeedableRng};
 
-use crate::llama::{KvCache, Llama};
-use crate::NnError;
-use crate::Result;
+use crate::cpu::decoder::DecodeCache;
+use crate::layers::DropoutRng;
+use crate::llama::{KvCache, Llama, LoraRun};
+use crate::peft::Route;
+use crate::{Kernels, NnError, Result};
+use mtl_core::Mode;
+
+/// Where a generation keeps its keys and values.
+enum Cache {
+    Host(DecodeCache),
+    Tensors(KvCache),
+}
 
 /// How the next token is chosen.
 #[derive(Clone, Debug, PartialEq)]
@@ -138,7 +147,23 @@ pub fn generate(
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(sampling.seed);
     // An empty stop string would match at once.
     let stop_strings: Vec<&String> = limits.stop_strings.iter().filter(|s| !s.is_empty()).collect();
-    let mut cache = KvCache::default();
+    // With the fused kernels, the host cache (each step writes its keys and values in place); otherwise the
+    // composed ops' cache of tensors. The same numbers either way.
+    let mut cache = match model.kernels() {
+        Kernels::Fused => {
+            let capacity = prompt.len().saturating_add(limits.max_new_tokens).min(max_pos);
+            Cache::Host(model.decode_cache(1, capacity))
+        }
+        Kernels::Composed => Cache::Tensors(KvCache::default()),
+    };
+    // A model with one LoRA adapter decodes through it; with several, which one is meant?
+    if model.lora().is_some_and(|l| l.adapters.len() > 1) {
+        return Err(NnError::Input("a decoder with per-task adapters generates through one task's adapter".into()));
+    }
+    let routes = [Route { adapter: 0, examples: 0..1 }];
+    let off = DropoutRng::new(0.0, 0);
+    let run = LoraRun { routes: &routes, dropout: &off, mode: Mode::Eval, frozen: true };
+    let run = model.lora().is_some().then_some(&run);
     let mut input = prompt.to_vec();
     let (mut ids, mut sent) = (Vec::new(), 0usize);
     let mut text = String::new();
@@ -146,12 +171,22 @@ pub fn generate(
         if ids.len() >= limits.max_new_tokens {
             break StopReason::MaxNewTokens;
         }
-        if cache.len() + input.len() > max_pos {
+        let cached = match &cache {
+            Cache::Host(c) => c.len(),
+            Cache::Tensors(c) => c.len(),
+        };
+        if cached + input.len() > max_pos {
             break StopReason::Length;
         }
         let n = input.len();
-        let hidden = model.forward(&Tensor::from_vec(input.clone(), (1, n), &Device::Cpu)?, None, Some(&mut cache))?;
-        let logits = model.logits(&hidden.get(n - 1)?.unsqueeze(0)?)?.squeeze(0)?.to_vec1::<f32>()?;
+        let last = match &mut cache {
+            Cache::Host(c) => model.decode(&input, &vec![1; n], n, c, run)?,
+            Cache::Tensors(c) => {
+                let ids = Tensor::from_vec(input.clone(), (1, n), &Device::Cpu)?;
+                model.forward(&ids, None, Some(c))?.get(n - 1)?.unsqueeze(0)?
+            }
+        };
+        let logits = model.logits(&last)?.squeeze(0)?.to_vec1::<f32>()?;
         let next = next_token(&logits, sampling, &mut rng);
         if limits.stop_tokens.contains(&next) {
             break StopReason::StopToken;

@@ -173,8 +173,8 @@ struct RawConfig {
     rope_scaling: Option<serde_json::Value>,
     #[serde(default = "default_max_pos")]
     max_position_embeddings: usize,
-    #[serde(default)]
-    tie_word_embeddings: bool,
+    /// Llama's default: untied; Gemma's: tied.
+    tie_word_embeddings: Option<bool>,
     model_type: Option<String>,
     #[serde(default = "default_act")]
     hidden_act: String,
@@ -186,6 +186,10 @@ struct RawConfig {
     layer_types: Option<Vec<String>>,
     /// transformers < 5: the rotary base of sliding-window layers.
     rope_local_base_freq: Option<f64>,
+    /// Gemma configs without `layer_types`: every n-th layer attends globally, the others in the window.
+    sliding_window_pattern: Option<usize>,
+    #[serde(rename = "_sliding_window_pattern")]
+    sliding_window_pattern_private: Option<usize>,
     final_logit_softcapping: Option<f64>,
     attn_logit_softcapping: Option<f64>,
     #[serde(default)]
@@ -232,7 +236,11 @@ impl LlamaConfig {
                 return Err(format!("model_type {other:?} is not a decoder this crate runs (llama, gemma3_text)"))
             }
         };
-        let act = raw.hidden_activation.as_deref().unwrap_or(&raw.hidden_act);
+        let act = match (raw.hidden_activation.as_deref(), family) {
+            (Some(a), _) => a,
+            (None, Family::Gemma3) => "gelu_pytorch_tanh",
+            (None, Family::Llama) => &raw.hidden_act,
+        };
         let hidden_act = match act {
             "silu" => Activation::Silu,
             "gelu_pytorch_tanh" | "gelu_tanh" => Activation::GeluTanh,
@@ -265,8 +273,22 @@ impl LlamaConfig {
         if raw.rope_scaling.as_ref().is_some_and(|s| !s.is_null()) {
             return Err("rope scaling is not supported; only the default rotary embedding is".into());
         }
-        let rope_theta = rope(Some("full_attention"))?.or(raw.rope_theta).unwrap_or(10_000.0);
-        let sliding = match (&raw.layer_types, raw.sliding_window) {
+        let gemma = family == Family::Gemma3;
+        // Gemma3TextConfig's defaults where a config leaves a field out (older hub configs do).
+        let (default_theta, default_local_theta) = if gemma { (1e6, 10_000.0) } else { (10_000.0, 10_000.0) };
+        let rope_theta = rope(Some("full_attention"))?.or(raw.rope_theta).unwrap_or(default_theta);
+        let pattern = raw.sliding_window_pattern.or(raw.sliding_window_pattern_private).unwrap_or(6).max(1);
+        let layer_types = match (&raw.layer_types, gemma) {
+            (Some(types), _) => Some(types.clone()),
+            (None, true) => Some(
+                (0..raw.num_hidden_layers)
+                    .map(|n| if (n + 1) % pattern != 0 { "sliding_attention" } else { "full_attention" }.to_string())
+                    .collect(),
+            ),
+            (None, false) => None,
+        };
+        let window = raw.sliding_window.or(gemma.then_some(4096));
+        let sliding = match (&layer_types, window) {
             (Some(types), Some(window)) if types.iter().any(|t| t == "sliding_attention") => {
                 if types.len() != raw.num_hidden_layers {
                     return Err(format!("{} layer_types for {} layers", types.len(), raw.num_hidden_layers));
@@ -277,7 +299,11 @@ impl LlamaConfig {
                 Some(SlidingWindow {
                     window,
                     layers: types.iter().map(|t| t == "sliding_attention").collect(),
-                    rope_theta: rope(Some("sliding_attention"))?.or(raw.rope_local_base_freq).unwrap_or(rope_theta),
+                    rope_theta: rope(Some("sliding_attention"))?.or(raw.rope_local_base_freq).unwrap_or(if gemma {
+                        default_local_theta
+                    } else {
+                        rope_theta
+                    }),
                 })
             }
             (Some(types), None) if types.iter().any(|t| t == "sliding_attention") => {
@@ -299,12 +325,12 @@ impl LlamaConfig {
             rms_norm_eps: raw.rms_norm_eps,
             rope_theta,
             max_position_embeddings: raw.max_position_embeddings,
-            tie_word_embeddings: raw.tie_word_embeddings,
+            tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(gemma),
             bos_token_id: token_ids(raw.bos_token_id.as_ref()).first().copied(),
             eos_token_ids: token_ids(raw.eos_token_id.as_ref()),
             family,
             hidden_act,
-            query_pre_attn_scalar: raw.query_pre_attn_scalar,
+            query_pre_attn_scalar: raw.query_pre_attn_scalar.or(gemma.then_some(256.0)),
             sliding,
         };
         config.validate()?;
@@ -387,12 +413,26 @@ struct Layer {
     rope: usize,
 }
 
-/// One set of rotary tables: on the host for the fused kernels, as tensors for the composed ops.
+/// One set of rotary tables: on the host for the fused kernels, and as tensors for the composed ops, made
+/// when they first run (Gemma's tables of 32,768 positions take 67 MB a copy).
 #[derive(Clone, Debug)]
 struct Rope {
     host: Arc<RopeTables>,
-    cos: Tensor,
-    sin: Tensor,
+    device: Device,
+    tensors: std::sync::OnceLock<(Tensor, Tensor)>,
+}
+
+impl Rope {
+    /// cos and sin, `[positions, head_dim]` each.
+    fn tensors(&self) -> Result<&(Tensor, Tensor)> {
+        if let Some(t) = self.tensors.get() {
+            return Ok(t);
+        }
+        let shape = (self.host.cos.len() / self.host.head_dim.max(1), self.host.head_dim);
+        let cos = Tensor::from_slice(&self.host.cos, shape, &self.device)?;
+        let sin = Tensor::from_slice(&self.host.sin, shape, &self.device)?;
+        Ok(self.tensors.get_or_init(|| (cos, sin)))
+    }
 }
 
 /// The keys and values of every layer for the positions seen so far (generation).
@@ -521,16 +561,14 @@ impl Llama {
         let norm = m.pp("norm").get(h, "weight", norm_init)?;
         let lm_head =
             if config.tie_word_embeddings { None } else { Some(base(&pb.pp("lm_head"), config.vocab_size, h)?) };
-        let rope = |theta: f64| -> Result<Rope> {
-            let host = Arc::new(rotary_tables(config, theta));
-            let shape = (config.max_position_embeddings, config.head_dim);
-            let cos = Tensor::from_slice(&host.cos, shape, &pb.device())?;
-            let sin = Tensor::from_slice(&host.sin, shape, &pb.device())?;
-            Ok(Rope { host, cos, sin })
+        let rope = |theta: f64| Rope {
+            host: Arc::new(rotary_tables(config, theta)),
+            device: pb.device(),
+            tensors: std::sync::OnceLock::new(),
         };
-        let mut ropes = vec![rope(config.rope_theta)?];
+        let mut ropes = vec![rope(config.rope_theta)];
         if let Some(s) = config.sliding.as_ref().filter(|_| local_rope) {
-            ropes.push(rope(s.rope_theta)?);
+            ropes.push(rope(s.rope_theta));
         }
         let mut model = Self {
             config: config.clone(),
@@ -702,8 +740,9 @@ impl Llama {
                 .ropes
                 .iter()
                 .map(|r| {
-                    let cos = r.cos.index_select(&positions, 0)?.reshape((b, 1, s, d))?;
-                    Ok((cos, r.sin.index_select(&positions, 0)?.reshape((b, 1, s, d))?))
+                    let (cos, sin) = r.tensors()?;
+                    let cos = cos.index_select(&positions, 0)?.reshape((b, 1, s, d))?;
+                    Ok((cos, sin.index_select(&positions, 0)?.reshape((b, 1, s, d))?))
                 })
                 .collect::<Result<Vec<_>>>()?;
             // [b, 1, s, past + s] for full attention, and for the sliding window when the model has one.

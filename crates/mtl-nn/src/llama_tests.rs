@@ -74,6 +74,18 @@ fn config_reads_transformers_5_and_refuses_what_it_cannot_run() -> TestResult {
     assert!(LlamaConfig::from_json(&capped).is_err_and(|e| e.contains("soft-capping")));
     let other = text.replace("\"gemma3_text\"", "\"gemma2\"");
     assert!(LlamaConfig::from_json(&other).is_err_and(|e| e.contains("gemma2")));
+    // An older Gemma 3 config (no `layer_types`, `rope_parameters`, tying or activation): Gemma3TextConfig's
+    // defaults, the window's layers from `sliding_window_pattern`.
+    let mut old: serde_json::Map<String, Value> = serde_json::from_str(&text)?;
+    for key in ["layer_types", "rope_parameters", "tie_word_embeddings", "query_pre_attn_scalar", "hidden_activation"] {
+        old.remove(key);
+    }
+    old.remove("_sliding_window_pattern");
+    old.insert("sliding_window_pattern".into(), 2.into());
+    let o = LlamaConfig::from_json(&Value::Object(old).to_string())?;
+    assert_eq!((o.hidden_act, o.tie_word_embeddings, o.rope_theta), (Activation::GeluTanh, true, 1e6));
+    let sliding = SlidingWindow { window: 3, layers: vec![true, false, true], rope_theta: 10_000.0 };
+    assert_eq!((o.attention_scale(), o.sliding), (1.0 / 16.0, Some(sliding)));
     Ok(())
 }
 
@@ -243,6 +255,13 @@ fn generation_stops_where_asked_streams_its_text_and_repeats_with_its_seed() -> 
     };
     assert_eq!(sample(1)?.ids, sample(1)?.ids);
     assert_ne!(sample(1)?.ids, sample(2)?.ids);
+    // The host cache (fused kernels, the default) and the composed ops' cache sample the same tokens.
+    let mut composed = model.clone();
+    composed.set_kernels(crate::Kernels::Composed);
+    let long = Limits { max_new_tokens: 12, ..Limits::default() };
+    let sampling = Sampling { temperature: 1.0, top_p: Some(0.95), seed: 3, ..Sampling::default() };
+    let host = generate(&model, &prompt, &sampling, &long, letters, |_| true)?.ids;
+    assert_eq!(host, generate(&composed, &prompt, &sampling, &long, letters, |_| true)?.ids);
     Ok(())
 }
 

@@ -17,13 +17,16 @@ pub fn setup() {
     }
 }
 
-/// Runs `f` on a thread of rayon's pool rather than on the calling one. Every parallel op of a step then
-/// splits its work between the thread that runs the step and the pool's other threads, instead of the calling
-/// thread handing each op to the pool and sleeping until it is done: on a small machine that is one thread
-/// more than there are cores, each op two thread hand-offs more, and the pool's idle threads spinning while
-/// the caller's serial work waits for a core. Falls back to the calling thread if the pool cannot start.
+/// Runs `f` on a thread of a new rayon pool (as many threads as the global pool would have) rather than on
+/// the calling one; every rayon call inside `f` uses that pool. Each parallel op of a step then splits its work
+/// between the thread that runs the step and the pool's other threads, instead of the calling thread handing
+/// each op to the pool and sleeping until it is done: on a small machine that is one thread more than there
+/// are cores, two thread hand-offs more per op, and the pool's idle threads spinning while the caller's
+/// serial work waits for a core. The threads get a main thread's 8 MiB of stack (candle walks and drops long
+/// autograd graphs recursively). Falls back to the calling thread if the pool cannot start.
 pub fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
-    match rayon::ThreadPoolBuilder::new().thread_name(|i| format!("mtl-{i}")).build() {
+    let pool = rayon::ThreadPoolBuilder::new().thread_name(|i| format!("mtl-{i}")).stack_size(8 << 20).build();
+    match pool {
         Ok(pool) => pool.install(f),
         Err(_) => f(),
     }
