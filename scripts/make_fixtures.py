@@ -142,7 +142,12 @@ def tiny_llama():
         for name, p in model.named_parameters():
             if "norm" in name:
                 p.add_(0.1 * torch.randn_like(p))
-    d = OUT / "tiny-llama"
+    save_tiny_causal_lm(model, cfg, OUT / "tiny-llama", new_tokens=6)
+
+
+def save_tiny_causal_lm(model, cfg, d, new_tokens):
+    """A tiny causal LM's config.json, model.safetensors and reference.json: logits of a right-padded batch, a
+    causal LM loss on target positions with every parameter's gradient norm, and `new_tokens` greedy tokens."""
     d.mkdir(parents=True, exist_ok=True)
     cfg.to_json_file(d / "config.json")
     # Tied: the state dict names the embedding once (as a safetensors file from transformers does).
@@ -161,8 +166,8 @@ def tiny_llama():
     shift.backward()
     grads = {k: p.grad.norm().item() for k, p in model.named_parameters()}
     prompt = torch.tensor([[1, 7, 9, 11]])
-    generated = model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False, max_new_tokens=6,
-                               eos_token_id=None, pad_token_id=0)
+    generated = model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
+                               max_new_tokens=new_tokens, eos_token_id=None, pad_token_id=0)
     ref = {
         "input_ids": ids.tolist(),
         "attention_mask": mask.tolist(),
@@ -234,40 +239,25 @@ def tiny_gemma3():
         for name, p in model.named_parameters():
             if "norm" in name:
                 p.add_(0.3 * torch.randn_like(p))
-    d = OUT / "tiny-gemma3"
-    d.mkdir(parents=True, exist_ok=True)
-    cfg.to_json_file(d / "config.json")
-    state = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
-    save_file(state, d / "model.safetensors")
-
-    ids = torch.tensor([[1, 7, 9, 11, 13, 2, 0, 0], [1, 5, 6, 7, 8, 9, 10, 2]])
-    mask = torch.tensor([[1, 1, 1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1, 1, 1]])
-    labels = ids.clone()
-    labels[:, :3] = -100
-    labels[mask == 0] = -100
-    logits = model(input_ids=ids, attention_mask=mask).logits
-    shift = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, cfg.vocab_size), labels[:, 1:].reshape(-1),
-                                              ignore_index=-100)
-    shift.backward()
-    grads = {k: p.grad.norm().item() for k, p in model.named_parameters()}
-    prompt = torch.tensor([[1, 7, 9, 11]])
-    generated = model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False, max_new_tokens=8,
-                               eos_token_id=None, pad_token_id=0)
-    ref = {
-        "input_ids": ids.tolist(),
-        "attention_mask": mask.tolist(),
-        "labels": labels.tolist(),
-        "logits": logits.detach().tolist(),
-        "loss": shift.item(),
-        "grad_norms": grads,
-        "prompt": prompt[0].tolist(),
-        "greedy": generated[0, prompt.shape[1]:].tolist(),
-    }
-    (d / "reference.json").write_text(json.dumps(ref))
+    save_tiny_causal_lm(model, cfg, OUT / "tiny-gemma3", new_tokens=8)
 
 
 SMOLLM2 = ROOT / "assets" / "models" / "SmolLM2-135M-Instruct"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def tokens_and_logits(tok, model, texts):
+    """The token ids of `texts`, and the logits at the last position of the first two: the first 16 and the
+    top 10."""
+    ref = {"tokenize": [{"text": t, "ids": tok(t)["input_ids"]} for t in texts], "logits": []}
+    for t in texts[:2]:
+        ids = tok(t)["input_ids"]
+        with torch.no_grad():
+            last = model(torch.tensor([ids])).logits[0, -1]
+        top = torch.topk(last, 10)
+        ref["logits"].append({"ids": ids, "first16": last[:16].tolist(), "top10_ids": top.indices.tolist(),
+                              "top10_values": top.values.tolist()})
+    return ref
 
 
 def smollm2_fixture():
@@ -281,14 +271,7 @@ def smollm2_fixture():
     model = LlamaForCausalLM.from_pretrained(SMOLLM2, gguf_file=SMOLLM2_GGUF, dtype=torch.float32).eval()
     texts = ["Hello world", "Hello world, it's SmolLM2!", "In 2024 there were 12345 items.",
              "<|im_start|>user\nHi 3.14<|im_end|>\n", "Café naïve, 東京 🙂\tend  "]
-    ref = {"tokenize": [{"text": t, "ids": tok(t)["input_ids"]} for t in texts], "logits": []}
-    for t in texts[:2]:
-        ids = tok(t)["input_ids"]
-        with torch.no_grad():
-            last = model(torch.tensor([ids])).logits[0, -1]
-        top = torch.topk(last, 10)
-        ref["logits"].append({"ids": ids, "first16": last[:16].tolist(), "top10_ids": top.indices.tolist(),
-                              "top10_values": top.values.tolist()})
+    ref = tokens_and_logits(tok, model, texts)
     chat = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
                                    add_generation_prompt=True, tokenize=False)
     ids = tok(chat)["input_ids"]
@@ -323,14 +306,7 @@ def gemma3_fixture():
     model = Gemma3ForCausalLM.from_pretrained(GEMMA3, gguf_file=GEMMA3_GGUF, dtype=torch.float32).eval()
     texts = ["Hello world", "The capital of France is", "In 2024 there were 12345 items.",
              "<start_of_turn>user\nHi 3.14<end_of_turn>\n", "Café naïve, 東京 🙂\tend  ", "  two  spaces\n\nand lines"]
-    ref = {"tokenize": [{"text": t, "ids": tok(t)["input_ids"]} for t in texts], "logits": []}
-    for t in texts[:2]:
-        ids = tok(t)["input_ids"]
-        with torch.no_grad():
-            last = model(torch.tensor([ids])).logits[0, -1]
-        top = torch.topk(last, 10)
-        ref["logits"].append({"ids": ids, "first16": last[:16].tolist(), "top10_ids": top.indices.tolist(),
-                              "top10_values": top.values.tolist()})
+    ref = tokens_and_logits(tok, model, texts)
     chat = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
                                    chat_template=GEMMA3_CHAT, add_generation_prompt=True, tokenize=False)
     ids = tok(chat, add_special_tokens=False)["input_ids"]

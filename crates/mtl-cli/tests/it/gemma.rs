@@ -2,7 +2,7 @@
 //! transformers reading the same file: tokenizer, logits and greedy generation after a chat prompt, from
 //! tests/fixtures/gemma3-reference.json (made by scripts/make_fixtures.py gemma3).
 
-use candle_core::{Device, Tensor};
+use candle_core::Device;
 use mtl_nn::gguf::read_llama;
 use mtl_nn::llama::{Family, Llama};
 use serde_json::Value;
@@ -45,18 +45,7 @@ fn gemma3_gguf_matches_transformers() -> Result<(), Box<dyn std::error::Error>> 
     let pb = gguf.weights.into_builder(0, &Device::Cpu)?;
     let model = Llama::new(&pb, &gguf.config)?;
     assert!(pb.finish().initialised().is_empty(), "every parameter comes from the file");
-    for case in reference["logits"].as_array().ok_or("logits")? {
-        let ids: Vec<u32> = serde_json::from_value(case["ids"].clone())?;
-        let n = ids.len();
-        let logits = model.logits(&model.forward(&Tensor::from_vec(ids, (1, n), &Device::Cpu)?, None, None)?)?;
-        let last = logits.get(n - 1)?.to_vec1::<f32>()?;
-        let want: Vec<f64> = serde_json::from_value(case["first16"].clone())?;
-        let diff = last.iter().zip(&want).map(|(a, b)| (f64::from(*a) - b).abs()).fold(0.0, f64::max);
-        assert!(diff < 5e-3, "logits differ by {diff}");
-        let top: Vec<u32> = serde_json::from_value(case["top10_ids"].clone())?;
-        let argmax = last.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map(|(i, _)| i as u32);
-        assert_eq!(argmax, Some(top[0]));
-    }
+    crate::llm::last_position_logits_match(&model, &reference, 5e-3, "Gemma 3")?;
 
     // The chat prompt as the fallback template writes it, and greedy decoding through the host cache.
     let chat = &reference["chat"];

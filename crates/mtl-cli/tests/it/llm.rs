@@ -42,18 +42,7 @@ fn smollm2_gguf_matches_transformers() -> Result<(), Box<dyn std::error::Error>>
         let pb = weights.into_builder(0, &Device::Cpu)?;
         let model = Llama::new(&pb, &gguf.config)?;
         assert!(pb.finish().initialised().is_empty(), "every parameter comes from the file");
-        for case in reference["logits"].as_array().ok_or("logits")? {
-            let ids: Vec<u32> = serde_json::from_value(case["ids"].clone())?;
-            let n = ids.len();
-            let logits = model.logits(&model.forward(&Tensor::from_vec(ids, (1, n), &Device::Cpu)?, None, None)?)?;
-            let last = logits.get(n - 1)?.to_vec1::<f32>()?;
-            let want: Vec<f64> = serde_json::from_value(case["first16"].clone())?;
-            let diff = last.iter().zip(&want).map(|(a, b)| (f64::from(*a) - b).abs()).fold(0.0, f64::max);
-            assert!(diff < 2e-3, "{what}: logits differ by {diff}");
-            let top: Vec<u32> = serde_json::from_value(case["top10_ids"].clone())?;
-            let argmax = last.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map(|(i, _)| i as u32);
-            assert_eq!(argmax, Some(top[0]));
-        }
+        last_position_logits_match(&model, &reference, 2e-3, what)?;
 
         // Greedy decoding with the cache, after the chat template's prompt.
         let chat = &reference["chat"];
@@ -69,6 +58,29 @@ fn smollm2_gguf_matches_transformers() -> Result<(), Box<dyn std::error::Error>>
             input = Tensor::from_vec(vec![next], (1, 1), &Device::Cpu)?;
         }
         assert_eq!(got, want, "{what}: greedy continuation: {:?}", tokenizer.decode(&got, false));
+    }
+    Ok(())
+}
+
+/// The logits at the last position of each of `reference["logits"]`'s token lists: the first 16 within
+/// `tolerance` of transformers', and the same most likely token.
+pub(crate) fn last_position_logits_match(
+    model: &Llama,
+    reference: &Value,
+    tolerance: f64,
+    what: &str,
+) -> Result<(), Box<dyn std::error::Error>> {
+    for case in reference["logits"].as_array().ok_or("logits")? {
+        let ids: Vec<u32> = serde_json::from_value(case["ids"].clone())?;
+        let n = ids.len();
+        let logits = model.logits(&model.forward(&Tensor::from_vec(ids, (1, n), &Device::Cpu)?, None, None)?)?;
+        let last = logits.get(n - 1)?.to_vec1::<f32>()?;
+        let want: Vec<f64> = serde_json::from_value(case["first16"].clone())?;
+        let diff = last.iter().zip(&want).map(|(a, b)| (f64::from(*a) - b).abs()).fold(0.0, f64::max);
+        assert!(diff < tolerance, "{what}: logits differ by {diff}");
+        let top: Vec<u32> = serde_json::from_value(case["top10_ids"].clone())?;
+        let argmax = last.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map(|(i, _)| i as u32);
+        assert_eq!(argmax, Some(top[0]), "{what}: the most likely token");
     }
     Ok(())
 }
