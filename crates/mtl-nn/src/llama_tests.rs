@@ -373,14 +373,6 @@ type LogitsAndGrads = (Vec<Vec<f32>>, Vec<Tensor>);
 
 #[test]
 fn fused_kernels_equal_the_composed_ops_in_values_and_every_gradient() -> TestResult {
-    use crate::layers::DropoutRng;
-    use crate::llama::{DecoderLora, DecoderModule, LoraRun};
-    use crate::peft::Route;
-    use crate::{Kernels, LoraSpec};
-    use mtl_core::Mode;
-    use rand::{Rng, SeedableRng};
-
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
     let cases = [
         (6, 2, 8, false, false),
         (4, 4, 6, true, false),
@@ -390,86 +382,130 @@ fn fused_kernels_equal_the_composed_ops_in_values_and_every_gradient() -> TestRe
         (2, 1, 6, false, true),
     ];
     for (heads, kv_heads, head_dim, with_lora, gemma) in cases {
-        // Gemma 3: its norms, GELU gates, a score scale that is not the head size, and a sliding window of 3
-        // with its own rotary base on the first layer.
-        let sliding = gemma.then(|| SlidingWindow { window: 3, layers: vec![true, false], rope_theta: 100.0 });
-        let config = LlamaConfig {
-            vocab_size: 37,
-            hidden_size: 24,
-            intermediate_size: 40,
-            num_hidden_layers: 2,
-            num_attention_heads: heads,
-            num_key_value_heads: kv_heads,
-            head_dim,
-            rms_norm_eps: 1e-5,
-            rope_theta: 10_000.0,
-            max_position_embeddings: 64,
-            tie_word_embeddings: !with_lora,
-            bos_token_id: None,
-            eos_token_ids: vec![0],
-            family: if gemma { Family::Gemma3 } else { Family::Llama },
-            hidden_act: if gemma { Activation::GeluTanh } else { Activation::Silu },
-            query_pre_attn_scalar: gemma.then_some(5.0),
-            sliding,
-        };
-        let pb = ParamBuilder::new(std::collections::HashMap::new(), 11, &Device::Cpu);
-        let lora = with_lora.then(|| DecoderLora {
-            spec: LoraSpec { r: 3, alpha: 6.0, dropout: 0.25, targets: Vec::new() },
-            modules: DecoderModule::ALL.to_vec(),
-            adapters: vec!["a".into(), "b".into()],
-        });
-        let mut model = Llama::with_lora(&pb, &config, lora.as_ref())?;
-        let store = pb.finish();
-        // LoRA's B starts at zero, which would hide its A's gradient: give every adapter a value.
-        for var in store.vars().values() {
-            var.set(&Tensor::randn(0f32, 0.3, var.shape(), &Device::Cpu)?)?;
+        fused_matches_composed(heads, kv_heads, head_dim, with_lora, gemma, 3, 9, 5)?;
+    }
+    Ok(())
+}
+
+mod properties {
+    use proptest::prelude::*;
+
+    proptest! {
+        // A fixed seed: the same cases on every run, so the suite cannot turn red by chance.
+        #![proptest_config(ProptestConfig { cases: 24, rng_seed: proptest::test_runner::RngSeed::Fixed(20_261_205), ..ProptestConfig::default() })]
+        /// Random head groupings and sizes, sequence lengths and padding, Llama or Gemma 3 with a random
+        /// window, with and without routed LoRA: the fused kernels equal the composed ops in the logits and
+        /// every trained parameter's gradient.
+        #[test]
+        fn fused_decoder_equals_composed(kv_heads in 1usize..4, groups in 1usize..4, half_dim in 1usize..6,
+                                         with_lora in any::<bool>(), gemma in any::<bool>(), window in 1usize..8,
+                                         seq in 3usize..12, seed in 0u64..1_000_000) {
+            let result = super::fused_matches_composed(kv_heads * groups, kv_heads, 2 * half_dim, with_lora, gemma,
+                                                       window, seq, seed);
+            prop_assert!(result.is_ok(), "{}", result.err().map(|e| e.to_string()).unwrap_or_default());
         }
-        // Three rows of 9: no padding, right padding, left padding.
-        let (b, s) = (3, 9);
-        let ids: Vec<u32> = (0..b * s).map(|_| rng.gen_range(0..37)).collect();
-        let mut mask = vec![1u32; b * s];
-        mask[s + 6..2 * s].fill(0);
-        mask[2 * s..2 * s + 4].fill(0);
-        let ids = Tensor::from_vec(ids, (b, s), &Device::Cpu)?;
-        let weights = Tensor::randn(0f32, 1.0, (b * s, 37), &Device::Cpu)?;
-        let real = Tensor::from_vec(mask.iter().map(|&m| m as f32).collect::<Vec<_>>(), (b * s, 1), &Device::Cpu)?;
-        // Under LoRA only the adapters train; the pretrained weights are constants.
-        let trained: Vec<(&String, &candle_core::Var)> = store
-            .vars()
+    }
+}
+
+/// One random model of `heads` query heads over `kv_heads`, compared fused against composed on three rows of
+/// `s` tokens (see above); a Gemma model gets a sliding window of `window` on its first layer.
+#[allow(clippy::too_many_arguments)]
+fn fused_matches_composed(
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    with_lora: bool,
+    gemma: bool,
+    window: usize,
+    s: usize,
+    seed: u64,
+) -> TestResult {
+    use crate::layers::DropoutRng;
+    use crate::llama::{DecoderLora, DecoderModule, LoraRun};
+    use crate::peft::Route;
+    use crate::{Kernels, LoraSpec};
+    use mtl_core::Mode;
+    use rand::{Rng, SeedableRng};
+
+    // Gemma 3: its norms, GELU gates, a score scale that is not the head size, and a sliding window with its
+    // own rotary base on the first layer.
+    let sliding = gemma.then(|| SlidingWindow { window, layers: vec![true, false], rope_theta: 100.0 });
+    let config = LlamaConfig {
+        vocab_size: 37,
+        hidden_size: 24,
+        intermediate_size: 40,
+        num_hidden_layers: 2,
+        num_attention_heads: heads,
+        num_key_value_heads: kv_heads,
+        head_dim,
+        rms_norm_eps: 1e-5,
+        rope_theta: 10_000.0,
+        max_position_embeddings: 64,
+        tie_word_embeddings: !with_lora,
+        bos_token_id: None,
+        eos_token_ids: vec![0],
+        family: if gemma { Family::Gemma3 } else { Family::Llama },
+        hidden_act: if gemma { Activation::GeluTanh } else { Activation::Silu },
+        query_pre_attn_scalar: gemma.then_some(5.0),
+        sliding,
+    };
+    let pb = ParamBuilder::new(std::collections::HashMap::new(), 11, &Device::Cpu);
+    let lora = with_lora.then(|| DecoderLora {
+        spec: LoraSpec { r: 3, alpha: 6.0, dropout: 0.25, targets: Vec::new() },
+        modules: DecoderModule::ALL.to_vec(),
+        adapters: vec!["a".into(), "b".into()],
+    });
+    let mut model = Llama::with_lora(&pb, &config, lora.as_ref())?;
+    let store = pb.finish();
+    // LoRA's B starts at zero, which would hide its A's gradient: give every adapter a value.
+    for var in store.vars().values() {
+        var.set(&Tensor::randn(0f32, 0.3, var.shape(), &Device::Cpu)?)?;
+    }
+    // Three rows of `s`: no padding, right padding, left padding.
+    let b = 3;
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let ids: Vec<u32> = (0..b * s).map(|_| rng.gen_range(0..37)).collect();
+    let mut mask = vec![1u32; b * s];
+    mask[s + (2 * s / 3).max(1)..2 * s].fill(0);
+    mask[2 * s..2 * s + s / 3].fill(0);
+    let ids = Tensor::from_vec(ids, (b, s), &Device::Cpu)?;
+    let weights = Tensor::randn(0f32, 1.0, (b * s, 37), &Device::Cpu)?;
+    let real = Tensor::from_vec(mask.iter().map(|&m| m as f32).collect::<Vec<_>>(), (b * s, 1), &Device::Cpu)?;
+    // Under LoRA only the adapters train; the pretrained weights are constants.
+    let trained: Vec<(&String, &candle_core::Var)> = store
+        .vars()
+        .iter()
+        .filter(|(name, _)| !with_lora || store.role(name).is_some_and(|r| r.is_adapter()))
+        .collect();
+    // LoRA's dropout draws the same masks in both forms when the generator starts at the same place.
+    let dropout = DropoutRng::new(0.0, 9);
+    let routes = [Route { adapter: 0, examples: 0..2 }, Route { adapter: 1, examples: 2..3 }];
+    let mut run = |kernels: Kernels| -> Result<LogitsAndGrads, Box<dyn std::error::Error>> {
+        model.set_kernels(kernels);
+        dropout.set_position(0);
+        let lora_run = LoraRun { routes: &routes, dropout: &dropout, mode: Mode::Train, frozen: false };
+        let hidden = model.forward_with(&ids, Some(&mask), None, with_lora.then_some(&lora_run))?;
+        let logits = model.logits(&hidden)?;
+        // A loss over the real tokens only: padding rows' values are not defined the same way.
+        let loss = (logits.broadcast_mul(&real)? * &weights)?.sum_all()?;
+        let grads = loss.backward()?;
+        let grads = trained
             .iter()
-            .filter(|(name, _)| !with_lora || store.role(name).is_some_and(|r| r.is_adapter()))
-            .collect();
-        // LoRA's dropout draws the same masks in both forms when the generator starts at the same place.
-        let dropout = DropoutRng::new(0.0, 9);
-        let routes = [Route { adapter: 0, examples: 0..2 }, Route { adapter: 1, examples: 2..3 }];
-        let mut run = |kernels: Kernels| -> Result<LogitsAndGrads, Box<dyn std::error::Error>> {
-            model.set_kernels(kernels);
-            dropout.set_position(0);
-            let lora_run = LoraRun { routes: &routes, dropout: &dropout, mode: Mode::Train, frozen: false };
-            let hidden = model.forward_with(&ids, Some(&mask), None, with_lora.then_some(&lora_run))?;
-            let logits = model.logits(&hidden)?;
-            // A loss over the real tokens only: padding rows' values are not defined the same way.
-            let loss = (logits.broadcast_mul(&real)? * &weights)?.sum_all()?;
-            let grads = loss.backward()?;
-            let grads = trained
-                .iter()
-                .map(|(name, v)| grads.get(v.as_tensor()).cloned().ok_or_else(|| format!("{name}: no gradient")))
-                .collect::<Result<Vec<_>, _>>()?;
-            Ok((logits.broadcast_mul(&real)?.to_vec2()?, grads))
-        };
-        let (fused, fused_grads) = run(Kernels::Fused)?;
-        let (composed, composed_grads) = run(Kernels::Composed)?;
-        let what = format!("{heads} heads over {kv_heads}, head_dim {head_dim}, LoRA {with_lora}, Gemma {gemma}");
-        let diff =
-            fused.iter().flatten().zip(composed.iter().flatten()).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
-        assert!(diff < 1e-4, "{what}: logits differ by {diff}");
-        assert!(!trained.is_empty());
-        for ((name, _), (f, c)) in trained.iter().zip(fused_grads.iter().zip(&composed_grads)) {
-            let scale = c.abs()?.max_all()?.to_scalar::<f32>()?.max(1e-3);
-            let diff = (f - c)?.abs()?.max_all()?.to_scalar::<f32>()?;
-            assert!(diff <= 2e-4 * scale.max(1.0), "{what}: {name} gradient differs by {diff} (scale {scale})");
-            assert!(scale > 1e-3, "{what}: {name} has a zero gradient");
-        }
+            .map(|(name, v)| grads.get(v.as_tensor()).cloned().ok_or_else(|| format!("{name}: no gradient")))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok((logits.broadcast_mul(&real)?.to_vec2()?, grads))
+    };
+    let (fused, fused_grads) = run(Kernels::Fused)?;
+    let (composed, composed_grads) = run(Kernels::Composed)?;
+    let what = format!("{heads} heads over {kv_heads}, head_dim {head_dim}, LoRA {with_lora}, Gemma {gemma} (window {window}), seq {s}");
+    let diff = fused.iter().flatten().zip(composed.iter().flatten()).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    assert!(diff < 1e-4, "{what}: logits differ by {diff}");
+    assert!(!trained.is_empty());
+    for ((name, _), (f, c)) in trained.iter().zip(fused_grads.iter().zip(&composed_grads)) {
+        let scale = c.abs()?.max_all()?.to_scalar::<f32>()?.max(1e-3);
+        let diff = (f - c)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(diff <= 2e-4 * scale.max(1.0), "{what}: {name} gradient differs by {diff} (scale {scale})");
+        assert!(scale > 1e-3, "{what}: {name} has a zero gradient");
     }
     Ok(())
 }
