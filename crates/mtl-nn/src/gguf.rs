@@ -103,6 +103,12 @@ pub fn read_llama(path: &Path, device: &Device, keep_quantized: bool) -> Result<
             .collect()
     };
     let tokens = strings("tokenizer.ggml.tokens")?;
+    let token_count = tokens.len();
+    // Gemma ends a chat turn with `<end_of_turn>`, which its files do not mark as an end token.
+    let end_of_turn = match family {
+        Family::Gemma3 => tokens.iter().position(|t| t == "<end_of_turn>").map(|i| i as u32),
+        Family::Llama => None,
+    };
     // Token type 3 is CONTROL in llama.cpp (chat markers and the like), 4 USER_DEFINED.
     let of_type = |kind: f64| -> Vec<u32> {
         match md.get("tokenizer.ggml.token_type").and_then(|v| v.to_vec().ok()) {
@@ -115,13 +121,13 @@ pub fn read_llama(path: &Path, device: &Device, keep_quantized: bool) -> Result<
     let token_id = |key: &str| md.get(key).and_then(number).map(|v| v as u32);
     let vocab = match byte_level {
         true => Vocab::ByteLevel(ByteLevelVocab {
-            tokens: tokens.clone(),
+            tokens,
             merges: strings("tokenizer.ggml.merges")?,
             special: of_type(3.0),
             split: split.unwrap_or_default(),
         }),
         false => Vocab::SentencePiece(SentencePieceVocab {
-            tokens: tokens.clone(),
+            tokens,
             special: of_type(3.0),
             user_defined: of_type(4.0),
             unknown: token_id("tokenizer.ggml.unknown_token_id"),
@@ -187,10 +193,8 @@ pub fn read_llama(path: &Path, device: &Device, keep_quantized: bool) -> Result<
     };
     let query_pre_attn_scalar =
         gemma.then(|| if layers == 62 { (hidden / heads.max(1)) as f64 } else { head_dim as f64 });
-    // Gemma ends a chat turn with `<end_of_turn>`, which its files do not mark as an end token.
-    let end_of_turn = tokens.iter().position(|t| gemma && t == "<end_of_turn>").map(|i| i as u32);
     let config = LlamaConfig {
-        vocab_size: num("vocab_size").map_or(tokens.len(), |v| v as usize),
+        vocab_size: num("vocab_size").map_or(token_count, |v| v as usize),
         hidden_size: hidden,
         intermediate_size: need("feed_forward_length")?,
         num_hidden_layers: layers,

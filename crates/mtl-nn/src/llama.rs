@@ -381,10 +381,14 @@ fn project(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     Ok(x.matmul(&w.t()?)?)
 }
 
-/// RMSNorm over the last dimension, from differentiable ops: `x / sqrt(mean(x²) + eps) · w`.
-fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+/// RMSNorm over the last dimension, from differentiable ops: `x / sqrt(mean(x²) + eps) · (offset + w)`.
+fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64, offset: f32) -> Result<Tensor> {
     let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
-    Ok(x.broadcast_div(&(ms + eps)?.sqrt()?)?.broadcast_mul(weight)?)
+    let normed = x.broadcast_div(&(ms + eps)?.sqrt()?)?;
+    if offset == 0.0 {
+        return Ok(normed.broadcast_mul(weight)?);
+    }
+    Ok(normed.broadcast_mul(&weight.affine(1.0, f64::from(offset))?)?)
 }
 
 #[derive(Clone, Debug)]
@@ -632,18 +636,14 @@ impl Llama {
     /// RMSNorm of the final hidden states or a sublayer's input or output.
     fn rms_norm(&self, x: &Tensor, weight: &Tensor) -> Result<Tensor> {
         // Gemma's weights are offsets from 1.
-        let offset;
-        let weight = match self.config.family {
-            Family::Llama => weight,
-            Family::Gemma3 => {
-                offset = weight.affine(1.0, 1.0)?;
-                &offset
-            }
+        let offset = match self.config.family {
+            Family::Llama => 0.0,
+            Family::Gemma3 => 1.0,
         };
         if self.fused(x) {
-            crate::cpu::decoder::rms_norm(x, weight, self.config.rms_norm_eps)
+            crate::cpu::decoder::rms_norm(x, weight, self.config.rms_norm_eps, offset)
         } else {
-            rms_norm(x, weight, self.config.rms_norm_eps)
+            rms_norm(x, weight, self.config.rms_norm_eps, offset)
         }
     }
 

@@ -158,6 +158,11 @@ fn cached_decoding_equals_the_full_pass_and_greedy_matches_transformers() -> Tes
 
 fn cached_decoding_matches(name: &str) -> TestResult {
     let (model, _, reference) = load_model(name)?;
+    // The logits at the last position of a full pass over `tokens`, without a cache.
+    let full_last = |tokens: &[u32]| -> Result<Tensor, Box<dyn std::error::Error>> {
+        let ids = Tensor::from_vec(tokens.to_vec(), (1, tokens.len()), &Device::Cpu)?;
+        Ok(model.logits(&model.forward(&ids, None, None)?)?.get(tokens.len() - 1)?)
+    };
     let prompt: Vec<u32> = serde_json::from_value(reference["prompt"].clone())?;
     let want: Vec<u32> = serde_json::from_value(reference["greedy"].clone())?;
     let mut cache = KvCache::default();
@@ -170,12 +175,7 @@ fn cached_decoding_matches(name: &str) -> TestResult {
         let last = logits.get(logits.dim(0)? - 1)?;
         let next = last.argmax(0)?.to_scalar::<u32>()?;
         // The cached step's logits are the full pass's at the same position.
-        let full = model.logits(&model.forward(
-            &Tensor::from_vec(tokens.clone(), (1, tokens.len()), &Device::Cpu)?,
-            None,
-            None,
-        )?)?;
-        let diff = (full.get(tokens.len() - 1)? - &last)?.abs()?.max(0)?.to_scalar::<f32>()?;
+        let diff = (full_last(&tokens)? - &last)?.abs()?.max(0)?.to_scalar::<f32>()?;
         assert!(diff < 1e-5, "cached and full logits differ by {diff}");
         generated.push(next);
         tokens.push(next);
@@ -194,12 +194,7 @@ fn cached_decoding_matches(name: &str) -> TestResult {
         tokens.extend(&next_input);
         let n = next_input.len();
         let last = model.logits(&model.decode(&next_input, &vec![1; n], n, &mut host, None)?)?.get(0)?;
-        let full = model.logits(&model.forward(
-            &Tensor::from_vec(tokens.clone(), (1, tokens.len()), &Device::Cpu)?,
-            None,
-            None,
-        )?)?;
-        let diff = (full.get(tokens.len() - 1)? - &last)?.abs()?.max(0)?.to_scalar::<f32>()?;
+        let diff = (full_last(&tokens)? - &last)?.abs()?.max(0)?.to_scalar::<f32>()?;
         assert!(diff < 1e-5, "host-cached and full logits differ by {diff} at step {step}");
         assert_eq!(last.argmax(0)?.to_scalar::<u32>()?, wanted);
         next_input = vec![wanted];

@@ -66,13 +66,15 @@ fn with_rows<R>(t: &Tensor, what: &str, f: impl FnOnce(Rows<'_>) -> candle_core:
     f(rows(cpu, l, what)?)
 }
 
-/// RMSNorm over the last dimension of `x` (`[rows, dim]`): `x / sqrt(mean(x²) + eps) · weight`.
-pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
-    Ok(x.apply_op2(weight, RmsNorm { eps: eps as f32 })?)
+/// RMSNorm over the last dimension of `x` (`[rows, dim]`): `x / sqrt(mean(x²) + eps) · (offset + weight)`
+/// (`offset` 0 for Llama; 1 for Gemma, whose weights are offsets from 1).
+pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64, offset: f32) -> Result<Tensor> {
+    Ok(x.apply_op2(weight, RmsNorm { eps: eps as f32, offset })?)
 }
 
 struct RmsNorm {
     eps: f32,
+    offset: f32,
 }
 
 #[inline(always)]
@@ -112,7 +114,7 @@ impl CustomOp2 for RmsNorm {
                         let x = x.row(c * ROWS_PER_TASK + i);
                         let r = rms_inv(x, self.eps);
                         for ((y, x), w) in y.iter_mut().zip(x).zip(w) {
-                            *y = x * r * w;
+                            *y = x * r * (w + self.offset);
                         }
                     }
                 },
@@ -131,7 +133,8 @@ impl CustomOp2 for RmsNorm {
         let grad = grad.contiguous()?;
         let (dx, dw) = with_rows(x, self.name(), |x| {
             with_rows(&grad, self.name(), |g| {
-                let wv = w.flatten_all()?.to_vec1::<f32>()?;
+                // The input's gradient goes through the scale actually applied; the weight's does not depend on it.
+                let wv: Vec<f32> = w.flatten_all()?.to_vec1::<f32>()?.iter().map(|w| w + self.offset).collect();
                 check_width(&x, &wv, self.name())?;
                 Ok(rms_norm_backward(&x, &wv, &g, self.eps))
             })
@@ -211,11 +214,6 @@ impl Activation {
 /// GeGLU with tanh-approximate GELU for Gemma).
 pub fn gated(gate: &Tensor, up: &Tensor, act: Activation) -> Result<Tensor> {
     Ok(gate.apply_op2(up, Gated { act })?)
-}
-
-/// [`gated`] with SiLU, Llama's SwiGLU.
-pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
-    gated(gate, up, Activation::Silu)
 }
 
 struct Gated {
