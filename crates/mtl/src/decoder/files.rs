@@ -125,10 +125,13 @@ impl Decoder {
         chat.user_turn(prompt, system).map_err(Error::Usage)
     }
 
-    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+    /// The tokens of a prompt. A chat prompt's template writes its own begin-of-sequence token; a plain
+    /// prompt gets the tokenizer's special tokens, as transformers' tokenizer adds them (Gemma's `<bos>`;
+    /// SmolLM2's tokenizer adds none).
+    pub fn encode(&self, text: &str, chat: bool) -> Result<Vec<u32>> {
         Ok(self
             .tokenizer
-            .encode(text, false)
+            .encode(text, !chat)
             .map_err(|e| Error::Usage(format!("cannot tokenise: {e}")))?
             .get_ids()
             .to_vec())
@@ -186,7 +189,7 @@ impl Decoder {
             true => self.chat_prompt(&request.prompt, request.system.as_deref())?,
             false => request.prompt.clone(),
         };
-        let ids = self.encode(&text)?;
+        let ids = self.encode(&text, request.chat)?;
         let limits = Limits {
             max_new_tokens: request.max_new_tokens,
             stop_tokens: self.eos.clone(),
@@ -219,7 +222,7 @@ impl mtl_serve::generation::Generator for Decoder {
         } else {
             r.prompt.clone()
         };
-        let ids = self.encode(&text).map_err(|e| Invalid(e.to_string()))?;
+        let ids = self.encode(&text, r.chat).map_err(|e| Invalid(e.to_string()))?;
         let context = self.model.config().max_position_embeddings;
         if ids.is_empty() || ids.len() >= context {
             return Err(Invalid(format!("the prompt has {} tokens; the model reads 1 to {} ", ids.len(), context - 1)));
