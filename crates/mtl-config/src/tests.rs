@@ -163,6 +163,18 @@ frame = ["intent", "slots"]
             (&["training.layer_lr_decay=1.5"], "invalid config run.toml: field `training.layer_lr_decay`: must be in (0, 1], got 1.5"),
             (&["training.grad_accumulation=0"], "invalid config run.toml: field `training.grad_accumulation`: must be at least 1"),
             (&["training.patience=0"], "invalid config run.toml: field `training.patience`: must be at least 1"),
+            (
+                &["training.sampling.epochs.intent=1"],
+                "invalid config run.toml: field `training.sampling.epochs`: a task's own number of passes needs `plan = \"sampled\"` (the mixed plan batches all tasks' examples together)",
+            ),
+            (
+                &["training.sampling.plan=\"sampled\"", "training.sampling.epochs.intent=0"],
+                "invalid config run.toml: field `training.sampling.epochs`: task `intent`: 0 passes; must be a positive number",
+            ),
+            (
+                &["training.sampling.plan=\"sampled\"", "training.sampling.epochs.ner=1"],
+                "invalid config run.toml: field `training.sampling.epochs`: unknown task `ner`; tasks are: intent, slots",
+            ),
             (&["training.freeze.unfreeze_every=0"], "invalid config run.toml: field `training.freeze.unfreeze_every`: must be at least 1"),
             (
                 &["training.weighting.alpha=-1"],

@@ -139,6 +139,13 @@ pub struct SamplingConfig {
     /// `fixed` sampler: a weight per task.
     #[serde(default)]
     pub weights: BTreeMap<TaskId, f64>,
+    /// `sampled` plan: passes over a task's training examples in the whole run, spread over its epochs
+    /// (`training.epochs` for a task left out; fractions allowed). The steps of an epoch are the tasks'
+    /// batches times their passes over the run's epochs, and the proportional, temperature and annealed
+    /// samplers count a task as its examples times that share, e.g. `epochs = { polarity = 1 }` in a run
+    /// of 3 epochs sees each review once and the other tasks' examples three times.
+    #[serde(default)]
+    pub epochs: BTreeMap<TaskId, f64>,
 }
 
 pub(crate) fn default_temperature() -> f64 {
@@ -153,6 +160,7 @@ impl Default for SamplingConfig {
             temperature: default_temperature(),
             cap: None,
             weights: BTreeMap::new(),
+            epochs: BTreeMap::new(),
         }
     }
 }

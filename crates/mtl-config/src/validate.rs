@@ -74,6 +74,26 @@ impl Config {
                 format!("unknown task `{name}`; tasks are: {}", self.task_list()),
             ));
         }
+        for (name, &passes) in &s.epochs {
+            if !self.tasks.contains_key(name) {
+                return Err(invalid(
+                    "training.sampling.epochs",
+                    format!("unknown task `{name}`; tasks are: {}", self.task_list()),
+                ));
+            }
+            if !(passes.is_finite() && passes > 0.0) {
+                return Err(invalid(
+                    "training.sampling.epochs",
+                    format!("task `{name}`: {passes} passes; must be a positive number"),
+                ));
+            }
+        }
+        if !s.epochs.is_empty() && s.plan != StepPlan::Sampled {
+            return Err(invalid(
+                "training.sampling.epochs",
+                "a task's own number of passes needs `plan = \"sampled\"` (the mixed plan batches all tasks' examples together)".into(),
+            ));
+        }
         if t.max_tokens == Some(0) {
             return Err(invalid("training.max_tokens", "must be at least 1".into()));
         }

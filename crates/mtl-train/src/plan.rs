@@ -22,11 +22,31 @@ pub(crate) fn progress(epoch: usize, epochs: usize) -> f64 {
     }
 }
 
-/// The task sampler of a config over the training examples of each task.
+/// Each task's passes over its training examples in the whole run (tasks in name order): its own
+/// `sampling.epochs`, or the run's epochs.
+fn task_passes(config: &Config) -> Vec<f64> {
+    let t = &config.training;
+    config.tasks.keys().map(|task| t.sampling.epochs.get(task).copied().unwrap_or(t.epochs as f64)).collect()
+}
+
+/// The task sampler of a config over the training examples of each task, each task counted as its examples
+/// times its share of the run's epochs (its examples when it takes them all).
 pub(crate) fn task_sampler(train: &Dataset, config: &Config) -> Box<dyn sampling::TaskSampler> {
     let t = &config.training;
-    let sizes: Vec<usize> =
-        config.tasks.keys().map(|task| train.examples.iter().filter(|e| e.labels.contains_key(task)).count()).collect();
+    let sizes: Vec<usize> = config
+        .tasks
+        .keys()
+        .zip(task_passes(config))
+        .map(|(task, passes)| {
+            let n = train.examples.iter().filter(|e| e.labels.contains_key(task)).count();
+            let counted = (n as f64 * passes / t.epochs as f64).round() as usize;
+            if n > 0 {
+                counted.max(1)
+            } else {
+                0
+            }
+        })
+        .collect();
     let weights: Vec<f64> =
         config.tasks.keys().map(|task| t.sampling.weights.get(task).copied().unwrap_or(0.0)).collect();
     sampling::sampler(&t.sampling, &sizes, weights)
@@ -45,9 +65,11 @@ pub(crate) fn sampling_probabilities(train: &Dataset, config: &Config) -> Vec<Op
 }
 
 /// Every epoch's steps under the `sampled` plan: each task's examples are batched on their own (as in
-/// single-task training), and each step trains the task the sampler draws, taking that task's next batch (a
-/// task whose batches run out starts a new seeded pass over its examples). An epoch has as many steps as all
-/// tasks' batches together, the budget of the `mixed` plan.
+/// single-task training), and each step trains the task the sampler draws, taking that task's next batch. A
+/// task's batches come from one stream over the run: seeded passes over its examples, one after the other,
+/// so a task that runs out starts its next pass and a pass left unfinished at an epoch's end goes on in the
+/// next. An epoch has as many steps as all tasks' batches together (the budget of the `mixed` plan), each
+/// task's counted for its passes (`sampling.epochs`) spread evenly over the run's epochs.
 pub(crate) fn sampled_epochs(
     train: &Dataset,
     lengths: &[usize],
@@ -60,36 +82,39 @@ pub(crate) fn sampled_epochs(
         .iter()
         .map(|task| (0..train.examples.len()).filter(|&i| train.examples[i].labels.contains_key(*task)).collect())
         .collect();
-    let sizes: Vec<usize> = members.iter().map(Vec::len).collect();
     let sampler = task_sampler(train, config);
-    // One seeded pass over a task's examples, cut into batches.
-    let pass = |k: usize, epoch: usize, round: usize| -> Vec<Vec<usize>> {
+    // Pass `p` over a task's examples, seeded, cut into batches.
+    let pass = |k: usize, p: usize| -> Vec<Vec<usize>> {
         let own: Vec<usize> = members[k].iter().map(|&i| lengths[i]).collect();
-        let seed = t.seed ^ ((k as u64 + 1) << 40) ^ ((round as u64) << 20);
-        epoch_batches(&own, batching, seed, epoch)
+        let seed = t.seed ^ ((k as u64 + 1) << 40) ^ ((p as u64) << 20);
+        epoch_batches(&own, batching, seed, p + 1)
             .into_iter()
             .map(|b| b.iter().map(|&j| members[k][j]).collect())
             .collect()
     };
+    let mut streams: Vec<(std::collections::VecDeque<Vec<usize>>, usize)> =
+        (0..tasks.len()).map(|k| (pass(k, 0).into(), 0)).collect();
+    // Each task's batches over the whole run, and the first `e` epochs' share of them.
+    let budgets: Vec<f64> =
+        streams.iter().zip(task_passes(config)).map(|((q, _), passes)| q.len() as f64 * passes).collect();
+    let share = |k: usize, epoch: usize| (budgets[k] * epoch as f64 / t.epochs as f64).round() as usize;
     let mut step = 0;
     (1..=t.epochs)
         .map(|epoch| {
-            let mut queues: Vec<std::collections::VecDeque<Vec<usize>>> =
-                (0..tasks.len()).map(|k| pass(k, epoch, 0).into()).collect();
-            let mut rounds = vec![0; tasks.len()];
-            let steps: usize = queues.iter().map(|q| q.len()).sum();
+            let steps: usize = (0..tasks.len()).map(|k| share(k, epoch) - share(k, epoch - 1)).sum();
             let seed = t.seed ^ 0x5A3D_0000_0000 ^ epoch as u64;
             let order = sampling::draw_tasks(sampler.as_ref(), progress(epoch, t.epochs), step, steps, seed);
             step += steps;
             order
                 .into_iter()
-                .filter(|&k| sizes[k] > 0)
+                .filter(|&k| !members[k].is_empty())
                 .map(|k| {
-                    if queues[k].is_empty() {
-                        rounds[k] += 1;
-                        queues[k] = pass(k, epoch, rounds[k]).into();
+                    let (queue, p) = &mut streams[k];
+                    if queue.is_empty() {
+                        *p += 1;
+                        *queue = pass(k, *p).into();
                     }
-                    (queues[k].pop_front().expect("a pass over a non-empty task has batches"), Some(tasks[k].clone()))
+                    (queue.pop_front().expect("a pass over a non-empty task has batches"), Some(tasks[k].clone()))
                 })
                 .collect()
         })
@@ -156,6 +181,53 @@ data = { train = "b.jsonl" }
             }
         }
         assert_eq!(epochs, sampled_epochs(&train, &lengths, &batching, &config), "seeded");
+        Ok(())
+    }
+
+    /// A task's own passes (`sampling.epochs`): its share of every epoch's steps, each of its examples once
+    /// before any twice (one stream of passes over the run, not a new pass every epoch), and the sampler
+    /// counting it at that share.
+    #[test]
+    fn a_task_with_fewer_passes_is_spread_over_the_run() -> Result<()> {
+        let text = r#"
+[model]
+path = "m"
+[training]
+epochs = 4
+batch_size = 4
+lr = 1e-3
+sampling = { plan = "sampled", sampler = "proportional", epochs = { b = 1 } }
+[tasks.a]
+kind = "classification"
+data = { train = "a.jsonl" }
+[tasks.b]
+kind = "classification"
+data = { train = "b.jsonl" }
+"#;
+        let config = Config::parse(text, Path::new("t.toml"), &[])?;
+        // 400 examples each: 100 batches a pass.
+        let mut examples: Vec<Example> = (0..400).map(|i| example(i, &["a"])).collect();
+        examples.extend((400..800).map(|i| example(i, &["b"])));
+        let train = Dataset { examples, truncated: 0 };
+        let lengths: Vec<usize> = train.examples.iter().map(|e| e.encoded.ids.len()).collect();
+        let batching = Batching { batch_size: 4, group_by_length: true, max_tokens: None };
+        let probabilities = sampling_probabilities(&train, &config);
+        let b = TaskId::new("b").expect("valid");
+        assert!((probabilities[0].as_ref().expect("sampled")[&b] - 0.2).abs() < 1e-12, "b counts 100 of 500");
+        let epochs = sampled_epochs(&train, &lengths, &batching, &config);
+        assert!(epochs.iter().all(|e| e.len() == 100 + 25), "a: 100 batches an epoch, b: 100 over 4 epochs");
+        let b_batches: Vec<&Vec<usize>> =
+            epochs.iter().flatten().filter(|(_, task)| task.as_ref() == Some(&b)).map(|(batch, _)| batch).collect();
+        // 500 draws at p = 0.2: 100 expected, sd 8.9.
+        assert!(b_batches.len().abs_diff(100) <= 36, "{} batches of b", b_batches.len());
+        let mut first_pass: Vec<usize> = b_batches.iter().take(100).flat_map(|batch| batch.iter().copied()).collect();
+        first_pass.sort_unstable();
+        if b_batches.len() >= 100 {
+            assert_eq!(first_pass, (400..800).collect::<Vec<_>>(), "b's first 100 batches are one pass");
+        } else {
+            first_pass.dedup();
+            assert_eq!(first_pass.len(), b_batches.len() * 4, "no example of b twice");
+        }
         Ok(())
     }
 }
