@@ -30,6 +30,10 @@ It writes:
   tiny-gemma3/           a tiny random Gemma3ForCausalLM (seed 0: 3 layers, two of them sliding-window layers with
                         window 3 and their own rotary base, query/key norms, sandwich norms, GELU-tanh gates, an
                         attention scale that is not the head size): the same references as tiny-llama's
+  tiny-llama3/           a tiny random LlamaForCausalLM with Llama 3's rotary scaling (`rope_type = "llama3"`, its
+                        frequencies in all three regimes): the same references as tiny-llama's, and model.gguf,
+                        the same weights as llama.cpp's converter writes them (permuted query and key rows, the
+                        frequency factors in `rope_freqs`), with a stand-in byte-level vocabulary
   smollm2-reference.json transformers 5.24 with gguf 0.19 on the default decoder's GGUF (SmolLM2-135M-Instruct
                         Q4_1, dequantised to f32): token ids of five strings, the last position's logits of two
                         (first 16 and top 10), and 8 greedy tokens after a chat-template prompt
@@ -63,7 +67,7 @@ It writes:
                         scipy.optimize.minimize (SLSQP) exactly as the authors' code finds them, rescale = 1
 The tests themselves need none of these packages. `python scripts/make_fixtures.py metrics` writes only the
 metric fixtures (no torch needed for them, only scikit-learn, scipy, seqeval and rouge-score); `... weighting` writes only
-the last three, `... llama` only tiny-llama/, `... smollm2` only smollm2-reference.json, `... gemma3` only tiny-gemma3/ and gemma3-reference.json, `... pretokenizers` only pretokenizers.json, and `... lora` only tiny-bert/lora.*,
+the last three, `... llama` only tiny-llama/, `... smollm2` only smollm2-reference.json, `... gemma3` only tiny-gemma3/ and gemma3-reference.json, `... llama3` only tiny-llama3/, `... pretokenizers` only pretokenizers.json, and `... lora` only tiny-bert/lora.*,
 tiny-bert/bottleneck.* and tiny-bert/prefix.*.
 """
 import json
@@ -143,6 +147,90 @@ def tiny_llama():
             if "norm" in name:
                 p.add_(0.1 * torch.randn_like(p))
     save_tiny_causal_lm(model, cfg, OUT / "tiny-llama", new_tokens=6)
+
+
+def tiny_llama3():
+    """A tiny random LlamaForCausalLM with Llama 3's rotary scaling (`rope_type = "llama3"`, as Llama 3.1 and 3.2),
+    its parameters chosen so that the four frequencies of a head of 8 fall in all three of its regimes (kept,
+    smoothed, divided by `factor`): the references of tiny-llama, and model.gguf, the same weights as llama.cpp's
+    converter writes them (query and key rows permuted, tied embeddings, the frequency factors in `rope_freqs`,
+    computed here as convert_hf_to_gguf.py does) with a stand-in vocabulary of 64 byte-level tokens (two of them merges)."""
+    import math
+
+    import gguf
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    rope = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, rms_norm_eps=1e-5, rope_parameters=rope, max_position_embeddings=128,
+                      tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+                      attention_bias=False, mlp_bias=False, hidden_act="silu", initializer_range=0.2)
+    model = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    d = OUT / "tiny-llama3"
+    save_tiny_causal_lm(model, cfg, d, new_tokens=6)
+
+    head_dim, heads, kv_heads = 8, 4, 2
+    freqs = 1.0 / (rope["rope_theta"] ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    old = rope["original_max_position_embeddings"]
+    low_wavelen, high_wavelen = old / rope["low_freq_factor"], old / rope["high_freq_factor"]
+    factors = []
+    for freq in freqs.tolist():
+        wavelen = 2 * math.pi / freq
+        if wavelen < high_wavelen:
+            factors.append(1.0)
+        elif wavelen > low_wavelen:
+            factors.append(rope["factor"])
+        else:
+            smooth = (old / wavelen - rope["low_freq_factor"]) / (rope["high_freq_factor"] - rope["low_freq_factor"])
+            factors.append(1 / ((1 - smooth) / rope["factor"] + smooth))
+    assert len(set(factors)) == 3, factors
+
+    def permute(w, n_head):
+        return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+    names = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+             "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+             "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+    w = gguf.GGUFWriter(str(d / "model.gguf"), "llama")
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_head_count(heads)
+    w.add_head_count_kv(kv_heads)
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_rope_freq_base(rope["rope_theta"])
+    w.add_vocab_size(cfg.vocab_size)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("smollm")
+    singles = [chr(0x100 + i) for i in range(cfg.vocab_size - 2)]
+    w.add_token_list(singles + [singles[0] + singles[1], singles[2] + singles[3]])
+    w.add_token_merges([f"{singles[0]} {singles[1]}", f"{singles[2]} {singles[3]}"])
+    w.add_token_types([1] * cfg.vocab_size)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    state = model.state_dict()
+    w.add_tensor("token_embd.weight", state["model.embed_tokens.weight"].numpy())
+    w.add_tensor("output_norm.weight", state["model.norm.weight"].numpy())
+    w.add_tensor("rope_freqs.weight", torch.tensor(factors, dtype=torch.float32).numpy())
+    for layer in range(cfg.num_hidden_layers):
+        for hf, ll in names.items():
+            t = state[f"model.layers.{layer}.{hf}.weight"]
+            if ll == "attn_q":
+                t = permute(t, heads)
+            elif ll == "attn_k":
+                t = permute(t, kv_heads)
+            w.add_tensor(f"blk.{layer}.{ll}.weight", t.contiguous().numpy())
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
 
 
 def save_tiny_causal_lm(model, cfg, d, new_tokens):
@@ -920,11 +1008,14 @@ if __name__ == "__main__":
     elif sys.argv[1:] == ["gemma3"]:
         tiny_gemma3()
         gemma3_fixture()
+    elif sys.argv[1:] == ["llama3"]:
+        tiny_llama3()
     else:
         tiny_bert()
         tiny_llama()
         tiny_llama_lora_fixture()
         tiny_gemma3()
+        tiny_llama3()
         lora_fixture()
         bottleneck_fixture()
         prefix_fixture()

@@ -225,6 +225,16 @@ fn random_llama_1b() -> Result<(mtl_nn::llama::LlamaConfig, mtl_nn::llama::Llama
         hidden_act: mtl_nn::llama::Activation::Silu,
         query_pre_attn_scalar: None,
         sliding: None,
+        // Llama 3.2's rotary scaling.
+        rope_freq_factors: Some(
+            mtl_nn::llama::llama3_rope_factors(
+                &serde_json::json!({"factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                    "original_max_position_embeddings": 8192}),
+                500_000.0,
+                64,
+            )
+            .map_err(anyhow::Error::msg)?,
+        ),
     };
     let matrix = |rows: usize, cols: usize| -> Result<mtl_nn::cpu::quant::QuantMatrix> {
         let mut bytes = Vec::new();

@@ -149,7 +149,16 @@ pub fn read_llama(path: &Path, device: &Device, keep_quantized: bool) -> Result<
     let mut types: std::collections::BTreeMap<String, usize> = std::collections::BTreeMap::new();
     let mut names: Vec<&String> = content.tensor_infos.keys().collect();
     names.sort();
+    let mut rope_freq_factors = None;
     for name in names {
+        // Llama 3's rotary scaling, as llama.cpp's converter writes it: a divisor per frequency.
+        if name == "rope_freqs.weight" && family == Family::Llama {
+            let q = content.tensor(&mut file, name, device).map_err(|e| bad(format!("tensor {name}: {e}")))?;
+            let f = q.dequantize(device).and_then(|t| t.flatten_all()?.to_vec1::<f32>());
+            rope_freq_factors =
+                Some(f.map_err(|e| bad(format!("tensor {name}: {e}")))?.into_iter().map(f64::from).collect::<Vec<_>>());
+            continue;
+        }
         let target =
             hf_name(name, family).ok_or_else(|| bad(format!("tensor {name:?} has no place in a {arch} model")))?;
         let q = content.tensor(&mut file, name, device).map_err(|e| bad(format!("tensor {name}: {e}")))?;
@@ -221,6 +230,7 @@ pub fn read_llama(path: &Path, device: &Device, keep_quantized: bool) -> Result<
         hidden_act: if gemma { Activation::GeluTanh } else { Activation::Silu },
         query_pre_attn_scalar,
         sliding,
+        rope_freq_factors,
     };
     config.validate().map_err(bad)?;
     Ok(GgufLlama {

@@ -131,6 +131,43 @@ pub struct LlamaConfig {
     pub query_pre_attn_scalar: Option<f64>,
     /// Layers that attend within a sliding window, when the model has any.
     pub sliding: Option<SlidingWindow>,
+    /// Llama 3's rotary scaling: each frequency of the (global) rotation divided by its factor, one per
+    /// frequency (`head_dim / 2`), from a config's `"rope_type": "llama3"` or a GGUF file's `rope_freqs`
+    /// tensor (llama.cpp's frequency factors). `None`: the default rotation.
+    pub rope_freq_factors: Option<Vec<f64>>,
+}
+
+/// Llama 3's rotary frequency factors (transformers' `rope_type = "llama3"`, Llama 3.1 and 3.2): over
+/// wavelengths `2π / f` longer than `original_max_position_embeddings / low_freq_factor` a frequency is
+/// divided by `factor`; under `… / high_freq_factor` it is kept; in between the divisor moves smoothly from
+/// `factor` to 1.
+pub fn llama3_rope_factors(params: &serde_json::Value, theta: f64, head_dim: usize) -> Result<Vec<f64>, String> {
+    let get = |key: &str| {
+        params.get(key).and_then(serde_json::Value::as_f64).ok_or_else(|| format!("llama3 rope scaling needs {key}"))
+    };
+    let (factor, low, high, original) =
+        (get("factor")?, get("low_freq_factor")?, get("high_freq_factor")?, get("original_max_position_embeddings")?);
+    if !(factor > 0.0 && low > 0.0 && high > low && original > 0.0) {
+        return Err(format!(
+            "llama3 rope scaling: factor {factor}, low_freq_factor {low}, high_freq_factor {high} and \
+             original_max_position_embeddings {original} must be positive, high above low"
+        ));
+    }
+    let (low_wavelen, high_wavelen) = (original / low, original / high);
+    Ok((0..head_dim / 2)
+        .map(|i| {
+            let freq = 1.0 / theta.powf(2.0 * i as f64 / head_dim as f64);
+            let wavelen = 2.0 * std::f64::consts::PI / freq;
+            if wavelen < high_wavelen {
+                1.0
+            } else if wavelen > low_wavelen {
+                factor
+            } else {
+                let smooth = (original / wavelen - low) / (high - low);
+                1.0 / ((1.0 - smooth) / factor + smooth)
+            }
+        })
+        .collect())
 }
 
 /// The decoder families this crate runs.
@@ -255,24 +292,31 @@ impl LlamaConfig {
         if raw.use_bidirectional_attention {
             return Err("bidirectional attention is not supported".into());
         }
-        // transformers 5 keeps the rotary settings in `rope_parameters`: one set, or one per layer type.
-        let rope = |kind: Option<&str>| -> Result<Option<f64>, String> {
-            let Some(p) = raw.rope_parameters.as_ref() else { return Ok(None) };
-            let p = match kind {
+        // transformers 5 keeps the rotary settings in `rope_parameters`: one set, or one per layer type;
+        // older configs a `rope_scaling` beside `rope_theta`.
+        let rope_params = |kind: Option<&str>| -> Option<&serde_json::Value> {
+            let p = raw.rope_parameters.as_ref().or(raw.rope_scaling.as_ref()).filter(|p| !p.is_null())?;
+            Some(match kind {
                 Some(k) if p.get(k).is_some() => &p[k],
                 _ => p,
-            };
-            let rope_type = p.get("rope_type").and_then(|t| t.as_str()).unwrap_or("default");
-            if rope_type != "default" {
-                return Err(format!(
-                    "rope scaling ({rope_type}) is not supported; only the default rotary embedding is"
-                ));
+            })
+        };
+        let rope_type = |p: &serde_json::Value| {
+            p.get("rope_type").or_else(|| p.get("type")).and_then(|t| t.as_str()).unwrap_or("default").to_string()
+        };
+        let rope = |kind: Option<&str>| -> Result<Option<f64>, String> {
+            let Some(p) = rope_params(kind) else { return Ok(None) };
+            match rope_type(p).as_str() {
+                "default" => {}
+                "llama3" if family == Family::Llama && kind == Some("full_attention") => {}
+                other => {
+                    return Err(format!(
+                        "rope scaling ({other}) is not supported; the default rotary embedding and Llama 3's are"
+                    ))
+                }
             }
             Ok(p.get("rope_theta").and_then(serde_json::Value::as_f64))
         };
-        if raw.rope_scaling.as_ref().is_some_and(|s| !s.is_null()) {
-            return Err("rope scaling is not supported; only the default rotary embedding is".into());
-        }
         let gemma = family == Family::Gemma3;
         // Gemma3TextConfig's defaults where a config leaves a field out (older hub configs do).
         let (default_theta, default_local_theta) = if gemma { (1e6, 10_000.0) } else { (10_000.0, 10_000.0) };
@@ -314,6 +358,10 @@ impl LlamaConfig {
         let heads = raw.num_attention_heads;
         let kv = raw.num_key_value_heads.unwrap_or(heads);
         let head_dim = raw.head_dim.unwrap_or(raw.hidden_size / heads.max(1));
+        let rope_freq_factors = match rope_params(Some("full_attention")) {
+            Some(p) if rope_type(p) == "llama3" => Some(llama3_rope_factors(p, rope_theta, head_dim)?),
+            _ => None,
+        };
         let config = Self {
             vocab_size: raw.vocab_size,
             hidden_size: raw.hidden_size,
@@ -332,6 +380,7 @@ impl LlamaConfig {
             hidden_act,
             query_pre_attn_scalar: raw.query_pre_attn_scalar.or(gemma.then_some(256.0)),
             sliding,
+            rope_freq_factors,
         };
         config.validate()?;
         Ok(config)
@@ -371,6 +420,11 @@ impl LlamaConfig {
         }
         if self.query_pre_attn_scalar.is_some_and(|q| q.partial_cmp(&0.0) != Some(std::cmp::Ordering::Greater)) {
             return Err("query_pre_attn_scalar must be positive".into());
+        }
+        if let Some(f) = &self.rope_freq_factors {
+            if f.len() != d / 2 || !f.iter().all(|x| x.is_finite() && *x > 0.0) {
+                return Err(format!("{} rotary frequency factors for head_dim {d}, all positive", f.len()));
+            }
         }
         Ok(())
     }
@@ -565,14 +619,14 @@ impl Llama {
         let norm = m.pp("norm").get(h, "weight", norm_init)?;
         let lm_head =
             if config.tie_word_embeddings { None } else { Some(base(&pb.pp("lm_head"), config.vocab_size, h)?) };
-        let rope = |theta: f64| Rope {
-            host: Arc::new(rotary_tables(config, theta)),
+        let rope = |theta: f64, factors: Option<&[f64]>| Rope {
+            host: Arc::new(rotary_tables(config, theta, factors)),
             device: pb.device(),
             tensors: std::sync::OnceLock::new(),
         };
-        let mut ropes = vec![rope(config.rope_theta)];
+        let mut ropes = vec![rope(config.rope_theta, config.rope_freq_factors.as_deref())];
         if let Some(s) = config.sliding.as_ref().filter(|_| local_rope) {
-            ropes.push(rope(s.rope_theta));
+            ropes.push(rope(s.rope_theta, None));
         }
         let mut model = Self {
             config: config.clone(),
@@ -1043,11 +1097,13 @@ enum LayerCache<'a> {
     Host { cache: &'a mut DecodeCache, layer: usize },
 }
 
-/// The rotation tables of transformers' default rotary embedding: angle `p · θ^(-2i/d)` for position `p` and
-/// frequency `i < d/2`, each repeated for both halves of the head (the `rotate_half` layout).
-fn rotary_tables(c: &LlamaConfig, theta: f64) -> RopeTables {
+/// The rotation tables of transformers' rotary embedding: angle `p · θ^(-2i/d) / factor_i` for position `p`
+/// and frequency `i < d/2` (factors 1 by default), each repeated for both halves of the head (the
+/// `rotate_half` layout).
+fn rotary_tables(c: &LlamaConfig, theta: f64, factors: Option<&[f64]>) -> RopeTables {
     let d = c.head_dim;
-    let inv: Vec<f32> = (0..d / 2).map(|i| (1.0 / theta.powf(2.0 * i as f64 / d as f64)) as f32).collect();
+    let factor = |i: usize| factors.and_then(|f| f.get(i)).copied().unwrap_or(1.0);
+    let inv: Vec<f32> = (0..d / 2).map(|i| (1.0 / theta.powf(2.0 * i as f64 / d as f64) / factor(i)) as f32).collect();
     let (mut cos, mut sin) = (Vec::with_capacity(c.max_position_embeddings * d), Vec::new());
     sin.reserve(c.max_position_embeddings * d);
     for p in 0..c.max_position_embeddings {

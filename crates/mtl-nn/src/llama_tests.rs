@@ -1,6 +1,7 @@
 //! The decoder against transformers on the tiny random models of `tests/fixtures/tiny-llama`
-//! (`LlamaForCausalLM`) and `tests/fixtures/tiny-gemma3` (`Gemma3ForCausalLM`), made by
-//! `scripts/make_fixtures.py llama` and `… gemma3`.
+//! (`LlamaForCausalLM`), `tests/fixtures/tiny-gemma3` (`Gemma3ForCausalLM`) and `tests/fixtures/tiny-llama3`
+//! (Llama with Llama 3's rotary scaling, also as a GGUF file), made by `scripts/make_fixtures.py llama`,
+//! `… gemma3` and `… llama3`.
 
 use std::path::PathBuf;
 
@@ -14,8 +15,8 @@ type TestResult = Result<(), Box<dyn std::error::Error>>;
 /// Token ids `[batch, seq]`, the attention mask (row-major), batch and seq.
 type Batch = (Tensor, Vec<u32>, usize, usize);
 
-/// The two tiny models.
-const MODELS: [&str; 2] = ["tiny-llama", "tiny-gemma3"];
+/// The tiny models.
+const MODELS: [&str; 3] = ["tiny-llama", "tiny-gemma3", "tiny-llama3"];
 
 fn dir() -> PathBuf {
     fixture("tiny-llama")
@@ -58,8 +59,24 @@ fn config_reads_transformers_5_and_refuses_what_it_cannot_run() -> TestResult {
     assert_eq!((c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.rope_theta), (4, 2, 8, 10_000.0));
     assert!(c.tie_word_embeddings);
     let text = std::fs::read_to_string(dir().join("config.json"))?;
+    let scaled = text.replace("\"rope_type\": \"default\"", "\"rope_type\": \"yarn\"");
+    assert!(LlamaConfig::from_json(&scaled).is_err_and(|e| e.contains("rope scaling (yarn)")));
     let scaled = text.replace("\"rope_type\": \"default\"", "\"rope_type\": \"llama3\"");
-    assert!(LlamaConfig::from_json(&scaled).is_err_and(|e| e.contains("rope scaling")));
+    assert!(LlamaConfig::from_json(&scaled).is_err_and(|e| e.contains("llama3 rope scaling needs factor")));
+    // Llama 3's scaling, in transformers 5's `rope_parameters` and in an older config's `rope_scaling`.
+    let l3 = LlamaConfig::from_file(&fixture("tiny-llama3").join("config.json"))?;
+    let factors = l3.rope_freq_factors.clone().ok_or("llama3 factors")?;
+    let mut old: serde_json::Map<String, Value> =
+        serde_json::from_str(&std::fs::read_to_string(fixture("tiny-llama3").join("config.json"))?)?;
+    let mut scaling = old.remove("rope_parameters").ok_or("rope_parameters")?;
+    let theta = scaling.as_object_mut().ok_or("object")?.remove("rope_theta").ok_or("rope_theta")?;
+    old.insert("rope_theta".into(), theta);
+    old.insert("rope_scaling".into(), scaling);
+    let o = LlamaConfig::from_json(&Value::Object(old).to_string())?;
+    assert_eq!(o.rope_freq_factors.as_ref(), Some(&factors));
+    // Its four frequencies: kept, smoothed, divided by 8 (twice).
+    assert_eq!((factors[0], factors[2], factors[3]), (1.0, 8.0, 8.0));
+    assert!(factors[1] > 1.0 && factors[1] < 8.0, "{factors:?}");
     let gelu = text.replace("\"silu\"", "\"gelu\"");
     assert!(LlamaConfig::from_json(&gelu).is_err_and(|e| e.contains("activation \"gelu\"")));
     // Gemma 3: rotary bases per layer type, the window and which layers use it, the score scale.
@@ -99,7 +116,26 @@ fn logits_match_transformers_on_a_padded_batch() -> TestResult {
 
 fn logits_match(name: &str) -> TestResult {
     let (model, _, reference) = load_model(name)?;
-    let (ids, mask, b, s) = batch(&reference)?;
+    model_logits_match(name, &model, &reference)
+}
+
+/// Llama 3's rotary scaling from a GGUF file as llama.cpp's converter writes it (the factors in `rope_freqs`,
+/// the query and key rows permuted): the config's factors, and transformers' logits.
+#[test]
+fn llama3_rope_freqs_of_a_gguf_file_match_transformers() -> TestResult {
+    let dir = fixture("tiny-llama3");
+    let gguf = crate::gguf::read_llama(&dir.join("model.gguf"), &Device::Cpu, true)?;
+    let want = LlamaConfig::from_file(&dir.join("config.json"))?.rope_freq_factors.ok_or("config factors")?;
+    let got = gguf.config.rope_freq_factors.clone().ok_or("rope_freqs read")?;
+    assert_eq!(got.len(), want.len());
+    assert!(got.iter().zip(&want).all(|(g, w)| (g - w).abs() < 1e-6), "{got:?} against {want:?}");
+    let model = Llama::new(&gguf.weights.into_builder(0, &Device::Cpu)?, &gguf.config)?;
+    let reference: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json"))?)?;
+    model_logits_match("tiny-llama3 (GGUF)", &model, &reference)
+}
+
+fn model_logits_match(name: &str, model: &Llama, reference: &Value) -> TestResult {
+    let (ids, mask, b, s) = batch(reference)?;
     let logits = model.logits(&model.forward(&ids, Some(&mask), None)?)?.to_vec2::<f32>()?;
     let want: Vec<Vec<Vec<f64>>> = serde_json::from_value(reference["logits"].clone())?;
     let mut max_diff = 0f64;
@@ -443,6 +479,7 @@ fn fused_matches_composed(
         hidden_act: if gemma { Activation::GeluTanh } else { Activation::Silu },
         query_pre_attn_scalar: gemma.then_some(5.0),
         sliding,
+        rope_freq_factors: None,
     };
     let pb = ParamBuilder::new(std::collections::HashMap::new(), 11, &Device::Cpu);
     let lora = with_lora.then(|| DecoderLora {
