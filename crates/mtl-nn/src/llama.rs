@@ -20,6 +20,8 @@ use serde::{Deserialize, Serialize};
 use crate::bert::Kernels;
 use crate::cpu::decoder::{CausalAttention, DecodeCache, RopeTables};
 use crate::cpu::lora::{BaseWeight, LoraProjection, LoraRows};
+use crate::cpu::paged::Span;
+pub use crate::cpu::paged::{BlockTable, PagedKv};
 use crate::cpu::quant::QuantMatrix;
 use crate::layers::{log_softmax_last, softmax_last, DropoutRng};
 use crate::params::{Init, ParamBuilder};
@@ -919,6 +921,89 @@ impl Llama {
         self.rms_norm(&x, &self.norm)
     }
 
+    /// A pool of key/value blocks for [`Llama::step`]: `blocks` blocks of `block_size` positions.
+    pub fn paged_cache(&self, block_size: usize, blocks: usize) -> PagedKv {
+        let c = &self.config;
+        PagedKv::new(c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads, c.head_dim, block_size, blocks)
+    }
+
+    /// One step of iteration-level batching: each sequence of `seqs` brings `new` tokens (a prompt, a chunk of
+    /// one, or one generated token), all in `tokens` one sequence after the other, at the positions after those
+    /// its block table holds. Every sequence's table must already have room for them ([`PagedKv::reserve`]);
+    /// the step caches their keys and values and advances each table. With LoRA, `adapters` names each
+    /// sequence's adapter, so sequences of different tasks share the step. Returns the final-normed hidden
+    /// state of each sequence's last new token, `[sequences, hidden]` (for [`Llama::logits`]). Records nothing
+    /// for backward.
+    pub fn step(
+        &self,
+        tokens: &[u32],
+        seqs: &mut [(&mut BlockTable, usize)],
+        kv: &mut PagedKv,
+        adapters: Option<&[usize]>,
+    ) -> Result<Tensor> {
+        let c = &self.config;
+        let geometry = (c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads, c.head_dim);
+        if kv.geometry() != geometry {
+            return Err(NnError::Input(format!("a paged cache of {:?} for a model of {geometry:?}", kv.geometry())));
+        }
+        let total: usize = seqs.iter().map(|(_, new)| new).sum();
+        if seqs.is_empty() || tokens.len() != total || seqs.iter().any(|(_, new)| *new == 0) {
+            return Err(NnError::Input(format!(
+                "{} tokens for {} sequences of {total} new tokens (each at least one)",
+                tokens.len(),
+                seqs.len()
+            )));
+        }
+        for (table, new) in seqs.iter() {
+            let end = table.len + new;
+            if end > table.blocks.len() * kv.block_size() || end > c.max_position_embeddings {
+                return Err(NnError::Input(format!(
+                    "{end} positions exceed a sequence's {} blocks of {} or max_position_embeddings {}",
+                    table.blocks.len(),
+                    kv.block_size(),
+                    c.max_position_embeddings
+                )));
+            }
+        }
+        // LoRA routes over the step's tokens: one per run of sequences with the same adapter.
+        let mut routes: Vec<Route> = Vec::new();
+        if let (Some(adapters), true) = (adapters, self.lora.is_some()) {
+            if adapters.len() != seqs.len() {
+                return Err(NnError::Input(format!("{} adapters for {} sequences", adapters.len(), seqs.len())));
+            }
+            let mut at = 0;
+            for ((_, new), &adapter) in seqs.iter().zip(adapters) {
+                match routes.last_mut() {
+                    Some(r) if r.adapter == adapter => r.examples.end += new,
+                    _ => routes.push(Route { adapter, examples: at..at + new }),
+                }
+                at += new;
+            }
+        }
+        let off = DropoutRng::new(0.0, 0);
+        let run = LoraRun { routes: &routes, dropout: &off, mode: Mode::Eval, frozen: true };
+        let pass = self.peft_pass(adapters.map(|_| &run), total, 1)?;
+        let device = Device::Cpu;
+        let mut x = self.embed_ids(&Tensor::from_vec(tokens.to_vec(), total, &device)?)?;
+        let spans: Vec<(Vec<u32>, usize, usize)> =
+            seqs.iter().map(|(t, new)| (t.blocks.clone(), t.len, *new)).collect();
+        let attention = Attention::Paged { spans };
+        for (n, layer) in self.layers.iter().enumerate() {
+            x = self
+                .layer_forward(layer, &x, &attention, LayerCache::Paged { kv: &mut *kv, layer: n }, pass.as_ref())?
+                .detach();
+        }
+        let mut last = Vec::with_capacity(seqs.len());
+        let mut at = 0;
+        for (table, new) in seqs.iter_mut() {
+            table.len += *new;
+            at += *new;
+            last.push((at - 1) as u32);
+        }
+        let x = x.index_select(&Tensor::from_vec(last, seqs.len(), &device)?, 0)?;
+        self.rms_norm(&x, &self.norm)
+    }
+
     /// Vocabulary logits of hidden states from [`Llama::forward`] (`[n, hidden]` → `[n, vocab]`).
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
         self.project(hidden, self.lm_head.as_ref().unwrap_or(&self.embed))
@@ -1013,6 +1098,18 @@ impl Llama {
                 let ctx = cache.attend(layer, &q, &k, &v, *s, positions, mask, &rope.host, scale, l.window);
                 Tensor::from_vec(ctx, (rows * s, nh * d), x.device())?
             }
+            Attention::Paged { spans } => {
+                let LayerCache::Paged { kv, layer } = cache else {
+                    return Err(NnError::Input("paged attention without its cache".into()));
+                };
+                let host = |t: Tensor| -> Result<Vec<f32>> { Ok(t.flatten_all()?.to_vec1::<f32>()?) };
+                let (q, k, v) = (host(q)?, host(k)?, host(v)?);
+                let spans: Vec<Span> =
+                    spans.iter().map(|(blocks, past, new)| Span { blocks, past: *past, new: *new }).collect();
+                let ctx = kv.attend(layer, &q, &k, &v, &spans, &rope.host, c.attention_scale(), l.window);
+                let tokens = spans.iter().map(|s| s.new).sum::<usize>();
+                Tensor::from_vec(ctx, (tokens, nh * d), x.device())?
+            }
             Attention::Composed { b, s, tables, full, windowed } => {
                 let (b, s) = (*b, *s);
                 let (cos, sin) = &tables[l.rope];
@@ -1078,6 +1175,10 @@ enum Attention {
         positions: Vec<u32>,
         mask: Vec<u32>,
     },
+    /// A ragged step through a [`PagedKv`]: each sequence's blocks, cached positions and new tokens.
+    Paged {
+        spans: Vec<(Vec<u32>, usize, usize)>,
+    },
     Composed {
         b: usize,
         s: usize,
@@ -1095,6 +1196,7 @@ enum LayerCache<'a> {
     None,
     Tensors(&'a mut Option<(Tensor, Tensor)>),
     Host { cache: &'a mut DecodeCache, layer: usize },
+    Paged { kv: &'a mut PagedKv, layer: usize },
 }
 
 /// The rotation tables of transformers' rotary embedding: angle `p · θ^(-2i/d) / factor_i` for position `p`

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use candle_core::{Device, Tensor};
 use serde_json::Value;
 
-use crate::llama::{causal_lm_loss, Activation, Family, KvCache, Llama, LlamaConfig, SlidingWindow};
+use crate::llama::{causal_lm_loss, Activation, BlockTable, Family, KvCache, Llama, LlamaConfig, SlidingWindow};
 use crate::params::ParamBuilder;
 
 type TestResult = Result<(), Box<dyn std::error::Error>>;
@@ -539,5 +539,114 @@ fn fused_matches_composed(
         assert!(diff <= 2e-4 * scale.max(1.0), "{what}: {name} gradient differs by {diff} (scale {scale})");
         assert!(scale > 1e-3, "{what}: {name} has a zero gradient");
     }
+    Ok(())
+}
+
+/// Each model's logits at every position of `ids` alone, from the full pass.
+fn full_pass_logits(model: &Llama, ids: &[u32]) -> Result<Vec<Vec<f32>>, Box<dyn std::error::Error>> {
+    let t = Tensor::from_vec(ids.to_vec(), (1, ids.len()), &Device::Cpu)?;
+    Ok(model.logits(&model.forward(&t, Some(&vec![1; ids.len()]), None)?)?.to_vec2::<f32>()?)
+}
+
+/// Ragged steps through the paged cache equal each sequence's full pass: sequences join and leave between
+/// steps, bring a whole prompt, a chunk of one or a single token, cross block boundaries (blocks of 2, so
+/// Gemma's window of 3 spans blocks), and a sequence that joins late takes the blocks of one that left.
+#[test]
+fn paged_steps_equal_each_sequence_alone() -> TestResult {
+    for name in MODELS {
+        let (model, _, _) = load_model(name)?;
+        let vocab = model.config().vocab_size as u32;
+        let seq =
+            |seed: u32, n: usize| -> Vec<u32> { (0..n as u32).map(|i| 3 + (seed * 7 + i * 5) % (vocab - 3)).collect() };
+        let (a, b, c, d) = (seq(1, 9), seq(2, 6), seq(3, 7), seq(4, 5));
+        let want: Vec<Vec<Vec<f32>>> =
+            [&a, &b, &c, &d].iter().map(|s| full_pass_logits(&model, s)).collect::<Result<_, _>>()?;
+        let mut kv = model.paged_cache(2, 12);
+        let mut tables = vec![BlockTable::default(); 4];
+        let all = [&a, &b, &c, &d];
+        // Each step: (sequence, first token, end) chunks.
+        let steps: [&[(usize, usize, usize)]; 4] = [
+            &[(0, 0, 4), (1, 0, 5)],
+            &[(0, 4, 7), (1, 5, 6), (2, 0, 2)],
+            &[(0, 7, 8), (2, 2, 7), (3, 0, 3)],
+            &[(0, 8, 9), (3, 3, 5)],
+        ];
+        let mut max_diff = 0f32;
+        for (n, chunks) in steps.iter().enumerate() {
+            if n == 2 {
+                // Sequence 1 has left: its blocks serve sequence 3.
+                kv.release(&mut tables[1]);
+            }
+            for &(s, from, to) in chunks.iter() {
+                assert!(kv.reserve(&mut tables[s], to - from), "{name}: step {n}: blocks for sequence {s}");
+                assert_eq!(tables[s].len, from);
+            }
+            let tokens: Vec<u32> = chunks.iter().flat_map(|&(s, from, to)| all[s][from..to].iter().copied()).collect();
+            let mut seqs: Vec<(&mut BlockTable, usize)> = Vec::new();
+            let mut news = std::collections::BTreeMap::new();
+            for &(s, from, to) in chunks.iter() {
+                news.insert(s, to - from);
+            }
+            for (s, table) in tables.iter_mut().enumerate() {
+                if let Some(&new) = news.get(&s) {
+                    seqs.push((table, new));
+                }
+            }
+            let logits = model.logits(&model.step(&tokens, &mut seqs, &mut kv, None)?)?.to_vec2::<f32>()?;
+            for (row, &(s, _, to)) in chunks.iter().enumerate() {
+                for (g, w) in logits[row].iter().zip(&want[s][to - 1]) {
+                    max_diff = max_diff.max((g - w).abs());
+                }
+            }
+        }
+        assert!(max_diff < 1e-4, "{name}: max abs difference {max_diff}");
+        // A sequence without room for its tokens is refused.
+        let mut full = BlockTable { blocks: vec![tables[0].blocks[0]], len: 2 };
+        assert!(model.step(&[3], &mut [(&mut full, 1)], &mut kv, None).is_err());
+    }
+    Ok(())
+}
+
+/// Sequences of two LoRA adapters in one ragged step answer as PEFT does with each adapter alone.
+#[test]
+fn paged_steps_route_each_sequence_to_its_adapter() -> TestResult {
+    use crate::llama::{DecoderLora, DecoderModule};
+    use crate::LoraSpec;
+
+    let config = LlamaConfig::from_file(&dir().join("config.json"))?;
+    let fixture: Value = serde_json::from_str(&std::fs::read_to_string(dir().join("lora.json"))?)?;
+    let reference: Value = serde_json::from_str(&std::fs::read_to_string(dir().join("reference.json"))?)?;
+    let pb = ParamBuilder::from_safetensors(&dir().join("model.safetensors"), 0, &Device::Cpu)?;
+    pb.add_safetensors(&dir().join("lora.safetensors"))?;
+    let spec = LoraSpec { r: 4, alpha: 8.0, dropout: 0.0, targets: Vec::new() };
+    let lora =
+        DecoderLora { spec, modules: DecoderModule::ALL.to_vec(), adapters: vec!["intent".into(), "slots".into()] };
+    let model = Llama::with_lora(&pb, &config, Some(&lora))?;
+    let ids = rows(&reference["input_ids"]);
+    // Row 0 (6 real tokens) through "slots" (adapter 1), row 1 (8) through "intent" (0), in two steps.
+    let (r0, r1): (Vec<u32>, Vec<u32>) =
+        (ids[0][..6].iter().map(|&i| i as u32).collect(), ids[1].iter().map(|&i| i as u32).collect());
+    let want = |adapter: &str, row: usize, pos: usize| -> Result<Vec<f64>, Box<dyn std::error::Error>> {
+        Ok(serde_json::from_value(fixture["logits"][adapter][row][pos].clone())?)
+    };
+    let mut kv = model.paged_cache(4, 8);
+    let (mut t0, mut t1) = (BlockTable::default(), BlockTable::default());
+    let mut max_diff = 0f64;
+    for (from0, to0, from1, to1) in [(0, 5, 0, 3), (5, 6, 3, 8)] {
+        assert!(kv.reserve(&mut t0, to0 - from0) && kv.reserve(&mut t1, to1 - from1));
+        let tokens: Vec<u32> = r1[from1..to1].iter().chain(&r0[from0..to0]).copied().collect();
+        let mut seqs = [(&mut t1, to1 - from1), (&mut t0, to0 - from0)];
+        let logits = model.logits(&model.step(&tokens, &mut seqs, &mut kv, Some(&[0, 1]))?)?.to_vec2::<f32>()?;
+        for (got, want) in [(&logits[0], want("intent", 1, to1 - 1)?), (&logits[1], want("slots", 0, to0 - 1)?)] {
+            for (g, w) in got.iter().zip(&want) {
+                max_diff = max_diff.max((f64::from(*g) - w).abs());
+            }
+        }
+    }
+    assert!(max_diff < 1e-4, "max abs difference {max_diff}");
+    assert!(
+        model.step(&[3], &mut [(&mut t0, 1)], &mut kv, None).is_err(),
+        "a LoRA model needs each sequence's adapter"
+    );
     Ok(())
 }

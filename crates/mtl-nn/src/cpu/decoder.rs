@@ -312,7 +312,7 @@ impl CustomOp2 for Gated {
 
 /// Softmax of each row of `cols` scores in place, where `masked(i, j)` hides key `j` from query `i`: as the
 /// composed form's additive bias, a row whose keys are all masked comes out uniform.
-fn masked_softmax(p: &mut [f32], cols: usize, masked: impl Fn(usize, usize) -> bool) {
+pub(crate) fn masked_softmax(p: &mut [f32], cols: usize, masked: impl Fn(usize, usize) -> bool) {
     simd(
         #[inline(always)]
         || {
@@ -361,7 +361,7 @@ pub struct RopeTables {
 impl RopeTables {
     /// Rotates `x` (one head, `head_dim` values) to position `p`: `x cos + rotate_half(x) sin`.
     #[inline(always)]
-    fn rotate(&self, x: &[f32], p: usize, out: &mut [f32]) {
+    pub(crate) fn rotate(&self, x: &[f32], p: usize, out: &mut [f32]) {
         let d = self.head_dim;
         let h = d / 2;
         let (c, s) = (&self.cos[p * d..(p + 1) * d], &self.sin[p * d..(p + 1) * d]);

@@ -9,6 +9,7 @@ pub mod int8;
 pub mod lm_loss;
 pub mod lora;
 pub mod math;
+pub mod paged;
 pub mod quant;
 
 use candle_core::{CpuStorage, Layout, Storage, Tensor};
