@@ -2,8 +2,8 @@
 # The full test suite: checks formatting (rustfmt.toml) and lints (clippy, warnings are errors), fetches the
 # default model (for the tests that check it against transformers), runs
 # every test of the workspace in release mode (candle is far too slow unoptimised), then reads the
-# TensorBoard files of a small training run back with TensorBoard's own reader (tests/python/, in the
-# ignored virtual environment .venv-test).
+# TensorBoard files of a small training run back with TensorBoard's own reader and talks to `mtl serve` with
+# OpenAI's client (tests/python/, in the ignored virtual environment .venv-test).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # The gates: rustup installs the two components where the toolchain lacks them.
@@ -36,6 +36,25 @@ target/release/mtl train tests/python/tiny-run.toml --out "$run/mixed" \
 target/release/mtl train tests/python/tiny-run.toml --out "$run/sampled" --set 'training.sampling.plan="sampled"' \
   --set 'training.sampling.sampler="annealed"' > /dev/null 2>&1 || { echo "the tiny training run failed"; exit 1; }
 .venv-test/bin/python tests/python/check_tensorboard.py "$run/sampled"
+
+# `mtl serve`'s OpenAI-compatible routes through OpenAI's own client (tests/python/check_openai.py), on the default
+# decoder: the greedy chat answer must be `mtl generate --chat`'s.
+model=assets/models/SmolLM2-135M-Instruct
+prompt="What is the capital of France?"
+target/release/mtl generate --model "$model" --chat --prompt "$prompt" --max-new-tokens 24 > "$run/answer.txt" 2> /dev/null
+target/release/mtl serve "$model" --addr 127.0.0.1:0 --kv-cache-mb 256 2> "$run/serve.log" &
+server=$!
+trap 'kill "$server" 2> /dev/null || true; rm -rf "$run"' EXIT
+addr=""
+for _ in $(seq 600); do
+  addr=$(sed -n 's/.*serving on http:\/\/\([0-9.:]*\).*/\1/p' "$run/serve.log" | head -1)
+  [ -n "$addr" ] && break
+  sleep 0.1
+done
+[ -n "$addr" ] || { cat "$run/serve.log"; echo "mtl serve did not start"; exit 1; }
+.venv-test/bin/python tests/python/check_openai.py "$addr" SmolLM2-135M-Instruct.Q4_1 "$run/answer.txt" \
+  || { tail -20 "$run/serve.log"; echo "the OpenAI client check failed"; exit 1; }
+kill "$server"
 
 # `mtl export` against transformers (tests/python/check_export.py), when the bench environment (.venv, made by
 # scripts/bench-env.sh: torch, transformers, peft) is there: a full fine-tune, shared LoRA and per-task LoRA.

@@ -214,4 +214,16 @@ pub struct ServeFlags {
     /// Threads of the HTTP runtime [default: one per core].
     #[arg(long)]
     pub threads: Option<usize>,
+    /// Decoder models: sequences decoded together in one step at most [default: 32].
+    #[arg(long)]
+    pub max_sequences: Option<usize>,
+    /// Decoder models: prompt tokens run in one step at most (longer prompts run in chunks) [default: 512].
+    #[arg(long)]
+    pub prefill_chunk: Option<usize>,
+    /// Decoder models: memory for the key/value cache, in MiB [default: 1024].
+    #[arg(long)]
+    pub kv_cache_mb: Option<usize>,
+    /// Decoder models: positions per key/value cache block [default: 16].
+    #[arg(long)]
+    pub kv_block: Option<usize>,
 }

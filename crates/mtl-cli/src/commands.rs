@@ -114,6 +114,10 @@ impl ServeFlags {
             timeout_s: self.timeout_s,
             api_keys: self.api_keys,
             threads: self.threads,
+            max_sequences: self.max_sequences,
+            prefill_chunk: self.prefill_chunk,
+            kv_cache_mb: self.kv_cache_mb,
+            kv_block: self.kv_block,
         }
     }
 }

@@ -33,6 +33,16 @@ pub struct ServeConfig {
     pub api_keys: Option<PathBuf>,
     /// Threads of the HTTP runtime (default: one per core).
     pub threads: Option<usize>,
+    /// Decoder models: sequences decoded together in one step at most.
+    pub max_sequences: usize,
+    /// Decoder models: prompt tokens run in one step at most; a longer prompt is run in chunks between
+    /// decoding steps, so running streams do not stall behind it.
+    pub prefill_chunk: usize,
+    /// Decoder models: memory for the key/value cache, in MiB (f32); a request is admitted when its prompt and
+    /// `max_new_tokens` fit in the free part.
+    pub kv_cache_mb: usize,
+    /// Decoder models: positions per key/value cache block.
+    pub kv_block: usize,
 }
 
 impl Default for ServeConfig {
@@ -48,6 +58,10 @@ impl Default for ServeConfig {
             timeout_s: 30,
             api_keys: None,
             threads: None,
+            max_sequences: 32,
+            prefill_chunk: 512,
+            kv_cache_mb: 1024,
+            kv_block: 16,
         }
     }
 }
@@ -65,6 +79,10 @@ pub struct ServeOverrides {
     pub timeout_s: Option<u64>,
     pub api_keys: Option<PathBuf>,
     pub threads: Option<usize>,
+    pub max_sequences: Option<usize>,
+    pub prefill_chunk: Option<usize>,
+    pub kv_cache_mb: Option<usize>,
+    pub kv_block: Option<usize>,
 }
 
 #[derive(Deserialize)]
@@ -87,6 +105,10 @@ impl ServeConfig {
         self.timeout_s = o.timeout_s.unwrap_or(self.timeout_s);
         self.api_keys = o.api_keys.or(self.api_keys.take());
         self.threads = o.threads.or(self.threads);
+        self.max_sequences = o.max_sequences.unwrap_or(self.max_sequences);
+        self.prefill_chunk = o.prefill_chunk.unwrap_or(self.prefill_chunk);
+        self.kv_cache_mb = o.kv_cache_mb.unwrap_or(self.kv_cache_mb);
+        self.kv_block = o.kv_block.unwrap_or(self.kv_block);
     }
 
     /// The `[serve]` table of `path`, checked; a relative `api_keys` path is taken relative to the file.
@@ -124,6 +146,10 @@ impl ServeConfig {
             ("max_inputs", self.max_inputs as u64),
             ("timeout_s", self.timeout_s),
             ("threads", self.threads.map_or(1, |t| t as u64)),
+            ("max_sequences", self.max_sequences as u64),
+            ("prefill_chunk", self.prefill_chunk as u64),
+            ("kv_cache_mb", self.kv_cache_mb as u64),
+            ("kv_block", self.kv_block as u64),
         ];
         for (field, value) in at_least_one {
             if value == 0 {
@@ -164,7 +190,7 @@ mod tests {
         let cases = [
             (
                 "[serve]\nqueue_bound = 4\nqueue_size = 8\n",
-                "invalid config conf/serve.toml: TOML parse error at line 3, column 1\n  |\n3 | queue_size = 8\n  | ^^^^^^^^^^\nunknown field `queue_size`, expected one of `addr`, `max_batch_tokens`, `max_wait_ms`, `queue_bound`, `max_input_chars`, `max_inputs`, `body_limit`, `timeout_s`, `api_keys`, `threads`",
+                "invalid config conf/serve.toml: TOML parse error at line 3, column 1\n  |\n3 | queue_size = 8\n  | ^^^^^^^^^^\nunknown field `queue_size`, expected one of `addr`, `max_batch_tokens`, `max_wait_ms`, `queue_bound`, `max_input_chars`, `max_inputs`, `body_limit`, `timeout_s`, `api_keys`, `threads`, `max_sequences`, `prefill_chunk`, `kv_cache_mb`, `kv_block`",
             ),
             ("[serve]\nqueue_bound = 0\n", "invalid config conf/serve.toml: field `serve.queue_bound`: must be at least 1"),
             ("[serve]\nbody_limit = 10\n", "invalid config conf/serve.toml: field `serve.body_limit`: must be at least 1024 bytes"),

@@ -36,9 +36,18 @@ impl ChatTemplate {
     pub fn user_turn(&self, content: &str, system: Option<&str>) -> std::result::Result<String, String> {
         let mut messages = Vec::new();
         if let Some(s) = system {
-            messages.push(minijinja::context! { role => "system", content => s });
+            messages.push(("system", s));
         }
-        messages.push(minijinja::context! { role => "user", content => content });
+        messages.push(("user", content));
+        self.render(&messages)
+    }
+
+    /// A conversation of (role, content) turns, with the assistant's turn opened after it.
+    pub fn render<R: AsRef<str>, C: AsRef<str>>(&self, turns: &[(R, C)]) -> std::result::Result<String, String> {
+        let messages: Vec<minijinja::Value> = turns
+            .iter()
+            .map(|(role, content)| minijinja::context! { role => role.as_ref(), content => content.as_ref() })
+            .collect();
         let ctx = minijinja::context! { messages => messages, add_generation_prompt => true, bos_token => self.bos, eos_token => self.eos };
         let template = self.env.get_template("chat").map_err(|e| e.to_string())?;
         template.render(ctx).map_err(|e| format!("the chat template failed: {e}"))

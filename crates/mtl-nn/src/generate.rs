@@ -129,6 +129,103 @@ pub fn next_token(logits: &[f32], s: &Sampling, rng: &mut impl Rng) -> u32 {
     }
 }
 
+/// One sequence's token chooser: its sampling settings and its own generator seeded from them, so that a
+/// sequence draws the same tokens whether it runs alone ([`generate`]) or in a batch with others.
+#[derive(Clone, Debug)]
+pub struct TokenSampler {
+    sampling: Sampling,
+    rng: rand_chacha::ChaCha8Rng,
+}
+
+impl TokenSampler {
+    pub fn new(sampling: Sampling) -> Self {
+        let rng = rand_chacha::ChaCha8Rng::seed_from_u64(sampling.seed);
+        Self { sampling, rng }
+    }
+
+    /// The next token from the last position's logits.
+    pub fn next(&mut self, logits: &[f32]) -> u32 {
+        next_token(logits, &self.sampling, &mut self.rng)
+    }
+}
+
+/// The text of a generation as its tokens come: what can be sent now, and where a stop string ends it. A piece
+/// that ends inside a multi-byte character waits for the next token, and so does text that may be the start of
+/// a stop string.
+#[derive(Clone, Debug, Default)]
+pub struct TextStream {
+    stop_strings: Vec<String>,
+    ids: Vec<u32>,
+    text: String,
+    sent: usize,
+}
+
+/// What one more token made of the text.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Piece {
+    /// Text to send now (possibly empty).
+    pub text: String,
+    /// A stop string appeared: the text ends before it and the generation is over.
+    pub stopped: bool,
+}
+
+impl TextStream {
+    /// A stream that ends at the first of `stop_strings` (empty ones are ignored: they would match at once).
+    pub fn new(stop_strings: &[String]) -> Self {
+        Self { stop_strings: stop_strings.iter().filter(|s| !s.is_empty()).cloned().collect(), ..Self::default() }
+    }
+
+    /// The tokens so far.
+    pub fn ids(&self) -> &[u32] {
+        &self.ids
+    }
+
+    /// The text so far (cut at a stop string once one appeared).
+    pub fn text(&self) -> &str {
+        &self.text
+    }
+
+    /// Adds a generated token; `decode` turns the tokens so far into text.
+    pub fn push(&mut self, id: u32, decode: impl Fn(&[u32]) -> String) -> Piece {
+        self.ids.push(id);
+        self.text = decode(&self.ids);
+        if let Some(at) = self.stop_strings.iter().filter_map(|s| self.text.find(s.as_str())).min() {
+            self.text.truncate(at);
+            let piece = self.text.get(self.sent..).unwrap_or_default().to_string();
+            self.sent = self.text.len().max(self.sent);
+            return Piece { text: piece, stopped: true };
+        }
+        // Hold back a piece that ends in an incomplete character, or in what may be the start of a stop string.
+        let complete = self.text.trim_end_matches('\u{FFFD}').len();
+        let mut hold = 0;
+        for s in &self.stop_strings {
+            if let Some(cut) =
+                (1..s.len()).rev().find(|&c| s.is_char_boundary(c) && self.text[..complete].ends_with(&s[..c]))
+            {
+                hold = hold.max(cut);
+            }
+        }
+        let ready = complete - hold;
+        let mut piece = String::new();
+        if ready > self.sent {
+            piece = self.text[self.sent..ready].to_string();
+            self.sent = ready;
+        }
+        Piece { text: piece, stopped: false }
+    }
+
+    /// At the end: what was held back as a possible stop-string start (an incomplete character stays out).
+    pub fn finish(&mut self) -> String {
+        let complete = self.text.trim_end_matches('\u{FFFD}').len();
+        let mut rest = String::new();
+        if complete > self.sent {
+            rest = self.text[self.sent..complete].to_string();
+            self.sent = complete;
+        }
+        rest
+    }
+}
+
 /// Generates from `prompt`. `decode` turns token ids into text (for stop strings and streaming); `on_text`
 /// receives each new piece of text as soon as it is complete (a token that ends inside a multi-byte
 /// character waits for the next) and returns `false` to stop early (a client that went away).
@@ -144,9 +241,7 @@ pub fn generate(
     if prompt.is_empty() || prompt.len() >= max_pos {
         return Err(NnError::Input(format!("a prompt of {} tokens does not fit a context of {max_pos}", prompt.len())));
     }
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(sampling.seed);
-    // An empty stop string would match at once.
-    let stop_strings: Vec<&String> = limits.stop_strings.iter().filter(|s| !s.is_empty()).collect();
+    let mut sampler = TokenSampler::new(sampling.clone());
     // With the fused kernels, the host cache (each step writes its keys and values in place); otherwise the
     // composed ops' cache of tensors. The same numbers either way.
     let mut cache = match model.kernels() {
@@ -165,10 +260,9 @@ pub fn generate(
     let run = LoraRun { routes: &routes, dropout: &off, mode: Mode::Eval, frozen: true };
     let run = model.lora().is_some().then_some(&run);
     let mut input = prompt.to_vec();
-    let (mut ids, mut sent) = (Vec::new(), 0usize);
-    let mut text = String::new();
+    let mut stream = TextStream::new(&limits.stop_strings);
     let stop = loop {
-        if ids.len() >= limits.max_new_tokens {
+        if stream.ids().len() >= limits.max_new_tokens {
             break StopReason::MaxNewTokens;
         }
         let cached = match &cache {
@@ -187,45 +281,31 @@ pub fn generate(
             }
         };
         let logits = model.logits(&last)?.squeeze(0)?.to_vec1::<f32>()?;
-        let next = next_token(&logits, sampling, &mut rng);
+        let next = sampler.next(&logits);
         if limits.stop_tokens.contains(&next) {
             break StopReason::StopToken;
         }
-        ids.push(next);
         input = vec![next];
-        text = decode(&ids);
-        if let Some(at) = stop_strings.iter().filter_map(|s| text.find(s.as_str())).min() {
-            text.truncate(at);
-            if at > sent {
-                on_text(&text[sent..]);
+        let piece = stream.push(next, &decode);
+        if piece.stopped {
+            if !piece.text.is_empty() {
+                on_text(&piece.text);
             }
-            sent = text.len();
             break StopReason::StopString;
         }
-        // Hold back a piece that ends in an incomplete character, or in what may be the start of a stop string.
-        let complete = text.trim_end_matches('\u{FFFD}').len();
-        let mut hold = 0;
-        for s in &stop_strings {
-            if let Some(cut) =
-                (1..s.len()).rev().find(|&c| s.is_char_boundary(c) && text[..complete].ends_with(&s[..c]))
-            {
-                hold = hold.max(cut);
-            }
-        }
-        let ready = complete - hold;
-        if ready > sent {
-            if !on_text(&text[sent..ready]) {
-                return Ok(Generated { ids, text, stop: StopReason::Cancelled });
-            }
-            sent = ready;
+        if !piece.text.is_empty() && !on_text(&piece.text) {
+            return Ok(Generated {
+                ids: stream.ids().to_vec(),
+                text: stream.text().to_string(),
+                stop: StopReason::Cancelled,
+            });
         }
     };
-    // What was held back as a possible stop-string start goes out now; an incomplete character does not.
-    let complete = text.trim_end_matches('\u{FFFD}').len();
-    if complete > sent {
-        on_text(&text[sent..complete]);
+    let rest = stream.finish();
+    if !rest.is_empty() {
+        on_text(&rest);
     }
-    Ok(Generated { ids, text, stop })
+    Ok(Generated { ids: stream.ids().to_vec(), text: stream.text().to_string(), stop })
 }
 
 #[cfg(test)]

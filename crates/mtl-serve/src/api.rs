@@ -54,6 +54,23 @@ pub struct Settings {
     pub request_timeout: Duration,
     /// Accepted API keys (`Authorization: Bearer KEY`); none: no authentication.
     pub api_keys: Option<HashSet<String>>,
+    /// How a decoder's engine batches generation.
+    pub generation: GenerationSettings,
+}
+
+/// How a decoder's engine batches generation (`ServeConfig`'s decoder keys).
+#[derive(Clone, Debug, PartialEq)]
+pub struct GenerationSettings {
+    /// Sequences decoded together in one step at most.
+    pub max_sequences: usize,
+    /// Prompt tokens run in one step at most.
+    pub prefill_chunk: usize,
+    /// Bytes of the key/value cache.
+    pub kv_cache_bytes: usize,
+    /// Positions per key/value block.
+    pub kv_block: usize,
+    /// Requests waiting to join the running batch at most (more get 429).
+    pub queue_bound: usize,
 }
 
 impl Settings {
@@ -71,6 +88,13 @@ impl Settings {
             body_limit: config.body_limit,
             request_timeout: Duration::from_secs(config.timeout_s),
             api_keys,
+            generation: GenerationSettings {
+                max_sequences: config.max_sequences,
+                prefill_chunk: config.prefill_chunk,
+                kv_cache_bytes: config.kv_cache_mb << 20,
+                kv_block: config.kv_block,
+                queue_bound: config.queue_bound,
+            },
         }
     }
 }
@@ -87,6 +111,8 @@ impl Default for Settings {
 pub enum ApiError {
     Validation(String),
     UnknownTask(String),
+    /// An OpenAI-compatible request's `model` that is neither the base model nor a task adapter.
+    UnknownModel(String),
     QueueFull,
     Unauthorized,
     Timeout,
@@ -98,7 +124,7 @@ impl ApiError {
     pub fn status(&self) -> StatusCode {
         match self {
             Self::Validation(_) => StatusCode::UNPROCESSABLE_ENTITY,
-            Self::UnknownTask(_) => StatusCode::NOT_FOUND,
+            Self::UnknownTask(_) | Self::UnknownModel(_) => StatusCode::NOT_FOUND,
             Self::QueueFull => StatusCode::TOO_MANY_REQUESTS,
             Self::Unauthorized => StatusCode::UNAUTHORIZED,
             Self::Timeout => StatusCode::SERVICE_UNAVAILABLE,
@@ -113,6 +139,9 @@ impl IntoResponse for ApiError {
             Self::Validation(m) => (StatusCode::UNPROCESSABLE_ENTITY, "validation", m),
             Self::UnknownTask(t) => {
                 (StatusCode::NOT_FOUND, "unknown_task", format!("no task `{t}`; GET /v1/tasks lists them"))
+            }
+            Self::UnknownModel(m) => {
+                (StatusCode::NOT_FOUND, "unknown_model", format!("no model `{m}`; GET /v1/models lists them"))
             }
             Self::QueueFull => {
                 (StatusCode::TOO_MANY_REQUESTS, "queue_full", "the server is at capacity; retry later".into())

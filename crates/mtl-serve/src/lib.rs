@@ -13,13 +13,16 @@
 pub mod api;
 pub mod batcher;
 pub mod generation;
+pub mod llm_server;
 pub mod metrics;
+pub mod openai;
 pub mod openapi;
+pub mod streaming;
 
 /// The most new tokens one generation request may ask for.
 pub const MAX_NEW_TOKENS: usize = 4096;
 
-/// The router that [`api::router`] and [`generation::generation_router`] build, for callers that serve it.
+/// The router that [`api::router`] and [`llm_server::generation_router`] build, for callers that serve it.
 pub use axum::Router;
 
 use std::collections::{BTreeMap, BTreeSet};

@@ -79,11 +79,19 @@ pub fn document(tasks: &[TaskDescription], secured: bool) -> Value {
 pub fn generation_document(secured: bool) -> Value {
     let error = |description: &str| json!({"description": description, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}});
     let max = crate::MAX_NEW_TOKENS;
+    let openai_responses = json!({
+        "200": {"description": "OpenAI's `text_completion` or `chat.completion`; with `stream`, `data: CHUNK` events then `data: [DONE]`", "content": {"application/json": {}, "text/event-stream": {"schema": {"type": "string"}}}},
+        "401": error("missing or wrong API key"),
+        "404": error("`model` is neither the base model nor a task adapter (GET /v1/models)"),
+        "422": error("invalid body, a parameter mtl does not support (`n` > 1, logprobs, penalties, tools), or a prompt the model cannot take"),
+        "429": error("queue full; retry after the Retry-After seconds"),
+        "503": error("no answer within the request timeout"),
+    });
     let mut doc = json!({
         "openapi": "3.1.0",
         "info": {"title": "mtl serve", "version": env!("CARGO_PKG_VERSION"), "description": "Text generation by one decoder model."},
         "paths": {
-            "/health": {"get": {"summary": "liveness", "security": [], "responses": {"200": {"description": "`{\"status\": \"ok\"}`"}}}},
+            "/health": {"get": {"summary": "liveness", "security": [], "responses": {"200": {"description": "`{\"status\": \"ok\"}`"}, "503": {"description": "`{\"status\": \"unhealthy\", \"reason\": ...}`: the generator cannot serve"}}}},
             "/metrics": {"get": {"summary": "Prometheus metrics (text format 0.0.4)", "responses": {"200": {"description": "metrics", "content": {"text/plain": {}}}}}},
             "/openapi.json": {"get": {"summary": "this document", "responses": {"200": {"description": "OpenAPI 3.1"}}}},
             "/v1/generate": {"post": {
@@ -96,22 +104,35 @@ pub fn generation_document(secured: bool) -> Value {
                     }},
                     "401": error("missing or wrong API key"),
                     "413": error("body larger than the limit"),
-                    "422": error("invalid body, or a prompt the model cannot take (longer than its context)"),
+                    "422": error("invalid body, or a prompt the model cannot take (longer than its context, an unknown adapter)"),
+                    "500": error("the model failed on this request"),
                     "429": error("queue full; retry after the Retry-After seconds"),
-                    "503": error("no answer within the request timeout"),
+                    "503": error("no answer within the request timeout (a stream ends with an `error` event of kind `timeout`)"),
                 },
             }},
+            "/v1/completions": {"post": {
+                "summary": "OpenAI-compatible completion (`model`: the base model or a task adapter; `prompt`, `max_tokens` (16), `temperature` (1), `top_p`, `seed`, `stop`, `stream`, `stream_options.include_usage`); answers and streams in OpenAI's shapes, with `usage`",
+                "requestBody": {"required": true, "content": {"application/json": {"schema": {"type": "object", "required": ["prompt"]}}}},
+                "responses": openai_responses.clone(),
+            }},
+            "/v1/chat/completions": {"post": {
+                "summary": "OpenAI-compatible chat completion (`messages` of system, user and assistant turns through the model's chat template; `max_tokens` or `max_completion_tokens` (512), and the completion's sampling fields)",
+                "requestBody": {"required": true, "content": {"application/json": {"schema": {"type": "object", "required": ["messages"]}}}},
+                "responses": openai_responses,
+            }},
+            "/v1/models": {"get": {"summary": "OpenAI-compatible list of the base model and each task adapter", "responses": {"200": {"description": "`{\"object\": \"list\", \"data\": [{\"id\": ...}]}`"}}}},
         },
         "components": {"schemas": {
             "GenerateRequest": {"type": "object", "required": ["prompt"], "additionalProperties": false, "properties": {
                 "prompt": {"type": "string", "minLength": 1},
                 "chat": {"type": "boolean", "default": false, "description": "the prompt as the user's turn of the model's chat template"},
+                "adapter": {"type": "string", "description": "the task adapter to generate through (a run with one adapter per task)"},
                 "max_new_tokens": {"type": "integer", "minimum": 1, "maximum": max, "default": 128},
                 "temperature": {"type": "number", "minimum": 0, "default": 0, "description": "0: greedy"},
                 "top_k": {"type": "integer", "minimum": 1},
                 "top_p": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
                 "seed": {"type": "integer", "minimum": 0, "default": 0},
-                "stop": {"type": "array", "items": {"type": "string", "minLength": 1}, "description": "texts that end the answer (not included)"},
+                "stop": {"type": "array", "maxItems": crate::generation::MAX_STOP_STRINGS, "items": {"type": "string", "minLength": 1, "maxLength": crate::generation::MAX_STOP_CHARS}, "description": "texts that end the answer (not included)"},
                 "stream": {"type": "boolean", "default": false},
             }},
             "Generated": {"type": "object", "properties": {
@@ -121,7 +142,7 @@ pub fn generation_document(secured: bool) -> Value {
                 "new_tokens": {"type": "integer"},
             }},
             "Error": {"type": "object", "properties": {"error": {"type": "object", "properties": {
-                "kind": {"type": "string", "enum": ["validation", "queue_full", "unauthorized", "timeout", "internal"]},
+                "kind": {"type": "string", "enum": ["validation", "unknown_model", "queue_full", "unauthorized", "timeout", "internal"]},
                 "message": {"type": "string"},
             }}}},
         }},

@@ -46,7 +46,7 @@ use std::path::Path;
 pub use add_task::{add_task, AddTaskReport};
 pub use arch::Architecture;
 pub use base::BaseModel;
-pub use decoder::{check_sampling, Decoder, GenerateRequest, Generated};
+pub use decoder::{check_sampling, BatchEngine, Decoder, GenerateRequest, Generated};
 pub use deploy::{prune, quantize, TransformReport};
 pub use error::{Error, Result};
 pub use export::export;

@@ -183,11 +183,11 @@ impl Run {
             Loaded::Decoder(_) => match op {
                 Operation::Evaluate | Operation::Predict => None,
                 Operation::Generate if peft.enabled() && peft.per_task => Some(
-                    "a decoder run with one adapter per task cannot serve free generation yet (which adapter?); train with a shared adapter".into(),
+                    "`mtl generate` takes a run with one shared adapter; a run with one adapter per task generates through `mtl serve`, each request naming its task's adapter (`adapter`, or OpenAI's `model`)".into(),
                 ),
                 Operation::Generate => None,
                 Operation::ServeTasks => Some(
-                    "a decoder run serves free generation (POST /v1/generate); its tasks are answered by `mtl predict` and `mtl eval` so far".into(),
+                    "a decoder run serves generation (POST /v1/generate and the OpenAI-compatible routes); its tasks are answered by `mtl predict` and `mtl eval` so far".into(),
                 ),
                 Operation::Export | Operation::Quantize | Operation::Prune | Operation::AddTask => {
                     Some("a decoder run; this takes encoder runs so far (a decoder run can evaluate, predict and generate)".into())

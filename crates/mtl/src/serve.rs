@@ -35,8 +35,9 @@ pub fn settings(config: &ServeConfig) -> Result<Settings> {
     Ok(Settings::from_config(config, api_keys))
 }
 
-/// The router for `model`: an encoder run's tasks (`POST /v1/predict`, `POST /v1/tasks/TASK/predict`), or free
-/// generation (`POST /v1/generate`) of a decoder base model or a decoder run with a shared adapter.
+/// The router for `model`: an encoder run's tasks (`POST /v1/predict`, `POST /v1/tasks/TASK/predict`), or
+/// generation (`POST /v1/generate` and the OpenAI-compatible routes) by a decoder base model or a decoder run,
+/// many requests batched into each step by [`crate::BatchEngine`].
 pub fn router(model: &Path, settings: Settings) -> Result<Router> {
     if !model.exists() {
         bail!("{}: no such run or model (a directory written by `mtl train`, or a decoder model)", model.display());
@@ -47,7 +48,8 @@ pub fn router(model: &Path, settings: Settings) -> Result<Router> {
             bail!("{}: an encoder base model has no tasks to serve; serve a run trained from it", model.display());
         }
         tracing::info!("serving generation from {}", model.display());
-        return Ok(mtl_serve::generation::generation_router(base.decoder()?, settings));
+        let engine = crate::decoder::BatchEngine::start(base.decoder()?, settings.generation.clone());
+        return Ok(mtl_serve::llm_server::generation_router(engine, settings));
     }
     let run = Run::open(model)?;
     if run.capabilities().can(Operation::ServeTasks) {
@@ -55,12 +57,13 @@ pub fn router(model: &Path, settings: Settings) -> Result<Router> {
         tracing::info!(tasks = engine.tasks.len(), "loaded {}", model.display());
         return Ok(mtl_serve::api::router(engine, settings));
     }
-    run.require(Operation::Generate)?;
+    // A decoder run: generation through its adapters, shared or one per task (`adapter`, or OpenAI's `model`).
     let Backbone::Decoder(decoder) = run.loaded else {
         return Err(Error::Unsupported { run: model.to_owned(), message: "nothing to serve".into() });
     };
     tracing::info!("serving generation from {}", model.display());
-    Ok(mtl_serve::generation::generation_router(decoder.into_decoder(), settings))
+    let engine = crate::decoder::BatchEngine::start(decoder.into_decoder(), settings.generation.clone());
+    Ok(mtl_serve::llm_server::generation_router(engine, settings))
 }
 
 /// Serves `model` with `config` until SIGTERM or Ctrl-C.

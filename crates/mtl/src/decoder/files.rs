@@ -17,6 +17,8 @@ pub struct Decoder {
     pub chat: Option<mtl_data::prompt::ChatTemplate>,
     /// Tokens that end generation.
     pub eos: Vec<u32>,
+    /// What `/v1/models` calls the base model: its file or directory name.
+    pub name: String,
 }
 
 /// A decoder's weights and what comes with them, before the model is built.
@@ -116,13 +118,20 @@ impl Decoder {
                 message: format!("tensors missing: {}", missing.join(", ")),
             });
         }
-        Ok(Self { model, tokenizer: files.tokenizer, chat, eos: files.config.eos_token_ids })
+        let name = model_name(&files.source);
+        Ok(Self { model, tokenizer: files.tokenizer, chat, eos: files.config.eos_token_ids, name })
     }
 
     /// `prompt` as the user's turn of the chat template (with the assistant's turn opened).
     pub fn chat_prompt(&self, prompt: &str, system: Option<&str>) -> Result<String> {
         let Some(chat) = self.chat.as_ref() else { bail!("the model has no chat template; leave out --chat") };
         chat.user_turn(prompt, system).map_err(Error::Usage)
+    }
+
+    /// A conversation of (role, content) turns as the chat template writes it, the assistant's turn opened.
+    pub fn conversation(&self, turns: &[(&str, &str)]) -> Result<String> {
+        let Some(chat) = self.chat.as_ref() else { bail!("the model has no chat template; send a plain prompt") };
+        chat.render(turns).map_err(Error::Usage)
     }
 
     /// The tokens of a prompt. A chat prompt's template writes its own begin-of-sequence token; a plain
@@ -140,6 +149,12 @@ impl Decoder {
     pub fn decode(&self, ids: &[u32]) -> String {
         self.tokenizer.decode(ids, false).unwrap_or_default()
     }
+}
+
+/// A model's name from its file or directory: the file name without `.gguf`, or the directory's name.
+pub(crate) fn model_name(source: &Path) -> String {
+    let name = source.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into());
+    name.strip_suffix(".gguf").map(str::to_string).unwrap_or(name)
 }
 
 /// What to generate: a prompt (sent as the user's turn of the chat template with `chat`), how to sample and
@@ -206,39 +221,6 @@ impl Decoder {
             new_tokens: generated.ids.len(),
             stop,
             seconds: started.elapsed().as_secs_f64(),
-        })
-    }
-}
-
-impl mtl_serve::generation::Generator for Decoder {
-    fn generate(
-        &self,
-        r: &mtl_serve::generation::GenerateRequest,
-        on_piece: &mut dyn FnMut(&str) -> bool,
-    ) -> std::result::Result<mtl_serve::generation::Finished, mtl_serve::EngineError> {
-        use mtl_serve::EngineError::Invalid;
-        let text = if r.chat {
-            self.chat_prompt(&r.prompt, None).map_err(|e| Invalid(e.to_string()))?
-        } else {
-            r.prompt.clone()
-        };
-        let ids = self.encode(&text, r.chat).map_err(|e| Invalid(e.to_string()))?;
-        let context = self.model.config().max_position_embeddings;
-        if ids.is_empty() || ids.len() >= context {
-            return Err(Invalid(format!("the prompt has {} tokens; the model reads 1 to {} ", ids.len(), context - 1)));
-        }
-        let sampling = Sampling { temperature: r.temperature, top_k: r.top_k, top_p: r.top_p, seed: r.seed };
-        let limits =
-            Limits { max_new_tokens: r.max_new_tokens, stop_tokens: self.eos.clone(), stop_strings: r.stop.clone() };
-        let generated = generate(&self.model, &ids, &sampling, &limits, |t| self.decode(t), |piece| on_piece(piece))
-            .map_err(|e| mtl_serve::EngineError::Model(e.to_string()))?;
-        let stop =
-            serde_json::to_value(generated.stop).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default();
-        Ok(mtl_serve::generation::Finished {
-            text: generated.text,
-            stop,
-            prompt_tokens: ids.len(),
-            new_tokens: generated.ids.len(),
         })
     }
 }

@@ -7,6 +7,7 @@
 //! task or `default`; or every weight after full fine-tuning), `run.json` (the base model and each task's
 //! answer budget), `mtl.toml`, `labels.json` and `metrics.json`.
 
+pub(crate) mod engine;
 pub(crate) mod files;
 pub(crate) mod train;
 
@@ -21,6 +22,7 @@ use mtl_data::{Dataset, Input, LabelMap, Location};
 use mtl_nn::DecoderModel;
 use mtl_train::{TextTasks, Trainer};
 
+pub use engine::BatchEngine;
 pub use files::{check_sampling, Decoder, DecoderFiles, GenerateRequest, Generated};
 
 use crate::error::{bail, Error, Result};
@@ -142,9 +144,10 @@ impl DecoderRun {
         Ok(Self { config, labels, text, chat, eos, max_len })
     }
 
-    /// The run as a plain decoder for free generation: its shared adapter on the base model.
+    /// The run as a plain decoder for free generation: its adapters (shared, or one per task) on the base model.
     pub(crate) fn into_decoder(self) -> Decoder {
         Decoder {
+            name: files::model_name(&self.config.model.path),
             model: self.text.model.into_llama(),
             tokenizer: self.text.tokenizer,
             chat: self.chat,

@@ -1,0 +1,523 @@
+//! Generation over HTTP for a decoder model: `POST /v1/generate` answers with the whole text, or, with
+//! `"stream": true`, streams each new piece of text as a server-sent event as soon as it is decoded; the
+//! OpenAI-compatible routes of [`crate::openai`]; `/health`, `/metrics`, `/openapi.json`.
+//!
+//! A request the generator cannot take now is refused at once (429), one it can never take with 422. Every
+//! request, streamed or not, has the server's deadline; a request whose client left, or whose deadline passed,
+//! is cancelled, queued or running. Requests go through the same API keys, body limit, request counting and
+//! error table as the predict routes.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::sse::{Event, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde_json::{json, Value};
+use tokio::sync::mpsc;
+
+use crate::api::{ApiError, Settings};
+use crate::generation::{
+    Finished, GenerateRequest, Generation, Generator, Update, MAX_NEW_TOKENS, MAX_STOP_CHARS, MAX_STOP_STRINGS,
+};
+use crate::metrics::Metrics;
+use crate::streaming::{pieces, submit, wait, Piece};
+
+/// A generation request's body checked against the limits.
+pub fn check_generate(body: &[u8], settings: &Settings) -> Result<GenerateRequest, ApiError> {
+    let r: GenerateRequest =
+        serde_json::from_slice(body).map_err(|e| ApiError::Validation(format!("invalid request body: {e}")))?;
+    let invalid = |m: &str| Err(ApiError::Validation(m.to_string()));
+    if r.prompt.trim().is_empty() {
+        return invalid("`prompt` is empty");
+    }
+    if r.prompt.chars().count() > settings.max_input_chars {
+        return Err(ApiError::Validation(format!("`prompt` is longer than {} characters", settings.max_input_chars)));
+    }
+    if r.max_new_tokens == 0 || r.max_new_tokens > MAX_NEW_TOKENS {
+        return Err(ApiError::Validation(format!("`max_new_tokens` must be in 1..={MAX_NEW_TOKENS}")));
+    }
+    if !(r.temperature.is_finite() && r.temperature >= 0.0) {
+        return invalid("`temperature` must be 0 (greedy) or positive");
+    }
+    if r.top_k == Some(0) {
+        return invalid("`top_k` must be at least 1");
+    }
+    if r.top_p.is_some_and(|p| !(p > 0.0 && p <= 1.0)) {
+        return invalid("`top_p` must be in (0, 1]");
+    }
+    if r.stop.iter().any(String::is_empty) {
+        return invalid("`stop` strings must not be empty");
+    }
+    if r.stop.len() > MAX_STOP_STRINGS || r.stop.iter().any(|s| s.chars().count() > MAX_STOP_CHARS) {
+        return Err(ApiError::Validation(format!(
+            "`stop` takes at most {MAX_STOP_STRINGS} strings of at most {MAX_STOP_CHARS} characters"
+        )));
+    }
+    Ok(r)
+}
+
+struct GenState {
+    generator: Arc<dyn Generator>,
+    settings: Settings,
+    metrics: Arc<Metrics>,
+}
+
+/// The router over `generator`: `POST /v1/generate`, `GET /health`, `GET /metrics`, `GET /openapi.json`.
+pub fn generation_router<G: Generator>(generator: G, settings: Settings) -> Router {
+    let limit = settings.body_limit;
+    let state = Arc::new(GenState { generator: Arc::new(generator), settings, metrics: Arc::new(Metrics::default()) });
+    Router::new()
+        .route("/health", get(health))
+        .route("/metrics", get(metrics_text))
+        .route("/v1/generate", post(generate))
+        .route("/v1/completions", post(completions))
+        .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/models", get(models))
+        .route("/openapi.json", get(openapi))
+        .route_layer(middleware::from_fn_with_state(state.clone(), authenticate))
+        .layer(DefaultBodyLimit::max(limit))
+        .with_state(state)
+}
+
+async fn authenticate(State(state): State<Arc<GenState>>, request: Request, next: Next) -> Response {
+    if !crate::api::key_accepted(&state.settings, &request) {
+        state.metrics.request("/v1/generate", 401);
+        return ApiError::Unauthorized.into_response();
+    }
+    let endpoint = request.uri().path().to_string();
+    let response = next.run(request).await;
+    // Answers the handlers never see (a body over the limit, 413) are counted here.
+    if response.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        state.metrics.request(&endpoint, 413);
+        state.metrics.error("payload_too_large");
+    }
+    response
+}
+
+/// `ok` while the generator serves; 503 with the reason once it cannot.
+async fn health(State(state): State<Arc<GenState>>) -> Response {
+    match state.generator.status().failure {
+        None => Json(json!({"status": "ok"})).into_response(),
+        Some(reason) => {
+            (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"status": "unhealthy", "reason": reason}))).into_response()
+        }
+    }
+}
+
+async fn openapi(State(state): State<Arc<GenState>>) -> Json<Value> {
+    Json(crate::openapi::generation_document(state.settings.api_keys.is_some()))
+}
+
+async fn metrics_text(State(state): State<Arc<GenState>>) -> Response {
+    let status = state.generator.status();
+    let mut text = state.metrics.render(status.queued);
+    text.push_str(&crate::metrics::generator_gauges(&status));
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
+}
+
+fn finished_json(f: &Finished) -> Value {
+    json!({"text": f.text, "stop_reason": f.stop, "prompt_tokens": f.prompt_tokens, "new_tokens": f.new_tokens})
+}
+
+async fn generate(State(state): State<Arc<GenState>>, body: Bytes) -> Response {
+    let deadline = tokio::time::Instant::now() + state.settings.request_timeout;
+    let response = match check_generate(&body, &state.settings)
+        .and_then(|request| Ok((submit(state.generator.as_ref(), Generation::from(&request))?, request.stream)))
+    {
+        Err(e) => e.into_response(),
+        Ok((updates, true)) => Sse::new(event_stream(updates, deadline, state.metrics.clone())).into_response(),
+        Ok((updates, false)) => match wait(updates, deadline, &state.metrics).await {
+            Err(e) => e.into_response(),
+            Ok(f) => Json(finished_json(&f)).into_response(),
+        },
+    };
+    count(&state.metrics, "/v1/generate", &response);
+    response
+}
+
+async fn completions(State(state): State<Arc<GenState>>, body: Bytes) -> Response {
+    let response = crate::openai::respond(&state.generator, &state.settings, &state.metrics, &body, false).await;
+    count(&state.metrics, "/v1/completions", &response);
+    response
+}
+
+async fn chat_completions(State(state): State<Arc<GenState>>, body: Bytes) -> Response {
+    let response = crate::openai::respond(&state.generator, &state.settings, &state.metrics, &body, true).await;
+    count(&state.metrics, "/v1/chat/completions", &response);
+    response
+}
+
+async fn models(State(state): State<Arc<GenState>>) -> Json<Value> {
+    Json(crate::openai::models_list(&state.generator.models()))
+}
+
+/// Counts an answer of `endpoint`, and its error kind.
+fn count(metrics: &Metrics, endpoint: &str, response: &Response) {
+    let status = response.status().as_u16();
+    metrics.request(endpoint, status);
+    if status >= 400 {
+        metrics.error(error_kind(status));
+    }
+}
+
+/// The error table's kind of a status these routes answer with.
+fn error_kind(status: u16) -> &'static str {
+    match status {
+        404 => "unknown_model",
+        422 => "validation",
+        429 => "queue_full",
+        503 => "timeout",
+        _ => "internal",
+    }
+}
+
+/// `/v1/generate`'s server-sent events: `data: {"text": PIECE}` per piece, then an event `done` with the whole
+/// answer, or `error` (the generator's error, or `timeout` at the deadline).
+fn event_stream(
+    updates: mpsc::UnboundedReceiver<Update>,
+    deadline: tokio::time::Instant,
+    metrics: Arc<Metrics>,
+) -> impl futures_util::Stream<Item = Result<Event, Infallible>> {
+    futures_util::StreamExt::map(pieces(updates, deadline, metrics), |piece| {
+        Ok(match piece {
+            Piece::Text(p) => Event::default().data(json!({"text": p}).to_string()),
+            Piece::Done(f) => Event::default().event("done").data(finished_json(&f).to_string()),
+            Piece::Error { kind, message } => {
+                Event::default().event("error").data(json!({"error": {"kind": kind, "message": message}}).to_string())
+            }
+        })
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use axum::http::StatusCode;
+    use http_body_util::BodyExt;
+    use tower::ServiceExt;
+
+    use super::*;
+    use crate::generation::{GeneratorStatus, Message, Models, Prompt, Refused};
+
+    /// Answers with the prompt's words, one piece per word, at most `max_new_tokens` of them, on a thread of
+    /// its own per request; a prompt starting "slow" waits 50 ms before each word, and `cancelled` counts the
+    /// requests whose receiver went away before they ended.
+    #[derive(Clone, Default)]
+    struct Echo {
+        cancelled: Arc<std::sync::atomic::AtomicUsize>,
+        full: bool,
+        /// The last generation submitted.
+        last: Arc<std::sync::Mutex<Option<Generation>>>,
+    }
+
+    impl Generator for Echo {
+        fn submit(&self, g: Generation) -> Result<mpsc::UnboundedReceiver<Update>, Refused> {
+            if self.full {
+                return Err(Refused::Full);
+            }
+            *self.last.lock().expect("lock") = Some(g.clone());
+            let prompt = match g.prompt {
+                Prompt::Text(t) => t,
+                Prompt::Chat(turns) => turns.iter().map(|m| m.content.as_str()).collect::<Vec<_>>().join(" "),
+            };
+            let r = Generation { prompt: Prompt::Text(prompt.clone()), ..g };
+            if prompt.starts_with("too long") {
+                return Err(Refused::Invalid("the prompt is longer than the model's context".into()));
+            }
+            let (sender, receiver) = mpsc::unbounded_channel();
+            let cancelled = self.cancelled.clone();
+            std::thread::spawn(move || {
+                let mut text = String::new();
+                let mut n = 0;
+                for w in prompt.split_whitespace().take(r.max_new_tokens) {
+                    if prompt.starts_with("slow") {
+                        std::thread::sleep(std::time::Duration::from_millis(50));
+                    }
+                    let piece = format!("{w} ");
+                    text.push_str(&piece);
+                    n += 1;
+                    if sender.send(Update::Piece(piece)).is_err() {
+                        cancelled.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        return;
+                    }
+                }
+                let done = Finished { text, stop: "max_new_tokens".into(), prompt_tokens: 0, new_tokens: n };
+                let _ = sender.send(Update::Done(Ok(done)));
+            });
+            Ok(receiver)
+        }
+
+        fn status(&self) -> GeneratorStatus {
+            GeneratorStatus { kv_blocks_total: 8, ..GeneratorStatus::default() }
+        }
+
+        fn models(&self) -> Models {
+            Models { base: "echo".into(), adapters: vec!["intent".into(), "slots".into()] }
+        }
+    }
+
+    async fn post(app: &Router, body: Value, key: Option<&str>) -> (StatusCode, String) {
+        let mut request = Request::post("/v1/generate").header("content-type", "application/json");
+        if let Some(k) = key {
+            request = request.header("authorization", format!("Bearer {k}"));
+        }
+        let response = app
+            .clone()
+            .oneshot(request.body(axum::body::Body::from(body.to_string())).expect("request"))
+            .await
+            .expect("answer");
+        let status = response.status();
+        let bytes = response.into_body().collect().await.expect("body").to_bytes();
+        (status, String::from_utf8_lossy(&bytes).into_owned())
+    }
+
+    #[tokio::test]
+    async fn answers_whole_or_streamed_and_refuses_bad_requests() {
+        let app = generation_router(Echo::default(), Settings::default());
+        let (status, body) = post(&app, json!({"prompt": "one two three", "max_new_tokens": 2}), None).await;
+        assert_eq!(status, StatusCode::OK);
+        let v: Value = serde_json::from_str(&body).expect("json");
+        assert_eq!((v["text"].as_str(), v["new_tokens"].as_u64()), (Some("one two "), Some(2)));
+
+        let (status, body) = post(&app, json!({"prompt": "one two three", "stream": true}), None).await;
+        assert_eq!(status, StatusCode::OK);
+        let data: Vec<&str> = body.lines().filter_map(|l| l.strip_prefix("data: ")).collect();
+        assert_eq!(data[..3], [r#"{"text":"one "}"#, r#"{"text":"two "}"#, r#"{"text":"three "}"#]);
+        assert!(body.contains("event: done") && data[3].contains("\"stop_reason\":\"max_new_tokens\""), "{body}");
+
+        for bad in [
+            json!({"prompt": " "}),
+            json!({"prompt": "x", "max_new_tokens": 0}),
+            json!({"prompt": "x", "top_p": 1.5}),
+            json!({"prompt": "x", "temperature": -1.0}),
+            json!({"prompt": "x", "bogus": 1}),
+            json!({"prompt": "x", "stop": [""]}),
+            json!({"prompt": "x", "stop": vec!["s"; MAX_STOP_STRINGS + 1]}),
+            json!({"prompt": "x", "stop": ["s".repeat(MAX_STOP_CHARS + 1)]}),
+        ] {
+            let (status, body) = post(&app, bad.clone(), None).await;
+            assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{bad}: {body}");
+            assert!(body.contains("\"kind\":\"validation\""), "{body}");
+        }
+        let (status, _) = post(&app, json!({"prompt": "too long prompt"}), None).await;
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+        // Refused before any event is sent: a stream gets the same 422.
+        let (status, body) = post(&app, json!({"prompt": "too long prompt", "stream": true}), None).await;
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    }
+
+    #[tokio::test]
+    async fn the_openapi_document_describes_the_generate_route() {
+        let app = generation_router(Echo::default(), Settings::default());
+        let request = Request::get("/openapi.json").body(axum::body::Body::empty()).expect("request");
+        let response = app.oneshot(request).await.expect("answer");
+        assert_eq!(response.status(), StatusCode::OK);
+        let doc: Value =
+            serde_json::from_slice(&response.into_body().collect().await.expect("body").to_bytes()).expect("json");
+        assert_eq!(doc["openapi"], "3.1.0");
+        let fields = doc["components"]["schemas"]["GenerateRequest"]["properties"].as_object().expect("properties");
+        // Every field the route accepts is described, and no other (the route denies unknown fields).
+        let described: Vec<&str> = fields.keys().map(String::as_str).collect();
+        let accepted = GenerateRequest {
+            prompt: "p".into(),
+            chat: false,
+            adapter: Some("intent".into()),
+            max_new_tokens: 1,
+            temperature: 0.0,
+            top_k: Some(1),
+            top_p: Some(1.0),
+            seed: 0,
+            stop: vec!["s".into()],
+            stream: false,
+        };
+        let sent = serde_json::to_value(&accepted).expect("json");
+        let mut sent: Vec<&str> = sent.as_object().expect("object").keys().map(String::as_str).collect();
+        sent.sort_unstable();
+        let mut described = described;
+        described.sort_unstable();
+        assert_eq!(described, sent);
+        assert!(doc["paths"]["/v1/generate"]["post"]["responses"]["429"].is_object());
+        assert!(doc.get("security").is_none(), "no keys, no security");
+    }
+
+    #[tokio::test]
+    async fn keys_are_checked() {
+        let settings = Settings { api_keys: Some(["k1".to_string()].into()), ..Settings::default() };
+        let app = generation_router(Echo::default(), settings);
+        assert_eq!(post(&app, json!({"prompt": "a"}), None).await.0, StatusCode::UNAUTHORIZED);
+        assert_eq!(post(&app, json!({"prompt": "a"}), Some("k2")).await.0, StatusCode::UNAUTHORIZED);
+        assert_eq!(post(&app, json!({"prompt": "a"}), Some("k1")).await.0, StatusCode::OK);
+    }
+
+    /// Deadlines hold for streams too, and a client that leaves or times out cancels its generation; a
+    /// generator that is full answers 429; `/metrics` counts the answers, the errors and the generator's gauges.
+    #[tokio::test]
+    async fn deadlines_cancel_streams_and_refusals_are_counted() {
+        let echo = Echo::default();
+        let settings = Settings { request_timeout: std::time::Duration::from_millis(120), ..Settings::default() };
+        let app = generation_router(echo.clone(), settings);
+        let slow = "slow a b c d e f g h i j";
+        let (status, body) = post(&app, json!({"prompt": slow, "stream": true}), None).await;
+        assert_eq!(status, StatusCode::OK);
+        assert!(body.contains("event: error") && body.contains("\"kind\":\"timeout\""), "{body}");
+        let (status, _) = post(&app, json!({"prompt": slow}), None).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        // Both generations notice their receiver is gone at their next word.
+        for _ in 0..100 {
+            if echo.cancelled.load(std::sync::atomic::Ordering::SeqCst) == 2 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        assert_eq!(echo.cancelled.load(std::sync::atomic::Ordering::SeqCst), 2);
+
+        let full = generation_router(Echo { full: true, ..Echo::default() }, Settings::default());
+        assert_eq!(post(&full, json!({"prompt": "a"}), None).await.0, StatusCode::TOO_MANY_REQUESTS);
+        let (_, _) = post(&full, json!({"prompt": " "}), None).await;
+        let request = Request::get("/metrics").body(axum::body::Body::empty()).expect("request");
+        let response = full.oneshot(request).await.expect("answer");
+        let text =
+            String::from_utf8(response.into_body().collect().await.expect("body").to_bytes().to_vec()).expect("utf-8");
+        for line in [
+            "mtl_requests_total{endpoint=\"/v1/generate\",status=\"429\"} 1",
+            "mtl_requests_total{endpoint=\"/v1/generate\",status=\"422\"} 1",
+            "mtl_errors_total{kind=\"queue_full\"} 1",
+            "mtl_errors_total{kind=\"validation\"} 1",
+            "mtl_kv_blocks_total 8",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} in\n{text}");
+        }
+    }
+
+    async fn call(app: &Router, path: &str, body: Value) -> (StatusCode, String) {
+        let request = Request::post(path).header("content-type", "application/json");
+        let response = app
+            .clone()
+            .oneshot(request.body(axum::body::Body::from(body.to_string())).expect("request"))
+            .await
+            .expect("answer");
+        let status = response.status();
+        let bytes = response.into_body().collect().await.expect("body").to_bytes();
+        (status, String::from_utf8_lossy(&bytes).into_owned())
+    }
+
+    /// The `data:` payloads of a stream, parsed (`[DONE]` kept as a string).
+    fn chunks(body: &str) -> Vec<Value> {
+        body.lines()
+            .filter_map(|l| l.strip_prefix("data: "))
+            .map(|d| serde_json::from_str(d).unwrap_or_else(|_| Value::String(d.to_string())))
+            .collect()
+    }
+
+    /// The OpenAI-compatible routes in OpenAI's shapes: models, completions and chat completions, whole and
+    /// streamed, `model` choosing the adapter, OpenAI's defaults, and refusals of what is not supported.
+    #[tokio::test]
+    async fn openai_routes_answer_in_openai_shapes() {
+        let echo = Echo::default();
+        let app = generation_router(echo.clone(), Settings::default());
+        let request = Request::get("/v1/models").body(axum::body::Body::empty()).expect("request");
+        let response = app.clone().oneshot(request).await.expect("answer");
+        let models: Value =
+            serde_json::from_slice(&response.into_body().collect().await.expect("body").to_bytes()).expect("json");
+        let ids: Vec<&str> = models["data"].as_array().expect("list").iter().filter_map(|m| m["id"].as_str()).collect();
+        assert_eq!((models["object"].as_str(), ids), (Some("list"), vec!["echo", "intent", "slots"]));
+
+        let (status, body) =
+            call(&app, "/v1/completions", json!({"model": "slots", "prompt": "a b c", "max_tokens": 2})).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        let v: Value = serde_json::from_str(&body).expect("json");
+        assert_eq!(v["object"], "text_completion");
+        assert_eq!(
+            (v["choices"][0]["text"].as_str(), v["choices"][0]["finish_reason"].as_str()),
+            (Some("a b "), Some("length"))
+        );
+        assert_eq!(v["usage"]["completion_tokens"], 2);
+        let last = echo.last.lock().expect("lock").clone().expect("submitted");
+        assert_eq!((last.adapter.as_deref(), last.temperature, last.max_new_tokens), (Some("slots"), 1.0, 2));
+        // Without `max_tokens`, OpenAI's 16; the base model's name means no adapter.
+        let many = (0..20).map(|i| format!("w{i}")).collect::<Vec<_>>().join(" ");
+        let (_, body) = call(&app, "/v1/completions", json!({"model": "echo", "prompt": many, "temperature": 0})).await;
+        let v: Value = serde_json::from_str(&body).expect("json");
+        assert_eq!(v["usage"]["completion_tokens"], 16);
+        let last = echo.last.lock().expect("lock").clone().expect("submitted");
+        assert_eq!((last.adapter, last.temperature), (None, 0.0));
+
+        let (_, body) = call(
+            &app,
+            "/v1/completions",
+            json!({"prompt": "a b", "stream": true, "stream_options": {"include_usage": true}}),
+        )
+        .await;
+        let c = chunks(&body);
+        assert_eq!(c.len(), 5, "{body}");
+        assert_eq!(
+            (c[0]["choices"][0]["text"].as_str(), c[1]["choices"][0]["text"].as_str()),
+            (Some("a "), Some("b "))
+        );
+        assert_eq!(c[2]["choices"][0]["finish_reason"], "length");
+        assert_eq!((c[3]["usage"]["total_tokens"].as_u64(), &c[4]), (Some(2), &Value::String("[DONE]".into())));
+
+        let messages = json!([{"role": "system", "content": "be brief"}, {"role": "user", "content": [{"type": "text", "text": "x y"}]}]);
+        let (status, body) = call(
+            &app,
+            "/v1/chat/completions",
+            json!({"model": "intent", "messages": messages, "max_completion_tokens": 9}),
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        let v: Value = serde_json::from_str(&body).expect("json");
+        assert_eq!(v["object"], "chat.completion");
+        assert_eq!(v["choices"][0]["message"], json!({"role": "assistant", "content": "be brief x y "}));
+        let last = echo.last.lock().expect("lock").clone().expect("submitted");
+        let turns = vec![
+            Message { role: "system".into(), content: "be brief".into() },
+            Message { role: "user".into(), content: "x y".into() },
+        ];
+        assert_eq!((last.prompt, last.max_new_tokens), (Prompt::Chat(turns), 9));
+        let (_, body) = call(
+            &app,
+            "/v1/chat/completions",
+            json!({"messages": [{"role": "user", "content": "p q"}], "stream": true}),
+        )
+        .await;
+        let c = chunks(&body);
+        assert_eq!(c[0]["choices"][0]["delta"], json!({"role": "assistant", "content": ""}), "{body}");
+        assert_eq!(
+            (c[1]["object"].as_str(), c[1]["choices"][0]["delta"]["content"].as_str()),
+            (Some("chat.completion.chunk"), Some("p "))
+        );
+        assert_eq!(c.last(), Some(&Value::String("[DONE]".into())));
+
+        for (path, bad, status) in [
+            ("/v1/completions", json!({"prompt": "a", "n": 2}), StatusCode::UNPROCESSABLE_ENTITY),
+            ("/v1/completions", json!({"prompt": ["a", "b"]}), StatusCode::UNPROCESSABLE_ENTITY),
+            ("/v1/completions", json!({"prompt": "a", "logprobs": 2}), StatusCode::UNPROCESSABLE_ENTITY),
+            ("/v1/completions", json!({"prompt": "a", "bogus": 1}), StatusCode::UNPROCESSABLE_ENTITY),
+            ("/v1/completions", json!({"prompt": "a", "model": "nope"}), StatusCode::NOT_FOUND),
+            ("/v1/chat/completions", json!({"messages": []}), StatusCode::UNPROCESSABLE_ENTITY),
+            (
+                "/v1/chat/completions",
+                json!({"messages": [{"role": "tool", "content": "a"}]}),
+                StatusCode::UNPROCESSABLE_ENTITY,
+            ),
+            (
+                "/v1/chat/completions",
+                json!({"messages": [{"role": "user", "content": "a"}], "tools": [{}]}),
+                StatusCode::UNPROCESSABLE_ENTITY,
+            ),
+            (
+                "/v1/chat/completions",
+                json!({"messages": [{"role": "user", "content": "a"}], "temperature": 3}),
+                StatusCode::UNPROCESSABLE_ENTITY,
+            ),
+        ] {
+            let (got, body) = call(&app, path, bad.clone()).await;
+            assert_eq!(got, status, "{path} {bad}: {body}");
+        }
+    }
+}
