@@ -261,8 +261,9 @@ mod tests {
         }
     }
 
-    async fn post(app: &Router, body: Value, key: Option<&str>) -> (StatusCode, String) {
-        let mut request = Request::post("/v1/generate").header("content-type", "application/json");
+    /// POSTs `body` to `path`, with an API key when given; the status and the body as text.
+    async fn send(app: &Router, path: &str, body: Value, key: Option<&str>) -> (StatusCode, String) {
+        let mut request = Request::post(path).header("content-type", "application/json");
         if let Some(k) = key {
             request = request.header("authorization", format!("Bearer {k}"));
         }
@@ -274,6 +275,10 @@ mod tests {
         let status = response.status();
         let bytes = response.into_body().collect().await.expect("body").to_bytes();
         (status, String::from_utf8_lossy(&bytes).into_owned())
+    }
+
+    async fn post(app: &Router, body: Value, key: Option<&str>) -> (StatusCode, String) {
+        send(app, "/v1/generate", body, key).await
     }
 
     #[tokio::test]
@@ -395,15 +400,7 @@ mod tests {
     }
 
     async fn call(app: &Router, path: &str, body: Value) -> (StatusCode, String) {
-        let request = Request::post(path).header("content-type", "application/json");
-        let response = app
-            .clone()
-            .oneshot(request.body(axum::body::Body::from(body.to_string())).expect("request"))
-            .await
-            .expect("answer");
-        let status = response.status();
-        let bytes = response.into_body().collect().await.expect("body").to_bytes();
-        (status, String::from_utf8_lossy(&bytes).into_owned())
+        send(app, path, body, None).await
     }
 
     /// The `data:` payloads of a stream, parsed (`[DONE]` kept as a string).

@@ -493,6 +493,19 @@ mod tests {
         }
     }
 
+    /// What `Decoder::generate` answers to `g` alone.
+    fn alone(decoder: &Decoder, g: &Generation) -> crate::Generated {
+        let request = AloneRequest {
+            prompt: text(g),
+            chat: false,
+            system: None,
+            sampling: Sampling { temperature: g.temperature, top_k: g.top_k, top_p: g.top_p, seed: g.seed },
+            max_new_tokens: g.max_new_tokens,
+            stop: g.stop.clone(),
+        };
+        decoder.generate(&request, |_| true).expect("alone")
+    }
+
     /// Waits for the engine to have nothing running and every block back.
     fn idle(engine: &BatchEngine) -> GeneratorStatus {
         for _ in 0..200 {
@@ -521,7 +534,7 @@ mod tests {
     /// get the text, tokens and ending that `Decoder::generate` gives it alone; every block comes back.
     #[test]
     fn batched_requests_answer_as_each_alone() {
-        let alone = decoder(&[]);
+        let solo = decoder(&[]);
         let engine = BatchEngine::start(decoder(&[]), settings(10));
         let requests: Vec<Generation> = vec![
             request(prompt(1, 3), 9, 0.0, 0, &[]),
@@ -535,19 +548,7 @@ mod tests {
         for (r, updates) in requests.iter().zip(receivers) {
             let (streamed, result) = collect(updates);
             let got = result.expect("generated");
-            let want = alone
-                .generate(
-                    &AloneRequest {
-                        prompt: text(r),
-                        chat: false,
-                        system: None,
-                        sampling: Sampling { temperature: r.temperature, top_k: r.top_k, top_p: r.top_p, seed: r.seed },
-                        max_new_tokens: r.max_new_tokens,
-                        stop: r.stop.clone(),
-                    },
-                    |_| true,
-                )
-                .expect("alone");
+            let want = alone(&solo, r);
             assert_eq!((&got.text, got.new_tokens, &got.stop), (&want.text, want.new_tokens, &want.stop), "{r:?}");
             assert_eq!(streamed, got.text, "the pieces make the text");
         }
@@ -591,20 +592,7 @@ mod tests {
         let receivers: Vec<_> = asks.iter().map(|(_, r)| engine.submit(r.clone()).expect("accepted")).collect();
         for ((adapter, r), updates) in asks.iter().zip(receivers) {
             let got = collect(updates).1.expect("generated");
-            let alone = decoder(&[adapter]);
-            let want = alone
-                .generate(
-                    &AloneRequest {
-                        prompt: text(r),
-                        chat: false,
-                        system: None,
-                        sampling: Sampling::default(),
-                        max_new_tokens: r.max_new_tokens,
-                        stop: Vec::new(),
-                    },
-                    |_| true,
-                )
-                .expect("alone");
+            let want = alone(&decoder(&[adapter]), r);
             assert_eq!((got.text, got.new_tokens), (want.text, want.new_tokens), "{adapter}");
         }
     }
