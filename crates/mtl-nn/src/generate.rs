@@ -191,7 +191,7 @@ impl TextStream {
         self.text = decode(&self.ids);
         if let Some(at) = self.stop_strings.iter().filter_map(|s| self.text.find(s.as_str())).min() {
             self.text.truncate(at);
-            let piece = self.text.get(self.sent..).unwrap_or_default().to_string();
+            let piece = self.text[self.resume()..].to_string();
             self.sent = self.text.len().max(self.sent);
             return Piece { text: piece, stopped: true };
         }
@@ -207,19 +207,32 @@ impl TextStream {
         }
         let ready = complete - hold;
         let mut piece = String::new();
-        if ready > self.sent {
-            piece = self.text[self.sent..ready].to_string();
+        let from = self.resume();
+        if ready > from {
+            piece = self.text[from..ready].to_string();
             self.sent = ready;
         }
         Piece { text: piece, stopped: false }
+    }
+
+    /// Where the next piece starts: after what was sent. Decoding again may change text already sent
+    /// (byte-fallback tokens that no longer form a character become one U+FFFD each), so that point may fall
+    /// inside a character; the piece then starts at the character after it.
+    fn resume(&self) -> usize {
+        let mut from = self.sent.min(self.text.len());
+        while !self.text.is_char_boundary(from) {
+            from += 1;
+        }
+        from
     }
 
     /// At the end: what was held back as a possible stop-string start (an incomplete character stays out).
     pub fn finish(&mut self) -> String {
         let complete = self.text.trim_end_matches('\u{FFFD}').len();
         let mut rest = String::new();
-        if complete > self.sent {
-            rest = self.text[self.sent..complete].to_string();
+        let from = self.resume();
+        if complete > from {
+            rest = self.text[from..complete].to_string();
             self.sent = complete;
         }
         rest
@@ -361,5 +374,25 @@ mod tests {
         let mut again = rand_chacha::ChaCha8Rng::seed_from_u64(5);
         assert_eq!(draws, (0..20_000).map(|_| next_token(&logits, &s, &mut again)).collect::<Vec<_>>());
         assert_eq!(next_token(&logits, &Sampling::default(), &mut again), 0, "greedy takes the argmax");
+    }
+
+    /// Decoding the tokens again may change text already sent (byte-fallback tokens that stop forming a
+    /// character): the stream sends nothing it cannot cut at a character boundary, and never panics.
+    #[test]
+    fn text_that_changes_behind_what_was_sent_does_not_break_the_stream() {
+        let decode = |ids: &[u32]| -> String {
+            match ids.len() {
+                1 => "é".into(),
+                2 => "\u{FFFD}\u{FFFD}\u{FFFD}".into(),
+                n => format!("\u{FFFD}\u{FFFD}\u{FFFD}{}", "a".repeat(n - 2)),
+            }
+        };
+        let mut stream = TextStream::new(&["zz".to_string()]);
+        assert_eq!(stream.push(1, decode).text, "é");
+        assert_eq!(stream.push(2, decode).text, "", "only replacement characters: held back");
+        // 2 bytes were sent; the text's first character now spans bytes 0..3: the piece starts after it.
+        assert_eq!(stream.push(3, decode), Piece { text: "\u{FFFD}\u{FFFD}a".into(), stopped: false });
+        assert_eq!(stream.push(4, decode).text, "a");
+        assert_eq!(stream.finish(), "");
     }
 }

@@ -99,6 +99,8 @@ impl From<&GenerateRequest> for Generation {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Models {
     pub base: String,
+    /// Whether the base name alone can be asked for (a model without adapters, or with one shared adapter).
+    pub base_serves: bool,
     pub adapters: Vec<String>,
 }
 

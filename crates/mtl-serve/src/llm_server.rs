@@ -257,7 +257,7 @@ mod tests {
         }
 
         fn models(&self) -> Models {
-            Models { base: "echo".into(), adapters: vec!["intent".into(), "slots".into()] }
+            Models { base: "echo".into(), base_serves: true, adapters: vec!["intent".into(), "slots".into()] }
         }
     }
 

@@ -67,6 +67,27 @@ struct ChatMessage {
     #[serde(default)]
     #[allow(dead_code)]
     name: Option<String>,
+    /// What OpenAI's client writes back into an assistant turn it received (`message.model_dump()`): accepted
+    /// when empty.
+    #[serde(default)]
+    refusal: Option<Value>,
+    #[serde(default)]
+    tool_calls: Option<Value>,
+    #[serde(default)]
+    function_call: Option<Value>,
+    #[serde(default)]
+    audio: Option<Value>,
+    #[serde(default)]
+    #[allow(dead_code)]
+    annotations: Option<Value>,
+}
+
+impl ChatMessage {
+    /// Whether it carries something mtl does not take: tool calls, audio, a refusal.
+    fn beyond_text(&self) -> bool {
+        let set = |v: &Option<Value>| v.as_ref().is_some_and(|v| !v.is_null() && v != &json!([]));
+        set(&self.refusal) || set(&self.tool_calls) || set(&self.function_call) || set(&self.audio)
+    }
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -206,9 +227,18 @@ fn generation(
         temperature,
         top_k: None,
         top_p: c.top_p.filter(|&p| p < 1.0),
-        seed: c.seed.unwrap_or(0),
+        // Without a seed each request draws afresh, as OpenAI's do.
+        seed: c.seed.unwrap_or_else(fresh_seed),
         stop,
     })
+}
+
+/// A seed of its own for a request that gives none.
+fn fresh_seed() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos()));
+    h.finish()
 }
 
 /// A completion request's body, checked: the generation, the model's name as answered, and the stream
@@ -254,6 +284,9 @@ fn chat(body: &[u8], settings: &Settings, models: &Models) -> Result<(Generation
     let mut turns = Vec::with_capacity(r.messages.len());
     let mut chars = 0;
     for (i, m) in r.messages.iter().enumerate() {
+        if m.beyond_text() {
+            return Err(invalid(format!("messages[{i}]: tool calls, audio and refusals are not supported")));
+        }
         if !["system", "developer", "user", "assistant"].contains(&m.role.as_str()) {
             return Err(invalid(format!(
                 "messages[{i}]: role {:?} is not supported (system, user, assistant)",
@@ -376,6 +409,7 @@ pub(crate) async fn respond(
     body: &[u8],
     chat_route: bool,
 ) -> Response {
+    let deadline = tokio::time::Instant::now() + settings.request_timeout;
     let models = generator.models();
     let parsed = if chat_route { chat(body, settings, &models) } else { completion(body, settings, &models) };
     let (g, stream) = match parsed {
@@ -386,7 +420,6 @@ pub(crate) async fn respond(
         Ok(u) => u,
         Err(e) => return e.into_response(),
     };
-    let deadline = tokio::time::Instant::now() + settings.request_timeout;
     if stream.stream {
         return Sse::new(events(updates, stream, deadline, metrics.clone())).into_response();
     }
@@ -439,10 +472,11 @@ fn events(
     futures_util::StreamExt::chain(futures_util::stream::iter(first.into_iter().map(Ok)), body)
 }
 
-/// `GET /v1/models`: the base model and each task adapter.
+/// `GET /v1/models`: the base model (where it can be asked for alone) and each task adapter.
 pub(crate) fn models_list(models: &Models) -> Value {
     let entry = |id: &str, parent: Option<&str>| json!({"id": id, "object": "model", "created": 0, "owned_by": "mtl", "parent": parent});
-    let mut data = vec![entry(&models.base, None)];
+    // With an adapter per task the base name alone picks none, so only the adapters are listed.
+    let mut data: Vec<Value> = models.base_serves.then(|| entry(&models.base, None)).into_iter().collect();
     data.extend(models.adapters.iter().map(|a| entry(a, Some(&models.base))));
     json!({"object": "list", "data": data})
 }

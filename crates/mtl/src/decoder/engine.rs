@@ -136,7 +136,7 @@ impl BatchEngine {
             (None, 0) => Ok(None),
             (None, 1) => Ok(Some(0)),
             (None, _) => Err(Refused::Invalid(format!(
-                "the model has an adapter per task; name one in `adapter`: {}",
+                "the model has an adapter per task; name one in `adapter` (OpenAI's routes: `model`): {}",
                 names.join(", ")
             ))),
             (Some(n), 0) => Err(Refused::Invalid(format!("the model has no adapters; `adapter` {n:?} is unknown"))),
@@ -156,6 +156,11 @@ impl Generator for BatchEngine {
         }
         let adapter = self.adapter(r.adapter.as_deref())?;
         let invalid = |e: crate::Error| Refused::Invalid(e.to_string());
+        if r.max_new_tokens == 0 {
+            return Err(Refused::Invalid("max_new_tokens must be at least 1".into()));
+        }
+        let sampling = Sampling { temperature: r.temperature, top_k: r.top_k, top_p: r.top_p, seed: r.seed };
+        super::check_sampling(&sampling).map_err(invalid)?;
         let prompt = match &r.prompt {
             Prompt::Text(text) => self.decoder.encode(text, false).map_err(invalid)?,
             Prompt::Chat(turns) => {
@@ -174,10 +179,10 @@ impl Generator for BatchEngine {
         }
         let job = Job {
             max_new_tokens: r.max_new_tokens,
-            positions: (prompt.len() + r.max_new_tokens - 1).min(context),
+            positions: (prompt.len().saturating_add(r.max_new_tokens) - 1).min(context),
             prompt,
             adapter,
-            sampling: Sampling { temperature: r.temperature, top_k: r.top_k, top_p: r.top_p, seed: r.seed },
+            sampling,
             stop: r.stop,
             updates: mpsc::unbounded_channel().0,
         };
@@ -216,7 +221,8 @@ impl Generator for BatchEngine {
 
     fn models(&self) -> Models {
         let adapters = self.decoder.model.lora().map_or_else(Vec::new, |l| l.adapters.clone());
-        Models { base: self.decoder.name.clone(), adapters }
+        // With an adapter per task, the base name alone picks none: only the adapters are models to ask for.
+        Models { base: self.decoder.name.clone(), base_serves: adapters.len() <= 1, adapters }
     }
 }
 
@@ -379,12 +385,21 @@ fn step(decoder: &Decoder, running: &mut [Active], kv: &mut PagedKv, prefill_bud
             }
         }
         let Some(logits) = rows.next() else { break };
-        let token = a.sampler.next(logits);
-        if decoder.eos.contains(&token) {
+        // A panic here (in sampling or decoding text) fails this sequence only.
+        let drawn = catch_unwind(AssertUnwindSafe(|| {
+            let token = a.sampler.next(logits);
+            let piece = (!decoder.eos.contains(&token)).then(|| a.stream.push(token, |ids| decoder.decode(ids)));
+            (token, piece)
+        }));
+        let Ok((token, piece)) = drawn else {
+            a.done = true;
+            let _ = a.job.updates.send(Update::Done(Err(EngineError::Model("decoding the text panicked".into()))));
+            continue;
+        };
+        let Some(piece) = piece else {
             finish(a, Ok(StopReason::StopToken));
             continue;
-        }
-        let piece = a.stream.push(token, |ids| decoder.decode(ids));
+        };
         if !piece.text.is_empty() && a.job.updates.send(Update::Piece(piece.text)).is_err() {
             // The client left.
             a.done = true;
@@ -570,6 +585,8 @@ mod tests {
         assert_eq!(after.expect("generated").new_tokens, 3);
         // 10 blocks of 4: 40 positions.
         assert!(matches!(engine.submit(request(prompt(9, 3), 40, 0.0, 0, &[])), Err(Refused::Invalid(_))));
+        assert!(matches!(engine.submit(request(prompt(9, 3), 0, 0.0, 0, &[])), Err(Refused::Invalid(_))));
+        assert!(matches!(engine.submit(request(prompt(9, 3), 3, -1.0, 0, &[])), Err(Refused::Invalid(_))));
         let named = Generation { adapter: Some("intent".into()), ..request(prompt(9, 3), 3, 0.0, 0, &[]) };
         assert!(matches!(engine.submit(named), Err(Refused::Invalid(m)) if m.contains("no adapters")));
         let one = BatchEngine::start(decoder(&[]), GenerationSettings { queue_bound: 1, ..settings(10) });
