@@ -86,11 +86,12 @@ pub fn generation_router<G: Generator>(generator: G, settings: Settings) -> Rout
 }
 
 async fn authenticate(State(state): State<Arc<GenState>>, request: Request, next: Next) -> Response {
+    let endpoint = request.uri().path().to_string();
     if !crate::api::key_accepted(&state.settings, &request) {
-        state.metrics.request("/v1/generate", 401);
+        state.metrics.request(&endpoint, 401);
+        state.metrics.error("unauthorized");
         return ApiError::Unauthorized.into_response();
     }
-    let endpoint = request.uri().path().to_string();
     let response = next.run(request).await;
     // Answers the handlers never see (a body over the limit, 413) are counted here.
     if response.status() == StatusCode::PAYLOAD_TOO_LARGE {

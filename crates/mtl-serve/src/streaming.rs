@@ -107,6 +107,10 @@ pub(crate) fn pieces(
                 }
                 Ok(None) => Piece::Error { kind: "internal", message: "the generator dropped the request".into() },
             };
+            // A stream has answered 200 already: its error is counted here.
+            if let Piece::Error { kind, .. } = &piece {
+                metrics.error(kind);
+            }
             Some((piece, None))
         }
     })
