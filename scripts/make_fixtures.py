@@ -130,6 +130,15 @@ TINY_VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "a", "to", "f
               "movie", "great", "awful", "##s", "##ing", "##ed", ".", ",", "?", "!", "and", "of"]
 
 
+def perturbed_norms(model, scale):
+    """`model` with `scale` times N(0, 1) added to every norm weight, so that a norm read wrongly shows."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(scale * torch.randn_like(p))
+    return model
+
+
 def tiny_llama():
     """A tiny random LlamaForCausalLM (seed 0; grouped-query attention, tied embeddings as SmolLM2's): logits on a
     padded batch, a causal LM loss on target positions only, every parameter's gradient norm, and greedy
@@ -141,11 +150,7 @@ def tiny_llama():
                       num_key_value_heads=2, rms_norm_eps=1e-5, rope_theta=10000.0, max_position_embeddings=64,
                       tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=0,
                       attention_bias=False, mlp_bias=False, hidden_act="silu", initializer_range=0.2)
-    model = LlamaForCausalLM(cfg).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.add_(0.1 * torch.randn_like(p))
+    model = perturbed_norms(LlamaForCausalLM(cfg).eval(), 0.1)
     save_tiny_causal_lm(model, cfg, OUT / "tiny-llama", new_tokens=6)
 
 
@@ -167,11 +172,7 @@ def tiny_llama3():
                       num_key_value_heads=2, rms_norm_eps=1e-5, rope_parameters=rope, max_position_embeddings=128,
                       tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=0,
                       attention_bias=False, mlp_bias=False, hidden_act="silu", initializer_range=0.2)
-    model = LlamaForCausalLM(cfg).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.add_(0.1 * torch.randn_like(p))
+    model = perturbed_norms(LlamaForCausalLM(cfg).eval(), 0.1)
     d = OUT / "tiny-llama3"
     save_tiny_causal_lm(model, cfg, d, new_tokens=6)
 
@@ -322,11 +323,7 @@ def tiny_gemma3():
                            tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=0,
                            hidden_activation="gelu_pytorch_tanh", initializer_range=0.05,
                            final_logit_softcapping=None, attn_logit_softcapping=None)
-    model = Gemma3ForCausalLM(cfg).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.add_(0.3 * torch.randn_like(p))
+    model = perturbed_norms(Gemma3ForCausalLM(cfg).eval(), 0.3)
     save_tiny_causal_lm(model, cfg, OUT / "tiny-gemma3", new_tokens=8)
 
 

@@ -146,6 +146,20 @@ mod tests {
         }
     }
 
+    /// A config's text, and a training set of `groups` (so many examples, labelled for these tasks, numbered
+    /// on), with its lengths and batches of 4 grouped by length.
+    fn setup(text: &str, groups: &[(usize, &[&str])]) -> Result<(Config, Dataset, Vec<usize>, Batching)> {
+        let config = Config::parse(text, Path::new("t.toml"), &[])?;
+        let mut examples: Vec<Example> = Vec::new();
+        for (n, tasks) in groups {
+            let first = examples.len();
+            examples.extend((first..first + n).map(|i| example(i, tasks)));
+        }
+        let train = Dataset { examples, truncated: 0 };
+        let lengths: Vec<usize> = train.examples.iter().map(|e| e.encoded.ids.len()).collect();
+        Ok((config, train, lengths, Batching { batch_size: 4, group_by_length: true, max_tokens: None }))
+    }
+
     #[test]
     fn sampled_steps_hold_their_task_only_and_keep_the_budget() -> Result<()> {
         let text = r#"
@@ -163,14 +177,8 @@ data = { train = "a.jsonl" }
 kind = "classification"
 data = { train = "b.jsonl" }
 "#;
-        let config = Config::parse(text, Path::new("t.toml"), &[])?;
         // 40 examples of a, 8 of b, 4 of both.
-        let mut examples: Vec<Example> = (0..40).map(|i| example(i, &["a"])).collect();
-        examples.extend((40..48).map(|i| example(i, &["b"])));
-        examples.extend((48..52).map(|i| example(i, &["a", "b"])));
-        let train = Dataset { examples, truncated: 0 };
-        let lengths: Vec<usize> = train.examples.iter().map(|e| e.encoded.ids.len()).collect();
-        let batching = Batching { batch_size: 4, group_by_length: true, max_tokens: None };
+        let (config, train, lengths, batching) = setup(text, &[(40, &["a"]), (8, &["b"]), (4, &["a", "b"])])?;
         let epochs = sampled_epochs(&train, &lengths, &batching, &config);
         assert_eq!(epochs.len(), 3);
         for steps in &epochs {
@@ -204,13 +212,8 @@ data = { train = "a.jsonl" }
 kind = "classification"
 data = { train = "b.jsonl" }
 "#;
-        let config = Config::parse(text, Path::new("t.toml"), &[])?;
         // 400 examples each: 100 batches a pass.
-        let mut examples: Vec<Example> = (0..400).map(|i| example(i, &["a"])).collect();
-        examples.extend((400..800).map(|i| example(i, &["b"])));
-        let train = Dataset { examples, truncated: 0 };
-        let lengths: Vec<usize> = train.examples.iter().map(|e| e.encoded.ids.len()).collect();
-        let batching = Batching { batch_size: 4, group_by_length: true, max_tokens: None };
+        let (config, train, lengths, batching) = setup(text, &[(400, &["a"]), (400, &["b"])])?;
         let probabilities = sampling_probabilities(&train, &config);
         let b = TaskId::new("b").expect("valid");
         assert!((probabilities[0].as_ref().expect("sampled")[&b] - 0.2).abs() < 1e-12, "b counts 100 of 500");
