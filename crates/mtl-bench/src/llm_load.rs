@@ -46,6 +46,13 @@ struct Args {
     /// A name for the report.
     #[arg(long, default_value = "")]
     label: String,
+    /// Leave each request (close its connection) after this many pieces of text: clients that disconnect
+    /// mid-stream, whose generations the server must cancel.
+    #[arg(long)]
+    drop_after: Option<usize>,
+    /// Stop starting requests after this many seconds (closed loop), even before `--count`.
+    #[arg(long)]
+    duration_s: Option<f64>,
 }
 
 /// What one request measured.
@@ -68,8 +75,14 @@ fn percentile(values: &mut [f64], p: f64) -> Option<f64> {
     Some(values[rank.min(values.len() - 1)])
 }
 
-/// Sends one streamed completion and reads its events to the end.
-async fn one(client: &reqwest::Client, url: &str, body: Value, scheduled: Instant) -> Sample {
+/// Sends one streamed completion and reads its events to the end, or leaves after `drop_after` pieces.
+async fn one(
+    client: &reqwest::Client,
+    url: &str,
+    body: Value,
+    scheduled: Instant,
+    drop_after: Option<usize>,
+) -> Sample {
     let mut sample = Sample::default();
     let response = match client.post(url).json(&body).send().await {
         Ok(r) => r,
@@ -109,6 +122,12 @@ async fn one(client: &reqwest::Client, url: &str, body: Value, scheduled: Instan
                         Some(l) => sample.gaps_ms.push((now - l).as_secs_f64() * 1e3),
                     }
                     last = Some(now);
+                    if drop_after.is_some_and(|n| sample.gaps_ms.len() + 1 >= n) {
+                        // Leaving: dropping the stream closes the connection.
+                        sample.total_ms = scheduled.elapsed().as_secs_f64() * 1e3;
+                        sample.ok = true;
+                        return sample;
+                    }
                 }
             }
         }
@@ -157,6 +176,8 @@ async fn main() -> Result<()> {
     let samples = Arc::new(Mutex::new(Vec::with_capacity(args.count)));
     let next = Arc::new(AtomicUsize::new(0));
     let started = Instant::now();
+    let drop_after = args.drop_after;
+    let until = args.duration_s.map(|d| started + Duration::from_secs_f64(d));
     let mut tasks = Vec::new();
     if args.rate > 0.0 {
         let gate = Arc::new(tokio::sync::Semaphore::new(args.concurrency.max(1)));
@@ -166,14 +187,16 @@ async fn main() -> Result<()> {
             let (client, url, samples, gate, b) = (client.clone(), url.clone(), samples.clone(), gate.clone(), body(i));
             tasks.push(tokio::spawn(async move {
                 let Ok(_permit) = gate.acquire_owned().await else { return };
-                let s = one(&client, &url, b, at).await;
+                let s = one(&client, &url, b, at, drop_after).await;
                 samples.lock().expect("samples").push(s);
             }));
         }
     } else {
+        // One body per prompt, shared: request i sends prompt i modulo their number.
+        let bodies: Arc<Vec<Value>> = Arc::new((0..prompts.len()).map(body).collect());
         for _ in 0..args.concurrency.max(1) {
             let (client, url, samples, next) = (client.clone(), url.clone(), samples.clone(), next.clone());
-            let bodies: Vec<Value> = (0..args.count).map(body).collect();
+            let bodies = bodies.clone();
             let count = args.count;
             tasks.push(tokio::spawn(async move {
                 loop {
@@ -181,7 +204,10 @@ async fn main() -> Result<()> {
                     if i >= count {
                         break;
                     }
-                    let s = one(&client, &url, bodies[i].clone(), Instant::now()).await;
+                    if until.is_some_and(|u| Instant::now() >= u) {
+                        break;
+                    }
+                    let s = one(&client, &url, bodies[i % bodies.len()].clone(), Instant::now(), drop_after).await;
                     samples.lock().expect("samples").push(s);
                 }
             }));
@@ -209,6 +235,7 @@ async fn main() -> Result<()> {
         "concurrency": args.concurrency,
         "rate": args.rate,
         "max_tokens": args.max_tokens,
+        "dropped_after": args.drop_after,
         "wall_s": wall,
         "completion_tokens": tokens,
         "tokens_per_s": tokens as f64 / wall,
