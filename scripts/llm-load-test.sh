@@ -14,6 +14,11 @@ OUT=${1:-runs/llm-load-test}
 MODEL=${MODEL:-assets/models/SmolLM2-135M-Instruct/SmolLM2-135M-Instruct.Q4_1.gguf}
 SOAK_S=${SOAK_S:-300}
 scripts/fetch.sh > /dev/null
+# curl asks the server for /health and /metrics.
+if ! command -v curl > /dev/null; then
+  if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
+  $SUDO apt-get install -y -q curl > /dev/null
+fi
 cargo build --release -q -p mtl-cli -p mtl-bench
 mkdir -p "$OUT"
 python3 - "$OUT/prompts.jsonl" <<'PY'

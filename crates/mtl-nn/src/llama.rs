@@ -879,13 +879,7 @@ impl Llama {
     ) -> Result<Tensor> {
         let rows = cache.rows();
         let c = &self.config;
-        let geometry = (c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads, c.head_dim);
-        if cache.geometry() != geometry {
-            return Err(NnError::Input(format!(
-                "a decode cache of {:?} for a model of {geometry:?}",
-                cache.geometry()
-            )));
-        }
+        self.check_geometry("decode cache", cache.geometry())?;
         if s == 0 || ids.len() != rows * s || mask.len() != rows * s {
             return Err(NnError::Input(format!(
                 "{} ids and {} mask values for {rows} rows of {s}",
@@ -921,6 +915,16 @@ impl Llama {
         self.rms_norm(&x, &self.norm)
     }
 
+    /// That a cache made for (layers, heads, key/value heads, head size) `geometry` fits this model.
+    fn check_geometry(&self, what: &str, geometry: (usize, usize, usize, usize)) -> Result<()> {
+        let c = &self.config;
+        let mine = (c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads, c.head_dim);
+        if geometry != mine {
+            return Err(NnError::Input(format!("a {what} of {geometry:?} for a model of {mine:?}")));
+        }
+        Ok(())
+    }
+
     /// A pool of key/value blocks for [`Llama::step`]: `blocks` blocks of `block_size` positions.
     pub fn paged_cache(&self, block_size: usize, blocks: usize) -> PagedKv {
         let c = &self.config;
@@ -942,10 +946,7 @@ impl Llama {
         adapters: Option<&[usize]>,
     ) -> Result<Tensor> {
         let c = &self.config;
-        let geometry = (c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads, c.head_dim);
-        if kv.geometry() != geometry {
-            return Err(NnError::Input(format!("a paged cache of {:?} for a model of {geometry:?}", kv.geometry())));
-        }
+        self.check_geometry("paged cache", kv.geometry())?;
         let total: usize = seqs.iter().map(|(_, new)| new).sum();
         if seqs.is_empty() || tokens.len() != total || seqs.iter().any(|(_, new)| *new == 0) {
             return Err(NnError::Input(format!(

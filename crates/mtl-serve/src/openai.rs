@@ -341,8 +341,8 @@ struct Stream {
 
 impl Stream {
     fn of(c: &Common, models: &Models, kind: Kind) -> Self {
-        let created = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
-        let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+        let (created, nanos) = (now.as_secs(), now.subsec_nanos());
         let prefix = if kind == Kind::Chat { "chatcmpl" } else { "cmpl" };
         Self {
             kind,

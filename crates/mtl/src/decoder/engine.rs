@@ -177,16 +177,8 @@ impl Generator for BatchEngine {
                 context - 1
             )));
         }
-        let job = Job {
-            max_new_tokens: r.max_new_tokens,
-            positions: (prompt.len().saturating_add(r.max_new_tokens) - 1).min(context),
-            prompt,
-            adapter,
-            sampling,
-            stop: r.stop,
-            updates: mpsc::unbounded_channel().0,
-        };
-        let need = job.positions.div_ceil(self.settings.kv_block);
+        let positions = (prompt.len().saturating_add(r.max_new_tokens) - 1).min(context);
+        let need = positions.div_ceil(self.settings.kv_block);
         if need > self.blocks {
             return Err(Refused::Invalid(format!(
                 "the prompt and max_new_tokens need {need} key/value blocks; the server has {} (lower \
@@ -198,8 +190,9 @@ impl Generator for BatchEngine {
             self.shared.queued.fetch_sub(1, Ordering::SeqCst);
             return Err(Refused::Full);
         }
-        let (sender, receiver) = mpsc::unbounded_channel();
-        if self.jobs.send(Job { updates: sender, ..job }).is_err() {
+        let (updates, receiver) = mpsc::unbounded_channel();
+        let job = Job { max_new_tokens: r.max_new_tokens, positions, prompt, adapter, sampling, stop: r.stop, updates };
+        if self.jobs.send(job).is_err() {
             self.shared.queued.fetch_sub(1, Ordering::SeqCst);
             return Err(Refused::Stopped(self.shared.failure().unwrap_or_else(|| "the engine has stopped".into())));
         }
