@@ -18,6 +18,7 @@ pub const NO_SPANS: &str = "none";
 
 /// A model's chat template (Jinja, as in `tokenizer_config.json` or GGUF metadata), with the texts of the
 /// model's begin- and end-of-sequence tokens that templates may use (`bos_token`, `eos_token`).
+#[derive(Clone)]
 pub struct ChatTemplate {
     env: minijinja::Environment<'static>,
     bos: String,

@@ -180,7 +180,7 @@ impl From<EngineError> for ApiError {
 
 /// The error table's kind of an error response, for the metrics.
 #[derive(Clone, Copy, Debug)]
-struct ErrorKind(&'static str);
+pub(crate) struct ErrorKind(pub(crate) &'static str);
 
 struct AppState<E: Engine> {
     engine: Arc<E>,

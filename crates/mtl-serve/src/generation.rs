@@ -6,6 +6,8 @@
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
+use crate::{EngineError, RequestInput, TaskDescription};
+
 /// The most stop strings one request may give, and the longest one, in characters.
 pub const MAX_STOP_STRINGS: usize = 16;
 pub const MAX_STOP_CHARS: usize = 256;
@@ -53,12 +55,13 @@ pub struct Message {
     pub content: String,
 }
 
-/// What a generation continues: a plain prompt, or a conversation written by the model's chat template with
-/// the assistant's turn opened.
+/// What a generation continues: a plain prompt, a conversation written by the model's chat template with
+/// the assistant's turn opened, or token ids as they are (a label task's trained prompt).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Prompt {
     Text(String),
     Chat(Vec<Message>),
+    Tokens(Vec<u32>),
 }
 
 /// One generation as a [`Generator`] takes it, from any route (`/v1/generate`, the OpenAI-compatible ones).
@@ -161,4 +164,18 @@ pub trait Generator: Send + Sync + 'static {
     fn status(&self) -> GeneratorStatus;
 
     fn models(&self) -> Models;
+}
+
+/// The label tasks of a decoder run, answered by generation: each (input, task) of `POST /v1/predict` is one
+/// greedy generation through the task's trained prompt and adapter, batched with every other request into the
+/// generator's steps, and its text maps to the task's answer (a label, labels, values, (type, value) spans) as
+/// `mtl predict` and `mtl eval` map it.
+pub trait LabelTasks: Send + Sync + 'static {
+    fn tasks(&self) -> &[TaskDescription];
+
+    /// The generation that answers `task` (a known one) for `input`, or why the input cannot be answered.
+    fn generation(&self, task: &str, input: &RequestInput) -> Result<Generation, EngineError>;
+
+    /// The text of that generation as `task`'s answer, in the JSON of `mtl predict`'s records.
+    fn answer(&self, task: &str, generated: String) -> serde_json::Value;
 }

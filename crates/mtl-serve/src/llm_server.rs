@@ -1,6 +1,8 @@
 //! Generation over HTTP for a decoder model: `POST /v1/generate` answers with the whole text, or, with
 //! `"stream": true`, streams each new piece of text as a server-sent event as soon as it is decoded; the
-//! OpenAI-compatible routes of [`crate::openai`]; `/health`, `/metrics`, `/openapi.json`.
+//! OpenAI-compatible routes of [`crate::openai`]; `/health`, `/metrics`, `/openapi.json`; and for a run with
+//! label tasks ([`LabelTasks`]), the predict routes of an encoder run in the same shapes (`/v1/tasks`,
+//! `/v1/predict`, `/v1/tasks/{task}/predict`), each (input, task) one generation among all the others.
 //!
 //! A request the generator cannot take now is refused at once (429), one it can never take with 422. Every
 //! request, streamed or not, has the server's deadline; a request whose client left, or whose deadline passed,
@@ -11,7 +13,7 @@ use std::convert::Infallible;
 use std::sync::Arc;
 
 use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::extract::{DefaultBodyLimit, Path, Request, State};
 use axum::http::{header, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::sse::{Event, Sse};
@@ -23,7 +25,8 @@ use tokio::sync::mpsc;
 
 use crate::api::{ApiError, Settings};
 use crate::generation::{
-    Finished, GenerateRequest, Generation, Generator, Update, MAX_NEW_TOKENS, MAX_STOP_CHARS, MAX_STOP_STRINGS,
+    Finished, GenerateRequest, Generation, Generator, LabelTasks, Update, MAX_NEW_TOKENS, MAX_STOP_CHARS,
+    MAX_STOP_STRINGS,
 };
 use crate::metrics::Metrics;
 use crate::streaming::{pieces, submit, wait, Piece};
@@ -64,15 +67,34 @@ pub fn check_generate(body: &[u8], settings: &Settings) -> Result<GenerateReques
 
 struct GenState {
     generator: Arc<dyn Generator>,
+    tasks: Option<Arc<dyn LabelTasks>>,
     settings: Settings,
     metrics: Arc<Metrics>,
 }
 
-/// The router over `generator`: `POST /v1/generate`, `GET /health`, `GET /metrics`, `GET /openapi.json`.
+/// The router over `generator`: `POST /v1/generate`, the OpenAI-compatible routes, `GET /health`,
+/// `GET /metrics`, `GET /openapi.json`.
 pub fn generation_router<G: Generator>(generator: G, settings: Settings) -> Router {
+    router(Arc::new(generator), None, settings)
+}
+
+/// [`generation_router`], with the predict routes answering `tasks` through `generator`.
+pub fn label_task_router<G: Generator, T: LabelTasks>(generator: G, tasks: T, settings: Settings) -> Router {
+    router(Arc::new(generator), Some(Arc::new(tasks)), settings)
+}
+
+fn router(generator: Arc<dyn Generator>, tasks: Option<Arc<dyn LabelTasks>>, settings: Settings) -> Router {
     let limit = settings.body_limit;
-    let state = Arc::new(GenState { generator: Arc::new(generator), settings, metrics: Arc::new(Metrics::default()) });
-    Router::new()
+    let predicts = tasks.is_some();
+    let state = Arc::new(GenState { generator, tasks, settings, metrics: Arc::new(Metrics::default()) });
+    let mut router = Router::new();
+    if predicts {
+        router = router
+            .route("/v1/tasks", get(label_tasks))
+            .route("/v1/predict", post(predict))
+            .route("/v1/tasks/{task}/predict", post(predict_task));
+    }
+    router
         .route("/health", get(health))
         .route("/metrics", get(metrics_text))
         .route("/v1/generate", post(generate))
@@ -112,7 +134,8 @@ async fn health(State(state): State<Arc<GenState>>) -> Response {
 }
 
 async fn openapi(State(state): State<Arc<GenState>>) -> Json<Value> {
-    Json(crate::openapi::generation_document(state.settings.api_keys.is_some()))
+    let tasks = state.tasks.as_ref().map_or(&[][..], |t| t.tasks());
+    Json(crate::openapi::generation_document(tasks, state.settings.api_keys.is_some()))
 }
 
 async fn metrics_text(State(state): State<Arc<GenState>>) -> Response {
@@ -158,12 +181,79 @@ async fn models(State(state): State<Arc<GenState>>) -> Json<Value> {
     Json(crate::openai::models_list(&state.generator.models()))
 }
 
+/// The label tasks; the route exists only where there are some.
+fn tasks_of(state: &GenState) -> Result<Arc<dyn LabelTasks>, ApiError> {
+    state.tasks.clone().ok_or_else(|| ApiError::Internal("the model has no label tasks".into()))
+}
+
+async fn label_tasks(State(state): State<Arc<GenState>>) -> Result<Json<Value>, ApiError> {
+    Ok(Json(json!({"tasks": tasks_of(&state)?.tasks()})))
+}
+
+async fn predict(State(state): State<Arc<GenState>>, body: Bytes) -> Response {
+    let response = predictions(&state, &body, None).await.into_response();
+    count(&state.metrics, "/v1/predict", &response);
+    response
+}
+
+async fn predict_task(State(state): State<Arc<GenState>>, Path(task): Path<String>, body: Bytes) -> Response {
+    let response = predictions(&state, &body, Some(&task)).await.into_response();
+    count(&state.metrics, "/v1/tasks/{task}/predict", &response);
+    response
+}
+
+/// A predict request answered by generation: every (input, task) is submitted at once, so they share the
+/// generator's steps with each other and with every other request; the answers come back in the encoder
+/// routes' shape, `{"predictions": [{TASK: ANSWER}]}`. If one is refused or fails, the others are cancelled.
+async fn predictions(state: &GenState, body: &[u8], path_task: Option<&str>) -> Result<Json<Value>, ApiError> {
+    let tasks = tasks_of(state)?;
+    let (inputs, wanted) = crate::api::check_request(body, path_task, tasks.tasks(), &state.settings)?;
+    let started = std::time::Instant::now();
+    let deadline = tokio::time::Instant::now() + state.settings.request_timeout;
+    // Prompts are tokenised on the blocking pool, off the async workers.
+    let (t, w) = (tasks.clone(), wanted.clone());
+    let generations = tokio::task::spawn_blocking(move || {
+        let mut all = Vec::with_capacity(inputs.len() * w.len());
+        for (i, input) in inputs.iter().enumerate() {
+            for task in &w {
+                all.push(t.generation(task, input).map_err(|e| match e {
+                    crate::EngineError::Invalid(m) => ApiError::Validation(format!("input {i}: {m}")),
+                    crate::EngineError::Model(m) => ApiError::Internal(format!("input {i}: {m}")),
+                })?);
+            }
+        }
+        Ok::<_, ApiError>(all)
+    })
+    .await
+    .map_err(|e| ApiError::Internal(format!("preparing the prompts failed: {e}")))??;
+    let mut pending = Vec::with_capacity(generations.len());
+    for g in generations {
+        // A refusal drops the channels already opened, which cancels those generations.
+        pending.push(submit(state.generator.as_ref(), g)?);
+    }
+    let finished =
+        futures_util::future::try_join_all(pending.into_iter().map(|u| wait(u, deadline, &state.metrics))).await?;
+    let mut finished = finished.into_iter();
+    let per_input: Vec<Value> = std::iter::from_fn(|| {
+        let mut answers = serde_json::Map::new();
+        for task in &wanted {
+            let f = finished.next()?;
+            answers.insert(task.clone(), tasks.answer(task, f.text));
+        }
+        Some(Value::Object(answers))
+    })
+    .collect();
+    state.metrics.latency(&wanted, started.elapsed().as_secs_f64());
+    Ok(Json(json!({"predictions": per_input})))
+}
+
 /// Counts an answer of `endpoint`, and its error kind.
 fn count(metrics: &Metrics, endpoint: &str, response: &Response) {
     let status = response.status().as_u16();
     metrics.request(endpoint, status);
     if status >= 400 {
-        metrics.error(error_kind(status));
+        let kind = response.extensions().get::<crate::api::ErrorKind>().map_or_else(|| error_kind(status), |k| k.0);
+        metrics.error(kind);
     }
 }
 
@@ -225,6 +315,7 @@ mod tests {
             let prompt = match g.prompt {
                 Prompt::Text(t) => t,
                 Prompt::Chat(turns) => turns.iter().map(|m| m.content.as_str()).collect::<Vec<_>>().join(" "),
+                Prompt::Tokens(ids) => ids.iter().map(u32::to_string).collect::<Vec<_>>().join(" "),
             };
             let r = Generation { prompt: Prompt::Text(prompt.clone()), ..g };
             if prompt.starts_with("too long") {
@@ -517,5 +608,118 @@ mod tests {
             let (got, body) = call(&app, path, bad.clone()).await;
             assert_eq!(got, status, "{path} {bad}: {body}");
         }
+    }
+
+    /// Two label tasks answered by [`Echo`]: the prompt is the task's name, then the input's text; the answer
+    /// is the generated text's first word after the task name.
+    struct Labels(Vec<crate::TaskDescription>);
+
+    impl Labels {
+        fn new() -> Self {
+            let task = |name: &str, kind: &str| crate::TaskDescription {
+                name: name.into(),
+                kind: kind.into(),
+                labels: vec!["a".into(), "b".into()],
+            };
+            Self(vec![task("intent", "classification"), task("slots", "token_classification")])
+        }
+    }
+
+    impl LabelTasks for Labels {
+        fn tasks(&self) -> &[crate::TaskDescription] {
+            &self.0
+        }
+
+        fn generation(&self, task: &str, input: &crate::RequestInput) -> Result<Generation, crate::EngineError> {
+            let text = match input {
+                crate::RequestInput::Text(t) => t.clone(),
+                crate::RequestInput::Words { words } => words.join(" "),
+                _ => return Err(crate::EngineError::Invalid("a text or words".into())),
+            };
+            Ok(Generation {
+                prompt: Prompt::Text(format!("{task} {text}")),
+                adapter: Some(task.to_string()),
+                max_new_tokens: 3,
+                temperature: 0.0,
+                top_k: None,
+                top_p: None,
+                seed: 0,
+                stop: Vec::new(),
+            })
+        }
+
+        fn answer(&self, _task: &str, generated: String) -> Value {
+            json!({"generated": generated, "label": generated.split_whitespace().nth(1)})
+        }
+    }
+
+    /// A run's label tasks answer through the predict routes, one generation per (input, task) through the
+    /// task's adapter, in the encoder routes' shape; refusals and unknown tasks get the error table's answers.
+    #[tokio::test]
+    async fn label_tasks_answer_through_the_predict_routes() {
+        let echo = Echo::default();
+        let app = label_task_router(echo.clone(), Labels::new(), Settings::default());
+        let (status, body) = call(&app, "/v1/predict", json!({"inputs": ["a b c", {"words": ["b", "a"]}]})).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        let v: Value = serde_json::from_str(&body).expect("json");
+        assert_eq!(
+            v["predictions"],
+            json!([
+                {"intent": {"generated": "intent a b ", "label": "a"}, "slots": {"generated": "slots a b ", "label": "a"}},
+                {"intent": {"generated": "intent b a ", "label": "b"}, "slots": {"generated": "slots b a ", "label": "b"}},
+            ])
+        );
+        let (status, body) = call(&app, "/v1/tasks/slots/predict", json!({"inputs": ["z y"]})).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        assert_eq!(
+            serde_json::from_str::<Value>(&body).expect("json")["predictions"],
+            json!([{"slots": {"generated": "slots z y ", "label": "z"}}])
+        );
+        let last = echo.last.lock().expect("lock").clone().expect("submitted");
+        assert_eq!((last.adapter.as_deref(), last.max_new_tokens), (Some("slots"), 3));
+
+        for (path, bad, status) in [
+            ("/v1/predict", json!({"inputs": ["a"], "tasks": ["nope"]}), StatusCode::NOT_FOUND),
+            ("/v1/tasks/nope/predict", json!({"inputs": ["a"]}), StatusCode::NOT_FOUND),
+            ("/v1/predict", json!({"inputs": []}), StatusCode::UNPROCESSABLE_ENTITY),
+            (
+                "/v1/predict",
+                json!({"inputs": ["a", {"question": "q", "context": "c"}]}),
+                StatusCode::UNPROCESSABLE_ENTITY,
+            ),
+        ] {
+            let (got, body) = call(&app, path, bad.clone()).await;
+            assert_eq!(got, status, "{path} {bad}: {body}");
+        }
+        let (_, body) = call(&app, "/v1/predict", json!({"inputs": ["a", {"question": "q", "context": "c"}]})).await;
+        assert!(body.contains("input 1: a text or words"), "{body}");
+
+        let full = label_task_router(Echo { full: true, ..Echo::default() }, Labels::new(), Settings::default());
+        assert_eq!(call(&full, "/v1/predict", json!({"inputs": ["a"]})).await.0, StatusCode::TOO_MANY_REQUESTS);
+        let get = |path: &str| Request::get(path).body(axum::body::Body::empty()).expect("request");
+        let text = |r: Response| async {
+            String::from_utf8(r.into_body().collect().await.expect("body").to_bytes().to_vec()).expect("utf-8")
+        };
+        let tasks = text(app.clone().oneshot(get("/v1/tasks")).await.expect("answer")).await;
+        assert!(tasks.contains("\"name\":\"intent\"") && tasks.contains("\"name\":\"slots\""), "{tasks}");
+        let doc: Value =
+            serde_json::from_str(&text(app.clone().oneshot(get("/openapi.json")).await.expect("answer")).await)
+                .expect("json");
+        assert_eq!(
+            doc["paths"]["/v1/tasks/{task}/predict"]["post"]["parameters"][0]["schema"]["enum"],
+            json!(["intent", "slots"])
+        );
+        assert!(doc["paths"]["/v1/generate"].is_object());
+        let metrics = text(app.clone().oneshot(get("/metrics")).await.expect("answer")).await;
+        for line in [
+            "mtl_requests_total{endpoint=\"/v1/predict\",status=\"200\"} 1",
+            "mtl_requests_total{endpoint=\"/v1/tasks/{task}/predict\",status=\"404\"} 1",
+            "mtl_errors_total{kind=\"unknown_task\"} 2",
+        ] {
+            assert!(metrics.lines().any(|l| l == line), "{line} in\n{metrics}");
+        }
+        // Without label tasks, no predict routes.
+        let plain = generation_router(Echo::default(), Settings::default());
+        assert_eq!(call(&plain, "/v1/predict", json!({"inputs": ["a"]})).await.0, StatusCode::NOT_FOUND);
     }
 }

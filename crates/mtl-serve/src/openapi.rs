@@ -1,5 +1,6 @@
 //! The OpenAPI 3.1 description of the API, served at `GET /openapi.json`: for an encoder, with the model's task
-//! names as the values `tasks` may take; for a decoder, its generation route.
+//! names as the values `tasks` may take; for a decoder, its generation routes, and a decoder run's label tasks
+//! in the encoder's predict routes.
 
 use serde_json::{json, Value};
 
@@ -74,9 +75,9 @@ pub fn document(tasks: &[TaskDescription], secured: bool) -> Value {
     doc
 }
 
-/// The document of a decoder's server (`POST /v1/generate`, `crate::generation`); `secured`: requests need
-/// an API key.
-pub fn generation_document(secured: bool) -> Value {
+/// The document of a decoder's server (`POST /v1/generate`, `crate::generation`), with the predict routes
+/// of `tasks` (a decoder run's label tasks) when there are any; `secured`: requests need an API key.
+pub fn generation_document(tasks: &[TaskDescription], secured: bool) -> Value {
     let error = |description: &str| json!({"description": description, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}});
     let max = crate::MAX_NEW_TOKENS;
     let openai_responses = json!({
@@ -147,6 +148,22 @@ pub fn generation_document(secured: bool) -> Value {
             }}}},
         }},
     });
+    if !tasks.is_empty() {
+        let predict = document(tasks, secured);
+        for path in ["/v1/tasks", "/v1/predict", "/v1/tasks/{task}/predict"] {
+            doc["paths"][path] = predict["paths"][path].clone();
+        }
+        for schema in ["Input", "PredictRequest", "TaskRequest", "Predictions", "Task"] {
+            doc["components"]["schemas"][schema] = predict["components"]["schemas"][schema].clone();
+        }
+        doc["components"]["schemas"]["Error"] = predict["components"]["schemas"]["Error"].clone();
+        if let Some(kinds) =
+            doc["components"]["schemas"]["Error"]["properties"]["error"]["properties"]["kind"]["enum"].as_array_mut()
+        {
+            kinds.push(json!("unknown_model"));
+        }
+        doc["info"]["description"] = json!("Text generation by one decoder model, and its run's label tasks.");
+    }
     if secured {
         doc["components"]["securitySchemes"] = json!({"apiKey": {"type": "http", "scheme": "bearer"}});
         doc["security"] = json!([{"apiKey": []}]);

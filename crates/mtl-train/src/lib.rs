@@ -26,7 +26,7 @@ pub use evaluate::{
     main_metric, predict_examples, score, selection_score, task_score, tune_thresholds, Evaluation, Prediction, Scores,
     TaskInfo,
 };
-pub use model::{Collation, TextTasks, TrainModel};
+pub use model::{Collation, TextTasks, TrainModel, DEFAULT_ANSWER_TOKENS};
 pub use optim::{AdamW, AdamWConfig, AdamWState, ParamGroup, StepInfo};
 pub use progress::ProgressCallback;
 pub use schedule::{linear_warmup_decay, lr_scale};

@@ -100,6 +100,9 @@ pub struct TextTasks {
     pub max_new_tokens: BTreeMap<TaskId, usize>,
 }
 
+/// The answer budget, in new tokens, of a task a run records none for.
+pub const DEFAULT_ANSWER_TOKENS: usize = 32;
+
 impl TextTasks {
     /// The greedy answer of every example to its own task's prompt, as text. Each task's prompts are decoded
     /// in batches of `batch_size`, sorted by length (to pad little).
@@ -126,7 +129,7 @@ impl TextTasks {
     pub fn answer(&self, task: &TaskId, prompts: &[&[u32]], batch_size: usize) -> Result<Vec<String>> {
         let mut order: Vec<usize> = (0..prompts.len()).collect();
         order.sort_by_key(|&i| prompts[i].len());
-        let budget = self.max_new_tokens.get(task).copied().unwrap_or(32);
+        let budget = self.max_new_tokens.get(task).copied().unwrap_or(DEFAULT_ANSWER_TOKENS);
         let mut out = vec![String::new(); prompts.len()];
         for chunk in order.chunks(batch_size.max(1)) {
             let batch: Vec<&[u32]> = chunk.iter().map(|&i| prompts[i]).collect();

@@ -24,7 +24,7 @@ use crate::Architecture;
 pub enum Operation {
     Evaluate,
     Predict,
-    /// Every task over HTTP (`POST /v1/predict`).
+    /// Every task over HTTP (`POST /v1/predict`; a decoder run's answered by generation).
     ServeTasks,
     /// Free text generation (`mtl generate`, `POST /v1/generate`).
     Generate,
@@ -181,14 +181,12 @@ impl Run {
                 }
             }
             Loaded::Decoder(_) => match op {
-                Operation::Evaluate | Operation::Predict => None,
+                // Its tasks are served through the generation engine, beside free generation.
+                Operation::Evaluate | Operation::Predict | Operation::ServeTasks => None,
                 Operation::Generate if peft.enabled() && peft.per_task => Some(
                     "`mtl generate` takes a run with one shared adapter; a run with one adapter per task generates through `mtl serve`, each request naming its task's adapter (`adapter`, or OpenAI's `model`)".into(),
                 ),
                 Operation::Generate => None,
-                Operation::ServeTasks => Some(
-                    "a decoder run serves generation (POST /v1/generate and the OpenAI-compatible routes); its tasks are answered by `mtl predict` and `mtl eval` so far".into(),
-                ),
                 Operation::Export | Operation::Quantize | Operation::Prune | Operation::AddTask => {
                     Some("a decoder run; this takes encoder runs so far (a decoder run can evaluate, predict and generate)".into())
                 }

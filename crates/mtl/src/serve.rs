@@ -52,18 +52,26 @@ pub fn router(model: &Path, settings: Settings) -> Result<Router> {
         return Ok(mtl_serve::llm_server::generation_router(engine, settings));
     }
     let run = Run::open(model)?;
-    if run.capabilities().can(Operation::ServeTasks) {
-        let engine = ModelEngine::new(run.into_encoder()?);
-        tracing::info!(tasks = engine.tasks.len(), "loaded {}", model.display());
-        return Ok(mtl_serve::api::router(engine, settings));
+    run.require(Operation::ServeTasks)?;
+    match run.loaded {
+        Backbone::Encoder(encoder) => {
+            let engine = ModelEngine::new(*encoder);
+            tracing::info!(tasks = engine.tasks.len(), "loaded {}", model.display());
+            Ok(mtl_serve::api::router(engine, settings))
+        }
+        // A decoder run: generation through its adapters, shared or one per task (`adapter`, or OpenAI's
+        // `model`), and its tasks through the predict routes, each answer one generation in the same batches.
+        Backbone::Decoder(decoder) => {
+            let tasks = crate::decoder::DecoderTasks::new(&decoder);
+            tracing::info!(
+                tasks = decoder.config.tasks.len(),
+                "serving generation and the tasks of {}",
+                model.display()
+            );
+            let engine = crate::decoder::BatchEngine::start(decoder.into_decoder(), settings.generation.clone());
+            Ok(mtl_serve::llm_server::label_task_router(engine, tasks, settings))
+        }
     }
-    // A decoder run: generation through its adapters, shared or one per task (`adapter`, or OpenAI's `model`).
-    let Backbone::Decoder(decoder) = run.loaded else {
-        return Err(Error::Unsupported { run: model.to_owned(), message: "nothing to serve".into() });
-    };
-    tracing::info!("serving generation from {}", model.display());
-    let engine = crate::decoder::BatchEngine::start(decoder.into_decoder(), settings.generation.clone());
-    Ok(mtl_serve::llm_server::generation_router(engine, settings))
 }
 
 /// Serves `model` with `config` until SIGTERM or Ctrl-C.
@@ -102,13 +110,6 @@ impl ModelEngine {
             .collect();
         Self { loaded, tasks, questions: AtomicUsize::new(0) }
     }
-}
-
-fn nonempty(field: &str, text: &str) -> Result<(), EngineError> {
-    if text.trim().is_empty() {
-        return Err(EngineError::Invalid(format!("`{field}` is empty")));
-    }
-    Ok(())
 }
 
 /// Each word's character span (start, end exclusive) in `text`, the words being `text` split on whitespace.
@@ -159,35 +160,12 @@ impl Engine for ModelEngine {
 
     fn prepare(&self, input: &RequestInput) -> Result<(Self::Item, usize), EngineError> {
         let location = Location { path: "request".into(), line: 0 };
-        let (input, text) = match input {
-            RequestInput::Text(t) | RequestInput::Single { text: t } => {
-                nonempty("text", t)?;
-                // Entity offsets refer to the text as sent.
-                (Input::Text(t.clone()), t.clone())
-            }
-            RequestInput::Pair { text, text_pair } => {
-                nonempty("text", text)?;
-                nonempty("text_pair", text_pair)?;
-                (Input::Pair(text.clone(), text_pair.clone()), text.clone())
-            }
-            RequestInput::Words { words } => {
-                if words.is_empty() || words.iter().any(|w| w.trim().is_empty() || w.contains(char::is_whitespace)) {
-                    return Err(EngineError::Invalid(
-                        "`words` must be a non-empty list of words without whitespace".into(),
-                    ));
-                }
-                // Entity offsets refer to the words joined by single spaces.
-                (Input::Words(words.clone()), words.join(" "))
-            }
-            RequestInput::Question { question, context } => {
-                nonempty("question", question)?;
-                nonempty("context", context)?;
-                if !self.loaded.config.tasks.values().any(|t| t.kind == TaskKind::QuestionAnswering) {
-                    return Err(EngineError::Invalid("the model has no question-answering task".into()));
-                }
-                (Input::Question { question: question.clone(), context: context.clone() }, context.clone())
-            }
-        };
+        let (input, text) = crate::decoder::request_input(input)?;
+        if matches!(input, Input::Question { .. })
+            && !self.loaded.config.tasks.values().any(|t| t.kind == TaskKind::QuestionAnswering)
+        {
+            return Err(EngineError::Invalid("the model has no question-answering task".into()));
+        }
         let group = self.questions.fetch_add(1, Ordering::Relaxed);
         let examples = crate::encoder::predict::encoder_examples(&self.loaded, &location, &input, group)
             .map_err(EngineError::Invalid)?;

@@ -10,7 +10,7 @@ use serde_json::{json, Value};
 use crate::cli::{stderr, Project, TestResult};
 
 /// One HTTP/1.1 request; the status and the JSON body.
-fn http(
+pub(crate) fn http(
     addr: &str,
     method: &str,
     path: &str,

@@ -126,6 +126,27 @@ fn a_decoder_trains_its_tasks_as_text_with_an_adapter_each() -> TestResult {
         );
     }
     assert_eq!(lines[1]["text"], "what is the fare to paris");
+    // `mtl serve` answers the same through `/v1/predict`: each (input, task) one generation through the task's
+    // adapter, batched with the others.
+    let (_server, addr) = crate::serve::start_server(p.dir.path(), &["serve", "run", "--addr", "127.0.0.1:0"])?;
+    let inputs = json!({"inputs": ["show me flights from boston to denver", {"text": "what is the fare to paris"}]});
+    let (status, answer) = crate::serve::http(&addr, "POST", "/v1/predict", Some(&inputs))?;
+    assert_eq!(status, 200, "{answer}");
+    let served = answer["predictions"].as_array().ok_or("predictions")?;
+    assert_eq!(served.len(), 2);
+    for (got, want) in served.iter().zip(&lines) {
+        assert_eq!(got, &want["predictions"], "the server answers as mtl predict");
+    }
+    let (status, one) = crate::serve::http(
+        &addr,
+        "POST",
+        "/v1/tasks/slots/predict",
+        Some(&json!({"inputs": [{"words": ["fly", "to", "paris"]}]})),
+    )?;
+    assert_eq!(status, 200, "{one}");
+    assert!(one["predictions"][0]["slots"]["spans"].is_array(), "{one}");
+    let (status, tasks) = crate::serve::http(&addr, "GET", "/v1/tasks", None)?;
+    assert_eq!((status, tasks["tasks"][1]["name"].clone()), (200, json!("slots")));
     Ok(())
 }
 

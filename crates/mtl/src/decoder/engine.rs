@@ -168,6 +168,13 @@ impl Generator for BatchEngine {
                 let text = self.decoder.conversation(&turns).map_err(invalid)?;
                 self.decoder.encode(&text, true).map_err(invalid)?
             }
+            Prompt::Tokens(ids) => {
+                let vocab = self.decoder.model.config().vocab_size;
+                if let Some(bad) = ids.iter().find(|&&t| t as usize >= vocab) {
+                    return Err(Refused::Invalid(format!("token id {bad} is outside the vocabulary ({vocab})")));
+                }
+                ids.clone()
+            }
         };
         let context = self.decoder.model.config().max_position_embeddings;
         if prompt.is_empty() || prompt.len() >= context {
@@ -497,7 +504,7 @@ mod tests {
     fn text(g: &Generation) -> String {
         match &g.prompt {
             Prompt::Text(t) => t.clone(),
-            Prompt::Chat(_) => unreachable!("plain prompts here"),
+            Prompt::Chat(_) | Prompt::Tokens(_) => unreachable!("plain prompts here"),
         }
     }
 

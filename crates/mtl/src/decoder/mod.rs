@@ -9,13 +9,14 @@
 
 pub(crate) mod engine;
 pub(crate) mod files;
+pub(crate) mod tasks;
 pub(crate) mod train;
 
 use std::collections::BTreeMap;
 use std::path::Path;
 
 use candle_core::Device;
-use mtl_config::{Config, Split};
+use mtl_config::{Config, Split, TaskConfig};
 use mtl_core::{TaskId, TaskKind};
 use mtl_data::prompt::{self, check_decoder_tasks, ChatTemplate, PromptFormat};
 use mtl_data::{Dataset, Input, LabelMap, Location};
@@ -24,6 +25,7 @@ use mtl_train::{TextTasks, Trainer};
 
 pub use engine::BatchEngine;
 pub use files::{check_sampling, Decoder, DecoderFiles, GenerateRequest, Generated};
+pub(crate) use tasks::{request_input, DecoderTasks};
 
 use crate::error::{bail, Error, Result};
 use crate::files as run_files;
@@ -203,40 +205,41 @@ impl DecoderRun {
                 text_pair: None,
             };
             for (task, tc) in &self.config.tasks {
-                let generated = answers[task][n].clone();
-                let labels = self.labels[task].labels();
-                let p = match tc.kind {
-                    TaskKind::Classification => {
-                        let label = prompt::label_from_text(tc, labels, &generated).map(String::from);
-                        TaskPrediction::GeneratedLabel { generated, label }
-                    }
-                    TaskKind::MultiLabel => {
-                        let ids = prompt::labels_from_text(tc, labels, &generated);
-                        TaskPrediction::GeneratedLabels {
-                            labels: ids.into_iter().map(|i| labels[i as usize].clone()).collect(),
-                            generated,
-                        }
-                    }
-                    TaskKind::Regression => {
-                        let values = prompt::values_from_text(labels, &generated);
-                        TaskPrediction::GeneratedValues { generated, values }
-                    }
-                    TaskKind::QuestionAnswering => {
-                        TaskPrediction::GeneratedAnswer { answer: prompt::answer_from_text(&generated), generated }
-                    }
-                    TaskKind::Generation => TaskPrediction::Generated { generated },
-                    TaskKind::TokenClassification => {
-                        let spans = prompt::parse_pairs(&generated)
-                            .into_iter()
-                            .map(|(kind, value)| Span { kind, value })
-                            .collect();
-                        TaskPrediction::GeneratedSpans { generated, spans }
-                    }
-                };
+                let p = task_prediction(tc, self.labels[task].labels(), answers[task][n].clone());
                 record.predictions.insert(task.to_string(), p);
             }
             records.push(record);
         }
         Ok(records)
+    }
+}
+
+/// What a decoder's answer to `task`'s prompt maps to, as [`DecoderRun::predict`] and the scores read it: the
+/// label, labels, values, answer or (type, value) pairs it names (generation tasks: the text alone).
+pub(crate) fn task_prediction(tc: &TaskConfig, labels: &[String], generated: String) -> TaskPrediction {
+    match tc.kind {
+        TaskKind::Classification => {
+            let label = prompt::label_from_text(tc, labels, &generated).map(String::from);
+            TaskPrediction::GeneratedLabel { generated, label }
+        }
+        TaskKind::MultiLabel => {
+            let ids = prompt::labels_from_text(tc, labels, &generated);
+            TaskPrediction::GeneratedLabels {
+                labels: ids.into_iter().map(|i| labels[i as usize].clone()).collect(),
+                generated,
+            }
+        }
+        TaskKind::Regression => {
+            let values = prompt::values_from_text(labels, &generated);
+            TaskPrediction::GeneratedValues { generated, values }
+        }
+        TaskKind::QuestionAnswering => {
+            TaskPrediction::GeneratedAnswer { answer: prompt::answer_from_text(&generated), generated }
+        }
+        TaskKind::Generation => TaskPrediction::Generated { generated },
+        TaskKind::TokenClassification => {
+            let spans = prompt::parse_pairs(&generated).into_iter().map(|(kind, value)| Span { kind, value }).collect();
+            TaskPrediction::GeneratedSpans { generated, spans }
+        }
     }
 }
