@@ -3,6 +3,8 @@
 //! that stays in cache and runs the f32 matrix product on it. The result equals the product with the
 //! dequantised matrix (the activations stay f32: no 8-bit rounding of the inputs as in llama.cpp's integer
 //! dot products), so a LoRA trained on a quantised base learns against exactly the weights it will run with.
+//! Products with a few input rows (decoding a few sequences) of Q4_0, Q4_1 and Q8_0 go further: each block is
+//! decoded in registers and multiplied into every input row there, and no dequantised row is ever written.
 //!
 //! The legacy formats (Q4_0, Q4_1, Q8_0) are dequantised here, in loops the compiler vectorises for the CPU
 //! at hand; the others go through candle's `GgmlType::to_float`. Backward gives the input's gradient only:
@@ -26,6 +28,19 @@ const ROWS_PER_TASK: usize = 64;
 const BLOCK: usize = 1024;
 /// From this many input rows on, a product dequantises blocks in turn and multiplies on every thread.
 const MANY_ROWS: usize = 64;
+/// Up to this many input rows (decoding a few sequences), Q4_0, Q4_1 and Q8_0 products decode each block in
+/// registers and multiply it into every input row there: the dequantised rows are never written out.
+const FUSED_ROWS: usize = 8;
+
+/// Whether products with few input rows take the fused path for `dtype` on this CPU.
+fn fused_format(dtype: GgmlDType) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    if avx2::available() {
+        return matches!(dtype, GgmlDType::Q4_0 | GgmlDType::Q4_1 | GgmlDType::Q8_0);
+    }
+    let _ = dtype;
+    false
+}
 
 /// A frozen `[rows, cols]` matrix in a GGUF block format.
 #[derive(Debug)]
@@ -125,10 +140,19 @@ impl QuantMatrix {
             return;
         }
         let mut yt = vec![0f32; rows * m];
+        let fused = m <= FUSED_ROWS && fused_format(self.dtype());
         yt.par_chunks_mut(ROWS_PER_TASK * m).enumerate().for_each(|(c, yt)| {
             let n = yt.len() / m;
+            let first = c * ROWS_PER_TASK;
+            #[cfg(target_arch = "x86_64")]
+            if fused {
+                let bytes = &self.bytes()[first * self.row_bytes..(first + n) * self.row_bytes];
+                avx2::dot_rows(self.dtype(), bytes, n, cols, x, m, yt);
+                return;
+            }
+            let _ = fused;
             with_buffer(n * cols, |w| {
-                self.dequantize_rows(c * ROWS_PER_TASK, w);
+                self.dequantize_rows(first, w);
                 matmul(
                     ViewMut::new(yt, n, m),
                     View::new(w, n, cols),
@@ -139,6 +163,10 @@ impl QuantMatrix {
                 );
             });
         });
+        if m == 1 {
+            y.copy_from_slice(&yt);
+            return;
+        }
         // yᵀ (rows × m) into y (m × rows), in blocks that stay in cache.
         const B: usize = 32;
         y.par_chunks_mut(B * rows).enumerate().for_each(|(ib, yb)| {
@@ -306,10 +334,159 @@ mod avx2 {
         true
     }
 
-    /// The f16 at `p` as f32.
+    /// `yt[r·m + i] = Σ_c W[r, c] · x[i, c]` for the `n` rows of Q4_0, Q4_1 or Q8_0 blocks in `bytes` (each of
+    /// `cols` values) and the `m` rows of `x`: each block is decoded into four vectors of 8 floats (the values
+    /// [`dequantize`] writes) and multiplied into up to four input rows at once, so the decoded weights never
+    /// leave the registers. The caller checked [`available`] and the format.
+    pub(super) fn dot_rows(dtype: GgmlDType, bytes: &[u8], n: usize, cols: usize, x: &[f32], m: usize, yt: &mut [f32]) {
+        let size = match dtype {
+            GgmlDType::Q4_0 => 18,
+            GgmlDType::Q4_1 => 20,
+            GgmlDType::Q8_0 => 34,
+            _ => unreachable!("fused products of {dtype:?} blocks"),
+        };
+        let blocks = cols / 32;
+        assert!(
+            available()
+                && cols % 32 == 0
+                && bytes.len() == n * blocks * size
+                && x.len() == m * cols
+                && yt.len() == n * m,
+            "fused quantised product: shapes do not match"
+        );
+        for r in 0..n {
+            let row = &bytes[r * blocks * size..(r + 1) * blocks * size];
+            let mut i = 0;
+            while i < m {
+                let rows = (m - i).min(4);
+                let (xs, out) = (&x[i * cols..], &mut yt[r * m + i..r * m + i + rows]);
+                // SAFETY: AVX2, FMA and F16C were checked at run time (`available()`, asserted above); the
+                // kernels read `blocks` blocks of `size` bytes of `row` (its length), `rows` rows of `cols` floats
+                // of `xs` (within `x`: i + rows <= m), and write `rows` floats of `out`.
+                unsafe {
+                    match (dtype, rows) {
+                        (GgmlDType::Q8_0, 1) => {
+                            q8_dot::<1, 4>(row.as_ptr(), blocks, xs.as_ptr(), cols, out.as_mut_ptr())
+                        }
+                        (GgmlDType::Q8_0, 2) => {
+                            q8_dot::<2, 2>(row.as_ptr(), blocks, xs.as_ptr(), cols, out.as_mut_ptr())
+                        }
+                        (GgmlDType::Q8_0, 3) => {
+                            q8_dot::<3, 2>(row.as_ptr(), blocks, xs.as_ptr(), cols, out.as_mut_ptr())
+                        }
+                        (GgmlDType::Q8_0, _) => {
+                            q8_dot::<4, 2>(row.as_ptr(), blocks, xs.as_ptr(), cols, out.as_mut_ptr())
+                        }
+                        (_, 1) => q4_dot::<1, 4>(row.as_ptr(), blocks, size, xs.as_ptr(), cols, out.as_mut_ptr()),
+                        (_, 2) => q4_dot::<2, 2>(row.as_ptr(), blocks, size, xs.as_ptr(), cols, out.as_mut_ptr()),
+                        (_, 3) => q4_dot::<3, 2>(row.as_ptr(), blocks, size, xs.as_ptr(), cols, out.as_mut_ptr()),
+                        (_, _) => q4_dot::<4, 2>(row.as_ptr(), blocks, size, xs.as_ptr(), cols, out.as_mut_ptr()),
+                    }
+                }
+                i += rows;
+            }
+        }
+    }
+
+    /// The sum of the 8 lanes of `v`.
     #[inline(always)]
-    unsafe fn f16_at(p: *const u8) -> f32 {
-        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(p.cast::<u16>().read_unaligned()))))
+    unsafe fn sum_lanes(v: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
+    }
+
+    /// Multiplies the four decoded vectors `w` of one block (values `32·b ..`) into the `MR` input rows at
+    /// `x` (`stride` floats apart), with `ACC` accumulators per input row (independent chains of additions).
+    #[inline(always)]
+    unsafe fn accumulate<const MR: usize, const ACC: usize>(
+        w: &[__m256; 4],
+        x: *const f32,
+        stride: usize,
+        b: usize,
+        acc: &mut [[__m256; ACC]; MR],
+    ) {
+        for (i, acc) in acc.iter_mut().enumerate() {
+            let xi = x.add(i * stride + 32 * b);
+            for (k, wk) in w.iter().enumerate() {
+                acc[k % ACC] = _mm256_fmadd_ps(*wk, _mm256_loadu_ps(xi.add(8 * k)), acc[k % ACC]);
+            }
+        }
+    }
+
+    /// Writes the sums of each input row's accumulators.
+    #[inline(always)]
+    unsafe fn store<const MR: usize, const ACC: usize>(acc: &[[__m256; ACC]; MR], out: *mut f32) {
+        for (i, acc) in acc.iter().enumerate() {
+            let mut total = acc[0];
+            for a in &acc[1..] {
+                total = _mm256_add_ps(total, *a);
+            }
+            *out.add(i) = sum_lanes(total);
+        }
+    }
+
+    /// One row of Q4_0 (`size` 18) or Q4_1 (20) blocks times `MR` input rows.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn q4_dot<const MR: usize, const ACC: usize>(
+        row: *const u8,
+        blocks: usize,
+        size: usize,
+        x: *const f32,
+        stride: usize,
+        out: *mut f32,
+    ) {
+        let with_min = size == 20;
+        let mask = _mm_set1_epi8(0x0F);
+        let mut acc = [[_mm256_setzero_ps(); ACC]; MR];
+        let minus_eight = _mm256_set1_ps(-8.0);
+        for b in 0..blocks {
+            let block = row.add(b * size);
+            let scales = f16_pair(block);
+            let dv = _mm256_broadcastss_ps(scales);
+            let mv = match with_min {
+                true => _mm256_broadcastss_ps(_mm_movehdup_ps(scales)),
+                false => _mm256_mul_ps(dv, minus_eight),
+            };
+            let q = _mm_loadu_si128(block.add(if with_min { 4 } else { 2 }).cast());
+            let lo = _mm_and_si128(q, mask);
+            let hi = _mm_and_si128(_mm_srli_epi16(q, 4), mask);
+            let value = |bytes: __m128i| _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(bytes)), dv, mv);
+            let w = [value(lo), value(_mm_srli_si128(lo, 8)), value(hi), value(_mm_srli_si128(hi, 8))];
+            accumulate::<MR, ACC>(&w, x, stride, b, &mut acc);
+        }
+        store::<MR, ACC>(&acc, out);
+    }
+
+    /// One row of Q8_0 blocks times `MR` input rows.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn q8_dot<const MR: usize, const ACC: usize>(
+        row: *const u8,
+        blocks: usize,
+        x: *const f32,
+        stride: usize,
+        out: *mut f32,
+    ) {
+        let mut acc = [[_mm256_setzero_ps(); ACC]; MR];
+        for b in 0..blocks {
+            let block = row.add(b * 34);
+            let dv = _mm256_broadcastss_ps(f16_pair(block));
+            let value = |k: usize| {
+                let part = _mm_loadl_epi64(block.add(2 + 8 * k).cast());
+                _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(part)), dv)
+            };
+            let w = [value(0), value(1), value(2), value(3)];
+            accumulate::<MR, ACC>(&w, x, stride, b, &mut acc);
+        }
+        store::<MR, ACC>(&acc, out);
+    }
+
+    /// The two f16 at `p` as the first two lanes (a block's scale, and Q4_1's minimum): one 32-bit load, so
+    /// that the conversion depends on nothing but memory (a 16-bit insert would also wait for whatever last
+    /// wrote the register it merges into, an accumulator of the loop).
+    #[inline(always)]
+    unsafe fn f16_pair(p: *const u8) -> __m128 {
+        _mm_cvtph_ps(_mm_cvtsi32_si128(p.cast::<i32>().read_unaligned()))
     }
 
     /// Q4_0 (`(q − 8) · d`, 18-byte blocks) or Q4_1 (`q · d + m`, 20-byte blocks): low nibbles first, then high.
@@ -317,14 +494,18 @@ mod avx2 {
     unsafe fn q4_blocks(src: *const u8, dst: *mut f32, blocks: usize, with_min: bool) {
         let size = if with_min { 20 } else { 18 };
         let mask = _mm_set1_epi8(0x0F);
+        let minus_eight = _mm256_set1_ps(-8.0);
         for b in 0..blocks {
             let block = src.add(b * size);
-            let d = f16_at(block);
-            let (m, qs) = if with_min { (f16_at(block.add(2)), block.add(4)) } else { (-8.0 * d, block.add(2)) };
-            let q = _mm_loadu_si128(qs.cast());
+            let scales = f16_pair(block);
+            let dv = _mm256_broadcastss_ps(scales);
+            let mv = match with_min {
+                true => _mm256_broadcastss_ps(_mm_movehdup_ps(scales)),
+                false => _mm256_mul_ps(dv, minus_eight),
+            };
+            let q = _mm_loadu_si128(block.add(if with_min { 4 } else { 2 }).cast());
             let lo = _mm_and_si128(q, mask);
             let hi = _mm_and_si128(_mm_srli_epi16(q, 4), mask);
-            let (dv, mv) = (_mm256_set1_ps(d), _mm256_set1_ps(m));
             let y = dst.add(b * 32);
             _mm256_storeu_ps(y, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo)), dv, mv));
             _mm256_storeu_ps(
@@ -344,7 +525,7 @@ mod avx2 {
     unsafe fn q8_blocks(src: *const u8, dst: *mut f32, blocks: usize) {
         for b in 0..blocks {
             let block = src.add(b * 34);
-            let dv = _mm256_set1_ps(f16_at(block));
+            let dv = _mm256_broadcastss_ps(f16_pair(block));
             let y = dst.add(b * 32);
             for i in 0..4 {
                 let part = _mm_loadl_epi64(block.add(2 + 8 * i).cast());
@@ -448,7 +629,8 @@ mod tests {
             assert_eq!(diff, 0.0, "{dtype:?}: dequantisation differs by {diff}");
             let embedded = m.embedding(&[5, 0, 76])?;
             assert_eq!(&embedded[cols..2 * cols], &reference.get(0)?.to_vec1::<f32>()?[..], "{dtype:?} embedding");
-            for n in [1, 3, 130] {
+            // 1 to 8 rows take the fused products (1 to 4 input rows at a time), 130 the blocked ones.
+            for n in [1, 2, 3, 4, 5, 8, 130] {
                 let x = Tensor::randn(0f32, 1.0, (n, cols), &device)?;
                 let want = x.matmul(&reference.t()?)?;
                 let got = quant_project(&x, &Arc::new(QuantMatrix::new(QTensor::quantize(&w, dtype)?)?))?;
