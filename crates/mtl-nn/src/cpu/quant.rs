@@ -348,7 +348,7 @@ mod avx2 {
         let blocks = cols / 32;
         assert!(
             available()
-                && cols % 32 == 0
+                && cols.is_multiple_of(32)
                 && bytes.len() == n * blocks * size
                 && x.len() == m * cols
                 && yt.len() == n * m,
