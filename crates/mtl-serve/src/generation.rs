@@ -37,6 +37,10 @@ pub struct GenerateRequest {
     /// Texts that end the answer (not included).
     #[serde(default)]
     pub stop: Vec<String>,
+    /// Generate past the model's end tokens, up to `max_new_tokens` (as vLLM's and llama-server's
+    /// `ignore_eos`: answers of a fixed length, for benchmarks).
+    #[serde(default)]
+    pub ignore_eos: bool,
     /// Answer with server-sent events, one per piece of text, then a `done` event.
     #[serde(default)]
     pub stream: bool,
@@ -77,6 +81,8 @@ pub struct Generation {
     pub top_p: Option<f32>,
     pub seed: u64,
     pub stop: Vec<String>,
+    /// Generate past the model's end tokens (their text included), up to `max_new_tokens`.
+    pub ignore_eos: bool,
 }
 
 impl From<&GenerateRequest> for Generation {
@@ -94,6 +100,7 @@ impl From<&GenerateRequest> for Generation {
             top_p: r.top_p,
             seed: r.seed,
             stop: r.stop.clone(),
+            ignore_eos: r.ignore_eos,
         }
     }
 }

@@ -430,6 +430,7 @@ mod tests {
             top_p: Some(1.0),
             seed: 0,
             stop: vec!["s".into()],
+            ignore_eos: false,
             stream: false,
         };
         let sent = serde_json::to_value(&accepted).expect("json");
@@ -645,6 +646,7 @@ mod tests {
                 top_p: None,
                 seed: 0,
                 stop: Vec::new(),
+                ignore_eos: false,
             })
         }
 

@@ -116,6 +116,9 @@ struct Common {
     stream: bool,
     #[serde(default)]
     stream_options: Option<StreamOptions>,
+    /// vLLM's and llama-server's extension: generate past the end tokens, up to `max_tokens`.
+    #[serde(default)]
+    ignore_eos: bool,
     #[serde(default)]
     n: Option<usize>,
     #[serde(default)]
@@ -230,6 +233,7 @@ fn generation(
         // Without a seed each request draws afresh, as OpenAI's do.
         seed: c.seed.unwrap_or_else(fresh_seed),
         stop,
+        ignore_eos: c.ignore_eos,
     })
 }
 

@@ -112,7 +112,7 @@ pub fn generation_document(tasks: &[TaskDescription], secured: bool) -> Value {
                 },
             }},
             "/v1/completions": {"post": {
-                "summary": "OpenAI-compatible completion (`model`: the base model or a task adapter; `prompt`, `max_tokens` (16), `temperature` (1), `top_p`, `seed`, `stop`, `stream`, `stream_options.include_usage`); answers and streams in OpenAI's shapes, with `usage`",
+                "summary": "OpenAI-compatible completion (`model`: the base model or a task adapter; `prompt`, `max_tokens` (16), `temperature` (1), `top_p`, `seed`, `stop`, `stream`, `stream_options.include_usage`, vLLM's `ignore_eos`); answers and streams in OpenAI's shapes, with `usage`",
                 "requestBody": {"required": true, "content": {"application/json": {"schema": {"type": "object", "required": ["prompt"]}}}},
                 "responses": openai_responses.clone(),
             }},
@@ -134,6 +134,7 @@ pub fn generation_document(tasks: &[TaskDescription], secured: bool) -> Value {
                 "top_p": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
                 "seed": {"type": "integer", "minimum": 0, "default": 0},
                 "stop": {"type": "array", "maxItems": crate::generation::MAX_STOP_STRINGS, "items": {"type": "string", "minLength": 1, "maxLength": crate::generation::MAX_STOP_CHARS}, "description": "texts that end the answer (not included)"},
+                "ignore_eos": {"type": "boolean", "default": false, "description": "generate past the model's end tokens, up to max_new_tokens (benchmarks)"},
                 "stream": {"type": "boolean", "default": false},
             }},
             "Generated": {"type": "object", "properties": {

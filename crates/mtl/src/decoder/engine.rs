@@ -41,6 +41,8 @@ struct Job {
     /// model's context).
     positions: usize,
     stop: Vec<String>,
+    /// End tokens do not end it.
+    ignore_eos: bool,
     updates: mpsc::UnboundedSender<Update>,
 }
 
@@ -198,7 +200,16 @@ impl Generator for BatchEngine {
             return Err(Refused::Full);
         }
         let (updates, receiver) = mpsc::unbounded_channel();
-        let job = Job { max_new_tokens: r.max_new_tokens, positions, prompt, adapter, sampling, stop: r.stop, updates };
+        let job = Job {
+            max_new_tokens: r.max_new_tokens,
+            positions,
+            prompt,
+            adapter,
+            sampling,
+            stop: r.stop,
+            ignore_eos: r.ignore_eos,
+            updates,
+        };
         if self.jobs.send(job).is_err() {
             self.shared.queued.fetch_sub(1, Ordering::SeqCst);
             return Err(Refused::Stopped(self.shared.failure().unwrap_or_else(|| "the engine has stopped".into())));
@@ -388,7 +399,8 @@ fn step(decoder: &Decoder, running: &mut [Active], kv: &mut PagedKv, prefill_bud
         // A panic here (in sampling or decoding text) fails this sequence only.
         let drawn = catch_unwind(AssertUnwindSafe(|| {
             let token = a.sampler.next(logits);
-            let piece = (!decoder.eos.contains(&token)).then(|| a.stream.push(token, |ids| decoder.decode(ids)));
+            let ends = !a.job.ignore_eos && decoder.eos.contains(&token);
+            let piece = (!ends).then(|| a.stream.push(token, |ids| decoder.decode(ids)));
             (token, piece)
         }));
         let Ok((token, piece)) = drawn else {
@@ -498,6 +510,7 @@ mod tests {
             top_p: (temperature > 0.0).then_some(0.9),
             seed,
             stop: stop.iter().map(|s| s.to_string()).collect(),
+            ignore_eos: false,
         }
     }
 
@@ -612,5 +625,22 @@ mod tests {
             let want = alone(&decoder(&[adapter]), r);
             assert_eq!((got.text, got.new_tokens), (want.text, want.new_tokens), "{adapter}");
         }
+    }
+
+    /// With `ignore_eos`, an answer that would end at the end token goes on to `max_new_tokens`, the same text
+    /// up to there.
+    #[test]
+    fn ignore_eos_generates_to_max_new_tokens() {
+        let solo = decoder(&[]);
+        let engine = BatchEngine::start(decoder(&[]), settings(40));
+        let ended = (0..40)
+            .map(|seed| request(prompt(seed, 3), 24, 0.0, 0, &[]))
+            .find(|r| alone(&solo, r).stop == "stop_token")
+            .expect("some prompt of the tiny model ends at its end token");
+        let want = alone(&solo, &ended);
+        let (_, got) = collect(engine.submit(Generation { ignore_eos: true, ..ended.clone() }).expect("accepted"));
+        let got = got.expect("generated");
+        assert_eq!((got.new_tokens, got.stop.as_str()), (24, "max_new_tokens"));
+        assert!(got.text.starts_with(&want.text) && got.text.len() > want.text.len(), "{got:?} after {want:?}");
     }
 }

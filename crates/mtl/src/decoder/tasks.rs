@@ -137,6 +137,7 @@ impl LabelTasks for DecoderTasks {
             top_p: None,
             seed: 0,
             stop: Vec::new(),
+            ignore_eos: false,
         })
     }
 
