@@ -152,13 +152,25 @@ impl TokenSampler {
 /// The text of a generation as its tokens come: what can be sent now, and where a stop string ends it. A piece
 /// that ends inside a multi-byte character waits for the next token, and so does text that may be the start of
 /// a stop string.
+///
+/// Decoding is incremental, as vLLM and TGI do it: each token decodes a short window of the latest tokens
+/// (from the token before the last piece that came whole), and the text it adds over the same window without it
+/// is appended, so a token costs the same at the 4,000th position as at the first. Decoding from a token
+/// before keeps the spaces that decoders drop at the start of a text.
 #[derive(Clone, Debug, Default)]
 pub struct TextStream {
     stop_strings: Vec<String>,
     ids: Vec<u32>,
     text: String,
     sent: usize,
+    /// The window: tokens `prefix..` are decoded; those of `prefix..read` made text already appended.
+    prefix: usize,
+    read: usize,
 }
+
+/// After this many tokens of no complete text (bytes that never form a character), their text is appended
+/// as it decodes (with U+FFFD), so that the window stays short.
+const MAX_PENDING: usize = 8;
 
 /// What one more token made of the text.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -185,12 +197,46 @@ impl TextStream {
         &self.text
     }
 
-    /// Adds a generated token; `decode` turns the tokens so far into text.
+    /// Appends the text of the tokens after `read`: once it ends in a whole character, or when `force`d (the
+    /// end), or after [`MAX_PENDING`] tokens without.
+    fn advance(&mut self, decode: impl Fn(&[u32]) -> String, force: bool) {
+        if self.read == self.ids.len() {
+            return;
+        }
+        let before = match self.prefix < self.read {
+            true => decode(&self.ids[self.prefix..self.read]),
+            false => String::new(),
+        };
+        let now = decode(&self.ids[self.prefix..]);
+        let whole = !now.ends_with('\u{FFFD}');
+        if now.len() <= before.len() || !(whole || force || self.ids.len() - self.read >= MAX_PENDING) {
+            return;
+        }
+        // Text that decodes differently with the new token (byte-fallback tokens that stop forming a
+        // character) may not share the old text's last character: the new text starts after it.
+        let mut from = before.len();
+        while !now.is_char_boundary(from) {
+            from += 1;
+        }
+        self.text.push_str(&now[from..]);
+        if whole {
+            self.prefix = self.read;
+        }
+        self.read = self.ids.len();
+    }
+
+    /// Adds a generated token; `decode` turns tokens into text.
     pub fn push(&mut self, id: u32, decode: impl Fn(&[u32]) -> String) -> Piece {
         self.ids.push(id);
-        self.text = decode(&self.ids);
-        if let Some(at) = self.stop_strings.iter().filter_map(|s| self.text.find(s.as_str())).min() {
-            self.text.truncate(at);
+        self.advance(decode, false);
+        // A stop string ends in text not sent yet (text that may start one is held back).
+        let longest = self.stop_strings.iter().map(String::len).max().unwrap_or(0);
+        let mut search = self.sent.saturating_sub(longest).min(self.text.len());
+        while !self.text.is_char_boundary(search) {
+            search -= 1;
+        }
+        if let Some(at) = self.stop_strings.iter().filter_map(|s| self.text[search..].find(s.as_str())).min() {
+            self.text.truncate(search + at);
             let piece = self.text[self.resume()..].to_string();
             self.sent = self.text.len().max(self.sent);
             return Piece { text: piece, stopped: true };
@@ -215,9 +261,7 @@ impl TextStream {
         Piece { text: piece, stopped: false }
     }
 
-    /// Where the next piece starts: after what was sent. Decoding again may change text already sent
-    /// (byte-fallback tokens that no longer form a character become one U+FFFD each), so that point may fall
-    /// inside a character; the piece then starts at the character after it.
+    /// Where the next piece starts: after what was sent, at a character boundary.
     fn resume(&self) -> usize {
         let mut from = self.sent.min(self.text.len());
         while !self.text.is_char_boundary(from) {
@@ -226,8 +270,10 @@ impl TextStream {
         from
     }
 
-    /// At the end: what was held back as a possible stop-string start (an incomplete character stays out).
-    pub fn finish(&mut self) -> String {
+    /// At the end: the text of tokens still waiting to form a character, and what was held back as a possible
+    /// stop-string start (an incomplete character stays out of what is sent; the text keeps it as U+FFFD).
+    pub fn finish(&mut self, decode: impl Fn(&[u32]) -> String) -> String {
+        self.advance(decode, true);
         let complete = self.text.trim_end_matches('\u{FFFD}').len();
         let mut rest = String::new();
         let from = self.resume();
@@ -314,7 +360,7 @@ pub fn generate(
             });
         }
     };
-    let rest = stream.finish();
+    let rest = stream.finish(&decode);
     if !rest.is_empty() {
         on_text(&rest);
     }
@@ -393,6 +439,39 @@ mod tests {
         // 2 bytes were sent; the text's first character now spans bytes 0..3: the piece starts after it.
         assert_eq!(stream.push(3, decode), Piece { text: "\u{FFFD}\u{FFFD}a".into(), stopped: false });
         assert_eq!(stream.push(4, decode).text, "a");
-        assert_eq!(stream.finish(), "");
+        assert_eq!(stream.finish(decode), "");
+    }
+
+    /// The stream's text is the whole decode's, though each token decodes only a short window (a decoder that
+    /// drops the space before a text's first word, as SentencePiece's does, keeps every space); stop strings
+    /// are found across pieces.
+    #[test]
+    fn incremental_decoding_gives_the_whole_text_from_short_windows() {
+        let longest = std::cell::Cell::new(0);
+        let decode = |ids: &[u32]| -> String {
+            longest.set(longest.get().max(ids.len()));
+            ids.iter().map(|i| format!(" w{i}")).collect::<String>().trim_start().to_string()
+        };
+        let mut stream = TextStream::new(&["w7 w8".to_string()]);
+        let mut sent = String::new();
+        for id in 0..1000 {
+            let piece = stream.push(id % 7, decode);
+            assert!(!piece.stopped);
+            sent.push_str(&piece.text);
+        }
+        sent.push_str(&stream.finish(decode));
+        assert!(longest.get() <= 3, "windows of at most 3 tokens, not {}", longest.get());
+        let ids: Vec<u32> = (0..1000).map(|i| i % 7).collect();
+        assert_eq!((sent.as_str(), stream.text()), (decode(&ids).as_str(), decode(&ids).as_str()));
+        let mut stream = TextStream::new(&["w7 w8".to_string()]);
+        let mut sent = String::new();
+        for id in [1, 7, 8, 9] {
+            let piece = stream.push(id, decode);
+            sent.push_str(&piece.text);
+            if piece.stopped {
+                break;
+            }
+        }
+        assert_eq!((sent.as_str(), stream.text()), ("w1 ", "w1 "));
     }
 }

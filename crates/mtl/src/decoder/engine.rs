@@ -300,10 +300,10 @@ fn retire(running: &mut Vec<Active>, kv: &mut PagedKv) {
 }
 
 /// Ends a sequence: what its text held back, then how it ended.
-fn finish(a: &mut Active, result: Result<StopReason, EngineError>) {
+fn finish(decoder: &Decoder, a: &mut Active, result: Result<StopReason, EngineError>) {
     a.done = true;
     let result = result.map(|reason| {
-        let rest = a.stream.finish();
+        let rest = a.stream.finish(|ids| decoder.decode(ids));
         if !rest.is_empty() {
             let _ = a.job.updates.send(Update::Piece(rest));
         }
@@ -409,7 +409,7 @@ fn step(decoder: &Decoder, running: &mut [Active], kv: &mut PagedKv, prefill_bud
             continue;
         };
         let Some(piece) = piece else {
-            finish(a, Ok(StopReason::StopToken));
+            finish(decoder, a, Ok(StopReason::StopToken));
             continue;
         };
         if !piece.text.is_empty() && a.job.updates.send(Update::Piece(piece.text)).is_err() {
@@ -419,11 +419,11 @@ fn step(decoder: &Decoder, running: &mut [Active], kv: &mut PagedKv, prefill_bud
         }
         let generated = a.stream.ids().len();
         if piece.stopped {
-            finish(a, Ok(StopReason::StopString));
+            finish(decoder, a, Ok(StopReason::StopString));
         } else if generated >= a.job.max_new_tokens {
-            finish(a, Ok(StopReason::MaxNewTokens));
+            finish(decoder, a, Ok(StopReason::MaxNewTokens));
         } else if a.job.prompt.len() + generated > context {
-            finish(a, Ok(StopReason::Length));
+            finish(decoder, a, Ok(StopReason::Length));
         } else {
             a.next = Some(token);
         }
