@@ -357,6 +357,10 @@ fn step(decoder: &Decoder, running: &mut [Active], kv: &mut PagedKv, prefill_bud
     let outcome = {
         let mut seqs: Vec<(&mut BlockTable, usize)> = tables.iter_mut().zip(&plan).map(|(t, &(_, n))| (t, n)).collect();
         catch_unwind(AssertUnwindSafe(|| -> mtl_nn::Result<Vec<Vec<f32>>> {
+            #[cfg(test)]
+            if tokens.starts_with(tests::PANIC) {
+                panic!("a panic injected by a test");
+            }
             let hidden = model.step(&tokens, &mut seqs, kv, adapters.as_deref())?;
             if wanted.is_empty() {
                 return Ok(Vec::new());
@@ -642,5 +646,21 @@ mod tests {
         let got = got.expect("generated");
         assert_eq!((got.new_tokens, got.stop.as_str()), (24, "max_new_tokens"));
         assert!(got.text.starts_with(&want.text) && got.text.len() > want.text.len(), "{got:?} after {want:?}");
+    }
+
+    /// A step whose tokens start with these panics (the test's prompt; `prompt` never makes token 1).
+    pub(super) const PANIC: &[u32] = &[1, 1, 1];
+
+    /// A step that panics fails the requests in it, gives their blocks back, and the engine goes on: the next
+    /// request is answered and the engine reports no failure.
+    #[test]
+    fn a_panic_fails_its_step_only() {
+        let engine = BatchEngine::start(decoder(&[]), settings(10));
+        let (_, failed) = collect(engine.submit(request("w1 w1 w1 w5".into(), 5, 0.0, 0, &[])).expect("accepted"));
+        assert!(matches!(failed, Err(EngineError::Model(m)) if m.contains("panicked")));
+        let (_, after) = collect(engine.submit(request(prompt(2, 3), 5, 0.0, 0, &[])).expect("accepted"));
+        assert_eq!(after.expect("generated").new_tokens, 5);
+        let s = idle(&engine);
+        assert_eq!((s.kv_blocks_used, s.failure), (0, None));
     }
 }
