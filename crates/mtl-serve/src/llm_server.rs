@@ -21,12 +21,10 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::{json, Value};
-use tokio::sync::mpsc;
 
 use crate::api::{ApiError, Settings};
 use crate::generation::{
-    Finished, GenerateRequest, Generation, Generator, LabelTasks, Update, MAX_NEW_TOKENS, MAX_STOP_CHARS,
-    MAX_STOP_STRINGS,
+    Finished, GenerateRequest, Generation, Generator, LabelTasks, MAX_NEW_TOKENS, MAX_STOP_CHARS, MAX_STOP_STRINGS,
 };
 use crate::metrics::Metrics;
 use crate::streaming::{pieces, submit, wait, Piece};
@@ -271,7 +269,7 @@ fn error_kind(status: u16) -> &'static str {
 /// `/v1/generate`'s server-sent events: `data: {"text": PIECE}` per piece, then an event `done` with the whole
 /// answer, or `error` (the generator's error, or `timeout` at the deadline).
 fn event_stream(
-    updates: mpsc::UnboundedReceiver<Update>,
+    updates: crate::streaming::Pending,
     deadline: tokio::time::Instant,
     metrics: Arc<Metrics>,
 ) -> impl futures_util::Stream<Item = Result<Event, Infallible>> {
@@ -292,8 +290,10 @@ mod tests {
     use http_body_util::BodyExt;
     use tower::ServiceExt;
 
+    use tokio::sync::mpsc;
+
     use super::*;
-    use crate::generation::{GeneratorStatus, Message, Models, Prompt, Refused};
+    use crate::generation::{GeneratorStatus, Message, Models, Prompt, Refused, Update};
 
     /// Answers with the prompt's words, one piece per word, at most `max_new_tokens` of them, on a thread of
     /// its own per request; a prompt starting "slow" waits 50 ms before each word, and `cancelled` counts the
@@ -717,6 +717,10 @@ mod tests {
             "mtl_requests_total{endpoint=\"/v1/predict\",status=\"200\"} 1",
             "mtl_requests_total{endpoint=\"/v1/tasks/{task}/predict\",status=\"404\"} 1",
             "mtl_errors_total{kind=\"unknown_task\"} 2",
+            // Generation is counted per adapter.
+            "mtl_generated_tokens_total{adapter=\"intent\"} 6",
+            "mtl_generated_tokens_total{adapter=\"slots\"} 9",
+            "mtl_time_to_first_token_seconds_count{adapter=\"slots\"} 3",
         ] {
             assert!(metrics.lines().any(|l| l == line), "{line} in\n{metrics}");
         }

@@ -17,12 +17,9 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Deserialize;
 use serde_json::{json, Value};
-use tokio::sync::mpsc;
 
 use crate::api::{ApiError, Settings};
-use crate::generation::{
-    Finished, Generation, Generator, Message, Models, Prompt, Update, MAX_STOP_CHARS, MAX_STOP_STRINGS,
-};
+use crate::generation::{Finished, Generation, Generator, Message, Models, Prompt, MAX_STOP_CHARS, MAX_STOP_STRINGS};
 use crate::metrics::Metrics;
 use crate::MAX_NEW_TOKENS;
 
@@ -440,7 +437,7 @@ pub(crate) async fn respond(
 /// one chunk per piece of text, a last chunk with the finish reason (and one with `usage` when asked), then
 /// `[DONE]`. An error ends the stream with an `error` object, as OpenAI's streams do.
 fn events(
-    updates: mpsc::UnboundedReceiver<Update>,
+    updates: crate::streaming::Pending,
     s: Stream,
     deadline: tokio::time::Instant,
     metrics: Arc<Metrics>,

@@ -1,6 +1,6 @@
 //! Delivering a generation's text to a route: the refusal as the error table's answer, the whole answer by a
 //! deadline, or the pieces as they come, with the client-side timings (time to first text, between pieces)
-//! counted in the metrics. Dropping what these return (the client left, the deadline passed) drops the channel,
+//! and the generated tokens counted in the metrics, per adapter. Dropping what these return (the client left, the deadline passed) drops the channel,
 //! which cancels the generation.
 
 use std::sync::Arc;
@@ -11,6 +11,12 @@ use tokio::sync::mpsc;
 use crate::api::ApiError;
 use crate::generation::{Finished, Generation, Generator, Refused, Update};
 use crate::metrics::Metrics;
+
+/// A generation the generator took: its channel, and the adapter its metrics are counted under.
+pub(crate) struct Pending {
+    updates: mpsc::UnboundedReceiver<Update>,
+    adapter: String,
+}
 
 /// Time to the first piece of text, and between pieces, as the client sees them.
 struct Timing {
@@ -23,37 +29,40 @@ impl Timing {
         Self { started: Instant::now(), last: None }
     }
 
-    fn piece(&mut self, metrics: &Metrics) {
+    fn piece(&mut self, metrics: &Metrics, adapter: &str) {
         let now = Instant::now();
         match self.last {
-            None => metrics.first_token((now - self.started).as_secs_f64()),
-            Some(last) => metrics.inter_token((now - last).as_secs_f64()),
+            None => metrics.first_token(adapter, (now - self.started).as_secs_f64()),
+            Some(last) => metrics.inter_token(adapter, (now - last).as_secs_f64()),
         }
         self.last = Some(now);
     }
 }
 
 /// Hands a generation to the generator, its refusal as the error table's answer.
-pub(crate) fn submit(generator: &dyn Generator, g: Generation) -> Result<mpsc::UnboundedReceiver<Update>, ApiError> {
-    generator.submit(g).map_err(|refused| match refused {
+pub(crate) fn submit(generator: &dyn Generator, g: Generation) -> Result<Pending, ApiError> {
+    let adapter = g.adapter.clone().unwrap_or_default();
+    let updates = generator.submit(g).map_err(|refused| match refused {
         Refused::Invalid(m) => ApiError::Validation(m),
         Refused::Full => ApiError::QueueFull,
         Refused::Stopped(m) => ApiError::Internal(m),
-    })
+    })?;
+    Ok(Pending { updates, adapter })
 }
 
 /// The whole answer of a generation, by `deadline`; past it the channel is dropped, which cancels the
 /// generation.
 pub(crate) async fn wait(
-    mut updates: mpsc::UnboundedReceiver<Update>,
+    pending: Pending,
     deadline: tokio::time::Instant,
     metrics: &Metrics,
 ) -> Result<Finished, ApiError> {
+    let Pending { mut updates, adapter } = pending;
     let mut timing = Timing::new();
     let answer = async {
         while let Some(update) = updates.recv().await {
             match update {
-                Update::Piece(_) => timing.piece(metrics),
+                Update::Piece(_) => timing.piece(metrics, &adapter),
                 Update::Done(result) => return Some(result),
             }
         }
@@ -64,7 +73,7 @@ pub(crate) async fn wait(
         Ok(None) => Err(ApiError::Internal("the generator dropped the request".into())),
         Ok(Some(Err(e))) => Err(e.into()),
         Ok(Some(Ok(f))) => {
-            metrics.generated(f.new_tokens);
+            metrics.generated(&adapter, f.new_tokens);
             Ok(f)
         }
     }
@@ -80,22 +89,22 @@ pub(crate) enum Piece {
 /// A generation's updates as [`Piece`]s, ending with `timeout` at `deadline`. Dropping the stream (the client
 /// left) or reaching the deadline drops the channel, which cancels the generation.
 pub(crate) fn pieces(
-    updates: mpsc::UnboundedReceiver<Update>,
+    pending: Pending,
     deadline: tokio::time::Instant,
     metrics: Arc<Metrics>,
 ) -> impl futures_util::Stream<Item = Piece> {
-    futures_util::stream::unfold(Some((updates, Timing::new())), move |state| {
+    futures_util::stream::unfold(Some((pending, Timing::new())), move |state| {
         let metrics = metrics.clone();
         async move {
-            let (mut updates, mut timing) = state?;
-            let piece = match tokio::time::timeout_at(deadline, updates.recv()).await {
+            let (mut pending, mut timing) = state?;
+            let piece = match tokio::time::timeout_at(deadline, pending.updates.recv()).await {
                 Err(_) => Piece::Error { kind: "timeout", message: "no answer within the request timeout".into() },
                 Ok(Some(Update::Piece(p))) => {
-                    timing.piece(&metrics);
-                    return Some((Piece::Text(p), Some((updates, timing))));
+                    timing.piece(&metrics, &pending.adapter);
+                    return Some((Piece::Text(p), Some((pending, timing))));
                 }
                 Ok(Some(Update::Done(Ok(f)))) => {
-                    metrics.generated(f.new_tokens);
+                    metrics.generated(&pending.adapter, f.new_tokens);
                     Piece::Done(f)
                 }
                 Ok(Some(Update::Done(Err(e)))) => {
