@@ -31,6 +31,8 @@ const MANY_ROWS: usize = 64;
 /// Up to this many input rows (decoding a few sequences), Q4_0, Q4_1 and Q8_0 products decode each block in
 /// registers and multiply it into every input row there: the dequantised rows are never written out.
 const FUSED_ROWS: usize = 8;
+/// Rows of the matrix per task of a fused product.
+const FUSED_ROWS_PER_TASK: usize = 16;
 
 /// Whether products with few input rows take the fused path for `dtype` on this CPU.
 fn fused_format(dtype: GgmlDType) -> bool {
@@ -141,9 +143,11 @@ impl QuantMatrix {
         }
         let mut yt = vec![0f32; rows * m];
         let fused = m <= FUSED_ROWS && fused_format(self.dtype());
-        yt.par_chunks_mut(ROWS_PER_TASK * m).enumerate().for_each(|(c, yt)| {
+        // Fused tasks are smaller: they need no buffer, and the threads share small matrices more evenly.
+        let task_rows = if fused { FUSED_ROWS_PER_TASK } else { ROWS_PER_TASK };
+        yt.par_chunks_mut(task_rows * m).enumerate().for_each(|(c, yt)| {
             let n = yt.len() / m;
-            let first = c * ROWS_PER_TASK;
+            let first = c * task_rows;
             #[cfg(target_arch = "x86_64")]
             if fused {
                 let bytes = &self.bytes()[first * self.row_bytes..(first + n) * self.row_bytes];
