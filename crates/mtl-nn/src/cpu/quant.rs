@@ -22,15 +22,18 @@ use super::gemm::{matmul, Threads, View, ViewMut};
 use super::math::simd;
 use crate::{NnError, Result};
 
-/// Rows dequantised per task of a forward product with few input rows (64 rows of 2,048 columns: 512 KiB).
-const ROWS_PER_TASK: usize = 64;
+/// The most rows dequantised per task of a forward product with fewer than [`MANY_ROWS`] input rows (256
+/// rows of 576 columns: 576 KiB, within a core's L2).
+const ROWS_PER_TASK: usize = 256;
 /// Rows of the matrix dequantised at a time for a product with many input rows.
 const BLOCK: usize = 1024;
 /// From this many input rows on, a product dequantises blocks in turn and multiplies on every thread.
 const MANY_ROWS: usize = 64;
 /// Up to this many input rows (decoding a few sequences), Q4_0, Q4_1 and Q8_0 products decode each block in
-/// registers and multiply it into every input row there: the dequantised rows are never written out.
-const FUSED_ROWS: usize = 8;
+/// registers and multiply it into every input row there: the dequantised rows are never written out. (On
+/// the 2-core AVX-512 machine of BENCHMARKS.md, 1,536 × 576 Q4_1: 131 µs against 174 at 16 rows, 177
+/// against 167 at 20.)
+const FUSED_ROWS: usize = 16;
 /// Rows of the matrix per task of a fused product.
 const FUSED_ROWS_PER_TASK: usize = 16;
 
@@ -143,8 +146,13 @@ impl QuantMatrix {
         }
         let mut yt = vec![0f32; rows * m];
         let fused = m <= FUSED_ROWS && fused_format(self.dtype());
-        // Fused tasks are smaller: they need no buffer, and the threads share small matrices more evenly.
-        let task_rows = if fused { FUSED_ROWS_PER_TASK } else { ROWS_PER_TASK };
+        // Fused tasks are small: they need no buffer, and the threads share small matrices evenly. Dequantising
+        // ones take about a quarter of the matrix per thread (within 32 to 256 rows): the f32 product gains from
+        // longer runs, and each thread still gets a share of a small matrix.
+        let task_rows = match fused {
+            true => FUSED_ROWS_PER_TASK,
+            false => (rows / (4 * rayon::current_num_threads().max(1))).clamp(32, ROWS_PER_TASK).next_multiple_of(16),
+        };
         yt.par_chunks_mut(task_rows * m).enumerate().for_each(|(c, yt)| {
             let n = yt.len() / m;
             let first = c * task_rows;
