@@ -85,6 +85,23 @@ pub struct Generation {
     pub ignore_eos: bool,
 }
 
+impl Generation {
+    /// Greedy decoding of `prompt` through `adapter`, up to `max_new_tokens` or an end token, no stop strings.
+    pub fn greedy(prompt: Prompt, adapter: Option<String>, max_new_tokens: usize) -> Self {
+        Self {
+            prompt,
+            adapter,
+            max_new_tokens,
+            temperature: 0.0,
+            top_k: None,
+            top_p: None,
+            seed: 0,
+            stop: Vec::new(),
+            ignore_eos: false,
+        }
+    }
+}
+
 impl From<&GenerateRequest> for Generation {
     fn from(r: &GenerateRequest) -> Self {
         let prompt = match r.chat {

@@ -637,17 +637,7 @@ mod tests {
                 crate::RequestInput::Words { words } => words.join(" "),
                 _ => return Err(crate::EngineError::Invalid("a text or words".into())),
             };
-            Ok(Generation {
-                prompt: Prompt::Text(format!("{task} {text}")),
-                adapter: Some(task.to_string()),
-                max_new_tokens: 3,
-                temperature: 0.0,
-                top_k: None,
-                top_p: None,
-                seed: 0,
-                stop: Vec::new(),
-                ignore_eos: false,
-            })
+            Ok(Generation::greedy(Prompt::Text(format!("{task} {text}")), Some(task.to_string()), 3))
         }
 
         fn answer(&self, _task: &str, generated: String) -> Value {

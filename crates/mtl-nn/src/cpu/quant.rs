@@ -416,41 +416,94 @@ mod avx2 {
         *WIDE.get_or_init(|| is_x86_feature_detected!("avx512f"))
     }
 
-    /// The sum of the 8 lanes of `v`.
-    #[inline(always)]
-    unsafe fn sum_lanes(v: __m256) -> f32 {
-        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
+    /// A vector of f32 lanes, so that the 8- and 16-lane kernels share their inner loops. Every method is
+    /// inlined into the kernel that calls it, which enables the instructions it needs.
+    trait Lanes: Copy {
+        const LANES: usize;
+        unsafe fn zero() -> Self;
+        unsafe fn load(p: *const f32) -> Self;
+        unsafe fn fma(a: Self, b: Self, c: Self) -> Self;
+        unsafe fn add(a: Self, b: Self) -> Self;
+        unsafe fn sum(self) -> f32;
     }
 
-    /// Multiplies the four decoded vectors `w` of one block (values `32·b ..`) into the `MR` input rows at
-    /// `x` (`stride` floats apart), with `ACC` accumulators per input row (independent chains of additions).
+    impl Lanes for __m256 {
+        const LANES: usize = 8;
+        #[inline(always)]
+        unsafe fn zero() -> Self {
+            _mm256_setzero_ps()
+        }
+        #[inline(always)]
+        unsafe fn load(p: *const f32) -> Self {
+            _mm256_loadu_ps(p)
+        }
+        #[inline(always)]
+        unsafe fn fma(a: Self, b: Self, c: Self) -> Self {
+            _mm256_fmadd_ps(a, b, c)
+        }
+        #[inline(always)]
+        unsafe fn add(a: Self, b: Self) -> Self {
+            _mm256_add_ps(a, b)
+        }
+        #[inline(always)]
+        unsafe fn sum(self) -> f32 {
+            let s = _mm_add_ps(_mm256_castps256_ps128(self), _mm256_extractf128_ps(self, 1));
+            let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+            _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
+        }
+    }
+
+    impl Lanes for __m512 {
+        const LANES: usize = 16;
+        #[inline(always)]
+        unsafe fn zero() -> Self {
+            _mm512_setzero_ps()
+        }
+        #[inline(always)]
+        unsafe fn load(p: *const f32) -> Self {
+            _mm512_loadu_ps(p)
+        }
+        #[inline(always)]
+        unsafe fn fma(a: Self, b: Self, c: Self) -> Self {
+            _mm512_fmadd_ps(a, b, c)
+        }
+        #[inline(always)]
+        unsafe fn add(a: Self, b: Self) -> Self {
+            _mm512_add_ps(a, b)
+        }
+        #[inline(always)]
+        unsafe fn sum(self) -> f32 {
+            _mm512_reduce_add_ps(self)
+        }
+    }
+
+    /// Multiplies the `K` decoded vectors `w` of one block (values `32·b ..`) into the `MR` input rows at `x`
+    /// (`stride` floats apart), with `ACC` accumulators per input row (independent chains of additions).
     #[inline(always)]
-    unsafe fn accumulate<const MR: usize, const ACC: usize>(
-        w: &[__m256; 4],
+    unsafe fn accumulate<V: Lanes, const K: usize, const MR: usize, const ACC: usize>(
+        w: &[V; K],
         x: *const f32,
         stride: usize,
         b: usize,
-        acc: &mut [[__m256; ACC]; MR],
+        acc: &mut [[V; ACC]; MR],
     ) {
         for (i, acc) in acc.iter_mut().enumerate() {
             let xi = x.add(i * stride + 32 * b);
             for (k, wk) in w.iter().enumerate() {
-                acc[k % ACC] = _mm256_fmadd_ps(*wk, _mm256_loadu_ps(xi.add(8 * k)), acc[k % ACC]);
+                acc[k % ACC] = V::fma(*wk, V::load(xi.add(V::LANES * k)), acc[k % ACC]);
             }
         }
     }
 
     /// Writes the sums of each input row's accumulators.
     #[inline(always)]
-    unsafe fn store<const MR: usize, const ACC: usize>(acc: &[[__m256; ACC]; MR], out: *mut f32) {
+    unsafe fn store<V: Lanes, const MR: usize, const ACC: usize>(acc: &[[V; ACC]; MR], out: *mut f32) {
         for (i, acc) in acc.iter().enumerate() {
             let mut total = acc[0];
             for a in &acc[1..] {
-                total = _mm256_add_ps(total, *a);
+                total = V::add(total, *a);
             }
-            *out.add(i) = sum_lanes(total);
+            *out.add(i) = total.sum();
         }
     }
 
@@ -466,7 +519,7 @@ mod avx2 {
     ) {
         let with_min = size == 20;
         let mask = _mm_set1_epi8(0x0F);
-        let mut acc = [[_mm256_setzero_ps(); ACC]; MR];
+        let mut acc = [[__m256::zero(); ACC]; MR];
         let minus_eight = _mm256_set1_ps(-8.0);
         for b in 0..blocks {
             let block = row.add(b * size);
@@ -481,9 +534,9 @@ mod avx2 {
             let hi = _mm_and_si128(_mm_srli_epi16(q, 4), mask);
             let value = |bytes: __m128i| _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(bytes)), dv, mv);
             let w = [value(lo), value(_mm_srli_si128(lo, 8)), value(hi), value(_mm_srli_si128(hi, 8))];
-            accumulate::<MR, ACC>(&w, x, stride, b, &mut acc);
+            accumulate(&w, x, stride, b, &mut acc);
         }
-        store::<MR, ACC>(&acc, out);
+        store(&acc, out);
     }
 
     /// One row of Q8_0 blocks times `MR` input rows.
@@ -496,7 +549,7 @@ mod avx2 {
         stride: usize,
         out: *mut f32,
     ) {
-        let mut acc = [[_mm256_setzero_ps(); ACC]; MR];
+        let mut acc = [[__m256::zero(); ACC]; MR];
         for b in 0..blocks {
             let block = row.add(b * 34);
             let dv = _mm256_broadcastss_ps(f16_pair(block));
@@ -505,9 +558,9 @@ mod avx2 {
                 _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(part)), dv)
             };
             let w = [value(0), value(1), value(2), value(3)];
-            accumulate::<MR, ACC>(&w, x, stride, b, &mut acc);
+            accumulate(&w, x, stride, b, &mut acc);
         }
-        store::<MR, ACC>(&acc, out);
+        store(&acc, out);
     }
 
     /// [`q4_dot`] with 16 lanes: a block's 16 bytes widen to 16 lanes once, its low and high nibbles are two
@@ -523,7 +576,7 @@ mod avx2 {
     ) {
         let with_min = size == 20;
         let (mask, minus_eight) = (_mm512_set1_epi32(0x0F), _mm512_set1_ps(-8.0));
-        let mut acc = [[_mm512_setzero_ps(); ACC]; MR];
+        let mut acc = [[__m512::zero(); ACC]; MR];
         for b in 0..blocks {
             let block = row.add(b * size);
             let scales = f16_pair(block);
@@ -535,9 +588,9 @@ mod avx2 {
             let q = _mm512_cvtepu8_epi32(_mm_loadu_si128(block.add(if with_min { 4 } else { 2 }).cast()));
             let lo = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(q, mask)), dv, mv);
             let hi = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(q, 4)), dv, mv);
-            accumulate16::<MR, ACC>(&[lo, hi], x, stride, b, &mut acc);
+            accumulate(&[lo, hi], x, stride, b, &mut acc);
         }
-        store16::<MR, ACC>(&acc, out);
+        store(&acc, out);
     }
 
     /// [`q8_dot`] with 16 lanes.
@@ -550,7 +603,7 @@ mod avx2 {
         stride: usize,
         out: *mut f32,
     ) {
-        let mut acc = [[_mm512_setzero_ps(); ACC]; MR];
+        let mut acc = [[__m512::zero(); ACC]; MR];
         for b in 0..blocks {
             let block = row.add(b * 34);
             let dv = _mm512_broadcastss_ps(f16_pair(block));
@@ -560,38 +613,9 @@ mod avx2 {
                     dv,
                 )
             };
-            accumulate16::<MR, ACC>(&[value(0), value(1)], x, stride, b, &mut acc);
+            accumulate(&[value(0), value(1)], x, stride, b, &mut acc);
         }
-        store16::<MR, ACC>(&acc, out);
-    }
-
-    /// Multiplies the two decoded 16-lane vectors of block `b` into the `MR` input rows at `x`, with `ACC`
-    /// accumulators per input row.
-    #[inline(always)]
-    unsafe fn accumulate16<const MR: usize, const ACC: usize>(
-        w: &[__m512; 2],
-        x: *const f32,
-        stride: usize,
-        b: usize,
-        acc: &mut [[__m512; ACC]; MR],
-    ) {
-        for (i, acc) in acc.iter_mut().enumerate() {
-            let xi = x.add(i * stride + 32 * b);
-            for (k, wk) in w.iter().enumerate() {
-                acc[k % ACC] = _mm512_fmadd_ps(*wk, _mm512_loadu_ps(xi.add(16 * k)), acc[k % ACC]);
-            }
-        }
-    }
-
-    #[inline(always)]
-    unsafe fn store16<const MR: usize, const ACC: usize>(acc: &[[__m512; ACC]; MR], out: *mut f32) {
-        for (i, acc) in acc.iter().enumerate() {
-            let mut total = acc[0];
-            for a in &acc[1..] {
-                total = _mm512_add_ps(total, *a);
-            }
-            *out.add(i) = _mm512_reduce_add_ps(total);
-        }
+        store(&acc, out);
     }
 
     /// The two f16 at `p` as the first two lanes (a block's scale, and Q4_1's minimum): one 32-bit load, so

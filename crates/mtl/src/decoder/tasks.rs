@@ -128,17 +128,7 @@ impl LabelTasks for DecoderTasks {
         let (ids, _) = format
             .prompt_ids(&served.config, &input, format.answer_room(served.max_new_tokens))
             .map_err(EngineError::Invalid)?;
-        Ok(Generation {
-            prompt: Prompt::Tokens(ids),
-            adapter: served.adapter.clone(),
-            max_new_tokens: served.max_new_tokens,
-            temperature: 0.0,
-            top_k: None,
-            top_p: None,
-            seed: 0,
-            stop: Vec::new(),
-            ignore_eos: false,
-        })
+        Ok(Generation::greedy(Prompt::Tokens(ids), served.adapter.clone(), served.max_new_tokens))
     }
 
     fn answer(&self, task: &str, generated: String) -> Value {
