@@ -169,7 +169,7 @@ pub struct TextStream {
 }
 
 /// After this many tokens of no complete text (bytes that never form a character), their text is appended
-/// as it decodes (with U+FFFD), so that the window stays short.
+/// as it decodes (with U+FFFD) and the window moves past them, so that it stays short.
 const MAX_PENDING: usize = 8;
 
 /// What one more token made of the text.
@@ -219,26 +219,31 @@ impl TextStream {
             from += 1;
         }
         self.text.push_str(&now[from..]);
-        if whole {
-            self.prefix = self.read;
-        }
+        // The next window starts at the token before (a forced append moves it too, so that it stays short).
+        self.prefix = self.read;
         self.read = self.ids.len();
     }
 
-    /// Adds a generated token; `decode` turns tokens into text.
-    pub fn push(&mut self, id: u32, decode: impl Fn(&[u32]) -> String) -> Piece {
-        self.ids.push(id);
-        self.advance(decode, false);
+    /// Cuts the text at the first stop string, if one appeared, and returns what of it was not sent yet.
+    fn cut_at_stop(&mut self) -> Option<String> {
         // A stop string ends in text not sent yet (text that may start one is held back).
         let longest = self.stop_strings.iter().map(String::len).max().unwrap_or(0);
         let mut search = self.sent.saturating_sub(longest).min(self.text.len());
         while !self.text.is_char_boundary(search) {
             search -= 1;
         }
-        if let Some(at) = self.stop_strings.iter().filter_map(|s| self.text[search..].find(s.as_str())).min() {
-            self.text.truncate(search + at);
-            let piece = self.text[self.resume()..].to_string();
-            self.sent = self.text.len().max(self.sent);
+        let at = self.stop_strings.iter().filter_map(|s| self.text[search..].find(s.as_str())).min()?;
+        self.text.truncate(search + at);
+        let piece = self.text[self.resume()..].to_string();
+        self.sent = self.text.len().max(self.sent);
+        Some(piece)
+    }
+
+    /// Adds a generated token; `decode` turns tokens into text.
+    pub fn push(&mut self, id: u32, decode: impl Fn(&[u32]) -> String) -> Piece {
+        self.ids.push(id);
+        self.advance(decode, false);
+        if let Some(piece) = self.cut_at_stop() {
             return Piece { text: piece, stopped: true };
         }
         // Hold back a piece that ends in an incomplete character, or in what may be the start of a stop string.
@@ -274,6 +279,10 @@ impl TextStream {
     /// stop-string start (an incomplete character stays out of what is sent; the text keeps it as U+FFFD).
     pub fn finish(&mut self, decode: impl Fn(&[u32]) -> String) -> String {
         self.advance(decode, true);
+        // Text that only came now may hold a stop string too.
+        if let Some(piece) = self.cut_at_stop() {
+            return piece;
+        }
         let complete = self.text.trim_end_matches('\u{FFFD}').len();
         let mut rest = String::new();
         let from = self.resume();
@@ -473,5 +482,18 @@ mod tests {
             }
         }
         assert_eq!((sent.as_str(), stream.text()), ("w1 ", "w1 "));
+    }
+
+    /// Text that comes only at the end (its last token ended inside a character) is cut at a stop string too.
+    #[test]
+    fn a_stop_string_in_the_text_that_comes_at_the_end_cuts_it() {
+        let decode = |ids: &[u32]| -> String {
+            ids.iter().map(|&i| if i == 9 { "xSTOPy\u{FFFD}".to_string() } else { format!("w{i} ") }).collect()
+        };
+        let mut stream = TextStream::new(&["STOP".to_string()]);
+        assert_eq!(stream.push(1, decode), Piece { text: "w1 ".into(), stopped: false });
+        assert_eq!(stream.push(9, decode).text, "", "an incomplete character waits");
+        assert_eq!(stream.finish(decode), "x");
+        assert_eq!(stream.text(), "w1 x");
     }
 }

@@ -206,6 +206,17 @@ async fn predict_task(State(state): State<Arc<GenState>>, Path(task): Path<Strin
 async fn predictions(state: &GenState, body: &[u8], path_task: Option<&str>) -> Result<Json<Value>, ApiError> {
     let tasks = tasks_of(state)?;
     let (inputs, wanted) = crate::api::check_request(body, path_task, tasks.tasks(), &state.settings)?;
+    // Each (input, task) is one generation waiting in the generator's queue: a request that could never fit
+    // it is refused as such, not with a 429 that no retry can pass.
+    let generations = inputs.len() * wanted.len();
+    let bound = state.settings.generation.queue_bound;
+    if generations > bound || wanted.is_empty() {
+        return Err(ApiError::Validation(format!(
+            "{} inputs × {} tasks = {generations} generations; at most {bound} per request (the queue bound)",
+            inputs.len(),
+            wanted.len()
+        )));
+    }
     let started = std::time::Instant::now();
     let deadline = tokio::time::Instant::now() + state.settings.request_timeout;
     // Prompts are tokenised on the blocking pool, off the async workers.
@@ -231,16 +242,14 @@ async fn predictions(state: &GenState, body: &[u8], path_task: Option<&str>) -> 
     }
     let finished =
         futures_util::future::try_join_all(pending.into_iter().map(|u| wait(u, deadline, &state.metrics))).await?;
-    let mut finished = finished.into_iter();
-    let per_input: Vec<Value> = std::iter::from_fn(|| {
-        let mut answers = serde_json::Map::new();
-        for task in &wanted {
-            let f = finished.next()?;
-            answers.insert(task.clone(), tasks.answer(task, f.text));
-        }
-        Some(Value::Object(answers))
-    })
-    .collect();
+    let per_input: Vec<Value> = finished
+        .chunks(wanted.len())
+        .map(|answers| {
+            let answers =
+                wanted.iter().zip(answers).map(|(task, f)| (task.clone(), tasks.answer(task, f.text.clone())));
+            Value::Object(answers.collect())
+        })
+        .collect();
     state.metrics.latency(&wanted, started.elapsed().as_secs_f64());
     Ok(Json(json!({"predictions": per_input})))
 }
@@ -686,6 +695,15 @@ mod tests {
         let (_, body) = call(&app, "/v1/predict", json!({"inputs": ["a", {"question": "q", "context": "c"}]})).await;
         assert!(body.contains("input 1: a text or words"), "{body}");
 
+        // More generations than the queue can ever hold: 422, not a 429 that no retry passes.
+        let small = Settings {
+            generation: crate::api::GenerationSettings { queue_bound: 3, ..Settings::default().generation },
+            ..Settings::default()
+        };
+        let bounded = label_task_router(Echo::default(), Labels::new(), small);
+        let (status, body) = call(&bounded, "/v1/predict", json!({"inputs": ["a", "b"]})).await;
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+        assert!(body.contains("4 generations; at most 3"), "{body}");
         let full = label_task_router(Echo { full: true, ..Echo::default() }, Labels::new(), Settings::default());
         assert_eq!(call(&full, "/v1/predict", json!({"inputs": ["a"]})).await.0, StatusCode::TOO_MANY_REQUESTS);
         let get = |path: &str| Request::get(path).body(axum::body::Body::empty()).expect("request");

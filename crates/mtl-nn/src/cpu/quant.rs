@@ -23,7 +23,7 @@ use super::math::simd;
 use crate::{NnError, Result};
 
 /// The most rows dequantised per task of a forward product with fewer than [`MANY_ROWS`] input rows (256
-/// rows of 576 columns: 576 KiB, within a core's L2).
+/// rows of 576 columns: 576 KiB, within a core's L2 here; of 2,048 columns, 2 MiB).
 const ROWS_PER_TASK: usize = 256;
 /// Rows of the matrix dequantised at a time for a product with many input rows.
 const BLOCK: usize = 1024;
@@ -347,7 +347,7 @@ mod avx2 {
     }
 
     /// `yt[r·m + i] = Σ_c W[r, c] · x[i, c]` for the `n` rows of Q4_0, Q4_1 or Q8_0 blocks in `bytes` (each of
-    /// `cols` values) and the `m` rows of `x`: each block is decoded into four vectors of 8 floats (the values
+    /// `cols` values) and the `m` rows of `x`: each block is decoded into vectors of 8 or 16 floats (the values
     /// [`dequantize`] writes) and multiplied into up to four input rows at once, so the decoded weights never
     /// leave the registers. The caller checked [`available`] and the format.
     pub(super) fn dot_rows(dtype: GgmlDType, bytes: &[u8], n: usize, cols: usize, x: &[f32], m: usize, yt: &mut [f32]) {
