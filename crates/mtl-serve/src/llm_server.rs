@@ -13,7 +13,7 @@ use std::convert::Infallible;
 use std::sync::Arc;
 
 use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, Path, Request, State};
+use axum::extract::{DefaultBodyLimit, MatchedPath, Path, Request, State};
 use axum::http::{header, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::sse::{Event, Sse};
@@ -106,7 +106,9 @@ fn router(generator: Arc<dyn Generator>, tasks: Option<Arc<dyn LabelTasks>>, set
 }
 
 async fn authenticate(State(state): State<Arc<GenState>>, request: Request, next: Next) -> Response {
-    let endpoint = request.uri().path().to_string();
+    // The route's pattern, not the path sent: the metrics' label values stay few.
+    let endpoint =
+        request.extensions().get::<MatchedPath>().map_or_else(|| "other".to_string(), |p| p.as_str().to_string());
     if !crate::api::key_accepted(&state.settings, &request) {
         state.metrics.request(&endpoint, 401);
         state.metrics.error("unauthorized");

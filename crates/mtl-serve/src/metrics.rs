@@ -127,11 +127,12 @@ impl Metrics {
         self.with(|m| {
             out.push_str("# HELP mtl_requests_total Requests answered, by endpoint and HTTP status.\n# TYPE mtl_requests_total counter\n");
             for ((endpoint, status), n) in &m.requests {
+                let endpoint = escape(endpoint);
                 let _ = writeln!(out, "mtl_requests_total{{endpoint=\"{endpoint}\",status=\"{status}\"}} {n}");
             }
             out.push_str("# HELP mtl_errors_total Errors, by kind.\n# TYPE mtl_errors_total counter\n");
             for (kind, n) in &m.errors {
-                let _ = writeln!(out, "mtl_errors_total{{kind=\"{kind}\"}} {n}");
+                let _ = writeln!(out, "mtl_errors_total{{kind=\"{}\"}} {n}", escape(kind));
             }
             out.push_str("# HELP mtl_queue_depth Requests waiting for the model.\n# TYPE mtl_queue_depth gauge\n");
             let _ = writeln!(out, "mtl_queue_depth {queue_depth}");
@@ -139,10 +140,10 @@ impl Metrics {
             m.batches.write(&mut out, "mtl_batch_inputs", "", &BATCH_BUCKETS);
             out.push_str("# HELP mtl_request_duration_seconds Request latency, per task asked for.\n# TYPE mtl_request_duration_seconds histogram\n");
             for (task, h) in &m.latency {
-                h.write(&mut out, "mtl_request_duration_seconds", &format!("task=\"{task}\""), &LATENCY_BUCKETS);
+                h.write(&mut out, "mtl_request_duration_seconds", &format!("task=\"{}\"", escape(task)), &LATENCY_BUCKETS);
             }
             if !m.first_token.is_empty() || !m.generated.is_empty() {
-                let label = |adapter: &str| format!("adapter=\"{adapter}\"");
+                let label = |adapter: &str| format!("adapter=\"{}\"", escape(adapter));
                 out.push_str("# HELP mtl_time_to_first_token_seconds From a generation request to its first text, per adapter.\n# TYPE mtl_time_to_first_token_seconds histogram\n");
                 for (adapter, h) in &m.first_token {
                     h.write(&mut out, "mtl_time_to_first_token_seconds", &label(adapter), &LATENCY_BUCKETS);
@@ -159,6 +160,11 @@ impl Metrics {
         });
         out
     }
+}
+
+/// A label value as the exposition format writes it: backslash, double quote and newline escaped.
+fn escape(value: &str) -> String {
+    value.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
 }
 
 /// A generator's gauges and counters in the exposition format.
@@ -184,4 +190,20 @@ pub fn generator_gauges(s: &crate::generation::GeneratorStatus) -> String {
         u8::from(s.failure.is_none()).to_string(),
     );
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Label values are escaped as the exposition format requires, whatever a caller names.
+    #[test]
+    fn label_values_are_escaped() {
+        let m = Metrics::default();
+        m.generated("a\"b\\c\nd", 3);
+        m.request("/v1/x\"", 200);
+        let text = m.render(0);
+        assert!(text.contains(r#"mtl_generated_tokens_total{adapter="a\"b\\c\nd"} 3"#), "{text}");
+        assert!(text.contains(r#"mtl_requests_total{endpoint="/v1/x\"",status="200"} 1"#), "{text}");
+    }
 }
