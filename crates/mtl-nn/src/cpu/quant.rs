@@ -517,24 +517,9 @@ mod avx2 {
         stride: usize,
         out: *mut f32,
     ) {
-        let with_min = size == 20;
-        let mask = _mm_set1_epi8(0x0F);
         let mut acc = [[__m256::zero(); ACC]; MR];
-        let minus_eight = _mm256_set1_ps(-8.0);
         for b in 0..blocks {
-            let block = row.add(b * size);
-            let scales = f16_pair(block);
-            let dv = _mm256_broadcastss_ps(scales);
-            let mv = match with_min {
-                true => _mm256_broadcastss_ps(_mm_movehdup_ps(scales)),
-                false => _mm256_mul_ps(dv, minus_eight),
-            };
-            let q = _mm_loadu_si128(block.add(if with_min { 4 } else { 2 }).cast());
-            let lo = _mm_and_si128(q, mask);
-            let hi = _mm_and_si128(_mm_srli_epi16(q, 4), mask);
-            let value = |bytes: __m128i| _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(bytes)), dv, mv);
-            let w = [value(lo), value(_mm_srli_si128(lo, 8)), value(hi), value(_mm_srli_si128(hi, 8))];
-            accumulate(&w, x, stride, b, &mut acc);
+            accumulate(&q4_block(row.add(b * size), size == 20), x, stride, b, &mut acc);
         }
         store(&acc, out);
     }
@@ -551,14 +536,7 @@ mod avx2 {
     ) {
         let mut acc = [[__m256::zero(); ACC]; MR];
         for b in 0..blocks {
-            let block = row.add(b * 34);
-            let dv = _mm256_broadcastss_ps(f16_pair(block));
-            let value = |k: usize| {
-                let part = _mm_loadl_epi64(block.add(2 + 8 * k).cast());
-                _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(part)), dv)
-            };
-            let w = [value(0), value(1), value(2), value(3)];
-            accumulate(&w, x, stride, b, &mut acc);
+            accumulate(&q8_block(row.add(b * 34)), x, stride, b, &mut acc);
         }
         store(&acc, out);
     }
@@ -630,30 +608,8 @@ mod avx2 {
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn q4_blocks(src: *const u8, dst: *mut f32, blocks: usize, with_min: bool) {
         let size = if with_min { 20 } else { 18 };
-        let mask = _mm_set1_epi8(0x0F);
-        let minus_eight = _mm256_set1_ps(-8.0);
         for b in 0..blocks {
-            let block = src.add(b * size);
-            let scales = f16_pair(block);
-            let dv = _mm256_broadcastss_ps(scales);
-            let mv = match with_min {
-                true => _mm256_broadcastss_ps(_mm_movehdup_ps(scales)),
-                false => _mm256_mul_ps(dv, minus_eight),
-            };
-            let q = _mm_loadu_si128(block.add(if with_min { 4 } else { 2 }).cast());
-            let lo = _mm_and_si128(q, mask);
-            let hi = _mm_and_si128(_mm_srli_epi16(q, 4), mask);
-            let y = dst.add(b * 32);
-            _mm256_storeu_ps(y, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo)), dv, mv));
-            _mm256_storeu_ps(
-                y.add(8),
-                _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8))), dv, mv),
-            );
-            _mm256_storeu_ps(y.add(16), _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi)), dv, mv));
-            _mm256_storeu_ps(
-                y.add(24),
-                _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8))), dv, mv),
-            );
+            store_block(&q4_block(src.add(b * size), with_min), dst.add(b * 32));
         }
     }
 
@@ -661,13 +617,44 @@ mod avx2 {
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn q8_blocks(src: *const u8, dst: *mut f32, blocks: usize) {
         for b in 0..blocks {
-            let block = src.add(b * 34);
-            let dv = _mm256_broadcastss_ps(f16_pair(block));
-            let y = dst.add(b * 32);
-            for i in 0..4 {
-                let part = _mm_loadl_epi64(block.add(2 + 8 * i).cast());
-                _mm256_storeu_ps(y.add(8 * i), _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(part)), dv));
-            }
+            store_block(&q8_block(src.add(b * 34)), dst.add(b * 32));
+        }
+    }
+
+    /// The 32 values of the Q4_0 (18 bytes: `(q − 8) · d`) or Q4_1 (20 bytes: `q · d + m`) block at `block`, as
+    /// four vectors of 8: low nibbles first, then high. What [`dequantize`] writes and the fused kernels use.
+    #[inline(always)]
+    unsafe fn q4_block(block: *const u8, with_min: bool) -> [__m256; 4] {
+        let scales = f16_pair(block);
+        let dv = _mm256_broadcastss_ps(scales);
+        let mv = match with_min {
+            true => _mm256_broadcastss_ps(_mm_movehdup_ps(scales)),
+            false => _mm256_mul_ps(dv, _mm256_set1_ps(-8.0)),
+        };
+        let mask = _mm_set1_epi8(0x0F);
+        let q = _mm_loadu_si128(block.add(if with_min { 4 } else { 2 }).cast());
+        let lo = _mm_and_si128(q, mask);
+        let hi = _mm_and_si128(_mm_srli_epi16(q, 4), mask);
+        let value = |bytes: __m128i| _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(bytes)), dv, mv);
+        [value(lo), value(_mm_srli_si128(lo, 8)), value(hi), value(_mm_srli_si128(hi, 8))]
+    }
+
+    /// The 32 values `q · d` of the Q8_0 block (34 bytes) at `block`, as four vectors of 8.
+    #[inline(always)]
+    unsafe fn q8_block(block: *const u8) -> [__m256; 4] {
+        let dv = _mm256_broadcastss_ps(f16_pair(block));
+        let value = |k: usize| {
+            let part = _mm_loadl_epi64(block.add(2 + 8 * k).cast());
+            _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(part)), dv)
+        };
+        [value(0), value(1), value(2), value(3)]
+    }
+
+    /// Writes a decoded block's 32 values at `y`.
+    #[inline(always)]
+    unsafe fn store_block(w: &[__m256; 4], y: *mut f32) {
+        for (k, wk) in w.iter().enumerate() {
+            _mm256_storeu_ps(y.add(8 * k), *wk);
         }
     }
 }
