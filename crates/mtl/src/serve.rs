@@ -102,11 +102,7 @@ impl ModelEngine {
             .config
             .tasks
             .iter()
-            .map(|(name, t)| TaskDescription {
-                name: name.to_string(),
-                kind: serde_json::to_value(t.kind).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default(),
-                labels: loaded.labels.get(name).map(|m| m.labels().to_vec()).unwrap_or_default(),
-            })
+            .map(|(name, t)| crate::decoder::task_description(name, t, loaded.labels.get(name)))
             .collect();
         Self { loaded, tasks, questions: AtomicUsize::new(0) }
     }
