@@ -226,4 +226,8 @@ pub struct ServeFlags {
     /// Decoder models: positions per key/value cache block [default: 16].
     #[arg(long)]
     pub kv_block: Option<usize>,
+    /// Decoder models: keep prompts' key/value blocks for later requests that start with the same tokens
+    /// [default: true].
+    #[arg(long)]
+    pub prefix_cache: Option<bool>,
 }

@@ -118,6 +118,7 @@ impl ServeFlags {
             prefill_chunk: self.prefill_chunk,
             kv_cache_mb: self.kv_cache_mb,
             kv_block: self.kv_block,
+            prefix_cache: self.prefix_cache,
         }
     }
 }

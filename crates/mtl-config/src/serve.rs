@@ -43,6 +43,10 @@ pub struct ServeConfig {
     pub kv_cache_mb: usize,
     /// Decoder models: positions per key/value cache block.
     pub kv_block: usize,
+    /// Decoder models: keep the key/value blocks of prompts (and answers) after their request ends, so a
+    /// request that starts with the same tokens under the same adapter computes only the rest (prefix
+    /// caching); kept blocks give way to new requests when the cache is full.
+    pub prefix_cache: bool,
 }
 
 impl Default for ServeConfig {
@@ -62,6 +66,7 @@ impl Default for ServeConfig {
             prefill_chunk: 512,
             kv_cache_mb: 1024,
             kv_block: 16,
+            prefix_cache: true,
         }
     }
 }
@@ -83,6 +88,7 @@ pub struct ServeOverrides {
     pub prefill_chunk: Option<usize>,
     pub kv_cache_mb: Option<usize>,
     pub kv_block: Option<usize>,
+    pub prefix_cache: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -109,6 +115,7 @@ impl ServeConfig {
         self.prefill_chunk = o.prefill_chunk.unwrap_or(self.prefill_chunk);
         self.kv_cache_mb = o.kv_cache_mb.unwrap_or(self.kv_cache_mb);
         self.kv_block = o.kv_block.unwrap_or(self.kv_block);
+        self.prefix_cache = o.prefix_cache.unwrap_or(self.prefix_cache);
     }
 
     /// The `[serve]` table of `path`, checked; a relative `api_keys` path is taken relative to the file.
@@ -190,7 +197,7 @@ mod tests {
         let cases = [
             (
                 "[serve]\nqueue_bound = 4\nqueue_size = 8\n",
-                "invalid config conf/serve.toml: TOML parse error at line 3, column 1\n  |\n3 | queue_size = 8\n  | ^^^^^^^^^^\nunknown field `queue_size`, expected one of `addr`, `max_batch_tokens`, `max_wait_ms`, `queue_bound`, `max_input_chars`, `max_inputs`, `body_limit`, `timeout_s`, `api_keys`, `threads`, `max_sequences`, `prefill_chunk`, `kv_cache_mb`, `kv_block`",
+                "invalid config conf/serve.toml: TOML parse error at line 3, column 1\n  |\n3 | queue_size = 8\n  | ^^^^^^^^^^\nunknown field `queue_size`, expected one of `addr`, `max_batch_tokens`, `max_wait_ms`, `queue_bound`, `max_input_chars`, `max_inputs`, `body_limit`, `timeout_s`, `api_keys`, `threads`, `max_sequences`, `prefill_chunk`, `kv_cache_mb`, `kv_block`, `prefix_cache`",
             ),
             ("[serve]\nqueue_bound = 0\n", "invalid config conf/serve.toml: field `serve.queue_bound`: must be at least 1"),
             ("[serve]\nbody_limit = 10\n", "invalid config conf/serve.toml: field `serve.body_limit`: must be at least 1024 bytes"),

@@ -8,7 +8,9 @@ use std::path::PathBuf;
 use candle_core::{Device, Tensor};
 use serde_json::Value;
 
-use crate::llama::{causal_lm_loss, Activation, BlockTable, Family, KvCache, Llama, LlamaConfig, SlidingWindow};
+use crate::llama::{
+    causal_lm_loss, Activation, BlockTable, Family, KvCache, Llama, LlamaConfig, PagedKv, SlidingWindow,
+};
 use crate::params::ParamBuilder;
 
 type TestResult = Result<(), Box<dyn std::error::Error>>;
@@ -601,8 +603,58 @@ fn paged_steps_equal_each_sequence_alone() -> TestResult {
         }
         assert!(max_diff < 1e-4, "{name}: max abs difference {max_diff}");
         // A sequence without room for its tokens is refused.
-        let mut full = BlockTable { blocks: vec![tables[0].blocks[0]], len: 2 };
+        let mut full = BlockTable::default();
+        full.blocks = vec![tables[0].blocks[0]];
+        full.len = 2;
         assert!(model.step(&[3], &mut [(&mut full, 1)], &mut kv, None).is_err());
+    }
+    Ok(())
+}
+
+/// A sequence that starts with the tokens of one that has ended takes its cached blocks (whole ones shared, a
+/// partly matching one copied) and computes only the rest, with the logits of a full pass; the blocks stay
+/// cached for a third sequence, shared by two at once; another salt shares nothing.
+#[test]
+fn shared_prefixes_answer_as_computed_ones() -> TestResult {
+    for name in MODELS {
+        let (model, _, _) = load_model(name)?;
+        let vocab = model.config().vocab_size as u32;
+        let first: Vec<u32> = (0..12u32).map(|i| 3 + (i * 5 + 1) % (vocab - 3)).collect();
+        // The first 9 tokens of `first` (two whole blocks of 4 and one token of the third), then others.
+        let second: Vec<u32> = first[..9].iter().copied().chain([4, 5, 6]).collect();
+        let mut kv = model.paged_cache(4, 12);
+        let run = |kv: &mut PagedKv,
+                   table: &mut BlockTable,
+                   tokens: &[u32]|
+         -> Result<Vec<f32>, Box<dyn std::error::Error>> {
+            let new = tokens.len() - table.len;
+            assert!(kv.reserve(table, new));
+            let hidden = model.step(&tokens[table.len..], &mut [(&mut *table, new)], kv, None)?;
+            kv.register(table, tokens, 0);
+            Ok(model.logits(&hidden)?.to_vec2::<f32>()?.remove(0))
+        };
+        let mut a = BlockTable::default();
+        run(&mut kv, &mut a, &first)?;
+        let first_blocks = a.blocks.clone();
+        kv.release(&mut a);
+        assert_eq!((kv.free_blocks(), kv.cached_blocks()), (12, 3), "{name}: the full blocks stay cached");
+        let mut b = BlockTable::default();
+        assert_eq!(kv.share_prefix(&mut b, &second[..11], 0), 9, "{name}: 8 positions shared, 1 copied");
+        assert_eq!(b.blocks[..2], first_blocks[..2]);
+        assert_ne!(b.blocks[2], first_blocks[2], "{name}: the partly matching block is copied");
+        let got = run(&mut kv, &mut b, &second)?;
+        let want = full_pass_logits(&model, &second)?;
+        let diff = got.iter().zip(want.last().expect("logits")).map(|(g, w)| (g - w).abs()).fold(0f32, f32::max);
+        assert!(diff < 1e-4, "{name}: max abs difference {diff}");
+        let mut c = BlockTable::default();
+        assert_eq!(kv.share_prefix(&mut c, &first[..11], 0), 11, "{name}: a prefix shared by two at once");
+        assert_eq!(kv.free_blocks(), 12 - 4, "{name}: two shared blocks and a copy each");
+        let mut other = BlockTable::default();
+        assert_eq!(kv.share_prefix(&mut other, &first[..11], 1), 0, "{name}: another salt's keys are others");
+        for t in [&mut b, &mut c, &mut other] {
+            kv.release(t);
+        }
+        assert_eq!(kv.free_blocks(), 12);
     }
     Ok(())
 }

@@ -69,6 +69,8 @@ pub struct GenerationSettings {
     pub kv_cache_bytes: usize,
     /// Positions per key/value block.
     pub kv_block: usize,
+    /// Keep finished sequences' blocks for later requests that start with the same tokens.
+    pub prefix_cache: bool,
     /// Requests waiting to join the running batch at most (more get 429).
     pub queue_bound: usize,
 }
@@ -93,6 +95,7 @@ impl Settings {
                 prefill_chunk: config.prefill_chunk,
                 kv_cache_bytes: config.kv_cache_mb << 20,
                 kv_block: config.kv_block,
+                prefix_cache: config.prefix_cache,
                 queue_bound: config.queue_bound,
             },
         }

@@ -138,6 +138,8 @@ pub struct Finished {
     /// Why it stopped: `stop_token`, `stop_string`, `max_new_tokens`, `length` or `cancelled`.
     pub stop: String,
     pub prompt_tokens: usize,
+    /// Prompt tokens whose keys and values came from the prefix cache instead of being computed.
+    pub cached_tokens: usize,
     pub new_tokens: usize,
 }
 
@@ -172,6 +174,11 @@ pub struct GeneratorStatus {
     /// Key/value cache blocks in use, and in all.
     pub kv_blocks_used: usize,
     pub kv_blocks_total: usize,
+    /// Blocks kept by the prefix cache that no sequence holds (free for new sequences).
+    pub kv_blocks_cached: usize,
+    /// Prompt tokens of the requests admitted, and those of them found in the prefix cache.
+    pub prompt_tokens: u64,
+    pub cached_prompt_tokens: u64,
     /// Decoding steps run, and the sequences they held together (occupancy = sequences / steps).
     pub steps: u64,
     pub step_sequences: u64,

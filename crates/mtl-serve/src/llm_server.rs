@@ -146,7 +146,13 @@ async fn metrics_text(State(state): State<Arc<GenState>>) -> Response {
 }
 
 fn finished_json(f: &Finished) -> Value {
-    json!({"text": f.text, "stop_reason": f.stop, "prompt_tokens": f.prompt_tokens, "new_tokens": f.new_tokens})
+    json!({
+        "text": f.text,
+        "stop_reason": f.stop,
+        "prompt_tokens": f.prompt_tokens,
+        "cached_tokens": f.cached_tokens,
+        "new_tokens": f.new_tokens,
+    })
 }
 
 async fn generate(State(state): State<Arc<GenState>>, body: Bytes) -> Response {
@@ -349,7 +355,8 @@ mod tests {
                         return;
                     }
                 }
-                let done = Finished { text, stop: "max_new_tokens".into(), prompt_tokens: 0, new_tokens: n };
+                let done =
+                    Finished { text, stop: "max_new_tokens".into(), prompt_tokens: 0, cached_tokens: 0, new_tokens: n };
                 let _ = sender.send(Update::Done(Ok(done)));
             });
             Ok(receiver)

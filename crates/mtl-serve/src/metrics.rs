@@ -176,6 +176,24 @@ pub fn generator_gauges(s: &crate::generation::GeneratorStatus) -> String {
     metric("mtl_running_sequences", "gauge", "Sequences in the running batch.", s.running.to_string());
     metric("mtl_kv_blocks_used", "gauge", "Key/value cache blocks in use.", s.kv_blocks_used.to_string());
     metric("mtl_kv_blocks_total", "gauge", "Key/value cache blocks in all.", s.kv_blocks_total.to_string());
+    metric(
+        "mtl_kv_blocks_cached",
+        "gauge",
+        "Key/value cache blocks kept for prefixes that no sequence holds (free for new ones).",
+        s.kv_blocks_cached.to_string(),
+    );
+    metric(
+        "mtl_prompt_tokens_total",
+        "counter",
+        "Prompt tokens of the admitted requests.",
+        s.prompt_tokens.to_string(),
+    );
+    metric(
+        "mtl_prompt_tokens_cached_total",
+        "counter",
+        "Prompt tokens found in the prefix cache (not computed).",
+        s.cached_prompt_tokens.to_string(),
+    );
     metric("mtl_decode_steps_total", "counter", "Batched model steps run.", s.steps.to_string());
     metric(
         "mtl_step_sequences_total",

@@ -391,7 +391,12 @@ impl Stream {
 }
 
 fn usage(f: &Finished) -> Value {
-    json!({"prompt_tokens": f.prompt_tokens, "completion_tokens": f.new_tokens, "total_tokens": f.prompt_tokens + f.new_tokens})
+    json!({
+        "prompt_tokens": f.prompt_tokens,
+        "completion_tokens": f.new_tokens,
+        "total_tokens": f.prompt_tokens + f.new_tokens,
+        "prompt_tokens_details": {"cached_tokens": f.cached_tokens},
+    })
 }
 
 /// OpenAI's finish reason: `stop` (an end token or a stop string) or `length` (the budget or the context).

@@ -141,6 +141,7 @@ pub fn generation_document(tasks: &[TaskDescription], secured: bool) -> Value {
                 "text": {"type": "string"},
                 "stop_reason": {"type": "string", "enum": ["stop_token", "stop_string", "max_new_tokens", "length", "cancelled"]},
                 "prompt_tokens": {"type": "integer"},
+                "cached_tokens": {"type": "integer", "description": "prompt tokens taken from the prefix cache"},
                 "new_tokens": {"type": "integer"},
             }},
             "Error": {"type": "object", "properties": {"error": {"type": "object", "properties": {

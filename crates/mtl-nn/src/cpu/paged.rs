@@ -8,9 +8,13 @@
 //! A step is ragged: each sequence brings its own number of new tokens (a whole prompt, a chunk of one, or the
 //! single token of a decoding step), all of them in one `[tokens, width]` matrix, so the projections run once
 //! over every sequence of the step. Only attention looks at the sequences one by one, through their blocks.
+//!
+//! Sequences that start with the same tokens share their blocks ([`PagedKv::share_prefix`], the prefix cache
+//! of [`super::blocks`]): a prompt that repeats an earlier one, or its instructions, computes only what is new.
 
 use rayon::prelude::*;
 
+use super::blocks::{root_key, BlockPool};
 use super::decoder::{masked_softmax, RopeTables};
 use super::gemm::{matmul, Threads, View, ViewMut};
 
@@ -19,6 +23,10 @@ use super::gemm::{matmul, Threads, View, ViewMut};
 pub struct BlockTable {
     pub blocks: Vec<u32>,
     pub len: usize,
+    /// Leading blocks whose prefix key is known (registered in the prefix cache, or shared from it), and the
+    /// key after them.
+    hashed: usize,
+    key: u64,
 }
 
 /// One sequence of a ragged step: `new` tokens at the positions after the `table.len` it has cached.
@@ -39,8 +47,7 @@ pub struct PagedKv {
     block_size: usize,
     blocks: usize,
     layers: Vec<(Vec<f32>, Vec<f32>)>,
-    /// Free blocks, taken from the end.
-    free: Vec<u32>,
+    pool: BlockPool,
 }
 
 impl PagedKv {
@@ -62,7 +69,7 @@ impl PagedKv {
             block_size,
             blocks,
             layers: (0..layers).map(|_| (vec![0f32; size], vec![0f32; size])).collect(),
-            free: (0..blocks as u32).rev().collect(),
+            pool: BlockPool::new(blocks, block_size),
         }
     }
 
@@ -79,8 +86,14 @@ impl PagedKv {
         self.blocks
     }
 
+    /// Blocks a sequence can take: free ones, and cached ones no sequence holds (evicted when taken).
     pub fn free_blocks(&self) -> usize {
-        self.free.len()
+        self.pool.available()
+    }
+
+    /// Cached blocks no sequence holds: kept for prefixes that may come again, and counted as free.
+    pub fn cached_blocks(&self) -> usize {
+        self.pool.idle()
     }
 
     /// Bytes of keys and values one block holds over all layers (f32).
@@ -97,18 +110,74 @@ impl PagedKv {
     /// takes nothing, when the pool has too few free blocks.
     pub fn reserve(&mut self, table: &mut BlockTable, extra: usize) -> bool {
         let need = self.blocks_for(table.len + extra).saturating_sub(table.blocks.len());
-        if need > self.free.len() {
-            return false;
+        match self.pool.take(need) {
+            Some(blocks) => {
+                table.blocks.extend(blocks);
+                true
+            }
+            None => false,
         }
-        let at = self.free.len() - need;
-        table.blocks.extend(self.free.drain(at..).rev());
-        true
     }
 
-    /// Returns a finished sequence's blocks to the pool.
+    /// Returns a finished sequence's blocks to the pool (those in the prefix cache stay cached until needed).
     pub fn release(&mut self, table: &mut BlockTable) {
-        self.free.extend(table.blocks.drain(..).rev());
-        table.len = 0;
+        self.pool.let_go(&table.blocks);
+        *table = BlockTable::default();
+    }
+
+    /// Starts the empty `table` with the longest prefix of `tokens` that the cache holds under `salt` (keys
+    /// and values depend on the model's weights: a LoRA adapter needs its own salt). Whole blocks are shared;
+    /// where only the start of a cached block matches, that block is copied into a block of the table's own,
+    /// so its later positions can be written. Returns the positions the table now holds, at most
+    /// `tokens.len()`, which the sequence need not compute. A copy needs a free block; without one, the table
+    /// keeps the whole blocks only.
+    pub fn share_prefix(&mut self, table: &mut BlockTable, tokens: &[u32], salt: u64) -> usize {
+        assert!(table.blocks.is_empty() && table.len == 0, "share_prefix starts an empty table");
+        let bs = self.block_size;
+        let prefix = self.pool.lookup(tokens, salt);
+        for &b in &prefix.full {
+            self.pool.hold(b);
+        }
+        table.blocks = prefix.full;
+        table.len = table.blocks.len() * bs;
+        table.hashed = table.blocks.len();
+        table.key = prefix.key;
+        if let Some((from, matched)) = prefix.partial {
+            // Held while a block is taken, so that taking cannot evict it.
+            self.pool.hold(from);
+            if let Some(to) = self.pool.take(1) {
+                self.copy_block(from, to[0]);
+                table.blocks.push(to[0]);
+                table.len += matched;
+            }
+            self.pool.let_go(&[from]);
+        }
+        table.len
+    }
+
+    /// Registers the blocks that `table` has filled since the last call, `tokens` being the sequence's tokens
+    /// (at least its cached positions), so that later sequences starting with the same tokens under `salt`
+    /// share them.
+    pub fn register(&mut self, table: &mut BlockTable, tokens: &[u32], salt: u64) {
+        let bs = self.block_size;
+        let full = table.len.min(tokens.len()) / bs;
+        if table.hashed == 0 && full > 0 {
+            table.key = root_key(salt);
+        }
+        for i in table.hashed..full {
+            table.key = self.pool.register(table.blocks[i], table.key, &tokens[i * bs..(i + 1) * bs]);
+        }
+        table.hashed = table.hashed.max(full);
+    }
+
+    /// Copies every layer's keys and values of block `from` into block `to`.
+    fn copy_block(&mut self, from: u32, to: u32) {
+        let size = self.kv_heads * self.block_size * self.head_dim;
+        let (from, to) = (from as usize * size, to as usize * size);
+        for (k, v) in &mut self.layers {
+            k.copy_within(from..from + size, to);
+            v.copy_within(from..from + size, to);
+        }
     }
 
     /// Attention of layer `layer` for a ragged step: queries `[tokens, heads · head_dim]`, keys and values

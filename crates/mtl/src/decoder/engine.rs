@@ -10,6 +10,12 @@
 //! generator (the tokens it would draw alone) and streams its text; a finished sequence gives its blocks back
 //! at once, and a waiting request can take them at the next step.
 //!
+//! With the prefix cache on, a sequence's full blocks are registered under the tokens they hold (prompt and
+//! answer) and stay cached after it ends; a request is admitted with the longest cached prefix of its prompt
+//! under its adapter ([`PagedKv::share_prefix`]) and computes only the rest: a prompt sent again, or one that
+//! starts with the same instructions, reaches its first token sooner. Cached blocks nobody holds count as free
+//! and give way, longest idle first, when a request needs them.
+//!
 //! Blocks are reserved for a request's whole budget when it is admitted, so a running sequence never waits
 //! for memory and none is ever preempted; a request whose budget exceeds the whole pool is refused (422) when
 //! it is submitted. A step that fails or panics fails the requests in it, gives their blocks back, and the
@@ -35,6 +41,8 @@ struct Job {
     prompt: Vec<u32>,
     /// Its adapter's index (none for a model without LoRA).
     adapter: Option<usize>,
+    /// What its cached keys and values are computed under: the adapter (a prefix cache salt).
+    salt: u64,
     sampling: Sampling,
     max_new_tokens: usize,
     /// Positions its sequence may cache: the prompt, and every token it may generate but the last (within the
@@ -50,8 +58,11 @@ struct Job {
 struct Active {
     job: Job,
     table: BlockTable,
-    /// Prompt tokens cached so far.
+    /// The sequence's tokens: the prompt, then each generated token once it is fed back.
+    tokens: Vec<u32>,
+    /// Prompt tokens cached so far, and those of them taken from the prefix cache.
     read: usize,
+    cached: usize,
     /// The token the next step feeds: the last one sampled (none while the prompt is being read).
     next: Option<u32>,
     stream: TextStream,
@@ -65,6 +76,9 @@ struct Shared {
     queued: AtomicUsize,
     running: AtomicUsize,
     blocks_used: AtomicUsize,
+    blocks_cached: AtomicUsize,
+    prompt_tokens: AtomicU64,
+    cached_prompt_tokens: AtomicU64,
     steps: AtomicU64,
     step_sequences: AtomicU64,
     /// Set when the engine thread has ended (it cannot serve any more).
@@ -205,6 +219,7 @@ impl Generator for BatchEngine {
             positions,
             prompt,
             adapter,
+            salt: adapter.map_or(0, |a| a as u64 + 1),
             sampling,
             stop: r.stop,
             ignore_eos: r.ignore_eos,
@@ -224,6 +239,9 @@ impl Generator for BatchEngine {
             running: s.running.load(Ordering::SeqCst),
             kv_blocks_used: s.blocks_used.load(Ordering::SeqCst),
             kv_blocks_total: self.blocks,
+            kv_blocks_cached: s.blocks_cached.load(Ordering::SeqCst),
+            prompt_tokens: s.prompt_tokens.load(Ordering::SeqCst),
+            cached_prompt_tokens: s.cached_prompt_tokens.load(Ordering::SeqCst),
             steps: s.steps.load(Ordering::SeqCst),
             step_sequences: s.step_sequences.load(Ordering::SeqCst),
             failure: s.failure(),
@@ -265,27 +283,37 @@ fn run(
             a.done = true;
         }
         retire(&mut running, &mut kv);
-        // Admission, first come first served: a request that does not fit waits for blocks to come back.
+        // Admission, first come first served: a request that does not fit waits for blocks to come back. Its
+        // cached prefix leaves at least its last prompt token to compute, whose logits give the first token.
         while running.len() < settings.max_sequences {
             let Some(job) = waiting.front() else { break };
             let mut table = BlockTable::default();
-            if !kv.reserve(&mut table, job.positions) {
+            let cached = match settings.prefix_cache {
+                true => kv.share_prefix(&mut table, &job.prompt[..job.prompt.len() - 1], job.salt),
+                false => 0,
+            };
+            if !kv.reserve(&mut table, job.positions - cached) {
+                kv.release(&mut table);
                 break;
             }
             let job = waiting.pop_front().expect("a waiting job was just seen");
             shared.queued.fetch_sub(1, Ordering::SeqCst);
+            shared.prompt_tokens.fetch_add(job.prompt.len() as u64, Ordering::SeqCst);
+            shared.cached_prompt_tokens.fetch_add(cached as u64, Ordering::SeqCst);
             let sampler = TokenSampler::new(job.sampling.clone());
             let stream = TextStream::new(&job.stop);
-            running.push(Active { job, table, read: 0, next: None, stream, sampler, done: false });
+            let tokens = job.prompt.clone();
+            running.push(Active { job, table, tokens, read: cached, cached, next: None, stream, sampler, done: false });
         }
         if !running.is_empty() {
-            let sequences = step(decoder, &mut running, &mut kv, settings.prefill_chunk);
+            let sequences = step(decoder, &mut running, &mut kv, settings);
             shared.steps.fetch_add(1, Ordering::SeqCst);
             shared.step_sequences.fetch_add(sequences as u64, Ordering::SeqCst);
             retire(&mut running, &mut kv);
         }
         shared.running.store(running.len(), Ordering::SeqCst);
         shared.blocks_used.store(kv.total_blocks() - kv.free_blocks(), Ordering::SeqCst);
+        shared.blocks_cached.store(kv.cached_blocks(), Ordering::SeqCst);
     }
 }
 
@@ -311,16 +339,18 @@ fn finish(decoder: &Decoder, a: &mut Active, result: Result<StopReason, EngineEr
             text: a.stream.text().to_string(),
             stop: serde_json::to_value(reason).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default(),
             prompt_tokens: a.job.prompt.len(),
+            cached_tokens: a.cached,
             new_tokens: a.stream.ids().len(),
         }
     });
     let _ = a.job.updates.send(Update::Done(result));
 }
 
-/// One step over the running batch: decoding sequences first, then prompt chunks within `prefill_budget`.
-/// Returns how many sequences it held.
-fn step(decoder: &Decoder, running: &mut [Active], kv: &mut PagedKv, prefill_budget: usize) -> usize {
+/// One step over the running batch: decoding sequences first, then prompt chunks within the prefill budget.
+/// With the prefix cache, the blocks the step fills are registered. Returns how many sequences it held.
+fn step(decoder: &Decoder, running: &mut [Active], kv: &mut PagedKv, settings: &GenerationSettings) -> usize {
     let model = &decoder.model;
+    let prefill_budget = settings.prefill_chunk;
     let mut plan: Vec<(usize, usize)> =
         running.iter().enumerate().filter(|(_, a)| a.next.is_some()).map(|(i, _)| (i, 1)).collect();
     let mut budget = prefill_budget.max(1);
@@ -371,7 +401,10 @@ fn step(decoder: &Decoder, running: &mut [Active], kv: &mut PagedKv, prefill_bud
             Ok(model.logits(&rows)?.to_vec2::<f32>()?)
         }))
     };
-    for (table, &(i, _)) in tables.into_iter().zip(&plan) {
+    for (mut table, &(i, _)) in tables.into_iter().zip(&plan) {
+        if settings.prefix_cache && matches!(outcome, Ok(Ok(_))) {
+            kv.register(&mut table, &running[i].tokens, running[i].job.salt);
+        }
         running[i].table = table;
     }
     let logits = match outcome {
@@ -432,6 +465,7 @@ fn step(decoder: &Decoder, running: &mut [Active], kv: &mut PagedKv, prefill_bud
             finish(decoder, a, Ok(StopReason::Length));
         } else {
             a.next = Some(token);
+            a.tokens.push(token);
         }
     }
     plan.len()
@@ -559,6 +593,7 @@ mod tests {
             prefill_chunk: 5,
             kv_cache_bytes: kv_blocks * block,
             kv_block: 4,
+            prefix_cache: true,
             queue_bound: 16,
         }
     }
@@ -631,6 +666,41 @@ mod tests {
             let want = alone(&decoder(&[adapter]), r);
             assert_eq!((got.text, got.new_tokens), (want.text, want.new_tokens), "{adapter}");
         }
+    }
+
+    /// A prompt sent again, or one that starts as an earlier one did, takes the cached blocks of that prefix
+    /// and answers as it does alone; the same prompt under another adapter shares nothing.
+    #[test]
+    fn repeated_prefixes_come_from_the_cache() {
+        let solo = decoder(&[]);
+        let engine = BatchEngine::start(decoder(&[]), settings(40));
+        let long = prompt(3, 14);
+        let ask = |r: &Generation| collect(engine.submit(r.clone()).expect("accepted")).1.expect("generated");
+        let first = request(long.clone(), 6, 0.0, 0, &[]);
+        let (a, b) = (ask(&first), ask(&first));
+        let want = alone(&solo, &first);
+        assert_eq!((a.cached_tokens, b.cached_tokens), (0, 13), "all but the last prompt token, the second time");
+        for got in [&a, &b] {
+            assert_eq!((&got.text, got.new_tokens), (&want.text, want.new_tokens));
+        }
+        // The first 10 words of `long` (two blocks of 4, and 2 of the third), then others.
+        let words: Vec<&str> = long.split(' ').collect();
+        let other = request(format!("{} w60 w61", words[..10].join(" ")), 6, 0.9, 3, &[]);
+        let c = ask(&other);
+        let want = alone(&solo, &other);
+        assert_eq!((c.cached_tokens, &c.text, c.new_tokens), (10, &want.text, want.new_tokens));
+        let s = idle(&engine);
+        assert!(s.kv_blocks_cached > 0, "{s:?}");
+        assert_eq!((s.prompt_tokens, s.cached_prompt_tokens), (14 + 14 + 12, 13 + 10));
+
+        let engine = BatchEngine::start(decoder(&["intent", "slots"]), settings(40));
+        let under = |adapter: &str| Generation { adapter: Some(adapter.into()), ..first.clone() };
+        let ask = |r: &Generation| collect(engine.submit(r.clone()).expect("accepted")).1.expect("generated");
+        let (i1, s1, i2) = (ask(&under("intent")), ask(&under("slots")), ask(&under("intent")));
+        assert_eq!((i1.cached_tokens, s1.cached_tokens, i2.cached_tokens), (0, 0, 13));
+        let want = alone(&decoder(&["slots"]), &under("slots"));
+        assert_eq!((s1.text, s1.new_tokens), (want.text, want.new_tokens));
+        assert_eq!((i2.text, i2.new_tokens), (i1.text, i1.new_tokens));
     }
 
     /// With `ignore_eos`, an answer that would end at the end token goes on to `max_new_tokens`, the same text
