@@ -62,13 +62,21 @@ impl PagedKv {
     ) -> Self {
         assert!(block_size > 0 && kv_heads > 0 && heads.is_multiple_of(kv_heads), "paged cache geometry");
         let size = blocks * kv_heads * block_size * head_dim;
+        // Written now, not only allocated: every page is faulted in at start-up instead of by the step that
+        // first reaches it (a page's first touch is a fault, and in a virtual machine whose memory the host
+        // backs lazily, a stall of up to hundreds of milliseconds in the middle of a request).
+        let touched = || {
+            let mut values = Vec::with_capacity(size);
+            values.resize(size, 0f32);
+            values
+        };
         Self {
             heads,
             kv_heads,
             head_dim,
             block_size,
             blocks,
-            layers: (0..layers).map(|_| (vec![0f32; size], vec![0f32; size])).collect(),
+            layers: (0..layers).map(|_| (touched(), touched())).collect(),
             pool: BlockPool::new(blocks, block_size),
         }
     }

@@ -28,7 +28,7 @@ use std::sync::{Arc, Mutex};
 
 use candle_core::Tensor;
 use mtl_nn::generate::{Sampling, StopReason, TextStream, TokenSampler};
-use mtl_nn::llama::{BlockTable, PagedKv};
+use mtl_nn::llama::{BlockTable, Llama, PagedKv};
 use mtl_serve::api::GenerationSettings;
 use mtl_serve::generation::{Finished, Generation, Generator, GeneratorStatus, Models, Prompt, Refused, Update};
 use mtl_serve::EngineError;
@@ -111,19 +111,22 @@ pub struct BatchEngine {
 }
 
 impl BatchEngine {
-    /// Starts the engine thread over `decoder`, with a key/value pool of `settings.kv_cache_bytes`.
+    /// Starts the engine thread over `decoder`, with a key/value pool of `settings.kv_cache_bytes`, and returns
+    /// once the pool is allocated and a warm-up step has run (or the thread has failed), so that a server
+    /// listens only when its first request will not wait for them.
     pub fn start(decoder: Decoder, settings: GenerationSettings) -> Self {
         let decoder = Arc::new(decoder);
         let block = decoder.model.paged_cache(settings.kv_block, 0).bytes_per_block().max(1);
         let blocks = (settings.kv_cache_bytes / block).max(1);
         let (jobs, receiver) = std::sync::mpsc::channel();
+        let (ready, started_up) = std::sync::mpsc::channel();
         let shared = Arc::new(Shared::default());
         let (d, s, sh) = (decoder.clone(), settings.clone(), shared.clone());
         let started = std::thread::Builder::new().name("mtl-decode".into()).spawn(move || {
             // The loop runs on a rayon pool's thread, so each step's parallel ops split over that pool.
             let inner = sh.clone();
             let outcome = catch_unwind(AssertUnwindSafe(move || {
-                mtl_train::process::on_pool(move || run(&d, &receiver, &inner, &s, blocks));
+                mtl_train::process::on_pool(move || run(&d, &receiver, &inner, &s, blocks, ready));
             }));
             let reason = match outcome {
                 Ok(()) => "the generation engine has stopped".to_string(),
@@ -131,8 +134,10 @@ impl BatchEngine {
             };
             sh.fail(reason);
         });
-        if let Err(e) = started {
-            shared.fail(format!("cannot start the generation engine: {e}"));
+        match started {
+            // An error: the thread ended before it was ready (its failure is recorded).
+            Ok(_) => drop(started_up.recv()),
+            Err(e) => shared.fail(format!("cannot start the generation engine: {e}")),
         }
         tracing::info!(
             blocks,
@@ -262,9 +267,14 @@ fn run(
     shared: &Shared,
     settings: &GenerationSettings,
     blocks: usize,
+    ready: std::sync::mpsc::Sender<()>,
 ) {
     let model = &decoder.model;
     let mut kv = model.paged_cache(settings.kv_block, blocks);
+    if let Err(e) = warm_up(model, &mut kv) {
+        tracing::warn!("the warm-up step failed: {e}");
+    }
+    drop(ready.send(()));
     let mut waiting: VecDeque<Job> = VecDeque::new();
     let mut running: Vec<Active> = Vec::new();
     loop {
@@ -315,6 +325,26 @@ fn run(
         shared.blocks_used.store(kv.total_blocks() - kv.free_blocks(), Ordering::SeqCst);
         shared.blocks_cached.store(kv.cached_blocks(), Ordering::SeqCst);
     }
+}
+
+/// A prompt pass and a decoding step of a throwaway sequence before the first request, as llama.cpp's warm-up
+/// run: the first pass through the weights, the thread pool and the scratch buffers costs several times a later
+/// one, which would otherwise fall on the first request's time to first token.
+fn warm_up(model: &Llama, kv: &mut PagedKv) -> mtl_nn::Result<()> {
+    let room = (kv.total_blocks() * kv.block_size()).min(model.config().max_position_embeddings);
+    let n = 32.min(room.saturating_sub(1));
+    let mut table = BlockTable::default();
+    if n == 0 || !kv.reserve(&mut table, n + 1) {
+        return Ok(());
+    }
+    let adapters = model.lora().map(|_| vec![0]);
+    let mut pass = |tokens: &[u32]| -> mtl_nn::Result<()> {
+        let hidden = model.step(tokens, &mut [(&mut table, tokens.len())], kv, adapters.as_deref())?;
+        model.logits(&hidden).map(drop)
+    };
+    let result = pass(&[0; 32][..n]).and_then(|()| pass(&[0]));
+    kv.release(&mut table);
+    result
 }
 
 /// Gives the blocks of finished sequences back and drops them from the batch.
