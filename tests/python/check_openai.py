@@ -6,7 +6,8 @@ Usage: check_openai.py ADDR BASE GREEDY_ANSWER
   GREEDY_ANSWER  a file with `mtl generate --chat`'s greedy answer to PROMPT (below), max 24 new tokens
 
 Checks: the model list; a greedy chat completion equals `mtl generate --chat`'s answer, whole and streamed
-(the chunks joined), with `usage` and the finish reason; a completion with a stop string; seeded sampling
+(the chunks joined), with `usage` and the finish reason, the second time from the prefix cache (all but the
+last prompt token cached, the same answer); a completion with a stop string; seeded sampling
 repeats; several requests at once all answer; an unsupported parameter is an error the client raises.
 """
 import concurrent.futures
@@ -30,6 +31,7 @@ assert got == want, (got, want)
 assert chat.object == "chat.completion" and chat.choices[0].message.role == "assistant"
 assert chat.usage.completion_tokens <= 24 and chat.usage.prompt_tokens > 0
 assert chat.usage.total_tokens == chat.usage.prompt_tokens + chat.usage.completion_tokens
+assert chat.usage.prompt_tokens_details.cached_tokens == 0, chat.usage
 assert chat.choices[0].finish_reason in ("stop", "length")
 
 stream = client.chat.completions.create(
@@ -45,6 +47,7 @@ for chunk in stream:
         finish = c.finish_reason or finish
 assert "".join(pieces) == want, ("".join(pieces), want)
 assert usage is not None and usage.completion_tokens == chat.usage.completion_tokens
+assert usage.prompt_tokens_details.cached_tokens == chat.usage.prompt_tokens - 1, usage
 assert finish == chat.choices[0].finish_reason
 
 done = client.completions.create(model=base, prompt="One, two, three, four,", max_tokens=20, temperature=0,
