@@ -136,7 +136,9 @@ impl BatchEngine {
         });
         match started {
             // An error: the thread ended before it was ready (its failure is recorded).
-            Ok(_) => drop(started_up.recv()),
+            Ok(_) => {
+                let _ = started_up.recv();
+            }
             Err(e) => shared.fail(format!("cannot start the generation engine: {e}")),
         }
         tracing::info!(
@@ -274,7 +276,7 @@ fn run(
     if let Err(e) = warm_up(model, &mut kv) {
         tracing::warn!("the warm-up step failed: {e}");
     }
-    drop(ready.send(()));
+    let _ = ready.send(());
     let mut waiting: VecDeque<Job> = VecDeque::new();
     let mut running: Vec<Active> = Vec::new();
     loop {
