@@ -214,6 +214,15 @@ pub struct ServeFlags {
     /// Threads of the HTTP runtime [default: one per core].
     #[arg(long)]
     pub threads: Option<usize>,
+    /// Seconds a client has to send a request's headers, and a kept-alive connection may idle [default: 10].
+    #[arg(long)]
+    pub header_timeout_s: Option<u64>,
+    /// Connections at once at most; more are answered 503 and closed [default: 1024].
+    #[arg(long)]
+    pub max_connections: Option<usize>,
+    /// Seconds the requests in flight get to finish after SIGTERM; then 503 [default: 20].
+    #[arg(long)]
+    pub shutdown_timeout_s: Option<u64>,
     /// Decoder models: sequences decoded together in one step at most [default: 32].
     #[arg(long)]
     pub max_sequences: Option<usize>,

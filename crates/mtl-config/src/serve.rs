@@ -33,6 +33,13 @@ pub struct ServeConfig {
     pub api_keys: Option<PathBuf>,
     /// Threads of the HTTP runtime (default: one per core).
     pub threads: Option<usize>,
+    /// Seconds a client has to send a request's headers, and that a kept-alive connection may stay idle
+    /// between requests (then it is closed).
+    pub header_timeout_s: u64,
+    /// Connections at once at most; more are answered 503 and closed.
+    pub max_connections: usize,
+    /// Seconds the requests in flight get to finish after SIGTERM; those still running then get 503.
+    pub shutdown_timeout_s: u64,
     /// Decoder models: sequences decoded together in one step at most.
     pub max_sequences: usize,
     /// Decoder models: prompt tokens run in one step at most; a longer prompt is run in chunks between
@@ -62,6 +69,9 @@ impl Default for ServeConfig {
             timeout_s: 30,
             api_keys: None,
             threads: None,
+            header_timeout_s: 10,
+            max_connections: 1024,
+            shutdown_timeout_s: 20,
             max_sequences: 32,
             prefill_chunk: 512,
             kv_cache_mb: 1024,
@@ -84,6 +94,9 @@ pub struct ServeOverrides {
     pub timeout_s: Option<u64>,
     pub api_keys: Option<PathBuf>,
     pub threads: Option<usize>,
+    pub header_timeout_s: Option<u64>,
+    pub max_connections: Option<usize>,
+    pub shutdown_timeout_s: Option<u64>,
     pub max_sequences: Option<usize>,
     pub prefill_chunk: Option<usize>,
     pub kv_cache_mb: Option<usize>,
@@ -111,6 +124,9 @@ impl ServeConfig {
         self.timeout_s = o.timeout_s.unwrap_or(self.timeout_s);
         self.api_keys = o.api_keys.or(self.api_keys.take());
         self.threads = o.threads.or(self.threads);
+        self.header_timeout_s = o.header_timeout_s.unwrap_or(self.header_timeout_s);
+        self.max_connections = o.max_connections.unwrap_or(self.max_connections);
+        self.shutdown_timeout_s = o.shutdown_timeout_s.unwrap_or(self.shutdown_timeout_s);
         self.max_sequences = o.max_sequences.unwrap_or(self.max_sequences);
         self.prefill_chunk = o.prefill_chunk.unwrap_or(self.prefill_chunk);
         self.kv_cache_mb = o.kv_cache_mb.unwrap_or(self.kv_cache_mb);
@@ -153,6 +169,9 @@ impl ServeConfig {
             ("max_inputs", self.max_inputs as u64),
             ("timeout_s", self.timeout_s),
             ("threads", self.threads.map_or(1, |t| t as u64)),
+            ("header_timeout_s", self.header_timeout_s),
+            ("max_connections", self.max_connections as u64),
+            ("shutdown_timeout_s", self.shutdown_timeout_s),
             ("max_sequences", self.max_sequences as u64),
             ("prefill_chunk", self.prefill_chunk as u64),
             ("kv_cache_mb", self.kv_cache_mb as u64),
@@ -197,7 +216,7 @@ mod tests {
         let cases = [
             (
                 "[serve]\nqueue_bound = 4\nqueue_size = 8\n",
-                "invalid config conf/serve.toml: TOML parse error at line 3, column 1\n  |\n3 | queue_size = 8\n  | ^^^^^^^^^^\nunknown field `queue_size`, expected one of `addr`, `max_batch_tokens`, `max_wait_ms`, `queue_bound`, `max_input_chars`, `max_inputs`, `body_limit`, `timeout_s`, `api_keys`, `threads`, `max_sequences`, `prefill_chunk`, `kv_cache_mb`, `kv_block`, `prefix_cache`",
+                "invalid config conf/serve.toml: TOML parse error at line 3, column 1\n  |\n3 | queue_size = 8\n  | ^^^^^^^^^^\nunknown field `queue_size`, expected one of `addr`, `max_batch_tokens`, `max_wait_ms`, `queue_bound`, `max_input_chars`, `max_inputs`, `body_limit`, `timeout_s`, `api_keys`, `threads`, `header_timeout_s`, `max_connections`, `shutdown_timeout_s`, `max_sequences`, `prefill_chunk`, `kv_cache_mb`, `kv_block`, `prefix_cache`",
             ),
             ("[serve]\nqueue_bound = 0\n", "invalid config conf/serve.toml: field `serve.queue_bound`: must be at least 1"),
             ("[serve]\nbody_limit = 10\n", "invalid config conf/serve.toml: field `serve.body_limit`: must be at least 1024 bytes"),

@@ -19,6 +19,7 @@
 //! | queue full | 429, with `Retry-After` |
 //! | missing or wrong API key (when keys are set) | 401 |
 //! | no answer within the request timeout | 503 |
+//! | the server's shutdown deadline passed first | 503 (`shutting_down`) |
 //!
 //! Error bodies are `{"error": {"kind": ..., "message": ...}}`.
 
@@ -119,6 +120,8 @@ pub enum ApiError {
     QueueFull,
     Unauthorized,
     Timeout,
+    /// The server's shutdown deadline passed before the answer.
+    ShuttingDown,
     Internal(String),
 }
 
@@ -130,7 +133,7 @@ impl ApiError {
             Self::UnknownTask(_) | Self::UnknownModel(_) => StatusCode::NOT_FOUND,
             Self::QueueFull => StatusCode::TOO_MANY_REQUESTS,
             Self::Unauthorized => StatusCode::UNAUTHORIZED,
-            Self::Timeout => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Timeout | Self::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -156,6 +159,9 @@ impl IntoResponse for ApiError {
             ),
             Self::Timeout => {
                 (StatusCode::SERVICE_UNAVAILABLE, "timeout", "no answer within the request timeout".into())
+            }
+            Self::ShuttingDown => {
+                (StatusCode::SERVICE_UNAVAILABLE, "shutting_down", "the server is shutting down; retry".into())
             }
             Self::Internal(m) => (StatusCode::INTERNAL_SERVER_ERROR, "internal", m),
         };
@@ -398,30 +404,4 @@ async fn run<E: Engine>(
             Ok(Json(json!({"predictions": predictions})))
         }
     }
-}
-
-/// Serves `router` on `addr` until SIGTERM or Ctrl-C; requests accepted by then are answered first.
-pub async fn serve(router: Router, addr: std::net::SocketAddr) -> std::io::Result<()> {
-    let listener = tokio::net::TcpListener::bind(addr).await?;
-    tracing::info!("serving on http://{}", listener.local_addr()?);
-    axum::serve(listener, router).with_graceful_shutdown(shutdown()).await
-}
-
-async fn shutdown() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    #[cfg(unix)]
-    let term = async {
-        if let Ok(mut s) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            s.recv().await;
-        }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => {},
-        () = term => {},
-    }
-    tracing::info!("shutting down: answering the requests already accepted");
 }

@@ -13,6 +13,7 @@
 pub mod api;
 pub mod batcher;
 pub mod generation;
+pub mod listen;
 pub mod llm_server;
 pub mod metrics;
 pub mod openai;

@@ -84,7 +84,7 @@ pub fn serve(model: &Path, config: &ServeConfig) -> Result<()> {
         runtime.enable_all().build().map_err(|e| Error::Usage(format!("cannot start the async runtime: {e}")))?;
     let router = router(model, settings(config)?)?;
     runtime
-        .block_on(mtl_serve::api::serve(router, config.addr))
+        .block_on(mtl_serve::listen::serve(router, config.addr, mtl_serve::listen::Limits::from_config(config)))
         .map_err(|e| Error::Usage(format!("cannot serve on {}: {e}", config.addr)))
 }
 
