@@ -99,7 +99,7 @@ pub enum Command {
         #[arg(long)]
         config: Option<PathBuf>,
         #[command(flatten)]
-        flags: ServeFlags,
+        flags: Box<ServeFlags>,
     },
     /// Quantise a trained model's encoder to int8 for inference (weight-only, one scale per output channel of
     /// each linear layer); prints each task's score change on the test (and dev) sets and writes the model to
