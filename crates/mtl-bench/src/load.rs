@@ -38,9 +38,10 @@ struct Args {
     /// ...or after this many requests (default 1000 when no duration is given).
     #[arg(long)]
     count: Option<usize>,
-    /// Send `Authorization: Bearer KEY`.
+    /// Send `Authorization: Bearer KEY` with the first key of this file (the server's key file format; a
+    /// key given as a flag would show in the process list). `MTL_API_KEY` in the environment works too.
     #[arg(long)]
-    api_key: Option<String>,
+    api_key_file: Option<PathBuf>,
     /// Sample this process's resident memory every second.
     #[arg(long)]
     watch_pid: Option<u32>,
@@ -202,6 +203,16 @@ fn rss_kib(pid: u32) -> Option<u64> {
 
 fn main() -> Result<()> {
     let args = Args::parse();
+    let api_key = match &args.api_key_file {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+            let keys = mtl_serve::api::parse_api_keys(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+            // The first key of the file, in its order.
+            let first = text.trim_start_matches('\u{feff}').lines().map(str::trim).find(|l| keys.contains(*l));
+            first.map(String::from)
+        }
+        None => std::env::var("MTL_API_KEY").ok().filter(|k| !k.is_empty()),
+    };
     let text =
         std::fs::read_to_string(&args.requests).with_context(|| format!("{}: cannot read", args.requests.display()))?;
     let requests: Vec<Request> = text
@@ -247,7 +258,7 @@ fn main() -> Result<()> {
     let workers: Vec<_> = (0..args.concurrency)
         .map(|_| {
             let (requests, next, tally, stop) = (requests.clone(), next.clone(), tally.clone(), stop.clone());
-            let (addr, key, rate, tol) = (args.addr.clone(), args.api_key.clone(), args.rate, args.tolerance);
+            let (addr, key, rate, tol) = (args.addr.clone(), api_key.clone(), args.rate, args.tolerance);
             std::thread::spawn(move || {
                 // One keep-alive connection per server.
                 let mut conns: std::collections::HashMap<String, Connection> = std::collections::HashMap::new();

@@ -16,7 +16,8 @@
 //! | invalid body or input | 422 |
 //! | unknown task | 404 |
 //! | body larger than the limit | 413 |
-//! | queue full | 429, with `Retry-After` |
+//! | a POST body that is not `application/json` | 415 |
+//! | queue full (answered before the body is read) | 429, with `Retry-After` |
 //! | missing or wrong API key (when keys are set) | 401 |
 //! | no answer within the request timeout | 503 |
 //! | the server's shutdown deadline passed first | 503 (`shutting_down`) |
@@ -36,6 +37,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{json, Value};
+use subtle::ConstantTimeEq;
 use tokio::sync::oneshot;
 
 use crate::batcher::{Batcher, Job, SubmitError};
@@ -118,6 +120,10 @@ pub enum ApiError {
     /// An OpenAI-compatible request's `model` that is neither the base model nor a task adapter.
     UnknownModel(String),
     QueueFull,
+    /// A body over the limit (bytes).
+    BodyTooLarge(usize),
+    /// A POST body that is not declared JSON.
+    UnsupportedMediaType,
     Unauthorized,
     Timeout,
     /// The server's shutdown deadline passed before the answer.
@@ -132,6 +138,8 @@ impl ApiError {
             Self::Validation(_) => StatusCode::UNPROCESSABLE_ENTITY,
             Self::UnknownTask(_) | Self::UnknownModel(_) => StatusCode::NOT_FOUND,
             Self::QueueFull => StatusCode::TOO_MANY_REQUESTS,
+            Self::BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::Unauthorized => StatusCode::UNAUTHORIZED,
             Self::Timeout | Self::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -152,6 +160,16 @@ impl IntoResponse for ApiError {
             Self::QueueFull => {
                 (StatusCode::TOO_MANY_REQUESTS, "queue_full", "the server is at capacity; retry later".into())
             }
+            Self::BodyTooLarge(limit) => (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "body_too_large",
+                format!("the request body is larger than {limit} bytes"),
+            ),
+            Self::UnsupportedMediaType => (
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported_media_type",
+                "the request body must be JSON, sent with Content-Type: application/json".into(),
+            ),
             Self::Unauthorized => (
                 StatusCode::UNAUTHORIZED,
                 "unauthorized",
@@ -252,14 +270,42 @@ async fn authenticate<E: Engine>(State(state): State<Arc<AppState<E>>>, request:
 
 /// Whether a request may pass: no keys are configured, it asks for `/health`, or it carries a known key
 /// (`Authorization: Bearer KEY`).
+/// The scheme is matched in any case (RFC 9110), and the key compared with every accepted one in constant
+/// time, so the time of an answer says nothing about how much of a key was right.
 pub(crate) fn key_accepted(settings: &Settings, request: &Request) -> bool {
     let Some(keys) = &settings.api_keys else { return true };
-    let given = request
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
-    request.uri().path() == "/health" || given.is_some_and(|k| keys.contains(k))
+    if request.uri().path() == "/health" {
+        return true;
+    }
+    let given = request.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| {
+        let (scheme, key) = v.trim().split_once(' ')?;
+        scheme.eq_ignore_ascii_case("bearer").then(|| key.trim())
+    });
+    let Some(given) = given else { return false };
+    let found = keys.iter().fold(subtle::Choice::from(0), |found, k| found | k.as_bytes().ct_eq(given.as_bytes()));
+    bool::from(found)
+}
+
+/// The API keys of a key file's text: one per line; blank lines and lines starting with `#` are skipped, a
+/// byte order mark is ignored, and a key must be visible ASCII without spaces (what an `Authorization` header
+/// can carry). Errors name the line.
+pub fn parse_api_keys(text: &str) -> Result<HashSet<String>, String> {
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
+    let mut keys = HashSet::new();
+    for (n, line) in text.lines().enumerate() {
+        let key = line.trim();
+        if key.is_empty() || key.starts_with('#') {
+            continue;
+        }
+        if !key.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(format!("line {}: a key must be visible ASCII characters without spaces", n + 1));
+        }
+        keys.insert(key.to_string());
+    }
+    if keys.is_empty() {
+        return Err("no API key in the file (one per line; `#` starts a comment)".into());
+    }
+    Ok(keys)
 }
 
 async fn tasks<E: Engine>(State(state): State<Arc<AppState<E>>>) -> Json<Value> {
@@ -327,6 +373,9 @@ pub fn check_request(
     if let Some(t) = wanted.iter().find(|t| !known(t)) {
         return Err(ApiError::UnknownTask(t.clone()));
     }
+    // A task named twice is answered once (and observed once in the metrics).
+    let mut seen = HashSet::new();
+    let wanted: Vec<String> = wanted.into_iter().filter(|t| seen.insert(t.clone())).collect();
     if inputs.is_empty() {
         return Err(ApiError::Validation("`inputs` is empty".into()));
     }
@@ -352,7 +401,43 @@ pub fn check_request(
     Ok((inputs, wanted))
 }
 
-async fn predict<E: Engine>(State(state): State<Arc<AppState<E>>>, body: Bytes) -> Result<Json<Value>, ApiError> {
+/// A POST body, read only once the cheap checks pass. While the queue is `full`, the request is refused before
+/// a byte of its body is read, parsed or tokenised, so a flood of refused requests costs the server little. The
+/// body must be declared JSON (415 otherwise: a web page cannot send that to another site without asking the
+/// server first) and hold at most `limit` bytes (413, before reading when `Content-Length` says so).
+pub(crate) async fn json_body(request: Request, limit: usize, full: bool) -> Result<Bytes, ApiError> {
+    if full {
+        return Err(ApiError::QueueFull);
+    }
+    let headers = request.headers();
+    let json = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|media| media.trim().eq_ignore_ascii_case("application/json"));
+    if !json {
+        return Err(ApiError::UnsupportedMediaType);
+    }
+    let declared = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(ApiError::BodyTooLarge(limit));
+    }
+    match http_body_util::BodyExt::collect(http_body_util::Limited::new(request.into_body(), limit)).await {
+        Ok(body) => Ok(body.to_bytes()),
+        Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => Err(ApiError::BodyTooLarge(limit)),
+        Err(e) => Err(ApiError::Validation(format!("cannot read the request body: {e}"))),
+    }
+}
+
+impl<E: Engine> AppState<E> {
+    async fn body(&self, request: Request) -> Result<Bytes, ApiError> {
+        let full = self.batcher.queue_depth() >= self.settings.batch.queue_bound;
+        json_body(request, self.settings.body_limit, full).await
+    }
+}
+
+async fn predict<E: Engine>(State(state): State<Arc<AppState<E>>>, request: Request) -> Result<Json<Value>, ApiError> {
+    let body = state.body(request).await?;
     let (inputs, tasks) = check_request(&body, None, state.engine.tasks(), &state.settings)?;
     run(&state, inputs, tasks).await
 }
@@ -360,8 +445,9 @@ async fn predict<E: Engine>(State(state): State<Arc<AppState<E>>>, body: Bytes) 
 async fn predict_task<E: Engine>(
     State(state): State<Arc<AppState<E>>>,
     Path(task): Path<String>,
-    body: Bytes,
+    request: Request,
 ) -> Result<Json<Value>, ApiError> {
+    let body = state.body(request).await?;
     let (inputs, tasks) = check_request(&body, Some(&task), state.engine.tasks(), &state.settings)?;
     run(&state, inputs, tasks).await
 }

@@ -40,8 +40,9 @@ pub struct TaskDescription {
 }
 
 /// One input of a request: a text, a text pair, pre-split words, or a question with its context.
+/// Unknown fields are refused, so a misspelt one (`txt_pair`) is an error, not a silently different input.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(untagged)]
+#[serde(untagged, deny_unknown_fields)]
 pub enum RequestInput {
     Text(String),
     Pair { text: String, text_pair: String },

@@ -114,13 +114,16 @@ async fn authenticate(State(state): State<Arc<GenState>>, request: Request, next
         state.metrics.error("unauthorized");
         return ApiError::Unauthorized.into_response();
     }
-    let response = next.run(request).await;
-    // Answers the handlers never see (a body over the limit, 413) are counted here.
-    if response.status() == StatusCode::PAYLOAD_TOO_LARGE {
-        state.metrics.request(&endpoint, 413);
-        state.metrics.error("payload_too_large");
+    next.run(request).await
+}
+
+impl GenState {
+    /// A request's body, refused before it is read while the generator's queue is full
+    /// ([`crate::api::json_body`]).
+    async fn body(&self, request: Request) -> Result<Bytes, ApiError> {
+        let full = self.generator.status().queued >= self.settings.generation.queue_bound;
+        crate::api::json_body(request, self.settings.body_limit, full).await
     }
-    response
 }
 
 /// `ok` while the generator serves; 503 with the reason once it cannot.
@@ -155,9 +158,12 @@ fn finished_json(f: &Finished) -> Value {
     })
 }
 
-async fn generate(State(state): State<Arc<GenState>>, body: Bytes) -> Response {
+async fn generate(State(state): State<Arc<GenState>>, request: Request) -> Response {
     let deadline = tokio::time::Instant::now() + state.settings.request_timeout;
-    let response = match check_generate(&body, &state.settings)
+    let response = match state
+        .body(request)
+        .await
+        .and_then(|body| check_generate(&body, &state.settings))
         .and_then(|request| Ok((submit(state.generator.as_ref(), Generation::from(&request))?, request.stream)))
     {
         Err(e) => e.into_response(),
@@ -171,14 +177,20 @@ async fn generate(State(state): State<Arc<GenState>>, body: Bytes) -> Response {
     response
 }
 
-async fn completions(State(state): State<Arc<GenState>>, body: Bytes) -> Response {
-    let response = crate::openai::respond(&state.generator, &state.settings, &state.metrics, &body, false).await;
+async fn completions(State(state): State<Arc<GenState>>, request: Request) -> Response {
+    let response = match state.body(request).await {
+        Ok(body) => crate::openai::respond(&state.generator, &state.settings, &state.metrics, &body, false).await,
+        Err(e) => e.into_response(),
+    };
     count(&state.metrics, "/v1/completions", &response);
     response
 }
 
-async fn chat_completions(State(state): State<Arc<GenState>>, body: Bytes) -> Response {
-    let response = crate::openai::respond(&state.generator, &state.settings, &state.metrics, &body, true).await;
+async fn chat_completions(State(state): State<Arc<GenState>>, request: Request) -> Response {
+    let response = match state.body(request).await {
+        Ok(body) => crate::openai::respond(&state.generator, &state.settings, &state.metrics, &body, true).await,
+        Err(e) => e.into_response(),
+    };
     count(&state.metrics, "/v1/chat/completions", &response);
     response
 }
@@ -196,14 +208,20 @@ async fn label_tasks(State(state): State<Arc<GenState>>) -> Result<Json<Value>, 
     Ok(Json(json!({"tasks": tasks_of(&state)?.tasks()})))
 }
 
-async fn predict(State(state): State<Arc<GenState>>, body: Bytes) -> Response {
-    let response = predictions(&state, &body, None).await.into_response();
+async fn predict(State(state): State<Arc<GenState>>, request: Request) -> Response {
+    let response = match state.body(request).await {
+        Ok(body) => predictions(&state, &body, None).await.into_response(),
+        Err(e) => e.into_response(),
+    };
     count(&state.metrics, "/v1/predict", &response);
     response
 }
 
-async fn predict_task(State(state): State<Arc<GenState>>, Path(task): Path<String>, body: Bytes) -> Response {
-    let response = predictions(&state, &body, Some(&task)).await.into_response();
+async fn predict_task(State(state): State<Arc<GenState>>, Path(task): Path<String>, request: Request) -> Response {
+    let response = match state.body(request).await {
+        Ok(body) => predictions(&state, &body, Some(&task)).await.into_response(),
+        Err(e) => e.into_response(),
+    };
     count(&state.metrics, "/v1/tasks/{task}/predict", &response);
     response
 }
@@ -363,7 +381,12 @@ mod tests {
         }
 
         fn status(&self) -> GeneratorStatus {
-            GeneratorStatus { kv_blocks_total: 8, ..GeneratorStatus::default() }
+            // A full generator's queue is full too: requests are refused before their body is read.
+            GeneratorStatus {
+                kv_blocks_total: 8,
+                queued: if self.full { 1 << 20 } else { 0 },
+                ..GeneratorStatus::default()
+            }
         }
 
         fn models(&self) -> Models {
@@ -471,7 +494,8 @@ mod tests {
     }
 
     /// Deadlines hold for streams too, and a client that leaves or times out cancels its generation; a
-    /// generator that is full answers 429; `/metrics` counts the answers, the errors and the generator's gauges.
+    /// generator that is full answers 429, before reading the body (an invalid one too); `/metrics` counts the
+    /// answers, the errors and the generator's gauges.
     #[tokio::test]
     async fn deadlines_cancel_streams_and_refusals_are_counted() {
         let echo = Echo::default();
@@ -494,16 +518,14 @@ mod tests {
 
         let full = generation_router(Echo { full: true, ..Echo::default() }, Settings::default());
         assert_eq!(post(&full, json!({"prompt": "a"}), None).await.0, StatusCode::TOO_MANY_REQUESTS);
-        let (_, _) = post(&full, json!({"prompt": " "}), None).await;
+        assert_eq!(post(&full, json!({"prompt": " "}), None).await.0, StatusCode::TOO_MANY_REQUESTS);
         let request = Request::get("/metrics").body(axum::body::Body::empty()).expect("request");
         let response = full.oneshot(request).await.expect("answer");
         let text =
             String::from_utf8(response.into_body().collect().await.expect("body").to_bytes().to_vec()).expect("utf-8");
         for line in [
-            "mtl_requests_total{endpoint=\"/v1/generate\",status=\"429\"} 1",
-            "mtl_requests_total{endpoint=\"/v1/generate\",status=\"422\"} 1",
-            "mtl_errors_total{kind=\"queue_full\"} 1",
-            "mtl_errors_total{kind=\"validation\"} 1",
+            "mtl_requests_total{endpoint=\"/v1/generate\",status=\"429\"} 2",
+            "mtl_errors_total{kind=\"queue_full\"} 2",
             "mtl_kv_blocks_total 8",
         ] {
             assert!(text.lines().any(|l| l == line), "{line} in\n{text}");

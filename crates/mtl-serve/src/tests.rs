@@ -107,6 +107,9 @@ async fn call(
     key: Option<&str>,
 ) -> (StatusCode, Value, Option<String>) {
     let mut request = Request::builder().method(method).uri(uri);
+    if body.is_some() {
+        request = request.header("content-type", "application/json");
+    }
     if let Some(k) = key {
         request = request.header("authorization", format!("Bearer {k}"));
     }
@@ -194,12 +197,50 @@ async fn every_error_has_its_status_and_kind() {
         }
     }
     // Not JSON at all.
-    let request = Request::builder().method("POST").uri("/v1/predict").body(Body::from("{oops")).expect("request");
+    let request = Request::builder()
+        .method("POST")
+        .uri("/v1/predict")
+        .header("content-type", "application/json")
+        .body(Body::from("{oops"))
+        .expect("request");
     let response = app.clone().oneshot(request).await.expect("response");
     assert_eq!(response.status(), StatusCode::UNPROCESSABLE_ENTITY);
     let (_, answer, _) =
         call(&app, "POST", "/v1/predict", Some(json!({"inputs": [{"question": "q", "context": "c"}]})), None).await;
     assert_eq!(answer["error"]["message"], "input 0: this model answers no questions");
+}
+
+/// A body that is not declared JSON gets 415, one over the limit 413 (with or without `Content-Length`), both
+/// in the error shape of every other error.
+#[tokio::test]
+async fn bodies_not_json_or_too_large_are_refused_as_errors() {
+    let app = router(Fake::new(), Settings { body_limit: 1024, ..Settings::default() });
+    let send = |content_type: &'static str, body: String, length: bool| {
+        let app = app.clone();
+        async move {
+            let mut request = Request::builder().method("POST").uri("/v1/predict").header("content-type", content_type);
+            if length {
+                request = request.header("content-length", body.len());
+            }
+            let response = app.oneshot(request.body(Body::from(body)).expect("request")).await.expect("response");
+            let status = response.status();
+            let bytes = response.into_body().collect().await.expect("a body").to_bytes();
+            (status, serde_json::from_slice::<Value>(&bytes).unwrap_or(Value::Null)["error"]["kind"].clone())
+        }
+    };
+    let small = json!({"inputs": ["x"]}).to_string();
+    let large = json!({"inputs": ["x".repeat(2000)]}).to_string();
+    assert_eq!(
+        send("text/plain", small.clone(), true).await,
+        (StatusCode::UNSUPPORTED_MEDIA_TYPE, json!("unsupported_media_type"))
+    );
+    assert_eq!(send("application/json; charset=utf-8", small, true).await.0, StatusCode::OK);
+    for length in [true, false] {
+        assert_eq!(
+            send("application/json", large.clone(), length).await,
+            (StatusCode::PAYLOAD_TOO_LARGE, json!("body_too_large"))
+        );
+    }
 }
 
 #[tokio::test]
@@ -347,5 +388,48 @@ async fn the_openapi_document_describes_every_route() {
     for piece in text.split("\"$ref\":\"#/components/schemas/").skip(1) {
         let name = piece.split('"').next().expect("a name");
         assert!(doc["components"]["schemas"].get(name).is_some(), "dangling $ref {name}");
+    }
+}
+
+/// A misspelt input field is an error, not another input; a task named many times is answered and observed
+/// once.
+#[tokio::test]
+async fn misspelt_fields_are_refused_and_repeated_tasks_count_once() {
+    let app = router(Fake::new(), Settings::default());
+    let (status, body, _) =
+        call(&app, "POST", "/v1/predict", Some(json!({"inputs": [{"text": "a", "txt_pair": "b"}]})), None).await;
+    assert_eq!((status, body["error"]["kind"].clone()), (StatusCode::UNPROCESSABLE_ENTITY, json!("validation")));
+    let many = json!({"inputs": ["x"], "tasks": vec!["topic"; 1000]});
+    let (status, body, _) = call(&app, "POST", "/v1/predict", Some(many), None).await;
+    assert_eq!((status, body), (StatusCode::OK, json!({"predictions": [{"topic": {"label": "a"}}]})));
+    let request = Request::builder().uri("/metrics").body(Body::empty()).expect("request");
+    let response = app.clone().oneshot(request).await.expect("response");
+    let text =
+        String::from_utf8(response.into_body().collect().await.expect("body").to_bytes().to_vec()).expect("utf-8");
+    assert!(text.lines().any(|l| l == "mtl_request_duration_seconds_count{task=\"topic\"} 1"), "{text}");
+}
+
+/// Key files: a byte order mark, comments and blank lines are not keys, a key with a space is an error naming
+/// its line; the `Bearer` scheme is matched in any case.
+#[tokio::test]
+async fn key_files_and_the_bearer_scheme_are_read_as_people_write_them() {
+    let keys = crate::api::parse_api_keys("\u{feff}k1\n# a comment\n\n  k2  \r\n").expect("keys");
+    assert_eq!(keys, HashSet::from(["k1".to_string(), "k2".to_string()]));
+    assert_eq!(
+        crate::api::parse_api_keys("k1\nk 2\n"),
+        Err("line 2: a key must be visible ASCII characters without spaces".into())
+    );
+    assert!(crate::api::parse_api_keys("# only a comment\n").is_err());
+    let app = router(Fake::new(), Settings { api_keys: Some(keys), ..Settings::default() });
+    for (header, status) in [
+        ("bearer k1", StatusCode::OK),
+        ("BEARER  k2 ", StatusCode::OK),
+        ("Bearer k3", StatusCode::UNAUTHORIZED),
+        ("k1", StatusCode::UNAUTHORIZED),
+        ("Basic k1", StatusCode::UNAUTHORIZED),
+    ] {
+        let request =
+            Request::builder().uri("/v1/tasks").header("authorization", header).body(Body::empty()).expect("request");
+        assert_eq!(app.clone().oneshot(request).await.expect("response").status(), status, "{header}");
     }
 }

@@ -1,7 +1,7 @@
 //! Serving: a trained run (or a decoder base model) behind mtl-serve's HTTP API. The engine tokenises inputs as
 //! [`crate::Run::predict`] does and answers each task in the same [`TaskPrediction`] schema.
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -22,14 +22,10 @@ use crate::run::{Loaded as Backbone, Operation, Run};
 /// The server's settings from a serving config: its limits, and the API keys of its key file.
 pub fn settings(config: &ServeConfig) -> Result<Settings> {
     let api_keys = match &config.api_keys {
-        Some(path) => {
-            let keys: HashSet<String> =
-                read_text(path)?.lines().map(str::trim).filter(|l| !l.is_empty()).map(String::from).collect();
-            if keys.is_empty() {
-                bail!("{}: no API key in the file (one per line)", path.display());
-            }
-            Some(keys)
-        }
+        Some(path) => match mtl_serve::api::parse_api_keys(&read_text(path)?) {
+            Ok(keys) => Some(keys),
+            Err(e) => bail!("{}: {e}", path.display()),
+        },
         None => None,
     };
     Ok(Settings::from_config(config, api_keys))
