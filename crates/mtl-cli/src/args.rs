@@ -214,6 +214,12 @@ pub struct ServeFlags {
     /// Threads of the HTTP runtime [default: one per core].
     #[arg(long)]
     pub threads: Option<usize>,
+    /// Host names the server answers (comma-separated; other `Host` headers get 403) [default: any].
+    #[arg(long, value_delimiter = ',')]
+    pub allowed_hosts: Option<Vec<String>>,
+    /// Origins web pages may call the API from (CORS; comma-separated; `*` for any) [default: none].
+    #[arg(long, value_delimiter = ',')]
+    pub cors_origins: Option<Vec<String>>,
     /// Seconds a client has to send a request's headers, and a kept-alive connection may idle [default: 10].
     #[arg(long)]
     pub header_timeout_s: Option<u64>,

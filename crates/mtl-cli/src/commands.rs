@@ -114,6 +114,8 @@ impl ServeFlags {
             timeout_s: self.timeout_s,
             api_keys: self.api_keys,
             threads: self.threads,
+            allowed_hosts: self.allowed_hosts,
+            cors_origins: self.cors_origins,
             header_timeout_s: self.header_timeout_s,
             max_connections: self.max_connections,
             shutdown_timeout_s: self.shutdown_timeout_s,

@@ -33,6 +33,12 @@ pub struct ServeConfig {
     pub api_keys: Option<PathBuf>,
     /// Threads of the HTTP runtime (default: one per core).
     pub threads: Option<usize>,
+    /// Host names (the `Host` header without its port) the server answers; other hosts get 403. Empty: any.
+    /// Set it to the names the server is reached by, against DNS rebinding.
+    pub allowed_hosts: Vec<String>,
+    /// Origins web pages may call the API from (CORS), as `https://app.example.com`; `*` for any. Empty: none
+    /// (browsers then refuse cross-site calls that need asking first).
+    pub cors_origins: Vec<String>,
     /// Seconds a client has to send a request's headers, and that a kept-alive connection may stay idle
     /// between requests (then it is closed).
     pub header_timeout_s: u64,
@@ -69,6 +75,8 @@ impl Default for ServeConfig {
             timeout_s: 30,
             api_keys: None,
             threads: None,
+            allowed_hosts: Vec::new(),
+            cors_origins: Vec::new(),
             header_timeout_s: 10,
             max_connections: 1024,
             shutdown_timeout_s: 20,
@@ -94,6 +102,8 @@ pub struct ServeOverrides {
     pub timeout_s: Option<u64>,
     pub api_keys: Option<PathBuf>,
     pub threads: Option<usize>,
+    pub allowed_hosts: Option<Vec<String>>,
+    pub cors_origins: Option<Vec<String>>,
     pub header_timeout_s: Option<u64>,
     pub max_connections: Option<usize>,
     pub shutdown_timeout_s: Option<u64>,
@@ -124,6 +134,8 @@ impl ServeConfig {
         self.timeout_s = o.timeout_s.unwrap_or(self.timeout_s);
         self.api_keys = o.api_keys.or(self.api_keys.take());
         self.threads = o.threads.or(self.threads);
+        self.allowed_hosts = o.allowed_hosts.unwrap_or(std::mem::take(&mut self.allowed_hosts));
+        self.cors_origins = o.cors_origins.unwrap_or(std::mem::take(&mut self.cors_origins));
         self.header_timeout_s = o.header_timeout_s.unwrap_or(self.header_timeout_s);
         self.max_connections = o.max_connections.unwrap_or(self.max_connections);
         self.shutdown_timeout_s = o.shutdown_timeout_s.unwrap_or(self.shutdown_timeout_s);
@@ -182,6 +194,18 @@ impl ServeConfig {
                 return Err(invalid(field, "must be at least 1"));
             }
         }
+        if let Some(h) = self.allowed_hosts.iter().find(|h| h.is_empty() || h.contains(['/', ' ', ':'])) {
+            return Err(invalid("allowed_hosts", &format!("{h:?} is not a host name (no port, no scheme)")));
+        }
+        let origin = |o: &str| {
+            o == "*"
+                || ((o.starts_with("http://") || o.starts_with("https://"))
+                    && !o.ends_with('/')
+                    && o.bytes().all(|b| b.is_ascii_graphic()))
+        };
+        if let Some(o) = self.cors_origins.iter().find(|o| !origin(o)) {
+            return Err(invalid("cors_origins", &format!("{o:?} is not an origin (`https://host[:port]`, or `*`)")));
+        }
         if self.body_limit < 1024 {
             return Err(invalid("body_limit", "must be at least 1024 bytes"));
         }
@@ -211,16 +235,33 @@ mod tests {
         Ok(())
     }
 
+    /// The example serving config spells out every default.
+    #[test]
+    fn the_example_config_is_the_defaults() -> Result<(), ConfigError> {
+        let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/serve/serve.toml");
+        assert_eq!(ServeConfig::load(&example)?, ServeConfig::default());
+        Ok(())
+    }
+
     #[test]
     fn serve_errors_snapshot() {
         let cases = [
             (
                 "[serve]\nqueue_bound = 4\nqueue_size = 8\n",
-                "invalid config conf/serve.toml: TOML parse error at line 3, column 1\n  |\n3 | queue_size = 8\n  | ^^^^^^^^^^\nunknown field `queue_size`, expected one of `addr`, `max_batch_tokens`, `max_wait_ms`, `queue_bound`, `max_input_chars`, `max_inputs`, `body_limit`, `timeout_s`, `api_keys`, `threads`, `header_timeout_s`, `max_connections`, `shutdown_timeout_s`, `max_sequences`, `prefill_chunk`, `kv_cache_mb`, `kv_block`, `prefix_cache`",
+                "invalid config conf/serve.toml: TOML parse error at line 3, column 1\n  |\n3 | queue_size = 8\n  | ^^^^^^^^^^\nunknown field `queue_size`, expected one of `addr`, `max_batch_tokens`, `max_wait_ms`, `queue_bound`, `max_input_chars`, `max_inputs`, `body_limit`, `timeout_s`, `api_keys`, `threads`, `allowed_hosts`, `cors_origins`, `header_timeout_s`, `max_connections`, `shutdown_timeout_s`, `max_sequences`, `prefill_chunk`, `kv_cache_mb`, `kv_block`, `prefix_cache`",
             ),
             ("[serve]\nqueue_bound = 0\n", "invalid config conf/serve.toml: field `serve.queue_bound`: must be at least 1"),
             ("[serve]\nbody_limit = 10\n", "invalid config conf/serve.toml: field `serve.body_limit`: must be at least 1024 bytes"),
             ("[serve]\nthreads = 0\n", "invalid config conf/serve.toml: field `serve.threads`: must be at least 1"),
+            (
+                "[serve]\nallowed_hosts = [\"localhost:8080\"]\n",
+                "invalid config conf/serve.toml: field `serve.allowed_hosts`: \"localhost:8080\" is not a host name (no port, no scheme)",
+            ),
+            (
+                "[serve]\ncors_origins = [\"app.example.com\"]\n",
+                "invalid config conf/serve.toml: field `serve.cors_origins`: \"app.example.com\" is not an origin (`https://host[:port]`, or `*`)",
+            ),
+            ("[serve]\nshutdown_timeout_s = 0\n", "invalid config conf/serve.toml: field `serve.shutdown_timeout_s`: must be at least 1"),
             (
                 "[serve]\naddr = \"localhost\"\n",
                 "invalid config conf/serve.toml: TOML parse error at line 2, column 8\n  |\n2 | addr = \"localhost\"\n  |        ^^^^^^^^^^^\ninvalid socket address syntax",

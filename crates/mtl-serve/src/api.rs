@@ -19,6 +19,7 @@
 //! | a POST body that is not `application/json` | 415 |
 //! | queue full (answered before the body is read) | 429, with `Retry-After` |
 //! | missing or wrong API key (when keys are set) | 401 |
+//! | a `Host` outside `allowed_hosts` (when set) | 403 |
 //! | no answer within the request timeout | 503 |
 //! | the server's shutdown deadline passed first | 503 (`shutting_down`) |
 //!
@@ -59,6 +60,10 @@ pub struct Settings {
     pub api_keys: Option<HashSet<String>>,
     /// How a decoder's engine batches generation.
     pub generation: GenerationSettings,
+    /// Host names answered (lower case); empty: any.
+    pub allowed_hosts: Vec<String>,
+    /// Origins allowed to call from web pages (CORS); empty: none; `*`: any.
+    pub cors_origins: Vec<String>,
 }
 
 /// How a decoder's engine batches generation (`ServeConfig`'s decoder keys).
@@ -93,6 +98,8 @@ impl Settings {
             body_limit: config.body_limit,
             request_timeout: Duration::from_secs(config.timeout_s),
             api_keys,
+            allowed_hosts: config.allowed_hosts.iter().map(|h| h.to_ascii_lowercase()).collect(),
+            cors_origins: config.cors_origins.clone(),
             generation: GenerationSettings {
                 max_sequences: config.max_sequences,
                 prefill_chunk: config.prefill_chunk,
@@ -125,6 +132,8 @@ pub enum ApiError {
     /// A POST body that is not declared JSON.
     UnsupportedMediaType,
     Unauthorized,
+    /// A `Host` the server does not answer for.
+    ForbiddenHost(String),
     Timeout,
     /// The server's shutdown deadline passed before the answer.
     ShuttingDown,
@@ -141,6 +150,7 @@ impl ApiError {
             Self::BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::Unauthorized => StatusCode::UNAUTHORIZED,
+            Self::ForbiddenHost(_) => StatusCode::FORBIDDEN,
             Self::Timeout | Self::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -174,6 +184,11 @@ impl IntoResponse for ApiError {
                 StatusCode::UNAUTHORIZED,
                 "unauthorized",
                 "a valid API key is needed: Authorization: Bearer KEY".into(),
+            ),
+            Self::ForbiddenHost(h) => (
+                StatusCode::FORBIDDEN,
+                "forbidden_host",
+                format!("this server does not answer for host {h:?} (its allowed_hosts)"),
             ),
             Self::Timeout => {
                 (StatusCode::SERVICE_UNAVAILABLE, "timeout", "no answer within the request timeout".into())
@@ -222,8 +237,8 @@ pub fn router<E: Engine>(engine: E, settings: Settings) -> Router {
     let metrics = Arc::new(Metrics::default());
     let batcher = Batcher::start(engine.clone(), settings.batch, metrics.clone());
     let limit = settings.body_limit;
-    let state = Arc::new(AppState { engine, batcher, settings, metrics });
-    Router::new()
+    let state = Arc::new(AppState { engine, batcher, settings: settings.clone(), metrics });
+    let router = Router::new()
         .route("/health", get(|| async { Json(json!({"status": "ok"})) }))
         .route("/metrics", get(metrics_text::<E>))
         .route("/openapi.json", get(openapi::<E>))
@@ -233,7 +248,51 @@ pub fn router<E: Engine>(engine: E, settings: Settings) -> Router {
         .route_layer(middleware::from_fn_with_state(state.clone(), authenticate::<E>))
         .route_layer(middleware::from_fn_with_state(state.clone(), count::<E>))
         .layer(DefaultBodyLimit::max(limit))
-        .with_state(state)
+        .with_state(state);
+    web_layers(router, &settings)
+}
+
+/// The layers every router ends with: CORS for `cors_origins`, and the `allowed_hosts` check (outermost, so
+/// that it applies to preflights too).
+pub(crate) fn web_layers(router: Router, settings: &Settings) -> Router {
+    let mut router = router;
+    if !settings.cors_origins.is_empty() {
+        use tower_http::cors::{AllowOrigin, CorsLayer};
+        let origins = match settings.cors_origins.iter().any(|o| o == "*") {
+            true => AllowOrigin::any(),
+            false => AllowOrigin::list(settings.cors_origins.iter().filter_map(|o| HeaderValue::from_str(o).ok())),
+        };
+        router = router.layer(
+            CorsLayer::new()
+                .allow_origin(origins)
+                .allow_methods([axum::http::Method::GET, axum::http::Method::POST])
+                .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE])
+                .max_age(Duration::from_secs(600)),
+        );
+    }
+    if !settings.allowed_hosts.is_empty() {
+        let hosts: Arc<HashSet<String>> = Arc::new(settings.allowed_hosts.iter().cloned().collect());
+        router = router.layer(middleware::from_fn(move |request: Request, next: Next| {
+            let hosts = hosts.clone();
+            async move {
+                let host = request.headers().get(header::HOST).and_then(|v| v.to_str().ok()).unwrap_or("");
+                let name = host_name(host).to_ascii_lowercase();
+                if !hosts.contains(&name) {
+                    return ApiError::ForbiddenHost(host.to_string()).into_response();
+                }
+                next.run(request).await
+            }
+        }));
+    }
+    router
+}
+
+/// A `Host` header's name, without its port (`[::1]:8080` → `::1`).
+fn host_name(host: &str) -> &str {
+    match host.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or(""),
+        None => host.rsplit_once(':').map_or(host, |(name, _)| name),
+    }
 }
 
 /// Counts every answered request by endpoint and status, and every error by kind.

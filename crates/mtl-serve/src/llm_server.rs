@@ -84,7 +84,8 @@ pub fn label_task_router<G: Generator, T: LabelTasks>(generator: G, tasks: T, se
 fn router(generator: Arc<dyn Generator>, tasks: Option<Arc<dyn LabelTasks>>, settings: Settings) -> Router {
     let limit = settings.body_limit;
     let predicts = tasks.is_some();
-    let state = Arc::new(GenState { generator, tasks, settings, metrics: Arc::new(Metrics::default()) });
+    let state =
+        Arc::new(GenState { generator, tasks, settings: settings.clone(), metrics: Arc::new(Metrics::default()) });
     let mut router = Router::new();
     if predicts {
         router = router
@@ -92,7 +93,7 @@ fn router(generator: Arc<dyn Generator>, tasks: Option<Arc<dyn LabelTasks>>, set
             .route("/v1/predict", post(predict))
             .route("/v1/tasks/{task}/predict", post(predict_task));
     }
-    router
+    let router = router
         .route("/health", get(health))
         .route("/metrics", get(metrics_text))
         .route("/v1/generate", post(generate))
@@ -102,7 +103,8 @@ fn router(generator: Arc<dyn Generator>, tasks: Option<Arc<dyn LabelTasks>>, set
         .route("/openapi.json", get(openapi))
         .route_layer(middleware::from_fn_with_state(state.clone(), authenticate))
         .layer(DefaultBodyLimit::max(limit))
-        .with_state(state)
+        .with_state(state);
+    crate::api::web_layers(router, &settings)
 }
 
 async fn authenticate(State(state): State<Arc<GenState>>, request: Request, next: Next) -> Response {

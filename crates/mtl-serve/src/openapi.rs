@@ -63,7 +63,7 @@ pub fn document(tasks: &[TaskDescription], secured: bool) -> Value {
             "Predictions": {"type": "object", "properties": {"predictions": {"type": "array", "items": {"type": "object", "additionalProperties": true}}}},
             "Task": {"type": "object", "properties": {"name": {"type": "string"}, "kind": {"type": "string"}, "labels": {"type": "array", "items": {"type": "string"}}}},
             "Error": {"type": "object", "properties": {"error": {"type": "object", "properties": {
-                "kind": {"type": "string", "enum": ["validation", "unknown_task", "queue_full", "body_too_large", "unsupported_media_type", "unauthorized", "timeout", "shutting_down", "internal"]},
+                "kind": {"type": "string", "enum": ["validation", "unknown_task", "queue_full", "body_too_large", "unsupported_media_type", "unauthorized", "forbidden_host", "timeout", "shutting_down", "internal"]},
                 "message": {"type": "string"},
             }}}},
         }},
@@ -145,7 +145,7 @@ pub fn generation_document(tasks: &[TaskDescription], secured: bool) -> Value {
                 "new_tokens": {"type": "integer"},
             }},
             "Error": {"type": "object", "properties": {"error": {"type": "object", "properties": {
-                "kind": {"type": "string", "enum": ["validation", "unknown_model", "queue_full", "body_too_large", "unsupported_media_type", "unauthorized", "timeout", "shutting_down", "internal"]},
+                "kind": {"type": "string", "enum": ["validation", "unknown_model", "queue_full", "body_too_large", "unsupported_media_type", "unauthorized", "forbidden_host", "timeout", "shutting_down", "internal"]},
                 "message": {"type": "string"},
             }}}},
         }},

@@ -433,3 +433,48 @@ async fn key_files_and_the_bearer_scheme_are_read_as_people_write_them() {
         assert_eq!(app.clone().oneshot(request).await.expect("response").status(), status, "{header}");
     }
 }
+
+/// With `allowed_hosts`, another `Host` (a rebound DNS name) gets 403, ports and case aside; with
+/// `cors_origins`, a listed origin's preflight is answered and its requests carry the CORS header, another
+/// origin's do not.
+#[tokio::test]
+async fn hosts_outside_the_list_are_refused_and_cors_answers_listed_origins() {
+    let settings = Settings {
+        allowed_hosts: vec!["localhost".into(), "::1".into()],
+        cors_origins: vec!["https://app.example.com".into()],
+        ..Settings::default()
+    };
+    let app = router(Fake::new(), settings);
+    let ask = |method: &'static str, host: &'static str, origin: Option<&'static str>| {
+        let app = app.clone();
+        async move {
+            let mut request = Request::builder().method(method).uri("/v1/tasks").header("host", host);
+            if let Some(o) = origin {
+                request = request.header("origin", o).header("access-control-request-method", "GET");
+            }
+            let response = app.oneshot(request.body(Body::empty()).expect("request")).await.expect("response");
+            let allowed =
+                response.headers().get("access-control-allow-origin").map(|v| v.to_str().unwrap_or("").to_string());
+            (response.status(), allowed)
+        }
+    };
+    assert_eq!(ask("GET", "evil.example:8080", None).await.0, StatusCode::FORBIDDEN);
+    assert_eq!(ask("GET", "LOCALHOST:8080", None).await.0, StatusCode::OK);
+    assert_eq!(ask("GET", "[::1]:8080", None).await.0, StatusCode::OK);
+    let (status, allowed) = ask("OPTIONS", "localhost", Some("https://app.example.com")).await;
+    assert_eq!((status, allowed.as_deref()), (StatusCode::OK, Some("https://app.example.com")));
+    assert_eq!(
+        ask("GET", "localhost", Some("https://app.example.com")).await.1.as_deref(),
+        Some("https://app.example.com")
+    );
+    assert_eq!(ask("GET", "localhost", Some("https://evil.example")).await.1, None);
+    // Without a list, no CORS header at all: browsers keep other sites' pages from reading the answers.
+    let plain = router(Fake::new(), Settings::default());
+    let request = Request::builder()
+        .uri("/v1/tasks")
+        .header("origin", "https://app.example.com")
+        .body(Body::empty())
+        .expect("request");
+    let response = plain.oneshot(request).await.expect("response");
+    assert!(response.headers().get("access-control-allow-origin").is_none());
+}

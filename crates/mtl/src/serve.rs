@@ -78,6 +78,13 @@ pub fn serve(model: &Path, config: &ServeConfig) -> Result<()> {
     }
     let runtime =
         runtime.enable_all().build().map_err(|e| Error::Usage(format!("cannot start the async runtime: {e}")))?;
+    if !config.addr.ip().is_loopback() && config.api_keys.is_none() {
+        tracing::warn!(
+            "serving on {} without API keys: anyone who can reach it can use it (set api_keys, or bind 127.0.0.1 \
+             behind a reverse proxy that authenticates)",
+            config.addr
+        );
+    }
     let router = router(model, settings(config)?)?;
     runtime
         .block_on(mtl_serve::listen::serve(router, config.addr, mtl_serve::listen::Limits::from_config(config)))

@@ -138,6 +138,14 @@ fn serve_help_quotes_the_serving_config_defaults() -> TestResult {
         ("--max-inputs", d.max_inputs.to_string()),
         ("--body-limit", d.body_limit.to_string()),
         ("--timeout-s", d.timeout_s.to_string()),
+        ("--header-timeout-s", d.header_timeout_s.to_string()),
+        ("--max-connections", d.max_connections.to_string()),
+        ("--shutdown-timeout-s", d.shutdown_timeout_s.to_string()),
+        ("--max-sequences", d.max_sequences.to_string()),
+        ("--prefill-chunk", d.prefill_chunk.to_string()),
+        ("--kv-cache-mb", d.kv_cache_mb.to_string()),
+        ("--kv-block", d.kv_block.to_string()),
+        ("--prefix-cache", d.prefix_cache.to_string()),
     ];
     for (flag, value) in want {
         // The flag's paragraph: from its line to the next flag.
