@@ -282,6 +282,14 @@ async fn requests_of_different_tasks_share_a_batch_and_a_full_queue_refuses() {
     assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "{body}");
     assert_eq!(body["error"]["kind"], "queue_full");
     assert_eq!(retry.as_deref(), Some("1"));
+    // Refused before its body is read: an invalid one gets 429 too, not 422.
+    let request = Request::builder()
+        .method("POST")
+        .uri("/v1/predict")
+        .header("content-type", "application/json")
+        .body(Body::from("{oops"))
+        .expect("request");
+    assert_eq!(app.clone().oneshot(request).await.expect("response").status(), StatusCode::TOO_MANY_REQUESTS);
     {
         let (open, turn) = &*gate;
         *open.lock().expect("gate") = true;
