@@ -655,6 +655,18 @@ fn shared_prefixes_answer_as_computed_ones() -> TestResult {
             kv.release(t);
         }
         assert_eq!(kv.free_blocks(), 12);
+        // A sequence shorter than a block, released with its tail registered, is copied by the next.
+        let (short, longer) = (vec![5u32, 6, 7], vec![5u32, 6, 7, 8, 9]);
+        let mut s = BlockTable::default();
+        run(&mut kv, &mut s, &short)?;
+        kv.release_cached(&mut s, &short, 0);
+        let mut t = BlockTable::default();
+        assert_eq!(kv.share_prefix(&mut t, &longer[..4], 0), 3, "{name}: the short sequence's tail");
+        let got = run(&mut kv, &mut t, &longer)?;
+        let want = full_pass_logits(&model, &longer)?;
+        let diff = got.iter().zip(want.last().expect("logits")).map(|(g, w)| (g - w).abs()).fold(0f32, f32::max);
+        assert!(diff < 1e-4, "{name}: max abs difference {diff} after a copied tail");
+        kv.release(&mut t);
     }
     Ok(())
 }

@@ -137,11 +137,13 @@ impl BlockPool {
         }
     }
 
-    /// Registers the full `block` holding `tokens` after the prefix of key `parent`, and returns its key. A
-    /// block already registered under that key (the same prefix computed by another sequence at the same time)
-    /// keeps it; `block` then stays unregistered and is freed as usual.
+    /// Registers `block` holding `tokens` after the prefix of key `parent`, and returns its key. A block already
+    /// registered under that key (the same prefix computed by another sequence at the same time) keeps it;
+    /// `block` then stays unregistered and is freed as usual. A block of fewer tokens than a block holds (the
+    /// tail of a sequence that has ended, written no more) is only ever matched in part, so copied, never
+    /// shared or continued.
     pub fn register(&mut self, block: u32, parent: u64, tokens: &[u32]) -> u64 {
-        debug_assert_eq!(tokens.len(), self.block_size);
+        debug_assert!(!tokens.is_empty() && tokens.len() <= self.block_size);
         let key = chain_key(parent, tokens);
         if self.by_key.contains_key(&key) || self.entries[block as usize].is_some() {
             return key;

@@ -178,6 +178,21 @@ impl PagedKv {
         table.hashed = table.hashed.max(full);
     }
 
+    /// Releases an ended sequence's blocks ([`PagedKv::release`]) after registering them, its last, partly
+    /// filled block too: nothing writes it any more, so a later prompt that starts with the same tokens can
+    /// copy it (a prompt shorter than a block included).
+    pub fn release_cached(&mut self, table: &mut BlockTable, tokens: &[u32], salt: u64) {
+        self.register(table, tokens, salt);
+        let bs = self.block_size;
+        let len = table.len.min(tokens.len());
+        let full = len / bs;
+        if !len.is_multiple_of(bs) && full < table.blocks.len() && table.hashed == full {
+            let parent = if full == 0 { root_key(salt) } else { table.key };
+            self.pool.register(table.blocks[full], parent, &tokens[full * bs..len]);
+        }
+        self.release(table);
+    }
+
     /// Copies every layer's keys and values of block `from` into block `to`.
     fn copy_block(&mut self, from: u32, to: u32) {
         let size = self.kv_heads * self.block_size * self.head_dim;

@@ -294,7 +294,7 @@ fn run(
         for a in running.iter_mut().filter(|a| a.job.updates.is_closed()) {
             a.done = true;
         }
-        retire(&mut running, &mut kv);
+        retire(&mut running, &mut kv, settings.prefix_cache);
         // Admission, first come first served: a request that does not fit waits for blocks to come back. Its
         // cached prefix leaves at least its last prompt token to compute, whose logits give the first token.
         while running.len() < settings.max_sequences {
@@ -321,7 +321,7 @@ fn run(
             let sequences = step(decoder, &mut running, &mut kv, settings);
             shared.steps.fetch_add(1, Ordering::SeqCst);
             shared.step_sequences.fetch_add(sequences as u64, Ordering::SeqCst);
-            retire(&mut running, &mut kv);
+            retire(&mut running, &mut kv, settings.prefix_cache);
         }
         shared.running.store(running.len(), Ordering::SeqCst);
         shared.blocks_used.store(kv.total_blocks() - kv.free_blocks(), Ordering::SeqCst);
@@ -349,11 +349,15 @@ fn warm_up(model: &Llama, kv: &mut PagedKv) -> mtl_nn::Result<()> {
     result
 }
 
-/// Gives the blocks of finished sequences back and drops them from the batch.
-fn retire(running: &mut Vec<Active>, kv: &mut PagedKv) {
+/// Gives the blocks of finished sequences back and drops them from the batch; with the prefix cache, what
+/// they computed stays cached.
+fn retire(running: &mut Vec<Active>, kv: &mut PagedKv, prefix_cache: bool) {
     running.retain_mut(|a| {
         if a.done {
-            kv.release(&mut a.table);
+            match prefix_cache {
+                true => kv.release_cached(&mut a.table, &a.tokens, a.job.salt),
+                false => kv.release(&mut a.table),
+            }
         }
         !a.done
     });
