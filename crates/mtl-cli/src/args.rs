@@ -43,6 +43,10 @@ pub enum Command {
         /// if it had never stopped; give the same config and --set overrides.
         #[arg(long)]
         resume: bool,
+        /// With --resume: go on even if a data file changed since the run started (its SHA-256 is in
+        /// --out/data.json); without it, that is an error naming the files.
+        #[arg(long, requires = "resume")]
+        accept_changed_data: bool,
         /// Also train each task alone with the same recipe (under --out/baselines/TASK/) and write
         /// baselines.json with the negative-transfer table: per task, joint minus alone.
         #[arg(long)]

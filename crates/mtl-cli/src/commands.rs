@@ -11,7 +11,7 @@ use crate::report;
 
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Train { config, out, overrides, tasks, select, resume, baselines } => {
+        Command::Train { config, out, overrides, tasks, select, resume, accept_changed_data, baselines } => {
             let mut c = Config::load(&config, &overrides)?;
             if !tasks.is_empty() {
                 c.retain_tasks(&tasks, &config)?;
@@ -20,7 +20,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 Select::Joint => mtl::Select::Joint,
                 Select::PerTask => mtl::Select::PerTask,
             };
-            let options = TrainOptions { select, resume, baselines };
+            let options = TrainOptions { select, resume, accept_changed_data, baselines };
             let training = mtl::train_with(&c, &config, &out, &options, &mut print_run)?;
             if let Some(b) = &training.baselines {
                 print_baselines(b);

@@ -1,5 +1,8 @@
-//! Training checkpoints for an exact resume: `OUT/checkpoint-STEP/`, each written to a temporary directory
-//! and renamed into place, holding everything the rest of the run depends on.
+//! Training checkpoints for an exact resume: `OUT/checkpoint-STEP/`, each written to a temporary directory,
+//! flushed to disk (every file, then the directory), renamed into place and the rename flushed too; only then
+//! are older checkpoints removed, so a crash or power loss at any moment leaves at least one complete
+//! checkpoint. A resume takes the newest checkpoint that reads back whole; a damaged newer one (cut short by a
+//! crash before this was so, or by a full disk) is named in a warning and removed.
 //!
 //! - `model.safetensors`: every parameter.
 //! - `optimizer.safetensors`: AdamW's moments by parameter name (`m.NAME`, `v.NAME`).
@@ -118,7 +121,12 @@ fn invalid(path: &Path, message: impl Into<String>) -> TrainError {
 fn save_tensors(path: &Path, tensors: &BTreeMap<String, Tensor>) -> Result<()> {
     let map: HashMap<&str, Tensor> = tensors.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
     candle_core::safetensors::save(&map, path)?;
-    Ok(())
+    sync(path)
+}
+
+/// Flushes a file's or a directory's contents (a directory's: the names in it) to disk.
+fn sync(path: &Path) -> Result<()> {
+    std::fs::File::open(path).and_then(|f| f.sync_all()).map_err(io_err(path))
 }
 
 fn load_tensors(path: &Path) -> Result<BTreeMap<String, Tensor>> {
@@ -178,6 +186,11 @@ pub fn save(out: &Path, state: &TrainState, tensors: &TrainTensors, keep: usize)
     }
     let text = serde_json::to_string_pretty(state).expect("the training state serializes; this is a bug");
     std::fs::write(dir.join(STATE), text).map_err(io_err(&dir.join(STATE)))?;
+    sync(&dir.join(STATE))?;
+    if !tensors.per_task.is_empty() {
+        sync(&dir.join(PER_TASK))?;
+    }
+    sync(dir)?;
     let target = checkpoint_dir(out, state.step);
     if target.exists() {
         std::fs::remove_dir_all(&target).map_err(io_err(&target))?;
@@ -187,6 +200,8 @@ pub fn save(out: &Path, state: &TrainState, tensors: &TrainTensors, keep: usize)
         let _ = std::fs::remove_dir_all(&kept);
         TrainError::Io { path: target.clone(), source }
     })?;
+    // The rename is durable before any older checkpoint goes.
+    sync(out)?;
     for step in to_remove(&checkpoints(out), keep) {
         let old = checkpoint_dir(out, step);
         std::fs::remove_dir_all(&old).map_err(io_err(&old))?;
@@ -194,12 +209,36 @@ pub fn save(out: &Path, state: &TrainState, tensors: &TrainTensors, keep: usize)
     Ok(())
 }
 
-/// Reads the newest checkpoint in `out`.
+/// Reads the newest checkpoint in `out` that reads back whole. Newer ones that do not (a file cut short,
+/// unreadable JSON) are named in a warning and removed; an error lists every checkpoint tried when none
+/// reads.
 pub fn load_latest(out: &Path) -> Result<(TrainState, TrainTensors)> {
-    let Some(&step) = checkpoints(out).last() else {
+    let steps = checkpoints(out);
+    if steps.is_empty() {
         return Err(invalid(out, format!("nothing to resume: no complete {PREFIX}* directory")));
-    };
-    let dir = checkpoint_dir(out, step);
+    }
+    let mut damaged = Vec::new();
+    for &step in steps.iter().rev() {
+        let dir = checkpoint_dir(out, step);
+        match load(&dir) {
+            Ok(loaded) => {
+                for (bad, why) in &damaged {
+                    tracing::warn!("{} is damaged ({why}); resuming from {} instead", bad, dir.display());
+                }
+                for (bad, _) in &damaged {
+                    std::fs::remove_dir_all(bad).map_err(io_err(Path::new(bad)))?;
+                }
+                return Ok(loaded);
+            }
+            Err(e) => damaged.push((dir.display().to_string(), e.to_string())),
+        }
+    }
+    let tried: Vec<String> = damaged.iter().map(|(dir, why)| format!("{dir}: {why}")).collect();
+    Err(invalid(out, format!("no checkpoint reads back whole: {}", tried.join("; "))))
+}
+
+/// Reads one checkpoint directory.
+fn load(dir: &Path) -> Result<(TrainState, TrainTensors)> {
     let state_path = dir.join(STATE);
     let text = std::fs::read_to_string(&state_path).map_err(io_err(&state_path))?;
     let state: TrainState = serde_json::from_str(&text).map_err(|e| invalid(&state_path, e.to_string()))?;
@@ -252,6 +291,57 @@ pub fn remove_all(out: &Path) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn state(step: usize) -> TrainState {
+        TrainState {
+            step,
+            epoch: 1,
+            next_batch: step,
+            skipped: 0,
+            optimizer_steps: step as u64,
+            param_steps: BTreeMap::new(),
+            keep_per_task_models: false,
+            dropout_position: "0".into(),
+            weighting: serde_json::Value::Null,
+            best: None,
+            since_best: 0,
+            last_eval_step: None,
+            per_task: BTreeMap::new(),
+            config: "config".into(),
+            reports: 0,
+        }
+    }
+
+    fn tensors(value: f32) -> TrainTensors {
+        let t = Tensor::from_slice(&[value; 64], 64, &Device::Cpu).expect("a tensor");
+        TrainTensors {
+            model: BTreeMap::from([("w".to_string(), t.clone())]),
+            moments: BTreeMap::from([("w".to_string(), (vec![value; 64], vec![value; 64]))]),
+            heads: BTreeMap::from([("h".to_string(), t)]),
+            ..TrainTensors::default()
+        }
+    }
+
+    /// A newest checkpoint cut short (as a crash mid-write left one before checkpoints were flushed) is
+    /// passed over and removed: the resume takes the one before; with none whole, the error names each.
+    #[test]
+    fn a_damaged_newest_checkpoint_falls_back_to_the_one_before() -> Result<()> {
+        let out = tempfile::tempdir().map_err(io_err(Path::new("tmp")))?;
+        save(out.path(), &state(1), &tensors(1.0), 3)?;
+        save(out.path(), &state(2), &tensors(2.0), 3)?;
+        let newest = checkpoint_dir(out.path(), 2).join(MODEL);
+        let bytes = std::fs::read(&newest).map_err(io_err(&newest))?;
+        std::fs::write(&newest, &bytes[..bytes.len() / 2]).map_err(io_err(&newest))?;
+        let (state, tensors) = load_latest(out.path())?;
+        assert_eq!(state.step, 1);
+        assert_eq!(tensors.moments["w"].0[0], 1.0);
+        assert_eq!(checkpoints(out.path()), vec![1], "the damaged one is gone");
+        let only = checkpoint_dir(out.path(), 1).join(STATE);
+        std::fs::write(&only, "{").map_err(io_err(&only))?;
+        let err = load_latest(out.path()).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(err.contains("no checkpoint reads back whole") && err.contains("checkpoint-00000001"), "{err}");
+        Ok(())
+    }
 
     #[test]
     fn keeps_the_newest() {

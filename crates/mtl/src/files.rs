@@ -21,7 +21,7 @@ use crate::error::{Error, Result};
 use crate::manifest::{BaseRef, RunManifest, WeightLayout, FORMAT_VERSION};
 use crate::Architecture;
 
-pub use crate::manifest::{ADAPTERS, HEADS, INT8, LABELS, METRICS, MODEL_CONFIG, RUN_CONFIG, TOKENIZER, WEIGHTS};
+pub use crate::manifest::{ADAPTERS, DATA, HEADS, INT8, LABELS, METRICS, MODEL_CONFIG, RUN_CONFIG, TOKENIZER, WEIGHTS};
 
 /// Everything a checkpoint holds besides the weights.
 pub struct CheckpointFiles<'a> {

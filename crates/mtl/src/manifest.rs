@@ -34,6 +34,8 @@ pub const TOKENIZER: &str = "tokenizer.json";
 pub const RUN_CONFIG: &str = "mtl.toml";
 pub const LABELS: &str = "labels.json";
 pub const METRICS: &str = "metrics.json";
+/// The SHA-256 of each data file a run started on, by task and split (`TASK.train`, …: `{"path", "sha256"}`).
+pub const DATA: &str = "data.json";
 pub const HEADS: &str = "heads";
 /// A parameter-efficient run's trained tensors (adapters and heads), which go onto its base model's weights.
 pub const ADAPTERS: &str = "adapters.safetensors";

@@ -20,6 +20,9 @@ pub struct TrainOptions {
     pub select: Select,
     /// Continue the run in `out` from its newest training checkpoint.
     pub resume: bool,
+    /// Resume even if a data file changed since the run started (it then goes on with another batch order
+    /// and schedule than the run had); otherwise that is an error naming the files.
+    pub accept_changed_data: bool,
     /// Also train each task alone with the same recipe, under `out/baselines/TASK/`.
     pub baselines: bool,
 }
@@ -84,26 +87,22 @@ pub fn train_with(
     let run = match options.resume && options.baselines && has_final {
         true => None,
         false => {
-            let report = train_one(config, architecture, out, options.select, options.resume)?;
+            let report = train_one(config, architecture, out, options)?;
             on_run(&report);
             Some(report)
         }
     };
     let baselines = match options.baselines {
-        true => Some(baselines(config, architecture, source, out, on_run)?),
+        true => Some(baselines(config, architecture, source, out, options.accept_changed_data, on_run)?),
         false => None,
     };
     Ok(Training { run, baselines })
 }
 
-/// One training run of `config` into `out`.
-fn train_one(
-    config: &Config,
-    architecture: Architecture,
-    out: &Path,
-    select: Select,
-    resume: bool,
-) -> Result<TrainReport> {
+/// One training run of `config` into `out`. A fresh run records its data files' SHA-256 in `data.json`; a
+/// resume checks them first.
+fn train_one(config: &Config, architecture: Architecture, out: &Path, options: &TrainOptions) -> Result<TrainReport> {
+    let (select, resume) = (options.select, options.resume);
     if resume {
         if out.join(files::METRICS).exists() {
             bail!("{}: this run has finished (metrics.json is there); there is nothing to resume", out.display());
@@ -114,17 +113,85 @@ fn train_one(
                 out.display()
             );
         }
+        check_data(config, out, options.accept_changed_data)?;
         resume::remove_partial(out)?;
     } else if out.exists() {
         bail!(
             "{}: the output directory already exists; choose another, remove it, or continue it with --resume",
             out.display()
         );
+    } else {
+        let prints = serde_json::to_string_pretty(&data_fingerprints(config)?).expect("JSON values serialize");
+        std::fs::create_dir_all(out).map_err(Error::io(out))?;
+        write_text(&out.join(files::DATA), &prints)?;
     }
-    match architecture {
+    let trained = match architecture {
         Architecture::Bert => crate::encoder::train::train(config, out, select, resume),
         Architecture::Llama => crate::decoder::train::train(config, out, resume),
+    };
+    if trained.is_err() && !resume {
+        // A run that failed before it trained leaves nothing behind (the directory only if it holds more).
+        let _ = std::fs::remove_file(out.join(files::DATA));
+        let _ = std::fs::remove_dir(out);
     }
+    trained
+}
+
+/// The SHA-256 of each data file of `config`, by task and split: `{"TASK.SPLIT": {"path", "sha256"}}`.
+fn data_fingerprints(config: &Config) -> Result<BTreeMap<String, Value>> {
+    let mut prints = BTreeMap::new();
+    for (task, t) in &config.tasks {
+        let files = [
+            ("train", Some(&t.data.train)),
+            ("dev", t.data.dev.as_ref()),
+            ("test", t.data.test.as_ref()),
+            ("labels_file", t.labels_file.as_ref()),
+        ];
+        for (split, path) in files {
+            if let Some(path) = path {
+                let sha256 = crate::manifest::sha256(path)?;
+                prints.insert(format!("{task}.{split}"), serde_json::json!({"path": path, "sha256": sha256}));
+            }
+        }
+    }
+    Ok(prints)
+}
+
+/// Refuses to resume on data files that differ from those the run started on (`data.json`), unless `accept`:
+/// the same seed over other data is another batch order and schedule, not the run that stopped.
+fn check_data(config: &Config, out: &Path, accept: bool) -> Result<()> {
+    let path = out.join(files::DATA);
+    if !path.exists() {
+        tracing::info!(
+            "{}: no data.json (the run started before runs recorded one); data files not checked",
+            out.display()
+        );
+        return Ok(());
+    }
+    let recorded: BTreeMap<String, Value> = read_json(&path)?;
+    let now = data_fingerprints(config)?;
+    let keys: std::collections::BTreeSet<&String> = recorded.keys().chain(now.keys()).collect();
+    let changed: Vec<String> = keys
+        .into_iter()
+        .filter(|k| recorded.get(*k).map(|v| &v["sha256"]) != now.get(*k).map(|v| &v["sha256"]))
+        .map(|k| {
+            let file = now.get(k).or_else(|| recorded.get(k)).and_then(|v| v["path"].as_str()).unwrap_or("?");
+            format!("{k} ({file})")
+        })
+        .collect();
+    if changed.is_empty() {
+        return Ok(());
+    }
+    if accept {
+        tracing::warn!("resuming on changed data files, as asked: {}", changed.join(", "));
+        return Ok(());
+    }
+    bail!(
+        "{}: data files changed since the run started: {}; resuming would go on with another batch order and \
+         schedule than the run had. Restore them, train afresh, or pass --accept-changed-data to go on anyway",
+        out.display(),
+        changed.join(", ")
+    )
 }
 
 /// Trains each task of `config` alone with the same recipe (static weights and no surgery, which need
@@ -135,6 +202,7 @@ fn baselines(
     architecture: Architecture,
     source: &Path,
     out: &Path,
+    accept: bool,
     on_run: &mut dyn FnMut(&TrainReport),
 ) -> Result<Baselines> {
     let joint: Value = read_json(&out.join(files::METRICS))?;
@@ -152,7 +220,8 @@ fn baselines(
             alone.training.weighting = Default::default();
             alone.training.surgery = Default::default();
             tracing::info!("baseline: {task} alone");
-            on_run(&train_one(&alone, architecture, &dir, Select::Joint, resume)?);
+            let options = TrainOptions { select: Select::Joint, resume, accept_changed_data: accept, baselines: false };
+            on_run(&train_one(&alone, architecture, &dir, &options)?);
         }
         let single: Value = read_json(&dir.join(files::METRICS))?;
         let metric = mtl_train::main_metric(task_config).to_string();

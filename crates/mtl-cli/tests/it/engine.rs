@@ -288,6 +288,43 @@ fn killed_runs_resume_exactly() -> TestResult {
     Ok(())
 }
 
+/// A run records its data files' SHA-256; resuming after one changed is refused, naming it, unless
+/// `--accept-changed-data` says to go on.
+#[test]
+fn resuming_on_changed_data_is_refused_unless_accepted() -> TestResult {
+    let p = Project::new()?;
+    let args =
+        ["train", "config.toml", "--out", "run", "--set", "training.epochs=40", "--set", "training.checkpoint_every=1"];
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_mtl"))
+        .args(args)
+        .current_dir(p.dir.path())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()?;
+    while !p.path("run/checkpoint-00000001/state.json").exists() {
+        assert!(child.try_wait()?.is_none(), "the run ended before its first checkpoint");
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    child.kill()?;
+    child.wait()?;
+    let recorded: Value = serde_json::from_str(&std::fs::read_to_string(p.path("run/data.json"))?)?;
+    assert_eq!(recorded["intent.train"]["sha256"].as_str().map(str::len), Some(64), "{recorded}");
+    let mut train = std::fs::read_to_string(p.path("train.jsonl"))?;
+    let first = train.lines().next().unwrap_or_default().to_string();
+    train.push_str(&first);
+    train.push('\n');
+    std::fs::write(p.path("train.jsonl"), train)?;
+    let o = p.mtl(&[&args[..], &["--resume"]].concat())?;
+    assert!(
+        !o.status.success() && stderr(&o).contains("data files changed") && stderr(&o).contains("intent.train"),
+        "{}",
+        stderr(&o)
+    );
+    let o = p.mtl(&[&args[..], &["--resume", "--accept-changed-data"]].concat())?;
+    assert!(o.status.success() && p.path("run/metrics.json").exists(), "{}", stderr(&o));
+    Ok(())
+}
+
 #[test]
 fn baselines_give_the_negative_transfer_table() -> TestResult {
     let p = Project::new()?;
