@@ -9,13 +9,23 @@
     python3 scripts/chaos.py flood ADDR               16 streams keep the queue full; the p99 latency of their
                                                       answers, without and then with 2 MiB bodies flooding in
                                                       (10 a second); the flood must not double it
+    python3 scripts/chaos.py checkpoints OUT MTL ARGS...  a training run (checkpoints every step) killed with
+                                                      SIGKILL 50 times at random moments, each time resumed;
+                                                      then run to its end: every resume must start, and the
+                                                      metrics equal a straight run's
+    python3 scripts/chaos.py truncated OUT MTL ARGS...  the newest checkpoint of a killed run cut in half: the
+                                                      resume falls back to the one before, says so, and ends
+                                                      with the straight run's metrics
 
 Each prints one JSON line (`row`, `ok`, and what was measured) and exits 0 when the row holds. Standard library
 only: raw sockets, so that half-sent requests and the flood are exactly what is written.
 """
 import json
 import os
+import random
+import shutil
 import signal
+import subprocess
 import socket
 import sys
 import threading
@@ -204,8 +214,109 @@ def flood(addr, seconds=20.0, clients=16, rate=10.0):
             "answered_without": quiet_statuses, "answered_with": loud_statuses, "flood_answers": flood_statuses}
 
 
+def metrics(run):
+    m = json.load(open(os.path.join(run, "metrics.json")))
+    m.pop("train_seconds", None)
+    return m
+
+
+def checkpoints_of(run):
+    return sorted(d for d in os.listdir(run) if d.startswith("checkpoint-")) if os.path.isdir(run) else []
+
+
+def train(mtl, args, out, resume=False, wait=True):
+    cmd = [mtl, "train", *args, "--out", out] + (["--resume"] if resume else [])
+    log = open(out + ".log", "a")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=log, env={**os.environ, "MTL_LOG": "warn"})
+    if wait:
+        proc.wait()
+    return proc
+
+
+def straight_metrics(base, mtl, args):
+    straight = os.path.join(base, "straight")
+    if not os.path.exists(os.path.join(straight, "metrics.json")):
+        shutil.rmtree(straight, ignore_errors=True)
+        if train(mtl, args, straight).returncode != 0:
+            raise SystemExit(f"the straight run failed; see {straight}.log")
+    return metrics(straight)
+
+
+def killed_checkpoints(base, mtl, args, kills=50, seed=0):
+    """Kills the run while it writes a checkpoint: when its k-th temporary checkpoint directory appears (k
+    drawn from 1 to 4), then resumes it; `kills` times."""
+    want = straight_metrics(base, mtl, args)
+    run = os.path.join(base, "killed")
+    shutil.rmtree(run, ignore_errors=True)
+    if os.path.exists(run + ".log"):
+        os.remove(run + ".log")
+    rng = random.Random(seed)
+    killed, resumed, failed, finished = 0, 0, [], False
+    while killed < kills:
+        resume = bool(checkpoints_of(run))
+        if not resume:
+            shutil.rmtree(run, ignore_errors=True)
+        proc = train(mtl, args, run, resume=resume, wait=False)
+        k, seen = rng.randint(1, 4), set()
+        while proc.poll() is None and len(seen) < k:
+            if os.path.isdir(run):
+                seen.update(n for n in os.listdir(run) if n.startswith(".mtl-checkpoint-"))
+            time.sleep(0.0005)
+        if proc.poll() is not None:
+            if proc.returncode != 0:
+                failed.append(f"{'resume' if resume else 'start'} exited {proc.returncode}")
+            finished = os.path.exists(os.path.join(run, "metrics.json"))
+            if finished:
+                break  # the run is too short for this many kills
+            continue
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        killed += 1
+        resumed += resume
+    if not finished:
+        train(mtl, args, run, resume=True)
+    same = os.path.exists(os.path.join(run, "metrics.json")) and metrics(run) == want
+    ok = killed == kills and not failed and same
+    return {"row": "kill -9 during checkpoint writes", "ok": ok, "kills": killed, "resumes_that_started": resumed,
+            "failures": failed, "final_metrics_equal_the_straight_run": same}
+
+
+def truncated_checkpoint(base, mtl, args, seed=1):
+    want = straight_metrics(base, mtl, args)
+    run = os.path.join(base, "truncated")
+    rng = random.Random(seed)
+    for _ in range(20):
+        shutil.rmtree(run, ignore_errors=True)
+        if os.path.exists(run + ".log"):
+            os.remove(run + ".log")
+        proc = train(mtl, args, run, wait=False)
+        time.sleep(rng.uniform(0.5, 0.8))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        if len(checkpoints_of(run)) >= 2:
+            break
+    kept = checkpoints_of(run)
+    newest = os.path.join(run, kept[-1], "model.safetensors")
+    size = os.path.getsize(newest)
+    with open(newest, "r+b") as f:
+        f.truncate(size // 2)
+    open(run + ".log", "w").close()
+    final = train(mtl, args, run, resume=True)
+    said = "is damaged" in open(run + ".log").read() and kept[-1] in open(run + ".log").read()
+    same = final.returncode == 0 and metrics(run) == want
+    return {"row": "truncated newest checkpoint", "ok": said and same, "checkpoints": kept,
+            "cut": f"{kept[-1]}/model.safetensors to {size // 2} of {size} bytes", "fell_back_and_said_so": said,
+            "final_metrics_equal_the_straight_run": same}
+
+
 def main():
     row, addr = sys.argv[1], sys.argv[2]
+    if row in ("checkpoints", "truncated"):
+        base, mtl, args = sys.argv[2], sys.argv[3], sys.argv[4:]
+        os.makedirs(base, exist_ok=True)
+        result = killed_checkpoints(base, mtl, args) if row == "checkpoints" else truncated_checkpoint(base, mtl, args)
+        print(json.dumps(result), flush=True)
+        sys.exit(0 if result["ok"] else 1)
     if row == "slowloris":
         result = slowloris(addr)
     elif row == "sigterm":
