@@ -228,6 +228,7 @@ fn configured_labels(task: &TaskConfig) -> Result<Option<Vec<String>>> {
         return Ok(None);
     };
     let text = std::fs::read_to_string(path).map_err(|source| DataError::Io { path: path.clone(), source })?;
+    let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
     let mut labels = Vec::new();
     let mut seen = BTreeSet::new();
     for (i, l) in text.lines().enumerate() {

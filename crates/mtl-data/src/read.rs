@@ -88,13 +88,15 @@ pub fn read_split(config: &Config, split: Split) -> Result<Vec<RawExample>> {
     for path in order {
         let tasks = &by_file[path];
         let text = std::fs::read_to_string(path).map_err(|source| DataError::Io { path: path.to_owned(), source })?;
+        // Every format the same way: a byte order mark is not data, and lines end in LF or CRLF.
+        let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
         let before = examples.len();
         match tasks[0].1.format {
-            DataFormat::Jsonl => read_jsonl(&text, path, tasks, &mut examples)?,
-            DataFormat::Csv => read_table(&text, b',', path, tasks, &mut examples)?,
-            DataFormat::Tsv => read_table(&text, b'\t', path, tasks, &mut examples)?,
-            DataFormat::Conll => read_conll(&text, path, tasks, &mut examples)?,
-            DataFormat::Conllu => read_conllu(&text, path, tasks, &mut examples)?,
+            DataFormat::Jsonl => read_jsonl(text, path, tasks, &mut examples)?,
+            DataFormat::Csv => read_table(text, b',', path, tasks, &mut examples)?,
+            DataFormat::Tsv => read_table(text, b'\t', path, tasks, &mut examples)?,
+            DataFormat::Conll => read_conll(text, path, tasks, &mut examples)?,
+            DataFormat::Conllu => read_conllu(text, path, tasks, &mut examples)?,
         }
         if examples.len() == before {
             return Err(DataError::Empty { path: path.to_owned() });
@@ -139,7 +141,6 @@ fn read_table(
     tasks: &[(&TaskId, &TaskConfig)],
     out: &mut Vec<RawExample>,
 ) -> Result<()> {
-    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     let mut reader =
         csv::ReaderBuilder::new().delimiter(delimiter).has_headers(true).flexible(false).from_reader(text.as_bytes());
     let header_err = |m: String| DataError::Line { path: path.to_owned(), line: 1, message: m };
@@ -443,12 +444,14 @@ fn read_columns(
 }
 
 /// CoNLL: whitespace-separated columns, the word in `word_column`, each task's tag in its `tag_column`
-/// (the last column by default).
+/// (the last column by default). `-DOCSTART-` lines, a lone `#`, and metadata lines `# key = value` (as
+/// CoNLL-U writes them) are skipped; any other line starting with `#` is a token, as `#` is in tweets.
 fn read_conll(text: &str, path: &Path, tasks: &[(&TaskId, &TaskConfig)], out: &mut Vec<RawExample>) -> Result<()> {
     let word_column = tasks[0].1.word_column;
     let parse = |line: &str| {
         let trimmed = line.trim();
-        if trimmed.starts_with("-DOCSTART-") || trimmed.starts_with("# ") || trimmed == "#" {
+        let metadata = trimmed.starts_with("# ") && trimmed.contains(" = ");
+        if trimmed.starts_with("-DOCSTART-") || metadata || trimmed == "#" {
             return None;
         }
         let cols: Vec<&str> = trimmed.split_whitespace().collect();
@@ -599,6 +602,46 @@ mod tests {
         let bad = [("pos", "token_classification", "tag_column = 5")];
         let e = err(read("conll", &bad, "EU NNP B-ORG\n").1);
         assert!(e.contains("data.conll:1") && e.contains("column 5"), "{e}");
+    }
+
+    /// A byte order mark and CRLF line ends read as nothing and LF in every format; in CoNLL, `#` is a
+    /// token and only `# key = value` lines are comments.
+    #[test]
+    fn byte_order_marks_crlf_and_hash_tokens_in_every_format() {
+        let cls = [("intent", "classification", "label_field = \"intent\"")];
+        let tag = [("ner", "token_classification", "")];
+        let cases: [(&str, &[(&str, &str, &str)], &str); 5] = [
+            ("jsonl", &cls, "\u{feff}{\"text\": \"a b\", \"intent\": \"x\"}\r\n{\"text\": \"c\", \"intent\": \"y\"}\r\n"),
+            ("csv", &cls, "\u{feff}text,intent\r\na b,x\r\nc,y\r\n"),
+            ("tsv", &cls, "\u{feff}text\tintent\r\na b\tx\r\nc\ty\r\n"),
+            ("conll", &tag, "\u{feff}-DOCSTART- O\r\n\r\nEU B-ORG\r\n# O\r\n\r\n# sent_id = 2\r\nPeter B-PER\r\n"),
+            ("conllu", &[("ner", "token_classification", "conllu_column = \"upos\"\nscheme = \"none\"")],
+             "\u{feff}# sent_id = 1\r\n1\tEU\teu\tPROPN\t_\t_\t0\troot\t_\t_\r\n\r\n1\tPeter\tpeter\tPROPN\t_\t_\t0\troot\t_\t_\r\n"),
+        ];
+        for (format, tasks, content) in cases {
+            let (_d, r) = read(format, tasks, content);
+            let ex = r.unwrap_or_else(|e| panic!("{format}: {e}"));
+            assert_eq!(ex.len(), 2, "{format}");
+            match &ex[0].input {
+                Input::Text(t) => assert_eq!(t, "a b", "{format}"),
+                Input::Words(w) => assert_eq!(w[0], "EU", "{format}: no mark glued to the first word"),
+                other => panic!("{format}: {other:?}"),
+            }
+            if let Some(RawLabel::Tags(t)) = ex[0].labels.get(&id("ner")) {
+                assert!(t.iter().all(|t| !t.ends_with('\r')), "{format}: {t:?}");
+            }
+        }
+        let (_d, r) = read("conll", &tag, "EU B-ORG\n# O\n");
+        assert_eq!(r.expect("valid")[0].input, Input::Words(vec!["EU".into(), "#".into()]), "`#` is a token");
+        // A labels file the same way.
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (data, labels) = (dir.path().join("data.jsonl"), dir.path().join("labels.txt"));
+        std::fs::write(&data, "{\"text\": \"a\", \"intent\": \"x\"}\n").expect("write");
+        std::fs::write(&labels, "\u{feff}x\r\ny\r\n").expect("write");
+        let extra = format!("label_field = \"intent\"\nlabels_file = \"{}\"", labels.display());
+        let c = config("jsonl", &[("intent", "classification", &extra)], &data);
+        let maps = crate::LabelMap::for_tasks(&c, &read_split(&c, Split::Train).expect("valid")).expect("labels");
+        assert_eq!((maps[&id("intent")].id("x"), maps[&id("intent")].id("y")), (Some(0), Some(1)));
     }
 
     #[test]
