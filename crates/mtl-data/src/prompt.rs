@@ -18,6 +18,9 @@ pub const NO_SPANS: &str = "none";
 
 /// A model's chat template (Jinja, as in `tokenizer_config.json` or GGUF metadata), with the texts of the
 /// model's begin- and end-of-sequence tokens that templates may use (`bos_token`, `eos_token`).
+/// Instructions a chat template may run for one rendering.
+const TEMPLATE_FUEL: u64 = 2_000_000;
+
 #[derive(Clone)]
 pub struct ChatTemplate {
     env: minijinja::Environment<'static>,
@@ -28,6 +31,9 @@ pub struct ChatTemplate {
 impl ChatTemplate {
     pub fn new(source: &str, bos: &str, eos: &str) -> std::result::Result<Self, String> {
         let mut env = minijinja::Environment::new();
+        // A template comes with the model file, so it is not trusted to end: it gets a budget of instructions
+        // (a chat template spends a few hundred per turn).
+        env.set_fuel(Some(TEMPLATE_FUEL));
         env.add_template_owned("chat", source.to_string())
             .map_err(|e| format!("the chat template does not parse: {e}"))?;
         Ok(Self { env, bos: bos.to_string(), eos: eos.to_string() })
@@ -429,6 +435,19 @@ mod tests {
         let text = format!("[model]\npath = \"m\"\n[training]\nepochs = 1\nlr = 1e-4\n[tasks.a]\n{extra}\ndata = {{ train = \"a.jsonl\" }}\n");
         let config = Config::parse(&text, std::path::Path::new("t.toml"), &[]).expect("valid");
         config.tasks.into_values().next().expect("one task")
+    }
+
+    /// A chat template that would loop for ever (it comes with a model file) runs out of fuel instead.
+    #[test]
+    fn a_runaway_chat_template_stops_with_an_error() {
+        let endless = "{% for i in range(100000) %}{% for j in range(100000) %}x{% endfor %}{% endfor %}";
+        let t = ChatTemplate::new(endless, "<s>", "</s>").expect("it parses");
+        let err = t.user_turn("hi", None).expect_err("out of fuel");
+        assert!(err.contains("the chat template failed"), "{err}");
+        let fine = ChatTemplate::new("{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}", "", "")
+            .expect("it parses");
+        let turns: Vec<(&str, &str)> = (0..500).map(|_| ("user", "hello")).collect();
+        assert!(fine.render(&turns).is_ok(), "a long conversation fits the budget");
     }
 
     #[test]

@@ -47,11 +47,22 @@ fn number(v: &Value) -> Option<f64> {
     })
 }
 
+/// The header of a GGUF file: metadata and tensor directory. A model file is not trusted: where candle's
+/// reader panics on a malformed header (a `general.alignment` of 0 divides by zero), that is an error too.
+fn read_content(path: &Path) -> Result<(std::fs::File, Content)> {
+    let bad = |message: String| NnError::File { path: path.to_owned(), message };
+    let mut file = std::fs::File::open(path).map_err(|source| NnError::Io { path: path.to_owned(), source })?;
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| Content::read(&mut file))) {
+        Ok(Ok(content)) => Ok((file, content)),
+        Ok(Err(e)) => Err(bad(format!("not a GGUF file: {e}"))),
+        Err(_) => Err(bad("not a valid GGUF file: its header is malformed (is general.alignment 0?)".into())),
+    }
+}
+
 /// The `general.architecture` of a GGUF file (read from its header only).
 pub fn architecture(path: &Path) -> Result<String> {
     let bad = |message: String| NnError::File { path: path.to_owned(), message };
-    let mut file = std::fs::File::open(path).map_err(|source| NnError::Io { path: path.to_owned(), source })?;
-    let content = Content::read(&mut file).map_err(|e| bad(format!("not a GGUF file: {e}")))?;
+    let (_, content) = read_content(path)?;
     content
         .metadata
         .get("general.architecture")
@@ -64,8 +75,7 @@ pub fn architecture(path: &Path) -> Result<String> {
 /// when `keep_quantized` (f32 ones and the norms are f32 either way), or all dequantised to f32.
 pub fn read_llama(path: &Path, device: &Device, keep_quantized: bool) -> Result<GgufLlama> {
     let bad = |message: String| NnError::File { path: path.to_owned(), message };
-    let mut file = std::fs::File::open(path).map_err(|source| NnError::Io { path: path.to_owned(), source })?;
-    let content = Content::read(&mut file).map_err(|e| bad(format!("not a GGUF file: {e}")))?;
+    let (mut file, content) = read_content(path)?;
     let md = &content.metadata;
     let text = |key: &str| md.get(key).and_then(|v| v.to_string().ok()).cloned();
     let arch = text("general.architecture").ok_or_else(|| bad("no general.architecture".into()))?;
@@ -320,6 +330,34 @@ fn unpermute_blocks(q: &QTensor, n: usize, head_dim: usize) -> Result<QTensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A model file is not trusted: a header that makes candle's reader panic (alignment 0), and a context
+    /// length of 0, are errors that name the file.
+    #[test]
+    fn malformed_headers_are_errors_not_panics() {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let path = dir.path().join("bad.gguf");
+        let mut file = std::fs::File::create(&path).expect("a file");
+        let (arch, zero) = (Value::String("llama".into()), Value::U32(0));
+        candle_core::quantized::gguf_file::write(
+            &mut file,
+            &[("general.architecture", &arch), ("general.alignment", &zero)],
+            &[],
+        )
+        .expect("written");
+        drop(file);
+        let err = architecture(&path).expect_err("a malformed header").to_string();
+        assert!(err.contains("bad.gguf") && err.contains("malformed"), "{err}");
+        let config = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../tests/fixtures/tiny-llama/config.json"
+        ))
+        .expect("the tiny config");
+        let mut value: serde_json::Value = serde_json::from_str(&config).expect("JSON");
+        value["max_position_embeddings"] = 0.into();
+        let err = crate::llama::LlamaConfig::from_json(&value.to_string()).expect_err("no positions");
+        assert!(err.contains("max_position_embeddings"), "{err}");
+    }
 
     #[test]
     fn unpermute_inverts_llama_cpp_permutation() -> Result<()> {

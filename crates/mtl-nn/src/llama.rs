@@ -410,6 +410,12 @@ impl LlamaConfig {
         if self.hidden_size == 0 || self.num_hidden_layers == 0 || self.vocab_size == 0 || self.intermediate_size == 0 {
             return Err("hidden_size, num_hidden_layers, vocab_size and intermediate_size must be positive".into());
         }
+        if self.max_position_embeddings < 2 {
+            return Err(format!(
+                "max_position_embeddings (a GGUF file's context_length) is {}; a model reads at least 2 positions",
+                self.max_position_embeddings
+            ));
+        }
         if let Some(s) = &self.sliding {
             if s.window == 0 || s.layers.len() != self.num_hidden_layers {
                 return Err(format!(
