@@ -72,12 +72,12 @@ else
   echo "export check skipped: no bench environment (.venv with torch and transformers; scripts/bench-env.sh makes it)"
 fi
 
-# Fuzzing of the server's request parsing and checking (fuzz/, cargo fuzz on nightly Rust) for a minute; a long
-# run is scripts/fuzz.sh 3600.
+# Fuzzing of the server's request parsing and checking (fuzz/, cargo fuzz on nightly Rust), a minute per target;
+# a long run is scripts/fuzz.sh 3600.
 if scripts/fuzz.sh 60 > "$run/fuzz.log" 2>&1; then
-  echo "fuzz (request parsing): $(grep -o 'Done [0-9]* runs in [0-9]* second(s)' "$run/fuzz.log")"
+  echo "fuzz (request and generation parsing): $(grep -o 'Done [0-9]* runs in [0-9]* second(s)' "$run/fuzz.log" | paste -sd ';')"
 else
   tail -40 "$run/fuzz.log"
-  echo "fuzzing failed: the input that failed is under fuzz/artifacts/request/"
+  echo "fuzzing failed: the input that failed is under fuzz/artifacts/TARGET/"
   exit 1
 fi

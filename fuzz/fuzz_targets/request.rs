@@ -9,8 +9,16 @@ use mtl_serve::{RequestInput, TaskDescription};
 
 fuzz_target!(|data: &[u8]| {
     let tasks = [
-        TaskDescription { name: "intent".into(), kind: "classification".into(), labels: vec!["flight".into(), "fare".into()] },
-        TaskDescription { name: "slots".into(), kind: "token_classification".into(), labels: vec!["O".into(), "B-to".into()] },
+        TaskDescription {
+            name: "intent".into(),
+            kind: "classification".into(),
+            labels: vec!["flight".into(), "fare".into()],
+        },
+        TaskDescription {
+            name: "slots".into(),
+            kind: "token_classification".into(),
+            labels: vec!["O".into(), "B-to".into()],
+        },
     ];
     let settings = Settings { max_inputs: 4, max_input_chars: 64, ..Settings::default() };
     // The first byte picks the endpoint: /v1/predict, or a known or unknown task's own.

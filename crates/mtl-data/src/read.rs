@@ -610,7 +610,8 @@ mod tests {
     fn byte_order_marks_crlf_and_hash_tokens_in_every_format() {
         let cls = [("intent", "classification", "label_field = \"intent\"")];
         let tag = [("ner", "token_classification", "")];
-        let cases: [(&str, &[(&str, &str, &str)], &str); 5] = [
+        type Tasks<'a> = &'a [(&'a str, &'a str, &'a str)];
+        let cases: [(&str, Tasks, &str); 5] = [
             ("jsonl", &cls, "\u{feff}{\"text\": \"a b\", \"intent\": \"x\"}\r\n{\"text\": \"c\", \"intent\": \"y\"}\r\n"),
             ("csv", &cls, "\u{feff}text,intent\r\na b,x\r\nc,y\r\n"),
             ("tsv", &cls, "\u{feff}text\tintent\r\na b\tx\r\nc\ty\r\n"),

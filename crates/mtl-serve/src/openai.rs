@@ -242,6 +242,19 @@ fn fresh_seed() -> u64 {
     h.finish()
 }
 
+/// An OpenAI-compatible request's body (`/v1/chat/completions` when `chat_route`, else `/v1/completions`)
+/// checked against the limits and `models`, as every such POST is before any model work: the generation it
+/// asks for, and whether it streams. The generation fuzz target drives it.
+pub fn check_openai(
+    body: &[u8],
+    settings: &Settings,
+    models: &Models,
+    chat_route: bool,
+) -> Result<(Generation, bool), ApiError> {
+    let (g, stream) = if chat_route { chat(body, settings, models)? } else { completion(body, settings, models)? };
+    Ok((g, stream.stream))
+}
+
 /// A completion request's body, checked: the generation, the model's name as answered, and the stream
 /// settings.
 fn completion(body: &[u8], settings: &Settings, models: &Models) -> Result<(Generation, Stream), ApiError> {
