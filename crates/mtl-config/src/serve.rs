@@ -194,8 +194,12 @@ impl ServeConfig {
                 return Err(invalid(field, "must be at least 1"));
             }
         }
-        if let Some(h) = self.allowed_hosts.iter().find(|h| h.is_empty() || h.contains(['/', ' ', ':'])) {
-            return Err(invalid("allowed_hosts", &format!("{h:?} is not a host name (no port, no scheme)")));
+        let host = |h: &str| {
+            let v6 = h.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(h);
+            !h.is_empty() && !h.contains(['/', ' ']) && (!h.contains(':') || v6.parse::<std::net::Ipv6Addr>().is_ok())
+        };
+        if let Some(h) = self.allowed_hosts.iter().find(|h| !host(h)) {
+            return Err(invalid("allowed_hosts", &format!("{h:?} is not a host name or address (no port, no scheme)")));
         }
         let origin = |o: &str| {
             o == "*"
@@ -232,6 +236,8 @@ mod tests {
         assert_eq!(c.queue_bound, 8);
         assert_eq!(c.api_keys, Some(PathBuf::from("conf/keys.txt")));
         assert_eq!(c.max_batch_tokens, 8192, "unset keys keep their defaults");
+        let c = parse("[serve]\nallowed_hosts = [\"localhost\", \"[::1]\", \"::1\", \"10.0.0.2\"]\n")?;
+        assert_eq!(c.allowed_hosts.len(), 4, "IPv6 addresses, bracketed or not");
         Ok(())
     }
 
@@ -255,7 +261,7 @@ mod tests {
             ("[serve]\nthreads = 0\n", "invalid config conf/serve.toml: field `serve.threads`: must be at least 1"),
             (
                 "[serve]\nallowed_hosts = [\"localhost:8080\"]\n",
-                "invalid config conf/serve.toml: field `serve.allowed_hosts`: \"localhost:8080\" is not a host name (no port, no scheme)",
+                "invalid config conf/serve.toml: field `serve.allowed_hosts`: \"localhost:8080\" is not a host name or address (no port, no scheme)",
             ),
             (
                 "[serve]\ncors_origins = [\"app.example.com\"]\n",

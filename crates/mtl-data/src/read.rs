@@ -444,13 +444,15 @@ fn read_columns(
 }
 
 /// CoNLL: whitespace-separated columns, the word in `word_column`, each task's tag in its `tag_column`
-/// (the last column by default). `-DOCSTART-` lines, a lone `#`, and metadata lines `# key = value` (as
-/// CoNLL-U writes them) are skipped; any other line starting with `#` is a token, as `#` is in tweets.
+/// (the last column by default). `-DOCSTART-` lines, a lone `#`, and metadata lines as CoNLL-U writes them
+/// (`# key = value`, `# newdoc`, `# newpar`) are skipped; any other line starting with `#` is a token, as `#`
+/// is in tweets.
 fn read_conll(text: &str, path: &Path, tasks: &[(&TaskId, &TaskConfig)], out: &mut Vec<RawExample>) -> Result<()> {
     let word_column = tasks[0].1.word_column;
     let parse = |line: &str| {
         let trimmed = line.trim();
-        let metadata = trimmed.starts_with("# ") && trimmed.contains(" = ");
+        let metadata =
+            trimmed.starts_with("# ") && (trimmed.contains(" = ") || trimmed == "# newdoc" || trimmed == "# newpar");
         if trimmed.starts_with("-DOCSTART-") || metadata || trimmed == "#" {
             return None;
         }
@@ -615,7 +617,7 @@ mod tests {
             ("jsonl", &cls, "\u{feff}{\"text\": \"a b\", \"intent\": \"x\"}\r\n{\"text\": \"c\", \"intent\": \"y\"}\r\n"),
             ("csv", &cls, "\u{feff}text,intent\r\na b,x\r\nc,y\r\n"),
             ("tsv", &cls, "\u{feff}text\tintent\r\na b\tx\r\nc\ty\r\n"),
-            ("conll", &tag, "\u{feff}-DOCSTART- O\r\n\r\nEU B-ORG\r\n# O\r\n\r\n# sent_id = 2\r\nPeter B-PER\r\n"),
+            ("conll", &tag, "\u{feff}-DOCSTART- O\r\n\r\nEU B-ORG\r\n# O\r\n\r\n# newpar\r\n# sent_id = 2\r\nPeter B-PER\r\n"),
             ("conllu", &[("ner", "token_classification", "conllu_column = \"upos\"\nscheme = \"none\"")],
              "\u{feff}# sent_id = 1\r\n1\tEU\teu\tPROPN\t_\t_\t0\troot\t_\t_\r\n\r\n1\tPeter\tpeter\tPROPN\t_\t_\t0\troot\t_\t_\r\n"),
         ];

@@ -98,7 +98,12 @@ impl Settings {
             body_limit: config.body_limit,
             request_timeout: Duration::from_secs(config.timeout_s),
             api_keys,
-            allowed_hosts: config.allowed_hosts.iter().map(|h| h.to_ascii_lowercase()).collect(),
+            // As `Host` headers are compared: lower case, an IPv6 address without its brackets.
+            allowed_hosts: config
+                .allowed_hosts
+                .iter()
+                .map(|h| h.trim_start_matches('[').trim_end_matches(']').to_ascii_lowercase())
+                .collect(),
             cors_origins: config.cors_origins.clone(),
             generation: GenerationSettings {
                 max_sequences: config.max_sequences,

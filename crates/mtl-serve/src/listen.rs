@@ -5,6 +5,9 @@
 //!   that long between requests: a connection that sends nothing, or half a request (slowloris), is closed.
 //! - A request's whole handling, reading its body included, is bounded by the request timeout (plus a second,
 //!   so that the routes' own deadlines answer first): a body that trickles in gets 503 `timeout`.
+//! - A response the client stops reading (a zero receive window, a vanished peer) ends the connection once
+//!   its data has waited unacknowledged for the request timeout (`TCP_USER_TIMEOUT` on Linux), so such
+//!   clients cannot hold connection slots for ever.
 //! - At most `max_connections` connections at once; one more is answered 503 and closed at once (a warning is
 //!   logged at most every 10 s).
 //! - On SIGTERM or Ctrl-C the server stops accepting and lets the requests in flight finish for
@@ -110,6 +113,8 @@ pub async fn serve_on(listener: TcpListener, router: Router, limits: Limits, sto
             continue;
         };
         let _ = stream.set_nodelay(true);
+        #[cfg(target_os = "linux")]
+        let _ = socket2::SockRef::from(&stream).set_tcp_user_timeout(Some(limits.request_timeout));
         let connection =
             graceful.watch(http.serve_connection(TokioIo::new(stream), TowerToHyperService::new(router.clone())));
         tokio::spawn(async move {

@@ -2,7 +2,8 @@
 //! flushed to disk (every file, then the directory), renamed into place and the rename flushed too; only then
 //! are older checkpoints removed, so a crash or power loss at any moment leaves at least one complete
 //! checkpoint. A resume takes the newest checkpoint that reads back whole; a damaged newer one (cut short by a
-//! crash before this was so, or by a full disk) is named in a warning and removed.
+//! crash before this was so, or by a full disk) is named in a warning and moved aside to `damaged-checkpoint-STEP/`.
+//! A file that cannot be read at all (permissions, an I/O error) is an error, not damage.
 //!
 //! - `model.safetensors`: every parameter.
 //! - `optimizer.safetensors`: AdamW's moments by parameter name (`m.NAME`, `v.NAME`).
@@ -133,7 +134,11 @@ fn load_tensors(path: &Path) -> Result<BTreeMap<String, Tensor>> {
     if !path.is_file() {
         return Err(invalid(path, "missing from the checkpoint"));
     }
-    Ok(candle_core::safetensors::load(path, &Device::Cpu)?.into_iter().collect())
+    // Read first, so that a file that cannot be read is an I/O error, and one that does not parse is damage.
+    let bytes = std::fs::read(path).map_err(io_err(path))?;
+    let tensors =
+        candle_core::safetensors::load_buffer(&bytes, &Device::Cpu).map_err(|e| invalid(path, e.to_string()))?;
+    Ok(tensors.into_iter().collect())
 }
 
 /// The directory of the checkpoint after `step` steps.
@@ -210,30 +215,35 @@ pub fn save(out: &Path, state: &TrainState, tensors: &TrainTensors, keep: usize)
 }
 
 /// Reads the newest checkpoint in `out` that reads back whole. Newer ones that do not (a file cut short,
-/// unreadable JSON) are named in a warning and removed; an error lists every checkpoint tried when none
-/// reads.
+/// JSON that does not parse) are named in a warning and moved aside to `damaged-checkpoint-STEP/`; an error
+/// lists every checkpoint tried when none reads. A file that cannot be read at all stops the resume: it may
+/// be whole, and a retry may read it.
 pub fn load_latest(out: &Path) -> Result<(TrainState, TrainTensors)> {
     let steps = checkpoints(out);
     if steps.is_empty() {
         return Err(invalid(out, format!("nothing to resume: no complete {PREFIX}* directory")));
     }
-    let mut damaged = Vec::new();
+    let mut damaged: Vec<(PathBuf, String)> = Vec::new();
     for &step in steps.iter().rev() {
         let dir = checkpoint_dir(out, step);
         match load(&dir) {
             Ok(loaded) => {
                 for (bad, why) in &damaged {
-                    tracing::warn!("{} is damaged ({why}); resuming from {} instead", bad, dir.display());
-                }
-                for (bad, _) in &damaged {
-                    std::fs::remove_dir_all(bad).map_err(io_err(Path::new(bad)))?;
+                    tracing::warn!("{} is damaged ({why}); resuming from {} instead", bad.display(), dir.display());
+                    let name = bad.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+                    let aside = out.join(format!("damaged-{name}"));
+                    if aside.exists() {
+                        std::fs::remove_dir_all(&aside).map_err(io_err(&aside))?;
+                    }
+                    std::fs::rename(bad, &aside).map_err(io_err(bad))?;
                 }
                 return Ok(loaded);
             }
-            Err(e) => damaged.push((dir.display().to_string(), e.to_string())),
+            Err(e @ TrainError::Io { .. }) => return Err(e),
+            Err(e) => damaged.push((dir, e.to_string())),
         }
     }
-    let tried: Vec<String> = damaged.iter().map(|(dir, why)| format!("{dir}: {why}")).collect();
+    let tried: Vec<String> = damaged.iter().map(|(dir, why)| format!("{}: {why}", dir.display())).collect();
     Err(invalid(out, format!("no checkpoint reads back whole: {}", tried.join("; "))))
 }
 
@@ -335,7 +345,8 @@ mod tests {
         let (state, tensors) = load_latest(out.path())?;
         assert_eq!(state.step, 1);
         assert_eq!(tensors.moments["w"].0[0], 1.0);
-        assert_eq!(checkpoints(out.path()), vec![1], "the damaged one is gone");
+        assert_eq!(checkpoints(out.path()), vec![1], "the damaged one is set aside");
+        assert!(out.path().join("damaged-checkpoint-00000002").is_dir());
         let only = checkpoint_dir(out.path(), 1).join(STATE);
         std::fs::write(&only, "{").map_err(io_err(&only))?;
         let err = load_latest(out.path()).err().map(|e| e.to_string()).unwrap_or_default();

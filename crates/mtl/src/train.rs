@@ -123,18 +123,34 @@ fn train_one(config: &Config, architecture: Architecture, out: &Path, options: &
     } else {
         let prints = serde_json::to_string_pretty(&data_fingerprints(config)?).expect("JSON values serialize");
         std::fs::create_dir_all(out).map_err(Error::io(out))?;
-        write_text(&out.join(files::DATA), &prints)?;
+        write_durably(&out.join(files::DATA), &prints)?;
     }
     let trained = match architecture {
         Architecture::Bert => crate::encoder::train::train(config, out, select, resume),
         Architecture::Llama => crate::decoder::train::train(config, out, resume),
     };
     if trained.is_err() && !resume {
-        // A run that failed before it trained leaves nothing behind (the directory only if it holds more).
-        let _ = std::fs::remove_file(out.join(files::DATA));
-        let _ = std::fs::remove_dir(out);
+        // A run that failed before it wrote anything else leaves nothing behind; one with checkpoints keeps
+        // its data.json for the resume.
+        let only_data = std::fs::read_dir(out)
+            .map(|entries| entries.filter_map(|e| e.ok()).all(|e| e.file_name() == files::DATA))
+            .unwrap_or(false);
+        if only_data {
+            let _ = std::fs::remove_file(out.join(files::DATA));
+            let _ = std::fs::remove_dir(out);
+        }
     }
     trained
+}
+
+/// Writes `text` to `path` through a flushed temporary file renamed into place, the directory flushed after.
+fn write_durably(path: &Path, text: &str) -> Result<()> {
+    use std::io::Write;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(Error::io(dir))?;
+    tmp.write_all(text.as_bytes()).and_then(|()| tmp.as_file().sync_all()).map_err(Error::io(path))?;
+    tmp.persist(path).map_err(|e| Error::Io { path: path.to_owned(), source: e.error })?;
+    std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(Error::io(dir))
 }
 
 /// The SHA-256 of each data file of `config`, by task and split: `{"TASK.SPLIT": {"path", "sha256"}}`.
@@ -168,7 +184,13 @@ fn check_data(config: &Config, out: &Path, accept: bool) -> Result<()> {
         );
         return Ok(());
     }
-    let recorded: BTreeMap<String, Value> = read_json(&path)?;
+    let recorded: BTreeMap<String, Value> = match read_json(&path) {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::warn!("{e}; data files not checked");
+            return Ok(());
+        }
+    };
     let now = data_fingerprints(config)?;
     let keys: std::collections::BTreeSet<&String> = recorded.keys().chain(now.keys()).collect();
     let changed: Vec<String> = keys

@@ -11,7 +11,7 @@
 //! never hand out the wrong block.
 
 use std::collections::{BTreeMap, HashMap};
-use std::hash::{DefaultHasher, Hash, Hasher};
+use std::hash::{BuildHasher, RandomState};
 
 /// A registered block: the chain key of the prefix it ends, its parent's key, and its tokens.
 #[derive(Debug)]
@@ -47,20 +47,8 @@ pub(crate) struct BlockPool {
     clock: u64,
     /// Unregistered blocks no sequence holds, taken from the end.
     free: Vec<u32>,
-}
-
-/// The chain key before a sequence's first block.
-pub(crate) fn root_key(salt: u64) -> u64 {
-    let mut h = DefaultHasher::new();
-    (u64::MAX, salt).hash(&mut h);
-    h.finish()
-}
-
-/// The chain key of a block of `tokens` after the prefix of key `parent`.
-pub(crate) fn chain_key(parent: u64, tokens: &[u32]) -> u64 {
-    let mut h = DefaultHasher::new();
-    (parent, tokens).hash(&mut h);
-    h.finish()
+    /// Keys of this process's own (a client cannot aim at a collision it cannot compute).
+    hasher: RandomState,
 }
 
 impl BlockPool {
@@ -75,7 +63,18 @@ impl BlockPool {
             idle_since: vec![0; blocks],
             clock: 0,
             free: (0..blocks as u32).rev().collect(),
+            hasher: RandomState::new(),
         }
+    }
+
+    /// The chain key before a sequence's first block.
+    pub fn root_key(&self, salt: u64) -> u64 {
+        self.hasher.hash_one((u64::MAX, salt))
+    }
+
+    /// The chain key of a block of `tokens` after the prefix of key `parent`.
+    pub fn chain_key(&self, parent: u64, tokens: &[u32]) -> u64 {
+        self.hasher.hash_one((parent, tokens))
     }
 
     /// Blocks a sequence can take: the free ones and the cached ones nobody holds.
@@ -144,7 +143,7 @@ impl BlockPool {
     /// shared or continued.
     pub fn register(&mut self, block: u32, parent: u64, tokens: &[u32]) -> u64 {
         debug_assert!(!tokens.is_empty() && tokens.len() <= self.block_size);
-        let key = chain_key(parent, tokens);
+        let key = self.chain_key(parent, tokens);
         if self.by_key.contains_key(&key) || self.entries[block as usize].is_some() {
             return key;
         }
@@ -156,10 +155,10 @@ impl BlockPool {
 
     /// The cached prefix of `tokens` under `salt` (holding nothing yet).
     pub fn lookup(&self, tokens: &[u32], salt: u64) -> Prefix {
-        let mut prefix = Prefix { key: root_key(salt), ..Prefix::default() };
+        let mut prefix = Prefix { key: self.root_key(salt), ..Prefix::default() };
         for chunk in tokens.chunks(self.block_size) {
             if chunk.len() == self.block_size {
-                let key = chain_key(prefix.key, chunk);
+                let key = self.chain_key(prefix.key, chunk);
                 let found = self.by_key.get(&key).filter(|&&b| self.tokens(b) == chunk);
                 if let Some(&block) = found {
                     prefix.full.push(block);
@@ -205,18 +204,22 @@ mod tests {
     fn full_blocks_are_found_by_their_prefix_and_salt() {
         let mut pool = BlockPool::new(6, 2);
         let blocks = pool.take(3).expect("3 of 6");
-        let k0 = pool.register(blocks[0], root_key(0), &[5, 6]);
+        let k0 = pool.register(blocks[0], pool.root_key(0), &[5, 6]);
         let k1 = pool.register(blocks[1], k0, &[7, 8]);
         pool.register(blocks[2], k1, &[9, 10]);
         let p = pool.lookup(&[5, 6, 7, 8, 9], 0);
         assert_eq!((p.full.as_slice(), p.key, p.partial), (&blocks[..2], k1, Some((blocks[2], 1))));
-        assert_eq!(pool.lookup(&[5, 6, 7, 8, 9], 1), Prefix { key: root_key(1), ..Prefix::default() }, "another salt");
+        assert_eq!(
+            pool.lookup(&[5, 6, 7, 8, 9], 1),
+            Prefix { key: pool.root_key(1), ..Prefix::default() },
+            "another salt"
+        );
         let p = pool.lookup(&[5, 6, 7, 3], 0);
         assert_eq!((p.full.len(), p.partial), (1, Some((blocks[1], 1))), "a partial match of the second block");
         assert_eq!(pool.lookup(&[6, 5], 0).full.len(), 0, "the same tokens at another place are another block");
         // The same prefix computed again elsewhere keeps the first registration.
         let again = pool.take(1).expect("a free block")[0];
-        assert_eq!(pool.register(again, root_key(0), &[5, 6]), k0);
+        assert_eq!(pool.register(again, pool.root_key(0), &[5, 6]), k0);
         assert_eq!(pool.lookup(&[5, 6], 0).full, vec![blocks[0]]);
     }
 
@@ -224,7 +227,7 @@ mod tests {
     fn blocks_let_go_stay_cached_until_needed_and_the_tail_goes_first() {
         let mut pool = BlockPool::new(4, 1);
         let a = pool.take(3).expect("3 of 4");
-        let mut key = root_key(0);
+        let mut key = pool.root_key(0);
         for (i, &b) in a.iter().enumerate() {
             key = pool.register(b, key, &[i as u32]);
         }

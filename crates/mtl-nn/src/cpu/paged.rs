@@ -14,7 +14,7 @@
 
 use rayon::prelude::*;
 
-use super::blocks::{root_key, BlockPool};
+use super::blocks::BlockPool;
 use super::decoder::{masked_softmax, RopeTables};
 use super::gemm::{matmul, Threads, View, ViewMut};
 
@@ -170,7 +170,7 @@ impl PagedKv {
         let bs = self.block_size;
         let full = table.len.min(tokens.len()) / bs;
         if table.hashed == 0 && full > 0 {
-            table.key = root_key(salt);
+            table.key = self.pool.root_key(salt);
         }
         for i in table.hashed..full {
             table.key = self.pool.register(table.blocks[i], table.key, &tokens[i * bs..(i + 1) * bs]);
@@ -187,7 +187,7 @@ impl PagedKv {
         let len = table.len.min(tokens.len());
         let full = len / bs;
         if !len.is_multiple_of(bs) && full < table.blocks.len() && table.hashed == full {
-            let parent = if full == 0 { root_key(salt) } else { table.key };
+            let parent = if full == 0 { self.pool.root_key(salt) } else { table.key };
             self.pool.register(table.blocks[full], parent, &tokens[full * bs..len]);
         }
         self.release(table);
