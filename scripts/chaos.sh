@@ -23,20 +23,12 @@ cargo build --release --quiet -p mtl-cli
 mkdir -p "$OUT"
 MTL=target/release/mtl
 
-SERVER=
-stop_server() { if [ -n "$SERVER" ]; then kill -TERM "$SERVER" 2> /dev/null || true; wait "$SERVER" 2> /dev/null || true; SERVER=; fi; }
-trap stop_server EXIT
-start_server() { # log, extra flags...
+# shellcheck source=scripts/serve-lib.sh
+source scripts/serve-lib.sh
+serve() { # log, flags...
   local log=$1
   shift
-  "$MTL" serve "$MODEL" --addr 127.0.0.1:0 --kv-cache-mb 256 "$@" 2> "$log" &
-  SERVER=$!
-  for _ in $(seq 600); do
-    ADDR=$(sed -n 's/.*serving on http:\/\/\([0-9.:]*\).*/\1/p' "$log" | head -1)
-    [ -n "$ADDR" ] && return 0
-    sleep 0.1
-  done
-  echo "the server did not start:" >&2; cat "$log" >&2; exit 1
+  start_server "$log" "$MODEL" --kv-cache-mb 256 "$@"
 }
 
 status=0
@@ -47,17 +39,17 @@ run_row() { # name, python args...
   cat "$OUT/$name.json"
 }
 
-start_server "$OUT/slowloris-server.log" --header-timeout-s 10
+serve "$OUT/slowloris-server.log" --header-timeout-s 10
 run_row slowloris slowloris "$ADDR"
 stop_server
 
-start_server "$OUT/sigterm-server.log" --shutdown-timeout-s 5
+serve "$OUT/sigterm-server.log" --shutdown-timeout-s 5
 pid=$SERVER
 run_row sigterm sigterm "$ADDR" "$pid" 5
 wait "$pid" 2> /dev/null || true
 SERVER=
 
-start_server "$OUT/flood-server.log" --max-sequences 8 --queue-bound 8
+serve "$OUT/flood-server.log" --max-sequences 8 --queue-bound 8
 run_row flood flood "$ADDR"
 stop_server
 

@@ -53,31 +53,20 @@ with open(f"{out}/requests.jsonl", "w") as f:
         f.write(json.dumps({"path": path, "body": body, "expect": expect}) + "\n")
 PY
 
-SERVER=
-stop_server() { if [ -n "$SERVER" ]; then kill -TERM "$SERVER" 2> /dev/null || true; wait "$SERVER" 2> /dev/null || true; SERVER=; fi; }
-trap stop_server EXIT
-start_server() { # extra flags...
-  "$MTL" serve "$MODEL" --addr 127.0.0.1:0 "$@" 2> "$OUT/server.log" &
-  SERVER=$!
-  for _ in $(seq 600); do
-    ADDR=$(sed -n 's/.*serving on http:\/\/\([0-9.:]*\).*/\1/p' "$OUT/server.log" | head -1)
-    [ -n "$ADDR" ] && return 0
-    sleep 0.1
-  done
-  echo "the server did not start:" >&2; cat "$OUT/server.log" >&2; exit 1
-}
+# shellcheck source=scripts/serve-lib.sh
+source scripts/serve-lib.sh
 check() { # report.json python-condition message
   python3 -c "import json,sys; r=json.load(open('$1')); sys.exit(0 if ($2) else 1)" || { echo "FAILED: $3 ($1)" >&2; exit 1; }
 }
 
-start_server
+start_server "$OUT/server.log" "$MODEL"
 "$LOAD" --addr "$ADDR" --requests "$OUT/requests.jsonl" --concurrency 4 --count 1200 > "$OUT/1-correctness.json"
 cat "$OUT/1-correctness.json"
 check "$OUT/1-correctness.json" "r['statuses'] == {'200': 1200} and r['transport_errors'] == 0 and r['checked']['agree'] == 1200" \
   "every request answered 200 and agreeing with mtl predict"
 stop_server
 
-start_server --queue-bound 4 --max-wait-ms 20
+start_server "$OUT/server.log" "$MODEL" --queue-bound 4 --max-wait-ms 20
 "$LOAD" --addr "$ADDR" --requests "$OUT/requests.jsonl" --concurrency 32 --count 1500 > "$OUT/2-overload.json"
 cat "$OUT/2-overload.json"
 check "$OUT/2-overload.json" "r['statuses'].get('429', 0) > 0 and r['server_errors'] == 0 and r['transport_errors'] == 0 \
@@ -85,7 +74,7 @@ check "$OUT/2-overload.json" "r['statuses'].get('429', 0) > 0 and r['server_erro
   "over the queue bound: 429s, no 5xx, every request answered, every 200 right"
 stop_server
 
-start_server
+start_server "$OUT/server.log" "$MODEL"
 RATE=$(python3 -c "import json; print(round(json.load(open('$OUT/1-correctness.json'))['ok_per_second'] / 2, 1))")
 "$LOAD" --addr "$ADDR" --requests "$OUT/requests.jsonl" --concurrency 8 --rate "$RATE" --duration-s "$SOAK_S" \
   --watch-pid "$SERVER" > "$OUT/3-soak.json"

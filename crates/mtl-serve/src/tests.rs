@@ -122,6 +122,16 @@ async fn call(
     (status, value, retry)
 }
 
+/// A predict request whose body is not JSON.
+fn not_json() -> Request<Body> {
+    Request::builder()
+        .method("POST")
+        .uri("/v1/predict")
+        .header("content-type", "application/json")
+        .body(Body::from("{oops"))
+        .expect("request")
+}
+
 #[tokio::test]
 async fn endpoints_answer() {
     let app = router(Fake::new(), Settings::default());
@@ -197,12 +207,7 @@ async fn every_error_has_its_status_and_kind() {
         }
     }
     // Not JSON at all.
-    let request = Request::builder()
-        .method("POST")
-        .uri("/v1/predict")
-        .header("content-type", "application/json")
-        .body(Body::from("{oops"))
-        .expect("request");
+    let request = not_json();
     let response = app.clone().oneshot(request).await.expect("response");
     assert_eq!(response.status(), StatusCode::UNPROCESSABLE_ENTITY);
     let (_, answer, _) =
@@ -283,12 +288,7 @@ async fn requests_of_different_tasks_share_a_batch_and_a_full_queue_refuses() {
     assert_eq!(body["error"]["kind"], "queue_full");
     assert_eq!(retry.as_deref(), Some("1"));
     // Refused before its body is read: an invalid one gets 429 too, not 422.
-    let request = Request::builder()
-        .method("POST")
-        .uri("/v1/predict")
-        .header("content-type", "application/json")
-        .body(Body::from("{oops"))
-        .expect("request");
+    let request = not_json();
     assert_eq!(app.clone().oneshot(request).await.expect("response").status(), StatusCode::TOO_MANY_REQUESTS);
     {
         let (open, turn) = &*gate;
