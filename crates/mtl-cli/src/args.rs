@@ -9,6 +9,25 @@ use clap::{Parser, Subcommand};
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
+    /// More log lines on stderr: -v debug, -vv trace (MTL_LOG, when set, wins: e.g. MTL_LOG=mtl=debug).
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+    /// Fewer log lines: -q warnings and errors only, -qq errors only.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count, conflicts_with = "verbose")]
+    pub quiet: u8,
+}
+
+impl Cli {
+    /// The log filter the flags ask for.
+    pub fn log_level(&self) -> &'static str {
+        match (self.verbose, self.quiet) {
+            (0, 0) => "info",
+            (1, _) => "debug",
+            (v, _) if v > 1 => "trace",
+            (_, 1) => "warn",
+            _ => "error",
+        }
+    }
 }
 
 /// Which checkpoints a run keeps.
@@ -57,9 +76,9 @@ pub enum Command {
         /// A checkpoint directory written by `mtl train`.
         #[arg(long)]
         model: PathBuf,
-        /// The config whose data files to score.
+        /// The config whose data files to score [default: the run's own, MODEL/mtl.toml].
         #[arg(long)]
-        config: PathBuf,
+        config: Option<PathBuf>,
         #[arg(long = "set", value_name = "KEY=VALUE")]
         overrides: Vec<String>,
     },
@@ -181,6 +200,12 @@ pub enum Command {
         /// Output directory; it must not exist yet.
         #[arg(long)]
         out: PathBuf,
+    },
+    /// Print a completion script for a shell: `mtl completions bash > ~/.local/share/bash-completion/completions/mtl`
+    /// (zsh: into a directory of `$fpath` as `_mtl`; fish: `~/.config/fish/completions/mtl.fish`).
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
     },
 }
 

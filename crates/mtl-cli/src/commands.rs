@@ -28,6 +28,8 @@ pub fn run(cli: Cli) -> Result<()> {
         }
         Command::Eval { model, config, overrides } => {
             let run = Run::open(&model)?;
+            // The run's own config (its data files as given when it trained) unless another is named.
+            let config = config.unwrap_or_else(|| model.join(mtl::RUN_CONFIG));
             let scores = run.evaluate(&Config::load(&config, &overrides)?, &config)?;
             println!("{}", serde_json::to_string_pretty(&scores)?);
         }
@@ -38,6 +40,14 @@ pub fn run(cli: Cli) -> Result<()> {
             let run = Run::open(&model)?;
             let info = serde_json::json!({"manifest": run.manifest(), "capabilities": run.capabilities()});
             println!("{}", serde_json::to_string_pretty(&info)?);
+        }
+        Command::Completions { shell } => {
+            clap_complete::generate(
+                shell,
+                &mut <crate::args::Cli as clap::CommandFactory>::command(),
+                "mtl",
+                &mut std::io::stdout(),
+            );
         }
         Command::Export { model, out } => {
             let written = mtl::export(&model, &out)?;

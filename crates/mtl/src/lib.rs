@@ -50,7 +50,7 @@ pub use decoder::{check_sampling, BatchEngine, Decoder, GenerateRequest, Generat
 pub use deploy::{prune, quantize, TransformReport};
 pub use error::{Error, Result};
 pub use export::export;
-pub use manifest::{RunManifest, WeightLayout};
+pub use manifest::{RunManifest, WeightLayout, RUN_CONFIG};
 pub use predict::{Entity, PredictOptions, PredictionRecord, Span, TaskPrediction};
 pub use run::{Capabilities, Operation, Run};
 pub use train::{train, train_with, BaselineRow, Baselines, Select, TrainOptions, TrainReport, Training};

@@ -160,6 +160,13 @@ fn train_eval_predict_end_to_end() -> TestResult {
     let eval: Value = serde_json::from_slice(&out.stdout)?;
     assert_eq!(eval["dev"], metrics["dev"]);
     assert_eq!(eval["test"], metrics["test"]);
+    // Without --config, the run's own (its mtl.toml); -q leaves only warnings and errors on stderr.
+    let out = p.mtl(&["-q", "eval", "--model", "run"])?;
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(serde_json::from_slice::<Value>(&out.stdout)?["test"], metrics["test"]);
+    assert!(!stderr(&out).contains("INFO"), "{}", stderr(&out));
+    let out = p.mtl(&["completions", "bash"])?;
+    assert!(out.status.success() && String::from_utf8(out.stdout)?.contains("_mtl()"), "a bash completion script");
 
     // predict: JSONL and plain lines, every task per input.
     let out = mtl(
