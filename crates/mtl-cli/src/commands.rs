@@ -27,6 +27,7 @@ pub fn run(cli: Cli) -> Result<()> {
             }
         }
         Command::Eval { model, config, overrides } => {
+            mtl::show_item_progress(true);
             let run = Run::open(&model)?;
             // The run's own config (its data files as given when it trained) unless another is named.
             let config = config.unwrap_or_else(|| model.join(mtl::RUN_CONFIG));
@@ -34,6 +35,7 @@ pub fn run(cli: Cli) -> Result<()> {
             println!("{}", serde_json::to_string_pretty(&scores)?);
         }
         Command::Predict { model, input, batch_size, full_precision } => {
+            mtl::show_item_progress(true);
             predict(&model, input.as_deref(), &PredictOptions { batch_size, full_precision })?
         }
         Command::Info { model } => {

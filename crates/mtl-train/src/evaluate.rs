@@ -90,7 +90,11 @@ pub fn predict_examples(
     let mut out: Vec<BTreeMap<TaskId, Prediction>> = vec![BTreeMap::new(); examples.len()];
     // QA logits per window, resolved into answers once every window has been seen.
     let mut windows: BTreeMap<TaskId, Vec<Window>> = BTreeMap::new();
+    let bar = crate::progress::items(examples.len(), "predicting");
     for chunk in order.chunks(batch_size.max(1)) {
+        if let Some(bar) = &bar {
+            bar.inc(chunk.len() as u64);
+        }
         let batch_examples: Vec<&Example> = chunk.iter().map(|&i| examples[i]).collect();
         let batch = collate(&batch_examples, &shapes);
         // A model can have heads that `info` does not cover (the old tasks of `mtl add-task`).
@@ -149,6 +153,9 @@ pub fn predict_examples(
                 out[*i].insert(task.clone(), answer.clone());
             }
         }
+    }
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
     }
     Ok(out)
 }

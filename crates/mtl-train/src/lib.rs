@@ -28,7 +28,7 @@ pub use evaluate::{
 };
 pub use model::{Collation, TextTasks, TrainModel, DEFAULT_ANSWER_TOKENS};
 pub use optim::{AdamW, AdamWConfig, AdamWState, ParamGroup, StepInfo};
-pub use progress::ProgressCallback;
+pub use progress::{show_item_progress, ProgressCallback};
 pub use schedule::{linear_warmup_decay, lr_scale};
 pub use step::{named as named_grads, Grads};
 pub use trainer::{Callback, Control, EvalReport, Outcome, Splits, StepReport, TaskBest, Trainer};
