@@ -103,6 +103,10 @@ pub struct TaskConfig {
     /// otherwise), e.g. `"O"` for unseen tags.
     #[serde(default)]
     pub unknown_label: Option<String>,
+    /// Dev and test examples whose label (or any tag) is outside the label set are left out of this task's
+    /// scores, with a warning that counts them, instead of being an error (`unknown_label` maps them instead).
+    #[serde(default)]
+    pub skip_unseen_labels: bool,
     /// Multi-label in CSV/TSV: the separator between the labels of one cell.
     #[serde(default = "default_label_separator")]
     pub label_separator: String,

@@ -174,6 +174,7 @@ impl Config {
                 ("labels", task.labels.is_some()),
                 ("labels_file", task.labels_file.is_some()),
                 ("unknown_label", task.unknown_label.is_some()),
+                ("skip_unseen_labels", task.skip_unseen_labels),
             ] {
                 if set {
                     return Err(invalid(&field(what), format!("{} tasks have no label set", task.kind.name())));
@@ -205,6 +206,12 @@ impl Config {
             if task.max_answer_len == 0 {
                 return Err(invalid(&field("max_answer_len"), "must be at least 1".into()));
             }
+        }
+        if task.skip_unseen_labels && task.unknown_label.is_some() {
+            return Err(invalid(
+                &field("skip_unseen_labels"),
+                "labels outside the set are either mapped (`unknown_label`) or left out, not both".into(),
+            ));
         }
         if let (Some(fallback), Some(labels)) = (&task.unknown_label, &task.labels) {
             if !labels.contains(fallback) {

@@ -138,6 +138,47 @@ fn encode_one(
     Ok(vec![Example { location: ex.location, input: ex.input, encoded, labels: mapped, qa: None }])
 }
 
+/// Dev or test examples with the labels of tasks that set `skip_unseen_labels` left out where a label (or any
+/// tag) is outside the task's set: the example stays for its other tasks, and goes when it has none left. A
+/// warning counts what each task left out.
+pub fn leave_out_unseen(
+    raw: Vec<RawExample>,
+    labels: &BTreeMap<TaskId, LabelMap>,
+    config: &Config,
+    split: &str,
+) -> Vec<RawExample> {
+    let skipping: Vec<&TaskId> = config.tasks.iter().filter(|(_, t)| t.skip_unseen_labels).map(|(n, _)| n).collect();
+    if skipping.is_empty() {
+        return raw;
+    }
+    let mut left_out: BTreeMap<&TaskId, usize> = BTreeMap::new();
+    let kept = raw
+        .into_iter()
+        .filter_map(|mut ex| {
+            for &task in &skipping {
+                let Some(map) = labels.get(task) else { continue };
+                let unseen = match ex.labels.get(task) {
+                    Some(RawLabel::Class(l)) => map.id(l).is_none(),
+                    Some(RawLabel::Multi(ls)) => ls.iter().any(|l| map.id(l).is_none()),
+                    Some(RawLabel::Tags(tags)) => tags.iter().any(|t| map.id(t).is_none()),
+                    _ => false,
+                };
+                if unseen {
+                    ex.labels.remove(task);
+                    *left_out.entry(task).or_default() += 1;
+                }
+            }
+            (!ex.labels.is_empty()).then_some(ex)
+        })
+        .collect();
+    for (task, n) in left_out {
+        tracing::warn!(
+            "{split}: {n} examples of task `{task}` have labels outside its set and are left out of its scores"
+        );
+    }
+    kept
+}
+
 /// Each task's label of a raw example as indices into its label map, and the gold answers of a QA task
 /// (which become per-window spans). A label missing from its map (with no fallback) is an error naming file
 /// and line.

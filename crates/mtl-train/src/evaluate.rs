@@ -90,7 +90,7 @@ pub fn predict_examples(
     let mut out: Vec<BTreeMap<TaskId, Prediction>> = vec![BTreeMap::new(); examples.len()];
     // QA logits per window, resolved into answers once every window has been seen.
     let mut windows: BTreeMap<TaskId, Vec<Window>> = BTreeMap::new();
-    let bar = crate::progress::items(examples.len(), "predicting");
+    let bar = crate::items::items(examples.len(), "predicting");
     for chunk in order.chunks(batch_size.max(1)) {
         if let Some(bar) = &bar {
             bar.inc(chunk.len() as u64);

@@ -6,6 +6,7 @@ pub mod alloc;
 mod evaluate;
 pub mod groups;
 pub mod heads;
+mod items;
 pub mod model;
 mod optim;
 mod plan;
@@ -26,9 +27,10 @@ pub use evaluate::{
     main_metric, predict_examples, score, selection_score, task_score, tune_thresholds, Evaluation, Prediction, Scores,
     TaskInfo,
 };
+pub use items::show_item_progress;
 pub use model::{Collation, TextTasks, TrainModel, DEFAULT_ANSWER_TOKENS};
 pub use optim::{AdamW, AdamWConfig, AdamWState, ParamGroup, StepInfo};
-pub use progress::{show_item_progress, ProgressCallback};
+pub use progress::ProgressCallback;
 pub use schedule::{linear_warmup_decay, lr_scale};
 pub use step::{named as named_grads, Grads};
 pub use trainer::{Callback, Control, EvalReport, Outcome, Splits, StepReport, TaskBest, Trainer};

@@ -351,3 +351,34 @@ fn sampled_steps_train_one_task_each_reproducibly() -> TestResult {
     );
     Ok(())
 }
+
+/// A dev label outside the training set is an error naming file and line, unless the task leaves such examples
+/// out of its scores (`skip_unseen_labels`): then the run trains and scores the rest, and says how many.
+#[test]
+fn unseen_dev_labels_are_errors_or_left_out_when_asked() -> TestResult {
+    let p = Project::new()?;
+    let extra = jsonl(&[("show me hotels in denver", "hotel", "O O B-thing O B-to")]);
+    let mut dev = std::fs::read_to_string(p.path("dev.jsonl"))?;
+    dev.push_str(&extra);
+    std::fs::write(p.path("dev.jsonl"), dev)?;
+    let o = p.mtl(&["train", "config.toml", "--out", "strict", "--set", "training.epochs=1"])?;
+    assert!(
+        !o.status.success() && stderr(&o).contains("dev.jsonl:3") && stderr(&o).contains("\"hotel\""),
+        "{}",
+        stderr(&o)
+    );
+    let sets = [
+        "--set",
+        "training.epochs=1",
+        "--set",
+        "tasks.intent.skip_unseen_labels=true",
+        "--set",
+        "tasks.slots.skip_unseen_labels=true",
+    ];
+    let o = p.mtl(&[&["train", "config.toml", "--out", "lenient"][..], &sets[..]].concat())?;
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("dev: 1 examples of task `intent` have labels outside its set"), "{}", stderr(&o));
+    let metrics: Value = serde_json::from_str(&std::fs::read_to_string(p.path("lenient/metrics.json"))?)?;
+    assert!(metrics["dev"]["intent"]["accuracy"].is_number(), "{metrics}");
+    Ok(())
+}

@@ -56,7 +56,11 @@ pub(crate) fn split(
     if config.tasks.values().all(|t| t.data.get(split).is_none()) {
         return Ok(None);
     }
-    prepared(config, split, format, mtl_data::read_split(config, split)?, labels, budgets).map(Some)
+    let mut raw = mtl_data::read_split(config, split)?;
+    if split != Split::Train {
+        raw = mtl_data::leave_out_unseen(raw, labels, config, split.name());
+    }
+    prepared(config, split, format, raw, labels, budgets).map(Some)
 }
 
 /// [`split`] of examples already read, with warnings about what did not fit.

@@ -56,7 +56,7 @@ pub(crate) fn load_split(
     if config.tasks.values().all(|t| t.data.get(split).is_none()) {
         return Ok(None);
     }
-    let raw = mtl_data::read_split(config, split)?;
+    let raw = mtl_data::leave_out_unseen(mtl_data::read_split(config, split)?, labels, config, split.name());
     let data = Dataset::encode(raw, encoder, labels, config)?;
     log_truncation(split, &data, encoder);
     Ok(Some(data))
