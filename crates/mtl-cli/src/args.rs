@@ -71,6 +71,17 @@ pub enum Command {
         #[arg(long)]
         baselines: bool,
     },
+    /// Read and check a config's data without training: examples per task and split, the label set and its
+    /// distribution, rare labels, dev/test labels outside the training set, and inputs cut at model.max_len.
+    Check {
+        /// The run config (TOML).
+        config: PathBuf,
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        overrides: Vec<String>,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Score a trained model on the dev and test files of a config; prints {"dev": …, "test": …} as JSON.
     Eval {
         /// A checkpoint directory written by `mtl train`.

@@ -26,6 +26,13 @@ pub fn run(cli: Cli) -> Result<()> {
                 print_baselines(b);
             }
         }
+        Command::Check { config, overrides, json } => {
+            let report = mtl::check(&Config::load(&config, &overrides)?, &config)?;
+            match json {
+                true => println!("{}", serde_json::to_string_pretty(&report)?),
+                false => print!("{report}"),
+            }
+        }
         Command::Eval { model, config, overrides } => {
             mtl::show_item_progress(true);
             let run = Run::open(&model)?;

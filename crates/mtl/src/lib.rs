@@ -27,6 +27,7 @@
 mod add_task;
 pub mod arch;
 mod base;
+mod check;
 mod decoder;
 mod deploy;
 mod encoder;
@@ -46,6 +47,7 @@ use std::path::Path;
 pub use add_task::{add_task, AddTaskReport};
 pub use arch::Architecture;
 pub use base::BaseModel;
+pub use check::{check, CheckReport, TaskCheck};
 pub use decoder::{check_sampling, BatchEngine, Decoder, GenerateRequest, Generated};
 pub use deploy::{prune, quantize, TransformReport};
 pub use error::{Error, Result};

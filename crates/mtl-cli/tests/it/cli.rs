@@ -367,6 +367,17 @@ fn unseen_dev_labels_are_errors_or_left_out_when_asked() -> TestResult {
         "{}",
         stderr(&o)
     );
+    // `mtl check` reports the same without training: the counts, and the unseen label with the policy.
+    let o = p.mtl(&["check", "config.toml", "--json"])?;
+    assert!(o.status.success(), "{}", stderr(&o));
+    let report: Value = serde_json::from_slice(&o.stdout)?;
+    let counts = serde_json::json!({"train": TRAIN.len(), "dev": DEV.len() + 1, "test": DEV.len()});
+    assert_eq!(report["tasks"]["intent"]["examples"], counts);
+    assert_eq!(report["tasks"]["intent"]["unseen"], serde_json::json!({"dev": {"hotel": 1}}));
+    assert_eq!(report["tasks"]["intent"]["unseen_policy"], "error");
+    assert_eq!(report["tasks"]["slots"]["unseen"]["dev"]["B-thing"], 1);
+    let o = p.mtl(&["check", "config.toml"])?;
+    assert!(String::from_utf8(o.stdout)?.contains("dev: 1 (hotel 1) → error"), "the table names it");
     let sets = [
         "--set",
         "training.epochs=1",

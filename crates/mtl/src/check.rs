@@ -1,0 +1,210 @@
+//! `mtl check CONFIG`: reads and checks everything a training run would read, without loading the model's
+//! weights or training: per task and split, the examples, the label distribution, rare labels, labels of dev
+//! and test outside the training set (and what the config does with them), and for an encoder, how many inputs
+//! `model.max_len` cuts.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use mtl_config::{Config, Split};
+use mtl_core::TaskId;
+use mtl_data::{Dataset, LabelMap, RawExample, RawLabel, TextEncoder};
+use serde::Serialize;
+
+use crate::error::Result;
+
+/// A label seen fewer times than this in the training file is listed as rare.
+const RARE: usize = 3;
+
+/// What `mtl check` found.
+#[derive(Clone, Debug, Serialize)]
+pub struct CheckReport {
+    pub tasks: BTreeMap<String, TaskCheck>,
+    /// Inputs longer than `model.max_len` by split (encoders; a decoder's prompts are cut when it trains).
+    pub truncated: Option<BTreeMap<String, usize>>,
+    pub max_len: usize,
+}
+
+/// One task's data.
+#[derive(Clone, Debug, Serialize)]
+pub struct TaskCheck {
+    pub kind: String,
+    /// Examples with this task's label, by split.
+    pub examples: BTreeMap<String, usize>,
+    /// The size of the label set (none for regression, QA and generation).
+    pub labels: Option<usize>,
+    /// How often each label occurs in the training file (for tagging: each tag).
+    pub train_counts: BTreeMap<String, usize>,
+    /// Labels seen fewer than 3 times in training.
+    pub rare: Vec<String>,
+    /// Dev and test labels outside the set, with their counts, by split.
+    pub unseen: BTreeMap<String, BTreeMap<String, usize>>,
+    /// What training does with those: `error`, `mapped to X`, or `left out`.
+    pub unseen_policy: String,
+}
+
+/// Reads and checks `config`'s data (`source`: where it came from, for messages).
+pub fn check(config: &Config, source: &Path) -> Result<CheckReport> {
+    let architecture = crate::base::BaseModel::open(&config.model.path)?.architecture();
+    if architecture.is_decoder() {
+        crate::decoder::check_config(config, source)?;
+    } else {
+        crate::encoder::check_tasks(config, source)?;
+    }
+    let mut raw: BTreeMap<Split, Vec<RawExample>> = BTreeMap::new();
+    for split in [Split::Train, Split::Dev, Split::Test] {
+        if config.tasks.values().any(|t| t.data.get(split).is_some()) {
+            raw.insert(split, mtl_data::read_split(config, split)?);
+        }
+    }
+    let train = raw.get(&Split::Train).map_or(&[][..], Vec::as_slice);
+    let labels = LabelMap::for_tasks(config, train)?;
+    let mut tasks = BTreeMap::new();
+    for (name, task) in &config.tasks {
+        let map = labels.get(name);
+        let mut check = TaskCheck {
+            kind: task.kind.name().to_string(),
+            examples: BTreeMap::new(),
+            labels: map.filter(|m| m.scale.is_none()).map(LabelMap::len),
+            train_counts: BTreeMap::new(),
+            rare: Vec::new(),
+            unseen: BTreeMap::new(),
+            unseen_policy: match (&task.unknown_label, task.skip_unseen_labels) {
+                (Some(l), _) => format!("mapped to {l:?}"),
+                (None, true) => "left out".into(),
+                (None, false) => "error".into(),
+            },
+        };
+        for (split, examples) in &raw {
+            let mut n = 0;
+            for ex in examples {
+                let Some(label) = ex.labels.get(name) else { continue };
+                n += 1;
+                for l in label_names(label) {
+                    match split {
+                        Split::Train => *check.train_counts.entry(l.to_string()).or_default() += 1,
+                        _ if map.is_some_and(|m| m.id(l).is_none()) => {
+                            *check
+                                .unseen
+                                .entry(split.name().to_string())
+                                .or_default()
+                                .entry(l.to_string())
+                                .or_default() += 1
+                        }
+                        _ => {}
+                    }
+                }
+            }
+            check.examples.insert(split.name().to_string(), n);
+        }
+        check.rare = check.train_counts.iter().filter(|(_, &c)| c < RARE).map(|(l, _)| l.clone()).collect();
+        tasks.insert(name.to_string(), check);
+    }
+    let max_len = config.model.max_len;
+    let truncated = match architecture.is_decoder() {
+        true => None,
+        false => Some(truncation(config, &raw, &labels)?),
+    };
+    Ok(CheckReport { tasks, truncated, max_len })
+}
+
+/// The names a label is made of: a class, each of several labels, each tag.
+fn label_names(label: &RawLabel) -> Vec<&str> {
+    match label {
+        RawLabel::Class(l) => vec![l.as_str()],
+        RawLabel::Multi(ls) | RawLabel::Tags(ls) => ls.iter().map(String::as_str).collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// Inputs the encoder's tokenizer cuts at `model.max_len`, by split (labels outside the sets left out, so
+/// that they do not stop the count).
+fn truncation(
+    config: &Config,
+    raw: &BTreeMap<Split, Vec<RawExample>>,
+    labels: &BTreeMap<TaskId, LabelMap>,
+) -> Result<BTreeMap<String, usize>> {
+    let base = &config.model.path;
+    let bert = mtl_nn::BertConfig::from_file(&base.join("config.json"))?;
+    let encoder =
+        TextEncoder::from_file(&base.join("tokenizer.json"), config.model.max_len.min(bert.max_position_embeddings))?;
+    let mut out = BTreeMap::new();
+    for (split, examples) in raw {
+        let mut lenient = config.clone();
+        for t in lenient.tasks.values_mut() {
+            if t.unknown_label.is_none() {
+                t.skip_unseen_labels = true;
+            }
+        }
+        let kept = mtl_data::leave_out_unseen(examples.clone(), labels, &lenient, split.name());
+        out.insert(split.name().to_string(), Dataset::encode(kept, &encoder, labels, config)?.truncated);
+    }
+    Ok(out)
+}
+
+impl std::fmt::Display for CheckReport {
+    /// The report as `mtl check` prints it.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(
+            f,
+            "{:<16} {:<22} {:>8} {:>8} {:>8} {:>7}  unseen dev/test labels",
+            "task", "kind", "train", "dev", "test", "labels"
+        )?;
+        for (name, t) in &self.tasks {
+            let n = |s: &str| t.examples.get(s).map_or("-".to_string(), |n| n.to_string());
+            let unseen: Vec<String> = t
+                .unseen
+                .iter()
+                .map(|(split, ls)| {
+                    let total: usize = ls.values().sum();
+                    let top: Vec<String> = ls.iter().take(5).map(|(l, c)| format!("{l} {c}")).collect();
+                    format!("{split}: {total} ({}{})", top.join(", "), if ls.len() > 5 { ", …" } else { "" })
+                })
+                .collect();
+            let unseen = match unseen.is_empty() {
+                true => "none".to_string(),
+                false => format!("{} → {}", unseen.join("; "), t.unseen_policy),
+            };
+            let labels = t.labels.map_or("-".to_string(), |n| n.to_string());
+            writeln!(
+                f,
+                "{name:<16} {:<22} {:>8} {:>8} {:>8} {labels:>7}  {unseen}",
+                t.kind,
+                n("train"),
+                n("dev"),
+                n("test")
+            )?;
+        }
+        for (name, t) in &self.tasks {
+            if t.train_counts.is_empty() {
+                continue;
+            }
+            let mut counts: Vec<(&String, &usize)> = t.train_counts.iter().collect();
+            counts.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
+            let top: Vec<String> = counts.iter().take(8).map(|(l, c)| format!("{l} {c}")).collect();
+            writeln!(
+                f,
+                "{name}: most frequent in train: {}{}",
+                top.join(", "),
+                if counts.len() > 8 { ", …" } else { "" }
+            )?;
+            if !t.rare.is_empty() {
+                let rare: Vec<&str> = t.rare.iter().take(10).map(String::as_str).collect();
+                writeln!(
+                    f,
+                    "{name}: {} labels seen fewer than {RARE} times in train: {}{}",
+                    t.rare.len(),
+                    rare.join(", "),
+                    if t.rare.len() > 10 { ", …" } else { "" }
+                )?;
+            }
+        }
+        match &self.truncated {
+            Some(t) => {
+                let parts: Vec<String> = t.iter().map(|(s, n)| format!("{s} {n}")).collect();
+                writeln!(f, "inputs cut at model.max_len = {}: {}", self.max_len, parts.join(", "))
+            }
+            None => writeln!(f, "a decoder's prompts are cut to model.max_len = {} when it trains", self.max_len),
+        }
+    }
+}
