@@ -207,9 +207,7 @@ fn main() -> Result<()> {
         Some(path) => {
             let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
             let keys = mtl_serve::api::parse_api_keys(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-            // The first key of the file, in its order.
-            let first = text.trim_start_matches('\u{feff}').lines().map(str::trim).find(|l| keys.contains(*l));
-            first.map(String::from)
+            keys.into_iter().next()
         }
         None => std::env::var("MTL_API_KEY").ok().filter(|k| !k.is_empty()),
     };

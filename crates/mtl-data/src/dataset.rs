@@ -157,12 +157,7 @@ pub fn leave_out_unseen(
         .filter_map(|mut ex| {
             for &task in &skipping {
                 let Some(map) = labels.get(task) else { continue };
-                let unseen = match ex.labels.get(task) {
-                    Some(RawLabel::Class(l)) => map.id(l).is_none(),
-                    Some(RawLabel::Multi(ls)) => ls.iter().any(|l| map.id(l).is_none()),
-                    Some(RawLabel::Tags(tags)) => tags.iter().any(|t| map.id(t).is_none()),
-                    _ => false,
-                };
+                let unseen = ex.labels.get(task).is_some_and(|l| l.names().iter().any(|n| map.id(n).is_none()));
                 if unseen {
                     ex.labels.remove(task);
                     *left_out.entry(task).or_default() += 1;

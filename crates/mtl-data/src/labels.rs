@@ -134,14 +134,8 @@ impl LabelMap {
                 (_, Some(labels)) => LabelMap::from(labels),
                 (_, None) => {
                     let mut seen = BTreeSet::new();
-                    for ex in train {
-                        match ex.labels.get(name) {
-                            Some(RawLabel::Class(l)) => {
-                                seen.insert(l.clone());
-                            }
-                            Some(RawLabel::Tags(tags) | RawLabel::Multi(tags)) => seen.extend(tags.iter().cloned()),
-                            _ => {}
-                        }
+                    for label in train.iter().filter_map(|ex| ex.labels.get(name)) {
+                        seen.extend(label.names().iter().cloned());
                     }
                     if let Some(fallback) = &task.unknown_label {
                         seen.insert(fallback.clone());

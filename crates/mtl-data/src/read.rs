@@ -64,6 +64,18 @@ pub enum RawLabel {
     Texts(Vec<String>),
 }
 
+impl RawLabel {
+    /// The label names it is made of: a class, each label of a multi-label example, each tag (none for
+    /// targets, answers and texts).
+    pub fn names(&self) -> &[String] {
+        match self {
+            RawLabel::Class(l) => std::slice::from_ref(l),
+            RawLabel::Multi(ls) | RawLabel::Tags(ls) => ls,
+            RawLabel::Real(_) | RawLabel::Answers(_) | RawLabel::Texts(_) => &[],
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq)]
 pub struct RawExample {
     pub location: Location,

@@ -352,10 +352,10 @@ pub(crate) fn key_accepted(settings: &Settings, request: &Request) -> bool {
 
 /// The API keys of a key file's text: one per line; blank lines and lines starting with `#` are skipped, a
 /// byte order mark is ignored, and a key must be visible ASCII without spaces (what an `Authorization` header
-/// can carry). Errors name the line.
-pub fn parse_api_keys(text: &str) -> Result<HashSet<String>, String> {
+/// can carry). The keys come in file order, each once. Errors name the line.
+pub fn parse_api_keys(text: &str) -> Result<Vec<String>, String> {
     let text = text.strip_prefix('\u{feff}').unwrap_or(text);
-    let mut keys = HashSet::new();
+    let mut keys: Vec<String> = Vec::new();
     for (n, line) in text.lines().enumerate() {
         let key = line.trim();
         if key.is_empty() || key.starts_with('#') {
@@ -364,7 +364,9 @@ pub fn parse_api_keys(text: &str) -> Result<HashSet<String>, String> {
         if !key.bytes().all(|b| b.is_ascii_graphic()) {
             return Err(format!("line {}: a key must be visible ASCII characters without spaces", n + 1));
         }
-        keys.insert(key.to_string());
+        if !keys.iter().any(|k| k == key) {
+            keys.push(key.to_string());
+        }
     }
     if keys.is_empty() {
         return Err("no API key in the file (one per line; `#` starts a comment)".into());

@@ -421,14 +421,14 @@ async fn misspelt_fields_are_refused_and_repeated_tasks_count_once() {
 /// its line; the `Bearer` scheme is matched in any case.
 #[tokio::test]
 async fn key_files_and_the_bearer_scheme_are_read_as_people_write_them() {
-    let keys = crate::api::parse_api_keys("\u{feff}k1\n# a comment\n\n  k2  \r\n").expect("keys");
-    assert_eq!(keys, HashSet::from(["k1".to_string(), "k2".to_string()]));
+    let keys = crate::api::parse_api_keys("\u{feff}k1\n# a comment\n\n  k2  \r\nk1\n").expect("keys");
+    assert_eq!(keys, vec!["k1".to_string(), "k2".to_string()], "in file order, each once");
     assert_eq!(
         crate::api::parse_api_keys("k1\nk 2\n"),
         Err("line 2: a key must be visible ASCII characters without spaces".into())
     );
     assert!(crate::api::parse_api_keys("# only a comment\n").is_err());
-    let app = router(Fake::new(), Settings { api_keys: Some(keys), ..Settings::default() });
+    let app = router(Fake::new(), Settings { api_keys: Some(keys.into_iter().collect()), ..Settings::default() });
     for (header, status) in [
         ("bearer k1", StatusCode::OK),
         ("BEARER  k2 ", StatusCode::OK),

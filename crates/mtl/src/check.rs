@@ -8,7 +8,7 @@ use std::path::Path;
 
 use mtl_config::{Config, Split};
 use mtl_core::TaskId;
-use mtl_data::{Dataset, LabelMap, RawExample, RawLabel, TextEncoder};
+use mtl_data::{Dataset, LabelMap, RawExample, TextEncoder};
 use serde::Serialize;
 
 use crate::error::Result;
@@ -80,7 +80,7 @@ pub fn check(config: &Config, source: &Path) -> Result<CheckReport> {
             for ex in examples {
                 let Some(label) = ex.labels.get(name) else { continue };
                 n += 1;
-                for l in label_names(label) {
+                for l in label.names() {
                     match split {
                         Split::Train => *check.train_counts.entry(l.to_string()).or_default() += 1,
                         _ if map.is_some_and(|m| m.id(l).is_none()) => {
@@ -108,15 +108,6 @@ pub fn check(config: &Config, source: &Path) -> Result<CheckReport> {
     Ok(CheckReport { tasks, truncated, max_len })
 }
 
-/// The names a label is made of: a class, each of several labels, each tag.
-fn label_names(label: &RawLabel) -> Vec<&str> {
-    match label {
-        RawLabel::Class(l) => vec![l.as_str()],
-        RawLabel::Multi(ls) | RawLabel::Tags(ls) => ls.iter().map(String::as_str).collect(),
-        _ => Vec::new(),
-    }
-}
-
 /// Inputs the encoder's tokenizer cuts at `model.max_len`, by split (labels outside the sets left out, so
 /// that they do not stop the count).
 fn truncation(
@@ -128,14 +119,14 @@ fn truncation(
     let bert = mtl_nn::BertConfig::from_file(&base.join("config.json"))?;
     let encoder =
         TextEncoder::from_file(&base.join("tokenizer.json"), config.model.max_len.min(bert.max_position_embeddings))?;
+    let mut lenient = config.clone();
+    for t in lenient.tasks.values_mut() {
+        if t.unknown_label.is_none() {
+            t.skip_unseen_labels = true;
+        }
+    }
     let mut out = BTreeMap::new();
     for (split, examples) in raw {
-        let mut lenient = config.clone();
-        for t in lenient.tasks.values_mut() {
-            if t.unknown_label.is_none() {
-                t.skip_unseen_labels = true;
-            }
-        }
         let kept = mtl_data::leave_out_unseen(examples.clone(), labels, &lenient, split.name());
         out.insert(split.name().to_string(), Dataset::encode(kept, &encoder, labels, config)?.truncated);
     }

@@ -23,7 +23,7 @@ use crate::run::{Loaded as Backbone, Operation, Run};
 pub fn settings(config: &ServeConfig) -> Result<Settings> {
     let api_keys = match &config.api_keys {
         Some(path) => match mtl_serve::api::parse_api_keys(&read_text(path)?) {
-            Ok(keys) => Some(keys),
+            Ok(keys) => Some(keys.into_iter().collect()),
             Err(e) => bail!("{}: {e}", path.display()),
         },
         None => None,

@@ -38,7 +38,10 @@ use super::files::Decoder;
 
 /// A request ready for the engine.
 struct Job {
-    prompt: Vec<u32>,
+    /// The sequence's tokens: the prompt, then each generated token once it is fed back (the positions its
+    /// cache holds are a prefix of them, which the prefix cache registers).
+    tokens: Vec<u32>,
+    prompt_len: usize,
     /// Its adapter's index (none for a model without LoRA).
     adapter: Option<usize>,
     /// What its cached keys and values are computed under: the adapter (a prefix cache salt).
@@ -58,8 +61,6 @@ struct Job {
 struct Active {
     job: Job,
     table: BlockTable,
-    /// The sequence's tokens: the prompt, then each generated token once it is fed back.
-    tokens: Vec<u32>,
     /// Prompt tokens cached so far, and those of them taken from the prefix cache.
     read: usize,
     cached: usize,
@@ -224,7 +225,8 @@ impl Generator for BatchEngine {
         let job = Job {
             max_new_tokens: r.max_new_tokens,
             positions,
-            prompt,
+            prompt_len: prompt.len(),
+            tokens: prompt,
             adapter,
             salt: adapter.map_or(0, |a| a as u64 + 1),
             sampling,
@@ -301,7 +303,7 @@ fn run(
             let Some(job) = waiting.front() else { break };
             let mut table = BlockTable::default();
             let cached = match settings.prefix_cache {
-                true => kv.share_prefix(&mut table, &job.prompt[..job.prompt.len() - 1], job.salt),
+                true => kv.share_prefix(&mut table, &job.tokens[..job.prompt_len - 1], job.salt),
                 false => 0,
             };
             if !kv.reserve(&mut table, job.positions - cached) {
@@ -310,12 +312,11 @@ fn run(
             }
             let job = waiting.pop_front().expect("a waiting job was just seen");
             shared.queued.fetch_sub(1, Ordering::SeqCst);
-            shared.prompt_tokens.fetch_add(job.prompt.len() as u64, Ordering::SeqCst);
+            shared.prompt_tokens.fetch_add(job.prompt_len as u64, Ordering::SeqCst);
             shared.cached_prompt_tokens.fetch_add(cached as u64, Ordering::SeqCst);
             let sampler = TokenSampler::new(job.sampling.clone());
             let stream = TextStream::new(&job.stop);
-            let tokens = job.prompt.clone();
-            running.push(Active { job, table, tokens, read: cached, cached, next: None, stream, sampler, done: false });
+            running.push(Active { job, table, read: cached, cached, next: None, stream, sampler, done: false });
         }
         if !running.is_empty() {
             let sequences = step(decoder, &mut running, &mut kv, settings);
@@ -355,7 +356,7 @@ fn retire(running: &mut Vec<Active>, kv: &mut PagedKv, prefix_cache: bool) {
     running.retain_mut(|a| {
         if a.done {
             match prefix_cache {
-                true => kv.release_cached(&mut a.table, &a.tokens, a.job.salt),
+                true => kv.release_cached(&mut a.table, &a.job.tokens, a.job.salt),
                 false => kv.release(&mut a.table),
             }
         }
@@ -374,7 +375,7 @@ fn finish(decoder: &Decoder, a: &mut Active, result: Result<StopReason, EngineEr
         Finished {
             text: a.stream.text().to_string(),
             stop: serde_json::to_value(reason).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default(),
-            prompt_tokens: a.job.prompt.len(),
+            prompt_tokens: a.job.prompt_len,
             cached_tokens: a.cached,
             new_tokens: a.stream.ids().len(),
         }
@@ -394,7 +395,7 @@ fn step(decoder: &Decoder, running: &mut [Active], kv: &mut PagedKv, settings: &
         if budget == 0 {
             break;
         }
-        let n = (a.job.prompt.len() - a.read).min(budget);
+        let n = (a.job.prompt_len - a.read).min(budget);
         budget -= n;
         plan.push((i, n));
     }
@@ -406,7 +407,7 @@ fn step(decoder: &Decoder, running: &mut [Active], kv: &mut PagedKv, settings: &
             let a = &running[i];
             match a.next {
                 Some(t) => vec![t],
-                None => a.job.prompt[a.read..a.read + n].to_vec(),
+                None => a.job.tokens[a.read..a.read + n].to_vec(),
             }
         })
         .collect();
@@ -414,13 +415,13 @@ fn step(decoder: &Decoder, running: &mut [Active], kv: &mut PagedKv, settings: &
     let wanted: Vec<u32> = plan
         .iter()
         .enumerate()
-        .filter(|(_, &(i, n))| running[i].next.is_some() || running[i].read + n == running[i].job.prompt.len())
+        .filter(|(_, &(i, n))| running[i].next.is_some() || running[i].read + n == running[i].job.prompt_len)
         .map(|(row, _)| row as u32)
         .collect();
     let adapters: Option<Vec<usize>> =
         model.lora().is_some().then(|| plan.iter().map(|&(i, _)| running[i].job.adapter.unwrap_or(0)).collect());
     #[cfg(test)]
-    let inject = plan.iter().any(|&(i, _)| running[i].next.is_none() && running[i].job.prompt == tests::PANIC);
+    let inject = plan.iter().any(|&(i, _)| running[i].next.is_none() && running[i].job.tokens == tests::PANIC);
     let mut tables: Vec<BlockTable> = plan.iter().map(|&(i, _)| std::mem::take(&mut running[i].table)).collect();
     let outcome = {
         let mut seqs: Vec<(&mut BlockTable, usize)> = tables.iter_mut().zip(&plan).map(|(t, &(_, n))| (t, n)).collect();
@@ -439,7 +440,7 @@ fn step(decoder: &Decoder, running: &mut [Active], kv: &mut PagedKv, settings: &
     };
     for (mut table, &(i, _)) in tables.into_iter().zip(&plan) {
         if settings.prefix_cache && matches!(outcome, Ok(Ok(_))) {
-            kv.register(&mut table, &running[i].tokens, running[i].job.salt);
+            kv.register(&mut table, &running[i].job.tokens, running[i].job.salt);
         }
         running[i].table = table;
     }
@@ -466,7 +467,7 @@ fn step(decoder: &Decoder, running: &mut [Active], kv: &mut PagedKv, settings: &
         let a = &mut running[i];
         if a.next.is_none() {
             a.read += n;
-            if a.read < a.job.prompt.len() {
+            if a.read < a.job.prompt_len {
                 continue;
             }
         }
@@ -497,11 +498,11 @@ fn step(decoder: &Decoder, running: &mut [Active], kv: &mut PagedKv, settings: &
             finish(decoder, a, Ok(StopReason::StopString));
         } else if generated >= a.job.max_new_tokens {
             finish(decoder, a, Ok(StopReason::MaxNewTokens));
-        } else if a.job.prompt.len() + generated > context {
+        } else if a.job.prompt_len + generated > context {
             finish(decoder, a, Ok(StopReason::Length));
         } else {
             a.next = Some(token);
-            a.tokens.push(token);
+            a.job.tokens.push(token);
         }
     }
     plan.len()
