@@ -2,8 +2,9 @@
 # The full test suite: checks formatting (rustfmt.toml) and lints (clippy, warnings are errors), fetches the
 # default model (for the tests that check it against transformers), runs
 # every test of the workspace in release mode (candle is far too slow unoptimised), then reads the
-# TensorBoard files of a small training run back with TensorBoard's own reader and talks to `mtl serve` with
-# OpenAI's client (tests/python/, in the ignored virtual environment .venv-test).
+# TensorBoard files of a small training run back with TensorBoard's own reader, installs the Python package into
+# a fresh virtual environment and runs its tests, and talks to `mtl serve` with OpenAI's client (tests/python/,
+# in the ignored virtual environment .venv-test).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # The gates: rustup installs the two components where the toolchain lacks them.
@@ -36,6 +37,14 @@ target/release/mtl train tests/python/tiny-run.toml --out "$run/mixed" \
 target/release/mtl train tests/python/tiny-run.toml --out "$run/sampled" --set 'training.sampling.plan="sampled"' \
   --set 'training.sampling.sampler="annealed"' > /dev/null 2>&1 || { echo "the tiny training run failed"; exit 1; }
 .venv-test/bin/python tests/python/check_tensorboard.py "$run/sampled"
+
+# The Python package (pyproject.toml): `pip install .` into a fresh virtual environment, then its tests
+# (tests/python/test_package.py: training through Python, predictions equal to the command line's, Ctrl-C).
+python3 -m venv "$run/package-venv"
+"$run/package-venv/bin/pip" install --quiet --disable-pip-version-check -r tests/python/package-requirements.txt
+"$run/package-venv/bin/pip" install --quiet --disable-pip-version-check . || { echo "pip install . failed"; exit 1; }
+MTL_BINARY=target/release/mtl "$run/package-venv/bin/python" -m pytest -q -p no:cacheprovider tests/python/test_package.py \
+  || { echo "the Python package's tests failed"; exit 1; }
 
 # `mtl serve`'s OpenAI-compatible routes through OpenAI's own client (tests/python/check_openai.py), on the default
 # decoder: the greedy chat answer must be `mtl generate --chat`'s.

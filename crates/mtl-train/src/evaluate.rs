@@ -90,10 +90,10 @@ pub fn predict_examples(
     let mut out: Vec<BTreeMap<TaskId, Prediction>> = vec![BTreeMap::new(); examples.len()];
     // QA logits per window, resolved into answers once every window has been seen.
     let mut windows: BTreeMap<TaskId, Vec<Window>> = BTreeMap::new();
-    let bar = crate::items::items(examples.len(), "predicting");
+    let mut bar = crate::items::items(examples.len(), "predicting");
     for chunk in order.chunks(batch_size.max(1)) {
-        if let Some(bar) = &bar {
-            bar.inc(chunk.len() as u64);
+        if let Some(bar) = &mut bar {
+            bar.inc(chunk.len());
         }
         let batch_examples: Vec<&Example> = chunk.iter().map(|&i| examples[i]).collect();
         let batch = collate(&batch_examples, &shapes);
@@ -155,7 +155,7 @@ pub fn predict_examples(
         }
     }
     if let Some(bar) = bar {
-        bar.finish_and_clear();
+        bar.finish();
     }
     Ok(out)
 }

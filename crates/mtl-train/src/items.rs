@@ -1,8 +1,11 @@
-//! A bar over the inputs of an evaluation or a prediction, when asked for (`mtl eval`, `mtl predict`).
+//! A bar over the inputs of an evaluation or a prediction, when asked for (`mtl eval`, `mtl predict`), drawn
+//! on the terminal or sent to the host's progress sink.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::sink::{Progress, Sink};
 
 static ITEMS: AtomicBool = AtomicBool::new(false);
 
@@ -12,10 +15,39 @@ pub fn show_item_progress(on: bool) {
     ITEMS.store(on, Ordering::Relaxed);
 }
 
+/// A bar over inputs: drawn, or sent to a sink.
+pub(crate) enum ItemBar {
+    Drawn(ProgressBar),
+    Sent { sink: Sink, position: u64 },
+}
+
+impl ItemBar {
+    pub(crate) fn inc(&mut self, n: usize) {
+        match self {
+            ItemBar::Drawn(bar) => bar.inc(n as u64),
+            ItemBar::Sent { sink, position } => {
+                *position += n as u64;
+                sink(Progress::Position { position: *position, message: String::new() });
+            }
+        }
+    }
+
+    pub(crate) fn finish(self) {
+        match self {
+            ItemBar::Drawn(bar) => bar.finish_and_clear(),
+            ItemBar::Sent { sink, .. } => sink(Progress::Finish),
+        }
+    }
+}
+
 /// A bar over `total` inputs labelled `what`, when item progress is on.
-pub(crate) fn items(total: usize, what: &str) -> Option<ProgressBar> {
+pub(crate) fn items(total: usize, what: &str) -> Option<ItemBar> {
     if !ITEMS.load(Ordering::Relaxed) || total == 0 {
         return None;
+    }
+    if let Some(sink) = crate::sink::sink() {
+        sink(Progress::Start { what: what.to_string(), total: total as u64, unit: "inputs" });
+        return Some(ItemBar::Sent { sink, position: 0 });
     }
     let bar = ProgressBar::new(total as u64);
     bar.set_style(
@@ -24,7 +56,7 @@ pub(crate) fn items(total: usize, what: &str) -> Option<ProgressBar> {
             .progress_chars("=> "),
     );
     bar.set_prefix(what.to_string());
-    Some(bar)
+    Some(ItemBar::Drawn(bar))
 }
 
 #[cfg(test)]
@@ -37,7 +69,7 @@ mod tests {
         show_item_progress(true);
         let bar = items(10, "x");
         show_item_progress(false);
-        assert_eq!(bar.and_then(|b| b.length()), Some(10));
+        assert!(matches!(bar, Some(ItemBar::Drawn(b)) if b.length() == Some(10)));
         assert!(items(0, "x").is_none());
     }
 }

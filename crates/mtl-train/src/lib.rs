@@ -6,6 +6,7 @@ pub mod alloc;
 mod evaluate;
 pub mod groups;
 pub mod heads;
+pub mod interrupt;
 mod items;
 pub mod model;
 mod optim;
@@ -15,6 +16,7 @@ mod progress;
 pub mod resume;
 pub mod sampling;
 mod schedule;
+mod sink;
 mod step;
 pub mod surgery;
 pub mod tracking;
@@ -32,6 +34,7 @@ pub use model::{Collation, TextTasks, TrainModel, DEFAULT_ANSWER_TOKENS};
 pub use optim::{AdamW, AdamWConfig, AdamWState, ParamGroup, StepInfo};
 pub use progress::ProgressCallback;
 pub use schedule::{linear_warmup_decay, lr_scale};
+pub use sink::{set_progress_sink, Progress, Sink};
 pub use step::{named as named_grads, Grads};
 pub use trainer::{Callback, Control, EvalReport, Outcome, Splits, StepReport, TaskBest, Trainer};
 
@@ -51,6 +54,12 @@ pub enum TrainError {
     NotACheckpoint(PathBuf),
     #[error("{path}: {message}")]
     Invalid { path: PathBuf, message: String },
+    /// A stop asked for from outside ([`interrupt::request_stop`]); `checkpoint` is the one written then.
+    #[error("training interrupted at step {step}{}", match checkpoint {
+        Some(dir) => format!("; checkpoint {} written: continue with `mtl train CONFIG --out {} --resume`", dir.display(), dir.parent().map_or_else(|| ".".into(), |p| p.display().to_string())),
+        None => " (this training keeps no checkpoints)".into(),
+    })]
+    Interrupted { step: usize, checkpoint: Option<PathBuf> },
     #[error("training stopped at step {step}: {skipped} steps had NaN or infinite losses or gradients, more than training.max_skipped_steps allows; lower the learning rate or check the data")]
     NonFinite { skipped: usize, step: usize },
 }

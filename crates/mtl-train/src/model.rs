@@ -131,19 +131,19 @@ impl TextTasks {
         order.sort_by_key(|&i| prompts[i].len());
         let budget = self.max_new_tokens.get(task).copied().unwrap_or(DEFAULT_ANSWER_TOKENS);
         let mut out = vec![String::new(); prompts.len()];
-        let bar = crate::items::items(prompts.len(), task.as_str());
+        let mut bar = crate::items::items(prompts.len(), task.as_str());
         for chunk in order.chunks(batch_size.max(1)) {
             let batch: Vec<&[u32]> = chunk.iter().map(|&i| prompts[i]).collect();
             let generated = self.model.generate_greedy(task, &batch, budget, &self.stop)?;
-            if let Some(bar) = &bar {
-                bar.inc(chunk.len() as u64);
+            if let Some(bar) = &mut bar {
+                bar.inc(chunk.len());
             }
             for (&i, ids) in chunk.iter().zip(generated) {
                 out[i] = self.tokenizer.decode(&ids, true).unwrap_or_default();
             }
         }
         if let Some(bar) = bar {
-            bar.finish_and_clear();
+            bar.finish();
         }
         Ok(out)
     }

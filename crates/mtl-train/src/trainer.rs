@@ -559,8 +559,19 @@ impl Trainer<'_> {
                     }
                     // At an epoch's last batch the end-of-epoch checkpoint follows, after its evaluation.
                     let last = i + 1 == batches_in_epoch && epoch < t.epochs;
-                    if !last && t.checkpoint_every.is_some_and(|every| step % every == 0) {
+                    let saved = !last && t.checkpoint_every.is_some_and(|every| step % every == 0);
+                    if saved {
                         save(step, epoch, i + 1, skipped, reports, &optimizer, weighting.as_ref(), &selection)?;
+                    }
+                    if crate::interrupt::stop_requested() {
+                        // Stopped here, the run resumes exactly as if it had not been (at an epoch's last batch
+                        // the resume evaluates and checkpoints the epoch's end first).
+                        if !saved {
+                            save(step, epoch, i + 1, skipped, reports, &optimizer, weighting.as_ref(), &selection)?;
+                        }
+                        let checkpoint = self.checkpoints.map(|out| resume::checkpoint_dir(out, step));
+                        tracing::warn!(step, "training interrupted");
+                        return Err(TrainError::Interrupted { step, checkpoint });
                     }
                 }
                 Ok(false)

@@ -65,7 +65,7 @@ pub use mtl_nn::generate::Sampling;
 pub use mtl_train::alloc;
 /// Process-wide settings the binaries make first in `main` (allocator, candle's worker threads).
 pub use mtl_train::process;
-pub use mtl_train::{show_item_progress, Evaluation, Scores};
+pub use mtl_train::{interrupt, set_progress_sink, show_item_progress, Evaluation, Progress, Scores, Sink, TrainError};
 
 /// A decoder for free generation: a base model (a GGUF file, a directory with one, or a Llama directory), or a
 /// decoder run with a shared adapter (its adapter on its base).

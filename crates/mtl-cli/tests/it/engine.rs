@@ -288,6 +288,52 @@ fn killed_runs_resume_exactly() -> TestResult {
     Ok(())
 }
 
+/// Ctrl-C (SIGINT) lets training finish its step and write a checkpoint; the run ends with status 130 and
+/// `--resume` continues it to exactly the straight run's end.
+#[test]
+fn ctrl_c_stops_at_a_checkpoint_that_resumes_exactly() -> TestResult {
+    let p = Project::new()?;
+    let args = |out: &str| -> Vec<String> {
+        ["train", "config.toml", "--out", out, "--set", "training.epochs=300"].iter().map(|s| s.to_string()).collect()
+    };
+    let o = p.mtl(&args("straight").iter().map(String::as_str).collect::<Vec<_>>())?;
+    assert!(o.status.success(), "{}", stderr(&o));
+    for attempt in 0..10 {
+        let out = format!("interrupted{attempt}");
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_mtl"))
+            .args(args(&out))
+            .current_dir(p.dir.path())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()?;
+        while !p.path(&out).join("log.jsonl").exists() && child.try_wait()?.is_none() {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20 * attempt));
+        std::process::Command::new("kill").args(["-INT", &child.id().to_string()]).status()?;
+        let o = child.wait_with_output()?;
+        if o.status.success() {
+            continue; // it finished before the signal; try again sooner
+        }
+        assert_eq!(o.status.code(), Some(130), "{}", stderr(&o));
+        assert!(
+            stderr(&o).contains("training interrupted at step") && stderr(&o).contains("--resume"),
+            "{}",
+            stderr(&o)
+        );
+        assert!(!p.path(&out).join("metrics.json").exists());
+        let o = p.mtl(&[&args(&out).iter().map(String::as_str).collect::<Vec<_>>()[..], &["--resume"]].concat())?;
+        assert!(o.status.success(), "{}", stderr(&o));
+        assert_eq!(metrics_without_time(&p, &out)?, metrics_without_time(&p, "straight")?);
+        assert_eq!(
+            std::fs::read(p.path(&out).join("model.safetensors"))?,
+            std::fs::read(p.path("straight").join("model.safetensors"))?
+        );
+        return Ok(());
+    }
+    panic!("every run finished before the signal");
+}
+
 /// A run records its data files' SHA-256; resuming after one changed is refused, naming it, unless
 /// `--accept-changed-data` says to go on.
 #[test]
