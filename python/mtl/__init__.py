@@ -11,7 +11,8 @@ A config is a TOML file (see the README and docs/) or the same structure as a di
 library with the GIL released; progress is shown with tqdm where it is installed (`pip install mtl[progress]`),
 and log records go to the `logging` logger ``mtl`` (their level is set by the environment variable ``MTL_LOG``,
 ``info`` by default). Ctrl-C during `train` finishes the current step and writes a checkpoint, then raises
-`KeyboardInterrupt`; `train(..., resume=True)` continues from it. Errors are `MtlError` (or `ConfigError`,
+`KeyboardInterrupt` (a second Ctrl-C raises it at once); `train(..., resume=True)` continues from it. Calls
+from several threads run one after the other. Errors are `MtlError` (or `ConfigError`,
 `DataError`, `UnsupportedError`) with the library's message, which names the file, line and field.
 """
 
@@ -19,12 +20,18 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import numbers
 import os
 import sys
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
-from . import _native
+# candle's worker threads spin this many times before they sleep (the binary's setting: measured faster on small
+# machines, see crates/mtl-train/src/process.rs); set before the native module starts any thread.
+os.environ.setdefault("CANDLE_BARRIER_POOL_SPIN_LIMIT", "100")
+
+from . import _native  # noqa: E402
 from ._native import ConfigError, DataError, MtlError, UnsupportedError, __version__
 from ._progress import Display
 
@@ -62,22 +69,36 @@ def _toml_value(value: Any) -> str:
     """A Python value written as a TOML value (for an override)."""
     if isinstance(value, bool):
         return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
+    if isinstance(value, numbers.Integral):
+        return str(int(value))
+    if isinstance(value, numbers.Real):
+        value = float(value)
+        if math.isnan(value):
+            return "nan"
+        return repr(value) if math.isfinite(value) else ("inf" if value > 0 else "-inf")
     if isinstance(value, (str, os.PathLike)):
-        return json.dumps(os.fspath(value))
+        return json.dumps(os.fspath(value), ensure_ascii=False)
     if isinstance(value, Mapping):
-        return "{ " + ", ".join(f"{json.dumps(str(k))} = {_toml_value(v)}" for k, v in value.items()) + " }"
+        items = (f"{json.dumps(str(k), ensure_ascii=False)} = {_toml_value(v)}" for k, v in value.items())
+        return "{ " + ", ".join(items) + " }"
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     raise TypeError(f"an override value must be a bool, number, string, list or dict, not {type(value).__name__}")
+
+
+def _flatten(prefix: str, value: Any) -> List[Tuple[str, Any]]:
+    """A nested dict of overrides as dotted keys: ``{"training": {"epochs": 3}}`` sets ``training.epochs``
+    and leaves the rest of ``[training]`` as the config has it."""
+    if isinstance(value, Mapping) and value:
+        return [pair for k, v in value.items() for pair in _flatten(f"{prefix}.{k}" if prefix else str(k), v)]
+    return [(prefix, value)]
 
 
 def _overrides(overrides: Overrides) -> List[str]:
     if overrides is None:
         return []
     if isinstance(overrides, Mapping):
-        return [f"{key}={_toml_value(value)}" for key, value in overrides.items()]
+        return [f"{key}={_toml_value(value)}" for key, value in _flatten("", overrides)]
     if isinstance(overrides, str):
         return [overrides]
     return [str(o) for o in overrides]
@@ -99,7 +120,7 @@ def train(
     out: Union[str, "os.PathLike[str]"],
     *,
     overrides: Overrides = None,
-    tasks: Optional[Sequence[str]] = None,
+    tasks: Union[str, Sequence[str], None] = None,
     resume: bool = False,
     baselines: bool = False,
     select: str = "joint",
@@ -109,7 +130,8 @@ def train(
     """Trains a run from `config` into the directory `out` (`mtl train CONFIG --out OUT`) and returns it
     opened.
 
-    - `overrides`: settings over the config's, ``{"training.epochs": 3}`` (``--set``).
+    - `overrides`: settings over the config's, ``{"training.epochs": 3}`` or ``{"training": {"epochs": 3}}``
+      (``--set``; nested dicts set the keys they name, not whole tables).
     - `tasks`: train only these tasks of the config (``--task``).
     - `resume`: continue the run in `out` from its newest checkpoint (``--resume``); `accept_changed_data`
       allows data files that changed since the run started.
@@ -128,7 +150,7 @@ def train(
         text,
         os.fspath(out),
         _overrides(overrides),
-        list(tasks or []),
+        [tasks] if isinstance(tasks, str) else list(tasks or []),
         resume,
         accept_changed_data,
         baselines,

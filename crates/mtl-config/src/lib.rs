@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 mod model;
 mod overrides;
 use overrides::apply_override;
+mod paths;
 mod peft;
 mod recipe;
 mod serve;
@@ -62,25 +63,46 @@ pub struct Config {
 
 impl Config {
     /// Reads `path`, applies `overrides` (`a.b=value`, the value parsed as TOML or else taken as a string),
-    /// and validates the result.
+    /// and validates the result. Relative paths in the file are read from its folder (and held absolute);
+    /// those of overrides from the current directory.
     pub fn load(path: &Path, overrides: &[String]) -> Result<Self, ConfigError> {
         let text =
             std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
-        Self::parse(&text, path, overrides)
+        Self::parse_in(&text, path, overrides, Some(path.parent().unwrap_or(Path::new(""))))
     }
 
-    /// Parses TOML text; `path` is only used in error messages.
+    /// Parses TOML text; `path` is only used in error messages, and relative paths are kept as written (read
+    /// from the current directory).
     pub fn parse(text: &str, path: &Path, overrides: &[String]) -> Result<Self, ConfigError> {
+        Self::parse_in(text, path, overrides, None)
+    }
+
+    /// [`Config::parse`] of text whose relative paths are read from `base` (a config made elsewhere than in
+    /// a file: `""` for the current directory), held absolute as [`Config::load`] holds them.
+    pub fn parse_relative_to(text: &str, path: &Path, overrides: &[String], base: &Path) -> Result<Self, ConfigError> {
+        Self::parse_in(text, path, overrides, Some(base))
+    }
+
+    /// [`Config::parse`], relative paths of `text` resolved against `base` where given.
+    fn parse_in(text: &str, path: &Path, overrides: &[String], base: Option<&Path>) -> Result<Self, ConfigError> {
         let parse_err = |e: toml::de::Error| ConfigError::Parse {
             path: path.to_owned(),
             message: e.to_string().trim_end().to_string(),
         };
         // Parse the file as written first, so that its errors carry line and column.
         let mut config: Config = toml::from_str(text).map_err(parse_err)?;
-        if !overrides.is_empty() {
-            let mut value: toml::Value = toml::from_str(text).map_err(parse_err)?;
+        if !overrides.is_empty() || base.is_some() {
+            let mut root: toml::Table = toml::from_str(text).map_err(parse_err)?;
+            if let Some(base) = base {
+                paths::resolve(&mut root, base, path);
+            }
+            let mut value = toml::Value::Table(root);
             for set in overrides {
                 apply_override(&mut value, set)?;
+            }
+            if let (Some(_), toml::Value::Table(root)) = (base, &mut value) {
+                // The overrides' paths, from the current directory: absolute too, like the file's.
+                paths::resolve(root, Path::new(""), path);
             }
             config = value.try_into().map_err(|e: toml::de::Error| ConfigError::Override {
                 set: overrides.join(" "),
@@ -108,8 +130,10 @@ impl Config {
     ) -> Result<(Config, Vec<String>), ConfigError> {
         let invalid =
             |field: &str, message: String| ConfigError::Invalid { path: path.to_owned(), field: field.into(), message };
-        let new: toml::Table = toml::from_str(text)
+        let mut new: toml::Table = toml::from_str(text)
             .map_err(|e| ConfigError::Parse { path: path.to_owned(), message: e.to_string().trim_end().to_string() })?;
+        // The new tasks' files are read from the new-task file's folder; the model's config holds its own.
+        paths::resolve(&mut new, path.parent().unwrap_or(Path::new("")), path);
         let mut combined = toml::Table::try_from(self).expect("a validated config always serializes; this is a bug");
         let mut names = Vec::new();
         for (key, value) in new {

@@ -4,6 +4,7 @@
 
 use std::collections::VecDeque;
 use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Condvar, Mutex};
 use std::time::Duration;
 
@@ -21,6 +22,8 @@ enum Event {
         level: u32,
         message: String,
     },
+    /// The call's work is done (its result is in the channel).
+    Done,
 }
 
 /// Events beyond this many (none delivered for a long while) replace the oldest.
@@ -28,25 +31,36 @@ const MAX_QUEUED: usize = 100_000;
 /// How often the waiting thread looks for Ctrl-C when nothing is reported.
 const POLL: Duration = Duration::from_millis(100);
 
-static QUEUE: Mutex<VecDeque<Event>> = Mutex::new(VecDeque::new());
+/// The events of the calls, each with the number of the call that made it.
+static QUEUE: Mutex<VecDeque<(u64, Event)>> = Mutex::new(VecDeque::new());
 static READY: Condvar = Condvar::new();
+/// One call's work at a time: calls from several Python threads wait for each other, and a call waits for
+/// the work of one abandoned before it (Ctrl-C) to end. Events are the running call's.
+static WORK: Mutex<()> = Mutex::new(());
+/// The number of the call whose work runs (0: none).
+static RUNNING: AtomicU64 = AtomicU64::new(0);
+static CALLS: AtomicU64 = AtomicU64::new(0);
 
 fn push(event: Event) {
+    push_as(RUNNING.load(Ordering::SeqCst), event);
+}
+
+fn push_as(call: u64, event: Event) {
     let mut queue = QUEUE.lock().unwrap_or_else(|e| e.into_inner());
     if queue.len() >= MAX_QUEUED {
         queue.pop_front();
     }
-    queue.push_back(event);
-    READY.notify_one();
+    queue.push_back((call, event));
+    READY.notify_all();
 }
 
-/// The events queued, waiting up to `timeout` for one.
-fn wait(timeout: Duration) -> Vec<Event> {
+/// The events of call `call` queued, waiting up to `timeout` for one; other calls' events are dropped.
+fn wait(call: u64, timeout: Duration) -> Vec<Event> {
     let mut queue = QUEUE.lock().unwrap_or_else(|e| e.into_inner());
     if queue.is_empty() {
         queue = READY.wait_timeout(queue, timeout).unwrap_or_else(|e| e.into_inner()).0;
     }
-    queue.drain(..).collect()
+    queue.drain(..).filter(|(c, _)| *c == call).map(|(_, e)| e).collect()
 }
 
 /// Routes the library's progress and logs here (at the first call, not at import: the `mtl` command of the
@@ -104,8 +118,10 @@ impl tracing::field::Visit for Fields {
 
 /// Hands `events` to Python: progress to `on_event` (a tuple: `("start", what, total, unit)`,
 /// `("position", position, message)`, `("line", text)`, `("finish",)`), logs to the logger `mtl`. An
-/// exception in the callback is reported as unraisable rather than ending the call.
-fn deliver(py: Python<'_>, on_event: Option<&Py<PyAny>>, events: Vec<Event>) {
+/// exception in the callback is reported as unraisable rather than ending the call, except `KeyboardInterrupt`
+/// (Ctrl-C while Python code ran), which is returned. Also says whether the work is done.
+fn deliver(py: Python<'_>, on_event: Option<&Py<PyAny>>, events: Vec<Event>) -> (bool, Option<PyErr>) {
+    let (mut done, mut interrupt) = (false, None);
     for event in events {
         let delivered = match event {
             Event::Progress(progress) => match on_event {
@@ -116,11 +132,18 @@ fn deliver(py: Python<'_>, on_event: Option<&Py<PyAny>>, events: Vec<Event>) {
                 .import("logging")
                 .and_then(|logging| logging.call_method1("getLogger", ("mtl",)))
                 .and_then(|logger| logger.call_method1("log", (level, message)).map(drop)),
+            Event::Done => {
+                done = true;
+                Ok(())
+            }
         };
-        if let Err(e) = delivered {
-            e.write_unraisable(py, None);
+        match delivered {
+            Err(e) if e.is_instance_of::<PyKeyboardInterrupt>(py) => interrupt = interrupt.or(Some(e)),
+            Err(e) => e.write_unraisable(py, None),
+            Ok(()) => {}
         }
     }
+    (done, interrupt)
 }
 
 fn progress_tuple(py: Python<'_>, progress: mtl::Progress) -> PyResult<Bound<'_, PyTuple>> {
@@ -148,11 +171,12 @@ fn progress_tuple(py: Python<'_>, progress: mtl::Progress) -> PyResult<Bound<'_,
 }
 
 /// What Ctrl-C does to a call.
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, PartialEq)]
 pub(crate) enum OnInterrupt {
-    /// Training: the step ends and a checkpoint is written, then `KeyboardInterrupt` is raised.
+    /// Training: the step ends and a checkpoint is written, then `KeyboardInterrupt` is raised; a second
+    /// Ctrl-C raises it at once (the training still stops at the end of its step).
     FinishStep,
-    /// `KeyboardInterrupt` at once; the call ends on its worker thread, its result dropped.
+    /// `KeyboardInterrupt` at once; the work ends on its worker thread, its result dropped.
     Abandon,
 }
 
@@ -166,44 +190,40 @@ pub(crate) fn blocking<R: Send + 'static>(
 ) -> PyResult<R> {
     static INSTALL: std::sync::Once = std::sync::Once::new();
     INSTALL.call_once(install);
-    mtl::interrupt::clear_stop();
-    // What an abandoned call reported after it was abandoned is not this call's.
-    drop(QUEUE.lock().unwrap_or_else(|e| e.into_inner()).drain(..));
+    let call = CALLS.fetch_add(1, Ordering::SeqCst) + 1;
     let (sender, receiver) = mpsc::channel();
     std::thread::Builder::new()
         .name("mtl-call".into())
         .spawn(move || {
+            let _work = WORK.lock().unwrap_or_else(|e| e.into_inner());
+            RUNNING.store(call, Ordering::SeqCst);
+            if on_interrupt == OnInterrupt::FinishStep {
+                // A stop asked of an earlier training (that ended) is not this one's.
+                mtl::interrupt::clear_stop();
+            }
             let result = std::panic::catch_unwind(AssertUnwindSafe(|| mtl::process::on_pool(work)));
             let _ = sender.send(result);
-            // Wakes the waiting thread at once.
-            let _guard = QUEUE.lock().unwrap_or_else(|e| e.into_inner());
-            READY.notify_all();
+            RUNNING.store(0, Ordering::SeqCst);
+            push_as(call, Event::Done);
         })
         .map_err(|e| PyRuntimeError::new_err(format!("cannot start a worker thread: {e}")))?;
     let mut interrupted: Option<PyErr> = None;
     loop {
-        let events = py.detach(|| wait(POLL));
-        deliver(py, on_event, events);
-        match receiver.try_recv() {
-            Ok(result) => {
-                deliver(py, on_event, wait(Duration::ZERO));
-                return finish(result, interrupted);
-            }
-            Err(mpsc::TryRecvError::Disconnected) => {
-                return Err(PyRuntimeError::new_err("the worker thread ended without an answer; this is a bug"))
-            }
-            Err(mpsc::TryRecvError::Empty) => {}
+        let events = py.detach(|| wait(call, POLL));
+        let (done, interrupt) = deliver(py, on_event, events);
+        if done {
+            let result = receiver
+                .recv()
+                .map_err(|_| PyRuntimeError::new_err("the worker thread ended without an answer; this is a bug"))?;
+            return finish(result, interrupted);
         }
-        if interrupted.is_none() {
-            if let Err(e) = py.check_signals() {
-                match on_interrupt {
-                    OnInterrupt::Abandon => return Err(e),
-                    OnInterrupt::FinishStep => {
-                        mtl::interrupt::request_stop();
-                        interrupted = Some(e);
-                    }
-                }
+        let interrupt = interrupt.or_else(|| py.check_signals().err());
+        if let Some(e) = interrupt {
+            if on_interrupt == OnInterrupt::Abandon || interrupted.is_some() {
+                return Err(e);
             }
+            mtl::interrupt::request_stop();
+            interrupted = Some(e);
         }
     }
 }
@@ -216,10 +236,13 @@ fn finish<R>(result: Outcome<R>, interrupted: Option<PyErr>) -> PyResult<R> {
         (Ok(Err(e @ mtl::Error::Train(mtl::TrainError::Interrupted { .. }))), _) => {
             Err(PyKeyboardInterrupt::new_err(e.to_string()))
         }
-        (_, Some(e)) => Err(e),
+        (Ok(Err(e)), _) => Err(crate::to_py(e)),
+        // Ctrl-C came after the last step: the work is whole, and the interrupt still stops the script.
+        (Ok(Ok(_)), Some(_)) => Err(PyKeyboardInterrupt::new_err(
+            "interrupted after training's last step: the run finished and is complete",
+        )),
         (Ok(Ok(value)), None) => Ok(value),
-        (Ok(Err(e)), None) => Err(crate::to_py(e)),
-        (Err(panic), None) => {
+        (Err(panic), _) => {
             let what = panic
                 .downcast_ref::<String>()
                 .cloned()

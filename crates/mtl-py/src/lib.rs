@@ -59,7 +59,8 @@ fn load_config(
                 mtl::Error::Usage(format!("{}: {e} (TOML has no null: leave the key out)", source.display()))
             })?;
             let text = toml::to_string(&value).map_err(|e| mtl::Error::Usage(format!("{}: {e}", source.display())))?;
-            Ok((mtl::Config::parse(&text, &source, overrides)?, source))
+            // Its relative paths are read from the current directory, and held absolute as a file's are.
+            Ok((mtl::Config::parse_relative_to(&text, &source, overrides, Path::new(""))?, source))
         }
         _ => Err(mtl::Error::Usage("give a config file or a config dict".into())),
     }
@@ -222,7 +223,9 @@ fn read_inputs(
 
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    mtl::process::setup();
+    // What `mtl::process::setup` does for the binary, but the environment: setting it here, with other threads
+    // of the interpreter running, would be unsound; `mtl/__init__.py` sets candle's spin limit before import.
+    mtl::alloc::keep_freed_pages();
     m.add_function(wrap_pyfunction!(train, m)?)?;
     m.add_function(wrap_pyfunction!(check, m)?)?;
     m.add_function(wrap_pyfunction!(cli, m)?)?;

@@ -46,6 +46,9 @@ pub(crate) fn items(total: usize, what: &str) -> Option<ItemBar> {
         return None;
     }
     if let Some(sink) = crate::sink::sink() {
+        if crate::sink::training() {
+            return None;
+        }
         sink(Progress::Start { what: what.to_string(), total: total as u64, unit: "inputs" });
         return Some(ItemBar::Sent { sink, position: 0 });
     }

@@ -56,7 +56,7 @@ pub enum TrainError {
     Invalid { path: PathBuf, message: String },
     /// A stop asked for from outside ([`interrupt::request_stop`]); `checkpoint` is the one written then.
     #[error("training interrupted at step {step}{}", match checkpoint {
-        Some(dir) => format!("; checkpoint {} written: continue with `mtl train CONFIG --out {} --resume`", dir.display(), dir.parent().map_or_else(|| ".".into(), |p| p.display().to_string())),
+        Some(dir) => format!("; checkpoint {} written: the same command with --resume (resume=True in Python) continues it", dir.display()),
         None => " (this training keeps no checkpoints)".into(),
     })]
     Interrupted { step: usize, checkpoint: Option<PathBuf> },

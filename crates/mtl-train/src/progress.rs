@@ -19,10 +19,18 @@ pub struct ProgressCallback {
     smoothed: BTreeMap<TaskId, f32>,
 }
 
+impl Drop for ProgressCallback {
+    /// A training that ends in an error sends no `on_train_end`: its bar ends here.
+    fn drop(&mut self) {
+        self.on_train_end();
+    }
+}
+
 impl Callback for ProgressCallback {
     fn on_train_start(&mut self, total_steps: usize, _steps_per_epoch: usize, _resumed: Option<usize>) {
         if let Some(sink) = crate::sink::sink() {
             sink(Progress::Start { what: "train".into(), total: total_steps as u64, unit: "steps" });
+            crate::sink::set_training(true);
             self.sink = Some(sink);
             return;
         }
@@ -75,6 +83,7 @@ impl Callback for ProgressCallback {
             bar.finish_and_clear();
         }
         if let Some(sink) = self.sink.take() {
+            crate::sink::set_training(false);
             sink(Progress::Finish);
         }
     }

@@ -28,6 +28,8 @@ use crate::{Result, TrainError};
 
 pub const PREFIX: &str = "checkpoint-";
 const STATE: &str = "state.json";
+/// The prefix of a checkpoint moved aside while one of the same step replaces it, then its step.
+const REPLACED: &str = ".mtl-replaced-checkpoint-";
 const MODEL: &str = "model.safetensors";
 const OPTIMIZER: &str = "optimizer.safetensors";
 const BEST: &str = "best.safetensors";
@@ -197,8 +199,14 @@ pub fn save(out: &Path, state: &TrainState, tensors: &TrainTensors, keep: usize)
     }
     sync(dir)?;
     let target = checkpoint_dir(out, state.step);
+    // A checkpoint of the same step (one written when a run was interrupted at an epoch's end, rewritten after
+    // the resumed run's evaluation) stays until the new one is in place: moved aside, not removed first.
+    let aside = out.join(format!("{REPLACED}{}", state.step));
     if target.exists() {
-        std::fs::remove_dir_all(&target).map_err(io_err(&target))?;
+        if aside.exists() {
+            std::fs::remove_dir_all(&aside).map_err(io_err(&aside))?;
+        }
+        std::fs::rename(&target, &aside).map_err(io_err(&target))?;
     }
     let kept = tmp.keep();
     std::fs::rename(&kept, &target).map_err(|source| {
@@ -207,6 +215,9 @@ pub fn save(out: &Path, state: &TrainState, tensors: &TrainTensors, keep: usize)
     })?;
     // The rename is durable before any older checkpoint goes.
     sync(out)?;
+    if aside.exists() {
+        std::fs::remove_dir_all(&aside).map_err(io_err(&aside))?;
+    }
     for step in to_remove(&checkpoints(out), keep) {
         let old = checkpoint_dir(out, step);
         std::fs::remove_dir_all(&old).map_err(io_err(&old))?;
@@ -284,6 +295,14 @@ pub fn remove_partial(out: &Path) -> Result<()> {
         let name = name.to_string_lossy();
         if name.starts_with(".mtl-checkpoint-") || name.starts_with(".mtl-final-") {
             std::fs::remove_dir_all(entry.path()).map_err(io_err(&entry.path()))?;
+        } else if let Some(step) = name.strip_prefix(REPLACED).and_then(|s| s.parse::<usize>().ok()) {
+            // Stopped between moving a checkpoint aside and putting its replacement in place: it is the one.
+            let target = checkpoint_dir(out, step);
+            if target.exists() {
+                std::fs::remove_dir_all(entry.path()).map_err(io_err(&entry.path()))?;
+            } else {
+                std::fs::rename(entry.path(), &target).map_err(io_err(&target))?;
+            }
         }
     }
     Ok(())

@@ -1,6 +1,7 @@
 //! Where progress goes when a host draws it itself (the Python bindings: a notebook has no terminal for
 //! indicatif's bars). Without a sink, training, evaluation and prediction draw on stderr as before.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 
 /// One piece of progress, in the order the work makes it.
@@ -29,4 +30,15 @@ pub fn set_progress_sink(sink: Option<Sink>) {
 /// The sink, where a host set one.
 pub(crate) fn sink() -> Option<Sink> {
     SINK.read().unwrap_or_else(|e| e.into_inner()).clone()
+}
+
+/// Set while training sends its bar: the bars of its own evaluations are not sent (a host shows one bar).
+static TRAINING: AtomicBool = AtomicBool::new(false);
+
+pub(crate) fn set_training(on: bool) {
+    TRAINING.store(on, Ordering::Relaxed);
+}
+
+pub(crate) fn training() -> bool {
+    TRAINING.load(Ordering::Relaxed)
 }

@@ -154,7 +154,9 @@ pub fn read_meta(dir: &Path) -> Result<(Config, BTreeMap<TaskId, LabelMap>)> {
     if !config_path.exists() {
         return Err(mtl_train::TrainError::NotACheckpoint(dir.to_owned()).into());
     }
-    let mut config = Config::load(&config_path, &[])?;
+    // Its paths as training resolved them (absolute, or from the directory it trained in for older runs).
+    let text = std::fs::read_to_string(&config_path).map_err(io_err(&config_path))?;
+    let mut config = Config::parse(&text, &config_path, &[])?;
     config.model.path = dir.to_owned();
     let labels_path = dir.join(LABELS);
     let text = std::fs::read_to_string(&labels_path).map_err(io_err(&labels_path))?;
