@@ -38,6 +38,7 @@ from ._progress import Display
 __all__ = [
     "train",
     "check",
+    "init",
     "Run",
     "MtlError",
     "ConfigError",
@@ -165,6 +166,29 @@ def check(config: ConfigLike, *, overrides: Overrides = None) -> Dict[str, Any]:
     task and split the examples, label counts, rare and unseen labels, and inputs cut at ``model.max_len``."""
     path, text = _config(config)
     return json.loads(_native.check(path, text, _overrides(overrides), None))
+
+
+def init(
+    files: Sequence[Union[str, "os.PathLike[str]"]],
+    out: Union[str, "os.PathLike[str]"] = "config.toml",
+    *,
+    model: Optional[Union[str, "os.PathLike[str]"]] = None,
+    force: bool = False,
+) -> Path:
+    """Writes a starter config for the data `files` at `out` (`mtl init`) and returns its path. Splits come from
+    the file names (``train``, ``dev``/``valid``, ``test``), formats from the extensions, task kinds from the
+    fields; each guess is logged (logger ``mtl``) and written into the config's comments. `model`: the base
+    model (the default encoder otherwise). An existing `out` is an error unless `force`."""
+    path = Path(out)
+    if path.exists() and not force:
+        raise MtlError(f"{path}: exists; choose another out or pass force=True")
+    text, guesses, tasks = _native.init([os.fspath(f) for f in files], os.fspath(path), None if model is None else os.fspath(model))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    for guess in guesses:
+        _log.info("guessed: %s", guess)
+    _log.info("wrote %s with %d task(s): %s", path, len(tasks), ", ".join(tasks))
+    return path
 
 
 class Run:

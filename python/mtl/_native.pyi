@@ -1,6 +1,6 @@
 """Types of the native module (crates/mtl-py); `mtl` wraps it."""
 
-from typing import Any, Callable, List, Optional
+from typing import Any, Callable, List, Optional, Tuple
 
 __version__: str
 
@@ -24,6 +24,7 @@ def train(
     on_event: _OnEvent,
 ) -> None: ...
 def check(config_path: Optional[str], config_json: Optional[str], overrides: List[str], on_event: _OnEvent) -> str: ...
+def init(files: List[str], out: str, model: Optional[str]) -> Tuple[str, List[str], List[str]]: ...
 def cli(args: List[str]) -> int: ...
 
 class NativeRun:

@@ -293,3 +293,16 @@ def test_config_paths_are_read_from_the_config_folder(tmp_path, monkeypatch):
     config["tasks"]["intent"]["data"] = {"train": "here.jsonl"}
     config["tasks"]["slots"]["data"] = {"train": "here.jsonl"}
     assert mtl.check(config)["tasks"]["intent"]["examples"]["train"] == len(DATA.read_text().splitlines())
+
+
+def test_init_writes_a_config_that_trains(tmp_path):
+    shutil.copy(DATA, tmp_path / "train.jsonl")
+    shutil.copy(DATA, tmp_path / "dev.jsonl")
+    config = mtl.init([tmp_path / "train.jsonl", tmp_path / "dev.jsonl"], tmp_path / "c" / "init.toml",
+                      model=ROOT / "tests/fixtures/tiny-bert")
+    text = config.read_text()
+    assert 'data = { train = "../train.jsonl", dev = "../dev.jsonl" }' in text
+    run = mtl.train(config, out=tmp_path / "run", overrides={"training.epochs": 1}, progress=False)
+    assert run.tasks == ["intent", "slots"]
+    with pytest.raises(mtl.MtlError, match="force"):
+        mtl.init([tmp_path / "train.jsonl"], config)

@@ -71,6 +71,23 @@ pub enum Command {
         #[arg(long)]
         baselines: bool,
     },
+    /// Write a starter config from data files: their format, fields and task kinds are guessed (and said),
+    /// and the config is checked as `mtl check` does.
+    Init {
+        /// Data files (JSON lines, CSV, TSV, CoNLL, CoNLL-U); `train`, `dev`/`valid` and `test` in a file's
+        /// name say its split, and files that differ only by it are one dataset.
+        #[arg(required = true)]
+        data: Vec<PathBuf>,
+        /// Where to write the config.
+        #[arg(long, default_value = "config.toml")]
+        out: PathBuf,
+        /// The base model (a Hugging Face encoder directory); the default encoder otherwise.
+        #[arg(long)]
+        model: Option<PathBuf>,
+        /// Replace --out if it exists.
+        #[arg(long)]
+        force: bool,
+    },
     /// Read and check a config's data without training: examples per task and split, the label set and its
     /// distribution, rare labels, dev/test labels outside the training set, and inputs cut at model.max_len.
     Check {

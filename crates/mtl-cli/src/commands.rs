@@ -26,6 +26,26 @@ pub fn run(cli: Cli) -> Result<()> {
                 print_baselines(b);
             }
         }
+        Command::Init { data, out, model, force } => {
+            if out.exists() && !force {
+                anyhow::bail!("{}: exists; choose another --out or give --force", out.display());
+            }
+            let report = mtl::init(&data, &out, model.as_deref())?;
+            if let Some(folder) = out.parent().filter(|f| !f.as_os_str().is_empty()) {
+                std::fs::create_dir_all(folder).with_context(|| format!("cannot create {}", folder.display()))?;
+            }
+            std::fs::write(&out, &report.text).with_context(|| format!("cannot write {}", out.display()))?;
+            for guess in &report.guesses {
+                eprintln!("guessed: {guess}");
+            }
+            eprintln!(
+                "wrote {} with {} task(s): {}; train with `mtl train {} --out runs/NAME`",
+                out.display(),
+                report.tasks.len(),
+                report.tasks.join(", "),
+                out.display()
+            );
+        }
         Command::Check { config, overrides, json } => {
             let report = mtl::check(&Config::load(&config, &overrides)?, &config)?;
             match json {

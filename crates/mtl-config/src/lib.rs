@@ -16,6 +16,7 @@ use overrides::apply_override;
 mod paths;
 mod peft;
 mod recipe;
+pub mod reference;
 mod serve;
 mod tasks;
 mod training;
@@ -47,11 +48,12 @@ pub enum ConfigError {
 }
 
 /// A whole run.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     pub model: ModelConfig,
     pub training: TrainingConfig,
+    /// The tasks, by name: one `[tasks.NAME]` table each.
     pub tasks: BTreeMap<TaskId, TaskConfig>,
     /// Groups of tasks whose predictions are scored together on shared examples.
     #[serde(default)]

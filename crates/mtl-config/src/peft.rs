@@ -5,7 +5,7 @@ use mtl_core::LinearModule;
 use serde::{Deserialize, Serialize};
 
 /// How the backbone is tuned.
-#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq, Default, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum PeftMethod {
     /// Full fine-tuning: every parameter trains (subject to `training.freeze`).
@@ -20,7 +20,7 @@ pub enum PeftMethod {
 }
 
 /// Where bottleneck adapters sit in each block.
-#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq, Default, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum AdapterPlacement {
     /// After the feed-forward block only (Pfeiffer et al. 2020).
@@ -30,7 +30,7 @@ pub enum AdapterPlacement {
     Houlsby,
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PeftConfig {
     #[serde(default)]

@@ -7,7 +7,7 @@ use mtl_core::TaskId;
 use serde::{Deserialize, Serialize};
 
 /// How the tasks' losses are weighted into one objective.
-#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq, Default, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum WeightingMethod {
     /// Fixed weights (`weights`, 1 for every task not listed).
@@ -21,7 +21,7 @@ pub enum WeightingMethod {
     GradNorm,
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct WeightingConfig {
     #[serde(default)]
@@ -66,7 +66,7 @@ impl Default for WeightingConfig {
 }
 
 /// Gradient surgery on the shared parameters; each needs a backward pass per task.
-#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq, Default, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum SurgeryMethod {
     #[default]
@@ -77,7 +77,7 @@ pub enum SurgeryMethod {
     Cagrad,
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SurgeryConfig {
     #[serde(default)]
@@ -98,7 +98,7 @@ impl Default for SurgeryConfig {
 }
 
 /// Which backbone parameters stay fixed.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Default)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Default, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct FreezeConfig {
     /// The embedding tables and their LayerNorm.
@@ -118,7 +118,7 @@ pub struct FreezeConfig {
 }
 
 /// The learning rate after warmup.
-#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq, Default, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Schedule {
     /// Linear decay to 0 at the last step.
@@ -131,14 +131,14 @@ pub enum Schedule {
 }
 
 /// A metric's weight in the selection score; TOML has no null, so "report only" is written `"null"`.
-#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
 #[serde(untagged)]
 pub enum ScoreWeight {
     Weight(f64),
     ReportOnly(ReportOnly),
 }
 
-#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq, schemars::JsonSchema)]
 pub enum ReportOnly {
     #[serde(rename = "null")]
     Null,

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::ConfigError;
 
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct ServeConfig {
     /// Address to listen on.
@@ -114,9 +114,11 @@ pub struct ServeOverrides {
     pub prefix_cache: Option<bool>,
 }
 
-#[derive(Deserialize)]
+/// A serve config file: its one table, `[serve]`.
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
-struct ServeFile {
+pub(crate) struct ServeFile {
+    /// The server's settings; a command-line flag replaces the key it names.
     #[serde(default)]
     serve: ServeConfig,
 }

@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use crate::training::default_true;
 
 /// How a data file is laid out.
-#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq, Hash, PartialOrd, Ord, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum DataFormat {
     /// One JSON object per line.
@@ -38,7 +38,7 @@ impl DataFormat {
 }
 
 /// How the tags of a token task mark entities.
-#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum TagScheme {
     /// `B-X` begins an entity, `I-X` continues it, `O` is outside (also called IOB2).
@@ -52,7 +52,7 @@ pub enum TagScheme {
 }
 
 /// The loss of a regression head.
-#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum RegressionLoss {
     Mse,
@@ -61,7 +61,7 @@ pub enum RegressionLoss {
 }
 
 /// How regression targets are scaled for training (predictions are scaled back).
-#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum TargetScaling {
     None,
@@ -69,7 +69,7 @@ pub enum TargetScaling {
     Standardize,
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TaskConfig {
     pub kind: TaskKind,
@@ -120,6 +120,8 @@ pub struct TaskConfig {
     /// Regression loss.
     #[serde(default = "default_regression_loss")]
     pub loss: RegressionLoss,
+    /// `huber` loss: the distance from the target where the loss turns from squared to linear (PyTorch's
+    /// `delta`).
     #[serde(default = "default_huber_delta")]
     pub huber_delta: f64,
     #[serde(default = "default_scaling")]
@@ -144,8 +146,10 @@ pub struct TaskConfig {
     /// `{"text": [...], "answer_start": [...]}`, character offsets; empty lists for unanswerable questions).
     #[serde(default = "default_question_field")]
     pub question_field: String,
+    /// Question answering: the field of the context the answer is a span of.
     #[serde(default = "default_context_field")]
     pub context_field: String,
+    /// Question answering: the field of the answers (SQuAD layout).
     #[serde(default = "default_answers_field")]
     pub answers_field: String,
     /// Question answering: tokens shared by consecutive windows of a long context; a third of the context
@@ -183,7 +187,7 @@ pub struct TaskConfig {
 }
 
 /// A CoNLL-U column that can hold a tag.
-#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum ConlluColumn {
     Lemma,
@@ -269,12 +273,15 @@ impl TaskConfig {
     }
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DataFiles {
+    /// The training file (relative to the config file's folder, like every path of a config file).
     pub train: PathBuf,
+    /// The dev file: evaluated during training, it picks the checkpoint kept and stops training early.
     #[serde(default)]
     pub dev: Option<PathBuf>,
+    /// The test file: scored once, at the end, with the checkpoint kept.
     #[serde(default)]
     pub test: Option<PathBuf>,
 }
@@ -307,7 +314,7 @@ impl Split {
     }
 }
 
-#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct JointConfig {
     /// Tasks scored together: an example's frame is right when every listed task is right on it

@@ -8,12 +8,15 @@ use serde::{Deserialize, Serialize};
 
 use crate::{FreezeConfig, Schedule, ScoreWeights, SurgeryConfig, WeightingConfig};
 
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TrainingConfig {
+    /// Passes over the training data (an epoch's batches mix the tasks, or sample them: `[training.sampling]`).
     pub epochs: usize,
+    /// Examples per batch (per optimiser step, times `grad_accumulation`).
     #[serde(default = "default_batch_size")]
     pub batch_size: usize,
+    /// Examples per batch when evaluating and predicting.
     #[serde(default = "default_eval_batch_size")]
     pub eval_batch_size: usize,
     /// Peak learning rate of the backbone.
@@ -72,6 +75,8 @@ pub struct TrainingConfig {
     /// Global gradient-norm clipping; none when absent.
     #[serde(default = "default_grad_clip")]
     pub grad_clip: Option<f64>,
+    /// Seeds the heads' initialisation, dropout, the batch order and the task sampler: a run is reproducible
+    /// from its config.
     #[serde(default = "default_seed")]
     pub seed: u64,
     /// Batch examples of similar length together (shuffled pools of 50 batches, sorted by length), so that
@@ -93,7 +98,7 @@ pub struct TrainingConfig {
 }
 
 /// What one optimiser step trains on.
-#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq, Default, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum StepPlan {
     /// Batches drawn from all training examples together: every task with an example in the batch.
@@ -104,7 +109,7 @@ pub enum StepPlan {
 }
 
 /// Which task a `sampled` step trains.
-#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq, Default, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum SamplerKind {
     /// Every task equally often.
@@ -123,7 +128,7 @@ pub enum SamplerKind {
     Fixed,
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SamplingConfig {
     #[serde(default)]

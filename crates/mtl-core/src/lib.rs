@@ -41,6 +41,20 @@ impl TaskId {
     }
 }
 
+impl schemars::JsonSchema for TaskId {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "TaskId".into()
+    }
+
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "type": "string",
+            "description": "A task name: letters, digits, `_` and `-`, starting with a letter, at most 64 characters.",
+            "pattern": "^[A-Za-z][A-Za-z0-9_-]{0,63}$"
+        })
+    }
+}
+
 impl TryFrom<String> for TaskId {
     type Error = CoreError;
     fn try_from(value: String) -> Result<Self, Self::Error> {
@@ -61,7 +75,7 @@ impl fmt::Display for TaskId {
 }
 
 /// What kind of task a head solves. The kind decides the head, loss, decoding and metrics.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum TaskKind {
     /// One label per example (or sentence pair), predicted from the [CLS] state; softmax and cross-entropy.
@@ -98,7 +112,7 @@ impl TaskKind {
 }
 
 /// The linear layers of a transformer block that parameter-efficient methods attach to.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum LinearModule {
     Query,

@@ -111,6 +111,21 @@ fn check(
     })
 }
 
+/// A starter config from data files (see `mtl.init`): its text, the guesses, the task names.
+#[pyfunction]
+#[pyo3(signature = (files, out, model))]
+fn init(
+    py: Python<'_>,
+    files: Vec<PathBuf>,
+    out: PathBuf,
+    model: Option<PathBuf>,
+) -> PyResult<(String, Vec<String>, Vec<String>)> {
+    events::blocking(py, None, events::OnInterrupt::Abandon, move || {
+        let report = mtl::init(&files, &out, model.as_deref())?;
+        Ok((report.text, report.guesses, report.tasks))
+    })
+}
+
 /// The `mtl` command line in this process; returns its exit status.
 #[pyfunction]
 fn cli(py: Python<'_>, args: Vec<String>) -> u8 {
@@ -228,6 +243,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     mtl::alloc::keep_freed_pages();
     m.add_function(wrap_pyfunction!(train, m)?)?;
     m.add_function(wrap_pyfunction!(check, m)?)?;
+    m.add_function(wrap_pyfunction!(init, m)?)?;
     m.add_function(wrap_pyfunction!(cli, m)?)?;
     m.add_class::<NativeRun>()?;
     let py = m.py();

@@ -34,6 +34,7 @@ mod encoder;
 mod error;
 mod export;
 mod files;
+mod init;
 pub mod manifest;
 mod peft;
 mod predict;
@@ -52,6 +53,7 @@ pub use decoder::{check_sampling, BatchEngine, Decoder, GenerateRequest, Generat
 pub use deploy::{prune, quantize, TransformReport};
 pub use error::{Error, Result};
 pub use export::export;
+pub use init::{init, InitReport, DEFAULT_MODEL};
 pub use manifest::{RunManifest, WeightLayout, RUN_CONFIG};
 pub use predict::{Entity, PredictOptions, PredictionRecord, Span, TaskPrediction};
 pub use run::{Capabilities, Operation, Run};

@@ -393,3 +393,43 @@ fn unseen_dev_labels_are_errors_or_left_out_when_asked() -> TestResult {
     assert!(metrics["dev"]["intent"]["accuracy"].is_number(), "{metrics}");
     Ok(())
 }
+
+/// `mtl init` on JSON lines (intent + slots) and a CoNLL file writes a config that `mtl train` trains as
+/// written, with the guesses said; an existing file is kept unless --force.
+#[test]
+fn init_writes_a_config_that_trains() -> TestResult {
+    let p = Project::new()?;
+    let conll: String = TRAIN
+        .iter()
+        .map(|(text, _, slots)| {
+            text.split(' ').zip(slots.split(' ')).map(|(w, t)| format!("{w}\t{t}\n")).collect::<String>() + "\n"
+        })
+        .collect();
+    std::fs::create_dir(p.path("ner"))?;
+    std::fs::write(p.path("ner/ner_train.conll"), &conll)?;
+    std::fs::write(p.path("ner/ner_dev.conll"), &conll)?;
+    let model = repo_root().join("tests/fixtures/tiny-bert");
+    let model = model.display().to_string();
+    let args = ["init", "train.jsonl", "dev.jsonl", "test.jsonl", "ner/ner_train.conll", "ner/ner_dev.conll"];
+    let o = p.mtl(&[&args[..], &["--out", "configs/init.toml", "--model", &model]].concat())?;
+    assert!(o.status.success(), "{}", stderr(&o));
+    let said = stderr(&o);
+    assert!(said.contains("3 task(s): intent, slots, ner"), "{said}");
+    let text = std::fs::read_to_string(p.path("configs/init.toml"))?;
+    for line in [
+        "[tasks.intent]\nkind = \"classification\"",
+        "[tasks.slots]\nkind = \"token_classification\"",
+        "[tasks.ner]\nkind = \"token_classification\"\nformat = \"conll\"",
+        "data = { train = \"../train.jsonl\", dev = \"../dev.jsonl\", test = \"../test.jsonl\" }",
+        "frame = [\"intent\", \"slots\"]",
+    ] {
+        assert!(text.contains(line), "{line} in:\n{text}");
+    }
+    let o = p.mtl(&["train", "configs/init.toml", "--out", "run", "--set", "training.epochs=1"])?;
+    assert!(o.status.success(), "{}", stderr(&o));
+    let metrics: Value = serde_json::from_str(&std::fs::read_to_string(p.path("run/metrics.json"))?)?;
+    assert!(metrics["dev"]["ner"]["f1"].is_number() && metrics["test"]["intent"]["accuracy"].is_number(), "{metrics}");
+    let o = p.mtl(&[&args[..], &["--out", "configs/init.toml", "--model", &model]].concat())?;
+    assert!(!o.status.success() && stderr(&o).contains("--force"), "{}", stderr(&o));
+    Ok(())
+}
