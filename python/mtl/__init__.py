@@ -161,11 +161,12 @@ def train(
     return Run.open(out)
 
 
-def check(config: ConfigLike, *, overrides: Overrides = None) -> Dict[str, Any]:
+def check(config: ConfigLike, *, overrides: Overrides = None, estimate: bool = True) -> Dict[str, Any]:
     """Reads and encodes the data of `config` as training would, without training (`mtl check --json`): per
-    task and split the examples, label counts, rare and unseen labels, and inputs cut at ``model.max_len``."""
+    task and split the examples, label counts, rare and unseen labels, inputs cut at ``model.max_len``, and
+    with `estimate` the time an epoch takes here (``"estimate"``: timed on a few training steps of a sample)."""
     path, text = _config(config)
-    return json.loads(_native.check(path, text, _overrides(overrides), None))
+    return json.loads(_native.check(path, text, _overrides(overrides), estimate, None))
 
 
 def init(

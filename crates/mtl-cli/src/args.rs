@@ -89,7 +89,8 @@ pub enum Command {
         force: bool,
     },
     /// Read and check a config's data without training: examples per task and split, the label set and its
-    /// distribution, rare labels, dev/test labels outside the training set, and inputs cut at model.max_len.
+    /// distribution, rare labels, dev/test labels outside the training set, inputs cut at model.max_len, and
+    /// the time an epoch of training takes here (timed on a few steps of a sample).
     Check {
         /// The run config (TOML).
         config: PathBuf,
@@ -98,6 +99,9 @@ pub enum Command {
         /// Print the report as JSON.
         #[arg(long)]
         json: bool,
+        /// Skip the estimate of an epoch's time (it trains a few steps on a sample of the data).
+        #[arg(long)]
+        no_estimate: bool,
     },
     /// Score a trained model on the dev and test files of a config; prints {"dev": …, "test": …} as JSON.
     Eval {

@@ -46,8 +46,8 @@ pub fn run(cli: Cli) -> Result<()> {
                 out.display()
             );
         }
-        Command::Check { config, overrides, json } => {
-            let report = mtl::check(&Config::load(&config, &overrides)?, &config)?;
+        Command::Check { config, overrides, json, no_estimate } => {
+            let report = mtl::check_with(&Config::load(&config, &overrides)?, &config, !no_estimate)?;
             match json {
                 true => println!("{}", serde_json::to_string_pretty(&report)?),
                 false => print!("{report}"),
@@ -79,6 +79,7 @@ pub fn run(cli: Cli) -> Result<()> {
             );
         }
         Command::Export { model, out } => {
+            mtl::show_item_progress(true);
             let written = mtl::export(&model, &out)?;
             println!("exported {} to {}", written.join(", "), out.display());
         }

@@ -96,17 +96,18 @@ fn train(
 
 /// The data of a config as training reads it, without training (see `mtl.check`); JSON.
 #[pyfunction]
-#[pyo3(signature = (config_path, config_json, overrides, on_event))]
+#[pyo3(signature = (config_path, config_json, overrides, estimate, on_event))]
 fn check(
     py: Python<'_>,
     config_path: Option<PathBuf>,
     config_json: Option<String>,
     overrides: Vec<String>,
+    estimate: bool,
     on_event: Option<Py<PyAny>>,
 ) -> PyResult<String> {
     events::blocking(py, on_event.as_ref(), events::OnInterrupt::Abandon, move || {
         let (config, source) = load_config(config_path, config_json, &overrides)?;
-        let report = mtl::check(&config, &source)?;
+        let report = mtl::check_with(&config, &source, estimate)?;
         Ok(serde_json::to_string(&report).expect("a check report serializes"))
     })
 }

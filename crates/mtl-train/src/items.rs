@@ -15,14 +15,14 @@ pub fn show_item_progress(on: bool) {
     ITEMS.store(on, Ordering::Relaxed);
 }
 
-/// A bar over inputs: drawn, or sent to a sink.
-pub(crate) enum ItemBar {
+/// A bar over items (inputs, or the tasks of an export): drawn, or sent to a sink.
+pub enum ItemBar {
     Drawn(ProgressBar),
     Sent { sink: Sink, position: u64 },
 }
 
 impl ItemBar {
-    pub(crate) fn inc(&mut self, n: usize) {
+    pub fn inc(&mut self, n: usize) {
         match self {
             ItemBar::Drawn(bar) => bar.inc(n as u64),
             ItemBar::Sent { sink, position } => {
@@ -32,7 +32,7 @@ impl ItemBar {
         }
     }
 
-    pub(crate) fn finish(self) {
+    pub fn finish(self) {
         match self {
             ItemBar::Drawn(bar) => bar.finish_and_clear(),
             ItemBar::Sent { sink, .. } => sink(Progress::Finish),
@@ -42,6 +42,11 @@ impl ItemBar {
 
 /// A bar over `total` inputs labelled `what`, when item progress is on.
 pub(crate) fn items(total: usize, what: &str) -> Option<ItemBar> {
+    bar(total, what, "inputs")
+}
+
+/// A bar over `total` items of `unit` (`tasks`) labelled `what`, when item progress is on.
+pub fn bar(total: usize, what: &str, unit: &'static str) -> Option<ItemBar> {
     if !ITEMS.load(Ordering::Relaxed) || total == 0 {
         return None;
     }
@@ -49,14 +54,16 @@ pub(crate) fn items(total: usize, what: &str) -> Option<ItemBar> {
         if crate::sink::training() {
             return None;
         }
-        sink(Progress::Start { what: what.to_string(), total: total as u64, unit: "inputs" });
+        sink(Progress::Start { what: what.to_string(), total: total as u64, unit });
         return Some(ItemBar::Sent { sink, position: 0 });
     }
     let bar = ProgressBar::new(total as u64);
     bar.set_style(
-        ProgressStyle::with_template("{spinner} {prefix} [{bar:30}] {pos}/{len} inputs (eta {eta})")
-            .expect("the progress template is valid; this is a bug")
-            .progress_chars("=> "),
+        ProgressStyle::with_template(&format!(
+            "{{spinner}} {{prefix}} [{{bar:30}}] {{pos}}/{{len}} {unit} (eta {{eta}})"
+        ))
+        .expect("the progress template is valid; this is a bug")
+        .progress_chars("=> "),
     );
     bar.set_prefix(what.to_string());
     Some(ItemBar::Drawn(bar))

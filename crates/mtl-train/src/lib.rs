@@ -7,7 +7,7 @@ mod evaluate;
 pub mod groups;
 pub mod heads;
 pub mod interrupt;
-mod items;
+pub mod items;
 pub mod model;
 mod optim;
 mod plan;

@@ -1,12 +1,13 @@
 //! `mtl check CONFIG`: reads and checks everything a training run would read, without loading the model's
 //! weights or training: per task and split, the examples, the label distribution, rare labels, labels of dev
 //! and test outside the training set (and what the config does with them), and for an encoder, how many inputs
-//! `model.max_len` cuts.
+//! `model.max_len` cuts; and, unless asked not to, the time an epoch of training takes here, from a few real
+//! training steps on a sample of the data.
 
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use mtl_config::{Config, Split};
+use mtl_config::{Config, Split, StepPlan};
 use mtl_core::TaskId;
 use mtl_data::{Dataset, LabelMap, RawExample, TextEncoder};
 use serde::Serialize;
@@ -23,7 +24,23 @@ pub struct CheckReport {
     /// Inputs longer than `model.max_len` by split (encoders; a decoder's prompts are cut when it trains).
     pub truncated: Option<BTreeMap<String, usize>>,
     pub max_len: usize,
+    /// The time an epoch of training takes on this machine ([`check_with`] with `estimate`).
+    pub estimate: Option<EpochEstimate>,
 }
+
+/// How long an epoch of training takes here: optimiser steps per epoch times the median time of a step,
+/// timed on a few steps of a sample of the training data (dev evaluation and checkpoints aside).
+#[derive(Clone, Debug, Serialize)]
+pub struct EpochEstimate {
+    pub steps_per_epoch: usize,
+    pub seconds_per_step: f64,
+    pub seconds_per_epoch: f64,
+    /// How many steps were timed.
+    pub timed_steps: usize,
+}
+
+/// Steps timed for the estimate (after one untimed).
+const TIMED_STEPS: usize = 6;
 
 /// One task's data.
 #[derive(Clone, Debug, Serialize)]
@@ -45,6 +62,20 @@ pub struct TaskCheck {
 
 /// Reads and checks `config`'s data (`source`: where it came from, for messages).
 pub fn check(config: &Config, source: &Path) -> Result<CheckReport> {
+    check_with(config, source, false)
+}
+
+/// [`check`], and with `estimate` the time of an epoch, from [`TIMED_STEPS`] training steps of the model on a
+/// sample of the data (the model is loaded for it: seconds for a small encoder or decoder).
+pub fn check_with(config: &Config, source: &Path, estimate: bool) -> Result<CheckReport> {
+    let mut report = check_data(config, source)?;
+    if estimate {
+        report.estimate = Some(estimate_epoch(config, source, &report)?);
+    }
+    Ok(report)
+}
+
+fn check_data(config: &Config, source: &Path) -> Result<CheckReport> {
     let architecture = crate::base::BaseModel::open(&config.model.path)?.architecture();
     if architecture.is_decoder() {
         crate::decoder::check_config(config, source)?;
@@ -105,7 +136,71 @@ pub fn check(config: &Config, source: &Path) -> Result<CheckReport> {
         true => None,
         false => Some(truncation(config, &raw, &labels)?),
     };
-    Ok(CheckReport { tasks, truncated, max_len })
+    Ok(CheckReport { tasks, truncated, max_len, estimate: None })
+}
+
+/// Trains a copy of `config` for one short epoch on a seeded sample of its training data (no dev, no test,
+/// into a temporary directory) and times its steps from the run's log.
+fn estimate_epoch(config: &Config, source: &Path, report: &CheckReport) -> Result<EpochEstimate> {
+    let t = &config.training;
+    let per_step = t.batch_size * t.grad_accumulation;
+    let files: std::collections::BTreeSet<&Path> = config.tasks.values().map(|t| t.data.train.as_path()).collect();
+    let mut mini = config.clone();
+    mini.training.epochs = 1;
+    mini.training.patience = None;
+    mini.training.eval_every = None;
+    mini.training.checkpoint_every = None;
+    mini.training.diagnostics_every = None;
+    mini.training.warmup_ratio = 0.0;
+    let sample = (per_step * (TIMED_STEPS + 1)).div_ceil(files.len().max(1));
+    for task in mini.tasks.values_mut() {
+        task.data.dev = None;
+        task.data.test = None;
+        task.train_limit = Some(task.train_limit.map_or(sample, |l| l.min(sample)));
+    }
+    let tmp = tempfile::tempdir().map_err(crate::Error::io(Path::new("a temporary directory")))?;
+    let out = tmp.path().join("run");
+    tracing::info!("timing training steps on a sample of the data for the epoch estimate (--no-estimate skips it)");
+    crate::train(&mini, source, &out, &crate::TrainOptions::default())?;
+    let log = std::fs::read_to_string(out.join("log.jsonl")).map_err(crate::Error::io(&out.join("log.jsonl")))?;
+    let times: Vec<f64> = log
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["type"] == "step")
+        .filter_map(|v| v["time"].as_f64())
+        .collect();
+    let mut steps: Vec<f64> = times.windows(2).map(|w| w[1] - w[0]).collect();
+    steps.sort_by(f64::total_cmp);
+    let seconds_per_step = steps.get(steps.len() / 2).copied().unwrap_or(0.0);
+    // The batches of an epoch: the training rows (shared by the tasks that read one file) in mixed steps, or
+    // each task's own examples in sampled steps.
+    let batches = match t.sampling.plan {
+        StepPlan::Mixed => {
+            let rows: usize = files
+                .iter()
+                .map(|f| {
+                    config
+                        .tasks
+                        .iter()
+                        .filter(|(_, c)| c.data.train.as_path() == *f)
+                        .filter_map(|(n, _)| report.tasks.get(n.as_str())?.examples.get("train").copied())
+                        .max()
+                        .unwrap_or(0)
+                })
+                .sum();
+            rows.div_ceil(t.batch_size)
+        }
+        StepPlan::Sampled => {
+            report.tasks.values().map(|c| c.examples.get("train").copied().unwrap_or(0).div_ceil(t.batch_size)).sum()
+        }
+    };
+    let steps_per_epoch = batches.div_ceil(t.grad_accumulation);
+    Ok(EpochEstimate {
+        steps_per_epoch,
+        seconds_per_step,
+        seconds_per_epoch: seconds_per_step * steps_per_epoch as f64,
+        timed_steps: steps.len(),
+    })
 }
 
 /// Inputs the encoder's tokenizer cuts at `model.max_len`, by split (labels outside the sets left out, so
@@ -196,6 +291,26 @@ impl std::fmt::Display for CheckReport {
                 writeln!(f, "inputs cut at model.max_len = {}: {}", self.max_len, parts.join(", "))
             }
             None => writeln!(f, "a decoder's prompts are cut to model.max_len = {} when it trains", self.max_len),
+        }?;
+        if let Some(e) = &self.estimate {
+            writeln!(
+                f,
+                "an epoch of training here: about {} ({} steps at {:.2} s, the median of {} timed on a sample; dev evaluation aside)",
+                duration(e.seconds_per_epoch),
+                e.steps_per_epoch,
+                e.seconds_per_step,
+                e.timed_steps
+            )?;
         }
+        Ok(())
+    }
+}
+
+/// Seconds as `45 s`, `12 min`, `3.4 h`.
+fn duration(seconds: f64) -> String {
+    match seconds {
+        s if s < 90.0 => format!("{s:.0} s"),
+        s if s < 5400.0 => format!("{:.0} min", s / 60.0),
+        s => format!("{:.1} h", s / 3600.0),
     }
 }

@@ -46,7 +46,11 @@ pub fn export(model_dir: &Path, out: &Path) -> Result<Vec<String>> {
     let base_config: Value = read_json(&model_dir.join(checkpoint::MODEL_CONFIG))?;
     checkpoint::write_new_dir(out, |tmp| {
         let mut written = Vec::new();
+        let mut bar = mtl_train::items::bar(loaded.config.tasks.len(), "exporting", "tasks");
         for task in loaded.config.tasks.keys() {
+            if let Some(bar) = &mut bar {
+                bar.inc(1);
+            }
             let head = &loaded.model.heads()[task];
             if head.crf().is_some() {
                 tracing::warn!("task `{task}` has a CRF head, which transformers cannot represent; it is not exported");
@@ -56,6 +60,9 @@ pub fn export(model_dir: &Path, out: &Path) -> Result<Vec<String>> {
             std::fs::create_dir(&dir).map_err(Error::io(&dir))?;
             write_task(&dir, &loaded, task, &base_config, model_dir)?;
             written.push(task.to_string());
+        }
+        if let Some(bar) = bar {
+            bar.finish();
         }
         if written.is_empty() {
             bail!("{}: no task can be exported", model_dir.display());

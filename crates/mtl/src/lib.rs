@@ -48,7 +48,7 @@ use std::path::Path;
 pub use add_task::{add_task, AddTaskReport};
 pub use arch::Architecture;
 pub use base::BaseModel;
-pub use check::{check, CheckReport, TaskCheck};
+pub use check::{check, check_with, CheckReport, EpochEstimate, TaskCheck};
 pub use decoder::{check_sampling, BatchEngine, Decoder, GenerateRequest, Generated};
 pub use deploy::{prune, quantize, TransformReport};
 pub use error::{Error, Result};

@@ -376,8 +376,17 @@ fn unseen_dev_labels_are_errors_or_left_out_when_asked() -> TestResult {
     assert_eq!(report["tasks"]["intent"]["unseen"], serde_json::json!({"dev": {"hotel": 1}}));
     assert_eq!(report["tasks"]["intent"]["unseen_policy"], "error");
     assert_eq!(report["tasks"]["slots"]["unseen"]["dev"]["B-thing"], 1);
+    // The epoch estimate: 8 training rows in batches of 4 are 2 steps, timed on the sample's steps.
+    let estimate = &report["estimate"];
+    assert_eq!(estimate["steps_per_epoch"], 2, "{estimate}");
+    let (per_step, per_epoch) = (estimate["seconds_per_step"].as_f64(), estimate["seconds_per_epoch"].as_f64());
+    assert!(per_step.is_some_and(|s| s > 0.0) && per_epoch == per_step.map(|s| 2.0 * s), "{estimate}");
     let o = p.mtl(&["check", "config.toml"])?;
-    assert!(String::from_utf8(o.stdout)?.contains("dev: 1 (hotel 1) → error"), "the table names it");
+    let printed = String::from_utf8(o.stdout)?;
+    assert!(printed.contains("dev: 1 (hotel 1) → error"), "the table names it");
+    assert!(printed.contains("an epoch of training here: about"), "{printed}");
+    let o = p.mtl(&["check", "config.toml", "--json", "--no-estimate"])?;
+    assert_eq!(serde_json::from_slice::<Value>(&o.stdout)?["estimate"], Value::Null);
     let sets = [
         "--set",
         "training.epochs=1",
