@@ -53,7 +53,12 @@ fn resolve_path(path: &Path, base: &Path) -> Option<(PathBuf, bool)> {
     if path.is_absolute() || path.as_os_str().is_empty() {
         return None;
     }
-    let in_folder = normalize(&std::path::absolute(base.join(path)).ok()?);
+    // The folder as the file system has it (a symbolic link to it followed, as the shell follows it for
+    // `../x` from inside), then the path lexically.
+    let folder = std::fs::canonicalize(if base.as_os_str().is_empty() { Path::new(".") } else { base })
+        .or_else(|_| std::path::absolute(base))
+        .ok()?;
+    let in_folder = normalize(&folder.join(path));
     if in_folder.exists() {
         return Some((in_folder, false));
     }

@@ -72,7 +72,8 @@ pub struct TrainingConfig {
     /// Dropout probability of the backbone and the heads in training.
     #[serde(default = "default_dropout")]
     pub dropout: f64,
-    /// Global gradient-norm clipping; none when absent.
+    /// Clip the global gradient norm to this (transformers' `max_grad_norm`); a large value leaves the
+    /// gradients as they are.
     #[serde(default = "default_grad_clip")]
     pub grad_clip: Option<f64>,
     /// Seeds the heads' initialisation, dropout, the batch order and the task sampler: a run is reproducible

@@ -68,14 +68,19 @@ pub fn check(config: &Config, source: &Path) -> Result<CheckReport> {
 /// [`check`], and with `estimate` the time of an epoch, from [`TIMED_STEPS`] training steps of the model on a
 /// sample of the data (the model is loaded for it: seconds for a small encoder or decoder).
 pub fn check_with(config: &Config, source: &Path, estimate: bool) -> Result<CheckReport> {
-    let mut report = check_data(config, source)?;
+    let (mut report, batches) = check_data(config, source)?;
     if estimate {
-        report.estimate = Some(estimate_epoch(config, source, &report)?);
+        // An estimate that cannot be made (a sample without a task's labels) leaves the check as it is.
+        match estimate_epoch(config, source, batches) {
+            Ok(e) => report.estimate = e,
+            Err(e) => tracing::warn!("no estimate of an epoch's time: {e}"),
+        }
     }
     Ok(report)
 }
 
-fn check_data(config: &Config, source: &Path) -> Result<CheckReport> {
+/// The report, and the batches of one training epoch.
+fn check_data(config: &Config, source: &Path) -> Result<(CheckReport, usize)> {
     let architecture = crate::base::BaseModel::open(&config.model.path)?.architecture();
     if architecture.is_decoder() {
         crate::decoder::check_config(config, source)?;
@@ -132,16 +137,59 @@ fn check_data(config: &Config, source: &Path) -> Result<CheckReport> {
         tasks.insert(name.to_string(), check);
     }
     let max_len = config.model.max_len;
-    let truncated = match architecture.is_decoder() {
-        true => None,
-        false => Some(truncation(config, &raw, &labels)?),
+    let (truncated, lengths) = match architecture.is_decoder() {
+        true => (None, None),
+        false => {
+            let (cut, lengths) = truncation(config, &raw, &labels)?;
+            (Some(cut), Some(lengths))
+        }
     };
-    Ok(CheckReport { tasks, truncated, max_len, estimate: None })
+    let batches = epoch_batches(config, &tasks, train.len(), lengths.as_deref());
+    Ok((CheckReport { tasks, truncated, max_len, estimate: None }, batches))
+}
+
+/// The batches of one epoch: the training rows cut as training cuts them (`lengths`: their token counts,
+/// where known, for `max_tokens` and length grouping) in mixed steps; each task's examples, times its share of
+/// passes (`sampling.epochs`), in sampled steps.
+fn epoch_batches(
+    config: &Config,
+    tasks: &BTreeMap<String, TaskCheck>,
+    rows: usize,
+    lengths: Option<&[usize]>,
+) -> usize {
+    let t = &config.training;
+    match t.sampling.plan {
+        StepPlan::Mixed => match lengths {
+            Some(lengths) => {
+                let batching = mtl_data::Batching {
+                    batch_size: t.batch_size,
+                    group_by_length: t.group_by_length,
+                    max_tokens: t.max_tokens,
+                };
+                mtl_data::epoch_batches(lengths, &batching, t.seed, 1).len()
+            }
+            None => rows.div_ceil(t.batch_size),
+        },
+        StepPlan::Sampled => tasks
+            .iter()
+            .map(|(name, c)| {
+                let batches = c.examples.get("train").copied().unwrap_or(0).div_ceil(t.batch_size) as f64;
+                let passes = t
+                    .sampling
+                    .epochs
+                    .iter()
+                    .find(|(k, _)| k.as_str() == name)
+                    .map_or(1.0, |(_, p)| p / t.epochs as f64);
+                (batches * passes).ceil() as usize
+            })
+            .sum(),
+    }
 }
 
 /// Trains a copy of `config` for one short epoch on a seeded sample of its training data (no dev, no test,
-/// into a temporary directory) and times its steps from the run's log.
-fn estimate_epoch(config: &Config, source: &Path, report: &CheckReport) -> Result<EpochEstimate> {
+/// into a temporary directory) and times its steps from the run's log; `batches`: those of a real epoch.
+/// `None` where the sample makes fewer than two steps to time.
+fn estimate_epoch(config: &Config, source: &Path, batches: usize) -> Result<Option<EpochEstimate>> {
     let t = &config.training;
     let per_step = t.batch_size * t.grad_accumulation;
     let files: std::collections::BTreeSet<&Path> = config.tasks.values().map(|t| t.data.train.as_path()).collect();
@@ -152,6 +200,8 @@ fn estimate_epoch(config: &Config, source: &Path, report: &CheckReport) -> Resul
     mini.training.checkpoint_every = None;
     mini.training.diagnostics_every = None;
     mini.training.warmup_ratio = 0.0;
+    // Steps with the backbone frozen would be faster than the run's.
+    mini.training.freeze.unfreeze_every = None;
     let sample = (per_step * (TIMED_STEPS + 1)).div_ceil(files.len().max(1));
     for task in mini.tasks.values_mut() {
         task.data.dev = None;
@@ -170,46 +220,27 @@ fn estimate_epoch(config: &Config, source: &Path, report: &CheckReport) -> Resul
         .filter_map(|v| v["time"].as_f64())
         .collect();
     let mut steps: Vec<f64> = times.windows(2).map(|w| w[1] - w[0]).collect();
+    if steps.is_empty() {
+        return Ok(None);
+    }
     steps.sort_by(f64::total_cmp);
-    let seconds_per_step = steps.get(steps.len() / 2).copied().unwrap_or(0.0);
-    // The batches of an epoch: the training rows (shared by the tasks that read one file) in mixed steps, or
-    // each task's own examples in sampled steps.
-    let batches = match t.sampling.plan {
-        StepPlan::Mixed => {
-            let rows: usize = files
-                .iter()
-                .map(|f| {
-                    config
-                        .tasks
-                        .iter()
-                        .filter(|(_, c)| c.data.train.as_path() == *f)
-                        .filter_map(|(n, _)| report.tasks.get(n.as_str())?.examples.get("train").copied())
-                        .max()
-                        .unwrap_or(0)
-                })
-                .sum();
-            rows.div_ceil(t.batch_size)
-        }
-        StepPlan::Sampled => {
-            report.tasks.values().map(|c| c.examples.get("train").copied().unwrap_or(0).div_ceil(t.batch_size)).sum()
-        }
-    };
+    let seconds_per_step = steps[steps.len() / 2];
     let steps_per_epoch = batches.div_ceil(t.grad_accumulation);
-    Ok(EpochEstimate {
+    Ok(Some(EpochEstimate {
         steps_per_epoch,
         seconds_per_step,
         seconds_per_epoch: seconds_per_step * steps_per_epoch as f64,
         timed_steps: steps.len(),
-    })
+    }))
 }
 
 /// Inputs the encoder's tokenizer cuts at `model.max_len`, by split (labels outside the sets left out, so
-/// that they do not stop the count).
+/// that they do not stop the count), and the token counts of the training inputs.
 fn truncation(
     config: &Config,
     raw: &BTreeMap<Split, Vec<RawExample>>,
     labels: &BTreeMap<TaskId, LabelMap>,
-) -> Result<BTreeMap<String, usize>> {
+) -> Result<(BTreeMap<String, usize>, Vec<usize>)> {
     let base = &config.model.path;
     let bert = mtl_nn::BertConfig::from_file(&base.join("config.json"))?;
     let encoder =
@@ -221,11 +252,16 @@ fn truncation(
         }
     }
     let mut out = BTreeMap::new();
+    let mut lengths = Vec::new();
     for (split, examples) in raw {
         let kept = mtl_data::leave_out_unseen(examples.clone(), labels, &lenient, split.name());
-        out.insert(split.name().to_string(), Dataset::encode(kept, &encoder, labels, config)?.truncated);
+        let data = Dataset::encode(kept, &encoder, labels, config)?;
+        if *split == Split::Train {
+            lengths = data.examples.iter().map(|e| e.encoded.ids.len()).collect();
+        }
+        out.insert(split.name().to_string(), data.truncated);
     }
-    Ok(out)
+    Ok((out, lengths))
 }
 
 impl std::fmt::Display for CheckReport {

@@ -48,18 +48,21 @@ pub fn export(model_dir: &Path, out: &Path) -> Result<Vec<String>> {
         let mut written = Vec::new();
         let mut bar = mtl_train::items::bar(loaded.config.tasks.len(), "exporting", "tasks");
         for task in loaded.config.tasks.keys() {
-            if let Some(bar) = &mut bar {
-                bar.inc(1);
-            }
             let head = &loaded.model.heads()[task];
             if head.crf().is_some() {
                 tracing::warn!("task `{task}` has a CRF head, which transformers cannot represent; it is not exported");
+                if let Some(bar) = &mut bar {
+                    bar.inc(1);
+                }
                 continue;
             }
             let dir = tmp.join(task.as_str());
             std::fs::create_dir(&dir).map_err(Error::io(&dir))?;
             write_task(&dir, &loaded, task, &base_config, model_dir)?;
             written.push(task.to_string());
+            if let Some(bar) = &mut bar {
+                bar.inc(1);
+            }
         }
         if let Some(bar) = bar {
             bar.finish();

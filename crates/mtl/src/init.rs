@@ -60,7 +60,8 @@ pub fn init(files: &[PathBuf], out: &Path, model: Option<&Path>) -> Result<InitR
         bail!("give the data files: mtl init train.jsonl dev.jsonl test.jsonl");
     }
     let groups = group(files)?;
-    let folder = absolute(out.parent().unwrap_or(Path::new("")))?;
+    // The config's folder (the current directory for a bare file name).
+    let folder = absolute(out)?.parent().map(Path::to_path_buf).unwrap_or_default();
     let mut guesses = Vec::new();
     let mut tasks: Vec<Task> = Vec::new();
     let mut formats = Vec::new();
@@ -93,14 +94,24 @@ pub fn init(files: &[PathBuf], out: &Path, model: Option<&Path>) -> Result<InitR
         }
         tasks.append(&mut found);
     }
-    // Names unique across datasets: a clash takes its dataset's name in front.
+    // Names unique across datasets: a clash takes its dataset's name in front, and a number after where
+    // that still clashes.
     let mut seen: BTreeMap<String, usize> = BTreeMap::new();
     for t in &tasks {
         *seen.entry(t.name.clone()).or_default() += 1;
     }
     for t in &mut tasks {
-        if seen[&t.name] > 1 {
+        if seen[&t.name] > 1 && !t.name.starts_with(&groups[t.group].name) {
             t.name = task_name(&format!("{}_{}", groups[t.group].name, t.name));
+        }
+    }
+    let mut taken = BTreeSet::new();
+    for t in &mut tasks {
+        let base = t.name.clone();
+        let mut n = 1;
+        while !taken.insert(t.name.clone()) {
+            n += 1;
+            t.name = task_name(&format!("{}_{n}", &base[..base.len().min(58)]));
         }
     }
     let model_path = match model {
@@ -173,8 +184,17 @@ fn group(files: &[PathBuf]) -> Result<Vec<Group>> {
         }
         let stem = file.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
         let extension = file.extension().map(|s| s.to_string_lossy().to_ascii_lowercase()).unwrap_or_default();
-        let dir = file.parent().unwrap_or(Path::new("")).to_owned();
-        let (split, rest) = split_of(&stem);
+        let mut dir = file.parent().unwrap_or(Path::new("")).to_owned();
+        let (mut split, mut rest) = split_of(&stem);
+        // `train/x.jsonl`, `dev/x.jsonl`: the folder says the split.
+        if split.is_none() {
+            let folder = dir.file_name().map(|d| d.to_string_lossy().into_owned()).unwrap_or_default();
+            if let (Some(s), "") = (split_of(&folder).0, split_of(&folder).1.as_str()) {
+                split = Some(s);
+                rest = task_name(&stem);
+                dir = dir.parent().unwrap_or(Path::new("")).to_owned();
+            }
+        }
         let name = match rest.is_empty() {
             // `atis/train.jsonl`: the folder names the dataset.
             true => dir.file_name().map(|d| d.to_string_lossy().into_owned()).unwrap_or_else(|| "data".into()),
@@ -207,7 +227,8 @@ fn group(files: &[PathBuf]) -> Result<Vec<Group>> {
     Ok(groups)
 }
 
-/// A task name from a dataset or field name: letters, digits, `_` and `-`, starting with a letter.
+/// A task name from a dataset or field name: letters, digits, `_` and `-`, starting with a letter, at most
+/// 64 characters.
 fn task_name(name: &str) -> String {
     let mut out: String = name
         .chars()
@@ -216,6 +237,7 @@ fn task_name(name: &str) -> String {
     if !out.starts_with(|c: char| c.is_ascii_alphabetic()) {
         out.insert_str(0, "task_");
     }
+    out.truncate(64);
     out
 }
 
@@ -278,6 +300,8 @@ struct FieldStats {
     string_lists: usize,
     /// String lists as long as the row's words.
     word_aligned: usize,
+    /// String lists as long as the words of the row's `text` (split on whitespace), where it has no words.
+    text_aligned: usize,
     number_lists: usize,
     integers: usize,
     numbers: usize,
@@ -291,11 +315,12 @@ fn is_id(name: &str) -> bool {
     ["id", "idx", "guid", "uid", "uuid", "index", "key"].contains(&n.as_str()) || n.ends_with("_id")
 }
 
-const TEXT_NAMES: [&str; 12] = [
+const TEXT_NAMES: [&str; 13] = [
     "text",
     "sentence",
     "sentence1",
     "premise",
+    "question1",
     "content",
     "review",
     "document",
@@ -305,7 +330,9 @@ const TEXT_NAMES: [&str; 12] = [
     "question",
     "input",
 ];
-const PAIR_NAMES: [&str; 6] = ["sentence2", "hypothesis", "text_b", "text_pair", "pair", "text2"];
+/// Second texts of sentence pairs (NLI, paraphrase, QNLI's question beside its sentence, BoolQ's passage).
+const PAIR_NAMES: [&str; 10] =
+    ["sentence2", "hypothesis", "text_b", "text_pair", "pair", "text2", "question2", "passage", "question", "sentence"];
 const WORD_NAMES: [&str; 3] = ["words", "tokens", "token"];
 /// Label fields named so generically that the dataset names the task.
 const GENERIC: [&str; 9] = ["label", "labels", "tag", "tags", "class", "target", "y", "ner_tags", "category"];
@@ -343,6 +370,7 @@ fn json_tasks(
     let mut stats: BTreeMap<String, FieldStats> = BTreeMap::new();
     for row in &rows {
         let words = words_field.and_then(|w| row.get(*w)).and_then(Value::as_array).map(Vec::len);
+        let text_words = row.get("text").and_then(Value::as_str).map(|t| t.split_whitespace().count());
         for (key, value) in row {
             let s = stats.entry(key.clone()).or_default();
             s.rows += 1;
@@ -358,6 +386,8 @@ fn json_tasks(
                     s.string_lists += 1;
                     if words == Some(items.len()) {
                         s.word_aligned += 1;
+                    } else if words.is_none() && text_words == Some(items.len()) && items.len() > 1 {
+                        s.text_aligned += 1;
                     }
                     for item in items.iter().filter_map(Value::as_str) {
                         if s.distinct.len() < 10_000 {
@@ -452,35 +482,57 @@ fn json_tasks(
         if inputs.contains(field.as_str()) || is_id(field) {
             continue;
         }
+        // `label_text` beside `label` (Hugging Face datasets): the same label in words.
+        if let Some(base) = field.strip_suffix("_text").or_else(|| field.strip_suffix("_name")) {
+            if stats.contains_key(base) {
+                guesses.push(format!("{}: field `{field}` left out (the words of `{base}`)", path.display()));
+                continue;
+            }
+        }
         let distinct = s.distinct.len();
         let few = |d: usize| d >= 2 && (d * 5 <= s.rows || d <= 50.min(s.rows / 2).max(2));
-        let (kind, note) =
-            if mostly(s.string_lists, s) && words_field.is_some() && s.word_aligned * 100 >= s.string_lists * 99 {
-                (
-                    "token_classification",
-                    format!("a tag per word of `{}` ({distinct} tags in the sample)", words_field.unwrap_or(&"words")),
-                )
-            } else if mostly(s.string_lists, s) {
-                ("multi_label", format!("a list of labels per row ({distinct} labels in the sample)"))
-            } else if mostly(s.strings, s) && few(distinct) {
-                ("classification", format!("{distinct} labels in the sample"))
-            } else if mostly(s.bools, s) {
-                ("classification", "true or false".to_string())
-            } else if mostly(s.integers, s) && few(distinct) {
-                ("classification", format!("integers with {distinct} values, taken as classes"))
-            } else if mostly(s.numbers, s) {
-                ("regression", "a number per row".to_string())
-            } else if mostly(s.number_lists, s) {
-                ("regression", "several numbers per row (one output each)".to_string())
-            } else {
-                let why = if mostly(s.strings, s) {
-                    format!("{distinct} different strings in {} rows: free text or an identifier, not a label", s.rows)
-                } else {
-                    format!("in {} of {n} rows, or of mixed types", s.rows)
-                };
-                guesses.push(format!("{}: field `{field}` left out ({why})", path.display()));
-                continue;
+        let (kind, note) = if mostly(s.string_lists, s)
+            && words_field.is_some()
+            && s.word_aligned * 100 >= s.string_lists * 99
+        {
+            (
+                "token_classification",
+                format!("a tag per word of `{}` ({distinct} tags in the sample)", words_field.unwrap_or(&"words")),
+            )
+        } else if mostly(s.string_lists, s) && (s.word_aligned + s.text_aligned) * 2 >= s.string_lists {
+            // As long as the words (or the text's words) in most rows but not all: tags gone wrong, or tags
+            // without the pre-split words a tagging task reads.
+            let why = match words_field {
+                Some(w) => format!(
+                    "as long as `{w}` in most rows, but not in {} of {}",
+                    s.string_lists - s.word_aligned,
+                    s.string_lists
+                ),
+                None => "tags of the text's words, but no pre-split `words` list, which a tagging task reads".into(),
             };
+            guesses.push(format!("{}: field `{field}` left out ({why})", path.display()));
+            continue;
+        } else if mostly(s.string_lists, s) {
+            ("multi_label", format!("a list of labels per row ({distinct} labels in the sample)"))
+        } else if mostly(s.strings, s) && few(distinct) {
+            ("classification", format!("{distinct} labels in the sample"))
+        } else if mostly(s.bools, s) {
+            ("classification", "true or false".to_string())
+        } else if mostly(s.integers, s) && few(distinct) {
+            ("classification", format!("integers with {distinct} values, taken as classes"))
+        } else if mostly(s.numbers, s) {
+            ("regression", "a number per row".to_string())
+        } else if mostly(s.number_lists, s) {
+            ("regression", "several numbers per row (one output each)".to_string())
+        } else {
+            let why = if mostly(s.strings, s) {
+                format!("{distinct} different strings in {} rows: free text or an identifier, not a label", s.rows)
+            } else {
+                format!("in {} of {n} rows, or of mixed types", s.rows)
+            };
+            guesses.push(format!("{}: field `{field}` left out ({why})", path.display()));
+            continue;
+        };
         let name =
             if GENERIC.contains(&field.to_ascii_lowercase().as_str()) { group.name.clone() } else { task_name(field) };
         let mut settings = input.clone();
@@ -538,9 +590,13 @@ fn table_tasks(
     let tmp = tempfile::NamedTempFile::new().map_err(Error::io(Path::new("a temporary file")))?;
     std::fs::write(tmp.path(), rows.join("\n")).map_err(Error::io(tmp.path()))?;
     let mut found = Vec::new();
-    let mut tasks = json_tasks(tmp.path(), group, g, lengths, &mut found)?;
-    let name = if format == DataFormat::Tsv { "TSV" } else { "CSV" };
     let shown = tmp.path().display().to_string();
+    // Messages name the user's file, not the temporary one.
+    let mut tasks = json_tasks(tmp.path(), group, g, lengths, &mut found).map_err(|e| match e {
+        Error::Usage(m) => Error::Usage(m.replace(&shown, &path.display().to_string())),
+        other => other,
+    })?;
+    let name = if format == DataFormat::Tsv { "TSV" } else { "CSV" };
     guesses
         .extend(found.into_iter().map(|l| l.replace(&shown, &path.display().to_string()).replace("JSON lines", name)));
     let format = if format == DataFormat::Tsv { "\"tsv\"" } else { "\"csv\"" };
@@ -771,6 +827,25 @@ mod tests {
         assert_eq!(split_of("sst2-validation"), (Some("dev"), "sst2".into()));
         assert_eq!(split_of("reviews"), (None, "reviews".into()));
         assert_eq!(task_name("2019 Tweets"), "task_2019_tweets");
+    }
+
+    #[test]
+    fn split_folders_and_clashing_names() -> Result<()> {
+        let dir = tempfile::tempdir().map_err(Error::io(Path::new("tmp")))?;
+        let row =
+            |i: usize| format!("{{\"text\": \"some text {i}\", \"label\": \"{}\", \"tags\": \"{}\"}}\n", i % 2, i % 3);
+        let rows: String = (0..30).map(row).collect();
+        for split in ["train", "dev"] {
+            std::fs::create_dir(dir.path().join(split)).map_err(Error::io(dir.path()))?;
+            write(&dir.path().join(split), "x.jsonl", &rows);
+        }
+        let files = [dir.path().join("train/x.jsonl"), dir.path().join("dev/x.jsonl")];
+        // A bare file name: the config's folder is the current directory.
+        let report = init(&files, Path::new("bare.toml"), Some(&dir.path().join("no-model")))?;
+        // One dataset `x`, its dev file beside its training file; its two generic label fields named apart.
+        assert_eq!(report.tasks, ["x", "x_2"], "{}", report.text);
+        assert!(report.text.contains("dev/x.jsonl"), "{}", report.text);
+        Ok(())
     }
 
     #[test]
