@@ -21,8 +21,10 @@ const RARE: usize = 3;
 #[derive(Clone, Debug, Serialize)]
 pub struct CheckReport {
     pub tasks: BTreeMap<String, TaskCheck>,
-    /// Inputs longer than `model.max_len` by split (encoders; a decoder's prompts are cut when it trains).
+    /// Inputs longer than `model.max_len` by split (for a decoder: prompt and answer together).
     pub truncated: Option<BTreeMap<String, usize>>,
+    /// Whether the model is a decoder (its tasks are prompts and answers).
+    pub decoder: bool,
     pub max_len: usize,
     /// The time an epoch of training takes on this machine ([`check_with`] with `estimate`).
     pub estimate: Option<EpochEstimate>,
@@ -137,15 +139,14 @@ fn check_data(config: &Config, source: &Path) -> Result<(CheckReport, usize)> {
         tasks.insert(name.to_string(), check);
     }
     let max_len = config.model.max_len;
-    let (truncated, lengths) = match architecture.is_decoder() {
-        true => (None, None),
-        false => {
-            let (cut, lengths) = truncation(config, &raw, &labels)?;
-            (Some(cut), Some(lengths))
-        }
+    let (cut, lengths) = match architecture.is_decoder() {
+        true => decoder_truncation(config, &raw, &labels)?,
+        false => truncation(config, &raw, &labels)?,
     };
+    let (truncated, lengths) = (Some(cut), Some(lengths));
     let batches = epoch_batches(config, &tasks, train.len(), lengths.as_deref());
-    Ok((CheckReport { tasks, truncated, max_len, estimate: None }, batches))
+    let decoder = architecture.is_decoder();
+    Ok((CheckReport { tasks, truncated, max_len, decoder, estimate: None }, batches))
 }
 
 /// The batches of one epoch: the training rows cut as training cuts them (`lengths`: their token counts,
@@ -264,6 +265,43 @@ fn truncation(
     Ok((out, lengths))
 }
 
+/// A decoder's training sequences (prompt and answer, in the chat template) cut at `model.max_len`, by split,
+/// and the token counts of the training sequences.
+fn decoder_truncation(
+    config: &Config,
+    raw: &BTreeMap<Split, Vec<RawExample>>,
+    labels: &BTreeMap<TaskId, LabelMap>,
+) -> Result<(BTreeMap<String, usize>, Vec<usize>)> {
+    let files = crate::decoder::files::DecoderFiles::load(&config.model.path, true)?;
+    let (chat, eos) = crate::decoder::prompt_parts(&files)?;
+    let format = mtl_data::prompt::PromptFormat {
+        tokenizer: &files.tokenizer,
+        chat: chat.as_ref(),
+        eos,
+        max_len: config.model.max_len.min(files.config.max_position_embeddings),
+        system: config.model.system_prompt.as_deref(),
+    };
+    let train = raw.get(&Split::Train).map_or(&[][..], Vec::as_slice);
+    let labels = mtl_data::prompt::with_fallback_means(labels.clone(), config, train);
+    let mut lenient = config.clone();
+    for t in lenient.tasks.values_mut() {
+        if t.unknown_label.is_none() {
+            t.skip_unseen_labels = true;
+        }
+    }
+    let mut out = BTreeMap::new();
+    let mut lengths = Vec::new();
+    for (split, examples) in raw {
+        let kept = mtl_data::leave_out_unseen(examples.clone(), &labels, &lenient, split.name());
+        let (data, _) = format.dataset(kept, &labels, config, None)?;
+        if *split == Split::Train {
+            lengths = data.examples.iter().map(|e| e.encoded.ids.len()).collect();
+        }
+        out.insert(split.name().to_string(), data.truncated);
+    }
+    Ok((out, lengths))
+}
+
 impl std::fmt::Display for CheckReport {
     /// The report as `mtl check` prints it.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -321,13 +359,11 @@ impl std::fmt::Display for CheckReport {
                 )?;
             }
         }
-        match &self.truncated {
-            Some(t) => {
-                let parts: Vec<String> = t.iter().map(|(s, n)| format!("{s} {n}")).collect();
-                writeln!(f, "inputs cut at model.max_len = {}: {}", self.max_len, parts.join(", "))
-            }
-            None => writeln!(f, "a decoder's prompts are cut to model.max_len = {} when it trains", self.max_len),
-        }?;
+        if let Some(t) = &self.truncated {
+            let parts: Vec<String> = t.iter().map(|(s, n)| format!("{s} {n}")).collect();
+            let what = if self.decoder { "prompts with their answers" } else { "inputs" };
+            writeln!(f, "{what} cut at model.max_len = {}: {}", self.max_len, parts.join(", "))?;
+        }
         if let Some(e) = &self.estimate {
             writeln!(
                 f,

@@ -241,3 +241,28 @@ fn an_encoder_refuses_generation_tasks() -> TestResult {
     assert!(!p.path("run").exists());
     Ok(())
 }
+
+/// `mtl check` on a decoder: its prompts with their answers counted against `model.max_len`, as training
+/// counts them, and the epoch estimate from the decoder's own steps.
+#[test]
+fn check_counts_a_decoders_cut_prompts() -> TestResult {
+    let p = Project::new()?;
+    text_config(&p, "[peft]\nmethod = \"lora\"\nr = 4\nper_task = true", "token_classification")?;
+    let o = p.mtl(&["check", "config.toml", "--json", "--set", "model.max_len=12"])?;
+    assert!(o.status.success(), "{}", stderr(&o));
+    let report: Value = serde_json::from_slice(&o.stdout)?;
+    assert_eq!(report["decoder"], true);
+    let cut = report["truncated"]["train"].as_u64().ok_or("a count")?;
+    assert!(cut > 0, "sequences of the prompt's words, the chat turns and the answer pass 12 tokens: {report}");
+    assert!(report["estimate"]["steps_per_epoch"].as_u64() > Some(0), "{report}");
+    // Training says the same.
+    let o =
+        p.mtl(&["train", "config.toml", "--out", "run", "--set", "model.max_len=12", "--set", "training.epochs=1"])?;
+    let said = format!("train: {cut} of ");
+    assert!(
+        stderr(&o).contains(&said) && stderr(&o).contains("prompts and answers were longer than 12"),
+        "{}",
+        stderr(&o)
+    );
+    Ok(())
+}
