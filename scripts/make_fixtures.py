@@ -21,6 +21,15 @@ It writes:
   tiny-bert/prefix.*    prefix tuning (3 positions, two adapters, random N(0, 1) prefixes) with transformers'
                         BertSelfAttention patched to prepend them: each adapter's last_hidden_state, a mixed batch,
                         a head's loss and the gradient norms of adapter "intent"
+  tiny-roberta/, tiny-electra/, tiny-distilbert/
+                        tiny random encoders of the other families the BERT backbone loads (seed 0), each with
+                        tiny-bert's references (hidden states; a [CLS] head's loss and every gradient norm): RoBERTa
+                        (positions from pad_token_id + 1) under `roberta.`, ELECTRA under `electra.`, DistilBERT
+                        under its own names
+  tiny-bert-sharded/, tiny-bert-bin/
+                        tiny-bert's weights as two safetensors shards with their index, and as pytorch_model.bin
+                        (under `bert.`) beside a WordPiece vocab.txt, with transformers' BertTokenizerFast ids of a
+                        few texts and pairs from it (wordpiece.json)
   tiny-llama/           a tiny random LlamaForCausalLM (seed 0: 2 layers, 4 query / 2 key-value heads, tied
                         embeddings): config.json, model.safetensors, and reference.json with a right-padded batch,
                         its logits, a causal LM loss on target positions (prompt and padding at -100) with every
@@ -67,7 +76,7 @@ It writes:
                         scipy.optimize.minimize (SLSQP) exactly as the authors' code finds them, rescale = 1
 The tests themselves need none of these packages. `python scripts/make_fixtures.py metrics` writes only the
 metric fixtures (no torch needed for them, only scikit-learn, scipy, seqeval and rouge-score); `... weighting` writes only
-the last three, `... llama` only tiny-llama/, `... smollm2` only smollm2-reference.json, `... gemma3` only tiny-gemma3/ and gemma3-reference.json, `... llama3` only tiny-llama3/, `... pretokenizers` only pretokenizers.json, and `... lora` only tiny-bert/lora.*,
+the last three, `... llama` only tiny-llama/, `... smollm2` only smollm2-reference.json, `... gemma3` only tiny-gemma3/ and gemma3-reference.json, `... llama3` only tiny-llama3/, `... families` only tiny-roberta/, tiny-electra/, tiny-distilbert/, tiny-bert-sharded/ and tiny-bert-bin/, `... pretokenizers` only pretokenizers.json, and `... lora` only tiny-bert/lora.*,
 tiny-bert/bottleneck.* and tiny-bert/prefix.*.
 """
 import json
@@ -122,6 +131,100 @@ def tiny_bert():
     }
     (d / "reference.json").write_text(json.dumps(ref))
     tiny_tokenizer(d / "tokenizer.json")
+
+
+def tiny_bert_formats():
+    """tiny-bert's weights as the ecosystem also saves models: tiny-bert-sharded/ (two safetensors shards and
+    their model.safetensors.index.json) and tiny-bert-bin/ (PyTorch's pytorch_model.bin under `bert.`, as a task
+    model saves it, and no tokenizer.json: its WordPiece vocab.txt and tokenizer_config.json), with
+    tiny-bert-bin/wordpiece.json: transformers' BertTokenizerFast ids of a few texts and pairs from that vocab."""
+    from safetensors.torch import load_file
+    from transformers import BertTokenizerFast
+
+    src = OUT / "tiny-bert"
+    state = load_file(src / "model.safetensors")
+    sharded = OUT / "tiny-bert-sharded"
+    sharded.mkdir(parents=True, exist_ok=True)
+    (sharded / "config.json").write_text((src / "config.json").read_text())
+    names = sorted(state)
+    parts = {"model-00001-of-00002.safetensors": [n for n in names if n.startswith("embeddings.")],
+             "model-00002-of-00002.safetensors": [n for n in names if not n.startswith("embeddings.")]}
+    weight_map = {}
+    for file, keys in parts.items():
+        save_file({k: state[k] for k in keys}, sharded / file)
+        weight_map.update({k: file for k in keys})
+    (sharded / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    binary = OUT / "tiny-bert-bin"
+    binary.mkdir(parents=True, exist_ok=True)
+    (binary / "config.json").write_text((src / "config.json").read_text())
+    torch.save({"bert." + k: v for k, v in state.items()}, binary / "pytorch_model.bin")
+    (binary / "vocab.txt").write_text("".join(t + "\n" for t in TINY_VOCAB))
+    (binary / "tokenizer_config.json").write_text(json.dumps({"do_lower_case": True}))
+    # from_pretrained reads vocab.txt and tokenizer_config.json as a user's folder would be read (in transformers
+    # 5 the constructor's vocab_file no longer loads the vocabulary).
+    tok = BertTokenizerFast.from_pretrained(str(binary))
+    texts = ["Show me flights from Boston to Denver!", "the cheapest fares, monday morning?", "John lives in London"]
+    pairs = [("a good movie", "an awful movie"), ("flights to paris", "what is the fare")]
+    ref = {"texts": [{"text": t, "ids": tok(t)["input_ids"]} for t in texts],
+           "pairs": [{"a": a, "b": b, "ids": tok(a, b)["input_ids"], "type_ids": tok(a, b)["token_type_ids"]}
+                     for a, b in pairs]}
+    (binary / "wordpiece.json").write_text(json.dumps(ref))
+
+
+def tiny_families():
+    """The encoder families the BERT backbone loads besides BERT, each a tiny random model (seed 0) with
+    transformers' own classes, and the references of tiny-bert: the last hidden states of a right-padded batch
+    (the family's padding id in the padded places), and a 3-class head on the first token's state with its
+    cross-entropy loss and every backbone gradient's norm. tiny-roberta/ (positions from pad_token_id + 1, one
+    token type; its tensors saved under `roberta.`, as a task model saves them), tiny-electra/ (the
+    discriminator's encoder, embeddings as wide as its blocks; under `electra.`) and tiny-distilbert/
+    (DistilBERT's names and config, no token types)."""
+    from transformers import DistilBertConfig, DistilBertModel, ElectraConfig, ElectraModel, RobertaConfig, RobertaModel
+
+    common = dict(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                  hidden_act="gelu", layer_norm_eps=1e-12)
+    families = [
+        ("tiny-roberta", RobertaConfig(**common, max_position_embeddings=34, type_vocab_size=1, pad_token_id=1),
+         RobertaModel, "roberta.", 1),
+        ("tiny-electra", ElectraConfig(**common, embedding_size=32, max_position_embeddings=32, type_vocab_size=2,
+                                       pad_token_id=0), ElectraModel, "electra.", 0),
+        ("tiny-distilbert", DistilBertConfig(vocab_size=50, dim=32, n_layers=2, n_heads=4, hidden_dim=64,
+                                             activation="gelu", max_position_embeddings=32, pad_token_id=0),
+         DistilBertModel, "", 0),
+    ]
+    for name, cfg, cls, prefix, pad in families:
+        torch.manual_seed(0)
+        kwargs = {"add_pooling_layer": False} if cls is RobertaModel else {}
+        model = cls(cfg, **kwargs).eval()
+        with torch.no_grad():
+            for pname, p in model.named_parameters():
+                if "LayerNorm" in pname or "layer_norm" in pname:
+                    p.add_(0.1 * torch.randn_like(p))
+        d = OUT / name
+        d.mkdir(parents=True, exist_ok=True)
+        cfg.to_json_file(d / "config.json")
+        state = {prefix + k: v.contiguous() for k, v in model.state_dict().items() if not k.endswith("position_ids")}
+        save_file(state, d / "model.safetensors")
+        ids = torch.tensor([[5, 7, 9, 11, 3, pad, pad], [5, 5, 6, 7, 8, 9, 3]])
+        mask = (ids != pad).long()
+        out = model(input_ids=ids, attention_mask=mask).last_hidden_state
+        head = torch.nn.Linear(32, 3)
+        with torch.no_grad():
+            head.weight.copy_(torch.linspace(-0.5, 0.5, 96).reshape(3, 32))
+            head.bias.copy_(torch.tensor([0.1, -0.2, 0.3]))
+        labels = torch.tensor([2, 0])
+        loss = torch.nn.functional.cross_entropy(head(out[:, 0]), labels)
+        loss.backward()
+        grads = {k: p.grad.norm().item() for k, p in model.named_parameters()}
+        ref = {
+            "input_ids": ids.tolist(),
+            "attention_mask": mask.tolist(),
+            "last_hidden_state": out.detach().tolist(),
+            "head": {"weight": head.weight.detach().tolist(), "bias": head.bias.detach().tolist(),
+                     "labels": labels.tolist(), "loss": loss.item()},
+            "grad_norms": grads,
+        }
+        (d / "reference.json").write_text(json.dumps(ref))
 
 
 TINY_VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "a", "to", "from", "flight", "flights", "show",
@@ -1007,8 +1110,13 @@ if __name__ == "__main__":
         gemma3_fixture()
     elif sys.argv[1:] == ["llama3"]:
         tiny_llama3()
+    elif sys.argv[1:] == ["families"]:
+        tiny_families()
+        tiny_bert_formats()
     else:
         tiny_bert()
+        tiny_families()
+        tiny_bert_formats()
         tiny_llama()
         tiny_llama_lora_fixture()
         tiny_gemma3()

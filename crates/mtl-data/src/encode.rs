@@ -37,8 +37,14 @@ pub struct TextEncoder {
 
 impl TextEncoder {
     pub fn from_file(path: &Path, max_len: usize) -> Result<Self> {
+        let tokenizer = Tokenizer::from_file(path)
+            .map_err(|e| DataError::Tokenizer { path: path.to_owned(), message: e.to_string() })?;
+        Self::from_tokenizer(tokenizer, path, max_len)
+    }
+
+    /// An encoder over a tokenizer already built (`path`: where it came from, for messages).
+    pub fn from_tokenizer(mut tokenizer: Tokenizer, path: &Path, max_len: usize) -> Result<Self> {
         let err = |message: String| DataError::Tokenizer { path: path.to_owned(), message };
-        let mut tokenizer = Tokenizer::from_file(path).map_err(|e| err(e.to_string()))?;
         tokenizer.with_padding(None);
         let mut whole = tokenizer.clone();
         whole.with_truncation(None).map_err(|e| err(e.to_string()))?;
@@ -46,6 +52,50 @@ impl TextEncoder {
             .with_truncation(Some(TruncationParams { max_length: max_len, ..Default::default() }))
             .map_err(|e| err(e.to_string()))?;
         Ok(Self { tokenizer, whole, max_len })
+    }
+
+    /// BERT's WordPiece tokenizer from a `vocab.txt` (one token per line, `[CLS]`, `[SEP]`, `[UNK]` among
+    /// them), as transformers' `BertTokenizerFast` builds it: BERT's normaliser (lower-casing where
+    /// `lowercase`), its pre-tokenizer, `##` continuations, `[CLS] A [SEP]` and `[CLS] A [SEP] B [SEP]` with token
+    /// types 0 and 1.
+    pub fn wordpiece(vocab_path: &Path, lowercase: bool) -> Result<Tokenizer> {
+        let err = |message: String| DataError::Tokenizer { path: vocab_path.to_owned(), message };
+        let text = std::fs::read_to_string(vocab_path).map_err(|e| err(e.to_string()))?;
+        let mut vocab = serde_json::Map::new();
+        for (id, token) in text.lines().map(|l| l.trim_end_matches('\r')).enumerate() {
+            vocab.entry(token.to_string()).or_insert(id.into());
+        }
+        let id = |t: &str| vocab.get(t).and_then(serde_json::Value::as_u64).ok_or_else(|| err(format!("no {t} token")));
+        let (cls, sep, unk) = (id("[CLS]")?, id("[SEP]")?, id("[UNK]")?);
+        let special = |t: &str, id: u64| {
+            serde_json::json!({"id": id, "content": t, "single_word": false, "lstrip": false, "rstrip": false,
+                               "normalized": false, "special": true})
+        };
+        let mut added = vec![special("[CLS]", cls), special("[SEP]", sep), special("[UNK]", unk)];
+        for t in ["[PAD]", "[MASK]"] {
+            if let Ok(i) = id(t) {
+                added.push(special(t, i));
+            }
+        }
+        let piece = |t: &str, type_id: u32| serde_json::json!({"SpecialToken": {"id": t, "type_id": type_id}});
+        let seq = |s: &str, type_id: u32| serde_json::json!({"Sequence": {"id": s, "type_id": type_id}});
+        let json = serde_json::json!({
+            "version": "1.0", "truncation": null, "padding": null, "added_tokens": added,
+            "normalizer": {"type": "BertNormalizer", "clean_text": true, "handle_chinese_chars": true,
+                           "strip_accents": null, "lowercase": lowercase},
+            "pre_tokenizer": {"type": "BertPreTokenizer"},
+            "post_processor": {"type": "TemplateProcessing",
+                "single": [piece("[CLS]", 0), seq("A", 0), piece("[SEP]", 0)],
+                "pair": [piece("[CLS]", 0), seq("A", 0), piece("[SEP]", 0), seq("B", 1), piece("[SEP]", 1)],
+                "special_tokens": {
+                    "[CLS]": {"id": "[CLS]", "ids": [cls], "tokens": ["[CLS]"]},
+                    "[SEP]": {"id": "[SEP]", "ids": [sep], "tokens": ["[SEP]"]}
+                }},
+            "decoder": {"type": "WordPiece", "prefix": "##", "cleanup": true},
+            "model": {"type": "WordPiece", "unk_token": "[UNK]", "continuing_subword_prefix": "##",
+                      "max_input_chars_per_word": 100, "vocab": vocab}
+        });
+        json.to_string().parse::<Tokenizer>().map_err(|e| err(e.to_string()))
     }
 
     pub fn tokenizer(&self) -> &Tokenizer {
@@ -146,4 +196,29 @@ fn plain(e: &Encoding) -> Encoding {
     let mut e = e.clone();
     e.set_overflowing(Vec::new());
     e
+}
+
+#[cfg(test)]
+mod wordpiece_tests {
+    use super::*;
+
+    /// BERT's WordPiece built from a vocab.txt gives transformers' BertTokenizerFast ids and token types
+    /// (tests/fixtures/tiny-bert-bin/wordpiece.json).
+    #[test]
+    fn wordpiece_from_vocab_matches_transformers() -> std::result::Result<(), Box<dyn std::error::Error>> {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/tiny-bert-bin");
+        let tokenizer = TextEncoder::wordpiece(&dir.join("vocab.txt"), true)?;
+        let want: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("wordpiece.json"))?)?;
+        for t in want["texts"].as_array().ok_or("texts")? {
+            let got = tokenizer.encode(t["text"].as_str().ok_or("text")?, true).map_err(|e| e.to_string())?;
+            assert_eq!(serde_json::to_value(got.get_ids())?, t["ids"], "{}", t["text"]);
+        }
+        for p in want["pairs"].as_array().ok_or("pairs")? {
+            let (a, b) = (p["a"].as_str().ok_or("a")?, p["b"].as_str().ok_or("b")?);
+            let got = tokenizer.encode((a, b), true).map_err(|e| e.to_string())?;
+            assert_eq!(serde_json::to_value(got.get_ids())?, p["ids"], "{a} / {b}");
+            assert_eq!(serde_json::to_value(got.get_type_ids())?, p["type_ids"], "{a} / {b}");
+        }
+        Ok(())
+    }
 }

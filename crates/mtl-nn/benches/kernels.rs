@@ -103,6 +103,8 @@ fn rowwise(c: &mut Criterion) {
 
 fn encoder_stack(c: &mut Criterion) {
     let config = BertConfig {
+        model_type: "bert".into(),
+        pad_token_id: None,
         vocab_size: 30522,
         hidden_size: HIDDEN,
         num_hidden_layers: 6,

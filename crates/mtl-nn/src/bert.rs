@@ -22,9 +22,22 @@ use crate::peft::{
 };
 use crate::{NnError, Result};
 
-/// The fields of a Hugging Face BERT `config.json` that the encoder uses; other keys are ignored.
+/// The encoder families that are BERT with small differences, by `model_type`: RoBERTa and XLM-RoBERTa
+/// (positions offset by `pad_token_id + 1`, one token type, BPE or SentencePiece tokenizers), ELECTRA's
+/// discriminator (BERT's blocks; its embeddings as wide as the blocks), DistilBERT (BERT's blocks under other
+/// names, no token types).
+pub const ENCODER_FAMILIES: [&str; 6] = ["bert", "roberta", "xlm-roberta", "camembert", "electra", "distilbert"];
+
+/// The fields of a Hugging Face BERT `config.json` that the encoder uses (a family of
+/// [`ENCODER_FAMILIES`]); other keys are ignored.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct BertConfig {
+    /// The family (`bert` where absent).
+    #[serde(default = "default_model_type")]
+    pub model_type: String,
+    /// RoBERTa's padding id, from which its positions count (`pad_token_id + 1` is the first).
+    #[serde(default)]
+    pub pad_token_id: Option<usize>,
     pub vocab_size: usize,
     pub hidden_size: usize,
     pub num_hidden_layers: usize,
@@ -41,6 +54,9 @@ pub struct BertConfig {
     pub position_embedding_type: Option<String>,
 }
 
+fn default_model_type() -> String {
+    "bert".into()
+}
 fn default_act() -> Activation {
     Activation::Gelu
 }
@@ -65,8 +81,30 @@ pub enum Activation {
 impl BertConfig {
     pub fn from_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|source| NnError::Io { path: path.to_owned(), source })?;
-        let config: Self = serde_json::from_str(&text)
-            .map_err(|e| NnError::File { path: path.to_owned(), message: format!("not a BERT config: {e}") })?;
+        let invalid = |message: String| NnError::File { path: path.to_owned(), message };
+        let mut value: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| invalid(format!("not a JSON config: {e}")))?;
+        let model_type = value["model_type"].as_str().unwrap_or("bert").to_string();
+        if !ENCODER_FAMILIES.contains(&model_type.as_str()) {
+            return Err(invalid(format!(
+                "model_type {model_type:?} is not an encoder this backbone loads; supported: {}",
+                ENCODER_FAMILIES.join(", ")
+            )));
+        }
+        if model_type == "distilbert" {
+            value = distilbert_as_bert(value).map_err(invalid)?;
+        }
+        if model_type == "electra" {
+            let embedding = value["embedding_size"].as_u64();
+            if embedding.is_some() && embedding != value["hidden_size"].as_u64() {
+                return Err(invalid(format!(
+                    "ELECTRA with embeddings narrower than its blocks (embedding_size {} < hidden_size {}, as electra-small) is not supported yet; electra-base and -large are",
+                    value["embedding_size"], value["hidden_size"]
+                )));
+            }
+        }
+        let config: Self =
+            serde_json::from_value(value).map_err(|e| invalid(format!("not a {model_type} config: {e}")))?;
         if let Some(kind) = &config.position_embedding_type {
             if kind != "absolute" {
                 return Err(NnError::File {
@@ -74,6 +112,9 @@ impl BertConfig {
                     message: format!("position_embedding_type {kind:?} is not supported; only \"absolute\" is"),
                 });
             }
+        }
+        if config.max_position_embeddings <= config.position_offset() {
+            return Err(invalid("max_position_embeddings leaves no position after the padding offset".into()));
         }
         if config.num_attention_heads == 0 || !config.hidden_size.is_multiple_of(config.num_attention_heads) {
             return Err(NnError::File {
@@ -83,13 +124,49 @@ impl BertConfig {
         }
         Ok(config)
     }
+
+    /// The first position's row in the position table: RoBERTa's families count from `pad_token_id + 1`.
+    pub fn position_offset(&self) -> usize {
+        match self.model_type.as_str() {
+            "roberta" | "xlm-roberta" | "camembert" => self.pad_token_id.unwrap_or(1) + 1,
+            _ => 0,
+        }
+    }
+
+    /// The longest input, in tokens.
+    pub fn max_tokens(&self) -> usize {
+        self.max_position_embeddings - self.position_offset()
+    }
+}
+
+/// A DistilBERT `config.json` in BERT's fields: `dim`, `n_layers`, `n_heads`, `hidden_dim`, `activation`;
+/// no token types.
+fn distilbert_as_bert(mut v: serde_json::Value) -> std::result::Result<serde_json::Value, String> {
+    if v["sinusoidal_pos_embds"].as_bool() == Some(true) {
+        return Err("DistilBERT with sinusoidal position embeddings is not supported (learned ones are)".into());
+    }
+    let o = v.as_object_mut().ok_or("a config is a JSON object")?;
+    for (from, to) in [
+        ("dim", "hidden_size"),
+        ("n_layers", "num_hidden_layers"),
+        ("n_heads", "num_attention_heads"),
+        ("hidden_dim", "intermediate_size"),
+        ("activation", "hidden_act"),
+    ] {
+        let value = o.remove(from).ok_or(format!("DistilBERT config without `{from}`"))?;
+        o.insert(to.into(), value);
+    }
+    o.insert("type_vocab_size".into(), 0.into());
+    o.entry("layer_norm_eps").or_insert(1e-12.into());
+    Ok(v)
 }
 
 #[derive(Clone, Debug)]
 struct Embeddings {
     word: Tensor,
     position: Tensor,
-    token_type: Tensor,
+    /// None for a family without token types (DistilBERT).
+    token_type: Option<Tensor>,
     norm: LayerNorm,
 }
 
@@ -231,11 +308,10 @@ impl Bert {
                 "weight",
                 Init::Normal { std: 0.02 },
             )?,
-            token_type: e.pp("token_type_embeddings").get(
-                (config.type_vocab_size, h),
-                "weight",
-                Init::Normal { std: 0.02 },
-            )?,
+            token_type: match config.type_vocab_size {
+                0 => None,
+                n => Some(e.pp("token_type_embeddings").get((n, h), "weight", Init::Normal { std: 0.02 })?),
+            },
             norm: LayerNorm::new(&e.pp("LayerNorm"), h, eps)?,
         };
         let layers = (0..config.num_hidden_layers)
@@ -313,7 +389,7 @@ impl Bert {
                 let frozen = Embeddings {
                     word: e.word.detach(),
                     position: e.position.detach(),
-                    token_type: e.token_type.detach(),
+                    token_type: e.token_type.as_ref().map(Tensor::detach),
                     norm,
                 };
                 (frozen, layers.iter().map(Layer::detached).collect())
@@ -492,17 +568,27 @@ impl Bert {
     pub fn forward(&self, input: &BertInput, dropout: &DropoutRng, mode: Mode) -> Result<Tensor> {
         let (b, s) = input.input_ids.dims2()?;
         let h = self.config.hidden_size;
-        if s > self.config.max_position_embeddings {
-            let max = self.config.max_position_embeddings;
-            return Err(NnError::Input(format!("sequence of {s} tokens exceeds max_position_embeddings {max}")));
+        if s > self.config.max_tokens() {
+            let max = self.config.max_tokens();
+            return Err(NnError::Input(format!("sequence of {s} tokens exceeds the model's {max} positions")));
         }
         let ids = input.input_ids.flatten_all()?;
-        let types = input.token_type_ids.flatten_all()?;
-        let positions = Tensor::arange(0u32, s as u32, ids.device())?;
+        // RoBERTa's positions start after its padding id's (the padding's own rows are masked out, so counting
+        // every position from there gives the real tokens transformers' positions).
+        let offset = self.config.position_offset() as u32;
+        let positions = Tensor::arange(offset, offset + s as u32, ids.device())?;
         let pos = self.embeddings.position.index_select(&positions, 0)?; // [s, h]
         let x = self.embeddings.word.index_select(&ids, 0)?.reshape((b, s, h))?;
-        let x = x.broadcast_add(&pos)?;
-        let x = (x + self.embeddings.token_type.index_select(&types, 0)?.reshape((b, s, h))?)?;
+        let mut x = x.broadcast_add(&pos)?;
+        match &self.embeddings.token_type {
+            // One token type (RoBERTa's families): every token has it, whatever types the tokenizer gave a pair.
+            Some(token_type) if token_type.dim(0)? == 1 => x = x.broadcast_add(token_type)?,
+            Some(token_type) => {
+                let types = input.token_type_ids.flatten_all()?;
+                x = (x + token_type.index_select(&types, 0)?.reshape((b, s, h))?)?;
+            }
+            None => {}
+        }
         let x = self.embeddings.norm.forward(&x.reshape((b * s, h))?)?;
         let mut x = dropout.apply(&x, mode)?;
         if let Some(layers) = &self.int8 {

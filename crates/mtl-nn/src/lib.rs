@@ -19,13 +19,13 @@ mod params;
 pub mod peft;
 
 pub use bert::BertInput;
-pub use bert::{Activation, Bert, BertConfig, Kernels};
+pub use bert::{Activation, Bert, BertConfig, Kernels, ENCODER_FAMILIES};
 pub use crf::{viterbi, ChainScores, Crf, Transitions};
 pub use decoder::DecoderModel;
 pub use heads::{binary_cross_entropy_with_logits, Head, HeadOutput, HeadSpec, RegressionLoss};
 pub use layers::{DropoutRng, LayerNorm, Linear};
 pub use model::{ModelSpec, MultiTaskModel, TaskLoss, TaskPrediction};
-pub use params::{ParamBuilder, ParamStore};
+pub use params::{canonical_name, ParamBuilder, ParamStore};
 pub use peft::{LoraSpec, PeftKind, PeftSpec, Placement, Route, SHARED_ADAPTER};
 
 use std::path::PathBuf;

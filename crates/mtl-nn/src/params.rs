@@ -200,6 +200,36 @@ pub struct ParamBuilder {
     role: ParamRole,
 }
 
+fn load_safetensors(path: &Path, device: &Device) -> Result<Vec<(String, Tensor)>> {
+    let loaded = candle_core::safetensors::load(path, device)
+        .map_err(|e| NnError::File { path: path.to_owned(), message: format!("not a valid safetensors file: {e}") })?;
+    Ok(loaded.into_iter().collect())
+}
+
+/// A checkpoint's tensor name as the encoder names it: without the task model's prefix (`bert.`, `roberta.`,
+/// `electra.`, `distilbert.`), and DistilBERT's block names as BERT's.
+pub fn canonical_name(name: &str) -> String {
+    let name =
+        ["bert.", "roberta.", "electra.", "distilbert."].iter().find_map(|p| name.strip_prefix(p)).unwrap_or(name);
+    let Some((layer, tail)) = name.strip_prefix("transformer.layer.").and_then(|rest| rest.split_once('.')) else {
+        return name.to_string();
+    };
+    let renames = [
+        ("attention.q_lin.", "attention.self.query."),
+        ("attention.k_lin.", "attention.self.key."),
+        ("attention.v_lin.", "attention.self.value."),
+        ("attention.out_lin.", "attention.output.dense."),
+        ("sa_layer_norm.", "attention.output.LayerNorm."),
+        ("ffn.lin1.", "intermediate.dense."),
+        ("ffn.lin2.", "output.dense."),
+        ("output_layer_norm.", "output.LayerNorm."),
+    ];
+    match renames.iter().find_map(|(from, to)| tail.strip_prefix(from).map(|p| format!("{to}{p}"))) {
+        Some(tail) => format!("encoder.layer.{layer}.{tail}"),
+        None => name.to_string(),
+    }
+}
+
 impl ParamBuilder {
     /// A builder over weights already in memory. `seed` drives the initialisation of absent parameters.
     pub fn new(source: HashMap<String, Tensor>, seed: u64, device: &Device) -> Self {
@@ -214,19 +244,51 @@ impl ParamBuilder {
         Self { inner: Rc::new(RefCell::new(inner)), prefix: String::new(), role: ParamRole::Embeddings }
     }
 
-    /// A builder over a safetensors file. Tensor names may carry a `bert.` prefix (as task models saved by
-    /// transformers do); it is stripped.
+    /// A builder over a model's weights: a safetensors file, the `model.safetensors.index.json` of sharded
+    /// ones (each shard it names, beside it), or a PyTorch `pytorch_model.bin` (read with candle's pickle
+    /// reader). Tensor names may carry a family's prefix (`bert.`, `roberta.`, `electra.`, `distilbert.`, as
+    /// task models saved by transformers do); it is stripped, and DistilBERT's names become BERT's
+    /// ([`canonical_name`]).
     pub fn from_safetensors(path: &Path, seed: u64, device: &Device) -> Result<Self> {
         if !path.exists() {
             return Err(NnError::File { path: path.to_owned(), message: "no such file".into() });
         }
-        let loaded = candle_core::safetensors::load(path, device).map_err(|e| NnError::File {
-            path: path.to_owned(),
-            message: format!("not a valid safetensors file: {e}"),
-        })?;
+        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let loaded: Vec<(String, Tensor)> = if name.ends_with(".index.json") {
+            let text = std::fs::read_to_string(path).map_err(|source| NnError::Io { path: path.to_owned(), source })?;
+            let index: serde_json::Value = serde_json::from_str(&text)
+                .map_err(|e| NnError::File { path: path.to_owned(), message: format!("not a shard index: {e}") })?;
+            let mut shards: Vec<&str> = index["weight_map"]
+                .as_object()
+                .ok_or_else(|| NnError::File { path: path.to_owned(), message: "no `weight_map`".into() })?
+                .values()
+                .filter_map(serde_json::Value::as_str)
+                .collect();
+            shards.sort_unstable();
+            shards.dedup();
+            let dir = path.parent().unwrap_or(Path::new(""));
+            let mut all = Vec::new();
+            for shard in shards {
+                if shard.contains(['/', '\\']) {
+                    return Err(NnError::File {
+                        path: path.to_owned(),
+                        message: format!("shard {shard:?} is not beside it"),
+                    });
+                }
+                all.extend(load_safetensors(&dir.join(shard), device)?);
+            }
+            all
+        } else if name.ends_with(".bin") || name.ends_with(".pt") || name.ends_with(".pth") {
+            candle_core::pickle::read_all(path).map_err(|e| NnError::File {
+                path: path.to_owned(),
+                message: format!("not a PyTorch state dict: {e}"),
+            })?
+        } else {
+            load_safetensors(path, device)?
+        };
         let source = loaded
             .into_iter()
-            .map(|(k, v)| (k.strip_prefix("bert.").map(String::from).unwrap_or(k), v))
+            .map(|(k, v)| (canonical_name(&k), v))
             .map(|(k, v)| Ok((k, v.to_dtype(DType::F32)?)))
             .collect::<Result<_>>()?;
         Ok(Self::new(source, seed, device))

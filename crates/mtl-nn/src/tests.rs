@@ -414,6 +414,8 @@ mod fused_encoder_properties {
         peft: Option<&PeftSpec>,
     ) -> Result<MultiTaskModel, NnError> {
         let config = BertConfig {
+            model_type: "bert".into(),
+            pad_token_id: None,
             vocab_size: 23,
             hidden_size: heads * head_dim,
             num_hidden_layers: layers,
@@ -579,4 +581,112 @@ mod fused_encoder_properties {
             prop_assert!(result.is_ok(), "{}", result.err().map(|e| e.to_string()).unwrap_or_default());
         }
     }
+}
+
+/// The other encoder families (`tests/fixtures/tiny-roberta`, `tiny-electra`, `tiny-distilbert`, made with
+/// transformers' own classes): each loads through its checkpoint's names and matches transformers' hidden
+/// states at the real tokens, the head's loss and every backbone gradient's norm, on both kernel paths.
+#[test]
+fn other_encoder_families_match_transformers() -> TestResult {
+    for family in ["tiny-roberta", "tiny-electra", "tiny-distilbert"] {
+        let dir = fixture_dir().join("..").join(family);
+        let reference: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json"))?)?;
+        let config = BertConfig::from_file(&dir.join("config.json"))?;
+        let batch = batch_from(&reference);
+        let mask = rows_u32(&reference["attention_mask"]).concat();
+        let expected: Vec<Vec<f64>> =
+            serde_json::from_value::<Vec<Vec<Vec<f64>>>>(reference["last_hidden_state"].clone())?.concat();
+        let tasks = BTreeMap::new();
+        for kernels in [Kernels::Fused, Kernels::Composed] {
+            let spec = ModelSpec { bert: &config, tasks: &tasks, dropout: 0.0, seed: 0, peft: None };
+            let mut model = MultiTaskModel::load(&spec, &dir.join("model.safetensors"), false, &Device::Cpu)?;
+            model.set_kernels(kernels);
+            let hidden = model.encode(&batch, Mode::Eval)?.to_vec2::<f32>()?;
+            let mut max_diff = 0f64;
+            // The padded places' states are masked out everywhere (transformers gives them other positions).
+            for ((row, want), &m) in hidden.iter().zip(&expected).zip(&mask) {
+                if m == 1 {
+                    for (a, b) in row.iter().zip(want) {
+                        max_diff = max_diff.max((f64::from(*a) - b).abs());
+                    }
+                }
+            }
+            assert!(max_diff < 1e-4, "{family} ({kernels:?}): max abs difference {max_diff}");
+        }
+        // Loss and gradients, the weights under the encoder's names and the fixture's head.
+        let mut weights: HashMap<String, Tensor> =
+            candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu)?
+                .into_iter()
+                .map(|(k, v)| (crate::canonical_name(&k), v))
+                .collect();
+        let head = &reference["head"];
+        let w: Vec<Vec<f32>> = serde_json::from_value(head["weight"].clone())?;
+        let b: Vec<f32> = serde_json::from_value(head["bias"].clone())?;
+        weights.insert("heads.cls.weight".into(), Tensor::new(w, &Device::Cpu)?);
+        weights.insert("heads.cls.bias".into(), Tensor::new(b, &Device::Cpu)?);
+        let task = TaskId::new("cls")?;
+        let tasks = BTreeMap::from([(task.clone(), HeadSpec::new(TaskKind::Classification, 3))]);
+        let model = MultiTaskModel::build(
+            &ModelSpec { bert: &config, tasks: &tasks, dropout: 0.0, seed: 0, peft: None },
+            weights,
+            &Device::Cpu,
+        )?;
+        let mut batch = batch_from(&reference);
+        batch.targets.insert(task, Targets::Class(serde_json::from_value(head["labels"].clone())?));
+        let losses = model.losses(&batch, Mode::Train)?;
+        let loss = &losses[0].loss;
+        let want = head["loss"].as_f64().ok_or("loss")?;
+        assert!((f64::from(loss.to_scalar::<f32>()?) - want).abs() < 1e-5, "{family}: loss");
+        let grads = model.backward(loss)?;
+        let norms = reference["grad_norms"].as_object().ok_or("grad norms")?;
+        assert_eq!(norms.len(), model.params().vars().len() - 2, "{family}: every backbone parameter is compared");
+        for (name, want) in norms {
+            let ours = crate::canonical_name(name);
+            let var = model.params().vars().get(&ours).ok_or_else(|| format!("{family}: no parameter {ours}"))?;
+            let got = grads.get(var.as_tensor()).map(|g| g.sqr()?.sum_all()?.sqrt()?.to_scalar::<f32>()).transpose()?;
+            let got = f64::from(got.unwrap_or(0.0));
+            let want = want.as_f64().ok_or("norm")?;
+            assert!((got - want).abs() <= 1e-4 + 1e-3 * want, "{family} {name}: gradient norm {got}, PyTorch {want}");
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn unsupported_encoder_families_are_named() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("config.json");
+    std::fs::write(&path, r#"{"model_type": "deberta-v2", "hidden_size": 32}"#)?;
+    let e = BertConfig::from_file(&path).expect_err("not loaded");
+    assert!(e.to_string().contains("\"deberta-v2\"") && e.to_string().contains("roberta, xlm-roberta"), "{e}");
+    std::fs::write(&path, r#"{"model_type": "electra", "embedding_size": 16, "hidden_size": 32}"#)?;
+    let e = BertConfig::from_file(&path).expect_err("not loaded");
+    assert!(e.to_string().contains("electra-small"), "{e}");
+    Ok(())
+}
+
+/// tiny-bert's weights saved as two safetensors shards with their index, and as PyTorch's pytorch_model.bin
+/// under `bert.` (tests/fixtures/tiny-bert-sharded, tiny-bert-bin): both load to transformers' hidden states.
+#[test]
+fn sharded_and_pytorch_weights_load() -> TestResult {
+    let reference = reference()?;
+    let config = BertConfig::from_file(&fixture_dir().join("config.json"))?;
+    let expected: Vec<Vec<f64>> =
+        serde_json::from_value::<Vec<Vec<Vec<f64>>>>(reference["last_hidden_state"].clone())?.concat();
+    let tasks = BTreeMap::new();
+    let spec = ModelSpec { bert: &config, tasks: &tasks, dropout: 0.0, seed: 0, peft: None };
+    let root = fixture_dir().join("..");
+    for weights in
+        [root.join("tiny-bert-sharded/model.safetensors.index.json"), root.join("tiny-bert-bin/pytorch_model.bin")]
+    {
+        let model = MultiTaskModel::load(&spec, &weights, false, &Device::Cpu)?;
+        let hidden = model.encode(&batch_from(&reference), Mode::Eval)?.to_vec2::<f32>()?;
+        let max_diff = hidden
+            .iter()
+            .zip(&expected)
+            .flat_map(|(row, want)| row.iter().zip(want).map(|(a, b)| (f64::from(*a) - b).abs()))
+            .fold(0f64, f64::max);
+        assert!(max_diff < 1e-4, "{}: max abs difference {max_diff}", weights.display());
+    }
+    Ok(())
 }

@@ -244,8 +244,8 @@ fn truncation(
 ) -> Result<(BTreeMap<String, usize>, Vec<usize>)> {
     let base = &config.model.path;
     let bert = mtl_nn::BertConfig::from_file(&base.join("config.json"))?;
-    let encoder =
-        TextEncoder::from_file(&base.join("tokenizer.json"), config.model.max_len.min(bert.max_position_embeddings))?;
+    let (tokenizer, source) = crate::vocab::base_tokenizer(base)?;
+    let encoder = TextEncoder::from_tokenizer(tokenizer, &source, config.model.max_len.min(bert.max_tokens()))?;
     let mut lenient = config.clone();
     for t in lenient.tasks.values_mut() {
         if t.unknown_label.is_none() {

@@ -118,7 +118,19 @@ fn write_files(dir: &Path, run_dir: &Path, model: &MultiTaskModel, files: &Check
         }
     }
     manifest.write(dir)?;
-    std::fs::copy(base.join(TOKENIZER), dir.join(TOKENIZER)).map_err(io_err(&base.join(TOKENIZER)))?;
+    // The base's tokenizer.json, or the one built from its vocab.txt.
+    match base.join(TOKENIZER).is_file() {
+        true => {
+            std::fs::copy(base.join(TOKENIZER), dir.join(TOKENIZER)).map(drop).map_err(io_err(&base.join(TOKENIZER)))?
+        }
+        false => {
+            let (tokenizer, source) = crate::vocab::base_tokenizer(base)?;
+            tokenizer.save(dir.join(TOKENIZER), false).map_err(|e| Error::Invalid {
+                path: source,
+                message: format!("cannot write its tokenizer.json: {e}"),
+            })?;
+        }
+    }
     // The base model's config.json, with the model's own depth (`mtl prune` drops layers).
     let config_path = base.join(MODEL_CONFIG);
     let text = std::fs::read_to_string(&config_path).map_err(io_err(&config_path))?;

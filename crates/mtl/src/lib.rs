@@ -42,6 +42,7 @@ mod report;
 mod run;
 pub mod serve;
 mod train;
+mod vocab;
 
 use std::path::Path;
 

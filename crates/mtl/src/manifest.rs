@@ -97,6 +97,20 @@ pub fn is_run_dir(dir: &Path) -> bool {
 /// The index of a Hugging Face model whose weights are sharded (`model-0000X-of-0000Y.safetensors`).
 pub const SHARD_INDEX: &str = "model.safetensors.index.json";
 
+/// The file to load a base encoder's weights from: `model.safetensors`, else the shard index
+/// `model.safetensors.index.json`, else PyTorch's `pytorch_model.bin` (as transformers looks for them);
+/// `model.safetensors` where none is there, for the error that names it.
+pub fn encoder_weights(base: &Path) -> PathBuf {
+    [WEIGHTS, SHARD_INDEX, PYTORCH_WEIGHTS]
+        .iter()
+        .map(|name| base.join(name))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| base.join(WEIGHTS))
+}
+
+/// PyTorch's weights file, read where a model has no safetensors.
+pub const PYTORCH_WEIGHTS: &str = "pytorch_model.bin";
+
 /// The files that hold a base model's weights: the (GGUF) file itself; or of a directory, `model.safetensors`,
 /// else the shards its `model.safetensors.index.json` names (each once, in name order). A file that is named
 /// but not there is returned all the same, for the caller to report.
@@ -106,6 +120,10 @@ pub fn weight_files(base: &Path) -> Result<Vec<PathBuf>> {
     }
     let single = base.join(WEIGHTS);
     let index = base.join(SHARD_INDEX);
+    let pytorch = base.join(PYTORCH_WEIGHTS);
+    if !single.exists() && !index.exists() && pytorch.exists() {
+        return Ok(vec![pytorch]);
+    }
     if single.exists() || !index.exists() {
         return Ok(vec![single]);
     }

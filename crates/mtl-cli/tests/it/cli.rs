@@ -442,3 +442,61 @@ fn init_writes_a_config_that_trains() -> TestResult {
     assert!(!o.status.success() && stderr(&o).contains("--force"), "{}", stderr(&o));
     Ok(())
 }
+
+/// RoBERTa-, ELECTRA- and DistilBERT-family encoders (the tiny random ones of tests/fixtures, with tiny-bert's
+/// tokenizer) train, predict and evaluate like BERT; their export is refused with the reason.
+#[test]
+fn other_encoder_families_train_and_predict() -> TestResult {
+    let p = Project::new()?;
+    let bert = repo_root().join("tests/fixtures/tiny-bert");
+    let config = std::fs::read_to_string(p.path("config.toml"))?;
+    for family in ["roberta", "electra", "distilbert"] {
+        let model = p.path(family);
+        std::fs::create_dir(&model)?;
+        let fixture = repo_root().join(format!("tests/fixtures/tiny-{family}"));
+        std::fs::copy(fixture.join("config.json"), model.join("config.json"))?;
+        std::fs::copy(fixture.join("model.safetensors"), model.join("model.safetensors"))?;
+        std::fs::copy(bert.join("tokenizer.json"), model.join("tokenizer.json"))?;
+        let file = format!("{family}.toml");
+        std::fs::write(p.path(&file), config.replace(&bert.display().to_string(), &model.display().to_string()))?;
+        let out = format!("run-{family}");
+        let o = p.mtl(&["train", &file, "--out", &out, "--set", "training.epochs=2"])?;
+        assert!(o.status.success(), "{family}: {}", stderr(&o));
+        let o = mtl(p.dir.path(), &["predict", "--model", &out], Some("show me flights to boston\n"))?;
+        let record: Value = serde_json::from_slice(&o.stdout)?;
+        assert!(record["predictions"]["intent"]["label"].is_string(), "{family}: {record}");
+        let o = p.mtl(&["eval", "--model", &out])?;
+        assert!(o.status.success(), "{family}: {}", stderr(&o));
+        let o = p.mtl(&["export", "--model", &out, "--out", &format!("hf-{family}")])?;
+        assert!(!o.status.success() && stderr(&o).contains("not exported yet"), "{family}: {}", stderr(&o));
+    }
+    Ok(())
+}
+
+/// A base model saved as PyTorch's pytorch_model.bin with a WordPiece vocab.txt and no tokenizer.json
+/// (tests/fixtures/tiny-bert-bin) trains, fully and with LoRA on it; the run carries the tokenizer built from
+/// the vocabulary and predicts like the same weights from safetensors.
+#[test]
+fn pytorch_weights_and_a_vocab_txt_train() -> TestResult {
+    let p = Project::new()?;
+    let bert = repo_root().join("tests/fixtures/tiny-bert");
+    let bin = repo_root().join("tests/fixtures/tiny-bert-bin");
+    let config = std::fs::read_to_string(p.path("config.toml"))?;
+    std::fs::write(p.path("bin.toml"), config.replace(&bert.display().to_string(), &bin.display().to_string()))?;
+    let mut outputs = Vec::new();
+    for (file, out) in [("config.toml", "safetensors"), ("bin.toml", "bin")] {
+        let o = p.mtl(&["train", file, "--out", out, "--set", "training.epochs=2"])?;
+        assert!(o.status.success(), "{out}: {}", stderr(&o));
+        let o = mtl(p.dir.path(), &["predict", "--model", out], Some("show me flights to boston\n"))?;
+        outputs.push(String::from_utf8(o.stdout)?);
+    }
+    assert!(p.path("bin/tokenizer.json").is_file(), "the run carries the tokenizer built from vocab.txt");
+    // The same weights and WordPiece vocabulary: the same predictions as from tiny-bert's own files.
+    assert_eq!(outputs[0], outputs[1]);
+    let o =
+        p.mtl(&["train", "bin.toml", "--out", "lora", "--set", "training.epochs=1", "--set", "peft.method=\"lora\""])?;
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = mtl(p.dir.path(), &["predict", "--model", "lora"], Some("show me flights to boston\n"))?;
+    assert!(o.status.success(), "{}", stderr(&o));
+    Ok(())
+}

@@ -100,10 +100,7 @@ impl EncoderRun {
             require_file(&dir.join(name), what)?;
         }
         let bert = BertConfig::from_file(&dir.join(files::MODEL_CONFIG))?;
-        let encoder = TextEncoder::from_file(
-            &dir.join(files::TOKENIZER),
-            config.model.max_len.min(bert.max_position_embeddings),
-        )?;
+        let encoder = TextEncoder::from_file(&dir.join(files::TOKENIZER), config.model.max_len.min(bert.max_tokens()))?;
         let sizes = head_specs(&config, &labels);
         let peft = crate::peft::encoder_spec(&config, &bert);
         let spec = model_spec(&config, &bert, &sizes, peft.as_ref());
@@ -111,7 +108,7 @@ impl EncoderRun {
             (Some(base), _) => {
                 let mut model = MultiTaskModel::load_with_adapters(
                     &spec,
-                    &base.join(files::WEIGHTS),
+                    &crate::manifest::encoder_weights(base),
                     &dir.join(files::ADAPTERS),
                     &Device::Cpu,
                 )?;

@@ -22,14 +22,12 @@ use crate::Architecture;
 /// Trains `config` (an encoder's) into `out`, which the caller has prepared (fresh, or resumable).
 pub(crate) fn train(config: &Config, out: &Path, select: Select, resume: bool) -> Result<TrainReport> {
     let base = &config.model.path;
-    for (name, what) in
-        [("config.json", "model config"), ("model.safetensors", "model weights"), ("tokenizer.json", "tokenizer")]
-    {
-        require_file(&base.join(name), what)?;
-    }
+    let weights = crate::manifest::encoder_weights(base);
+    require_file(&base.join("config.json"), "model config")?;
+    require_file(&weights, "model weights (model.safetensors, its shards' index, or pytorch_model.bin)")?;
     let bert = BertConfig::from_file(&base.join("config.json"))?;
-    let encoder =
-        TextEncoder::from_file(&base.join("tokenizer.json"), config.model.max_len.min(bert.max_position_embeddings))?;
+    let (tokenizer, source) = crate::vocab::base_tokenizer(base)?;
+    let encoder = TextEncoder::from_tokenizer(tokenizer, &source, config.model.max_len.min(bert.max_tokens()))?;
 
     // Read and check all data before training, so that bad input fails fast and writes nothing.
     let raw_train = mtl_data::read_split(config, Split::Train)?;
@@ -43,12 +41,7 @@ pub(crate) fn train(config: &Config, out: &Path, select: Select, resume: bool) -
     };
     let sizes = head_specs(config, &labels);
     let peft = crate::peft::encoder_spec(config, &bert);
-    let model = MultiTaskModel::load(
-        &model_spec(config, &bert, &sizes, peft.as_ref()),
-        &base.join("model.safetensors"),
-        false,
-        &Device::Cpu,
-    )?;
+    let model = MultiTaskModel::load(&model_spec(config, &bert, &sizes, peft.as_ref()), &weights, false, &Device::Cpu)?;
     let trained: usize = model
         .params()
         .with_roles()
