@@ -21,11 +21,11 @@ It writes:
   tiny-bert/prefix.*    prefix tuning (3 positions, two adapters, random N(0, 1) prefixes) with transformers'
                         BertSelfAttention patched to prepend them: each adapter's last_hidden_state, a mixed batch,
                         a head's loss and the gradient norms of adapter "intent"
-  tiny-roberta/, tiny-electra/, tiny-distilbert/
+  tiny-roberta/, tiny-electra/, tiny-distilbert/, tiny-mpnet/
                         tiny random encoders of the other families the BERT backbone loads (seed 0), each with
                         tiny-bert's references (hidden states; a [CLS] head's loss and every gradient norm): RoBERTa
                         (positions from pad_token_id + 1) under `roberta.`, ELECTRA under `electra.`, DistilBERT
-                        under its own names
+                        under its own names, MPNet (relative position bias; 30 tokens) under `mpnet.`
   tiny-bert-sharded/, tiny-bert-bin/
                         tiny-bert's weights as two safetensors shards with their index, and as pytorch_model.bin
                         (under `bert.`) beside a WordPiece vocab.txt, with transformers' BertTokenizerFast ids of a
@@ -179,7 +179,8 @@ def tiny_families():
     token type; its tensors saved under `roberta.`, as a task model saves them), tiny-electra/ (the
     discriminator's encoder, embeddings as wide as its blocks; under `electra.`) and tiny-distilbert/
     (DistilBERT's names and config, no token types)."""
-    from transformers import DistilBertConfig, DistilBertModel, ElectraConfig, ElectraModel, RobertaConfig, RobertaModel
+    from transformers import (DistilBertConfig, DistilBertModel, ElectraConfig, ElectraModel, MPNetConfig, MPNetModel,
+                              RobertaConfig, RobertaModel)
 
     common = dict(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
                   hidden_act="gelu", layer_norm_eps=1e-12)
@@ -191,10 +192,13 @@ def tiny_families():
         ("tiny-distilbert", DistilBertConfig(vocab_size=50, dim=32, n_layers=2, n_heads=4, hidden_dim=64,
                                              activation="gelu", max_position_embeddings=32, pad_token_id=0),
          DistilBertModel, "", 0),
+        # 40 positions, so that the relative position bias's logarithmic buckets are reached (beyond 8 apart).
+        ("tiny-mpnet", MPNetConfig(**common, max_position_embeddings=42, relative_attention_num_buckets=32,
+                                   pad_token_id=1), MPNetModel, "mpnet.", 1),
     ]
     for name, cfg, cls, prefix, pad in families:
         torch.manual_seed(0)
-        kwargs = {"add_pooling_layer": False} if cls is RobertaModel else {}
+        kwargs = {"add_pooling_layer": False} if cls in (RobertaModel, MPNetModel) else {}
         model = cls(cfg, **kwargs).eval()
         with torch.no_grad():
             for pname, p in model.named_parameters():
@@ -206,6 +210,11 @@ def tiny_families():
         state = {prefix + k: v.contiguous() for k, v in model.state_dict().items() if not k.endswith("position_ids")}
         save_file(state, d / "model.safetensors")
         ids = torch.tensor([[5, 7, 9, 11, 3, pad, pad], [5, 5, 6, 7, 8, 9, 3]])
+        if cls is MPNetModel:
+            # Long enough for buckets beyond the exact ones.
+            g = torch.Generator().manual_seed(1)
+            ids = torch.randint(5, 50, (2, 30), generator=g)
+            ids[0, 24:] = pad
         mask = (ids != pad).long()
         out = model(input_ids=ids, attention_mask=mask).last_hidden_state
         head = torch.nn.Linear(32, 3)

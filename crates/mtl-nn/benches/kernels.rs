@@ -105,6 +105,7 @@ fn encoder_stack(c: &mut Criterion) {
     let config = BertConfig {
         model_type: "bert".into(),
         pad_token_id: None,
+        relative_attention_num_buckets: None,
         vocab_size: 30522,
         hidden_size: HIDDEN,
         num_hidden_layers: 6,

@@ -243,8 +243,9 @@ fn spec_row(spec: &AttentionSpec, token: usize) -> usize {
     token * 3 * spec.hidden()
 }
 
-/// The same computation from composed candle ops (differentiable through candle's autograd).
-pub fn composed(qkv: &Tensor, spec: &AttentionSpec) -> Result<Tensor> {
+/// The same computation from composed candle ops (differentiable through candle's autograd), with `bias`
+/// (`[heads, seq, seq]`, MPNet's relative position bias) added to the scaled scores where given.
+pub fn composed(qkv: &Tensor, spec: &AttentionSpec, bias: Option<&Tensor>) -> Result<Tensor> {
     let (b, s, nh, d, h) = (spec.batch, spec.seq, spec.heads, spec.head_dim, spec.hidden());
     let heads = |part: usize| -> Result<Tensor> {
         Ok(qkv.narrow(1, part * h, h)?.reshape((b, s, nh, d))?.transpose(1, 2)?.contiguous()?)
@@ -252,7 +253,11 @@ pub fn composed(qkv: &Tensor, spec: &AttentionSpec) -> Result<Tensor> {
     let (q, k, v) = (heads(0)?, heads(1)?, heads(2)?);
     let keep: Vec<f32> = spec.key_mask.iter().map(|&m| if m == 0 { f32::MIN } else { 0.0 }).collect();
     let mask = Tensor::from_vec(keep, (b, 1, 1, s), qkv.device())?;
-    let scores = (q.matmul(&k.t()?)? * f64::from(spec.scale()))?.broadcast_add(&mask)?;
+    let mut scores = (q.matmul(&k.t()?)? * f64::from(spec.scale()))?;
+    if let Some(bias) = bias {
+        scores = scores.broadcast_add(bias)?;
+    }
+    let scores = scores.broadcast_add(&mask)?;
     let mut probs = softmax_last(&scores)?;
     if let Some(drop) = &spec.dropout {
         probs = (probs * Tensor::from_slice(drop.as_slice(), (b, nh, s, s), qkv.device())?)?;
@@ -324,7 +329,7 @@ mod tests {
                 &Device::Cpu,
             )?;
             let a = fused(qkv.as_tensor(), spec.clone())?;
-            let b = composed(qkv.as_tensor(), &spec)?;
+            let b = composed(qkv.as_tensor(), &spec, None)?;
             assert!(max_diff(&a, &b) < 1e-5, "values differ by {}", max_diff(&a, &b));
             let ga = (a * &weights)?.sum_all()?.backward()?;
             let gb = (b * &weights)?.sum_all()?.backward()?;

@@ -26,7 +26,10 @@ use crate::{NnError, Result};
 /// (positions offset by `pad_token_id + 1`, one token type, BPE or SentencePiece tokenizers), ELECTRA's
 /// discriminator (BERT's blocks; its embeddings as wide as the blocks), DistilBERT (BERT's blocks under other
 /// names, no token types).
-pub const ENCODER_FAMILIES: [&str; 6] = ["bert", "roberta", "xlm-roberta", "camembert", "electra", "distilbert"];
+/// MPNet adds a relative position bias (T5's buckets) to every layer's attention scores, which the composed
+/// path computes.
+pub const ENCODER_FAMILIES: [&str; 7] =
+    ["bert", "roberta", "xlm-roberta", "camembert", "electra", "distilbert", "mpnet"];
 
 /// The fields of a Hugging Face BERT `config.json` that the encoder uses (a family of
 /// [`ENCODER_FAMILIES`]); other keys are ignored.
@@ -38,6 +41,9 @@ pub struct BertConfig {
     /// RoBERTa's padding id, from which its positions count (`pad_token_id + 1` is the first).
     #[serde(default)]
     pub pad_token_id: Option<usize>,
+    /// MPNet: the buckets of its relative position bias (none for the other families).
+    #[serde(default)]
+    pub relative_attention_num_buckets: Option<usize>,
     pub vocab_size: usize,
     pub hidden_size: usize,
     pub num_hidden_layers: usize,
@@ -94,6 +100,14 @@ impl BertConfig {
         if model_type == "distilbert" {
             value = distilbert_as_bert(value).map_err(invalid)?;
         }
+        if model_type == "mpnet" {
+            // No token types; the bias's buckets are always there (32 unless the config says).
+            let o = value.as_object_mut().ok_or_else(|| invalid("a config is a JSON object".into()))?;
+            o.insert("type_vocab_size".into(), 0.into());
+            o.entry("relative_attention_num_buckets").or_insert(32.into());
+        } else if let Some(o) = value.as_object_mut() {
+            o.remove("relative_attention_num_buckets");
+        }
         if model_type == "electra" {
             let embedding = value["embedding_size"].as_u64();
             if embedding.is_some() && embedding != value["hidden_size"].as_u64() {
@@ -128,7 +142,7 @@ impl BertConfig {
     /// The first position's row in the position table: RoBERTa's families count from `pad_token_id + 1`.
     pub fn position_offset(&self) -> usize {
         match self.model_type.as_str() {
-            "roberta" | "xlm-roberta" | "camembert" => self.pad_token_id.unwrap_or(1) + 1,
+            "roberta" | "xlm-roberta" | "camembert" | "mpnet" => self.pad_token_id.unwrap_or(1) + 1,
             _ => 0,
         }
     }
@@ -137,6 +151,33 @@ impl BertConfig {
     pub fn max_tokens(&self) -> usize {
         self.max_position_embeddings - self.position_offset()
     }
+}
+
+/// MPNet's relative position bias for `s` positions, `[heads, s, s]`: each (query, key) pair's bucket of
+/// `key - query` (T5's bidirectional buckets: exact below a quarter of the buckets, logarithmic up to 128
+/// positions) looks up its row of `bias` (`[buckets, heads]`).
+fn relative_position_bias(bias: &Tensor, s: usize) -> Result<Tensor> {
+    let (buckets, heads) = bias.dims2()?;
+    let half = buckets / 2;
+    let exact = half / 2;
+    let max_distance = 128f64;
+    let bucket = |relative: i64| -> u32 {
+        let n = -relative;
+        let mut ret = if n < 0 { half } else { 0 };
+        let n = n.unsigned_abs() as usize;
+        ret += if n < exact {
+            n
+        } else {
+            let large = exact as f64
+                + ((n as f64 / exact as f64).ln() / (max_distance / exact as f64).ln() * (half - exact) as f64) as i64
+                    as f64;
+            (large as usize).min(half - 1)
+        };
+        ret as u32
+    };
+    let ids: Vec<u32> = (0..s).flat_map(|q| (0..s).map(move |k| bucket(k as i64 - q as i64))).collect();
+    let ids = Tensor::from_vec(ids, s * s, bias.device())?;
+    Ok(bias.index_select(&ids, 0)?.reshape((s, s, heads))?.permute((2, 0, 1))?.contiguous()?)
 }
 
 /// A DistilBERT `config.json` in BERT's fields: `dim`, `n_layers`, `n_heads`, `hidden_dim`, `activation`;
@@ -268,6 +309,8 @@ pub struct Bert {
     /// An int8 model's layers (inference only); its `Linear`s then hold no f32 projection weights (0-element
     /// tensors), and `forward`, export and quantisation check this field before any f32 path.
     int8: Option<Arc<Vec<Int8Layer>>>,
+    /// MPNet's relative position bias, `[buckets, heads]`, shared by every layer.
+    relative_bias: Option<Tensor>,
 }
 
 /// A batch: token ids and token types as `[batch, seq]` tensors; the attention mask (1 real, 0 padding) stays
@@ -396,6 +439,20 @@ impl Bert {
             }
             None => (embeddings, layers),
         };
+        let relative_bias = match config.relative_attention_num_buckets {
+            Some(buckets) => {
+                let bias = pb.pp("encoder").pp("relative_attention_bias").get(
+                    (buckets, config.num_attention_heads),
+                    "weight",
+                    Init::Normal { std: 0.02 },
+                )?;
+                Some(if peft.is_some() { bias.detach() } else { bias })
+            }
+            None => None,
+        };
+        if relative_bias.is_some() && int8.is_some() {
+            return Err(NnError::Unsupported("an int8 encoder has no relative position bias (MPNet)".into()));
+        }
         Ok(Self {
             config: config.clone(),
             embeddings,
@@ -406,6 +463,7 @@ impl Bert {
             peft: peft.cloned(),
             merged: None,
             int8,
+            relative_bias,
         })
     }
 
@@ -626,7 +684,7 @@ impl Bert {
         };
         // The fused encoder implements the erf GELU (BERT's) and LoRA; other activations and methods take the
         // composed path.
-        let fusable = peft.as_ref().is_none_or(|(spec, _)| spec.lora().is_some());
+        let fusable = peft.as_ref().is_none_or(|(spec, _)| spec.lora().is_some()) && self.relative_bias.is_none();
         if fusable
             && x.device().is_cpu()
             && self.kernels == Kernels::Fused
@@ -635,6 +693,10 @@ impl Bert {
             let lora = peft.as_ref().and_then(|(spec, routes)| spec.lora().map(|l| (l, &routes[..])));
             return self.fused_layers(&x, input, b, s, dropout, mode, lora);
         }
+        let position_bias = match &self.relative_bias {
+            Some(bias) => Some(relative_position_bias(bias, s)?),
+            None => None,
+        };
         let pass = peft.as_ref().map(|(spec, routes)| PeftPass {
             routes,
             seq: s,
@@ -645,7 +707,16 @@ impl Bert {
             frozen: false,
         });
         for layer in &self.layers {
-            x = self.layer_forward(layer, &x, &input.attention_mask, b, s, dropout, mode, pass.as_ref())?;
+            x = self.layer_forward(
+                layer,
+                &x,
+                &input.attention_mask,
+                (b, s),
+                dropout,
+                mode,
+                pass.as_ref(),
+                position_bias.as_ref(),
+            )?;
         }
         Ok(x)
     }
@@ -774,16 +845,17 @@ impl Bert {
     }
 
     #[allow(clippy::too_many_arguments)]
+    #[allow(clippy::too_many_arguments)]
     fn layer_forward(
         &self,
         l: &Layer,
         x: &Tensor,
         key_mask: &Arc<Vec<u32>>,
-        b: usize,
-        s: usize,
+        (b, s): (usize, usize),
         dropout: &DropoutRng,
         mode: Mode,
         peft: Option<&PeftPass>,
+        position_bias: Option<&Tensor>,
     ) -> Result<Tensor> {
         let nh = self.config.num_attention_heads;
         let head_dim = self.config.hidden_size / nh;
@@ -830,12 +902,19 @@ impl Bert {
         let spec =
             AttentionSpec { batch: b, seq: s, heads: nh, head_dim, key_mask: key_mask.clone(), dropout: attn_dropout };
         let ctx = match prefix {
+            Some(_) if position_bias.is_some() => {
+                return Err(NnError::Unsupported(
+                    "prefix tuning on MPNet (its relative position bias) is not supported; LoRA and adapters are"
+                        .into(),
+                ))
+            }
             Some((pass, p)) => {
                 let (k, v) = p.per_example(pass)?;
                 attention::with_prefix(&qkv, &k, &v, &spec)?
             }
+            None if position_bias.is_some() => attention::composed(&qkv, &spec, position_bias)?,
             None if x.device().is_cpu() => attention::fused(&qkv, spec)?,
-            None => attention::composed(&qkv, &spec)?,
+            None => attention::composed(&qkv, &spec, None)?,
         };
         let attn = adapt(LinearModule::AttentionOutput, &ctx, linear(&[&l.attn_out], &ctx)?)?;
         let attn = dropout.apply(&attn, mode)?;

@@ -207,10 +207,25 @@ fn load_safetensors(path: &Path, device: &Device) -> Result<Vec<(String, Tensor)
 }
 
 /// A checkpoint's tensor name as the encoder names it: without the task model's prefix (`bert.`, `roberta.`,
-/// `electra.`, `distilbert.`), and DistilBERT's block names as BERT's.
+/// `electra.`, `distilbert.`, `mpnet.`), and DistilBERT's and MPNet's block names as BERT's.
 pub fn canonical_name(name: &str) -> String {
-    let name =
-        ["bert.", "roberta.", "electra.", "distilbert."].iter().find_map(|p| name.strip_prefix(p)).unwrap_or(name);
+    let name = ["bert.", "roberta.", "electra.", "distilbert.", "mpnet."]
+        .iter()
+        .find_map(|p| name.strip_prefix(p))
+        .unwrap_or(name);
+    // MPNet's block names.
+    if let Some((layer, tail)) = name.strip_prefix("encoder.layer.").and_then(|rest| rest.split_once('.')) {
+        let renames = [
+            ("attention.attn.q.", "attention.self.query."),
+            ("attention.attn.k.", "attention.self.key."),
+            ("attention.attn.v.", "attention.self.value."),
+            ("attention.attn.o.", "attention.output.dense."),
+            ("attention.LayerNorm.", "attention.output.LayerNorm."),
+        ];
+        if let Some(tail) = renames.iter().find_map(|(from, to)| tail.strip_prefix(from).map(|p| format!("{to}{p}"))) {
+            return format!("encoder.layer.{layer}.{tail}");
+        }
+    }
     let Some((layer, tail)) = name.strip_prefix("transformer.layer.").and_then(|rest| rest.split_once('.')) else {
         return name.to_string();
     };

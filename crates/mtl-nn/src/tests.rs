@@ -416,6 +416,7 @@ mod fused_encoder_properties {
         let config = BertConfig {
             model_type: "bert".into(),
             pad_token_id: None,
+            relative_attention_num_buckets: None,
             vocab_size: 23,
             hidden_size: heads * head_dim,
             num_hidden_layers: layers,
@@ -588,7 +589,7 @@ mod fused_encoder_properties {
 /// states at the real tokens, the head's loss and every backbone gradient's norm, on both kernel paths.
 #[test]
 fn other_encoder_families_match_transformers() -> TestResult {
-    for family in ["tiny-roberta", "tiny-electra", "tiny-distilbert"] {
+    for family in ["tiny-roberta", "tiny-electra", "tiny-distilbert", "tiny-mpnet"] {
         let dir = fixture_dir().join("..").join(family);
         let reference: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json"))?)?;
         let config = BertConfig::from_file(&dir.join("config.json"))?;

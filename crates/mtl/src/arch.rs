@@ -13,7 +13,7 @@ use crate::error::{read_json, Error, Result};
 #[serde(rename_all = "lowercase")]
 pub enum Architecture {
     /// BERT-style encoders (our own trainable encoder with fused CPU kernels), HF safetensors directories: BERT,
-    /// RoBERTa, XLM-RoBERTa, CamemBERT, ELECTRA and DistilBERT.
+    /// RoBERTa, XLM-RoBERTa, CamemBERT, ELECTRA, DistilBERT and MPNet.
     Bert,
     /// Decoders of the Llama family (Llama, and Gemma 3's variations on it), GGUF files or HF safetensors
     /// directories.
@@ -22,8 +22,18 @@ pub enum Architecture {
 
 impl Architecture {
     /// The names `model_type` takes for each variant, as `config.json` and GGUF metadata spell them.
-    pub const NAMES: [&'static str; 9] =
-        ["bert", "roberta", "xlm-roberta", "camembert", "electra", "distilbert", "llama", "gemma3", "gemma3_text"];
+    pub const NAMES: [&'static str; 10] = [
+        "bert",
+        "roberta",
+        "xlm-roberta",
+        "camembert",
+        "electra",
+        "distilbert",
+        "mpnet",
+        "llama",
+        "gemma3",
+        "gemma3_text",
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -36,7 +46,9 @@ impl Architecture {
     pub fn from_model_type(model_type: &str, path: &Path) -> Result<Self> {
         match model_type {
             // The encoder families our BERT backbone loads (mtl_nn::ENCODER_FAMILIES).
-            "bert" | "roberta" | "xlm-roberta" | "camembert" | "electra" | "distilbert" => Ok(Architecture::Bert),
+            "bert" | "roberta" | "xlm-roberta" | "camembert" | "electra" | "distilbert" | "mpnet" => {
+                Ok(Architecture::Bert)
+            }
             // GGUF files name Gemma 3 `gemma3`, its text-only config.json `gemma3_text`.
             "llama" | "gemma3" | "gemma3_text" => Ok(Architecture::Llama),
             other => Err(Error::UnsupportedArchitecture {
@@ -112,7 +124,7 @@ mod tests {
         let e = Architecture::from_model_type("gpt2", Path::new("m/config.json")).expect_err("gpt2 is not implemented");
         assert_eq!(
             e.to_string(),
-            "m/config.json: unsupported model_type \"gpt2\"; supported: bert, roberta, xlm-roberta, camembert, electra, distilbert, llama, gemma3, gemma3_text"
+            "m/config.json: unsupported model_type \"gpt2\"; supported: bert, roberta, xlm-roberta, camembert, electra, distilbert, mpnet, llama, gemma3, gemma3_text"
         );
     }
 

@@ -172,6 +172,9 @@ impl Run {
                         "bottleneck adapters and prefix tuning change the network, so they cannot be written as a plain transformers model (LoRA merges into the weights and can)".into(),
                     ),
                     Operation::Quantize if int8 => Some("the model is int8 already".into()),
+                    Operation::Quantize if e.model.bert().config().relative_attention_num_buckets.is_some() => Some(
+                        "the int8 encoder has no relative position bias, which an MPNet model needs".into(),
+                    ),
                     Operation::Quantize if !merged => Some(
                         "int8 quantisation needs one set of encoder weights; this model has per-task adapters or adapters that do not merge (only a shared LoRA adapter merges)".into(),
                     ),

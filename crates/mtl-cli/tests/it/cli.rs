@@ -443,14 +443,14 @@ fn init_writes_a_config_that_trains() -> TestResult {
     Ok(())
 }
 
-/// RoBERTa-, ELECTRA- and DistilBERT-family encoders (the tiny random ones of tests/fixtures, with tiny-bert's
+/// RoBERTa-, ELECTRA-, DistilBERT- and MPNet-family encoders (the tiny random ones of tests/fixtures, with tiny-bert's
 /// tokenizer) train, predict and evaluate like BERT; their export is refused with the reason.
 #[test]
 fn other_encoder_families_train_and_predict() -> TestResult {
     let p = Project::new()?;
     let bert = repo_root().join("tests/fixtures/tiny-bert");
     let config = std::fs::read_to_string(p.path("config.toml"))?;
-    for family in ["roberta", "electra", "distilbert"] {
+    for family in ["roberta", "electra", "distilbert", "mpnet"] {
         let model = p.path(family);
         std::fs::create_dir(&model)?;
         let fixture = repo_root().join(format!("tests/fixtures/tiny-{family}"));
