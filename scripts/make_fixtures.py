@@ -53,6 +53,7 @@ It writes:
                         word splits, on SmolLM2's byte-level vocabulary and merges written into small GGUF files
   minilm-reference.json transformers' tokenization and last_hidden_state of all-MiniLM-L6-v2 on three
                         sentences (pretokenized words, as the token tasks feed them)
+  mpnet-reference.json  the same for all-mpnet-base-v2 (two sentences), after `scripts/fetch.sh`
   seqeval.json          random BIO tag sequences with seqeval's precision/recall/f1/accuracy (default mode)
   seqeval-report.json   random BIO and BIOES sequences with seqeval's classification_report (per type, averages)
   classification.json   random single-label predictions with scikit-learn's precision_recall_fscore_support
@@ -76,7 +77,7 @@ It writes:
                         scipy.optimize.minimize (SLSQP) exactly as the authors' code finds them, rescale = 1
 The tests themselves need none of these packages. `python scripts/make_fixtures.py metrics` writes only the
 metric fixtures (no torch needed for them, only scikit-learn, scipy, seqeval and rouge-score); `... weighting` writes only
-the last three, `... llama` only tiny-llama/, `... smollm2` only smollm2-reference.json, `... gemma3` only tiny-gemma3/ and gemma3-reference.json, `... llama3` only tiny-llama3/, `... families` only tiny-roberta/, tiny-electra/, tiny-distilbert/, tiny-bert-sharded/ and tiny-bert-bin/, `... pretokenizers` only pretokenizers.json, and `... lora` only tiny-bert/lora.*,
+the last three, `... llama` only tiny-llama/, `... smollm2` only smollm2-reference.json, `... gemma3` only tiny-gemma3/ and gemma3-reference.json, `... llama3` only tiny-llama3/, `... mpnet` only mpnet-reference.json, `... families` only tiny-roberta/, tiny-electra/, tiny-distilbert/, tiny-bert-sharded/ and tiny-bert-bin/, `... pretokenizers` only pretokenizers.json, and `... lora` only tiny-bert/lora.*,
 tiny-bert/bottleneck.* and tiny-bert/prefix.*.
 """
 import json
@@ -587,6 +588,31 @@ def minilm():
         "last_hidden_state": [[[round(x, 6) for x in tok_] for tok_ in s] for s in hidden.tolist()],
     }
     (OUT / "minilm-reference.json").write_text(json.dumps(ref))
+
+
+def mpnet():
+    """all-mpnet-base-v2 (assets/models, `scripts/fetch.sh`): transformers' MPNetModel's last hidden states of
+    two sentences given as words (ids, word ids, padding), as minilm-reference.json for MiniLM."""
+    from transformers import MPNetModel
+
+    path = ROOT / "assets" / "models" / "all-mpnet-base-v2"
+    tok = AutoTokenizer.from_pretrained(path)
+    model = MPNetModel.from_pretrained(path, add_pooling_layer=False).eval()
+    sentences = [
+        "show me flights from baltimore to dallas on june fourteenth".split(),
+        "Zürich naïve café , 1000 dollars ?".split(),
+    ]
+    enc = tok(sentences, is_split_into_words=True, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        hidden = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).last_hidden_state
+    ref = {
+        "words": sentences,
+        "input_ids": enc["input_ids"].tolist(),
+        "attention_mask": enc["attention_mask"].tolist(),
+        "word_ids": [enc.word_ids(i) for i in range(len(sentences))],
+        "last_hidden_state": [[[round(x, 6) for x in tok_] for tok_ in s] for s in hidden.tolist()],
+    }
+    (OUT / "mpnet-reference.json").write_text(json.dumps(ref))
 
 
 def seqeval_fixture():
@@ -1122,6 +1148,8 @@ if __name__ == "__main__":
     elif sys.argv[1:] == ["families"]:
         tiny_families()
         tiny_bert_formats()
+    elif sys.argv[1:] == ["mpnet"]:
+        mpnet()
     else:
         tiny_bert()
         tiny_families()
@@ -1134,6 +1162,7 @@ if __name__ == "__main__":
         bottleneck_fixture()
         prefix_fixture()
         minilm()
+        mpnet()
         smollm2_fixture()
         gemma3_fixture()
         pretokenizer_fixture()

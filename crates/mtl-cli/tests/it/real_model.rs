@@ -1,5 +1,6 @@
 //! all-MiniLM-L6-v2 (fetched by scripts/fetch.sh) against transformers: tokenization with word alignment and
-//! hidden states, from tests/fixtures/minilm-reference.json (made by scripts/make_fixtures.py).
+//! hidden states, from tests/fixtures/minilm-reference.json (made by scripts/make_fixtures.py); the same for
+//! all-mpnet-base-v2 (mpnet-reference.json).
 
 use std::collections::BTreeMap;
 
@@ -13,16 +14,31 @@ use crate::repo_root;
 
 #[test]
 fn minilm_matches_transformers() -> Result<(), Box<dyn std::error::Error>> {
-    let dir = repo_root().join("assets/models/all-MiniLM-L6-v2");
+    // BertModel without the pooler.
+    real_encoder_matches("all-MiniLM-L6-v2", "minilm-reference.json", 22_565_376)
+}
+
+/// all-mpnet-base-v2 (MPNet: relative position bias, positions from pad_token_id + 1), from
+/// tests/fixtures/mpnet-reference.json; `scripts/fetch.sh` fetches it.
+#[test]
+fn mpnet_matches_transformers() -> Result<(), Box<dyn std::error::Error>> {
+    // MPNetModel without the pooler (transformers counts 108,895,872).
+    real_encoder_matches("all-mpnet-base-v2", "mpnet-reference.json", 108_895_872)
+}
+
+/// The model `assets/models/MODEL` tokenizes the fixture's words as transformers did (ids, first sub-token of
+/// each word), has `params` parameters, and gives transformers' last hidden states at the real tokens.
+fn real_encoder_matches(name: &str, fixture: &str, params: usize) -> Result<(), Box<dyn std::error::Error>> {
+    let dir = repo_root().join("assets/models").join(name);
     assert!(dir.join("model.safetensors").is_file(), "{}: missing; run scripts/fetch.sh first", dir.display());
     let reference: Value =
-        serde_json::from_str(&std::fs::read_to_string(repo_root().join("tests/fixtures/minilm-reference.json"))?)?;
+        serde_json::from_str(&std::fs::read_to_string(repo_root().join("tests/fixtures").join(fixture))?)?;
     let words: Vec<Vec<String>> = serde_json::from_value(reference["words"].clone())?;
     let want_ids: Vec<Vec<u32>> = serde_json::from_value(reference["input_ids"].clone())?;
     let want_mask: Vec<Vec<u32>> = serde_json::from_value(reference["attention_mask"].clone())?;
     let word_ids: Vec<Vec<Option<usize>>> = serde_json::from_value(reference["word_ids"].clone())?;
 
-    // Tokenization: the fixed padding to 128 of the shipped tokenizer.json is overridden.
+    // Tokenization: a fixed padding of the shipped tokenizer.json is overridden.
     let encoder = TextEncoder::from_file(&dir.join("tokenizer.json"), 128)?;
     let seq = want_ids[0].len();
     let mut batch = HostBatch {
@@ -50,7 +66,7 @@ fn minilm_matches_transformers() -> Result<(), Box<dyn std::error::Error>> {
     let tasks = BTreeMap::new();
     let spec = ModelSpec { bert: &bert, tasks: &tasks, dropout: 0.1, seed: 0, peft: None };
     let model = MultiTaskModel::load(&spec, &dir.join("model.safetensors"), false, &Device::Cpu)?;
-    assert_eq!(model.params().num_params(), 22_565_376, "BertModel without the pooler");
+    assert_eq!(model.params().num_params(), params, "{name}: parameters");
     let hidden = model.encode(&batch, Mode::Eval)?.to_vec2::<f32>()?;
     let want: Vec<Vec<Vec<f64>>> = serde_json::from_value(reference["last_hidden_state"].clone())?;
     let mut max_diff = 0f64;
@@ -64,7 +80,7 @@ fn minilm_matches_transformers() -> Result<(), Box<dyn std::error::Error>> {
             }
         }
     }
-    assert!(max_diff < 1e-4, "max abs difference to transformers: {max_diff}");
+    assert!(max_diff < 1e-4, "{name}: max abs difference to transformers: {max_diff}");
     Ok(())
 }
 
