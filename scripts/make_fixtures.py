@@ -568,51 +568,43 @@ def tiny_tokenizer(path):
     tok.save(str(path))
 
 
-def minilm():
-    path = ROOT / "assets" / "models" / "all-MiniLM-L6-v2"
+def real_encoder_reference(model_dir, model_class, sentences, name):
+    """A real encoder's tokenization of `sentences` (words, as the token tasks feed them) and its last hidden
+    states, from transformers (`name` under tests/fixtures)."""
+    path = ROOT / "assets" / "models" / model_dir
     tok = AutoTokenizer.from_pretrained(path)
-    model = BertModel.from_pretrained(path, add_pooling_layer=False).eval()
+    model = model_class.from_pretrained(path, add_pooling_layer=False).eval()
+    enc = tok(sentences, is_split_into_words=True, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        hidden = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).last_hidden_state
+    ref = {
+        "words": sentences,
+        "input_ids": enc["input_ids"].tolist(),
+        "attention_mask": enc["attention_mask"].tolist(),
+        "word_ids": [enc.word_ids(i) for i in range(len(sentences))],
+        "last_hidden_state": [[[round(x, 6) for x in tok_] for tok_ in s] for s in hidden.tolist()],
+    }
+    (OUT / name).write_text(json.dumps(ref))
+
+
+def minilm():
     sentences = [
         "show me flights from baltimore to dallas on june fourteenth".split(),
         "what's the cheapest round-trip fare , please ?".split(),
         "Zürich naïve café 1000 dollars".split(),
     ]
-    enc = tok(sentences, is_split_into_words=True, padding=True, return_tensors="pt")
-    with torch.no_grad():
-        hidden = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).last_hidden_state
-    ref = {
-        "words": sentences,
-        "input_ids": enc["input_ids"].tolist(),
-        "attention_mask": enc["attention_mask"].tolist(),
-        "word_ids": [enc.word_ids(i) for i in range(len(sentences))],
-        "last_hidden_state": [[[round(x, 6) for x in tok_] for tok_ in s] for s in hidden.tolist()],
-    }
-    (OUT / "minilm-reference.json").write_text(json.dumps(ref))
+    real_encoder_reference("all-MiniLM-L6-v2", BertModel, sentences, "minilm-reference.json")
 
 
 def mpnet():
-    """all-mpnet-base-v2 (assets/models, `scripts/fetch.sh`): transformers' MPNetModel's last hidden states of
-    two sentences given as words (ids, word ids, padding), as minilm-reference.json for MiniLM."""
+    """all-mpnet-base-v2 (`scripts/fetch.sh`): transformers' MPNetModel on two sentences."""
     from transformers import MPNetModel
 
-    path = ROOT / "assets" / "models" / "all-mpnet-base-v2"
-    tok = AutoTokenizer.from_pretrained(path)
-    model = MPNetModel.from_pretrained(path, add_pooling_layer=False).eval()
     sentences = [
         "show me flights from baltimore to dallas on june fourteenth".split(),
         "Zürich naïve café , 1000 dollars ?".split(),
     ]
-    enc = tok(sentences, is_split_into_words=True, padding=True, return_tensors="pt")
-    with torch.no_grad():
-        hidden = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).last_hidden_state
-    ref = {
-        "words": sentences,
-        "input_ids": enc["input_ids"].tolist(),
-        "attention_mask": enc["attention_mask"].tolist(),
-        "word_ids": [enc.word_ids(i) for i in range(len(sentences))],
-        "last_hidden_state": [[[round(x, 6) for x in tok_] for tok_ in s] for s in hidden.tolist()],
-    }
-    (OUT / "mpnet-reference.json").write_text(json.dumps(ref))
+    real_encoder_reference("all-mpnet-base-v2", MPNetModel, sentences, "mpnet-reference.json")
 
 
 def seqeval_fixture():

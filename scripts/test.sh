@@ -81,6 +81,15 @@ else
   echo "export check skipped: no bench environment (.venv with torch and transformers; scripts/bench-env.sh makes it)"
 fi
 
+# The Dockerfile of `mtl serve`, built where a Docker daemon answers (not on the development machines).
+if command -v docker > /dev/null 2>&1 && docker info > /dev/null 2>&1; then
+  docker build --quiet --tag mtl-serve-test . > /dev/null || { echo "docker build failed"; exit 1; }
+  docker run --rm mtl-serve-test --version || { echo "the image does not run mtl"; exit 1; }
+  echo "docker: the image builds and runs"
+else
+  echo "docker build skipped: no Docker daemon here"
+fi
+
 # Fuzzing of the server's request parsing and checking (fuzz/, cargo fuzz on nightly Rust), a minute per target;
 # a long run is scripts/fuzz.sh 3600.
 if scripts/fuzz.sh 60 > "$run/fuzz.log" 2>&1; then

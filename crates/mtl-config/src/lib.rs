@@ -14,6 +14,7 @@ mod model;
 mod overrides;
 use overrides::apply_override;
 mod paths;
+pub use paths::normalize as normalize_path;
 mod peft;
 mod recipe;
 pub mod reference;

@@ -71,7 +71,7 @@ fn resolve_path(path: &Path, base: &Path) -> Option<(PathBuf, bool)> {
 }
 
 /// `path` without `.` and `name/..` components (lexically: what a symbolic link points to is not read).
-fn normalize(path: &Path) -> PathBuf {
+pub fn normalize(path: &Path) -> PathBuf {
     let mut out = PathBuf::new();
     for component in path.components() {
         match component {

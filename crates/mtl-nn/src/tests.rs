@@ -70,10 +70,19 @@ fn hidden_states_match_transformers() -> TestResult {
 
 #[test]
 fn loss_and_gradients_match_pytorch() -> TestResult {
-    let reference = reference()?;
-    let config = BertConfig::from_file(&fixture_dir().join("config.json"))?;
+    head_loss_and_gradients_match(&fixture_dir(), "tiny-bert")
+}
+
+/// The fixture in `dir` (its weights under the encoder's names) with its reference's classification head on the
+/// first token: the cross-entropy loss and every backbone gradient's norm are PyTorch's.
+fn head_loss_and_gradients_match(dir: &std::path::Path, what: &str) -> TestResult {
+    let reference: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json"))?)?;
+    let config = BertConfig::from_file(&dir.join("config.json"))?;
     let mut weights: HashMap<String, Tensor> =
-        candle_core::safetensors::load(fixture_dir().join("model.safetensors"), &Device::Cpu)?;
+        candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu)?
+            .into_iter()
+            .map(|(k, v)| (crate::canonical_name(&k), v))
+            .collect();
     let head = &reference["head"];
     let w: Vec<Vec<f32>> = serde_json::from_value(head["weight"].clone())?;
     let b: Vec<f32> = serde_json::from_value(head["bias"].clone())?;
@@ -91,17 +100,18 @@ fn loss_and_gradients_match_pytorch() -> TestResult {
     batch.targets.insert(task, Targets::Class(labels));
     let losses = model.losses(&batch, Mode::Train)?;
     let loss = &losses[0].loss;
-    let want = head["loss"].as_f64().expect("loss");
-    assert!((f64::from(loss.to_scalar::<f32>()?) - want).abs() < 1e-5);
+    let want = head["loss"].as_f64().ok_or("loss")?;
+    assert!((f64::from(loss.to_scalar::<f32>()?) - want).abs() < 1e-5, "{what}: loss");
     let grads = model.backward(loss)?;
-    let norms = reference["grad_norms"].as_object().expect("grad norms");
-    assert_eq!(norms.len(), model.params().vars().len() - 2, "every backbone parameter is compared");
+    let norms = reference["grad_norms"].as_object().ok_or("grad norms")?;
+    assert_eq!(norms.len(), model.params().vars().len() - 2, "{what}: every backbone parameter is compared");
     for (name, want) in norms {
-        let var = &model.params().vars()[name];
+        let ours = crate::canonical_name(name);
+        let var = model.params().vars().get(&ours).ok_or_else(|| format!("{what}: no parameter {ours}"))?;
         let got = grads.get(var.as_tensor()).map(|g| g.sqr()?.sum_all()?.sqrt()?.to_scalar::<f32>()).transpose()?;
         let got = f64::from(got.unwrap_or(0.0));
-        let want = want.as_f64().expect("norm");
-        assert!((got - want).abs() <= 1e-4 + 1e-3 * want, "{name}: gradient norm {got}, PyTorch {want}");
+        let want = want.as_f64().ok_or("norm")?;
+        assert!((got - want).abs() <= 1e-4 + 1e-3 * want, "{what} {name}: gradient norm {got}, PyTorch {want}");
     }
     Ok(())
 }
@@ -614,41 +624,7 @@ fn other_encoder_families_match_transformers() -> TestResult {
             }
             assert!(max_diff < 1e-4, "{family} ({kernels:?}): max abs difference {max_diff}");
         }
-        // Loss and gradients, the weights under the encoder's names and the fixture's head.
-        let mut weights: HashMap<String, Tensor> =
-            candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu)?
-                .into_iter()
-                .map(|(k, v)| (crate::canonical_name(&k), v))
-                .collect();
-        let head = &reference["head"];
-        let w: Vec<Vec<f32>> = serde_json::from_value(head["weight"].clone())?;
-        let b: Vec<f32> = serde_json::from_value(head["bias"].clone())?;
-        weights.insert("heads.cls.weight".into(), Tensor::new(w, &Device::Cpu)?);
-        weights.insert("heads.cls.bias".into(), Tensor::new(b, &Device::Cpu)?);
-        let task = TaskId::new("cls")?;
-        let tasks = BTreeMap::from([(task.clone(), HeadSpec::new(TaskKind::Classification, 3))]);
-        let model = MultiTaskModel::build(
-            &ModelSpec { bert: &config, tasks: &tasks, dropout: 0.0, seed: 0, peft: None },
-            weights,
-            &Device::Cpu,
-        )?;
-        let mut batch = batch_from(&reference);
-        batch.targets.insert(task, Targets::Class(serde_json::from_value(head["labels"].clone())?));
-        let losses = model.losses(&batch, Mode::Train)?;
-        let loss = &losses[0].loss;
-        let want = head["loss"].as_f64().ok_or("loss")?;
-        assert!((f64::from(loss.to_scalar::<f32>()?) - want).abs() < 1e-5, "{family}: loss");
-        let grads = model.backward(loss)?;
-        let norms = reference["grad_norms"].as_object().ok_or("grad norms")?;
-        assert_eq!(norms.len(), model.params().vars().len() - 2, "{family}: every backbone parameter is compared");
-        for (name, want) in norms {
-            let ours = crate::canonical_name(name);
-            let var = model.params().vars().get(&ours).ok_or_else(|| format!("{family}: no parameter {ours}"))?;
-            let got = grads.get(var.as_tensor()).map(|g| g.sqr()?.sum_all()?.sqrt()?.to_scalar::<f32>()).transpose()?;
-            let got = f64::from(got.unwrap_or(0.0));
-            let want = want.as_f64().ok_or("norm")?;
-            assert!((got - want).abs() <= 1e-4 + 1e-3 * want, "{family} {name}: gradient norm {got}, PyTorch {want}");
-        }
+        head_loss_and_gradients_match(&dir, family)?;
     }
     Ok(())
 }

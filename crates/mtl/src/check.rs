@@ -246,12 +246,7 @@ fn truncation(
     let bert = mtl_nn::BertConfig::from_file(&base.join("config.json"))?;
     let (tokenizer, source) = crate::vocab::base_tokenizer(base)?;
     let encoder = TextEncoder::from_tokenizer(tokenizer, &source, config.model.max_len.min(bert.max_tokens()))?;
-    let mut lenient = config.clone();
-    for t in lenient.tasks.values_mut() {
-        if t.unknown_label.is_none() {
-            t.skip_unseen_labels = true;
-        }
-    }
+    let lenient = lenient(config);
     let mut out = BTreeMap::new();
     let mut lengths = Vec::new();
     for (split, examples) in raw {
@@ -263,6 +258,18 @@ fn truncation(
         out.insert(split.name().to_string(), data.truncated);
     }
     Ok((out, lengths))
+}
+
+/// `config` with dev and test labels outside the sets left out (where no `unknown_label` maps them), so that
+/// counting what `model.max_len` cuts does not stop at them.
+fn lenient(config: &Config) -> Config {
+    let mut lenient = config.clone();
+    for t in lenient.tasks.values_mut() {
+        if t.unknown_label.is_none() {
+            t.skip_unseen_labels = true;
+        }
+    }
+    lenient
 }
 
 /// A decoder's training sequences (prompt and answer, in the chat template) cut at `model.max_len`, by split,
@@ -283,12 +290,7 @@ fn decoder_truncation(
     };
     let train = raw.get(&Split::Train).map_or(&[][..], Vec::as_slice);
     let labels = mtl_data::prompt::with_fallback_means(labels.clone(), config, train);
-    let mut lenient = config.clone();
-    for t in lenient.tasks.values_mut() {
-        if t.unknown_label.is_none() {
-            t.skip_unseen_labels = true;
-        }
-    }
+    let lenient = lenient(config);
     let mut out = BTreeMap::new();
     let mut lengths = Vec::new();
     for (split, examples) in raw {

@@ -685,18 +685,7 @@ fn toml_string(s: &str) -> String {
 }
 
 fn absolute(path: &Path) -> Result<PathBuf> {
-    let abs = std::path::absolute(path).map_err(Error::io(path))?;
-    let mut out = PathBuf::new();
-    for component in abs.components() {
-        match component {
-            Component::CurDir => {}
-            Component::ParentDir if matches!(out.components().next_back(), Some(Component::Normal(_))) => {
-                out.pop();
-            }
-            other => out.push(other),
-        }
-    }
-    Ok(out)
+    Ok(mtl_config::normalize_path(&std::path::absolute(path).map_err(Error::io(path))?))
 }
 
 /// `path` relative to `folder` (both absolute), as the config writes it.
