@@ -32,6 +32,10 @@ pub struct TextEncoder {
     tokenizer: Tokenizer,
     /// The same tokenizer without truncation, for inputs cut into windows.
     whole: Tokenizer,
+    /// The tokenizer of pre-split words: a byte-level BPE's (RoBERTa's) with a prefix space, so that every word
+    /// is tokenized as it is after a space in running text (transformers requires `add_prefix_space=True` for
+    /// `is_split_into_words`); the same tokenizer otherwise.
+    words: Tokenizer,
     max_len: usize,
 }
 
@@ -51,7 +55,15 @@ impl TextEncoder {
         tokenizer
             .with_truncation(Some(TruncationParams { max_length: max_len, ..Default::default() }))
             .map_err(|e| err(e.to_string()))?;
-        Ok(Self { tokenizer, whole, max_len })
+        let mut words = tokenizer.clone();
+        if let Some(tokenizers::PreTokenizerWrapper::ByteLevel(level)) = tokenizer.get_pre_tokenizer() {
+            if !level.add_prefix_space {
+                let mut level = *level;
+                level.add_prefix_space = true;
+                words.with_pre_tokenizer(Some(level));
+            }
+        }
+        Ok(Self { tokenizer, whole, words, max_len })
     }
 
     /// BERT's WordPiece tokenizer from a `vocab.txt` (one token per line, `[CLS]`, `[SEP]`, `[UNK]` among
@@ -115,7 +127,7 @@ impl TextEncoder {
             Input::Question { question, context } => self.tokenizer.encode((question.as_str(), context.as_str()), true),
             Input::Words(w) => {
                 let words: Vec<&str> = w.iter().map(String::as_str).collect();
-                self.tokenizer.encode(words.as_slice(), true)
+                self.words.encode(words.as_slice(), true)
             }
         }
         .map_err(|e| format!("cannot tokenize: {e}"))?;
@@ -219,6 +231,39 @@ mod wordpiece_tests {
             assert_eq!(serde_json::to_value(got.get_ids())?, p["ids"], "{a} / {b}");
             assert_eq!(serde_json::to_value(got.get_type_ids())?, p["type_ids"], "{a} / {b}");
         }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod byte_level_tests {
+    use super::*;
+
+    /// A byte-level BPE without a prefix space (RoBERTa's tokenizer.json): running text tokenizes its first
+    /// word bare and the others with their space (`Ġ`); pre-split words each take the spaced form, as
+    /// transformers tokenizes them with `add_prefix_space=True` (which it requires for split words).
+    #[test]
+    fn split_words_take_the_spaced_form_under_byte_level_bpe() -> std::result::Result<(), Box<dyn std::error::Error>> {
+        let vocab = serde_json::json!({"<s>": 0, "</s>": 1, "hello": 2, "world": 3, "\u{120}hello": 4, "\u{120}world": 5,
+                                       "h": 6, "e": 7, "l": 8, "o": 9, "w": 10, "r": 11, "d": 12, "\u{120}": 13});
+        let json = serde_json::json!({
+            "version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
+            "normalizer": null,
+            "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true},
+            "post_processor": {"type": "RobertaProcessing", "sep": ["</s>", 1], "cls": ["<s>", 0],
+                               "trim_offsets": true, "add_prefix_space": false},
+            "decoder": {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true},
+            "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": "",
+                      "end_of_word_suffix": "", "fuse_unk": false, "byte_fallback": false, "ignore_merges": true,
+                      "vocab": vocab, "merges": []}
+        });
+        let tokenizer: Tokenizer = json.to_string().parse().map_err(|e| format!("{e}"))?;
+        let encoder = TextEncoder::from_tokenizer(tokenizer, Path::new("t.json"), 16)?;
+        let text = encoder.encode(&Input::Text("hello world".into()))?;
+        assert_eq!(text.ids, [0, 2, 5, 1]);
+        let words = encoder.encode(&Input::Words(vec!["hello".into(), "world".into()]))?;
+        assert_eq!(words.ids, [0, 4, 5, 1]);
+        assert_eq!(words.word_starts, [Some(1), Some(2)]);
         Ok(())
     }
 }

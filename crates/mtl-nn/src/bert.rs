@@ -31,6 +31,9 @@ use crate::{NnError, Result};
 pub const ENCODER_FAMILIES: [&str; 7] =
     ["bert", "roberta", "xlm-roberta", "camembert", "electra", "distilbert", "mpnet"];
 
+/// The parameter of MPNet's relative position bias.
+pub(crate) const RELATIVE_BIAS: &str = "encoder.relative_attention_bias.weight";
+
 /// The fields of a Hugging Face BERT `config.json` that the encoder uses (a family of
 /// [`ENCODER_FAMILIES`]); other keys are ignored.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -195,7 +198,8 @@ fn distilbert_as_bert(mut v: serde_json::Value) -> std::result::Result<serde_jso
         ("activation", "hidden_act"),
     ] {
         let value = o.remove(from).ok_or(format!("DistilBERT config without `{from}`"))?;
-        o.insert(to.into(), value);
+        // A run's config.json holds its own depth beside DistilBERT's (`mtl prune` writes it).
+        o.entry(to).or_insert(value);
     }
     o.insert("type_vocab_size".into(), 0.into());
     o.entry("layer_norm_eps").or_insert(1e-12.into());
@@ -441,7 +445,9 @@ impl Bert {
         };
         let relative_bias = match config.relative_attention_num_buckets {
             Some(buckets) => {
-                let bias = pb.pp("encoder").pp("relative_attention_bias").get(
+                // Every layer reads it: it learns at the top layer's rate and thaws with the first layer.
+                let top = mtl_core::ParamRole::Layer(config.num_hidden_layers.saturating_sub(1));
+                let bias = pb.pp("encoder").pp("relative_attention_bias").with_role(top).get(
                     (buckets, config.num_attention_heads),
                     "weight",
                     Init::Normal { std: 0.02 },
@@ -450,6 +456,11 @@ impl Bert {
             }
             None => None,
         };
+        if relative_bias.is_some() && peft.is_some_and(|p| matches!(p.kind, PeftKind::Prefix { .. })) {
+            return Err(NnError::Unsupported(
+                "prefix tuning on MPNet (its relative position bias) is not supported; LoRA and adapters are".into(),
+            ));
+        }
         if relative_bias.is_some() && int8.is_some() {
             return Err(NnError::Unsupported("an int8 encoder has no relative position bias (MPNet)".into()));
         }

@@ -127,7 +127,8 @@ impl MultiTaskModel {
     pub fn prune_top_layers(&mut self, n: usize) -> Result<()> {
         self.bert.drop_top_layers(n)?;
         let kept = self.bert.config().num_hidden_layers;
-        self.params.remove(|_, role| role.layer().is_none_or(|l| l < kept));
+        // MPNet's relative position bias has the top layer's role but serves every layer: it stays.
+        self.params.remove(|name, role| role.layer().is_none_or(|l| l < kept) || name == crate::bert::RELATIVE_BIAS);
         Ok(())
     }
 

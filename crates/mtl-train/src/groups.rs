@@ -22,7 +22,9 @@ pub fn param_group(name: &str, role: &ParamRole, config: &Config, num_layers: us
     let no_decay = name.ends_with(".bias")
         || name.contains("LayerNorm")
         || name.contains("layernorm")
-        || name.ends_with("norm.weight");
+        || name.ends_with("norm.weight")
+        // MPNet's relative position bias (Trainer leaves every name with "bias" undecayed).
+        || name.contains("relative_attention_bias");
     let depth_below_top = role.layer().map_or(num_layers, |i| num_layers.saturating_sub(i + 1));
     let lr = match role {
         ParamRole::Head(_) => config.head_lr(),

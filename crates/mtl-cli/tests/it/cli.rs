@@ -469,6 +469,17 @@ fn other_encoder_families_train_and_predict() -> TestResult {
         assert!(o.status.success(), "{family}: {}", stderr(&o));
         let o = p.mtl(&["export", "--model", &out, "--out", &format!("hf-{family}")])?;
         assert!(!o.status.success() && stderr(&o).contains("not exported yet"), "{family}: {}", stderr(&o));
+        // Pruned, the run loads and predicts (DistilBERT's config keeps the new depth); int8 where it can.
+        let pruned = format!("pruned-{family}");
+        let o = p.mtl(&["prune", "--model", &out, "--layers", "1", "--out", &pruned])?;
+        assert!(o.status.success(), "{family}: {}", stderr(&o));
+        let o = mtl(p.dir.path(), &["predict", "--model", &pruned], Some("show me flights to boston\n"))?;
+        assert!(o.status.success(), "{family} pruned: {}", stderr(&o));
+        let o = p.mtl(&["quantize", "--model", &out, "--out", &format!("int8-{family}")])?;
+        match family {
+            "mpnet" => assert!(!o.status.success() && stderr(&o).contains("relative position bias"), "{}", stderr(&o)),
+            _ => assert!(o.status.success(), "{family}: {}", stderr(&o)),
+        }
     }
     Ok(())
 }

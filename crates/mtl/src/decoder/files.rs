@@ -74,6 +74,12 @@ impl DecoderFiles {
             if !file.is_file() {
                 return Err(Error::Missing { path: file, what: "model weights" });
             }
+            if file.ends_with(crate::manifest::PYTORCH_WEIGHTS) {
+                return Err(Error::Unsupported {
+                    run: file,
+                    message: "a decoder's weights are read from model.safetensors (or a GGUF file); pytorch_model.bin is read for encoders".into(),
+                });
+            }
             let shard = candle_core::safetensors::load(&file, &Device::Cpu)
                 .map_err(|e| Error::Invalid { path: file.clone(), message: format!("cannot read the weights: {e}") })?;
             for (name, tensor) in shard {
