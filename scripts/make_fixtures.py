@@ -111,27 +111,29 @@ def tiny_bert():
 
     ids = torch.tensor([[2, 7, 9, 11, 3, 0, 0], [2, 5, 6, 7, 8, 9, 3]])
     mask = torch.tensor([[1, 1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1, 1]])
-    out = model(input_ids=ids, attention_mask=mask).last_hidden_state
+    (d / "reference.json").write_text(json.dumps(head_reference(model, ids, mask)))
+    tiny_tokenizer(d / "tokenizer.json")
 
+
+def head_reference(model, ids, mask):
+    """A tiny encoder's references: the last hidden states of `ids`, and a fixed 3-class head on the first
+    token's state with its cross-entropy loss and every parameter's gradient norm."""
+    out = model(input_ids=ids, attention_mask=mask).last_hidden_state
     head = torch.nn.Linear(32, 3)
     with torch.no_grad():
         head.weight.copy_(torch.linspace(-0.5, 0.5, 96).reshape(3, 32))
         head.bias.copy_(torch.tensor([0.1, -0.2, 0.3]))
     labels = torch.tensor([2, 0])
-    hidden = model(input_ids=ids, attention_mask=mask).last_hidden_state
-    loss = torch.nn.functional.cross_entropy(head(hidden[:, 0]), labels)
+    loss = torch.nn.functional.cross_entropy(head(out[:, 0]), labels)
     loss.backward()
-    grads = {k: p.grad.norm().item() for k, p in model.named_parameters()}
-    ref = {
+    return {
         "input_ids": ids.tolist(),
         "attention_mask": mask.tolist(),
         "last_hidden_state": out.detach().tolist(),
         "head": {"weight": head.weight.detach().tolist(), "bias": head.bias.detach().tolist(),
                  "labels": labels.tolist(), "loss": loss.item()},
-        "grad_norms": grads,
+        "grad_norms": {k: p.grad.norm().item() for k, p in model.named_parameters()},
     }
-    (d / "reference.json").write_text(json.dumps(ref))
-    tiny_tokenizer(d / "tokenizer.json")
 
 
 def tiny_bert_formats():
@@ -217,24 +219,7 @@ def tiny_families():
             ids = torch.randint(5, 50, (2, 30), generator=g)
             ids[0, 24:] = pad
         mask = (ids != pad).long()
-        out = model(input_ids=ids, attention_mask=mask).last_hidden_state
-        head = torch.nn.Linear(32, 3)
-        with torch.no_grad():
-            head.weight.copy_(torch.linspace(-0.5, 0.5, 96).reshape(3, 32))
-            head.bias.copy_(torch.tensor([0.1, -0.2, 0.3]))
-        labels = torch.tensor([2, 0])
-        loss = torch.nn.functional.cross_entropy(head(out[:, 0]), labels)
-        loss.backward()
-        grads = {k: p.grad.norm().item() for k, p in model.named_parameters()}
-        ref = {
-            "input_ids": ids.tolist(),
-            "attention_mask": mask.tolist(),
-            "last_hidden_state": out.detach().tolist(),
-            "head": {"weight": head.weight.detach().tolist(), "bias": head.bias.detach().tolist(),
-                     "labels": labels.tolist(), "loss": loss.item()},
-            "grad_norms": grads,
-        }
-        (d / "reference.json").write_text(json.dumps(ref))
+        (d / "reference.json").write_text(json.dumps(head_reference(model, ids, mask)))
 
 
 TINY_VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "a", "to", "from", "flight", "flights", "show",
