@@ -25,7 +25,8 @@ It writes:
                         tiny random encoders of the other families the BERT backbone loads (seed 0), each with
                         tiny-bert's references (hidden states; a [CLS] head's loss and every gradient norm): RoBERTa
                         (positions from pad_token_id + 1) under `roberta.`, ELECTRA under `electra.`, DistilBERT
-                        under its own names, MPNet (relative position bias; 30 tokens) under `mpnet.`
+                        under its own names, MPNet (relative position bias; 30 tokens) under `mpnet.`; each
+                        with a 50-token tokenizer of its family's kind (family_tokenizer), for runs and exports
   tiny-bert-sharded/, tiny-bert-bin/
                         tiny-bert's weights as two safetensors shards with their index, and as pytorch_model.bin
                         (under `bert.`) beside a WordPiece vocab.txt, with transformers' BertTokenizerFast ids of a
@@ -220,6 +221,45 @@ def tiny_families():
             ids[0, 24:] = pad
         mask = (ids != pad).long()
         (d / "reference.json").write_text(json.dumps(head_reference(model, ids, mask)))
+        family_tokenizer(name, d)
+
+
+def family_tokenizer(name, d):
+    """A tokenizer of the family's kind for a tiny family model (50 tokens, the model's vocabulary), so that
+    runs train on it and `mtl export`'s directories load in transformers: WordPiece from TINY_VOCAB for ELECTRA
+    and DistilBERT (tiny-bert's), WordPiece with MPNet's special tokens (`<s>`, `<pad>`, `</s>`, `<unk>`,
+    `<mask>`), and a byte-level BPE with RoBERTa's special tokens and post-processor, the 26 lower-case letters,
+    `Ġ` and 18 merges (other characters are `<unk>`)."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+
+    if name in ("tiny-electra", "tiny-distilbert"):
+        tiny_tokenizer(d / "tokenizer.json")
+        return
+    specials = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
+    if name == "tiny-mpnet":
+        vocab = {t: i for i, t in enumerate(specials + TINY_VOCAB[5:])}
+        tok = Tokenizer(models.WordPiece(vocab, unk_token="<unk>", max_input_chars_per_word=100))
+        tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+        tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        tok.decoder = decoders.WordPiece()
+        tok.post_processor = processors.TemplateProcessing(
+            single="<s> $A </s>", pair="<s> $A </s> </s> $B </s>", special_tokens=[("<s>", 0), ("</s>", 2)])
+    else:
+        merges = [("Ġ", "t"), ("Ġ", "f"), ("Ġ", "b"), ("Ġ", "d"), ("Ġ", "m"), ("o", "n"), ("Ġt", "o"), ("Ġf", "r"),
+                  ("Ġfr", "o"), ("Ġfro", "m"), ("e", "r"), ("Ġ", "s"), ("h", "e"), ("Ġt", "he"), ("Ġb", "o"),
+                  ("Ġd", "e"), ("i", "n"), ("Ġ", "a")]
+        symbols = specials + ["Ġ"] + [chr(c) for c in range(ord("a"), ord("z") + 1)] + ["".join(m) for m in merges]
+        assert len(symbols) == 50 and len(set(symbols)) == 50, symbols
+        vocab = {t: i for i, t in enumerate(symbols)}
+        tok = Tokenizer(models.BPE(vocab, merges, unk_token="<unk>"))
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        tok.post_processor = processors.RobertaProcessing(("</s>", 2), ("<s>", 0), add_prefix_space=False)
+    tok.add_special_tokens(specials)
+    tok.save(str(d / "tokenizer.json"))
+    (d / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": "<s>", "eos_token": "</s>", "sep_token": "</s>", "cls_token": "<s>", "unk_token": "<unk>",
+         "pad_token": "<pad>", "mask_token": "<mask>"}, indent=1) + "\n")
 
 
 TINY_VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "a", "to", "from", "flight", "flights", "show",

@@ -77,6 +77,23 @@ if [ -x .venv/bin/python ] && .venv/bin/python -c "import torch, transformers" 2
     echo "export check, $name:"
     .venv/bin/python tests/python/check_export.py target/release/mtl "$run/export-$name" "$run/hf-$name"
   done
+  # The other encoder families, each exported under its own names and heads (tests/fixtures/tiny-*): a full
+  # fine-tune of each, and per-task LoRA where PEFT's module names differ from BERT's (DistilBERT, MPNet).
+  for variant in roberta electra distilbert mpnet "distilbert|lora" "mpnet|lora"; do
+    family=${variant%%|*}
+    name="$family"
+    sets=()
+    if [ "$variant" != "$family" ]; then
+      name="$family-lora"
+      sets=(--set 'peft.method="lora"' --set peft.per_task=true)
+    fi
+    target/release/mtl train tests/python/tiny-run.toml --out "$run/export-$name" --set training.epochs=2 \
+      --set "model.path=\"tests/fixtures/tiny-$family\"" "${sets[@]}" > /dev/null 2>&1 \
+      || { echo "the tiny $name training run failed"; exit 1; }
+    target/release/mtl export --model "$run/export-$name" --out "$run/hf-$name" > /dev/null
+    echo "export check, $name:"
+    PYTHONWARNINGS=ignore .venv/bin/python tests/python/check_export.py target/release/mtl "$run/export-$name" "$run/hf-$name"
+  done
 else
   echo "export check skipped: no bench environment (.venv with torch and transformers; scripts/bench-env.sh makes it)"
 fi

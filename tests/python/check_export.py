@@ -92,6 +92,16 @@ def encode(tokenizer, batch, max_len):
     return tokenizer([b["text"] for b in batch], truncation=True, max_length=max_len, padding=True, return_tensors="pt")
 
 
+def load_tokenizer(export_dir, words):
+    """The exported directory's tokenizer; for words with a byte-level BPE (RoBERTa's), with
+    `add_prefix_space=True`, as transformers asks for pre-split words and as mtl encodes them (every word
+    with its leading space)."""
+    byte_level = '"ByteLevel"' in (Path(export_dir) / "tokenizer.json").read_text()
+    if words and byte_level:
+        return AutoTokenizer.from_pretrained(export_dir, add_prefix_space=True)
+    return AutoTokenizer.from_pretrained(export_dir)
+
+
 def check_task(binary, checkpoint, export_dir, name, task, max_len, split_text):
     inputs = read_inputs(task)
     if split_text:
@@ -103,7 +113,7 @@ def check_task(binary, checkpoint, export_dir, name, task, max_len, split_text):
     token = kind == "token_classification"
     auto = AutoModelForTokenClassification if token else AutoModelForSequenceClassification
     model = auto.from_pretrained(export_dir).eval()
-    tokenizer = AutoTokenizer.from_pretrained(export_dir)
+    tokenizer = load_tokenizer(export_dir, split_text or "words" in inputs[0])
     id2label = model.config.id2label
     compared, worst = 0, 0.0
     for start in range(0, len(inputs), 32):
@@ -150,7 +160,7 @@ def check_task(binary, checkpoint, export_dir, name, task, max_len, split_text):
     # (Words are joined with spaces: BERT's pre-tokenizer splits them again the same way.)
     if kind == "classification" and "text_pair" not in inputs[0]:
         text = inputs[0].get("text") or " ".join(inputs[0]["words"])
-        top = pipeline("text-classification", model=str(export_dir), device="cpu")(text)[0]
+        top = pipeline("text-classification", model=str(export_dir), tokenizer=tokenizer, device="cpu")(text, truncation=True)[0]
         want = mtl[0]["predictions"][name]
         if top["label"] != want["label"] or abs(top["score"] - want["score"]) > TOL:
             sys.exit(f"{name}: pipeline says {top}, mtl {want}")

@@ -224,7 +224,8 @@ pub enum Command {
         model: PathBuf,
     },
     /// Write each task of a trained model as a Hugging Face transformers model directory, OUT/TASK/
-    /// (BertForSequenceClassification, BertForTokenClassification or BertForQuestionAnswering, LoRA merged).
+    /// in the base model's family (…ForSequenceClassification, …ForTokenClassification or
+    /// …ForQuestionAnswering of BERT, RoBERTa, XLM-R, CamemBERT, ELECTRA, DistilBERT or MPNet; LoRA merged).
     Export {
         /// A checkpoint directory written by `mtl train`.
         #[arg(long)]

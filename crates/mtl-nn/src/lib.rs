@@ -25,7 +25,7 @@ pub use decoder::DecoderModel;
 pub use heads::{binary_cross_entropy_with_logits, Head, HeadOutput, HeadSpec, RegressionLoss};
 pub use layers::{DropoutRng, LayerNorm, Linear};
 pub use model::{ModelSpec, MultiTaskModel, TaskLoss, TaskPrediction};
-pub use params::{canonical_name, ParamBuilder, ParamStore};
+pub use params::{canonical_name, family_name, family_prefix, ParamBuilder, ParamStore};
 pub use peft::{LoraSpec, PeftKind, PeftSpec, Placement, Route, SHARED_ADAPTER};
 
 use std::path::PathBuf;

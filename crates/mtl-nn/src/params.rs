@@ -245,6 +245,56 @@ pub fn canonical_name(name: &str) -> String {
     }
 }
 
+/// The attribute under which a family's `transformers` task models (`…ForSequenceClassification` and the
+/// others) hold the backbone: `bert`, `roberta` (XLM-RoBERTa and CamemBERT too), `electra`, `distilbert`,
+/// `mpnet`. None for a `model_type` outside [`crate::ENCODER_FAMILIES`].
+pub fn family_prefix(model_type: &str) -> Option<&'static str> {
+    Some(match model_type {
+        "bert" => "bert",
+        "roberta" | "xlm-roberta" | "camembert" => "roberta",
+        "electra" => "electra",
+        "distilbert" => "distilbert",
+        "mpnet" => "mpnet",
+        _ => return None,
+    })
+}
+
+/// The name a family's `transformers` task model gives the backbone tensor the encoder names `name` (BERT's
+/// names): under the family's prefix ([`family_prefix`]), with DistilBERT's and MPNet's block names. The
+/// inverse of [`canonical_name`]; `name` as it is for an unknown family.
+pub fn family_name(model_type: &str, name: &str) -> String {
+    let Some(prefix) = family_prefix(model_type) else { return name.to_string() };
+    let renames: &[(&str, &str)] = match model_type {
+        "distilbert" => &[
+            ("attention.self.query.", "attention.q_lin."),
+            ("attention.self.key.", "attention.k_lin."),
+            ("attention.self.value.", "attention.v_lin."),
+            ("attention.output.dense.", "attention.out_lin."),
+            ("attention.output.LayerNorm.", "sa_layer_norm."),
+            ("intermediate.dense.", "ffn.lin1."),
+            ("output.dense.", "ffn.lin2."),
+            ("output.LayerNorm.", "output_layer_norm."),
+        ],
+        "mpnet" => &[
+            ("attention.self.query.", "attention.attn.q."),
+            ("attention.self.key.", "attention.attn.k."),
+            ("attention.self.value.", "attention.attn.v."),
+            ("attention.output.dense.", "attention.attn.o."),
+            ("attention.output.LayerNorm.", "attention.LayerNorm."),
+        ],
+        _ => &[],
+    };
+    let blocks = if model_type == "distilbert" { "transformer.layer." } else { "encoder.layer." };
+    if let Some((layer, tail)) = name.strip_prefix("encoder.layer.").and_then(|rest| rest.split_once('.')) {
+        let tail = renames
+            .iter()
+            .find_map(|(from, to)| tail.strip_prefix(from).map(|p| format!("{to}{p}")))
+            .unwrap_or_else(|| tail.to_string());
+        return format!("{prefix}.{blocks}{layer}.{tail}");
+    }
+    format!("{prefix}.{name}")
+}
+
 impl ParamBuilder {
     /// A builder over weights already in memory. `seed` drives the initialisation of absent parameters.
     pub fn new(source: HashMap<String, Tensor>, seed: u64, device: &Device) -> Self {

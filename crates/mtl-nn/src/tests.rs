@@ -629,6 +629,30 @@ fn other_encoder_families_match_transformers() -> TestResult {
     Ok(())
 }
 
+/// `family_name` gives back every checkpoint name of each family fixture from the encoder's name for it (the
+/// names `mtl export` writes), and BERT's under `bert.`.
+#[test]
+fn family_names_invert_canonical_names() -> TestResult {
+    for (family, model_type) in [
+        ("tiny-bert", "bert"),
+        ("tiny-roberta", "roberta"),
+        ("tiny-electra", "electra"),
+        ("tiny-distilbert", "distilbert"),
+        ("tiny-mpnet", "mpnet"),
+    ] {
+        let dir = fixture_dir().join("..").join(family);
+        let prefix = crate::family_prefix(model_type).ok_or("a family")?;
+        for name in candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu)?.keys() {
+            // tiny-bert and tiny-distilbert are saved without the task model's prefix.
+            let want = if name.starts_with(&format!("{prefix}.")) { name.clone() } else { format!("{prefix}.{name}") };
+            assert_eq!(crate::family_name(model_type, &crate::canonical_name(name)), want, "{family}");
+        }
+    }
+    assert_eq!(crate::family_prefix("xlm-roberta"), Some("roberta"));
+    assert_eq!(crate::family_prefix("deberta-v2"), None);
+    Ok(())
+}
+
 #[test]
 fn unsupported_encoder_families_are_named() -> TestResult {
     let dir = tempfile::tempdir()?;

@@ -1,22 +1,30 @@
 //! Export: every task of a trained encoder run as its own Hugging Face `transformers` model directory, which
-//! `AutoModelFor…`, `pipeline(…)` and `AutoTokenizer` load as they are.
+//! `AutoModelFor…`, `pipeline(…)` and `AutoTokenizer` load as they are, in the family of the model it was
+//! trained from (BERT, RoBERTa, XLM-RoBERTa, CamemBERT, ELECTRA, DistilBERT, MPNet):
 //!
-//! - classification → `BertForSequenceClassification` (`problem_type` single- or multi-label);
-//! - regression → `BertForSequenceClassification` with `problem_type = "regression"`, the target scaling folded
+//! - classification → `…ForSequenceClassification` (`problem_type` single- or multi-label);
+//! - regression → `…ForSequenceClassification` with `problem_type = "regression"`, the target scaling folded
 //!   into the classifier, so it outputs values in the data's units;
-//! - token classification → `BertForTokenClassification`;
-//! - span-extraction QA → `BertForQuestionAnswering`.
+//! - token classification → `…ForTokenClassification`;
+//! - span-extraction QA → `…ForQuestionAnswering`.
 //!
-//! The backbone is the trained one, with LoRA merged into its weights (the shared adapter, or the task's own).
-//! mtl's heads read the [CLS] state directly, while `BertForSequenceClassification` puts a pooler,
-//! `tanh(W x + b)`, in between: the export sets `W = εI`, `b = 0` and divides the classifier's weights by ε
-//! (ε = 1e-4), so that `classifier(tanh(ε x)) = classifier(x)` up to `ε² x³ / 3`, far below float32 rounding
-//! of the logits. A token task with a CRF is skipped (transformers has no CRF head), with a warning.
+//! The backbone is the trained one, with LoRA merged into its weights (the shared adapter, or the task's own),
+//! under the family's names. mtl's heads read the first token's state directly, while each family's
+//! `…ForSequenceClassification` puts a square layer and an activation in between:
+//! - BERT's pooler and RoBERTa's (and XLM-R's, CamemBERT's, MPNet's) `classifier.dense`, `tanh(W x + b)`: the
+//!   export sets `W = εI`, `b = 0` and divides the classifier's weights by ε (ε = 1e-4), so that
+//!   `classifier(tanh(ε x)) = classifier(x)` up to `ε² x³ / 3`, far below float32 rounding of the logits;
+//! - ELECTRA's `classifier.dense` with GELU and DistilBERT's `pre_classifier` with ReLU: the export sets
+//!   `W = I` and `b = c`, with `c` above the largest value the encoder's last LayerNorm can give plus 8 in
+//!   every dimension (`|γ| √(H − 1) + |β| + 8`), where GELU and ReLU are the identity in float32; the
+//!   classifier's bias takes `− W c` back.
+//!
+//! A token task with a CRF is skipped (transformers has no CRF head), with a warning.
 //!
 //! A LoRA run also gets `OUT/TASK/peft/`, the task in PEFT's adapter format: its LoRA adapter and its head
 //! (`modules_to_save`), to load with `PeftModel.from_pretrained` onto the original base model.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
 use candle_core::{Device, Tensor};
@@ -30,6 +38,53 @@ use crate::run::{Operation, Run};
 
 /// The pooler's scale ε: `tanh(ε x) / ε ≈ x`.
 const POOLER_EPS: f64 = 1e-4;
+
+/// How a family's `transformers` task models are named and built.
+struct Family {
+    /// The attribute that holds the backbone (`bert`, `roberta`, …).
+    prefix: &'static str,
+    /// The stem of the task models' class names (`Bert`, `XLMRoberta`, …).
+    class: &'static str,
+    head: SequenceHead,
+}
+
+/// The layer between the first token's state and the classifier in `…ForSequenceClassification`.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum SequenceHead {
+    /// BERT: the backbone's pooler, `tanh(pooler.dense(x))`, then `classifier`.
+    Pooler,
+    /// `classifier.dense`, tanh, `classifier.out_proj` (RoBERTa, XLM-R, CamemBERT, MPNet).
+    Tanh,
+    /// `classifier.dense`, GELU, `classifier.out_proj` (ELECTRA).
+    Gelu,
+    /// `pre_classifier`, ReLU, `classifier` (DistilBERT).
+    Relu,
+}
+
+impl Family {
+    fn of(model_type: &str) -> Option<Self> {
+        let (class, head) = match model_type {
+            "bert" => ("Bert", SequenceHead::Pooler),
+            "roberta" => ("Roberta", SequenceHead::Tanh),
+            "xlm-roberta" => ("XLMRoberta", SequenceHead::Tanh),
+            "camembert" => ("Camembert", SequenceHead::Tanh),
+            "mpnet" => ("MPNet", SequenceHead::Tanh),
+            "electra" => ("Electra", SequenceHead::Gelu),
+            "distilbert" => ("DistilBert", SequenceHead::Relu),
+            _ => return None,
+        };
+        Some(Self { prefix: mtl_nn::family_prefix(model_type)?, class, head })
+    }
+
+    /// The modules of a sequence task's head outside the backbone, for PEFT's `modules_to_save`.
+    fn sequence_modules(&self) -> &'static [&'static str] {
+        match self.head {
+            SequenceHead::Pooler => &["classifier", "pooler"],
+            SequenceHead::Tanh | SequenceHead::Gelu => &["classifier"],
+            SequenceHead::Relu => &["pre_classifier", "classifier"],
+        }
+    }
+}
 
 /// Tokenizer files copied from the checkpoint when it has them.
 const TOKENIZER_FILES: [&str; 3] = ["vocab.txt", "special_tokens_map.json", "tokenizer_config.json"];
@@ -75,10 +130,13 @@ pub fn export(model_dir: &Path, out: &Path) -> Result<Vec<String>> {
 }
 
 /// The task as PEFT's adapter format (`adapter_config.json`, `adapter_model.safetensors`) on the original base
-/// model: its LoRA adapter, and the head (with the export's pooler) as `modules_to_save`.
+/// model: its LoRA adapter, and the head (with the export's pooler or its family's equivalent) as
+/// `modules_to_save`.
+#[allow(clippy::too_many_arguments)]
 fn write_peft(
     dir: &Path,
     loaded: &Loaded,
+    family: &Family,
     spec: &mtl_nn::LoraSpec,
     adapter: &str,
     kind: TaskKind,
@@ -89,28 +147,41 @@ fn write_peft(
     let Some(base) = loaded.base.as_deref() else {
         bail!("{}: a LoRA run whose manifest names no base model", model_dir.display());
     };
+    let model_type = &loaded.model.bert().config().model_type;
     let mut tensors: HashMap<String, Tensor> = HashMap::new();
     for (name, var, role) in loaded.model.params().with_roles() {
         if matches!(role, mtl_core::ParamRole::Adapter { adapter: a, .. } if a == adapter) {
             // `….lora_A.ADAPTER.weight` → `base_model.model.bert.….lora_A.weight`: PEFT drops the adapter name.
             let plain = name.replacen(&format!(".{adapter}."), ".", 1);
-            tensors.insert(format!("base_model.model.bert.{plain}"), var.as_tensor().copy()?);
+            let named = mtl_nn::family_name(model_type, &plain);
+            tensors.insert(format!("base_model.model.{named}"), var.as_tensor().copy()?);
         }
     }
     let saved: &[&str] = match kind {
         TaskKind::TokenClassification => &["classifier"],
         TaskKind::QuestionAnswering => &["qa_outputs"],
-        _ => &["classifier", "pooler"],
+        _ => family.sequence_modules(),
     };
+    let (backbone, pooler) = (format!("{}.", family.prefix), format!("{}.pooler.", family.prefix));
     for (name, t) in exported {
-        if !name.starts_with("bert.") || name.starts_with("bert.pooler.") {
+        if !name.starts_with(&backbone) || name.starts_with(&pooler) {
             tensors.insert(format!("base_model.model.{name}"), t.clone());
         }
     }
     candle_core::safetensors::save(&tensors, dir.join("adapter_model.safetensors"))?;
     // A regular expression on full module names: PEFT's suffix names cannot tell `output.dense` from
-    // `attention.output.dense`.
-    let modules: Vec<String> = spec.targets.iter().map(|m| regex_escape(m.bert_path())).collect();
+    // `attention.output.dense`. The family's names: `bert.encoder.layer.0.attention.self.query` is
+    // `distilbert.transformer.layer.0.attention.q_lin` in DistilBERT.
+    let mut blocks = String::new();
+    let mut modules = Vec::new();
+    for target in &spec.targets {
+        let full = mtl_nn::family_name(model_type, &format!("encoder.layer.0.{}.weight", target.bert_path()));
+        let Some((outer, inner)) = full.split_once(".0.") else {
+            bail!("{}: cannot name LoRA's target `{}` in the family's names", model_dir.display(), target.bert_path());
+        };
+        blocks = regex_escape(outer);
+        modules.push(regex_escape(inner.trim_end_matches(".weight")));
+    }
     let task_type = match kind {
         TaskKind::TokenClassification => "TOKEN_CLS",
         TaskKind::QuestionAnswering => "QUESTION_ANS",
@@ -123,7 +194,7 @@ fn write_peft(
         "r": spec.r,
         "lora_alpha": spec.alpha,
         "lora_dropout": (f64::from(spec.dropout) * 1e6).round() / 1e6,
-        "target_modules": format!("bert\\.encoder\\.layer\\.\\d+\\.({})", modules.join("|")),
+        "target_modules": format!("{blocks}\\.\\d+\\.({})", modules.join("|")),
         "modules_to_save": saved,
         "bias": "none",
         "fan_in_fan_out": false,
@@ -138,17 +209,40 @@ fn regex_escape(s: &str) -> String {
     s.replace('.', "\\.")
 }
 
+/// `(W, b)` of a square layer with an activation that is the identity above 8 (GELU, ReLU), and `c`: `W = I`,
+/// `b = c`, with `c` per dimension above the largest value of the encoder's last LayerNorm (`γ n + β` with
+/// `|n| ≤ √(H − 1)`: a normalised vector of H values with mean 0 and variance 1 has no entry beyond that) by 8.
+fn shifted_identity(backbone: &BTreeMap<String, Tensor>, layers: usize, model_dir: &Path) -> Result<(Tensor, Tensor)> {
+    let norm = |what: &str| -> Result<Vec<f32>> {
+        let name = format!("encoder.layer.{}.output.LayerNorm.{what}", layers.saturating_sub(1));
+        match backbone.get(&name) {
+            Some(t) => Ok(t.to_vec1::<f32>()?),
+            None => bail!("{}: the run has no tensor `{name}`", model_dir.display()),
+        }
+    };
+    let (gamma, beta) = (norm("weight")?, norm("bias")?);
+    let hidden = gamma.len();
+    let reach = ((hidden.max(1) - 1) as f32).sqrt();
+    let c: Vec<f32> = gamma.iter().zip(&beta).map(|(g, b)| g.abs() * reach + b.abs() + 8.0).collect();
+    Ok((Tensor::eye(hidden, candle_core::DType::F32, &Device::Cpu)?, Tensor::from_vec(c, hidden, &Device::Cpu)?))
+}
+
 fn write_task(dir: &Path, loaded: &Loaded, task: &TaskId, base_config: &Value, model_dir: &Path) -> Result<()> {
     let model = &loaded.model;
     let head = &model.heads()[task];
     let map = &loaded.labels[task];
+    let model_type = model.bert().config().model_type.clone();
+    let Some(family) = Family::of(&model_type) else {
+        bail!("{}: a `{model_type}` model cannot be exported", model_dir.display());
+    };
     // The task's own LoRA adapter merged in (a shared one is merged at load already).
     let adapter = match model.bert().peft() {
         Some(spec) if spec.per_task() => Some(spec.adapter_of(task)?),
         _ => None,
     };
+    let backbone = model.backbone_weights(adapter)?;
     let mut tensors: HashMap<String, Tensor> =
-        model.backbone_weights(adapter)?.into_iter().map(|(name, t)| (format!("bert.{name}"), t)).collect();
+        backbone.iter().map(|(name, t)| (mtl_nn::family_name(&model_type, name), t.clone())).collect();
     let vars = model.params().vars();
     let head_param = |name: &str| -> Result<Tensor> {
         let full = format!("heads.{task}.{name}");
@@ -164,21 +258,19 @@ fn write_task(dir: &Path, loaded: &Loaded, task: &TaskId, base_config: &Value, m
         _ if map.labels().len() == head.num_labels() => map.labels().to_vec(),
         _ => (0..head.num_labels()).map(|i| format!("LABEL_{i}")).collect(),
     };
+    let class = family.class;
     let (architecture, problem_type) = match head.kind() {
-        TaskKind::Classification => ("BertForSequenceClassification", Some("single_label_classification")),
-        TaskKind::MultiLabel => ("BertForSequenceClassification", Some("multi_label_classification")),
-        TaskKind::Regression => ("BertForSequenceClassification", Some("regression")),
-        TaskKind::TokenClassification => ("BertForTokenClassification", None),
-        TaskKind::QuestionAnswering => ("BertForQuestionAnswering", None),
+        TaskKind::Classification => (format!("{class}ForSequenceClassification"), Some("single_label_classification")),
+        TaskKind::MultiLabel => (format!("{class}ForSequenceClassification"), Some("multi_label_classification")),
+        TaskKind::Regression => (format!("{class}ForSequenceClassification"), Some("regression")),
+        TaskKind::TokenClassification => (format!("{class}ForTokenClassification"), None),
+        TaskKind::QuestionAnswering => (format!("{class}ForQuestionAnswering"), None),
         TaskKind::Generation => bail!("task `{task}`: generated text has no encoder head to export"),
     };
+    let mut pooler_note = Value::Null;
     match head.kind() {
         TaskKind::Classification | TaskKind::MultiLabel | TaskKind::Regression => {
-            let eye = (Tensor::eye(hidden, candle_core::DType::F32, &Device::Cpu)? * POOLER_EPS)?;
-            tensors.insert("bert.pooler.dense.weight".into(), eye);
-            tensors
-                .insert("bert.pooler.dense.bias".into(), Tensor::zeros(hidden, candle_core::DType::F32, &Device::Cpu)?);
-            let (mut weight, mut bias) = ((weight / POOLER_EPS)?, bias);
+            let (mut weight, mut bias) = (weight, bias);
             // Regression heads were trained on standardised targets: y = mean + std · (W x + b).
             if let (TaskKind::Regression, Some(scale)) = (head.kind(), &map.scale) {
                 let n = scale.std.len();
@@ -188,8 +280,39 @@ fn write_task(dir: &Path, loaded: &Loaded, task: &TaskId, base_config: &Value, m
                 weight = weight.broadcast_mul(&std)?;
                 bias = ((bias * std.squeeze(1)?)? + mean)?;
             }
-            tensors.insert("classifier.weight".into(), weight);
-            tensors.insert("classifier.bias".into(), bias);
+            let zeros = Tensor::zeros(hidden, candle_core::DType::F32, &Device::Cpu)?;
+            let eye = (Tensor::eye(hidden, candle_core::DType::F32, &Device::Cpu)? * POOLER_EPS)?;
+            let near_identity =
+                format!("near-identity: W = {POOLER_EPS} I, classifier weights divided by {POOLER_EPS}");
+            let (dense, out, inner, outer) = match family.head {
+                SequenceHead::Pooler => {
+                    pooler_note = json!(near_identity);
+                    ("bert.pooler.dense".to_string(), "classifier", eye, zeros)
+                }
+                SequenceHead::Tanh => {
+                    pooler_note = json!(near_identity);
+                    ("classifier.dense".to_string(), "classifier.out_proj", eye, zeros)
+                }
+                SequenceHead::Gelu | SequenceHead::Relu => {
+                    let layers = model.bert().config().num_hidden_layers;
+                    let (eye, c) = shifted_identity(&backbone, layers, model_dir)?;
+                    pooler_note = json!("identity shifted into the activation's linear range: W = I, b = c; the classifier's bias less W c");
+                    let dense = if family.head == SequenceHead::Gelu { "classifier.dense" } else { "pre_classifier" };
+                    let out = if family.head == SequenceHead::Gelu { "classifier.out_proj" } else { "classifier" };
+                    (dense.to_string(), out, eye, c)
+                }
+            };
+            let (weight, bias) = if family.head == SequenceHead::Gelu || family.head == SequenceHead::Relu {
+                // classifier(x + c) − W c = classifier(x).
+                let shift = weight.matmul(&outer.unsqueeze(1)?)?.squeeze(1)?;
+                (weight, (bias - shift)?)
+            } else {
+                ((weight / POOLER_EPS)?, bias)
+            };
+            tensors.insert(format!("{dense}.weight"), inner);
+            tensors.insert(format!("{dense}.bias"), outer);
+            tensors.insert(format!("{out}.weight"), weight);
+            tensors.insert(format!("{out}.bias"), bias);
         }
         TaskKind::TokenClassification => {
             tensors.insert("classifier.weight".into(), weight);
@@ -203,11 +326,19 @@ fn write_task(dir: &Path, loaded: &Loaded, task: &TaskId, base_config: &Value, m
     candle_core::safetensors::save(&tensors, dir.join("model.safetensors"))?;
     if let Some((spec, lora)) = model.bert().peft().and_then(|p| p.lora().map(|l| (p, l))) {
         let name = &spec.adapters[spec.adapter_of(task)?];
-        write_peft(&dir.join("peft"), loaded, lora, name, head.kind(), &tensors, model_dir)?;
+        write_peft(&dir.join("peft"), loaded, &family, lora, name, head.kind(), &tensors, model_dir)?;
     }
 
     let mut config = base_config.clone();
     config["architectures"] = json!([architecture]);
+    if model_type == "distilbert" {
+        // DistilBERT's own name for the depth (a run's config.json holds the model's depth beside it).
+        if let Some(o) = config.as_object_mut() {
+            if let Some(depth) = o.remove("num_hidden_layers") {
+                o.insert("n_layers".into(), depth);
+            }
+        }
+    }
     if !ids.is_empty() {
         config["id2label"] =
             ids.iter().enumerate().map(|(i, l)| (i.to_string(), json!(l))).collect::<serde_json::Map<_, _>>().into();
@@ -219,11 +350,10 @@ fn write_task(dir: &Path, loaded: &Loaded, task: &TaskId, base_config: &Value, m
     }
     config["mtl"] = json!({
         "task": task.as_str(),
-        "pooler": if problem_type.is_some() { json!(format!("near-identity: W = {POOLER_EPS} I, classifier weights divided by {POOLER_EPS}")) } else { Value::Null },
+        "pooler": pooler_note,
         "max_len": loaded.config.model.max_len,
     });
     write_text(&dir.join("config.json"), &pretty(&config))?;
-
     // The tokenizer, without the fixed padding and truncation some tokenizer.json files carry: transformers'
     // callers choose those per call.
     let path = model_dir.join(checkpoint::TOKENIZER);

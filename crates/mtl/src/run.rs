@@ -161,10 +161,6 @@ impl Run {
                 match op {
                     Operation::Evaluate | Operation::Predict | Operation::ServeTasks => None,
                     Operation::Generate => Some("an encoder run has no language-model head; generation takes a decoder model".into()),
-                    Operation::Export if e.model.bert().config().model_type != "bert" => Some(format!(
-                        "export writes BERT models; a {} run is not exported yet (it predicts, evaluates and serves)",
-                        e.model.bert().config().model_type
-                    )),
                     Operation::Export if int8 => Some(
                         "an int8 model (mtl quantize) has no f32 weights to export; export the model it was quantised from".into(),
                     ),

@@ -97,3 +97,43 @@ fn export_writes_a_transformers_directory_per_task() -> TestResult {
     }
     Ok(())
 }
+
+/// A run on another family is exported in that family's names: its task models' classes, its prefix and
+/// block names, and its sequence head (DistilBERT's `pre_classifier` and `classifier`; MPNet's
+/// `classifier.dense` and `classifier.out_proj`), with DistilBERT's own name for the depth.
+#[test]
+fn export_writes_each_family_under_its_own_names() -> TestResult {
+    let p = Project::new()?;
+    for (family, class, prefix, head) in [
+        ("tiny-distilbert", "DistilBert", "distilbert.", ["pre_classifier", "classifier"]),
+        ("tiny-mpnet", "MPNet", "mpnet.", ["classifier.dense", "classifier.out_proj"]),
+    ] {
+        let model = repo_root().join("tests/fixtures").join(family);
+        let path = format!("model.path={:?}", model.display().to_string());
+        let o = p.mtl(&["train", "config.toml", "--out", family, "--set", "training.epochs=1", "--set", &path])?;
+        assert!(o.status.success(), "{}", stderr(&o));
+        let out = format!("{family}-hf");
+        let o = p.mtl(&["export", "--model", family, "--out", &out])?;
+        assert!(o.status.success(), "{}", stderr(&o));
+        let base = candle_core::safetensors::load(model.join("model.safetensors"), &Device::Cpu)?;
+        for (task, arch) in [("intent", "ForSequenceClassification"), ("slots", "ForTokenClassification")] {
+            let dir = p.path(&out).join(task);
+            let config = json(&dir.join("config.json"))?;
+            assert_eq!(config["architectures"][0], format!("{class}{arch}"));
+            if family == "tiny-distilbert" {
+                assert_eq!(config["n_layers"], 2, "DistilBERT's depth");
+                assert!(config.get("num_hidden_layers").is_none(), "no second depth for transformers to choose from");
+            }
+            let tensors = candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu)?;
+            let got: BTreeSet<&str> = tensors.keys().map(String::as_str).collect();
+            let extra: Vec<&str> = if task == "intent" { head.to_vec() } else { vec!["classifier"] };
+            let want: BTreeSet<String> = base
+                .keys()
+                .map(|k| if k.starts_with(prefix) { k.clone() } else { format!("{prefix}{k}") })
+                .chain(extra.iter().flat_map(|m| [format!("{m}.weight"), format!("{m}.bias")]))
+                .collect();
+            assert_eq!(got, want.iter().map(String::as_str).collect(), "{family} {task}");
+        }
+    }
+    Ok(())
+}
