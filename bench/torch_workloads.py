@@ -1,4 +1,4 @@
-"""The PyTorch side of bench/vs-pytorch: the same workloads as `mtl-bench`, with transformers' BertModel.
+"""The PyTorch side of bench/vs-pytorch: the same workloads as `mtl-bench`, with transformers' own model class (AutoModel).
 
 W1 (train): one training step on a batch of B x S tokens: forward with dropout 0.1, the sum of a [CLS]
 cross-entropy (5 classes) and a token cross-entropy (9 classes), backward, gradient clipping at 1.0, and
@@ -14,7 +14,7 @@ import statistics
 import time
 
 import torch
-from transformers import BertModel
+from transformers import AutoModel
 
 
 def batch(b, s, vocab):
@@ -36,7 +36,8 @@ def main():
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
-    model = BertModel.from_pretrained(a.model, add_pooling_layer=False, attn_implementation="eager")
+    # The model's own class (BertModel for MiniLM, MPNetModel for all-mpnet-base-v2), without a pooler.
+    model = AutoModel.from_pretrained(a.model, add_pooling_layer=False, attn_implementation="eager")
     if a.lora:
         from peft import LoraConfig, get_peft_model
         # "dense" is the attention output and both feed-forward layers (the model has no pooler).

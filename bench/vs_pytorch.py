@@ -1,7 +1,8 @@
 """Driver of bench/vs-pytorch: runs W1 (train), W2 (infer) and W3 (train-lora) for PyTorch and for mtl
 alternately, each in its own process, ROUNDS times (the engine that goes first alternates between rounds), and
 prints each engine's median over all timed steps, peak RSS, the 1 -> 2 thread speed-up of W1, and the ratios
-mtl / PyTorch. WORKLOADS=train-lora (comma-separated names) runs only those."""
+mtl / PyTorch. WORKLOADS=train-lora (comma-separated names) runs only those; MODEL=DIR another encoder than
+MiniLM for both engines (e.g. assets/models/all-mpnet-base-v2; W3's LoRA targets BERT's module names)."""
 import json
 import os
 import platform
@@ -47,11 +48,14 @@ def main():
         sys.exit(f"unknown workloads {unknown}; valid: {', '.join(WORKLOADS)}")
     steps = os.environ.get("STEPS", "5")
     rounds = int(os.environ.get("ROUNDS", "3"))
+    print(f"model: {os.environ.get('MODEL') or 'assets/models/all-MiniLM-L6-v2'}")
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores; torch and mtl with 2 threads; {rounds} alternating "
           f"rounds of {steps} timed steps after 2 warm-up per engine and workload; medians over all timed steps")
 
     def command(engine, workload, threads):
         common = [workload.split("-")[0]] + WORKLOADS[workload] + ["--steps", steps, "--warmup", "2"]
+        if os.environ.get("MODEL"):
+            common += ["--model", os.environ["MODEL"]]
         if engine == "pytorch":
             return [PY, os.path.join(ROOT, "bench", "torch_workloads.py")] + common + ["--threads", str(threads)]
         return [MTL] + common
