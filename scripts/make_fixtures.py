@@ -21,11 +21,12 @@ It writes:
   tiny-bert/prefix.*    prefix tuning (3 positions, two adapters, random N(0, 1) prefixes) with transformers'
                         BertSelfAttention patched to prepend them: each adapter's last_hidden_state, a mixed batch,
                         a head's loss and the gradient norms of adapter "intent"
-  tiny-roberta/, tiny-electra/, tiny-distilbert/, tiny-mpnet/
+  tiny-roberta/, tiny-electra/, tiny-distilbert/, tiny-mpnet/, tiny-deberta/
                         tiny random encoders of the other families the BERT backbone loads (seed 0), each with
                         tiny-bert's references (hidden states; a [CLS] head's loss and every gradient norm): RoBERTa
                         (positions from pad_token_id + 1) under `roberta.`, ELECTRA under `electra.`, DistilBERT
-                        under its own names, MPNet (relative position bias; 30 tokens) under `mpnet.`; each
+                        under its own names, MPNet (relative position bias; 30 tokens) under `mpnet.`, DeBERTa-v3
+                        (disentangled attention, 8 log buckets; 30 tokens) under `deberta.`; each
                         with a 50-token tokenizer of its family's kind (family_tokenizer), for runs and exports
   tiny-bert-sharded/, tiny-bert-bin/
                         tiny-bert's weights as two safetensors shards with their index, and as pytorch_model.bin
@@ -183,8 +184,8 @@ def tiny_families():
     token type; its tensors saved under `roberta.`, as a task model saves them), tiny-electra/ (the
     discriminator's encoder, embeddings as wide as its blocks; under `electra.`) and tiny-distilbert/
     (DistilBERT's names and config, no token types)."""
-    from transformers import (DistilBertConfig, DistilBertModel, ElectraConfig, ElectraModel, MPNetConfig, MPNetModel,
-                              RobertaConfig, RobertaModel)
+    from transformers import (DebertaV2Config, DebertaV2Model, DistilBertConfig, DistilBertModel, ElectraConfig,
+                              ElectraModel, MPNetConfig, MPNetModel, RobertaConfig, RobertaModel)
 
     common = dict(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
                   hidden_act="gelu", layer_norm_eps=1e-12)
@@ -199,6 +200,14 @@ def tiny_families():
         # 40 positions, so that the relative position bias's logarithmic buckets are reached (beyond 8 apart).
         ("tiny-mpnet", MPNetConfig(**common, max_position_embeddings=42, relative_attention_num_buckets=32,
                                    pad_token_id=1), MPNetModel, "mpnet.", 1),
+        # DeBERTa-v3's settings (disentangled attention both ways, the query and key projections shared with the
+        # positions, a LayerNorm on the relative embeddings, no absolute positions, no token types) with 8
+        # buckets, so that 30 tokens reach the logarithmic ones (beyond 4 apart).
+        ("tiny-deberta", DebertaV2Config(**{**common, "layer_norm_eps": 1e-7}, max_position_embeddings=64,
+                                         type_vocab_size=0, relative_attention=True, pos_att_type=["p2c", "c2p"],
+                                         position_buckets=8, max_relative_positions=32, share_att_key=True,
+                                         norm_rel_ebd="layer_norm", position_biased_input=False, pad_token_id=0),
+         DebertaV2Model, "deberta.", 0),
     ]
     for name, cfg, cls, prefix, pad in families:
         torch.manual_seed(0)
@@ -214,7 +223,7 @@ def tiny_families():
         state = {prefix + k: v.contiguous() for k, v in model.state_dict().items() if not k.endswith("position_ids")}
         save_file(state, d / "model.safetensors")
         ids = torch.tensor([[5, 7, 9, 11, 3, pad, pad], [5, 5, 6, 7, 8, 9, 3]])
-        if cls is MPNetModel:
+        if cls in (MPNetModel, DebertaV2Model):
             # Long enough for buckets beyond the exact ones.
             g = torch.Generator().manual_seed(1)
             ids = torch.randint(5, 50, (2, 30), generator=g)
@@ -234,6 +243,26 @@ def family_tokenizer(name, d):
 
     if name in ("tiny-electra", "tiny-distilbert"):
         tiny_tokenizer(d / "tokenizer.json")
+        return
+    if name == "tiny-deberta":
+        # DeBERTa-v3's kind: a SentencePiece unigram model behind a Metaspace pre-tokenizer ("▁" before every
+        # word), [PAD] 0, [CLS] 1, [SEP] 2, [UNK] 3.
+        words = ["show", "me", "flights", "from", "boston", "to", "denver", "i", "want", "fly", "dallas", "what", "is",
+                 "the", "cheapest", "fare", "flight", "paris"]
+        specials = ["[PAD]", "[CLS]", "[SEP]", "[UNK]"]
+        pieces = ([(t, 0.0) for t in specials] + [("▁", -2.0)] + [(chr(c), -5.0) for c in range(ord("a"), ord("z") + 1)]
+                  + [("▁" + w, -1.0) for w in words] + [("[MASK]", 0.0)])
+        assert len(pieces) == 50
+        tok = Tokenizer(models.Unigram(pieces, unk_id=3, byte_fallback=False))
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=True)
+        tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always", split=True)
+        tok.post_processor = processors.TemplateProcessing(
+            single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", 1), ("[SEP]", 2)])
+        tok.add_special_tokens(specials + ["[MASK]"])
+        tok.save(str(d / "tokenizer.json"))
+        (d / "tokenizer_config.json").write_text(json.dumps(
+            {"bos_token": "[CLS]", "eos_token": "[SEP]", "sep_token": "[SEP]", "cls_token": "[CLS]",
+             "unk_token": "[UNK]", "pad_token": "[PAD]", "mask_token": "[MASK]"}, indent=1) + "\n")
         return
     specials = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
     if name == "tiny-mpnet":

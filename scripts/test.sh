@@ -78,14 +78,15 @@ if [ -x .venv/bin/python ] && .venv/bin/python -c "import torch, transformers" 2
     .venv/bin/python tests/python/check_export.py target/release/mtl "$run/export-$name" "$run/hf-$name"
   done
   # The other encoder families, each exported under its own names and heads (tests/fixtures/tiny-*): a full
-  # fine-tune of each, and per-task LoRA where PEFT's module names differ from BERT's (DistilBERT, MPNet).
-  for variant in roberta electra distilbert mpnet "distilbert|lora" "mpnet|lora"; do
+  # fine-tune of each, and per-task LoRA on the query, key and value projections where PEFT's module names differ
+  # from BERT's (DistilBERT, MPNet, DeBERTa, whose relative positions also go through the query and key LoRA).
+  for variant in roberta electra distilbert mpnet deberta "distilbert|lora" "mpnet|lora" "deberta|lora"; do
     family=${variant%%|*}
     name="$family"
     sets=()
     if [ "$variant" != "$family" ]; then
       name="$family-lora"
-      sets=(--set 'peft.method="lora"' --set peft.per_task=true)
+      sets=(--set 'peft.method="lora"' --set peft.per_task=true --set 'peft.target_modules=["query","key","value"]')
     fi
     target/release/mtl train tests/python/tiny-run.toml --out "$run/export-$name" --set training.epochs=2 \
       --set "model.path=\"tests/fixtures/tiny-$family\"" "${sets[@]}" > /dev/null 2>&1 \

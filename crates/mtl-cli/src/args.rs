@@ -225,7 +225,8 @@ pub enum Command {
     },
     /// Write each task of a trained model as a Hugging Face transformers model directory, OUT/TASK/
     /// in the base model's family (…ForSequenceClassification, …ForTokenClassification or
-    /// …ForQuestionAnswering of BERT, RoBERTa, XLM-R, CamemBERT, ELECTRA, DistilBERT or MPNet; LoRA merged).
+    /// …ForQuestionAnswering of BERT, RoBERTa, XLM-R, CamemBERT, ELECTRA, DistilBERT, MPNet or DeBERTa-v2;
+    /// LoRA merged).
     Export {
         /// A checkpoint directory written by `mtl train`.
         #[arg(long)]

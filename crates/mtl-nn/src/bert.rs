@@ -12,6 +12,8 @@ use candle_core::Tensor;
 use mtl_core::{LinearModule, Mode};
 use serde::{Deserialize, Serialize};
 
+use crate::deberta::{self, Disentangled};
+
 use crate::attention::{self, AttentionSpec};
 use crate::cpu::encoder::{Dims, FusedEncoder, FusedLora, GradSink, LayerDropout, LayerParams, Proj};
 use crate::cpu::int8::{Int8Encoder, Int8Layer, Int8Matrix};
@@ -28,11 +30,18 @@ use crate::{NnError, Result};
 /// names, no token types).
 /// MPNet adds a relative position bias (T5's buckets) to every layer's attention scores, which the composed
 /// path computes.
-pub const ENCODER_FAMILIES: [&str; 7] =
-    ["bert", "roberta", "xlm-roberta", "camembert", "electra", "distilbert", "mpnet"];
+/// DeBERTa-v2/v3 (`deberta-v2`) replaces absolute positions by disentangled attention ([`crate::deberta`]), on the
+/// composed path.
+pub const ENCODER_FAMILIES: [&str; 8] =
+    ["bert", "roberta", "xlm-roberta", "camembert", "electra", "distilbert", "mpnet", "deberta-v2"];
 
 /// The parameter of MPNet's relative position bias.
 pub(crate) const RELATIVE_BIAS: &str = "encoder.relative_attention_bias.weight";
+
+/// The parameters every layer reads besides its own (MPNet's bias; DeBERTa's relative embeddings and their
+/// LayerNorm): they train at the top layer's rate and stay when top layers are pruned.
+pub(crate) const SHARED_RELATIVE: [&str; 4] =
+    [RELATIVE_BIAS, "encoder.rel_embeddings.weight", "encoder.LayerNorm.weight", "encoder.LayerNorm.bias"];
 
 /// The fields of a Hugging Face BERT `config.json` that the encoder uses (a family of
 /// [`ENCODER_FAMILIES`]); other keys are ignored.
@@ -61,6 +70,9 @@ pub struct BertConfig {
     pub layer_norm_eps: f64,
     #[serde(default)]
     pub position_embedding_type: Option<String>,
+    /// DeBERTa-v2's disentangled attention (None for the other families).
+    #[serde(skip)]
+    pub disentangled: Option<Disentangled>,
 }
 
 fn default_model_type() -> String {
@@ -111,6 +123,18 @@ impl BertConfig {
         } else if let Some(o) = value.as_object_mut() {
             o.remove("relative_attention_num_buckets");
         }
+        let disentangled = match model_type.as_str() {
+            "deberta-v2" => {
+                let settings = Disentangled::from_config(&value).map_err(invalid)?;
+                let o = value.as_object_mut().ok_or_else(|| invalid("a config is a JSON object".into()))?;
+                // DebertaV2Config's defaults where BERT's differ.
+                o.entry("type_vocab_size").or_insert(0.into());
+                o.entry("layer_norm_eps").or_insert(1e-7.into());
+                o.entry("max_position_embeddings").or_insert(512.into());
+                Some(settings)
+            }
+            _ => None,
+        };
         if model_type == "electra" {
             let embedding = value["embedding_size"].as_u64();
             if embedding.is_some() && embedding != value["hidden_size"].as_u64() {
@@ -120,8 +144,9 @@ impl BertConfig {
                 )));
             }
         }
-        let config: Self =
+        let mut config: Self =
             serde_json::from_value(value).map_err(|e| invalid(format!("not a {model_type} config: {e}")))?;
+        config.disentangled = disentangled;
         if let Some(kind) = &config.position_embedding_type {
             if kind != "absolute" {
                 return Err(NnError::File {
@@ -209,7 +234,8 @@ fn distilbert_as_bert(mut v: serde_json::Value) -> std::result::Result<serde_jso
 #[derive(Clone, Debug)]
 struct Embeddings {
     word: Tensor,
-    position: Tensor,
+    /// None for DeBERTa-v3 (relative positions only).
+    position: Option<Tensor>,
     /// None for a family without token types (DistilBERT).
     token_type: Option<Tensor>,
     norm: LayerNorm,
@@ -315,6 +341,16 @@ pub struct Bert {
     int8: Option<Arc<Vec<Int8Layer>>>,
     /// MPNet's relative position bias, `[buckets, heads]`, shared by every layer.
     relative_bias: Option<Tensor>,
+    /// DeBERTa's relative position embeddings, `[2 · span, hidden]`, and their LayerNorm.
+    relative_table: Option<(Tensor, Option<LayerNorm>)>,
+}
+
+/// DeBERTa's relative positions for one forward pass: the rows of the table the batch's pairs use (normalised)
+/// and each pair's row.
+struct RelativePass<'a> {
+    settings: &'a Disentangled,
+    index: Vec<u32>,
+    table: Tensor,
 }
 
 /// A batch: token ids and token types as `[batch, seq]` tensors; the attention mask (1 real, 0 padding) stays
@@ -350,11 +386,14 @@ impl Bert {
         let e = pb.pp("embeddings");
         let embeddings = Embeddings {
             word: e.pp("word_embeddings").get((config.vocab_size, h), "weight", Init::Normal { std: 0.02 })?,
-            position: e.pp("position_embeddings").get(
-                (config.max_position_embeddings, h),
-                "weight",
-                Init::Normal { std: 0.02 },
-            )?,
+            position: match config.disentangled.as_ref().is_none_or(|d| d.absolute_positions) {
+                true => Some(e.pp("position_embeddings").get(
+                    (config.max_position_embeddings, h),
+                    "weight",
+                    Init::Normal { std: 0.02 },
+                )?),
+                false => None,
+            },
             token_type: match config.type_vocab_size {
                 0 => None,
                 n => Some(e.pp("token_type_embeddings").get((n, h), "weight", Init::Normal { std: 0.02 })?),
@@ -435,7 +474,7 @@ impl Bert {
                 let norm = LayerNorm { weight: e.norm.weight.detach(), bias: e.norm.bias.detach(), eps: e.norm.eps };
                 let frozen = Embeddings {
                     word: e.word.detach(),
-                    position: e.position.detach(),
+                    position: e.position.as_ref().map(Tensor::detach),
                     token_type: e.token_type.as_ref().map(Tensor::detach),
                     norm,
                 };
@@ -456,6 +495,33 @@ impl Bert {
             }
             None => None,
         };
+        let relative_table = match &config.disentangled {
+            Some(d) => {
+                let top = mtl_core::ParamRole::Layer(config.num_hidden_layers.saturating_sub(1));
+                let enc = pb.pp("encoder").with_role(top);
+                let table = enc.pp("rel_embeddings").get((2 * d.span, h), "weight", Init::Normal { std: 0.02 })?;
+                let norm = match d.norm {
+                    true => Some(LayerNorm::new(&enc.pp("LayerNorm"), h, eps)?),
+                    false => None,
+                };
+                Some(match peft {
+                    Some(_) => (
+                        table.detach(),
+                        norm.map(|n| LayerNorm { weight: n.weight.detach(), bias: n.bias.detach(), eps: n.eps }),
+                    ),
+                    None => (table, norm),
+                })
+            }
+            None => None,
+        };
+        if relative_table.is_some() && peft.is_some_and(|p| matches!(p.kind, PeftKind::Prefix { .. })) {
+            return Err(NnError::Unsupported(
+                "prefix tuning on DeBERTa (its disentangled attention) is not supported; LoRA and adapters are".into(),
+            ));
+        }
+        if relative_table.is_some() && int8.is_some() {
+            return Err(NnError::Unsupported("an int8 encoder has no disentangled attention (DeBERTa)".into()));
+        }
         if relative_bias.is_some() && peft.is_some_and(|p| matches!(p.kind, PeftKind::Prefix { .. })) {
             return Err(NnError::Unsupported(
                 "prefix tuning on MPNet (its relative position bias) is not supported; LoRA and adapters are".into(),
@@ -475,6 +541,7 @@ impl Bert {
             merged: None,
             int8,
             relative_bias,
+            relative_table,
         })
     }
 
@@ -645,10 +712,11 @@ impl Bert {
         // RoBERTa's positions start after its padding id's (the padding's own rows are masked out, so counting
         // every position from there gives the real tokens transformers' positions).
         let offset = self.config.position_offset() as u32;
-        let positions = Tensor::arange(offset, offset + s as u32, ids.device())?;
-        let pos = self.embeddings.position.index_select(&positions, 0)?; // [s, h]
-        let x = self.embeddings.word.index_select(&ids, 0)?.reshape((b, s, h))?;
-        let mut x = x.broadcast_add(&pos)?;
+        let mut x = self.embeddings.word.index_select(&ids, 0)?.reshape((b, s, h))?;
+        if let Some(position) = &self.embeddings.position {
+            let positions = Tensor::arange(offset, offset + s as u32, ids.device())?;
+            x = x.broadcast_add(&position.index_select(&positions, 0)?)?; // [s, h]
+        }
         match &self.embeddings.token_type {
             // One token type (RoBERTa's families): every token has it, whatever types the tokenizer gave a pair.
             Some(token_type) if token_type.dim(0)? == 1 => x = x.broadcast_add(token_type)?,
@@ -695,7 +763,9 @@ impl Bert {
         };
         // The fused encoder implements the erf GELU (BERT's) and LoRA; other activations and methods take the
         // composed path.
-        let fusable = peft.as_ref().is_none_or(|(spec, _)| spec.lora().is_some()) && self.relative_bias.is_none();
+        let fusable = peft.as_ref().is_none_or(|(spec, _)| spec.lora().is_some())
+            && self.relative_bias.is_none()
+            && self.relative_table.is_none();
         if fusable
             && x.device().is_cpu()
             && self.kernels == Kernels::Fused
@@ -707,6 +777,18 @@ impl Bert {
         let position_bias = match &self.relative_bias {
             Some(bias) => Some(relative_position_bias(bias, s)?),
             None => None,
+        };
+        let relative = match (&self.relative_table, &self.config.disentangled) {
+            (Some((table, norm)), Some(settings)) => {
+                let (rows, index) = settings.rows(s);
+                let table = table.narrow(0, rows.start, rows.len())?;
+                let table = match norm {
+                    Some(n) => n.forward(&table)?,
+                    None => table,
+                };
+                Some(RelativePass { settings, index, table })
+            }
+            _ => None,
         };
         let pass = peft.as_ref().map(|(spec, routes)| PeftPass {
             routes,
@@ -727,6 +809,7 @@ impl Bert {
                 mode,
                 pass.as_ref(),
                 position_bias.as_ref(),
+                relative.as_ref(),
             )?;
         }
         Ok(x)
@@ -867,6 +950,7 @@ impl Bert {
         mode: Mode,
         peft: Option<&PeftPass>,
         position_bias: Option<&Tensor>,
+        relative: Option<&RelativePass>,
     ) -> Result<Tensor> {
         let nh = self.config.num_attention_heads;
         let head_dim = self.config.hidden_size / nh;
@@ -913,6 +997,46 @@ impl Bert {
         let spec =
             AttentionSpec { batch: b, seq: s, heads: nh, head_dim, key_mask: key_mask.clone(), dropout: attn_dropout };
         let ctx = match prefix {
+            Some(_) if relative.is_some() => {
+                return Err(NnError::Unsupported(
+                    "prefix tuning on DeBERTa (its disentangled attention) is not supported; LoRA and adapters are"
+                        .into(),
+                ))
+            }
+            None if relative.is_some() => {
+                let rel = relative.expect("checked");
+                // The table through this layer's query and key projections (and their LoRA updates: each
+                // adapter's examples get their own), with the hidden dropout transformers applies to it.
+                let table = dropout.apply(&rel.table, mode)?;
+                let rows = table.dim(0)?;
+                let project = |module: LinearModule, lin: &Linear, adapter: Option<usize>| -> Result<Tensor> {
+                    let mut y = linear(&[lin], &table)?;
+                    if let (Some(pass), Some(a), Some(lora)) = (peft, adapter, l.lora.get(&module)) {
+                        y = (y + lora.delta_for(&table, a, pass)?)?;
+                    }
+                    Ok(y.reshape((rows, nh, head_dim))?.transpose(0, 1)?.contiguous()?)
+                };
+                let adapted = l.lora.contains_key(&LinearModule::Query) || l.lora.contains_key(&LinearModule::Key);
+                let groups = match peft {
+                    Some(pass) if adapted => pass
+                        .routes
+                        .iter()
+                        .map(|r| {
+                            Ok(deberta::PositionGroup {
+                                examples: r.examples.clone(),
+                                pos_query: project(LinearModule::Query, &l.query, Some(r.adapter))?,
+                                pos_key: project(LinearModule::Key, &l.key, Some(r.adapter))?,
+                            })
+                        })
+                        .collect::<Result<Vec<_>>>()?,
+                    _ => vec![deberta::PositionGroup {
+                        examples: 0..b,
+                        pos_query: project(LinearModule::Query, &l.query, None)?,
+                        pos_key: project(LinearModule::Key, &l.key, None)?,
+                    }],
+                };
+                deberta::attention(&qkv, &spec, rel.settings, &rel.index, &groups)?
+            }
             Some(_) if position_bias.is_some() => {
                 return Err(NnError::Unsupported(
                     "prefix tuning on MPNet (its relative position bias) is not supported; LoRA and adapters are"

@@ -8,6 +8,7 @@ pub mod attention;
 mod bert;
 pub mod cpu;
 mod crf;
+pub mod deberta;
 pub mod decoder;
 pub mod generate;
 pub mod gguf;

@@ -127,8 +127,10 @@ impl MultiTaskModel {
     pub fn prune_top_layers(&mut self, n: usize) -> Result<()> {
         self.bert.drop_top_layers(n)?;
         let kept = self.bert.config().num_hidden_layers;
-        // MPNet's relative position bias has the top layer's role but serves every layer: it stays.
-        self.params.remove(|name, role| role.layer().is_none_or(|l| l < kept) || name == crate::bert::RELATIVE_BIAS);
+        // MPNet's relative position bias and DeBERTa's relative embeddings have the top layer's role but serve
+        // every layer: they stay.
+        self.params
+            .remove(|name, role| role.layer().is_none_or(|l| l < kept) || crate::bert::SHARED_RELATIVE.contains(&name));
         Ok(())
     }
 

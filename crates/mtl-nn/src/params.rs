@@ -207,9 +207,9 @@ fn load_safetensors(path: &Path, device: &Device) -> Result<Vec<(String, Tensor)
 }
 
 /// A checkpoint's tensor name as the encoder names it: without the task model's prefix (`bert.`, `roberta.`,
-/// `electra.`, `distilbert.`, `mpnet.`), and DistilBERT's and MPNet's block names as BERT's.
+/// `electra.`, `distilbert.`, `mpnet.`, `deberta.`), and DistilBERT's, MPNet's and DeBERTa's block names as BERT's.
 pub fn canonical_name(name: &str) -> String {
-    let name = ["bert.", "roberta.", "electra.", "distilbert.", "mpnet."]
+    let name = ["bert.", "roberta.", "electra.", "distilbert.", "mpnet.", "deberta."]
         .iter()
         .find_map(|p| name.strip_prefix(p))
         .unwrap_or(name);
@@ -221,6 +221,10 @@ pub fn canonical_name(name: &str) -> String {
             ("attention.attn.v.", "attention.self.value."),
             ("attention.attn.o.", "attention.output.dense."),
             ("attention.LayerNorm.", "attention.output.LayerNorm."),
+            // DeBERTa-v2's.
+            ("attention.self.query_proj.", "attention.self.query."),
+            ("attention.self.key_proj.", "attention.self.key."),
+            ("attention.self.value_proj.", "attention.self.value."),
         ];
         if let Some(tail) = renames.iter().find_map(|(from, to)| tail.strip_prefix(from).map(|p| format!("{to}{p}"))) {
             return format!("encoder.layer.{layer}.{tail}");
@@ -247,7 +251,7 @@ pub fn canonical_name(name: &str) -> String {
 
 /// The attribute under which a family's `transformers` task models (`…ForSequenceClassification` and the
 /// others) hold the backbone: `bert`, `roberta` (XLM-RoBERTa and CamemBERT too), `electra`, `distilbert`,
-/// `mpnet`. None for a `model_type` outside [`crate::ENCODER_FAMILIES`].
+/// `mpnet`, `deberta`. None for a `model_type` outside [`crate::ENCODER_FAMILIES`].
 pub fn family_prefix(model_type: &str) -> Option<&'static str> {
     Some(match model_type {
         "bert" => "bert",
@@ -255,6 +259,7 @@ pub fn family_prefix(model_type: &str) -> Option<&'static str> {
         "electra" => "electra",
         "distilbert" => "distilbert",
         "mpnet" => "mpnet",
+        "deberta-v2" => "deberta",
         _ => return None,
     })
 }
@@ -281,6 +286,11 @@ pub fn family_name(model_type: &str, name: &str) -> String {
             ("attention.self.value.", "attention.attn.v."),
             ("attention.output.dense.", "attention.attn.o."),
             ("attention.output.LayerNorm.", "attention.LayerNorm."),
+        ],
+        "deberta-v2" => &[
+            ("attention.self.query.", "attention.self.query_proj."),
+            ("attention.self.key.", "attention.self.key_proj."),
+            ("attention.self.value.", "attention.self.value_proj."),
         ],
         _ => &[],
     };

@@ -301,14 +301,17 @@ impl LoraLayer {
 
     /// The update of every row of `x` (`[examples * seq, in]`), each example through its route's adapter.
     pub(crate) fn delta(&self, x: &Tensor, pass: &PeftPass) -> Result<Tensor> {
-        pass.routed(x, |adapter, xs| {
-            let xs = pass.dropout.apply_with(xs, pass.dropout_p, pass.mode)?;
-            let pair =
-                self.pairs.get(adapter).ok_or_else(|| NnError::UnknownAdapter(format!("no LoRA adapter {adapter}")))?;
-            let (a, b) =
-                if pass.frozen { (pair.a.detach(), pair.b.detach()) } else { (pair.a.clone(), pair.b.clone()) };
-            Ok((xs.matmul(&a.t()?)?.matmul(&b.t()?)? * pass.scale)?)
-        })
+        pass.routed(x, |adapter, xs| self.delta_for(xs, adapter, pass))
+    }
+
+    /// The update of one adapter on every row of `x` (rows that are no example's tokens, such as DeBERTa's
+    /// relative position table), with LoRA's dropout.
+    pub(crate) fn delta_for(&self, x: &Tensor, adapter: usize, pass: &PeftPass) -> Result<Tensor> {
+        let xs = pass.dropout.apply_with(x, pass.dropout_p, pass.mode)?;
+        let pair =
+            self.pairs.get(adapter).ok_or_else(|| NnError::UnknownAdapter(format!("no LoRA adapter {adapter}")))?;
+        let (a, b) = if pass.frozen { (pair.a.detach(), pair.b.detach()) } else { (pair.a.clone(), pair.b.clone()) };
+        Ok((xs.matmul(&a.t()?)?.matmul(&b.t()?)? * pass.scale)?)
     }
 
     /// Every adapter's matrices stacked, for [`crate::cpu::lora::LoraProjection`]: A as `[adapters · r, in]`, B

@@ -439,6 +439,7 @@ mod fused_encoder_properties {
             // implementations then differ by rounding alone; a realistic eps keeps the comparison meaningful.
             layer_norm_eps: 1e-5,
             position_embedding_type: None,
+            disentangled: None,
         };
         let tasks = BTreeMap::from([
             (TaskId::new("tags").expect("valid"), HeadSpec::new(TaskKind::TokenClassification, 3)),
@@ -594,12 +595,13 @@ mod fused_encoder_properties {
     }
 }
 
-/// The other encoder families (`tests/fixtures/tiny-roberta`, `tiny-electra`, `tiny-distilbert`, made with
+/// The other encoder families (`tests/fixtures/tiny-roberta`, `tiny-electra`, `tiny-distilbert`, `tiny-mpnet`,
+/// `tiny-deberta`, made with
 /// transformers' own classes): each loads through its checkpoint's names and matches transformers' hidden
 /// states at the real tokens, the head's loss and every backbone gradient's norm, on both kernel paths.
 #[test]
 fn other_encoder_families_match_transformers() -> TestResult {
-    for family in ["tiny-roberta", "tiny-electra", "tiny-distilbert", "tiny-mpnet"] {
+    for family in ["tiny-roberta", "tiny-electra", "tiny-distilbert", "tiny-mpnet", "tiny-deberta"] {
         let dir = fixture_dir().join("..").join(family);
         let reference: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json"))?)?;
         let config = BertConfig::from_file(&dir.join("config.json"))?;
@@ -639,6 +641,7 @@ fn family_names_invert_canonical_names() -> TestResult {
         ("tiny-electra", "electra"),
         ("tiny-distilbert", "distilbert"),
         ("tiny-mpnet", "mpnet"),
+        ("tiny-deberta", "deberta-v2"),
     ] {
         let dir = fixture_dir().join("..").join(family);
         let prefix = crate::family_prefix(model_type).ok_or("a family")?;
@@ -649,7 +652,7 @@ fn family_names_invert_canonical_names() -> TestResult {
         }
     }
     assert_eq!(crate::family_prefix("xlm-roberta"), Some("roberta"));
-    assert_eq!(crate::family_prefix("deberta-v2"), None);
+    assert_eq!(crate::family_prefix("modernbert"), None);
     Ok(())
 }
 
@@ -657,9 +660,19 @@ fn family_names_invert_canonical_names() -> TestResult {
 fn unsupported_encoder_families_are_named() -> TestResult {
     let dir = tempfile::tempdir()?;
     let path = dir.path().join("config.json");
-    std::fs::write(&path, r#"{"model_type": "deberta-v2", "hidden_size": 32}"#)?;
+    std::fs::write(&path, r#"{"model_type": "modernbert", "hidden_size": 32}"#)?;
     let e = BertConfig::from_file(&path).expect_err("not loaded");
-    assert!(e.to_string().contains("\"deberta-v2\"") && e.to_string().contains("roberta, xlm-roberta"), "{e}");
+    assert!(e.to_string().contains("\"modernbert\"") && e.to_string().contains("roberta, xlm-roberta"), "{e}");
+    // DeBERTa-v2 variants outside what the encoder computes are named with the reason.
+    for (extra, reason) in [
+        (r#""relative_attention": false"#, "relative_attention"),
+        (r#""relative_attention": true, "share_att_key": false"#, "share_att_key"),
+        (r#""relative_attention": true, "share_att_key": true, "conv_kernel_size": 3"#, "conv_kernel_size"),
+    ] {
+        std::fs::write(&path, format!(r#"{{"model_type": "deberta-v2", "hidden_size": 32, {extra}}}"#))?;
+        let e = BertConfig::from_file(&path).expect_err("not loaded");
+        assert!(e.to_string().contains(reason), "{e}");
+    }
     std::fs::write(&path, r#"{"model_type": "electra", "embedding_size": 16, "hidden_size": 32}"#)?;
     let e = BertConfig::from_file(&path).expect_err("not loaded");
     assert!(e.to_string().contains("electra-small"), "{e}");

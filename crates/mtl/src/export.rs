@@ -1,6 +1,6 @@
 //! Export: every task of a trained encoder run as its own Hugging Face `transformers` model directory, which
 //! `AutoModelFor…`, `pipeline(…)` and `AutoTokenizer` load as they are, in the family of the model it was
-//! trained from (BERT, RoBERTa, XLM-RoBERTa, CamemBERT, ELECTRA, DistilBERT, MPNet):
+//! trained from (BERT, RoBERTa, XLM-RoBERTa, CamemBERT, ELECTRA, DistilBERT, MPNet, DeBERTa-v2/v3):
 //!
 //! - classification → `…ForSequenceClassification` (`problem_type` single- or multi-label);
 //! - regression → `…ForSequenceClassification` with `problem_type = "regression"`, the target scaling folded
@@ -14,7 +14,8 @@
 //! - BERT's pooler and RoBERTa's (and XLM-R's, CamemBERT's, MPNet's) `classifier.dense`, `tanh(W x + b)`: the
 //!   export sets `W = εI`, `b = 0` and divides the classifier's weights by ε (ε = 1e-4), so that
 //!   `classifier(tanh(ε x)) = classifier(x)` up to `ε² x³ / 3`, far below float32 rounding of the logits;
-//! - ELECTRA's `classifier.dense` with GELU and DistilBERT's `pre_classifier` with ReLU: the export sets
+//! - ELECTRA's `classifier.dense` with GELU, DistilBERT's `pre_classifier` with ReLU and DeBERTa's
+//!   `pooler.dense` with its `pooler_hidden_act` (GELU unless tanh, which takes the ε form): the export sets
 //!   `W = I` and `b = c`, with `c` above the largest value the encoder's last LayerNorm can give plus 8 in
 //!   every dimension (`|γ| √(H − 1) + |β| + 8`), where GELU and ReLU are the identity in float32; the
 //!   classifier's bias takes `− W c` back.
@@ -59,11 +60,22 @@ enum SequenceHead {
     Gelu,
     /// `pre_classifier`, ReLU, `classifier` (DistilBERT).
     Relu,
+    /// DeBERTa's `pooler.dense` with `pooler_hidden_act` (GELU by default), then `classifier`.
+    Context { tanh: bool },
 }
 
 impl Family {
-    fn of(model_type: &str) -> Option<Self> {
+    /// The family of a `model_type`, with its config (DeBERTa's pooler activation).
+    fn of(model_type: &str, config: &Value) -> Option<Self> {
         let (class, head) = match model_type {
+            "deberta-v2" => match config["pooler_hidden_act"].as_str().unwrap_or("gelu") {
+                "tanh" => ("DebertaV2", SequenceHead::Context { tanh: true }),
+                // Activations that are the identity far enough above 0.
+                "gelu" | "gelu_new" | "gelu_python" | "gelu_pytorch_tanh" | "relu" => {
+                    ("DebertaV2", SequenceHead::Context { tanh: false })
+                }
+                _ => return None,
+            },
             "bert" => ("Bert", SequenceHead::Pooler),
             "roberta" => ("Roberta", SequenceHead::Tanh),
             "xlm-roberta" => ("XLMRoberta", SequenceHead::Tanh),
@@ -82,6 +94,7 @@ impl Family {
             SequenceHead::Pooler => &["classifier", "pooler"],
             SequenceHead::Tanh | SequenceHead::Gelu => &["classifier"],
             SequenceHead::Relu => &["pre_classifier", "classifier"],
+            SequenceHead::Context { .. } => &["pooler", "classifier"],
         }
     }
 }
@@ -232,7 +245,7 @@ fn write_task(dir: &Path, loaded: &Loaded, task: &TaskId, base_config: &Value, m
     let head = &model.heads()[task];
     let map = &loaded.labels[task];
     let model_type = model.bert().config().model_type.clone();
-    let Some(family) = Family::of(&model_type) else {
+    let Some(family) = Family::of(&model_type, base_config) else {
         bail!("{}: a `{model_type}` model cannot be exported", model_dir.display());
     };
     // The task's own LoRA adapter merged in (a shared one is merged at load already).
@@ -284,25 +297,34 @@ fn write_task(dir: &Path, loaded: &Loaded, task: &TaskId, base_config: &Value, m
             let eye = (Tensor::eye(hidden, candle_core::DType::F32, &Device::Cpu)? * POOLER_EPS)?;
             let near_identity =
                 format!("near-identity: W = {POOLER_EPS} I, classifier weights divided by {POOLER_EPS}");
+            let shifted =
+                matches!(family.head, SequenceHead::Gelu | SequenceHead::Relu | SequenceHead::Context { tanh: false });
             let (dense, out, inner, outer) = match family.head {
                 SequenceHead::Pooler => {
                     pooler_note = json!(near_identity);
                     ("bert.pooler.dense".to_string(), "classifier", eye, zeros)
                 }
+                SequenceHead::Context { tanh: true } => {
+                    pooler_note = json!(near_identity);
+                    ("pooler.dense".to_string(), "classifier", eye, zeros)
+                }
                 SequenceHead::Tanh => {
                     pooler_note = json!(near_identity);
                     ("classifier.dense".to_string(), "classifier.out_proj", eye, zeros)
                 }
-                SequenceHead::Gelu | SequenceHead::Relu => {
+                SequenceHead::Gelu | SequenceHead::Relu | SequenceHead::Context { tanh: false } => {
                     let layers = model.bert().config().num_hidden_layers;
                     let (eye, c) = shifted_identity(&backbone, layers, model_dir)?;
                     pooler_note = json!("identity shifted into the activation's linear range: W = I, b = c; the classifier's bias less W c");
-                    let dense = if family.head == SequenceHead::Gelu { "classifier.dense" } else { "pre_classifier" };
-                    let out = if family.head == SequenceHead::Gelu { "classifier.out_proj" } else { "classifier" };
+                    let (dense, out) = match family.head {
+                        SequenceHead::Gelu => ("classifier.dense", "classifier.out_proj"),
+                        SequenceHead::Relu => ("pre_classifier", "classifier"),
+                        _ => ("pooler.dense", "classifier"),
+                    };
                     (dense.to_string(), out, eye, c)
                 }
             };
-            let (weight, bias) = if family.head == SequenceHead::Gelu || family.head == SequenceHead::Relu {
+            let (weight, bias) = if shifted {
                 // classifier(x + c) − W c = classifier(x).
                 let shift = weight.matmul(&outer.unsqueeze(1)?)?.squeeze(1)?;
                 (weight, (bias - shift)?)

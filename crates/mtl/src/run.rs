@@ -168,6 +168,9 @@ impl Run {
                         "bottleneck adapters and prefix tuning change the network, so they cannot be written as a plain transformers model (LoRA merges into the weights and can)".into(),
                     ),
                     Operation::Quantize if int8 => Some("the model is int8 already".into()),
+                    Operation::Quantize if e.model.bert().config().disentangled.is_some() => Some(
+                        "the int8 encoder has no disentangled attention, which a DeBERTa model needs".into(),
+                    ),
                     Operation::Quantize if e.model.bert().config().relative_attention_num_buckets.is_some() => Some(
                         "the int8 encoder has no relative position bias, which an MPNet model needs".into(),
                     ),

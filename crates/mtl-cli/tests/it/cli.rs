@@ -443,14 +443,14 @@ fn init_writes_a_config_that_trains() -> TestResult {
     Ok(())
 }
 
-/// RoBERTa-, ELECTRA-, DistilBERT- and MPNet-family encoders (the tiny random ones of tests/fixtures, each with
+/// RoBERTa-, ELECTRA-, DistilBERT-, MPNet- and DeBERTa-family encoders (the tiny random ones of tests/fixtures, each with
 /// a tokenizer of its family's kind) train, predict, evaluate, export, prune and quantise like BERT.
 #[test]
 fn other_encoder_families_train_and_predict() -> TestResult {
     let p = Project::new()?;
     let bert = repo_root().join("tests/fixtures/tiny-bert");
     let config = std::fs::read_to_string(p.path("config.toml"))?;
-    for family in ["roberta", "electra", "distilbert", "mpnet"] {
+    for family in ["roberta", "electra", "distilbert", "mpnet", "deberta"] {
         let model = repo_root().join(format!("tests/fixtures/tiny-{family}"));
         let file = format!("{family}.toml");
         std::fs::write(p.path(&file), config.replace(&bert.display().to_string(), &model.display().to_string()))?;
@@ -473,6 +473,9 @@ fn other_encoder_families_train_and_predict() -> TestResult {
         let o = p.mtl(&["quantize", "--model", &out, "--out", &format!("int8-{family}")])?;
         match family {
             "mpnet" => assert!(!o.status.success() && stderr(&o).contains("relative position bias"), "{}", stderr(&o)),
+            "deberta" => {
+                assert!(!o.status.success() && stderr(&o).contains("disentangled attention"), "{}", stderr(&o))
+            }
             _ => assert!(o.status.success(), "{family}: {}", stderr(&o)),
         }
     }
