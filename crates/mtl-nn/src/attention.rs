@@ -9,7 +9,7 @@
 
 use std::sync::Arc;
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use crate::layers::softmax_last;
@@ -78,8 +78,31 @@ fn axpy(alpha: f32, x: &[f32], y: &mut [f32]) {
     }
 }
 
-/// The softmax probabilities of one query row (before dropout), written into `p`.
-fn probs_row(spec: &AttentionSpec, qkv: &[f32], b: usize, n: usize, i: usize, p: &mut [f32]) {
+/// `softmax(q kᵀ / √d + bias + mask) · v` per head, with `bias` (`[heads, seq, seq]`, MPNet's relative
+/// position bias) differentiable as well; see the module docs.
+pub fn fused_with_bias(qkv: &Tensor, bias: &Tensor, spec: AttentionSpec) -> Result<Tensor> {
+    let bias = bias.contiguous()?;
+    if bias.dims() != [spec.heads, spec.seq, spec.seq] {
+        return Err(candle_core::Error::Msg(format!(
+            "fused attention: a bias of {:?} for {} heads and {} positions",
+            bias.dims(),
+            spec.heads,
+            spec.seq
+        ))
+        .into());
+    }
+    Ok(qkv.apply_op2(&bias, Forward(spec))?)
+}
+
+/// The bias row of head `n`, query `i`, when there is a bias.
+fn bias_row<'a>(spec: &AttentionSpec, bias: Option<&'a [f32]>, n: usize, i: usize) -> Option<&'a [f32]> {
+    let s = spec.seq;
+    bias.map(|bias| &bias[(n * s + i) * s..(n * s + i + 1) * s])
+}
+
+/// The softmax probabilities of one query row (before dropout), written into `p`; `bias` is the row's
+/// additive bias, if any.
+fn probs_row(spec: &AttentionSpec, qkv: &[f32], b: usize, n: usize, i: usize, bias: Option<&[f32]>, p: &mut [f32]) {
     let (s, d, h3) = (spec.seq, spec.head_dim, 3 * spec.hidden());
     let row = |t: usize, part: usize| {
         let start = (b * s + t) * h3 + part * spec.hidden() + n * d;
@@ -92,7 +115,7 @@ fn probs_row(spec: &AttentionSpec, qkv: &[f32], b: usize, n: usize, i: usize, p:
     for j in 0..s {
         // As transformers does: add the most negative float at padded keys (a fully padded row is uniform).
         let add = if mask[j] == 0 { f32::MIN } else { 0.0 };
-        p[j] = dot(q, row(j, 1)) * scale + add;
+        p[j] = dot(q, row(j, 1)) * scale + bias.map_or(0.0, |r| r[j]) + add;
         max = max.max(p[j]);
     }
     let mut sum = 0.0;
@@ -124,44 +147,91 @@ impl CustomOp1 for Forward {
         let spec = &self.0;
         let (start, end) = spec.check(layout, 3 * spec.hidden())?;
         let CpuStorage::F32(data) = storage else { candle_core::bail!("fused attention: f32 only") };
-        let qkv = &data[start..end];
-        let (s, d, h) = (spec.seq, spec.head_dim, spec.hidden());
-        // One [seq × head_dim] block per (example, head), computed in parallel, then scattered.
-        let blocks: Vec<Vec<f32>> = (0..spec.batch * spec.heads)
-            .into_par_iter()
-            .map(|bn| {
-                let (b, n) = (bn / spec.heads, bn % spec.heads);
-                let mut out = vec![0f32; s * d];
-                let mut p = vec![0f32; s];
-                for i in 0..s {
-                    probs_row(spec, qkv, b, n, i, &mut p);
-                    if let Some(drop) = dropout_row(spec, b, n, i) {
-                        p.iter_mut().zip(drop).for_each(|(p, m)| *p *= m);
-                    }
-                    let o = &mut out[i * d..(i + 1) * d];
-                    for (j, &pj) in p.iter().enumerate() {
-                        let v = (b * s + j) * 3 * h + 2 * h + n * d;
-                        axpy(pj, &qkv[v..v + d], o);
-                    }
-                }
-                out
-            })
-            .collect();
-        let mut ctx = vec![0f32; spec.batch * s * h];
-        for (bn, block) in blocks.iter().enumerate() {
-            let (b, n) = (bn / spec.heads, bn % spec.heads);
-            for i in 0..s {
-                let dst = (b * s + i) * h + n * d;
-                ctx[dst..dst + d].copy_from_slice(&block[i * d..(i + 1) * d]);
-            }
-        }
-        Ok((CpuStorage::F32(ctx), Shape::from((spec.batch * s, h))))
+        forward_cpu(spec, &data[start..end], None)
     }
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> candle_core::Result<Option<Tensor>> {
         let grad = grad_res.contiguous()?;
         Ok(Some(arg.apply_op2_no_bwd(&grad, &Backward(self.0.clone()))?))
     }
+}
+
+/// The bias's slice of a contiguous storage.
+fn bias_slice<'a>(storage: &'a CpuStorage, layout: &Layout) -> candle_core::Result<&'a [f32]> {
+    let (Some((start, end)), CpuStorage::F32(data)) = (layout.contiguous_offsets(), storage) else {
+        candle_core::bail!("fused attention: the bias must be contiguous f32")
+    };
+    Ok(&data[start..end])
+}
+
+impl CustomOp2 for Forward {
+    fn name(&self) -> &'static str {
+        "fused-attention-bias"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let spec = &self.0;
+        let (start, end) = spec.check(l1, 3 * spec.hidden())?;
+        let CpuStorage::F32(data) = s1 else { candle_core::bail!("fused attention: f32 only") };
+        forward_cpu(spec, &data[start..end], Some(bias_slice(s2, l2)?))
+    }
+
+    fn bwd(
+        &self,
+        qkv: &Tensor,
+        bias: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let spec = &self.0;
+        let grad = grad_res.contiguous()?;
+        // One pass gives both: dqkv, then Σ over the batch of dscores per head, packed in one vector.
+        let packed = qkv.apply_op3_no_bwd(bias, &grad, &Backward(spec.clone()))?;
+        let n = spec.batch * spec.seq * 3 * spec.hidden();
+        let dqkv = packed.narrow(0, 0, n)?.reshape((spec.batch * spec.seq, 3 * spec.hidden()))?;
+        let dbias = packed.narrow(0, n, spec.heads * spec.seq * spec.seq)?.reshape((spec.heads, spec.seq, spec.seq))?;
+        Ok((Some(dqkv), Some(dbias)))
+    }
+}
+
+fn forward_cpu(spec: &AttentionSpec, qkv: &[f32], bias: Option<&[f32]>) -> candle_core::Result<(CpuStorage, Shape)> {
+    let (s, d, h) = (spec.seq, spec.head_dim, spec.hidden());
+    // One [seq × head_dim] block per (example, head), computed in parallel, then scattered.
+    let blocks: Vec<Vec<f32>> = (0..spec.batch * spec.heads)
+        .into_par_iter()
+        .map(|bn| {
+            let (b, n) = (bn / spec.heads, bn % spec.heads);
+            let mut out = vec![0f32; s * d];
+            let mut p = vec![0f32; s];
+            for i in 0..s {
+                probs_row(spec, qkv, b, n, i, bias_row(spec, bias, n, i), &mut p);
+                if let Some(drop) = dropout_row(spec, b, n, i) {
+                    p.iter_mut().zip(drop).for_each(|(p, m)| *p *= m);
+                }
+                let o = &mut out[i * d..(i + 1) * d];
+                for (j, &pj) in p.iter().enumerate() {
+                    let v = (b * s + j) * 3 * h + 2 * h + n * d;
+                    axpy(pj, &qkv[v..v + d], o);
+                }
+            }
+            out
+        })
+        .collect();
+    let mut ctx = vec![0f32; spec.batch * s * h];
+    for (bn, block) in blocks.iter().enumerate() {
+        let (b, n) = (bn / spec.heads, bn % spec.heads);
+        for i in 0..s {
+            let dst = (b * s + i) * h + n * d;
+            ctx[dst..dst + d].copy_from_slice(&block[i * d..(i + 1) * d]);
+        }
+    }
+    Ok((CpuStorage::F32(ctx), Shape::from((spec.batch * s, h))))
 }
 
 struct Backward(AttentionSpec);
@@ -184,59 +254,102 @@ impl CustomOp2 for Backward {
         let (CpuStorage::F32(qkv), CpuStorage::F32(dout)) = (s1, s2) else {
             candle_core::bail!("fused attention: f32 only")
         };
-        let (qkv, dout) = (&qkv[a0..a1], &dout[g0..g1]);
-        let (s, d, h) = (spec.seq, spec.head_dim, spec.hidden());
-        let scale = spec.scale();
-        let at = |t: usize, part: usize, n: usize| spec_row(spec, t) + part * h + n * d;
-        // Per (example, head): dq, dk, dv blocks of [seq × head_dim].
-        let blocks: Vec<[Vec<f32>; 3]> = (0..spec.batch * spec.heads)
-            .into_par_iter()
-            .map(|bn| {
-                let (b, n) = (bn / spec.heads, bn % spec.heads);
-                let mut dq = vec![0f32; s * d];
-                let mut dk = vec![0f32; s * d];
-                let mut dv = vec![0f32; s * d];
-                let mut p = vec![0f32; s];
-                let mut dp = vec![0f32; s];
-                for i in 0..s {
-                    probs_row(spec, qkv, b, n, i, &mut p);
-                    let drop = dropout_row(spec, b, n, i);
-                    let go = &dout[(b * s + i) * h + n * d..(b * s + i) * h + (n + 1) * d];
-                    for j in 0..s {
-                        let v = at(b * s + j, 2, n);
-                        let kept = drop.map_or(1.0, |m| m[j]);
-                        // dV_j += p'_ij dO_i; dP_ij = (dO_i · v_j) * dropout_ij
-                        axpy(p[j] * kept, go, &mut dv[j * d..(j + 1) * d]);
-                        dp[j] = dot(go, &qkv[v..v + d]) * kept;
-                    }
-                    // Softmax backward: dS_ij = p_ij (dP_ij - Σ_k p_ik dP_ik).
-                    let inner: f32 = p.iter().zip(&dp).map(|(a, b)| a * b).sum();
-                    let q = at(b * s + i, 0, n);
-                    for j in 0..s {
-                        let ds = p[j] * (dp[j] - inner) * scale;
-                        if ds == 0.0 {
-                            continue;
-                        }
-                        let k = at(b * s + j, 1, n);
-                        axpy(ds, &qkv[k..k + d], &mut dq[i * d..(i + 1) * d]);
-                        axpy(ds, &qkv[q..q + d], &mut dk[j * d..(j + 1) * d]);
-                    }
-                }
-                [dq, dk, dv]
-            })
-            .collect();
-        let mut dqkv = vec![0f32; spec.batch * s * 3 * h];
-        for (bn, parts) in blocks.iter().enumerate() {
+        let (dqkv, _) = backward_cpu(spec, &qkv[a0..a1], &dout[g0..g1], None);
+        Ok((CpuStorage::F32(dqkv), Shape::from((spec.batch * spec.seq, 3 * spec.hidden()))))
+    }
+}
+
+impl CustomOp3 for Backward {
+    fn name(&self) -> &'static str {
+        "fused-attention-bias-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let spec = &self.0;
+        let (a0, a1) = spec.check(l1, 3 * spec.hidden())?;
+        let (g0, g1) = spec.check(l3, spec.hidden())?;
+        let (CpuStorage::F32(qkv), CpuStorage::F32(dout)) = (s1, s3) else {
+            candle_core::bail!("fused attention: f32 only")
+        };
+        let bias = bias_slice(s2, l2)?;
+        let (mut packed, dbias) = backward_cpu(spec, &qkv[a0..a1], &dout[g0..g1], Some(bias));
+        packed.extend(dbias.unwrap_or_default());
+        let len = packed.len();
+        Ok((CpuStorage::F32(packed), Shape::from(len)))
+    }
+}
+
+/// dqkv, and with a bias, its gradient (`[heads, seq, seq]`, summed over the batch).
+fn backward_cpu(spec: &AttentionSpec, qkv: &[f32], dout: &[f32], bias: Option<&[f32]>) -> (Vec<f32>, Option<Vec<f32>>) {
+    let (s, d, h) = (spec.seq, spec.head_dim, spec.hidden());
+    let scale = spec.scale();
+    let at = |t: usize, part: usize, n: usize| spec_row(spec, t) + part * h + n * d;
+    // Per (example, head): dq, dk, dv blocks of [seq × head_dim], and the scores' gradient when there is a
+    // bias.
+    let blocks: Vec<([Vec<f32>; 3], Vec<f32>)> = (0..spec.batch * spec.heads)
+        .into_par_iter()
+        .map(|bn| {
             let (b, n) = (bn / spec.heads, bn % spec.heads);
-            for (part, block) in parts.iter().enumerate() {
-                for i in 0..s {
-                    let dst = at(b * s + i, part, n);
-                    dqkv[dst..dst + d].copy_from_slice(&block[i * d..(i + 1) * d]);
+            let mut dq = vec![0f32; s * d];
+            let mut dk = vec![0f32; s * d];
+            let mut dv = vec![0f32; s * d];
+            let mut p = vec![0f32; s];
+            let mut dp = vec![0f32; s];
+            let mut dscores = vec![0f32; if bias.is_some() { s * s } else { 0 }];
+            for i in 0..s {
+                probs_row(spec, qkv, b, n, i, bias_row(spec, bias, n, i), &mut p);
+                let drop = dropout_row(spec, b, n, i);
+                let go = &dout[(b * s + i) * h + n * d..(b * s + i) * h + (n + 1) * d];
+                for j in 0..s {
+                    let v = at(b * s + j, 2, n);
+                    let kept = drop.map_or(1.0, |m| m[j]);
+                    // dV_j += p'_ij dO_i; dP_ij = (dO_i · v_j) * dropout_ij
+                    axpy(p[j] * kept, go, &mut dv[j * d..(j + 1) * d]);
+                    dp[j] = dot(go, &qkv[v..v + d]) * kept;
+                }
+                // Softmax backward: dS_ij = p_ij (dP_ij - Σ_k p_ik dP_ik).
+                let inner: f32 = p.iter().zip(&dp).map(|(a, b)| a * b).sum();
+                let q = at(b * s + i, 0, n);
+                for j in 0..s {
+                    let raw = p[j] * (dp[j] - inner);
+                    if !dscores.is_empty() {
+                        dscores[i * s + j] = raw;
+                    }
+                    let ds = raw * scale;
+                    if ds == 0.0 {
+                        continue;
+                    }
+                    let k = at(b * s + j, 1, n);
+                    axpy(ds, &qkv[k..k + d], &mut dq[i * d..(i + 1) * d]);
+                    axpy(ds, &qkv[q..q + d], &mut dk[j * d..(j + 1) * d]);
                 }
             }
+            ([dq, dk, dv], dscores)
+        })
+        .collect();
+    let mut dqkv = vec![0f32; spec.batch * s * 3 * h];
+    let mut dbias = bias.map(|_| vec![0f32; spec.heads * s * s]);
+    for (bn, (parts, dscores)) in blocks.iter().enumerate() {
+        let (b, n) = (bn / spec.heads, bn % spec.heads);
+        for (part, block) in parts.iter().enumerate() {
+            for i in 0..s {
+                let dst = at(b * s + i, part, n);
+                dqkv[dst..dst + d].copy_from_slice(&block[i * d..(i + 1) * d]);
+            }
         }
-        Ok((CpuStorage::F32(dqkv), Shape::from((spec.batch * s, 3 * h))))
+        if let Some(dbias) = &mut dbias {
+            dbias[n * s * s..(n + 1) * s * s].iter_mut().zip(dscores).for_each(|(a, g)| *a += g);
+        }
     }
+    (dqkv, dbias)
 }
 
 fn spec_row(spec: &AttentionSpec, token: usize) -> usize {
@@ -339,6 +452,21 @@ mod tests {
                 "gradients differ by {} for {batch}x{seq}x{heads}x{head_dim}",
                 max_diff(ga, gb)
             );
+            // With an additive bias per head (MPNet's relative positions): the same, and the bias's gradient.
+            let bias = Var::from_vec(
+                (0..heads * seq * seq).map(|_| rng.gen_range(-1.5f32..1.5)).collect(),
+                (heads, seq, seq),
+                &Device::Cpu,
+            )?;
+            let a = fused_with_bias(qkv.as_tensor(), bias.as_tensor(), spec.clone())?;
+            let b = composed(qkv.as_tensor(), &spec, Some(bias.as_tensor()))?;
+            assert!(max_diff(&a, &b) < 1e-5, "values with a bias differ by {}", max_diff(&a, &b));
+            let ga = (a * &weights)?.sum_all()?.backward()?;
+            let gb = (b * &weights)?.sum_all()?.backward()?;
+            for (what, var) in [("qkv", &qkv), ("bias", &bias)] {
+                let (x, y) = (ga.get(var.as_tensor()).expect("grad"), gb.get(var.as_tensor()).expect("grad"));
+                assert!(max_diff(x, y) < 1e-4, "{what} gradients with a bias differ by {}", max_diff(x, y));
+            }
         }
         Ok(())
     }

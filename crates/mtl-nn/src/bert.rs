@@ -1047,9 +1047,12 @@ impl Bert {
                 let (k, v) = p.per_example(pass)?;
                 attention::with_prefix(&qkv, &k, &v, &spec)?
             }
-            None if position_bias.is_some() => attention::composed(&qkv, &spec, position_bias)?,
-            None if x.device().is_cpu() => attention::fused(&qkv, spec)?,
-            None => attention::composed(&qkv, &spec, None)?,
+            None => match position_bias {
+                Some(bias) if x.device().is_cpu() => attention::fused_with_bias(&qkv, bias, spec)?,
+                Some(bias) => attention::composed(&qkv, &spec, Some(bias))?,
+                None if x.device().is_cpu() => attention::fused(&qkv, spec)?,
+                None => attention::composed(&qkv, &spec, None)?,
+            },
         };
         let attn = adapt(LinearModule::AttentionOutput, &ctx, linear(&[&l.attn_out], &ctx)?)?;
         let attn = dropout.apply(&attn, mode)?;
