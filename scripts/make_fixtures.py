@@ -21,10 +21,11 @@ It writes:
   tiny-bert/prefix.*    prefix tuning (3 positions, two adapters, random N(0, 1) prefixes) with transformers'
                         BertSelfAttention patched to prepend them: each adapter's last_hidden_state, a mixed batch,
                         a head's loss and the gradient norms of adapter "intent"
-  tiny-roberta/, tiny-electra/, tiny-distilbert/, tiny-mpnet/, tiny-deberta/
+  tiny-roberta/, tiny-electra/, tiny-electra-small/, tiny-distilbert/, tiny-mpnet/, tiny-deberta/
                         tiny random encoders of the other families the BERT backbone loads (seed 0), each with
                         tiny-bert's references (hidden states; a [CLS] head's loss and every gradient norm): RoBERTa
-                        (positions from pad_token_id + 1) under `roberta.`, ELECTRA under `electra.`, DistilBERT
+                        (positions from pad_token_id + 1) under `roberta.`, ELECTRA under `electra.` (and with
+                        embeddings narrower than its blocks, as electra-small), DistilBERT
                         under its own names, MPNet (relative position bias; 30 tokens) under `mpnet.`, DeBERTa-v3
                         (disentangled attention, 8 log buckets; 30 tokens) under `deberta.`; each
                         with a 50-token tokenizer of its family's kind (family_tokenizer), for runs and exports
@@ -194,6 +195,9 @@ def tiny_families():
          RobertaModel, "roberta.", 1),
         ("tiny-electra", ElectraConfig(**common, embedding_size=32, max_position_embeddings=32, type_vocab_size=2,
                                        pad_token_id=0), ElectraModel, "electra.", 0),
+        # electra-small's shape: embeddings narrower than the blocks, projected (`embeddings_project`).
+        ("tiny-electra-small", ElectraConfig(**common, embedding_size=16, max_position_embeddings=32,
+                                             type_vocab_size=2, pad_token_id=0), ElectraModel, "electra.", 0),
         ("tiny-distilbert", DistilBertConfig(vocab_size=50, dim=32, n_layers=2, n_heads=4, hidden_dim=64,
                                              activation="gelu", max_position_embeddings=32, pad_token_id=0),
          DistilBertModel, "", 0),
@@ -241,7 +245,7 @@ def family_tokenizer(name, d):
     `Ġ` and 18 merges (other characters are `<unk>`)."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
-    if name in ("tiny-electra", "tiny-distilbert"):
+    if name in ("tiny-electra", "tiny-electra-small", "tiny-distilbert"):
         tiny_tokenizer(d / "tokenizer.json")
         return
     if name == "tiny-deberta":

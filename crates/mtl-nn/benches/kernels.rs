@@ -116,6 +116,7 @@ fn encoder_stack(c: &mut Criterion) {
         type_vocab_size: 2,
         layer_norm_eps: 1e-12,
         position_embedding_type: None,
+        embedding_size: None,
         disentangled: None,
     };
     let tasks = BTreeMap::from([(

@@ -53,6 +53,10 @@ pub struct BertConfig {
     /// RoBERTa's padding id, from which its positions count (`pad_token_id + 1` is the first).
     #[serde(default)]
     pub pad_token_id: Option<usize>,
+    /// ELECTRA: the width of the embeddings, projected to `hidden_size` before the first block
+    /// (`embeddings_project`; electra-small's 128 for 256); `hidden_size` when absent.
+    #[serde(default)]
+    pub embedding_size: Option<usize>,
     /// MPNet: the buckets of its relative position bias (none for the other families).
     #[serde(default)]
     pub relative_attention_num_buckets: Option<usize>,
@@ -135,13 +139,10 @@ impl BertConfig {
             }
             _ => None,
         };
-        if model_type == "electra" {
-            let embedding = value["embedding_size"].as_u64();
-            if embedding.is_some() && embedding != value["hidden_size"].as_u64() {
-                return Err(invalid(format!(
-                    "ELECTRA with embeddings narrower than its blocks (embedding_size {} < hidden_size {}, as electra-small) is not supported yet; electra-base and -large are",
-                    value["embedding_size"], value["hidden_size"]
-                )));
+        if model_type != "electra" {
+            // Only ELECTRA's embeddings may be narrower than its blocks (DeBERTa's refuses it above).
+            if let Some(o) = value.as_object_mut() {
+                o.remove("embedding_size");
             }
         }
         let mut config: Self =
@@ -173,6 +174,11 @@ impl BertConfig {
             "roberta" | "xlm-roberta" | "camembert" | "mpnet" => self.pad_token_id.unwrap_or(1) + 1,
             _ => 0,
         }
+    }
+
+    /// The width of the embeddings (ELECTRA's may be narrower than the blocks).
+    pub fn embedding_width(&self) -> usize {
+        self.embedding_size.unwrap_or(self.hidden_size)
     }
 
     /// The longest input, in tokens.
@@ -239,6 +245,8 @@ struct Embeddings {
     /// None for a family without token types (DistilBERT).
     token_type: Option<Tensor>,
     norm: LayerNorm,
+    /// ELECTRA's projection of narrower embeddings to the blocks' width.
+    project: Option<Linear>,
 }
 
 #[derive(Clone, Debug)]
@@ -384,11 +392,12 @@ impl Bert {
         let mut int8: Vec<Vec<Int8Matrix>> = Vec::new();
         let eps = config.layer_norm_eps;
         let e = pb.pp("embeddings");
+        let width = config.embedding_width();
         let embeddings = Embeddings {
-            word: e.pp("word_embeddings").get((config.vocab_size, h), "weight", Init::Normal { std: 0.02 })?,
+            word: e.pp("word_embeddings").get((config.vocab_size, width), "weight", Init::Normal { std: 0.02 })?,
             position: match config.disentangled.as_ref().is_none_or(|d| d.absolute_positions) {
                 true => Some(e.pp("position_embeddings").get(
-                    (config.max_position_embeddings, h),
+                    (config.max_position_embeddings, width),
                     "weight",
                     Init::Normal { std: 0.02 },
                 )?),
@@ -396,9 +405,13 @@ impl Bert {
             },
             token_type: match config.type_vocab_size {
                 0 => None,
-                n => Some(e.pp("token_type_embeddings").get((n, h), "weight", Init::Normal { std: 0.02 })?),
+                n => Some(e.pp("token_type_embeddings").get((n, width), "weight", Init::Normal { std: 0.02 })?),
             },
-            norm: LayerNorm::new(&e.pp("LayerNorm"), h, eps)?,
+            norm: LayerNorm::new(&e.pp("LayerNorm"), width, eps)?,
+            project: match width == h {
+                true => None,
+                false => Some(Linear::new(&pb.pp("embeddings_project"), width, h)?),
+            },
         };
         let layers = (0..config.num_hidden_layers)
             .map(|i| {
@@ -477,6 +490,7 @@ impl Bert {
                     position: e.position.as_ref().map(Tensor::detach),
                     token_type: e.token_type.as_ref().map(Tensor::detach),
                     norm,
+                    project: e.project.as_ref().map(|l| Linear { weight: l.weight.detach(), bias: l.bias.detach() }),
                 };
                 (frozen, layers.iter().map(Layer::detached).collect())
             }
@@ -712,22 +726,30 @@ impl Bert {
         // RoBERTa's positions start after its padding id's (the padding's own rows are masked out, so counting
         // every position from there gives the real tokens transformers' positions).
         let offset = self.config.position_offset() as u32;
-        let mut x = self.embeddings.word.index_select(&ids, 0)?.reshape((b, s, h))?;
+        let width = self.config.embedding_width();
+        let mut x = self.embeddings.word.index_select(&ids, 0)?.reshape((b, s, width))?;
         if let Some(position) = &self.embeddings.position {
             let positions = Tensor::arange(offset, offset + s as u32, ids.device())?;
-            x = x.broadcast_add(&position.index_select(&positions, 0)?)?; // [s, h]
+            x = x.broadcast_add(&position.index_select(&positions, 0)?)?; // [s, width]
         }
         match &self.embeddings.token_type {
             // One token type (RoBERTa's families): every token has it, whatever types the tokenizer gave a pair.
             Some(token_type) if token_type.dim(0)? == 1 => x = x.broadcast_add(token_type)?,
             Some(token_type) => {
                 let types = input.token_type_ids.flatten_all()?;
-                x = (x + token_type.index_select(&types, 0)?.reshape((b, s, h))?)?;
+                x = (x + token_type.index_select(&types, 0)?.reshape((b, s, width))?)?;
             }
             None => {}
         }
-        let x = self.embeddings.norm.forward(&x.reshape((b * s, h))?)?;
+        let x = self.embeddings.norm.forward(&x.reshape((b * s, width))?)?;
         let mut x = dropout.apply(&x, mode)?;
+        if let Some(project) = &self.embeddings.project {
+            // ELECTRA's narrower embeddings, to the blocks' width (frozen under parameter-efficient tuning).
+            x = match self.peft {
+                Some(_) => crate::layers::frozen_linear(&x, &[project])?,
+                None => project.forward(&x)?,
+            };
+        }
         if let Some(layers) = &self.int8 {
             if mode == Mode::Train || !x.device().is_cpu() {
                 return Err(NnError::Unsupported("an int8 model runs inference on the CPU only".into()));
