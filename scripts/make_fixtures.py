@@ -21,10 +21,10 @@ It writes:
   tiny-bert/prefix.*    prefix tuning (3 positions, two adapters, random N(0, 1) prefixes) with transformers'
                         BertSelfAttention patched to prepend them: each adapter's last_hidden_state, a mixed batch,
                         a head's loss and the gradient norms of adapter "intent"
-  tiny-roberta/, tiny-electra/, tiny-electra-small/, tiny-distilbert/, tiny-mpnet/, tiny-deberta/
+  tiny-roberta/, tiny-xlm-roberta/, tiny-electra/, tiny-electra-small/, tiny-distilbert/, tiny-mpnet/, tiny-deberta/
                         tiny random encoders of the other families the BERT backbone loads (seed 0), each with
                         tiny-bert's references (hidden states; a [CLS] head's loss and every gradient norm): RoBERTa
-                        (positions from pad_token_id + 1) under `roberta.`, ELECTRA under `electra.` (and with
+                        (positions from pad_token_id + 1) under `roberta.`, XLM-RoBERTa (SentencePiece), ELECTRA under `electra.` (and with
                         embeddings narrower than its blocks, as electra-small), DistilBERT
                         under its own names, MPNet (relative position bias; 30 tokens) under `mpnet.`, DeBERTa-v3
                         (disentangled attention, 8 log buckets; 30 tokens) under `deberta.`; each
@@ -186,13 +186,17 @@ def tiny_families():
     discriminator's encoder, embeddings as wide as its blocks; under `electra.`) and tiny-distilbert/
     (DistilBERT's names and config, no token types)."""
     from transformers import (DebertaV2Config, DebertaV2Model, DistilBertConfig, DistilBertModel, ElectraConfig,
-                              ElectraModel, MPNetConfig, MPNetModel, RobertaConfig, RobertaModel)
+                              ElectraModel, MPNetConfig, MPNetModel, RobertaConfig, RobertaModel, XLMRobertaConfig,
+                              XLMRobertaModel)
 
     common = dict(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
                   hidden_act="gelu", layer_norm_eps=1e-12)
     families = [
         ("tiny-roberta", RobertaConfig(**common, max_position_embeddings=34, type_vocab_size=1, pad_token_id=1),
          RobertaModel, "roberta.", 1),
+        # XLM-RoBERTa: RoBERTa's blocks behind a SentencePiece tokenizer.
+        ("tiny-xlm-roberta", XLMRobertaConfig(**common, max_position_embeddings=34, type_vocab_size=1, pad_token_id=1),
+         XLMRobertaModel, "roberta.", 1),
         ("tiny-electra", ElectraConfig(**common, embedding_size=32, max_position_embeddings=32, type_vocab_size=2,
                                        pad_token_id=0), ElectraModel, "electra.", 0),
         # electra-small's shape: embeddings narrower than the blocks, projected (`embeddings_project`).
@@ -215,7 +219,7 @@ def tiny_families():
     ]
     for name, cfg, cls, prefix, pad in families:
         torch.manual_seed(0)
-        kwargs = {"add_pooling_layer": False} if cls in (RobertaModel, MPNetModel) else {}
+        kwargs = {"add_pooling_layer": False} if cls in (RobertaModel, XLMRobertaModel, MPNetModel) else {}
         model = cls(cfg, **kwargs).eval()
         with torch.no_grad():
             for pname, p in model.named_parameters():
@@ -248,25 +252,35 @@ def family_tokenizer(name, d):
     if name in ("tiny-electra", "tiny-electra-small", "tiny-distilbert"):
         tiny_tokenizer(d / "tokenizer.json")
         return
-    if name == "tiny-deberta":
-        # DeBERTa-v3's kind: a SentencePiece unigram model behind a Metaspace pre-tokenizer ("▁" before every
-        # word), [PAD] 0, [CLS] 1, [SEP] 2, [UNK] 3.
+    if name in ("tiny-deberta", "tiny-xlm-roberta"):
+        # DeBERTa-v3's and XLM-R's kind: a SentencePiece unigram model behind a Metaspace pre-tokenizer ("▁"
+        # before every word); DeBERTa's [PAD] 0, [CLS] 1, [SEP] 2, [UNK] 3, or XLM-R's <s> 0, <pad> 1, </s> 2,
+        # <unk> 3 with RoBERTa's pair template.
         words = ["show", "me", "flights", "from", "boston", "to", "denver", "i", "want", "fly", "dallas", "what", "is",
                  "the", "cheapest", "fare", "flight", "paris"]
-        specials = ["[PAD]", "[CLS]", "[SEP]", "[UNK]"]
+        deberta = name == "tiny-deberta"
+        specials = ["[PAD]", "[CLS]", "[SEP]", "[UNK]"] if deberta else ["<s>", "<pad>", "</s>", "<unk>"]
+        mask = "[MASK]" if deberta else "<mask>"
         pieces = ([(t, 0.0) for t in specials] + [("▁", -2.0)] + [(chr(c), -5.0) for c in range(ord("a"), ord("z") + 1)]
-                  + [("▁" + w, -1.0) for w in words] + [("[MASK]", 0.0)])
+                  + [("▁" + w, -1.0) for w in words] + [(mask, 0.0)])
         assert len(pieces) == 50
         tok = Tokenizer(models.Unigram(pieces, unk_id=3, byte_fallback=False))
         tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=True)
         tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always", split=True)
-        tok.post_processor = processors.TemplateProcessing(
-            single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", 1), ("[SEP]", 2)])
-        tok.add_special_tokens(specials + ["[MASK]"])
+        if deberta:
+            tok.post_processor = processors.TemplateProcessing(
+                single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+                special_tokens=[("[CLS]", 1), ("[SEP]", 2)])
+            config = {"bos_token": "[CLS]", "eos_token": "[SEP]", "sep_token": "[SEP]", "cls_token": "[CLS]",
+                      "unk_token": "[UNK]", "pad_token": "[PAD]", "mask_token": "[MASK]"}
+        else:
+            tok.post_processor = processors.TemplateProcessing(
+                single="<s> $A </s>", pair="<s> $A </s> </s> $B </s>", special_tokens=[("<s>", 0), ("</s>", 2)])
+            config = {"bos_token": "<s>", "eos_token": "</s>", "sep_token": "</s>", "cls_token": "<s>",
+                      "unk_token": "<unk>", "pad_token": "<pad>", "mask_token": "<mask>"}
+        tok.add_special_tokens(specials + [mask])
         tok.save(str(d / "tokenizer.json"))
-        (d / "tokenizer_config.json").write_text(json.dumps(
-            {"bos_token": "[CLS]", "eos_token": "[SEP]", "sep_token": "[SEP]", "cls_token": "[CLS]",
-             "unk_token": "[UNK]", "pad_token": "[PAD]", "mask_token": "[MASK]"}, indent=1) + "\n")
+        (d / "tokenizer_config.json").write_text(json.dumps(config, indent=1) + "\n")
         return
     specials = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
     if name == "tiny-mpnet":

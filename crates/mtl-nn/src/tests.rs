@@ -596,16 +596,22 @@ mod fused_encoder_properties {
     }
 }
 
-/// The other encoder families (`tests/fixtures/tiny-roberta`, `tiny-electra`, `tiny-electra-small`,
+/// The other encoder families (`tests/fixtures/tiny-roberta`, `tiny-xlm-roberta`, `tiny-electra`, `tiny-electra-small`,
 /// `tiny-distilbert`, `tiny-mpnet`,
 /// `tiny-deberta`, made with
 /// transformers' own classes): each loads through its checkpoint's names and matches transformers' hidden
 /// states at the real tokens, the head's loss and every backbone gradient's norm, on both kernel paths.
 #[test]
 fn other_encoder_families_match_transformers() -> TestResult {
-    for family in
-        ["tiny-roberta", "tiny-electra", "tiny-electra-small", "tiny-distilbert", "tiny-mpnet", "tiny-deberta"]
-    {
+    for family in [
+        "tiny-roberta",
+        "tiny-xlm-roberta",
+        "tiny-electra",
+        "tiny-electra-small",
+        "tiny-distilbert",
+        "tiny-mpnet",
+        "tiny-deberta",
+    ] {
         let dir = fixture_dir().join("..").join(family);
         let reference: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json"))?)?;
         let config = BertConfig::from_file(&dir.join("config.json"))?;
@@ -642,6 +648,7 @@ fn family_names_invert_canonical_names() -> TestResult {
     for (family, model_type) in [
         ("tiny-bert", "bert"),
         ("tiny-roberta", "roberta"),
+        ("tiny-xlm-roberta", "xlm-roberta"),
         ("tiny-electra", "electra"),
         ("tiny-electra-small", "electra"),
         ("tiny-distilbert", "distilbert"),
