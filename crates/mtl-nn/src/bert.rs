@@ -574,6 +574,11 @@ impl Bert {
         if self.peft.as_ref().is_some_and(|p| p.per_task()) || (self.peft.is_some() && self.merged.is_none()) {
             return Err(NnError::Unsupported("int8 needs one set of encoder weights: merge the LoRA adapter first (adapters, prefixes and per-task LoRA cannot be quantised)".into()));
         }
+        if self.relative_bias.is_some() || self.relative_table.is_some() {
+            return Err(NnError::Unsupported(
+                "the int8 encoder has no relative positions (MPNet's bias, DeBERTa's disentangled attention)".into(),
+            ));
+        }
         if self.config.hidden_act != Activation::Gelu {
             return Err(NnError::Unsupported(format!(
                 "the int8 encoder implements the erf GELU only, not {:?}",

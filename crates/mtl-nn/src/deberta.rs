@@ -72,6 +72,13 @@ impl Disentangled {
             m => m,
         };
         let buckets = v["position_buckets"].as_i64().unwrap_or(-1);
+        if buckets > 0 && max_relative - 1 <= buckets / 2 {
+            // The logarithmic buckets would fold back (transformers' own results are meaningless there).
+            return Err(format!(
+                "position_buckets {buckets} needs max_relative_positions above {} (it is {max_relative})",
+                buckets / 2 + 1
+            ));
+        }
         let span = if buckets > 0 { buckets } else { max_relative };
         let norm =
             v["norm_rel_ebd"].as_str().unwrap_or("none").to_lowercase().split('|').any(|k| k.trim() == "layer_norm");
@@ -110,8 +117,11 @@ impl Disentangled {
     pub(crate) fn rows(&self, s: usize) -> (Range<usize>, Vec<u32>) {
         let span = self.span as i64;
         let row = |i: usize, j: usize| (self.bucket(i as i64 - j as i64) + span).clamp(0, 2 * span - 1);
-        let far = s.saturating_sub(1);
-        let (lo, hi) = (row(0, far), row(far, 0));
+        // The rows of every distance the batch has (the bucketing is monotonic for the settings accepted,
+        // but the extremes are taken over all of them).
+        let far = s.saturating_sub(1) as i64;
+        let rows_of = (-far..=far).map(|r| (self.bucket(r) + span).clamp(0, 2 * span - 1));
+        let (lo, hi) = rows_of.fold((i64::MAX, i64::MIN), |(lo, hi), r| (lo.min(r), hi.max(r)));
         let index = (0..s).flat_map(|i| (0..s).map(move |j| (row(i, j) - lo) as u32)).collect();
         (lo as usize..hi as usize + 1, index)
     }

@@ -680,6 +680,10 @@ fn unsupported_encoder_families_are_named() -> TestResult {
         (r#""relative_attention": false"#, "relative_attention"),
         (r#""relative_attention": true, "share_att_key": false"#, "share_att_key"),
         (r#""relative_attention": true, "share_att_key": true, "conv_kernel_size": 3"#, "conv_kernel_size"),
+        (
+            r#""relative_attention": true, "share_att_key": true, "position_buckets": 256, "max_relative_positions": 100"#,
+            "max_relative_positions",
+        ),
     ] {
         std::fs::write(&path, format!(r#"{{"model_type": "deberta-v2", "hidden_size": 32, {extra}}}"#))?;
         let e = BertConfig::from_file(&path).expect_err("not loaded");

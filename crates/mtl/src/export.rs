@@ -164,8 +164,13 @@ fn write_peft(
     let mut tensors: HashMap<String, Tensor> = HashMap::new();
     for (name, var, role) in loaded.model.params().with_roles() {
         if matches!(role, mtl_core::ParamRole::Adapter { adapter: a, .. } if a == adapter) {
-            // `….lora_A.ADAPTER.weight` → `base_model.model.bert.….lora_A.weight`: PEFT drops the adapter name.
-            let plain = name.replacen(&format!(".{adapter}."), ".", 1);
+            // `….lora_A.ADAPTER.weight` → `base_model.model.bert.….lora_A.weight`: PEFT drops the adapter name
+            // (only after `lora_A`/`lora_B`: an adapter may be named like a module, `output`).
+            let plain = name.replacen(&format!(".lora_A.{adapter}."), ".lora_A.", 1).replacen(
+                &format!(".lora_B.{adapter}."),
+                ".lora_B.",
+                1,
+            );
             let named = mtl_nn::family_name(model_type, &plain);
             tensors.insert(format!("base_model.model.{named}"), var.as_tensor().copy()?);
         }
@@ -369,6 +374,14 @@ fn write_task(dir: &Path, loaded: &Loaded, task: &TaskId, base_config: &Value, m
     }
     if let Some(p) = problem_type {
         config["problem_type"] = json!(p);
+    }
+    if head.kind() == TaskKind::QuestionAnswering {
+        // Start and end logits: two outputs, whatever labels the base model's config carried.
+        if let Some(o) = config.as_object_mut() {
+            for key in ["id2label", "label2id", "num_labels"] {
+                o.remove(key);
+            }
+        }
     }
     config["mtl"] = json!({
         "task": task.as_str(),

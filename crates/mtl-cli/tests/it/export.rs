@@ -137,3 +137,40 @@ fn export_writes_each_family_under_its_own_names() -> TestResult {
     }
     Ok(())
 }
+
+/// A per-task LoRA adapter named like a module (`output`) keeps its tensors' module names in PEFT's format.
+#[test]
+fn peft_export_of_a_task_named_like_a_module() -> TestResult {
+    let p = Project::new()?;
+    let config = std::fs::read_to_string(p.path("config.toml"))?;
+    assert!(config.contains("[tasks.intent]"), "the project's config names the intent task");
+    let renamed =
+        config.replace("[tasks.intent]", "[tasks.output]").replace("frame = [\"intent\"", "frame = [\"output\"");
+    std::fs::write(p.path("renamed.toml"), renamed)?;
+    let lora = [
+        "--set",
+        "peft.method=\"lora\"",
+        "--set",
+        "peft.per_task=true",
+        "--set",
+        "peft.target_modules=[\"query\", \"output\"]",
+        "--set",
+        "training.epochs=1",
+    ];
+    let o = p.mtl(&[&["train", "renamed.toml", "--out", "run"][..], &lora[..]].concat())?;
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = p.mtl(&["export", "--model", "run", "--out", "hf"])?;
+    assert!(o.status.success(), "{}", stderr(&o));
+    let adapter = candle_core::safetensors::load(p.path("hf/output/peft/adapter_model.safetensors"), &Device::Cpu)?;
+    let lora: Vec<&String> = adapter.keys().filter(|k| k.contains(".lora_")).collect();
+    assert!(lora.iter().any(|k| k.contains(".output.dense.lora_A.")), "{:?}", adapter.keys());
+    for name in lora {
+        assert!(
+            name.starts_with("base_model.model.bert.encoder.layer.")
+                && name.ends_with(".weight")
+                && !name.contains("output.weight"),
+            "{name}"
+        );
+    }
+    Ok(())
+}
