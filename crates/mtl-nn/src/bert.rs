@@ -268,6 +268,17 @@ struct Layer {
 }
 
 impl Layer {
+    /// The same layer with every parameter, adapters' too, a constant for autograd: an evaluation pass records
+    /// no graph, so each activation is freed once the next is computed.
+    fn for_eval(&self) -> Self {
+        Self {
+            lora: self.lora.iter().map(|(m, l)| (*m, l.detached())).collect(),
+            bottleneck: self.bottleneck.iter().map(|(s, b)| (*s, b.detached())).collect(),
+            prefix: self.prefix.as_ref().map(PrefixLayer::detached),
+            ..self.detached()
+        }
+    }
+
     /// The same layer whose pretrained parameters are constants for autograd (a frozen base).
     fn detached(&self) -> Self {
         let lin = |l: &Linear| Linear { weight: l.weight.detach(), bias: l.bias.detach() };
@@ -801,16 +812,24 @@ impl Bert {
             let lora = peft.as_ref().and_then(|(spec, routes)| spec.lora().map(|l| (l, &routes[..])));
             return self.fused_layers(&x, input, b, s, dropout, mode, lora);
         }
+        // Evaluation records no graph (every parameter a constant): otherwise each layer's activations would
+        // stay alive, through the graph, until the output is dropped.
+        let eval = mode == Mode::Eval;
+        let constant = |t: &Tensor| if eval { t.detach() } else { t.clone() };
+        if eval {
+            x = x.detach();
+        }
         let position_bias = match &self.relative_bias {
-            Some(bias) => Some(relative_position_bias(bias, s)?),
+            Some(bias) => Some(relative_position_bias(&constant(bias), s)?),
             None => None,
         };
         let relative = match (&self.relative_table, &self.config.disentangled) {
             (Some((table, norm)), Some(settings)) => {
                 let (rows, index) = settings.rows(s);
-                let table = table.narrow(0, rows.start, rows.len())?;
+                let table = constant(table).narrow(0, rows.start, rows.len())?;
                 let table = match norm {
-                    Some(n) => n.forward(&table)?,
+                    Some(n) => LayerNorm { weight: constant(&n.weight), bias: constant(&n.bias), eps: n.eps }
+                        .forward(&table)?,
                     None => table,
                 };
                 Some(RelativePass { settings, index, table })
@@ -824,9 +843,17 @@ impl Bert {
             dropout_p: spec.lora().map_or(0.0, |l| l.dropout),
             dropout,
             mode,
-            frozen: false,
+            frozen: eval,
         });
-        for layer in &self.layers {
+        let evaluated: Vec<Layer>;
+        let layers = match eval {
+            true => {
+                evaluated = self.layers.iter().map(Layer::for_eval).collect();
+                &evaluated
+            }
+            false => &self.layers,
+        };
+        for layer in layers {
             x = self.layer_forward(
                 layer,
                 &x,

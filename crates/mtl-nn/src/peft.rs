@@ -142,6 +142,13 @@ pub(crate) struct LoraLayer {
     pairs: Vec<LoraPair>,
 }
 
+impl LoraLayer {
+    /// The same adapters as constants for autograd (evaluation records no graph).
+    pub(crate) fn detached(&self) -> Self {
+        Self { pairs: self.pairs.iter().map(|p| LoraPair { a: p.a.detach(), b: p.b.detach() }).collect() }
+    }
+}
+
 /// What an adapter's update needs besides its input: the batch's routes, the sequence length, and dropout.
 pub(crate) struct PeftPass<'a> {
     pub routes: &'a [Route],
@@ -192,6 +199,12 @@ pub(crate) struct BottleneckLayer {
 }
 
 impl BottleneckLayer {
+    /// The same adapters as constants for autograd (evaluation records no graph).
+    pub(crate) fn detached(&self) -> Self {
+        let lin = |l: &crate::Linear| crate::Linear { weight: l.weight.detach(), bias: l.bias.detach() };
+        Self { adapters: self.adapters.iter().map(|a| Bottleneck { down: lin(&a.down), up: lin(&a.up) }).collect() }
+    }
+
     /// The adapters under `pb` (`…output`), of `size` units on a `hidden`-wide stream.
     pub(crate) fn new(pb: &ParamBuilder, adapters: &[String], hidden: usize, size: usize) -> Result<Self> {
         let adapters = adapters
@@ -230,6 +243,14 @@ pub(crate) struct PrefixLayer {
 }
 
 impl PrefixLayer {
+    /// The same prefixes as constants for autograd (evaluation records no graph).
+    pub(crate) fn detached(&self) -> Self {
+        Self {
+            keys: self.keys.iter().map(Tensor::detach).collect(),
+            values: self.values.iter().map(Tensor::detach).collect(),
+        }
+    }
+
     /// The prefixes under `pb` (`…attention.self`), initialised as PEFT's prefix encoder (an embedding table,
     /// so N(0, 1)).
     pub(crate) fn new(pb: &ParamBuilder, adapters: &[String], length: usize, hidden: usize) -> Result<Self> {

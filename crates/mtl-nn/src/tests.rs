@@ -641,6 +641,26 @@ fn other_encoder_families_match_transformers() -> TestResult {
     Ok(())
 }
 
+/// An evaluation pass records no graph on the layer-by-layer path (MPNet, DeBERTa, and BERT on the composed
+/// kernels): its output tracks no op, so every activation is freed as soon as the next is computed, while a
+/// training pass's output does.
+#[test]
+fn evaluation_records_no_graph() -> TestResult {
+    for family in ["tiny-bert", "tiny-mpnet", "tiny-deberta"] {
+        let dir = fixture_dir().join("..").join(family);
+        let reference: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json"))?)?;
+        let config = BertConfig::from_file(&dir.join("config.json"))?;
+        let tasks = BTreeMap::new();
+        let spec = ModelSpec { bert: &config, tasks: &tasks, dropout: 0.1, seed: 0, peft: None };
+        let mut model = MultiTaskModel::load(&spec, &dir.join("model.safetensors"), false, &Device::Cpu)?;
+        model.set_kernels(Kernels::Composed);
+        let batch = batch_from(&reference);
+        assert!(!model.encode(&batch, Mode::Eval)?.track_op(), "{family}: evaluation records a graph");
+        assert!(model.encode(&batch, Mode::Train)?.track_op(), "{family}: training records no graph");
+    }
+    Ok(())
+}
+
 /// `family_name` gives back every checkpoint name of each family fixture from the encoder's name for it (the
 /// names `mtl export` writes), and BERT's under `bert.`.
 #[test]
