@@ -249,12 +249,8 @@ impl CustomOp2 for Backward {
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let spec = &self.0;
-        let (a0, a1) = spec.check(l1, 3 * spec.hidden())?;
-        let (g0, g1) = spec.check(l2, spec.hidden())?;
-        let (CpuStorage::F32(qkv), CpuStorage::F32(dout)) = (s1, s2) else {
-            candle_core::bail!("fused attention: f32 only")
-        };
-        let (dqkv, _) = backward_cpu(spec, &qkv[a0..a1], &dout[g0..g1], None);
+        let (qkv, dout) = qkv_and_grad(spec, (s1, l1), (s2, l2))?;
+        let (dqkv, _) = backward_cpu(spec, qkv, dout, None);
         Ok((CpuStorage::F32(dqkv), Shape::from((spec.batch * spec.seq, 3 * spec.hidden()))))
     }
 }
@@ -274,17 +270,26 @@ impl CustomOp3 for Backward {
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let spec = &self.0;
-        let (a0, a1) = spec.check(l1, 3 * spec.hidden())?;
-        let (g0, g1) = spec.check(l3, spec.hidden())?;
-        let (CpuStorage::F32(qkv), CpuStorage::F32(dout)) = (s1, s3) else {
-            candle_core::bail!("fused attention: f32 only")
-        };
-        let bias = bias_slice(s2, l2)?;
-        let (mut packed, dbias) = backward_cpu(spec, &qkv[a0..a1], &dout[g0..g1], Some(bias));
+        let (qkv, dout) = qkv_and_grad(spec, (s1, l1), (s3, l3))?;
+        let (mut packed, dbias) = backward_cpu(spec, qkv, dout, Some(bias_slice(s2, l2)?));
         packed.extend(dbias.unwrap_or_default());
         let len = packed.len();
         Ok((CpuStorage::F32(packed), Shape::from(len)))
     }
+}
+
+/// The packed `[q | k | v]` and the context's gradient, as slices of their storages.
+fn qkv_and_grad<'a>(
+    spec: &AttentionSpec,
+    (s1, l1): (&'a CpuStorage, &Layout),
+    (s2, l2): (&'a CpuStorage, &Layout),
+) -> candle_core::Result<(&'a [f32], &'a [f32])> {
+    let (a0, a1) = spec.check(l1, 3 * spec.hidden())?;
+    let (g0, g1) = spec.check(l2, spec.hidden())?;
+    let (CpuStorage::F32(qkv), CpuStorage::F32(dout)) = (s1, s2) else {
+        candle_core::bail!("fused attention: f32 only")
+    };
+    Ok((&qkv[a0..a1], &dout[g0..g1]))
 }
 
 /// dqkv, and with a bias, its gradient (`[heads, seq, seq]`, summed over the batch).
