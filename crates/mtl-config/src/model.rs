@@ -7,7 +7,10 @@ use serde::{Deserialize, Serialize};
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ModelConfig {
-    /// A Hugging Face model directory: `config.json`, `model.safetensors`, `tokenizer.json`.
+    /// A Hugging Face model directory: `config.json` (an encoder of `bert`, `roberta`, `xlm-roberta`,
+    /// `camembert`, `electra`, `distilbert`, `mpnet` or `deberta-v2`, or a decoder), the weights
+    /// (`model.safetensors`, its shards with their index, or `pytorch_model.bin`) and `tokenizer.json` (or
+    /// BERT's `vocab.txt`); for a decoder, a directory with a GGUF file, or the file.
     pub path: PathBuf,
     /// Sequences are truncated to this many tokens, special tokens included.
     #[serde(default = "default_max_len")]
