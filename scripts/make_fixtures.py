@@ -29,6 +29,11 @@ It writes:
                         under its own names, MPNet (relative position bias; 30 tokens) under `mpnet.`, DeBERTa-v3
                         (disentangled attention, 8 log buckets; 30 tokens) under `deberta.`; each
                         with a 50-token tokenizer of its family's kind (family_tokenizer), for runs and exports
+  tiny-modernbert/, tiny-modernbert-bias/
+                        tiny random ModernBERT encoders (seed 0; 3 layers, the middle one a sliding-window layer of
+                        8 positions, both rotary bases, GeGLU; 30 tokens) under `model.`, without biases as the
+                        released models are, and with every norm, attention and MLP bias: the same references,
+                        the head after ModernBERT's prediction head (dense, GELU, LayerNorm; its weights saved)
   tiny-bert-sharded/, tiny-bert-bin/
                         tiny-bert's weights as two safetensors shards with their index, and as pytorch_model.bin
                         (under `bert.`) beside a WordPiece vocab.txt, with transformers' BertTokenizerFast ids of a
@@ -118,18 +123,20 @@ def tiny_bert():
     tiny_tokenizer(d / "tokenizer.json")
 
 
-def head_reference(model, ids, mask):
+def head_reference(model, ids, mask, prediction=None):
     """A tiny encoder's references: the last hidden states of `ids`, and a fixed 3-class head on the first
-    token's state with its cross-entropy loss and every parameter's gradient norm."""
+    token's state with its cross-entropy loss and every parameter's gradient norm. `prediction`, a module
+    applied before the head (ModernBERT's prediction head), has its weights in `head.prediction`."""
     out = model(input_ids=ids, attention_mask=mask).last_hidden_state
     head = torch.nn.Linear(32, 3)
     with torch.no_grad():
         head.weight.copy_(torch.linspace(-0.5, 0.5, 96).reshape(3, 32))
         head.bias.copy_(torch.tensor([0.1, -0.2, 0.3]))
     labels = torch.tensor([2, 0])
-    loss = torch.nn.functional.cross_entropy(head(out[:, 0]), labels)
+    first = out[:, 0] if prediction is None else prediction(out[:, 0])
+    loss = torch.nn.functional.cross_entropy(head(first), labels)
     loss.backward()
-    return {
+    ref = {
         "input_ids": ids.tolist(),
         "attention_mask": mask.tolist(),
         "last_hidden_state": out.detach().tolist(),
@@ -137,6 +144,9 @@ def head_reference(model, ids, mask):
                  "labels": labels.tolist(), "loss": loss.item()},
         "grad_norms": {k: p.grad.norm().item() for k, p in model.named_parameters()},
     }
+    if prediction is not None:
+        ref["head"]["prediction"] = {k: p.detach().tolist() for k, p in prediction.named_parameters()}
+    return ref
 
 
 def tiny_bert_formats():
@@ -239,6 +249,43 @@ def tiny_families():
         mask = (ids != pad).long()
         (d / "reference.json").write_text(json.dumps(head_reference(model, ids, mask)))
         family_tokenizer(name, d)
+    tiny_modernbert()
+
+
+def tiny_modernbert():
+    """tiny-modernbert/ and tiny-modernbert-bias/: ModernBertModel (eager attention) with a global layer, a
+    sliding-window layer (8 positions: keys at most 4 away) and a global one, each rotary base apart from the
+    default, and 30 tokens so that the window cuts; random norms (and biases, in the second)."""
+    from transformers import ModernBertConfig, ModernBertModel
+    from transformers.models.modernbert.modeling_modernbert import ModernBertPredictionHead
+
+    for name, biased in [("tiny-modernbert", False), ("tiny-modernbert-bias", True)]:
+        torch.manual_seed(0)
+        cfg = ModernBertConfig(vocab_size=50, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+                               num_attention_heads=4, hidden_activation="gelu", max_position_embeddings=64,
+                               norm_eps=1e-5, norm_bias=biased, attention_bias=biased, mlp_bias=biased,
+                               global_attn_every_n_layers=2, local_attention=8, global_rope_theta=20000.0,
+                               local_rope_theta=500.0, pad_token_id=0, bos_token_id=2, eos_token_id=3,
+                               cls_token_id=2, sep_token_id=3, attn_implementation="eager")
+        cfg.classifier_bias = biased
+        model = ModernBertModel(cfg).eval()
+        # The prediction head the task models put before the classifier (`head.dense`, GELU, `head.norm`).
+        prediction = ModernBertPredictionHead(cfg).eval()
+        with torch.no_grad():
+            prediction.dense.weight.copy_(0.2 * torch.randn_like(prediction.dense.weight))
+            for pname, p in list(model.named_parameters()) + list(prediction.named_parameters()):
+                if "norm" in pname or pname.endswith("bias"):
+                    p.add_(0.1 * torch.randn_like(p))
+        d = OUT / name
+        d.mkdir(parents=True, exist_ok=True)
+        cfg.to_json_file(d / "config.json")
+        save_file({"model." + k: v.contiguous() for k, v in model.state_dict().items()}, d / "model.safetensors")
+        g = torch.Generator().manual_seed(1)
+        ids = torch.randint(5, 50, (2, 30), generator=g)
+        ids[0, 24:] = 0
+        mask = (ids != 0).long()
+        (d / "reference.json").write_text(json.dumps(head_reference(model, ids, mask, prediction)))
+        family_tokenizer("tiny-modernbert", d)
 
 
 def family_tokenizer(name, d):
@@ -282,6 +329,18 @@ def family_tokenizer(name, d):
         tok.save(str(d / "tokenizer.json"))
         (d / "tokenizer_config.json").write_text(json.dumps(config, indent=1) + "\n")
         return
+    if name == "tiny-modernbert":
+        # ModernBERT's kind: byte-level BPE (OLMo's) with BERT's special tokens and a [CLS] … [SEP] template.
+        specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+        tok = byte_level_bpe(specials, "[UNK]")
+        tok.post_processor = processors.TemplateProcessing(
+            single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+        tok.add_special_tokens(specials)
+        tok.save(str(d / "tokenizer.json"))
+        (d / "tokenizer_config.json").write_text(json.dumps(
+            {"cls_token": "[CLS]", "sep_token": "[SEP]", "unk_token": "[UNK]", "pad_token": "[PAD]",
+             "mask_token": "[MASK]"}, indent=1) + "\n")
+        return
     specials = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
     if name == "tiny-mpnet":
         vocab = {t: i for i, t in enumerate(specials + TINY_VOCAB[5:])}
@@ -292,21 +351,29 @@ def family_tokenizer(name, d):
         tok.post_processor = processors.TemplateProcessing(
             single="<s> $A </s>", pair="<s> $A </s> </s> $B </s>", special_tokens=[("<s>", 0), ("</s>", 2)])
     else:
-        merges = [("Ġ", "t"), ("Ġ", "f"), ("Ġ", "b"), ("Ġ", "d"), ("Ġ", "m"), ("o", "n"), ("Ġt", "o"), ("Ġf", "r"),
-                  ("Ġfr", "o"), ("Ġfro", "m"), ("e", "r"), ("Ġ", "s"), ("h", "e"), ("Ġt", "he"), ("Ġb", "o"),
-                  ("Ġd", "e"), ("i", "n"), ("Ġ", "a")]
-        symbols = specials + ["Ġ"] + [chr(c) for c in range(ord("a"), ord("z") + 1)] + ["".join(m) for m in merges]
-        assert len(symbols) == 50 and len(set(symbols)) == 50, symbols
-        vocab = {t: i for i, t in enumerate(symbols)}
-        tok = Tokenizer(models.BPE(vocab, merges, unk_token="<unk>"))
-        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-        tok.decoder = decoders.ByteLevel()
+        tok = byte_level_bpe(specials, "<unk>")
         tok.post_processor = processors.RobertaProcessing(("</s>", 2), ("<s>", 0), add_prefix_space=False)
     tok.add_special_tokens(specials)
     tok.save(str(d / "tokenizer.json"))
     (d / "tokenizer_config.json").write_text(json.dumps(
         {"bos_token": "<s>", "eos_token": "</s>", "sep_token": "</s>", "cls_token": "<s>", "unk_token": "<unk>",
          "pad_token": "<pad>", "mask_token": "<mask>"}, indent=1) + "\n")
+
+
+def byte_level_bpe(specials, unk):
+    """A 50-token byte-level BPE: five special tokens, `Ġ`, the 26 lower-case letters and 18 merges."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    merges = [("Ġ", "t"), ("Ġ", "f"), ("Ġ", "b"), ("Ġ", "d"), ("Ġ", "m"), ("o", "n"), ("Ġt", "o"), ("Ġf", "r"),
+              ("Ġfr", "o"), ("Ġfro", "m"), ("e", "r"), ("Ġ", "s"), ("h", "e"), ("Ġt", "he"), ("Ġb", "o"),
+              ("Ġd", "e"), ("i", "n"), ("Ġ", "a")]
+    symbols = specials + ["Ġ"] + [chr(c) for c in range(ord("a"), ord("z") + 1)] + ["".join(m) for m in merges]
+    assert len(symbols) == 50 and len(set(symbols)) == 50, symbols
+    vocab = {t: i for i, t in enumerate(symbols)}
+    tok = Tokenizer(models.BPE(vocab, merges, unk_token=unk))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return tok
 
 
 TINY_VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "a", "to", "from", "flight", "flights", "show",

@@ -29,6 +29,8 @@ logging.disable_progress_bar()
 logging.set_verbosity_error()
 
 TOL = 1e-4
+# Per tokenizer: what goes before each pre-split word (see load_tokenizer).
+WORD_PREFIX = {}
 
 
 def read_inputs(task):
@@ -84,7 +86,8 @@ def mtl_predictions(binary, checkpoint, inputs):
 
 def encode(tokenizer, batch, max_len):
     if "words" in batch[0]:
-        return tokenizer([b["words"] for b in batch], is_split_into_words=True, truncation=True, max_length=max_len,
+        prefix = WORD_PREFIX.get(id(tokenizer), "")
+        return tokenizer([[prefix + w for w in b["words"]] for b in batch], is_split_into_words=True, truncation=True, max_length=max_len,
                          padding=True, return_tensors="pt")
     if "text_pair" in batch[0]:
         return tokenizer([b["text"] for b in batch], [b["text_pair"] for b in batch], truncation=True,
@@ -98,7 +101,13 @@ def load_tokenizer(export_dir, words):
     with its leading space)."""
     byte_level = '"ByteLevel"' in (Path(export_dir) / "tokenizer.json").read_text()
     if words and byte_level:
-        return AutoTokenizer.from_pretrained(export_dir, add_prefix_space=True)
+        tokenizer = AutoTokenizer.from_pretrained(export_dir, add_prefix_space=True)
+        # transformers' generic fast tokenizer (ModernBERT's) leaves its pre-tokenizer as it is: the words get
+        # their leading space here.
+        ids = tokenizer(["a"], is_split_into_words=True, add_special_tokens=False)["input_ids"]
+        if not tokenizer.convert_ids_to_tokens(ids)[0].startswith("Ġ"):
+            WORD_PREFIX[id(tokenizer)] = " "
+        return tokenizer
     return AutoTokenizer.from_pretrained(export_dir)
 
 

@@ -225,7 +225,7 @@ pub enum Command {
     },
     /// Write each task of a trained model as a Hugging Face transformers model directory, OUT/TASK/
     /// in the base model's family (…ForSequenceClassification, …ForTokenClassification or
-    /// …ForQuestionAnswering of BERT, RoBERTa, XLM-R, CamemBERT, ELECTRA, DistilBERT, MPNet or DeBERTa-v2;
+    /// …ForQuestionAnswering of BERT, RoBERTa, XLM-R, CamemBERT, ELECTRA, DistilBERT, MPNet, DeBERTa-v2 or ModernBERT;
     /// LoRA merged).
     Export {
         /// A checkpoint directory written by `mtl train`.

@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 #[serde(deny_unknown_fields)]
 pub struct ModelConfig {
     /// A Hugging Face model directory: `config.json` (an encoder of `bert`, `roberta`, `xlm-roberta`,
-    /// `camembert`, `electra`, `distilbert`, `mpnet` or `deberta-v2`, or a decoder), the weights
+    /// `camembert`, `electra`, `distilbert`, `mpnet`, `deberta-v2` or `modernbert`, or a decoder), the weights
     /// (`model.safetensors`, its shards with their index, or `pytorch_model.bin`) and `tokenizer.json` (or
     /// BERT's `vocab.txt`); for a decoder, a directory with a GGUF file, or the file.
     pub path: PathBuf,

@@ -118,6 +118,7 @@ fn encoder_stack(c: &mut Criterion) {
         position_embedding_type: None,
         embedding_size: None,
         disentangled: None,
+        modern: None,
     };
     let tasks = BTreeMap::from([(
         TaskId::new("tags").expect("valid"),

@@ -13,6 +13,7 @@ use mtl_core::{LinearModule, Mode};
 use serde::{Deserialize, Serialize};
 
 use crate::deberta::{self, Disentangled};
+use crate::modernbert::{self, Modern};
 
 use crate::attention::{self, AttentionSpec};
 use crate::cpu::encoder::{Dims, FusedEncoder, FusedLora, GradSink, LayerDropout, LayerParams, Proj};
@@ -32,16 +33,25 @@ use crate::{NnError, Result};
 /// path computes.
 /// DeBERTa-v2/v3 (`deberta-v2`) replaces absolute positions by disentangled attention ([`crate::deberta`]), on the
 /// composed path.
-pub const ENCODER_FAMILIES: [&str; 8] =
-    ["bert", "roberta", "xlm-roberta", "camembert", "electra", "distilbert", "mpnet", "deberta-v2"];
+/// ModernBERT (`modernbert`) has pre-norm blocks with rotary positions, sliding-window layers and a GeGLU MLP
+/// ([`crate::modernbert`]), on the composed path.
+pub const ENCODER_FAMILIES: [&str; 9] =
+    ["bert", "roberta", "xlm-roberta", "camembert", "electra", "distilbert", "mpnet", "deberta-v2", "modernbert"];
 
 /// The parameter of MPNet's relative position bias.
 pub(crate) const RELATIVE_BIAS: &str = "encoder.relative_attention_bias.weight";
 
 /// The parameters every layer reads besides its own (MPNet's bias; DeBERTa's relative embeddings and their
 /// LayerNorm): they train at the top layer's rate and stay when top layers are pruned.
-pub(crate) const SHARED_RELATIVE: [&str; 4] =
-    [RELATIVE_BIAS, "encoder.rel_embeddings.weight", "encoder.LayerNorm.weight", "encoder.LayerNorm.bias"];
+/// ModernBERT's final LayerNorm is one of them too: the top layer's output goes through it.
+pub(crate) const SHARED_RELATIVE: [&str; 6] = [
+    RELATIVE_BIAS,
+    "encoder.rel_embeddings.weight",
+    "encoder.LayerNorm.weight",
+    "encoder.LayerNorm.bias",
+    "model.final_norm.weight",
+    "model.final_norm.bias",
+];
 
 /// The fields of a Hugging Face BERT `config.json` that the encoder uses (a family of
 /// [`ENCODER_FAMILIES`]); other keys are ignored.
@@ -77,6 +87,9 @@ pub struct BertConfig {
     /// DeBERTa-v2's disentangled attention (None for the other families).
     #[serde(skip)]
     pub disentangled: Option<Disentangled>,
+    /// ModernBERT's blocks (None for the other families).
+    #[serde(skip)]
+    pub modern: Option<Modern>,
 }
 
 fn default_model_type() -> String {
@@ -139,6 +152,10 @@ impl BertConfig {
             }
             _ => None,
         };
+        let modern = match model_type.as_str() {
+            "modernbert" => Some(Modern::from_config(&mut value).map_err(invalid)?),
+            _ => None,
+        };
         if model_type != "electra" {
             // Only ELECTRA's embeddings may be narrower than its blocks (DeBERTa's refuses it above).
             if let Some(o) = value.as_object_mut() {
@@ -148,6 +165,7 @@ impl BertConfig {
         let mut config: Self =
             serde_json::from_value(value).map_err(|e| invalid(format!("not a {model_type} config: {e}")))?;
         config.disentangled = disentangled;
+        config.modern = modern;
         if let Some(kind) = &config.position_embedding_type {
             if kind != "absolute" {
                 return Err(NnError::File {
@@ -362,6 +380,8 @@ pub struct Bert {
     relative_bias: Option<Tensor>,
     /// DeBERTa's relative position embeddings, `[2 · span, hidden]`, and their LayerNorm.
     relative_table: Option<(Tensor, Option<LayerNorm>)>,
+    /// ModernBERT's LayerNorm after the last layer.
+    final_norm: Option<LayerNorm>,
 }
 
 /// DeBERTa's relative positions for one forward pass: the rows of the table the batch's pairs use (normalised)
@@ -387,6 +407,9 @@ impl Bert {
     /// The encoder under `pb`, with a parameter-efficient method when `peft` is given (and then its pretrained
     /// parameters frozen).
     pub fn new(pb: &ParamBuilder, config: &BertConfig, peft: Option<&PeftSpec>) -> Result<Self> {
+        if let Some(modern) = &config.modern {
+            return Self::new_modern(pb, config, modern, peft);
+        }
         let h = config.hidden_size;
         if pb.has_int8() && peft.is_some() {
             return Err(NnError::File {
@@ -567,6 +590,92 @@ impl Bert {
             int8,
             relative_bias,
             relative_table,
+            final_norm: None,
+        })
+    }
+
+    /// A ModernBERT encoder ([`crate::modernbert`]) under `pb`, in BERT's structures: `query`, `key` and `value`
+    /// are the rows of the packed `attn.Wqkv`, `attn_norm` and `out_norm` the norms before the attention and
+    /// the MLP (the first layer's `attn_norm` unused), `intermediate` the GeGLU's `mlp.Wi` (both halves),
+    /// `output` its `mlp.Wo`. Biases the config leaves out are constant zeros, not parameters.
+    fn new_modern(pb: &ParamBuilder, config: &BertConfig, m: &Modern, peft: Option<&PeftSpec>) -> Result<Self> {
+        // Under its task models' names (`model.layers.0.attn.Wqkv.weight`).
+        let pb = &pb.pp("model");
+        if peft.is_some() {
+            return Err(NnError::Unsupported(
+                "parameter-efficient tuning (LoRA, adapters, prefixes) of ModernBERT is not supported yet; \
+                 fine-tune it fully"
+                    .into(),
+            ));
+        }
+        if pb.has_int8() {
+            return Err(NnError::Unsupported("an int8 encoder has no ModernBERT blocks".into()));
+        }
+        let (h, inter, eps) = (config.hidden_size, config.intermediate_size, config.layer_norm_eps);
+        let device = pb.device();
+        let zeros = |n: usize| Tensor::zeros(n, candle_core::DType::F32, &device);
+        let norm = |pb: &ParamBuilder| -> Result<LayerNorm> {
+            let weight = pb.get(h, "weight", Init::Ones)?;
+            let bias = if m.norm_bias { pb.get(h, "bias", Init::Zeros)? } else { zeros(h)? };
+            Ok(LayerNorm { weight, bias, eps })
+        };
+        let linear = |pb: &ParamBuilder, inp: usize, out: usize, bias: bool| -> Result<Linear> {
+            let weight = pb.get((out, inp), "weight", Init::Normal { std: 0.02 })?;
+            let bias = if bias { pb.get(out, "bias", Init::Zeros)? } else { zeros(out)? };
+            Ok(Linear { weight, bias })
+        };
+        let e = pb.pp("embeddings");
+        let embeddings = Embeddings {
+            word: e.pp("tok_embeddings").get((config.vocab_size, h), "weight", Init::Normal { std: 0.02 })?,
+            position: None,
+            token_type: None,
+            norm: norm(&e.pp("norm"))?,
+            project: None,
+        };
+        let layers = (0..config.num_hidden_layers)
+            .map(|i| {
+                let l = pb.pp(&format!("layers.{i}")).with_role(mtl_core::ParamRole::Layer(i));
+                let qkv = linear(&l.pp("attn.Wqkv"), h, 3 * h, m.attention_bias)?;
+                let rows = |k: usize| -> Result<Linear> {
+                    Ok(Linear { weight: qkv.weight.narrow(0, k * h, h)?, bias: qkv.bias.narrow(0, k * h, h)? })
+                };
+                Ok(Layer {
+                    query: rows(0)?,
+                    key: rows(1)?,
+                    value: rows(2)?,
+                    attn_out: linear(&l.pp("attn.Wo"), h, h, m.attention_bias)?,
+                    attn_norm: match i {
+                        0 => LayerNorm {
+                            weight: Tensor::ones(h, candle_core::DType::F32, &device)?,
+                            bias: zeros(h)?,
+                            eps,
+                        },
+                        _ => norm(&l.pp("attn_norm"))?,
+                    },
+                    intermediate: linear(&l.pp("mlp.Wi"), h, 2 * inter, m.mlp_bias)?,
+                    output: linear(&l.pp("mlp.Wo"), inter, h, m.mlp_bias)?,
+                    out_norm: norm(&l.pp("mlp_norm"))?,
+                    lora: BTreeMap::new(),
+                    bottleneck: BTreeMap::new(),
+                    prefix: None,
+                })
+            })
+            .collect::<Result<Vec<Layer>>>()?;
+        let top = mtl_core::ParamRole::Layer(config.num_hidden_layers.saturating_sub(1));
+        let final_norm = norm(&pb.pp("final_norm").with_role(top))?;
+        Ok(Self {
+            config: config.clone(),
+            embeddings,
+            layers,
+            kernels: Kernels::default(),
+            grads: Arc::new(Mutex::new(Vec::new())),
+            retain_graph: Arc::new(false.into()),
+            peft: None,
+            merged: None,
+            int8: None,
+            relative_bias: None,
+            relative_table: None,
+            final_norm: Some(final_norm),
         })
     }
 
@@ -589,6 +698,9 @@ impl Bert {
             return Err(NnError::Unsupported(
                 "the int8 encoder has no relative positions (MPNet's bias, DeBERTa's disentangled attention)".into(),
             ));
+        }
+        if self.config.modern.is_some() {
+            return Err(NnError::Unsupported("the int8 encoder has no ModernBERT blocks".into()));
         }
         if self.config.hidden_act != Activation::Gelu {
             return Err(NnError::Unsupported(format!(
@@ -803,7 +915,8 @@ impl Bert {
         // composed path.
         let fusable = peft.as_ref().is_none_or(|(spec, _)| spec.lora().is_some())
             && self.relative_bias.is_none()
-            && self.relative_table.is_none();
+            && self.relative_table.is_none()
+            && self.config.modern.is_none();
         if fusable
             && x.device().is_cpu()
             && self.kernels == Kernels::Fused
@@ -853,6 +966,25 @@ impl Bert {
             }
             false => &self.layers,
         };
+        if let (Some(m), Some(final_norm)) = (&self.config.modern, &self.final_norm) {
+            let (nh, d) = (self.config.num_attention_heads, h / self.config.num_attention_heads);
+            let global = modernbert::rotary_tables(m.global_theta, s, d, x.device())?;
+            let local = modernbert::rotary_tables(m.local_theta, s, d, x.device())?;
+            let window = modernbert::window_bias(nh, s, m.window, x.device())?;
+            for (i, layer) in layers.iter().enumerate() {
+                let (rope, bias) = match m.global.get(i).copied().unwrap_or(true) {
+                    true => (&global, None),
+                    false => (&local, window.as_ref()),
+                };
+                x = self.modern_layer(i, layer, &x, &input.attention_mask, (b, s), dropout, mode, rope, bias)?;
+            }
+            let norm = LayerNorm {
+                weight: constant(&final_norm.weight),
+                bias: constant(&final_norm.bias),
+                eps: final_norm.eps,
+            };
+            return norm.forward(&x);
+        }
         for layer in layers {
             x = self.layer_forward(
                 layer,
@@ -992,7 +1124,63 @@ impl Bert {
         Ok(x.contiguous()?.apply_op2(&packed, op)?)
     }
 
+    /// One ModernBERT block ([`Bert::new_modern`] says where its parts are): `x + attn(norm(x))` with the
+    /// queries and keys rotated by `rope` and `window` (a sliding-window layer's bias) on the scores, then
+    /// `x + Wo(act(a) · g)` where `[a | g]` is `Wi(norm(x))`. Dropout where transformers has it: on the
+    /// attention probabilities, the attention output and the gated activations.
     #[allow(clippy::too_many_arguments)]
+    fn modern_layer(
+        &self,
+        index: usize,
+        l: &Layer,
+        x: &Tensor,
+        key_mask: &Arc<Vec<u32>>,
+        (b, s): (usize, usize),
+        dropout: &DropoutRng,
+        mode: Mode,
+        rope: &(Tensor, Tensor),
+        window: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let nh = self.config.num_attention_heads;
+        let normed = match index {
+            0 => x.clone(),
+            _ => l.attn_norm.forward(x)?,
+        };
+        let qkv = Linear::stacked(&[&l.query, &l.key, &l.value])?.forward(&normed)?;
+        let qkv = modernbert::rotate_qk(&qkv, rope, b, nh)?;
+        let attn_dropout = match mode {
+            Mode::Train => dropout.mask(b * nh * s * s).map(Arc::new),
+            Mode::Eval => None,
+        };
+        let spec = AttentionSpec {
+            batch: b,
+            seq: s,
+            heads: nh,
+            head_dim: self.config.hidden_size / nh,
+            key_mask: key_mask.clone(),
+            dropout: attn_dropout,
+        };
+        let ctx = match window {
+            Some(bias) if x.device().is_cpu() => attention::fused_with_bias(&qkv, bias, spec)?,
+            Some(bias) => attention::composed(&qkv, &spec, Some(bias))?,
+            None if x.device().is_cpu() => attention::fused(&qkv, spec)?,
+            None => attention::composed(&qkv, &spec, None)?,
+        };
+        let attn = dropout.apply(&l.attn_out.forward(&ctx)?, mode)?;
+        let x = (x + attn)?;
+        let inter = self.config.intermediate_size;
+        let both = l.intermediate.forward(&l.out_norm.forward(&x)?)?;
+        let (a, gate) = (both.narrow(1, 0, inter)?, both.narrow(1, inter, inter)?);
+        let a = match self.config.hidden_act {
+            Activation::Gelu if a.device().is_cpu() => crate::cpu::fused::gelu_erf(&a.contiguous()?)?,
+            Activation::Gelu => a.gelu_erf()?,
+            Activation::GeluNew => a.gelu()?,
+            Activation::Relu => a.relu()?,
+        };
+        let gated = dropout.apply(&(a * gate)?, mode)?;
+        Ok((x + l.output.forward(&gated)?)?)
+    }
+
     #[allow(clippy::too_many_arguments)]
     fn layer_forward(
         &self,

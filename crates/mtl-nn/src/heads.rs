@@ -4,9 +4,10 @@
 use candle_core::{Tensor, D};
 use mtl_core::{Mode, TaskKind};
 
+use crate::bert::Activation;
 use crate::crf::{Crf, Transitions};
-use crate::layers::{DropoutRng, Linear};
-use crate::params::ParamBuilder;
+use crate::layers::{DropoutRng, LayerNorm, Linear};
+use crate::params::{Init, ParamBuilder};
 use crate::NnError;
 use crate::Result;
 
@@ -37,13 +38,32 @@ impl HeadSpec {
     }
 }
 
+/// ModernBERT's prediction head (transformers' `ModernBertPredictionHead`), which its task models put before
+/// the classifier: `norm(act(dense(x)))`, the dense layer with a bias when `bias` (`classifier_bias`), the
+/// LayerNorm with one when `norm_bias`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct PredictionHead {
+    pub bias: bool,
+    pub act: Activation,
+    pub eps: f64,
+    pub norm_bias: bool,
+}
+
+#[derive(Clone, Debug)]
+struct Transform {
+    dense: Linear,
+    norm: LayerNorm,
+    act: Activation,
+}
+
 /// A task head: dropout then a linear layer (as transformers' `BertFor*` heads, without the pooler), and for
-/// token tasks optionally a CRF.
+/// token tasks optionally a CRF. On ModernBERT, its prediction head first (as its `…For*` task models).
 #[derive(Clone, Debug)]
 pub struct Head {
     spec: HeadSpec,
     linear: Linear,
     crf: Option<Crf>,
+    transform: Option<Transform>,
 }
 
 /// Logits of one head on the rows it reads.
@@ -55,6 +75,16 @@ pub struct HeadOutput {
 
 impl Head {
     pub fn new(pb: &ParamBuilder, spec: &HeadSpec, hidden: usize) -> Result<Self> {
+        Self::with_prediction_head(pb, spec, hidden, None)
+    }
+
+    /// A head with ModernBERT's prediction head (`head.dense`, `head.norm`) before the linear layer, when given.
+    pub fn with_prediction_head(
+        pb: &ParamBuilder,
+        spec: &HeadSpec,
+        hidden: usize,
+        prediction: Option<PredictionHead>,
+    ) -> Result<Self> {
         if spec.kind == TaskKind::Generation {
             return Err(NnError::Unsupported(
                 "generation tasks have no encoder head: they need a decoder model".into(),
@@ -64,7 +94,29 @@ impl Head {
             Some(t) => Some(Crf::new(&pb.pp("crf"), t.clone())?),
             None => None,
         };
-        Ok(Self { spec: spec.clone(), linear: Linear::new(pb, hidden, spec.outputs)?, crf })
+        let transform = match prediction {
+            Some(p) => {
+                let zeros = |n: usize| Tensor::zeros(n, candle_core::DType::F32, &pb.device());
+                let (d, n) = (pb.pp("head.dense"), pb.pp("head.norm"));
+                let dense = Linear {
+                    weight: d.get((hidden, hidden), "weight", Init::Normal { std: 0.02 })?,
+                    bias: if p.bias { d.get(hidden, "bias", Init::Zeros)? } else { zeros(hidden)? },
+                };
+                let norm = LayerNorm {
+                    weight: n.get(hidden, "weight", Init::Ones)?,
+                    bias: if p.norm_bias { n.get(hidden, "bias", Init::Zeros)? } else { zeros(hidden)? },
+                    eps: p.eps,
+                };
+                Some(Transform { dense, norm, act: p.act })
+            }
+            None => None,
+        };
+        Ok(Self { spec: spec.clone(), linear: Linear::new(pb, hidden, spec.outputs)?, crf, transform })
+    }
+
+    /// Whether the head has ModernBERT's prediction head.
+    pub fn has_prediction_head(&self) -> bool {
+        self.transform.is_some()
     }
 
     pub fn kind(&self) -> TaskKind {
@@ -87,7 +139,17 @@ impl Head {
     /// sequence-level tasks, the first sub-token of each word for token classification, every token for QA.
     pub fn forward(&self, hidden: &Tensor, rows: &[u32], dropout: &DropoutRng, mode: Mode) -> Result<HeadOutput> {
         let idx = Tensor::from_slice(rows, rows.len(), hidden.device())?;
-        let x = dropout.apply(&hidden.index_select(&idx, 0)?, mode)?;
+        let mut x = hidden.index_select(&idx, 0)?;
+        if let Some(t) = &self.transform {
+            let y = t.dense.forward(&x)?;
+            let y = match t.act {
+                Activation::Gelu => y.gelu_erf()?,
+                Activation::GeluNew => y.gelu()?,
+                Activation::Relu => y.relu()?,
+            };
+            x = t.norm.forward(&y)?;
+        }
+        let x = dropout.apply(&x, mode)?;
         Ok(HeadOutput { logits: self.linear.forward(&x)? })
     }
 

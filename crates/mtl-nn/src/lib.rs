@@ -16,6 +16,7 @@ mod heads;
 mod layers;
 pub mod llama;
 mod model;
+pub mod modernbert;
 mod params;
 pub mod peft;
 
@@ -23,7 +24,7 @@ pub use bert::BertInput;
 pub use bert::{Activation, Bert, BertConfig, Kernels, ENCODER_FAMILIES};
 pub use crf::{viterbi, ChainScores, Crf, Transitions};
 pub use decoder::DecoderModel;
-pub use heads::{binary_cross_entropy_with_logits, Head, HeadOutput, HeadSpec, RegressionLoss};
+pub use heads::{binary_cross_entropy_with_logits, Head, HeadOutput, HeadSpec, PredictionHead, RegressionLoss};
 pub use layers::{DropoutRng, LayerNorm, Linear};
 pub use model::{ModelSpec, MultiTaskModel, TaskLoss, TaskPrediction};
 pub use params::{canonical_name, family_name, family_prefix, ParamBuilder, ParamStore};

@@ -167,16 +167,18 @@ impl MultiTaskModel {
     fn from_builder(spec: &ModelSpec, pb: ParamBuilder) -> Result<Self> {
         let device = pb.device();
         let bert = Bert::new(&pb, spec.bert, spec.peft)?;
+        let spec_bert = spec.bert;
         let heads = spec
             .tasks
             .iter()
             .map(|(name, spec)| {
                 Ok((
                     name.clone(),
-                    Head::new(
+                    Head::with_prediction_head(
                         &pb.pp("heads").pp(name.as_str()).with_role(mtl_core::ParamRole::Head(name.clone())),
                         spec,
                         bert.hidden_size(),
+                        spec_bert.modern.as_ref().map(|m| m.prediction_head(spec_bert.layer_norm_eps)),
                     )?,
                 ))
             })

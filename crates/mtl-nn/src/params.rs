@@ -207,8 +207,14 @@ fn load_safetensors(path: &Path, device: &Device) -> Result<Vec<(String, Tensor)
 }
 
 /// A checkpoint's tensor name as the encoder names it: without the task model's prefix (`bert.`, `roberta.`,
-/// `electra.`, `distilbert.`, `mpnet.`, `deberta.`), and DistilBERT's, MPNet's and DeBERTa's block names as BERT's.
+/// `electra.`, `distilbert.`, `mpnet.`, `deberta.`), and DistilBERT's, MPNet's and DeBERTa's block names as BERT's;
+/// ModernBERT's under `model.`, as its task models name them.
 pub fn canonical_name(name: &str) -> String {
+    // ModernBERT's encoder keeps the names its task models give it, under `model.`; a bare `ModernBertModel`'s
+    // names (only ModernBERT's blocks are named so) go there too.
+    if is_bare_modernbert(name) {
+        return format!("model.{name}");
+    }
     let name = ["bert.", "roberta.", "electra.", "distilbert.", "mpnet.", "deberta."]
         .iter()
         .find_map(|p| name.strip_prefix(p))
@@ -249,9 +255,21 @@ pub fn canonical_name(name: &str) -> String {
     }
 }
 
+/// Whether `name` is a tensor of a `ModernBertModel` saved on its own (no `model.` prefix).
+fn is_bare_modernbert(name: &str) -> bool {
+    if name.starts_with("embeddings.tok_embeddings.") || name.starts_with("embeddings.norm.") {
+        return true;
+    }
+    if name.starts_with("final_norm.") {
+        return true;
+    }
+    let Some((_, tail)) = name.strip_prefix("layers.").and_then(|rest| rest.split_once('.')) else { return false };
+    ["attn.Wqkv.", "attn.Wo.", "attn_norm.", "mlp_norm.", "mlp.Wi.", "mlp.Wo."].iter().any(|p| tail.starts_with(p))
+}
+
 /// The attribute under which a family's `transformers` task models (`…ForSequenceClassification` and the
 /// others) hold the backbone: `bert`, `roberta` (XLM-RoBERTa and CamemBERT too), `electra`, `distilbert`,
-/// `mpnet`, `deberta`. None for a `model_type` outside [`crate::ENCODER_FAMILIES`].
+/// `mpnet`, `deberta`, `model` (ModernBERT). None for a `model_type` outside [`crate::ENCODER_FAMILIES`].
 pub fn family_prefix(model_type: &str) -> Option<&'static str> {
     Some(match model_type {
         "bert" => "bert",
@@ -260,6 +278,7 @@ pub fn family_prefix(model_type: &str) -> Option<&'static str> {
         "distilbert" => "distilbert",
         "mpnet" => "mpnet",
         "deberta-v2" => "deberta",
+        "modernbert" => "model",
         _ => return None,
     })
 }
@@ -269,6 +288,10 @@ pub fn family_prefix(model_type: &str) -> Option<&'static str> {
 /// inverse of [`canonical_name`]; `name` as it is for an unknown family.
 pub fn family_name(model_type: &str, name: &str) -> String {
     let Some(prefix) = family_prefix(model_type) else { return name.to_string() };
+    if model_type == "modernbert" {
+        // The encoder holds them under the task models' names already.
+        return name.to_string();
+    }
     let renames: &[(&str, &str)] = match model_type {
         "distilbert" => &[
             ("attention.self.query.", "attention.q_lin."),

@@ -411,3 +411,19 @@ fn every_parameter_has_the_role_it_was_built_with() -> TestResult {
     assert_eq!(params.with_roles().filter(|(_, _, r)| r.task() == Some("intent")).count(), 2 + 2 * 6 * 2);
     Ok(())
 }
+
+/// ModernBERT fine-tunes fully for now: LoRA, adapters and prefixes on it are refused with the reason.
+#[test]
+fn modernbert_refuses_parameter_efficient_tuning() -> TestResult {
+    let dir = fixture_dir().join("../tiny-modernbert");
+    let config = BertConfig::from_file(&dir.join("config.json"))?;
+    let tasks = BTreeMap::new();
+    for kind in [spec(&["shared"]).kind, PeftKind::Prefix { length: 3 }] {
+        let peft = PeftSpec { kind, adapters: vec!["shared".into()] };
+        let spec = ModelSpec { bert: &config, tasks: &tasks, dropout: 0.0, seed: 0, peft: Some(&peft) };
+        let e =
+            MultiTaskModel::load(&spec, &dir.join("model.safetensors"), false, &Device::Cpu).err().ok_or("refused")?;
+        assert!(e.to_string().contains("ModernBERT is not supported yet"), "{e}");
+    }
+    Ok(())
+}

@@ -88,6 +88,15 @@ fn head_loss_and_gradients_match(dir: &std::path::Path, what: &str) -> TestResul
     let b: Vec<f32> = serde_json::from_value(head["bias"].clone())?;
     weights.insert("heads.cls.weight".into(), Tensor::new(w, &Device::Cpu)?);
     weights.insert("heads.cls.bias".into(), Tensor::new(b, &Device::Cpu)?);
+    // ModernBERT's prediction head before the classifier.
+    let prediction = head["prediction"].as_object().cloned().unwrap_or_default();
+    for (name, value) in &prediction {
+        let t = match value.as_array().is_some_and(|rows| rows.first().is_some_and(Value::is_array)) {
+            true => Tensor::new(serde_json::from_value::<Vec<Vec<f32>>>(value.clone())?, &Device::Cpu)?,
+            false => Tensor::new(serde_json::from_value::<Vec<f32>>(value.clone())?, &Device::Cpu)?,
+        };
+        weights.insert(format!("heads.cls.head.{name}"), t);
+    }
     let task = TaskId::new("cls")?;
     let tasks = BTreeMap::from([(task.clone(), HeadSpec::new(TaskKind::Classification, 3))]);
     let model = MultiTaskModel::build(
@@ -104,7 +113,8 @@ fn head_loss_and_gradients_match(dir: &std::path::Path, what: &str) -> TestResul
     assert!((f64::from(loss.to_scalar::<f32>()?) - want).abs() < 1e-5, "{what}: loss");
     let grads = model.backward(loss)?;
     let norms = reference["grad_norms"].as_object().ok_or("grad norms")?;
-    assert_eq!(norms.len(), model.params().vars().len() - 2, "{what}: every backbone parameter is compared");
+    let head_params = 2 + prediction.len();
+    assert_eq!(norms.len(), model.params().vars().len() - head_params, "{what}: every backbone parameter is compared");
     for (name, want) in norms {
         let ours = crate::canonical_name(name);
         let var = model.params().vars().get(&ours).ok_or_else(|| format!("{what}: no parameter {ours}"))?;
@@ -441,6 +451,7 @@ mod fused_encoder_properties {
             position_embedding_type: None,
             embedding_size: None,
             disentangled: None,
+            modern: None,
         };
         let tasks = BTreeMap::from([
             (TaskId::new("tags").expect("valid"), HeadSpec::new(TaskKind::TokenClassification, 3)),
@@ -596,10 +607,9 @@ mod fused_encoder_properties {
     }
 }
 
-/// The other encoder families (`tests/fixtures/tiny-roberta`, `tiny-xlm-roberta`, `tiny-electra`, `tiny-electra-small`,
-/// `tiny-distilbert`, `tiny-mpnet`,
-/// `tiny-deberta`, made with
-/// transformers' own classes): each loads through its checkpoint's names and matches transformers' hidden
+/// The other encoder families (`tests/fixtures/tiny-roberta`, `tiny-xlm-roberta`, `tiny-electra`,
+/// `tiny-electra-small`, `tiny-distilbert`, `tiny-mpnet`, `tiny-deberta`, `tiny-modernbert` and
+/// `tiny-modernbert-bias`, made with transformers' own classes): each loads through its checkpoint's names and matches transformers' hidden
 /// states at the real tokens, the head's loss and every backbone gradient's norm, on both kernel paths.
 #[test]
 fn other_encoder_families_match_transformers() -> TestResult {
@@ -611,6 +621,8 @@ fn other_encoder_families_match_transformers() -> TestResult {
         "tiny-distilbert",
         "tiny-mpnet",
         "tiny-deberta",
+        "tiny-modernbert",
+        "tiny-modernbert-bias",
     ] {
         let dir = fixture_dir().join("..").join(family);
         let reference: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json"))?)?;
@@ -646,7 +658,7 @@ fn other_encoder_families_match_transformers() -> TestResult {
 /// training pass's output does.
 #[test]
 fn evaluation_records_no_graph() -> TestResult {
-    for family in ["tiny-bert", "tiny-mpnet", "tiny-deberta"] {
+    for family in ["tiny-bert", "tiny-mpnet", "tiny-deberta", "tiny-modernbert"] {
         let dir = fixture_dir().join("..").join(family);
         let reference: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json"))?)?;
         let config = BertConfig::from_file(&dir.join("config.json"))?;
@@ -674,6 +686,8 @@ fn family_names_invert_canonical_names() -> TestResult {
         ("tiny-distilbert", "distilbert"),
         ("tiny-mpnet", "mpnet"),
         ("tiny-deberta", "deberta-v2"),
+        ("tiny-modernbert", "modernbert"),
+        ("tiny-modernbert-bias", "modernbert"),
     ] {
         let dir = fixture_dir().join("..").join(family);
         let prefix = crate::family_prefix(model_type).ok_or("a family")?;
@@ -684,7 +698,7 @@ fn family_names_invert_canonical_names() -> TestResult {
         }
     }
     assert_eq!(crate::family_prefix("xlm-roberta"), Some("roberta"));
-    assert_eq!(crate::family_prefix("modernbert"), None);
+    assert_eq!(crate::family_prefix("funnel"), None);
     Ok(())
 }
 
@@ -692,9 +706,9 @@ fn family_names_invert_canonical_names() -> TestResult {
 fn unsupported_encoder_families_are_named() -> TestResult {
     let dir = tempfile::tempdir()?;
     let path = dir.path().join("config.json");
-    std::fs::write(&path, r#"{"model_type": "modernbert", "hidden_size": 32}"#)?;
+    std::fs::write(&path, r#"{"model_type": "funnel", "hidden_size": 32}"#)?;
     let e = BertConfig::from_file(&path).expect_err("not loaded");
-    assert!(e.to_string().contains("\"modernbert\"") && e.to_string().contains("roberta, xlm-roberta"), "{e}");
+    assert!(e.to_string().contains("\"funnel\"") && e.to_string().contains("roberta, xlm-roberta"), "{e}");
     // DeBERTa-v2 variants outside what the encoder computes are named with the reason.
     for (extra, reason) in [
         (r#""relative_attention": false"#, "relative_attention"),

@@ -22,7 +22,7 @@ pub enum Architecture {
 
 impl Architecture {
     /// The names `model_type` takes for each variant, as `config.json` and GGUF metadata spell them.
-    pub const NAMES: [&'static str; 11] = [
+    pub const NAMES: [&'static str; 12] = [
         "bert",
         "roberta",
         "xlm-roberta",
@@ -31,6 +31,7 @@ impl Architecture {
         "distilbert",
         "mpnet",
         "deberta-v2",
+        "modernbert",
         "llama",
         "gemma3",
         "gemma3_text",
@@ -47,9 +48,8 @@ impl Architecture {
     pub fn from_model_type(model_type: &str, path: &Path) -> Result<Self> {
         match model_type {
             // The encoder families our BERT backbone loads (mtl_nn::ENCODER_FAMILIES).
-            "bert" | "roberta" | "xlm-roberta" | "camembert" | "electra" | "distilbert" | "mpnet" | "deberta-v2" => {
-                Ok(Architecture::Bert)
-            }
+            "bert" | "roberta" | "xlm-roberta" | "camembert" | "electra" | "distilbert" | "mpnet" | "deberta-v2"
+            | "modernbert" => Ok(Architecture::Bert),
             // GGUF files name Gemma 3 `gemma3`, its text-only config.json `gemma3_text`.
             "llama" | "gemma3" | "gemma3_text" => Ok(Architecture::Llama),
             other => Err(Error::UnsupportedArchitecture {
@@ -125,7 +125,7 @@ mod tests {
         let e = Architecture::from_model_type("gpt2", Path::new("m/config.json")).expect_err("gpt2 is not implemented");
         assert_eq!(
             e.to_string(),
-            "m/config.json: unsupported model_type \"gpt2\"; supported: bert, roberta, xlm-roberta, camembert, electra, distilbert, mpnet, deberta-v2, llama, gemma3, gemma3_text"
+            "m/config.json: unsupported model_type \"gpt2\"; supported: bert, roberta, xlm-roberta, camembert, electra, distilbert, mpnet, deberta-v2, modernbert, llama, gemma3, gemma3_text"
         );
     }
 

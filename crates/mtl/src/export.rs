@@ -1,6 +1,6 @@
 //! Export: every task of a trained encoder run as its own Hugging Face `transformers` model directory, which
 //! `AutoModelFor…`, `pipeline(…)` and `AutoTokenizer` load as they are, in the family of the model it was
-//! trained from (BERT, RoBERTa, XLM-RoBERTa, CamemBERT, ELECTRA, DistilBERT, MPNet, DeBERTa-v2/v3):
+//! trained from (BERT, RoBERTa, XLM-RoBERTa, CamemBERT, ELECTRA, DistilBERT, MPNet, DeBERTa-v2/v3, ModernBERT):
 //!
 //! - classification → `…ForSequenceClassification` (`problem_type` single- or multi-label);
 //! - regression → `…ForSequenceClassification` with `problem_type = "regression"`, the target scaling folded
@@ -18,7 +18,9 @@
 //!   `pooler.dense` with its `pooler_hidden_act` (GELU unless tanh, which takes the ε form): the export sets
 //!   `W = I` and `b = c`, with `c` above the largest value the encoder's last LayerNorm can give plus 8 in
 //!   every dimension (`|γ| √(H − 1) + |β| + 8`), where GELU and ReLU are the identity in float32; the
-//!   classifier's bias takes `− W c` back.
+//!   classifier's bias takes `− W c` back;
+//! - ModernBERT's prediction head (`head.dense`, its activation, `head.norm`, before the classifier of every task
+//!   model) is part of mtl's heads on that family, trained with them, and exported as it is.
 //!
 //! A token task with a CRF is skipped (transformers has no CRF head), with a warning.
 //!
@@ -62,6 +64,8 @@ enum SequenceHead {
     Relu,
     /// DeBERTa's `pooler.dense` with `pooler_hidden_act` (GELU by default), then `classifier`.
     Context { tanh: bool },
+    /// ModernBERT's prediction head (`head`, in mtl's heads too), then `classifier`.
+    Prediction,
 }
 
 impl Family {
@@ -83,6 +87,7 @@ impl Family {
             "mpnet" => ("MPNet", SequenceHead::Tanh),
             "electra" => ("Electra", SequenceHead::Gelu),
             "distilbert" => ("DistilBert", SequenceHead::Relu),
+            "modernbert" => ("ModernBert", SequenceHead::Prediction),
             _ => return None,
         };
         Some(Self { prefix: mtl_nn::family_prefix(model_type)?, class, head })
@@ -95,6 +100,7 @@ impl Family {
             SequenceHead::Tanh | SequenceHead::Gelu => &["classifier"],
             SequenceHead::Relu => &["pre_classifier", "classifier"],
             SequenceHead::Context { .. } => &["pooler", "classifier"],
+            SequenceHead::Prediction => &["head", "classifier"],
         }
     }
 }
@@ -286,6 +292,7 @@ fn write_task(dir: &Path, loaded: &Loaded, task: &TaskId, base_config: &Value, m
         TaskKind::Generation => bail!("task `{task}`: generated text has no encoder head to export"),
     };
     let mut pooler_note = Value::Null;
+    let mut config_pooling = None;
     match head.kind() {
         TaskKind::Classification | TaskKind::MultiLabel | TaskKind::Regression => {
             let (mut weight, mut bias) = (weight, bias);
@@ -300,44 +307,47 @@ fn write_task(dir: &Path, loaded: &Loaded, task: &TaskId, base_config: &Value, m
             }
             let zeros = Tensor::zeros(hidden, candle_core::DType::F32, &Device::Cpu)?;
             let eye = (Tensor::eye(hidden, candle_core::DType::F32, &Device::Cpu)? * POOLER_EPS)?;
-            let near_identity =
-                format!("near-identity: W = {POOLER_EPS} I, classifier weights divided by {POOLER_EPS}");
-            let shifted =
-                matches!(family.head, SequenceHead::Gelu | SequenceHead::Relu | SequenceHead::Context { tanh: false });
-            let (dense, out, inner, outer) = match family.head {
-                SequenceHead::Pooler => {
-                    pooler_note = json!(near_identity);
-                    ("bert.pooler.dense".to_string(), "classifier", eye, zeros)
-                }
-                SequenceHead::Context { tanh: true } => {
-                    pooler_note = json!(near_identity);
-                    ("pooler.dense".to_string(), "classifier", eye, zeros)
-                }
-                SequenceHead::Tanh => {
-                    pooler_note = json!(near_identity);
-                    ("classifier.dense".to_string(), "classifier.out_proj", eye, zeros)
-                }
+            // The layer between the first token's state and the classifier, made (nearly) the identity: its name,
+            // `W`, `b`, and whether `b` shifts into an activation's linear range (else `W` scales by ε); and the
+            // classifier's name. ModernBERT's is its prediction head, trained as it is.
+            let (dense, out) = match family.head {
+                SequenceHead::Pooler => (Some(("bert.pooler.dense", eye, zeros, false)), "classifier"),
+                SequenceHead::Context { tanh: true } => (Some(("pooler.dense", eye, zeros, false)), "classifier"),
+                SequenceHead::Tanh => (Some(("classifier.dense", eye, zeros, false)), "classifier.out_proj"),
                 SequenceHead::Gelu | SequenceHead::Relu | SequenceHead::Context { tanh: false } => {
                     let layers = model.bert().config().num_hidden_layers;
                     let (eye, c) = shifted_identity(&backbone, layers, model_dir)?;
-                    pooler_note = json!("identity shifted into the activation's linear range: W = I, b = c; the classifier's bias less W c");
                     let (dense, out) = match family.head {
                         SequenceHead::Gelu => ("classifier.dense", "classifier.out_proj"),
                         SequenceHead::Relu => ("pre_classifier", "classifier"),
                         _ => ("pooler.dense", "classifier"),
                     };
-                    (dense.to_string(), out, eye, c)
+                    (Some((dense, eye, c, true)), out)
                 }
+                SequenceHead::Prediction => (None, "classifier"),
             };
-            let (weight, bias) = if shifted {
+            pooler_note = json!(match &dense {
+                Some((.., false)) => {
+                    format!("near-identity: W = {POOLER_EPS} I, classifier weights divided by {POOLER_EPS}")
+                }
+                Some((.., true)) =>
+                    "identity shifted into the activation's linear range: W = I, b = c; the classifier's bias less W c"
+                        .into(),
+                None => "ModernBERT's prediction head, as trained".into(),
+            });
+            let (weight, bias) = match &dense {
                 // classifier(x + c) − W c = classifier(x).
-                let shift = weight.matmul(&outer.unsqueeze(1)?)?.squeeze(1)?;
-                (weight, (bias - shift)?)
-            } else {
-                ((weight / POOLER_EPS)?, bias)
+                Some((_, _, c, true)) => {
+                    let shift = weight.matmul(&c.unsqueeze(1)?)?.squeeze(1)?;
+                    (weight, (bias - shift)?)
+                }
+                Some((.., false)) => ((weight / POOLER_EPS)?, bias),
+                None => (weight, bias),
             };
-            tensors.insert(format!("{dense}.weight"), inner);
-            tensors.insert(format!("{dense}.bias"), outer);
+            if let Some((name, w, b, _)) = dense {
+                tensors.insert(format!("{name}.weight"), w);
+                tensors.insert(format!("{name}.bias"), b);
+            }
             tensors.insert(format!("{out}.weight"), weight);
             tensors.insert(format!("{out}.bias"), bias);
         }
@@ -349,6 +359,16 @@ fn write_task(dir: &Path, loaded: &Loaded, task: &TaskId, base_config: &Value, m
             tensors.insert("qa_outputs.weight".into(), weight);
             tensors.insert("qa_outputs.bias".into(), bias);
         }
+    }
+    if head.has_prediction_head() {
+        for name in ["dense.weight", "dense.bias", "norm.weight", "norm.bias"] {
+            // Biases only where the config has them (`classifier_bias`, `norm_bias`).
+            if let Some(v) = vars.get(&format!("heads.{task}.head.{name}")) {
+                tensors.insert(format!("head.{name}"), v.as_tensor().copy()?);
+            }
+        }
+        // mtl's heads read the first token's state.
+        config_pooling = Some("cls");
     }
     candle_core::safetensors::save(&tensors, dir.join("model.safetensors"))?;
     if let Some((spec, lora)) = model.bert().peft().and_then(|p| p.lora().map(|l| (p, l))) {
@@ -374,6 +394,9 @@ fn write_task(dir: &Path, loaded: &Loaded, task: &TaskId, base_config: &Value, m
     }
     if let Some(p) = problem_type {
         config["problem_type"] = json!(p);
+    }
+    if let Some(pooling) = config_pooling {
+        config["classifier_pooling"] = json!(pooling);
     }
     if head.kind() == TaskKind::QuestionAnswering {
         // Start and end logits: two outputs, whatever labels the base model's config carried.

@@ -135,7 +135,12 @@ fn write_files(dir: &Path, run_dir: &Path, model: &MultiTaskModel, files: &Check
     let config_path = base.join(MODEL_CONFIG);
     let text = std::fs::read_to_string(&config_path).map_err(io_err(&config_path))?;
     let mut bert: serde_json::Value = serde_json::from_str(&text).map_err(Error::invalid(&config_path))?;
-    bert["num_hidden_layers"] = model.bert().config().num_hidden_layers.into();
+    let depth = model.bert().config().num_hidden_layers;
+    bert["num_hidden_layers"] = depth.into();
+    // Per-layer settings (ModernBERT's `layer_types`) of the layers that stay.
+    if let Some(types) = bert.get_mut("layer_types").and_then(serde_json::Value::as_array_mut) {
+        types.truncate(depth);
+    }
     std::fs::write(dir.join(MODEL_CONFIG), serde_json::to_string_pretty(&bert).expect("json; this is a bug"))
         .map_err(io_err(&dir.join(MODEL_CONFIG)))?;
     // The rest of a Hugging Face tokenizer, where the base model has it (an export passes it on).

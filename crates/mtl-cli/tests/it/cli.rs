@@ -450,7 +450,8 @@ fn other_encoder_families_train_and_predict() -> TestResult {
     let p = Project::new()?;
     let bert = repo_root().join("tests/fixtures/tiny-bert");
     let config = std::fs::read_to_string(p.path("config.toml"))?;
-    for family in ["roberta", "xlm-roberta", "electra", "electra-small", "distilbert", "mpnet", "deberta"] {
+    for family in ["roberta", "xlm-roberta", "electra", "electra-small", "distilbert", "mpnet", "deberta", "modernbert"]
+    {
         let model = repo_root().join(format!("tests/fixtures/tiny-{family}"));
         let file = format!("{family}.toml");
         std::fs::write(p.path(&file), config.replace(&bert.display().to_string(), &model.display().to_string()))?;
@@ -476,6 +477,7 @@ fn other_encoder_families_train_and_predict() -> TestResult {
             "deberta" => {
                 assert!(!o.status.success() && stderr(&o).contains("disentangled attention"), "{}", stderr(&o))
             }
+            "modernbert" => assert!(!o.status.success() && stderr(&o).contains("ModernBERT"), "{}", stderr(&o)),
             _ => assert!(o.status.success(), "{family}: {}", stderr(&o)),
         }
     }

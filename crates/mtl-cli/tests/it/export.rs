@@ -107,6 +107,9 @@ fn export_writes_each_family_under_its_own_names() -> TestResult {
     for (family, class, prefix, head) in [
         ("tiny-distilbert", "DistilBert", "distilbert.", ["pre_classifier", "classifier"]),
         ("tiny-mpnet", "MPNet", "mpnet.", ["classifier.dense", "classifier.out_proj"]),
+        // ModernBERT's prediction head is in every task model, token ones too; biases where the config has them.
+        ("tiny-modernbert", "ModernBert", "model.", ["head.dense", "classifier"]),
+        ("tiny-modernbert-bias", "ModernBert", "model.", ["head.dense", "classifier"]),
     ] {
         let model = repo_root().join("tests/fixtures").join(family);
         let path = format!("model.path={:?}", model.display().to_string());
@@ -126,12 +129,22 @@ fn export_writes_each_family_under_its_own_names() -> TestResult {
             }
             let tensors = candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu)?;
             let got: BTreeSet<&str> = tensors.keys().map(String::as_str).collect();
-            let extra: Vec<&str> = if task == "intent" { head.to_vec() } else { vec!["classifier"] };
+            let modern = class == "ModernBert";
+            let extra: Vec<&str> = if task == "intent" || modern { head.to_vec() } else { vec!["classifier"] };
+            let biased = family != "tiny-modernbert";
             let want: BTreeSet<String> = base
                 .keys()
                 .map(|k| if k.starts_with(prefix) { k.clone() } else { format!("{prefix}{k}") })
-                .chain(extra.iter().flat_map(|m| [format!("{m}.weight"), format!("{m}.bias")]))
+                .chain(extra.iter().flat_map(|m| {
+                    let bias = biased || *m == "classifier";
+                    std::iter::once(format!("{m}.weight")).chain(bias.then(|| format!("{m}.bias")))
+                }))
+                .chain(modern.then(|| "head.norm.weight".to_string()))
+                .chain((modern && biased).then(|| "head.norm.bias".to_string()))
                 .collect();
+            if modern {
+                assert_eq!(config["classifier_pooling"], "cls", "mtl's heads read the first token");
+            }
             assert_eq!(got, want.iter().map(String::as_str).collect(), "{family} {task}");
         }
     }
