@@ -32,8 +32,9 @@ It writes:
   tiny-modernbert/, tiny-modernbert-bias/
                         tiny random ModernBERT encoders (seed 0; 3 layers, the middle one a sliding-window layer of
                         8 positions, both rotary bases, GeGLU; 30 tokens) under `model.`, without biases as the
-                        released models are, and with every norm, attention and MLP bias: the same references,
-                        the head after ModernBERT's prediction head (dense, GELU, LayerNorm; its weights saved)
+                        released models are, and with every norm, attention and MLP bias and mean pooling: the
+                        same references, the head after ModernBERT's prediction head (dense, GELU, LayerNorm; its
+                        weights saved), on the first token's state or (the second) the mean of the real tokens
   tiny-bert-sharded/, tiny-bert-bin/
                         tiny-bert's weights as two safetensors shards with their index, and as pytorch_model.bin
                         (under `bert.`) beside a WordPiece vocab.txt, with transformers' BertTokenizerFast ids of a
@@ -123,17 +124,19 @@ def tiny_bert():
     tiny_tokenizer(d / "tokenizer.json")
 
 
-def head_reference(model, ids, mask, prediction=None):
+def head_reference(model, ids, mask, prediction=None, mean=False):
     """A tiny encoder's references: the last hidden states of `ids`, and a fixed 3-class head on the first
-    token's state with its cross-entropy loss and every parameter's gradient norm. `prediction`, a module
-    applied before the head (ModernBERT's prediction head), has its weights in `head.prediction`."""
+    token's state (with `mean`, the mean of the real tokens' states, as ModernBERT's `classifier_pooling =
+    "mean"`) with its cross-entropy loss and every parameter's gradient norm. `prediction`, a module applied
+    before the head (ModernBERT's prediction head), has its weights in `head.prediction`."""
     out = model(input_ids=ids, attention_mask=mask).last_hidden_state
     head = torch.nn.Linear(32, 3)
     with torch.no_grad():
         head.weight.copy_(torch.linspace(-0.5, 0.5, 96).reshape(3, 32))
         head.bias.copy_(torch.tensor([0.1, -0.2, 0.3]))
     labels = torch.tensor([2, 0])
-    first = out[:, 0] if prediction is None else prediction(out[:, 0])
+    first = (out * mask.unsqueeze(-1)).sum(dim=1) / mask.sum(dim=1, keepdim=True) if mean else out[:, 0]
+    first = first if prediction is None else prediction(first)
     loss = torch.nn.functional.cross_entropy(head(first), labels)
     loss.backward()
     ref = {
@@ -268,6 +271,7 @@ def tiny_modernbert():
                                local_rope_theta=500.0, pad_token_id=0, bos_token_id=2, eos_token_id=3,
                                cls_token_id=2, sep_token_id=3, attn_implementation="eager")
         cfg.classifier_bias = biased
+        cfg.classifier_pooling = "mean" if biased else "cls"
         model = ModernBertModel(cfg).eval()
         # The prediction head the task models put before the classifier (`head.dense`, GELU, `head.norm`).
         prediction = ModernBertPredictionHead(cfg).eval()
@@ -284,7 +288,7 @@ def tiny_modernbert():
         ids = torch.randint(5, 50, (2, 30), generator=g)
         ids[0, 24:] = 0
         mask = (ids != 0).long()
-        (d / "reference.json").write_text(json.dumps(head_reference(model, ids, mask, prediction)))
+        (d / "reference.json").write_text(json.dumps(head_reference(model, ids, mask, prediction, mean=biased)))
         family_tokenizer("tiny-modernbert", d)
 
 

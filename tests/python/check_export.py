@@ -168,7 +168,7 @@ def check_task(binary, checkpoint, export_dir, name, task, max_len, split_text):
     # And transformers' own pipeline loads the directory and agrees on the first text example.
     # (Words are joined with spaces: BERT's pre-tokenizer splits them again the same way.)
     if kind == "classification" and "text_pair" not in inputs[0]:
-        text = inputs[0].get("text") or " ".join(inputs[0]["words"])
+        text = inputs[0].get("text") or WORD_PREFIX.get(id(tokenizer), "") + " ".join(inputs[0]["words"])
         top = pipeline("text-classification", model=str(export_dir), tokenizer=tokenizer, device="cpu")(text, truncation=True)[0]
         want = mtl[0]["predictions"][name]
         if top["label"] != want["label"] or abs(top["score"] - want["score"]) > TOL:

@@ -26,6 +26,9 @@ pub struct AttentionSpec {
     pub key_mask: Arc<Vec<u32>>,
     /// `batch × heads × seq × seq` multipliers of the probabilities: 0 (dropped) or `1 / (1 - p)`.
     pub dropout: Option<Arc<Vec<f32>>>,
+    /// A sliding window (ModernBERT's local layers): a query attends only to keys at most this many positions
+    /// away; the others are masked as padding is.
+    pub window: Option<usize>,
 }
 
 impl AttentionSpec {
@@ -113,8 +116,10 @@ fn probs_row(spec: &AttentionSpec, qkv: &[f32], b: usize, n: usize, i: usize, bi
     let scale = spec.scale();
     let mut max = f32::NEG_INFINITY;
     for j in 0..s {
-        // As transformers does: add the most negative float at padded keys (a fully padded row is uniform).
-        let add = if mask[j] == 0 { f32::MIN } else { 0.0 };
+        // As transformers does: add the most negative float at padded keys and keys outside the window (a row
+        // with no key left is uniform).
+        let outside = spec.window.is_some_and(|w| i.abs_diff(j) > w);
+        let add = if mask[j] == 0 || outside { f32::MIN } else { 0.0 };
         p[j] = dot(q, row(j, 1)) * scale + bias.map_or(0.0, |r| r[j]) + add;
         max = max.max(p[j]);
     }
@@ -369,8 +374,23 @@ pub fn composed(qkv: &Tensor, spec: &AttentionSpec, bias: Option<&Tensor>) -> Re
         Ok(qkv.narrow(1, part * h, h)?.reshape((b, s, nh, d))?.transpose(1, 2)?.contiguous()?)
     };
     let (q, k, v) = (heads(0)?, heads(1)?, heads(2)?);
-    let keep: Vec<f32> = spec.key_mask.iter().map(|&m| if m == 0 { f32::MIN } else { 0.0 }).collect();
-    let mask = Tensor::from_vec(keep, (b, 1, 1, s), qkv.device())?;
+    let mask = match spec.window {
+        None => {
+            let keep: Vec<f32> = spec.key_mask.iter().map(|&m| if m == 0 { f32::MIN } else { 0.0 }).collect();
+            Tensor::from_vec(keep, (b, 1, 1, s), qkv.device())?
+        }
+        Some(w) => {
+            let keep: Vec<f32> = (0..b)
+                .flat_map(|e| {
+                    let keys = &spec.key_mask[e * s..(e + 1) * s];
+                    (0..s).flat_map(move |i| {
+                        (0..s).map(move |j| if keys[j] == 0 || i.abs_diff(j) > w { f32::MIN } else { 0.0 })
+                    })
+                })
+                .collect();
+            Tensor::from_vec(keep, (b, 1, s, s), qkv.device())?
+        }
+    };
     let mut scores = (q.matmul(&k.t()?)? * f64::from(spec.scale()))?;
     if let Some(bias) = bias {
         scores = scores.broadcast_add(bias)?;
@@ -421,13 +441,18 @@ mod tests {
     }
 
     /// Fused and composed attention agree in value and in gradient, over odd shapes, padding, a fully padded
-    /// example, and dropout.
+    /// example, dropout, and a sliding window.
     #[test]
     fn fused_matches_composed() -> Result<()> {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
-        for (batch, seq, heads, head_dim, with_dropout) in
-            [(1, 1, 1, 8, false), (2, 5, 3, 7, false), (3, 9, 2, 16, true), (2, 17, 4, 33, true)]
-        {
+        for (batch, seq, heads, head_dim, with_dropout, window) in [
+            (1, 1, 1, 8, false, None),
+            (2, 5, 3, 7, false, None),
+            (3, 9, 2, 16, true, None),
+            (2, 17, 4, 33, true, None),
+            (3, 9, 2, 16, false, Some(2)),
+            (2, 17, 4, 33, true, Some(4)),
+        ] {
             let h = heads * head_dim;
             let mut key_mask: Vec<u32> = (0..batch * seq).map(|i| u32::from(i % seq < seq - (i / seq) % 3)).collect();
             if batch > 2 {
@@ -438,7 +463,7 @@ mod tests {
                     (0..batch * heads * seq * seq).map(|_| if rng.gen::<f32>() < 0.2 { 0.0 } else { 1.25 }).collect(),
                 )
             });
-            let spec = AttentionSpec { batch, seq, heads, head_dim, key_mask: Arc::new(key_mask), dropout };
+            let spec = AttentionSpec { batch, seq, heads, head_dim, key_mask: Arc::new(key_mask), dropout, window };
             let data: Vec<f32> = (0..batch * seq * 3 * h).map(|_| rng.gen_range(-2.0..2.0)).collect();
             let qkv = Var::from_vec(data, (batch * seq, 3 * h), &Device::Cpu)?;
             let weights = Tensor::from_vec(

@@ -967,16 +967,16 @@ impl Bert {
             false => &self.layers,
         };
         if let (Some(m), Some(final_norm)) = (&self.config.modern, &self.final_norm) {
-            let (nh, d) = (self.config.num_attention_heads, h / self.config.num_attention_heads);
+            let d = h / self.config.num_attention_heads;
             let global = modernbert::rotary_tables(m.global_theta, s, d, x.device())?;
             let local = modernbert::rotary_tables(m.local_theta, s, d, x.device())?;
-            let window = modernbert::window_bias(nh, s, m.window, x.device())?;
             for (i, layer) in layers.iter().enumerate() {
-                let (rope, bias) = match m.global.get(i).copied().unwrap_or(true) {
+                let (rope, window) = match m.global.get(i).copied().unwrap_or(true) {
                     true => (&global, None),
-                    false => (&local, window.as_ref()),
+                    // Every key is near enough in a sequence no longer than the window.
+                    false => (&local, Some(m.window).filter(|&w| s > w + 1)),
                 };
-                x = self.modern_layer(i, layer, &x, &input.attention_mask, (b, s), dropout, mode, rope, bias)?;
+                x = self.modern_layer(i, layer, &x, &input.attention_mask, (b, s), dropout, mode, rope, window)?;
             }
             let norm = LayerNorm {
                 weight: constant(&final_norm.weight),
@@ -1125,7 +1125,7 @@ impl Bert {
     }
 
     /// One ModernBERT block ([`Bert::new_modern`] says where its parts are): `x + attn(norm(x))` with the
-    /// queries and keys rotated by `rope` and `window` (a sliding-window layer's bias) on the scores, then
+    /// queries and keys rotated by `rope` and, in a sliding-window layer, keys beyond `window` masked, then
     /// `x + Wo(act(a) · g)` where `[a | g]` is `Wi(norm(x))`. Dropout where transformers has it: on the
     /// attention probabilities, the attention output and the gated activations.
     #[allow(clippy::too_many_arguments)]
@@ -1139,7 +1139,7 @@ impl Bert {
         dropout: &DropoutRng,
         mode: Mode,
         rope: &(Tensor, Tensor),
-        window: Option<&Tensor>,
+        window: Option<usize>,
     ) -> Result<Tensor> {
         let nh = self.config.num_attention_heads;
         let normed = match index {
@@ -1159,12 +1159,11 @@ impl Bert {
             head_dim: self.config.hidden_size / nh,
             key_mask: key_mask.clone(),
             dropout: attn_dropout,
+            window,
         };
-        let ctx = match window {
-            Some(bias) if x.device().is_cpu() => attention::fused_with_bias(&qkv, bias, spec)?,
-            Some(bias) => attention::composed(&qkv, &spec, Some(bias))?,
-            None if x.device().is_cpu() => attention::fused(&qkv, spec)?,
-            None => attention::composed(&qkv, &spec, None)?,
+        let ctx = match x.device().is_cpu() {
+            true => attention::fused(&qkv, spec)?,
+            false => attention::composed(&qkv, &spec, None)?,
         };
         let attn = dropout.apply(&l.attn_out.forward(&ctx)?, mode)?;
         let x = (x + attn)?;
@@ -1236,8 +1235,15 @@ impl Bert {
             Mode::Train => dropout.mask(b * nh * s * keys).map(Arc::new),
             Mode::Eval => None,
         };
-        let spec =
-            AttentionSpec { batch: b, seq: s, heads: nh, head_dim, key_mask: key_mask.clone(), dropout: attn_dropout };
+        let spec = AttentionSpec {
+            batch: b,
+            seq: s,
+            heads: nh,
+            head_dim,
+            key_mask: key_mask.clone(),
+            dropout: attn_dropout,
+            window: None,
+        };
         let ctx = match prefix {
             Some(_) if relative.is_some() => {
                 return Err(NnError::Unsupported(

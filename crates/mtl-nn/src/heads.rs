@@ -98,13 +98,26 @@ impl Head {
             Some(p) => {
                 let zeros = |n: usize| Tensor::zeros(n, candle_core::DType::F32, &pb.device());
                 let (d, n) = (pb.pp("head.dense"), pb.pp("head.norm"));
+                // From the base checkpoint's own head (a masked-LM ModernBERT has one) when it has it, as
+                // transformers' `from_pretrained` starts every task model's head; fresh otherwise.
                 let dense = Linear {
-                    weight: d.get((hidden, hidden), "weight", Init::Normal { std: 0.02 })?,
-                    bias: if p.bias { d.get(hidden, "bias", Init::Zeros)? } else { zeros(hidden)? },
+                    weight: d.get_or_pretrained(
+                        (hidden, hidden),
+                        "weight",
+                        "head.dense.weight",
+                        Init::Normal { std: 0.02 },
+                    )?,
+                    bias: match p.bias {
+                        true => d.get_or_pretrained(hidden, "bias", "head.dense.bias", Init::Zeros)?,
+                        false => zeros(hidden)?,
+                    },
                 };
                 let norm = LayerNorm {
-                    weight: n.get(hidden, "weight", Init::Ones)?,
-                    bias: if p.norm_bias { n.get(hidden, "bias", Init::Zeros)? } else { zeros(hidden)? },
+                    weight: n.get_or_pretrained(hidden, "weight", "head.norm.weight", Init::Ones)?,
+                    bias: match p.norm_bias {
+                        true => n.get_or_pretrained(hidden, "bias", "head.norm.bias", Init::Zeros)?,
+                        false => zeros(hidden)?,
+                    },
                     eps: p.eps,
                 };
                 Some(Transform { dense, norm, act: p.act })
@@ -139,7 +152,12 @@ impl Head {
     /// sequence-level tasks, the first sub-token of each word for token classification, every token for QA.
     pub fn forward(&self, hidden: &Tensor, rows: &[u32], dropout: &DropoutRng, mode: Mode) -> Result<HeadOutput> {
         let idx = Tensor::from_slice(rows, rows.len(), hidden.device())?;
-        let mut x = hidden.index_select(&idx, 0)?;
+        self.forward_states(&hidden.index_select(&idx, 0)?, dropout, mode)
+    }
+
+    /// Logits of states already gathered, `[rows, hidden]` (a sequence task's pooled states).
+    pub fn forward_states(&self, x: &Tensor, dropout: &DropoutRng, mode: Mode) -> Result<HeadOutput> {
+        let mut x = x.clone();
         if let Some(t) = &self.transform {
             let y = t.dense.forward(&x)?;
             let y = match t.act {

@@ -9,7 +9,7 @@ use mtl_core::{HostBatch, Mode, Targets, TaskId, TaskKind, IGNORE_INDEX};
 
 use crate::bert::{Bert, BertConfig, BertInput, Kernels};
 use crate::crf::Crf;
-use crate::heads::{binary_cross_entropy_with_logits, Head, HeadSpec};
+use crate::heads::{binary_cross_entropy_with_logits, Head, HeadOutput, HeadSpec};
 use crate::layers::{cross_entropy, DropoutRng};
 use crate::params::{ParamBuilder, ParamStore};
 use crate::peft::{self, PeftSpec, Route};
@@ -358,6 +358,27 @@ impl MultiTaskModel {
         Ok(out)
     }
 
+    /// The states a sequence-level head reads, one row per example of `examples` (`[n, hidden]`): the first
+    /// token's, or, on a ModernBERT whose config pools by the mean (`classifier_pooling = "mean"`), the mean
+    /// of its real tokens' states, as transformers' `ModernBertForSequenceClassification` pools.
+    fn sequence_states(&self, hidden: &Tensor, batch: &HostBatch, examples: &[usize]) -> Result<Tensor> {
+        let (seq, n) = (batch.seq, examples.len());
+        if self.bert.config().modern.as_ref().is_some_and(|m| m.mean_pooling) {
+            let h = hidden.dim(1)?;
+            let rows: Vec<u32> = examples.iter().flat_map(|&b| (b * seq..(b + 1) * seq).map(|r| r as u32)).collect();
+            let mask: Vec<f32> = examples
+                .iter()
+                .flat_map(|&b| batch.attention_mask[b * seq..(b + 1) * seq].iter().map(|&m| m as f32))
+                .collect();
+            let counts: Vec<f32> = mask.chunks(seq.max(1)).map(|m| m.iter().sum::<f32>().max(1.0)).collect();
+            let x = hidden.index_select(&Tensor::from_vec(rows, n * seq, &self.device)?, 0)?.reshape((n, seq, h))?;
+            let summed = x.broadcast_mul(&Tensor::from_vec(mask, (n, seq, 1), &self.device)?)?.sum(1)?;
+            return Ok(summed.broadcast_div(&Tensor::from_vec(counts, (n, 1), &self.device)?)?);
+        }
+        let rows: Vec<u32> = examples.iter().map(|&b| (b * seq) as u32).collect();
+        Ok(hidden.index_select(&Tensor::from_vec(rows, n, &self.device)?, 0)?)
+    }
+
     /// One head's loss and the number of labelled rows, `None` when nothing in the batch is labelled.
     fn task_loss(
         &self,
@@ -374,17 +395,22 @@ impl MultiTaskModel {
                 let crf = head.crf().expect("matched a CRF head");
                 return self.crf_loss(head, crf, hidden, batch, t, mode);
             }
-            Targets::Class(_) | Targets::Tokens(_) => {
-                // Class targets sit on each example's [CLS] row, token targets on their own rows.
-                let labelled: Vec<(u32, u32)> = match targets {
-                    Targets::Class(t) => labelled_rows(t).map(|(b, l)| ((b * seq) as u32, l)).collect(),
-                    Targets::Tokens(t) => labelled_rows(t).map(|(i, l)| (i as u32, l)).collect(),
-                    _ => unreachable!("matched class or token targets"),
-                };
-                if labelled.is_empty() {
+            Targets::Class(t) => {
+                let (examples, labels): (Vec<usize>, Vec<u32>) = labelled_rows(t).unzip();
+                if examples.is_empty() {
                     return Ok(None);
                 }
-                let (rows, labels): (Vec<u32>, Vec<u32>) = labelled.into_iter().unzip();
+                let states = self.sequence_states(hidden, batch, &examples)?;
+                let logits = head.forward_states(&states, &self.dropout, mode)?.logits;
+                let targets = Tensor::from_slice(&labels, labels.len(), device)?;
+                Some((cross_entropy(&logits, &targets)?, examples.len()))
+            }
+            Targets::Tokens(t) => {
+                // Token targets sit on their own rows.
+                let (rows, labels): (Vec<u32>, Vec<u32>) = labelled_rows(t).map(|(i, l)| (i as u32, l)).unzip();
+                if rows.is_empty() {
+                    return Ok(None);
+                }
                 let logits = head.forward(hidden, &rows, &self.dropout, mode)?.logits;
                 let targets = Tensor::from_slice(&labels, labels.len(), device)?;
                 Some((cross_entropy(&logits, &targets)?, rows.len()))
@@ -394,11 +420,11 @@ impl MultiTaskModel {
                 if kept.is_empty() {
                     return Ok(None);
                 }
-                let rows: Vec<u32> = kept.iter().map(|&b| (b * seq) as u32).collect();
                 let target: Vec<f32> =
                     kept.iter().flat_map(|&b| values[b * width..(b + 1) * width].iter().copied()).collect();
                 let target = Tensor::from_vec(target, (kept.len(), *width), device)?;
-                let logits = head.forward(hidden, &rows, &self.dropout, mode)?.logits;
+                let states = self.sequence_states(hidden, batch, &kept)?;
+                let logits = head.forward_states(&states, &self.dropout, mode)?.logits;
                 let loss = match head.kind() {
                     TaskKind::MultiLabel => binary_cross_entropy_with_logits(&logits, &target)?,
                     _ => head.regression_loss(&logits, &target)?,
@@ -490,7 +516,7 @@ impl MultiTaskModel {
             None => Some(self.encode(batch, Mode::Eval)?),
         };
         let mut out = BTreeMap::new();
-        let cls_rows: Vec<u32> = (0..batch.batch).map(|b| (b * batch.seq) as u32).collect();
+        let examples: Vec<usize> = (0..batch.batch).collect();
         for (task, head) in self.heads.iter().filter(|(t, _)| wanted(t)) {
             let own;
             let hidden = match &shared {
@@ -500,19 +526,20 @@ impl MultiTaskModel {
                     &own
                 }
             };
+            let sequence = || -> Result<HeadOutput> {
+                head.forward_states(&self.sequence_states(hidden, batch, &examples)?, &self.dropout, Mode::Eval)
+            };
             let prediction = match head.kind() {
                 TaskKind::Classification => {
-                    let (ids, scores) = head.forward(hidden, &cls_rows, &self.dropout, Mode::Eval)?.argmax()?;
+                    let (ids, scores) = sequence()?.argmax()?;
                     TaskPrediction::Class { ids, scores }
                 }
                 TaskKind::MultiLabel => {
-                    let logits = head.forward(hidden, &cls_rows, &self.dropout, Mode::Eval)?.logits;
+                    let logits = sequence()?.logits;
                     let probs = (logits.neg()?.exp()? + 1.0)?.recip()?;
                     TaskPrediction::Probs(probs.to_vec2::<f32>()?)
                 }
-                TaskKind::Regression => TaskPrediction::Values(
-                    head.forward(hidden, &cls_rows, &self.dropout, Mode::Eval)?.logits.to_vec2::<f32>()?,
-                ),
+                TaskKind::Regression => TaskPrediction::Values(sequence()?.logits.to_vec2::<f32>()?),
                 TaskKind::TokenClassification => self.predict_tags(head, hidden, batch)?,
                 // No head is ever built for generated text (`Head::new` refuses it).
                 TaskKind::Generation => continue,

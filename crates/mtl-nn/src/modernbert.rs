@@ -5,7 +5,7 @@
 //! `global_attn_every_n_layers`-th layer is global), and a GeGLU MLP: `Wo(act(x Wiᵀ[:I]) · x Wiᵀ[I:])`.
 //! Token embeddings only (no positions, no token types), then a LayerNorm. The encoder holds its tensors under
 //! the names ModernBERT's task models give them (`model.layers.{i}.attn.Wqkv.weight`, …).
-//! The composed path computes it; the window is an additive bias on the attention scores.
+//! The composed path computes it, with the fused CPU attention masking the keys outside a window.
 
 use candle_core::{Device, Tensor, D};
 use serde_json::Value;
@@ -34,6 +34,9 @@ pub struct Modern {
     /// (`classifier_activation`).
     pub classifier_bias: bool,
     pub classifier_act: Activation,
+    /// Sequence tasks read the mean of the real tokens' states (`classifier_pooling = "mean"`, as
+    /// ModernBERT-base and -large ship) rather than the first token's (`"cls"`).
+    pub mean_pooling: bool,
 }
 
 impl Modern {
@@ -97,6 +100,7 @@ impl Modern {
             return Err("ModernBERT with `rope_scaling` is not supported (the default rotary embedding is)".into());
         }
         let theta = |kind: &str, old: &str, default: f64| -> std::result::Result<f64, String> {
+            let legacy = o.get(old).and_then(Value::as_f64);
             match o.get("rope_parameters").and_then(|p| p.get(kind)).filter(|p| !p.is_null()) {
                 Some(p) => {
                     let rope_type = p.get("rope_type").and_then(Value::as_str).unwrap_or("default");
@@ -105,13 +109,23 @@ impl Modern {
                             "rotary type {rope_type:?} of {kind} layers is not supported (\"default\" is)"
                         ));
                     }
-                    Ok(p.get("rope_theta").and_then(Value::as_f64).unwrap_or(default))
+                    Ok(p.get("rope_theta").and_then(Value::as_f64).or(legacy).unwrap_or(default))
                 }
-                None => Ok(o.get(old).and_then(Value::as_f64).unwrap_or(default)),
+                None => Ok(legacy.unwrap_or(default)),
             }
         };
+        let mean_pooling = match o.get("classifier_pooling").and_then(Value::as_str).unwrap_or("cls") {
+            "cls" => false,
+            "mean" => true,
+            other => return Err(format!("classifier_pooling {other:?} is neither \"cls\" nor \"mean\"")),
+        };
         let global_theta = theta("full_attention", "global_rope_theta", 160_000.0)?;
-        let local_theta = theta("sliding_attention", "local_rope_theta", 10_000.0)?;
+        // transformers 4's `local_rope_theta: null` gave sliding-window layers the global base.
+        let local_default = match o.get("local_rope_theta").is_some_and(Value::is_null) {
+            true => global_theta,
+            false => 10_000.0,
+        };
+        let local_theta = theta("sliding_attention", "local_rope_theta", local_default)?;
         Ok(Self {
             global,
             window: local / 2,
@@ -122,6 +136,7 @@ impl Modern {
             mlp_bias,
             classifier_bias,
             classifier_act,
+            mean_pooling,
         })
     }
 }
@@ -158,20 +173,6 @@ pub(crate) fn rotate_qk(qkv: &Tensor, (cos, sin): &(Tensor, Tensor), b: usize, h
     Ok(Tensor::cat(&[&rotate(0)?, &rotate(1)?, &qkv.narrow(1, 2 * h, h)?], 1)?)
 }
 
-/// A sliding-window layer's additive attention bias, `[heads, s, s]`: 0 where the key is at most `window`
-/// positions from the query, a large negative number elsewhere; None when every pair is that close.
-pub(crate) fn window_bias(heads: usize, s: usize, window: usize, device: &Device) -> Result<Option<Tensor>> {
-    if s <= window + 1 {
-        return Ok(None);
-    }
-    // Finite, so that a padded query with no real key in its window still gets a (meaningless) distribution.
-    let far = -1e9f32;
-    let row: Vec<f32> =
-        (0..s).flat_map(|i| (0..s).map(move |j| if i.abs_diff(j) <= window { 0.0 } else { far })).collect();
-    let bias = Tensor::from_vec(row, (1, s, s), device)?;
-    Ok(Some(bias.broadcast_as((heads, s, s))?.contiguous()?))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -201,15 +202,5 @@ mod tests {
         let mut scaled =
             serde_json::json!({"num_hidden_layers": 1, "rope_parameters": {"full_attention": {"rope_type": "yarn"}}});
         assert!(Modern::from_config(&mut scaled).expect_err("refused").contains("yarn"));
-    }
-
-    #[test]
-    fn window_bias_keeps_the_keys_within_the_window() -> Result<()> {
-        assert!(window_bias(2, 5, 4, &Device::Cpu)?.is_none());
-        let bias = window_bias(1, 6, 2, &Device::Cpu)?.expect("a window shorter than the sequence");
-        let rows = bias.squeeze(0)?.to_vec2::<f32>()?;
-        assert_eq!(rows[0][..4], [0.0, 0.0, 0.0, -1e9]);
-        assert_eq!(rows[3], [-1e9, 0.0, 0.0, 0.0, 0.0, 0.0]);
-        Ok(())
     }
 }

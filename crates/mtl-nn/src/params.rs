@@ -510,6 +510,29 @@ impl ParamBuilder {
     }
 
     /// The parameter `prefix.name` of `shape`: loaded, or initialised with `init`.
+    /// As [`ParamBuilder::get`], but a parameter the weights do not hold under its own name starts from the
+    /// weights' tensor `pretrained` (a full name) when they have it with the same shape: a task's copy of a
+    /// pretrained head (ModernBERT's prediction head).
+    pub fn get_or_pretrained(
+        &self,
+        shape: impl Into<Shape>,
+        name: &str,
+        pretrained: &str,
+        init: Init,
+    ) -> Result<Tensor> {
+        let shape = shape.into();
+        let full = if self.prefix.is_empty() { name.to_string() } else { format!("{}.{name}", self.prefix) };
+        {
+            let mut inner = self.inner.borrow_mut();
+            if !inner.source.contains_key(&full) && !inner.quantized.contains_key(&full) {
+                if let Some(t) = inner.source.get(pretrained).filter(|t| t.shape() == &shape).cloned() {
+                    inner.source.insert(full, t);
+                }
+            }
+        }
+        self.get(shape, name, init)
+    }
+
     pub fn get(&self, shape: impl Into<Shape>, name: &str, init: Init) -> Result<Tensor> {
         let shape = shape.into();
         let full = if self.prefix.is_empty() { name.to_string() } else { format!("{}.{name}", self.prefix) };

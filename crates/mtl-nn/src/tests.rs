@@ -751,3 +751,33 @@ fn sharded_and_pytorch_weights_load() -> TestResult {
     }
     Ok(())
 }
+
+/// ModernBERT's task heads start from the base checkpoint's prediction head when it has one (a masked-LM
+/// checkpoint's `head.dense`, `head.norm`), each task its own copy, as transformers' `from_pretrained` starts
+/// every task model's head; without one they start fresh.
+#[test]
+fn modernbert_heads_start_from_the_pretrained_prediction_head() -> TestResult {
+    let dir = fixture_dir().join("..").join("tiny-modernbert");
+    let config = BertConfig::from_file(&dir.join("config.json"))?;
+    let mut weights: HashMap<String, Tensor> =
+        candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu)?
+            .into_iter()
+            .map(|(k, v)| (crate::canonical_name(&k), v))
+            .collect();
+    let dense = Tensor::randn(0f32, 1.0, (32, 32), &Device::Cpu)?;
+    weights.insert("head.dense.weight".into(), dense.clone());
+    let tasks = BTreeMap::from([
+        (TaskId::new("a")?, HeadSpec::new(TaskKind::Classification, 3)),
+        (TaskId::new("b")?, HeadSpec::new(TaskKind::TokenClassification, 4)),
+    ]);
+    let spec = ModelSpec { bert: &config, tasks: &tasks, dropout: 0.0, seed: 0, peft: None };
+    let model = MultiTaskModel::build(&spec, weights, &Device::Cpu)?;
+    for task in ["a", "b"] {
+        let name = format!("heads.{task}.head.dense.weight");
+        let got = model.params().vars().get(&name).ok_or("a prediction head")?;
+        assert_eq!((got.as_tensor() - &dense)?.abs()?.max_all()?.to_scalar::<f32>()?, 0.0, "{task}");
+        assert!(!model.params().initialised().contains(&name), "{task}: loaded, not initialised");
+        assert!(model.params().initialised().contains(&format!("heads.{task}.head.norm.weight")), "{task}: fresh norm");
+    }
+    Ok(())
+}

@@ -93,6 +93,14 @@ impl Family {
         Some(Self { prefix: mtl_nn::family_prefix(model_type)?, class, head })
     }
 
+    /// The output layer of `…ForQuestionAnswering` (ModernBERT's is `classifier`).
+    fn qa_outputs(&self) -> &'static str {
+        match self.head {
+            SequenceHead::Prediction => "classifier",
+            _ => "qa_outputs",
+        }
+    }
+
     /// The modules of a sequence task's head outside the backbone, for PEFT's `modules_to_save`.
     fn sequence_modules(&self) -> &'static [&'static str] {
         match self.head {
@@ -182,6 +190,8 @@ fn write_peft(
         }
     }
     let saved: &[&str] = match kind {
+        // ModernBERT's prediction head is in every task model.
+        _ if family.head == SequenceHead::Prediction => &["head", "classifier"],
         TaskKind::TokenClassification => &["classifier"],
         TaskKind::QuestionAnswering => &["qa_outputs"],
         _ => family.sequence_modules(),
@@ -356,8 +366,9 @@ fn write_task(dir: &Path, loaded: &Loaded, task: &TaskId, base_config: &Value, m
             tensors.insert("classifier.bias".into(), bias);
         }
         TaskKind::QuestionAnswering | TaskKind::Generation => {
-            tensors.insert("qa_outputs.weight".into(), weight);
-            tensors.insert("qa_outputs.bias".into(), bias);
+            let out = family.qa_outputs();
+            tensors.insert(format!("{out}.weight"), weight);
+            tensors.insert(format!("{out}.bias"), bias);
         }
     }
     if head.has_prediction_head() {
@@ -367,8 +378,9 @@ fn write_task(dir: &Path, loaded: &Loaded, task: &TaskId, base_config: &Value, m
                 tensors.insert(format!("head.{name}"), v.as_tensor().copy()?);
             }
         }
-        // mtl's heads read the first token's state.
-        config_pooling = Some("cls");
+        // The pooling mtl's heads were trained with (the first token's state unless the config says the mean).
+        let mean = model.bert().config().modern.as_ref().is_some_and(|m| m.mean_pooling);
+        config_pooling = Some(if mean { "mean" } else { "cls" });
     }
     candle_core::safetensors::save(&tensors, dir.join("model.safetensors"))?;
     if let Some((spec, lora)) = model.bert().peft().and_then(|p| p.lora().map(|l| (p, l))) {

@@ -207,6 +207,38 @@ fn run(dir: &Path, args: &[&str], stdin: Option<&str>) -> Result<std::process::O
     Ok(mtl(dir, args, stdin)?)
 }
 
+/// On ModernBERT every task kind trains too, and exports to its `ModernBertFor…` models, each with the family's
+/// prediction head; its question answering's output layer is `classifier`, as transformers names it.
+#[test]
+fn every_task_kind_trains_and_exports_on_modernbert() -> TestResult {
+    let f = setup()?;
+    let tiny = repo_root().join("tests/fixtures/tiny-modernbert");
+    let path = format!("model.path={:?}", tiny.display().to_string());
+    let out = run(
+        f.dir.path(),
+        &["train", "config.toml", "--out", "run", "--set", &path, "--set", "training.epochs=1"],
+        None,
+    )?;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = run(f.dir.path(), &["export", "--model", "run", "--out", "hf"], None)?;
+    assert!(out.status.success(), "{}", stderr(&out));
+    for (task, class, output) in [
+        ("nli", "ModernBertForSequenceClassification", "classifier"),
+        ("pos", "ModernBertForTokenClassification", "classifier"),
+        ("qa", "ModernBertForQuestionAnswering", "classifier"),
+    ] {
+        let dir = f.path(&format!("hf/{task}"));
+        let config: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("config.json"))?)?;
+        assert_eq!(config["architectures"][0], class, "{task}");
+        let tensors = candle_core::safetensors::load(dir.join("model.safetensors"), &candle_core::Device::Cpu)?;
+        for name in [format!("{output}.weight"), "head.dense.weight".into(), "head.norm.weight".into()] {
+            assert!(tensors.contains_key(&name), "{task}: no {name}");
+        }
+        assert!(!tensors.contains_key("qa_outputs.weight"), "{task}: BERT's QA layer name");
+    }
+    Ok(())
+}
+
 #[test]
 fn every_task_kind_and_format_trains_and_predicts() -> TestResult {
     let f = setup()?;
