@@ -29,6 +29,8 @@ It writes:
                         under its own names, MPNet (relative position bias; 30 tokens) under `mpnet.`, DeBERTa-v3
                         (disentangled attention, 8 log buckets; 30 tokens) under `deberta.`; each
                         with a 50-token tokenizer of its family's kind (family_tokenizer), for runs and exports
+  tiny-modernbert/lora.* two PEFT LoRA adapters on tiny-modernbert's Wqkv, Wo (both), Wi: tiny-bert's LoRA
+                        references, the head after the prediction head (`make_fixtures.py modernbert-lora`)
   tiny-modernbert/, tiny-modernbert-bias/
                         tiny random ModernBERT encoders (seed 0; 3 layers, the middle one a sliding-window layer of
                         8 positions, both rotary bases, GeGLU; 30 tokens) under `model.`, without biases as the
@@ -1131,6 +1133,55 @@ def lora_fixture():
     (d / "lora.json").write_text(json.dumps(ref))
 
 
+def modernbert_lora_fixture():
+    """Two LoRA adapters (PEFT), `intent` and `slots`, on tiny-modernbert's packed `Wqkv`, attention `Wo`, `Wi`
+    and MLP `Wo`, with random weights: tiny-bert's LoRA references (names under `model.`), the [CLS] head after
+    ModernBERT's prediction head (its weights in `head.prediction`)."""
+    from peft import LoraConfig
+    from transformers import ModernBertModel
+    from transformers.models.modernbert.modeling_modernbert import ModernBertPredictionHead
+
+    d = OUT / "tiny-modernbert"
+    base = ModernBertModel.from_pretrained(d, attn_implementation="eager").eval()
+    # "Wo" matches attn.Wo and mlp.Wo.
+    config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["Wqkv", "Wo", "Wi"])
+    model = two_random_adapters(base, config, seed=1, path=d / "lora.safetensors")
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(5, 50, (3, 14), generator=g)
+    ids[0, 10:] = 0
+    mask = (ids != 0).long()
+    model.eval()
+    hidden = {}
+    for adapter in ["intent", "slots"]:
+        model.set_adapter(adapter)
+        with torch.no_grad():
+            hidden[adapter] = model(input_ids=ids, attention_mask=mask).last_hidden_state.tolist()
+    with torch.no_grad():
+        mixed = model(input_ids=ids, attention_mask=mask, adapter_names=["intent", "slots", "intent"]).last_hidden_state
+    model.set_adapter("intent")
+    torch.manual_seed(3)
+    prediction = ModernBertPredictionHead(base.config).eval()
+    head = torch.nn.Linear(32, 3)
+    with torch.no_grad():
+        head.weight.copy_(torch.linspace(-0.5, 0.5, 96).reshape(3, 32))
+        head.bias.copy_(torch.tensor([0.1, -0.2, 0.3]))
+    labels = torch.tensor([2, 0, 1])
+    out = model(input_ids=ids, attention_mask=mask).last_hidden_state
+    loss = torch.nn.functional.cross_entropy(head(prediction(out[:, 0])), labels)
+    loss.backward()
+    grads = {"model." + k.removeprefix("base_model.model."): p.grad.norm().item()
+             for k, p in model.named_parameters() if "lora_" in k and ".intent." in k}
+    ref = {
+        "input_ids": ids.tolist(), "attention_mask": mask.tolist(), "r": 4, "alpha": 8, "hidden": hidden,
+        "mixed_adapters": ["intent", "slots", "intent"], "mixed": mixed.tolist(),
+        "head": {"weight": head.weight.detach().tolist(), "bias": head.bias.detach().tolist(),
+                 "labels": labels.tolist(), "loss": loss.item(),
+                 "prediction": {k: p.detach().tolist() for k, p in prediction.named_parameters()}},
+        "grad_norms": grads,
+    }
+    (d / "lora.json").write_text(json.dumps(ref))
+
+
 def bottleneck_fixture():
     """Two bottleneck adapters (Houlsby placement) on tiny-bert, as forward hooks on transformers' BertModel."""
     d = OUT / "tiny-bert"
@@ -1266,6 +1317,8 @@ if __name__ == "__main__":
         lora_fixture()
         bottleneck_fixture()
         prefix_fixture()
+    elif sys.argv[1:] == ["modernbert-lora"]:
+        modernbert_lora_fixture()
     elif sys.argv[1:] == ["metrics"]:
         metric_fixtures()
     elif sys.argv[1:] == ["llama"]:
@@ -1294,6 +1347,7 @@ if __name__ == "__main__":
         tiny_gemma3()
         tiny_llama3()
         lora_fixture()
+        modernbert_lora_fixture()
         bottleneck_fixture()
         prefix_fixture()
         minilm()

@@ -79,8 +79,9 @@ if [ -x .venv/bin/python ] && .venv/bin/python -c "import torch, transformers" 2
   done
   # The other encoder families, each exported under its own names and heads (tests/fixtures/tiny-*): a full
   # fine-tune of each, and per-task LoRA on the query, key and value projections where PEFT's module names differ
-  # from BERT's (DistilBERT, MPNet, DeBERTa, whose relative positions also go through the query and key LoRA).
-  for variant in roberta xlm-roberta electra electra-small distilbert mpnet deberta modernbert modernbert-bias "distilbert|lora" "mpnet|lora" "deberta|lora"; do
+  # from BERT's (DistilBERT, MPNet, DeBERTa, whose relative positions also go through the query and key LoRA;
+  # ModernBERT, whose packed Wqkv takes one).
+  for variant in roberta xlm-roberta electra electra-small distilbert mpnet deberta modernbert modernbert-bias "distilbert|lora" "mpnet|lora" "deberta|lora" "modernbert|lora"; do
     family=${variant%%|*}
     name="$family"
     sets=()

@@ -346,6 +346,16 @@ fn int8_layer(l: &Layer, q: Vec<Int8Matrix>) -> Result<Int8Layer> {
     layer.map_err(|e| NnError::File { path: "int8 weights".into(), message: e })
 }
 
+/// ModernBERT's module of a linear layer, under a block (the query, key and value are one packed `Wqkv`).
+fn modern_module(module: LinearModule) -> &'static str {
+    match module {
+        LinearModule::Query | LinearModule::Key | LinearModule::Value => "attn.Wqkv",
+        LinearModule::AttentionOutput => "attn.Wo",
+        LinearModule::Intermediate => "mlp.Wi",
+        LinearModule::Output => "mlp.Wo",
+    }
+}
+
 /// Which implementation runs the transformer layers.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Kernels {
@@ -601,16 +611,15 @@ impl Bert {
     fn new_modern(pb: &ParamBuilder, config: &BertConfig, m: &Modern, peft: Option<&PeftSpec>) -> Result<Self> {
         // Under its task models' names (`model.layers.0.attn.Wqkv.weight`).
         let pb = &pb.pp("model");
-        if peft.is_some() {
-            return Err(NnError::Unsupported(
-                "parameter-efficient tuning (LoRA, adapters, prefixes) of ModernBERT is not supported yet; \
-                 fine-tune it fully"
-                    .into(),
-            ));
-        }
-        if pb.has_int8() {
-            return Err(NnError::Unsupported("an int8 encoder has no ModernBERT blocks".into()));
-        }
+        let lora = match peft.map(|p| (&p.kind, &p.adapters)) {
+            None => None,
+            Some((PeftKind::Lora(spec), adapters)) => Some((spec, adapters)),
+            Some(_) => {
+                return Err(NnError::Unsupported(
+                    "bottleneck adapters and prefix tuning of ModernBERT are not supported yet; LoRA is".into(),
+                ))
+            }
+        };
         let (h, inter, eps) = (config.hidden_size, config.intermediate_size, config.layer_norm_eps);
         let device = pb.device();
         let zeros = |n: usize| Tensor::zeros(n, candle_core::DType::F32, &device);
@@ -636,6 +645,26 @@ impl Bert {
             .map(|i| {
                 let l = pb.pp(&format!("layers.{i}")).with_role(mtl_core::ParamRole::Layer(i));
                 let qkv = linear(&l.pp("attn.Wqkv"), h, 3 * h, m.attention_bias)?;
+                let mut adapted = BTreeMap::new();
+                if let Some((spec, adapters)) = lora {
+                    for &target in &spec.targets {
+                        // The query, key and value are one packed `Wqkv`: naming any of them adapts it (PEFT's
+                        // default for ModernBERT); its LoRA sits under the query's key.
+                        let (target, inp, out) = match target {
+                            LinearModule::Query | LinearModule::Key | LinearModule::Value => {
+                                if adapted.contains_key(&LinearModule::Query) {
+                                    continue;
+                                }
+                                (LinearModule::Query, h, 3 * h)
+                            }
+                            LinearModule::AttentionOutput => (target, h, h),
+                            LinearModule::Intermediate => (target, h, 2 * inter),
+                            LinearModule::Output => (target, inter, h),
+                        };
+                        let module = l.pp(modern_module(target));
+                        adapted.insert(target, LoraLayer::new(&module, spec, adapters, inp, out)?);
+                    }
+                }
                 let rows = |k: usize| -> Result<Linear> {
                     Ok(Linear { weight: qkv.weight.narrow(0, k * h, h)?, bias: qkv.bias.narrow(0, k * h, h)? })
                 };
@@ -655,7 +684,7 @@ impl Bert {
                     intermediate: linear(&l.pp("mlp.Wi"), h, 2 * inter, m.mlp_bias)?,
                     output: linear(&l.pp("mlp.Wo"), inter, h, m.mlp_bias)?,
                     out_norm: norm(&l.pp("mlp_norm"))?,
-                    lora: BTreeMap::new(),
+                    lora: adapted,
                     bottleneck: BTreeMap::new(),
                     prefix: None,
                 })
@@ -663,6 +692,16 @@ impl Bert {
             .collect::<Result<Vec<Layer>>>()?;
         let top = mtl_core::ParamRole::Layer(config.num_hidden_layers.saturating_sub(1));
         let final_norm = norm(&pb.pp("final_norm").with_role(top))?;
+        let frozen_norm = |n: &LayerNorm| LayerNorm { weight: n.weight.detach(), bias: n.bias.detach(), eps: n.eps };
+        let (embeddings, layers, final_norm) = match lora {
+            // As in PEFT: only the adapters (and the heads) train.
+            Some(_) => (
+                Embeddings { word: embeddings.word.detach(), norm: frozen_norm(&embeddings.norm), ..embeddings },
+                layers.iter().map(Layer::detached).collect(),
+                frozen_norm(&final_norm),
+            ),
+            None => (embeddings, layers, final_norm),
+        };
         Ok(Self {
             config: config.clone(),
             embeddings,
@@ -670,7 +709,7 @@ impl Bert {
             kernels: Kernels::default(),
             grads: Arc::new(Mutex::new(Vec::new())),
             retain_graph: Arc::new(false.into()),
-            peft: None,
+            peft: peft.cloned(),
             merged: None,
             int8: None,
             relative_bias: None,
@@ -799,13 +838,19 @@ impl Bert {
         let mut out = Vec::new();
         for (i, layer) in self.layers.iter().enumerate() {
             for (m, lora) in &layer.lora {
-                out.push((
-                    format!("encoder.layer.{i}.{}.weight", m.bert_path()),
-                    lora.merged_delta(adapter, spec.scale())?,
-                ));
+                out.push((self.weight_name(i, *m), lora.merged_delta(adapter, spec.scale())?));
             }
         }
         Ok(out)
+    }
+
+    /// The checkpoint name of layer `layer`'s weight of `module` (ModernBERT's query, key and value are rows of
+    /// one `Wqkv`).
+    pub fn weight_name(&self, layer: usize, module: LinearModule) -> String {
+        match self.config.modern {
+            Some(_) => format!("model.layers.{layer}.{}.weight", modern_module(module)),
+            None => format!("encoder.layer.{layer}.{}.weight", module.bert_path()),
+        }
     }
 
     pub(crate) fn set_merged(&mut self, adapter: Option<usize>) {
@@ -976,7 +1021,19 @@ impl Bert {
                     // Every key is near enough in a sequence no longer than the window.
                     false => (&local, Some(m.window).filter(|&w| s > w + 1)),
                 };
-                x = self.modern_layer(i, layer, &x, &input.attention_mask, (b, s), dropout, mode, rope, window)?;
+                let shape = (b, s);
+                x = self.modern_layer(
+                    i,
+                    layer,
+                    &x,
+                    &input.attention_mask,
+                    shape,
+                    dropout,
+                    mode,
+                    pass.as_ref(),
+                    rope,
+                    window,
+                )?;
             }
             let norm = LayerNorm {
                 weight: constant(&final_norm.weight),
@@ -1138,15 +1195,31 @@ impl Bert {
         (b, s): (usize, usize),
         dropout: &DropoutRng,
         mode: Mode,
+        peft: Option<&PeftPass>,
         rope: &(Tensor, Tensor),
         window: Option<usize>,
     ) -> Result<Tensor> {
         let nh = self.config.num_attention_heads;
+        // The frozen base's projections under LoRA (backward skips their weights' gradients), and the update of
+        // `module`'s adapters on its input.
+        let linear = |layers: &[&Linear], x: &Tensor| -> Result<Tensor> {
+            match peft {
+                Some(_) => crate::layers::frozen_linear(x, layers),
+                None if layers.len() == 1 => layers[0].forward(x),
+                None => Linear::stacked(layers)?.forward(x),
+            }
+        };
+        let adapt = |module: LinearModule, x: &Tensor, y: Tensor| -> Result<Tensor> {
+            match (peft, l.lora.get(&module)) {
+                (Some(pass), Some(adapter)) => Ok((y + adapter.delta(x, pass)?)?),
+                _ => Ok(y),
+            }
+        };
         let normed = match index {
             0 => x.clone(),
             _ => l.attn_norm.forward(x)?,
         };
-        let qkv = Linear::stacked(&[&l.query, &l.key, &l.value])?.forward(&normed)?;
+        let qkv = adapt(LinearModule::Query, &normed, linear(&[&l.query, &l.key, &l.value], &normed)?)?;
         let qkv = modernbert::rotate_qk(&qkv, rope, b, nh)?;
         let attn_dropout = match mode {
             Mode::Train => dropout.mask(b * nh * s * s).map(Arc::new),
@@ -1165,10 +1238,11 @@ impl Bert {
             true => attention::fused(&qkv, spec)?,
             false => attention::composed(&qkv, &spec, None)?,
         };
-        let attn = dropout.apply(&l.attn_out.forward(&ctx)?, mode)?;
-        let x = (x + attn)?;
+        let attn = adapt(LinearModule::AttentionOutput, &ctx, linear(&[&l.attn_out], &ctx)?)?;
+        let x = (x + dropout.apply(&attn, mode)?)?;
         let inter = self.config.intermediate_size;
-        let both = l.intermediate.forward(&l.out_norm.forward(&x)?)?;
+        let normed = l.out_norm.forward(&x)?;
+        let both = adapt(LinearModule::Intermediate, &normed, linear(&[&l.intermediate], &normed)?)?;
         let (a, gate) = (both.narrow(1, 0, inter)?, both.narrow(1, inter, inter)?);
         let a = match self.config.hidden_act {
             Activation::Gelu if a.device().is_cpu() => crate::cpu::fused::gelu_erf(&a.contiguous()?)?,
@@ -1177,7 +1251,7 @@ impl Bert {
             Activation::Relu => a.relu()?,
         };
         let gated = dropout.apply(&(a * gate)?, mode)?;
-        Ok((x + l.output.forward(&gated)?)?)
+        Ok((x + adapt(LinearModule::Output, &gated, linear(&[&l.output], &gated)?)?)?)
     }
 
     #[allow(clippy::too_many_arguments)]

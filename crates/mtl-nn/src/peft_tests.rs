@@ -63,10 +63,19 @@ fn max_diff(got: &Tensor, want: &Value) -> Result<f64, Box<dyn std::error::Error
 fn reference_head(reference: &Value) -> Result<HashMap<String, Tensor>, Box<dyn std::error::Error>> {
     let w: Vec<Vec<f32>> = serde_json::from_value(reference["head"]["weight"].clone())?;
     let b: Vec<f32> = serde_json::from_value(reference["head"]["bias"].clone())?;
-    Ok(HashMap::from([
+    let mut head = HashMap::from([
         ("heads.intent.weight".to_string(), Tensor::new(w, &Device::Cpu)?),
         ("heads.intent.bias".to_string(), Tensor::new(b, &Device::Cpu)?),
-    ]))
+    ]);
+    // ModernBERT's prediction head before it.
+    for (name, value) in reference["head"]["prediction"].as_object().into_iter().flatten() {
+        let t = match value.as_array().and_then(|rows| rows.first()).is_some_and(Value::is_array) {
+            true => Tensor::new(serde_json::from_value::<Vec<Vec<f32>>>(value.clone())?, &Device::Cpu)?,
+            false => Tensor::new(serde_json::from_value::<Vec<f32>>(value.clone())?, &Device::Cpu)?,
+        };
+        head.insert(format!("heads.intent.head.{name}"), t);
+    }
+    Ok(head)
 }
 
 /// The loss of task `intent` on the reference batch equals PyTorch's, and so does the gradient norm of each
@@ -412,18 +421,70 @@ fn every_parameter_has_the_role_it_was_built_with() -> TestResult {
     Ok(())
 }
 
-/// ModernBERT fine-tunes fully for now: LoRA, adapters and prefixes on it are refused with the reason.
+/// On ModernBERT, bottleneck adapters and prefixes are refused with the reason; LoRA on the query alone adapts
+/// the packed `Wqkv` (PEFT's default there), as LoRA on all three does.
 #[test]
-fn modernbert_refuses_parameter_efficient_tuning() -> TestResult {
+fn modernbert_takes_lora_on_its_packed_projection_only() -> TestResult {
     let dir = fixture_dir().join("../tiny-modernbert");
     let config = BertConfig::from_file(&dir.join("config.json"))?;
     let tasks = BTreeMap::new();
-    for kind in [spec(&["shared"]).kind, PeftKind::Prefix { length: 3 }] {
+    let bottleneck = PeftKind::Bottleneck { size: 4, placement: crate::Placement::Houlsby };
+    for kind in [PeftKind::Prefix { length: 3 }, bottleneck] {
         let peft = PeftSpec { kind, adapters: vec!["shared".into()] };
         let spec = ModelSpec { bert: &config, tasks: &tasks, dropout: 0.0, seed: 0, peft: Some(&peft) };
         let e =
             MultiTaskModel::load(&spec, &dir.join("model.safetensors"), false, &Device::Cpu).err().ok_or("refused")?;
-        assert!(e.to_string().contains("ModernBERT is not supported yet"), "{e}");
+        assert!(e.to_string().contains("LoRA is"), "{e}");
     }
+    let query = PeftKind::Lora(LoraSpec { r: 4, alpha: 8.0, dropout: 0.0, targets: vec![LinearModule::Query] });
+    let peft = PeftSpec { kind: query, adapters: vec!["shared".into()] };
+    let spec = ModelSpec { bert: &config, tasks: &tasks, dropout: 0.0, seed: 0, peft: Some(&peft) };
+    let model = MultiTaskModel::load(&spec, &dir.join("model.safetensors"), false, &Device::Cpu)?;
+    let names: Vec<&String> = model.params().vars().keys().filter(|n| n.contains("lora_A")).collect();
+    assert_eq!(names.len(), 3, "one LoRA per block: {names:?}");
+    assert!(names.iter().all(|n| n.contains(".attn.Wqkv.lora_A.shared.")), "{names:?}");
     Ok(())
+}
+
+/// LoRA on ModernBERT (its packed `Wqkv`, both `Wo`s and `Wi`; PEFT's `target_modules = ["Wqkv", "Wo", "Wi"]`)
+/// matches PEFT for each adapter and a mixed batch, and so do the loss through the prediction head and every
+/// LoRA gradient.
+#[test]
+fn modernbert_lora_matches_peft() -> TestResult {
+    let dir = fixture_dir().join("../tiny-modernbert");
+    let reference: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("lora.json"))?)?;
+    let config = BertConfig::from_file(&dir.join("config.json"))?;
+    let mut weights = candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu)?;
+    weights.extend(candle_core::safetensors::load(dir.join("lora.safetensors"), &Device::Cpu)?);
+    let mut weights: HashMap<String, Tensor> =
+        weights.into_iter().map(|(k, v)| (crate::canonical_name(&k), v)).collect();
+    weights.extend(reference_head(&reference)?);
+    let lora = spec(&["intent", "slots"]);
+    let tasks: BTreeMap<TaskId, HeadSpec> = [("intent", 3), ("slots", 4)]
+        .into_iter()
+        .map(|(n, c)| Ok((TaskId::new(n)?, HeadSpec::new(TaskKind::Classification, c))))
+        .collect::<Result<_, mtl_core::CoreError>>()?;
+    let spec = ModelSpec { bert: &config, tasks: &tasks, dropout: 0.0, seed: 0, peft: Some(&lora) };
+    let model = MultiTaskModel::build(&spec, weights, &Device::Cpu)?;
+    let batch = batch(&reference)?;
+    for task in ["intent", "slots"] {
+        let hidden = model.encode_for(&TaskId::new(task)?, &batch, Mode::Eval)?;
+        let d = max_diff(&hidden, &reference["hidden"][task])?;
+        assert!(d < 1e-4, "{task}: max abs difference {d}");
+    }
+    let routes = vec![
+        Route { adapter: 0, examples: 0..1 },
+        Route { adapter: 1, examples: 1..2 },
+        Route { adapter: 0, examples: 2..3 },
+    ];
+    let input = BertInput {
+        input_ids: Tensor::from_slice(&batch.input_ids, (batch.batch, batch.seq), &Device::Cpu)?,
+        token_type_ids: Tensor::from_slice(&batch.token_type_ids, (batch.batch, batch.seq), &Device::Cpu)?,
+        attention_mask: std::sync::Arc::new(batch.attention_mask.clone()),
+        routes: Some(routes),
+    };
+    let d = max_diff(&model.bert().forward(&input, model.dropout(), Mode::Eval)?, &reference["mixed"])?;
+    assert!(d < 1e-4, "mixed batch: max abs difference {d}");
+    // A and B of four modules in each of three blocks.
+    loss_and_gradients_match(&model, &reference, 2 * 4 * 3)
 }

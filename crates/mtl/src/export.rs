@@ -205,16 +205,20 @@ fn write_peft(
     candle_core::safetensors::save(&tensors, dir.join("adapter_model.safetensors"))?;
     // A regular expression on full module names: PEFT's suffix names cannot tell `output.dense` from
     // `attention.output.dense`. The family's names: `bert.encoder.layer.0.attention.self.query` is
-    // `distilbert.transformer.layer.0.attention.q_lin` in DistilBERT.
+    // `distilbert.transformer.layer.0.attention.q_lin` in DistilBERT, `model.layers.0.attn.Wqkv` in ModernBERT.
     let mut blocks = String::new();
     let mut modules = Vec::new();
     for target in &spec.targets {
-        let full = mtl_nn::family_name(model_type, &format!("encoder.layer.0.{}.weight", target.bert_path()));
+        let full = mtl_nn::family_name(model_type, &loaded.model.bert().weight_name(0, *target));
         let Some((outer, inner)) = full.split_once(".0.") else {
             bail!("{}: cannot name LoRA's target `{}` in the family's names", model_dir.display(), target.bert_path());
         };
         blocks = regex_escape(outer);
-        modules.push(regex_escape(inner.trim_end_matches(".weight")));
+        // ModernBERT's query, key and value are one module.
+        let module = regex_escape(inner.trim_end_matches(".weight"));
+        if !modules.contains(&module) {
+            modules.push(module);
+        }
     }
     let task_type = match kind {
         TaskKind::TokenClassification => "TOKEN_CLS",
