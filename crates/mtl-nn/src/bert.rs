@@ -346,6 +346,24 @@ fn int8_layer(l: &Layer, q: Vec<Int8Matrix>) -> Result<Int8Layer> {
     layer.map_err(|e| NnError::File { path: "int8 weights".into(), message: e })
 }
 
+/// Linear layers of the same input side by side; under parameter-efficient tuning the backbone's own weights
+/// are frozen, and backward skips their gradients.
+fn base_linear(peft: Option<&PeftPass>, layers: &[&Linear], x: &Tensor) -> Result<Tensor> {
+    match peft {
+        Some(_) => crate::layers::frozen_linear(x, layers),
+        None if layers.len() == 1 => layers[0].forward(x),
+        None => Linear::stacked(layers)?.forward(x),
+    }
+}
+
+/// `y` plus the LoRA update of layer `l`'s `module` on its input `x`, when it has one.
+fn with_lora(l: &Layer, peft: Option<&PeftPass>, module: LinearModule, x: &Tensor, y: Tensor) -> Result<Tensor> {
+    match (peft, l.lora.get(&module)) {
+        (Some(pass), Some(adapter)) => Ok((y + adapter.delta(x, pass)?)?),
+        _ => Ok(y),
+    }
+}
+
 /// ModernBERT's module of a linear layer, under a block (the query, key and value are one packed `Wqkv`).
 fn modern_module(module: LinearModule) -> &'static str {
     match module {
@@ -588,7 +606,13 @@ impl Bert {
         if relative_bias.is_some() && int8.is_some() {
             return Err(NnError::Unsupported("an int8 encoder has no relative position bias (MPNet)".into()));
         }
-        Ok(Self {
+        Ok(Self { int8, relative_bias, relative_table, ..Self::assemble(config, embeddings, layers, peft) })
+    }
+
+    /// An encoder of these parts, unmerged, on the default kernels, without int8 layers, relative positions or a
+    /// final norm.
+    fn assemble(config: &BertConfig, embeddings: Embeddings, layers: Vec<Layer>, peft: Option<&PeftSpec>) -> Self {
+        Self {
             config: config.clone(),
             embeddings,
             layers,
@@ -597,11 +621,11 @@ impl Bert {
             retain_graph: Arc::new(false.into()),
             peft: peft.cloned(),
             merged: None,
-            int8,
-            relative_bias,
-            relative_table,
+            int8: None,
+            relative_bias: None,
+            relative_table: None,
             final_norm: None,
-        })
+        }
     }
 
     /// A ModernBERT encoder ([`crate::modernbert`]) under `pb`, in BERT's structures: `query`, `key` and `value`
@@ -702,20 +726,7 @@ impl Bert {
             ),
             None => (embeddings, layers, final_norm),
         };
-        Ok(Self {
-            config: config.clone(),
-            embeddings,
-            layers,
-            kernels: Kernels::default(),
-            grads: Arc::new(Mutex::new(Vec::new())),
-            retain_graph: Arc::new(false.into()),
-            peft: peft.cloned(),
-            merged: None,
-            int8: None,
-            relative_bias: None,
-            relative_table: None,
-            final_norm: Some(final_norm),
-        })
+        Ok(Self { final_norm: Some(final_norm), ..Self::assemble(config, embeddings, layers, peft) })
     }
 
     /// The int8 layers, when the model is an int8 one.
@@ -1181,6 +1192,30 @@ impl Bert {
         Ok(x.contiguous()?.apply_op2(&packed, op)?)
     }
 
+    /// The attention of `b` examples of `s` queries over `keys` keys, with a dropout mask in training.
+    fn attention_spec(
+        &self,
+        (b, s): (usize, usize),
+        keys: usize,
+        key_mask: &Arc<Vec<u32>>,
+        dropout: &DropoutRng,
+        mode: Mode,
+    ) -> AttentionSpec {
+        let nh = self.config.num_attention_heads;
+        AttentionSpec {
+            batch: b,
+            seq: s,
+            heads: nh,
+            head_dim: self.config.hidden_size / nh,
+            key_mask: key_mask.clone(),
+            dropout: match mode {
+                Mode::Train => dropout.mask(b * nh * s * keys).map(Arc::new),
+                Mode::Eval => None,
+            },
+            window: None,
+        }
+    }
+
     /// One ModernBERT block ([`Bert::new_modern`] says where its parts are): `x + attn(norm(x))` with the
     /// queries and keys rotated by `rope` and, in a sliding-window layer, keys beyond `window` masked, then
     /// `x + Wo(act(a) · g)` where `[a | g]` is `Wi(norm(x))`. Dropout where transformers has it: on the
@@ -1200,40 +1235,15 @@ impl Bert {
         window: Option<usize>,
     ) -> Result<Tensor> {
         let nh = self.config.num_attention_heads;
-        // The frozen base's projections under LoRA (backward skips their weights' gradients), and the update of
-        // `module`'s adapters on its input.
-        let linear = |layers: &[&Linear], x: &Tensor| -> Result<Tensor> {
-            match peft {
-                Some(_) => crate::layers::frozen_linear(x, layers),
-                None if layers.len() == 1 => layers[0].forward(x),
-                None => Linear::stacked(layers)?.forward(x),
-            }
-        };
-        let adapt = |module: LinearModule, x: &Tensor, y: Tensor| -> Result<Tensor> {
-            match (peft, l.lora.get(&module)) {
-                (Some(pass), Some(adapter)) => Ok((y + adapter.delta(x, pass)?)?),
-                _ => Ok(y),
-            }
-        };
+        let linear = |layers: &[&Linear], x: &Tensor| base_linear(peft, layers, x);
+        let adapt = |module: LinearModule, x: &Tensor, y: Tensor| with_lora(l, peft, module, x, y);
         let normed = match index {
             0 => x.clone(),
             _ => l.attn_norm.forward(x)?,
         };
         let qkv = adapt(LinearModule::Query, &normed, linear(&[&l.query, &l.key, &l.value], &normed)?)?;
         let qkv = modernbert::rotate_qk(&qkv, rope, b, nh)?;
-        let attn_dropout = match mode {
-            Mode::Train => dropout.mask(b * nh * s * s).map(Arc::new),
-            Mode::Eval => None,
-        };
-        let spec = AttentionSpec {
-            batch: b,
-            seq: s,
-            heads: nh,
-            head_dim: self.config.hidden_size / nh,
-            key_mask: key_mask.clone(),
-            dropout: attn_dropout,
-            window,
-        };
+        let spec = AttentionSpec { window, ..self.attention_spec((b, s), s, key_mask, dropout, mode) };
         let ctx = match x.device().is_cpu() {
             true => attention::fused(&qkv, spec)?,
             false => attention::composed(&qkv, &spec, None)?,
@@ -1270,12 +1280,7 @@ impl Bert {
         let nh = self.config.num_attention_heads;
         let head_dim = self.config.hidden_size / nh;
         // `y` plus the LoRA update of `module` on its input `x`, when it has one.
-        let adapt = |module: LinearModule, x: &Tensor, y: Tensor| -> Result<Tensor> {
-            match (peft, l.lora.get(&module)) {
-                (Some(pass), Some(adapter)) => Ok((y + adapter.delta(x, pass)?)?),
-                _ => Ok(y),
-            }
-        };
+        let adapt = |module: LinearModule, x: &Tensor, y: Tensor| with_lora(l, peft, module, x, y);
         // A sublayer's output plus its bottleneck adapter's update, when it has one.
         let bottleneck = |site: Site, y: Tensor| -> Result<Tensor> {
             match (peft, l.bottleneck.get(&site)) {
@@ -1283,14 +1288,7 @@ impl Bert {
                 _ => Ok(y),
             }
         };
-        // Under parameter-efficient tuning the backbone's own weights are frozen: backward skips their gradients.
-        let linear = |layers: &[&Linear], x: &Tensor| -> Result<Tensor> {
-            match peft {
-                Some(_) => crate::layers::frozen_linear(x, layers),
-                None if layers.len() == 1 => layers[0].forward(x),
-                None => Linear::stacked(layers)?.forward(x),
-            }
-        };
+        let linear = |layers: &[&Linear], x: &Tensor| base_linear(peft, layers, x);
         let mut qkv = linear(&[&l.query, &l.key, &l.value], x)?;
         let qkv_modules = [LinearModule::Query, LinearModule::Key, LinearModule::Value];
         if let Some(pass) = peft.filter(|_| qkv_modules.iter().any(|m| l.lora.contains_key(m))) {
@@ -1305,19 +1303,7 @@ impl Bert {
         }
         let prefix = peft.zip(l.prefix.as_ref());
         let keys = s + prefix.map_or(0, |(_, p)| p.length());
-        let attn_dropout = match mode {
-            Mode::Train => dropout.mask(b * nh * s * keys).map(Arc::new),
-            Mode::Eval => None,
-        };
-        let spec = AttentionSpec {
-            batch: b,
-            seq: s,
-            heads: nh,
-            head_dim,
-            key_mask: key_mask.clone(),
-            dropout: attn_dropout,
-            window: None,
-        };
+        let spec = self.attention_spec((b, s), keys, key_mask, dropout, mode);
         let ctx = match prefix {
             Some(_) if relative.is_some() => {
                 return Err(NnError::Unsupported(

@@ -50,6 +50,25 @@ pub(crate) fn frozen_linear(x: &Tensor, layers: &[&Linear]) -> Result<Tensor> {
     Linear { weight: stacked.weight.detach(), bias: stacked.bias.detach() }.forward(x)
 }
 
+/// cos and sin of transformers' rotary angles `p · θ^(-2i/d) / factor_i` for positions `p < positions` and
+/// frequencies `i < d/2` (factors 1 by default), row-major `[positions, d]`, each frequency repeated for both
+/// halves of the head (the `rotate_half` layout).
+pub(crate) fn rotary_angles(theta: f64, positions: usize, d: usize, factors: Option<&[f64]>) -> (Vec<f32>, Vec<f32>) {
+    let factor = |i: usize| factors.and_then(|f| f.get(i)).copied().unwrap_or(1.0);
+    let inv: Vec<f32> = (0..d / 2).map(|i| (1.0 / theta.powf(2.0 * i as f64 / d as f64) / factor(i)) as f32).collect();
+    let (mut cos, mut sin) = (Vec::with_capacity(positions * d), Vec::with_capacity(positions * d));
+    for p in 0..positions {
+        for _ in 0..2 {
+            for f in &inv {
+                let angle = p as f32 * f;
+                cos.push(angle.cos());
+                sin.push(angle.sin());
+            }
+        }
+    }
+    (cos, sin)
+}
+
 /// LayerNorm over the last dimension, written out so that it has a backward pass (candle-nn's fast path
 /// has none).
 #[derive(Clone, Debug)]

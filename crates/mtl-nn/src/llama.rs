@@ -1206,25 +1206,10 @@ enum LayerCache<'a> {
     Paged { kv: &'a mut PagedKv, layer: usize },
 }
 
-/// The rotation tables of transformers' rotary embedding: angle `p · θ^(-2i/d) / factor_i` for position `p`
-/// and frequency `i < d/2` (factors 1 by default), each repeated for both halves of the head (the
-/// `rotate_half` layout).
+/// The rotation tables of transformers' rotary embedding over the model's positions ([`crate::layers::rotary_angles`]).
 fn rotary_tables(c: &LlamaConfig, theta: f64, factors: Option<&[f64]>) -> RopeTables {
-    let d = c.head_dim;
-    let factor = |i: usize| factors.and_then(|f| f.get(i)).copied().unwrap_or(1.0);
-    let inv: Vec<f32> = (0..d / 2).map(|i| (1.0 / theta.powf(2.0 * i as f64 / d as f64) / factor(i)) as f32).collect();
-    let (mut cos, mut sin) = (Vec::with_capacity(c.max_position_embeddings * d), Vec::new());
-    sin.reserve(c.max_position_embeddings * d);
-    for p in 0..c.max_position_embeddings {
-        for _ in 0..2 {
-            for f in &inv {
-                let angle = p as f32 * f;
-                cos.push(angle.cos());
-                sin.push(angle.sin());
-            }
-        }
-    }
-    RopeTables { cos, sin, head_dim: d }
+    let (cos, sin) = crate::layers::rotary_angles(theta, c.max_position_embeddings, c.head_dim, factors);
+    RopeTables { cos, sin, head_dim: c.head_dim }
 }
 
 /// `x · cos + rotate_half(x) · sin` for `x` of `[b, n, s, d]`, tables `[s, d]`.

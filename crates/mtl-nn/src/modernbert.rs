@@ -141,20 +141,10 @@ impl Modern {
     }
 }
 
-/// cos and sin of the rotation angles `p · θ^(-2i/d)` of positions `p < s`, `[s, d]` each, every frequency
-/// repeated for both halves of the head (transformers' `rotate_half` layout).
+/// cos and sin of the rotation angles of positions `p < s` with base `theta`, `[s, d]` each
+/// ([`crate::layers::rotary_angles`]).
 pub(crate) fn rotary_tables(theta: f64, s: usize, d: usize, device: &Device) -> Result<(Tensor, Tensor)> {
-    let inv: Vec<f32> = (0..d / 2).map(|i| (1.0 / theta.powf(2.0 * i as f64 / d as f64)) as f32).collect();
-    let (mut cos, mut sin) = (Vec::with_capacity(s * d), Vec::with_capacity(s * d));
-    for p in 0..s {
-        for _ in 0..2 {
-            for f in &inv {
-                let angle = p as f32 * f;
-                cos.push(angle.cos());
-                sin.push(angle.sin());
-            }
-        }
-    }
+    let (cos, sin) = crate::layers::rotary_angles(theta, s, d, None);
     Ok((Tensor::from_vec(cos, (s, d), device)?, Tensor::from_vec(sin, (s, d), device)?))
 }
 

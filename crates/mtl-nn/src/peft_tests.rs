@@ -110,6 +110,21 @@ fn loss_and_gradients_match(model: &MultiTaskModel, reference: &Value, count: us
     Ok(())
 }
 
+/// The reference batch of three examples, routed through adapters intent, slots, intent.
+fn mixed_input(batch: &HostBatch) -> Result<BertInput, Box<dyn std::error::Error>> {
+    let routes = vec![
+        Route { adapter: 0, examples: 0..1 },
+        Route { adapter: 1, examples: 1..2 },
+        Route { adapter: 0, examples: 2..3 },
+    ];
+    Ok(BertInput {
+        input_ids: Tensor::from_slice(&batch.input_ids, (batch.batch, batch.seq), &Device::Cpu)?,
+        token_type_ids: Tensor::from_slice(&batch.token_type_ids, (batch.batch, batch.seq), &Device::Cpu)?,
+        attention_mask: std::sync::Arc::new(batch.attention_mask.clone()),
+        routes: Some(routes),
+    })
+}
+
 #[test]
 fn each_adapter_and_a_mixed_batch_match_peft() -> TestResult {
     let reference = reference()?;
@@ -123,17 +138,7 @@ fn each_adapter_and_a_mixed_batch_match_peft() -> TestResult {
         assert!(d < 1e-5, "{task}: max abs difference {d}");
     }
     // One pass, each row through its own adapter (rows: intent, slots, intent).
-    let routes = vec![
-        Route { adapter: 0, examples: 0..1 },
-        Route { adapter: 1, examples: 1..2 },
-        Route { adapter: 0, examples: 2..3 },
-    ];
-    let input = BertInput {
-        input_ids: Tensor::from_slice(&batch.input_ids, (batch.batch, batch.seq), &Device::Cpu)?,
-        token_type_ids: Tensor::from_slice(&batch.token_type_ids, (batch.batch, batch.seq), &Device::Cpu)?,
-        attention_mask: std::sync::Arc::new(batch.attention_mask.clone()),
-        routes: Some(routes),
-    };
+    let input = mixed_input(&batch)?;
     let mixed = model.bert().forward(&input, model.dropout(), Mode::Eval)?;
     let d = max_diff(&mixed, &reference["mixed"])?;
     assert!(d < 1e-5, "mixed batch: max abs difference {d}");
@@ -297,17 +302,7 @@ fn prefix_tuning_matches_a_pytorch_reference() -> TestResult {
         let d = max_diff(&hidden, &reference["hidden"][task])?;
         assert!(d < 1e-5, "{task}: max abs difference {d}");
     }
-    let routes = vec![
-        Route { adapter: 0, examples: 0..1 },
-        Route { adapter: 1, examples: 1..2 },
-        Route { adapter: 0, examples: 2..3 },
-    ];
-    let input = BertInput {
-        input_ids: Tensor::from_slice(&batch.input_ids, (batch.batch, batch.seq), &Device::Cpu)?,
-        token_type_ids: Tensor::from_slice(&batch.token_type_ids, (batch.batch, batch.seq), &Device::Cpu)?,
-        attention_mask: std::sync::Arc::new(batch.attention_mask.clone()),
-        routes: Some(routes),
-    };
+    let input = mixed_input(&batch)?;
     let d = max_diff(&model.bert().forward(&input, model.dropout(), Mode::Eval)?, &reference["hidden"]["mixed"])?;
     assert!(d < 1e-5, "mixed batch: max abs difference {d}");
     loss_and_gradients_match(&model, &reference, 2 * 2) // key and value of two blocks
@@ -454,10 +449,8 @@ fn modernbert_lora_matches_peft() -> TestResult {
     let dir = fixture_dir().join("../tiny-modernbert");
     let reference: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("lora.json"))?)?;
     let config = BertConfig::from_file(&dir.join("config.json"))?;
-    let mut weights = candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu)?;
-    weights.extend(candle_core::safetensors::load(dir.join("lora.safetensors"), &Device::Cpu)?);
-    let mut weights: HashMap<String, Tensor> =
-        weights.into_iter().map(|(k, v)| (crate::canonical_name(&k), v)).collect();
+    let mut weights = crate::tests::canonical_weights(&dir.join("model.safetensors"))?;
+    weights.extend(crate::tests::canonical_weights(&dir.join("lora.safetensors"))?);
     weights.extend(reference_head(&reference)?);
     let lora = spec(&["intent", "slots"]);
     let tasks: BTreeMap<TaskId, HeadSpec> = [("intent", 3), ("slots", 4)]
@@ -472,17 +465,7 @@ fn modernbert_lora_matches_peft() -> TestResult {
         let d = max_diff(&hidden, &reference["hidden"][task])?;
         assert!(d < 1e-4, "{task}: max abs difference {d}");
     }
-    let routes = vec![
-        Route { adapter: 0, examples: 0..1 },
-        Route { adapter: 1, examples: 1..2 },
-        Route { adapter: 0, examples: 2..3 },
-    ];
-    let input = BertInput {
-        input_ids: Tensor::from_slice(&batch.input_ids, (batch.batch, batch.seq), &Device::Cpu)?,
-        token_type_ids: Tensor::from_slice(&batch.token_type_ids, (batch.batch, batch.seq), &Device::Cpu)?,
-        attention_mask: std::sync::Arc::new(batch.attention_mask.clone()),
-        routes: Some(routes),
-    };
+    let input = mixed_input(&batch)?;
     let d = max_diff(&model.bert().forward(&input, model.dropout(), Mode::Eval)?, &reference["mixed"])?;
     assert!(d < 1e-4, "mixed batch: max abs difference {d}");
     // A and B of four modules in each of three blocks.

@@ -73,16 +73,20 @@ fn loss_and_gradients_match_pytorch() -> TestResult {
     head_loss_and_gradients_match(&fixture_dir(), "tiny-bert")
 }
 
+/// A safetensors file's tensors under the encoder's names ([`crate::canonical_name`]).
+pub(crate) fn canonical_weights(path: &std::path::Path) -> Result<HashMap<String, Tensor>, Box<dyn std::error::Error>> {
+    Ok(candle_core::safetensors::load(path, &Device::Cpu)?
+        .into_iter()
+        .map(|(k, v)| (crate::canonical_name(&k), v))
+        .collect())
+}
+
 /// The fixture in `dir` (its weights under the encoder's names) with its reference's classification head on the
 /// first token: the cross-entropy loss and every backbone gradient's norm are PyTorch's.
 fn head_loss_and_gradients_match(dir: &std::path::Path, what: &str) -> TestResult {
     let reference: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json"))?)?;
     let config = BertConfig::from_file(&dir.join("config.json"))?;
-    let mut weights: HashMap<String, Tensor> =
-        candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu)?
-            .into_iter()
-            .map(|(k, v)| (crate::canonical_name(&k), v))
-            .collect();
+    let mut weights = canonical_weights(&dir.join("model.safetensors"))?;
     let head = &reference["head"];
     let w: Vec<Vec<f32>> = serde_json::from_value(head["weight"].clone())?;
     let b: Vec<f32> = serde_json::from_value(head["bias"].clone())?;
@@ -759,11 +763,7 @@ fn sharded_and_pytorch_weights_load() -> TestResult {
 fn modernbert_heads_start_from_the_pretrained_prediction_head() -> TestResult {
     let dir = fixture_dir().join("..").join("tiny-modernbert");
     let config = BertConfig::from_file(&dir.join("config.json"))?;
-    let mut weights: HashMap<String, Tensor> =
-        candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu)?
-            .into_iter()
-            .map(|(k, v)| (crate::canonical_name(&k), v))
-            .collect();
+    let mut weights = canonical_weights(&dir.join("model.safetensors"))?;
     let dense = Tensor::randn(0f32, 1.0, (32, 32), &Device::Cpu)?;
     weights.insert("head.dense.weight".into(), dense.clone());
     let tasks = BTreeMap::from([
