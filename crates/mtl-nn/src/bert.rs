@@ -18,6 +18,7 @@ use crate::modernbert::{self, Modern};
 use crate::attention::{self, AttentionSpec};
 use crate::cpu::encoder::{Dims, FusedEncoder, FusedLora, GradSink, LayerDropout, LayerParams, Proj};
 use crate::cpu::int8::{Int8Encoder, Int8Layer, Int8Matrix};
+pub use crate::layers::Activation;
 use crate::layers::{DropoutRng, LayerNorm, Linear};
 use crate::params::{Init, ParamBuilder};
 use crate::peft::{
@@ -103,17 +104,6 @@ fn default_type_vocab() -> usize {
 }
 fn default_eps() -> f64 {
     1e-12
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Activation {
-    /// The exact, erf-based GELU (`"gelu"` in transformers).
-    Gelu,
-    /// The tanh approximation (`"gelu_new"`, `"gelu_pytorch_tanh"`).
-    #[serde(alias = "gelu_pytorch_tanh")]
-    GeluNew,
-    Relu,
 }
 
 impl BertConfig {

@@ -4,9 +4,9 @@
 use candle_core::{Tensor, D};
 use mtl_core::{Mode, TaskKind};
 
-use crate::bert::Activation;
 use crate::crf::{Crf, Transitions};
-use crate::layers::{DropoutRng, LayerNorm, Linear};
+use crate::layers::{Activation, DropoutRng, LayerNorm, Linear};
+use crate::modernbert::PredictionHead;
 use crate::params::{Init, ParamBuilder};
 use crate::NnError;
 use crate::Result;
@@ -36,17 +36,6 @@ impl HeadSpec {
         let outputs = if kind == TaskKind::QuestionAnswering { 2 } else { outputs };
         Self { kind, outputs, regression_loss: RegressionLoss::Mse, crf: None }
     }
-}
-
-/// ModernBERT's prediction head (transformers' `ModernBertPredictionHead`), which its task models put before
-/// the classifier: `norm(act(dense(x)))`, the dense layer with a bias when `bias` (`classifier_bias`), the
-/// LayerNorm with one when `norm_bias`.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct PredictionHead {
-    pub bias: bool,
-    pub act: Activation,
-    pub eps: f64,
-    pub norm_bias: bool,
 }
 
 #[derive(Clone, Debug)]

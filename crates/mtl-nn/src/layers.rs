@@ -6,8 +6,22 @@ use candle_core::{DType, Tensor, D};
 use mtl_core::Mode;
 use rand::{RngCore, SeedableRng};
 
+use serde::{Deserialize, Serialize};
+
 use crate::params::{Init, ParamBuilder};
 use crate::Result;
+
+/// An encoder's activation function (`hidden_act`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Activation {
+    /// The exact, erf-based GELU (`"gelu"` in transformers).
+    Gelu,
+    /// The tanh approximation (`"gelu_new"`, `"gelu_pytorch_tanh"`).
+    #[serde(alias = "gelu_pytorch_tanh")]
+    GeluNew,
+    Relu,
+}
 
 /// `y = x Wᵀ + b` over the last dimension, with `W` stored as `[out, in]` (PyTorch's layout).
 #[derive(Clone, Debug)]

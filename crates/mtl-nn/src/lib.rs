@@ -24,9 +24,10 @@ pub use bert::BertInput;
 pub use bert::{Activation, Bert, BertConfig, Kernels, ENCODER_FAMILIES};
 pub use crf::{viterbi, ChainScores, Crf, Transitions};
 pub use decoder::DecoderModel;
-pub use heads::{binary_cross_entropy_with_logits, Head, HeadOutput, HeadSpec, PredictionHead, RegressionLoss};
+pub use heads::{binary_cross_entropy_with_logits, Head, HeadOutput, HeadSpec, RegressionLoss};
 pub use layers::{DropoutRng, LayerNorm, Linear};
 pub use model::{ModelSpec, MultiTaskModel, TaskLoss, TaskPrediction};
+pub use modernbert::PredictionHead;
 pub use params::{canonical_name, family_name, family_prefix, ParamBuilder, ParamStore};
 pub use peft::{LoraSpec, PeftKind, PeftSpec, Placement, Route, SHARED_ADAPTER};
 

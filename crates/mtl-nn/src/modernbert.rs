@@ -10,9 +10,19 @@
 use candle_core::{Device, Tensor, D};
 use serde_json::Value;
 
-use crate::bert::Activation;
-use crate::heads::PredictionHead;
+use crate::layers::Activation;
 use crate::Result;
+
+/// ModernBERT's prediction head (transformers' `ModernBertPredictionHead`), which its task models put before
+/// the classifier: `norm(act(dense(x)))`, the dense layer with a bias when `bias` (`classifier_bias`), the
+/// LayerNorm with one when `norm_bias`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct PredictionHead {
+    pub bias: bool,
+    pub act: Activation,
+    pub eps: f64,
+    pub norm_bias: bool,
+}
 
 /// The settings of a ModernBERT `config.json` that BERT's fields do not hold.
 #[derive(Clone, Debug, PartialEq)]
