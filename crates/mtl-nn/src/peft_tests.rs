@@ -69,11 +69,7 @@ fn reference_head(reference: &Value) -> Result<HashMap<String, Tensor>, Box<dyn 
     ]);
     // ModernBERT's prediction head before it.
     for (name, value) in reference["head"]["prediction"].as_object().into_iter().flatten() {
-        let t = match value.as_array().and_then(|rows| rows.first()).is_some_and(Value::is_array) {
-            true => Tensor::new(serde_json::from_value::<Vec<Vec<f32>>>(value.clone())?, &Device::Cpu)?,
-            false => Tensor::new(serde_json::from_value::<Vec<f32>>(value.clone())?, &Device::Cpu)?,
-        };
-        head.insert(format!("heads.intent.head.{name}"), t);
+        head.insert(format!("heads.intent.head.{name}"), crate::tests::json_tensor(value)?);
     }
     Ok(head)
 }

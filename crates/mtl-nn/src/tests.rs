@@ -73,6 +73,14 @@ fn loss_and_gradients_match_pytorch() -> TestResult {
     head_loss_and_gradients_match(&fixture_dir(), "tiny-bert")
 }
 
+/// A reference's vector or matrix (a JSON list, or a list of lists) as a tensor.
+pub(crate) fn json_tensor(value: &Value) -> Result<Tensor, Box<dyn std::error::Error>> {
+    Ok(match value.as_array().and_then(|rows| rows.first()).is_some_and(Value::is_array) {
+        true => Tensor::new(serde_json::from_value::<Vec<Vec<f32>>>(value.clone())?, &Device::Cpu)?,
+        false => Tensor::new(serde_json::from_value::<Vec<f32>>(value.clone())?, &Device::Cpu)?,
+    })
+}
+
 /// A safetensors file's tensors under the encoder's names ([`crate::canonical_name`]).
 pub(crate) fn canonical_weights(path: &std::path::Path) -> Result<HashMap<String, Tensor>, Box<dyn std::error::Error>> {
     Ok(candle_core::safetensors::load(path, &Device::Cpu)?
@@ -95,11 +103,7 @@ fn head_loss_and_gradients_match(dir: &std::path::Path, what: &str) -> TestResul
     // ModernBERT's prediction head before the classifier.
     let prediction = head["prediction"].as_object().cloned().unwrap_or_default();
     for (name, value) in &prediction {
-        let t = match value.as_array().is_some_and(|rows| rows.first().is_some_and(Value::is_array)) {
-            true => Tensor::new(serde_json::from_value::<Vec<Vec<f32>>>(value.clone())?, &Device::Cpu)?,
-            false => Tensor::new(serde_json::from_value::<Vec<f32>>(value.clone())?, &Device::Cpu)?,
-        };
-        weights.insert(format!("heads.cls.head.{name}"), t);
+        weights.insert(format!("heads.cls.head.{name}"), json_tensor(value)?);
     }
     let task = TaskId::new("cls")?;
     let tasks = BTreeMap::from([(task.clone(), HeadSpec::new(TaskKind::Classification, 3))]);
