@@ -1094,6 +1094,20 @@ def two_random_adapters(base, config, seed, path):
     return model
 
 
+def adapter_hidden_states(model, ids, mask):
+    """A two-adapter PEFT model's last hidden states under `intent` and under `slots`, and a batch mixing them
+    (rows intent, slots, intent), in evaluation mode."""
+    model.eval()
+    hidden = {}
+    for adapter in ["intent", "slots"]:
+        model.set_adapter(adapter)
+        with torch.no_grad():
+            hidden[adapter] = model(input_ids=ids, attention_mask=mask).last_hidden_state.tolist()
+    with torch.no_grad():
+        mixed = model(input_ids=ids, attention_mask=mask, adapter_names=["intent", "slots", "intent"]).last_hidden_state
+    return hidden, mixed
+
+
 def lora_fixture():
     """Two LoRA adapters (PEFT), `intent` and `slots`, on tiny-bert, on every linear layer of both blocks, with random weights."""
     from peft import LoraConfig
@@ -1106,14 +1120,7 @@ def lora_fixture():
 
     ids = torch.tensor([[2, 7, 9, 11, 3, 0, 0], [2, 5, 6, 7, 8, 9, 3], [2, 15, 14, 9, 3, 0, 0]])
     mask = (ids != 0).long()
-    model.eval()
-    hidden = {}
-    for adapter in ["intent", "slots"]:
-        model.set_adapter(adapter)
-        with torch.no_grad():
-            hidden[adapter] = model(input_ids=ids, attention_mask=mask).last_hidden_state.tolist()
-    with torch.no_grad():
-        mixed = model(input_ids=ids, attention_mask=mask, adapter_names=["intent", "slots", "intent"]).last_hidden_state
+    hidden, mixed = adapter_hidden_states(model, ids, mask)
 
     # A [CLS] head on adapter "intent": the loss and the gradient norm of each of its LoRA parameters.
     model.set_adapter("intent")
@@ -1150,14 +1157,7 @@ def modernbert_lora_fixture():
     ids = torch.randint(5, 50, (3, 14), generator=g)
     ids[0, 10:] = 0
     mask = (ids != 0).long()
-    model.eval()
-    hidden = {}
-    for adapter in ["intent", "slots"]:
-        model.set_adapter(adapter)
-        with torch.no_grad():
-            hidden[adapter] = model(input_ids=ids, attention_mask=mask).last_hidden_state.tolist()
-    with torch.no_grad():
-        mixed = model(input_ids=ids, attention_mask=mask, adapter_names=["intent", "slots", "intent"]).last_hidden_state
+    hidden, mixed = adapter_hidden_states(model, ids, mask)
     model.set_adapter("intent")
     torch.manual_seed(3)
     prediction = ModernBertPredictionHead(base.config).eval()
