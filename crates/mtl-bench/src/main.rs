@@ -326,7 +326,19 @@ fn bench(args: &Args) -> Result<()> {
         model.quantize_int8()?;
     }
     let mut times = Vec::new();
-    let mut phases: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
+    let mut phases: BTreeMap<String, Vec<f64>> = BTreeMap::new();
+    // The encoder's own phases (mtl_nn::cpu::profile), and what is left of a pass: embeddings, heads, losses
+    // and candle's graph around the encoder.
+    let record = |phases: &mut BTreeMap<String, Vec<f64>>, pass: &str, total_ms: f64| {
+        let encoder = mtl_nn::cpu::profile::take();
+        let inside: f64 = encoder.iter().map(|(_, ms)| ms).sum();
+        for (name, ms) in encoder {
+            phases.entry(format!("{pass}.encoder.{name}")).or_default().push(ms);
+        }
+        phases.entry(format!("{pass}.rest")).or_default().push(total_ms - inside);
+        phases.entry(pass.to_string()).or_default().push(total_ms);
+    };
+    let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
     match args.workload.as_str() {
         "train" => {
             // Under LoRA only the adapters and the heads train.
@@ -339,31 +351,38 @@ fn bench(args: &Args) -> Result<()> {
             });
             let mut opt = AdamW::new(params, AdamWConfig::default());
             for i in 0..args.warmup + args.steps {
+                mtl_nn::cpu::profile::enable(i >= args.warmup);
                 let t0 = Instant::now();
                 let losses = model.losses(&hb, Mode::Train)?;
                 let total = (&losses[0].loss + &losses[1].loss)?;
                 let _ = total.to_scalar::<f32>()?;
                 let t1 = Instant::now();
+                if i >= args.warmup {
+                    record(&mut phases, "forward", ms(t1 - t0));
+                }
                 let grads = mtl_train::named_grads(&model.backward(&total)?, &vars);
                 let t2 = Instant::now();
+                if i >= args.warmup {
+                    record(&mut phases, "backward", ms(t2 - t1));
+                }
                 opt.step(&grads, 1.0, Some(1.0))?;
                 drop(grads);
                 let t3 = Instant::now();
                 if i >= args.warmup {
-                    times.push((t3 - t0).as_secs_f64() * 1e3);
-                    phases.entry("forward").or_default().push((t1 - t0).as_secs_f64() * 1e3);
-                    phases.entry("backward").or_default().push((t2 - t1).as_secs_f64() * 1e3);
-                    phases.entry("optimizer").or_default().push((t3 - t2).as_secs_f64() * 1e3);
+                    times.push(ms(t3 - t0));
+                    phases.entry("optimizer".into()).or_default().push(ms(t3 - t2));
                 }
             }
         }
         "infer" => {
             for i in 0..args.warmup + args.steps {
+                mtl_nn::cpu::profile::enable(i >= args.warmup);
                 let t0 = Instant::now();
                 let out = model.predict(&hb)?;
                 std::hint::black_box(out);
                 if i >= args.warmup {
-                    times.push(t0.elapsed().as_secs_f64() * 1e3);
+                    times.push(ms(t0.elapsed()));
+                    record(&mut phases, "forward", ms(t0.elapsed()));
                 }
             }
         }
@@ -371,7 +390,8 @@ fn bench(args: &Args) -> Result<()> {
         "gemm" => return gemm_layouts(args),
         other => anyhow::bail!("unknown workload {other:?}; valid choices: train, infer, int8, data, gemm, llm-lora"),
     }
-    let phases: BTreeMap<&str, f64> = phases.iter().map(|(k, v)| (*k, median(v))).collect();
+    mtl_nn::cpu::profile::enable(false);
+    let phases: BTreeMap<&str, f64> = phases.iter().map(|(k, v)| (k.as_str(), median(v))).collect();
     println!(
         "{}",
         serde_json::json!({"engine": "mtl", "workload": args.workload, "median_ms": median(&times), "times_ms": times, "phases_ms": phases})

@@ -11,6 +11,7 @@ pub mod lm_loss;
 pub mod lora;
 pub mod math;
 pub mod paged;
+pub mod profile;
 pub mod quant;
 
 use candle_core::{CpuStorage, Layout, Storage, Tensor};

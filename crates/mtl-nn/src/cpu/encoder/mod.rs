@@ -24,6 +24,7 @@ use rayon::prelude::*;
 
 use super::gemm::{matmul, Threads, View, ViewMut};
 use super::math::{self, simd};
+use super::profile::{time, Phase};
 
 mod kernels;
 mod lora;
@@ -442,42 +443,76 @@ fn layer_forward(
             lora_h[site] = lora.forward(d, site, x, out, stride, offset);
         }
     };
-    let mut qkv = vec![0f32; n * 3 * h];
-    w.project(Proj::Qkv, x, n, &mut qkv);
-    for site in 0..3 {
-        adapt(site, x, &mut qkv, 3 * h, site * h);
-    }
+    let qkv = time(Phase::Projections, || {
+        let mut qkv = vec![0f32; n * 3 * h];
+        w.project(Proj::Qkv, x, n, &mut qkv);
+        for site in 0..3 {
+            adapt(site, x, &mut qkv, 3 * h, site * h);
+        }
+        qkv
+    });
     let mut probs = if train { vec![0f32; d.batch * d.heads * d.seq * d.seq] } else { Vec::new() };
-    let ctx = attention_forward(d, &qkv, key_mask, dropout.map(|d| &d.attention[..]), train.then_some(&mut probs[..]));
-    let mut a = vec![0f32; n * h];
-    w.project(Proj::AttentionOutput, &ctx, n, &mut a);
-    adapt(3, &ctx, &mut a, h, 0);
+    let ctx = time(Phase::Attention, || {
+        attention_forward(d, &qkv, key_mask, dropout.map(|d| &d.attention[..]), train.then_some(&mut probs[..]))
+    });
+    let a = time(Phase::Projections, || {
+        let mut a = vec![0f32; n * h];
+        w.project(Proj::AttentionOutput, &ctx, n, &mut a);
+        adapt(3, &ctx, &mut a, h, 0);
+        a
+    });
     let (mut y1, mut xhat1, mut rstd1) = (vec![0f32; n * h], vec![0f32; n * h], vec![0f32; n]);
-    add_norm(&a, dropout.map(|d| &d.attention_output[..]), x, n1w, n1b, d.eps, &mut y1, &mut xhat1, &mut rstd1);
+    time(Phase::Norms, || {
+        add_norm(&a, dropout.map(|d| &d.attention_output[..]), x, n1w, n1b, d.eps, &mut y1, &mut xhat1, &mut rstd1)
+    });
     drop(a);
-    let mut u = vec![0f32; n * inter];
-    w.project(Proj::Intermediate, &y1, n, &mut u);
-    adapt(4, &y1, &mut u, inter, 0);
+    let mut u = time(Phase::Projections, || {
+        let mut u = vec![0f32; n * inter];
+        w.project(Proj::Intermediate, &y1, n, &mut u);
+        adapt(4, &y1, &mut u, inter, 0);
+        u
+    });
     // g = gelu(u) for the next product; u itself is overwritten by gelu'(u), all the backward pass needs.
-    let mut g = vec![0f32; n * inter];
-    g.par_chunks_mut(1 << 14).zip(u.par_chunks_mut(1 << 14)).for_each(|(g, u)| {
-        simd(
-            #[inline(always)]
-            || {
-                for (g, u) in g.iter_mut().zip(u.iter_mut()) {
-                    (*g, *u) = math::gelu_and_grad(*u);
-                }
-            },
-        )
+    let g = time(Phase::Activation, || {
+        let mut g = vec![0f32; n * inter];
+        g.par_chunks_mut(1 << 14).zip(u.par_chunks_mut(1 << 14)).for_each(|(g, u)| {
+            simd(
+                #[inline(always)]
+                || {
+                    for (g, u) in g.iter_mut().zip(u.iter_mut()) {
+                        (*g, *u) = math::gelu_and_grad(*u);
+                    }
+                },
+            )
+        });
+        g
     });
     let dgelu = u;
-    let mut o = vec![0f32; n * h];
-    w.project(Proj::Output, &g, n, &mut o);
-    adapt(5, &g, &mut o, h, 0);
+    let o = time(Phase::Projections, || {
+        let mut o = vec![0f32; n * h];
+        w.project(Proj::Output, &g, n, &mut o);
+        adapt(5, &g, &mut o, h, 0);
+        o
+    });
     let (mut y2, mut xhat2, mut rstd2) = (vec![0f32; n * h], vec![0f32; n * h], vec![0f32; n]);
-    add_norm(&o, dropout.map(|d| &d.output[..]), &y1, n2w, n2b, d.eps, &mut y2, &mut xhat2, &mut rstd2);
+    time(Phase::Norms, || {
+        add_norm(&o, dropout.map(|d| &d.output[..]), &y1, n2w, n2b, d.eps, &mut y2, &mut xhat2, &mut rstd2)
+    });
     let tape = train.then_some(Tape { qkv, probs, ctx, xhat1, rstd1, y1, dgelu, g, xhat2, rstd2, out: None, lora_h });
     (y2, tape)
+}
+
+/// A projection's weight gradient `doutᵀ · input` (`[out, in]`, overwritten) over `n` rows.
+fn weight_grad(gw: &mut [f32], dout: &[f32], input: &[f32], n: usize) {
+    let (out_dim, in_dim) = (dout.len() / n.max(1), input.len() / n.max(1));
+    matmul(
+        ViewMut::new(gw, out_dim, in_dim),
+        View::new(dout, n, out_dim).t(),
+        View::new(input, n, in_dim),
+        1.0,
+        false,
+        Threads::All,
+    );
 }
 
 /// LayerNorm's backward pass with its weight's gradient at `g[weight]` and its bias's at `g[weight + 1]`, or
@@ -519,103 +554,102 @@ fn layer_backward(
         }
     };
     // Output LayerNorm, then the dropout on the feed-forward output.
-    let dr2 = norm_grads(g.as_deref_mut(), N2W, h, |gw, gb| norm_backward(dy, &t.xhat2, &t.rstd2, w[N2W], gw, gb));
-    let dout = masked(&dr2, dropout.map(|d| &d.output[..]));
+    let dr2 = time(Phase::Norms, || {
+        norm_grads(g.as_deref_mut(), N2W, h, |gw, gb| norm_backward(dy, &t.xhat2, &t.rstd2, w[N2W], gw, gb))
+    });
+    let dout = time(Phase::Other, || masked(&dr2, dropout.map(|d| &d.output[..])));
     if let Some(g) = g.as_deref_mut() {
-        col_sums(&dout, h, 0, &mut g[FB]);
-        matmul(
-            ViewMut::new(&mut g[FW], h, inter),
-            View::new(&dout, n, h).t(),
-            View::new(&t.g, n, inter),
-            1.0,
-            false,
-            Threads::All,
-        );
+        time(Phase::Other, || col_sums(&dout, h, 0, &mut g[FB]));
+        time(Phase::Projections, || weight_grad(&mut g[FW], &dout, &t.g, n));
     }
-    let mut du = vec![0f32; n * inter];
-    matmul(
-        ViewMut::new(&mut du, n, inter),
-        View::new(&dout, n, h),
-        View::new(w[FW], h, inter),
-        1.0,
-        false,
-        Threads::All,
-    );
-    adapted(5, &t.g, &dout, h, 0, &mut du);
-    drop(dout);
-    elementwise(
-        &mut du,
-        #[inline(always)]
-        |c, start| {
-            for (g, &d) in c.iter_mut().zip(&t.dgelu[start..]) {
-                *g *= d;
-            }
-        },
-    );
-    if let Some(g) = g.as_deref_mut() {
-        col_sums(&du, inter, 0, &mut g[IB]);
+    let mut du = time(Phase::Projections, || {
+        let mut du = vec![0f32; n * inter];
         matmul(
-            ViewMut::new(&mut g[IW], inter, h),
-            View::new(&du, n, inter).t(),
-            View::new(&t.y1, n, h),
+            ViewMut::new(&mut du, n, inter),
+            View::new(&dout, n, h),
+            View::new(w[FW], h, inter),
             1.0,
             false,
             Threads::All,
         );
+        adapted(5, &t.g, &dout, h, 0, &mut du);
+        du
+    });
+    drop(dout);
+    time(Phase::Activation, || {
+        elementwise(
+            &mut du,
+            #[inline(always)]
+            |c, start| {
+                for (g, &d) in c.iter_mut().zip(&t.dgelu[start..]) {
+                    *g *= d;
+                }
+            },
+        )
+    });
+    if let Some(g) = g.as_deref_mut() {
+        time(Phase::Other, || col_sums(&du, inter, 0, &mut g[IB]));
+        time(Phase::Projections, || weight_grad(&mut g[IW], &du, &t.y1, n));
     }
     let mut dy1 = dr2;
-    matmul(ViewMut::new(&mut dy1, n, h), View::new(&du, n, inter), View::new(w[IW], inter, h), 1.0, true, Threads::All);
-    adapted(4, &t.y1, &du, inter, 0, &mut dy1);
-    drop(du);
-    // Attention LayerNorm, dropout, output projection.
-    let dr1 = norm_grads(g.as_deref_mut(), N1W, h, |gw, gb| norm_backward(&dy1, &t.xhat1, &t.rstd1, w[N1W], gw, gb));
-    drop(dy1);
-    let da = masked(&dr1, dropout.map(|d| &d.attention_output[..]));
-    if let Some(g) = g.as_deref_mut() {
-        col_sums(&da, h, 0, &mut g[OB]);
+    time(Phase::Projections, || {
         matmul(
-            ViewMut::new(&mut g[OW], h, h),
-            View::new(&da, n, h).t(),
-            View::new(&t.ctx, n, h),
+            ViewMut::new(&mut dy1, n, h),
+            View::new(&du, n, inter),
+            View::new(w[IW], inter, h),
             1.0,
-            false,
+            true,
             Threads::All,
         );
+        adapted(4, &t.y1, &du, inter, 0, &mut dy1);
+    });
+    drop(du);
+    // Attention LayerNorm, dropout, output projection.
+    let dr1 = time(Phase::Norms, || {
+        norm_grads(g.as_deref_mut(), N1W, h, |gw, gb| norm_backward(&dy1, &t.xhat1, &t.rstd1, w[N1W], gw, gb))
+    });
+    drop(dy1);
+    let da = time(Phase::Other, || masked(&dr1, dropout.map(|d| &d.attention_output[..])));
+    if let Some(g) = g.as_deref_mut() {
+        time(Phase::Other, || col_sums(&da, h, 0, &mut g[OB]));
+        time(Phase::Projections, || weight_grad(&mut g[OW], &da, &t.ctx, n));
     }
-    let mut dctx = vec![0f32; n * h];
-    matmul(ViewMut::new(&mut dctx, n, h), View::new(&da, n, h), View::new(w[OW], h, h), 1.0, false, Threads::All);
-    adapted(3, &t.ctx, &da, h, 0, &mut dctx);
+    let dctx = time(Phase::Projections, || {
+        let mut dctx = vec![0f32; n * h];
+        matmul(ViewMut::new(&mut dctx, n, h), View::new(&da, n, h), View::new(w[OW], h, h), 1.0, false, Threads::All);
+        adapted(3, &t.ctx, &da, h, 0, &mut dctx);
+        dctx
+    });
     drop(da);
-    let dqkv = attention_backward(d, &t.qkv, &t.probs, dropout.map(|d| &d.attention[..]), &dctx);
+    let dqkv =
+        time(Phase::Attention, || attention_backward(d, &t.qkv, &t.probs, dropout.map(|d| &d.attention[..]), &dctx));
     drop(dctx);
     // The q, k, v projections, as one product against the stacked weight.
     let mut dx = dr1;
     if let Some(g) = g {
         let (mut gw, mut gb) = (vec![0f32; 3 * h * h], vec![0f32; 3 * h]);
-        col_sums(&dqkv, 3 * h, 0, &mut gb);
+        time(Phase::Other, || col_sums(&dqkv, 3 * h, 0, &mut gb));
+        time(Phase::Projections, || weight_grad(&mut gw, &dqkv, x, n));
+        time(Phase::Other, || {
+            for p in 0..3 {
+                g[QW + 2 * p].copy_from_slice(&gw[p * h * h..(p + 1) * h * h]);
+                g[QB + 2 * p].copy_from_slice(&gb[p * h..(p + 1) * h]);
+            }
+        });
+    }
+    let wqkv = time(Phase::Other, || stacked(w, QW));
+    time(Phase::Projections, || {
         matmul(
-            ViewMut::new(&mut gw, 3 * h, h),
-            View::new(&dqkv, n, 3 * h).t(),
-            View::new(x, n, h),
+            ViewMut::new(&mut dx, n, h),
+            View::new(&dqkv, n, 3 * h),
+            View::new(&wqkv, 3 * h, h),
             1.0,
-            false,
+            true,
             Threads::All,
         );
-        for p in 0..3 {
-            g[QW + 2 * p].copy_from_slice(&gw[p * h * h..(p + 1) * h * h]);
-            g[QB + 2 * p].copy_from_slice(&gb[p * h..(p + 1) * h]);
+        for site in 0..3 {
+            adapted(site, x, &dqkv, 3 * h, site * h, &mut dx);
         }
-    }
-    matmul(
-        ViewMut::new(&mut dx, n, h),
-        View::new(&dqkv, n, 3 * h),
-        View::new(&stacked(w, QW), 3 * h, h),
-        1.0,
-        true,
-        Threads::All,
-    );
-    for site in 0..3 {
-        adapted(site, x, &dqkv, 3 * h, site * h, &mut dx);
-    }
+    });
     dx
 }
