@@ -2,7 +2,14 @@
 alternately, each in its own process, ROUNDS times (the engine that goes first alternates between rounds), and
 prints each engine's median over all timed steps, peak RSS, the 1 -> 2 thread speed-up of W1, and the ratios
 mtl / PyTorch. WORKLOADS=train-lora (comma-separated names) runs only those; MODEL=DIR another encoder than
-MiniLM for both engines (e.g. assets/models/all-mpnet-base-v2; W3's LoRA targets BERT's module names)."""
+MiniLM for both engines (e.g. assets/models/all-mpnet-base-v2; W3's LoRA targets BERT's module names).
+
+Where the time goes: it prints the CPU and its vector flags, measures each engine's matrix-product rate at the
+encoder's projection shapes (mtl-bench gemm, torch.matmul), takes the best as the machine's gemm peak, and gives
+every workload's achieved GFLOP/s (from the model's shapes: projections and attention products, backward twice
+the forward, none for frozen weights) and its share of that peak, with mtl's per-phase split of each step.
+On a CPU with AMX it adds W1 and W2 in bf16 (train-bf16, infer-bf16: mtl's model.precision = "bf16" against
+torch.autocast with bfloat16), their share of the bf16 gemm peak, and the bf16 speed-up of each engine."""
 import json
 import os
 import platform
@@ -13,7 +20,43 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PY = sys.executable
 MTL = os.path.join(ROOT, "target", "release", "mtl-bench")
 WORKLOADS = {"train": ["--batch", "16", "--seq", "128"], "infer": ["--batch", "32", "--seq", "128"],
-             "train-lora": ["--batch", "16", "--seq", "128", "--lora"]}
+             "train-lora": ["--batch", "16", "--seq", "128", "--lora"],
+             "train-bf16": ["--batch", "16", "--seq", "128", "--bf16"],
+             "infer-bf16": ["--batch", "32", "--seq", "128", "--bf16"]}
+NAMES = {"train": "W1 train", "infer": "W2 infer", "train-lora": "W3 train-lora", "train-bf16": "W1 bf16 train",
+         "infer-bf16": "W2 bf16 infer"}
+# CPU flags that decide which kernels can run.
+FLAGS = ["avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "avx512_vnni", "avx_vnni", "amx_bf16", "amx_int8",
+         "amx_tile"]
+
+
+def cpu():
+    """The CPU's model name and the flags in FLAGS it has (Linux /proc/cpuinfo)."""
+    name, flags = platform.processor() or platform.machine(), set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name":
+                    name = value.strip()
+                elif key.strip() == "flags":
+                    flags = set(value.split())
+    except OSError:
+        pass
+    return name, [f for f in FLAGS if f in flags]
+
+
+def gflop(model_dir, workload):
+    """GFLOP of one step: the four projections and the two attention products of every layer, forward; the
+    backward pass twice that (input and weight gradients), or once with frozen weights (LoRA)."""
+    with open(os.path.join(model_dir, "config.json")) as f:
+        c = json.load(f)
+    args = WORKLOADS[workload]
+    b, s = int(args[args.index("--batch") + 1]), int(args[args.index("--seq") + 1])
+    h, i, layers = c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"]
+    forward = layers * b * s * (2 * (4 * h * h + 2 * h * i) + 4 * s * h)
+    passes = {"train": 3, "train-bf16": 3, "train-lora": 2}.get(workload, 1)
+    return passes * forward / 1e9
 
 
 def run(cmd, threads=2):
@@ -42,25 +85,42 @@ def median(values):
 
 
 def main():
-    selected = os.environ.get("WORKLOADS", ",".join(WORKLOADS)).split(",")
+    name, flags = cpu()
+    amx = "amx_bf16" in flags
+    default = [w for w in WORKLOADS if amx or not w.endswith("bf16")]
+    selected = os.environ.get("WORKLOADS", ",".join(default)).split(",")
     unknown = [w for w in selected if w not in WORKLOADS]
     if unknown:
         sys.exit(f"unknown workloads {unknown}; valid: {', '.join(WORKLOADS)}")
     steps = os.environ.get("STEPS", "5")
     rounds = int(os.environ.get("ROUNDS", "3"))
-    print(f"model: {os.environ.get('MODEL') or 'assets/models/all-MiniLM-L6-v2'}")
+    model_dir = os.environ.get("MODEL") or "assets/models/all-MiniLM-L6-v2"
+    print(f"model: {model_dir}")
+    print(f"cpu: {name}; flags: {' '.join(flags)}")
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores; torch and mtl with 2 threads; {rounds} alternating "
           f"rounds of {steps} timed steps after 2 warm-up per engine and workload; medians over all timed steps")
 
     def command(engine, workload, threads):
-        common = [workload.split("-")[0]] + WORKLOADS[workload] + ["--steps", steps, "--warmup", "2"]
-        if os.environ.get("MODEL"):
-            common += ["--model", os.environ["MODEL"]]
+        if workload.startswith("gemm"):
+            common = ["gemm", "--batch", "32", "--seq", "128", "--steps", steps, "--warmup", "2"]
+            common += ["--bf16"] if workload.endswith("bf16") else []
+        else:
+            common = [workload.split("-")[0]] + WORKLOADS[workload] + ["--steps", steps, "--warmup", "2"]
+        common += ["--model", model_dir] if os.environ.get("MODEL") else []
         if engine == "pytorch":
             return [PY, os.path.join(ROOT, "bench", "torch_workloads.py")] + common + ["--threads", str(threads)]
         return [MTL] + common
 
-    times, rss = {}, {}
+    # The machine's matrix-product peak at the encoder's shapes: the better engine's best shape.
+    peaks = {}
+    for precision in ["f32", "bf16"] if any(w.endswith("bf16") for w in selected) else ["f32"]:
+        workload = "gemm" if precision == "f32" else "gemm-bf16"
+        rates = {engine: run(command(engine, workload, 2))["peak_gflops"] for engine in ["pytorch", "mtl"]}
+        peaks[precision] = max(rates.values())
+        print(f"gemm peak {precision}: {peaks[precision]:.0f} GFLOP/s (mtl {rates['mtl']:.0f}, pytorch "
+              f"{rates['pytorch']:.0f}) at {model_dir}'s projection shapes, 32 x 128 tokens", flush=True)
+
+    times, rss, phases = {}, {}, {}
     for r in range(rounds):
         for workload in selected:
             engines = ["pytorch", "mtl"] if r % 2 == 0 else ["mtl", "pytorch"]
@@ -68,6 +128,9 @@ def main():
                 res = run_with_rss(command(engine, workload, 2))
                 times.setdefault((workload, engine), []).extend(res["times_ms"])
                 rss[(workload, engine)] = max(rss.get((workload, engine), 0), res["peak_rss_mb"])
+                if engine == "mtl":
+                    for k, v in res.get("phases_ms", {}).items():
+                        phases.setdefault(workload, {}).setdefault(k, []).append(v)
                 print(f"round {r + 1} {workload:10s} {engine:8s} median {res['median_ms']:8.1f} ms  peak RSS "
                       f"{res['peak_rss_mb']:7.0f} MB  steps {[round(t) for t in res['times_ms']]}", flush=True)
     scaling = {}
@@ -75,18 +138,37 @@ def main():
         one = run_with_rss(command(engine, "train", 1), threads=1)
         scaling[engine] = one["median_ms"] / median(times[("train", engine)])
         print(f"1 thread train {engine:8s} median {one['median_ms']:8.1f} ms", flush=True)
+
+    def rate(workload, engine):
+        return gflop(model_dir, workload) / (median(times[(workload, engine)]) / 1e3)
+
+    def share(workload, engine):
+        return rate(workload, engine) / peaks["bf16" if workload.endswith("bf16") else "f32"]
+
     for workload in selected:
         for engine in ["pytorch", "mtl"]:
             t = times[(workload, engine)]
-            print(f"{workload:10s} {engine:8s} median {median(t):8.1f} ms over {len(t)} steps  peak RSS {rss[(workload, engine)]:7.0f} MB")
+            print(f"{workload:10s} {engine:8s} median {median(t):8.1f} ms over {len(t)} steps  peak RSS "
+                  f"{rss[(workload, engine)]:7.0f} MB  {rate(workload, engine):6.1f} GFLOP/s = "
+                  f"{100 * share(workload, engine):4.1f}% of the gemm peak")
+    for workload, split in phases.items():
+        parts = ", ".join(f"{k} {median(v):.0f}" for k, v in sorted(split.items()))
+        print(f"mtl phases {workload} (ms, medians over rounds): {parts}")
     if scaling:
         print(f"W1 threads 1->2 speed-up mtl={scaling['mtl']:.2f} pytorch={scaling['pytorch']:.2f}")
-    names = [(k, n) for k, n in [("train", "W1 train"), ("infer", "W2 infer"), ("train-lora", "W3 train-lora")]
-             if k in selected]
-    for key, name in names:
-        print(f"{name} peak RSS mtl={rss[(key, 'mtl')]:.0f}MB pytorch={rss[(key, 'pytorch')]:.0f}MB")
-    for key, name in names:
-        print(f"{name} ratio={median(times[(key, 'mtl')]) / median(times[(key, 'pytorch')]):.2f}")
+    for key in selected:
+        print(f"{NAMES[key]} peak RSS mtl={rss[(key, 'mtl')]:.0f}MB pytorch={rss[(key, 'pytorch')]:.0f}MB")
+    for key in [k for k in selected if k.endswith("bf16")]:
+        print(f"{NAMES[key]} share of bf16 gemm peak mtl={share(key, 'mtl'):.2f} pytorch={share(key, 'pytorch'):.2f}")
+        print(f"{NAMES[key]} ratio={median(times[(key, 'mtl')]) / median(times[(key, 'pytorch')]):.2f}")
+        base = key[: -len("-bf16")]
+        if base in selected:
+            print(f"{NAMES[key]} speed-up over f32 mtl={median(times[(base, 'mtl')]) / median(times[(key, 'mtl')]):.2f} "
+                  f"pytorch={median(times[(base, 'pytorch')]) / median(times[(key, 'pytorch')]):.2f}")
+    for key in [k for k in selected if not k.endswith("bf16")]:
+        print(f"{NAMES[key]} ratio={median(times[(key, 'mtl')]) / median(times[(key, 'pytorch')]):.2f}")
+    for key in [k for k in ["train", "infer"] if k in selected]:
+        print(f"{NAMES[key].split()[0]} share of gemm peak={share(key, 'mtl'):.2f} (pytorch {share(key, 'pytorch'):.2f})")
 
 
 if __name__ == "__main__":

@@ -39,6 +39,9 @@ struct Args {
     /// Quantise the encoder to int8 before timing (`infer`).
     #[arg(long)]
     int8: bool,
+    /// bf16 products on AMX (`gemm`, and the encoder's projections in `train` and `infer`).
+    #[arg(long)]
+    bf16: bool,
     /// `train`: LoRA on the frozen encoder instead of full fine-tuning (W3).
     #[arg(long)]
     lora: bool,
@@ -77,12 +80,16 @@ fn batch(b: usize, s: usize, vocab: usize) -> HostBatch {
     }
 }
 
-/// GFLOP/s of `m×k · k×n` products at the encoder's shapes, for each storage order of the operands (`N`:
-/// row-major as used, `T`: stored transposed), as the fused encoder calls them.
+/// GFLOP/s of `m×k · k×n` products at the encoder's shapes (`--model`'s hidden and intermediate sizes,
+/// `--batch × --seq` tokens), for each storage order of the operands (`N`: row-major as used, `T`: stored
+/// transposed), as the fused encoder calls them; in f32, or with `--bf16` on AMX. The last line is JSON with
+/// the best rate over all of them (`peak_gflops`).
 fn gemm_layouts(args: &Args) -> Result<()> {
     use mtl_nn::cpu::gemm::{matmul, Threads, View, ViewMut};
-    let n = args.batch * args.seq;
-    for (m, k, p) in [(n, 384, 1536), (n, 1536, 384), (1536, n, 384), (384, n, 1536), (1152, n, 384), (n, 384, 1152)] {
+    let bert = BertConfig::from_file(&args.model.join("config.json"))?;
+    let (h, i, n) = (bert.hidden_size, bert.intermediate_size, args.batch * args.seq);
+    let mut rows = Vec::new();
+    for (m, k, p) in [(n, h, 3 * h), (n, h, h), (n, h, i), (n, i, h), (i, n, h), (h, n, i)] {
         let a = vec![0.5f32; m * k];
         let b = vec![0.25f32; k * p];
         let mut c = vec![0f32; m * p];
@@ -93,19 +100,25 @@ fn gemm_layouts(args: &Args) -> Result<()> {
                 let t0 = Instant::now();
                 let av = if at { View::new(&a, k, m).t() } else { View::new(&a, m, k) };
                 let bv = if bt { View::new(&b, p, k).t() } else { View::new(&b, k, p) };
-                matmul(ViewMut::new(&mut c, m, p), av, bv, 1.0, false, Threads::All);
+                if args.bf16 {
+                    mtl_nn::cpu::amx::matmul_bf16(ViewMut::new(&mut c, m, p), av, bv, 1.0, false, Threads::All);
+                } else {
+                    matmul(ViewMut::new(&mut c, m, p), av, bv, 1.0, false, Threads::All);
+                }
                 times.push(t0.elapsed().as_secs_f64());
             }
-            let t = median(&times[args.warmup..]);
-            line += &format!(
-                "  {}{} {:6.1}",
-                if at { "T" } else { "N" },
-                if bt { "T" } else { "N" },
-                2.0 * (m * k * p) as f64 / t / 1e9
-            );
+            let gflops = 2.0 * (m * k * p) as f64 / median(&times[args.warmup..]) / 1e9;
+            let layout = format!("{}{}", if at { "T" } else { "N" }, if bt { "T" } else { "N" });
+            line += &format!("  {layout} {gflops:6.1}");
+            rows.push(serde_json::json!({"shape": [m, k, p], "layout": layout, "gflops": gflops}));
         }
         println!("{line}  GFLOP/s");
     }
+    let peak = rows.iter().filter_map(|r| r["gflops"].as_f64()).fold(0.0, f64::max);
+    println!(
+        "{}",
+        serde_json::json!({"engine": "mtl", "workload": "gemm", "bf16": args.bf16, "peak_gflops": peak, "rows": rows})
+    );
     Ok(())
 }
 
@@ -283,6 +296,12 @@ fn bench(args: &Args) -> Result<()> {
     if args.workload == "llm-lora" {
         return llm_lora(args);
     }
+    if args.workload == "gemm" {
+        if args.bf16 {
+            anyhow::ensure!(mtl_nn::cpu::amx::available(), "--bf16 needs a CPU with AMX (and Linux 5.16 or later)");
+        }
+        return gemm_layouts(args);
+    }
     let bert = BertConfig::from_file(&args.model.join("config.json"))?;
     let tasks = BTreeMap::from([
         (TaskId::new("cls")?, mtl_nn::HeadSpec::new(TaskKind::Classification, 5)),
@@ -296,13 +315,25 @@ fn bench(args: &Args) -> Result<()> {
     let mut model = MultiTaskModel::load(&spec, &args.model.join("model.safetensors"), false, &Device::Cpu)?;
     let hb = batch(args.batch, args.seq, bert.vocab_size);
     if args.workload == "int8" {
-        // f32 and int8 inference of the same model, alternating step by step, so that both see the same
-        // machine; plus the bytes their weights take.
-        let mut int8 = MultiTaskModel::load(&spec, &args.model.join("model.safetensors"), false, &Device::Cpu)?;
-        int8.quantize_int8()?;
-        let (mut f32_times, mut int8_times) = (Vec::new(), Vec::new());
+        // f32 and int8 inference of the same model (int8 dynamic where the CPU has AMX-INT8, and weight-only),
+        // alternating step by step, so that all see the same machine; plus the bytes their weights take.
+        use mtl_nn::cpu::int8::Int8Compute;
+        let load_int8 = |compute: Int8Compute| -> Result<MultiTaskModel> {
+            let mut m = MultiTaskModel::load(&spec, &args.model.join("model.safetensors"), false, &Device::Cpu)?;
+            m.quantize_int8()?;
+            m.set_int8_compute(compute);
+            Ok(m)
+        };
+        let int8 = load_int8(Int8Compute::default())?;
+        let weight_only = load_int8(Int8Compute::WeightOnly)?;
+        let dynamic = mtl_nn::cpu::amx::int8_available();
+        let (mut f32_times, mut int8_times, mut weight_only_times) = (Vec::new(), Vec::new(), Vec::new());
         for i in 0..args.warmup + args.steps {
-            for (m, times) in [(&model, &mut f32_times), (&int8, &mut int8_times)] {
+            let mut runs = vec![(&model, &mut f32_times), (&int8, &mut int8_times)];
+            if dynamic {
+                runs.push((&weight_only, &mut weight_only_times));
+            }
+            for (m, times) in runs {
                 let t0 = Instant::now();
                 std::hint::black_box(m.predict(&hb)?);
                 if i >= args.warmup {
@@ -316,14 +347,21 @@ fn bench(args: &Args) -> Result<()> {
         let (f, q) = (median(&f32_times), median(&int8_times));
         println!(
             "{}",
-            serde_json::json!({"workload": "int8", "batch": args.batch, "seq": args.seq, "f32_median_ms": f, "int8_median_ms": q,
-                "int8_over_f32": q / f, "f32_weight_bytes": bytes(&model), "int8_weight_bytes": bytes(&int8),
-                "f32_times_ms": f32_times, "int8_times_ms": int8_times})
+            serde_json::json!({"workload": "int8", "batch": args.batch, "seq": args.seq,
+                "int8_compute": if dynamic { "dynamic (AMX-INT8)" } else { "weight-only" },
+                "f32_median_ms": f, "int8_median_ms": q, "int8_over_f32": q / f,
+                "weight_only_median_ms": (!weight_only_times.is_empty()).then(|| median(&weight_only_times)),
+                "f32_weight_bytes": bytes(&model), "int8_weight_bytes": bytes(&int8),
+                "f32_times_ms": f32_times, "int8_times_ms": int8_times, "weight_only_times_ms": weight_only_times})
         );
         return Ok(());
     }
     if args.int8 {
         model.quantize_int8()?;
+    }
+    if args.bf16 {
+        anyhow::ensure!(mtl_nn::cpu::amx::available(), "--bf16 needs a CPU with AMX (and Linux 5.16 or later)");
+        model.set_precision(mtl_nn::Precision::Bf16);
     }
     let mut times = Vec::new();
     let mut phases: BTreeMap<String, Vec<f64>> = BTreeMap::new();
@@ -387,7 +425,6 @@ fn bench(args: &Args) -> Result<()> {
             }
         }
         "data" => return data(args),
-        "gemm" => return gemm_layouts(args),
         other => anyhow::bail!("unknown workload {other:?}; valid choices: train, infer, int8, data, gemm, llm-lora"),
     }
     mtl_nn::cpu::profile::enable(false);

@@ -23,7 +23,7 @@ mod tasks;
 mod training;
 mod validate;
 
-pub use model::ModelConfig;
+pub use model::{ModelConfig, Precision};
 pub use tasks::{
     ConlluColumn, DataFiles, DataFormat, JointConfig, RegressionLoss, Split, TagScheme, TargetScaling, TaskConfig,
 };

@@ -26,7 +26,7 @@ fn data(n: usize, seed: u32) -> Vec<f32> {
 }
 
 fn dims() -> Dims {
-    Dims { batch: BATCH, seq: SEQ, hidden: HIDDEN, heads: HEADS, intermediate: INTER, eps: 1e-12 }
+    Dims { batch: BATCH, seq: SEQ, hidden: HIDDEN, heads: HEADS, intermediate: INTER, eps: 1e-12, bf16: false }
 }
 
 fn gemm(c: &mut Criterion) {

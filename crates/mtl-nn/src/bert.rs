@@ -376,6 +376,27 @@ pub enum Kernels {
     Composed,
 }
 
+/// The number format of the fused encoder's projections (the four matrix products of every layer, forward and
+/// backward). Parameters, optimizer state, attention, norms and activations stay f32 in both.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Precision {
+    #[default]
+    F32,
+    /// Operands rounded to bf16, products summed in f32, on Intel AMX; where the CPU (or the OS) has no AMX,
+    /// the products stay f32 ([`Precision::effective`]).
+    Bf16,
+}
+
+impl Precision {
+    /// What this machine runs when `self` is asked for.
+    pub fn effective(self) -> Precision {
+        match self {
+            Precision::Bf16 if crate::cpu::amx::available() => Precision::Bf16,
+            _ => Precision::F32,
+        }
+    }
+}
+
 /// The encoder: embeddings and `num_hidden_layers` transformer blocks.
 #[derive(Clone, Debug)]
 pub struct Bert {
@@ -383,6 +404,7 @@ pub struct Bert {
     embeddings: Embeddings,
     layers: Vec<Layer>,
     kernels: Kernels,
+    precision: Precision,
     /// Layer-parameter gradients from the fused encoder's backward passes, not yet collected.
     grads: GradSink,
     /// Whether forward passes from now on keep what backward needs through several backward passes.
@@ -607,6 +629,7 @@ impl Bert {
             embeddings,
             layers,
             kernels: Kernels::default(),
+            precision: Precision::default(),
             grads: Arc::new(Mutex::new(Vec::new())),
             retain_graph: Arc::new(false.into()),
             peft: peft.cloned(),
@@ -866,6 +889,38 @@ impl Bert {
         self.kernels
     }
 
+    /// Whether the layers run as the fused CPU encoder (BERT-style layers with the erf GELU, on the fused
+    /// kernels), before any adapter is considered.
+    fn layers_fuse(&self) -> bool {
+        self.kernels == Kernels::Fused
+            && self.config.hidden_act == Activation::Gelu
+            && self.relative_bias.is_none()
+            && self.relative_table.is_none()
+            && self.config.modern.is_none()
+    }
+
+    /// Whether a CPU forward pass runs the fused encoder (whose projections [`Bert::set_precision`] sets).
+    pub fn runs_fused(&self) -> bool {
+        self.int8.is_none() && self.peft.as_ref().is_none_or(|p| p.lora().is_some()) && self.layers_fuse()
+    }
+
+    /// How an int8 model's projections multiply (no effect on other models).
+    pub fn set_int8_compute(&mut self, compute: crate::cpu::int8::Int8Compute) {
+        if let Some(layers) = &mut self.int8 {
+            Arc::make_mut(layers).iter_mut().for_each(|l| l.set_compute(compute));
+        }
+    }
+
+    /// The fused encoder's projections in bf16 or f32 (where the CPU has no AMX, bf16 runs as f32).
+    pub fn set_precision(&mut self, precision: Precision) {
+        self.precision = precision;
+    }
+
+    /// The precision the fused encoder's projections run in on this machine.
+    pub fn precision(&self) -> Precision {
+        self.precision.effective()
+    }
+
     /// Makes the next forward passes support several backward passes (one per task's loss), at the cost of
     /// copying the fused encoder's saved activations for each.
     pub fn set_retain_graph(&self, retain: bool) {
@@ -936,6 +991,7 @@ impl Bert {
                 heads: c.num_attention_heads,
                 intermediate: c.intermediate_size,
                 eps: c.layer_norm_eps as f32,
+                bf16: false,
             };
             let op = Int8Encoder { dims, layers: layers.clone(), key_mask: input.attention_mask.clone() };
             return Ok(x.contiguous()?.apply_op1_no_bwd(&op)?);
@@ -959,15 +1015,8 @@ impl Bert {
         };
         // The fused encoder implements the erf GELU (BERT's) and LoRA; other activations and methods take the
         // composed path.
-        let fusable = peft.as_ref().is_none_or(|(spec, _)| spec.lora().is_some())
-            && self.relative_bias.is_none()
-            && self.relative_table.is_none()
-            && self.config.modern.is_none();
-        if fusable
-            && x.device().is_cpu()
-            && self.kernels == Kernels::Fused
-            && self.config.hidden_act == Activation::Gelu
-        {
+        let fusable = peft.as_ref().is_none_or(|(spec, _)| spec.lora().is_some()) && self.layers_fuse();
+        if fusable && x.device().is_cpu() {
             let lora = peft.as_ref().and_then(|(spec, routes)| spec.lora().map(|l| (l, &routes[..])));
             return self.fused_layers(&x, input, b, s, dropout, mode, lora);
         }
@@ -1081,6 +1130,7 @@ impl Bert {
             heads: c.num_attention_heads,
             intermediate: c.intermediate_size,
             eps: c.layer_norm_eps as f32,
+            bf16: self.precision() == Precision::Bf16,
         };
         let layers: Vec<LayerParams> = self
             .layers
@@ -1121,6 +1171,7 @@ impl Bert {
             }
             Some(mask)
         };
+        let mask_timer = crate::cpu::profile::start(crate::cpu::profile::Phase::Masks);
         let (mut masks, mut lora_masks) = (Vec::new(), Vec::new());
         for l in &self.layers {
             let [q, k, v] = [LinearModule::Query, LinearModule::Key, LinearModule::Value].map(|m| lora_mask(l, m, h));
@@ -1140,6 +1191,7 @@ impl Bert {
             lora_masks.push([q, k, v, attention_out, intermediate, out]);
         }
         let masks = (!masks.is_empty()).then_some(masks);
+        mask_timer.stop();
         let mut op = FusedEncoder::new(dims, layers, input.attention_mask.clone(), masks, train, self.grads.clone());
         op.retain = self.retain_graph.load(std::sync::atomic::Ordering::Relaxed);
         let Some((spec, routes)) = lora else { return Ok(x.contiguous()?.apply_op1(op)?) };

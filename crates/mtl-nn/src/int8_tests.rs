@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, HashMap};
 use candle_core::{Device, Tensor};
 use mtl_core::{Mode, TaskId, TaskKind};
 
-use crate::cpu::int8::Int8Matrix;
+use crate::cpu::int8::{Int8Compute, Int8Matrix};
 use crate::tests::{batch_from, fixture_dir, reference};
 use crate::{BertConfig, HeadSpec, ModelSpec, MultiTaskModel};
 
@@ -41,6 +41,29 @@ fn max_diff(a: &Tensor, b: &Tensor) -> Result<f32, Box<dyn std::error::Error>> {
     Ok((a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?)
 }
 
+/// Dynamic int8 (activations quantised per token, on AMX) stays close to the f32 model and differs from
+/// weight-only int8. Skipped without AMX-INT8.
+#[test]
+fn dynamic_int8_stays_close_to_f32() -> TestResult {
+    if !crate::cpu::amx::int8_available() {
+        eprintln!("skipped: this CPU or OS has no AMX int8");
+        return Ok(());
+    }
+    let config = BertConfig::from_file(&fixture_dir().join("config.json"))?;
+    let batch = batch_from(&reference()?);
+    let f32_hidden = build(&config, weights()?)?.encode(&batch, Mode::Eval)?;
+    let mut int8 = build(&config, weights()?)?;
+    int8.quantize_int8()?;
+    assert_eq!(int8.bert().int8_layers().ok_or("int8 layers")?[0].compute(), Int8Compute::Dynamic, "the default");
+    let dynamic = int8.encode(&batch, Mode::Eval)?;
+    int8.set_int8_compute(Int8Compute::WeightOnly);
+    let weight_only = int8.encode(&batch, Mode::Eval)?;
+    let (to_f32, between) = (max_diff(&dynamic, &f32_hidden)?, max_diff(&dynamic, &weight_only)?);
+    assert!(between > 0.0, "dynamic int8 quantises the activations too");
+    assert!(to_f32 < 0.1, "dynamic int8 vs f32: {to_f32}");
+    Ok(())
+}
+
 #[test]
 fn int8_model_computes_the_f32_model_of_its_dequantised_weights() -> TestResult {
     let config = BertConfig::from_file(&fixture_dir().join("config.json"))?;
@@ -50,6 +73,7 @@ fn int8_model_computes_the_f32_model_of_its_dequantised_weights() -> TestResult 
     let mut int8 = build(&config, weights()?)?;
     let params_before = int8.params().num_params();
     int8.quantize_int8()?;
+    int8.set_int8_compute(Int8Compute::WeightOnly);
     let int8_hidden = int8.encode(&batch, Mode::Eval)?;
     // The reference: the f32 model whose projection weights are replaced by what the int8 ones stand for.
     let mut deq = weights()?;

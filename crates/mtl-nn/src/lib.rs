@@ -21,7 +21,7 @@ mod params;
 pub mod peft;
 
 pub use bert::BertInput;
-pub use bert::{Activation, Bert, BertConfig, Kernels, ENCODER_FAMILIES};
+pub use bert::{Activation, Bert, BertConfig, Kernels, Precision, ENCODER_FAMILIES};
 pub use crf::{viterbi, ChainScores, Crf, Transitions};
 pub use decoder::DecoderModel;
 pub use heads::{binary_cross_entropy_with_logits, Head, HeadOutput, HeadSpec, RegressionLoss};

@@ -205,6 +205,16 @@ impl MultiTaskModel {
         self.bert.set_kernels(kernels);
     }
 
+    /// The encoder's projections in bf16 (on AMX) or f32.
+    pub fn set_precision(&mut self, precision: crate::Precision) {
+        self.bert.set_precision(precision);
+    }
+
+    /// How an int8 model's projections multiply: dynamic (int8 activations, on AMX) or weight-only.
+    pub fn set_int8_compute(&mut self, compute: crate::cpu::int8::Int8Compute) {
+        self.bert.set_int8_compute(compute);
+    }
+
     /// The dropout generator, whose position a checkpoint stores.
     pub fn dropout(&self) -> &DropoutRng {
         &self.dropout

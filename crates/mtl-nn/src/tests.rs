@@ -402,6 +402,53 @@ fn fused_encoder_matches_composed_path() -> TestResult {
     Ok(())
 }
 
+/// bf16 projections (AMX) stay close to f32: hidden states within bf16's rounding, and every parameter's
+/// gradient pointing the same way (cosine above 0.999) at nearly the same size. Skipped without AMX.
+#[test]
+fn bf16_projections_stay_close_to_f32() -> TestResult {
+    if !crate::cpu::amx::available() {
+        eprintln!("skipped: this CPU or OS has no AMX bf16");
+        return Ok(());
+    }
+    let reference = reference()?;
+    let mut batch = batch_from(&reference);
+    batch.targets.insert(TaskId::new("intent")?, Targets::Class(vec![1, 2]));
+    let tags: Vec<i64> = (0..batch.batch * batch.seq).map(|i| (i % 5) as i64).collect();
+    batch.targets.insert(TaskId::new("slots")?, Targets::Tokens(tags));
+    let tasks = [("intent", TaskKind::Classification, 3), ("slots", TaskKind::TokenClassification, 5)];
+    let f32_model = tiny_model(&tasks, 0.0)?;
+    let mut bf16_model = tiny_model(&tasks, 0.0)?;
+    bf16_model.set_precision(crate::Precision::Bf16);
+    assert_eq!(bf16_model.bert().precision(), crate::Precision::Bf16);
+    let (a, b) = (f32_model.encode(&batch, Mode::Eval)?, bf16_model.encode(&batch, Mode::Eval)?);
+    let diff = (&a - &b)?.abs()?.max_all()?.to_scalar::<f32>()?;
+    assert!(diff > 0.0, "bf16 products change the hidden states");
+    assert!(diff < 0.05, "bf16 hidden states differ by {diff}");
+    let total = |m: &MultiTaskModel| -> Result<Tensor, NnError> {
+        let losses = m.losses(&batch, Mode::Train)?;
+        Ok((&losses[0].loss + &losses[1].loss)?)
+    };
+    let (la, lb) = (total(&f32_model)?, total(&bf16_model)?);
+    let (ga, gb) = (f32_model.backward(&la)?, bf16_model.backward(&lb)?);
+    for (name, var) in f32_model.params().vars() {
+        let other = &bf16_model.params().vars()[name];
+        let a = ga.get(var.as_tensor()).ok_or(format!("{name}: no f32 gradient"))?.flatten_all()?;
+        let b = gb.get(other.as_tensor()).ok_or(format!("{name}: no bf16 gradient"))?.flatten_all()?;
+        let dot = (&a * &b)?.sum_all()?.to_scalar::<f32>()?;
+        let (na, nb) = (a.sqr()?.sum_all()?.to_scalar::<f32>()?.sqrt(), b.sqr()?.sum_all()?.to_scalar::<f32>()?.sqrt());
+        // The key bias's gradient is zero in exact arithmetic (softmax ignores a shift shared by a row of
+        // scores): both engines give rounding noise, in unrelated directions.
+        if name.ends_with("key.bias") {
+            assert!(na < 1e-5 && nb < 1e-4, "{name}: gradient norms {na} and {nb}");
+            continue;
+        }
+        let cosine = dot / (na * nb);
+        assert!(cosine > 0.999, "{name}: gradient cosine {cosine}");
+        assert!((na - nb).abs() <= 0.02 * na, "{name}: gradient norms {na} and {nb}");
+    }
+    Ok(())
+}
+
 /// Activations the fused encoder does not implement (it has the erf GELU) take the composed path on the CPU.
 #[test]
 fn other_activations_fall_back_to_the_composed_path() -> TestResult {

@@ -31,6 +31,25 @@ impl<'a> View<'a> {
     pub fn t(self) -> Self {
         Self { data: self.data, rows: self.cols, cols: self.rows, rs: self.cs, cs: self.rs }
     }
+
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// The underlying slice with the row and column strides.
+    pub(crate) fn raw(&self) -> (&'a [f32], usize, usize) {
+        (self.data, self.rs, self.cs)
+    }
+
+    /// Element `(i, j)`.
+    #[inline(always)]
+    pub fn at(&self, i: usize, j: usize) -> f32 {
+        self.data[i * self.rs + j * self.cs]
+    }
 }
 
 /// A writable matrix view, row-major with a row stride.
@@ -50,6 +69,94 @@ impl<'a> ViewMut<'a> {
     pub fn strided(data: &'a mut [f32], rows: usize, cols: usize, row_stride: usize) -> Self {
         assert!(fits(data.len(), rows, cols, row_stride, 1), "matrix view out of bounds");
         Self { data, rows, cols, rs: row_stride }
+    }
+
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// The view as a destination that threads write disjoint blocks of.
+    pub(crate) fn into_raw(self) -> RawDst<'a> {
+        RawDst { ptr: self.data.as_mut_ptr(), rows: self.rows, cols: self.cols, rs: self.rs, _data: Default::default() }
+    }
+}
+
+/// A [`ViewMut`] shared by threads that each write their own blocks ([`RawDst::store`]).
+pub(crate) struct RawDst<'a> {
+    ptr: *mut f32,
+    rows: usize,
+    cols: usize,
+    rs: usize,
+    _data: std::marker::PhantomData<&'a mut [f32]>,
+}
+
+// SAFETY: a RawDst is made from an exclusive borrow; `store`'s contract is that concurrent callers write
+// disjoint blocks.
+unsafe impl Send for RawDst<'_> {}
+unsafe impl Sync for RawDst<'_> {}
+
+impl RawDst<'_> {
+    /// As [`RawDst::store`] with `block` transposed: `block[r][c]` goes to row `row + c`, column `col + r`.
+    ///
+    /// # Safety
+    /// No other thread reads or writes the same block at the same time.
+    #[inline(always)]
+    pub(crate) unsafe fn store_transposed<const B2: usize>(
+        &self,
+        row: usize,
+        col: usize,
+        block: &[f32; B2],
+        scale: f32,
+        accumulate: bool,
+    ) {
+        let b = B2.isqrt();
+        let width = b.min(self.cols.saturating_sub(col));
+        for c in 0..b.min(self.rows.saturating_sub(row)) {
+            // SAFETY: as in `store`, with the block's columns as destination rows.
+            let dst = unsafe { std::slice::from_raw_parts_mut(self.ptr.add((row + c) * self.rs + col), width) };
+            for (r, d) in dst.iter_mut().enumerate() {
+                let v = scale * block[r * b + c];
+                *d = if accumulate { *d + v } else { v };
+            }
+        }
+    }
+
+    /// Writes (or with `accumulate` adds) `scale · block` at rows `row..row + B`, columns `col..col + B` of
+    /// the destination, `block` being `B × B` row-major; the parts beyond the destination's edges are dropped.
+    ///
+    /// # Safety
+    /// No other thread reads or writes the same block at the same time.
+    #[inline(always)]
+    pub(crate) unsafe fn store<const B2: usize>(
+        &self,
+        row: usize,
+        col: usize,
+        block: &[f32; B2],
+        scale: f32,
+        accumulate: bool,
+    ) {
+        let b = B2.isqrt();
+        let width = b.min(self.cols.saturating_sub(col));
+        super::math::simd(
+            #[inline(always)]
+            || {
+                for r in 0..b.min(self.rows.saturating_sub(row)) {
+                    // SAFETY: row + r < rows and col + width <= cols, inside the borrowed slice (checked when the
+                    // ViewMut was made).
+                    let dst = unsafe { std::slice::from_raw_parts_mut(self.ptr.add((row + r) * self.rs + col), width) };
+                    let src = &block[r * b..r * b + width];
+                    if accumulate {
+                        dst.iter_mut().zip(src).for_each(|(d, s)| *d += scale * s);
+                    } else {
+                        dst.iter_mut().zip(src).for_each(|(d, s)| *d = scale * s);
+                    }
+                }
+            },
+        )
     }
 }
 

@@ -1,6 +1,7 @@
-//! Weight-only int8 for inference: each linear layer's weight is stored as int8 with one f32 scale per output
-//! channel (symmetric, `w ≈ q · scale`, `scale = max |w_row| / 127`), a quarter of its f32 size. Activations
-//! stay f32. On a batch of many tokens a product dequantises the weight in one parallel pass and runs the f32
+//! int8 for inference: each linear layer's weight is stored as int8 with one f32 scale per output
+//! channel (symmetric, `w ≈ q · scale`, `scale = max |w_row| / 127`), a quarter of its f32 size. On a CPU
+//! with AMX-INT8 the products quantise each token's activations too and multiply int8 by int8
+//! ([`Int8Compute::Dynamic`]); elsewhere (and when asked) activations stay f32 ([`Int8Compute::WeightOnly`]). On a batch of many tokens a product dequantises the weight in one parallel pass and runs the f32
 //! path's `gemm` on it (the pass costs a few percent of the product); on a few tokens (a request or two), where
 //! reading the weights is the cost, each thread dequantises blocks of 64 weight rows into cache and multiplies
 //! them there, reading a quarter of the f32 bytes.
@@ -186,6 +187,27 @@ impl Int8Matrix {
     }
 }
 
+/// How an int8 layer multiplies.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Int8Compute {
+    /// Weight-only: the int8 weights dequantised into the f32 product; activations stay f32.
+    WeightOnly,
+    /// Dynamic quantisation (as ONNX Runtime's and PyTorch's dynamic int8): each token's activations
+    /// quantised to int8 by their own scale at every product, int8 × int8 summed in i32 on AMX
+    /// ([`super::amx::linear_int8`]). Where the CPU has no AMX-INT8 it runs as [`Int8Compute::WeightOnly`].
+    Dynamic,
+}
+
+impl Default for Int8Compute {
+    /// Dynamic where this CPU has AMX-INT8, weight-only elsewhere.
+    fn default() -> Self {
+        match super::amx::int8_available() {
+            true => Int8Compute::Dynamic,
+            false => Int8Compute::WeightOnly,
+        }
+    }
+}
+
 /// One encoder layer with int8 projections; biases and LayerNorms stay f32.
 #[derive(Clone, Debug)]
 pub struct Int8Layer {
@@ -194,6 +216,9 @@ pub struct Int8Layer {
     biases: [Vec<f32>; 4],
     /// The attention LayerNorm's weight and bias, then the output LayerNorm's.
     norms: [Vec<f32>; 4],
+    compute: Int8Compute,
+    /// The projections in AMX's int8 layout, packed at their first dynamic product.
+    packed: [std::sync::OnceLock<super::amx::PackedInt8>; 4],
 }
 
 impl Int8Layer {
@@ -204,7 +229,20 @@ impl Int8Layer {
                 return Err(format!("a bias of {} values for a projection of {} outputs", b.len(), m.rows));
             }
         }
-        Ok(Self { projections, biases, norms })
+        Ok(Self { projections, biases, norms, compute: Int8Compute::default(), packed: Default::default() })
+    }
+
+    /// Chooses weight-only or dynamic products (see [`Int8Compute`]).
+    pub fn set_compute(&mut self, compute: Int8Compute) {
+        self.compute = compute;
+    }
+
+    /// What this layer runs on this machine.
+    pub fn compute(&self) -> Int8Compute {
+        match self.compute {
+            Int8Compute::Dynamic if super::amx::int8_available() => Int8Compute::Dynamic,
+            _ => Int8Compute::WeightOnly,
+        }
     }
 
     pub fn projection(&self, p: Proj) -> &Int8Matrix {
@@ -229,7 +267,15 @@ impl Int8Layer {
 
 impl LayerWeights for Int8Layer {
     fn project(&self, p: Proj, x: &[f32], rows: usize, out: &mut [f32]) {
-        self.projections[p as usize].linear(x, rows, &self.biases[p as usize], out);
+        let (m, bias) = (&self.projections[p as usize], &self.biases[p as usize]);
+        match self.compute() {
+            Int8Compute::Dynamic => {
+                let packed =
+                    self.packed[p as usize].get_or_init(|| super::amx::pack_weights_int8(m.data(), m.rows, m.cols));
+                super::amx::linear_int8(x, rows, packed, m.scales(), bias, out);
+            }
+            Int8Compute::WeightOnly => m.linear(x, rows, bias, out),
+        }
     }
 
     fn norms(&self) -> [&[f32]; 4] {

@@ -2,7 +2,6 @@
 //! the best instruction set the CPU has (AVX2 + FMA or AVX-512 where present), chosen at run time, so the
 //! binary stays portable. Also the dropout masks drawn from a seed.
 
-use rand::{Rng, SeedableRng};
 use rayon::prelude::*;
 
 /// Runs `f` with the widest vector instructions this CPU supports enabled (through `pulp`'s dispatch).
@@ -20,10 +19,13 @@ pub fn exp(x: f32) -> f32 {
     // x = k ln2 + r with |r| <= ln2 / 2, then eˣ = 2ᵏ eʳ, eʳ by its Taylor polynomial to r⁶ (error < r⁷/7!).
     // Adding and subtracting 1.5 · 2²³ rounds to the nearest integer without a call to `floorf`.
     const ROUND: f32 = 12_582_912.0;
-    let k = (xc * std::f32::consts::LOG2_E + ROUND) - ROUND;
+    let shifted = xc * std::f32::consts::LOG2_E + ROUND;
+    let k = shifted - ROUND;
     let r = xc - k * LN2_HI - k * LN2_LO;
     let p = 1.0 + r * (1.0 + r * (0.5 + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
-    let two_k = f32::from_bits(((k as i32 + 127) as u32) << 23);
+    // 2ᵏ from the bits of the shifted value, whose low mantissa bits hold k + 2²²: integer operations only (a
+    // float-to-int `as` saturates, and its fix-ups kept this loop from vectorising: 4.7× slower).
+    let two_k = f32::from_bits(shifted.to_bits().wrapping_sub(ROUND.to_bits()).wrapping_add(127) << 23);
     if x < -87.0 {
         0.0
     } else {
@@ -176,22 +178,78 @@ pub fn gelu_grad(x: f32) -> f32 {
     0.5 * (1.0 + erf(x * FRAC_1_SQRT_2)) + x * FRAC_1_SQRT_2PI * exp(-0.5 * x * x)
 }
 
+/// Philox4x32-10 (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3", 2011; the generator PyTorch
+/// and JAX draw dropout masks from on GPUs): four 32-bit words from a 128-bit counter and a 64-bit key, by ten
+/// rounds of multiply-xor. Counter-based, so any part of a stream is drawn without the rest.
+#[inline(always)]
+pub fn philox4x32_10(counter: [u32; 4], key: [u32; 2]) -> [u32; 4] {
+    let (mut c, mut k) = (counter, key);
+    for round in 0..10 {
+        if round > 0 {
+            k = [k[0].wrapping_add(0x9E37_79B9), k[1].wrapping_add(0xBB67_AE85)];
+        }
+        let p0 = u64::from(0xD251_1F53u32) * u64::from(c[0]);
+        let p1 = u64::from(0xCD9E_8D57u32) * u64::from(c[2]);
+        c = [(p1 >> 32) as u32 ^ c[1] ^ k[0], p1 as u32, (p0 >> 32) as u32 ^ c[3] ^ k[1], p0 as u32];
+    }
+    c
+}
+
+/// Philox4x32-10 on 16 consecutive counters `(first + j, 0, 0, 0)` at once, word by word (so the rounds
+/// vectorise): `out[w][j]` is word `w` of counter `first + j`.
+#[inline(always)]
+fn philox_16(first: u64, key: [u32; 2]) -> [[u32; 16]; 4] {
+    let counter = |j: usize| first + j as u64;
+    let mut c = [
+        std::array::from_fn(|j| counter(j) as u32),
+        std::array::from_fn(|j| (counter(j) >> 32) as u32),
+        [0u32; 16],
+        [0u32; 16],
+    ];
+    let mut k = key;
+    for round in 0..10 {
+        if round > 0 {
+            k = [k[0].wrapping_add(0x9E37_79B9), k[1].wrapping_add(0xBB67_AE85)];
+        }
+        let mut next = [[0u32; 16]; 4];
+        for j in 0..16 {
+            let p0 = u64::from(0xD251_1F53u32) * u64::from(c[0][j]);
+            let p1 = u64::from(0xCD9E_8D57u32) * u64::from(c[2][j]);
+            next[0][j] = (p1 >> 32) as u32 ^ c[1][j] ^ k[0];
+            next[1][j] = p1 as u32;
+            next[2][j] = (p0 >> 32) as u32 ^ c[3][j] ^ k[1];
+            next[3][j] = p0 as u32;
+        }
+        c = next;
+    }
+    c
+}
+
 /// The dropout mask of `seed` (`crate::layers::DropoutRng::next_seed`): `n` multipliers, 0 with probability `p`,
-/// `1 / (1 - p)` otherwise. Chunks of it come from separate ChaCha streams of the seed, filled in parallel, so
-/// the mask does not depend on the number of threads.
+/// `1 / (1 - p)` otherwise, from Philox4x32-10 keyed by the seed: element `64 b + 16 w + j` compares word `w`
+/// of counter `16 b + j` against `p · 2³²` (so a block's words land in contiguous runs). Any chunk is drawn on
+/// its own: the mask is filled in parallel and does not depend on the number of threads.
 pub fn mask_of_seed(seed: u64, n: usize, p: f32) -> Vec<f32> {
     const CHUNK: usize = 1 << 16;
     let threshold = (f64::from(p) * f64::from(u32::MAX)) as u32;
     let scale = 1.0 / (1.0 - p);
+    let key = [seed as u32, (seed >> 32) as u32];
     let mut mask = vec![0f32; n];
     mask.par_chunks_mut(CHUNK).enumerate().for_each(|(i, chunk)| {
-        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-        rng.set_stream(i as u64);
-        let mut bits = vec![0u32; chunk.len()];
-        rng.fill(&mut bits[..]);
-        for (m, &r) in chunk.iter_mut().zip(&bits) {
-            *m = if r > threshold { scale } else { 0.0 };
-        }
+        simd(
+            #[inline(always)]
+            || {
+                // CHUNK is a multiple of 64: every block of 64 elements starts at a counter multiple of 16.
+                for (b, block) in chunk.chunks_mut(64).enumerate() {
+                    let words = philox_16(((i * CHUNK + b * 64) / 4) as u64, key);
+                    for (run, word) in block.chunks_mut(16).zip(&words) {
+                        for (m, &r) in run.iter_mut().zip(word) {
+                            *m = if r > threshold { scale } else { 0.0 };
+                        }
+                    }
+                }
+            },
+        )
     });
     mask
 }
@@ -199,6 +257,40 @@ pub fn mask_of_seed(seed: u64, n: usize, p: f32) -> Vec<f32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn philox_matches_random123s_known_answers() {
+        // Random123's tests/kat_vectors for philox4x32_10.
+        assert_eq!(philox4x32_10([0; 4], [0; 2]), [0x6627_e8d5, 0xe169_c58d, 0xbc57_ac4c, 0x9b00_dbd8]);
+        assert_eq!(philox4x32_10([u32::MAX; 4], [u32::MAX; 2]), [0x408f_276d, 0x41c8_3b0e, 0xa20b_c7c6, 0x6d54_51fd]);
+        assert_eq!(
+            philox4x32_10([0x243f_6a88, 0x85a3_08d3, 0x1319_8a2e, 0x0370_7344], [0xa409_3822, 0x299f_31d0]),
+            [0xd16c_fe09, 0x94fd_cceb, 0x5001_e420, 0x2412_6ea1]
+        );
+        // The 16-wide form is the same generator.
+        let key = [0x1234_5678, 0x9abc_def0];
+        let wide = philox_16(5 << 32, key);
+        for j in 0..16u32 {
+            let got = wide.map(|word| word[j as usize]);
+            assert_eq!(got, philox4x32_10([j, 5, 0, 0], key));
+        }
+    }
+
+    #[test]
+    fn dropout_masks_drop_at_their_rate_from_any_chunk() {
+        let n = (1 << 20) + 77;
+        let mask = mask_of_seed(42, n, 0.1);
+        let dropped = mask.iter().filter(|&&m| m == 0.0).count() as f64 / n as f64;
+        // 1 M draws: the rate's standard error is 0.0003.
+        assert!((dropped - 0.1).abs() < 0.0015, "dropped {dropped}");
+        assert!(mask.iter().all(|&m| m == 0.0 || (m - 1.0 / 0.9).abs() < 1e-6));
+        // A prefix is the same mask's prefix, and another seed draws another mask.
+        assert_eq!(mask_of_seed(42, 1000, 0.1), mask[..1000]);
+        assert_ne!(mask_of_seed(43, 1000, 0.1), mask[..1000]);
+        // Neighbours are independent: P(both dropped) ≈ p².
+        let pairs = mask.windows(2).filter(|w| w[0] == 0.0 && w[1] == 0.0).count() as f64 / (n - 1) as f64;
+        assert!((pairs - 0.01).abs() < 0.0006, "pairs {pairs}");
+    }
 
     #[test]
     fn reductions_match_plain_loops() {
@@ -229,6 +321,7 @@ mod tests {
         assert_eq!(exp(f32::MIN), 0.0);
         assert_eq!(exp(-100.0), 0.0);
         assert_eq!(exp(0.0), 1.0);
+        assert!(exp(f32::NAN).is_nan(), "a NaN stays a NaN (the training loop skips such steps)");
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! CPU kernels outside candle's op-by-op graph: a checked matrix multiply on strided views, vectorised math,
 //! and the fused encoder stack with its own backward pass, and its int8 twin for inference.
 
+pub mod amx;
 pub(crate) mod blocks;
 pub mod decoder;
 pub mod encoder;

@@ -9,7 +9,7 @@ use std::time::Instant;
 /// What a span of the encoder's time was spent on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Phase {
-    /// The four projections of a layer (forward, the input gradients and the weight gradients).
+    /// The four projections of a layer with their bias (forward, the input gradients and the weight gradients).
     Projections,
     /// Scores, softmax, masking, dropout and the weighted sum, per example and head, and their backward.
     Attention,
@@ -17,12 +17,15 @@ pub enum Phase {
     Norms,
     /// GELU and its derivative.
     Activation,
-    /// Bias fills and sums, dropout on activations, weight stacking, buffers and copies.
+    /// Drawing the dropout masks of every layer (before the encoder op runs).
+    Masks,
+    /// Bias sums, dropout on gradients, weight stacking, buffers and copies.
     Other,
 }
 
 impl Phase {
-    pub const ALL: [Phase; 5] = [Phase::Projections, Phase::Attention, Phase::Norms, Phase::Activation, Phase::Other];
+    pub const ALL: [Phase; 6] =
+        [Phase::Projections, Phase::Attention, Phase::Norms, Phase::Activation, Phase::Masks, Phase::Other];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -30,13 +33,14 @@ impl Phase {
             Phase::Attention => "attention",
             Phase::Norms => "norms",
             Phase::Activation => "activation",
+            Phase::Masks => "masks",
             Phase::Other => "other",
         }
     }
 }
 
 static ENABLED: AtomicBool = AtomicBool::new(false);
-static NANOS: [AtomicU64; 5] = [const { AtomicU64::new(0) }; 5];
+static NANOS: [AtomicU64; 6] = [const { AtomicU64::new(0) }; 6];
 
 /// Starts (or stops) timing phases.
 pub fn enable(on: bool) {
@@ -53,6 +57,22 @@ pub fn time<T>(phase: Phase, f: impl FnOnce() -> T) -> T {
     let out = f();
     NANOS[phase as usize].fetch_add(start.elapsed().as_nanos() as u64, Ordering::Relaxed);
     out
+}
+
+/// A span of `phase` that ends at [`Timer::stop`] (for spans a closure cannot wrap).
+pub struct Timer(Option<(Phase, Instant)>);
+
+/// Starts timing `phase` (a no-op while timing is off).
+pub fn start(phase: Phase) -> Timer {
+    Timer(ENABLED.load(Ordering::Relaxed).then(|| (phase, Instant::now())))
+}
+
+impl Timer {
+    pub fn stop(self) {
+        if let Some((phase, start)) = self.0 {
+            NANOS[phase as usize].fetch_add(start.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        }
+    }
 }
 
 /// Milliseconds spent in each phase since the last call, and resets them.

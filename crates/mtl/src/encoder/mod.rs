@@ -27,6 +27,20 @@ pub(crate) fn model_spec<'a>(
     ModelSpec { bert, tasks, dropout: config.training.dropout as f32, seed: config.training.seed, peft }
 }
 
+/// `model.precision` on a loaded model, with a warning where this machine cannot run bf16 (no AMX) or the
+/// encoder family does not use the fused projections.
+pub(crate) fn set_precision(model: &mut MultiTaskModel, config: &Config) {
+    if config.model.precision != mtl_config::Precision::Bf16 {
+        return;
+    }
+    model.set_precision(mtl_nn::Precision::Bf16);
+    if model.bert().precision() != mtl_nn::Precision::Bf16 {
+        tracing::warn!("model.precision = \"bf16\" needs Intel AMX (and Linux 5.16 or later); running in f32");
+    } else if !model.bert().runs_fused() {
+        tracing::warn!("model.precision = \"bf16\" applies to BERT-style encoders; this model runs in f32");
+    }
+}
+
 pub(crate) fn require_file(path: &Path, what: &'static str) -> Result<()> {
     if !path.is_file() {
         return Err(Error::Missing { path: path.to_owned(), what });
@@ -123,6 +137,8 @@ impl EncoderRun {
             }
             (None, _) => MultiTaskModel::load(&spec, &dir.join(files::WEIGHTS), true, &Device::Cpu)?,
         };
+        let mut model = model;
+        set_precision(&mut model, &config);
         Ok(Self { config, labels, encoder, model, base })
     }
 }

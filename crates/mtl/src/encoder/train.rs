@@ -41,7 +41,9 @@ pub(crate) fn train(config: &Config, out: &Path, select: Select, resume: bool) -
     };
     let sizes = head_specs(config, &labels);
     let peft = crate::peft::encoder_spec(config, &bert);
-    let model = MultiTaskModel::load(&model_spec(config, &bert, &sizes, peft.as_ref()), &weights, false, &Device::Cpu)?;
+    let mut model =
+        MultiTaskModel::load(&model_spec(config, &bert, &sizes, peft.as_ref()), &weights, false, &Device::Cpu)?;
+    super::set_precision(&mut model, config);
     let trained: usize = model
         .params()
         .with_roles()

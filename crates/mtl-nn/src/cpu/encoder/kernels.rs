@@ -8,7 +8,17 @@ use crate::cpu::gemm::{matmul, Threads, View, ViewMut};
 use crate::cpu::math::{self, simd};
 
 /// Writes `x Wᵀ + b` into `out` (`rows × out_dim`, row stride `stride`), `w` being `[out_dim, in_dim]`.
-pub(super) fn linear(x: &[f32], w: &[f32], b: &[f32], out: &mut [f32], rows: usize, in_dim: usize, stride: usize) {
+#[allow(clippy::too_many_arguments)]
+pub(super) fn linear(
+    x: &[f32],
+    w: &[f32],
+    b: &[f32],
+    out: &mut [f32],
+    rows: usize,
+    in_dim: usize,
+    stride: usize,
+    bf16: bool,
+) {
     let out_dim = b.len();
     out.par_chunks_mut(stride * ROWS_PER_TASK).for_each(|chunk| {
         simd(
@@ -20,7 +30,8 @@ pub(super) fn linear(x: &[f32], w: &[f32], b: &[f32], out: &mut [f32], rows: usi
             },
         )
     });
-    matmul(
+    matmul_in(
+        bf16,
         ViewMut::strided(out, rows, out_dim, stride),
         View::new(x, rows, in_dim),
         View::new(w, out_dim, in_dim).t(),
@@ -28,6 +39,22 @@ pub(super) fn linear(x: &[f32], w: &[f32], b: &[f32], out: &mut [f32], rows: usi
         true,
         Threads::All,
     );
+}
+
+/// A matrix product in bf16 on AMX when `bf16` (the encoder's `Dims::bf16`), else in f32.
+pub(super) fn matmul_in(
+    bf16: bool,
+    dst: ViewMut<'_>,
+    a: View<'_>,
+    b: View<'_>,
+    scale: f32,
+    accumulate: bool,
+    threads: Threads,
+) {
+    match bf16 {
+        true => crate::cpu::amx::matmul_bf16(dst, a, b, scale, accumulate, threads),
+        false => matmul(dst, a, b, scale, accumulate, threads),
+    }
 }
 
 /// The query, key and value parameters starting at `first` (`QW` for weights, `QB` for biases), one after the

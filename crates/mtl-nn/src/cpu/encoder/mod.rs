@@ -22,7 +22,7 @@ use std::sync::{Arc, Mutex};
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Storage, Tensor};
 use rayon::prelude::*;
 
-use super::gemm::{matmul, Threads, View, ViewMut};
+use super::gemm::{Threads, View, ViewMut};
 use super::math::{self, simd};
 use super::profile::{time, Phase};
 
@@ -49,6 +49,8 @@ pub struct Dims {
     pub heads: usize,
     pub intermediate: usize,
     pub eps: f32,
+    /// The projections' products in bf16 on AMX ([`super::amx`]); only set where [`super::amx::available`].
+    pub bf16: bool,
 }
 
 impl Dims {
@@ -232,7 +234,7 @@ impl FusedEncoder {
                 _ if self.train => tapes.last().and_then(|t| t.out.as_deref()).ok_or_else(lost)?,
                 _ => carry.as_deref().ok_or_else(lost)?,
             };
-            let layer = F32Layer { w: &w, hidden: d.hidden, intermediate: d.intermediate };
+            let layer = F32Layer { w: &w, hidden: d.hidden, intermediate: d.intermediate, bf16: d.bf16 };
             let lora = self.layer_lora(&offsets, packed, l);
             let (y, tape) =
                 layer_forward(d, &layer, input, &self.key_mask, self.layer_dropout(l), self.train, lora.as_ref());
@@ -398,17 +400,18 @@ struct F32Layer<'a> {
     w: &'a [&'a [f32]],
     hidden: usize,
     intermediate: usize,
+    bf16: bool,
 }
 
 impl LayerWeights for F32Layer<'_> {
     fn project(&self, p: Proj, x: &[f32], rows: usize, out: &mut [f32]) {
-        let (w, h, i) = (self.w, self.hidden, self.intermediate);
+        let (w, h, i, bf16) = (self.w, self.hidden, self.intermediate, self.bf16);
         match p {
             // q, k and v in one product against the stacked [3h × h] weight.
-            Proj::Qkv => linear(x, &stacked(w, QW), &stacked(w, QB), out, rows, h, 3 * h),
-            Proj::AttentionOutput => linear(x, w[OW], w[OB], out, rows, h, h),
-            Proj::Intermediate => linear(x, w[IW], w[IB], out, rows, h, i),
-            Proj::Output => linear(x, w[FW], w[FB], out, rows, i, h),
+            Proj::Qkv => linear(x, &stacked(w, QW), &stacked(w, QB), out, rows, h, 3 * h, bf16),
+            Proj::AttentionOutput => linear(x, w[OW], w[OB], out, rows, h, h, bf16),
+            Proj::Intermediate => linear(x, w[IW], w[IB], out, rows, h, i, bf16),
+            Proj::Output => linear(x, w[FW], w[FB], out, rows, i, h, bf16),
         }
     }
 
@@ -472,8 +475,21 @@ fn layer_forward(
         adapt(4, &y1, &mut u, inter, 0);
         u
     });
-    // g = gelu(u) for the next product; u itself is overwritten by gelu'(u), all the backward pass needs.
+    // g = gelu(u) for the next product. In training u is overwritten by gelu'(u), all the backward pass
+    // needs; in inference u itself becomes g.
     let g = time(Phase::Activation, || {
+        if !train {
+            elementwise(
+                &mut u,
+                #[inline(always)]
+                |c, _| {
+                    for v in c.iter_mut() {
+                        *v = math::gelu(*v);
+                    }
+                },
+            );
+            return Vec::new();
+        }
         let mut g = vec![0f32; n * inter];
         g.par_chunks_mut(1 << 14).zip(u.par_chunks_mut(1 << 14)).for_each(|(g, u)| {
             simd(
@@ -487,7 +503,7 @@ fn layer_forward(
         });
         g
     });
-    let dgelu = u;
+    let (g, dgelu) = if train { (g, u) } else { (u, Vec::new()) };
     let o = time(Phase::Projections, || {
         let mut o = vec![0f32; n * h];
         w.project(Proj::Output, &g, n, &mut o);
@@ -503,9 +519,10 @@ fn layer_forward(
 }
 
 /// A projection's weight gradient `doutᵀ · input` (`[out, in]`, overwritten) over `n` rows.
-fn weight_grad(gw: &mut [f32], dout: &[f32], input: &[f32], n: usize) {
+fn weight_grad(bf16: bool, gw: &mut [f32], dout: &[f32], input: &[f32], n: usize) {
     let (out_dim, in_dim) = (dout.len() / n.max(1), input.len() / n.max(1));
-    matmul(
+    matmul_in(
+        bf16,
         ViewMut::new(gw, out_dim, in_dim),
         View::new(dout, n, out_dim).t(),
         View::new(input, n, in_dim),
@@ -560,11 +577,12 @@ fn layer_backward(
     let dout = time(Phase::Other, || masked(&dr2, dropout.map(|d| &d.output[..])));
     if let Some(g) = g.as_deref_mut() {
         time(Phase::Other, || col_sums(&dout, h, 0, &mut g[FB]));
-        time(Phase::Projections, || weight_grad(&mut g[FW], &dout, &t.g, n));
+        time(Phase::Projections, || weight_grad(d.bf16, &mut g[FW], &dout, &t.g, n));
     }
     let mut du = time(Phase::Projections, || {
         let mut du = vec![0f32; n * inter];
-        matmul(
+        matmul_in(
+            d.bf16,
             ViewMut::new(&mut du, n, inter),
             View::new(&dout, n, h),
             View::new(w[FW], h, inter),
@@ -589,11 +607,12 @@ fn layer_backward(
     });
     if let Some(g) = g.as_deref_mut() {
         time(Phase::Other, || col_sums(&du, inter, 0, &mut g[IB]));
-        time(Phase::Projections, || weight_grad(&mut g[IW], &du, &t.y1, n));
+        time(Phase::Projections, || weight_grad(d.bf16, &mut g[IW], &du, &t.y1, n));
     }
     let mut dy1 = dr2;
     time(Phase::Projections, || {
-        matmul(
+        matmul_in(
+            d.bf16,
             ViewMut::new(&mut dy1, n, h),
             View::new(&du, n, inter),
             View::new(w[IW], inter, h),
@@ -612,11 +631,19 @@ fn layer_backward(
     let da = time(Phase::Other, || masked(&dr1, dropout.map(|d| &d.attention_output[..])));
     if let Some(g) = g.as_deref_mut() {
         time(Phase::Other, || col_sums(&da, h, 0, &mut g[OB]));
-        time(Phase::Projections, || weight_grad(&mut g[OW], &da, &t.ctx, n));
+        time(Phase::Projections, || weight_grad(d.bf16, &mut g[OW], &da, &t.ctx, n));
     }
     let dctx = time(Phase::Projections, || {
         let mut dctx = vec![0f32; n * h];
-        matmul(ViewMut::new(&mut dctx, n, h), View::new(&da, n, h), View::new(w[OW], h, h), 1.0, false, Threads::All);
+        matmul_in(
+            d.bf16,
+            ViewMut::new(&mut dctx, n, h),
+            View::new(&da, n, h),
+            View::new(w[OW], h, h),
+            1.0,
+            false,
+            Threads::All,
+        );
         adapted(3, &t.ctx, &da, h, 0, &mut dctx);
         dctx
     });
@@ -629,7 +656,7 @@ fn layer_backward(
     if let Some(g) = g {
         let (mut gw, mut gb) = (vec![0f32; 3 * h * h], vec![0f32; 3 * h]);
         time(Phase::Other, || col_sums(&dqkv, 3 * h, 0, &mut gb));
-        time(Phase::Projections, || weight_grad(&mut gw, &dqkv, x, n));
+        time(Phase::Projections, || weight_grad(d.bf16, &mut gw, &dqkv, x, n));
         time(Phase::Other, || {
             for p in 0..3 {
                 g[QW + 2 * p].copy_from_slice(&gw[p * h * h..(p + 1) * h * h]);
@@ -639,7 +666,8 @@ fn layer_backward(
     }
     let wqkv = time(Phase::Other, || stacked(w, QW));
     time(Phase::Projections, || {
-        matmul(
+        matmul_in(
+            d.bf16,
             ViewMut::new(&mut dx, n, h),
             View::new(&dqkv, n, 3 * h),
             View::new(&wqkv, 3 * h, h),
