@@ -747,7 +747,8 @@ impl Bert {
         self.int8.as_deref().map(Vec::as_slice)
     }
 
-    /// Quantises every encoder projection to int8 (weight-only, one scale per output channel), for inference.
+    /// Quantises every encoder projection to int8 (one scale per output channel), for inference; how the
+    /// products then run: [`crate::cpu::int8::Int8Compute`].
     /// A merged LoRA adapter stays in the weights and the adapters go. Returns the names of the f32 weights
     /// the model no longer uses.
     pub(crate) fn quantize_int8(&mut self) -> Result<Vec<String>> {

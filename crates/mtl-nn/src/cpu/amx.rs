@@ -425,7 +425,7 @@ pub fn linear_int8(x: &[f32], n: usize, w: &PackedInt8, w_scales: &[f32], bias: 
                         }
                     }
                     // Row blocks are disjoint between tasks.
-                    dst.store(rb * BLOCK, c, &block_out, 1.0, false);
+                    dst.store(rb * BLOCK, c, &block_out, 1.0, false, None);
                 }
                 release_tiles();
             }
@@ -437,6 +437,26 @@ pub fn linear_int8(x: &[f32], n: usize, w: &PackedInt8, w_scales: &[f32], bias: 
 /// `dst = scale · a · b`, or `dst += scale · a · b` when `accumulate`, with a and b rounded to bf16 and the
 /// products summed in f32. Panics unless [`available`] (callers choose it at run time).
 pub fn matmul_bf16(dst: ViewMut<'_>, a: View<'_>, b: View<'_>, scale: f32, accumulate: bool, threads: Threads) {
+    product(dst, a, b, scale, accumulate, None, threads)
+}
+
+/// `dst = a · b + bias` (`bias` by column), with a and b rounded to bf16: [`matmul_bf16`] with the bias added
+/// as the results are stored, instead of in a pass of its own before.
+pub fn linear_bf16(dst: ViewMut<'_>, a: View<'_>, b: View<'_>, bias: &[f32], threads: Threads) {
+    assert_eq!(bias.len(), dst.cols(), "linear_bf16: a bias of {} for {} columns", bias.len(), dst.cols());
+    product(dst, a, b, 1.0, false, Some(bias), threads)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn product(
+    dst: ViewMut<'_>,
+    a: View<'_>,
+    b: View<'_>,
+    scale: f32,
+    accumulate: bool,
+    bias: Option<&[f32]>,
+    threads: Threads,
+) {
     let (m, n, k) = (dst.rows(), dst.cols(), a.cols());
     assert!(
         a.rows() == m && b.rows() == k && b.cols() == n,
@@ -479,8 +499,8 @@ pub fn matmul_bf16(dst: ViewMut<'_>, a: View<'_>, b: View<'_>, scale: f32, accum
                     block(pa.as_ptr().add(rb * BLOCK * depth), panel(c / 16), panel(c / 16 + 1), depth, &mut out);
                     // Row blocks (columns of the destination when swapped) are disjoint between tasks.
                     match swap {
-                        false => dst.store(rb * BLOCK, c, &out, scale, accumulate),
-                        true => dst.store_transposed(c, rb * BLOCK, &out, scale, accumulate),
+                        false => dst.store(rb * BLOCK, c, &out, scale, accumulate, bias),
+                        true => dst.store_transposed(c, rb * BLOCK, &out, scale, accumulate, bias),
                     }
                 }
                 release_tiles();
@@ -524,6 +544,27 @@ mod tests {
                     let g = got[i * o + j];
                     assert!((g - want).abs() <= 1e-5 * (1.0 + want.abs()), "{n}x{o}x{k} at ({i},{j}): {g} vs {want}");
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn linear_adds_the_bias_by_column_in_both_operand_orders() {
+        if !available() {
+            eprintln!("skipped: this CPU or OS has no AMX bf16");
+            return;
+        }
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(8);
+        for (m, n, k, transposed_a) in [(40, 70, 33, false), (70, 40, 33, true)] {
+            let a: Vec<f32> = (0..m * k).map(|_| rng.gen_range(-1.0..1.0)).collect();
+            let b: Vec<f32> = (0..k * n).map(|_| rng.gen_range(-1.0..1.0)).collect();
+            let bias: Vec<f32> = (0..n).map(|_| rng.gen_range(-1.0..1.0)).collect();
+            let av = if transposed_a { View::new(&a, k, m).t() } else { View::new(&a, m, k) };
+            let (mut with, mut without) = (vec![f32::NAN; m * n], vec![0f32; m * n]);
+            linear_bf16(ViewMut::new(&mut with, m, n), av, View::new(&b, k, n), &bias, Threads::All);
+            matmul_bf16(ViewMut::new(&mut without, m, n), av, View::new(&b, k, n), 1.0, false, Threads::All);
+            for (i, (w, o)) in with.iter().zip(&without).enumerate() {
+                assert!((w - (o + bias[i % n])).abs() < 1e-5, "{m}x{n}: {w} vs {o} + {}", bias[i % n]);
             }
         }
     }

@@ -112,6 +112,7 @@ impl RawDst<'_> {
         block: &[f32; B2],
         scale: f32,
         accumulate: bool,
+        bias: Option<&[f32]>,
     ) {
         let b = B2.isqrt();
         let width = b.min(self.cols.saturating_sub(col));
@@ -119,14 +120,15 @@ impl RawDst<'_> {
             // SAFETY: as in `store`, with the block's columns as destination rows.
             let dst = unsafe { std::slice::from_raw_parts_mut(self.ptr.add((row + c) * self.rs + col), width) };
             for (r, d) in dst.iter_mut().enumerate() {
-                let v = scale * block[r * b + c];
+                let v = scale * block[r * b + c] + bias.map_or(0.0, |bias| bias[col + r]);
                 *d = if accumulate { *d + v } else { v };
             }
         }
     }
 
-    /// Writes (or with `accumulate` adds) `scale · block` at rows `row..row + B`, columns `col..col + B` of
-    /// the destination, `block` being `B × B` row-major; the parts beyond the destination's edges are dropped.
+    /// Writes (or with `accumulate` adds) `scale · block`, plus `bias` (indexed by the destination's column)
+    /// where given, at rows `row..row + B`, columns `col..col + B` of the destination, `block` being `B × B`
+    /// row-major; the parts beyond the destination's edges are dropped.
     ///
     /// # Safety
     /// No other thread reads or writes the same block at the same time.
@@ -138,9 +140,11 @@ impl RawDst<'_> {
         block: &[f32; B2],
         scale: f32,
         accumulate: bool,
+        bias: Option<&[f32]>,
     ) {
         let b = B2.isqrt();
         let width = b.min(self.cols.saturating_sub(col));
+        let bias = bias.map(|bias| &bias[col..col + width]);
         super::math::simd(
             #[inline(always)]
             || {
@@ -149,10 +153,15 @@ impl RawDst<'_> {
                     // ViewMut was made).
                     let dst = unsafe { std::slice::from_raw_parts_mut(self.ptr.add((row + r) * self.rs + col), width) };
                     let src = &block[r * b..r * b + width];
-                    if accumulate {
-                        dst.iter_mut().zip(src).for_each(|(d, s)| *d += scale * s);
-                    } else {
-                        dst.iter_mut().zip(src).for_each(|(d, s)| *d = scale * s);
+                    match (accumulate, bias) {
+                        (true, None) => dst.iter_mut().zip(src).for_each(|(d, s)| *d += scale * s),
+                        (false, None) => dst.iter_mut().zip(src).for_each(|(d, s)| *d = scale * s),
+                        (true, Some(bias)) => {
+                            dst.iter_mut().zip(src).zip(bias).for_each(|((d, s), b)| *d += scale * s + b)
+                        }
+                        (false, Some(bias)) => {
+                            dst.iter_mut().zip(src).zip(bias).for_each(|((d, s), b)| *d = scale * s + b)
+                        }
                     }
                 }
             },

@@ -20,6 +20,11 @@ pub(super) fn linear(
     bf16: bool,
 ) {
     let out_dim = b.len();
+    if bf16 {
+        // The bias is added as the tile unit's results are stored.
+        let (dst, x) = (ViewMut::strided(out, rows, out_dim, stride), View::new(x, rows, in_dim));
+        return crate::cpu::amx::linear_bf16(dst, x, View::new(w, out_dim, in_dim).t(), b, Threads::All);
+    }
     out.par_chunks_mut(stride * ROWS_PER_TASK).for_each(|chunk| {
         simd(
             #[inline(always)]
@@ -30,8 +35,7 @@ pub(super) fn linear(
             },
         )
     });
-    matmul_in(
-        bf16,
+    matmul(
         ViewMut::strided(out, rows, out_dim, stride),
         View::new(x, rows, in_dim),
         View::new(w, out_dim, in_dim).t(),
