@@ -230,110 +230,132 @@ unsafe fn configure_tiles() {
 #[cfg(not(target_arch = "x86_64"))]
 unsafe fn release_tiles() {}
 
-#[cfg(not(target_arch = "x86_64"))]
-unsafe fn block_int8(_: *const i8, _: *const i8, _: *const i8, _: usize, _: &mut [i32; BLOCK * BLOCK]) {
-    unreachable!("AMX is x86-64 only")
-}
-
-#[cfg(not(target_arch = "x86_64"))]
-unsafe fn block(_: *const u16, _: *const u16, _: *const u16, _: usize, _: &mut [f32; BLOCK * BLOCK]) {
-    unreachable!("AMX is x86-64 only")
-}
-
-/// One block of 32 × 32 results: `out = a_rows · b_cols` over `depth`, `a` pointing at the block's first
-/// packed row (row stride `depth`), `b0`/`b1` at the two 16-column panels.
-///
-/// # Safety
-/// The tile configuration is loaded on this thread; `a` addresses 32 rows of `depth` values, `b0` and `b1`
-/// `depth / 2` rows of 32 values each; `depth` is a multiple of [`DEPTH`].
-#[cfg(target_arch = "x86_64")]
-#[inline(always)]
-unsafe fn block(a: *const u16, b0: *const u16, b1: *const u16, depth: usize, out: &mut [f32; BLOCK * BLOCK]) {
-    let a_stride = depth * 2;
-    let a_low = a.add(16 * depth);
-    std::arch::asm!("tilezero tmm0", "tilezero tmm1", "tilezero tmm2", "tilezero tmm3", options(nostack));
-    for step in 0..depth / DEPTH {
-        let (ka, kb) = (step * DEPTH, step * 16 * 32);
-        std::arch::asm!(
-            "tileloadd tmm4, [{a0} + {sa}*1]",
-            "tileloadd tmm5, [{a1} + {sa}*1]",
-            "tileloadd tmm6, [{b0} + {sb}*1]",
-            "tileloadd tmm7, [{b1} + {sb}*1]",
-            "tdpbf16ps tmm0, tmm4, tmm6",
-            "tdpbf16ps tmm1, tmm4, tmm7",
-            "tdpbf16ps tmm2, tmm5, tmm6",
-            "tdpbf16ps tmm3, tmm5, tmm7",
-            a0 = in(reg) a.add(ka),
-            a1 = in(reg) a_low.add(ka),
-            b0 = in(reg) b0.add(kb),
-            b1 = in(reg) b1.add(kb),
-            sa = in(reg) a_stride,
-            sb = in(reg) 64usize,
-            options(nostack),
-        );
-    }
-    // Accumulators to the 32 × 32 row-major block: tile (r, c) at row 16 r, column 16 c.
-    let o = out.as_mut_ptr();
-    std::arch::asm!(
-        "tilestored [{t0} + {s}*1], tmm0",
-        "tilestored [{t1} + {s}*1], tmm1",
-        "tilestored [{t2} + {s}*1], tmm2",
-        "tilestored [{t3} + {s}*1], tmm3",
-        t0 = in(reg) o,
-        t1 = in(reg) o.add(16),
-        t2 = in(reg) o.add(16 * BLOCK),
-        t3 = in(reg) o.add(16 * BLOCK + 16),
-        s = in(reg) BLOCK * 4,
-        options(nostack),
-    );
-}
-
 /// Depth of one int8 tile product (64 values = 64 bytes a tile row).
 const DEPTH8: usize = 64;
 
-/// As [`block`] for int8: `out = a_rows · b_cols` summed in i32, `b0`/`b1` panels of `depth / 4` rows of 64
-/// bytes (16 columns × 4 consecutive depths).
+/// Stores the four accumulator tiles (4-byte values) to a 32 × 32 row-major block: tile (r, c) at row 16 r,
+/// column 16 c.
 ///
 /// # Safety
-/// As [`block`], with `depth` a multiple of [`DEPTH8`] and the int8 layouts of [`pack_weights_int8`].
+/// The tile configuration is loaded on this thread; `out` addresses 32 × 32 values of 4 bytes.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-unsafe fn block_int8(a: *const i8, b0: *const i8, b1: *const i8, depth: usize, out: &mut [i32; BLOCK * BLOCK]) {
-    let a_low = a.add(16 * depth);
-    std::arch::asm!("tilezero tmm0", "tilezero tmm1", "tilezero tmm2", "tilezero tmm3", options(nostack));
-    for step in 0..depth / DEPTH8 {
-        let (ka, kb) = (step * DEPTH8, step * 16 * 64);
-        std::arch::asm!(
-            "tileloadd tmm4, [{a0} + {sa}*1]",
-            "tileloadd tmm5, [{a1} + {sa}*1]",
-            "tileloadd tmm6, [{b0} + {sb}*1]",
-            "tileloadd tmm7, [{b1} + {sb}*1]",
-            "tdpbssd tmm0, tmm4, tmm6",
-            "tdpbssd tmm1, tmm4, tmm7",
-            "tdpbssd tmm2, tmm5, tmm6",
-            "tdpbssd tmm3, tmm5, tmm7",
-            a0 = in(reg) a.add(ka),
-            a1 = in(reg) a_low.add(ka),
-            b0 = in(reg) b0.add(kb),
-            b1 = in(reg) b1.add(kb),
-            sa = in(reg) depth,
-            sb = in(reg) 64usize,
-            options(nostack),
-        );
-    }
-    let o = out.as_mut_ptr();
+unsafe fn store_accumulators(out: *mut u8) {
     std::arch::asm!(
         "tilestored [{t0} + {s}*1], tmm0",
         "tilestored [{t1} + {s}*1], tmm1",
         "tilestored [{t2} + {s}*1], tmm2",
         "tilestored [{t3} + {s}*1], tmm3",
-        t0 = in(reg) o,
-        t1 = in(reg) o.add(16),
-        t2 = in(reg) o.add(16 * BLOCK),
-        t3 = in(reg) o.add(16 * BLOCK + 16),
+        t0 = in(reg) out,
+        t1 = in(reg) out.add(16 * 4),
+        t2 = in(reg) out.add(16 * BLOCK * 4),
+        t3 = in(reg) out.add((16 * BLOCK + 16) * 4),
         s = in(reg) BLOCK * 4,
         options(nostack),
     );
+}
+
+/// A kernel computing one block of 32 × 32 results, `out = a_rows · b_cols` over `depth`: `a` points at the
+/// block's first packed row (row stride `depth` values), `b0`/`b1` at the two 16-column panels (rows of 64
+/// bytes, `$step` depths each); one tile product of each accumulator per 64 bytes of depth.
+///
+/// # Safety (of the generated function)
+/// The tile configuration is loaded on this thread; `a` addresses 32 rows of `depth` values, `b0` and `b1`
+/// the panel rows of `depth` values; `depth` is a multiple of `$step`.
+macro_rules! tile_kernel {
+    ($(#[$doc:meta])* $name:ident, $elem:ty, $acc:ty, $step:expr, $op0:literal, $op1:literal, $op2:literal, $op3:literal) => {
+        $(#[$doc])*
+        #[cfg(target_arch = "x86_64")]
+        #[inline(always)]
+        unsafe fn $name(a: *const $elem, b0: *const $elem, b1: *const $elem, depth: usize, out: &mut [$acc; BLOCK * BLOCK]) {
+            let a_stride = depth * std::mem::size_of::<$elem>();
+            let a_low = a.add(16 * depth);
+            std::arch::asm!("tilezero tmm0", "tilezero tmm1", "tilezero tmm2", "tilezero tmm3", options(nostack));
+            for step in 0..depth / $step {
+                // Each B panel row is 64 bytes: 16 columns of one packed depth group.
+                let (ka, kb) = (step * $step, step * 16 * 64 / std::mem::size_of::<$elem>());
+                std::arch::asm!(
+                    "tileloadd tmm4, [{a0} + {sa}*1]",
+                    "tileloadd tmm5, [{a1} + {sa}*1]",
+                    "tileloadd tmm6, [{b0} + {sb}*1]",
+                    "tileloadd tmm7, [{b1} + {sb}*1]",
+                    $op0,
+                    $op1,
+                    $op2,
+                    $op3,
+                    a0 = in(reg) a.add(ka),
+                    a1 = in(reg) a_low.add(ka),
+                    b0 = in(reg) b0.add(kb),
+                    b1 = in(reg) b1.add(kb),
+                    sa = in(reg) a_stride,
+                    sb = in(reg) 64usize,
+                    options(nostack),
+                );
+            }
+            store_accumulators(out.as_mut_ptr().cast());
+        }
+
+        #[cfg(not(target_arch = "x86_64"))]
+        unsafe fn $name(_: *const $elem, _: *const $elem, _: *const $elem, _: usize, _: &mut [$acc; BLOCK * BLOCK]) {
+            unreachable!("AMX is x86-64 only")
+        }
+    };
+}
+
+tile_kernel!(
+    /// bf16 pairs summed in f32 (`tdpbf16ps`), panels of `depth / 2` rows of 16 (even, odd) pairs.
+    block,
+    u16,
+    f32,
+    DEPTH,
+    "tdpbf16ps tmm0, tmm4, tmm6",
+    "tdpbf16ps tmm1, tmm4, tmm7",
+    "tdpbf16ps tmm2, tmm5, tmm6",
+    "tdpbf16ps tmm3, tmm5, tmm7"
+);
+
+tile_kernel!(
+    /// int8 quadruples summed in i32 (`tdpbssd`), panels of `depth / 4` rows of 16 groups of 4 depths.
+    block_int8,
+    i8,
+    i32,
+    DEPTH8,
+    "tdpbssd tmm0, tmm4, tmm6",
+    "tdpbssd tmm1, tmm4, tmm7",
+    "tdpbssd tmm2, tmm5, tmm6",
+    "tdpbssd tmm3, tmm5, tmm7"
+);
+
+/// Runs `f(row_block, column)` for every 32 × 32 block of a `rows × cols` product (both multiples of 32) with
+/// the tile configuration loaded: columns in groups whose packed B (`column_bytes` a column) fits the L2
+/// cache, and within a group the row blocks in parallel (all of them on this thread for [`Threads::One`]).
+///
+/// # Safety
+/// AMX is [`available`]; `f` meets the kernels' contracts for every block it is given.
+unsafe fn for_each_block(
+    rows: usize,
+    cols: usize,
+    column_bytes: usize,
+    threads: Threads,
+    f: impl Fn(usize, usize) + Sync,
+) {
+    let group = (GROUP_BYTES / column_bytes.max(1) / BLOCK * BLOCK).max(BLOCK);
+    for first in (0..cols).step_by(group) {
+        let last = (first + group).min(cols);
+        let run = |rb: usize| {
+            // SAFETY: the caller guarantees AMX; the configuration is loaded before and released after the
+            // blocks of this task, on its thread.
+            unsafe { configure_tiles() };
+            for c in (first..last).step_by(BLOCK) {
+                f(rb, c);
+            }
+            unsafe { release_tiles() };
+        };
+        match threads {
+            Threads::All if rayon::current_num_threads() > 1 => (0..rows / BLOCK).into_par_iter().for_each(run),
+            _ => (0..rows / BLOCK).for_each(run),
+        }
+    }
 }
 
 /// An int8 weight `[out, in]` (row-major) in the tile unit's int8 layout: per block of 16 output channels,
@@ -402,36 +424,25 @@ pub fn linear_int8(x: &[f32], n: usize, w: &PackedInt8, w_scales: &[f32], bias: 
             },
         )
     });
-    let cols = o.next_multiple_of(BLOCK);
-    let group = (GROUP_BYTES / depth / BLOCK * BLOCK).max(BLOCK);
     let dst = super::gemm::ViewMut::new(out, n, o).into_raw();
-    for first in (0..cols).step_by(group) {
-        let last = (first + group).min(cols);
-        let run = |rb: usize| {
-            let mut acc = [0i32; BLOCK * BLOCK];
-            let mut block_out = [0f32; BLOCK * BLOCK];
-            // SAFETY: `int8_available()` holds (asserted above); the configuration is loaded on this thread
-            // before any tile instruction and released after; `xq` has 32 rows of `depth` bytes from row block
-            // `rb`, and the packed weight's panels `c / 16` and `c / 16 + 1` have `depth / 4` rows of 64 bytes.
-            unsafe {
-                configure_tiles();
-                for c in (first..last).step_by(BLOCK) {
-                    let panel = |p: usize| w.data.as_ptr().add(p * depth * 16);
-                    block_int8(xq.as_ptr().add(rb * BLOCK * depth), panel(c / 16), panel(c / 16 + 1), depth, &mut acc);
-                    for r in 0..BLOCK.min(n.saturating_sub(rb * BLOCK)) {
-                        let sx = xs[rb * BLOCK + r];
-                        for j in 0..BLOCK.min(o.saturating_sub(c)) {
-                            block_out[r * BLOCK + j] = bias[c + j] + acc[r * BLOCK + j] as f32 * sx * w_scales[c + j];
-                        }
-                    }
-                    // Row blocks are disjoint between tasks.
-                    dst.store(rb * BLOCK, c, &block_out, 1.0, false, None);
-                }
-                release_tiles();
+    let block_of = |rb: usize, c: usize| {
+        let mut acc = [0i32; BLOCK * BLOCK];
+        let mut block_out = [0f32; BLOCK * BLOCK];
+        let panel = |p: usize| w.data[p * depth * 16..].as_ptr();
+        // SAFETY: the tiles are configured (for_each_block); `xq` has 32 rows of `depth` bytes from row block
+        // `rb`, and the packed weight's panels `c / 16` and `c / 16 + 1` have `depth / 4` rows of 64 bytes.
+        unsafe { block_int8(xq[rb * BLOCK * depth..].as_ptr(), panel(c / 16), panel(c / 16 + 1), depth, &mut acc) };
+        for r in 0..BLOCK.min(n.saturating_sub(rb * BLOCK)) {
+            let sx = xs[rb * BLOCK + r];
+            for j in 0..BLOCK.min(o.saturating_sub(c)) {
+                block_out[r * BLOCK + j] = bias[c + j] + acc[r * BLOCK + j] as f32 * sx * w_scales[c + j];
             }
-        };
-        (0..rows / BLOCK).into_par_iter().for_each(run);
-    }
+        }
+        // SAFETY: row blocks are disjoint between tasks.
+        unsafe { dst.store(rb * BLOCK, c, &block_out, false, 1.0, false, None) };
+    };
+    // SAFETY: `int8_available()` holds (asserted above).
+    unsafe { for_each_block(rows, o.next_multiple_of(BLOCK), depth, Threads::All, block_of) };
 }
 
 /// `dst = scale · a · b`, or `dst += scale · a · b` when `accumulate`, with a and b rounded to bf16 and the
@@ -481,36 +492,24 @@ fn product(
         (m.next_multiple_of(BLOCK), n.next_multiple_of(BLOCK), k.next_multiple_of(DEPTH).max(DEPTH));
     let pa = pack_a(a, rows, depth, threads);
     let pb = pack_b(b, depth, cols, threads);
-    // Columns in groups whose packed B fits the L2 cache; within a group, row blocks in parallel.
-    let group = (GROUP_BYTES / (depth * 2) / BLOCK * BLOCK).max(BLOCK);
     let dst = dst.into_raw();
-    for first in (0..cols).step_by(group) {
-        let last = (first + group).min(cols);
-        let run = |rb: usize| {
-            let mut out = [0f32; BLOCK * BLOCK];
-            // SAFETY: `available()` holds (asserted above), so the tile state is granted; the configuration is
-            // loaded on this thread before any tile instruction and released after. The packed buffers are
-            // padded to whole blocks: row block `rb` has 32 rows of `depth` values from `rb · 32 · depth`, and
-            // column panels `c / 16` and `c / 16 + 1` have `depth / 2` rows of 32 values each.
-            unsafe {
-                configure_tiles();
-                for c in (first..last).step_by(BLOCK) {
-                    let panel = |p: usize| pb.as_ptr().add(p * depth * 16);
-                    block(pa.as_ptr().add(rb * BLOCK * depth), panel(c / 16), panel(c / 16 + 1), depth, &mut out);
-                    // Row blocks (columns of the destination when swapped) are disjoint between tasks.
-                    match swap {
-                        false => dst.store(rb * BLOCK, c, &out, scale, accumulate, bias),
-                        true => dst.store_transposed(c, rb * BLOCK, &out, scale, accumulate, bias),
-                    }
-                }
-                release_tiles();
+    let block_of = |rb: usize, c: usize| {
+        let mut out = [0f32; BLOCK * BLOCK];
+        let panel = |p: usize| pb[p * depth * 16..].as_ptr();
+        // SAFETY: the tiles are configured (for_each_block); the packed buffers are padded to whole blocks: row
+        // block `rb` has 32 rows of `depth` values from `rb · 32 · depth`, and column panels `c / 16` and
+        // `c / 16 + 1` have `depth / 2` rows of 32 values each.
+        unsafe { block(pa[rb * BLOCK * depth..].as_ptr(), panel(c / 16), panel(c / 16 + 1), depth, &mut out) };
+        // SAFETY: row blocks (columns of the destination when swapped) are disjoint between tasks.
+        unsafe {
+            match swap {
+                false => dst.store(rb * BLOCK, c, &out, false, scale, accumulate, bias),
+                true => dst.store(c, rb * BLOCK, &out, true, scale, accumulate, bias),
             }
-        };
-        match threads {
-            Threads::All if rayon::current_num_threads() > 1 => (0..rows / BLOCK).into_par_iter().for_each(run),
-            _ => (0..rows / BLOCK).for_each(run),
         }
-    }
+    };
+    // SAFETY: `available()` holds (asserted above).
+    unsafe { for_each_block(rows, cols, depth * 2, threads, block_of) };
 }
 
 #[cfg(test)]

@@ -100,59 +100,46 @@ unsafe impl Send for RawDst<'_> {}
 unsafe impl Sync for RawDst<'_> {}
 
 impl RawDst<'_> {
-    /// As [`RawDst::store`] with `block` transposed: `block[r][c]` goes to row `row + c`, column `col + r`.
-    ///
-    /// # Safety
-    /// No other thread reads or writes the same block at the same time.
-    #[inline(always)]
-    pub(crate) unsafe fn store_transposed<const B2: usize>(
-        &self,
-        row: usize,
-        col: usize,
-        block: &[f32; B2],
-        scale: f32,
-        accumulate: bool,
-        bias: Option<&[f32]>,
-    ) {
-        let b = B2.isqrt();
-        let width = b.min(self.cols.saturating_sub(col));
-        for c in 0..b.min(self.rows.saturating_sub(row)) {
-            // SAFETY: as in `store`, with the block's columns as destination rows.
-            let dst = unsafe { std::slice::from_raw_parts_mut(self.ptr.add((row + c) * self.rs + col), width) };
-            for (r, d) in dst.iter_mut().enumerate() {
-                let v = scale * block[r * b + c] + bias.map_or(0.0, |bias| bias[col + r]);
-                *d = if accumulate { *d + v } else { v };
-            }
-        }
-    }
-
     /// Writes (or with `accumulate` adds) `scale · block`, plus `bias` (indexed by the destination's column)
     /// where given, at rows `row..row + B`, columns `col..col + B` of the destination, `block` being `B × B`
-    /// row-major; the parts beyond the destination's edges are dropped.
+    /// row-major (or, `transposed`, column-major); the parts beyond the destination's edges are dropped.
     ///
     /// # Safety
     /// No other thread reads or writes the same block at the same time.
     #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
     pub(crate) unsafe fn store<const B2: usize>(
         &self,
         row: usize,
         col: usize,
         block: &[f32; B2],
+        transposed: bool,
         scale: f32,
         accumulate: bool,
         bias: Option<&[f32]>,
     ) {
+        const MAX: usize = 64;
         let b = B2.isqrt();
+        assert!(b <= MAX, "store: blocks of at most {MAX} × {MAX}");
         let width = b.min(self.cols.saturating_sub(col));
         let bias = bias.map(|bias| &bias[col..col + width]);
         super::math::simd(
             #[inline(always)]
             || {
+                let mut column = [0f32; MAX];
                 for r in 0..b.min(self.rows.saturating_sub(row)) {
                     // SAFETY: row + r < rows and col + width <= cols, inside the borrowed slice (checked when the
                     // ViewMut was made).
                     let dst = unsafe { std::slice::from_raw_parts_mut(self.ptr.add((row + r) * self.rs + col), width) };
-                    let src = &block[r * b..r * b + width];
+                    let src = match transposed {
+                        false => &block[r * b..r * b + width],
+                        true => {
+                            for (j, v) in column[..width].iter_mut().enumerate() {
+                                *v = block[j * b + r];
+                            }
+                            &column[..width]
+                        }
+                    };
                     match (accumulate, bias) {
                         (true, None) => dst.iter_mut().zip(src).for_each(|(d, s)| *d += scale * s),
                         (false, None) => dst.iter_mut().zip(src).for_each(|(d, s)| *d = scale * s),
