@@ -21,7 +21,7 @@ pub struct ModelConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub system_prompt: Option<String>,
     /// The number format of an encoder's matrix products (the four projections of every layer, in training and
-    /// inference): `"f32"`, or `"bf16"`: operands rounded to bf16 and summed in f32 on Intel AMX (Sapphire
+    /// inference): `"f32"` (the default), or `"bf16"`: operands rounded to bf16 and summed in f32 on Intel AMX (Sapphire
     /// Rapids and later Xeons): there about 1.8× faster inference and a 1.3× faster training step on
     /// all-MiniLM-L6-v2 (BENCHMARKS.md). Weights, optimizer state, attention, norms and activations stay f32. Where the CPU or the OS has no AMX, `"bf16"` runs in f32 with a warning. Applies to
     /// BERT-style encoders (BERT, RoBERTa, XLM-R, CamemBERT, ELECTRA, DistilBERT) on the fused CPU path.
