@@ -309,4 +309,18 @@ pub struct ServeFlags {
     /// [default: true].
     #[arg(long)]
     pub prefix_cache: Option<bool>,
+    /// Drift monitoring: answers per task statistic in the window compared with the dev set's [default: 1000].
+    #[arg(long)]
+    pub drift_window: Option<usize>,
+    /// Drift monitoring: the population stability index over which a full window raises the alert
+    /// [default: 0.25].
+    #[arg(long)]
+    pub drift_threshold: Option<f64>,
+    /// Log prediction requests to this file, one JSON line each, with e-mail addresses, phone numbers and long
+    /// digit runs masked [default: none].
+    #[arg(long)]
+    pub request_log: Option<PathBuf>,
+    /// The share of prediction requests logged, in (0, 1] [default: 1].
+    #[arg(long)]
+    pub request_log_sample: Option<f64>,
 }

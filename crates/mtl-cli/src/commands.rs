@@ -164,6 +164,10 @@ impl ServeFlags {
             kv_cache_mb: self.kv_cache_mb,
             kv_block: self.kv_block,
             prefix_cache: self.prefix_cache,
+            drift_window: self.drift_window,
+            drift_threshold: self.drift_threshold,
+            request_log: self.request_log,
+            request_log_sample: self.request_log_sample,
         }
     }
 }

@@ -60,6 +60,19 @@ pub struct ServeConfig {
     /// request that starts with the same tokens under the same adapter computes only the rest (prefix
     /// caching); kept blocks give way to new requests when the cache is full.
     pub prefix_cache: bool,
+    /// Drift monitoring: answers per task statistic (class, tag, score, value, …) in the window that is
+    /// compared with the dev set's answers saved at training time (`drift-reference.json`), by the population
+    /// stability index (`mtl_drift_psi` in `/metrics`).
+    pub drift_window: usize,
+    /// Drift monitoring: the PSI over which a full window raises `mtl_drift_alert` and logs a warning (0.1 to
+    /// 0.25 is read as a moderate shift, over 0.25 as a significant one).
+    pub drift_threshold: f64,
+    /// A file (relative to the config file) to log prediction requests to, one JSON line each: endpoint,
+    /// tasks, inputs, answers or error, status and latency, with e-mail addresses, phone numbers and runs of
+    /// five digits or more masked. Unset: nothing is logged.
+    pub request_log: Option<PathBuf>,
+    /// The share of prediction requests logged to `request_log`, in (0, 1].
+    pub request_log_sample: f64,
 }
 
 impl Default for ServeConfig {
@@ -85,6 +98,10 @@ impl Default for ServeConfig {
             kv_cache_mb: 1024,
             kv_block: 16,
             prefix_cache: true,
+            drift_window: 1000,
+            drift_threshold: 0.25,
+            request_log: None,
+            request_log_sample: 1.0,
         }
     }
 }
@@ -112,6 +129,10 @@ pub struct ServeOverrides {
     pub kv_cache_mb: Option<usize>,
     pub kv_block: Option<usize>,
     pub prefix_cache: Option<bool>,
+    pub drift_window: Option<usize>,
+    pub drift_threshold: Option<f64>,
+    pub request_log: Option<PathBuf>,
+    pub request_log_sample: Option<f64>,
 }
 
 /// A serve config file: its one table, `[serve]`.
@@ -146,9 +167,14 @@ impl ServeConfig {
         self.kv_cache_mb = o.kv_cache_mb.unwrap_or(self.kv_cache_mb);
         self.kv_block = o.kv_block.unwrap_or(self.kv_block);
         self.prefix_cache = o.prefix_cache.unwrap_or(self.prefix_cache);
+        self.drift_window = o.drift_window.unwrap_or(self.drift_window);
+        self.drift_threshold = o.drift_threshold.unwrap_or(self.drift_threshold);
+        self.request_log = o.request_log.or(self.request_log.take());
+        self.request_log_sample = o.request_log_sample.unwrap_or(self.request_log_sample);
     }
 
-    /// The `[serve]` table of `path`, checked; a relative `api_keys` path is taken relative to the file.
+    /// The `[serve]` table of `path`, checked; relative `api_keys` and `request_log` paths are taken relative
+    /// to the file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let text =
             std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
@@ -160,9 +186,11 @@ impl ServeConfig {
         let file: ServeFile = toml::from_str(text)
             .map_err(|e| ConfigError::Parse { path: path.to_owned(), message: e.to_string().trim_end().to_string() })?;
         let mut config = file.serve;
-        if let (Some(keys), Some(dir)) = (&config.api_keys, path.parent()) {
-            if keys.is_relative() {
-                config.api_keys = Some(dir.join(keys));
+        if let Some(dir) = path.parent() {
+            for file in [&mut config.api_keys, &mut config.request_log].into_iter().flatten() {
+                if file.is_relative() {
+                    *file = dir.join(&*file);
+                }
             }
         }
         config.validate(path)?;
@@ -190,6 +218,7 @@ impl ServeConfig {
             ("prefill_chunk", self.prefill_chunk as u64),
             ("kv_cache_mb", self.kv_cache_mb as u64),
             ("kv_block", self.kv_block as u64),
+            ("drift_window", self.drift_window as u64),
         ];
         for (field, value) in at_least_one {
             if value == 0 {
@@ -214,6 +243,12 @@ impl ServeConfig {
         }
         if self.body_limit < 1024 {
             return Err(invalid("body_limit", "must be at least 1024 bytes"));
+        }
+        if !(self.drift_threshold.is_finite() && self.drift_threshold > 0.0) {
+            return Err(invalid("drift_threshold", "must be a number above 0"));
+        }
+        if !(self.request_log_sample > 0.0 && self.request_log_sample <= 1.0) {
+            return Err(invalid("request_log_sample", "must be in (0, 1]: the share of requests logged"));
         }
         if self.max_wait_ms > 60_000 {
             return Err(invalid("max_wait_ms", "must be at most 60000 (a minute)"));
@@ -240,6 +275,8 @@ mod tests {
         assert_eq!(c.max_batch_tokens, 8192, "unset keys keep their defaults");
         let c = parse("[serve]\nallowed_hosts = [\"localhost\", \"[::1]\", \"::1\", \"10.0.0.2\"]\n")?;
         assert_eq!(c.allowed_hosts.len(), 4, "IPv6 addresses, bracketed or not");
+        let c = parse("[serve]\nrequest_log = \"logs/requests.jsonl\"\nrequest_log_sample = 0.1\n")?;
+        assert_eq!(c.request_log, Some(PathBuf::from("conf/logs/requests.jsonl")));
         Ok(())
     }
 
@@ -256,11 +293,16 @@ mod tests {
         let cases = [
             (
                 "[serve]\nqueue_bound = 4\nqueue_size = 8\n",
-                "invalid config conf/serve.toml: TOML parse error at line 3, column 1\n  |\n3 | queue_size = 8\n  | ^^^^^^^^^^\nunknown field `queue_size`, expected one of `addr`, `max_batch_tokens`, `max_wait_ms`, `queue_bound`, `max_input_chars`, `max_inputs`, `body_limit`, `timeout_s`, `api_keys`, `threads`, `allowed_hosts`, `cors_origins`, `header_timeout_s`, `max_connections`, `shutdown_timeout_s`, `max_sequences`, `prefill_chunk`, `kv_cache_mb`, `kv_block`, `prefix_cache`",
+                "invalid config conf/serve.toml: TOML parse error at line 3, column 1\n  |\n3 | queue_size = 8\n  | ^^^^^^^^^^\nunknown field `queue_size`, expected one of `addr`, `max_batch_tokens`, `max_wait_ms`, `queue_bound`, `max_input_chars`, `max_inputs`, `body_limit`, `timeout_s`, `api_keys`, `threads`, `allowed_hosts`, `cors_origins`, `header_timeout_s`, `max_connections`, `shutdown_timeout_s`, `max_sequences`, `prefill_chunk`, `kv_cache_mb`, `kv_block`, `prefix_cache`, `drift_window`, `drift_threshold`, `request_log`, `request_log_sample`",
             ),
             ("[serve]\nqueue_bound = 0\n", "invalid config conf/serve.toml: field `serve.queue_bound`: must be at least 1"),
             ("[serve]\nbody_limit = 10\n", "invalid config conf/serve.toml: field `serve.body_limit`: must be at least 1024 bytes"),
             ("[serve]\nthreads = 0\n", "invalid config conf/serve.toml: field `serve.threads`: must be at least 1"),
+            (
+                "[serve]\nrequest_log_sample = 0.0\n",
+                "invalid config conf/serve.toml: field `serve.request_log_sample`: must be in (0, 1]: the share of requests logged",
+            ),
+            ("[serve]\ndrift_threshold = -1.0\n", "invalid config conf/serve.toml: field `serve.drift_threshold`: must be a number above 0"),
             (
                 "[serve]\nallowed_hosts = [\"localhost:8080\"]\n",
                 "invalid config conf/serve.toml: field `serve.allowed_hosts`: \"localhost:8080\" is not a host name or address (no port, no scheme)",

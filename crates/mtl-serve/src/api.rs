@@ -64,6 +64,10 @@ pub struct Settings {
     pub allowed_hosts: Vec<String>,
     /// Origins allowed to call from web pages (CORS); empty: none; `*`: any.
     pub cors_origins: Vec<String>,
+    /// How the served answers are compared with the model's reference ([`crate::drift`]).
+    pub drift: crate::drift::DriftSettings,
+    /// Where a sampled share of the prediction requests is logged ([`crate::request_log`]); none: nowhere.
+    pub request_log: Option<Arc<crate::request_log::RequestLog>>,
 }
 
 /// How a decoder's engine batches generation (`ServeConfig`'s decoder keys).
@@ -105,6 +109,8 @@ impl Settings {
                 .map(|h| h.trim_start_matches('[').trim_end_matches(']').to_ascii_lowercase())
                 .collect(),
             cors_origins: config.cors_origins.clone(),
+            drift: crate::drift::DriftSettings { window: config.drift_window, threshold: config.drift_threshold },
+            request_log: None,
             generation: GenerationSettings {
                 max_sequences: config.max_sequences,
                 prefill_chunk: config.prefill_chunk,
@@ -158,6 +164,23 @@ impl ApiError {
             Self::ForbiddenHost(_) => StatusCode::FORBIDDEN,
             Self::Timeout | Self::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// Its `kind` in the error table.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Validation(_) => "validation",
+            Self::UnknownTask(_) => "unknown_task",
+            Self::UnknownModel(_) => "unknown_model",
+            Self::QueueFull => "queue_full",
+            Self::BodyTooLarge(_) => "body_too_large",
+            Self::UnsupportedMediaType => "unsupported_media_type",
+            Self::Unauthorized => "unauthorized",
+            Self::ForbiddenHost(_) => "forbidden_host",
+            Self::Timeout => "timeout",
+            Self::ShuttingDown => "shutting_down",
+            Self::Internal(_) => "internal",
         }
     }
 }
@@ -234,6 +257,8 @@ struct AppState<E: Engine> {
     batcher: Batcher<E::Item>,
     settings: Settings,
     metrics: Arc<Metrics>,
+    /// The answers' distributions and their drift from the engine's reference.
+    monitor: crate::drift::Monitor,
 }
 
 /// The router over `engine`, with its model thread started.
@@ -242,7 +267,8 @@ pub fn router<E: Engine>(engine: E, settings: Settings) -> Router {
     let metrics = Arc::new(Metrics::default());
     let batcher = Batcher::start(engine.clone(), settings.batch, metrics.clone());
     let limit = settings.body_limit;
-    let state = Arc::new(AppState { engine, batcher, settings: settings.clone(), metrics });
+    let monitor = crate::drift::Monitor::new(engine.tasks(), engine.drift_reference(), settings.drift);
+    let state = Arc::new(AppState { engine, batcher, settings: settings.clone(), metrics, monitor });
     let router = Router::new()
         .route("/health", get(|| async { Json(json!({"status": "ok"})) }))
         .route("/metrics", get(metrics_text::<E>))
@@ -321,7 +347,14 @@ async fn openapi<E: Engine>(State(state): State<Arc<AppState<E>>>) -> Json<Value
 }
 
 async fn metrics_text<E: Engine>(State(state): State<Arc<AppState<E>>>) -> Response {
-    let text = state.metrics.render(state.batcher.queue_depth());
+    let mut text = state.metrics.render(state.batcher.queue_depth());
+    text.push_str(&state.monitor.render());
+    if let Some(log) = &state.settings.request_log {
+        text.push_str(&format!(
+            "# HELP mtl_request_log_dropped_total Request log lines dropped because the writer fell behind.\n# TYPE mtl_request_log_dropped_total counter\nmtl_request_log_dropped_total {}\n",
+            log.dropped()
+        ));
+    }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }
 
@@ -505,7 +538,7 @@ impl<E: Engine> AppState<E> {
 async fn predict<E: Engine>(State(state): State<Arc<AppState<E>>>, request: Request) -> Result<Json<Value>, ApiError> {
     let body = state.body(request).await?;
     let (inputs, tasks) = check_request(&body, None, state.engine.tasks(), &state.settings)?;
-    run(&state, inputs, tasks).await
+    run(&state, "/v1/predict", inputs, tasks).await
 }
 
 async fn predict_task<E: Engine>(
@@ -515,16 +548,53 @@ async fn predict_task<E: Engine>(
 ) -> Result<Json<Value>, ApiError> {
     let body = state.body(request).await?;
     let (inputs, tasks) = check_request(&body, Some(&task), state.engine.tasks(), &state.settings)?;
-    run(&state, inputs, tasks).await
+    run(&state, "/v1/tasks/{task}/predict", inputs, tasks).await
 }
 
-/// Tokenises checked inputs, queues them for the model thread and waits for the answer.
+/// Tokenises checked inputs, queues them for the model thread and waits for the answer; the answer is counted
+/// by the drift monitor and, when sampled, logged.
 async fn run<E: Engine>(
     state: &Arc<AppState<E>>,
+    endpoint: &str,
     inputs: Vec<RequestInput>,
     tasks: Vec<String>,
 ) -> Result<Json<Value>, ApiError> {
     let started = std::time::Instant::now();
+    let logged = match &state.settings.request_log {
+        Some(log) if log.sampled() => Some((log.clone(), serde_json::to_value(&inputs).unwrap_or_default())),
+        _ => None,
+    };
+    let answer = answer(state, inputs, &tasks).await;
+    let seconds = started.elapsed().as_secs_f64();
+    if let Ok(predictions) = &answer {
+        state.metrics.latency(&tasks, seconds);
+        state.monitor.observe(predictions);
+    }
+    if let Some((log, inputs)) = logged {
+        let time = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
+        let mut record =
+            json!({"time": time, "endpoint": endpoint, "tasks": tasks, "inputs": inputs, "seconds": seconds});
+        match &answer {
+            Ok(predictions) => {
+                record["status"] = json!(200);
+                record["predictions"] = json!(predictions);
+            }
+            Err(e) => {
+                record["status"] = json!(e.status().as_u16());
+                record["error"] = json!(e.kind());
+            }
+        }
+        log.write(record);
+    }
+    answer.map(|predictions| Json(json!({"predictions": predictions})))
+}
+
+/// The model's answers to checked inputs: tokenised on the blocking pool, queued for the model thread.
+async fn answer<E: Engine>(
+    state: &Arc<AppState<E>>,
+    inputs: Vec<RequestInput>,
+    tasks: &[String],
+) -> Result<Vec<std::collections::BTreeMap<String, Value>>, ApiError> {
     // Tokenisation on the blocking pool, off the async workers.
     let engine = state.engine.clone();
     let items = tokio::task::spawn_blocking(move || {
@@ -551,9 +621,6 @@ async fn run<E: Engine>(
         Err(_) => Err(ApiError::Timeout),
         Ok(Err(_)) => Err(ApiError::Internal("the model thread dropped the request".into())),
         Ok(Ok(Err(e))) => Err(e.into()),
-        Ok(Ok(Ok(predictions))) => {
-            state.metrics.latency(&tasks, started.elapsed().as_secs_f64());
-            Ok(Json(json!({"predictions": predictions})))
-        }
+        Ok(Ok(Ok(predictions))) => Ok(predictions),
     }
 }

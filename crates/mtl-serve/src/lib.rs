@@ -6,18 +6,22 @@
 //!   them as one batch; a bounded queue gives backpressure.
 //! - [`api`]: the router, its endpoints and the error table.
 //! - [`metrics`]: what `GET /metrics` reports, in Prometheus' text format; [`openapi`]: `GET /openapi.json`.
+//! - [`drift`]: each task's answers as distributions, and their drift from the dev set's (in `/metrics`);
+//!   [`request_log`]: opt-in, sampled, masked logging of prediction requests.
 //!
 //! Depends on `mtl-config` alone of ours (its `ServeConfig` is the one source of the serving defaults): the
 //! engine brings the model.
 
 pub mod api;
 pub mod batcher;
+pub mod drift;
 pub mod generation;
 pub mod listen;
 pub mod llm_server;
 pub mod metrics;
 pub mod openai;
 pub mod openapi;
+pub mod request_log;
 pub mod streaming;
 
 /// The most new tokens one generation request may ask for.
@@ -80,6 +84,12 @@ pub trait Engine: Send + Sync + 'static {
         items: &[&Self::Item],
         tasks: &[&BTreeSet<String>],
     ) -> Result<Vec<BTreeMap<String, serde_json::Value>>, EngineError>;
+
+    /// The distributions of the model's answers on its dev set, which the served answers are compared with
+    /// ([`drift`]); none: the answers are counted, not compared.
+    fn drift_reference(&self) -> Option<&drift::Reference> {
+        None
+    }
 }
 
 #[cfg(test)]

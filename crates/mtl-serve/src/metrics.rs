@@ -8,7 +8,10 @@
 //! - generation, per task adapter (`adapter`, empty for none named): `mtl_time_to_first_token_seconds` and
 //!   `mtl_inter_token_seconds` (histograms, as the client sees the pieces of text), `mtl_generated_tokens_total`;
 //!   and the generator's gauges: running sequences,
-//!   key/value blocks in use and in all, decoding steps and the sequences they held (batch occupancy).
+//!   key/value blocks in use and in all, decoding steps and the sequences they held (batch occupancy);
+//! - the answers' distributions and their drift from the dev set's ([`crate::drift`]): `mtl_predictions_total`,
+//!   `mtl_prediction_values`, `mtl_drift_psi`, `mtl_drift_window`, `mtl_drift_alert`, `mtl_drift_threshold`;
+//!   with a request log, `mtl_request_log_dropped_total`.
 
 use std::collections::BTreeMap;
 use std::fmt::Write;
@@ -163,7 +166,7 @@ impl Metrics {
 }
 
 /// A label value as the exposition format writes it: backslash, double quote and newline escaped.
-fn escape(value: &str) -> String {
+pub(crate) fn escape(value: &str) -> String {
     value.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
 }
 

@@ -118,7 +118,22 @@ pub fn add_task(model_dir: &Path, config_path: &Path, out: &Path, overrides: &[S
     metrics["train_seconds"] = json!((seconds * 10.0).round() / 10.0);
     let heads: BTreeMap<String, BTreeMap<String, Tensor>> =
         outcome.per_task.iter().map(|(task, b)| (task.to_string(), b.head.clone())).collect();
-    let files = CheckpointFiles { config: &combined, labels: &labels, metrics: &metrics, heads: &heads };
+    // The old tasks answer as before, so their part of the drift reference stays; the new ones' is measured.
+    let mut reference = checkpoint::read_reference(model_dir)?;
+    if let Some(dev) = &splits.dev {
+        let new = crate::encoder::dev_reference(&model, &new_only, &new_labels, dev)?;
+        match &mut reference {
+            Some(r) => r.tasks.extend(new.tasks),
+            None => reference = Some(new),
+        }
+    }
+    let files = CheckpointFiles {
+        config: &combined,
+        labels: &labels,
+        metrics: &metrics,
+        heads: &heads,
+        reference: reference.as_ref(),
+    };
     checkpoint::save(out, &model, &files)?;
     Ok(AddTaskReport {
         added: names,

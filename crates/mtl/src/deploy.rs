@@ -92,7 +92,18 @@ fn transform(
     metrics["f32_params_before"] = json!(params_before);
     metrics["f32_params"] = json!(loaded.model.params().num_params());
     let heads = BTreeMap::new();
-    let files = CheckpointFiles { config: &loaded.config, labels: &loaded.labels, metrics: &metrics, heads: &heads };
+    // The transformed model's own answers to the dev set, for drift monitoring.
+    let reference = match crate::encoder::load_split(&data_config, Split::Dev, &loaded.encoder, &loaded.labels)? {
+        Some(dev) => Some(crate::encoder::dev_reference(&loaded.model, &data_config, &loaded.labels, &dev)?),
+        None => None,
+    };
+    let files = CheckpointFiles {
+        config: &loaded.config,
+        labels: &loaded.labels,
+        metrics: &metrics,
+        heads: &heads,
+        reference: reference.as_ref(),
+    };
     files::save(out, &loaded.model, &files)?;
     if after.is_empty() {
         tracing::warn!("no task has a dev or test file: the model was written unscored");

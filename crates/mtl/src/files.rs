@@ -4,7 +4,8 @@
 //! Layout: `run.json` (the [`RunManifest`]), `model.safetensors` (an encoder's backbone under `BertModel` names,
 //! heads under `heads.TASK.*`), `config.json` and `tokenizer.json` (copied from the base model), `mtl.toml`
 //! (the resolved run config), `labels.json` (each task's label list), `metrics.json`, and
-//! `heads/TASK.safetensors` (each task's head at its own best evaluation). A parameter-efficient run writes
+//! `heads/TASK.safetensors` (each task's head at its own best evaluation), and `drift-reference.json` (the
+//! distributions of the model's answers to the dev set, which `mtl serve` watches for drift). A parameter-efficient run writes
 //! `adapters.safetensors` (its adapters and heads) instead of `model.safetensors`, and its manifest names the
 //! frozen base model.
 
@@ -30,6 +31,18 @@ pub struct CheckpointFiles<'a> {
     pub metrics: &'a serde_json::Value,
     /// Extra weight files written as `heads/NAME.safetensors` (each task's head at its best evaluation).
     pub heads: &'a BTreeMap<String, BTreeMap<String, Tensor>>,
+    /// The distributions of the model's answers to the dev set, written as `drift-reference.json`.
+    pub reference: Option<&'a mtl_serve::drift::Reference>,
+}
+
+/// The drift reference saved with the run in `dir`, if it has one.
+pub(crate) fn read_reference(dir: &Path) -> Result<Option<mtl_serve::drift::Reference>> {
+    let path = dir.join(mtl_serve::drift::REFERENCE_FILE);
+    if !path.is_file() {
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(&path).map_err(io_err(&path))?;
+    serde_json::from_str(&text).map(Some).map_err(Error::invalid(&path))
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
@@ -153,6 +166,10 @@ fn write_files(dir: &Path, run_dir: &Path, model: &MultiTaskModel, files: &Check
     write(RUN_CONFIG, files.config.to_toml())?;
     write(LABELS, serde_json::to_string_pretty(files.labels).expect("label maps serialize; this is a bug"))?;
     write(METRICS, serde_json::to_string_pretty(files.metrics).expect("metrics serialize; this is a bug"))?;
+    if let Some(reference) = files.reference {
+        let text = serde_json::to_string_pretty(reference).expect("references serialize; this is a bug");
+        write(mtl_serve::drift::REFERENCE_FILE, text)?;
+    }
     if !files.heads.is_empty() {
         let heads = dir.join(HEADS);
         std::fs::create_dir(&heads).map_err(io_err(&heads))?;

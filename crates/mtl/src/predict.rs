@@ -13,6 +13,19 @@ use serde_json::Value;
 
 use crate::error::{bail, Error, Result};
 
+/// A task as `GET /v1/tasks` describes it, for encoder and decoder runs alike.
+pub(crate) fn task_description(
+    name: &mtl_core::TaskId,
+    config: &mtl_config::TaskConfig,
+    labels: Option<&LabelMap>,
+) -> mtl_serve::TaskDescription {
+    mtl_serve::TaskDescription {
+        name: name.to_string(),
+        kind: serde_json::to_value(config.kind).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default(),
+        labels: labels.map(|m| m.labels().to_vec()).unwrap_or_default(),
+    }
+}
+
 /// How to predict.
 #[derive(Clone, Debug)]
 pub struct PredictOptions {

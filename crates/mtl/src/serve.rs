@@ -19,7 +19,8 @@ use crate::error::{bail, read_text, Error, Result};
 use crate::predict::{Entity, TaskPrediction};
 use crate::run::{Loaded as Backbone, Operation, Run};
 
-/// The server's settings from a serving config: its limits, and the API keys of its key file.
+/// The server's settings from a serving config: its limits, the API keys of its key file, and its request log
+/// opened.
 pub fn settings(config: &ServeConfig) -> Result<Settings> {
     let api_keys = match &config.api_keys {
         Some(path) => match mtl_serve::api::parse_api_keys(&read_text(path)?) {
@@ -28,7 +29,17 @@ pub fn settings(config: &ServeConfig) -> Result<Settings> {
         },
         None => None,
     };
-    Ok(Settings::from_config(config, api_keys))
+    let mut settings = Settings::from_config(config, api_keys);
+    if let Some(path) = &config.request_log {
+        let log = mtl_serve::request_log::RequestLog::open(path, config.request_log_sample).map_err(Error::io(path))?;
+        tracing::info!(
+            sample = config.request_log_sample,
+            "logging prediction requests to {} (personal data masked)",
+            path.display()
+        );
+        settings.request_log = Some(std::sync::Arc::new(log));
+    }
+    Ok(settings)
 }
 
 /// The router for `model`: an encoder run's tasks (`POST /v1/predict`, `POST /v1/tasks/TASK/predict`), or
@@ -51,7 +62,15 @@ pub fn router(model: &Path, settings: Settings) -> Result<Router> {
     run.require(Operation::ServeTasks)?;
     match run.loaded {
         Backbone::Encoder(encoder) => {
-            let engine = ModelEngine::new(*encoder);
+            let mut engine = ModelEngine::new(*encoder);
+            engine.reference = crate::files::read_reference(model)?;
+            if engine.reference.is_none() {
+                tracing::info!(
+                    "{}: no {} (a run trained without dev data, or before drift monitoring): answers are counted, not compared",
+                    model.display(),
+                    mtl_serve::drift::REFERENCE_FILE
+                );
+            }
             tracing::info!(tasks = engine.tasks.len(), "loaded {}", model.display());
             Ok(mtl_serve::api::router(engine, settings))
         }
@@ -97,6 +116,8 @@ struct ModelEngine {
     tasks: Vec<TaskDescription>,
     /// Numbers the questions of QA inputs, whose windows must stay together in a batch.
     questions: AtomicUsize,
+    /// The dev set's answers, which the served ones are compared with.
+    reference: Option<mtl_serve::drift::Reference>,
 }
 
 impl ModelEngine {
@@ -105,9 +126,9 @@ impl ModelEngine {
             .config
             .tasks
             .iter()
-            .map(|(name, t)| crate::decoder::task_description(name, t, loaded.labels.get(name)))
+            .map(|(name, t)| crate::predict::task_description(name, t, loaded.labels.get(name)))
             .collect();
-        Self { loaded, tasks, questions: AtomicUsize::new(0) }
+        Self { loaded, tasks, questions: AtomicUsize::new(0), reference: None }
     }
 }
 
@@ -155,6 +176,10 @@ impl Engine for ModelEngine {
 
     fn tasks(&self) -> &[TaskDescription] {
         &self.tasks
+    }
+
+    fn drift_reference(&self) -> Option<&mtl_serve::drift::Reference> {
+        self.reference.as_ref()
     }
 
     fn prepare(&self, input: &RequestInput) -> Result<(Self::Item, usize), EngineError> {

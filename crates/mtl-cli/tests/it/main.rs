@@ -4,6 +4,7 @@
 
 mod cli;
 mod deploy;
+mod drift;
 mod engine;
 mod export;
 mod gemma;

@@ -16,6 +16,17 @@ pub(crate) fn http(
     path: &str,
     body: Option<&Value>,
 ) -> Result<(u16, Value), Box<dyn std::error::Error>> {
+    let (status, body) = http_text(addr, method, path, body)?;
+    Ok((status, serde_json::from_str(&body).unwrap_or(Value::Null)))
+}
+
+/// One HTTP/1.1 request; the status and the body as text.
+pub(crate) fn http_text(
+    addr: &str,
+    method: &str,
+    path: &str,
+    body: Option<&Value>,
+) -> Result<(u16, String), Box<dyn std::error::Error>> {
     let mut stream = TcpStream::connect(addr)?;
     let body = body.map(Value::to_string).unwrap_or_default();
     write!(
@@ -27,7 +38,7 @@ pub(crate) fn http(
     stream.read_to_string(&mut response)?;
     let (head, body) = response.split_once("\r\n\r\n").ok_or("no HTTP header")?;
     let status = head.split_whitespace().nth(1).ok_or("no status")?.parse()?;
-    Ok((status, serde_json::from_str(body).unwrap_or(Value::Null)))
+    Ok((status, body.to_string()))
 }
 
 /// A server process that does not outlive its test, however the test ends.

@@ -25,7 +25,7 @@ use mtl_train::{TextTasks, Trainer};
 
 pub use engine::BatchEngine;
 pub use files::{check_sampling, Decoder, DecoderFiles, GenerateRequest, Generated};
-pub(crate) use tasks::{request_input, task_description, DecoderTasks};
+pub(crate) use tasks::{request_input, DecoderTasks};
 
 use crate::error::{bail, Error, Result};
 use crate::files as run_files;

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use mtl_config::TaskConfig;
 use mtl_core::TaskId;
 use mtl_data::prompt::{ChatTemplate, PromptFormat};
-use mtl_data::{Input, LabelMap};
+use mtl_data::Input;
 use mtl_serve::generation::{Generation, LabelTasks, Prompt};
 use mtl_serve::{EngineError, RequestInput, TaskDescription};
 use serde_json::Value;
@@ -46,15 +46,6 @@ pub(crate) fn request_input(input: &RequestInput) -> Result<(Input, String), Eng
     })
 }
 
-/// A task as `GET /v1/tasks` describes it, for encoder and decoder runs alike.
-pub(crate) fn task_description(name: &TaskId, config: &TaskConfig, labels: Option<&LabelMap>) -> TaskDescription {
-    TaskDescription {
-        name: name.to_string(),
-        kind: serde_json::to_value(config.kind).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default(),
-        labels: labels.map(|m| m.labels().to_vec()).unwrap_or_default(),
-    }
-}
-
 /// One task of a decoder run, as served.
 struct Served {
     config: TaskConfig,
@@ -82,7 +73,7 @@ impl DecoderTasks {
         let mut descriptions = Vec::new();
         let mut tasks = BTreeMap::new();
         for (task, tc) in &run.config.tasks {
-            let description = task_description(task, tc, run.labels.get(task));
+            let description = crate::predict::task_description(task, tc, run.labels.get(task));
             let served = Served {
                 config: tc.clone(),
                 labels: description.labels.clone(),

@@ -4,6 +4,8 @@
 pub(crate) mod predict;
 pub(crate) mod train;
 
+pub(crate) use predict::dev_reference;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 

@@ -4,8 +4,11 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use mtl_config::Config;
 use mtl_core::{TaskId, TaskKind};
-use mtl_data::{Example, Input, LabelMap, Location};
+use mtl_data::{Dataset, Example, Input, LabelMap, Location};
+use mtl_nn::MultiTaskModel;
+use mtl_serve::drift::Reference;
 use mtl_train::{predict_examples, Prediction, TaskInfo};
 
 use super::EncoderRun;
@@ -25,6 +28,52 @@ pub(crate) fn encoder_record(
         record.predictions.insert(task.to_string(), task_prediction(p, &words, &labels[task], full));
     }
     record
+}
+
+/// The distributions of the model's answers to the dev set, which `mtl serve` compares its answers with
+/// ([`mtl_serve::drift`]): each task over its own dev examples (the windows of a question once), its answers
+/// as the server gives them.
+pub(crate) fn dev_reference(
+    model: &MultiTaskModel,
+    config: &Config,
+    labels: &BTreeMap<TaskId, LabelMap>,
+    dev: &Dataset,
+) -> Result<Reference> {
+    let started = std::time::Instant::now();
+    let info = TaskInfo { config, labels };
+    let mut examples: Vec<&Example> = Vec::new();
+    let mut last_group = None;
+    for ex in &dev.examples {
+        let group = ex.qa.as_ref().map(|q| q.question.group);
+        if group.is_some() && group == last_group {
+            continue;
+        }
+        last_group = group;
+        examples.push(ex);
+    }
+    let predictions = predict_examples(model, &examples, &info, config.training.eval_batch_size)?;
+    let answers: Vec<BTreeMap<String, serde_json::Value>> = examples
+        .iter()
+        .zip(&predictions)
+        .map(|(ex, preds)| {
+            let own: BTreeMap<TaskId, Prediction> =
+                preds.iter().filter(|(t, _)| ex.labels.contains_key(*t)).map(|(t, p)| (t.clone(), p.clone())).collect();
+            encoder_record(ex, &own, labels, false)
+                .predictions
+                .into_iter()
+                .map(|(t, p)| (t, serde_json::to_value(p).expect("predictions serialize; this is a bug")))
+                .collect()
+        })
+        .collect();
+    let tasks: Vec<mtl_serve::TaskDescription> =
+        config.tasks.iter().map(|(name, t)| crate::predict::task_description(name, t, labels.get(name))).collect();
+    let reference = Reference::build("dev", &tasks, &answers);
+    tracing::info!(
+        inputs = examples.len(),
+        seconds = (started.elapsed().as_secs_f64() * 10.0).round() / 10.0,
+        "drift reference: the dev set's answers"
+    );
+    Ok(reference)
 }
 
 /// The examples of one input for an encoder: one, or the windows of a question's context. `group` numbers

@@ -100,7 +100,8 @@ pub(crate) fn train(config: &Config, out: &Path, select: Select, resume: bool) -
             // The weights that trained; the frozen ones never changed.
             model.params().set_named(weights)?;
             let none = BTreeMap::new();
-            let files = CheckpointFiles { config, labels: &outcome.labels, metrics: &with_run, heads: &none };
+            let files =
+                CheckpointFiles { config, labels: &outcome.labels, metrics: &with_run, heads: &none, reference: None };
             let dir = out.join("per-task").join(task.as_str());
             if dir.exists() {
                 std::fs::remove_dir_all(&dir).map_err(Error::io(&dir))?;
@@ -109,7 +110,17 @@ pub(crate) fn train(config: &Config, out: &Path, select: Select, resume: bool) -
         }
         model.params().set_named(&kept)?;
     }
-    let files = CheckpointFiles { config, labels: &outcome.labels, metrics: &with_run, heads: &heads };
+    let reference = match &splits.dev {
+        Some(dev) => Some(super::predict::dev_reference(&model, config, &outcome.labels, dev)?),
+        None => None,
+    };
+    let files = CheckpointFiles {
+        config,
+        labels: &outcome.labels,
+        metrics: &with_run,
+        heads: &heads,
+        reference: reference.as_ref(),
+    };
     files::save_into(out, &model, &files)?;
     resume::remove_all(out)?;
     write_report(out, config, &outcome, seconds)?;
