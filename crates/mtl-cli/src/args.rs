@@ -70,6 +70,32 @@ pub enum Command {
         /// baselines.json with the negative-transfer table: per task, joint minus alone.
         #[arg(long)]
         baselines: bool,
+        /// Pause after epoch N: its evaluation and checkpoint are written and `mtl train` exits with status
+        /// 130, as after Ctrl-C; the learning-rate schedule stays that of `training.epochs`, and `--resume`
+        /// goes on from there (`mtl tune` trains its trials in such steps).
+        #[arg(long, value_name = "N")]
+        stop_after_epoch: Option<usize>,
+    },
+    /// Search hyper-parameters over the config keys a space file names (`examples/atis/space.toml`): grid,
+    /// random, or ASHA (successive halving that pauses weak trials at each rung and resumes the best); each
+    /// trial is a separate `mtl train` under --out/trials/. Writes tune.json (resumable state), trials.jsonl,
+    /// report.html and best.toml (the best trial's config).
+    Tune {
+        /// The run config (TOML) every trial starts from.
+        config: PathBuf,
+        /// The search space (TOML): `[search]` (method, trials, metric, ASHA's rungs, budget) and `[params]`.
+        #[arg(long)]
+        space: PathBuf,
+        /// Output directory; it must not exist yet (unless --resume).
+        #[arg(long)]
+        out: PathBuf,
+        /// Override a config value for every trial, e.g. --set training.seed=1 (repeatable).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        overrides: Vec<String>,
+        /// Continue the search in --out after a kill or Ctrl-C (the trial that was training resumes from its
+        /// checkpoint); give the same config and --set overrides.
+        #[arg(long)]
+        resume: bool,
     },
     /// Write a starter config from data files: their format, fields and task kinds are guessed (and said),
     /// and the config is checked as `mtl check` does.

@@ -11,7 +11,17 @@ use crate::report;
 
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Train { config, out, overrides, tasks, select, resume, accept_changed_data, baselines } => {
+        Command::Train {
+            config,
+            out,
+            overrides,
+            tasks,
+            select,
+            resume,
+            accept_changed_data,
+            baselines,
+            stop_after_epoch,
+        } => {
             let mut c = Config::load(&config, &overrides)?;
             if !tasks.is_empty() {
                 c.retain_tasks(&tasks, &config)?;
@@ -20,10 +30,43 @@ pub fn run(cli: Cli) -> Result<()> {
                 Select::Joint => mtl::Select::Joint,
                 Select::PerTask => mtl::Select::PerTask,
             };
-            let options = TrainOptions { select, resume, accept_changed_data, baselines };
+            let options = TrainOptions { select, resume, accept_changed_data, baselines, stop_after_epoch };
             let training = mtl::train_with(&c, &config, &out, &options, &mut print_run)?;
             if let Some(b) = &training.baselines {
                 print_baselines(b);
+            }
+        }
+        Command::Tune { config, space, out, overrides, resume } => {
+            let exe = std::env::current_exe().context("cannot find the mtl binary for the trials")?;
+            let mut runner = mtl::tune::ProcessRunner { exe };
+            let report = mtl::tune::tune(&config, &space, &out, &overrides, resume, &mut runner, &mut |state, t| {
+                let best = t.best(state.space.search.mode).map_or("-".to_string(), |b| format!("{b:.4}"));
+                eprintln!(
+                    "trial {:>3}: {:>2} / {} epochs, {:?}, best {best} ({} epochs trained in all)",
+                    t.id,
+                    t.trained,
+                    t.epochs,
+                    t.status,
+                    state.spent_epochs()
+                );
+            })?;
+            let mode = report.state.space.search.mode;
+            if let Some(best) = report.state.best() {
+                println!(
+                    "best: trial {} with {} {:.4} after {} epochs ({})",
+                    best.id,
+                    report.state.space.search.metric.as_deref().unwrap_or("selection score"),
+                    best.best(mode).unwrap_or(f64::NAN),
+                    best.trained,
+                    best.params
+                        .iter()
+                        .map(|(k, v)| format!("{k}={}", mtl::tune::toml_value(v)))
+                        .collect::<Vec<_>>()
+                        .join(" ")
+                );
+            }
+            if let Some(path) = &report.best {
+                println!("wrote {} (and report.html, trials.jsonl)", path.display());
             }
         }
         Command::Init { data, out, model, force } => {

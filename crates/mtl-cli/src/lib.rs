@@ -39,7 +39,7 @@ pub fn run(args: impl IntoIterator<Item = OsString>) -> u8 {
         )
         .with_target(false)
         .try_init();
-    if matches!(args.command, args::Command::Train { .. }) {
+    if matches!(args.command, args::Command::Train { .. } | args::Command::Tune { .. }) {
         stop_training_on_ctrl_c();
     }
     // The server keeps its own threads (tokio's and the batcher's) and hands work to the pool from them.

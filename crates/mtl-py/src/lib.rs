@@ -89,7 +89,7 @@ fn train(
             config.retain_tasks(&tasks, &source)?;
         }
         let select = if per_task { mtl::Select::PerTask } else { mtl::Select::Joint };
-        let options = mtl::TrainOptions { select, resume, accept_changed_data, baselines };
+        let options = mtl::TrainOptions { select, resume, accept_changed_data, baselines, stop_after_epoch: None };
         mtl::train(&config, &source, &out, &options).map(drop)
     })
 }

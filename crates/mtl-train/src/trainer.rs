@@ -202,12 +202,24 @@ pub struct Trainer<'a> {
     pub resume: bool,
     /// Parameters that never train, whatever the recipe says (a model's existing tasks under `mtl add-task`).
     pub frozen: Option<&'a std::collections::BTreeSet<String>>,
+    /// Pause after this epoch's evaluation and checkpoint, as an interrupt does ([`TrainError::Interrupted`]):
+    /// the schedule stays that of `training.epochs`, and a resume goes on from there (`mtl tune`'s rungs).
+    pub stop_after_epoch: Option<usize>,
 }
 
 impl<'a> Trainer<'a> {
     /// A trainer that only evaluates and predicts (no checkpoints, nothing frozen, nothing resumed).
     pub fn evaluator(config: &'a Config, model: &'a dyn TrainModel, labels: &'a BTreeMap<TaskId, LabelMap>) -> Self {
-        Self { config, model, labels, keep_per_task_models: false, checkpoints: None, resume: false, frozen: None }
+        Self {
+            config,
+            model,
+            labels,
+            keep_per_task_models: false,
+            checkpoints: None,
+            resume: false,
+            frozen: None,
+            stop_after_epoch: None,
+        }
     }
 }
 
@@ -590,6 +602,11 @@ impl Trainer<'_> {
             }
             if epoch < t.epochs {
                 save(step, epoch + 1, 0, skipped, reports, &optimizer, weighting.as_ref(), &selection)?;
+                if self.stop_after_epoch == Some(epoch) && self.checkpoints.is_some() {
+                    let checkpoint = self.checkpoints.map(|out| resume::checkpoint_dir(out, step));
+                    tracing::info!(epoch, step, "paused after the epoch, as asked");
+                    return Err(TrainError::Interrupted { step, checkpoint });
+                }
             }
         }
         for cb in callbacks.iter_mut() {

@@ -182,6 +182,16 @@ fn write_files(dir: &Path, run_dir: &Path, model: &MultiTaskModel, files: &Check
     Ok(())
 }
 
+/// Writes `text` to `path` through a flushed temporary file renamed into place, the directory flushed after.
+pub(crate) fn write_durably(path: &Path, text: &str) -> Result<()> {
+    use std::io::Write;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(Error::io(dir))?;
+    tmp.write_all(text.as_bytes()).and_then(|()| tmp.as_file().sync_all()).map_err(Error::io(path))?;
+    tmp.persist(path).map_err(|e| Error::Io { path: path.to_owned(), source: e.error })?;
+    std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(Error::io(dir))
+}
+
 /// The run config and label maps stored in a checkpoint. The config's model path is set to `dir`.
 pub fn read_meta(dir: &Path) -> Result<(Config, BTreeMap<TaskId, LabelMap>)> {
     let config_path = dir.join(RUN_CONFIG);

@@ -42,6 +42,7 @@ mod report;
 mod run;
 pub mod serve;
 mod train;
+pub mod tune;
 mod vocab;
 
 use std::path::Path;

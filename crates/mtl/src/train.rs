@@ -25,6 +25,9 @@ pub struct TrainOptions {
     pub accept_changed_data: bool,
     /// Also train each task alone with the same recipe, under `out/baselines/TASK/`.
     pub baselines: bool,
+    /// Pause after this epoch (checkpoint written, [`crate::TrainError::Interrupted`] returned); the schedule
+    /// stays that of `training.epochs` and `resume` goes on.
+    pub stop_after_epoch: Option<usize>,
 }
 
 /// One task's main test (or dev) metric trained jointly and alone.
@@ -123,11 +126,11 @@ fn train_one(config: &Config, architecture: Architecture, out: &Path, options: &
     } else {
         let prints = serde_json::to_string_pretty(&data_fingerprints(config)?).expect("JSON values serialize");
         std::fs::create_dir_all(out).map_err(Error::io(out))?;
-        write_durably(&out.join(files::DATA), &prints)?;
+        files::write_durably(&out.join(files::DATA), &prints)?;
     }
     let trained = match architecture {
-        Architecture::Bert => crate::encoder::train::train(config, out, select, resume),
-        Architecture::Llama => crate::decoder::train::train(config, out, resume),
+        Architecture::Bert => crate::encoder::train::train(config, out, select, resume, options.stop_after_epoch),
+        Architecture::Llama => crate::decoder::train::train(config, out, resume, options.stop_after_epoch),
     };
     if trained.is_err() && !resume {
         // A run that failed before it wrote anything else leaves nothing behind; one with checkpoints keeps
@@ -141,16 +144,6 @@ fn train_one(config: &Config, architecture: Architecture, out: &Path, options: &
         }
     }
     trained
-}
-
-/// Writes `text` to `path` through a flushed temporary file renamed into place, the directory flushed after.
-fn write_durably(path: &Path, text: &str) -> Result<()> {
-    use std::io::Write;
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(Error::io(dir))?;
-    tmp.write_all(text.as_bytes()).and_then(|()| tmp.as_file().sync_all()).map_err(Error::io(path))?;
-    tmp.persist(path).map_err(|e| Error::Io { path: path.to_owned(), source: e.error })?;
-    std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(Error::io(dir))
 }
 
 /// The SHA-256 of each data file of `config`, by task and split: `{"TASK.SPLIT": {"path", "sha256"}}`.
@@ -242,7 +235,13 @@ fn baselines(
             alone.training.weighting = Default::default();
             alone.training.surgery = Default::default();
             tracing::info!("baseline: {task} alone");
-            let options = TrainOptions { select: Select::Joint, resume, accept_changed_data: accept, baselines: false };
+            let options = TrainOptions {
+                select: Select::Joint,
+                resume,
+                accept_changed_data: accept,
+                baselines: false,
+                stop_after_epoch: None,
+            };
             on_run(&train_one(&alone, architecture, &dir, &options)?);
         }
         let single: Value = read_json(&dir.join(files::METRICS))?;

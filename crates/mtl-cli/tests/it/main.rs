@@ -14,6 +14,7 @@ mod real_model;
 mod serve;
 mod tasks;
 mod text_tasks;
+mod tune;
 
 use std::path::PathBuf;
 

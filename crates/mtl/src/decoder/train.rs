@@ -20,7 +20,12 @@ use crate::report::{run_metrics, write_report, TrainReport};
 use crate::Architecture;
 
 /// One training run of a decoder model into `out` (checked and prepared by the caller).
-pub(crate) fn train(config: &Config, out: &Path, resume_run: bool) -> Result<TrainReport> {
+pub(crate) fn train(
+    config: &Config,
+    out: &Path,
+    resume_run: bool,
+    stop_after_epoch: Option<usize>,
+) -> Result<TrainReport> {
     let lora = crate::peft::decoder_lora(config);
     // A frozen base (LoRA) stays quantised; full fine-tuning trains f32 weights.
     let files = DecoderFiles::load(&config.model.path, lora.is_some())?;
@@ -82,6 +87,7 @@ pub(crate) fn train(config: &Config, out: &Path, resume_run: bool) -> Result<Tra
         checkpoints: Some(out),
         resume: resume_run,
         frozen: None,
+        stop_after_epoch,
     };
     let mut progress = ProgressCallback::default();
     let mut tracker = tracking::Tracker::new(out);

@@ -20,7 +20,13 @@ use crate::report::{run_metrics, write_report, Select, TrainReport};
 use crate::Architecture;
 
 /// Trains `config` (an encoder's) into `out`, which the caller has prepared (fresh, or resumable).
-pub(crate) fn train(config: &Config, out: &Path, select: Select, resume: bool) -> Result<TrainReport> {
+pub(crate) fn train(
+    config: &Config,
+    out: &Path,
+    select: Select,
+    resume: bool,
+    stop_after_epoch: Option<usize>,
+) -> Result<TrainReport> {
     let base = &config.model.path;
     let weights = crate::manifest::encoder_weights(base);
     require_file(&base.join("config.json"), "model config")?;
@@ -70,6 +76,7 @@ pub(crate) fn train(config: &Config, out: &Path, select: Select, resume: bool) -
         checkpoints: Some(out),
         resume,
         frozen: None,
+        stop_after_epoch,
     };
     let mut progress = ProgressCallback::default();
     let mut tracker = tracking::Tracker::new(out);
