@@ -76,6 +76,25 @@ pub enum Command {
         #[arg(long, value_name = "N")]
         stop_after_epoch: Option<usize>,
     },
+    /// Train some of a model's tasks further on new or changed data while protecting the others: rehearsal (a
+    /// share of their training examples replayed), a pull toward the old weights (L2-SP or EWC), or both, as
+    /// the file's `[update]` table says. Prints every task's dev and test score before and after; refuses,
+    /// writing nothing, when a protected task falls more than `update.tolerance` points.
+    Update {
+        /// A checkpoint directory written by `mtl train`.
+        #[arg(long)]
+        model: PathBuf,
+        /// `[tasks.NAME]` tables of tasks the model has (their new data), optionally `[training]` (the update's
+        /// recipe) and `[update]` (rehearsal, penalty, strength, fisher_examples, tolerance).
+        #[arg(long)]
+        config: PathBuf,
+        /// Output directory; it must not exist yet.
+        #[arg(long)]
+        out: PathBuf,
+        /// Override a value, e.g. --set update.rehearsal=0 or --set training.epochs=2 (repeatable).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        overrides: Vec<String>,
+    },
     /// Search hyper-parameters over the config keys a space file names (`examples/atis/space.toml`): grid,
     /// random, or ASHA (successive halving that pauses weak trials at each rung and resumes the best); each
     /// trial is a separate `mtl train` under --out/trials/. Writes tune.json (resumable state), trials.jsonl,

@@ -36,6 +36,30 @@ pub fn run(cli: Cli) -> Result<()> {
                 print_baselines(b);
             }
         }
+        Command::Update { model, config, out, overrides } => {
+            let r = mtl::update(&model, &config, &out, &overrides)?;
+            println!("task\tsplit\tmetric\tbefore\tafter\tchange (points)");
+            for c in &r.changes {
+                let role = if c.updated { " (updated)" } else { "" };
+                println!(
+                    "{}{role}\t{}\t{}\t{:.4}\t{:.4}\t{:+.2}",
+                    c.task,
+                    c.split,
+                    c.metric,
+                    c.before,
+                    c.after,
+                    c.points(&r.config)
+                );
+            }
+            eprintln!(
+                "updated {} on {} examples ({} of the other tasks' replayed) in {:.0} s; wrote {}",
+                r.updated.join(", "),
+                r.train_examples,
+                r.rehearsed,
+                r.seconds,
+                out.display()
+            );
+        }
         Command::Tune { config, space, out, overrides, resume } => {
             let exe = std::env::current_exe().context("cannot find the mtl binary for the trials")?;
             let mut runner = mtl::tune::ProcessRunner { exe };

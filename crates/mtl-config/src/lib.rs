@@ -21,6 +21,8 @@ pub mod reference;
 mod serve;
 mod tasks;
 mod training;
+mod update;
+pub use update::{Penalty, UpdateSettings};
 mod validate;
 
 pub use model::{ModelConfig, Precision};

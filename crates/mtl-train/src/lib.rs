@@ -36,7 +36,7 @@ pub use progress::ProgressCallback;
 pub use schedule::{linear_warmup_decay, lr_scale};
 pub use sink::{set_progress_sink, Progress, Sink};
 pub use step::{named as named_grads, Grads};
-pub use trainer::{Callback, Control, EvalReport, Outcome, Splits, StepReport, TaskBest, Trainer};
+pub use trainer::{Anchor, Callback, Control, EvalReport, Outcome, Splits, StepReport, TaskBest, Trainer};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TrainError {

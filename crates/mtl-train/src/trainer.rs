@@ -205,6 +205,43 @@ pub struct Trainer<'a> {
     /// Pause after this epoch's evaluation and checkpoint, as an interrupt does ([`TrainError::Interrupted`]):
     /// the schedule stays that of `training.epochs`, and a resume goes on from there (`mtl tune`'s rungs).
     pub stop_after_epoch: Option<usize>,
+    /// A pull toward earlier weights (`mtl update`'s L2-SP or EWC): its gradient is added to every step's.
+    pub anchor: Option<&'a Anchor>,
+}
+
+/// A quadratic penalty toward reference weights θ₀: `strength / 2 · Σ wᵢ (θᵢ − θ₀ᵢ)²` over the parameters
+/// it names, wᵢ = 1 (L2-SP, Li et al. 2018) or a diagonal Fisher estimate (EWC, Kirkpatrick et al. 2017). Its
+/// gradient, `strength · wᵢ (θᵢ − θ₀ᵢ)`, is added to each step's before clipping.
+#[derive(Clone, Debug)]
+pub struct Anchor {
+    pub reference: BTreeMap<String, Tensor>,
+    /// Per-parameter weights (the Fisher diagonal); none: all 1.
+    pub weights: Option<BTreeMap<String, Tensor>>,
+    pub strength: f64,
+}
+
+impl Anchor {
+    /// Adds the penalty's gradient at the model's current weights to `grads` (a parameter that has no
+    /// gradient this step but drifted gets one).
+    pub fn add_to(
+        &self,
+        grads: &mut BTreeMap<String, Tensor>,
+        vars: &BTreeMap<String, candle_core::Var>,
+    ) -> Result<()> {
+        for (name, theta0) in &self.reference {
+            let Some(var) = vars.get(name) else { continue };
+            let mut pull = ((var.as_tensor() - theta0)? * self.strength)?;
+            if let Some(w) = self.weights.as_ref().and_then(|w| w.get(name)) {
+                pull = (pull * w)?;
+            }
+            let g = match grads.remove(name) {
+                Some(g) => (g + pull)?,
+                None => pull,
+            };
+            grads.insert(name.clone(), g);
+        }
+        Ok(())
+    }
 }
 
 impl<'a> Trainer<'a> {
@@ -219,6 +256,7 @@ impl<'a> Trainer<'a> {
             resume: false,
             frozen: None,
             stop_after_epoch: None,
+            anchor: None,
         }
     }
 }
@@ -534,6 +572,9 @@ impl Trainer<'_> {
                     // reported, evaluated and checkpointed like any other.
                     let (losses, grad_norm, cosines) = match taken.finish()? {
                         Some((mut grads, losses, norms, cosines)) => {
+                            if let Some(anchor) = self.anchor {
+                                anchor.add_to(&mut grads, self.model.params().vars())?;
+                            }
                             grads.retain(|name, _| !self.is_frozen(name, num_layers, step - 1));
                             let info = optimizer.step(&grads, scale, t.grad_clip)?;
                             if !info.applied {
@@ -755,5 +796,40 @@ impl Trainer<'_> {
     /// Loads a [`Trainer::snapshot`] (or a checkpoint's weights) into the model.
     fn restore(&self, weights: &BTreeMap<String, Tensor>) -> Result<()> {
         Ok(self.model.params().set_named(weights)?)
+    }
+}
+
+#[cfg(test)]
+mod anchor_tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    fn values(t: &Tensor) -> Vec<f32> {
+        t.to_vec1::<f32>().expect("a vector")
+    }
+
+    /// The pull is the gradient of λ/2 · Σ w (θ − θ₀)²: λ · w · (θ − θ₀), added to the step's gradient.
+    #[test]
+    fn the_anchor_adds_its_pull_to_the_gradient() -> Result<()> {
+        let dev = Device::Cpu;
+        let vars = BTreeMap::from([("w".to_string(), Var::from_tensor(&Tensor::new(&[1.0f32, 2.0, 3.0], &dev)?)?)]);
+        let reference = BTreeMap::from([("w".to_string(), Tensor::new(&[0.0f32, 2.0, 5.0], &dev)?)]);
+        let l2sp = Anchor { reference, weights: None, strength: 0.1 };
+        let mut grads = BTreeMap::from([("w".to_string(), Tensor::new(&[0.5f32, 0.5, 0.5], &dev)?)]);
+        l2sp.add_to(&mut grads, &vars)?;
+        let got = values(&grads["w"]);
+        for (g, want) in got.iter().zip([0.6f32, 0.5, 0.3]) {
+            assert!((g - want).abs() < 1e-6, "{got:?}");
+        }
+        // EWC's weights scale the pull; a parameter without a gradient this step gets the pull alone.
+        let weights = BTreeMap::from([("w".to_string(), Tensor::new(&[2.0f32, 1.0, 0.0], &dev)?)]);
+        let ewc = Anchor { weights: Some(weights), ..l2sp };
+        let mut grads = BTreeMap::new();
+        ewc.add_to(&mut grads, &vars)?;
+        let got = values(&grads["w"]);
+        for (g, want) in got.iter().zip([0.2f32, 0.0, 0.0]) {
+            assert!((g - want).abs() < 1e-6, "{got:?}");
+        }
+        Ok(())
     }
 }

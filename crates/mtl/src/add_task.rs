@@ -98,6 +98,7 @@ pub fn add_task(model_dir: &Path, config_path: &Path, out: &Path, overrides: &[S
         resume: false,
         frozen: Some(&frozen),
         stop_after_epoch: None,
+        anchor: None,
     };
     let mut progress = ProgressCallback::default();
     let outcome = trainer.train(&splits, &mut [&mut progress])?;

@@ -43,6 +43,7 @@ mod run;
 pub mod serve;
 mod train;
 pub mod tune;
+mod update;
 mod vocab;
 
 use std::path::Path;
@@ -60,6 +61,7 @@ pub use manifest::{RunManifest, WeightLayout, RUN_CONFIG};
 pub use predict::{Entity, PredictOptions, PredictionRecord, Span, TaskPrediction};
 pub use run::{Capabilities, Operation, Run};
 pub use train::{train, train_with, BaselineRow, Baselines, Select, TrainOptions, TrainReport, Training};
+pub use update::{update, TaskChange, UpdateReport};
 
 pub use mtl_config::{Config, ServeConfig, ServeOverrides};
 pub use mtl_data::{Input, Location};

@@ -33,10 +33,12 @@ pub enum Operation {
     Quantize,
     Prune,
     AddTask,
+    /// Some tasks trained further on new data, the others protected (`mtl update`).
+    Update,
 }
 
 impl Operation {
-    pub const ALL: [Operation; 8] = [
+    pub const ALL: [Operation; 9] = [
         Operation::Evaluate,
         Operation::Predict,
         Operation::ServeTasks,
@@ -45,6 +47,7 @@ impl Operation {
         Operation::Quantize,
         Operation::Prune,
         Operation::AddTask,
+        Operation::Update,
     ];
 }
 
@@ -183,7 +186,14 @@ impl Run {
                     Operation::AddTask if int8 => Some(
                         "an int8 model (mtl quantize) is for inference; add tasks to the model it was quantised from".into(),
                     ),
-                    Operation::Export | Operation::Quantize | Operation::Prune | Operation::AddTask => None,
+                    Operation::Update if int8 => Some(
+                        "an int8 model (mtl quantize) is for inference; update the model it was quantised from".into(),
+                    ),
+                    Operation::Export
+                    | Operation::Quantize
+                    | Operation::Prune
+                    | Operation::AddTask
+                    | Operation::Update => None,
                 }
             }
             Loaded::Decoder(_) => match op {
@@ -193,7 +203,11 @@ impl Run {
                     "`mtl generate` takes a run with one shared adapter; a run with one adapter per task generates through `mtl serve`, each request naming its task's adapter (`adapter`, or OpenAI's `model`)".into(),
                 ),
                 Operation::Generate => None,
-                Operation::Export | Operation::Quantize | Operation::Prune | Operation::AddTask => {
+                Operation::Export
+                | Operation::Quantize
+                | Operation::Prune
+                | Operation::AddTask
+                | Operation::Update => {
                     Some("a decoder run; this takes encoder runs so far (a decoder run can evaluate, predict and generate)".into())
                 }
             },

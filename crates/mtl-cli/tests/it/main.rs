@@ -15,6 +15,7 @@ mod serve;
 mod tasks;
 mod text_tasks;
 mod tune;
+mod update;
 
 use std::path::PathBuf;
 

@@ -88,6 +88,7 @@ pub(crate) fn train(
         resume: resume_run,
         frozen: None,
         stop_after_epoch,
+        anchor: None,
     };
     let mut progress = ProgressCallback::default();
     let mut tracker = tracking::Tracker::new(out);

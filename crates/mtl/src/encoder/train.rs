@@ -77,6 +77,7 @@ pub(crate) fn train(
         resume,
         frozen: None,
         stop_after_epoch,
+        anchor: None,
     };
     let mut progress = ProgressCallback::default();
     let mut tracker = tracking::Tracker::new(out);

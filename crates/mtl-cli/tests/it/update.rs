@@ -1,0 +1,58 @@
+//! `mtl update` on the tiny model: one task trained further on new data, the other replayed and pulled toward
+//! its old weights (EWC); every task scored before and after; bad update files refused naming the field.
+
+use serde_json::Value;
+
+use crate::cli::{stderr, Project, TestResult};
+
+fn update_file(extra: &str) -> String {
+    format!(
+        "[tasks.intent]\nkind = \"classification\"\nlabel_field = \"intent\"\ndata = {{ train = \"test.jsonl\", dev = \"dev.jsonl\", test = \"test.jsonl\" }}\n\n[training]\nepochs = 2\nbatch_size = 2\nlr = 1e-3\nseed = 3\n\n[update]\nrehearsal = 0.5\npenalty = \"ewc\"\nstrength = 0.1\ntolerance = 100.0\n{extra}"
+    )
+}
+
+#[test]
+fn update_trains_one_task_and_reports_every_task_before_and_after() -> TestResult {
+    let p = Project::new()?;
+    let o = p.mtl(&["train", "config.toml", "--out", "run", "--set", "training.epochs=2"])?;
+    assert!(o.status.success(), "{}", stderr(&o));
+    std::fs::write(p.path("update.toml"), update_file(""))?;
+    let o = p.mtl(&["update", "--model", "run", "--config", "update.toml", "--out", "run2"])?;
+    assert!(o.status.success(), "{}", stderr(&o));
+    let table = String::from_utf8(o.stdout)?;
+    assert!(table.contains("intent (updated)\tdev\taccuracy") && table.contains("slots\ttest\tf1"), "{table}");
+    let metrics: Value = serde_json::from_str(&std::fs::read_to_string(p.path("run2/metrics.json"))?)?;
+    assert_eq!(metrics["updated_tasks"], serde_json::json!(["intent"]));
+    assert_eq!(metrics["update"]["penalty"], "ewc");
+    assert_eq!(metrics["update_changes"].as_array().map(Vec::len), Some(4), "two tasks, dev and test");
+    // The updated model is a model like any other: its config names the new data.
+    let config = std::fs::read_to_string(p.path("run2/mtl.toml"))?;
+    assert!(config.contains("test.jsonl"), "{config}");
+    let o = p.mtl(&["eval", "--model", "run2"])?;
+    assert!(o.status.success(), "{}", stderr(&o));
+    // A task the model does not have, or another kind, is refused naming the field; so is a bad share.
+    std::fs::write(p.path("bad.toml"), update_file("").replace("[tasks.intent]", "[tasks.topic]"))?;
+    let o = p.mtl(&["update", "--model", "run", "--config", "bad.toml", "--out", "run3"])?;
+    assert!(
+        !o.status.success() && stderr(&o).contains("field `tasks.topic`: the model has no task `topic`"),
+        "{}",
+        stderr(&o)
+    );
+    std::fs::write(p.path("bad.toml"), update_file("").replace("kind = \"classification\"", "kind = \"regression\""))?;
+    let o = p.mtl(&["update", "--model", "run", "--config", "bad.toml", "--out", "run3"])?;
+    assert!(!o.status.success() && stderr(&o).contains("tasks.intent.kind"), "{}", stderr(&o));
+    let o = p.mtl(&[
+        "update",
+        "--model",
+        "run",
+        "--config",
+        "update.toml",
+        "--out",
+        "run3",
+        "--set",
+        "update.rehearsal=2",
+    ])?;
+    assert!(!o.status.success() && stderr(&o).contains("update.rehearsal"), "{}", stderr(&o));
+    assert!(!p.path("run3").exists(), "nothing written");
+    Ok(())
+}
