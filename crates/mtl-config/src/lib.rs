@@ -135,11 +135,7 @@ impl Config {
     ) -> Result<(Config, Vec<String>), ConfigError> {
         let invalid =
             |field: &str, message: String| ConfigError::Invalid { path: path.to_owned(), field: field.into(), message };
-        let mut new: toml::Table = toml::from_str(text)
-            .map_err(|e| ConfigError::Parse { path: path.to_owned(), message: e.to_string().trim_end().to_string() })?;
-        // The new tasks' files are read from the new-task file's folder; the model's config holds its own.
-        paths::resolve(&mut new, path.parent().unwrap_or(Path::new("")), path);
-        let mut combined = toml::Table::try_from(self).expect("a validated config always serializes; this is a bug");
+        let (new, mut combined) = self.task_file(text, path)?;
         let mut names = Vec::new();
         for (key, value) in new {
             match key.as_str() {
@@ -176,6 +172,16 @@ impl Config {
         }
         let text = toml::to_string(&combined).expect("a TOML table serializes; this is a bug");
         Ok((Self::parse(&text, path, overrides)?, names))
+    }
+
+    /// A file of task tables for this trained model (`mtl add-task`, `mtl update`), its data paths resolved
+    /// against its own folder (the model's config holds its own), and this config as a table to merge it into.
+    pub(crate) fn task_file(&self, text: &str, path: &Path) -> Result<(toml::Table, toml::Table), ConfigError> {
+        let mut new: toml::Table = toml::from_str(text)
+            .map_err(|e| ConfigError::Parse { path: path.to_owned(), message: e.to_string().trim_end().to_string() })?;
+        paths::resolve(&mut new, path.parent().unwrap_or(Path::new("")), path);
+        let combined = toml::Table::try_from(self).expect("a validated config always serializes; this is a bug");
+        Ok((new, combined))
     }
 
     /// Keeps only the named tasks (for single-task baselines): the joint frame loses the others, and a

@@ -58,10 +58,7 @@ impl Config {
     ) -> Result<(Config, Vec<String>, UpdateSettings), ConfigError> {
         let invalid =
             |field: &str, message: String| ConfigError::Invalid { path: path.to_owned(), field: field.into(), message };
-        let mut new: toml::Table = toml::from_str(text)
-            .map_err(|e| ConfigError::Parse { path: path.to_owned(), message: e.to_string().trim_end().to_string() })?;
-        crate::paths::resolve(&mut new, path.parent().unwrap_or(Path::new("")), path);
-        let mut combined = toml::Table::try_from(self).expect("a validated config always serializes; this is a bug");
+        let (new, mut combined) = self.task_file(text, path)?;
         let mut names = Vec::new();
         let mut update = toml::Value::Table(toml::Table::new());
         for (key, value) in new {

@@ -70,19 +70,6 @@ fn main_scores(scores: &Scores, config: &Config) -> BTreeMap<String, (String, f6
         .collect()
 }
 
-/// SplitMix64: the rehearsal's draws depend on the seed alone.
-struct Draw(u64);
-
-impl Draw {
-    fn unit(&mut self) -> f64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        ((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 53) as f64
-    }
-}
-
 /// The diagonal empirical Fisher of the protected tasks' loss: the mean over `examples` (one at a time) of
 /// each parameter's squared gradient, scaled so that its mean over all weights is 1 (then `strength` means what
 /// it means for L2-SP, the weights redistributed by importance).
@@ -147,7 +134,8 @@ pub fn update(model_dir: &Path, config_path: &Path, out: &Path, overrides: &[Str
     // The training data: the updated tasks' examples, and a share of the others' (rehearsal). A protected
     // task's label is kept on an example only when the draw picks it.
     let raw = mtl_data::leave_out_unseen(mtl_data::read_split(&config, Split::Train)?, &old.labels, &config, "train");
-    let mut draw = Draw(config.training.seed);
+    // Seeded: the rehearsal's draws depend on the seed alone.
+    let mut draw = crate::tune::SplitMix64(config.training.seed);
     let mut fisher_raw = Vec::new();
     let mut rehearsed = 0;
     let mut kept = Vec::new();
