@@ -14,7 +14,7 @@ fn update_file(extra: &str) -> String {
 #[test]
 fn update_trains_one_task_and_reports_every_task_before_and_after() -> TestResult {
     let p = Project::new()?;
-    let o = p.mtl(&["train", "config.toml", "--out", "run", "--set", "training.epochs=2"])?;
+    let o = p.mtl(&["train", "config.toml", "--out", "run", "--set", "training.epochs=8"])?;
     assert!(o.status.success(), "{}", stderr(&o));
     std::fs::write(p.path("update.toml"), update_file(""))?;
     let o = p.mtl(&["update", "--model", "run", "--config", "update.toml", "--out", "run2"])?;
@@ -30,6 +30,19 @@ fn update_trains_one_task_and_reports_every_task_before_and_after() -> TestResul
     assert!(config.contains("test.jsonl"), "{config}");
     let o = p.mtl(&["eval", "--model", "run2"])?;
     assert!(o.status.success(), "{}", stderr(&o));
+    // A protected task that falls past the tolerance (here: a rate that wrecks the shared encoder, nothing
+    // replayed): refused, naming the task, nothing written.
+    let wreck = ["--set", "update.tolerance=0", "--set", "update.rehearsal=0", "--set", "update.penalty=\"none\""];
+    let rates = ["--set", "training.lr=0.5", "--set", "training.head_lr=0.5"];
+    let args =
+        [["update", "--model", "run", "--config", "update.toml", "--out", "run4"].as_slice(), &wreck, &rates].concat();
+    let o = p.mtl(&args)?;
+    assert!(
+        !o.status.success() && stderr(&o).contains("not written") && stderr(&o).contains("slots"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(!p.path("run4").exists(), "nothing written");
     // A task the model does not have, or another kind, is refused naming the field; so is a bad share.
     std::fs::write(p.path("bad.toml"), update_file("").replace("[tasks.intent]", "[tasks.topic]"))?;
     let o = p.mtl(&["update", "--model", "run", "--config", "bad.toml", "--out", "run3"])?;
