@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Creates the ignored Python environment .venv with PyTorch, transformers, accelerate (for the Trainer recipe), peft,
-# seqeval and scikit-learn (bench/requirements.txt), used by the benchmarks, the PyTorch reference runs and
+# seqeval, scikit-learn and captum (bench/requirements.txt), used by the benchmarks, the PyTorch reference runs and
 # scripts/make_fixtures.py. The tests do not need it. Idempotent: reinstalls when bench/requirements.txt changes.
 set -euo pipefail
 cd "$(dirname "$0")/.."

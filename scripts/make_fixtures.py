@@ -1,7 +1,7 @@
 """Makes the reference fixtures under tests/fixtures/ that the Rust tests compare against.
 
 Run with the bench virtual environment (bench/requirements.txt: torch 2.13.0, transformers 5.24.0,
-seqeval 1.2.2), after scripts/fetch.sh:
+seqeval 1.2.2, captum 0.9.0), after scripts/fetch.sh:
 
     .venv/bin/python scripts/make_fixtures.py
 
@@ -10,6 +10,9 @@ It writes:
                         tokenizer.json (fixed padding/truncation at 16, like the default model's), and reference.json with
                         input ids, attention mask, transformers' last_hidden_state, and, for a [CLS] linear
                         head with cross-entropy (dropout off), the loss and each parameter's gradient L2 norm
+  tiny-bert/explain.json Captum 0.9.0's integrated gradients (LayerIntegratedGradients on the word embeddings,
+                        50 Gauss-Legendre steps, a [PAD] baseline) and gradient x input for a random head of each
+                        encoder task kind, with the heads' weights (`make_fixtures.py explain`)
   tiny-bert/lora.*      two LoRA adapters made with peft 0.21.0 (r 4, alpha 8, on all six linear layers of
                         both blocks, random weights) in lora.safetensors, and in lora.json each adapter's
                         last_hidden_state, a mixed batch's (PEFT's adapter_names, one adapter per row), and a
@@ -713,6 +716,81 @@ def tiny_tokenizer(path):
     tok.save(str(path))
 
 
+def explain_fixture():
+    """tiny-bert/explain.json: Captum 0.9.0's attributions for one head of each encoder task kind on tiny-bert
+    (a sentence, and a pair for the pair task; dropout off): LayerIntegratedGradients on
+    `embeddings.word_embeddings` (50 steps, Gauss-Legendre, Captum's default; the baseline every token but
+    [CLS] and [SEP] replaced by [PAD], id 0) with its convergence delta, and LayerGradientXActivation on the
+    same layer, both summed over the embedding width; each head's random weights (seed 0), the explained
+    output and its value at the input and at the baseline."""
+    from captum.attr import LayerGradientXActivation, LayerIntegratedGradients
+
+    d = OUT / "tiny-bert"
+    model = BertModel.from_pretrained(d, add_pooling_layer=False).eval()
+    torch.manual_seed(0)
+    sentence = torch.tensor([[2, 7, 9, 11, 13, 17, 3]])
+    pair = torch.tensor([[2, 7, 9, 3, 21, 23, 25, 3]])
+    pair_types = torch.tensor([[0, 0, 0, 0, 1, 1, 1, 1]])
+    cases = [
+        # name, kind, outputs, input ids, token types, explained output
+        ("topic", "classification", 3, sentence, None, {"class": None}),
+        ("nli", "classification", 3, pair, pair_types, {"class": None}),
+        ("labels", "multi_label", 4, sentence, None, {"label": None}),
+        ("score", "regression", 1, sentence, None, {"value": 0}),
+        ("tags", "token_classification", 5, sentence, None, {"tag": 1, "position": 3}),
+        ("qa_start", "question_answering", 2, pair, pair_types, {"start": 5}),
+        ("qa_end", "question_answering", 2, pair, pair_types, {"end": 6}),
+    ]
+    out = []
+    for name, kind, outputs, ids, types, explained in cases:
+        types = torch.zeros_like(ids) if types is None else types
+        mask = torch.ones_like(ids)
+        head = torch.nn.Linear(32, outputs)
+        with torch.no_grad():
+            head.weight.normal_(0, 1.0)
+            head.bias.normal_(0, 0.1)
+        # A sequence head explains its most likely class or label at the input, as `mtl explain` does.
+        for key in ("class", "label"):
+            if key in explained:
+                with torch.no_grad():
+                    cls = model(input_ids=ids, token_type_ids=types, attention_mask=mask).last_hidden_state[:, 0]
+                    explained = {key: int(head(cls)[0].argmax())}
+
+        def forward(input_ids, token_type_ids, attention_mask, head=head, explained=explained):
+            hidden = model(input_ids=input_ids, token_type_ids=token_type_ids, attention_mask=attention_mask)
+            hidden = hidden.last_hidden_state
+            if "class" in explained:
+                return torch.softmax(head(hidden[:, 0]), -1)[:, explained["class"]]
+            if "label" in explained:
+                return torch.sigmoid(head(hidden[:, 0]))[:, explained["label"]]
+            if "value" in explained:
+                return head(hidden[:, 0])[:, explained["value"]]
+            if "tag" in explained:
+                return torch.softmax(head(hidden[:, explained["position"]]), -1)[:, explained["tag"]]
+            side, position = ("start", explained["start"]) if "start" in explained else ("end", explained["end"])
+            scores = head(hidden)[:, :, 0 if side == "start" else 1]
+            return torch.softmax(scores, -1)[:, position]
+
+        special = (ids == 2) | (ids == 3)
+        baseline = torch.where(special, ids, torch.zeros_like(ids))
+        layer = model.embeddings.word_embeddings
+        ig = LayerIntegratedGradients(forward, layer)
+        attributions, delta = ig.attribute(ids, baselines=baseline, additional_forward_args=(types, mask),
+                                           n_steps=50, return_convergence_delta=True)
+        gxi = LayerGradientXActivation(forward, layer).attribute(ids, additional_forward_args=(types, mask))
+        with torch.no_grad():
+            value = forward(ids, types, mask).item()
+            base_value = forward(baseline, types, mask).item()
+        out.append({
+            "task": name, "kind": kind, "outputs": outputs, "explained": explained,
+            "input_ids": ids[0].tolist(), "token_type_ids": types[0].tolist(), "baseline_ids": baseline[0].tolist(),
+            "weight": head.weight.detach().tolist(), "bias": head.bias.detach().tolist(),
+            "integrated_gradients": attributions.sum(-1)[0].tolist(), "delta": delta.item(),
+            "gradient_x_input": gxi.sum(-1)[0].tolist(), "output": value, "baseline_output": base_value,
+        })
+    (d / "explain.json").write_text(json.dumps({"captum": "0.9.0", "n_steps": 50, "cases": out}, indent=1))
+
+
 def real_encoder_reference(model_dir, model_class, sentences, name):
     """A real encoder's tokenization of `sentences` (words, as the token tasks feed them) and its last hidden
     states, from transformers (`name` under tests/fixtures)."""
@@ -1338,6 +1416,8 @@ if __name__ == "__main__":
         tiny_bert_formats()
     elif sys.argv[1:] == ["mpnet"]:
         mpnet()
+    elif sys.argv[1:] == ["explain"]:
+        explain_fixture()
     else:
         tiny_bert()
         tiny_families()
@@ -1356,6 +1436,7 @@ if __name__ == "__main__":
         gemma3_fixture()
         pretokenizer_fixture()
         qa_windows_fixture()
+        explain_fixture()
         metric_fixtures()
         weighting_fixtures()
     print("fixtures written to", OUT)

@@ -946,20 +946,40 @@ impl Bert {
 
     /// The hidden states of the last layer, flattened to `[batch * seq, hidden]`.
     pub fn forward(&self, input: &BertInput, dropout: &DropoutRng, mode: Mode) -> Result<Tensor> {
+        let words = self.word_embeddings(&input.input_ids)?;
+        self.forward_words(input, &words, dropout, mode)
+    }
+
+    /// The rows of the word-embedding table for `ids` (`[batch, seq]`): `[batch, seq, width]`.
+    pub fn word_embeddings(&self, ids: &Tensor) -> Result<Tensor> {
+        let (b, s) = ids.dims2()?;
+        let width = self.config.embedding_width();
+        Ok(self.embeddings.word.index_select(&ids.flatten_all()?, 0)?.reshape((b, s, width))?)
+    }
+
+    /// [`Bert::forward`] from word embeddings `words` (`[batch, seq, width]`) in place of the table's rows for
+    /// `input.input_ids` (whose position and token-type embeddings are still added): the layer that
+    /// integrated gradients interpolate ([`crate::explain`]).
+    pub fn forward_words(&self, input: &BertInput, words: &Tensor, dropout: &DropoutRng, mode: Mode) -> Result<Tensor> {
         let (b, s) = input.input_ids.dims2()?;
         let h = self.config.hidden_size;
         if s > self.config.max_tokens() {
             let max = self.config.max_tokens();
             return Err(NnError::Input(format!("sequence of {s} tokens exceeds the model's {max} positions")));
         }
-        let ids = input.input_ids.flatten_all()?;
         // RoBERTa's positions start after its padding id's (the padding's own rows are masked out, so counting
         // every position from there gives the real tokens transformers' positions).
         let offset = self.config.position_offset() as u32;
         let width = self.config.embedding_width();
-        let mut x = self.embeddings.word.index_select(&ids, 0)?.reshape((b, s, width))?;
+        if words.dims() != [b, s, width] {
+            return Err(NnError::Input(format!(
+                "word embeddings of shape {:?}, expected [{b}, {s}, {width}]",
+                words.dims()
+            )));
+        }
+        let mut x = words.clone();
         if let Some(position) = &self.embeddings.position {
-            let positions = Tensor::arange(offset, offset + s as u32, ids.device())?;
+            let positions = Tensor::arange(offset, offset + s as u32, words.device())?;
             x = x.broadcast_add(&position.index_select(&positions, 0)?)?; // [s, width]
         }
         match &self.embeddings.token_type {

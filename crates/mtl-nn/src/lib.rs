@@ -10,6 +10,7 @@ pub mod cpu;
 mod crf;
 pub mod deberta;
 pub mod decoder;
+pub mod explain;
 pub mod generate;
 pub mod gguf;
 mod heads;

@@ -275,6 +275,40 @@ impl MultiTaskModel {
         self.bert.forward(&self.input(batch, routes)?, &self.dropout, mode)
     }
 
+    /// [`MultiTaskModel::encode_for`] from word embeddings in place of the table's rows for the batch's ids
+    /// (see [`Bert::forward_words`]); `task` picks the adapter of a model with one per task.
+    pub fn encode_words(&self, task: &TaskId, batch: &HostBatch, words: &Tensor, mode: Mode) -> Result<Tensor> {
+        let routes = match self.per_task_peft() {
+            Some(spec) => Some(vec![Route { adapter: spec.adapter_of(task)?, examples: 0..batch.batch }]),
+            None => None,
+        };
+        self.bert.forward_words(&self.input(batch, routes)?, words, &self.dropout, mode)
+    }
+
+    /// The rows of the word-embedding table for the batch's ids, `[batch, seq, width]`.
+    pub fn word_embeddings(&self, batch: &HostBatch) -> Result<Tensor> {
+        self.bert.word_embeddings(&Tensor::from_slice(&batch.input_ids, (batch.batch, batch.seq), &self.device)?)
+    }
+
+    /// A head's logits on the hidden states of `batch` (from [`MultiTaskModel::encode_words`] or
+    /// [`MultiTaskModel::encode_for`]), carrying the graph: `[batch, outputs]` for a sequence-level task (its
+    /// pooled states), `[batch, seq, outputs]` for a token task (CRF emissions) and QA (start and end).
+    pub fn head_logits(&self, task: &TaskId, hidden: &Tensor, batch: &HostBatch, mode: Mode) -> Result<Tensor> {
+        let head = self.heads.get(task).ok_or_else(|| NnError::Input(format!("the model has no task `{task}`")))?;
+        match head.kind() {
+            TaskKind::Classification | TaskKind::MultiLabel | TaskKind::Regression => {
+                let examples: Vec<usize> = (0..batch.batch).collect();
+                let states = self.sequence_states(hidden, batch, &examples)?;
+                Ok(head.forward_states(&states, &self.dropout, mode)?.logits)
+            }
+            TaskKind::TokenClassification | TaskKind::QuestionAnswering => {
+                let logits = head.forward_states(hidden, &self.dropout, mode)?.logits;
+                Ok(logits.reshape((batch.batch, batch.seq, head.num_labels()))?)
+            }
+            TaskKind::Generation => Err(NnError::Unsupported("generation tasks have no encoder head".into())),
+        }
+    }
+
     /// The method when each task has its own adapter and none is merged.
     fn per_task_peft(&self) -> Option<&PeftSpec> {
         self.bert.peft().filter(|spec| spec.per_task() && self.bert.merged().is_none())
