@@ -173,6 +173,32 @@ pub enum Command {
         #[arg(long)]
         full_precision: bool,
     },
+    /// Explain every task's prediction for each input line (read as `mtl predict` reads them): integrated
+    /// gradients and gradient × input per token and per word, one JSON object a line.
+    Explain {
+        /// A checkpoint directory written by `mtl train` (an encoder run).
+        #[arg(long)]
+        model: PathBuf,
+        /// Read inputs from this file instead of standard input.
+        #[arg(long)]
+        input: Option<PathBuf>,
+        /// Explain these tasks only (comma-separated; every task by default).
+        #[arg(long, value_delimiter = ',')]
+        tasks: Vec<String>,
+        /// Points on the integrated-gradients path (more: a smaller completeness error, proportionally slower).
+        #[arg(long, default_value_t = 50)]
+        steps: usize,
+        /// Where the path starts: `pad` (every token but the special ones replaced by padding), `mask`, or
+        /// `zero` (all-zero word embeddings).
+        #[arg(long, default_value = "pad")]
+        baseline: mtl::BaselineKind,
+        /// Token tasks: explain every word's tag, not only the words tagged other than O.
+        #[arg(long)]
+        all_words: bool,
+        /// Also write an HTML page that colours the words.
+        #[arg(long)]
+        html: Option<PathBuf>,
+    },
     /// Train new tasks onto a trained model, with everything it has frozen: each new task gets a head (and,
     /// on a model with per-task adapters, its own adapter); the old tasks predict exactly as before.
     AddTask {

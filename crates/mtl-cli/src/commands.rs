@@ -132,6 +132,12 @@ pub fn run(cli: Cli) -> Result<()> {
             mtl::show_item_progress(true);
             predict(&model, input.as_deref(), &PredictOptions { batch_size, full_precision })?
         }
+        Command::Explain { model, input, tasks, steps, baseline, all_words, html } => explain(
+            &model,
+            input.as_deref(),
+            &mtl::ExplainOptions { steps, baseline, tasks, all_words },
+            html.as_deref(),
+        )?,
         Command::Info { model } => {
             let run = Run::open(&model)?;
             let info = serde_json::json!({"manifest": run.manifest(), "capabilities": run.capabilities()});
@@ -293,6 +299,41 @@ fn print_transform(report: &mtl::TransformReport, out: &Path) -> Result<()> {
 }
 
 /// Reads inputs a line at a time, predicts them in groups and prints one JSON object per input.
+fn explain(model: &Path, input: Option<&Path>, options: &mtl::ExplainOptions, html: Option<&Path>) -> Result<()> {
+    let run = Run::open_for_explanations(model)?;
+    let reader: Box<dyn BufRead> = match input {
+        Some(p) => Box::new(std::io::BufReader::new(
+            std::fs::File::open(p).with_context(|| format!("{}: cannot open", p.display()))?,
+        )),
+        None => Box::new(std::io::stdin().lock()),
+    };
+    let source = input.map_or_else(|| "<stdin>".into(), Path::to_path_buf);
+    let mut out = std::io::stdout().lock();
+    let mut all = Vec::new();
+    for (i, line) in reader.lines().enumerate() {
+        let location = Location { path: source.clone(), line: i + 1 };
+        let line = line.with_context(|| format!("{}: cannot read", source.display()))?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let input = run.parse_input(&line, &location)?;
+        for explanation in run.explain(&[(location, input)], options)? {
+            writeln!(out, "{}", serde_json::to_string(&explanation)?)?;
+            out.flush()?;
+            if html.is_some() {
+                all.push(explanation);
+            }
+        }
+    }
+    if let Some(path) = html {
+        let title = format!("Explanations of {}", model.display());
+        std::fs::write(path, mtl::explanation_html(&all, &title))
+            .with_context(|| format!("{}: cannot write", path.display()))?;
+        tracing::info!("wrote {}", path.display());
+    }
+    Ok(())
+}
+
 fn predict(model: &Path, input: Option<&Path>, options: &PredictOptions) -> Result<()> {
     let run = Run::open(model)?;
     let reader: Box<dyn BufRead> = match input {

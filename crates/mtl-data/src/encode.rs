@@ -24,6 +24,40 @@ pub struct QaWindow {
     pub encoded: Encoded,
     /// For each token, its character span in the context; `None` outside the context.
     pub offsets: Vec<Option<(usize, usize)>>,
+    /// Each token as explanations show it.
+    pub pieces: Vec<Piece>,
+}
+
+/// One token of an encoded input, as explanations show it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Piece {
+    /// The token as the vocabulary spells it (`##ing`, `Ġthe`, `[CLS]`).
+    pub token: String,
+    /// A token the tokenizer adds ([CLS], [SEP], `<s>`, …).
+    pub special: bool,
+    /// Which text it comes from: 0 the text, the words or the question; 1 a pair's second text or the
+    /// context. `None` for a special token.
+    pub sequence: Option<usize>,
+    /// Which word of that text it belongs to (the tokenizer's own split into words: punctuation is a word of
+    /// its own; for pre-split words, the word given).
+    pub word: Option<u32>,
+    /// Its span in that text, in characters (in its word, for pre-split words).
+    pub offsets: (usize, usize),
+}
+
+fn pieces_of(e: &Encoding) -> Vec<Piece> {
+    (0..e.len())
+        .map(|i| {
+            let special = e.get_special_tokens_mask()[i] == 1;
+            Piece {
+                token: e.get_tokens()[i].clone(),
+                special,
+                sequence: if special { None } else { e.get_sequence_ids()[i] },
+                word: if special { None } else { e.get_word_ids()[i] },
+                offsets: e.get_offsets()[i],
+            }
+        })
+        .collect()
 }
 
 /// The model's tokenizer, with its fixed padding removed (batches are padded to their longest sequence)
@@ -154,6 +188,23 @@ impl TextEncoder {
         })
     }
 
+    /// The tokens of `input` as [`TextEncoder::encode`] gives their ids, each with its text and word.
+    pub fn pieces(&self, input: &Input) -> Result<Vec<Piece>, String> {
+        let encoding = match input {
+            Input::Text(t) => self.tokenizer.encode_char_offsets(t.as_str(), true),
+            Input::Pair(a, b) => self.tokenizer.encode_char_offsets((a.as_str(), b.as_str()), true),
+            Input::Question { question, context } => {
+                self.tokenizer.encode_char_offsets((question.as_str(), context.as_str()), true)
+            }
+            Input::Words(w) => {
+                let words: Vec<&str> = w.iter().map(String::as_str).collect();
+                self.words.encode_char_offsets(words.as_slice(), true)
+            }
+        }
+        .map_err(|e| format!("cannot tokenize: {e}"))?;
+        Ok(pieces_of(&encoding))
+    }
+
     /// Cuts a question and a long context into windows of at most `max_len` tokens: the question (cut to
     /// `max_query_len` tokens) with consecutive pieces of the context that share `stride` tokens, as
     /// transformers' QA preprocessing (`return_overflowing_tokens`, `stride`) does. Offsets are in characters.
@@ -197,7 +248,7 @@ impl TextEncoder {
                     word_starts: Vec::new(),
                     truncated: false,
                 };
-                Ok(QaWindow { encoded, offsets })
+                Ok(QaWindow { encoded, offsets, pieces: pieces_of(&full) })
             })
             .collect()
     }

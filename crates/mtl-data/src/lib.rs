@@ -17,7 +17,7 @@ use std::path::PathBuf;
 
 pub use collate::{collate, collate_lm, epoch_batches, epoch_order, Batching};
 pub use dataset::{leave_out_unseen, Dataset, Example, Label, QaFeature, Question};
-pub use encode::{Encoded, QaWindow, TextEncoder};
+pub use encode::{Encoded, Piece, QaWindow, TextEncoder};
 pub use labels::{LabelMap, Scale};
 pub use read::{read_split, Answer, Input, Location, RawExample, RawLabel};
 

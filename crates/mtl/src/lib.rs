@@ -32,6 +32,7 @@ mod decoder;
 mod deploy;
 mod encoder;
 mod error;
+mod explain;
 mod export;
 mod files;
 mod init;
@@ -55,6 +56,10 @@ pub use check::{check, check_with, CheckReport, EpochEstimate, TaskCheck};
 pub use decoder::{check_sampling, BatchEngine, Decoder, GenerateRequest, Generated};
 pub use deploy::{prune, quantize, TransformReport};
 pub use error::{Error, Result};
+pub use explain::{
+    html as explanation_html, Attributions, BaselineKind, ExplainOptions, Explanation, Target, TaskExplanation, Token,
+    Word,
+};
 pub use export::export;
 pub use init::{init, InitReport, DEFAULT_MODEL};
 pub use manifest::{RunManifest, WeightLayout, RUN_CONFIG};

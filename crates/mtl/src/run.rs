@@ -35,10 +35,12 @@ pub enum Operation {
     AddTask,
     /// Some tasks trained further on new data, the others protected (`mtl update`).
     Update,
+    /// Attributions of every task's answer to the input's words (`mtl explain`, `POST /v1/explain`).
+    Explain,
 }
 
 impl Operation {
-    pub const ALL: [Operation; 9] = [
+    pub const ALL: [Operation; 10] = [
         Operation::Evaluate,
         Operation::Predict,
         Operation::ServeTasks,
@@ -48,6 +50,7 @@ impl Operation {
         Operation::Prune,
         Operation::AddTask,
         Operation::Update,
+        Operation::Explain,
     ];
 }
 
@@ -96,10 +99,22 @@ impl Run {
         Self::open_with(dir, false)
     }
 
+    /// Opens the run in `dir` to explain its predictions ([`Run::explain`]): dropout off (LoRA's too) and
+    /// the projections in f32, for gradients without randomness.
+    pub fn open_for_explanations(dir: &Path) -> Result<Self> {
+        let run = Self::open_with_gradients(dir, true, true)?;
+        run.require(Operation::Explain)?;
+        Ok(run)
+    }
+
     fn open_with(dir: &Path, merge: bool) -> Result<Self> {
+        Self::open_with_gradients(dir, merge, false)
+    }
+
+    fn open_with_gradients(dir: &Path, merge: bool, gradients: bool) -> Result<Self> {
         let manifest = RunManifest::read(dir)?;
         let loaded = match manifest.architecture {
-            Architecture::Bert => Loaded::Encoder(Box::new(EncoderRun::load(dir, &manifest, merge)?)),
+            Architecture::Bert => Loaded::Encoder(Box::new(EncoderRun::load(dir, &manifest, merge, gradients)?)),
             Architecture::Llama => Loaded::Decoder(Box::new(DecoderRun::load(dir, &manifest)?)),
         };
         Ok(Self { dir: dir.to_owned(), manifest, loaded })
@@ -189,11 +204,15 @@ impl Run {
                     Operation::Update if int8 => Some(
                         "an int8 model (mtl quantize) is for inference; update the model it was quantised from".into(),
                     ),
+                    Operation::Explain if int8 => Some(
+                        "an int8 model (mtl quantize) has no gradients to explain with; explain the model it was quantised from".into(),
+                    ),
                     Operation::Export
                     | Operation::Quantize
                     | Operation::Prune
                     | Operation::AddTask
-                    | Operation::Update => None,
+                    | Operation::Update
+                    | Operation::Explain => None,
                 }
             }
             Loaded::Decoder(_) => match op {
@@ -207,7 +226,8 @@ impl Run {
                 | Operation::Quantize
                 | Operation::Prune
                 | Operation::AddTask
-                | Operation::Update => {
+                | Operation::Update
+                | Operation::Explain => {
                     Some("a decoder run; this takes encoder runs so far (a decoder run can evaluate, predict and generate)".into())
                 }
             },
@@ -296,6 +316,23 @@ impl Run {
         match &self.loaded {
             Loaded::Encoder(e) => crate::encoder::predict::records(e, inputs, options),
             Loaded::Decoder(d) => d.predict(inputs, options.batch_size),
+        }
+    }
+
+    /// Why each task answered each input as it did ([`crate::explain`]); the run must have been opened with
+    /// [`Run::open_for_explanations`].
+    pub fn explain(
+        &self,
+        inputs: &[(Location, Input)],
+        options: &crate::ExplainOptions,
+    ) -> Result<Vec<crate::Explanation>> {
+        self.require(Operation::Explain)?;
+        match &self.loaded {
+            Loaded::Encoder(e) if e.gradients => crate::explain::explain(e, inputs, options),
+            _ => Err(Error::Unsupported {
+                run: self.dir.clone(),
+                message: "explanations need the run opened for them (Run::open_for_explanations)".into(),
+            }),
         }
     }
 

@@ -99,12 +99,20 @@ pub(crate) struct EncoderRun {
     /// A parameter-efficient run's base model directory (checked against its checksum); `None` for a run that
     /// holds all its weights.
     pub(crate) base: Option<PathBuf>,
+    /// Loaded for gradients without randomness ([`EncoderRun::load`]).
+    pub(crate) gradients: bool,
 }
 
 impl EncoderRun {
-    /// The run in `dir`; with `merge`, one shared LoRA adapter is merged into the weights (for speed).
-    pub(crate) fn load(dir: &Path, manifest: &RunManifest, merge: bool) -> Result<Self> {
-        let (config, labels) = files::read_meta(dir)?;
+    /// The run in `dir`; with `merge`, one shared LoRA adapter is merged into the weights (for speed); with
+    /// `gradients`, for passes that need gradients without randomness (explanations): dropout off (LoRA's
+    /// too) and the projections in f32.
+    pub(crate) fn load(dir: &Path, manifest: &RunManifest, merge: bool, gradients: bool) -> Result<Self> {
+        let (mut config, labels) = files::read_meta(dir)?;
+        if gradients {
+            config.training.dropout = 0.0;
+            config.peft.dropout = 0.0;
+        }
         let base = match &manifest.base {
             Some(b) => Some(b.resolve(dir)?),
             None => None,
@@ -140,7 +148,9 @@ impl EncoderRun {
             (None, _) => MultiTaskModel::load(&spec, &dir.join(files::WEIGHTS), true, &Device::Cpu)?,
         };
         let mut model = model;
-        set_precision(&mut model, &config);
-        Ok(Self { config, labels, encoder, model, base })
+        if !gradients {
+            set_precision(&mut model, &config);
+        }
+        Ok(Self { config, labels, encoder, model, base, gradients })
     }
 }
