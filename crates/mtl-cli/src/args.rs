@@ -394,4 +394,7 @@ pub struct ServeFlags {
     /// The share of prediction requests logged, in (0, 1] [default: 1].
     #[arg(long)]
     pub request_log_sample: Option<f64>,
+    /// Encoder runs: answer POST /v1/explain (integrated gradients per word, as `mtl explain`) [default: false].
+    #[arg(long)]
+    pub explain: Option<bool>,
 }

@@ -241,6 +241,7 @@ impl ServeFlags {
             drift_threshold: self.drift_threshold,
             request_log: self.request_log,
             request_log_sample: self.request_log_sample,
+            explain: self.explain,
         }
     }
 }

@@ -73,6 +73,11 @@ pub struct ServeConfig {
     pub request_log: Option<PathBuf>,
     /// The share of prediction requests logged to `request_log`, in (0, 1].
     pub request_log_sample: f64,
+    /// Encoder runs: answer `POST /v1/explain` (integrated gradients and gradient × input of each task's
+    /// answer, as `mtl explain` gives them). Off by default: an explanation costs a forward and a backward
+    /// pass per path step, and a second, dropout-free copy of the model is loaded for it. One explanation
+    /// runs at a time; another request meanwhile is answered 429.
+    pub explain: bool,
 }
 
 impl Default for ServeConfig {
@@ -102,6 +107,7 @@ impl Default for ServeConfig {
             drift_threshold: 0.25,
             request_log: None,
             request_log_sample: 1.0,
+            explain: false,
         }
     }
 }
@@ -133,6 +139,7 @@ pub struct ServeOverrides {
     pub drift_threshold: Option<f64>,
     pub request_log: Option<PathBuf>,
     pub request_log_sample: Option<f64>,
+    pub explain: Option<bool>,
 }
 
 /// A serve config file: its one table, `[serve]`.
@@ -171,6 +178,7 @@ impl ServeConfig {
         self.drift_threshold = o.drift_threshold.unwrap_or(self.drift_threshold);
         self.request_log = o.request_log.or(self.request_log.take());
         self.request_log_sample = o.request_log_sample.unwrap_or(self.request_log_sample);
+        self.explain = o.explain.unwrap_or(self.explain);
     }
 
     /// The `[serve]` table of `path`, checked; relative `api_keys` and `request_log` paths are taken relative
@@ -293,7 +301,7 @@ mod tests {
         let cases = [
             (
                 "[serve]\nqueue_bound = 4\nqueue_size = 8\n",
-                "invalid config conf/serve.toml: TOML parse error at line 3, column 1\n  |\n3 | queue_size = 8\n  | ^^^^^^^^^^\nunknown field `queue_size`, expected one of `addr`, `max_batch_tokens`, `max_wait_ms`, `queue_bound`, `max_input_chars`, `max_inputs`, `body_limit`, `timeout_s`, `api_keys`, `threads`, `allowed_hosts`, `cors_origins`, `header_timeout_s`, `max_connections`, `shutdown_timeout_s`, `max_sequences`, `prefill_chunk`, `kv_cache_mb`, `kv_block`, `prefix_cache`, `drift_window`, `drift_threshold`, `request_log`, `request_log_sample`",
+                "invalid config conf/serve.toml: TOML parse error at line 3, column 1\n  |\n3 | queue_size = 8\n  | ^^^^^^^^^^\nunknown field `queue_size`, expected one of `addr`, `max_batch_tokens`, `max_wait_ms`, `queue_bound`, `max_input_chars`, `max_inputs`, `body_limit`, `timeout_s`, `api_keys`, `threads`, `allowed_hosts`, `cors_origins`, `header_timeout_s`, `max_connections`, `shutdown_timeout_s`, `max_sequences`, `prefill_chunk`, `kv_cache_mb`, `kv_block`, `prefix_cache`, `drift_window`, `drift_threshold`, `request_log`, `request_log_sample`, `explain`",
             ),
             ("[serve]\nqueue_bound = 0\n", "invalid config conf/serve.toml: field `serve.queue_bound`: must be at least 1"),
             ("[serve]\nbody_limit = 10\n", "invalid config conf/serve.toml: field `serve.body_limit`: must be at least 1024 bytes"),

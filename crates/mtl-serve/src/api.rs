@@ -6,6 +6,7 @@
 //! | `GET /v1/tasks` | `{"tasks": [{"name", "kind", "labels"}]}` |
 //! | `POST /v1/predict` `{"inputs": [...], "tasks": [...]}` | `{"predictions": [{TASK: ...}]}`, one per input; tasks default to all |
 //! | `POST /v1/tasks/{task}/predict` `{"inputs": [...]}` | the same for one task |
+//! | `POST /v1/explain` `{"input": ..., "tasks": [...], "steps": 50, "baseline": "pad", "all_words": false}` | the input's predictions and each task's attributions per token and word, as `mtl explain` prints them; only with `explain` on, one at a time (429 while one runs) |
 //! | `GET /metrics` | Prometheus text ([`crate::metrics`]) |
 //! | `GET /openapi.json` | the OpenAPI 3.1 description ([`crate::openapi`]) |
 //!
@@ -68,6 +69,8 @@ pub struct Settings {
     pub drift: crate::drift::DriftSettings,
     /// Where a sampled share of the prediction requests is logged ([`crate::request_log`]); none: nowhere.
     pub request_log: Option<Arc<crate::request_log::RequestLog>>,
+    /// Answer `POST /v1/explain`.
+    pub explain: bool,
 }
 
 /// How a decoder's engine batches generation (`ServeConfig`'s decoder keys).
@@ -111,6 +114,7 @@ impl Settings {
             cors_origins: config.cors_origins.clone(),
             drift: crate::drift::DriftSettings { window: config.drift_window, threshold: config.drift_threshold },
             request_log: None,
+            explain: config.explain,
             generation: GenerationSettings {
                 max_sequences: config.max_sequences,
                 prefill_chunk: config.prefill_chunk,
@@ -259,6 +263,8 @@ struct AppState<E: Engine> {
     metrics: Arc<Metrics>,
     /// The answers' distributions and their drift from the engine's reference.
     monitor: crate::drift::Monitor,
+    /// One explanation at a time: they are costly and run beside the model thread.
+    explaining: Arc<tokio::sync::Semaphore>,
 }
 
 /// The router over `engine`, with its model thread started.
@@ -268,14 +274,19 @@ pub fn router<E: Engine>(engine: E, settings: Settings) -> Router {
     let batcher = Batcher::start(engine.clone(), settings.batch, metrics.clone());
     let limit = settings.body_limit;
     let monitor = crate::drift::Monitor::new(engine.tasks(), engine.drift_reference(), settings.drift);
-    let state = Arc::new(AppState { engine, batcher, settings: settings.clone(), metrics, monitor });
-    let router = Router::new()
+    let explaining = Arc::new(tokio::sync::Semaphore::new(1));
+    let state = Arc::new(AppState { engine, batcher, settings: settings.clone(), metrics, monitor, explaining });
+    let mut router = Router::new()
         .route("/health", get(|| async { Json(json!({"status": "ok"})) }))
         .route("/metrics", get(metrics_text::<E>))
         .route("/openapi.json", get(openapi::<E>))
         .route("/v1/tasks", get(tasks::<E>))
         .route("/v1/predict", post(predict::<E>))
-        .route("/v1/tasks/{task}/predict", post(predict_task::<E>))
+        .route("/v1/tasks/{task}/predict", post(predict_task::<E>));
+    if settings.explain {
+        router = router.route("/v1/explain", post(explain::<E>));
+    }
+    let router = router
         .route_layer(middleware::from_fn_with_state(state.clone(), authenticate::<E>))
         .route_layer(middleware::from_fn_with_state(state.clone(), count::<E>))
         .layer(DefaultBodyLimit::max(limit))
@@ -343,7 +354,11 @@ async fn count<E: Engine>(State(state): State<Arc<AppState<E>>>, request: Reques
 }
 
 async fn openapi<E: Engine>(State(state): State<Arc<AppState<E>>>) -> Json<Value> {
-    Json(crate::openapi::document(state.engine.tasks(), state.settings.api_keys.is_some()))
+    let mut doc = crate::openapi::document(state.engine.tasks(), state.settings.api_keys.is_some());
+    if state.settings.explain {
+        crate::openapi::add_explain(&mut doc);
+    }
+    Json(doc)
 }
 
 async fn metrics_text<E: Engine>(State(state): State<Arc<AppState<E>>>) -> Response {
@@ -498,6 +513,74 @@ pub fn check_request(
         }
     }
     Ok((inputs, wanted))
+}
+
+/// A checked `POST /v1/explain` request.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ExplainRequest {
+    pub input: RequestInput,
+    /// The tasks to explain (every task when the request names none).
+    pub tasks: Vec<String>,
+    /// Points on the integrated-gradients path, 1 to [`crate::MAX_EXPLAIN_STEPS`].
+    pub steps: usize,
+    /// `pad`, `mask` or `zero`.
+    pub baseline: String,
+    /// Token tasks: every word's tag, not only the words tagged other than `O`.
+    pub all_words: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ExplainBody {
+    input: RequestInput,
+    #[serde(default)]
+    tasks: Option<Vec<String>>,
+    #[serde(default)]
+    steps: Option<usize>,
+    #[serde(default)]
+    baseline: Option<String>,
+    #[serde(default)]
+    all_words: bool,
+}
+
+/// An explain request's body checked against the model's tasks and the limits, as [`check_request`] checks a
+/// predict request's.
+pub fn check_explain(
+    body: &[u8],
+    tasks: &[crate::TaskDescription],
+    settings: &Settings,
+) -> Result<ExplainRequest, ApiError> {
+    let body: ExplainBody = parse(body)?;
+    let steps = body.steps.unwrap_or(50);
+    if !(1..=crate::MAX_EXPLAIN_STEPS).contains(&steps) {
+        return Err(ApiError::Validation(format!("`steps` must be 1 to {}, got {steps}", crate::MAX_EXPLAIN_STEPS)));
+    }
+    let baseline = body.baseline.unwrap_or_else(|| "pad".into());
+    if !["pad", "mask", "zero"].contains(&baseline.as_str()) {
+        return Err(ApiError::Validation(format!("`baseline` must be pad, mask or zero, got {baseline:?}")));
+    }
+    // The predict checks: known tasks, each once, the input's size.
+    let predict = json!({"inputs": [body.input], "tasks": body.tasks});
+    let predict = serde_json::to_vec(&predict).map_err(|e| ApiError::Internal(e.to_string()))?;
+    let (mut inputs, tasks) = check_request(&predict, None, tasks, settings)?;
+    Ok(ExplainRequest { input: inputs.remove(0), tasks, steps, baseline, all_words: body.all_words })
+}
+
+async fn explain<E: Engine>(State(state): State<Arc<AppState<E>>>, request: Request) -> Result<Json<Value>, ApiError> {
+    let Ok(permit) = state.explaining.clone().try_acquire_owned() else { return Err(ApiError::QueueFull) };
+    let body = json_body(request, state.settings.body_limit, false).await?;
+    let checked = check_explain(&body, state.engine.tasks(), &state.settings)?;
+    let engine = state.engine.clone();
+    // The permit goes with the work: a request that times out still holds it until its explanation ends.
+    let work = tokio::task::spawn_blocking(move || {
+        let _permit = permit;
+        engine.explain(&checked)
+    });
+    match tokio::time::timeout(state.settings.request_timeout, work).await {
+        Err(_) => Err(ApiError::Timeout),
+        Ok(Err(e)) => Err(ApiError::Internal(format!("the explanation failed: {e}"))),
+        Ok(Ok(answer)) => Ok(Json(answer?)),
+    }
 }
 
 /// A POST body, read only once the cheap checks pass. While the queue is `full`, the request is refused before

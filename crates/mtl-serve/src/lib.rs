@@ -68,6 +68,9 @@ pub enum EngineError {
 
 /// What the server serves. Shared by the request handlers (which prepare inputs on worker threads) and the
 /// model thread (which predicts), so it is `Sync`.
+/// Points on the integrated-gradients path one explanation (`POST /v1/explain`) may ask for at most.
+pub const MAX_EXPLAIN_STEPS: usize = 200;
+
 pub trait Engine: Send + Sync + 'static {
     /// An input ready for the model (tokenised).
     type Item: Send + 'static;
@@ -89,6 +92,12 @@ pub trait Engine: Send + Sync + 'static {
     /// ([`drift`]); none: the answers are counted, not compared.
     fn drift_reference(&self) -> Option<&drift::Reference> {
         None
+    }
+
+    /// Why the model answers a checked request's input as it does (`POST /v1/explain`, served when
+    /// `explain` is on): the explanation as JSON. Runs on the blocking pool, one at a time.
+    fn explain(&self, _request: &api::ExplainRequest) -> Result<serde_json::Value, EngineError> {
+        Err(EngineError::Invalid("this model does not explain its answers".into()))
     }
 }
 

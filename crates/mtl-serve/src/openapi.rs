@@ -75,6 +75,31 @@ pub fn document(tasks: &[TaskDescription], secured: bool) -> Value {
     doc
 }
 
+/// Adds `POST /v1/explain` to an encoder server's document.
+pub fn add_explain(doc: &mut Value) {
+    let names = doc["components"]["schemas"]["PredictRequest"]["properties"]["tasks"]["items"].clone();
+    let error = |description: &str| json!({"description": description, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}});
+    doc["paths"]["/v1/explain"] = json!({"post": {
+        "summary": "explain each task's answer to one input: integrated gradients and gradient × input per token and word",
+        "requestBody": {"required": true, "content": {"application/json": {"schema": {"type": "object", "required": ["input"], "additionalProperties": false, "properties": {
+            "input": {"$ref": "#/components/schemas/Input"},
+            "tasks": {"type": "array", "minItems": 1, "items": names, "description": "default: every task"},
+            "steps": {"type": "integer", "minimum": 1, "maximum": crate::MAX_EXPLAIN_STEPS, "default": 50, "description": "points on the integrated-gradients path"},
+            "baseline": {"type": "string", "enum": ["pad", "mask", "zero"], "default": "pad"},
+            "all_words": {"type": "boolean", "default": false, "description": "token tasks: every word's tag, not only those tagged other than O"},
+        }}}}},
+        "responses": {
+            "200": {"description": "the input's predictions and, per task, each explained output with its attributions (as `mtl explain` prints them)", "content": {"application/json": {"schema": {"type": "object", "additionalProperties": true}}}},
+            "401": error("missing or wrong API key"),
+            "404": error("unknown task"),
+            "413": error("body larger than the limit"),
+            "422": error("invalid body or input"),
+            "429": error("an explanation is running; retry after the Retry-After seconds"),
+            "503": error("no answer within the request timeout"),
+        },
+    }});
+}
+
 /// The document of a decoder's server (`POST /v1/generate`, `crate::generation`), with the predict routes
 /// of `tasks` (a decoder run's label tasks) when there are any; `secured`: requests need an API key.
 pub fn generation_document(tasks: &[TaskDescription], secured: bool) -> Value {

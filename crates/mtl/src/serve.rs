@@ -71,6 +71,11 @@ pub fn router(model: &Path, settings: Settings) -> Result<Router> {
                     mtl_serve::drift::REFERENCE_FILE
                 );
             }
+            if settings.explain {
+                // A second copy, dropout-free and in f32, for the gradients of explanations.
+                engine.explainer = Some(Run::open_for_explanations(model)?.into_encoder()?);
+                tracing::info!("POST /v1/explain is on");
+            }
             tracing::info!(tasks = engine.tasks.len(), "loaded {}", model.display());
             Ok(mtl_serve::api::router(engine, settings))
         }
@@ -118,6 +123,8 @@ struct ModelEngine {
     questions: AtomicUsize,
     /// The dev set's answers, which the served ones are compared with.
     reference: Option<mtl_serve::drift::Reference>,
+    /// The run loaded for explanations (`explain` on).
+    explainer: Option<Loaded>,
 }
 
 impl ModelEngine {
@@ -128,7 +135,7 @@ impl ModelEngine {
             .iter()
             .map(|(name, t)| crate::predict::task_description(name, t, loaded.labels.get(name)))
             .collect();
-        Self { loaded, tasks, questions: AtomicUsize::new(0), reference: None }
+        Self { loaded, tasks, questions: AtomicUsize::new(0), reference: None, explainer: None }
     }
 }
 
@@ -180,6 +187,26 @@ impl Engine for ModelEngine {
 
     fn drift_reference(&self) -> Option<&mtl_serve::drift::Reference> {
         self.reference.as_ref()
+    }
+
+    fn explain(&self, request: &mtl_serve::api::ExplainRequest) -> Result<Value, EngineError> {
+        let Some(run) = &self.explainer else {
+            return Err(EngineError::Invalid("explanations are off (serve with explain = true)".into()));
+        };
+        let (input, _) = crate::decoder::request_input(&request.input)?;
+        let options = crate::ExplainOptions {
+            steps: request.steps,
+            baseline: request.baseline.parse().map_err(EngineError::Invalid)?,
+            tasks: request.tasks.clone(),
+            all_words: request.all_words,
+        };
+        let location = Location { path: "request".into(), line: 1 };
+        let mut explained = crate::explain::explain(run, &[(location, input)], &options).map_err(|e| match e {
+            Error::Usage(m) => EngineError::Invalid(m),
+            other => EngineError::Model(other.to_string()),
+        })?;
+        let first = explained.pop().ok_or_else(|| EngineError::Model("no explanation; this is a bug".into()))?;
+        serde_json::to_value(first).map_err(|e| EngineError::Model(e.to_string()))
     }
 
     fn prepare(&self, input: &RequestInput) -> Result<(Self::Item, usize), EngineError> {

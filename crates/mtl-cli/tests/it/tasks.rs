@@ -407,3 +407,90 @@ fn predict_reports_bad_lines_with_their_number() -> TestResult {
     }
     Ok(())
 }
+
+/// `mtl explain` explains every task kind of one run: a class, labels, two regression outputs, each tagged word
+/// (CRF and plain), an answer's start and end in the window that holds it. The attributions add up (to a small
+/// error) to the change of each score from the baseline, each word's to its tokens'; the HTML page names every
+/// task. `mtl serve --explain true` answers `POST /v1/explain` the same way, and refuses a bad request.
+#[test]
+fn every_task_kind_is_explained() -> TestResult {
+    let f = setup()?;
+    let out = run(f.dir.path(), &["train", "config.toml", "--out", "run", "--set", "training.epochs=1"], None)?;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let input = [
+        json!({"text": "the flight to boston", "hypothesis": "is cheapest"}).to_string(),
+        json!({"question": "where is the", "context": sentence(5, 30).join(" ")}).to_string(),
+        "the flight to boston on monday".to_string(),
+    ]
+    .join("\n");
+    let out = run(
+        f.dir.path(),
+        &["explain", "--model", "run", "--steps", "64", "--all-words", "--html", "page.html"],
+        Some(&input),
+    )?;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let lines: Vec<Value> =
+        String::from_utf8(out.stdout)?.lines().map(serde_json::from_str).collect::<Result<_, _>>()?;
+    assert_eq!(lines.len(), 3);
+    let mut kinds = std::collections::BTreeSet::new();
+    for line in &lines {
+        let explanations = line["explanations"].as_object().ok_or("explanations")?;
+        for (task, list) in explanations {
+            for x in list.as_array().ok_or("list")? {
+                let what = format!("{task}: {x}");
+                let score = x["score"].as_f64().ok_or("score")?;
+                let base = x["baseline_score"].as_f64().ok_or("baseline_score")?;
+                let ig = &x["integrated_gradients"];
+                let tokens: Vec<f64> = serde_json::from_value(ig["tokens"].clone())?;
+                let words: Vec<f64> = serde_json::from_value(ig["words"].clone())?;
+                let sum: f64 = tokens.iter().sum();
+                let error = x["completeness_error"].as_f64().ok_or("error")?;
+                assert!((sum - (score - base) - error).abs() < 1e-4, "{what}: the error is the sum's");
+                assert!(error.abs() <= 0.02 * (score - base).abs() + 1e-4, "{what}: completeness");
+                assert!((words.iter().sum::<f64>() - sum).abs() < 1e-4, "{what}: words add up their tokens");
+                assert_eq!(x["tokens"].as_array().map(Vec::len), Some(tokens.len()), "{what}");
+                assert_eq!(x["words"].as_array().map(Vec::len), Some(words.len()), "{what}");
+                let t = &x["target"];
+                kinds.insert(match (task.as_str(), t["answer"].as_str()) {
+                    ("qa", Some(side)) => format!("qa {side}"),
+                    ("ner" | "pos", _) if t["word"].is_u64() => format!("{task} word"),
+                    ("affect", _) => format!("affect {}", t["output"].as_str().unwrap_or("")),
+                    (other, _) if t["label"].is_string() => other.to_string(),
+                    (other, _) => format!("{other}?"),
+                });
+            }
+        }
+    }
+    let want = ["affect arousal", "affect valence", "ner word", "nli", "pos word", "qa end", "qa start", "topics"];
+    assert_eq!(kinds.iter().map(String::as_str).collect::<Vec<_>>(), want);
+    // The question's words are the question's and the window's.
+    let qa = &lines[1]["explanations"]["qa"][0]["words"];
+    let parts: std::collections::BTreeSet<&str> =
+        qa.as_array().ok_or("words")?.iter().filter_map(|w| w["part"].as_str()).collect();
+    assert_eq!(parts.into_iter().collect::<Vec<_>>(), ["context", "question"]);
+    let page = std::fs::read_to_string(f.path("page.html"))?;
+    for needle in ["<!DOCTYPE html>", "nli", "topics", "affect", "ner", "pos", "qa", "answer start"] {
+        assert!(page.contains(needle), "{needle} not in the page");
+    }
+
+    let (_server, addr) =
+        crate::serve::start_server(f.dir.path(), &["serve", "run", "--addr", "127.0.0.1:0", "--explain", "true"])?;
+    let body = json!({"input": "the flight to boston on monday", "tasks": ["ner"], "steps": 64, "all_words": true});
+    let (status, answer) = crate::serve::http(&addr, "POST", "/v1/explain", Some(&body))?;
+    assert_eq!(status, 200, "{answer}");
+    let cli = lines[2]["explanations"]["ner"].as_array().ok_or("ner")?;
+    let served = answer["explanations"]["ner"].as_array().ok_or("served ner")?;
+    assert_eq!(served.len(), cli.len(), "{answer}");
+    for x in served {
+        let same = cli.iter().find(|c| c["target"] == x["target"]).ok_or("the same target")?;
+        let a: Vec<f64> = serde_json::from_value(x["integrated_gradients"]["tokens"].clone())?;
+        let b: Vec<f64> = serde_json::from_value(same["integrated_gradients"]["tokens"].clone())?;
+        assert!(a.iter().zip(&b).all(|(a, b)| (a - b).abs() < 1e-5), "served {a:?} vs {b:?}");
+    }
+    let (status, answer) = crate::serve::http(&addr, "POST", "/v1/explain", Some(&json!({"input": "x", "steps": 0})))?;
+    assert_eq!(status, 422, "{answer}");
+    let (status, _) =
+        crate::serve::http(&addr, "POST", "/v1/explain", Some(&json!({"input": "x", "tasks": ["nope"]})))?;
+    assert_eq!(status, 404);
+    Ok(())
+}
