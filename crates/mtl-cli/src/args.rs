@@ -158,6 +158,10 @@ pub enum Command {
         config: Option<PathBuf>,
         #[arg(long = "set", value_name = "KEY=VALUE")]
         overrides: Vec<String>,
+        /// Also (re)write MODEL/drift-reference.json from the dev files, which `mtl serve` compares its answers
+        /// with (for runs trained before drift monitoring).
+        #[arg(long)]
+        drift_reference: bool,
     },
     /// Predict every task for each input line: JSON objects with "text" (or "words"), or plain text.
     Predict {

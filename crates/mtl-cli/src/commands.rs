@@ -48,7 +48,7 @@ pub fn run(cli: Cli) -> Result<()> {
                     c.metric,
                     c.before,
                     c.after,
-                    c.points(&r.config)
+                    c.points()
                 );
             }
             eprintln!(
@@ -120,13 +120,18 @@ pub fn run(cli: Cli) -> Result<()> {
                 false => print!("{report}"),
             }
         }
-        Command::Eval { model, config, overrides } => {
+        Command::Eval { model, config, overrides, drift_reference } => {
             mtl::show_item_progress(true);
             let run = Run::open(&model)?;
             // The run's own config (its data files as given when it trained) unless another is named.
             let config = config.unwrap_or_else(|| model.join(mtl::RUN_CONFIG));
-            let scores = run.evaluate(&Config::load(&config, &overrides)?, &config)?;
+            let loaded = Config::load(&config, &overrides)?;
+            let scores = run.evaluate(&loaded, &config)?;
             println!("{}", serde_json::to_string_pretty(&scores)?);
+            if drift_reference {
+                let path = run.write_drift_reference(&loaded, &config)?;
+                tracing::info!("wrote {}", path.display());
+            }
         }
         Command::Predict { model, input, batch_size, full_precision } => {
             mtl::show_item_progress(true);

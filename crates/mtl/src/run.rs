@@ -299,6 +299,27 @@ impl Run {
         Ok(scores)
     }
 
+    /// Writes the run's drift reference (`drift-reference.json`: the distributions of its answers to the dev
+    /// files of `config`), for a run trained before drift monitoring or to compare with other data; returns
+    /// its path. Encoder runs only.
+    pub fn write_drift_reference(&self, config: &Config, source: &Path) -> Result<PathBuf> {
+        let Loaded::Encoder(e) = &self.loaded else {
+            return Err(Error::Unsupported {
+                run: self.dir.clone(),
+                message: "drift references are kept for encoder runs so far".into(),
+            });
+        };
+        let config = self.scoring_config(config, source)?;
+        let Some(dev) = crate::encoder::load_split(&config, Split::Dev, &e.encoder, &e.labels)? else {
+            bail!("{}: no task has a dev file to take the reference from", source.display());
+        };
+        let reference = crate::encoder::dev_reference(&e.model, &config, &e.labels, &dev)?;
+        let path = self.dir.join(mtl_serve::drift::REFERENCE_FILE);
+        let text = serde_json::to_string_pretty(&reference).expect("references serialize; this is a bug");
+        crate::files::write_durably(&path, &text)?;
+        Ok(path)
+    }
+
     /// One line of `mtl predict` input: a JSON object (`{"text": …}`, `{"text": …, PAIR_FIELD: …}`,
     /// `{"words": […]}`, `{"question": …, "context": …}`) or plain text.
     pub fn parse_input(&self, line: &str, location: &Location) -> Result<Input> {

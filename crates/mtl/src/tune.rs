@@ -523,7 +523,7 @@ impl TrialRunner for ProcessRunner {
             Some(0) => JobEnd::Finished,
             Some(PAUSED_STATUS) if job.stop_after_epoch.is_some() => JobEnd::Paused,
             code => {
-                let text = std::fs::read_to_string(job.log).unwrap_or_default();
+                let text = last_bytes(job.log, 4096);
                 let tail: Vec<&str> = text.lines().rev().take(5).collect();
                 let tail: Vec<&str> = tail.into_iter().rev().collect();
                 JobEnd::Failed(format!(
@@ -535,6 +535,19 @@ impl TrialRunner for ProcessRunner {
             }
         })
     }
+}
+
+/// The last `n` bytes of a file as text (a failed trial's log can be long; its end says why).
+fn last_bytes(path: &Path, n: u64) -> String {
+    use std::io::{Read, Seek, SeekFrom};
+    let Ok(mut file) = std::fs::File::open(path) else { return String::new() };
+    let len = file.metadata().map_or(0, |m| m.len());
+    if file.seek(SeekFrom::Start(len.saturating_sub(n))).is_err() {
+        return String::new();
+    }
+    let mut bytes = Vec::new();
+    let _ = file.read_to_end(&mut bytes);
+    String::from_utf8_lossy(&bytes).into_owned()
 }
 
 /// The dev score of each epoch's last evaluation in a run's `log.jsonl`: the selection score, or `metric`

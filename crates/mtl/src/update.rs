@@ -34,10 +34,11 @@ pub struct TaskChange {
 }
 
 impl TaskChange {
-    /// The change in points (0.01 of a score; lower-is-better metrics counted so that a loss is negative).
-    pub fn points(&self, config: &Config) -> f64 {
-        let sign = match config.tasks.iter().find(|(t, _)| t.as_str() == self.task).map(|(_, c)| c) {
-            Some(c) if mtl_train::main_metric(c) == "mse" || mtl_train::main_metric(c) == "mae" => -1.0,
+    /// The change in points (0.01 of a score; lower-is-better metrics, by the metric's own direction, counted
+    /// so that a loss is negative).
+    pub fn points(&self) -> f64 {
+        let sign = match mtl_metrics::Direction::of(&self.metric) {
+            mtl_metrics::Direction::LowerIsBetter => -1.0,
             _ => 1.0,
         };
         sign * (self.after - self.before) * 100.0
@@ -130,6 +131,24 @@ pub fn update(model_dir: &Path, config_path: &Path, out: &Path, overrides: &[Str
     }
     let updated: BTreeSet<TaskId> =
         config.tasks.keys().filter(|t| names.iter().any(|n| n == t.as_str())).cloned().collect();
+    // One adapter per task: the protected tasks' adapters and heads are frozen, so they answer exactly as
+    // before and nothing of theirs needs replaying.
+    let isolated = old.model.bert().peft().is_some_and(|p| p.per_task());
+    let frozen: Option<BTreeSet<String>> = isolated.then(|| {
+        old.model
+            .params()
+            .with_roles()
+            .filter(|(_, _, role)| match role {
+                ParamRole::Head(t) => !updated.contains(t),
+                ParamRole::Adapter { adapter, .. } => !updated.iter().any(|u| u.as_str() == adapter),
+                _ => true,
+            })
+            .map(|(n, _, _)| n.clone())
+            .collect()
+    });
+    if isolated {
+        tracing::info!("per-task adapters: the protected tasks' adapters and heads stay frozen (no rehearsal needed)");
+    }
 
     // The training data: the updated tasks' examples, and a share of the others' (rehearsal). A protected
     // task's label is kept on an example only when the draw picks it.
@@ -147,7 +166,7 @@ pub fn update(model_dir: &Path, config_path: &Path, out: &Path, overrides: &[Str
             fisher_raw.push(f);
         }
         if protected {
-            if draw.unit() < settings.rehearsal {
+            if !isolated && draw.unit() < settings.rehearsal {
                 rehearsed += 1;
             } else {
                 ex.labels.retain(|t, _| updated.contains(t));
@@ -218,7 +237,7 @@ pub fn update(model_dir: &Path, config_path: &Path, out: &Path, overrides: &[Str
         keep_per_task_models: false,
         checkpoints: None,
         resume: false,
-        frozen: None,
+        frozen: frozen.as_ref(),
         stop_after_epoch: None,
         anchor: anchor.as_ref(),
     };
@@ -251,7 +270,7 @@ pub fn update(model_dir: &Path, config_path: &Path, out: &Path, overrides: &[Str
         .iter()
         .filter(|c| !c.updated)
         .filter(|c| c.split == "test" || !report.changes.iter().any(|o| o.task == c.task && o.split == "test"))
-        .filter(|c| -c.points(&config) > settings.tolerance)
+        .filter(|c| -c.points() > settings.tolerance)
         .collect();
     if !fell.is_empty() {
         let list: Vec<String> = fell
@@ -264,7 +283,7 @@ pub fn update(model_dir: &Path, config_path: &Path, out: &Path, overrides: &[Str
                     c.metric,
                     c.before,
                     c.after,
-                    c.points(&config)
+                    c.points()
                 )
             })
             .collect();

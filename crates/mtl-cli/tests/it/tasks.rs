@@ -492,5 +492,15 @@ fn every_task_kind_is_explained() -> TestResult {
     let (status, _) =
         crate::serve::http(&addr, "POST", "/v1/explain", Some(&json!({"input": "x", "tasks": ["nope"]})))?;
     assert_eq!(status, 404);
+
+    // A run without a drift reference (trained before drift monitoring) gets one from `mtl eval`.
+    let reference = f.path("run/drift-reference.json");
+    let trained: Value = serde_json::from_str(&std::fs::read_to_string(&reference)?)?;
+    std::fs::remove_file(&reference)?;
+    let out = run(f.dir.path(), &["eval", "--model", "run", "--drift-reference"], None)?;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let written: Value = serde_json::from_str(&std::fs::read_to_string(&reference)?)?;
+    let keys = |v: &Value| v["tasks"].as_object().map(|t| t.keys().cloned().collect::<Vec<_>>());
+    assert_eq!(keys(&written), keys(&trained), "the same tasks: {written}");
     Ok(())
 }

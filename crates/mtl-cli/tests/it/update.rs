@@ -69,3 +69,41 @@ fn update_trains_one_task_and_reports_every_task_before_and_after() -> TestResul
     assert!(!p.path("run3").exists(), "nothing written");
     Ok(())
 }
+
+/// On a run with one LoRA adapter per task, the protected task's adapter and head stay frozen: it answers exactly
+/// as before (and nothing of it is replayed), while the updated task changes.
+#[test]
+fn per_task_adapters_keep_protected_tasks_exactly() -> TestResult {
+    let p = Project::new()?;
+    let lora = ["--set", "peft.method=\"lora\"", "--set", "peft.per_task=true", "--set", "peft.dropout=0.1"];
+    let args = [["train", "config.toml", "--out", "run", "--set", "training.epochs=4"].as_slice(), &lora].concat();
+    let o = p.mtl(&args)?;
+    assert!(o.status.success(), "{}", stderr(&o));
+    std::fs::write(p.path("update.toml"), update_file("").replace("penalty = \"ewc\"", "penalty = \"none\""))?;
+    let o =
+        p.mtl(&["update", "--model", "run", "--config", "update.toml", "--out", "run2", "--set", "training.lr=5e-3"])?;
+    assert!(o.status.success(), "{}", stderr(&o));
+    let predict = |run: &str| -> Result<Vec<Value>, Box<dyn std::error::Error>> {
+        let input = "show me flights to boston\nfly from denver";
+        let o = crate::cli::mtl(p.dir.path(), &["predict", "--model", run, "--full-precision"], Some(input))?;
+        assert!(o.status.success(), "{}", stderr(&o));
+        Ok(String::from_utf8(o.stdout)?.lines().map(serde_json::from_str).collect::<Result<_, _>>()?)
+    };
+    let (before, after) = (predict("run")?, predict("run2")?);
+    for (b, a) in before.iter().zip(&after) {
+        assert_eq!(b["predictions"]["slots"], a["predictions"]["slots"], "the protected task answers as before");
+    }
+    assert_ne!(
+        before.iter().map(|b| &b["predictions"]["intent"]["score"]).collect::<Vec<_>>(),
+        after.iter().map(|a| &a["predictions"]["intent"]["score"]).collect::<Vec<_>>(),
+        "the updated task changed"
+    );
+    let changes: Value = serde_json::from_str(&std::fs::read_to_string(p.path("run2/metrics.json"))?)?;
+    assert_eq!(changes["rehearsed_examples"], 0, "nothing replayed");
+    for c in changes["update_changes"].as_array().ok_or("changes")? {
+        if c["task"] == "slots" {
+            assert_eq!(c["before"], c["after"], "{c}");
+        }
+    }
+    Ok(())
+}
