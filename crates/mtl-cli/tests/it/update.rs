@@ -80,8 +80,10 @@ fn per_task_adapters_keep_protected_tasks_exactly() -> TestResult {
     let o = p.mtl(&args)?;
     assert!(o.status.success(), "{}", stderr(&o));
     std::fs::write(p.path("update.toml"), update_file("").replace("penalty = \"ewc\"", "penalty = \"none\""))?;
-    let o =
-        p.mtl(&["update", "--model", "run", "--config", "update.toml", "--out", "run2", "--set", "training.lr=5e-3"])?;
+    let args = ["update", "--model", "run", "--config", "update.toml", "--out", "run2", "--set", "training.lr=5e-3"];
+    // Every epoch takes optimiser steps at a rate above zero (no warm-up), whichever the selection keeps.
+    let steps = ["--set", "training.batch_size=1", "--set", "training.warmup_ratio=0"];
+    let o = p.mtl(&[args.as_slice(), &steps].concat())?;
     assert!(o.status.success(), "{}", stderr(&o));
     let predict = |run: &str| -> Result<Vec<Value>, Box<dyn std::error::Error>> {
         let input = "show me flights to boston\nfly from denver";
