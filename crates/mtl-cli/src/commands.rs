@@ -304,9 +304,9 @@ fn print_transform(report: &mtl::TransformReport, out: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Reads inputs a line at a time, predicts them in groups and prints one JSON object per input.
-fn explain(model: &Path, input: Option<&Path>, options: &mtl::ExplainOptions, html: Option<&Path>) -> Result<()> {
-    let run = Run::open_for_explanations(model)?;
+/// The non-empty lines of `input` (standard input when `None`), each parsed as `run` reads an input, with its
+/// location.
+fn input_lines<'a>(run: &'a Run, input: Option<&Path>) -> Result<impl Iterator<Item = Result<(Location, Input)>> + 'a> {
     let reader: Box<dyn BufRead> = match input {
         Some(p) => Box::new(std::io::BufReader::new(
             std::fs::File::open(p).with_context(|| format!("{}: cannot open", p.display()))?,
@@ -314,16 +314,24 @@ fn explain(model: &Path, input: Option<&Path>, options: &mtl::ExplainOptions, ht
         None => Box::new(std::io::stdin().lock()),
     };
     let source = input.map_or_else(|| "<stdin>".into(), Path::to_path_buf);
+    Ok(reader.lines().enumerate().filter_map(move |(i, line)| {
+        let location = Location { path: source.clone(), line: i + 1 };
+        let line = match line.with_context(|| format!("{}: cannot read", source.display())) {
+            Ok(line) if line.trim().is_empty() => return None,
+            Ok(line) => line,
+            Err(e) => return Some(Err(e)),
+        };
+        Some(run.parse_input(&line, &location).map(|input| (location, input)).map_err(Into::into))
+    }))
+}
+
+/// Explains each input line and prints one JSON object per input; with `html`, also the page of them all.
+fn explain(model: &Path, input: Option<&Path>, options: &mtl::ExplainOptions, html: Option<&Path>) -> Result<()> {
+    let run = Run::open_for_explanations(model)?;
     let mut out = std::io::stdout().lock();
     let mut all = Vec::new();
-    for (i, line) in reader.lines().enumerate() {
-        let location = Location { path: source.clone(), line: i + 1 };
-        let line = line.with_context(|| format!("{}: cannot read", source.display()))?;
-        if line.trim().is_empty() {
-            continue;
-        }
-        let input = run.parse_input(&line, &location)?;
-        for explanation in run.explain(&[(location, input)], options)? {
+    for located in input_lines(&run, input)? {
+        for explanation in run.explain(&[located?], options)? {
             writeln!(out, "{}", serde_json::to_string(&explanation)?)?;
             out.flush()?;
             if html.is_some() {
@@ -340,15 +348,9 @@ fn explain(model: &Path, input: Option<&Path>, options: &mtl::ExplainOptions, ht
     Ok(())
 }
 
+/// Reads inputs a line at a time, predicts them in groups and prints one JSON object per input.
 fn predict(model: &Path, input: Option<&Path>, options: &PredictOptions) -> Result<()> {
     let run = Run::open(model)?;
-    let reader: Box<dyn BufRead> = match input {
-        Some(p) => Box::new(std::io::BufReader::new(
-            std::fs::File::open(p).with_context(|| format!("{}: cannot open", p.display()))?,
-        )),
-        None => Box::new(std::io::stdin().lock()),
-    };
-    let source = input.map_or_else(|| "<stdin>".into(), Path::to_path_buf);
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     let mut pending: Vec<(Location, Input)> = Vec::new();
     let flush = |pending: &mut Vec<(Location, Input)>, out: &mut dyn Write| -> Result<()> {
@@ -358,14 +360,8 @@ fn predict(model: &Path, input: Option<&Path>, options: &PredictOptions) -> Resu
         pending.clear();
         Ok(())
     };
-    for (i, line) in reader.lines().enumerate() {
-        let location = Location { path: source.clone(), line: i + 1 };
-        let line = line.with_context(|| format!("{}: cannot read", source.display()))?;
-        if line.trim().is_empty() {
-            continue;
-        }
-        let input = run.parse_input(&line, &location)?;
-        pending.push((location, input));
+    for located in input_lines(&run, input)? {
+        pending.push(located?);
         if pending.len() >= options.batch_size.max(1) * 4 {
             flush(&mut pending, &mut out)?;
         }
