@@ -255,6 +255,26 @@ class Run:
         records = json.loads(self._native.predict(batch, batch_size, full_precision, _progress(progress)))
         return records[0] if single else records
 
+    def explain(
+        self,
+        inputs: Union[InputLike, Sequence[InputLike]],
+        *,
+        tasks: Optional[Sequence[str]] = None,
+        steps: int = 50,
+        baseline: str = "pad",
+        all_words: bool = False,
+        progress: bool = False,
+    ) -> Any:
+        """Why each task answered each input as it did, as `mtl explain` prints it: the prediction record with
+        ``"explanations"`` by task, each explained output with its ``score``, ``baseline_score``,
+        ``completeness_error``, ``tokens``, ``words`` and ``integrated_gradients`` / ``gradient_x_input`` per
+        token and per word. Inputs as `predict` takes them (one input returns one dict)."""
+        single = isinstance(inputs, (str, Mapping))
+        batch = [inputs] if single else list(inputs)
+        native = self._native.explain(batch, list(tasks or []), steps, baseline, all_words, _progress(progress))
+        explained = json.loads(native)
+        return explained[0] if single else explained
+
     def evaluate(
         self,
         split: Optional[str] = None,

@@ -94,6 +94,25 @@ def test_python_and_both_command_lines_predict_the_same(encoder_run, tmp_path):
     assert words["predictions"]["slots"] == ours[0]["predictions"]["slots"]
 
 
+def test_explain_matches_the_command_line(encoder_run, tmp_path):
+    ours = encoder_run.explain(TEXTS, steps=20)
+    assert [r["text"] for r in ours] == TEXTS
+    intent = ours[0]["explanations"]["intent"][0]
+    assert intent["target"]["score"] == "probability"
+    assert len(intent["integrated_gradients"]["words"]) == len(intent["words"])
+    # The same attributions as `mtl explain` on the same inputs.
+    inputs = tmp_path / "inputs.txt"
+    inputs.write_text("\n".join(TEXTS) + "\n")
+    out = subprocess.run(
+        [str(BINARY), "explain", "--model", str(encoder_run.dir), "--steps", "20", "--input", str(inputs)],
+        capture_output=True, text=True, check=True,
+    ).stdout
+    assert [json.loads(line) for line in out.splitlines()] == ours
+    assert encoder_run.explain(TEXTS[0], tasks=["intent"], steps=20)["explanations"].keys() == {"intent"}
+    with pytest.raises(mtl.MtlError, match="unknown baseline"):
+        encoder_run.explain(TEXTS[0], baseline="noise")
+
+
 def test_evaluate_matches_the_command_line(encoder_run):
     scores = encoder_run.evaluate()
     assert set(scores) == {"dev"}

@@ -182,6 +182,30 @@ impl NativeRun {
         })
     }
 
+    /// Each task's explanations for each input (JSON list of `mtl explain`'s objects); the run is opened again
+    /// for gradients (dropout off, f32) for the call.
+    #[pyo3(signature = (inputs, tasks, steps, baseline, all_words, on_event))]
+    #[allow(clippy::too_many_arguments)]
+    fn explain(
+        &self,
+        py: Python<'_>,
+        inputs: &Bound<'_, PyList>,
+        tasks: Vec<String>,
+        steps: usize,
+        baseline: String,
+        all_words: bool,
+        on_event: Option<Py<PyAny>>,
+    ) -> PyResult<String> {
+        let inputs = read_inputs(py, &self.run, inputs)?;
+        let dir = self.run.dir().to_owned();
+        events::blocking(py, on_event.as_ref(), events::OnInterrupt::Abandon, move || {
+            let baseline = baseline.parse().map_err(mtl::Error::Usage)?;
+            let run = mtl::Run::open_for_explanations(&dir)?;
+            let options = mtl::ExplainOptions { steps, baseline, tasks, all_words };
+            Ok(serde_json::to_string(&run.explain(&inputs, &options)?).expect("explanations serialize"))
+        })
+    }
+
     /// Scores on the dev and test files of a config (the run's own unless given); JSON by split.
     #[pyo3(signature = (config_path, config_json, overrides, on_event))]
     fn evaluate(
