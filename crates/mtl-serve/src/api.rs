@@ -474,16 +474,30 @@ pub fn check_request(
         }
         None => {
             let body: PredictBody = parse(body)?;
-            let wanted = match body.tasks {
-                Some(t) if t.is_empty() => {
-                    return Err(ApiError::Validation("`tasks` is empty; leave it out for every task".into()))
-                }
-                Some(t) => t,
-                None => tasks.iter().map(|t| t.name.clone()).collect(),
-            };
-            (body.inputs, wanted)
+            (body.inputs, asked_tasks(body.tasks, tasks)?)
         }
     };
+    check_inputs(inputs, wanted, tasks, settings)
+}
+
+/// The tasks a request names (every task when it names none); an empty list is refused.
+fn asked_tasks(asked: Option<Vec<String>>, tasks: &[crate::TaskDescription]) -> Result<Vec<String>, ApiError> {
+    match asked {
+        Some(t) if t.is_empty() => Err(ApiError::Validation("`tasks` is empty; leave it out for every task".into())),
+        Some(t) => Ok(t),
+        None => Ok(tasks.iter().map(|t| t.name.clone()).collect()),
+    }
+}
+
+/// Parsed inputs and tasks checked against the model's tasks and the limits: known tasks, each once, and
+/// inputs within the count and size limits.
+fn check_inputs(
+    inputs: Vec<RequestInput>,
+    wanted: Vec<String>,
+    tasks: &[crate::TaskDescription],
+    settings: &Settings,
+) -> Result<(Vec<RequestInput>, Vec<String>), ApiError> {
+    let known = |t: &str| tasks.iter().any(|d| d.name == t);
     if let Some(t) = wanted.iter().find(|t| !known(t)) {
         return Err(ApiError::UnknownTask(t.clone()));
     }
@@ -560,9 +574,8 @@ pub fn check_explain(
         return Err(ApiError::Validation(format!("`baseline` must be pad, mask or zero, got {baseline:?}")));
     }
     // The predict checks: known tasks, each once, the input's size.
-    let predict = json!({"inputs": [body.input], "tasks": body.tasks});
-    let predict = serde_json::to_vec(&predict).map_err(|e| ApiError::Internal(e.to_string()))?;
-    let (mut inputs, tasks) = check_request(&predict, None, tasks, settings)?;
+    let wanted = asked_tasks(body.tasks, tasks)?;
+    let (mut inputs, tasks) = check_inputs(vec![body.input], wanted, tasks, settings)?;
     Ok(ExplainRequest { input: inputs.remove(0), tasks, steps, baseline, all_words: body.all_words })
 }
 
