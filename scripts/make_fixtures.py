@@ -89,9 +89,18 @@ It writes:
                         result (Yu et al. 2020, as the authors' projection loop computes it)
   cagrad.json           random task gradients with CAGrad's update (Liu et al. 2021), the weights found by
                         scipy.optimize.minimize (SLSQP) exactly as the authors' code finds them, rescale = 1
+  mgda.json, imtl.json  LibMTL 1.1.5's own MGDA (each gradient normalisation) and IMTL backward passes on a tiny
+                        shared layer (K = 2..5 tasks, in float64): the task gradients, losses, weights and the
+                        shared gradient LibMTL leaves
+  aligned_mtl.json, nash_mtl.json
+                        Aligned-MTL's and Nash-MTL's weights as LibMTL's newer code (commit 4336804, not on PyPI)
+                        computes them, Nash-MTL's through its cvxpy/ECOS sequence
+  famo.json, db_mtl.json, rlw.json
+                        FAMO's gradient weights and logits over 6 steps of given losses and DB-MTL's updates over
+                        4 steps (LibMTL commit 4336804's code), and quantiles of RLW's K·softmax(randn(K)) weights
 The tests themselves need none of these packages. `python scripts/make_fixtures.py metrics` writes only the
 metric fixtures (no torch needed for them, only scikit-learn, scipy, seqeval and rouge-score); `... weighting` writes only
-the last three, `... llama` only tiny-llama/, `... smollm2` only smollm2-reference.json, `... gemma3` only tiny-gemma3/ and gemma3-reference.json, `... llama3` only tiny-llama3/, `... mpnet` only mpnet-reference.json, `... families` only tiny-roberta/, tiny-electra/, tiny-distilbert/, tiny-bert-sharded/ and tiny-bert-bin/, `... pretokenizers` only pretokenizers.json, and `... lora` only tiny-bert/lora.*,
+the last six entries, `... llama` only tiny-llama/, `... smollm2` only smollm2-reference.json, `... gemma3` only tiny-gemma3/ and gemma3-reference.json, `... llama3` only tiny-llama3/, `... mpnet` only mpnet-reference.json, `... families` only tiny-roberta/, tiny-electra/, tiny-distilbert/, tiny-bert-sharded/ and tiny-bert-bin/, `... pretokenizers` only pretokenizers.json, and `... lora` only tiny-bert/lora.*,
 tiny-bert/bottleneck.* and tiny-bert/prefix.*.
 """
 import json
@@ -1139,6 +1148,210 @@ def cagrad_fixture():
     (OUT / "cagrad.json").write_text(json.dumps(cases))
 
 
+def libmtl_module(name):
+    """A weighting module of LibMTL 1.1.5 (PyPI `libmtl`, installed without its dependencies by
+    scripts/bench-env.sh), imported without the package's __init__, which needs torchvision's removed
+    `models.utils`."""
+    import importlib.util
+    import sys
+    import types
+
+    if "LibMTL" not in sys.modules:
+        root = Path(importlib.util.find_spec("LibMTL").submodule_search_locations[0])
+        for pkg, path in (("LibMTL", root), ("LibMTL.weighting", root / "weighting")):
+            module = types.ModuleType(pkg)
+            module.__path__ = [str(path)]
+            sys.modules[pkg] = module
+    return importlib.import_module(f"LibMTL.weighting.{name}")
+
+
+class TinySharedProblem:
+    """K tasks on one shared 6x4 matrix (tanh features) with a 4x2 head each and cross-entropy losses of
+    different scales, in the default dtype."""
+
+    def __init__(self, rng, k):
+        self.shared = torch.nn.Parameter(torch.randn(6, 4, generator=rng))
+        self.heads = [torch.randn(4, 2, generator=rng) for _ in range(k)]
+        self.x = torch.randn(10, 6, generator=rng)
+        self.ys = [torch.randint(0, 2, (10,), generator=rng) for _ in range(k)]
+        self.scales = [float(torch.empty(1).uniform_(0.2, 3.0, generator=rng)) for _ in range(k)]
+
+    def losses(self):
+        h = torch.tanh(self.x @ self.shared)
+        return torch.stack([torch.nn.functional.cross_entropy(h @ head, y) * s
+                            for head, y, s in zip(self.heads, self.ys, self.scales)])
+
+    def task_grads(self, losses):
+        return torch.stack([torch.autograd.grad(l, self.shared, retain_graph=True)[0].flatten() for l in losses])
+
+
+def libmtl_weighting(cls, problem, k):
+    """An instance of a LibMTL weighting class over `problem`'s shared parameter, as LibMTL's trainer mixes it
+    into the model."""
+    class Weighting(cls):
+        def __init__(self):
+            super().__init__()
+            self.task_num, self.device, self.rep_grad = k, "cpu", False
+            self.task_name = [f"t{i}" for i in range(k)]
+
+        def get_share_params(self):
+            return [problem.shared]
+
+        def zero_grad_share_params(self):
+            problem.shared.grad = torch.zeros_like(problem.shared)
+
+    return Weighting()
+
+
+def mgda_imtl_fixture():
+    """MGDA (each normalisation) and IMTL through LibMTL 1.1.5's own `backward`: each case's task gradients on
+    the shared parameter and the shared parameter's gradient LibMTL leaves (its update)."""
+    mgda, imtl = libmtl_module("MGDA").MGDA, libmtl_module("IMTL").IMTL
+    # In float64 (LibMTL's solver makes its vectors in the default dtype), so that both sides' Frank-Wolfe
+    # iterations stop at the same step.
+    torch.set_default_dtype(torch.float64)
+    rng = torch.Generator().manual_seed(21)
+    out = {"mgda": [], "imtl": []}
+    for case in range(24):
+        k = 2 + case % 4
+        problem = TinySharedProblem(rng, k)
+        losses = problem.losses()
+        grads = problem.task_grads(losses)
+        normalization = ["none", "l2", "loss", "loss+"][case % 4]
+        w = libmtl_weighting(mgda, problem, k)
+        w.zero_grad_share_params()
+        weights = w.backward(problem.losses(), mgda_gn=normalization)
+        out["mgda"].append({"normalization": normalization.replace("+", "_plus"), "grads": grads.tolist(),
+                            "losses": losses.tolist(), "weights": weights.tolist(),
+                            "update": problem.shared.grad.flatten().tolist()})
+        w = libmtl_weighting(imtl, problem, k)
+        w.init_param()
+        with torch.no_grad():
+            w.loss_scale.uniform_(-0.5, 0.5, generator=rng)
+        w.zero_grad_share_params()
+        scaled = w.loss_scale.exp() * problem.losses() - w.loss_scale
+        grads = problem.task_grads(scaled)
+        weights = w.backward(problem.losses())
+        out["imtl"].append({"grads": grads.tolist(), "weights": weights.tolist(),
+                            "update": problem.shared.grad.flatten().tolist()})
+    torch.set_default_dtype(torch.float32)
+    (OUT / "mgda.json").write_text(json.dumps(out["mgda"]))
+    (OUT / "imtl.json").write_text(json.dumps(out["imtl"]))
+
+
+def aligned_nash_fixture():
+    """Aligned-MTL and Nash-MTL, whose LibMTL code (LibMTL/weighting/Aligned_MTL.py and Nash_MTL.py at commit
+    4336804 of median-research-group/LibMTL) is newer than its last PyPI release: their weight computations as
+    written there, with torch.linalg.eigh for the removed torch.symeig, and Nash-MTL's sequence of cvxpy
+    problems solved by ECOS (cvxpy 1.9.3, ecos 2.0.14)."""
+    import cvxpy as cp
+    import numpy as np
+
+    rng = torch.Generator().manual_seed(22)
+    aligned, nash = [], []
+    for case in range(16):
+        k = 2 + case % 4
+        problem = TinySharedProblem(rng, k)
+        grads = problem.task_grads(problem.losses()).double()
+        # Aligned_MTL.backward
+        m = grads @ grads.t()
+        lmbda, v = torch.linalg.eigh(m)
+        tol = torch.max(lmbda) * max(m.shape[-2:]) * torch.finfo().eps
+        rank = sum(lmbda > tol)
+        order = torch.argsort(lmbda, dim=-1, descending=True)
+        lmbda, v = lmbda[order][:rank], v[:, order][:, :rank]
+        sigma = torch.diag(1 / lmbda.sqrt())
+        b = lmbda[-1].sqrt() * ((v @ sigma) @ v.t())
+        alpha = b.sum(0)
+        aligned.append({"grads": grads.tolist(), "weights": alpha.tolist()})
+        # Nash_MTL: _init_optim_problem, then backward's normalisation and solve_optimization, from ones.
+        gtg = (grads @ grads.t()).numpy()
+        factor = np.linalg.norm(gtg).reshape((1,))
+        alpha_param = cp.Variable(shape=(k,), nonneg=True)
+        prvs_alpha_param = cp.Parameter(shape=(k,), value=np.ones(k, dtype=np.float32))
+        g_param = cp.Parameter(shape=(k, k), value=np.eye(k))
+        factor_param = cp.Parameter(shape=(1,), value=np.array([1.0]))
+        g_prvs_alpha = g_param @ prvs_alpha_param
+        prvs_phi_tag = 1 / prvs_alpha_param + (1 / g_prvs_alpha) @ g_param
+        phi_alpha = prvs_phi_tag @ (alpha_param - prvs_alpha_param)
+        g_alpha = g_param @ alpha_param
+        constraints = [-cp.log(alpha_param[i] * factor_param) - cp.log(g_alpha[i]) <= 0 for i in range(k)]
+        prob = cp.Problem(cp.Minimize(cp.sum(g_alpha) + phi_alpha / factor_param), constraints)
+        g_param.value = gtg / factor.item()
+        factor_param.value = factor
+        alpha_t = np.ones(k, dtype=np.float32)
+        for _ in range(20):
+            alpha_param.value = alpha_t
+            prvs_alpha_param.value = alpha_t
+            try:
+                prob.solve(solver=cp.ECOS, warm_start=True, max_iters=100)
+            except Exception:
+                alpha_param.value = prvs_alpha_param.value
+            if (alpha_param.value is None
+                    or np.linalg.norm(g_param.value @ alpha_t - 1 / (alpha_t + 1e-10)) < 1e-3
+                    or np.linalg.norm(alpha_param.value - prvs_alpha_param.value) < 1e-6):
+                break
+            alpha_t = alpha_param.value
+        nash.append({"grads": grads.tolist(), "weights": [float(a) for a in alpha_t]})
+    (OUT / "aligned_mtl.json").write_text(json.dumps(aligned))
+    (OUT / "nash_mtl.json").write_text(json.dumps(nash))
+
+
+def famo_rlw_db_mtl_fixture():
+    """FAMO and DB-MTL as LibMTL/weighting/FAMO.py and DB_MTL.py at commit 4336804 compute them (newer than
+    LibMTL's last PyPI release), and the distribution of RLW's weights (its `softmax(torch.randn(K))`, times
+    K)."""
+    rng = torch.Generator().manual_seed(23)
+    # FAMO: backward (the objective's gradient with respect to each loss) and update_w over 6 steps.
+    k, lr, gamma = 3, 0.025, 1e-3
+    w = torch.tensor([0.0] * k, requires_grad=True)
+    opt = torch.optim.Adam([w], lr=lr, weight_decay=gamma)
+    min_losses = torch.zeros(k)
+    losses = torch.rand(k, generator=rng) * 3 + 0.5
+    steps = []
+    for _ in range(6):
+        ls = losses.clone().requires_grad_(True)
+        z = torch.nn.functional.softmax(w, -1)
+        d = ls - min_losses + 1e-8
+        c = (z / d).sum().detach()
+        loss = (d.log() * z / c).sum()
+        weights = torch.autograd.grad(loss, ls)[0]
+        after = losses * (1 - torch.rand(k, generator=rng) * 0.3) + torch.randn(k, generator=rng) * 0.02
+        delta = (losses - min_losses + 1e-8).log() - (after - min_losses + 1e-8).log()
+        grad = torch.autograd.grad(torch.nn.functional.softmax(w, -1), w, grad_outputs=delta.detach())[0]
+        opt.zero_grad(set_to_none=False)
+        w.grad = grad
+        opt.step()
+        steps.append({"losses": losses.tolist(), "after": after.tolist(), "weights": weights.tolist(),
+                      "logits_after": w.tolist()})
+        losses = after * (1 + torch.rand(k, generator=rng) * 0.1)
+    (OUT / "famo.json").write_text(json.dumps({"lr": lr, "decay": gamma, "steps": steps}))
+    # DB-MTL: the gradients of the log-losses over 4 steps of a tiny problem, and the shared update.
+    k, beta, beta_sigma = 3, 0.9, 0.5
+    problem = TinySharedProblem(rng, k)
+    buffer = torch.zeros(k, problem.shared.numel())
+    db = []
+    for step in range(1, 5):
+        with torch.no_grad():
+            problem.shared.add_(torch.randn(6, 4, generator=rng) * 0.1)
+        grads = problem.task_grads(torch.log(problem.losses() + 1e-8))
+        buffer = grads + (beta / step ** beta_sigma) * (buffer - grads)
+        u_grad = buffer.norm(dim=-1)
+        alpha = u_grad.max() / (u_grad + 1e-8)
+        update = sum(alpha[i] * buffer[i] for i in range(k))
+        db.append({"grads": grads.tolist(), "update": update.tolist()})
+    (OUT / "db_mtl.json").write_text(json.dumps({"beta": beta, "beta_sigma": beta_sigma, "steps": db}))
+    # RLW: quantiles of one task's weight and of the largest, over 200,000 draws of 5 tasks.
+    k, draws = 5, 200_000
+    weights = torch.nn.functional.softmax(torch.randn(draws, k, generator=rng, dtype=torch.float64), dim=-1) * k
+    levels = [0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99]
+    q = torch.tensor(levels, dtype=torch.float64)
+    (OUT / "rlw.json").write_text(json.dumps({
+        "tasks": k, "draws": draws, "levels": levels,
+        "weight": torch.quantile(weights[:, 0], q).tolist(),
+        "largest": torch.quantile(weights.max(dim=1).values, q).tolist()}))
+
+
 def cls_head_loss(model, ids, mask):
     """A fixed 3-class [CLS] head with cross-entropy on labels 2, 0, 1, back-propagated through `model`: the
     head's weights, labels and loss, as the adapter fixtures store them."""
@@ -1373,6 +1586,9 @@ def weighting_fixtures():
     gradnorm_fixture()
     pcgrad_fixture()
     cagrad_fixture()
+    mgda_imtl_fixture()
+    aligned_nash_fixture()
+    famo_rlw_db_mtl_fixture()
 
 
 def metric_fixtures():

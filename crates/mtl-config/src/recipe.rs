@@ -19,6 +19,18 @@ pub enum WeightingMethod {
     Dwa,
     /// GradNorm (Chen et al. 2018); needs each task's gradient, so a backward pass per task.
     GradNorm,
+    /// Random loss weighting (Lin et al. 2022): every step draws new weights, the softmax of standard normal
+    /// samples, times the number of tasks.
+    Rlw,
+    /// FAMO (Liu, Liu, Jin, Stone & Liu 2023): weights learned from how much each task's log-loss fell over
+    /// the last step, which costs one more forward pass per step and no per-task backward.
+    Famo,
+    /// IMTL-L (Liu et al. 2021): a learned scale `s_k` per task, each term `e^s_k · L_k − s_k`; with
+    /// `surgery.method = "imtl"` (IMTL-G) it is the paper's and LibMTL's IMTL.
+    Imtl,
+    /// The logarithm of each loss, as DB-MTL balances the loss scales (`surgery.method = "db_mtl"` balances the
+    /// gradients).
+    Log,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
@@ -39,10 +51,13 @@ pub struct WeightingConfig {
     /// `grad_norm`: the asymmetry alpha (the paper's 1.5 for its regression-heavy benchmarks).
     #[serde(default = "default_gradnorm_alpha")]
     pub alpha: f64,
-    /// Learning rate of the weighting's own parameters: GradNorm's weights (default 0.025) or the
-    /// uncertainty log-variances (default `head_lr`).
+    /// Learning rate of the weighting's own parameters: GradNorm's and FAMO's weights (default 0.025), the
+    /// uncertainty log-variances or IMTL-L's scales (default `head_lr`).
     #[serde(default)]
     pub lr: Option<f64>,
+    /// `famo`: the weight decay of its weight logits (the paper's γ).
+    #[serde(default = "default_famo_decay")]
+    pub decay: f64,
 }
 
 fn default_dwa_temperature() -> f64 {
@@ -50,6 +65,9 @@ fn default_dwa_temperature() -> f64 {
 }
 fn default_gradnorm_alpha() -> f64 {
     1.5
+}
+fn default_famo_decay() -> f64 {
+    1e-3
 }
 
 impl Default for WeightingConfig {
@@ -61,6 +79,7 @@ impl Default for WeightingConfig {
             period: None,
             alpha: default_gradnorm_alpha(),
             lr: None,
+            decay: default_famo_decay(),
         }
     }
 }
@@ -75,6 +94,35 @@ pub enum SurgeryMethod {
     Pcgrad,
     /// Conflict-averse gradient descent (Liu et al. 2021).
     Cagrad,
+    /// The multiple-gradient descent algorithm (Sener & Koltun 2018): the minimum-norm point of the convex
+    /// hull of the task gradients, after `normalization`.
+    Mgda,
+    /// IMTL-G (Liu et al. 2021): the combination whose projections on every task's unit gradient are equal.
+    Imtl,
+    /// Aligned-MTL (Senushkin et al. 2023): the task gradients' matrix made orthogonal and scaled to its
+    /// smallest singular value.
+    AlignedMtl,
+    /// Nash-MTL (Navon et al. 2022): the Nash bargaining solution, weights `α` with `α_k (Gα)_k = 1` on the
+    /// normalised Gram matrix.
+    NashMtl,
+    /// DB-MTL (Lin et al. 2023): each task's gradient averaged over steps (`beta`, `beta_sigma`), then scaled
+    /// to the largest one's norm; pair it with `weighting.method = "log"`.
+    DbMtl,
+}
+
+/// How MGDA normalises the task gradients before finding the minimum-norm point (LibMTL's `mgda_gn`).
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq, Default, schemars::JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum MgdaNormalization {
+    /// None (LibMTL's default).
+    #[default]
+    None,
+    /// By the gradient's L2 norm.
+    L2,
+    /// By the task's loss.
+    Loss,
+    /// By the loss times the gradient's L2 norm (the paper's choice).
+    LossPlus,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
@@ -85,15 +133,36 @@ pub struct SurgeryConfig {
     /// `cagrad`: the radius c of the ball around the average gradient (the paper's 0.4).
     #[serde(default = "default_cagrad_c")]
     pub c: f64,
+    /// `mgda`: how the task gradients are normalised first.
+    #[serde(default)]
+    pub normalization: MgdaNormalization,
+    /// `db_mtl`: the moving average's rate β (LibMTL's `DB_beta`).
+    #[serde(default = "default_db_beta")]
+    pub beta: f64,
+    /// `db_mtl`: the rate decays as `β / step^beta_sigma` (LibMTL's `DB_beta_sigma`; 0 keeps it constant).
+    #[serde(default = "default_db_beta_sigma")]
+    pub beta_sigma: f64,
 }
 
 fn default_cagrad_c() -> f64 {
     0.4
 }
+fn default_db_beta() -> f64 {
+    0.9
+}
+fn default_db_beta_sigma() -> f64 {
+    0.0
+}
 
 impl Default for SurgeryConfig {
     fn default() -> Self {
-        Self { method: SurgeryMethod::None, c: default_cagrad_c() }
+        Self {
+            method: SurgeryMethod::None,
+            c: default_cagrad_c(),
+            normalization: MgdaNormalization::default(),
+            beta: default_db_beta(),
+            beta_sigma: default_db_beta_sigma(),
+        }
     }
 }
 

@@ -122,11 +122,11 @@ frame = ["intent", "slots"]
         let cases: &[(&[&str], &str)] = &[
             (
                 &["training.weighting.method=\"gradnorm\""],
-                "invalid override `training.weighting.method=\"gradnorm\"`: unknown variant `gradnorm`, expected one of `static`, `uncertainty`, `dwa`, `grad_norm`",
+                "invalid override `training.weighting.method=\"gradnorm\"`: unknown variant `gradnorm`, expected one of `static`, `uncertainty`, `dwa`, `grad_norm`, `rlw`, `famo`, `imtl`, `log`",
             ),
             (
-                &["training.surgery.method=\"mgda\""],
-                "invalid override `training.surgery.method=\"mgda\"`: unknown variant `mgda`, expected one of `none`, `pcgrad`, `cagrad`",
+                &["training.surgery.method=\"mgda_ub\""],
+                "invalid override `training.surgery.method=\"mgda_ub\"`: unknown variant `mgda_ub`, expected one of `none`, `pcgrad`, `cagrad`, `mgda`, `imtl`, `aligned_mtl`, `nash_mtl`, `db_mtl`",
             ),
             (
                 &["training.schedule=\"step\""],

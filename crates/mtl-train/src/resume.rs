@@ -7,6 +7,7 @@
 //!
 //! - `model.safetensors`: every parameter.
 //! - `optimizer.safetensors`: AdamW's moments by parameter name (`m.NAME`, `v.NAME`).
+//! - `surgery.safetensors`: the gradient surgery's state, when it keeps one (DB-MTL's moving averages).
 //! - `best.safetensors`: the weights of the best evaluation so far; `heads.safetensors`: each task's head at
 //!   its own best; `per-task/TASK.safetensors`: all weights at each task's best, when kept.
 //! - `state.json`: the position in the data (epoch and batch; the data order itself follows from the seed),
@@ -34,6 +35,7 @@ const MODEL: &str = "model.safetensors";
 const OPTIMIZER: &str = "optimizer.safetensors";
 const BEST: &str = "best.safetensors";
 const HEADS: &str = "heads.safetensors";
+const SURGERY: &str = "surgery.safetensors";
 const PER_TASK: &str = "per-task";
 
 /// A task's best evaluation, without its weights.
@@ -111,6 +113,8 @@ pub struct TrainTensors {
     pub best: Option<BTreeMap<String, Tensor>>,
     pub heads: BTreeMap<String, Tensor>,
     pub per_task: BTreeMap<TaskId, BTreeMap<String, Tensor>>,
+    /// The gradient surgery's state (DB-MTL's moving averages), by name.
+    pub surgery: BTreeMap<String, Vec<f32>>,
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> TrainError + '_ {
@@ -185,6 +189,14 @@ pub fn save(out: &Path, state: &TrainState, tensors: &TrainTensors, keep: usize)
         save_tensors(&dir.join(BEST), best)?;
     }
     save_tensors(&dir.join(HEADS), &tensors.heads)?;
+    if !tensors.surgery.is_empty() {
+        let surgery: BTreeMap<String, Tensor> = tensors
+            .surgery
+            .iter()
+            .map(|(name, v)| Ok((name.clone(), Tensor::from_slice(v, v.len(), &Device::Cpu)?)))
+            .collect::<Result<_>>()?;
+        save_tensors(&dir.join(SURGERY), &surgery)?;
+    }
     if !tensors.per_task.is_empty() {
         std::fs::create_dir(dir.join(PER_TASK)).map_err(io_err(dir))?;
         for (task, weights) in &tensors.per_task {
@@ -277,6 +289,11 @@ fn load(dir: &Path) -> Result<(TrainState, TrainTensors)> {
         tensors.best = Some(load_tensors(&dir.join(BEST))?);
     }
     tensors.heads = load_tensors(&dir.join(HEADS))?;
+    if dir.join(SURGERY).is_file() {
+        for (name, t) in load_tensors(&dir.join(SURGERY))? {
+            tensors.surgery.insert(name, t.to_vec1::<f32>()?);
+        }
+    }
     if dir.join(PER_TASK).is_dir() {
         for task in state.per_task.keys() {
             tensors

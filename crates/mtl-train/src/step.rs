@@ -154,16 +154,24 @@ fn combine_tasks(
         tensors.iter().map(|ts| ts.iter().map(HostSlice::new).collect::<Result<_>>()).collect::<Result<_>>()?;
     let slices: Vec<Vec<&[f32]>> = hosts.iter().map(|h| h.iter().map(HostSlice::get).collect()).collect();
     let segments: Vec<&[&[f32]]> = slices.iter().map(Vec::as_slice).collect();
-    let gram = (plan.surgery.is_some() || plan.diagnose).then(|| crate::surgery::gram(&segments));
+    let gram = (plan.surgery.is_some_and(|s| s.uses_gram()) || plan.diagnose).then(|| crate::surgery::gram(&segments));
     let cosines = gram
         .as_ref()
         .filter(|_| plan.diagnose)
         .map(|g| cosine_similarities(g).into_iter().map(|(i, j, c)| (tasks[i].clone(), tasks[j].clone(), c)).collect());
-    let coefficients = match (plan.surgery, &gram) {
-        (Some(surgery), Some(gram)) if tasks.len() > 1 => surgery.coefficients(gram, plan.step),
-        _ => vec![1.0; tasks.len()],
+    let combined = match plan.surgery.and_then(|s| s.direction(&tasks, &segments, plan.step)) {
+        Some(direction) => direction,
+        None => {
+            let coefficients = match (plan.surgery, &gram) {
+                (Some(surgery), Some(gram)) if tasks.len() > 1 => {
+                    let losses: Vec<f64> = tasks.iter().map(|t| values[t]).collect();
+                    surgery.coefficients(gram, &losses, plan.step)
+                }
+                _ => vec![1.0; tasks.len()],
+            };
+            crate::surgery::combination(&segments, &coefficients)
+        }
     };
-    let combined = crate::surgery::combination(&segments, &coefficients);
     let mut grads = Grads::new();
     for ((name, shape), values) in plan.shared.iter().zip(shapes).zip(combined) {
         grads.insert(name.clone(), Tensor::from_vec(values, shape, device)?);

@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 
 use candle_core::Tensor;
 use mtl_config::{Config, StepPlan};
-use mtl_core::{HostBatch, TaskId, TaskKind};
+use mtl_core::{HostBatch, Mode, TaskId, TaskKind};
 use mtl_data::{epoch_batches, Batching, Dataset, Example, LabelMap};
 
 use crate::evaluate::{score, selection_score, task_score, tune_thresholds, Evaluation, Prediction, Scores, TaskInfo};
@@ -339,6 +339,26 @@ impl Trainer<'_> {
     }
 
     /// Whether the parameter `name` is frozen at optimiser step `step`: by the recipe, or for good.
+    /// Each task's mean loss over the batches of `work`, in training mode, without a backward pass (FAMO's
+    /// losses after the step).
+    fn losses_of(&self, work: &[Work]) -> Result<BTreeMap<TaskId, f64>> {
+        let mut sums: BTreeMap<TaskId, (f64, usize)> = BTreeMap::new();
+        for w in work {
+            let batches = match w {
+                Work::Whole(batch) => std::slice::from_ref(batch),
+                Work::PerTask(batches) => batches.as_slice(),
+            };
+            for batch in batches {
+                for loss in self.model.losses(batch, Mode::Train)? {
+                    let e = sums.entry(loss.task).or_default();
+                    e.0 += f64::from(loss.loss.to_scalar::<f32>()?);
+                    e.1 += 1;
+                }
+            }
+        }
+        Ok(sums.into_iter().map(|(t, (s, n))| (t, s / n as f64)).collect())
+    }
+
     fn is_frozen(&self, name: &str, num_layers: usize, step: usize) -> bool {
         is_frozen(self.role_of(name), self.config, num_layers, step) || self.frozen.is_some_and(|f| f.contains(name))
     }
@@ -424,6 +444,11 @@ impl Trainer<'_> {
                 param_steps: state.param_steps.clone(),
             })?;
             weighting.load_state(&state.weighting)?;
+            if let Some(surgery) = &surgery {
+                surgery
+                    .load_tensors(std::mem::take(&mut tensors.surgery))
+                    .map_err(|message| TrainError::Invalid { path: out.join("surgery.safetensors"), message })?;
+            }
             let position = state
                 .dropout_position
                 .parse::<u128>()
@@ -492,6 +517,7 @@ impl Trainer<'_> {
                 best: selection.best.as_ref().map(|b| b.weights.clone()),
                 heads: selection.per_task.values().flat_map(|b| b.head.clone()).collect(),
                 per_task: selection.per_task.iter().filter_map(|(t, b)| Some((t.clone(), b.model.clone()?))).collect(),
+                surgery: surgery.as_ref().map(|s| s.tensors()).unwrap_or_default(),
             };
             resume::save(out, &state, &tensors, t.keep_checkpoints)
         };
@@ -533,6 +559,8 @@ impl Trainer<'_> {
                     }
                 });
                 let mut pending = Pending::default();
+                // The step's batches, kept when the weighting needs their losses after the step (FAMO).
+                let mut step_work: Vec<Work> = Vec::new();
                 for (i, work) in (done..).zip(receiver) {
                     let shared: Vec<String> = vars
                         .keys()
@@ -553,6 +581,9 @@ impl Trainer<'_> {
                         Work::Whole(batch) => batch_grads(self.model, batch, &plan)?,
                         Work::PerTask(batches) => split_batch_grads(self.model, batches, &plan)?,
                     };
+                    if weighting.needs_losses_after_step() {
+                        step_work.push(work);
+                    }
                     match outcome {
                         BatchOutcome::Empty => {}
                         BatchOutcome::NonFinite => {
@@ -566,6 +597,7 @@ impl Trainer<'_> {
                     }
                     let weights = weighting.weights();
                     let taken = std::mem::take(&mut pending);
+                    let stepped_work = std::mem::take(&mut step_work);
                     step += 1;
                     let scale = lr_scale(t.schedule, step - 1, warmup, total_steps);
                     // A step whose batches all had no label or a non-finite loss updates nothing, but is still
@@ -581,7 +613,11 @@ impl Trainer<'_> {
                                 skipped += 1;
                                 check_skipped(skipped, t.max_skipped_steps, step)?;
                             } else {
-                                weighting.observe(&StepLosses { losses: losses.clone(), grad_norms: norms });
+                                let after = match weighting.needs_losses_after_step() {
+                                    true => Some(self.losses_of(&stepped_work)?),
+                                    false => None,
+                                };
+                                weighting.observe(&StepLosses { losses: losses.clone(), grad_norms: norms, after });
                             }
                             (losses, info.grad_norm, cosines)
                         }

@@ -42,6 +42,13 @@ fn every_weighting_and_surgery_trains() -> TestResult {
         ("gradnorm", &["training.weighting.method=\"grad_norm\""]),
         ("pcgrad", &["training.surgery.method=\"pcgrad\""]),
         ("cagrad", &["training.surgery.method=\"cagrad\""]),
+        ("rlw", &["training.weighting.method=\"rlw\""]),
+        ("famo", &["training.weighting.method=\"famo\""]),
+        ("imtl", &["training.weighting.method=\"imtl\"", "training.surgery.method=\"imtl\""]),
+        ("mgda", &["training.surgery.method=\"mgda\"", "training.surgery.normalization=\"loss_plus\""]),
+        ("aligned-mtl", &["training.surgery.method=\"aligned_mtl\""]),
+        ("nash-mtl", &["training.surgery.method=\"nash_mtl\""]),
+        ("db-mtl", &["training.weighting.method=\"log\"", "training.surgery.method=\"db_mtl\""]),
         (
             "recipe",
             &[
@@ -64,13 +71,26 @@ fn every_weighting_and_surgery_trains() -> TestResult {
     }
     // Each method changes the training: its task weights move, or its weights differ from plain equal
     // weighting's (DWA only moves from the third step, after the best epoch here).
-    for name in ["uncertainty", "dwa", "gradnorm"] {
+    for name in ["uncertainty", "dwa", "gradnorm", "rlw", "famo", "imtl", "db-mtl"] {
         let w = &metrics(&p, name)?["task_weights"];
         assert!(w["intent"] != w["slots"], "{name}: the task weights never moved: {w}");
     }
     assert_eq!(metrics(&p, "recipe")?["task_weights"]["intent"], 2.0);
     let base = weights(&p.path("static/model.safetensors"))?;
-    for name in ["uncertainty", "gradnorm", "pcgrad", "cagrad", "recipe"] {
+    for name in [
+        "uncertainty",
+        "gradnorm",
+        "pcgrad",
+        "cagrad",
+        "rlw",
+        "famo",
+        "imtl",
+        "mgda",
+        "aligned-mtl",
+        "nash-mtl",
+        "db-mtl",
+        "recipe",
+    ] {
         let other = weights(&p.path(name).join("model.safetensors"))?;
         let name_of = "encoder.layer.0.attention.self.query.weight";
         assert!(!same(&base[name_of], &other[name_of])?, "{name} trained exactly like static weighting");
@@ -275,6 +295,16 @@ fn killed_runs_resume_exactly() -> TestResult {
             ],
         ),
         ("per-task-lora", &["peft.method=\"lora\"", "peft.per_task=true", "peft.dropout=0.2"]),
+        ("famo", &["training.weighting.method=\"famo\""]),
+        ("rlw-nash-mtl", &["training.weighting.method=\"rlw\"", "training.surgery.method=\"nash_mtl\""]),
+        (
+            "db-mtl",
+            &[
+                "training.weighting.method=\"log\"",
+                "training.surgery.method=\"db_mtl\"",
+                "training.surgery.beta_sigma=0.5",
+            ],
+        ),
     ];
     for (name, sets) in runs {
         let all: Vec<&str> = common.iter().chain(sets.iter()).copied().collect();

@@ -16,7 +16,7 @@ pub struct Cagrad {
 }
 
 impl GradientSurgery for Cagrad {
-    fn coefficients(&self, gram: &[Vec<f64>], _step: usize) -> Vec<f64> {
+    fn coefficients(&self, gram: &[Vec<f64>], _losses: &[f64], _step: usize) -> Vec<f64> {
         let k = gram.len() as f64;
         cagrad(gram, self.c).into_iter().map(|a| a * k).collect()
     }

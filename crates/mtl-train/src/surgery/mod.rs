@@ -3,20 +3,58 @@
 //! returns the update direction that replaces their sum. The heads' gradients are left alone: each head only
 //! ever receives its own task's gradient.
 
+mod aligned;
 mod cagrad;
+mod db_mtl;
+mod imtl;
+mod mgda;
+mod nash;
 mod pcgrad;
 
+use std::collections::BTreeMap;
+
 use mtl_config::{SurgeryConfig, SurgeryMethod};
+use mtl_core::TaskId;
 use rayon::prelude::*;
 
+pub use aligned::{aligned_mtl, AlignedMtl};
 pub use cagrad::{cagrad, Cagrad};
+pub use db_mtl::DbMtl;
+pub use imtl::{imtl, Imtl};
+pub use mgda::{mgda, min_norm_weights, Mgda};
+pub use nash::{nash_mtl, NashMtl};
 pub use pcgrad::{pcgrad, Pcgrad};
 
-pub trait GradientSurgery: Send {
+pub trait GradientSurgery: Send + Sync {
     /// The coefficients `a_k` of the update `Σ_k a_k g_k` that replaces the plain sum, from the Gram matrix
-    /// of the tasks' gradients, at optimiser step `step`. Both methods give combinations of the original
-    /// gradients, so only their dot products are needed.
-    fn coefficients(&self, gram: &[Vec<f64>], step: usize) -> Vec<f64>;
+    /// of the tasks' gradients and their losses (in the same order), at optimiser step `step`. Most methods
+    /// give combinations of the original gradients, so only their dot products are needed.
+    fn coefficients(&self, gram: &[Vec<f64>], losses: &[f64], step: usize) -> Vec<f64>;
+
+    /// Whether [`GradientSurgery::coefficients`] reads the Gram matrix (DB-MTL's does not).
+    fn uses_gram(&self) -> bool {
+        true
+    }
+
+    /// The update itself, for a method whose update is not a combination of the step's gradients (DB-MTL
+    /// combines moving averages); `None` combines the gradients by the coefficients.
+    fn direction(&self, _tasks: &[TaskId], _grads: &[&Segments], _step: usize) -> Option<Vec<Vec<f32>>> {
+        None
+    }
+
+    /// State to keep in checkpoints, as named vectors.
+    fn tensors(&self) -> BTreeMap<String, Vec<f32>> {
+        BTreeMap::new()
+    }
+
+    /// Restores [`GradientSurgery::tensors`].
+    fn load_tensors(&self, tensors: BTreeMap<String, Vec<f32>>) -> Result<(), String> {
+        if tensors.is_empty() {
+            Ok(())
+        } else {
+            Err("this surgery keeps no state".into())
+        }
+    }
 }
 
 /// The surgery a config asks for, if any; `seed` seeds PCGrad's projection orders.
@@ -25,6 +63,11 @@ pub fn surgery(config: &SurgeryConfig, seed: u64) -> Option<Box<dyn GradientSurg
         SurgeryMethod::None => None,
         SurgeryMethod::Pcgrad => Some(Box::new(Pcgrad { seed })),
         SurgeryMethod::Cagrad => Some(Box::new(Cagrad { c: config.c })),
+        SurgeryMethod::Mgda => Some(Box::new(Mgda { normalization: config.normalization })),
+        SurgeryMethod::Imtl => Some(Box::new(Imtl)),
+        SurgeryMethod::AlignedMtl => Some(Box::new(AlignedMtl)),
+        SurgeryMethod::NashMtl => Some(Box::new(NashMtl)),
+        SurgeryMethod::DbMtl => Some(Box::new(DbMtl::new(config.beta, config.beta_sigma))),
     }
 }
 

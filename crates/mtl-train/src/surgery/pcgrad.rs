@@ -17,7 +17,7 @@ pub struct Pcgrad {
 }
 
 impl GradientSurgery for Pcgrad {
-    fn coefficients(&self, gram: &[Vec<f64>], step: usize) -> Vec<f64> {
+    fn coefficients(&self, gram: &[Vec<f64>], _losses: &[f64], step: usize) -> Vec<f64> {
         let k = gram.len();
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(self.seed ^ 0x9C_6EAD ^ ((step as u64) << 24));
         let orders: Vec<Vec<usize>> = (0..k)
@@ -101,6 +101,6 @@ mod tests {
         let grads = [vec![1.0, 0.0], vec![-1.0, 1.0]];
         assert_eq!(update(&grads, &pcgrad(&gram_of(&grads), &[vec![1], vec![0]])), vec![0.5, 1.5]);
         let agree = [vec![1.0, 2.0], vec![0.5, 1.0]];
-        assert_eq!(update(&agree, &Pcgrad { seed: 1 }.coefficients(&gram_of(&agree), 7)), vec![1.5, 3.0]);
+        assert_eq!(update(&agree, &Pcgrad { seed: 1 }.coefficients(&gram_of(&agree), &[], 7)), vec![1.5, 3.0]);
     }
 }

@@ -110,6 +110,7 @@ mod tests {
         StepLosses {
             losses: values.iter().map(|(t, v)| (TaskId::new(*t).expect("valid"), *v)).collect(),
             grad_norms: None,
+            after: None,
         }
     }
 

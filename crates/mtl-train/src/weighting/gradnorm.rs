@@ -154,6 +154,7 @@ mod tests {
             gn.observe(&StepLosses {
                 losses: tasks.iter().cloned().zip(step.losses).collect(),
                 grad_norms: Some(tasks.iter().cloned().zip(step.weighted_norms).collect()),
+                after: None,
             });
             let got: Vec<f64> = gn.weights().into_values().collect();
             for (g, w) in got.iter().zip(&step.weights_after) {

@@ -6,7 +6,11 @@
 //! (uncertainty). Its state is exported for an exact resume.
 
 mod dwa;
+mod famo;
 mod gradnorm;
+mod imtl;
+mod log;
+mod rlw;
 mod static_weights;
 mod uncertainty;
 
@@ -17,7 +21,11 @@ use mtl_config::{Config, WeightingMethod};
 use mtl_core::TaskId;
 
 pub use dwa::Dwa;
+pub use famo::Famo;
 pub use gradnorm::GradNorm;
+pub use imtl::ImtlL;
+pub use log::LogLosses;
+pub use rlw::Rlw;
 pub use static_weights::StaticWeights;
 pub use uncertainty::Uncertainty;
 
@@ -31,6 +39,8 @@ pub struct StepLosses {
     /// Each task's gradient norm (of its weighted term) on the last shared layer, when the step computed
     /// the tasks' gradients separately.
     pub grad_norms: Option<BTreeMap<TaskId, f64>>,
+    /// Each task's loss on the same batches after the optimiser step, when the weighting asks for them.
+    pub after: Option<BTreeMap<TaskId, f64>>,
 }
 
 pub trait LossWeighting: Send {
@@ -47,6 +57,11 @@ pub trait LossWeighting: Send {
 
     /// Whether it needs each task's gradient norm (a backward pass per task).
     fn needs_grad_norms(&self) -> bool {
+        false
+    }
+
+    /// Whether it needs the step's losses again after the optimiser step (one more forward pass).
+    fn needs_losses_after_step(&self) -> bool {
         false
     }
 
@@ -71,6 +86,10 @@ pub fn weighting(config: &Config, steps_per_epoch: usize, device: &Device) -> Re
         WeightingMethod::Uncertainty => Box::new(Uncertainty::new(&tasks, device)?),
         WeightingMethod::Dwa => Box::new(Dwa::new(tasks, w.temperature, w.period.unwrap_or(steps_per_epoch).max(1))),
         WeightingMethod::GradNorm => Box::new(GradNorm::new(tasks, w.alpha, w.lr.unwrap_or(0.025))),
+        WeightingMethod::Rlw => Box::new(Rlw::new(tasks, config.training.seed)),
+        WeightingMethod::Famo => Box::new(Famo::new(tasks, w.lr.unwrap_or(0.025), w.decay)),
+        WeightingMethod::Imtl => Box::new(ImtlL::new(&tasks, device)?),
+        WeightingMethod::Log => Box::new(LogLosses::default()),
     })
 }
 
