@@ -21,6 +21,13 @@ dwa|training.sampling.plan="mixed" training.weighting.method="dwa" training.weig
 gradnorm|training.sampling.plan="mixed" training.weighting.method="grad_norm" training.diagnostics_every=200 training.weighting.weights={}
 pcgrad|training.sampling.plan="mixed" training.surgery.method="pcgrad" training.diagnostics_every=200 training.weighting.weights={}
 cagrad|training.sampling.plan="mixed" training.surgery.method="cagrad" training.diagnostics_every=200 training.weighting.weights={}
+rlw|training.sampling.plan="mixed" training.weighting.method="rlw" training.diagnostics_every=200 training.weighting.weights={}
+famo|training.sampling.plan="mixed" training.weighting.method="famo" training.diagnostics_every=200 training.weighting.weights={}
+imtl|training.sampling.plan="mixed" training.weighting.method="imtl" training.surgery.method="imtl" training.diagnostics_every=200 training.weighting.weights={}
+mgda|training.sampling.plan="mixed" training.surgery.method="mgda" training.diagnostics_every=200 training.weighting.weights={}
+aligned-mtl|training.sampling.plan="mixed" training.surgery.method="aligned_mtl" training.diagnostics_every=200 training.weighting.weights={}
+nash-mtl|training.sampling.plan="mixed" training.surgery.method="nash_mtl" training.diagnostics_every=200 training.weighting.weights={}
+db-mtl|training.sampling.plan="mixed" training.weighting.method="log" training.surgery.method="db_mtl" training.diagnostics_every=200 training.weighting.weights={}
 intensity-x2|training.sampling.plan="mixed" training.weighting.weights.intensity=2.0 training.diagnostics_every=200
 proportional|training.sampling.plan="sampled" training.sampling.sampler="proportional" training.weighting.weights={}
 temperature-2|training.sampling.plan="sampled" training.sampling.sampler="temperature" training.sampling.temperature=2.0 training.weighting.weights={}
