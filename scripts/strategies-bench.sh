@@ -5,8 +5,9 @@
 # their test scores, mean, wall time (and the ratio to the first run's) beside the single-task baselines of
 # scripts/five-task-bench.sh (read from runs/five-task-bench when there).
 # Usage: scripts/strategies-bench.sh [OUT_DIR] [NAME ...]   (default runs/strategies, every strategy; runs
-# that finished are kept, so an interrupted comparison resumes where it stopped; TABLE_ONLY=1 prints the
-# table of the finished runs and trains nothing)
+# that finished are kept and a run stopped halfway resumes from its last checkpoint, so an interrupted
+# comparison goes on where it stopped; TABLE_ONLY=1 prints the table of the finished runs and trains nothing;
+# COST=1 times each named strategy's steps instead, ROUNDS=3 rounds, and prints their cost side by side)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-runs/strategies}
@@ -38,6 +39,39 @@ if [ -z "${TABLE_ONLY:-}" ]; then
 bash scripts/fetch.sh
 cargo build --release --quiet -p mtl-cli
 fi
+if [ -n "${COST:-}" ]; then
+  # The cost of each strategy alone: `mtl check`'s timed training steps on a sample of the data (the median of
+  # 6 steps after an untimed one), ROUNDS rounds over the strategies in turn, so that the machine's drift
+  # spreads over all; the median per strategy and its ratio to the first named.
+  mkdir -p "$OUT"
+  : > "$OUT/cost.tsv"
+  for round in $(seq "${ROUNDS:-3}"); do
+    while IFS='|' read -r name sets; do
+      [ -z "$name" ] && continue
+      if [ $# -gt 0 ] && [[ ! " $* " == *" $name "* ]]; then continue; fi
+      args=()
+      for s in $sets; do args+=(--set "$s"); done
+      secs=$(target/release/mtl check "$CONFIG" "${args[@]}" --json -q \
+        | python3 -c 'import json, sys; print(json.load(sys.stdin)["estimate"]["seconds_per_step"])')
+      printf '%s\t%s\t%s\n' "$round" "$name" "$secs" >> "$OUT/cost.tsv"
+    done <<< "$STRATEGIES"
+  done
+  python3 - "$OUT/cost.tsv" "$@" <<'PY'
+import statistics, sys, collections
+rows = [l.split("\t") for l in open(sys.argv[1]).read().splitlines()]
+by = collections.OrderedDict()
+for _, name, secs in rows:
+    by.setdefault(name, []).append(float(secs))
+first = None
+lines = ["| strategy | s/step (median of rounds) | × first |", "|---|---|---|"]
+for name, v in by.items():
+    m = statistics.median(v)
+    first = first or m
+    lines.append(f"| {name} | {m:.3f} | ×{m / first:.2f} |")
+print("\n".join(lines))
+PY
+  exit 0
+fi
 mkdir -p "$OUT"
 # A copy of the binary, so that rebuilding while the comparison runs cannot change it halfway.
 [ -n "${TABLE_ONLY:-}" ] || cp target/release/mtl "$OUT/mtl"
@@ -49,11 +83,17 @@ while IFS='|' read -r name sets; do
   if [ -n "${TABLE_ONLY:-}" ]; then continue; fi
   if [ $# -gt 0 ] && [[ ! " $* " == *" $name "* ]]; then continue; fi
   if [ -f "$OUT/$name/metrics.json" ]; then continue; fi
-  rm -rf "$OUT/$name"
-  args=()
+  # Checkpoints every 200 steps: a run stopped halfway (a session's end) resumes from its last one.
+  args=(--set training.checkpoint_every=200)
   for s in $sets; do args+=(--set "$s"); done
-  echo "== $name ($(date -u +%H:%M:%S))" >&2
-  MTL_LOG=info "$MTL" train "$CONFIG" --out "$OUT/$name" "${args[@]}" > "$OUT/$name.log" 2>&1
+  if compgen -G "$OUT/$name/checkpoint-*" > /dev/null; then
+    echo "== $name, resumed ($(date -u +%H:%M:%S))" >&2
+    MTL_LOG=info "$MTL" train "$CONFIG" --out "$OUT/$name" "${args[@]}" --resume >> "$OUT/$name.log" 2>&1
+  else
+    rm -rf "$OUT/$name"
+    echo "== $name ($(date -u +%H:%M:%S))" >&2
+    MTL_LOG=info "$MTL" train "$CONFIG" --out "$OUT/$name" "${args[@]}" > "$OUT/$name.log" 2>&1
+  fi
 done <<< "$STRATEGIES"
 python3 - "$OUT" "${NAMES[@]}" <<'PY'
 import json, sys, pathlib
