@@ -98,9 +98,11 @@ It writes:
   famo.json, db_mtl.json, rlw.json
                         FAMO's gradient weights and logits over 6 steps of given losses and DB-MTL's updates over
                         4 steps (LibMTL commit 4336804's code), and quantiles of RLW's K·softmax(randn(K)) weights
+  auto_lambda.json      Auto-λ's meta gradients and weights over two rounds on a tiny model, as the authors'
+                        AutoLambda (lorenmt/auto-lambda) computes them
 The tests themselves need none of these packages. `python scripts/make_fixtures.py metrics` writes only the
 metric fixtures (no torch needed for them, only scikit-learn, scipy, seqeval and rouge-score); `... weighting` writes only
-the last six entries, `... llama` only tiny-llama/, `... smollm2` only smollm2-reference.json, `... gemma3` only tiny-gemma3/ and gemma3-reference.json, `... llama3` only tiny-llama3/, `... mpnet` only mpnet-reference.json, `... families` only tiny-roberta/, tiny-electra/, tiny-distilbert/, tiny-bert-sharded/ and tiny-bert-bin/, `... pretokenizers` only pretokenizers.json, and `... lora` only tiny-bert/lora.*,
+the last seven entries, `... llama` only tiny-llama/, `... smollm2` only smollm2-reference.json, `... gemma3` only tiny-gemma3/ and gemma3-reference.json, `... llama3` only tiny-llama3/, `... mpnet` only mpnet-reference.json, `... families` only tiny-roberta/, tiny-electra/, tiny-distilbert/, tiny-bert-sharded/ and tiny-bert-bin/, `... pretokenizers` only pretokenizers.json, and `... lora` only tiny-bert/lora.*,
 tiny-bert/bottleneck.* and tiny-bert/prefix.*.
 """
 import json
@@ -1352,6 +1354,58 @@ def famo_rlw_db_mtl_fixture():
         "largest": torch.quantile(weights.max(dim=1).values, q).tolist()}))
 
 
+def auto_lambda_fixture():
+    """Auto-λ's meta gradient as the authors' AutoLambda (lorenmt/auto-lambda, auto_lambda.py: virtual_step,
+    unrolled_backward, compute_hessian) computes it, on a tiny model: a shared 6x4 tanh layer and a 4x2 head per
+    task (3 tasks, cross-entropy losses of different scales), plain gradient descent for the look-ahead (lr 0.1,
+    weight decay 0.01, no momentum), a training batch and a meta batch; two rounds of meta step (Adam on the
+    weights, lr 0.01) then a training step (gradient descent at 0.1 on the weighted losses)."""
+    rng = torch.Generator().manual_seed(24)
+    k, alpha, wd, meta_lr = 3, 0.1, 0.01, 0.01
+    shared = torch.randn(6, 4, generator=rng, dtype=torch.float64)
+    heads = [torch.randn(4, 2, generator=rng, dtype=torch.float64) for _ in range(k)]
+    scales = [0.5, 1.0, 2.0]
+    x, x_meta = (torch.randn(8, 6, generator=rng, dtype=torch.float64) for _ in range(2))
+    ys, ys_meta = ([torch.randint(0, 2, (8,), generator=rng) for _ in range(k)] for _ in range(2))
+    initial = {"shared": shared.tolist(), "heads": [h.tolist() for h in heads], "scales": scales,
+               "x": x.tolist(), "x_meta": x_meta.tolist(), "ys": [y.tolist() for y in ys],
+               "ys_meta": [y.tolist() for y in ys_meta], "alpha": alpha, "weight_decay": wd, "meta_lr": meta_lr}
+
+    def losses(params, data, targets):
+        h = torch.tanh(data @ params[0])
+        return [torch.nn.functional.cross_entropy(h @ params[1 + i], targets[i]) * scales[i] for i in range(k)]
+
+    params = [shared.clone().requires_grad_(True)] + [h.clone().requires_grad_(True) for h in heads]
+    meta_weights = torch.tensor([0.1] * k, dtype=torch.float64, requires_grad=True)
+    meta_optimizer = torch.optim.Adam([meta_weights], lr=meta_lr)
+    rounds = []
+    for _ in range(2):
+        # virtual_step: θ' = θ − α (∇ Σ λ_i L_i + wd θ)
+        loss = sum(w * l for w, l in zip(meta_weights, losses(params, x, ys)))
+        gradients = torch.autograd.grad(loss, params)
+        with torch.no_grad():
+            virtual = [(p - alpha * (g + wd * p)).requires_grad_(True) for p, g in zip(params, gradients)]
+        # unrolled_backward: the meta loss at θ' (every task primary), then compute_hessian
+        d_model = torch.autograd.grad(sum(losses(virtual, x_meta, ys_meta)), virtual)
+        eps = 0.01 / torch.cat([d.view(-1) for d in d_model]).norm()
+        with torch.no_grad():
+            plus = [p + eps * d for p, d in zip(params, d_model)]
+            minus = [p - eps * d for p, d in zip(params, d_model)]
+        d_weight_p = torch.autograd.grad(sum(w * l for w, l in zip(meta_weights, losses(plus, x, ys))), meta_weights)[0]
+        d_weight_n = torch.autograd.grad(sum(w * l for w, l in zip(meta_weights, losses(minus, x, ys))), meta_weights)[0]
+        hessian = (d_weight_p - d_weight_n) / (2.0 * eps)
+        meta_optimizer.zero_grad()
+        meta_weights.grad = -alpha * hessian
+        meta_optimizer.step()
+        # the training step on the new weights
+        loss = sum(w.detach() * l for w, l in zip(meta_weights, losses(params, x, ys)))
+        gradients = torch.autograd.grad(loss, params)
+        with torch.no_grad():
+            params = [(p - alpha * g).requires_grad_(True) for p, g in zip(params, gradients)]
+        rounds.append({"meta_gradient": (-alpha * hessian).tolist(), "weights_after": meta_weights.tolist()})
+    (OUT / "auto_lambda.json").write_text(json.dumps({**initial, "rounds": rounds}))
+
+
 def cls_head_loss(model, ids, mask):
     """A fixed 3-class [CLS] head with cross-entropy on labels 2, 0, 1, back-propagated through `model`: the
     head's weights, labels and loss, as the adapter fixtures store them."""
@@ -1589,6 +1643,7 @@ def weighting_fixtures():
     mgda_imtl_fixture()
     aligned_nash_fixture()
     famo_rlw_db_mtl_fixture()
+    auto_lambda_fixture()
 
 
 def metric_fixtures():

@@ -16,6 +16,8 @@ CASES = [
     ("crates/mtl-train/src/surgery/db_mtl.rs", "*o += scale * a;", "*o += 1.01 * scale * a;", "surgery::db_mtl"),
     ("crates/mtl-train/src/weighting/famo.rs", "s.logits[i] -= self.lr / c1", "s.logits[i] -= 1.01 * self.lr / c1",
      "weighting::famo"),
+    ("crates/mtl-train/src/weighting/auto_lambda.rs", "-alpha * (p - minus", "-1.01 * alpha * (p - minus",
+     "weighting::auto_lambda"),
     ("crates/mtl-train/src/weighting/rlw.rs", "let weights = softmax(&samples);",
      "let weights = softmax(&samples.iter().map(|s| s * 1.05).collect::<Vec<_>>());", "weighting::rlw"),
 ]

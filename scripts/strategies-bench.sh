@@ -29,6 +29,7 @@ mgda|training.sampling.plan="mixed" training.surgery.method="mgda" training.diag
 aligned-mtl|training.sampling.plan="mixed" training.surgery.method="aligned_mtl" training.diagnostics_every=200 training.weighting.weights={}
 nash-mtl|training.sampling.plan="mixed" training.surgery.method="nash_mtl" training.diagnostics_every=200 training.weighting.weights={}
 db-mtl|training.sampling.plan="mixed" training.weighting.method="log" training.surgery.method="db_mtl" training.diagnostics_every=200 training.weighting.weights={}
+auto-lambda|training.sampling.plan="mixed" training.weighting.method="auto_lambda" training.diagnostics_every=200 training.weighting.weights={}
 intensity-x2|training.sampling.plan="mixed" training.weighting.weights.intensity=2.0 training.diagnostics_every=200
 proportional|training.sampling.plan="sampled" training.sampling.sampler="proportional" training.weighting.weights={}
 temperature-2|training.sampling.plan="sampled" training.sampling.sampler="temperature" training.sampling.temperature=2.0 training.weighting.weights={}

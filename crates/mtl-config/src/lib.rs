@@ -33,8 +33,8 @@ pub use training::{SamplerKind, SamplingConfig, StepPlan, TrainingConfig};
 
 pub use peft::{AdapterPlacement, PeftConfig, PeftMethod};
 pub use recipe::{
-    FreezeConfig, MgdaNormalization, ReportOnly, Schedule, ScoreWeight, ScoreWeights, SurgeryConfig, SurgeryMethod,
-    WeightingConfig, WeightingMethod,
+    FreezeConfig, MetaData, MgdaNormalization, ReportOnly, Schedule, ScoreWeight, ScoreWeights, SurgeryConfig,
+    SurgeryMethod, WeightingConfig, WeightingMethod,
 };
 pub use serve::{ServeConfig, ServeOverrides};
 

@@ -31,6 +31,20 @@ pub enum WeightingMethod {
     /// The logarithm of each loss, as DB-MTL balances the loss scales (`surgery.method = "db_mtl"` balances the
     /// gradients).
     Log,
+    /// Auto-λ (Liu, Davison & Johns 2022): weights meta-learned from the gradient of the loss on held-out
+    /// batches (`meta_data`) after a look-ahead step, by finite differences; about three more passes per step.
+    AutoLambda,
+}
+
+/// Where Auto-λ's meta batches come from.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq, Default, schemars::JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum MetaData {
+    /// A seeded subset of the dev split (`meta_examples` examples).
+    #[default]
+    Dev,
+    /// The training split in another order, as the authors' code does.
+    Train,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
@@ -58,6 +72,19 @@ pub struct WeightingConfig {
     /// `famo`: the weight decay of its weight logits (the paper's γ).
     #[serde(default = "default_famo_decay")]
     pub decay: f64,
+    /// `auto_lambda`: every task's initial weight (the authors' 0.1); its weights train by Adam at `lr`
+    /// (default 1e-4, the authors').
+    #[serde(default = "default_auto_lambda_init")]
+    pub init: f64,
+    /// `auto_lambda`: where the meta batches come from.
+    #[serde(default)]
+    pub meta_data: MetaData,
+    /// `auto_lambda`: how many examples of `meta_data` the meta batches cycle through (all when absent).
+    #[serde(default = "default_meta_examples")]
+    pub meta_examples: Option<usize>,
+    /// `auto_lambda`: the weights are meta-updated every this many optimiser steps.
+    #[serde(default = "default_meta_every")]
+    pub meta_every: usize,
 }
 
 fn default_dwa_temperature() -> f64 {
@@ -68,6 +95,15 @@ fn default_gradnorm_alpha() -> f64 {
 }
 fn default_famo_decay() -> f64 {
     1e-3
+}
+fn default_auto_lambda_init() -> f64 {
+    0.1
+}
+fn default_meta_examples() -> Option<usize> {
+    Some(1000)
+}
+fn default_meta_every() -> usize {
+    1
 }
 
 impl Default for WeightingConfig {
@@ -80,6 +116,10 @@ impl Default for WeightingConfig {
             alpha: default_gradnorm_alpha(),
             lr: None,
             decay: default_famo_decay(),
+            init: default_auto_lambda_init(),
+            meta_data: MetaData::default(),
+            meta_examples: default_meta_examples(),
+            meta_every: default_meta_every(),
         }
     }
 }

@@ -122,11 +122,15 @@ frame = ["intent", "slots"]
         let cases: &[(&[&str], &str)] = &[
             (
                 &["training.weighting.method=\"gradnorm\""],
-                "invalid override `training.weighting.method=\"gradnorm\"`: unknown variant `gradnorm`, expected one of `static`, `uncertainty`, `dwa`, `grad_norm`, `rlw`, `famo`, `imtl`, `log`",
+                "invalid override `training.weighting.method=\"gradnorm\"`: unknown variant `gradnorm`, expected one of `static`, `uncertainty`, `dwa`, `grad_norm`, `rlw`, `famo`, `imtl`, `log`, `auto_lambda`",
             ),
             (
                 &["training.surgery.method=\"mgda_ub\""],
                 "invalid override `training.surgery.method=\"mgda_ub\"`: unknown variant `mgda_ub`, expected one of `none`, `pcgrad`, `cagrad`, `mgda`, `imtl`, `aligned_mtl`, `nash_mtl`, `db_mtl`",
+            ),
+            (
+                &["training.weighting.method=\"auto_lambda\"", "training.surgery.method=\"pcgrad\""],
+                "invalid config run.toml: field `training.surgery.method`: Auto-λ learns the tasks' weights from the step's whole gradient; use it without gradient surgery",
             ),
             (
                 &["training.schedule=\"step\""],
@@ -299,7 +303,7 @@ mod example_tests {
             assert_eq!(weights.is_empty(), name != "intensity-x2", "{name}: {weights:?}");
             rows += 1;
         }
-        assert_eq!(rows, 11);
+        assert_eq!(rows, 19);
         Ok(())
     }
 

@@ -39,6 +39,25 @@ impl Config {
         if t.batch_size == 0 || t.eval_batch_size == 0 {
             return Err(invalid("training.batch_size", "batch sizes must be at least 1".into()));
         }
+        let w = &t.weighting;
+        if w.method == crate::WeightingMethod::AutoLambda {
+            if t.surgery.method != crate::SurgeryMethod::None {
+                return Err(invalid(
+                    "training.surgery.method",
+                    "Auto-λ learns the tasks' weights from the step's whole gradient; use it without gradient surgery"
+                        .into(),
+                ));
+            }
+            if w.meta_every == 0 {
+                return Err(invalid("training.weighting.meta_every", "must be at least 1".into()));
+            }
+            if w.meta_examples == Some(0) {
+                return Err(invalid("training.weighting.meta_examples", "must be at least 1".into()));
+            }
+            if !(w.init.is_finite() && w.init > 0.0) {
+                return Err(invalid("training.weighting.init", "must be a positive number".into()));
+            }
+        }
         let s = &t.sampling;
         if !(s.temperature.is_finite() && s.temperature > 0.0) {
             return Err(invalid("training.sampling.temperature", "must be a positive number".into()));

@@ -190,7 +190,7 @@ pub(crate) fn sum_of_squares(t: &Tensor) -> Result<f64> {
         return Ok(partial.iter().sum());
     }
     drop(storage);
-    Ok(f64::from(t.sqr()?.sum_all()?.to_scalar::<f32>()?))
+    Ok(t.to_dtype(candle_core::DType::F64)?.sqr()?.sum_all()?.to_scalar::<f64>()?)
 }
 
 struct FusedAdamW {

@@ -122,6 +122,31 @@ pub struct Outcome {
 const PREFETCH_BATCHES: usize = 4;
 
 /// A collated batch, or, when every step needs each task's gradient, one sub-batch per task.
+/// Where Auto-λ's meta batches come from.
+struct MetaSource<'a> {
+    data: &'a Dataset,
+    subset: Vec<usize>,
+}
+
+/// A model seen by Auto-λ's look-ahead: the step's batch and a meta batch.
+struct LookaheadModel<'a> {
+    model: &'a dyn TrainModel,
+    batch: &'a HostBatch,
+    meta: HostBatch,
+}
+
+impl weighting::MetaModel for LookaheadModel<'_> {
+    fn train_losses(&self, mode: Mode) -> Result<Vec<(TaskId, Tensor)>> {
+        Ok(self.model.losses(self.batch, mode)?.into_iter().map(|l| (l.task, l.loss)).collect())
+    }
+    fn meta_losses(&self) -> Result<Vec<(TaskId, Tensor)>> {
+        Ok(self.model.losses(&self.meta, Mode::Train)?.into_iter().map(|l| (l.task, l.loss)).collect())
+    }
+    fn backward(&self, loss: &Tensor) -> Result<candle_core::backprop::GradStore> {
+        self.model.backward(loss)
+    }
+}
+
 enum Work {
     Whole(HostBatch),
     PerTask(Vec<HostBatch>),
@@ -339,6 +364,40 @@ impl Trainer<'_> {
     }
 
     /// Whether the parameter `name` is frozen at optimiser step `step`: by the recipe, or for good.
+    /// Auto-λ's meta update before optimiser step `step` (from 0) on `batch`, with the step's schedule `scale`.
+    #[allow(clippy::too_many_arguments)]
+    fn auto_lambda_step(
+        &self,
+        weighting: &mut dyn weighting::LossWeighting,
+        batch: &HostBatch,
+        meta: &MetaSource,
+        kinds: &BTreeMap<TaskId, (TaskKind, usize)>,
+        scale: f64,
+        step: usize,
+        num_layers: usize,
+    ) -> Result<()> {
+        let t = &self.config.training;
+        let Some(auto) = weighting.as_auto_lambda() else { return Ok(()) };
+        let chosen = weighting::meta_batch(&meta.subset, t.batch_size, auto.meta_batches(), t.seed);
+        let examples: Vec<&Example> = chosen.iter().map(|&i| &meta.data.examples[i]).collect();
+        let model = LookaheadModel { model: self.model, batch, meta: self.model.collation().collate(&examples, kinds) };
+        let vars: Vec<weighting::LookaheadVar> = self
+            .model
+            .params()
+            .vars()
+            .iter()
+            .filter(|(n, _)| !self.is_frozen(n, num_layers, step))
+            .map(|(name, var)| {
+                let group = param_group(name, self.role_of(name), self.config, num_layers);
+                weighting::LookaheadVar { var, lr: group.lr * scale, weight_decay: group.weight_decay }
+            })
+            .collect();
+        let lambda = weighting::LossWeighting::weights(&*auto);
+        let gradient = weighting::hypergradient(&model, &vars, &lambda, t.lr * scale)?;
+        auto.meta_step(&gradient);
+        Ok(())
+    }
+
     /// Each task's mean loss over the batches of `work`, in training mode, without a backward pass (FAMO's
     /// losses after the step).
     fn losses_of(&self, work: &[Work]) -> Result<BTreeMap<TaskId, f64>> {
@@ -415,6 +474,22 @@ impl Trainer<'_> {
             }),
             AdamWConfig::default(),
         );
+        // Auto-λ's meta data: a seeded subset of the dev or training examples.
+        let meta_source = match weighting.as_auto_lambda().is_some() {
+            false => None,
+            true => {
+                let w = &t.weighting;
+                let data = match w.meta_data {
+                    mtl_config::MetaData::Train => &splits.train,
+                    mtl_config::MetaData::Dev => splits.dev.as_ref().ok_or_else(|| TrainError::Invalid {
+                        path: "training.weighting.meta_data".into(),
+                        message: "Auto-λ's meta batches come from the dev split, and no task has one; give the tasks dev data or set meta_data = \"train\"".into(),
+                    })?,
+                };
+                let subset = weighting::meta_subset(data.examples.len(), w.meta_examples, t.seed);
+                Some(MetaSource { data, subset })
+            }
+        };
         let mut selection = Selection::default();
         let mut step = 0;
         let mut skipped = 0;
@@ -562,6 +637,12 @@ impl Trainer<'_> {
                 // The step's batches, kept when the weighting needs their losses after the step (FAMO).
                 let mut step_work: Vec<Work> = Vec::new();
                 for (i, work) in (done..).zip(receiver) {
+                    if let (Some(meta), Work::Whole(batch)) = (&meta_source, &work) {
+                        if pending.batches == 0 && step % t.weighting.meta_every == 0 {
+                            let scale = lr_scale(t.schedule, step, warmup, total_steps);
+                            self.auto_lambda_step(weighting.as_mut(), batch, meta, kinds, scale, step, num_layers)?;
+                        }
+                    }
                     let shared: Vec<String> = vars
                         .keys()
                         .filter(|n| self.role_of(n).is_shared() && !self.is_frozen(n, num_layers, step))

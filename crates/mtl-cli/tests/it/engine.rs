@@ -49,6 +49,7 @@ fn every_weighting_and_surgery_trains() -> TestResult {
         ("aligned-mtl", &["training.surgery.method=\"aligned_mtl\""]),
         ("nash-mtl", &["training.surgery.method=\"nash_mtl\""]),
         ("db-mtl", &["training.weighting.method=\"log\"", "training.surgery.method=\"db_mtl\""]),
+        ("auto-lambda", &["training.weighting.method=\"auto_lambda\"", "training.weighting.lr=0.01"]),
         (
             "recipe",
             &[
@@ -71,7 +72,7 @@ fn every_weighting_and_surgery_trains() -> TestResult {
     }
     // Each method changes the training: its task weights move, or its weights differ from plain equal
     // weighting's (DWA only moves from the third step, after the best epoch here).
-    for name in ["uncertainty", "dwa", "gradnorm", "rlw", "famo", "imtl", "db-mtl"] {
+    for name in ["uncertainty", "dwa", "gradnorm", "rlw", "famo", "imtl", "db-mtl", "auto-lambda"] {
         let w = &metrics(&p, name)?["task_weights"];
         assert!(w["intent"] != w["slots"], "{name}: the task weights never moved: {w}");
     }
@@ -89,6 +90,7 @@ fn every_weighting_and_surgery_trains() -> TestResult {
         "aligned-mtl",
         "nash-mtl",
         "db-mtl",
+        "auto-lambda",
         "recipe",
     ] {
         let other = weights(&p.path(name).join("model.safetensors"))?;
@@ -296,6 +298,14 @@ fn killed_runs_resume_exactly() -> TestResult {
         ),
         ("per-task-lora", &["peft.method=\"lora\"", "peft.per_task=true", "peft.dropout=0.2"]),
         ("famo", &["training.weighting.method=\"famo\""]),
+        (
+            "auto-lambda",
+            &[
+                "training.weighting.method=\"auto_lambda\"",
+                "training.weighting.meta_data=\"train\"",
+                "training.weighting.meta_every=2",
+            ],
+        ),
         ("rlw-nash-mtl", &["training.weighting.method=\"rlw\"", "training.surgery.method=\"nash_mtl\""]),
         (
             "db-mtl",

@@ -5,6 +5,7 @@
 //! norms (GradNorm), or through parameters of its own that the optimiser trains with the model
 //! (uncertainty). Its state is exported for an exact resume.
 
+mod auto_lambda;
 mod dwa;
 mod famo;
 mod gradnorm;
@@ -20,6 +21,7 @@ use candle_core::{Device, Tensor, Var};
 use mtl_config::{Config, WeightingMethod};
 use mtl_core::TaskId;
 
+pub use auto_lambda::{hypergradient, meta_batch, meta_subset, AutoLambda, LookaheadVar, MetaModel};
 pub use dwa::Dwa;
 pub use famo::Famo;
 pub use gradnorm::GradNorm;
@@ -65,6 +67,11 @@ pub trait LossWeighting: Send {
         false
     }
 
+    /// Auto-λ, whose weights the trainer meta-learns from look-ahead steps; `None` for every other method.
+    fn as_auto_lambda(&mut self) -> Option<&mut AutoLambda> {
+        None
+    }
+
     /// Called after every optimiser step.
     fn observe(&mut self, _step: &StepLosses) {}
 
@@ -90,6 +97,7 @@ pub fn weighting(config: &Config, steps_per_epoch: usize, device: &Device) -> Re
         WeightingMethod::Famo => Box::new(Famo::new(tasks, w.lr.unwrap_or(0.025), w.decay)),
         WeightingMethod::Imtl => Box::new(ImtlL::new(&tasks, device)?),
         WeightingMethod::Log => Box::new(LogLosses::default()),
+        WeightingMethod::AutoLambda => Box::new(AutoLambda::new(&tasks, w.init, w.lr.unwrap_or(1e-4))),
     })
 }
 
