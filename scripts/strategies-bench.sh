@@ -26,6 +26,7 @@ rlw|training.sampling.plan="mixed" training.weighting.method="rlw" training.diag
 famo|training.sampling.plan="mixed" training.weighting.method="famo" training.diagnostics_every=200 training.weighting.weights={}
 imtl|training.sampling.plan="mixed" training.weighting.method="imtl" training.surgery.method="imtl" training.diagnostics_every=200 training.weighting.weights={}
 mgda|training.sampling.plan="mixed" training.surgery.method="mgda" training.diagnostics_every=200 training.weighting.weights={}
+mgda-ub|training.sampling.plan="mixed" training.surgery.method="mgda" training.surgery.representation=true training.diagnostics_every=200 training.weighting.weights={}
 aligned-mtl|training.sampling.plan="mixed" training.surgery.method="aligned_mtl" training.diagnostics_every=200 training.weighting.weights={}
 nash-mtl|training.sampling.plan="mixed" training.surgery.method="nash_mtl" training.diagnostics_every=200 training.weighting.weights={}
 db-mtl|training.sampling.plan="mixed" training.weighting.method="log" training.surgery.method="db_mtl" training.diagnostics_every=200 training.weighting.weights={}

@@ -176,6 +176,12 @@ pub struct SurgeryConfig {
     /// `mgda`: how the task gradients are normalised first.
     #[serde(default)]
     pub normalization: MgdaNormalization,
+    /// Combine the gradients of the shared representation (the encoder's output) instead of the shared
+    /// parameters': with `mgda` this is MGDA-UB (Sener & Koltun's upper bound), and for any method but
+    /// `db_mtl` it is LibMTL's `rep_grad`. The per-task backward passes then run through the heads only, and
+    /// the encoder takes one backward pass with the combined gradient.
+    #[serde(default)]
+    pub representation: bool,
     /// `db_mtl`: the moving average's rate β (LibMTL's `DB_beta`).
     #[serde(default = "default_db_beta")]
     pub beta: f64,
@@ -200,6 +206,7 @@ impl Default for SurgeryConfig {
             method: SurgeryMethod::None,
             c: default_cagrad_c(),
             normalization: MgdaNormalization::default(),
+            representation: false,
             beta: default_db_beta(),
             beta_sigma: default_db_beta_sigma(),
         }

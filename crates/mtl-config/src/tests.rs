@@ -303,7 +303,7 @@ mod example_tests {
             assert_eq!(weights.is_empty(), name != "intensity-x2", "{name}: {weights:?}");
             rows += 1;
         }
-        assert_eq!(rows, 19);
+        assert_eq!(rows, 20);
         Ok(())
     }
 

@@ -40,6 +40,18 @@ impl Config {
             return Err(invalid("training.batch_size", "batch sizes must be at least 1".into()));
         }
         let w = &t.weighting;
+        if t.surgery.representation {
+            let why = match (t.surgery.method, w.method) {
+                (crate::SurgeryMethod::None, _) => Some("needs a surgery method to combine the gradients"),
+                (crate::SurgeryMethod::DbMtl, _) => Some("DB-MTL averages parameter gradients over steps; it has no representation form"),
+                (_, crate::WeightingMethod::GradNorm) => Some("GradNorm reads each task's gradient on the top encoder layer, which representation gradients do not reach"),
+                _ if self.peft.per_task => Some("with per-task adapters the tasks share no representation"),
+                _ => None,
+            };
+            if let Some(why) = why {
+                return Err(invalid("training.surgery.representation", why.into()));
+            }
+        }
         if w.method == crate::WeightingMethod::AutoLambda {
             if t.surgery.method != crate::SurgeryMethod::None {
                 return Err(invalid(

@@ -402,6 +402,32 @@ impl MultiTaskModel {
         Ok(out)
     }
 
+    /// The batch's shared representation and each task's loss on a copy of it cut from the encoder's graph
+    /// (MGDA-UB's and LibMTL's `rep_grad`): `(hidden, leaf, losses)`, where backward passes from the losses
+    /// reach the leaf and the heads only, and `hidden` carries the encoder's graph. `None` with per-task
+    /// adapters, where the tasks share no representation.
+    pub fn representation_losses(
+        &self,
+        batch: &HostBatch,
+        mode: Mode,
+    ) -> Result<Option<(Tensor, candle_core::Var, Vec<TaskLoss>)>> {
+        if self.per_task_peft().is_some() {
+            return Ok(None);
+        }
+        let hidden = self.encode(batch, mode)?;
+        let leaf = candle_core::Var::from_tensor(&hidden.detach())?;
+        let mut out = Vec::new();
+        for (task, targets) in &batch.targets {
+            let Some(head) = self.heads.get(task) else {
+                continue;
+            };
+            if let Some(loss) = self.task_loss(head, leaf.as_tensor(), batch, targets, mode)? {
+                out.push(TaskLoss { task: task.clone(), loss: loss.0, count: loss.1 });
+            }
+        }
+        Ok(Some((hidden, leaf, out)))
+    }
+
     /// The states a sequence-level head reads, one row per example of `examples` (`[n, hidden]`): the first
     /// token's, or, on a ModernBERT whose config pools by the mean (`classifier_pooling = "mean"`), the mean
     /// of its real tokens' states, as transformers' `ModernBertForSequenceClassification` pools.

@@ -30,6 +30,15 @@ impl Collation {
     }
 }
 
+/// A batch's shared representation for gradient surgery on it.
+pub struct Representation {
+    /// The encoder's output, carrying its graph.
+    pub hidden: Tensor,
+    /// A copy of it cut from that graph, which the task losses read.
+    pub leaf: candle_core::Var,
+    pub losses: Vec<TaskLoss>,
+}
+
 /// A model the [`crate::Trainer`] can train and evaluate.
 pub trait TrainModel {
     /// Every trained variable, by checkpoint name.
@@ -46,6 +55,11 @@ pub trait TrainModel {
     fn losses(&self, batch: &HostBatch, mode: Mode) -> Result<Vec<TaskLoss>>;
     /// The gradient of `loss` with respect to every trained variable.
     fn backward(&self, loss: &Tensor) -> Result<GradStore>;
+    /// The shared representation, a leaf cut from its graph, and each task's loss on the leaf
+    /// ([`MultiTaskModel::representation_losses`]); `None` where the tasks share none.
+    fn representation_losses(&self, _batch: &HostBatch, _mode: Mode) -> Result<Option<Representation>> {
+        Ok(None)
+    }
     /// Predictions of every task of `info` that each example has (or, for encoders, every task), in order.
     fn predict(
         &self,
@@ -79,6 +93,13 @@ impl TrainModel for MultiTaskModel {
     }
     fn backward(&self, loss: &Tensor) -> Result<GradStore> {
         Ok(MultiTaskModel::backward(self, loss)?)
+    }
+    fn representation_losses(&self, batch: &HostBatch, mode: Mode) -> Result<Option<Representation>> {
+        Ok(MultiTaskModel::representation_losses(self, batch, mode)?.map(|(hidden, leaf, losses)| Representation {
+            hidden,
+            leaf,
+            losses,
+        }))
     }
     fn predict(
         &self,

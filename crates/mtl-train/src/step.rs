@@ -49,6 +49,8 @@ pub struct GradientPlan<'a> {
     pub diagnose: bool,
     /// The optimiser step, for seeded surgery.
     pub step: usize,
+    /// Surgery on the gradients of the shared representation rather than of the shared parameters.
+    pub representation: bool,
 }
 
 impl GradientPlan<'_> {
@@ -65,6 +67,9 @@ pub fn named(store: &GradStore, vars: &BTreeMap<String, Var>) -> Grads {
 
 /// The batch's losses and gradients.
 pub fn batch_grads(model: &dyn TrainModel, batch: &HostBatch, plan: &GradientPlan) -> Result<BatchOutcome> {
+    if let (true, Some(surgery)) = (plan.representation, plan.surgery) {
+        return representation_grads(model, batch, plan, surgery);
+    }
     let per_task = plan.per_task();
     model.set_retain_graph(per_task);
     let losses = model.losses(batch, Mode::Train);
@@ -94,6 +99,71 @@ pub fn batch_grads(model: &dyn TrainModel, batch: &HostBatch, plan: &GradientPla
     let task_grads: Vec<Grads> = terms.iter().map(|t| Ok(named(&model.backward(t)?, vars))).collect::<Result<_>>()?;
     let tasks: Vec<TaskId> = named_losses.into_iter().map(|(t, _)| t).collect();
     combine_tasks(model, plan, tasks, task_grads, values).map(BatchOutcome::Grads)
+}
+
+/// The gradients of a batch with surgery on the shared representation (MGDA-UB, LibMTL's `rep_grad`): each
+/// task's term is differentiated through its head only, down to a copy of the encoder's output; the surgery
+/// combines those gradients (their Gram matrix), and the encoder takes one backward pass with the combination
+/// as its output's gradient. Each head gets its own task's gradient. Gradient cosines, when asked, are the
+/// representation gradients'.
+fn representation_grads(
+    model: &dyn TrainModel,
+    batch: &HostBatch,
+    plan: &GradientPlan,
+    surgery: &dyn GradientSurgery,
+) -> Result<BatchOutcome> {
+    let Some(rep) = model.representation_losses(batch, Mode::Train)? else {
+        return Err(crate::TrainError::Invalid {
+            path: "training.surgery.representation".into(),
+            message: "this model's tasks share no representation (a decoder)".into(),
+        });
+    };
+    if rep.losses.is_empty() {
+        return Ok(BatchOutcome::Empty);
+    }
+    let values: BTreeMap<TaskId, f64> = rep
+        .losses
+        .iter()
+        .map(|l| Ok((l.task.clone(), f64::from(l.loss.to_scalar::<f32>()?))))
+        .collect::<Result<_>>()?;
+    if values.values().any(|v| !v.is_finite()) {
+        return Ok(BatchOutcome::NonFinite);
+    }
+    let named_losses: Vec<(TaskId, Tensor)> = rep.losses.iter().map(|l| (l.task.clone(), l.loss.clone())).collect();
+    let terms = plan.weighting.terms(&named_losses)?;
+    let tasks: Vec<TaskId> = named_losses.into_iter().map(|(t, _)| t).collect();
+    let mut heads = Grads::new();
+    let mut rep_grads = Vec::with_capacity(terms.len());
+    for term in &terms {
+        let store = model.backward(term)?;
+        rep_grads.push(match store.get(rep.leaf.as_tensor()) {
+            Some(g) => g.flatten_all()?.to_vec1::<f32>()?,
+            None => vec![0f32; rep.leaf.as_tensor().elem_count()],
+        });
+        accumulate(&mut heads, named(&store, plan.vars))?;
+    }
+    let segments: Vec<[&[f32]; 1]> = rep_grads.iter().map(|g| [g.as_slice()]).collect();
+    let refs: Vec<&[&[f32]]> = segments.iter().map(|s| s.as_slice()).collect();
+    let gram = crate::surgery::gram(&refs);
+    let cosines = plan.diagnose.then(|| {
+        cosine_similarities(&gram).into_iter().map(|(i, j, c)| (tasks[i].clone(), tasks[j].clone(), c)).collect()
+    });
+    let coefficients = if tasks.len() > 1 {
+        let losses: Vec<f64> = tasks.iter().map(|t| values[t]).collect();
+        surgery.coefficients(&gram, &losses, plan.step)
+    } else {
+        vec![1.0]
+    };
+    let combined = crate::surgery::combination(&refs, &coefficients).remove(0);
+    let direction = Tensor::from_vec(combined, rep.hidden.shape(), rep.hidden.device())?;
+    let through = (&rep.hidden * &direction)?.sum_all()?;
+    let mut grads = named(&model.backward(&through)?, plan.vars);
+    for (name, g) in heads {
+        if !role_of(model.params(), &name).is_shared() {
+            grads.insert(name, g);
+        }
+    }
+    Ok(BatchOutcome::Grads(BatchGrads { grads, losses: values, top_layer_norms: None, cosines }))
 }
 
 /// The gradients of a batch split by task: each sub-batch holds one task's examples and targets, and runs its
@@ -256,6 +326,7 @@ mod tests {
     use mtl_nn::{BertConfig, HeadSpec, ModelSpec, MultiTaskModel};
 
     use super::*;
+    use crate::surgery::GradientSurgery;
     use crate::weighting::StaticWeights;
 
     fn tiny_model() -> Result<MultiTaskModel> {
@@ -314,6 +385,7 @@ mod tests {
             num_layers: model.bert().config().num_hidden_layers,
             diagnose: true,
             step: 0,
+            representation: false,
         };
         let (BatchOutcome::Grads(joint), BatchOutcome::Grads(per_task)) =
             (batch_grads(&model, &whole, &plan)?, split_batch_grads(&model, &parts, &plan)?)
@@ -333,6 +405,74 @@ mod tests {
         let cos = per_task.cosines.expect("diagnosed");
         assert_eq!(cos.len(), 1);
         assert!((-1.0..=1.0).contains(&cos[0].2));
+        Ok(())
+    }
+
+    /// A surgery that keeps the plain sum.
+    struct Sum;
+
+    impl GradientSurgery for Sum {
+        fn coefficients(&self, gram: &[Vec<f64>], _losses: &[f64], _step: usize) -> Vec<f64> {
+            vec![1.0; gram.len()]
+        }
+    }
+
+    /// Through the representation, a surgery that sums gives the whole batch's gradient (the chain rule split
+    /// at the encoder's output), and MGDA-UB's update is the minimum-norm combination of the tasks'
+    /// representation gradients pushed through the encoder.
+    #[test]
+    fn representation_surgery_splits_the_chain_rule_at_the_encoder() -> Result<()> {
+        let model = tiny_model()?;
+        let n = IGNORE_INDEX;
+        let whole = batch(4, vec![("a", vec![0, 2, n, 1]), ("b", vec![n, 1, 1, 0])]);
+        let weighting = StaticWeights::new(BTreeMap::new());
+        let names: Vec<String> =
+            model.params().with_roles().filter(|(_, _, r)| r.is_shared()).map(|(n, _, _)| n.clone()).collect();
+        let plan = |surgery: Option<&'static dyn GradientSurgery>, representation| GradientPlan {
+            vars: model.params().vars(),
+            weighting: &weighting,
+            surgery,
+            shared: &names,
+            num_layers: model.bert().config().num_hidden_layers,
+            diagnose: false,
+            step: 0,
+            representation,
+        };
+        let (BatchOutcome::Grads(plain), BatchOutcome::Grads(split)) =
+            (batch_grads(&model, &whole, &plan(None, false))?, batch_grads(&model, &whole, &plan(Some(&Sum), true))?)
+        else {
+            panic!("the batch has labels");
+        };
+        assert_eq!(plain.grads.keys().collect::<Vec<_>>(), split.grads.keys().collect::<Vec<_>>());
+        for (name, g) in &plain.grads {
+            let err = (g - &split.grads[name])?.abs()?.max_all()?.to_scalar::<f32>()?;
+            let scale = g.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(err <= 1e-4 * (1.0 + scale), "{name}: off by {err}");
+        }
+        // MGDA-UB: the encoder's gradient is that of Σ_k a_k L_k with MGDA's coefficients on the
+        // representation gradients, found here by weighting the losses directly.
+        static MGDA: crate::surgery::Mgda = crate::surgery::Mgda { normalization: mtl_config::MgdaNormalization::None };
+        let BatchOutcome::Grads(ub) = batch_grads(&model, &whole, &plan(Some(&MGDA), true))? else { panic!("labels") };
+        let rep = TrainModel::representation_losses(&model, &whole, Mode::Train)?.expect("shared");
+        let rep_grads: Vec<Vec<f32>> = rep
+            .losses
+            .iter()
+            .map(|l| {
+                Ok(model.backward(&l.loss)?.get(rep.leaf.as_tensor()).expect("reached").flatten_all()?.to_vec1()?)
+            })
+            .collect::<Result<_>>()?;
+        let segments: Vec<[&[f32]; 1]> = rep_grads.iter().map(|g| [g.as_slice()]).collect();
+        let refs: Vec<&[&[f32]]> = segments.iter().map(|s| s.as_slice()).collect();
+        let a = MGDA.coefficients(&crate::surgery::gram(&refs), &[], 0);
+        let weighted = StaticWeights::new(rep.losses.iter().map(|l| l.task.clone()).zip(a).collect());
+        let direct = GradientPlan { weighting: &weighted, ..plan(None, false) };
+        let BatchOutcome::Grads(want) = batch_grads(&model, &whole, &direct)? else { panic!("labels") };
+        for name in &names {
+            let (g, w) = (&ub.grads[name], &want.grads[name]);
+            let err = (g - w)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            let scale = w.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(err <= 1e-4 * (1.0 + scale), "{name}: off by {err}");
+        }
         Ok(())
     }
 }

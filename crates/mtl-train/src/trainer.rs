@@ -456,7 +456,8 @@ impl Trainer<'_> {
         let num_layers = self.model.num_layers();
         let mut weighting = weighting::weighting(self.config, steps_per_epoch, self.model.device())?;
         let surgery = surgery::surgery(&t.surgery, t.seed);
-        let split_by_task = weighting.needs_grad_norms() || surgery.is_some();
+        // Surgery on the shared representation keeps the batch whole: one encoder pass for every task.
+        let split_by_task = weighting.needs_grad_norms() || (surgery.is_some() && !t.surgery.representation);
         // Every trained variable: the model's and the weighting's own (uncertainty's log-variances).
         let all_vars: BTreeMap<String, candle_core::Var> =
             self.model.params().vars().iter().map(|(n, v)| (n.clone(), v.clone())).chain(weighting.vars()).collect();
@@ -657,6 +658,7 @@ impl Trainer<'_> {
                         num_layers,
                         diagnose,
                         step,
+                        representation: t.surgery.representation,
                     };
                     let outcome = match &work {
                         Work::Whole(batch) => batch_grads(self.model, batch, &plan)?,
