@@ -98,6 +98,9 @@ It writes:
   famo.json, db_mtl.json, rlw.json
                         FAMO's gradient weights and logits over 6 steps of given losses and DB-MTL's updates over
                         4 steps (LibMTL commit 4336804's code), and quantiles of RLW's K·softmax(randn(K)) weights
+  adalora.json          PEFT's AdaLoRA rank allocation on a tiny network over 20 SGD steps: what
+                        update_and_allocate sees and leaves at each step, and the orthogonal regularisation
+                        (`make_fixtures.py adalora`)
   auto_lambda.json      Auto-λ's meta gradients and weights over two rounds on a tiny model, as the authors'
                         AutoLambda (lorenmt/auto-lambda) computes them
 The tests themselves need none of these packages. `python scripts/make_fixtures.py metrics` writes only the
@@ -1406,6 +1409,71 @@ def auto_lambda_fixture():
     (OUT / "auto_lambda.json").write_text(json.dumps({**initial, "rounds": rounds}))
 
 
+def adalora_fixture():
+    """PEFT 0.21's AdaLoRA on a tiny three-layer network (Linear 8→10→6→3, tanh, cross-entropy; init_r 6,
+    target_r 3, tinit 3, tfinal 4, deltaT 2, total_step 20, lora_alpha 8, no dropout, orth_reg_weight 0.5),
+    trained by SGD (lr 0.5) on one random batch: at every step, each layer's A, B and E with their gradients as
+    `update_and_allocate` sees them, the E it leaves (masked), the budget and the rank pattern; and at the first
+    step the orthogonal regularisation term and its gradient with respect to each A and B."""
+    import types
+
+    from peft import AdaLoraConfig, get_peft_model
+
+    torch.manual_seed(25)
+
+    class Tiny(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q, self.v, self.o = torch.nn.Linear(8, 10), torch.nn.Linear(10, 6), torch.nn.Linear(6, 3)
+
+        def forward(self, x=None, labels=None):
+            h = torch.tanh(self.v(torch.tanh(self.q(x))))
+            return types.SimpleNamespace(loss=torch.nn.functional.cross_entropy(self.o(h), labels))
+
+    settings = {"init_r": 6, "target_r": 3, "tinit": 3, "tfinal": 4, "deltaT": 2, "total_step": 20,
+                "beta1": 0.85, "beta2": 0.85, "lora_alpha": 8, "orth_reg_weight": 0.5}
+    config = AdaLoraConfig(target_modules=["q", "v", "o"], lora_dropout=0.0, **settings)
+    model = get_peft_model(Tiny(), config)
+    with torch.no_grad():  # E starts at zero; random values make every step's scores differ
+        for n, p in model.named_parameters():
+            if "lora_E" in n:
+                p.normal_(0.0, 0.5)
+    x, labels = torch.randn(16, 8), torch.randint(0, 3, (16,))
+    layers = ["q", "v", "o"]
+    param = {(layer, kind): p for n, p in model.named_parameters() for layer in layers for kind in "ABE"
+             if n.endswith(f".{layer}.lora_{kind}.default")}
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    allocator = model.base_model.rankallocator
+    steps, orth = [], None
+    for step in range(config.total_step):
+        optimizer.zero_grad()
+        base_loss = model.base_model.model(x=x, labels=labels).loss
+        if step == 0:
+            regu = sum(torch.norm((param[(l, "A")] @ param[(l, "A")].T if k == "A" else
+                                   param[(l, "B")].T @ param[(l, "B")]) - torch.eye(6), p="fro")
+                       for l in layers for k in "AB") / 6
+            grads = torch.autograd.grad(regu, [param[(l, k)] for l in layers for k in "AB"])
+            pairs = [(l, k) for l in layers for k in "AB"]
+            orth = {"value": regu.item(),
+                    "at": {f"{l}.{k}": param[(l, k)].detach().flatten().tolist() for l, k in pairs},
+                    "grads": {f"{l}.{k}": g.flatten().tolist() for (l, k), g in zip(pairs, grads)}}
+        loss = model(x=x, labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        seen = {f"{l}.{k}": {"value": param[(l, k)].detach().flatten().tolist(),
+                             "grad": param[(l, k)].grad.flatten().tolist()} for l in layers for k in "ABE"}
+        budget, _ = allocator.budget_schedule(step)
+        model.base_model.update_and_allocate(step)
+        pattern = model.peft_config["default"].rank_pattern
+        steps.append({"step": step, "loss": base_loss.item(), "seen": seen, "budget": budget,
+                      "e_after": {l: param[(l, "E")].detach().flatten().tolist() for l in layers},
+                      "rank_pattern": {l: next(v for k, v in pattern.items() if f"{l}.lora_E" in k) for l in layers}
+                      if pattern else None})
+    shapes = {l: [param[(l, "A")].shape[1], param[(l, "B")].shape[0]] for l in layers}
+    (OUT / "adalora.json").write_text(json.dumps({"settings": settings, "shapes": shapes, "orth": orth,
+                                                  "steps": steps}))
+
+
 def cls_head_loss(model, ids, mask):
     """A fixed 3-class [CLS] head with cross-entropy on labels 2, 0, 1, back-propagated through `model`: the
     head's weights, labels and loss, as the adapter fixtures store them."""
@@ -1662,6 +1730,8 @@ if __name__ == "__main__":
     OUT.mkdir(parents=True, exist_ok=True)
     if sys.argv[1:] == ["weighting"]:
         weighting_fixtures()
+    elif sys.argv[1:] == ["adalora"]:
+        adalora_fixture()
     elif sys.argv[1:] == ["lora"]:
         lora_fixture()
         bottleneck_fixture()

@@ -1,5 +1,6 @@
-"""Checks that the fixture tests of the LibMTL methods (issue 30) can fail: perturbs each method's update by 1%
-(RLW: its samples by 5%), runs that method's tests, expects a failure, and restores the file. Prints one line a
+"""Checks that the fixture tests of the LibMTL methods, Auto-λ and AdaLoRA's allocator (issue 30) can fail:
+perturbs each method's update by 1% (RLW: its samples by 5%; AdaLoRA: the uncertainty's weight in the scores),
+runs that method's tests, expects a failure, and restores the file. Prints one line a
 method. Run from the repository root: python3 scripts/perturb-weighting-tests.py"""
 import pathlib
 import subprocess
@@ -18,6 +19,7 @@ CASES = [
      "weighting::famo"),
     ("crates/mtl-train/src/weighting/auto_lambda.rs", "-alpha * (p - minus", "-1.01 * alpha * (p - minus",
      "weighting::auto_lambda"),
+    ("crates/mtl-train/src/adalora.rs", "self.ipt[i] * self.unc[i]", "self.ipt[i] * self.unc[i].sqrt()", "adalora"),
     ("crates/mtl-train/src/weighting/rlw.rs", "let weights = softmax(&samples);",
      "let weights = softmax(&samples.iter().map(|s| s * 1.05).collect::<Vec<_>>());", "weighting::rlw"),
 ]

@@ -2,6 +2,7 @@
 //! task's standard metrics, and checkpoints. Depends on `mtl-core`, `mtl-config`, `mtl-metrics`,
 //! `mtl-data` and `mtl-nn`.
 
+pub mod adalora;
 pub mod alloc;
 mod evaluate;
 pub mod groups;

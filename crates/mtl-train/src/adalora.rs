@@ -1,0 +1,307 @@
+//! AdaLoRA's rank allocation (Zhang, Chen, Bukharin, He, Cheng, Chen & Zhao, "Adaptive Budget Allocation for
+//! Parameter-Efficient Fine-Tuning", ICLR 2023), as PEFT's `RankAllocator` and `AdaLoraModel` compute it.
+//!
+//! Each adapted layer's update is `B (E ⊙ A)` in SVD form: `A` (`r × in`) and `B` (`out × r`) the singular
+//! vectors, `E` (`r`) the singular values. After every optimiser step the importance of each entry of `A`,
+//! `B` and `E` is its sensitivity `|p · ∂L/∂p|`, smoothed (`I ← β₁ I + (1 − β₁) |p ∂p|`) and multiplied by its
+//! uncertainty (`U ← β₂ U + (1 − β₂) |(|p ∂p|) − I|`); a triplet `i` of a layer scores
+//! `s(E_i) + mean_j s(A_ij) + mean_k s(B_ki)`. The budget (the total rank over all layers) stays at
+//! `init_r · layers` for `tinit` steps, then falls on a cubic to `target_r · layers` at step
+//! `total_step − tfinal`; every `delta_t` steps meanwhile, the triplets scoring at or below the
+//! `(init − budget)`-th smallest score get `E_i = 0`. At step `total_step − tfinal` the final pattern is
+//! fixed (and the scores reset); after it every step re-applies that pattern. The regulariser
+//! `mean over A and B of ‖P Pᵀ − I‖_F` (`A Aᵀ`, `Bᵀ B`) keeps `A` and `B` near orthogonal.
+
+use std::collections::BTreeMap;
+
+use candle_core::Tensor;
+
+use crate::Result;
+
+/// AdaLoRA's schedule (PEFT's `AdaLoraConfig` names).
+#[derive(Clone, Debug, PartialEq)]
+pub struct AdaLoraSchedule {
+    pub init_r: usize,
+    pub target_r: usize,
+    pub tinit: usize,
+    pub tfinal: usize,
+    pub delta_t: usize,
+    pub total_step: usize,
+    pub beta1: f64,
+    pub beta2: f64,
+}
+
+/// One adapted layer as the allocator sees it after a step: values and gradients, row-major.
+pub struct LayerState<'a> {
+    pub name: &'a str,
+    /// `r × in`
+    pub a: (&'a [f32], &'a [f32]),
+    /// `out × r`
+    pub b: (&'a [f32], &'a [f32]),
+    /// `r`
+    pub e: (&'a [f32], &'a [f32]),
+}
+
+#[derive(Clone, Debug, Default, PartialEq)]
+struct Scores {
+    ipt: Vec<f32>,
+    unc: Vec<f32>,
+}
+
+impl Scores {
+    /// The smoothed sensitivity and uncertainty after one more observation.
+    fn update(&mut self, values: &[f32], grads: &[f32], beta1: f32, beta2: f32) {
+        if self.ipt.len() != values.len() {
+            *self = Self { ipt: vec![0.0; values.len()], unc: vec![0.0; values.len()] };
+        }
+        for (i, (v, g)) in values.iter().zip(grads).enumerate() {
+            let sensitivity = (v * g).abs();
+            self.ipt[i] = beta1 * self.ipt[i] + (1.0 - beta1) * sensitivity;
+            self.unc[i] = beta2 * self.unc[i] + (1.0 - beta2) * (sensitivity - self.ipt[i]).abs();
+        }
+    }
+
+    fn element(&self, i: usize) -> f32 {
+        self.ipt[i] * self.unc[i]
+    }
+}
+
+/// The rank allocator: the importance scores, and the pattern of kept triplets once one is fixed.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RankAllocator {
+    pub schedule: AdaLoraSchedule,
+    scores: BTreeMap<String, [Scores; 3]>,
+    /// The kept triplets of each layer, once a mask was applied.
+    pub rank_pattern: Option<BTreeMap<String, Vec<bool>>>,
+}
+
+impl RankAllocator {
+    pub fn new(schedule: AdaLoraSchedule) -> Self {
+        Self { schedule, scores: BTreeMap::new(), rank_pattern: None }
+    }
+
+    /// The budget at `step` and whether a mask is due (PEFT's `budget_schedule`), for `layers` layers.
+    pub fn budget(&self, step: usize, layers: usize) -> (usize, bool) {
+        let s = &self.schedule;
+        let (init, target) = (s.init_r * layers, s.target_r * layers);
+        if step <= s.tinit {
+            (init, false)
+        } else if step > s.total_step - s.tfinal {
+            (target, true)
+        } else {
+            let span = (s.total_step - s.tfinal - s.tinit) as f64;
+            let coefficient = 1.0 - (step - s.tinit) as f64 / span;
+            let budget = ((init - target) as f64 * coefficient.powi(3) + target as f64) as usize;
+            (budget, step.is_multiple_of(s.delta_t.max(1)))
+        }
+    }
+
+    /// PEFT's `AdaLoraModel.update_and_allocate` after optimiser step `step` (from 0): the importance update,
+    /// and the mask to apply to every layer's `E` now (`true` keeps a triplet), if any.
+    pub fn update_and_allocate(&mut self, layers: &[LayerState], step: usize) -> Option<BTreeMap<String, Vec<bool>>> {
+        let s = &self.schedule;
+        let last = s.total_step - s.tfinal;
+        if step < last {
+            self.update_scores(layers);
+            let (budget, due) = self.budget(step, layers.len());
+            if due {
+                self.rank_pattern = Some(self.mask_to_budget(layers, budget));
+            }
+            return if due { self.rank_pattern.clone() } else { None };
+        }
+        if step == last {
+            let (budget, _) = self.budget(step, layers.len());
+            self.rank_pattern = Some(self.mask_to_budget(layers, budget));
+            self.scores.clear();
+        }
+        self.rank_pattern.clone()
+    }
+
+    fn update_scores(&mut self, layers: &[LayerState]) {
+        let (b1, b2) = (self.schedule.beta1 as f32, self.schedule.beta2 as f32);
+        for layer in layers {
+            let scores = self.scores.entry(layer.name.to_string()).or_default();
+            for (slot, (values, grads)) in scores.iter_mut().zip([layer.a, layer.b, layer.e]) {
+                slot.update(values, grads, b1, b2);
+            }
+        }
+    }
+
+    /// Each triplet's score, by layer.
+    fn triplet_scores(&self, layers: &[LayerState]) -> BTreeMap<String, Vec<f32>> {
+        layers
+            .iter()
+            .map(|layer| {
+                let r = layer.e.0.len();
+                let (inputs, outputs) = (layer.a.0.len() / r.max(1), layer.b.0.len() / r.max(1));
+                let none = [Scores::default(), Scores::default(), Scores::default()];
+                let [a, b, e] = self.scores.get(layer.name).unwrap_or(&none);
+                let score = |i: usize| -> f32 {
+                    let e = if e.ipt.is_empty() { 0.0 } else { e.element(i) };
+                    let a_mean = if a.ipt.is_empty() {
+                        0.0
+                    } else {
+                        (0..inputs).map(|j| a.element(i * inputs + j)).sum::<f32>() / inputs as f32
+                    };
+                    let b_mean = if b.ipt.is_empty() {
+                        0.0
+                    } else {
+                        (0..outputs).map(|k| b.element(k * r + i)).sum::<f32>() / outputs as f32
+                    };
+                    e + (a_mean + b_mean)
+                };
+                (layer.name.to_string(), (0..r).map(score).collect())
+            })
+            .collect()
+    }
+
+    /// Keeps the triplets scoring above the `(initial − budget)`-th smallest score (PEFT's `mask_to_budget`).
+    fn mask_to_budget(&self, layers: &[LayerState], budget: usize) -> BTreeMap<String, Vec<bool>> {
+        let scores = self.triplet_scores(layers);
+        let mut all: Vec<f32> = scores.values().flatten().copied().collect();
+        let k = all.len().saturating_sub(budget);
+        let threshold = if k == 0 {
+            f32::NEG_INFINITY
+        } else {
+            all.sort_by(f32::total_cmp);
+            all[k - 1]
+        };
+        scores.into_iter().map(|(name, s)| (name, s.into_iter().map(|v| v > threshold).collect())).collect()
+    }
+}
+
+/// AdaLoRA's orthogonal regulariser: the mean over the matrices of `‖A Aᵀ − I‖_F` for each `A` (`r × in`) and
+/// `‖Bᵀ B − I‖_F` for each `B` (`out × r`), a scalar that carries the graph.
+pub fn orthogonal_regularizer(a: &[&Tensor], b: &[&Tensor]) -> Result<Option<Tensor>> {
+    let mut terms = Vec::new();
+    for (p, left) in a.iter().map(|p| (*p, true)).chain(b.iter().map(|p| (*p, false))) {
+        let cov = if left { p.matmul(&p.t()?)? } else { p.t()?.matmul(p)? };
+        let n = cov.dim(0)?;
+        let eye = Tensor::eye(n, cov.dtype(), cov.device())?;
+        terms.push((cov - eye)?.sqr()?.sum_all()?.sqrt()?);
+    }
+    let count = terms.len();
+    let Some(first) = terms.pop() else { return Ok(None) };
+    let sum = terms.into_iter().try_fold(first, |acc, t| acc + t)?;
+    Ok(Some(sum.affine(1.0 / count as f64, 0.0)?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(serde::Deserialize)]
+    struct Seen {
+        value: Vec<f32>,
+        grad: Vec<f32>,
+    }
+
+    #[derive(serde::Deserialize)]
+    struct Step {
+        step: usize,
+        seen: BTreeMap<String, Seen>,
+        budget: usize,
+        e_after: BTreeMap<String, Vec<f32>>,
+        rank_pattern: Option<BTreeMap<String, Vec<bool>>>,
+    }
+
+    #[derive(serde::Deserialize)]
+    struct Orth {
+        value: f64,
+        at: BTreeMap<String, Vec<f32>>,
+        grads: BTreeMap<String, Vec<f32>>,
+    }
+
+    #[derive(serde::Deserialize)]
+    struct Fixture {
+        settings: BTreeMap<String, f64>,
+        shapes: BTreeMap<String, [usize; 2]>,
+        orth: Orth,
+        steps: Vec<Step>,
+    }
+
+    fn fixture() -> Fixture {
+        serde_json::from_str(include_str!("../../../tests/fixtures/adalora.json")).expect("fixture parses")
+    }
+
+    /// Against PEFT's AdaLoRA over 20 steps of a tiny network (`scripts/make_fixtures.py adalora`): the budget
+    /// of each step, the triplets kept, and the E each step leaves.
+    #[test]
+    fn allocates_ranks_as_peft() {
+        let f = fixture();
+        let get = |k: &str| f.settings[k] as usize;
+        let schedule = AdaLoraSchedule {
+            init_r: get("init_r"),
+            target_r: get("target_r"),
+            tinit: get("tinit"),
+            tfinal: get("tfinal"),
+            delta_t: get("deltaT"),
+            total_step: get("total_step"),
+            beta1: f.settings["beta1"],
+            beta2: f.settings["beta2"],
+        };
+        let mut allocator = RankAllocator::new(schedule);
+        let names: Vec<&String> = f.shapes.keys().collect();
+        let mut kept_some = false;
+        for step in &f.steps {
+            let part = |layer: &str, kind: &str| -> (&[f32], &[f32]) {
+                let s = &step.seen[&format!("{layer}.{kind}")];
+                (s.value.as_slice(), s.grad.as_slice())
+            };
+            let layers: Vec<LayerState> = names
+                .iter()
+                .map(|n| LayerState { name: n.as_str(), a: part(n, "A"), b: part(n, "B"), e: part(n, "E") })
+                .collect();
+            assert_eq!(allocator.budget(step.step, layers.len()).0, step.budget, "step {}", step.step);
+            let mask = allocator.update_and_allocate(&layers, step.step);
+            for n in &names {
+                let e = &step.seen[&format!("{n}.E")].value;
+                let after: Vec<f32> = match &mask {
+                    Some(m) => e.iter().zip(&m[n.as_str()]).map(|(v, keep)| if *keep { *v } else { 0.0 }).collect(),
+                    None => e.clone(),
+                };
+                assert_eq!(&after, &step.e_after[n.as_str()], "step {} layer {n}: E", step.step);
+            }
+            if let Some(want) = &step.rank_pattern {
+                let got = allocator.rank_pattern.as_ref().expect("a pattern once PEFT has one");
+                for n in &names {
+                    assert_eq!(&got[n.as_str()], &want[n.as_str()], "step {} layer {n}: kept triplets", step.step);
+                }
+                kept_some |= want.values().any(|p| p.iter().filter(|k| **k).count() < p.len());
+            }
+        }
+        assert!(kept_some, "the fixture prunes some triplets");
+    }
+
+    /// The regulariser's value and gradients against torch's (PEFT's formula) at the first step's weights.
+    #[test]
+    fn orthogonal_regularizer_matches_peft() -> Result<()> {
+        let f = fixture();
+        let r = f.settings["init_r"] as usize;
+        let names: Vec<&String> = f.shapes.keys().collect();
+        let var = |key: String, rows: usize| -> Result<candle_core::Var> {
+            let v = &f.orth.at[&key];
+            let t = Tensor::from_slice(v, (rows, v.len() / rows), &candle_core::Device::Cpu)?;
+            Ok(candle_core::Var::from_tensor(&t)?)
+        };
+        let a: Vec<candle_core::Var> = names.iter().map(|n| var(format!("{n}.A"), r)).collect::<Result<_>>()?;
+        let b: Vec<candle_core::Var> =
+            names.iter().map(|n| var(format!("{n}.B"), f.shapes[n.as_str()][1])).collect::<Result<_>>()?;
+        let a_t: Vec<&Tensor> = a.iter().map(|v| v.as_tensor()).collect();
+        let b_t: Vec<&Tensor> = b.iter().map(|v| v.as_tensor()).collect();
+        let value = orthogonal_regularizer(&a_t, &b_t)?.expect("matrices");
+        let got = f64::from(value.to_scalar::<f32>()?);
+        assert!((got - f.orth.value).abs() < 1e-5 * f.orth.value, "{got} vs {}", f.orth.value);
+        let grads = value.backward()?;
+        for (n, (va, vb)) in names.iter().zip(a.iter().zip(&b)) {
+            for (kind, v) in [("A", va), ("B", vb)] {
+                let g = grads.get(v.as_tensor()).expect("a gradient").flatten_all()?.to_vec1::<f32>()?;
+                let want = &f.orth.grads[&format!("{n}.{kind}")];
+                for (x, y) in g.iter().zip(want) {
+                    assert!((x - y).abs() < 1e-5 + 1e-4 * y.abs(), "{n}.{kind}: {x} vs {y}");
+                }
+            }
+        }
+        Ok(())
+    }
+}
