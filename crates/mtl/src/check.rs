@@ -203,6 +203,8 @@ fn estimate_epoch(config: &Config, source: &Path, batches: usize) -> Result<Opti
     mini.training.warmup_ratio = 0.0;
     // Steps with the backbone frozen would be faster than the run's.
     mini.training.freeze.unfreeze_every = None;
+    // The sample has no dev split; Auto-λ's meta batches cost the same from the training data.
+    mini.training.weighting.meta_data = mtl_config::MetaData::Train;
     let sample = (per_step * (TIMED_STEPS + 1)).div_ceil(files.len().max(1));
     for task in mini.tasks.values_mut() {
         task.data.dev = None;
