@@ -100,7 +100,8 @@ It writes:
                         4 steps (LibMTL commit 4336804's code), and quantiles of RLW's K·softmax(randn(K)) weights
   adalora.json          PEFT's AdaLoRA rank allocation on a tiny network over 20 SGD steps: what
                         update_and_allocate sees and leaves at each step, and the orthogonal regularisation
-                        (`make_fixtures.py adalora`)
+                        (`make_fixtures.py adalora`); and tiny-bert/adalora.*, PEFT's AdaLoRA layers on tiny-bert
+                        (random A, B, E): the weights, hidden states, a head's loss and every gradient norm
   auto_lambda.json      Auto-λ's meta gradients and weights over two rounds on a tiny model, as the authors'
                         AutoLambda (lorenmt/auto-lambda) computes them
 The tests themselves need none of these packages. `python scripts/make_fixtures.py metrics` writes only the
@@ -1474,6 +1475,39 @@ def adalora_fixture():
                                                   "steps": steps}))
 
 
+def adalora_bert_fixture():
+    """PEFT's AdaLoRA (SVD form, init_r 4, lora_alpha 8) on every linear layer of tiny-bert's two blocks, adapter
+    `intent`, with N(0, 0.2²) A, B and E: its weights under our names (`lora_E.intent.weight` beside A and B),
+    the last hidden states in evaluation mode, and the [CLS] head's loss with the gradient norm of each A, B and
+    E (tiny-bert/adalora.*)."""
+    from peft import AdaLoraConfig, get_peft_model
+
+    d = OUT / "tiny-bert"
+    base = BertModel.from_pretrained(d, add_pooling_layer=False).eval()
+    config = AdaLoraConfig(init_r=4, target_r=2, lora_alpha=8, lora_dropout=0.0, total_step=10,
+                           target_modules=["query", "key", "value", "dense"])
+    model = get_peft_model(base, config, adapter_name="intent")
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(0.2 * torch.randn_like(p))
+    state = {k.removeprefix("base_model.model.") + ".weight": v.detach().contiguous()
+             for k, v in model.state_dict().items() if "lora_" in k}
+    save_file(state, d / "adalora.safetensors")
+    ids = torch.tensor([[2, 7, 9, 11, 3, 0, 0], [2, 5, 6, 7, 8, 9, 3], [2, 15, 14, 9, 3, 0, 0]])
+    mask = (ids != 0).long()
+    model.eval()
+    with torch.no_grad():
+        hidden = model(input_ids=ids, attention_mask=mask).last_hidden_state.tolist()
+    head = cls_head_loss(model, ids, mask)
+    grads = {k.removeprefix("base_model.model.") + ".weight": p.grad.norm().item()
+             for k, p in model.named_parameters() if "lora_" in k}
+    ref = {"input_ids": ids.tolist(), "attention_mask": mask.tolist(), "r": 4, "alpha": 8, "hidden": hidden,
+           "head": head, "grad_norms": grads}
+    (d / "adalora.json").write_text(json.dumps(ref))
+
+
 def cls_head_loss(model, ids, mask):
     """A fixed 3-class [CLS] head with cross-entropy on labels 2, 0, 1, back-propagated through `model`: the
     head's weights, labels and loss, as the adapter fixtures store them."""
@@ -1732,6 +1766,7 @@ if __name__ == "__main__":
         weighting_fixtures()
     elif sys.argv[1:] == ["adalora"]:
         adalora_fixture()
+        adalora_bert_fixture()
     elif sys.argv[1:] == ["lora"]:
         lora_fixture()
         bottleneck_fixture()

@@ -180,7 +180,7 @@ fn llm_lora(args: &Args) -> Result<()> {
         (gguf.config, gguf.weights)
     };
     let pb = weights.into_builder(0, &Device::Cpu)?;
-    let spec = mtl_nn::LoraSpec { r: 8, alpha: 16.0, dropout: 0.0, targets: Vec::new() };
+    let spec = mtl_nn::LoraSpec { r: 8, alpha: 16.0, dropout: 0.0, targets: Vec::new(), svd: false };
     let lora = DecoderLora { spec, modules: DecoderModule::ALL.to_vec(), adapters: vec!["default".into()] };
     let model = Llama::with_lora(&pb, &config, Some(&lora))?;
     let store = pb.finish();
@@ -308,7 +308,13 @@ fn bench(args: &Args) -> Result<()> {
         (TaskId::new("tok")?, mtl_nn::HeadSpec::new(TaskKind::TokenClassification, 9)),
     ]);
     let lora = args.lora.then(|| PeftSpec {
-        kind: PeftKind::Lora(LoraSpec { r: 8, alpha: 16.0, dropout: 0.1, targets: LinearModule::ALL.to_vec() }),
+        kind: PeftKind::Lora(LoraSpec {
+            r: 8,
+            alpha: 16.0,
+            dropout: 0.1,
+            targets: LinearModule::ALL.to_vec(),
+            svd: false,
+        }),
         adapters: vec![SHARED_ADAPTER.to_string()],
     });
     let spec = ModelSpec { bert: &bert, tasks: &tasks, dropout: 0.1, seed: 0, peft: lora.as_ref() };

@@ -1231,7 +1231,7 @@ impl Bert {
                 if let Some(lora) = l.lora.get(site) {
                     for &u in &used {
                         let pair = lora.pair(u)?;
-                        parts.push(pair.a.flatten_all()?);
+                        parts.push(pair.a()?.flatten_all()?);
                         parts.push(pair.b.flatten_all()?);
                     }
                 }

@@ -34,7 +34,7 @@ fn model(adapters: &[&str]) -> Result<DecoderModel, Box<dyn std::error::Error>> 
             weights.insert(name, t);
         }
     }
-    let spec = LoraSpec { r: 4, alpha: 8.0, dropout: 0.0, targets: Vec::new() };
+    let spec = LoraSpec { r: 4, alpha: 8.0, dropout: 0.0, targets: Vec::new(), svd: false };
     let lora = DecoderLora {
         spec,
         modules: DecoderModule::ALL.to_vec(),

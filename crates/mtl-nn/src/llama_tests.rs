@@ -312,7 +312,7 @@ fn lora_adapters_match_peft_alone_mixed_and_in_their_gradients() -> TestResult {
     let pb = ParamBuilder::from_safetensors(&dir().join("model.safetensors"), 0, &Device::Cpu)?;
     pb.add_safetensors(&dir().join("lora.safetensors"))?;
     let adapters = vec!["intent".to_string(), "slots".to_string()];
-    let spec = LoraSpec { r: 4, alpha: 8.0, dropout: 0.0, targets: Vec::new() };
+    let spec = LoraSpec { r: 4, alpha: 8.0, dropout: 0.0, targets: Vec::new(), svd: false };
     let lora = DecoderLora { spec, modules: DecoderModule::ALL.to_vec(), adapters };
     let model = Llama::with_lora(&pb, &config, Some(&lora))?;
     let store = pb.finish();
@@ -485,7 +485,7 @@ fn fused_matches_composed(
     };
     let pb = ParamBuilder::new(std::collections::HashMap::new(), 11, &Device::Cpu);
     let lora = with_lora.then(|| DecoderLora {
-        spec: LoraSpec { r: 3, alpha: 6.0, dropout: 0.25, targets: Vec::new() },
+        spec: LoraSpec { r: 3, alpha: 6.0, dropout: 0.25, targets: Vec::new(), svd: false },
         modules: DecoderModule::ALL.to_vec(),
         adapters: vec!["a".into(), "b".into()],
     });
@@ -682,7 +682,7 @@ fn paged_steps_route_each_sequence_to_its_adapter() -> TestResult {
     let reference: Value = serde_json::from_str(&std::fs::read_to_string(dir().join("reference.json"))?)?;
     let pb = ParamBuilder::from_safetensors(&dir().join("model.safetensors"), 0, &Device::Cpu)?;
     pb.add_safetensors(&dir().join("lora.safetensors"))?;
-    let spec = LoraSpec { r: 4, alpha: 8.0, dropout: 0.0, targets: Vec::new() };
+    let spec = LoraSpec { r: 4, alpha: 8.0, dropout: 0.0, targets: Vec::new(), svd: false };
     let lora =
         DecoderLora { spec, modules: DecoderModule::ALL.to_vec(), adapters: vec!["intent".into(), "slots".into()] };
     let model = Llama::with_lora(&pb, &config, Some(&lora))?;

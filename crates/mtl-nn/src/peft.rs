@@ -41,12 +41,19 @@ pub struct LoraSpec {
     /// Dropout on the LoRA branch's input (PEFT's `lora_dropout`).
     pub dropout: f32,
     pub targets: Vec<LinearModule>,
+    /// AdaLoRA's SVD form: each update is `B (E ⊙ A)`, `E` the `r` singular values (PEFT's `lora_E`), and the
+    /// factor `alpha / (r + 10⁻⁵)` (PEFT's `scaling / (ranknum + 1e-5)`).
+    pub svd: bool,
 }
 
 impl LoraSpec {
-    /// The factor of every update, `alpha / r`.
+    /// The factor of every update: `alpha / r`, or AdaLoRA's `alpha / (r + 10⁻⁵)`.
     pub fn scale(&self) -> f64 {
-        self.alpha / self.r as f64
+        if self.svd {
+            self.alpha / (self.r as f64 + 1e-5)
+        } else {
+            self.alpha / self.r as f64
+        }
     }
 }
 
@@ -129,11 +136,27 @@ pub struct Route {
     pub examples: Range<usize>,
 }
 
-/// One adapter's two matrices on one linear layer.
+/// One adapter's two matrices on one linear layer, and AdaLoRA's singular values.
 #[derive(Clone, Debug)]
 pub(crate) struct LoraPair {
     pub(crate) a: Tensor,
     pub(crate) b: Tensor,
+    /// AdaLoRA's `E` (`r × 1`), which scales the rows of `A`.
+    pub(crate) e: Option<Tensor>,
+}
+
+impl LoraPair {
+    /// `A`, or AdaLoRA's `E ⊙ A`: what the update multiplies by `B` (a graph node, so gradients reach `E`).
+    pub(crate) fn a(&self) -> Result<Tensor> {
+        Ok(match &self.e {
+            Some(e) => self.a.broadcast_mul(e)?,
+            None => self.a.clone(),
+        })
+    }
+
+    fn detached(&self) -> Self {
+        Self { a: self.a.detach(), b: self.b.detach(), e: self.e.as_ref().map(Tensor::detach) }
+    }
 }
 
 /// The adapters of one linear layer, by adapter index.
@@ -145,7 +168,7 @@ pub(crate) struct LoraLayer {
 impl LoraLayer {
     /// The same adapters as constants for autograd (evaluation records no graph).
     pub(crate) fn detached(&self) -> Self {
-        Self { pairs: self.pairs.iter().map(|p| LoraPair { a: p.a.detach(), b: p.b.detach() }).collect() }
+        Self { pairs: self.pairs.iter().map(LoraPair::detached).collect() }
     }
 }
 
@@ -299,16 +322,21 @@ impl LoraLayer {
         out_dim: usize,
     ) -> Result<Self> {
         let bound = 1.0 / (in_dim as f64).sqrt();
+        // PEFT's initialisations: LoRA's A uniform (Kaiming) and B zero; AdaLoRA's A and B N(0, 0.02²), E zero.
+        let (init_a, init_b) = match spec.svd {
+            true => (Init::Normal { std: 0.02 }, Init::Normal { std: 0.02 }),
+            false => (Init::Uniform { bound }, Init::Zeros),
+        };
         let pairs = adapters
             .iter()
             .map(|name| {
                 Ok(LoraPair {
-                    a: pb.pp("lora_A").pp(name).adapter(name).get(
-                        (spec.r, in_dim),
-                        "weight",
-                        Init::Uniform { bound },
-                    )?,
-                    b: pb.pp("lora_B").pp(name).adapter(name).get((out_dim, spec.r), "weight", Init::Zeros)?,
+                    a: pb.pp("lora_A").pp(name).adapter(name).get((spec.r, in_dim), "weight", init_a)?,
+                    b: pb.pp("lora_B").pp(name).adapter(name).get((out_dim, spec.r), "weight", init_b)?,
+                    e: match spec.svd {
+                        true => Some(pb.pp("lora_E").pp(name).adapter(name).get((spec.r, 1), "weight", Init::Zeros)?),
+                        false => None,
+                    },
                 })
             })
             .collect::<Result<_>>()?;
@@ -331,7 +359,7 @@ impl LoraLayer {
         let xs = pass.dropout.apply_with(x, pass.dropout_p, pass.mode)?;
         let pair =
             self.pairs.get(adapter).ok_or_else(|| NnError::UnknownAdapter(format!("no LoRA adapter {adapter}")))?;
-        let (a, b) = if pass.frozen { (pair.a.detach(), pair.b.detach()) } else { (pair.a.clone(), pair.b.clone()) };
+        let (a, b) = if pass.frozen { (pair.a()?.detach(), pair.b.detach()) } else { (pair.a()?, pair.b.clone()) };
         Ok((xs.matmul(&a.t()?)?.matmul(&b.t()?)? * pass.scale)?)
     }
 
@@ -341,9 +369,9 @@ impl LoraLayer {
         let get = |t: &Tensor| if frozen { t.detach() } else { t.clone() };
         let rank = self.pairs.first().map_or(0, |p| p.a.dims()[0]);
         if self.pairs.len() == 1 {
-            return Ok((get(&self.pairs[0].a), get(&self.pairs[0].b), rank));
+            return Ok((get(&self.pairs[0].a()?), get(&self.pairs[0].b), rank));
         }
-        let a: Vec<Tensor> = self.pairs.iter().map(|p| get(&p.a)).collect();
+        let a: Vec<Tensor> = self.pairs.iter().map(|p| Ok(get(&p.a()?))).collect::<Result<_>>()?;
         let b: Vec<Tensor> = self.pairs.iter().map(|p| get(&p.b)).collect();
         Ok((Tensor::cat(&a, 0)?, Tensor::cat(&b, 1)?, rank))
     }
@@ -351,7 +379,7 @@ impl LoraLayer {
     /// `scale · B A` of one adapter: what merging adds to the base weight.
     pub(crate) fn merged_delta(&self, adapter: usize, scale: f64) -> Result<Tensor> {
         let pair = &self.pairs[adapter];
-        Ok((pair.b.matmul(&pair.a)? * scale)?)
+        Ok((pair.b.matmul(&pair.a()?)? * scale)?)
     }
 }
 

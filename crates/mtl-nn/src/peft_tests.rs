@@ -24,7 +24,13 @@ fn reference() -> Result<Value, Box<dyn std::error::Error>> {
 
 fn spec(adapters: &[&str]) -> PeftSpec {
     PeftSpec {
-        kind: PeftKind::Lora(LoraSpec { r: 4, alpha: 8.0, dropout: 0.0, targets: LinearModule::ALL.to_vec() }),
+        kind: PeftKind::Lora(LoraSpec {
+            r: 4,
+            alpha: 8.0,
+            dropout: 0.0,
+            targets: LinearModule::ALL.to_vec(),
+            svd: false,
+        }),
         adapters: adapters.iter().map(|a| a.to_string()).collect(),
     }
 }
@@ -427,7 +433,8 @@ fn modernbert_takes_lora_on_its_packed_projection_only() -> TestResult {
             MultiTaskModel::load(&spec, &dir.join("model.safetensors"), false, &Device::Cpu).err().ok_or("refused")?;
         assert!(e.to_string().contains("LoRA is"), "{e}");
     }
-    let query = PeftKind::Lora(LoraSpec { r: 4, alpha: 8.0, dropout: 0.0, targets: vec![LinearModule::Query] });
+    let query =
+        PeftKind::Lora(LoraSpec { r: 4, alpha: 8.0, dropout: 0.0, targets: vec![LinearModule::Query], svd: false });
     let peft = PeftSpec { kind: query, adapters: vec!["shared".into()] };
     let spec = ModelSpec { bert: &config, tasks: &tasks, dropout: 0.0, seed: 0, peft: Some(&peft) };
     let model = MultiTaskModel::load(&spec, &dir.join("model.safetensors"), false, &Device::Cpu)?;
@@ -466,4 +473,32 @@ fn modernbert_lora_matches_peft() -> TestResult {
     assert!(d < 1e-4, "mixed batch: max abs difference {d}");
     // A and B of four modules in each of three blocks.
     loss_and_gradients_match(&model, &reference, 2 * 4 * 3)
+}
+
+/// AdaLoRA's SVD form (`B (E ⊙ A)`, factor `alpha / (r + 1e-5)`) against PEFT's AdaLoRA layers on tiny-bert
+/// (`scripts/make_fixtures.py adalora`): the hidden states, and the head's loss with the gradient norm of every
+/// A, B and E, on the fused and on the composed path.
+#[test]
+fn adalora_layers_match_peft() -> TestResult {
+    let dir = fixture_dir();
+    let reference: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("adalora.json"))?)?;
+    let mut svd = spec(&["intent"]);
+    if let PeftKind::Lora(l) = &mut svd.kind {
+        l.svd = true;
+    }
+    for kernels in [Kernels::Fused, Kernels::Composed] {
+        let config = BertConfig::from_file(&dir.join("config.json"))?;
+        let mut weights = candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu)?;
+        weights.extend(candle_core::safetensors::load(dir.join("adalora.safetensors"), &Device::Cpu)?);
+        weights.extend(reference_head(&reference)?);
+        let tasks = BTreeMap::from([(TaskId::new("intent")?, HeadSpec::new(TaskKind::Classification, 3))]);
+        let spec = ModelSpec { bert: &config, tasks: &tasks, dropout: 0.0, seed: 0, peft: Some(&svd) };
+        let mut model = MultiTaskModel::build(&spec, weights, &Device::Cpu)?;
+        model.set_kernels(kernels);
+        let hidden = model.encode_for(&TaskId::new("intent")?, &batch(&reference)?, Mode::Eval)?;
+        let d = max_diff(&hidden, &reference["hidden"])?;
+        assert!(d < 1e-5, "{kernels:?}: max abs difference {d}");
+        loss_and_gradients_match(&model, &reference, 3 * 2 * 6)?; // A, B and E of six layers in two blocks
+    }
+    Ok(())
 }

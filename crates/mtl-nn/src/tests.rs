@@ -564,6 +564,7 @@ mod fused_encoder_properties {
                     .filter(|(i, _)| sites & (1 << i) != 0)
                     .map(|(_, m)| *m)
                     .collect(),
+                svd: false,
             }),
             adapters: vec!["tags".into(), "more".into()],
         });

@@ -16,7 +16,7 @@ pub(crate) fn adapter_names(config: &Config) -> Vec<String> {
 }
 
 fn lora(p: &PeftConfig) -> LoraSpec {
-    LoraSpec { r: p.r, alpha: p.alpha, dropout: p.dropout as f32, targets: p.target_modules.clone() }
+    LoraSpec { r: p.r, alpha: p.alpha, dropout: p.dropout as f32, targets: p.target_modules.clone(), svd: false }
 }
 
 /// The encoder's parameter-efficient method, or `None` for full fine-tuning.

@@ -550,7 +550,7 @@ mod tests {
             ParamBuilder::from_safetensors(&fixture().join("model.safetensors"), 0, &Device::Cpu).expect("weights");
         let lora = (!adapters.is_empty()).then(|| {
             pb.add_safetensors(&fixture().join("lora.safetensors")).expect("adapters");
-            let spec = LoraSpec { r: 4, alpha: 8.0, dropout: 0.0, targets: Vec::new() };
+            let spec = LoraSpec { r: 4, alpha: 8.0, dropout: 0.0, targets: Vec::new(), svd: false };
             DecoderLora {
                 spec,
                 modules: DecoderModule::ALL.to_vec(),
