@@ -31,7 +31,7 @@ pub use tasks::{
 };
 pub use training::{SamplerKind, SamplingConfig, StepPlan, TrainingConfig};
 
-pub use peft::{AdapterPlacement, PeftConfig, PeftMethod};
+pub use peft::{AdaloraConfig, AdapterPlacement, PeftConfig, PeftMethod};
 pub use recipe::{
     FreezeConfig, MetaData, MgdaNormalization, ReportOnly, Schedule, ScoreWeight, ScoreWeights, SurgeryConfig,
     SurgeryMethod, WeightingConfig, WeightingMethod,

@@ -17,6 +17,9 @@ pub enum PeftMethod {
     Adapter,
     /// Prefix tuning (Li & Liang 2021): learned keys and values before every layer's own.
     Prefix,
+    /// AdaLoRA (Zhang et al. 2023): LoRA in SVD form, `B (E ⊙ A)` from rank `r`, whose least important
+    /// triplets are pruned on a cubic schedule to an average rank of `target_r` (one budget per adapter).
+    Adalora,
 }
 
 /// Where bottleneck adapters sit in each block.
@@ -60,6 +63,63 @@ pub struct PeftConfig {
     /// `prefix`: how many learned key/value positions each layer gets (PEFT's `num_virtual_tokens`).
     #[serde(default = "default_prefix_length")]
     pub prefix_length: usize,
+    /// `adalora`: the schedule; `r` is the initial rank (PEFT's `init_r`).
+    #[serde(default)]
+    pub adalora: AdaloraConfig,
+}
+
+/// AdaLoRA's schedule, PEFT's `AdaLoraConfig` (its `total_step` is the run's number of optimiser steps).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AdaloraConfig {
+    /// The average rank left once the budget has fallen (PEFT's `target_r`); at most `r`.
+    #[serde(default = "default_target_r")]
+    pub target_r: usize,
+    /// Steps at the full budget first (PEFT's `tinit`).
+    #[serde(default)]
+    pub tinit: usize,
+    /// Steps at the final budget last, its pattern fixed (PEFT's `tfinal`).
+    #[serde(default)]
+    pub tfinal: usize,
+    /// Steps between two budget allocations (PEFT's `deltaT`).
+    #[serde(default = "default_delta_t")]
+    pub delta_t: usize,
+    /// The smoothing of the sensitivity (PEFT's `beta1`).
+    #[serde(default = "default_ada_beta")]
+    pub beta1: f64,
+    /// The smoothing of the uncertainty (PEFT's `beta2`).
+    #[serde(default = "default_ada_beta")]
+    pub beta2: f64,
+    /// The weight of the orthogonality regulariser on A and B (PEFT's `orth_reg_weight`).
+    #[serde(default = "default_orth")]
+    pub orth_reg_weight: f64,
+}
+
+fn default_target_r() -> usize {
+    4
+}
+fn default_delta_t() -> usize {
+    1
+}
+fn default_ada_beta() -> f64 {
+    0.85
+}
+fn default_orth() -> f64 {
+    0.5
+}
+
+impl Default for AdaloraConfig {
+    fn default() -> Self {
+        Self {
+            target_r: default_target_r(),
+            tinit: 0,
+            tfinal: 0,
+            delta_t: default_delta_t(),
+            beta1: default_ada_beta(),
+            beta2: default_ada_beta(),
+            orth_reg_weight: default_orth(),
+        }
+    }
 }
 
 fn default_prefix_length() -> usize {
@@ -95,6 +155,7 @@ impl Default for PeftConfig {
             placement: AdapterPlacement::default(),
             reduction_factor: default_reduction(),
             prefix_length: default_prefix_length(),
+            adalora: AdaloraConfig::default(),
         }
     }
 }
@@ -142,6 +203,26 @@ pub(crate) fn validate(config: &crate::Config, path: &std::path::Path) -> Result
             "peft.target_modules",
             "name at least one of query, key, value, attention_output, intermediate, output".into(),
         ));
+    }
+    if p.method == PeftMethod::Adalora {
+        let a = &p.adalora;
+        if a.target_r == 0 || a.target_r > p.r {
+            return Err(invalid(
+                "peft.adalora.target_r",
+                format!("must be between 1 and the initial rank peft.r ({}), got {}", p.r, a.target_r),
+            ));
+        }
+        if a.delta_t == 0 {
+            return Err(invalid("peft.adalora.delta_t", "must be at least 1".into()));
+        }
+        for (field, beta) in [("beta1", a.beta1), ("beta2", a.beta2)] {
+            if !(beta > 0.0 && beta < 1.0) {
+                return Err(invalid(&format!("peft.adalora.{field}"), format!("must be in (0, 1), got {beta}")));
+            }
+        }
+        if !(a.orth_reg_weight.is_finite() && a.orth_reg_weight >= 0.0) {
+            return Err(invalid("peft.adalora.orth_reg_weight", "must be a number >= 0".into()));
+        }
     }
     let mut seen = p.target_modules.clone();
     seen.sort();

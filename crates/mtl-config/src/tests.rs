@@ -203,7 +203,7 @@ frame = ["intent", "slots"]
         let cases: &[(&[&str], &str)] = &[
             (
                 &["peft.method=\"ia3\""],
-                "invalid override `peft.method=\"ia3\"`: unknown variant `ia3`, expected one of `none`, `lora`, `adapter`, `prefix`",
+                "invalid override `peft.method=\"ia3\"`: unknown variant `ia3`, expected one of `none`, `lora`, `adapter`, `prefix`, `adalora`",
             ),
             (
                 &[lora, "peft.target_modules=[\"query\", \"dense\"]"],

@@ -170,6 +170,51 @@ impl RankAllocator {
     }
 }
 
+impl RankAllocator {
+    /// The state to keep in checkpoints: every score vector and the pattern (1 kept, 0 pruned), by name.
+    pub fn tensors(&self) -> BTreeMap<String, Vec<f32>> {
+        let mut out = BTreeMap::new();
+        for (layer, scores) in &self.scores {
+            for (kind, s) in ["A", "B", "E"].iter().zip(scores) {
+                out.insert(format!("{layer}.{kind}.ipt"), s.ipt.clone());
+                out.insert(format!("{layer}.{kind}.unc"), s.unc.clone());
+            }
+        }
+        for (layer, keep) in self.rank_pattern.iter().flatten() {
+            out.insert(format!("{layer}.pattern"), keep.iter().map(|k| f32::from(u8::from(*k))).collect());
+        }
+        out
+    }
+
+    /// Restores [`RankAllocator::tensors`].
+    pub fn load_tensors(&mut self, tensors: &BTreeMap<String, Vec<f32>>) -> std::result::Result<(), String> {
+        self.scores.clear();
+        let mut pattern = BTreeMap::new();
+        for (name, values) in tensors {
+            if let Some(layer) = name.strip_suffix(".pattern") {
+                pattern.insert(layer.to_string(), values.iter().map(|v| *v > 0.5).collect());
+                continue;
+            }
+            let parts: Vec<&str> = name.rsplitn(3, '.').collect();
+            let [what, kind, layer] = parts[..] else { return Err(format!("`{name}` is not LAYER.KIND.WHAT")) };
+            let slot = match kind {
+                "A" => 0,
+                "B" => 1,
+                "E" => 2,
+                _ => return Err(format!("`{name}`: unknown matrix `{kind}`")),
+            };
+            let scores = &mut self.scores.entry(layer.to_string()).or_default()[slot];
+            match what {
+                "ipt" => scores.ipt = values.clone(),
+                "unc" => scores.unc = values.clone(),
+                _ => return Err(format!("`{name}`: unknown score `{what}`")),
+            }
+        }
+        self.rank_pattern = (!pattern.is_empty()).then_some(pattern);
+        Ok(())
+    }
+}
+
 /// AdaLoRA's orthogonal regulariser: the mean over the matrices of `‖A Aᵀ − I‖_F` for each `A` (`r × in`) and
 /// `‖Bᵀ B − I‖_F` for each `B` (`out × r`), a scalar that carries the graph.
 pub fn orthogonal_regularizer(a: &[&Tensor], b: &[&Tensor]) -> Result<Option<Tensor>> {
@@ -184,6 +229,183 @@ pub fn orthogonal_regularizer(a: &[&Tensor], b: &[&Tensor]) -> Result<Option<Ten
     let Some(first) = terms.pop() else { return Ok(None) };
     let sum = terms.into_iter().try_fold(first, |acc, t| acc + t)?;
     Ok(Some(sum.affine(1.0 / count as f64, 0.0)?))
+}
+
+/// One adapter's AdaLoRA layers: the names of each layer's A, B and E.
+struct AdapterLayers {
+    allocator: RankAllocator,
+    /// `(layer, A, B, E)` variable names, the layer named by the prefix before `.lora_A.`.
+    layers: Vec<(String, String, String, String)>,
+}
+
+/// AdaLoRA in a run: a rank allocator per adapter, the regulariser's weight.
+pub struct AdaLoraRun {
+    orth_reg_weight: f64,
+    adapters: BTreeMap<String, AdapterLayers>,
+}
+
+impl AdaLoraRun {
+    /// The run's AdaLoRA over the model's variables (`….lora_A.ADAPTER.weight` and its B and E), with
+    /// `total_steps` optimiser steps; `None` when the config asks for no AdaLoRA.
+    pub fn new(
+        config: &mtl_config::Config,
+        vars: &BTreeMap<String, candle_core::Var>,
+        total_steps: usize,
+    ) -> Result<Option<Self>> {
+        let p = &config.peft;
+        if p.method != mtl_config::PeftMethod::Adalora {
+            return Ok(None);
+        }
+        let a = &p.adalora;
+        if a.tinit >= total_steps.saturating_sub(a.tfinal) {
+            return Err(crate::TrainError::Invalid {
+                path: "peft.adalora".into(),
+                message: format!(
+                    "tinit ({}) must end before the final phase: the run has {total_steps} optimiser steps and tfinal is {}",
+                    a.tinit, a.tfinal
+                ),
+            });
+        }
+        let schedule = AdaLoraSchedule {
+            init_r: p.r,
+            target_r: a.target_r,
+            tinit: a.tinit,
+            tfinal: a.tfinal,
+            delta_t: a.delta_t,
+            total_step: total_steps,
+            beta1: a.beta1,
+            beta2: a.beta2,
+        };
+        let mut adapters: BTreeMap<String, AdapterLayers> = BTreeMap::new();
+        for name in vars.keys() {
+            let Some((layer, rest)) = name.split_once(".lora_A.") else { continue };
+            let Some(adapter) = rest.strip_suffix(".weight") else { continue };
+            let other = |m: &str| format!("{layer}.lora_{m}.{adapter}.weight");
+            let (b, e) = (other("B"), other("E"));
+            if !vars.contains_key(&b) || !vars.contains_key(&e) {
+                continue;
+            }
+            adapters
+                .entry(adapter.to_string())
+                .or_insert_with(|| AdapterLayers {
+                    allocator: RankAllocator::new(schedule.clone()),
+                    layers: Vec::new(),
+                })
+                .layers
+                .push((layer.to_string(), name.clone(), b, e));
+        }
+        Ok(Some(Self { orth_reg_weight: a.orth_reg_weight, adapters }))
+    }
+
+    /// Adds the orthogonality regulariser's gradient to `grads`, for the adapters this step trains (those
+    /// whose A has a gradient: an adapter absent from the step must get none).
+    pub fn add_regularizer(
+        &self,
+        grads: &mut BTreeMap<String, Tensor>,
+        vars: &BTreeMap<String, candle_core::Var>,
+    ) -> Result<()> {
+        if self.orth_reg_weight == 0.0 {
+            return Ok(());
+        }
+        for adapter in self.adapters.values() {
+            if !adapter.layers.iter().any(|(_, a, _, _)| grads.contains_key(a)) {
+                continue;
+            }
+            let a: Vec<&Tensor> = adapter.layers.iter().map(|(_, a, _, _)| vars[a].as_tensor()).collect();
+            let b: Vec<&Tensor> = adapter.layers.iter().map(|(_, _, b, _)| vars[b].as_tensor()).collect();
+            let Some(regularizer) = orthogonal_regularizer(&a, &b)? else { continue };
+            let store = regularizer.affine(self.orth_reg_weight, 0.0)?.backward()?;
+            for name in adapter.layers.iter().flat_map(|(_, a, b, _)| [a, b]) {
+                if let Some(g) = store.get(vars[name].as_tensor()) {
+                    let sum = match grads.remove(name) {
+                        Some(previous) => (previous + g)?,
+                        None => g.clone(),
+                    };
+                    grads.insert(name.clone(), sum);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// After optimiser step `step` (from 0) with gradients `grads`: the allocators' update, and E masked where
+    /// they prune.
+    pub fn after_step(
+        &mut self,
+        grads: &BTreeMap<String, Tensor>,
+        vars: &BTreeMap<String, candle_core::Var>,
+        step: usize,
+    ) -> Result<()> {
+        let values = |name: &str| -> Result<Vec<f32>> { Ok(vars[name].as_tensor().flatten_all()?.to_vec1::<f32>()?) };
+        for adapter in self.adapters.values_mut() {
+            // An adapter absent from the step (a per-task adapter whose task had no example) learns nothing.
+            if !adapter.layers.iter().any(|(_, a, _, _)| grads.contains_key(a)) {
+                continue;
+            }
+            let mut owned = Vec::with_capacity(adapter.layers.len());
+            for (layer, a, b, e) in &adapter.layers {
+                let grad = |name: &str| -> Result<Vec<f32>> {
+                    Ok(match grads.get(name) {
+                        Some(g) => g.flatten_all()?.to_vec1::<f32>()?,
+                        None => vec![0.0; vars[name].as_tensor().elem_count()],
+                    })
+                };
+                owned.push((layer, (values(a)?, grad(a)?), (values(b)?, grad(b)?), (values(e)?, grad(e)?)));
+            }
+            let states: Vec<LayerState> = owned
+                .iter()
+                .map(|(layer, a, b, e)| LayerState {
+                    name: layer.as_str(),
+                    a: (&a.0, &a.1),
+                    b: (&b.0, &b.1),
+                    e: (&e.0, &e.1),
+                })
+                .collect();
+            let Some(mask) = adapter.allocator.update_and_allocate(&states, step) else { continue };
+            for ((layer, _, _, e), (_, _, _, (current, _))) in adapter.layers.iter().zip(&owned) {
+                let Some(keep) = mask.get(layer) else { continue };
+                let masked: Vec<f32> = current.iter().zip(keep).map(|(v, k)| if *k { *v } else { 0.0 }).collect();
+                let var = &vars[e];
+                var.set(&Tensor::from_vec(masked, var.as_tensor().shape(), var.device())?)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Every allocator's state, by `ADAPTER/NAME`.
+    pub fn tensors(&self) -> BTreeMap<String, Vec<f32>> {
+        self.adapters
+            .iter()
+            .flat_map(|(adapter, a)| a.allocator.tensors().into_iter().map(move |(k, v)| (format!("{adapter}/{k}"), v)))
+            .collect()
+    }
+
+    /// Restores [`AdaLoraRun::tensors`].
+    pub fn load_tensors(&mut self, tensors: &BTreeMap<String, Vec<f32>>) -> std::result::Result<(), String> {
+        for (adapter, a) in &mut self.adapters {
+            let prefix = format!("{adapter}/");
+            let own: BTreeMap<String, Vec<f32>> = tensors
+                .iter()
+                .filter_map(|(k, v)| k.strip_prefix(&prefix).map(|k| (k.to_string(), v.clone())))
+                .collect();
+            a.allocator.load_tensors(&own)?;
+        }
+        Ok(())
+    }
+
+    /// The kept rank of each layer of each adapter, once a pattern is fixed.
+    pub fn ranks(&self) -> BTreeMap<String, BTreeMap<String, usize>> {
+        self.adapters
+            .iter()
+            .filter_map(|(adapter, a)| {
+                let pattern = a.allocator.rank_pattern.as_ref()?;
+                Some((
+                    adapter.clone(),
+                    pattern.iter().map(|(l, k)| (l.clone(), k.iter().filter(|x| **x).count())).collect(),
+                ))
+            })
+            .collect()
+    }
 }
 
 #[cfg(test)]

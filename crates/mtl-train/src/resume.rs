@@ -8,6 +8,7 @@
 //! - `model.safetensors`: every parameter.
 //! - `optimizer.safetensors`: AdamW's moments by parameter name (`m.NAME`, `v.NAME`).
 //! - `surgery.safetensors`: the gradient surgery's state, when it keeps one (DB-MTL's moving averages).
+//! - `adalora.safetensors`: AdaLoRA's importance scores and rank patterns, in an AdaLoRA run.
 //! - `best.safetensors`: the weights of the best evaluation so far; `heads.safetensors`: each task's head at
 //!   its own best; `per-task/TASK.safetensors`: all weights at each task's best, when kept.
 //! - `state.json`: the position in the data (epoch and batch; the data order itself follows from the seed),
@@ -36,6 +37,7 @@ const OPTIMIZER: &str = "optimizer.safetensors";
 const BEST: &str = "best.safetensors";
 const HEADS: &str = "heads.safetensors";
 const SURGERY: &str = "surgery.safetensors";
+const ADALORA: &str = "adalora.safetensors";
 const PER_TASK: &str = "per-task";
 
 /// A task's best evaluation, without its weights.
@@ -115,6 +117,8 @@ pub struct TrainTensors {
     pub per_task: BTreeMap<TaskId, BTreeMap<String, Tensor>>,
     /// The gradient surgery's state (DB-MTL's moving averages), by name.
     pub surgery: BTreeMap<String, Vec<f32>>,
+    /// AdaLoRA's importance scores and rank patterns, by name.
+    pub adalora: BTreeMap<String, Vec<f32>>,
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> TrainError + '_ {
@@ -189,13 +193,14 @@ pub fn save(out: &Path, state: &TrainState, tensors: &TrainTensors, keep: usize)
         save_tensors(&dir.join(BEST), best)?;
     }
     save_tensors(&dir.join(HEADS), &tensors.heads)?;
-    if !tensors.surgery.is_empty() {
-        let surgery: BTreeMap<String, Tensor> = tensors
-            .surgery
-            .iter()
-            .map(|(name, v)| Ok((name.clone(), Tensor::from_slice(v, v.len(), &Device::Cpu)?)))
-            .collect::<Result<_>>()?;
-        save_tensors(&dir.join(SURGERY), &surgery)?;
+    for (file, named) in [(SURGERY, &tensors.surgery), (ADALORA, &tensors.adalora)] {
+        if !named.is_empty() {
+            let map: BTreeMap<String, Tensor> = named
+                .iter()
+                .map(|(name, v)| Ok((name.clone(), Tensor::from_slice(v, v.len(), &Device::Cpu)?)))
+                .collect::<Result<_>>()?;
+            save_tensors(&dir.join(file), &map)?;
+        }
     }
     if !tensors.per_task.is_empty() {
         std::fs::create_dir(dir.join(PER_TASK)).map_err(io_err(dir))?;
@@ -289,9 +294,11 @@ fn load(dir: &Path) -> Result<(TrainState, TrainTensors)> {
         tensors.best = Some(load_tensors(&dir.join(BEST))?);
     }
     tensors.heads = load_tensors(&dir.join(HEADS))?;
-    if dir.join(SURGERY).is_file() {
-        for (name, t) in load_tensors(&dir.join(SURGERY))? {
-            tensors.surgery.insert(name, t.to_vec1::<f32>()?);
+    for (file, named) in [(SURGERY, &mut tensors.surgery), (ADALORA, &mut tensors.adalora)] {
+        if dir.join(file).is_file() {
+            for (name, t) in load_tensors(&dir.join(file))? {
+                named.insert(name, t.to_vec1::<f32>()?);
+            }
         }
     }
     if dir.join(PER_TASK).is_dir() {

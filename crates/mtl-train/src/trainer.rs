@@ -475,6 +475,17 @@ impl Trainer<'_> {
             }),
             AdamWConfig::default(),
         );
+        // An AdaLoRA model can be selected only once its budget is final: after the step that fixes the pattern
+        // (`total − tfinal`, from 0), or at the run's end.
+        let adalora_final = (self.config.peft.method == mtl_config::PeftMethod::Adalora)
+            .then(|| total_steps.saturating_sub(self.config.peft.adalora.tfinal));
+        let selectable = |done: usize| adalora_final.is_none_or(|last| done > last || done == total_steps);
+        // AdaLoRA's allocators (shared with the checkpoint writer).
+        let adalora = std::cell::RefCell::new(crate::adalora::AdaLoraRun::new(
+            self.config,
+            self.model.params().vars(),
+            total_steps,
+        )?);
         // Auto-λ's meta data: a seeded subset of the dev or training examples.
         let meta_source = match weighting.as_auto_lambda().is_some() {
             false => None,
@@ -524,6 +535,10 @@ impl Trainer<'_> {
                 surgery
                     .load_tensors(std::mem::take(&mut tensors.surgery))
                     .map_err(|message| TrainError::Invalid { path: out.join("surgery.safetensors"), message })?;
+            }
+            if let Some(a) = adalora.borrow_mut().as_mut() {
+                a.load_tensors(&tensors.adalora)
+                    .map_err(|message| TrainError::Invalid { path: out.join("adalora.safetensors"), message })?;
             }
             let position = state
                 .dropout_position
@@ -594,6 +609,7 @@ impl Trainer<'_> {
                 heads: selection.per_task.values().flat_map(|b| b.head.clone()).collect(),
                 per_task: selection.per_task.iter().filter_map(|(t, b)| Some((t.clone(), b.model.clone()?))).collect(),
                 surgery: surgery.as_ref().map(|s| s.tensors()).unwrap_or_default(),
+                adalora: adalora.borrow().as_ref().map(|a| a.tensors()).unwrap_or_default(),
             };
             resume::save(out, &state, &tensors, t.keep_checkpoints)
         };
@@ -691,7 +707,15 @@ impl Trainer<'_> {
                                 anchor.add_to(&mut grads, self.model.params().vars())?;
                             }
                             grads.retain(|name, _| !self.is_frozen(name, num_layers, step - 1));
+                            if let Some(a) = adalora.borrow().as_ref() {
+                                a.add_regularizer(&mut grads, self.model.params().vars())?;
+                            }
                             let info = optimizer.step(&grads, scale, t.grad_clip)?;
+                            if info.applied {
+                                if let Some(a) = adalora.borrow_mut().as_mut() {
+                                    a.after_step(&grads, self.model.params().vars(), step - 1)?;
+                                }
+                            }
                             if !info.applied {
                                 skipped += 1;
                                 check_skipped(skipped, t.max_skipped_steps, step)?;
@@ -724,7 +748,15 @@ impl Trainer<'_> {
                     reports += 1;
                     if let (Some(every), Some(dev)) = (t.eval_every, &splits.dev) {
                         if step % every == 0
-                            && self.record(dev, epoch, step, &mut selection, &mut reports, callbacks)?
+                            && self.record(
+                                dev,
+                                epoch,
+                                step,
+                                selectable(step),
+                                &mut selection,
+                                &mut reports,
+                                callbacks,
+                            )?
                         {
                             return Ok(true);
                         }
@@ -754,7 +786,7 @@ impl Trainer<'_> {
             }
             if let Some(dev) = &splits.dev {
                 if selection.last_step != Some(step)
-                    && self.record(dev, epoch, step, &mut selection, &mut reports, callbacks)?
+                    && self.record(dev, epoch, step, selectable(step), &mut selection, &mut reports, callbacks)?
                 {
                     stopped_early = epoch < t.epochs;
                     break;
@@ -771,6 +803,12 @@ impl Trainer<'_> {
         }
         for cb in callbacks.iter_mut() {
             cb.on_train_end();
+        }
+        if let Some(a) = adalora.borrow().as_ref() {
+            for (adapter, ranks) in a.ranks() {
+                let kept: usize = ranks.values().sum();
+                tracing::info!(adapter, kept, layers = ranks.len(), "AdaLoRA's kept ranks: {ranks:?}");
+            }
         }
         let (best_epoch, best_step, mut dev) = match selection.best {
             Some(Best { epoch, step: best_step, eval, weights, .. }) => {
@@ -818,11 +856,13 @@ impl Trainer<'_> {
     }
 
     /// Evaluates on dev, tells the callbacks, and updates the selection; true when training should stop.
+    #[allow(clippy::too_many_arguments)]
     fn record(
         &self,
         dev: &Dataset,
         epoch: usize,
         step: usize,
+        selectable: bool,
         selection: &mut Selection,
         reports: &mut usize,
         callbacks: &mut [&mut dyn Callback],
@@ -832,17 +872,18 @@ impl Trainer<'_> {
         selection.last_step = Some(step);
         let scores: &Scores = &eval.scores;
         let score = selection_score(scores, t.select_metric.as_deref(), self.config).filter(|s| s.is_finite());
-        let is_best = match (&selection.best, score) {
-            (None, _) => true,
-            (Some(best), Some(s)) => s > best.score,
-            (Some(_), None) => false,
-        };
+        let is_best = selectable
+            && match (&selection.best, score) {
+                (None, _) => true,
+                (Some(best), Some(s)) => s > best.score,
+                (Some(_), None) => false,
+            };
         let mut stop = false;
         for cb in callbacks.iter_mut() {
             stop |= cb.on_eval(&EvalReport { epoch, step, scores, selection: score, is_best }) == Control::Stop;
         }
         *reports += 1;
-        for task in self.config.tasks.keys() {
+        for task in self.config.tasks.keys().filter(|_| selectable) {
             let Some(s) = task_score(scores, task, self.config).filter(|s| s.is_finite()) else { continue };
             if selection.per_task.get(task).is_some_and(|b| s <= b.score) {
                 continue;

@@ -388,8 +388,12 @@ fn write_task(dir: &Path, loaded: &Loaded, task: &TaskId, base_config: &Value, m
     }
     candle_core::safetensors::save(&tensors, dir.join("model.safetensors"))?;
     if let Some((spec, lora)) = model.bert().peft().and_then(|p| p.lora().map(|l| (p, l))) {
-        let name = &spec.adapters[spec.adapter_of(task)?];
-        write_peft(&dir.join("peft"), loaded, &family, lora, name, head.kind(), &tensors, model_dir)?;
+        if lora.svd {
+            tracing::warn!(task = %task, "AdaLoRA adapters are exported merged into the model only; PEFT's AdaLoRA adapter format is not written yet");
+        } else {
+            let name = &spec.adapters[spec.adapter_of(task)?];
+            write_peft(&dir.join("peft"), loaded, &family, lora, name, head.kind(), &tensors, model_dir)?;
+        }
     }
 
     let mut config = base_config.clone();

@@ -16,7 +16,13 @@ pub(crate) fn adapter_names(config: &Config) -> Vec<String> {
 }
 
 fn lora(p: &PeftConfig) -> LoraSpec {
-    LoraSpec { r: p.r, alpha: p.alpha, dropout: p.dropout as f32, targets: p.target_modules.clone(), svd: false }
+    LoraSpec {
+        r: p.r,
+        alpha: p.alpha,
+        dropout: p.dropout as f32,
+        targets: p.target_modules.clone(),
+        svd: p.method == PeftMethod::Adalora,
+    }
 }
 
 /// The encoder's parameter-efficient method, or `None` for full fine-tuning.
@@ -24,7 +30,7 @@ pub(crate) fn encoder_spec(config: &Config, bert: &BertConfig) -> Option<PeftSpe
     let p = &config.peft;
     let kind = match p.method {
         PeftMethod::None => return None,
-        PeftMethod::Lora => PeftKind::Lora(lora(p)),
+        PeftMethod::Lora | PeftMethod::Adalora => PeftKind::Lora(lora(p)),
         PeftMethod::Prefix => PeftKind::Prefix { length: p.prefix_length },
         PeftMethod::Adapter => PeftKind::Bottleneck {
             size: (bert.hidden_size / p.reduction_factor).max(1),
@@ -58,7 +64,7 @@ pub(crate) fn unsupported(config: &Config, architecture: Architecture) -> Option
     if p.method != PeftMethod::Lora {
         return Some((
             "peft.method",
-            "decoder models train with LoRA (or fully, without [peft]); bottleneck adapters and prefixes are not supported on them yet".into(),
+            "decoder models train with LoRA (or fully, without [peft]); bottleneck adapters, prefixes and AdaLoRA are not supported on them yet".into(),
         ));
     }
     if p.target_modules != PeftConfig::default().target_modules {

@@ -309,6 +309,7 @@ fn killed_runs_resume_exactly() -> TestResult {
             ],
         ),
         ("rlw-nash-mtl", &["training.weighting.method=\"rlw\"", "training.surgery.method=\"nash_mtl\""]),
+        ("adalora", &["peft.method=\"adalora\"", "peft.r=4", "peft.adalora.target_r=2", "peft.adalora.delta_t=3"]),
         (
             "db-mtl",
             &[

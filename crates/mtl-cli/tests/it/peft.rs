@@ -268,3 +268,48 @@ fn added_tasks_leave_the_old_tasks_bitwise_unchanged() -> TestResult {
     );
     Ok(())
 }
+
+/// AdaLoRA per task: each adapter's singular values are pruned to its budget by the end (half of the initial
+/// rank here, over its twelve layers), A, B and E are saved, and the saved run scores as training did.
+#[test]
+fn adalora_prunes_each_adapter_to_its_budget() -> TestResult {
+    let p = Project::new()?;
+    let targets =
+        "peft.target_modules=[\"query\", \"key\", \"value\", \"attention_output\", \"intermediate\", \"output\"]";
+    let sets = [
+        "peft.method=\"adalora\"",
+        "peft.per_task=true",
+        "peft.r=4",
+        "peft.adalora.target_r=2",
+        "peft.adalora.tfinal=2",
+        "training.epochs=6",
+        targets,
+    ];
+    train(&p, "run", &sets)?;
+    let saved = weights(&p.path("run/adapters.safetensors"))?;
+    for task in ["intent", "slots"] {
+        let e: Vec<&String> = saved.keys().filter(|n| n.contains(&format!(".lora_E.{task}."))).collect();
+        assert_eq!(e.len(), 2 * 6, "{task}: {:?}", saved.keys());
+        let mut kept = 0;
+        for name in e {
+            let values = saved[name].flatten_all()?.to_vec1::<f32>()?;
+            assert_eq!(values.len(), 4, "{name}");
+            kept += values.iter().filter(|v| **v != 0.0).count();
+        }
+        assert_eq!(kept, 2 * 12, "{task}: the budget is target_r = 2 per layer on average");
+    }
+    eval_matches_training(&p, "run")?;
+    // A bad schedule is named.
+    let o = p.mtl(&[
+        "train",
+        "config.toml",
+        "--out",
+        "bad",
+        "--set",
+        "peft.method=\"adalora\"",
+        "--set",
+        "peft.adalora.target_r=9",
+    ])?;
+    assert!(!o.status.success() && stderr(&o).contains("peft.adalora.target_r"), "{}", stderr(&o));
+    Ok(())
+}
