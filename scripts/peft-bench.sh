@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The parameter-efficient comparison of BENCHMARKS.md on examples/five-task: full fine-tuning against shared LoRA,
-# per-task LoRA, per-task bottleneck adapters and per-task prefix tuning, one run after the other on this machine,
+# per-task LoRA, per-task bottleneck adapters, per-task prefix tuning and per-task AdaLoRA (rank 12 pruned to an
+# average of 8, the final budget of per-task LoRA's rank 8, PEFT's schedule of its GLUE examples: tinit 200,
+# tfinal 500, deltaT 10), one run after the other on this machine,
 # each for 3 epochs of the same number of steps (full fine-tuning and shared LoRA with mixed batches, the per-task
 # variants one task per step, every task equally often, as config-lora.toml says). The per-task LoRA and adapter
 # rows keep each task's adapter and head from its own best dev evaluation (`--select per-task`: early stopping per
@@ -23,6 +25,7 @@ lora-per-task|examples/five-task/config-lora.toml|per-task|
 lora-per-task-joint|examples/five-task/config-lora.toml|joint|
 adapter-per-task|examples/five-task/config-lora.toml|per-task|peft.method="adapter"
 prefix-per-task|examples/five-task/config-lora.toml|joint|peft.method="prefix" training.lr=5e-3
+adalora-per-task|examples/five-task/config-lora.toml|per-task|peft.method="adalora" peft.r=12 peft.adalora.target_r=8 peft.adalora.tinit=200 peft.adalora.tfinal=500 peft.adalora.delta_t=10
 '
 if [ -z "${TABLE_ONLY:-}" ]; then
   bash scripts/fetch.sh

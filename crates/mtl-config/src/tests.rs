@@ -330,7 +330,15 @@ mod example_tests {
         }
         assert_eq!(
             names,
-            ["full", "lora-shared", "lora-per-task", "lora-per-task-joint", "adapter-per-task", "prefix-per-task"]
+            [
+                "full",
+                "lora-shared",
+                "lora-per-task",
+                "lora-per-task-joint",
+                "adapter-per-task",
+                "prefix-per-task",
+                "adalora-per-task"
+            ]
         );
         Ok(())
     }
