@@ -63,8 +63,8 @@ pub struct PeftConfig {
     /// `prefix`: how many learned key/value positions each layer gets (PEFT's `num_virtual_tokens`).
     #[serde(default = "default_prefix_length")]
     pub prefix_length: usize,
-    /// `adalora`: the schedule; `r` is the initial rank (PEFT's `init_r`).
-    #[serde(default)]
+    /// `adalora`: the schedule; `r` is the initial rank (PEFT's `init_r`). Written out only when set.
+    #[serde(default, skip_serializing_if = "AdaloraConfig::is_default")]
     pub adalora: AdaloraConfig,
 }
 
@@ -106,6 +106,12 @@ fn default_ada_beta() -> f64 {
 }
 fn default_orth() -> f64 {
     0.5
+}
+
+impl AdaloraConfig {
+    fn is_default(&self) -> bool {
+        *self == Self::default()
+    }
 }
 
 impl Default for AdaloraConfig {
