@@ -101,7 +101,9 @@ It writes:
   adalora.json          PEFT's AdaLoRA rank allocation on a tiny network over 20 SGD steps: what
                         update_and_allocate sees and leaves at each step, and the orthogonal regularisation
                         (`make_fixtures.py adalora`); and tiny-bert/adalora.*, PEFT's AdaLoRA layers on tiny-bert
-                        (random A, B, E): the weights, hidden states, a head's loss and every gradient norm
+                        (random A, B, E): the weights, hidden states, a head's loss and every gradient norm;
+                        and tiny-llama/adalora.*, PEFT's AdaLoRA on tiny-llama trained by PEFT's loop for 12
+                        SGD steps (the losses, first gradients, final rank pattern and singular values)
   auto_lambda.json      Auto-λ's meta gradients and weights over two rounds on a tiny model, as the authors'
                         AutoLambda (lorenmt/auto-lambda) computes them
 The tests themselves need none of these packages. `python scripts/make_fixtures.py metrics` writes only the
@@ -1508,6 +1510,57 @@ def adalora_bert_fixture():
     (d / "adalora.json").write_text(json.dumps(ref))
 
 
+def tiny_llama_adalora_fixture():
+    """PEFT's AdaLoRA (init_r 4, target_r 2, lora_alpha 8, orth_reg_weight 0.5) on every projection of tiny-llama,
+    adapter `intent`, from N(0, 0.2²) A, B and E, trained by PEFT's own loop for 12 SGD steps (lr 0.05) on the
+    reference batch's LM loss: the loss PEFT's forward returns (with the orthogonality regulariser) and the LM loss
+    before each step, the gradient norm of every A, B and E at the first step, the schedule's rank pattern at the
+    end and E after the last step (tiny-llama/adalora.*): what the decoder's AdaLoRA must reproduce."""
+    from peft import AdaLoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM
+
+    d = OUT / "tiny-llama"
+    base = LlamaForCausalLM.from_pretrained(d)
+    schedule = {"init_r": 4, "target_r": 2, "tinit": 2, "tfinal": 3, "deltaT": 2, "total_step": 12,
+                "beta1": 0.85, "beta2": 0.85, "orth_reg_weight": 0.5}
+    config = AdaLoraConfig(task_type="CAUSAL_LM", lora_alpha=8, lora_dropout=0.0, **schedule,
+                           target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    model = get_peft_model(base, config, adapter_name="intent")
+    torch.manual_seed(4)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(0.2 * torch.randn_like(p))
+    ours = lambda k: k.removeprefix("base_model.model.") + ".weight"
+    state = {ours(k): v.detach().contiguous() for k, v in model.state_dict().items() if "lora_" in k}
+    save_file(state, d / "adalora.safetensors")
+    ref = json.loads((d / "reference.json").read_text())
+    ids, mask, labels = (torch.tensor(ref[k]) for k in ("input_ids", "attention_mask", "labels"))
+    lr = 0.05
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr)
+    model.train()
+    losses, lm_losses, grads = [], [], {}
+    for step in range(schedule["total_step"]):
+        out = model(input_ids=ids, attention_mask=mask, labels=labels)
+        logits = out.logits
+        lm = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                                               labels[:, 1:].reshape(-1), ignore_index=-100)
+        out.loss.backward()
+        if step == 0:
+            grads = {ours(k): p.grad.norm().item() for k, p in model.named_parameters() if "lora_" in k}
+        optimizer.step()
+        model.base_model.update_and_allocate(step)
+        optimizer.zero_grad()
+        losses.append(out.loss.item())
+        lm_losses.append(lm.item())
+    pattern = {k.removesuffix(".lora_E.intent").removesuffix(".lora_E"): v
+               for k, v in model.peft_config["intent"].rank_pattern.items()}
+    final_e = {ours(k): p.detach().flatten().tolist() for k, p in model.named_parameters() if "lora_E" in k}
+    fixture = {"schedule": schedule, "alpha": 8, "lr": lr, "losses": losses, "lm_losses": lm_losses,
+               "grad_norms": grads, "rank_pattern": pattern, "final_e": final_e}
+    (d / "adalora.json").write_text(json.dumps(fixture))
+
+
 def cls_head_loss(model, ids, mask):
     """A fixed 3-class [CLS] head with cross-entropy on labels 2, 0, 1, back-propagated through `model`: the
     head's weights, labels and loss, as the adapter fixtures store them."""
@@ -1767,6 +1820,7 @@ if __name__ == "__main__":
     elif sys.argv[1:] == ["adalora"]:
         adalora_fixture()
         adalora_bert_fixture()
+        tiny_llama_adalora_fixture()
     elif sys.argv[1:] == ["lora"]:
         lora_fixture()
         bottleneck_fixture()
@@ -1815,4 +1869,7 @@ if __name__ == "__main__":
         explain_fixture()
         metric_fixtures()
         weighting_fixtures()
+        adalora_fixture()
+        adalora_bert_fixture()
+        tiny_llama_adalora_fixture()
     print("fixtures written to", OUT)

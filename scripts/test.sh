@@ -66,9 +66,11 @@ done
 kill "$server"
 
 # `mtl export` against transformers (tests/python/check_export.py), when the bench environment (.venv, made by
-# scripts/bench-env.sh: torch, transformers, peft) is there: a full fine-tune, shared LoRA and per-task LoRA.
+# scripts/bench-env.sh: torch, transformers, peft) is there: a full fine-tune, shared LoRA, per-task LoRA and
+# per-task AdaLoRA (12 steps, its pattern fixed for the last 3, so that PEFT's loader resizes pruned layers).
 if [ -x .venv/bin/python ] && .venv/bin/python -c "import torch, transformers" 2> /dev/null; then
-  for variant in "full|" "lora|--set peft.method=\"lora\"" "per-task-lora|--set peft.method=\"lora\" --set peft.per_task=true"; do
+  for variant in "full|" "lora|--set peft.method=\"lora\"" "per-task-lora|--set peft.method=\"lora\" --set peft.per_task=true" \
+      "per-task-adalora|--set peft.method=\"adalora\" --set peft.per_task=true --set peft.adalora.tfinal=3 --set training.epochs=6"; do
     name=${variant%%|*}
     eval "sets=(${variant#*|})"
     target/release/mtl train tests/python/tiny-run.toml --out "$run/export-$name" --set training.epochs=2 "${sets[@]}" \

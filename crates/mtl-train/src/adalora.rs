@@ -495,6 +495,122 @@ mod tests {
         assert!(kept_some, "the fixture prunes some triplets");
     }
 
+    #[derive(serde::Deserialize)]
+    struct Trained {
+        schedule: BTreeMap<String, f64>,
+        alpha: f64,
+        lr: f64,
+        losses: Vec<f64>,
+        lm_losses: Vec<f64>,
+        grad_norms: BTreeMap<String, f64>,
+        rank_pattern: BTreeMap<String, Vec<bool>>,
+        final_e: BTreeMap<String, Vec<f32>>,
+    }
+
+    /// The decoder's AdaLoRA trained as PEFT trains it (`scripts/make_fixtures.py adalora`: tiny-llama, every
+    /// projection, random A, B and E, 12 SGD steps of PEFT's loop with its regulariser and allocator): the loss
+    /// before every step, the first step's gradient of every A, B and E, the triplets kept and the final E, on
+    /// the fused kernels and on the composed ops.
+    #[test]
+    fn decoder_adalora_trains_as_peft() -> std::result::Result<(), Box<dyn std::error::Error>> {
+        use candle_core::Device;
+        use mtl_nn::llama::{DecoderLora, DecoderModule, Llama, LlamaConfig, LoraRun};
+        use mtl_nn::{DropoutRng, Kernels, LoraSpec, ParamBuilder, Route};
+
+        let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/tiny-llama");
+        let f: Trained = serde_json::from_str(&std::fs::read_to_string(dir.join("adalora.json"))?)?;
+        let reference: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json"))?)?;
+        let rows = |k: &str| -> Vec<Vec<i64>> { serde_json::from_value(reference[k].clone()).expect("fixture rows") };
+        let (ids, mask, labels) = (rows("input_ids"), rows("attention_mask"), rows("labels").concat());
+        let (b, s) = (ids.len(), ids[0].len());
+        let ids = Tensor::from_vec(ids.concat().iter().map(|&i| i as u32).collect::<Vec<_>>(), (b, s), &Device::Cpu)?;
+        let mask: Vec<u32> = mask.concat().iter().map(|&m| m as u32).collect();
+        let get = |k: &str| f.schedule[k] as usize;
+        let text = format!(
+            "[model]\npath = \"m\"\n[training]\nepochs = 1\nlr = 1e-4\n[tasks.intent]\nkind = \"classification\"\ndata = {{ train = \"a.jsonl\" }}\n\
+             [peft]\nmethod = \"adalora\"\nr = {}\nalpha = {}\ndropout = 0.0\n[peft.adalora]\ntarget_r = {}\n\
+             tinit = {}\ntfinal = {}\ndelta_t = {}\nbeta1 = {}\nbeta2 = {}\north_reg_weight = {}\n",
+            get("init_r"),
+            f.alpha,
+            get("target_r"),
+            get("tinit"),
+            get("tfinal"),
+            get("deltaT"),
+            f.schedule["beta1"],
+            f.schedule["beta2"],
+            f.schedule["orth_reg_weight"],
+        );
+        let config = mtl_config::Config::parse(&text, std::path::Path::new("t.toml"), &[])?;
+        let config_file = LlamaConfig::from_file(&dir.join("config.json"))?;
+        for kernels in [Kernels::Fused, Kernels::Composed] {
+            let pb = ParamBuilder::from_safetensors(&dir.join("model.safetensors"), 0, &Device::Cpu)?;
+            pb.add_safetensors(&dir.join("adalora.safetensors"))?;
+            let spec = LoraSpec { r: get("init_r"), alpha: f.alpha, dropout: 0.0, targets: Vec::new(), svd: true };
+            let lora = DecoderLora { spec, modules: DecoderModule::ALL.to_vec(), adapters: vec!["intent".into()] };
+            let mut model = Llama::with_lora(&pb, &config_file, Some(&lora))?;
+            model.set_kernels(kernels);
+            let store = pb.finish();
+            assert!(store.initialised().is_empty(), "{:?}", store.initialised());
+            let vars = store.vars();
+            let mut run = AdaLoraRun::new(&config, vars, get("total_step"))?.expect("AdaLoRA");
+            assert_eq!(run.adapters["intent"].layers.len(), 2 * 7, "seven projections in two layers");
+            let off = DropoutRng::new(0.0, 0);
+            let routes = [Route { adapter: 0, examples: 0..b }];
+            for (step, (want, want_lm)) in f.losses.iter().zip(&f.lm_losses).enumerate() {
+                let pass = LoraRun { routes: &routes, dropout: &off, mode: mtl_core::Mode::Train, frozen: false };
+                let hidden = model.forward_with(&ids, Some(&mask), None, Some(&pass))?;
+                let lm = mtl_nn::llama::causal_lm_loss(&model.logits(&hidden)?, &labels, b, s, -100)?;
+                let got_lm = f64::from(lm.to_scalar::<f32>()?);
+                assert!(
+                    (got_lm - want_lm).abs() < 1e-4 * want_lm.max(1.0),
+                    "{kernels:?} step {step}: LM loss {got_lm} vs {want_lm}"
+                );
+                let store_grads = lm.backward()?;
+                let mut grads: BTreeMap<String, Tensor> = vars
+                    .iter()
+                    .filter(|(n, _)| n.contains(".lora_"))
+                    .filter_map(|(n, v)| store_grads.get(v.as_tensor()).map(|g| (n.clone(), g.clone())))
+                    .collect();
+                // PEFT's loss adds the regulariser: its value, and its gradient where `add_regularizer` puts it.
+                let adapter = &run.adapters["intent"];
+                let a: Vec<&Tensor> = adapter.layers.iter().map(|(_, a, _, _)| vars[a].as_tensor()).collect();
+                let bs: Vec<&Tensor> = adapter.layers.iter().map(|(_, _, b, _)| vars[b].as_tensor()).collect();
+                let reg = orthogonal_regularizer(&a, &bs)?.expect("matrices").to_scalar::<f32>()?;
+                let total = got_lm + f.schedule["orth_reg_weight"] * f64::from(reg);
+                assert!((total - want).abs() < 1e-4 * want.max(1.0), "{kernels:?} step {step}: loss {total} vs {want}");
+                run.add_regularizer(&mut grads, vars)?;
+                if step == 0 {
+                    for (name, want) in &f.grad_norms {
+                        let g = grads.get(name).ok_or_else(|| format!("{name}: no gradient"))?;
+                        let norm = f64::from(g.sqr()?.sum_all()?.sqrt()?.to_scalar::<f32>()?);
+                        assert!((norm - want).abs() <= 1e-5 + 1e-3 * want, "{kernels:?} {name}: {norm} vs {want}");
+                    }
+                    assert_eq!(f.grad_norms.len(), 3 * 2 * 7, "A, B and E of every layer");
+                }
+                for (name, g) in &grads {
+                    let var = &vars[name];
+                    var.set(&(var.as_tensor() - (g * f.lr)?)?)?;
+                }
+                run.after_step(&grads, vars, step)?;
+            }
+            let ranks = run.ranks();
+            for (layer, keep) in &f.rank_pattern {
+                let kept = keep.iter().filter(|k| **k).count();
+                assert_eq!(ranks["intent"].get(layer), Some(&kept), "{kernels:?} {layer}: {ranks:?}");
+            }
+            for (name, want) in &f.final_e {
+                let got = vars[name].as_tensor().flatten_all()?.to_vec1::<f32>()?;
+                for (x, y) in got.iter().zip(want) {
+                    assert!(
+                        (x - y).abs() < 1e-4 + 1e-3 * y.abs() && ((*x == 0.0) == (*y == 0.0)),
+                        "{kernels:?} {name}: {got:?} vs {want:?}"
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// The regulariser's value and gradients against torch's (PEFT's formula) at the first step's weights.
     #[test]
     fn orthogonal_regularizer_matches_peft() -> Result<()> {

@@ -24,8 +24,9 @@
 //!
 //! A token task with a CRF is skipped (transformers has no CRF head), with a warning.
 //!
-//! A LoRA run also gets `OUT/TASK/peft/`, the task in PEFT's adapter format: its LoRA adapter and its head
-//! (`modules_to_save`), to load with `PeftModel.from_pretrained` onto the original base model.
+//! A LoRA or AdaLoRA run also gets `OUT/TASK/peft/`, the task in PEFT's adapter format: its adapter (AdaLoRA's
+//! with the triplets it kept and their `rank_pattern`) and its head (`modules_to_save`), to load with
+//! `PeftModel.from_pretrained` onto the original base model.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -175,18 +176,56 @@ fn write_peft(
         bail!("{}: a LoRA run whose manifest names no base model", model_dir.display());
     };
     let model_type = &loaded.model.bert().config().model_type;
+    let vars = loaded.model.params().vars();
     let mut tensors: HashMap<String, Tensor> = HashMap::new();
+    // AdaLoRA: the triplets each layer kept, by `MODULE.lora_E` (PEFT's `rank_pattern`).
+    let mut rank_pattern = serde_json::Map::new();
     for (name, var, role) in loaded.model.params().with_roles() {
-        if matches!(role, mtl_core::ParamRole::Adapter { adapter: a, .. } if a == adapter) {
-            // `….lora_A.ADAPTER.weight` → `base_model.model.bert.….lora_A.weight`: PEFT drops the adapter name
-            // (only after `lora_A`/`lora_B`: an adapter may be named like a module, `output`).
-            let plain = name.replacen(&format!(".lora_A.{adapter}."), ".lora_A.", 1).replacen(
-                &format!(".lora_B.{adapter}."),
-                ".lora_B.",
-                1,
-            );
-            let named = mtl_nn::family_name(model_type, &plain);
+        if !matches!(role, mtl_core::ParamRole::Adapter { adapter: a, .. } if a == adapter) {
+            continue;
+        }
+        // `….lora_A.ADAPTER.weight` → `base_model.model.bert.….lora_A.weight`: PEFT drops the adapter name
+        // (only after `lora_A`/`lora_B`/`lora_E`: an adapter may be named like a module, `output`).
+        let mut plain = name.clone();
+        for m in ["A", "B", "E"] {
+            plain = plain.replacen(&format!(".lora_{m}.{adapter}."), &format!(".lora_{m}."), 1);
+        }
+        let named = mtl_nn::family_name(model_type, &plain);
+        if !spec.svd {
             tensors.insert(format!("base_model.model.{named}"), var.as_tensor().copy()?);
+            continue;
+        }
+        // AdaLoRA's A, B and E are parameters, not modules (no `.weight`), and PEFT saves only the kept
+        // triplets: the rows of A and E and the columns of B whose singular value E is not zero. The final
+        // budget zeroes the pruned ones after every step, and a kept E of exactly zero adds nothing either, so
+        // the saved adapter computes what the trained one does.
+        let Some((layer, matrix)) = ["A", "B", "E"]
+            .iter()
+            .find_map(|m| name.strip_suffix(&format!(".lora_{m}.{adapter}.weight")).map(|layer| (layer, *m)))
+        else {
+            continue;
+        };
+        let e_name = format!("{layer}.lora_E.{adapter}.weight");
+        let Some(e) = vars.get(&e_name) else {
+            bail!("{}: the AdaLoRA run has no tensor `{e_name}`", model_dir.display());
+        };
+        let keep: Vec<bool> = e.as_tensor().flatten_all()?.to_vec1::<f32>()?.iter().map(|v| *v != 0.0).collect();
+        let kept: Vec<u32> = (0..keep.len() as u32).filter(|&i| keep[i as usize]).collect();
+        let axis = if matrix == "B" { 1 } else { 0 };
+        let t = var.as_tensor();
+        let sliced = match kept.len() {
+            n if n == keep.len() => t.copy()?,
+            0 => {
+                let mut dims = t.dims().to_vec();
+                dims[axis] = 0;
+                Tensor::zeros(dims, t.dtype(), t.device())?
+            }
+            _ => t.index_select(&Tensor::new(kept.as_slice(), t.device())?, axis)?,
+        };
+        let param = named.trim_end_matches(".weight");
+        tensors.insert(format!("base_model.model.{param}"), sliced);
+        if matrix == "E" {
+            rank_pattern.insert(param.to_string(), json!(keep));
         }
     }
     let saved: &[&str] = match kind {
@@ -225,7 +264,7 @@ fn write_peft(
         TaskKind::QuestionAnswering => "QUESTION_ANS",
         _ => "SEQ_CLS",
     };
-    let config = json!({
+    let mut config = json!({
         "peft_type": "LORA",
         "task_type": task_type,
         "base_model_name_or_path": base,
@@ -239,6 +278,25 @@ fn write_peft(
         "inference_mode": true,
         "init_lora_weights": true,
     });
+    if spec.svd {
+        // PEFT's AdaLoRA: `r` is unused (the initial rank is `init_r`); it resizes each layer to its pattern
+        // on load and keeps the scale `alpha / init_r` of training (`ranknum`). Its config wants the run's
+        // length (`total_step`, with room for the schedule), which only training uses.
+        let a = &loaded.config.peft.adalora;
+        let metrics = read_json::<Value>(&model_dir.join(checkpoint::METRICS)).ok();
+        let steps = metrics.and_then(|m| m["steps"].as_u64()).unwrap_or(0) as usize;
+        config["peft_type"] = json!("ADALORA");
+        config["init_r"] = json!(spec.r);
+        config["target_r"] = json!(a.target_r);
+        config["tinit"] = json!(a.tinit);
+        config["tfinal"] = json!(a.tfinal);
+        config["deltaT"] = json!(a.delta_t);
+        config["beta1"] = json!(a.beta1);
+        config["beta2"] = json!(a.beta2);
+        config["orth_reg_weight"] = json!(a.orth_reg_weight);
+        config["total_step"] = json!(steps.max(a.tinit + a.tfinal + 1));
+        config["rank_pattern"] = Value::Object(rank_pattern);
+    }
     write_text(&dir.join("adapter_config.json"), &pretty(&config))?;
     Ok(())
 }
@@ -388,12 +446,8 @@ fn write_task(dir: &Path, loaded: &Loaded, task: &TaskId, base_config: &Value, m
     }
     candle_core::safetensors::save(&tensors, dir.join("model.safetensors"))?;
     if let Some((spec, lora)) = model.bert().peft().and_then(|p| p.lora().map(|l| (p, l))) {
-        if lora.svd {
-            tracing::warn!(task = %task, "AdaLoRA adapters are exported merged into the model only; PEFT's AdaLoRA adapter format is not written yet");
-        } else {
-            let name = &spec.adapters[spec.adapter_of(task)?];
-            write_peft(&dir.join("peft"), loaded, &family, lora, name, head.kind(), &tensors, model_dir)?;
-        }
+        let name = &spec.adapters[spec.adapter_of(task)?];
+        write_peft(&dir.join("peft"), loaded, &family, lora, name, head.kind(), &tensors, model_dir)?;
     }
 
     let mut config = base_config.clone();

@@ -61,10 +61,10 @@ pub(crate) fn unsupported(config: &Config, architecture: Architecture) -> Option
     if !architecture.is_decoder() || !p.enabled() {
         return None;
     }
-    if p.method != PeftMethod::Lora {
+    if !matches!(p.method, PeftMethod::Lora | PeftMethod::Adalora) {
         return Some((
             "peft.method",
-            "decoder models train with LoRA (or fully, without [peft]); bottleneck adapters, prefixes and AdaLoRA are not supported on them yet".into(),
+            "decoder models train with LoRA or AdaLoRA (or fully, without [peft]); bottleneck adapters and prefixes are not supported on them yet".into(),
         ));
     }
     if p.target_modules != PeftConfig::default().target_modules {

@@ -299,6 +299,33 @@ fn adalora_prunes_each_adapter_to_its_budget() -> TestResult {
         assert_eq!(kept, 2 * 12, "{task}: the budget is target_r = 2 per layer on average");
     }
     eval_matches_training(&p, "run")?;
+    // PEFT's AdaLoRA format: each layer's kept triplets (E not zero), their pattern, the initial rank.
+    let o = p.mtl(&["export", "--model", "run", "--out", "hf"])?;
+    assert!(o.status.success(), "{}", stderr(&o));
+    for task in ["intent", "slots"] {
+        let dir = p.path("hf").join(task).join("peft");
+        let config: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("adapter_config.json"))?)?;
+        assert_eq!(config["peft_type"], "ADALORA");
+        assert_eq!((config["init_r"].as_u64(), config["target_r"].as_u64()), (Some(4), Some(2)));
+        let pattern = config["rank_pattern"].as_object().ok_or("rank_pattern")?;
+        assert_eq!(pattern.len(), 2 * 6, "{pattern:?}");
+        let adapter = weights(&dir.join("adapter_model.safetensors"))?;
+        let mut kept = 0;
+        for (module, keep) in pattern {
+            let keep: Vec<bool> = keep.as_array().ok_or("pattern")?.iter().filter_map(|b| b.as_bool()).collect();
+            assert_eq!(keep.len(), 4);
+            let layer = module.strip_suffix(".lora_E").ok_or("a pattern key ends in lora_E")?;
+            let n = keep.iter().filter(|k| **k).count();
+            kept += n;
+            let unmasked: Vec<f32> = adapter[&format!("base_model.model.{module}")].flatten_all()?.to_vec1()?;
+            assert!(unmasked.len() == n && unmasked.iter().all(|v| *v != 0.0), "{module}: only the kept triplets");
+            assert_eq!(adapter[&format!("base_model.model.{layer}.lora_A")].dims()[0], n);
+            assert_eq!(adapter[&format!("base_model.model.{layer}.lora_B")].dims()[1], n);
+        }
+        assert_eq!(kept, 2 * 12, "{task}");
+        assert!(adapter.keys().all(|k| !k.contains(".lora_") || !k.ends_with(".weight")), "{:?}", adapter.keys());
+    }
     // A bad schedule is named.
     let o = p.mtl(&[
         "train",

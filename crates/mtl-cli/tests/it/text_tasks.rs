@@ -150,6 +150,36 @@ fn a_decoder_trains_its_tasks_as_text_with_an_adapter_each() -> TestResult {
     Ok(())
 }
 
+/// AdaLoRA per task on the decoder: each task's singular values pruned to its budget (half the initial rank over
+/// its fourteen projections), A, B and E saved, and the saved run answering as training scored it.
+#[test]
+fn a_decoder_prunes_per_task_adalora_to_its_budget() -> TestResult {
+    let p = Project::new()?;
+    let peft = "[peft]\nmethod = \"adalora\"\nr = 4\nper_task = true\n[peft.adalora]\ntarget_r = 2\ntfinal = 4";
+    text_config(&p, peft, "token_classification")?;
+    let o = p.mtl(&["train", "config.toml", "--out", "run", "--set", "training.epochs=12"])?;
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = p.path("run");
+    let saved: HashMap<String, Tensor> =
+        candle_core::safetensors::load(out.join("adapters.safetensors"), &Device::Cpu)?;
+    assert_eq!(saved.len(), 3 * 7 * 2 * 2, "A, B and E: {:?}", saved.keys());
+    for task in ["intent", "slots"] {
+        let mut kept = 0;
+        for (name, e) in saved.iter().filter(|(n, _)| n.contains(&format!(".lora_E.{task}."))) {
+            let values = e.flatten_all()?.to_vec1::<f32>()?;
+            assert_eq!(values.len(), 4, "{name}");
+            kept += values.iter().filter(|v| **v != 0.0).count();
+        }
+        assert_eq!(kept, 2 * 14, "{task}: target_r = 2 per projection on average");
+    }
+    let metrics: Value = serde_json::from_str(&std::fs::read_to_string(out.join("metrics.json"))?)?;
+    let o = p.mtl(&["eval", "--model", "run", "--config", "config.toml"])?;
+    assert!(o.status.success(), "{}", stderr(&o));
+    let eval: Value = serde_json::from_slice(&o.stdout)?;
+    assert_eq!(eval["test"], metrics["test"], "{eval}");
+    Ok(())
+}
+
 #[test]
 fn decoder_configs_are_checked_before_anything_runs() -> TestResult {
     let p = Project::new()?;
