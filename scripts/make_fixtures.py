@@ -1482,21 +1482,13 @@ def adalora_bert_fixture():
     `intent`, with N(0, 0.2²) A, B and E: its weights under our names (`lora_E.intent.weight` beside A and B),
     the last hidden states in evaluation mode, and the [CLS] head's loss with the gradient norm of each A, B and
     E (tiny-bert/adalora.*)."""
-    from peft import AdaLoraConfig, get_peft_model
+    from peft import AdaLoraConfig
 
     d = OUT / "tiny-bert"
     base = BertModel.from_pretrained(d, add_pooling_layer=False).eval()
     config = AdaLoraConfig(init_r=4, target_r=2, lora_alpha=8, lora_dropout=0.0, total_step=10,
                            target_modules=["query", "key", "value", "dense"])
-    model = get_peft_model(base, config, adapter_name="intent")
-    torch.manual_seed(3)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_" in name:
-                p.copy_(0.2 * torch.randn_like(p))
-    state = {k.removeprefix("base_model.model.") + ".weight": v.detach().contiguous()
-             for k, v in model.state_dict().items() if "lora_" in k}
-    save_file(state, d / "adalora.safetensors")
+    model = random_adalora(base, config, seed=3, path=d / "adalora.safetensors")
     ids = torch.tensor([[2, 7, 9, 11, 3, 0, 0], [2, 5, 6, 7, 8, 9, 3], [2, 15, 14, 9, 3, 0, 0]])
     mask = (ids != 0).long()
     model.eval()
@@ -1510,13 +1502,30 @@ def adalora_bert_fixture():
     (d / "adalora.json").write_text(json.dumps(ref))
 
 
+def random_adalora(base, config, seed, path):
+    """PEFT's AdaLoRA adapter `intent` of `config` on `base`, with N(0, 0.2²) A, B and E drawn from `seed` (so that
+    every path shows), saved to `path` under our names (PEFT's parameters `….lora_A.intent` get `.weight`)."""
+    from peft import get_peft_model
+
+    model = get_peft_model(base, config, adapter_name="intent")
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(0.2 * torch.randn_like(p))
+    state = {k.removeprefix("base_model.model.") + ".weight": v.detach().contiguous()
+             for k, v in model.state_dict().items() if "lora_" in k}
+    save_file(state, path)
+    return model
+
+
 def tiny_llama_adalora_fixture():
     """PEFT's AdaLoRA (init_r 4, target_r 2, lora_alpha 8, orth_reg_weight 0.5) on every projection of tiny-llama,
     adapter `intent`, from N(0, 0.2²) A, B and E, trained by PEFT's own loop for 12 SGD steps (lr 0.05) on the
     reference batch's LM loss: the loss PEFT's forward returns (with the orthogonality regulariser) and the LM loss
     before each step, the gradient norm of every A, B and E at the first step, the schedule's rank pattern at the
     end and E after the last step (tiny-llama/adalora.*): what the decoder's AdaLoRA must reproduce."""
-    from peft import AdaLoraConfig, get_peft_model
+    from peft import AdaLoraConfig
     from transformers import LlamaForCausalLM
 
     d = OUT / "tiny-llama"
@@ -1525,15 +1534,8 @@ def tiny_llama_adalora_fixture():
                 "beta1": 0.85, "beta2": 0.85, "orth_reg_weight": 0.5}
     config = AdaLoraConfig(task_type="CAUSAL_LM", lora_alpha=8, lora_dropout=0.0, **schedule,
                            target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
-    model = get_peft_model(base, config, adapter_name="intent")
-    torch.manual_seed(4)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_" in name:
-                p.copy_(0.2 * torch.randn_like(p))
+    model = random_adalora(base, config, seed=4, path=d / "adalora.safetensors")
     ours = lambda k: k.removeprefix("base_model.model.") + ".weight"
-    state = {ours(k): v.detach().contiguous() for k, v in model.state_dict().items() if "lora_" in k}
-    save_file(state, d / "adalora.safetensors")
     ref = json.loads((d / "reference.json").read_text())
     ids, mask, labels = (torch.tensor(ref[k]) for k in ("input_ids", "attention_mask", "labels"))
     lr = 0.05
