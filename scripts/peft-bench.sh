@@ -2,7 +2,8 @@
 # The parameter-efficient comparison of BENCHMARKS.md on examples/five-task: full fine-tuning against shared LoRA,
 # per-task LoRA, per-task bottleneck adapters, per-task prefix tuning and per-task AdaLoRA (rank 12 pruned to an
 # average of 8, the final budget of per-task LoRA's rank 8, PEFT's schedule of its GLUE examples: tinit 200,
-# tfinal 500, deltaT 10), one run after the other on this machine,
+# tfinal 500, deltaT 10; and the same at 3 times the adapters' learning rate, as AdaLoRA's A, B and E all start
+# small and learn more slowly than LoRA's A and zero B), one run after the other on this machine,
 # each for 3 epochs of the same number of steps (full fine-tuning and shared LoRA with mixed batches, the per-task
 # variants one task per step, every task equally often, as config-lora.toml says). The per-task LoRA and adapter
 # rows keep each task's adapter and head from its own best dev evaluation (`--select per-task`: early stopping per
@@ -10,7 +11,8 @@
 # was measured). The table gives trainable parameters, the size of the
 # saved weights, peak memory (maximum resident set, GNU time), time per optimiser step, test scores and mean,
 # and the single-task baselines of scripts/five-task-bench.sh when runs/five-task-bench has them. The LoRA runs
-# are then exported and checked against transformers and peft (tests/python/check_export.py, bench environment).
+# and AdaLoRA runs are then exported and checked against transformers and peft (tests/python/check_export.py,
+# bench environment: PEFT loads each task's adapter onto the base model).
 # Usage: scripts/peft-bench.sh [OUT_DIR] [NAME ...]   (default runs/peft, every variant; finished runs are kept,
 # so an interrupted comparison resumes; TABLE_ONLY=1 prints the table of the finished runs)
 set -euo pipefail
@@ -26,6 +28,7 @@ lora-per-task-joint|examples/five-task/config-lora.toml|joint|
 adapter-per-task|examples/five-task/config-lora.toml|per-task|peft.method="adapter"
 prefix-per-task|examples/five-task/config-lora.toml|joint|peft.method="prefix" training.lr=5e-3
 adalora-per-task|examples/five-task/config-lora.toml|per-task|peft.method="adalora" peft.r=12 peft.adalora.target_r=8 peft.adalora.tinit=200 peft.adalora.tfinal=500 peft.adalora.delta_t=10
+adalora-per-task-lr3e-3|examples/five-task/config-lora.toml|per-task|peft.method="adalora" peft.r=12 peft.adalora.target_r=8 peft.adalora.tinit=200 peft.adalora.tfinal=500 peft.adalora.delta_t=10 training.lr=3e-3
 '
 if [ -z "${TABLE_ONLY:-}" ]; then
   bash scripts/fetch.sh
@@ -52,10 +55,10 @@ while IFS='|' read -r name config select sets; do
   MTL_LOG=info /usr/bin/time -f "%M" -o "$OUT/$name.maxrss" "$OUT/mtl" train "$config" --out "$OUT/$name" --select "$select" "${args[@]}" \
     > "$OUT/$name.log" 2>&1
 done <<< "$VARIANTS"
-# The exports of the LoRA runs, checked against transformers and peft in the bench environment.
+# The exports of the LoRA and AdaLoRA runs, checked against transformers and peft in the bench environment.
 if [ -z "${TABLE_ONLY:-}" ]; then
   bash scripts/bench-env.sh
-  for name in lora-shared lora-per-task; do
+  for name in lora-shared lora-per-task adalora-per-task adalora-per-task-lr3e-3; do
     if [ -f "$OUT/$name/metrics.json" ] && [ ! -d "$OUT/$name-hf" ]; then
       "$OUT/mtl" export --model "$OUT/$name" --out "$OUT/$name-hf"
       .venv/bin/python tests/python/check_export.py "$OUT/mtl" "$OUT/$name" "$OUT/$name-hf" | tee "$OUT/$name-export.txt"

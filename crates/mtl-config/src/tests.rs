@@ -337,7 +337,8 @@ mod example_tests {
                 "lora-per-task-joint",
                 "adapter-per-task",
                 "prefix-per-task",
-                "adalora-per-task"
+                "adalora-per-task",
+                "adalora-per-task-lr3e-3"
             ]
         );
         Ok(())
