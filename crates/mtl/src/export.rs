@@ -279,13 +279,16 @@ fn write_peft(
         "init_lora_weights": true,
     });
     if spec.svd {
-        // PEFT's AdaLoRA: `r` is unused (the initial rank is `init_r`); it resizes each layer to its pattern
-        // on load and keeps the scale `alpha / init_r` of training (`ranknum`). Its config wants the run's
-        // length (`total_step`, with room for the schedule), which only training uses.
+        // PEFT's AdaLoRA: no `r` (the initial rank is `init_r`, and PEFT warns of an `r` set); it resizes each
+        // layer to its pattern on load and keeps the scale `alpha / init_r` of training (`ranknum`). Its config
+        // wants the run's length (`total_step`, with room for the schedule), which only training uses.
         let a = &loaded.config.peft.adalora;
         let metrics = read_json::<Value>(&model_dir.join(checkpoint::METRICS)).ok();
         let steps = metrics.and_then(|m| m["steps"].as_u64()).unwrap_or(0) as usize;
         config["peft_type"] = json!("ADALORA");
+        if let Some(o) = config.as_object_mut() {
+            o.remove("r");
+        }
         config["init_r"] = json!(spec.r);
         config["target_r"] = json!(a.target_r);
         config["tinit"] = json!(a.tinit);

@@ -308,6 +308,7 @@ fn adalora_prunes_each_adapter_to_its_budget() -> TestResult {
             serde_json::from_str(&std::fs::read_to_string(dir.join("adapter_config.json"))?)?;
         assert_eq!(config["peft_type"], "ADALORA");
         assert_eq!((config["init_r"].as_u64(), config["target_r"].as_u64()), (Some(4), Some(2)));
+        assert!(config.get("r").is_none(), "PEFT warns of an `r` in an AdaLoRA config");
         let pattern = config["rank_pattern"].as_object().ok_or("rank_pattern")?;
         assert_eq!(pattern.len(), 2 * 6, "{pattern:?}");
         let adapter = weights(&dir.join("adapter_model.safetensors"))?;
