@@ -10,24 +10,23 @@ use std::collections::BTreeMap;
 use candle_core::{Device, Tensor, Var};
 use mtl_core::TaskId;
 
-use super::{field, invalid_state, LossWeighting};
+use super::{LossWeighting, TaskScalars};
 use crate::Result;
 
 /// The prefix of the scales' parameter names.
 pub const PREFIX: &str = "weighting.imtl_scale.";
 
 pub struct ImtlL {
-    scales: BTreeMap<TaskId, Var>,
+    scales: TaskScalars,
 }
 
 impl ImtlL {
     pub fn new(tasks: &[TaskId], device: &Device) -> Result<Self> {
-        let scales = tasks.iter().map(|t| Ok((t.clone(), Var::new(0f32, device)?))).collect::<Result<_>>()?;
-        Ok(Self { scales })
+        Ok(Self { scales: TaskScalars::new(tasks, device, "loss scale")? })
     }
 
     fn scale(&self, task: &TaskId) -> Result<&Var> {
-        self.scales.get(task).ok_or_else(|| invalid_state(format!("no loss scale for task `{task}`")))
+        self.scales.get(task)
     }
 }
 
@@ -43,29 +42,19 @@ impl LossWeighting for ImtlL {
     }
 
     fn weights(&self) -> BTreeMap<TaskId, f64> {
-        self.scales
-            .iter()
-            .map(|(t, s)| (t.clone(), f64::from(s.as_tensor().to_scalar::<f32>().unwrap_or(0.0)).exp()))
-            .collect()
+        self.scales.map(f64::exp)
     }
 
     fn vars(&self) -> Vec<(String, Var)> {
-        self.scales.iter().map(|(t, v)| (format!("{PREFIX}{t}"), v.clone())).collect()
+        self.scales.vars(PREFIX)
     }
 
     fn state(&self) -> serde_json::Value {
-        let values: BTreeMap<&TaskId, f32> =
-            self.scales.iter().map(|(t, v)| (t, v.as_tensor().to_scalar::<f32>().unwrap_or(0.0))).collect();
-        serde_json::json!({ "scales": values })
+        self.scales.state("scales")
     }
 
     fn load_state(&mut self, state: &serde_json::Value) -> Result<()> {
-        let values: BTreeMap<TaskId, f32> = field(state, "scales")?;
-        for (task, var) in &self.scales {
-            let v = values.get(task).ok_or_else(|| invalid_state(format!("no loss scale for task `{task}`")))?;
-            var.set(&Tensor::new(*v, var.device())?)?;
-        }
-        Ok(())
+        self.scales.load_state(state, "scales")
     }
 }
 

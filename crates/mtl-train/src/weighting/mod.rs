@@ -115,3 +115,51 @@ pub(crate) fn field<T: serde::de::DeserializeOwned>(state: &serde_json::Value, k
     let value = state.get(key).ok_or_else(|| invalid_state(format!("missing `{key}`")))?;
     serde_json::from_value(value.clone()).map_err(|e| invalid_state(format!("`{key}`: {e}")))
 }
+
+/// One learned scalar per task (uncertainty's log-variances, IMTL-L's scales), each a parameter the optimiser
+/// trains, starting at 0 and saved in the weighting's state under one key; `what` names a scalar in errors.
+pub(crate) struct TaskScalars {
+    vars: BTreeMap<TaskId, Var>,
+    what: &'static str,
+}
+
+impl TaskScalars {
+    pub(crate) fn new(tasks: &[TaskId], device: &Device, what: &'static str) -> Result<Self> {
+        let vars = tasks.iter().map(|t| Ok((t.clone(), Var::new(0f32, device)?))).collect::<Result<_>>()?;
+        Ok(Self { vars, what })
+    }
+
+    pub(crate) fn get(&self, task: &TaskId) -> Result<&Var> {
+        self.vars.get(task).ok_or_else(|| invalid_state(format!("no {} for task `{task}`", self.what)))
+    }
+
+    /// Each task's value through `f`.
+    pub(crate) fn map(&self, f: impl Fn(f64) -> f64) -> BTreeMap<TaskId, f64> {
+        self.vars
+            .iter()
+            .map(|(t, s)| (t.clone(), f(f64::from(s.as_tensor().to_scalar::<f32>().unwrap_or(0.0)))))
+            .collect()
+    }
+
+    /// The parameters, named `PREFIX` + task.
+    pub(crate) fn vars(&self, prefix: &str) -> Vec<(String, Var)> {
+        self.vars.iter().map(|(t, v)| (format!("{prefix}{t}"), v.clone())).collect()
+    }
+
+    /// `{key: {task: value}}`.
+    pub(crate) fn state(&self, key: &str) -> serde_json::Value {
+        let values: BTreeMap<&TaskId, f32> =
+            self.vars.iter().map(|(t, v)| (t, v.as_tensor().to_scalar::<f32>().unwrap_or(0.0))).collect();
+        serde_json::json!({ key: values })
+    }
+
+    /// Restores [`TaskScalars::state`].
+    pub(crate) fn load_state(&self, state: &serde_json::Value, key: &str) -> Result<()> {
+        let values: BTreeMap<TaskId, f32> = field(state, key)?;
+        for (task, var) in &self.vars {
+            let v = values.get(task).ok_or_else(|| invalid_state(format!("no {} for task `{task}`", self.what)))?;
+            var.set(&Tensor::new(*v, var.device())?)?;
+        }
+        Ok(())
+    }
+}

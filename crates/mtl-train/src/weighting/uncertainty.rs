@@ -11,24 +11,23 @@ use std::collections::BTreeMap;
 use candle_core::{Device, Tensor, Var};
 use mtl_core::TaskId;
 
-use super::{field, invalid_state, LossWeighting};
+use super::{LossWeighting, TaskScalars};
 use crate::Result;
 
 /// The prefix of the log-variances' parameter names.
 pub const PREFIX: &str = "weighting.log_var.";
 
 pub struct Uncertainty {
-    log_vars: BTreeMap<TaskId, Var>,
+    log_vars: TaskScalars,
 }
 
 impl Uncertainty {
     pub fn new(tasks: &[TaskId], device: &Device) -> Result<Self> {
-        let log_vars = tasks.iter().map(|t| Ok((t.clone(), Var::new(0f32, device)?))).collect::<Result<_>>()?;
-        Ok(Self { log_vars })
+        Ok(Self { log_vars: TaskScalars::new(tasks, device, "log-variance")? })
     }
 
     fn log_var(&self, task: &TaskId) -> Result<&Var> {
-        self.log_vars.get(task).ok_or_else(|| invalid_state(format!("no log-variance for task `{task}`")))
+        self.log_vars.get(task)
     }
 }
 
@@ -45,29 +44,19 @@ impl LossWeighting for Uncertainty {
     }
 
     fn weights(&self) -> BTreeMap<TaskId, f64> {
-        self.log_vars
-            .iter()
-            .map(|(t, s)| (t.clone(), 0.5 * (-f64::from(s.as_tensor().to_scalar::<f32>().unwrap_or(0.0))).exp()))
-            .collect()
+        self.log_vars.map(|s| 0.5 * (-s).exp())
     }
 
     fn vars(&self) -> Vec<(String, Var)> {
-        self.log_vars.iter().map(|(t, v)| (format!("{PREFIX}{t}"), v.clone())).collect()
+        self.log_vars.vars(PREFIX)
     }
 
     fn state(&self) -> serde_json::Value {
-        let values: BTreeMap<&TaskId, f32> =
-            self.log_vars.iter().map(|(t, v)| (t, v.as_tensor().to_scalar::<f32>().unwrap_or(0.0))).collect();
-        serde_json::json!({ "log_vars": values })
+        self.log_vars.state("log_vars")
     }
 
     fn load_state(&mut self, state: &serde_json::Value) -> Result<()> {
-        let values: BTreeMap<TaskId, f32> = field(state, "log_vars")?;
-        for (task, var) in &self.log_vars {
-            let v = values.get(task).ok_or_else(|| invalid_state(format!("no log-variance for task `{task}`")))?;
-            var.set(&Tensor::new(*v, var.device())?)?;
-        }
-        Ok(())
+        self.log_vars.load_state(state, "log_vars")
     }
 }
 
