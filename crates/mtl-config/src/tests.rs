@@ -338,7 +338,8 @@ mod example_tests {
                 "adapter-per-task",
                 "prefix-per-task",
                 "adalora-per-task",
-                "adalora-per-task-lr3e-3"
+                "adalora-per-task-lr3e-3",
+                "adalora-per-task-r7"
             ]
         );
         Ok(())
