@@ -86,11 +86,13 @@ pub(super) fn col_sums(m: &[f32], stride: usize, offset: usize, dst: &mut [f32])
     });
 }
 
-/// `y = LayerNorm(branch ∘ mask + residual)`, keeping the normalised input and 1/σ of each row.
+/// `y = LayerNorm((branch + bias) ∘ mask + residual)`, keeping the normalised input and 1/σ of each row
+/// (`bias` is the projection's that produced `branch`, when that product left it out).
 #[allow(clippy::too_many_arguments)]
 #[doc(hidden)] // public for the kernel benchmarks
 pub fn add_norm(
     branch: &[f32],
+    bias: Option<&[f32]>,
     mask: Option<&[f32]>,
     residual: &[f32],
     gamma: &[f32],
@@ -114,13 +116,23 @@ pub fn add_norm(
                     for (r, (y, xh)) in y.chunks_exact_mut(h).zip(xhat.chunks_exact_mut(h)).enumerate() {
                         let at = start + r * h;
                         let (br, res) = (&branch[at..at + h], &residual[at..at + h]);
-                        match mask {
-                            Some(m) => {
+                        match (bias, mask) {
+                            (Some(b), Some(m)) => {
+                                for i in 0..h {
+                                    xh[i] = (br[i] + b[i]) * m[at + i] + res[i];
+                                }
+                            }
+                            (Some(b), None) => {
+                                for i in 0..h {
+                                    xh[i] = br[i] + b[i] + res[i];
+                                }
+                            }
+                            (None, Some(m)) => {
                                 for i in 0..h {
                                     xh[i] = br[i] * m[at + i] + res[i];
                                 }
                             }
-                            None => {
+                            (None, None) => {
                                 for i in 0..h {
                                     xh[i] = br[i] + res[i];
                                 }
@@ -192,6 +204,49 @@ pub(super) fn elementwise(a: &mut [f32], f: impl Fn(&mut [f32], usize) + Sync) {
         simd(
             #[inline(always)]
             || f(chunk, c << 14),
+        )
+    });
+}
+
+/// `u ← gelu(u + bias)` over rows of `width` (the bias added where the product left it out).
+pub(super) fn gelu_rows(u: &mut [f32], bias: Option<&[f32]>, width: usize) {
+    u.par_chunks_mut(width * ROWS_PER_TASK).for_each(|rows| {
+        simd(
+            #[inline(always)]
+            || {
+                for row in rows.chunks_exact_mut(width) {
+                    if let Some(b) = bias {
+                        for (v, b) in row.iter_mut().zip(b) {
+                            *v += b;
+                        }
+                    }
+                    for v in row.iter_mut() {
+                        *v = math::gelu(*v);
+                    }
+                }
+            },
+        )
+    });
+}
+
+/// `(g, u) ← (gelu(u + bias), gelu'(u + bias))` over rows of `width`.
+pub(super) fn gelu_and_grad_rows(u: &mut [f32], g: &mut [f32], bias: Option<&[f32]>, width: usize) {
+    let chunk = width * ROWS_PER_TASK;
+    u.par_chunks_mut(chunk).zip(g.par_chunks_mut(chunk)).for_each(|(u, g)| {
+        simd(
+            #[inline(always)]
+            || {
+                for (u, g) in u.chunks_exact_mut(width).zip(g.chunks_exact_mut(width)) {
+                    if let Some(b) = bias {
+                        for (v, b) in u.iter_mut().zip(b) {
+                            *v += b;
+                        }
+                    }
+                    for (g, u) in g.iter_mut().zip(u.iter_mut()) {
+                        (*g, *u) = math::gelu_and_grad(*u);
+                    }
+                }
+            },
         )
     });
 }
