@@ -336,13 +336,31 @@ pub fn attention_forward(
     dropout: Option<&[f32]>,
     probs: Option<&mut [f32]>,
 ) -> Vec<f32> {
+    let mut blocks = vec![0f32; d.tokens() * d.hidden];
+    let mut ctx = vec![0f32; d.tokens() * d.hidden];
+    attention_into(d, qkv, key_mask, dropout, probs, &mut blocks, &mut ctx);
+    ctx
+}
+
+/// Attention's forward pass into `ctx` (`tokens × hidden`, overwritten), per (example, head): the scaled scores,
+/// the masked softmax (kept in `probs` in training), dropout, and the weighted sum of the values, each head's
+/// `seq × head_dim` result into its block of `blocks` (same size as `ctx`, overwritten) and from there into its
+/// columns of `ctx`. The scores of inference and the dropped-out probabilities live in one buffer per thread.
+pub(super) fn attention_into(
+    d: &Dims,
+    qkv: &[f32],
+    key_mask: &[u32],
+    dropout: Option<&[f32]>,
+    probs: Option<&mut [f32]>,
+    blocks: &mut [f32],
+    ctx: &mut [f32],
+) {
     let (s, hd) = (d.seq, d.head_dim());
     let scale = 1.0 / (hd as f32).sqrt();
-    let head = |bn: usize, p: &mut [f32]| -> Vec<f32> {
+    let head = |bn: usize, p: &mut [f32], kept: &mut Vec<f32>, out: &mut [f32]| {
         let [q, k, v] = head_views(d, qkv, bn);
         matmul(ViewMut::new(p, s, s), q, k.t(), scale, false, Threads::One);
         let km = &key_mask[(bn / d.heads) * s..(bn / d.heads + 1) * s];
-        let mut out = vec![0f32; s * hd];
         simd(
             #[inline(always)]
             || {
@@ -351,23 +369,32 @@ pub fn attention_forward(
                 }
             },
         );
-        match dropout {
+        let weights: &[f32] = match dropout {
             Some(m) => {
                 let m = &m[bn * s * s..(bn + 1) * s * s];
-                let kept = product(p, m);
-                matmul(ViewMut::new(&mut out, s, hd), View::new(&kept, s, s), v, 1.0, false, Threads::One);
+                kept.resize(s * s, 0.0);
+                simd(
+                    #[inline(always)]
+                    || {
+                        for ((o, p), m) in kept.iter_mut().zip(&*p).zip(m) {
+                            *o = p * m;
+                        }
+                    },
+                );
+                kept
             }
-            None => matmul(ViewMut::new(&mut out, s, hd), View::new(p, s, s), v, 1.0, false, Threads::One),
+            None => p,
+        };
+        matmul(ViewMut::new(out, s, hd), View::new(weights, s, s), v, 1.0, false, Threads::One);
+    };
+    let outs = blocks.par_chunks_mut(s * hd).enumerate();
+    match probs {
+        Some(probs) => {
+            outs.zip(probs.par_chunks_mut(s * s)).for_each_init(Vec::new, |kept, ((bn, out), p)| head(bn, p, kept, out))
         }
-        out
-    };
-    let blocks: Vec<Vec<f32>> = match probs {
-        Some(probs) => probs.par_chunks_mut(s * s).enumerate().map(|(bn, p)| head(bn, p)).collect(),
-        None => (0..d.batch * d.heads).into_par_iter().map(|bn| head(bn, &mut vec![0f32; s * s])).collect(),
-    };
-    let mut ctx = vec![0f32; d.tokens() * d.hidden];
-    scatter_heads(d, |bn| &blocks[bn][..], d.hidden, 0, &mut ctx);
-    ctx
+        None => outs.for_each_init(|| (vec![0f32; s * s], Vec::new()), |(p, kept), (bn, out)| head(bn, p, kept, out)),
+    }
+    scatter_heads(d, |bn| &blocks[bn * s * hd..(bn + 1) * s * hd], d.hidden, 0, ctx);
 }
 
 #[doc(hidden)] // public for the kernel benchmarks

@@ -26,6 +26,7 @@ use super::profile::{time, Phase};
 
 mod kernels;
 mod lora;
+mod pool;
 
 use kernels::*;
 pub use kernels::{add_norm, attention_backward, attention_forward, norm_backward};
@@ -107,6 +108,20 @@ struct Tape {
     out: Option<Vec<f32>>,
     /// Per LoRA site, `drop(x) Aᵀ` of every row (`tokens × r`).
     lora_h: [Option<Vec<f32>>; SITES],
+}
+
+impl Tape {
+    /// Hands the buffers back to the pool once the backward pass is done with them.
+    fn recycle(self) {
+        let Tape { qkv, probs, ctx, xhat1, rstd1, y1, dgelu, g, xhat2, rstd2, out, lora_h } = self;
+        for v in [qkv, probs, ctx, xhat1, rstd1, y1, dgelu, g, xhat2, rstd2]
+            .into_iter()
+            .chain(out)
+            .chain(lora_h.into_iter().flatten())
+        {
+            pool::give(v);
+        }
+    }
 }
 
 /// The encoder op; see the module docs.
@@ -221,7 +236,6 @@ impl FusedEncoder {
         let lost = || candle_core::Error::Msg("fused encoder: a layer output went missing".into());
         let mut tapes: Vec<Tape> = Vec::new();
         let mut carry: Option<Vec<f32>> = None;
-        let mut scratch = Scratch::default();
         let mut output = if self.layers.is_empty() { x0.to_vec() } else { Vec::new() };
         for (l, params) in self.layers.iter().enumerate() {
             let slices = Slices::new(params);
@@ -236,8 +250,7 @@ impl FusedEncoder {
             let layer = F32Layer { w: &w, hidden: d.hidden, intermediate: d.intermediate, bf16: d.bf16 };
             let lora = self.layer_lora(&offsets, packed, l);
             let dropout = self.layer_dropout(l);
-            let (y, tape) =
-                layer_forward(d, &layer, input, &self.key_mask, dropout, self.train, lora.as_ref(), &mut scratch);
+            let (y, tape) = layer_forward(d, &layer, input, &self.key_mask, dropout, self.train, lora.as_ref());
             match tape {
                 Some(mut tape) => {
                     if last {
@@ -250,7 +263,7 @@ impl FusedEncoder {
                 None if last => output = y,
                 None => {
                     if let Some(previous) = carry.replace(y) {
-                        scratch.give(previous);
+                        pool::give(previous);
                     }
                 }
             }
@@ -308,7 +321,7 @@ impl FusedEncoder {
                     }
                 }
             }
-            drop(tape);
+            tape.recycle();
         }
         self.sink
             .lock()
@@ -455,39 +468,16 @@ impl LayerWeights for F32Layer<'_> {
     }
 }
 
-/// Buffers of one forward pass that a layer hands on to the next: the same sizes come back in every layer,
-/// so a buffer is reused instead of allocated and zeroed again (a step of W2 allocated ≈ 0.5 GB of them).
-/// What [`Scratch::take`] returns holds whatever its last user left; every user overwrites all of it.
-#[derive(Default)]
-struct Scratch(Vec<Vec<f32>>);
-
-impl Scratch {
-    fn take(&mut self, len: usize) -> Vec<f32> {
-        match self.0.iter().position(|v| v.len() == len) {
-            Some(i) => self.0.swap_remove(i),
-            None => vec![0f32; len],
-        }
-    }
-
-    fn give(&mut self, v: Vec<f32>) {
-        if !v.is_empty() {
-            self.0.push(v);
-        }
-    }
-}
-
 /// The layers' forward pass for inference (no tape, no dropout).
 pub fn infer(d: &Dims, layers: &[impl LayerWeights], x0: &[f32], key_mask: &[u32]) -> Vec<f32> {
-    let mut scratch = Scratch::default();
     let mut x = x0.to_vec();
     for layer in layers {
-        let y = layer_forward(d, layer, &x, key_mask, None, false, None, &mut scratch).0;
-        scratch.give(std::mem::replace(&mut x, y));
+        let y = layer_forward(d, layer, &x, key_mask, None, false, None).0;
+        pool::give(std::mem::replace(&mut x, y));
     }
     x
 }
 
-#[allow(clippy::too_many_arguments)]
 fn layer_forward(
     d: &Dims,
     w: &dyn LayerWeights,
@@ -496,7 +486,6 @@ fn layer_forward(
     dropout: Option<&LayerDropout>,
     train: bool,
     lora: Option<&LayerLora>,
-    scratch: &mut Scratch,
 ) -> (Vec<f32>, Option<Tape>) {
     let (n, h, inter) = (d.tokens(), d.hidden, d.intermediate);
     let [n1w, n1b, n2w, n2b] = w.norms();
@@ -507,31 +496,35 @@ fn layer_forward(
         }
     };
     let qkv = time(Phase::Projections, || {
-        let mut qkv = scratch.take(n * 3 * h);
+        let mut qkv = pool::take(n * 3 * h);
         w.project(Proj::Qkv, x, n, &mut qkv);
         for site in 0..3 {
             adapt(site, x, &mut qkv, 3 * h, site * h);
         }
         qkv
     });
-    let mut probs = if train { vec![0f32; d.batch * d.heads * d.seq * d.seq] } else { Vec::new() };
+    let mut probs = if train { pool::take(d.batch * d.heads * d.seq * d.seq) } else { Vec::new() };
     let ctx = time(Phase::Attention, || {
-        attention_forward(d, &qkv, key_mask, dropout.map(|d| &d.attention[..]), train.then_some(&mut probs[..]))
+        let (mut blocks, mut ctx) = (pool::take(n * h), pool::take(n * h));
+        let mask = dropout.map(|d| &d.attention[..]);
+        attention_into(d, &qkv, key_mask, mask, train.then_some(&mut probs[..]), &mut blocks, &mut ctx);
+        pool::give(blocks);
+        ctx
     });
     let (a, a_bias) = time(Phase::Projections, || {
-        let mut a = scratch.take(n * h);
+        let mut a = pool::take(n * h);
         let bias = w.project_deferred(Proj::AttentionOutput, &ctx, n, &mut a);
         adapt(3, &ctx, &mut a, h, 0);
         (a, bias)
     });
-    let (mut y1, mut xhat1, mut rstd1) = (scratch.take(n * h), scratch.take(n * h), scratch.take(n));
+    let (mut y1, mut xhat1, mut rstd1) = (pool::take(n * h), pool::take(n * h), pool::take(n));
     time(Phase::Norms, || {
         let mask = dropout.map(|d| &d.attention_output[..]);
         add_norm(&a, a_bias, mask, x, n1w, n1b, d.eps, &mut y1, &mut xhat1, &mut rstd1)
     });
-    scratch.give(a);
+    pool::give(a);
     let (mut u, u_bias) = time(Phase::Projections, || {
-        let mut u = scratch.take(n * inter);
+        let mut u = pool::take(n * inter);
         let bias = w.project_deferred(Proj::Intermediate, &y1, n, &mut u);
         adapt(4, &y1, &mut u, inter, 0);
         (u, bias)
@@ -543,28 +536,28 @@ fn layer_forward(
             gelu_rows(&mut u, u_bias, inter);
             return Vec::new();
         }
-        let mut g = vec![0f32; n * inter];
+        let mut g = pool::take(n * inter);
         gelu_and_grad_rows(&mut u, &mut g, u_bias, inter);
         g
     });
     let (g, dgelu) = if train { (g, u) } else { (u, Vec::new()) };
     let (o, o_bias) = time(Phase::Projections, || {
-        let mut o = scratch.take(n * h);
+        let mut o = pool::take(n * h);
         let bias = w.project_deferred(Proj::Output, &g, n, &mut o);
         adapt(5, &g, &mut o, h, 0);
         (o, bias)
     });
-    let (mut y2, mut xhat2, mut rstd2) = (scratch.take(n * h), scratch.take(n * h), scratch.take(n));
+    let (mut y2, mut xhat2, mut rstd2) = (pool::take(n * h), pool::take(n * h), pool::take(n));
     time(Phase::Norms, || {
         add_norm(&o, o_bias, dropout.map(|d| &d.output[..]), &y1, n2w, n2b, d.eps, &mut y2, &mut xhat2, &mut rstd2)
     });
-    scratch.give(o);
+    pool::give(o);
     if train {
         let tape = Tape { qkv, probs, ctx, xhat1, rstd1, y1, dgelu, g, xhat2, rstd2, out: None, lora_h };
         return (y2, Some(tape));
     }
     for v in [qkv, ctx, xhat1, rstd1, y1, g, xhat2, rstd2] {
-        scratch.give(v);
+        pool::give(v);
     }
     (y2, None)
 }
@@ -631,7 +624,7 @@ fn layer_backward(
         time(Phase::Projections, || weight_grad(d.bf16, &mut g[FW], &dout, &t.g, n));
     }
     let mut du = time(Phase::Projections, || {
-        let mut du = vec![0f32; n * inter];
+        let mut du = pool::take(n * inter);
         matmul_in(
             d.bf16,
             ViewMut::new(&mut du, n, inter),
@@ -673,7 +666,7 @@ fn layer_backward(
         );
         adapted(4, &t.y1, &du, inter, 0, &mut dy1);
     });
-    drop(du);
+    pool::give(du);
     // Attention LayerNorm, dropout, output projection.
     let dr1 = time(Phase::Norms, || {
         norm_grads(g.as_deref_mut(), N1W, h, |gw, gb| norm_backward(&dy1, &t.xhat1, &t.rstd1, w[N1W], gw, gb))
@@ -685,7 +678,7 @@ fn layer_backward(
         time(Phase::Projections, || weight_grad(d.bf16, &mut g[OW], &da, &t.ctx, n));
     }
     let dctx = time(Phase::Projections, || {
-        let mut dctx = vec![0f32; n * h];
+        let mut dctx = pool::take(n * h);
         matmul_in(
             d.bf16,
             ViewMut::new(&mut dctx, n, h),
@@ -701,7 +694,7 @@ fn layer_backward(
     drop(da);
     let dqkv =
         time(Phase::Attention, || attention_backward(d, &t.qkv, &t.probs, dropout.map(|d| &d.attention[..]), &dctx));
-    drop(dctx);
+    pool::give(dctx);
     // The q, k, v projections, as one product against the stacked weight.
     let mut dx = dr1;
     if let Some(g) = g {
