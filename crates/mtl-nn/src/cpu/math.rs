@@ -234,7 +234,8 @@ pub fn mask_of_seed(seed: u64, n: usize, p: f32) -> Vec<f32> {
     let threshold = (f64::from(p) * f64::from(u32::MAX)) as u32;
     let scale = 1.0 / (1.0 - p);
     let key = [seed as u32, (seed >> 32) as u32];
-    let mut mask = vec![0f32; n];
+    // Every element is written below, so a reused buffer will do.
+    let mut mask = super::pool::take(n);
     mask.par_chunks_mut(CHUNK).enumerate().for_each(|(i, chunk)| {
         simd(
             #[inline(always)]

@@ -12,6 +12,7 @@ pub mod lm_loss;
 pub mod lora;
 pub mod math;
 pub mod paged;
+pub(crate) mod pool;
 pub mod profile;
 pub mod quant;
 

@@ -267,20 +267,6 @@ pub(super) fn masked<'a>(x: &'a [f32], mask: Option<&[f32]>) -> std::borrow::Cow
     std::borrow::Cow::Owned(out)
 }
 
-/// `a ∘ b`, vectorised.
-pub(super) fn product(a: &[f32], b: &[f32]) -> Vec<f32> {
-    let mut out = vec![0f32; a.len().min(b.len())];
-    simd(
-        #[inline(always)]
-        || {
-            for ((o, a), b) in out.iter_mut().zip(a).zip(b) {
-                *o = a * b;
-            }
-        },
-    );
-    out
-}
-
 /// Softmax of one row of scaled scores in place, keys at padding set to the most negative float first (as
 /// transformers does, so a fully padded row comes out uniform).
 #[inline(always)]
@@ -401,54 +387,67 @@ pub(super) fn attention_into(
 pub fn attention_backward(d: &Dims, qkv: &[f32], probs: &[f32], dropout: Option<&[f32]>, dctx: &[f32]) -> Vec<f32> {
     let (s, hd, h) = (d.seq, d.head_dim(), d.hidden);
     let scale = 1.0 / (hd as f32).sqrt();
-    let blocks: Vec<[Vec<f32>; 3]> = (0..d.batch * d.heads)
-        .into_par_iter()
-        .map(|bn| {
-            let [q, k, v] = head_views(d, qkv, bn);
-            let (b, head) = (bn / d.heads, bn % d.heads);
-            let p = &probs[bn * s * s..(bn + 1) * s * s];
-            let m = dropout.map(|m| &m[bn * s * s..(bn + 1) * s * s]);
-            let dout = View::strided(&dctx[b * s * h + head * hd..], s, hd, h);
-            // dV = P'ᵀ dO with P' the probabilities after dropout.
-            let mut dv = vec![0f32; s * hd];
-            match m {
-                Some(m) => {
-                    let kept = product(p, m);
-                    matmul(ViewMut::new(&mut dv, s, hd), View::new(&kept, s, s).t(), dout, 1.0, false, Threads::One);
-                }
-                None => matmul(ViewMut::new(&mut dv, s, hd), View::new(p, s, s).t(), dout, 1.0, false, Threads::One),
-            }
-            // dP = (dO Vᵀ) ∘ mask, then the softmax backward dS = P ∘ (dP − rowsum(P ∘ dP)).
-            let mut ds = vec![0f32; s * s];
-            matmul(ViewMut::new(&mut ds, s, s), dout, v.t(), 1.0, false, Threads::One);
-            simd(
-                #[inline(always)]
-                || {
-                    for (i, row) in ds.chunks_exact_mut(s).enumerate() {
-                        let pr = &p[i * s..(i + 1) * s];
-                        if let Some(m) = m {
-                            for (x, m) in row.iter_mut().zip(&m[i * s..(i + 1) * s]) {
-                                *x *= m;
-                            }
+    // Each (example, head) writes dQ, dK and dV one after the other into its block; the dropped-out
+    // probabilities and dS live in one buffer each per thread.
+    let mut blocks = pool::take(d.tokens() * 3 * h);
+    let head = |bn: usize, (kept, ds): &mut (Vec<f32>, Vec<f32>), block: &mut [f32]| {
+        let [q, k, v] = head_views(d, qkv, bn);
+        let (b, head) = (bn / d.heads, bn % d.heads);
+        let p = &probs[bn * s * s..(bn + 1) * s * s];
+        let m = dropout.map(|m| &m[bn * s * s..(bn + 1) * s * s]);
+        let dout = View::strided(&dctx[b * s * h + head * hd..], s, hd, h);
+        let (dq, rest) = block.split_at_mut(s * hd);
+        let (dk, dv) = rest.split_at_mut(s * hd);
+        // dV = P'ᵀ dO with P' the probabilities after dropout.
+        let weights: &[f32] = match m {
+            Some(m) => {
+                kept.resize(s * s, 0.0);
+                simd(
+                    #[inline(always)]
+                    || {
+                        for ((o, p), m) in kept.iter_mut().zip(p).zip(m) {
+                            *o = p * m;
                         }
-                        let inner = math::dot(row, pr);
-                        for (x, p) in row.iter_mut().zip(pr) {
-                            *x = p * (*x - inner);
+                    },
+                );
+                kept
+            }
+            None => p,
+        };
+        matmul(ViewMut::new(dv, s, hd), View::new(weights, s, s).t(), dout, 1.0, false, Threads::One);
+        // dP = (dO Vᵀ) ∘ mask, then the softmax backward dS = P ∘ (dP − rowsum(P ∘ dP)).
+        ds.resize(s * s, 0.0);
+        matmul(ViewMut::new(ds, s, s), dout, v.t(), 1.0, false, Threads::One);
+        simd(
+            #[inline(always)]
+            || {
+                for (i, row) in ds.chunks_exact_mut(s).enumerate() {
+                    let pr = &p[i * s..(i + 1) * s];
+                    if let Some(m) = m {
+                        for (x, m) in row.iter_mut().zip(&m[i * s..(i + 1) * s]) {
+                            *x *= m;
                         }
                     }
-                },
-            );
-            // S = scale · Q Kᵀ, so dQ = scale · dS K and dK = scale · dSᵀ Q.
-            let mut dq = vec![0f32; s * hd];
-            matmul(ViewMut::new(&mut dq, s, hd), View::new(&ds, s, s), k, scale, false, Threads::One);
-            let mut dk = vec![0f32; s * hd];
-            matmul(ViewMut::new(&mut dk, s, hd), View::new(&ds, s, s).t(), q, scale, false, Threads::One);
-            [dq, dk, dv]
-        })
-        .collect();
-    let mut dqkv = vec![0f32; d.tokens() * 3 * h];
+                    let inner = math::dot(row, pr);
+                    for (x, p) in row.iter_mut().zip(pr) {
+                        *x = p * (*x - inner);
+                    }
+                }
+            },
+        );
+        // S = scale · Q Kᵀ, so dQ = scale · dS K and dK = scale · dSᵀ Q.
+        matmul(ViewMut::new(dq, s, hd), View::new(ds, s, s), k, scale, false, Threads::One);
+        matmul(ViewMut::new(dk, s, hd), View::new(ds, s, s).t(), q, scale, false, Threads::One);
+    };
+    blocks
+        .par_chunks_mut(3 * s * hd)
+        .enumerate()
+        .for_each_init(|| (Vec::new(), Vec::new()), |scratch, (bn, block)| head(bn, scratch, block));
+    let mut dqkv = pool::take(d.tokens() * 3 * h);
     for (p, offset) in [0, h, 2 * h].into_iter().enumerate() {
-        scatter_heads(d, |bn| &blocks[bn][p][..], 3 * h, offset, &mut dqkv);
+        let at = |bn: usize| &blocks[(3 * bn + p) * s * hd..(3 * bn + p + 1) * s * hd];
+        scatter_heads(d, at, 3 * h, offset, &mut dqkv);
     }
+    pool::give(blocks);
     dqkv
 }

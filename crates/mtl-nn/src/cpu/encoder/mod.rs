@@ -22,11 +22,11 @@ use std::sync::{Arc, Mutex};
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Storage, Tensor};
 
 use super::gemm::{matmul, Threads, View, ViewMut};
+use super::pool;
 use super::profile::{time, Phase};
 
 mod kernels;
 mod lora;
-mod pool;
 
 use kernels::*;
 pub use kernels::{add_norm, attention_backward, attention_forward, norm_backward};
@@ -141,6 +141,17 @@ pub struct FusedEncoder {
     /// (`apply_op2`), and the backbone's parameters get no gradient.
     pub lora: Option<FusedLora>,
     tape: Mutex<Option<Vec<Tape>>>,
+}
+
+/// The dropout masks go back to the pool with the op (at the end of the step that drew them).
+impl Drop for FusedEncoder {
+    fn drop(&mut self) {
+        for m in self.dropout.take().into_iter().flatten() {
+            for v in [m.attention, m.attention_output, m.output] {
+                pool::give(v);
+            }
+        }
+    }
 }
 
 impl FusedEncoder {
@@ -723,5 +734,6 @@ fn layer_backward(
             adapted(site, x, &dqkv, 3 * h, site * h, &mut dx);
         }
     });
+    pool::give(dqkv);
     dx
 }

@@ -1,5 +1,5 @@
 //! Buffers that the encoder's passes hand back for later passes to take again: the activations a layer kept for
-//! the backward pass, once that pass is done with them, and the temporaries of every layer. A step at 16 × 128
+//! the backward pass, once that pass is done with them, the temporaries of every layer, and the dropout masks. A step at 16 × 128
 //! tokens allocates about half a gigabyte of them; freshly allocated, each was zeroed first (on the one thread
 //! that allocates, while the other cores wait), only to be overwritten by the product or pass that fills it.
 //!
@@ -16,7 +16,7 @@ const KEEP_BYTES: usize = 512 << 20;
 static POOL: Mutex<Vec<Vec<f32>>> = Mutex::new(Vec::new());
 
 /// A buffer of `len` elements, reused where one of at least `len` and at most twice that is kept.
-pub(super) fn take(len: usize) -> Vec<f32> {
+pub(crate) fn take(len: usize) -> Vec<f32> {
     let found = POOL.lock().ok().and_then(|mut pool| {
         let fits = |v: &Vec<f32>| v.capacity() >= len && v.capacity() <= 2 * len;
         match pool.iter().enumerate().filter(|(_, v)| fits(v)).min_by_key(|(_, v)| v.capacity()) {
@@ -41,7 +41,7 @@ pub(super) fn take(len: usize) -> Vec<f32> {
 }
 
 /// Hands `v` back for a later [`take`].
-pub(super) fn give(v: Vec<f32>) {
+pub(crate) fn give(v: Vec<f32>) {
     if v.capacity() == 0 {
         return;
     }
