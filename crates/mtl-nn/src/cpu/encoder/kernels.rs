@@ -251,20 +251,27 @@ pub(super) fn gelu_and_grad_rows(u: &mut [f32], g: &mut [f32], bias: Option<&[f3
     });
 }
 
-/// `x ∘ mask`, or `x` itself (no copy) without dropout.
+/// `x ∘ mask` (in a pooled buffer: [`recycle`] it), or `x` itself (no copy) without dropout.
 pub(super) fn masked<'a>(x: &'a [f32], mask: Option<&[f32]>) -> std::borrow::Cow<'a, [f32]> {
     let Some(m) = mask else { return std::borrow::Cow::Borrowed(x) };
-    let mut out = x.to_vec();
+    let mut out = pool::take(x.len());
     elementwise(
         &mut out,
         #[inline(always)]
         |c, start| {
-            for (v, m) in c.iter_mut().zip(&m[start..]) {
-                *v *= m;
+            for ((o, x), m) in c.iter_mut().zip(&x[start..]).zip(&m[start..]) {
+                *o = x * m;
             }
         },
     );
     std::borrow::Cow::Owned(out)
+}
+
+/// Hands a [`masked`] buffer back to the pool.
+pub(super) fn recycle(v: std::borrow::Cow<'_, [f32]>) {
+    if let std::borrow::Cow::Owned(v) = v {
+        pool::give(v);
+    }
 }
 
 /// Softmax of one row of scaled scores in place, keys at padding set to the most negative float first (as

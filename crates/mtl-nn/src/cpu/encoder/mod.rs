@@ -648,7 +648,7 @@ fn layer_backward(
         adapted(5, &t.g, &dout, h, 0, &mut du);
         du
     });
-    drop(dout);
+    recycle(dout);
     time(Phase::Activation, || {
         elementwise(
             &mut du,
@@ -702,7 +702,7 @@ fn layer_backward(
         adapted(3, &t.ctx, &da, h, 0, &mut dctx);
         dctx
     });
-    drop(da);
+    recycle(da);
     let dqkv =
         time(Phase::Attention, || attention_backward(d, &t.qkv, &t.probs, dropout.map(|d| &d.attention[..]), &dctx));
     pool::give(dctx);
