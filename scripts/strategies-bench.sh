@@ -6,7 +6,8 @@
 # scripts/five-task-bench.sh (read from runs/five-task-bench when there).
 # Usage: scripts/strategies-bench.sh [OUT_DIR] [NAME ...]   (default runs/strategies, every strategy; runs
 # that finished are kept and a run stopped halfway resumes from its last checkpoint, so an interrupted
-# comparison goes on where it stopped; TABLE_ONLY=1 prints the table of the finished runs and trains nothing;
+# comparison goes on where it stopped; KEEP_BINARY=1 trains with the binary copied into OUT_DIR by an earlier
+# invocation instead of today's build; TABLE_ONLY=1 prints the table of the finished runs and trains nothing;
 # COST=1 times each named strategy's steps instead, ROUNDS=3 rounds, and prints their cost side by side)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -39,7 +40,7 @@ annealed|training.sampling.plan="sampled" training.sampling.sampler="annealed" t
 '
 if [ -z "${TABLE_ONLY:-}" ]; then
 bash scripts/fetch.sh
-cargo build --release --quiet -p mtl-cli
+if [ -z "${KEEP_BINARY:-}" ] || [ ! -x "$OUT/mtl" ]; then cargo build --release --quiet -p mtl-cli; fi
 fi
 if [ -n "${COST:-}" ]; then
   # The cost of each strategy alone: `mtl check`'s timed training steps on a sample of the data (the median of
@@ -75,8 +76,11 @@ PY
   exit 0
 fi
 mkdir -p "$OUT"
-# A copy of the binary, so that rebuilding while the comparison runs cannot change it halfway.
-[ -n "${TABLE_ONLY:-}" ] || cp target/release/mtl "$OUT/mtl"
+# A copy of the binary, so that rebuilding while the comparison runs cannot change it halfway. KEEP_BINARY=1
+# keeps the copy an earlier invocation made, so that rows added later train with the same build as the rest.
+if [ -z "${TABLE_ONLY:-}" ] && { [ -z "${KEEP_BINARY:-}" ] || [ ! -x "$OUT/mtl" ]; }; then
+  cp target/release/mtl "$OUT/mtl"
+fi
 MTL=$OUT/mtl
 NAMES=()
 while IFS='|' read -r name sets; do
