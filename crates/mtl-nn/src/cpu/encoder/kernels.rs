@@ -115,26 +115,28 @@ pub fn add_norm(
                     let start = c * chunk;
                     for (r, (y, xh)) in y.chunks_exact_mut(h).zip(xhat.chunks_exact_mut(h)).enumerate() {
                         let at = start + r * h;
+                        // Zipped slices rather than indices: the bounds checks kept these loops scalar.
                         let (br, res) = (&branch[at..at + h], &residual[at..at + h]);
-                        match (bias, mask) {
+                        let terms = xh.iter_mut().zip(br).zip(res);
+                        match (bias, mask.map(|m| &m[at..at + h])) {
                             (Some(b), Some(m)) => {
-                                for i in 0..h {
-                                    xh[i] = (br[i] + b[i]) * m[at + i] + res[i];
+                                for (((x, &br), &res), (&b, &m)) in terms.zip(b.iter().zip(m)) {
+                                    *x = (br + b) * m + res;
                                 }
                             }
                             (Some(b), None) => {
-                                for i in 0..h {
-                                    xh[i] = br[i] + b[i] + res[i];
+                                for (((x, &br), &res), &b) in terms.zip(b) {
+                                    *x = br + b + res;
                                 }
                             }
                             (None, Some(m)) => {
-                                for i in 0..h {
-                                    xh[i] = br[i] * m[at + i] + res[i];
+                                for (((x, &br), &res), &m) in terms.zip(m) {
+                                    *x = br * m + res;
                                 }
                             }
                             (None, None) => {
-                                for i in 0..h {
-                                    xh[i] = br[i] + res[i];
+                                for ((x, &br), &res) in terms {
+                                    *x = br + res;
                                 }
                             }
                         }
@@ -142,9 +144,9 @@ pub fn add_norm(
                         let var = math::sum_sq_dev(xh, mean) / h as f32;
                         let rs = 1.0 / (var + eps).sqrt();
                         rstd[r] = rs;
-                        for i in 0..h {
-                            xh[i] = (xh[i] - mean) * rs;
-                            y[i] = xh[i] * gamma[i] + beta[i];
+                        for (((x, y), &g), &b) in xh.iter_mut().zip(y.iter_mut()).zip(gamma).zip(beta) {
+                            *x = (*x - mean) * rs;
+                            *y = *x * g + b;
                         }
                     }
                 },
@@ -165,7 +167,7 @@ pub fn norm_backward(
 ) -> Vec<f32> {
     let h = gamma.len();
     let chunk = h * ROWS_PER_TASK;
-    let mut dx = vec![0f32; dy.len()];
+    let mut dx = pool::take(dy.len());
     let partials: Vec<(Vec<f32>, Vec<f32>)> = dx
         .par_chunks_mut(chunk)
         .enumerate()
@@ -178,13 +180,13 @@ pub fn norm_backward(
                         let at = c * chunk + r * h;
                         let (dy, xh) = (&dy[at..at + h], &xhat[at..at + h]);
                         let (sum_g, sum_gx) = (math::dot(dy, gamma), math::dot3(dy, gamma, xh));
-                        for i in 0..h {
-                            dg[i] += dy[i] * xh[i];
-                            db[i] += dy[i];
+                        for (((dg, db), &dy), &xh) in dg.iter_mut().zip(db.iter_mut()).zip(dy).zip(xh) {
+                            *dg += dy * xh;
+                            *db += dy;
                         }
                         let (mg, mgx, rs) = (sum_g / h as f32, sum_gx / h as f32, rstd[c * ROWS_PER_TASK + r]);
-                        for i in 0..h {
-                            dx[i] = rs * (dy[i] * gamma[i] - mg - xh[i] * mgx);
+                        for (((dx, &dy), &g), &xh) in dx.iter_mut().zip(dy).zip(gamma).zip(xh) {
+                            *dx = rs * (dy * g - mg - xh * mgx);
                         }
                     }
                     (dg, db)

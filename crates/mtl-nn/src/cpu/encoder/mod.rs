@@ -322,11 +322,13 @@ impl FusedEncoder {
             match (lora.as_ref(), lora_grad.as_deref_mut()) {
                 // A frozen backbone: no parameter gradients.
                 (Some(lora), Some(lg)) => {
-                    dy = layer_backward(d, &w, x, &tape, self.layer_dropout(l), &dy, None, Some((lora, lg)))
+                    let dx = layer_backward(d, &w, x, &tape, self.layer_dropout(l), &dy, None, Some((lora, lg)));
+                    pool::give(std::mem::replace(&mut dy, dx));
                 }
                 _ => {
                     let mut g: Vec<Vec<f32>> = w.iter().map(|w| vec![0f32; w.len()]).collect();
-                    dy = layer_backward(d, &w, x, &tape, self.layer_dropout(l), &dy, Some(&mut g), None);
+                    let dx = layer_backward(d, &w, x, &tape, self.layer_dropout(l), &dy, Some(&mut g), None);
+                    pool::give(std::mem::replace(&mut dy, dx));
                     for (param, g) in self.layers[l].iter().zip(g) {
                         grads.push((param.clone(), Tensor::from_vec(g, param.shape(), param.device())?));
                     }
