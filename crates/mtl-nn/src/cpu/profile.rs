@@ -9,7 +9,8 @@ use std::time::Instant;
 /// What a span of the encoder's time was spent on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Phase {
-    /// The four projections of a layer with their bias (forward, the input gradients and the weight gradients).
+    /// The four projections of a layer (forward, the input gradients and the weight gradients); the bias where
+    /// the product adds it (q|k|v, and all four in bf16), else in the Norms or Activation pass that reads it.
     Projections,
     /// Scores, softmax, masking, dropout and the weighted sum, per example and head, and their backward.
     Attention,
