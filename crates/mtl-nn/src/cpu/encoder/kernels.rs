@@ -341,7 +341,26 @@ pub fn attention_forward(
 /// the masked softmax (kept in `probs` in training), dropout, and the weighted sum of the values, each head's
 /// `seq × head_dim` result into its block of `blocks` (same size as `ctx`, overwritten) and from there into its
 /// columns of `ctx`. The scores of inference and the dropped-out probabilities live in one buffer per thread.
+/// Heads whose size is a multiple of 16 take [`super::attention::attention_fused`], the others the general
+/// products of [`attention_general`] (which needs `blocks`).
 pub(super) fn attention_into(
+    d: &Dims,
+    qkv: &[f32],
+    key_mask: &[u32],
+    dropout: Option<&[f32]>,
+    probs: Option<&mut [f32]>,
+    blocks: &mut [f32],
+    ctx: &mut [f32],
+) {
+    if super::attention::fits(d) {
+        super::attention::attention_fused(d, qkv, key_mask, dropout, probs, ctx)
+    } else {
+        attention_general(d, qkv, key_mask, dropout, probs, blocks, ctx)
+    }
+}
+
+/// [`attention_into`] with the general matrix product per (example, head).
+pub(super) fn attention_general(
     d: &Dims,
     qkv: &[f32],
     key_mask: &[u32],

@@ -25,6 +25,7 @@ use super::gemm::{matmul, Threads, View, ViewMut};
 use super::pool;
 use super::profile::{time, Phase};
 
+mod attention;
 mod kernels;
 mod lora;
 
@@ -518,7 +519,9 @@ fn layer_forward(
     });
     let mut probs = if train { pool::take(d.batch * d.heads * d.seq * d.seq) } else { Vec::new() };
     let ctx = time(Phase::Attention, || {
-        let (mut blocks, mut ctx) = (pool::take(n * h), pool::take(n * h));
+        // The general path writes each head's block before its columns of the context; the fused one needs none.
+        let mut blocks = if attention::fits(d) { Vec::new() } else { pool::take(n * h) };
+        let mut ctx = pool::take(n * h);
         let mask = dropout.map(|d| &d.attention[..]);
         attention_into(d, &qkv, key_mask, mask, train.then_some(&mut probs[..]), &mut blocks, &mut ctx);
         pool::give(blocks);
