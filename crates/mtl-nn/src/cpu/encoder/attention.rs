@@ -1,13 +1,14 @@
-//! Attention's forward pass per (example, head) in one kernel, without the general matrix product: the
+//! Attention per (example, head) in one kernel each way, without the general matrix product. Forward: the
 //! scores come out of a register-blocked product with the keys packed once per head, the softmax runs on
 //! each row while it is in cache, and the weighted sum of the values is written straight into the head's
 //! columns of the context (no block per head, no copy). In inference the rows are not normalised: the
-//! weighted sum is scaled by `1 / Σ` instead, one multiply per output rather than per probability.
+//! weighted sum is scaled by `1 / Σ` instead, one multiply per output rather than per probability. Backward:
+//! the same two products give dV, dP, dQ and dK, written straight into the head's columns of dq|dk|dv.
 //!
-//! On a 2-core Sapphire Rapids this takes W2's attention (MiniLM, 32 × 128 tokens) from 41 to 35 ms: the
-//! scores run at about 250 GFLOP/s and the weighted sums at 300, the rest is the softmax's `exp` and the
-//! packing of keys and values. Heads whose size is not a multiple of 16 take the general products
-//! ([`super::kernels::attention_general`]).
+//! On a 2-core Sapphire Rapids this takes W2's attention (MiniLM, 32 × 128 tokens) from 41 to 35 ms, and W1's
+//! from 28 + 41.5 to 26.5 + 38.5 ms: the products run at about 250-300 GFLOP/s; the rest is the softmax's
+//! `exp`, packing keys and values, and reading the probabilities and dropout multipliers in training. Heads
+//! whose size is not a multiple of 16 take the general products ([`super::kernels::attention_general`]).
 
 // The heads of one example write their own columns of the same rows of the context: [`Columns`].
 #![allow(unsafe_code)]
@@ -38,9 +39,12 @@ struct Scratch {
     keys: Vec<f32>,
     /// What the scores of each key get added: 0, or `f32::MIN` at padding; -∞ past `seq` to the tiles' end.
     key_bias: Vec<f32>,
-    /// The head's values, `seq × head_dim` (in the q|k|v rows they are `3 · hidden` apart, which puts them in a
-    /// handful of cache sets).
+    /// The head's values (the keys in the backward pass), `seq × head_dim` (in the q|k|v rows they are
+    /// `3 · hidden` apart, which puts them in a handful of cache sets).
     values: Vec<f32>,
+    /// The head's queries and the gradient of its context (backward), packed as the values.
+    queries: Vec<f32>,
+    grads: Vec<f32>,
     /// The largest score of each row.
     max: Vec<f32>,
     /// The scores and then the (unnormalised) probabilities in inference, `seq × seq`.
@@ -93,7 +97,6 @@ pub(super) fn attention_fused(
     assert_eq!(ctx.len(), d.tokens() * d.hidden, "attention_fused: context size");
     let out = Columns { ptr: ctx.as_mut_ptr(), len: ctx.len(), _ctx: Default::default() };
     let heads = d.batch * d.heads;
-    let with_scratch = |f: &mut dyn FnMut(&mut Scratch)| SCRATCH.with(|scratch| f(&mut scratch.borrow_mut()));
     match probs {
         Some(probs) => probs.par_chunks_mut(s * s).enumerate().for_each(|(bn, p)| {
             with_scratch(&mut |scratch| head(d, qkv, key_mask, dropout, bn, Some(&mut *p), scratch, &out))
@@ -108,6 +111,120 @@ thread_local! {
     /// Each thread's [`Scratch`], kept from call to call: drawn anew per task, its first touch of fresh pages
     /// cost more than the products.
     static SCRATCH: std::cell::RefCell<Scratch> = Default::default();
+}
+
+/// Runs `f` with this thread's [`Scratch`].
+fn with_scratch(f: &mut dyn FnMut(&mut Scratch)) {
+    SCRATCH.with(|scratch| f(&mut scratch.borrow_mut()))
+}
+
+/// Attention's backward pass as [`super::kernels::attention_backward`] computes it, for heads whose size
+/// [`fits`]: from the q|k|v rows, the probabilities kept by the forward pass, its dropout multipliers and the
+/// gradient of the context, the gradient of q|k|v (`tokens × 3 · hidden`, overwritten), each head writing its
+/// own columns.
+pub(super) fn attention_backward_fused(
+    d: &Dims,
+    qkv: &[f32],
+    probs: &[f32],
+    dropout: Option<&[f32]>,
+    dctx: &[f32],
+    dqkv: &mut [f32],
+) {
+    assert!(fits(d), "attention_backward_fused: head size {} is not a multiple of 16", d.head_dim());
+    assert_eq!(dqkv.len(), d.tokens() * 3 * d.hidden, "attention_backward_fused: gradient size");
+    let out = Columns { ptr: dqkv.as_mut_ptr(), len: dqkv.len(), _ctx: Default::default() };
+    (0..d.batch * d.heads).into_par_iter().for_each(|bn| {
+        with_scratch(&mut |scratch| {
+            pulp::Arch::new().dispatch(HeadBackward { d, qkv, probs, dropout, dctx, bn, scratch, out: &out })
+        })
+    });
+}
+
+/// One (example, head) of [`attention_backward_fused`].
+struct HeadBackward<'a> {
+    d: &'a Dims,
+    qkv: &'a [f32],
+    probs: &'a [f32],
+    dropout: Option<&'a [f32]>,
+    dctx: &'a [f32],
+    bn: usize,
+    scratch: &'a mut Scratch,
+    out: &'a Columns<'a>,
+}
+
+impl WithSimd for HeadBackward<'_> {
+    type Output = ();
+
+    #[inline(always)]
+    fn with_simd<S: Simd>(self, simd: S) {
+        let HeadBackward { d, qkv, probs, dropout, dctx, bn, scratch, out } = self;
+        let (s, hd, h, lanes) = (d.seq, d.head_dim(), d.hidden, S::F32_LANES);
+        let (b, head) = (bn / d.heads, bn % d.heads);
+        let scale = 1.0 / (hd as f32).sqrt();
+        let width = TILE * lanes;
+        let base = b * s * 3 * h + head * hd;
+        let row = |p: usize, i: usize| &qkv[base + i * 3 * h + p * h..][..hd];
+        let dout_row = |i: usize| &dctx[(b * s + i) * h + head * hd..][..hd];
+        let p = &probs[bn * s * s..(bn + 1) * s * s];
+        let m = dropout.map(|m| &m[bn * s * s..(bn + 1) * s * s]);
+        let Scratch { keys, key_bias, values, queries, grads, max, scores, kept, .. } = scratch;
+        // Queries, keys and the context's gradient packed; the values transposed as the score product's keys.
+        for (buffer, part) in [(&mut *queries, 0), (&mut *values, 1)] {
+            buffer.clear();
+            for i in 0..s {
+                buffer.extend_from_slice(row(part, i));
+            }
+        }
+        grads.clear();
+        for i in 0..s {
+            grads.extend_from_slice(dout_row(i));
+        }
+        pack_keys(keys, |j| row(2, j), s, hd, width, 1.0);
+        let kv = S::as_simd_f32s(keys).0;
+        key_bias.clear();
+        key_bias.resize(s.div_ceil(width) * width, 0.0);
+        max.resize(s, 0.0);
+        let at = |part: usize| b * s * 3 * h + part * h + head * hd;
+        // dV = P'ᵀ dO with P' the probabilities after dropout.
+        let weights: &[f32] = match m {
+            Some(m) => {
+                kept.resize(s * s, 0.0);
+                for ((o, p), m) in kept.iter_mut().zip(p).zip(m) {
+                    *o = p * m;
+                }
+                kept
+            }
+            None => p,
+        };
+        weighted_sums(simd, Weights::Columns(weights, s), s, &grads[..], hd, |_| 1.0, out, at(2), 3 * h);
+        // dP = (dO Vᵀ) ∘ mask, then the softmax backward dS = P ∘ (dP − rowsum(P ∘ dP)).
+        scores.resize(s * s, 0.0);
+        let ds = &mut scores[..];
+        let grad_row = |i: usize| &grads[i * hd..(i + 1) * hd];
+        let mut i = 0;
+        while i + SCORE_ROWS <= s {
+            score_rows::<S, SCORE_ROWS>(simd, std::array::from_fn(|r| grad_row(i + r)), kv, key_bias, i, ds, max, s);
+            i += SCORE_ROWS;
+        }
+        for i in i..s {
+            score_rows::<S, 1>(simd, [grad_row(i)], kv, key_bias, i, ds, max, s);
+        }
+        for (i, row) in ds.chunks_exact_mut(s).enumerate() {
+            let pr = &p[i * s..(i + 1) * s];
+            if let Some(m) = m {
+                for (x, m) in row.iter_mut().zip(&m[i * s..(i + 1) * s]) {
+                    *x *= m;
+                }
+            }
+            let inner = math::dot(row, pr);
+            for (x, p) in row.iter_mut().zip(pr) {
+                *x = p * (*x - inner);
+            }
+        }
+        // S = scale · Q Kᵀ, so dQ = scale · dS K and dK = scale · dSᵀ Q.
+        weighted_sums(simd, Weights::Rows(ds, s), s, &values[..], hd, |_| scale, out, at(0), 3 * h);
+        weighted_sums(simd, Weights::Columns(ds, s), s, &queries[..], hd, |_| scale, out, at(1), 3 * h);
+    }
 }
 
 /// One (example, head): scores, softmax, dropout and the weighted sum into the head's columns of `out`.
@@ -151,7 +268,7 @@ impl WithSimd for Head<'_> {
         let base = b * s * 3 * h + head * hd;
         let row = |p: usize, i: usize| &qkv[base + i * 3 * h + p * h..][..hd];
         let km = &key_mask[b * s..(b + 1) * s];
-        let Scratch { keys, key_bias, values, max, scores, kept, inv } = scratch;
+        let Scratch { keys, key_bias, values, max, scores, kept, inv, .. } = scratch;
         let train = probs.is_some();
         let p: &mut [f32] = match probs {
             Some(p) => p,
@@ -212,34 +329,9 @@ impl WithSimd for Head<'_> {
             }
             None => p,
         };
-        // The weighted sums, two vectors of head dimensions at a time where the head size allows.
-        let values = &values[..];
-        let first = b * s * h + head * hd;
-        let sum = |c: usize, i: usize, two: bool| {
-            let at = first + i * h + c;
-            let (inv, stride) = (&inv[i..], hd);
-            if i + SUM_ROWS <= s {
-                let w = std::array::from_fn(|r| &weights[(i + r) * s..(i + r + 1) * s]);
-                match two {
-                    true => weighted_rows::<S, SUM_ROWS, 2>(simd, w, values, stride, c, inv, out, at, h),
-                    false => weighted_rows::<S, SUM_ROWS, 1>(simd, w, values, stride, c, inv, out, at, h),
-                }
-            } else {
-                let w = [&weights[i * s..(i + 1) * s]];
-                match two {
-                    true => weighted_rows::<S, 1, 2>(simd, w, values, stride, c, inv, out, at, h),
-                    false => weighted_rows::<S, 1, 1>(simd, w, values, stride, c, inv, out, at, h),
-                }
-            }
-        };
-        let two = hd.is_multiple_of(2 * lanes);
-        for c in (0..hd).step_by(if two { 2 * lanes } else { lanes }) {
-            let mut i = 0;
-            while i < s {
-                sum(c, i, two);
-                i += if i + SUM_ROWS <= s { SUM_ROWS } else { 1 };
-            }
-        }
+        // The weighted sums into the head's columns of the context.
+        let w = Weights::Rows(weights, s);
+        weighted_sums(simd, w, s, &values[..], hd, |i| inv[i], out, b * s * h + head * hd, h);
     }
 }
 
@@ -307,42 +399,114 @@ fn score_rows<S: Simd, const R: usize>(
     }
 }
 
-/// `N` vectors of head dimensions from `c` of the weighted sums of the values (rows `value_stride` apart) for
-/// `R` rows of weights, each scaled by its `inv`, written at `at`, `at + stride`, … of `out`.
+/// `acc[r] += weights[r] · v` for the first `N` vectors of `v`. A function rather than a closure: a closure
+/// the compiler does not inline is compiled without the CPU's vector instructions, each vector operation in it
+/// a call (measured: attention 10× slower).
+#[inline(always)]
+fn accumulate<S: Simd, const R: usize, const N: usize>(
+    simd: S,
+    acc: &mut [[S::f32s; N]; R],
+    weights: [f32; R],
+    v: &[f32],
+) {
+    let v = S::as_simd_f32s(&v[..N * S::F32_LANES]).0;
+    for r in 0..R {
+        let wv = simd.splat_f32s(weights[r]);
+        for x in 0..N {
+            acc[r][x] = simd.mul_add_e_f32s(wv, v[x], acc[r][x]);
+        }
+    }
+}
+
+/// A matrix of weights `W(o, j)` for [`weighted_sums`]: output row `o`, summation index `j`.
+#[derive(Clone, Copy)]
+enum Weights<'a> {
+    /// `W(o, j) = w[o · n + j]`.
+    Rows(&'a [f32], usize),
+    /// `W(o, j) = w[j · n + o]`: the transpose of the former.
+    Columns(&'a [f32], usize),
+}
+
+/// `rows` output rows `o`, each `scale(o) · Σⱼ W(o, j) values[j]` with `values` packed (`n × hd`, `n` the
+/// summation length), written at `at + o · stride` of `out`: [`SUM_ROWS`] rows and two vectors of head dimensions
+/// at a time where the sizes allow.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn weighted_rows<S: Simd, const R: usize, const N: usize>(
+fn weighted_sums<S: Simd>(
     simd: S,
-    w: [&[f32]; R],
+    w: Weights<'_>,
+    rows: usize,
     values: &[f32],
-    value_stride: usize,
-    c: usize,
-    inv: &[f32],
+    hd: usize,
+    scale: impl Fn(usize) -> f32,
     out: &Columns<'_>,
     at: usize,
     stride: usize,
 ) {
     let lanes = S::F32_LANES;
+    let two = hd.is_multiple_of(2 * lanes);
+    for c in (0..hd).step_by(if two { 2 * lanes } else { lanes }) {
+        let mut o = 0;
+        while o < rows {
+            let full = o + SUM_ROWS <= rows;
+            let at = at + o * stride + c;
+            match (full, two) {
+                (true, true) => {
+                    let scale = std::array::from_fn(|r| scale(o + r));
+                    weighted_rows::<S, SUM_ROWS, 2>(simd, w, o, values, hd, c, scale, out, at, stride)
+                }
+                (true, false) => {
+                    let scale = std::array::from_fn(|r| scale(o + r));
+                    weighted_rows::<S, SUM_ROWS, 1>(simd, w, o, values, hd, c, scale, out, at, stride)
+                }
+                (false, true) => weighted_rows::<S, 1, 2>(simd, w, o, values, hd, c, [scale(o)], out, at, stride),
+                (false, false) => weighted_rows::<S, 1, 1>(simd, w, o, values, hd, c, [scale(o)], out, at, stride),
+            }
+            o += if full { SUM_ROWS } else { 1 };
+        }
+    }
+}
+
+/// [`weighted_sums`] for output rows `o..o + R` and `N` vectors of head dimensions from `c`.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn weighted_rows<S: Simd, const R: usize, const N: usize>(
+    simd: S,
+    w: Weights<'_>,
+    o: usize,
+    values: &[f32],
+    hd: usize,
+    c: usize,
+    scale: [f32; R],
+    out: &Columns<'_>,
+    at: usize,
+    stride: usize,
+) {
     let mut acc = [[simd.splat_f32s(0.0); N]; R];
-    for j in 0..w[0].len() {
-        let v = S::as_simd_f32s(&values[j * value_stride + c..][..N * lanes]).0;
-        for r in 0..R {
-            let wv = simd.splat_f32s(w[r][j]);
-            for x in 0..N {
-                acc[r][x] = simd.mul_add_e_f32s(wv, v[x], acc[r][x]);
+    match w {
+        Weights::Rows(w, n) => {
+            let rows: [&[f32]; R] = std::array::from_fn(|r| &w[(o + r) * n..(o + r + 1) * n]);
+            for (j, v) in values.chunks_exact(hd).take(n).enumerate() {
+                accumulate(simd, &mut acc, std::array::from_fn(|r| rows[r][j]), &v[c..]);
+            }
+        }
+        Weights::Columns(w, n) => {
+            for (column, v) in w.chunks_exact(n).zip(values.chunks_exact(hd)) {
+                let weights: &[f32; R] = column[o..o + R].try_into().expect("R weights");
+                accumulate(simd, &mut acc, *weights, &v[c..]);
             }
         }
     }
     for (r, acc) in acc.iter().enumerate() {
-        let scaled = acc.map(|a| simd.mul_f32s(a, simd.splat_f32s(inv[r])));
-        // SAFETY: these columns of row `i + r` belong to this (example, head) alone.
+        let scaled = acc.map(|a| simd.mul_f32s(a, simd.splat_f32s(scale[r])));
+        // SAFETY: these columns of output row `o + r` belong to this (example, head) alone.
         unsafe { out.put(at + r * stride, pulp::bytemuck::cast_slice(&scaled)) };
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::super::kernels::attention_general;
+    use super::super::kernels::{attention_backward_general, attention_general};
     use super::*;
     use rand::{Rng, SeedableRng};
 
@@ -384,6 +548,33 @@ mod tests {
                     for (i, (a, b)) in p2.iter().zip(&p1).enumerate() {
                         assert!((a - b).abs() <= 1e-6 + 1e-5 * b, "{batch}x{seq}x{heads}x{hd} probs[{i}]: {a} vs {b}");
                     }
+                }
+            }
+        }
+    }
+
+    /// The fused backward pass against the general one, with and without dropout.
+    #[test]
+    fn fused_attention_backward_matches_general_path() {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(11);
+        for (batch, seq, heads, hd) in [(2, 1, 1, 16), (3, 5, 2, 32), (2, 37, 3, 16), (1, 65, 2, 64), (2, 130, 1, 48)] {
+            let d = dims(batch, seq, heads, hd);
+            let n = d.tokens();
+            let qkv: Vec<f32> = (0..n * 3 * d.hidden).map(|_| rng.gen_range(-2.0..2.0)).collect();
+            let dctx: Vec<f32> = (0..n * d.hidden).map(|_| rng.gen_range(-1.0..1.0)).collect();
+            let key_mask: Vec<u32> = (0..n).map(|t| u32::from(t % seq < seq - seq / 3)).collect();
+            let drop: Vec<f32> =
+                (0..batch * heads * seq * seq).map(|_| if rng.gen_bool(0.2) { 0.0 } else { 1.25 }).collect();
+            let mut probs = vec![0f32; drop.len()];
+            let mut ctx = vec![0f32; n * d.hidden];
+            attention_fused(&d, &qkv, &key_mask, None, Some(&mut probs[..]), &mut ctx);
+            for dropout in [None, Some(&drop[..])] {
+                let want = attention_backward_general(&d, &qkv, &probs, dropout, &dctx);
+                let mut got = vec![f32::NAN; n * 3 * d.hidden];
+                attention_backward_fused(&d, &qkv, &probs, dropout, &dctx, &mut got);
+                for (i, (a, b)) in got.iter().zip(&want).enumerate() {
+                    let ok = (a - b).abs() <= 1e-5 * (1.0 + b.abs());
+                    assert!(ok, "{batch}x{seq}x{heads}x{hd} dropout={} dqkv[{i}]: {a} vs {b}", dropout.is_some());
                 }
             }
         }

@@ -411,8 +411,28 @@ pub(super) fn attention_general(
     scatter_heads(d, |bn| &blocks[bn * s * hd..(bn + 1) * s * hd], d.hidden, 0, ctx);
 }
 
+/// Attention's backward pass: the gradient of q|k|v (`tokens × 3 · hidden`) from the q|k|v rows, the
+/// probabilities the forward pass kept, its dropout multipliers and the gradient of the context. Heads whose
+/// size is a multiple of 16 take [`super::attention::attention_backward_fused`], the others
+/// [`attention_backward_general`].
 #[doc(hidden)] // public for the kernel benchmarks
 pub fn attention_backward(d: &Dims, qkv: &[f32], probs: &[f32], dropout: Option<&[f32]>, dctx: &[f32]) -> Vec<f32> {
+    if super::attention::fits(d) {
+        let mut dqkv = pool::take(d.tokens() * 3 * d.hidden);
+        super::attention::attention_backward_fused(d, qkv, probs, dropout, dctx, &mut dqkv);
+        return dqkv;
+    }
+    attention_backward_general(d, qkv, probs, dropout, dctx)
+}
+
+/// [`attention_backward`] with the general matrix product per (example, head).
+pub(super) fn attention_backward_general(
+    d: &Dims,
+    qkv: &[f32],
+    probs: &[f32],
+    dropout: Option<&[f32]>,
+    dctx: &[f32],
+) -> Vec<f32> {
     let (s, hd, h) = (d.seq, d.head_dim(), d.hidden);
     let scale = 1.0 / (hd as f32).sqrt();
     // Each (example, head) writes dQ, dK and dV one after the other into its block; the dropped-out
