@@ -580,6 +580,70 @@ mod tests {
         }
     }
 
+    /// Both passes, one head after the other, with the vector width of `simd` rather than the CPU's.
+    fn both_passes<S: Simd>(
+        simd: S,
+        d: &Dims,
+        qkv: &[f32],
+        key_mask: &[u32],
+        drop: &[f32],
+        dctx: &[f32],
+    ) -> [Vec<f32>; 3] {
+        let n = d.tokens();
+        let (mut ctx, mut probs, mut dqkv) =
+            (vec![f32::NAN; n * d.hidden], vec![f32::NAN; drop.len()], vec![f32::NAN; n * 3 * d.hidden]);
+        let mut scratch = Scratch::default();
+        let ss = d.seq * d.seq;
+        {
+            let out = Columns { ptr: ctx.as_mut_ptr(), len: ctx.len(), _ctx: Default::default() };
+            for (bn, p) in probs.chunks_mut(ss).enumerate() {
+                let scratch = &mut scratch;
+                Head { d, qkv, key_mask, dropout: Some(drop), bn, probs: Some(p), scratch, out: &out }.with_simd(simd);
+            }
+        }
+        let out = Columns { ptr: dqkv.as_mut_ptr(), len: dqkv.len(), _ctx: Default::default() };
+        for bn in 0..d.batch * d.heads {
+            let (probs, scratch) = (&probs[..], &mut scratch);
+            HeadBackward { d, qkv, probs, dropout: Some(drop), dctx, bn, scratch, out: &out }.with_simd(simd);
+        }
+        [ctx, probs, dqkv]
+    }
+
+    /// The kernels at the other vector widths the dispatch may pick (1, 4 and 8 lanes: no SIMD, NEON or SSE,
+    /// AVX2) against the general path, so that a CPU without AVX-512 runs checked code too.
+    #[test]
+    fn fused_attention_matches_at_every_vector_width() {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(13);
+        for (batch, seq, heads, hd) in [(2, 7, 2, 16), (1, 37, 1, 32), (1, 70, 2, 48)] {
+            let d = dims(batch, seq, heads, hd);
+            let n = d.tokens();
+            let qkv: Vec<f32> = (0..n * 3 * d.hidden).map(|_| rng.gen_range(-2.0..2.0)).collect();
+            let dctx: Vec<f32> = (0..n * d.hidden).map(|_| rng.gen_range(-1.0..1.0)).collect();
+            let key_mask: Vec<u32> = (0..n).map(|t| u32::from(t % seq < seq - seq / 3)).collect();
+            let drop: Vec<f32> =
+                (0..batch * heads * seq * seq).map(|_| if rng.gen_bool(0.2) { 0.0 } else { 1.25 }).collect();
+            let mut want_probs = vec![0f32; drop.len()];
+            let (mut blocks, mut want_ctx) = (vec![0f32; n * d.hidden], vec![0f32; n * d.hidden]);
+            attention_general(&d, &qkv, &key_mask, Some(&drop), Some(&mut want_probs[..]), &mut blocks, &mut want_ctx);
+            let want_dqkv = attention_backward_general(&d, &qkv, &want_probs, Some(&drop), &dctx);
+            let got = [
+                both_passes(pulp::Scalar::new(), &d, &qkv, &key_mask, &drop, &dctx),
+                both_passes(pulp::Scalar128b, &d, &qkv, &key_mask, &drop, &dctx),
+                both_passes(pulp::Scalar256b, &d, &qkv, &key_mask, &drop, &dctx),
+            ];
+            for (lanes, [ctx, probs, dqkv]) in [1, 4, 8].into_iter().zip(got) {
+                for (what, got, want) in
+                    [("ctx", ctx, &want_ctx), ("probs", probs, &want_probs), ("dqkv", dqkv, &want_dqkv)]
+                {
+                    for (i, (a, b)) in got.iter().zip(want).enumerate() {
+                        let ok = (a - b).abs() <= 1e-5 * (1.0 + b.abs());
+                        assert!(ok, "{lanes} lanes, {batch}x{seq}x{heads}x{hd} {what}[{i}]: {a} vs {b}");
+                    }
+                }
+            }
+        }
+    }
+
     /// Heads the kernel does not take are named.
     #[test]
     fn fits_only_multiples_of_16() {
