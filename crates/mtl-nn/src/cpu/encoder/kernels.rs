@@ -87,7 +87,9 @@ pub(super) fn col_sums(m: &[f32], stride: usize, offset: usize, dst: &mut [f32])
 }
 
 /// `y = LayerNorm((branch + bias) ∘ mask + residual)`, keeping the normalised input and 1/σ of each row
-/// (`bias` is the projection's that produced `branch`, when that product left it out).
+/// (`bias` is the projection's that produced `branch`, when that product left it out). An empty `xhat` keeps
+/// no normalised input (inference): each row is summed into a buffer of one row instead, a write of the whole
+/// matrix fewer.
 #[allow(clippy::too_many_arguments)]
 #[doc(hidden)] // public for the kernel benchmarks
 pub fn add_norm(
@@ -104,54 +106,65 @@ pub fn add_norm(
 ) {
     let h = gamma.len();
     let chunk = h * ROWS_PER_TASK;
-    y.par_chunks_mut(chunk)
-        .zip(xhat.par_chunks_mut(chunk))
-        .zip(rstd.par_chunks_mut(ROWS_PER_TASK))
-        .enumerate()
-        .for_each(|(c, ((y, xhat), rstd))| {
-            simd(
-                #[inline(always)]
-                || {
-                    let start = c * chunk;
-                    for (r, (y, xh)) in y.chunks_exact_mut(h).zip(xhat.chunks_exact_mut(h)).enumerate() {
-                        let at = start + r * h;
-                        // Zipped slices rather than indices: the bounds checks kept these loops scalar.
-                        let (br, res) = (&branch[at..at + h], &residual[at..at + h]);
-                        let terms = xh.iter_mut().zip(br).zip(res);
-                        match (bias, mask.map(|m| &m[at..at + h])) {
-                            (Some(b), Some(m)) => {
-                                for (((x, &br), &res), (&b, &m)) in terms.zip(b.iter().zip(m)) {
-                                    *x = (br + b) * m + res;
-                                }
-                            }
-                            (Some(b), None) => {
-                                for (((x, &br), &res), &b) in terms.zip(b) {
-                                    *x = br + b + res;
-                                }
-                            }
-                            (None, Some(m)) => {
-                                for (((x, &br), &res), &m) in terms.zip(m) {
-                                    *x = br * m + res;
-                                }
-                            }
-                            (None, None) => {
-                                for ((x, &br), &res) in terms {
-                                    *x = br + res;
-                                }
+    let rows = |c: usize, y: &mut [f32], mut xhat: Option<&mut [f32]>, rstd: &mut [f32], row: &mut Vec<f32>| {
+        if xhat.is_none() {
+            row.resize(h, 0.0);
+        }
+        simd(
+            #[inline(always)]
+            || {
+                let start = c * chunk;
+                for (r, y) in y.chunks_exact_mut(h).enumerate() {
+                    let xh: &mut [f32] = match xhat.as_deref_mut() {
+                        Some(x) => &mut x[r * h..(r + 1) * h],
+                        None => &mut row[..],
+                    };
+                    let at = start + r * h;
+                    // Zipped slices rather than indices: the bounds checks kept these loops scalar.
+                    let (br, res) = (&branch[at..at + h], &residual[at..at + h]);
+                    let terms = xh.iter_mut().zip(br).zip(res);
+                    match (bias, mask.map(|m| &m[at..at + h])) {
+                        (Some(b), Some(m)) => {
+                            for (((x, &br), &res), (&b, &m)) in terms.zip(b.iter().zip(m)) {
+                                *x = (br + b) * m + res;
                             }
                         }
-                        let mean = math::sum(xh) / h as f32;
-                        let var = math::sum_sq_dev(xh, mean) / h as f32;
-                        let rs = 1.0 / (var + eps).sqrt();
-                        rstd[r] = rs;
-                        for (((x, y), &g), &b) in xh.iter_mut().zip(y.iter_mut()).zip(gamma).zip(beta) {
-                            *x = (*x - mean) * rs;
-                            *y = *x * g + b;
+                        (Some(b), None) => {
+                            for (((x, &br), &res), &b) in terms.zip(b) {
+                                *x = br + b + res;
+                            }
+                        }
+                        (None, Some(m)) => {
+                            for (((x, &br), &res), &m) in terms.zip(m) {
+                                *x = br * m + res;
+                            }
+                        }
+                        (None, None) => {
+                            for ((x, &br), &res) in terms {
+                                *x = br + res;
+                            }
                         }
                     }
-                },
-            )
-        });
+                    let mean = math::sum(xh) / h as f32;
+                    let var = math::sum_sq_dev(xh, mean) / h as f32;
+                    let rs = 1.0 / (var + eps).sqrt();
+                    rstd[r] = rs;
+                    for (((x, y), &g), &b) in xh.iter_mut().zip(y.iter_mut()).zip(gamma).zip(beta) {
+                        *x = (*x - mean) * rs;
+                        *y = *x * g + b;
+                    }
+                }
+            },
+        )
+    };
+    let tasks = y.par_chunks_mut(chunk).zip(rstd.par_chunks_mut(ROWS_PER_TASK)).enumerate();
+    if xhat.is_empty() {
+        tasks.for_each_init(Vec::new, |row, (c, (y, rstd))| rows(c, y, None, rstd, row));
+    } else {
+        tasks
+            .zip(xhat.par_chunks_mut(chunk))
+            .for_each(|((c, (y, rstd)), xhat)| rows(c, y, Some(xhat), rstd, &mut Vec::new()));
+    }
 }
 
 /// LayerNorm backward: returns the gradient of the normalised input and adds to `dgamma` and `dbeta`.

@@ -533,7 +533,9 @@ fn layer_forward(
         adapt(3, &ctx, &mut a, h, 0);
         (a, bias)
     });
-    let (mut y1, mut xhat1, mut rstd1) = (pool::take(n * h), pool::take(n * h), pool::take(n));
+    // The normalised inputs are kept for the backward pass only.
+    let keep = |len: usize| if train { pool::take(len) } else { Vec::new() };
+    let (mut y1, mut xhat1, mut rstd1) = (pool::take(n * h), keep(n * h), pool::take(n));
     time(Phase::Norms, || {
         let mask = dropout.map(|d| &d.attention_output[..]);
         add_norm(&a, a_bias, mask, x, n1w, n1b, d.eps, &mut y1, &mut xhat1, &mut rstd1)
@@ -563,7 +565,7 @@ fn layer_forward(
         adapt(5, &g, &mut o, h, 0);
         (o, bias)
     });
-    let (mut y2, mut xhat2, mut rstd2) = (pool::take(n * h), pool::take(n * h), pool::take(n));
+    let (mut y2, mut xhat2, mut rstd2) = (pool::take(n * h), keep(n * h), pool::take(n));
     time(Phase::Norms, || {
         add_norm(&o, o_bias, dropout.map(|d| &d.output[..]), &y1, n2w, n2b, d.eps, &mut y2, &mut xhat2, &mut rstd2)
     });
