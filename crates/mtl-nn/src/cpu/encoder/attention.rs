@@ -21,8 +21,11 @@ use pulp::{Simd, WithSimd};
 
 /// Vector registers per row of a tile of keys in the score product (64 keys with AVX-512).
 const TILE: usize = 4;
-/// Query rows the score product computes at once (24 accumulator registers).
+/// Query rows the score product computes at once: 24 accumulator registers where the CPU has 32 (AVX-512);
+/// with 16 (AVX2), [`SCORE_ROWS_16`].
 const SCORE_ROWS: usize = 6;
+/// With 16 vector registers: 8 accumulators, the keys and a broadcast without spilling.
+const SCORE_ROWS_16: usize = 2;
 /// Rows the weighted sum computes at once, over two vectors of head dimensions (12 registers) or one.
 const SUM_ROWS: usize = 6;
 
@@ -34,10 +37,11 @@ pub(super) fn fits(d: &Dims) -> bool {
 /// One thread's buffers, reused from head to head.
 #[derive(Default)]
 struct Scratch {
-    /// The head's keys, scaled, transposed by tiles of [`TILE`] vectors: `tiles × head_dim × TILE × lanes`, zero
-    /// past `seq`.
+    /// The score product's right-hand side, transposed by tiles of [`TILE`] vectors: `tiles × head_dim × TILE ×
+    /// lanes`, zero past `seq` — the scaled keys forward, the values backward (for dP = dO Vᵀ).
     keys: Vec<f32>,
-    /// What the scores of each key get added: 0, or `f32::MIN` at padding; -∞ past `seq` to the tiles' end.
+    /// What the scores of each key get added: forward 0, or `f32::MIN` at padding, and -∞ past `seq` to the
+    /// tiles' end; backward 0 throughout.
     key_bias: Vec<f32>,
     /// The head's values (the keys in the backward pass), `seq × head_dim` (in the q|k|v rows they are
     /// `3 · hidden` apart, which puts them in a handful of cache sets).
@@ -47,7 +51,7 @@ struct Scratch {
     grads: Vec<f32>,
     /// The largest score of each row.
     max: Vec<f32>,
-    /// The scores and then the (unnormalised) probabilities in inference, `seq × seq`.
+    /// The scores and then the (unnormalised) probabilities in inference; dP and then dS backward; `seq × seq`.
     scores: Vec<f32>,
     /// The probabilities after dropout in training.
     kept: Vec<f32>,
@@ -62,19 +66,25 @@ struct Columns<'a> {
     _ctx: std::marker::PhantomData<&'a mut [f32]>,
 }
 
-// SAFETY: made from an exclusive borrow of the context; each (example, head) writes only its own columns of
-// its own rows ([`Columns::put`]), so concurrent writers never touch the same element.
+// SAFETY: made from an exclusive borrow of the buffer ([`Columns::new`]), which it holds for its lifetime;
+// each (example, head) writes only its own columns of its own rows (the `at` and `stride` of
+// [`weighted_rows`], which asserts that its columns stay within the head), so concurrent writers never touch
+// the same element.
 unsafe impl Send for Columns<'_> {}
 unsafe impl Sync for Columns<'_> {}
 
-impl Columns<'_> {
+impl<'a> Columns<'a> {
+    fn new(buffer: &'a mut [f32]) -> Self {
+        Self { ptr: buffer.as_mut_ptr(), len: buffer.len(), _ctx: std::marker::PhantomData }
+    }
+
     /// Writes `values` at `at..at + values.len()`.
     ///
     /// # Safety
     /// No other thread reads or writes those elements at the same time.
     #[inline(always)]
     unsafe fn put(&self, at: usize, values: &[f32]) {
-        assert!(at + values.len() <= self.len, "attention: context write out of bounds");
+        assert!(at.checked_add(values.len()).is_some_and(|end| end <= self.len), "attention: write out of bounds");
         // SAFETY: in bounds (checked above); exclusive by the caller's contract.
         let dst = unsafe { std::slice::from_raw_parts_mut(self.ptr.add(at), values.len()) };
         dst.copy_from_slice(values);
@@ -95,8 +105,11 @@ pub(super) fn attention_fused(
     assert!(fits(d), "attention_fused: head size {} is not a multiple of 16", d.head_dim());
     let s = d.seq;
     assert_eq!(ctx.len(), d.tokens() * d.hidden, "attention_fused: context size");
-    let out = Columns { ptr: ctx.as_mut_ptr(), len: ctx.len(), _ctx: Default::default() };
+    let out = Columns::new(ctx);
     let heads = d.batch * d.heads;
+    if let Some(p) = &probs {
+        assert_eq!(p.len(), heads * s * s, "attention_fused: probabilities' size");
+    }
     match probs {
         Some(probs) => probs.par_chunks_mut(s * s).enumerate().for_each(|(bn, p)| {
             with_scratch(&mut |scratch| head(d, qkv, key_mask, dropout, bn, Some(&mut *p), scratch, &out))
@@ -132,7 +145,7 @@ pub(super) fn attention_backward_fused(
 ) {
     assert!(fits(d), "attention_backward_fused: head size {} is not a multiple of 16", d.head_dim());
     assert_eq!(dqkv.len(), d.tokens() * 3 * d.hidden, "attention_backward_fused: gradient size");
-    let out = Columns { ptr: dqkv.as_mut_ptr(), len: dqkv.len(), _ctx: Default::default() };
+    let out = Columns::new(dqkv);
     (0..d.batch * d.heads).into_par_iter().for_each(|bn| {
         with_scratch(&mut |scratch| {
             pulp::Arch::new().dispatch(HeadBackward { d, qkv, probs, dropout, dctx, bn, scratch, out: &out })
@@ -200,15 +213,7 @@ impl WithSimd for HeadBackward<'_> {
         // dP = (dO Vᵀ) ∘ mask, then the softmax backward dS = P ∘ (dP − rowsum(P ∘ dP)).
         scores.resize(s * s, 0.0);
         let ds = &mut scores[..];
-        let grad_row = |i: usize| &grads[i * hd..(i + 1) * hd];
-        let mut i = 0;
-        while i + SCORE_ROWS <= s {
-            score_rows::<S, SCORE_ROWS>(simd, std::array::from_fn(|r| grad_row(i + r)), kv, key_bias, i, ds, max, s);
-            i += SCORE_ROWS;
-        }
-        for i in i..s {
-            score_rows::<S, 1>(simd, [grad_row(i)], kv, key_bias, i, ds, max, s);
-        }
+        all_scores(simd, |i| &grads[i * hd..(i + 1) * hd], kv, key_bias, ds, max, s);
         for (i, row) in ds.chunks_exact_mut(s).enumerate() {
             let pr = &p[i * s..(i + 1) * s];
             if let Some(m) = m {
@@ -289,15 +294,8 @@ impl WithSimd for Head<'_> {
         key_bias.resize(tiles * width, f32::NEG_INFINITY);
         max.clear();
         max.resize(s, 0.0);
-        // Scores: SCORE_ROWS queries at a time against each tile of keys, the key bias added on the way out.
-        let mut i = 0;
-        while i + SCORE_ROWS <= s {
-            score_rows::<S, SCORE_ROWS>(simd, std::array::from_fn(|r| row(0, i + r)), kv, key_bias, i, p, max, s);
-            i += SCORE_ROWS;
-        }
-        for i in i..s {
-            score_rows::<S, 1>(simd, [row(0, i)], kv, key_bias, i, p, max, s);
-        }
+        // Scores, the key bias added on the way out.
+        all_scores(simd, |i| row(0, i), kv, key_bias, p, max, s);
         // The softmax of each row (the scores hold the key bias already, so a fully padded row comes out
         // uniform, as in transformers): normalised in training, where the probabilities are kept; in
         // inference `1 / Σ` is kept and applied to the weighted sums instead.
@@ -351,6 +349,36 @@ fn pack_keys<'a>(keys: &mut Vec<f32>, key: impl Fn(usize) -> &'a [f32], s: usize
     }
 }
 
+/// The scores of every query row (`q(i)`, `s` of them) against every tile of `keys`: [`score_rows`] as many rows at
+/// a time as the CPU's registers hold.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn all_scores<'q, S: Simd>(
+    simd: S,
+    q: impl Fn(usize) -> &'q [f32],
+    keys: &[S::f32s],
+    key_bias: &[f32],
+    p: &mut [f32],
+    max: &mut [f32],
+    s: usize,
+) {
+    let mut i = 0;
+    if S::REGISTER_COUNT >= 32 {
+        while i + SCORE_ROWS <= s {
+            score_rows::<S, SCORE_ROWS>(simd, std::array::from_fn(|r| q(i + r)), keys, key_bias, i, p, max, s);
+            i += SCORE_ROWS;
+        }
+    } else {
+        while i + SCORE_ROWS_16 <= s {
+            score_rows::<S, SCORE_ROWS_16>(simd, std::array::from_fn(|r| q(i + r)), keys, key_bias, i, p, max, s);
+            i += SCORE_ROWS_16;
+        }
+    }
+    for i in i..s {
+        score_rows::<S, 1>(simd, [q(i)], keys, key_bias, i, p, max, s);
+    }
+}
+
 /// The scores of `R` query rows starting at row `i` against every tile of `keys` (vectors, `TILE` per head
 /// dimension and tile), plus `key_bias`, into rows `i..i + R` of `p` (`seq × seq`), and their largest into
 /// `max[i..i + R]`.
@@ -384,11 +412,14 @@ fn score_rows<S: Simd, const R: usize>(
         for (r, acc) in acc.iter().enumerate() {
             let dst = &mut p[(i + r) * s + from..][..n];
             for (v, &a) in acc.iter().enumerate() {
-                // Past the last key the bias is -∞, so the maximum is that of the scores stored.
+                // Forward, the bias past the last key is -∞, so the maximum is that of the scores stored.
                 let x = simd.add_f32s(a, bias[t * TILE + v]);
                 largest[r] = simd.max_f32s(largest[r], x);
                 let (lo, hi) = (v * lanes, ((v + 1) * lanes).min(n));
-                if lo < hi {
+                if hi - lo == lanes {
+                    // A whole vector: a plain store (pulp's partial store goes through a masked-store stub).
+                    S::as_mut_simd_f32s(&mut dst[lo..hi]).0[0] = x;
+                } else if lo < hi {
                     simd.partial_store_f32s(&mut dst[lo..hi], x);
                 }
             }
@@ -482,6 +513,7 @@ fn weighted_rows<S: Simd, const R: usize, const N: usize>(
     at: usize,
     stride: usize,
 ) {
+    assert!(c + N * S::F32_LANES <= hd, "weighted_rows: columns past the head");
     let mut acc = [[simd.splat_f32s(0.0); N]; R];
     match w {
         Weights::Rows(w, n) => {
@@ -588,53 +620,74 @@ mod tests {
         key_mask: &[u32],
         drop: &[f32],
         dctx: &[f32],
-    ) -> [Vec<f32>; 3] {
+    ) -> [Vec<f32>; 4] {
         let n = d.tokens();
         let (mut ctx, mut probs, mut dqkv) =
             (vec![f32::NAN; n * d.hidden], vec![f32::NAN; drop.len()], vec![f32::NAN; n * 3 * d.hidden]);
+        let mut inference = vec![f32::NAN; n * d.hidden];
         let mut scratch = Scratch::default();
         let ss = d.seq * d.seq;
         {
-            let out = Columns { ptr: ctx.as_mut_ptr(), len: ctx.len(), _ctx: Default::default() };
+            let out = Columns::new(&mut ctx);
             for (bn, p) in probs.chunks_mut(ss).enumerate() {
                 let scratch = &mut scratch;
                 Head { d, qkv, key_mask, dropout: Some(drop), bn, probs: Some(p), scratch, out: &out }.with_simd(simd);
             }
         }
-        let out = Columns { ptr: dqkv.as_mut_ptr(), len: dqkv.len(), _ctx: Default::default() };
-        for bn in 0..d.batch * d.heads {
-            let (probs, scratch) = (&probs[..], &mut scratch);
-            HeadBackward { d, qkv, probs, dropout: Some(drop), dctx, bn, scratch, out: &out }.with_simd(simd);
+        {
+            let out = Columns::new(&mut inference);
+            for bn in 0..d.batch * d.heads {
+                let scratch = &mut scratch;
+                Head { d, qkv, key_mask, dropout: None, bn, probs: None, scratch, out: &out }.with_simd(simd);
+            }
         }
-        [ctx, probs, dqkv]
+        {
+            let out = Columns::new(&mut dqkv);
+            for bn in 0..d.batch * d.heads {
+                let (probs, scratch) = (&probs[..], &mut scratch);
+                HeadBackward { d, qkv, probs, dropout: Some(drop), dctx, bn, scratch, out: &out }.with_simd(simd);
+            }
+        }
+        [ctx, probs, dqkv, inference]
     }
 
-    /// The kernels at the other vector widths the dispatch may pick (1, 4 and 8 lanes: no SIMD, NEON or SSE,
-    /// AVX2) against the general path, so that a CPU without AVX-512 runs checked code too.
+    /// The kernels at every vector width the dispatch may pick (1, 4, 8 and 16 lanes: no SIMD, NEON or SSE,
+    /// AVX2, AVX-512, here emulated) against the general path, in training and inference, so that every CPU runs
+    /// checked code; with a fully padded example (the second shape).
     #[test]
     fn fused_attention_matches_at_every_vector_width() {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(13);
-        for (batch, seq, heads, hd) in [(2, 7, 2, 16), (1, 37, 1, 32), (1, 70, 2, 48)] {
+        for (batch, seq, heads, hd) in [(2, 7, 2, 16), (2, 37, 1, 32), (1, 70, 2, 48)] {
             let d = dims(batch, seq, heads, hd);
             let n = d.tokens();
             let qkv: Vec<f32> = (0..n * 3 * d.hidden).map(|_| rng.gen_range(-2.0..2.0)).collect();
             let dctx: Vec<f32> = (0..n * d.hidden).map(|_| rng.gen_range(-1.0..1.0)).collect();
-            let key_mask: Vec<u32> = (0..n).map(|t| u32::from(t % seq < seq - seq / 3)).collect();
+            let mut key_mask: Vec<u32> = (0..n).map(|t| u32::from(t % seq < seq - seq / 3)).collect();
+            if seq == 37 {
+                key_mask[seq..].fill(0);
+            }
             let drop: Vec<f32> =
                 (0..batch * heads * seq * seq).map(|_| if rng.gen_bool(0.2) { 0.0 } else { 1.25 }).collect();
             let mut want_probs = vec![0f32; drop.len()];
             let (mut blocks, mut want_ctx) = (vec![0f32; n * d.hidden], vec![0f32; n * d.hidden]);
             attention_general(&d, &qkv, &key_mask, Some(&drop), Some(&mut want_probs[..]), &mut blocks, &mut want_ctx);
             let want_dqkv = attention_backward_general(&d, &qkv, &want_probs, Some(&drop), &dctx);
+            let mut want_inference = vec![0f32; n * d.hidden];
+            attention_general(&d, &qkv, &key_mask, None, None, &mut blocks, &mut want_inference);
             let got = [
                 both_passes(pulp::Scalar::new(), &d, &qkv, &key_mask, &drop, &dctx),
                 both_passes(pulp::Scalar128b, &d, &qkv, &key_mask, &drop, &dctx),
                 both_passes(pulp::Scalar256b, &d, &qkv, &key_mask, &drop, &dctx),
+                both_passes(pulp::Scalar512b, &d, &qkv, &key_mask, &drop, &dctx),
             ];
-            for (lanes, [ctx, probs, dqkv]) in [1, 4, 8].into_iter().zip(got) {
-                for (what, got, want) in
-                    [("ctx", ctx, &want_ctx), ("probs", probs, &want_probs), ("dqkv", dqkv, &want_dqkv)]
-                {
+            for (lanes, [ctx, probs, dqkv, inference]) in [1, 4, 8, 16].into_iter().zip(got) {
+                let outputs = [
+                    ("ctx", ctx, &want_ctx),
+                    ("probs", probs, &want_probs),
+                    ("dqkv", dqkv, &want_dqkv),
+                    ("inference ctx", inference, &want_inference),
+                ];
+                for (what, got, want) in outputs {
                     for (i, (a, b)) in got.iter().zip(want).enumerate() {
                         let ok = (a - b).abs() <= 1e-5 * (1.0 + b.abs());
                         assert!(ok, "{lanes} lanes, {batch}x{seq}x{heads}x{hd} {what}[{i}]: {a} vs {b}");

@@ -355,7 +355,7 @@ pub fn attention_forward(
 /// `seq × head_dim` result into its block of `blocks` (same size as `ctx`, overwritten) and from there into its
 /// columns of `ctx`. The scores of inference and the dropped-out probabilities live in one buffer per thread.
 /// Heads whose size is a multiple of 16 take [`super::attention::attention_fused`], the others the general
-/// products of [`attention_general`] (which needs `blocks`).
+/// products of [`attention_general`]; only the latter uses `blocks` (it may be empty otherwise).
 pub(super) fn attention_into(
     d: &Dims,
     qkv: &[f32],
