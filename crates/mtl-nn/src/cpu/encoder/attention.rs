@@ -15,6 +15,7 @@
 
 use rayon::prelude::*;
 
+use super::kernels::{dropped, softmax_backward_rows};
 use super::Dims;
 use crate::cpu::math;
 use pulp::{Simd, WithSimd};
@@ -182,16 +183,9 @@ impl WithSimd for HeadBackward<'_> {
         let m = dropout.map(|m| &m[bn * s * s..(bn + 1) * s * s]);
         let Scratch { keys, key_bias, values, queries, grads, max, scores, kept, .. } = scratch;
         // Queries, keys and the context's gradient packed; the values transposed as the score product's keys.
-        for (buffer, part) in [(&mut *queries, 0), (&mut *values, 1)] {
-            buffer.clear();
-            for i in 0..s {
-                buffer.extend_from_slice(row(part, i));
-            }
-        }
-        grads.clear();
-        for i in 0..s {
-            grads.extend_from_slice(dout_row(i));
-        }
+        pack_rows(queries, s, |i| row(0, i));
+        pack_rows(values, s, |i| row(1, i));
+        pack_rows(grads, s, dout_row);
         pack_keys(keys, |j| row(2, j), s, hd, width, 1.0);
         let kv = S::as_simd_f32s(keys).0;
         key_bias.clear();
@@ -199,33 +193,13 @@ impl WithSimd for HeadBackward<'_> {
         max.resize(s, 0.0);
         let at = |part: usize| b * s * 3 * h + part * h + head * hd;
         // dV = P'ᵀ dO with P' the probabilities after dropout.
-        let weights: &[f32] = match m {
-            Some(m) => {
-                kept.resize(s * s, 0.0);
-                for ((o, p), m) in kept.iter_mut().zip(p).zip(m) {
-                    *o = p * m;
-                }
-                kept
-            }
-            None => p,
-        };
+        let weights = dropped(p, m, kept);
         weighted_sums(simd, Weights::Columns(weights, s), s, &grads[..], hd, |_| 1.0, out, at(2), 3 * h);
         // dP = (dO Vᵀ) ∘ mask, then the softmax backward dS = P ∘ (dP − rowsum(P ∘ dP)).
         scores.resize(s * s, 0.0);
         let ds = &mut scores[..];
         all_scores(simd, |i| &grads[i * hd..(i + 1) * hd], kv, key_bias, ds, max, s);
-        for (i, row) in ds.chunks_exact_mut(s).enumerate() {
-            let pr = &p[i * s..(i + 1) * s];
-            if let Some(m) = m {
-                for (x, m) in row.iter_mut().zip(&m[i * s..(i + 1) * s]) {
-                    *x *= m;
-                }
-            }
-            let inner = math::dot(row, pr);
-            for (x, p) in row.iter_mut().zip(pr) {
-                *x = p * (*x - inner);
-            }
-        }
+        softmax_backward_rows(ds, p, m, s);
         // S = scale · Q Kᵀ, so dQ = scale · dS K and dK = scale · dSᵀ Q.
         weighted_sums(simd, Weights::Rows(ds, s), s, &values[..], hd, |_| scale, out, at(0), 3 * h);
         weighted_sums(simd, Weights::Columns(ds, s), s, &queries[..], hd, |_| scale, out, at(1), 3 * h);
@@ -285,10 +259,7 @@ impl WithSimd for Head<'_> {
         // The keys, scaled and transposed tile by tile; zeros past the last key. The values, packed.
         pack_keys(keys, |j| row(1, j), s, hd, width, scale);
         let kv = S::as_simd_f32s(keys).0;
-        values.clear();
-        for j in 0..s {
-            values.extend_from_slice(row(2, j));
-        }
+        pack_rows(values, s, |j| row(2, j));
         key_bias.clear();
         key_bias.extend(km.iter().map(|&m| if m == 0 { f32::MIN } else { 0.0 }));
         key_bias.resize(tiles * width, f32::NEG_INFINITY);
@@ -316,20 +287,18 @@ impl WithSimd for Head<'_> {
                 inv.push(inv_sum);
             }
         }
-        let weights: &[f32] = match dropout {
-            Some(m) => {
-                let m = &m[bn * s * s..(bn + 1) * s * s];
-                kept.resize(s * s, 0.0);
-                for ((o, p), m) in kept.iter_mut().zip(&*p).zip(m) {
-                    *o = p * m;
-                }
-                kept
-            }
-            None => p,
-        };
+        let weights = dropped(p, dropout.map(|m| &m[bn * s * s..(bn + 1) * s * s]), kept);
         // The weighted sums into the head's columns of the context.
         let w = Weights::Rows(weights, s);
         weighted_sums(simd, w, s, &values[..], hd, |i| inv[i], out, b * s * h + head * hd, h);
+    }
+}
+
+/// Copies rows `0..s` one after the other into `buffer`.
+fn pack_rows<'a>(buffer: &mut Vec<f32>, s: usize, row: impl Fn(usize) -> &'a [f32]) {
+    buffer.clear();
+    for i in 0..s {
+        buffer.extend_from_slice(row(i));
     }
 }
 

@@ -308,6 +308,39 @@ pub(super) fn softmax_row(row: &mut [f32], key_mask: &[u32]) {
     }
 }
 
+/// The probabilities after dropout, `p ∘ m`, in `kept`; `p` itself without dropout.
+#[inline(always)]
+pub(super) fn dropped<'a>(p: &'a [f32], m: Option<&[f32]>, kept: &'a mut Vec<f32>) -> &'a [f32] {
+    match m {
+        Some(m) => {
+            kept.resize(p.len(), 0.0);
+            for ((o, p), m) in kept.iter_mut().zip(p).zip(m) {
+                *o = p * m;
+            }
+            kept
+        }
+        None => p,
+    }
+}
+
+/// The softmax's backward pass in place on each row (`s` wide) of `ds`, which holds dO Vᵀ: the dropout
+/// multipliers `m` applied, then dS = P ∘ (dP − rowsum(P ∘ dP)).
+#[inline(always)]
+pub(super) fn softmax_backward_rows(ds: &mut [f32], p: &[f32], m: Option<&[f32]>, s: usize) {
+    for (i, row) in ds.chunks_exact_mut(s).enumerate() {
+        let pr = &p[i * s..(i + 1) * s];
+        if let Some(m) = m {
+            for (x, m) in row.iter_mut().zip(&m[i * s..(i + 1) * s]) {
+                *x *= m;
+            }
+        }
+        let inner = math::dot(row, pr);
+        for (x, p) in row.iter_mut().zip(pr) {
+            *x = p * (*x - inner);
+        }
+    }
+}
+
 /// Views of one head's q, k and v rows for one example.
 pub(super) fn head_views<'a>(d: &Dims, qkv: &'a [f32], bn: usize) -> [View<'a>; 3] {
     let (s, hd, h) = (d.seq, d.head_dim(), d.hidden);
@@ -396,22 +429,11 @@ pub(super) fn attention_general(
                 }
             },
         );
-        let weights: &[f32] = match dropout {
-            Some(m) => {
-                let m = &m[bn * s * s..(bn + 1) * s * s];
-                kept.resize(s * s, 0.0);
-                simd(
-                    #[inline(always)]
-                    || {
-                        for ((o, p), m) in kept.iter_mut().zip(&*p).zip(m) {
-                            *o = p * m;
-                        }
-                    },
-                );
-                kept
-            }
-            None => p,
-        };
+        let m = dropout.map(|m| &m[bn * s * s..(bn + 1) * s * s]);
+        let weights = simd(
+            #[inline(always)]
+            || dropped(p, m, kept),
+        );
         matmul(ViewMut::new(out, s, hd), View::new(weights, s, s), v, 1.0, false, Threads::One);
     };
     let outs = blocks.par_chunks_mut(s * hd).enumerate();
@@ -460,41 +482,17 @@ pub(super) fn attention_backward_general(
         let (dq, rest) = block.split_at_mut(s * hd);
         let (dk, dv) = rest.split_at_mut(s * hd);
         // dV = P'ᵀ dO with P' the probabilities after dropout.
-        let weights: &[f32] = match m {
-            Some(m) => {
-                kept.resize(s * s, 0.0);
-                simd(
-                    #[inline(always)]
-                    || {
-                        for ((o, p), m) in kept.iter_mut().zip(p).zip(m) {
-                            *o = p * m;
-                        }
-                    },
-                );
-                kept
-            }
-            None => p,
-        };
+        let weights = simd(
+            #[inline(always)]
+            || dropped(p, m, kept),
+        );
         matmul(ViewMut::new(dv, s, hd), View::new(weights, s, s).t(), dout, 1.0, false, Threads::One);
         // dP = (dO Vᵀ) ∘ mask, then the softmax backward dS = P ∘ (dP − rowsum(P ∘ dP)).
         ds.resize(s * s, 0.0);
         matmul(ViewMut::new(ds, s, s), dout, v.t(), 1.0, false, Threads::One);
         simd(
             #[inline(always)]
-            || {
-                for (i, row) in ds.chunks_exact_mut(s).enumerate() {
-                    let pr = &p[i * s..(i + 1) * s];
-                    if let Some(m) = m {
-                        for (x, m) in row.iter_mut().zip(&m[i * s..(i + 1) * s]) {
-                            *x *= m;
-                        }
-                    }
-                    let inner = math::dot(row, pr);
-                    for (x, p) in row.iter_mut().zip(pr) {
-                        *x = p * (*x - inner);
-                    }
-                }
-            },
+            || softmax_backward_rows(ds, p, m, s),
         );
         // S = scale · Q Kᵀ, so dQ = scale · dS K and dK = scale · dSᵀ Q.
         matmul(ViewMut::new(dq, s, hd), View::new(ds, s, s), k, scale, false, Threads::One);
