@@ -196,6 +196,9 @@ def test_ctrl_c_stops_training_at_a_checkpoint_that_resumes(tmp_path):
         time.sleep(0.3)
         os.kill(os.getpid(), signal.SIGINT)
 
+    # A shell without job control starts its background commands with SIGINT ignored, and Python then installs
+    # no handler for it (the signal would be lost): the test sets Python's own, whatever launched it.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     thread = threading.Thread(target=interrupt_when_training, daemon=True)
     thread.start()
     started = time.monotonic()
@@ -205,6 +208,7 @@ def test_ctrl_c_stops_training_at_a_checkpoint_that_resumes(tmp_path):
     finally:
         finished.set()
         thread.join()
+        signal.signal(signal.SIGINT, previous)
     assert time.monotonic() - started < 120
     message = str(e.value)
     assert "training interrupted at step" in message and "--resume" in message
