@@ -519,13 +519,16 @@ mod fused_encoder_properties {
         )?;
         // BERT's initialisation (std 0.02) leaves attention almost uniform (and LoRA's B starts at zero), where the
         // key gradient nearly vanishes and an error in it would go unseen: use weights large enough for peaked
-        // attention.
+        // attention. Biases too (they start at zero), so that every one of them is used where it belongs.
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ 0x5EED);
         for (name, var) in model.params().vars() {
-            if name.ends_with("weight") && !name.contains("LayerNorm") {
-                let values: Vec<f32> = (0..var.elem_count()).map(|_| rng.gen_range(-0.6..0.6)).collect();
-                var.set(&Tensor::from_vec(values, var.shape(), &Device::Cpu)?)?;
-            }
+            let range = match name {
+                _ if name.ends_with("weight") && !name.contains("LayerNorm") => 0.6,
+                _ if name.ends_with("bias") && !name.contains("LayerNorm") => 0.3,
+                _ => continue,
+            };
+            let values: Vec<f32> = (0..var.elem_count()).map(|_| rng.gen_range(-range..range)).collect();
+            var.set(&Tensor::from_vec(values, var.shape(), &Device::Cpu)?)?;
         }
         Ok(model)
     }
@@ -640,10 +643,11 @@ mod fused_encoder_properties {
         // A fixed seed: the same cases on every run, so the suite cannot turn red by chance.
         #![proptest_config(ProptestConfig { cases: 64, rng_seed: proptest::test_runner::RngSeed::Fixed(20_261_129), ..ProptestConfig::default() })]
         /// Random shapes, odd sizes, padding, fully padded rows, with and without dropout: the fused encoder
-        /// equals the composed path in value and in every parameter's gradient.
+        /// equals the composed path in value and in every parameter's gradient. Heads of 16 take the fused
+        /// attention kernel (which adds the q|k|v biases itself), the others the general products.
         #[test]
         fn fused_equals_composed(batch in 1usize..4, seq in 1usize..10, layers in 1usize..3, heads in 1usize..4,
-                                 head_dim in 1usize..9, intermediate in 1usize..20, dropout in prop_oneof![Just(0.0f32), Just(0.3f32)],
+                                 head_dim in prop_oneof![3 => 1usize..9, 1 => Just(16usize)], intermediate in 1usize..20, dropout in prop_oneof![Just(0.0f32), Just(0.3f32)],
                                  seed in 0u64..1_000_000) {
             prop_assume!(heads * head_dim >= 4, "LayerNorm over fewer than 4 values is degenerate");
             let result = check(batch, seq, layers, heads, head_dim, intermediate, dropout, seed, None);
@@ -654,7 +658,7 @@ mod fused_encoder_properties {
         /// loss and every adapter's and head's gradient agree, and the frozen backbone gets none on either path.
         #[test]
         fn fused_lora_equals_composed(batch in 1usize..4, seq in 1usize..8, layers in 1usize..3, heads in 1usize..3,
-                                      head_dim in 2usize..6, intermediate in 1usize..12, dropout in prop_oneof![Just(0.0f32), Just(0.3f32)],
+                                      head_dim in prop_oneof![3 => 2usize..6, 1 => Just(16usize)], intermediate in 1usize..12, dropout in prop_oneof![Just(0.0f32), Just(0.3f32)],
                                       r in 1usize..4, sites in 1u8..64, seed in 0u64..1_000_000) {
             prop_assume!(heads * head_dim >= 4, "LayerNorm over fewer than 4 values is degenerate");
             let result = check(batch, seq, layers, heads, head_dim, intermediate, dropout, seed, Some((r, sites)));

@@ -30,6 +30,10 @@ const SCORE_ROWS_16: usize = 2;
 /// Rows the weighted sum computes at once, over two vectors of head dimensions (12 registers) or one.
 const SUM_ROWS: usize = 6;
 
+/// The q, k and v biases (`hidden` each) when the projection left them out of the q|k|v rows for attention
+/// to add as it packs them (one pass over those rows fewer), or `None` when the rows hold them.
+pub(super) type QkvBias<'a> = Option<[&'a [f32]; 3]>;
+
 /// Whether [`attention_fused`] takes heads of this size.
 pub(super) fn fits(d: &Dims) -> bool {
     d.head_dim().is_multiple_of(16) && d.head_dim() > 0
@@ -94,16 +98,20 @@ impl<'a> Columns<'a> {
 
 /// Attention's forward pass into `ctx` (`tokens × hidden`, overwritten) as [`super::kernels::attention_into`]
 /// computes it, for heads whose size [`fits`]: with `probs`, the normalised probabilities are kept there
-/// (`batch × heads × seq × seq`) and `dropout` multiplies them before the weighted sum.
+/// (`batch × heads × seq × seq`) and `dropout` multiplies them before the weighted sum; with `bias`, the q|k|v
+/// rows lack their biases, which are added as they are packed.
+#[allow(clippy::too_many_arguments)]
 pub(super) fn attention_fused(
     d: &Dims,
     qkv: &[f32],
+    bias: QkvBias<'_>,
     key_mask: &[u32],
     dropout: Option<&[f32]>,
     probs: Option<&mut [f32]>,
     ctx: &mut [f32],
 ) {
     assert!(fits(d), "attention_fused: head size {} is not a multiple of 16", d.head_dim());
+    assert!(bias.is_none_or(|b| b.iter().all(|b| b.len() == d.hidden)), "attention_fused: bias size");
     let s = d.seq;
     assert_eq!(ctx.len(), d.tokens() * d.hidden, "attention_fused: context size");
     let out = Columns::new(ctx);
@@ -113,11 +121,11 @@ pub(super) fn attention_fused(
     }
     match probs {
         Some(probs) => probs.par_chunks_mut(s * s).enumerate().for_each(|(bn, p)| {
-            with_scratch(&mut |scratch| head(d, qkv, key_mask, dropout, bn, Some(&mut *p), scratch, &out))
+            with_scratch(&mut |scratch| head(d, qkv, bias, key_mask, dropout, bn, Some(&mut *p), scratch, &out))
         }),
         None => (0..heads)
             .into_par_iter()
-            .for_each(|bn| with_scratch(&mut |scratch| head(d, qkv, key_mask, dropout, bn, None, scratch, &out))),
+            .for_each(|bn| with_scratch(&mut |scratch| head(d, qkv, bias, key_mask, dropout, bn, None, scratch, &out))),
     }
 }
 
@@ -135,21 +143,23 @@ fn with_scratch(f: &mut dyn FnMut(&mut Scratch)) {
 /// Attention's backward pass as [`super::kernels::attention_backward`] computes it, for heads whose size
 /// [`fits`]: from the q|k|v rows, the probabilities kept by the forward pass, its dropout multipliers and the
 /// gradient of the context, the gradient of q|k|v (`tokens × 3 · hidden`, overwritten), each head writing its
-/// own columns.
+/// own columns; `bias` as in [`attention_fused`].
 pub(super) fn attention_backward_fused(
     d: &Dims,
     qkv: &[f32],
+    bias: QkvBias<'_>,
     probs: &[f32],
     dropout: Option<&[f32]>,
     dctx: &[f32],
     dqkv: &mut [f32],
 ) {
     assert!(fits(d), "attention_backward_fused: head size {} is not a multiple of 16", d.head_dim());
+    assert!(bias.is_none_or(|b| b.iter().all(|b| b.len() == d.hidden)), "attention_backward_fused: bias size");
     assert_eq!(dqkv.len(), d.tokens() * 3 * d.hidden, "attention_backward_fused: gradient size");
     let out = Columns::new(dqkv);
     (0..d.batch * d.heads).into_par_iter().for_each(|bn| {
         with_scratch(&mut |scratch| {
-            pulp::Arch::new().dispatch(HeadBackward { d, qkv, probs, dropout, dctx, bn, scratch, out: &out })
+            pulp::Arch::new().dispatch(HeadBackward { d, qkv, bias, probs, dropout, dctx, bn, scratch, out: &out })
         })
     });
 }
@@ -158,6 +168,7 @@ pub(super) fn attention_backward_fused(
 struct HeadBackward<'a> {
     d: &'a Dims,
     qkv: &'a [f32],
+    bias: QkvBias<'a>,
     probs: &'a [f32],
     dropout: Option<&'a [f32]>,
     dctx: &'a [f32],
@@ -171,7 +182,7 @@ impl WithSimd for HeadBackward<'_> {
 
     #[inline(always)]
     fn with_simd<S: Simd>(self, simd: S) {
-        let HeadBackward { d, qkv, probs, dropout, dctx, bn, scratch, out } = self;
+        let HeadBackward { d, qkv, bias, probs, dropout, dctx, bn, scratch, out } = self;
         let (s, hd, h, lanes) = (d.seq, d.head_dim(), d.hidden, S::F32_LANES);
         let (b, head) = (bn / d.heads, bn % d.heads);
         let scale = 1.0 / (hd as f32).sqrt();
@@ -182,11 +193,12 @@ impl WithSimd for HeadBackward<'_> {
         let p = &probs[bn * s * s..(bn + 1) * s * s];
         let m = dropout.map(|m| &m[bn * s * s..(bn + 1) * s * s]);
         let Scratch { keys, key_bias, values, queries, grads, max, scores, kept, .. } = scratch;
+        let b_ = |p: usize| bias.map(|b| &b[p][head * hd..(head + 1) * hd]);
         // Queries, keys and the context's gradient packed; the values transposed as the score product's keys.
-        pack_rows(queries, s, |i| row(0, i));
-        pack_rows(values, s, |i| row(1, i));
-        pack_rows(grads, s, dout_row);
-        pack_keys(keys, |j| row(2, j), s, hd, width, 1.0);
+        pack_rows(queries, s, b_(0), |i| row(0, i));
+        pack_rows(values, s, b_(1), |i| row(1, i));
+        pack_rows(grads, s, None, dout_row);
+        pack_keys(keys, |j| row(2, j), b_(2), s, hd, width, 1.0);
         let kv = S::as_simd_f32s(keys).0;
         key_bias.clear();
         key_bias.resize(s.div_ceil(width) * width, 0.0);
@@ -211,6 +223,7 @@ impl WithSimd for HeadBackward<'_> {
 fn head(
     d: &Dims,
     qkv: &[f32],
+    bias: QkvBias<'_>,
     key_mask: &[u32],
     dropout: Option<&[f32]>,
     bn: usize,
@@ -218,13 +231,14 @@ fn head(
     scratch: &mut Scratch,
     out: &Columns<'_>,
 ) {
-    pulp::Arch::new().dispatch(Head { d, qkv, key_mask, dropout, bn, probs, scratch, out })
+    pulp::Arch::new().dispatch(Head { d, qkv, bias, key_mask, dropout, bn, probs, scratch, out })
 }
 
 /// [`head`]'s arguments, for [`pulp`]'s dispatch to the vector width of the CPU at hand.
 struct Head<'a> {
     d: &'a Dims,
     qkv: &'a [f32],
+    bias: QkvBias<'a>,
     key_mask: &'a [u32],
     dropout: Option<&'a [f32]>,
     bn: usize,
@@ -238,7 +252,7 @@ impl WithSimd for Head<'_> {
 
     #[inline(always)]
     fn with_simd<S: Simd>(self, simd: S) {
-        let Head { d, qkv, key_mask, dropout, bn, probs, scratch, out } = self;
+        let Head { d, qkv, bias, key_mask, dropout, bn, probs, scratch, out } = self;
         let (s, hd, h, lanes) = (d.seq, d.head_dim(), d.hidden, S::F32_LANES);
         let (b, head) = (bn / d.heads, bn % d.heads);
         let scale = 1.0 / (hd as f32).sqrt();
@@ -256,13 +270,26 @@ impl WithSimd for Head<'_> {
                 scores
             }
         };
-        // The keys, scaled and transposed tile by tile; zeros past the last key. The values, packed.
-        pack_keys(keys, |j| row(1, j), s, hd, width, scale);
+        let b_ = |p: usize| bias.map(|b| &b[p][head * hd..(head + 1) * hd]);
+        // The keys, scaled and transposed tile by tile; zeros past the last key. The values, packed. The queries
+        // are read in place.
+        pack_keys(keys, |j| row(1, j), b_(1), s, hd, width, scale);
         let kv = S::as_simd_f32s(keys).0;
-        pack_rows(values, s, |j| row(2, j));
+        pack_rows(values, s, b_(2), |j| row(2, j));
         key_bias.clear();
         key_bias.extend(km.iter().map(|&m| if m == 0 { f32::MIN } else { 0.0 }));
         key_bias.resize(tiles * width, f32::NEG_INFINITY);
+        if let Some(bq) = b_(0) {
+            // (q + b_q)·k = q·k + b_q·k: the query bias adds the same to every row's score of key k, so it joins
+            // the key bias (a padded key's f32::MIN or the -∞ past the last key absorb it).
+            for (tile, kb) in keys.chunks_exact(hd * width).zip(key_bias.chunks_exact_mut(width)) {
+                for (column, &b) in tile.chunks_exact(width).zip(bq) {
+                    for (kb, &k) in kb.iter_mut().zip(column) {
+                        *kb += b * k;
+                    }
+                }
+            }
+        }
         max.clear();
         max.resize(s, 0.0);
         // Scores, the key bias added on the way out.
@@ -294,25 +321,48 @@ impl WithSimd for Head<'_> {
     }
 }
 
-/// Copies rows `0..s` one after the other into `buffer`.
-fn pack_rows<'a>(buffer: &mut Vec<f32>, s: usize, row: impl Fn(usize) -> &'a [f32]) {
+/// Copies rows `0..s` one after the other into `buffer`, adding `bias` (of a row's length) where given.
+#[inline(always)]
+fn pack_rows<'a>(buffer: &mut Vec<f32>, s: usize, bias: Option<&[f32]>, row: impl Fn(usize) -> &'a [f32]) {
     buffer.clear();
-    for i in 0..s {
-        buffer.extend_from_slice(row(i));
+    match bias {
+        Some(bias) => {
+            buffer.resize(s * bias.len(), 0.0);
+            for (i, dst) in buffer.chunks_exact_mut(bias.len()).enumerate() {
+                for ((d, &x), &b) in dst.iter_mut().zip(row(i)).zip(bias) {
+                    *d = x + b;
+                }
+            }
+        }
+        None => {
+            for i in 0..s {
+                buffer.extend_from_slice(row(i));
+            }
+        }
     }
 }
 
-/// Writes the `s` keys (of `hd` dimensions each) scaled and transposed into `keys`, tiles of `width` keys:
-/// `tiles × hd × width`, zero past the last key. Compiled for the baseline instruction set on purpose: with
-/// AVX-512 the compiler turns the strided stores into scatters, which made this 6× slower.
+/// Writes the `s` keys (of `hd` dimensions each), plus `bias` where given, scaled and transposed into `keys`,
+/// tiles of `width` keys: `tiles × hd × width`, zero past the last key. Compiled for the baseline instruction
+/// set on purpose: with AVX-512 the compiler turns the strided stores into scatters, which made this 6× slower.
 #[inline(never)]
-fn pack_keys<'a>(keys: &mut Vec<f32>, key: impl Fn(usize) -> &'a [f32], s: usize, hd: usize, width: usize, scale: f32) {
+fn pack_keys<'a>(
+    keys: &mut Vec<f32>,
+    key: impl Fn(usize) -> &'a [f32],
+    bias: Option<&[f32]>,
+    s: usize,
+    hd: usize,
+    width: usize,
+    scale: f32,
+) {
     keys.clear();
     keys.resize(s.div_ceil(width) * hd * width, 0.0);
     for (t, tile) in keys.chunks_exact_mut(hd * width).enumerate() {
         for (jj, j) in (t * width..((t + 1) * width).min(s)).enumerate() {
-            for (column, &k) in tile.chunks_exact_mut(width).zip(key(j)) {
-                column[jj] = k * scale;
+            let columns = tile.chunks_exact_mut(width).zip(key(j));
+            match bias {
+                Some(bias) => columns.zip(bias).for_each(|((column, &k), &b)| column[jj] = (k + b) * scale),
+                None => columns.for_each(|(column, &k)| column[jj] = k * scale),
             }
         }
     }
@@ -515,6 +565,13 @@ mod tests {
         Dims { batch, seq, hidden: heads * hd, heads, intermediate: 4, eps: 1e-12, bf16: false }
     }
 
+    /// Random q, k and v biases, and the q|k|v rows less them.
+    fn split_biases(rng: &mut impl Rng, qkv: &[f32], h: usize) -> ([Vec<f32>; 3], Vec<f32>) {
+        let biases: [Vec<f32>; 3] = std::array::from_fn(|_| (0..h).map(|_| rng.gen_range(-1.0..1.0)).collect());
+        let unbiased = qkv.iter().enumerate().map(|(i, x)| x - biases[(i / h) % 3][i % h]).collect();
+        (biases, unbiased)
+    }
+
     /// The fused kernel against the products of the general path, in inference and in training (with the
     /// probabilities and dropout), at sizes around the tile edges and with padded and fully padded examples.
     #[test]
@@ -532,22 +589,29 @@ mod tests {
             }
             let drop: Vec<f32> =
                 (0..batch * heads * seq * seq).map(|_| if rng.gen_bool(0.2) { 0.0 } else { 1.25 }).collect();
+            let (biases, unbiased) = split_biases(&mut rng, &qkv, d.hidden);
+            let bias = Some([&biases[0][..], &biases[1][..], &biases[2][..]]);
             for train in [false, true] {
                 let dropout = train.then_some(&drop[..]);
                 let (mut p1, mut p2) = (vec![0f32; drop.len()], vec![0f32; drop.len()]);
                 let (mut blocks, mut want) = (vec![0f32; n * d.hidden], vec![0f32; n * d.hidden]);
                 attention_general(&d, &qkv, &key_mask, dropout, train.then_some(&mut p1[..]), &mut blocks, &mut want);
-                let mut got = vec![f32::NAN; n * d.hidden];
-                attention_fused(&d, &qkv, &key_mask, dropout, train.then_some(&mut p2[..]), &mut got);
-                for (i, (a, b)) in got.iter().zip(&want).enumerate() {
-                    assert!(
-                        (a - b).abs() <= 1e-5 * (1.0 + b.abs()),
-                        "{batch}x{seq}x{heads}x{hd} train={train} ctx[{i}]: {a} vs {b}"
-                    );
-                }
-                if train {
-                    for (i, (a, b)) in p2.iter().zip(&p1).enumerate() {
-                        assert!((a - b).abs() <= 1e-6 + 1e-5 * b, "{batch}x{seq}x{heads}x{hd} probs[{i}]: {a} vs {b}");
+                // The rows with their biases, and without them for the kernel to add.
+                for (rows, bias) in [(&qkv, None), (&unbiased, bias)] {
+                    let mut got = vec![f32::NAN; n * d.hidden];
+                    attention_fused(&d, rows, bias, &key_mask, dropout, train.then_some(&mut p2[..]), &mut got);
+                    let deferred = bias.is_some();
+                    for (i, (a, b)) in got.iter().zip(&want).enumerate() {
+                        assert!(
+                            (a - b).abs() <= 1e-5 * (1.0 + b.abs()),
+                            "{batch}x{seq}x{heads}x{hd} train={train} deferred={deferred} ctx[{i}]: {a} vs {b}"
+                        );
+                    }
+                    if train {
+                        for (i, (a, b)) in p2.iter().zip(&p1).enumerate() {
+                            let ok = (a - b).abs() <= 1e-6 + 1e-5 * b;
+                            assert!(ok, "{batch}x{seq}x{heads}x{hd} deferred={deferred} probs[{i}]: {a} vs {b}");
+                        }
                     }
                 }
             }
@@ -568,14 +632,22 @@ mod tests {
                 (0..batch * heads * seq * seq).map(|_| if rng.gen_bool(0.2) { 0.0 } else { 1.25 }).collect();
             let mut probs = vec![0f32; drop.len()];
             let mut ctx = vec![0f32; n * d.hidden];
-            attention_fused(&d, &qkv, &key_mask, None, Some(&mut probs[..]), &mut ctx);
+            attention_fused(&d, &qkv, None, &key_mask, None, Some(&mut probs[..]), &mut ctx);
+            let (biases, unbiased) = split_biases(&mut rng, &qkv, d.hidden);
+            let bias = Some([&biases[0][..], &biases[1][..], &biases[2][..]]);
             for dropout in [None, Some(&drop[..])] {
                 let want = attention_backward_general(&d, &qkv, &probs, dropout, &dctx);
-                let mut got = vec![f32::NAN; n * 3 * d.hidden];
-                attention_backward_fused(&d, &qkv, &probs, dropout, &dctx, &mut got);
-                for (i, (a, b)) in got.iter().zip(&want).enumerate() {
-                    let ok = (a - b).abs() <= 1e-5 * (1.0 + b.abs());
-                    assert!(ok, "{batch}x{seq}x{heads}x{hd} dropout={} dqkv[{i}]: {a} vs {b}", dropout.is_some());
+                for (rows, bias) in [(&qkv, None), (&unbiased, bias)] {
+                    let mut got = vec![f32::NAN; n * 3 * d.hidden];
+                    attention_backward_fused(&d, rows, bias, &probs, dropout, &dctx, &mut got);
+                    for (i, (a, b)) in got.iter().zip(&want).enumerate() {
+                        let ok = (a - b).abs() <= 1e-5 * (1.0 + b.abs());
+                        let (dropout, deferred) = (dropout.is_some(), bias.is_some());
+                        assert!(
+                            ok,
+                            "{batch}x{seq}x{heads}x{hd} dropout={dropout} deferred={deferred} dqkv[{i}]: {a} vs {b}"
+                        );
+                    }
                 }
             }
         }
@@ -585,7 +657,7 @@ mod tests {
     fn both_passes<S: Simd>(
         simd: S,
         d: &Dims,
-        qkv: &[f32],
+        (qkv, bias): (&[f32], QkvBias<'_>),
         key_mask: &[u32],
         drop: &[f32],
         dctx: &[f32],
@@ -600,21 +672,22 @@ mod tests {
             let out = Columns::new(&mut ctx);
             for (bn, p) in probs.chunks_mut(ss).enumerate() {
                 let scratch = &mut scratch;
-                Head { d, qkv, key_mask, dropout: Some(drop), bn, probs: Some(p), scratch, out: &out }.with_simd(simd);
+                Head { d, qkv, bias, key_mask, dropout: Some(drop), bn, probs: Some(p), scratch, out: &out }
+                    .with_simd(simd);
             }
         }
         {
             let out = Columns::new(&mut inference);
             for bn in 0..d.batch * d.heads {
                 let scratch = &mut scratch;
-                Head { d, qkv, key_mask, dropout: None, bn, probs: None, scratch, out: &out }.with_simd(simd);
+                Head { d, qkv, bias, key_mask, dropout: None, bn, probs: None, scratch, out: &out }.with_simd(simd);
             }
         }
         {
             let out = Columns::new(&mut dqkv);
             for bn in 0..d.batch * d.heads {
                 let (probs, scratch) = (&probs[..], &mut scratch);
-                HeadBackward { d, qkv, probs, dropout: Some(drop), dctx, bn, scratch, out: &out }.with_simd(simd);
+                HeadBackward { d, qkv, bias, probs, dropout: Some(drop), dctx, bn, scratch, out: &out }.with_simd(simd);
             }
         }
         [ctx, probs, dqkv, inference]
@@ -643,23 +716,31 @@ mod tests {
             let want_dqkv = attention_backward_general(&d, &qkv, &want_probs, Some(&drop), &dctx);
             let mut want_inference = vec![0f32; n * d.hidden];
             attention_general(&d, &qkv, &key_mask, None, None, &mut blocks, &mut want_inference);
-            let got = [
-                both_passes(pulp::Scalar::new(), &d, &qkv, &key_mask, &drop, &dctx),
-                both_passes(pulp::Scalar128b, &d, &qkv, &key_mask, &drop, &dctx),
-                both_passes(pulp::Scalar256b, &d, &qkv, &key_mask, &drop, &dctx),
-                both_passes(pulp::Scalar512b, &d, &qkv, &key_mask, &drop, &dctx),
-            ];
-            for (lanes, [ctx, probs, dqkv, inference]) in [1, 4, 8, 16].into_iter().zip(got) {
-                let outputs = [
-                    ("ctx", ctx, &want_ctx),
-                    ("probs", probs, &want_probs),
-                    ("dqkv", dqkv, &want_dqkv),
-                    ("inference ctx", inference, &want_inference),
+            // The rows with their biases, and without them for the kernels to add.
+            let (biases, unbiased) = split_biases(&mut rng, &qkv, d.hidden);
+            let bias = Some([&biases[0][..], &biases[1][..], &biases[2][..]]);
+            for (rows, deferred) in [((&qkv[..], None), false), ((&unbiased[..], bias), true)] {
+                let got = [
+                    both_passes(pulp::Scalar::new(), &d, rows, &key_mask, &drop, &dctx),
+                    both_passes(pulp::Scalar128b, &d, rows, &key_mask, &drop, &dctx),
+                    both_passes(pulp::Scalar256b, &d, rows, &key_mask, &drop, &dctx),
+                    both_passes(pulp::Scalar512b, &d, rows, &key_mask, &drop, &dctx),
                 ];
-                for (what, got, want) in outputs {
-                    for (i, (a, b)) in got.iter().zip(want).enumerate() {
-                        let ok = (a - b).abs() <= 1e-5 * (1.0 + b.abs());
-                        assert!(ok, "{lanes} lanes, {batch}x{seq}x{heads}x{hd} {what}[{i}]: {a} vs {b}");
+                for (lanes, [ctx, probs, dqkv, inference]) in [1, 4, 8, 16].into_iter().zip(got) {
+                    let outputs = [
+                        ("ctx", ctx, &want_ctx),
+                        ("probs", probs, &want_probs),
+                        ("dqkv", dqkv, &want_dqkv),
+                        ("inference ctx", inference, &want_inference),
+                    ];
+                    for (what, got, want) in outputs {
+                        for (i, (a, b)) in got.iter().zip(want).enumerate() {
+                            let ok = (a - b).abs() <= 1e-5 * (1.0 + b.abs());
+                            assert!(
+                                ok,
+                                "{lanes} lanes, {batch}x{seq}x{heads}x{hd} deferred={deferred} {what}[{i}]: {a} vs {b}"
+                            );
+                        }
                     }
                 }
             }

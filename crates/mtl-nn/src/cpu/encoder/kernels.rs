@@ -3,6 +3,7 @@
 
 use rayon::prelude::*;
 
+use super::attention::QkvBias;
 use super::*;
 use crate::cpu::gemm::{matmul, Threads, View, ViewMut};
 use crate::cpu::math::{self, simd};
@@ -65,6 +66,11 @@ pub(super) fn matmul_in(
 /// other: the weights stack into `[3h × h]`, the biases into `[3h]`.
 pub(super) fn stacked(w: &[&[f32]], first: usize) -> Vec<f32> {
     [w[first], w[first + 2], w[first + 4]].concat()
+}
+
+/// The q, k and v biases of a layer's parameters ([`LayerParams`] order).
+pub(super) fn qkv_biases<'a>(w: &[&'a [f32]]) -> [&'a [f32]; 3] {
+    [w[QB], w[QB + 2], w[QB + 4]]
 }
 
 /// `dst[j] += Σ_rows m[row, offset + j]` over rows of `stride` elements, in parallel over blocks of columns
@@ -379,7 +385,7 @@ pub fn attention_forward(
 ) -> Vec<f32> {
     let mut blocks = vec![0f32; d.tokens() * d.hidden];
     let mut ctx = vec![0f32; d.tokens() * d.hidden];
-    attention_into(d, qkv, key_mask, dropout, probs, &mut blocks, &mut ctx);
+    attention_into(d, qkv, None, key_mask, dropout, probs, &mut blocks, &mut ctx);
     ctx
 }
 
@@ -388,10 +394,14 @@ pub fn attention_forward(
 /// `seq × head_dim` result into its block of `blocks` (same size as `ctx`, overwritten) and from there into its
 /// columns of `ctx`. The scores of inference and the dropped-out probabilities live in one buffer per thread.
 /// Heads whose size is a multiple of 16 take [`super::attention::attention_fused`], the others the general
-/// products of [`attention_general`]; only the latter uses `blocks` (it may be empty otherwise).
+/// products of [`attention_general`]; only the latter uses `blocks` (it may be empty otherwise). `bias`: the
+/// q|k|v rows lack their biases, for the fused kernel to add ([`super::attention::QkvBias`]; the general path
+/// takes rows with their biases only).
+#[allow(clippy::too_many_arguments)]
 pub(super) fn attention_into(
     d: &Dims,
     qkv: &[f32],
+    bias: QkvBias<'_>,
     key_mask: &[u32],
     dropout: Option<&[f32]>,
     probs: Option<&mut [f32]>,
@@ -399,8 +409,9 @@ pub(super) fn attention_into(
     ctx: &mut [f32],
 ) {
     if super::attention::fits(d) {
-        super::attention::attention_fused(d, qkv, key_mask, dropout, probs, ctx)
+        super::attention::attention_fused(d, qkv, bias, key_mask, dropout, probs, ctx)
     } else {
+        assert!(bias.is_none(), "attention: deferred q|k|v biases with heads the fused kernel does not take");
         attention_general(d, qkv, key_mask, dropout, probs, blocks, ctx)
     }
 }
@@ -452,11 +463,24 @@ pub(super) fn attention_general(
 /// [`attention_backward_general`].
 #[doc(hidden)] // public for the kernel benchmarks
 pub fn attention_backward(d: &Dims, qkv: &[f32], probs: &[f32], dropout: Option<&[f32]>, dctx: &[f32]) -> Vec<f32> {
+    attention_backward_biased(d, qkv, None, probs, dropout, dctx)
+}
+
+/// [`attention_backward`] with the q|k|v rows' biases left to the kernel where `bias` ([`attention_into`]).
+pub(super) fn attention_backward_biased(
+    d: &Dims,
+    qkv: &[f32],
+    bias: QkvBias<'_>,
+    probs: &[f32],
+    dropout: Option<&[f32]>,
+    dctx: &[f32],
+) -> Vec<f32> {
     if super::attention::fits(d) {
         let mut dqkv = pool::take(d.tokens() * 3 * d.hidden);
-        super::attention::attention_backward_fused(d, qkv, probs, dropout, dctx, &mut dqkv);
+        super::attention::attention_backward_fused(d, qkv, bias, probs, dropout, dctx, &mut dqkv);
         return dqkv;
     }
+    assert!(bias.is_none(), "attention: deferred q|k|v biases with heads the fused kernel does not take");
     attention_backward_general(d, qkv, probs, dropout, dctx)
 }
 

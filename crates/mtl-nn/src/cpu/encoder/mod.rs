@@ -26,6 +26,7 @@ use super::pool;
 use super::profile::{time, Phase};
 
 mod attention;
+use attention::QkvBias;
 mod kernels;
 mod lora;
 
@@ -93,7 +94,9 @@ pub struct LayerDropout {
 /// What the backward pass of one layer needs from its forward pass.
 #[derive(Clone)]
 struct Tape {
+    /// The q|k|v rows, without their biases where `qkv_biased` is false (the attention kernels add them).
     qkv: Vec<f32>,
+    qkv_biased: bool,
     probs: Vec<f32>,
     ctx: Vec<f32>,
     xhat1: Vec<f32>,
@@ -114,7 +117,7 @@ struct Tape {
 impl Tape {
     /// Hands the buffers back to the pool once the backward pass is done with them.
     fn recycle(self) {
-        let Tape { qkv, probs, ctx, xhat1, rstd1, y1, dgelu, g, xhat2, rstd2, out, lora_h } = self;
+        let Tape { qkv, probs, ctx, xhat1, rstd1, y1, dgelu, g, xhat2, rstd2, out, lora_h, .. } = self;
         for v in [qkv, probs, ctx, xhat1, rstd1, y1, dgelu, g, xhat2, rstd2]
             .into_iter()
             .chain(out)
@@ -428,6 +431,13 @@ pub trait LayerWeights: Sync {
         self.project(p, x, rows, out);
         None
     }
+    /// Writes the q|k|v rows into `out` (`rows × 3 · hidden`) without their biases and returns those, for the
+    /// attention kernel to add as it packs the rows, or writes them with the biases and returns `None` (the
+    /// default).
+    fn project_qkv_deferred(&self, x: &[f32], rows: usize, out: &mut [f32]) -> QkvBias<'_> {
+        self.project(Proj::Qkv, x, rows, out);
+        None
+    }
     /// The attention LayerNorm's weight and bias, then the output LayerNorm's.
     fn norms(&self) -> [&[f32]; 4];
 }
@@ -477,6 +487,26 @@ impl LayerWeights for F32Layer<'_> {
         Some(bias)
     }
 
+    /// In f32 the product overwrites `out`: neither a pass filling `out` with the biases nor the product's
+    /// read of it.
+    fn project_qkv_deferred(&self, x: &[f32], rows: usize, out: &mut [f32]) -> QkvBias<'_> {
+        if self.bf16 {
+            self.project(Proj::Qkv, x, rows, out);
+            return None;
+        }
+        let h = self.hidden;
+        let weight = stacked(self.w, QW);
+        matmul(
+            ViewMut::new(out, rows, 3 * h),
+            View::new(x, rows, h),
+            View::new(&weight, 3 * h, h).t(),
+            1.0,
+            false,
+            Threads::All,
+        );
+        Some(qkv_biases(self.w))
+    }
+
     fn norms(&self) -> [&[f32]; 4] {
         [self.w[N1W], self.w[N1B], self.w[N2W], self.w[N2B]]
     }
@@ -509,13 +539,20 @@ fn layer_forward(
             lora_h[site] = lora.forward(d, site, x, out, stride, offset);
         }
     };
-    let qkv = time(Phase::Projections, || {
+    // The fused attention kernel adds the q|k|v biases itself (the general path takes rows with them).
+    let (qkv, qkv_bias) = time(Phase::Projections, || {
         let mut qkv = pool::take(n * 3 * h);
-        w.project(Proj::Qkv, x, n, &mut qkv);
+        let bias = match attention::fits(d) {
+            true => w.project_qkv_deferred(x, n, &mut qkv),
+            false => {
+                w.project(Proj::Qkv, x, n, &mut qkv);
+                None
+            }
+        };
         for site in 0..3 {
             adapt(site, x, &mut qkv, 3 * h, site * h);
         }
-        qkv
+        (qkv, bias)
     });
     let mut probs = if train { pool::take(d.batch * d.heads * d.seq * d.seq) } else { Vec::new() };
     let ctx = time(Phase::Attention, || {
@@ -523,7 +560,7 @@ fn layer_forward(
         let mut blocks = if attention::fits(d) { Vec::new() } else { pool::take(n * h) };
         let mut ctx = pool::take(n * h);
         let mask = dropout.map(|d| &d.attention[..]);
-        attention_into(d, &qkv, key_mask, mask, train.then_some(&mut probs[..]), &mut blocks, &mut ctx);
+        attention_into(d, &qkv, qkv_bias, key_mask, mask, train.then_some(&mut probs[..]), &mut blocks, &mut ctx);
         pool::give(blocks);
         ctx
     });
@@ -571,7 +608,8 @@ fn layer_forward(
     });
     pool::give(o);
     if train {
-        let tape = Tape { qkv, probs, ctx, xhat1, rstd1, y1, dgelu, g, xhat2, rstd2, out: None, lora_h };
+        let qkv_biased = qkv_bias.is_none();
+        let tape = Tape { qkv, qkv_biased, probs, ctx, xhat1, rstd1, y1, dgelu, g, xhat2, rstd2, out: None, lora_h };
         return (y2, Some(tape));
     }
     for v in [qkv, ctx, xhat1, rstd1, y1, g, xhat2, rstd2] {
@@ -710,8 +748,9 @@ fn layer_backward(
         dctx
     });
     recycle(da);
-    let dqkv =
-        time(Phase::Attention, || attention_backward(d, &t.qkv, &t.probs, dropout.map(|d| &d.attention[..]), &dctx));
+    let bias = (!t.qkv_biased).then(|| qkv_biases(w));
+    let mask = dropout.map(|d| &d.attention[..]);
+    let dqkv = time(Phase::Attention, || attention_backward_biased(d, &t.qkv, bias, &t.probs, mask, &dctx));
     pool::give(dctx);
     // The q, k, v projections, as one product against the stacked weight.
     let mut dx = dr1;
