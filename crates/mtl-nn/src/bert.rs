@@ -17,6 +17,7 @@ use crate::modernbert::{self, Modern};
 
 use crate::attention::{self, AttentionSpec};
 use crate::cpu::encoder::{Dims, FusedEncoder, FusedLora, GradSink, LayerDropout, LayerParams, Proj};
+use crate::cpu::fused::{embed_norm, Words};
 use crate::cpu::int8::{Int8Encoder, Int8Layer, Int8Matrix};
 pub use crate::layers::Activation;
 use crate::layers::{DropoutRng, LayerNorm, Linear};
@@ -946,8 +947,7 @@ impl Bert {
 
     /// The hidden states of the last layer, flattened to `[batch * seq, hidden]`.
     pub fn forward(&self, input: &BertInput, dropout: &DropoutRng, mode: Mode) -> Result<Tensor> {
-        let words = self.word_embeddings(&input.input_ids)?;
-        self.forward_words(input, &words, dropout, mode)
+        self.forward_from(input, None, dropout, mode)
     }
 
     /// The rows of the word-embedding table for `ids` (`[batch, seq]`): `[batch, seq, width]`.
@@ -961,6 +961,17 @@ impl Bert {
     /// `input.input_ids` (whose position and token-type embeddings are still added): the layer that
     /// integrated gradients interpolate ([`crate::explain`]).
     pub fn forward_words(&self, input: &BertInput, words: &Tensor, dropout: &DropoutRng, mode: Mode) -> Result<Tensor> {
+        self.forward_from(input, Some(words), dropout, mode)
+    }
+
+    /// [`Bert::forward_words`], or [`Bert::forward`] where `words` is absent.
+    fn forward_from(
+        &self,
+        input: &BertInput,
+        words: Option<&Tensor>,
+        dropout: &DropoutRng,
+        mode: Mode,
+    ) -> Result<Tensor> {
         let (b, s) = input.input_ids.dims2()?;
         let h = self.config.hidden_size;
         if s > self.config.max_tokens() {
@@ -971,28 +982,56 @@ impl Bert {
         // every position from there gives the real tokens transformers' positions).
         let offset = self.config.position_offset() as u32;
         let width = self.config.embedding_width();
-        if words.dims() != [b, s, width] {
-            return Err(NnError::Input(format!(
-                "word embeddings of shape {:?}, expected [{b}, {s}, {width}]",
-                words.dims()
-            )));
-        }
-        let mut x = words.clone();
-        if let Some(position) = &self.embeddings.position {
-            let positions = Tensor::arange(offset, offset + s as u32, words.device())?;
-            x = x.broadcast_add(&position.index_select(&positions, 0)?)?; // [s, width]
-        }
-        match &self.embeddings.token_type {
-            // One token type (RoBERTa's families): every token has it, whatever types the tokenizer gave a pair.
-            Some(token_type) if token_type.dim(0)? == 1 => x = x.broadcast_add(token_type)?,
-            Some(token_type) => {
-                let types = input.token_type_ids.flatten_all()?;
-                x = (x + token_type.index_select(&types, 0)?.reshape((b, s, width))?)?;
+        if let Some(words) = words {
+            if words.dims() != [b, s, width] {
+                return Err(NnError::Input(format!(
+                    "word embeddings of shape {:?}, expected [{b}, {s}, {width}]",
+                    words.dims()
+                )));
             }
-            None => {}
         }
-        let x = self.embeddings.norm.forward(&x.reshape((b * s, width))?)?;
-        let mut x = dropout.apply(&x, mode)?;
+        let e = &self.embeddings;
+        // One token type (RoBERTa's families): every token has it, whatever types the tokenizer gave a pair.
+        let one_type = e.token_type.as_ref().map(|t| t.dim(0)).transpose()? == Some(1);
+        let mut x = if mode == Mode::Eval && e.word.device().is_cpu() && e.word.dtype() == candle_core::DType::F32 {
+            // Evaluation records no graph: the sum and the norm in one pass, the word rows read from the table.
+            let ids = input.input_ids.flatten_all()?.to_vec1::<u32>()?;
+            let types = match one_type {
+                false if e.token_type.is_some() => Some(input.token_type_ids.flatten_all()?.to_vec1::<u32>()?),
+                _ => None,
+            };
+            let rows;
+            let words = match words {
+                Some(w) => {
+                    rows = w.reshape((b * s, width))?.contiguous()?;
+                    Words::Rows(&rows)
+                }
+                None => Words::Table(&e.word, &ids),
+            };
+            let positions = e.position.as_ref().map(|p| p.narrow(0, offset as usize, s)).transpose()?;
+            let (norm, token_types) = (&e.norm, e.token_type.as_ref());
+            let types = types.as_deref();
+            embed_norm(words, positions.as_ref(), token_types, types, &norm.weight, &norm.bias, norm.eps, s)?
+        } else {
+            let mut x = match words {
+                Some(w) => w.clone(),
+                None => self.word_embeddings(&input.input_ids)?,
+            };
+            if let Some(position) = &e.position {
+                let positions = Tensor::arange(offset, offset + s as u32, x.device())?;
+                x = x.broadcast_add(&position.index_select(&positions, 0)?)?; // [s, width]
+            }
+            match &e.token_type {
+                Some(token_type) if one_type => x = x.broadcast_add(token_type)?,
+                Some(token_type) => {
+                    let types = input.token_type_ids.flatten_all()?;
+                    x = (x + token_type.index_select(&types, 0)?.reshape((b, s, width))?)?;
+                }
+                None => {}
+            }
+            let x = e.norm.forward(&x.reshape((b * s, width))?)?;
+            dropout.apply(&x, mode)?
+        };
         if let Some(project) = &self.embeddings.project {
             // ELECTRA's narrower embeddings, to the blocks' width (frozen under parameter-efficient tuning).
             x = match self.peft {

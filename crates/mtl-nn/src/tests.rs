@@ -68,6 +68,24 @@ fn hidden_states_match_transformers() -> TestResult {
     Ok(())
 }
 
+/// In evaluation the embeddings are summed and normalised in one pass, from the table or from given word rows
+/// (integrated gradients' input): both equal the graph training builds, with dropout off.
+#[test]
+fn evaluation_embeddings_equal_the_training_graph() -> TestResult {
+    let reference = reference()?;
+    let model = tiny_model(&[("intent", TaskKind::Classification, 3)], 0.0)?;
+    let batch = batch_from(&reference);
+    let task = TaskId::new("intent")?;
+    let words = model.word_embeddings(&batch)?;
+    let train = model.encode(&batch, Mode::Train)?;
+    let outputs = [model.encode(&batch, Mode::Eval)?, model.encode_words(&task, &batch, &words, Mode::Eval)?];
+    for (what, eval) in ["table", "rows"].into_iter().zip(outputs) {
+        let diff = (&eval - &train)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(diff < 1e-5, "{what}: evaluation differs from training by {diff}");
+    }
+    Ok(())
+}
+
 #[test]
 fn loss_and_gradients_match_pytorch() -> TestResult {
     head_loss_and_gradients_match(&fixture_dir(), "tiny-bert")

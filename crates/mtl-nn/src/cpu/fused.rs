@@ -34,6 +34,105 @@ struct LayerNormOp {
     eps: f32,
 }
 
+/// Where [`embed_norm`] reads each row's word embedding.
+pub enum Words<'a> {
+    /// Row `ids[r]` of the table (`[vocab, width]`).
+    Table(&'a Tensor, &'a [u32]),
+    /// Row `r` of these (`[rows, width]`).
+    Rows(&'a Tensor),
+}
+
+/// The embeddings of inference in one pass over the rows, recording no graph: row `r` (position `r % seq`) is
+/// `LayerNorm(word(r) + positions[r % seq] + token_types[type(r)])`, with `positions` the `[seq, width]` rows
+/// of the positions in use, and `types` each row's token type (absent: every row takes the table's first).
+/// What a graph of gather, two adds and [`layer_norm`] computes, without the three full-size passes and
+/// allocations between them (4.5 of a 340 ms inference step on MiniLM, 32 × 128 tokens).
+#[allow(clippy::too_many_arguments)]
+pub fn embed_norm(
+    words: Words<'_>,
+    positions: Option<&Tensor>,
+    token_types: Option<&Tensor>,
+    types: Option<&[u32]>,
+    weight: &Tensor,
+    bias: &Tensor,
+    eps: f64,
+    seq: usize,
+) -> Result<Tensor> {
+    const WHAT: &str = "embeddings";
+    let (table, rows) = match words {
+        Words::Table(table, ids) => (table, ids.len()),
+        Words::Rows(rows) => (rows, rows.dim(0)?),
+    };
+    let width = weight.elem_count();
+    let device = table.device().clone();
+    // The tensors' storages, read in place (the word table is tens of megabytes).
+    let tensors = [Some(table), positions, token_types, Some(weight), Some(bias)];
+    let guards: Vec<_> = tensors.iter().map(|t| t.map(|t| t.storage_and_layout())).collect();
+    let slice = |i: usize| -> candle_core::Result<Option<&[f32]>> {
+        let Some((storage, layout)) = &guards[i] else { return Ok(None) };
+        Ok(Some(cpu_f32(storage, layout, WHAT)?))
+    };
+    let (Some(table), positions, token_types, Some(gamma), Some(beta)) =
+        (slice(0)?, slice(1)?, slice(2)?, slice(3)?, slice(4)?)
+    else {
+        unreachable!("the table and the norm's parameters are always given")
+    };
+    let ok = width > 0
+        && beta.len() == width
+        && table.len().is_multiple_of(width)
+        && positions.is_none_or(|p| p.len() == seq * width)
+        && token_types.is_none_or(|t| !t.is_empty() && t.len().is_multiple_of(width))
+        && types.is_none_or(|t| t.len() == rows)
+        && rows.is_multiple_of(seq.max(1));
+    if !ok {
+        return Err(candle_core::Error::Msg(format!("{WHAT}: shapes do not match")).into());
+    }
+    let word_row = |r: usize| -> candle_core::Result<&[f32]> {
+        let i = match words {
+            Words::Table(_, ids) => ids[r] as usize,
+            Words::Rows(_) => r,
+        };
+        table
+            .get(i * width..(i + 1) * width)
+            .ok_or_else(|| candle_core::Error::Msg(format!("{WHAT}: id {i} out of range")))
+    };
+    let type_row = |r: usize| -> candle_core::Result<Option<&[f32]>> {
+        let Some(t) = token_types else { return Ok(None) };
+        let i = types.map_or(0, |types| types[r] as usize);
+        t.get(i * width..(i + 1) * width)
+            .map(Some)
+            .ok_or_else(|| candle_core::Error::Msg(format!("{WHAT}: token type {i} out of range")))
+    };
+    let mut y = vec![0f32; rows * width];
+    let eps = eps as f32;
+    y.par_chunks_mut(width * ROWS_PER_TASK).enumerate().try_for_each(|(c, ys)| -> candle_core::Result<()> {
+        for (i, y) in ys.chunks_exact_mut(width).enumerate() {
+            let r = c * ROWS_PER_TASK + i;
+            let (w, t) = (word_row(r)?, type_row(r)?);
+            let p = positions.map(|p| &p[(r % seq) * width..(r % seq + 1) * width]);
+            super::math::simd(
+                #[inline(always)]
+                || {
+                    y.copy_from_slice(w);
+                    for extra in [p, t].into_iter().flatten() {
+                        for (y, &e) in y.iter_mut().zip(extra) {
+                            *y += e;
+                        }
+                    }
+                    let mean = super::math::sum(y) / width as f32;
+                    let rstd = 1.0 / (super::math::sum_sq_dev(y, mean) / width as f32 + eps).sqrt();
+                    for ((y, &g), &b) in y.iter_mut().zip(gamma).zip(beta) {
+                        *y = (*y - mean) * rstd * g + b;
+                    }
+                },
+            );
+        }
+        Ok(())
+    })?;
+    drop(guards);
+    Ok(Tensor::from_vec(y, (rows, width), &device)?)
+}
+
 fn row_stats(x: &[f32], eps: f32) -> (f32, f32) {
     let n = x.len() as f32;
     let mean = x.iter().sum::<f32>() / n;
