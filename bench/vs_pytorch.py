@@ -5,7 +5,8 @@ mtl / PyTorch. WORKLOADS=train-lora (comma-separated names) runs only those; MOD
 MiniLM for both engines (e.g. assets/models/all-mpnet-base-v2; W3's LoRA targets BERT's module names).
 
 Where the time goes: it prints the CPU and its vector flags, measures each engine's matrix-product rate at the
-encoder's projection shapes (mtl-bench gemm, torch.matmul), takes the best as the machine's gemm peak, and gives
+encoder's projection shapes (mtl-bench gemm, torch.matmul) at the start of every round, takes the best of each
+round and the median over rounds as the machine's gemm peak, and gives
 every workload's achieved GFLOP/s (from the model's shapes: projections and attention products, backward twice
 the forward, none for frozen weights) and its share of that peak, with mtl's per-phase split of each step.
 On a CPU with AMX it adds W1 and W2 in bf16 (train-bf16, infer-bf16: mtl's model.precision = "bf16" against
@@ -111,17 +112,23 @@ def main():
             return [PY, os.path.join(ROOT, "bench", "torch_workloads.py")] + common + ["--threads", str(threads)]
         return [MTL] + common
 
-    # The machine's matrix-product peak at the encoder's shapes: the better engine's best shape.
-    peaks = {}
-    for precision in ["f32", "bf16"] if any(w.endswith("bf16") for w in selected) else ["f32"]:
-        workload = "gemm" if precision == "f32" else "gemm-bf16"
-        rates = {engine: run(command(engine, workload, 2))["peak_gflops"] for engine in ["pytorch", "mtl"]}
-        peaks[precision] = max(rates.values())
-        print(f"gemm peak {precision}: {peaks[precision]:.0f} GFLOP/s (mtl {rates['mtl']:.0f}, pytorch "
-              f"{rates['pytorch']:.0f}) at {model_dir}'s projection shapes, 32 x 128 tokens", flush=True)
+    # The machine's matrix-product peak at the encoder's shapes: the better engine's best shape, measured at the
+    # start of every round and taken as the median over rounds, so that the peak and the workloads are measured
+    # over the same stretch of time (on a shared machine one burst of the peak alone moved by 13% between runs).
+    precisions = ["f32", "bf16"] if any(w.endswith("bf16") for w in selected) else ["f32"]
+    round_peaks = {}
+
+    def measure_peaks(r):
+        for precision in precisions:
+            workload = "gemm" if precision == "f32" else "gemm-bf16"
+            rates = {engine: run(command(engine, workload, 2))["peak_gflops"] for engine in ["pytorch", "mtl"]}
+            round_peaks.setdefault(precision, []).append(max(rates.values()))
+            print(f"round {r + 1} gemm peak {precision}: {max(rates.values()):.0f} GFLOP/s (mtl {rates['mtl']:.0f}, "
+                  f"pytorch {rates['pytorch']:.0f}) at {model_dir}'s projection shapes, 32 x 128 tokens", flush=True)
 
     times, rss, phases = {}, {}, {}
     for r in range(rounds):
+        measure_peaks(r)
         for workload in selected:
             engines = ["pytorch", "mtl"] if r % 2 == 0 else ["mtl", "pytorch"]
             for engine in engines:
@@ -138,6 +145,11 @@ def main():
         one = run_with_rss(command(engine, "train", 1), threads=1)
         scaling[engine] = one["median_ms"] / median(times[("train", engine)])
         print(f"1 thread train {engine:8s} median {one['median_ms']:8.1f} ms", flush=True)
+
+    peaks = {precision: median(v) for precision, v in round_peaks.items()}
+    for precision, v in round_peaks.items():
+        print(f"gemm peak {precision}: {peaks[precision]:.0f} GFLOP/s, the median of the rounds' "
+              f"{', '.join(f'{x:.0f}' for x in v)}")
 
     def rate(workload, engine):
         return gflop(model_dir, workload) / (median(times[(workload, engine)]) / 1e3)

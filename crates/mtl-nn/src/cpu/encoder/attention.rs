@@ -196,7 +196,8 @@ impl WithSimd for HeadBackward<'_> {
         let b_ = |p: usize| bias.map(|b| &b[p][head * hd..(head + 1) * hd]);
         // Queries, keys and the context's gradient packed; the values transposed as the score product's keys.
         pack_rows(queries, s, b_(0), |i| row(0, i));
-        pack_rows(values, s, b_(1), |i| row(1, i));
+        // The key bias is left out here too: dQ = scale · dS K, and each row of dS sums to zero.
+        pack_rows(values, s, None, |i| row(1, i));
         pack_rows(grads, s, None, dout_row);
         pack_keys(keys, |j| row(2, j), b_(2), s, hd, width, 1.0);
         let kv = S::as_simd_f32s(keys).0;
@@ -272,8 +273,9 @@ impl WithSimd for Head<'_> {
         };
         let b_ = |p: usize| bias.map(|b| &b[p][head * hd..(head + 1) * hd]);
         // The keys, scaled and transposed tile by tile; zeros past the last key. The values, packed. The queries
-        // are read in place.
-        pack_keys(keys, |j| row(1, j), b_(1), s, hd, width, scale);
+        // are read in place. The key bias is left out: it adds q·b_k to every score of the query's row, which
+        // the softmax cancels.
+        pack_keys(keys, |j| row(1, j), None, s, hd, width, scale);
         let kv = S::as_simd_f32s(keys).0;
         pack_rows(values, s, b_(2), |j| row(2, j));
         key_bias.clear();
