@@ -173,6 +173,49 @@ pub fn add_norm(
     }
 }
 
+/// [`add_norm`] for inference, in place: `branch ← LayerNorm(branch + bias + residual)`. Writing over the
+/// branch, which the next pass reads anyway, spares a destination whose every line the CPU would first have to
+/// fetch (a write to memory not in cache reads it first).
+pub(super) fn add_norm_in_place(
+    branch: &mut [f32],
+    bias: Option<&[f32]>,
+    residual: &[f32],
+    gamma: &[f32],
+    beta: &[f32],
+    eps: f32,
+) {
+    let h = gamma.len();
+    assert_eq!(branch.len(), residual.len(), "add_norm_in_place: sizes");
+    let chunk = h * ROWS_PER_TASK;
+    branch.par_chunks_mut(chunk).zip(residual.par_chunks(chunk)).for_each(|(rows, residual)| {
+        simd(
+            #[inline(always)]
+            || {
+                for (x, res) in rows.chunks_exact_mut(h).zip(residual.chunks_exact(h)) {
+                    match bias {
+                        Some(b) => {
+                            for ((x, &res), &b) in x.iter_mut().zip(res).zip(b) {
+                                *x += b + res;
+                            }
+                        }
+                        None => {
+                            for (x, &res) in x.iter_mut().zip(res) {
+                                *x += res;
+                            }
+                        }
+                    }
+                    let mean = math::sum(x) / h as f32;
+                    let var = math::sum_sq_dev(x, mean) / h as f32;
+                    let rs = 1.0 / (var + eps).sqrt();
+                    for ((x, &g), &b) in x.iter_mut().zip(gamma).zip(beta) {
+                        *x = (*x - mean) * rs * g + b;
+                    }
+                }
+            },
+        )
+    });
+}
+
 /// LayerNorm backward: returns the gradient of the normalised input and adds to `dgamma` and `dbeta`.
 /// Partial sums are added in chunk order, so the result does not depend on scheduling.
 #[doc(hidden)] // public for the kernel benchmarks

@@ -570,14 +570,21 @@ fn layer_forward(
         adapt(3, &ctx, &mut a, h, 0);
         (a, bias)
     });
-    // The normalised inputs are kept for the backward pass only.
-    let keep = |len: usize| if train { pool::take(len) } else { Vec::new() };
-    let (mut y1, mut xhat1, mut rstd1) = (pool::take(n * h), keep(n * h), pool::take(n));
-    time(Phase::Norms, || {
-        let mask = dropout.map(|d| &d.attention_output[..]);
-        add_norm(&a, a_bias, mask, x, n1w, n1b, d.eps, &mut y1, &mut xhat1, &mut rstd1)
-    });
-    pool::give(a);
+    // LayerNorm of `branch` (+ `bias`, dropout) + `residual`: in training into new buffers, with the normalised
+    // inputs and 1/σ the backward pass needs; in inference over the branch itself.
+    let norm = |mut branch: Vec<f32>, bias, mask: Option<&[f32]>, residual: &[f32], gamma, beta| {
+        if !train && mask.is_none() {
+            time(Phase::Norms, || add_norm_in_place(&mut branch, bias, residual, gamma, beta, d.eps));
+            return (branch, Vec::new(), Vec::new());
+        }
+        let (mut y, mut xhat, mut rstd) = (pool::take(n * h), pool::take(n * h), pool::take(n));
+        time(Phase::Norms, || {
+            add_norm(&branch, bias, mask, residual, gamma, beta, d.eps, &mut y, &mut xhat, &mut rstd)
+        });
+        pool::give(branch);
+        (y, xhat, rstd)
+    };
+    let (y1, xhat1, rstd1) = norm(a, a_bias, dropout.map(|d| &d.attention_output[..]), x, n1w, n1b);
     let (mut u, u_bias) = time(Phase::Projections, || {
         let mut u = pool::take(n * inter);
         let bias = w.project_deferred(Proj::Intermediate, &y1, n, &mut u);
@@ -602,11 +609,7 @@ fn layer_forward(
         adapt(5, &g, &mut o, h, 0);
         (o, bias)
     });
-    let (mut y2, mut xhat2, mut rstd2) = (pool::take(n * h), keep(n * h), pool::take(n));
-    time(Phase::Norms, || {
-        add_norm(&o, o_bias, dropout.map(|d| &d.output[..]), &y1, n2w, n2b, d.eps, &mut y2, &mut xhat2, &mut rstd2)
-    });
-    pool::give(o);
+    let (y2, xhat2, rstd2) = norm(o, o_bias, dropout.map(|d| &d.output[..]), &y1, n2w, n2b);
     if train {
         let qkv_biased = qkv_bias.is_none();
         let tape = Tape { qkv, qkv_biased, probs, ctx, xhat1, rstd1, y1, dgelu, g, xhat2, rstd2, out: None, lora_h };
