@@ -93,9 +93,8 @@ pub(super) fn col_sums(m: &[f32], stride: usize, offset: usize, dst: &mut [f32])
 }
 
 /// `y = LayerNorm((branch + bias) ∘ mask + residual)`, keeping the normalised input and 1/σ of each row
-/// (`bias` is the projection's that produced `branch`, when that product left it out). An empty `xhat` keeps
-/// no normalised input (inference): each row is summed into a buffer of one row instead, a write of the whole
-/// matrix fewer.
+/// (`bias` is the projection's that produced `branch`, when that product left it out); inference takes
+/// [`add_norm_in_place`].
 #[allow(clippy::too_many_arguments)]
 #[doc(hidden)] // public for the kernel benchmarks
 pub fn add_norm(
@@ -112,19 +111,13 @@ pub fn add_norm(
 ) {
     let h = gamma.len();
     let chunk = h * ROWS_PER_TASK;
-    let rows = |c: usize, y: &mut [f32], mut xhat: Option<&mut [f32]>, rstd: &mut [f32], row: &mut Vec<f32>| {
-        if xhat.is_none() {
-            row.resize(h, 0.0);
-        }
+    let rows = |c: usize, y: &mut [f32], xhat: &mut [f32], rstd: &mut [f32]| {
         simd(
             #[inline(always)]
             || {
                 let start = c * chunk;
                 for (r, y) in y.chunks_exact_mut(h).enumerate() {
-                    let xh: &mut [f32] = match xhat.as_deref_mut() {
-                        Some(x) => &mut x[r * h..(r + 1) * h],
-                        None => &mut row[..],
-                    };
+                    let xh = &mut xhat[r * h..(r + 1) * h];
                     let at = start + r * h;
                     // Zipped slices rather than indices: the bounds checks kept these loops scalar.
                     let (br, res) = (&branch[at..at + h], &residual[at..at + h]);
@@ -163,14 +156,12 @@ pub fn add_norm(
             },
         )
     };
-    let tasks = y.par_chunks_mut(chunk).zip(rstd.par_chunks_mut(ROWS_PER_TASK)).enumerate();
-    if xhat.is_empty() {
-        tasks.for_each_init(Vec::new, |row, (c, (y, rstd))| rows(c, y, None, rstd, row));
-    } else {
-        tasks
-            .zip(xhat.par_chunks_mut(chunk))
-            .for_each(|((c, (y, rstd)), xhat)| rows(c, y, Some(xhat), rstd, &mut Vec::new()));
-    }
+    assert_eq!(xhat.len(), y.len(), "add_norm: a normalised input per output");
+    y.par_chunks_mut(chunk)
+        .zip(rstd.par_chunks_mut(ROWS_PER_TASK))
+        .zip(xhat.par_chunks_mut(chunk))
+        .enumerate()
+        .for_each(|(c, ((y, rstd), xhat))| rows(c, y, xhat, rstd));
 }
 
 /// [`add_norm`] for inference, in place: `branch ← LayerNorm(branch + bias + residual)`. Writing over the
