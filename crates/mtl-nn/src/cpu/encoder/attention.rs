@@ -359,12 +359,95 @@ fn pack_keys<'a>(
 ) {
     keys.clear();
     keys.resize(s.div_ceil(width) * hd * width, 0.0);
+    // Groups of 8 keys by 8 × 8 transposes in registers where the CPU has AVX; the rest one value at a time.
+    let mut first = 0;
+    #[cfg(target_arch = "x86_64")]
+    if width.is_multiple_of(8) && hd.is_multiple_of(8) && std::is_x86_feature_detected!("avx") {
+        first = s / 8 * 8;
+        // SAFETY: AVX is present (checked above).
+        unsafe { pack_key_groups_avx(keys, &key, bias, first, hd, width, scale) };
+    }
     for (t, tile) in keys.chunks_exact_mut(hd * width).enumerate() {
-        for (jj, j) in (t * width..((t + 1) * width).min(s)).enumerate() {
+        for (jj, j) in (t * width..((t + 1) * width).min(s)).enumerate().filter(|&(_, j)| j >= first) {
             let columns = tile.chunks_exact_mut(width).zip(key(j));
             match bias {
                 Some(bias) => columns.zip(bias).for_each(|((column, &k), &b)| column[jj] = (k + b) * scale),
                 None => columns.for_each(|(column, &k)| column[jj] = k * scale),
+            }
+        }
+    }
+}
+
+/// [`pack_keys`] for keys `0..end` (a multiple of 8), 8 keys by 8 dimensions at a time: eight loads, a
+/// transpose in registers and eight stores of 8 consecutive keys, where the scalar loop stores one value per
+/// key and dimension (on a 2-core AMD EPYC the scalar loop was 2% of W2). The next group's rows are prefetched:
+/// in the q|k|v rows the keys are `3 · hidden` apart, so each group's first touch is a cache miss.
+///
+/// # Safety
+/// The CPU has AVX; `width` and `hd` are multiples of 8.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx")]
+unsafe fn pack_key_groups_avx<'a>(
+    keys: &mut [f32],
+    key: &impl Fn(usize) -> &'a [f32],
+    bias: Option<&[f32]>,
+    end: usize,
+    hd: usize,
+    width: usize,
+    scale: f32,
+) {
+    use std::arch::x86_64::*;
+    let scale = _mm256_set1_ps(scale);
+    for j in (0..end).step_by(8) {
+        let rows: [&[f32]; 8] = std::array::from_fn(|r| &key(j + r)[..hd]);
+        if j + 8 < end {
+            for r in 0..8 {
+                let next = key(j + 8 + r).as_ptr();
+                for line in (0..hd).step_by(16) {
+                    _mm_prefetch::<_MM_HINT_T0>(next.add(line).cast());
+                }
+            }
+        }
+        let tile = &mut keys[(j / width) * hd * width..][..hd * width];
+        let jj = j % width;
+        for d in (0..hd).step_by(8) {
+            let v: [__m256; 8] = std::array::from_fn(|r| {
+                let x = _mm256_loadu_ps(rows[r][d..d + 8].as_ptr());
+                let x = match bias {
+                    Some(b) => _mm256_add_ps(x, _mm256_loadu_ps(b[d..d + 8].as_ptr())),
+                    None => x,
+                };
+                _mm256_mul_ps(x, scale)
+            });
+            // The 8 × 8 transpose: pairs, then quads, then the two 128-bit halves.
+            let t0 = _mm256_unpacklo_ps(v[0], v[1]);
+            let t1 = _mm256_unpackhi_ps(v[0], v[1]);
+            let t2 = _mm256_unpacklo_ps(v[2], v[3]);
+            let t3 = _mm256_unpackhi_ps(v[2], v[3]);
+            let t4 = _mm256_unpacklo_ps(v[4], v[5]);
+            let t5 = _mm256_unpackhi_ps(v[4], v[5]);
+            let t6 = _mm256_unpacklo_ps(v[6], v[7]);
+            let t7 = _mm256_unpackhi_ps(v[6], v[7]);
+            let u0 = _mm256_shuffle_ps::<0x44>(t0, t2);
+            let u1 = _mm256_shuffle_ps::<0xEE>(t0, t2);
+            let u2 = _mm256_shuffle_ps::<0x44>(t1, t3);
+            let u3 = _mm256_shuffle_ps::<0xEE>(t1, t3);
+            let u4 = _mm256_shuffle_ps::<0x44>(t4, t6);
+            let u5 = _mm256_shuffle_ps::<0xEE>(t4, t6);
+            let u6 = _mm256_shuffle_ps::<0x44>(t5, t7);
+            let u7 = _mm256_shuffle_ps::<0xEE>(t5, t7);
+            let columns = [
+                _mm256_permute2f128_ps::<0x20>(u0, u4),
+                _mm256_permute2f128_ps::<0x20>(u1, u5),
+                _mm256_permute2f128_ps::<0x20>(u2, u6),
+                _mm256_permute2f128_ps::<0x20>(u3, u7),
+                _mm256_permute2f128_ps::<0x31>(u0, u4),
+                _mm256_permute2f128_ps::<0x31>(u1, u5),
+                _mm256_permute2f128_ps::<0x31>(u2, u6),
+                _mm256_permute2f128_ps::<0x31>(u3, u7),
+            ];
+            for (r, column) in columns.into_iter().enumerate() {
+                _mm256_storeu_ps(tile[(d + r) * width + jj..][..8].as_mut_ptr(), column);
             }
         }
     }
