@@ -22,7 +22,12 @@ pub fn exp(x: f32) -> f32 {
     let shifted = xc * std::f32::consts::LOG2_E + ROUND;
     let k = shifted - ROUND;
     let r = xc - k * LN2_HI - k * LN2_LO;
-    let p = 1.0 + r * (1.0 + r * (0.5 + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
+    let p = r.mul_add(1.0 / 720.0, 1.0 / 120.0);
+    let p = r.mul_add(p, 1.0 / 24.0);
+    let p = r.mul_add(p, 1.0 / 6.0);
+    let p = r.mul_add(p, 0.5);
+    let p = r.mul_add(p, 1.0);
+    let p = r.mul_add(p, 1.0);
     // 2ᵏ from the bits of the shifted value, whose low mantissa bits hold k + 2²²: integer operations only (a
     // float-to-int `as` saturates, and its fix-ups kept this loop from vectorising: 4.7× slower).
     let two_k = f32::from_bits(shifted.to_bits().wrapping_sub(ROUND.to_bits()).wrapping_add(127) << 23);
@@ -44,7 +49,11 @@ pub fn erf(x: f32) -> f32 {
 fn erf_and_gauss(x: f32) -> (f32, f32) {
     let a = x.abs();
     let t = 1.0 / (1.0 + 0.327_591_1 * a);
-    let poly = t * (0.254_829_6 + t * (-0.284_496_74 + t * (1.421_413_7 + t * (-1.453_152 + t * 1.061_405_4))));
+    let poly = t.mul_add(1.061_405_4, -1.453_152);
+    let poly = t.mul_add(poly, 1.421_413_7);
+    let poly = t.mul_add(poly, -0.284_496_74);
+    let poly = t.mul_add(poly, 0.254_829_6);
+    let poly = t * poly;
     let gauss = exp(-a * a);
     let y = 1.0 - poly * gauss;
     (if x < 0.0 { -y } else { y }, gauss)
