@@ -11,6 +11,8 @@
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+mod rates;
+
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Instant;
@@ -24,7 +26,7 @@ use mtl_train::{AdamW, AdamWConfig, ParamGroup};
 
 #[derive(Parser)]
 struct Args {
-    /// `train` (W1), `infer` (W2), `int8` (W2 in f32 and int8, alternating), `data`, `gemm` or `llm-lora`.
+    /// `train` (W1), `infer` (W2), `int8` (W2 in f32 and int8, alternating), `data`, `gemm`, `rates` (multiply-accumulate rates of f32 and int8 instructions) or `llm-lora`.
     workload: String,
     #[arg(long, default_value = "assets/models/all-MiniLM-L6-v2")]
     model: PathBuf,
@@ -296,6 +298,9 @@ fn bench(args: &Args) -> Result<()> {
     if args.workload == "llm-lora" {
         return llm_lora(args);
     }
+    if args.workload == "rates" {
+        return rates::rates();
+    }
     if args.workload == "gemm" {
         if args.bf16 {
             anyhow::ensure!(mtl_nn::cpu::amx::available(), "--bf16 needs a CPU with AMX (and Linux 5.16 or later)");
@@ -321,7 +326,7 @@ fn bench(args: &Args) -> Result<()> {
     let mut model = MultiTaskModel::load(&spec, &args.model.join("model.safetensors"), false, &Device::Cpu)?;
     let hb = batch(args.batch, args.seq, bert.vocab_size);
     if args.workload == "int8" {
-        // f32 and int8 inference of the same model (int8 dynamic where the CPU has AMX-INT8, and weight-only),
+        // f32 and int8 inference of the same model (int8 dynamic where the CPU has AMX-INT8 or AVX2, and weight-only),
         // alternating step by step, so that all see the same machine; plus the bytes their weights take.
         use mtl_nn::cpu::int8::Int8Compute;
         let load_int8 = |compute: Int8Compute| -> Result<MultiTaskModel> {
@@ -332,7 +337,7 @@ fn bench(args: &Args) -> Result<()> {
         };
         let int8 = load_int8(Int8Compute::default())?;
         let weight_only = load_int8(Int8Compute::WeightOnly)?;
-        let dynamic = mtl_nn::cpu::amx::int8_available();
+        let dynamic = mtl_nn::cpu::int8::dynamic_available();
         let (mut f32_times, mut int8_times, mut weight_only_times) = (Vec::new(), Vec::new(), Vec::new());
         for i in 0..args.warmup + args.steps {
             let mut runs = vec![(&model, &mut f32_times), (&int8, &mut int8_times)];
@@ -354,7 +359,11 @@ fn bench(args: &Args) -> Result<()> {
         println!(
             "{}",
             serde_json::json!({"workload": "int8", "batch": args.batch, "seq": args.seq,
-                "int8_compute": if dynamic { "dynamic (AMX-INT8)" } else { "weight-only" },
+                "int8_compute": match (dynamic, mtl_nn::cpu::amx::int8_available()) {
+                    (true, true) => "dynamic (AMX-INT8)",
+                    (true, false) => "dynamic (AVX2)",
+                    (false, _) => "weight-only",
+                },
                 "f32_median_ms": f, "int8_median_ms": q, "int8_over_f32": q / f,
                 "weight_only_median_ms": (!weight_only_times.is_empty()).then(|| median(&weight_only_times)),
                 "f32_weight_bytes": bytes(&model), "int8_weight_bytes": bytes(&int8),
@@ -431,7 +440,9 @@ fn bench(args: &Args) -> Result<()> {
             }
         }
         "data" => return data(args),
-        other => anyhow::bail!("unknown workload {other:?}; valid choices: train, infer, int8, data, gemm, llm-lora"),
+        other => {
+            anyhow::bail!("unknown workload {other:?}; valid choices: train, infer, int8, data, gemm, rates, llm-lora")
+        }
     }
     mtl_nn::cpu::profile::enable(false);
     let phases: BTreeMap<&str, f64> = phases.iter().map(|(k, v)| (k.as_str(), median(v))).collect();

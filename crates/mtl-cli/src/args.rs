@@ -232,8 +232,8 @@ pub enum Command {
         flags: Box<ServeFlags>,
     },
     /// Quantise a trained model's encoder to int8 for inference (one scale per output channel of each linear
-    /// layer; on a CPU with AMX-INT8 the activations are quantised per token and the products run int8 × int8,
-    /// elsewhere weight-only); prints each task's score change on the test (and dev) sets and writes the model to
+    /// layer; on a CPU with AMX-INT8 or AVX2 the activations are quantised per token and the products run
+    /// int8 × int8, elsewhere weight-only); prints each task's score change on the test (and dev) sets and writes the model to
     /// --out, which `mtl predict`, `mtl eval` and `mtl serve` load like any other.
     Quantize {
         /// A checkpoint directory written by `mtl train`.

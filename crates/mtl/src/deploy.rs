@@ -118,12 +118,13 @@ fn standalone(loaded: &mut EncoderRun) {
 }
 
 /// Quantises the encoder of the run in `model_dir` to int8 (one scale per output channel of each linear layer;
-/// on a CPU with AMX-INT8 the activations are quantised per token when it runs) into `out`, scored on its own
-/// dev/test files or those of `config`.
+/// on a CPU with AMX-INT8 or AVX2 the activations are quantised per token when it runs) into `out`, scored on its
+/// own dev/test files or those of `config`.
 pub fn quantize(model_dir: &Path, out: &Path, config: Option<&Path>) -> Result<TransformReport> {
-    let compute = match mtl_nn::cpu::amx::int8_available() {
-        true => "activations quantised per token, int8 x int8 products on AMX",
-        false => "weight-only: activations in f32",
+    let compute = match (mtl_nn::cpu::amx::int8_available(), mtl_nn::cpu::int8::dynamic_available()) {
+        (true, _) => "activations quantised per token, int8 x int8 products on AMX",
+        (false, true) => "activations quantised per token, int8 x int8 products with AVX2",
+        (false, false) => "weight-only: activations in f32",
     };
     let what = json!({"kind": "int8", "scheme": "int8 weights of the encoder's linear layers, symmetric, one scale per output channel", "scored_with": compute});
     transform(model_dir, out, config, Operation::Quantize, what, |loaded| {

@@ -404,26 +404,7 @@ pub fn linear_int8(x: &[f32], n: usize, w: &PackedInt8, w_scales: &[f32], bias: 
         return;
     }
     let (rows, depth) = (n.next_multiple_of(BLOCK), w.depth());
-    // Rows quantised by their own scale, row-major, zero-padded.
-    let mut xq = vec![0i8; rows * depth];
-    let mut xs = vec![0f32; rows];
-    xq.par_chunks_mut(depth).zip(xs.par_iter_mut()).enumerate().take(n).for_each(|(i, (q, s))| {
-        simd(
-            #[inline(always)]
-            || {
-                let row = &x[i * k..(i + 1) * k];
-                let amax = row.iter().fold(0f32, |m, v| m.max(v.abs()));
-                *s = amax / 127.0;
-                let inv = if amax > 0.0 { 127.0 / amax } else { 0.0 };
-                // Adding 1.5 · 2²³ rounds to the nearest integer (ties to even), which then sits in the low
-                // mantissa bits: a truncating integer cast, which vectorises where a float-to-int `as` does not.
-                const ROUND: f32 = 12_582_912.0;
-                for (q, &v) in q.iter_mut().zip(row) {
-                    *q = ((v * inv).clamp(-127.0, 127.0) + ROUND).to_bits() as u8 as i8;
-                }
-            },
-        )
-    });
+    let (xq, xs) = quantize_rows(x, n, k, rows, depth);
     let dst = super::gemm::ViewMut::new(out, n, o).into_raw();
     let block_of = |rb: usize, c: usize| {
         let mut acc = [0i32; BLOCK * BLOCK];
@@ -443,6 +424,32 @@ pub fn linear_int8(x: &[f32], n: usize, w: &PackedInt8, w_scales: &[f32], bias: 
     };
     // SAFETY: `int8_available()` holds (asserted above).
     unsafe { for_each_block(rows, o.next_multiple_of(BLOCK), depth, Threads::All, block_of) };
+}
+
+/// The `n` rows of `x` (`n × k`) quantised symmetrically, each by its own scale (`max |x_row| / 127`, returned
+/// with them), to the nearest integer (ties to even): `rows × depth` int8 values, row-major, zero past `k` and
+/// past `n`.
+pub(crate) fn quantize_rows(x: &[f32], n: usize, k: usize, rows: usize, depth: usize) -> (Vec<i8>, Vec<f32>) {
+    let mut xq = vec![0i8; rows * depth];
+    let mut xs = vec![0f32; rows];
+    xq.par_chunks_mut(depth).zip(xs.par_iter_mut()).enumerate().take(n).for_each(|(i, (q, s))| {
+        simd(
+            #[inline(always)]
+            || {
+                let row = &x[i * k..(i + 1) * k];
+                let amax = row.iter().fold(0f32, |m, v| m.max(v.abs()));
+                *s = amax / 127.0;
+                let inv = if amax > 0.0 { 127.0 / amax } else { 0.0 };
+                // Adding 1.5 · 2²³ rounds to the nearest integer (ties to even), which then sits in the low
+                // mantissa bits: a truncating integer cast, which vectorises where a float-to-int `as` does not.
+                const ROUND: f32 = 12_582_912.0;
+                for (q, &v) in q.iter_mut().zip(row) {
+                    *q = ((v * inv).clamp(-127.0, 127.0) + ROUND).to_bits() as u8 as i8;
+                }
+            },
+        )
+    });
+    (xq, xs)
 }
 
 /// `dst = scale · a · b`, or `dst += scale · a · b` when `accumulate`, with a and b rounded to bf16 and the
@@ -513,7 +520,7 @@ fn product(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::cpu::gemm::matmul;
     use rand::{Rng, SeedableRng};
@@ -524,14 +531,26 @@ mod tests {
             eprintln!("skipped: this CPU or OS has no AMX int8");
             return;
         }
+        assert_exact_int8_product(|x, n, w, (o, k), ws, bias, out| {
+            linear_int8(x, n, &pack_weights_int8(w, o, k), ws, bias, out)
+        });
+    }
+
+    /// `linear(x, n, w, (o, k), w_scales, bias, out)` (an int8 product as [`linear_int8`] documents it, `w` the
+    /// `o × k` int8 weights) against the rows quantised as documented and multiplied in exact integers, at sizes
+    /// around the blocks' edges.
+    #[allow(clippy::type_complexity)]
+    pub(crate) fn assert_exact_int8_product(
+        linear: impl Fn(&[f32], usize, &[i8], (usize, usize), &[f32], &[f32], &mut [f32]),
+    ) {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(9);
-        for (n, o, k) in [(1, 3, 5), (7, 64, 33), (40, 130, 48), (100, 70, 300)] {
+        for (n, o, k) in [(1, 3, 5), (7, 64, 33), (40, 130, 48), (100, 70, 300), (67, 16, 64)] {
             let w: Vec<i8> = (0..o * k).map(|_| rng.gen_range(-127..=127)).collect();
             let ws: Vec<f32> = (0..o).map(|_| rng.gen_range(0.001..0.01)).collect();
             let x: Vec<f32> = (0..n * k).map(|_| rng.gen_range(-2.0..2.0)).collect();
             let bias: Vec<f32> = (0..o).map(|_| rng.gen_range(-0.1..0.1)).collect();
             let mut got = vec![f32::NAN; n * o];
-            linear_int8(&x, n, &pack_weights_int8(&w, o, k), &ws, &bias, &mut got);
+            linear(&x, n, &w, (o, k), &ws, &bias, &mut got);
             for i in 0..n {
                 // The reference: the row quantised as documented, the product in exact integers.
                 let row = &x[i * k..(i + 1) * k];

@@ -1,6 +1,6 @@
 //! int8 for inference: each linear layer's weight is stored as int8 with one f32 scale per output
 //! channel (symmetric, `w ≈ q · scale`, `scale = max |w_row| / 127`), a quarter of its f32 size. On a CPU
-//! with AMX-INT8 the products quantise each token's activations too and multiply int8 by int8
+//! with AMX-INT8 or AVX2 the products quantise each token's activations too and multiply int8 by int8
 //! ([`Int8Compute::Dynamic`]); elsewhere (and when asked) activations stay f32 ([`Int8Compute::WeightOnly`]). On a batch of many tokens a product dequantises the weight in one parallel pass and runs the f32
 //! path's `gemm` on it (the pass costs a few percent of the product); on a few tokens (a request or two), where
 //! reading the weights is the cost, each thread dequantises blocks of 64 weight rows into cache and multiplies
@@ -194,14 +194,21 @@ pub enum Int8Compute {
     WeightOnly,
     /// Dynamic quantisation (as ONNX Runtime's and PyTorch's dynamic int8): each token's activations
     /// quantised to int8 by their own scale at every product, int8 × int8 summed in i32 on AMX
-    /// ([`super::amx::linear_int8`]). Where the CPU has no AMX-INT8 it runs as [`Int8Compute::WeightOnly`].
+    /// ([`super::amx::linear_int8`]), or with AVX2's byte multiplies where the CPU has no AMX-INT8
+    /// ([`super::int8_avx2::linear_int8`], the same results). Without either it runs as
+    /// [`Int8Compute::WeightOnly`].
     Dynamic,
 }
 
+/// Whether this CPU multiplies int8 by int8 (AMX-INT8 or AVX2): [`Int8Compute::Dynamic`] runs there.
+pub fn dynamic_available() -> bool {
+    super::amx::int8_available() || super::int8_avx2::available()
+}
+
 impl Default for Int8Compute {
-    /// Dynamic where this CPU has AMX-INT8, weight-only elsewhere.
+    /// Dynamic where this CPU has AMX-INT8 or AVX2, weight-only elsewhere.
     fn default() -> Self {
-        match super::amx::int8_available() {
+        match dynamic_available() {
             true => Int8Compute::Dynamic,
             false => Int8Compute::WeightOnly,
         }
@@ -217,8 +224,10 @@ pub struct Int8Layer {
     /// The attention LayerNorm's weight and bias, then the output LayerNorm's.
     norms: [Vec<f32>; 4],
     compute: Int8Compute,
-    /// The projections in AMX's int8 layout, packed at their first dynamic product.
+    /// The projections in AMX's int8 layout, packed at their first dynamic product on AMX.
     packed: [std::sync::OnceLock<super::amx::PackedInt8>; 4],
+    /// The projections as 16-bit pairs for the AVX2 products, packed at their first dynamic product there.
+    packed_i16: [std::sync::OnceLock<super::int8_avx2::PackedI16>; 4],
 }
 
 impl Int8Layer {
@@ -229,7 +238,14 @@ impl Int8Layer {
                 return Err(format!("a bias of {} values for a projection of {} outputs", b.len(), m.rows));
             }
         }
-        Ok(Self { projections, biases, norms, compute: Int8Compute::default(), packed: Default::default() })
+        Ok(Self {
+            projections,
+            biases,
+            norms,
+            compute: Int8Compute::default(),
+            packed: Default::default(),
+            packed_i16: Default::default(),
+        })
     }
 
     /// Chooses weight-only or dynamic products (see [`Int8Compute`]).
@@ -240,7 +256,7 @@ impl Int8Layer {
     /// What this layer runs on this machine.
     pub fn compute(&self) -> Int8Compute {
         match self.compute {
-            Int8Compute::Dynamic if super::amx::int8_available() => Int8Compute::Dynamic,
+            Int8Compute::Dynamic if dynamic_available() => Int8Compute::Dynamic,
             _ => Int8Compute::WeightOnly,
         }
     }
@@ -270,9 +286,15 @@ impl LayerWeights for Int8Layer {
         let (m, bias) = (&self.projections[p as usize], &self.biases[p as usize]);
         match self.compute() {
             Int8Compute::Dynamic => {
-                let packed =
-                    self.packed[p as usize].get_or_init(|| super::amx::pack_weights_int8(m.data(), m.rows, m.cols));
-                super::amx::linear_int8(x, rows, packed, m.scales(), bias, out);
+                if super::amx::int8_available() {
+                    let packed =
+                        self.packed[p as usize].get_or_init(|| super::amx::pack_weights_int8(m.data(), m.rows, m.cols));
+                    super::amx::linear_int8(x, rows, packed, m.scales(), bias, out)
+                } else {
+                    let packed = self.packed_i16[p as usize]
+                        .get_or_init(|| super::int8_avx2::pack_weights(m.data(), m.rows, m.cols));
+                    super::int8_avx2::linear_int8(x, rows, packed, m.scales(), bias, out)
+                }
             }
             Int8Compute::WeightOnly => m.linear(x, rows, bias, out),
         }

@@ -8,6 +8,7 @@ pub mod encoder;
 pub mod fused;
 pub mod gemm;
 pub mod int8;
+pub mod int8_avx2;
 pub mod lm_loss;
 pub mod lora;
 pub mod math;
