@@ -126,12 +126,23 @@ unsafe fn rows_block(
             }
             for (r, acc) in acc.iter().enumerate().take(rows - r0) {
                 let row = r0 + r;
-                let mut sums = [0i32; PANEL];
-                _mm256_storeu_si256(sums.as_mut_ptr().cast(), acc[0]);
-                _mm256_storeu_si256(sums.as_mut_ptr().add(8).cast(), acc[1]);
                 let sx = x_scales[row];
                 let c = p * PANEL;
                 let dst = &mut out[row * o + c..][..cols];
+                if cols == PANEL {
+                    // bias + (sum · sx) · w_scale, rounded as the scalar form below (no fused multiply-add).
+                    for (half, &acc) in acc.iter().enumerate() {
+                        let at = c + 8 * half;
+                        let scaled = _mm256_mul_ps(_mm256_cvtepi32_ps(acc), _mm256_set1_ps(sx));
+                        let w = _mm256_loadu_ps(w_scales[at..at + 8].as_ptr());
+                        let y = _mm256_add_ps(_mm256_loadu_ps(bias[at..at + 8].as_ptr()), _mm256_mul_ps(scaled, w));
+                        _mm256_storeu_ps(dst[8 * half..8 * half + 8].as_mut_ptr(), y);
+                    }
+                    continue;
+                }
+                let mut sums = [0i32; PANEL];
+                _mm256_storeu_si256(sums.as_mut_ptr().cast(), acc[0]);
+                _mm256_storeu_si256(sums.as_mut_ptr().add(8).cast(), acc[1]);
                 for (j, d) in dst.iter_mut().enumerate() {
                     *d = bias[c + j] + sums[j] as f32 * sx * w_scales[c + j];
                 }
