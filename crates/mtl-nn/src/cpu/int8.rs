@@ -194,7 +194,7 @@ pub enum Int8Compute {
     WeightOnly,
     /// Dynamic quantisation (as ONNX Runtime's and PyTorch's dynamic int8): each token's activations
     /// quantised to int8 by their own scale at every product, int8 × int8 summed in i32 on AMX
-    /// ([`super::amx::linear_int8`]), or with AVX2's byte multiplies where the CPU has no AMX-INT8
+    /// ([`super::amx::linear_int8`]), or with AVX2's 16-bit multiplies where the CPU has no AMX-INT8
     /// ([`super::int8_avx2::linear_int8`], the same results). Without either it runs as
     /// [`Int8Compute::WeightOnly`].
     Dynamic,
@@ -224,10 +224,17 @@ pub struct Int8Layer {
     /// The attention LayerNorm's weight and bias, then the output LayerNorm's.
     norms: [Vec<f32>; 4],
     compute: Int8Compute,
-    /// The projections in AMX's int8 layout, packed at their first dynamic product on AMX.
-    packed: [std::sync::OnceLock<super::amx::PackedInt8>; 4],
-    /// The projections as 16-bit pairs for the AVX2 products, packed at their first dynamic product there.
-    packed_i16: [std::sync::OnceLock<super::int8_avx2::PackedI16>; 4],
+    /// The projections packed for this CPU's int8 products, at their first dynamic product.
+    packed: [std::sync::OnceLock<Packed>; 4],
+}
+
+/// A projection packed for the int8 × int8 products this CPU runs.
+#[derive(Clone, Debug)]
+enum Packed {
+    /// In AMX's int8 tile layout.
+    Amx(super::amx::PackedInt8),
+    /// As 16-bit pairs for AVX2.
+    Avx2(super::int8_avx2::PackedI16),
 }
 
 impl Int8Layer {
@@ -238,14 +245,7 @@ impl Int8Layer {
                 return Err(format!("a bias of {} values for a projection of {} outputs", b.len(), m.rows));
             }
         }
-        Ok(Self {
-            projections,
-            biases,
-            norms,
-            compute: Int8Compute::default(),
-            packed: Default::default(),
-            packed_i16: Default::default(),
-        })
+        Ok(Self { projections, biases, norms, compute: Int8Compute::default(), packed: Default::default() })
     }
 
     /// Chooses weight-only or dynamic products (see [`Int8Compute`]).
@@ -286,14 +286,13 @@ impl LayerWeights for Int8Layer {
         let (m, bias) = (&self.projections[p as usize], &self.biases[p as usize]);
         match self.compute() {
             Int8Compute::Dynamic => {
-                if super::amx::int8_available() {
-                    let packed =
-                        self.packed[p as usize].get_or_init(|| super::amx::pack_weights_int8(m.data(), m.rows, m.cols));
-                    super::amx::linear_int8(x, rows, packed, m.scales(), bias, out)
-                } else {
-                    let packed = self.packed_i16[p as usize]
-                        .get_or_init(|| super::int8_avx2::pack_weights(m.data(), m.rows, m.cols));
-                    super::int8_avx2::linear_int8(x, rows, packed, m.scales(), bias, out)
+                let packed = self.packed[p as usize].get_or_init(|| match super::amx::int8_available() {
+                    true => Packed::Amx(super::amx::pack_weights_int8(m.data(), m.rows, m.cols)),
+                    false => Packed::Avx2(super::int8_avx2::pack_weights(m.data(), m.rows, m.cols)),
+                });
+                match packed {
+                    Packed::Amx(w) => super::amx::linear_int8(x, rows, w, m.scales(), bias, out),
+                    Packed::Avx2(w) => super::int8_avx2::linear_int8(x, rows, w, m.scales(), bias, out),
                 }
             }
             Int8Compute::WeightOnly => m.linear(x, rows, bias, out),

@@ -422,10 +422,7 @@ unsafe fn pack_key_groups_avx<'a>(
         let rows: [&[f32]; 8] = std::array::from_fn(|r| &key(j + r)[..hd]);
         if j + 8 < end {
             for r in 0..8 {
-                let next = key(j + 8 + r).as_ptr();
-                for line in (0..hd).step_by(16) {
-                    _mm_prefetch::<_MM_HINT_T0>(next.add(line).cast());
-                }
+                prefetch(&key(j + 8 + r)[..hd]);
             }
         }
         let tile = &mut keys[(j / width) * hd * width..][..hd * width];
