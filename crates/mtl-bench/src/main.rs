@@ -26,7 +26,7 @@ use mtl_train::{AdamW, AdamWConfig, ParamGroup};
 
 #[derive(Parser)]
 struct Args {
-    /// `train` (W1), `infer` (W2), `int8` (W2 in f32 and int8, alternating), `data`, `gemm`, `linear` (the f32 projections in the `gemm` crate and in our AVX2 kernel), `rates` (multiply-accumulate rates of f32 and int8 instructions) or `llm-lora`.
+    /// `train` (W1), `infer` (W2), `int8` (W2 in f32 and int8, alternating), `data`, `gemm`, `rates` (multiply-accumulate rates of f32 and int8 instructions) or `llm-lora`.
     workload: String,
     #[arg(long, default_value = "assets/models/all-MiniLM-L6-v2")]
     model: PathBuf,
@@ -53,10 +53,6 @@ struct Args {
     /// `llm-lora`: a random model of Llama 3.2 1B's shape (1.24B parameters, Q4_0) instead of SmolLM2.
     #[arg(long)]
     random_1b: bool,
-    /// `train`, `infer`: alternate step by step between our AVX2 f32 kernel and the `gemm` crate for the
-    /// encoder's products (where the CPU prefers ours), timing each separately (`crate.` phases, `crate_median_ms`).
-    #[arg(long)]
-    alternate_kernels: bool,
     /// The config whose training data the `data` workload reads.
     #[arg(long, default_value = "examples/atis/config.toml")]
     config: PathBuf,
@@ -125,61 +121,6 @@ fn gemm_layouts(args: &Args) -> Result<()> {
         "{}",
         serde_json::json!({"engine": "mtl", "workload": "gemm", "bf16": args.bf16, "peak_gflops": peak, "rows": rows})
     );
-    Ok(())
-}
-
-/// The encoder's four f32 projections at `--batch × --seq` tokens: the `gemm` crate (the product alone, as the
-/// fused encoder calls it) against `mtl_nn::cpu::f32_avx2` (packing the weight in the call, and prepacked), with
-/// the bias (and for the intermediate projection GELU) applied in the kernel, alternating call by call.
-fn linear_kernels(args: &Args) -> Result<()> {
-    use mtl_nn::cpu::f32_avx2::{self, Epilogue};
-    use mtl_nn::cpu::gemm::{matmul, Threads, View, ViewMut};
-    anyhow::ensure!(f32_avx2::available(), "the linear workload needs AVX2 and FMA");
-    let bert = BertConfig::from_file(&args.model.join("config.json"))?;
-    let (h, i, n) = (bert.hidden_size, bert.intermediate_size, args.batch * args.seq);
-    for (name, k, o) in [("qkv", h, 3 * h), ("attention-output", h, h), ("intermediate", h, i), ("output", i, h)] {
-        let x: Vec<f32> = (0..n * k).map(|j| ((j * 7919) % 1000) as f32 / 1000.0 - 0.5).collect();
-        let w: Vec<f32> = (0..o * k).map(|j| ((j * 104_729) % 1000) as f32 / 1000.0 - 0.5).collect();
-        let bias = vec![0.1f32; o];
-        let epilogue = if name == "intermediate" { Epilogue::BiasGelu(&bias) } else { Epilogue::Bias(&bias) };
-        let prepacked = f32_avx2::pack_weights(&w, o, k);
-        let mut out = vec![0f32; n * o];
-        let mut times = [Vec::new(), Vec::new(), Vec::new()];
-        for step in 0..args.warmup + args.steps {
-            for (engine, times) in times.iter_mut().enumerate() {
-                let t0 = Instant::now();
-                match engine {
-                    0 => matmul(
-                        ViewMut::new(&mut out, n, o),
-                        View::new(&x, n, k),
-                        View::new(&w, o, k).t(),
-                        1.0,
-                        false,
-                        Threads::All,
-                    ),
-                    1 => f32_avx2::linear(&x, n, &f32_avx2::pack_weights(&w, o, k), epilogue, &mut out, o),
-                    _ => f32_avx2::linear(&x, n, &prepacked, epilogue, &mut out, o),
-                }
-                if step >= args.warmup {
-                    times.push(t0.elapsed().as_secs_f64());
-                }
-            }
-        }
-        // The fastest call as well as the median: on a VM whose speed moves from second to second, the best of
-        // many alternating calls is the steadiest comparison.
-        let best = |t: &[f64]| t.iter().copied().fold(f64::INFINITY, f64::min);
-        let gflops = |t: &[f64]| 2.0 * (n * k * o) as f64 / median(t) / 1e9;
-        let peak = |t: &[f64]| 2.0 * (n * k * o) as f64 / best(t) / 1e9;
-        println!(
-            "{name:17} {n}x{k}x{o}  gemm crate {:6.1}  f32_avx2 packing {:6.1}  prepacked {:6.1} GFLOP/s median, best {:6.1} {:6.1} {:6.1}",
-            gflops(&times[0]),
-            gflops(&times[1]),
-            gflops(&times[2]),
-            peak(&times[0]),
-            peak(&times[1]),
-            peak(&times[2]),
-        );
-    }
     Ok(())
 }
 
@@ -347,21 +288,6 @@ fn random_llama_1b() -> Result<(mtl_nn::llama::LlamaConfig, mtl_nn::llama::Llama
     Ok((config, weights))
 }
 
-/// With `--alternate-kernels`, turns our AVX2 f32 kernel on for even steps and off for odd ones, and returns
-/// the prefix of the step's phases (empty for ours, `crate.` for the `gemm` crate's).
-fn kernel_for_step(args: &Args, step: usize) -> &'static str {
-    if !args.alternate_kernels {
-        return "";
-    }
-    let own = step.is_multiple_of(2);
-    mtl_nn::cpu::f32_avx2::set_enabled(own);
-    if own {
-        ""
-    } else {
-        "crate."
-    }
-}
-
 fn main() -> Result<()> {
     mtl_train::process::setup();
     let args = Args::parse();
@@ -374,9 +300,6 @@ fn bench(args: &Args) -> Result<()> {
     }
     if args.workload == "rates" {
         return rates::rates();
-    }
-    if args.workload == "linear" {
-        return linear_kernels(args);
     }
     if args.workload == "gemm" {
         if args.bf16 {
@@ -455,7 +378,7 @@ fn bench(args: &Args) -> Result<()> {
         anyhow::ensure!(mtl_nn::cpu::amx::available(), "--bf16 needs a CPU with AMX (and Linux 5.16 or later)");
         model.set_precision(mtl_nn::Precision::Bf16);
     }
-    let (mut times, mut crate_times) = (Vec::new(), Vec::new());
+    let mut times = Vec::new();
     let mut phases: BTreeMap<String, Vec<f64>> = BTreeMap::new();
     // The encoder's own phases (mtl_nn::cpu::profile), and what is left of a pass: embeddings, heads, losses
     // and candle's graph around the encoder.
@@ -482,55 +405,50 @@ fn bench(args: &Args) -> Result<()> {
             let mut opt = AdamW::new(params, AdamWConfig::default());
             for i in 0..args.warmup + args.steps {
                 mtl_nn::cpu::profile::enable(i >= args.warmup);
-                let tag = kernel_for_step(args, i);
                 let t0 = Instant::now();
                 let losses = model.losses(&hb, Mode::Train)?;
                 let total = (&losses[0].loss + &losses[1].loss)?;
                 let _ = total.to_scalar::<f32>()?;
                 let t1 = Instant::now();
                 if i >= args.warmup {
-                    record(&mut phases, &format!("{tag}forward"), ms(t1 - t0));
+                    record(&mut phases, "forward", ms(t1 - t0));
                 }
                 let grads = mtl_train::named_grads(&model.backward(&total)?, &vars);
                 let t2 = Instant::now();
                 if i >= args.warmup {
-                    record(&mut phases, &format!("{tag}backward"), ms(t2 - t1));
+                    record(&mut phases, "backward", ms(t2 - t1));
                 }
                 opt.step(&grads, 1.0, Some(1.0))?;
                 drop(grads);
                 let t3 = Instant::now();
                 if i >= args.warmup {
-                    if tag.is_empty() { &mut times } else { &mut crate_times }.push(ms(t3 - t0));
-                    phases.entry(format!("{tag}optimizer")).or_default().push(ms(t3 - t2));
+                    times.push(ms(t3 - t0));
+                    phases.entry("optimizer".into()).or_default().push(ms(t3 - t2));
                 }
             }
         }
         "infer" => {
             for i in 0..args.warmup + args.steps {
                 mtl_nn::cpu::profile::enable(i >= args.warmup);
-                let tag = kernel_for_step(args, i);
                 let t0 = Instant::now();
                 let out = model.predict(&hb)?;
                 std::hint::black_box(out);
                 if i >= args.warmup {
-                    if tag.is_empty() { &mut times } else { &mut crate_times }.push(ms(t0.elapsed()));
-                    record(&mut phases, &format!("{tag}forward"), ms(t0.elapsed()));
+                    times.push(ms(t0.elapsed()));
+                    record(&mut phases, "forward", ms(t0.elapsed()));
                 }
             }
         }
         "data" => return data(args),
         other => {
-            anyhow::bail!(
-                "unknown workload {other:?}; valid choices: train, infer, int8, data, gemm, linear, rates, llm-lora"
-            )
+            anyhow::bail!("unknown workload {other:?}; valid choices: train, infer, int8, data, gemm, rates, llm-lora")
         }
     }
     mtl_nn::cpu::profile::enable(false);
     let phases: BTreeMap<&str, f64> = phases.iter().map(|(k, v)| (k.as_str(), median(v))).collect();
     println!(
         "{}",
-        serde_json::json!({"engine": "mtl", "workload": args.workload, "median_ms": median(&times), "times_ms": times, "phases_ms": phases,
-            "crate_median_ms": (!crate_times.is_empty()).then(|| median(&crate_times)), "crate_times_ms": crate_times})
+        serde_json::json!({"engine": "mtl", "workload": args.workload, "median_ms": median(&times), "times_ms": times, "phases_ms": phases})
     );
     Ok(())
 }

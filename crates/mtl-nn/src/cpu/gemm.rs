@@ -79,11 +79,6 @@ impl<'a> ViewMut<'a> {
         self.cols
     }
 
-    /// The underlying slice and the row stride.
-    pub(crate) fn into_parts(self) -> (&'a mut [f32], usize) {
-        (self.data, self.rs)
-    }
-
     /// The view as a destination that threads write disjoint blocks of.
     pub(crate) fn into_raw(self) -> RawDst<'a> {
         RawDst { ptr: self.data.as_mut_ptr(), rows: self.rows, cols: self.cols, rs: self.rs, _data: Default::default() }
@@ -174,11 +169,6 @@ pub enum Threads {
     One,
 }
 
-/// Products of at least this many multiply-adds run in our AVX2 kernel where it is [preferred](
-/// super::f32_avx2::preferred); smaller ones stay with the `gemm` crate, whose small-matrix paths need no
-/// packing.
-const OWN_KERNEL_FROM: usize = 1 << 21;
-
 /// `dst = scale · a · b`, or `dst += scale · a · b` when `accumulate`.
 pub fn matmul(dst: ViewMut<'_>, a: View<'_>, b: View<'_>, scale: f32, accumulate: bool, threads: Threads) {
     let (m, n, k) = (dst.rows, dst.cols, a.cols);
@@ -200,9 +190,6 @@ pub fn matmul(dst: ViewMut<'_>, a: View<'_>, b: View<'_>, scale: f32, accumulate
             }
         }
         return;
-    }
-    if threads == Threads::All && m * n * k >= OWN_KERNEL_FROM && super::f32_avx2::preferred() {
-        return super::f32_avx2::matmul(dst, a, b, scale, accumulate);
     }
     let parallelism = match threads {
         Threads::All if rayon::current_num_threads() > 1 => Parallelism::Rayon(rayon::current_num_threads()),

@@ -5,7 +5,6 @@ pub mod amx;
 pub(crate) mod blocks;
 pub mod decoder;
 pub mod encoder;
-pub mod f32_avx2;
 pub mod fused;
 pub mod gemm;
 pub mod int8;

@@ -21,7 +21,6 @@ use std::sync::{Arc, Mutex};
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Storage, Tensor};
 
-use super::f32_avx2;
 use super::gemm::{matmul, Threads, View, ViewMut};
 use super::pool;
 use super::profile::{time, Phase};
@@ -439,12 +438,6 @@ pub trait LayerWeights: Sync {
         self.project(Proj::Qkv, x, rows, out);
         None
     }
-    /// Writes `gelu(x Wᵀ + b)` of the intermediate projection into `out` (`rows × intermediate`) in one pass
-    /// and returns true, or writes nothing and returns false (the default): the GELU then runs as a pass of its
-    /// own over the projection's output.
-    fn project_gelu(&self, _x: &[f32], _rows: usize, _out: &mut [f32]) -> bool {
-        false
-    }
     /// The attention LayerNorm's weight and bias, then the output LayerNorm's.
     fn norms(&self) -> [&[f32]; 4];
 }
@@ -457,53 +450,9 @@ struct F32Layer<'a> {
     bf16: bool,
 }
 
-impl F32Layer<'_> {
-    /// Whether the products run in our AVX2 kernel ([`super::f32_avx2`]) rather than the `gemm` crate.
-    fn avx2(&self) -> bool {
-        !self.bf16 && f32_avx2::preferred()
-    }
-
-    /// Projection `p`'s weight packed for [`f32_avx2::linear`], and its bias (packed at every call: the
-    /// weights change between training steps, and packing is about 1% of the product).
-    fn packed(&self, p: Proj) -> (f32_avx2::PackedF32, Vec<&[f32]>) {
-        let (w, h, i) = (self.w, self.hidden, self.intermediate);
-        let (weights, bias, input) = match p {
-            Proj::Qkv => (vec![w[QW], w[QW + 2], w[QW + 4]], qkv_biases(w).to_vec(), h),
-            Proj::AttentionOutput => (vec![w[OW]], vec![w[OB]], h),
-            Proj::Intermediate => (vec![w[IW]], vec![w[IB]], h),
-            Proj::Output => (vec![w[FW]], vec![w[FB]], i),
-        };
-        (f32_avx2::pack_stacked(&weights, input), bias)
-    }
-
-    /// `x Wᵀ` of projection `p` with `epilogue` in our AVX2 kernel; the epilogue's bias is `p`'s own (q|k|v's
-    /// stacked).
-    fn project_avx2(&self, p: Proj, x: &[f32], rows: usize, out: &mut [f32], epilogue: Epilogue) {
-        let (weight, bias) = self.packed(p);
-        let bias = bias.concat();
-        let epilogue = match epilogue {
-            Epilogue::None => f32_avx2::Epilogue::None,
-            Epilogue::Bias => f32_avx2::Epilogue::Bias(&bias),
-            Epilogue::BiasGelu => f32_avx2::Epilogue::BiasGelu(&bias),
-        };
-        f32_avx2::linear(x, rows, &weight, epilogue, out, weight.out());
-    }
-}
-
-/// What [`F32Layer::project_avx2`] applies to the product.
-#[derive(Clone, Copy)]
-enum Epilogue {
-    None,
-    Bias,
-    BiasGelu,
-}
-
 impl LayerWeights for F32Layer<'_> {
     fn project(&self, p: Proj, x: &[f32], rows: usize, out: &mut [f32]) {
         let (w, h, i, bf16) = (self.w, self.hidden, self.intermediate, self.bf16);
-        if self.avx2() {
-            return self.project_avx2(p, x, rows, out, Epilogue::Bias);
-        }
         match p {
             // q, k and v in one product against the stacked [3h × h] weight.
             Proj::Qkv => linear(x, &stacked(w, QW), &stacked(w, QB), out, rows, h, 3 * h, bf16),
@@ -517,11 +466,6 @@ impl LayerWeights for F32Layer<'_> {
     /// `out` anyway: that saves the pass that filled `out` with the bias and the product's read of it. q|k|v
     /// keep theirs, as attention reads them through the products per head.
     fn project_deferred(&self, p: Proj, x: &[f32], rows: usize, out: &mut [f32]) -> Option<&[f32]> {
-        if self.avx2() {
-            // The bias costs nothing as the tile is stored.
-            self.project(p, x, rows, out);
-            return None;
-        }
         let (weight, bias, in_dim) = match p {
             Proj::AttentionOutput if !self.bf16 => (self.w[OW], self.w[OB], self.hidden),
             Proj::Intermediate if !self.bf16 => (self.w[IW], self.w[IB], self.hidden),
@@ -550,10 +494,6 @@ impl LayerWeights for F32Layer<'_> {
             self.project(Proj::Qkv, x, rows, out);
             return None;
         }
-        if self.avx2() {
-            self.project_avx2(Proj::Qkv, x, rows, out, Epilogue::None);
-            return Some(qkv_biases(self.w));
-        }
         let h = self.hidden;
         let weight = stacked(self.w, QW);
         matmul(
@@ -565,14 +505,6 @@ impl LayerWeights for F32Layer<'_> {
             Threads::All,
         );
         Some(qkv_biases(self.w))
-    }
-
-    fn project_gelu(&self, x: &[f32], rows: usize, out: &mut [f32]) -> bool {
-        if !self.avx2() {
-            return false;
-        }
-        self.project_avx2(Proj::Intermediate, x, rows, out, Epilogue::BiasGelu);
-        true
     }
 
     fn norms(&self) -> [&[f32]; 4] {
@@ -653,22 +585,15 @@ fn layer_forward(
         (y, xhat, rstd)
     };
     let (y1, xhat1, rstd1) = norm(a, a_bias, dropout.map(|d| &d.attention_output[..]), x, n1w, n1b);
-    // In inference without LoRA the product may apply the bias and GELU itself (`gelu_done`).
-    let (mut u, u_bias, gelu_done) = time(Phase::Projections, || {
+    let (mut u, u_bias) = time(Phase::Projections, || {
         let mut u = pool::take(n * inter);
-        if !train && lora.is_none() && w.project_gelu(&y1, n, &mut u) {
-            return (u, None, true);
-        }
         let bias = w.project_deferred(Proj::Intermediate, &y1, n, &mut u);
         adapt(4, &y1, &mut u, inter, 0);
-        (u, bias, false)
+        (u, bias)
     });
     // g = gelu(u + b) for the next product. In training u is overwritten by gelu'(u + b), all the backward
     // pass needs; in inference u itself becomes g.
     let g = time(Phase::Activation, || {
-        if gelu_done {
-            return Vec::new();
-        }
         if !train {
             gelu_rows(&mut u, u_bias, inter);
             return Vec::new();
