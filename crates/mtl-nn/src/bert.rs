@@ -1225,11 +1225,16 @@ impl Bert {
             if !train || !l.lora.contains_key(&site) {
                 return None;
             }
-            let mut mask = Vec::with_capacity(n * in_dim);
+            let mut parts = Vec::with_capacity(routes.len());
             for r in routes {
-                mask.extend(dropout.mask_with(r.examples.len() * s * in_dim, spec.dropout)?);
+                parts.push(dropout.mask_with(r.examples.len() * s * in_dim, spec.dropout)?);
             }
-            Some(mask)
+            // One route (every batch of a single adapter) draws the whole mask: no copy of it (42 M values a
+            // step at W3's shapes).
+            if parts.len() == 1 {
+                return parts.pop();
+            }
+            Some(parts.concat())
         };
         let mask_timer = crate::cpu::profile::start(crate::cpu::profile::Phase::Masks);
         let (mut masks, mut lora_masks) = (Vec::new(), Vec::new());
