@@ -179,6 +179,17 @@ impl DropoutRng {
         Some(crate::cpu::math::mask_of_seed(self.next_seed(), n, p))
     }
 
+    /// Draws into `mask` what [`DropoutRng::mask_with`] would return for `mask.len()` elements (the same draw
+    /// from the generator), so that consecutive masks can share one buffer; false (and `mask` untouched) when `p`
+    /// is 0.
+    pub fn fill_mask_with(&self, mask: &mut [f32], p: f32) -> bool {
+        if p == 0.0 {
+            return false;
+        }
+        crate::cpu::math::fill_mask(self.next_seed(), p, mask);
+        true
+    }
+
     /// One draw from the generator: the seed of the next mask ([`mask_of_seed`]). A fused kernel keeps the
     /// seed instead of the mask and draws the mask again in its backward pass.
     pub fn next_seed(&self) -> u64 {

@@ -262,13 +262,20 @@ fn philox_16(first: u64, key: [u32; 2]) -> [[u32; 16]; 4] {
 /// training step the larger part of its random-number time). Any chunk is drawn on its own: the mask is filled
 /// in parallel and does not depend on the number of threads.
 pub fn mask_of_seed(seed: u64, n: usize, p: f32) -> Vec<f32> {
+    // Every element is written by `fill_mask`, so a reused buffer will do.
+    let mut mask = super::pool::take(n);
+    fill_mask(seed, p, &mut mask);
+    mask
+}
+
+/// Writes the mask of `seed` ([`mask_of_seed`], `mask.len()` elements) into `mask`, so that the masks of
+/// several seeds can be drawn side by side into one buffer.
+pub fn fill_mask(seed: u64, p: f32, mask: &mut [f32]) {
     const CHUNK: usize = 1 << 16;
     // Dropped where the half-word is below the threshold; 2¹⁶ (p = 1) drops everything.
     let threshold = (f64::from(p) * 65536.0).round() as u32;
     let scale = 1.0 / (1.0 - p);
     let key = [seed as u32, (seed >> 32) as u32];
-    // Every element is written below, so a reused buffer will do.
-    let mut mask = super::pool::take(n);
     mask.par_chunks_mut(CHUNK).enumerate().for_each(|(i, chunk)| {
         simd(
             #[inline(always)]
@@ -287,7 +294,6 @@ pub fn mask_of_seed(seed: u64, n: usize, p: f32) -> Vec<f32> {
             },
         )
     });
-    mask
 }
 
 #[cfg(test)]
