@@ -16,7 +16,7 @@ use crate::deberta::{self, Disentangled};
 use crate::modernbert::{self, Modern};
 
 use crate::attention::{self, AttentionSpec};
-use crate::cpu::encoder::{Dims, FusedEncoder, FusedLora, GradSink, LayerDropout, LayerParams, Proj};
+use crate::cpu::encoder::{Dims, FusedEncoder, FusedLora, GradSink, LayerDropout, LayerParams, PositionBias, Proj};
 use crate::cpu::fused::{embed_norm, Words};
 use crate::cpu::int8::{Int8Encoder, Int8Layer, Int8Matrix};
 pub use crate::layers::Activation;
@@ -196,11 +196,17 @@ impl BertConfig {
     }
 }
 
-/// MPNet's relative position bias for `s` positions, `[heads, s, s]`: each (query, key) pair's bucket of
-/// `key - query` (T5's bidirectional buckets: exact below a quarter of the buckets, logarithmic up to 128
-/// positions) looks up its row of `bias` (`[buckets, heads]`).
+/// MPNet's relative position bias for `s` positions, `[heads, s, s]`: each (query, key) pair's bucket
+/// ([`relative_buckets`]) looks up its row of `bias` (`[buckets, heads]`).
 fn relative_position_bias(bias: &Tensor, s: usize) -> Result<Tensor> {
     let (buckets, heads) = bias.dims2()?;
+    let ids = Tensor::from_vec(relative_buckets(buckets, s), s * s, bias.device())?;
+    Ok(bias.index_select(&ids, 0)?.reshape((s, s, heads))?.permute((2, 0, 1))?.contiguous()?)
+}
+
+/// The bucket of each (query, key) pair of `s` positions, row by row: that of `key - query` among `buckets`
+/// (T5's bidirectional buckets: exact below a quarter of the buckets, logarithmic up to 128 positions).
+fn relative_buckets(buckets: usize, s: usize) -> Vec<u32> {
     let half = buckets / 2;
     let exact = half / 2;
     let max_distance = 128f64;
@@ -218,9 +224,7 @@ fn relative_position_bias(bias: &Tensor, s: usize) -> Result<Tensor> {
         };
         ret as u32
     };
-    let ids: Vec<u32> = (0..s).flat_map(|q| (0..s).map(move |k| bucket(k as i64 - q as i64))).collect();
-    let ids = Tensor::from_vec(ids, s * s, bias.device())?;
-    Ok(bias.index_select(&ids, 0)?.reshape((s, s, heads))?.permute((2, 0, 1))?.contiguous()?)
+    (0..s).flat_map(|q| (0..s).map(move |k| bucket(k as i64 - q as i64))).collect()
 }
 
 /// A DistilBERT `config.json` in BERT's fields: `dim`, `n_layers`, `n_heads`, `hidden_dim`, `activation`;
@@ -891,12 +895,11 @@ impl Bert {
         self.kernels
     }
 
-    /// Whether the layers run as the fused CPU encoder (BERT-style layers with the erf GELU, on the fused
-    /// kernels), before any adapter is considered.
+    /// Whether the layers run as the fused CPU encoder (BERT-style layers with the erf GELU, MPNet's relative
+    /// position bias included, on the fused kernels), before any adapter is considered.
     fn layers_fuse(&self) -> bool {
         self.kernels == Kernels::Fused
             && self.config.hidden_act == Activation::Gelu
-            && self.relative_bias.is_none()
             && self.relative_table.is_none()
             && self.config.modern.is_none()
     }
@@ -1259,6 +1262,17 @@ impl Bert {
         mask_timer.stop();
         let mut op = FusedEncoder::new(dims, layers, input.attention_mask.clone(), masks, train, self.grads.clone());
         op.retain = self.retain_graph.load(std::sync::atomic::Ordering::Relaxed);
+        if let Some(bias) = &self.relative_bias {
+            // MPNet: the bias of every (head, query, key) from its bucket's row; the parameter trains with the
+            // backbone (not under LoRA, which freezes it).
+            let (buckets, heads) = bias.dims2()?;
+            let ids = relative_buckets(buckets, s);
+            let rows = bias.flatten_all()?.to_vec1::<f32>()?;
+            let rows = &rows;
+            let values = (0..heads).flat_map(|h| ids.iter().map(move |&i| rows[i as usize * heads + h])).collect();
+            let param = (train && lora.is_none()).then(|| bias.clone());
+            op.position_bias = Some(PositionBias { values, buckets: ids, param });
+        }
         let Some((spec, routes)) = lora else { return Ok(x.contiguous()?.apply_op1(op)?) };
         // The adapters of the batch's routes, each once, in order of appearance; their matrices packed.
         let mut used: Vec<usize> = Vec::new();

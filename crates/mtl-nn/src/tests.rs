@@ -495,7 +495,8 @@ mod fused_encoder_properties {
     use proptest::prelude::*;
     use rand::{Rng, SeedableRng};
 
-    /// A random tiny BERT with freshly initialised weights.
+    /// A random tiny BERT with freshly initialised weights; with `relative`, MPNet's relative position bias in
+    /// its attention (8 buckets, so that sequences of 10 reach the logarithmic ones).
     #[allow(clippy::too_many_arguments)]
     fn random_model(
         layers: usize,
@@ -505,11 +506,12 @@ mod fused_encoder_properties {
         dropout: f32,
         seed: u64,
         peft: Option<&PeftSpec>,
+        relative: bool,
     ) -> Result<MultiTaskModel, NnError> {
         let config = BertConfig {
             model_type: "bert".into(),
             pad_token_id: None,
-            relative_attention_num_buckets: None,
+            relative_attention_num_buckets: relative.then_some(8),
             vocab_size: 23,
             hidden_size: heads * head_dim,
             num_hidden_layers: layers,
@@ -552,7 +554,7 @@ mod fused_encoder_properties {
     }
 
     /// With `lora` (rank, sites as bits of `LinearModule::ALL`), per-task adapters for the two tasks, whose
-    /// examples the batch mixes.
+    /// examples the batch mixes; with `relative`, MPNet's position bias ([`random_model`]).
     #[allow(clippy::too_many_arguments)]
     fn check(
         batch: usize,
@@ -564,6 +566,7 @@ mod fused_encoder_properties {
         dropout: f32,
         seed: u64,
         lora: Option<(usize, u8)>,
+        relative: bool,
     ) -> TestResult {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
         let mut mask: Vec<u32> = (0..batch * seq).map(|_| u32::from(rng.gen_bool(0.8))).collect();
@@ -613,8 +616,11 @@ mod fused_encoder_properties {
             word_starts: vec![vec![]; batch],
             targets,
         };
-        let fused = random_model(layers, heads, head_dim, intermediate, dropout, seed, peft.as_ref())?;
-        let mut composed = random_model(layers, heads, head_dim, intermediate, dropout, seed, peft.as_ref())?;
+        let fused = random_model(layers, heads, head_dim, intermediate, dropout, seed, peft.as_ref(), relative)?;
+        let mut composed = random_model(layers, heads, head_dim, intermediate, dropout, seed, peft.as_ref(), relative)?;
+        if !fused.bert().runs_fused() {
+            return Err("the model does not run the fused encoder".into());
+        }
         composed.set_kernels(Kernels::Composed);
         let diff = |a: &Tensor, b: &Tensor| -> Result<f32, candle_core::Error> {
             (a - b)?.abs()?.max_all()?.to_scalar::<f32>()
@@ -660,15 +666,16 @@ mod fused_encoder_properties {
     proptest! {
         // A fixed seed: the same cases on every run, so the suite cannot turn red by chance.
         #![proptest_config(ProptestConfig { cases: 64, rng_seed: proptest::test_runner::RngSeed::Fixed(20_261_129), ..ProptestConfig::default() })]
-        /// Random shapes, odd sizes, padding, fully padded rows, with and without dropout: the fused encoder
-        /// equals the composed path in value and in every parameter's gradient. Heads of 16 take the fused
-        /// attention kernel (which adds the q|k|v biases itself), the others the general products.
+        /// Random shapes, odd sizes, padding, fully padded rows, with and without dropout, with and without
+        /// MPNet's relative position bias: the fused encoder equals the composed path in value and in every
+        /// parameter's gradient (the bias's included). Heads of 16 take the fused attention kernel (which adds
+        /// the q|k|v biases itself), the others the general products.
         #[test]
         fn fused_equals_composed(batch in 1usize..4, seq in 1usize..10, layers in 1usize..3, heads in 1usize..4,
                                  head_dim in prop_oneof![3 => 1usize..9, 1 => Just(16usize)], intermediate in 1usize..20, dropout in prop_oneof![Just(0.0f32), Just(0.3f32)],
-                                 seed in 0u64..1_000_000) {
+                                 seed in 0u64..1_000_000, relative in proptest::bool::ANY) {
             prop_assume!(heads * head_dim >= 4, "LayerNorm over fewer than 4 values is degenerate");
-            let result = check(batch, seq, layers, heads, head_dim, intermediate, dropout, seed, None);
+            let result = check(batch, seq, layers, heads, head_dim, intermediate, dropout, seed, None, relative);
             prop_assert!(result.is_ok(), "{}", result.err().map(|e| e.to_string()).unwrap_or_default());
         }
 
@@ -677,9 +684,10 @@ mod fused_encoder_properties {
         #[test]
         fn fused_lora_equals_composed(batch in 1usize..4, seq in 1usize..8, layers in 1usize..3, heads in 1usize..3,
                                       head_dim in prop_oneof![3 => 2usize..6, 1 => Just(16usize)], intermediate in 1usize..12, dropout in prop_oneof![Just(0.0f32), Just(0.3f32)],
-                                      r in 1usize..4, sites in 1u8..64, seed in 0u64..1_000_000) {
+                                      r in 1usize..4, sites in 1u8..64, seed in 0u64..1_000_000, relative in proptest::bool::ANY) {
             prop_assume!(heads * head_dim >= 4, "LayerNorm over fewer than 4 values is degenerate");
-            let result = check(batch, seq, layers, heads, head_dim, intermediate, dropout, seed, Some((r, sites)));
+            let lora = Some((r, sites));
+            let result = check(batch, seq, layers, heads, head_dim, intermediate, dropout, seed, lora, relative);
             prop_assert!(result.is_ok(), "{}", result.err().map(|e| e.to_string()).unwrap_or_default());
         }
     }

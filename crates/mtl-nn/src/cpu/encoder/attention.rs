@@ -64,7 +64,8 @@ struct Scratch {
     inv: Vec<f32>,
 }
 
-/// The context's rows, shared by the threads that each write their own head's columns.
+/// The context's rows, shared by the threads that each write their own head's columns (or, for the gradient
+/// of a position bias, their own `seq × seq` block).
 struct Columns<'a> {
     ptr: *mut f32,
     len: usize,
@@ -73,8 +74,8 @@ struct Columns<'a> {
 
 // SAFETY: made from an exclusive borrow of the buffer ([`Columns::new`]), which it holds for its lifetime;
 // each (example, head) writes only its own columns of its own rows (the `at` and `stride` of
-// [`weighted_rows`], which asserts that its columns stay within the head), so concurrent writers never touch
-// the same element.
+// [`weighted_rows`], which asserts that its columns stay within the head), or only its own block of scores
+// gradients, so concurrent writers never touch the same element.
 unsafe impl Send for Columns<'_> {}
 unsafe impl Sync for Columns<'_> {}
 
@@ -99,12 +100,14 @@ impl<'a> Columns<'a> {
 /// Attention's forward pass into `ctx` (`tokens × hidden`, overwritten) as [`super::kernels::attention_into`]
 /// computes it, for heads whose size [`fits`]: with `probs`, the normalised probabilities are kept there
 /// (`batch × heads × seq × seq`) and `dropout` multiplies them before the weighted sum; with `bias`, the q|k|v
-/// rows lack their biases, which are added as they are packed.
+/// rows lack their biases, which are added as they are packed; `pos` is an additive bias of every head's scores
+/// (`heads × seq × seq`, MPNet's relative positions).
 #[allow(clippy::too_many_arguments)]
 pub(super) fn attention_fused(
     d: &Dims,
     qkv: &[f32],
     bias: QkvBias<'_>,
+    pos: Option<&[f32]>,
     key_mask: &[u32],
     dropout: Option<&[f32]>,
     probs: Option<&mut [f32]>,
@@ -114,6 +117,7 @@ pub(super) fn attention_fused(
     assert!(bias.is_none_or(|b| b.iter().all(|b| b.len() == d.hidden)), "attention_fused: bias size");
     let s = d.seq;
     assert_eq!(ctx.len(), d.tokens() * d.hidden, "attention_fused: context size");
+    assert!(pos.is_none_or(|p| p.len() == d.heads * s * s), "attention_fused: position bias size");
     let out = Columns::new(ctx);
     let heads = d.batch * d.heads;
     if let Some(p) = &probs {
@@ -121,11 +125,17 @@ pub(super) fn attention_fused(
     }
     match probs {
         Some(probs) => probs.par_chunks_mut(s * s).enumerate().for_each(|(bn, p)| {
-            with_scratch(&mut |scratch| head(d, qkv, bias, key_mask, dropout, bn, Some(&mut *p), scratch, &out))
+            with_scratch(&mut |scratch| {
+                let probs = Some(&mut *p);
+                pulp::Arch::new().dispatch(Head { d, qkv, bias, pos, key_mask, dropout, bn, probs, scratch, out: &out })
+            })
         }),
-        None => (0..heads)
-            .into_par_iter()
-            .for_each(|bn| with_scratch(&mut |scratch| head(d, qkv, bias, key_mask, dropout, bn, None, scratch, &out))),
+        None => (0..heads).into_par_iter().for_each(|bn| {
+            with_scratch(&mut |scratch| {
+                let probs = None;
+                pulp::Arch::new().dispatch(Head { d, qkv, bias, pos, key_mask, dropout, bn, probs, scratch, out: &out })
+            })
+        }),
     }
 }
 
@@ -143,7 +153,9 @@ fn with_scratch(f: &mut dyn FnMut(&mut Scratch)) {
 /// Attention's backward pass as [`super::kernels::attention_backward`] computes it, for heads whose size
 /// [`fits`]: from the q|k|v rows, the probabilities kept by the forward pass, its dropout multipliers and the
 /// gradient of the context, the gradient of q|k|v (`tokens × 3 · hidden`, overwritten), each head writing its
-/// own columns; `bias` as in [`attention_fused`].
+/// own columns; `bias` as in [`attention_fused`]. With `dscores` (`batch × heads × seq × seq`, overwritten),
+/// the gradient of the scores before the softmax is kept there, which is that of a position bias per example.
+#[allow(clippy::too_many_arguments)]
 pub(super) fn attention_backward_fused(
     d: &Dims,
     qkv: &[f32],
@@ -152,14 +164,20 @@ pub(super) fn attention_backward_fused(
     dropout: Option<&[f32]>,
     dctx: &[f32],
     dqkv: &mut [f32],
+    dscores: Option<&mut [f32]>,
 ) {
     assert!(fits(d), "attention_backward_fused: head size {} is not a multiple of 16", d.head_dim());
     assert!(bias.is_none_or(|b| b.iter().all(|b| b.len() == d.hidden)), "attention_backward_fused: bias size");
     assert_eq!(dqkv.len(), d.tokens() * 3 * d.hidden, "attention_backward_fused: gradient size");
+    let s = d.seq;
+    assert!(dscores.as_ref().is_none_or(|g| g.len() == d.batch * d.heads * s * s), "attention_backward_fused: dS size");
     let out = Columns::new(dqkv);
+    let ds_out = dscores.map(Columns::new);
+    let ds_out = ds_out.as_ref();
     (0..d.batch * d.heads).into_par_iter().for_each(|bn| {
         with_scratch(&mut |scratch| {
-            pulp::Arch::new().dispatch(HeadBackward { d, qkv, bias, probs, dropout, dctx, bn, scratch, out: &out })
+            let out = &out;
+            pulp::Arch::new().dispatch(HeadBackward { d, qkv, bias, probs, dropout, dctx, bn, scratch, out, ds_out })
         })
     });
 }
@@ -175,6 +193,8 @@ struct HeadBackward<'a> {
     bn: usize,
     scratch: &'a mut Scratch,
     out: &'a Columns<'a>,
+    /// Where this head's dS goes, at block `bn`, when it is kept.
+    ds_out: Option<&'a Columns<'a>>,
 }
 
 impl WithSimd for HeadBackward<'_> {
@@ -182,7 +202,7 @@ impl WithSimd for HeadBackward<'_> {
 
     #[inline(always)]
     fn with_simd<S: Simd>(self, simd: S) {
-        let HeadBackward { d, qkv, bias, probs, dropout, dctx, bn, scratch, out } = self;
+        let HeadBackward { d, qkv, bias, probs, dropout, dctx, bn, scratch, out, ds_out } = self;
         let (s, hd, h, lanes) = (d.seq, d.head_dim(), d.hidden, S::F32_LANES);
         let (b, head) = (bn / d.heads, bn % d.heads);
         let scale = 1.0 / (hd as f32).sqrt();
@@ -213,33 +233,23 @@ impl WithSimd for HeadBackward<'_> {
         let ds = &mut scores[..];
         all_scores(simd, |i| &grads[i * hd..(i + 1) * hd], kv, key_bias, ds, max, s);
         softmax_backward_rows(ds, p, m, s);
+        if let Some(ds_out) = ds_out {
+            // SAFETY: block `bn` is this head's alone.
+            unsafe { ds_out.put(bn * s * s, ds) };
+        }
         // S = scale · Q Kᵀ, so dQ = scale · dS K and dK = scale · dSᵀ Q.
         weighted_sums(simd, Weights::Rows(ds, s), s, &values[..], hd, |_| scale, out, at(0), 3 * h);
         weighted_sums(simd, Weights::Columns(ds, s), s, &queries[..], hd, |_| scale, out, at(1), 3 * h);
     }
 }
 
-/// One (example, head): scores, softmax, dropout and the weighted sum into the head's columns of `out`.
-#[allow(clippy::too_many_arguments)]
-fn head(
-    d: &Dims,
-    qkv: &[f32],
-    bias: QkvBias<'_>,
-    key_mask: &[u32],
-    dropout: Option<&[f32]>,
-    bn: usize,
-    probs: Option<&mut [f32]>,
-    scratch: &mut Scratch,
-    out: &Columns<'_>,
-) {
-    pulp::Arch::new().dispatch(Head { d, qkv, bias, key_mask, dropout, bn, probs, scratch, out })
-}
-
-/// [`head`]'s arguments, for [`pulp`]'s dispatch to the vector width of the CPU at hand.
+/// One (example, head): scores, softmax, dropout and the weighted sum into the head's columns of `out`, at the
+/// vector width of the CPU at hand ([`pulp`]'s dispatch).
 struct Head<'a> {
     d: &'a Dims,
     qkv: &'a [f32],
     bias: QkvBias<'a>,
+    pos: Option<&'a [f32]>,
     key_mask: &'a [u32],
     dropout: Option<&'a [f32]>,
     bn: usize,
@@ -253,7 +263,7 @@ impl WithSimd for Head<'_> {
 
     #[inline(always)]
     fn with_simd<S: Simd>(self, simd: S) {
-        let Head { d, qkv, bias, key_mask, dropout, bn, probs, scratch, out } = self;
+        let Head { d, qkv, bias, pos, key_mask, dropout, bn, probs, scratch, out } = self;
         let (s, hd, h, lanes) = (d.seq, d.head_dim(), d.hidden, S::F32_LANES);
         let (b, head) = (bn / d.heads, bn % d.heads);
         let scale = 1.0 / (hd as f32).sqrt();
@@ -296,6 +306,18 @@ impl WithSimd for Head<'_> {
         max.resize(s, 0.0);
         // Scores, the key bias added on the way out.
         all_scores(simd, |i| row(0, i), kv, key_bias, p, max, s);
+        if let Some(pos) = pos {
+            // The head's position bias added to its scores, and the largest of each row taken again (a padded
+            // key's f32::MIN absorbs the bias, as in transformers, where the mask is added after it).
+            let block = &pos[head * s * s..(head + 1) * s * s];
+            for ((r, br), top) in p.chunks_exact_mut(s).zip(block.chunks_exact(s)).zip(max.iter_mut()) {
+                *top = f32::NEG_INFINITY;
+                for (x, &b) in r.iter_mut().zip(br) {
+                    *x += b;
+                    *top = top.max(*x);
+                }
+            }
+        }
         // The softmax of each row (the scores hold the key bias already, so a fully padded row comes out
         // uniform, as in transformers): normalised in training, where the probabilities are kept; in
         // inference `1 / Σ` is kept and applied to the weighted sums instead.
@@ -681,7 +703,8 @@ mod tests {
     }
 
     /// The fused kernel against the products of the general path, in inference and in training (with the
-    /// probabilities and dropout), at sizes around the tile edges and with padded and fully padded examples.
+    /// probabilities and dropout), at sizes around the tile edges and with padded and fully padded examples,
+    /// with and without a position bias.
     #[test]
     fn fused_attention_matches_general_path() {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
@@ -699,26 +722,29 @@ mod tests {
                 (0..batch * heads * seq * seq).map(|_| if rng.gen_bool(0.2) { 0.0 } else { 1.25 }).collect();
             let (biases, unbiased) = split_biases(&mut rng, &qkv, d.hidden);
             let bias = Some([&biases[0][..], &biases[1][..], &biases[2][..]]);
-            for train in [false, true] {
+            let position: Vec<f32> = (0..heads * seq * seq).map(|_| rng.gen_range(-3.0..3.0)).collect();
+            for (train, pos) in [(false, None), (true, None), (false, Some(&position[..])), (true, Some(&position[..]))]
+            {
                 let dropout = train.then_some(&drop[..]);
                 let (mut p1, mut p2) = (vec![0f32; drop.len()], vec![0f32; drop.len()]);
                 let (mut blocks, mut want) = (vec![0f32; n * d.hidden], vec![0f32; n * d.hidden]);
-                attention_general(&d, &qkv, &key_mask, dropout, train.then_some(&mut p1[..]), &mut blocks, &mut want);
+                let probs = train.then_some(&mut p1[..]);
+                attention_general(&d, &qkv, pos, &key_mask, dropout, probs, &mut blocks, &mut want);
                 // The rows with their biases, and without them for the kernel to add.
                 for (rows, bias) in [(&qkv, None), (&unbiased, bias)] {
                     let mut got = vec![f32::NAN; n * d.hidden];
-                    attention_fused(&d, rows, bias, &key_mask, dropout, train.then_some(&mut p2[..]), &mut got);
-                    let deferred = bias.is_some();
+                    attention_fused(&d, rows, bias, pos, &key_mask, dropout, train.then_some(&mut p2[..]), &mut got);
+                    let deferred = (bias.is_some(), pos.is_some());
                     for (i, (a, b)) in got.iter().zip(&want).enumerate() {
                         assert!(
                             (a - b).abs() <= 1e-5 * (1.0 + b.abs()),
-                            "{batch}x{seq}x{heads}x{hd} train={train} deferred={deferred} ctx[{i}]: {a} vs {b}"
+                            "{batch}x{seq}x{heads}x{hd} train={train} (deferred, pos)={deferred:?} ctx[{i}]: {a} vs {b}"
                         );
                     }
                     if train {
                         for (i, (a, b)) in p2.iter().zip(&p1).enumerate() {
                             let ok = (a - b).abs() <= 1e-6 + 1e-5 * b;
-                            assert!(ok, "{batch}x{seq}x{heads}x{hd} deferred={deferred} probs[{i}]: {a} vs {b}");
+                            assert!(ok, "{batch}x{seq}x{heads}x{hd} {deferred:?} probs[{i}]: {a} vs {b}");
                         }
                     }
                 }
@@ -726,7 +752,8 @@ mod tests {
         }
     }
 
-    /// The fused backward pass against the general one, with and without dropout.
+    /// The fused backward pass against the general one, with and without dropout, and the gradient of the
+    /// scores both keep for a position bias.
     #[test]
     fn fused_attention_backward_matches_general_path() {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(11);
@@ -740,14 +767,43 @@ mod tests {
                 (0..batch * heads * seq * seq).map(|_| if rng.gen_bool(0.2) { 0.0 } else { 1.25 }).collect();
             let mut probs = vec![0f32; drop.len()];
             let mut ctx = vec![0f32; n * d.hidden];
-            attention_fused(&d, &qkv, None, &key_mask, None, Some(&mut probs[..]), &mut ctx);
+            attention_fused(&d, &qkv, None, None, &key_mask, None, Some(&mut probs[..]), &mut ctx);
             let (biases, unbiased) = split_biases(&mut rng, &qkv, d.hidden);
             let bias = Some([&biases[0][..], &biases[1][..], &biases[2][..]]);
             for dropout in [None, Some(&drop[..])] {
-                let want = attention_backward_general(&d, &qkv, &probs, dropout, &dctx);
+                let mut want_ds = vec![f32::NAN; drop.len()];
+                let want = attention_backward_general(&d, &qkv, &probs, dropout, &dctx, Some(&mut want_ds[..]));
+                // dS against its definition for a few rows: P ∘ (dP − rowsum(P ∘ dP)), dP = (dO Vᵀ) ∘ mask.
+                for (bn, i) in [(0, 0), (batch * heads - 1, seq - 1)] {
+                    let (b, head) = (bn / heads, bn % heads);
+                    let row = |t: usize, part: usize| {
+                        &qkv[(b * seq + t) * 3 * d.hidden + part * d.hidden + head * hd..][..hd]
+                    };
+                    let dout = &dctx[(b * seq + i) * d.hidden + head * hd..][..hd];
+                    let at = |j: usize| (bn * seq + i) * seq + j;
+                    let dp: Vec<f32> = (0..seq)
+                        .map(|j| {
+                            let x: f32 = dout.iter().zip(row(j, 2)).map(|(a, b)| a * b).sum();
+                            x * dropout.map_or(1.0, |m| m[at(j)])
+                        })
+                        .collect();
+                    let inner: f32 = (0..seq).map(|j| probs[at(j)] * dp[j]).sum();
+                    for j in 0..seq {
+                        let expected = probs[at(j)] * (dp[j] - inner);
+                        let ok = (want_ds[at(j)] - expected).abs() <= 1e-5 * (1.0 + expected.abs());
+                        assert!(ok, "dS[{bn}, {i}, {j}]: {} vs {expected}", want_ds[at(j)]);
+                    }
+                }
                 for (rows, bias) in [(&qkv, None), (&unbiased, bias)] {
                     let mut got = vec![f32::NAN; n * 3 * d.hidden];
-                    attention_backward_fused(&d, rows, bias, &probs, dropout, &dctx, &mut got);
+                    let mut got_ds = vec![f32::NAN; drop.len()];
+                    attention_backward_fused(&d, rows, bias, &probs, dropout, &dctx, &mut got, Some(&mut got_ds[..]));
+                    for (i, (a, b)) in got_ds.iter().zip(&want_ds).enumerate() {
+                        assert!(
+                            (a - b).abs() <= 1e-5 * (1.0 + b.abs()),
+                            "{batch}x{seq}x{heads}x{hd} dS[{i}]: {a} vs {b}"
+                        );
+                    }
                     for (i, (a, b)) in got.iter().zip(&want).enumerate() {
                         let ok = (a - b).abs() <= 1e-5 * (1.0 + b.abs());
                         let (dropout, deferred) = (dropout.is_some(), bias.is_some());
@@ -780,22 +836,24 @@ mod tests {
             let out = Columns::new(&mut ctx);
             for (bn, p) in probs.chunks_mut(ss).enumerate() {
                 let scratch = &mut scratch;
-                Head { d, qkv, bias, key_mask, dropout: Some(drop), bn, probs: Some(p), scratch, out: &out }
-                    .with_simd(simd);
+                let (pos, dropout, probs) = (None, Some(drop), Some(p));
+                Head { d, qkv, bias, pos, key_mask, dropout, bn, probs, scratch, out: &out }.with_simd(simd);
             }
         }
         {
             let out = Columns::new(&mut inference);
             for bn in 0..d.batch * d.heads {
                 let scratch = &mut scratch;
-                Head { d, qkv, bias, key_mask, dropout: None, bn, probs: None, scratch, out: &out }.with_simd(simd);
+                let (pos, dropout, probs) = (None, None, None);
+                Head { d, qkv, bias, pos, key_mask, dropout, bn, probs, scratch, out: &out }.with_simd(simd);
             }
         }
         {
             let out = Columns::new(&mut dqkv);
             for bn in 0..d.batch * d.heads {
                 let (probs, scratch) = (&probs[..], &mut scratch);
-                HeadBackward { d, qkv, bias, probs, dropout: Some(drop), dctx, bn, scratch, out: &out }.with_simd(simd);
+                let (dropout, ds_out) = (Some(drop), None);
+                HeadBackward { d, qkv, bias, probs, dropout, dctx, bn, scratch, out: &out, ds_out }.with_simd(simd);
             }
         }
         [ctx, probs, dqkv, inference]
@@ -820,10 +878,11 @@ mod tests {
                 (0..batch * heads * seq * seq).map(|_| if rng.gen_bool(0.2) { 0.0 } else { 1.25 }).collect();
             let mut want_probs = vec![0f32; drop.len()];
             let (mut blocks, mut want_ctx) = (vec![0f32; n * d.hidden], vec![0f32; n * d.hidden]);
-            attention_general(&d, &qkv, &key_mask, Some(&drop), Some(&mut want_probs[..]), &mut blocks, &mut want_ctx);
-            let want_dqkv = attention_backward_general(&d, &qkv, &want_probs, Some(&drop), &dctx);
+            let probs = Some(&mut want_probs[..]);
+            attention_general(&d, &qkv, None, &key_mask, Some(&drop), probs, &mut blocks, &mut want_ctx);
+            let want_dqkv = attention_backward_general(&d, &qkv, &want_probs, Some(&drop), &dctx, None);
             let mut want_inference = vec![0f32; n * d.hidden];
-            attention_general(&d, &qkv, &key_mask, None, None, &mut blocks, &mut want_inference);
+            attention_general(&d, &qkv, None, &key_mask, None, None, &mut blocks, &mut want_inference);
             // The rows with their biases, and without them for the kernels to add.
             let (biases, unbiased) = split_biases(&mut rng, &qkv, d.hidden);
             let bias = Some([&biases[0][..], &biases[1][..], &biases[2][..]]);

@@ -419,7 +419,7 @@ pub fn attention_forward(
 ) -> Vec<f32> {
     let mut blocks = vec![0f32; d.tokens() * d.hidden];
     let mut ctx = vec![0f32; d.tokens() * d.hidden];
-    attention_into(d, qkv, None, key_mask, dropout, probs, &mut blocks, &mut ctx);
+    attention_into(d, qkv, None, None, key_mask, dropout, probs, &mut blocks, &mut ctx);
     ctx
 }
 
@@ -430,12 +430,14 @@ pub fn attention_forward(
 /// Heads whose size is a multiple of 16 take [`super::attention::attention_fused`], the others the general
 /// products of [`attention_general`]; only the latter uses `blocks` (it may be empty otherwise). `bias`: the
 /// q|k|v rows lack their biases, for the fused kernel to add ([`super::attention::QkvBias`]; the general path
-/// takes rows with their biases only).
+/// takes rows with their biases only). `pos`: a bias added to every head's scores (`heads × seq × seq`, MPNet's
+/// relative positions), where given.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn attention_into(
     d: &Dims,
     qkv: &[f32],
     bias: QkvBias<'_>,
+    pos: Option<&[f32]>,
     key_mask: &[u32],
     dropout: Option<&[f32]>,
     probs: Option<&mut [f32]>,
@@ -443,17 +445,19 @@ pub(super) fn attention_into(
     ctx: &mut [f32],
 ) {
     if super::attention::fits(d) {
-        super::attention::attention_fused(d, qkv, bias, key_mask, dropout, probs, ctx)
+        super::attention::attention_fused(d, qkv, bias, pos, key_mask, dropout, probs, ctx)
     } else {
         assert!(bias.is_none(), "attention: deferred q|k|v biases with heads the fused kernel does not take");
-        attention_general(d, qkv, key_mask, dropout, probs, blocks, ctx)
+        attention_general(d, qkv, pos, key_mask, dropout, probs, blocks, ctx)
     }
 }
 
 /// [`attention_into`] with the general matrix product per (example, head).
+#[allow(clippy::too_many_arguments)]
 pub(super) fn attention_general(
     d: &Dims,
     qkv: &[f32],
+    pos: Option<&[f32]>,
     key_mask: &[u32],
     dropout: Option<&[f32]>,
     probs: Option<&mut [f32]>,
@@ -462,9 +466,16 @@ pub(super) fn attention_general(
 ) {
     let (s, hd) = (d.seq, d.head_dim());
     let scale = 1.0 / (hd as f32).sqrt();
+    assert!(pos.is_none_or(|p| p.len() == d.heads * s * s), "attention: position bias size");
     let head = |bn: usize, p: &mut [f32], kept: &mut Vec<f32>, out: &mut [f32]| {
         let [q, k, v] = head_views(d, qkv, bn);
         matmul(ViewMut::new(p, s, s), q, k.t(), scale, false, Threads::One);
+        if let Some(pos) = pos {
+            let head = bn % d.heads;
+            for (x, &b) in p.iter_mut().zip(&pos[head * s * s..(head + 1) * s * s]) {
+                *x += b;
+            }
+        }
         let km = &key_mask[(bn / d.heads) * s..(bn / d.heads + 1) * s];
         simd(
             #[inline(always)]
@@ -497,10 +508,12 @@ pub(super) fn attention_general(
 /// [`attention_backward_general`].
 #[doc(hidden)] // public for the kernel benchmarks
 pub fn attention_backward(d: &Dims, qkv: &[f32], probs: &[f32], dropout: Option<&[f32]>, dctx: &[f32]) -> Vec<f32> {
-    attention_backward_biased(d, qkv, None, probs, dropout, dctx)
+    attention_backward_biased(d, qkv, None, probs, dropout, dctx, None)
 }
 
-/// [`attention_backward`] with the q|k|v rows' biases left to the kernel where `bias` ([`attention_into`]).
+/// [`attention_backward`] with the q|k|v rows' biases left to the kernel where `bias` ([`attention_into`]), and
+/// the gradient of the scores before the softmax (`batch × heads × seq × seq`, that of a position bias per
+/// example) kept in `dscores` where given.
 pub(super) fn attention_backward_biased(
     d: &Dims,
     qkv: &[f32],
@@ -508,30 +521,34 @@ pub(super) fn attention_backward_biased(
     probs: &[f32],
     dropout: Option<&[f32]>,
     dctx: &[f32],
+    dscores: Option<&mut [f32]>,
 ) -> Vec<f32> {
     if super::attention::fits(d) {
         let mut dqkv = pool::take(d.tokens() * 3 * d.hidden);
-        super::attention::attention_backward_fused(d, qkv, bias, probs, dropout, dctx, &mut dqkv);
+        super::attention::attention_backward_fused(d, qkv, bias, probs, dropout, dctx, &mut dqkv, dscores);
         return dqkv;
     }
     assert!(bias.is_none(), "attention: deferred q|k|v biases with heads the fused kernel does not take");
-    attention_backward_general(d, qkv, probs, dropout, dctx)
+    attention_backward_general(d, qkv, probs, dropout, dctx, dscores)
 }
 
-/// [`attention_backward`] with the general matrix product per (example, head).
+/// [`attention_backward_biased`] with the general matrix product per (example, head).
 pub(super) fn attention_backward_general(
     d: &Dims,
     qkv: &[f32],
     probs: &[f32],
     dropout: Option<&[f32]>,
     dctx: &[f32],
+    dscores: Option<&mut [f32]>,
 ) -> Vec<f32> {
     let (s, hd, h) = (d.seq, d.head_dim(), d.hidden);
     let scale = 1.0 / (hd as f32).sqrt();
+    assert!(dscores.as_ref().is_none_or(|g| g.len() == d.batch * d.heads * s * s), "attention: dS size");
+
     // Each (example, head) writes dQ, dK and dV one after the other into its block; the dropped-out
     // probabilities and dS live in one buffer each per thread.
     let mut blocks = pool::take(d.tokens() * 3 * h);
-    let head = |bn: usize, (kept, ds): &mut (Vec<f32>, Vec<f32>), block: &mut [f32]| {
+    let head = |bn: usize, (kept, ds): &mut (Vec<f32>, Vec<f32>), block: &mut [f32], keep: Option<&mut [f32]>| {
         let [q, k, v] = head_views(d, qkv, bn);
         let (b, head) = (bn / d.heads, bn % d.heads);
         let p = &probs[bn * s * s..(bn + 1) * s * s];
@@ -552,14 +569,23 @@ pub(super) fn attention_backward_general(
             #[inline(always)]
             || softmax_backward_rows(ds, p, m, s),
         );
+        if let Some(keep) = keep {
+            keep.copy_from_slice(ds);
+        }
         // S = scale · Q Kᵀ, so dQ = scale · dS K and dK = scale · dSᵀ Q.
         matmul(ViewMut::new(dq, s, hd), View::new(ds, s, s), k, scale, false, Threads::One);
         matmul(ViewMut::new(dk, s, hd), View::new(ds, s, s).t(), q, scale, false, Threads::One);
     };
-    blocks
-        .par_chunks_mut(3 * s * hd)
-        .enumerate()
-        .for_each_init(|| (Vec::new(), Vec::new()), |scratch, (bn, block)| head(bn, scratch, block));
+    let blocks_mut = blocks.par_chunks_mut(3 * s * hd).enumerate();
+    match dscores {
+        Some(dscores) => blocks_mut.zip(dscores.par_chunks_mut(s * s)).for_each_init(
+            || (Vec::new(), Vec::new()),
+            |scratch, ((bn, block), keep)| head(bn, scratch, block, Some(keep)),
+        ),
+        None => {
+            blocks_mut.for_each_init(|| (Vec::new(), Vec::new()), |scratch, (bn, block)| head(bn, scratch, block, None))
+        }
+    }
     let mut dqkv = pool::take(d.tokens() * 3 * h);
     for (p, offset) in [0, h, 2 * h].into_iter().enumerate() {
         let at = |bn: usize| &blocks[(3 * bn + p) * s * hd..(3 * bn + p + 1) * s * hd];

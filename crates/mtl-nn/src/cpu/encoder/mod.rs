@@ -128,6 +128,16 @@ impl Tape {
     }
 }
 
+/// A bias added to every layer's attention scores (MPNet's relative positions, T5's buckets): `values`
+/// (`heads × seq × seq`) are rows of a `[buckets, heads]` parameter, row `buckets[i · seq + j]` for query `i` and
+/// key `j`. With `param`, the backward pass hands that parameter its gradient (summed over the batch, the layers
+/// and the pairs of each bucket).
+pub struct PositionBias {
+    pub values: Vec<f32>,
+    pub buckets: Vec<u32>,
+    pub param: Option<Tensor>,
+}
+
 /// The encoder op; see the module docs.
 pub struct FusedEncoder {
     pub dims: Dims,
@@ -144,6 +154,7 @@ pub struct FusedEncoder {
     /// LoRA on a frozen backbone; the op then takes the packed adapters as its second input
     /// (`apply_op2`), and the backbone's parameters get no gradient.
     pub lora: Option<FusedLora>,
+    pub position_bias: Option<PositionBias>,
     tape: Mutex<Option<Vec<Tape>>>,
 }
 
@@ -167,7 +178,8 @@ impl FusedEncoder {
         train: bool,
         sink: GradSink,
     ) -> Self {
-        Self { dims, layers, key_mask, dropout, train, retain: false, sink, lora: None, tape: Mutex::new(None) }
+        let tape = Mutex::new(None);
+        Self { dims, layers, key_mask, dropout, train, retain: false, sink, lora: None, position_bias: None, tape }
     }
 
     fn layer_lora<'a>(
@@ -186,6 +198,10 @@ impl FusedEncoder {
 
     fn layer_dropout(&self, l: usize) -> Option<&LayerDropout> {
         self.dropout.as_ref().map(|d| &d[l])
+    }
+
+    fn position_values(&self) -> Option<&[f32]> {
+        self.position_bias.as_ref().map(|p| &p.values[..])
     }
 }
 
@@ -242,6 +258,16 @@ impl FusedEncoder {
                 candle_core::bail!("fused encoder: dropout masks do not match {d:?}")
             }
         }
+        if let Some(p) = &self.position_bias {
+            let ss = d.seq * d.seq;
+            let rows = p.param.as_ref().map(|t| t.dims2()).transpose()?;
+            let fits = p.values.len() == d.heads * ss
+                && p.buckets.len() == ss
+                && rows.is_none_or(|(b, h)| h == d.heads && p.buckets.iter().all(|&i| (i as usize) < b));
+            if !fits {
+                candle_core::bail!("fused encoder: the position bias does not match {d:?}")
+            }
+        }
         match (&self.lora, packed) {
             (Some(lora), Some(packed)) => lora.check(d, self.layers.len(), packed.len())?,
             (None, None) => {}
@@ -265,7 +291,8 @@ impl FusedEncoder {
             let layer = F32Layer { w: &w, hidden: d.hidden, intermediate: d.intermediate, bf16: d.bf16 };
             let lora = self.layer_lora(&offsets, packed, l);
             let dropout = self.layer_dropout(l);
-            let (y, tape) = layer_forward(d, &layer, input, &self.key_mask, dropout, self.train, lora.as_ref());
+            let (pos, key_mask) = (self.position_values(), &self.key_mask[..]);
+            let (y, tape) = layer_forward(d, &layer, input, key_mask, pos, dropout, self.train, lora.as_ref());
             match tape {
                 Some(mut tape) => {
                     if last {
@@ -311,6 +338,9 @@ impl FusedEncoder {
         let offsets = self.lora_offsets();
         let mut lora_grad = packed.map(|p| vec![0f32; p.len()]);
         let mut grads = Vec::new();
+        // The position bias's gradient, `heads × seq × seq`, summed over the layers.
+        let position = self.position_bias.as_ref().and_then(|p| p.param.as_ref().map(|param| (p, param)));
+        let mut dpos = position.map(|_| vec![0f32; d.heads * d.seq * d.seq]);
         while let Some(tape) = tapes.pop() {
             let l = tapes.len();
             let slices = Slices::new(&self.layers[l]);
@@ -326,12 +356,14 @@ impl FusedEncoder {
             match (lora.as_ref(), lora_grad.as_deref_mut()) {
                 // A frozen backbone: no parameter gradients.
                 (Some(lora), Some(lg)) => {
-                    let dx = layer_backward(d, &w, x, &tape, self.layer_dropout(l), &dy, None, Some((lora, lg)));
+                    let (drop, lora) = (self.layer_dropout(l), Some((lora, lg)));
+                    let dx = layer_backward(d, &w, x, &tape, drop, &dy, None, lora, dpos.as_deref_mut());
                     pool::give(std::mem::replace(&mut dy, dx));
                 }
                 _ => {
                     let mut g: Vec<Vec<f32>> = w.iter().map(|w| vec![0f32; w.len()]).collect();
-                    let dx = layer_backward(d, &w, x, &tape, self.layer_dropout(l), &dy, Some(&mut g), None);
+                    let (drop, layer_grads) = (self.layer_dropout(l), Some(&mut g[..]));
+                    let dx = layer_backward(d, &w, x, &tape, drop, &dy, layer_grads, None, dpos.as_deref_mut());
                     pool::give(std::mem::replace(&mut dy, dx));
                     for (param, g) in self.layers[l].iter().zip(g) {
                         grads.push((param.clone(), Tensor::from_vec(g, param.shape(), param.device())?));
@@ -339,6 +371,18 @@ impl FusedEncoder {
                 }
             }
             tape.recycle();
+        }
+        if let (Some((p, param)), Some(dpos)) = (position, dpos) {
+            // Each pair's gradient into its bucket's row of the parameter.
+            let (buckets, heads) = param.dims2()?;
+            let ss = d.seq * d.seq;
+            let mut g = vec![0f32; buckets * heads];
+            for (head, block) in dpos.chunks_exact(ss).enumerate() {
+                for (&bucket, &x) in p.buckets.iter().zip(block) {
+                    g[bucket as usize * heads + head] += x;
+                }
+            }
+            grads.push((param.clone(), Tensor::from_vec(g, param.shape(), param.device())?));
         }
         self.sink
             .lock()
@@ -516,17 +560,19 @@ impl LayerWeights for F32Layer<'_> {
 pub fn infer(d: &Dims, layers: &[impl LayerWeights], x0: &[f32], key_mask: &[u32]) -> Vec<f32> {
     let mut x = x0.to_vec();
     for layer in layers {
-        let y = layer_forward(d, layer, &x, key_mask, None, false, None).0;
+        let y = layer_forward(d, layer, &x, key_mask, None, None, false, None).0;
         pool::give(std::mem::replace(&mut x, y));
     }
     x
 }
 
+#[allow(clippy::too_many_arguments)]
 fn layer_forward(
     d: &Dims,
     w: &dyn LayerWeights,
     x: &[f32],
     key_mask: &[u32],
+    pos: Option<&[f32]>,
     dropout: Option<&LayerDropout>,
     train: bool,
     lora: Option<&LayerLora>,
@@ -560,7 +606,8 @@ fn layer_forward(
         let mut blocks = if attention::fits(d) { Vec::new() } else { pool::take(n * h) };
         let mut ctx = pool::take(n * h);
         let mask = dropout.map(|d| &d.attention[..]);
-        attention_into(d, &qkv, qkv_bias, key_mask, mask, train.then_some(&mut probs[..]), &mut blocks, &mut ctx);
+        let probs = train.then_some(&mut probs[..]);
+        attention_into(d, &qkv, qkv_bias, pos, key_mask, mask, probs, &mut blocks, &mut ctx);
         pool::give(blocks);
         ctx
     });
@@ -653,7 +700,8 @@ fn norm_grads(
 }
 
 /// One layer's backward pass: returns the gradient of its input. The parameters' gradients go into `g`
-/// (absent for a frozen layer), LoRA's into the packed buffer beside its [`LayerLora`].
+/// (absent for a frozen layer), LoRA's into the packed buffer beside its [`LayerLora`], a position bias's
+/// (`heads × seq × seq`) added to `dpos`.
 #[allow(clippy::too_many_arguments)]
 fn layer_backward(
     d: &Dims,
@@ -664,6 +712,7 @@ fn layer_backward(
     dy: &[f32],
     mut g: Option<&mut [Vec<f32>]>,
     mut lora: Option<(&LayerLora, &mut [f32])>,
+    dpos: Option<&mut [f32]>,
 ) -> Vec<f32> {
     let (n, h, inter) = (d.tokens(), d.hidden, d.intermediate);
     // The LoRA update of `site` (input `input`, output gradient `dout`): its adapters' gradients, and its input's
@@ -753,7 +802,21 @@ fn layer_backward(
     recycle(da);
     let bias = (!t.qkv_biased).then(|| qkv_biases(w));
     let mask = dropout.map(|d| &d.attention[..]);
-    let dqkv = time(Phase::Attention, || attention_backward_biased(d, &t.qkv, bias, &t.probs, mask, &dctx));
+    let dqkv = time(Phase::Attention, || match dpos {
+        Some(dpos) => {
+            // The scores' gradient per example, summed over the batch into the position bias's.
+            let mut ds = pool::take(d.batch * d.heads * d.seq * d.seq);
+            let dqkv = attention_backward_biased(d, &t.qkv, bias, &t.probs, mask, &dctx, Some(&mut ds[..]));
+            for example in ds.chunks_exact(dpos.len()) {
+                for (g, &x) in dpos.iter_mut().zip(example) {
+                    *g += x;
+                }
+            }
+            pool::give(ds);
+            dqkv
+        }
+        None => attention_backward_biased(d, &t.qkv, bias, &t.probs, mask, &dctx, None),
+    });
     pool::give(dctx);
     // The q, k, v projections, as one product against the stacked weight.
     let mut dx = dr1;
