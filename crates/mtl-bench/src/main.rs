@@ -47,6 +47,10 @@ struct Args {
     /// `train`: LoRA on the frozen encoder instead of full fine-tuning (W3).
     #[arg(long)]
     lora: bool,
+    /// `train` and `infer`: the composed layer-by-layer path (candle ops) instead of the fused encoder, to
+    /// measure what the fused one saves.
+    #[arg(long)]
+    composed: bool,
     /// `llm-lora`: the base dequantised to f32 instead of kept in its GGUF blocks.
     #[arg(long)]
     f32_base: bool,
@@ -373,6 +377,9 @@ fn bench(args: &Args) -> Result<()> {
     }
     if args.int8 {
         model.quantize_int8()?;
+    }
+    if args.composed {
+        model.set_kernels(mtl_nn::Kernels::Composed);
     }
     if args.bf16 {
         anyhow::ensure!(mtl_nn::cpu::amx::available(), "--bf16 needs a CPU with AMX (and Linux 5.16 or later)");

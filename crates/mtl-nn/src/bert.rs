@@ -31,8 +31,8 @@ use crate::{NnError, Result};
 /// (positions offset by `pad_token_id + 1`, one token type, BPE or SentencePiece tokenizers), ELECTRA's
 /// discriminator (BERT's blocks; its embeddings as wide as the blocks), DistilBERT (BERT's blocks under other
 /// names, no token types).
-/// MPNet adds a relative position bias (T5's buckets) to every layer's attention scores, which the composed
-/// path computes.
+/// MPNet adds a relative position bias (T5's buckets) to every layer's attention scores, which the fused
+/// encoder adds as well (and trains).
 /// DeBERTa-v2/v3 (`deberta-v2`) replaces absolute positions by disentangled attention ([`crate::deberta`]), on the
 /// composed path.
 /// ModernBERT (`modernbert`) has pre-norm blocks with rotary positions, sliding-window layers and a GeGLU MLP
@@ -620,9 +620,6 @@ impl Bert {
                 "prefix tuning on MPNet (its relative position bias) is not supported; LoRA and adapters are".into(),
             ));
         }
-        if relative_bias.is_some() && int8.is_some() {
-            return Err(NnError::Unsupported("an int8 encoder has no relative position bias (MPNet)".into()));
-        }
         Ok(Self { int8, relative_bias, relative_table, ..Self::assemble(config, embeddings, layers, peft) })
     }
 
@@ -763,10 +760,8 @@ impl Bert {
         if self.peft.as_ref().is_some_and(|p| p.per_task()) || (self.peft.is_some() && self.merged.is_none()) {
             return Err(NnError::Unsupported("int8 needs one set of encoder weights: merge the LoRA adapter first (adapters, prefixes and per-task LoRA cannot be quantised)".into()));
         }
-        if self.relative_bias.is_some() || self.relative_table.is_some() {
-            return Err(NnError::Unsupported(
-                "the int8 encoder has no relative positions (MPNet's bias, DeBERTa's disentangled attention)".into(),
-            ));
+        if self.relative_table.is_some() {
+            return Err(NnError::Unsupported("the int8 encoder has no disentangled attention (DeBERTa)".into()));
         }
         if self.config.modern.is_some() {
             return Err(NnError::Unsupported("the int8 encoder has no ModernBERT blocks".into()));
@@ -1056,7 +1051,9 @@ impl Bert {
                 eps: c.layer_norm_eps as f32,
                 bf16: false,
             };
-            let op = Int8Encoder { dims, layers: layers.clone(), key_mask: input.attention_mask.clone() };
+            let position_bias = self.position_bias(s)?.map(|(values, _)| values);
+            let op =
+                Int8Encoder { dims, layers: layers.clone(), key_mask: input.attention_mask.clone(), position_bias };
             return Ok(x.contiguous()?.apply_op1_no_bwd(&op)?);
         }
         // Adapters, unless LoRA merged into the weights, run through the composed path.
@@ -1171,6 +1168,18 @@ impl Bert {
         Ok(x)
     }
 
+    /// MPNet's relative position bias for `s` positions as the fused kernels take it: the bias of every (head,
+    /// query, key), `heads × s × s`, from its bucket's row, and each pair's bucket.
+    fn position_bias(&self, s: usize) -> Result<Option<(Vec<f32>, Vec<u32>)>> {
+        let Some(bias) = &self.relative_bias else { return Ok(None) };
+        let (buckets, heads) = bias.dims2()?;
+        let ids = relative_buckets(buckets, s);
+        let rows = bias.flatten_all()?.to_vec1::<f32>()?;
+        let rows = &rows;
+        let values = (0..heads).flat_map(|h| ids.iter().map(move |&i| rows[i as usize * heads + h])).collect();
+        Ok(Some((values, ids)))
+    }
+
     /// All layers as one [`FusedEncoder`] op, with LoRA when `lora` has its settings and the batch's routes.
     /// Dropout masks (LoRA's too) are drawn in the same order as the composed path draws them, so both give
     /// the same result from the same seed.
@@ -1262,16 +1271,10 @@ impl Bert {
         mask_timer.stop();
         let mut op = FusedEncoder::new(dims, layers, input.attention_mask.clone(), masks, train, self.grads.clone());
         op.retain = self.retain_graph.load(std::sync::atomic::Ordering::Relaxed);
-        if let Some(bias) = &self.relative_bias {
-            // MPNet: the bias of every (head, query, key) from its bucket's row; the parameter trains with the
-            // backbone (not under LoRA, which freezes it).
-            let (buckets, heads) = bias.dims2()?;
-            let ids = relative_buckets(buckets, s);
-            let rows = bias.flatten_all()?.to_vec1::<f32>()?;
-            let rows = &rows;
-            let values = (0..heads).flat_map(|h| ids.iter().map(move |&i| rows[i as usize * heads + h])).collect();
+        if let (Some(bias), Some((values, buckets))) = (&self.relative_bias, self.position_bias(s)?) {
+            // The parameter trains with the backbone (not under LoRA, which freezes it).
             let param = (train && lora.is_none()).then(|| bias.clone());
-            op.position_bias = Some(PositionBias { values, buckets: ids, param });
+            op.position_bias = Some(PositionBias { values, buckets, param });
         }
         let Some((spec, routes)) = lora else { return Ok(x.contiguous()?.apply_op1(op)?) };
         // The adapters of the batch's routes, each once, in order of appearance; their matrices packed.

@@ -189,9 +189,6 @@ impl Run {
                     Operation::Quantize if e.model.bert().config().disentangled.is_some() => Some(
                         "the int8 encoder has no disentangled attention, which a DeBERTa model needs".into(),
                     ),
-                    Operation::Quantize if e.model.bert().config().relative_attention_num_buckets.is_some() => Some(
-                        "the int8 encoder has no relative position bias, which an MPNet model needs".into(),
-                    ),
                     Operation::Quantize if !merged => Some(
                         "int8 quantisation needs one set of encoder weights; this model has per-task adapters or adapters that do not merge (only a shared LoRA adapter merges)".into(),
                     ),

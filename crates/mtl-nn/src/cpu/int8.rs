@@ -310,6 +310,8 @@ pub struct Int8Encoder {
     pub layers: Arc<Vec<Int8Layer>>,
     /// `batch × seq`, 1 for real tokens, 0 for padding.
     pub key_mask: Arc<Vec<u32>>,
+    /// MPNet's relative position bias, `heads × seq × seq` ([`super::encoder::PositionBias::values`]).
+    pub position_bias: Option<Vec<f32>>,
 }
 
 impl CustomOp1 for Int8Encoder {
@@ -329,13 +331,15 @@ impl CustomOp1 for Int8Encoder {
             || self.key_mask.len() != tokens
             || d.heads == 0
             || !d.hidden.is_multiple_of(d.heads)
+            || self.position_bias.as_ref().is_some_and(|p| p.len() != d.heads * d.seq * d.seq)
         {
             candle_core::bail!("int8 encoder: input does not match {d:?}")
         }
         for layer in self.layers.iter() {
             layer.check(d)?;
         }
-        Ok((CpuStorage::F32(infer(d, &self.layers, x0, &self.key_mask)), layout.shape().clone()))
+        let pos = self.position_bias.as_deref();
+        Ok((CpuStorage::F32(infer(d, &self.layers, x0, &self.key_mask, pos)), layout.shape().clone()))
     }
 }
 

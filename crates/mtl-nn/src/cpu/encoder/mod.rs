@@ -556,11 +556,12 @@ impl LayerWeights for F32Layer<'_> {
     }
 }
 
-/// The layers' forward pass for inference (no tape, no dropout).
-pub fn infer(d: &Dims, layers: &[impl LayerWeights], x0: &[f32], key_mask: &[u32]) -> Vec<f32> {
+/// The layers' forward pass for inference (no tape, no dropout), with a position bias on every layer's scores
+/// where `pos` (`heads × seq × seq`, [`PositionBias::values`]).
+pub fn infer(d: &Dims, layers: &[impl LayerWeights], x0: &[f32], key_mask: &[u32], pos: Option<&[f32]>) -> Vec<f32> {
     let mut x = x0.to_vec();
     for layer in layers {
-        let y = layer_forward(d, layer, &x, key_mask, None, None, false, None).0;
+        let y = layer_forward(d, layer, &x, key_mask, pos, None, false, None).0;
         pool::give(std::mem::replace(&mut x, y));
     }
     x
