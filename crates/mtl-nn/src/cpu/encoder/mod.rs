@@ -10,6 +10,9 @@
 //! and hands the gradient of every layer parameter to a [`GradSink`], which the model merges into candle's
 //! gradient store.
 //!
+//! MPNet's relative position bias ([`PositionBias`]) is added to every layer's attention scores, and the
+//! backward pass gives its parameter the gradient of those scores, summed over the batch and the layers.
+//!
 //! With LoRA ([`FusedLora`]) the backbone is frozen: the pass adds each projection's low-rank update, row
 //! ranges through their own adapters, and the backward pass computes the adapters' gradients and the input
 //! gradients it needs, none of the frozen weights'.
