@@ -40,8 +40,8 @@ pub fn exp(x: f32) -> f32 {
 
 /// The error function, absolute error below 3e-7: `x P(x²) / Q(x²)` on |x| ≤ 3.92 and ±1 beyond (erf(3.92) is
 /// 1 - 3.3e-8), P of degree 6 and Q of degree 4, fitted by `scripts/fit_erf.py` (1e-7 in exact arithmetic).
-/// Eleven fused multiply-adds and a division, no `exp`: about half the instructions of A&S 7.1.26 with its `exp`,
-/// which GELU's forward pass is bound by.
+/// Ten fused multiply-adds, two multiplies and a division, no `exp`: about half the instructions of A&S 7.1.26
+/// with its `exp`, which GELU's forward pass is bound by.
 #[inline(always)]
 pub fn erf(x: f32) -> f32 {
     const P: [f32; 7] =
