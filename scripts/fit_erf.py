@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Fit the rational erf of `crates/mtl-nn/src/cpu/math.rs` (`erf_rational`): erf(x) ~ x P(x^2) / Q(x^2) on
+"""Fit the rational erf of `crates/mtl-nn/src/cpu/math.rs` (`erf`): erf(x) ~ x P(x^2) / Q(x^2) on
 |x| <= CLAMP, P of degree 6 and Q of degree 4 in x^2 (7 + 5 coefficients, Q's constant 1), beyond CLAMP erf is
 +-1 in f32. No exp, so GELU's forward pass costs about half the instructions of A&S 7.1.26 + exp.
 
@@ -38,5 +38,5 @@ for _ in range(200):  # Lawson: each point's weight times its current error, so 
     p, q = solve(w)
 e = np.abs(err(p, q)).max()
 print(f"// max |error| in f64 on [0, {CLAMP}]: {e:.3e}")
-print("const ERF_P: [f32; 7] = [" + ", ".join(f"{v:.9e}" for v in p) + "];")
-print("const ERF_Q: [f32; 5] = [" + ", ".join(f"{v:.9e}" for v in q) + "];")
+print("const P: [f32; 7] = [" + ", ".join(f"{v:.9e}" for v in p) + "];")
+print("const Q: [f32; 5] = [" + ", ".join(f"{v:.9e}" for v in q) + "];")
