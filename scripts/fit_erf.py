@@ -5,7 +5,8 @@
 
 How: a linearised least-squares fit (minimise |x P - erf Q| on a dense grid), then Lawson's iteration (weights
 multiplied by the current error, which drives the fit towards minimax), then the error of the result printed
-in f64. Run: .venv/bin/python scripts/fit_erf.py (numpy, scipy); it prints the Rust constants.
+in f64. Run: .venv/bin/python scripts/fit_erf.py (the environment `scripts/bench-env.sh` makes, with numpy and scipy;
+the fit is ill-conditioned, so another erf than scipy's moves the coefficients within the same error); it prints the Rust constants.
 """
 import numpy as np
 from scipy.special import erf
