@@ -98,6 +98,14 @@ fn rowwise(c: &mut Criterion) {
             )
         })
     });
+    // Dropout multipliers: a layer's attention mask drawn whole (in parallel), and one head's block on one
+    // thread, as the attention kernels draw it from the seed.
+    let mut mask = vec![0f32; BATCH * HEADS * SEQ * SEQ];
+    group.throughput(Throughput::Elements(mask.len() as u64));
+    group.bench_function("mask", |b| b.iter(|| math::fill_mask(7, 0.1, &mut mask)));
+    let head = &mut mask[..SEQ * SEQ];
+    group.throughput(Throughput::Elements(head.len() as u64));
+    group.bench_function("mask_head", |b| b.iter(|| math::fill_mask_at(7, 0.1, 5 * SEQ * SEQ, head)));
     group.finish();
 }
 

@@ -1252,7 +1252,8 @@ impl Bert {
         let (mut masks, mut lora_masks) = (Vec::new(), Vec::new());
         for l in &self.layers {
             let [q, k, v] = [LinearModule::Query, LinearModule::Key, LinearModule::Value].map(|m| lora_mask(l, m, h));
-            let attention = main(b * c.num_attention_heads * s * s);
+            // The attention probabilities' mask as its seed, drawn by the kernels where they read it.
+            let attention = (train && dropout.p() > 0.0).then(|| dropout.next_seed());
             let attention_out = lora_mask(l, LinearModule::AttentionOutput, h);
             let attention_output = main(n * h);
             let intermediate = lora_mask(l, LinearModule::Intermediate, h);
@@ -1261,6 +1262,7 @@ impl Bert {
             if train && dropout.p() > 0.0 {
                 masks.push(LayerDropout {
                     attention: attention.unwrap_or_default(),
+                    p: dropout.p(),
                     attention_output: attention_output.unwrap_or_default(),
                     output: output.unwrap_or_default(),
                 });

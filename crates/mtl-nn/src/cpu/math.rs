@@ -291,28 +291,47 @@ pub fn mask_of_seed(seed: u64, n: usize, p: f32) -> Vec<f32> {
 /// several seeds can be drawn side by side into one buffer.
 pub fn fill_mask(seed: u64, p: f32, mask: &mut [f32]) {
     const CHUNK: usize = 1 << 16;
+    mask.par_chunks_mut(CHUNK).enumerate().for_each(|(i, chunk)| fill_mask_at(seed, p, i * CHUNK, chunk));
+}
+
+/// Writes elements `offset .. offset + mask.len()` of the mask of `seed` ([`mask_of_seed`]) into `mask`, on
+/// the calling thread: a kernel that keeps the seed draws the part of the mask it reads where it reads it,
+/// instead of reading a mask drawn whole.
+pub fn fill_mask_at(seed: u64, p: f32, offset: usize, mask: &mut [f32]) {
     // Dropped where the half-word is below the threshold; 2¹⁶ (p = 1) drops everything.
     let threshold = (f64::from(p) * 65536.0).round() as u32;
     let scale = 1.0 / (1.0 - p);
     let key = [seed as u32, (seed >> 32) as u32];
-    mask.par_chunks_mut(CHUNK).enumerate().for_each(|(i, chunk)| {
-        simd(
-            #[inline(always)]
-            || {
-                // CHUNK is a multiple of 128: every block of 128 elements starts at a counter multiple of 16.
-                for (b, block) in chunk.chunks_mut(128).enumerate() {
-                    let words = philox_16(((i * CHUNK + b * 128) / 8) as u64, key);
-                    for (run, (word, half)) in
-                        block.chunks_mut(16).zip(words.iter().flat_map(|w| [(w, 0u32), (w, 16u32)]))
-                    {
-                        for (m, &r) in run.iter_mut().zip(word) {
-                            *m = if (r >> half) & 0xFFFF >= threshold { scale } else { 0.0 };
-                        }
-                    }
-                }
-            },
-        )
-    });
+    simd(
+        #[inline(always)]
+        || {
+            // A start inside a block: that block drawn whole, its tail copied.
+            let skip = offset % 128;
+            let mut rest = &mut mask[..];
+            if skip > 0 && !rest.is_empty() {
+                let mut first = [0f32; 128];
+                mask_block(offset / 128, key, threshold, scale, &mut first);
+                let take = rest.len().min(128 - skip);
+                rest[..take].copy_from_slice(&first[skip..skip + take]);
+                rest = &mut rest[take..];
+            }
+            for (b, out) in rest.chunks_mut(128).enumerate() {
+                mask_block(offset.div_ceil(128) + b, key, threshold, scale, out);
+            }
+        },
+    )
+}
+
+/// Block `b` of a mask (elements `128 b ..`), from Philox's counters `16 b .. 16 b + 15`; a short `out` takes its
+/// first elements. Inlined into its caller's vectorised closure (compiled for the CPU's instruction set).
+#[inline(always)]
+fn mask_block(b: usize, key: [u32; 2], threshold: u32, scale: f32, out: &mut [f32]) {
+    let words = philox_16((b * 16) as u64, key);
+    for (run, (word, half)) in out.chunks_mut(16).zip(words.iter().flat_map(|w| [(w, 0u32), (w, 16u32)])) {
+        for (m, &r) in run.iter_mut().zip(word) {
+            *m = if (r >> half) & 0xFFFF >= threshold { scale } else { 0.0 };
+        }
+    }
 }
 
 #[cfg(test)]
@@ -334,6 +353,16 @@ mod tests {
         for j in 0..16u32 {
             let got = wide.map(|word| word[j as usize]);
             assert_eq!(got, philox4x32_10([j, 5, 0, 0], key));
+        }
+    }
+
+    #[test]
+    fn any_part_of_a_mask_is_drawn_on_its_own() {
+        let whole = mask_of_seed(7, 3 * 65536 + 300, 0.1);
+        for (offset, len) in [(0, 5), (3, 100), (100, 300), (128, 128), (250, 7), (65530, 200), (3 * 65536, 300)] {
+            let mut part = vec![f32::NAN; len];
+            fill_mask_at(7, 0.1, offset, &mut part);
+            assert_eq!(part, whole[offset..offset + len], "offset {offset}, {len} elements");
         }
     }
 

@@ -7,7 +7,8 @@
 //!
 //! On a 2-core Sapphire Rapids this takes W2's attention (MiniLM, 32 × 128 tokens) from 41 to 35 ms, and W1's
 //! from 28 + 41.5 to 26.5 + 38.5 ms: the products run at about 250-300 GFLOP/s; the rest is the softmax's
-//! `exp`, packing keys and values, and reading the probabilities and dropout multipliers in training. Heads
+//! `exp`, packing keys and values, and in training reading the probabilities and drawing each head's dropout
+//! multipliers from their seed (no mask of them is kept between the passes). Heads
 //! whose size is not a multiple of 16 take the general products ([`super::kernels::attention_general`]).
 
 // The heads of one example write their own columns of the same rows of the context: [`Columns`].
@@ -15,7 +16,7 @@
 
 use rayon::prelude::*;
 
-use super::kernels::{dropped, softmax_backward_rows};
+use super::kernels::{dropped, softmax_backward_rows, AttentionDropout};
 use super::Dims;
 use crate::cpu::math;
 use pulp::{Simd, WithSimd};
@@ -62,6 +63,8 @@ struct Scratch {
     kept: Vec<f32>,
     /// `1 / Σ` of each row (1 where the rows are normalised already).
     inv: Vec<f32>,
+    /// The head's dropout multipliers, where they are drawn from their seed.
+    mask: Vec<f32>,
 }
 
 /// The context's rows, shared by the threads that each write their own head's columns (or, for the gradient
@@ -109,7 +112,7 @@ pub(super) fn attention_fused(
     bias: QkvBias<'_>,
     pos: Option<&[f32]>,
     key_mask: &[u32],
-    dropout: Option<&[f32]>,
+    dropout: Option<AttentionDropout<'_>>,
     probs: Option<&mut [f32]>,
     ctx: &mut [f32],
 ) {
@@ -161,7 +164,7 @@ pub(super) fn attention_backward_fused(
     qkv: &[f32],
     bias: QkvBias<'_>,
     probs: &[f32],
-    dropout: Option<&[f32]>,
+    dropout: Option<AttentionDropout<'_>>,
     dctx: &[f32],
     dqkv: &mut [f32],
     dscores: Option<&mut [f32]>,
@@ -188,7 +191,7 @@ struct HeadBackward<'a> {
     qkv: &'a [f32],
     bias: QkvBias<'a>,
     probs: &'a [f32],
-    dropout: Option<&'a [f32]>,
+    dropout: Option<AttentionDropout<'a>>,
     dctx: &'a [f32],
     bn: usize,
     scratch: &'a mut Scratch,
@@ -211,8 +214,8 @@ impl WithSimd for HeadBackward<'_> {
         let row = |p: usize, i: usize| &qkv[base + i * 3 * h + p * h..][..hd];
         let dout_row = |i: usize| &dctx[(b * s + i) * h + head * hd..][..hd];
         let p = &probs[bn * s * s..(bn + 1) * s * s];
-        let m = dropout.map(|m| &m[bn * s * s..(bn + 1) * s * s]);
-        let Scratch { keys, key_bias, values, queries, grads, max, scores, kept, .. } = scratch;
+        let Scratch { keys, key_bias, values, queries, grads, max, scores, kept, mask, .. } = scratch;
+        let m = dropout.map(|m| m.head(bn, s * s, mask));
         let b_ = |p: usize| bias.map(|b| &b[p][head * hd..(head + 1) * hd]);
         // Queries, keys and the context's gradient packed; the values transposed as the score product's keys.
         pack_rows(queries, s, b_(0), |i| row(0, i));
@@ -251,7 +254,7 @@ struct Head<'a> {
     bias: QkvBias<'a>,
     pos: Option<&'a [f32]>,
     key_mask: &'a [u32],
-    dropout: Option<&'a [f32]>,
+    dropout: Option<AttentionDropout<'a>>,
     bn: usize,
     probs: Option<&'a mut [f32]>,
     scratch: &'a mut Scratch,
@@ -272,7 +275,7 @@ impl WithSimd for Head<'_> {
         let base = b * s * 3 * h + head * hd;
         let row = |p: usize, i: usize| &qkv[base + i * 3 * h + p * h..][..hd];
         let km = &key_mask[b * s..(b + 1) * s];
-        let Scratch { keys, key_bias, values, max, scores, kept, inv, .. } = scratch;
+        let Scratch { keys, key_bias, values, max, scores, kept, inv, mask, .. } = scratch;
         let train = probs.is_some();
         let p: &mut [f32] = match probs {
             Some(p) => p,
@@ -338,7 +341,7 @@ impl WithSimd for Head<'_> {
                 inv.push(inv_sum);
             }
         }
-        let weights = dropped(p, dropout.map(|m| &m[bn * s * s..(bn + 1) * s * s]), kept);
+        let weights = dropped(p, dropout.map(|m| m.head(bn, s * s, mask)), kept);
         // The weighted sums into the head's columns of the context.
         let w = Weights::Rows(weights, s);
         weighted_sums(simd, w, s, &values[..], hd, |i| inv[i], out, b * s * h + head * hd, h);
@@ -718,20 +721,22 @@ mod tests {
             if batch > 1 {
                 key_mask[seq..2 * seq].fill(0);
             }
-            let drop: Vec<f32> =
-                (0..batch * heads * seq * seq).map(|_| if rng.gen_bool(0.2) { 0.0 } else { 1.25 }).collect();
+            // The multipliers in memory and drawn head by head from their seed, the general path taking the seed.
+            let seed = rng.gen::<u64>();
+            let drop = math::mask_of_seed(seed, batch * heads * seq * seq, 0.2);
             let (biases, unbiased) = split_biases(&mut rng, &qkv, d.hidden);
             let bias = Some([&biases[0][..], &biases[1][..], &biases[2][..]]);
             let position: Vec<f32> = (0..heads * seq * seq).map(|_| rng.gen_range(-3.0..3.0)).collect();
             for (train, pos) in [(false, None), (true, None), (false, Some(&position[..])), (true, Some(&position[..]))]
             {
-                let dropout = train.then_some(&drop[..]);
+                let values = train.then_some(AttentionDropout::Values(&drop));
+                let seeded = train.then_some(AttentionDropout::Seed { seed, p: 0.2 });
                 let (mut p1, mut p2) = (vec![0f32; drop.len()], vec![0f32; drop.len()]);
                 let (mut blocks, mut want) = (vec![0f32; n * d.hidden], vec![0f32; n * d.hidden]);
                 let probs = train.then_some(&mut p1[..]);
-                attention_general(&d, &qkv, pos, &key_mask, dropout, probs, &mut blocks, &mut want);
+                attention_general(&d, &qkv, pos, &key_mask, seeded, probs, &mut blocks, &mut want);
                 // The rows with their biases, and without them for the kernel to add.
-                for (rows, bias) in [(&qkv, None), (&unbiased, bias)] {
+                for (rows, bias, dropout) in [(&qkv, None, values), (&unbiased, bias, seeded)] {
                     let mut got = vec![f32::NAN; n * d.hidden];
                     attention_fused(&d, rows, bias, pos, &key_mask, dropout, train.then_some(&mut p2[..]), &mut got);
                     let deferred = (bias.is_some(), pos.is_some());
@@ -763,8 +768,8 @@ mod tests {
             let qkv: Vec<f32> = (0..n * 3 * d.hidden).map(|_| rng.gen_range(-2.0..2.0)).collect();
             let dctx: Vec<f32> = (0..n * d.hidden).map(|_| rng.gen_range(-1.0..1.0)).collect();
             let key_mask: Vec<u32> = (0..n).map(|t| u32::from(t % seq < seq - seq / 3)).collect();
-            let drop: Vec<f32> =
-                (0..batch * heads * seq * seq).map(|_| if rng.gen_bool(0.2) { 0.0 } else { 1.25 }).collect();
+            let seed = rng.gen::<u64>();
+            let drop = math::mask_of_seed(seed, batch * heads * seq * seq, 0.2);
             let mut probs = vec![0f32; drop.len()];
             let mut ctx = vec![0f32; n * d.hidden];
             attention_fused(&d, &qkv, None, None, &key_mask, None, Some(&mut probs[..]), &mut ctx);
@@ -772,7 +777,9 @@ mod tests {
             let bias = Some([&biases[0][..], &biases[1][..], &biases[2][..]]);
             for dropout in [None, Some(&drop[..])] {
                 let mut want_ds = vec![f32::NAN; drop.len()];
-                let want = attention_backward_general(&d, &qkv, &probs, dropout, &dctx, Some(&mut want_ds[..]));
+                let (values, seeded) =
+                    (dropout.map(AttentionDropout::Values), dropout.map(|_| AttentionDropout::Seed { seed, p: 0.2 }));
+                let want = attention_backward_general(&d, &qkv, &probs, values, &dctx, Some(&mut want_ds[..]));
                 // dS against its definition for a few rows: P ∘ (dP − rowsum(P ∘ dP)), dP = (dO Vᵀ) ∘ mask.
                 for (bn, i) in [(0, 0), (batch * heads - 1, seq - 1)] {
                     let (b, head) = (bn / heads, bn % heads);
@@ -794,10 +801,11 @@ mod tests {
                         assert!(ok, "dS[{bn}, {i}, {j}]: {} vs {expected}", want_ds[at(j)]);
                     }
                 }
-                for (rows, bias) in [(&qkv, None), (&unbiased, bias)] {
+                // The multipliers drawn from their seed by the kernel with the rows without their biases.
+                for (rows, bias, mask) in [(&qkv, None, values), (&unbiased, bias, seeded)] {
                     let mut got = vec![f32::NAN; n * 3 * d.hidden];
                     let mut got_ds = vec![f32::NAN; drop.len()];
-                    attention_backward_fused(&d, rows, bias, &probs, dropout, &dctx, &mut got, Some(&mut got_ds[..]));
+                    attention_backward_fused(&d, rows, bias, &probs, mask, &dctx, &mut got, Some(&mut got_ds[..]));
                     for (i, (a, b)) in got_ds.iter().zip(&want_ds).enumerate() {
                         assert!(
                             (a - b).abs() <= 1e-5 * (1.0 + b.abs()),
@@ -836,7 +844,7 @@ mod tests {
             let out = Columns::new(&mut ctx);
             for (bn, p) in probs.chunks_mut(ss).enumerate() {
                 let scratch = &mut scratch;
-                let (pos, dropout, probs) = (None, Some(drop), Some(p));
+                let (pos, dropout, probs) = (None, Some(AttentionDropout::Values(drop)), Some(p));
                 Head { d, qkv, bias, pos, key_mask, dropout, bn, probs, scratch, out: &out }.with_simd(simd);
             }
         }
@@ -852,7 +860,7 @@ mod tests {
             let out = Columns::new(&mut dqkv);
             for bn in 0..d.batch * d.heads {
                 let (probs, scratch) = (&probs[..], &mut scratch);
-                let (dropout, ds_out) = (Some(drop), None);
+                let (dropout, ds_out) = (Some(AttentionDropout::Values(drop)), None);
                 HeadBackward { d, qkv, bias, probs, dropout, dctx, bn, scratch, out: &out, ds_out }.with_simd(simd);
             }
         }
@@ -879,8 +887,9 @@ mod tests {
             let mut want_probs = vec![0f32; drop.len()];
             let (mut blocks, mut want_ctx) = (vec![0f32; n * d.hidden], vec![0f32; n * d.hidden]);
             let probs = Some(&mut want_probs[..]);
-            attention_general(&d, &qkv, None, &key_mask, Some(&drop), probs, &mut blocks, &mut want_ctx);
-            let want_dqkv = attention_backward_general(&d, &qkv, &want_probs, Some(&drop), &dctx, None);
+            let values = Some(AttentionDropout::Values(&drop));
+            attention_general(&d, &qkv, None, &key_mask, values, probs, &mut blocks, &mut want_ctx);
+            let want_dqkv = attention_backward_general(&d, &qkv, &want_probs, values, &dctx, None);
             let mut want_inference = vec![0f32; n * d.hidden];
             attention_general(&d, &qkv, None, &key_mask, None, None, &mut blocks, &mut want_inference);
             // The rows with their biases, and without them for the kernels to add.

@@ -363,6 +363,33 @@ pub(super) fn dropped<'a>(p: &'a [f32], m: Option<&[f32]>, kept: &'a mut Vec<f32
     }
 }
 
+/// Attention's dropout multipliers (`batch × heads × seq × seq`, 0 or `1 / (1 - p)`): in memory, or the seed of
+/// [`math::mask_of_seed`] they are drawn from, each (example, head) drawing its own block where it reads it, so
+/// that no mask of them is written out and read back twice.
+#[derive(Clone, Copy, Debug)]
+pub enum AttentionDropout<'a> {
+    Values(&'a [f32]),
+    Seed { seed: u64, p: f32 },
+}
+
+impl<'a> AttentionDropout<'a> {
+    /// The multipliers of (example, head) `bn`, `len` (seq²) of them: a slice of the values, or drawn into `buffer`.
+    #[inline(always)]
+    pub(super) fn head<'b>(self, bn: usize, len: usize, buffer: &'b mut Vec<f32>) -> &'b [f32]
+    where
+        'a: 'b,
+    {
+        match self {
+            Self::Values(m) => &m[bn * len..(bn + 1) * len],
+            Self::Seed { seed, p } => {
+                buffer.resize(len, 0.0);
+                math::fill_mask_at(seed, p, bn * len, buffer);
+                buffer
+            }
+        }
+    }
+}
+
 /// The softmax's backward pass in place on each row (`s` wide) of `ds`, which holds dO Vᵀ: the dropout
 /// multipliers `m` applied, then dS = P ∘ (dP − rowsum(P ∘ dP)).
 #[inline(always)]
@@ -419,6 +446,7 @@ pub fn attention_forward(
 ) -> Vec<f32> {
     let mut blocks = vec![0f32; d.tokens() * d.hidden];
     let mut ctx = vec![0f32; d.tokens() * d.hidden];
+    let dropout = dropout.map(AttentionDropout::Values);
     attention_into(d, qkv, None, None, key_mask, dropout, probs, &mut blocks, &mut ctx);
     ctx
 }
@@ -439,7 +467,7 @@ pub(super) fn attention_into(
     bias: QkvBias<'_>,
     pos: Option<&[f32]>,
     key_mask: &[u32],
-    dropout: Option<&[f32]>,
+    dropout: Option<AttentionDropout<'_>>,
     probs: Option<&mut [f32]>,
     blocks: &mut [f32],
     ctx: &mut [f32],
@@ -459,7 +487,7 @@ pub(super) fn attention_general(
     qkv: &[f32],
     pos: Option<&[f32]>,
     key_mask: &[u32],
-    dropout: Option<&[f32]>,
+    dropout: Option<AttentionDropout<'_>>,
     probs: Option<&mut [f32]>,
     blocks: &mut [f32],
     ctx: &mut [f32],
@@ -467,7 +495,7 @@ pub(super) fn attention_general(
     let (s, hd) = (d.seq, d.head_dim());
     let scale = 1.0 / (hd as f32).sqrt();
     assert!(pos.is_none_or(|p| p.len() == d.heads * s * s), "attention: position bias size");
-    let head = |bn: usize, p: &mut [f32], kept: &mut Vec<f32>, out: &mut [f32]| {
+    let head = |bn: usize, p: &mut [f32], (kept, mask): &mut (Vec<f32>, Vec<f32>), out: &mut [f32]| {
         let [q, k, v] = head_views(d, qkv, bn);
         matmul(ViewMut::new(p, s, s), q, k.t(), scale, false, Threads::One);
         if let Some(pos) = pos {
@@ -485,7 +513,7 @@ pub(super) fn attention_general(
                 }
             },
         );
-        let m = dropout.map(|m| &m[bn * s * s..(bn + 1) * s * s]);
+        let m = dropout.map(|m| m.head(bn, s * s, mask));
         let weights = simd(
             #[inline(always)]
             || dropped(p, m, kept),
@@ -495,9 +523,14 @@ pub(super) fn attention_general(
     let outs = blocks.par_chunks_mut(s * hd).enumerate();
     match probs {
         Some(probs) => {
-            outs.zip(probs.par_chunks_mut(s * s)).for_each_init(Vec::new, |kept, ((bn, out), p)| head(bn, p, kept, out))
+            let init = || (Vec::new(), Vec::new());
+            outs.zip(probs.par_chunks_mut(s * s))
+                .for_each_init(init, |buffers, ((bn, out), p)| head(bn, p, buffers, out))
         }
-        None => outs.for_each_init(|| (vec![0f32; s * s], Vec::new()), |(p, kept), (bn, out)| head(bn, p, kept, out)),
+        None => outs.for_each_init(
+            || (vec![0f32; s * s], (Vec::new(), Vec::new())),
+            |(p, buffers), (bn, out)| head(bn, p, buffers, out),
+        ),
     }
     scatter_heads(d, |bn| &blocks[bn * s * hd..(bn + 1) * s * hd], d.hidden, 0, ctx);
 }
@@ -508,7 +541,7 @@ pub(super) fn attention_general(
 /// [`attention_backward_general`].
 #[doc(hidden)] // public for the kernel benchmarks
 pub fn attention_backward(d: &Dims, qkv: &[f32], probs: &[f32], dropout: Option<&[f32]>, dctx: &[f32]) -> Vec<f32> {
-    attention_backward_biased(d, qkv, None, probs, dropout, dctx, None)
+    attention_backward_biased(d, qkv, None, probs, dropout.map(AttentionDropout::Values), dctx, None)
 }
 
 /// [`attention_backward`] with the q|k|v rows' biases left to the kernel where `bias` ([`attention_into`]), and
@@ -519,7 +552,7 @@ pub(super) fn attention_backward_biased(
     qkv: &[f32],
     bias: QkvBias<'_>,
     probs: &[f32],
-    dropout: Option<&[f32]>,
+    dropout: Option<AttentionDropout<'_>>,
     dctx: &[f32],
     dscores: Option<&mut [f32]>,
 ) -> Vec<f32> {
@@ -537,7 +570,7 @@ pub(super) fn attention_backward_general(
     d: &Dims,
     qkv: &[f32],
     probs: &[f32],
-    dropout: Option<&[f32]>,
+    dropout: Option<AttentionDropout<'_>>,
     dctx: &[f32],
     dscores: Option<&mut [f32]>,
 ) -> Vec<f32> {
@@ -546,13 +579,15 @@ pub(super) fn attention_backward_general(
     assert!(dscores.as_ref().is_none_or(|g| g.len() == d.batch * d.heads * s * s), "attention: dS size");
 
     // Each (example, head) writes dQ, dK and dV one after the other into its block; the dropped-out
-    // probabilities and dS live in one buffer each per thread.
+    // probabilities, dS and the head's dropout multipliers (when drawn from a seed) live in one buffer each per
+    // thread.
+    type Scratch = (Vec<f32>, Vec<f32>, Vec<f32>);
     let mut blocks = pool::take(d.tokens() * 3 * h);
-    let head = |bn: usize, (kept, ds): &mut (Vec<f32>, Vec<f32>), block: &mut [f32], keep: Option<&mut [f32]>| {
+    let head = |bn: usize, (kept, ds, mask): &mut Scratch, block: &mut [f32], keep: Option<&mut [f32]>| {
         let [q, k, v] = head_views(d, qkv, bn);
         let (b, head) = (bn / d.heads, bn % d.heads);
         let p = &probs[bn * s * s..(bn + 1) * s * s];
-        let m = dropout.map(|m| &m[bn * s * s..(bn + 1) * s * s]);
+        let m = dropout.map(|m| m.head(bn, s * s, mask));
         let dout = View::strided(&dctx[b * s * h + head * hd..], s, hd, h);
         let (dq, rest) = block.split_at_mut(s * hd);
         let (dk, dv) = rest.split_at_mut(s * hd);
@@ -577,14 +612,12 @@ pub(super) fn attention_backward_general(
         matmul(ViewMut::new(dk, s, hd), View::new(ds, s, s).t(), q, scale, false, Threads::One);
     };
     let blocks_mut = blocks.par_chunks_mut(3 * s * hd).enumerate();
+    let init = || (Vec::new(), Vec::new(), Vec::new());
     match dscores {
-        Some(dscores) => blocks_mut.zip(dscores.par_chunks_mut(s * s)).for_each_init(
-            || (Vec::new(), Vec::new()),
-            |scratch, ((bn, block), keep)| head(bn, scratch, block, Some(keep)),
-        ),
-        None => {
-            blocks_mut.for_each_init(|| (Vec::new(), Vec::new()), |scratch, (bn, block)| head(bn, scratch, block, None))
-        }
+        Some(dscores) => blocks_mut
+            .zip(dscores.par_chunks_mut(s * s))
+            .for_each_init(init, |scratch, ((bn, block), keep)| head(bn, scratch, block, Some(keep))),
+        None => blocks_mut.for_each_init(init, |scratch, (bn, block)| head(bn, scratch, block, None)),
     }
     let mut dqkv = pool::take(d.tokens() * 3 * h);
     for (p, offset) in [0, h, 2 * h].into_iter().enumerate() {

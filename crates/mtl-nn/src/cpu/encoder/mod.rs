@@ -85,13 +85,23 @@ const N2B: usize = 15;
 /// intermediate dense, output dense, its LayerNorm. Weights are `[out, in]` as in PyTorch.
 pub type LayerParams = [Tensor; 16];
 
-/// Dropout multipliers of one layer (0 or `1 / (1 - p)`): on the attention probabilities
-/// (`batch × heads × seq × seq`) and on the two sublayer outputs before their residual adds (`tokens × hidden`).
+/// Dropout of one layer: on the attention probabilities (`batch × heads × seq × seq`), the seed of their mask
+/// ([`crate::cpu::math::mask_of_seed`] at rate `p`), which the attention kernels draw head by head where they
+/// read it, forward and backward (at W1's shapes 75 MB a step neither written nor read twice); on the two
+/// sublayer outputs before their residual adds (`tokens × hidden`), the multipliers themselves (0 or
+/// `1 / (1 - p)`).
 #[derive(Debug)]
 pub struct LayerDropout {
-    pub attention: Vec<f32>,
+    pub attention: u64,
+    pub p: f32,
     pub attention_output: Vec<f32>,
     pub output: Vec<f32>,
+}
+
+impl LayerDropout {
+    fn attention_mask(&self) -> AttentionDropout<'static> {
+        AttentionDropout::Seed { seed: self.attention, p: self.p }
+    }
 }
 
 /// What the backward pass of one layer needs from its forward pass.
@@ -165,7 +175,7 @@ pub struct FusedEncoder {
 impl Drop for FusedEncoder {
     fn drop(&mut self) {
         for m in self.dropout.take().into_iter().flatten() {
-            for v in [m.attention, m.attention_output, m.output] {
+            for v in [m.attention_output, m.output] {
                 pool::give(v);
             }
         }
@@ -253,9 +263,9 @@ impl FusedEncoder {
             candle_core::bail!("fused encoder: input does not match {d:?}")
         }
         if let Some(masks) = &self.dropout {
-            let (attention, hidden) = (d.batch * d.heads * d.seq * d.seq, d.tokens() * d.hidden);
+            let hidden = d.tokens() * d.hidden;
             let fits = |m: &LayerDropout| {
-                m.attention.len() == attention && m.attention_output.len() == hidden && m.output.len() == hidden
+                (0.0..1.0).contains(&m.p) && m.attention_output.len() == hidden && m.output.len() == hidden
             };
             if masks.len() != self.layers.len() || !masks.iter().all(fits) {
                 candle_core::bail!("fused encoder: dropout masks do not match {d:?}")
@@ -609,7 +619,7 @@ fn layer_forward(
         // The general path writes each head's block before its columns of the context; the fused one needs none.
         let mut blocks = if attention::fits(d) { Vec::new() } else { pool::take(n * h) };
         let mut ctx = pool::take(n * h);
-        let mask = dropout.map(|d| &d.attention[..]);
+        let mask = dropout.map(LayerDropout::attention_mask);
         let probs = train.then_some(&mut probs[..]);
         attention_into(d, &qkv, qkv_bias, pos, key_mask, mask, probs, &mut blocks, &mut ctx);
         pool::give(blocks);
@@ -805,7 +815,7 @@ fn layer_backward(
     });
     recycle(da);
     let bias = (!t.qkv_biased).then(|| qkv_biases(w));
-    let mask = dropout.map(|d| &d.attention[..]);
+    let mask = dropout.map(LayerDropout::attention_mask);
     let dqkv = time(Phase::Attention, || match dpos {
         Some(dpos) => {
             // The scores' gradient per example, summed over the batch into the position bias's.
