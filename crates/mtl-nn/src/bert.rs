@@ -16,7 +16,9 @@ use crate::deberta::{self, Disentangled};
 use crate::modernbert::{self, Modern};
 
 use crate::attention::{self, AttentionSpec};
-use crate::cpu::encoder::{Dims, FusedEncoder, FusedLora, GradSink, LayerDropout, LayerParams, PositionBias, Proj};
+use crate::cpu::encoder::{
+    Dims, FusedEncoder, FusedLora, GradSink, LayerDropout, LayerParams, PositionBias, Proj, SiteDropout,
+};
 use crate::cpu::fused::{embed_norm, Words};
 use crate::cpu::int8::{Int8Encoder, Int8Layer, Int8Matrix};
 pub use crate::layers::Activation;
@@ -1231,33 +1233,26 @@ impl Bert {
         let (n, h) = (b * s, c.hidden_size);
         let train = mode == Mode::Train;
         let main = |len: usize| if train && dropout.p() > 0.0 { dropout.mask(len) } else { None };
-        // LoRA's input dropout on `site` of layer `l`, drawn route by route as the composed path draws it.
-        let lora_mask = |l: &Layer, site: LinearModule, in_dim: usize| -> Option<Vec<f32>> {
+        // LoRA's input dropout on `site` of layer `l`: a seed per route, drawn from the generator in the order
+        // the composed path draws its masks; the op draws the multipliers where it applies them (42 M values a
+        // step at W3's shapes, no longer kept from the forward pass to the backward).
+        let lora_dropout = |l: &Layer, site: LinearModule| -> Option<SiteDropout> {
             let (spec, routes) = lora?;
-            if !train || !l.lora.contains_key(&site) {
+            if !train || !l.lora.contains_key(&site) || spec.dropout == 0.0 {
                 return None;
             }
-            // Each route's mask drawn straight into its rows of the site's mask (no copy: 42 M values a step at
-            // W3's shapes).
-            let mut mask = crate::cpu::pool::take(n * in_dim);
-            for r in routes {
-                let rows = r.examples.start * s * in_dim..r.examples.end * s * in_dim;
-                if !dropout.fill_mask_with(&mut mask[rows], spec.dropout) {
-                    return None;
-                }
-            }
-            Some(mask)
+            Some(SiteDropout { p: spec.dropout, seeds: routes.iter().map(|_| dropout.next_seed()).collect() })
         };
         let mask_timer = crate::cpu::profile::start(crate::cpu::profile::Phase::Masks);
-        let (mut masks, mut lora_masks) = (Vec::new(), Vec::new());
+        let (mut masks, mut lora_dropouts) = (Vec::new(), Vec::new());
         for l in &self.layers {
-            let [q, k, v] = [LinearModule::Query, LinearModule::Key, LinearModule::Value].map(|m| lora_mask(l, m, h));
+            let [q, k, v] = [LinearModule::Query, LinearModule::Key, LinearModule::Value].map(|m| lora_dropout(l, m));
             // The attention probabilities' mask as its seed, drawn by the kernels where they read it.
             let attention = (train && dropout.p() > 0.0).then(|| dropout.next_seed());
-            let attention_out = lora_mask(l, LinearModule::AttentionOutput, h);
+            let attention_out = lora_dropout(l, LinearModule::AttentionOutput);
             let attention_output = main(n * h);
-            let intermediate = lora_mask(l, LinearModule::Intermediate, h);
-            let out = lora_mask(l, LinearModule::Output, c.intermediate_size);
+            let intermediate = lora_dropout(l, LinearModule::Intermediate);
+            let out = lora_dropout(l, LinearModule::Output);
             let output = main(n * h);
             if train && dropout.p() > 0.0 {
                 masks.push(LayerDropout {
@@ -1267,7 +1262,7 @@ impl Bert {
                     output: output.unwrap_or_default(),
                 });
             }
-            lora_masks.push([q, k, v, attention_out, intermediate, out]);
+            lora_dropouts.push([q, k, v, attention_out, intermediate, out]);
         }
         let masks = (!masks.is_empty()).then_some(masks);
         mask_timer.stop();
@@ -1301,7 +1296,7 @@ impl Bert {
             }
         }
         let packed = Tensor::cat(&parts, 0)?;
-        let any_mask = lora_masks.iter().any(|l| l.iter().any(Option::is_some));
+        let any_dropout = lora_dropouts.iter().any(|l| l.iter().any(Option::is_some));
         op.lora = Some(FusedLora {
             scale: spec.scale() as f32,
             r: spec.r,
@@ -1313,7 +1308,7 @@ impl Bert {
                 })
                 .collect(),
             adapters: used.len(),
-            masks: any_mask.then_some(lora_masks),
+            dropout: any_dropout.then_some(lora_dropouts),
         });
         Ok(x.contiguous()?.apply_op2(&packed, op)?)
     }

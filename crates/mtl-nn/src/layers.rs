@@ -164,8 +164,8 @@ impl DropoutRng {
 
     /// A mask of `n` multipliers: 0 with probability `p`, `1 / (1 - p)` otherwise. `None` when `p` is 0.
     ///
-    /// One draw from the model's generator seeds the mask; chunks of it come from separate ChaCha streams of
-    /// that seed, filled in parallel, so the mask does not depend on the number of threads.
+    /// One draw from the model's generator seeds the mask ([`crate::cpu::math::mask_of_seed`]: Philox, any
+    /// chunk drawn on its own), filled in parallel, so the mask does not depend on the number of threads.
     pub fn mask(&self, n: usize) -> Option<Vec<f32>> {
         self.mask_with(n, self.p)
     }
@@ -177,17 +177,6 @@ impl DropoutRng {
             return None;
         }
         Some(crate::cpu::math::mask_of_seed(self.next_seed(), n, p))
-    }
-
-    /// Draws into `mask` what [`DropoutRng::mask_with`] would return for `mask.len()` elements (the same draw
-    /// from the generator), so that consecutive masks can share one buffer; false (and `mask` untouched) when `p`
-    /// is 0.
-    pub fn fill_mask_with(&self, mask: &mut [f32], p: f32) -> bool {
-        if p == 0.0 {
-            return false;
-        }
-        crate::cpu::math::fill_mask(self.next_seed(), p, mask);
-        true
     }
 
     /// One draw from the generator: the seed of the next mask ([`mask_of_seed`]). A fused kernel keeps the

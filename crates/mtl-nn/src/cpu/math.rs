@@ -322,6 +322,25 @@ pub fn fill_mask_at(seed: u64, p: f32, offset: usize, mask: &mut [f32]) {
     )
 }
 
+/// `out = x ∘ mask` with the mask of `seed` ([`mask_of_seed`], `x.len()` elements), drawn chunk by chunk into
+/// `out` and multiplied there while the chunk is in cache: dropout applied from its seed, without a mask in
+/// memory. In parallel; the result does not depend on the number of threads.
+pub fn fill_dropped(seed: u64, p: f32, x: &[f32], out: &mut [f32]) {
+    const CHUNK: usize = 1 << 14;
+    assert_eq!(x.len(), out.len(), "fill_dropped: input and output sizes differ");
+    out.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).enumerate().for_each(|(i, (chunk, x))| {
+        fill_mask_at(seed, p, i * CHUNK, chunk);
+        simd(
+            #[inline(always)]
+            || {
+                for (o, &x) in chunk.iter_mut().zip(x) {
+                    *o *= x;
+                }
+            },
+        )
+    });
+}
+
 /// Block `b` of a mask (elements `128 b ..`), from Philox's counters `16 b .. 16 b + 15`; a short `out` takes its
 /// first elements. Inlined into its caller's vectorised closure (compiled for the CPU's instruction set).
 #[inline(always)]
@@ -364,6 +383,18 @@ mod tests {
             fill_mask_at(7, 0.1, offset, &mut part);
             assert_eq!(part, whole[offset..offset + len], "offset {offset}, {len} elements");
         }
+    }
+
+    #[test]
+    fn dropout_from_a_seed_is_the_input_times_its_mask() {
+        // Across the chunks drawn in parallel, with a length that ends inside a block.
+        let n = 3 * (1 << 14) + 300;
+        let x: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37).sin()).collect();
+        let mask = mask_of_seed(11, n, 0.2);
+        let mut out = vec![f32::NAN; n];
+        fill_dropped(11, 0.2, &x, &mut out);
+        let expected: Vec<f32> = x.iter().zip(&mask).map(|(x, m)| x * m).collect();
+        assert_eq!(out, expected);
     }
 
     #[test]

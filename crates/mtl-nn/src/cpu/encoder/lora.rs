@@ -5,7 +5,7 @@ use std::ops::Range;
 
 use super::*;
 use crate::cpu::gemm::{matmul, Threads, View, ViewMut};
-use crate::cpu::math::simd;
+use crate::cpu::math::{self, simd};
 
 /// The projections LoRA can sit on, in this order: query, key, value, attention output, intermediate, output.
 pub const SITES: usize = 6;
@@ -25,8 +25,18 @@ pub struct FusedLora {
     pub routes: Vec<(Range<usize>, usize)>,
     /// How many adapters are packed.
     pub adapters: usize,
-    /// In training with LoRA dropout: per layer and site, the multipliers of the site's input (`tokens × in`).
-    pub masks: Option<Vec<[Option<Vec<f32>>; SITES]>>,
+    /// In training with LoRA dropout: per layer and site, the dropout of the site's input, as seeds (the
+    /// multipliers are drawn where they are used, forward and backward, not kept between the passes).
+    pub dropout: Option<Vec<[Option<SiteDropout>; SITES]>>,
+}
+
+/// LoRA's dropout on one site's input: its rate and one seed per route, in the order of
+/// [`FusedLora::routes`]; a route's rows take the mask of its seed ([`math::fill_mask`]), as the composed path
+/// draws it from the same seeds.
+#[derive(Debug, Clone)]
+pub struct SiteDropout {
+    pub p: f32,
+    pub seeds: Vec<u64>,
 }
 
 /// Inputs and outputs of a LoRA site.
@@ -70,12 +80,12 @@ impl FusedLora {
         if next != d.tokens() || self.sites.len() != layers || self.offsets(d).1 != packed {
             candle_core::bail!("fused encoder: LoRA routes, sites or packed adapters do not match {d:?}")
         }
-        if let Some(masks) = &self.masks {
-            let fits = |(l, m): (usize, usize)| {
-                masks[l][m].as_ref().is_none_or(|mask| mask.len() == d.tokens() * site_dims(d, m).0)
+        if let Some(dropout) = &self.dropout {
+            let fits = |l: &[Option<SiteDropout>; SITES]| {
+                l.iter().flatten().all(|s| s.seeds.len() == self.routes.len() && (0.0..1.0).contains(&s.p))
             };
-            if masks.len() != layers || !(0..layers).flat_map(|l| (0..SITES).map(move |m| (l, m))).all(fits) {
-                candle_core::bail!("fused encoder: LoRA dropout masks do not match {d:?}")
+            if dropout.len() != layers || !dropout.iter().all(fits) {
+                candle_core::bail!("fused encoder: LoRA dropout does not match the layers and routes")
             }
         }
         Ok(())
@@ -87,7 +97,7 @@ pub(super) struct LayerLora<'a> {
     pub(super) lora: &'a FusedLora,
     pub(super) packed: &'a [f32],
     pub(super) offsets: [Option<usize>; SITES],
-    pub(super) masks: Option<&'a [Option<Vec<f32>>; SITES]>,
+    pub(super) dropout: Option<&'a [Option<SiteDropout>; SITES]>,
 }
 
 impl LayerLora<'_> {
@@ -98,8 +108,32 @@ impl LayerLora<'_> {
         Some((a, a + self.lora.r * i))
     }
 
-    fn mask(&self, site: usize) -> Option<&[f32]> {
-        self.masks.and_then(|m| m[site].as_deref())
+    fn site_dropout(&self, site: usize) -> Option<&SiteDropout> {
+        self.dropout.and_then(|m| m[site].as_ref())
+    }
+
+    /// The site's input after its dropout (in a pooled buffer: [`recycle`] it), each route's mask drawn from
+    /// its seed chunk by chunk as it is applied; `x` itself (no copy) without dropout.
+    fn dropped<'x>(&self, d: &Dims, site: usize, x: &'x [f32]) -> std::borrow::Cow<'x, [f32]> {
+        let Some(dropout) = self.site_dropout(site) else { return std::borrow::Cow::Borrowed(x) };
+        let i = site_dims(d, site).0;
+        let mut out = pool::take(x.len());
+        for ((rows, _), &seed) in self.lora.routes.iter().zip(&dropout.seeds) {
+            let range = rows.start * i..rows.end * i;
+            math::fill_dropped(seed, dropout.p, &x[range.clone()], &mut out[range]);
+        }
+        std::borrow::Cow::Owned(out)
+    }
+
+    /// The site's dropout multipliers (`tokens × in`, in a pooled buffer), drawn from the routes' seeds.
+    fn mask(&self, d: &Dims, site: usize) -> Option<Vec<f32>> {
+        let dropout = self.site_dropout(site)?;
+        let i = site_dims(d, site).0;
+        let mut mask = pool::take(d.tokens() * i);
+        for ((rows, _), &seed) in self.lora.routes.iter().zip(&dropout.seeds) {
+            math::fill_mask(seed, dropout.p, &mut mask[rows.start * i..rows.end * i]);
+        }
+        Some(mask)
     }
 
     /// Adds `scale · drop(x) Aᵀ Bᵀ` to the site's output (`tokens × out` at column `offset` of rows of
@@ -115,7 +149,7 @@ impl LayerLora<'_> {
     ) -> Option<Vec<f32>> {
         self.offsets[site]?;
         let ((i, o), r) = (site_dims(d, site), self.lora.r);
-        let xd = masked(x, self.mask(site));
+        let xd = self.dropped(d, site, x);
         let mut h = vec![0f32; d.tokens() * r];
         for (rows, u) in &self.lora.routes {
             let ((a, b), len) = (self.pair(d, site, *u)?, rows.len());
@@ -138,6 +172,7 @@ impl LayerLora<'_> {
                 Threads::All,
             );
         }
+        recycle(xd);
         Some(h)
     }
 
@@ -158,10 +193,11 @@ impl LayerLora<'_> {
         g: &mut [f32],
     ) {
         let ((i, o), r, scale) = (site_dims(d, site), self.lora.r, self.lora.scale);
-        let mask = self.mask(site);
-        let xd = masked(x, mask);
+        // The mask drawn again from its seeds (the forward pass kept none), once for both of its uses.
+        let mask = self.mask(d, site);
+        let xd = masked(x, mask.as_deref());
         for (rows, u) in &self.lora.routes {
-            let (Some((a, b)), len) = (self.pair(d, site, *u), rows.len()) else { return };
+            let (Some((a, b)), len) = (self.pair(d, site, *u), rows.len()) else { break };
             let dout = View::strided(&dout[rows.start * stride + offset..], len, o, stride);
             let hr = View::new(&h[rows.start * r..rows.end * r], len, r);
             // dB += scale · doutᵀ h;  dh = scale · dout B;  dA += dhᵀ drop(x);  dx += (dh A) ∘ mask.
@@ -185,10 +221,11 @@ impl LayerLora<'_> {
                 Threads::All,
             );
             let (dxr, a) = (&mut dx[rows.start * i..rows.end * i], View::new(&self.packed[a..a + r * i], r, i));
-            match mask {
+            match mask.as_deref() {
                 None => matmul(ViewMut::new(dxr, len, i), dh, a, 1.0, true, Threads::All),
                 Some(m) => {
-                    let mut dxd = vec![0f32; len * i];
+                    // Overwritten whole by the product.
+                    let mut dxd = pool::take(len * i);
                     matmul(ViewMut::new(&mut dxd, len, i), dh, a, 1.0, false, Threads::All);
                     let m = &m[rows.start * i..rows.end * i];
                     simd(
@@ -199,8 +236,13 @@ impl LayerLora<'_> {
                             }
                         },
                     );
+                    pool::give(dxd);
                 }
             }
+        }
+        recycle(xd);
+        if let Some(mask) = mask {
+            pool::give(mask);
         }
     }
 }

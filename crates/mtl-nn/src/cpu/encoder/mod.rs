@@ -15,7 +15,8 @@
 //!
 //! With LoRA ([`FusedLora`]) the backbone is frozen: the pass adds each projection's low-rank update, row
 //! ranges through their own adapters, and the backward pass computes the adapters' gradients and the input
-//! gradients it needs, none of the frozen weights'.
+//! gradients it needs, none of the frozen weights'. Its dropout is kept as seeds ([`SiteDropout`]): the
+//! multipliers are drawn where they are applied, forward and backward.
 //!
 //! The composed path in `bert.rs` (candle ops, per-op fused kernels) is the reference: tests compare values
 //! and every parameter's gradient, with padding, fully padded rows and dropout, with and without LoRA.
@@ -36,7 +37,7 @@ mod lora;
 use kernels::*;
 pub use kernels::{add_norm, attention_backward, attention_forward, norm_backward};
 use lora::*;
-pub use lora::{FusedLora, SITES};
+pub use lora::{FusedLora, SiteDropout, SITES};
 
 /// Rows per rayon task in the row-wise passes.
 const ROWS_PER_TASK: usize = 32;
@@ -202,7 +203,7 @@ impl FusedEncoder {
         l: usize,
     ) -> Option<LayerLora<'a>> {
         let (lora, packed) = (self.lora.as_ref()?, packed?);
-        Some(LayerLora { lora, packed, offsets: offsets[l], masks: lora.masks.as_ref().map(|m| &m[l]) })
+        Some(LayerLora { lora, packed, offsets: offsets[l], dropout: lora.dropout.as_ref().map(|m| &m[l]) })
     }
 
     fn lora_offsets(&self) -> Vec<[Option<usize>; SITES]> {
