@@ -1230,9 +1230,10 @@ impl Bert {
                 ]
             })
             .collect();
-        let (n, h) = (b * s, c.hidden_size);
         let train = mode == Mode::Train;
-        let main = |len: usize| if train && dropout.p() > 0.0 { dropout.mask(len) } else { None };
+        // The sublayer outputs' dropout as seeds, drawn where the mask would have been (the same generator
+        // draws as the composed path's masks).
+        let main = || (train && dropout.p() > 0.0).then(|| dropout.next_seed());
         // LoRA's input dropout on `site` of layer `l`: a seed per route, drawn from the generator in the order
         // the composed path draws its masks; the op draws the multipliers where it applies them (42 M values a
         // step at W3's shapes, no longer kept from the forward pass to the backward).
@@ -1248,12 +1249,12 @@ impl Bert {
         for l in &self.layers {
             let [q, k, v] = [LinearModule::Query, LinearModule::Key, LinearModule::Value].map(|m| lora_dropout(l, m));
             // The attention probabilities' mask as its seed, drawn by the kernels where they read it.
-            let attention = (train && dropout.p() > 0.0).then(|| dropout.next_seed());
+            let attention = main();
             let attention_out = lora_dropout(l, LinearModule::AttentionOutput);
-            let attention_output = main(n * h);
+            let attention_output = main();
             let intermediate = lora_dropout(l, LinearModule::Intermediate);
             let out = lora_dropout(l, LinearModule::Output);
-            let output = main(n * h);
+            let output = main();
             if train && dropout.p() > 0.0 {
                 masks.push(LayerDropout {
                     attention: attention.unwrap_or_default(),

@@ -16,7 +16,7 @@
 
 use rayon::prelude::*;
 
-use super::kernels::{dropped, softmax_backward_rows, AttentionDropout};
+use super::kernels::{dropped, softmax_backward_rows, DropoutMask};
 use super::Dims;
 use crate::cpu::math;
 use pulp::{Simd, WithSimd};
@@ -112,7 +112,7 @@ pub(super) fn attention_fused(
     bias: QkvBias<'_>,
     pos: Option<&[f32]>,
     key_mask: &[u32],
-    dropout: Option<AttentionDropout<'_>>,
+    dropout: Option<DropoutMask<'_>>,
     probs: Option<&mut [f32]>,
     ctx: &mut [f32],
 ) {
@@ -164,7 +164,7 @@ pub(super) fn attention_backward_fused(
     qkv: &[f32],
     bias: QkvBias<'_>,
     probs: &[f32],
-    dropout: Option<AttentionDropout<'_>>,
+    dropout: Option<DropoutMask<'_>>,
     dctx: &[f32],
     dqkv: &mut [f32],
     dscores: Option<&mut [f32]>,
@@ -191,7 +191,7 @@ struct HeadBackward<'a> {
     qkv: &'a [f32],
     bias: QkvBias<'a>,
     probs: &'a [f32],
-    dropout: Option<AttentionDropout<'a>>,
+    dropout: Option<DropoutMask<'a>>,
     dctx: &'a [f32],
     bn: usize,
     scratch: &'a mut Scratch,
@@ -254,7 +254,7 @@ struct Head<'a> {
     bias: QkvBias<'a>,
     pos: Option<&'a [f32]>,
     key_mask: &'a [u32],
-    dropout: Option<AttentionDropout<'a>>,
+    dropout: Option<DropoutMask<'a>>,
     bn: usize,
     probs: Option<&'a mut [f32]>,
     scratch: &'a mut Scratch,
@@ -729,8 +729,8 @@ mod tests {
             let position: Vec<f32> = (0..heads * seq * seq).map(|_| rng.gen_range(-3.0..3.0)).collect();
             for (train, pos) in [(false, None), (true, None), (false, Some(&position[..])), (true, Some(&position[..]))]
             {
-                let values = train.then_some(AttentionDropout::Values(&drop));
-                let seeded = train.then_some(AttentionDropout::Seed { seed, p: 0.2 });
+                let values = train.then_some(DropoutMask::Values(&drop));
+                let seeded = train.then_some(DropoutMask::Seed { seed, p: 0.2 });
                 let (mut p1, mut p2) = (vec![0f32; drop.len()], vec![0f32; drop.len()]);
                 let (mut blocks, mut want) = (vec![0f32; n * d.hidden], vec![0f32; n * d.hidden]);
                 let probs = train.then_some(&mut p1[..]);
@@ -778,7 +778,7 @@ mod tests {
             for dropout in [None, Some(&drop[..])] {
                 let mut want_ds = vec![f32::NAN; drop.len()];
                 let (values, seeded) =
-                    (dropout.map(AttentionDropout::Values), dropout.map(|_| AttentionDropout::Seed { seed, p: 0.2 }));
+                    (dropout.map(DropoutMask::Values), dropout.map(|_| DropoutMask::Seed { seed, p: 0.2 }));
                 let want = attention_backward_general(&d, &qkv, &probs, values, &dctx, Some(&mut want_ds[..]));
                 // dS against its definition for a few rows: P ∘ (dP − rowsum(P ∘ dP)), dP = (dO Vᵀ) ∘ mask.
                 for (bn, i) in [(0, 0), (batch * heads - 1, seq - 1)] {
@@ -844,7 +844,7 @@ mod tests {
             let out = Columns::new(&mut ctx);
             for (bn, p) in probs.chunks_mut(ss).enumerate() {
                 let scratch = &mut scratch;
-                let (pos, dropout, probs) = (None, Some(AttentionDropout::Values(drop)), Some(p));
+                let (pos, dropout, probs) = (None, Some(DropoutMask::Values(drop)), Some(p));
                 Head { d, qkv, bias, pos, key_mask, dropout, bn, probs, scratch, out: &out }.with_simd(simd);
             }
         }
@@ -860,7 +860,7 @@ mod tests {
             let out = Columns::new(&mut dqkv);
             for bn in 0..d.batch * d.heads {
                 let (probs, scratch) = (&probs[..], &mut scratch);
-                let (dropout, ds_out) = (Some(AttentionDropout::Values(drop)), None);
+                let (dropout, ds_out) = (Some(DropoutMask::Values(drop)), None);
                 HeadBackward { d, qkv, bias, probs, dropout, dctx, bn, scratch, out: &out, ds_out }.with_simd(simd);
             }
         }
@@ -887,7 +887,7 @@ mod tests {
             let mut want_probs = vec![0f32; drop.len()];
             let (mut blocks, mut want_ctx) = (vec![0f32; n * d.hidden], vec![0f32; n * d.hidden]);
             let probs = Some(&mut want_probs[..]);
-            let values = Some(AttentionDropout::Values(&drop));
+            let values = Some(DropoutMask::Values(&drop));
             attention_general(&d, &qkv, None, &key_mask, values, probs, &mut blocks, &mut want_ctx);
             let want_dqkv = attention_backward_general(&d, &qkv, &want_probs, values, &dctx, None);
             let mut want_inference = vec![0f32; n * d.hidden];

@@ -100,7 +100,7 @@ pub(super) fn col_sums(m: &[f32], stride: usize, offset: usize, dst: &mut [f32])
 pub fn add_norm(
     branch: &[f32],
     bias: Option<&[f32]>,
-    mask: Option<&[f32]>,
+    mask: Option<DropoutMask<'_>>,
     residual: &[f32],
     gamma: &[f32],
     beta: &[f32],
@@ -112,6 +112,9 @@ pub fn add_norm(
     let h = gamma.len();
     let chunk = h * ROWS_PER_TASK;
     let rows = |c: usize, y: &mut [f32], xhat: &mut [f32], rstd: &mut [f32]| {
+        // This block's multipliers, drawn here when the mask is a seed (the block stays in cache for the pass).
+        let mut buffer = Vec::new();
+        let mask = mask.map(|m| m.part(c * chunk, y.len(), &mut buffer));
         simd(
             #[inline(always)]
             || {
@@ -122,7 +125,7 @@ pub fn add_norm(
                     // Zipped slices rather than indices: the bounds checks kept these loops scalar.
                     let (br, res) = (&branch[at..at + h], &residual[at..at + h]);
                     let terms = xh.iter_mut().zip(br).zip(res);
-                    match (bias, mask.map(|m| &m[at..at + h])) {
+                    match (bias, mask.map(|m| &m[r * h..(r + 1) * h])) {
                         (Some(b), Some(m)) => {
                             for (((x, &br), &res), (&b, &m)) in terms.zip(b.iter().zip(m)) {
                                 *x = (br + b) * m + res;
@@ -306,9 +309,18 @@ pub(super) fn gelu_and_grad_rows(u: &mut [f32], g: &mut [f32], bias: Option<&[f3
     });
 }
 
-/// `x ∘ mask` (in a pooled buffer: [`recycle`] it), or `x` itself (no copy) without dropout.
-pub(super) fn masked<'a>(x: &'a [f32], mask: Option<&[f32]>) -> std::borrow::Cow<'a, [f32]> {
-    let Some(m) = mask else { return std::borrow::Cow::Borrowed(x) };
+/// `x ∘ mask` (in a pooled buffer: [`recycle`] it), or `x` itself (no copy) without dropout; a mask given by its
+/// seed is drawn chunk by chunk as it is applied ([`math::fill_dropped`]).
+pub(super) fn masked<'a>(x: &'a [f32], mask: Option<DropoutMask<'_>>) -> std::borrow::Cow<'a, [f32]> {
+    let m = match mask {
+        None => return std::borrow::Cow::Borrowed(x),
+        Some(DropoutMask::Seed { seed, p }) => {
+            let mut out = pool::take(x.len());
+            math::fill_dropped(seed, p, x, &mut out);
+            return std::borrow::Cow::Owned(out);
+        }
+        Some(DropoutMask::Values(m)) => m,
+    };
     let mut out = pool::take(x.len());
     elementwise(
         &mut out,
@@ -363,27 +375,36 @@ pub(super) fn dropped<'a>(p: &'a [f32], m: Option<&[f32]>, kept: &'a mut Vec<f32
     }
 }
 
-/// Attention's dropout multipliers (`batch × heads × seq × seq`, 0 or `1 / (1 - p)`): in memory, or the seed of
-/// [`math::mask_of_seed`] they are drawn from, each (example, head) drawing its own block where it reads it, so
-/// that no mask of them is written out and read back twice.
+/// Dropout multipliers (0 or `1 / (1 - p)`; attention's are `batch × heads × seq × seq`): in memory, or the seed
+/// of [`math::mask_of_seed`] they are drawn from, each part drawn where it is read (for attention, each (example,
+/// head) its own block), so that no mask is written out and read back twice.
 #[derive(Clone, Copy, Debug)]
-pub enum AttentionDropout<'a> {
+pub enum DropoutMask<'a> {
     Values(&'a [f32]),
     Seed { seed: u64, p: f32 },
 }
 
-impl<'a> AttentionDropout<'a> {
+impl<'a> DropoutMask<'a> {
     /// The multipliers of (example, head) `bn`, `len` (seq²) of them: a slice of the values, or drawn into `buffer`.
     #[inline(always)]
     pub(super) fn head<'b>(self, bn: usize, len: usize, buffer: &'b mut Vec<f32>) -> &'b [f32]
     where
         'a: 'b,
     {
+        self.part(bn * len, len, buffer)
+    }
+
+    /// Multipliers `offset .. offset + len`: a slice of the values, or drawn into `buffer`.
+    #[inline(always)]
+    pub(super) fn part<'b>(self, offset: usize, len: usize, buffer: &'b mut Vec<f32>) -> &'b [f32]
+    where
+        'a: 'b,
+    {
         match self {
-            Self::Values(m) => &m[bn * len..(bn + 1) * len],
+            Self::Values(m) => &m[offset..offset + len],
             Self::Seed { seed, p } => {
                 buffer.resize(len, 0.0);
-                math::fill_mask_at(seed, p, bn * len, buffer);
+                math::fill_mask_at(seed, p, offset, buffer);
                 buffer
             }
         }
@@ -446,7 +467,7 @@ pub fn attention_forward(
 ) -> Vec<f32> {
     let mut blocks = vec![0f32; d.tokens() * d.hidden];
     let mut ctx = vec![0f32; d.tokens() * d.hidden];
-    let dropout = dropout.map(AttentionDropout::Values);
+    let dropout = dropout.map(DropoutMask::Values);
     attention_into(d, qkv, None, None, key_mask, dropout, probs, &mut blocks, &mut ctx);
     ctx
 }
@@ -467,7 +488,7 @@ pub(super) fn attention_into(
     bias: QkvBias<'_>,
     pos: Option<&[f32]>,
     key_mask: &[u32],
-    dropout: Option<AttentionDropout<'_>>,
+    dropout: Option<DropoutMask<'_>>,
     probs: Option<&mut [f32]>,
     blocks: &mut [f32],
     ctx: &mut [f32],
@@ -487,7 +508,7 @@ pub(super) fn attention_general(
     qkv: &[f32],
     pos: Option<&[f32]>,
     key_mask: &[u32],
-    dropout: Option<AttentionDropout<'_>>,
+    dropout: Option<DropoutMask<'_>>,
     probs: Option<&mut [f32]>,
     blocks: &mut [f32],
     ctx: &mut [f32],
@@ -541,7 +562,7 @@ pub(super) fn attention_general(
 /// [`attention_backward_general`].
 #[doc(hidden)] // public for the kernel benchmarks
 pub fn attention_backward(d: &Dims, qkv: &[f32], probs: &[f32], dropout: Option<&[f32]>, dctx: &[f32]) -> Vec<f32> {
-    attention_backward_biased(d, qkv, None, probs, dropout.map(AttentionDropout::Values), dctx, None)
+    attention_backward_biased(d, qkv, None, probs, dropout.map(DropoutMask::Values), dctx, None)
 }
 
 /// [`attention_backward`] with the q|k|v rows' biases left to the kernel where `bias` ([`attention_into`]), and
@@ -552,7 +573,7 @@ pub(super) fn attention_backward_biased(
     qkv: &[f32],
     bias: QkvBias<'_>,
     probs: &[f32],
-    dropout: Option<AttentionDropout<'_>>,
+    dropout: Option<DropoutMask<'_>>,
     dctx: &[f32],
     dscores: Option<&mut [f32]>,
 ) -> Vec<f32> {
@@ -570,7 +591,7 @@ pub(super) fn attention_backward_general(
     d: &Dims,
     qkv: &[f32],
     probs: &[f32],
-    dropout: Option<AttentionDropout<'_>>,
+    dropout: Option<DropoutMask<'_>>,
     dctx: &[f32],
     dscores: Option<&mut [f32]>,
 ) -> Vec<f32> {

@@ -195,7 +195,7 @@ impl LayerLora<'_> {
         let ((i, o), r, scale) = (site_dims(d, site), self.lora.r, self.lora.scale);
         // The mask drawn again from its seeds (the forward pass kept none), once for both of its uses.
         let mask = self.mask(d, site);
-        let xd = masked(x, mask.as_deref());
+        let xd = masked(x, mask.as_deref().map(DropoutMask::Values));
         for (rows, u) in &self.lora.routes {
             let (Some((a, b)), len) = (self.pair(d, site, *u), rows.len()) else { break };
             let dout = View::strided(&dout[rows.start * stride + offset..], len, o, stride);

@@ -35,7 +35,7 @@ mod kernels;
 mod lora;
 
 use kernels::*;
-pub use kernels::{add_norm, attention_backward, attention_forward, norm_backward};
+pub use kernels::{add_norm, attention_backward, attention_forward, norm_backward, DropoutMask};
 use lora::*;
 pub use lora::{FusedLora, SiteDropout, SITES};
 
@@ -86,22 +86,31 @@ const N2B: usize = 15;
 /// intermediate dense, output dense, its LayerNorm. Weights are `[out, in]` as in PyTorch.
 pub type LayerParams = [Tensor; 16];
 
-/// Dropout of one layer: on the attention probabilities (`batch × heads × seq × seq`), the seed of their mask
-/// ([`crate::cpu::math::mask_of_seed`] at rate `p`), which the attention kernels draw head by head where they
-/// read it, forward and backward (at W1's shapes 75 MB a step neither written nor read twice); on the two
-/// sublayer outputs before their residual adds (`tokens × hidden`), the multipliers themselves (0 or
-/// `1 / (1 - p)`).
-#[derive(Debug)]
+/// Dropout of one layer at rate `p`, as the seeds of its masks ([`crate::cpu::math::mask_of_seed`]): on the
+/// attention probabilities (`batch × heads × seq × seq`), which the attention kernels draw head by head where
+/// they read them, and on the two sublayer outputs before their residual adds (`tokens × hidden`), which the
+/// residual-and-LayerNorm pass draws row block by row block and the backward pass draws again. No mask is kept
+/// from the forward pass to the backward (at W1's shapes 75 MB of attention's and 38 MB of the sublayers'
+/// multipliers a step).
+#[derive(Debug, Clone, Copy)]
 pub struct LayerDropout {
     pub attention: u64,
     pub p: f32,
-    pub attention_output: Vec<f32>,
-    pub output: Vec<f32>,
+    pub attention_output: u64,
+    pub output: u64,
 }
 
 impl LayerDropout {
-    fn attention_mask(&self) -> AttentionDropout<'static> {
-        AttentionDropout::Seed { seed: self.attention, p: self.p }
+    fn attention_mask(&self) -> DropoutMask<'static> {
+        DropoutMask::Seed { seed: self.attention, p: self.p }
+    }
+
+    fn attention_output_mask(&self) -> DropoutMask<'static> {
+        DropoutMask::Seed { seed: self.attention_output, p: self.p }
+    }
+
+    fn output_mask(&self) -> DropoutMask<'static> {
+        DropoutMask::Seed { seed: self.output, p: self.p }
     }
 }
 
@@ -170,17 +179,6 @@ pub struct FusedEncoder {
     pub lora: Option<FusedLora>,
     pub position_bias: Option<PositionBias>,
     tape: Mutex<Option<Vec<Tape>>>,
-}
-
-/// The dropout masks go back to the pool with the op (at the end of the step that drew them).
-impl Drop for FusedEncoder {
-    fn drop(&mut self) {
-        for m in self.dropout.take().into_iter().flatten() {
-            for v in [m.attention_output, m.output] {
-                pool::give(v);
-            }
-        }
-    }
 }
 
 impl FusedEncoder {
@@ -264,12 +262,8 @@ impl FusedEncoder {
             candle_core::bail!("fused encoder: input does not match {d:?}")
         }
         if let Some(masks) = &self.dropout {
-            let hidden = d.tokens() * d.hidden;
-            let fits = |m: &LayerDropout| {
-                (0.0..1.0).contains(&m.p) && m.attention_output.len() == hidden && m.output.len() == hidden
-            };
-            if masks.len() != self.layers.len() || !masks.iter().all(fits) {
-                candle_core::bail!("fused encoder: dropout masks do not match {d:?}")
+            if masks.len() != self.layers.len() || !masks.iter().all(|m| (0.0..1.0).contains(&m.p)) {
+                candle_core::bail!("fused encoder: dropout does not match the layers, or its rate is not in [0, 1)")
             }
         }
         if let Some(p) = &self.position_bias {
@@ -634,7 +628,7 @@ fn layer_forward(
     });
     // LayerNorm of `branch` (+ `bias`, dropout) + `residual`: in training into new buffers, with the normalised
     // inputs and 1/σ the backward pass needs; in inference over the branch itself.
-    let norm = |mut branch: Vec<f32>, bias, mask: Option<&[f32]>, residual: &[f32], gamma, beta| {
+    let norm = |mut branch: Vec<f32>, bias, mask: Option<DropoutMask<'_>>, residual: &[f32], gamma, beta| {
         if !train && mask.is_none() {
             time(Phase::Norms, || add_norm_in_place(&mut branch, bias, residual, gamma, beta, d.eps));
             return (branch, Vec::new(), Vec::new());
@@ -646,7 +640,7 @@ fn layer_forward(
         pool::give(branch);
         (y, xhat, rstd)
     };
-    let (y1, xhat1, rstd1) = norm(a, a_bias, dropout.map(|d| &d.attention_output[..]), x, n1w, n1b);
+    let (y1, xhat1, rstd1) = norm(a, a_bias, dropout.map(LayerDropout::attention_output_mask), x, n1w, n1b);
     let (mut u, u_bias) = time(Phase::Projections, || {
         let mut u = pool::take(n * inter);
         let bias = w.project_deferred(Proj::Intermediate, &y1, n, &mut u);
@@ -671,7 +665,7 @@ fn layer_forward(
         adapt(5, &g, &mut o, h, 0);
         (o, bias)
     });
-    let (y2, xhat2, rstd2) = norm(o, o_bias, dropout.map(|d| &d.output[..]), &y1, n2w, n2b);
+    let (y2, xhat2, rstd2) = norm(o, o_bias, dropout.map(LayerDropout::output_mask), &y1, n2w, n2b);
     if train {
         let qkv_biased = qkv_bias.is_none();
         let tape = Tape { qkv, qkv_biased, probs, ctx, xhat1, rstd1, y1, dgelu, g, xhat2, rstd2, out: None, lora_h };
@@ -741,7 +735,7 @@ fn layer_backward(
     let dr2 = time(Phase::Norms, || {
         norm_grads(g.as_deref_mut(), N2W, h, |gw, gb| norm_backward(dy, &t.xhat2, &t.rstd2, w[N2W], gw, gb))
     });
-    let dout = time(Phase::Other, || masked(&dr2, dropout.map(|d| &d.output[..])));
+    let dout = time(Phase::Other, || masked(&dr2, dropout.map(LayerDropout::output_mask)));
     if let Some(g) = g.as_deref_mut() {
         time(Phase::Other, || col_sums(&dout, h, 0, &mut g[FB]));
         time(Phase::Projections, || weight_grad(d.bf16, &mut g[FW], &dout, &t.g, n));
@@ -795,7 +789,7 @@ fn layer_backward(
         norm_grads(g.as_deref_mut(), N1W, h, |gw, gb| norm_backward(&dy1, &t.xhat1, &t.rstd1, w[N1W], gw, gb))
     });
     drop(dy1);
-    let da = time(Phase::Other, || masked(&dr1, dropout.map(|d| &d.attention_output[..])));
+    let da = time(Phase::Other, || masked(&dr1, dropout.map(LayerDropout::attention_output_mask)));
     if let Some(g) = g.as_deref_mut() {
         time(Phase::Other, || col_sums(&da, h, 0, &mut g[OB]));
         time(Phase::Projections, || weight_grad(d.bf16, &mut g[OW], &da, &t.ctx, n));
