@@ -1,5 +1,5 @@
 //! Buffers that the encoder's passes hand back for later passes to take again: the activations a layer kept for
-//! the backward pass, once that pass is done with them, the temporaries of every layer, and the dropout masks. A step at 16 × 128
+//! the backward pass, once that pass is done with them, and the temporaries of every layer. A step at 16 × 128
 //! tokens allocates about half a gigabyte of them; freshly allocated, each was zeroed first (on the one thread
 //! that allocates, while the other cores wait), only to be overwritten by the product or pass that fills it.
 //!

@@ -18,7 +18,8 @@ pub enum Phase {
     Norms,
     /// GELU and its derivative.
     Activation,
-    /// Drawing the dropout masks of every layer (before the encoder op runs).
+    /// Drawing the dropout seeds of every layer (before the encoder op runs); the multipliers themselves are
+    /// drawn where they are applied, in the phases that apply them.
     Masks,
     /// Bias sums, dropout on gradients, weight stacking, buffers and copies.
     Other,

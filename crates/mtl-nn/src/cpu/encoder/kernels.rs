@@ -648,3 +648,29 @@ pub(super) fn attention_backward_general(
     pool::give(blocks);
     dqkv
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dropout_drawn_from_its_seed_equals_the_mask_in_memory() {
+        // 70 rows over three row blocks of the pass (ROWS_PER_TASK each), 37 wide, so later blocks start inside
+        // a 128-element block of the mask.
+        let (rows, h, p) = (70, 37, 0.3);
+        let values = |k: f32| -> Vec<f32> { (0..rows * h).map(|i| (i as f32 * k).sin()).collect() };
+        let (branch, residual) = (values(0.37), values(0.11));
+        let (gamma, beta, bias) = (vec![1.2f32; h], vec![0.1f32; h], vec![0.05f32; h]);
+        let mask = math::mask_of_seed(9, rows * h, p);
+        let run = |m: DropoutMask<'_>| {
+            let (mut y, mut xhat, mut rstd) = (vec![0f32; rows * h], vec![0f32; rows * h], vec![0f32; rows]);
+            add_norm(&branch, Some(&bias), Some(m), &residual, &gamma, &beta, 1e-12, &mut y, &mut xhat, &mut rstd);
+            (y, xhat, rstd)
+        };
+        assert_eq!(run(DropoutMask::Seed { seed: 9, p }), run(DropoutMask::Values(&mask)));
+        // The backward pass's `x ∘ mask`, likewise.
+        let seeded = masked(&branch, Some(DropoutMask::Seed { seed: 9, p })).into_owned();
+        assert_eq!(seeded, masked(&branch, Some(DropoutMask::Values(&mask))).into_owned());
+        assert!(seeded.iter().zip(&branch).any(|(s, b)| s != b), "the mask drops something");
+    }
+}
