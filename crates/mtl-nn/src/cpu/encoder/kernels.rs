@@ -111,10 +111,10 @@ pub fn add_norm(
 ) {
     let h = gamma.len();
     let chunk = h * ROWS_PER_TASK;
-    let rows = |c: usize, y: &mut [f32], xhat: &mut [f32], rstd: &mut [f32]| {
-        // This block's multipliers, drawn here when the mask is a seed (the block stays in cache for the pass).
-        let mut buffer = Vec::new();
-        let mask = mask.map(|m| m.part(c * chunk, y.len(), &mut buffer));
+    // `buffer`: the thread's room for a block's multipliers, drawn here when the mask is a seed (the block stays
+    // in cache for the pass).
+    let rows = |c: usize, y: &mut [f32], xhat: &mut [f32], rstd: &mut [f32], buffer: &mut Vec<f32>| {
+        let mask = mask.map(|m| m.part(c * chunk, y.len(), buffer));
         simd(
             #[inline(always)]
             || {
@@ -164,7 +164,7 @@ pub fn add_norm(
         .zip(rstd.par_chunks_mut(ROWS_PER_TASK))
         .zip(xhat.par_chunks_mut(chunk))
         .enumerate()
-        .for_each(|(c, ((y, rstd), xhat))| rows(c, y, xhat, rstd));
+        .for_each_init(Vec::new, |buffer, (c, ((y, rstd), xhat))| rows(c, y, xhat, rstd, buffer));
 }
 
 /// [`add_norm`] for inference, in place: `branch ← LayerNorm(branch + bias + residual)`. Writing over the
@@ -312,25 +312,20 @@ pub(super) fn gelu_and_grad_rows(u: &mut [f32], g: &mut [f32], bias: Option<&[f3
 /// `x ∘ mask` (in a pooled buffer: [`recycle`] it), or `x` itself (no copy) without dropout; a mask given by its
 /// seed is drawn chunk by chunk as it is applied ([`math::fill_dropped`]).
 pub(super) fn masked<'a>(x: &'a [f32], mask: Option<DropoutMask<'_>>) -> std::borrow::Cow<'a, [f32]> {
-    let m = match mask {
-        None => return std::borrow::Cow::Borrowed(x),
-        Some(DropoutMask::Seed { seed, p }) => {
-            let mut out = pool::take(x.len());
-            math::fill_dropped(seed, p, x, &mut out);
-            return std::borrow::Cow::Owned(out);
-        }
-        Some(DropoutMask::Values(m)) => m,
-    };
+    let Some(mask) = mask else { return std::borrow::Cow::Borrowed(x) };
     let mut out = pool::take(x.len());
-    elementwise(
-        &mut out,
-        #[inline(always)]
-        |c, start| {
-            for ((o, x), m) in c.iter_mut().zip(&x[start..]).zip(&m[start..]) {
-                *o = x * m;
-            }
-        },
-    );
+    match mask {
+        DropoutMask::Seed { seed, p } => math::fill_dropped(seed, p, x, &mut out),
+        DropoutMask::Values(m) => elementwise(
+            &mut out,
+            #[inline(always)]
+            |c, start| {
+                for ((o, x), m) in c.iter_mut().zip(&x[start..]).zip(&m[start..]) {
+                    *o = x * m;
+                }
+            },
+        ),
+    }
     std::borrow::Cow::Owned(out)
 }
 

@@ -108,30 +108,32 @@ impl LayerLora<'_> {
         Some((a, a + self.lora.r * i))
     }
 
-    fn site_dropout(&self, site: usize) -> Option<&SiteDropout> {
-        self.dropout.and_then(|m| m[site].as_ref())
+    /// The site's dropout rate, and each route's element range of the site's input (`tokens × in`) with the
+    /// seed of its mask; `None` without dropout.
+    fn route_masks(&self, d: &Dims, site: usize) -> Option<(f32, impl Iterator<Item = (Range<usize>, u64)> + '_)> {
+        let dropout = self.dropout.and_then(|m| m[site].as_ref())?;
+        let i = site_dims(d, site).0;
+        let ranges = self.lora.routes.iter().map(move |(rows, _)| rows.start * i..rows.end * i);
+        Some((dropout.p, ranges.zip(dropout.seeds.iter().copied())))
     }
 
     /// The site's input after its dropout (in a pooled buffer: [`recycle`] it), each route's mask drawn from
     /// its seed chunk by chunk as it is applied; `x` itself (no copy) without dropout.
     fn dropped<'x>(&self, d: &Dims, site: usize, x: &'x [f32]) -> std::borrow::Cow<'x, [f32]> {
-        let Some(dropout) = self.site_dropout(site) else { return std::borrow::Cow::Borrowed(x) };
-        let i = site_dims(d, site).0;
+        let Some((p, routes)) = self.route_masks(d, site) else { return std::borrow::Cow::Borrowed(x) };
         let mut out = pool::take(x.len());
-        for ((rows, _), &seed) in self.lora.routes.iter().zip(&dropout.seeds) {
-            let range = rows.start * i..rows.end * i;
-            math::fill_dropped(seed, dropout.p, &x[range.clone()], &mut out[range]);
+        for (range, seed) in routes {
+            math::fill_dropped(seed, p, &x[range.clone()], &mut out[range]);
         }
         std::borrow::Cow::Owned(out)
     }
 
     /// The site's dropout multipliers (`tokens × in`, in a pooled buffer), drawn from the routes' seeds.
     fn mask(&self, d: &Dims, site: usize) -> Option<Vec<f32>> {
-        let dropout = self.site_dropout(site)?;
-        let i = site_dims(d, site).0;
-        let mut mask = pool::take(d.tokens() * i);
-        for ((rows, _), &seed) in self.lora.routes.iter().zip(&dropout.seeds) {
-            math::fill_mask(seed, dropout.p, &mut mask[rows.start * i..rows.end * i]);
+        let (p, routes) = self.route_masks(d, site)?;
+        let mut mask = pool::take(d.tokens() * site_dims(d, site).0);
+        for (range, seed) in routes {
+            math::fill_mask(seed, p, &mut mask[range]);
         }
         Some(mask)
     }
