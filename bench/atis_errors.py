@@ -4,30 +4,25 @@ only some runs do (the seed-to-seed part), and what a vote over the runs would s
     for r in runs/atis-mpnet-b runs/atis-mpnet-b13; do
         target/release/mtl predict -q --model $r --input assets/data/atis/test.jsonl > /tmp/$(basename $r).jsonl
     done
-    python3 bench/atis_errors.py /tmp/atis-mpnet-b.jsonl /tmp/atis-mpnet-b13.jsonl [--show shared|varying]
+    .venv/bin/python bench/atis_errors.py /tmp/atis-mpnet-b.jsonl /tmp/atis-mpnet-b13.jsonl [--show shared|varying]
 
-Entities are read from BIO tags as seqeval's default mode reads them (an `I-` tag after `O` or after another type
-starts an entity), so each run's F1 here equals `mtl eval`'s test slot F1. Prints JSON lines.
+Entities are read from BIO tags by seqeval (its default mode, as `mtl eval` scores them), so each run's F1 here
+equals `mtl eval`'s test slot F1. Prints JSON lines.
 """
 import argparse
 import json
 from collections import Counter
 from pathlib import Path
 
+from seqeval.metrics.sequence_labeling import get_entities
+
 TEST = Path("assets/data/atis/test.jsonl")
 TRAIN = Path("assets/data/atis/train.jsonl")
 
 
 def entities(tags):
-    """(start, end, type) of each entity in a BIO sequence."""
-    out, start, kind = set(), None, None
-    for i, tag in enumerate(list(tags) + ["O"]):
-        inside = tag.startswith("I-") and tag[2:] == kind
-        if not inside:
-            if start is not None:
-                out.add((start, i, kind))
-            start, kind = (i, tag[2:]) if tag[:2] in ("B-", "I-") else (None, None)
-    return out
+    """(start, end, type) of each entity in a BIO sequence, as seqeval reads them (end exclusive)."""
+    return {(start, end + 1, kind) for kind, start, end in get_entities(list(tags))}
 
 
 def f1(tp, predicted, gold):

@@ -56,13 +56,13 @@ def load(split, tok, intents, slots, max_len):
     return out
 
 
-PAD = [0]  # the tokenizer's padding id, set in main (MPNet's position ids skip it)
+PAD_ID = 0  # the tokenizer's padding id, set in main (MPNet's position ids skip it)
 
 
 def collate(examples, pad_to=None):
     s = pad_to or max(len(e["ids"]) for e in examples)
-    ids = torch.full((len(examples), s), PAD[0], dtype=torch.long)
-    mask = torch.zeros_like(ids, dtype=torch.long)
+    ids = torch.full((len(examples), s), PAD_ID, dtype=torch.long)
+    mask = torch.zeros_like(ids)
     tags = torch.full_like(ids, -100)
     for b, e in enumerate(examples):
         ids[b, :len(e["ids"])] = torch.tensor(e["ids"])
@@ -122,6 +122,7 @@ def evaluate(model, data, intents, slots):
 
 
 def main():
+    global PAD_ID
     p = argparse.ArgumentParser()
     p.add_argument("--epochs", type=int, default=15)
     p.add_argument("--lr", type=float, default=2e-4)
@@ -139,7 +140,7 @@ def main():
     torch.manual_seed(a.seed)
     rng = random.Random(a.seed)
     tok = AutoTokenizer.from_pretrained(a.model)
-    PAD[0] = tok.pad_token_id
+    PAD_ID = tok.pad_token_id
     intents = (DATA / "intent_labels.txt").read_text().split()
     slots = (DATA / "slot_labels.txt").read_text().split()
     train, dev, test = (load(s, tok, intents, slots, 64) for s in ("train", "dev", "test"))
@@ -203,8 +204,8 @@ def main():
                 sched.step()
             if end_of_epoch(epoch, time.time() - t0):
                 break
-    summary = {"recipe": a.recipe, "model": str(a.model), "args": {k: str(v) for k, v in vars(a).items()}, "best_epoch": best["epoch"], "dev": best["dev"], "test": best["test"],
-               "total_seconds": round(time.time() - started, 1)}
+    summary = {"recipe": a.recipe, "args": {k: str(v) for k, v in vars(a).items()}, "best_epoch": best["epoch"],
+               "dev": best["dev"], "test": best["test"], "total_seconds": round(time.time() - started, 1)}
     if a.target_dev_frame is not None:
         summary["target_dev_frame"] = a.target_dev_frame
         summary["time_to_target"] = reached and reached["elapsed"]
